@@ -1,0 +1,423 @@
+//! The configuration: one serde struct for the TOML file, validated into [`Config`].
+//!
+//! [`FileConfig`] mirrors the file exactly: every key has a default and a doc
+//! comment, and unknown keys are errors. [`FileConfig::validate`] turns it into
+//! the runtime [`Config`], or into a [`ConfigError`] that names the file, the key
+//! and what is wrong, on one line. `docs/config.md` lists the same keys.
+//!
+//! The supervisor validates the config once and hands the runtime struct to its
+//! children as JSON in [`CHILD_CONFIG_ENV`], so that every process sees the same
+//! values even if the file changes underneath.
+
+use std::fmt;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+use crate::limits::MAX_VALUE_BYTES_LIMIT;
+
+/// Environment variable through which the supervisor passes the validated config to its children.
+pub const CHILD_CONFIG_ENV: &str = "SHOAL_CHILD_CONFIG";
+
+/// Longest path a Unix socket address can hold on Linux (`sun_path` minus the NUL).
+const MAX_UNIX_SOCKET_PATH_BYTES: usize = 107;
+
+/// The config file as written by the operator. Every field has a default.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct FileConfig {
+    /// Directory that holds everything Shoal stores: one `shard-<i>/` LMDB environment per
+    /// worker, the PID file, the status table and the internal sockets.
+    pub data_dir: PathBuf,
+    /// Number of shard-worker processes (one LMDB environment each). 0 means one per CPU core.
+    pub workers: usize,
+    /// Client-facing listeners and limits.
+    pub client: ClientSection,
+    /// Storage engine settings.
+    pub storage: StorageSection,
+    /// How the supervisor restarts and stops its children.
+    pub supervisor: SupervisorSection,
+}
+
+/// `[client]`: how clients reach Shoal.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ClientSection {
+    /// TCP address for RESP clients. "" disables TCP.
+    pub listen: String,
+    /// Unix socket path for RESP clients. Unset means `<data_dir>/shoal.sock`; "" disables it.
+    pub unix_socket: Option<String>,
+    /// Password that clients must give with AUTH (or HELLO ... AUTH). "" means no password.
+    pub requirepass: String,
+    /// Most client connections open at once; further connections get an error and are closed.
+    pub max_connections: usize,
+    /// Largest string value a client may store, in bytes.
+    pub max_value_bytes: usize,
+}
+
+/// `[storage]`: the LMDB environments and the data model.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct StorageSection {
+    /// Number of collections (Redis numbered databases, chosen with SELECT).
+    pub collections: u16,
+    /// Number of partitions the 16384 slots are grouped into. Fixed when the data dir is created.
+    pub partitions: u16,
+    /// "fsync": a write is acknowledged after its group commit is on disk.
+    /// "async": LMDB NO_SYNC plus a flush every `flush_interval_ms`; survives process crashes,
+    /// but a power failure can lose the writes of the last interval.
+    pub durability: Durability,
+    /// Initial size of each shard's LMDB map, in bytes. It grows on demand.
+    pub map_size_bytes: usize,
+    /// With durability = "async", how often dirty pages are flushed to disk.
+    pub flush_interval_ms: u64,
+}
+
+/// `[supervisor]`: child restarts and shutdown.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct SupervisorSection {
+    /// A child that dies more than this many times within `restart_window_ms` makes the
+    /// supervisor stop everything and exit non-zero.
+    pub max_restarts: u32,
+    /// The window, in milliseconds, over which restarts are counted.
+    pub restart_window_ms: u64,
+    /// How long a child may take to report that it is ready.
+    pub ready_timeout_ms: u64,
+    /// How long a graceful shutdown may take before children are killed.
+    pub drain_timeout_ms: u64,
+}
+
+/// When a write is acknowledged relative to its fsync.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Durability {
+    /// Acknowledge after the group commit has been fsynced.
+    Fsync,
+    /// Acknowledge after commit; flush periodically.
+    Async,
+}
+
+impl Default for FileConfig {
+    fn default() -> Self {
+        FileConfig {
+            data_dir: PathBuf::from("./shoal-data"),
+            workers: 0,
+            client: ClientSection::default(),
+            storage: StorageSection::default(),
+            supervisor: SupervisorSection::default(),
+        }
+    }
+}
+
+impl Default for ClientSection {
+    fn default() -> Self {
+        ClientSection {
+            listen: "127.0.0.1:7379".into(),
+            unix_socket: None,
+            requirepass: String::new(),
+            max_connections: 10_000,
+            max_value_bytes: 64 * 1024 * 1024,
+        }
+    }
+}
+
+impl Default for StorageSection {
+    fn default() -> Self {
+        StorageSection {
+            collections: 16,
+            partitions: 256,
+            durability: Durability::Fsync,
+            map_size_bytes: 1 << 30,
+            flush_interval_ms: 1000,
+        }
+    }
+}
+
+impl Default for SupervisorSection {
+    fn default() -> Self {
+        SupervisorSection {
+            max_restarts: 5,
+            restart_window_ms: 60_000,
+            ready_timeout_ms: 30_000,
+            drain_timeout_ms: 10_000,
+        }
+    }
+}
+
+/// The validated runtime configuration.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Config {
+    /// The file it came from, if any (embedded defaults otherwise).
+    pub source: Option<PathBuf>,
+    /// Absolute data directory.
+    pub data_dir: PathBuf,
+    /// Number of shard workers (resolved: never 0).
+    pub workers: usize,
+    pub client: ClientConfig,
+    pub storage: StorageSection,
+    pub supervisor: SupervisorSection,
+}
+
+/// Validated `[client]`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ClientConfig {
+    pub listen: Option<SocketAddr>,
+    pub unix_socket: Option<PathBuf>,
+    pub requirepass: Option<String>,
+    pub max_connections: usize,
+    pub max_value_bytes: usize,
+}
+
+/// A config that cannot be used: which file, which key, and why.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConfigError {
+    pub file: String,
+    pub key: String,
+    pub reason: String,
+}
+
+impl fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if self.key.is_empty() {
+            write!(f, "bad config {}: {}", self.file, self.reason)
+        } else {
+            write!(f, "bad config {}: key `{}`: {}", self.file, self.key, self.reason)
+        }
+    }
+}
+
+impl std::error::Error for ConfigError {}
+
+impl FileConfig {
+    /// Parses TOML text. `file` names the source in errors.
+    pub fn parse(text: &str, file: &str) -> Result<FileConfig, ConfigError> {
+        let deserializer = toml::Deserializer::new(text);
+        serde_path_to_error::deserialize(deserializer).map_err(|err| {
+            let path = err.path().to_string();
+            let message = err.inner().message().trim().to_string();
+            let key = if path == "." { String::new() } else { path };
+            let reason = if message.starts_with("unknown field") { "unknown key".to_string() } else { message };
+            ConfigError { file: file.to_string(), key, reason }
+        })
+    }
+
+    /// Reads and parses a config file.
+    pub fn load(path: &Path) -> Result<FileConfig, ConfigError> {
+        let file = path.display().to_string();
+        let text = std::fs::read_to_string(path)
+            .map_err(|e| ConfigError { file: file.clone(), key: String::new(), reason: format!("cannot read it: {e}") })?;
+        FileConfig::parse(&text, &file)
+    }
+
+    /// Checks every value and resolves defaults that depend on the machine or on other keys.
+    /// Relative paths stay relative to the current directory; the supervisor makes them absolute.
+    pub fn validate(self, source: Option<&Path>) -> Result<Config, ConfigError> {
+        let file = source.map(|p| p.display().to_string()).unwrap_or_else(|| "(embedded defaults)".into());
+        let bad = |key: &str, reason: String| ConfigError { file: file.clone(), key: key.into(), reason };
+
+        if self.data_dir.as_os_str().is_empty() {
+            return Err(bad("data_dir", "must not be empty".into()));
+        }
+        let workers = match self.workers {
+            0 => std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1),
+            n if n > 256 => return Err(bad("workers", format!("{n} is more than the maximum of 256"))),
+            n => n,
+        };
+        let listen = match self.client.listen.trim() {
+            "" => None,
+            text => Some(
+                text.parse::<SocketAddr>()
+                    .map_err(|_| bad("client.listen", format!("{text:?} is not an address like \"127.0.0.1:7379\"")))?,
+            ),
+        };
+        let unix_socket = match self.client.unix_socket.as_deref() {
+            None => Some(self.data_dir.join("shoal.sock")),
+            Some("") => None,
+            Some(path) => Some(PathBuf::from(path)),
+        };
+        if listen.is_none() && unix_socket.is_none() {
+            return Err(bad("client.listen", "both client.listen and client.unix_socket are disabled".into()));
+        }
+        if self.client.max_connections == 0 {
+            return Err(bad("client.max_connections", "must be at least 1".into()));
+        }
+        if self.client.max_value_bytes == 0 || self.client.max_value_bytes > MAX_VALUE_BYTES_LIMIT {
+            return Err(bad(
+                "client.max_value_bytes",
+                format!("must be between 1 and {MAX_VALUE_BYTES_LIMIT}, got {}", self.client.max_value_bytes),
+            ));
+        }
+        let storage = &self.storage;
+        if storage.collections == 0 || storage.collections > 1024 {
+            return Err(bad("storage.collections", format!("must be between 1 and 1024, got {}", storage.collections)));
+        }
+        if storage.partitions == 0 || storage.partitions > crate::partition::SLOTS {
+            return Err(bad(
+                "storage.partitions",
+                format!("must be between 1 and {}, got {}", crate::partition::SLOTS, storage.partitions),
+            ));
+        }
+        if (storage.partitions as usize) < workers {
+            return Err(bad("workers", format!("{workers} workers need at least as many partitions ({})", storage.partitions)));
+        }
+        if storage.map_size_bytes < 1 << 20 {
+            return Err(bad("storage.map_size_bytes", format!("must be at least 1048576, got {}", storage.map_size_bytes)));
+        }
+        if storage.flush_interval_ms == 0 {
+            return Err(bad("storage.flush_interval_ms", "must be at least 1".into()));
+        }
+        let sup = &self.supervisor;
+        for (key, value) in [
+            ("supervisor.restart_window_ms", sup.restart_window_ms),
+            ("supervisor.ready_timeout_ms", sup.ready_timeout_ms),
+            ("supervisor.drain_timeout_ms", sup.drain_timeout_ms),
+        ] {
+            if value == 0 {
+                return Err(bad(key, "must be at least 1".into()));
+            }
+        }
+        Ok(Config {
+            source: source.map(Path::to_path_buf),
+            data_dir: self.data_dir,
+            workers,
+            client: ClientConfig {
+                listen,
+                unix_socket,
+                requirepass: Some(self.client.requirepass).filter(|p| !p.is_empty()),
+                max_connections: self.client.max_connections,
+                max_value_bytes: self.client.max_value_bytes,
+            },
+            storage: self.storage,
+            supervisor: self.supervisor,
+        })
+    }
+}
+
+impl Config {
+    /// Loads the config from `path` (or embedded defaults when `None`) and validates it.
+    pub fn load(path: Option<&Path>) -> Result<Config, ConfigError> {
+        let file = match path {
+            Some(path) => FileConfig::load(path)?,
+            None => FileConfig::default(),
+        };
+        file.validate(path)
+    }
+
+    /// Checks paths that depend on the resolved (absolute) data dir.
+    pub fn check_paths(&self) -> Result<(), ConfigError> {
+        let file = self.source.as_ref().map(|p| p.display().to_string()).unwrap_or_else(|| "(embedded defaults)".into());
+        let too_long = |path: &Path| path.as_os_str().len() > MAX_UNIX_SOCKET_PATH_BYTES;
+        if let Some(socket) = &self.client.unix_socket {
+            if too_long(socket) {
+                return Err(ConfigError {
+                    file,
+                    key: "client.unix_socket".into(),
+                    reason: format!("{} is longer than {MAX_UNIX_SOCKET_PATH_BYTES} bytes", socket.display()),
+                });
+            }
+        }
+        if too_long(&self.worker_socket(self.workers)) {
+            return Err(ConfigError {
+                file,
+                key: "data_dir".into(),
+                reason: format!("{} is too long to hold Unix sockets", self.data_dir.display()),
+            });
+        }
+        Ok(())
+    }
+
+    /// `<data_dir>/shard-<i>/`: the LMDB environment of worker `i`.
+    pub fn shard_dir(&self, index: usize) -> PathBuf {
+        self.data_dir.join(format!("shard-{index}"))
+    }
+
+    /// `<data_dir>/run/`: sockets and the status table, recreated at every start.
+    pub fn run_dir(&self) -> PathBuf {
+        self.data_dir.join("run")
+    }
+
+    /// The Unix socket on which worker `index` accepts the net-daemon.
+    pub fn worker_socket(&self, index: usize) -> PathBuf {
+        self.run_dir().join(format!("shard-{index}.sock"))
+    }
+
+    /// The shared-memory status table.
+    pub fn status_path(&self) -> PathBuf {
+        self.run_dir().join("status")
+    }
+
+    /// The flock'd PID file that keeps a second supervisor off this data dir.
+    pub fn pid_path(&self) -> PathBuf {
+        self.data_dir.join("shoal.pid")
+    }
+
+    /// The record of the layout (partitions, workers) the data dir was created with.
+    pub fn layout_path(&self) -> PathBuf {
+        self.data_dir.join("layout.json")
+    }
+
+    /// Limits for the client-facing RESP parser.
+    pub fn request_limits(&self) -> crate::resp::RequestLimits {
+        crate::resp::RequestLimits {
+            max_args: crate::limits::MAX_REQUEST_ARGS,
+            max_bulk_bytes: self.client.max_value_bytes + crate::limits::BULK_SLACK_BYTES,
+            max_inline_bytes: crate::limits::MAX_INLINE_BYTES,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn empty_file_gives_defaults() {
+        let config = FileConfig::parse("", "t.toml").unwrap().validate(None).unwrap();
+        assert_eq!(config.client.listen, Some("127.0.0.1:7379".parse().unwrap()));
+        assert_eq!(config.client.unix_socket, Some(PathBuf::from("./shoal-data/shoal.sock")));
+        assert_eq!(config.storage.partitions, 256);
+        assert_eq!(config.storage.collections, 16);
+        assert_eq!(config.storage.durability, Durability::Fsync);
+        assert!(config.workers >= 1);
+    }
+
+    #[test]
+    fn unknown_key_is_named_with_its_section() {
+        let err = FileConfig::parse("[client]\nlisten_addr = \"x\"\n", "t.toml").unwrap_err();
+        assert_eq!(err.key, "client.listen_addr");
+        assert_eq!(err.to_string(), "bad config t.toml: key `client.listen_addr`: unknown key");
+        let err = FileConfig::parse("wokers = 2\n", "t.toml").unwrap_err();
+        assert_eq!(err.key, "wokers");
+    }
+
+    #[test]
+    fn wrong_type_names_the_key() {
+        let err = FileConfig::parse("[storage]\npartitions = \"many\"\n", "t.toml").unwrap_err();
+        assert_eq!(err.key, "storage.partitions");
+        assert!(!err.to_string().contains('\n'));
+        let err = FileConfig::parse("[storage]\ndurability = \"sometimes\"\n", "t.toml").unwrap_err();
+        assert_eq!(err.key, "storage.durability");
+    }
+
+    #[test]
+    fn bad_values_are_rejected() {
+        let check = |text: &str, key: &str| {
+            let err = FileConfig::parse(text, "t.toml").unwrap().validate(Some(Path::new("t.toml"))).unwrap_err();
+            assert_eq!(err.key, key, "{err}");
+        };
+        check("[client]\nlisten = \"nonsense\"\n", "client.listen");
+        check("[client]\nmax_value_bytes = 0\n", "client.max_value_bytes");
+        check("[storage]\npartitions = 0\n", "storage.partitions");
+        check("[storage]\npartitions = 20000\n", "storage.partitions");
+        check("workers = 8\n[storage]\npartitions = 4\n", "workers");
+        check("[client]\nlisten = \"\"\nunix_socket = \"\"\n", "client.listen");
+    }
+
+    #[test]
+    fn empty_unix_socket_disables_it() {
+        let config = FileConfig::parse("[client]\nunix_socket = \"\"\n", "t").unwrap().validate(None).unwrap();
+        assert_eq!(config.client.unix_socket, None);
+    }
+}

@@ -1,0 +1,320 @@
+//! The net-daemon ↔ shard-worker link: its messages and their framing.
+//!
+//! One request enum ([`WorkerRequest`]) and one response enum
+//! ([`WorkerResponse`]) make the whole contract between the two processes;
+//! neither crate depends on the other. Every message travels in an envelope
+//! that carries a request id, so many requests are in flight on one socket and
+//! responses may come back in any order.
+//!
+//! A frame is `length u32 big-endian ++ bincode 2 (serde) payload`. Decoding
+//! never panics and never accepts a frame over [`MAX_FRAME_BYTES`].
+
+use serde::de::DeserializeOwned;
+use serde::{Deserialize, Serialize};
+
+pub use crate::limits::MAX_FRAME_BYTES;
+
+/// A collection (Redis numbered database) index.
+pub type Collection = u16;
+/// A partition index.
+pub type Partition = u16;
+
+/// A user key together with the partition it hashes to.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Key {
+    pub partition: Partition,
+    #[serde(with = "serde_bytes")]
+    pub bytes: Vec<u8>,
+}
+
+/// When SET writes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum SetCondition {
+    Always,
+    /// NX: only if the key does not exist.
+    IfAbsent,
+    /// XX: only if the key exists.
+    IfPresent,
+}
+
+/// What SET answers.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum SetReply {
+    /// `OK` if written, nil if the condition failed (SET).
+    Status,
+    /// The old value or nil (SET ... GET, GETSET).
+    OldValue,
+    /// 1 if written, 0 if not (SETNX).
+    WrittenFlag,
+}
+
+/// A request from the net-daemon to a shard-worker. All keys of one request
+/// belong to partitions of that worker.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub enum WorkerRequest {
+    /// → `Value`.
+    Get { collection: Collection, key: Key },
+    /// → `Values`, in the order of `keys`.
+    MGet { collection: Collection, keys: Vec<Key> },
+    /// → `Ok`, `Nil`, `Value` or `Integer`, depending on `reply`.
+    Set {
+        collection: Collection,
+        key: Key,
+        #[serde(with = "serde_bytes")]
+        value: Vec<u8>,
+        condition: SetCondition,
+        reply: SetReply,
+    },
+    /// → `Value` (the deleted value).
+    GetDel { collection: Collection, key: Key },
+    /// → `Integer`: how many of the keys existed and were deleted.
+    Delete { collection: Collection, keys: Vec<Key> },
+    /// → `Integer`: how many of the keys exist (a key named twice counts twice).
+    Exists { collection: Collection, keys: Vec<Key> },
+    /// → `Integer` (the new value) or an error.
+    IncrBy { collection: Collection, key: Key, delta: i64 },
+    /// → `Value` (the new value, formatted) or an error.
+    IncrByFloat { collection: Collection, key: Key, delta: f64 },
+    /// → `Integer` (the new length) or an error.
+    Append {
+        collection: Collection,
+        key: Key,
+        #[serde(with = "serde_bytes")]
+        value: Vec<u8>,
+    },
+    /// → `Integer`.
+    StrLen { collection: Collection, key: Key },
+    /// → `Integer`: keys of the collection on this worker.
+    DbSize { collection: Collection },
+    /// → `Log`: entries of `partition` with commit id ≥ `from_commit_id`, at most `count`.
+    ReadLog { partition: Partition, from_commit_id: u64, count: u32 },
+}
+
+impl WorkerRequest {
+    /// Whether the request may change data (and so needs the group commit's fsync).
+    pub fn is_write(&self) -> bool {
+        matches!(
+            self,
+            WorkerRequest::Set { .. }
+                | WorkerRequest::GetDel { .. }
+                | WorkerRequest::Delete { .. }
+                | WorkerRequest::IncrBy { .. }
+                | WorkerRequest::IncrByFloat { .. }
+                | WorkerRequest::Append { .. }
+        )
+    }
+}
+
+/// A response from a shard-worker.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub enum WorkerResponse {
+    Ok,
+    Integer(i64),
+    Value(#[serde(with = "serde_bytes")] Option<Vec<u8>>),
+    Values(Vec<Option<serde_bytes::ByteBuf>>),
+    Log(Vec<LogEntry>),
+    Error(WorkerError),
+}
+
+/// A failure the worker reports for one request.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub enum WorkerError {
+    /// The stored value is not an integer, or the result overflows.
+    NotInteger,
+    /// INCRBY would overflow i64.
+    Overflow,
+    /// The stored value is not a float.
+    NotFloat,
+    /// INCRBYFLOAT would produce NaN or infinity.
+    NanOrInfinity,
+    /// The resulting value would exceed `max_value_bytes`.
+    ValueTooLarge { max_value_bytes: usize },
+    /// The storage engine failed; nothing of this request was applied.
+    Storage(String),
+}
+
+/// What a commit-log entry records.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[repr(u8)]
+pub enum ChangeType {
+    /// `00`: the key did not exist before.
+    Create = 0b00,
+    /// `01`: the key was removed.
+    Delete = 0b01,
+    /// `10`: the key existed and got a new value.
+    Update = 0b10,
+}
+
+impl ChangeType {
+    /// Decodes the on-disk byte.
+    pub fn from_byte(byte: u8) -> Option<ChangeType> {
+        match byte {
+            0b00 => Some(ChangeType::Create),
+            0b01 => Some(ChangeType::Delete),
+            0b10 => Some(ChangeType::Update),
+            _ => None,
+        }
+    }
+
+    /// The name shown to users.
+    pub fn name(self) -> &'static str {
+        match self {
+            ChangeType::Create => "create",
+            ChangeType::Delete => "delete",
+            ChangeType::Update => "update",
+        }
+    }
+}
+
+/// One entry of a partition's commit log.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct LogEntry {
+    pub partition: Partition,
+    pub commit_id: u64,
+    pub timestamp_ms: u64,
+    pub change: ChangeType,
+    pub collection: Collection,
+    #[serde(with = "serde_bytes")]
+    pub key: Vec<u8>,
+    /// The new value (empty for a delete).
+    #[serde(with = "serde_bytes")]
+    pub data: Vec<u8>,
+}
+
+/// A request with its id.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct RequestEnvelope {
+    pub id: u64,
+    pub request: WorkerRequest,
+}
+
+/// A response with the id of its request.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ResponseEnvelope {
+    pub id: u64,
+    pub response: WorkerResponse,
+}
+
+/// A frame that cannot be decoded; the link must be closed.
+#[derive(Debug, thiserror::Error)]
+pub enum FrameError {
+    #[error("frame of {0} bytes is over the {MAX_FRAME_BYTES}-byte limit")]
+    TooLarge(usize),
+    #[error("undecodable frame: {0}")]
+    Decode(String),
+    #[error("frame has {0} trailing bytes")]
+    Trailing(usize),
+    #[error("cannot encode frame: {0}")]
+    Encode(String),
+}
+
+const LENGTH_BYTES: usize = 4;
+
+fn bincode_config() -> impl bincode::config::Config {
+    bincode::config::standard().with_limit::<MAX_FRAME_BYTES>()
+}
+
+/// Appends one frame holding `message` to `out`.
+pub fn encode_frame<T: Serialize>(message: &T, out: &mut Vec<u8>) -> Result<(), FrameError> {
+    let start = out.len();
+    out.extend_from_slice(&[0; LENGTH_BYTES]);
+    bincode::serde::encode_into_std_write(message, out, bincode_config())
+        .map_err(|e| FrameError::Encode(e.to_string()))?;
+    let len = out.len() - start - LENGTH_BYTES;
+    if len > MAX_FRAME_BYTES {
+        out.truncate(start);
+        return Err(FrameError::TooLarge(len));
+    }
+    out[start..start + LENGTH_BYTES].copy_from_slice(&(len as u32).to_be_bytes());
+    Ok(())
+}
+
+/// Decodes the frame at the front of `buf`. Returns the message and the bytes it
+/// used, or `Ok(None)` if the frame is not complete yet.
+pub fn decode_frame<T: DeserializeOwned>(buf: &[u8]) -> Result<Option<(T, usize)>, FrameError> {
+    let Some(header) = buf.get(..LENGTH_BYTES) else { return Ok(None) };
+    let len = u32::from_be_bytes([header[0], header[1], header[2], header[3]]) as usize;
+    if len > MAX_FRAME_BYTES {
+        return Err(FrameError::TooLarge(len));
+    }
+    let Some(payload) = buf.get(LENGTH_BYTES..LENGTH_BYTES + len) else { return Ok(None) };
+    let (message, used) = bincode::serde::decode_from_slice(payload, bincode_config())
+        .map_err(|e| FrameError::Decode(e.to_string()))?;
+    if used != len {
+        return Err(FrameError::Trailing(len - used));
+    }
+    Ok(Some((message, LENGTH_BYTES + len)))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn key(bytes: &[u8]) -> Key {
+        Key { partition: 7, bytes: bytes.to_vec() }
+    }
+
+    #[test]
+    fn frames_round_trip() {
+        let messages = vec![
+            RequestEnvelope { id: 1, request: WorkerRequest::Get { collection: 0, key: key(b"a") } },
+            RequestEnvelope {
+                id: u64::MAX,
+                request: WorkerRequest::Set {
+                    collection: 3,
+                    key: key(b"k"),
+                    value: vec![0, 255, 13, 10],
+                    condition: SetCondition::IfAbsent,
+                    reply: SetReply::OldValue,
+                },
+            },
+            RequestEnvelope { id: 2, request: WorkerRequest::IncrByFloat { collection: 1, key: key(b""), delta: -0.5 } },
+        ];
+        let mut out = Vec::new();
+        for message in &messages {
+            encode_frame(message, &mut out).unwrap();
+        }
+        let mut pos = 0;
+        for message in &messages {
+            let (decoded, used): (RequestEnvelope, usize) = decode_frame(&out[pos..]).unwrap().unwrap();
+            assert_eq!(&decoded, message);
+            pos += used;
+        }
+        assert_eq!(pos, out.len());
+    }
+
+    #[test]
+    fn partial_frames_need_more_bytes() {
+        let mut out = Vec::new();
+        let response = ResponseEnvelope { id: 9, response: WorkerResponse::Value(Some(b"hello".to_vec())) };
+        encode_frame(&response, &mut out).unwrap();
+        for cut in 0..out.len() {
+            assert!(decode_frame::<ResponseEnvelope>(&out[..cut]).unwrap().is_none());
+        }
+    }
+
+    #[test]
+    fn hostile_frames_are_errors() {
+        let huge = ((MAX_FRAME_BYTES + 1) as u32).to_be_bytes();
+        assert!(matches!(decode_frame::<ResponseEnvelope>(&huge), Err(FrameError::TooLarge(_))));
+        let garbage = [0, 0, 0, 3, 0xff, 0xff, 0xff];
+        assert!(decode_frame::<ResponseEnvelope>(&garbage).is_err());
+        // A vector that claims a length far beyond the frame must not allocate it.
+        let mut lying = vec![0, 0, 0, 0];
+        lying.extend_from_slice(&[1, 4, 0xfc, 0xff, 0xff, 0xff, 0x7f]);
+        let len = (lying.len() - 4) as u32;
+        lying[..4].copy_from_slice(&len.to_be_bytes());
+        assert!(decode_frame::<ResponseEnvelope>(&lying).is_err());
+    }
+
+    #[test]
+    fn change_types_have_their_documented_codes() {
+        assert_eq!(ChangeType::Create as u8, 0b00);
+        assert_eq!(ChangeType::Delete as u8, 0b01);
+        assert_eq!(ChangeType::Update as u8, 0b10);
+        for change in [ChangeType::Create, ChangeType::Delete, ChangeType::Update] {
+            assert_eq!(ChangeType::from_byte(change as u8), Some(change));
+        }
+        assert_eq!(ChangeType::from_byte(3), None);
+    }
+}

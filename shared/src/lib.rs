@@ -1,0 +1,28 @@
+//! Shared pieces of Shoal, used by every process.
+//!
+//! This crate owns the contracts between processes and the pure logic that
+//! more than one process needs. It never does network or storage I/O itself
+//! (apart from mapping the status table), and depends on no other Shoal crate.
+//!
+//! Modules:
+//! - [`config`]: the TOML config file, its defaults and its validation.
+//! - [`resp`]: the Redis protocol codec (request parsing, reply encoding).
+//! - [`frame`]: the net-daemon ↔ shard-worker message enums and their framing.
+//! - [`partition`]: key → slot → partition → worker routing.
+//! - [`status`]: the shared-memory status table every process writes into.
+//! - [`limits`]: size limits and the invariants between them.
+
+pub mod config;
+pub mod frame;
+pub mod limits;
+pub mod partition;
+pub mod resp;
+pub mod status;
+
+/// Milliseconds since the Unix epoch, as used in logs, metadata and the status table.
+pub fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}

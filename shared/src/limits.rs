@@ -1,0 +1,35 @@
+//! Size limits shared by the codec, the router and the storage layout.
+//!
+//! Every limit that protects a process from a hostile or broken peer lives
+//! here, with the compile-time checks that tie them together.
+
+/// LMDB's maximum key size (the default build of liblmdb).
+pub const LMDB_MAX_KEY_BYTES: usize = 511;
+
+/// Bytes that the storage layout puts before the user's key (the partition, u16 big-endian).
+pub const STORED_KEY_PREFIX_BYTES: usize = 2;
+
+/// Longest user key that Shoal accepts.
+pub const MAX_KEY_BYTES: usize = LMDB_MAX_KEY_BYTES - STORED_KEY_PREFIX_BYTES;
+
+/// Most arguments a single client request may carry.
+pub const MAX_REQUEST_ARGS: usize = 1024 * 1024;
+
+/// Longest inline (telnet-style) request line.
+pub const MAX_INLINE_BYTES: usize = 64 * 1024;
+
+/// Slack above `max_value_bytes` that the RESP parser still reads, so that a
+/// value a little too large gets a command error instead of a closed connection.
+pub const BULK_SLACK_BYTES: usize = 64 * 1024;
+
+/// Largest frame on the net-daemon ↔ shard-worker link.
+pub const MAX_FRAME_BYTES: usize = 1 << 30;
+
+/// Largest value the config may allow: it must fit in a frame with its key.
+pub const MAX_VALUE_BYTES_LIMIT: usize = 512 * 1024 * 1024;
+
+/// Most commands of one pipeline the net-daemon has in flight per connection.
+pub const MAX_PIPELINE_IN_FLIGHT: usize = 1024;
+
+const _: () = assert!(MAX_KEY_BYTES < u16::MAX as usize, "log entries store the key length as u16");
+const _: () = assert!(MAX_VALUE_BYTES_LIMIT + BULK_SLACK_BYTES + 64 * 1024 < MAX_FRAME_BYTES);

@@ -1,0 +1,325 @@
+//! The status table: a small shared-memory file that every process of one host maps.
+//!
+//! The supervisor creates it at `<data_dir>/run/status` at every start. Each
+//! child writes its own slot (pid, state, heartbeat, counters); the supervisor
+//! writes restarts; the net-daemon reads all slots to answer INFO; `shoal
+//! status` reads it from outside. Fields are 64-bit atomics, so readers never
+//! see torn values and nobody takes a lock.
+//!
+//! Layout (native byte order: the file never leaves the host), in u64 words:
+//! - header, 8 words: `MAGIC`, `VERSION`, slot count, supervisor pid,
+//!   supervisor start time (ms), workers, partitions, reserved;
+//! - then one slot of [`SLOT_WORDS`] words per process: workers `0..workers`
+//!   take slots `0..workers`, the net-daemon takes slot `workers`. The words of
+//!   a slot are the [`Field`]s, in order.
+
+use std::fs::OpenOptions;
+use std::io;
+use std::path::Path;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use memmap2::{Mmap, MmapMut};
+
+const MAGIC: u64 = u64::from_be_bytes(*b"SHOALST1");
+const VERSION: u64 = 1;
+const HEADER_WORDS: usize = 8;
+/// Words per process slot.
+pub const SLOT_WORDS: usize = 16;
+/// Most slots a table holds (workers plus the net-daemon).
+pub const MAX_SLOTS: usize = 1024;
+
+const _: () = assert!((Field::Reserved as usize) < SLOT_WORDS);
+
+/// The words of one slot.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[repr(usize)]
+pub enum Field {
+    Pid = 0,
+    Role = 1,
+    Index = 2,
+    State = 3,
+    Restarts = 4,
+    HeartbeatMs = 5,
+    LastCommitId = 6,
+    QueueDepth = 7,
+    Ops = 8,
+    StartedMs = 9,
+    Commits = 10,
+    Connections = 11,
+    Reserved = 12,
+}
+
+/// What a slot's process does.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Role {
+    ShardWorker,
+    NetDaemon,
+}
+
+impl Role {
+    fn code(self) -> u64 {
+        match self {
+            Role::ShardWorker => 1,
+            Role::NetDaemon => 2,
+        }
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Role::ShardWorker => "shard-worker",
+            Role::NetDaemon => "net-daemon",
+        }
+    }
+}
+
+/// Where a process is in its life.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[repr(u64)]
+pub enum ProcessState {
+    /// Never started.
+    Empty = 0,
+    /// Started, loading.
+    Starting = 1,
+    /// Serving.
+    Ready = 2,
+    /// Finishing in-flight work before it exits.
+    Draining = 3,
+    /// Died; the supervisor will restart it.
+    Down = 4,
+    /// Exited on purpose.
+    Stopped = 5,
+}
+
+impl ProcessState {
+    pub fn from_code(code: u64) -> ProcessState {
+        match code {
+            1 => ProcessState::Starting,
+            2 => ProcessState::Ready,
+            3 => ProcessState::Draining,
+            4 => ProcessState::Down,
+            5 => ProcessState::Stopped,
+            _ => ProcessState::Empty,
+        }
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            ProcessState::Empty => "empty",
+            ProcessState::Starting => "starting",
+            ProcessState::Ready => "ready",
+            ProcessState::Draining => "draining",
+            ProcessState::Down => "down",
+            ProcessState::Stopped => "stopped",
+        }
+    }
+}
+
+enum Map {
+    ReadWrite(MmapMut),
+    ReadOnly(Mmap),
+}
+
+/// A mapped status table.
+pub struct StatusTable {
+    map: Map,
+}
+
+impl StatusTable {
+    /// Creates (or truncates) the table for `workers` workers plus the net-daemon.
+    pub fn create(path: &Path, workers: usize, partitions: u16) -> io::Result<StatusTable> {
+        let slots = workers + 1;
+        if slots > MAX_SLOTS {
+            return Err(io::Error::new(io::ErrorKind::InvalidInput, "too many processes for the status table"));
+        }
+        let file = OpenOptions::new().read(true).write(true).create(true).truncate(true).open(path)?;
+        file.set_len(((HEADER_WORDS + slots * SLOT_WORDS) * 8) as u64)?;
+        // SAFETY: the file is ours, sized above, and only accessed through atomics.
+        let map = unsafe { MmapMut::map_mut(&file)? };
+        let table = StatusTable { map: Map::ReadWrite(map) };
+        let header = table.header();
+        header[1].store(VERSION, Ordering::Relaxed);
+        header[2].store(slots as u64, Ordering::Relaxed);
+        header[3].store(u64::from(std::process::id()), Ordering::Relaxed);
+        header[4].store(crate::now_ms(), Ordering::Relaxed);
+        header[5].store(workers as u64, Ordering::Relaxed);
+        header[6].store(u64::from(partitions), Ordering::Relaxed);
+        for index in 0..slots {
+            let (role, role_index) = if index < workers { (Role::ShardWorker, index) } else { (Role::NetDaemon, 0) };
+            let slot = table.slot(index);
+            slot.set(Field::Role, role.code());
+            slot.set(Field::Index, role_index as u64);
+        }
+        header[0].store(MAGIC, Ordering::Release);
+        Ok(table)
+    }
+
+    /// Maps an existing table for writing (children).
+    pub fn open(path: &Path) -> io::Result<StatusTable> {
+        let file = OpenOptions::new().read(true).write(true).open(path)?;
+        // SAFETY: fields are only accessed through atomics; the length is checked in `check`.
+        let map = unsafe { MmapMut::map_mut(&file)? };
+        StatusTable { map: Map::ReadWrite(map) }.check()
+    }
+
+    /// Maps an existing table for reading (`shoal status`).
+    pub fn open_read_only(path: &Path) -> io::Result<StatusTable> {
+        let file = OpenOptions::new().read(true).open(path)?;
+        // SAFETY: as in `open`; this mapping is never written.
+        let map = unsafe { Mmap::map(&file)? };
+        StatusTable { map: Map::ReadOnly(map) }.check()
+    }
+
+    fn check(self) -> io::Result<StatusTable> {
+        let bytes = self.bytes();
+        let invalid = |why: &str| Err(io::Error::new(io::ErrorKind::InvalidData, format!("status table: {why}")));
+        if bytes.len() < HEADER_WORDS * 8 {
+            return invalid("file too short");
+        }
+        let header = self.header();
+        if header[0].load(Ordering::Acquire) != MAGIC || header[1].load(Ordering::Relaxed) != VERSION {
+            return invalid("bad magic or version");
+        }
+        let slots = header[2].load(Ordering::Relaxed) as usize;
+        if slots > MAX_SLOTS || bytes.len() < (HEADER_WORDS + slots * SLOT_WORDS) * 8 {
+            return invalid("slot count does not match the file size");
+        }
+        Ok(self)
+    }
+
+    fn bytes(&self) -> &[u8] {
+        match &self.map {
+            Map::ReadWrite(map) => map,
+            Map::ReadOnly(map) => map,
+        }
+    }
+
+    fn words(&self) -> &[AtomicU64] {
+        let bytes = self.bytes();
+        // SAFETY: mappings are page-aligned, so 8-byte aligned; AtomicU64 has the layout of
+        // u64, and every access goes through the atomic API, so concurrent writers in other
+        // processes are fine. A read-only mapping is only ever loaded from.
+        unsafe { std::slice::from_raw_parts(bytes.as_ptr().cast::<AtomicU64>(), bytes.len() / 8) }
+    }
+
+    fn header(&self) -> &[AtomicU64] {
+        &self.words()[..HEADER_WORDS]
+    }
+
+    /// Number of slots (workers + 1).
+    pub fn slot_count(&self) -> usize {
+        self.header()[2].load(Ordering::Relaxed) as usize
+    }
+
+    /// The supervisor's pid.
+    pub fn supervisor_pid(&self) -> u32 {
+        self.header()[3].load(Ordering::Relaxed) as u32
+    }
+
+    /// When the supervisor started (ms since the epoch).
+    pub fn started_ms(&self) -> u64 {
+        self.header()[4].load(Ordering::Relaxed)
+    }
+
+    /// Workers the table was made for.
+    pub fn workers(&self) -> usize {
+        self.header()[5].load(Ordering::Relaxed) as usize
+    }
+
+    /// Partitions of the data dir.
+    pub fn partitions(&self) -> u16 {
+        self.header()[6].load(Ordering::Relaxed) as u16
+    }
+
+    /// The slot of process `index` (see the module docs).
+    ///
+    /// # Panics
+    /// If `index` is not below [`StatusTable::slot_count`]: slot indices come from the config, not from input.
+    pub fn slot(&self, index: usize) -> Slot<'_> {
+        assert!(index < self.slot_count(), "status slot {index} out of range");
+        let start = HEADER_WORDS + index * SLOT_WORDS;
+        Slot { words: &self.words()[start..start + SLOT_WORDS] }
+    }
+
+    /// The net-daemon's slot.
+    pub fn net_daemon_slot(&self) -> Slot<'_> {
+        self.slot(self.slot_count() - 1)
+    }
+}
+
+/// One process's slot.
+#[derive(Clone, Copy)]
+pub struct Slot<'a> {
+    words: &'a [AtomicU64],
+}
+
+impl Slot<'_> {
+    pub fn get(&self, field: Field) -> u64 {
+        self.words[field as usize].load(Ordering::Acquire)
+    }
+
+    pub fn set(&self, field: Field, value: u64) {
+        self.words[field as usize].store(value, Ordering::Release);
+    }
+
+    pub fn add(&self, field: Field, delta: u64) {
+        self.words[field as usize].fetch_add(delta, Ordering::AcqRel);
+    }
+
+    pub fn state(&self) -> ProcessState {
+        ProcessState::from_code(self.get(Field::State))
+    }
+
+    pub fn set_state(&self, state: ProcessState) {
+        self.set(Field::State, state as u64);
+    }
+
+    pub fn role(&self) -> Role {
+        if self.get(Field::Role) == Role::NetDaemon.code() {
+            Role::NetDaemon
+        } else {
+            Role::ShardWorker
+        }
+    }
+
+    /// Records a heartbeat now.
+    pub fn beat(&self) {
+        self.set(Field::HeartbeatMs, crate::now_ms());
+    }
+
+    /// Marks the slot as taken by the calling process, starting.
+    pub fn claim(&self) {
+        self.set(Field::Pid, u64::from(std::process::id()));
+        self.set(Field::StartedMs, crate::now_ms());
+        self.beat();
+        self.set_state(ProcessState::Starting);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn writers_and_readers_share_the_table() {
+        let dir = std::env::temp_dir().join(format!("shoal-status-test-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("status");
+        let supervisor = StatusTable::create(&path, 3, 256).unwrap();
+        let child = StatusTable::open(&path).unwrap();
+        child.slot(1).claim();
+        child.slot(1).set_state(ProcessState::Ready);
+        child.slot(1).add(Field::Ops, 5);
+        let reader = StatusTable::open_read_only(&path).unwrap();
+        assert_eq!(reader.slot_count(), 4);
+        assert_eq!(reader.workers(), 3);
+        assert_eq!(reader.partitions(), 256);
+        assert_eq!(reader.slot(1).state(), ProcessState::Ready);
+        assert_eq!(reader.slot(1).get(Field::Ops), 5);
+        assert_eq!(reader.slot(1).get(Field::Pid), u64::from(std::process::id()));
+        assert_eq!(reader.net_daemon_slot().role(), Role::NetDaemon);
+        assert_eq!(supervisor.slot(0).role(), Role::ShardWorker);
+        std::fs::write(&path, b"garbage").unwrap();
+        assert!(StatusTable::open_read_only(&path).is_err());
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+}
