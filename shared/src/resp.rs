@@ -366,6 +366,32 @@ pub fn format_double(value: f64) -> String {
     }
 }
 
+/// Parses an integer argument or stored value as Redis does: optional '-', digits,
+/// no leading zeros, no spaces, no '+', within i64.
+pub fn parse_i64(bytes: &[u8]) -> Option<i64> {
+    if bytes.is_empty() || bytes.len() > 20 {
+        return None;
+    }
+    if bytes == b"0" {
+        return Some(0);
+    }
+    let digits = bytes.strip_prefix(b"-").unwrap_or(bytes);
+    match digits.first() {
+        Some(b'1'..=b'9') if digits.iter().all(u8::is_ascii_digit) => std::str::from_utf8(bytes).ok()?.parse().ok(),
+        _ => None,
+    }
+}
+
+/// Parses a float argument or stored value: no surrounding spaces, no NaN.
+pub fn parse_f64(bytes: &[u8]) -> Option<f64> {
+    let text = std::str::from_utf8(bytes).ok()?;
+    if text.is_empty() || text.trim() != text {
+        return None;
+    }
+    let value: f64 = text.parse().ok()?;
+    (!value.is_nan()).then_some(value)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -449,6 +475,21 @@ mod tests {
         assert_eq!(encoded(&Reply::Double(1.5), Resp3), b",1.5\r\n");
         assert_eq!(encoded(&Reply::Verbatim("a".into()), Resp3), b"=5\r\ntxt:a\r\n");
         assert_eq!(encoded(&Reply::error("ERR a\r\nb"), Resp2), b"-ERR a  b\r\n");
+    }
+
+    #[test]
+    fn integers_parse_like_redis() {
+        assert_eq!(parse_i64(b"0"), Some(0));
+        assert_eq!(parse_i64(b"-42"), Some(-42));
+        assert_eq!(parse_i64(b"9223372036854775807"), Some(i64::MAX));
+        assert_eq!(parse_i64(b"-9223372036854775808"), Some(i64::MIN));
+        for bad in [&b""[..], b"+1", b"01", b"-0", b" 1", b"1 ", b"1.0", b"9223372036854775808", b"abc", b"-"] {
+            assert_eq!(parse_i64(bad), None, "{:?}", String::from_utf8_lossy(bad));
+        }
+        assert_eq!(parse_f64(b"1.5"), Some(1.5));
+        assert_eq!(parse_f64(b"1e3"), Some(1000.0));
+        assert_eq!(parse_f64(b"nan"), None);
+        assert_eq!(parse_f64(b" 1"), None);
     }
 
     #[test]

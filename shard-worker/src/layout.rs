@@ -1,0 +1,230 @@
+//! The byte layout of a shard's LMDB environment. Every stored byte is
+//! encoded and decoded here and nowhere else; decoding never panics.
+//!
+//! All integers are big-endian, so LMDB's byte order is numeric order.
+//!
+//! Named database `c<N>`, one per collection N:
+//! ```text
+//! key   = partition u16 ++ user key (≤ MAX_KEY_BYTES)
+//! value = commit_id u64 ++ flags u8 ++ value bytes
+//! ```
+//! `commit_id` is the commit that last wrote the key. `flags` is 0 (no other
+//! bit is defined yet; readers reject unknown bits).
+//!
+//! Named database `log`, the commit log:
+//! ```text
+//! key   = partition u16 ++ commit_id u64
+//! value = timestamp_ms u64 ++ change_type u8 ++ collection u16 ++ key_len u16 ++ key ++ data
+//! ```
+//! `change_type` is 0b00 create, 0b01 delete, 0b10 update. `data` is the new
+//! value (empty for a delete).
+//!
+//! Named database `meta`:
+//! ```text
+//! "format_version"        → u32 (FORMAT_VERSION)
+//! "shard_id"              → u32
+//! "layout"                → partitions u16 ++ workers u16 (as created)
+//! "p" ++ partition u16    → last_commit_id u64 ++ mtime_ms u64
+//! ```
+
+use shoal_shared::frame::{ChangeType, Collection, LogEntry, Partition};
+
+/// Version of this layout, stored in `meta`.
+pub const FORMAT_VERSION: u32 = 1;
+
+pub const META_FORMAT_VERSION: &[u8] = b"format_version";
+pub const META_SHARD_ID: &[u8] = b"shard_id";
+pub const META_LAYOUT: &[u8] = b"layout";
+
+const VALUE_HEADER_BYTES: usize = 9;
+const LOG_HEADER_BYTES: usize = 8 + 1 + 2 + 2;
+
+/// Stored data that does not match this layout.
+#[derive(Debug, thiserror::Error)]
+#[error("corrupt {what}: {why}")]
+pub struct CorruptError {
+    pub what: &'static str,
+    pub why: String,
+}
+
+fn corrupt(what: &'static str, why: impl Into<String>) -> CorruptError {
+    CorruptError { what, why: why.into() }
+}
+
+/// `partition ++ user key`.
+pub fn data_key(partition: Partition, key: &[u8]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(2 + key.len());
+    out.extend_from_slice(&partition.to_be_bytes());
+    out.extend_from_slice(key);
+    out
+}
+
+/// `commit_id ++ flags ++ bytes`.
+pub fn encode_value(commit_id: u64, value: &[u8]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(VALUE_HEADER_BYTES + value.len());
+    out.extend_from_slice(&commit_id.to_be_bytes());
+    out.push(0);
+    out.extend_from_slice(value);
+    out
+}
+
+/// A stored value: the commit that wrote it and the user's bytes.
+pub struct StoredValue<'a> {
+    pub commit_id: u64,
+    pub bytes: &'a [u8],
+}
+
+pub fn decode_value(raw: &[u8]) -> Result<StoredValue<'_>, CorruptError> {
+    if raw.len() < VALUE_HEADER_BYTES {
+        return Err(corrupt("value", format!("{} bytes is shorter than its header", raw.len())));
+    }
+    let flags = raw[8];
+    if flags != 0 {
+        return Err(corrupt("value", format!("unknown flags {flags:#04x}")));
+    }
+    Ok(StoredValue { commit_id: read_u64(&raw[..8]), bytes: &raw[VALUE_HEADER_BYTES..] })
+}
+
+/// `partition ++ commit_id`.
+pub fn log_key(partition: Partition, commit_id: u64) -> [u8; 10] {
+    let mut out = [0; 10];
+    out[..2].copy_from_slice(&partition.to_be_bytes());
+    out[2..].copy_from_slice(&commit_id.to_be_bytes());
+    out
+}
+
+pub fn encode_log_value(timestamp_ms: u64, change: ChangeType, collection: Collection, key: &[u8], data: &[u8]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(LOG_HEADER_BYTES + key.len() + data.len());
+    out.extend_from_slice(&timestamp_ms.to_be_bytes());
+    out.push(change as u8);
+    out.extend_from_slice(&collection.to_be_bytes());
+    // Keys are at most MAX_KEY_BYTES, which fits u16 (checked in shoal_shared::limits).
+    out.extend_from_slice(&(key.len() as u16).to_be_bytes());
+    out.extend_from_slice(key);
+    out.extend_from_slice(data);
+    out
+}
+
+pub fn decode_log_entry(raw_key: &[u8], raw_value: &[u8]) -> Result<LogEntry, CorruptError> {
+    if raw_key.len() != 10 {
+        return Err(corrupt("log key", format!("{} bytes, expected 10", raw_key.len())));
+    }
+    if raw_value.len() < LOG_HEADER_BYTES {
+        return Err(corrupt("log entry", "shorter than its header"));
+    }
+    let change = ChangeType::from_byte(raw_value[8])
+        .ok_or_else(|| corrupt("log entry", format!("unknown change type {:#04x}", raw_value[8])))?;
+    let key_len = usize::from(u16::from_be_bytes([raw_value[11], raw_value[12]]));
+    let rest = &raw_value[LOG_HEADER_BYTES..];
+    if rest.len() < key_len {
+        return Err(corrupt("log entry", "key runs past the end"));
+    }
+    Ok(LogEntry {
+        partition: u16::from_be_bytes([raw_key[0], raw_key[1]]),
+        commit_id: read_u64(&raw_key[2..]),
+        timestamp_ms: read_u64(&raw_value[..8]),
+        change,
+        collection: u16::from_be_bytes([raw_value[9], raw_value[10]]),
+        key: rest[..key_len].to_vec(),
+        data: rest[key_len..].to_vec(),
+    })
+}
+
+/// `"p" ++ partition`.
+pub fn partition_meta_key(partition: Partition) -> [u8; 3] {
+    let [high, low] = partition.to_be_bytes();
+    [b'p', high, low]
+}
+
+/// A partition's entry in `meta`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct PartitionMeta {
+    pub last_commit_id: u64,
+    pub mtime_ms: u64,
+}
+
+pub fn encode_partition_meta(meta: PartitionMeta) -> [u8; 16] {
+    let mut out = [0; 16];
+    out[..8].copy_from_slice(&meta.last_commit_id.to_be_bytes());
+    out[8..].copy_from_slice(&meta.mtime_ms.to_be_bytes());
+    out
+}
+
+pub fn decode_partition_meta(raw: &[u8]) -> Result<PartitionMeta, CorruptError> {
+    if raw.len() != 16 {
+        return Err(corrupt("partition meta", format!("{} bytes, expected 16", raw.len())));
+    }
+    Ok(PartitionMeta { last_commit_id: read_u64(&raw[..8]), mtime_ms: read_u64(&raw[8..]) })
+}
+
+pub fn encode_layout(partitions: u16, workers: u16) -> [u8; 4] {
+    let [p0, p1] = partitions.to_be_bytes();
+    let [w0, w1] = workers.to_be_bytes();
+    [p0, p1, w0, w1]
+}
+
+pub fn decode_layout(raw: &[u8]) -> Result<(u16, u16), CorruptError> {
+    match raw {
+        [p0, p1, w0, w1] => Ok((u16::from_be_bytes([*p0, *p1]), u16::from_be_bytes([*w0, *w1]))),
+        _ => Err(corrupt("layout", format!("{} bytes, expected 4", raw.len()))),
+    }
+}
+
+pub fn decode_u32(raw: &[u8], what: &'static str) -> Result<u32, CorruptError> {
+    let bytes: [u8; 4] = raw.try_into().map_err(|_| corrupt(what, format!("{} bytes, expected 4", raw.len())))?;
+    Ok(u32::from_be_bytes(bytes))
+}
+
+/// Reads 8 bytes; callers have checked the length.
+fn read_u64(raw: &[u8]) -> u64 {
+    let mut bytes = [0; 8];
+    bytes.copy_from_slice(&raw[..8]);
+    u64::from_be_bytes(bytes)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn values_round_trip() {
+        let raw = encode_value(42, b"hello");
+        assert_eq!(&raw[..9], &[0, 0, 0, 0, 0, 0, 0, 42, 0]);
+        let value = decode_value(&raw).unwrap();
+        assert_eq!((value.commit_id, value.bytes), (42, &b"hello"[..]));
+        assert!(decode_value(&raw[..5]).is_err());
+        let mut flagged = raw.clone();
+        flagged[8] = 0x80;
+        assert!(decode_value(&flagged).is_err());
+    }
+
+    #[test]
+    fn log_entries_round_trip_and_sort_by_commit_id() {
+        let key = log_key(3, 7);
+        let value = encode_log_value(1000, ChangeType::Update, 2, b"k", b"data");
+        assert_eq!(value[8], 0b10);
+        let entry = decode_log_entry(&key, &value).unwrap();
+        assert_eq!(entry.partition, 3);
+        assert_eq!(entry.commit_id, 7);
+        assert_eq!(entry.timestamp_ms, 1000);
+        assert_eq!(entry.change, ChangeType::Update);
+        assert_eq!(entry.collection, 2);
+        assert_eq!(entry.key, b"k");
+        assert_eq!(entry.data, b"data");
+        assert!(log_key(3, 255) < log_key(3, 256));
+        assert!(log_key(3, u64::MAX) < log_key(4, 0));
+        assert!(decode_log_entry(&key, &value[..12]).is_err());
+        let mut bad = value.clone();
+        bad[8] = 3;
+        assert!(decode_log_entry(&key, &bad).is_err());
+    }
+
+    #[test]
+    fn meta_round_trips() {
+        let meta = PartitionMeta { last_commit_id: 9, mtime_ms: 77 };
+        assert_eq!(decode_partition_meta(&encode_partition_meta(meta)).unwrap(), meta);
+        assert_eq!(decode_layout(&encode_layout(256, 3)).unwrap(), (256, 3));
+        assert!(decode_layout(b"abc").is_err());
+        assert!(decode_u32(b"ab", "x").is_err());
+    }
+}
