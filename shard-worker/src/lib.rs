@@ -36,16 +36,15 @@ const MAX_BATCH: usize = 4096;
 /// How often the worker wakes up when idle (heartbeat, shutdown check, async flush).
 const TICK: Duration = Duration::from_millis(100);
 
-/// Runs shard-worker `index` until SIGTERM/SIGINT; returns after a clean drain.
+/// Runs shard-worker `index` until SIGTERM; returns after a clean drain.
 pub fn run(config: &Config, index: usize) -> anyhow::Result<()> {
     let status = StatusTable::open(&config.status_path()).context("opening the status table")?;
     let slot = status.slot(index);
     slot.claim();
 
     let shutdown = Arc::new(AtomicBool::new(false));
-    for signal in [signal_hook::consts::SIGTERM, signal_hook::consts::SIGINT] {
-        signal_hook::flag::register(signal, Arc::clone(&shutdown)).context("installing signal handlers")?;
-    }
+    signal_hook::flag::register(signal_hook::consts::SIGTERM, Arc::clone(&shutdown))
+        .context("installing the SIGTERM handler")?;
 
     let options = StoreOptions {
         shard_id: index as u32,

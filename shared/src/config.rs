@@ -305,6 +305,26 @@ impl Config {
         file.validate(path)
     }
 
+    /// Creates the data dir and makes every path absolute, so that children and
+    /// sockets do not depend on the working directory.
+    pub fn make_paths_absolute(&mut self) -> std::io::Result<()> {
+        std::fs::create_dir_all(&self.data_dir)?;
+        let cwd = std::env::current_dir()?;
+        self.data_dir = self.data_dir.canonicalize()?;
+        if let Some(socket) = &mut self.client.unix_socket {
+            if socket.is_relative() {
+                // `components` drops the "." of the default "./shoal-data/shoal.sock".
+                *socket = cwd.join(&*socket).components().collect();
+            }
+        }
+        if let Some(source) = &mut self.source {
+            if source.is_relative() {
+                *source = cwd.join(&*source);
+            }
+        }
+        Ok(())
+    }
+
     /// Checks paths that depend on the resolved (absolute) data dir.
     pub fn check_paths(&self) -> Result<(), ConfigError> {
         let file = self.source.as_ref().map(|p| p.display().to_string()).unwrap_or_else(|| "(embedded defaults)".into());

@@ -8,12 +8,14 @@
 //! - [`config`]: the TOML config file, its defaults and its validation.
 //! - [`resp`]: the Redis protocol codec (request parsing, reply encoding).
 //! - [`frame`]: the net-daemon ↔ shard-worker message enums and their framing.
+//! - [`glob`]: Redis-style glob patterns.
 //! - [`partition`]: key → slot → partition → worker routing.
 //! - [`status`]: the shared-memory status table every process writes into.
 //! - [`limits`]: size limits and the invariants between them.
 
 pub mod config;
 pub mod frame;
+pub mod glob;
 pub mod limits;
 pub mod partition;
 pub mod resp;

@@ -1,1 +1,151 @@
-fn main(){}
+//! The `shoal` binary.
+//!
+//! - `shoal serve` runs the supervisor ([`supervisor`]).
+//! - `shoal shard-worker --index i` and `shoal net-daemon` are the child roles
+//!   the supervisor re-executes itself as; they read the validated config from
+//!   the environment ([`CHILD_CONFIG_ENV`]).
+//! - `shoal status` prints the processes of a running Shoal ([`status`]).
+//!
+//! Modules: [`supervisor`], [`policy`] (the restart rule), [`status`].
+
+mod policy;
+mod status;
+mod supervisor;
+
+use std::io::IsTerminal;
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use anyhow::Context;
+use clap::{Parser, Subcommand};
+use shoal_shared::config::{Config, CHILD_CONFIG_ENV};
+
+/// Exit code for a config that cannot be used.
+const EXIT_BAD_CONFIG: u8 = 2;
+
+#[derive(Parser)]
+#[command(name = "shoal", version, about = "Shoal: a distributed key-value database that speaks the Redis protocol")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the server: the supervisor, its shard-workers and its net-daemon.
+    Serve {
+        /// Config file (TOML). Without one, embedded defaults apply.
+        #[arg(long, env = "SHOAL_CONFIG")]
+        config: Option<PathBuf>,
+    },
+    /// Show the processes of a running Shoal.
+    Status {
+        /// Config file of the Shoal to inspect (for its data dir).
+        #[arg(long, env = "SHOAL_CONFIG")]
+        config: Option<PathBuf>,
+        /// Print JSON instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
+    /// (internal) A shard-worker process, started by `shoal serve`.
+    #[command(hide = true)]
+    ShardWorker {
+        #[arg(long)]
+        index: usize,
+    },
+    /// (internal) The net-daemon process, started by `shoal serve`.
+    #[command(hide = true)]
+    NetDaemon,
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match cli.command {
+        Command::Serve { config } => {
+            init_logging("supervisor");
+            let config = match load_config(config) {
+                Ok(config) => config,
+                Err(message) => {
+                    eprintln!("shoal: {message}");
+                    return ExitCode::from(EXIT_BAD_CONFIG);
+                }
+            };
+            report(supervisor::run(config))
+        }
+        Command::Status { config, json } => {
+            let config = match load_config(config) {
+                Ok(config) => config,
+                Err(message) => {
+                    eprintln!("shoal: {message}");
+                    return ExitCode::from(EXIT_BAD_CONFIG);
+                }
+            };
+            report(status::print(&config, json))
+        }
+        Command::ShardWorker { index } => {
+            init_logging(&format!("shard-{index}"));
+            report(child_config().and_then(|config| {
+                supervisor::child_setup();
+                shoal_shard_worker::run(&config, index)
+            }))
+        }
+        Command::NetDaemon => {
+            init_logging("net-daemon");
+            report(child_config().and_then(|config| {
+                supervisor::child_setup();
+                shoal_net_daemon::run(config)
+            }))
+        }
+    }
+}
+
+/// Loads and validates the config; the error is one line naming the file and the key.
+fn load_config(path: Option<PathBuf>) -> Result<Config, String> {
+    let config = Config::load(path.as_deref()).map_err(|e| e.to_string())?;
+    Ok(config)
+}
+
+fn child_config() -> anyhow::Result<Config> {
+    let json = std::env::var(CHILD_CONFIG_ENV).with_context(|| format!("{CHILD_CONFIG_ENV} is not set: this role is started by `shoal serve`"))?;
+    serde_json::from_str(&json).context("decoding the config passed by the supervisor")
+}
+
+fn report(result: anyhow::Result<()>) -> ExitCode {
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(error) => {
+            tracing::error!("{error:#}");
+            eprintln!("shoal: {error:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// Prefixes each log line with the time and the process role (`shard-0`, `net-daemon`, ...).
+struct TimeAndRole(String);
+
+impl tracing_subscriber::fmt::time::FormatTime for TimeAndRole {
+    fn format_time(&self, writer: &mut tracing_subscriber::fmt::format::Writer<'_>) -> std::fmt::Result {
+        tracing_subscriber::fmt::time::SystemTime.format_time(writer)?;
+        write!(writer, " {}", self.0)
+    }
+}
+
+/// Logs go to stderr (the journal under systemd), tagged with the process role.
+/// A panic is logged and aborts the process, so the supervisor restarts a clean one.
+fn init_logging(role: &str) {
+    let filter = tracing_subscriber::EnvFilter::try_from_env("SHOAL_LOG").unwrap_or_else(|_| "info".into());
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::stderr().is_terminal())
+        .with_target(false)
+        .with_timer(TimeAndRole(role.to_string()))
+        .init();
+    let role = role.to_string();
+    std::panic::set_hook(Box::new(move |info| {
+        tracing::error!(role = %role, "panic: {info}");
+        eprintln!("shoal {role}: panic: {info}");
+        std::process::abort();
+    }));
+}

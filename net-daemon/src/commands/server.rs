@@ -1,0 +1,360 @@
+//! Connection and server commands that the net-daemon answers itself:
+//! PING, ECHO, HELLO, AUTH, SELECT, CLIENT, QUIT, COMMAND, CONFIG GET, INFO.
+
+use std::fmt::Write as _;
+use std::sync::atomic::Ordering;
+
+use bytes::Bytes;
+use shoal_shared::frame::{WorkerRequest, WorkerResponse};
+use shoal_shared::glob::glob_match;
+use shoal_shared::partition::worker_partitions;
+use shoal_shared::resp::{parse_i64, Protocol, Reply};
+use shoal_shared::status::{Field, ProcessState};
+
+use super::table::{CommandSpec, COMMANDS};
+use super::{After, Pending, Session};
+use crate::errors;
+use crate::Shared;
+
+/// The Redis version whose behaviour Shoal's commands follow.
+pub const REDIS_COMPAT_VERSION: &str = "7.2.0";
+
+/// Runs a server or connection command. Arity is already checked.
+pub async fn dispatch(shared: &Shared, session: &mut Session, name: &str, args: &[Bytes]) -> (Pending, After) {
+    let reply = match name {
+        "ping" => match args.get(1) {
+            None => Reply::Simple("PONG".into()),
+            Some(message) if args.len() == 2 => Reply::Bulk(message.clone()),
+            Some(_) => errors::wrong_arity("ping"),
+        },
+        "echo" => Reply::Bulk(args[1].clone()),
+        "quit" => return (Pending::Ready(Reply::Ok), After::Close),
+        "auth" => auth(shared, session, &args[1..]),
+        "hello" => hello(shared, session, &args[1..]),
+        "select" => match parse_i64(&args[1]) {
+            Some(n) if (0..i64::from(shared.config.storage.collections)).contains(&n) => {
+                session.collection = n as u16;
+                Reply::Ok
+            }
+            Some(_) => Reply::error("ERR DB index is out of range"),
+            None => errors::not_integer(),
+        },
+        "client" => client(session, &args[1..]),
+        "command" => command(&args[1..]),
+        "config" => config(shared, &args[1..]),
+        "info" => info(shared, &args[1..]).await,
+        _ => errors::unknown_command(name.as_bytes(), &args[1..]),
+    };
+    (Pending::Ready(reply), After::Continue)
+}
+
+fn check_password(shared: &Shared, session: &mut Session, user: &[u8], password: &[u8]) -> Reply {
+    match &shared.config.client.requirepass {
+        Some(expected) if user.eq_ignore_ascii_case(b"default") && password == expected.as_bytes() => {
+            session.authenticated = true;
+            Reply::Ok
+        }
+        _ => errors::wrong_pass(),
+    }
+}
+
+fn auth(shared: &Shared, session: &mut Session, args: &[Bytes]) -> Reply {
+    let (user, password) = match args {
+        [password] => (&b"default"[..], password),
+        [user, password] => (&user[..], password),
+        _ => return errors::syntax(),
+    };
+    if shared.config.client.requirepass.is_none() {
+        return Reply::error(
+            "ERR AUTH <password> called without any password configured for the default user. \
+             Are you sure your configuration is correct?",
+        );
+    }
+    check_password(shared, session, user, password)
+}
+
+fn hello(shared: &Shared, session: &mut Session, args: &[Bytes]) -> Reply {
+    let mut protocol = session.protocol;
+    let mut rest = args;
+    if let Some((version, tail)) = args.split_first() {
+        protocol = match parse_i64(version) {
+            Some(2) => Protocol::Resp2,
+            Some(3) => Protocol::Resp3,
+            Some(_) => return Reply::error("NOPROTO unsupported protocol version"),
+            None => return Reply::error("ERR Protocol version is not an integer or out of range"),
+        };
+        rest = tail;
+    }
+    let mut name = None;
+    while let Some((option, tail)) = rest.split_first() {
+        match (option.to_ascii_uppercase().as_slice(), tail) {
+            (b"AUTH", [user, password, tail @ ..]) => {
+                let reply = check_password(shared, session, user, password);
+                if reply.is_error() {
+                    return reply;
+                }
+                rest = tail;
+            }
+            (b"SETNAME", [client_name, tail @ ..]) => {
+                name = Some(client_name.clone());
+                rest = tail;
+            }
+            _ => return errors::syntax(),
+        }
+    }
+    if !session.authenticated {
+        return Reply::error("NOAUTH HELLO must be called with the client already authenticated, otherwise the HELLO <proto> AUTH <user> <pass> option can be used to authenticate the client and select the RESP protocol version at the same time");
+    }
+    if let Some(name) = name {
+        session.name = Some(name);
+    }
+    session.protocol = protocol;
+    let text = |s: &str| Reply::bulk(Bytes::copy_from_slice(s.as_bytes()));
+    Reply::Map(vec![
+        (text("server"), text("shoal")),
+        (text("version"), text(REDIS_COMPAT_VERSION)),
+        (text("shoal_version"), text(env!("CARGO_PKG_VERSION"))),
+        (text("proto"), Reply::Integer(if protocol == Protocol::Resp3 { 3 } else { 2 })),
+        (text("id"), Reply::Integer(session.id as i64)),
+        (text("mode"), text("standalone")),
+        (text("role"), text("master")),
+        (text("modules"), Reply::Array(vec![])),
+    ])
+}
+
+fn client(session: &mut Session, args: &[Bytes]) -> Reply {
+    let subcommand = args[0].to_ascii_uppercase();
+    match (subcommand.as_slice(), &args[1..]) {
+        (b"ID", []) => Reply::Integer(session.id as i64),
+        (b"GETNAME", []) => session.name.clone().map_or(Reply::Nil, Reply::Bulk),
+        (b"SETNAME", [name]) => {
+            if name.iter().any(|&b| b <= b' ' || b > b'~') {
+                return Reply::error("ERR Client names cannot contain spaces, newlines or special characters.");
+            }
+            session.name = (!name.is_empty()).then(|| name.clone());
+            Reply::Ok
+        }
+        (b"SETINFO", [attribute, _value]) => {
+            if attribute.eq_ignore_ascii_case(b"LIB-NAME") || attribute.eq_ignore_ascii_case(b"LIB-VER") {
+                Reply::Ok
+            } else {
+                Reply::error(format!("ERR Unrecognized option '{}'", String::from_utf8_lossy(attribute)))
+            }
+        }
+        (b"ID" | b"GETNAME" | b"SETNAME" | b"SETINFO", _) => {
+            errors::wrong_arity(&format!("client|{}", String::from_utf8_lossy(&subcommand).to_lowercase()))
+        }
+        _ => Reply::error(format!(
+            "ERR unknown subcommand '{}'. Try CLIENT HELP.",
+            String::from_utf8_lossy(&args[0])
+        )),
+    }
+}
+
+fn command_info(spec: &CommandSpec) -> Reply {
+    Reply::Array(vec![
+        Reply::bulk(spec.name),
+        Reply::Integer(spec.arity),
+        Reply::Array(spec.flags.iter().map(|f| Reply::Simple((*f).into())).collect()),
+        Reply::Integer(spec.first_key),
+        Reply::Integer(spec.last_key),
+        Reply::Integer(spec.step),
+        Reply::Array(vec![]),
+        Reply::Array(vec![]),
+        Reply::Array(vec![]),
+        Reply::Array(vec![]),
+    ])
+}
+
+fn command(args: &[Bytes]) -> Reply {
+    let find = |name: &Bytes| {
+        let name = String::from_utf8_lossy(name).to_lowercase();
+        COMMANDS.iter().find(|spec| spec.name == name)
+    };
+    let Some(subcommand) = args.first() else {
+        return Reply::Array(COMMANDS.iter().map(command_info).collect());
+    };
+    match subcommand.to_ascii_uppercase().as_slice() {
+        b"COUNT" => Reply::Integer(COMMANDS.len() as i64),
+        b"INFO" => {
+            if args.len() == 1 {
+                return Reply::Array(COMMANDS.iter().map(command_info).collect());
+            }
+            Reply::Array(args[1..].iter().map(|name| find(name).map_or(Reply::Nil, command_info)).collect())
+        }
+        b"DOCS" => {
+            let specs: Vec<&CommandSpec> = if args.len() == 1 {
+                COMMANDS.iter().collect()
+            } else {
+                args[1..].iter().filter_map(find).collect()
+            };
+            Reply::Map(
+                specs
+                    .into_iter()
+                    .map(|spec| {
+                        let doc = Reply::Map(vec![
+                            (Reply::bulk("summary"), Reply::bulk(spec.summary)),
+                            (Reply::bulk("since"), Reply::bulk("1.0.0")),
+                            (Reply::bulk("group"), Reply::bulk(spec.group)),
+                        ]);
+                        (Reply::bulk(spec.name), doc)
+                    })
+                    .collect(),
+            )
+        }
+        _ => Reply::error(format!(
+            "ERR unknown subcommand '{}'. Try COMMAND HELP.",
+            String::from_utf8_lossy(subcommand)
+        )),
+    }
+}
+
+/// The settings CONFIG GET reports, under Redis names where Redis has one.
+fn config_pairs(shared: &Shared) -> Vec<(&'static str, String)> {
+    let config = &shared.config;
+    let fsync = config.storage.durability == shoal_shared::config::Durability::Fsync;
+    let path = |p: Option<&std::path::PathBuf>| p.map(|p| p.display().to_string()).unwrap_or_default();
+    vec![
+        ("appendfsync", if fsync { "always" } else { "everysec" }.into()),
+        ("appendonly", "yes".into()),
+        ("bind", config.client.listen.map(|a| a.ip().to_string()).unwrap_or_default()),
+        ("databases", config.storage.collections.to_string()),
+        ("dir", config.data_dir.display().to_string()),
+        ("durability", if fsync { "fsync" } else { "async" }.into()),
+        ("map_size_bytes", config.storage.map_size_bytes.to_string()),
+        ("maxclients", config.client.max_connections.to_string()),
+        ("partitions", config.storage.partitions.to_string()),
+        ("port", config.client.listen.map(|a| a.port().to_string()).unwrap_or_else(|| "0".into())),
+        ("proto-max-bulk-len", config.client.max_value_bytes.to_string()),
+        ("requirepass", config.client.requirepass.clone().unwrap_or_default()),
+        ("save", String::new()),
+        ("unixsocket", path(config.client.unix_socket.as_ref())),
+        ("workers", config.workers.to_string()),
+    ]
+}
+
+fn config(shared: &Shared, args: &[Bytes]) -> Reply {
+    let subcommand = args[0].to_ascii_uppercase();
+    match subcommand.as_slice() {
+        b"GET" if args.len() >= 2 => {
+            let pairs = config_pairs(shared);
+            let matched = pairs
+                .into_iter()
+                .filter(|(name, _)| args[1..].iter().any(|pattern| glob_match(pattern, name.as_bytes(), true)))
+                .map(|(name, value)| (Reply::bulk(name), Reply::bulk(value)))
+                .collect();
+            Reply::Map(matched)
+        }
+        b"GET" => errors::wrong_arity("config|get"),
+        b"SET" | b"RESETSTAT" | b"REWRITE" => Reply::error(format!(
+            "ERR CONFIG {} is not supported: edit the config file and restart shoal",
+            String::from_utf8_lossy(&subcommand)
+        )),
+        _ => Reply::error(format!(
+            "ERR unknown subcommand '{}'. Try CONFIG HELP.",
+            String::from_utf8_lossy(&args[0])
+        )),
+    }
+}
+
+/// Keys per collection, summed over the workers; `None` for a collection a worker could not count.
+async fn keyspace(shared: &Shared) -> Vec<(u16, Option<i64>)> {
+    let mut counts = Vec::new();
+    for collection in 0..shared.config.storage.collections {
+        let mut calls = Vec::new();
+        for link in &shared.links {
+            calls.push(link.send(WorkerRequest::DbSize { collection }).await);
+        }
+        let mut total = Some(0);
+        for call in calls {
+            match call.wait().await {
+                Ok(WorkerResponse::Integer(n)) => total = total.map(|t| t + n),
+                _ => total = None,
+            }
+        }
+        counts.push((collection, total));
+    }
+    counts
+}
+
+async fn info(shared: &Shared, args: &[Bytes]) -> Reply {
+    let wanted: Vec<String> = args.iter().map(|a| String::from_utf8_lossy(a).to_lowercase()).collect();
+    let all = wanted.is_empty() || wanted.iter().any(|w| w == "all" || w == "everything" || w == "default");
+    let show = |section: &str| all || wanted.iter().any(|w| w == section);
+    let config = &shared.config;
+    let status = &shared.status;
+    let mut text = String::new();
+    if show("server") {
+        let _ = write!(
+            text,
+            "# Server\r\nredis_version:{REDIS_COMPAT_VERSION}\r\nshoal_version:{}\r\nredis_mode:standalone\r\n\
+             os:{}\r\nprocess_id:{}\r\nsupervisor_pid:{}\r\ntcp_port:{}\r\nuptime_in_seconds:{}\r\n\
+             config_file:{}\r\n\r\n",
+            env!("CARGO_PKG_VERSION"),
+            std::env::consts::OS,
+            std::process::id(),
+            status.supervisor_pid(),
+            config.client.listen.map_or(0, |a| a.port()),
+            shared.started.elapsed().as_secs(),
+            config.source.as_ref().map(|p| p.display().to_string()).unwrap_or_default(),
+        );
+    }
+    if show("clients") {
+        let _ = write!(
+            text,
+            "# Clients\r\nconnected_clients:{}\r\nmaxclients:{}\r\n\r\n",
+            shared.connections.load(Ordering::Relaxed),
+            config.client.max_connections
+        );
+    }
+    if show("persistence") {
+        let durability = match config.storage.durability {
+            shoal_shared::config::Durability::Fsync => "fsync",
+            shoal_shared::config::Durability::Async => "async",
+        };
+        let _ = write!(
+            text,
+            "# Persistence\r\nloading:0\r\ndurability:{durability}\r\nrdb_changes_since_last_save:0\r\n\
+             aof_enabled:1\r\n\r\n"
+        );
+    }
+    if show("keyspace") {
+        text.push_str("# Keyspace\r\n");
+        for (collection, keys) in keyspace(shared).await {
+            match keys {
+                Some(0) => {}
+                Some(keys) => {
+                    let _ = write!(text, "db{collection}:keys={keys},expires=0,avg_ttl=0\r\n");
+                }
+                None => {
+                    let _ = write!(text, "db{collection}:keys=unavailable\r\n");
+                }
+            }
+        }
+        text.push_str("\r\n");
+    }
+    if show("shards") {
+        text.push_str("# Shards\r\n");
+        let workers = shared.links.len();
+        for worker in 0..workers {
+            let slot = status.slot(worker);
+            let state = if slot.state() == ProcessState::Ready && !shared.links[worker].is_connected() {
+                "unreachable"
+            } else {
+                slot.state().name()
+            };
+            let _ = write!(
+                text,
+                "shard{worker}:pid={},state={state},restarts={},partitions={},last_commit_id={},ops={},commits={}\r\n",
+                slot.get(Field::Pid),
+                slot.get(Field::Restarts),
+                worker_partitions(worker, workers, config.storage.partitions).len(),
+                slot.get(Field::LastCommitId),
+                slot.get(Field::Ops),
+                slot.get(Field::Commits),
+            );
+        }
+        text.push_str("\r\n");
+    }
+    Reply::Verbatim(text.trim_end_matches("\r\n").to_string() + "\r\n")
+}

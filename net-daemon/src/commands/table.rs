@@ -1,0 +1,99 @@
+//! The command table: every command Shoal knows, with its arity and key
+//! positions (as COMMAND reports them) and a one-line summary (COMMAND DOCS).
+//! The dispatcher checks arity here before a command runs.
+
+/// What COMMAND says about one command.
+pub struct CommandSpec {
+    /// Lower-case name.
+    pub name: &'static str,
+    /// Redis arity: exact count if positive, minimum count if negative (the name included).
+    pub arity: i64,
+    pub flags: &'static [&'static str],
+    pub first_key: i64,
+    pub last_key: i64,
+    pub step: i64,
+    pub group: &'static str,
+    pub summary: &'static str,
+}
+
+impl CommandSpec {
+    /// Whether `args` (the name included) has an acceptable length.
+    pub fn arity_ok(&self, args: usize) -> bool {
+        let args = args as i64;
+        if self.arity >= 0 {
+            args == self.arity
+        } else {
+            args >= -self.arity
+        }
+    }
+}
+
+const W: &[&str] = &["write", "denyoom"];
+const R: &[&str] = &["readonly", "fast"];
+const C: &[&str] = &["fast", "stale", "loading"];
+
+macro_rules! spec {
+    ($name:literal, $arity:expr, $flags:expr, $first:expr, $last:expr, $step:expr, $group:literal, $summary:literal) => {
+        CommandSpec {
+            name: $name,
+            arity: $arity,
+            flags: $flags,
+            first_key: $first,
+            last_key: $last,
+            step: $step,
+            group: $group,
+            summary: $summary,
+        }
+    };
+}
+
+pub static COMMANDS: &[CommandSpec] = &[
+    spec!("append", 3, W, 1, 1, 1, "string", "Appends a string to the value of a key. Creates the key if it doesn't exist."),
+    spec!("auth", -2, C, 0, 0, 0, "connection", "Authenticates the connection."),
+    spec!("client", -2, C, 0, 0, 0, "connection", "A container for client connection commands."),
+    spec!("command", -1, C, 0, 0, 0, "server", "Returns detailed information about all commands."),
+    spec!("config", -2, C, 0, 0, 0, "server", "A container for server configuration commands (GET only)."),
+    spec!("dbsize", 1, R, 0, 0, 0, "server", "Returns the number of keys in the selected collection."),
+    spec!("decr", 2, W, 1, 1, 1, "string", "Decrements the integer value of a key by one."),
+    spec!("decrby", 3, W, 1, 1, 1, "string", "Decrements a number from the integer value of a key."),
+    spec!("del", -2, W, 1, -1, 1, "generic", "Deletes one or more keys."),
+    spec!("echo", 2, C, 0, 0, 0, "connection", "Returns the given string."),
+    spec!("exists", -2, R, 1, -1, 1, "generic", "Determines whether one or more keys exist."),
+    spec!("get", 2, R, 1, 1, 1, "string", "Returns the string value of a key."),
+    spec!("getdel", 2, W, 1, 1, 1, "string", "Returns the string value of a key after deleting the key."),
+    spec!("getset", 3, W, 1, 1, 1, "string", "Returns the previous string value of a key after setting it to a new value."),
+    spec!("hello", -1, C, 0, 0, 0, "connection", "Handshakes with the server (protocol version, AUTH, SETNAME)."),
+    spec!("incr", 2, W, 1, 1, 1, "string", "Increments the integer value of a key by one."),
+    spec!("incrby", 3, W, 1, 1, 1, "string", "Increments the integer value of a key by a number."),
+    spec!("incrbyfloat", 3, W, 1, 1, 1, "string", "Increments the floating point value of a key by a number."),
+    spec!("info", -1, C, 0, 0, 0, "server", "Returns information and statistics about the server."),
+    spec!("mget", -2, R, 1, -1, 1, "string", "Atomically returns the string values of one or more keys."),
+    spec!("ping", -1, C, 0, 0, 0, "connection", "Returns the server's liveliness response."),
+    spec!("quit", -1, C, 0, 0, 0, "connection", "Closes the connection."),
+    spec!("select", 2, C, 0, 0, 0, "connection", "Changes the selected collection."),
+    spec!("set", -3, W, 1, 1, 1, "string", "Sets the string value of a key (NX, XX, GET)."),
+    spec!("setnx", 3, W, 1, 1, 1, "string", "Set the string value of a key only when the key doesn't exist."),
+    spec!("shoal.log", -3, &["readonly"], 0, 0, 0, "shoal", "Reads a partition's commit log from a commit id."),
+    spec!("shoal.partition", 2, R, 1, 1, 1, "shoal", "Returns the partition a key belongs to."),
+    spec!("strlen", 2, R, 1, 1, 1, "string", "Returns the length of a string value."),
+    spec!("unlink", -2, W, 1, -1, 1, "generic", "Deletes one or more keys."),
+];
+
+/// Looks up a command by its lower-case name.
+pub fn lookup(name: &str) -> Option<&'static CommandSpec> {
+    COMMANDS.binary_search_by(|spec| spec.name.cmp(name)).ok().map(|index| &COMMANDS[index])
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn table_is_sorted_for_lookup() {
+        assert!(COMMANDS.windows(2).all(|pair| pair[0].name < pair[1].name));
+        assert!(lookup("get").is_some());
+        assert!(lookup("nope").is_none());
+        assert!(lookup("set").unwrap().arity_ok(3));
+        assert!(!lookup("get").unwrap().arity_ok(3));
+    }
+}

@@ -1,0 +1,93 @@
+//! One client connection: read bytes, parse requests, dispatch, write replies.
+//!
+//! Every complete request in the read buffer (up to
+//! [`MAX_PIPELINE_IN_FLIGHT`]) is dispatched before any reply is awaited, so a
+//! pipeline reaches the workers at once; replies are then written in request
+//! order in one write. A protocol error is answered and closes this
+//! connection only. On shutdown the connection finishes the requests it has
+//! read, replies, and closes.
+
+use bytes::BytesMut;
+use shoal_shared::limits::MAX_PIPELINE_IN_FLIGHT;
+use shoal_shared::resp::{parse_request, Protocol};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::sync::watch;
+
+use crate::commands::{dispatch, After, Pending, Session};
+use crate::Shared;
+
+const READ_BUFFER_BYTES: usize = 16 * 1024;
+
+/// Serves one client until it closes, errs, sends QUIT, or the daemon shuts down.
+pub async fn serve<S>(shared: &Shared, mut stream: S, mut shutdown: watch::Receiver<bool>)
+where
+    S: AsyncRead + AsyncWrite + Unpin,
+{
+    let mut session = Session {
+        id: shared.next_client_id(),
+        name: None,
+        protocol: Protocol::Resp2,
+        collection: 0,
+        authenticated: shared.config.client.requirepass.is_none(),
+    };
+    let limits = shared.config.request_limits();
+    let mut input = BytesMut::with_capacity(READ_BUFFER_BYTES);
+    let mut output = BytesMut::with_capacity(READ_BUFFER_BYTES);
+    let mut pending: Vec<(Pending, Protocol)> = Vec::new();
+    loop {
+        let mut after = After::Continue;
+        while pending.len() < MAX_PIPELINE_IN_FLIGHT {
+            match parse_request(&mut input, &limits) {
+                Ok(Some(args)) if args.is_empty() => continue,
+                Ok(Some(args)) => {
+                    let (reply, next) = dispatch(shared, &mut session, args).await;
+                    pending.push((reply, session.protocol));
+                    if next == After::Close {
+                        after = After::Close;
+                        break;
+                    }
+                }
+                Ok(None) => break,
+                Err(error) => {
+                    tracing::debug!(client = session.id, error = %error.0, "protocol error; closing the connection");
+                    pending.push((Pending::Ready(error.reply()), session.protocol));
+                    after = After::Close;
+                    break;
+                }
+            }
+        }
+
+        if pending.is_empty() {
+            if *shutdown.borrow() {
+                return;
+            }
+            tokio::select! {
+                read = stream.read_buf(&mut input) => match read {
+                    Ok(0) | Err(_) => return,
+                    Ok(_) => continue,
+                },
+                _ = shutdown.changed() => return,
+            }
+        }
+
+        for (reply, protocol) in pending.drain(..) {
+            reply.resolve().await.encode(protocol, &mut output);
+        }
+        if stream.write_all(&output).await.is_err() {
+            return;
+        }
+        output.clear();
+        if after == After::Close {
+            let _ = stream.shutdown().await;
+            return;
+        }
+    }
+}
+
+/// Refuses a connection over `max_connections` with Redis's error, then closes it.
+pub async fn refuse<S: AsyncWrite + Unpin>(mut stream: S) {
+    let mut output = BytesMut::new();
+    crate::errors::max_clients().encode(Protocol::Resp2, &mut output);
+    let _ = stream.write_all(&output).await;
+    let _ = stream.shutdown().await;
+}

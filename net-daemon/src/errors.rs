@@ -1,0 +1,82 @@
+//! The one place where internal failures become client error replies.
+//!
+//! Texts follow Redis wherever Redis has the same error, so that client
+//! libraries recognise them; Shoal's own conditions use `TRYAGAIN` (retry
+//! later) or `ERR` with a sentence that says what to do.
+
+use shoal_shared::frame::WorkerError;
+use shoal_shared::limits::MAX_KEY_BYTES;
+use shoal_shared::resp::Reply;
+
+use crate::workers::{LinkError, REQUEST_TIMEOUT};
+
+pub fn worker_error(error: &WorkerError) -> Reply {
+    match error {
+        WorkerError::NotInteger => not_integer(),
+        WorkerError::Overflow => Reply::error("ERR increment or decrement would overflow"),
+        WorkerError::NotFloat => not_float(),
+        WorkerError::NanOrInfinity => Reply::error("ERR increment would produce NaN or Infinity"),
+        WorkerError::ValueTooLarge { max_value_bytes } => value_too_large(*max_value_bytes),
+        WorkerError::Storage(message) => Reply::error(format!("ERR storage error: {message}")),
+    }
+}
+
+pub fn link_error(error: &LinkError) -> Reply {
+    match error {
+        LinkError::Down { worker } => Reply::error(format!(
+            "TRYAGAIN shard-{worker} is down; its partitions are unavailable until it restarts"
+        )),
+        LinkError::Lost { worker } => Reply::error(format!(
+            "TRYAGAIN shard-{worker} went down during the request; a write may or may not have been applied"
+        )),
+        LinkError::Timeout { worker } => Reply::error(format!(
+            "TRYAGAIN shard-{worker} did not answer within {} ms; a write may or may not have been applied",
+            REQUEST_TIMEOUT.as_millis()
+        )),
+    }
+}
+
+pub fn wrong_arity(command: &str) -> Reply {
+    Reply::error(format!("ERR wrong number of arguments for '{command}' command"))
+}
+
+pub fn unknown_command(name: &[u8], args: &[bytes::Bytes]) -> Reply {
+    let mut text = format!("ERR unknown command '{}', with args beginning with: ", String::from_utf8_lossy(name));
+    for arg in args.iter().take(16) {
+        let arg = String::from_utf8_lossy(&arg[..arg.len().min(128)]).into_owned();
+        text.push_str(&format!("'{arg}' "));
+    }
+    Reply::error(text)
+}
+
+pub fn syntax() -> Reply {
+    Reply::error("ERR syntax error")
+}
+
+pub fn not_integer() -> Reply {
+    Reply::error("ERR value is not an integer or out of range")
+}
+
+pub fn not_float() -> Reply {
+    Reply::error("ERR value is not a valid float")
+}
+
+pub fn key_too_long(len: usize) -> Reply {
+    Reply::error(format!("ERR key is too long ({len} bytes; the limit is {MAX_KEY_BYTES})"))
+}
+
+pub fn value_too_large(max_value_bytes: usize) -> Reply {
+    Reply::error(format!("ERR value is too large (the limit is max_value_bytes = {max_value_bytes})"))
+}
+
+pub fn no_auth() -> Reply {
+    Reply::error("NOAUTH Authentication required.")
+}
+
+pub fn wrong_pass() -> Reply {
+    Reply::error("WRONGPASS invalid username-password pair or user is disabled.")
+}
+
+pub fn max_clients() -> Reply {
+    Reply::error("ERR max number of clients reached")
+}

@@ -1,0 +1,145 @@
+//! Listeners and lifecycle of the net-daemon.
+//!
+//! Binds the TCP and Unix listeners, holds the connection limit (a semaphore
+//! of `max_connections` permits), reports readiness and heartbeats in the
+//! status table, and on SIGTERM stops accepting, lets every connection
+//! finish what it has read, and returns within `drain_timeout_ms`.
+
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::Context;
+use shoal_shared::config::Config;
+use shoal_shared::status::{Field, ProcessState, StatusTable};
+use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::net::{TcpListener, UnixListener};
+use tokio::signal::unix::{signal, SignalKind};
+use tokio::sync::{watch, Semaphore};
+
+use crate::workers::WorkerLink;
+use crate::{connection, Shared};
+
+/// How long startup waits for every worker link before serving anyway.
+const LINK_WAIT: Duration = Duration::from_secs(5);
+const HEARTBEAT: Duration = Duration::from_millis(500);
+
+pub async fn serve(config: Config) -> anyhow::Result<()> {
+    let status = StatusTable::open(&config.status_path()).context("opening the status table")?;
+    status.net_daemon_slot().claim();
+    let links: Vec<WorkerLink> = (0..config.workers).map(|i| WorkerLink::start(i, config.worker_socket(i))).collect();
+    let deadline = Instant::now() + LINK_WAIT;
+    while !links.iter().all(WorkerLink::is_connected) && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+
+    let tcp = match config.client.listen {
+        Some(address) => Some(TcpListener::bind(address).await.with_context(|| format!("listening on {address}"))?),
+        None => None,
+    };
+    let unix = match &config.client.unix_socket {
+        Some(path) => {
+            // The supervisor's PID file guarantees that no live Shoal owns this data dir's socket.
+            let _ = std::fs::remove_file(path);
+            Some(UnixListener::bind(path).with_context(|| format!("listening on {}", path.display()))?)
+        }
+        None => None,
+    };
+
+    let max_connections = config.client.max_connections;
+    let shared = Arc::new(Shared {
+        config,
+        links,
+        status,
+        connections: AtomicUsize::new(0),
+        next_client_id: AtomicU64::new(0),
+        started: Instant::now(),
+    });
+    let permits = Arc::new(Semaphore::new(max_connections));
+    let (shutdown_tx, shutdown_rx) = watch::channel(false);
+
+    if let Some(listener) = tcp {
+        let (shared, permits, shutdown) = (Arc::clone(&shared), Arc::clone(&permits), shutdown_rx.clone());
+        tokio::spawn(async move {
+            accept_loop(shared, permits, shutdown, || async {
+                let (stream, _) = listener.accept().await?;
+                stream.set_nodelay(true)?;
+                Ok(stream)
+            })
+            .await
+        });
+    }
+    if let Some(listener) = unix {
+        let (shared, permits, shutdown) = (Arc::clone(&shared), Arc::clone(&permits), shutdown_rx.clone());
+        tokio::spawn(async move {
+            accept_loop(shared, permits, shutdown, || async { Ok(listener.accept().await?.0) }).await
+        });
+    }
+
+    let slot = shared.status.net_daemon_slot();
+    slot.set_state(ProcessState::Ready);
+    tracing::info!(
+        listen = ?shared.config.client.listen,
+        unix_socket = ?shared.config.client.unix_socket,
+        "net-daemon ready"
+    );
+
+    let mut terminate = signal(SignalKind::terminate())?;
+    let mut heartbeat = tokio::time::interval(HEARTBEAT);
+    loop {
+        tokio::select! {
+            _ = terminate.recv() => break,
+            _ = heartbeat.tick() => {
+                slot.beat();
+                slot.set(Field::Connections, shared.connections.load(Ordering::Relaxed) as u64);
+            }
+        }
+    }
+
+    tracing::info!("net-daemon draining");
+    slot.set_state(ProcessState::Draining);
+    let _ = shutdown_tx.send(true);
+    let drain = Duration::from_millis(shared.config.supervisor.drain_timeout_ms);
+    let all = u32::try_from(max_connections).unwrap_or(u32::MAX);
+    if tokio::time::timeout(drain, permits.acquire_many(all)).await.is_err() {
+        tracing::warn!(open = shared.connections.load(Ordering::Relaxed), "drain timed out; closing the remaining connections");
+    }
+    if let Some(path) = &shared.config.client.unix_socket {
+        let _ = std::fs::remove_file(path);
+    }
+    slot.set_state(ProcessState::Stopped);
+    Ok(())
+}
+
+async fn accept_loop<S, F, Fut>(shared: Arc<Shared>, permits: Arc<Semaphore>, mut shutdown: watch::Receiver<bool>, accept: F)
+where
+    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+    F: Fn() -> Fut,
+    Fut: std::future::Future<Output = std::io::Result<S>>,
+{
+    loop {
+        let stream = tokio::select! {
+            accepted = accept() => match accepted {
+                Ok(stream) => stream,
+                Err(error) => {
+                    tracing::warn!(%error, "accept failed");
+                    // Out of file descriptors, most likely: back off instead of spinning.
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+            _ = shutdown.changed() => return,
+        };
+        let Ok(permit) = Arc::clone(&permits).try_acquire_owned() else {
+            tokio::spawn(connection::refuse(stream));
+            continue;
+        };
+        let (shared, shutdown) = (Arc::clone(&shared), shutdown.clone());
+        tokio::spawn(async move {
+            shared.connections.fetch_add(1, Ordering::Relaxed);
+            connection::serve(&shared, stream, shutdown).await;
+            shared.connections.fetch_sub(1, Ordering::Relaxed);
+            drop(permit);
+        });
+    }
+}

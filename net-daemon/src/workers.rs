@@ -1,0 +1,216 @@
+//! Links from the net-daemon to the local shard-workers.
+//!
+//! Each worker has one [`WorkerLink`]: a background task that connects to the
+//! worker's Unix socket, writes request frames (coalescing whatever is queued
+//! into one write), reads response frames, and completes each request by its
+//! id. When the worker goes away, every request in flight fails at once with
+//! [`LinkError::Lost`], new requests fail at once with [`LinkError::Down`],
+//! and the task reconnects with capped backoff. No request ever waits longer
+//! than [`REQUEST_TIMEOUT`].
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use shoal_shared::frame::{decode_frame, encode_frame, RequestEnvelope, ResponseEnvelope, WorkerRequest, WorkerResponse};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::UnixStream;
+use tokio::sync::{mpsc, oneshot};
+
+/// Longest a request waits for its worker.
+pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
+/// Requests queued for one link before senders wait.
+const OUTBOX_CAPACITY: usize = 4096;
+const RECONNECT_MIN: Duration = Duration::from_millis(20);
+const RECONNECT_MAX: Duration = Duration::from_secs(1);
+
+/// Why a request got no answer from its worker.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LinkError {
+    /// The worker is not connected; the request was not sent.
+    Down { worker: usize },
+    /// The worker went away after the request was sent; a write may or may not have happened.
+    Lost { worker: usize },
+    /// The worker did not answer in time; a write may or may not have happened.
+    Timeout { worker: usize },
+}
+
+type Responder = oneshot::Sender<WorkerResponse>;
+
+struct Outgoing {
+    request: WorkerRequest,
+    responder: Responder,
+}
+
+/// The link to one worker.
+pub struct WorkerLink {
+    index: usize,
+    connected: Arc<AtomicBool>,
+    outbox: mpsc::Sender<Outgoing>,
+}
+
+/// A request that has been handed to a link; await it with [`Call::wait`].
+pub struct Call {
+    worker: usize,
+    receiver: Result<oneshot::Receiver<WorkerResponse>, LinkError>,
+}
+
+impl Call {
+    /// A call that failed before it was sent.
+    pub fn failed(error: LinkError) -> Call {
+        let worker = match error {
+            LinkError::Down { worker } | LinkError::Lost { worker } | LinkError::Timeout { worker } => worker,
+        };
+        Call { worker, receiver: Err(error) }
+    }
+
+    /// Waits for the response, at most [`REQUEST_TIMEOUT`].
+    pub async fn wait(self) -> Result<WorkerResponse, LinkError> {
+        let receiver = self.receiver?;
+        match tokio::time::timeout(REQUEST_TIMEOUT, receiver).await {
+            Ok(Ok(response)) => Ok(response),
+            Ok(Err(_)) => Err(LinkError::Lost { worker: self.worker }),
+            Err(_) => Err(LinkError::Timeout { worker: self.worker }),
+        }
+    }
+}
+
+impl WorkerLink {
+    /// Starts the link task for worker `index`, whose socket is `path`.
+    pub fn start(index: usize, path: PathBuf) -> WorkerLink {
+        let (outbox, inbox) = mpsc::channel(OUTBOX_CAPACITY);
+        let connected = Arc::new(AtomicBool::new(false));
+        tokio::spawn(run_link(index, path, inbox, Arc::clone(&connected)));
+        WorkerLink { index, connected, outbox }
+    }
+
+    /// Whether the worker is connected now.
+    pub fn is_connected(&self) -> bool {
+        self.connected.load(Ordering::Acquire)
+    }
+
+    /// Sends a request; the returned call yields its response.
+    pub async fn send(&self, request: WorkerRequest) -> Call {
+        let down = Call::failed(LinkError::Down { worker: self.index });
+        if !self.is_connected() {
+            return down;
+        }
+        let (responder, receiver) = oneshot::channel();
+        if self.outbox.send(Outgoing { request, responder }).await.is_err() {
+            return down;
+        }
+        Call { worker: self.index, receiver: Ok(receiver) }
+    }
+}
+
+async fn run_link(index: usize, path: PathBuf, mut inbox: mpsc::Receiver<Outgoing>, connected: Arc<AtomicBool>) {
+    let mut backoff = RECONNECT_MIN;
+    let mut logged_down = false;
+    loop {
+        let stream = match UnixStream::connect(&path).await {
+            Ok(stream) => stream,
+            Err(error) => {
+                if !logged_down {
+                    tracing::warn!(worker = index, %error, "shard worker unreachable; retrying");
+                    logged_down = true;
+                }
+                fail_queued(&mut inbox);
+                tokio::time::sleep(backoff).await;
+                backoff = (backoff * 2).min(RECONNECT_MAX);
+                continue;
+            }
+        };
+        tracing::info!(worker = index, "connected to shard worker");
+        backoff = RECONNECT_MIN;
+        logged_down = false;
+        connected.store(true, Ordering::Release);
+        serve_connection(index, stream, &mut inbox).await;
+        connected.store(false, Ordering::Release);
+        tracing::warn!(worker = index, "lost the shard worker; requests for its partitions fail until it is back");
+        fail_queued(&mut inbox);
+    }
+}
+
+/// Answers requests queued while disconnected: dropping their responders fails them as `Lost`.
+fn fail_queued(inbox: &mut mpsc::Receiver<Outgoing>) {
+    while inbox.try_recv().is_ok() {}
+}
+
+async fn serve_connection(index: usize, stream: UnixStream, inbox: &mut mpsc::Receiver<Outgoing>) {
+    let (mut reader, mut writer) = stream.into_split();
+    let pending: Arc<Mutex<HashMap<u64, Responder>>> = Arc::default();
+    let reader_pending = Arc::clone(&pending);
+    let mut read_task = tokio::spawn(async move {
+        let mut buffer = Vec::with_capacity(64 * 1024);
+        loop {
+            match reader.read_buf(&mut buffer).await {
+                Ok(0) => return,
+                Ok(_) => {}
+                Err(error) => {
+                    tracing::warn!(worker = index, %error, "worker link read failed");
+                    return;
+                }
+            }
+            let mut consumed = 0;
+            loop {
+                match decode_frame::<ResponseEnvelope>(&buffer[consumed..]) {
+                    Ok(Some((envelope, used))) => {
+                        consumed += used;
+                        let responder = reader_pending.lock().unwrap_or_else(|e| e.into_inner()).remove(&envelope.id);
+                        if let Some(responder) = responder {
+                            let _ = responder.send(envelope.response);
+                        }
+                    }
+                    Ok(None) => break,
+                    Err(error) => {
+                        tracing::error!(worker = index, %error, "malformed frame from worker; dropping the link");
+                        return;
+                    }
+                }
+            }
+            buffer.drain(..consumed);
+        }
+    });
+
+    let mut next_id: u64 = 0;
+    let mut out = Vec::with_capacity(64 * 1024);
+    loop {
+        let first = tokio::select! {
+            outgoing = inbox.recv() => match outgoing {
+                Some(outgoing) => outgoing,
+                None => break,
+            },
+            _ = &mut read_task => break,
+        };
+        out.clear();
+        let mut batch = vec![first];
+        while batch.len() < OUTBOX_CAPACITY {
+            match inbox.try_recv() {
+                Ok(next) => batch.push(next),
+                Err(_) => break,
+            }
+        }
+        {
+            let mut pending = pending.lock().unwrap_or_else(|e| e.into_inner());
+            for Outgoing { request, responder } in batch {
+                next_id += 1;
+                let envelope = RequestEnvelope { id: next_id, request };
+                match encode_frame(&envelope, &mut out) {
+                    Ok(()) => {
+                        pending.insert(next_id, responder);
+                    }
+                    Err(error) => tracing::error!(worker = index, %error, "cannot encode a request"),
+                }
+            }
+        }
+        if let Err(error) = writer.write_all(&out).await {
+            tracing::warn!(worker = index, %error, "worker link write failed");
+            break;
+        }
+    }
+    read_task.abort();
+    // Dropping the responders fails every request in flight as `Lost`.
+    pending.lock().unwrap_or_else(|e| e.into_inner()).clear();
+}

@@ -1,0 +1,367 @@
+//! The supervisor: `shoal serve`.
+//!
+//! It prepares the data dir (PID file lock, layout record, status table),
+//! starts the shard-workers and then the net-daemon by re-executing its own
+//! binary, and waits until each reports ready in the status table. It restarts
+//! a child that dies, following [`RestartPolicy`], and gives up (stopping
+//! everything, exiting non-zero) when a child dies too often. SIGTERM or
+//! SIGINT drains: the net-daemon first (it finishes in-flight requests), then
+//! the workers (they commit what they have queued).
+//!
+//! It never opens an LMDB environment: LMDB must not be used across fork().
+
+use std::fs::{File, OpenOptions};
+use std::io::{Read, Seek, Write};
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{anyhow, bail, Context};
+use serde::{Deserialize, Serialize};
+use shoal_shared::config::{Config, CHILD_CONFIG_ENV};
+use shoal_shared::status::{Field, ProcessState, Role, StatusTable};
+
+use crate::policy::{Decision, RestartPolicy};
+
+/// Environment variable that tells a child its supervisor's pid.
+const SUPERVISOR_PID_ENV: &str = "SHOAL_SUPERVISOR_PID";
+const POLL: Duration = Duration::from_millis(20);
+
+/// Prepares a child process: it ignores SIGINT (a Ctrl-C reaches the whole process
+/// group, and the supervisor orders the shutdown with SIGTERM), and it exits when its
+/// supervisor dies (kill -9 included).
+pub fn child_setup() {
+    // SAFETY: setting a signal's disposition to SIG_IGN has no preconditions.
+    unsafe { libc::signal(libc::SIGINT, libc::SIG_IGN) };
+    let Some(expected) = std::env::var(SUPERVISOR_PID_ENV).ok().and_then(|p| p.parse::<i32>().ok()) else {
+        return;
+    };
+    // SAFETY: prctl with PR_SET_PDEATHSIG only sets a signal number for this process.
+    unsafe { libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGTERM) };
+    // SAFETY: getppid has no preconditions.
+    if unsafe { libc::getppid() } != expected {
+        eprintln!("shoal: the supervisor (pid {expected}) is gone; exiting");
+        std::process::exit(1);
+    }
+}
+
+/// One supervised process.
+struct Supervised {
+    role: Role,
+    /// Worker index (0 for the net-daemon).
+    index: usize,
+    /// Its slot in the status table.
+    slot: usize,
+    process: Option<Child>,
+    policy: RestartPolicy,
+    restart_at: Option<Instant>,
+}
+
+impl Supervised {
+    fn name(&self) -> String {
+        match self.role {
+            Role::ShardWorker => format!("shard-{}", self.index),
+            Role::NetDaemon => "net-daemon".into(),
+        }
+    }
+}
+
+struct Supervisor {
+    config: Config,
+    config_json: String,
+    status: StatusTable,
+    children: Vec<Supervised>,
+}
+
+/// Runs `shoal serve` until a signal (Ok) or until a child fails for good (Err).
+pub fn run(mut config: Config) -> anyhow::Result<()> {
+    config
+        .make_paths_absolute()
+        .with_context(|| format!("preparing data dir {}", config.data_dir.display()))?;
+    config.check_paths()?;
+    let _pid_lock = lock_pid_file(&config)?;
+    check_layout(&config)?;
+    std::fs::create_dir_all(config.run_dir()).context("creating the run dir")?;
+    let status = StatusTable::create(&config.status_path(), config.workers, config.storage.partitions)
+        .context("creating the status table")?;
+
+    let terminate = Arc::new(AtomicBool::new(false));
+    for signal in [signal_hook::consts::SIGTERM, signal_hook::consts::SIGINT] {
+        signal_hook::flag::register(signal, Arc::clone(&terminate)).context("installing signal handlers")?;
+    }
+
+    let window = Duration::from_millis(config.supervisor.restart_window_ms);
+    let max_restarts = config.supervisor.max_restarts;
+    let mut children: Vec<Supervised> = (0..config.workers)
+        .map(|index| Supervised {
+            role: Role::ShardWorker,
+            index,
+            slot: index,
+            process: None,
+            policy: RestartPolicy::new(max_restarts, window),
+            restart_at: None,
+        })
+        .collect();
+    children.push(Supervised {
+        role: Role::NetDaemon,
+        index: 0,
+        slot: config.workers,
+        process: None,
+        policy: RestartPolicy::new(max_restarts, window),
+        restart_at: None,
+    });
+    let config_json = serde_json::to_string(&config).context("encoding the config for the children")?;
+    let mut supervisor = Supervisor { config, config_json, status, children };
+
+    tracing::info!(
+        data_dir = %supervisor.config.data_dir.display(),
+        workers = supervisor.config.workers,
+        partitions = supervisor.config.storage.partitions,
+        "starting shoal"
+    );
+    let started = supervisor.start_all(&terminate);
+    let result = match started {
+        Ok(()) => {
+            tracing::info!(listen = ?supervisor.config.client.listen, unix_socket = ?supervisor.config.client.unix_socket, "shoal is ready");
+            supervisor.supervise(&terminate)
+        }
+        Err(error) => Err(error),
+    };
+    supervisor.stop_all();
+    match &result {
+        Ok(()) => tracing::info!("shoal stopped"),
+        Err(error) => tracing::error!("shoal stopped: {error:#}"),
+    }
+    result
+}
+
+impl Supervisor {
+    /// Starts the workers, waits for them, then the net-daemon, and waits for it.
+    fn start_all(&mut self, terminate: &AtomicBool) -> anyhow::Result<()> {
+        let workers: Vec<usize> = (0..self.children.len() - 1).collect();
+        for &child in &workers {
+            self.spawn(child)?;
+        }
+        for &child in &workers {
+            self.wait_ready(child, terminate)?;
+        }
+        let net_daemon = self.children.len() - 1;
+        self.spawn(net_daemon)?;
+        self.wait_ready(net_daemon, terminate)
+    }
+
+    fn spawn(&mut self, child: usize) -> anyhow::Result<()> {
+        let exe = std::env::current_exe().context("finding the shoal binary")?;
+        let supervised = &mut self.children[child];
+        let mut command = Command::new(exe);
+        match supervised.role {
+            Role::ShardWorker => command.arg("shard-worker").arg("--index").arg(supervised.index.to_string()),
+            Role::NetDaemon => command.arg("net-daemon"),
+        };
+        command
+            .env(CHILD_CONFIG_ENV, &self.config_json)
+            .env(SUPERVISOR_PID_ENV, std::process::id().to_string())
+            .stdin(Stdio::null());
+        let slot = self.status.slot(supervised.slot);
+        slot.set_state(ProcessState::Starting);
+        let process = command.spawn().with_context(|| format!("starting {}", supervised.name()))?;
+        tracing::info!(child = %supervised.name(), pid = process.id(), "started");
+        supervised.process = Some(process);
+        supervised.restart_at = None;
+        Ok(())
+    }
+
+    /// Waits until `child` reports ready, or fails if it exits or takes too long.
+    fn wait_ready(&mut self, child: usize, terminate: &AtomicBool) -> anyhow::Result<()> {
+        let deadline = Instant::now() + Duration::from_millis(self.config.supervisor.ready_timeout_ms);
+        let name = self.children[child].name();
+        loop {
+            let supervised = &mut self.children[child];
+            let Some(process) = supervised.process.as_mut() else { bail!("{name} is not running") };
+            let slot = self.status.slot(supervised.slot);
+            if slot.get(Field::Pid) == u64::from(process.id()) && slot.state() == ProcessState::Ready {
+                return Ok(());
+            }
+            if let Some(exit) = process.try_wait().context("waiting for a child")? {
+                supervised.process = None;
+                bail!("{name} exited during startup ({exit}); see its log above");
+            }
+            if terminate.load(Ordering::Acquire) {
+                bail!("interrupted during startup");
+            }
+            if Instant::now() > deadline {
+                bail!("{name} did not become ready within {} ms", self.config.supervisor.ready_timeout_ms);
+            }
+            std::thread::sleep(POLL);
+        }
+    }
+
+    /// Watches the children until a signal arrives (Ok) or one fails for good (Err).
+    fn supervise(&mut self, terminate: &AtomicBool) -> anyhow::Result<()> {
+        while !terminate.load(Ordering::Acquire) {
+            let now = Instant::now();
+            for child in 0..self.children.len() {
+                self.check_child(child, now)?;
+            }
+            std::thread::sleep(POLL);
+        }
+        tracing::info!("shutting down: draining the net-daemon, then the workers");
+        Ok(())
+    }
+
+    fn check_child(&mut self, child: usize, now: Instant) -> anyhow::Result<()> {
+        let supervised = &mut self.children[child];
+        let slot = self.status.slot(supervised.slot);
+        if let Some(process) = supervised.process.as_mut() {
+            let Some(exit) = process.try_wait().context("waiting for a child")? else { return Ok(()) };
+            supervised.process = None;
+            slot.set_state(ProcessState::Down);
+            match supervised.policy.on_exit(now) {
+                Decision::RestartAfter(delay) => {
+                    tracing::warn!(child = %supervised.name(), %exit, delay_ms = delay.as_millis() as u64, "child died; restarting");
+                    supervised.restart_at = Some(now + delay);
+                }
+                Decision::GiveUp { restarts } => {
+                    return Err(anyhow!(
+                        "{} died {restarts} times within {} ms (limit: supervisor.max_restarts = {}); giving up",
+                        supervised.name(),
+                        self.config.supervisor.restart_window_ms,
+                        self.config.supervisor.max_restarts
+                    ));
+                }
+            }
+        } else if supervised.restart_at.is_some_and(|at| now >= at) {
+            slot.add(Field::Restarts, 1);
+            self.spawn(child)?;
+        }
+        Ok(())
+    }
+
+    /// Stops the net-daemon, then the workers: SIGTERM, wait, SIGKILL after the drain timeout.
+    fn stop_all(&mut self) {
+        let drain = Duration::from_millis(self.config.supervisor.drain_timeout_ms);
+        let net_daemon = self.children.len() - 1;
+        self.stop(&[net_daemon], drain);
+        let workers: Vec<usize> = (0..net_daemon).collect();
+        self.stop(&workers, drain);
+    }
+
+    fn stop(&mut self, children: &[usize], drain: Duration) {
+        for &child in children {
+            if let Some(process) = &self.children[child].process {
+                // SAFETY: kill has no memory-safety preconditions; the pid is our own child.
+                unsafe { libc::kill(process.id() as i32, libc::SIGTERM) };
+            }
+        }
+        let deadline = Instant::now() + drain;
+        for &child in children {
+            let supervised = &mut self.children[child];
+            let Some(mut process) = supervised.process.take() else { continue };
+            loop {
+                match process.try_wait() {
+                    Ok(Some(exit)) => {
+                        if !exit.success() {
+                            tracing::warn!(child = %supervised.name(), %exit, "child exited uncleanly during shutdown");
+                        }
+                        break;
+                    }
+                    Ok(None) if Instant::now() < deadline => std::thread::sleep(POLL),
+                    _ => {
+                        tracing::warn!(child = %supervised.name(), "child did not stop in time; killing it");
+                        let _ = process.kill();
+                        let _ = process.wait();
+                        break;
+                    }
+                }
+            }
+            self.status.slot(supervised.slot).set_state(ProcessState::Stopped);
+        }
+    }
+}
+
+/// Takes the data dir's PID file lock, or explains who holds it.
+fn lock_pid_file(config: &Config) -> anyhow::Result<File> {
+    let path = config.pid_path();
+    let mut file = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .open(&path)
+        .with_context(|| format!("opening {}", path.display()))?;
+    match file.try_lock() {
+        Ok(()) => {}
+        Err(std::fs::TryLockError::WouldBlock) => {
+            let mut holder = String::new();
+            let _ = file.read_to_string(&mut holder);
+            bail!(
+                "another shoal is already running on data dir {} (pid {}); stop it first or use another data_dir",
+                config.data_dir.display(),
+                holder.trim()
+            );
+        }
+        Err(std::fs::TryLockError::Error(error)) => {
+            return Err(error).with_context(|| format!("locking {}", path.display()));
+        }
+    }
+    file.set_len(0)?;
+    file.rewind()?;
+    writeln!(file, "{}", std::process::id())?;
+    file.sync_all()?;
+    Ok(file)
+}
+
+/// The shape of the data dir, fixed when it is created.
+#[derive(Debug, Serialize, Deserialize, PartialEq, Eq)]
+struct Layout {
+    partitions: u16,
+    workers: usize,
+}
+
+/// Records the layout on first start; refuses a config that would strand data.
+fn check_layout(config: &Config) -> anyhow::Result<()> {
+    let path = config.layout_path();
+    let wanted = Layout { partitions: config.storage.partitions, workers: config.workers };
+    match std::fs::read_to_string(&path) {
+        Ok(text) => {
+            let found: Layout =
+                serde_json::from_str(&text).with_context(|| format!("reading {}", path.display()))?;
+            if found.partitions != wanted.partitions {
+                bail!(
+                    "data dir {} was created with storage.partitions = {}, but the config says {}; \
+                     the partition count is fixed when a data dir is created",
+                    config.data_dir.display(),
+                    found.partitions,
+                    wanted.partitions
+                );
+            }
+            if found.workers != wanted.workers {
+                bail!(
+                    "data dir {} was created with workers = {}, but the config resolves to {}; \
+                     this version cannot move partitions between workers, so set workers = {}",
+                    config.data_dir.display(),
+                    found.workers,
+                    wanted.workers,
+                    found.workers
+                );
+            }
+            Ok(())
+        }
+        Err(error) if error.kind() == std::io::ErrorKind::NotFound => write_atomically(&path, &wanted),
+        Err(error) => Err(error).with_context(|| format!("reading {}", path.display())),
+    }
+}
+
+fn write_atomically(path: &Path, layout: &Layout) -> anyhow::Result<()> {
+    let temporary = path.with_extension("json.tmp");
+    let mut file = File::create(&temporary).with_context(|| format!("creating {}", temporary.display()))?;
+    file.write_all(serde_json::to_string_pretty(layout)?.as_bytes())?;
+    file.sync_all()?;
+    std::fs::rename(&temporary, path).with_context(|| format!("writing {}", path.display()))?;
+    if let Some(dir) = path.parent() {
+        File::open(dir)?.sync_all()?;
+    }
+    Ok(())
+}
