@@ -197,8 +197,16 @@ impl FileConfig {
         serde_path_to_error::deserialize(deserializer).map_err(|err| {
             let path = err.path().to_string();
             let message = err.inner().message().trim().to_string();
+            let message = message.replace('\n', "; ");
             let key = if path == "." { String::new() } else { path };
-            let reason = if message.starts_with("unknown field") { "unknown key".to_string() } else { message };
+            let reason = if message.starts_with("unknown field") {
+                "unknown key".to_string()
+            } else if let (true, Some(span)) = (key.is_empty(), err.inner().span()) {
+                let line = text[..span.start.min(text.len())].matches('\n').count() + 1;
+                format!("line {line}: {message}")
+            } else {
+                message
+            };
             ConfigError { file: file.to_string(), key, reason }
         })
     }
@@ -410,6 +418,13 @@ mod tests {
         assert_eq!(err.to_string(), "bad config t.toml: key `client.listen_addr`: unknown key");
         let err = FileConfig::parse("wokers = 2\n", "t.toml").unwrap_err();
         assert_eq!(err.key, "wokers");
+    }
+
+    #[test]
+    fn syntax_errors_give_one_line_with_a_line_number() {
+        let err = FileConfig::parse("workers = 2\nworkers = \n", "t.toml").unwrap_err();
+        assert!(err.reason.starts_with("line 2: "), "{err}");
+        assert!(!err.to_string().contains('\n'));
     }
 
     #[test]

@@ -125,14 +125,18 @@ pub struct StatusTable {
 }
 
 impl StatusTable {
-    /// Creates (or truncates) the table for `workers` workers plus the net-daemon.
+    /// Creates (or replaces) the table for `workers` workers plus the net-daemon.
     pub fn create(path: &Path, workers: usize, partitions: u16) -> io::Result<StatusTable> {
         let slots = workers + 1;
         if slots > MAX_SLOTS {
             return Err(io::Error::new(io::ErrorKind::InvalidInput, "too many processes for the status table"));
         }
-        let file = OpenOptions::new().read(true).write(true).create(true).truncate(true).open(path)?;
+        // A new file renamed into place: processes of an earlier run that still map the
+        // old one (exiting after their supervisor was killed) cannot scribble on this one.
+        let temporary = path.with_extension("new");
+        let file = OpenOptions::new().read(true).write(true).create(true).truncate(true).open(&temporary)?;
         file.set_len(((HEADER_WORDS + slots * SLOT_WORDS) * 8) as u64)?;
+        std::fs::rename(&temporary, path)?;
         // SAFETY: the file is ours, sized above, and only accessed through atomics.
         let map = unsafe { MmapMut::map_mut(&file)? };
         let table = StatusTable { map: Map::ReadWrite(map) };

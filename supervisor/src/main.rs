@@ -114,7 +114,6 @@ fn report(result: anyhow::Result<()>) -> ExitCode {
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(error) => {
-            tracing::error!("{error:#}");
             eprintln!("shoal: {error:#}");
             ExitCode::FAILURE
         }
