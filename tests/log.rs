@@ -174,12 +174,13 @@ fn one_group_commit_gives_each_write_its_own_commit_id() {
     let replies: Vec<Value> = pipe.query(&mut con).expect("pipeline");
     assert!(replies.iter().all(|r| *r == Value::Okay));
     let partition = partition_of(&mut con, &keys[0]);
-    let entries = log(&mut con, partition, 0, None);
+    let entries = log(&mut con, partition, 0, Some(1000));
     assert_eq!(entries.len(), 200);
     assert_strictly_increasing(&entries);
     let logged: Vec<String> = entries.iter().map(|e| String::from_utf8_lossy(&e.key).into_owned()).collect();
     assert_eq!(logged, keys, "the log keeps the order in which one client's writes were acknowledged");
-    assert_eq!(log(&mut con, partition, 0, Some(10)).len(), 10);
+    assert_eq!(log(&mut con, partition, 0, Some(10)), entries[..10].to_vec());
+    assert_eq!(log(&mut con, partition, 0, None), entries[..100].to_vec(), "without COUNT, at most 100 entries");
     assert_eq!(log(&mut con, partition, entries[150].commit_id, Some(1000)), entries[150..].to_vec());
 }
 
@@ -215,6 +216,7 @@ fn bad_shoal_log_requests_get_errors() {
     assert!(matches!(call_str(&mut con, &["SHOAL.LOG", "-1", "0"]), Value::ServerError(_)));
     assert!(matches!(call_str(&mut con, &["SHOAL.LOG", "x", "0"]), Value::ServerError(_)));
     assert!(matches!(call_str(&mut con, &["SHOAL.LOG", "0", "0", "COUNT", "many"]), Value::ServerError(_)));
+    assert!(matches!(call_str(&mut con, &["SHOAL.LOG", "0", "0", "COUNT", "0"]), Value::ServerError(_)));
     assert!(matches!(call_str(&mut con, &["SHOAL.LOG", "0", "0", "LIMIT", "1"]), Value::ServerError(_)));
     assert_eq!(error_text(&call_str(&mut con, &["SHOAL.LOG", "0"])), "ERR wrong number of arguments for 'shoal.log' command");
     assert_eq!(

@@ -71,7 +71,7 @@ fn status_shows_every_process_of_the_tree() {
     for pid in &pids {
         assert!(table.contains(&pid.to_string()), "pid {pid} in:\n{table}");
     }
-    assert!(table.contains("shard-worker") && table.contains("net-daemon") && table.contains("ready"), "{table}");
+    assert!(table.contains("net-daemon") && table.matches("ready").count() >= 4, "{table}");
 
     // The config path may come from SHOAL_CONFIG.
     let mut command = std::process::Command::new(common::SHOAL);
