@@ -75,6 +75,18 @@ fn set_and_get_with_options() {
 }
 
 #[test]
+fn large_values_round_trip() {
+    let server = Server::start("");
+    let mut con = server.conn();
+    for size in [64 * 1024, 1024 * 1024, 8 * 1024 * 1024] {
+        let value: Vec<u8> = (0..size).map(|i| (i % 251) as u8).collect();
+        assert_eq!(call(&mut con, &[b"SET", b"large", &value]), Value::Okay, "{size} bytes");
+        assert_eq!(call(&mut con, &[b"GET", b"large"]), Value::BulkString(value), "{size} bytes");
+        assert_eq!(call_str(&mut con, &["STRLEN", "large"]), Value::Int(size as i64));
+    }
+}
+
+#[test]
 fn setnx_getset_getdel_del_unlink_exists_mget() {
     let server = Server::start("");
     let mut con = server.conn();

@@ -87,6 +87,28 @@ fn async_durability_survives_a_process_crash() {
 }
 
 #[test]
+fn the_map_grows_on_demand() {
+    // 1 MiB initial maps, then about 8 MiB of values: each worker must grow its map.
+    let mut server = Server::start("[storage]\nmap_size_bytes = 1048576\n");
+    let mut con = server.conn();
+    let value = |i: usize| format!("{i:06}").repeat(32 * 1024 / 6);
+    for batch in 0..4 {
+        let mut pipe = redis::pipe();
+        for i in batch * 64..(batch + 1) * 64 {
+            pipe.cmd("SET").arg(format!("big:{i}")).arg(value(i));
+        }
+        let replies: Vec<Value> = pipe.query(&mut con).expect("pipelined SETs");
+        assert!(replies.iter().all(|r| *r == Value::Okay), "{:?}", replies.iter().find(|r| **r != Value::Okay));
+    }
+    let expected: Vec<(String, Option<String>)> = (0..256).map(|i| (format!("big:{i}"), Some(value(i)))).collect();
+    assert_contents(&mut con, &expected);
+    drop(con);
+    server.kill_tree();
+    server.restart();
+    assert_contents(&mut server.conn(), &expected);
+}
+
+#[test]
 fn sigterm_drains_exits_0_and_keeps_every_acknowledged_write() {
     for durability in ["fsync", "async"] {
         let mut server = Server::start(&format!("[storage]\ndurability = \"{durability}\"\n"));

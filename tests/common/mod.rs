@@ -83,6 +83,16 @@ impl Server {
         Server { dir, config_path, data_dir, port, workers, partitions, child: None, pgid: None, starts: 0 }
     }
 
+    /// Merges `extra_toml` into the config file (for the next start).
+    pub fn update_config(&mut self, extra_toml: &str) {
+        let mut table: toml::Table = toml::from_str(&self.config_text()).expect("config");
+        merge(&mut table, toml::from_str(extra_toml).expect("extra_toml is valid TOML"));
+        self.workers = table.get("workers").and_then(|v| v.as_integer()).unwrap_or(2) as usize;
+        self.partitions =
+            table.get("storage").and_then(|s| s.get("partitions")).and_then(|v| v.as_integer()).unwrap_or(256) as u32;
+        std::fs::write(&self.config_path, toml::to_string(&table).expect("serialize config")).expect("write config");
+    }
+
     /// The config text as written.
     pub fn config_text(&self) -> String {
         std::fs::read_to_string(&self.config_path).expect("read config")
