@@ -188,3 +188,35 @@ fn children_exit_when_the_supervisor_is_killed() {
     let value: Option<String> = redis::cmd("GET").arg("k").query(&mut server.conn()).expect("GET");
     assert_eq!(value.as_deref(), Some("v"));
 }
+
+#[test]
+fn the_example_config_starts_and_every_key_is_documented() {
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).parent().expect("workspace root").to_path_buf();
+    let example: toml::Table = toml::from_str(&std::fs::read_to_string(root.join("deploy/shoal.toml")).expect("deploy/shoal.toml"))
+        .expect("deploy/shoal.toml is valid TOML");
+    let docs = std::fs::read_to_string(root.join("docs/config.md")).expect("docs/config.md");
+    let mut keys = Vec::new();
+    for (key, value) in &example {
+        match value {
+            toml::Value::Table(section) => {
+                assert!(docs.contains(&format!("## `[{key}]`")), "docs/config.md has a [{key}] section");
+                keys.extend(section.keys().cloned());
+            }
+            _ => keys.push(key.clone()),
+        }
+    }
+    for key in &keys {
+        assert!(docs.contains(&format!("| `{key}` |")), "docs/config.md documents {key}");
+    }
+
+    // The example, with this test's paths and port, starts as it is.
+    let mut config = example.clone();
+    config.remove("data_dir");
+    config.insert("workers".into(), 2.into());
+    let client = config["client"].as_table_mut().expect("[client]");
+    client.remove("listen");
+    client.remove("unix_socket");
+    let server = Server::start(&toml::to_string(&config).expect("toml"));
+    assert_eq!(server.raw().cmd(&["PING"]), Resp::Simple("PONG".into()));
+    assert!(server.unix_socket().exists());
+}
