@@ -332,7 +332,7 @@ fn auth_with_requirepass() {
 }
 
 #[test]
-fn command_config_and_info() {
+fn command_lists_and_describes_every_command() {
     let server = Server::start("");
     let mut con = server.conn();
 
@@ -372,13 +372,17 @@ fn command_config_and_info() {
     assert!(format!("{docs:?}").contains("get"), "COMMAND DOCS get: {docs:?}");
     assert!(!matches!(docs, Value::ServerError(_)), "COMMAND DOCS get: {docs:?}");
 
-    // CONFIG GET, read-only.
+}
+
+#[test]
+fn config_get_answers_and_config_set_is_refused() {
+    let server = Server::start("");
+    let mut con = server.conn();
     let config_get = |con: &mut redis::Connection, pattern: &str| -> Vec<(String, String)> {
         let flat: Vec<String> = redis::cmd("CONFIG").arg("GET").arg(pattern).query(con).expect("CONFIG GET");
         flat.chunks(2).map(|pair| (pair[0].clone(), pair[1].clone())).collect()
     };
     assert_eq!(config_get(&mut con, "save"), vec![("save".to_string(), String::new())]);
-    assert_eq!(config_get(&mut con, "appendonly"), vec![("appendonly".to_string(), "no".to_string())]);
     assert_eq!(config_get(&mut con, "maxclients"), vec![("maxclients".to_string(), "10000".to_string())]);
     assert_eq!(config_get(&mut con, "databases"), vec![("databases".to_string(), "16".to_string())]);
     assert!(config_get(&mut con, "max*").iter().any(|(k, _)| k == "maxclients"));
@@ -388,8 +392,15 @@ fn command_config_and_info() {
     }
     assert!(config_get(&mut con, "no-such-parameter").is_empty());
     assert!(matches!(call_str(&mut con, &["CONFIG", "SET", "maxclients", "1"]), Value::ServerError(_)));
+    assert_eq!(config_get(&mut con, "appendonly"), vec![("appendonly".to_string(), "no".to_string())]);
 
-    // INFO and its sections.
+}
+
+#[test]
+fn info_sections() {
+    let server = Server::start("");
+    let mut con = server.conn();
+    let _second = server.conn();
     for i in 0..3 {
         assert_eq!(call_str(&mut con, &["SET", &format!("info-key-{i}"), "v"]), Value::Okay);
     }
@@ -402,6 +413,16 @@ fn command_config_and_info() {
     let db0 = keyspace.lines().find(|l| l.starts_with("db0:")).unwrap_or_else(|| panic!("no db0 line in {keyspace}"));
     assert!(db0.starts_with("db0:keys=3,") || db0 == "db0:keys=3", "{db0}");
     assert!(!keyspace.contains("# Server"), "INFO keyspace shows only that section: {keyspace}");
+    let field = |text: &str, name: &str| -> Option<String> {
+        text.lines().find_map(|l| l.strip_prefix(&format!("{name}:")).map(|v| v.trim().to_string()))
+    };
+    let clients: String = redis::cmd("INFO").arg("clients").query(&mut con).expect("INFO clients");
+    let connected: u64 = field(&clients, "connected_clients").and_then(|v| v.parse().ok()).unwrap_or(0);
+    assert!(connected >= 2, "two connections are open: {clients}");
+    let server_section: String = redis::cmd("INFO").arg("server").query(&mut con).expect("INFO server");
+    assert_eq!(field(&server_section, "tcp_port"), Some(server.port.to_string()), "{server_section}");
+    let persistence: String = redis::cmd("INFO").arg("persistence").query(&mut con).expect("INFO persistence");
+    assert!(persistence.contains("# Persistence"), "{persistence}");
 
     let shards: String = redis::cmd("INFO").arg("shards").query(&mut con).expect("INFO shards");
     let status = server.status_json().expect("status");
