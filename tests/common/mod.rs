@@ -794,6 +794,7 @@ impl RawConn {
                 Ok(0) => return Ok(rest),
                 Ok(n) => rest.extend_from_slice(&buf[..n]),
                 Err(e) if e.kind() == io::ErrorKind::ConnectionReset => return Ok(rest),
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
                 Err(e) => return Err(format!("connection not closed ({e}); got {:?}", String::from_utf8_lossy(&rest))),
             }
         }
