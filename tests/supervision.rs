@@ -92,6 +92,8 @@ fn status_of_a_stopped_server_says_so() {
     if output.status.success() {
         let json: serde_json::Value = serde_json::from_slice(&output.stdout).expect("JSON");
         assert_eq!(json["running"], false, "{json}");
+    } else {
+        assert!(!output.stderr.is_empty(), "a failing shoal status says why");
     }
 }
 
