@@ -10,6 +10,7 @@
 use bytes::BytesMut;
 use shoal_shared::limits::MAX_PIPELINE_IN_FLIGHT;
 use shoal_shared::resp::{parse_request, Protocol};
+use shoal_shared::status::Field;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::sync::watch;
 
@@ -70,6 +71,7 @@ where
             }
         }
 
+        shared.status.net_daemon_slot().add(Field::Ops, pending.len() as u64);
         for (reply, protocol) in pending.drain(..) {
             reply.resolve().await.encode(protocol, &mut output);
         }
