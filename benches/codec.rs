@@ -5,7 +5,9 @@
 
 use bytes::{Bytes, BytesMut};
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
-use shoal_shared::frame::{decode_frame, encode_frame, Key, RequestEnvelope, SetCondition, SetReply, WorkerRequest};
+use shoal_shared::frame::{
+    decode_frame, encode_frame, Expiry, Key, RequestEnvelope, SetCondition, SetReply, WorkerRequest,
+};
 use shoal_shared::limits::{MAX_INLINE_BYTES, MAX_REQUEST_ARGS};
 use shoal_shared::partition::key_partition;
 use shoal_shared::resp::{parse_request, Protocol, Reply, RequestLimits};
@@ -65,6 +67,7 @@ fn frames(c: &mut Criterion) {
             value: vec![b'x'; 100],
             condition: SetCondition::Always,
             reply: SetReply::Status,
+            expiry: Expiry::Clear,
         },
     };
     let mut encoded = Vec::new();

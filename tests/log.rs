@@ -21,7 +21,7 @@ fn parse_entries(reply: Value) -> Vec<Entry> {
         .into_iter()
         .map(|item| {
             let Value::Array(fields) = item else { panic!("a log entry is an array, got {item:?}") };
-            assert_eq!(fields.len(), 6, "entry fields: {fields:?}");
+            assert_eq!(fields.len(), 7, "entry fields: {fields:?}");
             let int = |v: &Value| match v {
                 Value::Int(n) => *n,
                 other => panic!("expected an integer, got {other:?}"),

@@ -3,7 +3,9 @@
 //! Every complete request in the read buffer (up to
 //! [`MAX_PIPELINE_IN_FLIGHT`]) is dispatched before any reply is awaited, so a
 //! pipeline reaches the workers at once; replies are then written in request
-//! order in one write. A protocol error is answered and closes this
+//! order in one write. A [`Pending::Barrier`] command (a multi-worker write)
+//! runs only after every earlier reply is resolved, and nothing after it is
+//! dispatched until it has finished. A protocol error is answered and closes this
 //! connection only. On shutdown the connection finishes the requests it has
 //! read, replies, and closes.
 
@@ -16,11 +18,12 @@ use tokio::sync::watch;
 
 use crate::commands::{dispatch, After, Pending, Session};
 use crate::Shared;
+use std::sync::Arc;
 
 const READ_BUFFER_BYTES: usize = 16 * 1024;
 
 /// Serves one client until it closes, errs, sends QUIT, or the daemon shuts down.
-pub async fn serve<S>(shared: &Shared, mut stream: S, mut shutdown: watch::Receiver<bool>)
+pub async fn serve<S>(shared: &Arc<Shared>, mut stream: S, mut shutdown: watch::Receiver<bool>)
 where
     S: AsyncRead + AsyncWrite + Unpin,
 {
@@ -42,9 +45,14 @@ where
                 Ok(Some(args)) if args.is_empty() => continue,
                 Ok(Some(args)) => {
                     let (reply, next) = dispatch(shared, &mut session, args).await;
+                    let barrier = matches!(reply, Pending::Barrier(_));
                     pending.push((reply, session.protocol));
                     if next == After::Close {
                         after = After::Close;
+                        break;
+                    }
+                    if barrier {
+                        // Nothing after a barrier is dispatched until it has run.
                         break;
                     }
                 }

@@ -17,6 +17,20 @@ pub fn worker_error(error: &WorkerError) -> Reply {
         WorkerError::NotFloat => not_float(),
         WorkerError::NanOrInfinity => Reply::error("ERR increment would produce NaN or Infinity"),
         WorkerError::ValueTooLarge { max_value_bytes } => value_too_large(*max_value_bytes),
+        WorkerError::Locked => Reply::error(
+            "TRYAGAIN the key is locked by a multi-key write that has not finished; nothing was done",
+        ),
+        WorkerError::TxKeyExists => Reply::error("ERR a key that must not exist exists; nothing was written"),
+        WorkerError::TxNoSuchKey => Reply::error("ERR no such key"),
+        WorkerError::TxConflict => {
+            Reply::error("TRYAGAIN the keys are locked by another multi-key write; nothing was written")
+        }
+        WorkerError::TxAborted => Reply::error("TRYAGAIN the multi-key write was aborted; nothing was written"),
+        WorkerError::TxCommitted => Reply::error("ERR the multi-key write was already committed"),
+        WorkerError::TxInProgress => Reply::error("TRYAGAIN the multi-key write is still in progress"),
+        WorkerError::LogTrimmed { partition, trimmed_through } => Reply::error(format!(
+            "ERR partition {partition}'s log was trimmed through commit {trimmed_through} by log retention"
+        )),
         WorkerError::Storage(message) => Reply::error(format!("ERR storage error: {message}")),
     }
 }

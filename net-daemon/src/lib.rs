@@ -9,16 +9,20 @@
 //! - [`server`]: listeners, the connection limit, graceful shutdown.
 //! - [`connection`]: one client connection (parse, dispatch, reply in order).
 //! - [`commands`]: every client command.
+//! - [`txn`]: the two-phase commit coordinator and the recovery of transactions in doubt.
+//! - [`ids`]: the host's id allocator (ID.NEW).
 //! - [`workers`]: the links to the shard-workers.
 //! - [`errors`]: internal failures → client error replies.
 
 pub mod commands;
 pub mod connection;
 pub mod errors;
+pub mod ids;
 pub mod server;
+pub mod txn;
 pub mod workers;
 
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::time::Instant;
 
 use shoal_shared::config::Config;
@@ -35,13 +39,40 @@ pub struct Shared {
     /// Client connections open now.
     pub connections: AtomicUsize,
     next_client_id: AtomicU64,
+    next_txid: AtomicU64,
     pub started: Instant,
+    /// Set when the daemon starts draining; background tasks stop.
+    pub shutting_down: AtomicBool,
+    pub ids: ids::IdAllocator,
+    pub scan_cursors: commands::keyspace::ScanCursors,
 }
 
 impl Shared {
     /// A new client id, unique for the life of this process.
     pub fn next_client_id(&self) -> u64 {
         self.next_client_id.fetch_add(1, Ordering::Relaxed) + 1
+    }
+
+    /// A transaction id, unique across restarts of the daemon: the start time in the
+    /// high bits, a counter below.
+    pub fn next_txid(&self) -> u64 {
+        self.next_txid.fetch_add(1, Ordering::Relaxed)
+    }
+
+    /// Builds the shared state of a daemon that starts now.
+    pub fn new(config: Config, links: Vec<WorkerLink>, status: StatusTable) -> Shared {
+        Shared {
+            config,
+            links,
+            status,
+            connections: AtomicUsize::new(0),
+            next_client_id: AtomicU64::new(0),
+            next_txid: AtomicU64::new(shoal_shared::now_ms() << 20),
+            started: Instant::now(),
+            shutting_down: AtomicBool::new(false),
+            ids: ids::IdAllocator::default(),
+            scan_cursors: commands::keyspace::ScanCursors::default(),
+        }
     }
 }
 

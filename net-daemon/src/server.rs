@@ -5,7 +5,7 @@
 //! status table, and on SIGTERM stops accepting, lets every connection
 //! finish what it has read, and returns within `drain_timeout_ms`.
 
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -47,14 +47,8 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
     };
 
     let max_connections = config.client.max_connections;
-    let shared = Arc::new(Shared {
-        config,
-        links,
-        status,
-        connections: AtomicUsize::new(0),
-        next_client_id: AtomicU64::new(0),
-        started: Instant::now(),
-    });
+    let shared = Arc::new(Shared::new(config, links, status));
+    tokio::spawn(crate::txn::recover(Arc::clone(&shared)));
     let permits = Arc::new(Semaphore::new(max_connections));
     let (shutdown_tx, shutdown_rx) = watch::channel(false);
 
@@ -98,6 +92,7 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
 
     tracing::info!("net-daemon draining");
     slot.set_state(ProcessState::Draining);
+    shared.shutting_down.store(true, Ordering::Release);
     let _ = shutdown_tx.send(true);
     let drain = Duration::from_millis(shared.config.supervisor.drain_timeout_ms);
     let all = u32::try_from(max_connections).unwrap_or(u32::MAX);

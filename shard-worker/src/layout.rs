@@ -6,38 +6,57 @@
 //! Named database `c<N>`, one per collection N:
 //! ```text
 //! key   = partition u16 ++ user key (≤ MAX_KEY_BYTES)
-//! value = commit_id u64 ++ flags u8 ++ value bytes
+//! value = commit_id u64 ++ flags u8 ++ [expires_at_ms u64, if flags & FLAG_EXPIRES] ++ value bytes
 //! ```
-//! `commit_id` is the commit that last wrote the key. `flags` is 0 (no other
-//! bit is defined yet; readers reject unknown bits).
+//! `commit_id` is the commit that last wrote the key. Flag bits other than
+//! `FLAG_EXPIRES` are reserved; readers reject them.
+//!
+//! Named database `expiry`, the index of keys with a time to live:
+//! ```text
+//! key   = expires_at_ms u64 ++ collection u16 ++ partition u16 ++ user key
+//! value = empty
+//! ```
 //!
 //! Named database `log`, the commit log:
 //! ```text
 //! key   = partition u16 ++ commit_id u64
-//! value = timestamp_ms u64 ++ change_type u8 ++ collection u16 ++ key_len u16 ++ key ++ data
+//! value = timestamp_ms u64 ++ change_type u8 ++ collection u16 ++ expires_at_ms u64 (0: none)
+//!         ++ key_len u16 ++ key ++ data
 //! ```
 //! `change_type` is 0b00 create, 0b01 delete, 0b10 update. `data` is the new
 //! value (empty for a delete).
+//!
+//! Named database `txns`, multi-worker transactions this shard takes part in:
+//! ```text
+//! key   = txid u64
+//! value = bincode 2 (serde) of `Intent`
+//! ```
 //!
 //! Named database `meta`:
 //! ```text
 //! "format_version"        → u32 (FORMAT_VERSION)
 //! "shard_id"              → u32
 //! "layout"                → partitions u16 ++ workers u16 (as created)
-//! "p" ++ partition u16    → last_commit_id u64 ++ mtime_ms u64
+//! "ids_high_water"        → u64: every id this shard's blocks cover is below it
+//! "p" ++ partition u16    → last_commit_id u64 ++ mtime_ms u64 ++ trimmed_through u64
 //! ```
+//! `trimmed_through` is the highest commit id that log retention has removed
+//! (0 if none): the log of the partition holds every entry above it.
 
 use shoal_shared::frame::{ChangeType, Collection, LogEntry, Partition};
 
 /// Version of this layout, stored in `meta`.
-pub const FORMAT_VERSION: u32 = 1;
+pub const FORMAT_VERSION: u32 = 2;
 
 pub const META_FORMAT_VERSION: &[u8] = b"format_version";
 pub const META_SHARD_ID: &[u8] = b"shard_id";
 pub const META_LAYOUT: &[u8] = b"layout";
+pub const META_IDS_HIGH_WATER: &[u8] = b"ids_high_water";
 
+/// Value flag: an expiry time follows the flags byte.
+pub const FLAG_EXPIRES: u8 = 0b0000_0001;
 const VALUE_HEADER_BYTES: usize = 9;
-const LOG_HEADER_BYTES: usize = 8 + 1 + 2 + 2;
+const LOG_HEADER_BYTES: usize = 8 + 1 + 2 + 8 + 2;
 
 /// Stored data that does not match this layout.
 #[derive(Debug, thiserror::Error)]
@@ -59,18 +78,25 @@ pub fn data_key(partition: Partition, key: &[u8]) -> Vec<u8> {
     out
 }
 
-/// `commit_id ++ flags ++ bytes`.
-pub fn encode_value(commit_id: u64, value: &[u8]) -> Vec<u8> {
-    let mut out = Vec::with_capacity(VALUE_HEADER_BYTES + value.len());
+/// `commit_id ++ flags ++ [expires_at_ms] ++ bytes`.
+pub fn encode_value(commit_id: u64, expires_at_ms: Option<u64>, value: &[u8]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(VALUE_HEADER_BYTES + 8 + value.len());
     out.extend_from_slice(&commit_id.to_be_bytes());
-    out.push(0);
+    match expires_at_ms {
+        Some(at) => {
+            out.push(FLAG_EXPIRES);
+            out.extend_from_slice(&at.to_be_bytes());
+        }
+        None => out.push(0),
+    }
     out.extend_from_slice(value);
     out
 }
 
-/// A stored value: the commit that wrote it and the user's bytes.
+/// A stored value: the commit that wrote it, its expiry, and the user's bytes.
 pub struct StoredValue<'a> {
     pub commit_id: u64,
+    pub expires_at_ms: Option<u64>,
     pub bytes: &'a [u8],
 }
 
@@ -79,10 +105,48 @@ pub fn decode_value(raw: &[u8]) -> Result<StoredValue<'_>, CorruptError> {
         return Err(corrupt("value", format!("{} bytes is shorter than its header", raw.len())));
     }
     let flags = raw[8];
-    if flags != 0 {
+    if flags & !FLAG_EXPIRES != 0 {
         return Err(corrupt("value", format!("unknown flags {flags:#04x}")));
     }
-    Ok(StoredValue { commit_id: read_u64(&raw[..8]), bytes: &raw[VALUE_HEADER_BYTES..] })
+    let commit_id = read_u64(&raw[..8]);
+    if flags & FLAG_EXPIRES == 0 {
+        return Ok(StoredValue { commit_id, expires_at_ms: None, bytes: &raw[VALUE_HEADER_BYTES..] });
+    }
+    if raw.len() < VALUE_HEADER_BYTES + 8 {
+        return Err(corrupt("value", "expiry flag set but no expiry time"));
+    }
+    let expires_at_ms = read_u64(&raw[VALUE_HEADER_BYTES..VALUE_HEADER_BYTES + 8]);
+    Ok(StoredValue { commit_id, expires_at_ms: Some(expires_at_ms), bytes: &raw[VALUE_HEADER_BYTES + 8..] })
+}
+
+/// `expires_at_ms ++ collection ++ partition ++ user key`.
+pub fn expiry_key(expires_at_ms: u64, collection: Collection, partition: Partition, key: &[u8]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(12 + key.len());
+    out.extend_from_slice(&expires_at_ms.to_be_bytes());
+    out.extend_from_slice(&collection.to_be_bytes());
+    out.extend_from_slice(&partition.to_be_bytes());
+    out.extend_from_slice(key);
+    out
+}
+
+/// An entry of the expiry index.
+pub struct ExpiryEntry<'a> {
+    pub expires_at_ms: u64,
+    pub collection: Collection,
+    pub partition: Partition,
+    pub key: &'a [u8],
+}
+
+pub fn decode_expiry_key(raw: &[u8]) -> Result<ExpiryEntry<'_>, CorruptError> {
+    if raw.len() < 12 {
+        return Err(corrupt("expiry index key", format!("{} bytes is shorter than 12", raw.len())));
+    }
+    Ok(ExpiryEntry {
+        expires_at_ms: read_u64(&raw[..8]),
+        collection: u16::from_be_bytes([raw[8], raw[9]]),
+        partition: u16::from_be_bytes([raw[10], raw[11]]),
+        key: &raw[12..],
+    })
 }
 
 /// `partition ++ commit_id`.
@@ -93,15 +157,26 @@ pub fn log_key(partition: Partition, commit_id: u64) -> [u8; 10] {
     out
 }
 
-pub fn encode_log_value(timestamp_ms: u64, change: ChangeType, collection: Collection, key: &[u8], data: &[u8]) -> Vec<u8> {
-    let mut out = Vec::with_capacity(LOG_HEADER_BYTES + key.len() + data.len());
-    out.extend_from_slice(&timestamp_ms.to_be_bytes());
-    out.push(change as u8);
-    out.extend_from_slice(&collection.to_be_bytes());
+/// The fields of a log entry's value.
+pub struct LogRecord<'a> {
+    pub timestamp_ms: u64,
+    pub change: ChangeType,
+    pub collection: Collection,
+    pub expires_at_ms: Option<u64>,
+    pub key: &'a [u8],
+    pub data: &'a [u8],
+}
+
+pub fn encode_log_value(record: &LogRecord<'_>) -> Vec<u8> {
+    let mut out = Vec::with_capacity(LOG_HEADER_BYTES + record.key.len() + record.data.len());
+    out.extend_from_slice(&record.timestamp_ms.to_be_bytes());
+    out.push(record.change as u8);
+    out.extend_from_slice(&record.collection.to_be_bytes());
+    out.extend_from_slice(&record.expires_at_ms.unwrap_or(0).to_be_bytes());
     // Keys are at most MAX_KEY_BYTES, which fits u16 (checked in shoal_shared::limits).
-    out.extend_from_slice(&(key.len() as u16).to_be_bytes());
-    out.extend_from_slice(key);
-    out.extend_from_slice(data);
+    out.extend_from_slice(&(record.key.len() as u16).to_be_bytes());
+    out.extend_from_slice(record.key);
+    out.extend_from_slice(record.data);
     out
 }
 
@@ -114,7 +189,8 @@ pub fn decode_log_entry(raw_key: &[u8], raw_value: &[u8]) -> Result<LogEntry, Co
     }
     let change = ChangeType::from_byte(raw_value[8])
         .ok_or_else(|| corrupt("log entry", format!("unknown change type {:#04x}", raw_value[8])))?;
-    let key_len = usize::from(u16::from_be_bytes([raw_value[11], raw_value[12]]));
+    let expires_at_ms = read_u64(&raw_value[11..19]);
+    let key_len = usize::from(u16::from_be_bytes([raw_value[19], raw_value[20]]));
     let rest = &raw_value[LOG_HEADER_BYTES..];
     if rest.len() < key_len {
         return Err(corrupt("log entry", "key runs past the end"));
@@ -125,6 +201,7 @@ pub fn decode_log_entry(raw_key: &[u8], raw_value: &[u8]) -> Result<LogEntry, Co
         timestamp_ms: read_u64(&raw_value[..8]),
         change,
         collection: u16::from_be_bytes([raw_value[9], raw_value[10]]),
+        expires_at_ms: (expires_at_ms != 0).then_some(expires_at_ms),
         key: rest[..key_len].to_vec(),
         data: rest[key_len..].to_vec(),
     })
@@ -141,20 +218,26 @@ pub fn partition_meta_key(partition: Partition) -> [u8; 3] {
 pub struct PartitionMeta {
     pub last_commit_id: u64,
     pub mtime_ms: u64,
+    pub trimmed_through: u64,
 }
 
-pub fn encode_partition_meta(meta: PartitionMeta) -> [u8; 16] {
-    let mut out = [0; 16];
+pub fn encode_partition_meta(meta: PartitionMeta) -> [u8; 24] {
+    let mut out = [0; 24];
     out[..8].copy_from_slice(&meta.last_commit_id.to_be_bytes());
-    out[8..].copy_from_slice(&meta.mtime_ms.to_be_bytes());
+    out[8..16].copy_from_slice(&meta.mtime_ms.to_be_bytes());
+    out[16..].copy_from_slice(&meta.trimmed_through.to_be_bytes());
     out
 }
 
 pub fn decode_partition_meta(raw: &[u8]) -> Result<PartitionMeta, CorruptError> {
-    if raw.len() != 16 {
-        return Err(corrupt("partition meta", format!("{} bytes, expected 16", raw.len())));
+    if raw.len() != 24 {
+        return Err(corrupt("partition meta", format!("{} bytes, expected 24", raw.len())));
     }
-    Ok(PartitionMeta { last_commit_id: read_u64(&raw[..8]), mtime_ms: read_u64(&raw[8..]) })
+    Ok(PartitionMeta {
+        last_commit_id: read_u64(&raw[..8]),
+        mtime_ms: read_u64(&raw[8..16]),
+        trimmed_through: read_u64(&raw[16..]),
+    })
 }
 
 pub fn encode_layout(partitions: u16, workers: u16) -> [u8; 4] {
@@ -175,6 +258,11 @@ pub fn decode_u32(raw: &[u8], what: &'static str) -> Result<u32, CorruptError> {
     Ok(u32::from_be_bytes(bytes))
 }
 
+pub fn decode_u64(raw: &[u8], what: &'static str) -> Result<u64, CorruptError> {
+    let bytes: [u8; 8] = raw.try_into().map_err(|_| corrupt(what, format!("{} bytes, expected 8", raw.len())))?;
+    Ok(u64::from_be_bytes(bytes))
+}
+
 /// Reads 8 bytes; callers have checked the length.
 fn read_u64(raw: &[u8]) -> u64 {
     let mut bytes = [0; 8];
@@ -188,20 +276,32 @@ mod tests {
 
     #[test]
     fn values_round_trip() {
-        let raw = encode_value(42, b"hello");
+        let raw = encode_value(42, None, b"hello");
         assert_eq!(&raw[..9], &[0, 0, 0, 0, 0, 0, 0, 42, 0]);
         let value = decode_value(&raw).unwrap();
-        assert_eq!((value.commit_id, value.bytes), (42, &b"hello"[..]));
+        assert_eq!((value.commit_id, value.expires_at_ms, value.bytes), (42, None, &b"hello"[..]));
         assert!(decode_value(&raw[..5]).is_err());
         let mut flagged = raw.clone();
         flagged[8] = 0x80;
         assert!(decode_value(&flagged).is_err());
+        let expiring = encode_value(7, Some(1234), b"v");
+        assert_eq!(expiring[8], FLAG_EXPIRES);
+        let value = decode_value(&expiring).unwrap();
+        assert_eq!((value.commit_id, value.expires_at_ms, value.bytes), (7, Some(1234), &b"v"[..]));
+        assert!(decode_value(&expiring[..12]).is_err());
     }
 
     #[test]
     fn log_entries_round_trip_and_sort_by_commit_id() {
         let key = log_key(3, 7);
-        let value = encode_log_value(1000, ChangeType::Update, 2, b"k", b"data");
+        let value = encode_log_value(&LogRecord {
+            timestamp_ms: 1000,
+            change: ChangeType::Update,
+            collection: 2,
+            expires_at_ms: Some(5000),
+            key: b"k",
+            data: b"data",
+        });
         assert_eq!(value[8], 0b10);
         let entry = decode_log_entry(&key, &value).unwrap();
         assert_eq!(entry.partition, 3);
@@ -209,6 +309,7 @@ mod tests {
         assert_eq!(entry.timestamp_ms, 1000);
         assert_eq!(entry.change, ChangeType::Update);
         assert_eq!(entry.collection, 2);
+        assert_eq!(entry.expires_at_ms, Some(5000));
         assert_eq!(entry.key, b"k");
         assert_eq!(entry.data, b"data");
         assert!(log_key(3, 255) < log_key(3, 256));
@@ -221,10 +322,16 @@ mod tests {
 
     #[test]
     fn meta_round_trips() {
-        let meta = PartitionMeta { last_commit_id: 9, mtime_ms: 77 };
+        let meta = PartitionMeta { last_commit_id: 9, mtime_ms: 77, trimmed_through: 3 };
         assert_eq!(decode_partition_meta(&encode_partition_meta(meta)).unwrap(), meta);
         assert_eq!(decode_layout(&encode_layout(256, 3)).unwrap(), (256, 3));
         assert!(decode_layout(b"abc").is_err());
         assert!(decode_u32(b"ab", "x").is_err());
+        assert_eq!(decode_u64(&9u64.to_be_bytes(), "x").unwrap(), 9);
+        let index = expiry_key(99, 1, 2, b"key");
+        let entry = decode_expiry_key(&index).unwrap();
+        assert_eq!((entry.expires_at_ms, entry.collection, entry.partition, entry.key), (99, 1, 2, &b"key"[..]));
+        assert!(expiry_key(99, 1, 2, b"z") < expiry_key(100, 0, 0, b"a"));
+        assert!(decode_expiry_key(b"short").is_err());
     }
 }

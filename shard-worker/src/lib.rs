@@ -3,21 +3,26 @@
 //! It accepts the net-daemon on a Unix socket (`<data_dir>/run/shard-<i>.sock`),
 //! reads request frames, and applies them in group commits: everything waiting
 //! on the queue goes into one write transaction, committed and synced once,
-//! and only then are the replies sent. It reports its state and counters in its
-//! slot of the status table.
+//! and only then are the replies sent. Requests on keys locked by a prepared
+//! transaction wait (in order) until it resolves. Between batches it expires
+//! keys through the expiry index and trims the commit log. It reports its
+//! state and counters in its slot of the status table.
 //!
 //! It never talks to clients or to other hosts, and never touches another
 //! shard's environment.
 //!
 //! Modules:
 //! - [`layout`]: the byte layout of the environment.
+//! - `float`: INCRBYFLOAT arithmetic in long double, as Redis does it.
 //! - [`store`]: the environment and the group-commit apply.
 //! - [`link`]: the socket threads that read requests and write responses.
 
+mod float;
 pub mod layout;
 pub mod link;
 pub mod store;
 
+use std::collections::VecDeque;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::{Receiver, RecvTimeoutError};
 use std::sync::Arc;
@@ -25,7 +30,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use shoal_shared::config::{Config, Durability};
-use shoal_shared::frame::{ResponseEnvelope, WorkerError, WorkerResponse};
+use shoal_shared::frame::{ResponseEnvelope, WorkerError, WorkerRequest, WorkerResponse};
 use shoal_shared::status::{Field, ProcessState, Slot, StatusTable};
 
 use crate::link::Queued;
@@ -33,8 +38,14 @@ use crate::store::{Store, StoreOptions};
 
 /// Most requests applied in one group commit.
 const MAX_BATCH: usize = 4096;
-/// How often the worker wakes up when idle (heartbeat, shutdown check, async flush).
+/// How often the worker does its housekeeping (heartbeat, expiry, log retention, flush).
 const TICK: Duration = Duration::from_millis(100);
+/// Most keys expired per tick, so that expiry never stalls the group commit for long.
+const EXPIRE_PER_TICK: usize = 2000;
+/// Most log entries trimmed per tick.
+const TRIM_PER_TICK: usize = 5000;
+/// Longest a request waits for a key locked by a transaction before it fails.
+const DEFER_TIMEOUT: Duration = Duration::from_secs(4);
 
 /// Runs shard-worker `index` until SIGTERM; returns after a clean drain.
 pub fn run(config: &Config, index: usize) -> anyhow::Result<()> {
@@ -63,40 +74,69 @@ pub fn run(config: &Config, index: usize) -> anyhow::Result<()> {
     slot.set_state(ProcessState::Ready);
     tracing::info!(shard = index, dir = %shard_dir.display(), "shard worker ready");
 
-    let flush_interval = Duration::from_millis(config.storage.flush_interval_ms);
-    let needs_flush = config.storage.durability == Durability::Async;
-    let mut worker = Worker { store: &mut store, slot, last_flush: Instant::now(), dirty: false };
-    let result = worker.serve(&queue, &shutdown, needs_flush.then_some(flush_interval));
+    let mut worker = Worker {
+        store: &mut store,
+        slot,
+        flush_every: (config.storage.durability == Durability::Async)
+            .then(|| Duration::from_millis(config.storage.flush_interval_ms)),
+        last_flush: Instant::now(),
+        dirty: false,
+        deferred: VecDeque::new(),
+        retention: Retention {
+            keep_entries: config.storage.log_retention_entries,
+            keep_ms: (config.storage.log_retention_secs > 0).then(|| config.storage.log_retention_secs * 1000),
+        },
+        last_housekeeping: Instant::now(),
+    };
+    let result = worker.serve(&queue, &shutdown);
     slot.set_state(ProcessState::Draining);
     // Whatever is still queued was accepted from the net-daemon: apply it before leaving.
     let drained = worker.drain(&queue);
-    if needs_flush {
-        store.sync().context("flushing on shutdown")?;
+    if worker.flush_every.is_some() {
+        worker.store.sync().context("flushing on shutdown")?;
     }
     slot.set_state(ProcessState::Stopped);
     tracing::info!(shard = index, drained, "shard worker stopped");
     result
 }
 
+/// How much commit log each partition keeps.
+struct Retention {
+    keep_entries: u64,
+    keep_ms: Option<u64>,
+}
+
 struct Worker<'a> {
     store: &'a mut Store,
     slot: Slot<'a>,
+    /// With `async` durability, how often to flush.
+    flush_every: Option<Duration>,
     last_flush: Instant,
     dirty: bool,
+    /// Requests waiting for a key that a prepared transaction holds, in arrival order.
+    deferred: VecDeque<(Instant, Queued)>,
+    retention: Retention,
+    last_housekeeping: Instant,
+}
+
+/// Whether a request changes key locks; a batch ends after such a request, so that every
+/// request before it was checked against the locks it ran under.
+fn changes_locks(request: &WorkerRequest) -> bool {
+    matches!(
+        request,
+        WorkerRequest::Prepare { .. }
+            | WorkerRequest::Commit { .. }
+            | WorkerRequest::Abort { .. }
+            | WorkerRequest::Decide { .. }
+    )
 }
 
 impl Worker<'_> {
     /// The group-commit loop: wait for one request, take everything else queued, apply, reply.
-    fn serve(&mut self, queue: &Receiver<Queued>, shutdown: &AtomicBool, flush_every: Option<Duration>) -> anyhow::Result<()> {
+    fn serve(&mut self, queue: &Receiver<Queued>, shutdown: &AtomicBool) -> anyhow::Result<()> {
         loop {
             self.slot.beat();
-            if let Some(interval) = flush_every {
-                if self.dirty && self.last_flush.elapsed() >= interval {
-                    self.store.sync().context("periodic flush")?;
-                    self.dirty = false;
-                    self.last_flush = Instant::now();
-                }
-            }
+            self.housekeeping()?;
             if shutdown.load(Ordering::Acquire) {
                 return Ok(());
             }
@@ -105,15 +145,95 @@ impl Worker<'_> {
                 Err(RecvTimeoutError::Timeout) => continue,
                 Err(RecvTimeoutError::Disconnected) => return Ok(()),
             };
-            let mut batch = vec![first];
-            while batch.len() < MAX_BATCH {
-                match queue.try_recv() {
-                    Ok(next) => batch.push(next),
-                    Err(_) => break,
+            let mut batch = Vec::new();
+            let mut next = Some(first);
+            while let Some(queued) = next.take() {
+                let ends_batch = changes_locks(&queued.request);
+                if self.blocked(&queued.request) {
+                    self.deferred.push_back((Instant::now(), queued));
+                } else {
+                    batch.push(queued);
                 }
+                if ends_batch || batch.len() >= MAX_BATCH {
+                    break;
+                }
+                next = queue.try_recv().ok();
             }
+            let released = batch.iter().any(|queued| changes_locks(&queued.request));
             self.apply(batch)?;
+            if released {
+                self.retry_deferred()?;
+            }
         }
+    }
+
+    /// Whether `request` must wait: it touches a locked key, or a key that an earlier
+    /// deferred request touches (requests on one key keep their order).
+    fn blocked(&self, request: &WorkerRequest) -> bool {
+        let locks = self.store.locks();
+        if let WorkerRequest::Flush { collection } = request {
+            return locks.any_in(*collection) || !self.deferred.is_empty();
+        }
+        if locks.is_empty() && self.deferred.is_empty() {
+            return false;
+        }
+        request.keys().into_iter().any(|(collection, key)| {
+            locks.holder(collection, key).is_some()
+                || self.deferred.iter().any(|(_, waiting)| {
+                    waiting.request.keys().into_iter().any(|(c, k)| c == collection && k == key)
+                })
+        })
+    }
+
+    /// Runs the deferred requests whose keys are free now; fails those that waited too long.
+    fn retry_deferred(&mut self) -> anyhow::Result<()> {
+        if self.deferred.is_empty() {
+            return Ok(());
+        }
+        let waiting = std::mem::take(&mut self.deferred);
+        let mut runnable = Vec::new();
+        for (since, queued) in waiting {
+            if self.blocked(&queued.request) {
+                if since.elapsed() >= DEFER_TIMEOUT {
+                    let response = WorkerResponse::Error(WorkerError::Locked);
+                    let _ = queued.reply.send(ResponseEnvelope { id: queued.id, response });
+                } else {
+                    self.deferred.push_back((since, queued));
+                }
+            } else {
+                runnable.push(queued);
+            }
+        }
+        if runnable.is_empty() {
+            return Ok(());
+        }
+        self.apply(runnable)
+    }
+
+    /// Work done between batches: flushes (async durability), active expiry, log
+    /// retention, and timing out deferred requests.
+    fn housekeeping(&mut self) -> anyhow::Result<()> {
+        if let Some(interval) = self.flush_every {
+            if self.dirty && self.last_flush.elapsed() >= interval {
+                self.store.sync().context("periodic flush")?;
+                self.dirty = false;
+                self.last_flush = Instant::now();
+            }
+        }
+        if self.last_housekeeping.elapsed() < TICK {
+            return Ok(());
+        }
+        self.last_housekeeping = Instant::now();
+        let expired = self.store.expire_due(EXPIRE_PER_TICK).context("expiring keys")?;
+        let trimmed = self
+            .store
+            .trim_log(self.retention.keep_entries, self.retention.keep_ms, TRIM_PER_TICK)
+            .context("trimming the commit log")?;
+        if expired + trimmed > 0 {
+            self.dirty = true;
+            self.slot.set(Field::LastCommitId, self.store.highest_commit_id());
+        }
+        self.retry_deferred()
     }
 
     /// Applies what is left on the queue at shutdown.
@@ -134,6 +254,9 @@ impl Worker<'_> {
 
     /// Applies one batch in one transaction, then replies to every request in it.
     fn apply(&mut self, batch: Vec<Queued>) -> anyhow::Result<()> {
+        if batch.is_empty() {
+            return Ok(());
+        }
         self.slot.set(Field::QueueDepth, batch.len() as u64);
         let requests: Vec<_> = batch.iter().map(|queued| &queued.request).collect();
         let writes = requests.iter().any(|request| request.is_write());

@@ -72,6 +72,10 @@ pub struct StorageSection {
     pub map_size_bytes: usize,
     /// With durability = "async", how often dirty pages are flushed to disk.
     pub flush_interval_ms: u64,
+    /// Commit-log entries kept per partition; older entries are trimmed.
+    pub log_retention_entries: u64,
+    /// Age, in seconds, past which commit-log entries are trimmed. 0 keeps entries of any age.
+    pub log_retention_secs: u64,
 }
 
 /// `[supervisor]`: child restarts and shutdown.
@@ -131,6 +135,8 @@ impl Default for StorageSection {
             durability: Durability::Fsync,
             map_size_bytes: 1 << 30,
             flush_interval_ms: 1000,
+            log_retention_entries: 1_000_000,
+            log_retention_secs: 7 * 24 * 3600,
         }
     }
 }
@@ -272,6 +278,9 @@ impl FileConfig {
         }
         if storage.map_size_bytes < 1 << 20 {
             return Err(bad("storage.map_size_bytes", format!("must be at least 1048576, got {}", storage.map_size_bytes)));
+        }
+        if storage.log_retention_entries == 0 {
+            return Err(bad("storage.log_retention_entries", "must be at least 1".into()));
         }
         if storage.flush_interval_ms == 0 {
             return Err(bad("storage.flush_interval_ms", "must be at least 1".into()));

@@ -48,6 +48,71 @@ pub enum SetReply {
     WrittenFlag,
 }
 
+/// What a write does to the key's time to live.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Expiry {
+    /// Keep the current expiry (SET ... KEEPTTL, GETEX without options).
+    Keep,
+    /// Remove any expiry (a plain SET, GETEX PERSIST).
+    Clear,
+    /// Expire at this Unix time in milliseconds.
+    At(u64),
+}
+
+/// When EXPIRE applies (its NX, XX, GT and LT options).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum ExpireCondition {
+    Always,
+    /// NX: only if the key has no expiry.
+    IfNone,
+    /// XX: only if the key has an expiry.
+    IfSome,
+    /// GT: only if the new expiry is later (no expiry counts as infinite).
+    IfGreater,
+    /// LT: only if the new expiry is earlier (no expiry counts as infinite).
+    IfLess,
+}
+
+/// One step of a multi-key write, applied atomically with the others of its transaction.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct TxOp {
+    pub collection: Collection,
+    pub key: Key,
+    pub action: TxAction,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub enum TxAction {
+    /// Store a value; with `if_absent`, the transaction is refused if the key exists.
+    Put {
+        #[serde(with = "serde_bytes")]
+        value: Vec<u8>,
+        expires_at_ms: Option<u64>,
+        if_absent: bool,
+    },
+    /// Store the value (and expiry) that the nearest earlier `Take` or `Read` of the same
+    /// request found. Only in [`WorkerRequest::Atomic`].
+    PutTaken { if_absent: bool },
+    /// Delete the key if it exists (→ [`TxOutcome::Existed`]).
+    Delete,
+    /// Delete the key and return its value; refused if the key does not exist (RENAME's source).
+    Take,
+    /// Return the key's value without changing it; refused if missing (COPY's source).
+    Read,
+}
+
+/// What one [`TxOp`] found when it was checked.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub enum TxOutcome {
+    Done,
+    Existed(bool),
+    Value {
+        #[serde(with = "serde_bytes")]
+        value: Vec<u8>,
+        expires_at_ms: Option<u64>,
+    },
+}
+
 /// A request from the net-daemon to a shard-worker. All keys of one request
 /// belong to partitions of that worker.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -64,17 +129,26 @@ pub enum WorkerRequest {
         value: Vec<u8>,
         condition: SetCondition,
         reply: SetReply,
+        expiry: Expiry,
     },
     /// → `Value` (the deleted value).
     GetDel { collection: Collection, key: Key },
+    /// → `Value`; changes the expiry as asked.
+    GetEx { collection: Collection, key: Key, expiry: Expiry },
     /// → `Integer`: how many of the keys existed and were deleted.
     Delete { collection: Collection, keys: Vec<Key> },
     /// → `Integer`: how many of the keys exist (a key named twice counts twice).
     Exists { collection: Collection, keys: Vec<Key> },
     /// → `Integer` (the new value) or an error.
     IncrBy { collection: Collection, key: Key, delta: i64 },
-    /// → `Value` (the new value, formatted) or an error.
-    IncrByFloat { collection: Collection, key: Key, delta: f64 },
+    /// → `Value` (the new value, formatted) or an error. The increment is the client's
+    /// text: the worker parses it in long double, as Redis does.
+    IncrByFloat {
+        collection: Collection,
+        key: Key,
+        #[serde(with = "serde_bytes")]
+        increment: Vec<u8>,
+    },
     /// → `Integer` (the new length) or an error.
     Append {
         collection: Collection,
@@ -84,24 +158,120 @@ pub enum WorkerRequest {
     },
     /// → `Integer`.
     StrLen { collection: Collection, key: Key },
+    /// → `Value`: the bytes between `start` and `end` (inclusive; negative counts from the end).
+    GetRange { collection: Collection, key: Key, start: i64, end: i64 },
+    /// → `Integer` (the new length); pads with zero bytes.
+    SetRange {
+        collection: Collection,
+        key: Key,
+        offset: u64,
+        #[serde(with = "serde_bytes")]
+        value: Vec<u8>,
+    },
+    /// → `Integer`: 1 if the expiry was set (or the key deleted, for a time in the past), else 0.
+    Expire { collection: Collection, key: Key, at_ms: u64, condition: ExpireCondition },
+    /// → `Integer`: 1 if an expiry was removed.
+    Persist { collection: Collection, key: Key },
+    /// → `Integer`: the expiry in Unix ms, -1 without expiry, -2 if the key does not exist.
+    ExpireTime { collection: Collection, key: Key },
     /// → `Integer`: keys of the collection on this worker.
     DbSize { collection: Collection },
+    /// → `Scanned`: up to `count` keys examined after the stored key `after`.
+    Scan {
+        collection: Collection,
+        #[serde(with = "serde_bytes")]
+        after: Option<Vec<u8>>,
+        count: u32,
+        #[serde(with = "serde_bytes")]
+        pattern: Option<Vec<u8>>,
+    },
+    /// → `Scanned` with every matching key and no `next`.
+    Keys {
+        collection: Collection,
+        #[serde(with = "serde_bytes")]
+        pattern: Option<Vec<u8>>,
+    },
+    /// → `Integer`: keys deleted (each logged as a delete). `None` clears every collection.
+    Flush { collection: Option<Collection> },
+    /// → `TxOutcomes`: a multi-key write whose keys are all on this worker, in one transaction.
+    Atomic { ops: Vec<TxOp> },
+    /// Phase one of a multi-worker write: check the ops, lock their keys and record the
+    /// intent durably. → `TxOutcomes`, or `TxRefused`/`TxConflict`. The `decider` worker
+    /// records the commit decision in its commit.
+    Prepare { txid: u64, decider: u16, ops: Vec<TxOp> },
+    /// Phase two: apply a prepared transaction. → `Ok`, or `TxAborted` if it was aborted.
+    Commit { txid: u64 },
+    /// Releases a prepared transaction. → `Ok`, or `TxCommitted` if the decider committed it.
+    Abort { txid: u64 },
+    /// Asks the decider whether `txid` committed. A transaction still undecided and older than
+    /// `older_than_ms` is aborted durably first (presumed abort). → `Integer` 1 (committed) or
+    /// 0 (aborted or unknown), or `TxInProgress`.
+    Decide { txid: u64, older_than_ms: u64 },
+    /// → `InDoubt`: prepared transactions older than `older_than_ms`, with their deciders.
+    InDoubt { older_than_ms: u64 },
+    /// Drops the decider's commit record once every participant has committed. → `Ok`.
+    Forget { txid: u64 },
+    /// → `Integer`: transactions this worker holds (prepared, or decided and not yet forgotten).
+    Transactions,
     /// → `Log`: entries of `partition` with commit id ≥ `from_commit_id`, at most `count`.
     ReadLog { partition: Partition, from_commit_id: u64, count: u32 },
+    /// → `Log`: entries after each partition's position (commit id already seen), at most
+    /// `count` in all, or `LogTrimmed` if a position is below the retained log.
+    ReadFeed { positions: Vec<(Partition, u64)>, count: u32 },
+    /// → `Positions`: the last commit id of each partition of this worker.
+    LastCommitIds,
+    /// Records that ids below `high_water` may have been issued. → `Ok`.
+    ReserveIds { high_water: u64 },
+    /// → `Integer`: the recorded id high-water mark (0 if none).
+    IdHighWater,
 }
 
 impl WorkerRequest {
     /// Whether the request may change data (and so needs the group commit's fsync).
     pub fn is_write(&self) -> bool {
-        matches!(
+        !matches!(
             self,
-            WorkerRequest::Set { .. }
-                | WorkerRequest::GetDel { .. }
-                | WorkerRequest::Delete { .. }
-                | WorkerRequest::IncrBy { .. }
-                | WorkerRequest::IncrByFloat { .. }
-                | WorkerRequest::Append { .. }
+            WorkerRequest::Get { .. }
+                | WorkerRequest::MGet { .. }
+                | WorkerRequest::Exists { .. }
+                | WorkerRequest::StrLen { .. }
+                | WorkerRequest::GetRange { .. }
+                | WorkerRequest::ExpireTime { .. }
+                | WorkerRequest::DbSize { .. }
+                | WorkerRequest::Scan { .. }
+                | WorkerRequest::Keys { .. }
+                | WorkerRequest::InDoubt { .. }
+                | WorkerRequest::Transactions
+                | WorkerRequest::ReadLog { .. }
+                | WorkerRequest::ReadFeed { .. }
+                | WorkerRequest::LastCommitIds
+                | WorkerRequest::IdHighWater
         )
+    }
+
+    /// The collection and keys this request reads or writes (for key locks).
+    pub fn keys(&self) -> Vec<(Collection, &Key)> {
+        use WorkerRequest::*;
+        match self {
+            Get { collection, key }
+            | Set { collection, key, .. }
+            | GetDel { collection, key }
+            | GetEx { collection, key, .. }
+            | IncrBy { collection, key, .. }
+            | IncrByFloat { collection, key, .. }
+            | Append { collection, key, .. }
+            | StrLen { collection, key }
+            | GetRange { collection, key, .. }
+            | SetRange { collection, key, .. }
+            | Expire { collection, key, .. }
+            | Persist { collection, key }
+            | ExpireTime { collection, key } => vec![(*collection, key)],
+            MGet { collection, keys } | Delete { collection, keys } | Exists { collection, keys } => {
+                keys.iter().map(|key| (*collection, key)).collect()
+            }
+            Atomic { ops } => ops.iter().map(|op| (op.collection, &op.key)).collect(),
+            _ => Vec::new(),
+        }
     }
 }
 
@@ -112,6 +282,17 @@ pub enum WorkerResponse {
     Integer(i64),
     Value(#[serde(with = "serde_bytes")] Option<Vec<u8>>),
     Values(Vec<Option<serde_bytes::ByteBuf>>),
+    /// Keys found by a scan, and the stored key to continue after (`None`: the end).
+    Scanned {
+        keys: Vec<serde_bytes::ByteBuf>,
+        #[serde(with = "serde_bytes")]
+        next: Option<Vec<u8>>,
+    },
+    TxOutcomes(Vec<TxOutcome>),
+    /// (txid, decider worker) of transactions in doubt.
+    InDoubt(Vec<(u64, u16)>),
+    /// (partition, last commit id).
+    Positions(Vec<(Partition, u64)>),
     Log(Vec<LogEntry>),
     Error(WorkerError),
 }
@@ -129,6 +310,22 @@ pub enum WorkerError {
     NanOrInfinity,
     /// The resulting value would exceed `max_value_bytes`.
     ValueTooLarge { max_value_bytes: usize },
+    /// A key of the request stayed locked by a multi-key transaction for too long.
+    Locked,
+    /// A transaction's condition failed: a key that must be absent exists.
+    TxKeyExists,
+    /// A transaction's condition failed: a key that must exist does not.
+    TxNoSuchKey,
+    /// A key of the transaction is locked by another transaction.
+    TxConflict,
+    /// The transaction was aborted.
+    TxAborted,
+    /// The transaction was committed.
+    TxCommitted,
+    /// The transaction is not decided yet.
+    TxInProgress,
+    /// A feed position is below the retained log of its partition.
+    LogTrimmed { partition: Partition, trimmed_through: u64 },
     /// The storage engine failed; nothing of this request was applied.
     Storage(String),
 }
@@ -174,6 +371,8 @@ pub struct LogEntry {
     pub timestamp_ms: u64,
     pub change: ChangeType,
     pub collection: Collection,
+    /// The key's expiry after this change, if it has one.
+    pub expires_at_ms: Option<u64>,
     #[serde(with = "serde_bytes")]
     pub key: Vec<u8>,
     /// The new value (empty for a delete).
@@ -266,9 +465,10 @@ mod tests {
                     value: vec![0, 255, 13, 10],
                     condition: SetCondition::IfAbsent,
                     reply: SetReply::OldValue,
+                    expiry: Expiry::At(12345),
                 },
             },
-            RequestEnvelope { id: 2, request: WorkerRequest::IncrByFloat { collection: 1, key: key(b""), delta: -0.5 } },
+            RequestEnvelope { id: 2, request: WorkerRequest::IncrByFloat { collection: 1, key: key(b""), increment: b"-0.5".to_vec() } },
         ];
         let mut out = Vec::new();
         for message in &messages {

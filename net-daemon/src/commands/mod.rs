@@ -8,12 +8,22 @@
 //!
 //! Modules:
 //! - [`table`]: the command table (arity, key positions, docs).
-//! - [`strings`]: string and keyspace commands, which go to the workers.
+//! - [`strings`]: commands on one key (strings, counters, ranges).
+//! - [`keyspace`]: expiry, TYPE/OBJECT, SCAN, KEYS, DBSIZE, FLUSHDB/FLUSHALL.
+//! - [`multi`]: multi-key writes (MSET, MSETNX, DEL, RENAME, COPY), atomic across workers.
+//! - [`shoal`]: Shoal's own commands (ID.NEW, SHOAL.LOG, SHOAL.FEED, ...).
 //! - [`server`]: connection and server commands answered by the net-daemon.
 
+pub mod keyspace;
+pub mod multi;
 pub mod server;
+pub mod shoal;
 pub mod strings;
 pub mod table;
+
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
 
 use bytes::Bytes;
 use shoal_shared::frame::{Key, WorkerRequest, WorkerResponse};
@@ -45,6 +55,16 @@ pub enum After {
 pub enum Pending {
     Ready(Reply),
     Calls { calls: Vec<Call>, merge: Merge },
+    /// Work that must run after every earlier command of the connection has been answered,
+    /// and before any later one is dispatched (multi-worker writes, fan-out admin commands).
+    Barrier(Pin<Box<dyn Future<Output = Reply> + Send>>),
+}
+
+impl Pending {
+    /// A barrier running `work`.
+    pub fn barrier(work: impl Future<Output = Reply> + Send + 'static) -> Pending {
+        Pending::Barrier(Box::pin(work))
+    }
 }
 
 /// How the responses of a command's worker calls become its reply.
@@ -62,21 +82,13 @@ impl Pending {
     pub async fn resolve(self) -> Reply {
         let (calls, merge) = match self {
             Pending::Ready(reply) => return reply,
+            Pending::Barrier(work) => return work.await,
             Pending::Calls { calls, merge } => (calls, merge),
         };
-        let mut responses = Vec::with_capacity(calls.len());
-        let mut failure = None;
-        for call in calls {
-            match call.wait().await {
-                Ok(WorkerResponse::Error(error)) => failure = failure.or(Some(errors::worker_error(&error))),
-                Ok(response) => responses.push(response),
-                Err(error) => failure = failure.or(Some(errors::link_error(&error))),
-            }
+        match wait_all(calls).await {
+            Ok(responses) => merge.apply(responses),
+            Err(reply) => reply,
         }
-        if let Some(reply) = failure {
-            return reply;
-        }
-        merge.apply(responses)
     }
 }
 
@@ -112,27 +124,39 @@ fn response_reply(response: WorkerResponse) -> Reply {
         WorkerResponse::Values(values) => Reply::Array(
             values.into_iter().map(|v| v.map_or(Reply::Nil, |v| Reply::Bulk(v.into_vec().into()))).collect(),
         ),
-        WorkerResponse::Log(entries) => Reply::Array(
-            entries
-                .into_iter()
-                .map(|entry| {
-                    Reply::Array(vec![
-                        Reply::Integer(entry.commit_id as i64),
-                        Reply::Integer(entry.timestamp_ms as i64),
-                        Reply::bulk(entry.change.name()),
-                        Reply::Integer(i64::from(entry.collection)),
-                        Reply::Bulk(entry.key.into()),
-                        Reply::Bulk(entry.data.into()),
-                    ])
-                })
-                .collect(),
-        ),
+        WorkerResponse::Log(entries) => {
+            Reply::Array(entries.into_iter().map(|entry| log_entry_reply(entry, false)).collect())
+        }
         WorkerResponse::Error(error) => errors::worker_error(&error),
+        other => {
+            tracing::error!(?other, "a worker answered with a response this command does not expect");
+            Reply::error("ERR internal error: unexpected response from a shard worker")
+        }
     }
 }
 
+/// A commit-log entry as clients see it:
+/// `[partition (feed only), commit_id, timestamp_ms, change_type, collection, key, data, expires_at_ms]`.
+/// `expires_at_ms` is -1 when the key has no expiry.
+pub fn log_entry_reply(entry: shoal_shared::frame::LogEntry, with_partition: bool) -> Reply {
+    let mut fields = Vec::with_capacity(8);
+    if with_partition {
+        fields.push(Reply::Integer(i64::from(entry.partition)));
+    }
+    fields.extend([
+        Reply::Integer(entry.commit_id as i64),
+        Reply::Integer(entry.timestamp_ms as i64),
+        Reply::bulk(entry.change.name()),
+        Reply::Integer(i64::from(entry.collection)),
+        Reply::Bulk(entry.key.into()),
+        Reply::Bulk(entry.data.into()),
+        Reply::Integer(entry.expires_at_ms.map_or(-1, |at| at as i64)),
+    ]);
+    Reply::Array(fields)
+}
+
 /// Runs one request. `args[0]` is the command name.
-pub async fn dispatch(shared: &Shared, session: &mut Session, args: Vec<Bytes>) -> (Pending, After) {
+pub async fn dispatch(shared: &Arc<Shared>, session: &mut Session, args: Vec<Bytes>) -> (Pending, After) {
     let mut lower = [0u8; 32];
     let name = &args[0];
     let spec = match name.len() <= lower.len() {
@@ -156,6 +180,15 @@ pub async fn dispatch(shared: &Shared, session: &mut Session, args: Vec<Bytes>) 
     if let Some(pending) = strings::dispatch(shared, session, spec.name, &args).await {
         return (pending, After::Continue);
     }
+    if let Some(pending) = keyspace::dispatch(shared, session, spec.name, &args).await {
+        return (pending, After::Continue);
+    }
+    if let Some(pending) = multi::dispatch(shared, session, spec.name, &args).await {
+        return (pending, After::Continue);
+    }
+    if let Some(pending) = shoal::dispatch(shared, session, spec.name, &args).await {
+        return (pending, After::Continue);
+    }
     server::dispatch(shared, session, spec.name, &args).await
 }
 
@@ -172,6 +205,27 @@ pub fn route(shared: &Shared, key: &Bytes) -> Result<(usize, Key), Reply> {
     Ok((partition_worker(partition, shared.links.len()), Key { partition, bytes: key.to_vec() }))
 }
 
+/// A worker, the keys it owns, and their positions in the request.
+pub type WorkerKeys = (usize, Vec<Key>, Vec<usize>);
+
+/// Groups keys by the worker that owns them: `(worker, keys, positions in the input)`,
+/// in worker order.
+pub fn group_by_worker(shared: &Shared, keys: &[Bytes]) -> Result<Vec<WorkerKeys>, Reply> {
+    let mut groups: Vec<WorkerKeys> = Vec::new();
+    for (position, key) in keys.iter().enumerate() {
+        let (worker, key) = route(shared, key)?;
+        match groups.iter_mut().find(|(w, _, _)| *w == worker) {
+            Some((_, keys, positions)) => {
+                keys.push(key);
+                positions.push(position);
+            }
+            None => groups.push((worker, vec![key], vec![position])),
+        }
+    }
+    groups.sort_by_key(|(worker, _, _)| *worker);
+    Ok(groups)
+}
+
 /// Sends one request to one worker.
 pub async fn call_one(shared: &Shared, worker: usize, request: WorkerRequest) -> Pending {
     let call = shared.links[worker].send(request).await;
@@ -180,9 +234,40 @@ pub async fn call_one(shared: &Shared, worker: usize, request: WorkerRequest) ->
 
 /// Sends one request to every worker and adds up the integer answers.
 pub async fn call_all_sum(shared: &Shared, make: impl Fn() -> WorkerRequest) -> Pending {
+    Pending::Calls { calls: send_all(shared, make).await, merge: Merge::Sum }
+}
+
+/// Sends one request to every worker.
+pub async fn send_all(shared: &Shared, make: impl Fn() -> WorkerRequest) -> Vec<Call> {
     let mut calls = Vec::with_capacity(shared.links.len());
     for link in &shared.links {
         calls.push(link.send(make()).await);
     }
-    Pending::Calls { calls, merge: Merge::Sum }
+    calls
+}
+
+/// Sends one request to one worker and waits for its answer, mapping failures to replies.
+pub async fn ask(shared: &Shared, worker: usize, request: WorkerRequest) -> Result<WorkerResponse, Reply> {
+    match shared.links[worker].send(request).await.wait().await {
+        Ok(WorkerResponse::Error(error)) => Err(errors::worker_error(&error)),
+        Ok(response) => Ok(response),
+        Err(error) => Err(errors::link_error(&error)),
+    }
+}
+
+/// Waits for calls made with [`send_all`], mapping the first failure to a reply.
+pub async fn wait_all(calls: Vec<Call>) -> Result<Vec<WorkerResponse>, Reply> {
+    let mut responses = Vec::with_capacity(calls.len());
+    let mut failure = None;
+    for call in calls {
+        match call.wait().await {
+            Ok(WorkerResponse::Error(error)) => failure = failure.or(Some(errors::worker_error(&error))),
+            Ok(response) => responses.push(response),
+            Err(error) => failure = failure.or(Some(errors::link_error(&error))),
+        }
+    }
+    match failure {
+        Some(reply) => Err(reply),
+        None => Ok(responses),
+    }
 }

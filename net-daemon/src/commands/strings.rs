@@ -1,21 +1,16 @@
-//! String and keyspace commands: everything that reads or writes keys, and
-//! the commit-log reader. Each builds [`WorkerRequest`]s for the workers that
-//! own the keys and says how to merge their answers.
+//! Commands on one key: strings, counters and ranges (and MGET/EXISTS,
+//! which read many keys without needing atomicity). Each builds a
+//! [`WorkerRequest`] for the worker that owns the key.
 
 use bytes::Bytes;
-use shoal_shared::frame::{Key, SetCondition, SetReply, WorkerRequest};
-use shoal_shared::partition::{key_partition, partition_worker};
-use shoal_shared::resp::{parse_f64, parse_i64, Reply};
+use shoal_shared::frame::{Expiry, Key, SetCondition, SetReply, WorkerRequest};
+use shoal_shared::resp::{parse_i64, Reply};
 
-use super::{call_all_sum, call_one, route, Merge, Pending, Session};
+use super::{call_one, route, Merge, Pending, Session};
 use crate::errors;
 use crate::Shared;
 
-/// Default and largest COUNT of SHOAL.LOG.
-const LOG_DEFAULT_COUNT: u32 = 100;
-const LOG_MAX_COUNT: u32 = 10_000;
-
-/// Runs `name` if it is a key command; `None` otherwise. Arity is already checked.
+/// Runs `name` if it is a one-key command; `None` otherwise. Arity is already checked.
 pub async fn dispatch(shared: &Shared, session: &Session, name: &str, args: &[Bytes]) -> Option<Pending> {
     let collection = session.collection;
     let pending = match name {
@@ -23,69 +18,91 @@ pub async fn dispatch(shared: &Shared, session: &Session, name: &str, args: &[By
         "getdel" => single(shared, &args[1], |key| WorkerRequest::GetDel { collection, key }).await,
         "strlen" => single(shared, &args[1], |key| WorkerRequest::StrLen { collection, key }).await,
         "set" => set(shared, collection, args).await,
-        "setnx" => {
+        "setnx" | "getset" => {
+            let (condition, reply) = match name {
+                "setnx" => (SetCondition::IfAbsent, SetReply::WrittenFlag),
+                _ => (SetCondition::Always, SetReply::OldValue),
+            };
+            let expiry = Expiry::Clear;
             write_value(shared, &args[1], &args[2], |key, value| WorkerRequest::Set {
                 collection,
                 key,
                 value,
-                condition: SetCondition::IfAbsent,
-                reply: SetReply::WrittenFlag,
+                condition,
+                reply,
+                expiry,
             })
             .await
         }
-        "getset" => {
-            write_value(shared, &args[1], &args[2], |key, value| WorkerRequest::Set {
-                collection,
-                key,
-                value,
-                condition: SetCondition::Always,
-                reply: SetReply::OldValue,
-            })
-            .await
-        }
+        "getex" => match StringOptions::parse(&args[2..], false) {
+            Err(reply) => Pending::Ready(reply),
+            Ok(options) => match options.expiry("getex") {
+                Ok(expiry) => single(shared, &args[1], |key| WorkerRequest::GetEx { collection, key, expiry }).await,
+                // Redis checks the expiry only once it has found the key: a missing key is nil.
+                Err(reply) => {
+                    let get = single(shared, &args[1], |key| WorkerRequest::Get { collection, key }).await;
+                    Pending::barrier(async move {
+                        match get.resolve().await {
+                            Reply::Nil => Reply::Nil,
+                            Reply::Bulk(_) => reply,
+                            other => other,
+                        }
+                    })
+                }
+            },
+        },
         "append" => {
             write_value(shared, &args[1], &args[2], |key, value| WorkerRequest::Append { collection, key, value }).await
         }
         "incr" | "decr" | "incrby" | "decrby" => {
             let delta = match name {
-                "incr" => Some(1),
-                "decr" => Some(-1),
-                "incrby" => parse_i64(&args[2]),
-                _ => parse_i64(&args[2]).and_then(i64::checked_neg),
+                "incr" => Ok(1),
+                "decr" => Ok(-1),
+                "incrby" => parse_i64(&args[2]).ok_or_else(errors::not_integer),
+                _ => parse_i64(&args[2])
+                    .ok_or_else(errors::not_integer)
+                    .and_then(|n| n.checked_neg().ok_or_else(|| Reply::error("ERR decrement would overflow"))),
             };
             match delta {
-                Some(delta) => single(shared, &args[1], |key| WorkerRequest::IncrBy { collection, key, delta }).await,
-                None => Pending::Ready(errors::not_integer()),
+                Ok(delta) => single(shared, &args[1], |key| WorkerRequest::IncrBy { collection, key, delta }).await,
+                Err(reply) => Pending::Ready(reply),
             }
         }
-        "incrbyfloat" => match parse_f64(&args[2]) {
-            Some(delta) if delta.is_finite() => {
-                single(shared, &args[1], |key| WorkerRequest::IncrByFloat { collection, key, delta }).await
+        "incrbyfloat" => {
+            let increment = args[2].to_vec();
+            single(shared, &args[1], |key| WorkerRequest::IncrByFloat { collection, key, increment }).await
+        }
+        "getrange" => match (parse_i64(&args[2]), parse_i64(&args[3])) {
+            (Some(start), Some(end)) => {
+                single(shared, &args[1], |key| WorkerRequest::GetRange { collection, key, start, end }).await
             }
-            Some(_) => Pending::Ready(Reply::error("ERR increment would produce NaN or Infinity")),
-            None => Pending::Ready(errors::not_float()),
+            _ => Pending::Ready(errors::not_integer()),
         },
-        "del" | "unlink" => {
-            multi(shared, &args[1..], Merge::Sum, |keys| WorkerRequest::Delete { collection, keys }).await
-        }
-        "exists" => multi(shared, &args[1..], Merge::Sum, |keys| WorkerRequest::Exists { collection, keys }).await,
+        "setrange" => match parse_i64(&args[2]) {
+            Some(offset) if offset >= 0 => {
+                let max = shared.config.client.max_value_bytes;
+                if offset as u64 + args[3].len() as u64 > max as u64 {
+                    return Some(Pending::Ready(errors::value_too_large(max)));
+                }
+                let value = args[3].to_vec();
+                let offset = offset as u64;
+                single(shared, &args[1], |key| WorkerRequest::SetRange { collection, key, offset, value }).await
+            }
+            Some(_) => Pending::Ready(Reply::error("ERR offset is out of range")),
+            None => Pending::Ready(errors::not_integer()),
+        },
+        "exists" => multi_read(shared, &args[1..], Merge::Sum, |keys| WorkerRequest::Exists { collection, keys }).await,
         "mget" => {
             let merge = Merge::Values { positions: Vec::new(), total: args.len() - 1 };
-            multi(shared, &args[1..], merge, |keys| WorkerRequest::MGet { collection, keys }).await
+            multi_read(shared, &args[1..], merge, |keys| WorkerRequest::MGet { collection, keys }).await
         }
-        "dbsize" => call_all_sum(shared, || WorkerRequest::DbSize { collection }).await,
-        "shoal.partition" => Pending::Ready(Reply::Integer(i64::from(key_partition(
-            &args[1],
-            shared.config.storage.partitions,
-        )))),
-        "shoal.log" => read_log(shared, args).await,
         _ => return None,
     };
     Some(pending)
 }
 
 /// A command on one key.
-async fn single(shared: &Shared, key: &Bytes, make: impl FnOnce(Key) -> WorkerRequest) -> Pending {
+pub async fn single(shared: &Shared, key: &Bytes, make: impl FnOnce(Key) -> WorkerRequest) -> Pending {
     match route(shared, key) {
         Ok((worker, key)) => call_one(shared, worker, make(key)).await,
         Err(reply) => Pending::Ready(reply),
@@ -106,26 +123,21 @@ async fn write_value(
     single(shared, key, |key| make(key, value.to_vec())).await
 }
 
-/// A command on many keys: one request per worker that owns some of them.
-/// For [`Merge::Values`], the positions of each worker's keys are filled in here.
-async fn multi(shared: &Shared, keys: &[Bytes], mut merge: Merge, make: impl Fn(Vec<Key>) -> WorkerRequest) -> Pending {
-    let workers = shared.links.len();
-    let mut groups: Vec<(Vec<Key>, Vec<usize>)> = vec![(Vec::new(), Vec::new()); workers];
-    for (position, key) in keys.iter().enumerate() {
-        match route(shared, key) {
-            Ok((worker, key)) => {
-                groups[worker].0.push(key);
-                groups[worker].1.push(position);
-            }
-            Err(reply) => return Pending::Ready(reply),
-        }
-    }
+/// A read of many keys: one request per worker that owns some of them. Not atomic across
+/// workers. For [`Merge::Values`], the positions of each worker's keys are filled in here.
+async fn multi_read(
+    shared: &Shared,
+    keys: &[Bytes],
+    mut merge: Merge,
+    make: impl Fn(Vec<Key>) -> WorkerRequest,
+) -> Pending {
+    let groups = match super::group_by_worker(shared, keys) {
+        Ok(groups) => groups,
+        Err(reply) => return Pending::Ready(reply),
+    };
     let mut calls = Vec::new();
     let mut all_positions = Vec::new();
-    for (worker, (keys, positions)) in groups.into_iter().enumerate() {
-        if keys.is_empty() {
-            continue;
-        }
+    for (worker, keys, positions) in groups {
         calls.push(shared.links[worker].send(make(keys)).await);
         all_positions.push(positions);
     }
@@ -135,49 +147,93 @@ async fn multi(shared: &Shared, keys: &[Bytes], mut merge: Merge, make: impl Fn(
     Pending::Calls { calls, merge }
 }
 
-/// `SET key value [NX|XX] [GET] [KEEPTTL]`.
-async fn set(shared: &Shared, collection: u16, args: &[Bytes]) -> Pending {
-    let mut condition = SetCondition::Always;
-    let mut reply = SetReply::Status;
-    for option in &args[3..] {
-        match option.to_ascii_uppercase().as_slice() {
-            b"NX" if condition == SetCondition::Always => condition = SetCondition::IfAbsent,
-            b"XX" if condition == SetCondition::Always => condition = SetCondition::IfPresent,
-            b"GET" => reply = SetReply::OldValue,
-            // No key has a time to live yet, so keeping it changes nothing.
-            b"KEEPTTL" => {}
-            b"EX" | b"PX" | b"EXAT" | b"PXAT" => {
-                return Pending::Ready(Reply::error(
-                    "ERR SET with an expiry (EX, PX, EXAT, PXAT) is not supported by this version of Shoal",
-                ))
-            }
-            _ => return Pending::Ready(errors::syntax()),
-        }
-    }
-    write_value(shared, &args[1], &args[2], |key, value| WorkerRequest::Set { collection, key, value, condition, reply })
-        .await
+/// The options of SET or GETEX, parsed as Redis does: an option may repeat, but options
+/// that contradict each other are a syntax error.
+struct StringOptions<'a> {
+    condition: SetCondition,
+    get: bool,
+    keep_ttl: bool,
+    persist: bool,
+    /// EX/PX/EXAT/PXAT: the raw amount, ms per unit, and whether it is absolute.
+    expire: Option<(&'a Bytes, u64, bool)>,
 }
 
-/// `SHOAL.LOG partition from_commit_id [COUNT n]`.
-async fn read_log(shared: &Shared, args: &[Bytes]) -> Pending {
-    let partitions = shared.config.storage.partitions;
-    let Some(partition) = parse_i64(&args[1]).filter(|p| (0..i64::from(partitions)).contains(p)) else {
-        return Pending::Ready(Reply::error(format!("ERR partition must be between 0 and {}", partitions - 1)));
-    };
-    let Some(from_commit_id) = parse_i64(&args[2]).filter(|id| *id >= 0) else {
-        return Pending::Ready(errors::not_integer());
-    };
-    let count = match &args[3..] {
-        [] => LOG_DEFAULT_COUNT,
-        [option, count] if option.eq_ignore_ascii_case(b"COUNT") => {
-            match parse_i64(count).filter(|n| (1..=i64::from(LOG_MAX_COUNT)).contains(n)) {
-                Some(n) => n as u32,
-                None => return Pending::Ready(Reply::error(format!("ERR COUNT must be between 1 and {LOG_MAX_COUNT}"))),
+impl<'a> StringOptions<'a> {
+    fn parse(options: &'a [Bytes], set: bool) -> Result<StringOptions<'a>, Reply> {
+        let mut parsed =
+            StringOptions { condition: SetCondition::Always, get: false, keep_ttl: false, persist: false, expire: None };
+        let mut i = 0;
+        while i < options.len() {
+            let option = options[i].to_ascii_uppercase();
+            let timed = |unit: u64, absolute: bool, parsed: &StringOptions| {
+                let conflicting = parsed.keep_ttl
+                    || parsed.persist
+                    || parsed.expire.is_some_and(|(_, u, a)| (u, a) != (unit, absolute));
+                (!conflicting).then_some((unit, absolute))
+            };
+            let expire = match option.as_slice() {
+                b"EX" => timed(1000, false, &parsed),
+                b"PX" => timed(1, false, &parsed),
+                b"EXAT" => timed(1000, true, &parsed),
+                b"PXAT" => timed(1, true, &parsed),
+                _ => None,
+            };
+            match (option.as_slice(), expire) {
+                (_, Some((unit, absolute))) if i + 1 < options.len() => {
+                    parsed.expire = Some((&options[i + 1], unit, absolute));
+                    i += 1;
+                }
+                (b"NX", _) if set && parsed.condition != SetCondition::IfPresent => {
+                    parsed.condition = SetCondition::IfAbsent
+                }
+                (b"XX", _) if set && parsed.condition != SetCondition::IfAbsent => {
+                    parsed.condition = SetCondition::IfPresent
+                }
+                (b"GET", _) if set => parsed.get = true,
+                (b"KEEPTTL", _) if set && parsed.expire.is_none() => parsed.keep_ttl = true,
+                (b"PERSIST", _) if !set && parsed.expire.is_none() => parsed.persist = true,
+                _ => return Err(errors::syntax()),
             }
+            i += 1;
         }
-        _ => return Pending::Ready(errors::syntax()),
+        Ok(parsed)
+    }
+
+    /// The expiry the options ask for; an invalid time is an error naming `command`.
+    fn expiry(&self, command: &str) -> Result<Expiry, Reply> {
+        let Some((amount, unit, absolute)) = self.expire else {
+            return Ok(if self.keep_ttl || (!self.persist && command == "getex") {
+                Expiry::Keep
+            } else {
+                Expiry::Clear
+            });
+        };
+        let invalid = || Reply::error(format!("ERR invalid expire time in '{command}' command"));
+        let amount = parse_i64(amount).ok_or_else(errors::not_integer)?;
+        if amount <= 0 {
+            return Err(invalid());
+        }
+        let ms = (amount as u64).checked_mul(unit).filter(|&ms| ms <= i64::MAX as u64).ok_or_else(invalid)?;
+        let at = if absolute { Some(ms) } else { shoal_shared::now_ms().checked_add(ms) };
+        at.filter(|&at| at <= i64::MAX as u64).map(Expiry::At).ok_or_else(invalid)
+    }
+}
+
+/// `SET key value [NX|XX] [GET] [EX s|PX ms|EXAT s|PXAT ms|KEEPTTL]`.
+async fn set(shared: &Shared, collection: u16, args: &[Bytes]) -> Pending {
+    let (options, expiry) = match StringOptions::parse(&args[3..], true).and_then(|o| o.expiry("set").map(|e| (o, e))) {
+        Ok(parsed) => parsed,
+        Err(reply) => return Pending::Ready(reply),
     };
-    let partition = partition as u16;
-    let worker = partition_worker(partition, shared.links.len());
-    call_one(shared, worker, WorkerRequest::ReadLog { partition, from_commit_id: from_commit_id as u64, count }).await
+    let condition = options.condition;
+    let reply = if options.get { SetReply::OldValue } else { SetReply::Status };
+    write_value(shared, &args[1], &args[2], |key, value| WorkerRequest::Set {
+        collection,
+        key,
+        value,
+        condition,
+        reply,
+        expiry,
+    })
+    .await
 }

@@ -1,0 +1,205 @@
+//! Multi-key writes, atomic even when their keys live on different workers:
+//! MSET, MSETNX, DEL/UNLINK, RENAME, RENAMENX, COPY. Each is turned into
+//! per-worker transaction ops and run by [`crate::txn::run`] (one worker: one
+//! LMDB transaction; several: two-phase commit). They are barriers: they run
+//! after the connection's earlier commands and before its later ones.
+
+use std::sync::Arc;
+
+use bytes::Bytes;
+use shoal_shared::frame::{Key, TxAction, TxOp, TxOutcome, WorkerError};
+use shoal_shared::resp::{parse_i64, Reply};
+
+use super::{group_by_worker, route, Pending, Session};
+use crate::errors;
+use crate::txn::{self, Participant, TxFailure};
+use crate::Shared;
+
+/// Runs `name` if it is a multi-key write; `None` otherwise. Arity is already checked.
+pub async fn dispatch(shared: &Arc<Shared>, session: &Session, name: &str, args: &[Bytes]) -> Option<Pending> {
+    let collection = session.collection;
+    let work = match name {
+        "mset" | "msetnx" => {
+            if args.len().is_multiple_of(2) {
+                return Some(Pending::Ready(errors::wrong_arity(name)));
+            }
+            let max = shared.config.client.max_value_bytes;
+            if args[2..].iter().step_by(2).any(|value| value.len() > max) {
+                return Some(Pending::Ready(errors::value_too_large(max)));
+            }
+            Work::Mset { pairs: args[1..].chunks(2).map(|pair| (pair[0].clone(), pair[1].clone())).collect(), if_absent: name == "msetnx" }
+        }
+        "del" | "unlink" => {
+            let mut keys: Vec<Bytes> = args[1..].to_vec();
+            keys.sort();
+            keys.dedup();
+            Work::Delete { keys }
+        }
+        "rename" | "renamenx" => Work::Rename { from: args[1].clone(), to: args[2].clone(), if_absent: name == "renamenx" },
+        "copy" => {
+            let mut to_collection = collection;
+            let mut replace = false;
+            let mut options = args[3..].iter();
+            while let Some(option) = options.next() {
+                match option.to_ascii_uppercase().as_slice() {
+                    b"REPLACE" => replace = true,
+                    b"DB" => match options.next().map(|db| parse_i64(db)) {
+                        Some(Some(db)) if (0..i64::from(shared.config.storage.collections)).contains(&db) => {
+                            to_collection = db as u16
+                        }
+                        Some(Some(_)) => return Some(Pending::Ready(Reply::error("ERR DB index is out of range"))),
+                        Some(None) => return Some(Pending::Ready(errors::not_integer())),
+                        None => return Some(Pending::Ready(errors::syntax())),
+                    },
+                    _ => return Some(Pending::Ready(errors::syntax())),
+                }
+            }
+            if args[1] == args[2] && to_collection == collection {
+                return Some(Pending::Ready(Reply::error("ERR source and destination objects are the same")));
+            }
+            Work::Copy { from: args[1].clone(), to: args[2].clone(), to_collection, replace }
+        }
+        _ => return None,
+    };
+    let shared = Arc::clone(shared);
+    Some(Pending::barrier(async move { work.run(&shared, collection).await }))
+}
+
+enum Work {
+    Mset { pairs: Vec<(Bytes, Bytes)>, if_absent: bool },
+    Delete { keys: Vec<Bytes> },
+    Rename { from: Bytes, to: Bytes, if_absent: bool },
+    Copy { from: Bytes, to: Bytes, to_collection: u16, replace: bool },
+}
+
+fn op(collection: u16, key: Key, action: TxAction) -> TxOp {
+    TxOp { collection, key, action }
+}
+
+/// Orders participants so that the ones holding a source (`Take`/`Read`) come first:
+/// their outcome feeds the destination's `PutTaken`.
+fn participants(keyed: Vec<(usize, TxOp)>) -> Vec<Participant> {
+    let mut participants: Vec<Participant> = Vec::new();
+    for (worker, op) in keyed {
+        match participants.iter_mut().find(|p| p.worker == worker) {
+            Some(participant) => participant.ops.push(op),
+            None => participants.push(Participant { worker, ops: vec![op] }),
+        }
+    }
+    participants
+}
+
+impl Work {
+    async fn run(self, shared: &Shared, collection: u16) -> Reply {
+        match self {
+            Work::Mset { pairs, if_absent } => {
+                let keys: Vec<Bytes> = pairs.iter().map(|(key, _)| key.clone()).collect();
+                let groups = match group_by_worker(shared, &keys) {
+                    Ok(groups) => groups,
+                    Err(reply) => return reply,
+                };
+                let participants = groups
+                    .into_iter()
+                    .map(|(worker, keys, positions)| Participant {
+                        worker,
+                        ops: keys
+                            .into_iter()
+                            .zip(positions)
+                            .map(|(key, position)| {
+                                let value = pairs[position].1.to_vec();
+                                op(collection, key, TxAction::Put { value, expires_at_ms: None, if_absent })
+                            })
+                            .collect(),
+                    })
+                    .collect();
+                match txn::run(shared, participants).await {
+                    Ok(_) if if_absent => Reply::Integer(1),
+                    Ok(_) => Reply::Ok,
+                    Err(TxFailure::Refused(WorkerError::TxKeyExists)) if if_absent => Reply::Integer(0),
+                    Err(failure) => failure_reply(failure),
+                }
+            }
+            Work::Delete { keys } => {
+                let groups = match group_by_worker(shared, &keys) {
+                    Ok(groups) => groups,
+                    Err(reply) => return reply,
+                };
+                let participants = groups
+                    .into_iter()
+                    .map(|(worker, keys, _)| Participant {
+                        worker,
+                        ops: keys.into_iter().map(|key| op(collection, key, TxAction::Delete)).collect(),
+                    })
+                    .collect();
+                match txn::run(shared, participants).await {
+                    Ok(outcomes) => Reply::Integer(
+                        outcomes.iter().flatten().filter(|outcome| **outcome == TxOutcome::Existed(true)).count() as i64,
+                    ),
+                    Err(failure) => failure_reply(failure),
+                }
+            }
+            Work::Rename { from, to, if_absent } => {
+                let (from_worker, from_key) = match route(shared, &from) {
+                    Ok(routed) => routed,
+                    Err(reply) => return reply,
+                };
+                let (to_worker, to_key) = match route(shared, &to) {
+                    Ok(routed) => routed,
+                    Err(reply) => return reply,
+                };
+                if from == to {
+                    // RENAME k k: nothing moves; the answer depends only on whether k exists.
+                    let ops = vec![op(collection, from_key, TxAction::Read)];
+                    return match txn::run(shared, vec![Participant { worker: from_worker, ops }]).await {
+                        Ok(_) if if_absent => Reply::Integer(0),
+                        Ok(_) => Reply::Ok,
+                        Err(failure) => rename_failure(failure),
+                    };
+                }
+                let keyed = vec![
+                    (from_worker, op(collection, from_key, TxAction::Take)),
+                    (to_worker, op(collection, to_key, TxAction::PutTaken { if_absent })),
+                ];
+                match txn::run(shared, participants(keyed)).await {
+                    Ok(_) if if_absent => Reply::Integer(1),
+                    Ok(_) => Reply::Ok,
+                    Err(TxFailure::Refused(WorkerError::TxKeyExists)) => Reply::Integer(0),
+                    Err(failure) => rename_failure(failure),
+                }
+            }
+            Work::Copy { from, to, to_collection, replace } => {
+                let (from_worker, from_key) = match route(shared, &from) {
+                    Ok(routed) => routed,
+                    Err(reply) => return reply,
+                };
+                let (to_worker, to_key) = match route(shared, &to) {
+                    Ok(routed) => routed,
+                    Err(reply) => return reply,
+                };
+                let keyed = vec![
+                    (from_worker, op(collection, from_key, TxAction::Read)),
+                    (to_worker, op(to_collection, to_key, TxAction::PutTaken { if_absent: !replace })),
+                ];
+                match txn::run(shared, participants(keyed)).await {
+                    Ok(_) => Reply::Integer(1),
+                    Err(TxFailure::Refused(_)) => Reply::Integer(0),
+                    Err(failure) => failure_reply(failure),
+                }
+            }
+        }
+    }
+}
+
+fn rename_failure(failure: TxFailure) -> Reply {
+    match failure {
+        TxFailure::Refused(WorkerError::TxNoSuchKey) => Reply::error("ERR no such key"),
+        other => failure_reply(other),
+    }
+}
+
+fn failure_reply(failure: TxFailure) -> Reply {
+    match failure {
+        TxFailure::Refused(error) => errors::worker_error(&error),
+        TxFailure::Failed(reply) => reply,
+    }
+}

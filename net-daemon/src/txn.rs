@@ -1,0 +1,239 @@
+//! Atomic multi-key writes: the coordinator of the two-phase commit, and the
+//! recovery of transactions left in doubt.
+//!
+//! Keys on one worker take the fast path: one `Atomic` request, one LMDB
+//! transaction. Keys on several workers go through two-phase commit:
+//! 1. `Prepare` on each participant (each checks its ops, locks the keys and
+//!    records the intent durably). A participant that finds a key locked by
+//!    another transaction answers `TxConflict`: everything is aborted and
+//!    retried after a random backoff, so transactions never wait for each
+//!    other and cannot deadlock.
+//! 2. `Commit` on the *decider* (the first participant). Its commit applies its
+//!    ops and durably records the decision: from then on the transaction is
+//!    committed. Then `Commit` on the others, and `Forget` on the decider.
+//!
+//! If the coordinator dies, or a participant is unreachable, prepared intents
+//! stay behind. [`recover`] runs in the background: it finds intents older
+//! than [`IN_DOUBT_AFTER`], asks the decider (`Decide`: presumed abort for an
+//! undecided transaction), and commits or aborts each participant to match.
+//! Every phase has a timeout (the link's request timeout).
+
+use std::sync::atomic::Ordering;
+use std::time::{Duration, Instant};
+
+use shoal_shared::frame::{TxAction, TxOp, TxOutcome, WorkerError, WorkerRequest, WorkerResponse};
+use shoal_shared::resp::Reply;
+
+use crate::commands::ask;
+use crate::errors;
+use crate::Shared;
+
+/// How long a transaction retries after lock conflicts before giving up.
+const CONFLICT_DEADLINE: Duration = Duration::from_secs(3);
+/// A prepared intent older than this is resolved by recovery.
+pub const IN_DOUBT_AFTER: Duration = Duration::from_secs(10);
+/// How often recovery looks for transactions in doubt.
+const RECOVERY_INTERVAL: Duration = Duration::from_secs(1);
+
+/// The ops of one participant.
+pub struct Participant {
+    pub worker: usize,
+    pub ops: Vec<TxOp>,
+}
+
+/// Why a transaction did not commit.
+pub enum TxFailure {
+    /// A condition failed (a key exists, a key is missing); nothing was written.
+    Refused(WorkerError),
+    /// It could not run, or its outcome is unknown: the reply to give.
+    Failed(Reply),
+}
+
+/// Runs `participants` atomically. Returns each participant's outcomes, in order.
+pub async fn run(shared: &Shared, participants: Vec<Participant>) -> Result<Vec<Vec<TxOutcome>>, TxFailure> {
+    if let [only] = participants.as_slice() {
+        let request = WorkerRequest::Atomic { ops: only.ops.clone() };
+        return match shared.links[only.worker].send(request).await.wait().await {
+            Ok(WorkerResponse::TxOutcomes(outcomes)) => Ok(vec![outcomes]),
+            Ok(WorkerResponse::Error(error @ (WorkerError::TxKeyExists | WorkerError::TxNoSuchKey))) => {
+                Err(TxFailure::Refused(error))
+            }
+            Ok(WorkerResponse::Error(error)) => Err(TxFailure::Failed(errors::worker_error(&error))),
+            Ok(_) => Err(TxFailure::Failed(Reply::error("ERR internal error: unexpected transaction response"))),
+            Err(error) => Err(TxFailure::Failed(errors::link_error(&error))),
+        };
+    }
+    let mut tx = Transaction::new(shared);
+    loop {
+        for participant in &participants {
+            let ops = fill_taken(&participant.ops, &tx.prepared);
+            match tx.prepare(participant.worker, ops).await {
+                Ok(()) => {}
+                Err(PrepareError::Conflict) => break,
+                Err(PrepareError::Failure(failure)) => {
+                    tx.abort().await;
+                    return Err(failure);
+                }
+            }
+        }
+        if tx.prepared.len() == participants.len() {
+            return tx.commit().await;
+        }
+        tx.abort().await;
+        tx = tx.retry().await?;
+    }
+}
+
+/// Replaces `PutTaken` ops with a `Put` of the value that an earlier participant's `Take` or
+/// `Read` found (RENAME and COPY across workers).
+fn fill_taken(ops: &[TxOp], prepared: &[(usize, Vec<TxOutcome>)]) -> Vec<TxOp> {
+    let taken = prepared.iter().flat_map(|(_, outcomes)| outcomes).rev().find_map(|outcome| match outcome {
+        TxOutcome::Value { value, expires_at_ms } => Some((value, *expires_at_ms)),
+        _ => None,
+    });
+    ops.iter()
+        .map(|op| match (&op.action, taken) {
+            (TxAction::PutTaken { if_absent }, Some((value, expires_at_ms))) => TxOp {
+                action: TxAction::Put { value: value.clone(), expires_at_ms, if_absent: *if_absent },
+                ..op.clone()
+            },
+            _ => op.clone(),
+        })
+        .collect()
+}
+
+enum PrepareError {
+    Conflict,
+    Failure(TxFailure),
+}
+
+/// One attempt of a multi-worker transaction.
+struct Transaction<'a> {
+    shared: &'a Shared,
+    txid: u64,
+    decider: Option<usize>,
+    /// Workers prepared so far, with their outcomes, in order.
+    prepared: Vec<(usize, Vec<TxOutcome>)>,
+    started: Instant,
+    attempt: u32,
+}
+
+impl<'a> Transaction<'a> {
+    fn new(shared: &'a Shared) -> Transaction<'a> {
+        Transaction { shared, txid: shared.next_txid(), decider: None, prepared: Vec::new(), started: Instant::now(), attempt: 0 }
+    }
+
+    /// Prepares `ops` on `worker`; the first worker prepared is the decider.
+    async fn prepare(&mut self, worker: usize, ops: Vec<TxOp>) -> Result<(), PrepareError> {
+        let decider = *self.decider.get_or_insert(worker) as u16;
+        let request = WorkerRequest::Prepare { txid: self.txid, decider, ops };
+        match self.shared.links[worker].send(request).await.wait().await {
+            Ok(WorkerResponse::TxOutcomes(outcomes)) => {
+                self.prepared.push((worker, outcomes));
+                Ok(())
+            }
+            Ok(WorkerResponse::Error(WorkerError::TxConflict)) => Err(PrepareError::Conflict),
+            Ok(WorkerResponse::Error(error @ (WorkerError::TxKeyExists | WorkerError::TxNoSuchKey))) => {
+                Err(PrepareError::Failure(TxFailure::Refused(error)))
+            }
+            Ok(WorkerResponse::Error(error)) => Err(PrepareError::Failure(TxFailure::Failed(errors::worker_error(&error)))),
+            Ok(_) => Err(PrepareError::Failure(TxFailure::Failed(Reply::error(
+                "ERR internal error: unexpected prepare response",
+            )))),
+            Err(error) => {
+                // The prepare may have happened: abort it there too (recovery does it otherwise).
+                self.prepared.push((worker, Vec::new()));
+                Err(PrepareError::Failure(TxFailure::Failed(errors::link_error(&error))))
+            }
+        }
+    }
+
+    /// Releases every prepared participant (best effort; recovery aborts the rest).
+    async fn abort(&mut self) {
+        for (worker, _) in self.prepared.drain(..) {
+            let _ = ask(self.shared, worker, WorkerRequest::Abort { txid: self.txid }).await;
+        }
+    }
+
+    /// A fresh attempt after a conflict, after a random backoff; fails past the deadline.
+    async fn retry(self) -> Result<Transaction<'a>, TxFailure> {
+        if self.started.elapsed() > CONFLICT_DEADLINE {
+            return Err(TxFailure::Failed(Reply::error(
+                "TRYAGAIN the keys stayed locked by other multi-key writes; nothing was written",
+            )));
+        }
+        let attempt = self.attempt + 1;
+        let ceiling_us = 200u64 << attempt.min(6);
+        let jitter = self.shared.next_txid() % ceiling_us;
+        tokio::time::sleep(Duration::from_micros(100 + jitter)).await;
+        Ok(Transaction {
+            shared: self.shared,
+            txid: self.shared.next_txid(),
+            decider: None,
+            prepared: Vec::new(),
+            started: self.started,
+            attempt,
+        })
+    }
+
+    /// Commits on the decider (the decision), then on the others, then forgets.
+    async fn commit(mut self) -> Result<Vec<Vec<TxOutcome>>, TxFailure> {
+        let decider = self.prepared[0].0;
+        match ask(self.shared, decider, WorkerRequest::Commit { txid: self.txid }).await {
+            Ok(_) => {}
+            Err(reply) if reply == errors::worker_error(&WorkerError::TxAborted) => {
+                self.prepared.remove(0);
+                self.abort().await;
+                return Err(TxFailure::Failed(Reply::error(
+                    "TRYAGAIN the multi-key write took too long and was aborted; nothing was written",
+                )));
+            }
+            Err(_) => {
+                return Err(TxFailure::Failed(Reply::error(
+                    "TRYAGAIN a worker failed while committing a multi-key write; it may or may not have been \
+                     applied, and it will be applied everywhere or nowhere",
+                )));
+            }
+        }
+        let mut all_committed = true;
+        for (worker, _) in &self.prepared[1..] {
+            all_committed &= ask(self.shared, *worker, WorkerRequest::Commit { txid: self.txid }).await.is_ok();
+        }
+        if all_committed {
+            let _ = ask(self.shared, decider, WorkerRequest::Forget { txid: self.txid }).await;
+        }
+        Ok(self.prepared.into_iter().map(|(_, outcomes)| outcomes).collect())
+    }
+}
+
+/// Resolves transactions left in doubt, forever (a background task of the net-daemon).
+pub async fn recover(shared: std::sync::Arc<Shared>) {
+    let mut interval = tokio::time::interval(RECOVERY_INTERVAL);
+    loop {
+        interval.tick().await;
+        if shared.shutting_down.load(Ordering::Acquire) {
+            return;
+        }
+        for worker in 0..shared.links.len() {
+            if !shared.links[worker].is_connected() {
+                continue;
+            }
+            let older_than_ms = IN_DOUBT_AFTER.as_millis() as u64;
+            let Ok(WorkerResponse::InDoubt(in_doubt)) = ask(&shared, worker, WorkerRequest::InDoubt { older_than_ms }).await
+            else {
+                continue;
+            };
+            for (txid, decider) in in_doubt {
+                let decision = ask(&shared, usize::from(decider), WorkerRequest::Decide { txid, older_than_ms }).await;
+                let request = match decision {
+                    Ok(WorkerResponse::Integer(1)) => WorkerRequest::Commit { txid },
+                    Ok(WorkerResponse::Integer(_)) => WorkerRequest::Abort { txid },
+                    _ => continue,
+                };
+                let committed = matches!(request, WorkerRequest::Commit { .. });
+                tracing::info!(txid, worker, committed, "resolving a transaction left in doubt");
+                let _ = ask(&shared, worker, request).await;
+            }
+        }
+    }
+}

@@ -1,0 +1,206 @@
+//! A key's state and the one way to change it.
+//!
+//! [`Store::current`] reads a key as a write sees it: live, missing, or
+//! expired but not yet purged. [`Store::put`] and [`Store::remove`] change it
+//! and keep everything that depends on it in the same transaction: the expiry
+//! index, the partition's next commit id, and the commit-log entry. A key
+//! found expired is first purged and logged as a delete, so that replaying the
+//! log gives exactly the stored state.
+
+use heed::RwTxn;
+use shoal_shared::frame::{ChangeType, Collection, Key, Partition};
+
+use super::{Batch, OpError, RawDatabase, Store};
+use crate::layout::{self, LogRecord, PartitionMeta};
+
+/// A live value.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct Live {
+    pub value: Vec<u8>,
+    pub expires_at_ms: Option<u64>,
+}
+
+/// A key as a write sees it.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub(crate) struct Current {
+    pub live: Option<Live>,
+    /// The key is stored but expired at this time; it has not been purged yet.
+    pub expired_at_ms: Option<u64>,
+}
+
+impl Store {
+    /// Reads `key` in `collection` as of `now_ms`.
+    pub(crate) fn current(&self, txn: &RwTxn, db: RawDatabase, key: &Key, now_ms: u64) -> Result<Current, OpError> {
+        let Some(raw) = db.get(txn, &layout::data_key(key.partition, &key.bytes))? else {
+            return Ok(Current::default());
+        };
+        let stored = layout::decode_value(raw)?;
+        match stored.expires_at_ms {
+            Some(at) if at <= now_ms => Ok(Current { live: None, expired_at_ms: Some(at) }),
+            expires_at_ms => {
+                Ok(Current { live: Some(Live { value: stored.bytes.to_vec(), expires_at_ms }), expired_at_ms: None })
+            }
+        }
+    }
+
+    /// Stores `value` with `expires_at_ms`, logging a create or an update.
+    #[allow(clippy::too_many_arguments)]
+    pub(crate) fn put(
+        &self,
+        txn: &mut RwTxn,
+        batch: &mut Batch,
+        db: RawDatabase,
+        collection: Collection,
+        key: &Key,
+        current: &Current,
+        value: &[u8],
+        expires_at_ms: Option<u64>,
+    ) -> heed::Result<()> {
+        self.purge_expired(txn, batch, db, collection, key, current, false)?;
+        let old_expiry = current.live.as_ref().and_then(|live| live.expires_at_ms);
+        if old_expiry != expires_at_ms {
+            if let Some(old) = old_expiry {
+                self.expiry.delete(txn, &layout::expiry_key(old, collection, key.partition, &key.bytes))?;
+            }
+            if let Some(new) = expires_at_ms {
+                self.expiry.put(txn, &layout::expiry_key(new, collection, key.partition, &key.bytes), &[])?;
+            }
+        }
+        let commit_id = self.next_commit_id(txn, batch, key.partition)?;
+        db.put(txn, &layout::data_key(key.partition, &key.bytes), &layout::encode_value(commit_id, expires_at_ms, value))?;
+        let change = if current.live.is_some() { ChangeType::Update } else { ChangeType::Create };
+        self.append_log(txn, batch, commit_id, change, collection, key, expires_at_ms, value)
+    }
+
+    /// Deletes the key if it is stored (live or expired), logging a delete. Returns whether it was live.
+    pub(crate) fn remove(
+        &self,
+        txn: &mut RwTxn,
+        batch: &mut Batch,
+        db: RawDatabase,
+        collection: Collection,
+        key: &Key,
+        current: &Current,
+    ) -> heed::Result<bool> {
+        match &current.live {
+            Some(live) => {
+                if let Some(at) = live.expires_at_ms {
+                    self.expiry.delete(txn, &layout::expiry_key(at, collection, key.partition, &key.bytes))?;
+                }
+                db.delete(txn, &layout::data_key(key.partition, &key.bytes))?;
+                let commit_id = self.next_commit_id(txn, batch, key.partition)?;
+                self.append_log(txn, batch, commit_id, ChangeType::Delete, collection, key, None, &[])?;
+                Ok(true)
+            }
+            None => {
+                self.purge_expired(txn, batch, db, collection, key, current, true)?;
+                Ok(false)
+            }
+        }
+    }
+
+    /// If the key is stored but expired, removes its index entry and logs its deletion;
+    /// with `delete_data`, removes the stored value too (a put overwrites it instead).
+    #[allow(clippy::too_many_arguments)]
+    fn purge_expired(
+        &self,
+        txn: &mut RwTxn,
+        batch: &mut Batch,
+        db: RawDatabase,
+        collection: Collection,
+        key: &Key,
+        current: &Current,
+        delete_data: bool,
+    ) -> heed::Result<()> {
+        let Some(at) = current.expired_at_ms else { return Ok(()) };
+        self.expiry.delete(txn, &layout::expiry_key(at, collection, key.partition, &key.bytes))?;
+        if delete_data {
+            db.delete(txn, &layout::data_key(key.partition, &key.bytes))?;
+        }
+        let commit_id = self.next_commit_id(txn, batch, key.partition)?;
+        self.append_log(txn, batch, commit_id, ChangeType::Delete, collection, key, None, &[])
+    }
+
+    /// Advances the partition's commit id inside this transaction.
+    fn next_commit_id(&self, txn: &RwTxn, batch: &mut Batch, partition: Partition) -> heed::Result<u64> {
+        let meta = self.partition_meta(txn, batch, partition)?;
+        let next = PartitionMeta { last_commit_id: meta.last_commit_id + 1, mtime_ms: batch.now_ms, ..meta };
+        batch.partitions.insert(partition, next);
+        Ok(next.last_commit_id)
+    }
+
+    /// The partition's `meta` entry as this transaction sees it.
+    pub(crate) fn partition_meta(&self, txn: &RwTxn, batch: &Batch, partition: Partition) -> heed::Result<PartitionMeta> {
+        if let Some(meta) = batch.partitions.get(&partition) {
+            return Ok(*meta);
+        }
+        match self.meta.get(txn, &layout::partition_meta_key(partition))? {
+            Some(raw) => layout::decode_partition_meta(raw).map_err(|e| heed::Error::Decoding(Box::new(e))),
+            None => Ok(PartitionMeta::default()),
+        }
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn append_log(
+        &self,
+        txn: &mut RwTxn,
+        batch: &Batch,
+        commit_id: u64,
+        change: ChangeType,
+        collection: Collection,
+        key: &Key,
+        expires_at_ms: Option<u64>,
+        data: &[u8],
+    ) -> heed::Result<()> {
+        let record =
+            LogRecord { timestamp_ms: batch.now_ms, change, collection, expires_at_ms, key: &key.bytes, data };
+        self.log.put(txn, &layout::log_key(key.partition, commit_id), &layout::encode_log_value(&record))
+    }
+
+    /// Deletes due keys through the expiry index (see [`Store::expire_due`]).
+    pub(crate) fn expire_due_in(&self, txn: &mut RwTxn, batch: &mut Batch, limit: usize) -> heed::Result<usize> {
+        let end = layout::expiry_key(batch.now_ms, Collection::MAX, Partition::MAX, &[0xff; 16]);
+        let mut due = Vec::new();
+        let range = (std::ops::Bound::Unbounded, std::ops::Bound::Included(&end[..]));
+        for item in self.expiry.range(txn, &range)? {
+            let (raw, _) = item?;
+            due.push(raw.to_vec());
+            if due.len() >= limit {
+                break;
+            }
+        }
+        let mut expired = 0;
+        for raw in due {
+            let Ok(entry) = layout::decode_expiry_key(&raw) else {
+                tracing::error!("corrupt expiry index entry; removing it");
+                self.expiry.delete(txn, &raw)?;
+                continue;
+            };
+            let key = Key { partition: entry.partition, bytes: entry.key.to_vec() };
+            if self.locks.holder(entry.collection, &key).is_some() {
+                continue;
+            }
+            let Some(db) = self.collection(entry.collection) else {
+                self.expiry.delete(txn, &raw)?;
+                continue;
+            };
+            let current = match self.current(txn, db, &key, batch.now_ms) {
+                Ok(current) => current,
+                Err(OpError::Lmdb(error)) => return Err(error),
+                Err(_) => {
+                    tracing::error!(partition = key.partition, "corrupt value under an expiring key; leaving it");
+                    self.expiry.delete(txn, &raw)?;
+                    continue;
+                }
+            };
+            if current.expired_at_ms == Some(entry.expires_at_ms) {
+                self.remove(txn, batch, db, entry.collection, &key, &current)?;
+                expired += 1;
+            } else {
+                // The key was rewritten with another expiry; this entry is stale.
+                self.expiry.delete(txn, &raw)?;
+            }
+        }
+        Ok(expired)
+    }
+}

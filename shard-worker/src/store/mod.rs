@@ -1,0 +1,370 @@
+//! The shard's storage: one LMDB environment, applied in group commits.
+//!
+//! [`Store::apply_batch`] runs a whole batch of requests in one write
+//! transaction. Each write and its commit-log entry go into that same
+//! transaction, and the partition's `last_commit_id`/`mtime` in `meta` are
+//! updated with them; the transaction commits (and, with `fsync` durability,
+//! syncs) once. Only the caller sends replies, after this returns. When the
+//! map is full the transaction is aborted, the map grows, and the batch is
+//! replayed from the start. In-memory state (key locks, the id high-water
+//! mark) changes only after a commit succeeds.
+//!
+//! Submodules, each adding request handlers to [`Store`]:
+//! - [`keyspace`]: a key's current state, writes with expiry index and log entry.
+//! - [`strings`]: string, expiry and read commands.
+//! - [`txns`]: multi-key transactions (one-worker atomic writes, two-phase commit) and key locks.
+//! - [`scan`]: SCAN, KEYS, DBSIZE, FLUSH.
+//! - [`log`]: the commit log: reads, the change feed, retention.
+//!
+//! This module never talks to sockets, and it never opens the environment of
+//! another shard.
+
+mod keyspace;
+mod log;
+mod scan;
+mod strings;
+mod txns;
+
+use std::collections::HashMap;
+use std::path::Path;
+
+use heed::types::Bytes;
+use heed::{CommitOrAbort, Database, Env, EnvFlags, EnvOpenOptions, RwTxn, WithoutTls};
+use shoal_shared::config::Durability;
+use shoal_shared::frame::{Collection, Partition, WorkerError, WorkerRequest, WorkerResponse};
+
+use crate::layout::{self, PartitionMeta};
+pub use txns::Locks;
+
+type RawDatabase = Database<'static, Bytes, Bytes>;
+
+/// How a store is opened.
+#[derive(Debug, Clone)]
+pub struct StoreOptions {
+    pub shard_id: u32,
+    pub collections: u16,
+    pub partitions: u16,
+    pub workers: u16,
+    pub durability: Durability,
+    pub map_size_bytes: usize,
+    pub max_value_bytes: usize,
+}
+
+/// Why a store could not be opened or a batch could not be committed.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("lmdb: {0}")]
+    Lmdb(#[from] heed::Error),
+    #[error(transparent)]
+    Corrupt(#[from] layout::CorruptError),
+    #[error("{0}")]
+    Mismatch(String),
+    #[error("cannot create {path}: {source}")]
+    CreateDir { path: String, source: std::io::Error },
+}
+
+/// An open shard environment.
+pub struct Store {
+    env: Env<WithoutTls>,
+    collections: Vec<RawDatabase>,
+    expiry: RawDatabase,
+    log: RawDatabase,
+    txns: RawDatabase,
+    meta: RawDatabase,
+    max_value_bytes: usize,
+    shard_id: u32,
+    /// Highest commit id written by this store, over all its partitions.
+    highest_commit_id: u64,
+    /// Keys locked by prepared transactions.
+    locks: Locks,
+}
+
+/// State of one write transaction: partition counters advanced in it, and the
+/// in-memory changes to make once it commits.
+pub(crate) struct Batch {
+    partitions: HashMap<Partition, PartitionMeta>,
+    now_ms: u64,
+    lock_changes: Vec<txns::LockChange>,
+    /// Something other than partition data changed (transaction records, the id mark).
+    dirty: bool,
+}
+
+impl Batch {
+    fn new() -> Batch {
+        Batch { partitions: HashMap::new(), now_ms: shoal_shared::now_ms(), lock_changes: Vec::new(), dirty: false }
+    }
+}
+
+/// Why one request failed: LMDB errors abort the batch; corrupt data fails only this request.
+pub(crate) enum OpError {
+    Lmdb(heed::Error),
+    Corrupt(layout::CorruptError),
+    /// The request is refused with this error; the batch goes on.
+    Refused(WorkerError),
+}
+
+impl From<heed::Error> for OpError {
+    fn from(error: heed::Error) -> Self {
+        OpError::Lmdb(error)
+    }
+}
+
+impl From<layout::CorruptError> for OpError {
+    fn from(error: layout::CorruptError) -> Self {
+        OpError::Corrupt(error)
+    }
+}
+
+pub(crate) type OpResult = Result<WorkerResponse, OpError>;
+
+fn page_aligned(bytes: usize) -> usize {
+    const PAGE: usize = 4096;
+    bytes.div_ceil(PAGE) * PAGE
+}
+
+impl Store {
+    /// Opens (creating if needed) the environment at `dir`, checks its `meta`
+    /// against `options`, clears readers left by crashed processes, and
+    /// restores the key locks of prepared transactions.
+    pub fn open(dir: &Path, options: &StoreOptions) -> Result<Store, StoreError> {
+        std::fs::create_dir_all(dir)
+            .map_err(|source| StoreError::CreateDir { path: dir.display().to_string(), source })?;
+        let mut env_options = EnvOpenOptions::new().read_txn_without_tls();
+        env_options.map_size(page_aligned(options.map_size_bytes)).max_dbs(u32::from(options.collections) + 4);
+        if options.durability == Durability::Async {
+            // SAFETY: NO_SYNC only delays fsync; the worker flushes periodically and the
+            // config documents that a power failure may lose the last interval.
+            unsafe { env_options.flags(EnvFlags::NO_SYNC) };
+        }
+        // SAFETY: only this process writes this environment, and it is never used across fork().
+        let env = unsafe { env_options.open(dir)? };
+        let cleared = env.clear_stale_readers()?;
+        if cleared > 0 {
+            tracing::info!(cleared, "cleared stale LMDB readers");
+        }
+
+        let mut collections = Vec::with_capacity(usize::from(options.collections));
+        for collection in 0..options.collections {
+            collections.push(create_database(&env, &format!("c{collection}"))?);
+        }
+        let mut store = Store {
+            collections,
+            expiry: create_database(&env, "expiry")?,
+            log: create_database(&env, "log")?,
+            txns: create_database(&env, "txns")?,
+            meta: create_database(&env, "meta")?,
+            env,
+            max_value_bytes: options.max_value_bytes,
+            shard_id: options.shard_id,
+            highest_commit_id: 0,
+            locks: Locks::default(),
+        };
+        store.check_meta(options)?;
+        store.locks = store.load_locks()?;
+        Ok(store)
+    }
+
+    /// Writes `meta`'s identity on first open; on later opens checks that it matches.
+    fn check_meta(&mut self, options: &StoreOptions) -> Result<(), StoreError> {
+        let mut txn = self.env.write_txn()?;
+        match self.meta.get(&txn, layout::META_FORMAT_VERSION)? {
+            None => {
+                self.meta.put(&mut txn, layout::META_FORMAT_VERSION, &layout::FORMAT_VERSION.to_be_bytes())?;
+                self.meta.put(&mut txn, layout::META_SHARD_ID, &options.shard_id.to_be_bytes())?;
+                self.meta.put(&mut txn, layout::META_LAYOUT, &layout::encode_layout(options.partitions, options.workers))?;
+                txn.commit()?;
+                return Ok(());
+            }
+            Some(raw) => {
+                let version = layout::decode_u32(raw, "format version")?;
+                if version != layout::FORMAT_VERSION {
+                    return Err(StoreError::Mismatch(format!(
+                        "format version {version} is not {} (this build's)",
+                        layout::FORMAT_VERSION
+                    )));
+                }
+            }
+        }
+        let shard_id = layout::decode_u32(self.meta.get(&txn, layout::META_SHARD_ID)?.unwrap_or_default(), "shard id")?;
+        if shard_id != options.shard_id {
+            return Err(StoreError::Mismatch(format!("environment belongs to shard {shard_id}, not {}", options.shard_id)));
+        }
+        let (partitions, workers) = layout::decode_layout(self.meta.get(&txn, layout::META_LAYOUT)?.unwrap_or_default())?;
+        if (partitions, workers) != (options.partitions, options.workers) {
+            return Err(StoreError::Mismatch(format!(
+                "environment was created for {partitions} partitions on {workers} workers, not {} on {}",
+                options.partitions, options.workers
+            )));
+        }
+        for (_, meta) in self.partition_metas(&txn)? {
+            self.highest_commit_id = self.highest_commit_id.max(meta.last_commit_id);
+        }
+        txn.abort();
+        Ok(())
+    }
+
+    /// Every partition's `meta` entry.
+    fn partition_metas(&self, txn: &heed::RoTxn) -> Result<Vec<(Partition, PartitionMeta)>, StoreError> {
+        let mut metas = Vec::new();
+        for item in self.meta.prefix_iter(txn, b"p")? {
+            let (key, value) = item?;
+            if let [b'p', high, low] = *key {
+                metas.push((u16::from_be_bytes([high, low]), layout::decode_partition_meta(value)?));
+            }
+        }
+        Ok(metas)
+    }
+
+    /// Highest commit id this shard has committed (over all its partitions).
+    pub fn highest_commit_id(&self) -> u64 {
+        self.highest_commit_id
+    }
+
+    /// Current size of the memory map.
+    pub fn map_size(&self) -> usize {
+        self.env.info().map_size
+    }
+
+    /// Flushes dirty pages to disk (used with `async` durability).
+    pub fn sync(&self) -> Result<(), StoreError> {
+        Ok(self.env.force_sync()?)
+    }
+
+    /// The key locks held by prepared transactions.
+    pub fn locks(&self) -> &Locks {
+        &self.locks
+    }
+
+    /// Applies `requests` in one write transaction and returns one response per request.
+    /// On `Err`, nothing of the batch was committed.
+    pub fn apply_batch(&mut self, requests: &[&WorkerRequest]) -> Result<Vec<WorkerResponse>, StoreError> {
+        self.in_write_txn(|store, txn, batch| {
+            requests.iter().map(|request| store.apply_one(txn, batch, request)).collect()
+        })
+    }
+
+    /// Runs `work` in a write transaction and commits it if it wrote anything. A full map
+    /// aborts the transaction, grows the map and runs `work` again. In-memory changes
+    /// recorded in the batch are made after the commit.
+    fn in_write_txn<T>(
+        &mut self,
+        work: impl Fn(&Store, &mut RwTxn, &mut Batch) -> heed::Result<T>,
+    ) -> Result<T, StoreError> {
+        loop {
+            let mut txn = self.env.write_txn()?;
+            let mut batch = Batch::new();
+            let result = work(self, &mut txn, &mut batch).and_then(|output| {
+                let mut highest = self.highest_commit_id;
+                for (&partition, &meta) in &batch.partitions {
+                    self.meta.put(&mut txn, &layout::partition_meta_key(partition), &layout::encode_partition_meta(meta))?;
+                    highest = highest.max(meta.last_commit_id);
+                }
+                Ok((output, highest))
+            });
+            match result {
+                Ok((output, highest)) => {
+                    // A transaction that changed nothing is aborted, which costs no fsync.
+                    // The id high-water mark and transaction records count as changes.
+                    if batch.partitions.is_empty() && !batch.dirty {
+                        txn.abort();
+                    } else {
+                        txn.commit()?;
+                    }
+                    self.highest_commit_id = highest;
+                    self.locks.apply(batch.lock_changes);
+                    return Ok(output);
+                }
+                Err(heed::Error::Mdb(heed::MdbError::MapFull)) => {
+                    drop(txn);
+                    self.grow_map()?;
+                }
+                Err(error) => return Err(error.into()),
+            }
+        }
+    }
+
+    fn grow_map(&mut self) -> Result<(), StoreError> {
+        let new_size = page_aligned(self.map_size().saturating_mul(2));
+        tracing::info!(new_size, "LMDB map is full; growing it and replaying the batch");
+        // SAFETY: no transaction of this environment is open: the caller dropped (aborted)
+        // its transaction before growing, and the worker holds no other transaction.
+        unsafe { self.env.resize(new_size)? };
+        Ok(())
+    }
+
+    fn collection(&self, collection: Collection) -> Option<RawDatabase> {
+        self.collections.get(usize::from(collection)).copied()
+    }
+
+    fn apply_one(&self, txn: &mut RwTxn, batch: &mut Batch, request: &WorkerRequest) -> heed::Result<WorkerResponse> {
+        let result = match request {
+            WorkerRequest::Atomic { ops } => self.atomic(txn, batch, ops),
+            WorkerRequest::Prepare { txid, decider, ops } => self.prepare(txn, batch, *txid, *decider, ops),
+            WorkerRequest::Commit { txid } => self.commit(txn, batch, *txid),
+            WorkerRequest::Abort { txid } => self.abort(txn, batch, *txid),
+            WorkerRequest::Decide { txid, older_than_ms } => self.decide(txn, batch, *txid, *older_than_ms),
+            WorkerRequest::InDoubt { older_than_ms } => self.in_doubt(txn, batch.now_ms, *older_than_ms),
+            WorkerRequest::Forget { txid } => self.forget(txn, batch, *txid),
+            WorkerRequest::Transactions => self.transactions(txn),
+            WorkerRequest::ReadLog { partition, from_commit_id, count } => {
+                self.read_log(txn, *partition, *from_commit_id, *count)
+            }
+            WorkerRequest::ReadFeed { positions, count } => self.read_feed(txn, positions, *count),
+            WorkerRequest::LastCommitIds => self.last_commit_ids(txn),
+            WorkerRequest::ReserveIds { high_water } => self.reserve_ids(txn, batch, *high_water),
+            WorkerRequest::IdHighWater => self.id_high_water(txn),
+            WorkerRequest::Flush { collection } => self.flush(txn, batch, *collection),
+            _ => self.keyed(txn, batch, request),
+        };
+        match result {
+            Ok(response) => Ok(response),
+            Err(OpError::Lmdb(error)) => Err(error),
+            Err(OpError::Corrupt(error)) => Ok(WorkerResponse::Error(WorkerError::Storage(error.to_string()))),
+            Err(OpError::Refused(error)) => Ok(WorkerResponse::Error(error)),
+        }
+    }
+
+    fn reserve_ids(&self, txn: &mut RwTxn, batch: &mut Batch, high_water: u64) -> OpResult {
+        let current = match self.meta.get(txn, layout::META_IDS_HIGH_WATER)? {
+            Some(raw) => layout::decode_u64(raw, "id high-water mark")?,
+            None => 0,
+        };
+        if high_water > current {
+            self.meta.put(txn, layout::META_IDS_HIGH_WATER, &high_water.to_be_bytes())?;
+            batch.dirty = true;
+        }
+        Ok(WorkerResponse::Ok)
+    }
+
+    fn id_high_water(&self, txn: &RwTxn) -> OpResult {
+        let high_water = match self.meta.get(txn, layout::META_IDS_HIGH_WATER)? {
+            Some(raw) => layout::decode_u64(raw, "id high-water mark")?,
+            None => 0,
+        };
+        Ok(WorkerResponse::Integer(high_water as i64))
+    }
+
+    /// Deletes keys whose time to live has passed, at most `limit` of them, skipping keys
+    /// locked by a transaction. Each deletion is logged. Returns how many were deleted.
+    pub fn expire_due(&mut self, limit: usize) -> Result<usize, StoreError> {
+        self.in_write_txn(|store, txn, batch| store.expire_due_in(txn, batch, limit))
+    }
+
+    /// Trims each partition's log to the retention limits, at most `limit` entries per call.
+    pub fn trim_log(&mut self, keep_entries: u64, keep_ms: Option<u64>, limit: usize) -> Result<usize, StoreError> {
+        self.in_write_txn(|store, txn, batch| store.trim_log_in(txn, batch, keep_entries, keep_ms, limit))
+    }
+}
+
+fn create_database(env: &Env<WithoutTls>, name: &str) -> Result<RawDatabase, StoreError> {
+    let txn = env.write_txn()?;
+    let database = env
+        .create_databases_and_commit(txn, |opener, txn| {
+            opener.create_database::<Bytes, Bytes>(txn, Some(name)).map(CommitOrAbort::<_, ()>::Commit)
+        })?
+        .unwrap_commit();
+    Ok(database)
+}
+
+#[cfg(test)]
+mod tests;

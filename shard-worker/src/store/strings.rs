@@ -1,0 +1,303 @@
+//! Requests on single keys (and MGET/DEL/EXISTS lists): strings, counters,
+//! ranges and expiry. Each reads the key's [`Current`] state and writes
+//! through [`Store::put`]/[`Store::remove`].
+
+use heed::RwTxn;
+use shoal_shared::frame::{
+    Collection, ExpireCondition, Expiry, Key, SetCondition, SetReply, WorkerError, WorkerRequest, WorkerResponse,
+};
+use shoal_shared::resp::parse_i64;
+
+use super::keyspace::Current;
+use super::{Batch, OpError, OpResult, RawDatabase, Store};
+
+/// One request's view: the store, its transaction, and the collection it works on.
+struct Op<'s> {
+    store: &'s Store,
+    db: RawDatabase,
+    collection: Collection,
+    now_ms: u64,
+}
+
+impl Store {
+    /// Handles every request that works on keys of one collection.
+    pub(crate) fn keyed(&self, txn: &mut RwTxn, batch: &mut Batch, request: &WorkerRequest) -> OpResult {
+        use WorkerRequest::*;
+        let collection = match request {
+            Get { collection, .. }
+            | MGet { collection, .. }
+            | Set { collection, .. }
+            | GetDel { collection, .. }
+            | GetEx { collection, .. }
+            | Delete { collection, .. }
+            | Exists { collection, .. }
+            | IncrBy { collection, .. }
+            | IncrByFloat { collection, .. }
+            | Append { collection, .. }
+            | StrLen { collection, .. }
+            | GetRange { collection, .. }
+            | SetRange { collection, .. }
+            | Expire { collection, .. }
+            | Persist { collection, .. }
+            | ExpireTime { collection, .. }
+            | DbSize { collection }
+            | Scan { collection, .. }
+            | Keys { collection, .. } => *collection,
+            other => {
+                return Err(OpError::Refused(WorkerError::Storage(format!("request {other:?} is not keyed"))));
+            }
+        };
+        let db = self.db(collection)?;
+        let op = Op { store: self, db, collection, now_ms: batch.now_ms };
+        match request {
+            Get { key, .. } => op.live_value(txn, key).map(WorkerResponse::Value),
+            MGet { keys, .. } => keys
+                .iter()
+                .map(|key| op.live_value(txn, key).map(|value| value.map(serde_bytes::ByteBuf::from)))
+                .collect::<Result<Vec<_>, _>>()
+                .map(WorkerResponse::Values),
+            Set { key, value, condition, reply, expiry, .. } => {
+                op.set(txn, batch, key, value, *condition, *reply, *expiry)
+            }
+            GetDel { key, .. } => {
+                let current = op.current(txn, key)?;
+                op.store.remove(txn, batch, db, collection, key, &current)?;
+                Ok(WorkerResponse::Value(current.live.map(|live| live.value)))
+            }
+            GetEx { key, expiry, .. } => op.get_ex(txn, batch, key, *expiry),
+            Delete { keys, .. } => {
+                let mut deleted = 0;
+                for key in keys {
+                    let current = op.current(txn, key)?;
+                    deleted += i64::from(op.store.remove(txn, batch, db, collection, key, &current)?);
+                }
+                Ok(WorkerResponse::Integer(deleted))
+            }
+            Exists { keys, .. } => {
+                let mut found = 0;
+                for key in keys {
+                    found += i64::from(op.current(txn, key)?.live.is_some());
+                }
+                Ok(WorkerResponse::Integer(found))
+            }
+            IncrBy { key, delta, .. } => op.incr_by(txn, batch, key, *delta),
+            IncrByFloat { key, increment, .. } => op.incr_by_float(txn, batch, key, increment),
+            Append { key, value, .. } => op.append(txn, batch, key, value),
+            StrLen { key, .. } => {
+                op.live_value(txn, key).map(|v| WorkerResponse::Integer(v.map_or(0, |v| v.len() as i64)))
+            }
+            GetRange { key, start, end, .. } => {
+                let value = op.live_value(txn, key)?.unwrap_or_default();
+                Ok(WorkerResponse::Value(Some(byte_range(&value, *start, *end).to_vec())))
+            }
+            SetRange { key, offset, value, .. } => op.set_range(txn, batch, key, *offset, value),
+            Expire { key, at_ms, condition, .. } => op.expire(txn, batch, key, *at_ms, *condition),
+            Persist { key, .. } => {
+                let current = op.current(txn, key)?;
+                match &current.live {
+                    Some(live) if live.expires_at_ms.is_some() => {
+                        op.store.put(txn, batch, db, collection, key, &current, &live.value, None)?;
+                        Ok(WorkerResponse::Integer(1))
+                    }
+                    _ => Ok(WorkerResponse::Integer(0)),
+                }
+            }
+            ExpireTime { key, .. } => Ok(WorkerResponse::Integer(match op.current(txn, key)?.live {
+                None => -2,
+                Some(live) => live.expires_at_ms.map_or(-1, |at| at as i64),
+            })),
+            DbSize { .. } => Ok(WorkerResponse::Integer(db.len(txn)? as i64)),
+            Scan { after, count, pattern, .. } => {
+                self.scan(txn, db, after.as_deref(), *count, pattern.as_deref(), batch.now_ms)
+            }
+            Keys { pattern, .. } => self.scan(txn, db, None, u32::MAX, pattern.as_deref(), batch.now_ms),
+            _ => unreachable!("non-keyed requests return above"),
+        }
+    }
+
+    pub(crate) fn db(&self, collection: Collection) -> Result<RawDatabase, OpError> {
+        self.collection(collection)
+            .ok_or_else(|| OpError::Refused(WorkerError::Storage(format!("collection {collection} does not exist"))))
+    }
+}
+
+/// Redis's GETRANGE arithmetic: inclusive; negative indexes count from the end and are
+/// then clamped to the string.
+fn byte_range(value: &[u8], start: i64, end: i64) -> &[u8] {
+    if start < 0 && end < 0 && start > end {
+        return &[];
+    }
+    let len = value.len() as i64;
+    let start = if start < 0 { (len + start).max(0) } else { start };
+    let end = if end < 0 { (len + end).max(0) } else { end }.min(len - 1);
+    if len == 0 || start > end {
+        return &[];
+    }
+    &value[start as usize..=end as usize]
+}
+
+impl Op<'_> {
+    fn current(&self, txn: &RwTxn, key: &Key) -> Result<Current, OpError> {
+        self.store.current(txn, self.db, key, self.now_ms)
+    }
+
+    fn live_value(&self, txn: &RwTxn, key: &Key) -> Result<Option<Vec<u8>>, OpError> {
+        Ok(self.current(txn, key)?.live.map(|live| live.value))
+    }
+
+    fn put(&self, txn: &mut RwTxn, batch: &mut Batch, key: &Key, current: &Current, value: &[u8], expires: Option<u64>) -> Result<(), OpError> {
+        if value.len() > self.store.max_value_bytes {
+            return Err(OpError::Refused(WorkerError::ValueTooLarge { max_value_bytes: self.store.max_value_bytes }));
+        }
+        Ok(self.store.put(txn, batch, self.db, self.collection, key, current, value, expires)?)
+    }
+
+    /// Keeps the key's expiry when the value changes (INCR, APPEND, SETRANGE).
+    fn put_keeping_ttl(&self, txn: &mut RwTxn, batch: &mut Batch, key: &Key, current: &Current, value: &[u8]) -> Result<(), OpError> {
+        let expires = current.live.as_ref().and_then(|live| live.expires_at_ms);
+        self.put(txn, batch, key, current, value, expires)
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn set(
+        &self,
+        txn: &mut RwTxn,
+        batch: &mut Batch,
+        key: &Key,
+        value: &[u8],
+        condition: SetCondition,
+        reply: SetReply,
+        expiry: Expiry,
+    ) -> OpResult {
+        let current = self.current(txn, key)?;
+        let exists = current.live.is_some();
+        let allowed = match condition {
+            SetCondition::Always => true,
+            SetCondition::IfAbsent => !exists,
+            SetCondition::IfPresent => exists,
+        };
+        if allowed {
+            let expires = match expiry {
+                Expiry::Keep => current.live.as_ref().and_then(|live| live.expires_at_ms),
+                Expiry::Clear => None,
+                Expiry::At(at) => Some(at),
+            };
+            match expires {
+                // A time already past: the write happens and the key is gone at once.
+                Some(at) if at <= self.now_ms => {
+                    self.store.remove(txn, batch, self.db, self.collection, key, &current)?;
+                }
+                _ => self.put(txn, batch, key, &current, value, expires)?,
+            }
+        }
+        Ok(match reply {
+            SetReply::Status if allowed => WorkerResponse::Ok,
+            SetReply::Status => WorkerResponse::Value(None),
+            SetReply::OldValue => WorkerResponse::Value(current.live.map(|live| live.value)),
+            SetReply::WrittenFlag => WorkerResponse::Integer(i64::from(allowed)),
+        })
+    }
+
+    fn get_ex(&self, txn: &mut RwTxn, batch: &mut Batch, key: &Key, expiry: Expiry) -> OpResult {
+        let current = self.current(txn, key)?;
+        let Some(live) = &current.live else { return Ok(WorkerResponse::Value(None)) };
+        match expiry {
+            Expiry::Keep => {}
+            Expiry::Clear if live.expires_at_ms.is_none() => {}
+            Expiry::Clear => self.put(txn, batch, key, &current, &live.value, None)?,
+            Expiry::At(at) if at <= self.now_ms => {
+                self.store.remove(txn, batch, self.db, self.collection, key, &current)?;
+            }
+            Expiry::At(at) => self.put(txn, batch, key, &current, &live.value, Some(at))?,
+        }
+        Ok(WorkerResponse::Value(Some(live.value.clone())))
+    }
+
+    fn incr_by(&self, txn: &mut RwTxn, batch: &mut Batch, key: &Key, delta: i64) -> OpResult {
+        let current = self.current(txn, key)?;
+        let value = match &current.live {
+            None => 0,
+            Some(live) => parse_i64(&live.value).ok_or(OpError::Refused(WorkerError::NotInteger))?,
+        };
+        let new = value.checked_add(delta).ok_or(OpError::Refused(WorkerError::Overflow))?;
+        self.put_keeping_ttl(txn, batch, key, &current, new.to_string().as_bytes())?;
+        Ok(WorkerResponse::Integer(new))
+    }
+
+    fn incr_by_float(&self, txn: &mut RwTxn, batch: &mut Batch, key: &Key, increment: &[u8]) -> OpResult {
+        let current = self.current(txn, key)?;
+        let value = current.live.as_ref().map(|live| live.value.as_slice());
+        let text = crate::float::incr_by_float(value, increment).map_err(OpError::Refused)?;
+        self.put_keeping_ttl(txn, batch, key, &current, &text)?;
+        Ok(WorkerResponse::Value(Some(text)))
+    }
+
+    fn append(&self, txn: &mut RwTxn, batch: &mut Batch, key: &Key, suffix: &[u8]) -> OpResult {
+        let current = self.current(txn, key)?;
+        let mut value = current.live.as_ref().map(|live| live.value.clone()).unwrap_or_default();
+        value.extend_from_slice(suffix);
+        self.put_keeping_ttl(txn, batch, key, &current, &value)?;
+        Ok(WorkerResponse::Integer(value.len() as i64))
+    }
+
+    fn set_range(&self, txn: &mut RwTxn, batch: &mut Batch, key: &Key, offset: u64, patch: &[u8]) -> OpResult {
+        let current = self.current(txn, key)?;
+        let mut value = current.live.as_ref().map(|live| live.value.clone()).unwrap_or_default();
+        if patch.is_empty() {
+            return Ok(WorkerResponse::Integer(value.len() as i64));
+        }
+        let end = offset.saturating_add(patch.len() as u64);
+        if end > self.store.max_value_bytes as u64 {
+            return Err(OpError::Refused(WorkerError::ValueTooLarge { max_value_bytes: self.store.max_value_bytes }));
+        }
+        let (offset, end) = (offset as usize, end as usize);
+        if value.len() < end {
+            value.resize(end, 0);
+        }
+        value[offset..end].copy_from_slice(patch);
+        self.put_keeping_ttl(txn, batch, key, &current, &value)?;
+        Ok(WorkerResponse::Integer(value.len() as i64))
+    }
+
+    fn expire(&self, txn: &mut RwTxn, batch: &mut Batch, key: &Key, at_ms: u64, condition: ExpireCondition) -> OpResult {
+        let current = self.current(txn, key)?;
+        let Some(live) = &current.live else { return Ok(WorkerResponse::Integer(0)) };
+        let allowed = match (condition, live.expires_at_ms) {
+            (ExpireCondition::Always, _) => true,
+            (ExpireCondition::IfNone, existing) => existing.is_none(),
+            (ExpireCondition::IfSome, existing) => existing.is_some(),
+            (ExpireCondition::IfGreater, existing) => existing.is_some_and(|old| at_ms > old),
+            (ExpireCondition::IfLess, existing) => existing.is_none_or(|old| at_ms < old),
+        };
+        if !allowed {
+            return Ok(WorkerResponse::Integer(0));
+        }
+        if at_ms <= self.now_ms {
+            self.store.remove(txn, batch, self.db, self.collection, key, &current)?;
+        } else {
+            self.put(txn, batch, key, &current, &live.value, Some(at_ms))?;
+        }
+        Ok(WorkerResponse::Integer(1))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::byte_range;
+
+    #[test]
+    fn getrange_follows_redis() {
+        let v = b"This is a string";
+        assert_eq!(byte_range(v, 0, 3), b"This");
+        assert_eq!(byte_range(v, -3, -1), b"ing");
+        assert_eq!(byte_range(v, 0, -1), v);
+        assert_eq!(byte_range(v, 10, 100), b"string");
+        assert_eq!(byte_range(v, 5, 3), b"");
+        assert_eq!(byte_range(v, -100, 1), b"Th");
+        assert_eq!(byte_range(v, 100, 200), b"");
+        assert_eq!(byte_range(b"", 0, -1), b"");
+        assert_eq!(byte_range(v, 0, -100), b"T", "a negative end clamps to the first byte");
+        assert_eq!(byte_range(v, -13, -20), b"");
+        assert_eq!(byte_range(b"hello", -100, -100), b"h");
+    }
+}
