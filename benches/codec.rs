@@ -14,7 +14,12 @@ use shoal_shared::resp::{parse_request, Protocol, Reply, RequestLimits};
 use std::hint::black_box;
 
 const LIMITS: RequestLimits =
-    RequestLimits { max_args: MAX_REQUEST_ARGS, max_bulk_bytes: 1 << 20, max_inline_bytes: MAX_INLINE_BYTES };
+    RequestLimits {
+    max_args: MAX_REQUEST_ARGS,
+    max_bulk_bytes: 1 << 20,
+    max_request_bytes: 1 << 30,
+    max_inline_bytes: MAX_INLINE_BYTES,
+};
 
 fn resp(c: &mut Criterion) {
     let mut pipeline = Vec::new();

@@ -11,7 +11,7 @@
 
 use bytes::BytesMut;
 use shoal_shared::limits::MAX_PIPELINE_IN_FLIGHT;
-use shoal_shared::resp::{parse_request, Protocol};
+use shoal_shared::resp::{parse_request, Protocol, RequestLimits};
 use shoal_shared::status::Field;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::sync::watch;
@@ -34,14 +34,16 @@ where
         collection: 0,
         authenticated: shared.config.client.requirepass.is_none(),
     };
-    let limits = shared.config.request_limits();
+    let authenticated_limits = shared.config.request_limits();
     let mut input = BytesMut::with_capacity(READ_BUFFER_BYTES);
     let mut output = BytesMut::with_capacity(READ_BUFFER_BYTES);
     let mut pending: Vec<(Pending, Protocol)> = Vec::new();
     loop {
         let mut after = After::Continue;
         while pending.len() < MAX_PIPELINE_IN_FLIGHT {
-            match parse_request(&mut input, &limits) {
+            let limits =
+                if session.authenticated { &authenticated_limits } else { &RequestLimits::UNAUTHENTICATED };
+            match parse_request(&mut input, limits) {
                 Ok(Some(args)) if args.is_empty() => continue,
                 Ok(Some(args)) => {
                     let (reply, next) = dispatch(shared, &mut session, args).await;

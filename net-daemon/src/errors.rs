@@ -26,6 +26,10 @@ pub fn worker_error(error: &WorkerError) -> Reply {
             Reply::error("TRYAGAIN the keys are locked by another multi-key write; nothing was written")
         }
         WorkerError::TxAborted => Reply::error("TRYAGAIN the multi-key write was aborted; nothing was written"),
+        WorkerError::ReplyTooLarge => Reply::error(format!(
+            "ERR the reply would be larger than {} bytes; ask for fewer keys at a time",
+            shoal_shared::limits::MAX_REPLY_BYTES
+        )),
         WorkerError::TxCommitted => Reply::error("ERR the multi-key write was already committed"),
         WorkerError::TxInProgress => Reply::error("TRYAGAIN the multi-key write is still in progress"),
         WorkerError::LogTrimmed { partition, trimmed_through } => Reply::error(format!(
@@ -41,10 +45,12 @@ pub fn link_error(error: &LinkError) -> Reply {
             "TRYAGAIN shard-{worker} is down; its partitions are unavailable until it restarts"
         )),
         LinkError::Lost { worker } => Reply::error(format!(
-            "TRYAGAIN shard-{worker} went down during the request; a write may or may not have been applied"
+            "TRYAGAIN shard-{worker} went down during the request; if it was a write, it may or may not have \
+             been applied"
         )),
         LinkError::Timeout { worker } => Reply::error(format!(
-            "TRYAGAIN shard-{worker} did not answer within {} ms; a write may or may not have been applied",
+            "TRYAGAIN shard-{worker} did not answer within {} ms; if it was a write, it may or may not have \
+             been applied",
             REQUEST_TIMEOUT.as_millis()
         )),
     }
@@ -54,13 +60,19 @@ pub fn wrong_arity(command: &str) -> Reply {
     Reply::error(format!("ERR wrong number of arguments for '{command}' command"))
 }
 
+/// Redis's text: the arguments, quoted, until the list passes 128 bytes.
 pub fn unknown_command(name: &[u8], args: &[bytes::Bytes]) -> Reply {
-    let mut text = format!("ERR unknown command '{}', with args beginning with: ", String::from_utf8_lossy(name));
-    for arg in args.iter().take(16) {
-        let arg = String::from_utf8_lossy(&arg[..arg.len().min(128)]).into_owned();
-        text.push_str(&format!("'{arg}' "));
+    let mut listed = String::new();
+    for arg in args {
+        if listed.len() >= 128 {
+            break;
+        }
+        let room = 128 - listed.len();
+        let arg = String::from_utf8_lossy(&arg[..arg.len().min(room)]).into_owned();
+        listed.push_str(&format!("'{arg}' "));
     }
-    Reply::error(text)
+    let name = String::from_utf8_lossy(&name[..name.len().min(128)]).into_owned();
+    Reply::error(format!("ERR unknown command '{name}', with args beginning with: {listed}"))
 }
 
 pub fn syntax() -> Reply {

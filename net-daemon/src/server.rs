@@ -39,8 +39,15 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
     };
     let unix = match &config.client.unix_socket {
         Some(path) => {
-            // The supervisor's PID file guarantees that no live Shoal owns this data dir's socket.
-            let _ = std::fs::remove_file(path);
+            // The supervisor's PID file guarantees that no live Shoal owns this data dir's
+            // socket; a stale one is removed, but never a file that is not a socket.
+            use std::os::unix::fs::FileTypeExt;
+            match std::fs::symlink_metadata(path) {
+                Ok(meta) if meta.file_type().is_socket() => std::fs::remove_file(path)
+                    .with_context(|| format!("removing the stale socket {}", path.display()))?,
+                Ok(_) => anyhow::bail!("{} exists and is not a socket; refusing to replace it", path.display()),
+                Err(_) => {}
+            }
             Some(UnixListener::bind(path).with_context(|| format!("listening on {}", path.display()))?)
         }
         None => None,

@@ -31,7 +31,7 @@ use crate::Shared;
 /// How long a transaction retries after lock conflicts before giving up.
 const CONFLICT_DEADLINE: Duration = Duration::from_secs(3);
 /// A prepared intent older than this is resolved by recovery.
-pub const IN_DOUBT_AFTER: Duration = Duration::from_secs(10);
+pub const IN_DOUBT_AFTER: Duration = Duration::from_secs(5);
 /// How often recovery looks for transactions in doubt.
 const RECOVERY_INTERVAL: Duration = Duration::from_secs(1);
 

@@ -14,6 +14,8 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use tokio::time::Instant;
+
 use shoal_shared::frame::{decode_frame, encode_frame, RequestEnvelope, ResponseEnvelope, WorkerRequest, WorkerResponse};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::UnixStream;
@@ -55,6 +57,8 @@ pub struct WorkerLink {
 pub struct Call {
     worker: usize,
     receiver: Result<oneshot::Receiver<WorkerResponse>, LinkError>,
+    /// When the request was sent plus [`REQUEST_TIMEOUT`].
+    deadline: Instant,
 }
 
 impl Call {
@@ -63,13 +67,13 @@ impl Call {
         let worker = match error {
             LinkError::Down { worker } | LinkError::Lost { worker } | LinkError::Timeout { worker } => worker,
         };
-        Call { worker, receiver: Err(error) }
+        Call { worker, receiver: Err(error), deadline: Instant::now() }
     }
 
-    /// Waits for the response, at most [`REQUEST_TIMEOUT`].
+    /// Waits for the response, until [`REQUEST_TIMEOUT`] after the request was sent.
     pub async fn wait(self) -> Result<WorkerResponse, LinkError> {
         let receiver = self.receiver?;
-        match tokio::time::timeout(REQUEST_TIMEOUT, receiver).await {
+        match tokio::time::timeout_at(self.deadline, receiver).await {
             Ok(Ok(response)) => Ok(response),
             Ok(Err(_)) => Err(LinkError::Lost { worker: self.worker }),
             Err(_) => Err(LinkError::Timeout { worker: self.worker }),
@@ -91,17 +95,19 @@ impl WorkerLink {
         self.connected.load(Ordering::Acquire)
     }
 
-    /// Sends a request; the returned call yields its response.
+    /// Sends a request; the returned call yields its response. Waiting for room in a
+    /// full outbox counts against the request's timeout.
     pub async fn send(&self, request: WorkerRequest) -> Call {
-        let down = Call::failed(LinkError::Down { worker: self.index });
+        let deadline = Instant::now() + REQUEST_TIMEOUT;
         if !self.is_connected() {
-            return down;
+            return Call::failed(LinkError::Down { worker: self.index });
         }
         let (responder, receiver) = oneshot::channel();
-        if self.outbox.send(Outgoing { request, responder }).await.is_err() {
-            return down;
+        match tokio::time::timeout_at(deadline, self.outbox.send(Outgoing { request, responder })).await {
+            Ok(Ok(())) => Call { worker: self.index, receiver: Ok(receiver), deadline },
+            Ok(Err(_)) => Call::failed(LinkError::Down { worker: self.index }),
+            Err(_) => Call::failed(LinkError::Timeout { worker: self.index }),
         }
-        Call { worker: self.index, receiver: Ok(receiver) }
     }
 }
 
@@ -194,6 +200,10 @@ async fn serve_connection(index: usize, stream: UnixStream, inbox: &mut mpsc::Re
         }
         {
             let mut pending = pending.lock().unwrap_or_else(|e| e.into_inner());
+            if pending.len() > OUTBOX_CAPACITY * 4 {
+                // Requests whose callers gave up (timed out) no longer need an answer.
+                pending.retain(|_, responder| !responder.is_closed());
+            }
             for Outgoing { request, responder } in batch {
                 next_id += 1;
                 let envelope = RequestEnvelope { id: next_id, request };
@@ -201,6 +211,7 @@ async fn serve_connection(index: usize, stream: UnixStream, inbox: &mut mpsc::Re
                     Ok(()) => {
                         pending.insert(next_id, responder);
                     }
+                    // Dropping the responder fails the request; the frame was not written.
                     Err(error) => tracing::error!(worker = index, %error, "cannot encode a request"),
                 }
             }

@@ -15,7 +15,9 @@ use std::sync::Arc;
 use std::thread;
 
 use anyhow::Context;
-use shoal_shared::frame::{decode_frame, encode_frame, RequestEnvelope, ResponseEnvelope, WorkerRequest};
+use shoal_shared::frame::{
+    decode_frame, encode_frame, RequestEnvelope, ResponseEnvelope, WorkerError, WorkerRequest, WorkerResponse,
+};
 
 /// Requests waiting for the apply loop, over all connections.
 const QUEUE_CAPACITY: usize = 16 * 1024;
@@ -111,7 +113,13 @@ fn write_responses(mut stream: UnixStream, replies: Receiver<ResponseEnvelope>) 
         out.clear();
         for envelope in std::iter::once(first).chain(replies.try_iter()) {
             if let Err(error) = encode_frame(&envelope, &mut out) {
+                // Answer anyway, so that the request fails at once instead of timing out.
                 tracing::error!(%error, id = envelope.id, "cannot encode a response");
+                let failure = ResponseEnvelope {
+                    id: envelope.id,
+                    response: WorkerResponse::Error(WorkerError::Storage(format!("cannot send the reply: {error}"))),
+                };
+                let _ = encode_frame(&failure, &mut out);
             }
         }
         if let Err(error) = stream.write_all(&out) {

@@ -161,6 +161,8 @@ pub struct Config {
     pub data_dir: PathBuf,
     /// Number of shard workers (resolved: never 0).
     pub workers: usize,
+    /// Whether `workers` came from the core count (the file said 0 or nothing).
+    pub workers_from_cores: bool,
     pub client: ClientConfig,
     pub storage: StorageSection,
     pub supervisor: SupervisorSection,
@@ -299,6 +301,7 @@ impl FileConfig {
             source: source.map(Path::to_path_buf),
             data_dir: self.data_dir,
             workers,
+            workers_from_cores: self.workers == 0,
             client: ClientConfig {
                 listen,
                 unix_socket,
@@ -397,9 +400,11 @@ impl Config {
 
     /// Limits for the client-facing RESP parser.
     pub fn request_limits(&self) -> crate::resp::RequestLimits {
+        let max_bulk_bytes = self.client.max_value_bytes + crate::limits::BULK_SLACK_BYTES;
         crate::resp::RequestLimits {
             max_args: crate::limits::MAX_REQUEST_ARGS,
-            max_bulk_bytes: self.client.max_value_bytes + crate::limits::BULK_SLACK_BYTES,
+            max_bulk_bytes,
+            max_request_bytes: (2 * max_bulk_bytes).max(crate::limits::MIN_REQUEST_BYTES),
             max_inline_bytes: crate::limits::MAX_INLINE_BYTES,
         }
     }

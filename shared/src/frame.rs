@@ -324,6 +324,8 @@ pub enum WorkerError {
     TxCommitted,
     /// The transaction is not decided yet.
     TxInProgress,
+    /// The reply would be larger than [`crate::limits::MAX_REPLY_BYTES`].
+    ReplyTooLarge,
     /// A feed position is below the retained log of its partition.
     LogTrimmed { partition: Partition, trimmed_through: u64 },
     /// The storage engine failed; nothing of this request was applied.
@@ -417,8 +419,10 @@ fn bincode_config() -> impl bincode::config::Config {
 pub fn encode_frame<T: Serialize>(message: &T, out: &mut Vec<u8>) -> Result<(), FrameError> {
     let start = out.len();
     out.extend_from_slice(&[0; LENGTH_BYTES]);
-    bincode::serde::encode_into_std_write(message, out, bincode_config())
-        .map_err(|e| FrameError::Encode(e.to_string()))?;
+    if let Err(error) = bincode::serde::encode_into_std_write(message, out, bincode_config()) {
+        out.truncate(start);
+        return Err(FrameError::Encode(error.to_string()));
+    }
     let len = out.len() - start - LENGTH_BYTES;
     if len > MAX_FRAME_BYTES {
         out.truncate(start);

@@ -22,6 +22,14 @@ pub const MAX_INLINE_BYTES: usize = 64 * 1024;
 /// value a little too large gets a command error instead of a closed connection.
 pub const BULK_SLACK_BYTES: usize = 64 * 1024;
 
+/// A request may always hold this many bytes of bulk strings (several values of an MSET);
+/// the limit is twice the largest bulk string if that is more.
+pub const MIN_REQUEST_BYTES: usize = 256 * 1024 * 1024;
+
+/// Largest reply a worker builds for one request (MGET, log reads); beyond it the
+/// request fails with a clear error instead of exhausting memory.
+pub const MAX_REPLY_BYTES: usize = 256 * 1024 * 1024;
+
 /// Largest frame on the net-daemon ↔ shard-worker link.
 pub const MAX_FRAME_BYTES: usize = 1 << 30;
 
@@ -33,3 +41,4 @@ pub const MAX_PIPELINE_IN_FLIGHT: usize = 1024;
 
 const _: () = assert!(MAX_KEY_BYTES < u16::MAX as usize, "log entries store the key length as u16");
 const _: () = assert!(MAX_VALUE_BYTES_LIMIT + BULK_SLACK_BYTES + 64 * 1024 < MAX_FRAME_BYTES);
+const _: () = assert!(MAX_REPLY_BYTES + MAX_VALUE_BYTES_LIMIT < MAX_FRAME_BYTES);

@@ -19,7 +19,15 @@ pub enum Protocol {
 pub struct RequestLimits {
     pub max_args: usize,
     pub max_bulk_bytes: usize,
+    /// Most bytes of all bulk strings of one request together.
+    pub max_request_bytes: usize,
     pub max_inline_bytes: usize,
+}
+
+impl RequestLimits {
+    /// Redis's limits for a client that has not authenticated yet: small requests only.
+    pub const UNAUTHENTICATED: RequestLimits =
+        RequestLimits { max_args: 10, max_bulk_bytes: 16 * 1024, max_request_bytes: 160 * 1024, max_inline_bytes: 16 * 1024 };
 }
 
 /// A request that can never become valid; the connection must be closed after replying.
@@ -94,6 +102,7 @@ fn parse_multibulk(buf: &mut BytesMut, limits: &RequestLimits) -> Result<Option<
         return Err(ProtocolError("invalid multibulk length".into()));
     }
     let mut pos = end + 2;
+    let mut declared = 0usize;
     if count <= 0 {
         let _ = buf.split_to(pos);
         return Ok(Some(Vec::new()));
@@ -115,6 +124,10 @@ fn parse_multibulk(buf: &mut BytesMut, limits: &RequestLimits) -> Result<Option<
         let len = parse_length(&buf[pos + 1..end]).ok_or_else(|| ProtocolError("invalid bulk length".into()))?;
         if len < 0 || len as usize > limits.max_bulk_bytes {
             return Err(ProtocolError("invalid bulk length".into()));
+        }
+        declared += len as usize;
+        if declared > limits.max_request_bytes {
+            return Err(ProtocolError(format!("request is larger than {} bytes", limits.max_request_bytes)));
         }
         let start = end + 2;
         let stop = start + len as usize;
@@ -396,7 +409,7 @@ pub fn parse_f64(bytes: &[u8]) -> Option<f64> {
 mod tests {
     use super::*;
 
-    const LIMITS: RequestLimits = RequestLimits { max_args: 16, max_bulk_bytes: 32, max_inline_bytes: 64 };
+    const LIMITS: RequestLimits = RequestLimits { max_args: 16, max_bulk_bytes: 32, max_request_bytes: 80, max_inline_bytes: 64 };
 
     fn parse(input: &[u8]) -> Result<Option<Vec<Bytes>>, ProtocolError> {
         parse_request(&mut BytesMut::from(input), &LIMITS)
@@ -434,6 +447,14 @@ mod tests {
         assert_eq!(parse(b"*1\r\n$33\r\n").unwrap_err().0, "invalid bulk length");
         assert_eq!(parse(b"*1\r\n$1\r\nabc\r\n").unwrap_err().0, "bulk string is not terminated by CRLF");
         assert!(parse(b"*1\n").is_err());
+        // Each bulk is within its limit, but together they pass the request limit.
+        let mut big = b"*4\r\n".to_vec();
+        for _ in 0..4 {
+            big.extend_from_slice(b"$30\r\n");
+            big.extend_from_slice(&[b'x'; 30]);
+            big.extend_from_slice(b"\r\n");
+        }
+        assert_eq!(parse(&big).unwrap_err().0, "request is larger than 80 bytes");
         assert!(parse(&[b'*'; 100]).is_err());
     }
 

@@ -29,12 +29,15 @@ use crate::policy::{Decision, RestartPolicy};
 const SUPERVISOR_PID_ENV: &str = "SHOAL_SUPERVISOR_PID";
 const POLL: Duration = Duration::from_millis(20);
 
-/// Prepares a child process: it ignores SIGINT (a Ctrl-C reaches the whole process
-/// group, and the supervisor orders the shutdown with SIGTERM), and it exits when its
+/// Prepares a child process: it ignores SIGINT and SIGHUP (a Ctrl-C or a closed terminal
+/// reaches the whole process group; the supervisor orders the shutdown with SIGTERM), and it exits when its
 /// supervisor dies (kill -9 included).
 pub fn child_setup() {
     // SAFETY: setting a signal's disposition to SIG_IGN has no preconditions.
-    unsafe { libc::signal(libc::SIGINT, libc::SIG_IGN) };
+    unsafe {
+        libc::signal(libc::SIGINT, libc::SIG_IGN);
+        libc::signal(libc::SIGHUP, libc::SIG_IGN);
+    }
     let Some(expected) = std::env::var(SUPERVISOR_PID_ENV).ok().and_then(|p| p.parse::<i32>().ok()) else {
         return;
     };
@@ -82,7 +85,7 @@ pub fn run(mut config: Config) -> anyhow::Result<()> {
         .with_context(|| format!("preparing data dir {}", config.data_dir.display()))?;
     config.check_paths()?;
     let _pid_lock = lock_pid_file(&config)?;
-    check_layout(&config)?;
+    check_layout(&mut config)?;
     std::fs::create_dir_all(config.run_dir()).context("creating the run dir")?;
     let status = StatusTable::create(&config.status_path(), config.workers, config.storage.partitions)
         .context("creating the status table")?;
@@ -91,6 +94,9 @@ pub fn run(mut config: Config) -> anyhow::Result<()> {
     for signal in [signal_hook::consts::SIGTERM, signal_hook::consts::SIGINT] {
         signal_hook::flag::register(signal, Arc::clone(&terminate)).context("installing signal handlers")?;
     }
+    let hangup = Arc::new(AtomicBool::new(false));
+    signal_hook::flag::register(signal_hook::consts::SIGHUP, Arc::clone(&hangup))
+        .context("installing the SIGHUP handler")?;
 
     let window = Duration::from_millis(config.supervisor.restart_window_ms);
     let max_restarts = config.supervisor.max_restarts;
@@ -125,8 +131,10 @@ pub fn run(mut config: Config) -> anyhow::Result<()> {
     let result = match started {
         Ok(()) => {
             tracing::info!(listen = ?supervisor.config.client.listen, unix_socket = ?supervisor.config.client.unix_socket, "shoal is ready");
-            supervisor.supervise(&terminate)
+            supervisor.supervise(&terminate, &hangup)
         }
+        // Asked to stop while starting: a clean stop, not a failure.
+        Err(_) if terminate.load(Ordering::Acquire) => Ok(()),
         Err(error) => Err(error),
     };
     supervisor.stop_all();
@@ -199,8 +207,11 @@ impl Supervisor {
     }
 
     /// Watches the children until a signal arrives (Ok) or one fails for good (Err).
-    fn supervise(&mut self, terminate: &AtomicBool) -> anyhow::Result<()> {
+    fn supervise(&mut self, terminate: &AtomicBool, hangup: &AtomicBool) -> anyhow::Result<()> {
         while !terminate.load(Ordering::Acquire) {
+            if hangup.swap(false, Ordering::AcqRel) {
+                tracing::warn!("SIGHUP: this version reloads nothing; restart shoal to apply config changes");
+            }
             let now = Instant::now();
             for child in 0..self.children.len() {
                 self.check_child(child, now)?;
@@ -320,8 +331,9 @@ struct Layout {
     workers: usize,
 }
 
-/// Records the layout on first start; refuses a config that would strand data.
-fn check_layout(config: &Config) -> anyhow::Result<()> {
+/// Records the layout on first start; refuses a config that would strand data. A worker
+/// count taken from the core count follows the data dir instead.
+fn check_layout(config: &mut Config) -> anyhow::Result<()> {
     let path = config.layout_path();
     let wanted = Layout { partitions: config.storage.partitions, workers: config.workers };
     match std::fs::read_to_string(&path) {
@@ -337,7 +349,14 @@ fn check_layout(config: &Config) -> anyhow::Result<()> {
                     wanted.partitions
                 );
             }
-            if found.workers != wanted.workers {
+            if found.workers != wanted.workers && config.workers_from_cores {
+                tracing::info!(
+                    workers = found.workers,
+                    cores = wanted.workers,
+                    "using the data dir's worker count; set `workers` to choose another"
+                );
+                config.workers = found.workers;
+            } else if found.workers != wanted.workers {
                 bail!(
                     "data dir {} was created with workers = {}, but the config resolves to {}; \
                      this version cannot move partitions between workers, so set workers = {}",

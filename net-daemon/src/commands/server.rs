@@ -65,10 +65,15 @@ fn auth(shared: &Shared, session: &mut Session, args: &[Bytes]) -> Reply {
         _ => return errors::syntax(),
     };
     if shared.config.client.requirepass.is_none() {
-        return Reply::error(
-            "ERR AUTH <password> called without any password configured for the default user. \
-             Are you sure your configuration is correct?",
-        );
+        // Without requirepass the default user takes any password, as in Redis.
+        return match args {
+            [_] => Reply::error(
+                "ERR AUTH <password> called without any password configured for the default user. \
+                 Are you sure your configuration is correct?",
+            ),
+            _ if user.eq_ignore_ascii_case(b"default") => Reply::Ok,
+            _ => errors::wrong_pass(),
+        };
     }
     check_password(shared, session, user, password)
 }
@@ -96,10 +101,18 @@ fn hello(shared: &Shared, session: &mut Session, args: &[Bytes]) -> Reply {
                 rest = tail;
             }
             (b"SETNAME", [client_name, tail @ ..]) => {
+                if !valid_client_name(client_name) {
+                    return invalid_client_name();
+                }
                 name = Some(client_name.clone());
                 rest = tail;
             }
-            _ => return errors::syntax(),
+            _ => {
+                return Reply::error(format!(
+                    "ERR Syntax error in HELLO option '{}'",
+                    String::from_utf8_lossy(option).to_lowercase()
+                ))
+            }
         }
     }
     if !session.authenticated {
@@ -122,14 +135,22 @@ fn hello(shared: &Shared, session: &mut Session, args: &[Bytes]) -> Reply {
     ])
 }
 
+fn valid_client_name(name: &[u8]) -> bool {
+    name.iter().all(|&b| (b'!'..=b'~').contains(&b))
+}
+
+fn invalid_client_name() -> Reply {
+    Reply::error("ERR Client names cannot contain spaces, newlines or special characters.")
+}
+
 fn client(session: &mut Session, args: &[Bytes]) -> Reply {
     let subcommand = args[0].to_ascii_uppercase();
     match (subcommand.as_slice(), &args[1..]) {
         (b"ID", []) => Reply::Integer(session.id as i64),
         (b"GETNAME", []) => session.name.clone().map_or(Reply::Nil, Reply::Bulk),
         (b"SETNAME", [name]) => {
-            if name.iter().any(|&b| b <= b' ' || b > b'~') {
-                return Reply::error("ERR Client names cannot contain spaces, newlines or special characters.");
+            if !valid_client_name(name) {
+                return invalid_client_name();
             }
             session.name = (!name.is_empty()).then(|| name.clone());
             Reply::Ok
@@ -175,7 +196,8 @@ fn command(args: &[Bytes]) -> Reply {
         return Reply::Array(COMMANDS.iter().map(command_info).collect());
     };
     match subcommand.to_ascii_uppercase().as_slice() {
-        b"COUNT" => Reply::Integer(COMMANDS.len() as i64),
+        b"COUNT" if args.len() == 1 => Reply::Integer(COMMANDS.len() as i64),
+        b"COUNT" => errors::wrong_arity("command|count"),
         b"INFO" => {
             if args.len() == 1 {
                 return Reply::Array(COMMANDS.iter().map(command_info).collect());
@@ -257,22 +279,23 @@ fn config(shared: &Shared, args: &[Bytes]) -> Reply {
     }
 }
 
-/// Keys per collection, summed over the workers; `None` for a collection a worker could not count.
+/// Keys per collection, summed over the workers; `None` for a collection a worker could
+/// not count. Every request is sent before any answer is awaited.
 async fn keyspace(shared: &Shared) -> Vec<(u16, Option<i64>)> {
-    let mut counts = Vec::new();
+    let mut calls = Vec::new();
     for collection in 0..shared.config.storage.collections {
-        let mut calls = Vec::new();
         for link in &shared.links {
-            calls.push(link.send(WorkerRequest::DbSize { collection }).await);
+            calls.push((collection, link.send(WorkerRequest::DbSize { collection }).await));
         }
-        let mut total = Some(0);
-        for call in calls {
-            match call.wait().await {
-                Ok(WorkerResponse::Integer(n)) => total = total.map(|t| t + n),
-                _ => total = None,
-            }
+    }
+    let mut counts: Vec<(u16, Option<i64>)> =
+        (0..shared.config.storage.collections).map(|collection| (collection, Some(0))).collect();
+    for (collection, call) in calls {
+        let total = &mut counts[usize::from(collection)].1;
+        match call.wait().await {
+            Ok(WorkerResponse::Integer(n)) => *total = total.map(|t| t + n),
+            _ => *total = None,
         }
-        counts.push((collection, total));
     }
     counts
 }

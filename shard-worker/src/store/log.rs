@@ -8,6 +8,7 @@ use std::ops::Bound;
 
 use heed::RwTxn;
 use shoal_shared::frame::{LogEntry, Partition, WorkerError, WorkerResponse};
+use shoal_shared::limits::MAX_REPLY_BYTES;
 
 use super::{Batch, OpError, OpResult, Store};
 use crate::layout::{self, PartitionMeta};
@@ -31,8 +32,14 @@ impl Store {
         let start = layout::log_key(partition, from);
         let end = layout::log_key(partition, u64::MAX);
         let range = (Bound::Included(&start[..]), Bound::Included(&end[..]));
+        let mut bytes: usize = entries.iter().map(|e| e.key.len() + e.data.len()).sum();
         for item in self.log.range(txn, &range)?.take(limit) {
             let (key, value) = item?;
+            // Stop early rather than build a reply past the limit; the reader asks again.
+            bytes += value.len();
+            if bytes > MAX_REPLY_BYTES && !entries.is_empty() {
+                break;
+            }
             entries.push(layout::decode_log_entry(key, value)?);
         }
         Ok(())

@@ -7,10 +7,11 @@
 use std::ops::Bound;
 
 use heed::RwTxn;
-use shoal_shared::frame::{Collection, Key, WorkerResponse};
+use shoal_shared::frame::{Collection, Key, WorkerError, WorkerResponse};
+use shoal_shared::limits::MAX_REPLY_BYTES;
 use shoal_shared::glob::glob_match;
 
-use super::{Batch, OpResult, RawDatabase, Store};
+use super::{Batch, OpError, OpResult, RawDatabase, Store};
 use crate::layout;
 
 impl Store {
@@ -28,6 +29,7 @@ impl Store {
         let mut keys = Vec::new();
         let mut examined = 0u32;
         let mut last = None;
+        let mut bytes = 0;
         for item in db.range(txn, &range)? {
             let (stored_key, raw) = item?;
             examined += 1;
@@ -37,6 +39,10 @@ impl Store {
                 None => true,
             };
             if live && pattern.is_none_or(|pattern| glob_match(pattern, user_key, false)) {
+                bytes += user_key.len() + 16;
+                if bytes > MAX_REPLY_BYTES {
+                    return Err(OpError::Refused(WorkerError::ReplyTooLarge));
+                }
                 keys.push(serde_bytes::ByteBuf::from(user_key.to_vec()));
             }
             if examined >= count {

@@ -6,6 +6,7 @@ use heed::RwTxn;
 use shoal_shared::frame::{
     Collection, ExpireCondition, Expiry, Key, SetCondition, SetReply, WorkerError, WorkerRequest, WorkerResponse,
 };
+use shoal_shared::limits::MAX_REPLY_BYTES;
 use shoal_shared::resp::parse_i64;
 
 use super::keyspace::Current;
@@ -51,11 +52,19 @@ impl Store {
         let op = Op { store: self, db, collection, now_ms: batch.now_ms };
         match request {
             Get { key, .. } => op.live_value(txn, key).map(WorkerResponse::Value),
-            MGet { keys, .. } => keys
-                .iter()
-                .map(|key| op.live_value(txn, key).map(|value| value.map(serde_bytes::ByteBuf::from)))
-                .collect::<Result<Vec<_>, _>>()
-                .map(WorkerResponse::Values),
+            MGet { keys, .. } => {
+                let mut values = Vec::with_capacity(keys.len());
+                let mut bytes = 0;
+                for key in keys {
+                    let value = op.live_value(txn, key)?;
+                    bytes += value.as_ref().map_or(0, Vec::len);
+                    if bytes > MAX_REPLY_BYTES {
+                        return Err(OpError::Refused(WorkerError::ReplyTooLarge));
+                    }
+                    values.push(value.map(serde_bytes::ByteBuf::from));
+                }
+                Ok(WorkerResponse::Values(values))
+            }
             Set { key, value, condition, reply, expiry, .. } => {
                 op.set(txn, batch, key, value, *condition, *reply, *expiry)
             }
