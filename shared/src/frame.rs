@@ -211,7 +211,7 @@ pub enum WorkerRequest {
     InDoubt { older_than_ms: u64 },
     /// Drops the decider's commit record once every participant has committed. → `Ok`.
     Forget { txid: u64 },
-    /// → `Integer`: transactions this worker holds (prepared, or decided and not yet forgotten).
+    /// → `Integer`: transactions prepared on this worker and not yet committed or aborted.
     Transactions,
     /// → `Log`: entries of `partition` with commit id ≥ `from_commit_id`, at most `count`.
     ReadLog { partition: Partition, from_commit_id: u64, count: u32 },

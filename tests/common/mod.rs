@@ -810,3 +810,85 @@ impl RawConn {
         self.reader.get_ref().shutdown_write();
     }
 }
+
+// ---------------------------------------------------------------- reference redis-server
+
+/// A real `redis-server` started for a test, as the reference that Shoal's replies
+/// are compared with: loopback only, on a free port, with no persistence
+/// (`--save ''`, `--appendonly no`) and its files in its own temp dir. It is
+/// stopped (SIGTERM, then SIGKILL) when dropped.
+pub struct RedisServer {
+    pub dir: tempfile::TempDir,
+    pub port: u16,
+    child: Option<Child>,
+}
+
+impl RedisServer {
+    /// Starts `redis-server` and waits (bounded) until it answers PING. Panics with
+    /// its log if it is not installed, exits, or does not answer in time.
+    pub fn start() -> RedisServer {
+        let dir = tempfile::Builder::new().prefix("shoal-test-redis").tempdir().expect("temp dir");
+        let port = free_port();
+        let log = File::create(dir.path().join("redis.log")).expect("redis log file");
+        let child = Command::new("redis-server")
+            .args(["--port", &port.to_string(), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"])
+            .args(["--daemonize", "no", "--databases", "16"])
+            .arg("--dir")
+            .arg(dir.path())
+            .current_dir(dir.path())
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().expect("clone log file"))
+            .stderr(log)
+            .process_group(0)
+            .spawn()
+            .unwrap_or_else(|e| {
+                panic!("cannot start redis-server ({e}); install the Debian package redis-server (.ci/run does)")
+            });
+        let mut server = RedisServer { dir, port, child: Some(child) };
+        let deadline = Instant::now() + START_TIMEOUT;
+        while !ping_answers(port) {
+            if let Some(status) = server.child.as_mut().and_then(|c| c.try_wait().expect("try_wait")) {
+                server.child = None;
+                panic!("redis-server exited while starting: {status:?}\n{}", server.log());
+            }
+            assert!(Instant::now() < deadline, "redis-server did not answer PING within {START_TIMEOUT:?}\n{}", server.log());
+            sleep(Duration::from_millis(20));
+        }
+        server
+    }
+
+    /// A raw RESP connection over TCP.
+    pub fn raw(&self) -> RawConn {
+        RawConn::tcp(self.port)
+    }
+
+    /// The version `redis-server` reports in `INFO server` (e.g. "7.0.15").
+    pub fn version(&self) -> String {
+        let info = self.raw().cmd(&["INFO", "server"]).text();
+        info.lines()
+            .find_map(|line| line.strip_prefix("redis_version:"))
+            .map(|v| v.trim().to_string())
+            .unwrap_or_else(|| "unknown".into())
+    }
+
+    /// What redis-server wrote to its log.
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.path().join("redis.log")).unwrap_or_default()
+    }
+}
+
+impl Drop for RedisServer {
+    fn drop(&mut self) {
+        let Some(mut child) = self.child.take() else { return };
+        signal(child.id() as i32, libc::SIGTERM);
+        let deadline = Instant::now() + STOP_TIMEOUT;
+        while Instant::now() < deadline {
+            if let Ok(Some(_)) = child.try_wait() {
+                return;
+            }
+            sleep(Duration::from_millis(10));
+        }
+        let _ = child.kill();
+        let _ = child.wait();
+    }
+}

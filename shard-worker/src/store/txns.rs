@@ -308,8 +308,14 @@ impl Store {
         Ok(WorkerResponse::Ok)
     }
 
+    /// Transactions still prepared here (decision records of committed ones are not counted).
     pub(crate) fn transactions(&self, txn: &RwTxn) -> OpResult {
-        Ok(WorkerResponse::Integer(self.txns.len(txn)? as i64))
+        let mut prepared = 0;
+        for item in self.txns.iter(txn)? {
+            let (_, raw) = item?;
+            prepared += i64::from(decode_intent(raw)?.state == IntentState::Prepared);
+        }
+        Ok(WorkerResponse::Integer(prepared))
     }
 
     fn is_decider(&self, intent: &Intent) -> bool {
