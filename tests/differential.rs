@@ -1,0 +1,881 @@
+//! Differential test: seeded random sequences of string and keyspace commands run
+//! against Shoal and against a real `redis-server`, side by side, on one connection
+//! each. Every reply must match, byte for byte (RESP2, errors by their full text),
+//! except where docs/compatibility.md lists an intended difference; those few
+//! replies are compared by the looser rule written next to the command below.
+//!
+//! - Both servers are started by the test, on free loopback ports.
+//! - The key space is small (20 keys, some sharing a `{hash tag}`, so multi-key
+//!   commands both stay on one worker and span workers) and two collections are
+//!   used (SELECT 0/1), so commands keep running into each other's keys.
+//! - Values are small: integers, floats, negative numbers, empty and binary strings.
+//! - Expiry uses long TTLs (1000 s and more) or times in the past, so timing never
+//!   decides a reply; TTL and PTTL are compared within a tolerance.
+//! - Each command in [`specs`] can be switched off, and a command that Shoal answers
+//!   with `ERR unknown command` (or "not supported") is left out automatically: the
+//!   test probes each one once at startup and prints which it skipped.
+//!
+//! Environment:
+//! - `SHOAL_DIFF_SEED=n`: the first seed (default: derived from the clock). The
+//!   seed is printed, and a failure names the seed that reproduces it.
+//! - `SHOAL_DIFF_SEEDS=n` (default 3) and `SHOAL_DIFF_COMMANDS=n` (default 2000):
+//!   how many seeds, and how many commands per seed.
+//! - `SHOAL_DIFF_HISTORY=n` (default 20): how many commands a failure report shows.
+//!
+//! Reproduce a failure: `SHOAL_DIFF_SEED=<seed> SHOAL_DIFF_SEEDS=1 cargo test --test differential -- --nocapture`.
+
+mod common;
+
+use std::collections::VecDeque;
+use std::fmt::Write as _;
+use std::time::{Instant, SystemTime, UNIX_EPOCH};
+
+use common::{RawConn, RedisServer, Resp, Server};
+
+/// How many commands before a mismatch the failure report shows (`SHOAL_DIFF_HISTORY`).
+const HISTORY: usize = 20;
+
+/// The key space. Keys `k0`..`k9` spread over the workers; `{user}*` and `{x}*`
+/// each share a slot (so one worker holds them all); the rest are awkward names.
+const KEYS: &[&[u8]] = &[
+    b"k0",
+    b"k1",
+    b"k2",
+    b"k3",
+    b"k4",
+    b"k5",
+    b"k6",
+    b"k7",
+    b"k8",
+    b"k9",
+    b"{user}a",
+    b"{user}b",
+    b"{user}c",
+    b"{x}1",
+    b"{x}2",
+    b"bin\x00\xff\r\nkey",
+    b"key with spaces",
+    b"{}k",
+    b"a{b",
+    b"",
+];
+
+/// Commands Shoal has had since its first version: the probe must never find them
+/// missing, so that losing one fails the test instead of skipping it.
+const ALWAYS_SUPPORTED: &[&str] = &[
+    "PING",
+    "ECHO",
+    "SELECT",
+    "DBSIZE",
+    "GET",
+    "SET",
+    "SETNX",
+    "GETSET",
+    "GETDEL",
+    "DEL",
+    "UNLINK",
+    "EXISTS",
+    "MGET",
+    "INCR",
+    "DECR",
+    "INCRBY",
+    "DECRBY",
+    "INCRBYFLOAT",
+    "APPEND",
+    "STRLEN",
+];
+
+/// Collections (Redis databases) the sequences use.
+const COLLECTIONS: &[&str] = &["0", "1"];
+
+/// Seconds and milliseconds of slack between the two servers' TTL and PTTL replies:
+/// the same command reaches them a moment apart.
+const TTL_TOLERANCE_SECS: i64 = 2;
+const PTTL_TOLERANCE_MS: i64 = 2000;
+
+// ---------------------------------------------------------------- the commands
+
+/// How the two replies to a command are compared.
+#[derive(Debug, Clone, Copy, PartialEq)]
+enum Compare {
+    /// Byte for byte.
+    Exact,
+    /// Nil against nil, an error against the same error, any bulk against any bulk
+    /// (OBJECT ENCODING: Shoal always answers `raw`; docs/compatibility.md).
+    Existence,
+    /// Integers equal, or both non-negative and at most this far apart (TTL, PTTL).
+    Within(i64),
+    /// Arrays equal once sorted (KEYS: the order is unspecified).
+    Unordered,
+}
+
+/// One command (or one form of a command) the sequences may use.
+struct Spec {
+    /// What the skip list and the summary call it.
+    label: &'static str,
+    /// Switch a command off here while it is known to differ.
+    enabled: bool,
+    /// Relative frequency.
+    weight: u32,
+    /// Sent once to Shoal at startup: an `ERR unknown command` (or "not supported")
+    /// answer leaves this command out.
+    probe: &'static [&'static str],
+    compare: Compare,
+    generate: fn(&mut Gen) -> Vec<Vec<u8>>,
+}
+
+/// Every command the differential test knows, with its generator.
+fn specs() -> Vec<Spec> {
+    use Compare::*;
+    let spec =
+        |label, weight, probe, compare, generate| Spec { label, enabled: true, weight, probe, compare, generate };
+    vec![
+        // Connection and server.
+        spec("PING", 1, &["PING"], Exact, |g| match g.chance(2) {
+            true => g.cmd("PING", &[]),
+            false => {
+                let message = g.value();
+                g.cmd("PING", &[message])
+            }
+        }),
+        spec("ECHO", 1, &["ECHO", "x"], Exact, |g| {
+            let message = g.value();
+            g.cmd("ECHO", &[message])
+        }),
+        spec("SELECT", 4, &["SELECT", "0"], Exact, |g| {
+            let index = match g.below(20) {
+                0 => g.pick(&["16", "-1", "x", "1.0", "99999999999999999999"]).as_bytes().to_vec(),
+                _ => g.pick(COLLECTIONS).as_bytes().to_vec(),
+            };
+            g.cmd("SELECT", &[index])
+        }),
+        spec("DBSIZE", 2, &["DBSIZE"], Exact, |g| g.cmd("DBSIZE", &[])),
+        spec("arity errors", 1, &["PING"], Exact, |g| {
+            // A command with none of its required arguments. The name is one whose
+            // command is enabled, so an unknown command never gets here.
+            let name = g.pick_owned(&g.needs_args.clone());
+            g.cmd(&name, &[])
+        }),
+        // Strings.
+        spec("GET", 8, &["GET", "k0"], Exact, |g| {
+            let key = g.key();
+            g.cmd("GET", &[key])
+        }),
+        spec("SET", 10, &["SET", "k0", "v"], Exact, |g| {
+            let (key, value) = (g.key(), g.value());
+            let mut args = vec![key, value];
+            args.extend(g.options(&[opt(&[b"NX"]), opt(&[b"XX"]), opt(&[b"GET"]), opt(&[b"KEEPTTL"])]));
+            g.cmd("SET", &args)
+        }),
+        spec("SETNX", 3, &["SETNX", "k0", "v"], Exact, |g| {
+            let (key, value) = (g.key(), g.value());
+            g.cmd("SETNX", &[key, value])
+        }),
+        spec("GETSET", 3, &["GETSET", "k0", "v"], Exact, |g| {
+            let (key, value) = (g.key(), g.value());
+            g.cmd("GETSET", &[key, value])
+        }),
+        spec("GETDEL", 3, &["GETDEL", "k0"], Exact, |g| {
+            let key = g.key();
+            g.cmd("GETDEL", &[key])
+        }),
+        spec("DEL", 4, &["DEL", "k0"], Exact, |g| {
+            let keys = g.keys(1, 4);
+            g.cmd("DEL", &keys)
+        }),
+        spec("UNLINK", 2, &["UNLINK", "k0"], Exact, |g| {
+            let keys = g.keys(1, 4);
+            g.cmd("UNLINK", &keys)
+        }),
+        spec("EXISTS", 4, &["EXISTS", "k0"], Exact, |g| {
+            let keys = g.keys(1, 4);
+            g.cmd("EXISTS", &keys)
+        }),
+        spec("MGET", 4, &["MGET", "k0"], Exact, |g| {
+            let keys = g.keys(1, 5);
+            g.cmd("MGET", &keys)
+        }),
+        spec("INCR", 4, &["INCR", "k0"], Exact, |g| {
+            let key = g.key();
+            g.cmd("INCR", &[key])
+        }),
+        spec("DECR", 3, &["DECR", "k0"], Exact, |g| {
+            let key = g.key();
+            g.cmd("DECR", &[key])
+        }),
+        spec("INCRBY", 4, &["INCRBY", "k0", "1"], Exact, |g| {
+            let (key, delta) = (g.key(), g.integer_arg());
+            g.cmd("INCRBY", &[key, delta])
+        }),
+        spec("DECRBY", 3, &["DECRBY", "k0", "1"], Exact, |g| {
+            let (key, delta) = (g.key(), g.integer_arg());
+            g.cmd("DECRBY", &[key, delta])
+        }),
+        spec("INCRBYFLOAT", 4, &["INCRBYFLOAT", "k0", "1"], Exact, |g| {
+            let (key, delta) = (g.key(), g.float_arg());
+            g.cmd("INCRBYFLOAT", &[key, delta])
+        }),
+        spec("APPEND", 4, &["APPEND", "k0", "v"], Exact, |g| {
+            let (key, value) = (g.key(), g.value());
+            g.cmd("APPEND", &[key, value])
+        }),
+        spec("STRLEN", 3, &["STRLEN", "k0"], Exact, |g| {
+            let key = g.key();
+            g.cmd("STRLEN", &[key])
+        }),
+        // Being added (issue 3): skipped until Shoal knows them.
+        spec("MSET", 4, &["MSET", "k0", "v"], Exact, |g| {
+            let args = g.pairs();
+            g.cmd("MSET", &args)
+        }),
+        spec("MSETNX", 3, &["MSETNX", "k0", "v"], Exact, |g| {
+            let args = g.pairs();
+            g.cmd("MSETNX", &args)
+        }),
+        spec("GETRANGE", 3, &["GETRANGE", "k0", "0", "-1"], Exact, |g| {
+            let (key, start, end) = (g.key(), g.range_index(), g.range_index());
+            g.cmd("GETRANGE", &[key, start, end])
+        }),
+        spec("SETRANGE", 3, &["SETRANGE", "k0", "0", "v"], Exact, |g| {
+            let key = g.key();
+            let offset = match g.below(15) {
+                0 => g.pick(&["-1", "x", "1.5", "1000"]).as_bytes().to_vec(),
+                _ => g.below(24).to_string().into_bytes(),
+            };
+            let value = g.value();
+            g.cmd("SETRANGE", &[key, offset, value])
+        }),
+        spec("TYPE", 2, &["TYPE", "k0"], Exact, |g| {
+            let key = g.key();
+            g.cmd("TYPE", &[key])
+        }),
+        spec("RENAME", 3, &["RENAME", "k0", "k0"], Exact, |g| {
+            let (from, to) = (g.key(), g.key());
+            g.cmd("RENAME", &[from, to])
+        }),
+        spec("RENAMENX", 2, &["RENAMENX", "k0", "k0"], Exact, |g| {
+            let (from, to) = (g.key(), g.key());
+            g.cmd("RENAMENX", &[from, to])
+        }),
+        spec("COPY", 3, &["COPY", "k0", "k1"], Exact, |g| {
+            let (from, to) = (g.key(), g.key());
+            let mut args = vec![from, to];
+            if g.chance(2) {
+                args.push(b"REPLACE".to_vec());
+            }
+            g.cmd("COPY", &args)
+        }),
+        spec("COPY DB", 1, &["COPY", "k0", "k1", "DB", "1"], Exact, |g| {
+            let (from, to) = (g.key(), g.key());
+            let db = g.pick(COLLECTIONS).as_bytes().to_vec();
+            let mut args = vec![from, to, b"DB".to_vec(), db];
+            if g.chance(2) {
+                args.push(b"REPLACE".to_vec());
+            }
+            g.cmd("COPY", &args)
+        }),
+        spec("OBJECT ENCODING", 1, &["OBJECT", "ENCODING", "k0"], Existence, |g| {
+            let key = g.key();
+            g.cmd("OBJECT", &[b"ENCODING".to_vec(), key])
+        }),
+        spec("SET EX|PX|EXAT|PXAT", 4, &["SET", "k0", "v", "EX", "1000"], Exact, |g| {
+            // No EXAT/PXAT in the past: Redis stores such a key and counts it in DBSIZE
+            // until it reclaims it, Shoal never does (docs/compatibility.md).
+            let (key, value) = (g.key(), g.value());
+            let (ex, px, exat, pxat) = (g.seconds(), g.millis(), g.unix_seconds(false), g.unix_millis(false));
+            let mut args = vec![key, value];
+            let expiry = [opt(&[b"EX", &ex]), opt(&[b"PX", &px]), opt(&[b"EXAT", &exat]), opt(&[b"PXAT", &pxat])];
+            let mut pool = vec![opt(&[b"NX"]), opt(&[b"XX"]), opt(&[b"GET"]), opt(&[b"KEEPTTL"])];
+            pool.push(g.pick_owned(&expiry));
+            // At least one expiry; now and then a second (a syntax error unless it is
+            // the same kind).
+            let mut options = g.options(&pool);
+            let has_expiry = options.iter().any(|o| matches!(o.as_slice(), b"EX" | b"PX" | b"EXAT" | b"PXAT"));
+            if !has_expiry || g.chance(8) {
+                options.extend(g.pick_owned(&expiry));
+            }
+            args.extend(options);
+            g.cmd("SET", &args)
+        }),
+        spec("GETEX", 3, &["GETEX", "k0"], Exact, |g| {
+            let key = g.key();
+            let (ex, px, exat, pxat) = (g.seconds(), g.millis(), g.unix_seconds(true), g.unix_millis(true));
+            let mut args = vec![key];
+            match g.below(7) {
+                0 => {}
+                1 => args.extend([b"EX".to_vec(), ex]),
+                2 => args.extend([b"PX".to_vec(), px]),
+                3 => args.extend([b"EXAT".to_vec(), exat]),
+                4 => args.extend([b"PXAT".to_vec(), pxat]),
+                5 => args.push(b"PERSIST".to_vec()),
+                _ => args.extend([b"EX".to_vec(), ex, b"PERSIST".to_vec()]),
+            }
+            g.cmd("GETEX", &args)
+        }),
+        spec("EXPIRE", 3, &["EXPIRE", "k0", "1000"], Exact, |g| {
+            let (key, seconds) = (g.key(), g.seconds());
+            g.cmd("EXPIRE", &[key, seconds])
+        }),
+        spec("PEXPIRE", 2, &["PEXPIRE", "k0", "1000000"], Exact, |g| {
+            let (key, millis) = (g.key(), g.millis());
+            g.cmd("PEXPIRE", &[key, millis])
+        }),
+        spec("EXPIREAT", 2, &["EXPIREAT", "k0", "1"], Exact, |g| {
+            let (key, at) = (g.key(), g.unix_seconds(true));
+            g.cmd("EXPIREAT", &[key, at])
+        }),
+        spec("PEXPIREAT", 2, &["PEXPIREAT", "k0", "1"], Exact, |g| {
+            let (key, at) = (g.key(), g.unix_millis(true));
+            g.cmd("PEXPIREAT", &[key, at])
+        }),
+        spec("TTL", 4, &["TTL", "k0"], Within(TTL_TOLERANCE_SECS), |g| {
+            let key = g.key();
+            g.cmd("TTL", &[key])
+        }),
+        spec("PTTL", 3, &["PTTL", "k0"], Within(PTTL_TOLERANCE_MS), |g| {
+            let key = g.key();
+            g.cmd("PTTL", &[key])
+        }),
+        spec("PERSIST", 2, &["PERSIST", "k0"], Exact, |g| {
+            let key = g.key();
+            g.cmd("PERSIST", &[key])
+        }),
+        spec("KEYS", 2, &["KEYS", "nothing-matches-this"], Unordered, |g| {
+            let pattern = g.pick(&[
+                "*", "k*", "k?", "{user}*", "\\{x\\}*", "k[0-4]", "k[^0-4]", "*e*", "?", "", "*\\**", "[a-k]*",
+            ]);
+            g.cmd("KEYS", &[pattern.as_bytes().to_vec()])
+        }),
+        spec("FLUSHDB", 1, &["FLUSHDB"], Exact, |g| match g.below(3) {
+            0 => g.cmd("FLUSHDB", &[]),
+            1 => g.cmd("FLUSHDB", &[b"SYNC".to_vec()]),
+            _ => g.cmd("FLUSHDB", &[b"ASYNC".to_vec()]),
+        }),
+    ]
+}
+
+// ---------------------------------------------------------------- generation
+
+/// One command option: its arguments.
+fn opt(parts: &[&[u8]]) -> Vec<Vec<u8>> {
+    parts.iter().map(|p| p.to_vec()).collect()
+}
+
+/// SplitMix64: a small, seedable generator, so a seed replays the same sequence.
+struct Rng(u64);
+
+impl Rng {
+    fn next(&mut self) -> u64 {
+        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        z ^ (z >> 31)
+    }
+}
+
+/// The generators' state: the random stream, the clock for absolute expiry times,
+/// and the enabled commands that take arguments (for arity errors).
+struct Gen {
+    rng: Rng,
+    unix_seconds: u64,
+    needs_args: Vec<String>,
+}
+
+impl Gen {
+    fn below(&mut self, n: u64) -> u64 {
+        self.rng.next() % n
+    }
+
+    /// True one time in `n`.
+    fn chance(&mut self, n: u64) -> bool {
+        self.below(n) == 0
+    }
+
+    fn pick<T: Copy>(&mut self, items: &[T]) -> T {
+        items[self.below(items.len() as u64) as usize]
+    }
+
+    fn pick_owned<T: Clone>(&mut self, items: &[T]) -> T {
+        items[self.below(items.len() as u64) as usize].clone()
+    }
+
+    /// The command, its name in a random letter case, and its arguments.
+    fn cmd(&mut self, name: &str, args: &[Vec<u8>]) -> Vec<Vec<u8>> {
+        let name = match self.below(4) {
+            0 => name.to_ascii_lowercase(),
+            1 => name.chars().enumerate().map(|(i, c)| if i % 2 == 0 { c.to_ascii_lowercase() } else { c }).collect(),
+            _ => name.to_string(),
+        };
+        let mut command = vec![name.into_bytes()];
+        command.extend(args.iter().cloned());
+        command
+    }
+
+    fn key(&mut self) -> Vec<u8> {
+        self.pick(KEYS).to_vec()
+    }
+
+    /// Between `min` and `max` keys, repeats allowed.
+    fn keys(&mut self, min: u64, max: u64) -> Vec<Vec<u8>> {
+        let n = min + self.below(max - min + 1);
+        (0..n).map(|_| self.key()).collect()
+    }
+
+    /// Key-value pairs for MSET and MSETNX; now and then one value short.
+    fn pairs(&mut self) -> Vec<Vec<u8>> {
+        let mut args = Vec::new();
+        for _ in 0..1 + self.below(4) {
+            args.push(self.key());
+            args.push(self.value());
+        }
+        if self.chance(25) {
+            args.pop();
+        }
+        args
+    }
+
+    /// A small value: often a number (so the INCR family has work), sometimes
+    /// empty, binary or text.
+    fn value(&mut self) -> Vec<u8> {
+        match self.below(10) {
+            0..=2 => self
+                .pick(&[
+                    "0",
+                    "1",
+                    "-1",
+                    "42",
+                    "-17",
+                    "100",
+                    "9223372036854775807",
+                    "-9223372036854775808",
+                    "9223372036854775806",
+                ])
+                .into(),
+            3 => self.pick(&["007", "+5", " 3", "3 ", "1.0", "-0", "0x10", "18446744073709551616"]).into(),
+            4 => {
+                self.pick(&["1.5", "-0.25", "3e3", "2.5e-3", "-7.75", "1024.125", "inf", "-inf", "nan", "1e400"]).into()
+            }
+            5 => Vec::new(),
+            6 => {
+                let len = self.below(12) as usize;
+                (0..len).map(|_| self.rng.next() as u8).collect()
+            }
+            7 => b"\x00\xff\r\n\x00".to_vec(),
+            8 => "x".repeat(1 + self.below(40) as usize).into_bytes(),
+            _ => self.pick(&["hello", "a", "world", "{user}", "caf\u{e9}"]).into(),
+        }
+    }
+
+    /// An INCRBY/DECRBY amount, now and then an invalid or extreme one.
+    fn integer_arg(&mut self) -> Vec<u8> {
+        match self.below(8) {
+            0 => self
+                .pick(&[
+                    "9223372036854775807",
+                    "-9223372036854775808",
+                    "9223372036854775808",
+                    "abc",
+                    "1.5",
+                    "",
+                    "007",
+                    " 1",
+                ])
+                .into(),
+            _ => (self.below(201) as i64 - 100).to_string().into_bytes(),
+        }
+    }
+
+    /// An INCRBYFLOAT amount: mostly values with short binary expansions, so that
+    /// both servers' arithmetic is exact; now and then an invalid one.
+    fn float_arg(&mut self) -> Vec<u8> {
+        match self.below(8) {
+            0 => self.pick(&["abc", "", " 1", "inf", "-inf", "nan", "1e400", "1.5.2"]).into(),
+            1 => self.pick(&["0", "-0", "1e2", "3.0", "-2.5e1", "0.125"]).into(),
+            _ => {
+                let quarters = self.below(401) as i64 - 200;
+                format!("{}", quarters as f64 / 4.0).into_bytes()
+            }
+        }
+    }
+
+    /// A GETRANGE index: mostly small, sometimes negative or extreme.
+    fn range_index(&mut self) -> Vec<u8> {
+        match self.below(10) {
+            0 => self.pick(&["9223372036854775807", "-9223372036854775808", "x", "1.5"]).into(),
+            _ => (self.below(41) as i64 - 20).to_string().into_bytes(),
+        }
+    }
+
+    /// A relative expiry in seconds: long (so it never runs out during the test), in the
+    /// past (deletes the key), or invalid.
+    fn seconds(&mut self) -> Vec<u8> {
+        match self.below(10) {
+            0 => self.pick(&["0", "-1", "x", "1.5", "9223372036854775807", ""]).into(),
+            _ => (1000 + self.below(3) * 1000).to_string().into_bytes(),
+        }
+    }
+
+    /// A relative expiry in milliseconds.
+    fn millis(&mut self) -> Vec<u8> {
+        match self.below(10) {
+            0 => self.pick(&["0", "-5", "x", "9223372036854775807"]).into(),
+            _ => (1_000_000 + self.below(3) * 1_000_000).to_string().into_bytes(),
+        }
+    }
+
+    /// An absolute expiry in Unix seconds: well in the future, or invalid, or (if
+    /// `past`) in the past.
+    fn unix_seconds(&mut self, past: bool) -> Vec<u8> {
+        match self.below(8) {
+            0 if past => self.pick(&["1", "0", "-1", "x"]).into(),
+            0 => self.pick(&["0", "-1", "x"]).into(),
+            _ => (self.unix_seconds + 1000 + self.below(3) * 1000).to_string().into_bytes(),
+        }
+    }
+
+    /// An absolute expiry in Unix milliseconds, as [`Gen::unix_seconds`].
+    fn unix_millis(&mut self, past: bool) -> Vec<u8> {
+        match self.below(8) {
+            0 if past => self.pick(&["1", "1000", "0", "x"]).into(),
+            0 => self.pick(&["0", "-5", "x"]).into(),
+            _ => ((self.unix_seconds + 1000 + self.below(3) * 1000) * 1000).to_string().into_bytes(),
+        }
+    }
+
+    /// A random subset of `pool` (options, each one or more arguments) in random
+    /// order; one option may come twice.
+    fn options(&mut self, pool: &[Vec<Vec<u8>>]) -> Vec<Vec<u8>> {
+        let mut out = Vec::new();
+        for option in pool {
+            if self.chance(3) {
+                out.push(option.clone());
+            }
+        }
+        if !out.is_empty() && self.chance(12) {
+            let again = out[self.below(out.len() as u64) as usize].clone();
+            out.push(again);
+        }
+        for i in (1..out.len()).rev() {
+            let j = self.below(i as u64 + 1) as usize;
+            out.swap(i, j);
+        }
+        out.into_iter().flatten().collect()
+    }
+}
+
+// ---------------------------------------------------------------- comparison
+
+/// Whether two replies agree under `compare`.
+fn replies_match(compare: Compare, shoal: &Resp, redis: &Resp) -> bool {
+    match (compare, shoal, redis) {
+        (Compare::Existence, Resp::Bulk(_), Resp::Bulk(_)) => true,
+        (Compare::Within(tolerance), Resp::Int(a), Resp::Int(b)) if *a >= 0 && *b >= 0 => (a - b).abs() <= tolerance,
+        (Compare::Unordered, Resp::Array(a), Resp::Array(b)) => {
+            let sorted = |items: &[Resp]| {
+                let mut bytes: Vec<Vec<u8>> = items.iter().map(|r| format!("{r:?}").into_bytes()).collect();
+                bytes.sort();
+                bytes
+            };
+            sorted(a) == sorted(b)
+        }
+        _ => shoal == redis,
+    }
+}
+
+/// An argument as redis-cli would quote it.
+fn quote(bytes: &[u8]) -> String {
+    let plain =
+        !bytes.is_empty() && bytes.iter().all(|&b| b.is_ascii_graphic() && b != b'"' && b != b'\'' && b != b'\\');
+    if plain {
+        return String::from_utf8_lossy(bytes).into_owned();
+    }
+    let mut out = String::from("\"");
+    for &b in bytes {
+        match b {
+            b'"' => out.push_str("\\\""),
+            b'\\' => out.push_str("\\\\"),
+            b'\r' => out.push_str("\\r"),
+            b'\n' => out.push_str("\\n"),
+            b' '..=b'~' => out.push(b as char),
+            _ => {
+                let _ = write!(out, "\\x{b:02x}");
+            }
+        }
+    }
+    out.push('"');
+    out
+}
+
+fn show_command(args: &[Vec<u8>]) -> String {
+    args.iter().map(|a| quote(a)).collect::<Vec<_>>().join(" ")
+}
+
+fn show_reply(reply: &Resp) -> String {
+    match reply {
+        Resp::Simple(s) => s.clone(),
+        Resp::Error(e) => format!("(error) {e}"),
+        Resp::Int(n) => format!("(integer) {n}"),
+        Resp::Bulk(b) => quote_always(b),
+        Resp::NilBulk | Resp::NilArray | Resp::Null => "(nil)".into(),
+        Resp::Array(items) => format!("[{}]", items.iter().map(show_reply).collect::<Vec<_>>().join(", ")),
+        other => format!("{other:?}"),
+    }
+}
+
+fn quote_always(bytes: &[u8]) -> String {
+    let quoted = quote(bytes);
+    if quoted.starts_with('"') {
+        quoted
+    } else {
+        format!("\"{quoted}\"")
+    }
+}
+
+// ---------------------------------------------------------------- the run
+
+/// A server's reply, or why there was none (connection closed, read timeout).
+type Answer = Result<Resp, String>;
+
+/// One command as run, kept for the failure report.
+struct Step {
+    number: usize,
+    collection: String,
+    command: Vec<Vec<u8>>,
+    shoal: Answer,
+    redis: Answer,
+}
+
+impl Step {
+    fn show(&self) -> String {
+        format!(
+            "  #{:<5} [db {}] {}\n           shoal: {}\n           redis: {}",
+            self.number,
+            self.collection,
+            show_command(&self.command),
+            show_answer(&self.shoal),
+            show_answer(&self.redis)
+        )
+    }
+}
+
+fn show_answer(answer: &Answer) -> String {
+    match answer {
+        Ok(reply) => show_reply(reply),
+        Err(why) => format!("(no reply: {why})"),
+    }
+}
+
+/// Sends one command and reads its reply.
+fn ask(conn: &mut RawConn, command: &[Vec<u8>]) -> Answer {
+    let args: Vec<&[u8]> = command.iter().map(|a| a.as_slice()).collect();
+    conn.send(&common::encode_command(&args));
+    conn.read_reply().map_err(|e| e.to_string())
+}
+
+/// Sends one command to both servers and returns both answers.
+fn both(shoal: &mut RawConn, redis: &mut RawConn, command: &[Vec<u8>]) -> (Answer, Answer) {
+    (ask(shoal, command), ask(redis, command))
+}
+
+/// Deletes every key of the key space in every collection used, on both servers,
+/// and selects collection 0.
+fn reset(shoal: &mut RawConn, redis: &mut RawConn) {
+    for collection in COLLECTIONS.iter().rev() {
+        let select = vec![b"SELECT".to_vec(), collection.as_bytes().to_vec()];
+        let mut del = vec![b"DEL".to_vec()];
+        del.extend(KEYS.iter().map(|k| k.to_vec()));
+        for command in [select, del] {
+            let (a, b) = both(shoal, redis, &command);
+            let fine = |answer: &Answer| matches!(answer, Ok(reply) if !reply.is_error());
+            assert!(fine(&a) && fine(&b), "reset {}: shoal {a:?}, redis {b:?}", show_command(&command));
+        }
+    }
+}
+
+/// How a seed's run ended badly.
+struct Failure {
+    report: String,
+    /// A server stopped answering: the connections are of no further use.
+    fatal: bool,
+}
+
+/// Runs `commands` random commands from `seed` on both servers, from an empty key
+/// space. Returns the failure report at the first mismatch.
+fn run_seed(
+    seed: u64,
+    commands: usize,
+    specs: &[&Spec],
+    needs_args: &[String],
+    shoal: &mut RawConn,
+    redis: &mut RawConn,
+) -> Result<(), Failure> {
+    let history_len = env_number("SHOAL_DIFF_HISTORY").map_or(HISTORY, |n| n as usize);
+    reset(shoal, redis);
+    let unix_seconds = SystemTime::now().duration_since(UNIX_EPOCH).expect("clock after 1970").as_secs();
+    let mut gen = Gen { rng: Rng(seed), unix_seconds, needs_args: needs_args.to_vec() };
+    let total_weight: u32 = specs.iter().map(|s| s.weight).sum();
+    let mut history: VecDeque<Step> = VecDeque::with_capacity(history_len);
+    let mut collection = String::from("0");
+    for number in 1..=commands {
+        let mut ticket = gen.below(u64::from(total_weight)) as u32;
+        let spec = specs
+            .iter()
+            .find(|s| {
+                if ticket < s.weight {
+                    return true;
+                }
+                ticket -= s.weight;
+                false
+            })
+            .expect("weights add up");
+        let command = (spec.generate)(&mut gen);
+        let (shoal_reply, redis_reply) = both(shoal, redis, &command);
+        let fatal = shoal_reply.is_err() || redis_reply.is_err();
+        let matched = match (&shoal_reply, &redis_reply) {
+            (Ok(a), Ok(b)) => replies_match(spec.compare, a, b),
+            _ => false,
+        };
+        if history.len() == history_len {
+            history.pop_front();
+        }
+        history.push_back(Step {
+            number,
+            collection: collection.clone(),
+            command: command.clone(),
+            shoal: shoal_reply.clone(),
+            redis: redis_reply.clone(),
+        });
+        if !matched {
+            let mut report = format!(
+                "seed {seed}: command #{number} of {commands} ({}) differs (compared {:?})\n  command: {}\n  shoal:   {}\n  redis:   {}\n  last {} commands (collection in brackets):\n",
+                spec.label,
+                spec.compare,
+                show_command(&command),
+                show_answer(&shoal_reply),
+                show_answer(&redis_reply),
+                history.len()
+            );
+            for step in &history {
+                report.push_str(&step.show());
+                report.push('\n');
+            }
+            if !fatal {
+                report.push_str("  after it, the keys it names (GET, PTTL):\n");
+                for key in KEYS.iter().filter(|k| command[1..].iter().any(|a| a.as_slice() == **k)) {
+                    let state = |conn: &mut RawConn| {
+                        let value = ask(conn, &[b"GET".to_vec(), key.to_vec()]);
+                        let ttl = ask(conn, &[b"PTTL".to_vec(), key.to_vec()]);
+                        format!("{}, {}", show_answer(&value), show_answer(&ttl))
+                    };
+                    let _ =
+                        writeln!(report, "    {}: shoal {}; redis {}", quote_always(key), state(shoal), state(redis));
+                }
+            }
+            let _ = write!(
+                report,
+                "  reproduce: SHOAL_DIFF_SEED={seed} SHOAL_DIFF_SEEDS=1 cargo test --test differential -- --nocapture"
+            );
+            return Err(Failure { report, fatal });
+        }
+        if command[0].eq_ignore_ascii_case(b"SELECT") && shoal_reply == Ok(Resp::Simple("OK".into())) {
+            collection = String::from_utf8_lossy(&command[1]).into_owned();
+        }
+    }
+    Ok(())
+}
+
+/// Whether Shoal's answer to a probe says it does not have the command (yet).
+fn unsupported(reply: &Resp) -> bool {
+    match reply {
+        Resp::Error(text) => {
+            text.starts_with("ERR unknown command")
+                || text.starts_with("ERR unknown subcommand")
+                || text.contains("not supported")
+        }
+        _ => false,
+    }
+}
+
+fn env_number(name: &str) -> Option<u64> {
+    let text = std::env::var(name).ok()?;
+    Some(text.trim().parse().unwrap_or_else(|_| panic!("{name} must be a non-negative integer, got {text:?}")))
+}
+
+#[test]
+fn random_command_sequences_match_redis() {
+    let started = Instant::now();
+    let shoal_server = Server::start("");
+    let redis_server = RedisServer::start();
+    let mut shoal = shoal_server.raw();
+    let mut redis = redis_server.raw();
+
+    // Probe each command once; leave out those Shoal does not know yet.
+    let all = specs();
+    let mut enabled = Vec::new();
+    let mut skipped = Vec::new();
+    let mut switched_off = Vec::new();
+    for spec in &all {
+        if !spec.enabled {
+            switched_off.push(spec.label);
+            continue;
+        }
+        let probe: Vec<&[u8]> = spec.probe.iter().map(|a| a.as_bytes()).collect();
+        let reply = shoal.cmd_bytes(&probe);
+        if unsupported(&reply) {
+            skipped.push(spec.label);
+        } else {
+            enabled.push(spec);
+        }
+    }
+    let lost: Vec<_> = skipped.iter().filter(|label| ALWAYS_SUPPORTED.contains(label)).collect();
+    assert!(lost.is_empty(), "Shoal no longer knows {lost:?}");
+    // Enabled commands whose bare name is an arity error (not containers like OBJECT).
+    let needs_args: Vec<String> = enabled
+        .iter()
+        .filter(|s| s.probe.len() > 1 && s.probe[0] != "OBJECT")
+        .map(|s| s.probe[0].to_string())
+        .collect::<std::collections::BTreeSet<_>>()
+        .into_iter()
+        .collect();
+
+    let first_seed = env_number("SHOAL_DIFF_SEED").unwrap_or_else(|| {
+        let nanos = SystemTime::now().duration_since(UNIX_EPOCH).expect("clock after 1970").as_nanos();
+        (nanos as u64) ^ u64::from(std::process::id()).rotate_left(32)
+    });
+    let seeds = env_number("SHOAL_DIFF_SEEDS").unwrap_or(3);
+    let commands = env_number("SHOAL_DIFF_COMMANDS").unwrap_or(2000) as usize;
+
+    println!(
+        "differential: redis-server {} on port {}, shoal on port {}",
+        redis_server.version(),
+        redis_server.port,
+        shoal_server.port
+    );
+    println!("differential: comparing {}", enabled.iter().map(|s| s.label).collect::<Vec<_>>().join(", "));
+    if !skipped.is_empty() {
+        println!("differential: skipped, Shoal answers `unknown command` or `not supported`: {}", skipped.join(", "));
+    }
+    if !switched_off.is_empty() {
+        println!("differential: switched off in specs(): {}", switched_off.join(", "));
+    }
+
+    let mut failures = Vec::new();
+    for seed in (0..seeds).map(|i| first_seed.wrapping_add(i)) {
+        println!("differential: seed {seed}, {commands} commands");
+        if let Err(failure) = run_seed(seed, commands, &enabled, &needs_args, &mut shoal, &mut redis) {
+            println!("differential: seed {seed} found a difference (reported below)");
+            failures.push(failure.report);
+            if failure.fatal {
+                break;
+            }
+        }
+    }
+    println!("differential: {seeds} seeds x {commands} commands in {:.1} s", started.elapsed().as_secs_f64());
+    assert!(
+        failures.is_empty(),
+        "Shoal and redis-server disagree ({} of {seeds} seeds; intended differences are in docs/compatibility.md):\n\n{}",
+        failures.len(),
+        failures.join("\n\n")
+    );
+}
