@@ -26,7 +26,7 @@ pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
 /// Requests queued for one link before senders wait.
 const OUTBOX_CAPACITY: usize = 4096;
 const RECONNECT_MIN: Duration = Duration::from_millis(20);
-const RECONNECT_MAX: Duration = Duration::from_secs(1);
+const RECONNECT_MAX: Duration = Duration::from_millis(250);
 
 /// Why a request got no answer from its worker.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

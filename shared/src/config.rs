@@ -91,6 +91,8 @@ pub struct SupervisorSection {
     pub ready_timeout_ms: u64,
     /// How long a graceful shutdown may take before children are killed.
     pub drain_timeout_ms: u64,
+    /// A serving child whose heartbeat is older than this is killed and restarted.
+    pub child_timeout_ms: u64,
 }
 
 /// When a write is acknowledged relative to its fsync.
@@ -148,6 +150,7 @@ impl Default for SupervisorSection {
             restart_window_ms: 60_000,
             ready_timeout_ms: 30_000,
             drain_timeout_ms: 10_000,
+            child_timeout_ms: 10_000,
         }
     }
 }
@@ -292,6 +295,7 @@ impl FileConfig {
             ("supervisor.restart_window_ms", sup.restart_window_ms),
             ("supervisor.ready_timeout_ms", sup.ready_timeout_ms),
             ("supervisor.drain_timeout_ms", sup.drain_timeout_ms),
+            ("supervisor.child_timeout_ms", sup.child_timeout_ms),
         ] {
             if value == 0 {
                 return Err(bad(key, "must be at least 1".into()));

@@ -8,6 +8,11 @@
 //! SIGINT drains: the net-daemon first (it finishes in-flight requests), then
 //! the workers (they commit what they have queued).
 //!
+//! Under systemd (Type=notify) it sends READY=1 once every child is ready, a
+//! STATUS= line whenever the picture changes, and WATCHDOG=1 while every child
+//! heartbeats. A serving child whose heartbeat is older than
+//! `supervisor.child_timeout_ms` (hung, or stopped) is killed and restarted.
+//!
 //! It never opens an LMDB environment: LMDB must not be used across fork().
 
 use std::fs::{File, OpenOptions};
@@ -131,12 +136,15 @@ pub fn run(mut config: Config) -> anyhow::Result<()> {
     let result = match started {
         Ok(()) => {
             tracing::info!(listen = ?supervisor.config.client.listen, unix_socket = ?supervisor.config.client.unix_socket, "shoal is ready");
+            let status = supervisor.status_line();
+            notify(&[sd_notify::NotifyState::Ready, sd_notify::NotifyState::Status(&status)]);
             supervisor.supervise(&terminate, &hangup)
         }
         // Asked to stop while starting: a clean stop, not a failure.
         Err(_) if terminate.load(Ordering::Acquire) => Ok(()),
         Err(error) => Err(error),
     };
+    notify(&[sd_notify::NotifyState::Stopping, sd_notify::NotifyState::Status("stopping")]);
     supervisor.stop_all();
     match &result {
         Ok(()) => tracing::info!("shoal stopped"),
@@ -171,6 +179,10 @@ impl Supervisor {
         command
             .env(CHILD_CONFIG_ENV, &self.config_json)
             .env(SUPERVISOR_PID_ENV, std::process::id().to_string())
+            // Only the supervisor talks to systemd.
+            .env_remove("NOTIFY_SOCKET")
+            .env_remove("WATCHDOG_USEC")
+            .env_remove("WATCHDOG_PID")
             .stdin(Stdio::null());
         let slot = self.status.slot(supervised.slot);
         slot.set_state(ProcessState::Starting);
@@ -206,20 +218,92 @@ impl Supervisor {
         }
     }
 
-    /// Watches the children until a signal arrives (Ok) or one fails for good (Err).
+    /// Watches the children until a signal arrives (Ok) or one fails for good (Err): restarts
+    /// the dead, kills the hung, and keeps systemd's status line and watchdog up to date.
     fn supervise(&mut self, terminate: &AtomicBool, hangup: &AtomicBool) -> anyhow::Result<()> {
+        let watchdog = sd_notify::watchdog_enabled().map(|timeout| timeout / 2);
+        let mut last_watchdog: Option<Instant> = None;
+        let mut last_status = self.status_line();
         while !terminate.load(Ordering::Acquire) {
             if hangup.swap(false, Ordering::AcqRel) {
                 tracing::warn!("SIGHUP: this version reloads nothing; restart shoal to apply config changes");
             }
             let now = Instant::now();
             for child in 0..self.children.len() {
+                self.kill_if_hung(child);
                 self.check_child(child, now)?;
+            }
+            let status = self.status_line();
+            if status != last_status {
+                notify(&[sd_notify::NotifyState::Status(&status)]);
+                last_status = status;
+            }
+            if let Some(interval) = watchdog {
+                if last_watchdog.is_none_or(|at| at.elapsed() >= interval) && self.healthy() {
+                    notify(&[sd_notify::NotifyState::Watchdog]);
+                    last_watchdog = Some(Instant::now());
+                }
             }
             std::thread::sleep(POLL);
         }
         tracing::info!("shutting down: draining the net-daemon, then the workers");
         Ok(())
+    }
+
+    /// How stale a serving child's heartbeat is, if it is serving.
+    fn heartbeat_age_ms(&self, child: usize) -> Option<u64> {
+        let supervised = &self.children[child];
+        let process = supervised.process.as_ref()?;
+        let slot = self.status.slot(supervised.slot);
+        let serving = matches!(slot.state(), ProcessState::Ready | ProcessState::Draining);
+        (serving && slot.get(Field::Pid) == u64::from(process.id()))
+            .then(|| shoal_shared::now_ms().saturating_sub(slot.get(Field::HeartbeatMs)))
+    }
+
+    /// Kills a serving child that stopped heartbeating (hung, or stopped); it is then
+    /// restarted like any child that dies.
+    fn kill_if_hung(&mut self, child: usize) {
+        let timeout_ms = self.config.supervisor.child_timeout_ms;
+        let Some(age_ms) = self.heartbeat_age_ms(child).filter(|&age| age > timeout_ms) else { return };
+        let supervised = &mut self.children[child];
+        let name = supervised.name();
+        if let Some(process) = supervised.process.as_mut() {
+            tracing::warn!(
+                child = %name,
+                pid = process.id(),
+                age_ms,
+                "child stopped heartbeating (limit: supervisor.child_timeout_ms = {timeout_ms}); killing it"
+            );
+            let _ = process.kill();
+        }
+        // Not serving any more: the next round reaps it and schedules the restart.
+        self.status.slot(supervised.slot).set_state(ProcessState::Down);
+    }
+
+    /// Every child is running with a fresh heartbeat, or is being restarted.
+    fn healthy(&self) -> bool {
+        (0..self.children.len()).all(|child| {
+            self.heartbeat_age_ms(child).is_none_or(|age| age <= self.config.supervisor.child_timeout_ms)
+        })
+    }
+
+    /// A one-line summary for systemd's STATUS=.
+    fn status_line(&self) -> String {
+        let down: Vec<String> = self
+            .children
+            .iter()
+            .filter(|child| self.status.slot(child.slot).state() != ProcessState::Ready)
+            .map(Supervised::name)
+            .collect();
+        let serving = match self.config.client.listen {
+            Some(address) => format!("serving on {address}"),
+            None => "serving".to_string(),
+        };
+        if down.is_empty() {
+            format!("{serving}; {} workers ready", self.config.workers)
+        } else {
+            format!("{serving}; not ready: {}", down.join(", "))
+        }
     }
 
     fn check_child(&mut self, child: usize, now: Instant) -> anyhow::Result<()> {
@@ -289,6 +373,13 @@ impl Supervisor {
             }
             self.status.slot(supervised.slot).set_state(ProcessState::Stopped);
         }
+    }
+}
+
+/// Sends a notification to systemd when running under it (NOTIFY_SOCKET set).
+fn notify(states: &[sd_notify::NotifyState]) {
+    if let Err(error) = sd_notify::notify(states) {
+        tracing::warn!(%error, "cannot notify systemd");
     }
 }
 

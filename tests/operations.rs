@@ -1,0 +1,139 @@
+//! Running Shoal as a service: systemd notifications and watchdog, hung children
+//! replaced within `supervisor.child_timeout_ms`, and the shipped unit file.
+
+mod common;
+
+use std::os::unix::net::UnixDatagram;
+use std::os::unix::process::CommandExt;
+use std::process::Stdio;
+use std::time::{Duration, Instant};
+
+use common::{signal, Server, SHOAL};
+
+/// Reads every datagram that arrives within `window`.
+fn collect(socket: &UnixDatagram, window: Duration) -> Vec<String> {
+    let deadline = Instant::now() + window;
+    let mut messages = Vec::new();
+    let mut buf = [0u8; 4096];
+    while Instant::now() < deadline {
+        socket.set_read_timeout(Some(Duration::from_millis(50))).unwrap();
+        if let Ok(len) = socket.recv(&mut buf) {
+            messages.push(String::from_utf8_lossy(&buf[..len]).into_owned());
+        }
+    }
+    messages
+}
+
+#[test]
+fn systemd_sees_ready_status_watchdog_and_stopping() {
+    let server = Server::configure("");
+    let socket_path = server.dir.path().join("notify.sock");
+    let socket = UnixDatagram::bind(&socket_path).expect("bind the notify socket");
+    let mut child = server
+        .command()
+        .arg("serve")
+        .arg("--config")
+        .arg(&server.config_path)
+        .env("NOTIFY_SOCKET", &socket_path)
+        .env("WATCHDOG_USEC", "1000000")
+        .stdin(Stdio::null())
+        .stderr(std::fs::File::create(server.dir.path().join("serve.stderr")).unwrap())
+        .process_group(0)
+        .spawn()
+        .expect("spawn shoal serve");
+
+    let messages = collect(&socket, Duration::from_secs(4));
+    let ready = messages.iter().position(|m| m.contains("READY=1"));
+    let Some(ready) = ready else {
+        signal(-(child.id() as i32), libc::SIGKILL);
+        panic!("no READY=1 within 4 s: {messages:?}");
+    };
+    assert!(messages[ready].contains("STATUS=serving on"), "READY comes with a status line: {messages:?}");
+    let watchdogs = messages[ready..].iter().filter(|m| m.contains("WATCHDOG=1")).count();
+    // The watchdog timeout is 1 s, so the supervisor pings every 0.5 s.
+    assert!(watchdogs >= 4, "expected periodic WATCHDOG=1 after READY, got {watchdogs}: {messages:?}");
+    for message in &messages[..ready] {
+        assert!(!message.contains("WATCHDOG=1"), "no watchdog before READY: {messages:?}");
+    }
+
+    signal(child.id() as i32, libc::SIGTERM);
+    let stopping = collect(&socket, Duration::from_secs(2));
+    assert!(stopping.iter().any(|m| m.contains("STOPPING=1")), "STOPPING=1 on SIGTERM: {stopping:?}");
+    let deadline = Instant::now() + Duration::from_secs(15);
+    let status = loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            break status;
+        }
+        assert!(Instant::now() < deadline, "shoal did not stop within 15 s");
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    assert!(status.success(), "exit status {status:?}");
+}
+
+#[test]
+fn a_stopped_worker_is_replaced_within_child_timeout_and_loses_nothing() {
+    let mut server = Server::start("[supervisor]\nchild_timeout_ms = 1500\n");
+    let mut con = server.conn();
+    let keys: Vec<String> = (0..400).map(|i| format!("hb:{i}")).collect();
+    for (i, key) in keys.iter().enumerate() {
+        let _: () = redis::cmd("SET").arg(key).arg(i).query(&mut con).expect("SET before the stop");
+    }
+    let victim = server.worker_pid(0);
+    signal(victim, libc::SIGSTOP);
+    let stopped = Instant::now();
+
+    // Keys of the other worker keep answering while the stopped one is replaced.
+    let survivor_key = server.keys_on_worker("hb-live:", 1, 1).remove(0);
+    let _: () = redis::cmd("SET").arg(&survivor_key).arg("x").query(&mut con).expect("the live worker answers");
+
+    let replaced = loop {
+        let status = server.status_json().expect("status");
+        let worker = common::find_process(&status, "shard-worker", 0).expect("worker 0").clone();
+        if worker["pid"].as_i64() != Some(i64::from(victim)) && worker["state"] == "ready" {
+            break stopped.elapsed();
+        }
+        assert!(stopped.elapsed() < Duration::from_secs(10), "worker 0 was not replaced: {status}");
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    assert!(
+        replaced <= Duration::from_millis(1500 + 1000),
+        "replaced after {replaced:?}; the limit is child_timeout_ms + 1 s"
+    );
+    assert!(!common::process_alive(victim), "the stopped worker was killed");
+
+    // The net-daemon reconnects to the new worker within a few hundred ms.
+    let mut con = server.conn();
+    let reconnect_deadline = Instant::now() + Duration::from_secs(3);
+    while redis::cmd("GET").arg(&keys[0]).query::<Option<i64>>(&mut con).is_err() {
+        assert!(Instant::now() < reconnect_deadline, "worker 0's keys did not answer again within 3 s");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    // Every acknowledged write is still there, and the new worker takes writes.
+    for (i, key) in keys.iter().enumerate() {
+        let value: Option<i64> = redis::cmd("GET").arg(key).query(&mut con).expect("GET after the restart");
+        assert_eq!(value, Some(i as i64), "{key}");
+    }
+    let _: () = redis::cmd("SET").arg("hb:after").arg(1).query(&mut con).expect("SET after the restart");
+    let status = server.status_json().expect("status");
+    assert!(common::find_process(&status, "shard-worker", 0).unwrap()["restarts"].as_u64() >= Some(1));
+}
+
+#[test]
+fn the_unit_file_verifies() {
+    let Ok(output) = std::process::Command::new("systemd-analyze").arg("--version").output() else {
+        eprintln!("systemd-analyze is not installed; skipping");
+        return;
+    };
+    assert!(output.status.success());
+    // The unit names the installed path; verify it against the binary built here.
+    let unit = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../deploy/shoal.service")).unwrap();
+    assert!(unit.contains("Type=notify") && unit.contains("WatchdogSec=") && unit.contains("NoNewPrivileges=yes"));
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("shoal.service");
+    std::fs::write(&path, unit.replace("/usr/local/bin/shoal", SHOAL)).unwrap();
+    let output = std::process::Command::new("systemd-analyze").arg("verify").arg(&path).output().unwrap();
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    // Running outside a booted systemd may warn about the host; only errors about the unit fail.
+    let unit_errors: Vec<&str> = stderr.lines().filter(|line| line.contains("shoal.service")).collect();
+    assert!(unit_errors.is_empty(), "systemd-analyze verify: {stderr}");
+}
