@@ -137,3 +137,97 @@ fn the_unit_file_verifies() {
     let unit_errors: Vec<&str> = stderr.lines().filter(|line| line.contains("shoal.service")).collect();
     assert!(unit_errors.is_empty(), "systemd-analyze verify: {stderr}");
 }
+
+/// Writes 64 KiB values under `prefix{i}` until one is refused; returns the keys
+/// acknowledged and the refusal's text.
+fn fill(con: &mut redis::Connection, prefix: &str, limit: usize) -> (Vec<String>, String) {
+    let value = vec![b'v'; 64 * 1024];
+    let mut written = Vec::new();
+    for i in 0..limit {
+        let key = format!("{prefix}{i}");
+        match redis::cmd("SET").arg(&key).arg(&value).query::<()>(con) {
+            Ok(()) => written.push(key),
+            Err(error) => return (written, error.to_string()),
+        }
+    }
+    panic!("{limit} writes of 64 KiB were all accepted");
+}
+
+fn assert_all_present(con: &mut redis::Connection, keys: &[String]) {
+    for key in keys {
+        let len: usize = redis::cmd("STRLEN").arg(key).query(con).expect("STRLEN");
+        assert_eq!(len, 64 * 1024, "{key} lost");
+    }
+}
+
+#[test]
+fn a_map_at_its_cap_refuses_writes_keeps_reads_and_takes_writes_after_a_raise() {
+    let mut server = Server::start("workers = 1\n[storage]\nmap_size_bytes = 1048576\nmax_map_size_bytes = 4194304\n");
+    let mut con = server.conn();
+    let (written, refusal) = fill(&mut con, "cap:", 200);
+    assert!(refusal.contains("OOM") && refusal.contains("max_map_size_bytes"), "{refusal}");
+    assert!(!written.is_empty());
+    assert_all_present(&mut con, &written);
+    let pong: String = redis::cmd("PING").query(&mut con).expect("the server stays up");
+    assert_eq!(pong, "PONG");
+    drop(con);
+
+    server.stop();
+    server.update_config("[storage]\nmax_map_size_bytes = 67108864\n");
+    server.spawn_and_wait();
+    let mut con = server.conn();
+    assert_all_present(&mut con, &written);
+    let _: () = redis::cmd("SET").arg("cap:after").arg(vec![b'v'; 64 * 1024]).query(&mut con).expect("writes resume");
+}
+
+/// A tmpfs mounted for one test, unmounted when dropped.
+struct Tmpfs(std::path::PathBuf);
+
+impl Tmpfs {
+    fn mount(path: &std::path::Path, size: &str) -> Option<Tmpfs> {
+        std::fs::create_dir_all(path).unwrap();
+        let status = std::process::Command::new("mount")
+            .args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs"])
+            .arg(path)
+            .status()
+            .ok()?;
+        status.success().then(|| Tmpfs(path.to_path_buf()))
+    }
+}
+
+impl Drop for Tmpfs {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("umount").arg("-l").arg(&self.0).status();
+    }
+}
+
+#[test]
+fn a_full_disk_refuses_writes_keeps_reads_and_recovers_when_space_returns() {
+    let mut server = Server::configure("workers = 1\n[storage]\nmap_size_bytes = 1048576\n");
+    let Some(_disk) = Tmpfs::mount(&server.data_dir, "8m") else {
+        eprintln!("cannot mount a tmpfs here (not root?); skipping the full-disk test");
+        return;
+    };
+    // Space to give back later.
+    let filler = server.data_dir.join("filler");
+    std::fs::write(&filler, vec![0u8; 3 << 20]).unwrap();
+    server.spawn_and_wait();
+    let mut con = server.conn();
+    let (written, refusal) = fill(&mut con, "disk:", 200);
+    assert!(refusal.contains("DISKFULL"), "{refusal}");
+    assert_all_present(&mut con, &written);
+    server.assert_alive("after the disk filled");
+
+    std::fs::remove_file(&filler).unwrap();
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        match redis::cmd("SET").arg("disk:after").arg(vec![b'v'; 64 * 1024]).query::<()>(&mut con) {
+            Ok(()) => break,
+            Err(error) => assert!(Instant::now() < deadline, "writes did not resume: {error}"),
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert_all_present(&mut con, &written);
+    drop(con);
+    server.stop();
+}

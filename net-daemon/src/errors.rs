@@ -26,6 +26,13 @@ pub fn worker_error(error: &WorkerError) -> Reply {
             Reply::error("TRYAGAIN the keys are locked by another multi-key write; nothing was written")
         }
         WorkerError::TxAborted => Reply::error("TRYAGAIN the multi-key write was aborted; nothing was written"),
+        WorkerError::MapFull { max_map_size_bytes } => Reply::error(format!(
+            "OOM the shard is full: its map reached storage.max_map_size_bytes ({max_map_size_bytes} bytes); \
+             nothing was written. Raise the limit and restart, or delete keys"
+        )),
+        WorkerError::DiskFull => Reply::error(
+            "DISKFULL no space left on the shard's disk; nothing was written. Writes resume once space is freed",
+        ),
         WorkerError::ReplyTooLarge => Reply::error(format!(
             "ERR the reply would be larger than {} bytes; ask for fewer keys at a time",
             shoal_shared::limits::MAX_REPLY_BYTES

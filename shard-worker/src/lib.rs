@@ -34,7 +34,7 @@ use shoal_shared::frame::{ResponseEnvelope, WorkerError, WorkerRequest, WorkerRe
 use shoal_shared::status::{Field, ProcessState, Slot, StatusTable};
 
 use crate::link::Queued;
-use crate::store::{Store, StoreOptions};
+use crate::store::{Store, StoreError, StoreOptions};
 
 /// Most requests applied in one group commit.
 const MAX_BATCH: usize = 4096;
@@ -64,6 +64,7 @@ pub fn run(config: &Config, index: usize) -> anyhow::Result<()> {
         workers: config.workers as u16,
         durability: config.storage.durability,
         map_size_bytes: config.storage.map_size_bytes,
+        max_map_size_bytes: config.storage.max_map_size_bytes,
         max_value_bytes: config.client.max_value_bytes,
     };
     let shard_dir = config.shard_dir(index);
@@ -117,6 +118,21 @@ struct Worker<'a> {
     deferred: VecDeque<(Instant, Queued)>,
     retention: Retention,
     last_housekeeping: Instant,
+}
+
+/// Treats "no space" (a map at its limit, a full disk) as "nothing done": housekeeping
+/// retries on the next tick, and the worker stays up for reads.
+fn tolerate_full(result: Result<usize, StoreError>) -> Result<usize, StoreError> {
+    match result {
+        Err(StoreError::Lmdb(heed::Error::Mdb(heed::MdbError::MapFull))) => Ok(0),
+        Err(StoreError::Lmdb(heed::Error::Io(error)))
+            if matches!(error.raw_os_error(), Some(libc::ENOSPC) | Some(libc::EIO)) =>
+        {
+            tracing::warn!(%error, "housekeeping could not write; retrying on the next tick");
+            Ok(0)
+        }
+        other => other,
+    }
 }
 
 /// Whether a request changes key locks; a batch ends after such a request, so that every
@@ -224,11 +240,14 @@ impl Worker<'_> {
             return Ok(());
         }
         self.last_housekeeping = Instant::now();
-        let expired = self.store.expire_due(EXPIRE_PER_TICK).context("expiring keys")?;
-        let trimmed = self
-            .store
-            .trim_log(self.retention.keep_entries, self.retention.keep_ms, TRIM_PER_TICK)
-            .context("trimming the commit log")?;
+        // Expiry and trimming write too: with a full map or disk they wait for space.
+        let expired = tolerate_full(self.store.expire_due(EXPIRE_PER_TICK)).context("expiring keys")?;
+        let trimmed = tolerate_full(self.store.trim_log(
+            self.retention.keep_entries,
+            self.retention.keep_ms,
+            TRIM_PER_TICK,
+        ))
+        .context("trimming the commit log")?;
         if expired + trimmed > 0 {
             self.dirty = true;
             self.slot.set(Field::LastCommitId, self.store.highest_commit_id());

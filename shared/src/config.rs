@@ -70,6 +70,9 @@ pub struct StorageSection {
     pub durability: Durability,
     /// Initial size of each shard's LMDB map, in bytes. It grows on demand.
     pub map_size_bytes: usize,
+    /// Largest size the map may grow to. A shard whose map reaches it refuses writes
+    /// (reads go on) until the limit is raised and the shard restarted.
+    pub max_map_size_bytes: usize,
     /// With durability = "async", how often dirty pages are flushed to disk.
     pub flush_interval_ms: u64,
     /// Commit-log entries kept per partition; older entries are trimmed.
@@ -136,6 +139,7 @@ impl Default for StorageSection {
             partitions: 256,
             durability: Durability::Fsync,
             map_size_bytes: 1 << 30,
+            max_map_size_bytes: 1 << 40,
             flush_interval_ms: 1000,
             log_retention_entries: 1_000_000,
             log_retention_secs: 7 * 24 * 3600,
@@ -283,6 +287,12 @@ impl FileConfig {
         }
         if storage.map_size_bytes < 1 << 20 {
             return Err(bad("storage.map_size_bytes", format!("must be at least 1048576, got {}", storage.map_size_bytes)));
+        }
+        if storage.max_map_size_bytes < storage.map_size_bytes {
+            return Err(bad(
+                "storage.max_map_size_bytes",
+                format!("{} is below storage.map_size_bytes ({})", storage.max_map_size_bytes, storage.map_size_bytes),
+            ));
         }
         if storage.log_retention_entries == 0 {
             return Err(bad("storage.log_retention_entries", "must be at least 1".into()));

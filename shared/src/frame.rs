@@ -249,6 +249,23 @@ impl WorkerRequest {
         )
     }
 
+    /// Bytes of keys and values this request carries (what a write may need on disk).
+    pub fn payload_bytes(&self) -> usize {
+        use WorkerRequest::*;
+        let keys: usize = self.keys().iter().map(|(_, key)| key.bytes.len()).sum();
+        keys + match self {
+            Set { value, .. } | Append { value, .. } | SetRange { value, .. } => value.len(),
+            Atomic { ops } | Prepare { ops, .. } => ops
+                .iter()
+                .map(|op| match &op.action {
+                    TxAction::Put { value, .. } => value.len() + op.key.bytes.len(),
+                    _ => op.key.bytes.len(),
+                })
+                .sum(),
+            _ => 0,
+        }
+    }
+
     /// The collection and keys this request reads or writes (for key locks).
     pub fn keys(&self) -> Vec<(Collection, &Key)> {
         use WorkerRequest::*;
@@ -324,6 +341,10 @@ pub enum WorkerError {
     TxCommitted,
     /// The transaction is not decided yet.
     TxInProgress,
+    /// The shard's map reached `storage.max_map_size_bytes`; writes are refused, reads go on.
+    MapFull { max_map_size_bytes: usize },
+    /// The disk is full; writes are refused until space is freed, reads go on.
+    DiskFull,
     /// The reply would be larger than [`crate::limits::MAX_REPLY_BYTES`].
     ReplyTooLarge,
     /// A feed position is below the retained log of its partition.

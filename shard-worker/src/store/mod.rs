@@ -47,6 +47,7 @@ pub struct StoreOptions {
     pub workers: u16,
     pub durability: Durability,
     pub map_size_bytes: usize,
+    pub max_map_size_bytes: usize,
     pub max_value_bytes: usize,
 }
 
@@ -72,6 +73,7 @@ pub struct Store {
     txns: RawDatabase,
     meta: RawDatabase,
     max_value_bytes: usize,
+    max_map_size_bytes: usize,
     shard_id: u32,
     /// Highest commit id written by this store, over all its partitions.
     highest_commit_id: u64,
@@ -155,6 +157,7 @@ impl Store {
             meta: create_database(&env, "meta")?,
             env,
             max_value_bytes: options.max_value_bytes,
+            max_map_size_bytes: page_aligned(options.max_map_size_bytes),
             shard_id: options.shard_id,
             highest_commit_id: 0,
             locks: Locks::default(),
@@ -236,11 +239,34 @@ impl Store {
     }
 
     /// Applies `requests` in one write transaction and returns one response per request.
-    /// On `Err`, nothing of the batch was committed.
+    /// On `Err`, nothing of the batch was committed. When the map cannot grow any more or
+    /// the disk is full, the writes of the batch get [`WorkerError::MapFull`] or
+    /// [`WorkerError::DiskFull`] and the reads are answered.
     pub fn apply_batch(&mut self, requests: &[&WorkerRequest]) -> Result<Vec<WorkerResponse>, StoreError> {
-        self.in_write_txn(|store, txn, batch| {
+        let refusal = match self.in_write_txn(|store, txn, batch| {
             requests.iter().map(|request| store.apply_one(txn, batch, request)).collect()
-        })
+        }) {
+            Err(StoreError::Lmdb(heed::Error::Mdb(heed::MdbError::MapFull))) => {
+                WorkerError::MapFull { max_map_size_bytes: self.max_map_size_bytes }
+            }
+            Err(StoreError::Lmdb(heed::Error::Io(error))) if self.out_of_space(&error, requests) => {
+                WorkerError::DiskFull
+            }
+            other => return other,
+        };
+        tracing::warn!(error = ?refusal, "refusing the writes of a batch");
+        let reads: Vec<&WorkerRequest> = requests.iter().copied().filter(|r| !r.is_write()).collect();
+        let read_responses: Vec<WorkerResponse> = self.in_write_txn(|store, txn, batch| {
+            reads.iter().map(|request| store.apply_one(txn, batch, request)).collect()
+        })?;
+        let mut read_responses = read_responses.into_iter();
+        Ok(requests
+            .iter()
+            .map(|request| match request.is_write() {
+                true => WorkerResponse::Error(refusal.clone()),
+                false => read_responses.next().unwrap_or(WorkerResponse::Error(refusal.clone())),
+            })
+            .collect())
     }
 
     /// Runs `work` in a write transaction and commits it if it wrote anything. A full map
@@ -283,8 +309,26 @@ impl Store {
         }
     }
 
+    /// Whether a failed write was the disk filling up: ENOSPC, or the EIO that LMDB reports
+    /// for a short write, when the filesystem has less room than the batch needs.
+    fn out_of_space(&self, error: &std::io::Error, requests: &[&WorkerRequest]) -> bool {
+        match error.raw_os_error() {
+            Some(libc::ENOSPC) => true,
+            Some(libc::EIO) => {
+                let needed: usize = requests.iter().map(|request| request.payload_bytes()).sum::<usize>() + (1 << 20);
+                free_bytes(self.env.path()).is_some_and(|free| free < needed as u64)
+            }
+            _ => false,
+        }
+    }
+
+    /// Doubles the map, up to `max_map_size_bytes`. Fails with MapFull at the limit.
     fn grow_map(&mut self) -> Result<(), StoreError> {
-        let new_size = page_aligned(self.map_size().saturating_mul(2));
+        let current = self.map_size();
+        if current >= self.max_map_size_bytes {
+            return Err(StoreError::Lmdb(heed::Error::Mdb(heed::MdbError::MapFull)));
+        }
+        let new_size = page_aligned(current.saturating_mul(2)).min(self.max_map_size_bytes);
         tracing::info!(new_size, "LMDB map is full; growing it and replaying the batch");
         // SAFETY: no transaction of this environment is open: the caller dropped (aborted)
         // its transaction before growing, and the worker holds no other transaction.
@@ -354,6 +398,16 @@ impl Store {
     pub fn trim_log(&mut self, keep_entries: u64, keep_ms: Option<u64>, limit: usize) -> Result<usize, StoreError> {
         self.in_write_txn(|store, txn, batch| store.trim_log_in(txn, batch, keep_entries, keep_ms, limit))
     }
+}
+
+/// Bytes available to this process on the filesystem holding `path`.
+fn free_bytes(path: &Path) -> Option<u64> {
+    use std::os::unix::ffi::OsStrExt;
+    let path = std::ffi::CString::new(path.as_os_str().as_bytes()).ok()?;
+    let mut stat: libc::statvfs = unsafe { std::mem::zeroed() };
+    // SAFETY: `path` is a valid NUL-terminated string and `stat` a valid out-pointer.
+    let rc = unsafe { libc::statvfs(path.as_ptr(), &mut stat) };
+    (rc == 0).then(|| stat.f_bavail as u64 * stat.f_frsize as u64)
 }
 
 fn create_database(env: &Env<WithoutTls>, name: &str) -> Result<RawDatabase, StoreError> {

@@ -14,6 +14,7 @@ fn options() -> StoreOptions {
         workers: 1,
         durability: Durability::Fsync,
         map_size_bytes: 1 << 20,
+        max_map_size_bytes: 1 << 30,
         max_value_bytes: 1 << 20,
     }
 }
@@ -394,4 +395,32 @@ fn the_id_high_water_mark_only_rises() {
     drop(store);
     let mut store = Store::open(dir.path(), &options()).unwrap();
     assert_eq!(apply(&mut store, &[WorkerRequest::IdHighWater]), vec![WorkerResponse::Integer(1000)]);
+}
+
+#[test]
+fn a_map_at_its_limit_refuses_writes_and_keeps_reads() {
+    let dir = tempfile::tempdir().unwrap();
+    let options = StoreOptions { max_map_size_bytes: 2 << 20, ..options() };
+    let mut store = Store::open(dir.path(), &options).unwrap();
+    apply(&mut store, &[set(0, key(0, b"first"), b"kept")]);
+    let value = vec![1u8; 100 * 1024];
+    let mut refused = None;
+    for i in 0..64u32 {
+        let response = apply(&mut store, &[set(0, key(0, &i.to_be_bytes()), &value)]).remove(0);
+        if response != WorkerResponse::Ok {
+            refused = Some(response);
+            break;
+        }
+    }
+    assert_eq!(refused, Some(WorkerResponse::Error(WorkerError::MapFull { max_map_size_bytes: 2 << 20 })));
+    let mixed = apply(
+        &mut store,
+        &[WorkerRequest::Get { collection: 0, key: key(0, b"first") }, set(0, key(0, b"more"), &value)],
+    );
+    assert_eq!(mixed[0], WorkerResponse::Value(Some(b"kept".to_vec())), "reads go on");
+    assert!(matches!(mixed[1], WorkerResponse::Error(WorkerError::MapFull { .. })));
+    drop(store);
+    // A raised limit lets writes through again.
+    let mut store = Store::open(dir.path(), &StoreOptions { max_map_size_bytes: 64 << 20, ..options }).unwrap();
+    assert_eq!(apply(&mut store, &[set(0, key(0, b"more"), &value)]), vec![WorkerResponse::Ok]);
 }
