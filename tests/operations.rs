@@ -72,7 +72,7 @@ fn systemd_sees_ready_status_watchdog_and_stopping() {
 
 #[test]
 fn a_stopped_worker_is_replaced_within_child_timeout_and_loses_nothing() {
-    let mut server = Server::start("[supervisor]\nchild_timeout_ms = 1500\n");
+    let server = Server::start("[supervisor]\nchild_timeout_ms = 1500\n");
     let mut con = server.conn();
     let keys: Vec<String> = (0..400).map(|i| format!("hb:{i}")).collect();
     for (i, key) in keys.iter().enumerate() {
