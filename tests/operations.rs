@@ -231,3 +231,66 @@ fn a_full_disk_refuses_writes_keeps_reads_and_recovers_when_space_returns() {
     drop(con);
     server.stop();
 }
+
+/// GETs a path over plain HTTP/1.1 and returns the status line and body.
+fn http_get(port: u16, path: &str) -> (String, String) {
+    use std::io::{Read, Write};
+    let mut stream = std::net::TcpStream::connect(("127.0.0.1", port)).expect("connect to the metrics endpoint");
+    stream.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    write!(stream, "GET {path} HTTP/1.1\r\nHost: localhost\r\n\r\n").unwrap();
+    let mut response = String::new();
+    stream.read_to_string(&mut response).expect("read the response");
+    let (head, body) = response.split_once("\r\n\r\n").expect("an HTTP response");
+    (head.lines().next().unwrap_or_default().to_string(), body.to_string())
+}
+
+/// The value of the first sample whose name and labels start with `prefix`.
+fn sample(body: &str, prefix: &str) -> Option<f64> {
+    body.lines().filter(|line| !line.starts_with('#')).find(|line| line.starts_with(prefix))?.rsplit(' ').next()?.parse().ok()
+}
+
+#[test]
+fn the_metrics_endpoint_serves_counters_that_move_under_load() {
+    let port = common::free_port();
+    let server = Server::start(&format!("[metrics]\nlisten = \"127.0.0.1:{port}\"\n"));
+    let (status, before) = http_get(port, "/metrics");
+    assert!(status.contains("200"), "{status}");
+    for name in [
+        "shoal_commands_total{command=\"set\"}",
+        "shoal_client_connections",
+        "shoal_worker_queue_depth_requests{worker=\"0\"}",
+        "shoal_group_commit_requests_count{worker=\"0\"}",
+        "shoal_commit_duration_seconds_count{worker=\"1\"}",
+        "shoal_lmdb_map_size_bytes{worker=\"0\"}",
+        "shoal_lmdb_used_bytes{worker=\"1\"}",
+        "shoal_process_restarts_total{process=\"shard-0\"}",
+    ] {
+        assert!(sample(&before, name).is_some(), "{name} missing from:\n{before}");
+    }
+
+    let mut con = server.conn();
+    let mut pipe = redis::pipe();
+    for i in 0..500 {
+        pipe.cmd("SET").arg(format!("metrics:{i}")).arg(i).ignore();
+    }
+    pipe.query::<()>(&mut con).expect("pipelined SETs");
+    let _: Option<String> = redis::cmd("GET").arg("metrics:1").query(&mut con).unwrap();
+
+    let (_, after) = http_get(port, "/metrics");
+    let moved = |name: &str| sample(&after, name).unwrap_or(0.0) - sample(&before, name).unwrap_or(0.0);
+    assert_eq!(moved("shoal_commands_total{command=\"set\"}"), 500.0);
+    assert!(moved("shoal_command_duration_seconds_count{command=\"set\"}") >= 500.0);
+    let commits = moved("shoal_commit_duration_seconds_count{worker=\"0\"}")
+        + moved("shoal_commit_duration_seconds_count{worker=\"1\"}");
+    assert!(commits >= 1.0, "group commits were timed");
+    let batches = moved("shoal_group_commit_requests_sum{worker=\"0\"}") + moved("shoal_group_commit_requests_sum{worker=\"1\"}");
+    assert!(batches >= 500.0, "every SET went through a group commit: {batches}");
+    assert!(sample(&after, "shoal_client_connections").unwrap() >= 1.0);
+    assert!(after.contains("shoal_partition_last_commit_id{partition="), "per-partition commit ids");
+    let (status, _) = http_get(port, "/other");
+    assert!(status.contains("404"), "{status}");
+
+    // INFO shows the same figures.
+    let info: String = redis::cmd("INFO").arg("commandstats").query(&mut con).unwrap();
+    assert!(info.contains("cmdstat_set:calls="), "{info}");
+}

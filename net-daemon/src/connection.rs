@@ -16,11 +16,17 @@ use shoal_shared::status::Field;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::sync::watch;
 
+use crate::commands::table::index_of_request;
 use crate::commands::{dispatch, After, Pending, Session};
+use std::time::Instant;
 use crate::Shared;
 use std::sync::Arc;
 
 const READ_BUFFER_BYTES: usize = 16 * 1024;
+
+/// A reply in flight, with its protocol and, for a known command, the command's index and
+/// when it was dispatched (for the command statistics).
+type InFlight = (Pending, Protocol, Option<(usize, Instant)>);
 
 /// Serves one client until it closes, errs, sends QUIT, or the daemon shuts down.
 pub async fn serve<S>(shared: &Arc<Shared>, mut stream: S, mut shutdown: watch::Receiver<bool>)
@@ -37,7 +43,7 @@ where
     let authenticated_limits = shared.config.request_limits();
     let mut input = BytesMut::with_capacity(READ_BUFFER_BYTES);
     let mut output = BytesMut::with_capacity(READ_BUFFER_BYTES);
-    let mut pending: Vec<(Pending, Protocol)> = Vec::new();
+    let mut pending: Vec<InFlight> = Vec::new();
     loop {
         let mut after = After::Continue;
         while pending.len() < MAX_PIPELINE_IN_FLIGHT {
@@ -46,9 +52,10 @@ where
             match parse_request(&mut input, limits) {
                 Ok(Some(args)) if args.is_empty() => continue,
                 Ok(Some(args)) => {
+                    let timing = index_of_request(&args[0]).map(|index| (index, Instant::now()));
                     let (reply, next) = dispatch(shared, &mut session, args).await;
                     let barrier = matches!(reply, Pending::Barrier(_));
-                    pending.push((reply, session.protocol));
+                    pending.push((reply, session.protocol, timing));
                     if next == After::Close {
                         after = After::Close;
                         break;
@@ -61,7 +68,7 @@ where
                 Ok(None) => break,
                 Err(error) => {
                     tracing::debug!(client = session.id, error = %error.0, "protocol error; closing the connection");
-                    pending.push((Pending::Ready(error.reply()), session.protocol));
+                    pending.push((Pending::Ready(error.reply()), session.protocol, None));
                     after = After::Close;
                     break;
                 }
@@ -82,8 +89,12 @@ where
         }
 
         shared.status.net_daemon_slot().add(Field::Ops, pending.len() as u64);
-        for (reply, protocol) in pending.drain(..) {
-            reply.resolve().await.encode(protocol, &mut output);
+        for (reply, protocol, timing) in pending.drain(..) {
+            let reply = reply.resolve().await;
+            if let Some((index, started)) = timing {
+                shared.command_stats.record(index, started.elapsed(), reply.is_error());
+            }
+            reply.encode(protocol, &mut output);
         }
         if stream.write_all(&output).await.is_err() {
             return;

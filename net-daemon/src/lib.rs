@@ -11,6 +11,7 @@
 //! - [`commands`]: every client command.
 //! - [`txn`]: the two-phase commit coordinator and the recovery of transactions in doubt.
 //! - [`ids`]: the host's id allocator (ID.NEW).
+//! - [`metrics`]: command statistics and the Prometheus endpoint.
 //! - [`workers`]: the links to the shard-workers.
 //! - [`errors`]: internal failures → client error replies.
 
@@ -18,6 +19,7 @@ pub mod commands;
 pub mod connection;
 pub mod errors;
 pub mod ids;
+pub mod metrics;
 pub mod server;
 pub mod txn;
 pub mod workers;
@@ -45,6 +47,7 @@ pub struct Shared {
     pub shutting_down: AtomicBool,
     pub ids: ids::IdAllocator,
     pub scan_cursors: commands::keyspace::ScanCursors,
+    pub command_stats: metrics::CommandStats,
 }
 
 impl Shared {
@@ -72,6 +75,7 @@ impl Shared {
             shutting_down: AtomicBool::new(false),
             ids: ids::IdAllocator::default(),
             scan_cursors: commands::keyspace::ScanCursors::default(),
+            command_stats: metrics::CommandStats::default(),
         }
     }
 }

@@ -54,8 +54,17 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
     };
 
     let max_connections = config.client.max_connections;
+    let metrics = match config.metrics_listen {
+        Some(address) => {
+            Some(TcpListener::bind(address).await.with_context(|| format!("listening for metrics on {address}"))?)
+        }
+        None => None,
+    };
     let shared = Arc::new(Shared::new(config, links, status));
     tokio::spawn(crate::txn::recover(Arc::clone(&shared)));
+    if let Some(listener) = metrics {
+        tokio::spawn(crate::metrics::serve(Arc::clone(&shared), listener));
+    }
     let permits = Arc::new(Semaphore::new(max_connections));
     let (shutdown_tx, shutdown_rx) = watch::channel(false);
 

@@ -31,7 +31,7 @@ use std::time::{Duration, Instant};
 use anyhow::Context;
 use shoal_shared::config::{Config, Durability};
 use shoal_shared::frame::{ResponseEnvelope, WorkerError, WorkerRequest, WorkerResponse};
-use shoal_shared::status::{Field, ProcessState, Slot, StatusTable};
+use shoal_shared::status::{Field, ProcessState, Slot, StatusTable, BATCH_SIZE_BOUNDS, COMMIT_MICROS_BOUNDS};
 
 use crate::link::Queued;
 use crate::store::{Store, StoreError, StoreOptions};
@@ -240,6 +240,8 @@ impl Worker<'_> {
             return Ok(());
         }
         self.last_housekeeping = Instant::now();
+        self.slot.set(Field::MapSizeBytes, self.store.map_size() as u64);
+        self.slot.set(Field::MapUsedBytes, self.store.used_bytes() as u64);
         // Expiry and trimming write too: with a full map or disk they wait for space.
         let expired = tolerate_full(self.store.expire_due(EXPIRE_PER_TICK)).context("expiring keys")?;
         let trimmed = tolerate_full(self.store.trim_log(
@@ -299,6 +301,12 @@ impl Worker<'_> {
             // After a failed commit (an fsync error above all) the environment's state is
             // not to be trusted: stop, and let the supervisor start a clean process.
             return Err(anyhow::Error::new(error).context("group commit failed; stopping the shard"));
+        }
+        self.slot.observe(Field::BatchSizeBuckets, &BATCH_SIZE_BOUNDS, count);
+        if let Some(took) = self.store.last_commit() {
+            let micros = took.as_micros() as u64;
+            self.slot.observe(Field::CommitMicrosBuckets, &COMMIT_MICROS_BOUNDS, micros);
+            self.slot.add(Field::CommitMicrosSum, micros);
         }
         if writes {
             self.dirty = true;

@@ -38,6 +38,22 @@ pub struct FileConfig {
     pub storage: StorageSection,
     /// How the supervisor restarts and stops its children.
     pub supervisor: SupervisorSection,
+    /// The Prometheus metrics endpoint.
+    pub metrics: MetricsSection,
+}
+
+/// `[metrics]`: the Prometheus text endpoint.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct MetricsSection {
+    /// Address of the HTTP endpoint that serves `/metrics`. "" disables it.
+    pub listen: String,
+}
+
+impl Default for MetricsSection {
+    fn default() -> Self {
+        MetricsSection { listen: "127.0.0.1:7381".into() }
+    }
 }
 
 /// `[client]`: how clients reach Shoal.
@@ -116,6 +132,7 @@ impl Default for FileConfig {
             client: ClientSection::default(),
             storage: StorageSection::default(),
             supervisor: SupervisorSection::default(),
+            metrics: MetricsSection::default(),
         }
     }
 }
@@ -173,6 +190,8 @@ pub struct Config {
     pub client: ClientConfig,
     pub storage: StorageSection,
     pub supervisor: SupervisorSection,
+    /// Where `/metrics` is served; `None` when disabled.
+    pub metrics_listen: Option<SocketAddr>,
 }
 
 /// Validated `[client]`.
@@ -260,6 +279,13 @@ impl FileConfig {
             Some("") => None,
             Some(path) => Some(PathBuf::from(path)),
         };
+        let metrics_listen = match self.metrics.listen.trim() {
+            "" => None,
+            text => Some(
+                text.parse::<SocketAddr>()
+                    .map_err(|_| bad("metrics.listen", format!("{text:?} is not an address like \"127.0.0.1:7381\"")))?,
+            ),
+        };
         if listen.is_none() && unix_socket.is_none() {
             return Err(bad("client.listen", "both client.listen and client.unix_socket are disabled".into()));
         }
@@ -325,6 +351,7 @@ impl FileConfig {
             },
             storage: self.storage,
             supervisor: self.supervisor,
+            metrics_listen,
         })
     }
 }

@@ -9,7 +9,8 @@
 //! Layout (native byte order: the file never leaves the host), in u64 words:
 //! - header, 8 words: `MAGIC`, `VERSION`, slot count, supervisor pid,
 //!   supervisor start time (ms), workers, partitions, reserved;
-//! - then one slot of [`SLOT_WORDS`] words per process: workers `0..workers`
+//! - then one slot of [`SLOT_WORDS`] words per process (histograms take
+//!   [`HISTOGRAM_BUCKETS`] consecutive words): workers `0..workers`
 //!   take slots `0..workers`, the net-daemon takes slot `workers`. The words of
 //!   a slot are the [`Field`]s, in order.
 
@@ -21,10 +22,10 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use memmap2::{Mmap, MmapMut};
 
 const MAGIC: u64 = u64::from_be_bytes(*b"SHOALST1");
-const VERSION: u64 = 1;
+const VERSION: u64 = 2;
 const HEADER_WORDS: usize = 8;
 /// Words per process slot.
-pub const SLOT_WORDS: usize = 16;
+pub const SLOT_WORDS: usize = 48;
 /// Most slots a table holds (workers plus the net-daemon).
 pub const MAX_SLOTS: usize = 1024;
 
@@ -46,7 +47,29 @@ pub enum Field {
     StartedMs = 9,
     Commits = 10,
     Connections = 11,
-    Reserved = 12,
+    /// Size of the worker's LMDB map, in bytes.
+    MapSizeBytes = 12,
+    /// Bytes of the map in use (last page number × page size).
+    MapUsedBytes = 13,
+    /// Sum of group-commit durations, in microseconds (with the histogram below).
+    CommitMicrosSum = 14,
+    /// First of [`HISTOGRAM_BUCKETS`] words: group commits per batch-size bucket.
+    BatchSizeBuckets = 16,
+    /// First of [`HISTOGRAM_BUCKETS`] words: group commits per duration bucket.
+    CommitMicrosBuckets = 16 + HISTOGRAM_BUCKETS,
+    Reserved = 16 + 2 * HISTOGRAM_BUCKETS,
+}
+
+/// Buckets of the histograms a worker keeps in its slot (the last one is +Inf).
+pub const HISTOGRAM_BUCKETS: usize = 10;
+/// Upper bounds of the batch-size buckets (requests per group commit).
+pub const BATCH_SIZE_BOUNDS: [u64; HISTOGRAM_BUCKETS - 1] = [1, 2, 4, 8, 16, 32, 64, 256, 1024];
+/// Upper bounds of the commit-duration buckets, in microseconds.
+pub const COMMIT_MICROS_BOUNDS: [u64; HISTOGRAM_BUCKETS - 1] = [100, 250, 500, 1000, 2500, 5000, 10_000, 50_000, 250_000];
+
+/// The bucket of `value` among `bounds` (values above the last bound go to +Inf).
+pub fn bucket(bounds: &[u64], value: u64) -> usize {
+    bounds.iter().position(|&bound| value <= bound).unwrap_or(bounds.len())
 }
 
 /// What a slot's process does.
@@ -267,6 +290,16 @@ impl Slot<'_> {
 
     pub fn add(&self, field: Field, delta: u64) {
         self.words[field as usize].fetch_add(delta, Ordering::AcqRel);
+    }
+
+    /// Counts one observation in the histogram that starts at `first`.
+    pub fn observe(&self, first: Field, bounds: &[u64], value: u64) {
+        self.words[first as usize + bucket(bounds, value)].fetch_add(1, Ordering::AcqRel);
+    }
+
+    /// The counts of the histogram that starts at `first`, per bucket (not cumulative).
+    pub fn histogram(&self, first: Field) -> [u64; HISTOGRAM_BUCKETS] {
+        std::array::from_fn(|i| self.words[first as usize + i].load(Ordering::Acquire))
     }
 
     pub fn state(&self) -> ProcessState {

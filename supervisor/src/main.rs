@@ -120,26 +120,38 @@ fn report(result: anyhow::Result<()>) -> ExitCode {
     }
 }
 
-/// Prefixes each log line with the time and the process role (`shard-0`, `net-daemon`, ...).
-struct TimeAndRole(String);
+/// Prefixes each log line with the time (unless journald adds its own) and the process
+/// role (`shard-0`, `net-daemon`, ...).
+struct TimeAndRole {
+    role: String,
+    with_time: bool,
+}
 
 impl tracing_subscriber::fmt::time::FormatTime for TimeAndRole {
     fn format_time(&self, writer: &mut tracing_subscriber::fmt::format::Writer<'_>) -> std::fmt::Result {
-        tracing_subscriber::fmt::time::SystemTime.format_time(writer)?;
-        write!(writer, " {}", self.0)
+        if self.with_time {
+            tracing_subscriber::fmt::time::SystemTime.format_time(writer)?;
+            write!(writer, " ")?;
+        }
+        write!(writer, "{}", self.role)
     }
 }
 
-/// Logs go to stderr (the journal under systemd), tagged with the process role.
+/// Logs go to stderr, one line per event. The filter comes from `SHOAL_LOG` or `RUST_LOG`
+/// (default `info`). Under systemd (JOURNAL_STREAM set) lines carry no time and no colours:
+/// the journal records both.
 /// A panic is logged and aborts the process, so the supervisor restarts a clean one.
 fn init_logging(role: &str) {
-    let filter = tracing_subscriber::EnvFilter::try_from_env("SHOAL_LOG").unwrap_or_else(|_| "info".into());
+    let filter = tracing_subscriber::EnvFilter::try_from_env("SHOAL_LOG")
+        .or_else(|_| tracing_subscriber::EnvFilter::try_from_default_env())
+        .unwrap_or_else(|_| "info".into());
+    let journald = std::env::var_os("JOURNAL_STREAM").is_some();
     tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
-        .with_ansi(std::io::stderr().is_terminal())
+        .with_ansi(!journald && std::io::stderr().is_terminal())
         .with_target(false)
-        .with_timer(TimeAndRole(role.to_string()))
+        .with_timer(TimeAndRole { role: role.to_string(), with_time: !journald })
         .init();
     let role = role.to_string();
     std::panic::set_hook(Box::new(move |info| {

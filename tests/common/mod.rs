@@ -66,7 +66,7 @@ impl Server {
         let data_dir = dir.path().join("data");
         let port = free_port();
         let mut table: toml::Table = toml::from_str(&format!(
-            "data_dir = {data:?}\nworkers = 2\n[client]\nlisten = \"127.0.0.1:{port}\"\n",
+            "data_dir = {data:?}\nworkers = 2\n[client]\nlisten = \"127.0.0.1:{port}\"\n[metrics]\nlisten = \"\"\n",
             data = data_dir.display().to_string()
         ))
         .expect("base config");

@@ -157,18 +157,8 @@ pub fn log_entry_reply(entry: shoal_shared::frame::LogEntry, with_partition: boo
 
 /// Runs one request. `args[0]` is the command name.
 pub async fn dispatch(shared: &Arc<Shared>, session: &mut Session, args: Vec<Bytes>) -> (Pending, After) {
-    let mut lower = [0u8; 32];
     let name = &args[0];
-    let spec = match name.len() <= lower.len() {
-        true => {
-            let lower = &mut lower[..name.len()];
-            lower.copy_from_slice(name);
-            lower.make_ascii_lowercase();
-            std::str::from_utf8(lower).ok().and_then(table::lookup)
-        }
-        false => None,
-    };
-    let Some(spec) = spec else {
+    let Some(spec) = table::index_of_request(name).map(|index| &table::COMMANDS[index]) else {
         return ready(errors::unknown_command(name, &args[1..]));
     };
     if !spec.arity_ok(args.len()) {

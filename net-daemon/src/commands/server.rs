@@ -366,15 +366,32 @@ async fn info(shared: &Shared, args: &[Bytes]) -> Reply {
             } else {
                 slot.state().name()
             };
+            let commits = slot.get(Field::Commits);
+            let commit_usec = slot.get(Field::CommitMicrosSum) / commits.max(1);
             let _ = write!(
                 text,
-                "shard{worker}:pid={},state={state},restarts={},partitions={},last_commit_id={},ops={},commits={}\r\n",
+                "shard{worker}:pid={},state={state},restarts={},partitions={},last_commit_id={},ops={},commits={commits},\
+                 commit_usec_per_call={commit_usec},map_size={},map_used={}\r\n",
                 slot.get(Field::Pid),
                 slot.get(Field::Restarts),
                 worker_partitions(worker, workers, config.storage.partitions).len(),
                 slot.get(Field::LastCommitId),
                 slot.get(Field::Ops),
-                slot.get(Field::Commits),
+                slot.get(Field::MapSizeBytes),
+                slot.get(Field::MapUsedBytes),
+            );
+        }
+        text.push_str("\r\n");
+    }
+    // Like Redis, command statistics only when asked for by name (or "all"/"everything").
+    let everything = wanted.iter().any(|w| w == "all" || w == "everything");
+    if everything || wanted.iter().any(|w| w == "commandstats") {
+        text.push_str("# Commandstats\r\n");
+        for (name, calls, errors, micros) in shared.command_stats.summary() {
+            let _ = write!(
+                text,
+                "cmdstat_{name}:calls={calls},usec={micros},usec_per_call={:.2},rejected_calls=0,failed_calls={errors}\r\n",
+                micros as f64 / calls as f64
             );
         }
         text.push_str("\r\n");

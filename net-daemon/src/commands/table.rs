@@ -107,7 +107,21 @@ pub static COMMANDS: &[CommandSpec] = &[
 
 /// Looks up a command by its lower-case name.
 pub fn lookup(name: &str) -> Option<&'static CommandSpec> {
-    COMMANDS.binary_search_by(|spec| spec.name.cmp(name)).ok().map(|index| &COMMANDS[index])
+    index_of(name).map(|index| &COMMANDS[index])
+}
+
+/// The position of a command in [`COMMANDS`], by its lower-case name.
+pub fn index_of(name: &str) -> Option<usize> {
+    COMMANDS.binary_search_by(|spec| spec.name.cmp(name)).ok()
+}
+
+/// The position of the command a request names, whatever its letter case.
+pub fn index_of_request(name: &[u8]) -> Option<usize> {
+    let mut lower = [0u8; 32];
+    let lower = lower.get_mut(..name.len())?;
+    lower.copy_from_slice(name);
+    lower.make_ascii_lowercase();
+    index_of(std::str::from_utf8(lower).ok()?)
 }
 
 #[cfg(test)]

@@ -79,6 +79,8 @@ pub struct Store {
     highest_commit_id: u64,
     /// Keys locked by prepared transactions.
     locks: Locks,
+    /// How long the last commit (with its fsync) took, if the last transaction committed.
+    last_commit: Option<std::time::Duration>,
 }
 
 /// State of one write transaction: partition counters advanced in it, and the
@@ -161,6 +163,7 @@ impl Store {
             shard_id: options.shard_id,
             highest_commit_id: 0,
             locks: Locks::default(),
+            last_commit: None,
         };
         store.check_meta(options)?;
         store.locks = store.load_locks()?;
@@ -228,6 +231,17 @@ impl Store {
         self.env.info().map_size
     }
 
+    /// Bytes of the map in use.
+    pub fn used_bytes(&self) -> usize {
+        let page_size = self.env.unnamed_database_stat().page_size as usize;
+        (self.env.info().last_page_number + 1) * page_size
+    }
+
+    /// How long the last group commit took to commit and sync, if it wrote anything.
+    pub fn last_commit(&self) -> Option<std::time::Duration> {
+        self.last_commit
+    }
+
     /// Flushes dirty pages to disk (used with `async` durability).
     pub fn sync(&self) -> Result<(), StoreError> {
         Ok(self.env.force_sync()?)
@@ -291,10 +305,13 @@ impl Store {
                 Ok((output, highest)) => {
                     // A transaction that changed nothing is aborted, which costs no fsync.
                     // The id high-water mark and transaction records count as changes.
+                    self.last_commit = None;
                     if batch.partitions.is_empty() && !batch.dirty {
                         txn.abort();
                     } else {
+                        let started = std::time::Instant::now();
                         txn.commit()?;
+                        self.last_commit = Some(started.elapsed());
                     }
                     self.highest_commit_id = highest;
                     self.locks.apply(batch.lock_changes);
