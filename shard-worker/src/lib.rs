@@ -16,10 +16,12 @@
 //! - `float`: INCRBYFLOAT arithmetic in long double, as Redis does it.
 //! - [`store`]: the environment and the group-commit apply.
 //! - [`link`]: the socket threads that read requests and write responses.
+//! - [`rebalance`]: moving partitions between shards when the worker count changes.
 
 mod float;
 pub mod layout;
 pub mod link;
+pub mod rebalance;
 pub mod store;
 
 use std::collections::VecDeque;
@@ -61,7 +63,7 @@ pub fn run(config: &Config, index: usize) -> anyhow::Result<()> {
         shard_id: index as u32,
         collections: config.storage.collections,
         partitions: config.storage.partitions,
-        workers: config.workers as u16,
+        workers: Some(config.workers as u16),
         durability: config.storage.durability,
         map_size_bytes: config.storage.map_size_bytes,
         max_map_size_bytes: config.storage.max_map_size_bytes,

@@ -434,6 +434,11 @@ impl Config {
         self.data_dir.join("shoal.pid")
     }
 
+    /// Which shard holds each partition, kept while the worker count changes.
+    pub fn partition_map_path(&self) -> PathBuf {
+        self.data_dir.join("partition_map.json")
+    }
+
     /// The record of the layout (partitions, workers) the data dir was created with.
     pub fn layout_path(&self) -> PathBuf {
         self.data_dir.join("layout.json")
@@ -449,6 +454,48 @@ impl Config {
             max_inline_bytes: crate::limits::MAX_INLINE_BYTES,
         }
     }
+}
+
+/// The shape of a data dir, fixed when it is created and changed only by moving
+/// partitions: `<data_dir>/layout.json`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DataDirLayout {
+    pub partitions: u16,
+    pub workers: usize,
+}
+
+impl DataDirLayout {
+    /// Reads the layout record; `Ok(None)` for a data dir that has none yet.
+    pub fn load(path: &Path) -> std::io::Result<Option<DataDirLayout>> {
+        match std::fs::read_to_string(path) {
+            Ok(text) => serde_json::from_str(&text)
+                .map(Some)
+                .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidData, format!("{}: {e}", path.display()))),
+            Err(error) if error.kind() == std::io::ErrorKind::NotFound => Ok(None),
+            Err(error) => Err(error),
+        }
+    }
+
+    /// Writes the layout record durably (a temp file renamed into place, then synced).
+    pub fn store(&self, path: &Path) -> std::io::Result<()> {
+        let text = serde_json::to_string_pretty(self).map_err(std::io::Error::other)?;
+        write_durably(path, text.as_bytes())
+    }
+}
+
+/// Replaces `path` with `bytes` so that a crash leaves either the old or the new file:
+/// write a temp file, fsync it, rename it, fsync the directory.
+pub fn write_durably(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
+    use std::io::Write;
+    let temporary = path.with_extension("tmp");
+    let mut file = std::fs::File::create(&temporary)?;
+    file.write_all(bytes)?;
+    file.sync_all()?;
+    std::fs::rename(&temporary, path)?;
+    if let Some(dir) = path.parent() {
+        std::fs::File::open(dir)?.sync_all()?;
+    }
+    Ok(())
 }
 
 #[cfg(test)]

@@ -7,8 +7,10 @@
 //! see torn values and nobody takes a lock.
 //!
 //! Layout (native byte order: the file never leaves the host), in u64 words:
-//! - header, 8 words: `MAGIC`, `VERSION`, slot count, supervisor pid,
-//!   supervisor start time (ms), workers, partitions, reserved;
+//! - header, 16 words: `MAGIC`, `VERSION`, slot count, supervisor pid,
+//!   supervisor start time (ms), workers, partitions, reserved, then the
+//!   progress of a worker-count change: partitions to move, partitions moved,
+//!   bytes moved, start time (ms); the rest reserved;
 //! - then one slot of [`SLOT_WORDS`] words per process (histograms take
 //!   [`HISTOGRAM_BUCKETS`] consecutive words): workers `0..workers`
 //!   take slots `0..workers`, the net-daemon takes slot `workers`. The words of
@@ -23,7 +25,7 @@ use memmap2::{Mmap, MmapMut};
 
 const MAGIC: u64 = u64::from_be_bytes(*b"SHOALST1");
 const VERSION: u64 = 2;
-const HEADER_WORDS: usize = 8;
+const HEADER_WORDS: usize = 16;
 /// Words per process slot.
 pub const SLOT_WORDS: usize = 48;
 /// Most slots a table holds (workers plus the net-daemon).
@@ -257,6 +259,26 @@ impl StatusTable {
         self.header()[6].load(Ordering::Relaxed) as u16
     }
 
+    /// Records the progress of a worker-count change.
+    pub fn set_rebalance(&self, progress: Rebalance) {
+        let header = self.header();
+        header[8].store(progress.total, Ordering::Release);
+        header[9].store(progress.done, Ordering::Release);
+        header[10].store(progress.bytes, Ordering::Release);
+        header[11].store(progress.started_ms, Ordering::Release);
+    }
+
+    /// The progress of a worker-count change (all zero if none ran).
+    pub fn rebalance(&self) -> Rebalance {
+        let header = self.header();
+        Rebalance {
+            total: header[8].load(Ordering::Acquire),
+            done: header[9].load(Ordering::Acquire),
+            bytes: header[10].load(Ordering::Acquire),
+            started_ms: header[11].load(Ordering::Acquire),
+        }
+    }
+
     /// The slot of process `index` (see the module docs).
     ///
     /// # Panics
@@ -271,6 +293,15 @@ impl StatusTable {
     pub fn net_daemon_slot(&self) -> Slot<'_> {
         self.slot(self.slot_count() - 1)
     }
+}
+
+/// Progress of moving partitions between shards.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Rebalance {
+    pub total: u64,
+    pub done: u64,
+    pub bytes: u64,
+    pub started_ms: u64,
 }
 
 /// One process's slot.

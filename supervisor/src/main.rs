@@ -56,6 +56,13 @@ enum Command {
     /// (internal) The net-daemon process, started by `shoal serve`.
     #[command(hide = true)]
     NetDaemon,
+    /// (internal) Moves partitions to the configured worker count, started by `shoal serve`.
+    #[command(hide = true)]
+    Rebalance {
+        /// The worker count the data dir has now.
+        #[arg(long)]
+        from: usize,
+    },
 }
 
 fn main() -> ExitCode {
@@ -87,6 +94,13 @@ fn main() -> ExitCode {
             report(child_config().and_then(|config| {
                 supervisor::child_setup();
                 shoal_shard_worker::run(&config, index)
+            }))
+        }
+        Command::Rebalance { from } => {
+            init_logging("rebalance");
+            report(child_config().and_then(|config| {
+                supervisor::child_setup();
+                shoal_shard_worker::rebalance::run(&config, from)
             }))
         }
         Command::NetDaemon => {

@@ -1,6 +1,7 @@
 //! `shoal status`: what each process of a running Shoal is doing, read from
 //! the shared-memory status table (and the PID file, to tell if it runs).
 
+use std::fmt::Write as _;
 use std::fs::OpenOptions;
 
 use anyhow::Context;
@@ -50,25 +51,49 @@ pub fn print(config: &Config, as_json: bool) -> anyhow::Result<()> {
             "data_dir": config.data_dir.display().to_string(),
             "workers": workers,
             "partitions": partitions,
+            "rebalance": {
+                "partitions_total": table.rebalance().total,
+                "partitions_moved": table.rebalance().done,
+                "bytes_moved": table.rebalance().bytes,
+                "started_ms": table.rebalance().started_ms,
+            },
             "processes": processes,
         });
-        println!("{}", serde_json::to_string_pretty(&document)?);
+        emit(&format!("{}\n", serde_json::to_string_pretty(&document)?));
         return Ok(());
     }
-    println!(
+    let mut out = String::new();
+    let _ = writeln!(
+        out,
         "shoal on {}: {} (supervisor pid {}), {workers} workers, {partitions} partitions",
         config.data_dir.display(),
         if running { "running" } else { "not running" },
         table.supervisor_pid()
     );
-    println!("{:<14} {:>8} {:<9} {:>8} {:>10} {:>14} {:>10}", "PROCESS", "PID", "STATE", "RESTARTS", "PARTITIONS", "LAST_COMMIT", "OPS");
+    let rebalance = table.rebalance();
+    if rebalance.total > 0 {
+        let _ = writeln!(
+            out,
+            "worker count change: {}/{} partitions moved, {} bytes{}",
+            rebalance.done,
+            rebalance.total,
+            rebalance.bytes,
+            if rebalance.done == rebalance.total { " (done)" } else { "" }
+        );
+    }
+    let _ = writeln!(
+        out,
+        "{:<14} {:>8} {:<9} {:>8} {:>10} {:>14} {:>10}",
+        "PROCESS", "PID", "STATE", "RESTARTS", "PARTITIONS", "LAST_COMMIT", "OPS"
+    );
     for process in &processes {
         let name = match process["role"].as_str() {
             Some("shard-worker") => format!("shard-{}", process["index"]),
             _ => "net-daemon".to_string(),
         };
         let owned = process["partitions"].as_array().map_or(0, Vec::len);
-        println!(
+        let _ = writeln!(
+            out,
             "{:<14} {:>8} {:<9} {:>8} {:>10} {:>14} {:>10}",
             name,
             process["pid"].to_string(),
@@ -79,7 +104,14 @@ pub fn print(config: &Config, as_json: bool) -> anyhow::Result<()> {
             process["ops"].to_string(),
         );
     }
+    emit(&out);
     Ok(())
+}
+
+/// Writes to stdout; a closed pipe (`shoal status | head`) is not an error.
+fn emit(text: &str) {
+    use std::io::Write;
+    let _ = std::io::stdout().write_all(text.as_bytes());
 }
 
 /// Whether a supervisor holds the data dir's PID file lock.

@@ -1,6 +1,7 @@
 //! The supervisor: `shoal serve`.
 //!
-//! It prepares the data dir (PID file lock, layout record, status table),
+//! It prepares the data dir (PID file lock, status table, layout record; when
+//! `workers` changed, it first runs `shoal rebalance`, which moves partitions),
 //! starts the shard-workers and then the net-daemon by re-executing its own
 //! binary, and waits until each reports ready in the status table. It restarts
 //! a child that dies, following [`RestartPolicy`], and gives up (stopping
@@ -17,15 +18,13 @@
 
 use std::fs::{File, OpenOptions};
 use std::io::{Read, Seek, Write};
-use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, bail, Context};
-use serde::{Deserialize, Serialize};
-use shoal_shared::config::{Config, CHILD_CONFIG_ENV};
+use shoal_shared::config::{Config, DataDirLayout, CHILD_CONFIG_ENV};
 use shoal_shared::status::{Field, ProcessState, Role, StatusTable};
 
 use crate::policy::{Decision, RestartPolicy};
@@ -90,10 +89,18 @@ pub fn run(mut config: Config) -> anyhow::Result<()> {
         .with_context(|| format!("preparing data dir {}", config.data_dir.display()))?;
     config.check_paths()?;
     let _pid_lock = lock_pid_file(&config)?;
-    check_layout(&mut config)?;
     std::fs::create_dir_all(config.run_dir()).context("creating the run dir")?;
     let status = StatusTable::create(&config.status_path(), config.workers, config.storage.partitions)
         .context("creating the status table")?;
+    let config_json = serde_json::to_string(&config).context("encoding the config for the children")?;
+    check_layout(&mut config, &config_json)?;
+    // The worker count may have been taken from the data dir.
+    let status = if status.workers() == config.workers {
+        status
+    } else {
+        StatusTable::create(&config.status_path(), config.workers, config.storage.partitions)
+            .context("creating the status table")?
+    };
 
     let terminate = Arc::new(AtomicBool::new(false));
     for signal in [signal_hook::consts::SIGTERM, signal_hook::consts::SIGINT] {
@@ -415,63 +422,55 @@ fn lock_pid_file(config: &Config) -> anyhow::Result<File> {
     Ok(file)
 }
 
-/// The shape of the data dir, fixed when it is created.
-#[derive(Debug, Serialize, Deserialize, PartialEq, Eq)]
-struct Layout {
-    partitions: u16,
-    workers: usize,
-}
-
-/// Records the layout on first start; refuses a config that would strand data. A worker
-/// count taken from the core count follows the data dir instead.
-fn check_layout(config: &mut Config) -> anyhow::Result<()> {
+/// Records the layout on first start, refuses a partition count that differs from the
+/// data dir's, and moves partitions when the worker count changed. A worker count taken
+/// from the core count follows the data dir instead.
+fn check_layout(config: &mut Config, config_json: &str) -> anyhow::Result<()> {
     let path = config.layout_path();
-    let wanted = Layout { partitions: config.storage.partitions, workers: config.workers };
-    match std::fs::read_to_string(&path) {
-        Ok(text) => {
-            let found: Layout =
-                serde_json::from_str(&text).with_context(|| format!("reading {}", path.display()))?;
-            if found.partitions != wanted.partitions {
-                bail!(
-                    "data dir {} was created with storage.partitions = {}, but the config says {}; \
-                     the partition count is fixed when a data dir is created",
-                    config.data_dir.display(),
-                    found.partitions,
-                    wanted.partitions
-                );
-            }
-            if found.workers != wanted.workers && config.workers_from_cores {
-                tracing::info!(
-                    workers = found.workers,
-                    cores = wanted.workers,
-                    "using the data dir's worker count; set `workers` to choose another"
-                );
-                config.workers = found.workers;
-            } else if found.workers != wanted.workers {
-                bail!(
-                    "data dir {} was created with workers = {}, but the config resolves to {}; \
-                     this version cannot move partitions between workers, so set workers = {}",
-                    config.data_dir.display(),
-                    found.workers,
-                    wanted.workers,
-                    found.workers
-                );
-            }
-            Ok(())
-        }
-        Err(error) if error.kind() == std::io::ErrorKind::NotFound => write_atomically(&path, &wanted),
-        Err(error) => Err(error).with_context(|| format!("reading {}", path.display())),
+    let wanted = DataDirLayout { partitions: config.storage.partitions, workers: config.workers };
+    let Some(found) = DataDirLayout::load(&path).with_context(|| format!("reading {}", path.display()))? else {
+        return wanted.store(&path).with_context(|| format!("writing {}", path.display()));
+    };
+    if found.partitions != wanted.partitions {
+        bail!(
+            "data dir {} was created with storage.partitions = {}, but the config says {}; \
+             the partition count is fixed when a data dir is created",
+            config.data_dir.display(),
+            found.partitions,
+            wanted.partitions
+        );
     }
-}
-
-fn write_atomically(path: &Path, layout: &Layout) -> anyhow::Result<()> {
-    let temporary = path.with_extension("json.tmp");
-    let mut file = File::create(&temporary).with_context(|| format!("creating {}", temporary.display()))?;
-    file.write_all(serde_json::to_string_pretty(layout)?.as_bytes())?;
-    file.sync_all()?;
-    std::fs::rename(&temporary, path).with_context(|| format!("writing {}", path.display()))?;
-    if let Some(dir) = path.parent() {
-        File::open(dir)?.sync_all()?;
+    if found.workers == wanted.workers {
+        return Ok(());
+    }
+    if config.workers_from_cores {
+        tracing::info!(
+            workers = found.workers,
+            cores = wanted.workers,
+            "using the data dir's worker count; set `workers` to choose another"
+        );
+        config.workers = found.workers;
+        return Ok(());
+    }
+    tracing::info!(from = found.workers, to = wanted.workers, "the worker count changed; moving partitions before serving");
+    let exe = std::env::current_exe().context("finding the shoal binary")?;
+    let status = Command::new(exe)
+        .arg("rebalance")
+        .arg("--from")
+        .arg(found.workers.to_string())
+        .env(CHILD_CONFIG_ENV, config_json)
+        .env(SUPERVISOR_PID_ENV, std::process::id().to_string())
+        .env_remove("NOTIFY_SOCKET")
+        .stdin(Stdio::null())
+        .status()
+        .context("running the partition move")?;
+    if !status.success() {
+        bail!(
+            "moving partitions from {} to {} workers failed ({status}); the data is intact, and starting again \
+             resumes the move",
+            found.workers,
+            wanted.workers
+        );
     }
     Ok(())
 }

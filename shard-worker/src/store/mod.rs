@@ -15,12 +15,14 @@
 //! - [`txns`]: multi-key transactions (one-worker atomic writes, two-phase commit) and key locks.
 //! - [`scan`]: SCAN, KEYS, DBSIZE, FLUSH.
 //! - [`log`]: the commit log: reads, the change feed, retention.
+//! - [`partitions`]: whole partitions exported, imported and cleared (worker count changes).
 //!
 //! This module never talks to sockets, and it never opens the environment of
 //! another shard.
 
 mod keyspace;
 mod log;
+mod partitions;
 mod scan;
 mod strings;
 mod txns;
@@ -44,7 +46,9 @@ pub struct StoreOptions {
     pub shard_id: u32,
     pub collections: u16,
     pub partitions: u16,
-    pub workers: u16,
+    /// The worker count the environment belongs to; `None` while partitions are being
+    /// moved between environments (the count is then being changed).
+    pub workers: Option<u16>,
     pub durability: Durability,
     pub map_size_bytes: usize,
     pub max_map_size_bytes: usize,
@@ -177,7 +181,8 @@ impl Store {
             None => {
                 self.meta.put(&mut txn, layout::META_FORMAT_VERSION, &layout::FORMAT_VERSION.to_be_bytes())?;
                 self.meta.put(&mut txn, layout::META_SHARD_ID, &options.shard_id.to_be_bytes())?;
-                self.meta.put(&mut txn, layout::META_LAYOUT, &layout::encode_layout(options.partitions, options.workers))?;
+                let workers = options.workers.unwrap_or_default();
+                self.meta.put(&mut txn, layout::META_LAYOUT, &layout::encode_layout(options.partitions, workers))?;
                 txn.commit()?;
                 return Ok(());
             }
@@ -196,10 +201,11 @@ impl Store {
             return Err(StoreError::Mismatch(format!("environment belongs to shard {shard_id}, not {}", options.shard_id)));
         }
         let (partitions, workers) = layout::decode_layout(self.meta.get(&txn, layout::META_LAYOUT)?.unwrap_or_default())?;
-        if (partitions, workers) != (options.partitions, options.workers) {
+        if partitions != options.partitions || options.workers.is_some_and(|expected| expected != workers) {
             return Err(StoreError::Mismatch(format!(
                 "environment was created for {partitions} partitions on {workers} workers, not {} on {}",
-                options.partitions, options.workers
+                options.partitions,
+                options.workers.map_or("any".to_string(), |w| w.to_string())
             )));
         }
         for (_, meta) in self.partition_metas(&txn)? {

@@ -11,7 +11,7 @@ fn options() -> StoreOptions {
         shard_id: 0,
         collections: 2,
         partitions: 4,
-        workers: 1,
+        workers: Some(1),
         durability: Durability::Fsync,
         map_size_bytes: 1 << 20,
         max_map_size_bytes: 1 << 30,

@@ -323,6 +323,11 @@ impl Store {
     }
 }
 
+/// Whether a `txns` record is a decider's commit record (not a prepared intent).
+pub(crate) fn is_decision_record(raw: &[u8]) -> Result<bool, crate::layout::CorruptError> {
+    Ok(decode_intent(raw)?.state == IntentState::Committed)
+}
+
 fn decode_intent(raw: &[u8]) -> Result<Intent, crate::layout::CorruptError> {
     bincode::serde::decode_from_slice(raw, bincode_config())
         .map(|(intent, _)| intent)
