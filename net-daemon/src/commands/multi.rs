@@ -76,6 +76,18 @@ fn op(collection: u16, key: Key, action: TxAction) -> TxOp {
     TxOp { collection, key, action }
 }
 
+/// One participant per worker that owns some of `keys`; `make` builds the op of the key at
+/// each position.
+fn per_worker(shared: &Shared, keys: &[Bytes], make: impl Fn(Key, usize) -> TxOp) -> Result<Vec<Participant>, Reply> {
+    Ok(group_by_worker(shared, keys)?
+        .into_iter()
+        .map(|(worker, keys, positions)| Participant {
+            worker,
+            ops: keys.into_iter().zip(positions).map(|(key, position)| make(key, position)).collect(),
+        })
+        .collect())
+}
+
 /// Orders participants so that the ones holding a source (`Take`/`Read`) come first:
 /// their outcome feeds the destination's `PutTaken`.
 fn participants(keyed: Vec<(usize, TxOp)>) -> Vec<Participant> {
@@ -94,24 +106,13 @@ impl Work {
         match self {
             Work::Mset { pairs, if_absent } => {
                 let keys: Vec<Bytes> = pairs.iter().map(|(key, _)| key.clone()).collect();
-                let groups = match group_by_worker(shared, &keys) {
-                    Ok(groups) => groups,
+                let participants = match per_worker(shared, &keys, |key, position| {
+                    let value = pairs[position].1.to_vec();
+                    op(collection, key, TxAction::Put { value, expires_at_ms: None, if_absent })
+                }) {
+                    Ok(participants) => participants,
                     Err(reply) => return reply,
                 };
-                let participants = groups
-                    .into_iter()
-                    .map(|(worker, keys, positions)| Participant {
-                        worker,
-                        ops: keys
-                            .into_iter()
-                            .zip(positions)
-                            .map(|(key, position)| {
-                                let value = pairs[position].1.to_vec();
-                                op(collection, key, TxAction::Put { value, expires_at_ms: None, if_absent })
-                            })
-                            .collect(),
-                    })
-                    .collect();
                 match txn::run(shared, participants).await {
                     Ok(_) if if_absent => Reply::Integer(1),
                     Ok(_) => Reply::Ok,
@@ -120,17 +121,10 @@ impl Work {
                 }
             }
             Work::Delete { keys } => {
-                let groups = match group_by_worker(shared, &keys) {
-                    Ok(groups) => groups,
+                let participants = match per_worker(shared, &keys, |key, _| op(collection, key, TxAction::Delete)) {
+                    Ok(participants) => participants,
                     Err(reply) => return reply,
                 };
-                let participants = groups
-                    .into_iter()
-                    .map(|(worker, keys, _)| Participant {
-                        worker,
-                        ops: keys.into_iter().map(|key| op(collection, key, TxAction::Delete)).collect(),
-                    })
-                    .collect();
                 match txn::run(shared, participants).await {
                     Ok(outcomes) => Reply::Integer(
                         outcomes.iter().flatten().filter(|outcome| **outcome == TxOutcome::Existed(true)).count() as i64,
@@ -139,11 +133,7 @@ impl Work {
                 }
             }
             Work::Rename { from, to, if_absent } => {
-                let (from_worker, from_key) = match route(shared, &from) {
-                    Ok(routed) => routed,
-                    Err(reply) => return reply,
-                };
-                let (to_worker, to_key) = match route(shared, &to) {
+                let ((from_worker, from_key), (to_worker, to_key)) = match route_pair(shared, &from, &to) {
                     Ok(routed) => routed,
                     Err(reply) => return reply,
                 };
@@ -168,11 +158,7 @@ impl Work {
                 }
             }
             Work::Copy { from, to, to_collection, replace } => {
-                let (from_worker, from_key) = match route(shared, &from) {
-                    Ok(routed) => routed,
-                    Err(reply) => return reply,
-                };
-                let (to_worker, to_key) = match route(shared, &to) {
+                let ((from_worker, from_key), (to_worker, to_key)) = match route_pair(shared, &from, &to) {
                     Ok(routed) => routed,
                     Err(reply) => return reply,
                 };
@@ -188,6 +174,14 @@ impl Work {
             }
         }
     }
+}
+
+/// A key with the worker that owns it.
+type Routed = (usize, Key);
+
+/// Routes a source and a destination key.
+fn route_pair(shared: &Shared, from: &Bytes, to: &Bytes) -> Result<(Routed, Routed), Reply> {
+    Ok((route(shared, from)?, route(shared, to)?))
 }
 
 fn rename_failure(failure: TxFailure) -> Reply {
