@@ -391,7 +391,7 @@ fn notify(states: &[sd_notify::NotifyState]) {
 }
 
 /// Takes the data dir's PID file lock, or explains who holds it.
-fn lock_pid_file(config: &Config) -> anyhow::Result<File> {
+pub(crate) fn lock_pid_file(config: &Config) -> anyhow::Result<File> {
     let path = config.pid_path();
     let mut file = OpenOptions::new()
         .read(true)
