@@ -16,8 +16,6 @@
 //!
 //! One backup runs at a time. It never touches the data dir.
 
-use std::fs::File;
-use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -25,6 +23,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use shoal_shared::backup::{Manifest, ShardBackup, MANIFEST_FILE};
+use shoal_shared::config::write_durably;
 use shoal_shared::frame::{WorkerRequest, WorkerResponse};
 use shoal_shared::resp::Reply;
 
@@ -126,17 +125,4 @@ fn prepare_dir(dir: &Path) -> Result<(), String> {
             .map_err(|error| format!("cannot create backup directory {}: {error}", dir.display())),
         Err(error) => Err(format!("cannot use backup directory {}: {error}", dir.display())),
     }
-}
-
-/// Writes `path` through a temporary file, synced and renamed into place.
-fn write_durably(path: &Path, contents: &[u8]) -> std::io::Result<()> {
-    let temporary = path.with_extension("json.tmp");
-    let mut file = File::create(&temporary)?;
-    file.write_all(contents)?;
-    file.sync_all()?;
-    std::fs::rename(&temporary, path)?;
-    if let Some(dir) = path.parent() {
-        File::open(dir)?.sync_all()?;
-    }
-    Ok(())
 }
