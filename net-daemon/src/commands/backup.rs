@@ -14,7 +14,9 @@
 //! another's, and is then completed or aborted by the usual recovery of
 //! transactions in doubt once the backup is restored.
 //!
-//! One backup runs at a time. It never touches the data dir.
+//! One backup runs at a time, in a task of its own, so it completes (manifest
+//! included) even if the client that asked for it goes away. It never touches
+//! the data dir.
 
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -49,7 +51,11 @@ impl Drop for RunningGuard {
 pub fn dispatch(shared: &Arc<Shared>, args: &[Bytes]) -> Pending {
     let shared = Arc::clone(shared);
     let dir = args[1].clone();
-    Pending::barrier(async move { backup(&shared, &dir).await })
+    // A task of its own: a client that goes away does not cut the backup short.
+    let task = tokio::spawn(async move { backup(&shared, &dir).await });
+    Pending::barrier(async move {
+        task.await.unwrap_or_else(|error| Reply::error(format!("ERR the backup task failed: {error}")))
+    })
 }
 
 async fn backup(shared: &Shared, dir: &[u8]) -> Reply {
