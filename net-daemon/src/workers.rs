@@ -98,7 +98,13 @@ impl WorkerLink {
     /// Sends a request; the returned call yields its response. Waiting for room in a
     /// full outbox counts against the request's timeout.
     pub async fn send(&self, request: WorkerRequest) -> Call {
-        let deadline = Instant::now() + REQUEST_TIMEOUT;
+        self.send_with_timeout(request, REQUEST_TIMEOUT).await
+    }
+
+    /// [`WorkerLink::send`] with a longer (or shorter) bound than [`REQUEST_TIMEOUT`], for the
+    /// few requests that are known to take long (a backup copy).
+    pub async fn send_with_timeout(&self, request: WorkerRequest, timeout: Duration) -> Call {
+        let deadline = Instant::now() + timeout;
         if !self.is_connected() {
             return Call::failed(LinkError::Down { worker: self.index });
         }

@@ -4,7 +4,9 @@
 //! reads request frames, and applies them in group commits: everything waiting
 //! on the queue goes into one write transaction, committed and synced once,
 //! and only then are the replies sent. Requests on keys locked by a prepared
-//! transaction wait (in order) until it resolves. Between batches it expires
+//! transaction wait (in order) until it resolves. A backup request is handed
+//! to a thread of its own, which copies the environment from a read snapshot
+//! while the group commits go on. Between batches it expires
 //! keys through the expiry index and trims the commit log. It reports its
 //! state and counters in its slot of the status table.
 //!
@@ -25,6 +27,7 @@ pub mod rebalance;
 pub mod store;
 
 use std::collections::VecDeque;
+use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::{Receiver, RecvTimeoutError};
 use std::sync::Arc;
@@ -78,6 +81,8 @@ pub fn run(config: &Config, index: usize) -> anyhow::Result<()> {
     tracing::info!(shard = index, dir = %shard_dir.display(), "shard worker ready");
 
     let mut worker = Worker {
+        index,
+        backup_running: Arc::new(AtomicBool::new(false)),
         store: &mut store,
         slot,
         flush_every: (config.storage.durability == Durability::Async)
@@ -110,6 +115,9 @@ struct Retention {
 }
 
 struct Worker<'a> {
+    index: usize,
+    /// Set while a backup copy of this shard runs (one at a time).
+    backup_running: Arc<AtomicBool>,
     store: &'a mut Store,
     slot: Slot<'a>,
     /// With `async` durability, how often to flush.
@@ -166,6 +174,12 @@ impl Worker<'_> {
             let mut batch = Vec::new();
             let mut next = Some(first);
             while let Some(queued) = next.take() {
+                if let WorkerRequest::Backup { dir } = &queued.request {
+                    let dir = dir.clone();
+                    self.start_backup(queued, dir);
+                    next = queue.try_recv().ok();
+                    continue;
+                }
                 let ends_batch = changes_locks(&queued.request);
                 if self.blocked(&queued.request) {
                     self.deferred.push_back((Instant::now(), queued));
@@ -182,6 +196,52 @@ impl Worker<'_> {
             if released {
                 self.retry_deferred()?;
             }
+        }
+    }
+
+    /// Copies the environment to `dir` on a thread of its own, which answers `queued` when
+    /// the copy is on disk. The group commit goes on meanwhile.
+    fn start_backup(&self, queued: Queued, dir: String) {
+        let Queued { id, reply, .. } = queued;
+        let refuse = |message: String| {
+            let response = WorkerResponse::Error(WorkerError::Storage(message));
+            let _ = reply.send(ResponseEnvelope { id, response });
+        };
+        if !Path::new(&dir).is_absolute() {
+            return refuse(format!("backup directory {dir:?} is not an absolute path"));
+        }
+        if self.backup_running.swap(true, Ordering::AcqRel) {
+            return refuse(format!("a backup of shard {} is already running", self.index));
+        }
+        let source = self.store.backup_source();
+        let running = Arc::clone(&self.backup_running);
+        let shard = self.index;
+        let reply_from_thread = reply.clone();
+        let spawned = std::thread::Builder::new().name("backup".into()).spawn(move || {
+            let started = Instant::now();
+            tracing::info!(shard, dir = %dir, "backup copy started");
+            let response = match source.copy_to(Path::new(&dir)) {
+                Ok(report) => {
+                    tracing::info!(
+                        shard,
+                        dir = %dir,
+                        bytes = report.bytes,
+                        elapsed_ms = started.elapsed().as_millis() as u64,
+                        "backup copy done"
+                    );
+                    WorkerResponse::Backup(report)
+                }
+                Err(error) => {
+                    tracing::warn!(shard, dir = %dir, %error, "backup copy failed");
+                    WorkerResponse::Error(WorkerError::Storage(format!("backup of shard {shard} to {dir} failed: {error}")))
+                }
+            };
+            running.store(false, Ordering::Release);
+            let _ = reply_from_thread.send(ResponseEnvelope { id, response });
+        });
+        if let Err(error) = spawned {
+            self.backup_running.store(false, Ordering::Release);
+            refuse(format!("cannot start the backup thread: {error}"));
         }
     }
 

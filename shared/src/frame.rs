@@ -224,6 +224,10 @@ pub enum WorkerRequest {
     ReserveIds { high_water: u64 },
     /// → `Integer`: the recorded id high-water mark (0 if none).
     IdHighWater,
+    /// Copies the worker's environment into `dir` (an absolute path that must not exist yet)
+    /// from one read snapshot, without pausing the group commit. → `Backup`, sent when the
+    /// copy is on disk; it can take far longer than other requests.
+    Backup { dir: String },
 }
 
 impl WorkerRequest {
@@ -246,6 +250,7 @@ impl WorkerRequest {
                 | WorkerRequest::ReadFeed { .. }
                 | WorkerRequest::LastCommitIds
                 | WorkerRequest::IdHighWater
+                | WorkerRequest::Backup { .. }
         )
     }
 
@@ -311,6 +316,8 @@ pub enum WorkerResponse {
     /// (partition, last commit id).
     Positions(Vec<(Partition, u64)>),
     Log(Vec<LogEntry>),
+    /// The copy a `Backup` request made.
+    Backup(crate::backup::ShardBackup),
     Error(WorkerError),
 }
 

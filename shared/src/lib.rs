@@ -12,7 +12,9 @@
 //! - [`partition`]: key → slot → partition → worker routing.
 //! - [`status`]: the shared-memory status table every process writes into.
 //! - [`limits`]: size limits and the invariants between them.
+//! - [`backup`]: the backup manifest and the shard-worker's report of its copy.
 
+pub mod backup;
 pub mod config;
 pub mod frame;
 pub mod glob;

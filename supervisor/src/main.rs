@@ -5,10 +5,14 @@
 //!   the supervisor re-executes itself as; they read the validated config from
 //!   the environment ([`CHILD_CONFIG_ENV`]).
 //! - `shoal status` prints the processes of a running Shoal ([`status`]).
+//! - `shoal backup DIR` asks a running Shoal for a copy of every shard ([`backup`]);
+//!   `shoal restore DIR` turns such a copy into the data dir of a stopped one ([`restore`]).
 //!
-//! Modules: [`supervisor`], [`policy`] (the restart rule), [`status`].
+//! Modules: [`supervisor`], [`policy`] (the restart rule), [`status`], [`backup`], [`restore`].
 
+mod backup;
 mod policy;
+mod restore;
 mod status;
 mod supervisor;
 
@@ -46,6 +50,23 @@ enum Command {
         /// Print JSON instead of a table.
         #[arg(long)]
         json: bool,
+    },
+    /// Copy every shard of a running Shoal into DIR, with a manifest of commit ids.
+    Backup {
+        /// Directory to create (or an empty one). It is written by the server, so it must be
+        /// on the server's host and writable by the server's user.
+        dir: PathBuf,
+        /// Config file of the Shoal to back up (for its socket and password).
+        #[arg(long, env = "SHOAL_CONFIG")]
+        config: Option<PathBuf>,
+    },
+    /// Restore a backup into the (new or empty) data dir of a stopped Shoal.
+    Restore {
+        /// A directory written by `shoal backup`.
+        dir: PathBuf,
+        /// Config file of the Shoal to restore into (for its data dir and layout).
+        #[arg(long, env = "SHOAL_CONFIG")]
+        config: Option<PathBuf>,
     },
     /// (internal) A shard-worker process, started by `shoal serve`.
     #[command(hide = true)]
@@ -89,6 +110,20 @@ fn main() -> ExitCode {
             };
             report(status::print(&config, json))
         }
+        Command::Backup { dir, config } => match load_config(config) {
+            Ok(config) => report(backup::run(&config, &dir)),
+            Err(message) => {
+                eprintln!("shoal: {message}");
+                ExitCode::from(EXIT_BAD_CONFIG)
+            }
+        },
+        Command::Restore { dir, config } => match load_config(config) {
+            Ok(config) => report(restore::run(config, &dir)),
+            Err(message) => {
+                eprintln!("shoal: {message}");
+                ExitCode::from(EXIT_BAD_CONFIG)
+            }
+        },
         Command::ShardWorker { index } => {
             init_logging(&format!("shard-{index}"));
             report(child_config().and_then(|config| {

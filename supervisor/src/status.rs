@@ -115,7 +115,7 @@ fn emit(text: &str) {
 }
 
 /// Whether a supervisor holds the data dir's PID file lock.
-fn is_running(config: &Config) -> bool {
+pub(crate) fn is_running(config: &Config) -> bool {
     let Ok(file) = OpenOptions::new().read(true).open(config.pid_path()) else { return false };
     match file.try_lock_shared() {
         Ok(()) => false,

@@ -176,7 +176,7 @@ impl Supervisor {
     }
 
     fn spawn(&mut self, child: usize) -> anyhow::Result<()> {
-        let exe = std::env::current_exe().context("finding the shoal binary")?;
+        let exe = own_binary();
         let supervised = &mut self.children[child];
         let mut command = Command::new(exe);
         match supervised.role {
@@ -336,7 +336,17 @@ impl Supervisor {
             }
         } else if supervised.restart_at.is_some_and(|at| now >= at) {
             slot.add(Field::Restarts, 1);
-            self.spawn(child)?;
+            if let Err(error) = self.spawn(child) {
+                // A failed start counts as a death: back off, and give up by the same rule.
+                let supervised = &mut self.children[child];
+                match supervised.policy.on_exit(now) {
+                    Decision::RestartAfter(delay) => {
+                        tracing::error!(child = %supervised.name(), "{error:#}; retrying");
+                        supervised.restart_at = Some(now + delay);
+                    }
+                    Decision::GiveUp { .. } => return Err(error),
+                }
+            }
         }
         Ok(())
     }
@@ -383,6 +393,12 @@ impl Supervisor {
     }
 }
 
+/// The binary children are started from. `/proc/self/exe` still names this process's
+/// binary after the file on disk is replaced (an upgrade in place).
+fn own_binary() -> std::path::PathBuf {
+    std::path::PathBuf::from("/proc/self/exe")
+}
+
 /// Sends a notification to systemd when running under it (NOTIFY_SOCKET set).
 fn notify(states: &[sd_notify::NotifyState]) {
     if let Err(error) = sd_notify::notify(states) {
@@ -391,7 +407,7 @@ fn notify(states: &[sd_notify::NotifyState]) {
 }
 
 /// Takes the data dir's PID file lock, or explains who holds it.
-fn lock_pid_file(config: &Config) -> anyhow::Result<File> {
+pub(crate) fn lock_pid_file(config: &Config) -> anyhow::Result<File> {
     let path = config.pid_path();
     let mut file = OpenOptions::new()
         .read(true)
@@ -453,7 +469,7 @@ fn check_layout(config: &mut Config, config_json: &str) -> anyhow::Result<()> {
         return Ok(());
     }
     tracing::info!(from = found.workers, to = wanted.workers, "the worker count changed; moving partitions before serving");
-    let exe = std::env::current_exe().context("finding the shoal binary")?;
+    let exe = own_binary();
     let status = Command::new(exe)
         .arg("rebalance")
         .arg("--from")

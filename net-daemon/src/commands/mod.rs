@@ -8,12 +8,14 @@
 //!
 //! Modules:
 //! - [`table`]: the command table (arity, key positions, docs).
+//! - [`backup`]: SHOAL.BACKUP, a copy of every shard with its manifest.
 //! - [`strings`]: commands on one key (strings, counters, ranges).
 //! - [`keyspace`]: expiry, TYPE/OBJECT, SCAN, KEYS, DBSIZE, FLUSHDB/FLUSHALL.
 //! - [`multi`]: multi-key writes (MSET, MSETNX, DEL, RENAME, COPY), atomic across workers.
 //! - [`shoal`]: Shoal's own commands (ID.NEW, SHOAL.LOG, SHOAL.FEED, ...).
 //! - [`server`]: connection and server commands answered by the net-daemon.
 
+pub mod backup;
 pub mod keyspace;
 pub mod multi;
 pub mod server;
@@ -175,6 +177,9 @@ pub async fn dispatch(shared: &Arc<Shared>, session: &mut Session, args: Vec<Byt
     }
     if let Some(pending) = multi::dispatch(shared, session, spec.name, &args).await {
         return (pending, After::Continue);
+    }
+    if spec.name == "shoal.backup" {
+        return (backup::dispatch(shared, &args), After::Continue);
     }
     if let Some(pending) = shoal::dispatch(shared, session, spec.name, &args).await {
         return (pending, After::Continue);

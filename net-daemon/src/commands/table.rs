@@ -95,6 +95,7 @@ pub static COMMANDS: &[CommandSpec] = &[
     spec!("set", -3, W, 1, 1, 1, "string", "Sets the string value of a key (NX, XX, GET)."),
     spec!("setnx", 3, W, 1, 1, 1, "string", "Set the string value of a key only when the key doesn't exist."),
     spec!("setrange", 4, W, 1, 1, 1, "string", "Overwrites a part of a string value with another by an offset."),
+    spec!("shoal.backup", 2, &["admin"], 0, 0, 0, "shoal", "Copies every shard to a directory on the server's host, with a manifest of commit ids."),
     spec!("shoal.feed", -2, &["readonly"], 0, 0, 0, "shoal", "Reads the change feed of every partition from a cursor (COUNT, BLOCK)."),
     spec!("shoal.log", -3, &["readonly"], 0, 0, 0, "shoal", "Reads a partition's commit log from a commit id."),
     spec!("shoal.partition", 2, R, 1, 1, 1, "shoal", "Returns the partition a key belongs to."),

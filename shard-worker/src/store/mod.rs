@@ -16,10 +16,12 @@
 //! - [`scan`]: SCAN, KEYS, DBSIZE, FLUSH.
 //! - [`log`]: the commit log: reads, the change feed, retention.
 //! - [`partitions`]: whole partitions exported, imported and cleared (worker count changes).
+//! - [`backup`]: copies of the environment taken from a read snapshot, off the apply thread.
 //!
 //! This module never talks to sockets, and it never opens the environment of
 //! another shard.
 
+mod backup;
 mod keyspace;
 mod log;
 mod partitions;
@@ -29,6 +31,7 @@ mod txns;
 
 use std::collections::HashMap;
 use std::path::Path;
+use std::sync::{Arc, RwLock};
 
 use heed::types::Bytes;
 use heed::{CommitOrAbort, Database, Env, EnvFlags, EnvOpenOptions, RwTxn, WithoutTls};
@@ -36,6 +39,7 @@ use shoal_shared::config::Durability;
 use shoal_shared::frame::{Collection, Partition, WorkerError, WorkerRequest, WorkerResponse};
 
 use crate::layout::{self, PartitionMeta};
+pub use backup::BackupSource;
 pub use txns::Locks;
 
 type RawDatabase = Database<'static, Bytes, Bytes>;
@@ -85,6 +89,10 @@ pub struct Store {
     locks: Locks,
     /// How long the last commit (with its fsync) took, if the last transaction committed.
     last_commit: Option<std::time::Duration>,
+    /// Held shared by every backup copy in progress and exclusively by a map resize:
+    /// LMDB must not resize the map while a transaction of this process is open.
+    resize_gate: Arc<RwLock<()>>,
+    max_dbs: u32,
 }
 
 /// State of one write transaction: partition counters advanced in it, and the
@@ -168,6 +176,8 @@ impl Store {
             highest_commit_id: 0,
             locks: Locks::default(),
             last_commit: None,
+            resize_gate: Arc::default(),
+            max_dbs: u32::from(options.collections) + 4,
         };
         store.check_meta(options)?;
         store.locks = store.load_locks()?;
@@ -353,8 +363,11 @@ impl Store {
         }
         let new_size = page_aligned(current.saturating_mul(2)).min(self.max_map_size_bytes);
         tracing::info!(new_size, "LMDB map is full; growing it and replaying the batch");
+        // A backup copy holds a read transaction: wait until it is done.
+        let _gate = self.resize_gate.write().unwrap_or_else(|poisoned| poisoned.into_inner());
         // SAFETY: no transaction of this environment is open: the caller dropped (aborted)
-        // its transaction before growing, and the worker holds no other transaction.
+        // its transaction before growing, the worker holds no other transaction, and the
+        // gate keeps backup copies (the only other users of the environment) out.
         unsafe { self.env.resize(new_size)? };
         Ok(())
     }

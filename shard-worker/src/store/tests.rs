@@ -424,3 +424,50 @@ fn a_map_at_its_limit_refuses_writes_and_keeps_reads() {
     let mut store = Store::open(dir.path(), &StoreOptions { max_map_size_bytes: 64 << 20, ..options }).unwrap();
     assert_eq!(apply(&mut store, &[set(0, key(0, b"more"), &value)]), vec![WorkerResponse::Ok]);
 }
+
+#[test]
+fn backup_copies_report_the_commit_ids_of_the_copied_data() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut store = Store::open(&dir.path().join("live"), &options()).unwrap();
+    for round in 0..20u8 {
+        apply(&mut store, &[set(0, key(u16::from(round % 4), &[round]), &[round; 100])]);
+    }
+    let source = store.backup_source();
+    let copier = std::thread::spawn({
+        let target = dir.path().join("copies");
+        move || {
+            std::fs::create_dir(&target).unwrap();
+            (0..5).map(|i| (target.join(format!("c{i}")), source.copy_to(&target.join(format!("c{i}"))).unwrap())).collect::<Vec<_>>()
+        }
+    });
+    // Writes go on while the copies run; big values make the map grow meanwhile.
+    for round in 0..200u32 {
+        let partition = (round % 4) as u16;
+        apply(&mut store, &[set(0, key(partition, &round.to_be_bytes()), &vec![7u8; 20_000])]);
+    }
+    for (copy_dir, report) in copier.join().unwrap() {
+        assert_eq!((report.shard, report.partitions, report.workers), (0, 4, 1));
+        assert_eq!(report.format_version, layout::FORMAT_VERSION);
+        let file = copy_dir.join(shoal_shared::backup::SHARD_FILE);
+        assert_eq!(std::fs::metadata(&file).unwrap().len(), report.bytes);
+        assert_eq!(report.sha256.len(), 64);
+        assert_eq!(report.positions.iter().map(|(p, _)| *p).collect::<Vec<_>>(), vec![0, 1, 2, 3]);
+        // The copy opens as a store, and its log ends exactly at the reported commit ids.
+        let mut copy = Store::open(&copy_dir, &options()).unwrap();
+        for (partition, last) in report.positions {
+            assert!(last >= 5, "partition {partition} had 5 commits before the copy began");
+            let log = apply(&mut copy, &[WorkerRequest::ReadLog { partition, from_commit_id: 0, count: 10_000 }]);
+            let WorkerResponse::Log(entries) = &log[0] else { panic!("{log:?}") };
+            assert_eq!(entries.last().map(|e| e.commit_id), Some(last));
+        }
+    }
+    assert!(store.map_size() > 1 << 20, "the map grew while copies ran");
+}
+
+#[test]
+fn backup_refuses_an_existing_target() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::open(&dir.path().join("live"), &options()).unwrap();
+    std::fs::create_dir(dir.path().join("taken")).unwrap();
+    assert!(store.backup_source().copy_to(&dir.path().join("taken")).is_err());
+}
