@@ -13,8 +13,7 @@ use shoal_shared::partition::key_partition;
 use shoal_shared::resp::{parse_request, Protocol, Reply, RequestLimits};
 use std::hint::black_box;
 
-const LIMITS: RequestLimits =
-    RequestLimits {
+const LIMITS: RequestLimits = RequestLimits {
     max_args: MAX_REQUEST_ARGS,
     max_bulk_bytes: 1 << 20,
     max_request_bytes: 1 << 30,
@@ -25,7 +24,9 @@ fn resp(c: &mut Criterion) {
     let mut pipeline = Vec::new();
     for i in 0..16 {
         let key = format!("key:{i:012}");
-        pipeline.extend_from_slice(format!("*3\r\n$3\r\nSET\r\n${}\r\n{key}\r\n$100\r\n", key.len()).as_bytes());
+        pipeline.extend_from_slice(
+            format!("*3\r\n$3\r\nSET\r\n${}\r\n{key}\r\n$100\r\n", key.len()).as_bytes(),
+        );
         pipeline.extend_from_slice(&[b'x'; 100]);
         pipeline.extend_from_slice(b"\r\n");
     }
@@ -58,7 +59,11 @@ fn routing(c: &mut Criterion) {
     let mut group = c.benchmark_group("routing");
     group.throughput(Throughput::Elements(keys.len() as u64));
     group.bench_function("key → partition", |b| {
-        b.iter(|| keys.iter().map(|k| u32::from(key_partition(k.as_bytes(), 256))).sum::<u32>())
+        b.iter(|| {
+            keys.iter()
+                .map(|k| u32::from(key_partition(k.as_bytes(), 256)))
+                .sum::<u32>()
+        })
     });
     group.finish();
 }
@@ -68,7 +73,10 @@ fn frames(c: &mut Criterion) {
         id: 42,
         request: WorkerRequest::Set {
             collection: 0,
-            key: Key { partition: 17, bytes: b"key:000000000001".to_vec() },
+            key: Key {
+                partition: 17,
+                bytes: b"key:000000000001".to_vec(),
+            },
             value: vec![b'x'; 100],
             condition: SetCondition::Always,
             reply: SetReply::Status,

@@ -36,7 +36,11 @@ struct Outcome {
 /// The keys of client `client`: key `i` lives on worker `i % WORKERS`, so a group spans every worker.
 fn group_keys(server: &Server, client: usize) -> Vec<String> {
     (0..KEYS_PER_GROUP)
-        .map(|i| server.keys_on_worker(&format!("atom:{client}:{i}:"), i % WORKERS, 1).remove(0))
+        .map(|i| {
+            server
+                .keys_on_worker(&format!("atom:{client}:{i}:"), i % WORKERS, 1)
+                .remove(0)
+        })
         .collect()
 }
 
@@ -48,8 +52,10 @@ fn value_of(client: usize, counter: u64) -> String {
 fn connect_until(client: &redis::Client, deadline: Instant) -> Option<redis::Connection> {
     while Instant::now() < deadline {
         if let Ok(con) = client.get_connection_with_timeout(Duration::from_secs(2)) {
-            con.set_read_timeout(Some(Duration::from_secs(20))).expect("read timeout");
-            con.set_write_timeout(Some(Duration::from_secs(10))).expect("write timeout");
+            con.set_read_timeout(Some(Duration::from_secs(20)))
+                .expect("read timeout");
+            con.set_write_timeout(Some(Duration::from_secs(10)))
+                .expect("write timeout");
             return Some(con);
         }
         sleep(Duration::from_millis(50));
@@ -60,7 +66,12 @@ fn connect_until(client: &redis::Client, deadline: Instant) -> Option<redis::Con
 /// Sends `MSETS_PER_CLIENT` MSETs, one at a time, each writing `client:counter` to every key of
 /// the group. A lost connection is re-opened; the counter moves on either way, so each value
 /// belongs to exactly one MSET.
-fn run_client(redis_client: redis::Client, client: usize, keys: Vec<String>, progress: Arc<AtomicUsize>) -> Outcome {
+fn run_client(
+    redis_client: redis::Client,
+    client: usize,
+    keys: Vec<String>,
+    progress: Arc<AtomicUsize>,
+) -> Outcome {
     let deadline = Instant::now() + Duration::from_secs(120);
     let mut outcome = Outcome::default();
     let mut con = None;
@@ -68,11 +79,15 @@ fn run_client(redis_client: redis::Client, client: usize, keys: Vec<String>, pro
         if con.is_none() {
             con = connect_until(&redis_client, deadline);
             if con.is_none() {
-                outcome.errors.push("could not reconnect within the deadline".into());
+                outcome
+                    .errors
+                    .push("could not reconnect within the deadline".into());
                 return outcome;
             }
         }
-        let Some(connection) = con.as_mut() else { unreachable!() };
+        let Some(connection) = con.as_mut() else {
+            unreachable!()
+        };
         let mut cmd = redis::cmd("MSET");
         let value = value_of(client, counter);
         for key in &keys {
@@ -111,32 +126,45 @@ fn wait_restarted(server: &Server, role: &str, index: u64, old: i32, timeout: Du
                 }
             }
         }
-        assert!(Instant::now() < deadline, "{role} {index} (pid {old}) was not restarted within {timeout:?}\n{}", server.logs());
+        assert!(
+            Instant::now() < deadline,
+            "{role} {index} (pid {old}) was not restarted within {timeout:?}\n{}",
+            server.logs()
+        );
         sleep(Duration::from_millis(50));
     }
 }
 
 fn current_pid(server: &Server, role: &str, index: u64) -> i32 {
-    server.process_status(role, index)["pid"].as_i64().expect("pid") as i32
+    server.process_status(role, index)["pid"]
+        .as_i64()
+        .expect("pid") as i32
 }
 
 /// Sends one command, retrying `TRYAGAIN` replies and lost connections until `deadline`.
 fn call_retrying(server: &Server, args: &[&str], deadline: Instant) -> Value {
     let mut last = String::new();
     while Instant::now() < deadline {
-        let Some(mut con) = connect_until(&server.client(), deadline) else { break };
+        let Some(mut con) = connect_until(&server.client(), deadline) else {
+            break;
+        };
         let mut cmd = redis::cmd(args[0]);
         for arg in &args[1..] {
             cmd.arg(*arg);
         }
         match con.req_command(&cmd) {
-            Ok(reply @ Value::ServerError(_)) if error_text(&reply).starts_with("TRYAGAIN") => last = error_text(&reply),
+            Ok(reply @ Value::ServerError(_)) if error_text(&reply).starts_with("TRYAGAIN") => {
+                last = error_text(&reply)
+            }
             Ok(reply) => return reply,
             Err(error) => last = format!("I/O: {error}"),
         }
         sleep(Duration::from_millis(200));
     }
-    panic!("{args:?} kept failing until the deadline: {last}\n{}", server.logs());
+    panic!(
+        "{args:?} kept failing until the deadline: {last}\n{}",
+        server.logs()
+    );
 }
 
 fn txns(server: &Server) -> Option<i64> {
@@ -164,15 +192,29 @@ fn msets_across_workers_stay_atomic_while_workers_and_the_net_daemon_are_killed(
     let server = Server::start(&format!(
         "workers = {WORKERS}\n[supervisor]\nmax_restarts = 50\nrestart_window_ms = 60000\n"
     ));
-    let seed = std::env::var("SHOAL_TEST_SEED").ok().and_then(|s| s.parse().ok()).unwrap_or_else(|| {
-        std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(1, |d| d.as_nanos() as u64)
-    });
+    let seed = std::env::var("SHOAL_TEST_SEED")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(|| {
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(1, |d| d.as_nanos() as u64)
+        });
     eprintln!("kill schedule seed: {seed} (set SHOAL_TEST_SEED to repeat it)");
     let mut rng = Rng(seed | 1);
-    let groups: Vec<Vec<String>> = (0..CLIENTS).map(|client| group_keys(&server, client)).collect();
+    let groups: Vec<Vec<String>> = (0..CLIENTS)
+        .map(|client| group_keys(&server, client))
+        .collect();
     for keys in &groups {
-        let workers: std::collections::BTreeSet<usize> = keys.iter().map(|k| server.worker_of(k.as_bytes())).collect();
-        assert_eq!(workers.len(), WORKERS, "each group spans every worker: {keys:?}");
+        let workers: std::collections::BTreeSet<usize> = keys
+            .iter()
+            .map(|k| server.worker_of(k.as_bytes()))
+            .collect();
+        assert_eq!(
+            workers.len(),
+            WORKERS,
+            "each group spans every worker: {keys:?}"
+        );
     }
 
     let progress = Arc::new(AtomicUsize::new(0));
@@ -180,42 +222,76 @@ fn msets_across_workers_stay_atomic_while_workers_and_the_net_daemon_are_killed(
         .iter()
         .enumerate()
         .map(|(client, keys)| {
-            let (redis_client, keys, progress) = (server.client(), keys.clone(), Arc::clone(&progress));
+            let (redis_client, keys, progress) =
+                (server.client(), keys.clone(), Arc::clone(&progress));
             std::thread::spawn(move || run_client(redis_client, client, keys, progress))
         })
         .collect();
 
     // Kill -9 a random worker at each milestone of acknowledged MSETs, and the net-daemon once.
     let total = CLIENTS * MSETS_PER_CLIENT as usize;
-    let milestones = [total / 12, total / 5, total * 2 / 5, total * 3 / 5, total * 3 / 4];
+    let milestones = [
+        total / 12,
+        total / 5,
+        total * 2 / 5,
+        total * 3 / 5,
+        total * 3 / 4,
+    ];
     let net_daemon_at = 2;
     let mut kills = Vec::new();
     for (step, milestone) in milestones.iter().enumerate() {
         let deadline = Instant::now() + Duration::from_secs(60);
-        while progress.load(Ordering::Relaxed) < *milestone && !handles.iter().all(|h| h.is_finished()) {
-            assert!(Instant::now() < deadline, "the stream stalled at {} acknowledged MSETs", progress.load(Ordering::Relaxed));
+        while progress.load(Ordering::Relaxed) < *milestone
+            && !handles.iter().all(|h| h.is_finished())
+        {
+            assert!(
+                Instant::now() < deadline,
+                "the stream stalled at {} acknowledged MSETs",
+                progress.load(Ordering::Relaxed)
+            );
             sleep(Duration::from_millis(5));
         }
         if handles.iter().all(|h| h.is_finished()) {
             break;
         }
-        let (role, index) =
-            if step == net_daemon_at { ("net-daemon", 0) } else { ("shard-worker", rng.next() % WORKERS as u64) };
+        let (role, index) = if step == net_daemon_at {
+            ("net-daemon", 0)
+        } else {
+            ("shard-worker", rng.next() % WORKERS as u64)
+        };
         let pid = current_pid(&server, role, index);
         signal(pid, libc::SIGKILL);
         kills.push((role, index, progress.load(Ordering::Relaxed)));
         wait_restarted(&server, role, index, pid, Duration::from_secs(30));
     }
-    let outcomes: Vec<Outcome> = handles.into_iter().map(|h| h.join().expect("client thread")).collect();
+    let outcomes: Vec<Outcome> = handles
+        .into_iter()
+        .map(|h| h.join().expect("client thread"))
+        .collect();
     eprintln!("kills (role, index, acknowledged so far): {kills:?}");
-    assert!(kills.len() >= 4, "the processes were killed during the stream, not after it: {kills:?}");
-    assert!(kills.iter().any(|(role, _, _)| *role == "net-daemon"), "{kills:?}");
+    assert!(
+        kills.len() >= 4,
+        "the processes were killed during the stream, not after it: {kills:?}"
+    );
+    assert!(
+        kills.iter().any(|(role, _, _)| *role == "net-daemon"),
+        "{kills:?}"
+    );
 
     let sent: usize = outcomes.iter().map(|o| o.sent.len()).sum();
     let acked: usize = outcomes.iter().map(|o| o.acked.len()).sum();
     eprintln!("{sent} MSETs sent, {acked} acknowledged");
-    assert_eq!(sent, total, "every MSET was sent: {:?}", outcomes.iter().map(|o| &o.errors).collect::<Vec<_>>());
-    assert!(acked >= total / 2, "most MSETs were acknowledged ({acked} of {total}): {:?}", outcomes[0].errors);
+    assert_eq!(
+        sent,
+        total,
+        "every MSET was sent: {:?}",
+        outcomes.iter().map(|o| &o.errors).collect::<Vec<_>>()
+    );
+    assert!(
+        acked >= total / 2,
+        "most MSETs were acknowledged ({acked} of {total}): {:?}",
+        outcomes[0].errors
+    );
 
     let in_doubt_after_stream = txns(&server);
     let mut kinds: std::collections::BTreeMap<String, usize> = std::collections::BTreeMap::new();
@@ -242,18 +318,32 @@ fn msets_across_workers_stay_atomic_while_workers_and_the_net_daemon_are_killed(
         );
         let counter = match first {
             Value::Nil => {
-                assert!(outcome.acked.is_empty(), "client {client}: acknowledged MSETs are missing: {values:?}");
+                assert!(
+                    outcome.acked.is_empty(),
+                    "client {client}: acknowledged MSETs are missing: {values:?}"
+                );
                 continue;
             }
             Value::BulkString(bytes) => {
                 let text = String::from_utf8_lossy(bytes).into_owned();
-                let (owner, counter) = text.split_once(':').unwrap_or_else(|| panic!("unexpected value {text:?}"));
-                assert_eq!(owner, client.to_string(), "client {client}'s keys hold another client's value {text:?}");
-                counter.parse::<u64>().unwrap_or_else(|_| panic!("unexpected value {text:?}"))
+                let (owner, counter) = text
+                    .split_once(':')
+                    .unwrap_or_else(|| panic!("unexpected value {text:?}"));
+                assert_eq!(
+                    owner,
+                    client.to_string(),
+                    "client {client}'s keys hold another client's value {text:?}"
+                );
+                counter
+                    .parse::<u64>()
+                    .unwrap_or_else(|_| panic!("unexpected value {text:?}"))
             }
             other => panic!("MGET value {other:?}"),
         };
-        assert!(outcome.sent.contains(&counter), "client {client}: value {counter} was never sent");
+        assert!(
+            outcome.sent.contains(&counter),
+            "client {client}: value {counter} was never sent"
+        );
         if let Some(&last_acked) = outcome.acked.last() {
             assert!(
                 counter >= last_acked,
@@ -290,8 +380,16 @@ fn msets_across_workers_stay_atomic_while_workers_and_the_net_daemon_are_killed(
             cmd.arg(key).arg("final");
         }
         let reply = con.req_command(&cmd).expect("MSET after recovery");
-        assert_eq!(reply, Value::Okay, "client {client}: MSET after recovery: {reply:?}");
-        let values: Vec<Option<String>> = redis::cmd("MGET").arg(keys).query(&mut con).expect("MGET");
-        assert!(values.iter().all(|v| v.as_deref() == Some("final")), "client {client}: {values:?}");
+        assert_eq!(
+            reply,
+            Value::Okay,
+            "client {client}: MSET after recovery: {reply:?}"
+        );
+        let values: Vec<Option<String>> =
+            redis::cmd("MGET").arg(keys).query(&mut con).expect("MGET");
+        assert!(
+            values.iter().all(|v| v.as_deref() == Some("final")),
+            "client {client}: {values:?}"
+        );
     }
 }

@@ -23,7 +23,11 @@ const COMMAND_TIMEOUT: Duration = Duration::from_secs(120);
 /// Runs `shoal <verb> <dir> --config <config>` for `server`'s config.
 fn shoal(server: &Server, verb: &str, dir: &Path) -> std::process::Output {
     let mut command = server.command();
-    command.arg(verb).arg(dir).arg("--config").arg(&server.config_path);
+    command
+        .arg(verb)
+        .arg(dir)
+        .arg("--config")
+        .arg(&server.config_path);
     run_with_timeout(command, COMMAND_TIMEOUT).expect("shoal finishes")
 }
 
@@ -44,7 +48,11 @@ fn manifest_commit_ids(manifest: &Json) -> Vec<u64> {
         .iter()
         .enumerate()
         .map(|(index, entry)| {
-            assert_eq!(entry["partition"].as_u64(), Some(index as u64), "commit ids are in partition order");
+            assert_eq!(
+                entry["partition"].as_u64(),
+                Some(index as u64),
+                "commit ids are in partition order"
+            );
             entry["last_commit_id"].as_u64().expect("last_commit_id")
         })
         .collect()
@@ -72,13 +80,26 @@ fn read_log(con: &mut redis::Connection, partition: u32) -> Vec<Entry> {
     let mut entries = Vec::new();
     let mut from = 0u64;
     loop {
-        let reply = call_str(con, &["SHOAL.LOG", &partition.to_string(), &from.to_string(), "COUNT", "10000"]);
-        let Value::Array(items) = reply else { panic!("SHOAL.LOG answers an array: {reply:?}") };
+        let reply = call_str(
+            con,
+            &[
+                "SHOAL.LOG",
+                &partition.to_string(),
+                &from.to_string(),
+                "COUNT",
+                "10000",
+            ],
+        );
+        let Value::Array(items) = reply else {
+            panic!("SHOAL.LOG answers an array: {reply:?}")
+        };
         if items.is_empty() {
             return entries;
         }
         for item in items {
-            let Value::Array(fields) = item else { panic!("log entry {item:?}") };
+            let Value::Array(fields) = item else {
+                panic!("log entry {item:?}")
+            };
             let entry = (
                 int(&fields[0]) as u64,
                 String::from_utf8(bytes(&fields[2])).unwrap(),
@@ -94,7 +115,9 @@ fn read_log(con: &mut redis::Connection, partition: u32) -> Vec<Entry> {
 
 /// Every key of collection 0 and its value.
 fn keyspace(con: &mut redis::Connection) -> HashMap<Vec<u8>, Vec<u8>> {
-    let Value::Array(keys) = call_str(con, &["KEYS", "*"]) else { panic!("KEYS answers an array") };
+    let Value::Array(keys) = call_str(con, &["KEYS", "*"]) else {
+        panic!("KEYS answers an array")
+    };
     let mut found = HashMap::new();
     for key in keys {
         let key = bytes(&key);
@@ -119,7 +142,10 @@ fn backup_under_write_load_restores_exactly_the_manifest_commits() {
     let filler = "x".repeat(2000);
     let mut pipe = redis::pipe();
     for i in 0..3000 {
-        pipe.cmd("SET").arg(format!("preload:{i}")).arg(&filler).ignore();
+        pipe.cmd("SET")
+            .arg(format!("preload:{i}"))
+            .arg(&filler)
+            .ignore();
     }
     pipe.query::<()>(&mut con).expect("preload");
 
@@ -140,7 +166,11 @@ fn backup_under_write_load_restores_exactly_the_manifest_commits() {
                         None
                     } else {
                         let value = format!("w{writer}-{seq}");
-                        let _: () = redis::cmd("SET").arg(&key).arg(&value).query(&mut con).expect("SET");
+                        let _: () = redis::cmd("SET")
+                            .arg(&key)
+                            .arg(&value)
+                            .query(&mut con)
+                            .expect("SET");
                         Some(value)
                     };
                     acked.push(Acked { key, value, sent });
@@ -155,13 +185,27 @@ fn backup_under_write_load_restores_exactly_the_manifest_commits() {
     let backup_started = Instant::now();
     let output = shoal(&server, "backup", &backup_dir);
     let backup_ended = Instant::now();
-    assert!(output.status.success(), "shoal backup failed: {}", stderr(&output));
-    assert!(stderr(&output).contains("shard-2"), "backup shows per-shard progress: {}", stderr(&output));
+    assert!(
+        output.status.success(),
+        "shoal backup failed: {}",
+        stderr(&output)
+    );
+    assert!(
+        stderr(&output).contains("shard-2"),
+        "backup shows per-shard progress: {}",
+        stderr(&output)
+    );
     thread::sleep(Duration::from_millis(300));
     stop.store(true, Ordering::Relaxed);
-    let acked: Vec<Acked> = writers.into_iter().flat_map(|writer| writer.join().expect("writer")).collect();
+    let acked: Vec<Acked> = writers
+        .into_iter()
+        .flat_map(|writer| writer.join().expect("writer"))
+        .collect();
 
-    let during = acked.iter().filter(|op| op.sent >= backup_started && op.sent < backup_ended).count();
+    let during = acked
+        .iter()
+        .filter(|op| op.sent >= backup_started && op.sent < backup_ended)
+        .count();
     assert!(during > 0, "writes went on while the backup ran");
 
     let manifest = read_manifest(&backup_dir);
@@ -188,25 +232,56 @@ fn backup_under_write_load_restores_exactly_the_manifest_commits() {
             }
         }
     }
-    assert!(newer > 0, "some writes committed after the backup, so the test can tell them apart");
+    assert!(
+        newer > 0,
+        "some writes committed after the backup, so the test can tell them apart"
+    );
 
     let mut restored = Server::configure(LAYOUT);
     let output = shoal(&restored, "restore", &backup_dir);
-    assert!(output.status.success(), "shoal restore failed: {}", stderr(&output));
-    assert!(stderr(&output).contains("checksum ok"), "restore shows verification progress: {}", stderr(&output));
+    assert!(
+        output.status.success(),
+        "shoal restore failed: {}",
+        stderr(&output)
+    );
+    assert!(
+        stderr(&output).contains("checksum ok"),
+        "restore shows verification progress: {}",
+        stderr(&output)
+    );
     restored.spawn_and_wait();
     let mut restored_con = restored.conn();
     let found = keyspace(&mut restored_con);
-    let missing: Vec<_> = expected.keys().filter(|k| !found.contains_key(*k)).take(5).collect();
-    let extra: Vec<_> = found.keys().filter(|k| !expected.contains_key(*k)).take(5).collect();
-    assert!(missing.is_empty() && extra.is_empty(), "missing {missing:?}, extra {extra:?}");
+    let missing: Vec<_> = expected
+        .keys()
+        .filter(|k| !found.contains_key(*k))
+        .take(5)
+        .collect();
+    let extra: Vec<_> = found
+        .keys()
+        .filter(|k| !expected.contains_key(*k))
+        .take(5)
+        .collect();
+    assert!(
+        missing.is_empty() && extra.is_empty(),
+        "missing {missing:?}, extra {extra:?}"
+    );
     for (key, value) in &expected {
-        assert_eq!(found.get(key), Some(value), "value of {}", String::from_utf8_lossy(key));
+        assert_eq!(
+            found.get(key),
+            Some(value),
+            "value of {}",
+            String::from_utf8_lossy(key)
+        );
     }
     // Each restored partition's log ends exactly at its manifest commit id.
     for partition in 0..16u32 {
         let log = read_log(&mut restored_con, partition);
-        assert_eq!(log.last().map_or(0, |entry| entry.0), commit_ids[partition as usize], "partition {partition}");
+        assert_eq!(
+            log.last().map_or(0, |entry| entry.0),
+            commit_ids[partition as usize],
+            "partition {partition}"
+        );
     }
 
     // The same from the clients' side: each key holds the state after one of its writes that
@@ -217,7 +292,9 @@ fn backup_under_write_load_restores_exactly_the_manifest_commits() {
         by_key.entry(op.key.as_str()).or_default().push(op);
     }
     for (key, ops) in by_key {
-        let state = found.get(key.as_bytes()).map(|v| String::from_utf8(v.clone()).unwrap());
+        let state = found
+            .get(key.as_bytes())
+            .map(|v| String::from_utf8(v.clone()).unwrap());
         let floor = ops.iter().rposition(|op| op.sent < backup_started);
         let fits = |index: usize| ops[index].value == state && ops[index].sent < backup_ended;
         let matched = match floor {
@@ -225,7 +302,10 @@ fn backup_under_write_load_restores_exactly_the_manifest_commits() {
             // Not written before the backup began: absent, or a write sent before it ended.
             None => state.is_none() || (0..ops.len()).any(fits),
         };
-        assert!(matched, "key {key} holds {state:?}, which no acknowledged write in the backup's window left");
+        assert!(
+            matched,
+            "key {key} holds {state:?}, which no acknowledged write in the backup's window left"
+        );
     }
 }
 
@@ -234,11 +314,19 @@ fn backed_up_server() -> (Server, PathBuf) {
     let mut server = Server::start("[storage]\npartitions = 8\n");
     let mut con = server.conn();
     for i in 0..50 {
-        let _: () = redis::cmd("SET").arg(format!("k{i}")).arg(format!("v{i}")).query(&mut con).unwrap();
+        let _: () = redis::cmd("SET")
+            .arg(format!("k{i}"))
+            .arg(format!("v{i}"))
+            .query(&mut con)
+            .unwrap();
     }
     let backup_dir = server.dir.path().join("b");
     let output = shoal(&server, "backup", &backup_dir);
-    assert!(output.status.success(), "shoal backup failed: {}", stderr(&output));
+    assert!(
+        output.status.success(),
+        "shoal backup failed: {}",
+        stderr(&output)
+    );
     server.stop();
     (server, backup_dir)
 }
@@ -256,13 +344,21 @@ fn restore_refuses_a_damaged_backup_before_touching_the_data_dir() {
     std::fs::write(&shard, &damaged).unwrap();
     let output = shoal(&target, "restore", &backup_dir);
     assert!(!output.status.success(), "a flipped byte is refused");
-    assert!(stderr(&output).contains("checksum"), "says why: {}", stderr(&output));
+    assert!(
+        stderr(&output).contains("checksum"),
+        "says why: {}",
+        stderr(&output)
+    );
     assert!(!target.data_dir.exists(), "the data dir was not created");
 
     std::fs::write(&shard, &original[..original.len() - 4096]).unwrap();
     let output = shoal(&target, "restore", &backup_dir);
     assert!(!output.status.success(), "a truncated shard is refused");
-    assert!(stderr(&output).contains("bytes"), "says why: {}", stderr(&output));
+    assert!(
+        stderr(&output).contains("bytes"),
+        "says why: {}",
+        stderr(&output)
+    );
     assert!(!target.data_dir.exists());
 
     std::fs::write(&shard, &original).unwrap();
@@ -270,14 +366,32 @@ fn restore_refuses_a_damaged_backup_before_touching_the_data_dir() {
     let manifest = std::fs::read_to_string(&manifest_path).unwrap();
     std::fs::remove_file(&manifest_path).unwrap();
     let output = shoal(&target, "restore", &backup_dir);
-    assert!(!output.status.success(), "a backup without a manifest is refused");
-    assert!(stderr(&output).contains("manifest.json"), "says why: {}", stderr(&output));
+    assert!(
+        !output.status.success(),
+        "a backup without a manifest is refused"
+    );
+    assert!(
+        stderr(&output).contains("manifest.json"),
+        "says why: {}",
+        stderr(&output)
+    );
     assert!(!target.data_dir.exists());
 
-    std::fs::write(&manifest_path, manifest.replace("\"workers\": 2", "\"workers\": 3")).unwrap();
+    std::fs::write(
+        &manifest_path,
+        manifest.replace("\"workers\": 2", "\"workers\": 3"),
+    )
+    .unwrap();
     let output = shoal(&target, "restore", &backup_dir);
-    assert!(!output.status.success(), "an inconsistent manifest is refused");
-    assert!(stderr(&output).contains("not a valid manifest"), "says why: {}", stderr(&output));
+    assert!(
+        !output.status.success(),
+        "an inconsistent manifest is refused"
+    );
+    assert!(
+        stderr(&output).contains("not a valid manifest"),
+        "says why: {}",
+        stderr(&output)
+    );
     assert!(!target.data_dir.exists());
 
     // Repaired, the same backup restores.
@@ -294,19 +408,44 @@ fn restore_refuses_a_data_dir_in_use_or_not_empty_and_fits_the_worker_count() {
 
     server.spawn_and_wait();
     let output = shoal(&server, "restore", &backup_dir);
-    assert!(!output.status.success(), "restore into a running server is refused");
-    assert!(stderr(&output).contains("running"), "says why: {}", stderr(&output));
+    assert!(
+        !output.status.success(),
+        "restore into a running server is refused"
+    );
+    assert!(
+        stderr(&output).contains("running"),
+        "says why: {}",
+        stderr(&output)
+    );
     server.stop();
 
     let output = shoal(&server, "restore", &backup_dir);
-    assert!(!output.status.success(), "restore into a data dir with data is refused");
-    assert!(stderr(&output).contains("not empty"), "says why: {}", stderr(&output));
-    assert_eq!(std::fs::read(&shard_file).unwrap(), before, "the data was not touched");
+    assert!(
+        !output.status.success(),
+        "restore into a data dir with data is refused"
+    );
+    assert!(
+        stderr(&output).contains("not empty"),
+        "says why: {}",
+        stderr(&output)
+    );
+    assert_eq!(
+        std::fs::read(&shard_file).unwrap(),
+        before,
+        "the data was not touched"
+    );
 
     let other = Server::configure("[storage]\npartitions = 16\n");
     let output = shoal(&other, "restore", &backup_dir);
-    assert!(!output.status.success(), "another partition count is refused");
-    assert!(stderr(&output).contains("partitions"), "says why: {}", stderr(&output));
+    assert!(
+        !output.status.success(),
+        "another partition count is refused"
+    );
+    assert!(
+        stderr(&output).contains("partitions"),
+        "says why: {}",
+        stderr(&output)
+    );
 
     // With `workers` left to the core count, the backup's worker count is used.
     let mut adopting = Server::configure("workers = 0\n[storage]\npartitions = 8\n");
@@ -322,12 +461,19 @@ fn restore_refuses_a_data_dir_in_use_or_not_empty_and_fits_the_worker_count() {
     let mut moving = Server::configure("workers = 3\n[storage]\npartitions = 8\n");
     let output = shoal(&moving, "restore", &backup_dir);
     assert!(output.status.success(), "{}", stderr(&output));
-    assert!(stderr(&output).contains("will move partitions to 3 workers"), "{}", stderr(&output));
+    assert!(
+        stderr(&output).contains("will move partitions to 3 workers"),
+        "{}",
+        stderr(&output)
+    );
     moving.spawn_and_wait();
     let mut con = moving.conn();
     assert_eq!(int(&call_str(&mut con, &["DBSIZE"])), 50);
     for i in 0..50 {
-        assert_eq!(bytes(&call_str(&mut con, &["GET", &format!("k{i}")])), format!("v{i}").into_bytes());
+        assert_eq!(
+            bytes(&call_str(&mut con, &["GET", &format!("k{i}")])),
+            format!("v{i}").into_bytes()
+        );
     }
     assert_eq!(moving.status_json().unwrap()["workers"], 3);
 }
@@ -340,11 +486,21 @@ fn backup_refuses_a_non_empty_target_and_a_stopped_server() {
     std::fs::write(taken.join("something"), b"x").unwrap();
     let output = shoal(&server, "backup", &taken);
     assert!(!output.status.success());
-    assert!(stderr(&output).contains("not empty"), "says why: {}", stderr(&output));
+    assert!(
+        stderr(&output).contains("not empty"),
+        "says why: {}",
+        stderr(&output)
+    );
     // The server refuses it too, for clients that ask it directly.
     let mut con = server.conn();
-    let reply = call(&mut con, &[b"SHOAL.BACKUP", taken.to_str().unwrap().as_bytes()]);
-    assert!(common::error_text(&reply).contains("not empty"), "{reply:?}");
+    let reply = call(
+        &mut con,
+        &[b"SHOAL.BACKUP", taken.to_str().unwrap().as_bytes()],
+    );
+    assert!(
+        common::error_text(&reply).contains("not empty"),
+        "{reply:?}"
+    );
     let reply = call_str(&mut con, &["SHOAL.BACKUP", "relative/dir"]);
     assert!(common::error_text(&reply).contains("absolute"), "{reply:?}");
 
@@ -352,6 +508,10 @@ fn backup_refuses_a_non_empty_target_and_a_stopped_server() {
     let target = server.dir.path().join("never");
     let output = shoal(&server, "backup", &target);
     assert!(!output.status.success(), "no server, no backup");
-    assert!(stderr(&output).contains("is shoal serve running"), "says why: {}", stderr(&output));
+    assert!(
+        stderr(&output).contains("is shoal serve running"),
+        "says why: {}",
+        stderr(&output)
+    );
     assert!(!target.exists(), "nothing was created");
 }

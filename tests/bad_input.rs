@@ -15,14 +15,26 @@ fn malformed_resp_closes_only_that_connection() {
     assert_eq!(bystander.cmd(&["SET", "k", "v"]), Resp::Simple("OK".into()));
 
     // Each of these is a protocol error in Redis too.
-    for garbage in [&b"*1\r\n$x\r\n"[..], b"*1\r\n+OK\r\n", b"*2\r\n$3\r\nGET\r\n$-5\r\n", b"*abc\r\n"] {
+    for garbage in [
+        &b"*1\r\n$x\r\n"[..],
+        b"*1\r\n+OK\r\n",
+        b"*2\r\n$3\r\nGET\r\n$-5\r\n",
+        b"*abc\r\n",
+    ] {
         let mut bad = server.raw();
         // A good request first, so we know the connection itself worked.
         assert_eq!(bad.cmd(&["PING"]), Resp::Simple("PONG".into()));
         bad.send(garbage);
-        let reply = bad.read_line().unwrap_or_else(|e| panic!("no reply to {:?}: {e}", String::from_utf8_lossy(garbage)));
-        assert!(reply.starts_with("-ERR Protocol error"), "reply to {:?}: {reply:?}", String::from_utf8_lossy(garbage));
-        bad.expect_closed().unwrap_or_else(|e| panic!("after {:?}: {e}", String::from_utf8_lossy(garbage)));
+        let reply = bad
+            .read_line()
+            .unwrap_or_else(|e| panic!("no reply to {:?}: {e}", String::from_utf8_lossy(garbage)));
+        assert!(
+            reply.starts_with("-ERR Protocol error"),
+            "reply to {:?}: {reply:?}",
+            String::from_utf8_lossy(garbage)
+        );
+        bad.expect_closed()
+            .unwrap_or_else(|e| panic!("after {:?}: {e}", String::from_utf8_lossy(garbage)));
 
         // Other connections are unaffected, and new ones are accepted.
         assert_eq!(bystander.cmd(&["GET", "k"]), Resp::Bulk(b"v".to_vec()));
@@ -36,15 +48,28 @@ fn key_over_the_limit_is_refused_and_nothing_is_stored() {
     let mut raw = server.raw();
     let longest = "k".repeat(509);
     let too_long = "k".repeat(510);
-    assert_eq!(raw.cmd(&["SET", &longest, "v"]), Resp::Simple("OK".into()), "a 509-byte key is accepted");
+    assert_eq!(
+        raw.cmd(&["SET", &longest, "v"]),
+        Resp::Simple("OK".into()),
+        "a 509-byte key is accepted"
+    );
     assert_eq!(raw.cmd(&["GET", &longest]), Resp::Bulk(b"v".to_vec()));
     let reply = raw.cmd(&["SET", &too_long, "v"]);
-    assert!(reply.is_error() && reply.error().contains("key is too long"), "SET with a 510-byte key: {reply:?}");
+    assert!(
+        reply.is_error() && reply.error().contains("key is too long"),
+        "SET with a 510-byte key: {reply:?}"
+    );
     let huge = "k".repeat(100_000);
     let reply = raw.cmd(&["SET", &huge, "v"]);
-    assert!(reply.is_error() && reply.error().contains("key is too long"), "SET with a 100 kB key: {reply:?}");
+    assert!(
+        reply.is_error() && reply.error().contains("key is too long"),
+        "SET with a 100 kB key: {reply:?}"
+    );
     let reply = raw.cmd(&["INCR", &too_long]);
-    assert!(reply.is_error() && reply.error().contains("key is too long"), "INCR with a 510-byte key: {reply:?}");
+    assert!(
+        reply.is_error() && reply.error().contains("key is too long"),
+        "INCR with a 510-byte key: {reply:?}"
+    );
     // The connection stays open and nothing was stored.
     assert_eq!(raw.cmd(&["DBSIZE"]), Resp::Int(1));
     assert_eq!(raw.cmd(&["PING"]), Resp::Simple("PONG".into()));
@@ -57,16 +82,43 @@ fn value_over_max_value_bytes_is_refused_and_nothing_is_stored() {
     let fits = "v".repeat(1024);
     let too_big = "v".repeat(1025);
     assert_eq!(raw.cmd(&["SET", "fits", &fits]), Resp::Simple("OK".into()));
-    assert_eq!(raw.cmd(&["GET", "fits"]), Resp::Bulk(fits.clone().into_bytes()));
-    for command in [vec!["SET", "big", too_big.as_str()], vec!["SETNX", "big", too_big.as_str()], vec!["GETSET", "big", too_big.as_str()]] {
+    assert_eq!(
+        raw.cmd(&["GET", "fits"]),
+        Resp::Bulk(fits.clone().into_bytes())
+    );
+    for command in [
+        vec!["SET", "big", too_big.as_str()],
+        vec!["SETNX", "big", too_big.as_str()],
+        vec!["GETSET", "big", too_big.as_str()],
+    ] {
         let reply = raw.cmd(&command);
-        assert!(reply.is_error() && reply.error().contains("max_value_bytes"), "{} with 1025 bytes: {reply:?}", command[0]);
-        assert_eq!(raw.cmd(&["EXISTS", "big"]), Resp::Int(0), "nothing stored by {}", command[0]);
+        assert!(
+            reply.is_error() && reply.error().contains("max_value_bytes"),
+            "{} with 1025 bytes: {reply:?}",
+            command[0]
+        );
+        assert_eq!(
+            raw.cmd(&["EXISTS", "big"]),
+            Resp::Int(0),
+            "nothing stored by {}",
+            command[0]
+        );
     }
     let reply = raw.cmd(&["SET", "fits", &too_big]);
-    assert!(reply.is_error() && reply.error().contains("max_value_bytes"), "overwrite with 1025 bytes: {reply:?}");
-    assert_eq!(raw.cmd(&["GET", "fits"]), Resp::Bulk(fits.into_bytes()), "the old value is kept");
-    assert_eq!(raw.cmd(&["PING"]), Resp::Simple("PONG".into()), "the connection stays open");
+    assert!(
+        reply.is_error() && reply.error().contains("max_value_bytes"),
+        "overwrite with 1025 bytes: {reply:?}"
+    );
+    assert_eq!(
+        raw.cmd(&["GET", "fits"]),
+        Resp::Bulk(fits.into_bytes()),
+        "the old value is kept"
+    );
+    assert_eq!(
+        raw.cmd(&["PING"]),
+        Resp::Simple("PONG".into()),
+        "the connection stays open"
+    );
 }
 
 #[test]
@@ -75,9 +127,15 @@ fn append_past_max_value_bytes_is_refused() {
     let mut raw = server.raw();
     let start = "a".repeat(1000);
     assert_eq!(raw.cmd(&["SET", "grow", &start]), Resp::Simple("OK".into()));
-    assert_eq!(raw.cmd(&["APPEND", "grow", &"b".repeat(24)]), Resp::Int(1024));
+    assert_eq!(
+        raw.cmd(&["APPEND", "grow", &"b".repeat(24)]),
+        Resp::Int(1024)
+    );
     let reply = raw.cmd(&["APPEND", "grow", "c"]);
-    assert!(reply.is_error() && reply.error().contains("max_value_bytes"), "APPEND to 1025 bytes: {reply:?}");
+    assert!(
+        reply.is_error() && reply.error().contains("max_value_bytes"),
+        "APPEND to 1025 bytes: {reply:?}"
+    );
     assert_eq!(raw.cmd(&["STRLEN", "grow"]), Resp::Int(1024));
 }
 
@@ -101,21 +159,48 @@ fn wrong_arity_unknown_command_and_bad_numbers_get_redis_errors() {
     ] {
         assert_eq!(
             raw.cmd(&args),
-            Resp::Error(format!("ERR wrong number of arguments for '{name}' command")),
+            Resp::Error(format!(
+                "ERR wrong number of arguments for '{name}' command"
+            )),
             "{args:?}"
         );
     }
-    assert_eq!(raw.cmd(&["foo", "a", "b"]).error(), "ERR unknown command 'foo', with args beginning with: 'a' 'b' ");
-    assert_eq!(raw.cmd(&["foo"]).error(), "ERR unknown command 'foo', with args beginning with: ");
+    assert_eq!(
+        raw.cmd(&["foo", "a", "b"]).error(),
+        "ERR unknown command 'foo', with args beginning with: 'a' 'b' "
+    );
+    assert_eq!(
+        raw.cmd(&["foo"]).error(),
+        "ERR unknown command 'foo', with args beginning with: "
+    );
     raw.send(b"nosuchthing x\r\n");
-    assert_eq!(raw.read_reply().unwrap().error(), "ERR unknown command 'nosuchthing', with args beginning with: 'x' ");
+    assert_eq!(
+        raw.read_reply().unwrap().error(),
+        "ERR unknown command 'nosuchthing', with args beginning with: 'x' "
+    );
 
-    assert_eq!(raw.cmd(&["SET", "word", "hello"]), Resp::Simple("OK".into()));
-    assert_eq!(raw.cmd(&["INCR", "word"]).error(), "ERR value is not an integer or out of range");
-    assert_eq!(raw.cmd(&["DECRBY", "word", "1"]).error(), "ERR value is not an integer or out of range");
-    assert_eq!(raw.cmd(&["INCRBYFLOAT", "word", "1"]).error(), "ERR value is not a valid float");
+    assert_eq!(
+        raw.cmd(&["SET", "word", "hello"]),
+        Resp::Simple("OK".into())
+    );
+    assert_eq!(
+        raw.cmd(&["INCR", "word"]).error(),
+        "ERR value is not an integer or out of range"
+    );
+    assert_eq!(
+        raw.cmd(&["DECRBY", "word", "1"]).error(),
+        "ERR value is not an integer or out of range"
+    );
+    assert_eq!(
+        raw.cmd(&["INCRBYFLOAT", "word", "1"]).error(),
+        "ERR value is not a valid float"
+    );
     assert_eq!(raw.cmd(&["GET", "word"]), Resp::Bulk(b"hello".to_vec()));
-    assert_eq!(raw.cmd(&["PING"]), Resp::Simple("PONG".into()), "still connected after all those errors");
+    assert_eq!(
+        raw.cmd(&["PING"]),
+        Resp::Simple("PONG".into()),
+        "still connected after all those errors"
+    );
 }
 
 /// Runs `shoal serve` on a config and expects it to refuse at once.
@@ -123,24 +208,48 @@ fn serve_refuses(config: &str) -> (Option<i32>, String, String) {
     let dir = tempfile::tempdir().expect("temp dir");
     let path = dir.path().join("bad.toml");
     let data_dir = dir.path().join("data");
-    std::fs::write(&path, format!("data_dir = {:?}\n{config}", data_dir.display().to_string())).expect("write config");
+    std::fs::write(
+        &path,
+        format!("data_dir = {:?}\n{config}", data_dir.display().to_string()),
+    )
+    .expect("write config");
     let mut command = std::process::Command::new(common::SHOAL);
-    command.env_remove("SHOAL_CONFIG").current_dir(dir.path()).arg("serve").arg("--config").arg(&path);
+    command
+        .env_remove("SHOAL_CONFIG")
+        .current_dir(dir.path())
+        .arg("serve")
+        .arg("--config")
+        .arg(&path);
     let started = Instant::now();
-    let output = run_with_timeout(command, Duration::from_secs(10)).unwrap_or_else(|e| panic!("config {config:?}: {e}"));
-    assert!(started.elapsed() < Duration::from_secs(5), "refusing a bad config took {:?}", started.elapsed());
-    (output.status.code(), String::from_utf8_lossy(&output.stderr).into_owned(), path.display().to_string())
+    let output = run_with_timeout(command, Duration::from_secs(10))
+        .unwrap_or_else(|e| panic!("config {config:?}: {e}"));
+    assert!(
+        started.elapsed() < Duration::from_secs(5),
+        "refusing a bad config took {:?}",
+        started.elapsed()
+    );
+    (
+        output.status.code(),
+        String::from_utf8_lossy(&output.stderr).into_owned(),
+        path.display().to_string(),
+    )
 }
 
 #[test]
 fn bad_config_exits_2_with_one_line_naming_file_and_key() {
     for (config, key) in [
         ("wokers = 2\n", "wokers"),
-        ("[client]\nlisten_addr = \"127.0.0.1:1\"\n", "client.listen_addr"),
+        (
+            "[client]\nlisten_addr = \"127.0.0.1:1\"\n",
+            "client.listen_addr",
+        ),
         ("[storage]\npartitions = \"many\"\n", "storage.partitions"),
         ("workers = -1\n", "workers"),
         ("[client]\nlisten = \"nonsense\"\n", "client.listen"),
-        ("[storage]\ndurability = \"sometimes\"\n", "storage.durability"),
+        (
+            "[storage]\ndurability = \"sometimes\"\n",
+            "storage.durability",
+        ),
         ("[client]\nmax_connections = 0\n", "client.max_connections"),
         ("[storage]\npartitions = 0\n", "storage.partitions"),
         ("[supervisor]\nmax_restart = 3\n", "supervisor.max_restart"),
@@ -148,10 +257,22 @@ fn bad_config_exits_2_with_one_line_naming_file_and_key() {
         let (code, stderr, file) = serve_refuses(config);
         assert_eq!(code, Some(2), "exit code for {config:?}; stderr: {stderr}");
         let lines: Vec<&str> = stderr.lines().filter(|l| !l.trim().is_empty()).collect();
-        assert_eq!(lines.len(), 1, "exactly one line on stderr for {config:?}, got: {stderr:?}");
+        assert_eq!(
+            lines.len(),
+            1,
+            "exactly one line on stderr for {config:?}, got: {stderr:?}"
+        );
         let prefix = format!("shoal: bad config {file}: key `{key}`: ");
-        assert!(lines[0].starts_with(&prefix), "for {config:?}\n  expected a line starting {prefix:?}\n  got {:?}", lines[0]);
-        assert!(lines[0].len() > prefix.len(), "the line says what is wrong: {:?}", lines[0]);
+        assert!(
+            lines[0].starts_with(&prefix),
+            "for {config:?}\n  expected a line starting {prefix:?}\n  got {:?}",
+            lines[0]
+        );
+        assert!(
+            lines[0].len() > prefix.len(),
+            "the line says what is wrong: {:?}",
+            lines[0]
+        );
     }
 }
 
@@ -161,16 +282,33 @@ fn unparsable_or_missing_config_file_exits_2_with_one_line() {
     assert_eq!(code, Some(2), "stderr: {stderr}");
     let lines: Vec<&str> = stderr.lines().filter(|l| !l.trim().is_empty()).collect();
     assert_eq!(lines.len(), 1, "{stderr:?}");
-    assert!(lines[0].starts_with(&format!("shoal: bad config {file}: ")), "{stderr:?}");
+    assert!(
+        lines[0].starts_with(&format!("shoal: bad config {file}: ")),
+        "{stderr:?}"
+    );
 
     let dir = tempfile::tempdir().expect("temp dir");
     let missing = dir.path().join("nope.toml");
     let mut command = std::process::Command::new(common::SHOAL);
-    command.env_remove("SHOAL_CONFIG").current_dir(dir.path()).arg("serve").arg("--config").arg(&missing);
+    command
+        .env_remove("SHOAL_CONFIG")
+        .current_dir(dir.path())
+        .arg("serve")
+        .arg("--config")
+        .arg(&missing);
     let output = run_with_timeout(command, Duration::from_secs(10)).expect("serve");
     let stderr = String::from_utf8_lossy(&output.stderr);
-    assert_eq!(output.status.code(), Some(2), "missing config file: {stderr}");
-    assert!(stderr.trim().starts_with(&format!("shoal: bad config {}: ", missing.display())), "{stderr:?}");
+    assert_eq!(
+        output.status.code(),
+        Some(2),
+        "missing config file: {stderr}"
+    );
+    assert!(
+        stderr
+            .trim()
+            .starts_with(&format!("shoal: bad config {}: ", missing.display())),
+        "{stderr:?}"
+    );
     assert_eq!(stderr.trim().lines().count(), 1, "{stderr:?}");
 }
 
@@ -180,11 +318,17 @@ fn config_path_from_shoal_config_env() {
     let path = dir.path().join("env.toml");
     std::fs::write(&path, "wokers = 2\n").expect("write");
     let mut command = std::process::Command::new(common::SHOAL);
-    command.env("SHOAL_CONFIG", &path).current_dir(dir.path()).arg("serve");
+    command
+        .env("SHOAL_CONFIG", &path)
+        .current_dir(dir.path())
+        .arg("serve");
     let output = run_with_timeout(command, Duration::from_secs(10)).expect("serve");
     let stderr = String::from_utf8_lossy(&output.stderr);
     assert_eq!(output.status.code(), Some(2), "{stderr}");
-    assert!(stderr.contains(&format!("bad config {}: key `wokers`", path.display())), "SHOAL_CONFIG was read: {stderr}");
+    assert!(
+        stderr.contains(&format!("bad config {}: key `wokers`", path.display())),
+        "SHOAL_CONFIG was read: {stderr}"
+    );
 }
 
 #[test]
@@ -194,25 +338,58 @@ fn second_serve_on_the_same_data_dir_is_refused() {
     let path = server.dir.path().join("second.toml");
     let mut table: toml::Table = toml::from_str(&server.config_text()).expect("config");
     let client = table["client"].as_table_mut().expect("[client]");
-    client.insert("listen".into(), format!("127.0.0.1:{}", common::free_port()).into());
-    client.insert("unix_socket".into(), server.dir.path().join("second.sock").display().to_string().into());
+    client.insert(
+        "listen".into(),
+        format!("127.0.0.1:{}", common::free_port()).into(),
+    );
+    client.insert(
+        "unix_socket".into(),
+        server
+            .dir
+            .path()
+            .join("second.sock")
+            .display()
+            .to_string()
+            .into(),
+    );
     std::fs::write(&path, toml::to_string(&table).expect("toml")).expect("write");
 
     let mut command = server.command();
     command.arg("serve").arg("--config").arg(&path);
     let started = Instant::now();
-    let output = run_with_timeout(command, Duration::from_secs(10)).expect("second serve exits by itself");
+    let output =
+        run_with_timeout(command, Duration::from_secs(10)).expect("second serve exits by itself");
     let stderr = String::from_utf8_lossy(&output.stderr);
-    assert!(!output.status.success(), "second serve must fail; stderr: {stderr}");
-    assert!(started.elapsed() < Duration::from_secs(5), "refused at once, took {:?}", started.elapsed());
-    assert!(stderr.contains("already running"), "stderr names the reason: {stderr:?}");
+    assert!(
+        !output.status.success(),
+        "second serve must fail; stderr: {stderr}"
+    );
+    assert!(
+        started.elapsed() < Duration::from_secs(5),
+        "refused at once, took {:?}",
+        started.elapsed()
+    );
+    assert!(
+        stderr.contains("already running"),
+        "stderr names the reason: {stderr:?}"
+    );
 
     // The first server is untouched.
     assert_eq!(server.raw().cmd(&["PING"]), Resp::Simple("PONG".into()));
     let status = server.status_json().expect("status");
-    assert_eq!(status["supervisor_pid"].as_i64(), Some(i64::from(server.pid())), "{status}");
-    assert!(server.unix_socket().exists(), "the first server's socket was not removed");
-    assert_eq!(common::RawConn::unix(&server.unix_socket()).cmd(&["PING"]), Resp::Simple("PONG".into()));
+    assert_eq!(
+        status["supervisor_pid"].as_i64(),
+        Some(i64::from(server.pid())),
+        "{status}"
+    );
+    assert!(
+        server.unix_socket().exists(),
+        "the first server's socket was not removed"
+    );
+    assert_eq!(
+        common::RawConn::unix(&server.unix_socket()).cmd(&["PING"]),
+        Resp::Simple("PONG".into())
+    );
 }
 
 #[test]
@@ -226,11 +403,20 @@ fn changing_the_partition_count_of_an_existing_data_dir_is_refused() {
     // The partition count is fixed; the worker count may change (tests/rebalance.rs).
     server.update_config("[storage]\npartitions = 128\n");
     let mut command = server.command();
-    command.arg("serve").arg("--config").arg(&server.config_path);
+    command
+        .arg("serve")
+        .arg("--config")
+        .arg(&server.config_path);
     let output = run_with_timeout(command, Duration::from_secs(10)).expect("serve exits by itself");
     let stderr = String::from_utf8_lossy(&output.stderr);
-    assert!(!output.status.success(), "a new partition count must be refused; stderr: {stderr}");
-    assert!(stderr.contains("partitions"), "the message names the key: {stderr:?}");
+    assert!(
+        !output.status.success(),
+        "a new partition count must be refused; stderr: {stderr}"
+    );
+    assert!(
+        stderr.contains("partitions"),
+        "the message names the key: {stderr:?}"
+    );
     server.update_config("[storage]\npartitions = 256\n");
     // The original layout still starts, with the data intact.
     server.restart();
@@ -247,11 +433,17 @@ fn connections_beyond_max_connections_are_refused() {
     // The fourth is told why and closed, without sending anything.
     let mut extra = server.raw();
     extra.set_read_timeout(Duration::from_secs(5));
-    let line = extra.read_line().expect("an error for the connection over the limit");
+    let line = extra
+        .read_line()
+        .expect("an error for the connection over the limit");
     assert_eq!(line, "-ERR max number of clients reached");
     extra.expect_closed().expect("closed after the error");
     for conn in &mut open {
-        assert_eq!(conn.cmd(&["PING"]), Resp::Simple("PONG".into()), "the open connections are unaffected");
+        assert_eq!(
+            conn.cmd(&["PING"]),
+            Resp::Simple("PONG".into()),
+            "the open connections are unaffected"
+        );
     }
 
     // Once one closes, a new connection is accepted again.
@@ -262,11 +454,18 @@ fn connections_beyond_max_connections_are_refused() {
         again.set_read_timeout(Duration::from_millis(300));
         match again.read_line() {
             // Still counted full: the close has not been seen yet.
-            Ok(line) if line.starts_with("-ERR max number of clients") && Instant::now() < deadline => {
+            Ok(line)
+                if line.starts_with("-ERR max number of clients") && Instant::now() < deadline =>
+            {
                 std::thread::sleep(Duration::from_millis(50));
             }
             // Nothing sent: the connection was accepted.
-            Err(e) if matches!(e.kind(), std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut) => {
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                ) =>
+            {
                 again.set_read_timeout(Duration::from_secs(10));
                 assert_eq!(again.cmd(&["PING"]), Resp::Simple("PONG".into()));
                 break;

@@ -18,10 +18,20 @@ fn get(con: &mut redis::Connection, key: &str) -> Option<String> {
 fn ping_echo_and_quit() {
     let server = Server::start("");
     let mut con = server.conn();
-    assert_eq!(call_str(&mut con, &["PING"]), Value::SimpleString("PONG".into()));
-    assert_eq!(call_str(&mut con, &["PING", "hello there"]), bulk("hello there"));
+    assert_eq!(
+        call_str(&mut con, &["PING"]),
+        Value::SimpleString("PONG".into())
+    );
+    assert_eq!(
+        call_str(&mut con, &["PING", "hello there"]),
+        bulk("hello there")
+    );
     assert_eq!(call_str(&mut con, &["ECHO", "a\r\nb"]), bulk("a\r\nb"));
-    assert_eq!(call_str(&mut con, &["ping"]), Value::SimpleString("PONG".into()), "command names are case-insensitive");
+    assert_eq!(
+        call_str(&mut con, &["ping"]),
+        Value::SimpleString("PONG".into()),
+        "command names are case-insensitive"
+    );
 
     let mut raw = server.raw();
     assert_eq!(raw.cmd(&["PING"]), Resp::Simple("PONG".into()));
@@ -36,17 +46,27 @@ fn set_and_get_with_options() {
     assert_eq!(get(&mut con, "missing"), None);
     assert_eq!(call_str(&mut con, &["SET", "k", "v1"]), Value::Okay);
     assert_eq!(get(&mut con, "k").as_deref(), Some("v1"));
-    assert_eq!(call_str(&mut con, &["SET", "k", "v2"]), Value::Okay, "SET overwrites");
+    assert_eq!(
+        call_str(&mut con, &["SET", "k", "v2"]),
+        Value::Okay,
+        "SET overwrites"
+    );
     assert_eq!(get(&mut con, "k").as_deref(), Some("v2"));
 
     // NX: only if absent.
     assert_eq!(call_str(&mut con, &["SET", "k", "nx", "NX"]), Value::Nil);
     assert_eq!(get(&mut con, "k").as_deref(), Some("v2"));
-    assert_eq!(call_str(&mut con, &["SET", "fresh", "nx", "nx"]), Value::Okay);
+    assert_eq!(
+        call_str(&mut con, &["SET", "fresh", "nx", "nx"]),
+        Value::Okay
+    );
     assert_eq!(get(&mut con, "fresh").as_deref(), Some("nx"));
 
     // XX: only if present.
-    assert_eq!(call_str(&mut con, &["SET", "absent", "xx", "XX"]), Value::Nil);
+    assert_eq!(
+        call_str(&mut con, &["SET", "absent", "xx", "XX"]),
+        Value::Nil
+    );
     assert_eq!(get(&mut con, "absent"), None);
     assert_eq!(call_str(&mut con, &["SET", "k", "xx", "XX"]), Value::Okay);
     assert_eq!(get(&mut con, "k").as_deref(), Some("xx"));
@@ -54,23 +74,46 @@ fn set_and_get_with_options() {
     // GET: returns the old value (or nil) and sets.
     assert_eq!(call_str(&mut con, &["SET", "k", "v3", "GET"]), bulk("xx"));
     assert_eq!(get(&mut con, "k").as_deref(), Some("v3"));
-    assert_eq!(call_str(&mut con, &["SET", "new-with-get", "v", "GET"]), Value::Nil);
+    assert_eq!(
+        call_str(&mut con, &["SET", "new-with-get", "v", "GET"]),
+        Value::Nil
+    );
     assert_eq!(get(&mut con, "new-with-get").as_deref(), Some("v"));
-    assert_eq!(call_str(&mut con, &["SET", "k", "v4", "XX", "GET"]), bulk("v3"));
+    assert_eq!(
+        call_str(&mut con, &["SET", "k", "v4", "XX", "GET"]),
+        bulk("v3")
+    );
     assert_eq!(get(&mut con, "k").as_deref(), Some("v4"));
 
     // Conflicting or unknown options.
-    assert_eq!(error_text(&call_str(&mut con, &["SET", "k", "v", "NX", "XX"])), "ERR syntax error");
-    assert_eq!(error_text(&call_str(&mut con, &["SET", "k", "v", "BOGUS"])), "ERR syntax error");
-    assert_eq!(get(&mut con, "k").as_deref(), Some("v4"), "a rejected SET changes nothing");
+    assert_eq!(
+        error_text(&call_str(&mut con, &["SET", "k", "v", "NX", "XX"])),
+        "ERR syntax error"
+    );
+    assert_eq!(
+        error_text(&call_str(&mut con, &["SET", "k", "v", "BOGUS"])),
+        "ERR syntax error"
+    );
+    assert_eq!(
+        get(&mut con, "k").as_deref(),
+        Some("v4"),
+        "a rejected SET changes nothing"
+    );
 
     // Binary-safe keys and values, and the empty value.
     let key: &[u8] = b"bin\x00key\r\n";
     let value: &[u8] = b"\x00\x01\xff\r\n\x00";
     assert_eq!(call(&mut con, &[b"SET", key, value]), Value::Okay);
-    assert_eq!(call(&mut con, &[b"GET", key]), Value::BulkString(value.to_vec()));
+    assert_eq!(
+        call(&mut con, &[b"GET", key]),
+        Value::BulkString(value.to_vec())
+    );
     assert_eq!(call_str(&mut con, &["SET", "empty", ""]), Value::Okay);
-    assert_eq!(call_str(&mut con, &["GET", "empty"]), bulk(""), "an empty value is not nil");
+    assert_eq!(
+        call_str(&mut con, &["GET", "empty"]),
+        bulk(""),
+        "an empty value is not nil"
+    );
     assert_eq!(call_str(&mut con, &["EXISTS", "empty"]), Value::Int(1));
 }
 
@@ -80,9 +123,20 @@ fn large_values_round_trip() {
     let mut con = server.conn();
     for size in [64 * 1024, 1024 * 1024, 8 * 1024 * 1024] {
         let value: Vec<u8> = (0..size).map(|i| (i % 251) as u8).collect();
-        assert_eq!(call(&mut con, &[b"SET", b"large", &value]), Value::Okay, "{size} bytes");
-        assert_eq!(call(&mut con, &[b"GET", b"large"]), Value::BulkString(value), "{size} bytes");
-        assert_eq!(call_str(&mut con, &["STRLEN", "large"]), Value::Int(size as i64));
+        assert_eq!(
+            call(&mut con, &[b"SET", b"large", &value]),
+            Value::Okay,
+            "{size} bytes"
+        );
+        assert_eq!(
+            call(&mut con, &[b"GET", b"large"]),
+            Value::BulkString(value),
+            "{size} bytes"
+        );
+        assert_eq!(
+            call_str(&mut con, &["STRLEN", "large"]),
+            Value::Int(size as i64)
+        );
     }
 }
 
@@ -108,7 +162,10 @@ fn setnx_getset_getdel_del_unlink_exists_mget() {
     assert!(keys.iter().any(|k| server.worker_of(k.as_bytes()) == 0));
     assert!(keys.iter().any(|k| server.worker_of(k.as_bytes()) == 1));
     for (i, key) in keys.iter().enumerate() {
-        assert_eq!(call_str(&mut con, &["SET", key, &format!("value-{i}")]), Value::Okay);
+        assert_eq!(
+            call_str(&mut con, &["SET", key, &format!("value-{i}")]),
+            Value::Okay
+        );
     }
     let mut mget = vec!["MGET"];
     mget.extend(keys.iter().map(String::as_str));
@@ -127,7 +184,11 @@ fn setnx_getset_getdel_del_unlink_exists_mget() {
     assert_eq!(call_str(&mut con, &del), Value::Int(10));
     let mut unlink = vec!["UNLINK"];
     unlink.extend(keys[5..15].iter().map(String::as_str));
-    assert_eq!(call_str(&mut con, &unlink), Value::Int(5), "only the 5 keys still present count");
+    assert_eq!(
+        call_str(&mut con, &unlink),
+        Value::Int(5),
+        "only the 5 keys still present count"
+    );
     for (i, key) in keys.iter().enumerate() {
         let expected = (i >= 15).then(|| format!("value-{i}"));
         assert_eq!(get(&mut con, key), expected, "{key}");
@@ -145,7 +206,11 @@ fn counters() {
     assert_eq!(call_str(&mut con, &["DECRBY", "n", "4"]), Value::Int(6));
     assert_eq!(call_str(&mut con, &["INCRBY", "n", "-10"]), Value::Int(-4));
     assert_eq!(call_str(&mut con, &["DECR", "fresh"]), Value::Int(-1));
-    assert_eq!(get(&mut con, "n").as_deref(), Some("-4"), "counters are stored as decimal strings");
+    assert_eq!(
+        get(&mut con, "n").as_deref(),
+        Some("-4"),
+        "counters are stored as decimal strings"
+    );
 
     assert_eq!(call_str(&mut con, &["SET", "s", "41"]), Value::Okay);
     assert_eq!(call_str(&mut con, &["INCR", "s"]), Value::Int(42));
@@ -153,30 +218,75 @@ fn counters() {
     let not_integer = "ERR value is not an integer or out of range";
     for bad in ["abc", "1.5", " 1", "99999999999999999999", ""] {
         assert_eq!(call_str(&mut con, &["SET", "bad", bad]), Value::Okay);
-        assert_eq!(error_text(&call_str(&mut con, &["INCR", "bad"])), not_integer, "INCR on {bad:?}");
-        assert_eq!(get(&mut con, "bad").as_deref(), Some(bad), "a failed INCR leaves {bad:?} alone");
+        assert_eq!(
+            error_text(&call_str(&mut con, &["INCR", "bad"])),
+            not_integer,
+            "INCR on {bad:?}"
+        );
+        assert_eq!(
+            get(&mut con, "bad").as_deref(),
+            Some(bad),
+            "a failed INCR leaves {bad:?} alone"
+        );
     }
-    assert_eq!(error_text(&call_str(&mut con, &["INCRBY", "n", "ten"])), not_integer);
-    assert_eq!(error_text(&call_str(&mut con, &["DECRBY", "n", "1.0"])), not_integer);
+    assert_eq!(
+        error_text(&call_str(&mut con, &["INCRBY", "n", "ten"])),
+        not_integer
+    );
+    assert_eq!(
+        error_text(&call_str(&mut con, &["DECRBY", "n", "1.0"])),
+        not_integer
+    );
 
-    assert_eq!(call_str(&mut con, &["SET", "max", &i64::MAX.to_string()]), Value::Okay);
-    assert_eq!(error_text(&call_str(&mut con, &["INCR", "max"])), "ERR increment or decrement would overflow");
-    assert_eq!(call_str(&mut con, &["SET", "min", &i64::MIN.to_string()]), Value::Okay);
-    assert_eq!(error_text(&call_str(&mut con, &["DECR", "min"])), "ERR increment or decrement would overflow");
+    assert_eq!(
+        call_str(&mut con, &["SET", "max", &i64::MAX.to_string()]),
+        Value::Okay
+    );
+    assert_eq!(
+        error_text(&call_str(&mut con, &["INCR", "max"])),
+        "ERR increment or decrement would overflow"
+    );
+    assert_eq!(
+        call_str(&mut con, &["SET", "min", &i64::MIN.to_string()]),
+        Value::Okay
+    );
+    assert_eq!(
+        error_text(&call_str(&mut con, &["DECR", "min"])),
+        "ERR increment or decrement would overflow"
+    );
     assert_eq!(get(&mut con, "max"), Some(i64::MAX.to_string()));
 
     // INCRBYFLOAT, with the examples from the Redis documentation.
     assert_eq!(call_str(&mut con, &["SET", "f", "10.50"]), Value::Okay);
-    assert_eq!(call_str(&mut con, &["INCRBYFLOAT", "f", "0.1"]), bulk("10.6"));
+    assert_eq!(
+        call_str(&mut con, &["INCRBYFLOAT", "f", "0.1"]),
+        bulk("10.6")
+    );
     assert_eq!(call_str(&mut con, &["INCRBYFLOAT", "f", "-5"]), bulk("5.6"));
     assert_eq!(get(&mut con, "f").as_deref(), Some("5.6"));
     assert_eq!(call_str(&mut con, &["SET", "g", "5.0e3"]), Value::Okay);
-    assert_eq!(call_str(&mut con, &["INCRBYFLOAT", "g", "2.0e2"]), bulk("5200"));
-    assert_eq!(call_str(&mut con, &["INCRBYFLOAT", "new-float", "3"]), bulk("3"));
-    assert_eq!(call_str(&mut con, &["INCRBYFLOAT", "n", "1.5"]), bulk("-2.5"), "integers are valid floats");
-    assert_eq!(error_text(&call_str(&mut con, &["INCRBYFLOAT", "f", "abc"])), "ERR value is not a valid float");
+    assert_eq!(
+        call_str(&mut con, &["INCRBYFLOAT", "g", "2.0e2"]),
+        bulk("5200")
+    );
+    assert_eq!(
+        call_str(&mut con, &["INCRBYFLOAT", "new-float", "3"]),
+        bulk("3")
+    );
+    assert_eq!(
+        call_str(&mut con, &["INCRBYFLOAT", "n", "1.5"]),
+        bulk("-2.5"),
+        "integers are valid floats"
+    );
+    assert_eq!(
+        error_text(&call_str(&mut con, &["INCRBYFLOAT", "f", "abc"])),
+        "ERR value is not a valid float"
+    );
     assert_eq!(call_str(&mut con, &["SET", "word", "abc"]), Value::Okay);
-    assert_eq!(error_text(&call_str(&mut con, &["INCRBYFLOAT", "word", "1"])), "ERR value is not a valid float");
+    assert_eq!(
+        error_text(&call_str(&mut con, &["INCRBYFLOAT", "word", "1"])),
+        "ERR value is not a valid float"
+    );
 }
 
 #[test]
@@ -185,11 +295,17 @@ fn append_and_strlen() {
     let mut con = server.conn();
     assert_eq!(call_str(&mut con, &["STRLEN", "a"]), Value::Int(0));
     assert_eq!(call_str(&mut con, &["APPEND", "a", "Hello"]), Value::Int(5));
-    assert_eq!(call_str(&mut con, &["APPEND", "a", " World"]), Value::Int(11));
+    assert_eq!(
+        call_str(&mut con, &["APPEND", "a", " World"]),
+        Value::Int(11)
+    );
     assert_eq!(get(&mut con, "a").as_deref(), Some("Hello World"));
     assert_eq!(call_str(&mut con, &["STRLEN", "a"]), Value::Int(11));
     assert_eq!(call_str(&mut con, &["APPEND", "a", ""]), Value::Int(11));
-    assert_eq!(call(&mut con, &[b"APPEND", b"b", b"\x00\xff"]), Value::Int(2));
+    assert_eq!(
+        call(&mut con, &[b"APPEND", b"b", b"\x00\xff"]),
+        Value::Int(2)
+    );
     assert_eq!(call(&mut con, &[b"STRLEN", b"b"]), Value::Int(2));
 
     // APPEND and INCR work on the same string.
@@ -204,18 +320,35 @@ fn dbsize_and_select_isolate_collections() {
     let mut con = server.conn();
     assert_eq!(call_str(&mut con, &["DBSIZE"]), Value::Int(0));
     for i in 0..20 {
-        assert_eq!(call_str(&mut con, &["SET", &format!("k{i}"), "zero"]), Value::Okay);
+        assert_eq!(
+            call_str(&mut con, &["SET", &format!("k{i}"), "zero"]),
+            Value::Okay
+        );
     }
-    assert_eq!(call_str(&mut con, &["SET", "k0", "again"]), Value::Okay, "an overwrite adds no key");
+    assert_eq!(
+        call_str(&mut con, &["SET", "k0", "again"]),
+        Value::Okay,
+        "an overwrite adds no key"
+    );
     assert_eq!(call_str(&mut con, &["DBSIZE"]), Value::Int(20));
-    assert_eq!(call_str(&mut con, &["DEL", "k0", "k1", "k2", "k3", "k4"]), Value::Int(5));
+    assert_eq!(
+        call_str(&mut con, &["DEL", "k0", "k1", "k2", "k3", "k4"]),
+        Value::Int(5)
+    );
     assert_eq!(call_str(&mut con, &["DBSIZE"]), Value::Int(15));
 
     assert_eq!(call_str(&mut con, &["SELECT", "1"]), Value::Okay);
     assert_eq!(call_str(&mut con, &["DBSIZE"]), Value::Int(0));
-    assert_eq!(get(&mut con, "k10"), None, "collection 1 does not see collection 0");
+    assert_eq!(
+        get(&mut con, "k10"),
+        None,
+        "collection 1 does not see collection 0"
+    );
     assert_eq!(call_str(&mut con, &["SET", "k10", "one"]), Value::Okay);
-    assert_eq!(call_str(&mut con, &["SET", "only-in-1", "one"]), Value::Okay);
+    assert_eq!(
+        call_str(&mut con, &["SET", "only-in-1", "one"]),
+        Value::Okay
+    );
     assert_eq!(call_str(&mut con, &["DBSIZE"]), Value::Int(2));
     assert_eq!(call_str(&mut con, &["SELECT", "0"]), Value::Okay);
     assert_eq!(get(&mut con, "k10").as_deref(), Some("zero"));
@@ -225,15 +358,36 @@ fn dbsize_and_select_isolate_collections() {
 
     // The selected collection belongs to the connection.
     let mut other = connect(&redis::Client::open(server.url("1")).expect("client"));
-    assert_eq!(get(&mut other, "k10").as_deref(), Some("one"), "deleting in collection 0 left collection 1 alone");
+    assert_eq!(
+        get(&mut other, "k10").as_deref(),
+        Some("one"),
+        "deleting in collection 0 left collection 1 alone"
+    );
     assert_eq!(call_str(&mut other, &["DBSIZE"]), Value::Int(2));
     assert_eq!(get(&mut con, "k10"), None);
 
-    assert_eq!(call_str(&mut con, &["SELECT", "15"]), Value::Okay, "16 collections by default");
-    assert_eq!(error_text(&call_str(&mut con, &["SELECT", "16"])), "ERR DB index is out of range");
-    assert_eq!(error_text(&call_str(&mut con, &["SELECT", "-1"])), "ERR DB index is out of range");
-    assert_eq!(error_text(&call_str(&mut con, &["SELECT", "one"])), "ERR value is not an integer or out of range");
-    assert_eq!(call_str(&mut con, &["DBSIZE"]), Value::Int(0), "a failed SELECT keeps collection 15");
+    assert_eq!(
+        call_str(&mut con, &["SELECT", "15"]),
+        Value::Okay,
+        "16 collections by default"
+    );
+    assert_eq!(
+        error_text(&call_str(&mut con, &["SELECT", "16"])),
+        "ERR DB index is out of range"
+    );
+    assert_eq!(
+        error_text(&call_str(&mut con, &["SELECT", "-1"])),
+        "ERR DB index is out of range"
+    );
+    assert_eq!(
+        error_text(&call_str(&mut con, &["SELECT", "one"])),
+        "ERR value is not an integer or out of range"
+    );
+    assert_eq!(
+        call_str(&mut con, &["DBSIZE"]),
+        Value::Int(0),
+        "a failed SELECT keeps collection 15"
+    );
 }
 
 #[test]
@@ -241,56 +395,116 @@ fn client_commands() {
     let server = Server::start("");
     let mut con = server.conn();
     assert_eq!(call_str(&mut con, &["CLIENT", "GETNAME"]), Value::Nil);
-    assert_eq!(call_str(&mut con, &["CLIENT", "SETNAME", "worker-7"]), Value::Okay);
+    assert_eq!(
+        call_str(&mut con, &["CLIENT", "SETNAME", "worker-7"]),
+        Value::Okay
+    );
     assert_eq!(call_str(&mut con, &["CLIENT", "GETNAME"]), bulk("worker-7"));
-    assert_eq!(call_str(&mut con, &["CLIENT", "SETINFO", "LIB-NAME", "shoal-tests"]), Value::Okay);
-    assert_eq!(call_str(&mut con, &["CLIENT", "SETINFO", "LIB-VER", "1.0"]), Value::Okay);
-    let Value::Int(id1) = call_str(&mut con, &["CLIENT", "ID"]) else { panic!("CLIENT ID is an integer") };
+    assert_eq!(
+        call_str(&mut con, &["CLIENT", "SETINFO", "LIB-NAME", "shoal-tests"]),
+        Value::Okay
+    );
+    assert_eq!(
+        call_str(&mut con, &["CLIENT", "SETINFO", "LIB-VER", "1.0"]),
+        Value::Okay
+    );
+    let Value::Int(id1) = call_str(&mut con, &["CLIENT", "ID"]) else {
+        panic!("CLIENT ID is an integer")
+    };
     let mut other = server.conn();
-    let Value::Int(id2) = call_str(&mut other, &["CLIENT", "ID"]) else { panic!("CLIENT ID is an integer") };
+    let Value::Int(id2) = call_str(&mut other, &["CLIENT", "ID"]) else {
+        panic!("CLIENT ID is an integer")
+    };
     assert!(id1 > 0 && id2 > 0 && id1 != id2, "ids {id1} and {id2}");
-    assert_eq!(call_str(&mut con, &["CLIENT", "ID"]), Value::Int(id1), "the id is stable");
-    assert_eq!(call_str(&mut other, &["CLIENT", "GETNAME"]), Value::Nil, "names are per connection");
+    assert_eq!(
+        call_str(&mut con, &["CLIENT", "ID"]),
+        Value::Int(id1),
+        "the id is stable"
+    );
+    assert_eq!(
+        call_str(&mut other, &["CLIENT", "GETNAME"]),
+        Value::Nil,
+        "names are per connection"
+    );
 }
 
 #[test]
 fn hello_switches_between_resp2_and_resp3() {
     let server = Server::start("");
     let mut raw = server.raw();
-    assert_eq!(raw.cmd(&["GET", "missing"]), Resp::NilBulk, "RESP2 nil is $-1");
+    assert_eq!(
+        raw.cmd(&["GET", "missing"]),
+        Resp::NilBulk,
+        "RESP2 nil is $-1"
+    );
 
     // HELLO with no version answers in the current protocol (a flat array in RESP2).
     let hello = raw.cmd(&["HELLO"]);
     let fields = hello.array();
-    let proto = fields.chunks(2).find(|pair| pair[0] == Resp::Bulk(b"proto".to_vec()));
-    assert_eq!(proto.map(|pair| pair[1].clone()), Some(Resp::Int(2)), "{hello:?}");
+    let proto = fields
+        .chunks(2)
+        .find(|pair| pair[0] == Resp::Bulk(b"proto".to_vec()));
+    assert_eq!(
+        proto.map(|pair| pair[1].clone()),
+        Some(Resp::Int(2)),
+        "{hello:?}"
+    );
 
     let hello3 = raw.cmd(&["HELLO", "3", "SETNAME", "resp3-client"]);
-    let Resp::Map(pairs) = &hello3 else { panic!("HELLO 3 replies with a map, got {hello3:?}") };
-    let field = |name: &str| pairs.iter().find(|(k, _)| k.bytes() == name.as_bytes()).map(|(_, v)| v.clone());
+    let Resp::Map(pairs) = &hello3 else {
+        panic!("HELLO 3 replies with a map, got {hello3:?}")
+    };
+    let field = |name: &str| {
+        pairs
+            .iter()
+            .find(|(k, _)| k.bytes() == name.as_bytes())
+            .map(|(_, v)| v.clone())
+    };
     assert_eq!(field("proto"), Some(Resp::Int(3)));
-    assert!(matches!(field("id"), Some(Resp::Int(id)) if id > 0), "{hello3:?}");
+    assert!(
+        matches!(field("id"), Some(Resp::Int(id)) if id > 0),
+        "{hello3:?}"
+    );
     assert!(field("server").is_some(), "{hello3:?}");
     assert_eq!(raw.cmd(&["GET", "missing"]), Resp::Null, "RESP3 nil is _");
-    assert_eq!(raw.cmd(&["CLIENT", "GETNAME"]), Resp::Bulk(b"resp3-client".to_vec()));
+    assert_eq!(
+        raw.cmd(&["CLIENT", "GETNAME"]),
+        Resp::Bulk(b"resp3-client".to_vec())
+    );
     assert_eq!(raw.cmd(&["SET", "k", "v"]), Resp::Simple("OK".into()));
-    assert_eq!(raw.cmd(&["MGET", "k", "missing"]), Resp::Array(vec![Resp::Bulk(b"v".to_vec()), Resp::Null]));
+    assert_eq!(
+        raw.cmd(&["MGET", "k", "missing"]),
+        Resp::Array(vec![Resp::Bulk(b"v".to_vec()), Resp::Null])
+    );
     assert_eq!(raw.cmd(&["INCR", "n"]), Resp::Int(1));
 
-    assert!(raw.cmd(&["HELLO", "4"]).is_error(), "unsupported protocol versions are refused");
-    assert_eq!(raw.cmd(&["GET", "missing"]), Resp::Null, "a refused HELLO keeps RESP3");
+    assert!(
+        raw.cmd(&["HELLO", "4"]).is_error(),
+        "unsupported protocol versions are refused"
+    );
+    assert_eq!(
+        raw.cmd(&["GET", "missing"]),
+        Resp::Null,
+        "a refused HELLO keeps RESP3"
+    );
     assert!(matches!(raw.cmd(&["HELLO", "2"]), Resp::Array(_)));
     assert_eq!(raw.cmd(&["GET", "missing"]), Resp::NilBulk, "back to RESP2");
 
     // The redis crate in RESP3 mode.
     let client = redis::Client::open(server.url("?protocol=resp3")).expect("client");
     let mut con = connect(&client);
-    let Value::Map(pairs) = call_str(&mut con, &["HELLO", "3"]) else { panic!("HELLO 3 is a map") };
+    let Value::Map(pairs) = call_str(&mut con, &["HELLO", "3"]) else {
+        panic!("HELLO 3 is a map")
+    };
     assert!(pairs.contains(&(bulk("proto"), Value::Int(3))), "{pairs:?}");
     assert_eq!(get(&mut con, "missing"), None);
     assert_eq!(call_str(&mut con, &["GET", "missing"]), Value::Nil);
     assert_eq!(get(&mut con, "k").as_deref(), Some("v"));
-    let values: Vec<Option<String>> = redis::cmd("MGET").arg("k").arg("missing").query(&mut con).expect("MGET");
+    let values: Vec<Option<String>> = redis::cmd("MGET")
+        .arg("k")
+        .arg("missing")
+        .query(&mut con)
+        .expect("MGET");
     assert_eq!(values, vec![Some("v".to_string()), None]);
 }
 
@@ -298,34 +512,67 @@ fn hello_switches_between_resp2_and_resp3() {
 fn auth_with_requirepass() {
     let server = Server::start("[client]\nrequirepass = \"s3cret\"\n");
     let mut raw = server.raw();
-    assert_eq!(raw.cmd(&["GET", "k"]).error(), "NOAUTH Authentication required.");
-    assert_eq!(raw.cmd(&["SET", "k", "v"]).error(), "NOAUTH Authentication required.");
+    assert_eq!(
+        raw.cmd(&["GET", "k"]).error(),
+        "NOAUTH Authentication required."
+    );
+    assert_eq!(
+        raw.cmd(&["SET", "k", "v"]).error(),
+        "NOAUTH Authentication required."
+    );
     let wrongpass = "WRONGPASS invalid username-password pair or user is disabled.";
     assert_eq!(raw.cmd(&["AUTH", "nope"]).error(), wrongpass);
     assert_eq!(raw.cmd(&["AUTH", "default", "nope"]).error(), wrongpass);
-    assert_eq!(raw.cmd(&["GET", "k"]).error(), "NOAUTH Authentication required.");
+    assert_eq!(
+        raw.cmd(&["GET", "k"]).error(),
+        "NOAUTH Authentication required."
+    );
     assert_eq!(raw.cmd(&["AUTH", "s3cret"]), Resp::Simple("OK".into()));
     assert_eq!(raw.cmd(&["SET", "k", "v"]), Resp::Simple("OK".into()));
     assert_eq!(raw.cmd(&["GET", "k"]), Resp::Bulk(b"v".to_vec()));
 
     let mut raw2 = server.raw();
-    assert_eq!(raw2.cmd(&["AUTH", "default", "s3cret"]), Resp::Simple("OK".into()));
+    assert_eq!(
+        raw2.cmd(&["AUTH", "default", "s3cret"]),
+        Resp::Simple("OK".into())
+    );
     assert_eq!(raw2.cmd(&["GET", "k"]), Resp::Bulk(b"v".to_vec()));
 
     let mut raw3 = server.raw();
-    assert!(raw3.cmd(&["HELLO", "3", "AUTH", "default", "nope"]).error().starts_with("WRONGPASS"));
-    assert_eq!(raw3.cmd(&["GET", "k"]).error(), "NOAUTH Authentication required.");
-    assert!(matches!(raw3.cmd(&["HELLO", "3", "AUTH", "default", "s3cret"]), Resp::Map(_)));
+    assert!(raw3
+        .cmd(&["HELLO", "3", "AUTH", "default", "nope"])
+        .error()
+        .starts_with("WRONGPASS"));
+    assert_eq!(
+        raw3.cmd(&["GET", "k"]).error(),
+        "NOAUTH Authentication required."
+    );
+    assert!(matches!(
+        raw3.cmd(&["HELLO", "3", "AUTH", "default", "s3cret"]),
+        Resp::Map(_)
+    ));
     assert_eq!(raw3.cmd(&["GET", "k"]), Resp::Bulk(b"v".to_vec()));
 
     // The Unix socket asks for the password too.
     let mut unix = common::RawConn::unix(&server.unix_socket());
-    assert_eq!(unix.cmd(&["GET", "k"]).error(), "NOAUTH Authentication required.");
+    assert_eq!(
+        unix.cmd(&["GET", "k"]).error(),
+        "NOAUTH Authentication required."
+    );
 
     // The redis crate, with and without the password in the URL.
-    let mut con = connect(&redis::Client::open(format!("redis://:s3cret@127.0.0.1:{}/", server.port)).expect("client"));
+    let mut con = connect(
+        &redis::Client::open(format!("redis://:s3cret@127.0.0.1:{}/", server.port))
+            .expect("client"),
+    );
     assert_eq!(get(&mut con, "k").as_deref(), Some("v"));
-    let mut con = connect(&redis::Client::open(format!("redis://default:s3cret@127.0.0.1:{}/?protocol=resp3", server.port)).expect("client"));
+    let mut con = connect(
+        &redis::Client::open(format!(
+            "redis://default:s3cret@127.0.0.1:{}/?protocol=resp3",
+            server.port
+        ))
+        .expect("client"),
+    );
     assert_eq!(get(&mut con, "k").as_deref(), Some("v"));
     let mut anonymous = server.conn();
     assert!(error_text(&call_str(&mut anonymous, &["GET", "k"])).starts_with("NOAUTH"));
@@ -337,8 +584,12 @@ fn command_lists_and_describes_every_command() {
     let mut con = server.conn();
 
     // COMMAND, enough for redis-cli and client libraries.
-    let Value::Int(count) = call_str(&mut con, &["COMMAND", "COUNT"]) else { panic!("COMMAND COUNT is an integer") };
-    let Value::Array(all) = call_str(&mut con, &["COMMAND"]) else { panic!("COMMAND is an array") };
+    let Value::Int(count) = call_str(&mut con, &["COMMAND", "COUNT"]) else {
+        panic!("COMMAND COUNT is an integer")
+    };
+    let Value::Array(all) = call_str(&mut con, &["COMMAND"]) else {
+        panic!("COMMAND is an array")
+    };
     assert_eq!(all.len() as i64, count);
     let names: Vec<String> = all
         .iter()
@@ -351,13 +602,45 @@ fn command_lists_and_describes_every_command() {
         })
         .collect();
     for name in [
-        "ping", "echo", "hello", "auth", "select", "client", "quit", "command", "config", "info", "dbsize", "get", "set",
-        "setnx", "getset", "getdel", "del", "unlink", "exists", "mget", "incr", "decr", "incrby", "decrby",
-        "incrbyfloat", "append", "strlen", "shoal.log", "shoal.partition",
+        "ping",
+        "echo",
+        "hello",
+        "auth",
+        "select",
+        "client",
+        "quit",
+        "command",
+        "config",
+        "info",
+        "dbsize",
+        "get",
+        "set",
+        "setnx",
+        "getset",
+        "getdel",
+        "del",
+        "unlink",
+        "exists",
+        "mget",
+        "incr",
+        "decr",
+        "incrby",
+        "decrby",
+        "incrbyfloat",
+        "append",
+        "strlen",
+        "shoal.log",
+        "shoal.partition",
     ] {
-        assert!(names.iter().any(|n| n == name), "COMMAND lacks {name}: {names:?}");
+        assert!(
+            names.iter().any(|n| n == name),
+            "COMMAND lacks {name}: {names:?}"
+        );
     }
-    let Value::Array(info) = call_str(&mut con, &["COMMAND", "INFO", "get", "set", "no-such-command"]) else {
+    let Value::Array(info) = call_str(
+        &mut con,
+        &["COMMAND", "INFO", "get", "set", "no-such-command"],
+    ) else {
         panic!("COMMAND INFO is an array")
     };
     assert_eq!(info.len(), 3);
@@ -369,9 +652,14 @@ fn command_lists_and_describes_every_command() {
     assert_eq!(head(&info[1]), (bulk("set"), Value::Int(-3)));
     assert_eq!(info[2], Value::Nil);
     let docs = call_str(&mut con, &["COMMAND", "DOCS", "get"]);
-    assert!(format!("{docs:?}").contains("get"), "COMMAND DOCS get: {docs:?}");
-    assert!(!matches!(docs, Value::ServerError(_)), "COMMAND DOCS get: {docs:?}");
-
+    assert!(
+        format!("{docs:?}").contains("get"),
+        "COMMAND DOCS get: {docs:?}"
+    );
+    assert!(
+        !matches!(docs, Value::ServerError(_)),
+        "COMMAND DOCS get: {docs:?}"
+    );
 }
 
 #[test]
@@ -379,23 +667,55 @@ fn config_get_answers_and_config_set_is_refused() {
     let server = Server::start("");
     let mut con = server.conn();
     let config_get = |con: &mut redis::Connection, pattern: &str| -> Vec<(String, String)> {
-        let flat: Vec<String> = redis::cmd("CONFIG").arg("GET").arg(pattern).query(con).expect("CONFIG GET");
-        flat.chunks(2).map(|pair| (pair[0].clone(), pair[1].clone())).collect()
+        let flat: Vec<String> = redis::cmd("CONFIG")
+            .arg("GET")
+            .arg(pattern)
+            .query(con)
+            .expect("CONFIG GET");
+        flat.chunks(2)
+            .map(|pair| (pair[0].clone(), pair[1].clone()))
+            .collect()
     };
-    assert_eq!(config_get(&mut con, "save"), vec![("save".to_string(), String::new())]);
-    assert_eq!(config_get(&mut con, "maxclients"), vec![("maxclients".to_string(), "10000".to_string())]);
-    assert_eq!(config_get(&mut con, "databases"), vec![("databases".to_string(), "16".to_string())]);
-    assert!(config_get(&mut con, "max*").iter().any(|(k, _)| k == "maxclients"));
-    let everything: Vec<String> = config_get(&mut con, "*").into_iter().map(|(k, _)| k).collect();
+    assert_eq!(
+        config_get(&mut con, "save"),
+        vec![("save".to_string(), String::new())]
+    );
+    assert_eq!(
+        config_get(&mut con, "maxclients"),
+        vec![("maxclients".to_string(), "10000".to_string())]
+    );
+    assert_eq!(
+        config_get(&mut con, "databases"),
+        vec![("databases".to_string(), "16".to_string())]
+    );
+    assert!(config_get(&mut con, "max*")
+        .iter()
+        .any(|(k, _)| k == "maxclients"));
+    let everything: Vec<String> = config_get(&mut con, "*")
+        .into_iter()
+        .map(|(k, _)| k)
+        .collect();
     for name in ["save", "appendonly", "maxclients", "databases"] {
-        assert!(everything.iter().any(|k| k == name), "CONFIG GET * lacks {name}: {everything:?}");
+        assert!(
+            everything.iter().any(|k| k == name),
+            "CONFIG GET * lacks {name}: {everything:?}"
+        );
     }
     assert!(config_get(&mut con, "no-such-parameter").is_empty());
-    assert!(matches!(call_str(&mut con, &["CONFIG", "SET", "maxclients", "1"]), Value::ServerError(_)));
+    assert!(matches!(
+        call_str(&mut con, &["CONFIG", "SET", "maxclients", "1"]),
+        Value::ServerError(_)
+    ));
     // Shoal has no AOF, but with durability = "fsync" every acknowledged write is synced:
     // the Redis settings that mean the same are reported.
-    assert_eq!(config_get(&mut con, "appendonly"), vec![("appendonly".to_string(), "yes".to_string())]);
-    assert_eq!(config_get(&mut con, "appendfsync"), vec![("appendfsync".to_string(), "always".to_string())]);
+    assert_eq!(
+        config_get(&mut con, "appendonly"),
+        vec![("appendonly".to_string(), "yes".to_string())]
+    );
+    assert_eq!(
+        config_get(&mut con, "appendfsync"),
+        vec![("appendfsync".to_string(), "always".to_string())]
+    );
 }
 
 #[test]
@@ -404,43 +724,108 @@ fn info_sections() {
     let mut con = server.conn();
     let _second = server.conn();
     for i in 0..3 {
-        assert_eq!(call_str(&mut con, &["SET", &format!("info-key-{i}"), "v"]), Value::Okay);
+        assert_eq!(
+            call_str(&mut con, &["SET", &format!("info-key-{i}"), "v"]),
+            Value::Okay
+        );
     }
     let info: String = redis::cmd("INFO").query(&mut con).expect("INFO");
-    let headers: Vec<String> = info.lines().filter(|l| l.starts_with("# ")).map(|l| l[2..].trim().to_lowercase()).collect();
+    let headers: Vec<String> = info
+        .lines()
+        .filter(|l| l.starts_with("# "))
+        .map(|l| l[2..].trim().to_lowercase())
+        .collect();
     for section in ["server", "clients", "persistence", "keyspace", "shards"] {
-        assert!(headers.iter().any(|h| h == section), "INFO lacks section {section}: {headers:?}");
+        assert!(
+            headers.iter().any(|h| h == section),
+            "INFO lacks section {section}: {headers:?}"
+        );
     }
-    let keyspace: String = redis::cmd("INFO").arg("keyspace").query(&mut con).expect("INFO keyspace");
-    let db0 = keyspace.lines().find(|l| l.starts_with("db0:")).unwrap_or_else(|| panic!("no db0 line in {keyspace}"));
-    assert!(db0.starts_with("db0:keys=3,") || db0 == "db0:keys=3", "{db0}");
-    assert!(!keyspace.contains("# Server"), "INFO keyspace shows only that section: {keyspace}");
+    let keyspace: String = redis::cmd("INFO")
+        .arg("keyspace")
+        .query(&mut con)
+        .expect("INFO keyspace");
+    let db0 = keyspace
+        .lines()
+        .find(|l| l.starts_with("db0:"))
+        .unwrap_or_else(|| panic!("no db0 line in {keyspace}"));
+    assert!(
+        db0.starts_with("db0:keys=3,") || db0 == "db0:keys=3",
+        "{db0}"
+    );
+    assert!(
+        !keyspace.contains("# Server"),
+        "INFO keyspace shows only that section: {keyspace}"
+    );
     let field = |text: &str, name: &str| -> Option<String> {
-        text.lines().find_map(|l| l.strip_prefix(&format!("{name}:")).map(|v| v.trim().to_string()))
+        text.lines().find_map(|l| {
+            l.strip_prefix(&format!("{name}:"))
+                .map(|v| v.trim().to_string())
+        })
     };
-    let clients: String = redis::cmd("INFO").arg("clients").query(&mut con).expect("INFO clients");
-    let connected: u64 = field(&clients, "connected_clients").and_then(|v| v.parse().ok()).unwrap_or(0);
+    let clients: String = redis::cmd("INFO")
+        .arg("clients")
+        .query(&mut con)
+        .expect("INFO clients");
+    let connected: u64 = field(&clients, "connected_clients")
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0);
     assert!(connected >= 2, "two connections are open: {clients}");
-    let server_section: String = redis::cmd("INFO").arg("server").query(&mut con).expect("INFO server");
-    assert_eq!(field(&server_section, "tcp_port"), Some(server.port.to_string()), "{server_section}");
-    let persistence: String = redis::cmd("INFO").arg("persistence").query(&mut con).expect("INFO persistence");
+    let server_section: String = redis::cmd("INFO")
+        .arg("server")
+        .query(&mut con)
+        .expect("INFO server");
+    assert_eq!(
+        field(&server_section, "tcp_port"),
+        Some(server.port.to_string()),
+        "{server_section}"
+    );
+    let persistence: String = redis::cmd("INFO")
+        .arg("persistence")
+        .query(&mut con)
+        .expect("INFO persistence");
     assert!(persistence.contains("# Persistence"), "{persistence}");
 
-    let shards: String = redis::cmd("INFO").arg("shards").query(&mut con).expect("INFO shards");
+    let shards: String = redis::cmd("INFO")
+        .arg("shards")
+        .query(&mut con)
+        .expect("INFO shards");
     let status = server.status_json().expect("status");
     for index in 0..2u64 {
         let line = shards
             .lines()
             .find(|l| l.starts_with(&format!("shard{index}:")))
             .unwrap_or_else(|| panic!("no shard{index} line in {shards}"));
-        let fields: std::collections::HashMap<&str, &str> =
-            line.split_once(':').unwrap().1.trim().split(',').filter_map(|f| f.split_once('=')).collect();
-        let pid = common::find_process(&status, "shard-worker", index).expect("worker in status")["pid"].as_i64();
-        assert_eq!(fields.get("pid").and_then(|p| p.parse::<i64>().ok()), pid, "{line}");
+        let fields: std::collections::HashMap<&str, &str> = line
+            .split_once(':')
+            .unwrap()
+            .1
+            .trim()
+            .split(',')
+            .filter_map(|f| f.split_once('='))
+            .collect();
+        let pid = common::find_process(&status, "shard-worker", index).expect("worker in status")
+            ["pid"]
+            .as_i64();
+        assert_eq!(
+            fields.get("pid").and_then(|p| p.parse::<i64>().ok()),
+            pid,
+            "{line}"
+        );
         assert_eq!(fields.get("state"), Some(&"ready"), "{line}");
         assert_eq!(fields.get("restarts"), Some(&"0"), "{line}");
-        assert_eq!(fields.get("partitions"), Some(&"128"), "256 partitions over 2 workers: {line}");
-        assert!(fields.get("last_commit_id").and_then(|c| c.parse::<u64>().ok()).is_some(), "{line}");
+        assert_eq!(
+            fields.get("partitions"),
+            Some(&"128"),
+            "256 partitions over 2 workers: {line}"
+        );
+        assert!(
+            fields
+                .get("last_commit_id")
+                .and_then(|c| c.parse::<u64>().ok())
+                .is_some(),
+            "{line}"
+        );
     }
 }
 
@@ -450,7 +835,9 @@ fn pipeline_of_1000_commands_replies_in_order() {
     let mut con = server.conn();
     let mut pipe = redis::pipe();
     for i in 0..333 {
-        pipe.cmd("SET").arg(format!("pipe:{i}")).arg(format!("value-{i}"));
+        pipe.cmd("SET")
+            .arg(format!("pipe:{i}"))
+            .arg(format!("value-{i}"));
         pipe.cmd("GET").arg(format!("pipe:{i}"));
         pipe.cmd("INCR").arg("pipe:counter");
     }
@@ -459,8 +846,18 @@ fn pipeline_of_1000_commands_replies_in_order() {
     assert_eq!(replies.len(), 1000);
     for i in 0..333 {
         assert_eq!(replies[3 * i], Value::Okay, "reply {}", 3 * i);
-        assert_eq!(replies[3 * i + 1], bulk(&format!("value-{i}")), "reply {}", 3 * i + 1);
-        assert_eq!(replies[3 * i + 2], Value::Int(i as i64 + 1), "reply {}", 3 * i + 2);
+        assert_eq!(
+            replies[3 * i + 1],
+            bulk(&format!("value-{i}")),
+            "reply {}",
+            3 * i + 1
+        );
+        assert_eq!(
+            replies[3 * i + 2],
+            Value::Int(i as i64 + 1),
+            "reply {}",
+            3 * i + 2
+        );
     }
     assert_eq!(replies[999], bulk("333"));
 
@@ -470,9 +867,16 @@ fn pipeline_of_1000_commands_replies_in_order() {
     for i in 0..1000 {
         let key = format!("raw:{i}");
         if i % 2 == 0 {
-            bytes.extend(common::encode_command(&[b"SET", key.as_bytes(), format!("{i}").as_bytes()]));
+            bytes.extend(common::encode_command(&[
+                b"SET",
+                key.as_bytes(),
+                format!("{i}").as_bytes(),
+            ]));
         } else {
-            bytes.extend(common::encode_command(&[b"GET", format!("pipe:{}", i % 333).as_bytes()]));
+            bytes.extend(common::encode_command(&[
+                b"GET",
+                format!("pipe:{}", i % 333).as_bytes(),
+            ]));
         }
     }
     raw.send(&bytes);
@@ -481,7 +885,11 @@ fn pipeline_of_1000_commands_replies_in_order() {
         if i % 2 == 0 {
             assert_eq!(reply, Resp::Simple("OK".into()), "reply {i}");
         } else {
-            assert_eq!(reply, Resp::Bulk(format!("value-{}", i % 333).into_bytes()), "reply {i}");
+            assert_eq!(
+                reply,
+                Resp::Bulk(format!("value-{}", i % 333).into_bytes()),
+                "reply {i}"
+            );
         }
     }
     assert_eq!(raw.cmd(&["GET", "raw:998"]), Resp::Bulk(b"998".to_vec()));
@@ -491,15 +899,23 @@ fn pipeline_of_1000_commands_replies_in_order() {
 fn unix_socket_serves_the_same_data() {
     let server = Server::start("");
     let socket = server.unix_socket();
-    assert!(socket.exists(), "default Unix socket {} exists", socket.display());
+    assert!(
+        socket.exists(),
+        "default Unix socket {} exists",
+        socket.display()
+    );
     let mut unix = common::RawConn::unix(&socket);
     assert_eq!(unix.cmd(&["PING"]), Resp::Simple("PONG".into()));
-    assert_eq!(unix.cmd(&["SET", "via-unix", "1"]), Resp::Simple("OK".into()));
+    assert_eq!(
+        unix.cmd(&["SET", "via-unix", "1"]),
+        Resp::Simple("OK".into())
+    );
     let mut tcp = server.conn();
     assert_eq!(get(&mut tcp, "via-unix").as_deref(), Some("1"));
     assert_eq!(call_str(&mut tcp, &["SET", "via-tcp", "2"]), Value::Okay);
 
-    let client = redis::Client::open(format!("redis+unix://{}", socket.display())).expect("unix client");
+    let client =
+        redis::Client::open(format!("redis+unix://{}", socket.display())).expect("unix client");
     let mut con = connect(&client);
     assert_eq!(get(&mut con, "via-tcp").as_deref(), Some("2"));
     assert_eq!(call_str(&mut con, &["INCR", "via-unix"]), Value::Int(2));
@@ -509,13 +925,22 @@ fn unix_socket_serves_the_same_data() {
 fn custom_unix_socket_path_and_disabled_socket() {
     let dir = tempfile::tempdir().expect("temp dir");
     let socket = dir.path().join("custom.sock");
-    let server = Server::start(&format!("[client]\nunix_socket = {:?}\n", socket.display().to_string()));
+    let server = Server::start(&format!(
+        "[client]\nunix_socket = {:?}\n",
+        socket.display().to_string()
+    ));
     let mut unix = common::RawConn::unix(&socket);
     assert_eq!(unix.cmd(&["PING"]), Resp::Simple("PONG".into()));
-    assert!(!server.unix_socket().exists(), "no socket at the default path when another is configured");
+    assert!(
+        !server.unix_socket().exists(),
+        "no socket at the default path when another is configured"
+    );
 
     let server = Server::start("[client]\nunix_socket = \"\"\n");
-    assert!(!server.unix_socket().exists(), "unix_socket = \"\" disables the socket");
+    assert!(
+        !server.unix_socket().exists(),
+        "unix_socket = \"\" disables the socket"
+    );
     assert_eq!(server.raw().cmd(&["PING"]), Resp::Simple("PONG".into()));
 }
 
@@ -523,14 +948,28 @@ fn custom_unix_socket_path_and_disabled_socket() {
 fn partitions_follow_redis_cluster_slots() {
     let server = Server::start("[storage]\npartitions = 64\n");
     let mut con = server.conn();
-    let mut keys: Vec<Vec<u8>> = ["foo", "bar", "123456789", "{user1000}.following", "user1000", "a{}b", "{}", "x{y}z"]
-        .iter()
-        .map(|k| k.as_bytes().to_vec())
-        .collect();
+    let mut keys: Vec<Vec<u8>> = [
+        "foo",
+        "bar",
+        "123456789",
+        "{user1000}.following",
+        "user1000",
+        "a{}b",
+        "{}",
+        "x{y}z",
+    ]
+    .iter()
+    .map(|k| k.as_bytes().to_vec())
+    .collect();
     keys.extend((0..200).map(|i| format!("key:{i}").into_bytes()));
     for key in &keys {
         let expected = key_partition(key, 64);
-        assert_eq!(call(&mut con, &[b"SHOAL.PARTITION", key]), Value::Int(i64::from(expected)), "{:?}", String::from_utf8_lossy(key));
+        assert_eq!(
+            call(&mut con, &[b"SHOAL.PARTITION", key]),
+            Value::Int(i64::from(expected)),
+            "{:?}",
+            String::from_utf8_lossy(key)
+        );
     }
     // Keys with the same hash tag share a partition.
     let a = call_str(&mut con, &["SHOAL.PARTITION", "{user1000}.following"]);
@@ -542,7 +981,12 @@ fn partitions_follow_redis_cluster_slots() {
     assert_eq!(status["partitions"], 64);
     for index in 0..2u64 {
         let worker = common::find_process(&status, "shard-worker", index).expect("worker");
-        let owned: Vec<u64> = worker["partitions"].as_array().expect("partitions").iter().filter_map(|p| p.as_u64()).collect();
+        let owned: Vec<u64> = worker["partitions"]
+            .as_array()
+            .expect("partitions")
+            .iter()
+            .filter_map(|p| p.as_u64())
+            .collect();
         let expected: Vec<u64> = (0..64).filter(|p| p % 2 == index).collect();
         assert_eq!(owned, expected, "worker {index}");
     }

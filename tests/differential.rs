@@ -139,8 +139,14 @@ struct Spec {
 /// Every command the differential test knows, with its generator.
 fn specs() -> Vec<Spec> {
     use Compare::*;
-    let spec =
-        |label, weight, probe, compare, generate| Spec { label, enabled: true, weight, probe, compare, generate };
+    let spec = |label, weight, probe, compare, generate| Spec {
+        label,
+        enabled: true,
+        weight,
+        probe,
+        compare,
+        generate,
+    };
     vec![
         // Connection and server.
         spec("PING", 2, &["PING"], Exact, |g| match g.chance(2) {
@@ -156,7 +162,10 @@ fn specs() -> Vec<Spec> {
         }),
         spec("SELECT", 12, &["SELECT", "0"], Exact, |g| {
             let index = match g.below(20) {
-                0 => g.pick(&["16", "-1", "x", "1.0", "99999999999999999999"]).as_bytes().to_vec(),
+                0 => g
+                    .pick(&["16", "-1", "x", "1.0", "99999999999999999999"])
+                    .as_bytes()
+                    .to_vec(),
                 _ => g.pick(COLLECTIONS).as_bytes().to_vec(),
             };
             g.cmd("SELECT", &[index])
@@ -176,7 +185,12 @@ fn specs() -> Vec<Spec> {
         spec("SET", 40, &["SET", "k0", "v"], Exact, |g| {
             let (key, value) = (g.key(), g.value());
             let mut args = vec![key, value];
-            args.extend(g.options(&[opt(&[b"NX"]), opt(&[b"XX"]), opt(&[b"GET"]), opt(&[b"KEEPTTL"])]));
+            args.extend(g.options(&[
+                opt(&[b"NX"]),
+                opt(&[b"XX"]),
+                opt(&[b"GET"]),
+                opt(&[b"KEEPTTL"]),
+            ]));
             g.cmd("SET", &args)
         }),
         spec("SETNX", 10, &["SETNX", "k0", "v"], Exact, |g| {
@@ -286,35 +300,64 @@ fn specs() -> Vec<Spec> {
             }
             g.cmd("COPY", &args)
         }),
-        spec("OBJECT ENCODING", 3, &["OBJECT", "ENCODING", "k0"], Existence, |g| {
-            let key = g.key();
-            g.cmd("OBJECT", &[b"ENCODING".to_vec(), key])
-        }),
-        spec("SET EX|PX|EXAT|PXAT", 20, &["SET", "k0", "v", "EX", "1000"], Exact, |g| {
-            // No EXAT/PXAT in the past: Redis stores such a key and counts it in DBSIZE
-            // until it reclaims it, Shoal never does (docs/compatibility.md).
-            let (key, value) = (g.key(), g.value());
-            let (ex, px, exat, pxat) = (g.seconds(), g.millis(), g.unix_seconds(false), g.unix_millis(false));
-            let mut args = vec![key, value];
-            let expiry = [opt(&[b"EX", &ex]), opt(&[b"PX", &px]), opt(&[b"EXAT", &exat]), opt(&[b"PXAT", &pxat])];
-            let mut pool = vec![opt(&[b"NX"]), opt(&[b"XX"]), opt(&[b"GET"])];
-            if g.chance(8) {
-                pool.push(opt(&[b"KEEPTTL"])); // a syntax error with an expiry
-            }
-            pool.push(g.pick_owned(&expiry));
-            // At least one expiry; now and then a second (a syntax error unless it is
-            // the same kind).
-            let mut options = g.options(&pool);
-            let has_expiry = options.iter().any(|o| matches!(o.as_slice(), b"EX" | b"PX" | b"EXAT" | b"PXAT"));
-            if !has_expiry || g.chance(8) {
-                options.extend(g.pick_owned(&expiry));
-            }
-            args.extend(options);
-            g.cmd("SET", &args)
-        }),
+        spec(
+            "OBJECT ENCODING",
+            3,
+            &["OBJECT", "ENCODING", "k0"],
+            Existence,
+            |g| {
+                let key = g.key();
+                g.cmd("OBJECT", &[b"ENCODING".to_vec(), key])
+            },
+        ),
+        spec(
+            "SET EX|PX|EXAT|PXAT",
+            20,
+            &["SET", "k0", "v", "EX", "1000"],
+            Exact,
+            |g| {
+                // No EXAT/PXAT in the past: Redis stores such a key and counts it in DBSIZE
+                // until it reclaims it, Shoal never does (docs/compatibility.md).
+                let (key, value) = (g.key(), g.value());
+                let (ex, px, exat, pxat) = (
+                    g.seconds(),
+                    g.millis(),
+                    g.unix_seconds(false),
+                    g.unix_millis(false),
+                );
+                let mut args = vec![key, value];
+                let expiry = [
+                    opt(&[b"EX", &ex]),
+                    opt(&[b"PX", &px]),
+                    opt(&[b"EXAT", &exat]),
+                    opt(&[b"PXAT", &pxat]),
+                ];
+                let mut pool = vec![opt(&[b"NX"]), opt(&[b"XX"]), opt(&[b"GET"])];
+                if g.chance(8) {
+                    pool.push(opt(&[b"KEEPTTL"])); // a syntax error with an expiry
+                }
+                pool.push(g.pick_owned(&expiry));
+                // At least one expiry; now and then a second (a syntax error unless it is
+                // the same kind).
+                let mut options = g.options(&pool);
+                let has_expiry = options
+                    .iter()
+                    .any(|o| matches!(o.as_slice(), b"EX" | b"PX" | b"EXAT" | b"PXAT"));
+                if !has_expiry || g.chance(8) {
+                    options.extend(g.pick_owned(&expiry));
+                }
+                args.extend(options);
+                g.cmd("SET", &args)
+            },
+        ),
         spec("GETEX", 12, &["GETEX", "k0"], Exact, |g| {
             let key = g.key();
-            let (ex, px, exat, pxat) = (g.seconds(), g.millis(), g.unix_seconds(true), g.unix_millis(true));
+            let (ex, px, exat, pxat) = (
+                g.seconds(),
+                g.millis(),
+                g.unix_seconds(true),
+                g.unix_millis(true),
+            );
             let mut args = vec![key];
             match g.below(7) {
                 0 => {}
@@ -347,28 +390,53 @@ fn specs() -> Vec<Spec> {
             let key = g.key();
             g.cmd("TTL", &[key])
         }),
-        spec("PTTL", 10, &["PTTL", "k0"], Within(PTTL_TOLERANCE_MS), |g| {
-            let key = g.key();
-            g.cmd("PTTL", &[key])
-        }),
+        spec(
+            "PTTL",
+            10,
+            &["PTTL", "k0"],
+            Within(PTTL_TOLERANCE_MS),
+            |g| {
+                let key = g.key();
+                g.cmd("PTTL", &[key])
+            },
+        ),
         spec("PERSIST", 8, &["PERSIST", "k0"], Exact, |g| {
             let key = g.key();
             g.cmd("PERSIST", &[key])
         }),
-        spec("KEYS", 6, &["KEYS", "nothing-matches-this"], Unordered, |g| {
-            let pattern = g.pick(&[
-                "*", "k*", "k?", "{user}*", "\\{x\\}*", "k[0-4]", "k[^0-4]", "*e*", "?", "", "*\\**", "[a-k]*",
-            ]);
-            g.cmd("KEYS", &[pattern.as_bytes().to_vec()])
-        }),
-        spec("EXPIRETIME", 6, &["EXPIRETIME", "k0"], Within(TTL_TOLERANCE_SECS), |g| {
-            let key = g.key();
-            g.cmd("EXPIRETIME", &[key])
-        }),
-        spec("PEXPIRETIME", 4, &["PEXPIRETIME", "k0"], Within(PTTL_TOLERANCE_MS), |g| {
-            let key = g.key();
-            g.cmd("PEXPIRETIME", &[key])
-        }),
+        spec(
+            "KEYS",
+            6,
+            &["KEYS", "nothing-matches-this"],
+            Unordered,
+            |g| {
+                let pattern = g.pick(&[
+                    "*", "k*", "k?", "{user}*", "\\{x\\}*", "k[0-4]", "k[^0-4]", "*e*", "?", "",
+                    "*\\**", "[a-k]*",
+                ]);
+                g.cmd("KEYS", &[pattern.as_bytes().to_vec()])
+            },
+        ),
+        spec(
+            "EXPIRETIME",
+            6,
+            &["EXPIRETIME", "k0"],
+            Within(TTL_TOLERANCE_SECS),
+            |g| {
+                let key = g.key();
+                g.cmd("EXPIRETIME", &[key])
+            },
+        ),
+        spec(
+            "PEXPIRETIME",
+            4,
+            &["PEXPIRETIME", "k0"],
+            Within(PTTL_TOLERANCE_MS),
+            |g| {
+                let key = g.key();
+                g.cmd("PEXPIRETIME", &[key])
+            },
+        ),
         spec("SCAN", 6, &["SCAN", "0"], FullScan, |g| {
             let mut args = vec![b"0".to_vec()];
             if g.chance(2) {
@@ -448,7 +516,17 @@ impl Gen {
     fn cmd(&mut self, name: &str, args: &[Vec<u8>]) -> Vec<Vec<u8>> {
         let name = match self.below(4) {
             0 => name.to_ascii_lowercase(),
-            1 => name.chars().enumerate().map(|(i, c)| if i % 2 == 0 { c.to_ascii_lowercase() } else { c }).collect(),
+            1 => name
+                .chars()
+                .enumerate()
+                .map(|(i, c)| {
+                    if i % 2 == 0 {
+                        c.to_ascii_lowercase()
+                    } else {
+                        c
+                    }
+                })
+                .collect(),
             _ => name.to_string(),
         };
         let mut command = vec![name.into_bytes()];
@@ -496,10 +574,24 @@ impl Gen {
                     "9223372036854775806",
                 ])
                 .into(),
-            3 => self.pick(&["007", "+5", " 3", "3 ", "1.0", "-0", "0x10", "18446744073709551616"]).into(),
-            4 => {
-                self.pick(&["1.5", "-0.25", "3e3", "2.5e-3", "-7.75", "1024.125", "inf", "-inf", "nan", "1e400"]).into()
-            }
+            3 => self
+                .pick(&[
+                    "007",
+                    "+5",
+                    " 3",
+                    "3 ",
+                    "1.0",
+                    "-0",
+                    "0x10",
+                    "18446744073709551616",
+                ])
+                .into(),
+            4 => self
+                .pick(&[
+                    "1.5", "-0.25", "3e3", "2.5e-3", "-7.75", "1024.125", "inf", "-inf", "nan",
+                    "1e400",
+                ])
+                .into(),
             5 => Vec::new(),
             6 => {
                 let len = self.below(12) as usize;
@@ -507,7 +599,9 @@ impl Gen {
             }
             7 => b"\x00\xff\r\n\x00".to_vec(),
             8 => "x".repeat(1 + self.below(40) as usize).into_bytes(),
-            _ => self.pick(&["hello", "a", "world", "{user}", "caf\u{e9}"]).into(),
+            _ => self
+                .pick(&["hello", "a", "world", "{user}", "caf\u{e9}"])
+                .into(),
         }
     }
 
@@ -534,8 +628,12 @@ impl Gen {
     /// both servers' arithmetic is exact; now and then an invalid one.
     fn float_arg(&mut self) -> Vec<u8> {
         match self.below(8) {
-            0 => self.pick(&["abc", "", " 1", "inf", "-inf", "nan", "1e400", "1.5.2"]).into(),
-            1 => self.pick(&["0", "-0", "1e2", "3.0", "-2.5e1", "0.125"]).into(),
+            0 => self
+                .pick(&["abc", "", " 1", "inf", "-inf", "nan", "1e400", "1.5.2"])
+                .into(),
+            1 => self
+                .pick(&["0", "-0", "1e2", "3.0", "-2.5e1", "0.125"])
+                .into(),
             _ => {
                 let quarters = self.below(401) as i64 - 200;
                 format!("{}", quarters as f64 / 4.0).into_bytes()
@@ -546,7 +644,9 @@ impl Gen {
     /// A GETRANGE index: mostly small, sometimes negative or extreme.
     fn range_index(&mut self) -> Vec<u8> {
         match self.below(10) {
-            0 => self.pick(&["9223372036854775807", "-9223372036854775808", "x", "1.5"]).into(),
+            0 => self
+                .pick(&["9223372036854775807", "-9223372036854775808", "x", "1.5"])
+                .into(),
             _ => (self.below(41) as i64 - 20).to_string().into_bytes(),
         }
     }
@@ -555,7 +655,9 @@ impl Gen {
     /// past (deletes the key), or invalid.
     fn seconds(&mut self) -> Vec<u8> {
         match self.below(10) {
-            0 => self.pick(&["0", "-1", "x", "1.5", "9223372036854775807", ""]).into(),
+            0 => self
+                .pick(&["0", "-1", "x", "1.5", "9223372036854775807", ""])
+                .into(),
             _ => (1000 + self.below(3) * 1000).to_string().into_bytes(),
         }
     }
@@ -564,7 +666,9 @@ impl Gen {
     fn millis(&mut self) -> Vec<u8> {
         match self.below(10) {
             0 => self.pick(&["0", "-5", "x", "9223372036854775807"]).into(),
-            _ => (1_000_000 + self.below(3) * 1_000_000).to_string().into_bytes(),
+            _ => (1_000_000 + self.below(3) * 1_000_000)
+                .to_string()
+                .into_bytes(),
         }
     }
 
@@ -574,7 +678,9 @@ impl Gen {
         match self.below(8) {
             0 if past => self.pick(&["1", "0", "-1", "x"]).into(),
             0 => self.pick(&["0", "-1", "x"]).into(),
-            _ => (self.unix_seconds + 1000 + self.below(3) * 1000).to_string().into_bytes(),
+            _ => (self.unix_seconds + 1000 + self.below(3) * 1000)
+                .to_string()
+                .into_bytes(),
         }
     }
 
@@ -583,7 +689,9 @@ impl Gen {
         match self.below(8) {
             0 if past => self.pick(&["1", "1000", "0", "x"]).into(),
             0 => self.pick(&["0", "-5", "x"]).into(),
-            _ => ((self.unix_seconds + 1000 + self.below(3) * 1000) * 1000).to_string().into_bytes(),
+            _ => ((self.unix_seconds + 1000 + self.below(3) * 1000) * 1000)
+                .to_string()
+                .into_bytes(),
         }
     }
 
@@ -614,10 +722,15 @@ impl Gen {
 fn replies_match(compare: Compare, shoal: &Resp, redis: &Resp) -> bool {
     match (compare, shoal, redis) {
         (Compare::Existence, Resp::Bulk(_), Resp::Bulk(_)) => true,
-        (Compare::Within(tolerance), Resp::Int(a), Resp::Int(b)) if *a >= 0 && *b >= 0 => (a - b).abs() <= tolerance,
+        (Compare::Within(tolerance), Resp::Int(a), Resp::Int(b)) if *a >= 0 && *b >= 0 => {
+            (a - b).abs() <= tolerance
+        }
         (Compare::Unordered, Resp::Array(a), Resp::Array(b)) => {
             let sorted = |items: &[Resp]| {
-                let mut bytes: Vec<Vec<u8>> = items.iter().map(|r| format!("{r:?}").into_bytes()).collect();
+                let mut bytes: Vec<Vec<u8>> = items
+                    .iter()
+                    .map(|r| format!("{r:?}").into_bytes())
+                    .collect();
                 bytes.sort();
                 bytes
             };
@@ -629,8 +742,10 @@ fn replies_match(compare: Compare, shoal: &Resp, redis: &Resp) -> bool {
 
 /// An argument as redis-cli would quote it.
 fn quote(bytes: &[u8]) -> String {
-    let plain =
-        !bytes.is_empty() && bytes.iter().all(|&b| b.is_ascii_graphic() && b != b'"' && b != b'\'' && b != b'\\');
+    let plain = !bytes.is_empty()
+        && bytes
+            .iter()
+            .all(|&b| b.is_ascii_graphic() && b != b'"' && b != b'\'' && b != b'\\');
     if plain {
         return String::from_utf8_lossy(bytes).into_owned();
     }
@@ -662,7 +777,10 @@ fn show_reply(reply: &Resp) -> String {
         Resp::Int(n) => format!("(integer) {n}"),
         Resp::Bulk(b) => quote_always(b),
         Resp::NilBulk | Resp::NilArray | Resp::Null => "(nil)".into(),
-        Resp::Array(items) => format!("[{}]", items.iter().map(show_reply).collect::<Vec<_>>().join(", ")),
+        Resp::Array(items) => format!(
+            "[{}]",
+            items.iter().map(show_reply).collect::<Vec<_>>().join(", ")
+        ),
         other => format!("{other:?}"),
     }
 }
@@ -748,7 +866,9 @@ fn scan_all(conn: &mut RawConn, command: &[Vec<u8>]) -> Answer {
         }
         command[1] = cursor;
     }
-    Err(format!("SCAN did not come back to cursor 0 within {MAX_SCAN_CALLS} calls"))
+    Err(format!(
+        "SCAN did not come back to cursor 0 within {MAX_SCAN_CALLS} calls"
+    ))
 }
 
 /// Deletes every key of the key space in every collection used, on both servers,
@@ -761,7 +881,11 @@ fn reset(shoal: &mut RawConn, redis: &mut RawConn) {
         for command in [select, del] {
             let (a, b) = both(shoal, redis, &command);
             let fine = |answer: &Answer| matches!(answer, Ok(reply) if !reply.is_error());
-            assert!(fine(&a) && fine(&b), "reset {}: shoal {a:?}, redis {b:?}", show_command(&command));
+            assert!(
+                fine(&a) && fine(&b),
+                "reset {}: shoal {a:?}, redis {b:?}",
+                show_command(&command)
+            );
         }
     }
 }
@@ -785,8 +909,15 @@ fn run_seed(
 ) -> Result<(), Failure> {
     let history_len = env_number("SHOAL_DIFF_HISTORY").map_or(HISTORY, |n| n as usize);
     reset(shoal, redis);
-    let unix_seconds = SystemTime::now().duration_since(UNIX_EPOCH).expect("clock after 1970").as_secs();
-    let mut gen = Gen { rng: Rng(seed), unix_seconds, needs_args: needs_args.to_vec() };
+    let unix_seconds = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .expect("clock after 1970")
+        .as_secs();
+    let mut gen = Gen {
+        rng: Rng(seed),
+        unix_seconds,
+        needs_args: needs_args.to_vec(),
+    };
     let total_weight: u32 = specs.iter().map(|s| s.weight).sum();
     let mut history: VecDeque<Step> = VecDeque::with_capacity(history_len);
     let mut collection = String::from("0");
@@ -838,14 +969,22 @@ fn run_seed(
             }
             if !fatal {
                 report.push_str("  after it, the keys it names (GET, PTTL):\n");
-                for key in KEYS.iter().filter(|k| command[1..].iter().any(|a| a.as_slice() == **k)) {
+                for key in KEYS
+                    .iter()
+                    .filter(|k| command[1..].iter().any(|a| a.as_slice() == **k))
+                {
                     let state = |conn: &mut RawConn| {
                         let value = ask(conn, &[b"GET".to_vec(), key.to_vec()]);
                         let ttl = ask(conn, &[b"PTTL".to_vec(), key.to_vec()]);
                         format!("{}, {}", show_answer(&value), show_answer(&ttl))
                     };
-                    let _ =
-                        writeln!(report, "    {}: shoal {}; redis {}", quote_always(key), state(shoal), state(redis));
+                    let _ = writeln!(
+                        report,
+                        "    {}: shoal {}; redis {}",
+                        quote_always(key),
+                        state(shoal),
+                        state(redis)
+                    );
                 }
             }
             let _ = write!(
@@ -854,7 +993,9 @@ fn run_seed(
             );
             return Err(Failure { report, fatal });
         }
-        if command[0].eq_ignore_ascii_case(b"SELECT") && shoal_reply == Ok(Resp::Simple("OK".into())) {
+        if command[0].eq_ignore_ascii_case(b"SELECT")
+            && shoal_reply == Ok(Resp::Simple("OK".into()))
+        {
             collection = String::from_utf8_lossy(&command[1]).into_owned();
         }
     }
@@ -875,7 +1016,11 @@ fn unsupported(reply: &Resp) -> bool {
 
 fn env_number(name: &str) -> Option<u64> {
     let text = std::env::var(name).ok()?;
-    Some(text.trim().parse().unwrap_or_else(|_| panic!("{name} must be a non-negative integer, got {text:?}")))
+    Some(
+        text.trim()
+            .parse()
+            .unwrap_or_else(|_| panic!("{name} must be a non-negative integer, got {text:?}")),
+    )
 }
 
 #[test]
@@ -904,7 +1049,10 @@ fn random_command_sequences_match_redis() {
             enabled.push(spec);
         }
     }
-    let lost: Vec<_> = skipped.iter().filter(|label| ALWAYS_SUPPORTED.contains(label)).collect();
+    let lost: Vec<_> = skipped
+        .iter()
+        .filter(|label| ALWAYS_SUPPORTED.contains(label))
+        .collect();
     assert!(lost.is_empty(), "Shoal no longer knows {lost:?}");
     // Enabled commands whose bare name is an arity error (not containers like OBJECT).
     // SCAN's probe has its cursor, so SCAN is among them.
@@ -917,7 +1065,10 @@ fn random_command_sequences_match_redis() {
         .collect();
 
     let first_seed = env_number("SHOAL_DIFF_SEED").unwrap_or_else(|| {
-        let nanos = SystemTime::now().duration_since(UNIX_EPOCH).expect("clock after 1970").as_nanos();
+        let nanos = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .expect("clock after 1970")
+            .as_nanos();
         (nanos as u64) ^ u64::from(std::process::id()).rotate_left(32)
     });
     let seeds = env_number("SHOAL_DIFF_SEEDS").unwrap_or(3);
@@ -929,18 +1080,38 @@ fn random_command_sequences_match_redis() {
         redis_server.port,
         shoal_server.port
     );
-    println!("differential: comparing {}", enabled.iter().map(|s| s.label).collect::<Vec<_>>().join(", "));
+    println!(
+        "differential: comparing {}",
+        enabled
+            .iter()
+            .map(|s| s.label)
+            .collect::<Vec<_>>()
+            .join(", ")
+    );
     if !skipped.is_empty() {
-        println!("differential: skipped, Shoal answers `unknown command` or `not supported`: {}", skipped.join(", "));
+        println!(
+            "differential: skipped, Shoal answers `unknown command` or `not supported`: {}",
+            skipped.join(", ")
+        );
     }
     if !switched_off.is_empty() {
-        println!("differential: switched off in specs(): {}", switched_off.join(", "));
+        println!(
+            "differential: switched off in specs(): {}",
+            switched_off.join(", ")
+        );
     }
 
     let mut failures = Vec::new();
     for seed in (0..seeds).map(|i| first_seed.wrapping_add(i)) {
         println!("differential: seed {seed}, {commands} commands");
-        if let Err(failure) = run_seed(seed, commands, &enabled, &needs_args, &mut shoal, &mut redis) {
+        if let Err(failure) = run_seed(
+            seed,
+            commands,
+            &enabled,
+            &needs_args,
+            &mut shoal,
+            &mut redis,
+        ) {
             println!("differential: seed {seed} found a difference (reported below)");
             failures.push(failure.report);
             if failure.fatal {
@@ -948,7 +1119,10 @@ fn random_command_sequences_match_redis() {
             }
         }
     }
-    println!("differential: {seeds} seeds x {commands} commands in {:.1} s", started.elapsed().as_secs_f64());
+    println!(
+        "differential: {seeds} seeds x {commands} commands in {:.1} s",
+        started.elapsed().as_secs_f64()
+    );
     assert!(
         failures.is_empty(),
         "Shoal and redis-server disagree ({} of {seeds} seeds; intended differences are in docs/compatibility.md):\n\n{}",

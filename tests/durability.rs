@@ -13,15 +13,24 @@ use redis::Value;
 
 /// Writes `count` keys `prefix{i}` = `v1-{i}` in pipelines of 1000, then overwrites
 /// every 7th key with `v2-{i}` and deletes every 13th. Returns the expected contents.
-fn write_keys(con: &mut redis::Connection, prefix: &str, count: usize) -> Vec<(String, Option<String>)> {
-    let mut expected: Vec<(String, Option<String>)> = (0..count).map(|i| (format!("{prefix}{i}"), Some(format!("v1-{i}")))).collect();
+fn write_keys(
+    con: &mut redis::Connection,
+    prefix: &str,
+    count: usize,
+) -> Vec<(String, Option<String>)> {
+    let mut expected: Vec<(String, Option<String>)> = (0..count)
+        .map(|i| (format!("{prefix}{i}"), Some(format!("v1-{i}"))))
+        .collect();
     for chunk in expected.chunks(1000) {
         let mut pipe = redis::pipe();
         for (key, value) in chunk {
             pipe.cmd("SET").arg(key).arg(value.as_deref().unwrap());
         }
         let replies: Vec<Value> = pipe.query(con).expect("pipelined SETs");
-        assert!(replies.iter().all(|r| *r == Value::Okay), "every SET is acknowledged with OK");
+        assert!(
+            replies.iter().all(|r| *r == Value::Okay),
+            "every SET is acknowledged with OK"
+        );
     }
     let mut pipe = redis::pipe();
     for (i, (key, value)) in expected.iter_mut().enumerate() {
@@ -34,7 +43,12 @@ fn write_keys(con: &mut redis::Connection, prefix: &str, count: usize) -> Vec<(S
         }
     }
     let replies: Vec<Value> = pipe.query(con).expect("overwrites and deletes");
-    assert!(replies.iter().all(|r| *r == Value::Okay || *r == Value::Int(1)), "overwrites and deletes acknowledged");
+    assert!(
+        replies
+            .iter()
+            .all(|r| *r == Value::Okay || *r == Value::Int(1)),
+        "overwrites and deletes acknowledged"
+    );
     expected
 }
 
@@ -54,7 +68,12 @@ fn assert_contents(con: &mut redis::Connection, expected: &[(String, Option<Stri
             }
         }
     }
-    assert!(missing.is_empty(), "{} keys differ, first: {:?}", missing.len(), &missing[..missing.len().min(10)]);
+    assert!(
+        missing.is_empty(),
+        "{} keys differ, first: {:?}",
+        missing.len(),
+        &missing[..missing.len().min(10)]
+    );
 }
 
 #[test]
@@ -63,21 +82,28 @@ fn ten_thousand_keys_survive_kill_9_of_the_whole_tree() {
     let mut con = server.conn();
     let expected = write_keys(&mut con, "durable:", 10_000);
     let live = expected.iter().filter(|(_, v)| v.is_some()).count() as i64;
-    assert_eq!(redis::cmd("DBSIZE").query::<i64>(&mut con).expect("DBSIZE"), live);
+    assert_eq!(
+        redis::cmd("DBSIZE").query::<i64>(&mut con).expect("DBSIZE"),
+        live
+    );
     drop(con);
 
     server.kill_tree();
     server.restart();
     let mut con = server.conn();
     assert_contents(&mut con, &expected);
-    assert_eq!(redis::cmd("DBSIZE").query::<i64>(&mut con).expect("DBSIZE"), live);
+    assert_eq!(
+        redis::cmd("DBSIZE").query::<i64>(&mut con).expect("DBSIZE"),
+        live
+    );
 }
 
 #[test]
 fn async_durability_survives_a_process_crash() {
     // A flush interval far beyond the test: only the process crash is simulated,
     // and LMDB's writes are in the page cache already.
-    let mut server = Server::start("[storage]\ndurability = \"async\"\nflush_interval_ms = 600000\n");
+    let mut server =
+        Server::start("[storage]\ndurability = \"async\"\nflush_interval_ms = 600000\n");
     let mut con = server.conn();
     let expected = write_keys(&mut con, "async:", 2_000);
     drop(con);
@@ -98,9 +124,15 @@ fn the_map_grows_on_demand() {
             pipe.cmd("SET").arg(format!("big:{i}")).arg(value(i));
         }
         let replies: Vec<Value> = pipe.query(&mut con).expect("pipelined SETs");
-        assert!(replies.iter().all(|r| *r == Value::Okay), "{:?}", replies.iter().find(|r| **r != Value::Okay));
+        assert!(
+            replies.iter().all(|r| *r == Value::Okay),
+            "{:?}",
+            replies.iter().find(|r| **r != Value::Okay)
+        );
     }
-    let expected: Vec<(String, Option<String>)> = (0..256).map(|i| (format!("big:{i}"), Some(value(i)))).collect();
+    let expected: Vec<(String, Option<String>)> = (0..256)
+        .map(|i| (format!("big:{i}"), Some(value(i))))
+        .collect();
     assert_contents(&mut con, &expected);
     drop(con);
     server.kill_tree();
@@ -139,19 +171,38 @@ fn sigterm_drains_exits_0_and_keeps_every_acknowledged_write() {
             .map(|p| p as i32)
             .collect();
         let status = server.stop();
-        assert_eq!(status.code(), Some(0), "shoal serve after SIGTERM ({durability}): {}\n{}", describe(&status), server.logs());
+        assert_eq!(
+            status.code(),
+            Some(0),
+            "shoal serve after SIGTERM ({durability}): {}\n{}",
+            describe(&status),
+            server.logs()
+        );
         writer.join().expect("writer thread");
         for pid in children {
-            assert!(!process_alive(pid), "child {pid} still running after the supervisor exited");
+            assert!(
+                !process_alive(pid),
+                "child {pid} still running after the supervisor exited"
+            );
         }
 
         server.restart();
         let mut con = server.conn();
         assert_contents(&mut con, &expected);
         let acked = acked.lock().unwrap().clone();
-        assert!(!acked.is_empty(), "the writer got some writes in before the stop");
-        let during: Vec<(String, Option<String>)> =
-            acked.iter().map(|k| (k.clone(), Some(k.trim_start_matches("during-term:").to_string()))).collect();
+        assert!(
+            !acked.is_empty(),
+            "the writer got some writes in before the stop"
+        );
+        let during: Vec<(String, Option<String>)> = acked
+            .iter()
+            .map(|k| {
+                (
+                    k.clone(),
+                    Some(k.trim_start_matches("during-term:").to_string()),
+                )
+            })
+            .collect();
         assert_contents(&mut con, &during);
     }
 }
@@ -163,7 +214,12 @@ fn sigint_is_a_graceful_stop_too() {
     let expected = write_keys(&mut con, "int:", 200);
     drop(con);
     let status = server.stop_with(libc::SIGINT);
-    assert_eq!(status.code(), Some(0), "after SIGINT: {}", describe(&status));
+    assert_eq!(
+        status.code(),
+        Some(0),
+        "after SIGINT: {}",
+        describe(&status)
+    );
     server.restart();
     assert_contents(&mut server.conn(), &expected);
 }
@@ -209,8 +265,12 @@ fn a_killed_worker_costs_only_its_partitions_and_loses_no_acknowledged_write() {
     let problems = Arc::new(Mutex::new(Vec::<String>::new()));
     let tryagain_seen = Arc::new(Mutex::new(0usize));
     let writer = {
-        let (stop, acked, problems, tryagain_seen) =
-            (Arc::clone(&stop), Arc::clone(&acked), Arc::clone(&problems), Arc::clone(&tryagain_seen));
+        let (stop, acked, problems, tryagain_seen) = (
+            Arc::clone(&stop),
+            Arc::clone(&acked),
+            Arc::clone(&problems),
+            Arc::clone(&tryagain_seen),
+        );
         let mut con = conn_with_timeout(&server, REQUEST_TIMEOUT);
         thread::spawn(move || {
             let mut i = 0u64;
@@ -221,9 +281,15 @@ fn a_killed_worker_costs_only_its_partitions_and_loses_no_acknowledged_write() {
                 match outcome {
                     Outcome::Ok => acked.lock().unwrap().push(key),
                     Outcome::TryAgain if worker == victim => *tryagain_seen.lock().unwrap() += 1,
-                    Outcome::TryAgain => problems.lock().unwrap().push(format!("TRYAGAIN for {key} on the live worker {worker}")),
+                    Outcome::TryAgain => problems
+                        .lock()
+                        .unwrap()
+                        .push(format!("TRYAGAIN for {key} on the live worker {worker}")),
                     Outcome::Other(e) => {
-                        problems.lock().unwrap().push(format!("SET {key} (worker {worker}) after {took:?}: {e}"));
+                        problems
+                            .lock()
+                            .unwrap()
+                            .push(format!("SET {key} (worker {worker}) after {took:?}: {e}"));
                         return;
                     }
                 }
@@ -233,7 +299,11 @@ fn a_killed_worker_costs_only_its_partitions_and_loses_no_acknowledged_write() {
     };
     thread::sleep(Duration::from_millis(300));
     let before_kill = acked.lock().unwrap().len();
-    assert!(before_kill > 0, "the writer made progress before the kill: {:?}", problems.lock().unwrap());
+    assert!(
+        before_kill > 0,
+        "the writer made progress before the kill: {:?}",
+        problems.lock().unwrap()
+    );
 
     signal(victim_pid, libc::SIGKILL);
     let killed_at = Instant::now();
@@ -256,11 +326,16 @@ fn a_killed_worker_costs_only_its_partitions_and_loses_no_acknowledged_write() {
         if let Outcome::Other(e) = outcome {
             panic!("a key of the dead worker got neither OK nor TRYAGAIN after {took:?}: {e}");
         }
-        assert!(took < Duration::from_secs(2), "a request to the dead worker took {took:?}");
+        assert!(
+            took < Duration::from_secs(2),
+            "a request to the dead worker took {took:?}"
+        );
         probes += 1;
         if probes % 5 == 0 {
             if let Ok(status) = server.status_json() {
-                let worker = common::find_process(&status, "shard-worker", victim as u64).cloned().unwrap_or_default();
+                let worker = common::find_process(&status, "shard-worker", victim as u64)
+                    .cloned()
+                    .unwrap_or_default();
                 let pid = worker["pid"].as_i64().unwrap_or(0) as i32;
                 if worker["state"] == "ready" && pid != victim_pid && pid > 0 {
                     recovered = Some(worker);
@@ -269,11 +344,19 @@ fn a_killed_worker_costs_only_its_partitions_and_loses_no_acknowledged_write() {
             }
         }
     }
-    let worker = recovered.unwrap_or_else(|| panic!("worker {victim} was not back and ready within 20 s"));
-    assert!(worker["restarts"].as_u64().unwrap_or(0) >= 1, "restarts counted: {worker}");
+    let worker =
+        recovered.unwrap_or_else(|| panic!("worker {victim} was not back and ready within 20 s"));
+    assert!(
+        worker["restarts"].as_u64().unwrap_or(0) >= 1,
+        "restarts counted: {worker}"
+    );
     assert!(process_alive(worker["pid"].as_i64().unwrap() as i32));
     let survivor = server.process_status("shard-worker", 0);
-    assert_eq!(survivor["pid"].as_i64(), Some(i64::from(survivor_pid)), "the other worker was not restarted: {survivor}");
+    assert_eq!(
+        survivor["pid"].as_i64(),
+        Some(i64::from(survivor_pid)),
+        "the other worker was not restarted: {survivor}"
+    );
     assert_eq!(survivor["restarts"].as_u64(), Some(0), "{survivor}");
 
     // Let the writer run a little on the recovered worker, then stop it.
@@ -285,14 +368,35 @@ fn a_killed_worker_costs_only_its_partitions_and_loses_no_acknowledged_write() {
 
     // Every acknowledged write is there, on both workers.
     let acked = acked.lock().unwrap().clone();
-    let on_victim = acked.iter().filter(|k| key_partition(k.as_bytes(), partitions) as usize % workers == victim).count();
-    assert!(on_victim > 0 && on_victim < acked.len(), "writes reached both workers ({on_victim} of {})", acked.len());
-    let expected: Vec<(String, Option<String>)> =
-        acked.iter().map(|k| (k.clone(), Some(format!("value-{}", k.trim_start_matches("load:"))))).collect();
+    let on_victim = acked
+        .iter()
+        .filter(|k| key_partition(k.as_bytes(), partitions) as usize % workers == victim)
+        .count();
+    assert!(
+        on_victim > 0 && on_victim < acked.len(),
+        "writes reached both workers ({on_victim} of {})",
+        acked.len()
+    );
+    let expected: Vec<(String, Option<String>)> = acked
+        .iter()
+        .map(|k| {
+            (
+                k.clone(),
+                Some(format!("value-{}", k.trim_start_matches("load:"))),
+            )
+        })
+        .collect();
     let mut con = server.conn();
     assert_contents(&mut con, &expected);
     for key in &victim_keys[..3] {
-        assert_eq!(redis::cmd("SET").arg(key).arg("after").query::<Value>(&mut con).expect("SET"), Value::Okay);
+        assert_eq!(
+            redis::cmd("SET")
+                .arg(key)
+                .arg("after")
+                .query::<Value>(&mut con)
+                .expect("SET"),
+            Value::Okay
+        );
     }
     eprintln!(
         "acknowledged {} writes ({} before the kill), {} TRYAGAIN replies from the dead worker, {probes} probe rounds",
@@ -311,7 +415,14 @@ fn a_dead_worker_answers_tryagain_while_it_is_not_restarted() {
     let victim_keys = server.keys_on_worker("dead:", 1, 50);
     let mut con = conn_with_timeout(&server, Duration::from_secs(3));
     for key in victim_keys.iter().chain(&survivor_keys) {
-        assert_eq!(redis::cmd("SET").arg(key).arg("before").query::<Value>(&mut con).expect("SET"), Value::Okay);
+        assert_eq!(
+            redis::cmd("SET")
+                .arg(key)
+                .arg("before")
+                .query::<Value>(&mut con)
+                .expect("SET"),
+            Value::Okay
+        );
     }
 
     signal(server.pid(), libc::SIGSTOP);
@@ -332,23 +443,46 @@ fn a_dead_worker_answers_tryagain_while_it_is_not_restarted() {
     let mut tryagain = 0;
     for (live, dead) in survivor_keys.iter().zip(&victim_keys).take(20) {
         let started = Instant::now();
-        let reply = redis::cmd("GET").arg(dead).query::<Option<String>>(&mut con);
+        let reply = redis::cmd("GET")
+            .arg(dead)
+            .query::<Option<String>>(&mut con);
         let took = started.elapsed();
         match reply {
             Err(e) if e.code() == Some("TRYAGAIN") => tryagain += 1,
-            other => panic!("GET of a key on the dead worker: expected TRYAGAIN, got {other:?} after {took:?}"),
+            other => panic!(
+                "GET of a key on the dead worker: expected TRYAGAIN, got {other:?} after {took:?}"
+            ),
         }
         assert!(took < Duration::from_secs(1), "TRYAGAIN took {took:?}");
-        let reply = redis::cmd("SET").arg(dead).arg("during").query::<Value>(&mut con);
-        assert!(matches!(&reply, Err(e) if e.code() == Some("TRYAGAIN")), "SET on the dead worker: {reply:?}");
-        let value: Option<String> = redis::cmd("GET").arg(live).query(&mut con).expect("GET on the live worker");
+        let reply = redis::cmd("SET")
+            .arg(dead)
+            .arg("during")
+            .query::<Value>(&mut con);
+        assert!(
+            matches!(&reply, Err(e) if e.code() == Some("TRYAGAIN")),
+            "SET on the dead worker: {reply:?}"
+        );
+        let value: Option<String> = redis::cmd("GET")
+            .arg(live)
+            .query(&mut con)
+            .expect("GET on the live worker");
         assert_eq!(value.as_deref(), Some("before"));
-        assert_eq!(redis::cmd("SET").arg(live).arg("during").query::<Value>(&mut con).expect("SET live"), Value::Okay);
+        assert_eq!(
+            redis::cmd("SET")
+                .arg(live)
+                .arg("during")
+                .query::<Value>(&mut con)
+                .expect("SET live"),
+            Value::Okay
+        );
     }
     assert_eq!(tryagain, 20);
     // A multi-key command touching the dead worker fails clearly instead of hanging.
     let started = Instant::now();
-    let reply = redis::cmd("MGET").arg(&survivor_keys[0]).arg(&victim_keys[0]).query::<Value>(&mut con);
+    let reply = redis::cmd("MGET")
+        .arg(&survivor_keys[0])
+        .arg(&victim_keys[0])
+        .query::<Value>(&mut con);
     assert!(reply.is_err(), "MGET over a dead worker: {reply:?}");
     assert!(started.elapsed() < Duration::from_secs(2));
 
@@ -356,19 +490,31 @@ fn a_dead_worker_answers_tryagain_while_it_is_not_restarted() {
     drop(resume);
     let deadline = Instant::now() + Duration::from_secs(15);
     loop {
-        match redis::cmd("GET").arg(&victim_keys[0]).query::<Option<String>>(&mut con) {
+        match redis::cmd("GET")
+            .arg(&victim_keys[0])
+            .query::<Option<String>>(&mut con)
+        {
             Ok(value) => {
-                assert_eq!(value.as_deref(), Some("before"), "the failed SET during the outage stored nothing");
+                assert_eq!(
+                    value.as_deref(),
+                    Some("before"),
+                    "the failed SET during the outage stored nothing"
+                );
                 break;
             }
-            Err(e) if e.code() == Some("TRYAGAIN") && Instant::now() < deadline => thread::sleep(Duration::from_millis(50)),
+            Err(e) if e.code() == Some("TRYAGAIN") && Instant::now() < deadline => {
+                thread::sleep(Duration::from_millis(50))
+            }
             Err(e) => panic!("worker did not come back: {e}"),
         }
     }
     let worker = server.process_status("shard-worker", 1);
     assert!(worker["restarts"].as_u64().unwrap_or(0) >= 1, "{worker}");
     for key in &victim_keys {
-        let value: Option<String> = redis::cmd("GET").arg(key).query(&mut con).expect("GET after recovery");
+        let value: Option<String> = redis::cmd("GET")
+            .arg(key)
+            .query(&mut con)
+            .expect("GET after recovery");
         assert_eq!(value.as_deref(), Some("before"), "{key}");
     }
 }

@@ -64,7 +64,10 @@ fn feed(raw: &mut common::RawConn, args: &[&str]) -> Result<(String, Vec<Entry>)
         return Err(reply.error());
     }
     match reply.array() {
-        [cursor, entries] => Ok((cursor.text(), entries.array().iter().map(Entry::from_feed).collect())),
+        [cursor, entries] => Ok((
+            cursor.text(),
+            entries.array().iter().map(Entry::from_feed).collect(),
+        )),
         _ => panic!("SHOAL.FEED answered {reply:?}"),
     }
 }
@@ -107,7 +110,12 @@ fn distinct_keys(rng: &mut Rng, from: &[String], n: usize) -> Vec<String> {
 /// One write and what its reply means for the data values logged per key.
 enum Write {
     /// SET/MSET/INCR/SET PX: each key gets a value (INCR: the reply).
-    Put { command: Vec<String>, keys: Vec<String>, values: Vec<String>, incr: bool },
+    Put {
+        command: Vec<String>,
+        keys: Vec<String>,
+        values: Vec<String>,
+        incr: bool,
+    },
     /// DEL of one or more keys.
     Delete { command: Vec<String> },
     /// PEXPIRE: an update carrying the current value when the reply is 1.
@@ -121,7 +129,12 @@ fn random_write(rng: &mut Rng, from: &[String]) -> Write {
         0..=29 => {
             let key = pick(rng, from);
             let v = rng.below(1_000_000).to_string();
-            Write::Put { command: vec!["SET".into(), key.clone(), v.clone()], keys: vec![key], values: vec![v], incr: false }
+            Write::Put {
+                command: vec!["SET".into(), key.clone(), v.clone()],
+                keys: vec![key],
+                values: vec![v],
+                incr: false,
+            }
         }
         30..=39 => {
             let key = pick(rng, from);
@@ -136,18 +149,31 @@ fn random_write(rng: &mut Rng, from: &[String]) -> Write {
         }
         40..=54 => {
             let key = pick(rng, from);
-            Write::Put { command: vec!["INCR".into(), key.clone()], keys: vec![key], values: Vec::new(), incr: true }
+            Write::Put {
+                command: vec!["INCR".into(), key.clone()],
+                keys: vec![key],
+                values: Vec::new(),
+                incr: true,
+            }
         }
         55..=69 => {
             let n = 3 + rng.below(3) as usize;
             let keys = distinct_keys(rng, from, n);
-            let values: Vec<String> = keys.iter().map(|_| rng.below(1_000_000).to_string()).collect();
+            let values: Vec<String> = keys
+                .iter()
+                .map(|_| rng.below(1_000_000).to_string())
+                .collect();
             let mut command = vec!["MSET".to_string()];
             for (key, value) in keys.iter().zip(&values) {
                 command.push(key.clone());
                 command.push(value.clone());
             }
-            Write::Put { command, keys, values, incr: false }
+            Write::Put {
+                command,
+                keys,
+                values,
+                incr: false,
+            }
         }
         70..=84 => {
             let n = 1 + rng.below(3) as usize;
@@ -159,7 +185,10 @@ fn random_write(rng: &mut Rng, from: &[String]) -> Write {
         _ => {
             let key = pick(rng, from);
             let ttl = (20 + rng.below(MAX_TTL_MS - 20)).to_string();
-            Write::Expire { command: vec!["PEXPIRE".into(), key.clone(), ttl], key }
+            Write::Expire {
+                command: vec!["PEXPIRE".into(), key.clone(), ttl],
+                key,
+            }
         }
     }
 }
@@ -167,7 +196,9 @@ fn random_write(rng: &mut Rng, from: &[String]) -> Write {
 impl Write {
     fn command(&self) -> &[String] {
         match self {
-            Write::Put { command, .. } | Write::Delete { command } | Write::Expire { command, .. } => command,
+            Write::Put { command, .. }
+            | Write::Delete { command }
+            | Write::Expire { command, .. } => command,
         }
     }
 }
@@ -186,7 +217,9 @@ fn run_writer(
     let mut counts: BTreeMap<&'static str, usize> = BTreeMap::new();
     let mut written = 0;
     while written < writes {
-        let batch: Vec<Write> = (0..PIPELINE.min(writes - written)).map(|_| random_write(&mut rng, keys)).collect();
+        let batch: Vec<Write> = (0..PIPELINE.min(writes - written))
+            .map(|_| random_write(&mut rng, keys))
+            .collect();
         let mut bytes = Vec::new();
         for write in &batch {
             let args: Vec<&[u8]> = write.command().iter().map(|a| a.as_bytes()).collect();
@@ -197,18 +230,29 @@ fn run_writer(
             let reply = raw.read_reply().expect("reply");
             assert!(!reply.is_error(), "{:?} -> {reply:?}", write.command());
             match write {
-                Write::Put { keys, values, incr, .. } => {
-                    let values = if *incr { vec![reply.int().to_string()] } else { values.clone() };
+                Write::Put {
+                    keys, values, incr, ..
+                } => {
+                    let values = if *incr {
+                        vec![reply.int().to_string()]
+                    } else {
+                        values.clone()
+                    };
                     for (key, value) in keys.iter().zip(values) {
                         expected.entry(key.clone()).or_default().push(value.clone());
                         last_value.insert(key.clone(), value);
                     }
-                    *counts.entry(if *incr { "incr" } else { "put" }).or_default() += 1;
+                    *counts
+                        .entry(if *incr { "incr" } else { "put" })
+                        .or_default() += 1;
                 }
                 Write::Delete { .. } => *counts.entry("del").or_default() += 1,
                 Write::Expire { key, .. } => {
                     if reply.int() == 1 {
-                        let value = last_value.get(key).cloned().expect("PEXPIRE 1 on a key the writer set");
+                        let value = last_value
+                            .get(key)
+                            .cloned()
+                            .expect("PEXPIRE 1 on a key the writer set");
                         expected.entry(key.clone()).or_default().push(value);
                         *counts.entry("pexpire 1").or_default() += 1;
                     } else {
@@ -225,9 +269,14 @@ fn run_writer(
 #[test]
 fn a_follower_from_cursor_0_sees_every_change_of_10000_mixed_writes_exactly_once_in_commit_order() {
     let server = Server::start(&format!("workers = {WORKERS}\n"));
-    let seed = std::env::var("SHOAL_TEST_SEED").ok().and_then(|s| s.parse().ok()).unwrap_or_else(|| {
-        std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(1, |d| d.as_nanos() as u64)
-    });
+    let seed = std::env::var("SHOAL_TEST_SEED")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(|| {
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(1, |d| d.as_nanos() as u64)
+        });
     eprintln!("write seed: {seed} (set SHOAL_TEST_SEED to repeat it)");
 
     // The follower starts first, from cursor 0, and blocks while nothing is new.
@@ -261,8 +310,14 @@ fn a_follower_from_cursor_0_sees_every_change_of_10000_mixed_writes_exactly_once
     let writers: Vec<_> = (0..WRITERS)
         .map(|writer| {
             let raw = server.raw();
-            let keys: Vec<String> = (0..KEYS).filter(|i| i % WRITERS == writer).map(key_name).collect();
-            let seed = seed.wrapping_add(writer as u64).wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1;
+            let keys: Vec<String> = (0..KEYS)
+                .filter(|i| i % WRITERS == writer)
+                .map(key_name)
+                .collect();
+            let seed = seed
+                .wrapping_add(writer as u64)
+                .wrapping_mul(0x9e37_79b9_7f4a_7c15)
+                | 1;
             std::thread::spawn(move || run_writer(raw, seed, &keys, WRITES / WRITERS))
         })
         .collect();
@@ -283,8 +338,15 @@ fn a_follower_from_cursor_0_sees_every_change_of_10000_mixed_writes_exactly_once
     sleep(Duration::from_millis(MAX_TTL_MS + 1200));
     stop.store(true, Ordering::Release);
     let (entries, calls, cursor) = follower.join().expect("follower thread");
-    eprintln!("the follower read {} entries in {calls} calls", entries.len());
-    assert!(entries.len() >= WRITES, "{} entries for {WRITES} writes", entries.len());
+    eprintln!(
+        "the follower read {} entries in {calls} calls",
+        entries.len()
+    );
+    assert!(
+        entries.len() >= WRITES,
+        "{} entries for {WRITES} writes",
+        entries.len()
+    );
 
     // Commit order per partition: ids 1, 2, 3, ... with no gap and no repeat.
     let mut by_partition: BTreeMap<i64, Vec<&Entry>> = BTreeMap::new();
@@ -293,14 +355,23 @@ fn a_follower_from_cursor_0_sees_every_change_of_10000_mixed_writes_exactly_once
     }
     for (partition, list) in &by_partition {
         for (index, entry) in list.iter().enumerate() {
-            assert_eq!(entry.commit_id, index as i64 + 1, "partition {partition}: entry {index} is {entry:?}");
+            assert_eq!(
+                entry.commit_id,
+                index as i64 + 1,
+                "partition {partition}: entry {index} is {entry:?}"
+            );
         }
         assert!(
-            list.iter().all(|e| i64::from(server.partition_of(e.key.as_bytes())) == *partition),
+            list.iter()
+                .all(|e| i64::from(server.partition_of(e.key.as_bytes())) == *partition),
             "partition {partition} holds only its own keys"
         );
     }
-    assert!(by_partition.len() > 100, "the writes touched many partitions: {}", by_partition.len());
+    assert!(
+        by_partition.len() > 100,
+        "the writes touched many partitions: {}",
+        by_partition.len()
+    );
 
     // Replaying the feed in order: a create only for a missing key, an update or a delete only
     // for a present one; per key, the values logged are exactly the values written, in order.
@@ -318,21 +389,32 @@ fn a_follower_from_cursor_0_sees_every_change_of_10000_mixed_writes_exactly_once
             other => panic!("unknown change type {other:?}: {entry:?}"),
         }
         if entry.change == "delete" {
-            assert!(entry.data.is_empty() && entry.expires_at_ms == -1, "{entry:?}");
+            assert!(
+                entry.data.is_empty() && entry.expires_at_ms == -1,
+                "{entry:?}"
+            );
             state.remove(&entry.key);
         } else {
             state.insert(entry.key.clone(), (entry.data.clone(), entry.expires_at_ms));
-            logged.entry(entry.key.clone()).or_default().push(entry.data.clone());
+            logged
+                .entry(entry.key.clone())
+                .or_default()
+                .push(entry.data.clone());
         }
     }
     eprintln!("change types: {types:?}");
-    assert!(types.get("create").is_some_and(|&n| n > 0) && types.get("update").is_some_and(|&n| n > 0));
+    assert!(
+        types.get("create").is_some_and(|&n| n > 0) && types.get("update").is_some_and(|&n| n > 0)
+    );
     assert!(types.get("delete").is_some_and(|&n| n > 0));
     for i in 0..KEYS {
         let key = key_name(i);
         let written = expected.get(&key).cloned().unwrap_or_default();
         let seen = logged.get(&key).cloned().unwrap_or_default();
-        assert!(seen == written, "{key}: values written {written:?}\nvalues in the feed {seen:?}");
+        assert!(
+            seen == written,
+            "{key}: values written {written:?}\nvalues in the feed {seen:?}"
+        );
     }
 
     // The state replayed from the feed is the server's data.
@@ -341,14 +423,24 @@ fn a_follower_from_cursor_0_sees_every_change_of_10000_mixed_writes_exactly_once
     let values: Vec<Option<String>> = redis::cmd("MGET").arg(&keys).query(&mut con).expect("MGET");
     for (key, value) in keys.iter().zip(values) {
         let replayed = state.get(key);
-        assert_eq!(replayed.map(|(data, _)| data.clone()), value, "{key}: replayed from the feed vs stored");
+        assert_eq!(
+            replayed.map(|(data, _)| data.clone()),
+            value,
+            "{key}: replayed from the feed vs stored"
+        );
         if let Some((_, expires_at_ms)) = replayed {
-            assert_eq!(*expires_at_ms, -1, "{key}: every time to live has passed, so no live key keeps one");
+            assert_eq!(
+                *expires_at_ms, -1,
+                "{key}: every time to live has passed, so no live key keeps one"
+            );
         }
     }
 
     // The feed and SHOAL.LOG tell the same story.
-    let (partition, list) = by_partition.iter().max_by_key(|(_, list)| list.len()).expect("partitions");
+    let (partition, list) = by_partition
+        .iter()
+        .max_by_key(|(_, list)| list.len())
+        .expect("partitions");
     type LogRow = (i64, i64, String, i64, String, String, i64);
     let log: Vec<(i64, String, String, String, i64)> = redis::cmd("SHOAL.LOG")
         .arg(*partition)
@@ -358,24 +450,49 @@ fn a_follower_from_cursor_0_sees_every_change_of_10000_mixed_writes_exactly_once
         .query::<Vec<LogRow>>(&mut con)
         .expect("SHOAL.LOG")
         .into_iter()
-        .map(|(commit_id, _, change, _, key, data, expires)| (commit_id, change, key, data, expires))
+        .map(|(commit_id, _, change, _, key, data, expires)| {
+            (commit_id, change, key, data, expires)
+        })
         .collect();
-    let from_feed: Vec<(i64, String, String, String, i64)> =
-        list.iter().map(|e| (e.commit_id, e.change.clone(), e.key.clone(), e.data.clone(), e.expires_at_ms)).collect();
+    let from_feed: Vec<(i64, String, String, String, i64)> = list
+        .iter()
+        .map(|e| {
+            (
+                e.commit_id,
+                e.change.clone(),
+                e.key.clone(),
+                e.data.clone(),
+                e.expires_at_ms,
+            )
+        })
+        .collect();
     assert_eq!(log, from_feed, "partition {partition}");
 
     // The follower's cursor is the end of every partition's log, as `$` names it.
     let mut raw = server.raw();
     let (now, _) = feed(&mut raw, &["$", "COUNT", "1"]).expect("feed from now");
-    assert_eq!(cursor, now, "the follower's last cursor vs the end of the log");
+    assert_eq!(
+        cursor, now,
+        "the follower's last cursor vs the end of the log"
+    );
 
     // Resuming from the returned cursor gives only what is new.
     let (_, nothing) = feed(&mut raw, &[&cursor, "COUNT", "10"]).expect("feed");
     assert!(nothing.is_empty(), "{nothing:?}");
-    assert_eq!(raw.cmd(&["SET", "feed:new", "1"]), Resp::Simple("OK".into()));
+    assert_eq!(
+        raw.cmd(&["SET", "feed:new", "1"]),
+        Resp::Simple("OK".into())
+    );
     let (_, new) = feed(&mut raw, &[&cursor, "COUNT", "10"]).expect("feed");
     assert_eq!(new.len(), 1, "{new:?}");
-    assert_eq!((new[0].change.as_str(), new[0].key.as_str(), new[0].data.as_str()), ("create", "feed:new", "1"));
+    assert_eq!(
+        (
+            new[0].change.as_str(),
+            new[0].key.as_str(),
+            new[0].data.as_str()
+        ),
+        ("create", "feed:new", "1")
+    );
 }
 
 #[test]
@@ -383,14 +500,25 @@ fn a_blocked_feed_wakes_up_for_a_new_write_and_dollar_starts_from_now() {
     let server = Server::start("");
     let mut raw = server.raw();
     for i in 0..20 {
-        assert_eq!(raw.cmd(&["SET", &format!("old:{i}"), "v"]), Resp::Simple("OK".into()));
+        assert_eq!(
+            raw.cmd(&["SET", &format!("old:{i}"), "v"]),
+            Resp::Simple("OK".into())
+        );
     }
     // `$` skips what is already in the log.
     let started = Instant::now();
     let (cursor, entries) = feed(&mut raw, &["$", "COUNT", "10", "BLOCK", "300"]).expect("feed");
     assert!(entries.is_empty(), "{entries:?}");
-    assert!(started.elapsed() >= Duration::from_millis(250), "BLOCK 300 waited {:?}", started.elapsed());
-    assert!(started.elapsed() < Duration::from_secs(3), "BLOCK 300 waited {:?}", started.elapsed());
+    assert!(
+        started.elapsed() >= Duration::from_millis(250),
+        "BLOCK 300 waited {:?}",
+        started.elapsed()
+    );
+    assert!(
+        started.elapsed() < Duration::from_secs(3),
+        "BLOCK 300 waited {:?}",
+        started.elapsed()
+    );
 
     let writer = {
         let mut raw = server.raw();
@@ -404,10 +532,25 @@ fn a_blocked_feed_wakes_up_for_a_new_write_and_dollar_starts_from_now() {
     let waited = started.elapsed();
     writer.join().expect("writer");
     assert_eq!(entries.len(), 1, "{entries:?}");
-    assert_eq!((entries[0].change.as_str(), entries[0].key.as_str()), ("create", "fresh"));
-    assert_eq!(entries[0].partition, i64::from(server.partition_of(b"fresh")));
-    assert!(waited >= Duration::from_millis(300) && waited < Duration::from_secs(3), "woke up after {waited:?}");
-    assert!(next.contains(&format!("{}:{}", entries[0].partition, entries[0].commit_id)), "{next}");
+    assert_eq!(
+        (entries[0].change.as_str(), entries[0].key.as_str()),
+        ("create", "fresh")
+    );
+    assert_eq!(
+        entries[0].partition,
+        i64::from(server.partition_of(b"fresh"))
+    );
+    assert!(
+        waited >= Duration::from_millis(300) && waited < Duration::from_secs(3),
+        "woke up after {waited:?}"
+    );
+    assert!(
+        next.contains(&format!(
+            "{}:{}",
+            entries[0].partition, entries[0].commit_id
+        )),
+        "{next}"
+    );
 
     assert!(feed(&mut raw, &["not-a-cursor"]).is_err());
     assert!(feed(&mut raw, &["0", "BLOCK", "-1"]).is_err());
@@ -420,7 +563,9 @@ fn a_cursor_behind_the_retained_log_gets_an_error_that_says_it_was_trimmed() {
     let mut raw = server.raw();
     let keys: Vec<String> = (0..100).map(|i| format!("{{trim}}:{i}")).collect();
     let partition = server.partition_of(keys[0].as_bytes());
-    assert!(keys.iter().all(|k| server.partition_of(k.as_bytes()) == partition));
+    assert!(keys
+        .iter()
+        .all(|k| server.partition_of(k.as_bytes()) == partition));
     for key in &keys {
         assert_eq!(raw.cmd(&["SET", key, "v"]), Resp::Simple("OK".into()));
     }
@@ -431,19 +576,39 @@ fn a_cursor_behind_the_retained_log_gets_an_error_that_says_it_was_trimmed() {
         if log.array().len() <= 10 {
             break log;
         }
-        assert!(Instant::now() < deadline, "the log of partition {partition} kept {} entries", log.array().len());
+        assert!(
+            Instant::now() < deadline,
+            "the log of partition {partition} kept {} entries",
+            log.array().len()
+        );
         sleep(Duration::from_millis(50));
     };
     let ids: Vec<i64> = log.array().iter().map(|e| e.array()[0].int()).collect();
-    assert_eq!(ids, (91..=100).collect::<Vec<i64>>(), "the last 10 entries are kept");
+    assert_eq!(
+        ids,
+        (91..=100).collect::<Vec<i64>>(),
+        "the last 10 entries are kept"
+    );
 
-    for cursor in ["0".to_string(), format!("{partition}:50"), format!("{partition}:89")] {
-        let error = feed(&mut raw, &[&cursor]).expect_err("a cursor behind the retained log is refused");
-        assert!(error.starts_with("ERR") && error.contains("trimmed"), "cursor {cursor}: {error}");
+    for cursor in [
+        "0".to_string(),
+        format!("{partition}:50"),
+        format!("{partition}:89"),
+    ] {
+        let error =
+            feed(&mut raw, &[&cursor]).expect_err("a cursor behind the retained log is refused");
+        assert!(
+            error.starts_with("ERR") && error.contains("trimmed"),
+            "cursor {cursor}: {error}"
+        );
     }
     // A cursor inside the retained log reads on.
-    let (_, entries) = feed(&mut raw, &[&format!("{partition}:90")]).expect("feed from the oldest retained entry");
-    assert_eq!(entries.iter().map(|e| e.commit_id).collect::<Vec<_>>(), (91..=100).collect::<Vec<i64>>());
+    let (_, entries) =
+        feed(&mut raw, &[&format!("{partition}:90")]).expect("feed from the oldest retained entry");
+    assert_eq!(
+        entries.iter().map(|e| e.commit_id).collect::<Vec<_>>(),
+        (91..=100).collect::<Vec<i64>>()
+    );
     let (_, entries) = feed(&mut raw, &["$"]).expect("feed from now");
     assert!(entries.is_empty());
 }

@@ -26,7 +26,10 @@ fn new_ids(con: &mut redis::Connection, count: usize) -> Vec<i64> {
     };
     assert_eq!(ids.len(), count, "ID.NEW {count} returns {count} ids");
     assert!(ids[0] > 0, "ids are positive: {}", ids[0]);
-    assert!(ids.windows(2).all(|w| w[1] == w[0] + 1), "one call's ids are consecutive");
+    assert!(
+        ids.windows(2).all(|w| w[1] == w[0] + 1),
+        "one call's ids are consecutive"
+    );
     ids
 }
 
@@ -41,7 +44,10 @@ fn a_million_ids_from_parallel_connections_are_distinct_and_new_ids_after_kill_9
                 let mut last = 0;
                 for _ in 0..CALLS_PER_THREAD {
                     let batch = new_ids(&mut con, IDS_PER_CALL);
-                    assert!(batch[0] != last, "a connection never gets the same batch twice");
+                    assert!(
+                        batch[0] != last,
+                        "a connection never gets the same batch twice"
+                    );
                     last = batch[0];
                     ids.extend(batch);
                 }
@@ -66,7 +72,10 @@ fn a_million_ids_from_parallel_connections_are_distinct_and_new_ids_after_kill_9
     assert!(seen.insert(single), "id {single} was issued twice");
     for bad in ["0", "-1", "1000001", "many"] {
         let reply = common::call_str(&mut con, &["ID.NEW", bad]);
-        assert!(error_text(&reply).starts_with("ERR"), "ID.NEW {bad} -> {reply:?}");
+        assert!(
+            error_text(&reply).starts_with("ERR"),
+            "ID.NEW {bad} -> {reply:?}"
+        );
     }
     let highest = *seen.iter().max().expect("ids");
     drop(con);
@@ -85,7 +94,14 @@ fn a_million_ids_from_parallel_connections_are_distinct_and_new_ids_after_kill_9
     }
     after.extend(new_ids(&mut con, 1_000_000));
     let lowest_after = *after.iter().min().expect("ids");
-    assert!(lowest_after > highest, "an id issued after kill -9 ({lowest_after}) is not above the old ones (up to {highest})");
+    assert!(
+        lowest_after > highest,
+        "an id issued after kill -9 ({lowest_after}) is not above the old ones (up to {highest})"
+    );
     let distinct: HashSet<i64> = after.iter().copied().collect();
-    assert_eq!(distinct.len(), after.len(), "ids issued after the restart are distinct");
+    assert_eq!(
+        distinct.len(),
+        after.len(),
+        "ids issued after the restart are distinct"
+    );
 }

@@ -22,11 +22,16 @@ fn pipeline(con: &mut redis::Connection, commands: &[Vec<String>]) -> Vec<Value>
         let args: Vec<&[u8]> = command.iter().map(|a| a.as_bytes()).collect();
         bytes.extend(encode_command(&args));
     }
-    con.req_packed_commands(&bytes, 0, commands.len()).expect("pipeline")
+    con.req_packed_commands(&bytes, 0, commands.len())
+        .expect("pipeline")
 }
 
 /// Sends `commands` in pipelines of `batch` and asserts that every reply is OK.
-fn load(con: &mut redis::Connection, commands: impl Iterator<Item = Vec<String>>, batch: usize) -> usize {
+fn load(
+    con: &mut redis::Connection,
+    commands: impl Iterator<Item = Vec<String>>,
+    batch: usize,
+) -> usize {
     let commands: Vec<Vec<String>> = commands.collect();
     for chunk in commands.chunks(batch) {
         for (command, reply) in chunk.iter().zip(pipeline(con, chunk)) {
@@ -54,12 +59,17 @@ fn scan_once(con: &mut redis::Connection, cursor: &str, options: &[&str]) -> (St
                 Value::BulkString(bytes) => String::from_utf8(bytes.clone()).expect("cursor text"),
                 other => panic!("SCAN cursor {other:?}"),
             };
-            assert!(cursor.parse::<u64>().is_ok(), "the cursor is an unsigned integer: {cursor:?}");
+            assert!(
+                cursor.parse::<u64>().is_ok(),
+                "the cursor is an unsigned integer: {cursor:?}"
+            );
             let keys = match &parts[1] {
                 Value::Array(keys) => keys
                     .iter()
                     .map(|k| match k {
-                        Value::BulkString(bytes) => String::from_utf8(bytes.clone()).expect("key text"),
+                        Value::BulkString(bytes) => {
+                            String::from_utf8(bytes.clone()).expect("key text")
+                        }
                         other => panic!("SCAN key {other:?}"),
                     })
                     .collect(),
@@ -83,7 +93,10 @@ fn scan_all(con: &mut redis::Connection, options: &[&str]) -> (Vec<String>, usiz
         if next == "0" {
             return (keys, calls);
         }
-        assert!(calls < 1_000_000, "SCAN {options:?} never returned cursor 0");
+        assert!(
+            calls < 1_000_000,
+            "SCAN {options:?} never returned cursor 0"
+        );
         cursor = next;
     }
 }
@@ -128,12 +141,15 @@ fn read_log(con: &mut redis::Connection, partition: u32) -> Vec<Entry> {
         if page.is_empty() {
             return entries;
         }
-        entries.extend(page.into_iter().map(|(commit_id, _, change, _, key, _, expires_at_ms)| Entry {
-            commit_id,
-            change,
-            key: String::from_utf8(key).expect("key text"),
-            expires_at_ms,
-        }));
+        entries.extend(
+            page.into_iter()
+                .map(|(commit_id, _, change, _, key, _, expires_at_ms)| Entry {
+                    commit_id,
+                    change,
+                    key: String::from_utf8(key).expect("key text"),
+                    expires_at_ms,
+                }),
+        );
     }
 }
 
@@ -141,7 +157,10 @@ fn read_log(con: &mut redis::Connection, partition: u32) -> Vec<Entry> {
 fn changes_by_key(entries: &[Entry]) -> BTreeMap<String, Vec<String>> {
     let mut by_key: BTreeMap<String, Vec<String>> = BTreeMap::new();
     for entry in entries {
-        by_key.entry(entry.key.clone()).or_default().push(entry.change.clone());
+        by_key
+            .entry(entry.key.clone())
+            .or_default()
+            .push(entry.change.clone());
     }
     by_key
 }
@@ -154,11 +173,20 @@ fn scan_over_100k_keys_returns_every_key_while_other_keys_come_and_go() {
     let server = Server::start("workers = 3\n");
     let mut con = server.conn();
     let started = Instant::now();
-    load(&mut con, (0..KEYS).map(|i| cmd(&["SET", &stable_key(i), "v"])), 1000);
+    load(
+        &mut con,
+        (0..KEYS).map(|i| cmd(&["SET", &stable_key(i), "v"])),
+        1000,
+    );
     eprintln!("loaded {KEYS} keys in {:?}", started.elapsed());
     let stable: HashSet<String> = (0..KEYS).map(stable_key).collect();
     for worker in 0..3 {
-        assert!(stable.iter().any(|k| server.worker_of(k.as_bytes()) == worker), "keys on worker {worker}");
+        assert!(
+            stable
+                .iter()
+                .any(|k| server.worker_of(k.as_bytes()) == worker),
+            "keys on worker {worker}"
+        );
     }
     assert_eq!(dbsize(&mut con), KEYS as i64);
 
@@ -166,36 +194,78 @@ fn scan_over_100k_keys_returns_every_key_while_other_keys_come_and_go() {
     let (keys, calls) = scan_all(&mut con, &["COUNT", "1000"]);
     let found = set_of(&keys);
     assert_eq!(found.len(), KEYS, "distinct keys returned by a full SCAN");
-    assert!(found == stable, "SCAN returned keys that were never written");
-    assert!((50..=300).contains(&calls), "a full SCAN COUNT 1000 over {KEYS} keys took {calls} calls");
+    assert!(
+        found == stable,
+        "SCAN returned keys that were never written"
+    );
+    assert!(
+        (50..=300).contains(&calls),
+        "a full SCAN COUNT 1000 over {KEYS} keys took {calls} calls"
+    );
 
     // COUNT is a hint: the default (10) returns a small batch, a large COUNT a large one.
     let (_, small) = scan_once(&mut con, "0", &[]);
-    assert!(!small.is_empty() && small.len() <= 40, "SCAN 0 returned {} keys", small.len());
+    assert!(
+        !small.is_empty() && small.len() <= 40,
+        "SCAN 0 returned {} keys",
+        small.len()
+    );
     let (_, large) = scan_once(&mut con, "0", &["COUNT", "5000"]);
-    assert!(large.len() >= 2500 && large.len() <= 20_000, "SCAN 0 COUNT 5000 returned {} keys", large.len());
-    assert_eq!(error_text(&common::call_str(&mut con, &["SCAN", "0", "COUNT", "0"])), "ERR syntax error");
-    assert!(error_text(&common::call_str(&mut con, &["SCAN", "0", "COUNT", "x"])).starts_with("ERR"));
-    assert_eq!(error_text(&common::call_str(&mut con, &["SCAN", "nope"])), "ERR invalid cursor");
+    assert!(
+        large.len() >= 2500 && large.len() <= 20_000,
+        "SCAN 0 COUNT 5000 returned {} keys",
+        large.len()
+    );
+    assert_eq!(
+        error_text(&common::call_str(&mut con, &["SCAN", "0", "COUNT", "0"])),
+        "ERR syntax error"
+    );
+    assert!(
+        error_text(&common::call_str(&mut con, &["SCAN", "0", "COUNT", "x"])).starts_with("ERR")
+    );
+    assert_eq!(
+        error_text(&common::call_str(&mut con, &["SCAN", "nope"])),
+        "ERR invalid cursor"
+    );
 
     // MATCH filters what COUNT examined: a call may return nothing with a non-zero cursor.
     let (cursor, batch) = scan_once(&mut con, "0", &["MATCH", "nomatch:*", "COUNT", "100"]);
-    assert!(batch.is_empty() && cursor != "0", "SCAN 0 MATCH nomatch:* COUNT 100 -> {cursor} {batch:?}");
+    assert!(
+        batch.is_empty() && cursor != "0",
+        "SCAN 0 MATCH nomatch:* COUNT 100 -> {cursor} {batch:?}"
+    );
     for (pattern, expected) in [
-        ("k:0123*", (12300..12400).map(stable_key).collect::<HashSet<_>>()),
+        (
+            "k:0123*",
+            (12300..12400).map(stable_key).collect::<HashSet<_>>(),
+        ),
         ("k:00001?", (10..20).map(stable_key).collect()),
-        ("k:0000[12]0", [10, 20].into_iter().map(stable_key).collect()),
-        ("k:09999[^0-8]", [99999].into_iter().map(stable_key).collect()),
+        (
+            "k:0000[12]0",
+            [10, 20].into_iter().map(stable_key).collect(),
+        ),
+        (
+            "k:09999[^0-8]",
+            [99999].into_iter().map(stable_key).collect(),
+        ),
         ("nomatch:*", HashSet::new()),
     ] {
         let (keys, _) = scan_all(&mut con, &["MATCH", pattern, "COUNT", "2000"]);
         assert_eq!(set_of(&keys), expected, "SCAN MATCH {pattern}");
-        assert_eq!(set_of(&keys_cmd(&mut con, pattern)), expected, "KEYS {pattern}");
+        assert_eq!(
+            set_of(&keys_cmd(&mut con, pattern)),
+            expected,
+            "KEYS {pattern}"
+        );
     }
     let (strings, _) = scan_all(&mut con, &["TYPE", "string", "COUNT", "5000"]);
     assert_eq!(set_of(&strings).len(), KEYS, "SCAN TYPE string");
     let (hashes, _) = scan_all(&mut con, &["TYPE", "hash", "COUNT", "5000"]);
-    assert!(hashes.is_empty(), "SCAN TYPE hash: {:?}", &hashes[..hashes.len().min(5)]);
+    assert!(
+        hashes.is_empty(),
+        "SCAN TYPE hash: {:?}",
+        &hashes[..hashes.len().min(5)]
+    );
     assert_eq!(keys_cmd(&mut con, "*").len(), KEYS, "KEYS *");
 
     // Keys present for the whole scan are never missed while other keys are created and
@@ -209,14 +279,19 @@ fn scan_over_100k_keys_returns_every_key_while_other_keys_come_and_go() {
             let mut next = 0usize;
             while !stop.load(Ordering::Relaxed) {
                 // 100 new keys, and one DEL of the 100 made two rounds ago.
-                let mut batch: Vec<Vec<String>> = (next..next + 100).map(|i| cmd(&["SET", &format!("w:{i}"), "x"])).collect();
+                let mut batch: Vec<Vec<String>> = (next..next + 100)
+                    .map(|i| cmd(&["SET", &format!("w:{i}"), "x"]))
+                    .collect();
                 if next >= 200 {
                     let mut del = vec!["DEL".to_string()];
                     del.extend((next - 200..next - 100).map(|i| format!("w:{i}")));
                     batch.push(del);
                 }
                 for reply in pipeline(&mut con, &batch) {
-                    assert!(matches!(reply, Value::Okay | Value::Int(100)), "writer: {reply:?}");
+                    assert!(
+                        matches!(reply, Value::Okay | Value::Int(100)),
+                        "writer: {reply:?}"
+                    );
                 }
                 written += if next >= 200 { 200 } else { 100 };
                 next += 100;
@@ -236,26 +311,66 @@ fn scan_over_100k_keys_returns_every_key_while_other_keys_come_and_go() {
     let written = writer.join().expect("writer thread");
     eprintln!("a full SCAN COUNT 25 took {calls} calls and {scan_time:?}; {written} writes by the writer meanwhile");
     let found = set_of(&keys);
-    let missed: Vec<&String> = stable.iter().filter(|k| !found.contains(*k)).take(10).collect();
-    assert!(missed.is_empty(), "keys present for the whole scan were missed, e.g. {missed:?}");
-    let strangers: Vec<&String> = found.iter().filter(|k| !stable.contains(*k) && !k.starts_with("w:")).take(10).collect();
-    assert!(strangers.is_empty(), "SCAN returned keys never written: {strangers:?}");
-    assert!(written >= 2000, "the writer ran during the scan ({written} keys written or deleted)");
-    assert_eq!(dbsize(&mut con), KEYS as i64, "DBSIZE once the writer cleaned up");
+    let missed: Vec<&String> = stable
+        .iter()
+        .filter(|k| !found.contains(*k))
+        .take(10)
+        .collect();
+    assert!(
+        missed.is_empty(),
+        "keys present for the whole scan were missed, e.g. {missed:?}"
+    );
+    let strangers: Vec<&String> = found
+        .iter()
+        .filter(|k| !stable.contains(*k) && !k.starts_with("w:"))
+        .take(10)
+        .collect();
+    assert!(
+        strangers.is_empty(),
+        "SCAN returned keys never written: {strangers:?}"
+    );
+    assert!(
+        written >= 2000,
+        "the writer ran during the scan ({written} keys written or deleted)"
+    );
+    assert_eq!(
+        dbsize(&mut con),
+        KEYS as i64,
+        "DBSIZE once the writer cleaned up"
+    );
 
     // FLUSHDB clears all of them, and logs each one as deleted.
     let partition = server.partition_of(stable_key(0).as_bytes());
-    let last = read_log(&mut con, partition).last().map_or(0, |e| e.commit_id);
+    let last = read_log(&mut con, partition)
+        .last()
+        .map_or(0, |e| e.commit_id);
     let flush_started = Instant::now();
     assert_eq!(common::call_str(&mut con, &["FLUSHDB"]), Value::Okay);
     eprintln!("FLUSHDB of {KEYS} keys took {:?}", flush_started.elapsed());
     assert_eq!(dbsize(&mut con), 0);
-    assert_eq!(scan_all(&mut con, &["COUNT", "1000"]).0, Vec::<String>::new());
-    let deleted: Vec<Entry> = read_log(&mut con, partition).into_iter().filter(|e| e.commit_id > last).collect();
-    assert!(deleted.iter().all(|e| e.change == "delete"), "{:?}", &deleted[..deleted.len().min(5)]);
-    let in_partition: HashSet<String> =
-        stable.iter().filter(|k| server.partition_of(k.as_bytes()) == partition).cloned().collect();
-    assert_eq!(deleted.len(), in_partition.len(), "one delete per key of partition {partition}");
+    assert_eq!(
+        scan_all(&mut con, &["COUNT", "1000"]).0,
+        Vec::<String>::new()
+    );
+    let deleted: Vec<Entry> = read_log(&mut con, partition)
+        .into_iter()
+        .filter(|e| e.commit_id > last)
+        .collect();
+    assert!(
+        deleted.iter().all(|e| e.change == "delete"),
+        "{:?}",
+        &deleted[..deleted.len().min(5)]
+    );
+    let in_partition: HashSet<String> = stable
+        .iter()
+        .filter(|k| server.partition_of(k.as_bytes()) == partition)
+        .cloned()
+        .collect();
+    assert_eq!(
+        deleted.len(),
+        in_partition.len(),
+        "one delete per key of partition {partition}"
+    );
     assert!(set_of(&deleted.iter().map(|e| e.key.clone()).collect::<Vec<_>>()) == in_partition);
 }
 
@@ -270,28 +385,61 @@ fn flushdb_and_flushall_clear_every_worker_and_log_each_key_as_deleted() {
     // The last commit of a few partitions before the flush.
     let partitions: Vec<u32> = (0..3)
         .map(|worker| {
-            let key = keys.iter().find(|k| server.worker_of(k.as_bytes()) == worker).expect("a key on every worker");
+            let key = keys
+                .iter()
+                .find(|k| server.worker_of(k.as_bytes()) == worker)
+                .expect("a key on every worker");
             server.partition_of(key.as_bytes())
         })
         .collect();
-    assert_eq!(partitions.len(), 3, "one partition per worker: {partitions:?}");
-    let before: Vec<i64> = partitions.iter().map(|p| read_log(&mut con, *p).last().map_or(0, |e| e.commit_id)).collect();
+    assert_eq!(
+        partitions.len(),
+        3,
+        "one partition per worker: {partitions:?}"
+    );
+    let before: Vec<i64> = partitions
+        .iter()
+        .map(|p| read_log(&mut con, *p).last().map_or(0, |e| e.commit_id))
+        .collect();
 
     assert_eq!(common::call_str(&mut con, &["FLUSHDB"]), Value::Okay);
     assert_eq!(dbsize(&mut con), 0);
     assert!(keys_cmd(&mut con, "*").is_empty());
-    assert_eq!(scan_all(&mut con, &["COUNT", "1000"]).0, Vec::<String>::new());
-    let values: Vec<Option<String>> = redis::cmd("MGET").arg(&keys[..10]).query(&mut con).expect("MGET");
+    assert_eq!(
+        scan_all(&mut con, &["COUNT", "1000"]).0,
+        Vec::<String>::new()
+    );
+    let values: Vec<Option<String>> = redis::cmd("MGET")
+        .arg(&keys[..10])
+        .query(&mut con)
+        .expect("MGET");
     assert!(values.iter().all(Option::is_none), "{values:?}");
 
     for (partition, last) in partitions.iter().zip(before) {
-        let expected: HashSet<String> =
-            keys.iter().filter(|k| server.partition_of(k.as_bytes()) == *partition).cloned().collect();
-        let after: Vec<Entry> = read_log(&mut con, *partition).into_iter().filter(|e| e.commit_id > last).collect();
-        assert!(after.iter().all(|e| e.change == "delete"), "partition {partition}: {after:?}");
+        let expected: HashSet<String> = keys
+            .iter()
+            .filter(|k| server.partition_of(k.as_bytes()) == *partition)
+            .cloned()
+            .collect();
+        let after: Vec<Entry> = read_log(&mut con, *partition)
+            .into_iter()
+            .filter(|e| e.commit_id > last)
+            .collect();
+        assert!(
+            after.iter().all(|e| e.change == "delete"),
+            "partition {partition}: {after:?}"
+        );
         let deleted: Vec<String> = after.iter().map(|e| e.key.clone()).collect();
-        assert_eq!(deleted.len(), expected.len(), "one delete per key in partition {partition}");
-        assert_eq!(set_of(&deleted), expected, "partition {partition}: the deleted keys");
+        assert_eq!(
+            deleted.len(),
+            expected.len(),
+            "one delete per key in partition {partition}"
+        );
+        assert_eq!(
+            set_of(&deleted),
+            expected,
+            "partition {partition}: the deleted keys"
+        );
     }
 
     // FLUSHALL clears every collection; FLUSHDB only the selected one.
@@ -306,7 +454,11 @@ fn flushdb_and_flushall_clear_every_worker_and_log_each_key_as_deleted() {
     assert_eq!(raw.cmd(&["FLUSHDB"]).text(), "OK");
     assert_eq!(raw.cmd(&["DBSIZE"]).int(), 0);
     assert!(!raw.cmd(&["SELECT", "1"]).is_error());
-    assert_eq!(raw.cmd(&["DBSIZE"]).int(), 20, "FLUSHDB in db 2 left db 1 alone");
+    assert_eq!(
+        raw.cmd(&["DBSIZE"]).int(),
+        20,
+        "FLUSHDB in db 2 left db 1 alone"
+    );
     assert_eq!(raw.cmd(&["FLUSHALL"]).text(), "OK");
     for db in ["0", "1", "2"] {
         assert!(!raw.cmd(&["SELECT", db]).is_error());
@@ -322,14 +474,19 @@ fn a_key_set_with_px_200_is_gone_within_a_second_and_its_expiry_is_logged_as_a_d
     let server = Server::start("");
     let mut con = server.conn();
     let set_at = Instant::now();
-    assert_eq!(common::call_str(&mut con, &["SET", "brief", "v", "PX", "200"]), Value::Okay);
+    assert_eq!(
+        common::call_str(&mut con, &["SET", "brief", "v", "PX", "200"]),
+        Value::Okay
+    );
     let value: Option<String> = redis::cmd("GET").arg("brief").query(&mut con).expect("GET");
     if set_at.elapsed() < Duration::from_millis(150) {
         assert_eq!(value.as_deref(), Some("v"), "the key lives until its time");
     }
     let mut gone_by_get = None;
     let mut gone_by_dbsize = None;
-    while set_at.elapsed() < Duration::from_millis(1500) && (gone_by_get.is_none() || gone_by_dbsize.is_none()) {
+    while set_at.elapsed() < Duration::from_millis(1500)
+        && (gone_by_get.is_none() || gone_by_dbsize.is_none())
+    {
         let value: Option<String> = redis::cmd("GET").arg("brief").query(&mut con).expect("GET");
         if value.is_none() && gone_by_get.is_none() {
             gone_by_get = Some(set_at.elapsed());
@@ -340,15 +497,31 @@ fn a_key_set_with_px_200_is_gone_within_a_second_and_its_expiry_is_logged_as_a_d
         sleep(Duration::from_millis(10));
     }
     let limit = Duration::from_secs(1);
-    assert!(gone_by_get.is_some_and(|t| t <= limit), "GET still returned the key after 1 s: {gone_by_get:?}");
-    assert!(gone_by_dbsize.is_some_and(|t| t <= limit), "DBSIZE still counted the key after 1 s: {gone_by_dbsize:?}");
-    assert!(gone_by_get.is_some_and(|t| t >= Duration::from_millis(190)), "expired too early: {gone_by_get:?}");
+    assert!(
+        gone_by_get.is_some_and(|t| t <= limit),
+        "GET still returned the key after 1 s: {gone_by_get:?}"
+    );
+    assert!(
+        gone_by_dbsize.is_some_and(|t| t <= limit),
+        "DBSIZE still counted the key after 1 s: {gone_by_dbsize:?}"
+    );
+    assert!(
+        gone_by_get.is_some_and(|t| t >= Duration::from_millis(190)),
+        "expired too early: {gone_by_get:?}"
+    );
 
     // The expiry is in the commit log as a delete, after the create that carried the time.
     let entries = read_log(&mut con, server.partition_of(b"brief"));
-    let changes: Vec<(&str, bool)> =
-        entries.iter().filter(|e| e.key == "brief").map(|e| (e.change.as_str(), e.expires_at_ms >= 0)).collect();
-    assert_eq!(changes, vec![("create", true), ("delete", false)], "{entries:?}");
+    let changes: Vec<(&str, bool)> = entries
+        .iter()
+        .filter(|e| e.key == "brief")
+        .map(|e| (e.change.as_str(), e.expires_at_ms >= 0))
+        .collect();
+    assert_eq!(
+        changes,
+        vec![("create", true), ("delete", false)],
+        "{entries:?}"
+    );
 }
 
 #[test]
@@ -360,10 +533,22 @@ fn fifty_thousand_keys_with_short_ttls_expire_without_any_client_touching_them()
     let started = Instant::now();
     load(
         &mut con,
-        (0..EXPIRING).map(|i| cmd(&["SET", &format!("t:{i}"), "v", "PX", &(300 + (i * 7919) % 500).to_string()])),
+        (0..EXPIRING).map(|i| {
+            cmd(&[
+                "SET",
+                &format!("t:{i}"),
+                "v",
+                "PX",
+                &(300 + (i * 7919) % 500).to_string(),
+            ])
+        }),
         1000,
     );
-    load(&mut con, (0..KEPT).map(|i| cmd(&["SET", &format!("keep:{i}"), "v"])), 1000);
+    load(
+        &mut con,
+        (0..KEPT).map(|i| cmd(&["SET", &format!("keep:{i}"), "v"])),
+        1000,
+    );
     let loaded = started.elapsed();
     let load_end = Instant::now();
 
@@ -383,21 +568,39 @@ fn fifty_thousand_keys_with_short_ttls_expire_without_any_client_touching_them()
         );
         sleep(Duration::from_millis(100));
     }
-    eprintln!("loaded in {loaded:?}; every key expired {:?} after loading", load_end.elapsed());
+    eprintln!(
+        "loaded in {loaded:?}; every key expired {:?} after loading",
+        load_end.elapsed()
+    );
     sleep(Duration::from_millis(300));
     assert_eq!(dbsize(&mut con), KEPT as i64, "keys without a TTL stay");
-    let sample: Vec<Option<String>> =
-        redis::cmd("MGET").arg(&["t:0", "t:1", "t:49999", "keep:0", "keep:999"]).query(&mut con).expect("MGET");
-    assert_eq!(sample, vec![None, None, None, Some("v".into()), Some("v".into())]);
+    let sample: Vec<Option<String>> = redis::cmd("MGET")
+        .arg(&["t:0", "t:1", "t:49999", "keep:0", "keep:999"])
+        .query(&mut con)
+        .expect("MGET");
+    assert_eq!(
+        sample,
+        vec![None, None, None, Some("v".into()), Some("v".into())]
+    );
 
     // Each expiry is logged as a delete of a key that was created with a time to live.
     let partition = server.partition_of(b"t:0");
     let by_key = changes_by_key(&read_log(&mut con, partition));
-    let expected: Vec<String> =
-        (0..EXPIRING).map(|i| format!("t:{i}")).filter(|k| server.partition_of(k.as_bytes()) == partition).collect();
-    assert!(expected.len() > 50, "{} expiring keys in partition {partition}", expected.len());
+    let expected: Vec<String> = (0..EXPIRING)
+        .map(|i| format!("t:{i}"))
+        .filter(|k| server.partition_of(k.as_bytes()) == partition)
+        .collect();
+    assert!(
+        expected.len() > 50,
+        "{} expiring keys in partition {partition}",
+        expected.len()
+    );
     for key in &expected {
-        assert_eq!(by_key.get(key).map(Vec::as_slice), Some(&["create".to_string(), "delete".to_string()][..]), "{key}");
+        assert_eq!(
+            by_key.get(key).map(Vec::as_slice),
+            Some(&["create".to_string(), "delete".to_string()][..]),
+            "{key}"
+        );
     }
 }
 
@@ -411,11 +614,20 @@ fn ttl_and_pttl_answer_minus_2_and_minus_1_where_redis_does() {
             other => panic!("{args:?} answered {other:?}"),
         }
     };
-    let now_s = || std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).expect("clock").as_secs() as i64;
+    let now_s = || {
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .expect("clock")
+            .as_secs() as i64
+    };
 
     // A missing key: -2 everywhere.
     for command in ["TTL", "PTTL", "EXPIRETIME", "PEXPIRETIME"] {
-        assert_eq!(int(&mut con, &[command, "missing"]), -2, "{command} of a missing key");
+        assert_eq!(
+            int(&mut con, &[command, "missing"]),
+            -2,
+            "{command} of a missing key"
+        );
     }
     assert_eq!(int(&mut con, &["PERSIST", "missing"]), 0);
     assert_eq!(int(&mut con, &["EXPIRE", "missing", "100"]), 0);
@@ -423,9 +635,17 @@ fn ttl_and_pttl_answer_minus_2_and_minus_1_where_redis_does() {
     // A key without expiry: -1.
     assert_eq!(common::call_str(&mut con, &["SET", "p", "v"]), Value::Okay);
     for command in ["TTL", "PTTL", "EXPIRETIME", "PEXPIRETIME"] {
-        assert_eq!(int(&mut con, &[command, "p"]), -1, "{command} of a key without expiry");
+        assert_eq!(
+            int(&mut con, &[command, "p"]),
+            -1,
+            "{command} of a key without expiry"
+        );
     }
-    assert_eq!(int(&mut con, &["PERSIST", "p"]), 0, "PERSIST of a key without expiry");
+    assert_eq!(
+        int(&mut con, &["PERSIST", "p"]),
+        0,
+        "PERSIST of a key without expiry"
+    );
 
     // With a time to live.
     assert_eq!(int(&mut con, &["EXPIRE", "p", "100"]), 1);
@@ -436,8 +656,16 @@ fn ttl_and_pttl_answer_minus_2_and_minus_1_where_redis_does() {
     assert_eq!(int(&mut con, &["TTL", "p"]), -1);
 
     // NX / XX / GT / LT.
-    assert_eq!(int(&mut con, &["EXPIRE", "p", "100", "XX"]), 0, "XX without a TTL");
-    assert_eq!(int(&mut con, &["EXPIRE", "p", "100", "GT"]), 0, "GT without a TTL (no TTL is infinite)");
+    assert_eq!(
+        int(&mut con, &["EXPIRE", "p", "100", "XX"]),
+        0,
+        "XX without a TTL"
+    );
+    assert_eq!(
+        int(&mut con, &["EXPIRE", "p", "100", "GT"]),
+        0,
+        "GT without a TTL (no TTL is infinite)"
+    );
     assert_eq!(int(&mut con, &["EXPIRE", "p", "100", "NX"]), 1);
     assert_eq!(int(&mut con, &["EXPIRE", "p", "200", "NX"]), 0);
     assert_eq!(int(&mut con, &["EXPIRE", "p", "50", "GT"]), 0);
@@ -448,30 +676,60 @@ fn ttl_and_pttl_answer_minus_2_and_minus_1_where_redis_does() {
     assert_eq!(int(&mut con, &["EXPIRE", "p", "150", "XX"]), 1);
 
     // SET clears the TTL unless KEEPTTL; GETEX changes it.
-    assert_eq!(common::call_str(&mut con, &["SET", "p", "w", "KEEPTTL"]), Value::Okay);
-    assert!((149..=150).contains(&int(&mut con, &["TTL", "p"])), "KEEPTTL keeps it");
+    assert_eq!(
+        common::call_str(&mut con, &["SET", "p", "w", "KEEPTTL"]),
+        Value::Okay
+    );
+    assert!(
+        (149..=150).contains(&int(&mut con, &["TTL", "p"])),
+        "KEEPTTL keeps it"
+    );
     assert_eq!(common::call_str(&mut con, &["SET", "p", "x"]), Value::Okay);
     assert_eq!(int(&mut con, &["TTL", "p"]), -1, "a plain SET clears it");
-    assert_eq!(common::call_str(&mut con, &["GETEX", "p", "PX", "5000"]), Value::BulkString(b"x".to_vec()));
+    assert_eq!(
+        common::call_str(&mut con, &["GETEX", "p", "PX", "5000"]),
+        Value::BulkString(b"x".to_vec())
+    );
     assert!((4000..=5000).contains(&int(&mut con, &["PTTL", "p"])));
-    assert_eq!(common::call_str(&mut con, &["GETEX", "p", "PERSIST"]), Value::BulkString(b"x".to_vec()));
+    assert_eq!(
+        common::call_str(&mut con, &["GETEX", "p", "PERSIST"]),
+        Value::BulkString(b"x".to_vec())
+    );
     assert_eq!(int(&mut con, &["PTTL", "p"]), -1);
-    assert_eq!(common::call_str(&mut con, &["SET", "p", "y", "EXAT", &(now_s() + 1000).to_string()]), Value::Okay);
+    assert_eq!(
+        common::call_str(
+            &mut con,
+            &["SET", "p", "y", "EXAT", &(now_s() + 1000).to_string()]
+        ),
+        Value::Okay
+    );
     assert!((998..=1000).contains(&int(&mut con, &["TTL", "p"])));
     let at_ms = (now_s() + 2000) * 1000;
-    assert_eq!(common::call_str(&mut con, &["SET", "p", "y", "PXAT", &at_ms.to_string()]), Value::Okay);
+    assert_eq!(
+        common::call_str(&mut con, &["SET", "p", "y", "PXAT", &at_ms.to_string()]),
+        Value::Okay
+    );
     assert_eq!(int(&mut con, &["PEXPIRETIME", "p"]), at_ms);
 
     // A time in the past deletes the key at once.
     assert_eq!(int(&mut con, &["EXPIRE", "p", "-1"]), 1);
     assert_eq!(int(&mut con, &["TTL", "p"]), -2);
     assert_eq!(common::call_str(&mut con, &["SET", "q", "v"]), Value::Okay);
-    assert_eq!(int(&mut con, &["PEXPIREAT", "q", &(at_ms - 3_000_000).to_string()]), 1);
+    assert_eq!(
+        int(
+            &mut con,
+            &["PEXPIREAT", "q", &(at_ms - 3_000_000).to_string()]
+        ),
+        1
+    );
     assert_eq!(common::call_str(&mut con, &["GET", "q"]), Value::Nil);
     assert_eq!(int(&mut con, &["EXISTS", "q"]), 0);
 
     // A key that expired reads as missing: -2.
-    assert_eq!(common::call_str(&mut con, &["SET", "r", "v", "PX", "100"]), Value::Okay);
+    assert_eq!(
+        common::call_str(&mut con, &["SET", "r", "v", "PX", "100"]),
+        Value::Okay
+    );
     assert!((1..=100).contains(&int(&mut con, &["PTTL", "r"])));
     sleep(Duration::from_millis(250));
     assert_eq!(int(&mut con, &["TTL", "r"]), -2);

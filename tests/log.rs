@@ -16,11 +16,15 @@ struct Entry {
 }
 
 fn parse_entries(reply: Value) -> Vec<Entry> {
-    let Value::Array(items) = reply else { panic!("SHOAL.LOG replies with an array, got {reply:?}") };
+    let Value::Array(items) = reply else {
+        panic!("SHOAL.LOG replies with an array, got {reply:?}")
+    };
     items
         .into_iter()
         .map(|item| {
-            let Value::Array(fields) = item else { panic!("a log entry is an array, got {item:?}") };
+            let Value::Array(fields) = item else {
+                panic!("a log entry is an array, got {item:?}")
+            };
             assert_eq!(fields.len(), 7, "entry fields: {fields:?}");
             let int = |v: &Value| match v {
                 Value::Int(n) => *n,
@@ -60,13 +64,22 @@ fn partition_of(con: &mut redis::Connection, key: &str) -> i64 {
 }
 
 fn now_ms() -> i64 {
-    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_millis() as i64
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_millis() as i64
 }
 
 fn assert_strictly_increasing(entries: &[Entry]) {
     for pair in entries.windows(2) {
-        assert!(pair[0].commit_id < pair[1].commit_id, "commit ids not strictly increasing: {pair:?}");
-        assert!(pair[0].timestamp_ms <= pair[1].timestamp_ms, "timestamps go back: {pair:?}");
+        assert!(
+            pair[0].commit_id < pair[1].commit_id,
+            "commit ids not strictly increasing: {pair:?}"
+        );
+        assert!(
+            pair[0].timestamp_ms <= pair[1].timestamp_ms,
+            "timestamps go back: {pair:?}"
+        );
     }
 }
 
@@ -85,8 +98,17 @@ fn create_update_delete_of_one_key_makes_three_entries() {
 
     let entries = log(&mut con, partition, 0, None);
     assert_eq!(entries.len(), 3, "{entries:?}");
-    let summary: Vec<(&str, &[u8], &[u8], i64)> =
-        entries.iter().map(|e| (e.change.as_str(), e.key.as_slice(), e.data.as_slice(), e.collection)).collect();
+    let summary: Vec<(&str, &[u8], &[u8], i64)> = entries
+        .iter()
+        .map(|e| {
+            (
+                e.change.as_str(),
+                e.key.as_slice(),
+                e.data.as_slice(),
+                e.collection,
+            )
+        })
+        .collect();
     assert_eq!(
         summary,
         vec![
@@ -98,15 +120,28 @@ fn create_update_delete_of_one_key_makes_three_entries() {
     assert_strictly_increasing(&entries);
     for entry in &entries {
         assert!(entry.commit_id > 0, "{entry:?}");
-        assert!(entry.timestamp_ms >= started - 1000 && entry.timestamp_ms <= finished + 1000, "timestamp of {entry:?}");
+        assert!(
+            entry.timestamp_ms >= started - 1000 && entry.timestamp_ms <= finished + 1000,
+            "timestamp of {entry:?}"
+        );
     }
 
     // from_commit_id is inclusive; COUNT limits.
     let ids: Vec<i64> = entries.iter().map(|e| e.commit_id).collect();
     assert_eq!(log(&mut con, partition, 0, Some(2)), entries[..2].to_vec());
-    assert_eq!(log(&mut con, partition, ids[1], None), entries[1..].to_vec());
-    assert_eq!(log(&mut con, partition, ids[1], Some(1)), entries[1..2].to_vec());
-    assert_eq!(log(&mut con, partition, ids[0] + 1, None), entries[1..].to_vec(), "from between ids");
+    assert_eq!(
+        log(&mut con, partition, ids[1], None),
+        entries[1..].to_vec()
+    );
+    assert_eq!(
+        log(&mut con, partition, ids[1], Some(1)),
+        entries[1..2].to_vec()
+    );
+    assert_eq!(
+        log(&mut con, partition, ids[0] + 1, None),
+        entries[1..].to_vec(),
+        "from between ids"
+    );
     assert!(log(&mut con, partition, ids[2] + 1, None).is_empty());
 
     // The log is per partition: another partition saw nothing.
@@ -130,19 +165,36 @@ fn every_write_command_is_logged_and_failed_writes_are_not() {
     assert_eq!(call_str(&mut con, &["SET", a, "no", "NX"]), Value::Nil);
     assert_eq!(call_str(&mut con, &["SET", b, "no", "XX"]), Value::Nil);
     assert_eq!(call_str(&mut con, &["DEL", b]), Value::Int(0));
-    assert!(matches!(call_str(&mut con, &["INCR", a]), Value::ServerError(_)), "INCR on \"6x\" fails");
-    assert_eq!(call_str(&mut con, &["GETSET", a, "g"]), Value::BulkString(b"6x".to_vec()));
+    assert!(
+        matches!(call_str(&mut con, &["INCR", a]), Value::ServerError(_)),
+        "INCR on \"6x\" fails"
+    );
+    assert_eq!(
+        call_str(&mut con, &["GETSET", a, "g"]),
+        Value::BulkString(b"6x".to_vec())
+    );
     assert_eq!(call_str(&mut con, &["SETNX", b, "nx"]), Value::Int(1));
-    assert_eq!(call_str(&mut con, &["GETDEL", a]), Value::BulkString(b"g".to_vec()));
+    assert_eq!(
+        call_str(&mut con, &["GETDEL", a]),
+        Value::BulkString(b"g".to_vec())
+    );
     assert_eq!(call_str(&mut con, &["SELECT", "3"]), Value::Okay);
     assert_eq!(call_str(&mut con, &["SET", a, "in-three"]), Value::Okay);
-    assert_eq!(call_str(&mut con, &["INCRBYFLOAT", b, "1.5"]), Value::BulkString(b"1.5".to_vec()));
+    assert_eq!(
+        call_str(&mut con, &["INCRBYFLOAT", b, "1.5"]),
+        Value::BulkString(b"1.5".to_vec())
+    );
 
     let entries = log(&mut con, partition, 0, None);
     let summary: Vec<(String, String, String, i64)> = entries
         .iter()
         .map(|e| {
-            (e.change.clone(), String::from_utf8_lossy(&e.key).into_owned(), String::from_utf8_lossy(&e.data).into_owned(), e.collection)
+            (
+                e.change.clone(),
+                String::from_utf8_lossy(&e.key).into_owned(),
+                String::from_utf8_lossy(&e.data).into_owned(),
+                e.collection,
+            )
         })
         .collect();
     let expected: Vec<(String, String, String, i64)> = [
@@ -177,11 +229,27 @@ fn one_group_commit_gives_each_write_its_own_commit_id() {
     let entries = log(&mut con, partition, 0, Some(1000));
     assert_eq!(entries.len(), 200);
     assert_strictly_increasing(&entries);
-    let logged: Vec<String> = entries.iter().map(|e| String::from_utf8_lossy(&e.key).into_owned()).collect();
-    assert_eq!(logged, keys, "the log keeps the order in which one client's writes were acknowledged");
-    assert_eq!(log(&mut con, partition, 0, Some(10)), entries[..10].to_vec());
-    assert_eq!(log(&mut con, partition, 0, None), entries[..100].to_vec(), "without COUNT, at most 100 entries");
-    assert_eq!(log(&mut con, partition, entries[150].commit_id, Some(1000)), entries[150..].to_vec());
+    let logged: Vec<String> = entries
+        .iter()
+        .map(|e| String::from_utf8_lossy(&e.key).into_owned())
+        .collect();
+    assert_eq!(
+        logged, keys,
+        "the log keeps the order in which one client's writes were acknowledged"
+    );
+    assert_eq!(
+        log(&mut con, partition, 0, Some(10)),
+        entries[..10].to_vec()
+    );
+    assert_eq!(
+        log(&mut con, partition, 0, None),
+        entries[..100].to_vec(),
+        "without COUNT, at most 100 entries"
+    );
+    assert_eq!(
+        log(&mut con, partition, entries[150].commit_id, Some(1000)),
+        entries[150..].to_vec()
+    );
 }
 
 #[test]
@@ -200,28 +268,68 @@ fn commit_ids_keep_increasing_across_a_crash() {
     server.restart();
 
     let mut con = server.conn();
-    assert_eq!(log(&mut con, partition, 0, None), before, "the log survives kill -9");
+    assert_eq!(
+        log(&mut con, partition, 0, None),
+        before,
+        "the log survives kill -9"
+    );
     assert_eq!(call_str(&mut con, &["SET", key, "4"]), Value::Okay);
     let after = log(&mut con, partition, 0, None);
     assert_eq!(after.len(), 4);
-    assert!(after[3].commit_id > before[2].commit_id, "a new write after restart: {:?} vs {:?}", after[3], before[2]);
-    assert_eq!((after[3].change.as_str(), after[3].data.as_slice()), ("update", &b"4"[..]));
+    assert!(
+        after[3].commit_id > before[2].commit_id,
+        "a new write after restart: {:?} vs {:?}",
+        after[3],
+        before[2]
+    );
+    assert_eq!(
+        (after[3].change.as_str(), after[3].data.as_slice()),
+        ("update", &b"4"[..])
+    );
 }
 
 #[test]
 fn bad_shoal_log_requests_get_errors() {
     let server = Server::start("[storage]\npartitions = 32\n");
     let mut con = server.conn();
-    assert!(matches!(call_str(&mut con, &["SHOAL.LOG", "32", "0"]), Value::ServerError(_)), "partition out of range");
-    assert!(matches!(call_str(&mut con, &["SHOAL.LOG", "-1", "0"]), Value::ServerError(_)));
-    assert!(matches!(call_str(&mut con, &["SHOAL.LOG", "x", "0"]), Value::ServerError(_)));
-    assert!(matches!(call_str(&mut con, &["SHOAL.LOG", "0", "0", "COUNT", "many"]), Value::ServerError(_)));
-    assert!(matches!(call_str(&mut con, &["SHOAL.LOG", "0", "0", "COUNT", "0"]), Value::ServerError(_)));
-    assert!(matches!(call_str(&mut con, &["SHOAL.LOG", "0", "0", "LIMIT", "1"]), Value::ServerError(_)));
-    assert_eq!(error_text(&call_str(&mut con, &["SHOAL.LOG", "0"])), "ERR wrong number of arguments for 'shoal.log' command");
+    assert!(
+        matches!(
+            call_str(&mut con, &["SHOAL.LOG", "32", "0"]),
+            Value::ServerError(_)
+        ),
+        "partition out of range"
+    );
+    assert!(matches!(
+        call_str(&mut con, &["SHOAL.LOG", "-1", "0"]),
+        Value::ServerError(_)
+    ));
+    assert!(matches!(
+        call_str(&mut con, &["SHOAL.LOG", "x", "0"]),
+        Value::ServerError(_)
+    ));
+    assert!(matches!(
+        call_str(&mut con, &["SHOAL.LOG", "0", "0", "COUNT", "many"]),
+        Value::ServerError(_)
+    ));
+    assert!(matches!(
+        call_str(&mut con, &["SHOAL.LOG", "0", "0", "COUNT", "0"]),
+        Value::ServerError(_)
+    ));
+    assert!(matches!(
+        call_str(&mut con, &["SHOAL.LOG", "0", "0", "LIMIT", "1"]),
+        Value::ServerError(_)
+    ));
+    assert_eq!(
+        error_text(&call_str(&mut con, &["SHOAL.LOG", "0"])),
+        "ERR wrong number of arguments for 'shoal.log' command"
+    );
     assert_eq!(
         error_text(&call_str(&mut con, &["SHOAL.PARTITION"])),
         "ERR wrong number of arguments for 'shoal.partition' command"
     );
-    assert_eq!(log(&mut con, 31, 0, None), Vec::new(), "the last partition exists and is empty");
+    assert_eq!(
+        log(&mut con, 31, 0, None),
+        Vec::new(),
+        "the last partition exists and is empty"
+    );
 }

@@ -16,7 +16,9 @@ fn collect(socket: &UnixDatagram, window: Duration) -> Vec<String> {
     let mut messages = Vec::new();
     let mut buf = [0u8; 4096];
     while Instant::now() < deadline {
-        socket.set_read_timeout(Some(Duration::from_millis(50))).unwrap();
+        socket
+            .set_read_timeout(Some(Duration::from_millis(50)))
+            .unwrap();
         if let Ok(len) = socket.recv(&mut buf) {
             messages.push(String::from_utf8_lossy(&buf[..len]).into_owned());
         }
@@ -48,17 +50,32 @@ fn systemd_sees_ready_status_watchdog_and_stopping() {
         signal(-(child.id() as i32), libc::SIGKILL);
         panic!("no READY=1 within 4 s: {messages:?}");
     };
-    assert!(messages[ready].contains("STATUS=serving on"), "READY comes with a status line: {messages:?}");
-    let watchdogs = messages[ready..].iter().filter(|m| m.contains("WATCHDOG=1")).count();
+    assert!(
+        messages[ready].contains("STATUS=serving on"),
+        "READY comes with a status line: {messages:?}"
+    );
+    let watchdogs = messages[ready..]
+        .iter()
+        .filter(|m| m.contains("WATCHDOG=1"))
+        .count();
     // The watchdog timeout is 1 s, so the supervisor pings every 0.5 s.
-    assert!(watchdogs >= 4, "expected periodic WATCHDOG=1 after READY, got {watchdogs}: {messages:?}");
+    assert!(
+        watchdogs >= 4,
+        "expected periodic WATCHDOG=1 after READY, got {watchdogs}: {messages:?}"
+    );
     for message in &messages[..ready] {
-        assert!(!message.contains("WATCHDOG=1"), "no watchdog before READY: {messages:?}");
+        assert!(
+            !message.contains("WATCHDOG=1"),
+            "no watchdog before READY: {messages:?}"
+        );
     }
 
     signal(child.id() as i32, libc::SIGTERM);
     let stopping = collect(&socket, Duration::from_secs(2));
-    assert!(stopping.iter().any(|m| m.contains("STOPPING=1")), "STOPPING=1 on SIGTERM: {stopping:?}");
+    assert!(
+        stopping.iter().any(|m| m.contains("STOPPING=1")),
+        "STOPPING=1 on SIGTERM: {stopping:?}"
+    );
     let deadline = Instant::now() + Duration::from_secs(15);
     let status = loop {
         if let Some(status) = child.try_wait().unwrap() {
@@ -76,7 +93,11 @@ fn a_stopped_worker_is_replaced_within_child_timeout_and_loses_nothing() {
     let mut con = server.conn();
     let keys: Vec<String> = (0..400).map(|i| format!("hb:{i}")).collect();
     for (i, key) in keys.iter().enumerate() {
-        let _: () = redis::cmd("SET").arg(key).arg(i).query(&mut con).expect("SET before the stop");
+        let _: () = redis::cmd("SET")
+            .arg(key)
+            .arg(i)
+            .query(&mut con)
+            .expect("SET before the stop");
     }
     let victim = server.worker_pid(0);
     signal(victim, libc::SIGSTOP);
@@ -84,57 +105,103 @@ fn a_stopped_worker_is_replaced_within_child_timeout_and_loses_nothing() {
 
     // Keys of the other worker keep answering while the stopped one is replaced.
     let survivor_key = server.keys_on_worker("hb-live:", 1, 1).remove(0);
-    let _: () = redis::cmd("SET").arg(&survivor_key).arg("x").query(&mut con).expect("the live worker answers");
+    let _: () = redis::cmd("SET")
+        .arg(&survivor_key)
+        .arg("x")
+        .query(&mut con)
+        .expect("the live worker answers");
 
     let replaced = loop {
         let status = server.status_json().expect("status");
-        let worker = common::find_process(&status, "shard-worker", 0).expect("worker 0").clone();
+        let worker = common::find_process(&status, "shard-worker", 0)
+            .expect("worker 0")
+            .clone();
         if worker["pid"].as_i64() != Some(i64::from(victim)) && worker["state"] == "ready" {
             break stopped.elapsed();
         }
-        assert!(stopped.elapsed() < Duration::from_secs(10), "worker 0 was not replaced: {status}");
+        assert!(
+            stopped.elapsed() < Duration::from_secs(10),
+            "worker 0 was not replaced: {status}"
+        );
         std::thread::sleep(Duration::from_millis(20));
     };
     assert!(
         replaced <= Duration::from_millis(1500 + 1000),
         "replaced after {replaced:?}; the limit is child_timeout_ms + 1 s"
     );
-    assert!(!common::process_alive(victim), "the stopped worker was killed");
+    assert!(
+        !common::process_alive(victim),
+        "the stopped worker was killed"
+    );
 
     // The net-daemon reconnects to the new worker within a few hundred ms.
     let mut con = server.conn();
     let reconnect_deadline = Instant::now() + Duration::from_secs(3);
-    while redis::cmd("GET").arg(&keys[0]).query::<Option<i64>>(&mut con).is_err() {
-        assert!(Instant::now() < reconnect_deadline, "worker 0's keys did not answer again within 3 s");
+    while redis::cmd("GET")
+        .arg(&keys[0])
+        .query::<Option<i64>>(&mut con)
+        .is_err()
+    {
+        assert!(
+            Instant::now() < reconnect_deadline,
+            "worker 0's keys did not answer again within 3 s"
+        );
         std::thread::sleep(Duration::from_millis(20));
     }
     // Every acknowledged write is still there, and the new worker takes writes.
     for (i, key) in keys.iter().enumerate() {
-        let value: Option<i64> = redis::cmd("GET").arg(key).query(&mut con).expect("GET after the restart");
+        let value: Option<i64> = redis::cmd("GET")
+            .arg(key)
+            .query(&mut con)
+            .expect("GET after the restart");
         assert_eq!(value, Some(i as i64), "{key}");
     }
-    let _: () = redis::cmd("SET").arg("hb:after").arg(1).query(&mut con).expect("SET after the restart");
+    let _: () = redis::cmd("SET")
+        .arg("hb:after")
+        .arg(1)
+        .query(&mut con)
+        .expect("SET after the restart");
     let status = server.status_json().expect("status");
-    assert!(common::find_process(&status, "shard-worker", 0).unwrap()["restarts"].as_u64() >= Some(1));
+    assert!(
+        common::find_process(&status, "shard-worker", 0).unwrap()["restarts"].as_u64() >= Some(1)
+    );
 }
 
 #[test]
 fn the_unit_file_verifies() {
-    let Ok(output) = std::process::Command::new("systemd-analyze").arg("--version").output() else {
+    let Ok(output) = std::process::Command::new("systemd-analyze")
+        .arg("--version")
+        .output()
+    else {
         eprintln!("systemd-analyze is not installed; skipping");
         return;
     };
     assert!(output.status.success());
     // The unit names the installed path; verify it against the binary built here.
-    let unit = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../deploy/shoal.service")).unwrap();
-    assert!(unit.contains("Type=notify") && unit.contains("WatchdogSec=") && unit.contains("NoNewPrivileges=yes"));
+    let unit = std::fs::read_to_string(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../deploy/shoal.service"
+    ))
+    .unwrap();
+    assert!(
+        unit.contains("Type=notify")
+            && unit.contains("WatchdogSec=")
+            && unit.contains("NoNewPrivileges=yes")
+    );
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("shoal.service");
     std::fs::write(&path, unit.replace("/usr/local/bin/shoal", SHOAL)).unwrap();
-    let output = std::process::Command::new("systemd-analyze").arg("verify").arg(&path).output().unwrap();
+    let output = std::process::Command::new("systemd-analyze")
+        .arg("verify")
+        .arg(&path)
+        .output()
+        .unwrap();
     let stderr = String::from_utf8_lossy(&output.stderr);
     // Running outside a booted systemd may warn about the host; only errors about the unit fail.
-    let unit_errors: Vec<&str> = stderr.lines().filter(|line| line.contains("shoal.service")).collect();
+    let unit_errors: Vec<&str> = stderr
+        .lines()
+        .filter(|line| line.contains("shoal.service"))
+        .collect();
     assert!(unit_errors.is_empty(), "systemd-analyze verify: {stderr}");
 }
 
@@ -162,13 +229,20 @@ fn assert_all_present(con: &mut redis::Connection, keys: &[String]) {
 
 #[test]
 fn a_map_at_its_cap_refuses_writes_keeps_reads_and_takes_writes_after_a_raise() {
-    let mut server = Server::start("workers = 1\n[storage]\nmap_size_bytes = 1048576\nmax_map_size_bytes = 4194304\n");
+    let mut server = Server::start(
+        "workers = 1\n[storage]\nmap_size_bytes = 1048576\nmax_map_size_bytes = 4194304\n",
+    );
     let mut con = server.conn();
     let (written, refusal) = fill(&mut con, "cap:", 200);
-    assert!(refusal.contains("OOM") && refusal.contains("max_map_size_bytes"), "{refusal}");
+    assert!(
+        refusal.contains("OOM") && refusal.contains("max_map_size_bytes"),
+        "{refusal}"
+    );
     assert!(!written.is_empty());
     assert_all_present(&mut con, &written);
-    let pong: String = redis::cmd("PING").query(&mut con).expect("the server stays up");
+    let pong: String = redis::cmd("PING")
+        .query(&mut con)
+        .expect("the server stays up");
     assert_eq!(pong, "PONG");
     drop(con);
 
@@ -177,7 +251,11 @@ fn a_map_at_its_cap_refuses_writes_keeps_reads_and_takes_writes_after_a_raise() 
     server.spawn_and_wait();
     let mut con = server.conn();
     assert_all_present(&mut con, &written);
-    let _: () = redis::cmd("SET").arg("cap:after").arg(vec![b'v'; 64 * 1024]).query(&mut con).expect("writes resume");
+    let _: () = redis::cmd("SET")
+        .arg("cap:after")
+        .arg(vec![b'v'; 64 * 1024])
+        .query(&mut con)
+        .expect("writes resume");
 }
 
 /// A tmpfs mounted for one test, unmounted when dropped.
@@ -197,7 +275,10 @@ impl Tmpfs {
 
 impl Drop for Tmpfs {
     fn drop(&mut self) {
-        let _ = std::process::Command::new("umount").arg("-l").arg(&self.0).status();
+        let _ = std::process::Command::new("umount")
+            .arg("-l")
+            .arg(&self.0)
+            .status();
     }
 }
 
@@ -221,7 +302,11 @@ fn a_full_disk_refuses_writes_keeps_reads_and_recovers_when_space_returns() {
     std::fs::remove_file(&filler).unwrap();
     let deadline = Instant::now() + Duration::from_secs(5);
     loop {
-        match redis::cmd("SET").arg("disk:after").arg(vec![b'v'; 64 * 1024]).query::<()>(&mut con) {
+        match redis::cmd("SET")
+            .arg("disk:after")
+            .arg(vec![b'v'; 64 * 1024])
+            .query::<()>(&mut con)
+        {
             Ok(()) => break,
             Err(error) => assert!(Instant::now() < deadline, "writes did not resume: {error}"),
         }
@@ -235,18 +320,32 @@ fn a_full_disk_refuses_writes_keeps_reads_and_recovers_when_space_returns() {
 /// GETs a path over plain HTTP/1.1 and returns the status line and body.
 fn http_get(port: u16, path: &str) -> (String, String) {
     use std::io::{Read, Write};
-    let mut stream = std::net::TcpStream::connect(("127.0.0.1", port)).expect("connect to the metrics endpoint");
-    stream.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    let mut stream =
+        std::net::TcpStream::connect(("127.0.0.1", port)).expect("connect to the metrics endpoint");
+    stream
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
     write!(stream, "GET {path} HTTP/1.1\r\nHost: localhost\r\n\r\n").unwrap();
     let mut response = String::new();
-    stream.read_to_string(&mut response).expect("read the response");
+    stream
+        .read_to_string(&mut response)
+        .expect("read the response");
     let (head, body) = response.split_once("\r\n\r\n").expect("an HTTP response");
-    (head.lines().next().unwrap_or_default().to_string(), body.to_string())
+    (
+        head.lines().next().unwrap_or_default().to_string(),
+        body.to_string(),
+    )
 }
 
 /// The value of the first sample whose name and labels start with `prefix`.
 fn sample(body: &str, prefix: &str) -> Option<f64> {
-    body.lines().filter(|line| !line.starts_with('#')).find(|line| line.starts_with(prefix))?.rsplit(' ').next()?.parse().ok()
+    body.lines()
+        .filter(|line| !line.starts_with('#'))
+        .find(|line| line.starts_with(prefix))?
+        .rsplit(' ')
+        .next()?
+        .parse()
+        .ok()
 }
 
 #[test]
@@ -265,7 +364,10 @@ fn the_metrics_endpoint_serves_counters_that_move_under_load() {
         "shoal_lmdb_used_bytes{worker=\"1\"}",
         "shoal_process_restarts_total{process=\"shard-0\"}",
     ] {
-        assert!(sample(&before, name).is_some(), "{name} missing from:\n{before}");
+        assert!(
+            sample(&before, name).is_some(),
+            "{name} missing from:\n{before}"
+        );
     }
 
     let mut con = server.conn();
@@ -277,20 +379,31 @@ fn the_metrics_endpoint_serves_counters_that_move_under_load() {
     let _: Option<String> = redis::cmd("GET").arg("metrics:1").query(&mut con).unwrap();
 
     let (_, after) = http_get(port, "/metrics");
-    let moved = |name: &str| sample(&after, name).unwrap_or(0.0) - sample(&before, name).unwrap_or(0.0);
+    let moved =
+        |name: &str| sample(&after, name).unwrap_or(0.0) - sample(&before, name).unwrap_or(0.0);
     assert_eq!(moved("shoal_commands_total{command=\"set\"}"), 500.0);
     assert!(moved("shoal_command_duration_seconds_count{command=\"set\"}") >= 500.0);
     let commits = moved("shoal_commit_duration_seconds_count{worker=\"0\"}")
         + moved("shoal_commit_duration_seconds_count{worker=\"1\"}");
     assert!(commits >= 1.0, "group commits were timed");
-    let batches = moved("shoal_group_commit_requests_sum{worker=\"0\"}") + moved("shoal_group_commit_requests_sum{worker=\"1\"}");
-    assert!(batches >= 500.0, "every SET went through a group commit: {batches}");
+    let batches = moved("shoal_group_commit_requests_sum{worker=\"0\"}")
+        + moved("shoal_group_commit_requests_sum{worker=\"1\"}");
+    assert!(
+        batches >= 500.0,
+        "every SET went through a group commit: {batches}"
+    );
     assert!(sample(&after, "shoal_client_connections").unwrap() >= 1.0);
-    assert!(after.contains("shoal_partition_last_commit_id{partition="), "per-partition commit ids");
+    assert!(
+        after.contains("shoal_partition_last_commit_id{partition="),
+        "per-partition commit ids"
+    );
     let (status, _) = http_get(port, "/other");
     assert!(status.contains("404"), "{status}");
 
     // INFO shows the same figures.
-    let info: String = redis::cmd("INFO").arg("commandstats").query(&mut con).unwrap();
+    let info: String = redis::cmd("INFO")
+        .arg("commandstats")
+        .query(&mut con)
+        .unwrap();
     assert!(info.contains("cmdstat_set:calls="), "{info}");
 }

@@ -60,7 +60,13 @@ fn assert_shard_dirs(server: &Server, workers: usize) {
 fn growing_then_shrinking_the_worker_count_keeps_every_key() {
     let mut server = Server::start("");
     load(&server);
-    let _: () = redis::cmd("SET").arg("rb:ttl").arg("x").arg("EX").arg(1000).query(&mut server.conn()).unwrap();
+    let _: () = redis::cmd("SET")
+        .arg("rb:ttl")
+        .arg("x")
+        .arg("EX")
+        .arg(1000)
+        .query(&mut server.conn())
+        .unwrap();
     let old_id: i64 = redis::cmd("ID.NEW").query(&mut server.conn()).unwrap();
     server.stop();
 
@@ -69,16 +75,34 @@ fn growing_then_shrinking_the_worker_count_keeps_every_key() {
         server.spawn_and_wait();
         let status = server.status_json().unwrap();
         assert_eq!(status["workers"].as_u64(), Some(workers as u64), "{status}");
-        assert!(status["rebalance"]["partitions_moved"].as_u64() > Some(0), "{status}");
+        assert!(
+            status["rebalance"]["partitions_moved"].as_u64() > Some(0),
+            "{status}"
+        );
         // The key with a TTL is counted by DBSIZE: remove it from the count check.
-        let ttl: i64 = redis::cmd("TTL").arg("rb:ttl").query(&mut server.conn()).unwrap();
+        let ttl: i64 = redis::cmd("TTL")
+            .arg("rb:ttl")
+            .query(&mut server.conn())
+            .unwrap();
         assert!(ttl > 900, "expiry kept across the move: {ttl}");
-        let _: () = redis::cmd("DEL").arg("rb:ttl").query(&mut server.conn()).unwrap();
+        let _: () = redis::cmd("DEL")
+            .arg("rb:ttl")
+            .query(&mut server.conn())
+            .unwrap();
         assert_all_present(&server);
         let new_id: i64 = redis::cmd("ID.NEW").query(&mut server.conn()).unwrap();
-        assert!(new_id > old_id, "ids stay unique across the move: {new_id} <= {old_id}");
+        assert!(
+            new_id > old_id,
+            "ids stay unique across the move: {new_id} <= {old_id}"
+        );
         assert_shard_dirs(&server, workers);
-        let _: () = redis::cmd("SET").arg("rb:ttl").arg("x").arg("EX").arg(1000).query(&mut server.conn()).unwrap();
+        let _: () = redis::cmd("SET")
+            .arg("rb:ttl")
+            .arg("x")
+            .arg("EX")
+            .arg(1000)
+            .query(&mut server.conn())
+            .unwrap();
         server.stop();
     }
 }
@@ -98,22 +122,36 @@ fn a_kill_9_in_the_middle_of_a_move_loses_and_duplicates_nothing() {
         let target = 1 + round * 20;
         loop {
             if let Ok(status) = server.status_json() {
-                let moved = status["rebalance"]["partitions_moved"].as_u64().unwrap_or(0);
-                let total = status["rebalance"]["partitions_total"].as_u64().unwrap_or(0);
+                let moved = status["rebalance"]["partitions_moved"]
+                    .as_u64()
+                    .unwrap_or(0);
+                let total = status["rebalance"]["partitions_total"]
+                    .as_u64()
+                    .unwrap_or(0);
                 if total > 0 && moved >= target.min(total) {
                     killed_mid_move += usize::from(moved < total);
                     break;
                 }
-                if status["processes"].as_array().is_some_and(|p| p.iter().all(|p| p["state"] == "ready")) {
+                if status["processes"]
+                    .as_array()
+                    .is_some_and(|p| p.iter().all(|p| p["state"] == "ready"))
+                {
                     break;
                 }
             }
-            assert!(Instant::now() < deadline, "the move made no progress\n{}", server.logs());
+            assert!(
+                Instant::now() < deadline,
+                "the move made no progress\n{}",
+                server.logs()
+            );
             std::thread::sleep(Duration::from_millis(2));
         }
         server.kill_tree();
     }
-    assert!(killed_mid_move >= 1, "no kill landed in the middle of a move");
+    assert!(
+        killed_mid_move >= 1,
+        "no kill landed in the middle of a move"
+    );
     server.spawn_and_wait();
     assert_all_present(&server);
     assert_shard_dirs(&server, 3);

@@ -18,9 +18,9 @@ use tokio::sync::watch;
 
 use crate::commands::table::index_of_request;
 use crate::commands::{dispatch, After, Pending, Session};
-use std::time::Instant;
 use crate::Shared;
 use std::sync::Arc;
+use std::time::Instant;
 
 const READ_BUFFER_BYTES: usize = 16 * 1024;
 
@@ -47,8 +47,11 @@ where
     loop {
         let mut after = After::Continue;
         while pending.len() < MAX_PIPELINE_IN_FLIGHT {
-            let limits =
-                if session.authenticated { &authenticated_limits } else { &RequestLimits::UNAUTHENTICATED };
+            let limits = if session.authenticated {
+                &authenticated_limits
+            } else {
+                &RequestLimits::UNAUTHENTICATED
+            };
             match parse_request(&mut input, limits) {
                 Ok(Some(args)) if args.is_empty() => continue,
                 Ok(Some(args)) => {
@@ -88,11 +91,16 @@ where
             }
         }
 
-        shared.status.net_daemon_slot().add(Field::Ops, pending.len() as u64);
+        shared
+            .status
+            .net_daemon_slot()
+            .add(Field::Ops, pending.len() as u64);
         for (reply, protocol, timing) in pending.drain(..) {
             let reply = reply.resolve().await;
             if let Some((index, started)) = timing {
-                shared.command_stats.record(index, started.elapsed(), reply.is_error());
+                shared
+                    .command_stats
+                    .record(index, started.elapsed(), reply.is_error());
             }
             reply.encode(protocol, &mut output);
         }

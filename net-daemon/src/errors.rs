@@ -64,7 +64,9 @@ pub fn link_error(error: &LinkError) -> Reply {
 }
 
 pub fn wrong_arity(command: &str) -> Reply {
-    Reply::error(format!("ERR wrong number of arguments for '{command}' command"))
+    Reply::error(format!(
+        "ERR wrong number of arguments for '{command}' command"
+    ))
 }
 
 /// Redis's text: the arguments, quoted, until the list passes 128 bytes.
@@ -79,7 +81,9 @@ pub fn unknown_command(name: &[u8], args: &[bytes::Bytes]) -> Reply {
         listed.push_str(&format!("'{arg}' "));
     }
     let name = String::from_utf8_lossy(&name[..name.len().min(128)]).into_owned();
-    Reply::error(format!("ERR unknown command '{name}', with args beginning with: {listed}"))
+    Reply::error(format!(
+        "ERR unknown command '{name}', with args beginning with: {listed}"
+    ))
 }
 
 pub fn syntax() -> Reply {
@@ -95,11 +99,15 @@ pub fn not_float() -> Reply {
 }
 
 pub fn key_too_long(len: usize) -> Reply {
-    Reply::error(format!("ERR key is too long ({len} bytes; the limit is {MAX_KEY_BYTES})"))
+    Reply::error(format!(
+        "ERR key is too long ({len} bytes; the limit is {MAX_KEY_BYTES})"
+    ))
 }
 
 pub fn value_too_large(max_value_bytes: usize) -> Reply {
-    Reply::error(format!("ERR value is too large (the limit is max_value_bytes = {max_value_bytes})"))
+    Reply::error(format!(
+        "ERR value is too large (the limit is max_value_bytes = {max_value_bytes})"
+    ))
 }
 
 pub fn no_auth() -> Reply {

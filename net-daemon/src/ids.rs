@@ -43,12 +43,18 @@ struct State {
 
 impl IdAllocator {
     /// `count` new ids, consecutive within one worker's block.
-    pub async fn allocate(&self, shared: &Shared, count: u64) -> Result<std::ops::Range<u64>, Reply> {
+    pub async fn allocate(
+        &self,
+        shared: &Shared,
+        count: u64,
+    ) -> Result<std::ops::Range<u64>, Reply> {
         let mut guard = self.state.lock().await;
         if guard.is_none() {
             *guard = Some(Self::load(shared).await?);
         }
-        let Some(state) = guard.as_mut() else { return Err(Reply::error("ERR id allocator unavailable")) };
+        let Some(state) = guard.as_mut() else {
+            return Err(Reply::error("ERR id allocator unavailable"));
+        };
         let workers = state.workers.len();
         let worker = (0..workers)
             .map(|step| (state.turn + step) % workers)
@@ -58,10 +64,18 @@ impl IdAllocator {
         let (next, end) = state.workers[worker];
         if end - next < count {
             let start = state.next_block;
-            let block_end = start.checked_add(BLOCK).filter(|&e| e <= END_ID).ok_or_else(|| {
-                Reply::error("ERR the host's id range is used up")
-            })?;
-            ask(shared, worker, WorkerRequest::ReserveIds { high_water: block_end }).await?;
+            let block_end = start
+                .checked_add(BLOCK)
+                .filter(|&e| e <= END_ID)
+                .ok_or_else(|| Reply::error("ERR the host's id range is used up"))?;
+            ask(
+                shared,
+                worker,
+                WorkerRequest::ReserveIds {
+                    high_water: block_end,
+                },
+            )
+            .await?;
             state.next_block = block_end;
             state.workers[worker] = (start, block_end);
         }
@@ -79,6 +93,10 @@ impl IdAllocator {
                 _ => return Err(Reply::error("ERR internal error: unexpected id response")),
             }
         }
-        Ok(State { next_block: highest, workers: vec![(0, 0); shared.links.len()], turn: 0 })
+        Ok(State {
+            next_block: highest,
+            workers: vec![(0, 0); shared.links.len()],
+            turn: 0,
+        })
     }
 }

@@ -82,6 +82,9 @@ impl Shared {
 
 /// Runs the net-daemon until SIGTERM, then drains and returns.
 pub fn run(config: Config) -> anyhow::Result<()> {
-    let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().thread_name("net").build()?;
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .thread_name("net")
+        .build()?;
     runtime.block_on(server::serve(config))
 }

@@ -20,7 +20,8 @@ use crate::commands::{send_all, wait_all};
 use crate::Shared;
 
 /// Upper bounds of the command latency buckets, in microseconds.
-const LATENCY_MICROS_BOUNDS: [u64; 10] = [50, 100, 250, 500, 1000, 2500, 5000, 10_000, 50_000, 250_000];
+const LATENCY_MICROS_BOUNDS: [u64; 10] =
+    [50, 100, 250, 500, 1000, 2500, 5000, 10_000, 50_000, 250_000];
 /// Longest HTTP request head the endpoint reads.
 const MAX_REQUEST_HEAD_BYTES: usize = 8 * 1024;
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
@@ -42,17 +43,26 @@ pub struct CommandStats {
 
 impl Default for CommandStats {
     fn default() -> Self {
-        CommandStats { commands: COMMANDS.iter().map(|_| CommandCounters::default()).collect() }
+        CommandStats {
+            commands: COMMANDS
+                .iter()
+                .map(|_| CommandCounters::default())
+                .collect(),
+        }
     }
 }
 
 impl CommandStats {
     /// Records one call of command `index` that took `took` and did or did not fail.
     pub fn record(&self, index: usize, took: Duration, failed: bool) {
-        let Some(counters) = self.commands.get(index) else { return };
+        let Some(counters) = self.commands.get(index) else {
+            return;
+        };
         let micros = took.as_micros() as u64;
         counters.calls.fetch_add(1, Ordering::Relaxed);
-        counters.errors.fetch_add(u64::from(failed), Ordering::Relaxed);
+        counters
+            .errors
+            .fetch_add(u64::from(failed), Ordering::Relaxed);
         counters.micros_sum.fetch_add(micros, Ordering::Relaxed);
         let bucket = shoal_shared::status::bucket(&LATENCY_MICROS_BOUNDS, micros);
         counters.buckets[bucket].fetch_add(1, Ordering::Relaxed);
@@ -65,7 +75,12 @@ impl CommandStats {
             .zip(&self.commands)
             .map(|(spec, c)| {
                 let load = |counter: &AtomicU64| counter.load(Ordering::Relaxed);
-                (spec.name, load(&c.calls), load(&c.errors), load(&c.micros_sum))
+                (
+                    spec.name,
+                    load(&c.calls),
+                    load(&c.errors),
+                    load(&c.micros_sum),
+                )
             })
             .filter(|(_, calls, _, _)| *calls > 0)
             .collect()
@@ -115,15 +130,32 @@ pub async fn serve(shared: Arc<Shared>, listener: TcpListener) {
 }
 
 /// Writes a Prometheus histogram from per-bucket (non-cumulative) counts.
-fn histogram(out: &mut String, name: &str, labels: &str, bounds: &[u64], scale: f64, counts: &[u64], sum: f64) {
+fn histogram(
+    out: &mut String,
+    name: &str,
+    labels: &str,
+    bounds: &[u64],
+    scale: f64,
+    counts: &[u64],
+    sum: f64,
+) {
     let mut cumulative = 0;
     let separator = if labels.is_empty() { "" } else { "," };
     for (i, count) in counts.iter().enumerate() {
         cumulative += count;
-        let le = bounds.get(i).map_or("+Inf".to_string(), |bound| format!("{}", *bound as f64 * scale));
-        let _ = writeln!(out, "{name}_bucket{{{labels}{separator}le=\"{le}\"}} {cumulative}");
+        let le = bounds.get(i).map_or("+Inf".to_string(), |bound| {
+            format!("{}", *bound as f64 * scale)
+        });
+        let _ = writeln!(
+            out,
+            "{name}_bucket{{{labels}{separator}le=\"{le}\"}} {cumulative}"
+        );
     }
-    let braces = if labels.is_empty() { String::new() } else { format!("{{{labels}}}") };
+    let braces = if labels.is_empty() {
+        String::new()
+    } else {
+        format!("{{{labels}}}")
+    };
     let _ = writeln!(out, "{name}_sum{braces} {sum}");
     let _ = writeln!(out, "{name}_count{braces} {cumulative}");
 }
@@ -133,21 +165,43 @@ pub async fn render(shared: &Shared) -> String {
     let mut out = String::with_capacity(16 * 1024);
     out.push_str("# HELP shoal_commands_total Commands run, by command.\n# TYPE shoal_commands_total counter\n");
     for (spec, counters) in COMMANDS.iter().zip(&shared.command_stats.commands) {
-        let _ = writeln!(out, "shoal_commands_total{{command=\"{}\"}} {}", spec.name, counters.calls.load(Ordering::Relaxed));
+        let _ = writeln!(
+            out,
+            "shoal_commands_total{{command=\"{}\"}} {}",
+            spec.name,
+            counters.calls.load(Ordering::Relaxed)
+        );
     }
     out.push_str("# HELP shoal_command_errors_total Commands answered with an error.\n# TYPE shoal_command_errors_total counter\n");
     for (spec, counters) in COMMANDS.iter().zip(&shared.command_stats.commands) {
-        let _ = writeln!(out, "shoal_command_errors_total{{command=\"{}\"}} {}", spec.name, counters.errors.load(Ordering::Relaxed));
+        let _ = writeln!(
+            out,
+            "shoal_command_errors_total{{command=\"{}\"}} {}",
+            spec.name,
+            counters.errors.load(Ordering::Relaxed)
+        );
     }
     out.push_str("# HELP shoal_command_duration_seconds Time from dispatch to reply.\n# TYPE shoal_command_duration_seconds histogram\n");
     for (spec, counters) in COMMANDS.iter().zip(&shared.command_stats.commands) {
         if counters.calls.load(Ordering::Relaxed) == 0 {
             continue;
         }
-        let counts: Vec<u64> = counters.buckets.iter().map(|b| b.load(Ordering::Relaxed)).collect();
+        let counts: Vec<u64> = counters
+            .buckets
+            .iter()
+            .map(|b| b.load(Ordering::Relaxed))
+            .collect();
         let sum = counters.micros_sum.load(Ordering::Relaxed) as f64 / 1e6;
         let labels = format!("command=\"{}\"", spec.name);
-        histogram(&mut out, "shoal_command_duration_seconds", &labels, &LATENCY_MICROS_BOUNDS, 1e-6, &counts, sum);
+        histogram(
+            &mut out,
+            "shoal_command_duration_seconds",
+            &labels,
+            &LATENCY_MICROS_BOUNDS,
+            1e-6,
+            &counts,
+            sum,
+        );
     }
     let _ = writeln!(
         out,
@@ -163,20 +217,52 @@ pub async fn render(shared: &Shared) -> String {
             Role::ShardWorker => format!("shard-{index}"),
             Role::NetDaemon => "net-daemon".into(),
         };
-        let _ = writeln!(out, "shoal_process_restarts_total{{process=\"{process}\"}} {}", slot.get(Field::Restarts));
+        let _ = writeln!(
+            out,
+            "shoal_process_restarts_total{{process=\"{process}\"}} {}",
+            slot.get(Field::Restarts)
+        );
     }
     let gauges: [(&str, &str, Field); 5] = [
-        ("shoal_worker_queue_depth_requests", "Requests in the worker's current group commit.", Field::QueueDepth),
-        ("shoal_worker_requests_total", "Requests a worker has applied.", Field::Ops),
-        ("shoal_worker_commits_total", "Group commits that wrote data.", Field::Commits),
-        ("shoal_lmdb_map_size_bytes", "Size of the worker's LMDB map.", Field::MapSizeBytes),
-        ("shoal_lmdb_used_bytes", "Bytes of the worker's LMDB map in use.", Field::MapUsedBytes),
+        (
+            "shoal_worker_queue_depth_requests",
+            "Requests in the worker's current group commit.",
+            Field::QueueDepth,
+        ),
+        (
+            "shoal_worker_requests_total",
+            "Requests a worker has applied.",
+            Field::Ops,
+        ),
+        (
+            "shoal_worker_commits_total",
+            "Group commits that wrote data.",
+            Field::Commits,
+        ),
+        (
+            "shoal_lmdb_map_size_bytes",
+            "Size of the worker's LMDB map.",
+            Field::MapSizeBytes,
+        ),
+        (
+            "shoal_lmdb_used_bytes",
+            "Bytes of the worker's LMDB map in use.",
+            Field::MapUsedBytes,
+        ),
     ];
     for (name, help, field) in gauges {
-        let kind = if name.ends_with("_total") { "counter" } else { "gauge" };
+        let kind = if name.ends_with("_total") {
+            "counter"
+        } else {
+            "gauge"
+        };
         let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}");
         for worker in 0..shared.links.len() {
-            let _ = writeln!(out, "{name}{{worker=\"{worker}\"}} {}", status.slot(worker).get(field));
+            let _ = writeln!(
+                out,
+                "{name}{{worker=\"{worker}\"}} {}",
+                status.slot(worker).get(field)
+            );
         }
     }
     out.push_str("# HELP shoal_group_commit_requests Requests per group commit.\n# TYPE shoal_group_commit_requests histogram\n");
@@ -185,7 +271,15 @@ pub async fn render(shared: &Shared) -> String {
         let counts = slot.histogram(Field::BatchSizeBuckets);
         let labels = format!("worker=\"{worker}\"");
         let sum = slot.get(Field::Ops) as f64;
-        histogram(&mut out, "shoal_group_commit_requests", &labels, &BATCH_SIZE_BOUNDS, 1.0, &counts, sum);
+        histogram(
+            &mut out,
+            "shoal_group_commit_requests",
+            &labels,
+            &BATCH_SIZE_BOUNDS,
+            1.0,
+            &counts,
+            sum,
+        );
     }
     out.push_str(
         "# HELP shoal_commit_duration_seconds Time to commit and fsync a group commit.\n\
@@ -196,7 +290,15 @@ pub async fn render(shared: &Shared) -> String {
         let counts = slot.histogram(Field::CommitMicrosBuckets);
         let labels = format!("worker=\"{worker}\"");
         let sum = slot.get(Field::CommitMicrosSum) as f64 / 1e6;
-        histogram(&mut out, "shoal_commit_duration_seconds", &labels, &COMMIT_MICROS_BOUNDS, 1e-6, &counts, sum);
+        histogram(
+            &mut out,
+            "shoal_commit_duration_seconds",
+            &labels,
+            &COMMIT_MICROS_BOUNDS,
+            1e-6,
+            &counts,
+            sum,
+        );
     }
 
     out.push_str(
@@ -213,7 +315,10 @@ pub async fn render(shared: &Shared) -> String {
             .collect();
         positions.sort_unstable();
         for (partition, last) in positions {
-            let _ = writeln!(out, "shoal_partition_last_commit_id{{partition=\"{partition}\"}} {last}");
+            let _ = writeln!(
+                out,
+                "shoal_partition_last_commit_id{{partition=\"{partition}\"}} {last}"
+            );
         }
     }
     out

@@ -27,14 +27,20 @@ const HEARTBEAT: Duration = Duration::from_millis(500);
 pub async fn serve(config: Config) -> anyhow::Result<()> {
     let status = StatusTable::open(&config.status_path()).context("opening the status table")?;
     status.net_daemon_slot().claim();
-    let links: Vec<WorkerLink> = (0..config.workers).map(|i| WorkerLink::start(i, config.worker_socket(i))).collect();
+    let links: Vec<WorkerLink> = (0..config.workers)
+        .map(|i| WorkerLink::start(i, config.worker_socket(i)))
+        .collect();
     let deadline = Instant::now() + LINK_WAIT;
     while !links.iter().all(WorkerLink::is_connected) && Instant::now() < deadline {
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
 
     let tcp = match config.client.listen {
-        Some(address) => Some(TcpListener::bind(address).await.with_context(|| format!("listening on {address}"))?),
+        Some(address) => Some(
+            TcpListener::bind(address)
+                .await
+                .with_context(|| format!("listening on {address}"))?,
+        ),
         None => None,
     };
     let unix = match &config.client.unix_socket {
@@ -45,19 +51,27 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
             match std::fs::symlink_metadata(path) {
                 Ok(meta) if meta.file_type().is_socket() => std::fs::remove_file(path)
                     .with_context(|| format!("removing the stale socket {}", path.display()))?,
-                Ok(_) => anyhow::bail!("{} exists and is not a socket; refusing to replace it", path.display()),
+                Ok(_) => anyhow::bail!(
+                    "{} exists and is not a socket; refusing to replace it",
+                    path.display()
+                ),
                 Err(_) => {}
             }
-            Some(UnixListener::bind(path).with_context(|| format!("listening on {}", path.display()))?)
+            Some(
+                UnixListener::bind(path)
+                    .with_context(|| format!("listening on {}", path.display()))?,
+            )
         }
         None => None,
     };
 
     let max_connections = config.client.max_connections;
     let metrics = match config.metrics_listen {
-        Some(address) => {
-            Some(TcpListener::bind(address).await.with_context(|| format!("listening for metrics on {address}"))?)
-        }
+        Some(address) => Some(
+            TcpListener::bind(address)
+                .await
+                .with_context(|| format!("listening for metrics on {address}"))?,
+        ),
         None => None,
     };
     let shared = Arc::new(Shared::new(config, links, status));
@@ -69,7 +83,11 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
     let (shutdown_tx, shutdown_rx) = watch::channel(false);
 
     if let Some(listener) = tcp {
-        let (shared, permits, shutdown) = (Arc::clone(&shared), Arc::clone(&permits), shutdown_rx.clone());
+        let (shared, permits, shutdown) = (
+            Arc::clone(&shared),
+            Arc::clone(&permits),
+            shutdown_rx.clone(),
+        );
         tokio::spawn(async move {
             accept_loop(shared, permits, shutdown, || async {
                 let (stream, _) = listener.accept().await?;
@@ -80,9 +98,16 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
         });
     }
     if let Some(listener) = unix {
-        let (shared, permits, shutdown) = (Arc::clone(&shared), Arc::clone(&permits), shutdown_rx.clone());
+        let (shared, permits, shutdown) = (
+            Arc::clone(&shared),
+            Arc::clone(&permits),
+            shutdown_rx.clone(),
+        );
         tokio::spawn(async move {
-            accept_loop(shared, permits, shutdown, || async { Ok(listener.accept().await?.0) }).await
+            accept_loop(shared, permits, shutdown, || async {
+                Ok(listener.accept().await?.0)
+            })
+            .await
         });
     }
 
@@ -112,8 +137,14 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
     let _ = shutdown_tx.send(true);
     let drain = Duration::from_millis(shared.config.supervisor.drain_timeout_ms);
     let all = u32::try_from(max_connections).unwrap_or(u32::MAX);
-    if tokio::time::timeout(drain, permits.acquire_many(all)).await.is_err() {
-        tracing::warn!(open = shared.connections.load(Ordering::Relaxed), "drain timed out; closing the remaining connections");
+    if tokio::time::timeout(drain, permits.acquire_many(all))
+        .await
+        .is_err()
+    {
+        tracing::warn!(
+            open = shared.connections.load(Ordering::Relaxed),
+            "drain timed out; closing the remaining connections"
+        );
     }
     if let Some(path) = &shared.config.client.unix_socket {
         let _ = std::fs::remove_file(path);
@@ -122,8 +153,12 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
     Ok(())
 }
 
-async fn accept_loop<S, F, Fut>(shared: Arc<Shared>, permits: Arc<Semaphore>, mut shutdown: watch::Receiver<bool>, accept: F)
-where
+async fn accept_loop<S, F, Fut>(
+    shared: Arc<Shared>,
+    permits: Arc<Semaphore>,
+    mut shutdown: watch::Receiver<bool>,
+    accept: F,
+) where
     S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
     F: Fn() -> Fut,
     Fut: std::future::Future<Output = std::io::Result<S>>,

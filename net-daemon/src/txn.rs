@@ -50,16 +50,25 @@ pub enum TxFailure {
 }
 
 /// Runs `participants` atomically. Returns each participant's outcomes, in order.
-pub async fn run(shared: &Shared, participants: Vec<Participant>) -> Result<Vec<Vec<TxOutcome>>, TxFailure> {
+pub async fn run(
+    shared: &Shared,
+    participants: Vec<Participant>,
+) -> Result<Vec<Vec<TxOutcome>>, TxFailure> {
     if let [only] = participants.as_slice() {
-        let request = WorkerRequest::Atomic { ops: only.ops.clone() };
+        let request = WorkerRequest::Atomic {
+            ops: only.ops.clone(),
+        };
         return match shared.links[only.worker].send(request).await.wait().await {
             Ok(WorkerResponse::TxOutcomes(outcomes)) => Ok(vec![outcomes]),
-            Ok(WorkerResponse::Error(error @ (WorkerError::TxKeyExists | WorkerError::TxNoSuchKey))) => {
-                Err(TxFailure::Refused(error))
+            Ok(WorkerResponse::Error(
+                error @ (WorkerError::TxKeyExists | WorkerError::TxNoSuchKey),
+            )) => Err(TxFailure::Refused(error)),
+            Ok(WorkerResponse::Error(error)) => {
+                Err(TxFailure::Failed(errors::worker_error(&error)))
             }
-            Ok(WorkerResponse::Error(error)) => Err(TxFailure::Failed(errors::worker_error(&error))),
-            Ok(_) => Err(TxFailure::Failed(Reply::error("ERR internal error: unexpected transaction response"))),
+            Ok(_) => Err(TxFailure::Failed(Reply::error(
+                "ERR internal error: unexpected transaction response",
+            ))),
             Err(error) => Err(TxFailure::Failed(errors::link_error(&error))),
         };
     }
@@ -87,14 +96,25 @@ pub async fn run(shared: &Shared, participants: Vec<Participant>) -> Result<Vec<
 /// Replaces `PutTaken` ops with a `Put` of the value that an earlier participant's `Take` or
 /// `Read` found (RENAME and COPY across workers).
 fn fill_taken(ops: &[TxOp], prepared: &[(usize, Vec<TxOutcome>)]) -> Vec<TxOp> {
-    let taken = prepared.iter().flat_map(|(_, outcomes)| outcomes).rev().find_map(|outcome| match outcome {
-        TxOutcome::Value { value, expires_at_ms } => Some((value, *expires_at_ms)),
-        _ => None,
-    });
+    let taken = prepared
+        .iter()
+        .flat_map(|(_, outcomes)| outcomes)
+        .rev()
+        .find_map(|outcome| match outcome {
+            TxOutcome::Value {
+                value,
+                expires_at_ms,
+            } => Some((value, *expires_at_ms)),
+            _ => None,
+        });
     ops.iter()
         .map(|op| match (&op.action, taken) {
             (TxAction::PutTaken { if_absent }, Some((value, expires_at_ms))) => TxOp {
-                action: TxAction::Put { value: value.clone(), expires_at_ms, if_absent: *if_absent },
+                action: TxAction::Put {
+                    value: value.clone(),
+                    expires_at_ms,
+                    if_absent: *if_absent,
+                },
                 ..op.clone()
             },
             _ => op.clone(),
@@ -120,30 +140,45 @@ struct Transaction<'a> {
 
 impl<'a> Transaction<'a> {
     fn new(shared: &'a Shared) -> Transaction<'a> {
-        Transaction { shared, txid: shared.next_txid(), decider: None, prepared: Vec::new(), started: Instant::now(), attempt: 0 }
+        Transaction {
+            shared,
+            txid: shared.next_txid(),
+            decider: None,
+            prepared: Vec::new(),
+            started: Instant::now(),
+            attempt: 0,
+        }
     }
 
     /// Prepares `ops` on `worker`; the first worker prepared is the decider.
     async fn prepare(&mut self, worker: usize, ops: Vec<TxOp>) -> Result<(), PrepareError> {
         let decider = *self.decider.get_or_insert(worker) as u16;
-        let request = WorkerRequest::Prepare { txid: self.txid, decider, ops };
+        let request = WorkerRequest::Prepare {
+            txid: self.txid,
+            decider,
+            ops,
+        };
         match self.shared.links[worker].send(request).await.wait().await {
             Ok(WorkerResponse::TxOutcomes(outcomes)) => {
                 self.prepared.push((worker, outcomes));
                 Ok(())
             }
             Ok(WorkerResponse::Error(WorkerError::TxConflict)) => Err(PrepareError::Conflict),
-            Ok(WorkerResponse::Error(error @ (WorkerError::TxKeyExists | WorkerError::TxNoSuchKey))) => {
-                Err(PrepareError::Failure(TxFailure::Refused(error)))
-            }
-            Ok(WorkerResponse::Error(error)) => Err(PrepareError::Failure(TxFailure::Failed(errors::worker_error(&error)))),
+            Ok(WorkerResponse::Error(
+                error @ (WorkerError::TxKeyExists | WorkerError::TxNoSuchKey),
+            )) => Err(PrepareError::Failure(TxFailure::Refused(error))),
+            Ok(WorkerResponse::Error(error)) => Err(PrepareError::Failure(TxFailure::Failed(
+                errors::worker_error(&error),
+            ))),
             Ok(_) => Err(PrepareError::Failure(TxFailure::Failed(Reply::error(
                 "ERR internal error: unexpected prepare response",
             )))),
             Err(error) => {
                 // The prepare may have happened: abort it there too (recovery does it otherwise).
                 self.prepared.push((worker, Vec::new()));
-                Err(PrepareError::Failure(TxFailure::Failed(errors::link_error(&error))))
+                Err(PrepareError::Failure(TxFailure::Failed(
+                    errors::link_error(&error),
+                )))
             }
         }
     }
@@ -151,7 +186,12 @@ impl<'a> Transaction<'a> {
     /// Releases every prepared participant (best effort; recovery aborts the rest).
     async fn abort(&mut self) {
         for (worker, _) in self.prepared.drain(..) {
-            let _ = ask(self.shared, worker, WorkerRequest::Abort { txid: self.txid }).await;
+            let _ = ask(
+                self.shared,
+                worker,
+                WorkerRequest::Abort { txid: self.txid },
+            )
+            .await;
         }
     }
 
@@ -179,7 +219,13 @@ impl<'a> Transaction<'a> {
     /// Commits on the decider (the decision), then on the others, then forgets.
     async fn commit(mut self) -> Result<Vec<Vec<TxOutcome>>, TxFailure> {
         let decider = self.prepared[0].0;
-        match ask(self.shared, decider, WorkerRequest::Commit { txid: self.txid }).await {
+        match ask(
+            self.shared,
+            decider,
+            WorkerRequest::Commit { txid: self.txid },
+        )
+        .await
+        {
             Ok(_) => {}
             Err(reply) if reply == errors::worker_error(&WorkerError::TxAborted) => {
                 self.prepared.remove(0);
@@ -197,12 +243,27 @@ impl<'a> Transaction<'a> {
         }
         let mut all_committed = true;
         for (worker, _) in &self.prepared[1..] {
-            all_committed &= ask(self.shared, *worker, WorkerRequest::Commit { txid: self.txid }).await.is_ok();
+            all_committed &= ask(
+                self.shared,
+                *worker,
+                WorkerRequest::Commit { txid: self.txid },
+            )
+            .await
+            .is_ok();
         }
         if all_committed {
-            let _ = ask(self.shared, decider, WorkerRequest::Forget { txid: self.txid }).await;
+            let _ = ask(
+                self.shared,
+                decider,
+                WorkerRequest::Forget { txid: self.txid },
+            )
+            .await;
         }
-        Ok(self.prepared.into_iter().map(|(_, outcomes)| outcomes).collect())
+        Ok(self
+            .prepared
+            .into_iter()
+            .map(|(_, outcomes)| outcomes)
+            .collect())
     }
 }
 
@@ -219,19 +280,33 @@ pub async fn recover(shared: std::sync::Arc<Shared>) {
                 continue;
             }
             let older_than_ms = IN_DOUBT_AFTER.as_millis() as u64;
-            let Ok(WorkerResponse::InDoubt(in_doubt)) = ask(&shared, worker, WorkerRequest::InDoubt { older_than_ms }).await
+            let Ok(WorkerResponse::InDoubt(in_doubt)) =
+                ask(&shared, worker, WorkerRequest::InDoubt { older_than_ms }).await
             else {
                 continue;
             };
             for (txid, decider) in in_doubt {
-                let decision = ask(&shared, usize::from(decider), WorkerRequest::Decide { txid, older_than_ms }).await;
+                let decision = ask(
+                    &shared,
+                    usize::from(decider),
+                    WorkerRequest::Decide {
+                        txid,
+                        older_than_ms,
+                    },
+                )
+                .await;
                 let request = match decision {
                     Ok(WorkerResponse::Integer(1)) => WorkerRequest::Commit { txid },
                     Ok(WorkerResponse::Integer(_)) => WorkerRequest::Abort { txid },
                     _ => continue,
                 };
                 let committed = matches!(request, WorkerRequest::Commit { .. });
-                tracing::info!(txid, worker, committed, "resolving a transaction left in doubt");
+                tracing::info!(
+                    txid,
+                    worker,
+                    committed,
+                    "resolving a transaction left in doubt"
+                );
                 let _ = ask(&shared, worker, request).await;
             }
         }

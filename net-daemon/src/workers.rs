@@ -16,7 +16,9 @@ use std::time::Duration;
 
 use tokio::time::Instant;
 
-use shoal_shared::frame::{decode_frame, encode_frame, RequestEnvelope, ResponseEnvelope, WorkerRequest, WorkerResponse};
+use shoal_shared::frame::{
+    decode_frame, encode_frame, RequestEnvelope, ResponseEnvelope, WorkerRequest, WorkerResponse,
+};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::UnixStream;
 use tokio::sync::{mpsc, oneshot};
@@ -65,9 +67,15 @@ impl Call {
     /// A call that failed before it was sent.
     pub fn failed(error: LinkError) -> Call {
         let worker = match error {
-            LinkError::Down { worker } | LinkError::Lost { worker } | LinkError::Timeout { worker } => worker,
+            LinkError::Down { worker }
+            | LinkError::Lost { worker }
+            | LinkError::Timeout { worker } => worker,
         };
-        Call { worker, receiver: Err(error), deadline: Instant::now() }
+        Call {
+            worker,
+            receiver: Err(error),
+            deadline: Instant::now(),
+        }
     }
 
     /// Waits for the response, until [`REQUEST_TIMEOUT`] after the request was sent.
@@ -75,8 +83,12 @@ impl Call {
         let receiver = self.receiver?;
         match tokio::time::timeout_at(self.deadline, receiver).await {
             Ok(Ok(response)) => Ok(response),
-            Ok(Err(_)) => Err(LinkError::Lost { worker: self.worker }),
-            Err(_) => Err(LinkError::Timeout { worker: self.worker }),
+            Ok(Err(_)) => Err(LinkError::Lost {
+                worker: self.worker,
+            }),
+            Err(_) => Err(LinkError::Timeout {
+                worker: self.worker,
+            }),
         }
     }
 }
@@ -87,7 +99,11 @@ impl WorkerLink {
         let (outbox, inbox) = mpsc::channel(OUTBOX_CAPACITY);
         let connected = Arc::new(AtomicBool::new(false));
         tokio::spawn(run_link(index, path, inbox, Arc::clone(&connected)));
-        WorkerLink { index, connected, outbox }
+        WorkerLink {
+            index,
+            connected,
+            outbox,
+        }
     }
 
     /// Whether the worker is connected now.
@@ -109,15 +125,26 @@ impl WorkerLink {
             return Call::failed(LinkError::Down { worker: self.index });
         }
         let (responder, receiver) = oneshot::channel();
-        match tokio::time::timeout_at(deadline, self.outbox.send(Outgoing { request, responder })).await {
-            Ok(Ok(())) => Call { worker: self.index, receiver: Ok(receiver), deadline },
+        match tokio::time::timeout_at(deadline, self.outbox.send(Outgoing { request, responder }))
+            .await
+        {
+            Ok(Ok(())) => Call {
+                worker: self.index,
+                receiver: Ok(receiver),
+                deadline,
+            },
             Ok(Err(_)) => Call::failed(LinkError::Down { worker: self.index }),
             Err(_) => Call::failed(LinkError::Timeout { worker: self.index }),
         }
     }
 }
 
-async fn run_link(index: usize, path: PathBuf, mut inbox: mpsc::Receiver<Outgoing>, connected: Arc<AtomicBool>) {
+async fn run_link(
+    index: usize,
+    path: PathBuf,
+    mut inbox: mpsc::Receiver<Outgoing>,
+    connected: Arc<AtomicBool>,
+) {
     let mut backoff = RECONNECT_MIN;
     let mut logged_down = false;
     loop {
@@ -140,7 +167,10 @@ async fn run_link(index: usize, path: PathBuf, mut inbox: mpsc::Receiver<Outgoin
         connected.store(true, Ordering::Release);
         serve_connection(index, stream, &mut inbox).await;
         connected.store(false, Ordering::Release);
-        tracing::warn!(worker = index, "lost the shard worker; requests for its partitions fail until it is back");
+        tracing::warn!(
+            worker = index,
+            "lost the shard worker; requests for its partitions fail until it is back"
+        );
         fail_queued(&mut inbox);
     }
 }
@@ -170,7 +200,10 @@ async fn serve_connection(index: usize, stream: UnixStream, inbox: &mut mpsc::Re
                 match decode_frame::<ResponseEnvelope>(&buffer[consumed..]) {
                     Ok(Some((envelope, used))) => {
                         consumed += used;
-                        let responder = reader_pending.lock().unwrap_or_else(|e| e.into_inner()).remove(&envelope.id);
+                        let responder = reader_pending
+                            .lock()
+                            .unwrap_or_else(|e| e.into_inner())
+                            .remove(&envelope.id);
                         if let Some(responder) = responder {
                             let _ = responder.send(envelope.response);
                         }
@@ -212,13 +245,18 @@ async fn serve_connection(index: usize, stream: UnixStream, inbox: &mut mpsc::Re
             }
             for Outgoing { request, responder } in batch {
                 next_id += 1;
-                let envelope = RequestEnvelope { id: next_id, request };
+                let envelope = RequestEnvelope {
+                    id: next_id,
+                    request,
+                };
                 match encode_frame(&envelope, &mut out) {
                     Ok(()) => {
                         pending.insert(next_id, responder);
                     }
                     // Dropping the responder fails the request; the frame was not written.
-                    Err(error) => tracing::error!(worker = index, %error, "cannot encode a request"),
+                    Err(error) => {
+                        tracing::error!(worker = index, %error, "cannot encode a request")
+                    }
                 }
             }
         }

@@ -56,7 +56,8 @@ mod tests {
     use shoal_shared::frame::WorkerError;
 
     fn incr(value: Option<&str>, by: &str) -> Result<String, WorkerError> {
-        incr_by_float(value.map(str::as_bytes), by.as_bytes()).map(|v| String::from_utf8(v).unwrap())
+        incr_by_float(value.map(str::as_bytes), by.as_bytes())
+            .map(|v| String::from_utf8(v).unwrap())
     }
 
     #[test]
@@ -64,11 +65,16 @@ mod tests {
         // Results of the same commands on redis-server 7.
         assert_eq!(incr(Some("0.1"), "0.2").unwrap(), "0.3");
         assert_eq!(incr(Some("10.50"), "0.1").unwrap(), "10.6");
-        assert_eq!(incr(Some("10.6"), "-5e3").unwrap(), "-4989.39999999999999991");
+        assert_eq!(
+            incr(Some("10.6"), "-5e3").unwrap(),
+            "-4989.39999999999999991"
+        );
         assert_eq!(incr(Some("5.0e3"), "2.0e2").unwrap(), "5200");
         assert_eq!(incr(None, "0x10").unwrap(), "16");
         assert_eq!(incr(Some("1"), "-1").unwrap(), "0");
-        assert!(incr(None, "1e400").unwrap().starts_with("100000000000000000002818806839475865"));
+        assert!(incr(None, "1e400")
+            .unwrap()
+            .starts_with("100000000000000000002818806839475865"));
         assert_eq!(incr(None, "1e5000"), Err(WorkerError::NotFloat));
         assert_eq!(incr(Some("abc"), "1"), Err(WorkerError::NotFloat));
         assert_eq!(incr(Some(" 1"), "1"), Err(WorkerError::NotFloat));

@@ -67,7 +67,10 @@ pub struct CorruptError {
 }
 
 fn corrupt(what: &'static str, why: impl Into<String>) -> CorruptError {
-    CorruptError { what, why: why.into() }
+    CorruptError {
+        what,
+        why: why.into(),
+    }
 }
 
 /// `partition ++ user key`.
@@ -102,7 +105,10 @@ pub struct StoredValue<'a> {
 
 pub fn decode_value(raw: &[u8]) -> Result<StoredValue<'_>, CorruptError> {
     if raw.len() < VALUE_HEADER_BYTES {
-        return Err(corrupt("value", format!("{} bytes is shorter than its header", raw.len())));
+        return Err(corrupt(
+            "value",
+            format!("{} bytes is shorter than its header", raw.len()),
+        ));
     }
     let flags = raw[8];
     if flags & !FLAG_EXPIRES != 0 {
@@ -110,17 +116,30 @@ pub fn decode_value(raw: &[u8]) -> Result<StoredValue<'_>, CorruptError> {
     }
     let commit_id = read_u64(&raw[..8]);
     if flags & FLAG_EXPIRES == 0 {
-        return Ok(StoredValue { commit_id, expires_at_ms: None, bytes: &raw[VALUE_HEADER_BYTES..] });
+        return Ok(StoredValue {
+            commit_id,
+            expires_at_ms: None,
+            bytes: &raw[VALUE_HEADER_BYTES..],
+        });
     }
     if raw.len() < VALUE_HEADER_BYTES + 8 {
         return Err(corrupt("value", "expiry flag set but no expiry time"));
     }
     let expires_at_ms = read_u64(&raw[VALUE_HEADER_BYTES..VALUE_HEADER_BYTES + 8]);
-    Ok(StoredValue { commit_id, expires_at_ms: Some(expires_at_ms), bytes: &raw[VALUE_HEADER_BYTES + 8..] })
+    Ok(StoredValue {
+        commit_id,
+        expires_at_ms: Some(expires_at_ms),
+        bytes: &raw[VALUE_HEADER_BYTES + 8..],
+    })
 }
 
 /// `expires_at_ms ++ collection ++ partition ++ user key`.
-pub fn expiry_key(expires_at_ms: u64, collection: Collection, partition: Partition, key: &[u8]) -> Vec<u8> {
+pub fn expiry_key(
+    expires_at_ms: u64,
+    collection: Collection,
+    partition: Partition,
+    key: &[u8],
+) -> Vec<u8> {
     let mut out = Vec::with_capacity(12 + key.len());
     out.extend_from_slice(&expires_at_ms.to_be_bytes());
     out.extend_from_slice(&collection.to_be_bytes());
@@ -139,7 +158,10 @@ pub struct ExpiryEntry<'a> {
 
 pub fn decode_expiry_key(raw: &[u8]) -> Result<ExpiryEntry<'_>, CorruptError> {
     if raw.len() < 12 {
-        return Err(corrupt("expiry index key", format!("{} bytes is shorter than 12", raw.len())));
+        return Err(corrupt(
+            "expiry index key",
+            format!("{} bytes is shorter than 12", raw.len()),
+        ));
     }
     Ok(ExpiryEntry {
         expires_at_ms: read_u64(&raw[..8]),
@@ -182,13 +204,20 @@ pub fn encode_log_value(record: &LogRecord<'_>) -> Vec<u8> {
 
 pub fn decode_log_entry(raw_key: &[u8], raw_value: &[u8]) -> Result<LogEntry, CorruptError> {
     if raw_key.len() != 10 {
-        return Err(corrupt("log key", format!("{} bytes, expected 10", raw_key.len())));
+        return Err(corrupt(
+            "log key",
+            format!("{} bytes, expected 10", raw_key.len()),
+        ));
     }
     if raw_value.len() < LOG_HEADER_BYTES {
         return Err(corrupt("log entry", "shorter than its header"));
     }
-    let change = ChangeType::from_byte(raw_value[8])
-        .ok_or_else(|| corrupt("log entry", format!("unknown change type {:#04x}", raw_value[8])))?;
+    let change = ChangeType::from_byte(raw_value[8]).ok_or_else(|| {
+        corrupt(
+            "log entry",
+            format!("unknown change type {:#04x}", raw_value[8]),
+        )
+    })?;
     let expires_at_ms = read_u64(&raw_value[11..19]);
     let key_len = usize::from(u16::from_be_bytes([raw_value[19], raw_value[20]]));
     let rest = &raw_value[LOG_HEADER_BYTES..];
@@ -231,7 +260,10 @@ pub fn encode_partition_meta(meta: PartitionMeta) -> [u8; 24] {
 
 pub fn decode_partition_meta(raw: &[u8]) -> Result<PartitionMeta, CorruptError> {
     if raw.len() != 24 {
-        return Err(corrupt("partition meta", format!("{} bytes, expected 24", raw.len())));
+        return Err(corrupt(
+            "partition meta",
+            format!("{} bytes, expected 24", raw.len()),
+        ));
     }
     Ok(PartitionMeta {
         last_commit_id: read_u64(&raw[..8]),
@@ -248,18 +280,28 @@ pub fn encode_layout(partitions: u16, workers: u16) -> [u8; 4] {
 
 pub fn decode_layout(raw: &[u8]) -> Result<(u16, u16), CorruptError> {
     match raw {
-        [p0, p1, w0, w1] => Ok((u16::from_be_bytes([*p0, *p1]), u16::from_be_bytes([*w0, *w1]))),
-        _ => Err(corrupt("layout", format!("{} bytes, expected 4", raw.len()))),
+        [p0, p1, w0, w1] => Ok((
+            u16::from_be_bytes([*p0, *p1]),
+            u16::from_be_bytes([*w0, *w1]),
+        )),
+        _ => Err(corrupt(
+            "layout",
+            format!("{} bytes, expected 4", raw.len()),
+        )),
     }
 }
 
 pub fn decode_u32(raw: &[u8], what: &'static str) -> Result<u32, CorruptError> {
-    let bytes: [u8; 4] = raw.try_into().map_err(|_| corrupt(what, format!("{} bytes, expected 4", raw.len())))?;
+    let bytes: [u8; 4] = raw
+        .try_into()
+        .map_err(|_| corrupt(what, format!("{} bytes, expected 4", raw.len())))?;
     Ok(u32::from_be_bytes(bytes))
 }
 
 pub fn decode_u64(raw: &[u8], what: &'static str) -> Result<u64, CorruptError> {
-    let bytes: [u8; 8] = raw.try_into().map_err(|_| corrupt(what, format!("{} bytes, expected 8", raw.len())))?;
+    let bytes: [u8; 8] = raw
+        .try_into()
+        .map_err(|_| corrupt(what, format!("{} bytes, expected 8", raw.len())))?;
     Ok(u64::from_be_bytes(bytes))
 }
 
@@ -279,7 +321,10 @@ mod tests {
         let raw = encode_value(42, None, b"hello");
         assert_eq!(&raw[..9], &[0, 0, 0, 0, 0, 0, 0, 42, 0]);
         let value = decode_value(&raw).unwrap();
-        assert_eq!((value.commit_id, value.expires_at_ms, value.bytes), (42, None, &b"hello"[..]));
+        assert_eq!(
+            (value.commit_id, value.expires_at_ms, value.bytes),
+            (42, None, &b"hello"[..])
+        );
         assert!(decode_value(&raw[..5]).is_err());
         let mut flagged = raw.clone();
         flagged[8] = 0x80;
@@ -287,7 +332,10 @@ mod tests {
         let expiring = encode_value(7, Some(1234), b"v");
         assert_eq!(expiring[8], FLAG_EXPIRES);
         let value = decode_value(&expiring).unwrap();
-        assert_eq!((value.commit_id, value.expires_at_ms, value.bytes), (7, Some(1234), &b"v"[..]));
+        assert_eq!(
+            (value.commit_id, value.expires_at_ms, value.bytes),
+            (7, Some(1234), &b"v"[..])
+        );
         assert!(decode_value(&expiring[..12]).is_err());
     }
 
@@ -322,15 +370,30 @@ mod tests {
 
     #[test]
     fn meta_round_trips() {
-        let meta = PartitionMeta { last_commit_id: 9, mtime_ms: 77, trimmed_through: 3 };
-        assert_eq!(decode_partition_meta(&encode_partition_meta(meta)).unwrap(), meta);
+        let meta = PartitionMeta {
+            last_commit_id: 9,
+            mtime_ms: 77,
+            trimmed_through: 3,
+        };
+        assert_eq!(
+            decode_partition_meta(&encode_partition_meta(meta)).unwrap(),
+            meta
+        );
         assert_eq!(decode_layout(&encode_layout(256, 3)).unwrap(), (256, 3));
         assert!(decode_layout(b"abc").is_err());
         assert!(decode_u32(b"ab", "x").is_err());
         assert_eq!(decode_u64(&9u64.to_be_bytes(), "x").unwrap(), 9);
         let index = expiry_key(99, 1, 2, b"key");
         let entry = decode_expiry_key(&index).unwrap();
-        assert_eq!((entry.expires_at_ms, entry.collection, entry.partition, entry.key), (99, 1, 2, &b"key"[..]));
+        assert_eq!(
+            (
+                entry.expires_at_ms,
+                entry.collection,
+                entry.partition,
+                entry.key
+            ),
+            (99, 1, 2, &b"key"[..])
+        );
         assert!(expiry_key(99, 1, 2, b"z") < expiry_key(100, 0, 0, b"a"));
         assert!(decode_expiry_key(b"short").is_err());
     }

@@ -36,7 +36,9 @@ use std::time::{Duration, Instant};
 use anyhow::Context;
 use shoal_shared::config::{Config, Durability};
 use shoal_shared::frame::{ResponseEnvelope, WorkerError, WorkerRequest, WorkerResponse};
-use shoal_shared::status::{Field, ProcessState, Slot, StatusTable, BATCH_SIZE_BOUNDS, COMMIT_MICROS_BOUNDS};
+use shoal_shared::status::{
+    Field, ProcessState, Slot, StatusTable, BATCH_SIZE_BOUNDS, COMMIT_MICROS_BOUNDS,
+};
 
 use crate::link::Queued;
 use crate::store::{Store, StoreError, StoreOptions};
@@ -73,7 +75,8 @@ pub fn run(config: &Config, index: usize) -> anyhow::Result<()> {
         max_value_bytes: config.client.max_value_bytes,
     };
     let shard_dir = config.shard_dir(index);
-    let mut store = Store::open(&shard_dir, &options).with_context(|| format!("opening {}", shard_dir.display()))?;
+    let mut store = Store::open(&shard_dir, &options)
+        .with_context(|| format!("opening {}", shard_dir.display()))?;
     slot.set(Field::LastCommitId, store.highest_commit_id());
 
     let queue = link::listen(&config.worker_socket(index), Arc::clone(&shutdown))?;
@@ -92,7 +95,8 @@ pub fn run(config: &Config, index: usize) -> anyhow::Result<()> {
         deferred: VecDeque::new(),
         retention: Retention {
             keep_entries: config.storage.log_retention_entries,
-            keep_ms: (config.storage.log_retention_secs > 0).then(|| config.storage.log_retention_secs * 1000),
+            keep_ms: (config.storage.log_retention_secs > 0)
+                .then(|| config.storage.log_retention_secs * 1000),
         },
         last_housekeeping: Instant::now(),
     };
@@ -211,34 +215,41 @@ impl Worker<'_> {
             return refuse(format!("backup directory {dir:?} is not an absolute path"));
         }
         if self.backup_running.swap(true, Ordering::AcqRel) {
-            return refuse(format!("a backup of shard {} is already running", self.index));
+            return refuse(format!(
+                "a backup of shard {} is already running",
+                self.index
+            ));
         }
         let source = self.store.backup_source();
         let running = Arc::clone(&self.backup_running);
         let shard = self.index;
         let reply_from_thread = reply.clone();
-        let spawned = std::thread::Builder::new().name("backup".into()).spawn(move || {
-            let started = Instant::now();
-            tracing::info!(shard, dir = %dir, "backup copy started");
-            let response = match source.copy_to(Path::new(&dir)) {
-                Ok(report) => {
-                    tracing::info!(
-                        shard,
-                        dir = %dir,
-                        bytes = report.bytes,
-                        elapsed_ms = started.elapsed().as_millis() as u64,
-                        "backup copy done"
-                    );
-                    WorkerResponse::Backup(report)
-                }
-                Err(error) => {
-                    tracing::warn!(shard, dir = %dir, %error, "backup copy failed");
-                    WorkerResponse::Error(WorkerError::Storage(format!("backup of shard {shard} to {dir} failed: {error}")))
-                }
-            };
-            running.store(false, Ordering::Release);
-            let _ = reply_from_thread.send(ResponseEnvelope { id, response });
-        });
+        let spawned = std::thread::Builder::new()
+            .name("backup".into())
+            .spawn(move || {
+                let started = Instant::now();
+                tracing::info!(shard, dir = %dir, "backup copy started");
+                let response = match source.copy_to(Path::new(&dir)) {
+                    Ok(report) => {
+                        tracing::info!(
+                            shard,
+                            dir = %dir,
+                            bytes = report.bytes,
+                            elapsed_ms = started.elapsed().as_millis() as u64,
+                            "backup copy done"
+                        );
+                        WorkerResponse::Backup(report)
+                    }
+                    Err(error) => {
+                        tracing::warn!(shard, dir = %dir, %error, "backup copy failed");
+                        WorkerResponse::Error(WorkerError::Storage(format!(
+                            "backup of shard {shard} to {dir} failed: {error}"
+                        )))
+                    }
+                };
+                running.store(false, Ordering::Release);
+                let _ = reply_from_thread.send(ResponseEnvelope { id, response });
+            });
         if let Err(error) = spawned {
             self.backup_running.store(false, Ordering::Release);
             refuse(format!("cannot start the backup thread: {error}"));
@@ -258,7 +269,11 @@ impl Worker<'_> {
         request.keys().into_iter().any(|(collection, key)| {
             locks.holder(collection, key).is_some()
                 || self.deferred.iter().any(|(_, waiting)| {
-                    waiting.request.keys().into_iter().any(|(c, k)| c == collection && k == key)
+                    waiting
+                        .request
+                        .keys()
+                        .into_iter()
+                        .any(|(c, k)| c == collection && k == key)
                 })
         })
     }
@@ -274,7 +289,10 @@ impl Worker<'_> {
             if self.blocked(&queued.request) {
                 if since.elapsed() >= DEFER_TIMEOUT {
                     let response = WorkerResponse::Error(WorkerError::Locked);
-                    let _ = queued.reply.send(ResponseEnvelope { id: queued.id, response });
+                    let _ = queued.reply.send(ResponseEnvelope {
+                        id: queued.id,
+                        response,
+                    });
                 } else {
                     self.deferred.push_back((since, queued));
                 }
@@ -302,10 +320,13 @@ impl Worker<'_> {
             return Ok(());
         }
         self.last_housekeeping = Instant::now();
-        self.slot.set(Field::MapSizeBytes, self.store.map_size() as u64);
-        self.slot.set(Field::MapUsedBytes, self.store.used_bytes() as u64);
+        self.slot
+            .set(Field::MapSizeBytes, self.store.map_size() as u64);
+        self.slot
+            .set(Field::MapUsedBytes, self.store.used_bytes() as u64);
         // Expiry and trimming write too: with a full map or disk they wait for space.
-        let expired = tolerate_full(self.store.expire_due(EXPIRE_PER_TICK)).context("expiring keys")?;
+        let expired =
+            tolerate_full(self.store.expire_due(EXPIRE_PER_TICK)).context("expiring keys")?;
         let trimmed = tolerate_full(self.store.trim_log(
             self.retention.keep_entries,
             self.retention.keep_ms,
@@ -314,7 +335,8 @@ impl Worker<'_> {
         .context("trimming the commit log")?;
         if expired + trimmed > 0 {
             self.dirty = true;
-            self.slot.set(Field::LastCommitId, self.store.highest_commit_id());
+            self.slot
+                .set(Field::LastCommitId, self.store.highest_commit_id());
         }
         self.retry_deferred()
     }
@@ -355,25 +377,33 @@ impl Worker<'_> {
         };
         for (queued, response) in batch.into_iter().zip(responses) {
             // A closed connection only means the net-daemon went away; the write is committed.
-            let _ = queued.reply.send(ResponseEnvelope { id: queued.id, response });
+            let _ = queued.reply.send(ResponseEnvelope {
+                id: queued.id,
+                response,
+            });
         }
         self.slot.add(Field::Ops, count);
         self.slot.set(Field::QueueDepth, 0);
         if let Some(error) = fatal {
             // After a failed commit (an fsync error above all) the environment's state is
             // not to be trusted: stop, and let the supervisor start a clean process.
-            return Err(anyhow::Error::new(error).context("group commit failed; stopping the shard"));
+            return Err(
+                anyhow::Error::new(error).context("group commit failed; stopping the shard")
+            );
         }
-        self.slot.observe(Field::BatchSizeBuckets, &BATCH_SIZE_BOUNDS, count);
+        self.slot
+            .observe(Field::BatchSizeBuckets, &BATCH_SIZE_BOUNDS, count);
         if let Some(took) = self.store.last_commit() {
             let micros = took.as_micros() as u64;
-            self.slot.observe(Field::CommitMicrosBuckets, &COMMIT_MICROS_BOUNDS, micros);
+            self.slot
+                .observe(Field::CommitMicrosBuckets, &COMMIT_MICROS_BOUNDS, micros);
             self.slot.add(Field::CommitMicrosSum, micros);
         }
         if writes {
             self.dirty = true;
             self.slot.add(Field::Commits, 1);
-            self.slot.set(Field::LastCommitId, self.store.highest_commit_id());
+            self.slot
+                .set(Field::LastCommitId, self.store.highest_commit_id());
         }
         Ok(())
     }

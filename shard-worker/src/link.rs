@@ -16,7 +16,8 @@ use std::thread;
 
 use anyhow::Context;
 use shoal_shared::frame::{
-    decode_frame, encode_frame, RequestEnvelope, ResponseEnvelope, WorkerError, WorkerRequest, WorkerResponse,
+    decode_frame, encode_frame, RequestEnvelope, ResponseEnvelope, WorkerError, WorkerRequest,
+    WorkerResponse,
 };
 
 /// Requests waiting for the apply loop, over all connections.
@@ -38,9 +39,12 @@ pub fn listen(path: &Path, shutdown: Arc<AtomicBool>) -> anyhow::Result<Receiver
     match std::fs::remove_file(path) {
         Ok(()) => {}
         Err(error) if error.kind() == std::io::ErrorKind::NotFound => {}
-        Err(error) => return Err(error).with_context(|| format!("removing stale socket {}", path.display())),
+        Err(error) => {
+            return Err(error).with_context(|| format!("removing stale socket {}", path.display()))
+        }
     }
-    let listener = UnixListener::bind(path).with_context(|| format!("binding {}", path.display()))?;
+    let listener =
+        UnixListener::bind(path).with_context(|| format!("binding {}", path.display()))?;
     let (queue_tx, queue_rx) = mpsc::sync_channel(QUEUE_CAPACITY);
     thread::Builder::new()
         .name("accept".into())
@@ -66,12 +70,20 @@ pub fn listen(path: &Path, shutdown: Arc<AtomicBool>) -> anyhow::Result<Receiver
 fn spawn_connection(stream: UnixStream, queue: SyncSender<Queued>) -> std::io::Result<()> {
     let write_half = stream.try_clone()?;
     let (reply_tx, reply_rx) = mpsc::channel();
-    thread::Builder::new().name("link-read".into()).spawn(move || read_requests(stream, queue, reply_tx))?;
-    thread::Builder::new().name("link-write".into()).spawn(move || write_responses(write_half, reply_rx))?;
+    thread::Builder::new()
+        .name("link-read".into())
+        .spawn(move || read_requests(stream, queue, reply_tx))?;
+    thread::Builder::new()
+        .name("link-write".into())
+        .spawn(move || write_responses(write_half, reply_rx))?;
     Ok(())
 }
 
-fn read_requests(mut stream: UnixStream, queue: SyncSender<Queued>, reply: Sender<ResponseEnvelope>) {
+fn read_requests(
+    mut stream: UnixStream,
+    queue: SyncSender<Queued>,
+    reply: Sender<ResponseEnvelope>,
+) {
     let mut buffer = Vec::with_capacity(READ_CHUNK_BYTES);
     let mut chunk = vec![0u8; READ_CHUNK_BYTES];
     loop {
@@ -90,7 +102,11 @@ fn read_requests(mut stream: UnixStream, queue: SyncSender<Queued>, reply: Sende
             match decode_frame::<RequestEnvelope>(&buffer[consumed..]) {
                 Ok(Some((envelope, used))) => {
                     consumed += used;
-                    let queued = Queued { id: envelope.id, request: envelope.request, reply: reply.clone() };
+                    let queued = Queued {
+                        id: envelope.id,
+                        request: envelope.request,
+                        reply: reply.clone(),
+                    };
                     if queue.send(queued).is_err() {
                         return; // the apply loop has stopped
                     }
@@ -117,7 +133,9 @@ fn write_responses(mut stream: UnixStream, replies: Receiver<ResponseEnvelope>) 
                 tracing::error!(%error, id = envelope.id, "cannot encode a response");
                 let failure = ResponseEnvelope {
                     id: envelope.id,
-                    response: WorkerResponse::Error(WorkerError::Storage(format!("cannot send the reply: {error}"))),
+                    response: WorkerResponse::Error(WorkerError::Storage(format!(
+                        "cannot send the reply: {error}"
+                    ))),
                 };
                 let _ = encode_frame(&failure, &mut out);
             }

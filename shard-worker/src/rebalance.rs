@@ -37,25 +37,36 @@ struct PartitionMap {
 }
 
 impl PartitionMap {
-    fn load_or_init(path: &Path, partitions: u16, from_workers: usize) -> anyhow::Result<PartitionMap> {
+    fn load_or_init(
+        path: &Path,
+        partitions: u16,
+        from_workers: usize,
+    ) -> anyhow::Result<PartitionMap> {
         match std::fs::read_to_string(path) {
             Ok(text) => {
-                let map: PartitionMap = serde_json::from_str(&text).with_context(|| format!("reading {}", path.display()))?;
+                let map: PartitionMap = serde_json::from_str(&text)
+                    .with_context(|| format!("reading {}", path.display()))?;
                 if map.partitions != partitions || map.owner.len() != usize::from(partitions) {
-                    bail!("{} does not match storage.partitions = {partitions}", path.display());
+                    bail!(
+                        "{} does not match storage.partitions = {partitions}",
+                        path.display()
+                    );
                 }
                 Ok(map)
             }
             Err(error) if error.kind() == std::io::ErrorKind::NotFound => Ok(PartitionMap {
                 partitions,
-                owner: (0..partitions).map(|p| (usize::from(p) % from_workers) as u16).collect(),
+                owner: (0..partitions)
+                    .map(|p| (usize::from(p) % from_workers) as u16)
+                    .collect(),
             }),
             Err(error) => Err(error).with_context(|| format!("reading {}", path.display())),
         }
     }
 
     fn store(&self, path: &Path) -> anyhow::Result<()> {
-        write_durably(path, serde_json::to_string(self)?.as_bytes()).with_context(|| format!("writing {}", path.display()))
+        write_durably(path, serde_json::to_string(self)?.as_bytes())
+            .with_context(|| format!("writing {}", path.display()))
     }
 }
 
@@ -78,7 +89,9 @@ pub fn run(config: &Config, from_workers: usize) -> anyhow::Result<()> {
             max_value_bytes: config.client.max_value_bytes,
         };
         let dir = config.shard_dir(index);
-        shards.push(Store::open(&dir, &options).with_context(|| format!("opening {}", dir.display()))?);
+        shards.push(
+            Store::open(&dir, &options).with_context(|| format!("opening {}", dir.display()))?,
+        );
     }
     for (index, shard) in shards.iter().enumerate() {
         let prepared = shard.prepared_transactions()?;
@@ -93,10 +106,22 @@ pub fn run(config: &Config, from_workers: usize) -> anyhow::Result<()> {
     let map_path = config.partition_map_path();
     let mut map = PartitionMap::load_or_init(&map_path, partitions, from_workers)?;
     let target = |p: u16| (usize::from(p) % to_workers) as u16;
-    let moves: Vec<u16> = (0..partitions).filter(|&p| map.owner[usize::from(p)] != target(p)).collect();
+    let moves: Vec<u16> = (0..partitions)
+        .filter(|&p| map.owner[usize::from(p)] != target(p))
+        .collect();
     let started = Instant::now();
-    let mut progress = Rebalance { total: moves.len() as u64, done: 0, bytes: 0, started_ms: shoal_shared::now_ms() };
-    tracing::info!(from_workers, to_workers, partitions_to_move = moves.len(), "changing the worker count");
+    let mut progress = Rebalance {
+        total: moves.len() as u64,
+        done: 0,
+        bytes: 0,
+        started_ms: shoal_shared::now_ms(),
+    };
+    tracing::info!(
+        from_workers,
+        to_workers,
+        partitions_to_move = moves.len(),
+        "changing the worker count"
+    );
     if let Some(status) = &status {
         status.set_rebalance(progress);
     }
@@ -141,18 +166,27 @@ pub fn run(config: &Config, from_workers: usize) -> anyhow::Result<()> {
         let owner = map.owner.clone();
         shard.clear_partitions(&|p| usize::from(owner[usize::from(p)]) != index)?;
     }
-    let ids_high_water = shards.iter().map(Store::ids_high_water).collect::<Result<Vec<_>, _>>()?.into_iter().max();
+    let ids_high_water = shards
+        .iter()
+        .map(Store::ids_high_water)
+        .collect::<Result<Vec<_>, _>>()?
+        .into_iter()
+        .max();
     for shard in shards.iter_mut().take(to_workers) {
         shard.finish_rebalance(ids_high_water.unwrap_or(0), partitions, to_workers as u16)?;
     }
     drop(shards);
     for index in to_workers..shard_count {
         let dir = config.shard_dir(index);
-        std::fs::remove_dir_all(&dir).with_context(|| format!("removing the emptied {}", dir.display()))?;
+        std::fs::remove_dir_all(&dir)
+            .with_context(|| format!("removing the emptied {}", dir.display()))?;
     }
-    DataDirLayout { partitions, workers: to_workers }
-        .store(&config.layout_path())
-        .context("recording the new worker count")?;
+    DataDirLayout {
+        partitions,
+        workers: to_workers,
+    }
+    .store(&config.layout_path())
+    .context("recording the new worker count")?;
     tracing::info!(
         to_workers,
         moved = progress.done,

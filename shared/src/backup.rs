@@ -115,7 +115,10 @@ impl Manifest {
         let mut commit_ids: Vec<PartitionCommit> = Vec::with_capacity(usize::from(partitions));
         for (index, report) in reports.iter().enumerate() {
             if report.shard as usize != index {
-                return Err(format!("worker {index} copied an environment of shard {}", report.shard));
+                return Err(format!(
+                    "worker {index} copied an environment of shard {}",
+                    report.shard
+                ));
             }
             if (report.partitions, usize::from(report.workers)) != (partitions, workers) {
                 return Err(format!(
@@ -136,7 +139,11 @@ impl Manifest {
                 sha256: report.sha256.clone(),
             });
             for &(partition, last_commit_id) in &report.positions {
-                commit_ids.push(PartitionCommit { partition, shard: index, last_commit_id });
+                commit_ids.push(PartitionCommit {
+                    partition,
+                    shard: index,
+                    last_commit_id,
+                });
             }
         }
         commit_ids.sort_by_key(|commit| commit.partition);
@@ -160,19 +167,33 @@ impl Manifest {
     /// the worker that owns it.
     pub fn check(&self) -> Result<(), String> {
         if self.format != MANIFEST_FORMAT {
-            return Err(format!("format is {:?}, not {MANIFEST_FORMAT:?}", self.format));
+            return Err(format!(
+                "format is {:?}, not {MANIFEST_FORMAT:?}",
+                self.format
+            ));
         }
         if self.version != MANIFEST_VERSION {
-            return Err(format!("manifest version {} is not {MANIFEST_VERSION} (the one this build reads)", self.version));
+            return Err(format!(
+                "manifest version {} is not {MANIFEST_VERSION} (the one this build reads)",
+                self.version
+            ));
         }
-        if self.workers == 0 || self.partitions == 0 || usize::from(self.partitions) < self.workers {
-            return Err(format!("{} partitions on {} workers is not a valid layout", self.partitions, self.workers));
+        if self.workers == 0 || self.partitions == 0 || usize::from(self.partitions) < self.workers
+        {
+            return Err(format!(
+                "{} partitions on {} workers is not a valid layout",
+                self.partitions, self.workers
+            ));
         }
         if self.collections == 0 {
             return Err("collections is 0".into());
         }
         if self.shards.len() != self.workers {
-            return Err(format!("{} shard files for {} workers", self.shards.len(), self.workers));
+            return Err(format!(
+                "{} shard files for {} workers",
+                self.shards.len(),
+                self.workers
+            ));
         }
         for (index, shard) in self.shards.iter().enumerate() {
             if shard.shard != index || shard.path != shard_file_path(index) {
@@ -184,21 +205,37 @@ impl Manifest {
                 ));
             }
             if shard.sha256.len() != SHA256_HEX_LEN
-                || !shard.sha256.bytes().all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
+                || !shard
+                    .sha256
+                    .bytes()
+                    .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
             {
-                return Err(format!("shard {index} has a malformed sha256 {:?}", shard.sha256));
+                return Err(format!(
+                    "shard {index} has a malformed sha256 {:?}",
+                    shard.sha256
+                ));
             }
         }
         if self.commit_ids.len() != usize::from(self.partitions) {
-            return Err(format!("{} commit ids for {} partitions", self.commit_ids.len(), self.partitions));
+            return Err(format!(
+                "{} commit ids for {} partitions",
+                self.commit_ids.len(),
+                self.partitions
+            ));
         }
         for (index, commit) in self.commit_ids.iter().enumerate() {
             if usize::from(commit.partition) != index {
-                return Err(format!("commit id entry {index} is for partition {}", commit.partition));
+                return Err(format!(
+                    "commit id entry {index} is for partition {}",
+                    commit.partition
+                ));
             }
             let owner = partition_worker(commit.partition, self.workers);
             if commit.shard != owner {
-                return Err(format!("partition {} is listed on shard {}, but belongs to shard {owner}", commit.partition, commit.shard));
+                return Err(format!(
+                    "partition {} is listed on shard {}, but belongs to shard {owner}",
+                    commit.partition, commit.shard
+                ));
             }
         }
         Ok(())
@@ -226,10 +263,11 @@ mod tests {
     use super::*;
 
     fn report(shard: u32, workers: u16, partitions: u16) -> ShardBackup {
-        let positions = crate::partition::worker_partitions(shard as usize, usize::from(workers), partitions)
-            .into_iter()
-            .map(|p| (p, u64::from(p) * 10))
-            .collect();
+        let positions =
+            crate::partition::worker_partitions(shard as usize, usize::from(workers), partitions)
+                .into_iter()
+                .map(|p| (p, u64::from(p) * 10))
+                .collect();
         ShardBackup {
             shard,
             format_version: 2,
@@ -247,8 +285,19 @@ mod tests {
         let manifest = Manifest::from_reports(&reports, 8, 16, 1234).unwrap();
         assert_eq!(manifest.workers, 3);
         assert_eq!(manifest.commit_ids.len(), 8);
-        assert!(manifest.commit_ids.iter().enumerate().all(|(i, c)| usize::from(c.partition) == i));
-        assert_eq!(manifest.commit_ids[5], PartitionCommit { partition: 5, shard: 2, last_commit_id: 50 });
+        assert!(manifest
+            .commit_ids
+            .iter()
+            .enumerate()
+            .all(|(i, c)| usize::from(c.partition) == i));
+        assert_eq!(
+            manifest.commit_ids[5],
+            PartitionCommit {
+                partition: 5,
+                shard: 2,
+                last_commit_id: 50
+            }
+        );
         assert_eq!(manifest.shards[1].path, "shard-1/data.mdb");
         assert_eq!(manifest.total_bytes(), 3 * 4096);
         let text = serde_json::to_string_pretty(&manifest).unwrap();
@@ -260,11 +309,20 @@ mod tests {
     #[test]
     fn reports_that_disagree_are_refused() {
         let mut wrong_layout = vec![report(0, 2, 8), report(1, 3, 8)];
-        assert!(Manifest::from_reports(&wrong_layout, 8, 16, 0).unwrap_err().contains("workers"));
+        assert!(Manifest::from_reports(&wrong_layout, 8, 16, 0)
+            .unwrap_err()
+            .contains("workers"));
         wrong_layout[0] = report(1, 2, 8);
-        assert!(Manifest::from_reports(&wrong_layout, 8, 16, 0).unwrap_err().contains("shard 1"));
-        let missing = vec![ShardBackup { positions: Vec::new(), ..report(0, 1, 4) }];
-        assert!(Manifest::from_reports(&missing, 4, 16, 0).unwrap_err().contains("commit ids"));
+        assert!(Manifest::from_reports(&wrong_layout, 8, 16, 0)
+            .unwrap_err()
+            .contains("shard 1"));
+        let missing = vec![ShardBackup {
+            positions: Vec::new(),
+            ..report(0, 1, 4)
+        }];
+        assert!(Manifest::from_reports(&missing, 4, 16, 0)
+            .unwrap_err()
+            .contains("commit ids"));
     }
 
     #[test]

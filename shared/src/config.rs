@@ -52,7 +52,9 @@ pub struct MetricsSection {
 
 impl Default for MetricsSection {
     fn default() -> Self {
-        MetricsSection { listen: "127.0.0.1:7381".into() }
+        MetricsSection {
+            listen: "127.0.0.1:7381".into(),
+        }
     }
 }
 
@@ -217,7 +219,11 @@ impl fmt::Display for ConfigError {
         if self.key.is_empty() {
             write!(f, "bad config {}: {}", self.file, self.reason)
         } else {
-            write!(f, "bad config {}: key `{}`: {}", self.file, self.key, self.reason)
+            write!(
+                f,
+                "bad config {}: key `{}`: {}",
+                self.file, self.key, self.reason
+            )
         }
     }
 }
@@ -241,38 +247,60 @@ impl FileConfig {
             } else {
                 message
             };
-            ConfigError { file: file.to_string(), key, reason }
+            ConfigError {
+                file: file.to_string(),
+                key,
+                reason,
+            }
         })
     }
 
     /// Reads and parses a config file.
     pub fn load(path: &Path) -> Result<FileConfig, ConfigError> {
         let file = path.display().to_string();
-        let text = std::fs::read_to_string(path)
-            .map_err(|e| ConfigError { file: file.clone(), key: String::new(), reason: format!("cannot read it: {e}") })?;
+        let text = std::fs::read_to_string(path).map_err(|e| ConfigError {
+            file: file.clone(),
+            key: String::new(),
+            reason: format!("cannot read it: {e}"),
+        })?;
         FileConfig::parse(&text, &file)
     }
 
     /// Checks every value and resolves defaults that depend on the machine or on other keys.
     /// Relative paths stay relative to the current directory; the supervisor makes them absolute.
     pub fn validate(self, source: Option<&Path>) -> Result<Config, ConfigError> {
-        let file = source.map(|p| p.display().to_string()).unwrap_or_else(|| "(embedded defaults)".into());
-        let bad = |key: &str, reason: String| ConfigError { file: file.clone(), key: key.into(), reason };
+        let file = source
+            .map(|p| p.display().to_string())
+            .unwrap_or_else(|| "(embedded defaults)".into());
+        let bad = |key: &str, reason: String| ConfigError {
+            file: file.clone(),
+            key: key.into(),
+            reason,
+        };
 
         if self.data_dir.as_os_str().is_empty() {
             return Err(bad("data_dir", "must not be empty".into()));
         }
         let workers = match self.workers {
-            0 => std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1),
-            n if n > 256 => return Err(bad("workers", format!("{n} is more than the maximum of 256"))),
+            0 => std::thread::available_parallelism()
+                .map(|n| n.get())
+                .unwrap_or(1),
+            n if n > 256 => {
+                return Err(bad(
+                    "workers",
+                    format!("{n} is more than the maximum of 256"),
+                ))
+            }
             n => n,
         };
         let listen = match self.client.listen.trim() {
             "" => None,
-            text => Some(
-                text.parse::<SocketAddr>()
-                    .map_err(|_| bad("client.listen", format!("{text:?} is not an address like \"127.0.0.1:7379\"")))?,
-            ),
+            text => Some(text.parse::<SocketAddr>().map_err(|_| {
+                bad(
+                    "client.listen",
+                    format!("{text:?} is not an address like \"127.0.0.1:7379\""),
+                )
+            })?),
         };
         let unix_socket = match self.client.unix_socket.as_deref() {
             None => Some(self.data_dir.join("shoal.sock")),
@@ -281,13 +309,18 @@ impl FileConfig {
         };
         let metrics_listen = match self.metrics.listen.trim() {
             "" => None,
-            text => Some(
-                text.parse::<SocketAddr>()
-                    .map_err(|_| bad("metrics.listen", format!("{text:?} is not an address like \"127.0.0.1:7381\"")))?,
-            ),
+            text => Some(text.parse::<SocketAddr>().map_err(|_| {
+                bad(
+                    "metrics.listen",
+                    format!("{text:?} is not an address like \"127.0.0.1:7381\""),
+                )
+            })?),
         };
         if listen.is_none() && unix_socket.is_none() {
-            return Err(bad("client.listen", "both client.listen and client.unix_socket are disabled".into()));
+            return Err(bad(
+                "client.listen",
+                "both client.listen and client.unix_socket are disabled".into(),
+            ));
         }
         if self.client.max_connections == 0 {
             return Err(bad("client.max_connections", "must be at least 1".into()));
@@ -295,36 +328,64 @@ impl FileConfig {
         if self.client.max_value_bytes == 0 || self.client.max_value_bytes > MAX_VALUE_BYTES_LIMIT {
             return Err(bad(
                 "client.max_value_bytes",
-                format!("must be between 1 and {MAX_VALUE_BYTES_LIMIT}, got {}", self.client.max_value_bytes),
+                format!(
+                    "must be between 1 and {MAX_VALUE_BYTES_LIMIT}, got {}",
+                    self.client.max_value_bytes
+                ),
             ));
         }
         let storage = &self.storage;
         if storage.collections == 0 || storage.collections > 1024 {
-            return Err(bad("storage.collections", format!("must be between 1 and 1024, got {}", storage.collections)));
+            return Err(bad(
+                "storage.collections",
+                format!("must be between 1 and 1024, got {}", storage.collections),
+            ));
         }
         if storage.partitions == 0 || storage.partitions > crate::partition::SLOTS {
             return Err(bad(
                 "storage.partitions",
-                format!("must be between 1 and {}, got {}", crate::partition::SLOTS, storage.partitions),
+                format!(
+                    "must be between 1 and {}, got {}",
+                    crate::partition::SLOTS,
+                    storage.partitions
+                ),
             ));
         }
         if (storage.partitions as usize) < workers {
-            return Err(bad("workers", format!("{workers} workers need at least as many partitions ({})", storage.partitions)));
+            return Err(bad(
+                "workers",
+                format!(
+                    "{workers} workers need at least as many partitions ({})",
+                    storage.partitions
+                ),
+            ));
         }
         if storage.map_size_bytes < 1 << 20 {
-            return Err(bad("storage.map_size_bytes", format!("must be at least 1048576, got {}", storage.map_size_bytes)));
+            return Err(bad(
+                "storage.map_size_bytes",
+                format!("must be at least 1048576, got {}", storage.map_size_bytes),
+            ));
         }
         if storage.max_map_size_bytes < storage.map_size_bytes {
             return Err(bad(
                 "storage.max_map_size_bytes",
-                format!("{} is below storage.map_size_bytes ({})", storage.max_map_size_bytes, storage.map_size_bytes),
+                format!(
+                    "{} is below storage.map_size_bytes ({})",
+                    storage.max_map_size_bytes, storage.map_size_bytes
+                ),
             ));
         }
         if storage.log_retention_entries == 0 {
-            return Err(bad("storage.log_retention_entries", "must be at least 1".into()));
+            return Err(bad(
+                "storage.log_retention_entries",
+                "must be at least 1".into(),
+            ));
         }
         if storage.flush_interval_ms == 0 {
-            return Err(bad("storage.flush_interval_ms", "must be at least 1".into()));
+            return Err(bad(
+                "storage.flush_interval_ms",
+                "must be at least 1".into(),
+            ));
         }
         let sup = &self.supervisor;
         for (key, value) in [
@@ -388,14 +449,21 @@ impl Config {
 
     /// Checks paths that depend on the resolved (absolute) data dir.
     pub fn check_paths(&self) -> Result<(), ConfigError> {
-        let file = self.source.as_ref().map(|p| p.display().to_string()).unwrap_or_else(|| "(embedded defaults)".into());
+        let file = self
+            .source
+            .as_ref()
+            .map(|p| p.display().to_string())
+            .unwrap_or_else(|| "(embedded defaults)".into());
         let too_long = |path: &Path| path.as_os_str().len() > MAX_UNIX_SOCKET_PATH_BYTES;
         if let Some(socket) = &self.client.unix_socket {
             if too_long(socket) {
                 return Err(ConfigError {
                     file,
                     key: "client.unix_socket".into(),
-                    reason: format!("{} is longer than {MAX_UNIX_SOCKET_PATH_BYTES} bytes", socket.display()),
+                    reason: format!(
+                        "{} is longer than {MAX_UNIX_SOCKET_PATH_BYTES} bytes",
+                        socket.display()
+                    ),
                 });
             }
         }
@@ -403,7 +471,10 @@ impl Config {
             return Err(ConfigError {
                 file,
                 key: "data_dir".into(),
-                reason: format!("{} is too long to hold Unix sockets", self.data_dir.display()),
+                reason: format!(
+                    "{} is too long to hold Unix sockets",
+                    self.data_dir.display()
+                ),
             });
         }
         Ok(())
@@ -468,9 +539,12 @@ impl DataDirLayout {
     /// Reads the layout record; `Ok(None)` for a data dir that has none yet.
     pub fn load(path: &Path) -> std::io::Result<Option<DataDirLayout>> {
         match std::fs::read_to_string(path) {
-            Ok(text) => serde_json::from_str(&text)
-                .map(Some)
-                .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidData, format!("{}: {e}", path.display()))),
+            Ok(text) => serde_json::from_str(&text).map(Some).map_err(|e| {
+                std::io::Error::new(
+                    std::io::ErrorKind::InvalidData,
+                    format!("{}: {e}", path.display()),
+                )
+            }),
             Err(error) if error.kind() == std::io::ErrorKind::NotFound => Ok(None),
             Err(error) => Err(error),
         }
@@ -504,9 +578,18 @@ mod tests {
 
     #[test]
     fn empty_file_gives_defaults() {
-        let config = FileConfig::parse("", "t.toml").unwrap().validate(None).unwrap();
-        assert_eq!(config.client.listen, Some("127.0.0.1:7379".parse().unwrap()));
-        assert_eq!(config.client.unix_socket, Some(PathBuf::from("./shoal-data/shoal.sock")));
+        let config = FileConfig::parse("", "t.toml")
+            .unwrap()
+            .validate(None)
+            .unwrap();
+        assert_eq!(
+            config.client.listen,
+            Some("127.0.0.1:7379".parse().unwrap())
+        );
+        assert_eq!(
+            config.client.unix_socket,
+            Some(PathBuf::from("./shoal-data/shoal.sock"))
+        );
         assert_eq!(config.storage.partitions, 256);
         assert_eq!(config.storage.collections, 16);
         assert_eq!(config.storage.durability, Durability::Fsync);
@@ -517,7 +600,10 @@ mod tests {
     fn unknown_key_is_named_with_its_section() {
         let err = FileConfig::parse("[client]\nlisten_addr = \"x\"\n", "t.toml").unwrap_err();
         assert_eq!(err.key, "client.listen_addr");
-        assert_eq!(err.to_string(), "bad config t.toml: key `client.listen_addr`: unknown key");
+        assert_eq!(
+            err.to_string(),
+            "bad config t.toml: key `client.listen_addr`: unknown key"
+        );
         let err = FileConfig::parse("wokers = 2\n", "t.toml").unwrap_err();
         assert_eq!(err.key, "wokers");
     }
@@ -534,14 +620,18 @@ mod tests {
         let err = FileConfig::parse("[storage]\npartitions = \"many\"\n", "t.toml").unwrap_err();
         assert_eq!(err.key, "storage.partitions");
         assert!(!err.to_string().contains('\n'));
-        let err = FileConfig::parse("[storage]\ndurability = \"sometimes\"\n", "t.toml").unwrap_err();
+        let err =
+            FileConfig::parse("[storage]\ndurability = \"sometimes\"\n", "t.toml").unwrap_err();
         assert_eq!(err.key, "storage.durability");
     }
 
     #[test]
     fn bad_values_are_rejected() {
         let check = |text: &str, key: &str| {
-            let err = FileConfig::parse(text, "t.toml").unwrap().validate(Some(Path::new("t.toml"))).unwrap_err();
+            let err = FileConfig::parse(text, "t.toml")
+                .unwrap()
+                .validate(Some(Path::new("t.toml")))
+                .unwrap_err();
             assert_eq!(err.key, key, "{err}");
         };
         check("[client]\nlisten = \"nonsense\"\n", "client.listen");
@@ -549,12 +639,18 @@ mod tests {
         check("[storage]\npartitions = 0\n", "storage.partitions");
         check("[storage]\npartitions = 20000\n", "storage.partitions");
         check("workers = 8\n[storage]\npartitions = 4\n", "workers");
-        check("[client]\nlisten = \"\"\nunix_socket = \"\"\n", "client.listen");
+        check(
+            "[client]\nlisten = \"\"\nunix_socket = \"\"\n",
+            "client.listen",
+        );
     }
 
     #[test]
     fn empty_unix_socket_disables_it() {
-        let config = FileConfig::parse("[client]\nunix_socket = \"\"\n", "t").unwrap().validate(None).unwrap();
+        let config = FileConfig::parse("[client]\nunix_socket = \"\"\n", "t")
+            .unwrap()
+            .validate(None)
+            .unwrap();
         assert_eq!(config.client.unix_socket, None);
     }
 }

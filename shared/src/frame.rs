@@ -120,7 +120,10 @@ pub enum WorkerRequest {
     /// → `Value`.
     Get { collection: Collection, key: Key },
     /// → `Values`, in the order of `keys`.
-    MGet { collection: Collection, keys: Vec<Key> },
+    MGet {
+        collection: Collection,
+        keys: Vec<Key>,
+    },
     /// → `Ok`, `Nil`, `Value` or `Integer`, depending on `reply`.
     Set {
         collection: Collection,
@@ -134,13 +137,27 @@ pub enum WorkerRequest {
     /// → `Value` (the deleted value).
     GetDel { collection: Collection, key: Key },
     /// → `Value`; changes the expiry as asked.
-    GetEx { collection: Collection, key: Key, expiry: Expiry },
+    GetEx {
+        collection: Collection,
+        key: Key,
+        expiry: Expiry,
+    },
     /// → `Integer`: how many of the keys existed and were deleted.
-    Delete { collection: Collection, keys: Vec<Key> },
+    Delete {
+        collection: Collection,
+        keys: Vec<Key>,
+    },
     /// → `Integer`: how many of the keys exist (a key named twice counts twice).
-    Exists { collection: Collection, keys: Vec<Key> },
+    Exists {
+        collection: Collection,
+        keys: Vec<Key>,
+    },
     /// → `Integer` (the new value) or an error.
-    IncrBy { collection: Collection, key: Key, delta: i64 },
+    IncrBy {
+        collection: Collection,
+        key: Key,
+        delta: i64,
+    },
     /// → `Value` (the new value, formatted) or an error. The increment is the client's
     /// text: the worker parses it in long double, as Redis does.
     IncrByFloat {
@@ -159,7 +176,12 @@ pub enum WorkerRequest {
     /// → `Integer`.
     StrLen { collection: Collection, key: Key },
     /// → `Value`: the bytes between `start` and `end` (inclusive; negative counts from the end).
-    GetRange { collection: Collection, key: Key, start: i64, end: i64 },
+    GetRange {
+        collection: Collection,
+        key: Key,
+        start: i64,
+        end: i64,
+    },
     /// → `Integer` (the new length); pads with zero bytes.
     SetRange {
         collection: Collection,
@@ -169,7 +191,12 @@ pub enum WorkerRequest {
         value: Vec<u8>,
     },
     /// → `Integer`: 1 if the expiry was set (or the key deleted, for a time in the past), else 0.
-    Expire { collection: Collection, key: Key, at_ms: u64, condition: ExpireCondition },
+    Expire {
+        collection: Collection,
+        key: Key,
+        at_ms: u64,
+        condition: ExpireCondition,
+    },
     /// → `Integer`: 1 if an expiry was removed.
     Persist { collection: Collection, key: Key },
     /// → `Integer`: the expiry in Unix ms, -1 without expiry, -2 if the key does not exist.
@@ -198,7 +225,11 @@ pub enum WorkerRequest {
     /// Phase one of a multi-worker write: check the ops, lock their keys and record the
     /// intent durably. → `TxOutcomes`, or `TxRefused`/`TxConflict`. The `decider` worker
     /// records the commit decision in its commit.
-    Prepare { txid: u64, decider: u16, ops: Vec<TxOp> },
+    Prepare {
+        txid: u64,
+        decider: u16,
+        ops: Vec<TxOp>,
+    },
     /// Phase two: apply a prepared transaction. → `Ok`, or `TxAborted` if it was aborted.
     Commit { txid: u64 },
     /// Releases a prepared transaction. → `Ok`, or `TxCommitted` if the decider committed it.
@@ -214,10 +245,17 @@ pub enum WorkerRequest {
     /// → `Integer`: transactions prepared on this worker and not yet committed or aborted.
     Transactions,
     /// → `Log`: entries of `partition` with commit id ≥ `from_commit_id`, at most `count`.
-    ReadLog { partition: Partition, from_commit_id: u64, count: u32 },
+    ReadLog {
+        partition: Partition,
+        from_commit_id: u64,
+        count: u32,
+    },
     /// → `Log`: entries after each partition's position (commit id already seen), at most
     /// `count` in all, or `LogTrimmed` if a position is below the retained log.
-    ReadFeed { positions: Vec<(Partition, u64)>, count: u32 },
+    ReadFeed {
+        positions: Vec<(Partition, u64)>,
+        count: u32,
+    },
     /// → `Positions`: the last commit id of each partition of this worker.
     LastCommitIds,
     /// Records that ids below `high_water` may have been issued. → `Ok`.
@@ -276,21 +314,37 @@ impl WorkerRequest {
         use WorkerRequest::*;
         match self {
             Get { collection, key }
-            | Set { collection, key, .. }
+            | Set {
+                collection, key, ..
+            }
             | GetDel { collection, key }
-            | GetEx { collection, key, .. }
-            | IncrBy { collection, key, .. }
-            | IncrByFloat { collection, key, .. }
-            | Append { collection, key, .. }
+            | GetEx {
+                collection, key, ..
+            }
+            | IncrBy {
+                collection, key, ..
+            }
+            | IncrByFloat {
+                collection, key, ..
+            }
+            | Append {
+                collection, key, ..
+            }
             | StrLen { collection, key }
-            | GetRange { collection, key, .. }
-            | SetRange { collection, key, .. }
-            | Expire { collection, key, .. }
+            | GetRange {
+                collection, key, ..
+            }
+            | SetRange {
+                collection, key, ..
+            }
+            | Expire {
+                collection, key, ..
+            }
             | Persist { collection, key }
             | ExpireTime { collection, key } => vec![(*collection, key)],
-            MGet { collection, keys } | Delete { collection, keys } | Exists { collection, keys } => {
-                keys.iter().map(|key| (*collection, key)).collect()
-            }
+            MGet { collection, keys }
+            | Delete { collection, keys }
+            | Exists { collection, keys } => keys.iter().map(|key| (*collection, key)).collect(),
             Atomic { ops } => ops.iter().map(|op| (op.collection, &op.key)).collect(),
             _ => Vec::new(),
         }
@@ -355,7 +409,10 @@ pub enum WorkerError {
     /// The reply would be larger than [`crate::limits::MAX_REPLY_BYTES`].
     ReplyTooLarge,
     /// A feed position is below the retained log of its partition.
-    LogTrimmed { partition: Partition, trimmed_through: u64 },
+    LogTrimmed {
+        partition: Partition,
+        trimmed_through: u64,
+    },
     /// The storage engine failed; nothing of this request was applied.
     Storage(String),
 }
@@ -463,12 +520,16 @@ pub fn encode_frame<T: Serialize>(message: &T, out: &mut Vec<u8>) -> Result<(), 
 /// Decodes the frame at the front of `buf`. Returns the message and the bytes it
 /// used, or `Ok(None)` if the frame is not complete yet.
 pub fn decode_frame<T: DeserializeOwned>(buf: &[u8]) -> Result<Option<(T, usize)>, FrameError> {
-    let Some(header) = buf.get(..LENGTH_BYTES) else { return Ok(None) };
+    let Some(header) = buf.get(..LENGTH_BYTES) else {
+        return Ok(None);
+    };
     let len = u32::from_be_bytes([header[0], header[1], header[2], header[3]]) as usize;
     if len > MAX_FRAME_BYTES {
         return Err(FrameError::TooLarge(len));
     }
-    let Some(payload) = buf.get(LENGTH_BYTES..LENGTH_BYTES + len) else { return Ok(None) };
+    let Some(payload) = buf.get(LENGTH_BYTES..LENGTH_BYTES + len) else {
+        return Ok(None);
+    };
     let (message, used) = bincode::serde::decode_from_slice(payload, bincode_config())
         .map_err(|e| FrameError::Decode(e.to_string()))?;
     if used != len {
@@ -482,13 +543,22 @@ mod tests {
     use super::*;
 
     fn key(bytes: &[u8]) -> Key {
-        Key { partition: 7, bytes: bytes.to_vec() }
+        Key {
+            partition: 7,
+            bytes: bytes.to_vec(),
+        }
     }
 
     #[test]
     fn frames_round_trip() {
         let messages = vec![
-            RequestEnvelope { id: 1, request: WorkerRequest::Get { collection: 0, key: key(b"a") } },
+            RequestEnvelope {
+                id: 1,
+                request: WorkerRequest::Get {
+                    collection: 0,
+                    key: key(b"a"),
+                },
+            },
             RequestEnvelope {
                 id: u64::MAX,
                 request: WorkerRequest::Set {
@@ -500,7 +570,14 @@ mod tests {
                     expiry: Expiry::At(12345),
                 },
             },
-            RequestEnvelope { id: 2, request: WorkerRequest::IncrByFloat { collection: 1, key: key(b""), increment: b"-0.5".to_vec() } },
+            RequestEnvelope {
+                id: 2,
+                request: WorkerRequest::IncrByFloat {
+                    collection: 1,
+                    key: key(b""),
+                    increment: b"-0.5".to_vec(),
+                },
+            },
         ];
         let mut out = Vec::new();
         for message in &messages {
@@ -508,7 +585,8 @@ mod tests {
         }
         let mut pos = 0;
         for message in &messages {
-            let (decoded, used): (RequestEnvelope, usize) = decode_frame(&out[pos..]).unwrap().unwrap();
+            let (decoded, used): (RequestEnvelope, usize) =
+                decode_frame(&out[pos..]).unwrap().unwrap();
             assert_eq!(&decoded, message);
             pos += used;
         }
@@ -518,17 +596,25 @@ mod tests {
     #[test]
     fn partial_frames_need_more_bytes() {
         let mut out = Vec::new();
-        let response = ResponseEnvelope { id: 9, response: WorkerResponse::Value(Some(b"hello".to_vec())) };
+        let response = ResponseEnvelope {
+            id: 9,
+            response: WorkerResponse::Value(Some(b"hello".to_vec())),
+        };
         encode_frame(&response, &mut out).unwrap();
         for cut in 0..out.len() {
-            assert!(decode_frame::<ResponseEnvelope>(&out[..cut]).unwrap().is_none());
+            assert!(decode_frame::<ResponseEnvelope>(&out[..cut])
+                .unwrap()
+                .is_none());
         }
     }
 
     #[test]
     fn hostile_frames_are_errors() {
         let huge = ((MAX_FRAME_BYTES + 1) as u32).to_be_bytes();
-        assert!(matches!(decode_frame::<ResponseEnvelope>(&huge), Err(FrameError::TooLarge(_))));
+        assert!(matches!(
+            decode_frame::<ResponseEnvelope>(&huge),
+            Err(FrameError::TooLarge(_))
+        ));
         let garbage = [0, 0, 0, 3, 0xff, 0xff, 0xff];
         assert!(decode_frame::<ResponseEnvelope>(&garbage).is_err());
         // A vector that claims a length far beyond the frame must not allocate it.

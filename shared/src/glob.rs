@@ -4,7 +4,13 @@
 
 /// Whether `text` matches `pattern`.
 pub fn glob_match(pattern: &[u8], text: &[u8], nocase: bool) -> bool {
-    let eq = |a: u8, b: u8| if nocase { a.eq_ignore_ascii_case(&b) } else { a == b };
+    let eq = |a: u8, b: u8| {
+        if nocase {
+            a.eq_ignore_ascii_case(&b)
+        } else {
+            a == b
+        }
+    };
     let (mut p, mut t) = (0, 0);
     let mut backtrack: Option<(usize, usize)> = None;
     while t < text.len() {
@@ -81,7 +87,9 @@ fn match_class(pattern: &[u8], start: usize, byte: u8, nocase: bool) -> Option<(
                 matched |= fold(*pattern.get(i)?) == byte;
                 i += 1;
             }
-            low if pattern.get(i + 1) == Some(&b'-') && pattern.get(i + 2).is_some_and(|&c| c != b']') => {
+            low if pattern.get(i + 1) == Some(&b'-')
+                && pattern.get(i + 2).is_some_and(|&c| c != b']') =>
+            {
                 let (a, b) = (fold(low), fold(pattern[i + 2]));
                 let (a, b) = if a <= b { (a, b) } else { (b, a) };
                 matched |= (a..=b).contains(&byte);

@@ -39,6 +39,9 @@ pub const MAX_VALUE_BYTES_LIMIT: usize = 512 * 1024 * 1024;
 /// Most commands of one pipeline the net-daemon has in flight per connection.
 pub const MAX_PIPELINE_IN_FLIGHT: usize = 1024;
 
-const _: () = assert!(MAX_KEY_BYTES < u16::MAX as usize, "log entries store the key length as u16");
+const _: () = assert!(
+    MAX_KEY_BYTES < u16::MAX as usize,
+    "log entries store the key length as u16"
+);
 const _: () = assert!(MAX_VALUE_BYTES_LIMIT + BULK_SLACK_BYTES + 64 * 1024 < MAX_FRAME_BYTES);
 const _: () = assert!(MAX_REPLY_BYTES + MAX_VALUE_BYTES_LIMIT < MAX_FRAME_BYTES);

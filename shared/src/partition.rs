@@ -39,7 +39,9 @@ pub fn partition_worker(partition: u16, workers: usize) -> usize {
 
 /// The partitions a worker owns, in increasing order.
 pub fn worker_partitions(worker: usize, workers: usize, partitions: u16) -> Vec<u16> {
-    (0..partitions).filter(|&p| partition_worker(p, workers) == worker).collect()
+    (0..partitions)
+        .filter(|&p| partition_worker(p, workers) == worker)
+        .collect()
 }
 
 #[cfg(test)]

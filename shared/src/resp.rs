@@ -26,8 +26,12 @@ pub struct RequestLimits {
 
 impl RequestLimits {
     /// Redis's limits for a client that has not authenticated yet: small requests only.
-    pub const UNAUTHENTICATED: RequestLimits =
-        RequestLimits { max_args: 10, max_bulk_bytes: 16 * 1024, max_request_bytes: 160 * 1024, max_inline_bytes: 16 * 1024 };
+    pub const UNAUTHENTICATED: RequestLimits = RequestLimits {
+        max_args: 10,
+        max_bulk_bytes: 16 * 1024,
+        max_request_bytes: 160 * 1024,
+        max_inline_bytes: 16 * 1024,
+    };
 }
 
 /// A request that can never become valid; the connection must be closed after replying.
@@ -45,7 +49,10 @@ impl ProtocolError {
 ///
 /// Returns `Ok(None)` if more bytes are needed, `Ok(Some(args))` for a request
 /// (an empty `args` for a blank line or `*0`, which callers skip), or an error.
-pub fn parse_request(buf: &mut BytesMut, limits: &RequestLimits) -> Result<Option<Vec<Bytes>>, ProtocolError> {
+pub fn parse_request(
+    buf: &mut BytesMut,
+    limits: &RequestLimits,
+) -> Result<Option<Vec<Bytes>>, ProtocolError> {
     if buf.is_empty() {
         return Ok(None);
     }
@@ -67,9 +74,14 @@ enum LineEnd {
 }
 
 fn find_line_end(buf: &[u8], from: usize) -> LineEnd {
-    match buf.get(from..).and_then(|rest| rest.iter().position(|&b| b == b'\n')) {
+    match buf
+        .get(from..)
+        .and_then(|rest| rest.iter().position(|&b| b == b'\n'))
+    {
         None => LineEnd::Incomplete,
-        Some(offset) if offset > 0 && buf[from + offset - 1] == b'\r' => LineEnd::At(from + offset - 1),
+        Some(offset) if offset > 0 && buf[from + offset - 1] == b'\r' => {
+            LineEnd::At(from + offset - 1)
+        }
         Some(_) => LineEnd::Bare,
     }
 }
@@ -83,11 +95,16 @@ fn parse_length(digits: &[u8]) -> Option<i64> {
     if digits.is_empty() || digits.len() > 18 || !digits.iter().all(u8::is_ascii_digit) {
         return None;
     }
-    let value = digits.iter().fold(0i64, |acc, d| acc * 10 + i64::from(d - b'0'));
+    let value = digits
+        .iter()
+        .fold(0i64, |acc, d| acc * 10 + i64::from(d - b'0'));
     Some(if negative { -value } else { value })
 }
 
-fn parse_multibulk(buf: &mut BytesMut, limits: &RequestLimits) -> Result<Option<Vec<Bytes>>, ProtocolError> {
+fn parse_multibulk(
+    buf: &mut BytesMut,
+    limits: &RequestLimits,
+) -> Result<Option<Vec<Bytes>>, ProtocolError> {
     const MAX_HEADER_BYTES: usize = 64;
     let end = match find_line_end(buf, 1) {
         LineEnd::At(end) => end,
@@ -97,7 +114,8 @@ fn parse_multibulk(buf: &mut BytesMut, limits: &RequestLimits) -> Result<Option<
         }
         LineEnd::Incomplete => return Ok(None),
     };
-    let count = parse_length(&buf[1..end]).ok_or_else(|| ProtocolError("invalid multibulk length".into()))?;
+    let count = parse_length(&buf[1..end])
+        .ok_or_else(|| ProtocolError("invalid multibulk length".into()))?;
     if count > limits.max_args as i64 {
         return Err(ProtocolError("invalid multibulk length".into()));
     }
@@ -109,9 +127,14 @@ fn parse_multibulk(buf: &mut BytesMut, limits: &RequestLimits) -> Result<Option<
     }
     let mut spans = Vec::with_capacity((count as usize).min(64));
     for _ in 0..count {
-        let Some(&first) = buf.get(pos) else { return Ok(None) };
+        let Some(&first) = buf.get(pos) else {
+            return Ok(None);
+        };
         if first != b'$' {
-            return Err(ProtocolError(format!("expected '$', got '{}'", char::from(first).escape_default())));
+            return Err(ProtocolError(format!(
+                "expected '$', got '{}'",
+                char::from(first).escape_default()
+            )));
         }
         let end = match find_line_end(buf, pos + 1) {
             LineEnd::At(end) => end,
@@ -121,13 +144,17 @@ fn parse_multibulk(buf: &mut BytesMut, limits: &RequestLimits) -> Result<Option<
             }
             LineEnd::Incomplete => return Ok(None),
         };
-        let len = parse_length(&buf[pos + 1..end]).ok_or_else(|| ProtocolError("invalid bulk length".into()))?;
+        let len = parse_length(&buf[pos + 1..end])
+            .ok_or_else(|| ProtocolError("invalid bulk length".into()))?;
         if len < 0 || len as usize > limits.max_bulk_bytes {
             return Err(ProtocolError("invalid bulk length".into()));
         }
         declared += len as usize;
         if declared > limits.max_request_bytes {
-            return Err(ProtocolError(format!("request is larger than {} bytes", limits.max_request_bytes)));
+            return Err(ProtocolError(format!(
+                "request is larger than {} bytes",
+                limits.max_request_bytes
+            )));
         }
         let start = end + 2;
         let stop = start + len as usize;
@@ -135,16 +162,26 @@ fn parse_multibulk(buf: &mut BytesMut, limits: &RequestLimits) -> Result<Option<
             return Ok(None);
         }
         if &buf[stop..stop + 2] != b"\r\n" {
-            return Err(ProtocolError("bulk string is not terminated by CRLF".into()));
+            return Err(ProtocolError(
+                "bulk string is not terminated by CRLF".into(),
+            ));
         }
         spans.push((start, stop));
         pos = stop + 2;
     }
     let request = buf.split_to(pos).freeze();
-    Ok(Some(spans.into_iter().map(|(start, stop)| request.slice(start..stop)).collect()))
+    Ok(Some(
+        spans
+            .into_iter()
+            .map(|(start, stop)| request.slice(start..stop))
+            .collect(),
+    ))
 }
 
-fn parse_inline(buf: &mut BytesMut, limits: &RequestLimits) -> Result<Option<Vec<Bytes>>, ProtocolError> {
+fn parse_inline(
+    buf: &mut BytesMut,
+    limits: &RequestLimits,
+) -> Result<Option<Vec<Bytes>>, ProtocolError> {
     let Some(newline) = buf.iter().position(|&b| b == b'\n') else {
         if buf.len() > limits.max_inline_bytes {
             return Err(ProtocolError("too big inline request".into()));
@@ -157,7 +194,8 @@ fn parse_inline(buf: &mut BytesMut, limits: &RequestLimits) -> Result<Option<Vec
     let line = buf.split_to(newline + 1);
     let line = line.strip_suffix(b"\n").unwrap_or(&line);
     let line = line.strip_suffix(b"\r").unwrap_or(line);
-    let args = split_inline_args(line).ok_or_else(|| ProtocolError("unbalanced quotes in request".into()))?;
+    let args = split_inline_args(line)
+        .ok_or_else(|| ProtocolError("unbalanced quotes in request".into()))?;
     if args.len() > limits.max_args {
         return Err(ProtocolError("invalid multibulk length".into()));
     }
@@ -183,10 +221,11 @@ pub fn split_inline_args(line: &[u8]) -> Option<Vec<Vec<u8>>> {
                 i += 1;
                 loop {
                     match line.get(i)? {
-                        b'\\' if i + 3 < line.len()
-                            && line[i + 1] == b'x'
-                            && line[i + 2].is_ascii_hexdigit()
-                            && line[i + 3].is_ascii_hexdigit() =>
+                        b'\\'
+                            if i + 3 < line.len()
+                                && line[i + 1] == b'x'
+                                && line[i + 2].is_ascii_hexdigit()
+                                && line[i + 3].is_ascii_hexdigit() =>
                         {
                             let hex = std::str::from_utf8(&line[i + 2..i + 4]).ok()?;
                             arg.push(u8::from_str_radix(hex, 16).ok()?);
@@ -345,7 +384,10 @@ fn line(out: &mut BytesMut, prefix: u8, text: &[u8]) {
     out.reserve(text.len() + 3);
     out.put_u8(prefix);
     // A status or error line must not contain line breaks.
-    out.extend(text.iter().map(|&b| if b == b'\r' || b == b'\n' { b' ' } else { b }));
+    out.extend(
+        text.iter()
+            .map(|&b| if b == b'\r' || b == b'\n' { b' ' } else { b }),
+    );
     out.put_slice(b"\r\n");
 }
 
@@ -366,7 +408,11 @@ fn bulk(out: &mut BytesMut, bytes: &[u8]) {
 /// trailing ".0", and `inf`/`-inf` for infinities.
 pub fn format_double(value: f64) -> String {
     if value.is_infinite() {
-        return if value > 0.0 { "inf".into() } else { "-inf".into() };
+        return if value > 0.0 {
+            "inf".into()
+        } else {
+            "-inf".into()
+        };
     }
     if value.is_nan() {
         return "nan".into();
@@ -390,7 +436,9 @@ pub fn parse_i64(bytes: &[u8]) -> Option<i64> {
     }
     let digits = bytes.strip_prefix(b"-").unwrap_or(bytes);
     match digits.first() {
-        Some(b'1'..=b'9') if digits.iter().all(u8::is_ascii_digit) => std::str::from_utf8(bytes).ok()?.parse().ok(),
+        Some(b'1'..=b'9') if digits.iter().all(u8::is_ascii_digit) => {
+            std::str::from_utf8(bytes).ok()?.parse().ok()
+        }
         _ => None,
     }
 }
@@ -409,21 +457,34 @@ pub fn parse_f64(bytes: &[u8]) -> Option<f64> {
 mod tests {
     use super::*;
 
-    const LIMITS: RequestLimits = RequestLimits { max_args: 16, max_bulk_bytes: 32, max_request_bytes: 80, max_inline_bytes: 64 };
+    const LIMITS: RequestLimits = RequestLimits {
+        max_args: 16,
+        max_bulk_bytes: 32,
+        max_request_bytes: 80,
+        max_inline_bytes: 64,
+    };
 
     fn parse(input: &[u8]) -> Result<Option<Vec<Bytes>>, ProtocolError> {
         parse_request(&mut BytesMut::from(input), &LIMITS)
     }
 
     fn args(list: &[&str]) -> Vec<Bytes> {
-        list.iter().map(|s| Bytes::copy_from_slice(s.as_bytes())).collect()
+        list.iter()
+            .map(|s| Bytes::copy_from_slice(s.as_bytes()))
+            .collect()
     }
 
     #[test]
     fn multibulk_request() {
         let mut buf = BytesMut::from(&b"*2\r\n$3\r\nGET\r\n$1\r\na\r\n*1\r\n$4\r\nPING\r\n"[..]);
-        assert_eq!(parse_request(&mut buf, &LIMITS).unwrap(), Some(args(&["GET", "a"])));
-        assert_eq!(parse_request(&mut buf, &LIMITS).unwrap(), Some(args(&["PING"])));
+        assert_eq!(
+            parse_request(&mut buf, &LIMITS).unwrap(),
+            Some(args(&["GET", "a"]))
+        );
+        assert_eq!(
+            parse_request(&mut buf, &LIMITS).unwrap(),
+            Some(args(&["PING"]))
+        );
         assert_eq!(parse_request(&mut buf, &LIMITS).unwrap(), None);
     }
 
@@ -432,7 +493,11 @@ mod tests {
         let full = b"*3\r\n$3\r\nSET\r\n$3\r\nkey\r\n$5\r\nvalue\r\n";
         for cut in 0..full.len() {
             let mut buf = BytesMut::from(&full[..cut]);
-            assert_eq!(parse_request(&mut buf, &LIMITS).unwrap(), None, "prefix of {cut} bytes");
+            assert_eq!(
+                parse_request(&mut buf, &LIMITS).unwrap(),
+                None,
+                "prefix of {cut} bytes"
+            );
             assert_eq!(buf.len(), cut, "an incomplete parse consumes nothing");
         }
         assert_eq!(parse(full).unwrap(), Some(args(&["SET", "key", "value"])));
@@ -442,10 +507,22 @@ mod tests {
     fn malformed_requests_are_errors() {
         assert_eq!(parse(b"*x\r\n").unwrap_err().0, "invalid multibulk length");
         assert_eq!(parse(b"*99\r\n").unwrap_err().0, "invalid multibulk length");
-        assert_eq!(parse(b"*1\r\n+OK\r\n").unwrap_err().0, "expected '$', got '+'");
-        assert_eq!(parse(b"*1\r\n$-5\r\n").unwrap_err().0, "invalid bulk length");
-        assert_eq!(parse(b"*1\r\n$33\r\n").unwrap_err().0, "invalid bulk length");
-        assert_eq!(parse(b"*1\r\n$1\r\nabc\r\n").unwrap_err().0, "bulk string is not terminated by CRLF");
+        assert_eq!(
+            parse(b"*1\r\n+OK\r\n").unwrap_err().0,
+            "expected '$', got '+'"
+        );
+        assert_eq!(
+            parse(b"*1\r\n$-5\r\n").unwrap_err().0,
+            "invalid bulk length"
+        );
+        assert_eq!(
+            parse(b"*1\r\n$33\r\n").unwrap_err().0,
+            "invalid bulk length"
+        );
+        assert_eq!(
+            parse(b"*1\r\n$1\r\nabc\r\n").unwrap_err().0,
+            "bulk string is not terminated by CRLF"
+        );
         assert!(parse(b"*1\n").is_err());
         // Each bulk is within its limit, but together they pass the request limit.
         let mut big = b"*4\r\n".to_vec();
@@ -454,7 +531,10 @@ mod tests {
             big.extend_from_slice(&[b'x'; 30]);
             big.extend_from_slice(b"\r\n");
         }
-        assert_eq!(parse(&big).unwrap_err().0, "request is larger than 80 bytes");
+        assert_eq!(
+            parse(&big).unwrap_err().0,
+            "request is larger than 80 bytes"
+        );
         assert!(parse(&[b'*'; 100]).is_err());
     }
 
@@ -467,12 +547,24 @@ mod tests {
     #[test]
     fn inline_requests() {
         assert_eq!(parse(b"PING\r\n").unwrap(), Some(args(&["PING"])));
-        assert_eq!(parse(b"set a \"b c\"\n").unwrap(), Some(args(&["set", "a", "b c"])));
-        assert_eq!(parse(b"set a 'it\\'s'\r\n").unwrap(), Some(args(&["set", "a", "it's"])));
-        assert_eq!(parse(b"echo \"\\x41\\n\"\r\n").unwrap(), Some(args(&["echo", "A\n"])));
+        assert_eq!(
+            parse(b"set a \"b c\"\n").unwrap(),
+            Some(args(&["set", "a", "b c"]))
+        );
+        assert_eq!(
+            parse(b"set a 'it\\'s'\r\n").unwrap(),
+            Some(args(&["set", "a", "it's"]))
+        );
+        assert_eq!(
+            parse(b"echo \"\\x41\\n\"\r\n").unwrap(),
+            Some(args(&["echo", "A\n"]))
+        );
         assert_eq!(parse(b"\r\n").unwrap(), Some(vec![]));
         assert_eq!(parse(b"PING").unwrap(), None);
-        assert_eq!(parse(b"set a \"b\r\n").unwrap_err().0, "unbalanced quotes in request");
+        assert_eq!(
+            parse(b"set a \"b\r\n").unwrap_err().0,
+            "unbalanced quotes in request"
+        );
         assert_eq!(parse(&[b'a'; 100]).unwrap_err().0, "too big inline request");
     }
 
@@ -494,8 +586,14 @@ mod tests {
         assert_eq!(encoded(&map, Resp3), b"%1\r\n$1\r\nk\r\n:1\r\n");
         assert_eq!(encoded(&Reply::Double(1.5), Resp2), b"$3\r\n1.5\r\n");
         assert_eq!(encoded(&Reply::Double(1.5), Resp3), b",1.5\r\n");
-        assert_eq!(encoded(&Reply::Verbatim("a".into()), Resp3), b"=5\r\ntxt:a\r\n");
-        assert_eq!(encoded(&Reply::error("ERR a\r\nb"), Resp2), b"-ERR a  b\r\n");
+        assert_eq!(
+            encoded(&Reply::Verbatim("a".into()), Resp3),
+            b"=5\r\ntxt:a\r\n"
+        );
+        assert_eq!(
+            encoded(&Reply::error("ERR a\r\nb"), Resp2),
+            b"-ERR a  b\r\n"
+        );
     }
 
     #[test]
@@ -504,7 +602,18 @@ mod tests {
         assert_eq!(parse_i64(b"-42"), Some(-42));
         assert_eq!(parse_i64(b"9223372036854775807"), Some(i64::MAX));
         assert_eq!(parse_i64(b"-9223372036854775808"), Some(i64::MIN));
-        for bad in [&b""[..], b"+1", b"01", b"-0", b" 1", b"1 ", b"1.0", b"9223372036854775808", b"abc", b"-"] {
+        for bad in [
+            &b""[..],
+            b"+1",
+            b"01",
+            b"-0",
+            b" 1",
+            b"1 ",
+            b"1.0",
+            b"9223372036854775808",
+            b"abc",
+            b"-",
+        ] {
             assert_eq!(parse_i64(bad), None, "{:?}", String::from_utf8_lossy(bad));
         }
         assert_eq!(parse_f64(b"1.5"), Some(1.5));

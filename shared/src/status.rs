@@ -67,11 +67,15 @@ pub const HISTOGRAM_BUCKETS: usize = 10;
 /// Upper bounds of the batch-size buckets (requests per group commit).
 pub const BATCH_SIZE_BOUNDS: [u64; HISTOGRAM_BUCKETS - 1] = [1, 2, 4, 8, 16, 32, 64, 256, 1024];
 /// Upper bounds of the commit-duration buckets, in microseconds.
-pub const COMMIT_MICROS_BOUNDS: [u64; HISTOGRAM_BUCKETS - 1] = [100, 250, 500, 1000, 2500, 5000, 10_000, 50_000, 250_000];
+pub const COMMIT_MICROS_BOUNDS: [u64; HISTOGRAM_BUCKETS - 1] =
+    [100, 250, 500, 1000, 2500, 5000, 10_000, 50_000, 250_000];
 
 /// The bucket of `value` among `bounds` (values above the last bound go to +Inf).
 pub fn bucket(bounds: &[u64], value: u64) -> usize {
-    bounds.iter().position(|&bound| value <= bound).unwrap_or(bounds.len())
+    bounds
+        .iter()
+        .position(|&bound| value <= bound)
+        .unwrap_or(bounds.len())
 }
 
 /// What a slot's process does.
@@ -154,17 +158,27 @@ impl StatusTable {
     pub fn create(path: &Path, workers: usize, partitions: u16) -> io::Result<StatusTable> {
         let slots = workers + 1;
         if slots > MAX_SLOTS {
-            return Err(io::Error::new(io::ErrorKind::InvalidInput, "too many processes for the status table"));
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                "too many processes for the status table",
+            ));
         }
         // A new file renamed into place: processes of an earlier run that still map the
         // old one (exiting after their supervisor was killed) cannot scribble on this one.
         let temporary = path.with_extension("new");
-        let file = OpenOptions::new().read(true).write(true).create(true).truncate(true).open(&temporary)?;
+        let file = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .open(&temporary)?;
         file.set_len(((HEADER_WORDS + slots * SLOT_WORDS) * 8) as u64)?;
         std::fs::rename(&temporary, path)?;
         // SAFETY: the file is ours, sized above, and only accessed through atomics.
         let map = unsafe { MmapMut::map_mut(&file)? };
-        let table = StatusTable { map: Map::ReadWrite(map) };
+        let table = StatusTable {
+            map: Map::ReadWrite(map),
+        };
         let header = table.header();
         header[1].store(VERSION, Ordering::Relaxed);
         header[2].store(slots as u64, Ordering::Relaxed);
@@ -173,7 +187,11 @@ impl StatusTable {
         header[5].store(workers as u64, Ordering::Relaxed);
         header[6].store(u64::from(partitions), Ordering::Relaxed);
         for index in 0..slots {
-            let (role, role_index) = if index < workers { (Role::ShardWorker, index) } else { (Role::NetDaemon, 0) };
+            let (role, role_index) = if index < workers {
+                (Role::ShardWorker, index)
+            } else {
+                (Role::NetDaemon, 0)
+            };
             let slot = table.slot(index);
             slot.set(Field::Role, role.code());
             slot.set(Field::Index, role_index as u64);
@@ -187,7 +205,10 @@ impl StatusTable {
         let file = OpenOptions::new().read(true).write(true).open(path)?;
         // SAFETY: fields are only accessed through atomics; the length is checked in `check`.
         let map = unsafe { MmapMut::map_mut(&file)? };
-        StatusTable { map: Map::ReadWrite(map) }.check()
+        StatusTable {
+            map: Map::ReadWrite(map),
+        }
+        .check()
     }
 
     /// Maps an existing table for reading (`shoal status`).
@@ -195,17 +216,27 @@ impl StatusTable {
         let file = OpenOptions::new().read(true).open(path)?;
         // SAFETY: as in `open`; this mapping is never written.
         let map = unsafe { Mmap::map(&file)? };
-        StatusTable { map: Map::ReadOnly(map) }.check()
+        StatusTable {
+            map: Map::ReadOnly(map),
+        }
+        .check()
     }
 
     fn check(self) -> io::Result<StatusTable> {
         let bytes = self.bytes();
-        let invalid = |why: &str| Err(io::Error::new(io::ErrorKind::InvalidData, format!("status table: {why}")));
+        let invalid = |why: &str| {
+            Err(io::Error::new(
+                io::ErrorKind::InvalidData,
+                format!("status table: {why}"),
+            ))
+        };
         if bytes.len() < HEADER_WORDS * 8 {
             return invalid("file too short");
         }
         let header = self.header();
-        if header[0].load(Ordering::Acquire) != MAGIC || header[1].load(Ordering::Relaxed) != VERSION {
+        if header[0].load(Ordering::Acquire) != MAGIC
+            || header[1].load(Ordering::Relaxed) != VERSION
+        {
             return invalid("bad magic or version");
         }
         let slots = header[2].load(Ordering::Relaxed) as usize;
@@ -284,9 +315,14 @@ impl StatusTable {
     /// # Panics
     /// If `index` is not below [`StatusTable::slot_count`]: slot indices come from the config, not from input.
     pub fn slot(&self, index: usize) -> Slot<'_> {
-        assert!(index < self.slot_count(), "status slot {index} out of range");
+        assert!(
+            index < self.slot_count(),
+            "status slot {index} out of range"
+        );
         let start = HEADER_WORDS + index * SLOT_WORDS;
-        Slot { words: &self.words()[start..start + SLOT_WORDS] }
+        Slot {
+            words: &self.words()[start..start + SLOT_WORDS],
+        }
     }
 
     /// The net-daemon's slot.
@@ -383,7 +419,10 @@ mod tests {
         assert_eq!(reader.partitions(), 256);
         assert_eq!(reader.slot(1).state(), ProcessState::Ready);
         assert_eq!(reader.slot(1).get(Field::Ops), 5);
-        assert_eq!(reader.slot(1).get(Field::Pid), u64::from(std::process::id()));
+        assert_eq!(
+            reader.slot(1).get(Field::Pid),
+            u64::from(std::process::id())
+        );
         assert_eq!(reader.net_daemon_slot().role(), Role::NetDaemon);
         assert_eq!(supervisor.slot(0).role(), Role::ShardWorker);
         std::fs::write(&path, b"garbage").unwrap();

@@ -29,7 +29,9 @@ const MAX_REPLY_BYTES: usize = 256 << 20;
 pub fn run(config: &Config, dir: &Path) -> anyhow::Result<()> {
     let dir = absolute(dir)?;
     check_target(&dir)?;
-    let Some(dir_text) = dir.to_str() else { bail!("backup directory {} is not a UTF-8 path", dir.display()) };
+    let Some(dir_text) = dir.to_str() else {
+        bail!("backup directory {} is not a UTF-8 path", dir.display())
+    };
     let mut connection = Connection::open(config)?;
     if let Some(password) = &config.client.requirepass {
         if let Value::Error(error) = connection.command(&[b"AUTH", password.as_bytes()])? {
@@ -54,11 +56,17 @@ pub fn run(config: &Config, dir: &Path) -> anyhow::Result<()> {
             Err(mpsc::RecvTimeoutError::Timeout) => {
                 let sizes = shard_sizes(&dir);
                 if !sizes.is_empty() && sizes != last_shown {
-                    eprintln!("backup: copied {} ({:.1} s)", describe_sizes(&sizes), started.elapsed().as_secs_f64());
+                    eprintln!(
+                        "backup: copied {} ({:.1} s)",
+                        describe_sizes(&sizes),
+                        started.elapsed().as_secs_f64()
+                    );
                     last_shown = sizes;
                 }
             }
-            Err(mpsc::RecvTimeoutError::Disconnected) => bail!("the request thread stopped without an answer"),
+            Err(mpsc::RecvTimeoutError::Disconnected) => {
+                bail!("the request thread stopped without an answer")
+            }
         }
     };
     let text = match reply {
@@ -66,7 +74,8 @@ pub fn run(config: &Config, dir: &Path) -> anyhow::Result<()> {
         Value::Error(error) => bail!("the server refused the backup: {error}"),
         other => bail!("unexpected answer from the server: {}", other.describe()),
     };
-    let manifest: Manifest = serde_json::from_slice(&text).context("decoding the manifest the server sent")?;
+    let manifest: Manifest =
+        serde_json::from_slice(&text).context("decoding the manifest the server sent")?;
     for shard in &manifest.shards {
         eprintln!(
             "backup: shard-{}: {} copied, sha256 {}, done",
@@ -75,7 +84,12 @@ pub fn run(config: &Config, dir: &Path) -> anyhow::Result<()> {
             &shard.sha256[..16.min(shard.sha256.len())]
         );
     }
-    let highest = manifest.commit_ids.iter().map(|commit| commit.last_commit_id).max().unwrap_or(0);
+    let highest = manifest
+        .commit_ids
+        .iter()
+        .map(|commit| commit.last_commit_id)
+        .max()
+        .unwrap_or(0);
     println!(
         "backup of {} shards ({} partitions, {}, highest commit id {highest}) written to {} in {:.1} s; \
          commit ids per partition are in {MANIFEST_FILE}",
@@ -102,12 +116,17 @@ fn check_target(dir: &Path) -> anyhow::Result<()> {
     match std::fs::read_dir(dir) {
         Ok(mut entries) => {
             if entries.next().is_some() {
-                bail!("backup directory {} exists and is not empty; choose a new one", dir.display());
+                bail!(
+                    "backup directory {} exists and is not empty; choose a new one",
+                    dir.display()
+                );
             }
             Ok(())
         }
         Err(error) if error.kind() == io::ErrorKind::NotFound => Ok(()),
-        Err(error) => Err(error).with_context(|| format!("cannot use backup directory {}", dir.display())),
+        Err(error) => {
+            Err(error).with_context(|| format!("cannot use backup directory {}", dir.display()))
+        }
     }
 }
 
@@ -130,7 +149,10 @@ fn shard_sizes(dir: &Path) -> Vec<(usize, u64)> {
 
 fn describe_sizes(sizes: &[(usize, u64)]) -> String {
     let total: u64 = sizes.iter().map(|(_, bytes)| bytes).sum();
-    let each: Vec<String> = sizes.iter().map(|(index, bytes)| format!("shard-{index} {}", human_bytes(*bytes))).collect();
+    let each: Vec<String> = sizes
+        .iter()
+        .map(|(index, bytes)| format!("shard-{index} {}", human_bytes(*bytes)))
+        .collect();
     format!("{} ({} in all)", each.join(", "), human_bytes(total))
 }
 
@@ -212,13 +234,16 @@ struct Connection {
 impl Connection {
     /// Connects over the config's Unix socket, else its TCP listener.
     fn open(config: &Config) -> anyhow::Result<Connection> {
-        let hint = "is shoal serve running with this config? (`shoal backup` copies a running server)";
+        let hint =
+            "is shoal serve running with this config? (`shoal backup` copies a running server)";
         let stream = if let Some(socket) = &config.client.unix_socket {
             let socket = absolute(socket)?;
-            Stream::Unix(
-                UnixStream::connect(&socket)
-                    .with_context(|| format!("cannot connect to the Unix socket {}; {hint}", socket.display()))?,
-            )
+            Stream::Unix(UnixStream::connect(&socket).with_context(|| {
+                format!(
+                    "cannot connect to the Unix socket {}; {hint}",
+                    socket.display()
+                )
+            })?)
         } else if let Some(mut address) = config.client.listen {
             if address.ip().is_unspecified() {
                 address.set_ip(match address {
@@ -233,7 +258,9 @@ impl Connection {
         } else {
             bail!("the config has neither client.unix_socket nor client.listen");
         };
-        Ok(Connection { reader: BufReader::new(stream) })
+        Ok(Connection {
+            reader: BufReader::new(stream),
+        })
     }
 
     fn command(&mut self, args: &[&[u8]]) -> io::Result<Value> {
@@ -249,9 +276,14 @@ impl Connection {
 
     fn read_line(&mut self) -> io::Result<String> {
         let mut line = Vec::new();
-        let read = (&mut self.reader).take(MAX_REPLY_BYTES as u64).read_until(b'\n', &mut line)?;
+        let read = (&mut self.reader)
+            .take(MAX_REPLY_BYTES as u64)
+            .read_until(b'\n', &mut line)?;
         if read == 0 {
-            return Err(io::Error::new(io::ErrorKind::UnexpectedEof, "the server closed the connection"));
+            return Err(io::Error::new(
+                io::ErrorKind::UnexpectedEof,
+                "the server closed the connection",
+            ));
         }
         if !line.ends_with(b"\r\n") {
             return Err(invalid("a reply line is not terminated"));
@@ -266,7 +298,10 @@ impl Connection {
         }
         let line = self.read_line()?;
         let (kind, rest) = line.split_at(line.len().min(1));
-        let number = || rest.parse::<i64>().map_err(|_| invalid("bad length or integer"));
+        let number = || {
+            rest.parse::<i64>()
+                .map_err(|_| invalid("bad length or integer"))
+        };
         Ok(match kind {
             "+" => Value::Simple(rest.to_string()),
             "-" => Value::Error(rest.to_string()),
@@ -298,7 +333,10 @@ impl Connection {
 }
 
 fn invalid(what: &str) -> io::Error {
-    io::Error::new(io::ErrorKind::InvalidData, format!("malformed reply from the server: {what}"))
+    io::Error::new(
+        io::ErrorKind::InvalidData,
+        format!("malformed reply from the server: {what}"),
+    )
 }
 
 #[cfg(test)]

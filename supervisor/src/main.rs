@@ -28,7 +28,11 @@ use shoal_shared::config::{Config, CHILD_CONFIG_ENV};
 const EXIT_BAD_CONFIG: u8 = 2;
 
 #[derive(Parser)]
-#[command(name = "shoal", version, about = "Shoal: a distributed key-value database that speaks the Redis protocol")]
+#[command(
+    name = "shoal",
+    version,
+    about = "Shoal: a distributed key-value database that speaks the Redis protocol"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -155,7 +159,9 @@ fn load_config(path: Option<PathBuf>) -> Result<Config, String> {
 }
 
 fn child_config() -> anyhow::Result<Config> {
-    let json = std::env::var(CHILD_CONFIG_ENV).with_context(|| format!("{CHILD_CONFIG_ENV} is not set: this role is started by `shoal serve`"))?;
+    let json = std::env::var(CHILD_CONFIG_ENV).with_context(|| {
+        format!("{CHILD_CONFIG_ENV} is not set: this role is started by `shoal serve`")
+    })?;
     serde_json::from_str(&json).context("decoding the config passed by the supervisor")
 }
 
@@ -177,7 +183,10 @@ struct TimeAndRole {
 }
 
 impl tracing_subscriber::fmt::time::FormatTime for TimeAndRole {
-    fn format_time(&self, writer: &mut tracing_subscriber::fmt::format::Writer<'_>) -> std::fmt::Result {
+    fn format_time(
+        &self,
+        writer: &mut tracing_subscriber::fmt::format::Writer<'_>,
+    ) -> std::fmt::Result {
         if self.with_time {
             tracing_subscriber::fmt::time::SystemTime.format_time(writer)?;
             write!(writer, " ")?;
@@ -200,7 +209,10 @@ fn init_logging(role: &str) {
         .with_writer(std::io::stderr)
         .with_ansi(!journald && std::io::stderr().is_terminal())
         .with_target(false)
-        .with_timer(TimeAndRole { role: role.to_string(), with_time: !journald })
+        .with_timer(TimeAndRole {
+            role: role.to_string(),
+            with_time: !journald,
+        })
         .init();
     let role = role.to_string();
     std::panic::set_hook(Box::new(move |info| {

@@ -27,12 +27,20 @@ pub struct RestartPolicy {
 
 impl RestartPolicy {
     pub fn new(max_restarts: u32, window: Duration) -> RestartPolicy {
-        RestartPolicy { max_restarts, window, deaths: VecDeque::new() }
+        RestartPolicy {
+            max_restarts,
+            window,
+            deaths: VecDeque::new(),
+        }
     }
 
     /// Records a death at `now` and decides.
     pub fn on_exit(&mut self, now: Instant) -> Decision {
-        while self.deaths.front().is_some_and(|&death| now.duration_since(death) > self.window) {
+        while self
+            .deaths
+            .front()
+            .is_some_and(|&death| now.duration_since(death) > self.window)
+        {
             self.deaths.pop_front();
         }
         self.deaths.push_back(now);
@@ -53,9 +61,18 @@ mod tests {
     fn backoff_grows_then_gives_up() {
         let start = Instant::now();
         let mut policy = RestartPolicy::new(3, Duration::from_secs(10));
-        assert_eq!(policy.on_exit(start), Decision::RestartAfter(Duration::from_millis(100)));
-        assert_eq!(policy.on_exit(start), Decision::RestartAfter(Duration::from_millis(200)));
-        assert_eq!(policy.on_exit(start), Decision::RestartAfter(Duration::from_millis(400)));
+        assert_eq!(
+            policy.on_exit(start),
+            Decision::RestartAfter(Duration::from_millis(100))
+        );
+        assert_eq!(
+            policy.on_exit(start),
+            Decision::RestartAfter(Duration::from_millis(200))
+        );
+        assert_eq!(
+            policy.on_exit(start),
+            Decision::RestartAfter(Duration::from_millis(400))
+        );
         assert_eq!(policy.on_exit(start), Decision::GiveUp { restarts: 4 });
     }
 
@@ -64,8 +81,14 @@ mod tests {
         let start = Instant::now();
         let mut policy = RestartPolicy::new(1, Duration::from_secs(10));
         assert!(matches!(policy.on_exit(start), Decision::RestartAfter(_)));
-        assert_eq!(policy.on_exit(start + Duration::from_secs(11)), Decision::RestartAfter(BACKOFF_MIN));
-        assert!(matches!(policy.on_exit(start + Duration::from_secs(12)), Decision::GiveUp { .. }));
+        assert_eq!(
+            policy.on_exit(start + Duration::from_secs(11)),
+            Decision::RestartAfter(BACKOFF_MIN)
+        );
+        assert!(matches!(
+            policy.on_exit(start + Duration::from_secs(12)),
+            Decision::GiveUp { .. }
+        ));
     }
 
     #[test]

@@ -42,17 +42,26 @@ pub fn run(mut config: Config, dir: &Path) -> anyhow::Result<()> {
     let started = Instant::now();
     let manifest_path = dir.join(MANIFEST_FILE);
     let text = std::fs::read(&manifest_path).with_context(|| {
-        format!("cannot read {}: is {} a complete backup?", manifest_path.display(), dir.display())
+        format!(
+            "cannot read {}: is {} a complete backup?",
+            manifest_path.display(),
+            dir.display()
+        )
     })?;
-    let manifest: Manifest =
-        serde_json::from_slice(&text).with_context(|| format!("{} is not a valid manifest", manifest_path.display()))?;
-    manifest.check().map_err(|why| anyhow::anyhow!("{} is not a valid manifest: {why}", manifest_path.display()))?;
+    let manifest: Manifest = serde_json::from_slice(&text)
+        .with_context(|| format!("{} is not a valid manifest", manifest_path.display()))?;
+    manifest.check().map_err(|why| {
+        anyhow::anyhow!("{} is not a valid manifest: {why}", manifest_path.display())
+    })?;
     fit_config(&mut config, &manifest)?;
     // A quick look first (it changes nothing), so that a wrong target fails before a long
     // verification; it is checked again under the PID file lock below.
     if config.data_dir.exists() {
         if is_running(&config) {
-            bail!("shoal is running on data dir {}; stop it before restoring into it", config.data_dir.display());
+            bail!(
+                "shoal is running on data dir {}; stop it before restoring into it",
+                config.data_dir.display()
+            );
         }
         check_empty(&config.data_dir)?;
     }
@@ -74,22 +83,27 @@ pub fn run(mut config: Config, dir: &Path) -> anyhow::Result<()> {
     check_empty(&config.data_dir)?;
 
     let staging = config.data_dir.join(STAGING_DIR);
-    std::fs::create_dir(&staging).with_context(|| format!("cannot create {}", staging.display()))?;
+    std::fs::create_dir(&staging)
+        .with_context(|| format!("cannot create {}", staging.display()))?;
     for shard in &manifest.shards {
         copy_shard(dir, &staging, shard)?;
     }
     for shard in &manifest.shards {
         let from = staging.join(format!("shard-{}", shard.shard));
         let to = config.shard_dir(shard.shard);
-        std::fs::rename(&from, &to).with_context(|| format!("moving {} to {}", from.display(), to.display()))?;
+        std::fs::rename(&from, &to)
+            .with_context(|| format!("moving {} to {}", from.display(), to.display()))?;
     }
     std::fs::remove_dir(&staging).with_context(|| format!("removing {}", staging.display()))?;
     // The data dir takes the backup's layout; a config with another worker count makes
     // the first `shoal serve` move partitions, as for any change of `workers`.
     let layout_path = config.layout_path();
-    DataDirLayout { partitions: manifest.partitions, workers: manifest.workers }
-        .store(&layout_path)
-        .with_context(|| format!("writing {}", layout_path.display()))?;
+    DataDirLayout {
+        partitions: manifest.partitions,
+        workers: manifest.workers,
+    }
+    .store(&layout_path)
+    .with_context(|| format!("writing {}", layout_path.display()))?;
     sync_dir(&config.data_dir)?;
     println!(
         "restored {} shards ({} partitions, {}) from {} into {} in {:.1} s; start it with `shoal serve`",
@@ -123,7 +137,10 @@ fn fit_config(config: &mut Config, manifest: &Manifest) -> anyhow::Result<()> {
     }
     let format = shoal_shard_worker::layout::FORMAT_VERSION;
     if manifest.storage_format_version != format {
-        bail!("the backup's storage format is {}, this build reads {format}", manifest.storage_format_version);
+        bail!(
+            "the backup's storage format is {}, this build reads {format}",
+            manifest.storage_format_version
+        );
     }
     if config.workers != manifest.workers {
         if config.workers_from_cores {
@@ -147,7 +164,9 @@ fn fit_config(config: &mut Config, manifest: &Manifest) -> anyhow::Result<()> {
 /// Refuses a data dir that holds anything but what a stopped server leaves behind.
 fn check_empty(data_dir: &Path) -> anyhow::Result<()> {
     let mut found = Vec::new();
-    for entry in std::fs::read_dir(data_dir).with_context(|| format!("reading {}", data_dir.display()))? {
+    for entry in
+        std::fs::read_dir(data_dir).with_context(|| format!("reading {}", data_dir.display()))?
+    {
         let name = entry?.file_name().to_string_lossy().into_owned();
         if !LEFTOVERS.contains(&name.as_str()) {
             found.push(name);
@@ -171,14 +190,26 @@ fn verify_shard(dir: &Path, shard: &ShardFile) -> anyhow::Result<()> {
     let mut file = File::open(&path).with_context(|| format!("cannot open {}", path.display()))?;
     let bytes = file.metadata()?.len();
     if bytes != shard.bytes {
-        bail!("{} is {bytes} bytes but the manifest says {}: the backup is damaged", path.display(), shard.bytes);
+        bail!(
+            "{} is {bytes} bytes but the manifest says {}: the backup is damaged",
+            path.display(),
+            shard.bytes
+        );
     }
     let mut progress = Progress::new(format!("verify shard-{}", shard.shard), shard.bytes);
-    let digest = stream(&mut file, None, &mut progress).with_context(|| format!("reading {}", path.display()))?;
+    let digest = stream(&mut file, None, &mut progress)
+        .with_context(|| format!("reading {}", path.display()))?;
     if digest != shard.sha256 {
-        bail!("{} does not match its checksum in the manifest: the backup is damaged", path.display());
+        bail!(
+            "{} does not match its checksum in the manifest: the backup is damaged",
+            path.display()
+        );
     }
-    eprintln!("restore: shard-{}: {} checksum ok", shard.shard, human_bytes(bytes));
+    eprintln!(
+        "restore: shard-{}: {} checksum ok",
+        shard.shard,
+        human_bytes(bytes)
+    );
     Ok(())
 }
 
@@ -186,9 +217,11 @@ fn verify_shard(dir: &Path, shard: &ShardFile) -> anyhow::Result<()> {
 fn copy_shard(dir: &Path, staging: &Path, shard: &ShardFile) -> anyhow::Result<()> {
     let from = dir.join(&shard.path);
     let target_dir = staging.join(format!("shard-{}", shard.shard));
-    std::fs::create_dir(&target_dir).with_context(|| format!("cannot create {}", target_dir.display()))?;
+    std::fs::create_dir(&target_dir)
+        .with_context(|| format!("cannot create {}", target_dir.display()))?;
     let to: PathBuf = target_dir.join(SHARD_FILE);
-    let mut source = File::open(&from).with_context(|| format!("cannot open {}", from.display()))?;
+    let mut source =
+        File::open(&from).with_context(|| format!("cannot open {}", from.display()))?;
     let mut target = File::options()
         .write(true)
         .create_new(true)
@@ -198,16 +231,29 @@ fn copy_shard(dir: &Path, staging: &Path, shard: &ShardFile) -> anyhow::Result<(
     let digest = stream(&mut source, Some(&mut target), &mut progress)
         .with_context(|| format!("copying {} to {}", from.display(), to.display()))?;
     if digest != shard.sha256 {
-        bail!("{} changed while it was copied (checksum mismatch); nothing was restored", from.display());
+        bail!(
+            "{} changed while it was copied (checksum mismatch); nothing was restored",
+            from.display()
+        );
     }
-    target.sync_all().with_context(|| format!("syncing {}", to.display()))?;
+    target
+        .sync_all()
+        .with_context(|| format!("syncing {}", to.display()))?;
     sync_dir(&target_dir)?;
-    eprintln!("restore: shard-{}: {} copied, done", shard.shard, human_bytes(shard.bytes));
+    eprintln!(
+        "restore: shard-{}: {} copied, done",
+        shard.shard,
+        human_bytes(shard.bytes)
+    );
     Ok(())
 }
 
 /// Reads `source` to the end, writing it to `target` if given; returns the SHA-256 in hex.
-fn stream(source: &mut File, mut target: Option<&mut File>, progress: &mut Progress) -> std::io::Result<String> {
+fn stream(
+    source: &mut File,
+    mut target: Option<&mut File>,
+    progress: &mut Progress,
+) -> std::io::Result<String> {
     let mut hasher = Sha256::new();
     let mut buffer = vec![0u8; CHUNK_BYTES];
     loop {
@@ -227,7 +273,9 @@ fn stream(source: &mut File, mut target: Option<&mut File>, progress: &mut Progr
 }
 
 fn sync_dir(dir: &Path) -> anyhow::Result<()> {
-    File::open(dir).and_then(|d| d.sync_all()).with_context(|| format!("syncing {}", dir.display()))
+    File::open(dir)
+        .and_then(|d| d.sync_all())
+        .with_context(|| format!("syncing {}", dir.display()))
 }
 
 /// Prints how far a long read has come, at most once per [`PROGRESS_EVERY`].
@@ -240,7 +288,12 @@ struct Progress {
 
 impl Progress {
     fn new(what: String, total: u64) -> Progress {
-        Progress { what, total, done: 0, last_shown: Instant::now() }
+        Progress {
+            what,
+            total,
+            done: 0,
+            last_shown: Instant::now(),
+        }
     }
 
     fn advance(&mut self, bytes: u64) {
@@ -248,7 +301,12 @@ impl Progress {
         if self.last_shown.elapsed() >= PROGRESS_EVERY {
             self.last_shown = Instant::now();
             let percent = (self.done * 100).checked_div(self.total).unwrap_or(100);
-            eprintln!("restore: {}: {percent}% ({} of {})", self.what, human_bytes(self.done), human_bytes(self.total));
+            eprintln!(
+                "restore: {}: {percent}% ({} of {})",
+                self.what,
+                human_bytes(self.done),
+                human_bytes(self.total)
+            );
         }
     }
 }

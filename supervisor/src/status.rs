@@ -12,12 +12,18 @@ use shoal_shared::status::{Field, Role, StatusTable};
 
 /// Prints the status table as a table or as JSON.
 pub fn print(config: &Config, as_json: bool) -> anyhow::Result<()> {
-    let data_dir = config.data_dir.canonicalize().unwrap_or_else(|_| config.data_dir.clone());
+    let data_dir = config
+        .data_dir
+        .canonicalize()
+        .unwrap_or_else(|_| config.data_dir.clone());
     let mut config = config.clone();
     config.data_dir = data_dir;
     let running = is_running(&config);
     let table = StatusTable::open_read_only(&config.status_path()).with_context(|| {
-        format!("no status table in {} (has shoal serve run on this data dir?)", config.data_dir.display())
+        format!(
+            "no status table in {} (has shoal serve run on this data dir?)",
+            config.data_dir.display()
+        )
     })?;
     let workers = table.workers();
     let partitions = table.partitions();
@@ -78,7 +84,11 @@ pub fn print(config: &Config, as_json: bool) -> anyhow::Result<()> {
             rebalance.done,
             rebalance.total,
             rebalance.bytes,
-            if rebalance.done == rebalance.total { " (done)" } else { "" }
+            if rebalance.done == rebalance.total {
+                " (done)"
+            } else {
+                ""
+            }
         );
     }
     let _ = writeln!(
@@ -99,7 +109,11 @@ pub fn print(config: &Config, as_json: bool) -> anyhow::Result<()> {
             process["pid"].to_string(),
             process["state"].as_str().unwrap_or("?"),
             process["restarts"].to_string(),
-            if name == "net-daemon" { "-".to_string() } else { owned.to_string() },
+            if name == "net-daemon" {
+                "-".to_string()
+            } else {
+                owned.to_string()
+            },
             process["last_commit_id"].to_string(),
             process["ops"].to_string(),
         );
@@ -116,7 +130,9 @@ fn emit(text: &str) {
 
 /// Whether a supervisor holds the data dir's PID file lock.
 pub(crate) fn is_running(config: &Config) -> bool {
-    let Ok(file) = OpenOptions::new().read(true).open(config.pid_path()) else { return false };
+    let Ok(file) = OpenOptions::new().read(true).open(config.pid_path()) else {
+        return false;
+    };
     match file.try_lock_shared() {
         Ok(()) => false,
         Err(std::fs::TryLockError::WouldBlock) => true,

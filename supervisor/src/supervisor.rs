@@ -42,7 +42,10 @@ pub fn child_setup() {
         libc::signal(libc::SIGINT, libc::SIG_IGN);
         libc::signal(libc::SIGHUP, libc::SIG_IGN);
     }
-    let Some(expected) = std::env::var(SUPERVISOR_PID_ENV).ok().and_then(|p| p.parse::<i32>().ok()) else {
+    let Some(expected) = std::env::var(SUPERVISOR_PID_ENV)
+        .ok()
+        .and_then(|p| p.parse::<i32>().ok())
+    else {
         return;
     };
     // SAFETY: prctl with PR_SET_PDEATHSIG only sets a signal number for this process.
@@ -90,21 +93,31 @@ pub fn run(mut config: Config) -> anyhow::Result<()> {
     config.check_paths()?;
     let _pid_lock = lock_pid_file(&config)?;
     std::fs::create_dir_all(config.run_dir()).context("creating the run dir")?;
-    let status = StatusTable::create(&config.status_path(), config.workers, config.storage.partitions)
-        .context("creating the status table")?;
-    let config_json = serde_json::to_string(&config).context("encoding the config for the children")?;
+    let status = StatusTable::create(
+        &config.status_path(),
+        config.workers,
+        config.storage.partitions,
+    )
+    .context("creating the status table")?;
+    let config_json =
+        serde_json::to_string(&config).context("encoding the config for the children")?;
     check_layout(&mut config, &config_json)?;
     // The worker count may have been taken from the data dir.
     let status = if status.workers() == config.workers {
         status
     } else {
-        StatusTable::create(&config.status_path(), config.workers, config.storage.partitions)
-            .context("creating the status table")?
+        StatusTable::create(
+            &config.status_path(),
+            config.workers,
+            config.storage.partitions,
+        )
+        .context("creating the status table")?
     };
 
     let terminate = Arc::new(AtomicBool::new(false));
     for signal in [signal_hook::consts::SIGTERM, signal_hook::consts::SIGINT] {
-        signal_hook::flag::register(signal, Arc::clone(&terminate)).context("installing signal handlers")?;
+        signal_hook::flag::register(signal, Arc::clone(&terminate))
+            .context("installing signal handlers")?;
     }
     let hangup = Arc::new(AtomicBool::new(false));
     signal_hook::flag::register(signal_hook::consts::SIGHUP, Arc::clone(&hangup))
@@ -130,8 +143,14 @@ pub fn run(mut config: Config) -> anyhow::Result<()> {
         policy: RestartPolicy::new(max_restarts, window),
         restart_at: None,
     });
-    let config_json = serde_json::to_string(&config).context("encoding the config for the children")?;
-    let mut supervisor = Supervisor { config, config_json, status, children };
+    let config_json =
+        serde_json::to_string(&config).context("encoding the config for the children")?;
+    let mut supervisor = Supervisor {
+        config,
+        config_json,
+        status,
+        children,
+    };
 
     tracing::info!(
         data_dir = %supervisor.config.data_dir.display(),
@@ -144,14 +163,20 @@ pub fn run(mut config: Config) -> anyhow::Result<()> {
         Ok(()) => {
             tracing::info!(listen = ?supervisor.config.client.listen, unix_socket = ?supervisor.config.client.unix_socket, "shoal is ready");
             let status = supervisor.status_line();
-            notify(&[sd_notify::NotifyState::Ready, sd_notify::NotifyState::Status(&status)]);
+            notify(&[
+                sd_notify::NotifyState::Ready,
+                sd_notify::NotifyState::Status(&status),
+            ]);
             supervisor.supervise(&terminate, &hangup)
         }
         // Asked to stop while starting: a clean stop, not a failure.
         Err(_) if terminate.load(Ordering::Acquire) => Ok(()),
         Err(error) => Err(error),
     };
-    notify(&[sd_notify::NotifyState::Stopping, sd_notify::NotifyState::Status("stopping")]);
+    notify(&[
+        sd_notify::NotifyState::Stopping,
+        sd_notify::NotifyState::Status("stopping"),
+    ]);
     supervisor.stop_all();
     match &result {
         Ok(()) => tracing::info!("shoal stopped"),
@@ -180,7 +205,10 @@ impl Supervisor {
         let supervised = &mut self.children[child];
         let mut command = Command::new(exe);
         match supervised.role {
-            Role::ShardWorker => command.arg("shard-worker").arg("--index").arg(supervised.index.to_string()),
+            Role::ShardWorker => command
+                .arg("shard-worker")
+                .arg("--index")
+                .arg(supervised.index.to_string()),
             Role::NetDaemon => command.arg("net-daemon"),
         };
         command
@@ -193,7 +221,9 @@ impl Supervisor {
             .stdin(Stdio::null());
         let slot = self.status.slot(supervised.slot);
         slot.set_state(ProcessState::Starting);
-        let process = command.spawn().with_context(|| format!("starting {}", supervised.name()))?;
+        let process = command
+            .spawn()
+            .with_context(|| format!("starting {}", supervised.name()))?;
         tracing::info!(child = %supervised.name(), pid = process.id(), "started");
         supervised.process = Some(process);
         supervised.restart_at = None;
@@ -202,13 +232,18 @@ impl Supervisor {
 
     /// Waits until `child` reports ready, or fails if it exits or takes too long.
     fn wait_ready(&mut self, child: usize, terminate: &AtomicBool) -> anyhow::Result<()> {
-        let deadline = Instant::now() + Duration::from_millis(self.config.supervisor.ready_timeout_ms);
+        let deadline =
+            Instant::now() + Duration::from_millis(self.config.supervisor.ready_timeout_ms);
         let name = self.children[child].name();
         loop {
             let supervised = &mut self.children[child];
-            let Some(process) = supervised.process.as_mut() else { bail!("{name} is not running") };
+            let Some(process) = supervised.process.as_mut() else {
+                bail!("{name} is not running")
+            };
             let slot = self.status.slot(supervised.slot);
-            if slot.get(Field::Pid) == u64::from(process.id()) && slot.state() == ProcessState::Ready {
+            if slot.get(Field::Pid) == u64::from(process.id())
+                && slot.state() == ProcessState::Ready
+            {
                 return Ok(());
             }
             if let Some(exit) = process.try_wait().context("waiting for a child")? {
@@ -219,7 +254,10 @@ impl Supervisor {
                 bail!("interrupted during startup");
             }
             if Instant::now() > deadline {
-                bail!("{name} did not become ready within {} ms", self.config.supervisor.ready_timeout_ms);
+                bail!(
+                    "{name} did not become ready within {} ms",
+                    self.config.supervisor.ready_timeout_ms
+                );
             }
             std::thread::sleep(POLL);
         }
@@ -233,7 +271,9 @@ impl Supervisor {
         let mut last_status = self.status_line();
         while !terminate.load(Ordering::Acquire) {
             if hangup.swap(false, Ordering::AcqRel) {
-                tracing::warn!("SIGHUP: this version reloads nothing; restart shoal to apply config changes");
+                tracing::warn!(
+                    "SIGHUP: this version reloads nothing; restart shoal to apply config changes"
+                );
             }
             let now = Instant::now();
             for child in 0..self.children.len() {
@@ -271,7 +311,9 @@ impl Supervisor {
     /// restarted like any child that dies.
     fn kill_if_hung(&mut self, child: usize) {
         let timeout_ms = self.config.supervisor.child_timeout_ms;
-        let Some(age_ms) = self.heartbeat_age_ms(child).filter(|&age| age > timeout_ms) else { return };
+        let Some(age_ms) = self.heartbeat_age_ms(child).filter(|&age| age > timeout_ms) else {
+            return;
+        };
         let supervised = &mut self.children[child];
         let name = supervised.name();
         if let Some(process) = supervised.process.as_mut() {
@@ -284,13 +326,16 @@ impl Supervisor {
             let _ = process.kill();
         }
         // Not serving any more: the next round reaps it and schedules the restart.
-        self.status.slot(supervised.slot).set_state(ProcessState::Down);
+        self.status
+            .slot(supervised.slot)
+            .set_state(ProcessState::Down);
     }
 
     /// Every child is running with a fresh heartbeat, or is being restarted.
     fn healthy(&self) -> bool {
         (0..self.children.len()).all(|child| {
-            self.heartbeat_age_ms(child).is_none_or(|age| age <= self.config.supervisor.child_timeout_ms)
+            self.heartbeat_age_ms(child)
+                .is_none_or(|age| age <= self.config.supervisor.child_timeout_ms)
         })
     }
 
@@ -317,7 +362,9 @@ impl Supervisor {
         let supervised = &mut self.children[child];
         let slot = self.status.slot(supervised.slot);
         if let Some(process) = supervised.process.as_mut() {
-            let Some(exit) = process.try_wait().context("waiting for a child")? else { return Ok(()) };
+            let Some(exit) = process.try_wait().context("waiting for a child")? else {
+                return Ok(());
+            };
             supervised.process = None;
             slot.set_state(ProcessState::Down);
             match supervised.policy.on_exit(now) {
@@ -370,7 +417,9 @@ impl Supervisor {
         let deadline = Instant::now() + drain;
         for &child in children {
             let supervised = &mut self.children[child];
-            let Some(mut process) = supervised.process.take() else { continue };
+            let Some(mut process) = supervised.process.take() else {
+                continue;
+            };
             loop {
                 match process.try_wait() {
                     Ok(Some(exit)) => {
@@ -388,7 +437,9 @@ impl Supervisor {
                     }
                 }
             }
-            self.status.slot(supervised.slot).set_state(ProcessState::Stopped);
+            self.status
+                .slot(supervised.slot)
+                .set_state(ProcessState::Stopped);
         }
     }
 }
@@ -443,9 +494,16 @@ pub(crate) fn lock_pid_file(config: &Config) -> anyhow::Result<File> {
 /// from the core count follows the data dir instead.
 fn check_layout(config: &mut Config, config_json: &str) -> anyhow::Result<()> {
     let path = config.layout_path();
-    let wanted = DataDirLayout { partitions: config.storage.partitions, workers: config.workers };
-    let Some(found) = DataDirLayout::load(&path).with_context(|| format!("reading {}", path.display()))? else {
-        return wanted.store(&path).with_context(|| format!("writing {}", path.display()));
+    let wanted = DataDirLayout {
+        partitions: config.storage.partitions,
+        workers: config.workers,
+    };
+    let Some(found) =
+        DataDirLayout::load(&path).with_context(|| format!("reading {}", path.display()))?
+    else {
+        return wanted
+            .store(&path)
+            .with_context(|| format!("writing {}", path.display()));
     };
     if found.partitions != wanted.partitions {
         bail!(
@@ -468,7 +526,11 @@ fn check_layout(config: &mut Config, config_json: &str) -> anyhow::Result<()> {
         config.workers = found.workers;
         return Ok(());
     }
-    tracing::info!(from = found.workers, to = wanted.workers, "the worker count changed; moving partitions before serving");
+    tracing::info!(
+        from = found.workers,
+        to = wanted.workers,
+        "the worker count changed; moving partitions before serving"
+    );
     let exe = own_binary();
     let status = Command::new(exe)
         .arg("rebalance")

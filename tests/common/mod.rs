@@ -62,7 +62,10 @@ impl Server {
 
     /// Writes the config but starts nothing.
     pub fn configure(extra_toml: &str) -> Server {
-        let dir = tempfile::Builder::new().prefix("shoal-test").tempdir().expect("temp dir");
+        let dir = tempfile::Builder::new()
+            .prefix("shoal-test")
+            .tempdir()
+            .expect("temp dir");
         let data_dir = dir.path().join("data");
         let port = free_port();
         let mut table: toml::Table = toml::from_str(&format!(
@@ -72,25 +75,55 @@ impl Server {
         .expect("base config");
         let extra: toml::Table = toml::from_str(extra_toml).expect("extra_toml is valid TOML");
         merge(&mut table, extra);
-        let workers = table.get("workers").and_then(|v| v.as_integer()).unwrap_or(2) as usize;
+        let workers = table
+            .get("workers")
+            .and_then(|v| v.as_integer())
+            .unwrap_or(2) as usize;
         let partitions = table
             .get("storage")
             .and_then(|s| s.get("partitions"))
             .and_then(|v| v.as_integer())
             .unwrap_or(256) as u32;
         let config_path = dir.path().join("shoal.toml");
-        std::fs::write(&config_path, toml::to_string(&table).expect("serialize config")).expect("write config");
-        Server { dir, config_path, data_dir, port, workers, partitions, child: None, pgid: None, starts: 0 }
+        std::fs::write(
+            &config_path,
+            toml::to_string(&table).expect("serialize config"),
+        )
+        .expect("write config");
+        Server {
+            dir,
+            config_path,
+            data_dir,
+            port,
+            workers,
+            partitions,
+            child: None,
+            pgid: None,
+            starts: 0,
+        }
     }
 
     /// Merges `extra_toml` into the config file (for the next start).
     pub fn update_config(&mut self, extra_toml: &str) {
         let mut table: toml::Table = toml::from_str(&self.config_text()).expect("config");
-        merge(&mut table, toml::from_str(extra_toml).expect("extra_toml is valid TOML"));
-        self.workers = table.get("workers").and_then(|v| v.as_integer()).unwrap_or(2) as usize;
-        self.partitions =
-            table.get("storage").and_then(|s| s.get("partitions")).and_then(|v| v.as_integer()).unwrap_or(256) as u32;
-        std::fs::write(&self.config_path, toml::to_string(&table).expect("serialize config")).expect("write config");
+        merge(
+            &mut table,
+            toml::from_str(extra_toml).expect("extra_toml is valid TOML"),
+        );
+        self.workers = table
+            .get("workers")
+            .and_then(|v| v.as_integer())
+            .unwrap_or(2) as usize;
+        self.partitions = table
+            .get("storage")
+            .and_then(|s| s.get("partitions"))
+            .and_then(|v| v.as_integer())
+            .unwrap_or(256) as u32;
+        std::fs::write(
+            &self.config_path,
+            toml::to_string(&table).expect("serialize config"),
+        )
+        .expect("write config");
     }
 
     /// The config text as written.
@@ -106,7 +139,9 @@ impl Server {
     /// A `shoal` command with a clean environment for the config.
     pub fn command(&self) -> Command {
         let mut command = Command::new(SHOAL);
-        command.env_remove("SHOAL_CONFIG").current_dir(self.dir.path());
+        command
+            .env_remove("SHOAL_CONFIG")
+            .current_dir(self.dir.path());
         command
     }
 
@@ -119,8 +154,18 @@ impl Server {
             signal(-old, libc::SIGKILL);
         }
         self.starts += 1;
-        let stderr = File::create(self.dir.path().join(format!("serve-{}.stderr", self.starts))).expect("stderr file");
-        let stdout = File::create(self.dir.path().join(format!("serve-{}.stdout", self.starts))).expect("stdout file");
+        let stderr = File::create(
+            self.dir
+                .path()
+                .join(format!("serve-{}.stderr", self.starts)),
+        )
+        .expect("stderr file");
+        let stdout = File::create(
+            self.dir
+                .path()
+                .join(format!("serve-{}.stdout", self.starts)),
+        )
+        .expect("stdout file");
         let child = self
             .command()
             .arg("serve")
@@ -151,7 +196,11 @@ impl Server {
             if ping_answers(self.port) {
                 break;
             }
-            assert!(Instant::now() < deadline, "server did not answer PING within {START_TIMEOUT:?}\n{}", self.logs());
+            assert!(
+                Instant::now() < deadline,
+                "server did not answer PING within {START_TIMEOUT:?}\n{}",
+                self.logs()
+            );
             sleep(Duration::from_millis(25));
         }
         // PING answers; give the status table a moment to show every process ready.
@@ -176,7 +225,11 @@ impl Server {
 
     /// Panics with the logs if the supervisor has exited.
     pub fn assert_alive(&mut self, context: &str) {
-        if let Some(status) = self.child.as_mut().and_then(|c| c.try_wait().expect("try_wait")) {
+        if let Some(status) = self
+            .child
+            .as_mut()
+            .and_then(|c| c.try_wait().expect("try_wait"))
+        {
             self.child = None;
             panic!("shoal serve exited {context}: {status:?}\n{}", self.logs());
         }
@@ -184,7 +237,10 @@ impl Server {
 
     /// Whether the supervisor has exited; returns its status if so (and forgets the child).
     pub fn try_exit_status(&mut self) -> Option<ExitStatus> {
-        let status = self.child.as_mut().and_then(|c| c.try_wait().expect("try_wait"))?;
+        let status = self
+            .child
+            .as_mut()
+            .and_then(|c| c.try_wait().expect("try_wait"))?;
         self.child = None;
         Some(status)
     }
@@ -211,7 +267,10 @@ impl Server {
                 if !text.is_empty() {
                     let lines: Vec<&str> = text.lines().collect();
                     let tail = &lines[lines.len().saturating_sub(200)..];
-                    out.push_str(&format!("---- shoal serve #{n} {stream} (last {} lines) ----\n", tail.len()));
+                    out.push_str(&format!(
+                        "---- shoal serve #{n} {stream} (last {} lines) ----\n",
+                        tail.len()
+                    ));
                     for line in tail {
                         out.push_str(line);
                         out.push('\n');
@@ -224,13 +283,20 @@ impl Server {
 
     /// The stderr of the current (last) start.
     pub fn last_stderr(&self) -> String {
-        std::fs::read_to_string(self.dir.path().join(format!("serve-{}.stderr", self.starts))).unwrap_or_default()
+        std::fs::read_to_string(
+            self.dir
+                .path()
+                .join(format!("serve-{}.stderr", self.starts)),
+        )
+        .unwrap_or_default()
     }
 
     /// `shoal status --config FILE --json`, parsed.
     pub fn status_json(&self) -> Result<Json, String> {
         let mut command = self.command();
-        command.args(["status", "--json", "--config"]).arg(&self.config_path);
+        command
+            .args(["status", "--json", "--config"])
+            .arg(&self.config_path);
         let output = run_with_timeout(command, Duration::from_secs(10))?;
         if !output.status.success() {
             return Err(format!(
@@ -239,8 +305,12 @@ impl Server {
                 String::from_utf8_lossy(&output.stderr)
             ));
         }
-        serde_json::from_slice(&output.stdout)
-            .map_err(|e| format!("shoal status --json printed invalid JSON ({e}): {}", String::from_utf8_lossy(&output.stdout)))
+        serde_json::from_slice(&output.stdout).map_err(|e| {
+            format!(
+                "shoal status --json printed invalid JSON ({e}): {}",
+                String::from_utf8_lossy(&output.stdout)
+            )
+        })
     }
 
     /// The status entry of one process.
@@ -254,7 +324,9 @@ impl Server {
     /// The pid of shard-worker `index`, from `shoal status --json`.
     pub fn worker_pid(&self, index: u64) -> i32 {
         let process = self.process_status("shard-worker", index);
-        process["pid"].as_i64().unwrap_or_else(|| panic!("no pid in {process}")) as i32
+        process["pid"]
+            .as_i64()
+            .unwrap_or_else(|| panic!("no pid in {process}")) as i32
     }
 
     /// Pids of every child listed in the status table (best effort).
@@ -262,7 +334,14 @@ impl Server {
         match self.status_json() {
             Ok(status) => status["processes"]
                 .as_array()
-                .map(|procs| procs.iter().filter_map(|p| p["pid"].as_i64()).map(|p| p as i32).filter(|&p| p > 0).collect())
+                .map(|procs| {
+                    procs
+                        .iter()
+                        .filter_map(|p| p["pid"].as_i64())
+                        .map(|p| p as i32)
+                        .filter(|&p| p > 0)
+                        .collect()
+                })
                 .unwrap_or_default(),
             Err(_) => Vec::new(),
         }
@@ -303,14 +382,20 @@ impl Server {
             Some(status) => status,
             None => {
                 self.kill_tree();
-                panic!("shoal serve did not exit within {STOP_TIMEOUT:?} after signal {sig}\n{}", self.logs());
+                panic!(
+                    "shoal serve did not exit within {STOP_TIMEOUT:?} after signal {sig}\n{}",
+                    self.logs()
+                );
             }
         }
     }
 
     /// Starts the server again on the same config and data dir.
     pub fn restart(&mut self) {
-        assert!(self.child.is_none(), "stop or kill the server before restarting it");
+        assert!(
+            self.child.is_none(),
+            "stop or kill the server before restarting it"
+        );
         self.spawn_and_wait();
     }
 
@@ -357,7 +442,11 @@ impl Server {
 impl Drop for Server {
     fn drop(&mut self) {
         if std::thread::panicking() {
-            eprintln!("==== shoal logs (temp dir {}) ====\n{}", self.dir.path().display(), self.logs());
+            eprintln!(
+                "==== shoal logs (temp dir {}) ====\n{}",
+                self.dir.path().display(),
+                self.logs()
+            );
         }
         self.kill_tree();
     }
@@ -365,9 +454,13 @@ impl Drop for Server {
 
 /// Connects with bounded timeouts.
 pub fn connect(client: &redis::Client) -> redis::Connection {
-    let con = client.get_connection_with_timeout(Duration::from_secs(10)).expect("connect to shoal");
-    con.set_read_timeout(Some(Duration::from_secs(10))).expect("read timeout");
-    con.set_write_timeout(Some(Duration::from_secs(10))).expect("write timeout");
+    let con = client
+        .get_connection_with_timeout(Duration::from_secs(10))
+        .expect("connect to shoal");
+    con.set_read_timeout(Some(Duration::from_secs(10)))
+        .expect("read timeout");
+    con.set_write_timeout(Some(Duration::from_secs(10)))
+        .expect("write timeout");
     con
 }
 
@@ -375,7 +468,9 @@ pub fn connect(client: &redis::Client) -> redis::Connection {
 fn merge(base: &mut toml::Table, extra: toml::Table) {
     for (key, value) in extra {
         match (base.get_mut(&key), value) {
-            (Some(toml::Value::Table(base_table)), toml::Value::Table(extra_table)) => merge(base_table, extra_table),
+            (Some(toml::Value::Table(base_table)), toml::Value::Table(extra_table)) => {
+                merge(base_table, extra_table)
+            }
             (_, value) => {
                 base.insert(key, value);
             }
@@ -385,7 +480,9 @@ fn merge(base: &mut toml::Table, extra: toml::Table) {
 
 /// Whether something on 127.0.0.1:port answers a RESP PING with any reply.
 fn ping_answers(port: u16) -> bool {
-    let Ok(mut stream) = TcpStream::connect_timeout(&([127, 0, 0, 1], port).into(), Duration::from_millis(500)) else {
+    let Ok(mut stream) =
+        TcpStream::connect_timeout(&([127, 0, 0, 1], port).into(), Duration::from_millis(500))
+    else {
         return false;
     };
     let _ = stream.set_read_timeout(Some(Duration::from_millis(1000)));
@@ -397,7 +494,10 @@ fn ping_answers(port: u16) -> bool {
 }
 
 /// Runs a command to completion, killing it after `timeout`.
-pub fn run_with_timeout(mut command: Command, timeout: Duration) -> Result<std::process::Output, String> {
+pub fn run_with_timeout(
+    mut command: Command,
+    timeout: Duration,
+) -> Result<std::process::Output, String> {
     let dir = tempfile::tempdir().map_err(|e| e.to_string())?;
     let out_path = dir.path().join("stdout");
     let err_path = dir.path().join("stderr");
@@ -447,7 +547,9 @@ pub fn process_alive(pid: i32) -> bool {
     match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
         Ok(stat) => {
             // The state follows the parenthesised command name.
-            let state = stat.rsplit_once(')').and_then(|(_, rest)| rest.trim_start().chars().next());
+            let state = stat
+                .rsplit_once(')')
+                .and_then(|(_, rest)| rest.trim_start().chars().next());
             !matches!(state, Some('Z') | Some('X') | None)
         }
         Err(_) => false,
@@ -464,7 +566,12 @@ pub fn parent_pid(pid: i32) -> Option<i32> {
 /// The command line of a process, arguments joined by spaces.
 pub fn cmdline(pid: i32) -> String {
     std::fs::read(format!("/proc/{pid}/cmdline"))
-        .map(|raw| raw.split(|&b| b == 0).map(|a| String::from_utf8_lossy(a).into_owned()).collect::<Vec<_>>().join(" "))
+        .map(|raw| {
+            raw.split(|&b| b == 0)
+                .map(|a| String::from_utf8_lossy(a).into_owned())
+                .collect::<Vec<_>>()
+                .join(" ")
+        })
         .unwrap_or_default()
         .trim()
         .to_string()
@@ -472,24 +579,32 @@ pub fn cmdline(pid: i32) -> String {
 
 /// Whether `pid` is alive and runs the shoal binary (guards against pid reuse).
 fn is_shoal_process(pid: i32) -> bool {
-    process_alive(pid) && std::fs::read_link(format!("/proc/{pid}/exe")).map(|exe| exe == Path::new(SHOAL)).unwrap_or(false)
+    process_alive(pid)
+        && std::fs::read_link(format!("/proc/{pid}/exe"))
+            .map(|exe| exe == Path::new(SHOAL))
+            .unwrap_or(false)
 }
 
 /// Whether any live (non-zombie) process is left in process group `pgid`.
 pub fn group_alive(pgid: i32) -> bool {
-    let Ok(entries) = std::fs::read_dir("/proc") else { return false };
-    entries.filter_map(|e| e.ok()).filter_map(|e| e.file_name().to_str()?.parse::<i32>().ok()).any(|pid| {
-        std::fs::read_to_string(format!("/proc/{pid}/stat"))
-            .ok()
-            .and_then(|stat| {
-                let (_, rest) = stat.rsplit_once(')')?;
-                let mut fields = rest.split_whitespace();
-                let state = fields.next()?;
-                let group: i32 = fields.nth(2)?.parse().ok()?;
-                Some(group == pgid && state != "Z" && state != "X")
-            })
-            .unwrap_or(false)
-    })
+    let Ok(entries) = std::fs::read_dir("/proc") else {
+        return false;
+    };
+    entries
+        .filter_map(|e| e.ok())
+        .filter_map(|e| e.file_name().to_str()?.parse::<i32>().ok())
+        .any(|pid| {
+            std::fs::read_to_string(format!("/proc/{pid}/stat"))
+                .ok()
+                .and_then(|stat| {
+                    let (_, rest) = stat.rsplit_once(')')?;
+                    let mut fields = rest.split_whitespace();
+                    let state = fields.next()?;
+                    let group: i32 = fields.nth(2)?.parse().ok()?;
+                    Some(group == pgid && state != "Z" && state != "X")
+                })
+                .unwrap_or(false)
+        })
 }
 
 /// Describes an exit status for assertion messages.
@@ -509,7 +624,11 @@ pub fn crc16(data: &[u8]) -> u16 {
     for &byte in data {
         crc ^= u16::from(byte) << 8;
         for _ in 0..8 {
-            crc = if crc & 0x8000 != 0 { (crc << 1) ^ 0x1021 } else { crc << 1 };
+            crc = if crc & 0x8000 != 0 {
+                (crc << 1) ^ 0x1021
+            } else {
+                crc << 1
+            };
         }
     }
     crc
@@ -543,7 +662,8 @@ pub fn call(con: &mut redis::Connection, args: &[&[u8]]) -> redis::Value {
     for arg in &args[1..] {
         cmd.arg(*arg);
     }
-    con.req_command(&cmd).unwrap_or_else(|e| panic!("I/O error on {:?}: {e}", String::from_utf8_lossy(args[0])))
+    con.req_command(&cmd)
+        .unwrap_or_else(|e| panic!("I/O error on {:?}: {e}", String::from_utf8_lossy(args[0])))
 }
 
 /// `call` with string arguments.
@@ -675,16 +795,26 @@ impl RawConn {
     /// Connects over TCP with a 10 s read timeout.
     pub fn tcp(port: u16) -> RawConn {
         let stream = TcpStream::connect(("127.0.0.1", port)).expect("connect");
-        stream.set_read_timeout(Some(Duration::from_secs(10))).expect("read timeout");
-        stream.set_write_timeout(Some(Duration::from_secs(10))).expect("write timeout");
-        RawConn { reader: BufReader::new(Box::new(stream)) }
+        stream
+            .set_read_timeout(Some(Duration::from_secs(10)))
+            .expect("read timeout");
+        stream
+            .set_write_timeout(Some(Duration::from_secs(10)))
+            .expect("write timeout");
+        RawConn {
+            reader: BufReader::new(Box::new(stream)),
+        }
     }
 
     /// Connects over a Unix socket with a 10 s read timeout.
     pub fn unix(path: &Path) -> RawConn {
         let stream = std::os::unix::net::UnixStream::connect(path).expect("connect unix socket");
-        stream.set_read_timeout(Some(Duration::from_secs(10))).expect("read timeout");
-        RawConn { reader: BufReader::new(Box::new(stream)) }
+        stream
+            .set_read_timeout(Some(Duration::from_secs(10)))
+            .expect("read timeout");
+        RawConn {
+            reader: BufReader::new(Box::new(stream)),
+        }
     }
 
     /// Writes raw bytes.
@@ -709,7 +839,8 @@ impl RawConn {
     pub fn read_reply(&mut self) -> io::Result<Resp> {
         let line = self.read_line()?;
         let (kind, rest) = line.split_at(1);
-        let bad = |what: &str| io::Error::new(io::ErrorKind::InvalidData, format!("{what}: {line:?}"));
+        let bad =
+            |what: &str| io::Error::new(io::ErrorKind::InvalidData, format!("{what}: {line:?}"));
         let int = |text: &str| text.parse::<i64>().map_err(|_| bad("bad integer"));
         Ok(match kind {
             "+" => Resp::Simple(rest.to_string()),
@@ -757,7 +888,10 @@ impl RawConn {
         let mut buf = vec![0u8; len + 2];
         self.reader.read_exact(&mut buf)?;
         if &buf[len..] != b"\r\n" {
-            return Err(io::Error::new(io::ErrorKind::InvalidData, "bulk not followed by CRLF"));
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidData,
+                "bulk not followed by CRLF",
+            ));
         }
         buf.truncate(len);
         Ok(buf)
@@ -768,10 +902,16 @@ impl RawConn {
         let mut line = Vec::new();
         let n = self.reader.read_until(b'\n', &mut line)?;
         if n == 0 {
-            return Err(io::Error::new(io::ErrorKind::UnexpectedEof, "connection closed"));
+            return Err(io::Error::new(
+                io::ErrorKind::UnexpectedEof,
+                "connection closed",
+            ));
         }
         if !line.ends_with(b"\r\n") {
-            return Err(io::Error::new(io::ErrorKind::InvalidData, format!("line without CRLF: {line:?}")));
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidData,
+                format!("line without CRLF: {line:?}"),
+            ));
         }
         line.truncate(line.len() - 2);
         String::from_utf8(line).map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))
@@ -795,7 +935,12 @@ impl RawConn {
                 Ok(n) => rest.extend_from_slice(&buf[..n]),
                 Err(e) if e.kind() == io::ErrorKind::ConnectionReset => return Ok(rest),
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-                Err(e) => return Err(format!("connection not closed ({e}); got {:?}", String::from_utf8_lossy(&rest))),
+                Err(e) => {
+                    return Err(format!(
+                        "connection not closed ({e}); got {:?}",
+                        String::from_utf8_lossy(&rest)
+                    ))
+                }
             }
         }
     }
@@ -827,7 +972,10 @@ impl RedisServer {
     /// Starts `redis-server` and waits (bounded) until it answers PING. Panics with
     /// its log if it is not installed, exits, or does not answer in time.
     pub fn start() -> RedisServer {
-        let dir = tempfile::Builder::new().prefix("shoal-test-redis").tempdir().expect("temp dir");
+        let dir = tempfile::Builder::new()
+            .prefix("shoal-test-redis")
+            .tempdir()
+            .expect("temp dir");
         let port = free_port();
         let log = File::create(dir.path().join("redis.log")).expect("redis log file");
         let child = Command::new("redis-server")
@@ -844,14 +992,29 @@ impl RedisServer {
             .unwrap_or_else(|e| {
                 panic!("cannot start redis-server ({e}); install the Debian package redis-server (.ci/run does)")
             });
-        let mut server = RedisServer { dir, port, child: Some(child) };
+        let mut server = RedisServer {
+            dir,
+            port,
+            child: Some(child),
+        };
         let deadline = Instant::now() + START_TIMEOUT;
         while !ping_answers(port) {
-            if let Some(status) = server.child.as_mut().and_then(|c| c.try_wait().expect("try_wait")) {
+            if let Some(status) = server
+                .child
+                .as_mut()
+                .and_then(|c| c.try_wait().expect("try_wait"))
+            {
                 server.child = None;
-                panic!("redis-server exited while starting: {status:?}\n{}", server.log());
+                panic!(
+                    "redis-server exited while starting: {status:?}\n{}",
+                    server.log()
+                );
             }
-            assert!(Instant::now() < deadline, "redis-server did not answer PING within {START_TIMEOUT:?}\n{}", server.log());
+            assert!(
+                Instant::now() < deadline,
+                "redis-server did not answer PING within {START_TIMEOUT:?}\n{}",
+                server.log()
+            );
             sleep(Duration::from_millis(20));
         }
         server
@@ -879,7 +1042,9 @@ impl RedisServer {
 
 impl Drop for RedisServer {
     fn drop(&mut self) {
-        let Some(mut child) = self.child.take() else { return };
+        let Some(mut child) = self.child.take() else {
+            return;
+        };
         signal(child.id() as i32, libc::SIGTERM);
         let deadline = Instant::now() + STOP_TIMEOUT;
         while Instant::now() < deadline {

@@ -54,7 +54,8 @@ pub fn dispatch(shared: &Arc<Shared>, args: &[Bytes]) -> Pending {
     // A task of its own: a client that goes away does not cut the backup short.
     let task = tokio::spawn(async move { backup(&shared, &dir).await });
     Pending::barrier(async move {
-        task.await.unwrap_or_else(|error| Reply::error(format!("ERR the backup task failed: {error}")))
+        task.await
+            .unwrap_or_else(|error| Reply::error(format!("ERR the backup task failed: {error}")))
     })
 }
 
@@ -64,7 +65,10 @@ async fn backup(shared: &Shared, dir: &[u8]) -> Reply {
     };
     let dir = PathBuf::from(dir);
     if !dir.is_absolute() {
-        return Reply::error(format!("ERR the backup directory {} is not an absolute path", dir.display()));
+        return Reply::error(format!(
+            "ERR the backup directory {} is not an absolute path",
+            dir.display()
+        ));
     }
     if RUNNING.swap(true, Ordering::AcqRel) {
         return Reply::error("ERR a backup is already running; wait for it to finish");
@@ -77,8 +81,14 @@ async fn backup(shared: &Shared, dir: &[u8]) -> Reply {
 
     let mut calls = Vec::with_capacity(shared.links.len());
     for (index, link) in shared.links.iter().enumerate() {
-        let shard_dir = dir.join(format!("shard-{index}")).to_string_lossy().into_owned();
-        calls.push(link.send_with_timeout(WorkerRequest::Backup { dir: shard_dir }, BACKUP_TIMEOUT).await);
+        let shard_dir = dir
+            .join(format!("shard-{index}"))
+            .to_string_lossy()
+            .into_owned();
+        calls.push(
+            link.send_with_timeout(WorkerRequest::Backup { dir: shard_dir }, BACKUP_TIMEOUT)
+                .await,
+        );
     }
     let incomplete = |why: String| {
         tracing::warn!(dir = %dir.display(), %why, "backup failed");
@@ -105,7 +115,12 @@ async fn backup(shared: &Shared, dir: &[u8]) -> Reply {
         }
     }
     let storage = &shared.config.storage;
-    let manifest = match Manifest::from_reports(&reports, storage.partitions, storage.collections, shoal_shared::now_ms()) {
+    let manifest = match Manifest::from_reports(
+        &reports,
+        storage.partitions,
+        storage.collections,
+        shoal_shared::now_ms(),
+    ) {
         Ok(manifest) => manifest,
         Err(why) => return incomplete(why),
     };
@@ -125,10 +140,16 @@ fn prepare_dir(dir: &Path) -> Result<(), String> {
     match std::fs::read_dir(dir) {
         Ok(mut entries) => match entries.next() {
             None => Ok(()),
-            Some(_) => Err(format!("backup directory {} exists and is not empty", dir.display())),
+            Some(_) => Err(format!(
+                "backup directory {} exists and is not empty",
+                dir.display()
+            )),
         },
         Err(error) if error.kind() == std::io::ErrorKind::NotFound => std::fs::create_dir_all(dir)
             .map_err(|error| format!("cannot create backup directory {}: {error}", dir.display())),
-        Err(error) => Err(format!("cannot use backup directory {}: {error}", dir.display())),
+        Err(error) => Err(format!(
+            "cannot use backup directory {}: {error}",
+            dir.display()
+        )),
     }
 }

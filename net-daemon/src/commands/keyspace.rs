@@ -31,13 +31,31 @@ const CURSOR_TOKEN_BITS: u32 = 39;
 const CURSOR_WORKER_SHIFT: u32 = 55;
 
 /// Runs `name` if it is a keyspace command; `None` otherwise. Arity is already checked.
-pub async fn dispatch(shared: &Arc<Shared>, session: &Session, name: &str, args: &[Bytes]) -> Option<Pending> {
+pub async fn dispatch(
+    shared: &Arc<Shared>,
+    session: &Session,
+    name: &str,
+    args: &[Bytes],
+) -> Option<Pending> {
     let collection = session.collection;
     let pending = match name {
-        "expire" | "pexpire" | "expireat" | "pexpireat" => expire(shared, collection, name, args).await,
-        "persist" => single(shared, &args[1], |key| WorkerRequest::Persist { collection, key }).await,
+        "expire" | "pexpire" | "expireat" | "pexpireat" => {
+            expire(shared, collection, name, args).await
+        }
+        "persist" => {
+            single(shared, &args[1], |key| WorkerRequest::Persist {
+                collection,
+                key,
+            })
+            .await
+        }
         "ttl" | "pttl" | "expiretime" | "pexpiretime" => {
-            let reply = match ask_one(shared, &args[1], |key| WorkerRequest::ExpireTime { collection, key }).await {
+            let reply = match ask_one(shared, &args[1], |key| WorkerRequest::ExpireTime {
+                collection,
+                key,
+            })
+            .await
+            {
                 Ok(WorkerResponse::Integer(at)) if at < 0 => Reply::Integer(at),
                 Ok(WorkerResponse::Integer(at)) => {
                     let remaining_ms = (at - shoal_shared::now_ms() as i64).max(0);
@@ -62,7 +80,11 @@ pub async fn dispatch(shared: &Arc<Shared>, session: &Session, name: &str, args:
         "dbsize" => call_all_sum(shared, || WorkerRequest::DbSize { collection }).await,
         "keys" => {
             let pattern = Some(args[1].to_vec());
-            let calls = send_all(shared, || WorkerRequest::Keys { collection, pattern: pattern.clone() }).await;
+            let calls = send_all(shared, || WorkerRequest::Keys {
+                collection,
+                pattern: pattern.clone(),
+            })
+            .await;
             Pending::barrier(async move {
                 match wait_all(calls).await {
                     Ok(responses) => Reply::Array(
@@ -86,7 +108,9 @@ pub async fn dispatch(shared: &Arc<Shared>, session: &Session, name: &str, args:
         }
         "flushdb" | "flushall" => {
             if args.len() > 2
-                || args.get(1).is_some_and(|mode| !mode.eq_ignore_ascii_case(b"SYNC") && !mode.eq_ignore_ascii_case(b"ASYNC"))
+                || args.get(1).is_some_and(|mode| {
+                    !mode.eq_ignore_ascii_case(b"SYNC") && !mode.eq_ignore_ascii_case(b"ASYNC")
+                })
             {
                 return Some(Pending::Ready(errors::syntax()));
             }
@@ -115,7 +139,12 @@ async fn ask_one(
 }
 
 async fn exists(shared: &Shared, collection: u16, key: &Bytes) -> Result<bool, Reply> {
-    match ask_one(shared, key, |key| WorkerRequest::Exists { collection, keys: vec![key] }).await? {
+    match ask_one(shared, key, |key| WorkerRequest::Exists {
+        collection,
+        keys: vec![key],
+    })
+    .await?
+    {
         WorkerResponse::Integer(n) => Ok(n > 0),
         _ => Err(Reply::error("ERR internal error: unexpected response")),
     }
@@ -123,7 +152,9 @@ async fn exists(shared: &Shared, collection: u16, key: &Bytes) -> Result<bool, R
 
 /// `EXPIRE key seconds [NX|XX|GT|LT]` and its PEXPIRE/EXPIREAT/PEXPIREAT forms.
 async fn expire(shared: &Shared, collection: u16, name: &str, args: &[Bytes]) -> Pending {
-    let Some(amount) = parse_i64(&args[2]) else { return Pending::Ready(errors::not_integer()) };
+    let Some(amount) = parse_i64(&args[2]) else {
+        return Pending::Ready(errors::not_integer());
+    };
     let mut condition = ExpireCondition::Always;
     for option in &args[3..] {
         let next = match option.to_ascii_uppercase().as_slice() {
@@ -131,10 +162,19 @@ async fn expire(shared: &Shared, collection: u16, name: &str, args: &[Bytes]) ->
             b"XX" => ExpireCondition::IfSome,
             b"GT" => ExpireCondition::IfGreater,
             b"LT" => ExpireCondition::IfLess,
-            _ => return Pending::Ready(Reply::error(format!("ERR Unsupported option {}", String::from_utf8_lossy(option)))),
+            _ => {
+                return Pending::Ready(Reply::error(format!(
+                    "ERR Unsupported option {}",
+                    String::from_utf8_lossy(option)
+                )))
+            }
         };
         if condition != ExpireCondition::Always && condition != next {
-            let both = matches!((condition, next), (ExpireCondition::IfGreater, ExpireCondition::IfLess) | (ExpireCondition::IfLess, ExpireCondition::IfGreater));
+            let both = matches!(
+                (condition, next),
+                (ExpireCondition::IfGreater, ExpireCondition::IfLess)
+                    | (ExpireCondition::IfLess, ExpireCondition::IfGreater)
+            );
             return Pending::Ready(Reply::error(if both {
                 "ERR GT and LT options at the same time are not compatible"
             } else {
@@ -143,14 +183,30 @@ async fn expire(shared: &Shared, collection: u16, name: &str, args: &[Bytes]) ->
         }
         condition = next;
     }
-    let invalid = || Pending::Ready(Reply::error(format!("ERR invalid expire time in '{name}' command")));
+    let invalid = || {
+        Pending::Ready(Reply::error(format!(
+            "ERR invalid expire time in '{name}' command"
+        )))
+    };
     let unit: i64 = if name.starts_with('p') { 1 } else { 1000 };
-    let Some(ms) = amount.checked_mul(unit) else { return invalid() };
-    let at = if name.ends_with("at") { Some(ms) } else { (shoal_shared::now_ms() as i64).checked_add(ms) };
+    let Some(ms) = amount.checked_mul(unit) else {
+        return invalid();
+    };
+    let at = if name.ends_with("at") {
+        Some(ms)
+    } else {
+        (shoal_shared::now_ms() as i64).checked_add(ms)
+    };
     let Some(at) = at else { return invalid() };
     // A time in the past deletes the key; the worker sees any value <= now as past.
     let at_ms = at.max(0) as u64;
-    single(shared, &args[1], |key| WorkerRequest::Expire { collection, key, at_ms, condition }).await
+    single(shared, &args[1], |key| WorkerRequest::Expire {
+        collection,
+        key,
+        at_ms,
+        condition,
+    })
+    .await
 }
 
 /// `OBJECT ENCODING key` (always "raw" for an existing key) and the other introspection
@@ -158,16 +214,19 @@ async fn expire(shared: &Shared, collection: u16, name: &str, args: &[Bytes]) ->
 async fn object(shared: &Shared, collection: u16, args: &[Bytes]) -> Pending {
     let subcommand = args[1].to_ascii_uppercase();
     let reply = match (subcommand.as_slice(), args.len()) {
-        (b"ENCODING" | b"REFCOUNT" | b"IDLETIME", 3) => match exists(shared, collection, &args[2]).await {
-            Ok(false) => Reply::Nil,
-            Ok(true) if subcommand == b"ENCODING" => Reply::bulk("raw"),
-            Ok(true) if subcommand == b"REFCOUNT" => Reply::Integer(1),
-            Ok(true) => Reply::Integer(0),
-            Err(reply) => reply,
-        },
-        (b"ENCODING" | b"REFCOUNT" | b"IDLETIME", _) => {
-            errors::wrong_arity(&format!("object|{}", String::from_utf8_lossy(&subcommand).to_lowercase()))
+        (b"ENCODING" | b"REFCOUNT" | b"IDLETIME", 3) => {
+            match exists(shared, collection, &args[2]).await {
+                Ok(false) => Reply::Nil,
+                Ok(true) if subcommand == b"ENCODING" => Reply::bulk("raw"),
+                Ok(true) if subcommand == b"REFCOUNT" => Reply::Integer(1),
+                Ok(true) => Reply::Integer(0),
+                Err(reply) => reply,
+            }
         }
+        (b"ENCODING" | b"REFCOUNT" | b"IDLETIME", _) => errors::wrong_arity(&format!(
+            "object|{}",
+            String::from_utf8_lossy(&subcommand).to_lowercase()
+        )),
         _ => Reply::error(format!(
             "ERR unknown subcommand '{}'. Try OBJECT HELP.",
             String::from_utf8_lossy(&args[1])
@@ -201,7 +260,8 @@ impl ScanCursors {
             [high, low, ..] => u64::from(u16::from_be_bytes([*high, *low])),
             _ => 0,
         };
-        let token = (self.next_token.fetch_add(1, Ordering::Relaxed) % ((1 << CURSOR_TOKEN_BITS) - 1)) + 1;
+        let token =
+            (self.next_token.fetch_add(1, Ordering::Relaxed) % ((1 << CURSOR_TOKEN_BITS) - 1)) + 1;
         let mut table = self.table.lock().unwrap_or_else(|e| e.into_inner());
         let (map, order) = &mut *table;
         map.insert(token, after);
@@ -217,7 +277,10 @@ impl ScanCursors {
     /// The position a cursor names; `None` for a malformed cursor.
     fn load(&self, cursor: u64, workers: usize) -> Option<ScanPosition> {
         if cursor == 0 {
-            return Some(ScanPosition { worker: 0, after: None });
+            return Some(ScanPosition {
+                worker: 0,
+                after: None,
+            });
         }
         let worker = (cursor >> CURSOR_WORKER_SHIFT) as usize;
         let partition = ((cursor >> CURSOR_TOKEN_BITS) & 0xffff) as u16;
@@ -227,7 +290,11 @@ impl ScanCursors {
         }
         let table = self.table.lock().unwrap_or_else(|e| e.into_inner());
         let after = match table.0.get(&token) {
-            Some(after) if after.len() >= 2 && u16::from_be_bytes([after[0], after[1]]) == partition => after.clone(),
+            Some(after)
+                if after.len() >= 2 && u16::from_be_bytes([after[0], after[1]]) == partition =>
+            {
+                after.clone()
+            }
             // Unknown token: restart at the beginning of the partition, after every key
             // of the partition before it.
             _ => match partition.checked_sub(1) {
@@ -236,16 +303,27 @@ impl ScanCursors {
                     after.extend(std::iter::repeat_n(0xff, MAX_KEY_BYTES + 1));
                     after
                 }
-                None => return Some(ScanPosition { worker, after: None }),
+                None => {
+                    return Some(ScanPosition {
+                        worker,
+                        after: None,
+                    })
+                }
             },
         };
-        Some(ScanPosition { worker, after: Some(after) })
+        Some(ScanPosition {
+            worker,
+            after: Some(after),
+        })
     }
 }
 
 /// `SCAN cursor [MATCH pattern] [COUNT count] [TYPE type]`.
 async fn scan(shared: &Shared, collection: u16, args: &[Bytes]) -> Reply {
-    let Some(cursor) = std::str::from_utf8(&args[1]).ok().and_then(|c| c.parse::<u64>().ok()) else {
+    let Some(cursor) = std::str::from_utf8(&args[1])
+        .ok()
+        .and_then(|c| c.parse::<u64>().ok())
+    else {
         return Reply::error("ERR invalid cursor");
     };
     let mut pattern = None;
@@ -253,7 +331,9 @@ async fn scan(shared: &Shared, collection: u16, args: &[Bytes]) -> Reply {
     let mut only_strings = true;
     let mut options = args[2..].iter();
     while let Some(option) = options.next() {
-        let Some(value) = options.next() else { return errors::syntax() };
+        let Some(value) = options.next() else {
+            return errors::syntax();
+        };
         match option.to_ascii_uppercase().as_slice() {
             b"MATCH" => pattern = Some(value.to_vec()),
             b"COUNT" => match parse_i64(value) {
@@ -271,7 +351,12 @@ async fn scan(shared: &Shared, collection: u16, args: &[Bytes]) -> Reply {
     };
     let mut keys = Vec::new();
     loop {
-        let request = WorkerRequest::Scan { collection, after: position.after.clone(), count, pattern: pattern.clone() };
+        let request = WorkerRequest::Scan {
+            collection,
+            after: position.after.clone(),
+            count,
+            pattern: pattern.clone(),
+        };
         match ask(shared, position.worker, request).await {
             Ok(WorkerResponse::Scanned { keys: found, next }) => {
                 keys.extend(found.into_iter().map(|k| Reply::Bulk(k.into_vec().into())));
@@ -281,7 +366,10 @@ async fn scan(shared: &Shared, collection: u16, args: &[Bytes]) -> Reply {
                         break;
                     }
                     None if position.worker + 1 < workers => {
-                        position = ScanPosition { worker: position.worker + 1, after: None };
+                        position = ScanPosition {
+                            worker: position.worker + 1,
+                            after: None,
+                        };
                         if keys.len() >= count as usize {
                             break;
                         }

@@ -56,7 +56,10 @@ pub enum After {
 /// A reply that may still be waiting for workers.
 pub enum Pending {
     Ready(Reply),
-    Calls { calls: Vec<Call>, merge: Merge },
+    Calls {
+        calls: Vec<Call>,
+        merge: Merge,
+    },
     /// Work that must run after every earlier command of the connection has been answered,
     /// and before any later one is dispatched (multi-worker writes, fan-out admin commands).
     Barrier(Pin<Box<dyn Future<Output = Reply> + Send>>),
@@ -76,7 +79,10 @@ pub enum Merge {
     /// The integer responses are added up (DEL, EXISTS, DBSIZE).
     Sum,
     /// MGET: `positions[i]` are the places in the reply of call `i`'s values.
-    Values { positions: Vec<Vec<usize>>, total: usize },
+    Values {
+        positions: Vec<Vec<usize>>,
+        total: usize,
+    },
 }
 
 impl Pending {
@@ -97,16 +103,29 @@ impl Pending {
 impl Merge {
     fn apply(self, responses: Vec<WorkerResponse>) -> Reply {
         match self {
-            Merge::Single => responses.into_iter().next().map_or(Reply::Nil, response_reply),
+            Merge::Single => responses
+                .into_iter()
+                .next()
+                .map_or(Reply::Nil, response_reply),
             Merge::Sum => Reply::Integer(
-                responses.iter().map(|r| if let WorkerResponse::Integer(n) = r { *n } else { 0 }).sum(),
+                responses
+                    .iter()
+                    .map(|r| {
+                        if let WorkerResponse::Integer(n) = r {
+                            *n
+                        } else {
+                            0
+                        }
+                    })
+                    .sum(),
             ),
             Merge::Values { positions, total } => {
                 let mut values = vec![Reply::Nil; total];
                 for (response, positions) in responses.into_iter().zip(positions) {
                     if let WorkerResponse::Values(found) = response {
                         for (value, position) in found.into_iter().zip(positions) {
-                            values[position] = value.map_or(Reply::Nil, |v| Reply::Bulk(v.into_vec().into()));
+                            values[position] =
+                                value.map_or(Reply::Nil, |v| Reply::Bulk(v.into_vec().into()));
                         }
                     }
                 }
@@ -124,14 +143,23 @@ fn response_reply(response: WorkerResponse) -> Reply {
         WorkerResponse::Value(None) => Reply::Nil,
         WorkerResponse::Value(Some(bytes)) => Reply::Bulk(bytes.into()),
         WorkerResponse::Values(values) => Reply::Array(
-            values.into_iter().map(|v| v.map_or(Reply::Nil, |v| Reply::Bulk(v.into_vec().into()))).collect(),
+            values
+                .into_iter()
+                .map(|v| v.map_or(Reply::Nil, |v| Reply::Bulk(v.into_vec().into())))
+                .collect(),
         ),
-        WorkerResponse::Log(entries) => {
-            Reply::Array(entries.into_iter().map(|entry| log_entry_reply(entry, false)).collect())
-        }
+        WorkerResponse::Log(entries) => Reply::Array(
+            entries
+                .into_iter()
+                .map(|entry| log_entry_reply(entry, false))
+                .collect(),
+        ),
         WorkerResponse::Error(error) => errors::worker_error(&error),
         other => {
-            tracing::error!(?other, "a worker answered with a response this command does not expect");
+            tracing::error!(
+                ?other,
+                "a worker answered with a response this command does not expect"
+            );
             Reply::error("ERR internal error: unexpected response from a shard worker")
         }
     }
@@ -158,7 +186,11 @@ pub fn log_entry_reply(entry: shoal_shared::frame::LogEntry, with_partition: boo
 }
 
 /// Runs one request. `args[0]` is the command name.
-pub async fn dispatch(shared: &Arc<Shared>, session: &mut Session, args: Vec<Bytes>) -> (Pending, After) {
+pub async fn dispatch(
+    shared: &Arc<Shared>,
+    session: &mut Session,
+    args: Vec<Bytes>,
+) -> (Pending, After) {
     let name = &args[0];
     let Some(spec) = table::index_of_request(name).map(|index| &table::COMMANDS[index]) else {
         return ready(errors::unknown_command(name, &args[1..]));
@@ -197,7 +229,13 @@ pub fn route(shared: &Shared, key: &Bytes) -> Result<(usize, Key), Reply> {
         return Err(errors::key_too_long(key.len()));
     }
     let partition = key_partition(key, shared.config.storage.partitions);
-    Ok((partition_worker(partition, shared.links.len()), Key { partition, bytes: key.to_vec() }))
+    Ok((
+        partition_worker(partition, shared.links.len()),
+        Key {
+            partition,
+            bytes: key.to_vec(),
+        },
+    ))
 }
 
 /// A worker, the keys it owns, and their positions in the request.
@@ -224,12 +262,18 @@ pub fn group_by_worker(shared: &Shared, keys: &[Bytes]) -> Result<Vec<WorkerKeys
 /// Sends one request to one worker.
 pub async fn call_one(shared: &Shared, worker: usize, request: WorkerRequest) -> Pending {
     let call = shared.links[worker].send(request).await;
-    Pending::Calls { calls: vec![call], merge: Merge::Single }
+    Pending::Calls {
+        calls: vec![call],
+        merge: Merge::Single,
+    }
 }
 
 /// Sends one request to every worker and adds up the integer answers.
 pub async fn call_all_sum(shared: &Shared, make: impl Fn() -> WorkerRequest) -> Pending {
-    Pending::Calls { calls: send_all(shared, make).await, merge: Merge::Sum }
+    Pending::Calls {
+        calls: send_all(shared, make).await,
+        merge: Merge::Sum,
+    }
 }
 
 /// Sends one request to every worker.
@@ -242,7 +286,11 @@ pub async fn send_all(shared: &Shared, make: impl Fn() -> WorkerRequest) -> Vec<
 }
 
 /// Sends one request to one worker and waits for its answer, mapping failures to replies.
-pub async fn ask(shared: &Shared, worker: usize, request: WorkerRequest) -> Result<WorkerResponse, Reply> {
+pub async fn ask(
+    shared: &Shared,
+    worker: usize,
+    request: WorkerRequest,
+) -> Result<WorkerResponse, Reply> {
     match shared.links[worker].send(request).await.wait().await {
         Ok(WorkerResponse::Error(error)) => Err(errors::worker_error(&error)),
         Ok(response) => Ok(response),
@@ -256,7 +304,9 @@ pub async fn wait_all(calls: Vec<Call>) -> Result<Vec<WorkerResponse>, Reply> {
     let mut failure = None;
     for call in calls {
         match call.wait().await {
-            Ok(WorkerResponse::Error(error)) => failure = failure.or(Some(errors::worker_error(&error))),
+            Ok(WorkerResponse::Error(error)) => {
+                failure = failure.or(Some(errors::worker_error(&error)))
+            }
             Ok(response) => responses.push(response),
             Err(error) => failure = failure.or(Some(errors::link_error(&error))),
         }

@@ -16,7 +16,12 @@ use crate::txn::{self, Participant, TxFailure};
 use crate::Shared;
 
 /// Runs `name` if it is a multi-key write; `None` otherwise. Arity is already checked.
-pub async fn dispatch(shared: &Arc<Shared>, session: &Session, name: &str, args: &[Bytes]) -> Option<Pending> {
+pub async fn dispatch(
+    shared: &Arc<Shared>,
+    session: &Session,
+    name: &str,
+    args: &[Bytes],
+) -> Option<Pending> {
     let collection = session.collection;
     let work = match name {
         "mset" | "msetnx" => {
@@ -27,7 +32,13 @@ pub async fn dispatch(shared: &Arc<Shared>, session: &Session, name: &str, args:
             if args[2..].iter().step_by(2).any(|value| value.len() > max) {
                 return Some(Pending::Ready(errors::value_too_large(max)));
             }
-            Work::Mset { pairs: args[1..].chunks(2).map(|pair| (pair[0].clone(), pair[1].clone())).collect(), if_absent: name == "msetnx" }
+            Work::Mset {
+                pairs: args[1..]
+                    .chunks(2)
+                    .map(|pair| (pair[0].clone(), pair[1].clone()))
+                    .collect(),
+                if_absent: name == "msetnx",
+            }
         }
         "del" | "unlink" => {
             let mut keys: Vec<Bytes> = args[1..].to_vec();
@@ -35,7 +46,11 @@ pub async fn dispatch(shared: &Arc<Shared>, session: &Session, name: &str, args:
             keys.dedup();
             Work::Delete { keys }
         }
-        "rename" | "renamenx" => Work::Rename { from: args[1].clone(), to: args[2].clone(), if_absent: name == "renamenx" },
+        "rename" | "renamenx" => Work::Rename {
+            from: args[1].clone(),
+            to: args[2].clone(),
+            if_absent: name == "renamenx",
+        },
         "copy" => {
             let mut to_collection = collection;
             let mut replace = false;
@@ -44,10 +59,16 @@ pub async fn dispatch(shared: &Arc<Shared>, session: &Session, name: &str, args:
                 match option.to_ascii_uppercase().as_slice() {
                     b"REPLACE" => replace = true,
                     b"DB" => match options.next().map(|db| parse_i64(db)) {
-                        Some(Some(db)) if (0..i64::from(shared.config.storage.collections)).contains(&db) => {
+                        Some(Some(db))
+                            if (0..i64::from(shared.config.storage.collections)).contains(&db) =>
+                        {
                             to_collection = db as u16
                         }
-                        Some(Some(_)) => return Some(Pending::Ready(Reply::error("ERR DB index is out of range"))),
+                        Some(Some(_)) => {
+                            return Some(Pending::Ready(Reply::error(
+                                "ERR DB index is out of range",
+                            )))
+                        }
                         Some(None) => return Some(Pending::Ready(errors::not_integer())),
                         None => return Some(Pending::Ready(errors::syntax())),
                     },
@@ -55,35 +76,70 @@ pub async fn dispatch(shared: &Arc<Shared>, session: &Session, name: &str, args:
                 }
             }
             if args[1] == args[2] && to_collection == collection {
-                return Some(Pending::Ready(Reply::error("ERR source and destination objects are the same")));
+                return Some(Pending::Ready(Reply::error(
+                    "ERR source and destination objects are the same",
+                )));
             }
-            Work::Copy { from: args[1].clone(), to: args[2].clone(), to_collection, replace }
+            Work::Copy {
+                from: args[1].clone(),
+                to: args[2].clone(),
+                to_collection,
+                replace,
+            }
         }
         _ => return None,
     };
     let shared = Arc::clone(shared);
-    Some(Pending::barrier(async move { work.run(&shared, collection).await }))
+    Some(Pending::barrier(async move {
+        work.run(&shared, collection).await
+    }))
 }
 
 enum Work {
-    Mset { pairs: Vec<(Bytes, Bytes)>, if_absent: bool },
-    Delete { keys: Vec<Bytes> },
-    Rename { from: Bytes, to: Bytes, if_absent: bool },
-    Copy { from: Bytes, to: Bytes, to_collection: u16, replace: bool },
+    Mset {
+        pairs: Vec<(Bytes, Bytes)>,
+        if_absent: bool,
+    },
+    Delete {
+        keys: Vec<Bytes>,
+    },
+    Rename {
+        from: Bytes,
+        to: Bytes,
+        if_absent: bool,
+    },
+    Copy {
+        from: Bytes,
+        to: Bytes,
+        to_collection: u16,
+        replace: bool,
+    },
 }
 
 fn op(collection: u16, key: Key, action: TxAction) -> TxOp {
-    TxOp { collection, key, action }
+    TxOp {
+        collection,
+        key,
+        action,
+    }
 }
 
 /// One participant per worker that owns some of `keys`; `make` builds the op of the key at
 /// each position.
-fn per_worker(shared: &Shared, keys: &[Bytes], make: impl Fn(Key, usize) -> TxOp) -> Result<Vec<Participant>, Reply> {
+fn per_worker(
+    shared: &Shared,
+    keys: &[Bytes],
+    make: impl Fn(Key, usize) -> TxOp,
+) -> Result<Vec<Participant>, Reply> {
     Ok(group_by_worker(shared, keys)?
         .into_iter()
         .map(|(worker, keys, positions)| Participant {
             worker,
-            ops: keys.into_iter().zip(positions).map(|(key, position)| make(key, position)).collect(),
+            ops: keys
+                .into_iter()
+                .zip(positions)
+                .map(|(key, position)| make(key, position))
+                .collect(),
         })
         .collect())
 }
@@ -95,7 +151,10 @@ fn participants(keyed: Vec<(usize, TxOp)>) -> Vec<Participant> {
     for (worker, op) in keyed {
         match participants.iter_mut().find(|p| p.worker == worker) {
             Some(participant) => participant.ops.push(op),
-            None => participants.push(Participant { worker, ops: vec![op] }),
+            None => participants.push(Participant {
+                worker,
+                ops: vec![op],
+            }),
         }
     }
     participants
@@ -108,7 +167,15 @@ impl Work {
                 let keys: Vec<Bytes> = pairs.iter().map(|(key, _)| key.clone()).collect();
                 let participants = match per_worker(shared, &keys, |key, position| {
                     let value = pairs[position].1.to_vec();
-                    op(collection, key, TxAction::Put { value, expires_at_ms: None, if_absent })
+                    op(
+                        collection,
+                        key,
+                        TxAction::Put {
+                            value,
+                            expires_at_ms: None,
+                            if_absent,
+                        },
+                    )
                 }) {
                     Ok(participants) => participants,
                     Err(reply) => return reply,
@@ -116,31 +183,52 @@ impl Work {
                 match txn::run(shared, participants).await {
                     Ok(_) if if_absent => Reply::Integer(1),
                     Ok(_) => Reply::Ok,
-                    Err(TxFailure::Refused(WorkerError::TxKeyExists)) if if_absent => Reply::Integer(0),
+                    Err(TxFailure::Refused(WorkerError::TxKeyExists)) if if_absent => {
+                        Reply::Integer(0)
+                    }
                     Err(failure) => failure_reply(failure),
                 }
             }
             Work::Delete { keys } => {
-                let participants = match per_worker(shared, &keys, |key, _| op(collection, key, TxAction::Delete)) {
+                let participants = match per_worker(shared, &keys, |key, _| {
+                    op(collection, key, TxAction::Delete)
+                }) {
                     Ok(participants) => participants,
                     Err(reply) => return reply,
                 };
                 match txn::run(shared, participants).await {
                     Ok(outcomes) => Reply::Integer(
-                        outcomes.iter().flatten().filter(|outcome| **outcome == TxOutcome::Existed(true)).count() as i64,
+                        outcomes
+                            .iter()
+                            .flatten()
+                            .filter(|outcome| **outcome == TxOutcome::Existed(true))
+                            .count() as i64,
                     ),
                     Err(failure) => failure_reply(failure),
                 }
             }
-            Work::Rename { from, to, if_absent } => {
-                let ((from_worker, from_key), (to_worker, to_key)) = match route_pair(shared, &from, &to) {
-                    Ok(routed) => routed,
-                    Err(reply) => return reply,
-                };
+            Work::Rename {
+                from,
+                to,
+                if_absent,
+            } => {
+                let ((from_worker, from_key), (to_worker, to_key)) =
+                    match route_pair(shared, &from, &to) {
+                        Ok(routed) => routed,
+                        Err(reply) => return reply,
+                    };
                 if from == to {
                     // RENAME k k: nothing moves; the answer depends only on whether k exists.
                     let ops = vec![op(collection, from_key, TxAction::Read)];
-                    return match txn::run(shared, vec![Participant { worker: from_worker, ops }]).await {
+                    return match txn::run(
+                        shared,
+                        vec![Participant {
+                            worker: from_worker,
+                            ops,
+                        }],
+                    )
+                    .await
+                    {
                         Ok(_) if if_absent => Reply::Integer(0),
                         Ok(_) => Reply::Ok,
                         Err(failure) => rename_failure(failure),
@@ -148,7 +236,10 @@ impl Work {
                 }
                 let keyed = vec![
                     (from_worker, op(collection, from_key, TxAction::Take)),
-                    (to_worker, op(collection, to_key, TxAction::PutTaken { if_absent })),
+                    (
+                        to_worker,
+                        op(collection, to_key, TxAction::PutTaken { if_absent }),
+                    ),
                 ];
                 match txn::run(shared, participants(keyed)).await {
                     Ok(_) if if_absent => Reply::Integer(1),
@@ -157,14 +248,29 @@ impl Work {
                     Err(failure) => rename_failure(failure),
                 }
             }
-            Work::Copy { from, to, to_collection, replace } => {
-                let ((from_worker, from_key), (to_worker, to_key)) = match route_pair(shared, &from, &to) {
-                    Ok(routed) => routed,
-                    Err(reply) => return reply,
-                };
+            Work::Copy {
+                from,
+                to,
+                to_collection,
+                replace,
+            } => {
+                let ((from_worker, from_key), (to_worker, to_key)) =
+                    match route_pair(shared, &from, &to) {
+                        Ok(routed) => routed,
+                        Err(reply) => return reply,
+                    };
                 let keyed = vec![
                     (from_worker, op(collection, from_key, TxAction::Read)),
-                    (to_worker, op(to_collection, to_key, TxAction::PutTaken { if_absent: !replace })),
+                    (
+                        to_worker,
+                        op(
+                            to_collection,
+                            to_key,
+                            TxAction::PutTaken {
+                                if_absent: !replace,
+                            },
+                        ),
+                    ),
                 ];
                 match txn::run(shared, participants(keyed)).await {
                     Ok(_) => Reply::Integer(1),

@@ -20,7 +20,12 @@ use crate::Shared;
 pub const REDIS_COMPAT_VERSION: &str = "7.2.0";
 
 /// Runs a server or connection command. Arity is already checked.
-pub async fn dispatch(shared: &Shared, session: &mut Session, name: &str, args: &[Bytes]) -> (Pending, After) {
+pub async fn dispatch(
+    shared: &Shared,
+    session: &mut Session,
+    name: &str,
+    args: &[Bytes],
+) -> (Pending, After) {
     let reply = match name {
         "ping" => match args.get(1) {
             None => Reply::Simple("PONG".into()),
@@ -50,7 +55,9 @@ pub async fn dispatch(shared: &Shared, session: &mut Session, name: &str, args: 
 
 fn check_password(shared: &Shared, session: &mut Session, user: &[u8], password: &[u8]) -> Reply {
     match &shared.config.client.requirepass {
-        Some(expected) if user.eq_ignore_ascii_case(b"default") && password == expected.as_bytes() => {
+        Some(expected)
+            if user.eq_ignore_ascii_case(b"default") && password == expected.as_bytes() =>
+        {
             session.authenticated = true;
             Reply::Ok
         }
@@ -127,7 +134,10 @@ fn hello(shared: &Shared, session: &mut Session, args: &[Bytes]) -> Reply {
         (text("server"), text("shoal")),
         (text("version"), text(REDIS_COMPAT_VERSION)),
         (text("shoal_version"), text(env!("CARGO_PKG_VERSION"))),
-        (text("proto"), Reply::Integer(if protocol == Protocol::Resp3 { 3 } else { 2 })),
+        (
+            text("proto"),
+            Reply::Integer(if protocol == Protocol::Resp3 { 3 } else { 2 }),
+        ),
         (text("id"), Reply::Integer(session.id as i64)),
         (text("mode"), text("standalone")),
         (text("role"), text("master")),
@@ -156,15 +166,21 @@ fn client(session: &mut Session, args: &[Bytes]) -> Reply {
             Reply::Ok
         }
         (b"SETINFO", [attribute, _value]) => {
-            if attribute.eq_ignore_ascii_case(b"LIB-NAME") || attribute.eq_ignore_ascii_case(b"LIB-VER") {
+            if attribute.eq_ignore_ascii_case(b"LIB-NAME")
+                || attribute.eq_ignore_ascii_case(b"LIB-VER")
+            {
                 Reply::Ok
             } else {
-                Reply::error(format!("ERR Unrecognized option '{}'", String::from_utf8_lossy(attribute)))
+                Reply::error(format!(
+                    "ERR Unrecognized option '{}'",
+                    String::from_utf8_lossy(attribute)
+                ))
             }
         }
-        (b"ID" | b"GETNAME" | b"SETNAME" | b"SETINFO", _) => {
-            errors::wrong_arity(&format!("client|{}", String::from_utf8_lossy(&subcommand).to_lowercase()))
-        }
+        (b"ID" | b"GETNAME" | b"SETNAME" | b"SETINFO", _) => errors::wrong_arity(&format!(
+            "client|{}",
+            String::from_utf8_lossy(&subcommand).to_lowercase()
+        )),
         _ => Reply::error(format!(
             "ERR unknown subcommand '{}'. Try CLIENT HELP.",
             String::from_utf8_lossy(&args[0])
@@ -176,7 +192,12 @@ fn command_info(spec: &CommandSpec) -> Reply {
     Reply::Array(vec![
         Reply::bulk(spec.name),
         Reply::Integer(spec.arity),
-        Reply::Array(spec.flags.iter().map(|f| Reply::Simple((*f).into())).collect()),
+        Reply::Array(
+            spec.flags
+                .iter()
+                .map(|f| Reply::Simple((*f).into()))
+                .collect(),
+        ),
         Reply::Integer(spec.first_key),
         Reply::Integer(spec.last_key),
         Reply::Integer(spec.step),
@@ -202,7 +223,12 @@ fn command(args: &[Bytes]) -> Reply {
             if args.len() == 1 {
                 return Reply::Array(COMMANDS.iter().map(command_info).collect());
             }
-            Reply::Array(args[1..].iter().map(|name| find(name).map_or(Reply::Nil, command_info)).collect())
+            Reply::Array(
+                args[1..]
+                    .iter()
+                    .map(|name| find(name).map_or(Reply::Nil, command_info))
+                    .collect(),
+            )
         }
         b"DOCS" => {
             let specs: Vec<&CommandSpec> = if args.len() == 1 {
@@ -235,20 +261,44 @@ fn command(args: &[Bytes]) -> Reply {
 fn config_pairs(shared: &Shared) -> Vec<(&'static str, String)> {
     let config = &shared.config;
     let fsync = config.storage.durability == shoal_shared::config::Durability::Fsync;
-    let path = |p: Option<&std::path::PathBuf>| p.map(|p| p.display().to_string()).unwrap_or_default();
+    let path =
+        |p: Option<&std::path::PathBuf>| p.map(|p| p.display().to_string()).unwrap_or_default();
     vec![
-        ("appendfsync", if fsync { "always" } else { "everysec" }.into()),
+        (
+            "appendfsync",
+            if fsync { "always" } else { "everysec" }.into(),
+        ),
         ("appendonly", "yes".into()),
-        ("bind", config.client.listen.map(|a| a.ip().to_string()).unwrap_or_default()),
+        (
+            "bind",
+            config
+                .client
+                .listen
+                .map(|a| a.ip().to_string())
+                .unwrap_or_default(),
+        ),
         ("databases", config.storage.collections.to_string()),
         ("dir", config.data_dir.display().to_string()),
         ("durability", if fsync { "fsync" } else { "async" }.into()),
         ("map_size_bytes", config.storage.map_size_bytes.to_string()),
         ("maxclients", config.client.max_connections.to_string()),
         ("partitions", config.storage.partitions.to_string()),
-        ("port", config.client.listen.map(|a| a.port().to_string()).unwrap_or_else(|| "0".into())),
-        ("proto-max-bulk-len", config.client.max_value_bytes.to_string()),
-        ("requirepass", config.client.requirepass.clone().unwrap_or_default()),
+        (
+            "port",
+            config
+                .client
+                .listen
+                .map(|a| a.port().to_string())
+                .unwrap_or_else(|| "0".into()),
+        ),
+        (
+            "proto-max-bulk-len",
+            config.client.max_value_bytes.to_string(),
+        ),
+        (
+            "requirepass",
+            config.client.requirepass.clone().unwrap_or_default(),
+        ),
         ("save", String::new()),
         ("unixsocket", path(config.client.unix_socket.as_ref())),
         ("workers", config.workers.to_string()),
@@ -262,7 +312,11 @@ fn config(shared: &Shared, args: &[Bytes]) -> Reply {
             let pairs = config_pairs(shared);
             let matched = pairs
                 .into_iter()
-                .filter(|(name, _)| args[1..].iter().any(|pattern| glob_match(pattern, name.as_bytes(), true)))
+                .filter(|(name, _)| {
+                    args[1..]
+                        .iter()
+                        .any(|pattern| glob_match(pattern, name.as_bytes(), true))
+                })
                 .map(|(name, value)| (Reply::bulk(name), Reply::bulk(value)))
                 .collect();
             Reply::Map(matched)
@@ -285,11 +339,15 @@ async fn keyspace(shared: &Shared) -> Vec<(u16, Option<i64>)> {
     let mut calls = Vec::new();
     for collection in 0..shared.config.storage.collections {
         for link in &shared.links {
-            calls.push((collection, link.send(WorkerRequest::DbSize { collection }).await));
+            calls.push((
+                collection,
+                link.send(WorkerRequest::DbSize { collection }).await,
+            ));
         }
     }
-    let mut counts: Vec<(u16, Option<i64>)> =
-        (0..shared.config.storage.collections).map(|collection| (collection, Some(0))).collect();
+    let mut counts: Vec<(u16, Option<i64>)> = (0..shared.config.storage.collections)
+        .map(|collection| (collection, Some(0)))
+        .collect();
     for (collection, call) in calls {
         let total = &mut counts[usize::from(collection)].1;
         match call.wait().await {
@@ -301,8 +359,14 @@ async fn keyspace(shared: &Shared) -> Vec<(u16, Option<i64>)> {
 }
 
 async fn info(shared: &Shared, args: &[Bytes]) -> Reply {
-    let wanted: Vec<String> = args.iter().map(|a| String::from_utf8_lossy(a).to_lowercase()).collect();
-    let all = wanted.is_empty() || wanted.iter().any(|w| w == "all" || w == "everything" || w == "default");
+    let wanted: Vec<String> = args
+        .iter()
+        .map(|a| String::from_utf8_lossy(a).to_lowercase())
+        .collect();
+    let all = wanted.is_empty()
+        || wanted
+            .iter()
+            .any(|w| w == "all" || w == "everything" || w == "default");
     let show = |section: &str| all || wanted.iter().any(|w| w == section);
     let config = &shared.config;
     let status = &shared.status;
@@ -361,11 +425,12 @@ async fn info(shared: &Shared, args: &[Bytes]) -> Reply {
         let workers = shared.links.len();
         for worker in 0..workers {
             let slot = status.slot(worker);
-            let state = if slot.state() == ProcessState::Ready && !shared.links[worker].is_connected() {
-                "unreachable"
-            } else {
-                slot.state().name()
-            };
+            let state =
+                if slot.state() == ProcessState::Ready && !shared.links[worker].is_connected() {
+                    "unreachable"
+                } else {
+                    slot.state().name()
+                };
             let commits = slot.get(Field::Commits);
             let commit_usec = slot.get(Field::CommitMicrosSum) / commits.max(1);
             let _ = write!(

@@ -27,13 +27,22 @@ const FEED_MAX_BLOCK: Duration = Duration::from_secs(60);
 const FEED_POLL: Duration = Duration::from_millis(10);
 
 /// Runs `name` if it is one of Shoal's commands; `None` otherwise. Arity is already checked.
-pub async fn dispatch(shared: &Arc<Shared>, _session: &Session, name: &str, args: &[Bytes]) -> Option<Pending> {
+pub async fn dispatch(
+    shared: &Arc<Shared>,
+    _session: &Session,
+    name: &str,
+    args: &[Bytes],
+) -> Option<Pending> {
     let pending = match name {
         "id.new" => {
             let count = match args.get(1).map(|c| parse_i64(c)) {
                 None => None,
                 Some(Some(n)) if (1..=MAX_COUNT as i64).contains(&n) => Some(n as u64),
-                Some(_) => return Some(Pending::Ready(Reply::error(format!("ERR count must be between 1 and {MAX_COUNT}")))),
+                Some(_) => {
+                    return Some(Pending::Ready(Reply::error(format!(
+                        "ERR count must be between 1 and {MAX_COUNT}"
+                    ))))
+                }
             };
             let shared = Arc::clone(shared);
             Pending::barrier(async move {
@@ -44,9 +53,10 @@ pub async fn dispatch(shared: &Arc<Shared>, _session: &Session, name: &str, args
                 }
             })
         }
-        "shoal.partition" => {
-            Pending::Ready(Reply::Integer(i64::from(key_partition(&args[1], shared.config.storage.partitions))))
-        }
+        "shoal.partition" => Pending::Ready(Reply::Integer(i64::from(key_partition(
+            &args[1],
+            shared.config.storage.partitions,
+        )))),
         "shoal.log" => read_log(shared, args).await,
         "shoal.feed" => {
             let shared = Arc::clone(shared);
@@ -72,8 +82,12 @@ fn parse_count(option: &Bytes, value: &Bytes) -> Result<u32, Reply> {
 /// `SHOAL.LOG partition from_commit_id [COUNT n]`.
 async fn read_log(shared: &Shared, args: &[Bytes]) -> Pending {
     let partitions = shared.config.storage.partitions;
-    let Some(partition) = parse_i64(&args[1]).filter(|p| (0..i64::from(partitions)).contains(p)) else {
-        return Pending::Ready(Reply::error(format!("ERR partition must be between 0 and {}", partitions - 1)));
+    let Some(partition) = parse_i64(&args[1]).filter(|p| (0..i64::from(partitions)).contains(p))
+    else {
+        return Pending::Ready(Reply::error(format!(
+            "ERR partition must be between 0 and {}",
+            partitions - 1
+        )));
     };
     let Some(from_commit_id) = parse_i64(&args[2]).filter(|id| *id >= 0) else {
         return Pending::Ready(errors::not_integer());
@@ -88,7 +102,16 @@ async fn read_log(shared: &Shared, args: &[Bytes]) -> Pending {
     };
     let partition = partition as u16;
     let worker = partition_worker(partition, shared.links.len());
-    call_one(shared, worker, WorkerRequest::ReadLog { partition, from_commit_id: from_commit_id as u64, count }).await
+    call_one(
+        shared,
+        worker,
+        WorkerRequest::ReadLog {
+            partition,
+            from_commit_id: from_commit_id as u64,
+            count,
+        },
+    )
+    .await
 }
 
 /// Parses a feed cursor into the last commit id seen per partition.
@@ -106,8 +129,12 @@ fn parse_cursor(text: &[u8], partitions: u16) -> Option<Vec<u64>> {
 }
 
 fn format_cursor(seen: &[u64]) -> String {
-    let pairs: Vec<String> =
-        seen.iter().enumerate().filter(|(_, id)| **id > 0).map(|(p, id)| format!("{p}:{id}")).collect();
+    let pairs: Vec<String> = seen
+        .iter()
+        .enumerate()
+        .filter(|(_, id)| **id > 0)
+        .map(|(p, id)| format!("{p}:{id}"))
+        .collect();
     if pairs.is_empty() {
         "0".into()
     } else {
@@ -122,10 +149,14 @@ async fn feed(shared: &Shared, args: &[Bytes]) -> Reply {
     let mut block = None;
     let mut options = args[2..].iter();
     while let Some(option) = options.next() {
-        let Some(value) = options.next() else { return errors::syntax() };
+        let Some(value) = options.next() else {
+            return errors::syntax();
+        };
         if option.eq_ignore_ascii_case(b"BLOCK") {
             match parse_i64(value) {
-                Some(ms) if ms >= 0 => block = Some(Duration::from_millis(ms as u64).min(FEED_MAX_BLOCK)),
+                Some(ms) if ms >= 0 => {
+                    block = Some(Duration::from_millis(ms as u64).min(FEED_MAX_BLOCK))
+                }
                 _ => return Reply::error("ERR timeout is not an integer or out of range"),
             }
         } else {
@@ -155,7 +186,9 @@ async fn feed(shared: &Shared, args: &[Bytes]) -> Reply {
     } else {
         match parse_cursor(&args[1], partitions) {
             Some(seen) => seen,
-            None => return Reply::error("ERR invalid feed cursor: use 0, $, or the cursor a previous SHOAL.FEED returned"),
+            None => return Reply::error(
+                "ERR invalid feed cursor: use 0, $, or the cursor a previous SHOAL.FEED returned",
+            ),
         }
     };
     let deadline = Instant::now() + block.unwrap_or_default();
@@ -164,13 +197,25 @@ async fn feed(shared: &Shared, args: &[Bytes]) -> Reply {
             Ok(entries) => entries,
             Err(reply) => return reply,
         };
-        if !entries.is_empty() || block.is_none() || Instant::now() >= deadline || shared.shutting_down.load(std::sync::atomic::Ordering::Acquire) {
+        if !entries.is_empty()
+            || block.is_none()
+            || Instant::now() >= deadline
+            || shared
+                .shutting_down
+                .load(std::sync::atomic::Ordering::Acquire)
+        {
             for entry in &entries {
                 let slot = &mut seen[usize::from(entry.partition)];
                 *slot = (*slot).max(entry.commit_id);
             }
-            let entries = entries.into_iter().map(|entry| log_entry_reply(entry, true)).collect();
-            return Reply::Array(vec![Reply::bulk(format_cursor(&seen)), Reply::Array(entries)]);
+            let entries = entries
+                .into_iter()
+                .map(|entry| log_entry_reply(entry, true))
+                .collect();
+            return Reply::Array(vec![
+                Reply::bulk(format_cursor(&seen)),
+                Reply::Array(entries),
+            ]);
         }
         tokio::time::sleep(FEED_POLL).await;
     }
@@ -187,13 +232,20 @@ async fn read_feed(shared: &Shared, seen: &[u64], count: u32) -> Result<Vec<LogE
             .filter(|(partition, _)| partition_worker(*partition as u16, workers) == worker)
             .map(|(partition, id)| (partition as u16, *id))
             .collect();
-        calls.push(shared.links[worker].send(WorkerRequest::ReadFeed { positions, count }).await);
+        calls.push(
+            shared.links[worker]
+                .send(WorkerRequest::ReadFeed { positions, count })
+                .await,
+        );
     }
     let mut entries = Vec::new();
     for call in calls {
         match call.wait().await {
             Ok(WorkerResponse::Log(found)) => entries.extend(found),
-            Ok(WorkerResponse::Error(WorkerError::LogTrimmed { partition, trimmed_through })) => {
+            Ok(WorkerResponse::Error(WorkerError::LogTrimmed {
+                partition,
+                trimmed_through,
+            })) => {
                 return Err(Reply::error(format!(
                     "ERR the feed cursor is behind the retained log: partition {partition} was trimmed through \
                      commit {trimmed_through} (storage.log_retention_*); restart from '$' after copying the data"

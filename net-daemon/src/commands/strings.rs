@@ -11,12 +11,35 @@ use crate::errors;
 use crate::Shared;
 
 /// Runs `name` if it is a one-key command; `None` otherwise. Arity is already checked.
-pub async fn dispatch(shared: &Shared, session: &Session, name: &str, args: &[Bytes]) -> Option<Pending> {
+pub async fn dispatch(
+    shared: &Shared,
+    session: &Session,
+    name: &str,
+    args: &[Bytes],
+) -> Option<Pending> {
     let collection = session.collection;
     let pending = match name {
-        "get" => single(shared, &args[1], |key| WorkerRequest::Get { collection, key }).await,
-        "getdel" => single(shared, &args[1], |key| WorkerRequest::GetDel { collection, key }).await,
-        "strlen" => single(shared, &args[1], |key| WorkerRequest::StrLen { collection, key }).await,
+        "get" => {
+            single(shared, &args[1], |key| WorkerRequest::Get {
+                collection,
+                key,
+            })
+            .await
+        }
+        "getdel" => {
+            single(shared, &args[1], |key| WorkerRequest::GetDel {
+                collection,
+                key,
+            })
+            .await
+        }
+        "strlen" => {
+            single(shared, &args[1], |key| WorkerRequest::StrLen {
+                collection,
+                key,
+            })
+            .await
+        }
         "set" => set(shared, collection, args).await,
         "setnx" | "getset" => {
             let (condition, reply) = match name {
@@ -24,23 +47,36 @@ pub async fn dispatch(shared: &Shared, session: &Session, name: &str, args: &[By
                 _ => (SetCondition::Always, SetReply::OldValue),
             };
             let expiry = Expiry::Clear;
-            write_value(shared, &args[1], &args[2], |key, value| WorkerRequest::Set {
-                collection,
-                key,
-                value,
-                condition,
-                reply,
-                expiry,
+            write_value(shared, &args[1], &args[2], |key, value| {
+                WorkerRequest::Set {
+                    collection,
+                    key,
+                    value,
+                    condition,
+                    reply,
+                    expiry,
+                }
             })
             .await
         }
         "getex" => match StringOptions::parse(&args[2..], false) {
             Err(reply) => Pending::Ready(reply),
             Ok(options) => match options.expiry("getex") {
-                Ok(expiry) => single(shared, &args[1], |key| WorkerRequest::GetEx { collection, key, expiry }).await,
+                Ok(expiry) => {
+                    single(shared, &args[1], |key| WorkerRequest::GetEx {
+                        collection,
+                        key,
+                        expiry,
+                    })
+                    .await
+                }
                 // Redis checks the expiry only once it has found the key: a missing key is nil.
                 Err(reply) => {
-                    let get = single(shared, &args[1], |key| WorkerRequest::Get { collection, key }).await;
+                    let get = single(shared, &args[1], |key| WorkerRequest::Get {
+                        collection,
+                        key,
+                    })
+                    .await;
                     Pending::barrier(async move {
                         match get.resolve().await {
                             Reply::Nil => Reply::Nil,
@@ -52,7 +88,14 @@ pub async fn dispatch(shared: &Shared, session: &Session, name: &str, args: &[By
             },
         },
         "append" => {
-            write_value(shared, &args[1], &args[2], |key, value| WorkerRequest::Append { collection, key, value }).await
+            write_value(shared, &args[1], &args[2], |key, value| {
+                WorkerRequest::Append {
+                    collection,
+                    key,
+                    value,
+                }
+            })
+            .await
         }
         "incr" | "decr" | "incrby" | "decrby" => {
             let delta = match name {
@@ -61,20 +104,41 @@ pub async fn dispatch(shared: &Shared, session: &Session, name: &str, args: &[By
                 "incrby" => parse_i64(&args[2]).ok_or_else(errors::not_integer),
                 _ => parse_i64(&args[2])
                     .ok_or_else(errors::not_integer)
-                    .and_then(|n| n.checked_neg().ok_or_else(|| Reply::error("ERR decrement would overflow"))),
+                    .and_then(|n| {
+                        n.checked_neg()
+                            .ok_or_else(|| Reply::error("ERR decrement would overflow"))
+                    }),
             };
             match delta {
-                Ok(delta) => single(shared, &args[1], |key| WorkerRequest::IncrBy { collection, key, delta }).await,
+                Ok(delta) => {
+                    single(shared, &args[1], |key| WorkerRequest::IncrBy {
+                        collection,
+                        key,
+                        delta,
+                    })
+                    .await
+                }
                 Err(reply) => Pending::Ready(reply),
             }
         }
         "incrbyfloat" => {
             let increment = args[2].to_vec();
-            single(shared, &args[1], |key| WorkerRequest::IncrByFloat { collection, key, increment }).await
+            single(shared, &args[1], |key| WorkerRequest::IncrByFloat {
+                collection,
+                key,
+                increment,
+            })
+            .await
         }
         "getrange" => match (parse_i64(&args[2]), parse_i64(&args[3])) {
             (Some(start), Some(end)) => {
-                single(shared, &args[1], |key| WorkerRequest::GetRange { collection, key, start, end }).await
+                single(shared, &args[1], |key| WorkerRequest::GetRange {
+                    collection,
+                    key,
+                    start,
+                    end,
+                })
+                .await
             }
             _ => Pending::Ready(errors::not_integer()),
         },
@@ -86,15 +150,33 @@ pub async fn dispatch(shared: &Shared, session: &Session, name: &str, args: &[By
                 }
                 let value = args[3].to_vec();
                 let offset = offset as u64;
-                single(shared, &args[1], |key| WorkerRequest::SetRange { collection, key, offset, value }).await
+                single(shared, &args[1], |key| WorkerRequest::SetRange {
+                    collection,
+                    key,
+                    offset,
+                    value,
+                })
+                .await
             }
             Some(_) => Pending::Ready(Reply::error("ERR offset is out of range")),
             None => Pending::Ready(errors::not_integer()),
         },
-        "exists" => multi_read(shared, &args[1..], Merge::Sum, |keys| WorkerRequest::Exists { collection, keys }).await,
+        "exists" => {
+            multi_read(shared, &args[1..], Merge::Sum, |keys| {
+                WorkerRequest::Exists { collection, keys }
+            })
+            .await
+        }
         "mget" => {
-            let merge = Merge::Values { positions: Vec::new(), total: args.len() - 1 };
-            multi_read(shared, &args[1..], merge, |keys| WorkerRequest::MGet { collection, keys }).await
+            let merge = Merge::Values {
+                positions: Vec::new(),
+                total: args.len() - 1,
+            };
+            multi_read(shared, &args[1..], merge, |keys| WorkerRequest::MGet {
+                collection,
+                keys,
+            })
+            .await
         }
         _ => return None,
     };
@@ -102,7 +184,11 @@ pub async fn dispatch(shared: &Shared, session: &Session, name: &str, args: &[By
 }
 
 /// A command on one key.
-pub async fn single(shared: &Shared, key: &Bytes, make: impl FnOnce(Key) -> WorkerRequest) -> Pending {
+pub async fn single(
+    shared: &Shared,
+    key: &Bytes,
+    make: impl FnOnce(Key) -> WorkerRequest,
+) -> Pending {
     match route(shared, key) {
         Ok((worker, key)) => call_one(shared, worker, make(key)).await,
         Err(reply) => Pending::Ready(reply),
@@ -160,15 +246,22 @@ struct StringOptions<'a> {
 
 impl<'a> StringOptions<'a> {
     fn parse(options: &'a [Bytes], set: bool) -> Result<StringOptions<'a>, Reply> {
-        let mut parsed =
-            StringOptions { condition: SetCondition::Always, get: false, keep_ttl: false, persist: false, expire: None };
+        let mut parsed = StringOptions {
+            condition: SetCondition::Always,
+            get: false,
+            keep_ttl: false,
+            persist: false,
+            expire: None,
+        };
         let mut i = 0;
         while i < options.len() {
             let option = options[i].to_ascii_uppercase();
             let timed = |unit: u64, absolute: bool, parsed: &StringOptions| {
                 let conflicting = parsed.keep_ttl
                     || parsed.persist
-                    || parsed.expire.is_some_and(|(_, u, a)| (u, a) != (unit, absolute));
+                    || parsed
+                        .expire
+                        .is_some_and(|(_, u, a)| (u, a) != (unit, absolute));
                 (!conflicting).then_some((unit, absolute))
             };
             let expire = match option.as_slice() {
@@ -213,27 +306,44 @@ impl<'a> StringOptions<'a> {
         if amount <= 0 {
             return Err(invalid());
         }
-        let ms = (amount as u64).checked_mul(unit).filter(|&ms| ms <= i64::MAX as u64).ok_or_else(invalid)?;
-        let at = if absolute { Some(ms) } else { shoal_shared::now_ms().checked_add(ms) };
-        at.filter(|&at| at <= i64::MAX as u64).map(Expiry::At).ok_or_else(invalid)
+        let ms = (amount as u64)
+            .checked_mul(unit)
+            .filter(|&ms| ms <= i64::MAX as u64)
+            .ok_or_else(invalid)?;
+        let at = if absolute {
+            Some(ms)
+        } else {
+            shoal_shared::now_ms().checked_add(ms)
+        };
+        at.filter(|&at| at <= i64::MAX as u64)
+            .map(Expiry::At)
+            .ok_or_else(invalid)
     }
 }
 
 /// `SET key value [NX|XX] [GET] [EX s|PX ms|EXAT s|PXAT ms|KEEPTTL]`.
 async fn set(shared: &Shared, collection: u16, args: &[Bytes]) -> Pending {
-    let (options, expiry) = match StringOptions::parse(&args[3..], true).and_then(|o| o.expiry("set").map(|e| (o, e))) {
+    let (options, expiry) = match StringOptions::parse(&args[3..], true)
+        .and_then(|o| o.expiry("set").map(|e| (o, e)))
+    {
         Ok(parsed) => parsed,
         Err(reply) => return Pending::Ready(reply),
     };
     let condition = options.condition;
-    let reply = if options.get { SetReply::OldValue } else { SetReply::Status };
-    write_value(shared, &args[1], &args[2], |key, value| WorkerRequest::Set {
-        collection,
-        key,
-        value,
-        condition,
-        reply,
-        expiry,
+    let reply = if options.get {
+        SetReply::OldValue
+    } else {
+        SetReply::Status
+    };
+    write_value(shared, &args[1], &args[2], |key, value| {
+        WorkerRequest::Set {
+            collection,
+            key,
+            value,
+            condition,
+            reply,
+            expiry,
+        }
     })
     .await
 }

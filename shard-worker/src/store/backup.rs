@@ -40,7 +40,11 @@ pub struct BackupSource {
 impl Store {
     /// A handle for copying this environment from another thread.
     pub fn backup_source(&self) -> BackupSource {
-        BackupSource { env: self.env.clone(), resize_gate: Arc::clone(&self.resize_gate), max_dbs: self.max_dbs }
+        BackupSource {
+            env: self.env.clone(),
+            resize_gate: Arc::clone(&self.resize_gate),
+            max_dbs: self.max_dbs,
+        }
     }
 }
 
@@ -61,15 +65,23 @@ impl BackupSource {
             .open(&path)
             .map_err(|error| io_error(&path, "cannot create", error))?;
         {
-            let _gate = self.resize_gate.read().unwrap_or_else(|poisoned| poisoned.into_inner());
-            self.env.copy_to_file(&mut file, CompactionOption::Disabled)?;
+            let _gate = self
+                .resize_gate
+                .read()
+                .unwrap_or_else(|poisoned| poisoned.into_inner());
+            self.env
+                .copy_to_file(&mut file, CompactionOption::Disabled)?;
         }
-        file.sync_all().map_err(|error| io_error(&path, "cannot sync", error))?;
-        File::open(dir).and_then(|d| d.sync_all()).map_err(|error| io_error(dir, "cannot sync", error))?;
+        file.sync_all()
+            .map_err(|error| io_error(&path, "cannot sync", error))?;
+        File::open(dir)
+            .and_then(|d| d.sync_all())
+            .map_err(|error| io_error(dir, "cannot sync", error))?;
         drop(file);
 
         let mut report = read_copy(&path, self.max_dbs)?;
-        let (bytes, sha256) = hash_file(&path).map_err(|error| io_error(&path, "cannot read", error))?;
+        let (bytes, sha256) =
+            hash_file(&path).map_err(|error| io_error(&path, "cannot read", error))?;
         report.bytes = bytes;
         report.sha256 = sha256;
         Ok(report)
@@ -88,14 +100,29 @@ fn read_copy(path: &Path, max_dbs: u32) -> Result<ShardBackup, StoreError> {
     let env = unsafe { options.open(path)? };
     let meta = env
         .open_databases_and_commit(env.read_txn()?, |opener, txn| {
-            opener.open_database::<Bytes, Bytes>(txn, Some("meta")).map(CommitOrAbort::<_, ()>::Commit)
+            opener
+                .open_database::<Bytes, Bytes>(txn, Some("meta"))
+                .map(CommitOrAbort::<_, ()>::Commit)
         })?
         .unwrap_commit()
-        .ok_or_else(|| StoreError::Mismatch(format!("the copy at {} has no meta database", path.display())))?;
+        .ok_or_else(|| {
+            StoreError::Mismatch(format!(
+                "the copy at {} has no meta database",
+                path.display()
+            ))
+        })?;
     let txn = env.read_txn()?;
-    let format_version = layout::decode_u32(meta.get(&txn, layout::META_FORMAT_VERSION)?.unwrap_or_default(), "format version")?;
-    let shard = layout::decode_u32(meta.get(&txn, layout::META_SHARD_ID)?.unwrap_or_default(), "shard id")?;
-    let (partitions, workers) = layout::decode_layout(meta.get(&txn, layout::META_LAYOUT)?.unwrap_or_default())?;
+    let format_version = layout::decode_u32(
+        meta.get(&txn, layout::META_FORMAT_VERSION)?
+            .unwrap_or_default(),
+        "format version",
+    )?;
+    let shard = layout::decode_u32(
+        meta.get(&txn, layout::META_SHARD_ID)?.unwrap_or_default(),
+        "shard id",
+    )?;
+    let (partitions, workers) =
+        layout::decode_layout(meta.get(&txn, layout::META_LAYOUT)?.unwrap_or_default())?;
     let mut positions: Vec<(Partition, u64)> = Vec::new();
     for partition in worker_partitions(shard as usize, usize::from(workers), partitions) {
         let last_commit_id = match meta.get(&txn, &layout::partition_meta_key(partition))? {
@@ -106,7 +133,15 @@ fn read_copy(path: &Path, max_dbs: u32) -> Result<ShardBackup, StoreError> {
     }
     drop(txn);
     env.prepare_for_closing().wait();
-    Ok(ShardBackup { shard, format_version, partitions, workers, bytes: 0, sha256: String::new(), positions })
+    Ok(ShardBackup {
+        shard,
+        format_version,
+        partitions,
+        workers,
+        bytes: 0,
+        sha256: String::new(),
+        positions,
+    })
 }
 
 /// Size and SHA-256 (hex) of a file.

@@ -30,16 +30,29 @@ pub(crate) struct Current {
 
 impl Store {
     /// Reads `key` in `collection` as of `now_ms`.
-    pub(crate) fn current(&self, txn: &RwTxn, db: RawDatabase, key: &Key, now_ms: u64) -> Result<Current, OpError> {
+    pub(crate) fn current(
+        &self,
+        txn: &RwTxn,
+        db: RawDatabase,
+        key: &Key,
+        now_ms: u64,
+    ) -> Result<Current, OpError> {
         let Some(raw) = db.get(txn, &layout::data_key(key.partition, &key.bytes))? else {
             return Ok(Current::default());
         };
         let stored = layout::decode_value(raw)?;
         match stored.expires_at_ms {
-            Some(at) if at <= now_ms => Ok(Current { live: None, expired_at_ms: Some(at) }),
-            expires_at_ms => {
-                Ok(Current { live: Some(Live { value: stored.bytes.to_vec(), expires_at_ms }), expired_at_ms: None })
-            }
+            Some(at) if at <= now_ms => Ok(Current {
+                live: None,
+                expired_at_ms: Some(at),
+            }),
+            expires_at_ms => Ok(Current {
+                live: Some(Live {
+                    value: stored.bytes.to_vec(),
+                    expires_at_ms,
+                }),
+                expired_at_ms: None,
+            }),
         }
     }
 
@@ -60,16 +73,40 @@ impl Store {
         let old_expiry = current.live.as_ref().and_then(|live| live.expires_at_ms);
         if old_expiry != expires_at_ms {
             if let Some(old) = old_expiry {
-                self.expiry.delete(txn, &layout::expiry_key(old, collection, key.partition, &key.bytes))?;
+                self.expiry.delete(
+                    txn,
+                    &layout::expiry_key(old, collection, key.partition, &key.bytes),
+                )?;
             }
             if let Some(new) = expires_at_ms {
-                self.expiry.put(txn, &layout::expiry_key(new, collection, key.partition, &key.bytes), &[])?;
+                self.expiry.put(
+                    txn,
+                    &layout::expiry_key(new, collection, key.partition, &key.bytes),
+                    &[],
+                )?;
             }
         }
         let commit_id = self.next_commit_id(txn, batch, key.partition)?;
-        db.put(txn, &layout::data_key(key.partition, &key.bytes), &layout::encode_value(commit_id, expires_at_ms, value))?;
-        let change = if current.live.is_some() { ChangeType::Update } else { ChangeType::Create };
-        self.append_log(txn, batch, commit_id, change, collection, key, expires_at_ms, value)
+        db.put(
+            txn,
+            &layout::data_key(key.partition, &key.bytes),
+            &layout::encode_value(commit_id, expires_at_ms, value),
+        )?;
+        let change = if current.live.is_some() {
+            ChangeType::Update
+        } else {
+            ChangeType::Create
+        };
+        self.append_log(
+            txn,
+            batch,
+            commit_id,
+            change,
+            collection,
+            key,
+            expires_at_ms,
+            value,
+        )
     }
 
     /// Deletes the key if it is stored (live or expired), logging a delete. Returns whether it was live.
@@ -85,11 +122,23 @@ impl Store {
         match &current.live {
             Some(live) => {
                 if let Some(at) = live.expires_at_ms {
-                    self.expiry.delete(txn, &layout::expiry_key(at, collection, key.partition, &key.bytes))?;
+                    self.expiry.delete(
+                        txn,
+                        &layout::expiry_key(at, collection, key.partition, &key.bytes),
+                    )?;
                 }
                 db.delete(txn, &layout::data_key(key.partition, &key.bytes))?;
                 let commit_id = self.next_commit_id(txn, batch, key.partition)?;
-                self.append_log(txn, batch, commit_id, ChangeType::Delete, collection, key, None, &[])?;
+                self.append_log(
+                    txn,
+                    batch,
+                    commit_id,
+                    ChangeType::Delete,
+                    collection,
+                    key,
+                    None,
+                    &[],
+                )?;
                 Ok(true)
             }
             None => {
@@ -112,30 +161,60 @@ impl Store {
         current: &Current,
         delete_data: bool,
     ) -> heed::Result<()> {
-        let Some(at) = current.expired_at_ms else { return Ok(()) };
-        self.expiry.delete(txn, &layout::expiry_key(at, collection, key.partition, &key.bytes))?;
+        let Some(at) = current.expired_at_ms else {
+            return Ok(());
+        };
+        self.expiry.delete(
+            txn,
+            &layout::expiry_key(at, collection, key.partition, &key.bytes),
+        )?;
         if delete_data {
             db.delete(txn, &layout::data_key(key.partition, &key.bytes))?;
         }
         let commit_id = self.next_commit_id(txn, batch, key.partition)?;
-        self.append_log(txn, batch, commit_id, ChangeType::Delete, collection, key, None, &[])
+        self.append_log(
+            txn,
+            batch,
+            commit_id,
+            ChangeType::Delete,
+            collection,
+            key,
+            None,
+            &[],
+        )
     }
 
     /// Advances the partition's commit id inside this transaction.
-    fn next_commit_id(&self, txn: &RwTxn, batch: &mut Batch, partition: Partition) -> heed::Result<u64> {
+    fn next_commit_id(
+        &self,
+        txn: &RwTxn,
+        batch: &mut Batch,
+        partition: Partition,
+    ) -> heed::Result<u64> {
         let meta = self.partition_meta(txn, batch, partition)?;
-        let next = PartitionMeta { last_commit_id: meta.last_commit_id + 1, mtime_ms: batch.now_ms, ..meta };
+        let next = PartitionMeta {
+            last_commit_id: meta.last_commit_id + 1,
+            mtime_ms: batch.now_ms,
+            ..meta
+        };
         batch.partitions.insert(partition, next);
         Ok(next.last_commit_id)
     }
 
     /// The partition's `meta` entry as this transaction sees it.
-    pub(crate) fn partition_meta(&self, txn: &RwTxn, batch: &Batch, partition: Partition) -> heed::Result<PartitionMeta> {
+    pub(crate) fn partition_meta(
+        &self,
+        txn: &RwTxn,
+        batch: &Batch,
+        partition: Partition,
+    ) -> heed::Result<PartitionMeta> {
         if let Some(meta) = batch.partitions.get(&partition) {
             return Ok(*meta);
         }
         match self.meta.get(txn, &layout::partition_meta_key(partition))? {
-            Some(raw) => layout::decode_partition_meta(raw).map_err(|e| heed::Error::Decoding(Box::new(e))),
+            Some(raw) => {
+                layout::decode_partition_meta(raw).map_err(|e| heed::Error::Decoding(Box::new(e)))
+            }
             None => Ok(PartitionMeta::default()),
         }
     }
@@ -152,16 +231,34 @@ impl Store {
         expires_at_ms: Option<u64>,
         data: &[u8],
     ) -> heed::Result<()> {
-        let record =
-            LogRecord { timestamp_ms: batch.now_ms, change, collection, expires_at_ms, key: &key.bytes, data };
-        self.log.put(txn, &layout::log_key(key.partition, commit_id), &layout::encode_log_value(&record))
+        let record = LogRecord {
+            timestamp_ms: batch.now_ms,
+            change,
+            collection,
+            expires_at_ms,
+            key: &key.bytes,
+            data,
+        };
+        self.log.put(
+            txn,
+            &layout::log_key(key.partition, commit_id),
+            &layout::encode_log_value(&record),
+        )
     }
 
     /// Deletes due keys through the expiry index (see [`Store::expire_due`]).
-    pub(crate) fn expire_due_in(&self, txn: &mut RwTxn, batch: &mut Batch, limit: usize) -> heed::Result<usize> {
+    pub(crate) fn expire_due_in(
+        &self,
+        txn: &mut RwTxn,
+        batch: &mut Batch,
+        limit: usize,
+    ) -> heed::Result<usize> {
         let end = layout::expiry_key(batch.now_ms, Collection::MAX, Partition::MAX, &[0xff; 16]);
         let mut due = Vec::new();
-        let range = (std::ops::Bound::Unbounded, std::ops::Bound::Included(&end[..]));
+        let range = (
+            std::ops::Bound::Unbounded,
+            std::ops::Bound::Included(&end[..]),
+        );
         for item in self.expiry.range(txn, &range)? {
             let (raw, _) = item?;
             due.push(raw.to_vec());
@@ -176,7 +273,10 @@ impl Store {
                 self.expiry.delete(txn, &raw)?;
                 continue;
             };
-            let key = Key { partition: entry.partition, bytes: entry.key.to_vec() };
+            let key = Key {
+                partition: entry.partition,
+                bytes: entry.key.to_vec(),
+            };
             if self.locks.holder(entry.collection, &key).is_some() {
                 continue;
             }
@@ -188,7 +288,10 @@ impl Store {
                 Ok(current) => current,
                 Err(OpError::Lmdb(error)) => return Err(error),
                 Err(_) => {
-                    tracing::error!(partition = key.partition, "corrupt value under an expiring key; leaving it");
+                    tracing::error!(
+                        partition = key.partition,
+                        "corrupt value under an expiring key; leaving it"
+                    );
                     self.expiry.delete(txn, &raw)?;
                     continue;
                 }

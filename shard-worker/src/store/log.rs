@@ -15,7 +15,13 @@ use crate::layout::{self, PartitionMeta};
 
 impl Store {
     /// Entries of `partition` with commit id ≥ `from`, at most `count`.
-    pub(crate) fn read_log(&self, txn: &RwTxn, partition: Partition, from: u64, count: u32) -> OpResult {
+    pub(crate) fn read_log(
+        &self,
+        txn: &RwTxn,
+        partition: Partition,
+        from: u64,
+        count: u32,
+    ) -> OpResult {
         let mut entries = Vec::new();
         self.read_partition(txn, partition, from, count as usize, &mut entries)?;
         Ok(WorkerResponse::Log(entries))
@@ -46,7 +52,12 @@ impl Store {
     }
 
     /// The change feed: entries after each position, in partition order, at most `count`.
-    pub(crate) fn read_feed(&self, txn: &RwTxn, positions: &[(Partition, u64)], count: u32) -> OpResult {
+    pub(crate) fn read_feed(
+        &self,
+        txn: &RwTxn,
+        positions: &[(Partition, u64)],
+        count: u32,
+    ) -> OpResult {
         let batch = Batch::new();
         let mut entries = Vec::new();
         for &(partition, seen) in positions {
@@ -89,7 +100,9 @@ impl Store {
         keep_ms: Option<u64>,
         limit: usize,
     ) -> heed::Result<usize> {
-        let metas = self.partition_metas(txn).map_err(|e| heed::Error::Decoding(Box::new(e)))?;
+        let metas = self
+            .partition_metas(txn)
+            .map_err(|e| heed::Error::Decoding(Box::new(e)))?;
         let oldest_kept_ms = keep_ms.map(|keep| batch.now_ms.saturating_sub(keep));
         let mut trimmed = 0;
         for (partition, meta) in metas {
@@ -97,8 +110,14 @@ impl Store {
             while trimmed < limit && through < meta.last_commit_id {
                 let next = through + 1;
                 let over_count = meta.last_commit_id - through > keep_entries;
-                let too_old = match (oldest_kept_ms, self.log.get(txn, &layout::log_key(partition, next))?) {
-                    (Some(oldest), Some(raw)) => raw.len() >= 8 && u64::from_be_bytes(raw[..8].try_into().unwrap_or_default()) < oldest,
+                let too_old = match (
+                    oldest_kept_ms,
+                    self.log.get(txn, &layout::log_key(partition, next))?,
+                ) {
+                    (Some(oldest), Some(raw)) => {
+                        raw.len() >= 8
+                            && u64::from_be_bytes(raw[..8].try_into().unwrap_or_default()) < oldest
+                    }
                     _ => false,
                 };
                 if !over_count && !too_old {
@@ -110,7 +129,13 @@ impl Store {
             }
             if through != meta.trimmed_through {
                 let current = self.partition_meta(txn, batch, partition)?;
-                batch.partitions.insert(partition, PartitionMeta { trimmed_through: through, ..current });
+                batch.partitions.insert(
+                    partition,
+                    PartitionMeta {
+                        trimmed_through: through,
+                        ..current
+                    },
+                );
             }
         }
         Ok(trimmed)

@@ -69,7 +69,10 @@ pub enum StoreError {
     #[error("{0}")]
     Mismatch(String),
     #[error("cannot create {path}: {source}")]
-    CreateDir { path: String, source: std::io::Error },
+    CreateDir {
+        path: String,
+        source: std::io::Error,
+    },
 }
 
 /// An open shard environment.
@@ -107,7 +110,12 @@ pub(crate) struct Batch {
 
 impl Batch {
     fn new() -> Batch {
-        Batch { partitions: HashMap::new(), now_ms: shoal_shared::now_ms(), lock_changes: Vec::new(), dirty: false }
+        Batch {
+            partitions: HashMap::new(),
+            now_ms: shoal_shared::now_ms(),
+            lock_changes: Vec::new(),
+            dirty: false,
+        }
     }
 }
 
@@ -143,10 +151,14 @@ impl Store {
     /// against `options`, clears readers left by crashed processes, and
     /// restores the key locks of prepared transactions.
     pub fn open(dir: &Path, options: &StoreOptions) -> Result<Store, StoreError> {
-        std::fs::create_dir_all(dir)
-            .map_err(|source| StoreError::CreateDir { path: dir.display().to_string(), source })?;
+        std::fs::create_dir_all(dir).map_err(|source| StoreError::CreateDir {
+            path: dir.display().to_string(),
+            source,
+        })?;
         let mut env_options = EnvOpenOptions::new().read_txn_without_tls();
-        env_options.map_size(page_aligned(options.map_size_bytes)).max_dbs(u32::from(options.collections) + 4);
+        env_options
+            .map_size(page_aligned(options.map_size_bytes))
+            .max_dbs(u32::from(options.collections) + 4);
         if options.durability == Durability::Async {
             // SAFETY: NO_SYNC only delays fsync; the worker flushes periodically and the
             // config documents that a power failure may lose the last interval.
@@ -189,10 +201,22 @@ impl Store {
         let mut txn = self.env.write_txn()?;
         match self.meta.get(&txn, layout::META_FORMAT_VERSION)? {
             None => {
-                self.meta.put(&mut txn, layout::META_FORMAT_VERSION, &layout::FORMAT_VERSION.to_be_bytes())?;
-                self.meta.put(&mut txn, layout::META_SHARD_ID, &options.shard_id.to_be_bytes())?;
+                self.meta.put(
+                    &mut txn,
+                    layout::META_FORMAT_VERSION,
+                    &layout::FORMAT_VERSION.to_be_bytes(),
+                )?;
+                self.meta.put(
+                    &mut txn,
+                    layout::META_SHARD_ID,
+                    &options.shard_id.to_be_bytes(),
+                )?;
                 let workers = options.workers.unwrap_or_default();
-                self.meta.put(&mut txn, layout::META_LAYOUT, &layout::encode_layout(options.partitions, workers))?;
+                self.meta.put(
+                    &mut txn,
+                    layout::META_LAYOUT,
+                    &layout::encode_layout(options.partitions, workers),
+                )?;
                 txn.commit()?;
                 return Ok(());
             }
@@ -206,12 +230,26 @@ impl Store {
                 }
             }
         }
-        let shard_id = layout::decode_u32(self.meta.get(&txn, layout::META_SHARD_ID)?.unwrap_or_default(), "shard id")?;
+        let shard_id = layout::decode_u32(
+            self.meta
+                .get(&txn, layout::META_SHARD_ID)?
+                .unwrap_or_default(),
+            "shard id",
+        )?;
         if shard_id != options.shard_id {
-            return Err(StoreError::Mismatch(format!("environment belongs to shard {shard_id}, not {}", options.shard_id)));
+            return Err(StoreError::Mismatch(format!(
+                "environment belongs to shard {shard_id}, not {}",
+                options.shard_id
+            )));
         }
-        let (partitions, workers) = layout::decode_layout(self.meta.get(&txn, layout::META_LAYOUT)?.unwrap_or_default())?;
-        if partitions != options.partitions || options.workers.is_some_and(|expected| expected != workers) {
+        let (partitions, workers) = layout::decode_layout(
+            self.meta
+                .get(&txn, layout::META_LAYOUT)?
+                .unwrap_or_default(),
+        )?;
+        if partitions != options.partitions
+            || options.workers.is_some_and(|expected| expected != workers)
+        {
             return Err(StoreError::Mismatch(format!(
                 "environment was created for {partitions} partitions on {workers} workers, not {} on {}",
                 options.partitions,
@@ -226,12 +264,18 @@ impl Store {
     }
 
     /// Every partition's `meta` entry.
-    fn partition_metas(&self, txn: &heed::RoTxn) -> Result<Vec<(Partition, PartitionMeta)>, StoreError> {
+    fn partition_metas(
+        &self,
+        txn: &heed::RoTxn,
+    ) -> Result<Vec<(Partition, PartitionMeta)>, StoreError> {
         let mut metas = Vec::new();
         for item in self.meta.prefix_iter(txn, b"p")? {
             let (key, value) = item?;
             if let [b'p', high, low] = *key {
-                metas.push((u16::from_be_bytes([high, low]), layout::decode_partition_meta(value)?));
+                metas.push((
+                    u16::from_be_bytes([high, low]),
+                    layout::decode_partition_meta(value)?,
+                ));
             }
         }
         Ok(metas)
@@ -272,29 +316,45 @@ impl Store {
     /// On `Err`, nothing of the batch was committed. When the map cannot grow any more or
     /// the disk is full, the writes of the batch get [`WorkerError::MapFull`] or
     /// [`WorkerError::DiskFull`] and the reads are answered.
-    pub fn apply_batch(&mut self, requests: &[&WorkerRequest]) -> Result<Vec<WorkerResponse>, StoreError> {
+    pub fn apply_batch(
+        &mut self,
+        requests: &[&WorkerRequest],
+    ) -> Result<Vec<WorkerResponse>, StoreError> {
         let refusal = match self.in_write_txn(|store, txn, batch| {
-            requests.iter().map(|request| store.apply_one(txn, batch, request)).collect()
+            requests
+                .iter()
+                .map(|request| store.apply_one(txn, batch, request))
+                .collect()
         }) {
             Err(StoreError::Lmdb(heed::Error::Mdb(heed::MdbError::MapFull))) => {
-                WorkerError::MapFull { max_map_size_bytes: self.max_map_size_bytes }
+                WorkerError::MapFull {
+                    max_map_size_bytes: self.max_map_size_bytes,
+                }
             }
-            Err(StoreError::Lmdb(heed::Error::Io(error))) if self.out_of_space(&error, requests) => {
+            Err(StoreError::Lmdb(heed::Error::Io(error)))
+                if self.out_of_space(&error, requests) =>
+            {
                 WorkerError::DiskFull
             }
             other => return other,
         };
         tracing::warn!(error = ?refusal, "refusing the writes of a batch");
-        let reads: Vec<&WorkerRequest> = requests.iter().copied().filter(|r| !r.is_write()).collect();
+        let reads: Vec<&WorkerRequest> =
+            requests.iter().copied().filter(|r| !r.is_write()).collect();
         let read_responses: Vec<WorkerResponse> = self.in_write_txn(|store, txn, batch| {
-            reads.iter().map(|request| store.apply_one(txn, batch, request)).collect()
+            reads
+                .iter()
+                .map(|request| store.apply_one(txn, batch, request))
+                .collect()
         })?;
         let mut read_responses = read_responses.into_iter();
         Ok(requests
             .iter()
             .map(|request| match request.is_write() {
                 true => WorkerResponse::Error(refusal.clone()),
-                false => read_responses.next().unwrap_or(WorkerResponse::Error(refusal.clone())),
+                false => read_responses
+                    .next()
+                    .unwrap_or(WorkerResponse::Error(refusal.clone())),
             })
             .collect())
     }
@@ -312,7 +372,11 @@ impl Store {
             let result = work(self, &mut txn, &mut batch).and_then(|output| {
                 let mut highest = self.highest_commit_id;
                 for (&partition, &meta) in &batch.partitions {
-                    self.meta.put(&mut txn, &layout::partition_meta_key(partition), &layout::encode_partition_meta(meta))?;
+                    self.meta.put(
+                        &mut txn,
+                        &layout::partition_meta_key(partition),
+                        &layout::encode_partition_meta(meta),
+                    )?;
                     highest = highest.max(meta.last_commit_id);
                 }
                 Ok((output, highest))
@@ -348,7 +412,11 @@ impl Store {
         match error.raw_os_error() {
             Some(libc::ENOSPC) => true,
             Some(libc::EIO) => {
-                let needed: usize = requests.iter().map(|request| request.payload_bytes()).sum::<usize>() + (1 << 20);
+                let needed: usize = requests
+                    .iter()
+                    .map(|request| request.payload_bytes())
+                    .sum::<usize>()
+                    + (1 << 20);
                 free_bytes(self.env.path()).is_some_and(|free| free < needed as u64)
             }
             _ => false,
@@ -362,9 +430,15 @@ impl Store {
             return Err(StoreError::Lmdb(heed::Error::Mdb(heed::MdbError::MapFull)));
         }
         let new_size = page_aligned(current.saturating_mul(2)).min(self.max_map_size_bytes);
-        tracing::info!(new_size, "LMDB map is full; growing it and replaying the batch");
+        tracing::info!(
+            new_size,
+            "LMDB map is full; growing it and replaying the batch"
+        );
         // A backup copy holds a read transaction: wait until it is done.
-        let _gate = self.resize_gate.write().unwrap_or_else(|poisoned| poisoned.into_inner());
+        let _gate = self
+            .resize_gate
+            .write()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
         // SAFETY: no transaction of this environment is open: the caller dropped (aborted)
         // its transaction before growing, the worker holds no other transaction, and the
         // gate keeps backup copies (the only other users of the environment) out.
@@ -376,19 +450,33 @@ impl Store {
         self.collections.get(usize::from(collection)).copied()
     }
 
-    fn apply_one(&self, txn: &mut RwTxn, batch: &mut Batch, request: &WorkerRequest) -> heed::Result<WorkerResponse> {
+    fn apply_one(
+        &self,
+        txn: &mut RwTxn,
+        batch: &mut Batch,
+        request: &WorkerRequest,
+    ) -> heed::Result<WorkerResponse> {
         let result = match request {
             WorkerRequest::Atomic { ops } => self.atomic(txn, batch, ops),
-            WorkerRequest::Prepare { txid, decider, ops } => self.prepare(txn, batch, *txid, *decider, ops),
+            WorkerRequest::Prepare { txid, decider, ops } => {
+                self.prepare(txn, batch, *txid, *decider, ops)
+            }
             WorkerRequest::Commit { txid } => self.commit(txn, batch, *txid),
             WorkerRequest::Abort { txid } => self.abort(txn, batch, *txid),
-            WorkerRequest::Decide { txid, older_than_ms } => self.decide(txn, batch, *txid, *older_than_ms),
-            WorkerRequest::InDoubt { older_than_ms } => self.in_doubt(txn, batch.now_ms, *older_than_ms),
+            WorkerRequest::Decide {
+                txid,
+                older_than_ms,
+            } => self.decide(txn, batch, *txid, *older_than_ms),
+            WorkerRequest::InDoubt { older_than_ms } => {
+                self.in_doubt(txn, batch.now_ms, *older_than_ms)
+            }
             WorkerRequest::Forget { txid } => self.forget(txn, batch, *txid),
             WorkerRequest::Transactions => self.transactions(txn),
-            WorkerRequest::ReadLog { partition, from_commit_id, count } => {
-                self.read_log(txn, *partition, *from_commit_id, *count)
-            }
+            WorkerRequest::ReadLog {
+                partition,
+                from_commit_id,
+                count,
+            } => self.read_log(txn, *partition, *from_commit_id, *count),
             WorkerRequest::ReadFeed { positions, count } => self.read_feed(txn, positions, *count),
             WorkerRequest::LastCommitIds => self.last_commit_ids(txn),
             WorkerRequest::ReserveIds { high_water } => self.reserve_ids(txn, batch, *high_water),
@@ -399,7 +487,9 @@ impl Store {
         match result {
             Ok(response) => Ok(response),
             Err(OpError::Lmdb(error)) => Err(error),
-            Err(OpError::Corrupt(error)) => Ok(WorkerResponse::Error(WorkerError::Storage(error.to_string()))),
+            Err(OpError::Corrupt(error)) => Ok(WorkerResponse::Error(WorkerError::Storage(
+                error.to_string(),
+            ))),
             Err(OpError::Refused(error)) => Ok(WorkerResponse::Error(error)),
         }
     }
@@ -410,7 +500,8 @@ impl Store {
             None => 0,
         };
         if high_water > current {
-            self.meta.put(txn, layout::META_IDS_HIGH_WATER, &high_water.to_be_bytes())?;
+            self.meta
+                .put(txn, layout::META_IDS_HIGH_WATER, &high_water.to_be_bytes())?;
             batch.dirty = true;
         }
         Ok(WorkerResponse::Ok)
@@ -431,8 +522,15 @@ impl Store {
     }
 
     /// Trims each partition's log to the retention limits, at most `limit` entries per call.
-    pub fn trim_log(&mut self, keep_entries: u64, keep_ms: Option<u64>, limit: usize) -> Result<usize, StoreError> {
-        self.in_write_txn(|store, txn, batch| store.trim_log_in(txn, batch, keep_entries, keep_ms, limit))
+    pub fn trim_log(
+        &mut self,
+        keep_entries: u64,
+        keep_ms: Option<u64>,
+        limit: usize,
+    ) -> Result<usize, StoreError> {
+        self.in_write_txn(|store, txn, batch| {
+            store.trim_log_in(txn, batch, keep_entries, keep_ms, limit)
+        })
     }
 }
 
@@ -450,7 +548,9 @@ fn create_database(env: &Env<WithoutTls>, name: &str) -> Result<RawDatabase, Sto
     let txn = env.write_txn()?;
     let database = env
         .create_databases_and_commit(txn, |opener, txn| {
-            opener.create_database::<Bytes, Bytes>(txn, Some(name)).map(CommitOrAbort::<_, ()>::Commit)
+            opener
+                .create_database::<Bytes, Bytes>(txn, Some(name))
+                .map(CommitOrAbort::<_, ()>::Commit)
         })?
         .unwrap_commit();
     Ok(database)

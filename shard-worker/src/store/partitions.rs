@@ -43,7 +43,9 @@ impl Store {
 
     /// The tables in export order.
     fn tables(&self) -> Vec<Table> {
-        let mut tables: Vec<Table> = (0..self.collections.len() as u16).map(Table::Collection).collect();
+        let mut tables: Vec<Table> = (0..self.collections.len() as u16)
+            .map(Table::Collection)
+            .collect();
         tables.extend([Table::Log, Table::Meta, Table::Expiry]);
         tables
     }
@@ -54,7 +56,9 @@ impl Store {
         match table {
             Table::Collection(_) | Table::Log => key.starts_with(&prefix),
             Table::Meta => key == layout::partition_meta_key(partition),
-            Table::Expiry => layout::decode_expiry_key(key).is_ok_and(|entry| entry.partition == partition),
+            Table::Expiry => {
+                layout::decode_expiry_key(key).is_ok_and(|entry| entry.partition == partition)
+            }
         }
     }
 
@@ -75,7 +79,9 @@ impl Store {
         };
         let first = tables.iter().position(|t| *t == start_table).unwrap_or(0);
         for (i, &table) in tables.iter().enumerate().skip(first) {
-            let Some(db) = self.table(table) else { continue };
+            let Some(db) = self.table(table) else {
+                continue;
+            };
             let prefix = partition.to_be_bytes();
             let lower = match (&start_key, i == first) {
                 (Some(key), true) => key.clone(),
@@ -86,7 +92,11 @@ impl Store {
                 },
             };
             // LMDB refuses an empty key, even as a range bound.
-            let start = if lower.is_empty() { Bound::Unbounded } else { Bound::Included(lower.as_slice()) };
+            let start = if lower.is_empty() {
+                Bound::Unbounded
+            } else {
+                Bound::Included(lower.as_slice())
+            };
             let range = (start, Bound::<&[u8]>::Unbounded);
             for item in db.range(&txn, &range)? {
                 let (key, value) = item?;
@@ -97,17 +107,28 @@ impl Store {
                     continue;
                 }
                 if bytes >= max_bytes {
-                    return Ok(Chunk { records, bytes, next: Some((table, key.to_vec())) });
+                    return Ok(Chunk {
+                        records,
+                        bytes,
+                        next: Some((table, key.to_vec())),
+                    });
                 }
                 bytes += key.len() + value.len();
                 records.push((table, key.to_vec(), value.to_vec()));
             }
         }
-        Ok(Chunk { records, bytes, next: None })
+        Ok(Chunk {
+            records,
+            bytes,
+            next: None,
+        })
     }
 
     /// Writes raw records in one transaction (growing the map if needed).
-    pub fn import_records(&mut self, records: &[(Table, Vec<u8>, Vec<u8>)]) -> Result<(), StoreError> {
+    pub fn import_records(
+        &mut self,
+        records: &[(Table, Vec<u8>, Vec<u8>)],
+    ) -> Result<(), StoreError> {
         self.in_write_txn(|store, txn, batch| {
             for (table, key, value) in records {
                 if let Some(db) = store.table(*table) {
@@ -125,10 +146,15 @@ impl Store {
     }
 
     /// Deletes every record of the partitions `doomed` says yes to.
-    pub fn clear_partitions(&mut self, doomed: &dyn Fn(Partition) -> bool) -> Result<(), StoreError> {
+    pub fn clear_partitions(
+        &mut self,
+        doomed: &dyn Fn(Partition) -> bool,
+    ) -> Result<(), StoreError> {
         self.in_write_txn(|store, txn, batch| {
             for table in store.tables() {
-                let Some(db) = store.table(table) else { continue };
+                let Some(db) = store.table(table) else {
+                    continue;
+                };
                 let keys = doomed_keys(db, txn, table, doomed)?;
                 for key in &keys {
                     db.delete(txn, key)?;
@@ -163,11 +189,24 @@ impl Store {
 
     /// Records the id high-water mark (never lowers it) and the worker count the
     /// environment now belongs to.
-    pub fn finish_rebalance(&mut self, ids_high_water: u64, partitions: u16, workers: u16) -> Result<(), StoreError> {
+    pub fn finish_rebalance(
+        &mut self,
+        ids_high_water: u64,
+        partitions: u16,
+        workers: u16,
+    ) -> Result<(), StoreError> {
         let current = self.ids_high_water()?;
         self.in_write_txn(|store, txn, batch| {
-            store.meta.put(txn, layout::META_IDS_HIGH_WATER, &ids_high_water.max(current).to_be_bytes())?;
-            store.meta.put(txn, layout::META_LAYOUT, &layout::encode_layout(partitions, workers))?;
+            store.meta.put(
+                txn,
+                layout::META_IDS_HIGH_WATER,
+                &ids_high_water.max(current).to_be_bytes(),
+            )?;
+            store.meta.put(
+                txn,
+                layout::META_LAYOUT,
+                &layout::encode_layout(partitions, workers),
+            )?;
             batch.dirty = true;
             Ok(())
         })
@@ -175,17 +214,26 @@ impl Store {
 }
 
 /// Raw keys of `table` whose partition `doomed` says yes to.
-fn doomed_keys(db: RawDatabase, txn: &RwTxn, table: Table, doomed: &dyn Fn(Partition) -> bool) -> heed::Result<Vec<Vec<u8>>> {
+fn doomed_keys(
+    db: RawDatabase,
+    txn: &RwTxn,
+    table: Table,
+    doomed: &dyn Fn(Partition) -> bool,
+) -> heed::Result<Vec<Vec<u8>>> {
     let mut keys = Vec::new();
     for item in db.iter(txn)? {
         let (key, _) = item?;
         let partition = match table {
-            Table::Collection(_) | Table::Log => key.get(..2).map(|p| u16::from_be_bytes([p[0], p[1]])),
+            Table::Collection(_) | Table::Log => {
+                key.get(..2).map(|p| u16::from_be_bytes([p[0], p[1]]))
+            }
             Table::Meta => match key {
                 [b'p', high, low] => Some(u16::from_be_bytes([*high, *low])),
                 _ => None,
             },
-            Table::Expiry => layout::decode_expiry_key(key).ok().map(|entry| entry.partition),
+            Table::Expiry => layout::decode_expiry_key(key)
+                .ok()
+                .map(|entry| entry.partition),
         };
         if partition.is_some_and(doomed) {
             keys.push(key.to_vec());

@@ -8,8 +8,8 @@ use std::ops::Bound;
 
 use heed::RwTxn;
 use shoal_shared::frame::{Collection, Key, WorkerError, WorkerResponse};
-use shoal_shared::limits::MAX_REPLY_BYTES;
 use shoal_shared::glob::glob_match;
+use shoal_shared::limits::MAX_REPLY_BYTES;
 
 use super::{Batch, OpError, OpResult, RawDatabase, Store};
 use crate::layout;
@@ -25,7 +25,10 @@ impl Store {
         pattern: Option<&[u8]>,
         now_ms: u64,
     ) -> OpResult {
-        let range = (after.map_or(Bound::Unbounded, Bound::Excluded), Bound::<&[u8]>::Unbounded);
+        let range = (
+            after.map_or(Bound::Unbounded, Bound::Excluded),
+            Bound::<&[u8]>::Unbounded,
+        );
         let mut keys = Vec::new();
         let mut examined = 0u32;
         let mut last = None;
@@ -33,7 +36,9 @@ impl Store {
         for item in db.range(txn, &range)? {
             let (stored_key, raw) = item?;
             examined += 1;
-            let Some(user_key) = stored_key.get(2..) else { continue };
+            let Some(user_key) = stored_key.get(2..) else {
+                continue;
+            };
             let live = match layout::decode_value(raw)?.expires_at_ms {
                 Some(at) => at > now_ms,
                 None => true,
@@ -54,7 +59,12 @@ impl Store {
     }
 
     /// Deletes every key of `collection` (or of all collections), logging each deletion.
-    pub(crate) fn flush(&self, txn: &mut RwTxn, batch: &mut Batch, collection: Option<Collection>) -> OpResult {
+    pub(crate) fn flush(
+        &self,
+        txn: &mut RwTxn,
+        batch: &mut Batch,
+        collection: Option<Collection>,
+    ) -> OpResult {
         let collections: Vec<Collection> = match collection {
             Some(collection) => vec![collection],
             None => (0..self.collections.len() as Collection).collect(),
@@ -68,8 +78,13 @@ impl Store {
                 stored_keys.push(stored_key.to_vec());
             }
             for stored_key in stored_keys {
-                let [high, low, ref user_key @ ..] = stored_key[..] else { continue };
-                let key = Key { partition: u16::from_be_bytes([high, low]), bytes: user_key.to_vec() };
+                let [high, low, ref user_key @ ..] = stored_key[..] else {
+                    continue;
+                };
+                let key = Key {
+                    partition: u16::from_be_bytes([high, low]),
+                    bytes: user_key.to_vec(),
+                };
                 let current = self.current(txn, db, &key, batch.now_ms)?;
                 deleted += i64::from(self.remove(txn, batch, db, collection, &key, &current)?);
             }

@@ -4,7 +4,8 @@
 
 use heed::RwTxn;
 use shoal_shared::frame::{
-    Collection, ExpireCondition, Expiry, Key, SetCondition, SetReply, WorkerError, WorkerRequest, WorkerResponse,
+    Collection, ExpireCondition, Expiry, Key, SetCondition, SetReply, WorkerError, WorkerRequest,
+    WorkerResponse,
 };
 use shoal_shared::limits::MAX_REPLY_BYTES;
 use shoal_shared::resp::parse_i64;
@@ -22,7 +23,12 @@ struct Op<'s> {
 
 impl Store {
     /// Handles every request that works on keys of one collection.
-    pub(crate) fn keyed(&self, txn: &mut RwTxn, batch: &mut Batch, request: &WorkerRequest) -> OpResult {
+    pub(crate) fn keyed(
+        &self,
+        txn: &mut RwTxn,
+        batch: &mut Batch,
+        request: &WorkerRequest,
+    ) -> OpResult {
         use WorkerRequest::*;
         let collection = match request {
             Get { collection, .. }
@@ -45,11 +51,18 @@ impl Store {
             | Scan { collection, .. }
             | Keys { collection, .. } => *collection,
             other => {
-                return Err(OpError::Refused(WorkerError::Storage(format!("request {other:?} is not keyed"))));
+                return Err(OpError::Refused(WorkerError::Storage(format!(
+                    "request {other:?} is not keyed"
+                ))));
             }
         };
         let db = self.db(collection)?;
-        let op = Op { store: self, db, collection, now_ms: batch.now_ms };
+        let op = Op {
+            store: self,
+            db,
+            collection,
+            now_ms: batch.now_ms,
+        };
         match request {
             Get { key, .. } => op.live_value(txn, key).map(WorkerResponse::Value),
             MGet { keys, .. } => {
@@ -65,9 +78,14 @@ impl Store {
                 }
                 Ok(WorkerResponse::Values(values))
             }
-            Set { key, value, condition, reply, expiry, .. } => {
-                op.set(txn, batch, key, value, *condition, *reply, *expiry)
-            }
+            Set {
+                key,
+                value,
+                condition,
+                reply,
+                expiry,
+                ..
+            } => op.set(txn, batch, key, value, *condition, *reply, *expiry),
             GetDel { key, .. } => {
                 let current = op.current(txn, key)?;
                 op.store.remove(txn, batch, db, collection, key, &current)?;
@@ -78,7 +96,8 @@ impl Store {
                 let mut deleted = 0;
                 for key in keys {
                     let current = op.current(txn, key)?;
-                    deleted += i64::from(op.store.remove(txn, batch, db, collection, key, &current)?);
+                    deleted +=
+                        i64::from(op.store.remove(txn, batch, db, collection, key, &current)?);
                 }
                 Ok(WorkerResponse::Integer(deleted))
             }
@@ -92,41 +111,78 @@ impl Store {
             IncrBy { key, delta, .. } => op.incr_by(txn, batch, key, *delta),
             IncrByFloat { key, increment, .. } => op.incr_by_float(txn, batch, key, increment),
             Append { key, value, .. } => op.append(txn, batch, key, value),
-            StrLen { key, .. } => {
-                op.live_value(txn, key).map(|v| WorkerResponse::Integer(v.map_or(0, |v| v.len() as i64)))
-            }
-            GetRange { key, start, end, .. } => {
+            StrLen { key, .. } => op
+                .live_value(txn, key)
+                .map(|v| WorkerResponse::Integer(v.map_or(0, |v| v.len() as i64))),
+            GetRange {
+                key, start, end, ..
+            } => {
                 let value = op.live_value(txn, key)?.unwrap_or_default();
-                Ok(WorkerResponse::Value(Some(byte_range(&value, *start, *end).to_vec())))
+                Ok(WorkerResponse::Value(Some(
+                    byte_range(&value, *start, *end).to_vec(),
+                )))
             }
-            SetRange { key, offset, value, .. } => op.set_range(txn, batch, key, *offset, value),
-            Expire { key, at_ms, condition, .. } => op.expire(txn, batch, key, *at_ms, *condition),
+            SetRange {
+                key, offset, value, ..
+            } => op.set_range(txn, batch, key, *offset, value),
+            Expire {
+                key,
+                at_ms,
+                condition,
+                ..
+            } => op.expire(txn, batch, key, *at_ms, *condition),
             Persist { key, .. } => {
                 let current = op.current(txn, key)?;
                 match &current.live {
                     Some(live) if live.expires_at_ms.is_some() => {
-                        op.store.put(txn, batch, db, collection, key, &current, &live.value, None)?;
+                        op.store.put(
+                            txn,
+                            batch,
+                            db,
+                            collection,
+                            key,
+                            &current,
+                            &live.value,
+                            None,
+                        )?;
                         Ok(WorkerResponse::Integer(1))
                     }
                     _ => Ok(WorkerResponse::Integer(0)),
                 }
             }
-            ExpireTime { key, .. } => Ok(WorkerResponse::Integer(match op.current(txn, key)?.live {
-                None => -2,
-                Some(live) => live.expires_at_ms.map_or(-1, |at| at as i64),
-            })),
-            DbSize { .. } => Ok(WorkerResponse::Integer(db.len(txn)? as i64)),
-            Scan { after, count, pattern, .. } => {
-                self.scan(txn, db, after.as_deref(), *count, pattern.as_deref(), batch.now_ms)
+            ExpireTime { key, .. } => {
+                Ok(WorkerResponse::Integer(match op.current(txn, key)?.live {
+                    None => -2,
+                    Some(live) => live.expires_at_ms.map_or(-1, |at| at as i64),
+                }))
             }
-            Keys { pattern, .. } => self.scan(txn, db, None, u32::MAX, pattern.as_deref(), batch.now_ms),
+            DbSize { .. } => Ok(WorkerResponse::Integer(db.len(txn)? as i64)),
+            Scan {
+                after,
+                count,
+                pattern,
+                ..
+            } => self.scan(
+                txn,
+                db,
+                after.as_deref(),
+                *count,
+                pattern.as_deref(),
+                batch.now_ms,
+            ),
+            Keys { pattern, .. } => {
+                self.scan(txn, db, None, u32::MAX, pattern.as_deref(), batch.now_ms)
+            }
             _ => unreachable!("non-keyed requests return above"),
         }
     }
 
     pub(crate) fn db(&self, collection: Collection) -> Result<RawDatabase, OpError> {
-        self.collection(collection)
-            .ok_or_else(|| OpError::Refused(WorkerError::Storage(format!("collection {collection} does not exist"))))
+        self.collection(collection).ok_or_else(|| {
+            OpError::Refused(WorkerError::Storage(format!(
+                "collection {collection} does not exist"
+            )))
+        })
     }
 }
 
@@ -137,7 +193,11 @@ fn byte_range(value: &[u8], start: i64, end: i64) -> &[u8] {
         return &[];
     }
     let len = value.len() as i64;
-    let start = if start < 0 { (len + start).max(0) } else { start };
+    let start = if start < 0 {
+        (len + start).max(0)
+    } else {
+        start
+    };
     let end = if end < 0 { (len + end).max(0) } else { end }.min(len - 1);
     if len == 0 || start > end {
         return &[];
@@ -154,15 +214,41 @@ impl Op<'_> {
         Ok(self.current(txn, key)?.live.map(|live| live.value))
     }
 
-    fn put(&self, txn: &mut RwTxn, batch: &mut Batch, key: &Key, current: &Current, value: &[u8], expires: Option<u64>) -> Result<(), OpError> {
+    fn put(
+        &self,
+        txn: &mut RwTxn,
+        batch: &mut Batch,
+        key: &Key,
+        current: &Current,
+        value: &[u8],
+        expires: Option<u64>,
+    ) -> Result<(), OpError> {
         if value.len() > self.store.max_value_bytes {
-            return Err(OpError::Refused(WorkerError::ValueTooLarge { max_value_bytes: self.store.max_value_bytes }));
+            return Err(OpError::Refused(WorkerError::ValueTooLarge {
+                max_value_bytes: self.store.max_value_bytes,
+            }));
         }
-        Ok(self.store.put(txn, batch, self.db, self.collection, key, current, value, expires)?)
+        Ok(self.store.put(
+            txn,
+            batch,
+            self.db,
+            self.collection,
+            key,
+            current,
+            value,
+            expires,
+        )?)
     }
 
     /// Keeps the key's expiry when the value changes (INCR, APPEND, SETRANGE).
-    fn put_keeping_ttl(&self, txn: &mut RwTxn, batch: &mut Batch, key: &Key, current: &Current, value: &[u8]) -> Result<(), OpError> {
+    fn put_keeping_ttl(
+        &self,
+        txn: &mut RwTxn,
+        batch: &mut Batch,
+        key: &Key,
+        current: &Current,
+        value: &[u8],
+    ) -> Result<(), OpError> {
         let expires = current.live.as_ref().and_then(|live| live.expires_at_ms);
         self.put(txn, batch, key, current, value, expires)
     }
@@ -194,7 +280,8 @@ impl Op<'_> {
             match expires {
                 // A time already past: the write happens and the key is gone at once.
                 Some(at) if at <= self.now_ms => {
-                    self.store.remove(txn, batch, self.db, self.collection, key, &current)?;
+                    self.store
+                        .remove(txn, batch, self.db, self.collection, key, &current)?;
                 }
                 _ => self.put(txn, batch, key, &current, value, expires)?,
             }
@@ -209,13 +296,16 @@ impl Op<'_> {
 
     fn get_ex(&self, txn: &mut RwTxn, batch: &mut Batch, key: &Key, expiry: Expiry) -> OpResult {
         let current = self.current(txn, key)?;
-        let Some(live) = &current.live else { return Ok(WorkerResponse::Value(None)) };
+        let Some(live) = &current.live else {
+            return Ok(WorkerResponse::Value(None));
+        };
         match expiry {
             Expiry::Keep => {}
             Expiry::Clear if live.expires_at_ms.is_none() => {}
             Expiry::Clear => self.put(txn, batch, key, &current, &live.value, None)?,
             Expiry::At(at) if at <= self.now_ms => {
-                self.store.remove(txn, batch, self.db, self.collection, key, &current)?;
+                self.store
+                    .remove(txn, batch, self.db, self.collection, key, &current)?;
             }
             Expiry::At(at) => self.put(txn, batch, key, &current, &live.value, Some(at))?,
         }
@@ -226,14 +316,24 @@ impl Op<'_> {
         let current = self.current(txn, key)?;
         let value = match &current.live {
             None => 0,
-            Some(live) => parse_i64(&live.value).ok_or(OpError::Refused(WorkerError::NotInteger))?,
+            Some(live) => {
+                parse_i64(&live.value).ok_or(OpError::Refused(WorkerError::NotInteger))?
+            }
         };
-        let new = value.checked_add(delta).ok_or(OpError::Refused(WorkerError::Overflow))?;
+        let new = value
+            .checked_add(delta)
+            .ok_or(OpError::Refused(WorkerError::Overflow))?;
         self.put_keeping_ttl(txn, batch, key, &current, new.to_string().as_bytes())?;
         Ok(WorkerResponse::Integer(new))
     }
 
-    fn incr_by_float(&self, txn: &mut RwTxn, batch: &mut Batch, key: &Key, increment: &[u8]) -> OpResult {
+    fn incr_by_float(
+        &self,
+        txn: &mut RwTxn,
+        batch: &mut Batch,
+        key: &Key,
+        increment: &[u8],
+    ) -> OpResult {
         let current = self.current(txn, key)?;
         let value = current.live.as_ref().map(|live| live.value.as_slice());
         let text = crate::float::incr_by_float(value, increment).map_err(OpError::Refused)?;
@@ -243,21 +343,38 @@ impl Op<'_> {
 
     fn append(&self, txn: &mut RwTxn, batch: &mut Batch, key: &Key, suffix: &[u8]) -> OpResult {
         let current = self.current(txn, key)?;
-        let mut value = current.live.as_ref().map(|live| live.value.clone()).unwrap_or_default();
+        let mut value = current
+            .live
+            .as_ref()
+            .map(|live| live.value.clone())
+            .unwrap_or_default();
         value.extend_from_slice(suffix);
         self.put_keeping_ttl(txn, batch, key, &current, &value)?;
         Ok(WorkerResponse::Integer(value.len() as i64))
     }
 
-    fn set_range(&self, txn: &mut RwTxn, batch: &mut Batch, key: &Key, offset: u64, patch: &[u8]) -> OpResult {
+    fn set_range(
+        &self,
+        txn: &mut RwTxn,
+        batch: &mut Batch,
+        key: &Key,
+        offset: u64,
+        patch: &[u8],
+    ) -> OpResult {
         let current = self.current(txn, key)?;
-        let mut value = current.live.as_ref().map(|live| live.value.clone()).unwrap_or_default();
+        let mut value = current
+            .live
+            .as_ref()
+            .map(|live| live.value.clone())
+            .unwrap_or_default();
         if patch.is_empty() {
             return Ok(WorkerResponse::Integer(value.len() as i64));
         }
         let end = offset.saturating_add(patch.len() as u64);
         if end > self.store.max_value_bytes as u64 {
-            return Err(OpError::Refused(WorkerError::ValueTooLarge { max_value_bytes: self.store.max_value_bytes }));
+            return Err(OpError::Refused(WorkerError::ValueTooLarge {
+                max_value_bytes: self.store.max_value_bytes,
+            }));
         }
         let (offset, end) = (offset as usize, end as usize);
         if value.len() < end {
@@ -268,9 +385,18 @@ impl Op<'_> {
         Ok(WorkerResponse::Integer(value.len() as i64))
     }
 
-    fn expire(&self, txn: &mut RwTxn, batch: &mut Batch, key: &Key, at_ms: u64, condition: ExpireCondition) -> OpResult {
+    fn expire(
+        &self,
+        txn: &mut RwTxn,
+        batch: &mut Batch,
+        key: &Key,
+        at_ms: u64,
+        condition: ExpireCondition,
+    ) -> OpResult {
         let current = self.current(txn, key)?;
-        let Some(live) = &current.live else { return Ok(WorkerResponse::Integer(0)) };
+        let Some(live) = &current.live else {
+            return Ok(WorkerResponse::Integer(0));
+        };
         let allowed = match (condition, live.expires_at_ms) {
             (ExpireCondition::Always, _) => true,
             (ExpireCondition::IfNone, existing) => existing.is_none(),
@@ -282,7 +408,8 @@ impl Op<'_> {
             return Ok(WorkerResponse::Integer(0));
         }
         if at_ms <= self.now_ms {
-            self.store.remove(txn, batch, self.db, self.collection, key, &current)?;
+            self.store
+                .remove(txn, batch, self.db, self.collection, key, &current)?;
         } else {
             self.put(txn, batch, key, &current, &live.value, Some(at_ms))?;
         }
@@ -305,7 +432,11 @@ mod tests {
         assert_eq!(byte_range(v, -100, 1), b"Th");
         assert_eq!(byte_range(v, 100, 200), b"");
         assert_eq!(byte_range(b"", 0, -1), b"");
-        assert_eq!(byte_range(v, 0, -100), b"T", "a negative end clamps to the first byte");
+        assert_eq!(
+            byte_range(v, 0, -100),
+            b"T",
+            "a negative end clamps to the first byte"
+        );
         assert_eq!(byte_range(v, -13, -20), b"");
         assert_eq!(byte_range(b"hello", -100, -100), b"h");
     }

@@ -3,7 +3,8 @@
 
 use super::*;
 use shoal_shared::frame::{
-    ChangeType, ExpireCondition, Expiry, Key, LogEntry, SetCondition, SetReply, TxAction, TxOp, TxOutcome,
+    ChangeType, ExpireCondition, Expiry, Key, LogEntry, SetCondition, SetReply, TxAction, TxOp,
+    TxOutcome,
 };
 
 fn options() -> StoreOptions {
@@ -20,7 +21,10 @@ fn options() -> StoreOptions {
 }
 
 fn key(partition: Partition, bytes: &[u8]) -> Key {
-    Key { partition, bytes: bytes.to_vec() }
+    Key {
+        partition,
+        bytes: bytes.to_vec(),
+    }
 }
 
 fn set(collection: Collection, key: Key, value: &[u8]) -> WorkerRequest {
@@ -35,7 +39,9 @@ fn set(collection: Collection, key: Key, value: &[u8]) -> WorkerRequest {
 }
 
 fn apply(store: &mut Store, requests: &[WorkerRequest]) -> Vec<WorkerResponse> {
-    store.apply_batch(&requests.iter().collect::<Vec<_>>()).unwrap()
+    store
+        .apply_batch(&requests.iter().collect::<Vec<_>>())
+        .unwrap()
 }
 
 #[test]
@@ -43,17 +49,56 @@ fn writes_are_logged_with_change_types_and_increasing_ids() {
     let dir = tempfile::tempdir().unwrap();
     let mut store = Store::open(dir.path(), &options()).unwrap();
     apply(&mut store, &[set(0, key(1, b"k"), b"a")]);
-    apply(&mut store, &[set(0, key(1, b"k"), b"b"), WorkerRequest::Delete { collection: 0, keys: vec![key(1, b"k")] }]);
-    let log = apply(&mut store, &[WorkerRequest::ReadLog { partition: 1, from_commit_id: 0, count: 10 }]);
-    let WorkerResponse::Log(entries) = &log[0] else { panic!("{log:?}") };
-    let changes: Vec<_> = entries.iter().map(|e| (e.commit_id, e.change as u8, e.data.clone())).collect();
-    assert_eq!(changes, vec![(1, 0b00, b"a".to_vec()), (2, 0b10, b"b".to_vec()), (3, 0b01, vec![])]);
+    apply(
+        &mut store,
+        &[
+            set(0, key(1, b"k"), b"b"),
+            WorkerRequest::Delete {
+                collection: 0,
+                keys: vec![key(1, b"k")],
+            },
+        ],
+    );
+    let log = apply(
+        &mut store,
+        &[WorkerRequest::ReadLog {
+            partition: 1,
+            from_commit_id: 0,
+            count: 10,
+        }],
+    );
+    let WorkerResponse::Log(entries) = &log[0] else {
+        panic!("{log:?}")
+    };
+    let changes: Vec<_> = entries
+        .iter()
+        .map(|e| (e.commit_id, e.change as u8, e.data.clone()))
+        .collect();
+    assert_eq!(
+        changes,
+        vec![
+            (1, 0b00, b"a".to_vec()),
+            (2, 0b10, b"b".to_vec()),
+            (3, 0b01, vec![])
+        ]
+    );
     // Raw bytes on disk carry the same codes.
     let txn = store.env.read_txn().unwrap();
-    let raw = store.log.get(&txn, &layout::log_key(1, 2)).unwrap().unwrap();
+    let raw = store
+        .log
+        .get(&txn, &layout::log_key(1, 2))
+        .unwrap()
+        .unwrap();
     assert_eq!(raw[8], 0b10);
-    let meta = store.meta.get(&txn, &layout::partition_meta_key(1)).unwrap().unwrap();
-    assert_eq!(layout::decode_partition_meta(meta).unwrap().last_commit_id, 3);
+    let meta = store
+        .meta
+        .get(&txn, &layout::partition_meta_key(1))
+        .unwrap()
+        .unwrap();
+    assert_eq!(
+        layout::decode_partition_meta(meta).unwrap().last_commit_id,
+        3
+    );
 }
 
 #[test]
@@ -61,15 +106,34 @@ fn commit_ids_are_per_partition_and_survive_reopen() {
     let dir = tempfile::tempdir().unwrap();
     {
         let mut store = Store::open(dir.path(), &options()).unwrap();
-        apply(&mut store, &[set(0, key(0, b"x"), b"1"), set(1, key(2, b"y"), b"1"), set(0, key(0, b"z"), b"1")]);
+        apply(
+            &mut store,
+            &[
+                set(0, key(0, b"x"), b"1"),
+                set(1, key(2, b"y"), b"1"),
+                set(0, key(0, b"z"), b"1"),
+            ],
+        );
         assert_eq!(store.highest_commit_id(), 2);
     }
     let mut store = Store::open(dir.path(), &options()).unwrap();
     assert_eq!(store.highest_commit_id(), 2);
     apply(&mut store, &[set(0, key(2, b"w"), b"1")]);
-    let log = apply(&mut store, &[WorkerRequest::ReadLog { partition: 2, from_commit_id: 2, count: 10 }]);
-    let WorkerResponse::Log(entries) = &log[0] else { panic!() };
-    assert_eq!(entries.iter().map(|e| e.commit_id).collect::<Vec<_>>(), vec![2]);
+    let log = apply(
+        &mut store,
+        &[WorkerRequest::ReadLog {
+            partition: 2,
+            from_commit_id: 2,
+            count: 10,
+        }],
+    );
+    let WorkerResponse::Log(entries) = &log[0] else {
+        panic!()
+    };
+    assert_eq!(
+        entries.iter().map(|e| e.commit_id).collect::<Vec<_>>(),
+        vec![2]
+    );
     assert_eq!(entries[0].key, b"w");
 }
 
@@ -77,8 +141,14 @@ fn commit_ids_are_per_partition_and_survive_reopen() {
 fn reopening_with_another_layout_is_refused() {
     let dir = tempfile::tempdir().unwrap();
     drop(Store::open(dir.path(), &options()).unwrap());
-    let other = StoreOptions { partitions: 8, ..options() };
-    assert!(matches!(Store::open(dir.path(), &other), Err(StoreError::Mismatch(_))));
+    let other = StoreOptions {
+        partitions: 8,
+        ..options()
+    };
+    assert!(matches!(
+        Store::open(dir.path(), &other),
+        Err(StoreError::Mismatch(_))
+    ));
 }
 
 #[test]
@@ -87,14 +157,25 @@ fn a_full_map_grows_and_the_batch_is_replayed() {
     let mut store = Store::open(dir.path(), &options()).unwrap();
     let before = store.map_size();
     let value = vec![7u8; 64 * 1024];
-    let requests: Vec<_> = (0..64u32).map(|i| set(0, key(0, &i.to_be_bytes()), &value)).collect();
+    let requests: Vec<_> = (0..64u32)
+        .map(|i| set(0, key(0, &i.to_be_bytes()), &value))
+        .collect();
     let responses = apply(&mut store, &requests);
     assert!(responses.iter().all(|r| *r == WorkerResponse::Ok));
     assert!(store.map_size() > before);
     let sizes = apply(&mut store, &[WorkerRequest::DbSize { collection: 0 }]);
     assert_eq!(sizes, vec![WorkerResponse::Integer(64)]);
-    let log = apply(&mut store, &[WorkerRequest::ReadLog { partition: 0, from_commit_id: 0, count: 1000 }]);
-    let WorkerResponse::Log(entries) = &log[0] else { panic!() };
+    let log = apply(
+        &mut store,
+        &[WorkerRequest::ReadLog {
+            partition: 0,
+            from_commit_id: 0,
+            count: 1000,
+        }],
+    );
+    let WorkerResponse::Log(entries) = &log[0] else {
+        panic!()
+    };
     assert_eq!(entries.len(), 64, "a replayed batch logs each write once");
 }
 
@@ -106,12 +187,35 @@ fn string_commands() {
     let responses = apply(
         &mut store,
         &[
-            WorkerRequest::IncrBy { collection: 0, key: k(), delta: 5 },
-            WorkerRequest::IncrBy { collection: 0, key: k(), delta: i64::MAX },
-            WorkerRequest::IncrByFloat { collection: 0, key: k(), increment: b"0.5".to_vec() },
-            WorkerRequest::Append { collection: 0, key: k(), value: b"x".to_vec() },
-            WorkerRequest::IncrBy { collection: 0, key: k(), delta: 1 },
-            WorkerRequest::StrLen { collection: 0, key: k() },
+            WorkerRequest::IncrBy {
+                collection: 0,
+                key: k(),
+                delta: 5,
+            },
+            WorkerRequest::IncrBy {
+                collection: 0,
+                key: k(),
+                delta: i64::MAX,
+            },
+            WorkerRequest::IncrByFloat {
+                collection: 0,
+                key: k(),
+                increment: b"0.5".to_vec(),
+            },
+            WorkerRequest::Append {
+                collection: 0,
+                key: k(),
+                value: b"x".to_vec(),
+            },
+            WorkerRequest::IncrBy {
+                collection: 0,
+                key: k(),
+                delta: 1,
+            },
+            WorkerRequest::StrLen {
+                collection: 0,
+                key: k(),
+            },
             WorkerRequest::Set {
                 collection: 0,
                 key: k(),
@@ -120,8 +224,14 @@ fn string_commands() {
                 reply: SetReply::WrittenFlag,
                 expiry: Expiry::Clear,
             },
-            WorkerRequest::GetDel { collection: 0, key: k() },
-            WorkerRequest::Exists { collection: 0, keys: vec![k(), k()] },
+            WorkerRequest::GetDel {
+                collection: 0,
+                key: k(),
+            },
+            WorkerRequest::Exists {
+                collection: 0,
+                keys: vec![k(), k()],
+            },
         ],
     );
     assert_eq!(
@@ -145,13 +255,33 @@ fn reads_alone_commit_nothing() {
     let dir = tempfile::tempdir().unwrap();
     let mut store = Store::open(dir.path(), &options()).unwrap();
     let before = store.env.info().last_txn_id;
-    apply(&mut store, &[WorkerRequest::Get { collection: 0, key: key(0, b"a") }]);
-    apply(&mut store, &[WorkerRequest::Delete { collection: 0, keys: vec![key(0, b"a")] }]);
+    apply(
+        &mut store,
+        &[WorkerRequest::Get {
+            collection: 0,
+            key: key(0, b"a"),
+        }],
+    );
+    apply(
+        &mut store,
+        &[WorkerRequest::Delete {
+            collection: 0,
+            keys: vec![key(0, b"a")],
+        }],
+    );
     assert_eq!(store.env.info().last_txn_id, before);
 }
 
 fn log_of(store: &mut Store, partition: Partition) -> Vec<LogEntry> {
-    match &apply(store, &[WorkerRequest::ReadLog { partition, from_commit_id: 0, count: 10_000 }])[0] {
+    match &apply(
+        store,
+        &[WorkerRequest::ReadLog {
+            partition,
+            from_commit_id: 0,
+            count: 10_000,
+        }],
+    )[0]
+    {
         WorkerResponse::Log(entries) => entries.clone(),
         other => panic!("{other:?}"),
     }
@@ -189,11 +319,21 @@ fn expired_keys_are_hidden_then_purged_and_logged_as_deletes() {
         ],
     );
     assert_eq!(
-        apply(&mut store, &[WorkerRequest::ExpireTime { collection: 0, key: key(2, b"late") }]),
+        apply(
+            &mut store,
+            &[WorkerRequest::ExpireTime {
+                collection: 0,
+                key: key(2, b"late")
+            }]
+        ),
         vec![WorkerResponse::Integer(later as i64)]
     );
     std::thread::sleep(std::time::Duration::from_millis(80));
-    assert_eq!(get(&mut store, 0, key(2, b"soon")), WorkerResponse::Value(None), "an expired key is never returned");
+    assert_eq!(
+        get(&mut store, 0, key(2, b"soon")),
+        WorkerResponse::Value(None),
+        "an expired key is never returned"
+    );
     assert_eq!(store.expire_due(100).unwrap(), 1);
     assert_eq!(store.expire_due(100).unwrap(), 0);
     let entries = log_of(&mut store, 2);
@@ -207,16 +347,38 @@ fn expired_keys_are_hidden_then_purged_and_logged_as_deletes() {
         ]
     );
     assert_eq!(entries[1].expires_at_ms, Some(later));
-    assert_eq!(apply(&mut store, &[WorkerRequest::DbSize { collection: 0 }]), vec![WorkerResponse::Integer(1)]);
+    assert_eq!(
+        apply(&mut store, &[WorkerRequest::DbSize { collection: 0 }]),
+        vec![WorkerResponse::Integer(1)]
+    );
     // PERSIST removes the expiry; EXPIRE with NX then applies, GT only to a later time.
     let responses = apply(
         &mut store,
         &[
-            WorkerRequest::Persist { collection: 0, key: key(2, b"late") },
-            WorkerRequest::ExpireTime { collection: 0, key: key(2, b"late") },
-            WorkerRequest::Expire { collection: 0, key: key(2, b"late"), at_ms: later, condition: ExpireCondition::IfNone },
-            WorkerRequest::Expire { collection: 0, key: key(2, b"late"), at_ms: later - 1, condition: ExpireCondition::IfGreater },
-            WorkerRequest::ExpireTime { collection: 0, key: key(2, b"gone") },
+            WorkerRequest::Persist {
+                collection: 0,
+                key: key(2, b"late"),
+            },
+            WorkerRequest::ExpireTime {
+                collection: 0,
+                key: key(2, b"late"),
+            },
+            WorkerRequest::Expire {
+                collection: 0,
+                key: key(2, b"late"),
+                at_ms: later,
+                condition: ExpireCondition::IfNone,
+            },
+            WorkerRequest::Expire {
+                collection: 0,
+                key: key(2, b"late"),
+                at_ms: later - 1,
+                condition: ExpireCondition::IfGreater,
+            },
+            WorkerRequest::ExpireTime {
+                collection: 0,
+                key: key(2, b"gone"),
+            },
         ],
     );
     assert_eq!(
@@ -249,12 +411,27 @@ fn a_write_over_an_expired_key_logs_its_deletion_first() {
     std::thread::sleep(std::time::Duration::from_millis(40));
     apply(&mut store, &[set(0, key(1, b"k"), b"new")]);
     let changes: Vec<_> = log_of(&mut store, 1).iter().map(|e| e.change).collect();
-    assert_eq!(changes, vec![ChangeType::Create, ChangeType::Delete, ChangeType::Create]);
-    assert_eq!(store.expire_due(100).unwrap(), 0, "the index entry went with the old value");
+    assert_eq!(
+        changes,
+        vec![ChangeType::Create, ChangeType::Delete, ChangeType::Create]
+    );
+    assert_eq!(
+        store.expire_due(100).unwrap(),
+        0,
+        "the index entry went with the old value"
+    );
 }
 
 fn put_op(collection: Collection, k: Key, value: &[u8], if_absent: bool) -> TxOp {
-    TxOp { collection, key: k, action: TxAction::Put { value: value.to_vec(), expires_at_ms: None, if_absent } }
+    TxOp {
+        collection,
+        key: k,
+        action: TxAction::Put {
+            value: value.to_vec(),
+            expires_at_ms: None,
+            if_absent,
+        },
+    }
 }
 
 #[test]
@@ -264,23 +441,52 @@ fn atomic_writes_check_everything_before_writing() {
     apply(&mut store, &[set(0, key(0, b"b"), b"1")]);
     let refused = apply(
         &mut store,
-        &[WorkerRequest::Atomic { ops: vec![put_op(0, key(0, b"a"), b"x", true), put_op(0, key(0, b"b"), b"x", true)] }],
+        &[WorkerRequest::Atomic {
+            ops: vec![
+                put_op(0, key(0, b"a"), b"x", true),
+                put_op(0, key(0, b"b"), b"x", true),
+            ],
+        }],
     );
-    assert_eq!(refused, vec![WorkerResponse::Error(WorkerError::TxKeyExists)]);
-    assert_eq!(get(&mut store, 0, key(0, b"a")), WorkerResponse::Value(None), "a refused MSETNX writes nothing");
+    assert_eq!(
+        refused,
+        vec![WorkerResponse::Error(WorkerError::TxKeyExists)]
+    );
+    assert_eq!(
+        get(&mut store, 0, key(0, b"a")),
+        WorkerResponse::Value(None),
+        "a refused MSETNX writes nothing"
+    );
     // RENAME inside one worker: take the source, put it under the destination.
     let renamed = apply(
         &mut store,
         &[WorkerRequest::Atomic {
             ops: vec![
-                TxOp { collection: 0, key: key(0, b"b"), action: TxAction::Take },
-                TxOp { collection: 1, key: key(3, b"c"), action: TxAction::PutTaken { if_absent: false } },
+                TxOp {
+                    collection: 0,
+                    key: key(0, b"b"),
+                    action: TxAction::Take,
+                },
+                TxOp {
+                    collection: 1,
+                    key: key(3, b"c"),
+                    action: TxAction::PutTaken { if_absent: false },
+                },
             ],
         }],
     );
-    assert!(matches!(&renamed[0], WorkerResponse::TxOutcomes(o) if o.len() == 2), "{renamed:?}");
-    assert_eq!(get(&mut store, 0, key(0, b"b")), WorkerResponse::Value(None));
-    assert_eq!(get(&mut store, 1, key(3, b"c")), WorkerResponse::Value(Some(b"1".to_vec())));
+    assert!(
+        matches!(&renamed[0], WorkerResponse::TxOutcomes(o) if o.len() == 2),
+        "{renamed:?}"
+    );
+    assert_eq!(
+        get(&mut store, 0, key(0, b"b")),
+        WorkerResponse::Value(None)
+    );
+    assert_eq!(
+        get(&mut store, 1, key(3, b"c")),
+        WorkerResponse::Value(Some(b"1".to_vec()))
+    );
 }
 
 #[test]
@@ -290,16 +496,34 @@ fn prepared_transactions_lock_keys_survive_reopen_and_resolve() {
         let mut store = Store::open(dir.path(), &options()).unwrap();
         let prepared = apply(
             &mut store,
-            &[WorkerRequest::Prepare { txid: 7, decider: 0, ops: vec![put_op(0, key(1, b"x"), b"7", false)] }],
+            &[WorkerRequest::Prepare {
+                txid: 7,
+                decider: 0,
+                ops: vec![put_op(0, key(1, b"x"), b"7", false)],
+            }],
         );
-        assert_eq!(prepared, vec![WorkerResponse::TxOutcomes(vec![TxOutcome::Done])]);
+        assert_eq!(
+            prepared,
+            vec![WorkerResponse::TxOutcomes(vec![TxOutcome::Done])]
+        );
         assert_eq!(store.locks().holder(0, &key(1, b"x")), Some(7));
         let conflict = apply(
             &mut store,
-            &[WorkerRequest::Prepare { txid: 8, decider: 0, ops: vec![put_op(0, key(1, b"x"), b"8", false)] }],
+            &[WorkerRequest::Prepare {
+                txid: 8,
+                decider: 0,
+                ops: vec![put_op(0, key(1, b"x"), b"8", false)],
+            }],
         );
-        assert_eq!(conflict, vec![WorkerResponse::Error(WorkerError::TxConflict)]);
-        assert_eq!(get(&mut store, 0, key(1, b"x")), WorkerResponse::Value(None), "prepare writes no data");
+        assert_eq!(
+            conflict,
+            vec![WorkerResponse::Error(WorkerError::TxConflict)]
+        );
+        assert_eq!(
+            get(&mut store, 0, key(1, b"x")),
+            WorkerResponse::Value(None),
+            "prepare writes no data"
+        );
     }
     // A crash: the intent and its lock come back.
     let mut store = Store::open(dir.path(), &options()).unwrap();
@@ -309,15 +533,33 @@ fn prepared_transactions_lock_keys_survive_reopen_and_resolve() {
         vec![WorkerResponse::InDoubt(vec![(7, 0)])]
     );
     assert_eq!(
-        apply(&mut store, &[WorkerRequest::Decide { txid: 7, older_than_ms: 60_000 }]),
+        apply(
+            &mut store,
+            &[WorkerRequest::Decide {
+                txid: 7,
+                older_than_ms: 60_000
+            }]
+        ),
         vec![WorkerResponse::Error(WorkerError::TxInProgress)]
     );
     // The decider commits: data applied, a commit record kept until forgotten.
-    assert_eq!(apply(&mut store, &[WorkerRequest::Commit { txid: 7 }]), vec![WorkerResponse::Ok]);
-    assert!(store.locks().is_empty());
-    assert_eq!(get(&mut store, 0, key(1, b"x")), WorkerResponse::Value(Some(b"7".to_vec())));
     assert_eq!(
-        apply(&mut store, &[WorkerRequest::Decide { txid: 7, older_than_ms: 0 }]),
+        apply(&mut store, &[WorkerRequest::Commit { txid: 7 }]),
+        vec![WorkerResponse::Ok]
+    );
+    assert!(store.locks().is_empty());
+    assert_eq!(
+        get(&mut store, 0, key(1, b"x")),
+        WorkerResponse::Value(Some(b"7".to_vec()))
+    );
+    assert_eq!(
+        apply(
+            &mut store,
+            &[WorkerRequest::Decide {
+                txid: 7,
+                older_than_ms: 0
+            }]
+        ),
         vec![WorkerResponse::Integer(1)]
     );
     assert_eq!(
@@ -325,11 +567,27 @@ fn prepared_transactions_lock_keys_survive_reopen_and_resolve() {
         vec![WorkerResponse::Error(WorkerError::TxCommitted)]
     );
     apply(&mut store, &[WorkerRequest::Forget { txid: 7 }]);
-    assert_eq!(apply(&mut store, &[WorkerRequest::Transactions]), vec![WorkerResponse::Integer(0)]);
-    // Presumed abort: an old undecided transaction is aborted by Decide; unknown ones read as aborted.
-    apply(&mut store, &[WorkerRequest::Prepare { txid: 9, decider: 0, ops: vec![put_op(0, key(1, b"y"), b"9", false)] }]);
     assert_eq!(
-        apply(&mut store, &[WorkerRequest::Decide { txid: 9, older_than_ms: 0 }]),
+        apply(&mut store, &[WorkerRequest::Transactions]),
+        vec![WorkerResponse::Integer(0)]
+    );
+    // Presumed abort: an old undecided transaction is aborted by Decide; unknown ones read as aborted.
+    apply(
+        &mut store,
+        &[WorkerRequest::Prepare {
+            txid: 9,
+            decider: 0,
+            ops: vec![put_op(0, key(1, b"y"), b"9", false)],
+        }],
+    );
+    assert_eq!(
+        apply(
+            &mut store,
+            &[WorkerRequest::Decide {
+                txid: 9,
+                older_than_ms: 0
+            }]
+        ),
         vec![WorkerResponse::Integer(0)]
     );
     assert!(store.locks().is_empty());
@@ -337,21 +595,36 @@ fn prepared_transactions_lock_keys_survive_reopen_and_resolve() {
         apply(&mut store, &[WorkerRequest::Commit { txid: 9 }]),
         vec![WorkerResponse::Error(WorkerError::TxAborted)]
     );
-    assert_eq!(get(&mut store, 0, key(1, b"y")), WorkerResponse::Value(None));
+    assert_eq!(
+        get(&mut store, 0, key(1, b"y")),
+        WorkerResponse::Value(None)
+    );
 }
 
 #[test]
 fn scans_resume_after_the_last_stored_key_and_flush_logs_deletes() {
     let dir = tempfile::tempdir().unwrap();
     let mut store = Store::open(dir.path(), &options()).unwrap();
-    let requests: Vec<_> = (0..50u32).map(|i| set(0, key((i % 4) as u16, format!("k{i}").as_bytes()), b"v")).collect();
+    let requests: Vec<_> = (0..50u32)
+        .map(|i| set(0, key((i % 4) as u16, format!("k{i}").as_bytes()), b"v"))
+        .collect();
     apply(&mut store, &requests);
     let mut seen = std::collections::BTreeSet::new();
     let mut after = None;
     loop {
-        let response =
-            apply(&mut store, &[WorkerRequest::Scan { collection: 0, after: after.clone(), count: 7, pattern: None }]).remove(0);
-        let WorkerResponse::Scanned { keys, next } = response else { panic!() };
+        let response = apply(
+            &mut store,
+            &[WorkerRequest::Scan {
+                collection: 0,
+                after: after.clone(),
+                count: 7,
+                pattern: None,
+            }],
+        )
+        .remove(0);
+        let WorkerResponse::Scanned { keys, next } = response else {
+            panic!()
+        };
         seen.extend(keys.into_iter().map(|k| k.into_vec()));
         match next {
             Some(next) => after = Some(next),
@@ -359,28 +632,80 @@ fn scans_resume_after_the_last_stored_key_and_flush_logs_deletes() {
         }
     }
     assert_eq!(seen.len(), 50);
-    let matched = apply(&mut store, &[WorkerRequest::Keys { collection: 0, pattern: Some(b"k1*".to_vec()) }]).remove(0);
-    let WorkerResponse::Scanned { keys, next: None } = matched else { panic!() };
+    let matched = apply(
+        &mut store,
+        &[WorkerRequest::Keys {
+            collection: 0,
+            pattern: Some(b"k1*".to_vec()),
+        }],
+    )
+    .remove(0);
+    let WorkerResponse::Scanned { keys, next: None } = matched else {
+        panic!()
+    };
     assert_eq!(keys.len(), 11, "k1 and k10..k19");
-    assert_eq!(apply(&mut store, &[WorkerRequest::Flush { collection: Some(0) }]), vec![WorkerResponse::Integer(50)]);
-    assert_eq!(apply(&mut store, &[WorkerRequest::DbSize { collection: 0 }]), vec![WorkerResponse::Integer(0)]);
-    let deletes = log_of(&mut store, 0).iter().filter(|e| e.change == ChangeType::Delete).count();
-    assert_eq!(deletes, 13, "every flushed key of partition 0 is logged as a delete");
+    assert_eq!(
+        apply(
+            &mut store,
+            &[WorkerRequest::Flush {
+                collection: Some(0)
+            }]
+        ),
+        vec![WorkerResponse::Integer(50)]
+    );
+    assert_eq!(
+        apply(&mut store, &[WorkerRequest::DbSize { collection: 0 }]),
+        vec![WorkerResponse::Integer(0)]
+    );
+    let deletes = log_of(&mut store, 0)
+        .iter()
+        .filter(|e| e.change == ChangeType::Delete)
+        .count();
+    assert_eq!(
+        deletes, 13,
+        "every flushed key of partition 0 is logged as a delete"
+    );
 }
 
 #[test]
 fn the_feed_reads_after_positions_and_refuses_trimmed_ones() {
     let dir = tempfile::tempdir().unwrap();
     let mut store = Store::open(dir.path(), &options()).unwrap();
-    let requests: Vec<_> = (0..10u32).map(|i| set(0, key(1, format!("k{i}").as_bytes()), b"v")).collect();
+    let requests: Vec<_> = (0..10u32)
+        .map(|i| set(0, key(1, format!("k{i}").as_bytes()), b"v"))
+        .collect();
     apply(&mut store, &requests);
-    let feed = apply(&mut store, &[WorkerRequest::ReadFeed { positions: vec![(1, 4), (2, 0)], count: 100 }]).remove(0);
-    let WorkerResponse::Log(entries) = feed else { panic!() };
-    assert_eq!(entries.iter().map(|e| e.commit_id).collect::<Vec<_>>(), (5..=10).collect::<Vec<_>>());
+    let feed = apply(
+        &mut store,
+        &[WorkerRequest::ReadFeed {
+            positions: vec![(1, 4), (2, 0)],
+            count: 100,
+        }],
+    )
+    .remove(0);
+    let WorkerResponse::Log(entries) = feed else {
+        panic!()
+    };
+    assert_eq!(
+        entries.iter().map(|e| e.commit_id).collect::<Vec<_>>(),
+        (5..=10).collect::<Vec<_>>()
+    );
     assert_eq!(store.trim_log(3, None, 1000).unwrap(), 7);
     assert_eq!(log_of(&mut store, 1).len(), 3);
-    let refused = apply(&mut store, &[WorkerRequest::ReadFeed { positions: vec![(1, 4)], count: 100 }]);
-    assert_eq!(refused, vec![WorkerResponse::Error(WorkerError::LogTrimmed { partition: 1, trimmed_through: 7 })]);
+    let refused = apply(
+        &mut store,
+        &[WorkerRequest::ReadFeed {
+            positions: vec![(1, 4)],
+            count: 100,
+        }],
+    );
+    assert_eq!(
+        refused,
+        vec![WorkerResponse::Error(WorkerError::LogTrimmed {
+            partition: 1,
+            trimmed_through: 7
+        })]
+    );
     assert_eq!(
         apply(&mut store, &[WorkerRequest::LastCommitIds]),
         vec![WorkerResponse::Positions(vec![(1, 10)])]
@@ -391,16 +716,28 @@ fn the_feed_reads_after_positions_and_refuses_trimmed_ones() {
 fn the_id_high_water_mark_only_rises() {
     let dir = tempfile::tempdir().unwrap();
     let mut store = Store::open(dir.path(), &options()).unwrap();
-    apply(&mut store, &[WorkerRequest::ReserveIds { high_water: 1000 }, WorkerRequest::ReserveIds { high_water: 10 }]);
+    apply(
+        &mut store,
+        &[
+            WorkerRequest::ReserveIds { high_water: 1000 },
+            WorkerRequest::ReserveIds { high_water: 10 },
+        ],
+    );
     drop(store);
     let mut store = Store::open(dir.path(), &options()).unwrap();
-    assert_eq!(apply(&mut store, &[WorkerRequest::IdHighWater]), vec![WorkerResponse::Integer(1000)]);
+    assert_eq!(
+        apply(&mut store, &[WorkerRequest::IdHighWater]),
+        vec![WorkerResponse::Integer(1000)]
+    );
 }
 
 #[test]
 fn a_map_at_its_limit_refuses_writes_and_keeps_reads() {
     let dir = tempfile::tempdir().unwrap();
-    let options = StoreOptions { max_map_size_bytes: 2 << 20, ..options() };
+    let options = StoreOptions {
+        max_map_size_bytes: 2 << 20,
+        ..options()
+    };
     let mut store = Store::open(dir.path(), &options).unwrap();
     apply(&mut store, &[set(0, key(0, b"first"), b"kept")]);
     let value = vec![1u8; 100 * 1024];
@@ -412,17 +749,45 @@ fn a_map_at_its_limit_refuses_writes_and_keeps_reads() {
             break;
         }
     }
-    assert_eq!(refused, Some(WorkerResponse::Error(WorkerError::MapFull { max_map_size_bytes: 2 << 20 })));
+    assert_eq!(
+        refused,
+        Some(WorkerResponse::Error(WorkerError::MapFull {
+            max_map_size_bytes: 2 << 20
+        }))
+    );
     let mixed = apply(
         &mut store,
-        &[WorkerRequest::Get { collection: 0, key: key(0, b"first") }, set(0, key(0, b"more"), &value)],
+        &[
+            WorkerRequest::Get {
+                collection: 0,
+                key: key(0, b"first"),
+            },
+            set(0, key(0, b"more"), &value),
+        ],
     );
-    assert_eq!(mixed[0], WorkerResponse::Value(Some(b"kept".to_vec())), "reads go on");
-    assert!(matches!(mixed[1], WorkerResponse::Error(WorkerError::MapFull { .. })));
+    assert_eq!(
+        mixed[0],
+        WorkerResponse::Value(Some(b"kept".to_vec())),
+        "reads go on"
+    );
+    assert!(matches!(
+        mixed[1],
+        WorkerResponse::Error(WorkerError::MapFull { .. })
+    ));
     drop(store);
     // A raised limit lets writes through again.
-    let mut store = Store::open(dir.path(), &StoreOptions { max_map_size_bytes: 64 << 20, ..options }).unwrap();
-    assert_eq!(apply(&mut store, &[set(0, key(0, b"more"), &value)]), vec![WorkerResponse::Ok]);
+    let mut store = Store::open(
+        dir.path(),
+        &StoreOptions {
+            max_map_size_bytes: 64 << 20,
+            ..options
+        },
+    )
+    .unwrap();
+    assert_eq!(
+        apply(&mut store, &[set(0, key(0, b"more"), &value)]),
+        vec![WorkerResponse::Ok]
+    );
 }
 
 #[test]
@@ -430,20 +795,37 @@ fn backup_copies_report_the_commit_ids_of_the_copied_data() {
     let dir = tempfile::tempdir().unwrap();
     let mut store = Store::open(&dir.path().join("live"), &options()).unwrap();
     for round in 0..20u8 {
-        apply(&mut store, &[set(0, key(u16::from(round % 4), &[round]), &[round; 100])]);
+        apply(
+            &mut store,
+            &[set(0, key(u16::from(round % 4), &[round]), &[round; 100])],
+        );
     }
     let source = store.backup_source();
     let copier = std::thread::spawn({
         let target = dir.path().join("copies");
         move || {
             std::fs::create_dir(&target).unwrap();
-            (0..5).map(|i| (target.join(format!("c{i}")), source.copy_to(&target.join(format!("c{i}"))).unwrap())).collect::<Vec<_>>()
+            (0..5)
+                .map(|i| {
+                    (
+                        target.join(format!("c{i}")),
+                        source.copy_to(&target.join(format!("c{i}"))).unwrap(),
+                    )
+                })
+                .collect::<Vec<_>>()
         }
     });
     // Writes go on while the copies run; big values make the map grow meanwhile.
     for round in 0..200u32 {
         let partition = (round % 4) as u16;
-        apply(&mut store, &[set(0, key(partition, &round.to_be_bytes()), &vec![7u8; 20_000])]);
+        apply(
+            &mut store,
+            &[set(
+                0,
+                key(partition, &round.to_be_bytes()),
+                &vec![7u8; 20_000],
+            )],
+        );
     }
     for (copy_dir, report) in copier.join().unwrap() {
         assert_eq!((report.shard, report.partitions, report.workers), (0, 4, 1));
@@ -451,13 +833,28 @@ fn backup_copies_report_the_commit_ids_of_the_copied_data() {
         let file = copy_dir.join(shoal_shared::backup::SHARD_FILE);
         assert_eq!(std::fs::metadata(&file).unwrap().len(), report.bytes);
         assert_eq!(report.sha256.len(), 64);
-        assert_eq!(report.positions.iter().map(|(p, _)| *p).collect::<Vec<_>>(), vec![0, 1, 2, 3]);
+        assert_eq!(
+            report.positions.iter().map(|(p, _)| *p).collect::<Vec<_>>(),
+            vec![0, 1, 2, 3]
+        );
         // The copy opens as a store, and its log ends exactly at the reported commit ids.
         let mut copy = Store::open(&copy_dir, &options()).unwrap();
         for (partition, last) in report.positions {
-            assert!(last >= 5, "partition {partition} had 5 commits before the copy began");
-            let log = apply(&mut copy, &[WorkerRequest::ReadLog { partition, from_commit_id: 0, count: 10_000 }]);
-            let WorkerResponse::Log(entries) = &log[0] else { panic!("{log:?}") };
+            assert!(
+                last >= 5,
+                "partition {partition} had 5 commits before the copy began"
+            );
+            let log = apply(
+                &mut copy,
+                &[WorkerRequest::ReadLog {
+                    partition,
+                    from_commit_id: 0,
+                    count: 10_000,
+                }],
+            );
+            let WorkerResponse::Log(entries) = &log[0] else {
+                panic!("{log:?}")
+            };
             assert_eq!(entries.last().map(|e| e.commit_id), Some(last));
         }
     }
@@ -469,5 +866,8 @@ fn backup_refuses_an_existing_target() {
     let dir = tempfile::tempdir().unwrap();
     let store = Store::open(&dir.path().join("live"), &options()).unwrap();
     std::fs::create_dir(dir.path().join("taken")).unwrap();
-    assert!(store.backup_source().copy_to(&dir.path().join("taken")).is_err());
+    assert!(store
+        .backup_source()
+        .copy_to(&dir.path().join("taken"))
+        .is_err());
 }

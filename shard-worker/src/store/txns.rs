@@ -18,7 +18,9 @@ use std::collections::HashMap;
 
 use heed::RwTxn;
 use serde::{Deserialize, Serialize};
-use shoal_shared::frame::{Collection, Key, Partition, TxAction, TxOp, TxOutcome, WorkerError, WorkerResponse};
+use shoal_shared::frame::{
+    Collection, Key, Partition, TxAction, TxOp, TxOutcome, WorkerError, WorkerResponse,
+};
 
 use super::keyspace::Current;
 use super::{Batch, OpError, OpResult, Store, StoreError};
@@ -44,7 +46,9 @@ impl Locks {
         if self.by_key.is_empty() {
             return None;
         }
-        self.by_key.get(&(collection, key.partition, key.bytes.clone())).copied()
+        self.by_key
+            .get(&(collection, key.partition, key.bytes.clone()))
+            .copied()
     }
 
     /// Whether any key of `collection` (or of any collection, for `None`) is locked.
@@ -109,7 +113,9 @@ fn bincode_config() -> impl bincode::config::Config {
 }
 
 fn lock_keys(ops: &[TxOp]) -> Vec<LockKey> {
-    ops.iter().map(|op| (op.collection, op.key.partition, op.key.bytes.clone())).collect()
+    ops.iter()
+        .map(|op| (op.collection, op.key.partition, op.key.bytes.clone()))
+        .collect()
 }
 
 impl Store {
@@ -123,11 +129,17 @@ impl Store {
             let txid = crate::layout::decode_u64(raw_id, "transaction id")?;
             let intent = decode_intent(raw).map_err(StoreError::Corrupt)?;
             if intent.state == IntentState::Prepared {
-                changes.push(LockChange::Acquire { txid, keys: lock_keys(&intent.ops) });
+                changes.push(LockChange::Acquire {
+                    txid,
+                    keys: lock_keys(&intent.ops),
+                });
             }
         }
         if !changes.is_empty() {
-            tracing::info!(transactions = changes.len(), "restored locks of prepared transactions");
+            tracing::info!(
+                transactions = changes.len(),
+                "restored locks of prepared transactions"
+            );
         }
         locks.apply(changes);
         Ok(locks)
@@ -140,9 +152,16 @@ impl Store {
         }
     }
 
-    fn put_intent(&self, txn: &mut RwTxn, batch: &mut Batch, txid: u64, intent: &Intent) -> Result<(), OpError> {
-        let raw = bincode::serde::encode_to_vec(intent, bincode_config())
-            .map_err(|e| OpError::Refused(WorkerError::Storage(format!("cannot encode intent: {e}"))))?;
+    fn put_intent(
+        &self,
+        txn: &mut RwTxn,
+        batch: &mut Batch,
+        txid: u64,
+        intent: &Intent,
+    ) -> Result<(), OpError> {
+        let raw = bincode::serde::encode_to_vec(intent, bincode_config()).map_err(|e| {
+            OpError::Refused(WorkerError::Storage(format!("cannot encode intent: {e}")))
+        })?;
         self.txns.put(txn, &txid.to_be_bytes(), &raw)?;
         batch.dirty = true;
         Ok(())
@@ -161,18 +180,26 @@ impl Store {
         for op in ops {
             let current = self.current(txn, self.db(op.collection)?, &op.key, now_ms)?;
             let outcome = match &op.action {
-                TxAction::Put { if_absent: true, .. } | TxAction::PutTaken { if_absent: true }
+                TxAction::Put {
+                    if_absent: true, ..
+                }
+                | TxAction::PutTaken { if_absent: true }
                     if current.live.is_some() =>
                 {
                     return Err(OpError::Refused(WorkerError::TxKeyExists));
                 }
-                TxAction::PutTaken { .. } if !taken => return Err(OpError::Refused(WorkerError::TxNoSuchKey)),
+                TxAction::PutTaken { .. } if !taken => {
+                    return Err(OpError::Refused(WorkerError::TxNoSuchKey))
+                }
                 TxAction::Put { .. } | TxAction::PutTaken { .. } => TxOutcome::Done,
                 TxAction::Delete => TxOutcome::Existed(current.live.is_some()),
                 TxAction::Take | TxAction::Read => match current.live {
                     Some(live) => {
                         taken = true;
-                        TxOutcome::Value { value: live.value, expires_at_ms: live.expires_at_ms }
+                        TxOutcome::Value {
+                            value: live.value,
+                            expires_at_ms: live.expires_at_ms,
+                        }
                     }
                     None => return Err(OpError::Refused(WorkerError::TxNoSuchKey)),
                 },
@@ -183,24 +210,58 @@ impl Store {
     }
 
     /// Applies checked `ops` in order; returns what each did.
-    fn apply_ops(&self, txn: &mut RwTxn, batch: &mut Batch, ops: &[TxOp]) -> Result<Vec<TxOutcome>, OpError> {
+    fn apply_ops(
+        &self,
+        txn: &mut RwTxn,
+        batch: &mut Batch,
+        ops: &[TxOp],
+    ) -> Result<Vec<TxOutcome>, OpError> {
         let mut outcomes = Vec::with_capacity(ops.len());
         let mut taken: Option<(Vec<u8>, Option<u64>)> = None;
         for op in ops {
             let db = self.db(op.collection)?;
             let current: Current = self.current(txn, db, &op.key, batch.now_ms)?;
             let outcome = match &op.action {
-                TxAction::Put { value, expires_at_ms, .. } => {
-                    self.put(txn, batch, db, op.collection, &op.key, &current, value, *expires_at_ms)?;
+                TxAction::Put {
+                    value,
+                    expires_at_ms,
+                    ..
+                } => {
+                    self.put(
+                        txn,
+                        batch,
+                        db,
+                        op.collection,
+                        &op.key,
+                        &current,
+                        value,
+                        *expires_at_ms,
+                    )?;
                     TxOutcome::Done
                 }
                 TxAction::PutTaken { .. } => {
                     if let Some((value, expires_at_ms)) = &taken {
-                        self.put(txn, batch, db, op.collection, &op.key, &current, value, *expires_at_ms)?;
+                        self.put(
+                            txn,
+                            batch,
+                            db,
+                            op.collection,
+                            &op.key,
+                            &current,
+                            value,
+                            *expires_at_ms,
+                        )?;
                     }
                     TxOutcome::Done
                 }
-                TxAction::Delete => TxOutcome::Existed(self.remove(txn, batch, db, op.collection, &op.key, &current)?),
+                TxAction::Delete => TxOutcome::Existed(self.remove(
+                    txn,
+                    batch,
+                    db,
+                    op.collection,
+                    &op.key,
+                    &current,
+                )?),
                 TxAction::Take | TxAction::Read => {
                     let live = current.live.clone();
                     if matches!(op.action, TxAction::Take) {
@@ -209,7 +270,10 @@ impl Store {
                     match live {
                         Some(live) => {
                             taken = Some((live.value.clone(), live.expires_at_ms));
-                            TxOutcome::Value { value: live.value, expires_at_ms: live.expires_at_ms }
+                            TxOutcome::Value {
+                                value: live.value,
+                                expires_at_ms: live.expires_at_ms,
+                            }
                         }
                         None => TxOutcome::Existed(false),
                     }
@@ -226,17 +290,38 @@ impl Store {
         Ok(WorkerResponse::TxOutcomes(self.apply_ops(txn, batch, ops)?))
     }
 
-    pub(crate) fn prepare(&self, txn: &mut RwTxn, batch: &mut Batch, txid: u64, decider: u16, ops: &[TxOp]) -> OpResult {
+    pub(crate) fn prepare(
+        &self,
+        txn: &mut RwTxn,
+        batch: &mut Batch,
+        txid: u64,
+        decider: u16,
+        ops: &[TxOp],
+    ) -> OpResult {
         if self.intent(txn, txid)?.is_some() {
-            return Err(OpError::Refused(WorkerError::Storage(format!("transaction {txid} is already known"))));
+            return Err(OpError::Refused(WorkerError::Storage(format!(
+                "transaction {txid} is already known"
+            ))));
         }
-        if ops.iter().any(|op| self.locks.holder(op.collection, &op.key).is_some_and(|holder| holder != txid)) {
+        if ops.iter().any(|op| {
+            self.locks
+                .holder(op.collection, &op.key)
+                .is_some_and(|holder| holder != txid)
+        }) {
             return Err(OpError::Refused(WorkerError::TxConflict));
         }
         let outcomes = self.check_ops(txn, ops, batch.now_ms)?;
-        let intent = Intent { decider, created_ms: batch.now_ms, state: IntentState::Prepared, ops: ops.to_vec() };
+        let intent = Intent {
+            decider,
+            created_ms: batch.now_ms,
+            state: IntentState::Prepared,
+            ops: ops.to_vec(),
+        };
         self.put_intent(txn, batch, txid, &intent)?;
-        batch.lock_changes.push(LockChange::Acquire { txid, keys: lock_keys(ops) });
+        batch.lock_changes.push(LockChange::Acquire {
+            txid,
+            keys: lock_keys(ops),
+        });
         Ok(WorkerResponse::TxOutcomes(outcomes))
     }
 
@@ -249,7 +334,11 @@ impl Store {
         }
         self.apply_ops(txn, batch, &intent.ops)?;
         if self.is_decider(&intent) {
-            let record = Intent { state: IntentState::Committed, ops: Vec::new(), ..intent };
+            let record = Intent {
+                state: IntentState::Committed,
+                ops: Vec::new(),
+                ..intent
+            };
             self.put_intent(txn, batch, txid, &record)?;
         } else {
             self.delete_intent(txn, batch, txid)?;
@@ -261,7 +350,9 @@ impl Store {
     pub(crate) fn abort(&self, txn: &mut RwTxn, batch: &mut Batch, txid: u64) -> OpResult {
         match self.intent(txn, txid)? {
             None => Ok(WorkerResponse::Ok),
-            Some(intent) if intent.state == IntentState::Committed => Err(OpError::Refused(WorkerError::TxCommitted)),
+            Some(intent) if intent.state == IntentState::Committed => {
+                Err(OpError::Refused(WorkerError::TxCommitted))
+            }
             Some(_) => {
                 self.delete_intent(txn, batch, txid)?;
                 batch.lock_changes.push(LockChange::Release { txid });
@@ -270,15 +361,26 @@ impl Store {
         }
     }
 
-    pub(crate) fn decide(&self, txn: &mut RwTxn, batch: &mut Batch, txid: u64, older_than_ms: u64) -> OpResult {
+    pub(crate) fn decide(
+        &self,
+        txn: &mut RwTxn,
+        batch: &mut Batch,
+        txid: u64,
+        older_than_ms: u64,
+    ) -> OpResult {
         match self.intent(txn, txid)? {
             None => Ok(WorkerResponse::Integer(0)),
-            Some(intent) if intent.state == IntentState::Committed => Ok(WorkerResponse::Integer(1)),
+            Some(intent) if intent.state == IntentState::Committed => {
+                Ok(WorkerResponse::Integer(1))
+            }
             Some(intent) if batch.now_ms.saturating_sub(intent.created_ms) < older_than_ms => {
                 Err(OpError::Refused(WorkerError::TxInProgress))
             }
             Some(_) => {
-                tracing::warn!(txid, "transaction left undecided; aborting it (presumed abort)");
+                tracing::warn!(
+                    txid,
+                    "transaction left undecided; aborting it (presumed abort)"
+                );
                 self.delete_intent(txn, batch, txid)?;
                 batch.lock_changes.push(LockChange::Release { txid });
                 Ok(WorkerResponse::Integer(0))
@@ -292,7 +394,9 @@ impl Store {
             let (raw_id, raw) = item?;
             let txid = crate::layout::decode_u64(raw_id, "transaction id")?;
             let intent = decode_intent(raw)?;
-            if intent.state == IntentState::Prepared && now_ms.saturating_sub(intent.created_ms) >= older_than_ms {
+            if intent.state == IntentState::Prepared
+                && now_ms.saturating_sub(intent.created_ms) >= older_than_ms
+            {
                 found.push((txid, intent.decider));
             }
         }
@@ -331,5 +435,8 @@ pub(crate) fn is_decision_record(raw: &[u8]) -> Result<bool, crate::layout::Corr
 fn decode_intent(raw: &[u8]) -> Result<Intent, crate::layout::CorruptError> {
     bincode::serde::decode_from_slice(raw, bincode_config())
         .map(|(intent, _)| intent)
-        .map_err(|e| crate::layout::CorruptError { what: "transaction record", why: e.to_string() })
+        .map_err(|e| crate::layout::CorruptError {
+            what: "transaction record",
+            why: e.to_string(),
+        })
 }
