@@ -46,18 +46,7 @@ pub async fn dispatch(
                 "setnx" => (SetCondition::IfAbsent, SetReply::WrittenFlag),
                 _ => (SetCondition::Always, SetReply::OldValue),
             };
-            let expiry = Expiry::Clear;
-            write_value(shared, &args[1], &args[2], |key, value| {
-                WorkerRequest::Set {
-                    collection,
-                    key,
-                    value,
-                    condition,
-                    reply,
-                    expiry,
-                }
-            })
-            .await
+            write_set(shared, collection, args, condition, reply, Expiry::Clear).await
         }
         "getex" => match StringOptions::parse(&args[2..], false) {
             Err(reply) => Pending::Ready(reply),
@@ -335,6 +324,18 @@ async fn set(shared: &Shared, collection: u16, args: &[Bytes]) -> Pending {
     } else {
         SetReply::Status
     };
+    write_set(shared, collection, args, condition, reply, expiry).await
+}
+
+/// `args[1] = args[2]` through a worker `Set` request.
+async fn write_set(
+    shared: &Shared,
+    collection: u16,
+    args: &[Bytes],
+    condition: SetCondition,
+    reply: SetReply,
+    expiry: Expiry,
+) -> Pending {
     write_value(shared, &args[1], &args[2], |key, value| {
         WorkerRequest::Set {
             collection,

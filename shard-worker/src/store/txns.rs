@@ -222,25 +222,18 @@ impl Store {
             let db = self.db(op.collection)?;
             let current: Current = self.current(txn, db, &op.key, batch.now_ms)?;
             let outcome = match &op.action {
-                TxAction::Put {
-                    value,
-                    expires_at_ms,
-                    ..
-                } => {
-                    self.put(
-                        txn,
-                        batch,
-                        db,
-                        op.collection,
-                        &op.key,
-                        &current,
-                        value,
-                        *expires_at_ms,
-                    )?;
-                    TxOutcome::Done
-                }
-                TxAction::PutTaken { .. } => {
-                    if let Some((value, expires_at_ms)) = &taken {
+                TxAction::Put { .. } | TxAction::PutTaken { .. } => {
+                    let stored = match &op.action {
+                        TxAction::Put {
+                            value,
+                            expires_at_ms,
+                            ..
+                        } => Some((value, *expires_at_ms)),
+                        _ => taken
+                            .as_ref()
+                            .map(|(value, expires_at_ms)| (value, *expires_at_ms)),
+                    };
+                    if let Some((value, expires_at_ms)) = stored {
                         self.put(
                             txn,
                             batch,
@@ -249,7 +242,7 @@ impl Store {
                             &op.key,
                             &current,
                             value,
-                            *expires_at_ms,
+                            expires_at_ms,
                         )?;
                     }
                     TxOutcome::Done
