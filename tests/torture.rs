@@ -27,6 +27,8 @@
 //!
 //! `SHOAL_TORTURE_ROUNDS=50` (or `SHOAL_LONG_TESTS=1`) runs the long form;
 //! the default is 8 rounds. `SHOAL_TEST_SEED` repeats a schedule.
+//! `SHOAL_TORTURE_DURABILITY=async` runs it with `storage.durability = "async"`,
+//! whose acknowledged writes must survive a crash of the processes too.
 
 mod common;
 
@@ -805,9 +807,13 @@ fn acknowledged_writes_survive_kill_9_of_any_process_and_the_log_matches_the_dat
     let rounds = env_count("SHOAL_TORTURE_ROUNDS", if long_tests() { 50 } else { 8 }) as usize;
     let time_limit = Duration::from_secs(120 + 60 * rounds as u64);
     let started = Instant::now();
+    // kill -9 is not a power failure: acknowledged writes survive it with either durability.
+    let durability = std::env::var("SHOAL_TORTURE_DURABILITY").unwrap_or_else(|_| "fsync".into());
+    eprintln!("durability = {durability:?}");
     let mut server = Server::start(&format!(
         "workers = {WORKERS}\n\
          [storage]\npartitions = {PARTITIONS}\nlog_retention_entries = 100000000\nlog_retention_secs = 0\n\
+         durability = {durability:?}\n\
          [supervisor]\nmax_restarts = 1000\nrestart_window_ms = 2000\n"
     ));
     let seed = test_seed("torture");

@@ -225,10 +225,11 @@ pub fn check_with_budget(history: &[Operation], initial: State, budget: u64) -> 
     // Failed operations never took effect; unknown reads tell nothing.
     let ops: Vec<&Operation> = sorted
         .iter()
-        .filter(|o| match (&o.outcome, &o.op) {
-            (Outcome::Fail, _) => false,
-            (Outcome::Unknown, Op::Get) => false,
-            _ => true,
+        .filter(|o| {
+            !matches!(
+                (&o.outcome, &o.op),
+                (Outcome::Fail, _) | (Outcome::Unknown, Op::Get)
+            )
         })
         .collect();
     let n = ops.len();
