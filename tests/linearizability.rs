@@ -1,7 +1,9 @@
 //! Single-key operations are linearizable while processes die: client threads
-//! run GET, SET and INCR on a few hot keys spread over every worker while
-//! shard-workers (and the net-daemon) are killed -9, and each key's history is
-//! checked by the Wing–Gong–Lowe search in `common::linearizability`.
+//! run GET, SET, INCR and MSET (across workers) on a few hot keys spread over
+//! every worker while shard-workers (and the net-daemon) are killed -9, and each
+//! key's history is checked by the Wing–Gong–Lowe search in
+//! `common::linearizability` (an MSET counts as a SET in the history of each of
+//! its keys).
 //!
 //! The first tests check the checker itself on hand-written histories, so that
 //! it is known to reject what it must reject.
@@ -321,7 +323,7 @@ struct Recorded {
     operation: Operation,
 }
 
-/// Runs random GET/SET/INCR on the hot keys until `stop`; every operation is recorded.
+/// Runs random GET, SET, INCR and MSET on the hot keys until `stop`; every operation is recorded.
 fn run_client(
     client: usize,
     redis_client: redis::Client,
@@ -347,29 +349,55 @@ fn run_client(
         };
         let key = rng.below(keys.len() as u64) as usize;
         sequence += 1;
-        // SET writes integers unique to this client and operation, so INCR works on them.
-        let (op, cmd) = match rng.below(10) {
-            0..=3 => (Op::Get, redis::cmd("GET").arg(&keys[key]).clone()),
-            4..=6 => {
-                let value = ((client as u64 + 1) * 1_000_000_000 + sequence * 1000).to_string();
-                (
-                    Op::Set(value.clone().into_bytes()),
-                    redis::cmd("SET").arg(&keys[key]).arg(value).clone(),
-                )
+        // SET and MSET write integers unique to this client and operation, so INCR works on them.
+        let value = |i: usize| {
+            ((client as u64 + 1) * 1_000_000_000 + sequence * 1000 + i as u64).to_string()
+        };
+        // Each target is a key and what the request does to it; an MSET writes several keys (on
+        // different workers, through two-phase commit) and counts as a SET in each key's history.
+        let (targets, cmd): (Vec<(usize, Op)>, redis::Cmd) = match rng.below(20) {
+            0..=7 => (
+                vec![(key, Op::Get)],
+                redis::cmd("GET").arg(&keys[key]).clone(),
+            ),
+            8..=12 => (
+                vec![(key, Op::Set(value(0).into_bytes()))],
+                redis::cmd("SET").arg(&keys[key]).arg(value(0)).clone(),
+            ),
+            13..=17 => (
+                vec![(key, Op::Incr)],
+                redis::cmd("INCR").arg(&keys[key]).clone(),
+            ),
+            _ => {
+                let mut chosen = vec![key];
+                let wanted = 2 + rng.below(2) as usize;
+                while chosen.len() < wanted {
+                    let other = rng.below(keys.len() as u64) as usize;
+                    if !chosen.contains(&other) {
+                        chosen.push(other);
+                    }
+                }
+                let mut cmd = redis::cmd("MSET");
+                let mut targets = Vec::new();
+                for (i, k) in chosen.into_iter().enumerate() {
+                    cmd.arg(&keys[k]).arg(value(i));
+                    targets.push((k, Op::Set(value(i).into_bytes())));
+                }
+                (targets, cmd)
             }
-            _ => (Op::Incr, redis::cmd("INCR").arg(&keys[key]).clone()),
         };
         let invoke = Instant::now();
         let answer = Answer::of(connection.req_command(&cmd));
         let complete = Instant::now();
-        let outcome = match (&op, &answer) {
+        let op = &targets[0].1;
+        let outcome = match (op, &answer) {
             (Op::Get, Answer::Reply(Value::Nil)) => Outcome::Ok(Output::Value(None)),
             (Op::Get, Answer::Reply(Value::BulkString(bytes))) => {
                 Outcome::Ok(Output::Value(Some(bytes.clone())))
             }
             (Op::Set(_), Answer::Reply(Value::Okay)) => Outcome::Ok(Output::Done),
             (Op::Incr, Answer::Reply(Value::Int(n))) => Outcome::Ok(Output::Integer(*n)),
-            (_, Answer::Reply(other)) => panic!("{op:?} on {} answered {other:?}", keys[key]),
+            (_, Answer::Reply(other)) => panic!("{cmd:?} answered {other:?}"),
             (_, Answer::Failed(text)) => {
                 if !text.starts_with("TRYAGAIN") {
                     failures.push(format!("{op:?}: {text}"));
@@ -382,16 +410,18 @@ fn run_client(
             con = None;
         }
         let failed = outcome == Outcome::Fail;
-        recorded.push(Recorded {
-            key,
-            operation: Operation {
-                client,
-                op,
-                invoke,
-                complete,
-                outcome,
-            },
-        });
+        for (key, op) in targets {
+            recorded.push(Recorded {
+                key,
+                operation: Operation {
+                    client,
+                    op,
+                    invoke,
+                    complete,
+                    outcome: outcome.clone(),
+                },
+            });
+        }
         if failed {
             // A dead worker answers at once: give it a moment.
             sleep(Duration::from_millis(10));
