@@ -4,8 +4,12 @@
 //!
 //! Everything here goes through Shoal's public interfaces only: the binary,
 //! its config file, RESP on TCP or the Unix socket, and `shoal status --json`.
+//!
+//! Submodules: `linearizability` (a checker for single-key histories).
 
 #![allow(dead_code)]
+
+pub mod linearizability;
 
 use std::fs::File;
 use std::io::{self, BufRead, BufReader, Read, Write};
@@ -613,6 +617,144 @@ pub fn describe(status: &ExitStatus) -> String {
         (Some(code), _) => format!("exit code {code}"),
         (None, Some(sig)) => format!("killed by signal {sig}"),
         _ => format!("{status:?}"),
+    }
+}
+
+// ---------------------------------------------------------------- fault injection
+
+/// A tiny deterministic generator (xorshift64*), so that a run can be repeated from its seed.
+pub struct Rng(u64);
+
+impl Rng {
+    pub fn new(seed: u64) -> Rng {
+        Rng(seed | 1)
+    }
+
+    pub fn next(&mut self) -> u64 {
+        self.0 ^= self.0 >> 12;
+        self.0 ^= self.0 << 25;
+        self.0 ^= self.0 >> 27;
+        self.0.wrapping_mul(0x2545_f491_4f6c_dd1d)
+    }
+
+    /// A number in `0..bound` (`bound` > 0).
+    pub fn below(&mut self, bound: u64) -> u64 {
+        self.next() % bound
+    }
+
+    /// A duration in `[low, high)`.
+    pub fn duration_between(&mut self, low: Duration, high: Duration) -> Duration {
+        let span = high.saturating_sub(low).as_millis().max(1) as u64;
+        low + Duration::from_millis(self.below(span))
+    }
+}
+
+/// The seed of a randomized test: `SHOAL_TEST_SEED` if set, else the clock. Printed, so that a
+/// failing run can be repeated.
+pub fn test_seed(what: &str) -> u64 {
+    let seed = std::env::var("SHOAL_TEST_SEED")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(|| {
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(1, |d| d.as_nanos() as u64)
+        });
+    eprintln!("{what} seed: {seed} (set SHOAL_TEST_SEED={seed} to repeat it)");
+    seed
+}
+
+/// An unsigned setting from the environment, or `default`.
+pub fn env_count(name: &str, default: u64) -> u64 {
+    std::env::var(name)
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(default)
+}
+
+/// Whether the long forms of the fault-injection tests were asked for (`SHOAL_LONG_TESTS=1`).
+pub fn long_tests() -> bool {
+    std::env::var("SHOAL_LONG_TESTS").is_ok_and(|v| !v.is_empty() && v != "0")
+}
+
+/// Connects with bounded timeouts, retrying until `deadline` (the server may be restarting).
+pub fn connect_until(client: &redis::Client, deadline: Instant) -> Option<redis::Connection> {
+    while Instant::now() < deadline {
+        if let Ok(con) = client.get_connection_with_timeout(Duration::from_secs(2)) {
+            con.set_read_timeout(Some(Duration::from_secs(20)))
+                .expect("read timeout");
+            con.set_write_timeout(Some(Duration::from_secs(10)))
+                .expect("write timeout");
+            return Some(con);
+        }
+        sleep(Duration::from_millis(50));
+    }
+    None
+}
+
+/// How a request ended, from the client's side, for tests that model the outcome of writes.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Answer {
+    /// A reply that is not an error.
+    Reply(redis::Value),
+    /// An error reply that says nothing was done (`TRYAGAIN shard-1 is down ...`, `... nothing was
+    /// written`): the request did not take effect.
+    Failed(String),
+    /// A lost connection, or an error reply that says the request "may or may not have been
+    /// applied": it may have taken effect, or not.
+    Unknown(String),
+}
+
+impl Answer {
+    /// Classifies the result of one request on a `redis::Connection`.
+    pub fn of(result: redis::RedisResult<redis::Value>) -> Answer {
+        match result {
+            Ok(reply @ redis::Value::ServerError(_)) => {
+                let text = error_text(&reply);
+                if text.contains("may or may not") {
+                    Answer::Unknown(text)
+                } else {
+                    Answer::Failed(text)
+                }
+            }
+            Ok(reply) => Answer::Reply(reply),
+            Err(error) => Answer::Unknown(format!("I/O: {error}")),
+        }
+    }
+
+    /// Whether the connection should be dropped (it broke).
+    pub fn connection_lost(&self) -> bool {
+        matches!(self, Answer::Unknown(text) if text.starts_with("I/O"))
+    }
+}
+
+impl Server {
+    /// Waits (bounded) until `role index` is ready with a pid other than `old`; returns the pid.
+    pub fn wait_restarted(&self, role: &str, index: u64, old: i32, timeout: Duration) -> i32 {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Ok(status) = self.status_json() {
+                if let Some(process) = find_process(&status, role, index) {
+                    let pid = process["pid"].as_i64().unwrap_or(0) as i32;
+                    if pid > 0 && pid != old && process["state"] == "ready" {
+                        return pid;
+                    }
+                }
+            }
+            assert!(
+                Instant::now() < deadline,
+                "{role} {index} (pid {old}) was not restarted within {timeout:?}\n{}",
+                self.logs()
+            );
+            sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// The pid of `role index` from `shoal status --json`.
+    pub fn pid_of(&self, role: &str, index: u64) -> i32 {
+        self.process_status(role, index)["pid"]
+            .as_i64()
+            .unwrap_or_else(|| panic!("no pid for {role} {index}")) as i32
     }
 }
 
