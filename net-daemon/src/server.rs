@@ -3,7 +3,8 @@
 //! Binds the TCP and Unix listeners, holds the connection limit (a semaphore
 //! of `max_connections` permits), reports readiness and heartbeats in the
 //! status table, and on SIGTERM stops accepting, lets every connection
-//! finish what it has read, and returns within `drain_timeout_ms`.
+//! finish what it has read, and returns within `drain_timeout_ms`. At start it
+//! raises its own open-file limit so that `max_connections` clients fit.
 
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
@@ -23,8 +24,61 @@ use crate::{connection, Shared};
 /// How long startup waits for every worker link before serving anyway.
 const LINK_WAIT: Duration = Duration::from_secs(5);
 const HEARTBEAT: Duration = Duration::from_millis(500);
+/// File descriptors the daemon needs besides client connections: listeners, worker
+/// links, the status table, logs, and the short-lived files of admin commands.
+const RESERVED_FDS: u64 = 64;
+
+/// Raises the soft RLIMIT_NOFILE toward the hard limit when `max_connections` needs
+/// more descriptors than the soft limit allows (as Redis does for `maxclients`). If the
+/// hard limit is too low, logs a warning with the number of clients that fit: the
+/// connections past it are refused by accept errors, not served.
+fn raise_open_file_limit(max_connections: usize, workers: usize) {
+    let needed = max_connections as u64 + workers as u64 + RESERVED_FDS;
+    let mut limit = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit writes into the struct we pass and has no other effect.
+    if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) } != 0 {
+        tracing::warn!(error = %std::io::Error::last_os_error(), "cannot read the open-file limit");
+        return;
+    }
+    if limit.rlim_cur >= needed {
+        return;
+    }
+    let wanted = needed.min(limit.rlim_max);
+    let raised = libc::rlimit {
+        rlim_cur: wanted,
+        rlim_max: limit.rlim_max,
+    };
+    // SAFETY: setrlimit only reads the struct we pass; raising the soft limit up to the
+    // hard limit needs no privilege.
+    if unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &raised) } != 0 {
+        tracing::warn!(
+            error = %std::io::Error::last_os_error(),
+            soft = limit.rlim_cur,
+            needed,
+            "cannot raise the open-file limit"
+        );
+        return;
+    }
+    if wanted < needed {
+        tracing::warn!(
+            soft = wanted,
+            hard = limit.rlim_max,
+            needed,
+            max_connections,
+            clients_that_fit = wanted.saturating_sub(needed - max_connections as u64),
+            "the hard open-file limit is below what client.max_connections needs; raise it \
+             (LimitNOFILE= in the systemd unit, or ulimit -Hn)"
+        );
+    } else {
+        tracing::info!(from = limit.rlim_cur, to = wanted, "raised the open-file limit");
+    }
+}
 
 pub async fn serve(config: Config) -> anyhow::Result<()> {
+    raise_open_file_limit(config.client.max_connections, config.workers);
     let status = StatusTable::open(&config.status_path()).context("opening the status table")?;
     status.net_daemon_slot().claim();
     let links: Vec<WorkerLink> = (0..config.workers)
