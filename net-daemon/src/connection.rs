@@ -40,6 +40,25 @@ const READ_BUFFER_BYTES: usize = 16 * 1024;
 /// large request or reply does not pin memory for the rest of the connection.
 const KEEP_BUFFER_BYTES: usize = 256 * 1024;
 
+/// A client's socket: TCP or Unix. Readiness can be awaited without a buffer, so an
+/// idle connection holds none.
+pub trait ClientStream: AsyncRead + AsyncWrite + Unpin + Send + Sync {
+    /// Ready when a read would not block (data, end of stream, or an error).
+    fn poll_read_ready(&self, context: &mut Context<'_>) -> Poll<std::io::Result<()>>;
+}
+
+impl ClientStream for tokio::net::TcpStream {
+    fn poll_read_ready(&self, context: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        tokio::net::TcpStream::poll_read_ready(self, context)
+    }
+}
+
+impl ClientStream for tokio::net::UnixStream {
+    fn poll_read_ready(&self, context: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        tokio::net::UnixStream::poll_read_ready(self, context)
+    }
+}
+
 /// A reply in flight, with its protocol and, for a known command, the command's index and
 /// when it was dispatched (for the command statistics).
 type InFlight = (Pending, Protocol, Option<(usize, Instant)>);
@@ -47,7 +66,7 @@ type InFlight = (Pending, Protocol, Option<(usize, Instant)>);
 /// Serves one client until it closes, errs, sends QUIT, or the daemon shuts down.
 pub async fn serve<S>(shared: &Arc<Shared>, mut stream: S, mut shutdown: watch::Receiver<bool>)
 where
-    S: AsyncRead + AsyncWrite + Unpin,
+    S: ClientStream,
 {
     let mut session = Session {
         id: shared.next_client_id(),
@@ -100,8 +119,20 @@ where
             if *shutdown.borrow() {
                 return;
             }
-            if input.is_empty() && input.capacity() > KEEP_BUFFER_BYTES {
-                input = BytesMut::new();
+            if input.is_empty() {
+                if input.capacity() > KEEP_BUFFER_BYTES {
+                    input = BytesMut::new();
+                }
+                // Between requests, wait without a buffer: idle connections cost no memory
+                // beyond their task and socket.
+                tokio::select! {
+                    ready = std::future::poll_fn(|context| stream.poll_read_ready(context)) => {
+                        if ready.is_err() {
+                            return;
+                        }
+                    }
+                    _ = shutdown.changed() => return,
+                }
             }
             if input.capacity() - input.len() < READ_BUFFER_BYTES / 4 {
                 input.reserve(READ_BUFFER_BYTES);

@@ -13,7 +13,6 @@ use std::time::{Duration, Instant};
 use anyhow::Context;
 use shoal_shared::config::Config;
 use shoal_shared::status::{Field, ProcessState, StatusTable};
-use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::{TcpListener, UnixListener};
 use tokio::signal::unix::{signal, SignalKind};
 use tokio::sync::{watch, Semaphore};
@@ -27,6 +26,22 @@ const HEARTBEAT: Duration = Duration::from_millis(500);
 /// File descriptors the daemon needs besides client connections: listeners, worker
 /// links, the status table, logs, and the short-lived files of admin commands.
 const RESERVED_FDS: u64 = 64;
+
+/// Length of the TCP accept queue (the kernel caps it at `net.core.somaxconn`). A burst of
+/// new connections waits here instead of having its SYNs dropped and retried a second later.
+const LISTEN_BACKLOG: u32 = 1024;
+
+/// Binds the client TCP listener with [`LISTEN_BACKLOG`].
+fn bind_tcp(address: std::net::SocketAddr) -> std::io::Result<TcpListener> {
+    let socket = if address.is_ipv4() {
+        tokio::net::TcpSocket::new_v4()?
+    } else {
+        tokio::net::TcpSocket::new_v6()?
+    };
+    socket.set_reuseaddr(true)?;
+    socket.bind(address)?;
+    socket.listen(LISTEN_BACKLOG)
+}
 
 /// Raises the soft RLIMIT_NOFILE toward the hard limit when `max_connections` needs
 /// more descriptors than the soft limit allows (as Redis does for `maxclients`). If the
@@ -73,7 +88,11 @@ fn raise_open_file_limit(max_connections: usize, workers: usize) {
              (LimitNOFILE= in the systemd unit, or ulimit -Hn)"
         );
     } else {
-        tracing::info!(from = limit.rlim_cur, to = wanted, "raised the open-file limit");
+        tracing::info!(
+            from = limit.rlim_cur,
+            to = wanted,
+            "raised the open-file limit"
+        );
     }
 }
 
@@ -90,11 +109,9 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
     }
 
     let tcp = match config.client.listen {
-        Some(address) => Some(
-            TcpListener::bind(address)
-                .await
-                .with_context(|| format!("listening on {address}"))?,
-        ),
+        Some(address) => {
+            Some(bind_tcp(address).with_context(|| format!("listening on {address}"))?)
+        }
         None => None,
     };
     let unix = match &config.client.unix_socket {
@@ -213,7 +230,7 @@ async fn accept_loop<S, F, Fut>(
     mut shutdown: watch::Receiver<bool>,
     accept: F,
 ) where
-    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+    S: connection::ClientStream + Send + 'static,
     F: Fn() -> Fut,
     Fut: std::future::Future<Output = std::io::Result<S>>,
 {
