@@ -487,10 +487,10 @@ fn worker_killed_inside_a_backup_read_leaves_no_reader_slot_after_restart() {
 #[test]
 fn worker_killed_inside_write_transactions_keeps_every_acknowledged_write() {
     lmdb_tools();
-    let server = Server::start("workers = 1\n");
+    let server = Server::start("workers = 1\n[supervisor]\nmax_restarts = 100\n");
     let env = worker_env(&server);
     let n = 20_000;
-    for (round, delay_ms) in [(0u32, 20u64), (1, 60), (2, 150)] {
+    for (round, delay_ms) in [(0u32, 20u64), (1, 60), (2, 150), (3, 1000)] {
         let old = server.worker_pid(0);
         let set_keys: Vec<String> = (0..n).map(|i| format!("set:{round}:{i}")).collect();
         let sets = pipeline(
@@ -565,26 +565,38 @@ fn worker_killed_inside_write_transactions_keeps_every_acknowledged_write() {
             .expect("a write after the restart");
     }
 
-    // FLUSHALL of a full shard, killed midway: all or nothing.
-    let before: usize = redis::cmd("DBSIZE")
-        .query(&mut server.conn())
-        .expect("DBSIZE");
-    let old = server.worker_pid(0);
-    let flush = pipeline(server.port, vec![encode_command(&[b"FLUSHALL"])]);
-    sleep(Duration::from_millis(5));
-    signal(old, libc::SIGKILL);
-    let flush_reply = flush.join().expect("FLUSHALL").pop();
-    wait_for_restart(&server, old);
-    let after: usize = redis::cmd("DBSIZE")
-        .query(&mut server.conn())
-        .expect("DBSIZE");
-    eprintln!("FLUSHALL killed after 5 ms: replied {flush_reply:?}; DBSIZE {before} -> {after}");
-    assert!(
-        after == 0 || after == before,
-        "FLUSHALL is all or nothing: {before} -> {after}"
-    );
-    if flush_reply == Some(Resp::Simple("OK".into())) {
-        assert_eq!(after, 0);
+    // FLUSHALL of a full shard, killed at several points: all or nothing.
+    for delay_ms in [5u64, 40, 150] {
+        let mut before: usize = redis::cmd("DBSIZE")
+            .query(&mut server.conn())
+            .expect("DBSIZE");
+        if before < n {
+            let refill: Vec<String> = (0..n).map(|i| format!("refill:{delay_ms}:{i}")).collect();
+            set_all(&server, &refill, b"r");
+            before = redis::cmd("DBSIZE")
+                .query(&mut server.conn())
+                .expect("DBSIZE");
+        }
+        let old = server.worker_pid(0);
+        let flush = pipeline(server.port, vec![encode_command(&[b"FLUSHALL"])]);
+        sleep(Duration::from_millis(delay_ms));
+        signal(old, libc::SIGKILL);
+        let flush_reply = flush.join().expect("FLUSHALL").pop();
+        wait_for_restart(&server, old);
+        let after: usize = redis::cmd("DBSIZE")
+            .query(&mut server.conn())
+            .expect("DBSIZE");
+        eprintln!(
+            "FLUSHALL killed after {delay_ms} ms: replied {flush_reply:?}; DBSIZE {before} -> \
+             {after}"
+        );
+        assert!(
+            after == 0 || after == before,
+            "FLUSHALL is all or nothing: {before} -> {after}"
+        );
+        if flush_reply == Some(Resp::Simple("OK".into())) {
+            assert_eq!(after, 0);
+        }
     }
     let mut conn = server.raw();
     assert_eq!(
