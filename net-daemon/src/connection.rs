@@ -15,8 +15,11 @@
 //! `max_output_buffer_bytes`: once they pass it, whatever the socket accepts at
 //! that instant is pushed out without waiting, and if they are still over the limit
 //! the connection is closed. A single reply is never cut, so the output of one
-//! connection stays below the limit plus one reply. Buffers start empty, grow with
-//! the traffic, and are released once a large request or reply has gone through.
+//! connection stays below the limit plus one reply; besides it, a connection holds
+//! the worker answers of the requests it has dispatched and not yet encoded (at most
+//! [`MAX_PIPELINE_IN_FLIGHT`]). Buffers start empty (an idle connection waits for
+//! readability without one), grow with the traffic, and are released once a large
+//! request or reply has gone through.
 
 use std::pin::Pin;
 use std::task::{Context, Poll, Waker};
