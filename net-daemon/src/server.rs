@@ -45,8 +45,8 @@ fn bind_tcp(address: std::net::SocketAddr) -> std::io::Result<TcpListener> {
 
 /// Raises the soft RLIMIT_NOFILE toward the hard limit when `max_connections` needs
 /// more descriptors than the soft limit allows (as Redis does for `maxclients`). If the
-/// hard limit is too low, logs a warning with the number of clients that fit: the
-/// connections past it are refused by accept errors, not served.
+/// hard limit is too low, logs a warning with the number of clients that fit: past it,
+/// accept fails (EMFILE) and new connections wait in the accept queue unserved.
 fn raise_open_file_limit(max_connections: usize, workers: usize) {
     let needed = max_connections as u64 + workers as u64 + RESERVED_FDS;
     let mut limit = libc::rlimit {
@@ -58,10 +58,9 @@ fn raise_open_file_limit(max_connections: usize, workers: usize) {
         tracing::warn!(error = %std::io::Error::last_os_error(), "cannot read the open-file limit");
         return;
     }
-    if limit.rlim_cur >= needed {
+    let Some(wanted) = raised_soft_limit(limit.rlim_cur, limit.rlim_max, needed) else {
         return;
-    }
-    let wanted = needed.min(limit.rlim_max);
+    };
     let raised = libc::rlimit {
         rlim_cur: wanted,
         rlim_max: limit.rlim_max,
@@ -94,6 +93,12 @@ fn raise_open_file_limit(max_connections: usize, workers: usize) {
             "raised the open-file limit"
         );
     }
+}
+
+/// The soft open-file limit to set so that `needed` descriptors fit, within the hard
+/// limit; `None` when the current soft limit is already enough.
+fn raised_soft_limit(soft: u64, hard: u64, needed: u64) -> Option<u64> {
+    (soft < needed).then(|| needed.min(hard).max(soft))
 }
 
 pub async fn serve(config: Config) -> anyhow::Result<()> {
@@ -258,5 +263,21 @@ async fn accept_loop<S, F, Fut>(
             shared.connections.fetch_sub(1, Ordering::Relaxed);
             drop(permit);
         });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::raised_soft_limit;
+
+    #[test]
+    fn the_soft_open_file_limit_is_raised_only_as_far_as_needed_and_allowed() {
+        assert_eq!(raised_soft_limit(1024, 524_288, 10_066), Some(10_066));
+        assert_eq!(raised_soft_limit(20_000, 20_000, 10_066), None);
+        assert_eq!(raised_soft_limit(10_066, 20_000, 10_066), None);
+        // The hard limit caps it: as high as allowed, and the caller warns.
+        assert_eq!(raised_soft_limit(1024, 4096, 10_066), Some(4096));
+        // Never lowered.
+        assert_eq!(raised_soft_limit(1024, 1024, 10_066), Some(1024));
     }
 }
