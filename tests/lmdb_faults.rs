@@ -283,9 +283,11 @@ fn worker_env(server: &Server) -> PathBuf {
 const ONE_WORKER: &str = "workers = 1\n[storage]\nlog_retention_entries = 1\n";
 
 /// Growth, in pages, that five rounds of overwrites may add once the file is in its
-/// steady state (free-list churn, the log trimmed between ticks).
+/// steady state: free-list churn, and the commit log, which is trimmed between ticks
+/// and so briefly holds more than one entry per partition. Measured: 0 to 250 pages on
+/// a file of about 2,000; a pinned reader makes the same rounds add about 33,000.
 fn steady_slack(pages: u64) -> u64 {
-    (pages / 10).max(200)
+    (pages / 4).max(600)
 }
 
 // ---------------------------------------------------------------- tests
