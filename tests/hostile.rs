@@ -450,9 +450,7 @@ fn slowloris_and_half_sent_requests_never_block_other_clients() {
         b"+PONG\r\n",
         b"+OK\r\n",
     ];
-    // The inline SET of connection 9 runs first, so that the GETs after it find the key
-    // or not in a known order: complete them in index order, one shape at a time, with
-    // the SET ones last.
+    // One shape at a time; the inline SETs (shape 9) last, as their reply differs.
     let mut half_ok = 0;
     for shape in [0, 1, 2, 3, 4, 5, 6, 8] {
         for (stream, _) in half_sent.iter_mut().filter(|(_, s)| *s == shape) {
