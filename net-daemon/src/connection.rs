@@ -8,8 +8,23 @@
 //! dispatched until it has finished. A protocol error is answered and closes this
 //! connection only. On shutdown the connection finishes the requests it has
 //! read, replies, and closes.
+//!
+//! Memory per connection is bounded. A connection does not read further requests
+//! while it is writing replies, so a client that stops reading is back-pressured.
+//! While replies are being encoded, the unsent bytes of the earlier ones are held to
+//! `max_output_buffer_bytes`: once they pass it, whatever the socket accepts at
+//! that instant is pushed out without waiting, and if they are still over the limit
+//! the connection is closed. A single reply is never cut, so the output of one
+//! connection stays below the limit plus one reply; besides it, a connection holds
+//! the worker answers of the requests it has dispatched and not yet encoded (at most
+//! [`MAX_PIPELINE_IN_FLIGHT`]). Buffers start empty (an idle connection waits for
+//! readability without one), grow with the traffic, and are released once a large
+//! request or reply has gone through.
 
-use bytes::BytesMut;
+use std::pin::Pin;
+use std::task::{Context, Poll, Waker};
+
+use bytes::{Buf, BytesMut};
 use shoal_shared::limits::MAX_PIPELINE_IN_FLIGHT;
 use shoal_shared::resp::{parse_request, Protocol, RequestLimits};
 use shoal_shared::status::Field;
@@ -24,6 +39,29 @@ use std::time::Instant;
 
 const READ_BUFFER_BYTES: usize = 16 * 1024;
 
+/// A buffer that has grown past this is released once it is empty again, so that one
+/// large request or reply does not pin memory for the rest of the connection.
+const KEEP_BUFFER_BYTES: usize = 256 * 1024;
+
+/// A client's socket: TCP or Unix. Readiness can be awaited without a buffer, so an
+/// idle connection holds none.
+pub trait ClientStream: AsyncRead + AsyncWrite + Unpin + Send + Sync {
+    /// Ready when a read would not block (data, end of stream, or an error).
+    fn poll_read_ready(&self, context: &mut Context<'_>) -> Poll<std::io::Result<()>>;
+}
+
+impl ClientStream for tokio::net::TcpStream {
+    fn poll_read_ready(&self, context: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        tokio::net::TcpStream::poll_read_ready(self, context)
+    }
+}
+
+impl ClientStream for tokio::net::UnixStream {
+    fn poll_read_ready(&self, context: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        tokio::net::UnixStream::poll_read_ready(self, context)
+    }
+}
+
 /// A reply in flight, with its protocol and, for a known command, the command's index and
 /// when it was dispatched (for the command statistics).
 type InFlight = (Pending, Protocol, Option<(usize, Instant)>);
@@ -31,7 +69,7 @@ type InFlight = (Pending, Protocol, Option<(usize, Instant)>);
 /// Serves one client until it closes, errs, sends QUIT, or the daemon shuts down.
 pub async fn serve<S>(shared: &Arc<Shared>, mut stream: S, mut shutdown: watch::Receiver<bool>)
 where
-    S: AsyncRead + AsyncWrite + Unpin,
+    S: ClientStream,
 {
     let mut session = Session {
         id: shared.next_client_id(),
@@ -41,8 +79,10 @@ where
         authenticated: shared.config.client.requirepass.is_none(),
     };
     let authenticated_limits = shared.config.request_limits();
-    let mut input = BytesMut::with_capacity(READ_BUFFER_BYTES);
-    let mut output = BytesMut::with_capacity(READ_BUFFER_BYTES);
+    let max_output_bytes = shared.config.client.max_output_buffer_bytes;
+    // Empty until used: an idle connection holds no buffers.
+    let mut input = BytesMut::new();
+    let mut output = BytesMut::new();
     let mut pending: Vec<InFlight> = Vec::new();
     loop {
         let mut after = After::Continue;
@@ -82,6 +122,24 @@ where
             if *shutdown.borrow() {
                 return;
             }
+            if input.is_empty() {
+                if input.capacity() > KEEP_BUFFER_BYTES {
+                    input = BytesMut::new();
+                }
+                // Between requests, wait without a buffer: idle connections cost no memory
+                // beyond their task and socket.
+                tokio::select! {
+                    ready = std::future::poll_fn(|context| stream.poll_read_ready(context)) => {
+                        if ready.is_err() {
+                            return;
+                        }
+                    }
+                    _ = shutdown.changed() => return,
+                }
+            }
+            if input.capacity() - input.len() < READ_BUFFER_BYTES / 4 {
+                input.reserve(READ_BUFFER_BYTES);
+            }
             tokio::select! {
                 read = stream.read_buf(&mut input) => match read {
                     Ok(0) | Err(_) => return,
@@ -96,6 +154,21 @@ where
             .net_daemon_slot()
             .add(Field::Ops, pending.len() as u64);
         for (reply, protocol, timing) in pending.drain(..) {
+            if output.len() > max_output_bytes {
+                match push_without_waiting(&mut stream, &output) {
+                    Ok(sent) => output.advance(sent),
+                    Err(_) => return,
+                }
+                if output.len() > max_output_bytes {
+                    tracing::info!(
+                        client = session.id,
+                        unsent_bytes = output.len(),
+                        max_output_buffer_bytes = max_output_bytes,
+                        "client does not read its replies; closing the connection"
+                    );
+                    return;
+                }
+            }
             let reply = reply.resolve().await;
             if let Some((index, started)) = timing {
                 shared
@@ -108,11 +181,33 @@ where
             return;
         }
         output.clear();
+        if output.capacity() > KEEP_BUFFER_BYTES {
+            output = BytesMut::new();
+        }
         if after == After::Close {
             let _ = stream.shutdown().await;
             return;
         }
     }
+}
+
+/// Writes as much of `bytes` as the socket accepts right now, without waiting for it to
+/// become writable; returns how many bytes were written.
+fn push_without_waiting<S: AsyncWrite + Unpin>(
+    stream: &mut S,
+    bytes: &[u8],
+) -> std::io::Result<usize> {
+    let mut context = Context::from_waker(Waker::noop());
+    let mut sent = 0;
+    while sent < bytes.len() {
+        match Pin::new(&mut *stream).poll_write(&mut context, &bytes[sent..]) {
+            Poll::Ready(Ok(0)) => return Err(std::io::ErrorKind::WriteZero.into()),
+            Poll::Ready(Ok(written)) => sent += written,
+            Poll::Ready(Err(error)) => return Err(error),
+            Poll::Pending => break,
+        }
+    }
+    Ok(sent)
 }
 
 /// Refuses a connection over `max_connections` with Redis's error, then closes it.

@@ -3,7 +3,8 @@
 //! Binds the TCP and Unix listeners, holds the connection limit (a semaphore
 //! of `max_connections` permits), reports readiness and heartbeats in the
 //! status table, and on SIGTERM stops accepting, lets every connection
-//! finish what it has read, and returns within `drain_timeout_ms`.
+//! finish what it has read, and returns within `drain_timeout_ms`. At start it
+//! raises its own open-file limit so that `max_connections` clients fit.
 
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
@@ -12,7 +13,6 @@ use std::time::{Duration, Instant};
 use anyhow::Context;
 use shoal_shared::config::Config;
 use shoal_shared::status::{Field, ProcessState, StatusTable};
-use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::{TcpListener, UnixListener};
 use tokio::signal::unix::{signal, SignalKind};
 use tokio::sync::{watch, Semaphore};
@@ -23,8 +23,86 @@ use crate::{connection, Shared};
 /// How long startup waits for every worker link before serving anyway.
 const LINK_WAIT: Duration = Duration::from_secs(5);
 const HEARTBEAT: Duration = Duration::from_millis(500);
+/// File descriptors the daemon needs besides client connections: listeners, worker
+/// links, the status table, logs, and the short-lived files of admin commands.
+const RESERVED_FDS: u64 = 64;
+
+/// Length of the TCP accept queue (the kernel caps it at `net.core.somaxconn`). A burst of
+/// new connections waits here instead of having its SYNs dropped and retried a second later.
+const LISTEN_BACKLOG: u32 = 1024;
+
+/// Binds the client TCP listener with [`LISTEN_BACKLOG`].
+fn bind_tcp(address: std::net::SocketAddr) -> std::io::Result<TcpListener> {
+    let socket = if address.is_ipv4() {
+        tokio::net::TcpSocket::new_v4()?
+    } else {
+        tokio::net::TcpSocket::new_v6()?
+    };
+    socket.set_reuseaddr(true)?;
+    socket.bind(address)?;
+    socket.listen(LISTEN_BACKLOG)
+}
+
+/// Raises the soft RLIMIT_NOFILE toward the hard limit when `max_connections` needs
+/// more descriptors than the soft limit allows (as Redis does for `maxclients`). If the
+/// hard limit is too low, logs a warning with the number of clients that fit: past it,
+/// accept fails (EMFILE) and new connections wait in the accept queue unserved.
+fn raise_open_file_limit(max_connections: usize, workers: usize) {
+    let needed = max_connections as u64 + workers as u64 + RESERVED_FDS;
+    let mut limit = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit writes into the struct we pass and has no other effect.
+    if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) } != 0 {
+        tracing::warn!(error = %std::io::Error::last_os_error(), "cannot read the open-file limit");
+        return;
+    }
+    let Some(wanted) = raised_soft_limit(limit.rlim_cur, limit.rlim_max, needed) else {
+        return;
+    };
+    let raised = libc::rlimit {
+        rlim_cur: wanted,
+        rlim_max: limit.rlim_max,
+    };
+    // SAFETY: setrlimit only reads the struct we pass; raising the soft limit up to the
+    // hard limit needs no privilege.
+    if unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &raised) } != 0 {
+        tracing::warn!(
+            error = %std::io::Error::last_os_error(),
+            soft = limit.rlim_cur,
+            needed,
+            "cannot raise the open-file limit"
+        );
+        return;
+    }
+    if wanted < needed {
+        tracing::warn!(
+            soft = wanted,
+            hard = limit.rlim_max,
+            needed,
+            max_connections,
+            clients_that_fit = wanted.saturating_sub(needed - max_connections as u64),
+            "the hard open-file limit is below what client.max_connections needs; raise it \
+             (LimitNOFILE= in the systemd unit, or ulimit -Hn)"
+        );
+    } else {
+        tracing::info!(
+            from = limit.rlim_cur,
+            to = wanted,
+            "raised the open-file limit"
+        );
+    }
+}
+
+/// The soft open-file limit to set so that `needed` descriptors fit, within the hard
+/// limit; `None` when the current soft limit is already enough.
+fn raised_soft_limit(soft: u64, hard: u64, needed: u64) -> Option<u64> {
+    (soft < needed).then(|| needed.min(hard).max(soft))
+}
 
 pub async fn serve(config: Config) -> anyhow::Result<()> {
+    raise_open_file_limit(config.client.max_connections, config.workers);
     let status = StatusTable::open(&config.status_path()).context("opening the status table")?;
     status.net_daemon_slot().claim();
     let links: Vec<WorkerLink> = (0..config.workers)
@@ -36,11 +114,9 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
     }
 
     let tcp = match config.client.listen {
-        Some(address) => Some(
-            TcpListener::bind(address)
-                .await
-                .with_context(|| format!("listening on {address}"))?,
-        ),
+        Some(address) => {
+            Some(bind_tcp(address).with_context(|| format!("listening on {address}"))?)
+        }
         None => None,
     };
     let unix = match &config.client.unix_socket {
@@ -159,7 +235,7 @@ async fn accept_loop<S, F, Fut>(
     mut shutdown: watch::Receiver<bool>,
     accept: F,
 ) where
-    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+    S: connection::ClientStream + Send + 'static,
     F: Fn() -> Fut,
     Fut: std::future::Future<Output = std::io::Result<S>>,
 {
@@ -187,5 +263,21 @@ async fn accept_loop<S, F, Fut>(
             shared.connections.fetch_sub(1, Ordering::Relaxed);
             drop(permit);
         });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::raised_soft_limit;
+
+    #[test]
+    fn the_soft_open_file_limit_is_raised_only_as_far_as_needed_and_allowed() {
+        assert_eq!(raised_soft_limit(1024, 524_288, 10_066), Some(10_066));
+        assert_eq!(raised_soft_limit(20_000, 20_000, 10_066), None);
+        assert_eq!(raised_soft_limit(10_066, 20_000, 10_066), None);
+        // The hard limit caps it: as high as allowed, and the caller warns.
+        assert_eq!(raised_soft_limit(1024, 4096, 10_066), Some(4096));
+        // Never lowered.
+        assert_eq!(raised_soft_limit(1024, 1024, 10_066), Some(1024));
     }
 }

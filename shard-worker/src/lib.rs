@@ -47,6 +47,9 @@ use crate::store::{Store, StoreError, StoreOptions};
 const MAX_BATCH: usize = 4096;
 /// How often the worker does its housekeeping (heartbeat, expiry, log retention, flush).
 const TICK: Duration = Duration::from_millis(100);
+/// How often housekeeping frees reader slots left by dead processes (one scan of the
+/// lock file's reader table; `Store::open` does it once at start as well).
+const READER_CHECK_INTERVAL: Duration = Duration::from_secs(1);
 /// Most keys expired per tick, so that expiry never stalls the group commit for long.
 const EXPIRE_PER_TICK: usize = 2000;
 /// Most log entries trimmed per tick.
@@ -99,6 +102,7 @@ pub fn run(config: &Config, index: usize) -> anyhow::Result<()> {
                 .then(|| config.storage.log_retention_secs * 1000),
         },
         last_housekeeping: Instant::now(),
+        last_reader_check: Instant::now(),
     };
     let result = worker.serve(&queue, &shutdown);
     slot.set_state(ProcessState::Draining);
@@ -132,6 +136,8 @@ struct Worker<'a> {
     deferred: VecDeque<(Instant, Queued)>,
     retention: Retention,
     last_housekeeping: Instant,
+    /// When the reader table was last checked for slots of dead processes.
+    last_reader_check: Instant,
 }
 
 /// Treats "no space" (a map at its limit, a full disk) as "nothing done": housekeeping
@@ -320,6 +326,16 @@ impl Worker<'_> {
             return Ok(());
         }
         self.last_housekeeping = Instant::now();
+        if self.last_reader_check.elapsed() >= READER_CHECK_INTERVAL {
+            self.last_reader_check = Instant::now();
+            let cleared = self
+                .store
+                .clear_stale_readers()
+                .context("clearing stale LMDB readers")?;
+            if cleared > 0 {
+                tracing::info!(cleared, "cleared LMDB readers left by dead processes");
+            }
+        }
         self.slot
             .set(Field::MapSizeBytes, self.store.map_size() as u64);
         self.slot

@@ -72,6 +72,9 @@ pub struct ClientSection {
     pub max_connections: usize,
     /// Largest string value a client may store, in bytes.
     pub max_value_bytes: usize,
+    /// Most bytes of replies a connection may have waiting to be sent. A client whose
+    /// unsent replies pass it (one that does not read what it asked for) is disconnected.
+    pub max_output_buffer_bytes: usize,
 }
 
 /// `[storage]`: the LMDB environments and the data model.
@@ -147,6 +150,7 @@ impl Default for ClientSection {
             requirepass: String::new(),
             max_connections: 10_000,
             max_value_bytes: 64 * 1024 * 1024,
+            max_output_buffer_bytes: 256 * 1024 * 1024,
         }
     }
 }
@@ -204,6 +208,7 @@ pub struct ClientConfig {
     pub requirepass: Option<String>,
     pub max_connections: usize,
     pub max_value_bytes: usize,
+    pub max_output_buffer_bytes: usize,
 }
 
 /// A config that cannot be used: which file, which key, and why.
@@ -334,6 +339,16 @@ impl FileConfig {
                 ),
             ));
         }
+        if self.client.max_output_buffer_bytes < self.client.max_value_bytes {
+            return Err(bad(
+                "client.max_output_buffer_bytes",
+                format!(
+                    "must be at least client.max_value_bytes ({}), so that a reply holding the \
+                     largest value always fits, got {}",
+                    self.client.max_value_bytes, self.client.max_output_buffer_bytes
+                ),
+            ));
+        }
         let storage = &self.storage;
         if storage.collections == 0 || storage.collections > 1024 {
             return Err(bad(
@@ -409,6 +424,7 @@ impl FileConfig {
                 requirepass: Some(self.client.requirepass).filter(|p| !p.is_empty()),
                 max_connections: self.client.max_connections,
                 max_value_bytes: self.client.max_value_bytes,
+                max_output_buffer_bytes: self.client.max_output_buffer_bytes,
             },
             storage: self.storage,
             supervisor: self.supervisor,
@@ -636,6 +652,14 @@ mod tests {
         };
         check("[client]\nlisten = \"nonsense\"\n", "client.listen");
         check("[client]\nmax_value_bytes = 0\n", "client.max_value_bytes");
+        check(
+            "[client]\nmax_output_buffer_bytes = 1000\n",
+            "client.max_output_buffer_bytes",
+        );
+        check(
+            "[client]\nmax_value_bytes = 2048\nmax_output_buffer_bytes = 2047\n",
+            "client.max_output_buffer_bytes",
+        );
         check("[storage]\npartitions = 0\n", "storage.partitions");
         check("[storage]\npartitions = 20000\n", "storage.partitions");
         check("workers = 8\n[storage]\npartitions = 4\n", "workers");

@@ -297,6 +297,14 @@ impl Store {
         (self.env.info().last_page_number + 1) * page_size
     }
 
+    /// Frees the reader-table slots of processes that died inside a read transaction
+    /// (another process reading this environment, killed -9). Such a slot pins the
+    /// snapshot it read, so until it is freed no page freed since can be reused and the
+    /// data file keeps growing. Returns how many slots were freed.
+    pub fn clear_stale_readers(&self) -> Result<usize, StoreError> {
+        Ok(self.env.clear_stale_readers()?)
+    }
+
     /// How long the last group commit took to commit and sync, if it wrote anything.
     pub fn last_commit(&self) -> Option<std::time::Duration> {
         self.last_commit
