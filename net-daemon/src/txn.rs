@@ -13,11 +13,13 @@
 //!    committed. Then `Commit` on the others, and `Forget` on the decider.
 //!
 //! If the coordinator dies, or a participant is unreachable, prepared intents
-//! stay behind. [`recover`] runs in the background: it finds intents older
-//! than [`IN_DOUBT_AFTER`], asks the decider (`Decide`: presumed abort for an
-//! undecided transaction), and commits or aborts each participant to match.
+//! stay behind. [`recover`] runs in the background: it commits intents whose
+//! decider recorded the commit, settles intents older than [`IN_DOUBT_AFTER`]
+//! either way (`Decide`: presumed abort for an undecided transaction), and
+//! forgets the decider's record once no participant holds the transaction.
 //! Every phase has a timeout (the link's request timeout).
 
+use std::collections::{HashMap, HashSet};
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
@@ -30,7 +32,10 @@ use crate::Shared;
 
 /// How long a transaction retries after lock conflicts before giving up.
 const CONFLICT_DEADLINE: Duration = Duration::from_secs(3);
-/// A prepared intent older than this is resolved by recovery.
+/// A prepared intent older than this is committed by recovery if its decider recorded the
+/// commit (the coordinator is then presumed gone).
+const DECIDED_AFTER: Duration = Duration::from_secs(1);
+/// A prepared intent older than this is resolved by recovery either way.
 pub const IN_DOUBT_AFTER: Duration = Duration::from_secs(5);
 /// How often recovery looks for transactions in doubt.
 const RECOVERY_INTERVAL: Duration = Duration::from_secs(1);
@@ -243,13 +248,18 @@ impl<'a> Transaction<'a> {
         }
         let mut all_committed = true;
         for (worker, _) in &self.prepared[1..] {
-            all_committed &= ask(
+            let answer = ask(
                 self.shared,
                 *worker,
                 WorkerRequest::Commit { txid: self.txid },
             )
-            .await
-            .is_ok();
+            .await;
+            // Once the decider has committed, nothing aborts a participant: "aborted" here
+            // means recovery committed it first and dropped the intent.
+            all_committed &= match answer {
+                Ok(_) => true,
+                Err(reply) => reply == errors::worker_error(&WorkerError::TxAborted),
+            };
         }
         if all_committed {
             let _ = ask(
@@ -268,47 +278,137 @@ impl<'a> Transaction<'a> {
 }
 
 /// Resolves transactions left in doubt, forever (a background task of the net-daemon).
+///
+/// Each pass asks every worker for its prepared intents:
+/// - an intent older than [`DECIDED_AFTER`] whose decider has recorded the commit is
+///   committed at once, so a write acknowledged just before a crash is visible everywhere
+///   soon after the restart;
+/// - an intent older than [`IN_DOUBT_AFTER`] is settled either way (presumed abort when
+///   its decider has no commit record).
+///
+/// The decider's commit record of a transaction that recovery committed is forgotten once
+/// a later pass finds no worker still holding that transaction. Intents only disappear after
+/// the decision, so a transaction no worker holds will never be asked about again.
 pub async fn recover(shared: std::sync::Arc<Shared>) {
     let mut interval = tokio::time::interval(RECOVERY_INTERVAL);
+    // Transactions recovery committed, with their decider: records to forget.
+    let mut committed: HashMap<u64, u16> = HashMap::new();
     loop {
         interval.tick().await;
         if shared.shutting_down.load(Ordering::Acquire) {
             return;
         }
+        let mut held = HashSet::new();
+        let mut every_worker_answered = true;
         for worker in 0..shared.links.len() {
-            if !shared.links[worker].is_connected() {
-                continue;
-            }
-            let older_than_ms = IN_DOUBT_AFTER.as_millis() as u64;
-            let Ok(WorkerResponse::InDoubt(in_doubt)) =
-                ask(&shared, worker, WorkerRequest::InDoubt { older_than_ms }).await
-            else {
+            let Some(prepared) = prepared_on(&shared, worker).await else {
+                every_worker_answered = false;
                 continue;
             };
-            for (txid, decider) in in_doubt {
-                let decision = ask(
-                    &shared,
-                    usize::from(decider),
-                    WorkerRequest::Decide {
-                        txid,
-                        older_than_ms,
-                    },
-                )
-                .await;
-                let request = match decision {
-                    Ok(WorkerResponse::Integer(1)) => WorkerRequest::Commit { txid },
-                    Ok(WorkerResponse::Integer(_)) => WorkerRequest::Abort { txid },
-                    _ => continue,
-                };
-                let committed = matches!(request, WorkerRequest::Commit { .. });
-                tracing::info!(
-                    txid,
-                    worker,
-                    committed,
-                    "resolving a transaction left in doubt"
-                );
-                let _ = ask(&shared, worker, request).await;
+            held.extend(prepared.all);
+            for (txid, decider, old) in prepared.stale {
+                if resolve(&shared, worker, txid, decider, old).await == Some(true) {
+                    committed.insert(txid, decider);
+                }
             }
+        }
+        if every_worker_answered {
+            forget_settled(&shared, &mut committed, &held).await;
+        }
+    }
+}
+
+/// What one worker holds prepared.
+struct Prepared {
+    /// Every prepared transaction, of any age.
+    all: Vec<u64>,
+    /// Those older than [`DECIDED_AFTER`]: (txid, decider, older than [`IN_DOUBT_AFTER`]).
+    stale: Vec<(u64, u16, bool)>,
+}
+
+/// The transactions prepared on `worker`; `None` if it did not answer.
+async fn prepared_on(shared: &Shared, worker: usize) -> Option<Prepared> {
+    if !shared.links[worker].is_connected() {
+        return None;
+    }
+    let in_doubt = |older_than: Duration| async move {
+        let request = WorkerRequest::InDoubt {
+            older_than_ms: older_than.as_millis() as u64,
+        };
+        match ask(shared, worker, request).await {
+            Ok(WorkerResponse::InDoubt(found)) => Some(found),
+            _ => None,
+        }
+    };
+    let all = in_doubt(Duration::ZERO).await?;
+    let old: HashSet<u64> = in_doubt(IN_DOUBT_AFTER)
+        .await?
+        .into_iter()
+        .map(|(txid, _)| txid)
+        .collect();
+    let stale = in_doubt(DECIDED_AFTER)
+        .await?
+        .into_iter()
+        .map(|(txid, decider)| (txid, decider, old.contains(&txid)))
+        .collect();
+    Some(Prepared {
+        all: all.into_iter().map(|(txid, _)| txid).collect(),
+        stale,
+    })
+}
+
+/// Settles one intent on `worker` to match its decider. Returns `Some(true)` if it was
+/// committed, `Some(false)` if aborted, `None` if it was left alone.
+async fn resolve(
+    shared: &Shared,
+    worker: usize,
+    txid: u64,
+    decider: u16,
+    old: bool,
+) -> Option<bool> {
+    let decision = ask(
+        shared,
+        usize::from(decider),
+        WorkerRequest::Decide {
+            txid,
+            older_than_ms: IN_DOUBT_AFTER.as_millis() as u64,
+        },
+    )
+    .await;
+    let commit = match decision {
+        Ok(WorkerResponse::Integer(1)) => true,
+        // "Not committed" settles only an old intent: a recent one may belong to a
+        // transaction whose coordinator is still preparing it.
+        Ok(WorkerResponse::Integer(_)) if old => false,
+        _ => return None,
+    };
+    tracing::info!(
+        txid,
+        worker,
+        committed = commit,
+        "resolving a transaction left in doubt"
+    );
+    let request = if commit {
+        WorkerRequest::Commit { txid }
+    } else {
+        WorkerRequest::Abort { txid }
+    };
+    ask(shared, worker, request).await.ok().map(|_| commit)
+}
+
+/// Forgets the decider records of committed transactions that no worker holds any more.
+async fn forget_settled(shared: &Shared, committed: &mut HashMap<u64, u16>, held: &HashSet<u64>) {
+    let settled: Vec<(u64, u16)> = committed
+        .iter()
+        .filter(|(txid, _)| !held.contains(txid))
+        .map(|(&txid, &decider)| (txid, decider))
+        .collect();
+    for (txid, decider) in settled {
+        if ask(shared, usize::from(decider), WorkerRequest::Forget { txid })
+            .await
+            .is_ok()
+        {
+            committed.remove(&txid);
         }
     }
 }
