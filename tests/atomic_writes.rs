@@ -11,7 +11,7 @@ use std::sync::Arc;
 use std::thread::sleep;
 use std::time::{Duration, Instant};
 
-use common::{error_text, signal, Server};
+use common::{error_text, signal, test_seed, Rng, Server};
 use redis::{ConnectionLike, Value};
 
 const WORKERS: usize = 3;
@@ -175,33 +175,13 @@ fn txns(server: &Server) -> Option<i64> {
     }
 }
 
-/// A tiny deterministic generator (xorshift64*), so that a run can be repeated.
-struct Rng(u64);
-
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 >> 12;
-        self.0 ^= self.0 << 25;
-        self.0 ^= self.0 >> 27;
-        self.0.wrapping_mul(0x2545_f491_4f6c_dd1d)
-    }
-}
-
 #[test]
 fn msets_across_workers_stay_atomic_while_workers_and_the_net_daemon_are_killed() {
     let server = Server::start(&format!(
         "workers = {WORKERS}\n[supervisor]\nmax_restarts = 50\nrestart_window_ms = 60000\n"
     ));
-    let seed = std::env::var("SHOAL_TEST_SEED")
-        .ok()
-        .and_then(|s| s.parse().ok())
-        .unwrap_or_else(|| {
-            std::time::SystemTime::now()
-                .duration_since(std::time::UNIX_EPOCH)
-                .map_or(1, |d| d.as_nanos() as u64)
-        });
-    eprintln!("kill schedule seed: {seed} (set SHOAL_TEST_SEED to repeat it)");
-    let mut rng = Rng(seed | 1);
+    let seed = test_seed("kill schedule");
+    let mut rng = Rng::new(seed);
     let groups: Vec<Vec<String>> = (0..CLIENTS)
         .map(|client| group_keys(&server, client))
         .collect();

@@ -11,7 +11,7 @@ use std::sync::Arc;
 use std::thread::sleep;
 use std::time::{Duration, Instant};
 
-use common::{Resp, Server};
+use common::{test_seed, Resp, Rng, Server};
 
 const WORKERS: usize = 3;
 const KEYS: usize = 300;
@@ -69,21 +69,6 @@ fn feed(raw: &mut common::RawConn, args: &[&str]) -> Result<(String, Vec<Entry>)
             entries.array().iter().map(Entry::from_feed).collect(),
         )),
         _ => panic!("SHOAL.FEED answered {reply:?}"),
-    }
-}
-
-/// A tiny deterministic generator (xorshift64*), seeded so that a failure can be repeated.
-struct Rng(u64);
-
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 >> 12;
-        self.0 ^= self.0 << 25;
-        self.0 ^= self.0 >> 27;
-        self.0.wrapping_mul(0x2545_f491_4f6c_dd1d)
-    }
-    fn below(&mut self, n: u64) -> u64 {
-        self.next() % n
     }
 }
 
@@ -211,7 +196,7 @@ fn run_writer(
     keys: &[String],
     writes: usize,
 ) -> (HashMap<String, Vec<String>>, BTreeMap<&'static str, usize>) {
-    let mut rng = Rng(seed);
+    let mut rng = Rng::new(seed);
     let mut expected: HashMap<String, Vec<String>> = HashMap::new();
     let mut last_value: HashMap<String, String> = HashMap::new();
     let mut counts: BTreeMap<&'static str, usize> = BTreeMap::new();
@@ -269,15 +254,7 @@ fn run_writer(
 #[test]
 fn a_follower_from_cursor_0_sees_every_change_of_10000_mixed_writes_exactly_once_in_commit_order() {
     let server = Server::start(&format!("workers = {WORKERS}\n"));
-    let seed = std::env::var("SHOAL_TEST_SEED")
-        .ok()
-        .and_then(|s| s.parse().ok())
-        .unwrap_or_else(|| {
-            std::time::SystemTime::now()
-                .duration_since(std::time::UNIX_EPOCH)
-                .map_or(1, |d| d.as_nanos() as u64)
-        });
-    eprintln!("write seed: {seed} (set SHOAL_TEST_SEED to repeat it)");
+    let seed = test_seed("write");
 
     // The follower starts first, from cursor 0, and blocks while nothing is new.
     let stop = Arc::new(AtomicBool::new(false));

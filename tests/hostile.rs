@@ -30,13 +30,11 @@ fn serial() -> MutexGuard<'static, ()> {
 
 /// 1 normally; larger with `SHOAL_LONG_TESTS=1` (or a number: the factor itself).
 fn scale() -> usize {
-    match std::env::var("SHOAL_LONG_TESTS") {
-        Ok(value) => match value.trim().parse::<usize>() {
-            Ok(0) | Err(_) => 1,
-            Ok(1) => 5,
-            Ok(factor) => factor,
-        },
-        Err(_) => 1,
+    match common::env_count("SHOAL_LONG_TESTS", 0) {
+        0 if common::long_tests() => 5,
+        0 => 1,
+        1 => 5,
+        factor => factor as usize,
     }
 }
 
