@@ -24,7 +24,7 @@
 //!         ++ key_len u16 ++ key ++ data
 //! ```
 //! `change_type` is 0b00 create, 0b01 delete, 0b10 update. `data` is the new
-//! value (empty for a delete).
+//! value (empty for a delete). `key_len` is at most `MAX_STORED_KEY_BYTES`.
 //!
 //! Named database `txns`, multi-worker transactions this shard takes part in:
 //! ```text
@@ -44,6 +44,9 @@
 //! (0 if none): the log of the partition holds every entry above it.
 
 use shoal_shared::frame::{ChangeType, Collection, LogEntry, Partition};
+use shoal_shared::limits::{
+    EXPIRY_KEY_PREFIX_BYTES, LMDB_MAX_KEY_BYTES, MAX_KEY_BYTES, MAX_STORED_KEY_BYTES,
+};
 
 /// Version of this layout, stored in `meta`.
 pub const FORMAT_VERSION: u32 = 2;
@@ -57,6 +60,15 @@ pub const META_IDS_HIGH_WATER: &[u8] = b"ids_high_water";
 pub const FLAG_EXPIRES: u8 = 0b0000_0001;
 const VALUE_HEADER_BYTES: usize = 9;
 const LOG_HEADER_BYTES: usize = 8 + 1 + 2 + 8 + 2;
+
+const _: () = assert!(
+    EXPIRY_KEY_PREFIX_BYTES == 8 + 2 + 2,
+    "the expiry index key is expires_at_ms ++ collection ++ partition ++ user key"
+);
+const _: () = assert!(
+    EXPIRY_KEY_PREFIX_BYTES + MAX_KEY_BYTES <= LMDB_MAX_KEY_BYTES,
+    "the expiry index key of the longest key fits an LMDB key"
+);
 
 /// Stored data that does not match this layout.
 #[derive(Debug, thiserror::Error)]
@@ -195,7 +207,9 @@ pub fn encode_log_value(record: &LogRecord<'_>) -> Vec<u8> {
     out.push(record.change as u8);
     out.extend_from_slice(&record.collection.to_be_bytes());
     out.extend_from_slice(&record.expires_at_ms.unwrap_or(0).to_be_bytes());
-    // Keys are at most MAX_KEY_BYTES, which fits u16 (checked in shoal_shared::limits).
+    // Stored keys are at most MAX_STORED_KEY_BYTES, which fits u16 (checked in
+    // shoal_shared::limits).
+    debug_assert!(record.key.len() <= MAX_STORED_KEY_BYTES);
     out.extend_from_slice(&(record.key.len() as u16).to_be_bytes());
     out.extend_from_slice(record.key);
     out.extend_from_slice(record.data);
@@ -220,6 +234,12 @@ pub fn decode_log_entry(raw_key: &[u8], raw_value: &[u8]) -> Result<LogEntry, Co
     })?;
     let expires_at_ms = read_u64(&raw_value[11..19]);
     let key_len = usize::from(u16::from_be_bytes([raw_value[19], raw_value[20]]));
+    if key_len > MAX_STORED_KEY_BYTES {
+        return Err(corrupt(
+            "log entry",
+            format!("key of {key_len} bytes is longer than any stored key"),
+        ));
+    }
     let rest = &raw_value[LOG_HEADER_BYTES..];
     if rest.len() < key_len {
         return Err(corrupt("log entry", "key runs past the end"));
@@ -366,6 +386,14 @@ mod tests {
         let mut bad = value.clone();
         bad[8] = 3;
         assert!(decode_log_entry(&key, &bad).is_err());
+        // A key length beyond any stored key is corruption, even if the bytes are there
+        // (found by fuzzing: the entry would not re-encode).
+        let mut long = value[..LOG_HEADER_BYTES].to_vec();
+        long[19..21].copy_from_slice(&((MAX_STORED_KEY_BYTES + 1) as u16).to_be_bytes());
+        long.extend(std::iter::repeat_n(b'k', MAX_STORED_KEY_BYTES + 1));
+        assert!(decode_log_entry(&key, &long).is_err());
+        long[19..21].copy_from_slice(&(MAX_STORED_KEY_BYTES as u16).to_be_bytes());
+        assert_eq!(decode_log_entry(&key, &long).unwrap().data, b"k");
     }
 
     #[test]

@@ -19,8 +19,11 @@
 //! - [`store`]: the environment and the group-commit apply.
 //! - [`link`]: the socket threads that read requests and write responses.
 //! - [`rebalance`]: moving partitions between shards when the worker count changes.
+//! - `fuzzing` (hidden): the layout decoders' properties, for fuzz targets and tests.
 
 mod float;
+#[doc(hidden)]
+pub mod fuzzing;
 pub mod layout;
 pub mod link;
 pub mod rebalance;

@@ -7,7 +7,11 @@
 //! responses may come back in any order.
 //!
 //! A frame is `length u32 big-endian ++ bincode 2 (serde) payload`. Decoding
-//! never panics and never accepts a frame over [`MAX_FRAME_BYTES`].
+//! never panics, never accepts a frame over [`MAX_FRAME_BYTES`], and never
+//! allocates from a length the frame declares: byte strings and sequences are
+//! sized by the bytes actually present (see `frugal`).
+
+mod frugal;
 
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
@@ -530,7 +534,11 @@ pub fn decode_frame<T: DeserializeOwned>(buf: &[u8]) -> Result<Option<(T, usize)
     let Some(payload) = buf.get(LENGTH_BYTES..LENGTH_BYTES + len) else {
         return Ok(None);
     };
-    let (message, used) = bincode::serde::decode_from_slice(payload, bincode_config())
+    let seed = frugal::FrugalDecode {
+        input_bytes: len,
+        message: std::marker::PhantomData::<T>,
+    };
+    let (message, used) = bincode::serde::seed_decode_from_slice(seed, payload, bincode_config())
         .map_err(|e| FrameError::Decode(e.to_string()))?;
     if used != len {
         return Err(FrameError::Trailing(len - used));

@@ -13,10 +13,13 @@
 //! - [`status`]: the shared-memory status table every process writes into.
 //! - [`limits`]: size limits and the invariants between them.
 //! - [`backup`]: the backup manifest and the shard-worker's report of its copy.
+//! - `fuzzing` (hidden): the decoder properties that fuzz targets and corpus tests check.
 
 pub mod backup;
 pub mod config;
 pub mod frame;
+#[doc(hidden)]
+pub mod fuzzing;
 pub mod glob;
 pub mod limits;
 pub mod partition;

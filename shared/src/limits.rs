@@ -6,11 +6,21 @@
 /// LMDB's maximum key size (the default build of liblmdb).
 pub const LMDB_MAX_KEY_BYTES: usize = 511;
 
-/// Bytes that the storage layout puts before the user's key (the partition, u16 big-endian).
+/// Bytes that the storage layout puts before the user's key in a collection
+/// (the partition, u16 big-endian).
 pub const STORED_KEY_PREFIX_BYTES: usize = 2;
 
-/// Longest user key that Shoal accepts.
-pub const MAX_KEY_BYTES: usize = LMDB_MAX_KEY_BYTES - STORED_KEY_PREFIX_BYTES;
+/// Bytes before the user's key in the expiry index (expires_at_ms u64, collection
+/// u16, partition u16): the longest prefix of any LMDB key the layout makes.
+pub const EXPIRY_KEY_PREFIX_BYTES: usize = 12;
+
+/// Longest user key that Shoal accepts: every LMDB key made of it must fit, the
+/// expiry index's included.
+pub const MAX_KEY_BYTES: usize = LMDB_MAX_KEY_BYTES - EXPIRY_KEY_PREFIX_BYTES;
+
+/// Longest user key a collection can hold; stored data may have keys up to this long
+/// (older versions accepted them), so decoders of stored data allow it.
+pub const MAX_STORED_KEY_BYTES: usize = LMDB_MAX_KEY_BYTES - STORED_KEY_PREFIX_BYTES;
 
 /// Most arguments a single client request may carry.
 pub const MAX_REQUEST_ARGS: usize = 1024 * 1024;
@@ -40,8 +50,10 @@ pub const MAX_VALUE_BYTES_LIMIT: usize = 512 * 1024 * 1024;
 pub const MAX_PIPELINE_IN_FLIGHT: usize = 1024;
 
 const _: () = assert!(
-    MAX_KEY_BYTES < u16::MAX as usize,
+    MAX_STORED_KEY_BYTES < u16::MAX as usize,
     "log entries store the key length as u16"
 );
+const _: () = assert!(STORED_KEY_PREFIX_BYTES <= EXPIRY_KEY_PREFIX_BYTES);
+const _: () = assert!(MAX_KEY_BYTES <= MAX_STORED_KEY_BYTES);
 const _: () = assert!(MAX_VALUE_BYTES_LIMIT + BULK_SLACK_BYTES + 64 * 1024 < MAX_FRAME_BYTES);
 const _: () = assert!(MAX_REPLY_BYTES + MAX_VALUE_BYTES_LIMIT < MAX_FRAME_BYTES);

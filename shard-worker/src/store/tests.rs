@@ -871,3 +871,20 @@ fn backup_refuses_an_existing_target() {
         .copy_to(&dir.path().join("taken"))
         .is_err());
 }
+
+#[test]
+fn the_longest_key_can_have_an_expiry() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut store = Store::open(dir.path(), &options()).unwrap();
+    let longest = key(1, &[b'k'; shoal_shared::limits::MAX_KEY_BYTES]);
+    let request = WorkerRequest::Set {
+        collection: 0,
+        key: longest.clone(),
+        value: b"v".to_vec(),
+        condition: SetCondition::Always,
+        reply: SetReply::Status,
+        expiry: Expiry::At(u64::MAX / 2),
+    };
+    let outcome = store.apply_batch(&[&request]);
+    assert!(outcome.is_ok(), "{:?}", outcome.err());
+}

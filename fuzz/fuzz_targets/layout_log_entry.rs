@@ -1,0 +1,11 @@
+//! Fuzzes the commit-log entry decoder with `shoal_shard_worker::fuzzing::check_log_entry`; a single allocation over the
+//! decoder's bound is a failure too.
+#![no_main]
+
+use libfuzzer_sys::fuzz_target;
+use shoal_shared::fuzzing::LimitedAllocator;
+
+#[global_allocator]
+static ALLOCATOR: LimitedAllocator = LimitedAllocator;
+
+fuzz_target!(|input: &[u8]| shoal_shard_worker::fuzzing::check_log_entry(input));

@@ -1,0 +1,162 @@
+//! The properties of the storage layout's decoders, as check functions for the
+//! fuzz targets (`fuzz/`) and the corpus replay test (`tests/fuzz_corpus.rs`).
+//!
+//! Stored bytes are untrusted too (a torn page, a foreign file): each decoder must
+//! return a value or a [`CorruptError`](crate::layout::CorruptError), never panic,
+//! and allocate at most a copy of what it read. Each check panics otherwise. For
+//! tests and fuzzing only.
+
+use shoal_shared::fuzzing::with_allocation_limit;
+
+use crate::layout::{
+    decode_expiry_key, decode_log_entry, decode_partition_meta, decode_value, encode_log_value,
+    encode_partition_meta, encode_value, expiry_key, LogRecord,
+};
+
+/// The layout decoders copy at most their input, plus an error message.
+pub fn layout_allocation_bound(input_bytes: usize) -> usize {
+    input_bytes + 1024
+}
+
+/// Checks [`decode_value`]: a decoded value re-encodes to the same bytes.
+pub fn check_value(input: &[u8]) {
+    let decoded = with_allocation_limit(layout_allocation_bound(input.len()), || {
+        decode_value(input).map(|value| (value.commit_id, value.expires_at_ms, value.bytes))
+    });
+    if let Ok((commit_id, expires_at_ms, bytes)) = decoded {
+        assert_eq!(encode_value(commit_id, expires_at_ms, bytes), input);
+    }
+}
+
+/// Checks [`decode_log_entry`]. The first input byte (mod 16) is the length of the log
+/// key, the next bytes are the key, and the rest is the value.
+pub fn check_log_entry(input: &[u8]) {
+    let Some((&first, rest)) = input.split_first() else {
+        return;
+    };
+    let key_len = usize::from(first % 16).min(rest.len());
+    let (raw_key, raw_value) = rest.split_at(key_len);
+    let decoded = with_allocation_limit(layout_allocation_bound(input.len()), || {
+        decode_log_entry(raw_key, raw_value)
+    });
+    let Ok(entry) = decoded else {
+        return;
+    };
+    assert_eq!(
+        crate::layout::log_key(entry.partition, entry.commit_id),
+        raw_key
+    );
+    // An expiry of 0 is stored as "none", so the value re-encodes to the same bytes.
+    let encoded = encode_log_value(&LogRecord {
+        timestamp_ms: entry.timestamp_ms,
+        change: entry.change,
+        collection: entry.collection,
+        expires_at_ms: entry.expires_at_ms,
+        key: &entry.key,
+        data: &entry.data,
+    });
+    assert_eq!(encoded, raw_value);
+}
+
+/// Checks [`decode_expiry_key`] and [`decode_partition_meta`] on the same input.
+pub fn check_meta(input: &[u8]) {
+    let bound = layout_allocation_bound(input.len());
+    let expiry = with_allocation_limit(bound, || {
+        decode_expiry_key(input).map(|entry| {
+            (
+                entry.expires_at_ms,
+                entry.collection,
+                entry.partition,
+                entry.key,
+            )
+        })
+    });
+    if let Ok((expires_at_ms, collection, partition, key)) = expiry {
+        assert_eq!(expiry_key(expires_at_ms, collection, partition, key), input);
+    }
+    if let Ok(meta) = with_allocation_limit(bound, || decode_partition_meta(input)) {
+        assert_eq!(&encode_partition_meta(meta)[..], input);
+    }
+}
+
+/// Seeds for `layout_value`: stored values with and without an expiry.
+pub fn value_seeds() -> Vec<(&'static str, Vec<u8>)> {
+    vec![
+        ("plain", encode_value(42, None, b"hello")),
+        ("empty", encode_value(1, None, b"")),
+        (
+            "expiring",
+            encode_value(u64::MAX, Some(1_700_000_000_000), b"\0\xff\r\n"),
+        ),
+    ]
+}
+
+/// `check_log_entry`'s input: the key length byte, the key, then the value.
+fn log_input(partition: u16, commit_id: u64, record: &LogRecord<'_>) -> Vec<u8> {
+    let mut out = vec![10];
+    out.extend_from_slice(&crate::layout::log_key(partition, commit_id));
+    out.extend_from_slice(&encode_log_value(record));
+    out
+}
+
+/// Seeds for `layout_log_entry`: a create, an update with an expiry, and a delete.
+pub fn log_entry_seeds() -> Vec<(&'static str, Vec<u8>)> {
+    use shoal_shared::frame::ChangeType;
+    let create = LogRecord {
+        timestamp_ms: 1_700_000_000_000,
+        change: ChangeType::Create,
+        collection: 0,
+        expires_at_ms: None,
+        key: b"key",
+        data: b"value",
+    };
+    vec![
+        ("create", log_input(3, 1, &create)),
+        (
+            "update-expiring",
+            log_input(
+                255,
+                u64::MAX,
+                &LogRecord {
+                    change: ChangeType::Update,
+                    collection: 15,
+                    expires_at_ms: Some(1_700_000_100_000),
+                    ..create
+                },
+            ),
+        ),
+        (
+            "delete",
+            log_input(
+                0,
+                7,
+                &LogRecord {
+                    change: ChangeType::Delete,
+                    data: b"",
+                    ..create
+                },
+            ),
+        ),
+    ]
+}
+
+/// Seeds for `layout_meta`: expiry-index keys and a partition's meta entry.
+pub fn meta_seeds() -> Vec<(&'static str, Vec<u8>)> {
+    use crate::layout::PartitionMeta;
+    vec![
+        (
+            "expiry-key",
+            expiry_key(1_700_000_000_000, 1, 17, b"session:1"),
+        ),
+        ("expiry-key-empty", expiry_key(0, 0, 0, b"")),
+        (
+            "partition-meta",
+            encode_partition_meta(PartitionMeta {
+                last_commit_id: 9,
+                mtime_ms: 1_700_000_000_000,
+                trimmed_through: 3,
+            })
+            .to_vec(),
+        ),
+    ]
+}
