@@ -15,7 +15,7 @@ use std::sync::{Arc, Mutex};
 
 use bytes::Bytes;
 use shoal_shared::frame::{ExpireCondition, WorkerRequest, WorkerResponse};
-use shoal_shared::limits::MAX_KEY_BYTES;
+use shoal_shared::limits::MAX_STORED_KEY_BYTES;
 use shoal_shared::resp::{parse_i64, Reply};
 
 use super::strings::single;
@@ -300,7 +300,7 @@ impl ScanCursors {
             _ => match partition.checked_sub(1) {
                 Some(previous) => {
                     let mut after = previous.to_be_bytes().to_vec();
-                    after.extend(std::iter::repeat_n(0xff, MAX_KEY_BYTES + 1));
+                    after.extend(std::iter::repeat_n(0xff, MAX_STORED_KEY_BYTES + 1));
                     after
                 }
                 None => {
