@@ -9,6 +9,8 @@
 //! MDB_VERSION_MISMATCH. Set `SHOAL_LMDB_TOOLS` to a directory holding `mdb_stat` and
 //! `mdb_dump` of that LMDB version to skip the build; without either, the tests fail
 //! with a message that says so.
+//!
+//! `SHOAL_LONG_TESTS=1` adds 16 write-fault kills at random (seeded) instants.
 
 mod common;
 
@@ -492,7 +494,13 @@ fn worker_killed_inside_write_transactions_keeps_every_acknowledged_write() {
     let server = Server::start("workers = 1\n[supervisor]\nmax_restarts = 100\n");
     let env = worker_env(&server);
     let n = 20_000;
-    for (round, delay_ms) in [(0u32, 20u64), (1, 60), (2, 150), (3, 1000)] {
+    // Four fixed kill instants; the long form adds 16 at random (seeded) instants.
+    let mut delays = vec![20u64, 60, 150, 1000];
+    if common::long_tests() {
+        let mut rng = common::Rng::new(common::test_seed("write-fault kill instants"));
+        delays.extend((0..16).map(|_| 5 + rng.below(1500)));
+    }
+    for (round, delay_ms) in delays.into_iter().enumerate() {
         let old = server.worker_pid(0);
         let set_keys: Vec<String> = (0..n).map(|i| format!("set:{round}:{i}")).collect();
         let sets = pipeline(
