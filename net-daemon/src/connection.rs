@@ -77,6 +77,7 @@ where
         protocol: Protocol::Resp2,
         collection: 0,
         authenticated: shared.config.client.requirepass.is_none(),
+        direct_reads: true,
     };
     let authenticated_limits = shared.config.request_limits();
     let max_output_bytes = shared.config.client.max_output_buffer_bytes;
@@ -98,6 +99,7 @@ where
                     let timing = index_of_request(&args[0]).map(|index| (index, Instant::now()));
                     let (reply, next) = dispatch(shared, &mut session, args).await;
                     let barrier = matches!(reply, Pending::Barrier(_));
+                    session.direct_reads &= matches!(reply, Pending::Ready(_));
                     pending.push((reply, session.protocol, timing));
                     if next == After::Close {
                         after = After::Close;
@@ -153,6 +155,7 @@ where
             .status
             .net_daemon_slot()
             .add(Field::Ops, pending.len() as u64);
+        session.direct_reads = true;
         for (reply, protocol, timing) in pending.drain(..) {
             if output.len() > max_output_bytes {
                 match push_without_waiting(&mut stream, &output) {

@@ -3,7 +3,8 @@
 //! It accepts RESP2/RESP3 and inline requests on TCP and on a Unix socket,
 //! routes each key to its partition's worker over the worker links, and merges
 //! answers from several workers. It holds no data itself and never opens an
-//! LMDB environment for writing.
+//! LMDB environment for writing; GET and MGET read the shards' environments
+//! directly ([`reads`]).
 //!
 //! Modules:
 //! - [`server`]: listeners, the connection limit, graceful shutdown.
@@ -13,6 +14,7 @@
 //! - [`ids`]: the host's id allocator (ID.NEW).
 //! - [`metrics`]: command statistics and the Prometheus endpoint.
 //! - [`workers`]: the links to the shard-workers.
+//! - [`reads`]: GET and MGET straight from the shards' LMDB maps.
 //! - [`errors`]: internal failures → client error replies.
 
 pub mod commands;
@@ -20,6 +22,7 @@ pub mod connection;
 pub mod errors;
 pub mod ids;
 pub mod metrics;
+pub mod reads;
 pub mod server;
 pub mod txn;
 pub mod workers;
@@ -48,6 +51,8 @@ pub struct Shared {
     pub ids: ids::IdAllocator,
     pub scan_cursors: commands::keyspace::ScanCursors,
     pub command_stats: metrics::CommandStats,
+    /// Read-only views of the shards' environments, one per worker.
+    pub readers: reads::Readers,
 }
 
 impl Shared {
@@ -65,7 +70,6 @@ impl Shared {
     /// Builds the shared state of a daemon that starts now.
     pub fn new(config: Config, links: Vec<WorkerLink>, status: StatusTable) -> Shared {
         Shared {
-            config,
             links,
             status,
             connections: AtomicUsize::new(0),
@@ -76,6 +80,8 @@ impl Shared {
             ids: ids::IdAllocator::default(),
             scan_cursors: commands::keyspace::ScanCursors::default(),
             command_stats: metrics::CommandStats::default(),
+            readers: reads::Readers::new(&config),
+            config,
         }
     }
 }

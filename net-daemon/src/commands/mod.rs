@@ -44,6 +44,10 @@ pub struct Session {
     pub protocol: Protocol,
     pub collection: u16,
     pub authenticated: bool,
+    /// GET and MGET may be answered from the shards' maps ([`crate::reads`]): true at the
+    /// start of each batch of pipelined requests, false once a request of the batch has
+    /// gone to a worker, so that later reads of the batch queue behind it.
+    pub direct_reads: bool,
 }
 
 /// What the connection does after replying.

@@ -19,13 +19,16 @@ pub async fn dispatch(
 ) -> Option<Pending> {
     let collection = session.collection;
     let pending = match name {
-        "get" => {
-            single(shared, &args[1], |key| WorkerRequest::Get {
-                collection,
-                key,
-            })
-            .await
-        }
+        "get" => match direct_read(shared, session, &args[1..]) {
+            Some(mut values) => Pending::Ready(value_reply(values.pop().flatten())),
+            None => {
+                single(shared, &args[1], |key| WorkerRequest::Get {
+                    collection,
+                    key,
+                })
+                .await
+            }
+        },
         "getdel" => {
             single(shared, &args[1], |key| WorkerRequest::GetDel {
                 collection,
@@ -157,6 +160,11 @@ pub async fn dispatch(
             .await
         }
         "mget" => {
+            if let Some(values) = direct_read(shared, session, &args[1..]) {
+                return Some(Pending::Ready(Reply::Array(
+                    values.into_iter().map(value_reply).collect(),
+                )));
+            }
             let merge = Merge::Values {
                 positions: Vec::new(),
                 total: args.len() - 1,
@@ -196,6 +204,27 @@ async fn write_value(
         return Pending::Ready(errors::value_too_large(max));
     }
     single(shared, key, |key| make(key, value.to_vec())).await
+}
+
+/// The values of `keys` read straight from the shards ([`crate::reads`]), in order; `None`
+/// when any of them must be read through its worker.
+fn direct_read(shared: &Shared, session: &Session, keys: &[Bytes]) -> Option<Vec<Option<Vec<u8>>>> {
+    if !session.direct_reads {
+        return None;
+    }
+    let mut values = vec![None; keys.len()];
+    for (worker, keys, positions) in super::group_by_worker(shared, keys).ok()? {
+        let keys: Vec<&Key> = keys.iter().collect();
+        let found = crate::reads::read(shared, worker, session.collection, &keys)?;
+        for (value, position) in found.into_iter().zip(positions) {
+            values[position] = value;
+        }
+    }
+    Some(values)
+}
+
+fn value_reply(value: Option<Vec<u8>>) -> Reply {
+    value.map_or(Reply::Nil, |value| Reply::Bulk(value.into()))
 }
 
 /// A read of many keys: one request per worker that owns some of them. Not atomic across

@@ -25,6 +25,7 @@ mod backup;
 mod keyspace;
 mod log;
 mod partitions;
+pub mod reader;
 mod scan;
 mod strings;
 mod txns;

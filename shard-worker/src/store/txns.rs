@@ -433,3 +433,8 @@ fn decode_intent(raw: &[u8]) -> Result<Intent, crate::layout::CorruptError> {
             why: e.to_string(),
         })
 }
+
+/// Whether a `txns` record is a prepared intent (its keys are locked), not a decision record.
+pub(crate) fn is_prepared(raw: &[u8]) -> Result<bool, crate::layout::CorruptError> {
+    Ok(decode_intent(raw)?.state == IntentState::Prepared)
+}

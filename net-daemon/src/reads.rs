@@ -1,0 +1,77 @@
+//! GET and MGET straight from the shards' LMDB maps, without a round trip to the worker.
+//!
+//! The net-daemon opens each shard's environment read-only the first time it reads it
+//! (its worker has created it by then). A read goes to the worker instead when:
+//! - the worker's link is down (the worker is restarting; the reply says so);
+//! - a multi-key write is prepared on the shard (its keys are locked, and only the
+//!   worker waits for locks);
+//! - the connection has sent an earlier request of the same pipeline to a worker, so
+//!   that a pipeline's read never overtakes its own writes ([`Session::direct_reads`]);
+//! - the environment cannot be opened or read (the worker then gives the error).
+//!
+//! [`Session::direct_reads`]: crate::commands::Session::direct_reads
+
+use std::path::PathBuf;
+use std::sync::OnceLock;
+
+use shoal_shard_worker::store::reader::{ReadOutcome, ShardReader};
+use shoal_shared::config::Config;
+use shoal_shared::frame::{Collection, Key};
+
+use crate::Shared;
+
+/// The read-only views of every shard, opened on first use.
+pub struct Readers {
+    dirs: Vec<PathBuf>,
+    collections: u16,
+    /// `None` once opening failed: that shard is then always read through its worker.
+    opened: Vec<OnceLock<Option<ShardReader>>>,
+}
+
+impl Readers {
+    pub fn new(config: &Config) -> Readers {
+        Readers {
+            dirs: (0..config.workers).map(|i| config.shard_dir(i)).collect(),
+            collections: config.storage.collections,
+            opened: (0..config.workers).map(|_| OnceLock::new()).collect(),
+        }
+    }
+
+    fn reader(&self, worker: usize) -> Option<&ShardReader> {
+        self.opened
+            .get(worker)?
+            .get_or_init(|| match ShardReader::open(&self.dirs[worker], self.collections) {
+                Ok(reader) => Some(reader),
+                Err(error) => {
+                    tracing::warn!(worker, %error, "cannot open the shard for direct reads; reading through its worker");
+                    None
+                }
+            })
+            .as_ref()
+    }
+}
+
+/// The live values of `keys`, all owned by `worker`, read from its environment; `None`
+/// when the worker must answer.
+pub fn read(
+    shared: &Shared,
+    worker: usize,
+    collection: Collection,
+    keys: &[&Key],
+) -> Option<Vec<Option<Vec<u8>>>> {
+    if !shared.links[worker].is_connected() {
+        return None;
+    }
+    match shared
+        .readers
+        .reader(worker)?
+        .get(collection, keys, shoal_shared::now_ms())
+    {
+        Ok(ReadOutcome::Values(values)) => Some(values),
+        Ok(ReadOutcome::AskWorker) => None,
+        Err(error) => {
+            tracing::debug!(worker, %error, "direct read failed; asking the worker");
+            None
+        }
+    }
+}

@@ -1,0 +1,135 @@
+//! Read-only access to a shard's environment from another process: the net-daemon
+//! answers GET and MGET from the shard's LMDB map, without a round trip to the worker.
+//!
+//! A reader never writes. It reads the last committed state, which a worker
+//! acknowledges only after the commit, so a read that starts after an acknowledged
+//! write sees it. Whenever the answer could depend on the worker's memory rather than
+//! on its committed data, the reader answers [`ReadOutcome::AskWorker`]: while any
+//! multi-key write is prepared on the shard, its keys are locked, and only the worker
+//! knows how to wait for them. When the worker has grown the map, the reader adopts the
+//! new size before reading; readers left by a crashed process are cleared by the worker.
+
+use std::path::Path;
+use std::sync::RwLock;
+
+use heed::types::Bytes;
+use heed::{CommitOrAbort, Env, EnvFlags, EnvOpenOptions, MdbError, RoTxn, WithoutTls};
+use shoal_shared::frame::{Collection, Key};
+
+use super::{RawDatabase, StoreError};
+use crate::layout;
+
+/// What a read found.
+pub enum ReadOutcome {
+    /// The live values of the keys, in order (`None`: missing or expired).
+    Values(Vec<Option<Vec<u8>>>),
+    /// The worker must answer: a multi-key write holds locks on this shard.
+    AskWorker,
+}
+
+/// A shard environment opened read-only.
+pub struct ShardReader {
+    env: Env<WithoutTls>,
+    collections: Vec<RawDatabase>,
+    txns: RawDatabase,
+    /// Held shared by every read and exclusively while adopting a grown map: LMDB must
+    /// not change the mapping while a transaction of this process is open.
+    gate: RwLock<()>,
+}
+
+impl ShardReader {
+    /// Opens the environment at `dir`, which its worker has created.
+    pub fn open(dir: &Path, collections: u16) -> Result<ShardReader, StoreError> {
+        let mut options = EnvOpenOptions::new().read_txn_without_tls();
+        options.max_dbs(u32::from(collections) + 4);
+        // SAFETY: READ_ONLY makes this process a reader only; the environment is never
+        // used across fork().
+        unsafe { options.flags(EnvFlags::READ_ONLY) };
+        // SAFETY: as above.
+        let env = unsafe { options.open(dir)? };
+        // SAFETY: no transaction of this process is open on the new environment. A size of 0
+        // adopts the map size the worker last set.
+        unsafe { env.resize(0)? };
+        let mut reader = ShardReader {
+            collections: Vec::with_capacity(usize::from(collections)),
+            txns: open_database(&env, "txns")?,
+            env,
+            gate: RwLock::new(()),
+        };
+        for collection in 0..collections {
+            let database = open_database(&reader.env, &format!("c{collection}"))?;
+            reader.collections.push(database);
+        }
+        Ok(reader)
+    }
+
+    /// The live values of `keys` in `collection` at `now_ms`, or [`ReadOutcome::AskWorker`].
+    pub fn get(
+        &self,
+        collection: Collection,
+        keys: &[&Key],
+        now_ms: u64,
+    ) -> Result<ReadOutcome, StoreError> {
+        let Some(database) = self.collections.get(usize::from(collection)) else {
+            return Ok(ReadOutcome::AskWorker);
+        };
+        let _shared = self.gate.read().unwrap_or_else(|p| p.into_inner());
+        let txn = match self.env.read_txn() {
+            Err(heed::Error::Mdb(MdbError::MapResized)) => {
+                drop(_shared);
+                self.adopt_grown_map()?;
+                return self.get(collection, keys, now_ms);
+            }
+            other => other?,
+        };
+        if self.any_prepared(&txn)? {
+            return Ok(ReadOutcome::AskWorker);
+        }
+        let mut values = Vec::with_capacity(keys.len());
+        for key in keys {
+            let raw = database.get(&txn, &layout::data_key(key.partition, &key.bytes))?;
+            let value = match raw.map(layout::decode_value).transpose()? {
+                Some(stored) if stored.expires_at_ms.is_none_or(|at| at > now_ms) => {
+                    Some(stored.bytes.to_vec())
+                }
+                _ => None,
+            };
+            values.push(value);
+        }
+        Ok(ReadOutcome::Values(values))
+    }
+
+    /// Whether a multi-key write is prepared (holds key locks) on this shard.
+    fn any_prepared(&self, txn: &RoTxn<WithoutTls>) -> Result<bool, StoreError> {
+        for item in self.txns.iter(txn)? {
+            let (_, raw) = item?;
+            if super::txns::is_prepared(raw)? {
+                return Ok(true);
+            }
+        }
+        Ok(false)
+    }
+
+    fn adopt_grown_map(&self) -> Result<(), StoreError> {
+        let _exclusive = self.gate.write().unwrap_or_else(|p| p.into_inner());
+        // SAFETY: the exclusive gate guarantees that no read transaction of this process
+        // is open. A size of 0 adopts the size the worker set.
+        unsafe { self.env.resize(0)? };
+        Ok(())
+    }
+}
+
+fn open_database(env: &Env<WithoutTls>, name: &str) -> Result<RawDatabase, StoreError> {
+    let txn = env.read_txn()?;
+    let database = env
+        .open_databases_and_commit(txn, |opener, txn| {
+            match opener.open_database::<Bytes, Bytes>(txn, Some(name))? {
+                Some(database) => Ok(CommitOrAbort::<_, ()>::Commit(database)),
+                None => Err(StoreError::Mismatch(format!(
+                    "the shard has no database {name:?}; is its worker running?"
+                ))),
+            }
+        })?
+        .unwrap_commit();
+    Ok(database)
+}
