@@ -29,7 +29,7 @@ pub mod link;
 pub mod rebalance;
 pub mod store;
 
-use std::collections::VecDeque;
+use std::collections::{HashSet, VecDeque};
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::{Receiver, RecvTimeoutError};
@@ -38,7 +38,9 @@ use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use shoal_shared::config::{Config, Durability};
-use shoal_shared::frame::{ResponseEnvelope, WorkerError, WorkerRequest, WorkerResponse};
+use shoal_shared::frame::{
+    Collection, Key, Partition, ResponseEnvelope, WorkerError, WorkerRequest, WorkerResponse,
+};
 use shoal_shared::status::{
     Field, ProcessState, Slot, StatusTable, BATCH_SIZE_BOUNDS, COMMIT_MICROS_BOUNDS,
 };
@@ -158,8 +160,8 @@ fn tolerate_full(result: Result<usize, StoreError>) -> Result<usize, StoreError>
     }
 }
 
-/// Whether a request changes key locks; a batch ends after such a request, so that every
-/// request before it was checked against the locks it ran under.
+/// Whether a request changes key locks; deferred requests are retried after a batch that
+/// holds one.
 fn changes_locks(request: &WorkerRequest) -> bool {
     matches!(
         request,
@@ -170,21 +172,54 @@ fn changes_locks(request: &WorkerRequest) -> bool {
     )
 }
 
+/// A key that a `Prepare` of the current batch locks.
+type PreparedKey = (Collection, Partition, Vec<u8>);
+
+fn prepared_key(collection: Collection, key: &Key) -> PreparedKey {
+    (collection, key.partition, key.bytes.clone())
+}
+
+/// Whether `request` touches a key that a `Prepare` earlier in the batch locks.
+fn touches(request: &WorkerRequest, prepared_keys: &HashSet<PreparedKey>) -> bool {
+    if prepared_keys.is_empty() {
+        return false;
+    }
+    match request {
+        WorkerRequest::Flush { .. } => true,
+        WorkerRequest::Prepare { ops, .. } => ops
+            .iter()
+            .any(|op| prepared_keys.contains(&prepared_key(op.collection, &op.key))),
+        other => other
+            .keys()
+            .into_iter()
+            .any(|(collection, key)| prepared_keys.contains(&prepared_key(collection, key))),
+    }
+}
+
 impl Worker<'_> {
     /// The group-commit loop: wait for one request, take everything else queued, apply, reply.
+    ///
+    /// Requests are checked against the locks as they stand before the batch. Keys that a
+    /// `Prepare` of the batch locks are not in them yet, so a request touching one of those
+    /// keys (or a FLUSH after such a `Prepare`) ends the batch and opens the next one.
     fn serve(&mut self, queue: &Receiver<Queued>, shutdown: &AtomicBool) -> anyhow::Result<()> {
+        let mut carried: Option<Queued> = None;
         loop {
             self.slot.beat();
             self.housekeeping()?;
             if shutdown.load(Ordering::Acquire) {
                 return Ok(());
             }
-            let first = match queue.recv_timeout(TICK) {
-                Ok(first) => first,
-                Err(RecvTimeoutError::Timeout) => continue,
-                Err(RecvTimeoutError::Disconnected) => return Ok(()),
+            let first = match carried.take() {
+                Some(first) => first,
+                None => match queue.recv_timeout(TICK) {
+                    Ok(first) => first,
+                    Err(RecvTimeoutError::Timeout) => continue,
+                    Err(RecvTimeoutError::Disconnected) => return Ok(()),
+                },
             };
             let mut batch = Vec::new();
+            let mut prepared_keys: HashSet<PreparedKey> = HashSet::new();
             let mut next = Some(first);
             while let Some(queued) = next.take() {
                 if let WorkerRequest::Backup { dir } = &queued.request {
@@ -193,13 +228,19 @@ impl Worker<'_> {
                     next = queue.try_recv().ok();
                     continue;
                 }
-                let ends_batch = changes_locks(&queued.request);
+                if !batch.is_empty() && touches(&queued.request, &prepared_keys) {
+                    carried = Some(queued);
+                    break;
+                }
+                if let WorkerRequest::Prepare { ops, .. } = &queued.request {
+                    prepared_keys.extend(ops.iter().map(|op| prepared_key(op.collection, &op.key)));
+                }
                 if self.blocked(&queued.request) {
                     self.deferred.push_back((Instant::now(), queued));
                 } else {
                     batch.push(queued);
                 }
-                if ends_batch || batch.len() >= MAX_BATCH {
+                if batch.len() >= MAX_BATCH {
                     break;
                 }
                 next = queue.try_recv().ok();
