@@ -114,33 +114,6 @@ fn run_client(
     outcome
 }
 
-/// The pid of a process from `shoal status --json`, once it is ready and differs from `old`.
-fn wait_restarted(server: &Server, role: &str, index: u64, old: i32, timeout: Duration) -> i32 {
-    let deadline = Instant::now() + timeout;
-    loop {
-        if let Ok(status) = server.status_json() {
-            if let Some(process) = common::find_process(&status, role, index) {
-                let pid = process["pid"].as_i64().unwrap_or(0) as i32;
-                if pid > 0 && pid != old && process["state"] == "ready" {
-                    return pid;
-                }
-            }
-        }
-        assert!(
-            Instant::now() < deadline,
-            "{role} {index} (pid {old}) was not restarted within {timeout:?}\n{}",
-            server.logs()
-        );
-        sleep(Duration::from_millis(50));
-    }
-}
-
-fn current_pid(server: &Server, role: &str, index: u64) -> i32 {
-    server.process_status(role, index)["pid"]
-        .as_i64()
-        .expect("pid") as i32
-}
-
 /// Sends one command, retrying `TRYAGAIN` replies and lost connections until `deadline`.
 fn call_retrying(server: &Server, args: &[&str], deadline: Instant) -> Value {
     let mut last = String::new();
@@ -239,10 +212,10 @@ fn msets_across_workers_stay_atomic_while_workers_and_the_net_daemon_are_killed(
         } else {
             ("shard-worker", rng.next() % WORKERS as u64)
         };
-        let pid = current_pid(&server, role, index);
+        let pid = server.pid_of(role, index);
         signal(pid, libc::SIGKILL);
         kills.push((role, index, progress.load(Ordering::Relaxed)));
-        wait_restarted(&server, role, index, pid, Duration::from_secs(30));
+        server.wait_restarted(role, index, pid, Duration::from_secs(30));
     }
     let outcomes: Vec<Outcome> = handles
         .into_iter()

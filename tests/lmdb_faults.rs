@@ -388,29 +388,20 @@ fn is_stopped(pid: i32) -> bool {
         .is_some_and(|state| state == 'T' || state == 't')
 }
 
-/// Waits (bounded) until shard-worker 0 runs with a pid other than `old` and is ready.
+/// Waits (bounded) until shard-worker 0 runs with a pid other than `old`, is ready, and
+/// the net-daemon's link to it is back.
 fn wait_for_restart(server: &Server, old: i32) -> i32 {
     let deadline = Instant::now() + Duration::from_secs(30);
-    loop {
-        if let Ok(status) = server.status_json() {
-            if let Some(worker) = common::find_process(&status, "shard-worker", 0) {
-                let pid = worker["pid"].as_i64().unwrap_or(0) as i32;
-                if pid > 0 && pid != old && worker["state"] == "ready" {
-                    // Ready, and the net-daemon's link to it is back.
-                    let reply = server.raw().cmd(&["GET", "probe"]);
-                    if !reply.is_error() {
-                        return pid;
-                    }
-                }
-            }
-        }
+    let pid = server.wait_restarted("shard-worker", 0, old, Duration::from_secs(30));
+    while server.raw().cmd(&["GET", "probe"]).is_error() {
         assert!(
             Instant::now() < deadline,
-            "shard-worker 0 was not restarted within 30 s\n{}",
+            "shard-worker 0 was not reachable within 30 s\n{}",
             server.logs()
         );
         sleep(Duration::from_millis(50));
     }
+    pid
 }
 
 #[test]

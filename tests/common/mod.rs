@@ -327,10 +327,7 @@ impl Server {
 
     /// The pid of shard-worker `index`, from `shoal status --json`.
     pub fn worker_pid(&self, index: u64) -> i32 {
-        let process = self.process_status("shard-worker", index);
-        process["pid"]
-            .as_i64()
-            .unwrap_or_else(|| panic!("no pid in {process}")) as i32
+        self.pid_of("shard-worker", index)
     }
 
     /// Pids of every child listed in the status table (best effort).

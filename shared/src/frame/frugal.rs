@@ -38,6 +38,16 @@ struct FrugalAccess<A> {
     input_bytes: usize,
 }
 
+impl<A> FrugalAccess<A> {
+    /// `seed`, held to the same input size.
+    fn seed<T>(&self, seed: T) -> FrugalSeed<T> {
+        FrugalSeed {
+            inner: seed,
+            input_bytes: self.input_bytes,
+        }
+    }
+}
+
 impl<V> FrugalVisitor<V> {
     fn new(inner: V, input_bytes: usize) -> Self {
         FrugalVisitor { inner, input_bytes }
@@ -263,10 +273,7 @@ impl<'de, A: SeqAccess<'de>> SeqAccess<'de> for FrugalAccess<A> {
         &mut self,
         seed: T,
     ) -> Result<Option<T::Value>, A::Error> {
-        self.inner.next_element_seed(FrugalSeed {
-            inner: seed,
-            input_bytes: self.input_bytes,
-        })
+        self.inner.next_element_seed(self.seed(seed))
     }
 
     fn size_hint(&self) -> Option<usize> {
@@ -283,17 +290,11 @@ impl<'de, A: MapAccess<'de>> MapAccess<'de> for FrugalAccess<A> {
         &mut self,
         seed: K,
     ) -> Result<Option<K::Value>, A::Error> {
-        self.inner.next_key_seed(FrugalSeed {
-            inner: seed,
-            input_bytes: self.input_bytes,
-        })
+        self.inner.next_key_seed(self.seed(seed))
     }
 
     fn next_value_seed<T: DeserializeSeed<'de>>(&mut self, seed: T) -> Result<T::Value, A::Error> {
-        self.inner.next_value_seed(FrugalSeed {
-            inner: seed,
-            input_bytes: self.input_bytes,
-        })
+        self.inner.next_value_seed(self.seed(seed))
     }
 
     fn size_hint(&self) -> Option<usize> {
@@ -334,10 +335,8 @@ impl<'de, A: VariantAccess<'de>> VariantAccess<'de> for FrugalAccess<A> {
     }
 
     fn newtype_variant_seed<T: DeserializeSeed<'de>>(self, seed: T) -> Result<T::Value, A::Error> {
-        self.inner.newtype_variant_seed(FrugalSeed {
-            inner: seed,
-            input_bytes: self.input_bytes,
-        })
+        let seed = self.seed(seed);
+        self.inner.newtype_variant_seed(seed)
     }
 
     fn tuple_variant<V: Visitor<'de>>(self, len: usize, visitor: V) -> Result<V::Value, A::Error> {
