@@ -10,6 +10,7 @@
 //! - [`server`]: listeners, the connection limit, graceful shutdown.
 //! - [`connection`]: one client connection (parse, dispatch, reply in order).
 //! - [`commands`]: every client command.
+//! - [`cluster`]: cluster membership and metadata (id ranges, liveness, coordinates).
 //! - [`txn`]: the two-phase commit coordinator and the recovery of transactions in doubt.
 //! - [`ids`]: the host's id allocator (ID.NEW).
 //! - [`metrics`]: command statistics and the Prometheus endpoint.
@@ -17,6 +18,7 @@
 //! - [`reads`]: GET and MGET straight from the shards' LMDB maps.
 //! - [`errors`]: internal failures → client error replies.
 
+pub mod cluster;
 pub mod commands;
 pub mod connection;
 pub mod errors;

@@ -1,0 +1,58 @@
+//! The cluster layer: membership and the metadata kept in the network
+//! information (NI).
+//!
+//! This module owns the decisions of cluster membership: which ids each host
+//! may issue, when a peer counts as failed, and where each host sits in
+//! latency space. Everything here is pure: functions from state, events and
+//! `now_ms` arguments to new state and decisions. It never opens a socket,
+//! spawns a task or reads a clock, so the peer links, the metadata consensus
+//! and a seeded simulation can all drive it the same way. Its types are serde
+//! types because the NI stores them.
+//!
+//! Modules:
+//! - [`ranges`]: the id ranges of the hosts (sponsor splits, reservations, reclaims).
+//! - [`liveness`]: unreliability scores per peer and the agreement rule for `inactive`.
+//! - [`coords`]: Vivaldi network coordinates (latency estimates between hosts).
+
+pub mod coords;
+pub mod liveness;
+pub mod ranges;
+
+/// A host's id in the cluster.
+pub type HostId = u64;
+
+/// A small seeded xorshift generator for the tests (no I/O, reproducible).
+#[cfg(test)]
+pub(crate) struct TestRng(u64);
+
+#[cfg(test)]
+impl TestRng {
+    pub(crate) fn new(seed: u64) -> TestRng {
+        TestRng(seed | 1)
+    }
+
+    pub(crate) fn next_u64(&mut self) -> u64 {
+        self.0 ^= self.0 << 13;
+        self.0 ^= self.0 >> 7;
+        self.0 ^= self.0 << 17;
+        self.0
+    }
+
+    /// Uniform in `[0, 1)`.
+    pub(crate) fn unit(&mut self) -> f64 {
+        (self.next_u64() >> 11) as f64 / (1u64 << 53) as f64
+    }
+
+    /// Uniform in `[0, n)`.
+    pub(crate) fn below(&mut self, n: u64) -> u64 {
+        self.next_u64() % n
+    }
+}
+
+/// Encodes and decodes `value` with bincode, as the NI stores it.
+#[cfg(test)]
+pub(crate) fn round_trip<T: serde::Serialize + serde::de::DeserializeOwned>(value: &T) -> T {
+    let config = bincode::config::standard();
+    let bytes = bincode::serde::encode_to_vec(value, config).unwrap();
+    bincode::serde::decode_from_slice(&bytes, config).unwrap().0
+}
