@@ -2,9 +2,10 @@
 //!
 //! It accepts RESP2/RESP3 and inline requests on TCP and on a Unix socket,
 //! routes each key to its partition's worker over the worker links, and merges
-//! answers from several workers. It holds no data itself and never opens an
-//! LMDB environment for writing; GET and MGET read the shards' environments
-//! directly ([`reads`]).
+//! answers from several workers. It holds no user data itself and never opens
+//! a shard's LMDB environment for writing; GET and MGET read the shards'
+//! environments directly ([`reads`]). Its only writable environment is the
+//! metadata Raft group's own ([`cluster::raft_store`]).
 //!
 //! Modules:
 //! - [`server`]: listeners, the connection limit, graceful shutdown.
@@ -17,6 +18,7 @@
 //! - [`workers`]: the links to the shard-workers.
 //! - [`reads`]: GET and MGET straight from the shards' LMDB maps.
 //! - [`errors`]: internal failures → client error replies.
+//! - [`cluster`]: cluster membership and metadata (the metadata Raft group).
 
 pub mod cluster;
 pub mod commands;

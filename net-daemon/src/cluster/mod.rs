@@ -1,21 +1,24 @@
 //! The cluster layer: membership and the metadata kept in the network
-//! information (NI).
+//! information (NI), which a metadata Raft group (openraft 0.9) replicates.
 //!
 //! This module owns the decisions of cluster membership: which ids each host
 //! may issue, when a peer counts as failed, and where each host sits in
-//! latency space. Everything here is pure: functions from state, events and
-//! `now_ms` arguments to new state and decisions. It never opens a socket,
-//! spawns a task or reads a clock, so the peer links, the metadata consensus
-//! and a seeded simulation can all drive it the same way. Its types are serde
-//! types because the NI stores them.
+//! latency space. The decision modules are pure: functions from state, events
+//! and `now_ms` arguments to new state and decisions. They never open a socket,
+//! spawn a task or read a clock, so the peer links, the metadata consensus and
+//! a seeded simulation can all drive them the same way. Their types are serde
+//! types because the NI stores them. It never touches a shard's data.
 //!
 //! Modules:
 //! - [`ranges`]: the id ranges of the hosts (sponsor splits, reservations, reclaims).
 //! - [`liveness`]: unreliability scores per peer and the agreement rule for `inactive`.
 //! - [`coords`]: Vivaldi network coordinates (latency estimates between hosts).
+//! - [`raft_store`]: the metadata group's log, vote, state machine and snapshot, in the
+//!   net-daemon's own LMDB environment (`<data_dir>/meta-raft/`).
 
 pub mod coords;
 pub mod liveness;
+pub mod raft_store;
 pub mod ranges;
 
 /// A host's id in the cluster.
