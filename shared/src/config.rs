@@ -40,7 +40,67 @@ pub struct FileConfig {
     pub supervisor: SupervisorSection,
     /// The Prometheus metrics endpoint.
     pub metrics: MetricsSection,
+    /// Joining other hosts into one cluster.
+    pub cluster: ClusterSection,
 }
+
+/// `[cluster]`: how this host finds, authenticates and watches the other hosts.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ClusterSection {
+    /// Peer addresses ("host:port") of hosts already in the cluster. Empty: this host
+    /// starts a cluster of its own. Needs `cluster_secret`.
+    pub seeds: Vec<String>,
+    /// TCP address on which this host accepts the other hosts.
+    pub peer_listen: String,
+    /// The peer address the other hosts should use to reach this one. "" means
+    /// `peer_listen`, which must then not be a wildcard address such as 0.0.0.0.
+    pub advertise_addr: String,
+    /// Shared secret that every host of the cluster proves it knows (at least 16 bytes).
+    /// "" keeps the host on its own: it opens no peer listener and joins nothing.
+    pub cluster_secret: String,
+    /// How often a host sends each peer a heartbeat, in milliseconds.
+    pub heartbeat_interval_ms: u64,
+    /// Unreliability score past which a host proposes that a peer is inactive. A missed
+    /// heartbeat adds 1 to a peer's score; an answered one lowers it.
+    pub suspect_threshold: f64,
+    /// A host unreachable for longer than this, in seconds, loses the unused part of its
+    /// id ranges.
+    pub offline_threshold_secs: u64,
+}
+
+impl Default for ClusterSection {
+    fn default() -> Self {
+        ClusterSection {
+            seeds: Vec::new(),
+            peer_listen: "127.0.0.1:7380".into(),
+            advertise_addr: String::new(),
+            cluster_secret: String::new(),
+            heartbeat_interval_ms: 500,
+            suspect_threshold: 8.0,
+            offline_threshold_secs: 24 * 3600,
+        }
+    }
+}
+
+/// Validated `[cluster]`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ClusterConfig {
+    /// Seed peer addresses, as written ("host:port"); resolved when used.
+    pub seeds: Vec<String>,
+    /// Where this host accepts peers; `None` when it runs on its own (no secret).
+    pub peer_listen: Option<SocketAddr>,
+    /// The peer address this host advertises.
+    pub advertise_addr: String,
+    /// The shared secret; `None` when the host runs on its own.
+    pub secret: Option<String>,
+    pub heartbeat_interval_ms: u64,
+    pub suspect_threshold: f64,
+    pub offline_threshold_secs: u64,
+}
+
+/// Fewest bytes a cluster secret may have.
+pub const MIN_CLUSTER_SECRET_BYTES: usize = 16;
 
 /// `[metrics]`: the Prometheus text endpoint.
 #[derive(Debug, Clone, Deserialize, Serialize)]
@@ -138,6 +198,7 @@ impl Default for FileConfig {
             storage: StorageSection::default(),
             supervisor: SupervisorSection::default(),
             metrics: MetricsSection::default(),
+            cluster: ClusterSection::default(),
         }
     }
 }
@@ -198,6 +259,7 @@ pub struct Config {
     pub supervisor: SupervisorSection,
     /// Where `/metrics` is served; `None` when disabled.
     pub metrics_listen: Option<SocketAddr>,
+    pub cluster: ClusterConfig,
 }
 
 /// Validated `[client]`.
@@ -402,6 +464,7 @@ impl FileConfig {
                 "must be at least 1".into(),
             ));
         }
+        let cluster = validate_cluster(self.cluster, &bad)?;
         let sup = &self.supervisor;
         for (key, value) in [
             ("supervisor.restart_window_ms", sup.restart_window_ms),
@@ -429,7 +492,115 @@ impl FileConfig {
             storage: self.storage,
             supervisor: self.supervisor,
             metrics_listen,
+            cluster,
         })
+    }
+}
+
+/// Checks `[cluster]`: a host with a secret needs a reachable peer address; seeds need a secret.
+fn validate_cluster(
+    section: ClusterSection,
+    bad: &dyn Fn(&str, String) -> ConfigError,
+) -> Result<ClusterConfig, ConfigError> {
+    for seed in &section.seeds {
+        if !is_host_port(seed) {
+            return Err(bad(
+                "cluster.seeds",
+                format!("{seed:?} is not an address like \"10.0.0.1:7380\" or \"db1:7380\""),
+            ));
+        }
+    }
+    let secret = Some(section.cluster_secret).filter(|secret| !secret.is_empty());
+    match &secret {
+        None if !section.seeds.is_empty() => {
+            return Err(bad(
+                "cluster.seeds",
+                "joining a cluster needs cluster.cluster_secret (the secret the cluster uses)"
+                    .into(),
+            ))
+        }
+        Some(secret) if secret.len() < MIN_CLUSTER_SECRET_BYTES => {
+            return Err(bad(
+                "cluster.cluster_secret",
+                format!(
+                    "must be at least {MIN_CLUSTER_SECRET_BYTES} bytes, got {}",
+                    secret.len()
+                ),
+            ))
+        }
+        _ => {}
+    }
+    let peer_listen = match (&secret, section.peer_listen.trim()) {
+        (None, _) => None,
+        (Some(_), "") => {
+            return Err(bad(
+                "cluster.peer_listen",
+                "must be set when cluster.cluster_secret is".into(),
+            ))
+        }
+        (Some(_), text) => Some(text.parse::<SocketAddr>().map_err(|_| {
+            bad(
+                "cluster.peer_listen",
+                format!("{text:?} is not an address like \"127.0.0.1:7380\""),
+            )
+        })?),
+    };
+    let advertise_addr = match (section.advertise_addr.trim(), peer_listen) {
+        ("", Some(listen)) if listen.ip().is_unspecified() => {
+            return Err(bad(
+                "cluster.advertise_addr",
+                format!("must be set when cluster.peer_listen is the wildcard address {listen}"),
+            ))
+        }
+        ("", Some(listen)) => listen.to_string(),
+        ("", None) => String::new(),
+        (text, _) if is_host_port(text) => text.to_string(),
+        (text, _) => {
+            return Err(bad(
+                "cluster.advertise_addr",
+                format!("{text:?} is not an address like \"10.0.0.1:7380\""),
+            ))
+        }
+    };
+    if section.heartbeat_interval_ms == 0 {
+        return Err(bad(
+            "cluster.heartbeat_interval_ms",
+            "must be at least 1".into(),
+        ));
+    }
+    if !(section.suspect_threshold.is_finite() && section.suspect_threshold >= 1.0) {
+        return Err(bad(
+            "cluster.suspect_threshold",
+            format!(
+                "must be a number of at least 1, got {}",
+                section.suspect_threshold
+            ),
+        ));
+    }
+    if section.offline_threshold_secs == 0 {
+        return Err(bad(
+            "cluster.offline_threshold_secs",
+            "must be at least 1".into(),
+        ));
+    }
+    Ok(ClusterConfig {
+        seeds: section.seeds,
+        peer_listen,
+        advertise_addr,
+        secret,
+        heartbeat_interval_ms: section.heartbeat_interval_ms,
+        suspect_threshold: section.suspect_threshold,
+        offline_threshold_secs: section.offline_threshold_secs,
+    })
+}
+
+/// Whether `text` looks like "host:port" with a non-empty host and a port number.
+fn is_host_port(text: &str) -> bool {
+    match text.rsplit_once(':') {
+        Some((host, port)) => {
+            !host.is_empty() && !host.contains(char::is_whitespace) && port.parse::<u16>().is_ok()
+        }
+        None => false,
     }
 }
 
@@ -610,6 +781,57 @@ mod tests {
         assert_eq!(config.storage.collections, 16);
         assert_eq!(config.storage.durability, Durability::Fsync);
         assert!(config.workers >= 1);
+    }
+
+    fn cluster_error(text: &str) -> ConfigError {
+        FileConfig::parse(text, "t.toml")
+            .unwrap()
+            .validate(None)
+            .unwrap_err()
+    }
+
+    #[test]
+    fn cluster_defaults_keep_the_host_on_its_own() {
+        let config = FileConfig::default().validate(None).unwrap();
+        assert_eq!(config.cluster.peer_listen, None);
+        assert_eq!(config.cluster.secret, None);
+        assert!(config.cluster.seeds.is_empty());
+    }
+
+    #[test]
+    fn cluster_section_is_validated() {
+        let secret = "cluster_secret = \"0123456789abcdef\"\n";
+        let config = FileConfig::parse(
+            &format!("[cluster]\n{secret}seeds = [\"db1:7380\", \"10.0.0.2:7380\"]\n"),
+            "t.toml",
+        )
+        .unwrap()
+        .validate(None)
+        .unwrap();
+        assert_eq!(
+            config.cluster.peer_listen,
+            Some("127.0.0.1:7380".parse().unwrap())
+        );
+        assert_eq!(config.cluster.advertise_addr, "127.0.0.1:7380");
+        assert_eq!(config.cluster.seeds.len(), 2);
+
+        let err = cluster_error("[cluster]\nseeds = [\"db1:7380\"]\n");
+        assert_eq!(err.key, "cluster.seeds");
+        assert!(err.reason.contains("cluster_secret"), "{err}");
+        let err = cluster_error("[cluster]\ncluster_secret = \"short\"\n");
+        assert_eq!(err.key, "cluster.cluster_secret");
+        let err = cluster_error(&format!("[cluster]\n{secret}seeds = [\"db1\"]\n"));
+        assert_eq!(err.key, "cluster.seeds");
+        let err = cluster_error(&format!(
+            "[cluster]\n{secret}peer_listen = \"0.0.0.0:7380\"\n"
+        ));
+        assert_eq!(err.key, "cluster.advertise_addr");
+        let err = cluster_error(&format!("[cluster]\n{secret}peer_listen = \"nowhere\"\n"));
+        assert_eq!(err.key, "cluster.peer_listen");
+        let err = cluster_error(&format!("[cluster]\n{secret}suspect_threshold = 0.5\n"));
+        assert_eq!(err.key, "cluster.suspect_threshold");
+        let err = cluster_error(&format!("[cluster]\n{secret}heartbeat_interval_ms = 0\n"));
+        assert_eq!(err.key, "cluster.heartbeat_interval_ms");
     }
 
     #[test]

@@ -10,6 +10,7 @@
 //! types because the NI stores them. It never touches a shard's data.
 //!
 //! Modules:
+//! - [`ni`]: the network information and the commands that change it.
 //! - [`ranges`]: the id ranges of the hosts (sponsor splits, reservations, reclaims).
 //! - [`liveness`]: unreliability scores per peer and the agreement rule for `inactive`.
 //! - [`coords`]: Vivaldi network coordinates (latency estimates between hosts).
@@ -18,6 +19,7 @@
 
 pub mod coords;
 pub mod liveness;
+pub mod ni;
 pub mod raft_store;
 pub mod ranges;
 
