@@ -14,6 +14,7 @@
 //! - [`ids`]: the host's id allocator (ID.NEW).
 //! - [`metrics`]: command statistics and the Prometheus endpoint.
 //! - [`workers`]: the links to the shard-workers.
+//! - [`peer`]: the authenticated connections to the other hosts' net-daemons.
 //! - [`reads`]: GET and MGET straight from the shards' LMDB maps.
 //! - [`errors`]: internal failures → client error replies.
 
@@ -22,6 +23,7 @@ pub mod connection;
 pub mod errors;
 pub mod ids;
 pub mod metrics;
+pub mod peer;
 pub mod reads;
 pub mod server;
 pub mod txn;
