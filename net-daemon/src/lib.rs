@@ -16,6 +16,7 @@
 //! - [`ids`]: the host's id allocator (ID.NEW).
 //! - [`metrics`]: command statistics and the Prometheus endpoint.
 //! - [`workers`]: the links to the shard-workers.
+//! - [`peer`]: the authenticated connections to the other hosts' net-daemons.
 //! - [`reads`]: GET and MGET straight from the shards' LMDB maps.
 //! - [`errors`]: internal failures → client error replies.
 //! - [`cluster`]: cluster membership and metadata (the metadata Raft group).
@@ -26,6 +27,7 @@ pub mod connection;
 pub mod errors;
 pub mod ids;
 pub mod metrics;
+pub mod peer;
 pub mod reads;
 pub mod server;
 pub mod txn;
