@@ -11,7 +11,7 @@
 //! - [`server`]: listeners, the connection limit, graceful shutdown.
 //! - [`connection`]: one client connection (parse, dispatch, reply in order).
 //! - [`commands`]: every client command.
-//! - [`cluster`]: cluster membership and metadata (id ranges, liveness, coordinates).
+//! - [`cluster`]: cluster membership and metadata (the NI, its Raft group, liveness, id ranges).
 //! - [`txn`]: the two-phase commit coordinator and the recovery of transactions in doubt.
 //! - [`ids`]: the host's id allocator (ID.NEW).
 //! - [`metrics`]: command statistics and the Prometheus endpoint.
@@ -19,7 +19,6 @@
 //! - [`peer`]: the authenticated connections to the other hosts' net-daemons.
 //! - [`reads`]: GET and MGET straight from the shards' LMDB maps.
 //! - [`errors`]: internal failures → client error replies.
-//! - [`cluster`]: cluster membership and metadata (the metadata Raft group).
 
 pub mod cluster;
 pub mod commands;
@@ -59,6 +58,8 @@ pub struct Shared {
     pub command_stats: metrics::CommandStats,
     /// Read-only views of the shards' environments, one per worker.
     pub readers: reads::Readers,
+    /// This host's membership in a cluster; `None` for a host on its own.
+    pub cluster: Option<std::sync::Arc<cluster::node::ClusterNode>>,
 }
 
 impl Shared {
@@ -74,7 +75,12 @@ impl Shared {
     }
 
     /// Builds the shared state of a daemon that starts now.
-    pub fn new(config: Config, links: Vec<WorkerLink>, status: StatusTable) -> Shared {
+    pub fn new(
+        config: Config,
+        links: Vec<WorkerLink>,
+        status: StatusTable,
+        cluster: Option<std::sync::Arc<cluster::node::ClusterNode>>,
+    ) -> Shared {
         Shared {
             links,
             status,
@@ -87,6 +93,7 @@ impl Shared {
             scan_cursors: commands::keyspace::ScanCursors::default(),
             command_stats: metrics::CommandStats::default(),
             readers: reads::Readers::new(&config),
+            cluster,
             config,
         }
     }

@@ -150,7 +150,10 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
         ),
         None => None,
     };
-    let shared = Arc::new(Shared::new(config, links, status));
+    let cluster = crate::cluster::node::ClusterNode::start(&config)
+        .await
+        .context("starting the cluster layer")?;
+    let shared = Arc::new(Shared::new(config, links, status, cluster));
     tokio::spawn(crate::txn::recover(Arc::clone(&shared)));
     if let Some(listener) = metrics {
         tokio::spawn(crate::metrics::serve(Arc::clone(&shared), listener));

@@ -16,10 +16,16 @@
 //! - [`coords`]: Vivaldi network coordinates (latency estimates between hosts).
 //! - [`raft_store`]: the metadata group's log, vote, state machine and snapshot, in the
 //!   net-daemon's own LMDB environment (`<data_dir>/meta-raft/`).
+//! - [`messages`]: the host↔host message enums.
+//! - [`network`]: the metadata group's Raft RPCs over the peer links.
+//! - [`node`]: this host's membership: joining, heartbeats, the leader's duties (I/O).
 
 pub mod coords;
 pub mod liveness;
+pub mod messages;
+pub mod network;
 pub mod ni;
+pub mod node;
 pub mod raft_store;
 pub mod ranges;
 

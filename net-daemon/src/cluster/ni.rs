@@ -165,15 +165,16 @@ impl NetworkInfo {
                 now_ms,
             } => {
                 if self.cluster_id != 0 {
-                    return Err(format!("cluster {:016x} is already founded", self.cluster_id));
+                    return Err(format!(
+                        "cluster {:016x} is already founded",
+                        self.cluster_id
+                    ));
                 }
                 self.cluster_id = *cluster_id;
                 self.ids = Some(IdSpace::new(FOUNDER));
                 self.next_host_id = FOUNDER + 1;
-                self.hosts.insert(
-                    FOUNDER,
-                    new_host(FOUNDER, peer_addr, client_addr, *now_ms),
-                );
+                self.hosts
+                    .insert(FOUNDER, new_host(FOUNDER, peer_addr, client_addr, *now_ms));
                 Ok(Outcome::Done)
             }
             Command::Join {
@@ -191,9 +192,8 @@ impl NetworkInfo {
                         match ids.grant_free(host) {
                             Ok(range) => range,
                             Err(_) => {
-                                let other = ids
-                                    .best_sponsor()
-                                    .ok_or("no host has ids left to share")?;
+                                let other =
+                                    ids.best_sponsor().ok_or("no host has ids left to share")?;
                                 ids.sponsor_split(other, host).map_err(|e| e.to_string())?
                             }
                         }
@@ -297,8 +297,8 @@ impl NetworkInfo {
 
     /// A digest of the whole NI, equal on every host that applied the same commands.
     pub fn checksum(&self) -> u64 {
-        let bytes = bincode::serde::encode_to_vec(self, bincode::config::standard())
-            .unwrap_or_default();
+        let bytes =
+            bincode::serde::encode_to_vec(self, bincode::config::standard()).unwrap_or_default();
         let digest = Sha256::digest(&bytes);
         let mut first = [0u8; 8];
         first.copy_from_slice(&digest[..8]);
@@ -424,8 +424,7 @@ mod tests {
     fn reclaimed_ids_are_never_reserved_again() {
         let mut ni = founded();
         let (host, _) = join(&mut ni, FOUNDER, "127.0.0.2:7380");
-        let Outcome::Reserved(issued) = ni.apply(&Command::ReserveIds { host, count: 1000 })
-        else {
+        let Outcome::Reserved(issued) = ni.apply(&Command::ReserveIds { host, count: 1000 }) else {
             panic!("reserve refused")
         };
         let Outcome::Reclaimed(reclaimed) = ni.apply(&Command::Reclaim { host }) else {

@@ -16,6 +16,7 @@
 //! - [`server`]: connection and server commands answered by the net-daemon.
 
 pub mod backup;
+pub mod cluster;
 pub mod keyspace;
 pub mod multi;
 pub mod server;
@@ -213,6 +214,9 @@ pub async fn dispatch(
     }
     if let Some(pending) = multi::dispatch(shared, session, spec.name, &args).await {
         return (pending, After::Continue);
+    }
+    if let Some(reply) = cluster::dispatch(shared, spec.name, &args) {
+        return ready(reply);
     }
     if spec.name == "shoal.backup" {
         return (backup::dispatch(shared, &args), After::Continue);

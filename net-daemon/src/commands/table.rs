@@ -79,6 +79,16 @@ pub static COMMANDS: &[CommandSpec] = &[
         "A container for client connection commands."
     ),
     spec!(
+        "cluster",
+        -2,
+        C,
+        0,
+        0,
+        0,
+        "cluster",
+        "A container for cluster commands (INFO, NODES, MYID)."
+    ),
+    spec!(
         "command",
         -1,
         C,
@@ -537,6 +547,16 @@ pub static COMMANDS: &[CommandSpec] = &[
         0,
         "shoal",
         "Reads the change feed of every partition from a cursor (COUNT, BLOCK)."
+    ),
+    spec!(
+        "shoal.hosts",
+        1,
+        C,
+        0,
+        0,
+        0,
+        "shoal",
+        "Lists every host of the cluster: state, scores, round trips, coordinates, id ranges."
     ),
     spec!(
         "shoal.log",

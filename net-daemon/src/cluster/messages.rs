@@ -1,0 +1,84 @@
+//! The host↔host message enums: every request one net-daemon sends another over
+//! the peer link ([`crate::peer`]), and every response.
+//!
+//! Each request names the response it gets in its doc comment; a host that gets
+//! another variant back treats it as a protocol error. [`PeerResponse::Refused`]
+//! may answer any request.
+
+use openraft::error::{InstallSnapshotError, RaftError};
+use openraft::raft::{
+    AppendEntriesRequest, AppendEntriesResponse, InstallSnapshotRequest, InstallSnapshotResponse,
+    VoteRequest, VoteResponse,
+};
+use serde::{Deserialize, Serialize};
+
+use super::coords::Coordinate;
+use super::ni::{Command, NetworkInfo, Outcome};
+use super::raft_store::{MetaTypes, NodeId};
+use super::HostId;
+
+/// The metadata group's type configuration.
+pub type Meta = MetaTypes<NetworkInfo>;
+
+/// A request from one host to another.
+#[derive(Debug, Serialize, Deserialize)]
+pub enum PeerRequest {
+    /// Raft replication. Answered by [`PeerResponse::AppendEntries`].
+    AppendEntries(AppendEntriesRequest<Meta>),
+    /// Raft election. Answered by [`PeerResponse::Vote`].
+    Vote(VoteRequest<NodeId>),
+    /// Raft snapshot transfer. Answered by [`PeerResponse::InstallSnapshot`].
+    InstallSnapshot(InstallSnapshotRequest<Meta>),
+    /// A new host asks to be accepted; the receiver sponsors it. Answered by
+    /// [`PeerResponse::Joined`].
+    Join {
+        peer_addr: String,
+        client_addr: String,
+    },
+    /// A command for the metadata leader to commit. Answered by
+    /// [`PeerResponse::Proposed`], or [`PeerResponse::NotLeader`].
+    Propose(Command),
+    /// Liveness probe, with the sender's view. Answered by [`PeerResponse::Heartbeat`].
+    Heartbeat {
+        from: HostId,
+        ni_version: u64,
+        coordinate: Coordinate,
+    },
+    /// The peers the sender suspects and the peers it could probe, for the metadata
+    /// leader. Answered by [`PeerResponse::Noted`].
+    Suspects {
+        from: HostId,
+        suspects: Vec<HostId>,
+        observed: Vec<HostId>,
+    },
+}
+
+/// A response to a [`PeerRequest`].
+#[derive(Debug, Serialize, Deserialize)]
+pub enum PeerResponse {
+    AppendEntries(Result<AppendEntriesResponse<NodeId>, RaftError<NodeId>>),
+    Vote(Result<VoteResponse<NodeId>, RaftError<NodeId>>),
+    InstallSnapshot(
+        Result<InstallSnapshotResponse<NodeId>, RaftError<NodeId, InstallSnapshotError>>,
+    ),
+    /// The joiner's host id and cluster, and the NI version that accepted it.
+    Joined {
+        cluster_id: u64,
+        host: HostId,
+        ni_version: u64,
+    },
+    Proposed(Outcome),
+    /// The receiver is not the metadata leader; `leader` is its peer address if known.
+    NotLeader {
+        leader: Option<String>,
+    },
+    Heartbeat {
+        from: HostId,
+        ni_version: u64,
+        coordinate: Coordinate,
+    },
+    Noted,
+    /// The receiver cannot serve the request (it is not a member yet, or the request
+    /// failed); the text says why.
+    Refused(String),
+}

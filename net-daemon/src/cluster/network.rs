@@ -1,0 +1,120 @@
+//! The metadata group's Raft RPCs over the peer links: openraft's network
+//! traits, implemented with [`PeerPool::call`]. Every RPC has the timeout
+//! openraft gives it.
+
+use std::error::Error;
+use std::time::Duration;
+
+use openraft::error::{
+    InstallSnapshotError, NetworkError, RPCError, RaftError, RemoteError, Unreachable,
+};
+use openraft::network::{RPCOption, RaftNetwork, RaftNetworkFactory};
+use openraft::raft::{
+    AppendEntriesRequest, AppendEntriesResponse, InstallSnapshotRequest, InstallSnapshotResponse,
+    VoteRequest, VoteResponse,
+};
+use openraft::BasicNode;
+
+use super::messages::{Meta, PeerRequest, PeerResponse};
+use super::raft_store::NodeId;
+use crate::peer::{HostAddr, PeerError, PeerPool};
+
+/// Opens Raft links to peers through the shared pool.
+#[derive(Clone)]
+pub struct RaftPeers {
+    pub pool: PeerPool<PeerRequest, PeerResponse>,
+}
+
+/// The link to one member of the group.
+pub struct RaftLink {
+    pool: PeerPool<PeerRequest, PeerResponse>,
+    target: NodeId,
+    addr: Result<HostAddr, String>,
+}
+
+impl RaftNetworkFactory<Meta> for RaftPeers {
+    type Network = RaftLink;
+
+    async fn new_client(&mut self, target: NodeId, node: &BasicNode) -> RaftLink {
+        RaftLink {
+            pool: self.pool.clone(),
+            target,
+            addr: HostAddr::new(&node.addr).map_err(|error| error.to_string()),
+        }
+    }
+}
+
+type RpcError<E> = RPCError<NodeId, BasicNode, E>;
+
+impl RaftLink {
+    async fn call<E: Error>(
+        &self,
+        request: PeerRequest,
+        option: &RPCOption,
+    ) -> Result<PeerResponse, RpcError<E>> {
+        let addr = self.addr.as_ref().map_err(|reason| {
+            RPCError::Unreachable(Unreachable::new(&std::io::Error::other(reason.clone())))
+        })?;
+        let timeout = option.hard_ttl().max(Duration::from_millis(1));
+        match self.pool.call(addr, request, timeout).await {
+            Ok(PeerResponse::Refused(reason)) => Err(RPCError::Unreachable(Unreachable::new(
+                &std::io::Error::other(reason),
+            ))),
+            Ok(response) => Ok(response),
+            Err(error @ (PeerError::Unreachable { .. } | PeerError::Refused { .. })) => {
+                Err(RPCError::Unreachable(Unreachable::new(&error)))
+            }
+            Err(error) => Err(RPCError::Network(NetworkError::new(&error))),
+        }
+    }
+
+    fn unexpected<E: Error>(&self, response: PeerResponse) -> RpcError<E> {
+        RPCError::Network(NetworkError::new(&std::io::Error::other(format!(
+            "host {} answered a Raft RPC with {response:?}",
+            self.target
+        ))))
+    }
+
+    fn remote<E: Error>(&self, error: E) -> RpcError<E> {
+        RPCError::RemoteError(RemoteError::new(self.target, error))
+    }
+}
+
+impl RaftNetwork<Meta> for RaftLink {
+    async fn append_entries(
+        &mut self,
+        rpc: AppendEntriesRequest<Meta>,
+        option: RPCOption,
+    ) -> Result<AppendEntriesResponse<NodeId>, RpcError<RaftError<NodeId>>> {
+        match self.call(PeerRequest::AppendEntries(rpc), &option).await? {
+            PeerResponse::AppendEntries(result) => result.map_err(|e| self.remote(e)),
+            other => Err(self.unexpected(other)),
+        }
+    }
+
+    async fn install_snapshot(
+        &mut self,
+        rpc: InstallSnapshotRequest<Meta>,
+        option: RPCOption,
+    ) -> Result<InstallSnapshotResponse<NodeId>, RpcError<RaftError<NodeId, InstallSnapshotError>>>
+    {
+        match self
+            .call(PeerRequest::InstallSnapshot(rpc), &option)
+            .await?
+        {
+            PeerResponse::InstallSnapshot(result) => result.map_err(|e| self.remote(e)),
+            other => Err(self.unexpected(other)),
+        }
+    }
+
+    async fn vote(
+        &mut self,
+        rpc: VoteRequest<NodeId>,
+        option: RPCOption,
+    ) -> Result<VoteResponse<NodeId>, RpcError<RaftError<NodeId>>> {
+        match self.call(PeerRequest::Vote(rpc), &option).await? {
+            PeerResponse::Vote(result) => result.map_err(|e| self.remote(e)),
+            other => Err(self.unexpected(other)),
+        }
+    }
+}

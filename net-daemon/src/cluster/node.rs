@@ -1,0 +1,814 @@
+//! This host's part in the cluster: the thin I/O around the pure modules.
+//!
+//! [`ClusterNode::start`] binds the peer listener and, in the background,
+//! makes the host a member: a host with no stored identity and no seeds founds
+//! a cluster; one with seeds asks them until one accepts it (it never founds a
+//! second cluster on its own); one with a stored identity resumes it. Then
+//! three loops run until the process ends:
+//! - liveness: a heartbeat to every other host each `heartbeat_interval_ms`,
+//!   feeding the unreliability scores ([`super::liveness`]) and the network
+//!   coordinate ([`super::coords`]), and a report of the suspects to the
+//!   metadata leader;
+//! - upkeep: the host's own entry in the NI (its addresses, its state after a
+//!   return, its capacity and coordinate);
+//! - leader duties, on the metadata leader only: Raft membership follows the
+//!   NI (learners for every host, up to five voters among the writable hosts),
+//!   hosts that enough observers suspect become `inactive`, and hosts offline
+//!   past `offline_threshold_secs` lose the unused part of their id ranges.
+//!
+//! The identity (cluster id, host id) is kept in `<data_dir>/cluster.json`, the
+//! metadata group's storage in `<data_dir>/meta-raft/`.
+
+use std::collections::{BTreeMap, BTreeSet, HashSet};
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex, OnceLock, Weak};
+use std::time::{Duration, Instant};
+
+use anyhow::Context;
+use openraft::error::{ClientWriteError, RaftError};
+use openraft::{BasicNode, ChangeMembers, ServerState};
+use serde::{Deserialize, Serialize};
+use shoal_shared::config::{write_durably, Config};
+use shoal_shared::now_ms;
+use tokio::sync::watch;
+
+use super::coords::{Coordinate, VivaldiConfig};
+use super::liveness::{decide_inactive, LivenessConfig, Observer, Score, Suspicion};
+use super::messages::{PeerRequest, PeerResponse};
+use super::network::RaftPeers;
+use super::ni::{Capacity, Command, HostState, NetworkInfo, Outcome, FOUNDER};
+use super::raft_store::{open_meta_store, AppliedState, MetaRaft, MetaStoreOptions};
+use super::HostId;
+use crate::peer::{ClusterSecret, HostAddr, PeerConfig, PeerListener, PeerPool};
+
+/// Longest a join request or a proposal may take.
+const PROPOSE_TIMEOUT: Duration = Duration::from_secs(10);
+/// Longest wait between two rounds of asking the seeds.
+const JOIN_BACKOFF_MAX: Duration = Duration::from_secs(5);
+/// How often the upkeep and leader loops run.
+const DUTY_INTERVAL: Duration = Duration::from_millis(500);
+/// How often a host reports its capacity and coordinate into the NI.
+const REPORT_INTERVAL: Duration = Duration::from_secs(30);
+/// Most voters of the metadata group.
+pub const MAX_VOTERS: usize = 5;
+/// A host made writable again is not judged for this long, while the observers'
+/// scores of it recover.
+const REJOIN_GRACE_MS: u64 = 10_000;
+/// A learner this close to the leader's log counts as caught up and may become a voter.
+const CAUGHT_UP_ENTRIES: u64 = 16;
+
+/// What this host remembers of its membership across restarts.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+struct Identity {
+    cluster_id: u64,
+    host: HostId,
+}
+
+impl Identity {
+    fn load(path: &Path) -> anyhow::Result<Option<Identity>> {
+        match std::fs::read(path) {
+            Ok(bytes) => serde_json::from_slice(&bytes)
+                .map(Some)
+                .with_context(|| format!("reading {}", path.display())),
+            Err(error) if error.kind() == std::io::ErrorKind::NotFound => Ok(None),
+            Err(error) => Err(error).with_context(|| format!("reading {}", path.display())),
+        }
+    }
+
+    fn store(&self, path: &Path) -> anyhow::Result<()> {
+        let bytes = serde_json::to_vec_pretty(self)?;
+        write_durably(path, &bytes).with_context(|| format!("writing {}", path.display()))
+    }
+}
+
+/// The host once it is a member.
+struct Member {
+    host: HostId,
+    cluster_id: u64,
+    raft: MetaRaft<NetworkInfo>,
+    applied: watch::Receiver<AppliedState<NetworkInfo>>,
+}
+
+/// What this host observes of its peers.
+struct Liveness {
+    observer: Observer,
+    coordinate: Coordinate,
+    vivaldi: VivaldiConfig,
+    /// Last round trip to each peer, in microseconds.
+    rtt_us: BTreeMap<HostId, u64>,
+    /// Peers with a heartbeat in flight.
+    in_flight: HashSet<HostId>,
+}
+
+/// One observer's latest report, kept by the leader.
+struct Report {
+    at: Instant,
+    suspects: Vec<HostId>,
+    observed: Vec<HostId>,
+}
+
+/// A peer as this host sees it, for `SHOAL.HOSTS`.
+#[derive(Debug, Clone)]
+pub struct PeerView {
+    pub score: Option<Score>,
+    pub rtt_us: Option<u64>,
+}
+
+/// This host's membership in the cluster.
+pub struct ClusterNode {
+    data_dir: PathBuf,
+    seeds: Vec<String>,
+    peer_addr: String,
+    client_addr: String,
+    heartbeat_interval: Duration,
+    offline_threshold_ms: u64,
+    pool: PeerPool<PeerRequest, PeerResponse>,
+    member: OnceLock<Member>,
+    /// What the host is doing, in words, while it is not a member yet.
+    phase: Mutex<String>,
+    liveness: Mutex<Liveness>,
+    reports: Mutex<BTreeMap<HostId, Report>>,
+    listener: Mutex<Option<PeerListener>>,
+}
+
+impl ClusterNode {
+    /// Starts the cluster layer when the config has a cluster secret: binds the peer
+    /// listener and becomes a member in the background. `None` for a host on its own.
+    pub async fn start(config: &Config) -> anyhow::Result<Option<Arc<ClusterNode>>> {
+        let cluster = &config.cluster;
+        let (Some(secret), Some(peer_listen)) = (&cluster.secret, cluster.peer_listen) else {
+            return Ok(None);
+        };
+        let secret = ClusterSecret::new(secret.as_bytes())?;
+        let identity = HostAddr::new(&cluster.advertise_addr)
+            .with_context(|| format!("cluster.advertise_addr {:?}", cluster.advertise_addr))?;
+        let peer_config = PeerConfig::new(identity, secret);
+        let node = Arc::new(ClusterNode {
+            data_dir: config.data_dir.clone(),
+            seeds: cluster.seeds.clone(),
+            peer_addr: cluster.advertise_addr.clone(),
+            client_addr: config
+                .client
+                .listen
+                .map(|addr| addr.to_string())
+                .unwrap_or_default(),
+            heartbeat_interval: Duration::from_millis(cluster.heartbeat_interval_ms),
+            offline_threshold_ms: cluster.offline_threshold_secs.saturating_mul(1000),
+            pool: PeerPool::new(peer_config.clone()),
+            member: OnceLock::new(),
+            phase: Mutex::new("starting".into()),
+            liveness: Mutex::new(Liveness {
+                observer: Observer::new(LivenessConfig {
+                    suspect_threshold: cluster.suspect_threshold,
+                    ..LivenessConfig::default()
+                }),
+                coordinate: Coordinate::default(),
+                vivaldi: VivaldiConfig::default(),
+                rtt_us: BTreeMap::new(),
+                in_flight: HashSet::new(),
+            }),
+            reports: Mutex::default(),
+            listener: Mutex::default(),
+        });
+        let weak = Arc::downgrade(&node);
+        let handler = move |from: HostAddr, request: PeerRequest| {
+            let node: Weak<ClusterNode> = weak.clone();
+            async move {
+                match node.upgrade() {
+                    Some(node) => node.handle(from, request).await,
+                    None => PeerResponse::Refused("the host is stopping".into()),
+                }
+            }
+        };
+        let listener = PeerListener::bind(peer_listen, peer_config, handler)
+            .await
+            .with_context(|| format!("binding cluster.peer_listen {peer_listen}"))?;
+        *lock(&node.listener) = Some(listener);
+        tokio::spawn(Arc::clone(&node).run());
+        Ok(Some(node))
+    }
+
+    async fn run(self: Arc<Self>) {
+        let member = match self.become_member().await {
+            Ok(member) => member,
+            Err(error) => {
+                tracing::error!(error = %format!("{error:#}"), "cannot take part in the cluster");
+                self.set_phase(format!("failed: {error:#}"));
+                return;
+            }
+        };
+        tracing::info!(host = member.host, cluster = %format!("{:016x}", member.cluster_id), "cluster member");
+        if self.member.set(member).is_err() {
+            return;
+        }
+        self.set_phase("member".into());
+        tokio::join!(
+            Arc::clone(&self).liveness_loop(),
+            Arc::clone(&self).upkeep_loop(),
+            Arc::clone(&self).leader_loop(),
+        );
+    }
+
+    fn set_phase(&self, phase: String) {
+        *lock(&self.phase) = phase;
+    }
+
+    /// Resumes a stored identity, founds a cluster, or joins one through the seeds.
+    async fn become_member(&self) -> anyhow::Result<Member> {
+        let identity_path = self.data_dir.join("cluster.json");
+        let identity = match Identity::load(&identity_path)? {
+            Some(identity) => identity,
+            None if self.seeds.is_empty() => {
+                let identity = Identity {
+                    cluster_id: new_cluster_id(&self.peer_addr),
+                    host: FOUNDER,
+                };
+                identity.store(&identity_path)?;
+                tracing::info!(cluster = %format!("{:016x}", identity.cluster_id), "founding a new cluster");
+                identity
+            }
+            None => {
+                let identity = self.join_through_seeds().await;
+                identity.store(&identity_path)?;
+                identity
+            }
+        };
+        let (log_store, state_machine) = open_meta_store::<NetworkInfo>(
+            &self.data_dir.join("meta-raft"),
+            &MetaStoreOptions::default(),
+        )
+        .context("opening the metadata store")?;
+        let applied = state_machine.subscribe();
+        let raft = MetaRaft::new(
+            identity.host,
+            Arc::new(raft_config(self.heartbeat_interval)?),
+            RaftPeers {
+                pool: self.pool.clone(),
+            },
+            log_store,
+            state_machine,
+        )
+        .await
+        .context("starting the metadata group")?;
+        if identity.host == FOUNDER && applied.borrow().last_applied.is_none() {
+            let members = BTreeMap::from([(FOUNDER, BasicNode::new(&self.peer_addr))]);
+            if let Err(error) = raft.initialize(members).await {
+                tracing::debug!(%error, "metadata group already initialized");
+            }
+        }
+        Ok(Member {
+            host: identity.host,
+            cluster_id: identity.cluster_id,
+            raft,
+            applied,
+        })
+    }
+
+    /// Asks each seed in turn to accept this host until one does. Never gives up.
+    async fn join_through_seeds(&self) -> Identity {
+        let mut backoff = Duration::from_millis(200);
+        let mut rounds = 0u64;
+        loop {
+            let mut failures = Vec::new();
+            for seed in &self.seeds {
+                let Ok(addr) = HostAddr::new(seed) else {
+                    failures.push(format!("{seed}: not an address"));
+                    continue;
+                };
+                let request = PeerRequest::Join {
+                    peer_addr: self.peer_addr.clone(),
+                    client_addr: self.client_addr.clone(),
+                };
+                match self.pool.call(&addr, request, PROPOSE_TIMEOUT).await {
+                    Ok(PeerResponse::Joined {
+                        cluster_id,
+                        host,
+                        ni_version,
+                    }) => {
+                        tracing::info!(seed = %seed, host, ni_version, "accepted into the cluster");
+                        return Identity { cluster_id, host };
+                    }
+                    Ok(PeerResponse::Refused(reason)) => failures.push(format!("{seed}: {reason}")),
+                    Ok(other) => failures.push(format!("{seed}: unexpected answer {other:?}")),
+                    Err(error) => failures.push(error.to_string()),
+                }
+            }
+            let summary = failures.join("; ");
+            if rounds.is_multiple_of(10) {
+                tracing::warn!(
+                    retry_in_ms = backoff.as_millis() as u64,
+                    "no seed accepted this host yet; retrying: {summary}"
+                );
+            }
+            self.set_phase(format!(
+                "joining: no seed accepted this host yet ({summary})"
+            ));
+            rounds += 1;
+            tokio::time::sleep(backoff).await;
+            backoff = (backoff * 2).min(JOIN_BACKOFF_MAX);
+        }
+    }
+
+    /// Answers a request from an authenticated peer.
+    async fn handle(&self, _from: HostAddr, request: PeerRequest) -> PeerResponse {
+        let Some(member) = self.member.get() else {
+            return PeerResponse::Refused(format!("not a member yet ({})", lock(&self.phase)));
+        };
+        match request {
+            PeerRequest::AppendEntries(rpc) => {
+                PeerResponse::AppendEntries(member.raft.append_entries(rpc).await)
+            }
+            PeerRequest::Vote(rpc) => PeerResponse::Vote(member.raft.vote(rpc).await),
+            PeerRequest::InstallSnapshot(rpc) => {
+                PeerResponse::InstallSnapshot(member.raft.install_snapshot(rpc).await)
+            }
+            PeerRequest::Join {
+                peer_addr,
+                client_addr,
+            } => {
+                let command = Command::Join {
+                    peer_addr: peer_addr.clone(),
+                    client_addr,
+                    sponsor: member.host,
+                    now_ms: now_ms(),
+                };
+                match self.propose(command).await {
+                    Ok(Outcome::Joined { host, .. }) => {
+                        tracing::info!(host, peer = %peer_addr, "accepted a new host");
+                        PeerResponse::Joined {
+                            cluster_id: member.cluster_id,
+                            host,
+                            ni_version: self.ni().version,
+                        }
+                    }
+                    Ok(other) => PeerResponse::Refused(format!("join not accepted: {other:?}")),
+                    Err(error) => PeerResponse::Refused(error),
+                }
+            }
+            PeerRequest::Propose(command) => match member.raft.client_write(command).await {
+                Ok(response) => PeerResponse::Proposed(response.data),
+                Err(RaftError::APIError(ClientWriteError::ForwardToLeader(forward))) => {
+                    PeerResponse::NotLeader {
+                        leader: forward.leader_node.map(|node| node.addr),
+                    }
+                }
+                Err(error) => PeerResponse::Refused(error.to_string()),
+            },
+            PeerRequest::Heartbeat { .. } => {
+                let coordinate = lock(&self.liveness).coordinate.clone();
+                PeerResponse::Heartbeat {
+                    from: member.host,
+                    ni_version: self.ni().version,
+                    coordinate,
+                }
+            }
+            PeerRequest::Suspects {
+                from,
+                suspects,
+                observed,
+            } => {
+                lock(&self.reports).insert(
+                    from,
+                    Report {
+                        at: Instant::now(),
+                        suspects,
+                        observed,
+                    },
+                );
+                PeerResponse::Noted
+            }
+        }
+    }
+
+    /// Commits `command` through the metadata leader, wherever it is.
+    pub async fn propose(&self, command: Command) -> Result<Outcome, String> {
+        let member = self
+            .member
+            .get()
+            .ok_or("this host is not a cluster member yet")?;
+        let deadline = Instant::now() + PROPOSE_TIMEOUT;
+        let mut last_error = String::from("no metadata leader");
+        while Instant::now() < deadline {
+            match member.raft.client_write(command.clone()).await {
+                Ok(response) => return Ok(response.data),
+                Err(RaftError::APIError(ClientWriteError::ForwardToLeader(forward))) => {
+                    if let Some(leader) = forward
+                        .leader_node
+                        .and_then(|n| HostAddr::new(&n.addr).ok())
+                    {
+                        let left = deadline.saturating_duration_since(Instant::now());
+                        match self
+                            .pool
+                            .call(&leader, PeerRequest::Propose(command.clone()), left)
+                            .await
+                        {
+                            Ok(PeerResponse::Proposed(outcome)) => return Ok(outcome),
+                            Ok(other) => last_error = format!("leader {leader} answered {other:?}"),
+                            Err(error) => last_error = error.to_string(),
+                        }
+                    }
+                }
+                Err(error) => last_error = error.to_string(),
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        Err(format!("metadata change not committed: {last_error}"))
+    }
+
+    /// The NI as this host last applied it (empty before it is a member).
+    pub fn ni(&self) -> Arc<NetworkInfo> {
+        match self.member.get() {
+            Some(member) => Arc::clone(&member.applied.borrow().state),
+            None => Arc::default(),
+        }
+    }
+
+    /// This host's id, once it is a member.
+    pub fn host_id(&self) -> Option<HostId> {
+        self.member.get().map(|member| member.host)
+    }
+
+    /// The cluster's id, once this host is a member.
+    pub fn cluster_id(&self) -> Option<u64> {
+        self.member.get().map(|member| member.cluster_id)
+    }
+
+    /// What the host is doing: "member", or why it is not one yet.
+    pub fn phase(&self) -> String {
+        lock(&self.phase).clone()
+    }
+
+    /// The metadata leader and the voters, as this host knows them.
+    pub fn raft_view(&self) -> Option<(Option<HostId>, BTreeSet<HostId>)> {
+        let member = self.member.get()?;
+        let metrics = member.raft.metrics().borrow().clone();
+        let voters = metrics.membership_config.membership().voter_ids().collect();
+        Some((metrics.current_leader, voters))
+    }
+
+    /// This host's score and round trip of each peer.
+    pub fn peer_views(&self) -> BTreeMap<HostId, PeerView> {
+        let liveness = lock(&self.liveness);
+        self.ni()
+            .hosts
+            .keys()
+            .map(|&host| {
+                let view = PeerView {
+                    score: liveness.observer.score(host).cloned(),
+                    rtt_us: liveness.rtt_us.get(&host).copied(),
+                };
+                (host, view)
+            })
+            .collect()
+    }
+
+    /// This host's network coordinate.
+    pub fn coordinate(&self) -> Coordinate {
+        lock(&self.liveness).coordinate.clone()
+    }
+
+    /// Heartbeats every other host each interval and reports the suspects to the leader.
+    async fn liveness_loop(self: Arc<Self>) {
+        let timeout = (self.heartbeat_interval * 2).max(Duration::from_secs(1));
+        let mut tick = tokio::time::interval(self.heartbeat_interval);
+        loop {
+            tick.tick().await;
+            let Some(member) = self.member.get() else {
+                return;
+            };
+            let ni = self.ni();
+            let peers: Vec<(HostId, String)> = ni
+                .hosts
+                .values()
+                .filter(|host| host.id != member.host)
+                .map(|host| (host.id, host.peer_addr.clone()))
+                .collect();
+            for (peer, addr) in &peers {
+                if !lock(&self.liveness).in_flight.insert(*peer) {
+                    continue;
+                }
+                let node = Arc::clone(&self);
+                let (peer, addr) = (*peer, addr.clone());
+                tokio::spawn(async move {
+                    node.heartbeat(peer, &addr, timeout).await;
+                    lock(&node.liveness).in_flight.remove(&peer);
+                });
+            }
+            let suspects = lock(&self.liveness).observer.suspects(now_ms());
+            let observed = peers.iter().map(|(peer, _)| *peer).collect();
+            self.report(member, suspects, observed).await;
+        }
+    }
+
+    async fn heartbeat(&self, peer: HostId, addr: &str, timeout: Duration) {
+        let Some(member) = self.member.get() else {
+            return;
+        };
+        let request = PeerRequest::Heartbeat {
+            from: member.host,
+            ni_version: self.ni().version,
+            coordinate: self.coordinate(),
+        };
+        let started = Instant::now();
+        let result = match HostAddr::new(addr) {
+            Ok(addr) => self.pool.call(&addr, request, timeout).await.ok(),
+            Err(_) => None,
+        };
+        let rtt = started.elapsed();
+        let mut liveness = lock(&self.liveness);
+        match result {
+            Some(PeerResponse::Heartbeat {
+                from, coordinate, ..
+            }) if from == peer => {
+                let rtt_us = rtt.as_micros() as u64;
+                liveness.observer.on_success(peer, rtt_us, now_ms());
+                liveness.rtt_us.insert(peer, rtt_us);
+                let vivaldi = liveness.vivaldi.clone();
+                liveness
+                    .coordinate
+                    .update(&coordinate, rtt.as_secs_f64(), &vivaldi);
+            }
+            _ => liveness.observer.on_timeout(peer, now_ms()),
+        }
+    }
+
+    /// Hands this host's suspects to the metadata leader (itself, or over the peer link).
+    async fn report(&self, member: &Member, suspects: Vec<HostId>, observed: Vec<HostId>) {
+        let leader = member.raft.metrics().borrow().current_leader;
+        let Some(leader) = leader else { return };
+        if leader == member.host {
+            let report = Report {
+                at: Instant::now(),
+                suspects,
+                observed,
+            };
+            lock(&self.reports).insert(member.host, report);
+            return;
+        }
+        let Some(addr) = self.ni().hosts.get(&leader).map(|h| h.peer_addr.clone()) else {
+            return;
+        };
+        if let Ok(addr) = HostAddr::new(&addr) {
+            let request = PeerRequest::Suspects {
+                from: member.host,
+                suspects,
+                observed,
+            };
+            let _ = self
+                .pool
+                .call(&addr, request, self.heartbeat_interval)
+                .await;
+        }
+    }
+
+    /// Keeps this host's own entry in the NI right: founds the cluster's NI on the
+    /// founder, re-advertises changed addresses or a return, reports capacity.
+    async fn upkeep_loop(self: Arc<Self>) {
+        let mut last_report: Option<Instant> = None;
+        loop {
+            tokio::time::sleep(DUTY_INTERVAL).await;
+            let Some(member) = self.member.get() else {
+                return;
+            };
+            let ni = self.ni();
+            let command = if ni.cluster_id == 0 {
+                // Only the founder's group can be empty; a joiner waits for the leader.
+                (member.host == FOUNDER).then(|| Command::Found {
+                    cluster_id: member.cluster_id,
+                    peer_addr: self.peer_addr.clone(),
+                    client_addr: self.client_addr.clone(),
+                    now_ms: now_ms(),
+                })
+            } else if let Some(me) = ni.hosts.get(&member.host) {
+                let moved = me.peer_addr != self.peer_addr || me.client_addr != self.client_addr;
+                if moved || me.state == HostState::Inactive {
+                    Some(Command::Rejoin {
+                        host: member.host,
+                        peer_addr: self.peer_addr.clone(),
+                        client_addr: self.client_addr.clone(),
+                        now_ms: now_ms(),
+                    })
+                } else if last_report.is_none_or(|at| at.elapsed() >= REPORT_INTERVAL) {
+                    last_report = Some(Instant::now());
+                    Some(Command::Report {
+                        host: member.host,
+                        capacity: self.capacity(),
+                        coordinate: self.coordinate(),
+                    })
+                } else {
+                    None
+                }
+            } else {
+                None
+            };
+            if let Some(command) = command {
+                if let Err(error) = self.propose(command.clone()).await {
+                    tracing::debug!(?command, %error, "metadata change of this host's entry failed; retrying");
+                }
+            }
+        }
+    }
+
+    fn capacity(&self) -> Capacity {
+        let free_bytes = free_bytes(&self.data_dir).unwrap_or(0);
+        let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+        Capacity {
+            capacity_bytes: free_bytes,
+            free_bytes,
+            cpu_rating: (cores * 1000) as u32,
+        }
+    }
+
+    /// On the metadata leader: membership follows the NI, suspects become inactive,
+    /// long-offline hosts lose their unused ids.
+    async fn leader_loop(self: Arc<Self>) {
+        loop {
+            tokio::time::sleep(DUTY_INTERVAL).await;
+            let Some(member) = self.member.get() else {
+                return;
+            };
+            let metrics = member.raft.metrics().borrow().clone();
+            if metrics.state != ServerState::Leader {
+                lock(&self.reports).clear();
+                continue;
+            }
+            let ni = self.ni();
+            if ni.cluster_id == 0 {
+                continue;
+            }
+            if let Err(error) = self.reconcile_membership(member, &ni).await {
+                tracing::warn!(%error, "cannot update the metadata group's membership");
+            }
+            for command in self.judge(&ni) {
+                tracing::warn!(?command, "changing a host's state");
+                if let Err(error) = self.propose(command).await {
+                    tracing::warn!(%error, "host state change failed");
+                }
+            }
+        }
+    }
+
+    /// Adds every host of the NI to the group (as a learner first), keeps addresses
+    /// current, and keeps up to [`MAX_VOTERS`] voters among the writable hosts.
+    async fn reconcile_membership(&self, member: &Member, ni: &NetworkInfo) -> Result<(), String> {
+        let metrics = member.raft.metrics().borrow().clone();
+        let membership = metrics.membership_config.membership().clone();
+        let nodes: BTreeMap<HostId, BasicNode> = membership
+            .nodes()
+            .map(|(id, node)| (*id, node.clone()))
+            .collect();
+        for host in ni.hosts.values() {
+            match nodes.get(&host.id) {
+                None => {
+                    tracing::info!(host = host.id, addr = %host.peer_addr, "adding a learner to the metadata group");
+                    member
+                        .raft
+                        .add_learner(host.id, BasicNode::new(&host.peer_addr), false)
+                        .await
+                        .map_err(|e| e.to_string())?;
+                    return Ok(());
+                }
+                Some(node) if node.addr != host.peer_addr => {
+                    tracing::info!(host = host.id, addr = %host.peer_addr, "updating a member's address");
+                    let change = BTreeMap::from([(host.id, BasicNode::new(&host.peer_addr))]);
+                    member
+                        .raft
+                        .change_membership(ChangeMembers::SetNodes(change), true)
+                        .await
+                        .map_err(|e| e.to_string())?;
+                    return Ok(());
+                }
+                Some(_) => {}
+            }
+        }
+        let voters: BTreeSet<HostId> = membership.voter_ids().collect();
+        let last_index = metrics.last_log_index.unwrap_or(0);
+        let caught_up = |host: HostId| {
+            host == member.host
+                || metrics.replication.as_ref().is_some_and(|replication| {
+                    replication.get(&host).is_some_and(|matched| {
+                        matched.is_some_and(|id| id.index + CAUGHT_UP_ENTRIES >= last_index)
+                    })
+                })
+        };
+        let writable = |host: HostId| {
+            ni.hosts
+                .get(&host)
+                .is_some_and(|info| info.state != HostState::Inactive)
+        };
+        let mut wanted: BTreeSet<HostId> =
+            voters.iter().copied().filter(|&v| writable(v)).collect();
+        for host in ni.hosts.keys() {
+            if wanted.len() >= MAX_VOTERS {
+                break;
+            }
+            if writable(*host) && caught_up(*host) {
+                wanted.insert(*host);
+            }
+        }
+        if wanted != voters && !wanted.is_empty() {
+            tracing::info!(?voters, ?wanted, "changing the metadata group's voters");
+            member
+                .raft
+                .change_membership(ChangeMembers::ReplaceAllVoters(wanted), true)
+                .await
+                .map_err(|e| e.to_string())?;
+        }
+        Ok(())
+    }
+
+    /// The state changes the reports call for: hosts that enough observers suspect,
+    /// and the unused ids of hosts offline past the threshold.
+    fn judge(&self, ni: &NetworkInfo) -> Vec<Command> {
+        let fresh_for = (self.heartbeat_interval * 6).max(Duration::from_secs(3));
+        let now = now_ms();
+        let mut reports = lock(&self.reports);
+        reports.retain(|_, report| report.at.elapsed() <= fresh_for);
+        let mut suspicions: BTreeMap<HostId, Suspicion> = BTreeMap::new();
+        for (&observer, report) in reports.iter() {
+            for &peer in &report.observed {
+                suspicions.entry(peer).or_default().observers += 1;
+            }
+            for &peer in &report.suspects {
+                suspicions
+                    .entry(peer)
+                    .or_default()
+                    .suspected_by
+                    .insert(observer);
+            }
+        }
+        drop(reports);
+        let active = ni
+            .hosts
+            .values()
+            .filter(|host| host.state != HostState::Inactive)
+            .count();
+        let mut commands: Vec<Command> = decide_inactive(&suspicions, active)
+            .into_iter()
+            .filter(|peer| {
+                ni.hosts.get(peer).is_some_and(|host| {
+                    host.state != HostState::Inactive
+                        && now.saturating_sub(host.since_ms) >= REJOIN_GRACE_MS
+                })
+            })
+            .map(|host| Command::SetState {
+                host,
+                state: HostState::Inactive,
+                now_ms: now,
+            })
+            .collect();
+        for host in ni.hosts.values() {
+            let offline_for = now.saturating_sub(host.since_ms);
+            let has_unused = ni
+                .ranges_of(host.id)
+                .iter()
+                .any(|range| !range.unused().is_empty());
+            if host.state == HostState::Inactive
+                && offline_for >= self.offline_threshold_ms
+                && has_unused
+            {
+                commands.push(Command::Reclaim { host: host.id });
+            }
+        }
+        commands
+    }
+}
+
+fn raft_config(heartbeat_interval: Duration) -> anyhow::Result<openraft::Config> {
+    let heartbeat_ms = (heartbeat_interval.as_millis() as u64 / 2).clamp(50, 500);
+    let config = openraft::Config {
+        cluster_name: "shoal-metadata".into(),
+        heartbeat_interval: heartbeat_ms,
+        election_timeout_min: heartbeat_ms * 6,
+        election_timeout_max: heartbeat_ms * 12,
+        ..openraft::Config::default()
+    };
+    config.validate().context("metadata group settings")
+}
+
+/// A cluster id that two founders practically never share: a digest of the time, the
+/// process and the founder's address.
+fn new_cluster_id(peer_addr: &str) -> u64 {
+    use sha2::{Digest, Sha256};
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_nanos());
+    let digest = Sha256::digest(format!("{nanos}/{}/{peer_addr}", std::process::id()));
+    let mut first = [0u8; 8];
+    first.copy_from_slice(&digest[..8]);
+    u64::from_be_bytes(first).max(1)
+}
+
+/// Bytes available on the filesystem holding `path`.
+fn free_bytes(path: &Path) -> Option<u64> {
+    use std::os::unix::ffi::OsStrExt;
+    let path = std::ffi::CString::new(path.as_os_str().as_bytes()).ok()?;
+    let mut stat: libc::statvfs = unsafe { std::mem::zeroed() };
+    // SAFETY: `path` is a valid NUL-terminated string and `stat` a valid out-pointer.
+    let rc = unsafe { libc::statvfs(path.as_ptr(), &mut stat) };
+    (rc == 0).then(|| stat.f_bavail as u64 * stat.f_frsize as u64)
+}
+
+fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    mutex.lock().unwrap_or_else(|e| e.into_inner())
+}

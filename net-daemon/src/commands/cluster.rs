@@ -1,0 +1,260 @@
+//! Cluster commands: `CLUSTER INFO`, `CLUSTER NODES`, `CLUSTER MYID` in Redis's
+//! formats as far as they fit, and `SHOAL.HOSTS`, the whole NI with this
+//! host's view of each peer.
+//!
+//! A node id is the host id as 40 hex digits, the width of Redis's ids. Data is
+//! not placed across hosts yet, so no host lists slots.
+
+use std::fmt::Write as _;
+
+use bytes::Bytes;
+use shoal_shared::resp::Reply;
+
+use crate::cluster::ni::HostState;
+use crate::cluster::node::ClusterNode;
+use crate::cluster::HostId;
+use crate::errors;
+use crate::Shared;
+
+/// Runs `name` if it is a cluster command; `None` otherwise. Arity is already checked.
+pub fn dispatch(shared: &Shared, name: &str, args: &[Bytes]) -> Option<Reply> {
+    let reply = match name {
+        "cluster" => cluster(shared, &args[1..]),
+        "shoal.hosts" => match &shared.cluster {
+            Some(node) => hosts(node),
+            None => not_clustered(),
+        },
+        _ => return None,
+    };
+    Some(reply)
+}
+
+/// A node id in Redis's width.
+pub fn node_id(host: HostId) -> String {
+    format!("{host:040x}")
+}
+
+fn not_clustered() -> Reply {
+    Reply::error(
+        "ERR this host runs on its own: set cluster.cluster_secret (and cluster.seeds to join) \
+         to make it part of a cluster",
+    )
+}
+
+fn cluster(shared: &Shared, args: &[Bytes]) -> Reply {
+    let subcommand = String::from_utf8_lossy(&args[0]).to_lowercase();
+    if subcommand == "help" {
+        return Reply::Array(
+            [
+                "CLUSTER INFO: the cluster's state, this host's id and the metadata version.",
+                "CLUSTER NODES: one line per host, in Redis's format (no slots yet).",
+                "CLUSTER MYID: this host's node id.",
+                "SHOAL.HOSTS: every host's full entry of the network information.",
+            ]
+            .into_iter()
+            .map(|line| Reply::Simple(line.into()))
+            .collect(),
+        );
+    }
+    let Some(node) = &shared.cluster else {
+        return not_clustered();
+    };
+    match (subcommand.as_str(), args.len()) {
+        ("info", 1) => Reply::Verbatim(info(node)),
+        ("nodes", 1) => Reply::Verbatim(nodes(node)),
+        ("myid", 1) => match node.host_id() {
+            Some(host) => Reply::bulk(node_id(host)),
+            None => Reply::error(format!("CLUSTERDOWN not a member yet: {}", node.phase())),
+        },
+        ("info" | "nodes" | "myid", _) => errors::wrong_arity(&format!("cluster|{subcommand}")),
+        _ => Reply::error(format!(
+            "ERR unknown subcommand '{subcommand}'. Try CLUSTER HELP."
+        )),
+    }
+}
+
+fn info(node: &ClusterNode) -> String {
+    let ni = node.ni();
+    let (leader, voters) = node.raft_view().unwrap_or_default();
+    let member = node.host_id().is_some() && ni.cluster_id != 0;
+    let state = if member && leader.is_some() {
+        "ok"
+    } else {
+        "fail"
+    };
+    let active = ni
+        .hosts
+        .values()
+        .filter(|host| host.state != HostState::Inactive)
+        .count();
+    let mut text = String::new();
+    let _ = write!(
+        text,
+        "cluster_enabled:1\r\ncluster_state:{state}\r\ncluster_slots_assigned:0\r\n\
+         cluster_slots_ok:0\r\ncluster_slots_pfail:0\r\ncluster_slots_fail:0\r\n\
+         cluster_known_nodes:{}\r\ncluster_size:{active}\r\ncluster_current_epoch:{}\r\n\
+         cluster_my_epoch:{}\r\nshoal_phase:{}\r\nshoal_cluster_id:{:016x}\r\n\
+         shoal_host_id:{}\r\nshoal_ni_version:{}\r\nshoal_ni_checksum:{:016x}\r\n\
+         shoal_metadata_leader:{}\r\nshoal_metadata_voters:{}\r\n",
+        ni.hosts.len(),
+        ni.version,
+        ni.version,
+        node.phase(),
+        ni.cluster_id,
+        node.host_id().unwrap_or(0),
+        ni.version,
+        ni.checksum(),
+        leader.map_or_else(String::new, |l| l.to_string()),
+        voters
+            .iter()
+            .map(u64::to_string)
+            .collect::<Vec<_>>()
+            .join(","),
+    );
+    text
+}
+
+fn nodes(node: &ClusterNode) -> String {
+    let ni = node.ni();
+    let me = node.host_id();
+    let views = node.peer_views();
+    let mut text = String::new();
+    for host in ni.hosts.values() {
+        let myself = Some(host.id) == me;
+        let view = views.get(&host.id);
+        let suspect = view
+            .and_then(|v| v.score.as_ref())
+            .is_some_and(|score| score.suspect);
+        let mut flags = vec![];
+        if myself {
+            flags.push("myself");
+        }
+        flags.push("master");
+        match host.state {
+            HostState::Inactive => flags.push("fail"),
+            _ if suspect => flags.push("fail?"),
+            _ => {}
+        }
+        let peer_port = host
+            .peer_addr
+            .rsplit_once(':')
+            .map_or("0", |(_, port)| port);
+        let pong_ms = view
+            .and_then(|v| v.score.as_ref())
+            .and_then(|score| score.last_success_ms)
+            .unwrap_or(0);
+        let link = if myself || (host.state != HostState::Inactive && !suspect) {
+            "connected"
+        } else {
+            "disconnected"
+        };
+        let _ = writeln!(
+            text,
+            "{} {}@{} {} - 0 {} {} {}",
+            node_id(host.id),
+            host.client_addr,
+            peer_port,
+            flags.join(","),
+            pong_ms,
+            host.id,
+            link,
+        );
+    }
+    text
+}
+
+fn hosts(node: &ClusterNode) -> Reply {
+    let ni = node.ni();
+    let views = node.peer_views();
+    let (leader, voters) = node.raft_view().unwrap_or_default();
+    let entries = ni
+        .hosts
+        .values()
+        .map(|host| {
+            let view = views.get(&host.id);
+            let score = view.and_then(|v| v.score.as_ref());
+            let ranges = ni
+                .ranges_of(host.id)
+                .iter()
+                .map(|owned| {
+                    Reply::Array(vec![
+                        Reply::Integer(owned.range.start as i64),
+                        Reply::Integer(owned.range.end.min(i64::MAX as u64) as i64),
+                        Reply::Integer(owned.high_water as i64),
+                    ])
+                })
+                .collect();
+            let coordinate = &host.coordinate;
+            let field = |name: &str| Reply::bulk(name.to_string());
+            Reply::Map(vec![
+                (field("id"), Reply::Integer(host.id as i64)),
+                (field("node_id"), Reply::bulk(node_id(host.id))),
+                (field("peer_addr"), Reply::bulk(host.peer_addr.clone())),
+                (field("client_addr"), Reply::bulk(host.client_addr.clone())),
+                (field("state"), Reply::bulk(host.state.name())),
+                (field("since_ms"), Reply::Integer(host.since_ms as i64)),
+                (field("joined_ms"), Reply::Integer(host.joined_ms as i64)),
+                (
+                    field("myself"),
+                    Reply::Integer(i64::from(Some(host.id) == node.host_id())),
+                ),
+                (
+                    field("voter"),
+                    Reply::Integer(i64::from(voters.contains(&host.id))),
+                ),
+                (
+                    field("leader"),
+                    Reply::Integer(i64::from(leader == Some(host.id))),
+                ),
+                (
+                    field("score"),
+                    Reply::Double(score.map_or(0.0, |s| s.value)),
+                ),
+                (
+                    field("suspect"),
+                    Reply::Integer(i64::from(score.is_some_and(|s| s.suspect))),
+                ),
+                (
+                    field("score_since_ms"),
+                    Reply::Integer(score.map_or(0, |s| s.since_ms) as i64),
+                ),
+                (
+                    field("rtt_us"),
+                    Reply::Integer(view.and_then(|v| v.rtt_us).map_or(-1, |r| r as i64)),
+                ),
+                (
+                    field("coordinate"),
+                    Reply::Array(
+                        coordinate
+                            .position_s
+                            .iter()
+                            .chain(
+                                [
+                                    coordinate.height_s,
+                                    coordinate.adjustment_s,
+                                    coordinate.error,
+                                ]
+                                .iter(),
+                            )
+                            .map(|&x| Reply::Double(x))
+                            .collect(),
+                    ),
+                ),
+                (field("id_ranges"), Reply::Array(ranges)),
+                (
+                    field("capacity_bytes"),
+                    Reply::Integer(host.capacity.capacity_bytes as i64),
+                ),
+                (
+                    field("free_bytes"),
+                    Reply::Integer(host.capacity.free_bytes as i64),
+                ),
+                (
+                    field("cpu_rating"),
+                    Reply::Integer(i64::from(host.capacity.cpu_rating)),
+                ),
+            ])
+        })
+        .collect();
+    Reply::Array(entries)
+}
