@@ -300,6 +300,9 @@ pub struct PeerConfig {
     pub max_inbound_connections: usize,
     /// Peers a pool keeps connections to; a call to one more fails as unreachable.
     pub max_peers: usize,
+    /// The local address a pool dials from; `None` lets the system choose. A host set
+    /// to its peer address is seen by its peers (and by firewall rules) as that address.
+    pub source_ip: Option<std::net::IpAddr>,
 }
 
 impl PeerConfig {
@@ -313,6 +316,7 @@ impl PeerConfig {
             max_in_flight: MAX_IN_FLIGHT,
             max_inbound_connections: MAX_INBOUND_CONNECTIONS,
             max_peers: MAX_PEERS,
+            source_ip: None,
         }
     }
 

@@ -196,13 +196,13 @@ impl tracing_subscriber::fmt::time::FormatTime for TimeAndRole {
 }
 
 /// Logs go to stderr, one line per event. The filter comes from `SHOAL_LOG` or `RUST_LOG`
-/// (default `info`). Under systemd (JOURNAL_STREAM set) lines carry no time and no colours:
+/// (default `info`, with the consensus library's own chatter at `warn`). Under systemd (JOURNAL_STREAM set) lines carry no time and no colours:
 /// the journal records both.
 /// A panic is logged and aborts the process, so the supervisor restarts a clean one.
 fn init_logging(role: &str) {
     let filter = tracing_subscriber::EnvFilter::try_from_env("SHOAL_LOG")
         .or_else(|_| tracing_subscriber::EnvFilter::try_from_default_env())
-        .unwrap_or_else(|_| "info".into());
+        .unwrap_or_else(|_| "info,openraft=warn".into());
     let journald = std::env::var_os("JOURNAL_STREAM").is_some();
     tracing_subscriber::fmt()
         .with_env_filter(filter)

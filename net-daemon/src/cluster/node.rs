@@ -142,7 +142,8 @@ impl ClusterNode {
         let secret = ClusterSecret::new(secret.as_bytes())?;
         let identity = HostAddr::new(&cluster.advertise_addr)
             .with_context(|| format!("cluster.advertise_addr {:?}", cluster.advertise_addr))?;
-        let peer_config = PeerConfig::new(identity, secret);
+        let mut peer_config = PeerConfig::new(identity, secret);
+        peer_config.source_ip = Some(peer_listen.ip()).filter(|ip| !ip.is_unspecified());
         let node = Arc::new(ClusterNode {
             data_dir: config.data_dir.clone(),
             seeds: cluster.seeds.clone(),

@@ -242,12 +242,34 @@ async fn run_link<Req: PeerMessage, Resp: PeerMessage>(
     }
 }
 
+/// A TCP connection to `peer`, from `source_ip` when it is set.
+async fn open(peer: &HostAddr, source_ip: Option<std::net::IpAddr>) -> std::io::Result<TcpStream> {
+    let Some(ip) = source_ip else {
+        return TcpStream::connect(peer.as_str()).await;
+    };
+    let mut last_error = std::io::Error::other("the name has no address of the source's family");
+    for address in tokio::net::lookup_host(peer.as_str()).await? {
+        if address.is_ipv4() != ip.is_ipv4() {
+            continue;
+        }
+        let socket = match ip {
+            std::net::IpAddr::V4(_) => tokio::net::TcpSocket::new_v4()?,
+            std::net::IpAddr::V6(_) => tokio::net::TcpSocket::new_v6()?,
+        };
+        socket.bind(std::net::SocketAddr::new(ip, 0))?;
+        match socket.connect(address).await {
+            Ok(stream) => return Ok(stream),
+            Err(error) => last_error = error,
+        }
+    }
+    Err(last_error)
+}
+
 /// Connects to `peer` and runs the handshake; returns the stream and the identity the
 /// peer proved.
 async fn connect(peer: &HostAddr, config: &PeerConfig) -> Result<(TcpStream, HostAddr), PeerError> {
     let mut stream =
-        match tokio::time::timeout(config.connect_timeout, TcpStream::connect(peer.as_str())).await
-        {
+        match tokio::time::timeout(config.connect_timeout, open(peer, config.source_ip)).await {
             Ok(Ok(stream)) => stream,
             Ok(Err(error)) => return Err(unreachable(peer, &error.to_string())),
             Err(_) => {
