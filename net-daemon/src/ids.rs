@@ -7,12 +7,19 @@
 //! (`ReserveIds`), so after any crash every id issued is below some recorded
 //! high-water mark. At start the allocator continues above the highest mark
 //! of all workers, so ids are never issued twice and new ids are above all
-//! old ones. docs/ids.md describes the scheme.
+//! old ones.
+//!
+//! In a cluster the host issues only ids of its own ranges: it reserves
+//! [`BLOCK`] ids at a time in the network information (through the metadata
+//! consensus) before it issues any of them, so a restart or a reclaim never
+//! hands an id out twice. docs/ids.md describes the scheme.
 
 use shoal_shared::frame::{WorkerRequest, WorkerResponse};
 use shoal_shared::resp::Reply;
 use tokio::sync::Mutex;
 
+use crate::cluster::ni::{Command, Outcome};
+use crate::cluster::node::ClusterNode;
 use crate::commands::ask;
 use crate::Shared;
 
@@ -30,6 +37,8 @@ const _: () = assert!(MAX_COUNT <= BLOCK);
 #[derive(Default)]
 pub struct IdAllocator {
     state: Mutex<Option<State>>,
+    /// In a cluster: the next id and the end of the block reserved in the NI.
+    cluster_block: Mutex<Option<(u64, u64)>>,
 }
 
 struct State {
@@ -48,6 +57,9 @@ impl IdAllocator {
         shared: &Shared,
         count: u64,
     ) -> Result<std::ops::Range<u64>, Reply> {
+        if let Some(cluster) = &shared.cluster {
+            return self.allocate_in_cluster(shared, cluster, count).await;
+        }
         let mut guard = self.state.lock().await;
         if guard.is_none() {
             *guard = Some(Self::load(shared).await?);
@@ -82,6 +94,77 @@ impl IdAllocator {
         let (next, end) = state.workers[worker];
         state.workers[worker] = (next + count, end);
         Ok(next..next + count)
+    }
+
+    /// `count` new ids from a block this host reserved in the cluster's NI.
+    async fn allocate_in_cluster(
+        &self,
+        shared: &Shared,
+        cluster: &ClusterNode,
+        count: u64,
+    ) -> Result<std::ops::Range<u64>, Reply> {
+        let host = cluster.host_id().ok_or_else(|| {
+            Reply::error(format!(
+                "TRYAGAIN this host is not a cluster member yet ({})",
+                cluster.phase()
+            ))
+        })?;
+        let mut guard = self.cluster_block.lock().await;
+        let (next, end) = match *guard {
+            Some(block) => block,
+            None => {
+                Self::cover_local_history(shared, cluster, host).await?;
+                (0, 0)
+            }
+        };
+        let (next, end) = if end - next >= count {
+            (next, end)
+        } else {
+            let reserved = cluster
+                .propose(Command::ReserveIds { host, count: BLOCK })
+                .await
+                .map_err(|error| Reply::error(format!("TRYAGAIN cannot reserve ids: {error}")))?;
+            match reserved {
+                Outcome::Reserved(range) => (range.start, range.end),
+                Outcome::Refused(reason) => {
+                    return Err(Reply::error(format!("ERR cannot reserve ids: {reason}")))
+                }
+                other => {
+                    return Err(Reply::error(format!(
+                        "ERR internal error: unexpected reservation {other:?}"
+                    )))
+                }
+            }
+        };
+        *guard = Some((next + count, end));
+        Ok(next..next + count)
+    }
+
+    /// Before its first cluster reservation, a host that issued ids on its own (before
+    /// it founded the cluster) reserves past them in the NI, so none is issued again.
+    async fn cover_local_history(
+        shared: &Shared,
+        cluster: &ClusterNode,
+        host: u64,
+    ) -> Result<(), Reply> {
+        let local = Self::load(shared).await?.next_block;
+        let ni = cluster.ni();
+        let Some(first) = ni.ranges_of(host).first() else {
+            return Ok(());
+        };
+        if first.range.start <= FIRST_ID && first.high_water < local && local <= first.range.end {
+            let count = local - first.high_water;
+            cluster
+                .propose(Command::ReserveIds { host, count })
+                .await
+                .map_err(|error| Reply::error(format!("TRYAGAIN cannot reserve ids: {error}")))?;
+        } else if local > FIRST_ID && first.range.start > FIRST_ID {
+            tracing::warn!(
+                high_water = local,
+                "this host issued ids before it joined the cluster; they may equal ids of other hosts"
+            );
+        }
+        Ok(())
     }
 
     /// Reads every worker's high-water mark; blocks start above the highest.
