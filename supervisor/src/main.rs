@@ -10,7 +10,9 @@
 //!
 //! Modules: [`supervisor`], [`policy`] (the restart rule), [`status`], [`backup`], [`restore`].
 
+mod admin;
 mod backup;
+mod cluster;
 mod policy;
 mod restore;
 mod status;
@@ -55,6 +57,11 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Show the cluster as the running host sees it.
+    Cluster {
+        #[command(subcommand)]
+        command: ClusterCommand,
+    },
     /// Copy every shard of a running Shoal into DIR, with a manifest of commit ids.
     Backup {
         /// Directory to create (or an empty one). It is written by the server, so it must be
@@ -90,6 +97,19 @@ enum Command {
     },
 }
 
+#[derive(Subcommand)]
+enum ClusterCommand {
+    /// The hosts of the cluster: state, addresses, voters, scores and round trips.
+    Status {
+        /// Config file of the Shoal to ask (for its socket and password).
+        #[arg(long, env = "SHOAL_CONFIG")]
+        config: Option<PathBuf>,
+        /// Print JSON instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
+}
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command {
@@ -114,6 +134,15 @@ fn main() -> ExitCode {
             };
             report(status::print(&config, json))
         }
+        Command::Cluster {
+            command: ClusterCommand::Status { config, json },
+        } => match load_config(config) {
+            Ok(config) => report(cluster::status(&config, json)),
+            Err(message) => {
+                eprintln!("shoal: {message}");
+                ExitCode::from(EXIT_BAD_CONFIG)
+            }
+        },
         Command::Backup { dir, config } => match load_config(config) {
             Ok(config) => report(backup::run(&config, &dir)),
             Err(message) => {
