@@ -10,7 +10,7 @@ use shoal_shared::config::Config;
 use crate::admin::{Connection, Value};
 
 /// Fields of `SHOAL.HOSTS` that hold doubles (bulk strings in RESP2).
-const DOUBLE_FIELDS: &[&str] = &["score", "coordinate"];
+const DOUBLE_FIELDS: &[&str] = &["score", "coordinate", "load"];
 
 /// Runs `shoal cluster status`.
 pub fn status(config: &Config, as_json: bool) -> anyhow::Result<()> {

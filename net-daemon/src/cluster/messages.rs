@@ -13,6 +13,7 @@ use openraft::raft::{
 use serde::{Deserialize, Serialize};
 
 use super::coords::Coordinate;
+use super::gossip::Rumor;
 use super::ni::{Command, NetworkInfo, Outcome};
 use super::raft_store::{MetaTypes, NodeId};
 use super::HostId;
@@ -38,11 +39,13 @@ pub enum PeerRequest {
     /// A command for the metadata leader to commit. Answered by
     /// [`PeerResponse::Proposed`], or [`PeerResponse::NotLeader`].
     Propose(Command),
-    /// Liveness probe, with the sender's view. Answered by [`PeerResponse::Heartbeat`].
+    /// Liveness probe, with the sender's view and its live rumors. Answered by
+    /// [`PeerResponse::Heartbeat`].
     Heartbeat {
         from: HostId,
         ni_version: u64,
         coordinate: Coordinate,
+        rumors: Vec<Rumor>,
     },
     /// The peers the sender suspects and the peers it could probe, for the metadata
     /// leader. Answered by [`PeerResponse::Noted`].
@@ -76,6 +79,7 @@ pub enum PeerResponse {
         from: HostId,
         ni_version: u64,
         coordinate: Coordinate,
+        rumors: Vec<Rumor>,
     },
     Noted,
     /// The receiver cannot serve the request (it is not a member yet, or the request

@@ -14,6 +14,7 @@
 //! - [`ranges`]: the id ranges of the hosts (sponsor splits, reservations, reclaims).
 //! - [`liveness`]: unreliability scores per peer and the agreement rule for `inactive`.
 //! - [`coords`]: Vivaldi network coordinates (latency estimates between hosts).
+//! - [`gossip`]: host metrics spread by the heartbeats, with a decay counter.
 //! - [`raft_store`]: the metadata group's log, vote, state machine and snapshot, in the
 //!   net-daemon's own LMDB environment (`<data_dir>/meta-raft/`).
 //! - [`messages`]: the host↔host message enums.
@@ -21,6 +22,7 @@
 //! - [`node`]: this host's membership: joining, heartbeats, the leader's duties (I/O).
 
 pub mod coords;
+pub mod gossip;
 pub mod liveness;
 pub mod messages;
 pub mod network;

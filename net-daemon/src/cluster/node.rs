@@ -33,6 +33,7 @@ use shoal_shared::now_ms;
 use tokio::sync::watch;
 
 use super::coords::{Coordinate, VivaldiConfig};
+use super::gossip::{Gossip, Metrics, Rumor};
 use super::liveness::{decide_inactive, LivenessConfig, Observer, Score, Suspicion};
 use super::messages::{PeerRequest, PeerResponse};
 use super::network::RaftPeers;
@@ -98,6 +99,8 @@ struct Liveness {
     rtt_us: BTreeMap<HostId, u64>,
     /// Peers with a heartbeat in flight.
     in_flight: HashSet<HostId>,
+    /// The metrics every host publishes, as far as this host has heard.
+    gossip: Gossip,
 }
 
 /// One observer's latest report, kept by the leader.
@@ -129,6 +132,26 @@ pub struct ClusterNode {
     liveness: Mutex<Liveness>,
     reports: Mutex<BTreeMap<HostId, Report>>,
     listener: Mutex<Option<PeerListener>>,
+    machine: Mutex<Machine>,
+}
+
+/// What this host's machine offers, read with sysinfo.
+struct Machine {
+    cpu_rating: u32,
+}
+
+impl Machine {
+    fn new() -> Machine {
+        let mut system = sysinfo::System::new();
+        system.refresh_cpu_specifics(sysinfo::CpuRefreshKind::nothing().with_frequency());
+        let mhz: u64 = system.cpus().iter().map(|cpu| cpu.frequency()).sum();
+        // Some virtual machines report no frequency: count 1 GHz per core then.
+        let cores = system.cpus().len().max(1) as u64;
+        let cpu_rating = if mhz > 0 { mhz } else { cores * 1000 };
+        Machine {
+            cpu_rating: u32::try_from(cpu_rating).unwrap_or(u32::MAX),
+        }
+    }
 }
 
 impl ClusterNode {
@@ -167,7 +190,9 @@ impl ClusterNode {
                 vivaldi: VivaldiConfig::default(),
                 rtt_us: BTreeMap::new(),
                 in_flight: HashSet::new(),
+                gossip: Gossip::default(),
             }),
+            machine: Mutex::new(Machine::new()),
             reports: Mutex::default(),
             listener: Mutex::default(),
         });
@@ -199,6 +224,7 @@ impl ClusterNode {
             }
         };
         tracing::info!(host = member.host, cluster = %format!("{:016x}", member.cluster_id), "cluster member");
+        lock(&self.liveness).gossip = Gossip::new(member.host);
         if self.member.set(member).is_err() {
             return;
         }
@@ -355,12 +381,14 @@ impl ClusterNode {
                 }
                 Err(error) => PeerResponse::Refused(error.to_string()),
             },
-            PeerRequest::Heartbeat { .. } => {
-                let coordinate = lock(&self.liveness).coordinate.clone();
+            PeerRequest::Heartbeat { rumors, .. } => {
+                let mut liveness = lock(&self.liveness);
+                liveness.gossip.merge(rumors);
                 PeerResponse::Heartbeat {
                     from: member.host,
                     ni_version: self.ni().version,
-                    coordinate,
+                    coordinate: liveness.coordinate.clone(),
+                    rumors: liveness.gossip.outgoing(),
                 }
             }
             PeerRequest::Suspects {
@@ -495,7 +523,13 @@ impl ClusterNode {
                     lock(&node.liveness).in_flight.remove(&peer);
                 });
             }
-            let suspects = lock(&self.liveness).observer.suspects(now_ms());
+            let metrics = self.metrics();
+            let suspects = {
+                let mut liveness = lock(&self.liveness);
+                liveness.gossip.decay();
+                liveness.gossip.publish(metrics);
+                liveness.observer.suspects(now_ms())
+            };
             let observed = peers.iter().map(|(peer, _)| *peer).collect();
             self.report(member, suspects, observed).await;
         }
@@ -505,10 +539,15 @@ impl ClusterNode {
         let Some(member) = self.member.get() else {
             return;
         };
+        let (coordinate, rumors) = {
+            let liveness = lock(&self.liveness);
+            (liveness.coordinate.clone(), liveness.gossip.outgoing())
+        };
         let request = PeerRequest::Heartbeat {
             from: member.host,
             ni_version: self.ni().version,
-            coordinate: self.coordinate(),
+            coordinate,
+            rumors,
         };
         let started = Instant::now();
         let result = match HostAddr::new(addr) {
@@ -519,8 +558,12 @@ impl ClusterNode {
         let mut liveness = lock(&self.liveness);
         match result {
             Some(PeerResponse::Heartbeat {
-                from, coordinate, ..
+                from,
+                coordinate,
+                rumors,
+                ..
             }) if from == peer => {
+                liveness.gossip.merge(rumors);
                 let rtt_us = rtt.as_micros() as u64;
                 liveness.observer.on_success(peer, rtt_us, now_ms());
                 liveness.rtt_us.insert(peer, rtt_us);
@@ -612,12 +655,32 @@ impl ClusterNode {
 
     fn capacity(&self) -> Capacity {
         let free_bytes = free_bytes(&self.data_dir).unwrap_or(0);
-        let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
         Capacity {
             capacity_bytes: free_bytes,
             free_bytes,
-            cpu_rating: (cores * 1000) as u32,
+            cpu_rating: lock(&self.machine).cpu_rating,
         }
+    }
+
+    /// This host's metrics for the gossip: free space, CPU rating, load, round trips.
+    fn metrics(&self) -> Metrics {
+        let rtt_us = lock(&self.liveness)
+            .rtt_us
+            .iter()
+            .map(|(&peer, &rtt)| (peer, rtt))
+            .collect();
+        let load = sysinfo::System::load_average().one;
+        Metrics {
+            free_bytes: free_bytes(&self.data_dir).unwrap_or(0),
+            cpu_rating: lock(&self.machine).cpu_rating,
+            load_milli: (load * 1000.0).clamp(0.0, u32::MAX as f64) as u32,
+            rtt_us,
+        }
+    }
+
+    /// The latest metrics `host` published, as far as this host has heard.
+    pub fn rumor(&self, host: HostId) -> Option<Rumor> {
+        lock(&self.liveness).gossip.get(host).cloned()
     }
 
     /// On the metadata leader: membership follows the NI, suspects become inactive,

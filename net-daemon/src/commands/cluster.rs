@@ -173,6 +173,7 @@ fn hosts(node: &ClusterNode) -> Reply {
         .map(|host| {
             let view = views.get(&host.id);
             let score = view.and_then(|v| v.score.as_ref());
+            let rumor = node.rumor(host.id);
             let ranges = ni
                 .ranges_of(host.id)
                 .iter()
@@ -241,6 +242,22 @@ fn hosts(node: &ClusterNode) -> Reply {
                     ),
                 ),
                 (field("id_ranges"), Reply::Array(ranges)),
+                (
+                    field("gossip_ttl"),
+                    Reply::Integer(rumor.as_ref().map_or(-1, |r| i64::from(r.ttl))),
+                ),
+                (
+                    field("load"),
+                    Reply::Double(
+                        rumor
+                            .as_ref()
+                            .map_or(0.0, |r| f64::from(r.metrics.load_milli) / 1000.0),
+                    ),
+                ),
+                (
+                    field("gossip_free_bytes"),
+                    Reply::Integer(rumor.as_ref().map_or(-1, |r| r.metrics.free_bytes as i64)),
+                ),
                 (
                     field("capacity_bytes"),
                     Reply::Integer(host.capacity.capacity_bytes as i64),
