@@ -721,29 +721,35 @@ impl ClusterNode {
             .nodes()
             .map(|(id, node)| (*id, node.clone()))
             .collect();
+        // Every host of the NI is a member (a learner at first), at its current address.
         for host in ni.hosts.values() {
-            match nodes.get(&host.id) {
-                None => {
-                    tracing::info!(host = host.id, addr = %host.peer_addr, "adding a learner to the metadata group");
-                    member
-                        .raft
-                        .add_learner(host.id, BasicNode::new(&host.peer_addr), false)
-                        .await
-                        .map_err(|e| e.to_string())?;
-                    return Ok(());
-                }
-                Some(node) if node.addr != host.peer_addr => {
-                    tracing::info!(host = host.id, addr = %host.peer_addr, "updating a member's address");
-                    let change = BTreeMap::from([(host.id, BasicNode::new(&host.peer_addr))]);
-                    member
-                        .raft
-                        .change_membership(ChangeMembers::SetNodes(change), true)
-                        .await
-                        .map_err(|e| e.to_string())?;
-                    return Ok(());
-                }
-                Some(_) => {}
+            if !nodes.contains_key(&host.id) {
+                tracing::info!(host = host.id, addr = %host.peer_addr, "adding a learner to the metadata group");
+                member
+                    .raft
+                    .add_learner(host.id, BasicNode::new(&host.peer_addr), false)
+                    .await
+                    .map_err(|e| e.to_string())?;
             }
+        }
+        let moved: BTreeMap<HostId, BasicNode> = ni
+            .hosts
+            .values()
+            .filter(|host| {
+                nodes
+                    .get(&host.id)
+                    .is_some_and(|node| node.addr != host.peer_addr)
+            })
+            .map(|host| (host.id, BasicNode::new(&host.peer_addr)))
+            .collect();
+        if !moved.is_empty() {
+            tracing::info!(?moved, "updating members' addresses");
+            member
+                .raft
+                .change_membership(ChangeMembers::SetNodes(moved), true)
+                .await
+                .map_err(|e| e.to_string())?;
+            return Ok(());
         }
         let voters: BTreeSet<HostId> = membership.voter_ids().collect();
         let last_index = metrics.last_log_index.unwrap_or(0);
