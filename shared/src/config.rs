@@ -682,6 +682,12 @@ impl Config {
         self.run_dir().join(format!("shard-{index}.sock"))
     }
 
+    /// One line saying what the cluster layer is doing ("member", "joining: ..."),
+    /// written by the net-daemon for `shoal status`.
+    pub fn cluster_phase_path(&self) -> PathBuf {
+        self.run_dir().join("cluster-phase")
+    }
+
     /// The shared-memory status table.
     pub fn status_path(&self) -> PathBuf {
         self.run_dir().join("status")

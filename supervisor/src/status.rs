@@ -50,9 +50,14 @@ pub fn print(config: &Config, as_json: bool) -> anyhow::Result<()> {
             })
         })
         .collect();
+    // The net-daemon writes it only when the host has a cluster secret.
+    let cluster = std::fs::read_to_string(config.cluster_phase_path())
+        .ok()
+        .map(|phase| phase.trim().to_string());
     if as_json {
         let document = json!({
             "running": running,
+            "cluster": cluster,
             "supervisor_pid": table.supervisor_pid(),
             "data_dir": config.data_dir.display().to_string(),
             "workers": workers,
@@ -76,6 +81,9 @@ pub fn print(config: &Config, as_json: bool) -> anyhow::Result<()> {
         if running { "running" } else { "not running" },
         table.supervisor_pid()
     );
+    if let Some(phase) = &cluster {
+        let _ = writeln!(out, "cluster: {phase}");
+    }
     let rebalance = table.rebalance();
     if rebalance.total > 0 {
         let _ = writeln!(

@@ -120,6 +120,8 @@ pub struct PeerView {
 /// This host's membership in the cluster.
 pub struct ClusterNode {
     data_dir: PathBuf,
+    /// Where the phase is written for `shoal status`.
+    phase_path: PathBuf,
     seeds: Vec<String>,
     peer_addr: String,
     client_addr: String,
@@ -169,6 +171,7 @@ impl ClusterNode {
         peer_config.source_ip = Some(peer_listen.ip()).filter(|ip| !ip.is_unspecified());
         let node = Arc::new(ClusterNode {
             data_dir: config.data_dir.clone(),
+            phase_path: config.cluster_phase_path(),
             seeds: cluster.seeds.clone(),
             peer_addr: cluster.advertise_addr.clone(),
             client_addr: config
@@ -180,7 +183,7 @@ impl ClusterNode {
             offline_threshold_ms: cluster.offline_threshold_secs.saturating_mul(1000),
             pool: PeerPool::new(peer_config.clone()),
             member: OnceLock::new(),
-            phase: Mutex::new("starting".into()),
+            phase: Mutex::new(String::new()),
             liveness: Mutex::new(Liveness {
                 observer: Observer::new(LivenessConfig {
                     suspect_threshold: cluster.suspect_threshold,
@@ -210,6 +213,7 @@ impl ClusterNode {
             .await
             .with_context(|| format!("binding cluster.peer_listen {peer_listen}"))?;
         *lock(&node.listener) = Some(listener);
+        node.set_phase("starting".into());
         tokio::spawn(Arc::clone(&node).run());
         Ok(Some(node))
     }
@@ -237,7 +241,12 @@ impl ClusterNode {
     }
 
     fn set_phase(&self, phase: String) {
-        *lock(&self.phase) = phase;
+        let mut current = lock(&self.phase);
+        if *current != phase {
+            // Best effort: `shoal status` shows it, nothing depends on it.
+            let _ = std::fs::write(&self.phase_path, format!("{phase}\n"));
+            *current = phase;
+        }
     }
 
     /// Resumes a stored identity, founds a cluster, or joins one through the seeds.
