@@ -11,6 +11,9 @@ use shoal_shared::frame::{Collection, Key, WorkerError, WorkerResponse};
 use shoal_shared::glob::glob_match;
 use shoal_shared::limits::MAX_REPLY_BYTES;
 
+/// Most stored keys a flush holds in memory at once.
+const FLUSH_CHUNK_KEYS: usize = 10_000;
+
 use super::{Batch, OpError, OpResult, RawDatabase, Store};
 use crate::layout;
 
@@ -72,21 +75,30 @@ impl Store {
         let mut deleted = 0;
         for collection in collections {
             let db = self.db(collection)?;
-            let mut stored_keys = Vec::new();
-            for item in db.iter(txn)? {
-                let (stored_key, _) = item?;
-                stored_keys.push(stored_key.to_vec());
-            }
-            for stored_key in stored_keys {
-                let [high, low, ref user_key @ ..] = stored_key[..] else {
-                    continue;
-                };
-                let key = Key {
-                    partition: u16::from_be_bytes([high, low]),
-                    bytes: user_key.to_vec(),
-                };
-                let current = self.current(txn, db, &key, batch.now_ms)?;
-                deleted += i64::from(self.remove(txn, batch, db, collection, &key, &current)?);
+            // The keys are taken a bounded chunk at a time, always from the start of the
+            // collection: every key taken is removed, so each chunk finds new ones.
+            loop {
+                let mut stored_keys = Vec::with_capacity(FLUSH_CHUNK_KEYS);
+                for item in db.iter(txn)?.take(FLUSH_CHUNK_KEYS) {
+                    let (stored_key, _) = item?;
+                    stored_keys.push(stored_key.to_vec());
+                }
+                if stored_keys.is_empty() {
+                    break;
+                }
+                for stored_key in stored_keys {
+                    let [high, low, ref user_key @ ..] = stored_key[..] else {
+                        // Too short to hold a partition: no key of any client; just drop it.
+                        db.delete(txn, &stored_key)?;
+                        continue;
+                    };
+                    let key = Key {
+                        partition: u16::from_be_bytes([high, low]),
+                        bytes: user_key.to_vec(),
+                    };
+                    let current = self.current(txn, db, &key, batch.now_ms)?;
+                    deleted += i64::from(self.remove(txn, batch, db, collection, &key, &current)?);
+                }
             }
         }
         Ok(WorkerResponse::Integer(deleted))

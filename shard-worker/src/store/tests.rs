@@ -668,6 +668,47 @@ fn scans_resume_after_the_last_stored_key_and_flush_logs_deletes() {
 }
 
 #[test]
+fn a_flush_of_many_chunks_empties_every_collection_in_one_commit() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut store = Store::open(dir.path(), &options()).unwrap();
+    let keys = 25_000;
+    let requests: Vec<_> = (0..keys)
+        .map(|i| set(i % 2, key((i % 4) as u16, format!("k{i}").as_bytes()), b"v"))
+        .collect();
+    apply(&mut store, &requests);
+    let commits_before = store.env.info().last_txn_id;
+    assert_eq!(
+        apply(&mut store, &[WorkerRequest::Flush { collection: None }]),
+        vec![WorkerResponse::Integer(keys as i64)]
+    );
+    assert_eq!(store.env.info().last_txn_id, commits_before + 1);
+    for collection in 0..2 {
+        assert_eq!(
+            apply(&mut store, &[WorkerRequest::DbSize { collection }]),
+            vec![WorkerResponse::Integer(0)]
+        );
+    }
+    // Each partition logged its creates, then one delete per key.
+    let per_partition = u64::from(keys / 4);
+    for partition in 0..4 {
+        let after_creates = apply(
+            &mut store,
+            &[WorkerRequest::ReadLog {
+                partition,
+                from_commit_id: per_partition + 1,
+                count: 10_000,
+            }],
+        )
+        .remove(0);
+        let WorkerResponse::Log(entries) = after_creates else {
+            panic!("{after_creates:?}")
+        };
+        assert_eq!(entries.len() as u64, per_partition);
+        assert!(entries.iter().all(|e| e.change == ChangeType::Delete));
+    }
+}
+
+#[test]
 fn the_feed_reads_after_positions_and_refuses_trimmed_ones() {
     let dir = tempfile::tempdir().unwrap();
     let mut store = Store::open(dir.path(), &options()).unwrap();
