@@ -673,7 +673,7 @@ fn a_flush_of_many_chunks_empties_every_collection_in_one_commit() {
     let mut store = Store::open(dir.path(), &options()).unwrap();
     let keys = 25_000;
     let requests: Vec<_> = (0..keys)
-        .map(|i| set(i % 2, key((i % 4) as u16, format!("k{i}").as_bytes()), b"v"))
+        .map(|i| set(i % 2, key(i % 4, format!("k{i}").as_bytes()), b"v"))
         .collect();
     apply(&mut store, &requests);
     let commits_before = store.env.info().last_txn_id;
