@@ -5,10 +5,12 @@
 //! Everything here goes through Shoal's public interfaces only: the binary,
 //! its config file, RESP on TCP or the Unix socket, and `shoal status --json`.
 //!
-//! Submodules: `linearizability` (a checker for single-key histories).
+//! Submodules: `linearizability` (a checker for single-key histories), `cluster`
+//! (several hosts on their own 127.0.x.y addresses, and faults on the links between them).
 
 #![allow(dead_code)]
 
+pub mod cluster;
 pub mod linearizability;
 
 use std::fs::File;
