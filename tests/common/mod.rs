@@ -5,15 +5,17 @@
 //! Everything here goes through Shoal's public interfaces only: the binary,
 //! its config file, RESP on TCP or the Unix socket, and `shoal status --json`.
 //!
-//! Submodules: `linearizability` (a checker for single-key histories).
+//! Submodules: `linearizability` (a checker for single-key histories), `cluster`
+//! (several hosts on their own 127.0.x.y addresses, and faults on the links between them).
 
 #![allow(dead_code)]
 
+pub mod cluster;
 pub mod linearizability;
 
 use std::fs::File;
 use std::io::{self, BufRead, BufReader, Read, Write};
-use std::net::{TcpListener, TcpStream};
+use std::net::{IpAddr, Ipv4Addr, SocketAddr, TcpListener, TcpStream};
 use std::os::unix::process::{CommandExt, ExitStatusExt};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
@@ -36,7 +38,12 @@ pub const STOP_TIMEOUT: Duration = Duration::from_secs(15);
 
 /// A port that was free a moment ago on 127.0.0.1.
 pub fn free_port() -> u16 {
-    let listener = TcpListener::bind("127.0.0.1:0").expect("bind port 0");
+    free_port_on(IpAddr::V4(Ipv4Addr::LOCALHOST))
+}
+
+/// A port that was free a moment ago on `ip`.
+pub fn free_port_on(ip: IpAddr) -> u16 {
+    let listener = TcpListener::bind((ip, 0)).expect("bind port 0");
     listener.local_addr().expect("local addr").port()
 }
 
@@ -45,6 +52,9 @@ pub struct Server {
     pub dir: tempfile::TempDir,
     pub config_path: PathBuf,
     pub data_dir: PathBuf,
+    /// The IP and port of the TCP client listener (`client.listen`; 127.0.0.1 and a
+    /// free port unless the config says otherwise).
+    pub ip: IpAddr,
     pub port: u16,
     pub workers: usize,
     pub partitions: u32,
@@ -56,8 +66,9 @@ pub struct Server {
 
 impl Server {
     /// Starts a server with a generated config: data dir in a temp dir, TCP on a
-    /// free port, 2 workers. `extra_toml` is merged over that base (so it may set
-    /// `workers`, `[client]`, `[storage]`, `[supervisor]` keys).
+    /// free port of 127.0.0.1, 2 workers. `extra_toml` is merged over that base (so it
+    /// may set `workers`, `[client]` (`listen` on another address too), `[storage]`,
+    /// `[supervisor]` keys).
     pub fn start(extra_toml: &str) -> Server {
         let mut server = Server::configure(extra_toml);
         server.spawn_and_wait();
@@ -79,6 +90,7 @@ impl Server {
         .expect("base config");
         let extra: toml::Table = toml::from_str(extra_toml).expect("extra_toml is valid TOML");
         merge(&mut table, extra);
+        let (ip, port) = client_listen(&table).unwrap_or((IpAddr::V4(Ipv4Addr::LOCALHOST), port));
         let workers = table
             .get("workers")
             .and_then(|v| v.as_integer())
@@ -98,6 +110,7 @@ impl Server {
             dir,
             config_path,
             data_dir,
+            ip,
             port,
             workers,
             partitions,
@@ -114,6 +127,9 @@ impl Server {
             &mut table,
             toml::from_str(extra_toml).expect("extra_toml is valid TOML"),
         );
+        if let Some((ip, port)) = client_listen(&table) {
+            (self.ip, self.port) = (ip, port);
+        }
         self.workers = table
             .get("workers")
             .and_then(|v| v.as_integer())
@@ -197,7 +213,7 @@ impl Server {
         let deadline = Instant::now() + START_TIMEOUT;
         loop {
             self.assert_alive("while starting");
-            if ping_answers(self.port) {
+            if ping_answers((self.ip, self.port).into()) {
                 break;
             }
             assert!(
@@ -405,9 +421,14 @@ impl Server {
         redis::Client::open(self.url("")).expect("redis client")
     }
 
-    /// `redis://127.0.0.1:PORT/<suffix>`.
+    /// The client listener's address.
+    pub fn addr(&self) -> SocketAddr {
+        (self.ip, self.port).into()
+    }
+
+    /// `redis://IP:PORT/<suffix>`.
     pub fn url(&self, suffix: &str) -> String {
-        format!("redis://127.0.0.1:{}/{suffix}", self.port)
+        format!("redis://{}/{suffix}", self.addr())
     }
 
     /// A synchronous connection with a 10 s read/write timeout, so no test hangs.
@@ -417,7 +438,7 @@ impl Server {
 
     /// A raw RESP connection over TCP.
     pub fn raw(&self) -> RawConn {
-        RawConn::tcp(self.port)
+        RawConn::tcp_to(self.addr())
     }
 
     /// The partition of a key under this server's layout.
@@ -479,11 +500,16 @@ fn merge(base: &mut toml::Table, extra: toml::Table) {
     }
 }
 
-/// Whether something on 127.0.0.1:port answers a RESP PING with any reply.
-fn ping_answers(port: u16) -> bool {
-    let Ok(mut stream) =
-        TcpStream::connect_timeout(&([127, 0, 0, 1], port).into(), Duration::from_millis(500))
-    else {
+/// The IP and port of `client.listen` in a config table, if it is an IP address.
+fn client_listen(table: &toml::Table) -> Option<(IpAddr, u16)> {
+    let listen = table.get("client")?.get("listen")?.as_str()?;
+    let addr: SocketAddr = listen.parse().ok()?;
+    Some((addr.ip(), addr.port()))
+}
+
+/// Whether something on `addr` answers a RESP PING with any reply.
+fn ping_answers(addr: SocketAddr) -> bool {
+    let Ok(mut stream) = TcpStream::connect_timeout(&addr, Duration::from_millis(500)) else {
         return false;
     };
     let _ = stream.set_read_timeout(Some(Duration::from_millis(1000)));
@@ -931,18 +957,26 @@ impl ReadWrite for std::os::unix::net::UnixStream {
 }
 
 impl RawConn {
-    /// Connects over TCP with a 10 s read timeout.
+    /// Connects to 127.0.0.1 over TCP with a 10 s read timeout.
     pub fn tcp(port: u16) -> RawConn {
-        let stream = TcpStream::connect(("127.0.0.1", port)).expect("connect");
-        stream
-            .set_read_timeout(Some(Duration::from_secs(10)))
-            .expect("read timeout");
-        stream
-            .set_write_timeout(Some(Duration::from_secs(10)))
-            .expect("write timeout");
-        RawConn {
+        RawConn::tcp_to(([127, 0, 0, 1], port).into())
+    }
+
+    /// Connects to `addr` over TCP with a 10 s read timeout.
+    pub fn tcp_to(addr: SocketAddr) -> RawConn {
+        RawConn::try_tcp(addr, Duration::from_secs(10))
+            .unwrap_or_else(|e| panic!("connect to {addr}: {e}"))
+    }
+
+    /// Connects to `addr` over TCP, giving up after `timeout`; reads and writes time out
+    /// after `timeout` too.
+    pub fn try_tcp(addr: SocketAddr, timeout: Duration) -> io::Result<RawConn> {
+        let stream = TcpStream::connect_timeout(&addr, timeout)?;
+        stream.set_read_timeout(Some(timeout))?;
+        stream.set_write_timeout(Some(timeout))?;
+        Ok(RawConn {
             reader: BufReader::new(Box::new(stream)),
-        }
+        })
     }
 
     /// Connects over a Unix socket with a 10 s read timeout.
@@ -972,6 +1006,16 @@ impl RawConn {
     pub fn cmd_bytes(&mut self, args: &[&[u8]]) -> Resp {
         self.send(&encode_command(args));
         self.read_reply().expect("read reply")
+    }
+
+    /// Sends a command and reads one reply; I/O errors (a timeout, a closed
+    /// connection) come back as errors instead of panics.
+    pub fn try_cmd(&mut self, args: &[&str]) -> io::Result<Resp> {
+        let bytes: Vec<&[u8]> = args.iter().map(|a| a.as_bytes()).collect();
+        let stream = self.reader.get_mut();
+        stream.write_all(&encode_command(&bytes))?;
+        stream.flush()?;
+        self.read_reply()
     }
 
     /// Reads one complete reply.
@@ -1137,7 +1181,7 @@ impl RedisServer {
             child: Some(child),
         };
         let deadline = Instant::now() + START_TIMEOUT;
-        while !ping_answers(port) {
+        while !ping_answers(([127, 0, 0, 1], port).into()) {
             if let Some(status) = server
                 .child
                 .as_mut()
