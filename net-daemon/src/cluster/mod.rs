@@ -16,7 +16,8 @@
 //! - [`coords`]: Vivaldi network coordinates (latency estimates between hosts).
 //! - [`gossip`]: host metrics spread by the heartbeats, with a decay counter.
 //! - [`raft_store`]: the metadata group's log, vote, state machine and snapshot, in the
-//!   net-daemon's own LMDB environment (`<data_dir>/meta-raft/`).
+//!   net-daemon's own LMDB environment (`<data_dir>/meta-raft/`), or in memory
+//!   ([`raft_store::memory`]) for the simulation.
 //! - [`messages`]: the host↔host message enums.
 //! - [`network`]: the metadata group's Raft RPCs over the peer links.
 //! - [`node`]: this host's membership: joining, heartbeats, the leader's duties (I/O).

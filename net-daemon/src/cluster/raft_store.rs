@@ -7,6 +7,8 @@
 //! any [`MetadataState`] (the network information, NI) with its command type.
 //! Openraft's core is its only caller; the cluster layer opens the store with
 //! [`open_meta_store`] and hands both halves to `Raft::new` (see [`MetaRaft`]).
+//! [`memory`] is the same storage in memory, for the simulation; both pass openraft's
+//! storage suite and this module's own tests.
 //!
 //! Every write (log append, truncate, purge, vote, committed id, applied entries, snapshot)
 //! is one LMDB write transaction that commits with a sync before the call returns or
@@ -680,6 +682,67 @@ pub struct AppliedState<S> {
     pub state: Arc<S>,
 }
 
+/// A batch of committed entries applied in memory, before it is stored.
+struct AppliedBatch<S: MetadataState> {
+    /// The batch's last entry.
+    last_applied: MetaLogId,
+    /// The batch's last membership, if it has one.
+    membership: Option<MetaMembership>,
+    /// The state after the batch, if the batch has a command.
+    state: Option<S>,
+    /// What each entry answers, in order.
+    outcomes: Vec<S::Outcome>,
+}
+
+impl<S: MetadataState> AppliedBatch<S> {
+    /// Applies `entries` after `applied`; `None` when there are none. Blank and
+    /// membership entries answer `Outcome::default()` and leave the state alone.
+    fn apply(
+        applied: &AppliedState<S>,
+        entries: impl IntoIterator<Item = Entry<MetaTypes<S>>>,
+    ) -> Option<AppliedBatch<S>> {
+        let mut last_applied = None;
+        let mut membership: Option<MetaMembership> = None;
+        // Cloned on the first command only.
+        let mut state: Option<S> = None;
+        let mut outcomes = Vec::new();
+        for entry in entries {
+            last_applied = Some(entry.log_id);
+            let outcome = match entry.payload {
+                EntryPayload::Blank => S::Outcome::default(),
+                EntryPayload::Normal(command) => state
+                    .get_or_insert_with(|| (*applied.state).clone())
+                    .apply(&command, entry.log_id.index),
+                EntryPayload::Membership(config) => {
+                    membership = Some(StoredMembership::new(Some(entry.log_id), config));
+                    S::Outcome::default()
+                }
+            };
+            outcomes.push(outcome);
+        }
+        Some(AppliedBatch {
+            last_applied: last_applied?,
+            membership,
+            state,
+            outcomes,
+        })
+    }
+
+    /// The applied state after the batch, which followed `previous`, and the outcomes.
+    fn into_applied(self, previous: &AppliedState<S>) -> (AppliedState<S>, Vec<S::Outcome>) {
+        let applied = AppliedState {
+            last_applied: Some(self.last_applied),
+            membership: self
+                .membership
+                .unwrap_or_else(|| previous.membership.clone()),
+            state: self
+                .state
+                .map_or_else(|| Arc::clone(&previous.state), Arc::new),
+        };
+        (applied, self.outcomes)
+    }
+}
+
 /// The applied metadata state (the NI) and the last snapshot of it.
 pub struct MetaStateMachine<S: MetadataState> {
     db: Arc<Db>,
@@ -778,37 +841,21 @@ impl<S: MetadataState> RaftStateMachine<MetaTypes<S>> for MetaStateMachine<S> {
         I: IntoIterator<Item = Entry<MetaTypes<S>>> + OptionalSend,
         I::IntoIter: OptionalSend,
     {
-        let mut last_applied = self.applied.last_applied;
-        let mut membership: Option<MetaMembership> = None;
-        // Cloned on the first command only: blank and membership entries leave it alone.
-        let mut state: Option<S> = None;
-        let mut outcomes = Vec::new();
-        for entry in entries {
-            last_applied = Some(entry.log_id);
-            let outcome = match entry.payload {
-                EntryPayload::Blank => S::Outcome::default(),
-                EntryPayload::Normal(command) => state
-                    .get_or_insert_with(|| (*self.applied.state).clone())
-                    .apply(&command, entry.log_id.index),
-                EntryPayload::Membership(config) => {
-                    membership = Some(StoredMembership::new(Some(entry.log_id), config));
-                    S::Outcome::default()
-                }
-            };
-            outcomes.push(outcome);
-        }
-        let Some(applied_log_id) = last_applied.filter(|_| !outcomes.is_empty()) else {
-            return Ok(outcomes);
+        let Some(batch) = AppliedBatch::apply(&self.applied, entries) else {
+            return Ok(Vec::new());
         };
+        let applied_log_id = batch.last_applied;
         let write =
             |error| storage_error(ErrorSubject::Apply(applied_log_id), ErrorVerb::Write, error);
         let raw_applied = encode(&applied_log_id, "last applied log id").map_err(write)?;
-        let raw_membership = membership
+        let raw_membership = batch
+            .membership
             .as_ref()
             .map(|membership| encode(membership, "applied membership"))
             .transpose()
             .map_err(write)?;
-        let raw_state = state
+        let raw_state = batch
+            .state
             .as_ref()
             .map(|state| encode(state, "state machine"))
             .transpose()
@@ -825,11 +872,7 @@ impl<S: MetadataState> RaftStateMachine<MetaTypes<S>> for MetaStateMachine<S> {
         })
         .await
         .map_err(write)?;
-        let applied = AppliedState {
-            last_applied: Some(applied_log_id),
-            membership: membership.unwrap_or_else(|| self.applied.membership.clone()),
-            state: state.map_or_else(|| Arc::clone(&self.applied.state), Arc::new),
-        };
+        let (applied, outcomes) = batch.into_applied(&self.applied);
         self.set_applied(applied);
         Ok(outcomes)
     }
@@ -915,5 +958,6 @@ impl<S: MetadataState> RaftStateMachine<MetaTypes<S>> for MetaStateMachine<S> {
     }
 }
 
+pub mod memory;
 #[cfg(test)]
 mod tests;

@@ -1,5 +1,6 @@
-//! Tests of the metadata store: openraft's conformance suite, durability across a
-//! reopen, corrupt data, map growth, and a three-node in-process cluster.
+//! Tests of the metadata store: openraft's conformance suite and durability across a
+//! reopen, for both the LMDB store and the in-memory one; then, for LMDB, corrupt data
+//! and map growth; and a three-node in-process cluster.
 
 use std::collections::BTreeMap;
 use std::error::Error;
@@ -18,6 +19,7 @@ use openraft::{Membership, ServerState};
 use serde::{Deserialize, Serialize};
 use tempfile::TempDir;
 
+use super::memory::{MemoryLogStore, MemoryMetaStore, MemoryStateMachine};
 use super::*;
 
 /// A stand-in for the NI: hosts and their addresses, versioned.
@@ -100,14 +102,96 @@ impl StoreBuilder<Types, LogStore, StateMachine, TempDir> for TempStoreBuilder {
     }
 }
 
+/// Builds a fresh in-memory store for each case of the suite.
+struct MemoryStoreBuilder;
+
+impl StoreBuilder<Types, MemoryLogStore<TestInfo>, MemoryStateMachine<TestInfo>, ()>
+    for MemoryStoreBuilder
+{
+    async fn build(
+        &self,
+    ) -> Result<((), MemoryLogStore<TestInfo>, MemoryStateMachine<TestInfo>), StorageError<NodeId>>
+    {
+        let (log_store, state_machine) = MemoryMetaStore::new().open();
+        Ok(((), log_store, state_machine))
+    }
+}
+
 #[test]
 fn passes_openraft_storage_suite() {
     Suite::test_all(TempStoreBuilder).expect("openraft storage suite");
 }
 
+#[test]
+fn memory_store_passes_openraft_storage_suite() {
+    Suite::test_all(MemoryStoreBuilder).expect("openraft storage suite");
+}
+
+/// A store that can be opened again, as the tests below need: the same checks run on
+/// the LMDB store and on the in-memory one.
+trait Reopenable {
+    type Log: RaftLogStorage<Types> + RaftLogReader<Types>;
+    type Machine: RaftStateMachine<Types>;
+
+    fn open(&self) -> (Self::Log, Self::Machine);
+    fn applied(machine: &Self::Machine) -> AppliedState<TestInfo>;
+    fn subscribe(machine: &Self::Machine) -> watch::Receiver<AppliedState<TestInfo>>;
+}
+
+/// The LMDB store in a directory of its own.
+struct LmdbDir(TempDir);
+
+impl LmdbDir {
+    fn new() -> LmdbDir {
+        LmdbDir(tempfile::tempdir().unwrap())
+    }
+}
+
+impl Reopenable for LmdbDir {
+    type Log = LogStore;
+    type Machine = StateMachine;
+
+    fn open(&self) -> (LogStore, StateMachine) {
+        open(self.0.path())
+    }
+
+    fn applied(machine: &StateMachine) -> AppliedState<TestInfo> {
+        machine.applied().clone()
+    }
+
+    fn subscribe(machine: &StateMachine) -> watch::Receiver<AppliedState<TestInfo>> {
+        machine.subscribe()
+    }
+}
+
+impl Reopenable for MemoryMetaStore<TestInfo> {
+    type Log = MemoryLogStore<TestInfo>;
+    type Machine = MemoryStateMachine<TestInfo>;
+
+    fn open(&self) -> (Self::Log, Self::Machine) {
+        MemoryMetaStore::open(self)
+    }
+
+    fn applied(machine: &Self::Machine) -> AppliedState<TestInfo> {
+        machine.applied().clone()
+    }
+
+    fn subscribe(machine: &Self::Machine) -> watch::Receiver<AppliedState<TestInfo>> {
+        machine.subscribe()
+    }
+}
+
 #[tokio::test]
 async fn log_vote_and_state_survive_a_reopen() {
-    let dir = tempfile::tempdir().unwrap();
+    log_vote_and_state_survive_a_reopen_of(LmdbDir::new()).await;
+}
+
+#[tokio::test]
+async fn memory_log_vote_and_state_survive_a_reopen() {
+    log_vote_and_state_survive_a_reopen_of(MemoryMetaStore::new()).await;
+}
+
+async fn log_vote_and_state_survive_a_reopen_of<T: Reopenable>(store: T) {
     let mut entries = vec![membership_entry(3, 1, &[1, 2, 3])];
     entries.extend((2..=10).map(|index| command_entry(3, index, join(index))));
     let expected_state = {
@@ -118,7 +202,7 @@ async fn log_vote_and_state_survive_a_reopen() {
         state
     };
     {
-        let (mut log_store, mut state_machine) = open(dir.path());
+        let (mut log_store, mut state_machine) = store.open();
         log_store.save_vote(&Vote::new(3, 1)).await.unwrap();
         log_store.blocking_append(entries.clone()).await.unwrap();
         log_store
@@ -140,7 +224,7 @@ async fn log_vote_and_state_survive_a_reopen() {
         log_store.truncate(log_id(3, 1, 10)).await.unwrap();
     }
 
-    let (mut log_store, mut state_machine) = open(dir.path());
+    let (mut log_store, mut state_machine) = store.open();
     let state = log_store.get_log_state().await.unwrap();
     assert_eq!(state.last_purged_log_id, Some(log_id(3, 1, 4)));
     assert_eq!(state.last_log_id, Some(log_id(3, 1, 9)));
@@ -155,8 +239,8 @@ async fn log_vote_and_state_survive_a_reopen() {
     let (applied, membership) = state_machine.applied_state().await.unwrap();
     assert_eq!(applied, Some(log_id(3, 1, 8)));
     assert_eq!(membership.log_id(), &Some(log_id(3, 1, 1)));
-    assert_eq!(*state_machine.applied().state, expected_state);
-    assert_eq!(state_machine.subscribe().borrow().state.version, 7);
+    assert_eq!(*T::applied(&state_machine).state, expected_state);
+    assert_eq!(T::subscribe(&state_machine).borrow().state.version, 7);
 
     let snapshot = state_machine
         .get_current_snapshot()
@@ -176,9 +260,26 @@ async fn log_vote_and_state_survive_a_reopen() {
 
 #[tokio::test]
 async fn installed_snapshot_replaces_the_state() {
-    let source_dir = tempfile::tempdir().unwrap();
-    let target_dir = tempfile::tempdir().unwrap();
-    let (_, mut source) = open(source_dir.path());
+    installed_snapshot_replaces_the_state_of(LmdbDir::new(), LmdbDir::new()).await;
+}
+
+#[tokio::test]
+async fn memory_installed_snapshot_replaces_the_state() {
+    installed_snapshot_replaces_the_state_of(MemoryMetaStore::new(), MemoryMetaStore::new()).await;
+}
+
+/// Snapshots travel between the two kinds of store.
+#[tokio::test]
+async fn snapshots_travel_between_lmdb_and_memory() {
+    installed_snapshot_replaces_the_state_of(LmdbDir::new(), MemoryMetaStore::new()).await;
+    installed_snapshot_replaces_the_state_of(MemoryMetaStore::new(), LmdbDir::new()).await;
+}
+
+async fn installed_snapshot_replaces_the_state_of<A: Reopenable, B: Reopenable>(
+    source_store: A,
+    target_store: B,
+) {
+    let (_, mut source) = source_store.open();
     source
         .apply(vec![
             membership_entry(1, 1, &[1]),
@@ -193,28 +294,29 @@ async fn installed_snapshot_replaces_the_state() {
         .build_snapshot()
         .await
         .unwrap();
+    let source_state = A::applied(&source).state;
     {
-        let (_, mut target) = open(target_dir.path());
+        let (_, mut target) = target_store.open();
         target
             .apply(vec![command_entry(1, 1, join(9))])
             .await
             .unwrap();
-        let watch = target.subscribe();
+        let watch = B::subscribe(&target);
         target
             .install_snapshot(&snapshot.meta, snapshot.snapshot.clone())
             .await
             .unwrap();
-        assert_eq!(*watch.borrow().state, *source.applied().state);
+        assert_eq!(*watch.borrow().state, *source_state);
         // Bytes that are not a snapshot are refused, and the state stays.
         let garbage = Box::new(Cursor::new(vec![SNAPSHOT_FORMAT, 0xff, 0xff, 0xff]));
         assert!(target
             .install_snapshot(&snapshot.meta, garbage)
             .await
             .is_err());
-        assert_eq!(*target.applied().state, *source.applied().state);
+        assert_eq!(*B::applied(&target).state, *source_state);
     }
-    let (_, mut target) = open(target_dir.path());
-    assert_eq!(*target.applied().state, *source.applied().state);
+    let (_, mut target) = target_store.open();
+    assert_eq!(*B::applied(&target).state, *source_state);
     assert_eq!(
         target.applied_state().await.unwrap().0,
         Some(log_id(1, 1, 3))
