@@ -20,6 +20,8 @@
 //!   ([`raft_store::memory`]) for the simulation.
 //! - [`messages`]: the host↔host message enums.
 //! - [`network`]: the metadata group's Raft RPCs over the peer links.
+//! - [`transport`]: the seams to the world: how a host calls its peers ([`transport::PeerCaller`])
+//!   and reads the time ([`transport::Clock`]).
 //! - [`node`]: this host's membership: joining, heartbeats, the leader's duties (I/O).
 
 pub mod coords;
@@ -31,6 +33,7 @@ pub mod ni;
 pub mod node;
 pub mod raft_store;
 pub mod ranges;
+pub mod transport;
 
 /// A host's id in the cluster.
 pub type HostId = u64;

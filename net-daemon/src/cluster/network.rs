@@ -1,8 +1,10 @@
 //! The metadata group's Raft RPCs over the peer links: openraft's network
-//! traits, implemented with [`PeerPool::call`]. Every RPC has the timeout
-//! openraft gives it.
+//! traits, implemented with [`PeerCaller::call`] (the peer pool in production,
+//! a simulated network in the simulation). Every RPC has the timeout openraft
+//! gives it.
 
 use std::error::Error;
+use std::sync::Arc;
 use std::time::Duration;
 
 use openraft::error::{
@@ -17,17 +19,18 @@ use openraft::BasicNode;
 
 use super::messages::{Meta, PeerRequest, PeerResponse};
 use super::raft_store::NodeId;
-use crate::peer::{HostAddr, PeerError, PeerPool};
+use super::transport::PeerCaller;
+use crate::peer::{HostAddr, PeerError};
 
-/// Opens Raft links to peers through the shared pool.
+/// Opens Raft links to peers through the host's caller.
 #[derive(Clone)]
 pub struct RaftPeers {
-    pub pool: PeerPool<PeerRequest, PeerResponse>,
+    pub caller: Arc<dyn PeerCaller>,
 }
 
 /// The link to one member of the group.
 pub struct RaftLink {
-    pool: PeerPool<PeerRequest, PeerResponse>,
+    caller: Arc<dyn PeerCaller>,
     target: NodeId,
     addr: Result<HostAddr, String>,
 }
@@ -37,7 +40,7 @@ impl RaftNetworkFactory<Meta> for RaftPeers {
 
     async fn new_client(&mut self, target: NodeId, node: &BasicNode) -> RaftLink {
         RaftLink {
-            pool: self.pool.clone(),
+            caller: Arc::clone(&self.caller),
             target,
             addr: HostAddr::new(&node.addr).map_err(|error| error.to_string()),
         }
@@ -56,7 +59,7 @@ impl RaftLink {
             RPCError::Unreachable(Unreachable::new(&std::io::Error::other(reason.clone())))
         })?;
         let timeout = option.hard_ttl().max(Duration::from_millis(1));
-        match self.pool.call(addr, request, timeout).await {
+        match self.caller.call(addr, request, timeout).await {
             Ok(PeerResponse::Refused(reason)) => Err(RPCError::Unreachable(Unreachable::new(
                 &std::io::Error::other(reason),
             ))),

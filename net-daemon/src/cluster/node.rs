@@ -1,10 +1,14 @@
 //! This host's part in the cluster: the thin I/O around the pure modules.
 //!
 //! [`ClusterNode::start`] binds the peer listener and, in the background,
-//! makes the host a member: a host with no stored identity and no seeds founds
-//! a cluster; one with seeds asks them until one accepts it (it never founds a
-//! second cluster on its own); one with a stored identity resumes it. Then
-//! three loops run until the process ends:
+//! makes the host a member. [`ClusterNode::start_with`] does the same without a
+//! listener, over a caller, a clock and a metadata store of the caller's choice
+//! (the seeded simulation's network, simulated time and in-memory store); its
+//! owner hands the peers' requests to [`ClusterNode::handle`]. Either way, a
+//! host with no stored identity and no seeds founds a cluster; one with seeds
+//! asks them until one accepts it (it never founds a second cluster on its
+//! own); one with a stored identity resumes it. Then three loops run until the
+//! process ends:
 //! - liveness: a heartbeat to every other host each `heartbeat_interval_ms`,
 //!   feeding the unreliability scores ([`super::liveness`]) and the network
 //!   coordinate ([`super::coords`]), and a report of the suspects to the
@@ -17,20 +21,23 @@
 //!   past `offline_threshold_secs` lose the unused part of their id ranges.
 //!
 //! The identity (cluster id, host id) is kept in `<data_dir>/cluster.json`, the
-//! metadata group's storage in `<data_dir>/meta-raft/`.
+//! metadata group's storage in `<data_dir>/meta-raft/` (or in memory, see
+//! [`MetaStore`]). Durations and deadlines are tokio's time and the times written
+//! into the NI come from the node's [`Clock`], so a simulation that drives tokio's
+//! clock drives all of them.
 
 use std::collections::{BTreeMap, BTreeSet, HashSet};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, OnceLock, Weak};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use anyhow::Context;
 use openraft::error::{ClientWriteError, RaftError};
 use openraft::{BasicNode, ChangeMembers, ServerState};
 use serde::{Deserialize, Serialize};
 use shoal_shared::config::{write_durably, Config};
-use shoal_shared::now_ms;
 use tokio::sync::watch;
+use tokio::time::Instant;
 
 use super::coords::{Coordinate, VivaldiConfig};
 use super::gossip::{Gossip, Metrics, Rumor};
@@ -38,7 +45,9 @@ use super::liveness::{decide_inactive, LivenessConfig, Observer, Score, Suspicio
 use super::messages::{PeerRequest, PeerResponse};
 use super::network::RaftPeers;
 use super::ni::{Capacity, Command, HostState, NetworkInfo, Outcome, FOUNDER};
+use super::raft_store::memory::MemoryMetaStore;
 use super::raft_store::{open_meta_store, AppliedState, MetaRaft, MetaStoreOptions};
+use super::transport::{Clock, PeerCaller, WallClock};
 use super::HostId;
 use crate::peer::{ClusterSecret, HostAddr, PeerConfig, PeerListener, PeerPool};
 
@@ -117,6 +126,54 @@ pub struct PeerView {
     pub rtt_us: Option<u64>,
 }
 
+/// What a node is told: where it lives, how it is reached, how it judges its peers.
+#[derive(Debug, Clone)]
+pub struct NodeSettings {
+    /// Holds `cluster.json` (and, in production, `meta-raft/`).
+    pub data_dir: PathBuf,
+    /// Where the phase is written for `shoal status`.
+    pub phase_path: PathBuf,
+    /// Hosts to ask for admission when there is no stored identity.
+    pub seeds: Vec<String>,
+    /// Where the other hosts reach this one ("host:port").
+    pub peer_addr: String,
+    /// Where clients reach this one ("" when it has no TCP listener).
+    pub client_addr: String,
+    pub heartbeat_interval: Duration,
+    pub suspect_threshold: f64,
+    pub offline_threshold_ms: u64,
+}
+
+impl NodeSettings {
+    /// The settings of a host's cluster section.
+    pub fn from_config(config: &Config) -> NodeSettings {
+        let cluster = &config.cluster;
+        NodeSettings {
+            data_dir: config.data_dir.clone(),
+            phase_path: config.cluster_phase_path(),
+            seeds: cluster.seeds.clone(),
+            peer_addr: cluster.advertise_addr.clone(),
+            client_addr: config
+                .client
+                .listen
+                .map(|addr| addr.to_string())
+                .unwrap_or_default(),
+            heartbeat_interval: Duration::from_millis(cluster.heartbeat_interval_ms),
+            suspect_threshold: cluster.suspect_threshold,
+            offline_threshold_ms: cluster.offline_threshold_secs.saturating_mul(1000),
+        }
+    }
+}
+
+/// Where the metadata group keeps its log, vote, state machine and snapshot.
+pub enum MetaStore {
+    /// An LMDB environment in this directory, synced on every write (production).
+    Lmdb(PathBuf),
+    /// Memory that outlives the node, so a restarted node finds what it wrote
+    /// (the simulation).
+    Memory(MemoryMetaStore<NetworkInfo>),
+}
+
 /// This host's membership in the cluster.
 pub struct ClusterNode {
     data_dir: PathBuf,
@@ -127,7 +184,10 @@ pub struct ClusterNode {
     client_addr: String,
     heartbeat_interval: Duration,
     offline_threshold_ms: u64,
-    pool: PeerPool<PeerRequest, PeerResponse>,
+    caller: Arc<dyn PeerCaller>,
+    clock: Arc<dyn Clock>,
+    /// Taken when the host becomes a member.
+    store: Mutex<Option<MetaStore>>,
     member: OnceLock<Member>,
     /// What the host is doing, in words, while it is not a member yet.
     phase: Mutex<String>,
@@ -169,36 +229,13 @@ impl ClusterNode {
             .with_context(|| format!("cluster.advertise_addr {:?}", cluster.advertise_addr))?;
         let mut peer_config = PeerConfig::new(identity, secret);
         peer_config.source_ip = Some(peer_listen.ip()).filter(|ip| !ip.is_unspecified());
-        let node = Arc::new(ClusterNode {
-            data_dir: config.data_dir.clone(),
-            phase_path: config.cluster_phase_path(),
-            seeds: cluster.seeds.clone(),
-            peer_addr: cluster.advertise_addr.clone(),
-            client_addr: config
-                .client
-                .listen
-                .map(|addr| addr.to_string())
-                .unwrap_or_default(),
-            heartbeat_interval: Duration::from_millis(cluster.heartbeat_interval_ms),
-            offline_threshold_ms: cluster.offline_threshold_secs.saturating_mul(1000),
-            pool: PeerPool::new(peer_config.clone()),
-            member: OnceLock::new(),
-            phase: Mutex::new(String::new()),
-            liveness: Mutex::new(Liveness {
-                observer: Observer::new(LivenessConfig {
-                    suspect_threshold: cluster.suspect_threshold,
-                    ..LivenessConfig::default()
-                }),
-                coordinate: Coordinate::default(),
-                vivaldi: VivaldiConfig::default(),
-                rtt_us: BTreeMap::new(),
-                in_flight: HashSet::new(),
-                gossip: Gossip::default(),
-            }),
-            machine: Mutex::new(Machine::new()),
-            reports: Mutex::default(),
-            listener: Mutex::default(),
-        });
+        let pool: PeerPool<PeerRequest, PeerResponse> = PeerPool::new(peer_config.clone());
+        let node = Arc::new(ClusterNode::new(
+            NodeSettings::from_config(config),
+            Arc::new(pool),
+            Arc::new(WallClock),
+            MetaStore::Lmdb(config.data_dir.join("meta-raft")),
+        ));
         let weak = Arc::downgrade(&node);
         let handler = move |from: HostAddr, request: PeerRequest| {
             let node: Weak<ClusterNode> = weak.clone();
@@ -216,6 +253,63 @@ impl ClusterNode {
         node.set_phase("starting".into());
         tokio::spawn(Arc::clone(&node).run());
         Ok(Some(node))
+    }
+
+    /// Starts a node that reaches its peers through `caller`, reads the time from
+    /// `clock` and keeps the metadata group in `store`, and becomes a member in the
+    /// background. It binds no listener: its owner answers the peers' requests with
+    /// [`ClusterNode::handle`]. The seeded simulation runs its hosts this way.
+    pub fn start_with(
+        settings: NodeSettings,
+        caller: Arc<dyn PeerCaller>,
+        clock: Arc<dyn Clock>,
+        store: MetaStore,
+    ) -> Arc<ClusterNode> {
+        let node = Arc::new(ClusterNode::new(settings, caller, clock, store));
+        node.set_phase("starting".into());
+        tokio::spawn(Arc::clone(&node).run());
+        node
+    }
+
+    fn new(
+        settings: NodeSettings,
+        caller: Arc<dyn PeerCaller>,
+        clock: Arc<dyn Clock>,
+        store: MetaStore,
+    ) -> ClusterNode {
+        ClusterNode {
+            data_dir: settings.data_dir,
+            phase_path: settings.phase_path,
+            seeds: settings.seeds,
+            peer_addr: settings.peer_addr,
+            client_addr: settings.client_addr,
+            heartbeat_interval: settings.heartbeat_interval,
+            offline_threshold_ms: settings.offline_threshold_ms,
+            caller,
+            clock,
+            store: Mutex::new(Some(store)),
+            member: OnceLock::new(),
+            phase: Mutex::new(String::new()),
+            liveness: Mutex::new(Liveness {
+                observer: Observer::new(LivenessConfig {
+                    suspect_threshold: settings.suspect_threshold,
+                    ..LivenessConfig::default()
+                }),
+                coordinate: Coordinate::default(),
+                vivaldi: VivaldiConfig::default(),
+                rtt_us: BTreeMap::new(),
+                in_flight: HashSet::new(),
+                gossip: Gossip::default(),
+            }),
+            machine: Mutex::new(Machine::new()),
+            reports: Mutex::default(),
+            listener: Mutex::default(),
+        }
+    }
+
+    /// Milliseconds since the epoch, by this node's clock.
+    fn now_ms(&self) -> u64 {
+        self.clock.now_ms()
     }
 
     async fn run(self: Arc<Self>) {
@@ -269,23 +363,32 @@ impl ClusterNode {
                 identity
             }
         };
-        let (log_store, state_machine) = open_meta_store::<NetworkInfo>(
-            &self.data_dir.join("meta-raft"),
-            &MetaStoreOptions::default(),
-        )
-        .context("opening the metadata store")?;
-        let applied = state_machine.subscribe();
-        let raft = MetaRaft::new(
-            identity.host,
-            Arc::new(raft_config(self.heartbeat_interval)?),
-            RaftPeers {
-                pool: self.pool.clone(),
-            },
-            log_store,
-            state_machine,
-        )
-        .await
-        .context("starting the metadata group")?;
+        let config = Arc::new(raft_config(self.heartbeat_interval)?);
+        let network = RaftPeers {
+            caller: Arc::clone(&self.caller),
+        };
+        let store = lock(&self.store)
+            .take()
+            .context("the metadata store was already opened")?;
+        let (raft, applied) = match store {
+            MetaStore::Lmdb(dir) => {
+                let (log_store, state_machine) =
+                    open_meta_store::<NetworkInfo>(&dir, &MetaStoreOptions::default())
+                        .context("opening the metadata store")?;
+                let applied = state_machine.subscribe();
+                let raft =
+                    MetaRaft::new(identity.host, config, network, log_store, state_machine).await;
+                (raft, applied)
+            }
+            MetaStore::Memory(store) => {
+                let (log_store, state_machine) = store.open();
+                let applied = state_machine.subscribe();
+                let raft =
+                    MetaRaft::new(identity.host, config, network, log_store, state_machine).await;
+                (raft, applied)
+            }
+        };
+        let raft = raft.context("starting the metadata group")?;
         if identity.host == FOUNDER && applied.borrow().last_applied.is_none() {
             let members = BTreeMap::from([(FOUNDER, BasicNode::new(&self.peer_addr))]);
             if let Err(error) = raft.initialize(members).await {
@@ -315,7 +418,7 @@ impl ClusterNode {
                     peer_addr: self.peer_addr.clone(),
                     client_addr: self.client_addr.clone(),
                 };
-                match self.pool.call(&addr, request, PROPOSE_TIMEOUT).await {
+                match self.caller.call(&addr, request, PROPOSE_TIMEOUT).await {
                     Ok(PeerResponse::Joined {
                         cluster_id,
                         host,
@@ -346,7 +449,7 @@ impl ClusterNode {
     }
 
     /// Answers a request from an authenticated peer.
-    async fn handle(&self, _from: HostAddr, request: PeerRequest) -> PeerResponse {
+    pub async fn handle(&self, _from: HostAddr, request: PeerRequest) -> PeerResponse {
         let Some(member) = self.member.get() else {
             return PeerResponse::Refused(format!("not a member yet ({})", lock(&self.phase)));
         };
@@ -366,7 +469,7 @@ impl ClusterNode {
                     peer_addr: peer_addr.clone(),
                     client_addr,
                     sponsor: member.host,
-                    now_ms: now_ms(),
+                    now_ms: self.now_ms(),
                 };
                 match self.propose(command).await {
                     Ok(Outcome::Joined { host, .. }) => {
@@ -436,7 +539,7 @@ impl ClusterNode {
                     {
                         let left = deadline.saturating_duration_since(Instant::now());
                         match self
-                            .pool
+                            .caller
                             .call(&leader, PeerRequest::Propose(command.clone()), left)
                             .await
                         {
@@ -537,7 +640,7 @@ impl ClusterNode {
                 let mut liveness = lock(&self.liveness);
                 liveness.gossip.decay();
                 liveness.gossip.publish(metrics);
-                liveness.observer.suspects(now_ms())
+                liveness.observer.suspects(self.now_ms())
             };
             let observed = peers.iter().map(|(peer, _)| *peer).collect();
             self.report(member, suspects, observed).await;
@@ -560,7 +663,7 @@ impl ClusterNode {
         };
         let started = Instant::now();
         let result = match HostAddr::new(addr) {
-            Ok(addr) => self.pool.call(&addr, request, timeout).await.ok(),
+            Ok(addr) => self.caller.call(&addr, request, timeout).await.ok(),
             Err(_) => None,
         };
         let rtt = started.elapsed();
@@ -574,14 +677,14 @@ impl ClusterNode {
             }) if from == peer => {
                 liveness.gossip.merge(rumors);
                 let rtt_us = rtt.as_micros() as u64;
-                liveness.observer.on_success(peer, rtt_us, now_ms());
+                liveness.observer.on_success(peer, rtt_us, self.now_ms());
                 liveness.rtt_us.insert(peer, rtt_us);
                 let vivaldi = liveness.vivaldi.clone();
                 liveness
                     .coordinate
                     .update(&coordinate, rtt.as_secs_f64(), &vivaldi);
             }
-            _ => liveness.observer.on_timeout(peer, now_ms()),
+            _ => liveness.observer.on_timeout(peer, self.now_ms()),
         }
     }
 
@@ -608,7 +711,7 @@ impl ClusterNode {
                 observed,
             };
             let _ = self
-                .pool
+                .caller
                 .call(&addr, request, self.heartbeat_interval)
                 .await;
         }
@@ -630,7 +733,7 @@ impl ClusterNode {
                     cluster_id: member.cluster_id,
                     peer_addr: self.peer_addr.clone(),
                     client_addr: self.client_addr.clone(),
-                    now_ms: now_ms(),
+                    now_ms: self.now_ms(),
                 })
             } else if let Some(me) = ni.hosts.get(&member.host) {
                 let moved = me.peer_addr != self.peer_addr || me.client_addr != self.client_addr;
@@ -639,7 +742,7 @@ impl ClusterNode {
                         host: member.host,
                         peer_addr: self.peer_addr.clone(),
                         client_addr: self.client_addr.clone(),
-                        now_ms: now_ms(),
+                        now_ms: self.now_ms(),
                     })
                 } else if last_report.is_none_or(|at| at.elapsed() >= REPORT_INTERVAL) {
                     last_report = Some(Instant::now());
@@ -800,7 +903,7 @@ impl ClusterNode {
     /// and the unused ids of hosts offline past the threshold.
     fn judge(&self, ni: &NetworkInfo) -> Vec<Command> {
         let fresh_for = (self.heartbeat_interval * 6).max(Duration::from_secs(3));
-        let now = now_ms();
+        let now = self.now_ms();
         let mut reports = lock(&self.reports);
         reports.retain(|_, report| report.at.elapsed() <= fresh_for);
         let mut suspicions: BTreeMap<HostId, Suspicion> = BTreeMap::new();

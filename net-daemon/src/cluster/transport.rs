@@ -1,0 +1,58 @@
+//! How the cluster layer reaches its peers and reads the time: the two seams
+//! between its I/O ([`super::node`], [`super::network`]) and the world.
+//!
+//! [`PeerCaller`] sends one [`PeerRequest`] to a peer and waits for its
+//! [`PeerResponse`]; production implements it with the authenticated TCP
+//! transport ([`PeerPool`]), and a simulation with its own network. [`Clock`]
+//! gives the milliseconds since the epoch that go into the NI's commands;
+//! production reads the wall clock, a simulation its simulated time. Neither
+//! holds any cluster state or decides anything.
+
+use std::future::Future;
+use std::pin::Pin;
+use std::time::Duration;
+
+use super::messages::{PeerRequest, PeerResponse};
+use crate::peer::{HostAddr, PeerError, PeerPool};
+
+/// The future of one [`PeerCaller::call`].
+pub type CallFuture<'a> =
+    Pin<Box<dyn Future<Output = Result<PeerResponse, PeerError>> + Send + 'a>>;
+
+/// Sends requests to peers: the only way the cluster layer talks to another host.
+pub trait PeerCaller: Send + Sync + 'static {
+    /// Sends `request` to the host at `peer` and waits for its response, at most
+    /// `timeout` in all.
+    fn call<'a>(
+        &'a self,
+        peer: &'a HostAddr,
+        request: PeerRequest,
+        timeout: Duration,
+    ) -> CallFuture<'a>;
+}
+
+impl PeerCaller for PeerPool<PeerRequest, PeerResponse> {
+    fn call<'a>(
+        &'a self,
+        peer: &'a HostAddr,
+        request: PeerRequest,
+        timeout: Duration,
+    ) -> CallFuture<'a> {
+        Box::pin(PeerPool::call(self, peer, request, timeout))
+    }
+}
+
+/// The time that goes into the NI: milliseconds since the Unix epoch.
+pub trait Clock: Send + Sync + 'static {
+    fn now_ms(&self) -> u64;
+}
+
+/// The system's wall clock.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct WallClock;
+
+impl Clock for WallClock {
+    fn now_ms(&self) -> u64 {
+        shoal_shared::now_ms()
+    }
+}
