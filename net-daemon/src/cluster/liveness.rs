@@ -11,8 +11,11 @@
 //! as `inactive`.
 //!
 //! The metadata leader commits `inactive` only when enough observers agree
-//! ([`decide_inactive`]), so one bad link cannot evict a healthy host. This
-//! module decides; it never sends a heartbeat or reads a clock.
+//! ([`decide_inactive`]): a majority of those that probe the peer and a majority
+//! of the cluster's active hosts. So one bad link cannot evict a healthy host,
+//! and hosts cut off from the rest of the cluster (even with the metadata
+//! leader among them) cannot evict the hosts on the majority side. This module
+//! decides; it never sends a heartbeat or reads a clock.
 
 use std::collections::{BTreeMap, BTreeSet};
 
@@ -165,10 +168,19 @@ pub struct Suspicion {
 }
 
 /// How many observers must suspect a peer before it is made `inactive`: a
-/// majority of those with a link to it, and at least 2 in a cluster of 3 or
-/// more hosts.
+/// majority of those with a link to it, a majority of the `cluster_hosts`
+/// (the hosts not inactive, the peer included), and at least 2 in a cluster of
+/// 3 or more hosts.
+///
+/// The majority of the cluster matters when the leader hears only some of the
+/// observers: a minority of hosts cut off from the others, with the leader and a
+/// majority of the metadata voters among them, all suspect every host of the
+/// majority side; they must not evict it. A host that a majority of the cluster
+/// can reach is suspected by a minority at most, so it is never evicted. A
+/// cluster of 2 hosts evicts nobody: it cannot tell a dead peer from a cut link
+/// (and its metadata group has no majority without both hosts anyway).
 pub fn votes_needed(observers: usize, cluster_hosts: usize) -> usize {
-    let majority = observers / 2 + 1;
+    let majority = (observers / 2 + 1).max(cluster_hosts / 2 + 1);
     if cluster_hosts >= 3 {
         majority.max(2)
     } else {
@@ -306,11 +318,13 @@ mod tests {
 
     #[test]
     fn the_agreement_rule() {
-        assert_eq!(votes_needed(1, 2), 1);
+        assert_eq!(votes_needed(1, 2), 2);
         assert_eq!(votes_needed(2, 3), 2);
         assert_eq!(votes_needed(1, 3), 2);
         assert_eq!(votes_needed(4, 5), 3);
-        assert_eq!(votes_needed(5, 6), 3);
+        assert_eq!(votes_needed(5, 6), 4);
+        assert_eq!(votes_needed(3, 50), 26);
+        assert_eq!(votes_needed(49, 50), 26);
         // Its own suspicion of itself does not count.
         let reports = BTreeMap::from([(
             3,
@@ -320,6 +334,36 @@ mod tests {
             },
         )]);
         assert!(decide_inactive(&reports, 3).is_empty());
+    }
+
+    #[test]
+    fn a_cut_off_minority_evicts_nobody_and_the_majority_evicts_it() {
+        // Hosts 1..=10; hosts 1..=3 (the metadata leader among them) are cut off from
+        // 4..=10. The leader hears only its own side: every host there suspects every
+        // host of the other side.
+        let minority: BTreeSet<HostId> = (1..=3).collect();
+        let majority: BTreeSet<HostId> = (4..=10).collect();
+        let reports_of = |observers: &BTreeSet<HostId>, peers: &BTreeSet<HostId>| {
+            peers
+                .iter()
+                .map(|&peer| {
+                    let suspicion = Suspicion {
+                        suspected_by: observers.clone(),
+                        observers: observers.len(),
+                    };
+                    (peer, suspicion)
+                })
+                .collect::<BTreeMap<HostId, Suspicion>>()
+        };
+        assert!(decide_inactive(&reports_of(&minority, &majority), 10).is_empty());
+        // A leader on the majority side evicts the minority.
+        assert_eq!(
+            decide_inactive(&reports_of(&majority, &minority), 10),
+            vec![1, 2, 3]
+        );
+        // Among 6 active hosts, 3 that suspect the other 3 are not a majority.
+        let three: BTreeSet<HostId> = (4..=6).collect();
+        assert!(decide_inactive(&reports_of(&three, &(7..=10).collect()), 6).is_empty());
     }
 
     #[test]
