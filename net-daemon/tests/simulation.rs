@@ -9,9 +9,10 @@
 //! which turmoil advances tick by tick.
 //!
 //! Host 1 founds the cluster; the others join through random earlier hosts, with
-//! staggered starts. Once all are in, a seeded schedule crashes and restarts hosts
-//! and cuts a minority of hosts off the rest (sometimes the metadata leader with a
-//! majority of the voters), then heals everything. Checked throughout:
+//! staggered starts, the last tenth of them while the faults go on. A seeded
+//! schedule crashes and restarts hosts and cuts a minority of hosts off the rest
+//! (sometimes the metadata leader with a majority of the voters), then heals
+//! everything. Checked throughout:
 //! - the id ranges in every NI a host holds tile the id space without overlap, and
 //!   the ids the hosts reserve (`ReserveIds` through the node) never overlap;
 //! - two hosts at one NI version hold the same NI (same checksum);
@@ -520,12 +521,13 @@ fn simulate(seed: u64, hosts: usize, long: bool) -> String {
         .rng_seed(seed)
         .build();
 
-    // Host 1 at once; the others over the next seconds, each through 1 to 3 earlier hosts.
-    let mut start_at_ms: Vec<(u64, usize)> = vec![(0, 1)];
-    let mut next_start = 1_000;
-    for index in 2..=hosts {
-        start_at_ms.push((next_start + rng.below(100), index));
-        next_start += 100;
+    // Host 1 at once; most others over the next seconds, each through 1 to 3 earlier
+    // hosts; the last tenth join while the faults go on.
+    let late_joiners = hosts / 10;
+    let early = hosts - late_joiners;
+    let mut starts: Vec<(u64, usize)> = vec![(0, 1)];
+    for index in 2..=early {
+        starts.push((1_000 + 100 * (index as u64 - 2) + rng.below(100), index));
     }
     let machines: Vec<Arc<Machine>> = (1..=hosts)
         .map(|index| {
@@ -557,7 +559,7 @@ fn simulate(seed: u64, hosts: usize, long: bool) -> String {
     let steps_per_sample = (SAMPLE_EVERY.as_millis() / TICK.as_millis()).max(1) as u64;
     let mut faults = Faults::default();
     let mut seen = Observations::default();
-    let mut started = 0;
+    let mut running: BTreeSet<usize> = BTreeSet::new();
     let mut all_joined_at: Option<u64> = None;
     let mut fault_phase: Option<(u64, u64)> = None;
     let mut next_fault_ms = 0;
@@ -568,14 +570,23 @@ fn simulate(seed: u64, hosts: usize, long: bool) -> String {
     loop {
         let now = now_ms(&sim);
         // Starts.
-        while started < start_at_ms.len() && start_at_ms[started].0 + epoch_ms <= now {
-            let index = start_at_ms[started].1;
+        while starts.first().is_some_and(|&(at, _)| at + epoch_ms <= now) {
+            let (_, index) = starts.remove(0);
             let machine = Arc::clone(&machines[index - 1]);
             let shared = Arc::clone(&shared);
             sim.host(name(index), move || {
                 run_host(Arc::clone(&machine), Arc::clone(&shared), seed)
             });
-            started += 1;
+            // A host that starts during a partition is on the majority side.
+            if let Some((cut, _)) = &faults.partition {
+                for &inside in cut {
+                    sim.partition(name(inside), name(index));
+                }
+                trace(now, format!("start h{index}, cut off from {cut:?}"));
+            } else if index > early {
+                trace(now, format!("start h{index}"));
+            }
+            running.insert(index);
         }
 
         if step.is_multiple_of(steps_per_sample) {
@@ -587,17 +598,26 @@ fn simulate(seed: u64, hosts: usize, long: bool) -> String {
                     format!("{:.1} s of wall time", wall.elapsed().as_secs_f64()),
                 );
             }
-            if all_joined_at.is_none() && started == hosts && all_members(&machines, hosts) {
+            if all_joined_at.is_none()
+                && running.len() == early
+                && all_members(&machines[..early], early)
+            {
                 all_joined_at = Some(now);
                 let begin = now + 5_000;
-                fault_phase = Some((begin, begin + fault_phase_ms));
+                let end = begin + fault_phase_ms;
+                fault_phase = Some((begin, end));
                 next_fault_ms = begin;
+                let window = end - QUIET_BEFORE_HEAL_MS - begin;
+                for index in early + 1..=hosts {
+                    starts.push((begin - epoch_ms + rng.below(window), index));
+                }
+                starts.sort_unstable();
                 eprintln!(
-                    "all {hosts} hosts joined after {:.1} s",
-                    (now - epoch_ms) as f64 / 1000.0
+                    "{early} hosts joined after {:.1} s; {late_joiners} more join during the faults",
+                    secs(now)
                 );
             }
-            if all_joined_at.is_none() && now - epoch_ms > 120_000 {
+            if all_joined_at.is_none() && secs(now) > 120.0 {
                 assert_no_failures(&shared, &seen);
                 panic!(
                     "not every host joined within 120 s: {}",
@@ -609,11 +629,11 @@ fn simulate(seed: u64, hosts: usize, long: bool) -> String {
         // Faults, then the heal.
         if let Some((begin, end)) = fault_phase {
             if now >= begin && now < end {
-                apply_due_faults(&mut sim, &mut faults, now, hosts);
+                apply_due_faults(&mut sim, &mut faults, now, &running);
                 // The last faults have time to run their course before the heal.
                 let quiet = now + QUIET_BEFORE_HEAL_MS >= end;
                 if now >= next_fault_ms && !quiet {
-                    start_fault(&mut sim, &mut faults, &machines, &mut rng, now, hosts);
+                    start_fault(&mut sim, &mut faults, &machines, &mut rng, now, &running);
                     next_fault_ms = now + 2_000 + rng.below(4_000);
                 }
                 if quiet && healed_at.is_none() && faults.faulty_count() == 0 {
@@ -627,7 +647,7 @@ fn simulate(seed: u64, hosts: usize, long: bool) -> String {
                     );
                 }
             } else if now >= end && healed_at.is_none() {
-                heal(&mut sim, &mut faults, now, hosts);
+                heal(&mut sim, &mut faults, now, &running);
                 healed_at = Some(now);
                 eprintln!(
                     "healed every fault at {:.1} s ({} crashes, {} partitions of which {} cut off the metadata leader)",
@@ -685,15 +705,20 @@ fn start_fault(
     machines: &[Arc<Machine>],
     rng: &mut Rng,
     now: u64,
-    hosts: usize,
+    running: &BTreeSet<usize>,
 ) {
     // The faulty hosts stay well below half.
+    let hosts = running.len();
     let budget = (hosts - 1) / 3;
     let room = budget.saturating_sub(faults.faulty_count());
     if room == 0 {
         return;
     }
-    let healthy: Vec<usize> = (1..=hosts).filter(|&m| !faults.is_faulty(m)).collect();
+    let healthy: Vec<usize> = running
+        .iter()
+        .copied()
+        .filter(|&m| !faults.is_faulty(m))
+        .collect();
     if faults.partition.is_none() && rng.below(5) < 3 {
         let mut cut = BTreeSet::new();
         let leader_side = rng.below(2) == 0;
@@ -721,7 +746,7 @@ fn start_fault(
         if cut.len() > room || cut.is_empty() {
             return;
         }
-        let others: Vec<usize> = (1..=hosts).filter(|m| !cut.contains(m)).collect();
+        let others: Vec<usize> = running.difference(&cut).copied().collect();
         for &inside in &cut {
             for &outside in &others {
                 sim.partition(name(inside), name(outside));
@@ -758,7 +783,12 @@ fn start_fault(
 }
 
 /// Restarts the crashed hosts and heals the cut whose time has come.
-fn apply_due_faults(sim: &mut turmoil::Sim, faults: &mut Faults, now: u64, hosts: usize) {
+fn apply_due_faults(
+    sim: &mut turmoil::Sim,
+    faults: &mut Faults,
+    now: u64,
+    running: &BTreeSet<usize>,
+) {
     let due: Vec<usize> = faults
         .crashed
         .iter()
@@ -772,18 +802,18 @@ fn apply_due_faults(sim: &mut turmoil::Sim, faults: &mut Faults, now: u64, hosts
         faults.end(machine, now);
     }
     if faults.partition.as_ref().is_some_and(|(_, at)| *at <= now) {
-        repair(sim, faults, now, hosts);
+        repair(sim, faults, now, running);
     }
 }
 
-fn repair(sim: &mut turmoil::Sim, faults: &mut Faults, now: u64, hosts: usize) {
+fn repair(sim: &mut turmoil::Sim, faults: &mut Faults, now: u64, running: &BTreeSet<usize>) {
     let Some((cut, _)) = faults.partition.take() else {
         return;
     };
     trace(now, format!("heal the cut of {cut:?}"));
     for &inside in &cut {
-        for outside in (1..=hosts).filter(|m| !cut.contains(m)) {
-            sim.repair(name(inside), name(outside));
+        for outside in running.difference(&cut) {
+            sim.repair(name(inside), name(*outside));
         }
     }
     for machine in cut {
@@ -791,8 +821,8 @@ fn repair(sim: &mut turmoil::Sim, faults: &mut Faults, now: u64, hosts: usize) {
     }
 }
 
-fn heal(sim: &mut turmoil::Sim, faults: &mut Faults, now: u64, hosts: usize) {
-    repair(sim, faults, now, hosts);
+fn heal(sim: &mut turmoil::Sim, faults: &mut Faults, now: u64, running: &BTreeSet<usize>) {
+    repair(sim, faults, now, running);
     let crashed: Vec<usize> = faults.crashed.keys().copied().collect();
     for machine in crashed {
         faults.crashed.remove(&machine);
