@@ -10,7 +10,7 @@ use std::time::Duration;
 use openraft::error::{
     InstallSnapshotError, NetworkError, RPCError, RaftError, RemoteError, Unreachable,
 };
-use openraft::network::{RPCOption, RaftNetwork, RaftNetworkFactory};
+use openraft::network::{Backoff, RPCOption, RaftNetwork, RaftNetworkFactory};
 use openraft::raft::{
     AppendEntriesRequest, AppendEntriesResponse, InstallSnapshotRequest, InstallSnapshotResponse,
     VoteRequest, VoteResponse,
@@ -83,7 +83,22 @@ impl RaftLink {
     }
 }
 
+/// First wait before openraft retries a member that was unreachable; it doubles up to
+/// [`UNREACHABLE_BACKOFF_MAX`], so a host that is down costs a retry (and a log line)
+/// every few seconds, not twice a second.
+const UNREACHABLE_BACKOFF_MIN: Duration = Duration::from_millis(500);
+const UNREACHABLE_BACKOFF_MAX: Duration = Duration::from_secs(4);
+
 impl RaftNetwork<Meta> for RaftLink {
+    fn backoff(&self) -> Backoff {
+        let mut wait = UNREACHABLE_BACKOFF_MIN;
+        Backoff::new(std::iter::from_fn(move || {
+            let this = wait;
+            wait = (wait * 2).min(UNREACHABLE_BACKOFF_MAX);
+            Some(this)
+        }))
+    }
+
     async fn append_entries(
         &mut self,
         rpc: AppendEntriesRequest<Meta>,

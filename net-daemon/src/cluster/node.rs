@@ -59,6 +59,8 @@ const JOIN_BACKOFF_MAX: Duration = Duration::from_secs(5);
 const DUTY_INTERVAL: Duration = Duration::from_millis(500);
 /// How often a host reports its capacity and coordinate into the NI.
 const REPORT_INTERVAL: Duration = Duration::from_secs(30);
+/// Shortest wait for a heartbeat's answer, whatever the interval.
+const HEARTBEAT_TIMEOUT_MIN: Duration = Duration::from_millis(750);
 /// Most voters of the metadata group.
 pub const MAX_VOTERS: usize = 5;
 /// A host made writable again is not judged for this long, while the observers'
@@ -610,7 +612,9 @@ impl ClusterNode {
 
     /// Heartbeats every other host each interval and reports the suspects to the leader.
     async fn liveness_loop(self: Arc<Self>) {
-        let timeout = (self.heartbeat_interval * 2).max(Duration::from_secs(1));
+        // A heartbeat still unanswered at the next round's start is a miss, so a host that
+        // stops answering is counted as fast as one that refuses connections.
+        let timeout = self.heartbeat_interval.max(HEARTBEAT_TIMEOUT_MIN);
         let mut tick = tokio::time::interval(self.heartbeat_interval);
         loop {
             tick.tick().await;
