@@ -523,7 +523,9 @@ impl ClusterNode {
         }
     }
 
-    /// Commits `command` through the metadata leader, wherever it is.
+    /// Commits `command` through the metadata leader, wherever it is. When this host
+    /// does not know the leader (or the one it knows is gone), it asks the other hosts
+    /// of its NI in turn; a host that is not the leader names the one it knows.
     pub async fn propose(&self, command: Command) -> Result<Outcome, String> {
         let member = self
             .member
@@ -531,31 +533,53 @@ impl ClusterNode {
             .ok_or("this host is not a cluster member yet")?;
         let deadline = Instant::now() + PROPOSE_TIMEOUT;
         let mut last_error = String::from("no metadata leader");
+        let mut hint: Option<String> = None;
+        let mut round = 0usize;
         while Instant::now() < deadline {
-            match member.raft.client_write(command.clone()).await {
+            let target = match member.raft.client_write(command.clone()).await {
                 Ok(response) => return Ok(response.data),
-                Err(RaftError::APIError(ClientWriteError::ForwardToLeader(forward))) => {
-                    if let Some(leader) = forward
-                        .leader_node
-                        .and_then(|n| HostAddr::new(&n.addr).ok())
-                    {
-                        let left = deadline.saturating_duration_since(Instant::now());
-                        match self
-                            .caller
-                            .call(&leader, PeerRequest::Propose(command.clone()), left)
-                            .await
-                        {
-                            Ok(PeerResponse::Proposed(outcome)) => return Ok(outcome),
-                            Ok(other) => last_error = format!("leader {leader} answered {other:?}"),
-                            Err(error) => last_error = error.to_string(),
-                        }
+                Err(RaftError::APIError(ClientWriteError::ForwardToLeader(forward))) => hint
+                    .take()
+                    .or_else(|| forward.leader_node.map(|node| node.addr))
+                    .or_else(|| self.other_host(member.host, round)),
+                Err(error) => {
+                    last_error = error.to_string();
+                    None
+                }
+            };
+            round += 1;
+            if let Some(target) = target.and_then(|addr| HostAddr::new(&addr).ok()) {
+                let left = deadline.saturating_duration_since(Instant::now());
+                let request = PeerRequest::Propose(command.clone());
+                match self.caller.call(&target, request, left).await {
+                    Ok(PeerResponse::Proposed(outcome)) => return Ok(outcome),
+                    Ok(PeerResponse::NotLeader { leader }) => {
+                        last_error = format!("{target} is not the metadata leader");
+                        hint = leader.or_else(|| self.other_host(member.host, round));
+                    }
+                    Ok(other) => last_error = format!("{target} answered {other:?}"),
+                    // The leader this host knows is gone: ask the others next time.
+                    Err(error) => {
+                        last_error = error.to_string();
+                        hint = self.other_host(member.host, round);
                     }
                 }
-                Err(error) => last_error = error.to_string(),
             }
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
         Err(format!("metadata change not committed: {last_error}"))
+    }
+
+    /// The peer address of the `round`-th other host of the NI, in host order.
+    fn other_host(&self, me: HostId, round: usize) -> Option<String> {
+        let ni = self.ni();
+        let others: Vec<&str> = ni
+            .hosts
+            .values()
+            .filter(|host| host.id != me)
+            .map(|host| host.peer_addr.as_str())
+            .collect();
+        (!others.is_empty()).then(|| others[round % others.len()].to_string())
     }
 
     /// The NI as this host last applied it (empty before it is a member).
