@@ -437,6 +437,7 @@ struct Faults {
     history: BTreeMap<usize, Vec<(u64, u64)>>,
     crashes: usize,
     partitions: usize,
+    /// Partitions whose cut side held the metadata leader and a majority of the voters.
     leader_partitions: usize,
 }
 
@@ -590,7 +591,7 @@ fn simulate(seed: u64, hosts: usize, long: bool) -> String {
         }
 
         if step.is_multiple_of(steps_per_sample) {
-            check(&machines, &faults, &shared, &mut seen);
+            check(&machines, &faults, &shared, &mut seen, now);
             shared.mailroom.sweep(now);
             if (now - epoch_ms).is_multiple_of(10_000) {
                 trace(
@@ -639,7 +640,7 @@ fn simulate(seed: u64, hosts: usize, long: bool) -> String {
                 if quiet && healed_at.is_none() && faults.faulty_count() == 0 {
                     healed_at = Some(now);
                     eprintln!(
-                        "the last fault ended at {:.1} s ({} crashes, {} partitions of which {} cut off the metadata leader)",
+                        "the last fault ended at {:.1} s ({} crashes, {} partitions, {} of them with the metadata leader and most voters on the cut side)",
                         secs(now),
                         faults.crashes,
                         faults.partitions,
@@ -650,7 +651,7 @@ fn simulate(seed: u64, hosts: usize, long: bool) -> String {
                 heal(&mut sim, &mut faults, now, &running);
                 healed_at = Some(now);
                 eprintln!(
-                    "healed every fault at {:.1} s ({} crashes, {} partitions of which {} cut off the metadata leader)",
+                    "healed every fault at {:.1} s ({} crashes, {} partitions, {} of them with the metadata leader and most voters on the cut side)",
                     (now - epoch_ms) as f64 / 1000.0,
                     faults.crashes,
                     faults.partitions,
@@ -667,7 +668,7 @@ fn simulate(seed: u64, hosts: usize, long: bool) -> String {
                     assert_no_failures(&shared, &seen);
                     return format!(
                         "converged {:.1} s (simulated) after the last fault ended, at NI version {} \
-                         with {} hosts; {} crashes, {} partitions ({} of the leader); \
+                         with {} hosts; {} crashes, {} partitions ({} with the metadata leader on the cut side); \
                          {} inactive marks checked; {} id reservations, none overlapping; \
                          {} orphan host ids",
                         took.as_secs_f64(),
@@ -721,10 +722,11 @@ fn start_fault(
         .collect();
     if faults.partition.is_none() && rng.below(5) < 3 {
         let mut cut = BTreeSet::new();
-        let leader_side = rng.below(2) == 0;
-        if leader_side {
+        let view = raft_view(machines);
+        if rng.below(2) == 0 {
             // The metadata leader and a majority of the voters, cut off from most hosts.
-            if let Some((leader, voters)) = raft_view(machines) {
+            if let Some((leader, voters)) = &view {
+                let (leader, voters) = (*leader, voters);
                 let leader_machine = machine_of_host(machines, leader);
                 if let Some(leader_machine) = leader_machine.filter(|m| healthy.contains(m)) {
                     cut.insert(leader_machine);
@@ -753,13 +755,26 @@ fn start_fault(
             }
         }
         let heal_at = now + 8_000 + rng.below(12_000);
-        trace(now, format!("cut off {cut:?} until {:.1} s", secs(heal_at)));
+        trace(
+            now,
+            format!(
+                "cut off {cut:?} until {:.1} s (metadata leader and voters: {view:?})",
+                secs(heal_at)
+            ),
+        );
         faults.partition = Some((cut.clone(), heal_at));
         for &machine in &cut {
             faults.begin(machine, now);
         }
         faults.partitions += 1;
-        if leader_side && cut.len() > 1 {
+        let holds_the_group = view.is_some_and(|(leader, voters)| {
+            let on_cut_side = |host: HostId| {
+                machine_of_host(machines, host).is_some_and(|machine| cut.contains(&machine))
+            };
+            let cut_voters = voters.iter().filter(|&&voter| on_cut_side(voter)).count();
+            on_cut_side(leader) && cut_voters > voters.len() / 2
+        });
+        if holds_the_group {
             faults.leader_partitions += 1;
         }
     } else {
@@ -860,7 +875,13 @@ fn machine_of_host(machines: &[Arc<Machine>], host: HostId) -> Option<usize> {
 
 /// Looks at every running host's NI: equal versions hold equal NIs, the id ranges tile
 /// the id space, `inactive` marks only hosts that were faulty, reservations never overlap.
-fn check(machines: &[Arc<Machine>], faults: &Faults, shared: &Shared, seen: &mut Observations) {
+fn check(
+    machines: &[Arc<Machine>],
+    faults: &Faults,
+    shared: &Shared,
+    seen: &mut Observations,
+    now: u64,
+) {
     let identities: BTreeMap<HostId, usize> = machines
         .iter()
         .filter_map(|machine| Some((node(machine)?.host_id()?, machine.index)))
@@ -908,14 +929,20 @@ fn check(machines: &[Arc<Machine>], faults: &Faults, shared: &Shared, seen: &mut
                 seen.orphans.insert(info.id);
                 continue;
             }
-            let marked = info.since_ms;
-            if !faults.faulty_during(owner, marked.saturating_sub(INACTIVE_GRACE_MS), marked) {
+            // The leader decided at `since_ms`; the mark is committed by `now` at the latest.
+            // The host must have been faulty shortly before both.
+            let decided = info.since_ms;
+            if !faults.faulty_during(owner, decided.saturating_sub(INACTIVE_GRACE_MS), decided)
+                || !faults.faulty_during(owner, now.saturating_sub(INACTIVE_GRACE_MS), now)
+            {
                 shared.fail(format!(
-                    "host {} ({}) was marked inactive at {:.1} s (NI version {}), but it was \
-                     neither crashed nor cut off in the {} s before; its faults: {:?}",
+                    "host {} ({}) was marked inactive at {:.1} s, committed by {:.1} s (NI \
+                     version {}), but it was neither crashed nor cut off in the {} s before; \
+                     its faults: {:?}",
                     info.id,
                     name(owner),
-                    (marked - EPOCH_SECS * 1000) as f64 / 1000.0,
+                    secs(decided),
+                    secs(now),
                     ni.version,
                     INACTIVE_GRACE_MS / 1000,
                     faults.history.get(&owner)
