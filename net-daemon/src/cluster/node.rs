@@ -536,7 +536,14 @@ impl ClusterNode {
         let mut hint: Option<String> = None;
         let mut round = 0usize;
         while Instant::now() < deadline {
-            let target = match member.raft.client_write(command.clone()).await {
+            // A leader that lost its quorum would wait for the partition to heal.
+            let written =
+                tokio::time::timeout_at(deadline, member.raft.client_write(command.clone()));
+            let Ok(written) = written.await else {
+                last_error = "this host's metadata group did not commit in time".into();
+                break;
+            };
+            let target = match written {
                 Ok(response) => return Ok(response.data),
                 Err(RaftError::APIError(ClientWriteError::ForwardToLeader(forward))) => hint
                     .take()
@@ -843,10 +850,15 @@ impl ClusterNode {
             if let Err(error) = self.reconcile_membership(member, &ni).await {
                 tracing::warn!(%error, "cannot update the metadata group's membership");
             }
+            // Only this leader commits its own judgements: a leader that was cut off
+            // must not hand stale ones to its successor.
             for command in self.judge(&ni) {
                 tracing::warn!(?command, "changing a host's state");
-                if let Err(error) = self.propose(command).await {
-                    tracing::warn!(%error, "host state change failed");
+                let written = member.raft.client_write(command);
+                match tokio::time::timeout(PROPOSE_TIMEOUT, written).await {
+                    Ok(Ok(_)) => {}
+                    Ok(Err(error)) => tracing::warn!(%error, "host state change failed"),
+                    Err(_) => tracing::warn!("host state change not committed in time"),
                 }
             }
         }
