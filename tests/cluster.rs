@@ -520,10 +520,10 @@ fn killing_the_metadata_leader_elects_another_within_10_s_and_joins_still_work()
                     .split(',')
                     .filter(|v| !v.is_empty())
                     .count();
-                if voters != 5 {
+                if voters != 5 || info["shoal_metadata_voters_changing"] != "0" {
                     return Err(format!(
-                        "host {i} has voters {:?}",
-                        info["shoal_metadata_voters"]
+                        "host {i} has voters {:?} (changing: {:?})",
+                        info["shoal_metadata_voters"], info["shoal_metadata_voters_changing"]
                     ));
                 }
                 seen.insert(info["shoal_metadata_leader"].clone());

@@ -620,6 +620,20 @@ impl ClusterNode {
         Some((metrics.current_leader, voters))
     }
 
+    /// Whether the metadata group is between two voter sets (a joint configuration): until
+    /// the change completes, electing a leader needs a majority of both sets.
+    pub fn voters_changing(&self) -> bool {
+        self.member.get().is_some_and(|member| {
+            let metrics = member.raft.metrics().borrow().clone();
+            metrics
+                .membership_config
+                .membership()
+                .get_joint_config()
+                .len()
+                > 1
+        })
+    }
+
     /// This host's score and round trip of each peer.
     pub fn peer_views(&self) -> BTreeMap<HostId, PeerView> {
         let liveness = lock(&self.liveness);

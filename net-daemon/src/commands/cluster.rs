@@ -95,7 +95,7 @@ fn info(node: &ClusterNode) -> String {
          cluster_known_nodes:{}\r\ncluster_size:{active}\r\ncluster_current_epoch:{}\r\n\
          cluster_my_epoch:{}\r\nshoal_phase:{}\r\nshoal_cluster_id:{:016x}\r\n\
          shoal_host_id:{}\r\nshoal_ni_version:{}\r\nshoal_ni_checksum:{:016x}\r\n\
-         shoal_metadata_leader:{}\r\nshoal_metadata_voters:{}\r\n",
+         shoal_metadata_leader:{}\r\nshoal_metadata_voters:{}\r\nshoal_metadata_voters_changing:{}\r\n",
         ni.hosts.len(),
         ni.version,
         ni.version,
@@ -110,6 +110,7 @@ fn info(node: &ClusterNode) -> String {
             .map(u64::to_string)
             .collect::<Vec<_>>()
             .join(","),
+        u8::from(node.voters_changing()),
     );
     text
 }
