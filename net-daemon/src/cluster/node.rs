@@ -35,6 +35,7 @@ use anyhow::Context;
 use openraft::error::{ClientWriteError, RaftError};
 use openraft::{BasicNode, ChangeMembers, ServerState};
 use serde::{Deserialize, Serialize};
+use shoal_shard_worker::store::free_bytes;
 use shoal_shared::config::{write_durably, Config};
 use tokio::sync::watch;
 use tokio::time::Instant;
@@ -106,8 +107,6 @@ struct Liveness {
     observer: Observer,
     coordinate: Coordinate,
     vivaldi: VivaldiConfig,
-    /// Last round trip to each peer, in microseconds.
-    rtt_us: BTreeMap<HostId, u64>,
     /// Peers with a heartbeat in flight.
     in_flight: HashSet<HostId>,
     /// The metrics every host publishes, as far as this host has heard.
@@ -196,26 +195,19 @@ pub struct ClusterNode {
     liveness: Mutex<Liveness>,
     reports: Mutex<BTreeMap<HostId, Report>>,
     listener: Mutex<Option<PeerListener>>,
-    machine: Mutex<Machine>,
-}
-
-/// What this host's machine offers, read with sysinfo.
-struct Machine {
+    /// This machine's CPU rating, read once with sysinfo.
     cpu_rating: u32,
 }
 
-impl Machine {
-    fn new() -> Machine {
-        let mut system = sysinfo::System::new();
-        system.refresh_cpu_specifics(sysinfo::CpuRefreshKind::nothing().with_frequency());
-        let mhz: u64 = system.cpus().iter().map(|cpu| cpu.frequency()).sum();
-        // Some virtual machines report no frequency: count 1 GHz per core then.
-        let cores = system.cpus().len().max(1) as u64;
-        let cpu_rating = if mhz > 0 { mhz } else { cores * 1000 };
-        Machine {
-            cpu_rating: u32::try_from(cpu_rating).unwrap_or(u32::MAX),
-        }
-    }
+/// The sum of the cores' frequencies in MHz (GHz × 1000). Some virtual machines report
+/// no frequency: each core counts as 1 GHz then.
+fn cpu_rating() -> u32 {
+    let mut system = sysinfo::System::new();
+    system.refresh_cpu_specifics(sysinfo::CpuRefreshKind::nothing().with_frequency());
+    let mhz: u64 = system.cpus().iter().map(|cpu| cpu.frequency()).sum();
+    let cores = system.cpus().len().max(1) as u64;
+    let rating = if mhz > 0 { mhz } else { cores * 1000 };
+    u32::try_from(rating).unwrap_or(u32::MAX)
 }
 
 impl ClusterNode {
@@ -299,11 +291,10 @@ impl ClusterNode {
                 }),
                 coordinate: Coordinate::default(),
                 vivaldi: VivaldiConfig::default(),
-                rtt_us: BTreeMap::new(),
                 in_flight: HashSet::new(),
                 gossip: Gossip::default(),
             }),
-            machine: Mutex::new(Machine::new()),
+            cpu_rating: cpu_rating(),
             reports: Mutex::default(),
             listener: Mutex::default(),
         }
@@ -641,9 +632,10 @@ impl ClusterNode {
             .hosts
             .keys()
             .map(|&host| {
+                let score = liveness.observer.score(host).cloned();
                 let view = PeerView {
-                    score: liveness.observer.score(host).cloned(),
-                    rtt_us: liveness.rtt_us.get(&host).copied(),
+                    rtt_us: score.as_ref().and_then(|score| score.last_rtt_us),
+                    score,
                 };
                 (host, view)
             })
@@ -727,7 +719,6 @@ impl ClusterNode {
                 liveness.gossip.merge(rumors);
                 let rtt_us = rtt.as_micros() as u64;
                 liveness.observer.on_success(peer, rtt_us, self.now_ms());
-                liveness.rtt_us.insert(peer, rtt_us);
                 let vivaldi = liveness.vivaldi.clone();
                 liveness
                     .coordinate
@@ -819,21 +810,27 @@ impl ClusterNode {
         Capacity {
             capacity_bytes: free_bytes,
             free_bytes,
-            cpu_rating: lock(&self.machine).cpu_rating,
+            cpu_rating: self.cpu_rating,
         }
     }
 
     /// This host's metrics for the gossip: free space, CPU rating, load, round trips.
     fn metrics(&self) -> Metrics {
-        let rtt_us = lock(&self.liveness)
-            .rtt_us
-            .iter()
-            .map(|(&peer, &rtt)| (peer, rtt))
-            .collect();
+        let rtt_us = {
+            let liveness = lock(&self.liveness);
+            self.ni()
+                .hosts
+                .keys()
+                .filter_map(|&peer| {
+                    let rtt = liveness.observer.score(peer)?.last_rtt_us?;
+                    Some((peer, rtt))
+                })
+                .collect()
+        };
         let load = sysinfo::System::load_average().one;
         Metrics {
             free_bytes: free_bytes(&self.data_dir).unwrap_or(0),
-            cpu_rating: lock(&self.machine).cpu_rating,
+            cpu_rating: self.cpu_rating,
             load_milli: (load * 1000.0).clamp(0.0, u32::MAX as f64) as u32,
             rtt_us,
         }
@@ -1033,16 +1030,6 @@ fn new_cluster_id(peer_addr: &str) -> u64 {
     let mut first = [0u8; 8];
     first.copy_from_slice(&digest[..8]);
     u64::from_be_bytes(first).max(1)
-}
-
-/// Bytes available on the filesystem holding `path`.
-fn free_bytes(path: &Path) -> Option<u64> {
-    use std::os::unix::ffi::OsStrExt;
-    let path = std::ffi::CString::new(path.as_os_str().as_bytes()).ok()?;
-    let mut stat: libc::statvfs = unsafe { std::mem::zeroed() };
-    // SAFETY: `path` is a valid NUL-terminated string and `stat` a valid out-pointer.
-    let rc = unsafe { libc::statvfs(path.as_ptr(), &mut stat) };
-    (rc == 0).then(|| stat.f_bavail as u64 * stat.f_frsize as u64)
 }
 
 fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
