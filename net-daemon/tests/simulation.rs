@@ -348,6 +348,9 @@ async fn run_host(machine: Arc<Machine>, shared: Arc<Shared>, seed: u64) -> turm
         heartbeat_interval: HEARTBEAT_INTERVAL,
         suspect_threshold: SUSPECT_THRESHOLD,
         offline_threshold_ms: OFFLINE_THRESHOLD_MS,
+        partitions: 16,
+        capacity_bytes: 1 << 30,
+        max_fill_ratio: 0.9,
     };
     let node = ClusterNode::start_with(
         settings,

@@ -67,6 +67,8 @@ pub struct ClusterSection {
     /// A host unreachable for longer than this, in seconds, loses the unused part of its
     /// id ranges.
     pub offline_threshold_secs: u64,
+    /// Share of its capacity past which a host gets no new partitions (0 to 1).
+    pub max_fill_ratio: f64,
 }
 
 impl Default for ClusterSection {
@@ -79,6 +81,7 @@ impl Default for ClusterSection {
             heartbeat_interval_ms: 500,
             suspect_threshold: 8.0,
             offline_threshold_secs: 24 * 3600,
+            max_fill_ratio: 0.9,
         }
     }
 }
@@ -97,6 +100,7 @@ pub struct ClusterConfig {
     pub heartbeat_interval_ms: u64,
     pub suspect_threshold: f64,
     pub offline_threshold_secs: u64,
+    pub max_fill_ratio: f64,
 }
 
 /// Fewest bytes a cluster secret may have.
@@ -160,6 +164,9 @@ pub struct StorageSection {
     pub log_retention_entries: u64,
     /// Age, in seconds, past which commit-log entries are trimmed. 0 keeps entries of any age.
     pub log_retention_secs: u64,
+    /// Bytes this host offers the cluster for data; partitions are placed in proportion to
+    /// it. 0 means the free space of the data dir's filesystem plus what Shoal already uses.
+    pub capacity_bytes: u64,
 }
 
 /// `[supervisor]`: child restarts and shutdown.
@@ -227,6 +234,7 @@ impl Default for StorageSection {
             flush_interval_ms: 1000,
             log_retention_entries: 1_000_000,
             log_retention_secs: 7 * 24 * 3600,
+            capacity_bytes: 0,
         }
     }
 }
@@ -583,6 +591,15 @@ fn validate_cluster(
             "must be at least 1".into(),
         ));
     }
+    if !(section.max_fill_ratio > 0.0 && section.max_fill_ratio <= 1.0) {
+        return Err(bad(
+            "cluster.max_fill_ratio",
+            format!(
+                "must be above 0 and at most 1, got {}",
+                section.max_fill_ratio
+            ),
+        ));
+    }
     Ok(ClusterConfig {
         seeds: section.seeds,
         peer_listen,
@@ -591,6 +608,7 @@ fn validate_cluster(
         heartbeat_interval_ms: section.heartbeat_interval_ms,
         suspect_threshold: section.suspect_threshold,
         offline_threshold_secs: section.offline_threshold_secs,
+        max_fill_ratio: section.max_fill_ratio,
     })
 }
 
@@ -838,6 +856,8 @@ mod tests {
         assert_eq!(err.key, "cluster.suspect_threshold");
         let err = cluster_error(&format!("[cluster]\n{secret}heartbeat_interval_ms = 0\n"));
         assert_eq!(err.key, "cluster.heartbeat_interval_ms");
+        let err = cluster_error(&format!("[cluster]\n{secret}max_fill_ratio = 1.5\n"));
+        assert_eq!(err.key, "cluster.max_fill_ratio");
     }
 
     #[test]

@@ -35,6 +35,7 @@ pub enum PeerRequest {
     Join {
         peer_addr: String,
         client_addr: String,
+        partitions: u16,
     },
     /// A command for the metadata leader to commit. Answered by
     /// [`PeerResponse::Proposed`], or [`PeerResponse::NotLeader`].

@@ -11,6 +11,7 @@
 //!
 //! Modules:
 //! - [`ni`]: the network information and the commands that change it.
+//! - [`placement`]: which host should own each partition, weighted by capacity.
 //! - [`ranges`]: the id ranges of the hosts (sponsor splits, reservations, reclaims).
 //! - [`liveness`]: unreliability scores per peer and the agreement rule for `inactive`.
 //! - [`coords`]: Vivaldi network coordinates (latency estimates between hosts).
@@ -31,6 +32,7 @@ pub mod messages;
 pub mod network;
 pub mod ni;
 pub mod node;
+pub mod placement;
 pub mod raft_store;
 pub mod ranges;
 pub mod transport;

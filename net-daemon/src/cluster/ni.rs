@@ -52,6 +52,8 @@ pub struct Capacity {
     pub capacity_bytes: u64,
     /// Free bytes on its data dir's filesystem.
     pub free_bytes: u64,
+    /// Bytes its shards take on disk.
+    pub used_bytes: u64,
     /// Relative CPU speed (cores × MHz / 1000).
     pub cpu_rating: u32,
 }
@@ -72,22 +74,38 @@ pub struct HostInfo {
     pub capacity: Capacity,
     /// Its network coordinate, as it last reported it.
     pub coordinate: Coordinate,
+    /// It is handing its partitions off before it is removed (`shoal leave`).
+    pub leaving: bool,
+}
+
+/// Who holds one partition.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PartitionEntry {
+    /// The host that serves the partition.
+    pub owner: HostId,
+    /// Raised by every change of this entry; requests between hosts carry it.
+    pub epoch: u64,
+    /// The host the partition is moving to, while a handoff runs.
+    pub target: Option<HostId>,
 }
 
 /// A change to the NI, proposed by one host and applied by all.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub enum Command {
-    /// Starts the cluster: `FOUNDER` gets the whole id space.
+    /// Starts the cluster: `FOUNDER` gets the whole id space and all `partitions`.
     Found {
         cluster_id: u64,
         peer_addr: String,
         client_addr: String,
+        partitions: u16,
         now_ms: u64,
     },
     /// Accepts a new host, sponsored by `sponsor` (the host it asked), and gives it a range.
+    /// Refused when the host's partition count differs from the cluster's.
     Join {
         peer_addr: String,
         client_addr: String,
+        partitions: u16,
         sponsor: HostId,
         now_ms: u64,
     },
@@ -113,6 +131,24 @@ pub enum Command {
         capacity: Capacity,
         coordinate: Coordinate,
     },
+    /// Starts moving `partition` to `to`; applies only at `epoch` and when no move runs.
+    PlanMove {
+        partition: u16,
+        to: HostId,
+        epoch: u64,
+    },
+    /// The move of `partition` to `to` is done: `to` owns it. Applies only at `epoch`.
+    CompleteMove {
+        partition: u16,
+        to: HostId,
+        epoch: u64,
+    },
+    /// Gives up the move of `partition`; the owner keeps it. Applies only at `epoch`.
+    AbortMove { partition: u16, epoch: u64 },
+    /// The host hands off all its partitions and is then removed.
+    Leave { host: HostId },
+    /// Removes a host that owns no partition and receives none.
+    Remove { host: HostId },
 }
 
 /// What applying a command answers its proposer.
@@ -143,6 +179,8 @@ pub struct NetworkInfo {
     pub ids: Option<IdSpace>,
     /// The id the next accepted host gets.
     pub next_host_id: HostId,
+    /// The owner of each partition; empty before `Found`.
+    pub partitions: Vec<PartitionEntry>,
 }
 
 impl NetworkInfo {
@@ -162,6 +200,7 @@ impl NetworkInfo {
                 cluster_id,
                 peer_addr,
                 client_addr,
+                partitions,
                 now_ms,
             } => {
                 if self.cluster_id != 0 {
@@ -175,14 +214,30 @@ impl NetworkInfo {
                 self.next_host_id = FOUNDER + 1;
                 self.hosts
                     .insert(FOUNDER, new_host(FOUNDER, peer_addr, client_addr, *now_ms));
+                self.partitions = vec![
+                    PartitionEntry {
+                        owner: FOUNDER,
+                        epoch: 1,
+                        target: None,
+                    };
+                    usize::from(*partitions)
+                ];
                 Ok(Outcome::Done)
             }
             Command::Join {
                 peer_addr,
                 client_addr,
+                partitions,
                 sponsor,
                 now_ms,
             } => {
+                if usize::from(*partitions) != self.partitions.len() {
+                    return Err(format!(
+                        "the cluster has {} partitions and this host is configured with {partitions} \
+                         (storage.partitions must be equal on every host)",
+                        self.partitions.len()
+                    ));
+                }
                 let host = self.next_host_id;
                 let ids = self.ids_mut()?;
                 let range = match ids.sponsor_split(*sponsor, host) {
@@ -272,7 +327,92 @@ impl NetworkInfo {
                 info.coordinate = coordinate.clone();
                 Ok(Outcome::Done)
             }
+            Command::PlanMove {
+                partition,
+                to,
+                epoch,
+            } => {
+                if !self.hosts.contains_key(to) {
+                    return Err(format!("no host {to} in the cluster"));
+                }
+                let entry = self.partition_at(*partition, *epoch)?;
+                if entry.target.is_some() || entry.owner == *to {
+                    return Err(format!("partition {partition} cannot move to host {to} now"));
+                }
+                entry.target = Some(*to);
+                entry.epoch += 1;
+                Ok(Outcome::Done)
+            }
+            Command::CompleteMove {
+                partition,
+                to,
+                epoch,
+            } => {
+                let entry = self.partition_at(*partition, *epoch)?;
+                if entry.target != Some(*to) {
+                    return Err(format!("partition {partition} is not moving to host {to}"));
+                }
+                entry.owner = *to;
+                entry.target = None;
+                entry.epoch += 1;
+                Ok(Outcome::Done)
+            }
+            Command::AbortMove { partition, epoch } => {
+                let entry = self.partition_at(*partition, *epoch)?;
+                if entry.target.is_none() {
+                    return Err(format!("partition {partition} is not moving"));
+                }
+                entry.target = None;
+                entry.epoch += 1;
+                Ok(Outcome::Done)
+            }
+            Command::Leave { host } => {
+                let info = self.host_mut(*host)?;
+                if info.leaving {
+                    return Err(format!("host {host} is already leaving"));
+                }
+                info.leaving = true;
+                Ok(Outcome::Done)
+            }
+            Command::Remove { host } => {
+                self.host_mut(*host)?;
+                if self
+                    .partitions
+                    .iter()
+                    .any(|entry| entry.owner == *host || entry.target == Some(*host))
+                {
+                    return Err(format!("host {host} still holds partitions"));
+                }
+                // Its used ids stay recorded under its id, so no one issues them again.
+                let _ = self.ids_mut()?.reclaim_unused(*host);
+                self.hosts.remove(host);
+                Ok(Outcome::Done)
+            }
         }
+    }
+
+    /// The entry of `partition`, if its epoch is still `epoch`.
+    fn partition_at(&mut self, partition: u16, epoch: u64) -> Result<&mut PartitionEntry, String> {
+        let entry = self
+            .partitions
+            .get_mut(usize::from(partition))
+            .ok_or_else(|| format!("no partition {partition}"))?;
+        if entry.epoch != epoch {
+            return Err(format!(
+                "partition {partition} is at epoch {}, not {epoch}",
+                entry.epoch
+            ));
+        }
+        Ok(entry)
+    }
+
+    /// The partitions `host` owns.
+    pub fn owned_by(&self, host: HostId) -> impl Iterator<Item = u16> + '_ {
+        self.partitions
+            .iter()
+            .enumerate()
+            .filter(move |(_, entry)| entry.owner == host)
+            .map(|(p, _)| p as u16)
     }
 
     fn host_mut(&mut self, host: HostId) -> Result<&mut HostInfo, String> {
@@ -325,6 +465,7 @@ fn new_host(id: HostId, peer_addr: &str, client_addr: &str, now_ms: u64) -> Host
         joined_ms: now_ms,
         capacity: Capacity::default(),
         coordinate: Coordinate::default(),
+        leaving: false,
     }
 }
 
@@ -338,6 +479,7 @@ mod tests {
             cluster_id: 7,
             peer_addr: "127.0.0.1:7380".into(),
             client_addr: "127.0.0.1:7379".into(),
+            partitions: 16,
             now_ms: 1,
         });
         assert_eq!(outcome, Outcome::Done);
@@ -348,6 +490,7 @@ mod tests {
         match ni.apply(&Command::Join {
             peer_addr: addr.into(),
             client_addr: String::new(),
+            partitions: 16,
             sponsor,
             now_ms: 2,
         }) {
@@ -390,6 +533,7 @@ mod tests {
                 cluster_id: 8,
                 peer_addr: String::new(),
                 client_addr: String::new(),
+                partitions: 16,
                 now_ms: 5
             }),
             Outcome::Refused(_)
@@ -452,5 +596,87 @@ mod tests {
         assert_eq!(a.checksum(), b.checksum());
         a.apply(&Command::ReserveIds { host: 2, count: 1 });
         assert_ne!(a.checksum(), b.checksum());
+    }
+
+    #[test]
+    fn moves_follow_the_epoch_and_hosts_leave_only_empty() {
+        let mut ni = founded();
+        let (host, _) = join(&mut ni, FOUNDER, "127.0.0.2:7380");
+        assert_eq!(ni.owned_by(FOUNDER).count(), 16);
+        let plan = Command::PlanMove {
+            partition: 3,
+            to: host,
+            epoch: 1,
+        };
+        assert_eq!(ni.apply(&plan), Outcome::Done);
+        // A stale or repeated command is refused.
+        assert!(matches!(ni.apply(&plan), Outcome::Refused(_)));
+        assert!(matches!(
+            ni.apply(&Command::CompleteMove {
+                partition: 3,
+                to: host,
+                epoch: 1
+            }),
+            Outcome::Refused(_)
+        ));
+        assert!(matches!(
+            ni.apply(&Command::Remove { host }),
+            Outcome::Refused(_)
+        ));
+        let complete = Command::CompleteMove {
+            partition: 3,
+            to: host,
+            epoch: 2,
+        };
+        assert_eq!(ni.apply(&complete), Outcome::Done);
+        assert_eq!(
+            ni.partitions[3],
+            PartitionEntry {
+                owner: host,
+                epoch: 3,
+                target: None
+            }
+        );
+        // An aborted move leaves the owner in place.
+        ni.apply(&Command::PlanMove {
+            partition: 4,
+            to: host,
+            epoch: 1,
+        });
+        assert_eq!(
+            ni.apply(&Command::AbortMove {
+                partition: 4,
+                epoch: 2
+            }),
+            Outcome::Done
+        );
+        assert_eq!(ni.partitions[4].owner, FOUNDER);
+        assert_eq!(ni.apply(&Command::Leave { host }), Outcome::Done);
+        assert!(ni.hosts[&host].leaving);
+        ni.apply(&Command::PlanMove {
+            partition: 3,
+            to: FOUNDER,
+            epoch: 3,
+        });
+        ni.apply(&Command::CompleteMove {
+            partition: 3,
+            to: FOUNDER,
+            epoch: 4,
+        });
+        assert_eq!(ni.apply(&Command::Remove { host }), Outcome::Done);
+        assert!(!ni.hosts.contains_key(&host));
+    }
+
+    #[test]
+    fn a_host_with_another_partition_count_cannot_join() {
+        let mut ni = founded();
+        let outcome = ni.apply(&Command::Join {
+            peer_addr: "127.0.0.2:7380".into(),
+            client_addr: String::new(),
+            partitions: 256,
+            sponsor: FOUNDER,
+            now_ms: 2,
+        });
+        assert!(matches!(outcome, Outcome::Refused(reason) if reason.contains("storage.partitions")));
     }
 }

@@ -46,6 +46,7 @@ use super::liveness::{decide_inactive, LivenessConfig, Observer, Score, Suspicio
 use super::messages::{PeerRequest, PeerResponse};
 use super::network::RaftPeers;
 use super::ni::{Capacity, Command, HostState, NetworkInfo, Outcome, FOUNDER};
+use super::placement::{desired_owners, next_moves, Candidate};
 use super::raft_store::memory::MemoryMetaStore;
 use super::raft_store::{open_meta_store, AppliedState, MetaRaft, MetaStoreOptions};
 use super::transport::{Clock, PeerCaller, WallClock};
@@ -69,6 +70,8 @@ pub const MAX_VOTERS: usize = 5;
 const REJOIN_GRACE_MS: u64 = 10_000;
 /// A learner this close to the leader's log counts as caught up and may become a voter.
 const CAUGHT_UP_ENTRIES: u64 = 16;
+/// Most partition moves running at once in the whole cluster.
+const MAX_MOVES_IN_FLIGHT: usize = 4;
 
 /// What this host remembers of its membership across restarts.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -143,6 +146,12 @@ pub struct NodeSettings {
     pub heartbeat_interval: Duration,
     pub suspect_threshold: f64,
     pub offline_threshold_ms: u64,
+    /// `storage.partitions`: equal on every host of a cluster.
+    pub partitions: u16,
+    /// `storage.capacity_bytes` (0: measured).
+    pub capacity_bytes: u64,
+    /// `cluster.max_fill_ratio`.
+    pub max_fill_ratio: f64,
 }
 
 impl NodeSettings {
@@ -162,6 +171,9 @@ impl NodeSettings {
             heartbeat_interval: Duration::from_millis(cluster.heartbeat_interval_ms),
             suspect_threshold: cluster.suspect_threshold,
             offline_threshold_ms: cluster.offline_threshold_secs.saturating_mul(1000),
+            partitions: config.storage.partitions,
+            capacity_bytes: config.storage.capacity_bytes,
+            max_fill_ratio: cluster.max_fill_ratio,
         }
     }
 }
@@ -185,6 +197,9 @@ pub struct ClusterNode {
     client_addr: String,
     heartbeat_interval: Duration,
     offline_threshold_ms: u64,
+    partitions: u16,
+    capacity_bytes: u64,
+    max_fill_ratio: f64,
     caller: Arc<dyn PeerCaller>,
     clock: Arc<dyn Clock>,
     /// Taken when the host becomes a member.
@@ -279,6 +294,9 @@ impl ClusterNode {
             client_addr: settings.client_addr,
             heartbeat_interval: settings.heartbeat_interval,
             offline_threshold_ms: settings.offline_threshold_ms,
+            partitions: settings.partitions,
+            capacity_bytes: settings.capacity_bytes,
+            max_fill_ratio: settings.max_fill_ratio,
             caller,
             clock,
             store: Mutex::new(Some(store)),
@@ -410,6 +428,7 @@ impl ClusterNode {
                 let request = PeerRequest::Join {
                     peer_addr: self.peer_addr.clone(),
                     client_addr: self.client_addr.clone(),
+                    partitions: self.partitions,
                 };
                 match self.caller.call(&addr, request, PROPOSE_TIMEOUT).await {
                     Ok(PeerResponse::Joined {
@@ -457,10 +476,12 @@ impl ClusterNode {
             PeerRequest::Join {
                 peer_addr,
                 client_addr,
+                partitions,
             } => {
                 let command = Command::Join {
                     peer_addr: peer_addr.clone(),
                     client_addr,
+                    partitions,
                     sponsor: member.host,
                     now_ms: self.now_ms(),
                 };
@@ -773,6 +794,7 @@ impl ClusterNode {
                     cluster_id: member.cluster_id,
                     peer_addr: self.peer_addr.clone(),
                     client_addr: self.client_addr.clone(),
+                    partitions: self.partitions,
                     now_ms: self.now_ms(),
                 })
             } else if let Some(me) = ni.hosts.get(&member.host) {
@@ -786,9 +808,14 @@ impl ClusterNode {
                     })
                 } else if last_report.is_none_or(|at| at.elapsed() >= REPORT_INTERVAL) {
                     last_report = Some(Instant::now());
+                    let mut capacity = self.capacity();
+                    capacity.capacity_bytes = steady_capacity(
+                        capacity.capacity_bytes,
+                        me.capacity.capacity_bytes,
+                    );
                     Some(Command::Report {
                         host: member.host,
-                        capacity: self.capacity(),
+                        capacity,
                         coordinate: self.coordinate(),
                     })
                 } else {
@@ -807,9 +834,15 @@ impl ClusterNode {
 
     fn capacity(&self) -> Capacity {
         let free_bytes = free_bytes(&self.data_dir).unwrap_or(0);
+        let used_bytes = used_bytes(&self.data_dir);
+        let capacity_bytes = match self.capacity_bytes {
+            0 => free_bytes + used_bytes,
+            configured => configured,
+        };
         Capacity {
-            capacity_bytes: free_bytes,
+            capacity_bytes,
             free_bytes,
+            used_bytes,
             cpu_rating: self.cpu_rating,
         }
     }
@@ -863,8 +896,15 @@ impl ClusterNode {
             }
             // Only this leader commits its own judgements: a leader that was cut off
             // must not hand stale ones to its successor.
-            for command in self.judge(&ni) {
-                tracing::warn!(?command, "changing a host's state");
+            let mut commands = self.judge(&ni);
+            commands.extend(self.place(&ni));
+            for command in commands {
+                match command {
+                    Command::SetState { .. } | Command::Reclaim { .. } => {
+                        tracing::warn!(?command, "changing a host's state")
+                    }
+                    _ => tracing::info!(?command, "changing the partition table"),
+                }
                 let written = member.raft.client_write(command);
                 match tokio::time::timeout(PROPOSE_TIMEOUT, written).await {
                     Ok(Ok(_)) => {}
@@ -946,6 +986,21 @@ impl ClusterNode {
                 .change_membership(ChangeMembers::ReplaceAllVoters(wanted), true)
                 .await
                 .map_err(|e| e.to_string())?;
+            return Ok(());
+        }
+        // Hosts removed from the NI (they left) leave the group once they are no voters.
+        let removed: BTreeSet<HostId> = nodes
+            .keys()
+            .copied()
+            .filter(|host| !ni.hosts.contains_key(host) && !voters.contains(host))
+            .collect();
+        if !removed.is_empty() {
+            tracing::info!(?removed, "removing hosts that left from the metadata group");
+            member
+                .raft
+                .change_membership(ChangeMembers::RemoveNodes(removed), true)
+                .await
+                .map_err(|e| e.to_string())?;
         }
         Ok(())
     }
@@ -1004,6 +1059,87 @@ impl ClusterNode {
             }
         }
         commands
+    }
+
+    /// The partition moves and host removals that placement calls for (see
+    /// [`super::placement`]): moves toward the desired owners, at most
+    /// [`MAX_MOVES_IN_FLIGHT`] at once; moves whose target is gone given up; leaving hosts
+    /// that hold nothing any more removed.
+    fn place(&self, ni: &NetworkInfo) -> Vec<Command> {
+        let mut commands = Vec::new();
+        for (partition, entry) in ni.partitions.iter().enumerate() {
+            let target_gone = entry.target.is_some_and(|target| {
+                ni.hosts
+                    .get(&target)
+                    .is_none_or(|host| host.state == HostState::Inactive)
+            });
+            if target_gone {
+                commands.push(Command::AbortMove {
+                    partition: partition as u16,
+                    epoch: entry.epoch,
+                });
+            }
+        }
+        let candidates: Vec<Candidate> = ni
+            .hosts
+            .values()
+            .filter(|host| host.state != HostState::Inactive)
+            .map(|host| {
+                let capacity = &host.capacity;
+                let fill = capacity.used_bytes as f64 / capacity.capacity_bytes.max(1) as f64;
+                Candidate {
+                    host: host.id,
+                    weight: capacity.capacity_bytes >> 20,
+                    receives: host.state == HostState::Write
+                        && !host.leaving
+                        && fill < self.max_fill_ratio,
+                    keeps: !host.leaving,
+                }
+            })
+            .collect();
+        let desired = desired_owners(&ni.partitions, &candidates);
+        for (partition, to) in next_moves(&ni.partitions, &desired, MAX_MOVES_IN_FLIGHT) {
+            commands.push(Command::PlanMove {
+                partition,
+                to,
+                epoch: ni.partitions[usize::from(partition)].epoch,
+            });
+        }
+        for host in ni.hosts.values().filter(|host| host.leaving) {
+            let holds = ni
+                .partitions
+                .iter()
+                .any(|entry| entry.owner == host.id || entry.target == Some(host.id));
+            if !holds {
+                commands.push(Command::Remove { host: host.id });
+            }
+        }
+        commands
+    }
+}
+
+/// Bytes the shards' LMDB files take on disk.
+fn used_bytes(data_dir: &Path) -> u64 {
+    use std::os::unix::fs::MetadataExt;
+    let Ok(entries) = std::fs::read_dir(data_dir) else {
+        return 0;
+    };
+    entries
+        .flatten()
+        .filter(|entry| entry.file_name().to_string_lossy().starts_with("shard-"))
+        .filter_map(|entry| std::fs::metadata(entry.path().join("data.mdb")).ok())
+        .map(|meta| meta.blocks() * 512)
+        .sum()
+}
+
+/// The capacity to report: the measured one, unless it is within 10% of what the NI holds
+/// (free space drifts all the time; placement should not follow every drift).
+fn steady_capacity(measured: u64, recorded: u64) -> u64 {
+    let drift = measured.abs_diff(recorded);
+    if recorded > 0 && drift <= recorded / 10 {
+        recorded
+    } else {
+        measured
     }
 }
 
