@@ -43,6 +43,9 @@ pub fn worker_error(error: &WorkerError) -> Reply {
             "ERR partition {partition}'s log was trimmed through commit {trimmed_through} by log retention"
         )),
         WorkerError::Storage(message) => Reply::error(format!("ERR storage error: {message}")),
+        WorkerError::PartitionMoved { partition } => Reply::error(format!(
+            "TRYAGAIN partition {partition} is moving to another host; nothing was written"
+        )),
     }
 }
 

@@ -39,9 +39,14 @@
 //! "layout"                → partitions u16 ++ workers u16 (as created)
 //! "ids_high_water"        → u64: every id this shard's blocks cover is below it
 //! "p" ++ partition u16    → last_commit_id u64 ++ mtime_ms u64 ++ trimmed_through u64
+//! "fence" ++ partition u16 → empty: the partition is fenced (moving to or from another host)
 //! ```
 //! `trimmed_through` is the highest commit id that log retention has removed
 //! (0 if none): the log of the partition holds every entry above it.
+//!
+//! A fence entry is `66 65 6e 63 65` ("fence") then the partition, big-endian: 7
+//! bytes. It exists only while the partition is fenced; no other `meta` key starts
+//! with "fence", and fence entries are never part of a partition's exported records.
 
 use shoal_shared::frame::{ChangeType, Collection, LogEntry, Partition};
 use shoal_shared::limits::{
@@ -262,6 +267,28 @@ pub fn partition_meta_key(partition: Partition) -> [u8; 3] {
     [b'p', high, low]
 }
 
+/// Prefix of a fence entry in `meta`.
+pub const META_FENCE_PREFIX: &[u8] = b"fence";
+
+/// `"fence" ++ partition`.
+pub fn fence_key(partition: Partition) -> [u8; 7] {
+    let mut out = [0; 7];
+    out[..5].copy_from_slice(META_FENCE_PREFIX);
+    out[5..].copy_from_slice(&partition.to_be_bytes());
+    out
+}
+
+/// The partition of a fence entry's key.
+pub fn decode_fence_key(raw: &[u8]) -> Result<Partition, CorruptError> {
+    match raw.strip_prefix(META_FENCE_PREFIX) {
+        Some([high, low]) => Ok(u16::from_be_bytes([*high, *low])),
+        _ => Err(corrupt(
+            "fence entry",
+            format!("key of {} bytes, expected 7", raw.len()),
+        )),
+    }
+}
+
 /// A partition's entry in `meta`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub struct PartitionMeta {
@@ -424,5 +451,23 @@ mod tests {
         );
         assert!(expiry_key(99, 1, 2, b"z") < expiry_key(100, 0, 0, b"a"));
         assert!(decode_expiry_key(b"short").is_err());
+    }
+
+    #[test]
+    fn fence_keys_round_trip_and_stay_apart_from_partition_entries() {
+        let key = fence_key(0x0102);
+        assert_eq!(key, [b'f', b'e', b'n', b'c', b'e', 1, 2]);
+        assert_eq!(decode_fence_key(&key).unwrap(), 0x0102);
+        assert!(decode_fence_key(b"fence\x01").is_err());
+        assert!(decode_fence_key(b"fence\x01\x02\x03").is_err());
+        assert!(!key.starts_with(b"p"));
+        for other in [
+            META_FORMAT_VERSION,
+            META_SHARD_ID,
+            META_LAYOUT,
+            META_IDS_HIGH_WATER,
+        ] {
+            assert!(!other.starts_with(META_FENCE_PREFIX));
+        }
     }
 }

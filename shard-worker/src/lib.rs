@@ -4,9 +4,11 @@
 //! reads request frames, and applies them in group commits: everything waiting
 //! on the queue goes into one write transaction, committed and synced once,
 //! and only then are the replies sent. Requests on keys locked by a prepared
-//! transaction wait (in order) until it resolves. A backup request is handed
-//! to a thread of its own, which copies the environment from a read snapshot
-//! while the group commits go on. Between batches it expires
+//! transaction wait (in order) until it resolves. A partition being handed
+//! over to or from another host can be fenced: the store then refuses client
+//! writes to it while the net-daemon copies it and replays its log. A backup
+//! request is handed to a thread of its own, which copies the environment from
+//! a read snapshot while the group commits go on. Between batches it expires
 //! keys through the expiry index and trims the commit log. It reports its
 //! state and counters in its slot of the status table.
 //!

@@ -117,6 +117,29 @@ pub enum TxOutcome {
     },
 }
 
+/// The database of a shard environment that a raw [`Record`] belongs to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum RecordTable {
+    /// `c<N>`: the keys and values of collection N.
+    Collection(u16),
+    /// `log`: the commit log.
+    Log,
+    /// `meta`: the partition's entry (last commit id, mtime, trimmed log).
+    Meta,
+    /// `expiry`: the index of keys with a time to live.
+    Expiry,
+}
+
+/// One raw record of a partition: its table, its stored key and its stored value, byte for byte.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Record {
+    pub table: RecordTable,
+    #[serde(with = "serde_bytes")]
+    pub key: Vec<u8>,
+    #[serde(with = "serde_bytes")]
+    pub value: Vec<u8>,
+}
+
 /// A request from the net-daemon to a shard-worker. All keys of one request
 /// belong to partitions of that worker.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -270,6 +293,35 @@ pub enum WorkerRequest {
     /// from one read snapshot, without pausing the group commit. → `Backup`, sent when the
     /// copy is on disk; it can take far longer than other requests.
     Backup { dir: String },
+    /// Reads the raw records of `partition` from the stored key `from` (inclusive) of its
+    /// table on, about `max_bytes` of them (the worker lowers it to
+    /// [`crate::limits::MAX_EXPORT_CHUNK_BYTES`], and always returns at least one record if
+    /// any is left). → `Records`, whose `next` is where the following chunk starts (`None`:
+    /// the partition is complete). Ignores the fence: it serves a handoff.
+    ExportPartition {
+        partition: Partition,
+        #[serde(with = "record_cursor")]
+        from: Option<(RecordTable, Vec<u8>)>,
+        max_bytes: u32,
+    },
+    /// Writes raw records as they are (a chunk that `ExportPartition` read on another
+    /// host). → `Ok`. Ignores the fence.
+    ImportRecords { records: Vec<Record> },
+    /// Replays, in order, commit-log entries that another host wrote, keeping their commit
+    /// ids; an entry already applied changes nothing, so a replay may overlap a copy.
+    /// → `Ok`. Ignores the fence.
+    ApplyLog { entries: Vec<LogEntry> },
+    /// Deletes every record of `partition` (data, log, meta entry, expiry index). → `Ok`,
+    /// or `Error(Locked)` while a prepared transaction locks keys of it. Ignores the fence
+    /// (and keeps it).
+    ClearPartition { partition: Partition },
+    /// Fences `partition` (client writes to it are refused with `PartitionMoved`; FLUSH,
+    /// DBSIZE, SCAN, KEYS and expiry skip it) or lifts the fence. Durable. → `Ok`, or
+    /// `Error(Locked)` when fencing a partition in which a prepared transaction still locks
+    /// keys (the caller retries later).
+    SetFence { partition: Partition, fenced: bool },
+    /// → `Partitions`: the fenced partitions, ascending.
+    Fences,
 }
 
 impl WorkerRequest {
@@ -293,6 +345,8 @@ impl WorkerRequest {
                 | WorkerRequest::LastCommitIds
                 | WorkerRequest::IdHighWater
                 | WorkerRequest::Backup { .. }
+                | WorkerRequest::ExportPartition { .. }
+                | WorkerRequest::Fences
         )
     }
 
@@ -309,7 +363,31 @@ impl WorkerRequest {
                     _ => op.key.bytes.len(),
                 })
                 .sum(),
+            ImportRecords { records } => records
+                .iter()
+                .map(|record| record.key.len() + record.value.len())
+                .sum(),
+            ApplyLog { entries } => entries
+                .iter()
+                .map(|entry| 2 * entry.key.len() + 2 * entry.data.len())
+                .sum(),
             _ => 0,
+        }
+    }
+
+    /// The partitions whose data a client write changes: the partitions a fence closes
+    /// this request to. Empty for reads, for the phase two of a prepared transaction
+    /// (`Commit`, `Abort`), for FLUSH (which skips fenced partitions instead) and for the
+    /// requests of a handoff.
+    pub fn client_write_partitions(&self) -> Vec<Partition> {
+        match self {
+            WorkerRequest::Prepare { ops, .. } => ops.iter().map(|op| op.key.partition).collect(),
+            other if other.is_write() => other
+                .keys()
+                .into_iter()
+                .map(|(_, key)| key.partition)
+                .collect(),
+            _ => Vec::new(),
         }
     }
 
@@ -376,6 +454,15 @@ pub enum WorkerResponse {
     Log(Vec<LogEntry>),
     /// The copy a `Backup` request made.
     Backup(crate::backup::ShardBackup),
+    /// A chunk of a partition's raw records (`ExportPartition`), and where the next chunk
+    /// starts (`None`: the partition is complete).
+    Records {
+        records: Vec<Record>,
+        #[serde(with = "record_cursor")]
+        next: Option<(RecordTable, Vec<u8>)>,
+    },
+    /// Partitions, ascending (`Fences`).
+    Partitions(Vec<Partition>),
     Error(WorkerError),
 }
 
@@ -419,6 +506,9 @@ pub enum WorkerError {
     },
     /// The storage engine failed; nothing of this request was applied.
     Storage(String),
+    /// The partition is fenced on this worker: it is moving to another host, or this host
+    /// no longer owns it. Nothing of the request was applied.
+    PartitionMoved { partition: Partition },
 }
 
 /// What a commit-log entry records.
@@ -469,6 +559,31 @@ pub struct LogEntry {
     /// The new value (empty for a delete).
     #[serde(with = "serde_bytes")]
     pub data: Vec<u8>,
+}
+
+/// A position in a partition's export, `(table, stored key)`, with the key encoded as
+/// bytes (as `serde_bytes` does for a plain `Vec<u8>` field).
+mod record_cursor {
+    use serde::{Deserialize, Deserializer, Serialize, Serializer};
+
+    use super::RecordTable;
+
+    pub fn serialize<S: Serializer>(
+        cursor: &Option<(RecordTable, Vec<u8>)>,
+        serializer: S,
+    ) -> Result<S::Ok, S::Error> {
+        cursor
+            .as_ref()
+            .map(|(table, key)| (*table, serde_bytes::Bytes::new(key)))
+            .serialize(serializer)
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(
+        deserializer: D,
+    ) -> Result<Option<(RecordTable, Vec<u8>)>, D::Error> {
+        let cursor = Option::<(RecordTable, serde_bytes::ByteBuf)>::deserialize(deserializer)?;
+        Ok(cursor.map(|(table, key)| (table, key.into_vec())))
+    }
 }
 
 /// A request with its id.
@@ -599,6 +714,96 @@ mod tests {
             pos += used;
         }
         assert_eq!(pos, out.len());
+    }
+
+    #[test]
+    fn handoff_frames_round_trip_and_carry_keys_as_bytes() {
+        let cursor = Some((RecordTable::Collection(3), vec![0, 7, b'k']));
+        let messages = vec![
+            WorkerRequest::ExportPartition {
+                partition: 7,
+                from: cursor.clone(),
+                max_bytes: 1 << 20,
+            },
+            WorkerRequest::ImportRecords {
+                records: vec![Record {
+                    table: RecordTable::Expiry,
+                    key: vec![1; 13],
+                    value: Vec::new(),
+                }],
+            },
+            WorkerRequest::SetFence {
+                partition: 7,
+                fenced: true,
+            },
+            WorkerRequest::Fences,
+        ];
+        let mut out = Vec::new();
+        for request in &messages {
+            out.clear();
+            encode_frame(request, &mut out).unwrap();
+            let (decoded, _): (WorkerRequest, usize) = decode_frame(&out).unwrap().unwrap();
+            assert_eq!(&decoded, request);
+        }
+        let response = WorkerResponse::Records {
+            records: Vec::new(),
+            next: cursor,
+        };
+        out.clear();
+        encode_frame(&response, &mut out).unwrap();
+        let (decoded, _): (WorkerResponse, usize) = decode_frame(&out).unwrap().unwrap();
+        assert_eq!(decoded, response);
+        // A cursor key claiming more bytes than the frame holds is an error, not an allocation.
+        let mut lying = out.clone();
+        let last = lying.len() - 4;
+        lying[last] = 0xfb;
+        assert!(decode_frame::<WorkerResponse>(&lying).is_err());
+
+        assert!(!WorkerRequest::Fences.is_write());
+        assert!(!messages[0].is_write());
+        assert!(messages[1].is_write() && messages[2].is_write());
+    }
+
+    #[test]
+    fn client_writes_name_their_partitions_and_handoff_requests_none() {
+        let write = WorkerRequest::Delete {
+            collection: 0,
+            keys: vec![
+                key(b"a"),
+                Key {
+                    partition: 9,
+                    bytes: b"b".to_vec(),
+                },
+            ],
+        };
+        assert_eq!(write.client_write_partitions(), vec![7, 9]);
+        let prepare = WorkerRequest::Prepare {
+            txid: 1,
+            decider: 0,
+            ops: vec![TxOp {
+                collection: 0,
+                key: Key {
+                    partition: 4,
+                    bytes: Vec::new(),
+                },
+                action: TxAction::Delete,
+            }],
+        };
+        assert_eq!(prepare.client_write_partitions(), vec![4]);
+        for other in [
+            WorkerRequest::Get {
+                collection: 0,
+                key: key(b"a"),
+            },
+            WorkerRequest::Commit { txid: 1 },
+            WorkerRequest::Flush { collection: None },
+            WorkerRequest::ClearPartition { partition: 7 },
+            WorkerRequest::ApplyLog {
+                entries: Vec::new(),
+            },
+        ] {
+            assert!(other.client_write_partitions().is_empty(), "{other:?}");
+        }
     }
 
     #[test]

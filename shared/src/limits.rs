@@ -43,6 +43,12 @@ pub const MAX_REPLY_BYTES: usize = 256 * 1024 * 1024;
 /// Largest frame on the net-daemon ↔ shard-worker link.
 pub const MAX_FRAME_BYTES: usize = 1 << 30;
 
+/// Most bytes of stored keys and values that one `ExportPartition` reply collects before
+/// it stops (it may then hold one record more). Each record counts at least 11 bytes (a
+/// collection key of 2 with a value header of 9) and costs at most 14 more in the frame
+/// (table tag and two lengths), so the reply is under three times this, plus its last record.
+pub const MAX_EXPORT_CHUNK_BYTES: usize = 64 * 1024 * 1024;
+
 /// Largest value the config may allow: it must fit in a frame with its key.
 pub const MAX_VALUE_BYTES_LIMIT: usize = 512 * 1024 * 1024;
 
@@ -57,3 +63,9 @@ const _: () = assert!(STORED_KEY_PREFIX_BYTES <= EXPIRY_KEY_PREFIX_BYTES);
 const _: () = assert!(MAX_KEY_BYTES <= MAX_STORED_KEY_BYTES);
 const _: () = assert!(MAX_VALUE_BYTES_LIMIT + BULK_SLACK_BYTES + 64 * 1024 < MAX_FRAME_BYTES);
 const _: () = assert!(MAX_REPLY_BYTES + MAX_VALUE_BYTES_LIMIT < MAX_FRAME_BYTES);
+const _: () = assert!(
+    3 * MAX_EXPORT_CHUNK_BYTES + MAX_VALUE_BYTES_LIMIT + BULK_SLACK_BYTES + 64 * 1024
+        < MAX_FRAME_BYTES,
+    "an export chunk and its last record fit a frame"
+);
+const _: () = assert!(MAX_EXPORT_CHUNK_BYTES <= u32::MAX as usize);

@@ -10,9 +10,9 @@ use serde::de::DeserializeOwned;
 use serde::Serialize;
 use shoal_shared::backup::ShardBackup;
 use shoal_shared::frame::{
-    decode_frame, encode_frame, ChangeType, ExpireCondition, Expiry, Key, LogEntry,
-    RequestEnvelope, ResponseEnvelope, SetCondition, SetReply, TxAction, TxOp, TxOutcome,
-    WorkerError, WorkerRequest, WorkerResponse,
+    decode_frame, encode_frame, ChangeType, ExpireCondition, Expiry, Key, LogEntry, Record,
+    RecordTable, RequestEnvelope, ResponseEnvelope, SetCondition, SetReply, TxAction, TxOp,
+    TxOutcome, WorkerError, WorkerRequest, WorkerResponse,
 };
 use shoal_shared::fuzzing::{encode_request, LARGEST_REQUEST_LIMITS};
 use shoal_shared::resp::{parse_request, Protocol, Reply};
@@ -55,6 +55,23 @@ fn tx_op() -> impl Strategy<Value = TxOp> {
         collection,
         key,
         action,
+    })
+}
+
+fn record_table() -> impl Strategy<Value = RecordTable> {
+    prop_oneof![
+        any::<u16>().prop_map(RecordTable::Collection),
+        Just(RecordTable::Log),
+        Just(RecordTable::Meta),
+        Just(RecordTable::Expiry),
+    ]
+}
+
+fn record() -> impl Strategy<Value = Record> {
+    (record_table(), bytes(24), bytes(32)).prop_map(|(table, key, value)| Record {
+        table,
+        key,
+        value,
     })
 }
 
@@ -184,6 +201,22 @@ fn worker_request() -> impl Strategy<Value = WorkerRequest> {
         any::<u64>().prop_map(|high_water| ReserveIds { high_water }),
         Just(IdHighWater),
         ".{0,40}".prop_map(|dir| Backup { dir }),
+        (
+            any::<u16>(),
+            option::of((record_table(), bytes(24))),
+            any::<u32>()
+        )
+            .prop_map(|(partition, from, max_bytes)| ExportPartition {
+                partition,
+                from,
+                max_bytes
+            }),
+        vec(record(), 0..4).prop_map(|records| ImportRecords { records }),
+        vec(log_entry(), 0..3).prop_map(|entries| ApplyLog { entries }),
+        any::<u16>().prop_map(|partition| ClearPartition { partition }),
+        (any::<u16>(), any::<bool>())
+            .prop_map(|(partition, fenced)| SetFence { partition, fenced }),
+        Just(Fences),
     ]
 }
 
@@ -239,6 +272,7 @@ fn worker_error() -> impl Strategy<Value = WorkerError> {
             trimmed_through
         }),
         ".{0,40}".prop_map(Storage),
+        any::<u16>().prop_map(|partition| PartitionMoved { partition }),
     ]
 }
 
@@ -288,6 +322,9 @@ fn worker_response() -> impl Strategy<Value = WorkerResponse> {
         vec((any::<u16>(), any::<u64>()), 0..4).prop_map(Positions),
         vec(log_entry(), 0..3).prop_map(Log),
         backup.prop_map(Backup),
+        (vec(record(), 0..4), option::of((record_table(), bytes(24))))
+            .prop_map(|(records, next)| Records { records, next }),
+        vec(any::<u16>(), 0..5).prop_map(Partitions),
         worker_error().prop_map(Error),
     ]
 }

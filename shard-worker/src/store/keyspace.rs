@@ -6,6 +6,8 @@
 //! index, the partition's next commit id, and the commit-log entry. A key
 //! found expired is first purged and logged as a delete, so that replaying the
 //! log gives exactly the stored state.
+//!
+//! Active expiry ([`Store::expire_due_in`]) leaves fenced partitions alone.
 
 use heed::RwTxn;
 use shoal_shared::frame::{ChangeType, Collection, Key, Partition};
@@ -259,8 +261,15 @@ impl Store {
             std::ops::Bound::Unbounded,
             std::ops::Bound::Included(&end[..]),
         );
+        let fenced = self.fenced_partitions(batch);
         for item in self.expiry.range(txn, &range)? {
             let (raw, _) = item?;
+            // A fenced partition's keys are not this worker's to expire: a delete logged
+            // here would take a commit id that the partition's owner gives to another entry.
+            let partition = layout::decode_expiry_key(raw).map(|entry| entry.partition);
+            if partition.is_ok_and(|partition| fenced.contains(&partition)) {
+                continue;
+            }
             due.push(raw.to_vec());
             if due.len() >= limit {
                 break;

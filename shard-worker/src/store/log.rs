@@ -2,7 +2,8 @@
 //! (`SHOAL.LOG`), the change feed over many partitions, and retention.
 //!
 //! Commit ids are dense within a partition (each id is one entry), so a
-//! partition's log holds `last_commit_id - trimmed_through` entries.
+//! partition's log holds `last_commit_id - trimmed_through` entries. Retention
+//! skips fenced partitions (their log is being copied in or handed over).
 
 use std::ops::Bound;
 
@@ -91,7 +92,8 @@ impl Store {
     }
 
     /// Deletes the oldest entries of each partition beyond `keep_entries`, or older than
-    /// `keep_ms`, at most `limit` in all. Advances `trimmed_through` in `meta`.
+    /// `keep_ms`, at most `limit` in all. Advances `trimmed_through` in `meta`. Fenced
+    /// partitions are left as they are.
     pub(crate) fn trim_log_in(
         &self,
         txn: &mut RwTxn,
@@ -104,8 +106,13 @@ impl Store {
             .partition_metas(txn)
             .map_err(|e| heed::Error::Decoding(Box::new(e)))?;
         let oldest_kept_ms = keep_ms.map(|keep| batch.now_ms.saturating_sub(keep));
+        let fenced = self.fenced_partitions(batch);
         let mut trimmed = 0;
         for (partition, meta) in metas {
+            // A fenced partition's log is being copied in or is about to be cleared.
+            if fenced.contains(&partition) {
+                continue;
+            }
             let mut through = meta.trimmed_through;
             while trimmed < limit && through < meta.last_commit_id {
                 let next = through + 1;

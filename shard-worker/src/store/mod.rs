@@ -6,8 +6,14 @@
 //! updated with them; the transaction commits (and, with `fsync` durability,
 //! syncs) once. Only the caller sends replies, after this returns. When the
 //! map is full the transaction is aborted, the map grows, and the batch is
-//! replayed from the start. In-memory state (key locks, the id high-water
-//! mark) changes only after a commit succeeds.
+//! replayed from the start. In-memory state (key locks, fences, the highest
+//! commit id) changes only after a commit succeeds.
+//!
+//! A *fenced* partition is on its way to or from another host (see
+//! [`partitions`]). `Store::apply_one` is the one place that refuses client
+//! writes to it (`PartitionMoved`); reads are served; FLUSH, DBSIZE, SCAN,
+//! KEYS, active expiry and log retention skip it. The set of fenced
+//! partitions is kept in `meta` and loaded at open.
 //!
 //! Submodules, each adding request handlers to [`Store`]:
 //! - [`keyspace`]: a key's current state, writes with expiry index and log entry.
@@ -15,7 +21,8 @@
 //! - [`txns`]: multi-key transactions (one-worker atomic writes, two-phase commit) and key locks.
 //! - [`scan`]: SCAN, KEYS, DBSIZE, FLUSH.
 //! - [`log`]: the commit log: reads, the change feed, retention.
-//! - [`partitions`]: whole partitions exported, imported and cleared (worker count changes).
+//! - [`partitions`]: whole partitions exported, imported, replayed from another host's log,
+//!   fenced and cleared (worker count changes, live handoff to another host).
 //! - [`backup`]: copies of the environment taken from a read snapshot, off the apply thread.
 //!
 //! This module never talks to sockets, and it never opens the environment of
@@ -30,7 +37,7 @@ mod scan;
 mod strings;
 mod txns;
 
-use std::collections::HashMap;
+use std::collections::{BTreeSet, HashMap};
 use std::path::Path;
 use std::sync::{Arc, RwLock};
 
@@ -91,6 +98,8 @@ pub struct Store {
     highest_commit_id: u64,
     /// Keys locked by prepared transactions.
     locks: Locks,
+    /// Fenced partitions, as committed (the `fence` entries of `meta`).
+    fences: BTreeSet<Partition>,
     /// How long the last commit (with its fsync) took, if the last transaction committed.
     last_commit: Option<std::time::Duration>,
     /// Held shared by every backup copy in progress and exclusively by a map resize:
@@ -105,6 +114,8 @@ pub(crate) struct Batch {
     partitions: HashMap<Partition, PartitionMeta>,
     now_ms: u64,
     lock_changes: Vec<txns::LockChange>,
+    /// Fences set (`true`) or lifted in this transaction, in order.
+    fence_changes: Vec<(Partition, bool)>,
     /// Something other than partition data changed (transaction records, the id mark).
     dirty: bool,
 }
@@ -115,6 +126,7 @@ impl Batch {
             partitions: HashMap::new(),
             now_ms: shoal_shared::now_ms(),
             lock_changes: Vec::new(),
+            fence_changes: Vec::new(),
             dirty: false,
         }
     }
@@ -188,13 +200,60 @@ impl Store {
             shard_id: options.shard_id,
             highest_commit_id: 0,
             locks: Locks::default(),
+            fences: BTreeSet::new(),
             last_commit: None,
             resize_gate: Arc::default(),
             max_dbs: u32::from(options.collections) + 4,
         };
         store.check_meta(options)?;
         store.locks = store.load_locks()?;
+        store.fences = store.load_fences()?;
         Ok(store)
+    }
+
+    /// The fenced partitions recorded in `meta`.
+    fn load_fences(&self) -> Result<BTreeSet<Partition>, StoreError> {
+        let txn = self.env.read_txn()?;
+        let mut fences = BTreeSet::new();
+        for item in self.meta.prefix_iter(&txn, layout::META_FENCE_PREFIX)? {
+            let (key, _) = item?;
+            fences.insert(layout::decode_fence_key(key)?);
+        }
+        if !fences.is_empty() {
+            tracing::info!(?fences, "fenced partitions");
+        }
+        Ok(fences)
+    }
+
+    /// Whether `partition` is fenced, as the transaction of `batch` sees it.
+    pub(crate) fn is_fenced(&self, batch: &Batch, partition: Partition) -> bool {
+        match batch
+            .fence_changes
+            .iter()
+            .rev()
+            .find(|(p, _)| *p == partition)
+        {
+            Some(&(_, fenced)) => fenced,
+            None => self.fences.contains(&partition),
+        }
+    }
+
+    /// The fenced partitions, as the transaction of `batch` sees them.
+    pub(crate) fn fenced_partitions(&self, batch: &Batch) -> BTreeSet<Partition> {
+        let mut fences = self.fences.clone();
+        for &(partition, fenced) in &batch.fence_changes {
+            if fenced {
+                fences.insert(partition);
+            } else {
+                fences.remove(&partition);
+            }
+        }
+        fences
+    }
+
+    /// The fenced partitions (as committed).
+    pub fn fences(&self) -> &BTreeSet<Partition> {
+        &self.fences
     }
 
     /// Writes `meta`'s identity on first open; on later opens checks that it matches.
@@ -404,6 +463,13 @@ impl Store {
                     }
                     self.highest_commit_id = highest;
                     self.locks.apply(batch.lock_changes);
+                    for (partition, fenced) in batch.fence_changes {
+                        if fenced {
+                            self.fences.insert(partition);
+                        } else {
+                            self.fences.remove(&partition);
+                        }
+                    }
                     return Ok(output);
                 }
                 Err(heed::Error::Mdb(heed::MdbError::MapFull)) => {
@@ -459,12 +525,25 @@ impl Store {
         self.collections.get(usize::from(collection)).copied()
     }
 
+    /// Applies one request of a batch. This is where a client write to a fenced partition
+    /// is refused, before it reads or writes anything.
     fn apply_one(
         &self,
         txn: &mut RwTxn,
         batch: &mut Batch,
         request: &WorkerRequest,
     ) -> heed::Result<WorkerResponse> {
+        if !self.fences.is_empty() || !batch.fence_changes.is_empty() {
+            let fenced = request
+                .client_write_partitions()
+                .into_iter()
+                .find(|&partition| self.is_fenced(batch, partition));
+            if let Some(partition) = fenced {
+                return Ok(WorkerResponse::Error(WorkerError::PartitionMoved {
+                    partition,
+                }));
+            }
+        }
         let result = match request {
             WorkerRequest::Atomic { ops } => self.atomic(txn, batch, ops),
             WorkerRequest::Prepare { txid, decider, ops } => {
@@ -491,6 +570,20 @@ impl Store {
             WorkerRequest::ReserveIds { high_water } => self.reserve_ids(txn, batch, *high_water),
             WorkerRequest::IdHighWater => self.id_high_water(txn),
             WorkerRequest::Flush { collection } => self.flush(txn, batch, *collection),
+            WorkerRequest::ExportPartition {
+                partition,
+                from,
+                max_bytes,
+            } => self.export_request(txn, *partition, from, *max_bytes),
+            WorkerRequest::ImportRecords { records } => self.import_in(txn, batch, records),
+            WorkerRequest::ApplyLog { entries } => self.apply_log_in(txn, batch, entries),
+            WorkerRequest::ClearPartition { partition } => {
+                self.clear_request(txn, batch, *partition)
+            }
+            WorkerRequest::SetFence { partition, fenced } => {
+                self.set_fence(txn, batch, *partition, *fenced)
+            }
+            WorkerRequest::Fences => self.fences_reply(batch),
             _ => self.keyed(txn, batch, request),
         };
         match result {
@@ -525,7 +618,8 @@ impl Store {
     }
 
     /// Deletes keys whose time to live has passed, at most `limit` of them, skipping keys
-    /// locked by a transaction. Each deletion is logged. Returns how many were deleted.
+    /// locked by a transaction and keys of fenced partitions. Each deletion is logged.
+    /// Returns how many were deleted.
     pub fn expire_due(&mut self, limit: usize) -> Result<usize, StoreError> {
         self.in_write_txn(|store, txn, batch| store.expire_due_in(txn, batch, limit))
     }

@@ -1,62 +1,70 @@
-//! Whole partitions as raw records, for moving them between environments when
-//! the worker count changes ([`crate::rebalance`]).
+//! Whole partitions as raw records: exported, imported and cleared, both when
+//! the worker count changes ([`crate::rebalance`]) and when another host takes
+//! a partition over live (the handoff the net-daemon drives).
 //!
 //! A partition's records are: its keys in every `c<N>`, its `log` entries, its
 //! `meta` entry, and its `expiry` index entries. They are copied byte for byte,
 //! so commit ids, expiries and the log carry over unchanged.
+//!
+//! A handoff: the target's net-daemon fences the partition on the target,
+//! copies it ([`Store::export_partition`] on the source, `import` here), then
+//! replays the source's log from where the copy started ([`Store::apply_log_in`],
+//! which keeps commit ids and may overlap the copy); the source then fences
+//! the partition (client writes get `PartitionMoved`), the last entries are
+//! replayed, the owner switches, the target lifts its fence and the source
+//! clears its copy. The fence itself is this worker's state, not a record of
+//! the partition: it is neither exported nor cleared. A partition in which a
+//! prepared transaction locks keys can be neither fenced nor cleared.
+//!
+//! Requests here never check the fence and never talk to another host.
 
 use std::ops::Bound;
 
 use heed::RwTxn;
-use serde::{Deserialize, Serialize};
-use shoal_shared::frame::Partition;
+use shoal_shared::frame::{
+    ChangeType, LogEntry, Partition, Record, RecordTable, WorkerError, WorkerResponse,
+};
+use shoal_shared::limits::{
+    LMDB_MAX_KEY_BYTES, MAX_EXPORT_CHUNK_BYTES, MAX_KEY_BYTES, MAX_STORED_KEY_BYTES,
+};
 
-use super::{RawDatabase, Store, StoreError};
-use crate::layout;
-
-/// The database a raw record belongs to.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-pub enum Table {
-    Collection(u16),
-    Log,
-    Meta,
-    Expiry,
-}
+use super::{Batch, OpError, OpResult, RawDatabase, Store, StoreError};
+use crate::layout::{self, LogRecord, PartitionMeta};
 
 /// Raw records of one partition, and where to continue.
 pub struct Chunk {
-    pub records: Vec<(Table, Vec<u8>, Vec<u8>)>,
+    pub records: Vec<Record>,
     pub bytes: usize,
     /// Where the next chunk starts; `None` when the partition is complete.
-    pub next: Option<(Table, Vec<u8>)>,
+    pub next: Option<(RecordTable, Vec<u8>)>,
 }
 
 impl Store {
-    fn table(&self, table: Table) -> Option<RawDatabase> {
+    fn table(&self, table: RecordTable) -> Option<RawDatabase> {
         match table {
-            Table::Collection(c) => self.collection(c),
-            Table::Log => Some(self.log),
-            Table::Meta => Some(self.meta),
-            Table::Expiry => Some(self.expiry),
+            RecordTable::Collection(c) => self.collection(c),
+            RecordTable::Log => Some(self.log),
+            RecordTable::Meta => Some(self.meta),
+            RecordTable::Expiry => Some(self.expiry),
         }
     }
 
     /// The tables in export order.
-    fn tables(&self) -> Vec<Table> {
-        let mut tables: Vec<Table> = (0..self.collections.len() as u16)
-            .map(Table::Collection)
+    fn tables(&self) -> Vec<RecordTable> {
+        let mut tables: Vec<RecordTable> = (0..self.collections.len() as u16)
+            .map(RecordTable::Collection)
             .collect();
-        tables.extend([Table::Log, Table::Meta, Table::Expiry]);
+        tables.extend([RecordTable::Log, RecordTable::Meta, RecordTable::Expiry]);
         tables
     }
 
     /// Whether a raw key of `table` belongs to `partition`.
-    fn belongs(table: Table, key: &[u8], partition: Partition) -> bool {
+    fn belongs(table: RecordTable, key: &[u8], partition: Partition) -> bool {
         let prefix = partition.to_be_bytes();
         match table {
-            Table::Collection(_) | Table::Log => key.starts_with(&prefix),
-            Table::Meta => key == layout::partition_meta_key(partition),
-            Table::Expiry => {
+            RecordTable::Collection(_) | RecordTable::Log => key.starts_with(&prefix),
+            RecordTable::Meta => key == layout::partition_meta_key(partition),
+            RecordTable::Expiry => {
                 layout::decode_expiry_key(key).is_ok_and(|entry| entry.partition == partition)
             }
         }
@@ -66,10 +74,22 @@ impl Store {
     pub fn export_partition(
         &self,
         partition: Partition,
-        from: Option<(Table, Vec<u8>)>,
+        from: Option<(RecordTable, Vec<u8>)>,
         max_bytes: usize,
     ) -> Result<Chunk, StoreError> {
         let txn = self.env.read_txn()?;
+        Ok(self.export_in(&txn, partition, from, max_bytes)?)
+    }
+
+    /// [`Store::export_partition`] in the transaction `txn`. Always returns at least one
+    /// record if any is left, so that each chunk makes progress.
+    fn export_in(
+        &self,
+        txn: &heed::RoTxn,
+        partition: Partition,
+        from: Option<(RecordTable, Vec<u8>)>,
+        max_bytes: usize,
+    ) -> heed::Result<Chunk> {
         let mut records = Vec::new();
         let mut bytes = 0;
         let tables = self.tables();
@@ -86,8 +106,8 @@ impl Store {
             let lower = match (&start_key, i == first) {
                 (Some(key), true) => key.clone(),
                 _ => match table {
-                    Table::Expiry => Vec::new(),
-                    Table::Meta => layout::partition_meta_key(partition).to_vec(),
+                    RecordTable::Expiry => Vec::new(),
+                    RecordTable::Meta => layout::partition_meta_key(partition).to_vec(),
                     _ => prefix.to_vec(),
                 },
             };
@@ -98,15 +118,17 @@ impl Store {
                 Bound::Included(lower.as_slice())
             };
             let range = (start, Bound::<&[u8]>::Unbounded);
-            for item in db.range(&txn, &range)? {
+            for item in db.range(txn, &range)? {
                 let (key, value) = item?;
-                if !matches!(table, Table::Expiry | Table::Meta) && !key.starts_with(&prefix) {
+                if !matches!(table, RecordTable::Expiry | RecordTable::Meta)
+                    && !key.starts_with(&prefix)
+                {
                     break;
                 }
                 if !Self::belongs(table, key, partition) {
                     continue;
                 }
-                if bytes >= max_bytes {
+                if bytes >= max_bytes && !records.is_empty() {
                     return Ok(Chunk {
                         records,
                         bytes,
@@ -114,7 +136,11 @@ impl Store {
                     });
                 }
                 bytes += key.len() + value.len();
-                records.push((table, key.to_vec(), value.to_vec()));
+                records.push(Record {
+                    table,
+                    key: key.to_vec(),
+                    value: value.to_vec(),
+                });
             }
         }
         Ok(Chunk {
@@ -124,25 +150,273 @@ impl Store {
         })
     }
 
+    /// `ExportPartition`: a chunk of the partition's records, at most
+    /// [`MAX_EXPORT_CHUNK_BYTES`] (and one record) so that the reply fits a frame.
+    pub(crate) fn export_request(
+        &self,
+        txn: &RwTxn,
+        partition: Partition,
+        from: &Option<(RecordTable, Vec<u8>)>,
+        max_bytes: u32,
+    ) -> OpResult {
+        if let Some((table, _)) = from {
+            if self.table(*table).is_none() {
+                return Err(refused(format!(
+                    "cannot export from {table:?}: no such table"
+                )));
+            }
+        }
+        let max_bytes = (max_bytes as usize).min(MAX_EXPORT_CHUNK_BYTES);
+        let chunk = self.export_in(txn, partition, from.clone(), max_bytes)?;
+        Ok(WorkerResponse::Records {
+            records: chunk.records,
+            next: chunk.next,
+        })
+    }
+
     /// Writes raw records in one transaction (growing the map if needed).
-    pub fn import_records(
-        &mut self,
-        records: &[(Table, Vec<u8>, Vec<u8>)],
-    ) -> Result<(), StoreError> {
-        self.in_write_txn(|store, txn, batch| {
-            for (table, key, value) in records {
-                if let Some(db) = store.table(*table) {
-                    db.put(txn, key, value)?;
+    pub fn import_records(&mut self, records: &[Record]) -> Result<(), StoreError> {
+        let metas = self.check_records(records).map_err(StoreError::Mismatch)?;
+        self.in_write_txn(|store, txn, batch| store.write_records(txn, batch, records, &metas))
+    }
+
+    /// `ImportRecords`: checks every record, then writes them all.
+    pub(crate) fn import_in(
+        &self,
+        txn: &mut RwTxn,
+        batch: &mut Batch,
+        records: &[Record],
+    ) -> OpResult {
+        let metas = self.check_records(records).map_err(refused)?;
+        self.write_records(txn, batch, records, &metas)?;
+        Ok(WorkerResponse::Ok)
+    }
+
+    /// Checks that each record fits its table: a collection that exists, keys LMDB takes,
+    /// and only partitions' entries in `meta` (never the shard's identity). Returns the
+    /// decoded partition entries of `meta`, in record order.
+    fn check_records(&self, records: &[Record]) -> Result<Vec<(Partition, PartitionMeta)>, String> {
+        let mut metas = Vec::new();
+        for record in records {
+            let Record { table, key, value } = record;
+            if self.table(*table).is_none() {
+                return Err(format!("record for {table:?}: no such table"));
+            }
+            if key.is_empty() || key.len() > LMDB_MAX_KEY_BYTES {
+                return Err(format!(
+                    "record for {table:?} with a key of {} bytes",
+                    key.len()
+                ));
+            }
+            match table {
+                RecordTable::Collection(_) if key.len() < 2 => {
+                    return Err("collection record without a partition".into());
+                }
+                RecordTable::Log if key.len() != 10 => {
+                    return Err(format!("log record with a key of {} bytes", key.len()));
+                }
+                RecordTable::Expiry => {
+                    layout::decode_expiry_key(key).map_err(|e| e.to_string())?;
+                }
+                RecordTable::Meta => {
+                    let [b'p', high, low] = key[..] else {
+                        return Err(format!("meta record {key:?} is no partition entry"));
+                    };
+                    let meta = layout::decode_partition_meta(value).map_err(|e| e.to_string())?;
+                    metas.push((u16::from_be_bytes([high, low]), meta));
+                }
+                _ => {}
+            }
+        }
+        Ok(metas)
+    }
+
+    /// Writes checked records. A partition's `meta` entry goes through the batch, like
+    /// every change of it, so that the shard's highest commit id follows it.
+    fn write_records(
+        &self,
+        txn: &mut RwTxn,
+        batch: &mut Batch,
+        records: &[Record],
+        metas: &[(Partition, PartitionMeta)],
+    ) -> heed::Result<()> {
+        for record in records {
+            if record.table == RecordTable::Meta {
+                continue;
+            }
+            if let Some(db) = self.table(record.table) {
+                db.put(txn, &record.key, &record.value)?;
+            }
+        }
+        for &(partition, meta) in metas {
+            batch.partitions.insert(partition, meta);
+        }
+        batch.dirty = true;
+        Ok(())
+    }
+
+    /// `ApplyLog`: replays another host's log entries in order, keeping their commit ids.
+    ///
+    /// An entry sets its key to the state right after its commit, unless the stored value
+    /// is from that commit or a later one: so an entry already applied (by the copy or an
+    /// earlier replay) changes nothing. The entry is logged at its commit id with the bytes
+    /// the source logged, and the partition's last commit id (and mtime) follow it. Every
+    /// entry is checked before any is applied.
+    pub(crate) fn apply_log_in(
+        &self,
+        txn: &mut RwTxn,
+        batch: &mut Batch,
+        entries: &[LogEntry],
+    ) -> OpResult {
+        for entry in entries {
+            self.db(entry.collection)?;
+            let longest = match entry.expires_at_ms {
+                Some(_) => MAX_KEY_BYTES,
+                None => MAX_STORED_KEY_BYTES,
+            };
+            if entry.key.len() > longest {
+                return Err(refused(format!(
+                    "log entry {} of partition {} has a key of {} bytes",
+                    entry.commit_id,
+                    entry.partition,
+                    entry.key.len()
+                )));
+            }
+            if entry.commit_id == 0 {
+                return Err(refused(format!(
+                    "log entry of partition {} has commit id 0",
+                    entry.partition
+                )));
+            }
+        }
+        for entry in entries {
+            self.replay(txn, batch, entry)?;
+        }
+        batch.dirty |= !entries.is_empty();
+        Ok(WorkerResponse::Ok)
+    }
+
+    fn replay(&self, txn: &mut RwTxn, batch: &mut Batch, entry: &LogEntry) -> Result<(), OpError> {
+        let db = self.db(entry.collection)?;
+        let stored_key = layout::data_key(entry.partition, &entry.key);
+        // (commit id, expiry) of the stored value. A value that does not decode is
+        // replaced; its expiry index entry, if any, is dropped later as stale.
+        let stored = db.get(txn, &stored_key)?.map(|raw| match layout::decode_value(raw) {
+            Ok(value) => (value.commit_id, value.expires_at_ms),
+            Err(error) => {
+                tracing::warn!(partition = entry.partition, %error, "replacing a corrupt value");
+                (0, None)
+            }
+        });
+        let applied = stored.is_some_and(|(commit_id, _)| commit_id >= entry.commit_id);
+        if !applied {
+            let old_expiry = stored.and_then(|(_, expires_at_ms)| expires_at_ms);
+            let new_expiry = match entry.change {
+                ChangeType::Delete => None,
+                ChangeType::Create | ChangeType::Update => entry.expires_at_ms,
+            };
+            if old_expiry != new_expiry {
+                if let Some(old) = old_expiry {
+                    let index_key =
+                        layout::expiry_key(old, entry.collection, entry.partition, &entry.key);
+                    self.expiry.delete(txn, &index_key)?;
+                }
+                if let Some(new) = new_expiry {
+                    let index_key =
+                        layout::expiry_key(new, entry.collection, entry.partition, &entry.key);
+                    self.expiry.put(txn, &index_key, &[])?;
                 }
             }
-            batch.dirty = true;
-            Ok(())
-        })
+            match entry.change {
+                ChangeType::Delete => {
+                    if stored.is_some() {
+                        db.delete(txn, &stored_key)?;
+                    }
+                }
+                ChangeType::Create | ChangeType::Update => db.put(
+                    txn,
+                    &stored_key,
+                    &layout::encode_value(entry.commit_id, entry.expires_at_ms, &entry.data),
+                )?,
+            }
+        }
+        let meta = self.partition_meta(txn, batch, entry.partition)?;
+        // The log keeps every entry above `trimmed_through`; one below it would never be trimmed.
+        if entry.commit_id > meta.trimmed_through {
+            let record = LogRecord {
+                timestamp_ms: entry.timestamp_ms,
+                change: entry.change,
+                collection: entry.collection,
+                expires_at_ms: entry.expires_at_ms,
+                key: &entry.key,
+                data: &entry.data,
+            };
+            self.log.put(
+                txn,
+                &layout::log_key(entry.partition, entry.commit_id),
+                &layout::encode_log_value(&record),
+            )?;
+        }
+        if entry.commit_id > meta.last_commit_id {
+            batch.partitions.insert(
+                entry.partition,
+                PartitionMeta {
+                    last_commit_id: entry.commit_id,
+                    mtime_ms: entry.timestamp_ms,
+                    ..meta
+                },
+            );
+        }
+        Ok(())
     }
 
     /// Deletes every record of `partition` (a no-op for a partition this shard does not hold).
     pub fn clear_partition(&mut self, partition: Partition) -> Result<(), StoreError> {
-        self.clear_partitions(&|p| p == partition)
+        self.in_write_txn(|store, txn, batch| store.clear_partition_in(txn, batch, partition))
+    }
+
+    /// `ClearPartition`: refused while a prepared transaction locks keys of the partition.
+    pub(crate) fn clear_request(
+        &self,
+        txn: &mut RwTxn,
+        batch: &mut Batch,
+        partition: Partition,
+    ) -> OpResult {
+        if self.partition_locked(batch, partition) {
+            return Err(OpError::Refused(WorkerError::Locked));
+        }
+        self.clear_partition_in(txn, batch, partition)?;
+        Ok(WorkerResponse::Ok)
+    }
+
+    /// Deletes `partition`'s keys and log by their prefix, its `meta` entry, and its
+    /// entries of the expiry index (which is ordered by time, so it is read whole).
+    fn clear_partition_in(
+        &self,
+        txn: &mut RwTxn,
+        batch: &mut Batch,
+        partition: Partition,
+    ) -> heed::Result<()> {
+        let start = partition.to_be_bytes();
+        let end = partition.checked_add(1).map(u16::to_be_bytes);
+        let range = (
+            Bound::Included(&start[..]),
+            end.as_ref()
+                .map_or(Bound::Unbounded, |end| Bound::Excluded(&end[..])),
+        );
+        for db in self.collections.iter().chain([&self.log]) {
+            db.delete_range(txn, &range)?;
+        }
+        self.meta
+            .delete(txn, &layout::partition_meta_key(partition))?;
+        // An entry of the batch would be written back at commit.
+        batch.partitions.remove(&partition);
+        let keys = doomed_keys(self.expiry, txn, RecordTable::Expiry, &|p| p == partition)?;
+        for key in &keys {
+            self.expiry.delete(txn, key)?;
+        }
+        batch.dirty = true;
+        Ok(())
     }
 
     /// Deletes every record of the partitions `doomed` says yes to.
@@ -163,6 +437,39 @@ impl Store {
             }
             Ok(())
         })
+    }
+
+    /// `SetFence`: fencing is refused while a prepared transaction locks keys of the
+    /// partition. The fence is a `meta` entry, written in this transaction; the in-memory
+    /// set follows once it commits.
+    pub(crate) fn set_fence(
+        &self,
+        txn: &mut RwTxn,
+        batch: &mut Batch,
+        partition: Partition,
+        fenced: bool,
+    ) -> OpResult {
+        if fenced && self.partition_locked(batch, partition) {
+            return Err(OpError::Refused(WorkerError::Locked));
+        }
+        if self.is_fenced(batch, partition) != fenced {
+            let key = layout::fence_key(partition);
+            if fenced {
+                self.meta.put(txn, &key, &[])?;
+            } else {
+                self.meta.delete(txn, &key)?;
+            }
+            batch.fence_changes.push((partition, fenced));
+            batch.dirty = true;
+        }
+        Ok(WorkerResponse::Ok)
+    }
+
+    /// `Fences`: the fenced partitions as this transaction sees them, ascending.
+    pub(crate) fn fences_reply(&self, batch: &Batch) -> OpResult {
+        Ok(WorkerResponse::Partitions(
+            self.fenced_partitions(batch).into_iter().collect(),
+        ))
     }
 
     /// Multi-worker transactions still prepared here.
@@ -214,24 +521,29 @@ impl Store {
 }
 
 /// Raw keys of `table` whose partition `doomed` says yes to.
+/// A request refused as invalid, before anything of it was written.
+fn refused(why: String) -> OpError {
+    OpError::Refused(WorkerError::Storage(why))
+}
+
 fn doomed_keys(
     db: RawDatabase,
     txn: &RwTxn,
-    table: Table,
+    table: RecordTable,
     doomed: &dyn Fn(Partition) -> bool,
 ) -> heed::Result<Vec<Vec<u8>>> {
     let mut keys = Vec::new();
     for item in db.iter(txn)? {
         let (key, _) = item?;
         let partition = match table {
-            Table::Collection(_) | Table::Log => {
+            RecordTable::Collection(_) | RecordTable::Log => {
                 key.get(..2).map(|p| u16::from_be_bytes([p[0], p[1]]))
             }
-            Table::Meta => match key {
+            RecordTable::Meta => match key {
                 [b'p', high, low] => Some(u16::from_be_bytes([*high, *low])),
                 _ => None,
             },
-            Table::Expiry => layout::decode_expiry_key(key)
+            RecordTable::Expiry => layout::decode_expiry_key(key)
                 .ok()
                 .map(|entry| entry.partition),
         };

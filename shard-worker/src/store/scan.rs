@@ -3,11 +3,15 @@
 //! A scan walks the collection's B-tree in stored-key order (partition, then
 //! user key) from just after the stored key the caller passes back, so a key
 //! present for the whole scan is always met once the walk passes it.
+//!
+//! Keys of fenced partitions are not this worker's (a copy on its way in or
+//! out): every request here skips them, jumping over the partition's range.
 
+use std::collections::BTreeSet;
 use std::ops::Bound;
 
 use heed::RwTxn;
-use shoal_shared::frame::{Collection, Key, WorkerError, WorkerResponse};
+use shoal_shared::frame::{Collection, Key, Partition, WorkerError, WorkerResponse};
 use shoal_shared::glob::glob_match;
 use shoal_shared::limits::MAX_REPLY_BYTES;
 
@@ -17,8 +21,33 @@ const FLUSH_CHUNK_KEYS: usize = 10_000;
 use super::{Batch, OpError, OpResult, RawDatabase, Store};
 use crate::layout;
 
+/// The partition a stored key of a collection belongs to.
+fn partition_of(stored_key: &[u8]) -> Option<Partition> {
+    match stored_key {
+        [high, low, ..] => Some(u16::from_be_bytes([*high, *low])),
+        _ => None,
+    }
+}
+
+/// The first stored key of the partition after `partition` (`None` after the last one).
+fn next_partition_start(partition: Partition) -> Option<Vec<u8>> {
+    partition
+        .checked_add(1)
+        .map(|next| next.to_be_bytes().to_vec())
+}
+
+/// Where a walk over a collection goes on.
+enum Resume {
+    /// The walk reached the end of the collection.
+    Done,
+    /// At this stored key (inclusive).
+    At(Vec<u8>),
+}
+
 impl Store {
-    /// Examines up to `count` stored keys after `after`, returning the live ones that match.
+    /// Examines up to `count` stored keys after `after`, returning the live ones that
+    /// match. Keys of `fenced` partitions are skipped and not counted as examined.
+    #[allow(clippy::too_many_arguments)]
     pub(crate) fn scan(
         &self,
         txn: &RwTxn,
@@ -27,41 +56,80 @@ impl Store {
         count: u32,
         pattern: Option<&[u8]>,
         now_ms: u64,
+        fenced: &BTreeSet<Partition>,
     ) -> OpResult {
-        let range = (
-            after.map_or(Bound::Unbounded, Bound::Excluded),
-            Bound::<&[u8]>::Unbounded,
-        );
+        let mut lower: Bound<Vec<u8>> =
+            after.map_or(Bound::Unbounded, |a| Bound::Excluded(a.to_vec()));
         let mut keys = Vec::new();
         let mut examined = 0u32;
-        let mut last = None;
         let mut bytes = 0;
-        for item in db.range(txn, &range)? {
-            let (stored_key, raw) = item?;
-            examined += 1;
-            let Some(user_key) = stored_key.get(2..) else {
-                continue;
-            };
-            let live = match layout::decode_value(raw)?.expires_at_ms {
-                Some(at) => at > now_ms,
-                None => true,
-            };
-            if live && pattern.is_none_or(|pattern| glob_match(pattern, user_key, false)) {
-                bytes += user_key.len() + 16;
-                if bytes > MAX_REPLY_BYTES {
-                    return Err(OpError::Refused(WorkerError::ReplyTooLarge));
+        'walk: loop {
+            let range = (lower.as_ref().map(Vec::as_slice), Bound::<&[u8]>::Unbounded);
+            for item in db.range(txn, &range)? {
+                let (stored_key, raw) = item?;
+                if let Some(partition) = partition_of(stored_key).filter(|p| fenced.contains(p)) {
+                    match next_partition_start(partition) {
+                        Some(start) => {
+                            lower = Bound::Included(start);
+                            continue 'walk;
+                        }
+                        None => break 'walk,
+                    }
                 }
-                keys.push(serde_bytes::ByteBuf::from(user_key.to_vec()));
+                examined += 1;
+                let Some(user_key) = stored_key.get(2..) else {
+                    continue;
+                };
+                let live = match layout::decode_value(raw)?.expires_at_ms {
+                    Some(at) => at > now_ms,
+                    None => true,
+                };
+                if live && pattern.is_none_or(|pattern| glob_match(pattern, user_key, false)) {
+                    bytes += user_key.len() + 16;
+                    if bytes > MAX_REPLY_BYTES {
+                        return Err(OpError::Refused(WorkerError::ReplyTooLarge));
+                    }
+                    keys.push(serde_bytes::ByteBuf::from(user_key.to_vec()));
+                }
+                if examined >= count {
+                    return Ok(WorkerResponse::Scanned {
+                        keys,
+                        next: Some(stored_key.to_vec()),
+                    });
+                }
             }
-            if examined >= count {
-                last = Some(stored_key.to_vec());
-                break;
-            }
+            break;
         }
-        Ok(WorkerResponse::Scanned { keys, next: last })
+        Ok(WorkerResponse::Scanned { keys, next: None })
+    }
+
+    /// Keys stored in the collection, those of `fenced` partitions left out.
+    pub(crate) fn db_size(
+        &self,
+        txn: &RwTxn,
+        db: RawDatabase,
+        fenced: &BTreeSet<Partition>,
+    ) -> OpResult {
+        let mut size = db.len(txn)?;
+        for &partition in fenced {
+            let start = partition.to_be_bytes();
+            let end = next_partition_start(partition);
+            let range = (
+                Bound::Included(&start[..]),
+                end.as_deref().map_or(Bound::Unbounded, Bound::Excluded),
+            );
+            let mut in_partition = 0;
+            for item in db.range(txn, &range)? {
+                item?;
+                in_partition += 1;
+            }
+            size = size.saturating_sub(in_partition);
+        }
+        Ok(WorkerResponse::Integer(size as i64))
     }
 
     /// Deletes every key of `collection` (or of all collections), logging each deletion.
+    /// Keys of fenced partitions stay.
     pub(crate) fn flush(
         &self,
         txn: &mut RwTxn,
@@ -72,19 +140,35 @@ impl Store {
             Some(collection) => vec![collection],
             None => (0..self.collections.len() as Collection).collect(),
         };
+        let fenced = self.fenced_partitions(batch);
         let mut deleted = 0;
         for collection in collections {
             let db = self.db(collection)?;
-            // The keys are taken a bounded chunk at a time, always from the start of the
-            // collection: every key taken is removed, so each chunk finds new ones.
+            // The keys are taken a bounded chunk at a time, each chunk from where the last
+            // one ended (every key taken is removed) or past a fenced partition.
+            let mut lower: Option<Vec<u8>> = None;
             loop {
                 let mut stored_keys = Vec::with_capacity(FLUSH_CHUNK_KEYS);
-                for item in db.iter(txn)?.take(FLUSH_CHUNK_KEYS) {
+                let mut resume = Resume::Done;
+                let range = (
+                    lower.as_deref().map_or(Bound::Unbounded, Bound::Included),
+                    Bound::<&[u8]>::Unbounded,
+                );
+                for item in db.range(txn, &range)? {
                     let (stored_key, _) = item?;
+                    if let Some(partition) = partition_of(stored_key).filter(|p| fenced.contains(p))
+                    {
+                        resume = match next_partition_start(partition) {
+                            Some(start) => Resume::At(start),
+                            None => Resume::Done,
+                        };
+                        break;
+                    }
+                    if stored_keys.len() >= FLUSH_CHUNK_KEYS {
+                        resume = Resume::At(stored_key.to_vec());
+                        break;
+                    }
                     stored_keys.push(stored_key.to_vec());
-                }
-                if stored_keys.is_empty() {
-                    break;
                 }
                 for stored_key in stored_keys {
                     let [high, low, ref user_key @ ..] = stored_key[..] else {
@@ -98,6 +182,10 @@ impl Store {
                     };
                     let current = self.current(txn, db, &key, batch.now_ms)?;
                     deleted += i64::from(self.remove(txn, batch, db, collection, &key, &current)?);
+                }
+                match resume {
+                    Resume::Done => break,
+                    Resume::At(start) => lower = Some(start),
                 }
             }
         }

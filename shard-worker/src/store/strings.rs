@@ -156,7 +156,7 @@ impl Store {
                     Some(live) => live.expires_at_ms.map_or(-1, |at| at as i64),
                 }))
             }
-            DbSize { .. } => Ok(WorkerResponse::Integer(db.len(txn)? as i64)),
+            DbSize { .. } => self.db_size(txn, db, &self.fenced_partitions(batch)),
             Scan {
                 after,
                 count,
@@ -169,10 +169,17 @@ impl Store {
                 *count,
                 pattern.as_deref(),
                 batch.now_ms,
+                &self.fenced_partitions(batch),
             ),
-            Keys { pattern, .. } => {
-                self.scan(txn, db, None, u32::MAX, pattern.as_deref(), batch.now_ms)
-            }
+            Keys { pattern, .. } => self.scan(
+                txn,
+                db,
+                None,
+                u32::MAX,
+                pattern.as_deref(),
+                batch.now_ms,
+                &self.fenced_partitions(batch),
+            ),
             _ => unreachable!("non-keyed requests return above"),
         }
     }

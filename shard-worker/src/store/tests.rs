@@ -929,3 +929,750 @@ fn the_longest_key_can_have_an_expiry() {
     let outcome = store.apply_batch(&[&request]);
     assert!(outcome.is_ok(), "{:?}", outcome.err());
 }
+
+// ---- Handoff: export, import, log replay, fences, clearing ----
+
+use shoal_shared::frame::{Record, RecordTable};
+
+/// Every record of `partition`, read through `ExportPartition` chunks of `max_bytes`.
+fn export_all(store: &mut Store, partition: Partition, max_bytes: u32) -> Vec<Vec<Record>> {
+    let mut chunks = Vec::new();
+    let mut from = None;
+    loop {
+        let reply = apply(
+            store,
+            &[WorkerRequest::ExportPartition {
+                partition,
+                from,
+                max_bytes,
+            }],
+        )
+        .remove(0);
+        let WorkerResponse::Records { records, next } = reply else {
+            panic!("{reply:?}")
+        };
+        chunks.push(records);
+        match next {
+            Some(next) => from = Some(next),
+            None => return chunks,
+        }
+    }
+}
+
+fn records_of(store: &mut Store, partition: Partition) -> Vec<Record> {
+    export_all(store, partition, u32::MAX).concat()
+}
+
+fn set_expiring(collection: Collection, k: Key, value: &[u8], at_ms: u64) -> WorkerRequest {
+    WorkerRequest::Set {
+        collection,
+        key: k,
+        value: value.to_vec(),
+        condition: SetCondition::Always,
+        reply: SetReply::Status,
+        expiry: Expiry::At(at_ms),
+    }
+}
+
+fn last_commit_id(store: &mut Store, partition: Partition) -> u64 {
+    match apply(store, &[WorkerRequest::LastCommitIds]).remove(0) {
+        WorkerResponse::Positions(positions) => positions
+            .into_iter()
+            .find(|(p, _)| *p == partition)
+            .map_or(0, |(_, id)| id),
+        other => panic!("{other:?}"),
+    }
+}
+
+fn fence(store: &mut Store, partition: Partition, fenced: bool) -> WorkerResponse {
+    apply(store, &[WorkerRequest::SetFence { partition, fenced }]).remove(0)
+}
+
+fn fences(store: &mut Store) -> WorkerResponse {
+    apply(store, &[WorkerRequest::Fences]).remove(0)
+}
+
+#[test]
+fn a_partition_copied_then_caught_up_from_the_log_equals_the_source() {
+    let source_dir = tempfile::tempdir().unwrap();
+    let target_dir = tempfile::tempdir().unwrap();
+    let mut source = Store::open(source_dir.path(), &options()).unwrap();
+    let mut target = Store::open(target_dir.path(), &options()).unwrap();
+    let hour = shoal_shared::now_ms() + 3_600_000;
+    apply(
+        &mut source,
+        &[
+            set(0, key(1, b"a"), b"1"),
+            set_expiring(0, key(1, b"b"), b"2", hour),
+            set(0, key(1, b"c"), b"3"),
+            set_expiring(1, key(1, b"d"), b"4", hour + 1),
+            set_expiring(0, key(1, b"soon"), b"5", shoal_shared::now_ms() + 30),
+            set(0, key(2, b"elsewhere"), b"6"),
+        ],
+    );
+    // The handoff starts here: the log is replayed from this position.
+    let start = last_commit_id(&mut source, 1);
+    assert_eq!(fence(&mut target, 1, true), WorkerResponse::Ok);
+
+    // The copy goes one record per chunk, with writes on the source in between.
+    let mut from = None;
+    let mut chunks = 0;
+    loop {
+        let reply = apply(
+            &mut source,
+            &[WorkerRequest::ExportPartition {
+                partition: 1,
+                from: from.clone(),
+                max_bytes: 1,
+            }],
+        )
+        .remove(0);
+        let WorkerResponse::Records { records, next } = reply else {
+            panic!("{reply:?}")
+        };
+        assert_eq!(records.len(), 1, "a chunk always makes progress");
+        assert_eq!(
+            apply(&mut target, &[WorkerRequest::ImportRecords { records }]),
+            vec![WorkerResponse::Ok]
+        );
+        chunks += 1;
+        if chunks == 2 {
+            // "a" is copied already, "b" and "c" not yet.
+            apply(
+                &mut source,
+                &[
+                    set(0, key(1, b"a"), b"1 again"),
+                    WorkerRequest::Delete {
+                        collection: 0,
+                        keys: vec![key(1, b"c")],
+                    },
+                    WorkerRequest::Expire {
+                        collection: 0,
+                        key: key(1, b"b"),
+                        at_ms: hour + 5,
+                        condition: ExpireCondition::Always,
+                    },
+                    WorkerRequest::Persist {
+                        collection: 1,
+                        key: key(1, b"d"),
+                    },
+                    set_expiring(0, key(1, b"e"), b"new", hour + 7),
+                ],
+            );
+        }
+        match next {
+            Some(next) => from = Some(next),
+            None => break,
+        }
+    }
+    // Writes after the copy, and a purge of an expired key (logged as a delete).
+    std::thread::sleep(std::time::Duration::from_millis(50));
+    assert_eq!(source.expire_due(100).unwrap(), 1);
+    apply(
+        &mut source,
+        &[
+            WorkerRequest::IncrBy {
+                collection: 0,
+                key: key(1, b"counter"),
+                delta: 5,
+            },
+            set_expiring(0, key(1, b"e"), b"newer", hour + 9),
+            WorkerRequest::Delete {
+                collection: 0,
+                keys: vec![key(1, b"a")],
+            },
+        ],
+    );
+
+    // The catch-up: every entry after the start, overlapping what the copy already had.
+    let feed = apply(
+        &mut source,
+        &[WorkerRequest::ReadFeed {
+            positions: vec![(1, start)],
+            count: 1000,
+        }],
+    )
+    .remove(0);
+    let WorkerResponse::Log(entries) = feed else {
+        panic!("{feed:?}")
+    };
+    assert!(entries.len() >= 9, "{entries:?}");
+    assert!(entries
+        .iter()
+        .all(|e| e.partition == 1 && e.commit_id > start));
+    assert_eq!(
+        apply(
+            &mut target,
+            &[WorkerRequest::ApplyLog {
+                entries: entries.clone()
+            }]
+        ),
+        vec![WorkerResponse::Ok]
+    );
+
+    // Data, expiry index, log and meta entry: byte for byte the source's.
+    let copied = records_of(&mut target, 1);
+    assert_eq!(copied, records_of(&mut source, 1));
+    assert!(copied
+        .iter()
+        .any(|r| r.table == RecordTable::Expiry && r.key.ends_with(b"e")));
+    assert_eq!(
+        last_commit_id(&mut target, 1),
+        last_commit_id(&mut source, 1)
+    );
+    assert!(target.highest_commit_id() >= last_commit_id(&mut source, 1));
+    assert_eq!(
+        get(&mut target, 0, key(1, b"a")),
+        WorkerResponse::Value(None)
+    );
+    assert_eq!(
+        get(&mut target, 0, key(1, b"e")),
+        WorkerResponse::Value(Some(b"newer".to_vec()))
+    );
+    assert_eq!(
+        apply(
+            &mut target,
+            &[WorkerRequest::ExpireTime {
+                collection: 0,
+                key: key(1, b"b")
+            }]
+        ),
+        vec![WorkerResponse::Integer((hour + 5) as i64)]
+    );
+    assert!(
+        records_of(&mut target, 2).is_empty(),
+        "only partition 1 moved"
+    );
+
+    // A second replay of the same entries changes nothing.
+    apply(&mut target, &[WorkerRequest::ApplyLog { entries }]);
+    assert_eq!(records_of(&mut target, 1), copied);
+
+    // Once the fence is lifted the target writes on from the source's last commit id.
+    let last = last_commit_id(&mut source, 1);
+    assert_eq!(fence(&mut target, 1, false), WorkerResponse::Ok);
+    apply(&mut target, &[set(0, key(1, b"f"), b"mine")]);
+    assert_eq!(last_commit_id(&mut target, 1), last + 1);
+}
+
+#[test]
+fn replayed_log_entries_keep_their_ids_and_bad_ones_change_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut store = Store::open(dir.path(), &options()).unwrap();
+    let entry = |commit_id: u64, change: ChangeType, data: &[u8], expires_at_ms| LogEntry {
+        partition: 3,
+        commit_id,
+        timestamp_ms: 1_000 + commit_id,
+        change,
+        collection: 0,
+        expires_at_ms,
+        key: b"k".to_vec(),
+        data: data.to_vec(),
+    };
+    let later = shoal_shared::now_ms() + 3_600_000;
+    let entries = vec![
+        entry(40, ChangeType::Create, b"v1", Some(later)),
+        entry(41, ChangeType::Update, b"v2", None),
+    ];
+    assert_eq!(
+        apply(
+            &mut store,
+            &[WorkerRequest::ApplyLog {
+                entries: entries.clone()
+            }]
+        ),
+        vec![WorkerResponse::Ok]
+    );
+    assert_eq!(log_of(&mut store, 3), entries);
+    assert_eq!(
+        get(&mut store, 0, key(3, b"k")),
+        WorkerResponse::Value(Some(b"v2".to_vec()))
+    );
+    assert!(
+        !records_of(&mut store, 3)
+            .iter()
+            .any(|r| r.table == RecordTable::Expiry),
+        "the expiry of the first entry is gone with the second"
+    );
+    assert_eq!(store.highest_commit_id(), 41);
+    let txn = store.env.read_txn().unwrap();
+    let raw = store
+        .meta
+        .get(&txn, &layout::partition_meta_key(3))
+        .unwrap()
+        .unwrap();
+    let meta = layout::decode_partition_meta(raw).unwrap();
+    assert_eq!((meta.last_commit_id, meta.mtime_ms), (41, 1_041));
+    drop(txn);
+
+    // An older entry does not overwrite a newer value.
+    apply(
+        &mut store,
+        &[WorkerRequest::ApplyLog {
+            entries: vec![entry(40, ChangeType::Create, b"v1", Some(later))],
+        }],
+    );
+    assert_eq!(
+        get(&mut store, 0, key(3, b"k")),
+        WorkerResponse::Value(Some(b"v2".to_vec()))
+    );
+    assert_eq!(last_commit_id(&mut store, 3), 41);
+
+    // A request with one bad entry is refused whole.
+    let before = records_of(&mut store, 3);
+    let mut wrong_collection = entry(42, ChangeType::Delete, b"", None);
+    wrong_collection.collection = 9;
+    let too_long = LogEntry {
+        key: vec![b'x'; shoal_shared::limits::MAX_STORED_KEY_BYTES + 1],
+        ..entry(43, ChangeType::Create, b"v", None)
+    };
+    for bad in [wrong_collection, too_long] {
+        let reply = apply(
+            &mut store,
+            &[WorkerRequest::ApplyLog {
+                entries: vec![entry(42, ChangeType::Delete, b"", None), bad],
+            }],
+        );
+        assert!(
+            matches!(reply[..], [WorkerResponse::Error(WorkerError::Storage(_))]),
+            "{reply:?}"
+        );
+        assert_eq!(records_of(&mut store, 3), before);
+    }
+    // Imports that would touch the shard's own entries of `meta` are refused too.
+    let reply = apply(
+        &mut store,
+        &[WorkerRequest::ImportRecords {
+            records: vec![Record {
+                table: RecordTable::Meta,
+                key: layout::META_SHARD_ID.to_vec(),
+                value: 5u32.to_be_bytes().to_vec(),
+            }],
+        }],
+    );
+    assert!(
+        matches!(reply[..], [WorkerResponse::Error(WorkerError::Storage(_))]),
+        "{reply:?}"
+    );
+    drop(store);
+    assert!(
+        Store::open(dir.path(), &options()).is_ok(),
+        "the shard id is intact"
+    );
+}
+
+/// One client write of each kind, all on `k`.
+fn client_writes(k: &Key) -> Vec<WorkerRequest> {
+    let (collection, key) = (0, k.clone());
+    vec![
+        set(0, k.clone(), b"new"),
+        WorkerRequest::GetDel {
+            collection,
+            key: key.clone(),
+        },
+        WorkerRequest::GetEx {
+            collection,
+            key: key.clone(),
+            expiry: Expiry::Clear,
+        },
+        WorkerRequest::Delete {
+            collection,
+            keys: vec![key.clone()],
+        },
+        WorkerRequest::IncrBy {
+            collection,
+            key: key.clone(),
+            delta: 1,
+        },
+        WorkerRequest::IncrByFloat {
+            collection,
+            key: key.clone(),
+            increment: b"1.5".to_vec(),
+        },
+        WorkerRequest::Append {
+            collection,
+            key: key.clone(),
+            value: b"x".to_vec(),
+        },
+        WorkerRequest::SetRange {
+            collection,
+            key: key.clone(),
+            offset: 0,
+            value: b"y".to_vec(),
+        },
+        WorkerRequest::Expire {
+            collection,
+            key: key.clone(),
+            at_ms: shoal_shared::now_ms() + 60_000,
+            condition: ExpireCondition::Always,
+        },
+        WorkerRequest::Persist {
+            collection,
+            key: key.clone(),
+        },
+        WorkerRequest::Atomic {
+            ops: vec![put_op(0, key.clone(), b"tx", false)],
+        },
+        WorkerRequest::Prepare {
+            txid: 99,
+            decider: 0,
+            ops: vec![put_op(0, key, b"tx", false)],
+        },
+    ]
+}
+
+#[test]
+fn a_fenced_partition_refuses_client_writes_and_serves_reads() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut store = Store::open(dir.path(), &options()).unwrap();
+    let soon = shoal_shared::now_ms() + 30;
+    apply(
+        &mut store,
+        &[
+            set(0, key(1, b"k"), b"10"),
+            set(0, key(2, b"other"), b"20"),
+            set(1, key(1, b"in c1"), b"30"),
+            set_expiring(0, key(1, b"due"), b"x", soon),
+            set_expiring(0, key(2, b"due"), b"x", soon),
+        ],
+    );
+    assert_eq!(fences(&mut store), WorkerResponse::Partitions(vec![]));
+    assert_eq!(fence(&mut store, 1, true), WorkerResponse::Ok);
+    assert_eq!(
+        fence(&mut store, 1, true),
+        WorkerResponse::Ok,
+        "fencing twice is harmless"
+    );
+    assert_eq!(fences(&mut store), WorkerResponse::Partitions(vec![1]));
+    let records = records_of(&mut store, 1);
+    let commit_id = last_commit_id(&mut store, 1);
+    for write in client_writes(&key(1, b"k")) {
+        assert_eq!(
+            apply(&mut store, std::slice::from_ref(&write)),
+            vec![WorkerResponse::Error(WorkerError::PartitionMoved {
+                partition: 1
+            })],
+            "{write:?}"
+        );
+    }
+    // A write touching a fenced partition among others is refused whole.
+    let mixed = WorkerRequest::Delete {
+        collection: 0,
+        keys: vec![key(2, b"other"), key(1, b"k")],
+    };
+    assert_eq!(
+        apply(&mut store, &[mixed]),
+        vec![WorkerResponse::Error(WorkerError::PartitionMoved {
+            partition: 1
+        })]
+    );
+    assert_eq!(
+        records_of(&mut store, 1),
+        records,
+        "nothing changed: data, log, meta"
+    );
+    assert_eq!(last_commit_id(&mut store, 1), commit_id);
+    assert!(
+        store.locks().is_empty(),
+        "the refused prepare locks nothing"
+    );
+    // Reads are served; other partitions take writes.
+    assert_eq!(
+        get(&mut store, 0, key(1, b"k")),
+        WorkerResponse::Value(Some(b"10".to_vec()))
+    );
+    assert_eq!(
+        apply(
+            &mut store,
+            &[
+                WorkerRequest::Exists {
+                    collection: 0,
+                    keys: vec![key(1, b"k")]
+                },
+                set(0, key(2, b"other"), b"21"),
+            ]
+        ),
+        vec![WorkerResponse::Integer(1), WorkerResponse::Ok]
+    );
+
+    // Background expiry leaves the fenced partition alone.
+    std::thread::sleep(std::time::Duration::from_millis(50));
+    assert_eq!(store.expire_due(100).unwrap(), 1);
+    assert_eq!(records_of(&mut store, 1), records);
+    assert_eq!(
+        get(&mut store, 0, key(2, b"due")),
+        WorkerResponse::Value(None)
+    );
+
+    // The fence is durable.
+    drop(store);
+    let mut store = Store::open(dir.path(), &options()).unwrap();
+    assert_eq!(fences(&mut store), WorkerResponse::Partitions(vec![1]));
+    assert_eq!(
+        apply(&mut store, &[set(0, key(1, b"k"), b"11")]),
+        vec![WorkerResponse::Error(WorkerError::PartitionMoved {
+            partition: 1
+        })]
+    );
+
+    // Lifted, it takes writes again; fenced in a batch, the batch's later writes are refused.
+    assert_eq!(
+        apply(
+            &mut store,
+            &[
+                WorkerRequest::SetFence {
+                    partition: 1,
+                    fenced: false
+                },
+                set(0, key(1, b"k"), b"12"),
+                WorkerRequest::SetFence {
+                    partition: 2,
+                    fenced: true
+                },
+                set(0, key(2, b"other"), b"22"),
+                WorkerRequest::Fences,
+            ]
+        ),
+        vec![
+            WorkerResponse::Ok,
+            WorkerResponse::Ok,
+            WorkerResponse::Ok,
+            WorkerResponse::Error(WorkerError::PartitionMoved { partition: 2 }),
+            WorkerResponse::Partitions(vec![2]),
+        ]
+    );
+    assert_eq!(
+        get(&mut store, 0, key(1, b"k")),
+        WorkerResponse::Value(Some(b"12".to_vec()))
+    );
+    assert_eq!(store.fences().iter().copied().collect::<Vec<_>>(), vec![2]);
+}
+
+#[test]
+fn whole_collection_requests_skip_fenced_partitions() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut store = Store::open(dir.path(), &options()).unwrap();
+    let mut writes = Vec::new();
+    for partition in 0..4 {
+        for k in [b"a", b"b", b"c"] {
+            writes.push(set(0, key(partition, k), b"v"));
+        }
+    }
+    apply(&mut store, &writes);
+    apply(
+        &mut store,
+        &[
+            WorkerRequest::SetFence {
+                partition: 1,
+                fenced: true,
+            },
+            WorkerRequest::SetFence {
+                partition: 3,
+                fenced: true,
+            },
+        ],
+    );
+    assert_eq!(
+        apply(&mut store, &[WorkerRequest::DbSize { collection: 0 }]),
+        vec![WorkerResponse::Integer(6)]
+    );
+    let keys = apply(
+        &mut store,
+        &[WorkerRequest::Keys {
+            collection: 0,
+            pattern: None,
+        }],
+    );
+    let WorkerResponse::Scanned { keys, next: None } = &keys[0] else {
+        panic!("{keys:?}")
+    };
+    assert_eq!(keys.len(), 6);
+    // A scan two keys at a time meets partitions 0 and 2 only, each key once.
+    let mut seen = Vec::new();
+    let mut after = None;
+    loop {
+        let reply = apply(
+            &mut store,
+            &[WorkerRequest::Scan {
+                collection: 0,
+                after: after.clone(),
+                count: 2,
+                pattern: None,
+            }],
+        )
+        .remove(0);
+        let WorkerResponse::Scanned { keys, next } = reply else {
+            panic!("{reply:?}")
+        };
+        seen.extend(keys);
+        match next {
+            Some(next) => {
+                assert!(next[..2] == [0, 0] || next[..2] == [0, 2], "{next:?}");
+                after = Some(next);
+            }
+            None => break,
+        }
+    }
+    assert_eq!(seen.len(), 6);
+    // FLUSH deletes the other partitions' keys, and only theirs.
+    let fenced = [records_of(&mut store, 1), records_of(&mut store, 3)];
+    assert_eq!(
+        apply(&mut store, &[WorkerRequest::Flush { collection: None }]),
+        vec![WorkerResponse::Integer(6)]
+    );
+    assert_eq!(
+        [records_of(&mut store, 1), records_of(&mut store, 3)],
+        fenced
+    );
+    assert_eq!(
+        get(&mut store, 0, key(0, b"a")),
+        WorkerResponse::Value(None)
+    );
+    assert_eq!(
+        get(&mut store, 0, key(3, b"c")),
+        WorkerResponse::Value(Some(b"v".to_vec()))
+    );
+    // Once lifted, the keys count again.
+    fence(&mut store, 3, false);
+    assert_eq!(
+        apply(&mut store, &[WorkerRequest::DbSize { collection: 0 }]),
+        vec![WorkerResponse::Integer(3)]
+    );
+}
+
+#[test]
+fn prepared_transactions_hold_off_fences_and_clearing() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut store = Store::open(dir.path(), &options()).unwrap();
+    let prepared = apply(
+        &mut store,
+        &[WorkerRequest::Prepare {
+            txid: 7,
+            decider: 0,
+            ops: vec![put_op(0, key(3, b"x"), b"7", false)],
+        }],
+    );
+    assert_eq!(
+        prepared,
+        vec![WorkerResponse::TxOutcomes(vec![TxOutcome::Done])]
+    );
+    assert_eq!(
+        fence(&mut store, 3, true),
+        WorkerResponse::Error(WorkerError::Locked)
+    );
+    assert_eq!(
+        apply(
+            &mut store,
+            &[WorkerRequest::ClearPartition { partition: 3 }]
+        ),
+        vec![WorkerResponse::Error(WorkerError::Locked)]
+    );
+    assert_eq!(fences(&mut store), WorkerResponse::Partitions(vec![]));
+    // A lock taken earlier in the same batch counts too.
+    assert_eq!(
+        apply(
+            &mut store,
+            &[
+                WorkerRequest::Prepare {
+                    txid: 8,
+                    decider: 0,
+                    ops: vec![put_op(0, key(2, b"y"), b"8", false)]
+                },
+                WorkerRequest::SetFence {
+                    partition: 2,
+                    fenced: true
+                },
+                WorkerRequest::SetFence {
+                    partition: 1,
+                    fenced: true
+                },
+            ]
+        )[1..],
+        [
+            WorkerResponse::Error(WorkerError::Locked),
+            WorkerResponse::Ok
+        ]
+    );
+    // Once the transaction commits, the partition can be fenced; the commit itself is
+    // never refused.
+    assert_eq!(
+        apply(
+            &mut store,
+            &[
+                WorkerRequest::Commit { txid: 7 },
+                WorkerRequest::SetFence {
+                    partition: 3,
+                    fenced: true
+                },
+            ]
+        ),
+        vec![WorkerResponse::Ok, WorkerResponse::Ok]
+    );
+    assert_eq!(
+        get(&mut store, 0, key(3, b"x")),
+        WorkerResponse::Value(Some(b"7".to_vec()))
+    );
+    assert_eq!(fences(&mut store), WorkerResponse::Partitions(vec![1, 3]));
+}
+
+#[test]
+fn clearing_a_partition_removes_all_of_it_and_nothing_else() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut store = Store::open(dir.path(), &options()).unwrap();
+    let later = shoal_shared::now_ms() + 3_600_000;
+    let mut writes = Vec::new();
+    for partition in [0, 1, 2] {
+        writes.push(set(0, key(partition, b"plain"), b"v"));
+        writes.push(set_expiring(0, key(partition, b"expiring"), b"v", later));
+        writes.push(set_expiring(
+            1,
+            key(partition, b"other collection"),
+            b"v",
+            later + 1,
+        ));
+    }
+    apply(&mut store, &writes);
+    let kept = [records_of(&mut store, 0), records_of(&mut store, 2)];
+    let cleared = records_of(&mut store, 1);
+    for table in [
+        RecordTable::Collection(0),
+        RecordTable::Collection(1),
+        RecordTable::Log,
+        RecordTable::Meta,
+        RecordTable::Expiry,
+    ] {
+        assert!(cleared.iter().any(|r| r.table == table), "{table:?}");
+    }
+    let highest = store.highest_commit_id();
+    fence(&mut store, 1, true);
+    assert_eq!(
+        apply(
+            &mut store,
+            &[WorkerRequest::ClearPartition { partition: 1 }]
+        ),
+        vec![WorkerResponse::Ok]
+    );
+    assert!(records_of(&mut store, 1).is_empty());
+    assert_eq!(last_commit_id(&mut store, 1), 0);
+    assert_eq!([records_of(&mut store, 0), records_of(&mut store, 2)], kept);
+    assert_eq!(
+        fences(&mut store),
+        WorkerResponse::Partitions(vec![1]),
+        "the fence stays"
+    );
+    assert_eq!(store.highest_commit_id(), highest);
+    // The expiry index holds the other partitions' entries only.
+    let txn = store.env.read_txn().unwrap();
+    let partitions: Vec<Partition> = store
+        .expiry
+        .iter(&txn)
+        .unwrap()
+        .map(|item| {
+            layout::decode_expiry_key(item.unwrap().0)
+                .unwrap()
+                .partition
+        })
+        .collect();
+    assert_eq!(partitions.len(), 4);
+    assert!(!partitions.contains(&1));
+}

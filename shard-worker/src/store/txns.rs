@@ -59,6 +59,13 @@ impl Locks {
         }
     }
 
+    /// Whether a key of `partition` is locked by a transaction not in `released`.
+    fn locks_in(&self, partition: Partition, released: &[u64]) -> bool {
+        self.by_key
+            .iter()
+            .any(|((_, p, _), txid)| *p == partition && !released.contains(txid))
+    }
+
     /// Number of locked keys.
     pub fn len(&self) -> usize {
         self.by_key.len()
@@ -413,6 +420,26 @@ impl Store {
             prepared += i64::from(decode_intent(raw)?.state == IntentState::Prepared);
         }
         Ok(WorkerResponse::Integer(prepared))
+    }
+
+    /// Whether a prepared transaction locks keys of `partition`, counting the locks taken
+    /// and released earlier in this transaction.
+    pub(crate) fn partition_locked(&self, batch: &Batch, partition: Partition) -> bool {
+        let released: Vec<u64> = batch
+            .lock_changes
+            .iter()
+            .filter_map(|change| match change {
+                LockChange::Release { txid } => Some(*txid),
+                LockChange::Acquire { .. } => None,
+            })
+            .collect();
+        self.locks.locks_in(partition, &released)
+            || batch.lock_changes.iter().any(|change| match change {
+                LockChange::Acquire { txid, keys } => {
+                    !released.contains(txid) && keys.iter().any(|(_, p, _)| *p == partition)
+                }
+                LockChange::Release { .. } => false,
+            })
     }
 
     fn is_decider(&self, intent: &Intent) -> bool {
