@@ -63,6 +63,16 @@ pub fn link_error(error: &LinkError) -> Reply {
              been applied",
             REQUEST_TIMEOUT.as_millis()
         )),
+        LinkError::NotJoined => {
+            Reply::error("TRYAGAIN this host has not joined its cluster yet; retry shortly")
+        }
+        LinkError::Moved | LinkError::Moving { .. } => Reply::error(format!(
+            "TRYAGAIN {error}; nothing was applied, retry shortly"
+        )),
+        LinkError::Host { .. } => Reply::error(format!(
+            "TRYAGAIN the host that owns the key is unavailable ({error}); if it was a write, it may \
+             or may not have been applied"
+        )),
     }
 }
 

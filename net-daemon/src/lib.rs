@@ -18,16 +18,20 @@
 //! - [`workers`]: the links to the shard-workers.
 //! - [`peer`]: the authenticated connections to the other hosts' net-daemons.
 //! - [`reads`]: GET and MGET straight from the shards' LMDB maps.
+//! - [`routing`]: requests for a partition sent to its owner, this host or another.
+//! - [`handoff`]: taking partitions over from other hosts, and dropping those given away.
 //! - [`errors`]: internal failures → client error replies.
 
 pub mod cluster;
 pub mod commands;
 pub mod connection;
 pub mod errors;
+pub mod handoff;
 pub mod ids;
 pub mod metrics;
 pub mod peer;
 pub mod reads;
+pub mod routing;
 pub mod server;
 pub mod txn;
 pub mod workers;
@@ -60,6 +64,10 @@ pub struct Shared {
     pub readers: reads::Readers,
     /// This host's membership in a cluster; `None` for a host on its own.
     pub cluster: Option<std::sync::Arc<cluster::node::ClusterNode>>,
+    /// In a cluster: delivers requests to the owners of partitions.
+    pub router: Option<std::sync::Arc<routing::Router>>,
+    /// What this host's partition handoffs measured.
+    pub handoffs: handoff::Stats,
 }
 
 impl Shared {
@@ -81,7 +89,17 @@ impl Shared {
         status: StatusTable,
         cluster: Option<std::sync::Arc<cluster::node::ClusterNode>>,
     ) -> Shared {
+        let router = cluster.as_ref().map(|node| {
+            let router = std::sync::Arc::new(routing::Router::new(
+                std::sync::Arc::clone(node),
+                links.clone(),
+            ));
+            node.set_local_workers(router.clone());
+            router
+        });
         Shared {
+            router,
+            handoffs: handoff::Stats::default(),
             links,
             status,
             connections: AtomicUsize::new(0),

@@ -155,6 +155,7 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
         .context("starting the cluster layer")?;
     let shared = Arc::new(Shared::new(config, links, status, cluster));
     tokio::spawn(crate::txn::recover(Arc::clone(&shared)));
+    tokio::spawn(crate::handoff::run(Arc::clone(&shared)));
     if let Some(listener) = metrics {
         tokio::spawn(crate::metrics::serve(Arc::clone(&shared), listener));
     }

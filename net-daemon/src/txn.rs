@@ -23,10 +23,12 @@ use std::collections::{HashMap, HashSet};
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
-use shoal_shared::frame::{TxAction, TxOp, TxOutcome, WorkerError, WorkerRequest, WorkerResponse};
+use shoal_shared::frame::{
+    TxAction, TxOp, TxOutcome, WorkerError, WorkerRequest, WorkerResponse, DECIDER_PARTITION,
+};
 use shoal_shared::resp::Reply;
 
-use crate::commands::ask;
+use crate::commands::{ask, ask_dest, send, Dest};
 use crate::errors;
 use crate::Shared;
 
@@ -42,8 +44,25 @@ const RECOVERY_INTERVAL: Duration = Duration::from_secs(1);
 
 /// The ops of one participant.
 pub struct Participant {
-    pub worker: usize,
+    pub dest: Dest,
     pub ops: Vec<TxOp>,
+}
+
+/// The `decider` value of the participant at `dest`.
+fn decider_of(dest: Dest) -> u16 {
+    match dest {
+        Dest::Worker(worker) => worker as u16,
+        Dest::Partition { partition, .. } => DECIDER_PARTITION | partition,
+    }
+}
+
+/// Where a recorded `decider` value is asked.
+fn decider_dest(shared: &Shared, decider: u16) -> Dest {
+    if decider & DECIDER_PARTITION != 0 {
+        Dest::of_partition(shared, decider & !DECIDER_PARTITION)
+    } else {
+        Dest::Worker(usize::from(decider))
+    }
 }
 
 /// Why a transaction did not commit.
@@ -63,7 +82,7 @@ pub async fn run(
         let request = WorkerRequest::Atomic {
             ops: only.ops.clone(),
         };
-        return match shared.links[only.worker].send(request).await.wait().await {
+        return match send(shared, only.dest, request).await.wait().await {
             Ok(WorkerResponse::TxOutcomes(outcomes)) => Ok(vec![outcomes]),
             Ok(WorkerResponse::Error(
                 error @ (WorkerError::TxKeyExists | WorkerError::TxNoSuchKey),
@@ -81,7 +100,7 @@ pub async fn run(
     loop {
         for participant in &participants {
             let ops = fill_taken(&participant.ops, &tx.prepared);
-            match tx.prepare(participant.worker, ops).await {
+            match tx.prepare(participant.dest, ops).await {
                 Ok(()) => {}
                 Err(PrepareError::Conflict) => break,
                 Err(PrepareError::Failure(failure)) => {
@@ -100,7 +119,7 @@ pub async fn run(
 
 /// Replaces `PutTaken` ops with a `Put` of the value that an earlier participant's `Take` or
 /// `Read` found (RENAME and COPY across workers).
-fn fill_taken(ops: &[TxOp], prepared: &[(usize, Vec<TxOutcome>)]) -> Vec<TxOp> {
+fn fill_taken(ops: &[TxOp], prepared: &[(Dest, Vec<TxOutcome>)]) -> Vec<TxOp> {
     let taken = prepared
         .iter()
         .flat_map(|(_, outcomes)| outcomes)
@@ -136,9 +155,9 @@ enum PrepareError {
 struct Transaction<'a> {
     shared: &'a Shared,
     txid: u64,
-    decider: Option<usize>,
-    /// Workers prepared so far, with their outcomes, in order.
-    prepared: Vec<(usize, Vec<TxOutcome>)>,
+    decider: Option<u16>,
+    /// Participants prepared so far, with their outcomes, in order.
+    prepared: Vec<(Dest, Vec<TxOutcome>)>,
     started: Instant,
     attempt: u32,
 }
@@ -155,17 +174,17 @@ impl<'a> Transaction<'a> {
         }
     }
 
-    /// Prepares `ops` on `worker`; the first worker prepared is the decider.
-    async fn prepare(&mut self, worker: usize, ops: Vec<TxOp>) -> Result<(), PrepareError> {
-        let decider = *self.decider.get_or_insert(worker) as u16;
+    /// Prepares `ops` at `dest`; the first participant prepared is the decider.
+    async fn prepare(&mut self, dest: Dest, ops: Vec<TxOp>) -> Result<(), PrepareError> {
+        let decider = *self.decider.get_or_insert(decider_of(dest));
         let request = WorkerRequest::Prepare {
             txid: self.txid,
             decider,
             ops,
         };
-        match self.shared.links[worker].send(request).await.wait().await {
+        match send(self.shared, dest, request).await.wait().await {
             Ok(WorkerResponse::TxOutcomes(outcomes)) => {
-                self.prepared.push((worker, outcomes));
+                self.prepared.push((dest, outcomes));
                 Ok(())
             }
             Ok(WorkerResponse::Error(WorkerError::TxConflict)) => Err(PrepareError::Conflict),
@@ -180,7 +199,7 @@ impl<'a> Transaction<'a> {
             )))),
             Err(error) => {
                 // The prepare may have happened: abort it there too (recovery does it otherwise).
-                self.prepared.push((worker, Vec::new()));
+                self.prepared.push((dest, Vec::new()));
                 Err(PrepareError::Failure(TxFailure::Failed(
                     errors::link_error(&error),
                 )))
@@ -190,13 +209,8 @@ impl<'a> Transaction<'a> {
 
     /// Releases every prepared participant (best effort; recovery aborts the rest).
     async fn abort(&mut self) {
-        for (worker, _) in self.prepared.drain(..) {
-            let _ = ask(
-                self.shared,
-                worker,
-                WorkerRequest::Abort { txid: self.txid },
-            )
-            .await;
+        for (dest, _) in self.prepared.drain(..) {
+            let _ = ask_dest(self.shared, dest, WorkerRequest::Abort { txid: self.txid }).await;
         }
     }
 
@@ -224,7 +238,7 @@ impl<'a> Transaction<'a> {
     /// Commits on the decider (the decision), then on the others, then forgets.
     async fn commit(mut self) -> Result<Vec<Vec<TxOutcome>>, TxFailure> {
         let decider = self.prepared[0].0;
-        match ask(
+        match ask_dest(
             self.shared,
             decider,
             WorkerRequest::Commit { txid: self.txid },
@@ -247,10 +261,10 @@ impl<'a> Transaction<'a> {
             }
         }
         let mut all_committed = true;
-        for (worker, _) in &self.prepared[1..] {
-            let answer = ask(
+        for (dest, _) in &self.prepared[1..] {
+            let answer = ask_dest(
                 self.shared,
-                *worker,
+                *dest,
                 WorkerRequest::Commit { txid: self.txid },
             )
             .await;
@@ -262,7 +276,7 @@ impl<'a> Transaction<'a> {
             };
         }
         if all_committed {
-            let _ = ask(
+            let _ = ask_dest(
                 self.shared,
                 decider,
                 WorkerRequest::Forget { txid: self.txid },
@@ -366,9 +380,9 @@ async fn resolve(
     decider: u16,
     old: bool,
 ) -> Option<bool> {
-    let decision = ask(
+    let decision = ask_dest(
         shared,
-        usize::from(decider),
+        decider_dest(shared, decider),
         WorkerRequest::Decide {
             txid,
             older_than_ms: IN_DOUBT_AFTER.as_millis() as u64,
@@ -404,9 +418,13 @@ async fn forget_settled(shared: &Shared, committed: &mut HashMap<u64, u16>, held
         .map(|(&txid, &decider)| (txid, decider))
         .collect();
     for (txid, decider) in settled {
-        if ask(shared, usize::from(decider), WorkerRequest::Forget { txid })
-            .await
-            .is_ok()
+        if ask_dest(
+            shared,
+            decider_dest(shared, decider),
+            WorkerRequest::Forget { txid },
+        )
+        .await
+        .is_ok()
         {
             committed.remove(&txid);
         }

@@ -30,18 +30,34 @@ const OUTBOX_CAPACITY: usize = 4096;
 const RECONNECT_MIN: Duration = Duration::from_millis(20);
 const RECONNECT_MAX: Duration = Duration::from_millis(250);
 
-/// Why a request got no answer from its worker.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+/// Why a request got no answer from its worker (or, in a cluster, from its partition's owner).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum LinkError {
     /// The worker is not connected; the request was not sent.
+    #[error("shard-{worker} is down")]
     Down { worker: usize },
     /// The worker went away after the request was sent; a write may or may not have happened.
+    #[error("shard-{worker} went down during the request")]
     Lost { worker: usize },
     /// The worker did not answer in time; a write may or may not have happened.
+    #[error("shard-{worker} did not answer in time")]
     Timeout { worker: usize },
+    /// This host is not a member of its cluster yet, so it knows no partition's owner.
+    #[error("this host has not joined its cluster yet")]
+    NotJoined,
+    /// The host asked does not own the partition; nothing was applied (retried internally).
+    #[error("the host asked does not own the partition")]
+    Moved,
+    /// The partition kept moving, or stayed fenced for a handoff, until the deadline.
+    #[error("partition {partition} is moving between hosts")]
+    Moving { partition: u16 },
+    /// The owning host could not be reached or failed; a write may or may not have happened
+    /// if the request had been sent.
+    #[error("host {host}: {reason}")]
+    Host { host: u64, reason: String },
 }
 
-type Responder = oneshot::Sender<WorkerResponse>;
+type Responder = oneshot::Sender<Result<WorkerResponse, LinkError>>;
 
 struct Outgoing {
     request: WorkerRequest,
@@ -49,6 +65,7 @@ struct Outgoing {
 }
 
 /// The link to one worker.
+#[derive(Clone)]
 pub struct WorkerLink {
     index: usize,
     connected: Arc<AtomicBool>,
@@ -58,7 +75,7 @@ pub struct WorkerLink {
 /// A request that has been handed to a link; await it with [`Call::wait`].
 pub struct Call {
     worker: usize,
-    receiver: Result<oneshot::Receiver<WorkerResponse>, LinkError>,
+    receiver: Result<oneshot::Receiver<Result<WorkerResponse, LinkError>>, LinkError>,
     /// When the request was sent plus [`REQUEST_TIMEOUT`].
     deadline: Instant,
 }
@@ -70,6 +87,7 @@ impl Call {
             LinkError::Down { worker }
             | LinkError::Lost { worker }
             | LinkError::Timeout { worker } => worker,
+            _ => 0,
         };
         Call {
             worker,
@@ -78,11 +96,23 @@ impl Call {
         }
     }
 
+    /// A call answered through `receiver` (by a task that follows a partition to its owner).
+    pub fn pending(
+        receiver: oneshot::Receiver<Result<WorkerResponse, LinkError>>,
+        deadline: Instant,
+    ) -> Call {
+        Call {
+            worker: 0,
+            receiver: Ok(receiver),
+            deadline,
+        }
+    }
+
     /// Waits for the response, until [`REQUEST_TIMEOUT`] after the request was sent.
     pub async fn wait(self) -> Result<WorkerResponse, LinkError> {
         let receiver = self.receiver?;
         match tokio::time::timeout_at(self.deadline, receiver).await {
-            Ok(Ok(response)) => Ok(response),
+            Ok(Ok(result)) => result,
             Ok(Err(_)) => Err(LinkError::Lost {
                 worker: self.worker,
             }),
@@ -205,7 +235,7 @@ async fn serve_connection(index: usize, stream: UnixStream, inbox: &mut mpsc::Re
                             .unwrap_or_else(|e| e.into_inner())
                             .remove(&envelope.id);
                         if let Some(responder) = responder {
-                            let _ = responder.send(envelope.response);
+                            let _ = responder.send(Ok(envelope.response));
                         }
                     }
                     Ok(None) => break,

@@ -351,6 +351,7 @@ async fn run_host(machine: Arc<Machine>, shared: Arc<Shared>, seed: u64) -> turm
         partitions: 16,
         capacity_bytes: 1 << 30,
         max_fill_ratio: 0.9,
+        workers: 1,
     };
     let node = ClusterNode::start_with(
         settings,

@@ -140,6 +140,12 @@ pub struct Record {
     pub value: Vec<u8>,
 }
 
+/// Set in a `Prepare`'s `decider` when it names a partition rather than a worker: in a
+/// cluster, the decider is the participant whose ops hold that partition's keys, on
+/// whichever host owns it.
+pub const DECIDER_PARTITION: u16 = 0x8000;
+const _: () = assert!(crate::partition::SLOTS <= DECIDER_PARTITION);
+
 /// A request from the net-daemon to a shard-worker. All keys of one request
 /// belong to partitions of that worker.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -238,6 +244,9 @@ pub enum WorkerRequest {
         count: u32,
         #[serde(with = "serde_bytes")]
         pattern: Option<Vec<u8>>,
+        /// Walk this partition only (a cluster's SCAN goes partition by partition); a fenced
+        /// one is refused with `PartitionMoved`.
+        partition: Option<Partition>,
     },
     /// → `Scanned` with every matching key and no `next`.
     Keys {
@@ -251,7 +260,8 @@ pub enum WorkerRequest {
     Atomic { ops: Vec<TxOp> },
     /// Phase one of a multi-worker write: check the ops, lock their keys and record the
     /// intent durably. → `TxOutcomes`, or `TxRefused`/`TxConflict`. The `decider` worker
-    /// records the commit decision in its commit.
+    /// (or, with [`DECIDER_PARTITION`], the participant holding that partition) records the
+    /// commit decision in its commit.
     Prepare {
         txid: u64,
         decider: u16,

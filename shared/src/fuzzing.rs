@@ -534,6 +534,7 @@ pub fn frame_request_seeds() -> Vec<(&'static str, Vec<u8>)> {
                     after: Some(b"\x00\x11k".to_vec()),
                     count: 10,
                     pattern: Some(b"k*".to_vec()),
+                    partition: Some(0),
                 },
             ),
         ),

@@ -163,13 +163,15 @@ fn worker_request() -> impl Strategy<Value = WorkerRequest> {
             c(),
             option::of(bytes(16)),
             any::<u32>(),
-            option::of(bytes(16))
+            option::of(bytes(16)),
+            option::of(any::<u16>())
         )
-            .prop_map(|(collection, after, count, pattern)| Scan {
+            .prop_map(|(collection, after, count, pattern, partition)| Scan {
                 collection,
                 after,
                 count,
-                pattern
+                pattern,
+                partition
             }),
         (c(), option::of(bytes(16))).prop_map(|(collection, pattern)| Keys {
             collection,

@@ -120,16 +120,28 @@ pub struct NodeLine {
     pub pong_ms: u64,
     pub host_id: u64,
     pub connected: bool,
+    /// The slot ranges it owns (first, last).
+    pub slots: Vec<(u16, u16)>,
 }
 
 impl NodeLine {
-    /// Parses `<id> <client>@<peer port> <flags> - 0 <pong ms> <host id> <link>`.
+    /// Parses `<id> <client>@<peer port> <flags> - 0 <pong ms> <host id> <link> <slots>...`.
     pub fn parse(line: &str) -> Result<NodeLine, String> {
         let bad = |why: &str| format!("CLUSTER NODES line {line:?}: {why}");
         let fields: Vec<&str> = line.split_whitespace().collect();
-        if fields.len() != 8 {
-            return Err(bad("not 8 fields"));
+        if fields.len() < 8 {
+            return Err(bad("fewer than 8 fields"));
         }
+        let slots = fields[8..]
+            .iter()
+            .map(|range| {
+                let (first, last) = range.split_once('-').unwrap_or((range, range));
+                Ok((
+                    first.parse().map_err(|_| bad("bad slot"))?,
+                    last.parse().map_err(|_| bad("bad slot"))?,
+                ))
+            })
+            .collect::<Result<Vec<(u16, u16)>, String>>()?;
         let (client_addr, peer_port) = fields[1].rsplit_once('@').ok_or_else(|| bad("no @"))?;
         if fields[0].len() != 40 || !fields[0].bytes().all(|b| b.is_ascii_hexdigit()) {
             return Err(bad("the node id is not 40 hex digits"));
@@ -150,6 +162,7 @@ impl NodeLine {
             pong_ms: fields[5].parse().map_err(|_| bad("bad pong time"))?,
             host_id: fields[6].parse().map_err(|_| bad("bad host id"))?,
             connected: link,
+            slots,
         };
         if u64::from_str_radix(&line.node_id, 16) != Ok(line.host_id) {
             return Err(bad("the node id is not the host id in hex"));

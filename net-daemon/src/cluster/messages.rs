@@ -11,6 +11,7 @@ use openraft::raft::{
     VoteRequest, VoteResponse,
 };
 use serde::{Deserialize, Serialize};
+use shoal_shared::frame::{WorkerRequest, WorkerResponse};
 
 use super::coords::Coordinate;
 use super::gossip::Rumor;
@@ -55,6 +56,23 @@ pub enum PeerRequest {
         suspects: Vec<HostId>,
         observed: Vec<HostId>,
     },
+    /// A client request for `partition`, which the sender believes the receiver owns at
+    /// `epoch`. Answered by [`PeerResponse::Worker`] from the partition's worker, or by
+    /// [`PeerResponse::Moved`] (nothing applied) when the receiver does not own it.
+    Worker {
+        partition: u16,
+        epoch: u64,
+        request: WorkerRequest,
+    },
+    /// A handoff request for the worker of `partition` (export, log, fence), whoever owns
+    /// it. Answered by [`PeerResponse::Worker`].
+    Partition {
+        partition: u16,
+        request: WorkerRequest,
+    },
+    /// A request for every worker of the receiver (DBSIZE, KEYS, FLUSH, ...). Answered by
+    /// [`PeerResponse::Workers`], one response per worker.
+    AllWorkers(WorkerRequest),
 }
 
 /// A response to a [`PeerRequest`].
@@ -83,6 +101,10 @@ pub enum PeerResponse {
         rumors: Vec<Rumor>,
     },
     Noted,
+    Worker(WorkerResponse),
+    Workers(Vec<WorkerResponse>),
+    /// The receiver does not own the partition now; nothing was applied.
+    Moved,
     /// The receiver cannot serve the request (it is not a member yet, or the request
     /// failed); the text says why.
     Refused(String),

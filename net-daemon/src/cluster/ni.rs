@@ -11,6 +11,7 @@ use std::collections::BTreeMap;
 
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
+use shoal_shared::frame::WorkerRequest;
 
 use super::coords::Coordinate;
 use super::raft_store::MetadataState;
@@ -56,6 +57,8 @@ pub struct Capacity {
     pub used_bytes: u64,
     /// Relative CPU speed (cores × MHz / 1000).
     pub cpu_rating: u32,
+    /// Its shard-workers: partition `p` is on its worker `p mod workers` (0: not reported).
+    pub workers: u16,
 }
 
 /// One host of the cluster.
@@ -337,7 +340,9 @@ impl NetworkInfo {
                 }
                 let entry = self.partition_at(*partition, *epoch)?;
                 if entry.target.is_some() || entry.owner == *to {
-                    return Err(format!("partition {partition} cannot move to host {to} now"));
+                    return Err(format!(
+                        "partition {partition} cannot move to host {to} now"
+                    ));
                 }
                 entry.target = Some(*to);
                 entry.epoch += 1;
@@ -404,6 +409,17 @@ impl NetworkInfo {
             ));
         }
         Ok(entry)
+    }
+
+    /// Whether `host` owns every partition `request` reads or writes.
+    pub fn owns_all(&self, host: HostId, request: &WorkerRequest) -> bool {
+        let owns = |partition: u16| {
+            self.partitions
+                .get(usize::from(partition))
+                .is_some_and(|entry| entry.owner == host)
+        };
+        request.keys().iter().all(|(_, key)| owns(key.partition))
+            && request.client_write_partitions().into_iter().all(owns)
     }
 
     /// The partitions `host` owns.
@@ -677,6 +693,8 @@ mod tests {
             sponsor: FOUNDER,
             now_ms: 2,
         });
-        assert!(matches!(outcome, Outcome::Refused(reason) if reason.contains("storage.partitions")));
+        assert!(
+            matches!(outcome, Outcome::Refused(reason) if reason.contains("storage.partitions"))
+        );
     }
 }

@@ -27,7 +27,9 @@
 //! clock drives all of them.
 
 use std::collections::{BTreeMap, BTreeSet, HashSet};
+use std::future::Future;
 use std::path::{Path, PathBuf};
+use std::pin::Pin;
 use std::sync::{Arc, Mutex, OnceLock, Weak};
 use std::time::Duration;
 
@@ -37,6 +39,7 @@ use openraft::{BasicNode, ChangeMembers, ServerState};
 use serde::{Deserialize, Serialize};
 use shoal_shard_worker::store::free_bytes;
 use shoal_shared::config::{write_durably, Config};
+use shoal_shared::frame::{WorkerRequest, WorkerResponse};
 use tokio::sync::watch;
 use tokio::time::Instant;
 
@@ -52,6 +55,7 @@ use super::raft_store::{open_meta_store, AppliedState, MetaRaft, MetaStoreOption
 use super::transport::{Clock, PeerCaller, WallClock};
 use super::HostId;
 use crate::peer::{ClusterSecret, HostAddr, PeerConfig, PeerListener, PeerPool};
+use crate::workers::LinkError;
 
 /// Longest a join request or a proposal may take.
 const PROPOSE_TIMEOUT: Duration = Duration::from_secs(10);
@@ -152,6 +156,8 @@ pub struct NodeSettings {
     pub capacity_bytes: u64,
     /// `cluster.max_fill_ratio`.
     pub max_fill_ratio: f64,
+    /// `workers`: this host's shard-workers.
+    pub workers: u16,
 }
 
 impl NodeSettings {
@@ -174,6 +180,7 @@ impl NodeSettings {
             partitions: config.storage.partitions,
             capacity_bytes: config.storage.capacity_bytes,
             max_fill_ratio: cluster.max_fill_ratio,
+            workers: config.workers as u16,
         }
     }
 }
@@ -200,6 +207,7 @@ pub struct ClusterNode {
     partitions: u16,
     capacity_bytes: u64,
     max_fill_ratio: f64,
+    workers: u16,
     caller: Arc<dyn PeerCaller>,
     clock: Arc<dyn Clock>,
     /// Taken when the host becomes a member.
@@ -212,6 +220,18 @@ pub struct ClusterNode {
     listener: Mutex<Option<PeerListener>>,
     /// This machine's CPU rating, read once with sysinfo.
     cpu_rating: u32,
+    /// This host's workers, for the data requests of other hosts.
+    local_workers: OnceLock<Arc<dyn LocalWorkers>>,
+}
+
+/// The future of [`LocalWorkers::serve`].
+pub type ServeFuture<'a> =
+    Pin<Box<dyn Future<Output = Result<Vec<WorkerResponse>, String>> + Send + 'a>>;
+
+/// How the node reaches this host's workers for other hosts' requests.
+pub trait LocalWorkers: Send + Sync {
+    /// Runs `request` on the worker of `partition`, or on every worker for `None`.
+    fn serve(&self, partition: Option<u16>, request: WorkerRequest) -> ServeFuture<'_>;
 }
 
 /// The sum of the cores' frequencies in MHz (GHz × 1000). Some virtual machines report
@@ -297,6 +317,7 @@ impl ClusterNode {
             partitions: settings.partitions,
             capacity_bytes: settings.capacity_bytes,
             max_fill_ratio: settings.max_fill_ratio,
+            workers: settings.workers,
             caller,
             clock,
             store: Mutex::new(Some(store)),
@@ -313,6 +334,7 @@ impl ClusterNode {
                 gossip: Gossip::default(),
             }),
             cpu_rating: cpu_rating(),
+            local_workers: OnceLock::new(),
             reports: Mutex::default(),
             listener: Mutex::default(),
         }
@@ -517,6 +539,42 @@ impl ClusterNode {
                     rumors: liveness.gossip.outgoing(),
                 }
             }
+            PeerRequest::Worker {
+                partition,
+                epoch,
+                request,
+            } => {
+                // A table older than the sender's (a higher epoch) cannot vouch for
+                // ownership either: the sender retries.
+                let ni = self.ni();
+                let current = ni
+                    .partitions
+                    .get(usize::from(partition))
+                    .is_some_and(|entry| entry.epoch >= epoch);
+                if !current || !ni.owns_all(member.host, &request) {
+                    return PeerResponse::Moved;
+                }
+                match self.serve_locally(Some(partition), request).await {
+                    Ok(mut responses) if responses.len() == 1 => {
+                        PeerResponse::Worker(responses.remove(0))
+                    }
+                    Ok(_) => PeerResponse::Refused("no worker answered".into()),
+                    Err(reason) => PeerResponse::Refused(reason),
+                }
+            }
+            PeerRequest::Partition { partition, request } => {
+                match self.serve_locally(Some(partition), request).await {
+                    Ok(mut responses) if responses.len() == 1 => {
+                        PeerResponse::Worker(responses.remove(0))
+                    }
+                    Ok(_) => PeerResponse::Refused("no worker answered".into()),
+                    Err(reason) => PeerResponse::Refused(reason),
+                }
+            }
+            PeerRequest::AllWorkers(request) => match self.serve_locally(None, request).await {
+                Ok(responses) => PeerResponse::Workers(responses),
+                Err(reason) => PeerResponse::Refused(reason),
+            },
             PeerRequest::Suspects {
                 from,
                 suspects,
@@ -587,6 +645,42 @@ impl ClusterNode {
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
         Err(format!("metadata change not committed: {last_error}"))
+    }
+
+    /// Lets other hosts' data requests reach this host's workers.
+    pub fn set_local_workers(&self, workers: Arc<dyn LocalWorkers>) {
+        let _ = self.local_workers.set(workers);
+    }
+
+    async fn serve_locally(
+        &self,
+        partition: Option<u16>,
+        request: WorkerRequest,
+    ) -> Result<Vec<WorkerResponse>, String> {
+        match self.local_workers.get() {
+            Some(workers) => workers.serve(partition, request).await,
+            None => Err("this host does not serve data yet".into()),
+        }
+    }
+
+    /// Sends `request` to `host` at its address in the NI.
+    pub async fn call_host(
+        &self,
+        host: HostId,
+        request: PeerRequest,
+        timeout: Duration,
+    ) -> Result<PeerResponse, LinkError> {
+        let unreachable = |reason: String| LinkError::Host { host, reason };
+        let ni = self.ni();
+        let info = ni
+            .hosts
+            .get(&host)
+            .ok_or_else(|| unreachable("not in the cluster".into()))?;
+        let addr = HostAddr::new(&info.peer_addr).map_err(|e| unreachable(e.to_string()))?;
+        self.caller
+            .call(&addr, request, timeout)
+            .await
+            .map_err(|e| unreachable(e.to_string()))
     }
 
     /// The peer address of the `round`-th other host of the NI, in host order.
@@ -809,10 +903,8 @@ impl ClusterNode {
                 } else if last_report.is_none_or(|at| at.elapsed() >= REPORT_INTERVAL) {
                     last_report = Some(Instant::now());
                     let mut capacity = self.capacity();
-                    capacity.capacity_bytes = steady_capacity(
-                        capacity.capacity_bytes,
-                        me.capacity.capacity_bytes,
-                    );
+                    capacity.capacity_bytes =
+                        steady_capacity(capacity.capacity_bytes, me.capacity.capacity_bytes);
                     Some(Command::Report {
                         host: member.host,
                         capacity,
@@ -844,6 +936,7 @@ impl ClusterNode {
             free_bytes,
             used_bytes,
             cpu_rating: self.cpu_rating,
+            workers: self.workers,
         }
     }
 
@@ -1061,6 +1154,37 @@ impl ClusterNode {
         commands
     }
 
+    /// The hosts as placement sees them: every host not inactive, weighted by capacity.
+    fn candidates(&self, ni: &NetworkInfo) -> Vec<Candidate> {
+        ni.hosts
+            .values()
+            .filter(|host| host.state != HostState::Inactive)
+            .map(|host| {
+                let capacity = &host.capacity;
+                let fill = capacity.used_bytes as f64 / capacity.capacity_bytes.max(1) as f64;
+                Candidate {
+                    host: host.id,
+                    weight: capacity.capacity_bytes >> 20,
+                    receives: host.state == HostState::Write
+                        && !host.leaving
+                        && fill < self.max_fill_ratio,
+                    keeps: !host.leaving,
+                }
+            })
+            .collect()
+    }
+
+    /// Partitions whose owner is not the one placement wants (0 once balanced).
+    pub fn misplaced(&self) -> usize {
+        let ni = self.ni();
+        let desired = desired_owners(&ni.partitions, &self.candidates(&ni));
+        ni.partitions
+            .iter()
+            .zip(desired)
+            .filter(|(entry, want)| entry.owner != *want)
+            .count()
+    }
+
     /// The partition moves and host removals that placement calls for (see
     /// [`super::placement`]): moves toward the desired owners, at most
     /// [`MAX_MOVES_IN_FLIGHT`] at once; moves whose target is gone given up; leaving hosts
@@ -1080,23 +1204,7 @@ impl ClusterNode {
                 });
             }
         }
-        let candidates: Vec<Candidate> = ni
-            .hosts
-            .values()
-            .filter(|host| host.state != HostState::Inactive)
-            .map(|host| {
-                let capacity = &host.capacity;
-                let fill = capacity.used_bytes as f64 / capacity.capacity_bytes.max(1) as f64;
-                Candidate {
-                    host: host.id,
-                    weight: capacity.capacity_bytes >> 20,
-                    receives: host.state == HostState::Write
-                        && !host.leaving
-                        && fill < self.max_fill_ratio,
-                    keeps: !host.leaving,
-                }
-            })
-            .collect();
+        let candidates = self.candidates(ni);
         let desired = desired_owners(&ni.partitions, &candidates);
         for (partition, to) in next_moves(&ni.partitions, &desired, MAX_MOVES_IN_FLIGHT) {
             commands.push(Command::PlanMove {

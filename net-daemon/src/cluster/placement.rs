@@ -61,12 +61,11 @@ pub fn desired_owners(table: &[PartitionEntry], candidates: &[Candidate]) -> Vec
         owned.sort_by_key(|&p| std::cmp::Reverse(score(p, receiver.host)));
         pool.extend(owned.into_iter().skip(quota));
     }
-    pool.extend(
-        shared
-            .iter()
-            .copied()
-            .filter(|&p| by_host.get(&table[p].owner).is_some_and(|owner| !owner.keeps)),
-    );
+    pool.extend(shared.iter().copied().filter(|&p| {
+        by_host
+            .get(&table[p].owner)
+            .is_some_and(|owner| !owner.keeps)
+    }));
     pool.sort_unstable();
     let mut in_pool = vec![false; table.len()];
     for &p in &pool {
@@ -227,7 +226,10 @@ mod tests {
         hosts[0].receives = false;
         let after = desired_owners(&table(&start), &hosts);
         assert_eq!(counts(&after)[&1], counts(&start)[&1]);
-        assert_eq!(counts(&after)[&2] + counts(&after)[&3], 100 - counts(&start)[&1]);
+        assert_eq!(
+            counts(&after)[&2] + counts(&after)[&3],
+            100 - counts(&start)[&1]
+        );
     }
 
     #[test]

@@ -2,15 +2,20 @@
 //! formats as far as they fit, and `SHOAL.HOSTS`, the whole NI with this
 //! host's view of each peer.
 //!
-//! A node id is the host id as 40 hex digits, the width of Redis's ids. Data is
-//! not placed across hosts yet, so no host lists slots.
+//! A node id is the host id as 40 hex digits, the width of Redis's ids. The
+//! slots a host lists are those of the partitions it owns in the NI's partition
+//! table; cluster-aware clients may go to them directly, but any host answers
+//! any key. `CLUSTER LEAVE` makes this host hand off its partitions and leave.
 
 use std::fmt::Write as _;
+use std::sync::atomic::Ordering;
 
 use bytes::Bytes;
+use shoal_shared::partition::{slot_partition, SLOTS};
 use shoal_shared::resp::Reply;
 
-use crate::cluster::ni::HostState;
+use super::Pending;
+use crate::cluster::ni::{Command, HostInfo, HostState, NetworkInfo, Outcome};
 use crate::cluster::node::ClusterNode;
 use crate::cluster::HostId;
 use crate::errors;
@@ -47,8 +52,11 @@ fn cluster(shared: &Shared, args: &[Bytes]) -> Reply {
         return Reply::Array(
             [
                 "CLUSTER INFO: the cluster's state, this host's id and the metadata version.",
-                "CLUSTER NODES: one line per host, in Redis's format (no slots yet).",
+                "CLUSTER NODES: one line per host, in Redis's format, with the slots it owns.",
+                "CLUSTER SLOTS: the slot ranges and the host that owns each.",
+                "CLUSTER SHARDS: the hosts and the slot ranges each owns.",
                 "CLUSTER MYID: this host's node id.",
+                "CLUSTER LEAVE: hand this host's partitions to the others, then leave the cluster.",
                 "SHOAL.HOSTS: every host's full entry of the network information.",
             ]
             .into_iter()
@@ -60,20 +68,137 @@ fn cluster(shared: &Shared, args: &[Bytes]) -> Reply {
         return not_clustered();
     };
     match (subcommand.as_str(), args.len()) {
-        ("info", 1) => Reply::Verbatim(info(node)),
+        ("info", 1) => Reply::Verbatim(info(shared, node)),
         ("nodes", 1) => Reply::Verbatim(nodes(node)),
+        ("slots", 1) => slots(node),
+        ("shards", 1) => shards(node),
         ("myid", 1) => match node.host_id() {
             Some(host) => Reply::bulk(node_id(host)),
             None => Reply::error(format!("CLUSTERDOWN not a member yet: {}", node.phase())),
         },
-        ("info" | "nodes" | "myid", _) => errors::wrong_arity(&format!("cluster|{subcommand}")),
+        ("info" | "nodes" | "myid" | "slots" | "shards" | "leave", _) => {
+            errors::wrong_arity(&format!("cluster|{subcommand}"))
+        }
         _ => Reply::error(format!(
             "ERR unknown subcommand '{subcommand}'. Try CLUSTER HELP."
         )),
     }
 }
 
-fn info(node: &ClusterNode) -> String {
+/// `CLUSTER LEAVE`: commits that this host leaves; the leader then moves its partitions
+/// away and removes it. `shoal leave` waits for that.
+pub fn leave(shared: &Shared) -> Pending {
+    let Some(node) = shared.cluster.clone() else {
+        return Pending::Ready(not_clustered());
+    };
+    Pending::barrier(async move {
+        let Some(host) = node.host_id() else {
+            return Reply::error(format!("CLUSTERDOWN not a member yet: {}", node.phase()));
+        };
+        if node.ni().hosts.get(&host).is_some_and(|info| info.leaving) {
+            return Reply::Ok;
+        }
+        match node.propose(Command::Leave { host }).await {
+            Ok(Outcome::Done) => {
+                tracing::info!(host, "leaving the cluster: handing off every partition");
+                Reply::Ok
+            }
+            Ok(other) => Reply::error(format!("ERR the leave was not accepted: {other:?}")),
+            Err(error) => Reply::error(format!("TRYAGAIN {error}")),
+        }
+    })
+}
+
+/// Runs of consecutive slots with the same owner: `(first slot, last slot, owner)`.
+fn slot_ranges(ni: &NetworkInfo) -> Vec<(u16, u16, HostId)> {
+    let partitions = ni.partitions.len() as u16;
+    let mut ranges: Vec<(u16, u16, HostId)> = Vec::new();
+    if partitions == 0 {
+        return ranges;
+    }
+    for slot in 0..SLOTS {
+        let owner = ni.partitions[usize::from(slot_partition(slot, partitions))].owner;
+        match ranges.last_mut() {
+            Some((_, last, host)) if *host == owner => *last = slot,
+            _ => ranges.push((slot, slot, owner)),
+        }
+    }
+    ranges
+}
+
+/// A host's client address as (ip, port).
+fn client_endpoint(host: &HostInfo) -> (String, i64) {
+    match host.client_addr.rsplit_once(':') {
+        Some((ip, port)) => (ip.to_string(), port.parse().unwrap_or(0)),
+        None => (String::new(), 0),
+    }
+}
+
+fn slots(node: &ClusterNode) -> Reply {
+    let ni = node.ni();
+    let entries = slot_ranges(&ni)
+        .into_iter()
+        .filter_map(|(first, last, owner)| {
+            let host = ni.hosts.get(&owner)?;
+            let (ip, port) = client_endpoint(host);
+            Some(Reply::Array(vec![
+                Reply::Integer(i64::from(first)),
+                Reply::Integer(i64::from(last)),
+                Reply::Array(vec![
+                    Reply::bulk(ip),
+                    Reply::Integer(port),
+                    Reply::bulk(node_id(owner)),
+                ]),
+            ]))
+        })
+        .collect();
+    Reply::Array(entries)
+}
+
+fn shards(node: &ClusterNode) -> Reply {
+    let ni = node.ni();
+    let ranges = slot_ranges(&ni);
+    let field = |name: &str| Reply::bulk(name.to_string());
+    let entries = ni
+        .hosts
+        .values()
+        .map(|host| {
+            let slots = ranges
+                .iter()
+                .filter(|(_, _, owner)| *owner == host.id)
+                .flat_map(|(first, last, _)| {
+                    [
+                        Reply::Integer(i64::from(*first)),
+                        Reply::Integer(i64::from(*last)),
+                    ]
+                })
+                .collect();
+            let (ip, port) = client_endpoint(host);
+            let health = match host.state {
+                HostState::Inactive => "fail",
+                _ => "online",
+            };
+            Reply::Map(vec![
+                (field("slots"), Reply::Array(slots)),
+                (
+                    field("nodes"),
+                    Reply::Array(vec![Reply::Map(vec![
+                        (field("id"), Reply::bulk(node_id(host.id))),
+                        (field("port"), Reply::Integer(port)),
+                        (field("ip"), Reply::bulk(ip.clone())),
+                        (field("endpoint"), Reply::bulk(ip)),
+                        (field("role"), Reply::bulk("master")),
+                        (field("replication-offset"), Reply::Integer(0)),
+                        (field("health"), Reply::bulk(health)),
+                    ])]),
+                ),
+            ])
+        })
+        .collect();
+    Reply::Array(entries)
+}
+
+fn info(shared: &Shared, node: &ClusterNode) -> String {
     let ni = node.ni();
     let (leader, voters) = node.raft_view().unwrap_or_default();
     let member = node.host_id().is_some() && ni.cluster_id != 0;
@@ -87,11 +212,12 @@ fn info(node: &ClusterNode) -> String {
         .values()
         .filter(|host| host.state != HostState::Inactive)
         .count();
+    let assigned = if ni.partitions.is_empty() { 0 } else { SLOTS };
     let mut text = String::new();
     let _ = write!(
         text,
-        "cluster_enabled:1\r\ncluster_state:{state}\r\ncluster_slots_assigned:0\r\n\
-         cluster_slots_ok:0\r\ncluster_slots_pfail:0\r\ncluster_slots_fail:0\r\n\
+        "cluster_enabled:1\r\ncluster_state:{state}\r\ncluster_slots_assigned:{assigned}\r\n\
+         cluster_slots_ok:{assigned}\r\ncluster_slots_pfail:0\r\ncluster_slots_fail:0\r\n\
          cluster_known_nodes:{}\r\ncluster_size:{active}\r\ncluster_current_epoch:{}\r\n\
          cluster_my_epoch:{}\r\nshoal_phase:{}\r\nshoal_cluster_id:{:016x}\r\n\
          shoal_host_id:{}\r\nshoal_ni_version:{}\r\nshoal_ni_checksum:{:016x}\r\n\
@@ -112,6 +238,29 @@ fn info(node: &ClusterNode) -> String {
             .join(","),
         u8::from(node.voters_changing()),
     );
+    let me = node.host_id().unwrap_or(0);
+    let stats = &shared.handoffs;
+    let _ = write!(
+        text,
+        "shoal_partitions:{}\r\nshoal_partitions_owned:{}\r\nshoal_partitions_moving:{}\r\n\
+         shoal_partitions_misplaced:{}\r\n\
+         shoal_leaving:{}\r\nshoal_handoffs_completed:{}\r\nshoal_handoff_pause_us_last:{}\r\n\
+         shoal_handoff_pause_us_max:{}\r\nshoal_handoff_records_copied:{}\r\n\
+         shoal_handoff_entries_replayed:{}\r\n",
+        ni.partitions.len(),
+        ni.owned_by(me).count(),
+        ni.partitions
+            .iter()
+            .filter(|entry| entry.target.is_some())
+            .count(),
+        node.misplaced(),
+        u8::from(ni.hosts.get(&me).is_some_and(|host| host.leaving)),
+        stats.completed.load(Ordering::Relaxed),
+        stats.last_pause_us.load(Ordering::Relaxed),
+        stats.max_pause_us.load(Ordering::Relaxed),
+        stats.records_copied.load(Ordering::Relaxed),
+        stats.entries_replayed.load(Ordering::Relaxed),
+    );
     text
 }
 
@@ -119,6 +268,7 @@ fn nodes(node: &ClusterNode) -> String {
     let ni = node.ni();
     let me = node.host_id();
     let views = node.peer_views();
+    let ranges = slot_ranges(&ni);
     let mut text = String::new();
     for host in ni.hosts.values() {
         let myself = Some(host.id) == me;
@@ -149,7 +299,7 @@ fn nodes(node: &ClusterNode) -> String {
         } else {
             "disconnected"
         };
-        let _ = writeln!(
+        let _ = write!(
             text,
             "{} {}@{} {} - 0 {} {} {}",
             node_id(host.id),
@@ -160,6 +310,13 @@ fn nodes(node: &ClusterNode) -> String {
             host.id,
             link,
         );
+        for (first, last, _) in ranges.iter().filter(|(_, _, owner)| *owner == host.id) {
+            let _ = match first == last {
+                true => write!(text, " {first}"),
+                false => write!(text, " {first}-{last}"),
+            };
+        }
+        text.push('\n');
     }
     text
 }

@@ -19,7 +19,7 @@ use shoal_shared::limits::MAX_STORED_KEY_BYTES;
 use shoal_shared::resp::{parse_i64, Reply};
 
 use super::strings::single;
-use super::{ask, call_all_sum, send_all, wait_all, Pending, Session};
+use super::{ask, call_all_sum, send_everywhere, wait_all, Pending, Session};
 use crate::errors;
 use crate::Shared;
 
@@ -80,7 +80,7 @@ pub async fn dispatch(
         "dbsize" => call_all_sum(shared, || WorkerRequest::DbSize { collection }).await,
         "keys" => {
             let pattern = Some(args[1].to_vec());
-            let calls = send_all(shared, || WorkerRequest::Keys {
+            let calls = send_everywhere(shared, || WorkerRequest::Keys {
                 collection,
                 pattern: pattern.clone(),
             })
@@ -115,7 +115,8 @@ pub async fn dispatch(
                 return Some(Pending::Ready(errors::syntax()));
             }
             let target = (name == "flushdb").then_some(collection);
-            let calls = send_all(shared, || WorkerRequest::Flush { collection: target }).await;
+            let calls =
+                send_everywhere(shared, || WorkerRequest::Flush { collection: target }).await;
             Pending::barrier(async move {
                 match wait_all(calls).await {
                     Ok(_) => Reply::Ok,
@@ -134,8 +135,8 @@ async fn ask_one(
     key: &Bytes,
     make: impl FnOnce(shoal_shared::frame::Key) -> WorkerRequest,
 ) -> Result<WorkerResponse, Reply> {
-    let (worker, key) = super::route(shared, key)?;
-    ask(shared, worker, make(key)).await
+    let (dest, key) = super::route(shared, key)?;
+    super::ask_dest(shared, dest, make(key)).await
 }
 
 async fn exists(shared: &Shared, collection: u16, key: &Bytes) -> Result<bool, Reply> {
@@ -235,6 +236,86 @@ async fn object(shared: &Shared, collection: u16, args: &[Bytes]) -> Pending {
     Pending::Ready(reply)
 }
 
+/// SCAN in a cluster: partition by partition, each asked of its owner wherever it is, so a
+/// cursor (a partition and a key in it) stays valid while partitions move between hosts.
+async fn scan_partitions(
+    shared: &Shared,
+    collection: u16,
+    cursor: u64,
+    count: u32,
+    pattern: Option<Vec<u8>>,
+    only_strings: bool,
+) -> Reply {
+    let Some(position) = shared.scan_cursors.load(cursor, 1) else {
+        return Reply::error("ERR invalid cursor");
+    };
+    let partitions = shared.config.storage.partitions;
+    let mut after = position.after;
+    let mut keys = Vec::new();
+    loop {
+        let (partition, past_its_end) = match after.as_deref() {
+            // Past every key of its partition: the next partition, from its start.
+            Some(key @ [high, low, ..]) => (
+                u16::from_be_bytes([*high, *low]),
+                key.len() > MAX_STORED_KEY_BYTES,
+            ),
+            _ => (0, false),
+        };
+        let partition = if past_its_end {
+            after = None;
+            partition + 1
+        } else {
+            partition
+        };
+        if partition >= partitions {
+            let keys = if only_strings { keys } else { Vec::new() };
+            return Reply::Array(vec![Reply::bulk("0"), Reply::Array(keys)]);
+        }
+        let request = WorkerRequest::Scan {
+            collection,
+            after: after.clone(),
+            count,
+            pattern: pattern.clone(),
+            partition: Some(partition),
+        };
+        match super::ask_dest(
+            shared,
+            super::Dest::of_partition(shared, partition),
+            request,
+        )
+        .await
+        {
+            Ok(WorkerResponse::Scanned { keys: found, next }) => {
+                keys.extend(found.into_iter().map(|k| Reply::Bulk(k.into_vec().into())));
+                match next {
+                    Some(next) => {
+                        after = Some(next);
+                        break;
+                    }
+                    None => {
+                        after = Some(partition_end(partition));
+                        if keys.len() >= count as usize && partition + 1 < partitions {
+                            break;
+                        }
+                    }
+                }
+            }
+            Ok(_) => return Reply::error("ERR internal error: unexpected scan response"),
+            Err(reply) => return reply,
+        }
+    }
+    let next = shared.scan_cursors.save(&ScanPosition { worker: 0, after });
+    let keys = if only_strings { keys } else { Vec::new() };
+    Reply::Array(vec![Reply::bulk(next.to_string()), Reply::Array(keys)])
+}
+
+/// A stored key after every key of `partition`: a scan resuming after it starts the next.
+fn partition_end(partition: u16) -> Vec<u8> {
+    let mut end = partition.to_be_bytes().to_vec();
+    end.extend(std::iter::repeat_n(0xff, MAX_STORED_KEY_BYTES + 1));
+    end
+}
+
 /// Where a SCAN resumes: the worker, and the stored key (partition ++ key) to continue after.
 #[derive(Clone)]
 struct ScanPosition {
@@ -298,11 +379,7 @@ impl ScanCursors {
             // Unknown token: restart at the beginning of the partition, after every key
             // of the partition before it.
             _ => match partition.checked_sub(1) {
-                Some(previous) => {
-                    let mut after = previous.to_be_bytes().to_vec();
-                    after.extend(std::iter::repeat_n(0xff, MAX_STORED_KEY_BYTES + 1));
-                    after
-                }
+                Some(previous) => partition_end(previous),
                 None => {
                     return Some(ScanPosition {
                         worker,
@@ -345,6 +422,9 @@ async fn scan(shared: &Shared, collection: u16, args: &[Bytes]) -> Reply {
             _ => return errors::syntax(),
         }
     }
+    if shared.router.is_some() {
+        return scan_partitions(shared, collection, cursor, count, pattern, only_strings).await;
+    }
     let workers = shared.links.len();
     let Some(mut position) = shared.scan_cursors.load(cursor, workers) else {
         return Reply::error("ERR invalid cursor");
@@ -356,6 +436,7 @@ async fn scan(shared: &Shared, collection: u16, args: &[Bytes]) -> Reply {
             after: position.after.clone(),
             count,
             pattern: pattern.clone(),
+            partition: None,
         };
         match ask(shared, position.worker, request).await {
             Ok(WorkerResponse::Scanned { keys: found, next }) => {

@@ -215,6 +215,16 @@ pub async fn dispatch(
     if let Some(pending) = multi::dispatch(shared, session, spec.name, &args).await {
         return (pending, After::Continue);
     }
+    if spec.name == "cluster"
+        && args
+            .get(1)
+            .is_some_and(|sub| sub.eq_ignore_ascii_case(b"leave"))
+    {
+        if args.len() != 2 {
+            return ready(errors::wrong_arity("cluster|leave"));
+        }
+        return (cluster::leave(shared), After::Continue);
+    }
     if let Some(reply) = cluster::dispatch(shared, spec.name, &args) {
         return ready(reply);
     }
@@ -231,14 +241,76 @@ fn ready(reply: Reply) -> (Pending, After) {
     (Pending::Ready(reply), After::Continue)
 }
 
-/// Routes a key to its worker, or explains why it cannot be stored.
-pub fn route(shared: &Shared, key: &Bytes) -> Result<(usize, Key), Reply> {
+/// Where a request goes.
+#[derive(Debug, Clone, Copy)]
+pub enum Dest {
+    /// A local worker, on a host on its own.
+    Worker(usize),
+    /// In a cluster: the owner of `partition`, this host or another ([`crate::routing`]).
+    /// Destinations with the same `group` (the owner and its worker for the partition) are
+    /// the same worker: their keys go in one request.
+    Partition { partition: u16, group: (u64, u16) },
+}
+
+impl Dest {
+    /// The local worker that serves this destination now, if it is on this host.
+    pub fn local_worker(self, shared: &Shared) -> Option<usize> {
+        match (self, &shared.router) {
+            (Dest::Worker(worker), _) => Some(worker),
+            (Dest::Partition { partition, .. }, Some(router)) => router.local_worker(partition),
+            (Dest::Partition { partition, .. }, None) => {
+                Some(partition_worker(partition, shared.links.len()))
+            }
+        }
+    }
+
+    /// Where requests for `partition` go.
+    pub fn of_partition(shared: &Shared, partition: u16) -> Dest {
+        match &shared.router {
+            Some(router) => Dest::Partition {
+                partition,
+                group: router.group(partition),
+            },
+            None => Dest::Worker(partition_worker(partition, shared.links.len())),
+        }
+    }
+
+    fn order_key(self) -> (u64, u64) {
+        match self {
+            Dest::Worker(worker) => (0, worker as u64),
+            Dest::Partition { group, .. } => (group.0, u64::from(group.1)),
+        }
+    }
+}
+
+impl PartialEq for Dest {
+    fn eq(&self, other: &Dest) -> bool {
+        self.order_key() == other.order_key()
+    }
+}
+
+impl Eq for Dest {}
+
+impl PartialOrd for Dest {
+    fn partial_cmp(&self, other: &Dest) -> Option<std::cmp::Ordering> {
+        Some(self.cmp(other))
+    }
+}
+
+impl Ord for Dest {
+    fn cmp(&self, other: &Dest) -> std::cmp::Ordering {
+        self.order_key().cmp(&other.order_key())
+    }
+}
+
+/// Routes a key to where it is served, or explains why it cannot be stored.
+pub fn route(shared: &Shared, key: &Bytes) -> Result<(Dest, Key), Reply> {
     if key.len() > MAX_KEY_BYTES {
         return Err(errors::key_too_long(key.len()));
     }
     let partition = key_partition(key, shared.config.storage.partitions);
     Ok((
-        partition_worker(partition, shared.links.len()),
+        Dest::of_partition(shared, partition),
         Key {
             partition,
             bytes: key.to_vec(),
@@ -246,42 +318,66 @@ pub fn route(shared: &Shared, key: &Bytes) -> Result<(usize, Key), Reply> {
     ))
 }
 
-/// A worker, the keys it owns, and their positions in the request.
-pub type WorkerKeys = (usize, Vec<Key>, Vec<usize>);
+/// A destination, the keys it serves, and their positions in the request.
+pub type DestKeys = (Dest, Vec<Key>, Vec<usize>);
 
-/// Groups keys by the worker that owns them: `(worker, keys, positions in the input)`,
-/// in worker order.
-pub fn group_by_worker(shared: &Shared, keys: &[Bytes]) -> Result<Vec<WorkerKeys>, Reply> {
-    let mut groups: Vec<WorkerKeys> = Vec::new();
+/// Groups keys by their destination: `(dest, keys, positions in the input)`, in
+/// destination order.
+pub fn group_by_dest(shared: &Shared, keys: &[Bytes]) -> Result<Vec<DestKeys>, Reply> {
+    let mut groups: Vec<DestKeys> = Vec::new();
     for (position, key) in keys.iter().enumerate() {
-        let (worker, key) = route(shared, key)?;
-        match groups.iter_mut().find(|(w, _, _)| *w == worker) {
+        let (dest, key) = route(shared, key)?;
+        match groups.iter_mut().find(|(d, _, _)| *d == dest) {
             Some((_, keys, positions)) => {
                 keys.push(key);
                 positions.push(position);
             }
-            None => groups.push((worker, vec![key], vec![position])),
+            None => groups.push((dest, vec![key], vec![position])),
         }
     }
-    groups.sort_by_key(|(worker, _, _)| *worker);
+    groups.sort_by_key(|(dest, _, _)| *dest);
     Ok(groups)
 }
 
-/// Sends one request to one worker.
-pub async fn call_one(shared: &Shared, worker: usize, request: WorkerRequest) -> Pending {
-    let call = shared.links[worker].send(request).await;
+/// Sends one request to one destination.
+pub async fn send(shared: &Shared, dest: Dest, request: WorkerRequest) -> Call {
+    match (dest, &shared.router) {
+        (Dest::Worker(worker), _) => shared.links[worker].send(request).await,
+        (Dest::Partition { partition, .. }, Some(router)) => router.send(partition, request),
+        (Dest::Partition { partition, .. }, None) => {
+            let worker = partition_worker(partition, shared.links.len());
+            shared.links[worker].send(request).await
+        }
+    }
+}
+
+/// Sends one request to one destination; its response is the reply.
+pub async fn call_one(shared: &Shared, dest: Dest, request: WorkerRequest) -> Pending {
+    let call = send(shared, dest, request).await;
     Pending::Calls {
         calls: vec![call],
         merge: Merge::Single,
     }
 }
 
-/// Sends one request to every worker and adds up the integer answers.
+/// Sends one request to every worker of the cluster (of this host, on its own) and adds up
+/// the integer answers.
 pub async fn call_all_sum(shared: &Shared, make: impl Fn() -> WorkerRequest) -> Pending {
     Pending::Calls {
-        calls: send_all(shared, make).await,
+        calls: send_everywhere(shared, make).await,
         merge: Merge::Sum,
     }
+}
+
+/// Sends one request to every worker of every host: this host's workers, and each other
+/// host of the cluster through its net-daemon. Workers skip the partitions their host does
+/// not own, so each partition is counted once.
+pub async fn send_everywhere(shared: &Shared, make: impl Fn() -> WorkerRequest) -> Vec<Call> {
+    let mut calls = send_all(shared, &make).await;
+    if let Some(router) = &shared.router {
+        calls.extend(router.send_to_other_hosts(make));
+    }
+    calls
 }
 
 /// Sends one request to every worker.
@@ -299,7 +395,17 @@ pub async fn ask(
     worker: usize,
     request: WorkerRequest,
 ) -> Result<WorkerResponse, Reply> {
-    match shared.links[worker].send(request).await.wait().await {
+    ask_dest(shared, Dest::Worker(worker), request).await
+}
+
+/// Sends one request to one destination and waits for its answer, mapping failures to
+/// replies.
+pub async fn ask_dest(
+    shared: &Shared,
+    dest: Dest,
+    request: WorkerRequest,
+) -> Result<WorkerResponse, Reply> {
+    match send(shared, dest, request).await.wait().await {
         Ok(WorkerResponse::Error(error)) => Err(errors::worker_error(&error)),
         Ok(response) => Ok(response),
         Err(error) => Err(errors::link_error(&error)),

@@ -10,7 +10,7 @@ use bytes::Bytes;
 use shoal_shared::frame::{Key, TxAction, TxOp, TxOutcome, WorkerError};
 use shoal_shared::resp::{parse_i64, Reply};
 
-use super::{group_by_worker, route, Pending, Session};
+use super::{group_by_dest, route, Dest, Pending, Session};
 use crate::errors;
 use crate::txn::{self, Participant, TxFailure};
 use crate::Shared;
@@ -131,10 +131,10 @@ fn per_worker(
     keys: &[Bytes],
     make: impl Fn(Key, usize) -> TxOp,
 ) -> Result<Vec<Participant>, Reply> {
-    Ok(group_by_worker(shared, keys)?
+    Ok(group_by_dest(shared, keys)?
         .into_iter()
-        .map(|(worker, keys, positions)| Participant {
-            worker,
+        .map(|(dest, keys, positions)| Participant {
+            dest,
             ops: keys
                 .into_iter()
                 .zip(positions)
@@ -146,13 +146,13 @@ fn per_worker(
 
 /// Orders participants so that the ones holding a source (`Take`/`Read`) come first:
 /// their outcome feeds the destination's `PutTaken`.
-fn participants(keyed: Vec<(usize, TxOp)>) -> Vec<Participant> {
+fn participants(keyed: Vec<(Dest, TxOp)>) -> Vec<Participant> {
     let mut participants: Vec<Participant> = Vec::new();
-    for (worker, op) in keyed {
-        match participants.iter_mut().find(|p| p.worker == worker) {
+    for (dest, op) in keyed {
+        match participants.iter_mut().find(|p| p.dest == dest) {
             Some(participant) => participant.ops.push(op),
             None => participants.push(Participant {
-                worker,
+                dest,
                 ops: vec![op],
             }),
         }
@@ -212,7 +212,7 @@ impl Work {
                 to,
                 if_absent,
             } => {
-                let ((from_worker, from_key), (to_worker, to_key)) =
+                let ((from_dest, from_key), (to_dest, to_key)) =
                     match route_pair(shared, &from, &to) {
                         Ok(routed) => routed,
                         Err(reply) => return reply,
@@ -223,7 +223,7 @@ impl Work {
                     return match txn::run(
                         shared,
                         vec![Participant {
-                            worker: from_worker,
+                            dest: from_dest,
                             ops,
                         }],
                     )
@@ -235,9 +235,9 @@ impl Work {
                     };
                 }
                 let keyed = vec![
-                    (from_worker, op(collection, from_key, TxAction::Take)),
+                    (from_dest, op(collection, from_key, TxAction::Take)),
                     (
-                        to_worker,
+                        to_dest,
                         op(collection, to_key, TxAction::PutTaken { if_absent }),
                     ),
                 ];
@@ -254,15 +254,15 @@ impl Work {
                 to_collection,
                 replace,
             } => {
-                let ((from_worker, from_key), (to_worker, to_key)) =
+                let ((from_dest, from_key), (to_dest, to_key)) =
                     match route_pair(shared, &from, &to) {
                         Ok(routed) => routed,
                         Err(reply) => return reply,
                     };
                 let keyed = vec![
-                    (from_worker, op(collection, from_key, TxAction::Read)),
+                    (from_dest, op(collection, from_key, TxAction::Read)),
                     (
-                        to_worker,
+                        to_dest,
                         op(
                             to_collection,
                             to_key,
@@ -282,8 +282,8 @@ impl Work {
     }
 }
 
-/// A key with the worker that owns it.
-type Routed = (usize, Key);
+/// A key with where it is served.
+type Routed = (Dest, Key);
 
 /// Routes a source and a destination key.
 fn route_pair(shared: &Shared, from: &Bytes, to: &Bytes) -> Result<(Routed, Routed), Reply> {

@@ -14,7 +14,9 @@ use shoal_shared::frame::{LogEntry, WorkerError, WorkerRequest, WorkerResponse};
 use shoal_shared::partition::{key_partition, partition_worker};
 use shoal_shared::resp::{parse_i64, Reply};
 
-use super::{call_all_sum, call_one, log_entry_reply, send_all, wait_all, Pending, Session};
+use super::{
+    call_all_sum, call_one, log_entry_reply, send_everywhere, wait_all, Dest, Pending, Session,
+};
 use crate::errors;
 use crate::ids::MAX_COUNT;
 use crate::Shared;
@@ -101,10 +103,9 @@ async fn read_log(shared: &Shared, args: &[Bytes]) -> Pending {
         _ => return Pending::Ready(errors::syntax()),
     };
     let partition = partition as u16;
-    let worker = partition_worker(partition, shared.links.len());
     call_one(
         shared,
-        worker,
+        Dest::of_partition(shared, partition),
         WorkerRequest::ReadLog {
             partition,
             from_commit_id: from_commit_id as u64,
@@ -168,13 +169,13 @@ async fn feed(shared: &Shared, args: &[Bytes]) -> Reply {
     }
     let mut seen = if args[1].as_ref() == b"$" {
         let mut seen = vec![0; usize::from(partitions)];
-        match wait_all(send_all(shared, || WorkerRequest::LastCommitIds).await).await {
+        match wait_all(send_everywhere(shared, || WorkerRequest::LastCommitIds).await).await {
             Ok(responses) => {
                 for response in responses {
                     if let WorkerResponse::Positions(positions) = response {
                         for (partition, last) in positions {
                             if let Some(slot) = seen.get_mut(usize::from(partition)) {
-                                *slot = last;
+                                *slot = (*slot).max(last);
                             }
                         }
                     }
@@ -221,22 +222,43 @@ async fn feed(shared: &Shared, args: &[Bytes]) -> Reply {
     }
 }
 
-/// Reads up to `count` entries after `seen` from every worker, in partition order.
+/// Reads up to `count` entries after `seen` from every worker (in a cluster, each
+/// partition from its owner), in partition order.
 async fn read_feed(shared: &Shared, seen: &[u64], count: u32) -> Result<Vec<LogEntry>, Reply> {
     let workers = shared.links.len();
-    let mut calls = Vec::with_capacity(workers);
-    for worker in 0..workers {
-        let positions = seen
-            .iter()
-            .enumerate()
-            .filter(|(partition, _)| partition_worker(*partition as u16, workers) == worker)
-            .map(|(partition, id)| (partition as u16, *id))
-            .collect();
-        calls.push(
-            shared.links[worker]
-                .send(WorkerRequest::ReadFeed { positions, count })
-                .await,
-        );
+    let mut calls = Vec::new();
+    match &shared.router {
+        // Each host reads the partitions it owns, on all its workers.
+        Some(router) => {
+            let owners = router.owners();
+            let mut hosts: Vec<u64> = owners.clone();
+            hosts.sort_unstable();
+            hosts.dedup();
+            for host in hosts {
+                let positions = seen
+                    .iter()
+                    .enumerate()
+                    .filter(|(partition, _)| owners.get(*partition) == Some(&host))
+                    .map(|(partition, id)| (partition as u16, *id))
+                    .collect();
+                calls.push(router.send_to_host(host, WorkerRequest::ReadFeed { positions, count }));
+            }
+        }
+        None => {
+            for worker in 0..workers {
+                let positions = seen
+                    .iter()
+                    .enumerate()
+                    .filter(|(partition, _)| partition_worker(*partition as u16, workers) == worker)
+                    .map(|(partition, id)| (partition as u16, *id))
+                    .collect();
+                calls.push(
+                    shared.links[worker]
+                        .send(WorkerRequest::ReadFeed { positions, count })
+                        .await,
+                );
+            }
+        }
     }
     let mut entries = Vec::new();
     for call in calls {

@@ -187,7 +187,7 @@ pub async fn single(
     make: impl FnOnce(Key) -> WorkerRequest,
 ) -> Pending {
     match route(shared, key) {
-        Ok((worker, key)) => call_one(shared, worker, make(key)).await,
+        Ok((dest, key)) => call_one(shared, dest, make(key)).await,
         Err(reply) => Pending::Ready(reply),
     }
 }
@@ -213,7 +213,8 @@ fn direct_read(shared: &Shared, session: &Session, keys: &[Bytes]) -> Option<Vec
         return None;
     }
     let mut values = vec![None; keys.len()];
-    for (worker, keys, positions) in super::group_by_worker(shared, keys).ok()? {
+    for (dest, keys, positions) in super::group_by_dest(shared, keys).ok()? {
+        let worker = dest.local_worker(shared)?;
         let keys: Vec<&Key> = keys.iter().collect();
         let found = crate::reads::read(shared, worker, session.collection, &keys)?;
         for (value, position) in found.into_iter().zip(positions) {
@@ -235,14 +236,14 @@ async fn multi_read(
     mut merge: Merge,
     make: impl Fn(Vec<Key>) -> WorkerRequest,
 ) -> Pending {
-    let groups = match super::group_by_worker(shared, keys) {
+    let groups = match super::group_by_dest(shared, keys) {
         Ok(groups) => groups,
         Err(reply) => return Pending::Ready(reply),
     };
     let mut calls = Vec::new();
     let mut all_positions = Vec::new();
-    for (worker, keys, positions) in groups {
-        calls.push(shared.links[worker].send(make(keys)).await);
+    for (dest, keys, positions) in groups {
+        calls.push(super::send(shared, dest, make(keys)).await);
         all_positions.push(positions);
     }
     if let Merge::Values { positions, .. } = &mut merge {

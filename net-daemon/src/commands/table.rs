@@ -86,7 +86,7 @@ pub static COMMANDS: &[CommandSpec] = &[
         0,
         0,
         "cluster",
-        "A container for cluster commands (INFO, NODES, MYID)."
+        "A container for cluster commands (INFO, NODES, SLOTS, SHARDS, MYID, LEAVE)."
     ),
     spec!(
         "command",

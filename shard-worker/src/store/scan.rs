@@ -36,6 +36,13 @@ fn next_partition_start(partition: Partition) -> Option<Vec<u8>> {
         .map(|next| next.to_be_bytes().to_vec())
 }
 
+/// Where a scan walks: after a stored key, within one partition or across all.
+#[derive(Debug, Clone, Copy, Default)]
+pub(crate) struct ScanRange<'a> {
+    pub after: Option<&'a [u8]>,
+    pub only: Option<Partition>,
+}
+
 /// Where a walk over a collection goes on.
 enum Resume {
     /// The walk reached the end of the collection.
@@ -45,21 +52,31 @@ enum Resume {
 }
 
 impl Store {
-    /// Examines up to `count` stored keys after `after`, returning the live ones that
-    /// match. Keys of `fenced` partitions are skipped and not counted as examined.
+    /// Examines up to `count` stored keys of `range`, returning the live ones that
+    /// match. Keys of `fenced` partitions are skipped and not counted as examined; a scan
+    /// of one fenced partition is refused.
     #[allow(clippy::too_many_arguments)]
     pub(crate) fn scan(
         &self,
         txn: &RwTxn,
         db: RawDatabase,
-        after: Option<&[u8]>,
+        scope: ScanRange<'_>,
         count: u32,
         pattern: Option<&[u8]>,
         now_ms: u64,
         fenced: &BTreeSet<Partition>,
     ) -> OpResult {
-        let mut lower: Bound<Vec<u8>> =
-            after.map_or(Bound::Unbounded, |a| Bound::Excluded(a.to_vec()));
+        if let Some(partition) = scope.only.filter(|p| fenced.contains(p)) {
+            return Err(OpError::Refused(WorkerError::PartitionMoved { partition }));
+        }
+        let mut lower: Bound<Vec<u8>> = match (scope.after, scope.only) {
+            (Some(after), Some(only)) if partition_of(after) != Some(only) => {
+                Bound::Included(only.to_be_bytes().to_vec())
+            }
+            (Some(after), _) => Bound::Excluded(after.to_vec()),
+            (None, Some(only)) => Bound::Included(only.to_be_bytes().to_vec()),
+            (None, None) => Bound::Unbounded,
+        };
         let mut keys = Vec::new();
         let mut examined = 0u32;
         let mut bytes = 0;
@@ -67,6 +84,9 @@ impl Store {
             let range = (lower.as_ref().map(Vec::as_slice), Bound::<&[u8]>::Unbounded);
             for item in db.range(txn, &range)? {
                 let (stored_key, raw) = item?;
+                if scope.only.is_some() && partition_of(stored_key) != scope.only {
+                    break 'walk;
+                }
                 if let Some(partition) = partition_of(stored_key).filter(|p| fenced.contains(p)) {
                     match next_partition_start(partition) {
                         Some(start) => {

@@ -11,6 +11,7 @@ use shoal_shared::limits::MAX_REPLY_BYTES;
 use shoal_shared::resp::parse_i64;
 
 use super::keyspace::Current;
+use super::scan::ScanRange;
 use super::{Batch, OpError, OpResult, RawDatabase, Store};
 
 /// One request's view: the store, its transaction, and the collection it works on.
@@ -161,11 +162,15 @@ impl Store {
                 after,
                 count,
                 pattern,
+                partition,
                 ..
             } => self.scan(
                 txn,
                 db,
-                after.as_deref(),
+                ScanRange {
+                    after: after.as_deref(),
+                    only: *partition,
+                },
                 *count,
                 pattern.as_deref(),
                 batch.now_ms,
@@ -174,7 +179,7 @@ impl Store {
             Keys { pattern, .. } => self.scan(
                 txn,
                 db,
-                None,
+                ScanRange::default(),
                 u32::MAX,
                 pattern.as_deref(),
                 batch.now_ms,

@@ -619,6 +619,7 @@ fn scans_resume_after_the_last_stored_key_and_flush_logs_deletes() {
                 after: after.clone(),
                 count: 7,
                 pattern: None,
+                partition: None,
             }],
         )
         .remove(0);
@@ -1498,6 +1499,7 @@ fn whole_collection_requests_skip_fenced_partitions() {
                 after: after.clone(),
                 count: 2,
                 pattern: None,
+                partition: None,
             }],
         )
         .remove(0);

@@ -20,6 +20,7 @@ use heed::RwTxn;
 use serde::{Deserialize, Serialize};
 use shoal_shared::frame::{
     Collection, Key, Partition, TxAction, TxOp, TxOutcome, WorkerError, WorkerResponse,
+    DECIDER_PARTITION,
 };
 
 use super::keyspace::Current;
@@ -100,7 +101,8 @@ impl Locks {
 /// A transaction as recorded in `txns`.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 struct Intent {
-    /// The worker that holds the decision.
+    /// The worker that holds the decision, or the partition whose participant holds it
+    /// (with [`DECIDER_PARTITION`]).
     decider: u16,
     created_ms: u64,
     state: IntentState,
@@ -443,7 +445,12 @@ impl Store {
     }
 
     fn is_decider(&self, intent: &Intent) -> bool {
-        u32::from(intent.decider) == self.shard_id
+        if intent.decider & DECIDER_PARTITION != 0 {
+            let partition = intent.decider & !DECIDER_PARTITION;
+            intent.ops.iter().any(|op| op.key.partition == partition)
+        } else {
+            u32::from(intent.decider) == self.shard_id
+        }
     }
 }
 

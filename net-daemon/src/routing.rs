@@ -1,0 +1,288 @@
+//! Requests for partitions in a cluster: to this host's worker or to the owning host.
+//!
+//! On a host on its own, commands send to their worker directly and this module
+//! is not used. In a cluster, the NI's partition table says which host owns each
+//! partition, and [`Router::send`] delivers a request for a partition to its owner:
+//! to the local worker, or over the peer link to the owner's net-daemon, which
+//! checks that it still owns the partition and hands the request to its worker.
+//!
+//! A request is retried, within [`FORWARD_TIMEOUT`], when it reached a host that
+//! does not own the partition any more (its table is newer or older than this
+//! host's), or a worker that fenced the partition for the final step of a handoff:
+//! in both cases nothing was applied. The client never sees MOVED or ASK; when no
+//! owner answers in time it gets a `-TRYAGAIN` error that names the reason.
+//!
+//! The peer side is [`Router::serve`], which [`crate::cluster::node::ClusterNode`]
+//! calls for the data requests of other hosts, after checking ownership.
+
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::time::Duration;
+
+use shoal_shared::frame::{
+    Partition, WorkerError, WorkerRequest, WorkerResponse, DECIDER_PARTITION,
+};
+use shoal_shared::partition::partition_worker;
+use tokio::sync::oneshot;
+use tokio::time::Instant;
+
+use crate::cluster::messages::{PeerRequest, PeerResponse};
+use crate::cluster::node::{ClusterNode, LocalWorkers};
+use crate::cluster::HostId;
+use crate::workers::{Call, LinkError, WorkerLink, REQUEST_TIMEOUT};
+
+/// Longest a request follows its partition: a little less than the caller waits, so that
+/// the caller gets the reason rather than a bare timeout.
+const FORWARD_TIMEOUT: Duration = Duration::from_millis(REQUEST_TIMEOUT.as_millis() as u64 - 300);
+const RETRY_MIN: Duration = Duration::from_millis(5);
+const RETRY_MAX: Duration = Duration::from_millis(200);
+
+/// Delivers requests for partitions to their owners.
+pub struct Router {
+    node: Arc<ClusterNode>,
+    links: Vec<WorkerLink>,
+}
+
+impl Router {
+    pub fn new(node: Arc<ClusterNode>, links: Vec<WorkerLink>) -> Router {
+        Router { node, links }
+    }
+
+    pub fn node(&self) -> &Arc<ClusterNode> {
+        &self.node
+    }
+
+    /// The local worker of `partition` when this host owns it now.
+    pub fn local_worker(&self, partition: Partition) -> Option<usize> {
+        let ni = self.node.ni();
+        let me = self.node.host_id()?;
+        let entry = ni.partitions.get(usize::from(partition))?;
+        (entry.owner == me).then(|| partition_worker(partition, self.links.len()))
+    }
+
+    /// The owner of `partition` and its worker for it: requests of one group go to one
+    /// worker. A host that has not reported its worker count has a group per partition.
+    pub fn group(&self, partition: Partition) -> (HostId, u16) {
+        let ni = self.node.ni();
+        let Some(entry) = ni.partitions.get(usize::from(partition)) else {
+            return (0, partition);
+        };
+        let workers = match self.node.host_id() == Some(entry.owner) {
+            true => self.links.len(),
+            false => ni
+                .hosts
+                .get(&entry.owner)
+                .map_or(0, |host| usize::from(host.capacity.workers)),
+        };
+        match workers {
+            0 => (entry.owner, DECIDER_PARTITION | partition),
+            workers => (entry.owner, partition_worker(partition, workers) as u16),
+        }
+    }
+
+    /// Sends `request` (whose keys are all in `partition`'s group) to the partition's owner.
+    pub fn send(self: &Arc<Self>, partition: Partition, request: WorkerRequest) -> Call {
+        let (sender, receiver) = oneshot::channel();
+        let router = Arc::clone(self);
+        tokio::spawn(async move {
+            let result = router.forward(partition, request).await;
+            let _ = sender.send(result);
+        });
+        Call::pending(receiver, Instant::now() + REQUEST_TIMEOUT)
+    }
+
+    /// Sends `request` to the owner of `partition` until an owner answers it.
+    pub async fn forward(
+        &self,
+        partition: Partition,
+        request: WorkerRequest,
+    ) -> Result<WorkerResponse, LinkError> {
+        let deadline = Instant::now() + FORWARD_TIMEOUT;
+        let mut backoff = RETRY_MIN;
+        loop {
+            let ni = self.node.ni();
+            let (Some(me), Some(entry)) = (
+                self.node.host_id(),
+                ni.partitions.get(usize::from(partition)),
+            ) else {
+                return Err(LinkError::NotJoined);
+            };
+            let result = if entry.owner == me {
+                if ni.owns_all(me, &request) {
+                    let worker = partition_worker(partition, self.links.len());
+                    self.links[worker].send(request.clone()).await.wait().await
+                } else {
+                    Err(LinkError::Moved)
+                }
+            } else {
+                self.remote(
+                    entry.owner,
+                    partition,
+                    entry.epoch,
+                    request.clone(),
+                    deadline,
+                )
+                .await
+            };
+            match result {
+                Ok(WorkerResponse::Error(WorkerError::PartitionMoved { .. }))
+                | Err(LinkError::Moved) => {}
+                other => return other,
+            }
+            if Instant::now() + backoff >= deadline {
+                return Err(LinkError::Moving { partition });
+            }
+            // Wait for a newer table, or at most the backoff.
+            let version = ni.version;
+            let waited = Instant::now();
+            while self.node.ni().version == version && waited.elapsed() < backoff {
+                tokio::time::sleep(RETRY_MIN).await;
+            }
+            backoff = (backoff * 2).min(RETRY_MAX);
+        }
+    }
+
+    /// The owner of each partition, as this host knows it.
+    pub fn owners(&self) -> Vec<HostId> {
+        self.node
+            .ni()
+            .partitions
+            .iter()
+            .map(|entry| entry.owner)
+            .collect()
+    }
+
+    /// Sends one request to every worker of every other host: one call per host.
+    pub fn send_to_other_hosts(&self, make: impl Fn() -> WorkerRequest) -> Vec<Call> {
+        let me = self.node.host_id();
+        let hosts: Vec<HostId> = self.node.ni().hosts.keys().copied().collect();
+        hosts
+            .into_iter()
+            .filter(|&host| Some(host) != me)
+            .map(|host| self.send_to_host(host, make()))
+            .collect()
+    }
+
+    /// Sends one request to every worker of `host` (this one or another); the call's
+    /// response is the workers' responses merged (integers added, keys and entries joined).
+    pub fn send_to_host(&self, host: HostId, request: WorkerRequest) -> Call {
+        let (sender, receiver) = oneshot::channel();
+        let node = Arc::clone(&self.node);
+        let links = (Some(host) == node.host_id()).then(|| self.links.clone());
+        tokio::spawn(async move {
+            let result = match links {
+                Some(links) => {
+                    let mut responses = Vec::with_capacity(links.len());
+                    let mut failure = None;
+                    for link in &links {
+                        match link.send(request.clone()).await.wait().await {
+                            Ok(response) => responses.push(response),
+                            Err(error) => failure = failure.or(Some(error)),
+                        }
+                    }
+                    match failure {
+                        Some(error) => Err(error),
+                        None => Ok(merge_responses(responses)),
+                    }
+                }
+                None => match node
+                    .call_host(host, PeerRequest::AllWorkers(request), FORWARD_TIMEOUT)
+                    .await
+                {
+                    Ok(PeerResponse::Workers(responses)) => Ok(merge_responses(responses)),
+                    Ok(PeerResponse::Refused(reason)) => Err(LinkError::Host { host, reason }),
+                    Ok(other) => Err(LinkError::Host {
+                        host,
+                        reason: format!("unexpected answer {other:?}"),
+                    }),
+                    Err(error) => Err(error),
+                },
+            };
+            let _ = sender.send(result);
+        });
+        Call::pending(receiver, Instant::now() + REQUEST_TIMEOUT)
+    }
+
+    async fn remote(
+        &self,
+        host: HostId,
+        partition: Partition,
+        epoch: u64,
+        request: WorkerRequest,
+        deadline: Instant,
+    ) -> Result<WorkerResponse, LinkError> {
+        let left = deadline.saturating_duration_since(Instant::now());
+        let request = PeerRequest::Worker {
+            partition,
+            epoch,
+            request,
+        };
+        match self.node.call_host(host, request, left).await? {
+            PeerResponse::Worker(response) => Ok(response),
+            PeerResponse::Moved => Err(LinkError::Moved),
+            PeerResponse::Refused(reason) => Err(LinkError::Host { host, reason }),
+            other => Err(LinkError::Host {
+                host,
+                reason: format!("unexpected answer {other:?}"),
+            }),
+        }
+    }
+}
+
+/// One host's workers' responses as one: integers added, scanned keys and log entries
+/// joined, the first error kept.
+fn merge_responses(responses: Vec<WorkerResponse>) -> WorkerResponse {
+    let mut merged: Option<WorkerResponse> = None;
+    for response in responses {
+        merged = Some(match (merged, response) {
+            (None, response) => response,
+            (Some(error @ WorkerResponse::Error(_)), _) => error,
+            (_, error @ WorkerResponse::Error(_)) => error,
+            (Some(WorkerResponse::Integer(a)), WorkerResponse::Integer(b)) => {
+                WorkerResponse::Integer(a + b)
+            }
+            (
+                Some(WorkerResponse::Scanned { mut keys, .. }),
+                WorkerResponse::Scanned { keys: more, .. },
+            ) => {
+                keys.extend(more);
+                WorkerResponse::Scanned { keys, next: None }
+            }
+            (Some(WorkerResponse::Log(mut entries)), WorkerResponse::Log(more)) => {
+                entries.extend(more);
+                WorkerResponse::Log(entries)
+            }
+            (Some(WorkerResponse::Positions(mut positions)), WorkerResponse::Positions(more)) => {
+                positions.extend(more);
+                WorkerResponse::Positions(positions)
+            }
+            (Some(first), _) => first,
+        });
+    }
+    merged.unwrap_or(WorkerResponse::Ok)
+}
+
+impl LocalWorkers for Router {
+    fn serve(
+        &self,
+        partition: Option<Partition>,
+        request: WorkerRequest,
+    ) -> Pin<Box<dyn Future<Output = Result<Vec<WorkerResponse>, String>> + Send + '_>> {
+        Box::pin(async move {
+            let workers: Vec<usize> = match partition {
+                Some(partition) => vec![partition_worker(partition, self.links.len())],
+                None => (0..self.links.len()).collect(),
+            };
+            let mut calls = Vec::with_capacity(workers.len());
+            for worker in workers {
+                calls.push(self.links[worker].send(request.clone()).await);
+            }
+            let mut responses = Vec::with_capacity(calls.len());
+            for call in calls {
+                responses.push(call.wait().await.map_err(|error| error.to_string())?);
+            }
+            Ok(responses)
+        })
+    }
+}
