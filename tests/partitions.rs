@@ -162,6 +162,110 @@ fn check_keys(cluster: &Cluster, i: usize, prefix: &str, range: std::ops::Range<
     );
 }
 
+/// Writers that SET their own keys (`load:<writer>:<n>`, value n) in order, each through
+/// one host, until stopped; each records the highest n acknowledged. Retriable errors are
+/// retried; any other error is kept and fails [`Load::stop`].
+struct Load {
+    stop: Arc<AtomicBool>,
+    retried: Arc<AtomicU64>,
+    fatal: Arc<Mutex<Vec<String>>>,
+    acked: Vec<Arc<AtomicU64>>,
+    threads: Vec<std::thread::JoinHandle<()>>,
+}
+
+impl Load {
+    fn start(cluster: &Cluster, through: &[usize]) -> Load {
+        let mut load = Load {
+            stop: Arc::default(),
+            retried: Arc::default(),
+            fatal: Arc::default(),
+            acked: Vec::new(),
+            threads: Vec::new(),
+        };
+        for (w, &host) in through.iter().cycle().take(4).enumerate() {
+            let client = cluster.host(host).server.client();
+            let acked = Arc::new(AtomicU64::new(0));
+            load.acked.push(Arc::clone(&acked));
+            let (stop, retried, fatal) = (
+                Arc::clone(&load.stop),
+                Arc::clone(&load.retried),
+                Arc::clone(&load.fatal),
+            );
+            load.threads.push(std::thread::spawn(move || {
+                let mut con = common::connect(&client);
+                let mut next = 1u64;
+                let deadline = Instant::now() + Duration::from_secs(300);
+                while !stop.load(Ordering::Relaxed) && Instant::now() < deadline {
+                    let result: redis::RedisResult<()> = redis::cmd("SET")
+                        .arg(format!("load:{w}:{next}"))
+                        .arg(next)
+                        .query(&mut con);
+                    match result {
+                        Ok(()) => {
+                            acked.store(next, Ordering::Relaxed);
+                            next += 1;
+                        }
+                        Err(error) if retriable(&error) => {
+                            retried.fetch_add(1, Ordering::Relaxed);
+                            if error.is_io_error() {
+                                con = common::connect(&client);
+                            }
+                        }
+                        Err(error) => {
+                            fatal.lock().unwrap().push(error.to_string());
+                            return;
+                        }
+                    }
+                }
+            }));
+        }
+        load
+    }
+
+    /// Stops the writers; returns the writes acknowledged. Fails on a non-retriable error.
+    fn stop(&mut self) -> u64 {
+        self.stop.store(true, Ordering::Relaxed);
+        for thread in self.threads.drain(..) {
+            thread.join().expect("writer thread");
+        }
+        let fatal = self.fatal.lock().unwrap().clone();
+        assert!(
+            fatal.is_empty(),
+            "clients saw non-retriable errors: {fatal:?}"
+        );
+        self.keys() as u64
+    }
+
+    fn retried(&self) -> u64 {
+        self.retried.load(Ordering::Relaxed)
+    }
+
+    /// Keys written (each writer's keys are 1..=acked).
+    fn keys(&self) -> usize {
+        self.acked
+            .iter()
+            .map(|a| a.load(Ordering::Relaxed) as usize)
+            .sum()
+    }
+
+    /// Every acknowledged write reads back through host `i` (a sample of each writer's
+    /// keys, and its last one).
+    fn check(&self, cluster: &Cluster, i: usize) {
+        let mut con = cluster.host(i).server.conn();
+        for (w, acked) in self.acked.iter().enumerate() {
+            let last = acked.load(Ordering::Relaxed);
+            let step = (last as usize / 500).max(1);
+            for n in (1..=last).step_by(step).chain([last]).filter(|&n| n > 0) {
+                let found: Option<u64> = redis::cmd("GET")
+                    .arg(format!("load:{w}:{n}"))
+                    .query(&mut con)
+                    .expect("GET");
+                assert_eq!(found, Some(n), "load:{w}:{n} through host {i}");
+            }
+        }
+    }
+}
+
 fn dbsize(cluster: &Cluster, i: usize) -> usize {
     let mut con = cluster.host(i).server.conn();
     redis::cmd("DBSIZE").query(&mut con).expect("DBSIZE")
@@ -210,55 +314,7 @@ fn a_host_joining_under_load_takes_its_share_and_no_write_is_lost() {
     );
     write_keys(&cluster, "base", 0..5_000);
 
-    // Writers: each SETs its own keys in order through the hosts in turn, and records the
-    // highest index acknowledged.
-    let stop = Arc::new(AtomicBool::new(false));
-    let retried = Arc::new(AtomicU64::new(0));
-    let fatal: Arc<Mutex<Vec<String>>> = Arc::default();
-    let acked: Vec<Arc<AtomicU64>> = (0..4).map(|_| Arc::new(AtomicU64::new(0))).collect();
-    let addrs: Vec<_> = cluster
-        .live()
-        .iter()
-        .map(|&i| cluster.host(i).server.client())
-        .collect();
-    let writers: Vec<_> = (0..4)
-        .map(|w| {
-            let (stop, retried, fatal, acked) = (
-                Arc::clone(&stop),
-                Arc::clone(&retried),
-                Arc::clone(&fatal),
-                Arc::clone(&acked[w]),
-            );
-            let client = addrs[w % addrs.len()].clone();
-            std::thread::spawn(move || {
-                let mut con = common::connect(&client);
-                let mut next = 1u64;
-                let deadline = Instant::now() + Duration::from_secs(300);
-                while !stop.load(Ordering::Relaxed) && Instant::now() < deadline {
-                    let result: redis::RedisResult<()> = redis::cmd("SET")
-                        .arg(format!("load:{w}:{next}"))
-                        .arg(next)
-                        .query(&mut con);
-                    match result {
-                        Ok(()) => {
-                            acked.store(next, Ordering::Relaxed);
-                            next += 1;
-                        }
-                        Err(error) if retriable(&error) => {
-                            retried.fetch_add(1, Ordering::Relaxed);
-                            if error.is_io_error() {
-                                con = common::connect(&client);
-                            }
-                        }
-                        Err(error) => {
-                            fatal.lock().unwrap().push(error.to_string());
-                            return;
-                        }
-                    }
-                }
-            })
-        })
-        .collect();
+    let mut load = Load::start(&cluster, &[1, 2, 3]);
     std::thread::sleep(Duration::from_secs(2));
     let joined_at = Instant::now();
     let fourth = cluster.add_host(1, "");
@@ -269,43 +325,14 @@ fn a_host_joining_under_load_takes_its_share_and_no_write_is_lost() {
     );
     let settled_secs = joined_at.elapsed().as_secs_f64();
     std::thread::sleep(Duration::from_secs(1));
-    stop.store(true, Ordering::Relaxed);
-    for writer in writers {
-        writer.join().expect("writer thread");
-    }
-    let fatal = fatal.lock().unwrap().clone();
-    assert!(
-        fatal.is_empty(),
-        "clients saw non-retriable errors: {fatal:?}"
-    );
-    let writes: u64 = acked.iter().map(|a| a.load(Ordering::Relaxed)).sum();
+    let writes = load.stop();
     eprintln!(
         "host {fourth} joined under load: partitions {owned:?} settled after {settled_secs:.1} s; \
          {writes} writes acknowledged, {} retried",
-        retried.load(Ordering::Relaxed)
+        load.retried()
     );
-    // Every acknowledged write is there, read through every host.
     for i in cluster.live() {
-        let mut con = cluster.host(i).server.conn();
-        for (w, acked) in acked.iter().enumerate() {
-            let last = acked.load(Ordering::Relaxed);
-            for n in (1..=last).step_by(1.max(last as usize / 500)) {
-                let found: Option<u64> = redis::cmd("GET")
-                    .arg(format!("load:{w}:{n}"))
-                    .query(&mut con)
-                    .expect("GET");
-                assert_eq!(found, Some(n), "load:{w}:{n} through host {i}");
-            }
-            let found: Option<u64> = redis::cmd("GET")
-                .arg(format!("load:{w}:{last}"))
-                .query(&mut con)
-                .expect("GET");
-            assert_eq!(
-                found,
-                (last > 0).then_some(last),
-                "last write of writer {w}"
-            );
-        }
+        load.check(&cluster, i);
         check_keys(&cluster, i, "base", 0..5_000);
     }
     let mut pauses = Vec::new();
@@ -413,7 +440,7 @@ fn owner_of(slots: &[(u16, u16, String)], slot: u16) -> String {
 }
 
 #[test]
-fn a_leaving_host_hands_everything_off_and_nothing_is_lost() {
+fn shoal_leave_on_a_loaded_host_hands_everything_off_and_loses_nothing() {
     let cluster = Cluster::start(3, "");
     wait_settled(
         &cluster,
@@ -423,26 +450,42 @@ fn a_leaving_host_hands_everything_off_and_nothing_is_lost() {
     let n = 10_000;
     write_keys(&cluster, "leave", 0..n);
     let leaving_id = cluster.host_id(3);
+    let mut load = Load::start(&cluster, &[3, 1]);
+    let server = &cluster.host(3).server;
+    let mut command = server.command();
+    command
+        .arg("leave")
+        .arg("--config")
+        .arg(&server.config_path);
     let started = Instant::now();
-    cluster
-        .query(3, &["CLUSTER", "LEAVE"])
-        .expect("CLUSTER LEAVE");
-    cluster.wait_for("host 3 to be removed", SETTLE_TIMEOUT, |c| {
-        for i in [1, 2] {
-            let entries = c.try_hosts(i)?;
-            if entries.iter().any(|entry| entry.id == leaving_id) {
-                return Err(format!("host {i} still lists host 3"));
-            }
-        }
-        Ok(())
-    });
+    let output = common::run_with_timeout(command, SETTLE_TIMEOUT).expect("shoal leave finishes");
+    let stdout = String::from_utf8_lossy(&output.stdout);
     eprintln!(
-        "host 3 handed off and left in {:.1} s",
+        "shoal leave printed:\n{stdout}{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    assert!(output.status.success(), "shoal leave failed");
+    assert!(stdout.contains("left the cluster"), "{stdout}");
+    let writes = load.stop();
+    for i in [1, 2] {
+        let entries = cluster.try_hosts(i).expect("SHOAL.HOSTS");
+        assert!(
+            entries.iter().all(|entry| entry.id != leaving_id),
+            "host {i} still lists host 3"
+        );
+    }
+    eprintln!(
+        "host 3 handed off and left under load in {:.1} s; {writes} writes acknowledged meanwhile",
         started.elapsed().as_secs_f64()
     );
     for i in [1, 2] {
         check_keys(&cluster, i, "leave", 0..n);
-        assert_eq!(dbsize(&cluster, i), n, "DBSIZE through host {i}");
+        load.check(&cluster, i);
+        assert_eq!(
+            dbsize(&cluster, i),
+            n + load.keys(),
+            "DBSIZE through host {i}"
+        );
     }
 }
 

@@ -1,7 +1,12 @@
-//! `shoal cluster status [--json]`: the cluster as the running host sees it.
+//! `shoal cluster status [--json]`: the cluster as the running host sees it, and
+//! `shoal leave`: the running host hands its partitions off and leaves.
 //!
-//! It asks the server for `CLUSTER INFO` and `SHOAL.HOSTS` over the admin
-//! connection and prints a summary and one line per host, or the same as JSON.
+//! Both talk to the server over the admin connection: status asks for
+//! `CLUSTER INFO` and `SHOAL.HOSTS` and prints a summary and one line per host,
+//! or the same as JSON; leave sends `CLUSTER LEAVE` and follows `CLUSTER INFO`
+//! until the cluster has removed the host, printing what is left to hand off.
+
+use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
 use serde_json::{json, Map, Value as Json};
@@ -12,19 +17,78 @@ use crate::admin::{Connection, Value};
 /// Fields of `SHOAL.HOSTS` that hold doubles (bulk strings in RESP2).
 const DOUBLE_FIELDS: &[&str] = &["score", "coordinate", "load"];
 
-/// Runs `shoal cluster status`.
-pub fn status(config: &Config, as_json: bool) -> anyhow::Result<()> {
-    let mut connection = Connection::open(config)?;
+/// Longest `shoal leave` follows a handoff that makes no progress.
+const LEAVE_STALL_TIMEOUT: Duration = Duration::from_secs(600);
+
+/// `CLUSTER INFO` of the host, as a map of its fields.
+fn cluster_info(connection: &mut Connection) -> anyhow::Result<Map<String, Json>> {
     let info = match connection.command(&[b"CLUSTER", b"INFO"])? {
         Value::Bulk(Some(text)) => String::from_utf8_lossy(&text).into_owned(),
         Value::Error(error) => bail!("{error}"),
         other => bail!("unexpected answer to CLUSTER INFO: {}", other.describe()),
     };
-    let info: Map<String, Json> = info
+    Ok(info
         .lines()
         .filter_map(|line| line.split_once(':'))
-        .map(|(key, value)| (key.to_string(), Json::String(value.to_string())))
-        .collect();
+        .map(|(key, value)| (key.to_string(), Json::String(value.trim().to_string())))
+        .collect())
+}
+
+/// Runs `shoal leave`: the host hands every partition to the others, then the cluster
+/// removes it. Prints the partitions left as they go.
+pub fn leave(config: &Config) -> anyhow::Result<()> {
+    let mut connection = Connection::open(config)?;
+    match connection.command(&[b"CLUSTER", b"LEAVE"])? {
+        Value::Simple(_) => {}
+        Value::Error(error) => bail!("{error}"),
+        other => bail!("unexpected answer to CLUSTER LEAVE: {}", other.describe()),
+    }
+    let started = Instant::now();
+    let mut progress_at = Instant::now();
+    let mut last_owned = None;
+    loop {
+        let info = cluster_info(&mut connection)?;
+        let owned: u64 = info
+            .get("shoal_partitions_owned")
+            .and_then(Json::as_str)
+            .and_then(|v| v.parse().ok())
+            .context("CLUSTER INFO has no shoal_partitions_owned")?;
+        let listed = match connection.command(&[b"CLUSTER", b"NODES"])? {
+            Value::Bulk(Some(text)) => String::from_utf8_lossy(&text).contains("myself"),
+            Value::Error(error) => bail!("{error}"),
+            other => bail!("unexpected answer to CLUSTER NODES: {}", other.describe()),
+        };
+        if owned == 0 && !listed {
+            println!(
+                "left the cluster after {:.1} s; the other hosts hold all its data. Stop this \
+                 host's service now.",
+                started.elapsed().as_secs_f64()
+            );
+            return Ok(());
+        }
+        if last_owned != Some(owned) {
+            println!(
+                "{owned} partitions left to hand off ({:.0} s)",
+                started.elapsed().as_secs_f64()
+            );
+            last_owned = Some(owned);
+            progress_at = Instant::now();
+        }
+        if progress_at.elapsed() > LEAVE_STALL_TIMEOUT {
+            bail!(
+                "no progress for {} s with {owned} partitions left; the leave goes on in the \
+                 background (see the server's log and `shoal cluster status`)",
+                LEAVE_STALL_TIMEOUT.as_secs()
+            );
+        }
+        std::thread::sleep(Duration::from_secs(1));
+    }
+}
+
+/// Runs `shoal cluster status`.
+pub fn status(config: &Config, as_json: bool) -> anyhow::Result<()> {
+    let mut connection = Connection::open(config)?;
+    let info = cluster_info(&mut connection)?;
     let hosts = match connection.command(&[b"SHOAL.HOSTS"])? {
         Value::Array(Some(hosts)) => hosts
             .iter()

@@ -62,6 +62,12 @@ enum Command {
         #[command(subcommand)]
         command: ClusterCommand,
     },
+    /// Hand every partition of the running host to the others, then leave the cluster.
+    Leave {
+        /// Config file of the Shoal that leaves (for its socket and password).
+        #[arg(long, env = "SHOAL_CONFIG")]
+        config: Option<PathBuf>,
+    },
     /// Copy every shard of a running Shoal into DIR, with a manifest of commit ids.
     Backup {
         /// Directory to create (or an empty one). It is written by the server, so it must be
@@ -138,6 +144,13 @@ fn main() -> ExitCode {
             command: ClusterCommand::Status { config, json },
         } => match load_config(config) {
             Ok(config) => report(cluster::status(&config, json)),
+            Err(message) => {
+                eprintln!("shoal: {message}");
+                ExitCode::from(EXIT_BAD_CONFIG)
+            }
+        },
+        Command::Leave { config } => match load_config(config) {
+            Ok(config) => report(cluster::leave(&config)),
             Err(message) => {
                 eprintln!("shoal: {message}");
                 ExitCode::from(EXIT_BAD_CONFIG)

@@ -95,8 +95,20 @@ pub fn leave(shared: &Shared) -> Pending {
         let Some(host) = node.host_id() else {
             return Reply::error(format!("CLUSTERDOWN not a member yet: {}", node.phase()));
         };
-        if node.ni().hosts.get(&host).is_some_and(|info| info.leaving) {
+        let ni = node.ni();
+        if ni.hosts.get(&host).is_some_and(|info| info.leaving) {
             return Reply::Ok;
+        }
+        let others = ni
+            .hosts
+            .values()
+            .filter(|info| info.id != host && !info.leaving && info.state != HostState::Inactive)
+            .count();
+        if others == 0 {
+            return Reply::error(
+                "ERR no other active host can take this host's partitions; the last host of a \
+                 cluster cannot leave it",
+            );
         }
         match node.propose(Command::Leave { host }).await {
             Ok(Outcome::Done) => {

@@ -439,8 +439,8 @@ impl Store {
         })
     }
 
-    /// `SetFence`: fencing is refused while a prepared transaction locks keys of the
-    /// partition. The fence is a `meta` entry, written in this transaction; the in-memory
+    /// `SetFence`: fencing is refused while a transaction record holds ops in the
+    /// partition (a prepared intent, or a decider's record not forgotten yet). The fence is a `meta` entry, written in this transaction; the in-memory
     /// set follows once it commits.
     pub(crate) fn set_fence(
         &self,
@@ -449,7 +449,10 @@ impl Store {
         partition: Partition,
         fenced: bool,
     ) -> OpResult {
-        if fenced && self.partition_locked(batch, partition) {
+        if fenced
+            && (self.partition_locked(batch, partition)
+                || self.partition_in_transactions(txn, partition)?)
+        {
             return Err(OpError::Refused(WorkerError::Locked));
         }
         if self.is_fenced(batch, partition) != fenced {

@@ -1550,7 +1550,7 @@ fn prepared_transactions_hold_off_fences_and_clearing() {
         &mut store,
         &[WorkerRequest::Prepare {
             txid: 7,
-            decider: 0,
+            decider: shoal_shared::frame::DECIDER_PARTITION | 3,
             ops: vec![put_op(0, key(3, b"x"), b"7", false)],
         }],
     );
@@ -1595,8 +1595,9 @@ fn prepared_transactions_hold_off_fences_and_clearing() {
             WorkerResponse::Ok
         ]
     );
-    // Once the transaction commits, the partition can be fenced; the commit itself is
-    // never refused.
+    // The commit itself is never refused. This store is the decider (it holds the ops of
+    // partition 3, which the intent names): its commit record holds the fence off until
+    // it is forgotten, so recovery never asks a new owner about it.
     assert_eq!(
         apply(
             &mut store,
@@ -1606,9 +1607,19 @@ fn prepared_transactions_hold_off_fences_and_clearing() {
                     partition: 3,
                     fenced: true
                 },
+                WorkerRequest::Forget { txid: 7 },
+                WorkerRequest::SetFence {
+                    partition: 3,
+                    fenced: true
+                },
             ]
         ),
-        vec![WorkerResponse::Ok, WorkerResponse::Ok]
+        vec![
+            WorkerResponse::Ok,
+            WorkerResponse::Error(WorkerError::Locked),
+            WorkerResponse::Ok,
+            WorkerResponse::Ok
+        ]
     );
     assert_eq!(
         get(&mut store, 0, key(3, b"x")),

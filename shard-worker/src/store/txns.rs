@@ -414,6 +414,26 @@ impl Store {
         Ok(WorkerResponse::Ok)
     }
 
+    /// Whether a transaction record (a prepared intent, or a decider's commit record not yet
+    /// forgotten) has ops in `partition`. A partition must not move while one does: the
+    /// record would stay behind, and recovery would ask the new owner about it.
+    pub(crate) fn partition_in_transactions(
+        &self,
+        txn: &RwTxn,
+        partition: Partition,
+    ) -> Result<bool, OpError> {
+        for item in self.txns.iter(txn)? {
+            let (_, raw) = item?;
+            let intent = decode_intent(raw)?;
+            // A commit record keeps no ops; in a cluster it names its partition.
+            let decided_here = intent.decider == DECIDER_PARTITION | partition;
+            if decided_here || intent.ops.iter().any(|op| op.key.partition == partition) {
+                return Ok(true);
+            }
+        }
+        Ok(false)
+    }
+
     /// Transactions still prepared here (decision records of committed ones are not counted).
     pub(crate) fn transactions(&self, txn: &RwTxn) -> OpResult {
         let mut prepared = 0;
