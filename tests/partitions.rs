@@ -295,13 +295,31 @@ fn keys_written_through_any_host_read_back_through_every_host() {
         assert_eq!(dbsize(&cluster, i), n, "DBSIZE through host {i}");
     }
     // CLUSTER SLOTS names an owner for every slot, and the owners are the three hosts.
-    let slots = cluster
-        .query(1, &["CLUSTER", "SLOTS"])
-        .expect("CLUSTER SLOTS");
-    eprintln!(
-        "CLUSTER SLOTS: {}",
-        format!("{slots:?}").chars().take(300).collect::<String>()
-    );
+    let slots = cluster_slots(&cluster, 1);
+    let owners: HashSet<&String> = slots.iter().map(|(_, _, owner)| owner).collect();
+    assert_eq!(owners.len(), 3, "CLUSTER SLOTS: {slots:?}");
+    let covered: usize = slots
+        .iter()
+        .map(|(first, last, _)| usize::from(last - first) + 1)
+        .sum();
+    assert_eq!(covered, 16384);
+    // A pipeline through one host keeps its order for each key, wherever the key lives.
+    for i in 1..=3 {
+        let mut con = cluster.host(i).server.conn();
+        let mut pipe = redis::pipe();
+        for round in 0..200 {
+            let key = format!("order:{}", round % 7);
+            pipe.cmd("SET").arg(&key).arg(round).cmd("GET").arg(&key);
+        }
+        let replies: Vec<redis::Value> = pipe.query(&mut con).expect("pipeline");
+        for (round, pair) in replies.chunks(2).enumerate() {
+            assert_eq!(
+                redis::from_redis_value::<u64>(pair[1].clone()).expect("GET"),
+                round as u64,
+                "GET after SET in one pipeline through host {i}"
+            );
+        }
+    }
 }
 
 #[test]

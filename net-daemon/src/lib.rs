@@ -61,7 +61,7 @@ pub struct Shared {
     pub scan_cursors: commands::keyspace::ScanCursors,
     pub command_stats: metrics::CommandStats,
     /// Read-only views of the shards' environments, one per worker.
-    pub readers: reads::Readers,
+    pub readers: std::sync::Arc<reads::Readers>,
     /// This host's membership in a cluster; `None` for a host on its own.
     pub cluster: Option<std::sync::Arc<cluster::node::ClusterNode>>,
     /// In a cluster: delivers requests to the owners of partitions.
@@ -89,10 +89,12 @@ impl Shared {
         status: StatusTable,
         cluster: Option<std::sync::Arc<cluster::node::ClusterNode>>,
     ) -> Shared {
+        let readers = std::sync::Arc::new(reads::Readers::new(&config));
         let router = cluster.as_ref().map(|node| {
             let router = std::sync::Arc::new(routing::Router::new(
                 std::sync::Arc::clone(node),
                 links.clone(),
+                std::sync::Arc::clone(&readers),
             ));
             node.set_local_workers(router.clone());
             router
@@ -110,7 +112,7 @@ impl Shared {
             ids: ids::IdAllocator::default(),
             scan_cursors: commands::keyspace::ScanCursors::default(),
             command_stats: metrics::CommandStats::default(),
-            readers: reads::Readers::new(&config),
+            readers,
             cluster,
             config,
         }

@@ -59,19 +59,37 @@ pub fn read(
     collection: Collection,
     keys: &[&Key],
 ) -> Option<Vec<Option<Vec<u8>>>> {
-    if !shared.links[worker].is_connected() {
-        return None;
-    }
-    match shared
-        .readers
-        .reader(worker)?
-        .get(collection, keys, shoal_shared::now_ms())
-    {
-        Ok(ReadOutcome::Values(values)) => Some(values),
-        Ok(ReadOutcome::AskWorker) => None,
-        Err(error) => {
-            tracing::debug!(worker, %error, "direct read failed; asking the worker");
-            None
+    shared.readers.read(
+        worker,
+        shared.links[worker].is_connected(),
+        collection,
+        keys,
+    )
+}
+
+impl Readers {
+    /// The live values of `keys`, all owned by `worker` (whose link is `connected` or
+    /// not), read from its environment; `None` when the worker must answer.
+    pub fn read(
+        &self,
+        worker: usize,
+        connected: bool,
+        collection: Collection,
+        keys: &[&Key],
+    ) -> Option<Vec<Option<Vec<u8>>>> {
+        if !connected {
+            return None;
+        }
+        match self
+            .reader(worker)?
+            .get(collection, keys, shoal_shared::now_ms())
+        {
+            Ok(ReadOutcome::Values(values)) => Some(values),
+            Ok(ReadOutcome::AskWorker) => None,
+            Err(error) => {
+                tracing::debug!(worker, %error, "direct read failed; asking the worker");
+                None
+            }
         }
     }
 }

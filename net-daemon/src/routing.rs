@@ -12,16 +12,24 @@
 //! in both cases nothing was applied. The client never sees MOVED or ASK; when no
 //! owner answers in time it gets a `-TRYAGAIN` error that names the reason.
 //!
+//! Requests of one client connection for one partition are applied in the order
+//! the client sent them, as Redis promises: each waits until the one before it
+//! has been answered (see [`in_order`]). Requests for different partitions go
+//! out at once, so a pipeline of keys spread over partitions keeps its
+//! parallelism.
+//!
 //! The peer side is [`Router::serve`], which [`crate::cluster::node::ClusterNode`]
 //! calls for the data requests of other hosts, after checking ownership.
 
+use std::cell::RefCell;
+use std::collections::HashMap;
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Duration;
 
 use shoal_shared::frame::{
-    Partition, WorkerError, WorkerRequest, WorkerResponse, DECIDER_PARTITION,
+    Key, Partition, WorkerError, WorkerRequest, WorkerResponse, DECIDER_PARTITION,
 };
 use shoal_shared::partition::partition_worker;
 use tokio::sync::oneshot;
@@ -30,6 +38,7 @@ use tokio::time::Instant;
 use crate::cluster::messages::{PeerRequest, PeerResponse};
 use crate::cluster::node::{ClusterNode, LocalWorkers};
 use crate::cluster::HostId;
+use crate::reads::Readers;
 use crate::workers::{Call, LinkError, WorkerLink, REQUEST_TIMEOUT};
 
 /// Longest a request follows its partition: a little less than the caller waits, so that
@@ -38,15 +47,53 @@ const FORWARD_TIMEOUT: Duration = Duration::from_millis(REQUEST_TIMEOUT.as_milli
 const RETRY_MIN: Duration = Duration::from_millis(5);
 const RETRY_MAX: Duration = Duration::from_millis(200);
 
+tokio::task_local! {
+    /// Per client connection: for each partition, when its latest request is answered.
+    static ANSWERED: RefCell<HashMap<Partition, oneshot::Receiver<()>>>;
+}
+
+/// Runs a client connection: its requests for one partition are applied in order.
+pub async fn in_order<F: Future>(connection: F) -> F::Output {
+    ANSWERED.scope(RefCell::default(), connection).await
+}
+
 /// Delivers requests for partitions to their owners.
 pub struct Router {
     node: Arc<ClusterNode>,
     links: Vec<WorkerLink>,
+    /// GET and MGET from other hosts are read from the shards' maps when they can be.
+    readers: Arc<Readers>,
 }
 
 impl Router {
-    pub fn new(node: Arc<ClusterNode>, links: Vec<WorkerLink>) -> Router {
-        Router { node, links }
+    pub fn new(node: Arc<ClusterNode>, links: Vec<WorkerLink>, readers: Arc<Readers>) -> Router {
+        Router {
+            node,
+            links,
+            readers,
+        }
+    }
+
+    /// `request` (a GET or MGET of `worker`) answered from the shard's map, if it can be.
+    fn read_directly(&self, worker: usize, request: &WorkerRequest) -> Option<WorkerResponse> {
+        let connected = self.links[worker].is_connected();
+        match request {
+            WorkerRequest::Get { collection, key } => {
+                let mut values = self.readers.read(worker, connected, *collection, &[key])?;
+                Some(WorkerResponse::Value(values.pop().flatten()))
+            }
+            WorkerRequest::MGet { collection, keys } => {
+                let keys: Vec<&Key> = keys.iter().collect();
+                let values = self.readers.read(worker, connected, *collection, &keys)?;
+                Some(WorkerResponse::Values(
+                    values
+                        .into_iter()
+                        .map(|value| value.map(serde_bytes::ByteBuf::from))
+                        .collect(),
+                ))
+            }
+            _ => None,
+        }
     }
 
     pub fn node(&self) -> &Arc<ClusterNode> {
@@ -81,24 +128,37 @@ impl Router {
         }
     }
 
-    /// Sends `request` (whose keys are all in `partition`'s group) to the partition's owner.
+    /// Sends `request` (whose keys are all in `partition`'s group) to the partition's owner,
+    /// after the connection's previous request for that partition has been answered.
     pub fn send(self: &Arc<Self>, partition: Partition, request: WorkerRequest) -> Call {
         let (sender, receiver) = oneshot::channel();
+        let (answered, next_waits) = oneshot::channel::<()>();
+        let previous = ANSWERED
+            .try_with(|answered| answered.borrow_mut().insert(partition, next_waits))
+            .ok()
+            .flatten();
         let router = Arc::clone(self);
+        let deadline = Instant::now() + FORWARD_TIMEOUT;
         tokio::spawn(async move {
-            let result = router.forward(partition, request).await;
+            if let Some(previous) = previous {
+                // Answered, or dropped with its task: either way it is done.
+                let _ = tokio::time::timeout_at(deadline, previous).await;
+            }
+            let result = router.forward(partition, request, deadline).await;
             let _ = sender.send(result);
+            drop(answered);
         });
         Call::pending(receiver, Instant::now() + REQUEST_TIMEOUT)
     }
 
-    /// Sends `request` to the owner of `partition` until an owner answers it.
+    /// Sends `request` to the owner of `partition` until an owner answers it or `deadline`
+    /// passes.
     pub async fn forward(
         &self,
         partition: Partition,
         request: WorkerRequest,
+        deadline: Instant,
     ) -> Result<WorkerResponse, LinkError> {
-        let deadline = Instant::now() + FORWARD_TIMEOUT;
         let mut backoff = RETRY_MIN;
         loop {
             let ni = self.node.ni();
@@ -274,6 +334,11 @@ impl LocalWorkers for Router {
                 Some(partition) => vec![partition_worker(partition, self.links.len())],
                 None => (0..self.links.len()).collect(),
             };
+            if let [worker] = workers[..] {
+                if let Some(response) = self.read_directly(worker, &request) {
+                    return Ok(vec![response]);
+                }
+            }
             let mut calls = Vec::with_capacity(workers.len());
             for worker in workers {
                 calls.push(self.links[worker].send(request.clone()).await);

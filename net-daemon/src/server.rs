@@ -263,7 +263,7 @@ async fn accept_loop<S, F, Fut>(
         let (shared, shutdown) = (Arc::clone(&shared), shutdown.clone());
         tokio::spawn(async move {
             shared.connections.fetch_add(1, Ordering::Relaxed);
-            connection::serve(&shared, stream, shutdown).await;
+            crate::routing::in_order(connection::serve(&shared, stream, shutdown)).await;
             shared.connections.fetch_sub(1, Ordering::Relaxed);
             drop(permit);
         });

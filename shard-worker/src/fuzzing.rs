@@ -47,14 +47,7 @@ pub fn check_log_entry(input: &[u8]) {
         raw_key
     );
     // An expiry of 0 is stored as "none", so the value re-encodes to the same bytes.
-    let encoded = encode_log_value(&LogRecord {
-        timestamp_ms: entry.timestamp_ms,
-        change: entry.change,
-        collection: entry.collection,
-        expires_at_ms: entry.expires_at_ms,
-        key: &entry.key,
-        data: &entry.data,
-    });
+    let encoded = encode_log_value(&LogRecord::from(&entry));
     assert_eq!(encoded, raw_value);
 }
 

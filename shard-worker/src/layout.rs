@@ -206,6 +206,20 @@ pub struct LogRecord<'a> {
     pub data: &'a [u8],
 }
 
+impl<'a> From<&'a LogEntry> for LogRecord<'a> {
+    /// The value fields of an entry read from a log (its partition and commit id are the key).
+    fn from(entry: &'a LogEntry) -> LogRecord<'a> {
+        LogRecord {
+            timestamp_ms: entry.timestamp_ms,
+            change: entry.change,
+            collection: entry.collection,
+            expires_at_ms: entry.expires_at_ms,
+            key: &entry.key,
+            data: &entry.data,
+        }
+    }
+}
+
 pub fn encode_log_value(record: &LogRecord<'_>) -> Vec<u8> {
     let mut out = Vec::with_capacity(LOG_HEADER_BYTES + record.key.len() + record.data.len());
     out.extend_from_slice(&record.timestamp_ms.to_be_bytes());

@@ -343,14 +343,7 @@ impl Store {
         let meta = self.partition_meta(txn, batch, entry.partition)?;
         // The log keeps every entry above `trimmed_through`; one below it would never be trimmed.
         if entry.commit_id > meta.trimmed_through {
-            let record = LogRecord {
-                timestamp_ms: entry.timestamp_ms,
-                change: entry.change,
-                collection: entry.collection,
-                expires_at_ms: entry.expires_at_ms,
-                key: &entry.key,
-                data: &entry.data,
-            };
+            let record = LogRecord::from(entry);
             self.log.put(
                 txn,
                 &layout::log_key(entry.partition, entry.commit_id),
