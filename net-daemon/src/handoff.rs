@@ -24,7 +24,7 @@
 //! is unfenced; a partition it neither owns nor receives is fenced and its
 //! copy deleted (after a handoff, or a stale copy from before joining).
 
-use std::collections::{BTreeSet, HashMap};
+use std::collections::{BTreeSet, HashMap, HashSet};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -45,6 +45,8 @@ const CHUNK_BYTES: u32 = 1 << 20;
 const CATCH_UP_ENTRIES: u32 = 2000;
 /// A catch-up read with fewer entries than this ends the copy phase.
 const FENCE_WHEN_BEHIND_BY: usize = 64;
+/// Catch-up reads before the fence, however far behind the copy still is.
+const CATCH_UP_ROUNDS: usize = 50;
 /// Longest wait for a peer's answer during a handoff.
 const PEER_TIMEOUT: Duration = Duration::from_secs(10);
 /// Longest the source may refuse the fence (prepared multi-key writes hold its keys).
@@ -69,6 +71,7 @@ pub async fn run(shared: Arc<Shared>) {
         return;
     };
     let mut driving: HashMap<Partition, tokio::task::JoinHandle<()>> = HashMap::new();
+    let mut cleared: HashSet<Partition> = HashSet::new();
     loop {
         tokio::time::sleep(RECONCILE_INTERVAL).await;
         if shared.shutting_down.load(Ordering::Acquire) {
@@ -92,21 +95,25 @@ pub async fn run(shared: Arc<Shared>) {
                 driving.insert(partition, task);
             }
         }
-        if let Err(error) = reconcile(&shared, me).await {
+        if let Err(error) = reconcile(&shared, me, &driving, &mut cleared).await {
             tracing::debug!(%error, "cannot bring the fences in line with the partition table yet");
         }
     }
 }
 
-/// Fences and clears what this host does not own; unfences what it owns.
-async fn reconcile(shared: &Shared, me: HostId) -> Result<(), String> {
+/// Fences and clears what this host does not own; unfences what it owns. Partitions with
+/// a handoff running here are left to it. Goes on past a failure; returns the first.
+async fn reconcile(
+    shared: &Shared,
+    me: HostId,
+    driving: &HashMap<Partition, tokio::task::JoinHandle<()>>,
+    cleared: &mut HashSet<Partition>,
+) -> Result<(), String> {
     let Some(router) = &shared.router else {
         return Ok(());
     };
-    let ni = router.node().ni();
-    if ni.partitions.is_empty() {
-        return Ok(());
-    }
+    // The fences first, then the table: a fence set in between (the source's, for a
+    // move) is then judged against a table that already shows the move.
     let mut fenced = BTreeSet::new();
     for worker in 0..shared.links.len() {
         match local(shared, worker, WorkerRequest::Fences).await? {
@@ -114,33 +121,60 @@ async fn reconcile(shared: &Shared, me: HostId) -> Result<(), String> {
             other => return Err(format!("unexpected answer to Fences: {other:?}")),
         }
     }
+    let ni = router.node().ni();
+    let mut first_error = Ok(());
     for (partition, entry) in ni.partitions.iter().enumerate() {
         let partition = partition as Partition;
+        if driving.contains_key(&partition) {
+            continue;
+        }
         let worker = partition_worker(partition, shared.links.len());
         let is_fenced = fenced.contains(&partition);
-        if entry.owner == me {
-            if entry.target.is_none() && is_fenced {
-                tracing::info!(partition, "serving the partition: lifting its fence");
-                local(shared, worker, set_fence(partition, false)).await?;
+        let result = if entry.owner == me {
+            cleared.remove(&partition);
+            match entry.target.is_none() && is_fenced {
+                true => {
+                    tracing::info!(partition, "serving the partition: lifting its fence");
+                    local(shared, worker, set_fence(partition, false)).await
+                }
+                false => Ok(WorkerResponse::Ok),
             }
-        } else if entry.target != Some(me) && !is_fenced {
-            tracing::info!(
-                partition,
-                owner = entry.owner,
-                "the partition is another host's: fencing and deleting this host's copy"
-            );
-            local(shared, worker, set_fence(partition, true)).await?;
-            local(shared, worker, WorkerRequest::ClearPartition { partition }).await?;
+        } else if entry.target != Some(me) && !cleared.contains(&partition) {
+            let mut result = Ok(WorkerResponse::Ok);
+            if !is_fenced {
+                tracing::info!(
+                    partition,
+                    owner = entry.owner,
+                    "the partition is another host's: fencing it"
+                );
+                result = local(shared, worker, set_fence(partition, true)).await;
+            }
+            if result.is_ok() {
+                result = local(shared, worker, WorkerRequest::ClearPartition { partition }).await;
+                if result.is_ok() {
+                    cleared.insert(partition);
+                }
+            }
+            result
+        } else {
+            Ok(WorkerResponse::Ok)
+        };
+        if let Err(error) = result {
+            if first_error.is_ok() {
+                first_error = Err(format!("partition {partition}: {error}"));
+            }
         }
     }
-    Ok(())
+    first_error
 }
 
 fn set_fence(partition: Partition, fenced: bool) -> WorkerRequest {
     WorkerRequest::SetFence { partition, fenced }
 }
 
-/// Takes `partition` over from `source`, retrying while the NI still asks for it.
+/// Takes `partition` over from `source`, retrying while the NI still asks for it. A
+/// failure after the source fenced the partition gives the move up (the source then
+/// lifts its fence), so that writes never wait on a move that cannot finish.
 async fn drive(
     shared: Arc<Shared>,
     router: Arc<Router>,
@@ -151,8 +185,19 @@ async fn drive(
     loop {
         match take_over(&shared, &router, partition, source, epoch).await {
             Ok(()) => return,
-            Err(error) => {
-                tracing::warn!(partition, source, %error, "partition handoff failed; restarting it");
+            Err(Failure {
+                reason,
+                source_fenced,
+            }) => {
+                tracing::warn!(partition, source, %reason, source_fenced, "partition handoff failed");
+                if source_fenced {
+                    let abort = Command::AbortMove { partition, epoch };
+                    if let Err(error) = router.node().propose(abort).await {
+                        tracing::warn!(partition, %error, "cannot give up the failed move; retrying it");
+                    } else {
+                        return;
+                    }
+                }
             }
         }
         tokio::time::sleep(RETRY_AFTER).await;
@@ -167,16 +212,31 @@ async fn drive(
     }
 }
 
+/// Why a handoff attempt failed, and whether the source had fenced the partition by then.
+struct Failure {
+    reason: String,
+    source_fenced: bool,
+}
+
+impl From<String> for Failure {
+    fn from(reason: String) -> Failure {
+        Failure {
+            reason,
+            source_fenced: false,
+        }
+    }
+}
+
 async fn take_over(
     shared: &Shared,
     router: &Router,
     partition: Partition,
     source: HostId,
     epoch: u64,
-) -> Result<(), String> {
+) -> Result<(), Failure> {
     let started = Instant::now();
     let node = router.node();
-    let me = node.host_id().ok_or("not a member")?;
+    let me = node.host_id().ok_or("not a member".to_string())?;
     let worker = partition_worker(partition, shared.links.len());
     local(shared, worker, set_fence(partition, true)).await?;
     local(shared, worker, WorkerRequest::ClearPartition { partition }).await?;
@@ -186,7 +246,7 @@ async fn take_over(
             .into_iter()
             .find(|(p, _)| *p == partition)
             .map_or(0, |(_, id)| id),
-        other => return Err(format!("unexpected answer to LastCommitIds: {other:?}")),
+        other => return Err(format!("unexpected answer to LastCommitIds: {other:?}").into()),
     };
     tracing::info!(
         partition,
@@ -205,7 +265,7 @@ async fn take_over(
         };
         let (chunk, next) = match remote(router, source, partition, request).await? {
             WorkerResponse::Records { records, next } => (records, next),
-            other => return Err(format!("unexpected answer to ExportPartition: {other:?}")),
+            other => return Err(format!("unexpected answer to ExportPartition: {other:?}").into()),
         };
         records += chunk.len() as u64;
         bytes += chunk
@@ -225,7 +285,9 @@ async fn take_over(
     }
     let mut applied = start;
     let mut replayed = 0u64;
-    loop {
+    // Fence once close behind, or after a bounded catch-up of a partition written faster
+    // than it can be followed.
+    for _ in 0..CATCH_UP_ROUNDS {
         let count = catch_up(shared, router, source, partition, worker, &mut applied).await?;
         replayed += count as u64;
         if count < FENCE_WHEN_BEHIND_BY {
@@ -236,16 +298,25 @@ async fn take_over(
     // The pause: from the source's fence until this host serves the partition.
     let fenced_at = Instant::now();
     loop {
-        match remote(router, source, partition, set_fence(partition, true)).await? {
+        let fence = PeerRequest::Fence { partition, epoch };
+        match ask_peer(router, source, fence).await? {
             WorkerResponse::Ok => break,
             WorkerResponse::Error(WorkerError::Locked) if fenced_at.elapsed() < FENCE_DEADLINE => {
                 tokio::time::sleep(Duration::from_millis(10)).await;
             }
-            other => return Err(format!("the source did not fence the partition: {other:?}")),
+            other => {
+                return Err(format!("the source did not fence the partition: {other:?}").into())
+            }
         }
     }
+    let fenced = |reason: String| Failure {
+        reason,
+        source_fenced: true,
+    };
     loop {
-        let count = catch_up(shared, router, source, partition, worker, &mut applied).await?;
+        let count = catch_up(shared, router, source, partition, worker, &mut applied)
+            .await
+            .map_err(fenced)?;
         replayed += count as u64;
         if count == 0 {
             break;
@@ -256,10 +327,11 @@ async fn take_over(
         to: me,
         epoch,
     };
-    match node.propose(command).await? {
+    match node.propose(command).await.map_err(fenced)? {
         Outcome::Done => {}
-        other => return Err(format!("the switch was not committed: {other:?}")),
+        other => return Err(fenced(format!("the switch was not committed: {other:?}"))),
     }
+    // The switch is committed: from here on, reconcile lifts the fence if this fails.
     local(shared, worker, set_fence(partition, false)).await?;
     let pause_us = fenced_at.elapsed().as_micros() as u64;
 
@@ -331,7 +403,15 @@ async fn remote(
     partition: Partition,
     request: WorkerRequest,
 ) -> Result<WorkerResponse, String> {
-    let request = PeerRequest::Partition { partition, request };
+    ask_peer(router, host, PeerRequest::Partition { partition, request }).await
+}
+
+/// Sends `request` to `host`; its answer is one worker's response.
+async fn ask_peer(
+    router: &Router,
+    host: HostId,
+    request: PeerRequest,
+) -> Result<WorkerResponse, String> {
     match router.node().call_host(host, request, PEER_TIMEOUT).await {
         Ok(PeerResponse::Worker(response)) => Ok(response),
         Ok(PeerResponse::Refused(reason)) => Err(format!("host {host}: {reason}")),

@@ -32,7 +32,7 @@ use shoal_shared::frame::{
     Key, Partition, WorkerError, WorkerRequest, WorkerResponse, DECIDER_PARTITION,
 };
 use shoal_shared::partition::partition_worker;
-use tokio::sync::oneshot;
+use tokio::sync::{oneshot, watch};
 use tokio::time::Instant;
 
 use crate::cluster::messages::{PeerRequest, PeerResponse};
@@ -48,8 +48,8 @@ const RETRY_MIN: Duration = Duration::from_millis(5);
 const RETRY_MAX: Duration = Duration::from_millis(200);
 
 tokio::task_local! {
-    /// Per client connection: for each partition, when its latest request is answered.
-    static ANSWERED: RefCell<HashMap<Partition, oneshot::Receiver<()>>>;
+    /// Per client connection: for each partition, whether its latest request is answered.
+    static ANSWERED: RefCell<HashMap<Partition, watch::Receiver<bool>>>;
 }
 
 /// Runs a client connection: its requests for one partition are applied in order.
@@ -129,24 +129,37 @@ impl Router {
     }
 
     /// Sends `request` (whose keys are all in `partition`'s group) to the partition's owner,
-    /// after the connection's previous request for that partition has been answered.
+    /// after the connection's previous requests for the partitions it touches have been
+    /// answered.
     pub fn send(self: &Arc<Self>, partition: Partition, request: WorkerRequest) -> Call {
         let (sender, receiver) = oneshot::channel();
-        let (answered, next_waits) = oneshot::channel::<()>();
-        let previous = ANSWERED
-            .try_with(|answered| answered.borrow_mut().insert(partition, next_waits))
-            .ok()
-            .flatten();
+        let (answered, next_waits) = watch::channel(false);
+        let mut touched: Vec<Partition> = request
+            .client_partitions()
+            .into_iter()
+            .chain([partition])
+            .collect();
+        touched.sort_unstable();
+        touched.dedup();
+        let previous: Vec<watch::Receiver<bool>> = ANSWERED
+            .try_with(|answered| {
+                let mut answered = answered.borrow_mut();
+                touched
+                    .iter()
+                    .filter_map(|&p| answered.insert(p, next_waits.clone()))
+                    .collect()
+            })
+            .unwrap_or_default();
         let router = Arc::clone(self);
         let deadline = Instant::now() + FORWARD_TIMEOUT;
         tokio::spawn(async move {
-            if let Some(previous) = previous {
+            for mut previous in previous {
                 // Answered, or dropped with its task: either way it is done.
-                let _ = tokio::time::timeout_at(deadline, previous).await;
+                let _ = tokio::time::timeout_at(deadline, previous.wait_for(|done| *done)).await;
             }
             let result = router.forward(partition, request, deadline).await;
             let _ = sender.send(result);
-            drop(answered);
+            let _ = answered.send(true);
         });
         Call::pending(receiver, Instant::now() + REQUEST_TIMEOUT)
     }
@@ -290,8 +303,8 @@ impl Router {
     }
 }
 
-/// One host's workers' responses as one: integers added, scanned keys and log entries
-/// joined, the first error kept.
+/// One host's workers' responses as one: integers added, scanned keys, log entries,
+/// positions and transactions in doubt joined, the first error kept.
 fn merge_responses(responses: Vec<WorkerResponse>) -> WorkerResponse {
     let mut merged: Option<WorkerResponse> = None;
     for response in responses {
@@ -312,6 +325,10 @@ fn merge_responses(responses: Vec<WorkerResponse>) -> WorkerResponse {
             (Some(WorkerResponse::Log(mut entries)), WorkerResponse::Log(more)) => {
                 entries.extend(more);
                 WorkerResponse::Log(entries)
+            }
+            (Some(WorkerResponse::InDoubt(mut found)), WorkerResponse::InDoubt(more)) => {
+                found.extend(more);
+                WorkerResponse::InDoubt(found)
             }
             (Some(WorkerResponse::Positions(mut positions)), WorkerResponse::Positions(more)) => {
                 positions.extend(more);

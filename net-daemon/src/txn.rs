@@ -326,6 +326,19 @@ pub async fn recover(shared: std::sync::Arc<Shared>) {
                 }
             }
         }
+        // A decider's record may be forgotten only once no participant anywhere holds the
+        // transaction: in a cluster, the other hosts' workers are asked too.
+        if let Some(router) = &shared.router {
+            let request = || WorkerRequest::InDoubt { older_than_ms: 0 };
+            for call in router.send_to_other_hosts(request) {
+                match call.wait().await {
+                    Ok(WorkerResponse::InDoubt(found)) => {
+                        held.extend(found.into_iter().map(|(txid, _)| txid))
+                    }
+                    _ => every_worker_answered = false,
+                }
+            }
+        }
         if every_worker_answered {
             forget_settled(&shared, &mut committed, &held).await;
         }

@@ -385,19 +385,18 @@ impl WorkerRequest {
         }
     }
 
-    /// The partitions whose data a client write changes: the partitions a fence closes
-    /// this request to. Empty for reads, for the phase two of a prepared transaction
-    /// (`Commit`, `Abort`), for FLUSH (which skips fenced partitions instead) and for the
-    /// requests of a handoff.
-    pub fn client_write_partitions(&self) -> Vec<Partition> {
+    /// The partitions whose data a client request reads or changes: the partitions a fence
+    /// closes this request to. Empty for the phase two of a prepared transaction (`Commit`,
+    /// `Abort`), for whole-collection requests (which skip fenced partitions instead) and
+    /// for the requests of a handoff.
+    pub fn client_partitions(&self) -> Vec<Partition> {
         match self {
             WorkerRequest::Prepare { ops, .. } => ops.iter().map(|op| op.key.partition).collect(),
-            other if other.is_write() => other
+            other => other
                 .keys()
                 .into_iter()
                 .map(|(_, key)| key.partition)
                 .collect(),
-            _ => Vec::new(),
         }
     }
 
@@ -775,7 +774,7 @@ mod tests {
     }
 
     #[test]
-    fn client_writes_name_their_partitions_and_handoff_requests_none() {
+    fn client_requests_name_their_partitions_and_handoff_requests_none() {
         let write = WorkerRequest::Delete {
             collection: 0,
             keys: vec![
@@ -786,7 +785,12 @@ mod tests {
                 },
             ],
         };
-        assert_eq!(write.client_write_partitions(), vec![7, 9]);
+        assert_eq!(write.client_partitions(), vec![7, 9]);
+        let read = WorkerRequest::Get {
+            collection: 0,
+            key: key(b"a"),
+        };
+        assert_eq!(read.client_partitions(), vec![7]);
         let prepare = WorkerRequest::Prepare {
             txid: 1,
             decider: 0,
@@ -799,12 +803,8 @@ mod tests {
                 action: TxAction::Delete,
             }],
         };
-        assert_eq!(prepare.client_write_partitions(), vec![4]);
+        assert_eq!(prepare.client_partitions(), vec![4]);
         for other in [
-            WorkerRequest::Get {
-                collection: 0,
-                key: key(b"a"),
-            },
             WorkerRequest::Commit { txid: 1 },
             WorkerRequest::Flush { collection: None },
             WorkerRequest::ClearPartition { partition: 7 },
@@ -812,7 +812,7 @@ mod tests {
                 entries: Vec::new(),
             },
         ] {
-            assert!(other.client_write_partitions().is_empty(), "{other:?}");
+            assert!(other.client_partitions().is_empty(), "{other:?}");
         }
     }
 

@@ -70,6 +70,11 @@ pub enum PeerRequest {
         partition: u16,
         request: WorkerRequest,
     },
+    /// The target of the move of `partition` at `epoch` asks the owner to fence the
+    /// partition for the final step. The owner fences it only once its own table shows
+    /// that move, so its fences never run ahead of its table. Answered by
+    /// [`PeerResponse::Worker`].
+    Fence { partition: u16, epoch: u64 },
     /// A request for every worker of the receiver (DBSIZE, KEYS, FLUSH, ...). Answered by
     /// [`PeerResponse::Workers`], one response per worker.
     AllWorkers(WorkerRequest),

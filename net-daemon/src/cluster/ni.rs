@@ -418,8 +418,7 @@ impl NetworkInfo {
                 .get(usize::from(partition))
                 .is_some_and(|entry| entry.owner == host)
         };
-        request.keys().iter().all(|(_, key)| owns(key.partition))
-            && request.client_write_partitions().into_iter().all(owns)
+        request.client_partitions().into_iter().all(owns)
     }
 
     /// The partitions `host` owns.

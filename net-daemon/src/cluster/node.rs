@@ -40,6 +40,7 @@ use serde::{Deserialize, Serialize};
 use shoal_shard_worker::store::free_bytes;
 use shoal_shared::config::{write_durably, Config};
 use shoal_shared::frame::{WorkerRequest, WorkerResponse};
+use shoal_shared::partition::partition_worker;
 use tokio::sync::watch;
 use tokio::time::Instant;
 
@@ -74,6 +75,8 @@ pub const MAX_VOTERS: usize = 5;
 const REJOIN_GRACE_MS: u64 = 10_000;
 /// A learner this close to the leader's log counts as caught up and may become a voter.
 const CAUGHT_UP_ENTRIES: u64 = 16;
+/// Longest an owner waits for its table to show the move a fence request names.
+const FENCE_TABLE_WAIT: Duration = Duration::from_secs(3);
 /// Most partition moves running at once in the whole cluster.
 const MAX_MOVES_IN_FLIGHT: usize = 4;
 
@@ -547,11 +550,17 @@ impl ClusterNode {
                 // A table older than the sender's (a higher epoch) cannot vouch for
                 // ownership either: the sender retries.
                 let ni = self.ni();
-                let current = ni
+                let owned = ni
                     .partitions
                     .get(usize::from(partition))
-                    .is_some_and(|entry| entry.epoch >= epoch);
-                if !current || !ni.owns_all(member.host, &request) {
+                    .is_some_and(|entry| entry.owner == member.host && entry.epoch >= epoch);
+                // Every key must be on the worker the request goes to (the sender groups
+                // keys by the worker count this host reported).
+                let one_worker = request.keys().iter().all(|(_, key)| {
+                    partition_worker(key.partition, usize::from(self.workers))
+                        == partition_worker(partition, usize::from(self.workers))
+                });
+                if !owned || !one_worker || !ni.owns_all(member.host, &request) {
                     return PeerResponse::Moved;
                 }
                 match self.serve_locally(Some(partition), request).await {
@@ -563,6 +572,38 @@ impl ClusterNode {
                 }
             }
             PeerRequest::Partition { partition, request } => {
+                match self.serve_locally(Some(partition), request).await {
+                    Ok(mut responses) if responses.len() == 1 => {
+                        PeerResponse::Worker(responses.remove(0))
+                    }
+                    Ok(_) => PeerResponse::Refused("no worker answered".into()),
+                    Err(reason) => PeerResponse::Refused(reason),
+                }
+            }
+            PeerRequest::Fence { partition, epoch } => {
+                let deadline = Instant::now() + FENCE_TABLE_WAIT;
+                loop {
+                    let ni = self.ni();
+                    let Some(entry) = ni.partitions.get(usize::from(partition)) else {
+                        return PeerResponse::Refused(format!("no partition {partition}"));
+                    };
+                    if entry.epoch == epoch && entry.target.is_some() && entry.owner == member.host
+                    {
+                        break;
+                    }
+                    if entry.epoch > epoch || Instant::now() >= deadline {
+                        return PeerResponse::Refused(format!(
+                            "partition {partition} is not moving at epoch {epoch} here (epoch {}, \
+                             owner {}, target {:?})",
+                            entry.epoch, entry.owner, entry.target
+                        ));
+                    }
+                    tokio::time::sleep(Duration::from_millis(10)).await;
+                }
+                let request = WorkerRequest::SetFence {
+                    partition,
+                    fenced: true,
+                };
                 match self.serve_locally(Some(partition), request).await {
                     Ok(mut responses) if responses.len() == 1 => {
                         PeerResponse::Worker(responses.remove(0))

@@ -535,7 +535,7 @@ impl Store {
     ) -> heed::Result<WorkerResponse> {
         if !self.fences.is_empty() || !batch.fence_changes.is_empty() {
             let fenced = request
-                .client_write_partitions()
+                .client_partitions()
                 .into_iter()
                 .find(|&partition| self.is_fenced(batch, partition));
             if let Some(partition) = fenced {

@@ -23,7 +23,8 @@ use crate::layout;
 pub enum ReadOutcome {
     /// The live values of the keys, in order (`None`: missing or expired).
     Values(Vec<Option<Vec<u8>>>),
-    /// The worker must answer: a multi-key write holds locks on this shard.
+    /// The worker must answer: a multi-key write holds locks on this shard, or a key's
+    /// partition is fenced (the worker then refuses the read).
     AskWorker,
 }
 
@@ -32,6 +33,7 @@ pub struct ShardReader {
     env: Env<WithoutTls>,
     collections: Vec<RawDatabase>,
     txns: RawDatabase,
+    meta: RawDatabase,
     /// Held shared by every read and exclusively while adopting a grown map: LMDB must
     /// not change the mapping while a transaction of this process is open.
     gate: RwLock<()>,
@@ -53,6 +55,7 @@ impl ShardReader {
         let mut reader = ShardReader {
             collections: Vec::with_capacity(usize::from(collections)),
             txns: open_database(&env, "txns")?,
+            meta: open_database(&env, "meta")?,
             env,
             gate: RwLock::new(()),
         };
@@ -84,6 +87,15 @@ impl ShardReader {
         };
         if self.any_prepared(&txn)? {
             return Ok(ReadOutcome::AskWorker);
+        }
+        for key in keys {
+            if self
+                .meta
+                .get(&txn, &layout::fence_key(key.partition))?
+                .is_some()
+            {
+                return Ok(ReadOutcome::AskWorker);
+            }
         }
         let mut values = Vec::with_capacity(keys.len());
         for key in keys {

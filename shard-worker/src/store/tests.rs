@@ -1122,6 +1122,18 @@ fn a_partition_copied_then_caught_up_from_the_log_equals_the_source() {
         last_commit_id(&mut source, 1)
     );
     assert!(target.highest_commit_id() >= last_commit_id(&mut source, 1));
+    assert!(
+        records_of(&mut target, 2).is_empty(),
+        "only partition 1 moved"
+    );
+
+    // A second replay of the same entries changes nothing.
+    apply(&mut target, &[WorkerRequest::ApplyLog { entries }]);
+    assert_eq!(records_of(&mut target, 1), copied);
+
+    // Once the fence is lifted the target writes on from the source's last commit id.
+    let last = last_commit_id(&mut source, 1);
+    assert_eq!(fence(&mut target, 1, false), WorkerResponse::Ok);
     assert_eq!(
         get(&mut target, 0, key(1, b"a")),
         WorkerResponse::Value(None)
@@ -1140,18 +1152,6 @@ fn a_partition_copied_then_caught_up_from_the_log_equals_the_source() {
         ),
         vec![WorkerResponse::Integer((hour + 5) as i64)]
     );
-    assert!(
-        records_of(&mut target, 2).is_empty(),
-        "only partition 1 moved"
-    );
-
-    // A second replay of the same entries changes nothing.
-    apply(&mut target, &[WorkerRequest::ApplyLog { entries }]);
-    assert_eq!(records_of(&mut target, 1), copied);
-
-    // Once the fence is lifted the target writes on from the source's last commit id.
-    let last = last_commit_id(&mut source, 1);
-    assert_eq!(fence(&mut target, 1, false), WorkerResponse::Ok);
     apply(&mut target, &[set(0, key(1, b"f"), b"mine")]);
     assert_eq!(last_commit_id(&mut target, 1), last + 1);
 }
@@ -1323,7 +1323,7 @@ fn client_writes(k: &Key) -> Vec<WorkerRequest> {
 }
 
 #[test]
-fn a_fenced_partition_refuses_client_writes_and_serves_reads() {
+fn a_fenced_partition_refuses_client_requests() {
     let dir = tempfile::tempdir().unwrap();
     let mut store = Store::open(dir.path(), &options()).unwrap();
     let soon = shoal_shared::now_ms() + 30;
@@ -1377,11 +1377,10 @@ fn a_fenced_partition_refuses_client_writes_and_serves_reads() {
         store.locks().is_empty(),
         "the refused prepare locks nothing"
     );
-    // Reads are served; other partitions take writes.
-    assert_eq!(
-        get(&mut store, 0, key(1, b"k")),
-        WorkerResponse::Value(Some(b"10".to_vec()))
-    );
+    // Reads are refused too (this host may no longer hold the latest data); other
+    // partitions take writes.
+    let moved = WorkerResponse::Error(WorkerError::PartitionMoved { partition: 1 });
+    assert_eq!(get(&mut store, 0, key(1, b"k")), moved);
     assert_eq!(
         apply(
             &mut store,
@@ -1393,7 +1392,7 @@ fn a_fenced_partition_refuses_client_writes_and_serves_reads() {
                 set(0, key(2, b"other"), b"21"),
             ]
         ),
-        vec![WorkerResponse::Integer(1), WorkerResponse::Ok]
+        vec![moved.clone(), WorkerResponse::Ok]
     );
 
     // Background expiry leaves the fenced partition alone.
@@ -1532,10 +1531,14 @@ fn whole_collection_requests_skip_fenced_partitions() {
     );
     assert_eq!(
         get(&mut store, 0, key(3, b"c")),
-        WorkerResponse::Value(Some(b"v".to_vec()))
+        WorkerResponse::Error(WorkerError::PartitionMoved { partition: 3 })
     );
     // Once lifted, the keys count again.
     fence(&mut store, 3, false);
+    assert_eq!(
+        get(&mut store, 0, key(3, b"c")),
+        WorkerResponse::Value(Some(b"v".to_vec()))
+    );
     assert_eq!(
         apply(&mut store, &[WorkerRequest::DbSize { collection: 0 }]),
         vec![WorkerResponse::Integer(3)]
@@ -1621,11 +1624,12 @@ fn prepared_transactions_hold_off_fences_and_clearing() {
             WorkerResponse::Ok
         ]
     );
+    assert_eq!(fences(&mut store), WorkerResponse::Partitions(vec![1, 3]));
+    fence(&mut store, 3, false);
     assert_eq!(
         get(&mut store, 0, key(3, b"x")),
         WorkerResponse::Value(Some(b"7".to_vec()))
     );
-    assert_eq!(fences(&mut store), WorkerResponse::Partitions(vec![1, 3]));
 }
 
 #[test]
