@@ -39,6 +39,8 @@ const CONFLICT_DEADLINE: Duration = Duration::from_secs(3);
 const DECIDED_AFTER: Duration = Duration::from_secs(1);
 /// A prepared intent older than this is resolved by recovery either way.
 pub const IN_DOUBT_AFTER: Duration = Duration::from_secs(5);
+/// A decision record older than this, of a transaction no worker holds, is forgotten.
+const ORPHANED_AFTER: Duration = Duration::from_secs(30);
 /// How often recovery looks for transactions in doubt.
 const RECOVERY_INTERVAL: Duration = Duration::from_secs(1);
 
@@ -341,6 +343,7 @@ pub async fn recover(shared: std::sync::Arc<Shared>) {
         }
         if every_worker_answered {
             forget_settled(&shared, &mut committed, &held).await;
+            forget_orphans(&shared, &held).await;
         }
     }
 }
@@ -421,6 +424,24 @@ async fn resolve(
         WorkerRequest::Abort { txid }
     };
     ask(shared, worker, request).await.ok().map(|_| commit)
+}
+
+/// Forgets this host's old decision records that no worker holds a transaction of: those
+/// whose coordinator's `Forget` was lost. In a cluster such a record would keep its
+/// partition from moving.
+async fn forget_orphans(shared: &Shared, held: &HashSet<u64>) {
+    for worker in 0..shared.links.len() {
+        let request = WorkerRequest::Decided {
+            older_than_ms: ORPHANED_AFTER.as_millis() as u64,
+        };
+        let Ok(WorkerResponse::InDoubt(decided)) = ask(shared, worker, request).await else {
+            continue;
+        };
+        for (txid, _) in decided.into_iter().filter(|(txid, _)| !held.contains(txid)) {
+            tracing::info!(txid, worker, "forgetting a settled decision record");
+            let _ = ask(shared, worker, WorkerRequest::Forget { txid }).await;
+        }
+    }
 }
 
 /// Forgets the decider records of committed transactions that no worker holds any more.

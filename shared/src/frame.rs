@@ -277,6 +277,9 @@ pub enum WorkerRequest {
     Decide { txid: u64, older_than_ms: u64 },
     /// → `InDoubt`: prepared transactions older than `older_than_ms`, with their deciders.
     InDoubt { older_than_ms: u64 },
+    /// → `InDoubt`: the decision records (transactions this worker decided to commit) older
+    /// than `older_than_ms`, with their deciders.
+    Decided { older_than_ms: u64 },
     /// Drops the decider's commit record once every participant has committed. → `Ok`.
     Forget { txid: u64 },
     /// → `Integer`: transactions prepared on this worker and not yet committed or aborted.
@@ -349,6 +352,7 @@ impl WorkerRequest {
                 | WorkerRequest::Scan { .. }
                 | WorkerRequest::Keys { .. }
                 | WorkerRequest::InDoubt { .. }
+                | WorkerRequest::Decided { .. }
                 | WorkerRequest::Transactions
                 | WorkerRequest::ReadLog { .. }
                 | WorkerRequest::ReadFeed { .. }

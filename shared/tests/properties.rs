@@ -188,6 +188,7 @@ fn worker_request() -> impl Strategy<Value = WorkerRequest> {
             older_than_ms
         }),
         any::<u64>().prop_map(|older_than_ms| InDoubt { older_than_ms }),
+        any::<u64>().prop_map(|older_than_ms| Decided { older_than_ms }),
         any::<u64>().prop_map(|txid| Forget { txid }),
         Just(Transactions),
         (any::<u16>(), any::<u64>(), any::<u32>()).prop_map(

@@ -555,6 +555,9 @@ impl Store {
                 txid,
                 older_than_ms,
             } => self.decide(txn, batch, *txid, *older_than_ms),
+            WorkerRequest::Decided { older_than_ms } => {
+                self.decided(txn, batch.now_ms, *older_than_ms)
+            }
             WorkerRequest::InDoubt { older_than_ms } => {
                 self.in_doubt(txn, batch.now_ms, *older_than_ms)
             }

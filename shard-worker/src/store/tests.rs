@@ -1633,6 +1633,36 @@ fn prepared_transactions_hold_off_fences_and_clearing() {
 }
 
 #[test]
+fn decision_records_are_listed_until_forgotten() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut store = Store::open(dir.path(), &options()).unwrap();
+    let prepare = |txid| WorkerRequest::Prepare {
+        txid,
+        decider: 0,
+        ops: vec![put_op(0, key(1, b"d"), b"v", false)],
+    };
+    apply(&mut store, &[prepare(5), WorkerRequest::Commit { txid: 5 }]);
+    apply(&mut store, &[prepare(6)]);
+    let decided = |store: &mut Store| apply(store, &[WorkerRequest::Decided { older_than_ms: 0 }]);
+    // Only the decision record, not the transaction still prepared.
+    assert_eq!(
+        decided(&mut store),
+        vec![WorkerResponse::InDoubt(vec![(5, 0)])]
+    );
+    assert_eq!(
+        apply(
+            &mut store,
+            &[WorkerRequest::Decided {
+                older_than_ms: 60_000
+            }]
+        ),
+        vec![WorkerResponse::InDoubt(vec![])]
+    );
+    apply(&mut store, &[WorkerRequest::Forget { txid: 5 }]);
+    assert_eq!(decided(&mut store), vec![WorkerResponse::InDoubt(vec![])]);
+}
+
+#[test]
 fn clearing_a_partition_removes_all_of_it_and_nothing_else() {
     let dir = tempfile::tempdir().unwrap();
     let mut store = Store::open(dir.path(), &options()).unwrap();

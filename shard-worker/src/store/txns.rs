@@ -391,14 +391,28 @@ impl Store {
     }
 
     pub(crate) fn in_doubt(&self, txn: &RwTxn, now_ms: u64, older_than_ms: u64) -> OpResult {
+        self.records_in(txn, IntentState::Prepared, now_ms, older_than_ms)
+    }
+
+    /// `Decided`: this worker's decision records older than `older_than_ms`.
+    pub(crate) fn decided(&self, txn: &RwTxn, now_ms: u64, older_than_ms: u64) -> OpResult {
+        self.records_in(txn, IntentState::Committed, now_ms, older_than_ms)
+    }
+
+    /// The transactions recorded in `state`, older than `older_than_ms`, with their deciders.
+    fn records_in(
+        &self,
+        txn: &RwTxn,
+        state: IntentState,
+        now_ms: u64,
+        older_than_ms: u64,
+    ) -> OpResult {
         let mut found = Vec::new();
         for item in self.txns.iter(txn)? {
             let (raw_id, raw) = item?;
             let txid = crate::layout::decode_u64(raw_id, "transaction id")?;
             let intent = decode_intent(raw)?;
-            if intent.state == IntentState::Prepared
-                && now_ms.saturating_sub(intent.created_ms) >= older_than_ms
-            {
+            if intent.state == state && now_ms.saturating_sub(intent.created_ms) >= older_than_ms {
                 found.push((txid, intent.decider));
             }
         }
