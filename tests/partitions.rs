@@ -554,7 +554,7 @@ fn killing_source_and_target_mid_handoff_keeps_every_key_once() {
 }
 
 #[test]
-fn a_full_scan_through_one_host_returns_every_key_of_four_hosts() {
+fn a_full_scan_through_one_host_returns_every_key_of_four_hosts_and_flushall_empties_them() {
     let cluster = Cluster::start(4, "");
     wait_settled(
         &cluster,
@@ -590,6 +590,16 @@ fn a_full_scan_through_one_host_returns_every_key_of_four_hosts() {
         .expect("KEYS");
     assert_eq!(keys.len(), n, "KEYS through host 2");
     eprintln!("SCAN through host 2: {n} keys of 4 hosts in {calls} calls");
+    // FLUSHALL through one host empties every host.
+    let mut con = cluster.host(3).server.conn();
+    let () = redis::cmd("FLUSHALL").query(&mut con).expect("FLUSHALL");
+    for i in 1..=4 {
+        assert_eq!(
+            dbsize(&cluster, i),
+            0,
+            "DBSIZE through host {i} after FLUSHALL"
+        );
+    }
 }
 
 #[test]

@@ -12,9 +12,10 @@
 //! in both cases nothing was applied. The client never sees MOVED or ASK; when no
 //! owner answers in time it gets a `-TRYAGAIN` error that names the reason.
 //!
-//! Requests of one client connection for one partition are applied in the order
-//! the client sent them, as Redis promises: each waits until the one before it
-//! has been answered (see [`in_order`]). Requests for different partitions go
+//! Requests of one client connection are applied in the order the client sent
+//! them on each partition, as Redis promises: each waits until the connection's
+//! earlier requests on the partitions it touches have been answered (see
+//! [`in_order`]). Requests for different partitions go
 //! out at once, so a pipeline of keys spread over partitions keeps its
 //! parallelism.
 //!
@@ -28,9 +29,7 @@ use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Duration;
 
-use shoal_shared::frame::{
-    Key, Partition, WorkerError, WorkerRequest, WorkerResponse, DECIDER_PARTITION,
-};
+use shoal_shared::frame::{Key, Partition, WorkerError, WorkerRequest, WorkerResponse};
 use shoal_shared::partition::partition_worker;
 use tokio::sync::{oneshot, watch};
 use tokio::time::Instant;
@@ -44,6 +43,10 @@ use crate::workers::{Call, LinkError, WorkerLink, REQUEST_TIMEOUT};
 /// Longest a request follows its partition: a little less than the caller waits, so that
 /// the caller gets the reason rather than a bare timeout.
 const FORWARD_TIMEOUT: Duration = Duration::from_millis(REQUEST_TIMEOUT.as_millis() as u64 - 300);
+/// Set in a group's worker number when the owner has not reported its worker count: each
+/// partition is then a group of its own (partition numbers stay below this bit).
+const UNREPORTED_WORKERS: u16 = 0x8000;
+const _: () = assert!(shoal_shared::partition::SLOTS <= UNREPORTED_WORKERS);
 const RETRY_MIN: Duration = Duration::from_millis(5);
 const RETRY_MAX: Duration = Duration::from_millis(200);
 
@@ -52,7 +55,7 @@ tokio::task_local! {
     static ANSWERED: RefCell<HashMap<Partition, watch::Receiver<bool>>>;
 }
 
-/// Runs a client connection: its requests for one partition are applied in order.
+/// Runs a client connection: its requests are applied in order on each partition.
 pub async fn in_order<F: Future>(connection: F) -> F::Output {
     ANSWERED.scope(RefCell::default(), connection).await
 }
@@ -123,7 +126,7 @@ impl Router {
                 .map_or(0, |host| usize::from(host.capacity.workers)),
         };
         match workers {
-            0 => (entry.owner, DECIDER_PARTITION | partition),
+            0 => (entry.owner, UNREPORTED_WORKERS | partition),
             workers => (entry.owner, partition_worker(partition, workers) as u16),
         }
     }

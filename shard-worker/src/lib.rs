@@ -312,7 +312,7 @@ impl Worker<'_> {
     /// deferred request touches (requests on one key keep their order).
     fn blocked(&self, request: &WorkerRequest) -> bool {
         let locks = self.store.locks();
-        if let WorkerRequest::Flush { collection } = request {
+        if let WorkerRequest::Flush { collection, .. } = request {
             return locks.any_in(*collection) || !self.deferred.is_empty();
         }
         if locks.is_empty() && self.deferred.is_empty() {

@@ -255,7 +255,12 @@ pub enum WorkerRequest {
         pattern: Option<Vec<u8>>,
     },
     /// → `Integer`: keys deleted (each logged as a delete). `None` clears every collection.
-    Flush { collection: Option<Collection> },
+    /// With `partition`, only that partition's keys (a cluster flushes partition by
+    /// partition); a fenced one is refused with `PartitionMoved`.
+    Flush {
+        collection: Option<Collection>,
+        partition: Option<Partition>,
+    },
     /// → `TxOutcomes`: a multi-key write whose keys are all on this worker, in one transaction.
     Atomic { ops: Vec<TxOp> },
     /// Phase one of a multi-worker write: check the ops, lock their keys and record the
@@ -810,7 +815,10 @@ mod tests {
         assert_eq!(prepare.client_partitions(), vec![4]);
         for other in [
             WorkerRequest::Commit { txid: 1 },
-            WorkerRequest::Flush { collection: None },
+            WorkerRequest::Flush {
+                collection: None,
+                partition: None,
+            },
             WorkerRequest::ClearPartition { partition: 7 },
             WorkerRequest::ApplyLog {
                 entries: Vec::new(),

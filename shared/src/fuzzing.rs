@@ -548,7 +548,16 @@ pub fn frame_request_seeds() -> Vec<(&'static str, Vec<u8>)> {
                 },
             ),
         ),
-        ("flush", envelope(13, Flush { collection: None })),
+        (
+            "flush",
+            envelope(
+                13,
+                Flush {
+                    collection: None,
+                    partition: None,
+                },
+            ),
+        ),
         (
             "atomic",
             envelope(

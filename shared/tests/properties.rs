@@ -177,7 +177,10 @@ fn worker_request() -> impl Strategy<Value = WorkerRequest> {
             collection,
             pattern
         }),
-        option::of(c()).prop_map(|collection| Flush { collection }),
+        (option::of(c()), option::of(any::<u16>())).prop_map(|(collection, partition)| Flush {
+            collection,
+            partition
+        }),
         vec(tx_op(), 0..4).prop_map(|ops| Atomic { ops }),
         (any::<u64>(), any::<u16>(), vec(tx_op(), 0..4))
             .prop_map(|(txid, decider, ops)| { Prepare { txid, decider, ops } }),

@@ -1,5 +1,8 @@
 //! Keyspace commands: expiry (EXPIRE family, TTL family, PERSIST), TYPE,
 //! OBJECT ENCODING, and the fan-out ones: SCAN, KEYS, DBSIZE, FLUSHDB, FLUSHALL.
+//! In a cluster, SCAN, KEYS and the flushes go partition by partition, each to its
+//! owner, so that a partition in the middle of a move is neither missed nor left
+//! unflushed; DBSIZE adds up every host's workers.
 //!
 //! SCAN walks the workers in order, and each worker's B-tree in stored-key
 //! order (partition, then key). A cursor names a position: the worker and
@@ -21,6 +24,7 @@ use shoal_shared::resp::{parse_i64, Reply};
 use super::strings::single;
 use super::{ask, call_all_sum, send_everywhere, wait_all, Pending, Session};
 use crate::errors;
+use crate::workers::Call;
 use crate::Shared;
 
 /// Cursors kept for SCAN; older ones fall back to their partition's start.
@@ -80,11 +84,27 @@ pub async fn dispatch(
         "dbsize" => call_all_sum(shared, || WorkerRequest::DbSize { collection }).await,
         "keys" => {
             let pattern = Some(args[1].to_vec());
-            let calls = send_everywhere(shared, || WorkerRequest::Keys {
-                collection,
-                pattern: pattern.clone(),
-            })
-            .await;
+            // In a cluster, each partition at its owner (a partition moving now is
+            // answered once the move is done, never missed).
+            let calls = match &shared.router {
+                Some(_) => {
+                    per_partition(shared, |partition| WorkerRequest::Scan {
+                        collection,
+                        after: None,
+                        count: u32::MAX,
+                        pattern: pattern.clone(),
+                        partition: Some(partition),
+                    })
+                    .await
+                }
+                None => {
+                    send_everywhere(shared, || WorkerRequest::Keys {
+                        collection,
+                        pattern: pattern.clone(),
+                    })
+                    .await
+                }
+            };
             Pending::barrier(async move {
                 match wait_all(calls).await {
                     Ok(responses) => Reply::Array(
@@ -115,8 +135,22 @@ pub async fn dispatch(
                 return Some(Pending::Ready(errors::syntax()));
             }
             let target = (name == "flushdb").then_some(collection);
-            let calls =
-                send_everywhere(shared, || WorkerRequest::Flush { collection: target }).await;
+            let calls = match &shared.router {
+                Some(_) => {
+                    per_partition(shared, |partition| WorkerRequest::Flush {
+                        collection: target,
+                        partition: Some(partition),
+                    })
+                    .await
+                }
+                None => {
+                    send_everywhere(shared, || WorkerRequest::Flush {
+                        collection: target,
+                        partition: None,
+                    })
+                    .await
+                }
+            };
             Pending::barrier(async move {
                 match wait_all(calls).await {
                     Ok(_) => Reply::Ok,
@@ -127,6 +161,16 @@ pub async fn dispatch(
         _ => return None,
     };
     Some(pending)
+}
+
+/// Sends one request per partition, each to the partition's owner.
+async fn per_partition(shared: &Shared, make: impl Fn(u16) -> WorkerRequest) -> Vec<Call> {
+    let mut calls = Vec::with_capacity(usize::from(shared.config.storage.partitions));
+    for partition in 0..shared.config.storage.partitions {
+        let dest = super::Dest::of_partition(shared, partition);
+        calls.push(super::send(shared, dest, make(partition)).await);
+    }
+    calls
 }
 
 /// Sends one request for one key and waits for the answer.

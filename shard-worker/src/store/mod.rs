@@ -572,7 +572,10 @@ impl Store {
             WorkerRequest::LastCommitIds => self.last_commit_ids(txn),
             WorkerRequest::ReserveIds { high_water } => self.reserve_ids(txn, batch, *high_water),
             WorkerRequest::IdHighWater => self.id_high_water(txn),
-            WorkerRequest::Flush { collection } => self.flush(txn, batch, *collection),
+            WorkerRequest::Flush {
+                collection,
+                partition,
+            } => self.flush(txn, batch, *collection, *partition),
             WorkerRequest::ExportPartition {
                 partition,
                 from,

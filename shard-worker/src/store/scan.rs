@@ -155,18 +155,22 @@ impl Store {
         txn: &mut RwTxn,
         batch: &mut Batch,
         collection: Option<Collection>,
+        only: Option<Partition>,
     ) -> OpResult {
         let collections: Vec<Collection> = match collection {
             Some(collection) => vec![collection],
             None => (0..self.collections.len() as Collection).collect(),
         };
         let fenced = self.fenced_partitions(batch);
+        if let Some(partition) = only.filter(|p| fenced.contains(p)) {
+            return Err(OpError::Refused(WorkerError::PartitionMoved { partition }));
+        }
         let mut deleted = 0;
         for collection in collections {
             let db = self.db(collection)?;
             // The keys are taken a bounded chunk at a time, each chunk from where the last
             // one ended (every key taken is removed) or past a fenced partition.
-            let mut lower: Option<Vec<u8>> = None;
+            let mut lower: Option<Vec<u8>> = only.map(|p| p.to_be_bytes().to_vec());
             loop {
                 let mut stored_keys = Vec::with_capacity(FLUSH_CHUNK_KEYS);
                 let mut resume = Resume::Done;
@@ -176,6 +180,9 @@ impl Store {
                 );
                 for item in db.range(txn, &range)? {
                     let (stored_key, _) = item?;
+                    if only.is_some() && partition_of(stored_key) != only {
+                        break;
+                    }
                     if let Some(partition) = partition_of(stored_key).filter(|p| fenced.contains(p))
                     {
                         resume = match next_partition_start(partition) {

@@ -649,7 +649,8 @@ fn scans_resume_after_the_last_stored_key_and_flush_logs_deletes() {
         apply(
             &mut store,
             &[WorkerRequest::Flush {
-                collection: Some(0)
+                collection: Some(0),
+                partition: None
             }]
         ),
         vec![WorkerResponse::Integer(50)]
@@ -679,7 +680,13 @@ fn a_flush_of_many_chunks_empties_every_collection_in_one_commit() {
     apply(&mut store, &requests);
     let commits_before = store.env.info().last_txn_id;
     assert_eq!(
-        apply(&mut store, &[WorkerRequest::Flush { collection: None }]),
+        apply(
+            &mut store,
+            &[WorkerRequest::Flush {
+                collection: None,
+                partition: None
+            }]
+        ),
         vec![WorkerResponse::Integer(keys as i64)]
     );
     assert_eq!(store.env.info().last_txn_id, commits_before + 1);
@@ -1518,7 +1525,13 @@ fn whole_collection_requests_skip_fenced_partitions() {
     // FLUSH deletes the other partitions' keys, and only theirs.
     let fenced = [records_of(&mut store, 1), records_of(&mut store, 3)];
     assert_eq!(
-        apply(&mut store, &[WorkerRequest::Flush { collection: None }]),
+        apply(
+            &mut store,
+            &[WorkerRequest::Flush {
+                collection: None,
+                partition: None
+            }]
+        ),
         vec![WorkerResponse::Integer(6)]
     );
     assert_eq!(
@@ -1629,6 +1642,53 @@ fn prepared_transactions_hold_off_fences_and_clearing() {
     assert_eq!(
         get(&mut store, 0, key(3, b"x")),
         WorkerResponse::Value(Some(b"7".to_vec()))
+    );
+}
+
+#[test]
+fn a_flush_of_one_partition_deletes_only_its_keys_and_refuses_a_fenced_one() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut store = Store::open(dir.path(), &options()).unwrap();
+    apply(
+        &mut store,
+        &[
+            set(0, key(1, b"a"), b"1"),
+            set(0, key(1, b"b"), b"2"),
+            set(0, key(2, b"c"), b"3"),
+            set(1, key(1, b"d"), b"4"),
+        ],
+    );
+    let flush = |partition| WorkerRequest::Flush {
+        collection: Some(0),
+        partition: Some(partition),
+    };
+    assert_eq!(
+        apply(&mut store, &[flush(1)]),
+        vec![WorkerResponse::Integer(2)]
+    );
+    assert_eq!(
+        get(&mut store, 0, key(1, b"a")),
+        WorkerResponse::Value(None)
+    );
+    assert_eq!(
+        get(&mut store, 0, key(2, b"c")),
+        WorkerResponse::Value(Some(b"3".to_vec()))
+    );
+    assert_eq!(
+        get(&mut store, 1, key(1, b"d")),
+        WorkerResponse::Value(Some(b"4".to_vec()))
+    );
+    fence(&mut store, 2, true);
+    assert_eq!(
+        apply(&mut store, &[flush(2)]),
+        vec![WorkerResponse::Error(WorkerError::PartitionMoved {
+            partition: 2
+        })]
+    );
+    fence(&mut store, 2, false);
+    assert_eq!(
+        get(&mut store, 0, key(2, b"c")),
+        WorkerResponse::Value(Some(b"3".to_vec()))
     );
 }
 
