@@ -60,6 +60,19 @@ pub async fn in_order<F: Future>(connection: F) -> F::Output {
     ANSWERED.scope(RefCell::default(), connection).await
 }
 
+/// Whether the current connection has no request on `partition` in flight (a read may
+/// then be answered at once without overtaking one). False outside a connection.
+pub fn idle(partition: Partition) -> bool {
+    ANSWERED
+        .try_with(|answered| {
+            answered
+                .borrow()
+                .get(&partition)
+                .is_none_or(|done| *done.borrow())
+        })
+        .unwrap_or(false)
+}
+
 /// Delivers requests for partitions to their owners.
 pub struct Router {
     node: Arc<ClusterNode>,

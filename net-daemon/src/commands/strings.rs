@@ -207,13 +207,19 @@ async fn write_value(
 }
 
 /// The values of `keys` read straight from the shards ([`crate::reads`]), in order; `None`
-/// when any of them must be read through its worker.
+/// when any of them must be read through its worker. A read never overtakes an earlier
+/// request of its connection: on a host on its own, none may be in flight; in a cluster,
+/// none on the keys' partitions.
 fn direct_read(shared: &Shared, session: &Session, keys: &[Bytes]) -> Option<Vec<Option<Vec<u8>>>> {
-    if !session.direct_reads {
+    let clustered = shared.router.is_some();
+    if !session.direct_reads && !clustered {
         return None;
     }
     let mut values = vec![None; keys.len()];
     for (dest, keys, positions) in super::group_by_dest(shared, keys).ok()? {
+        if clustered && !keys.iter().all(|key| crate::routing::idle(key.partition)) {
+            return None;
+        }
         let worker = dest.local_worker(shared)?;
         let keys: Vec<&Key> = keys.iter().collect();
         let found = crate::reads::read(shared, worker, session.collection, &keys)?;
