@@ -295,11 +295,16 @@ async fn take_over(
         }
     }
 
-    // The pause: from the source's fence until this host serves the partition.
+    // The pause: from the source's fence until this host serves the partition. A fence
+    // request without an answer may have fenced the source all the same.
+    let fenced = |reason: String| Failure {
+        reason,
+        source_fenced: true,
+    };
     let fenced_at = Instant::now();
     loop {
         let fence = PeerRequest::Fence { partition, epoch };
-        match ask_peer(router, source, fence).await? {
+        match ask_peer(router, source, fence).await.map_err(fenced)? {
             WorkerResponse::Ok => break,
             WorkerResponse::Error(WorkerError::Locked) if fenced_at.elapsed() < FENCE_DEADLINE => {
                 tokio::time::sleep(Duration::from_millis(10)).await;
@@ -309,10 +314,6 @@ async fn take_over(
             }
         }
     }
-    let fenced = |reason: String| Failure {
-        reason,
-        source_fenced: true,
-    };
     loop {
         let count = catch_up(shared, router, source, partition, worker, &mut applied)
             .await

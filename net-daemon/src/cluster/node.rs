@@ -556,29 +556,17 @@ impl ClusterNode {
                     .is_some_and(|entry| entry.owner == member.host && entry.epoch >= epoch);
                 // Every key must be on the worker the request goes to (the sender groups
                 // keys by the worker count this host reported).
-                let one_worker = request.keys().iter().all(|(_, key)| {
-                    partition_worker(key.partition, usize::from(self.workers))
-                        == partition_worker(partition, usize::from(self.workers))
+                let workers = usize::from(self.workers);
+                let one_worker = request.client_partitions().into_iter().all(|p| {
+                    partition_worker(p, workers) == partition_worker(partition, workers)
                 });
                 if !owned || !one_worker || !ni.owns_all(member.host, &request) {
                     return PeerResponse::Moved;
                 }
-                match self.serve_locally(Some(partition), request).await {
-                    Ok(mut responses) if responses.len() == 1 => {
-                        PeerResponse::Worker(responses.remove(0))
-                    }
-                    Ok(_) => PeerResponse::Refused("no worker answered".into()),
-                    Err(reason) => PeerResponse::Refused(reason),
-                }
+                one_response(self.serve_locally(Some(partition), request).await)
             }
             PeerRequest::Partition { partition, request } => {
-                match self.serve_locally(Some(partition), request).await {
-                    Ok(mut responses) if responses.len() == 1 => {
-                        PeerResponse::Worker(responses.remove(0))
-                    }
-                    Ok(_) => PeerResponse::Refused("no worker answered".into()),
-                    Err(reason) => PeerResponse::Refused(reason),
-                }
+                one_response(self.serve_locally(Some(partition), request).await)
             }
             PeerRequest::Fence { partition, epoch } => {
                 let deadline = Instant::now() + FENCE_TABLE_WAIT;
@@ -604,13 +592,7 @@ impl ClusterNode {
                     partition,
                     fenced: true,
                 };
-                match self.serve_locally(Some(partition), request).await {
-                    Ok(mut responses) if responses.len() == 1 => {
-                        PeerResponse::Worker(responses.remove(0))
-                    }
-                    Ok(_) => PeerResponse::Refused("no worker answered".into()),
-                    Err(reason) => PeerResponse::Refused(reason),
-                }
+                one_response(self.serve_locally(Some(partition), request).await)
             }
             PeerRequest::AllWorkers(request) => match self.serve_locally(None, request).await {
                 Ok(responses) => PeerResponse::Workers(responses),
@@ -1264,6 +1246,15 @@ impl ClusterNode {
             }
         }
         commands
+    }
+}
+
+/// The answer to a request for one worker.
+fn one_response(result: Result<Vec<WorkerResponse>, String>) -> PeerResponse {
+    match result {
+        Ok(mut responses) if responses.len() == 1 => PeerResponse::Worker(responses.remove(0)),
+        Ok(_) => PeerResponse::Refused("no worker answered".into()),
+        Err(reason) => PeerResponse::Refused(reason),
     }
 }
 
