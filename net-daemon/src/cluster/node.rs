@@ -557,9 +557,10 @@ impl ClusterNode {
                 // Every key must be on the worker the request goes to (the sender groups
                 // keys by the worker count this host reported).
                 let workers = usize::from(self.workers);
-                let one_worker = request.client_partitions().into_iter().all(|p| {
-                    partition_worker(p, workers) == partition_worker(partition, workers)
-                });
+                let one_worker = request
+                    .client_partitions()
+                    .into_iter()
+                    .all(|p| partition_worker(p, workers) == partition_worker(partition, workers));
                 if !owned || !one_worker || !ni.owns_all(member.host, &request) {
                     return PeerResponse::Moved;
                 }
