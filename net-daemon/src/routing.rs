@@ -243,7 +243,7 @@ impl Router {
     }
 
     /// Sends one request to every worker of every other host: one call per host.
-    pub fn send_to_other_hosts(&self, make: impl Fn() -> WorkerRequest) -> Vec<Call> {
+    pub fn send_to_other_hosts(self: &Arc<Self>, make: impl Fn() -> WorkerRequest) -> Vec<Call> {
         let me = self.node.host_id();
         let hosts: Vec<HostId> = self.node.ni().hosts.keys().copied().collect();
         hosts
@@ -255,38 +255,23 @@ impl Router {
 
     /// Sends one request to every worker of `host` (this one or another); the call's
     /// response is the workers' responses merged (integers added, keys and entries joined).
-    pub fn send_to_host(&self, host: HostId, request: WorkerRequest) -> Call {
+    pub fn send_to_host(self: &Arc<Self>, host: HostId, request: WorkerRequest) -> Call {
         let (sender, receiver) = oneshot::channel();
-        let node = Arc::clone(&self.node);
-        let links = (Some(host) == node.host_id()).then(|| self.links.clone());
+        let router = Arc::clone(self);
         tokio::spawn(async move {
-            let result = match links {
-                Some(links) => {
-                    let mut responses = Vec::with_capacity(links.len());
-                    let mut failure = None;
-                    for link in &links {
-                        match link.send(request.clone()).await.wait().await {
-                            Ok(response) => responses.push(response),
-                            Err(error) => failure = failure.or(Some(error)),
-                        }
-                    }
-                    match failure {
-                        Some(error) => Err(error),
-                        None => Ok(merge_responses(responses)),
-                    }
-                }
-                None => match node
-                    .call_host(host, PeerRequest::AllWorkers(request), FORWARD_TIMEOUT)
+            let result = if Some(host) == router.node.host_id() {
+                router
+                    .serve(None, request)
                     .await
-                {
+                    .map(merge_responses)
+                    .map_err(|reason| LinkError::Host { host, reason })
+            } else {
+                let request = PeerRequest::AllWorkers(request);
+                match router.node.call_host(host, request, FORWARD_TIMEOUT).await {
                     Ok(PeerResponse::Workers(responses)) => Ok(merge_responses(responses)),
-                    Ok(PeerResponse::Refused(reason)) => Err(LinkError::Host { host, reason }),
-                    Ok(other) => Err(LinkError::Host {
-                        host,
-                        reason: format!("unexpected answer {other:?}"),
-                    }),
+                    Ok(other) => Err(refusal(host, other)),
                     Err(error) => Err(error),
-                },
+                }
             };
             let _ = sender.send(result);
         });
@@ -310,13 +295,18 @@ impl Router {
         match self.node.call_host(host, request, left).await? {
             PeerResponse::Worker(response) => Ok(response),
             PeerResponse::Moved => Err(LinkError::Moved),
-            PeerResponse::Refused(reason) => Err(LinkError::Host { host, reason }),
-            other => Err(LinkError::Host {
-                host,
-                reason: format!("unexpected answer {other:?}"),
-            }),
+            other => Err(refusal(host, other)),
         }
     }
+}
+
+/// The failure a peer's answer other than the one expected stands for.
+fn refusal(host: HostId, answer: PeerResponse) -> LinkError {
+    let reason = match answer {
+        PeerResponse::Refused(reason) => reason,
+        other => format!("unexpected answer {other:?}"),
+    };
+    LinkError::Host { host, reason }
 }
 
 /// One host's workers' responses as one: integers added, scanned keys, log entries,

@@ -1064,12 +1064,7 @@ impl ClusterNode {
             .collect();
         if !moved.is_empty() {
             tracing::info!(?moved, "updating members' addresses");
-            member
-                .raft
-                .change_membership(ChangeMembers::SetNodes(moved), true)
-                .await
-                .map_err(|e| e.to_string())?;
-            return Ok(());
+            return change_membership(member, ChangeMembers::SetNodes(moved)).await;
         }
         let voters: BTreeSet<HostId> = membership.voter_ids().collect();
         let last_index = metrics.last_log_index.unwrap_or(0);
@@ -1098,12 +1093,7 @@ impl ClusterNode {
         }
         if wanted != voters && !wanted.is_empty() {
             tracing::info!(?voters, ?wanted, "changing the metadata group's voters");
-            member
-                .raft
-                .change_membership(ChangeMembers::ReplaceAllVoters(wanted), true)
-                .await
-                .map_err(|e| e.to_string())?;
-            return Ok(());
+            return change_membership(member, ChangeMembers::ReplaceAllVoters(wanted)).await;
         }
         // Hosts removed from the NI (they left) leave the group once they are no voters.
         let removed: BTreeSet<HostId> = nodes
@@ -1113,11 +1103,7 @@ impl ClusterNode {
             .collect();
         if !removed.is_empty() {
             tracing::info!(?removed, "removing hosts that left from the metadata group");
-            member
-                .raft
-                .change_membership(ChangeMembers::RemoveNodes(removed), true)
-                .await
-                .map_err(|e| e.to_string())?;
+            return change_membership(member, ChangeMembers::RemoveNodes(removed)).await;
         }
         Ok(())
     }
@@ -1248,6 +1234,19 @@ impl ClusterNode {
         }
         commands
     }
+}
+
+/// Commits a change of the metadata group's members (learners kept as learners).
+async fn change_membership(
+    member: &Member,
+    change: ChangeMembers<HostId, BasicNode>,
+) -> Result<(), String> {
+    member
+        .raft
+        .change_membership(change, true)
+        .await
+        .map(|_| ())
+        .map_err(|e| e.to_string())
 }
 
 /// The answer to a request for one worker.

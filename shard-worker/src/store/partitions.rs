@@ -397,18 +397,22 @@ impl Store {
             end.as_ref()
                 .map_or(Bound::Unbounded, |end| Bound::Excluded(&end[..])),
         );
+        let mut deleted = 0;
         for db in self.collections.iter().chain([&self.log]) {
-            db.delete_range(txn, &range)?;
+            deleted += db.delete_range(txn, &range)?;
         }
-        self.meta
-            .delete(txn, &layout::partition_meta_key(partition))?;
+        deleted += usize::from(
+            self.meta
+                .delete(txn, &layout::partition_meta_key(partition))?,
+        );
         // An entry of the batch would be written back at commit.
         batch.partitions.remove(&partition);
         let keys = doomed_keys(self.expiry, txn, RecordTable::Expiry, &|p| p == partition)?;
         for key in &keys {
             self.expiry.delete(txn, key)?;
         }
-        batch.dirty = true;
+        // Clearing an empty partition commits nothing (and costs no fsync).
+        batch.dirty |= deleted + keys.len() > 0;
         Ok(())
     }
 
