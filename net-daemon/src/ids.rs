@@ -15,6 +15,7 @@
 //! hands an id out twice. docs/ids.md describes the scheme.
 
 use shoal_shared::frame::{WorkerRequest, WorkerResponse};
+use shoal_shared::ids::{BLOCK, END_ID, FIRST_ID};
 use shoal_shared::resp::Reply;
 use tokio::sync::Mutex;
 
@@ -23,12 +24,6 @@ use crate::cluster::node::ClusterNode;
 use crate::commands::ask;
 use crate::Shared;
 
-/// Ids per block.
-pub const BLOCK: u64 = 1 << 20;
-/// The first id of the space.
-pub const FIRST_ID: u64 = 1;
-/// One past the last id (ids fit a positive i64).
-pub const END_ID: u64 = 1 << 63;
 /// Most ids one ID.NEW returns.
 pub const MAX_COUNT: u64 = 1_000_000;
 

@@ -14,9 +14,9 @@
 use std::path::PathBuf;
 use std::sync::OnceLock;
 
-use shoal_shard_worker::store::reader::{ReadOutcome, ShardReader};
 use shoal_shared::config::Config;
 use shoal_shared::frame::{Collection, Key};
+use shoal_shared::reader::{ReadOutcome, ShardReader};
 
 use crate::Shared;
 

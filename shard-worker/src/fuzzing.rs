@@ -2,13 +2,13 @@
 //! fuzz targets (`fuzz/`) and the corpus replay test (`tests/fuzz_corpus.rs`).
 //!
 //! Stored bytes are untrusted too (a torn page, a foreign file): each decoder must
-//! return a value or a [`CorruptError`](crate::layout::CorruptError), never panic,
+//! return a value or a [`CorruptError`](shoal_shared::layout::CorruptError), never panic,
 //! and allocate at most a copy of what it read. Each check panics otherwise. For
 //! tests and fuzzing only.
 
 use shoal_shared::fuzzing::with_allocation_limit;
 
-use crate::layout::{
+use shoal_shared::layout::{
     decode_expiry_key, decode_log_entry, decode_partition_meta, decode_value, encode_log_value,
     encode_partition_meta, encode_value, expiry_key, LogRecord,
 };
@@ -43,7 +43,7 @@ pub fn check_log_entry(input: &[u8]) {
         return;
     };
     assert_eq!(
-        crate::layout::log_key(entry.partition, entry.commit_id),
+        shoal_shared::layout::log_key(entry.partition, entry.commit_id),
         raw_key
     );
     // An expiry of 0 is stored as "none", so the value re-encodes to the same bytes.
@@ -87,7 +87,7 @@ pub fn value_seeds() -> Vec<(&'static str, Vec<u8>)> {
 /// `check_log_entry`'s input: the key length byte, the key, then the value.
 fn log_input(partition: u16, commit_id: u64, record: &LogRecord<'_>) -> Vec<u8> {
     let mut out = vec![10];
-    out.extend_from_slice(&crate::layout::log_key(partition, commit_id));
+    out.extend_from_slice(&shoal_shared::layout::log_key(partition, commit_id));
     out.extend_from_slice(&encode_log_value(record));
     out
 }
@@ -135,7 +135,7 @@ pub fn log_entry_seeds() -> Vec<(&'static str, Vec<u8>)> {
 
 /// Seeds for `layout_meta`: expiry-index keys and a partition's meta entry.
 pub fn meta_seeds() -> Vec<(&'static str, Vec<u8>)> {
-    use crate::layout::PartitionMeta;
+    use shoal_shared::layout::PartitionMeta;
     vec![
         (
             "expiry-key",

@@ -16,7 +16,6 @@
 //! shard's environment.
 //!
 //! Modules:
-//! - [`layout`]: the byte layout of the environment.
 //! - `float`: INCRBYFLOAT arithmetic in long double, as Redis does it.
 //! - [`store`]: the environment and the group-commit apply.
 //! - [`link`]: the socket threads that read requests and write responses.
@@ -26,7 +25,6 @@
 mod float;
 #[doc(hidden)]
 pub mod fuzzing;
-pub mod layout;
 pub mod link;
 pub mod rebalance;
 pub mod store;

@@ -4,11 +4,11 @@
 use proptest::collection::vec;
 use proptest::option;
 use proptest::prelude::*;
-use shoal_shard_worker::layout::{
+use shoal_shared::frame::ChangeType;
+use shoal_shared::layout::{
     decode_expiry_key, decode_log_entry, decode_partition_meta, decode_value, encode_log_value,
     encode_partition_meta, encode_value, expiry_key, log_key, LogRecord, PartitionMeta,
 };
-use shoal_shared::frame::ChangeType;
 use shoal_shared::limits::MAX_KEY_BYTES;
 
 fn change() -> impl Strategy<Value = ChangeType> {

@@ -1,8 +1,10 @@
 //! Shared pieces of Shoal, used by every process.
 //!
 //! This crate owns the contracts between processes and the pure logic that
-//! more than one process needs. It never does network or storage I/O itself
-//! (apart from mapping the status table), and depends on no other Shoal crate.
+//! more than one process needs: the frames, the on-disk layout of a shard and
+//! the read-only reader of a shard's environment. It never does network I/O and
+//! never writes a shard's environment (its only writes map the status table),
+//! and it depends on no other Shoal crate.
 //!
 //! Modules:
 //! - [`config`]: the TOML config file, its defaults and its validation.
@@ -13,6 +15,10 @@
 //! - [`status`]: the shared-memory status table every process writes into.
 //! - [`limits`]: size limits and the invariants between them.
 //! - [`backup`]: the backup manifest and the shard-worker's report of its copy.
+//! - [`ids`]: the id space that `ID.NEW` issues from, and its blocks.
+//! - [`layout`]: the byte layout of a shard's LMDB environment.
+//! - [`lmdb`]: opening a shard's environment and its databases; free disk space.
+//! - [`reader`]: a shard's environment opened read-only (the net-daemon's direct reads).
 //! - `fuzzing` (hidden): the decoder properties that fuzz targets and corpus tests check.
 
 pub mod backup;
@@ -21,8 +27,12 @@ pub mod frame;
 #[doc(hidden)]
 pub mod fuzzing;
 pub mod glob;
+pub mod ids;
+pub mod layout;
 pub mod limits;
+pub mod lmdb;
 pub mod partition;
+pub mod reader;
 pub mod resp;
 pub mod status;
 

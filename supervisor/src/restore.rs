@@ -135,7 +135,7 @@ fn fit_config(config: &mut Config, manifest: &Manifest) -> anyhow::Result<()> {
             manifest.collections
         );
     }
-    let format = shoal_shard_worker::layout::FORMAT_VERSION;
+    let format = shoal_shared::layout::FORMAT_VERSION;
     if manifest.storage_format_version != format {
         bail!(
             "the backup's storage format is {}, this build reads {format}",

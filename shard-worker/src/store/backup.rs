@@ -26,7 +26,7 @@ use shoal_shared::frame::Partition;
 use shoal_shared::partition::worker_partitions;
 
 use super::{Store, StoreError};
-use crate::layout;
+use shoal_shared::layout;
 
 const HASH_CHUNK_BYTES: usize = 1 << 20;
 

@@ -13,7 +13,7 @@ use heed::RwTxn;
 use shoal_shared::frame::{ChangeType, Collection, Key, Partition};
 
 use super::{Batch, OpError, RawDatabase, Store};
-use crate::layout::{self, LogRecord, PartitionMeta};
+use shoal_shared::layout::{self, LogRecord, PartitionMeta};
 
 /// A live value.
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -12,7 +12,7 @@ use shoal_shared::frame::{LogEntry, Partition, WorkerError, WorkerResponse};
 use shoal_shared::limits::MAX_REPLY_BYTES;
 
 use super::{Batch, OpError, OpResult, Store};
-use crate::layout::{self, PartitionMeta};
+use shoal_shared::layout::{self, PartitionMeta};
 
 impl Store {
     /// Entries of `partition` with commit id ≥ `from`, at most `count`.

@@ -32,7 +32,6 @@ mod backup;
 mod keyspace;
 mod log;
 mod partitions;
-pub mod reader;
 mod scan;
 mod strings;
 mod txns;
@@ -41,16 +40,15 @@ use std::collections::{BTreeSet, HashMap};
 use std::path::Path;
 use std::sync::{Arc, RwLock};
 
-use heed::types::Bytes;
-use heed::{CommitOrAbort, Database, Env, EnvFlags, EnvOpenOptions, RwTxn, WithoutTls};
+use heed::{Env, EnvFlags, RwTxn, WithoutTls};
 use shoal_shared::config::Durability;
 use shoal_shared::frame::{Collection, Partition, WorkerError, WorkerRequest, WorkerResponse};
 
-use crate::layout::{self, PartitionMeta};
 pub use backup::BackupSource;
+use shoal_shared::layout::{self, PartitionMeta};
+pub use shoal_shared::lmdb::StoreError;
+use shoal_shared::lmdb::{create_database, free_bytes, RawDatabase};
 pub use txns::Locks;
-
-type RawDatabase = Database<'static, Bytes, Bytes>;
 
 /// How a store is opened.
 #[derive(Debug, Clone)]
@@ -65,22 +63,6 @@ pub struct StoreOptions {
     pub map_size_bytes: usize,
     pub max_map_size_bytes: usize,
     pub max_value_bytes: usize,
-}
-
-/// Why a store could not be opened or a batch could not be committed.
-#[derive(Debug, thiserror::Error)]
-pub enum StoreError {
-    #[error("lmdb: {0}")]
-    Lmdb(#[from] heed::Error),
-    #[error(transparent)]
-    Corrupt(#[from] layout::CorruptError),
-    #[error("{0}")]
-    Mismatch(String),
-    #[error("cannot create {path}: {source}")]
-    CreateDir {
-        path: String,
-        source: std::io::Error,
-    },
 }
 
 /// An open shard environment.
@@ -168,10 +150,8 @@ impl Store {
             path: dir.display().to_string(),
             source,
         })?;
-        let mut env_options = EnvOpenOptions::new().read_txn_without_tls();
-        env_options
-            .map_size(page_aligned(options.map_size_bytes))
-            .max_dbs(u32::from(options.collections) + 4);
+        let mut env_options = shoal_shared::lmdb::env_options(options.collections);
+        env_options.map_size(page_aligned(options.map_size_bytes));
         if options.durability == Durability::Async {
             // SAFETY: NO_SYNC only delays fsync; the worker flushes periodically and the
             // config documents that a power failure may lose the last interval.
@@ -641,28 +621,6 @@ impl Store {
             store.trim_log_in(txn, batch, keep_entries, keep_ms, limit)
         })
     }
-}
-
-/// Bytes available to this process on the filesystem holding `path`.
-pub fn free_bytes(path: &Path) -> Option<u64> {
-    use std::os::unix::ffi::OsStrExt;
-    let path = std::ffi::CString::new(path.as_os_str().as_bytes()).ok()?;
-    let mut stat: libc::statvfs = unsafe { std::mem::zeroed() };
-    // SAFETY: `path` is a valid NUL-terminated string and `stat` a valid out-pointer.
-    let rc = unsafe { libc::statvfs(path.as_ptr(), &mut stat) };
-    (rc == 0).then(|| stat.f_bavail as u64 * stat.f_frsize as u64)
-}
-
-fn create_database(env: &Env<WithoutTls>, name: &str) -> Result<RawDatabase, StoreError> {
-    let txn = env.write_txn()?;
-    let database = env
-        .create_databases_and_commit(txn, |opener, txn| {
-            opener
-                .create_database::<Bytes, Bytes>(txn, Some(name))
-                .map(CommitOrAbort::<_, ()>::Commit)
-        })?
-        .unwrap_commit();
-    Ok(database)
 }
 
 #[cfg(test)]

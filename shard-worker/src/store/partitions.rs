@@ -29,7 +29,7 @@ use shoal_shared::limits::{
 };
 
 use super::{Batch, OpError, OpResult, RawDatabase, Store, StoreError};
-use crate::layout::{self, LogRecord, PartitionMeta};
+use shoal_shared::layout::{self, LogRecord, PartitionMeta};
 
 /// Raw records of one partition, and where to continue.
 pub struct Chunk {
@@ -478,7 +478,7 @@ impl Store {
         let mut prepared = 0;
         for item in self.txns.iter(&txn)? {
             let (_, raw) = item?;
-            if !super::txns::is_decision_record(raw)? {
+            if !layout::is_decision_record(raw)? {
                 prepared += 1;
             }
         }

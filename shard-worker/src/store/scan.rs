@@ -19,7 +19,7 @@ use shoal_shared::limits::MAX_REPLY_BYTES;
 const FLUSH_CHUNK_KEYS: usize = 10_000;
 
 use super::{Batch, OpError, OpResult, RawDatabase, Store};
-use crate::layout;
+use shoal_shared::layout;
 
 /// The partition a stored key of a collection belongs to.
 fn partition_of(stored_key: &[u8]) -> Option<Partition> {

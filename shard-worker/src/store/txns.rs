@@ -17,11 +17,12 @@
 use std::collections::HashMap;
 
 use heed::RwTxn;
-use serde::{Deserialize, Serialize};
 use shoal_shared::frame::{
     Collection, Key, Partition, TxAction, TxOp, TxOutcome, WorkerError, WorkerResponse,
     DECIDER_PARTITION,
 };
+
+use shoal_shared::layout::{self, decode_intent, Intent, IntentState};
 
 use super::keyspace::Current;
 use super::{Batch, OpError, OpResult, Store, StoreError};
@@ -98,29 +99,6 @@ impl Locks {
     }
 }
 
-/// A transaction as recorded in `txns`.
-#[derive(Debug, Clone, Serialize, Deserialize)]
-struct Intent {
-    /// The worker that holds the decision, or the partition whose participant holds it
-    /// (with [`DECIDER_PARTITION`]).
-    decider: u16,
-    created_ms: u64,
-    state: IntentState,
-    ops: Vec<TxOp>,
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-enum IntentState {
-    /// Checked and locked; waiting for commit or abort.
-    Prepared,
-    /// The decider's record that the transaction committed (its ops are applied).
-    Committed,
-}
-
-fn bincode_config() -> impl bincode::config::Config {
-    bincode::config::standard().with_limit::<{ shoal_shared::limits::MAX_FRAME_BYTES }>()
-}
-
 fn lock_keys(ops: &[TxOp]) -> Vec<LockKey> {
     ops.iter()
         .map(|op| (op.collection, op.key.partition, op.key.bytes.clone()))
@@ -135,7 +113,7 @@ impl Store {
         let mut changes = Vec::new();
         for item in self.txns.iter(&txn)? {
             let (raw_id, raw) = item?;
-            let txid = crate::layout::decode_u64(raw_id, "transaction id")?;
+            let txid = shoal_shared::layout::decode_u64(raw_id, "transaction id")?;
             let intent = decode_intent(raw).map_err(StoreError::Corrupt)?;
             if intent.state == IntentState::Prepared {
                 changes.push(LockChange::Acquire {
@@ -168,7 +146,7 @@ impl Store {
         txid: u64,
         intent: &Intent,
     ) -> Result<(), OpError> {
-        let raw = bincode::serde::encode_to_vec(intent, bincode_config()).map_err(|e| {
+        let raw = layout::encode_intent(intent).map_err(|e| {
             OpError::Refused(WorkerError::Storage(format!("cannot encode intent: {e}")))
         })?;
         self.txns.put(txn, &txid.to_be_bytes(), &raw)?;
@@ -410,7 +388,7 @@ impl Store {
         let mut found = Vec::new();
         for item in self.txns.iter(txn)? {
             let (raw_id, raw) = item?;
-            let txid = crate::layout::decode_u64(raw_id, "transaction id")?;
+            let txid = shoal_shared::layout::decode_u64(raw_id, "transaction id")?;
             let intent = decode_intent(raw)?;
             if intent.state == state && now_ms.saturating_sub(intent.created_ms) >= older_than_ms {
                 found.push((txid, intent.decider));
@@ -486,23 +464,4 @@ impl Store {
             u32::from(intent.decider) == self.shard_id
         }
     }
-}
-
-/// Whether a `txns` record is a decider's commit record (not a prepared intent).
-pub(crate) fn is_decision_record(raw: &[u8]) -> Result<bool, crate::layout::CorruptError> {
-    Ok(decode_intent(raw)?.state == IntentState::Committed)
-}
-
-fn decode_intent(raw: &[u8]) -> Result<Intent, crate::layout::CorruptError> {
-    bincode::serde::decode_from_slice(raw, bincode_config())
-        .map(|(intent, _)| intent)
-        .map_err(|e| crate::layout::CorruptError {
-            what: "transaction record",
-            why: e.to_string(),
-        })
-}
-
-/// Whether a `txns` record is a prepared intent (its keys are locked), not a decision record.
-pub(crate) fn is_prepared(raw: &[u8]) -> Result<bool, crate::layout::CorruptError> {
-    Ok(decode_intent(raw)?.state == IntentState::Prepared)
 }

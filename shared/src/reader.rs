@@ -12,12 +12,11 @@
 use std::path::Path;
 use std::sync::RwLock;
 
-use heed::types::Bytes;
-use heed::{CommitOrAbort, Env, EnvFlags, EnvOpenOptions, MdbError, RoTxn, WithoutTls};
-use shoal_shared::frame::{Collection, Key};
+use heed::{Env, EnvFlags, MdbError, RoTxn, WithoutTls};
 
-use super::{RawDatabase, StoreError};
+use crate::frame::{Collection, Key};
 use crate::layout;
+use crate::lmdb::{env_options, open_database, RawDatabase, StoreError};
 
 /// What a read found.
 pub enum ReadOutcome {
@@ -42,8 +41,7 @@ pub struct ShardReader {
 impl ShardReader {
     /// Opens the environment at `dir`, which its worker has created.
     pub fn open(dir: &Path, collections: u16) -> Result<ShardReader, StoreError> {
-        let mut options = EnvOpenOptions::new().read_txn_without_tls();
-        options.max_dbs(u32::from(collections) + 4);
+        let mut options = env_options(collections);
         // SAFETY: READ_ONLY makes this process a reader only; the environment is never
         // used across fork().
         unsafe { options.flags(EnvFlags::READ_ONLY) };
@@ -115,7 +113,7 @@ impl ShardReader {
     fn any_prepared(&self, txn: &RoTxn<WithoutTls>) -> Result<bool, StoreError> {
         for item in self.txns.iter(txn)? {
             let (_, raw) = item?;
-            if super::txns::is_prepared(raw)? {
+            if layout::is_prepared(raw)? {
                 return Ok(true);
             }
         }
@@ -129,19 +127,4 @@ impl ShardReader {
         unsafe { self.env.resize(0)? };
         Ok(())
     }
-}
-
-fn open_database(env: &Env<WithoutTls>, name: &str) -> Result<RawDatabase, StoreError> {
-    let txn = env.read_txn()?;
-    let database = env
-        .open_databases_and_commit(txn, |opener, txn| {
-            match opener.open_database::<Bytes, Bytes>(txn, Some(name))? {
-                Some(database) => Ok(CommitOrAbort::<_, ()>::Commit(database)),
-                None => Err(StoreError::Mismatch(format!(
-                    "the shard has no database {name:?}; is its worker running?"
-                ))),
-            }
-        })?
-        .unwrap_commit();
-    Ok(database)
 }

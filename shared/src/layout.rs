@@ -48,8 +48,8 @@
 //! bytes. It exists only while the partition is fenced; no other `meta` key starts
 //! with "fence", and fence entries are never part of a partition's exported records.
 
-use shoal_shared::frame::{ChangeType, Collection, LogEntry, Partition};
-use shoal_shared::limits::{
+use crate::frame::{ChangeType, Collection, LogEntry, Partition};
+use crate::limits::{
     EXPIRY_KEY_PREFIX_BYTES, LMDB_MAX_KEY_BYTES, MAX_KEY_BYTES, MAX_STORED_KEY_BYTES,
 };
 
@@ -484,4 +484,56 @@ mod tests {
             assert!(!other.starts_with(META_FENCE_PREFIX));
         }
     }
+}
+
+/// A transaction as recorded in `txns`.
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+pub struct Intent {
+    /// The worker that holds the decision, or the partition whose participant holds it
+    /// (with [`crate::frame::DECIDER_PARTITION`]).
+    pub decider: u16,
+    /// When the intent was prepared, in milliseconds since the Unix epoch.
+    pub created_ms: u64,
+    /// Prepared, or the decider's commit record.
+    pub state: IntentState,
+    /// The transaction's ops on this shard.
+    pub ops: Vec<crate::frame::TxOp>,
+}
+
+/// What a `txns` record says about its transaction.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub enum IntentState {
+    /// Checked and locked; waiting for commit or abort.
+    Prepared,
+    /// The decider's record that the transaction committed (its ops are applied).
+    Committed,
+}
+
+fn intent_config() -> impl bincode::config::Config {
+    bincode::config::standard().with_limit::<{ crate::limits::MAX_FRAME_BYTES }>()
+}
+
+/// Encodes a `txns` record.
+pub fn encode_intent(intent: &Intent) -> Result<Vec<u8>, bincode::error::EncodeError> {
+    bincode::serde::encode_to_vec(intent, intent_config())
+}
+
+/// Decodes a `txns` record.
+pub fn decode_intent(raw: &[u8]) -> Result<Intent, CorruptError> {
+    bincode::serde::decode_from_slice(raw, intent_config())
+        .map(|(intent, _)| intent)
+        .map_err(|e| CorruptError {
+            what: "transaction record",
+            why: e.to_string(),
+        })
+}
+
+/// Whether a `txns` record is a prepared intent (its keys are locked), not a decision record.
+pub fn is_prepared(raw: &[u8]) -> Result<bool, CorruptError> {
+    Ok(decode_intent(raw)?.state == IntentState::Prepared)
+}
+
+/// Whether a `txns` record is a decider's commit record (not a prepared intent).
+pub fn is_decision_record(raw: &[u8]) -> Result<bool, CorruptError> {
+    Ok(decode_intent(raw)?.state == IntentState::Committed)
 }
