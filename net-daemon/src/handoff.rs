@@ -32,11 +32,11 @@ use std::time::{Duration, Instant};
 use shoal_shared::frame::{Partition, WorkerError, WorkerRequest, WorkerResponse};
 use shoal_shared::partition::partition_worker;
 
-use crate::cluster::messages::{PeerRequest, PeerResponse};
-use crate::cluster::ni::{Command, Outcome};
-use crate::cluster::HostId;
 use crate::routing::Router;
 use crate::Shared;
+use shoal_cluster::messages::{DataRequest, PeerRequest, PeerResponse};
+use shoal_cluster::ni::{Command, Outcome};
+use shoal_cluster::HostId;
 
 const RECONCILE_INTERVAL: Duration = Duration::from_millis(200);
 /// Bytes of records per chunk of a copy.
@@ -303,7 +303,7 @@ async fn take_over(
     };
     let fenced_at = Instant::now();
     loop {
-        let fence = PeerRequest::Fence { partition, epoch };
+        let fence = PeerRequest::Data(DataRequest::Fence { partition, epoch });
         match ask_peer(router, source, fence).await.map_err(fenced)? {
             WorkerResponse::Ok => break,
             WorkerResponse::Error(WorkerError::Locked) if fenced_at.elapsed() < FENCE_DEADLINE => {
@@ -404,7 +404,12 @@ async fn remote(
     partition: Partition,
     request: WorkerRequest,
 ) -> Result<WorkerResponse, String> {
-    ask_peer(router, host, PeerRequest::Partition { partition, request }).await
+    ask_peer(
+        router,
+        host,
+        PeerRequest::Data(DataRequest::Partition { partition, request }),
+    )
+    .await
 }
 
 /// Sends `request` to `host`; its answer is one worker's response.

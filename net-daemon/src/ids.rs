@@ -19,10 +19,10 @@ use shoal_shared::ids::{BLOCK, END_ID, FIRST_ID};
 use shoal_shared::resp::Reply;
 use tokio::sync::Mutex;
 
-use crate::cluster::ni::{Command, Outcome};
-use crate::cluster::node::ClusterNode;
 use crate::commands::ask;
 use crate::Shared;
+use shoal_cluster::ni::{Command, Outcome};
+use shoal_cluster::node::ClusterNode;
 
 /// Most ids one ID.NEW returns.
 pub const MAX_COUNT: u64 = 1_000_000;

@@ -5,31 +5,27 @@
 //! answers from several workers. It holds no user data itself and never opens
 //! a shard's LMDB environment for writing; GET and MGET read the shards'
 //! environments directly ([`reads`]). Its only writable environment is the
-//! metadata Raft group's own ([`cluster::raft_store`]).
+//! metadata Raft group's own (`shoal_cluster::raft_store`).
 //!
 //! Modules:
 //! - [`server`]: listeners, the connection limit, graceful shutdown.
 //! - [`connection`]: one client connection (parse, dispatch, reply in order).
 //! - [`commands`]: every client command.
-//! - [`cluster`]: cluster membership and metadata (the NI, its Raft group, liveness, id ranges).
 //! - [`txn`]: the two-phase commit coordinator and the recovery of transactions in doubt.
 //! - [`ids`]: the host's id allocator (ID.NEW).
 //! - [`metrics`]: command statistics and the Prometheus endpoint.
 //! - [`workers`]: the links to the shard-workers.
-//! - [`peer`]: the authenticated connections to the other hosts' net-daemons.
 //! - [`reads`]: GET and MGET straight from the shards' LMDB maps.
 //! - [`routing`]: requests for a partition sent to its owner, this host or another.
 //! - [`handoff`]: taking partitions over from other hosts, and dropping those given away.
 //! - [`errors`]: internal failures → client error replies.
 
-pub mod cluster;
 pub mod commands;
 pub mod connection;
 pub mod errors;
 pub mod handoff;
 pub mod ids;
 pub mod metrics;
-pub mod peer;
 pub mod reads;
 pub mod routing;
 pub mod server;
@@ -63,7 +59,7 @@ pub struct Shared {
     /// Read-only views of the shards' environments, one per worker.
     pub readers: std::sync::Arc<reads::Readers>,
     /// This host's membership in a cluster; `None` for a host on its own.
-    pub cluster: Option<std::sync::Arc<cluster::node::ClusterNode>>,
+    pub cluster: Option<std::sync::Arc<shoal_cluster::node::ClusterNode>>,
     /// In a cluster: delivers requests to the owners of partitions.
     pub router: Option<std::sync::Arc<routing::Router>>,
     /// What this host's partition handoffs measured.
@@ -87,7 +83,7 @@ impl Shared {
         config: Config,
         links: Vec<WorkerLink>,
         status: StatusTable,
-        cluster: Option<std::sync::Arc<cluster::node::ClusterNode>>,
+        cluster: Option<std::sync::Arc<shoal_cluster::node::ClusterNode>>,
     ) -> Shared {
         let readers = std::sync::Arc::new(reads::Readers::new(&config));
         let router = cluster.as_ref().map(|node| {
@@ -96,7 +92,7 @@ impl Shared {
                 links.clone(),
                 std::sync::Arc::clone(&readers),
             ));
-            node.set_local_workers(router.clone());
+            node.set_data_path(router.clone());
             router
         });
         Shared {

@@ -19,13 +19,13 @@
 //! out at once, so a pipeline of keys spread over partitions keeps its
 //! parallelism.
 //!
-//! The peer side is [`Router::serve`], which [`crate::cluster::node::ClusterNode`]
-//! calls for the data requests of other hosts, after checking ownership.
+//! The peer side is the [`DataPath`] that [`shoal_cluster::node::ClusterNode`] hands
+//! the data requests of other hosts to: it checks that this host owns the partition
+//! (and, for a fence, that its table shows the move), then asks its worker.
 
 use std::cell::RefCell;
 use std::collections::HashMap;
 use std::future::Future;
-use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -34,9 +34,10 @@ use shoal_shared::partition::partition_worker;
 use tokio::sync::{oneshot, watch};
 use tokio::time::Instant;
 
-use crate::cluster::messages::{PeerRequest, PeerResponse};
-use crate::cluster::node::{ClusterNode, LocalWorkers};
-use crate::cluster::HostId;
+use shoal_cluster::messages::{DataRequest, PeerRequest, PeerResponse};
+use shoal_cluster::node::{ClusterNode, DataFuture, DataPath};
+use shoal_cluster::HostId;
+
 use crate::reads::Readers;
 use crate::workers::{Call, LinkError, WorkerLink, REQUEST_TIMEOUT};
 
@@ -47,6 +48,8 @@ const FORWARD_TIMEOUT: Duration = Duration::from_millis(REQUEST_TIMEOUT.as_milli
 /// partition is then a group of its own (partition numbers stay below this bit).
 const UNREPORTED_WORKERS: u16 = 0x8000;
 const _: () = assert!(shoal_shared::partition::SLOTS <= UNREPORTED_WORKERS);
+/// Longest an owner waits for its table to show the move a fence request names.
+const FENCE_TABLE_WAIT: Duration = Duration::from_secs(3);
 const RETRY_MIN: Duration = Duration::from_millis(5);
 const RETRY_MAX: Duration = Duration::from_millis(200);
 
@@ -266,11 +269,11 @@ impl Router {
                     .map(merge_responses)
                     .map_err(|reason| LinkError::Host { host, reason })
             } else {
-                let request = PeerRequest::AllWorkers(request);
+                let request = PeerRequest::Data(DataRequest::AllWorkers(request));
                 match router.node.call_host(host, request, FORWARD_TIMEOUT).await {
                     Ok(PeerResponse::Workers(responses)) => Ok(merge_responses(responses)),
                     Ok(other) => Err(refusal(host, other)),
-                    Err(error) => Err(error),
+                    Err(error) => Err(error.into()),
                 }
             };
             let _ = sender.send(result);
@@ -287,11 +290,11 @@ impl Router {
         deadline: Instant,
     ) -> Result<WorkerResponse, LinkError> {
         let left = deadline.saturating_duration_since(Instant::now());
-        let request = PeerRequest::Worker {
+        let request = PeerRequest::Data(DataRequest::Worker {
             partition,
             epoch,
             request,
-        };
+        });
         match self.node.call_host(host, request, left).await? {
             PeerResponse::Worker(response) => Ok(response),
             PeerResponse::Moved => Err(LinkError::Moved),
@@ -346,31 +349,126 @@ fn merge_responses(responses: Vec<WorkerResponse>) -> WorkerResponse {
     merged.unwrap_or(WorkerResponse::Ok)
 }
 
-impl LocalWorkers for Router {
-    fn serve(
+impl Router {
+    /// Runs `request` on the worker of `partition`, or on every worker for `None`.
+    async fn serve(
         &self,
         partition: Option<Partition>,
         request: WorkerRequest,
-    ) -> Pin<Box<dyn Future<Output = Result<Vec<WorkerResponse>, String>> + Send + '_>> {
-        Box::pin(async move {
-            let workers: Vec<usize> = match partition {
-                Some(partition) => vec![partition_worker(partition, self.links.len())],
-                None => (0..self.links.len()).collect(),
-            };
-            if let [worker] = workers[..] {
-                if let Some(response) = self.read_directly(worker, &request) {
-                    return Ok(vec![response]);
+    ) -> Result<Vec<WorkerResponse>, String> {
+        let workers: Vec<usize> = match partition {
+            Some(partition) => vec![partition_worker(partition, self.links.len())],
+            None => (0..self.links.len()).collect(),
+        };
+        if let [worker] = workers[..] {
+            if let Some(response) = self.read_directly(worker, &request) {
+                return Ok(vec![response]);
+            }
+        }
+        let mut calls = Vec::with_capacity(workers.len());
+        for worker in workers {
+            calls.push(self.links[worker].send(request.clone()).await);
+        }
+        let mut responses = Vec::with_capacity(calls.len());
+        for call in calls {
+            responses.push(call.wait().await.map_err(|error| error.to_string())?);
+        }
+        Ok(responses)
+    }
+
+    /// Answers another host's request for this host's data; this host is `me`.
+    async fn serve_peer(&self, me: HostId, request: DataRequest) -> PeerResponse {
+        match request {
+            DataRequest::Worker {
+                partition,
+                epoch,
+                request,
+            } => {
+                // A table older than the sender's (a higher epoch) cannot vouch for
+                // ownership either: the sender retries.
+                let ni = self.node.ni();
+                let owned = ni
+                    .partitions
+                    .get(usize::from(partition))
+                    .is_some_and(|entry| entry.owner == me && entry.epoch >= epoch);
+                // Every key must be on the worker the request goes to (the sender groups
+                // keys by the worker count this host reported).
+                let workers = self.links.len();
+                let one_worker = request
+                    .client_partitions()
+                    .into_iter()
+                    .all(|p| partition_worker(p, workers) == partition_worker(partition, workers));
+                if !owned || !one_worker || !ni.owns_all(me, &request) {
+                    return PeerResponse::Moved;
                 }
+                one_response(self.serve(Some(partition), request).await)
             }
-            let mut calls = Vec::with_capacity(workers.len());
-            for worker in workers {
-                calls.push(self.links[worker].send(request.clone()).await);
+            DataRequest::Partition { partition, request } => {
+                one_response(self.serve(Some(partition), request).await)
             }
-            let mut responses = Vec::with_capacity(calls.len());
-            for call in calls {
-                responses.push(call.wait().await.map_err(|error| error.to_string())?);
+            DataRequest::Fence { partition, epoch } => {
+                if let Err(reason) = self.await_move(me, partition, epoch).await {
+                    return PeerResponse::Refused(reason);
+                }
+                let request = WorkerRequest::SetFence {
+                    partition,
+                    fenced: true,
+                };
+                one_response(self.serve(Some(partition), request).await)
             }
-            Ok(responses)
-        })
+            DataRequest::AllWorkers(request) => match self.serve(None, request).await {
+                Ok(responses) => PeerResponse::Workers(responses),
+                Err(reason) => PeerResponse::Refused(reason),
+            },
+        }
+    }
+
+    /// Waits, at most [`FENCE_TABLE_WAIT`], until this host's table shows the move of
+    /// `partition` at `epoch` away from `me`: an owner fences only for a move its own table
+    /// shows, so its fences never run ahead of its table.
+    async fn await_move(&self, me: HostId, partition: Partition, epoch: u64) -> Result<(), String> {
+        let deadline = Instant::now() + FENCE_TABLE_WAIT;
+        let mut changes = self
+            .node
+            .ni_changes()
+            .ok_or("this host is not a cluster member yet")?;
+        loop {
+            let ni = Arc::clone(&changes.borrow_and_update().state);
+            let Some(entry) = ni.partitions.get(usize::from(partition)) else {
+                return Err(format!("no partition {partition}"));
+            };
+            if entry.epoch == epoch && entry.target.is_some() && entry.owner == me {
+                return Ok(());
+            }
+            let not_moving = || {
+                format!(
+                    "partition {partition} is not moving at epoch {epoch} here (epoch {}, \
+                     owner {}, target {:?})",
+                    entry.epoch, entry.owner, entry.target
+                )
+            };
+            if entry.epoch > epoch {
+                return Err(not_moving());
+            }
+            match tokio::time::timeout_at(deadline, changes.changed()).await {
+                Ok(Ok(())) => {}
+                Ok(Err(_)) | Err(_) => return Err(not_moving()),
+            }
+        }
+    }
+}
+
+/// A peer's answer from one worker's responses.
+fn one_response(result: Result<Vec<WorkerResponse>, String>) -> PeerResponse {
+    match result {
+        Ok(mut responses) if responses.len() == 1 => PeerResponse::Worker(responses.remove(0)),
+        Ok(_) => PeerResponse::Refused("no worker answered".into()),
+        Err(reason) => PeerResponse::Refused(reason),
+    }
+}
+
+impl DataPath for Router {
+    fn handle(&self, me: HostId, request: DataRequest) -> DataFuture<'_> {
+        Box::pin(self.serve_peer(me, request))
     }
 }

@@ -150,7 +150,7 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
         ),
         None => None,
     };
-    let cluster = crate::cluster::node::ClusterNode::start(&config)
+    let cluster = shoal_cluster::node::ClusterNode::start(&config)
         .await
         .context("starting the cluster layer")?;
     let shared = Arc::new(Shared::new(config, links, status, cluster));

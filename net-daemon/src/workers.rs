@@ -57,6 +57,15 @@ pub enum LinkError {
     Host { host: u64, reason: String },
 }
 
+impl From<shoal_cluster::node::HostUnreachable> for LinkError {
+    fn from(error: shoal_cluster::node::HostUnreachable) -> LinkError {
+        LinkError::Host {
+            host: error.host,
+            reason: error.reason,
+        }
+    }
+}
+
 type Responder = oneshot::Sender<Result<WorkerResponse, LinkError>>;
 
 struct Outgoing {

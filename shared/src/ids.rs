@@ -9,4 +9,4 @@ pub const FIRST_ID: u64 = 1;
 /// One past the last id (ids fit a positive i64).
 pub const END_ID: u64 = 1 << 63;
 
-const _: () = assert!(FIRST_ID < BLOCK && END_ID % BLOCK == 0);
+const _: () = assert!(FIRST_ID < BLOCK && END_ID.is_multiple_of(BLOCK));

@@ -15,11 +15,11 @@ use shoal_shared::partition::{slot_partition, SLOTS};
 use shoal_shared::resp::Reply;
 
 use super::Pending;
-use crate::cluster::ni::{Command, HostInfo, HostState, NetworkInfo, Outcome};
-use crate::cluster::node::ClusterNode;
-use crate::cluster::HostId;
 use crate::errors;
 use crate::Shared;
+use shoal_cluster::ni::{Command, HostInfo, HostState, NetworkInfo, Outcome};
+use shoal_cluster::node::ClusterNode;
+use shoal_cluster::HostId;
 
 /// Runs `name` if it is a cluster command; `None` otherwise. Arity is already checked.
 pub fn dispatch(shared: &Shared, name: &str, args: &[Bytes]) -> Option<Reply> {

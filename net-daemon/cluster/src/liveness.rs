@@ -208,7 +208,7 @@ pub fn decide_inactive(reports: &BTreeMap<HostId, Suspicion>, cluster_hosts: usi
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::cluster::TestRng;
+    use crate::TestRng;
 
     const SECOND_MS: u64 = 1000;
 

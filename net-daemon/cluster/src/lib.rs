@@ -1,5 +1,11 @@
-//! The cluster layer: membership and the metadata kept in the network
-//! information (NI), which a metadata Raft group (openraft 0.9) replicates.
+//! The cluster layer of the net-daemon: membership and the metadata kept in the
+//! network information (NI), which a metadata Raft group (openraft 0.9)
+//! replicates, and the authenticated peer links between hosts.
+//!
+//! It depends on `shoal-shared` only, never on the net-daemon or the
+//! shard-worker. Requests of other hosts that are not its own (a client request
+//! for a partition, a handoff step, a request for every worker) it hands to the
+//! [`node::DataPath`] that the net-daemon installs.
 //!
 //! This module owns the decisions of cluster membership: which ids each host
 //! may issue, when a peer counts as failed, and where each host sits in
@@ -24,6 +30,7 @@
 //! - [`transport`]: the seams to the world: how a host calls its peers ([`transport::PeerCaller`])
 //!   and reads the time ([`transport::Clock`]).
 //! - [`node`]: this host's membership: joining, heartbeats, the leader's duties (I/O).
+//! - [`peer`]: the authenticated TCP links to the other hosts (handshake, pool, listener).
 
 pub mod coords;
 pub mod gossip;
@@ -32,6 +39,7 @@ pub mod messages;
 pub mod network;
 pub mod ni;
 pub mod node;
+pub mod peer;
 pub mod placement;
 pub mod raft_store;
 pub mod ranges;

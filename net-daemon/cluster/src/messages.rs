@@ -3,7 +3,8 @@
 //!
 //! Each request names the response it gets in its doc comment; a host that gets
 //! another variant back treats it as a protocol error. [`PeerResponse::Refused`]
-//! may answer any request.
+//! may answer any request. The cluster layer's own requests are variants of
+//! [`PeerRequest`]; the data path's are [`DataRequest`]s inside [`PeerRequest::Data`].
 
 use openraft::error::{InstallSnapshotError, RaftError};
 use openraft::raft::{
@@ -56,6 +57,14 @@ pub enum PeerRequest {
         suspects: Vec<HostId>,
         observed: Vec<HostId>,
     },
+    /// A request for this host's data: handed to the net-daemon's [`crate::node::DataPath`].
+    Data(DataRequest),
+}
+
+/// A request of another host for this host's data, which the cluster layer does not
+/// serve itself: the net-daemon's routing answers it (see [`crate::node::DataPath`]).
+#[derive(Debug, Serialize, Deserialize)]
+pub enum DataRequest {
     /// A client request for `partition`, which the sender believes the receiver owns at
     /// `epoch`. Answered by [`PeerResponse::Worker`] from the partition's worker, or by
     /// [`PeerResponse::Moved`] (nothing applied) when the receiver does not own it.

@@ -38,16 +38,14 @@ use openraft::error::{ClientWriteError, RaftError};
 use openraft::{BasicNode, ChangeMembers, ServerState};
 use serde::{Deserialize, Serialize};
 use shoal_shared::config::{write_durably, Config};
-use shoal_shared::frame::{WorkerRequest, WorkerResponse};
 use shoal_shared::lmdb::free_bytes;
-use shoal_shared::partition::partition_worker;
 use tokio::sync::watch;
 use tokio::time::Instant;
 
 use super::coords::{Coordinate, VivaldiConfig};
 use super::gossip::{Gossip, Metrics, Rumor};
 use super::liveness::{decide_inactive, LivenessConfig, Observer, Score, Suspicion};
-use super::messages::{PeerRequest, PeerResponse};
+use super::messages::{DataRequest, PeerRequest, PeerResponse};
 use super::network::RaftPeers;
 use super::ni::{Capacity, Command, HostState, NetworkInfo, Outcome, FOUNDER};
 use super::placement::{desired_owners, next_moves, Candidate};
@@ -56,7 +54,6 @@ use super::raft_store::{open_meta_store, AppliedState, MetaRaft, MetaStoreOption
 use super::transport::{Clock, PeerCaller, WallClock};
 use super::HostId;
 use crate::peer::{ClusterSecret, HostAddr, PeerConfig, PeerListener, PeerPool};
-use crate::workers::LinkError;
 
 /// Longest a join request or a proposal may take.
 const PROPOSE_TIMEOUT: Duration = Duration::from_secs(10);
@@ -75,8 +72,6 @@ pub const MAX_VOTERS: usize = 5;
 const REJOIN_GRACE_MS: u64 = 10_000;
 /// A learner this close to the leader's log counts as caught up and may become a voter.
 const CAUGHT_UP_ENTRIES: u64 = 16;
-/// Longest an owner waits for its table to show the move a fence request names.
-const FENCE_TABLE_WAIT: Duration = Duration::from_secs(3);
 /// Most partition moves running at once in the whole cluster.
 const MAX_MOVES_IN_FLIGHT: usize = 4;
 
@@ -223,18 +218,28 @@ pub struct ClusterNode {
     listener: Mutex<Option<PeerListener>>,
     /// This machine's CPU rating, read once with sysinfo.
     cpu_rating: u32,
-    /// This host's workers, for the data requests of other hosts.
-    local_workers: OnceLock<Arc<dyn LocalWorkers>>,
+    /// The net-daemon's answer to the data requests of other hosts.
+    data_path: OnceLock<Arc<dyn DataPath>>,
 }
 
-/// The future of [`LocalWorkers::serve`].
-pub type ServeFuture<'a> =
-    Pin<Box<dyn Future<Output = Result<Vec<WorkerResponse>, String>> + Send + 'a>>;
+/// The future of [`DataPath::handle`].
+pub type DataFuture<'a> = Pin<Box<dyn Future<Output = PeerResponse> + Send + 'a>>;
 
-/// How the node reaches this host's workers for other hosts' requests.
-pub trait LocalWorkers: Send + Sync {
-    /// Runs `request` on the worker of `partition`, or on every worker for `None`.
-    fn serve(&self, partition: Option<u16>, request: WorkerRequest) -> ServeFuture<'_>;
+/// Where the node hands the requests of other hosts that are not its own: the
+/// net-daemon's routing, which owns the path to this host's workers.
+pub trait DataPath: Send + Sync {
+    /// Answers `request` of another host, on this host, whose id is `me`.
+    fn handle(&self, me: HostId, request: DataRequest) -> DataFuture<'_>;
+}
+
+/// A host named in the NI that could not be reached, or that failed the call.
+#[derive(Debug, Clone, thiserror::Error)]
+#[error("host {host}: {reason}")]
+pub struct HostUnreachable {
+    /// The host called.
+    pub host: HostId,
+    /// Why the call failed.
+    pub reason: String,
 }
 
 /// The sum of the cores' frequencies in MHz (GHz × 1000). Some virtual machines report
@@ -337,7 +342,7 @@ impl ClusterNode {
                 gossip: Gossip::default(),
             }),
             cpu_rating: cpu_rating(),
-            local_workers: OnceLock::new(),
+            data_path: OnceLock::new(),
             reports: Mutex::default(),
             listener: Mutex::default(),
         }
@@ -542,62 +547,9 @@ impl ClusterNode {
                     rumors: liveness.gossip.outgoing(),
                 }
             }
-            PeerRequest::Worker {
-                partition,
-                epoch,
-                request,
-            } => {
-                // A table older than the sender's (a higher epoch) cannot vouch for
-                // ownership either: the sender retries.
-                let ni = self.ni();
-                let owned = ni
-                    .partitions
-                    .get(usize::from(partition))
-                    .is_some_and(|entry| entry.owner == member.host && entry.epoch >= epoch);
-                // Every key must be on the worker the request goes to (the sender groups
-                // keys by the worker count this host reported).
-                let workers = usize::from(self.workers);
-                let one_worker = request
-                    .client_partitions()
-                    .into_iter()
-                    .all(|p| partition_worker(p, workers) == partition_worker(partition, workers));
-                if !owned || !one_worker || !ni.owns_all(member.host, &request) {
-                    return PeerResponse::Moved;
-                }
-                one_response(self.serve_locally(Some(partition), request).await)
-            }
-            PeerRequest::Partition { partition, request } => {
-                one_response(self.serve_locally(Some(partition), request).await)
-            }
-            PeerRequest::Fence { partition, epoch } => {
-                let deadline = Instant::now() + FENCE_TABLE_WAIT;
-                loop {
-                    let ni = self.ni();
-                    let Some(entry) = ni.partitions.get(usize::from(partition)) else {
-                        return PeerResponse::Refused(format!("no partition {partition}"));
-                    };
-                    if entry.epoch == epoch && entry.target.is_some() && entry.owner == member.host
-                    {
-                        break;
-                    }
-                    if entry.epoch > epoch || Instant::now() >= deadline {
-                        return PeerResponse::Refused(format!(
-                            "partition {partition} is not moving at epoch {epoch} here (epoch {}, \
-                             owner {}, target {:?})",
-                            entry.epoch, entry.owner, entry.target
-                        ));
-                    }
-                    tokio::time::sleep(Duration::from_millis(10)).await;
-                }
-                let request = WorkerRequest::SetFence {
-                    partition,
-                    fenced: true,
-                };
-                one_response(self.serve_locally(Some(partition), request).await)
-            }
-            PeerRequest::AllWorkers(request) => match self.serve_locally(None, request).await {
-                Ok(responses) => PeerResponse::Workers(responses),
-                Err(reason) => PeerResponse::Refused(reason),
+            PeerRequest::Data(request) => match self.data_path.get() {
+                Some(data_path) => data_path.handle(member.host, request).await,
+                None => PeerResponse::Refused("this host does not serve data yet".into()),
             },
             PeerRequest::Suspects {
                 from,
@@ -671,20 +623,9 @@ impl ClusterNode {
         Err(format!("metadata change not committed: {last_error}"))
     }
 
-    /// Lets other hosts' data requests reach this host's workers.
-    pub fn set_local_workers(&self, workers: Arc<dyn LocalWorkers>) {
-        let _ = self.local_workers.set(workers);
-    }
-
-    async fn serve_locally(
-        &self,
-        partition: Option<u16>,
-        request: WorkerRequest,
-    ) -> Result<Vec<WorkerResponse>, String> {
-        match self.local_workers.get() {
-            Some(workers) => workers.serve(partition, request).await,
-            None => Err("this host does not serve data yet".into()),
-        }
+    /// Lets other hosts' data requests reach the net-daemon's routing.
+    pub fn set_data_path(&self, data_path: Arc<dyn DataPath>) {
+        let _ = self.data_path.set(data_path);
     }
 
     /// Sends `request` to `host` at its address in the NI.
@@ -693,8 +634,8 @@ impl ClusterNode {
         host: HostId,
         request: PeerRequest,
         timeout: Duration,
-    ) -> Result<PeerResponse, LinkError> {
-        let unreachable = |reason: String| LinkError::Host { host, reason };
+    ) -> Result<PeerResponse, HostUnreachable> {
+        let unreachable = |reason: String| HostUnreachable { host, reason };
         let ni = self.ni();
         let info = ni
             .hosts
@@ -725,6 +666,11 @@ impl ClusterNode {
             Some(member) => Arc::clone(&member.applied.borrow().state),
             None => Arc::default(),
         }
+    }
+
+    /// Each NI this host applies, from now on; `None` before it is a member.
+    pub fn ni_changes(&self) -> Option<watch::Receiver<AppliedState<NetworkInfo>>> {
+        self.member.get().map(|member| member.applied.clone())
     }
 
     /// This host's id, once it is a member.
@@ -1250,14 +1196,6 @@ async fn change_membership(
 }
 
 /// The answer to a request for one worker.
-fn one_response(result: Result<Vec<WorkerResponse>, String>) -> PeerResponse {
-    match result {
-        Ok(mut responses) if responses.len() == 1 => PeerResponse::Worker(responses.remove(0)),
-        Ok(_) => PeerResponse::Refused("no worker answered".into()),
-        Err(reason) => PeerResponse::Refused(reason),
-    }
-}
-
 /// Bytes the shards' LMDB files take on disk.
 fn used_bytes(data_dir: &Path) -> u64 {
     use std::os::unix::fs::MetadataExt;

@@ -492,7 +492,7 @@ mod tests {
         let mut space = IdSpace::new(1);
         space.sponsor_split(1, 2).unwrap();
         space.reserve(2, 3).unwrap();
-        assert_eq!(crate::cluster::round_trip(&space), space);
+        assert_eq!(crate::round_trip(&space), space);
     }
 
     #[derive(Clone, Debug)]

@@ -214,7 +214,7 @@ fn pseudo_random_unit(mut seed: u64) -> [f64; DIMENSIONS] {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::cluster::TestRng;
+    use crate::TestRng;
 
     /// Runs `rounds` rounds in which every host measures a random peer
     /// (true RTT ± 5% noise) and returns the share of pairs whose estimate is
@@ -331,6 +331,6 @@ mod tests {
     fn it_round_trips_through_serde() {
         let mut coordinate = Coordinate::default();
         coordinate.update(&Coordinate::default(), 0.02, &VivaldiConfig::default());
-        assert_eq!(crate::cluster::round_trip(&coordinate), coordinate);
+        assert_eq!(crate::round_trip(&coordinate), coordinate);
     }
 }
