@@ -31,9 +31,9 @@ use shoal_shared::status::Field;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::sync::watch;
 
-use crate::commands::table::index_of_request;
 use crate::commands::{dispatch, After, Pending, Session};
-use crate::Shared;
+use crate::state::Shared;
+use crate::table::index_of_request;
 use std::sync::Arc;
 use std::time::Instant;
 

@@ -33,7 +33,7 @@ use shoal_shared::frame::{Partition, WorkerError, WorkerRequest, WorkerResponse}
 use shoal_shared::partition::partition_worker;
 
 use crate::routing::Router;
-use crate::Shared;
+use crate::state::Shared;
 use shoal_cluster::messages::{DataRequest, PeerRequest, PeerResponse};
 use shoal_cluster::ni::{Command, Outcome};
 use shoal_cluster::HostId;
@@ -67,7 +67,7 @@ pub struct Stats {
 /// Keeps fences in line with the NI and drives the moves that target this host, until
 /// the daemon stops. Does nothing on a host on its own.
 pub async fn run(shared: Arc<Shared>) {
-    let Some(router) = shared.router.clone() else {
+    let Some(router) = shared.dispatch.router.clone() else {
         return;
     };
     let mut driving: HashMap<Partition, tokio::task::JoinHandle<()>> = HashMap::new();
@@ -109,13 +109,13 @@ async fn reconcile(
     driving: &HashMap<Partition, tokio::task::JoinHandle<()>>,
     cleared: &mut HashSet<Partition>,
 ) -> Result<(), String> {
-    let Some(router) = &shared.router else {
+    let Some(router) = &shared.dispatch.router else {
         return Ok(());
     };
     // The fences first, then the table: a fence set in between (the source's, for a
     // move) is then judged against a table that already shows the move.
     let mut fenced = BTreeSet::new();
-    for worker in 0..shared.links.len() {
+    for worker in 0..shared.dispatch.links.len() {
         match local(shared, worker, WorkerRequest::Fences).await? {
             WorkerResponse::Partitions(partitions) => fenced.extend(partitions),
             other => return Err(format!("unexpected answer to Fences: {other:?}")),
@@ -128,7 +128,7 @@ async fn reconcile(
         if driving.contains_key(&partition) {
             continue;
         }
-        let worker = partition_worker(partition, shared.links.len());
+        let worker = partition_worker(partition, shared.dispatch.links.len());
         let is_fenced = fenced.contains(&partition);
         let result = if entry.owner == me {
             cleared.remove(&partition);
@@ -237,7 +237,7 @@ async fn take_over(
     let started = Instant::now();
     let node = router.node();
     let me = node.host_id().ok_or("not a member".to_string())?;
-    let worker = partition_worker(partition, shared.links.len());
+    let worker = partition_worker(partition, shared.dispatch.links.len());
     local(shared, worker, set_fence(partition, true)).await?;
     local(shared, worker, WorkerRequest::ClearPartition { partition }).await?;
 
@@ -390,7 +390,12 @@ async fn local(
     worker: usize,
     request: WorkerRequest,
 ) -> Result<WorkerResponse, String> {
-    match shared.links[worker].send(request).await.wait().await {
+    match shared.dispatch.links[worker]
+        .send(request)
+        .await
+        .wait()
+        .await
+    {
         Ok(WorkerResponse::Error(error)) => Err(format!("shard-{worker}: {error:?}")),
         Ok(response) => Ok(response),
         Err(error) => Err(error.to_string()),

@@ -19,8 +19,7 @@ use shoal_shared::ids::{BLOCK, END_ID, FIRST_ID};
 use shoal_shared::resp::Reply;
 use tokio::sync::Mutex;
 
-use crate::commands::ask;
-use crate::Shared;
+use crate::dispatch::Dispatch;
 use shoal_cluster::ni::{Command, Outcome};
 use shoal_cluster::node::ClusterNode;
 
@@ -49,15 +48,16 @@ impl IdAllocator {
     /// `count` new ids, consecutive within one worker's block.
     pub async fn allocate(
         &self,
-        shared: &Shared,
+        dispatch: &Dispatch,
+        cluster: Option<&ClusterNode>,
         count: u64,
     ) -> Result<std::ops::Range<u64>, Reply> {
-        if let Some(cluster) = &shared.cluster {
-            return self.allocate_in_cluster(shared, cluster, count).await;
+        if let Some(cluster) = cluster {
+            return self.allocate_in_cluster(dispatch, cluster, count).await;
         }
         let mut guard = self.state.lock().await;
         if guard.is_none() {
-            *guard = Some(Self::load(shared).await?);
+            *guard = Some(Self::load(dispatch).await?);
         }
         let Some(state) = guard.as_mut() else {
             return Err(Reply::error("ERR id allocator unavailable"));
@@ -65,7 +65,7 @@ impl IdAllocator {
         let workers = state.workers.len();
         let worker = (0..workers)
             .map(|step| (state.turn + step) % workers)
-            .find(|&w| shared.links[w].is_connected())
+            .find(|&w| dispatch.links[w].is_connected())
             .ok_or_else(|| Reply::error("TRYAGAIN no shard worker is up to record id blocks"))?;
         state.turn = (worker + 1) % workers;
         let (next, end) = state.workers[worker];
@@ -75,14 +75,14 @@ impl IdAllocator {
                 .checked_add(BLOCK)
                 .filter(|&e| e <= END_ID)
                 .ok_or_else(|| Reply::error("ERR the host's id range is used up"))?;
-            ask(
-                shared,
-                worker,
-                WorkerRequest::ReserveIds {
-                    high_water: block_end,
-                },
-            )
-            .await?;
+            dispatch
+                .ask(
+                    worker,
+                    WorkerRequest::ReserveIds {
+                        high_water: block_end,
+                    },
+                )
+                .await?;
             state.next_block = block_end;
             state.workers[worker] = (start, block_end);
         }
@@ -94,7 +94,7 @@ impl IdAllocator {
     /// `count` new ids from a block this host reserved in the cluster's NI.
     async fn allocate_in_cluster(
         &self,
-        shared: &Shared,
+        dispatch: &Dispatch,
         cluster: &ClusterNode,
         count: u64,
     ) -> Result<std::ops::Range<u64>, Reply> {
@@ -108,7 +108,7 @@ impl IdAllocator {
         let (next, end) = match *guard {
             Some(block) => block,
             None => {
-                Self::cover_local_history(shared, cluster, host).await?;
+                Self::cover_local_history(dispatch, cluster, host).await?;
                 (0, 0)
             }
         };
@@ -138,11 +138,11 @@ impl IdAllocator {
     /// Before its first cluster reservation, a host that issued ids on its own (before
     /// it founded the cluster) reserves past them in the NI, so none is issued again.
     async fn cover_local_history(
-        shared: &Shared,
+        dispatch: &Dispatch,
         cluster: &ClusterNode,
         host: u64,
     ) -> Result<(), Reply> {
-        let local = Self::load(shared).await?.next_block;
+        let local = Self::load(dispatch).await?.next_block;
         let ni = cluster.ni();
         let Some(first) = ni.ranges_of(host).first() else {
             return Ok(());
@@ -163,17 +163,17 @@ impl IdAllocator {
     }
 
     /// Reads every worker's high-water mark; blocks start above the highest.
-    async fn load(shared: &Shared) -> Result<State, Reply> {
+    async fn load(dispatch: &Dispatch) -> Result<State, Reply> {
         let mut highest = FIRST_ID;
-        for worker in 0..shared.links.len() {
-            match ask(shared, worker, WorkerRequest::IdHighWater).await? {
+        for worker in 0..dispatch.links.len() {
+            match dispatch.ask(worker, WorkerRequest::IdHighWater).await? {
                 WorkerResponse::Integer(mark) => highest = highest.max(mark as u64),
                 _ => return Err(Reply::error("ERR internal error: unexpected id response")),
             }
         }
         Ok(State {
             next_block: highest,
-            workers: vec![(0, 0); shared.links.len()],
+            workers: vec![(0, 0); dispatch.links.len()],
             turn: 0,
         })
     }

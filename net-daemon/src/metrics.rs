@@ -6,7 +6,7 @@
 //! sections show the same figures in Redis style.
 
 use std::fmt::Write as _;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -15,77 +15,14 @@ use shoal_shared::status::{Field, Role, BATCH_SIZE_BOUNDS, COMMIT_MICROS_BOUNDS}
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpListener;
 
-use crate::commands::table::COMMANDS;
-use crate::commands::{send_all, wait_all};
-use crate::Shared;
+use crate::dispatch::wait_all;
+use crate::state::Shared;
+use crate::table::COMMANDS;
+use crate::table::LATENCY_MICROS_BOUNDS;
 
-/// Upper bounds of the command latency buckets, in microseconds.
-const LATENCY_MICROS_BOUNDS: [u64; 10] =
-    [50, 100, 250, 500, 1000, 2500, 5000, 10_000, 50_000, 250_000];
 /// Longest HTTP request head the endpoint reads.
 const MAX_REQUEST_HEAD_BYTES: usize = 8 * 1024;
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
-
-/// Counters of one command.
-#[derive(Default)]
-struct CommandCounters {
-    calls: AtomicU64,
-    errors: AtomicU64,
-    micros_sum: AtomicU64,
-    /// Per bucket of [`LATENCY_MICROS_BOUNDS`], plus +Inf.
-    buckets: [AtomicU64; LATENCY_MICROS_BOUNDS.len() + 1],
-}
-
-/// Per-command statistics, indexed like [`COMMANDS`].
-pub struct CommandStats {
-    commands: Vec<CommandCounters>,
-}
-
-impl Default for CommandStats {
-    fn default() -> Self {
-        CommandStats {
-            commands: COMMANDS
-                .iter()
-                .map(|_| CommandCounters::default())
-                .collect(),
-        }
-    }
-}
-
-impl CommandStats {
-    /// Records one call of command `index` that took `took` and did or did not fail.
-    pub fn record(&self, index: usize, took: Duration, failed: bool) {
-        let Some(counters) = self.commands.get(index) else {
-            return;
-        };
-        let micros = took.as_micros() as u64;
-        counters.calls.fetch_add(1, Ordering::Relaxed);
-        counters
-            .errors
-            .fetch_add(u64::from(failed), Ordering::Relaxed);
-        counters.micros_sum.fetch_add(micros, Ordering::Relaxed);
-        let bucket = shoal_shared::status::bucket(&LATENCY_MICROS_BOUNDS, micros);
-        counters.buckets[bucket].fetch_add(1, Ordering::Relaxed);
-    }
-
-    /// `(name, calls, errors, micros)` of every command called at least once.
-    pub fn summary(&self) -> Vec<(&'static str, u64, u64, u64)> {
-        COMMANDS
-            .iter()
-            .zip(&self.commands)
-            .map(|(spec, c)| {
-                let load = |counter: &AtomicU64| counter.load(Ordering::Relaxed);
-                (
-                    spec.name,
-                    load(&c.calls),
-                    load(&c.errors),
-                    load(&c.micros_sum),
-                )
-            })
-            .filter(|(_, calls, _, _)| *calls > 0)
-            .collect()
-    }
-}
 
 /// Serves `/metrics` on `listener` until the daemon shuts down.
 pub async fn serve(shared: Arc<Shared>, listener: TcpListener) {
@@ -257,7 +194,7 @@ pub async fn render(shared: &Shared) -> String {
             "gauge"
         };
         let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}");
-        for worker in 0..shared.links.len() {
+        for worker in 0..shared.dispatch.links.len() {
             let _ = writeln!(
                 out,
                 "{name}{{worker=\"{worker}\"}} {}",
@@ -266,7 +203,7 @@ pub async fn render(shared: &Shared) -> String {
         }
     }
     out.push_str("# HELP shoal_group_commit_requests Requests per group commit.\n# TYPE shoal_group_commit_requests histogram\n");
-    for worker in 0..shared.links.len() {
+    for worker in 0..shared.dispatch.links.len() {
         let slot = status.slot(worker);
         let counts = slot.histogram(Field::BatchSizeBuckets);
         let labels = format!("worker=\"{worker}\"");
@@ -285,7 +222,7 @@ pub async fn render(shared: &Shared) -> String {
         "# HELP shoal_commit_duration_seconds Time to commit and fsync a group commit.\n\
          # TYPE shoal_commit_duration_seconds histogram\n",
     );
-    for worker in 0..shared.links.len() {
+    for worker in 0..shared.dispatch.links.len() {
         let slot = status.slot(worker);
         let counts = slot.histogram(Field::CommitMicrosBuckets);
         let labels = format!("worker=\"{worker}\"");
@@ -305,7 +242,14 @@ pub async fn render(shared: &Shared) -> String {
         "# HELP shoal_partition_last_commit_id Last commit id of each partition.\n\
          # TYPE shoal_partition_last_commit_id gauge\n",
     );
-    if let Ok(responses) = wait_all(send_all(shared, || WorkerRequest::LastCommitIds).await).await {
+    if let Ok(responses) = wait_all(
+        shared
+            .dispatch
+            .send_all(|| WorkerRequest::LastCommitIds)
+            .await,
+    )
+    .await
+    {
         let mut positions: Vec<(u16, u64)> = responses
             .into_iter()
             .flat_map(|response| match response {

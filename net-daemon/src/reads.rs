@@ -18,8 +18,6 @@ use shoal_shared::config::Config;
 use shoal_shared::frame::{Collection, Key};
 use shoal_shared::reader::{ReadOutcome, ShardReader};
 
-use crate::Shared;
-
 /// The read-only views of every shard, opened on first use.
 pub struct Readers {
     dirs: Vec<PathBuf>,
@@ -49,22 +47,6 @@ impl Readers {
             })
             .as_ref()
     }
-}
-
-/// The live values of `keys`, all owned by `worker`, read from its environment; `None`
-/// when the worker must answer.
-pub fn read(
-    shared: &Shared,
-    worker: usize,
-    collection: Collection,
-    keys: &[&Key],
-) -> Option<Vec<Option<Vec<u8>>>> {
-    shared.readers.read(
-        worker,
-        shared.links[worker].is_connected(),
-        collection,
-        keys,
-    )
 }
 
 impl Readers {

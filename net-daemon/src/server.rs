@@ -17,8 +17,9 @@ use tokio::net::{TcpListener, UnixListener};
 use tokio::signal::unix::{signal, SignalKind};
 use tokio::sync::{watch, Semaphore};
 
+use crate::connection;
+use crate::state::Shared;
 use crate::workers::WorkerLink;
-use crate::{connection, Shared};
 
 /// How long startup waits for every worker link before serving anyway.
 const LINK_WAIT: Duration = Duration::from_secs(5);

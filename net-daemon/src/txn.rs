@@ -28,9 +28,9 @@ use shoal_shared::frame::{
 };
 use shoal_shared::resp::Reply;
 
-use crate::commands::{ask, ask_dest, send, Dest};
+use crate::dispatch::Dest;
 use crate::errors;
-use crate::Shared;
+use crate::state::Shared;
 
 /// How long a transaction retries after lock conflicts before giving up.
 const CONFLICT_DEADLINE: Duration = Duration::from_secs(3);
@@ -61,7 +61,7 @@ fn decider_of(dest: Dest) -> u16 {
 /// Where a recorded `decider` value is asked.
 fn decider_dest(shared: &Shared, decider: u16) -> Dest {
     if decider & DECIDER_PARTITION != 0 {
-        Dest::of_partition(shared, decider & !DECIDER_PARTITION)
+        shared.dispatch.of_partition(decider & !DECIDER_PARTITION)
     } else {
         Dest::Worker(usize::from(decider))
     }
@@ -84,7 +84,7 @@ pub async fn run(
         let request = WorkerRequest::Atomic {
             ops: only.ops.clone(),
         };
-        return match send(shared, only.dest, request).await.wait().await {
+        return match shared.dispatch.send(only.dest, request).await.wait().await {
             Ok(WorkerResponse::TxOutcomes(outcomes)) => Ok(vec![outcomes]),
             Ok(WorkerResponse::Error(
                 error @ (WorkerError::TxKeyExists | WorkerError::TxNoSuchKey),
@@ -184,7 +184,7 @@ impl<'a> Transaction<'a> {
             decider,
             ops,
         };
-        match send(self.shared, dest, request).await.wait().await {
+        match self.shared.dispatch.send(dest, request).await.wait().await {
             Ok(WorkerResponse::TxOutcomes(outcomes)) => {
                 self.prepared.push((dest, outcomes));
                 Ok(())
@@ -212,7 +212,11 @@ impl<'a> Transaction<'a> {
     /// Releases every prepared participant (best effort; recovery aborts the rest).
     async fn abort(&mut self) {
         for (dest, _) in self.prepared.drain(..) {
-            let _ = ask_dest(self.shared, dest, WorkerRequest::Abort { txid: self.txid }).await;
+            let _ = self
+                .shared
+                .dispatch
+                .ask_dest(dest, WorkerRequest::Abort { txid: self.txid })
+                .await;
         }
     }
 
@@ -240,12 +244,11 @@ impl<'a> Transaction<'a> {
     /// Commits on the decider (the decision), then on the others, then forgets.
     async fn commit(mut self) -> Result<Vec<Vec<TxOutcome>>, TxFailure> {
         let decider = self.prepared[0].0;
-        match ask_dest(
-            self.shared,
-            decider,
-            WorkerRequest::Commit { txid: self.txid },
-        )
-        .await
+        match self
+            .shared
+            .dispatch
+            .ask_dest(decider, WorkerRequest::Commit { txid: self.txid })
+            .await
         {
             Ok(_) => {}
             Err(reply) if reply == errors::worker_error(&WorkerError::TxAborted) => {
@@ -264,12 +267,11 @@ impl<'a> Transaction<'a> {
         }
         let mut all_committed = true;
         for (dest, _) in &self.prepared[1..] {
-            let answer = ask_dest(
-                self.shared,
-                *dest,
-                WorkerRequest::Commit { txid: self.txid },
-            )
-            .await;
+            let answer = self
+                .shared
+                .dispatch
+                .ask_dest(*dest, WorkerRequest::Commit { txid: self.txid })
+                .await;
             // Once the decider has committed, nothing aborts a participant: "aborted" here
             // means recovery committed it first and dropped the intent.
             all_committed &= match answer {
@@ -278,12 +280,11 @@ impl<'a> Transaction<'a> {
             };
         }
         if all_committed {
-            let _ = ask_dest(
-                self.shared,
-                decider,
-                WorkerRequest::Forget { txid: self.txid },
-            )
-            .await;
+            let _ = self
+                .shared
+                .dispatch
+                .ask_dest(decider, WorkerRequest::Forget { txid: self.txid })
+                .await;
         }
         Ok(self
             .prepared
@@ -316,7 +317,7 @@ pub async fn recover(shared: std::sync::Arc<Shared>) {
         }
         let mut held = HashSet::new();
         let mut every_worker_answered = true;
-        for worker in 0..shared.links.len() {
+        for worker in 0..shared.dispatch.links.len() {
             let Some(prepared) = prepared_on(&shared, worker).await else {
                 every_worker_answered = false;
                 continue;
@@ -330,7 +331,7 @@ pub async fn recover(shared: std::sync::Arc<Shared>) {
         }
         // A decider's record may be forgotten only once no participant anywhere holds the
         // transaction: in a cluster, the other hosts' workers are asked too.
-        if let Some(router) = &shared.router {
+        if let Some(router) = &shared.dispatch.router {
             let request = || WorkerRequest::InDoubt { older_than_ms: 0 };
             for call in router.send_to_other_hosts(request) {
                 match call.wait().await {
@@ -358,14 +359,14 @@ struct Prepared {
 
 /// The transactions prepared on `worker`; `None` if it did not answer.
 async fn prepared_on(shared: &Shared, worker: usize) -> Option<Prepared> {
-    if !shared.links[worker].is_connected() {
+    if !shared.dispatch.links[worker].is_connected() {
         return None;
     }
     let in_doubt = |older_than: Duration| async move {
         let request = WorkerRequest::InDoubt {
             older_than_ms: older_than.as_millis() as u64,
         };
-        match ask(shared, worker, request).await {
+        match shared.dispatch.ask(worker, request).await {
             Ok(WorkerResponse::InDoubt(found)) => Some(found),
             _ => None,
         }
@@ -396,15 +397,16 @@ async fn resolve(
     decider: u16,
     old: bool,
 ) -> Option<bool> {
-    let decision = ask_dest(
-        shared,
-        decider_dest(shared, decider),
-        WorkerRequest::Decide {
-            txid,
-            older_than_ms: IN_DOUBT_AFTER.as_millis() as u64,
-        },
-    )
-    .await;
+    let decision = shared
+        .dispatch
+        .ask_dest(
+            decider_dest(shared, decider),
+            WorkerRequest::Decide {
+                txid,
+                older_than_ms: IN_DOUBT_AFTER.as_millis() as u64,
+            },
+        )
+        .await;
     let commit = match decision {
         Ok(WorkerResponse::Integer(1)) => true,
         // "Not committed" settles only an old intent: a recent one may belong to a
@@ -423,23 +425,32 @@ async fn resolve(
     } else {
         WorkerRequest::Abort { txid }
     };
-    ask(shared, worker, request).await.ok().map(|_| commit)
+    shared
+        .dispatch
+        .ask(worker, request)
+        .await
+        .ok()
+        .map(|_| commit)
 }
 
 /// Forgets this host's old decision records that no worker holds a transaction of: those
 /// whose coordinator's `Forget` was lost. In a cluster such a record would keep its
 /// partition from moving.
 async fn forget_orphans(shared: &Shared, held: &HashSet<u64>) {
-    for worker in 0..shared.links.len() {
+    for worker in 0..shared.dispatch.links.len() {
         let request = WorkerRequest::Decided {
             older_than_ms: ORPHANED_AFTER.as_millis() as u64,
         };
-        let Ok(WorkerResponse::InDoubt(decided)) = ask(shared, worker, request).await else {
+        let Ok(WorkerResponse::InDoubt(decided)) = shared.dispatch.ask(worker, request).await
+        else {
             continue;
         };
         for (txid, _) in decided.into_iter().filter(|(txid, _)| !held.contains(txid)) {
             tracing::info!(txid, worker, "forgetting a settled decision record");
-            let _ = ask(shared, worker, WorkerRequest::Forget { txid }).await;
+            let _ = shared
+                .dispatch
+                .ask(worker, WorkerRequest::Forget { txid })
+                .await;
         }
     }
 }
@@ -452,13 +463,14 @@ async fn forget_settled(shared: &Shared, committed: &mut HashMap<u64, u16>, held
         .map(|(&txid, &decider)| (txid, decider))
         .collect();
     for (txid, decider) in settled {
-        if ask_dest(
-            shared,
-            decider_dest(shared, decider),
-            WorkerRequest::Forget { txid },
-        )
-        .await
-        .is_ok()
+        if shared
+            .dispatch
+            .ask_dest(
+                decider_dest(shared, decider),
+                WorkerRequest::Forget { txid },
+            )
+            .await
+            .is_ok()
         {
             committed.remove(&txid);
         }

@@ -20,8 +20,7 @@
 
 use serde::{Deserialize, Serialize};
 
-use crate::frame::Partition;
-use crate::partition::partition_worker;
+use crate::partition::{partition_worker, Partition};
 
 /// File name of the manifest inside a backup directory.
 pub const MANIFEST_FILE: &str = "manifest.json";

@@ -20,8 +20,7 @@ pub use crate::limits::MAX_FRAME_BYTES;
 
 /// A collection (Redis numbered database) index.
 pub type Collection = u16;
-/// A partition index.
-pub type Partition = u16;
+pub use crate::partition::Partition;
 
 /// A user key together with the partition it hashes to.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

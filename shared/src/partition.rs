@@ -6,6 +6,9 @@
 //! host, partition `p` belongs to worker `p mod workers`. These functions are
 //! pure and shared by every process, so they always agree.
 
+/// A partition index.
+pub type Partition = u16;
+
 /// Number of hash slots, as in Redis Cluster.
 pub const SLOTS: u16 = 16384;
 

@@ -13,7 +13,7 @@ use std::collections::BTreeMap;
 
 use serde::{Deserialize, Serialize};
 
-use super::HostId;
+use crate::HostId;
 
 /// Steps (hops or rounds) a rumor lives.
 pub const MAX_TTL: u8 = 8;

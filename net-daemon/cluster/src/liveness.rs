@@ -21,7 +21,7 @@ use std::collections::{BTreeMap, BTreeSet};
 
 use serde::{Deserialize, Serialize};
 
-use super::HostId;
+use crate::HostId;
 
 /// The tuning of the scores.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]

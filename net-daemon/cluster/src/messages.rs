@@ -14,11 +14,11 @@ use openraft::raft::{
 use serde::{Deserialize, Serialize};
 use shoal_shared::frame::{WorkerRequest, WorkerResponse};
 
-use super::coords::Coordinate;
-use super::gossip::Rumor;
-use super::ni::{Command, NetworkInfo, Outcome};
-use super::raft_store::{MetaTypes, NodeId};
-use super::HostId;
+use crate::coords::Coordinate;
+use crate::gossip::Rumor;
+use crate::ni::{Command, NetworkInfo, Outcome};
+use crate::raft_store::{MetaTypes, NodeId};
+use crate::HostId;
 
 /// The metadata group's type configuration.
 pub type Meta = MetaTypes<NetworkInfo>;

@@ -17,10 +17,10 @@ use openraft::raft::{
 };
 use openraft::BasicNode;
 
-use super::messages::{Meta, PeerRequest, PeerResponse};
-use super::raft_store::NodeId;
-use super::transport::PeerCaller;
+use crate::messages::{Meta, PeerRequest, PeerResponse};
 use crate::peer::{HostAddr, PeerError};
+use crate::raft_store::NodeId;
+use crate::transport::PeerCaller;
 
 /// Opens Raft links to peers through the host's caller.
 #[derive(Clone)]

@@ -13,10 +13,10 @@ use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 use shoal_shared::frame::WorkerRequest;
 
-use super::coords::Coordinate;
-use super::raft_store::MetadataState;
-use super::ranges::{IdRange, IdSpace, OwnedRange, RangeError};
-use super::HostId;
+use crate::coords::Coordinate;
+use crate::raft_store::MetadataState;
+use crate::ranges::{IdRange, IdSpace, OwnedRange, RangeError};
+use crate::HostId;
 
 /// The first host of a cluster.
 pub const FOUNDER: HostId = 1;

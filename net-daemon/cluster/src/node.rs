@@ -10,8 +10,8 @@
 //! own); one with a stored identity resumes it. Then three loops run until the
 //! process ends:
 //! - liveness: a heartbeat to every other host each `heartbeat_interval_ms`,
-//!   feeding the unreliability scores ([`super::liveness`]) and the network
-//!   coordinate ([`super::coords`]), and a report of the suspects to the
+//!   feeding the unreliability scores ([`crate::liveness`]) and the network
+//!   coordinate ([`crate::coords`]), and a report of the suspects to the
 //!   metadata leader;
 //! - upkeep: the host's own entry in the NI (its addresses, its state after a
 //!   return, its capacity and coordinate);
@@ -42,18 +42,18 @@ use shoal_shared::lmdb::free_bytes;
 use tokio::sync::watch;
 use tokio::time::Instant;
 
-use super::coords::{Coordinate, VivaldiConfig};
-use super::gossip::{Gossip, Metrics, Rumor};
-use super::liveness::{decide_inactive, LivenessConfig, Observer, Score, Suspicion};
-use super::messages::{DataRequest, PeerRequest, PeerResponse};
-use super::network::RaftPeers;
-use super::ni::{Capacity, Command, HostState, NetworkInfo, Outcome, FOUNDER};
-use super::placement::{desired_owners, next_moves, Candidate};
-use super::raft_store::memory::MemoryMetaStore;
-use super::raft_store::{open_meta_store, AppliedState, MetaRaft, MetaStoreOptions};
-use super::transport::{Clock, PeerCaller, WallClock};
-use super::HostId;
+use crate::coords::{Coordinate, VivaldiConfig};
+use crate::gossip::{Gossip, Metrics, Rumor};
+use crate::liveness::{decide_inactive, LivenessConfig, Observer, Score, Suspicion};
+use crate::messages::{DataRequest, PeerRequest, PeerResponse};
+use crate::network::RaftPeers;
+use crate::ni::{Capacity, Command, HostState, NetworkInfo, Outcome, FOUNDER};
 use crate::peer::{ClusterSecret, HostAddr, PeerConfig, PeerListener, PeerPool};
+use crate::placement::{desired_owners, next_moves, Candidate};
+use crate::raft_store::memory::MemoryMetaStore;
+use crate::raft_store::{open_meta_store, AppliedState, MetaRaft, MetaStoreOptions};
+use crate::transport::{Clock, PeerCaller, WallClock};
+use crate::HostId;
 
 /// Longest a join request or a proposal may take.
 const PROPOSE_TIMEOUT: Duration = Duration::from_secs(10);
@@ -1142,7 +1142,7 @@ impl ClusterNode {
     }
 
     /// The partition moves and host removals that placement calls for (see
-    /// [`super::placement`]): moves toward the desired owners, at most
+    /// [`crate::placement`]): moves toward the desired owners, at most
     /// [`MAX_MOVES_IN_FLIGHT`] at once; moves whose target is gone given up; leaving hosts
     /// that hold nothing any more removed.
     fn place(&self, ni: &NetworkInfo) -> Vec<Command> {

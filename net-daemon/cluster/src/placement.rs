@@ -17,8 +17,8 @@
 
 use std::collections::BTreeMap;
 
-use super::ni::PartitionEntry;
-use super::HostId;
+use crate::ni::PartitionEntry;
+use crate::HostId;
 
 /// A host as placement sees it.
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -23,7 +23,7 @@ use std::collections::BTreeMap;
 
 use serde::{Deserialize, Serialize};
 
-use super::HostId;
+use crate::HostId;
 use shoal_shared::ids::{BLOCK, END_ID, FIRST_ID};
 
 /// The fewest unused ids a sponsor must have in one range to split it: each

@@ -1,5 +1,5 @@
 //! How the cluster layer reaches its peers and reads the time: the two seams
-//! between its I/O ([`super::node`], [`super::network`]) and the world.
+//! between its I/O ([`crate::node`], [`crate::network`]) and the world.
 //!
 //! [`PeerCaller`] sends one [`PeerRequest`] to a peer and waits for its
 //! [`PeerResponse`]; production implements it with the authenticated TCP
@@ -12,7 +12,7 @@ use std::future::Future;
 use std::pin::Pin;
 use std::time::Duration;
 
-use super::messages::{PeerRequest, PeerResponse};
+use crate::messages::{PeerRequest, PeerResponse};
 use crate::peer::{HostAddr, PeerError, PeerPool};
 
 /// The future of one [`PeerCaller::call`].

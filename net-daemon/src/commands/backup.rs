@@ -30,7 +30,7 @@ use shoal_shared::frame::{WorkerRequest, WorkerResponse};
 use shoal_shared::resp::Reply;
 
 use super::{wait_all, Pending};
-use crate::Shared;
+use crate::state::Shared;
 
 /// Longest a worker may take to copy its environment.
 const BACKUP_TIMEOUT: Duration = Duration::from_secs(6 * 3600);
@@ -77,10 +77,10 @@ async fn backup(shared: &Shared, dir: &[u8]) -> Reply {
     if let Err(message) = prepare_dir(&dir) {
         return Reply::error(format!("ERR {message}"));
     }
-    tracing::info!(dir = %dir.display(), workers = shared.links.len(), "backup started");
+    tracing::info!(dir = %dir.display(), workers = shared.dispatch.links.len(), "backup started");
 
-    let mut calls = Vec::with_capacity(shared.links.len());
-    for (index, link) in shared.links.iter().enumerate() {
+    let mut calls = Vec::with_capacity(shared.dispatch.links.len());
+    for (index, link) in shared.dispatch.links.iter().enumerate() {
         let shard_dir = dir
             .join(format!("shard-{index}"))
             .to_string_lossy()

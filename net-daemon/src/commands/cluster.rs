@@ -16,7 +16,7 @@ use shoal_shared::resp::Reply;
 
 use super::Pending;
 use crate::errors;
-use crate::Shared;
+use crate::state::Shared;
 use shoal_cluster::ni::{Command, HostInfo, HostState, NetworkInfo, Outcome};
 use shoal_cluster::node::ClusterNode;
 use shoal_cluster::HostId;

@@ -12,9 +12,7 @@
 //! its partition: keys may then be returned twice, but none present for the
 //! whole scan is missed.
 
-use std::collections::{HashMap, VecDeque};
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 
 use bytes::Bytes;
 use shoal_shared::frame::{ExpireCondition, WorkerRequest, WorkerResponse};
@@ -22,17 +20,12 @@ use shoal_shared::limits::MAX_STORED_KEY_BYTES;
 use shoal_shared::resp::{parse_i64, Reply};
 
 use super::strings::single;
-use super::{ask, call_all_sum, send_everywhere, wait_all, Pending, Session};
+use super::{call_all_sum, Pending, Session};
+use crate::cursors::{partition_end, ScanPosition};
+use crate::dispatch::wait_all;
 use crate::errors;
+use crate::state::Shared;
 use crate::workers::Call;
-use crate::Shared;
-
-/// Cursors kept for SCAN; older ones fall back to their partition's start.
-const MAX_SCAN_CURSORS: usize = 100_000;
-/// Cursor layout (all below bit 63, so clients that read it as a signed integer cope):
-/// worker in bits 55..63, partition in bits 39..55, token below.
-const CURSOR_TOKEN_BITS: u32 = 39;
-const CURSOR_WORKER_SHIFT: u32 = 55;
 
 /// Runs `name` if it is a keyspace command; `None` otherwise. Arity is already checked.
 pub async fn dispatch(
@@ -86,7 +79,7 @@ pub async fn dispatch(
             let pattern = Some(args[1].to_vec());
             // In a cluster, each partition at its owner (a partition moving now is
             // answered once the move is done, never missed).
-            let calls = match &shared.router {
+            let calls = match &shared.dispatch.router {
                 Some(_) => {
                     per_partition(shared, |partition| WorkerRequest::Scan {
                         collection,
@@ -98,11 +91,13 @@ pub async fn dispatch(
                     .await
                 }
                 None => {
-                    send_everywhere(shared, || WorkerRequest::Keys {
-                        collection,
-                        pattern: pattern.clone(),
-                    })
-                    .await
+                    shared
+                        .dispatch
+                        .send_everywhere(|| WorkerRequest::Keys {
+                            collection,
+                            pattern: pattern.clone(),
+                        })
+                        .await
                 }
             };
             Pending::barrier(async move {
@@ -135,7 +130,7 @@ pub async fn dispatch(
                 return Some(Pending::Ready(errors::syntax()));
             }
             let target = (name == "flushdb").then_some(collection);
-            let calls = match &shared.router {
+            let calls = match &shared.dispatch.router {
                 Some(_) => {
                     per_partition(shared, |partition| WorkerRequest::Flush {
                         collection: target,
@@ -144,11 +139,13 @@ pub async fn dispatch(
                     .await
                 }
                 None => {
-                    send_everywhere(shared, || WorkerRequest::Flush {
-                        collection: target,
-                        partition: None,
-                    })
-                    .await
+                    shared
+                        .dispatch
+                        .send_everywhere(|| WorkerRequest::Flush {
+                            collection: target,
+                            partition: None,
+                        })
+                        .await
                 }
             };
             Pending::barrier(async move {
@@ -167,8 +164,8 @@ pub async fn dispatch(
 async fn per_partition(shared: &Shared, make: impl Fn(u16) -> WorkerRequest) -> Vec<Call> {
     let mut calls = Vec::with_capacity(usize::from(shared.config.storage.partitions));
     for partition in 0..shared.config.storage.partitions {
-        let dest = super::Dest::of_partition(shared, partition);
-        calls.push(super::send(shared, dest, make(partition)).await);
+        let dest = shared.dispatch.of_partition(partition);
+        calls.push(shared.dispatch.send(dest, make(partition)).await);
     }
     calls
 }
@@ -179,8 +176,8 @@ async fn ask_one(
     key: &Bytes,
     make: impl FnOnce(shoal_shared::frame::Key) -> WorkerRequest,
 ) -> Result<WorkerResponse, Reply> {
-    let (dest, key) = super::route(shared, key)?;
-    super::ask_dest(shared, dest, make(key)).await
+    let (dest, key) = shared.dispatch.route(key)?;
+    shared.dispatch.ask_dest(dest, make(key)).await
 }
 
 async fn exists(shared: &Shared, collection: u16, key: &Bytes) -> Result<bool, Reply> {
@@ -322,12 +319,10 @@ async fn scan_partitions(
             pattern: pattern.clone(),
             partition: Some(partition),
         };
-        match super::ask_dest(
-            shared,
-            super::Dest::of_partition(shared, partition),
-            request,
-        )
-        .await
+        match shared
+            .dispatch
+            .ask_dest(shared.dispatch.of_partition(partition), request)
+            .await
         {
             Ok(WorkerResponse::Scanned { keys: found, next }) => {
                 keys.extend(found.into_iter().map(|k| Reply::Bulk(k.into_vec().into())));
@@ -351,92 +346,6 @@ async fn scan_partitions(
     let next = shared.scan_cursors.save(&ScanPosition { worker: 0, after });
     let keys = if only_strings { keys } else { Vec::new() };
     Reply::Array(vec![Reply::bulk(next.to_string()), Reply::Array(keys)])
-}
-
-/// A stored key after every key of `partition`: a scan resuming after it starts the next.
-fn partition_end(partition: u16) -> Vec<u8> {
-    let mut end = partition.to_be_bytes().to_vec();
-    end.extend(std::iter::repeat_n(0xff, MAX_STORED_KEY_BYTES + 1));
-    end
-}
-
-/// Where a SCAN resumes: the worker, and the stored key (partition ++ key) to continue after.
-#[derive(Clone)]
-struct ScanPosition {
-    worker: usize,
-    after: Option<Vec<u8>>,
-}
-
-/// Positions of SCANs in progress, under their cursor tokens; bounded, oldest dropped first.
-#[derive(Default)]
-pub struct ScanCursors {
-    next_token: AtomicU64,
-    table: Mutex<CursorTable>,
-}
-
-/// Resume keys by token, and the tokens in the order they were made (for eviction).
-type CursorTable = (HashMap<u64, Vec<u8>>, VecDeque<u64>);
-
-impl ScanCursors {
-    /// A cursor for `position`: worker (8 bits) and partition (16 bits) above a token.
-    fn save(&self, position: &ScanPosition) -> u64 {
-        let after = position.after.clone().unwrap_or_default();
-        let partition = match after.as_slice() {
-            [high, low, ..] => u64::from(u16::from_be_bytes([*high, *low])),
-            _ => 0,
-        };
-        let token =
-            (self.next_token.fetch_add(1, Ordering::Relaxed) % ((1 << CURSOR_TOKEN_BITS) - 1)) + 1;
-        let mut table = self.table.lock().unwrap_or_else(|e| e.into_inner());
-        let (map, order) = &mut *table;
-        map.insert(token, after);
-        order.push_back(token);
-        while order.len() > MAX_SCAN_CURSORS {
-            if let Some(old) = order.pop_front() {
-                map.remove(&old);
-            }
-        }
-        ((position.worker as u64) << CURSOR_WORKER_SHIFT) | (partition << CURSOR_TOKEN_BITS) | token
-    }
-
-    /// The position a cursor names; `None` for a malformed cursor.
-    fn load(&self, cursor: u64, workers: usize) -> Option<ScanPosition> {
-        if cursor == 0 {
-            return Some(ScanPosition {
-                worker: 0,
-                after: None,
-            });
-        }
-        let worker = (cursor >> CURSOR_WORKER_SHIFT) as usize;
-        let partition = ((cursor >> CURSOR_TOKEN_BITS) & 0xffff) as u16;
-        let token = cursor & ((1 << CURSOR_TOKEN_BITS) - 1);
-        if worker >= workers || token == 0 {
-            return None;
-        }
-        let table = self.table.lock().unwrap_or_else(|e| e.into_inner());
-        let after = match table.0.get(&token) {
-            Some(after)
-                if after.len() >= 2 && u16::from_be_bytes([after[0], after[1]]) == partition =>
-            {
-                after.clone()
-            }
-            // Unknown token: restart at the beginning of the partition, after every key
-            // of the partition before it.
-            _ => match partition.checked_sub(1) {
-                Some(previous) => partition_end(previous),
-                None => {
-                    return Some(ScanPosition {
-                        worker,
-                        after: None,
-                    })
-                }
-            },
-        };
-        Some(ScanPosition {
-            worker,
-            after: Some(after),
-        })
-    }
 }
 
 /// `SCAN cursor [MATCH pattern] [COUNT count] [TYPE type]`.
@@ -466,10 +375,10 @@ async fn scan(shared: &Shared, collection: u16, args: &[Bytes]) -> Reply {
             _ => return errors::syntax(),
         }
     }
-    if shared.router.is_some() {
+    if shared.dispatch.router.is_some() {
         return scan_partitions(shared, collection, cursor, count, pattern, only_strings).await;
     }
-    let workers = shared.links.len();
+    let workers = shared.dispatch.links.len();
     let Some(mut position) = shared.scan_cursors.load(cursor, workers) else {
         return Reply::error("ERR invalid cursor");
     };
@@ -482,7 +391,7 @@ async fn scan(shared: &Shared, collection: u16, args: &[Bytes]) -> Reply {
             pattern: pattern.clone(),
             partition: None,
         };
-        match ask(shared, position.worker, request).await {
+        match shared.dispatch.ask(position.worker, request).await {
             Ok(WorkerResponse::Scanned { keys: found, next }) => {
                 keys.extend(found.into_iter().map(|k| Reply::Bulk(k.into_vec().into())));
                 match next {

@@ -7,7 +7,6 @@
 //! pendings in order, which keeps replies in request order.
 //!
 //! Modules:
-//! - [`table`]: the command table (arity, key positions, docs).
 //! - [`backup`]: SHOAL.BACKUP, a copy of every shard with its manifest.
 //! - [`strings`]: commands on one key (strings, counters, ranges).
 //! - [`keyspace`]: expiry, TYPE/OBJECT, SCAN, KEYS, DBSIZE, FLUSHDB/FLUSHALL.
@@ -22,21 +21,21 @@ pub mod multi;
 pub mod server;
 pub mod shoal;
 pub mod strings;
-pub mod table;
 
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
 
 use bytes::Bytes;
-use shoal_shared::frame::{Key, WorkerRequest, WorkerResponse};
-use shoal_shared::limits::MAX_KEY_BYTES;
-use shoal_shared::partition::{key_partition, partition_worker};
+use shoal_shared::frame::{WorkerRequest, WorkerResponse};
+
 use shoal_shared::resp::{Protocol, Reply};
 
+use crate::dispatch::{wait_all, Dest};
 use crate::errors;
+use crate::state::Shared;
+use crate::table;
 use crate::workers::Call;
-use crate::Shared;
 
 /// Per-connection state that commands read and change.
 pub struct Session {
@@ -241,119 +240,9 @@ fn ready(reply: Reply) -> (Pending, After) {
     (Pending::Ready(reply), After::Continue)
 }
 
-/// Where a request goes.
-#[derive(Debug, Clone, Copy)]
-pub enum Dest {
-    /// A local worker, on a host on its own.
-    Worker(usize),
-    /// In a cluster: the owner of `partition`, this host or another ([`crate::routing`]).
-    /// Destinations with the same `group` (the owner and its worker for the partition) are
-    /// the same worker: their keys go in one request.
-    Partition { partition: u16, group: (u64, u16) },
-}
-
-impl Dest {
-    /// The local worker that serves this destination now, if it is on this host.
-    pub fn local_worker(self, shared: &Shared) -> Option<usize> {
-        match (self, &shared.router) {
-            (Dest::Worker(worker), _) => Some(worker),
-            (Dest::Partition { partition, .. }, Some(router)) => router.local_worker(partition),
-            (Dest::Partition { partition, .. }, None) => {
-                Some(partition_worker(partition, shared.links.len()))
-            }
-        }
-    }
-
-    /// Where requests for `partition` go.
-    pub fn of_partition(shared: &Shared, partition: u16) -> Dest {
-        match &shared.router {
-            Some(router) => Dest::Partition {
-                partition,
-                group: router.group(partition),
-            },
-            None => Dest::Worker(partition_worker(partition, shared.links.len())),
-        }
-    }
-
-    fn order_key(self) -> (u64, u64) {
-        match self {
-            Dest::Worker(worker) => (0, worker as u64),
-            Dest::Partition { group, .. } => (group.0, u64::from(group.1)),
-        }
-    }
-}
-
-impl PartialEq for Dest {
-    fn eq(&self, other: &Dest) -> bool {
-        self.order_key() == other.order_key()
-    }
-}
-
-impl Eq for Dest {}
-
-impl PartialOrd for Dest {
-    fn partial_cmp(&self, other: &Dest) -> Option<std::cmp::Ordering> {
-        Some(self.cmp(other))
-    }
-}
-
-impl Ord for Dest {
-    fn cmp(&self, other: &Dest) -> std::cmp::Ordering {
-        self.order_key().cmp(&other.order_key())
-    }
-}
-
-/// Routes a key to where it is served, or explains why it cannot be stored.
-pub fn route(shared: &Shared, key: &Bytes) -> Result<(Dest, Key), Reply> {
-    if key.len() > MAX_KEY_BYTES {
-        return Err(errors::key_too_long(key.len()));
-    }
-    let partition = key_partition(key, shared.config.storage.partitions);
-    Ok((
-        Dest::of_partition(shared, partition),
-        Key {
-            partition,
-            bytes: key.to_vec(),
-        },
-    ))
-}
-
-/// A destination, the keys it serves, and their positions in the request.
-pub type DestKeys = (Dest, Vec<Key>, Vec<usize>);
-
-/// Groups keys by their destination: `(dest, keys, positions in the input)`, in
-/// destination order.
-pub fn group_by_dest(shared: &Shared, keys: &[Bytes]) -> Result<Vec<DestKeys>, Reply> {
-    let mut groups: Vec<DestKeys> = Vec::new();
-    for (position, key) in keys.iter().enumerate() {
-        let (dest, key) = route(shared, key)?;
-        match groups.iter_mut().find(|(d, _, _)| *d == dest) {
-            Some((_, keys, positions)) => {
-                keys.push(key);
-                positions.push(position);
-            }
-            None => groups.push((dest, vec![key], vec![position])),
-        }
-    }
-    groups.sort_by_key(|(dest, _, _)| *dest);
-    Ok(groups)
-}
-
-/// Sends one request to one destination.
-pub async fn send(shared: &Shared, dest: Dest, request: WorkerRequest) -> Call {
-    match (dest, &shared.router) {
-        (Dest::Worker(worker), _) => shared.links[worker].send(request).await,
-        (Dest::Partition { partition, .. }, Some(router)) => router.send(partition, request),
-        (Dest::Partition { partition, .. }, None) => {
-            let worker = partition_worker(partition, shared.links.len());
-            shared.links[worker].send(request).await
-        }
-    }
-}
-
 /// Sends one request to one destination; its response is the reply.
 pub async fn call_one(shared: &Shared, dest: Dest, request: WorkerRequest) -> Pending {
-    let call = send(shared, dest, request).await;
+    let call = shared.dispatch.send(dest, request).await;
     Pending::Calls {
         calls: vec![call],
         merge: Merge::Single,
@@ -364,69 +253,7 @@ pub async fn call_one(shared: &Shared, dest: Dest, request: WorkerRequest) -> Pe
 /// the integer answers.
 pub async fn call_all_sum(shared: &Shared, make: impl Fn() -> WorkerRequest) -> Pending {
     Pending::Calls {
-        calls: send_everywhere(shared, make).await,
+        calls: shared.dispatch.send_everywhere(make).await,
         merge: Merge::Sum,
-    }
-}
-
-/// Sends one request to every worker of every host: this host's workers, and each other
-/// host of the cluster through its net-daemon. Workers skip the partitions their host does
-/// not own, so each partition is counted once.
-pub async fn send_everywhere(shared: &Shared, make: impl Fn() -> WorkerRequest) -> Vec<Call> {
-    let mut calls = send_all(shared, &make).await;
-    if let Some(router) = &shared.router {
-        calls.extend(router.send_to_other_hosts(make));
-    }
-    calls
-}
-
-/// Sends one request to every worker.
-pub async fn send_all(shared: &Shared, make: impl Fn() -> WorkerRequest) -> Vec<Call> {
-    let mut calls = Vec::with_capacity(shared.links.len());
-    for link in &shared.links {
-        calls.push(link.send(make()).await);
-    }
-    calls
-}
-
-/// Sends one request to one worker and waits for its answer, mapping failures to replies.
-pub async fn ask(
-    shared: &Shared,
-    worker: usize,
-    request: WorkerRequest,
-) -> Result<WorkerResponse, Reply> {
-    ask_dest(shared, Dest::Worker(worker), request).await
-}
-
-/// Sends one request to one destination and waits for its answer, mapping failures to
-/// replies.
-pub async fn ask_dest(
-    shared: &Shared,
-    dest: Dest,
-    request: WorkerRequest,
-) -> Result<WorkerResponse, Reply> {
-    match send(shared, dest, request).await.wait().await {
-        Ok(WorkerResponse::Error(error)) => Err(errors::worker_error(&error)),
-        Ok(response) => Ok(response),
-        Err(error) => Err(errors::link_error(&error)),
-    }
-}
-
-/// Waits for calls made with [`send_all`], mapping the first failure to a reply.
-pub async fn wait_all(calls: Vec<Call>) -> Result<Vec<WorkerResponse>, Reply> {
-    let mut responses = Vec::with_capacity(calls.len());
-    let mut failure = None;
-    for call in calls {
-        match call.wait().await {
-            Ok(WorkerResponse::Error(error)) => {
-                failure = failure.or(Some(errors::worker_error(&error)))
-            }
-            Ok(response) => responses.push(response),
-            Err(error) => failure = failure.or(Some(errors::link_error(&error))),
-        }
-    }
-    match failure {
-        Some(reply) => Err(reply),
-        None => Ok(responses),
     }
 }

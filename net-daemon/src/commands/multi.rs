@@ -10,10 +10,11 @@ use bytes::Bytes;
 use shoal_shared::frame::{Key, TxAction, TxOp, TxOutcome, WorkerError};
 use shoal_shared::resp::{parse_i64, Reply};
 
-use super::{group_by_dest, route, Dest, Pending, Session};
+use super::{Pending, Session};
+use crate::dispatch::Dest;
 use crate::errors;
+use crate::state::Shared;
 use crate::txn::{self, Participant, TxFailure};
-use crate::Shared;
 
 /// Runs `name` if it is a multi-key write; `None` otherwise. Arity is already checked.
 pub async fn dispatch(
@@ -131,7 +132,9 @@ fn per_worker(
     keys: &[Bytes],
     make: impl Fn(Key, usize) -> TxOp,
 ) -> Result<Vec<Participant>, Reply> {
-    Ok(group_by_dest(shared, keys)?
+    Ok(shared
+        .dispatch
+        .group_by_dest(keys)?
         .into_iter()
         .map(|(dest, keys, positions)| Participant {
             dest,
@@ -287,7 +290,7 @@ type Routed = (Dest, Key);
 
 /// Routes a source and a destination key.
 fn route_pair(shared: &Shared, from: &Bytes, to: &Bytes) -> Result<(Routed, Routed), Reply> {
-    Ok((route(shared, from)?, route(shared, to)?))
+    Ok((shared.dispatch.route(from)?, shared.dispatch.route(to)?))
 }
 
 fn rename_failure(failure: TxFailure) -> Reply {

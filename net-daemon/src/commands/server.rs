@@ -11,10 +11,10 @@ use shoal_shared::partition::worker_partitions;
 use shoal_shared::resp::{parse_i64, Protocol, Reply};
 use shoal_shared::status::{Field, ProcessState};
 
-use super::table::{CommandSpec, COMMANDS};
 use super::{After, Pending, Session};
 use crate::errors;
-use crate::Shared;
+use crate::state::Shared;
+use crate::table::{CommandSpec, COMMANDS};
 
 /// The Redis version whose behaviour Shoal's commands follow.
 pub const REDIS_COMPAT_VERSION: &str = "7.2.0";
@@ -338,7 +338,7 @@ fn config(shared: &Shared, args: &[Bytes]) -> Reply {
 async fn keyspace(shared: &Shared) -> Vec<(u16, Option<i64>)> {
     let mut calls = Vec::new();
     for collection in 0..shared.config.storage.collections {
-        for link in &shared.links {
+        for link in &shared.dispatch.links {
             calls.push((
                 collection,
                 link.send(WorkerRequest::DbSize { collection }).await,
@@ -422,15 +422,16 @@ async fn info(shared: &Shared, args: &[Bytes]) -> Reply {
     }
     if show("shards") {
         text.push_str("# Shards\r\n");
-        let workers = shared.links.len();
+        let workers = shared.dispatch.links.len();
         for worker in 0..workers {
             let slot = status.slot(worker);
-            let state =
-                if slot.state() == ProcessState::Ready && !shared.links[worker].is_connected() {
-                    "unreachable"
-                } else {
-                    slot.state().name()
-                };
+            let state = if slot.state() == ProcessState::Ready
+                && !shared.dispatch.links[worker].is_connected()
+            {
+                "unreachable"
+            } else {
+                slot.state().name()
+            };
             let commits = slot.get(Field::Commits);
             let commit_usec = slot.get(Field::CommitMicrosSum) / commits.max(1);
             let _ = write!(

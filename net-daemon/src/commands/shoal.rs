@@ -14,12 +14,11 @@ use shoal_shared::frame::{LogEntry, WorkerError, WorkerRequest, WorkerResponse};
 use shoal_shared::partition::{key_partition, partition_worker};
 use shoal_shared::resp::{parse_i64, Reply};
 
-use super::{
-    call_all_sum, call_one, log_entry_reply, send_everywhere, wait_all, Dest, Pending, Session,
-};
+use super::{call_all_sum, call_one, log_entry_reply, Pending, Session};
+use crate::dispatch::wait_all;
 use crate::errors;
 use crate::ids::MAX_COUNT;
-use crate::Shared;
+use crate::state::Shared;
 
 /// Default and largest COUNT of SHOAL.LOG and SHOAL.FEED.
 const LOG_DEFAULT_COUNT: u32 = 100;
@@ -48,7 +47,15 @@ pub async fn dispatch(
             };
             let shared = Arc::clone(shared);
             Pending::barrier(async move {
-                match shared.ids.allocate(&shared, count.unwrap_or(1)).await {
+                match shared
+                    .ids
+                    .allocate(
+                        &shared.dispatch,
+                        shared.cluster.as_deref(),
+                        count.unwrap_or(1),
+                    )
+                    .await
+                {
                     Ok(ids) if count.is_none() => Reply::Integer(ids.start as i64),
                     Ok(ids) => Reply::Array(ids.map(|id| Reply::Integer(id as i64)).collect()),
                     Err(reply) => reply,
@@ -105,7 +112,7 @@ async fn read_log(shared: &Shared, args: &[Bytes]) -> Pending {
     let partition = partition as u16;
     call_one(
         shared,
-        Dest::of_partition(shared, partition),
+        shared.dispatch.of_partition(partition),
         WorkerRequest::ReadLog {
             partition,
             from_commit_id: from_commit_id as u64,
@@ -169,7 +176,14 @@ async fn feed(shared: &Shared, args: &[Bytes]) -> Reply {
     }
     let mut seen = if args[1].as_ref() == b"$" {
         let mut seen = vec![0; usize::from(partitions)];
-        match wait_all(send_everywhere(shared, || WorkerRequest::LastCommitIds).await).await {
+        match wait_all(
+            shared
+                .dispatch
+                .send_everywhere(|| WorkerRequest::LastCommitIds)
+                .await,
+        )
+        .await
+        {
             Ok(responses) => {
                 for response in responses {
                     if let WorkerResponse::Positions(positions) = response {
@@ -225,9 +239,9 @@ async fn feed(shared: &Shared, args: &[Bytes]) -> Reply {
 /// Reads up to `count` entries after `seen` from every worker (in a cluster, each
 /// partition from its owner), in partition order.
 async fn read_feed(shared: &Shared, seen: &[u64], count: u32) -> Result<Vec<LogEntry>, Reply> {
-    let workers = shared.links.len();
+    let workers = shared.dispatch.links.len();
     let mut calls = Vec::new();
-    match &shared.router {
+    match &shared.dispatch.router {
         // Each host reads the partitions it owns, on all its workers.
         Some(router) => {
             let owners = router.owners();
@@ -253,7 +267,7 @@ async fn read_feed(shared: &Shared, seen: &[u64], count: u32) -> Result<Vec<LogE
                     .map(|(partition, id)| (partition as u16, *id))
                     .collect();
                 calls.push(
-                    shared.links[worker]
+                    shared.dispatch.links[worker]
                         .send(WorkerRequest::ReadFeed { positions, count })
                         .await,
                 );

@@ -6,9 +6,9 @@ use bytes::Bytes;
 use shoal_shared::frame::{Expiry, Key, SetCondition, SetReply, WorkerRequest};
 use shoal_shared::resp::{parse_i64, Reply};
 
-use super::{call_one, route, Merge, Pending, Session};
+use super::{call_one, Merge, Pending, Session};
 use crate::errors;
-use crate::Shared;
+use crate::state::Shared;
 
 /// Runs `name` if it is a one-key command; `None` otherwise. Arity is already checked.
 pub async fn dispatch(
@@ -186,7 +186,7 @@ pub async fn single(
     key: &Bytes,
     make: impl FnOnce(Key) -> WorkerRequest,
 ) -> Pending {
-    match route(shared, key) {
+    match shared.dispatch.route(key) {
         Ok((dest, key)) => call_one(shared, dest, make(key)).await,
         Err(reply) => Pending::Ready(reply),
     }
@@ -211,18 +211,20 @@ async fn write_value(
 /// request of its connection: on a host on its own, none may be in flight; in a cluster,
 /// none on the keys' partitions.
 fn direct_read(shared: &Shared, session: &Session, keys: &[Bytes]) -> Option<Vec<Option<Vec<u8>>>> {
-    let clustered = shared.router.is_some();
+    let clustered = shared.dispatch.router.is_some();
     if !session.direct_reads && !clustered {
         return None;
     }
     let mut values = vec![None; keys.len()];
-    for (dest, keys, positions) in super::group_by_dest(shared, keys).ok()? {
+    for (dest, keys, positions) in shared.dispatch.group_by_dest(keys).ok()? {
         if clustered && !keys.iter().all(|key| crate::routing::idle(key.partition)) {
             return None;
         }
-        let worker = dest.local_worker(shared)?;
+        let worker = shared.dispatch.local_worker(dest)?;
         let keys: Vec<&Key> = keys.iter().collect();
-        let found = crate::reads::read(shared, worker, session.collection, &keys)?;
+        let found = shared
+            .dispatch
+            .read_directly(worker, session.collection, &keys)?;
         for (value, position) in found.into_iter().zip(positions) {
             values[position] = value;
         }
@@ -242,14 +244,14 @@ async fn multi_read(
     mut merge: Merge,
     make: impl Fn(Vec<Key>) -> WorkerRequest,
 ) -> Pending {
-    let groups = match super::group_by_dest(shared, keys) {
+    let groups = match shared.dispatch.group_by_dest(keys) {
         Ok(groups) => groups,
         Err(reply) => return Pending::Ready(reply),
     };
     let mut calls = Vec::new();
     let mut all_positions = Vec::new();
     for (dest, keys, positions) in groups {
-        calls.push(super::send(shared, dest, make(keys)).await);
+        calls.push(shared.dispatch.send(dest, make(keys)).await);
         all_positions.push(positions);
     }
     if let Merge::Values { positions, .. } = &mut merge {

@@ -1,6 +1,11 @@
 //! The command table: every command Shoal knows, with its arity and key
 //! positions (as COMMAND reports them) and a one-line summary (COMMAND DOCS).
-//! The dispatcher checks arity here before a command runs.
+//! The dispatcher checks arity here before a command runs. [`CommandStats`]
+//! counts each command's calls, errors and latency, indexed like [`COMMANDS`],
+//! for INFO commandstats and the Prometheus endpoint ([`crate::metrics`]).
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
 
 /// What COMMAND says about one command.
 pub struct CommandSpec {
@@ -660,5 +665,69 @@ mod tests {
         assert!(lookup("nope").is_none());
         assert!(lookup("set").unwrap().arity_ok(3));
         assert!(!lookup("get").unwrap().arity_ok(3));
+    }
+}
+
+/// Upper bounds of the command latency buckets, in microseconds.
+pub(crate) const LATENCY_MICROS_BOUNDS: [u64; 10] =
+    [50, 100, 250, 500, 1000, 2500, 5000, 10_000, 50_000, 250_000];
+/// Counters of one command.
+#[derive(Default)]
+pub(crate) struct CommandCounters {
+    pub(crate) calls: AtomicU64,
+    pub(crate) errors: AtomicU64,
+    pub(crate) micros_sum: AtomicU64,
+    /// Per bucket of [`LATENCY_MICROS_BOUNDS`], plus +Inf.
+    pub(crate) buckets: [AtomicU64; LATENCY_MICROS_BOUNDS.len() + 1],
+}
+
+/// Per-command statistics, indexed like [`COMMANDS`].
+pub struct CommandStats {
+    pub(crate) commands: Vec<CommandCounters>,
+}
+
+impl Default for CommandStats {
+    fn default() -> Self {
+        CommandStats {
+            commands: COMMANDS
+                .iter()
+                .map(|_| CommandCounters::default())
+                .collect(),
+        }
+    }
+}
+
+impl CommandStats {
+    /// Records one call of command `index` that took `took` and did or did not fail.
+    pub fn record(&self, index: usize, took: Duration, failed: bool) {
+        let Some(counters) = self.commands.get(index) else {
+            return;
+        };
+        let micros = took.as_micros() as u64;
+        counters.calls.fetch_add(1, Ordering::Relaxed);
+        counters
+            .errors
+            .fetch_add(u64::from(failed), Ordering::Relaxed);
+        counters.micros_sum.fetch_add(micros, Ordering::Relaxed);
+        let bucket = shoal_shared::status::bucket(&LATENCY_MICROS_BOUNDS, micros);
+        counters.buckets[bucket].fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// `(name, calls, errors, micros)` of every command called at least once.
+    pub fn summary(&self) -> Vec<(&'static str, u64, u64, u64)> {
+        COMMANDS
+            .iter()
+            .zip(&self.commands)
+            .map(|(spec, c)| {
+                let load = |counter: &AtomicU64| counter.load(Ordering::Relaxed);
+                (
+                    spec.name,
+                    load(&c.calls),
+                    load(&c.errors),
+                    load(&c.micros_sum),
+                )
+            })
+            .filter(|(_, calls, _, _)| *calls > 0)
+            .collect()
     }
 }

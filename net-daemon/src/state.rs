@@ -1,0 +1,94 @@
+//! The state that every connection of the daemon shares: the config, the ways
+//! to the workers ([`Dispatch`]), the cluster node, the id allocator, the SCAN
+//! cursors, the counters, and the shutdown flag.
+//!
+//! It is built once by [`crate::server`] and handed to the commands, the
+//! connections and the background tasks above it. The modules below it
+//! ([`crate::dispatch`], [`crate::txn`], [`crate::ids`], [`crate::routing`], ...)
+//! take the narrow handles they need rather than this whole hub.
+
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::Instant;
+
+use shoal_cluster::node::ClusterNode;
+use shoal_shared::config::Config;
+use shoal_shared::status::StatusTable;
+
+use crate::cursors::ScanCursors;
+use crate::dispatch::Dispatch;
+use crate::handoff;
+use crate::ids::IdAllocator;
+use crate::reads::Readers;
+use crate::routing::Router;
+use crate::table::CommandStats;
+use crate::workers::WorkerLink;
+
+/// State shared by every connection of the daemon.
+pub struct Shared {
+    pub config: Config,
+    /// The links to the workers, the router and the readers.
+    pub dispatch: Dispatch,
+    pub status: StatusTable,
+    /// Client connections open now.
+    pub connections: AtomicUsize,
+    next_client_id: AtomicU64,
+    next_txid: AtomicU64,
+    pub started: Instant,
+    /// Set when the daemon starts draining; background tasks stop.
+    pub shutting_down: AtomicBool,
+    pub ids: IdAllocator,
+    pub scan_cursors: ScanCursors,
+    pub command_stats: CommandStats,
+    /// This host's membership in a cluster; `None` for a host on its own.
+    pub cluster: Option<Arc<ClusterNode>>,
+    /// What this host's partition handoffs measured.
+    pub handoffs: handoff::Stats,
+}
+
+impl Shared {
+    /// A new client id, unique for the life of this process.
+    pub fn next_client_id(&self) -> u64 {
+        self.next_client_id.fetch_add(1, Ordering::Relaxed) + 1
+    }
+
+    /// A transaction id, unique across restarts of the daemon: the start time in the
+    /// high bits, a counter below.
+    pub fn next_txid(&self) -> u64 {
+        self.next_txid.fetch_add(1, Ordering::Relaxed)
+    }
+
+    /// Builds the shared state of a daemon that starts now.
+    pub fn new(
+        config: Config,
+        links: Vec<WorkerLink>,
+        status: StatusTable,
+        cluster: Option<Arc<ClusterNode>>,
+    ) -> Shared {
+        let readers = Arc::new(Readers::new(&config));
+        let router = cluster.as_ref().map(|node| {
+            let router = Arc::new(Router::new(
+                Arc::clone(node),
+                links.clone(),
+                Arc::clone(&readers),
+            ));
+            node.set_data_path(router.clone());
+            router
+        });
+        Shared {
+            dispatch: Dispatch::new(links, router, readers, config.storage.partitions),
+            handoffs: handoff::Stats::default(),
+            status,
+            connections: AtomicUsize::new(0),
+            next_client_id: AtomicU64::new(0),
+            next_txid: AtomicU64::new(shoal_shared::now_ms() << 20),
+            started: Instant::now(),
+            shutting_down: AtomicBool::new(false),
+            ids: IdAllocator::default(),
+            scan_cursors: ScanCursors::default(),
+            command_stats: CommandStats::default(),
+            cluster,
+            config,
+        }
+    }
+}
