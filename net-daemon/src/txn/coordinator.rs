@@ -399,3 +399,414 @@ fn fill_taken<D>(ops: &[TxOp], prepared: &[(D, Vec<TxOutcome>)]) -> Vec<TxOp> {
         })
         .collect()
 }
+
+#[cfg(test)]
+mod tests {
+    use std::collections::HashSet;
+
+    use shoal_shared::frame::Key;
+
+    use super::*;
+
+    /// A participant: a worker, its own decider value.
+    #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+    struct W(u16);
+
+    impl Address for W {
+        fn decider(self) -> u16 {
+            self.0
+        }
+    }
+
+    /// A failed link.
+    #[derive(Debug, Clone, PartialEq)]
+    struct Lost;
+
+    type Core = Coordinator<W, Lost>;
+
+    const SEED: u64 = 42;
+
+    fn put(key: &str) -> TxOp {
+        TxOp {
+            collection: 0,
+            key: Key {
+                partition: 0,
+                bytes: key.as_bytes().to_vec(),
+            },
+            action: TxAction::Put {
+                value: b"v".to_vec(),
+                expires_at_ms: None,
+                if_absent: false,
+            },
+        }
+    }
+
+    fn op(key: &str, action: TxAction) -> TxOp {
+        TxOp { action, ..put(key) }
+    }
+
+    /// Three participants, one key each.
+    fn three() -> Vec<(W, Vec<TxOp>)> {
+        vec![
+            (W(0), vec![put("a")]),
+            (W(1), vec![put("b")]),
+            (W(2), vec![put("c")]),
+        ]
+    }
+
+    fn prepare(to: u16, txid: u64, ops: Vec<TxOp>) -> Action<W, Lost> {
+        let request = WorkerRequest::Prepare {
+            txid,
+            decider: 0,
+            ops,
+        };
+        Action::Send { to: W(to), request }
+    }
+
+    fn commit(to: u16, txid: u64) -> Action<W, Lost> {
+        let request = WorkerRequest::Commit { txid };
+        Action::Send { to: W(to), request }
+    }
+
+    fn abort(to: u16, txid: u64) -> Action<W, Lost> {
+        let request = WorkerRequest::Abort { txid };
+        Action::Send { to: W(to), request }
+    }
+
+    fn forget(to: u16, txid: u64) -> Action<W, Lost> {
+        let request = WorkerRequest::Forget { txid };
+        Action::Send { to: W(to), request }
+    }
+
+    fn outcomes(outcomes: Vec<TxOutcome>) -> Result<WorkerResponse, Lost> {
+        Ok(WorkerResponse::TxOutcomes(outcomes))
+    }
+
+    fn done() -> Result<WorkerResponse, Lost> {
+        outcomes(vec![TxOutcome::Done])
+    }
+
+    fn error(error: WorkerError) -> Result<WorkerResponse, Lost> {
+        Ok(WorkerResponse::Error(error))
+    }
+
+    /// Asserts that the core emits exactly `expected`, then nothing.
+    fn expect(core: &mut Core, expected: Action<W, Lost>) {
+        assert_eq!(core.poll_action(), Some(expected));
+        assert_eq!(core.poll_action(), None);
+    }
+
+    fn answer(core: &mut Core, from: u16, answer: Result<WorkerResponse, Lost>, now: Instant) {
+        core.handle(
+            Event::Answer {
+                from: W(from),
+                answer,
+            },
+            now,
+        );
+    }
+
+    /// Prepares the three participants of [`three`] with `txid`, each answering `Done`.
+    fn prepare_three(core: &mut Core, txid: u64, now: Instant) {
+        for to in 0..3 {
+            let ops = three()[usize::from(to)].1.clone();
+            expect(core, prepare(to, txid, ops));
+            answer(core, to, done(), now);
+        }
+    }
+
+    #[test]
+    fn one_participant_takes_the_fast_path() {
+        let now = Instant::now();
+        let mut core = Core::new(vec![(W(3), vec![put("a")])], 7, SEED, now);
+        let request = WorkerRequest::Atomic {
+            ops: vec![put("a")],
+        };
+        expect(&mut core, Action::Send { to: W(3), request });
+        answer(&mut core, 3, done(), now);
+        expect(&mut core, Action::Finished(Ok(vec![vec![TxOutcome::Done]])));
+        assert_eq!(core.next_deadline(), None);
+    }
+
+    #[test]
+    fn the_fast_path_maps_refusals_and_failures() {
+        let now = Instant::now();
+        let cases = [
+            (
+                error(WorkerError::TxKeyExists),
+                Failure::Refused(WorkerError::TxKeyExists),
+            ),
+            (
+                error(WorkerError::DiskFull),
+                Failure::Worker(WorkerError::DiskFull),
+            ),
+            (Ok(WorkerResponse::Ok), Failure::UnexpectedAtomicResponse),
+            (Err(Lost), Failure::Link(Lost)),
+        ];
+        for (response, failure) in cases {
+            let mut core = Core::new(vec![(W(0), vec![put("a")])], 7, SEED, now);
+            core.poll_action();
+            answer(&mut core, 0, response, now);
+            expect(&mut core, Action::Finished(Err(failure)));
+        }
+    }
+
+    #[test]
+    fn prepares_in_order_then_commits_the_decider_first_then_the_others_then_forgets() {
+        let now = Instant::now();
+        let mut core = Core::new(three(), 7, SEED, now);
+        prepare_three(&mut core, 7, now);
+        expect(&mut core, commit(0, 7));
+        answer(&mut core, 0, Ok(WorkerResponse::Ok), now);
+        expect(&mut core, commit(1, 7));
+        answer(&mut core, 1, Ok(WorkerResponse::Ok), now);
+        expect(&mut core, commit(2, 7));
+        answer(&mut core, 2, Ok(WorkerResponse::Ok), now);
+        expect(&mut core, forget(0, 7));
+        answer(&mut core, 0, Err(Lost), now);
+        let all_done = vec![vec![TxOutcome::Done]; 3];
+        expect(&mut core, Action::Finished(Ok(all_done)));
+    }
+
+    #[test]
+    fn an_answer_from_elsewhere_is_ignored() {
+        let now = Instant::now();
+        let mut core = Core::new(three(), 7, SEED, now);
+        expect(&mut core, prepare(0, 7, vec![put("a")]));
+        answer(&mut core, 1, done(), now);
+        assert_eq!(core.poll_action(), None);
+        answer(&mut core, 0, done(), now);
+        expect(&mut core, prepare(1, 7, vec![put("b")]));
+    }
+
+    #[test]
+    fn a_conflict_after_others_prepared_aborts_them_and_retries_with_a_fresh_txid() {
+        let start = Instant::now();
+        let mut core = Core::new(three(), 7, SEED, start);
+        expect(&mut core, prepare(0, 7, vec![put("a")]));
+        answer(&mut core, 0, done(), start);
+        expect(&mut core, prepare(1, 7, vec![put("b")]));
+        answer(&mut core, 1, done(), start);
+        expect(&mut core, prepare(2, 7, vec![put("c")]));
+        answer(&mut core, 2, error(WorkerError::TxConflict), start);
+        // The two prepared ones are released, in order; the one that conflicted holds nothing.
+        expect(&mut core, abort(0, 7));
+        answer(&mut core, 0, Ok(WorkerResponse::Ok), start);
+        expect(&mut core, abort(1, 7));
+        assert_eq!(core.next_deadline(), None);
+        answer(&mut core, 1, Err(Lost), start);
+        assert_eq!(core.poll_action(), None);
+        // The first retry waits 100 µs plus a jitter below 400 µs.
+        let deadline = core.next_deadline().expect("a backoff");
+        let backoff = deadline - start;
+        assert!(backoff >= BACKOFF_MIN, "{backoff:?}");
+        assert!(
+            backoff < BACKOFF_MIN + Duration::from_micros(400),
+            "{backoff:?}"
+        );
+        // Too early: nothing happens.
+        core.handle(Event::Timeout { fresh_txid: 8 }, start);
+        assert_eq!(core.poll_action(), None);
+        core.handle(Event::Timeout { fresh_txid: 9 }, deadline);
+        prepare_three(&mut core, 9, deadline);
+        expect(&mut core, commit(0, 9));
+    }
+
+    #[test]
+    fn the_jitter_comes_from_the_seed() {
+        let backoff = |seed: u64| {
+            let start = Instant::now();
+            let mut core = Core::new(three(), 7, seed, start);
+            core.poll_action();
+            answer(&mut core, 0, error(WorkerError::TxConflict), start);
+            core.next_deadline().expect("a backoff") - start
+        };
+        assert_eq!(backoff(1), backoff(1));
+        let distinct: HashSet<Duration> = (0..20).map(backoff).collect();
+        assert!(distinct.len() > 10, "{distinct:?}");
+    }
+
+    #[test]
+    fn a_link_failure_during_prepare_aborts_that_participant_too() {
+        let now = Instant::now();
+        let mut core = Core::new(three(), 7, SEED, now);
+        expect(&mut core, prepare(0, 7, vec![put("a")]));
+        answer(&mut core, 0, done(), now);
+        expect(&mut core, prepare(1, 7, vec![put("b")]));
+        answer(&mut core, 1, Err(Lost), now);
+        expect(&mut core, abort(0, 7));
+        answer(&mut core, 0, Ok(WorkerResponse::Ok), now);
+        expect(&mut core, abort(1, 7));
+        answer(&mut core, 1, Err(Lost), now);
+        expect(&mut core, Action::Finished(Err(Failure::Link(Lost))));
+    }
+
+    #[test]
+    fn a_refused_prepare_aborts_the_prepared_and_is_not_retried() {
+        let now = Instant::now();
+        let mut core = Core::new(three(), 7, SEED, now);
+        expect(&mut core, prepare(0, 7, vec![put("a")]));
+        answer(&mut core, 0, done(), now);
+        expect(&mut core, prepare(1, 7, vec![put("b")]));
+        answer(&mut core, 1, error(WorkerError::TxNoSuchKey), now);
+        expect(&mut core, abort(0, 7));
+        answer(&mut core, 0, Ok(WorkerResponse::Ok), now);
+        let refused = Failure::Refused(WorkerError::TxNoSuchKey);
+        expect(&mut core, Action::Finished(Err(refused)));
+        assert_eq!(core.next_deadline(), None);
+    }
+
+    #[test]
+    fn the_decider_answering_aborted_aborts_the_others() {
+        let now = Instant::now();
+        let mut core = Core::new(three(), 7, SEED, now);
+        prepare_three(&mut core, 7, now);
+        expect(&mut core, commit(0, 7));
+        answer(&mut core, 0, error(WorkerError::TxAborted), now);
+        // The decider already dropped it: only the others are aborted.
+        expect(&mut core, abort(1, 7));
+        answer(&mut core, 1, Ok(WorkerResponse::Ok), now);
+        expect(&mut core, abort(2, 7));
+        answer(&mut core, 2, Ok(WorkerResponse::Ok), now);
+        expect(&mut core, Action::Finished(Err(Failure::AbortedByDecider)));
+    }
+
+    #[test]
+    fn a_failed_decider_leaves_the_outcome_unknown_and_commits_nothing_else() {
+        let now = Instant::now();
+        for failure in [Err(Lost), error(WorkerError::DiskFull)] {
+            let mut core = Core::new(three(), 7, SEED, now);
+            prepare_three(&mut core, 7, now);
+            expect(&mut core, commit(0, 7));
+            answer(&mut core, 0, failure, now);
+            expect(&mut core, Action::Finished(Err(Failure::OutcomeUnknown)));
+            assert_eq!(core.next_deadline(), None);
+        }
+    }
+
+    #[test]
+    fn a_participant_that_recovery_committed_first_counts_as_committed() {
+        let now = Instant::now();
+        let mut core = Core::new(three(), 7, SEED, now);
+        prepare_three(&mut core, 7, now);
+        expect(&mut core, commit(0, 7));
+        answer(&mut core, 0, Ok(WorkerResponse::Ok), now);
+        expect(&mut core, commit(1, 7));
+        answer(&mut core, 1, error(WorkerError::TxAborted), now);
+        expect(&mut core, commit(2, 7));
+        answer(&mut core, 2, Ok(WorkerResponse::Ok), now);
+        expect(&mut core, forget(0, 7));
+        answer(&mut core, 0, Ok(WorkerResponse::Ok), now);
+        let all_done = vec![vec![TxOutcome::Done]; 3];
+        expect(&mut core, Action::Finished(Ok(all_done)));
+    }
+
+    #[test]
+    fn a_participant_that_fails_its_commit_keeps_the_decision_record() {
+        let now = Instant::now();
+        let mut core = Core::new(three(), 7, SEED, now);
+        prepare_three(&mut core, 7, now);
+        expect(&mut core, commit(0, 7));
+        answer(&mut core, 0, Ok(WorkerResponse::Ok), now);
+        expect(&mut core, commit(1, 7));
+        answer(&mut core, 1, Err(Lost), now);
+        // The others are still committed, but recovery needs the record: no Forget.
+        expect(&mut core, commit(2, 7));
+        answer(&mut core, 2, Ok(WorkerResponse::Ok), now);
+        let all_done = vec![vec![TxOutcome::Done]; 3];
+        expect(&mut core, Action::Finished(Ok(all_done)));
+    }
+
+    #[test]
+    fn rename_across_participants_puts_the_value_taken() {
+        let now = Instant::now();
+        let participants = vec![
+            (W(1), vec![op("from", TxAction::Take)]),
+            (W(0), vec![op("to", TxAction::PutTaken { if_absent: true })]),
+        ];
+        let mut core = Core::new(participants, 7, SEED, now);
+        let request = WorkerRequest::Prepare {
+            txid: 7,
+            decider: 1,
+            ops: vec![op("from", TxAction::Take)],
+        };
+        expect(&mut core, Action::Send { to: W(1), request });
+        let taken = TxOutcome::Value {
+            value: b"moved".to_vec(),
+            expires_at_ms: Some(1234),
+        };
+        answer(&mut core, 1, outcomes(vec![taken.clone()]), now);
+        let put_taken = op(
+            "to",
+            TxAction::Put {
+                value: b"moved".to_vec(),
+                expires_at_ms: Some(1234),
+                if_absent: true,
+            },
+        );
+        let request = WorkerRequest::Prepare {
+            txid: 7,
+            decider: 1,
+            ops: vec![put_taken],
+        };
+        expect(&mut core, Action::Send { to: W(0), request });
+        answer(&mut core, 0, done(), now);
+        // The decider is the first participant prepared, not the lowest address.
+        expect(&mut core, commit(1, 7));
+        answer(&mut core, 1, Ok(WorkerResponse::Ok), now);
+        expect(&mut core, commit(0, 7));
+        answer(&mut core, 0, Ok(WorkerResponse::Ok), now);
+        expect(&mut core, forget(1, 7));
+        answer(&mut core, 1, Ok(WorkerResponse::Ok), now);
+        let result = Ok(vec![vec![taken], vec![TxOutcome::Done]]);
+        expect(&mut core, Action::Finished(result));
+    }
+
+    #[test]
+    fn put_taken_without_a_value_taken_is_left_as_it_is() {
+        let ops = vec![op("to", TxAction::PutTaken { if_absent: false })];
+        let prepared: Vec<(W, Vec<TxOutcome>)> = vec![(W(0), vec![TxOutcome::Existed(true)])];
+        assert_eq!(fill_taken(&ops, &prepared), ops);
+    }
+
+    #[test]
+    fn conflicts_past_the_deadline_give_up() {
+        let start = Instant::now();
+        let mut core = Core::new(three(), 1, SEED, start);
+        let mut now = start;
+        let mut txid = 1;
+        let mut backoffs = Vec::new();
+        loop {
+            expect(&mut core, prepare(0, txid, vec![put("a")]));
+            answer(&mut core, 0, done(), now);
+            expect(&mut core, prepare(1, txid, vec![put("b")]));
+            answer(&mut core, 1, error(WorkerError::TxConflict), now);
+            expect(&mut core, abort(0, txid));
+            // Each attempt takes 400 ms, the abort included.
+            now += Duration::from_millis(400);
+            answer(&mut core, 0, Ok(WorkerResponse::Ok), now);
+            let Some(deadline) = core.next_deadline() else {
+                break;
+            };
+            backoffs.push(deadline - now);
+            now = deadline;
+            txid += 1;
+            core.handle(Event::Timeout { fresh_txid: txid }, now);
+        }
+        // Retried while no more than 3 s had passed at the end of an attempt, then given up.
+        expect(&mut core, Action::Finished(Err(Failure::KeptConflicting)));
+        assert_eq!(backoffs.len(), 7, "{backoffs:?}");
+        assert!(now - start > CONFLICT_DEADLINE);
+        // The jitter ceiling doubles from 400 µs, up to 12.8 ms.
+        for (retry, backoff) in backoffs.iter().enumerate() {
+            let ceiling = JITTER_CEILING_FIRST_US << (retry as u32 + 1).min(6);
+            assert!(*backoff < BACKOFF_MIN + Duration::from_micros(ceiling));
+        }
+    }
+
+    #[test]
+    fn no_participants_commit_nothing() {
+        let mut core = Core::new(Vec::new(), 7, SEED, Instant::now());
+        expect(&mut core, Action::Finished(Ok(Vec::new())));
+    }
+}
