@@ -466,3 +466,391 @@ fn in_doubt(older_than: Duration) -> WorkerRequest {
 fn succeeded(answer: &Option<WorkerResponse>) -> bool {
     matches!(answer, Some(response) if !matches!(response, WorkerResponse::Error(_)))
 }
+
+#[cfg(test)]
+mod tests {
+    use shoal_shared::frame::WorkerError;
+
+    use super::*;
+
+    fn send(to: Target, request: WorkerRequest) -> Action {
+        Action::Send { to, request }
+    }
+
+    fn found(transactions: &[(u64, u16)]) -> Option<WorkerResponse> {
+        Some(WorkerResponse::InDoubt(transactions.to_vec()))
+    }
+
+    /// Asserts that `recovery` sends exactly `request` to `to`, then answers it.
+    fn step(
+        recovery: &mut Recovery,
+        to: Target,
+        request: WorkerRequest,
+        answer: Option<WorkerResponse>,
+    ) {
+        assert_eq!(recovery.poll_action(), Some(send(to, request)));
+        assert_eq!(recovery.poll_action(), None);
+        assert_eq!(recovery.next_deadline(), None);
+        recovery.handle(Event::Answer { from: to, answer }, Instant::now());
+    }
+
+    /// The three listings of `worker`: every intent, those older than [`IN_DOUBT_AFTER`], those
+    /// older than [`DECIDED_AFTER`].
+    fn list(
+        recovery: &mut Recovery,
+        worker: usize,
+        all: &[(u64, u16)],
+        old: &[(u64, u16)],
+        stale: &[(u64, u16)],
+    ) {
+        let to = Target::Worker(worker);
+        step(recovery, to, in_doubt(Duration::ZERO), found(all));
+        step(recovery, to, in_doubt(IN_DOUBT_AFTER), found(old));
+        step(recovery, to, in_doubt(DECIDED_AFTER), found(stale));
+    }
+
+    /// `worker`'s decision records older than [`ORPHANED_AFTER`] (the worker measures the age).
+    fn decided(recovery: &mut Recovery, worker: usize, records: &[(u64, u16)]) {
+        let request = WorkerRequest::Decided {
+            older_than_ms: 30_000,
+        };
+        step(recovery, Target::Worker(worker), request, found(records));
+    }
+
+    fn decide(recovery: &mut Recovery, txid: u64, decider: u16, answer: Option<WorkerResponse>) {
+        let request = WorkerRequest::Decide {
+            txid,
+            older_than_ms: 5_000,
+        };
+        step(recovery, Target::Decider(decider), request, answer);
+    }
+
+    /// Starts the next pass, at its deadline.
+    fn start_pass(recovery: &mut Recovery) {
+        let due = recovery.next_deadline().expect("no pass running");
+        recovery.handle(Event::Timeout, due);
+    }
+
+    /// Asserts that the pass is over.
+    fn pass_over(recovery: &mut Recovery) {
+        assert_eq!(recovery.poll_action(), None);
+        assert!(recovery.next_deadline().is_some());
+    }
+
+    #[test]
+    fn a_quiet_pass_lists_each_worker_then_the_old_decision_records() {
+        let start = Instant::now();
+        let mut recovery = Recovery::new(2, false, start);
+        assert_eq!(recovery.next_deadline(), Some(start));
+        assert_eq!(recovery.poll_action(), None);
+        recovery.handle(Event::Timeout, start);
+        list(&mut recovery, 0, &[], &[], &[]);
+        list(&mut recovery, 1, &[], &[], &[]);
+        decided(&mut recovery, 0, &[]);
+        decided(&mut recovery, 1, &[]);
+        pass_over(&mut recovery);
+        assert_eq!(recovery.next_deadline(), Some(start + RECOVERY_INTERVAL));
+        // Too early: nothing.
+        recovery.handle(Event::Timeout, start + RECOVERY_INTERVAL / 2);
+        assert_eq!(recovery.poll_action(), None);
+    }
+
+    #[test]
+    fn passes_keep_to_their_grid() {
+        let start = Instant::now();
+        let mut recovery = Recovery::new(0, false, start);
+        // A pass that starts late is followed at once by the one it delayed.
+        let late = start + RECOVERY_INTERVAL * 2 + RECOVERY_INTERVAL / 2;
+        recovery.handle(Event::Timeout, late);
+        assert_eq!(recovery.next_deadline(), Some(start + RECOVERY_INTERVAL));
+        recovery.handle(Event::Timeout, late);
+        assert_eq!(
+            recovery.next_deadline(),
+            Some(start + RECOVERY_INTERVAL * 2)
+        );
+        recovery.handle(Event::Timeout, late);
+        assert_eq!(
+            recovery.next_deadline(),
+            Some(start + RECOVERY_INTERVAL * 3)
+        );
+        recovery.handle(Event::Timeout, late);
+        assert_eq!(
+            recovery.next_deadline(),
+            Some(start + RECOVERY_INTERVAL * 3)
+        );
+    }
+
+    #[test]
+    fn a_timeout_during_a_pass_does_not_start_another() {
+        let start = Instant::now();
+        let mut recovery = Recovery::new(1, false, start);
+        recovery.handle(Event::Timeout, start);
+        recovery.handle(Event::Timeout, start + RECOVERY_INTERVAL * 5);
+        list(&mut recovery, 0, &[], &[], &[]);
+        decided(&mut recovery, 0, &[]);
+        pass_over(&mut recovery);
+    }
+
+    #[test]
+    fn a_decider_that_died_between_commit_and_forget() {
+        // Worker 0 decided tx 7 and recorded the commit; worker 1 still holds its intent.
+        let mut recovery = Recovery::new(2, false, Instant::now());
+        start_pass(&mut recovery);
+        list(&mut recovery, 0, &[], &[], &[]);
+        list(&mut recovery, 1, &[(7, 0)], &[], &[(7, 0)]);
+        decide(&mut recovery, 7, 0, Some(WorkerResponse::Integer(1)));
+        let commit = WorkerRequest::Commit { txid: 7 };
+        step(
+            &mut recovery,
+            Target::Worker(1),
+            commit,
+            Some(WorkerResponse::Ok),
+        );
+        // Worker 1 held it when this pass listed it: the record stays.
+        decided(&mut recovery, 0, &[]);
+        decided(&mut recovery, 1, &[]);
+        pass_over(&mut recovery);
+        assert_eq!(recovery.to_forget(), vec![7]);
+
+        // Worker 1 does not answer: nobody can tell whether it still holds tx 7.
+        start_pass(&mut recovery);
+        list(&mut recovery, 0, &[], &[], &[]);
+        step(
+            &mut recovery,
+            Target::Worker(1),
+            in_doubt(Duration::ZERO),
+            None,
+        );
+        pass_over(&mut recovery);
+        assert_eq!(recovery.to_forget(), vec![7]);
+
+        // Its listing fails half-way: the same.
+        start_pass(&mut recovery);
+        list(&mut recovery, 0, &[], &[], &[]);
+        let to = Target::Worker(1);
+        step(&mut recovery, to, in_doubt(Duration::ZERO), found(&[]));
+        let failed = Some(WorkerResponse::Error(WorkerError::DiskFull));
+        step(&mut recovery, to, in_doubt(IN_DOUBT_AFTER), failed);
+        pass_over(&mut recovery);
+
+        // No worker holds it any more: the decider forgets the record.
+        start_pass(&mut recovery);
+        list(&mut recovery, 0, &[], &[], &[]);
+        list(&mut recovery, 1, &[], &[], &[]);
+        let forget = WorkerRequest::Forget { txid: 7 };
+        step(
+            &mut recovery,
+            Target::Decider(0),
+            forget,
+            Some(WorkerResponse::Ok),
+        );
+        decided(&mut recovery, 0, &[]);
+        decided(&mut recovery, 1, &[]);
+        pass_over(&mut recovery);
+        assert_eq!(recovery.to_forget(), Vec::<u64>::new());
+
+        // Once forgotten, never again.
+        start_pass(&mut recovery);
+        list(&mut recovery, 0, &[], &[], &[]);
+        list(&mut recovery, 1, &[], &[], &[]);
+        decided(&mut recovery, 0, &[]);
+        decided(&mut recovery, 1, &[]);
+        pass_over(&mut recovery);
+    }
+
+    #[test]
+    fn a_forget_that_fails_is_tried_again() {
+        let mut recovery = Recovery::new(1, false, Instant::now());
+        start_pass(&mut recovery);
+        list(&mut recovery, 0, &[(7, 3)], &[(7, 3)], &[(7, 3)]);
+        decide(&mut recovery, 7, 3, Some(WorkerResponse::Integer(1)));
+        let commit = WorkerRequest::Commit { txid: 7 };
+        step(
+            &mut recovery,
+            Target::Worker(0),
+            commit,
+            Some(WorkerResponse::Ok),
+        );
+        decided(&mut recovery, 0, &[]);
+        pass_over(&mut recovery);
+        for answer in [None, Some(WorkerResponse::Ok)] {
+            start_pass(&mut recovery);
+            list(&mut recovery, 0, &[], &[], &[]);
+            let forget = WorkerRequest::Forget { txid: 7 };
+            step(&mut recovery, Target::Decider(3), forget, answer);
+            decided(&mut recovery, 0, &[]);
+            pass_over(&mut recovery);
+        }
+        assert_eq!(recovery.to_forget(), Vec::<u64>::new());
+    }
+
+    #[test]
+    fn a_commit_that_fails_leaves_no_record_to_forget() {
+        let mut recovery = Recovery::new(1, false, Instant::now());
+        start_pass(&mut recovery);
+        list(&mut recovery, 0, &[(7, 3)], &[], &[(7, 3)]);
+        decide(&mut recovery, 7, 3, Some(WorkerResponse::Integer(1)));
+        let commit = WorkerRequest::Commit { txid: 7 };
+        let failed = Some(WorkerResponse::Error(WorkerError::DiskFull));
+        step(&mut recovery, Target::Worker(0), commit, failed);
+        decided(&mut recovery, 0, &[]);
+        pass_over(&mut recovery);
+        assert_eq!(recovery.to_forget(), Vec::<u64>::new());
+    }
+
+    #[test]
+    fn an_orphaned_decision_record_is_forgotten_once_old_and_held_by_no_worker() {
+        let mut recovery = Recovery::new(2, false, Instant::now());
+        // Record 9's coordinator lost its Forget. While it is younger than ORPHANED_AFTER the
+        // worker does not list it (the request names the age), and nothing is forgotten.
+        start_pass(&mut recovery);
+        list(&mut recovery, 0, &[], &[], &[]);
+        list(&mut recovery, 1, &[(10, 0)], &[], &[]);
+        decided(&mut recovery, 0, &[]);
+        decided(&mut recovery, 1, &[]);
+        pass_over(&mut recovery);
+
+        // Once old, it is forgotten; record 10, whose transaction worker 1 still holds, is not.
+        start_pass(&mut recovery);
+        list(&mut recovery, 0, &[], &[], &[]);
+        list(&mut recovery, 1, &[(10, 0)], &[], &[]);
+        decided(&mut recovery, 0, &[(9, 0), (10, 0)]);
+        let forget = WorkerRequest::Forget { txid: 9 };
+        step(&mut recovery, Target::Worker(0), forget, None);
+        decided(&mut recovery, 1, &[]);
+        pass_over(&mut recovery);
+        // Forgetting an orphan is not remembered: the next pass lists it again if it stayed.
+        assert_eq!(recovery.to_forget(), Vec::<u64>::new());
+    }
+
+    #[test]
+    fn orphans_are_not_forgotten_when_a_worker_did_not_answer() {
+        let mut recovery = Recovery::new(2, false, Instant::now());
+        start_pass(&mut recovery);
+        step(
+            &mut recovery,
+            Target::Worker(0),
+            in_doubt(Duration::ZERO),
+            None,
+        );
+        list(&mut recovery, 1, &[], &[], &[]);
+        pass_over(&mut recovery);
+    }
+
+    #[test]
+    fn an_undecided_in_doubt_intent_is_presumed_aborted() {
+        let mut recovery = Recovery::new(1, false, Instant::now());
+        start_pass(&mut recovery);
+        list(&mut recovery, 0, &[(5, 1)], &[(5, 1)], &[(5, 1)]);
+        // The decider answers 0: it has no commit record (and has aborted its own intent).
+        decide(&mut recovery, 5, 1, Some(WorkerResponse::Integer(0)));
+        let abort = WorkerRequest::Abort { txid: 5 };
+        step(
+            &mut recovery,
+            Target::Worker(0),
+            abort,
+            Some(WorkerResponse::Ok),
+        );
+        decided(&mut recovery, 0, &[]);
+        pass_over(&mut recovery);
+        assert_eq!(recovery.to_forget(), Vec::<u64>::new());
+    }
+
+    #[test]
+    fn a_recent_undecided_intent_is_left_alone() {
+        let mut recovery = Recovery::new(1, false, Instant::now());
+        start_pass(&mut recovery);
+        // Three intents past DECIDED_AFTER but not IN_DOUBT_AFTER: their coordinators may
+        // still be preparing them.
+        let stale = [(4, 1), (5, 1), (6, 2)];
+        list(&mut recovery, 0, &stale, &[], &stale);
+        decide(&mut recovery, 4, 1, Some(WorkerResponse::Integer(0)));
+        let in_progress = Some(WorkerResponse::Error(WorkerError::TxInProgress));
+        decide(&mut recovery, 5, 1, in_progress);
+        decide(&mut recovery, 6, 2, None);
+        decided(&mut recovery, 0, &[]);
+        pass_over(&mut recovery);
+    }
+
+    #[test]
+    fn in_a_cluster_the_other_hosts_are_asked_what_they_hold() {
+        let mut recovery = Recovery::new(1, true, Instant::now());
+        start_pass(&mut recovery);
+        list(&mut recovery, 0, &[(7, 0)], &[], &[(7, 0)]);
+        decide(&mut recovery, 7, 0, Some(WorkerResponse::Integer(1)));
+        let commit = WorkerRequest::Commit { txid: 7 };
+        step(
+            &mut recovery,
+            Target::Worker(0),
+            commit,
+            Some(WorkerResponse::Ok),
+        );
+        let ask_others = Action::SendToOtherHosts {
+            request: in_doubt(Duration::ZERO),
+        };
+        assert_eq!(recovery.poll_action(), Some(ask_others.clone()));
+        recovery.handle(
+            Event::OtherHostsAnswered(vec![found(&[]), found(&[])]),
+            Instant::now(),
+        );
+        decided(&mut recovery, 0, &[]);
+        pass_over(&mut recovery);
+
+        // Another host still holds tx 7: its record stays.
+        start_pass(&mut recovery);
+        list(&mut recovery, 0, &[], &[], &[]);
+        assert_eq!(recovery.poll_action(), Some(ask_others.clone()));
+        let answers = vec![found(&[]), found(&[(7, 0)])];
+        recovery.handle(Event::OtherHostsAnswered(answers), Instant::now());
+        decided(&mut recovery, 0, &[]);
+        pass_over(&mut recovery);
+
+        // A host does not answer: nothing is forgotten.
+        start_pass(&mut recovery);
+        list(&mut recovery, 0, &[], &[], &[]);
+        assert_eq!(recovery.poll_action(), Some(ask_others.clone()));
+        let answers = vec![found(&[]), None];
+        recovery.handle(Event::OtherHostsAnswered(answers), Instant::now());
+        pass_over(&mut recovery);
+
+        start_pass(&mut recovery);
+        list(&mut recovery, 0, &[], &[], &[]);
+        assert_eq!(recovery.poll_action(), Some(ask_others));
+        recovery.handle(Event::OtherHostsAnswered(vec![found(&[])]), Instant::now());
+        let forget = WorkerRequest::Forget { txid: 7 };
+        step(
+            &mut recovery,
+            Target::Decider(0),
+            forget,
+            Some(WorkerResponse::Ok),
+        );
+        decided(&mut recovery, 0, &[]);
+        pass_over(&mut recovery);
+    }
+
+    #[test]
+    fn an_answer_that_is_not_awaited_is_ignored() {
+        let mut recovery = Recovery::new(2, false, Instant::now());
+        start_pass(&mut recovery);
+        let to = Target::Worker(0);
+        assert_eq!(
+            recovery.poll_action(),
+            Some(send(to, in_doubt(Duration::ZERO)))
+        );
+        let stray = Event::Answer {
+            from: Target::Worker(1),
+            answer: found(&[]),
+        };
+        recovery.handle(stray, Instant::now());
+        recovery.handle(Event::OtherHostsAnswered(vec![]), Instant::now());
+        assert_eq!(recovery.poll_action(), None);
+        recovery.handle(
+            Event::Answer {
+                from: to,
+                answer: found(&[]),
+            },
+            Instant::now(),
+        );
+        step(&mut recovery, to, in_doubt(IN_DOUBT_AFTER), found(&[]));
+    }
+}
