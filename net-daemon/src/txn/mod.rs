@@ -14,16 +14,15 @@
 //!
 //! If the coordinator dies, or a participant is unreachable, prepared intents
 //! stay behind. [`recover`] runs in the background: it commits intents whose
-//! decider recorded the commit, settles intents older than
-//! [`recovery::IN_DOUBT_AFTER`] either way (`Decide`: presumed abort for an
-//! undecided transaction), and forgets the decider's record once no participant
-//! holds the transaction.
+//! decider recorded the commit, settles intents older than `IN_DOUBT_AFTER`
+//! either way (`Decide`: presumed abort for an undecided transaction), and
+//! forgets the decider's record once no participant holds the transaction.
 //! Every phase has a timeout (the link's request timeout).
 //!
 //! The protocol lives in two cores without I/O, each stepped through
 //! `handle(event, now)`, `poll_action()` and `next_deadline()`:
-//! - [`coordinator`]: one transaction, from its first request to its outcome;
-//! - [`recovery`]: the passes of recovery, and what they remember.
+//! - `coordinator`: one transaction, from its first request to its outcome;
+//! - `recovery`: the passes of recovery, and what they remember.
 //!
 //! This module is their thin shell: it sends the cores' requests to the workers
 //! (or, in a cluster, to the partitions' owners), feeds the answers back, sleeps
@@ -147,16 +146,16 @@ pub async fn run(
 /// Resolves transactions left in doubt, forever (a background task of the net-daemon).
 ///
 /// Each pass asks every worker for its prepared intents:
-/// - an intent older than [`recovery::DECIDED_AFTER`] whose decider has recorded the commit
-///   is committed at once, so a write acknowledged just before a crash is visible everywhere
+/// - an intent older than `DECIDED_AFTER` whose decider has recorded the commit is
+///   committed at once, so a write acknowledged just before a crash is visible everywhere
 ///   soon after the restart;
-/// - an intent older than [`recovery::IN_DOUBT_AFTER`] is settled either way (presumed abort when
+/// - an intent older than `IN_DOUBT_AFTER` is settled either way (presumed abort when
 ///   its decider has no commit record).
 ///
 /// The decider's commit record of a transaction that recovery committed is forgotten once
 /// a later pass finds no worker still holding that transaction (in a cluster, the other
-/// hosts' workers are asked too), and so are old records no worker holds
-/// ([`recovery::ORPHANED_AFTER`]).
+/// hosts' workers are asked too), and so are records older than `ORPHANED_AFTER` that no
+/// worker holds.
 pub async fn recover(shared: Arc<Shared>) {
     let cluster = shared.router.is_some();
     let mut recovery = Recovery::new(shared.links.len(), cluster, Instant::now());
