@@ -51,10 +51,13 @@ use recovery::{Recovery, Target};
 
 /// The ops of one participant.
 pub struct Participant {
+    /// Where its requests go.
     pub dest: Dest,
+    /// Its ops, in the order they apply.
     pub ops: Vec<TxOp>,
 }
 
+/// A participant's `decider` value: its worker, or, in a cluster, its partition.
 impl Address for Dest {
     fn decider(self) -> u16 {
         match self {
