@@ -155,7 +155,10 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
         .await
         .context("starting the cluster layer")?;
     let shared = Arc::new(Shared::new(config, links, status, cluster));
-    tokio::spawn(crate::txn::recover(Arc::clone(&shared)));
+    tokio::spawn(crate::txn::recover(
+        Arc::clone(&shared.dispatch),
+        Arc::clone(&shared.shutting_down),
+    ));
     tokio::spawn(crate::handoff::run(Arc::clone(&shared)));
     if let Some(listener) = metrics {
         tokio::spawn(crate::metrics::serve(Arc::clone(&shared), listener));

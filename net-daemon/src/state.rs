@@ -22,21 +22,23 @@ use crate::ids::IdAllocator;
 use crate::reads::Readers;
 use crate::routing::Router;
 use crate::table::CommandStats;
+use crate::txn::TxIds;
 use crate::workers::WorkerLink;
 
 /// State shared by every connection of the daemon.
 pub struct Shared {
     pub config: Config,
     /// The links to the workers, the router and the readers.
-    pub dispatch: Dispatch,
+    pub dispatch: Arc<Dispatch>,
     pub status: StatusTable,
     /// Client connections open now.
     pub connections: AtomicUsize,
     next_client_id: AtomicU64,
-    next_txid: AtomicU64,
+    /// The ids of multi-worker transactions.
+    pub txids: TxIds,
     pub started: Instant,
     /// Set when the daemon starts draining; background tasks stop.
-    pub shutting_down: AtomicBool,
+    pub shutting_down: Arc<AtomicBool>,
     pub ids: IdAllocator,
     pub scan_cursors: ScanCursors,
     pub command_stats: CommandStats,
@@ -50,12 +52,6 @@ impl Shared {
     /// A new client id, unique for the life of this process.
     pub fn next_client_id(&self) -> u64 {
         self.next_client_id.fetch_add(1, Ordering::Relaxed) + 1
-    }
-
-    /// A transaction id, unique across restarts of the daemon: the start time in the
-    /// high bits, a counter below.
-    pub fn next_txid(&self) -> u64 {
-        self.next_txid.fetch_add(1, Ordering::Relaxed)
     }
 
     /// Builds the shared state of a daemon that starts now.
@@ -76,14 +72,19 @@ impl Shared {
             router
         });
         Shared {
-            dispatch: Dispatch::new(links, router, readers, config.storage.partitions),
+            dispatch: Arc::new(Dispatch::new(
+                links,
+                router,
+                readers,
+                config.storage.partitions,
+            )),
             handoffs: handoff::Stats::default(),
             status,
             connections: AtomicUsize::new(0),
             next_client_id: AtomicU64::new(0),
-            next_txid: AtomicU64::new(shoal_shared::now_ms() << 20),
+            txids: TxIds::new(),
             started: Instant::now(),
-            shutting_down: AtomicBool::new(false),
+            shutting_down: Arc::new(AtomicBool::new(false)),
             ids: IdAllocator::default(),
             scan_cursors: ScanCursors::default(),
             command_stats: CommandStats::default(),

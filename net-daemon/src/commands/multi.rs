@@ -183,7 +183,7 @@ impl Work {
                     Ok(participants) => participants,
                     Err(reply) => return reply,
                 };
-                match txn::run(shared, participants).await {
+                match txn::run(&shared.dispatch, &shared.txids, participants).await {
                     Ok(_) if if_absent => Reply::Integer(1),
                     Ok(_) => Reply::Ok,
                     Err(TxFailure::Refused(WorkerError::TxKeyExists)) if if_absent => {
@@ -199,7 +199,7 @@ impl Work {
                     Ok(participants) => participants,
                     Err(reply) => return reply,
                 };
-                match txn::run(shared, participants).await {
+                match txn::run(&shared.dispatch, &shared.txids, participants).await {
                     Ok(outcomes) => Reply::Integer(
                         outcomes
                             .iter()
@@ -224,7 +224,8 @@ impl Work {
                     // RENAME k k: nothing moves; the answer depends only on whether k exists.
                     let ops = vec![op(collection, from_key, TxAction::Read)];
                     return match txn::run(
-                        shared,
+                        &shared.dispatch,
+                        &shared.txids,
                         vec![Participant {
                             dest: from_dest,
                             ops,
@@ -244,7 +245,7 @@ impl Work {
                         op(collection, to_key, TxAction::PutTaken { if_absent }),
                     ),
                 ];
-                match txn::run(shared, participants(keyed)).await {
+                match txn::run(&shared.dispatch, &shared.txids, participants(keyed)).await {
                     Ok(_) if if_absent => Reply::Integer(1),
                     Ok(_) => Reply::Ok,
                     Err(TxFailure::Refused(WorkerError::TxKeyExists)) => Reply::Integer(0),
@@ -275,7 +276,7 @@ impl Work {
                         ),
                     ),
                 ];
-                match txn::run(shared, participants(keyed)).await {
+                match txn::run(&shared.dispatch, &shared.txids, participants(keyed)).await {
                     Ok(_) => Reply::Integer(1),
                     Err(TxFailure::Refused(_)) => Reply::Integer(0),
                     Err(failure) => failure_reply(failure),

@@ -1,0 +1,812 @@
+//! The coordinator of one atomic multi-key write, as a state machine without I/O.
+//!
+//! It owns the order of the requests of one transaction: the fast path (one participant,
+//! one `Atomic`), or two-phase commit (`Prepare` on each participant in order, `Commit` on
+//! the decider, `Commit` on the others, `Forget` on the decider), the aborts and the
+//! retries after lock conflicts, and the outcome.
+//!
+//! It talks to nobody. [`Coordinator::poll_action`] yields the requests to send and, last,
+//! the outcome; [`Coordinator::handle`] takes each answer, and the end of the backoff
+//! before a retry; [`Coordinator::next_deadline`] says when that backoff ends. At most one
+//! request is in flight: the order of the requests is the protocol. Time comes in as `now`,
+//! fresh transaction ids with [`Event::Timeout`], and the jitter from a seed.
+//!
+//! It must never read a clock, sleep, spawn, or know how an address is reached: the shell
+//! ([`super::run`]) does that.
+
+use std::collections::VecDeque;
+use std::fmt::Debug;
+use std::time::{Duration, Instant};
+
+use shoal_shared::frame::{TxAction, TxOp, TxOutcome, WorkerError, WorkerRequest, WorkerResponse};
+
+/// How long a transaction retries after lock conflicts before giving up.
+pub(crate) const CONFLICT_DEADLINE: Duration = Duration::from_secs(3);
+/// The shortest backoff before a retry; a random jitter is added to it.
+const BACKOFF_MIN: Duration = Duration::from_micros(100);
+/// The jitter of the first retry is below this many µs; it doubles with each retry.
+const JITTER_CEILING_FIRST_US: u64 = 200;
+/// The jitter ceiling stops doubling after this many retries.
+const JITTER_DOUBLINGS_MAX: u32 = 6;
+
+/// The address of a participant, as the coordinator sees it: the shell maps it to where
+/// requests go.
+pub(crate) trait Address: Copy + Eq + Debug {
+    /// The `decider` value of a `Prepare` whose decider is this participant.
+    fn decider(self) -> u16;
+}
+
+/// What happened, for [`Coordinator::handle`].
+#[derive(Debug, Clone, PartialEq)]
+pub(crate) enum Event<D, E> {
+    /// The answer to the last [`Action::Send`], sent to `from`: the worker's response, or
+    /// `Err` if the link failed (the request may or may not have been applied).
+    Answer {
+        from: D,
+        answer: Result<WorkerResponse, E>,
+    },
+    /// The [`Coordinator::next_deadline`] has passed. `fresh_txid` is an unused
+    /// transaction id, for the retry that follows the backoff.
+    Timeout { fresh_txid: u64 },
+}
+
+/// What to do next, from [`Coordinator::poll_action`].
+#[derive(Debug, Clone, PartialEq)]
+pub(crate) enum Action<D, E> {
+    /// Send `request` (`Atomic`, `Prepare`, `Commit`, `Abort` or `Forget`) to `to`, then
+    /// report its answer with [`Event::Answer`].
+    Send { to: D, request: WorkerRequest },
+    /// The transaction is over: each participant's outcomes in order, or why it did not
+    /// commit. Nothing follows.
+    Finished(Result<Vec<Vec<TxOutcome>>, Failure<E>>),
+}
+
+/// Why a transaction did not commit.
+#[derive(Debug, Clone, PartialEq)]
+pub(crate) enum Failure<E> {
+    /// A condition failed (`TxKeyExists`, `TxNoSuchKey`); nothing was written.
+    Refused(WorkerError),
+    /// A participant failed the `Atomic` or `Prepare` with this error; nothing was written.
+    Worker(WorkerError),
+    /// The link to a participant failed during the `Atomic` or a `Prepare`.
+    Link(E),
+    /// The `Atomic` got an answer of the wrong kind.
+    UnexpectedAtomicResponse,
+    /// A `Prepare` got an answer of the wrong kind; nothing was written.
+    UnexpectedPrepareResponse,
+    /// The keys stayed locked by other transactions until [`CONFLICT_DEADLINE`]; nothing was
+    /// written.
+    KeptConflicting,
+    /// The decider had aborted the transaction (recovery's presumed abort); nothing was
+    /// written.
+    AbortedByDecider,
+    /// The decider's commit failed: the transaction may or may not have committed, and
+    /// recovery applies it everywhere or nowhere.
+    OutcomeUnknown,
+}
+
+/// What happens once the prepared participants are aborted.
+#[derive(Debug)]
+enum AfterAbort<E> {
+    /// A retry with a fresh transaction id, after a backoff.
+    Retry,
+    /// The end, with this failure.
+    Fail(Failure<E>),
+}
+
+/// Where the coordinator stands; each state but the last two waits for one answer.
+#[derive(Debug)]
+enum State<D, E> {
+    /// The `Atomic` of the only participant.
+    Atomic,
+    /// The `Prepare` of `participants[index]`.
+    Preparing { index: usize },
+    /// The `Abort` of one participant; `remaining` are aborted after it.
+    Aborting {
+        remaining: VecDeque<D>,
+        then: AfterAbort<E>,
+    },
+    /// No request in flight until `until`, then a retry.
+    Backoff { until: Instant },
+    /// The decider's `Commit`: the decision.
+    CommittingDecider,
+    /// The `Commit` of `prepared[index]` (not the decider).
+    CommittingOther { index: usize, all_committed: bool },
+    /// The decider's `Forget`.
+    Forgetting,
+    /// The outcome has been given.
+    Finished,
+}
+
+/// The coordinator of one transaction.
+#[derive(Debug)]
+pub(crate) struct Coordinator<D, E> {
+    /// Each participant's address and ops, in the order they are prepared.
+    participants: Vec<(D, Vec<TxOp>)>,
+    /// The transaction id of the current attempt.
+    txid: u64,
+    /// Participants prepared in this attempt, with their outcomes, in order. A participant
+    /// whose link failed during its prepare is here with no outcomes (it is aborted too).
+    prepared: Vec<(D, Vec<TxOutcome>)>,
+    /// When the first attempt started.
+    started: Instant,
+    /// Retries so far.
+    attempt: u32,
+    /// The state of the jitter's random sequence.
+    random: u64,
+    state: State<D, E>,
+    /// The address whose answer is awaited.
+    awaiting: Option<D>,
+    actions: VecDeque<Action<D, E>>,
+}
+
+impl<D: Address, E: Debug> Coordinator<D, E> {
+    /// A coordinator that runs `participants` (address and ops, in order) as one
+    /// transaction. `txid` is the first attempt's transaction id (unused on the fast path);
+    /// `seed` seeds the jitter of the backoffs.
+    pub(crate) fn new(
+        participants: Vec<(D, Vec<TxOp>)>,
+        txid: u64,
+        seed: u64,
+        now: Instant,
+    ) -> Coordinator<D, E> {
+        let mut coordinator = Coordinator {
+            participants,
+            txid,
+            prepared: Vec::new(),
+            started: now,
+            attempt: 0,
+            random: seed,
+            state: State::Finished,
+            awaiting: None,
+            actions: VecDeque::new(),
+        };
+        match coordinator.participants.as_slice() {
+            [] => coordinator.finish(Ok(Vec::new())),
+            [(only, ops)] => {
+                let (only, request) = (*only, WorkerRequest::Atomic { ops: ops.clone() });
+                coordinator.send(only, request, State::Atomic);
+            }
+            _ => coordinator.prepare(0),
+        }
+        coordinator
+    }
+
+    /// The next thing to do, if any. After a [`Action::Send`], nothing more comes until its
+    /// answer is handled.
+    pub(crate) fn poll_action(&mut self) -> Option<Action<D, E>> {
+        self.actions.pop_front()
+    }
+
+    /// When to report [`Event::Timeout`]: the end of the backoff before a retry. `None` while
+    /// an answer is awaited, and once finished.
+    pub(crate) fn next_deadline(&self) -> Option<Instant> {
+        match self.state {
+            State::Backoff { until } => Some(until),
+            _ => None,
+        }
+    }
+
+    /// Takes an answer or a timeout. An answer from another address than the one awaited,
+    /// and a timeout before the deadline, are ignored.
+    pub(crate) fn handle(&mut self, event: Event<D, E>, now: Instant) {
+        match event {
+            Event::Answer { from, answer } => {
+                if self.awaiting != Some(from) {
+                    return;
+                }
+                self.awaiting = None;
+                self.answered(from, answer, now);
+            }
+            Event::Timeout { fresh_txid } => {
+                if let State::Backoff { until } = self.state {
+                    if now >= until {
+                        self.txid = fresh_txid;
+                        self.prepare(0);
+                    }
+                }
+            }
+        }
+    }
+
+    fn answered(&mut self, from: D, answer: Result<WorkerResponse, E>, now: Instant) {
+        match std::mem::replace(&mut self.state, State::Finished) {
+            State::Atomic => {
+                let result = match answer {
+                    Ok(WorkerResponse::TxOutcomes(outcomes)) => Ok(vec![outcomes]),
+                    Ok(WorkerResponse::Error(
+                        error @ (WorkerError::TxKeyExists | WorkerError::TxNoSuchKey),
+                    )) => Err(Failure::Refused(error)),
+                    Ok(WorkerResponse::Error(error)) => Err(Failure::Worker(error)),
+                    Ok(_) => Err(Failure::UnexpectedAtomicResponse),
+                    Err(error) => Err(Failure::Link(error)),
+                };
+                self.finish(result);
+            }
+            State::Preparing { index } => match answer {
+                Ok(WorkerResponse::TxOutcomes(outcomes)) => {
+                    self.prepared.push((from, outcomes));
+                    if index + 1 < self.participants.len() {
+                        self.prepare(index + 1);
+                    } else {
+                        self.send(
+                            self.prepared[0].0,
+                            WorkerRequest::Commit { txid: self.txid },
+                            State::CommittingDecider,
+                        );
+                    }
+                }
+                Ok(WorkerResponse::Error(WorkerError::TxConflict)) => {
+                    self.abort_prepared(AfterAbort::Retry, now)
+                }
+                Ok(WorkerResponse::Error(
+                    error @ (WorkerError::TxKeyExists | WorkerError::TxNoSuchKey),
+                )) => self.abort_prepared(AfterAbort::Fail(Failure::Refused(error)), now),
+                Ok(WorkerResponse::Error(error)) => {
+                    self.abort_prepared(AfterAbort::Fail(Failure::Worker(error)), now)
+                }
+                Ok(_) => {
+                    self.abort_prepared(AfterAbort::Fail(Failure::UnexpectedPrepareResponse), now)
+                }
+                Err(error) => {
+                    // The prepare may have happened: abort it there too (recovery does it
+                    // otherwise).
+                    self.prepared.push((from, Vec::new()));
+                    self.abort_prepared(AfterAbort::Fail(Failure::Link(error)), now);
+                }
+            },
+            State::Aborting { remaining, then } => self.abort_next(remaining, then, now),
+            State::CommittingDecider => match answer {
+                Ok(WorkerResponse::Error(WorkerError::TxAborted)) => {
+                    self.prepared.remove(0);
+                    self.abort_prepared(AfterAbort::Fail(Failure::AbortedByDecider), now);
+                }
+                Ok(WorkerResponse::Error(_)) | Err(_) => self.finish(Err(Failure::OutcomeUnknown)),
+                Ok(_) => self.commit_other(1, true),
+            },
+            State::CommittingOther {
+                index,
+                all_committed,
+            } => {
+                // Once the decider has committed, nothing aborts a participant: "aborted"
+                // here means recovery committed it first and dropped the intent.
+                let committed = match answer {
+                    Ok(WorkerResponse::Error(WorkerError::TxAborted)) => true,
+                    Ok(WorkerResponse::Error(_)) | Err(_) => false,
+                    Ok(_) => true,
+                };
+                self.commit_other(index + 1, all_committed && committed);
+            }
+            State::Forgetting => self.finish_committed(),
+            state @ (State::Backoff { .. } | State::Finished) => self.state = state,
+        }
+    }
+
+    /// Sends the `Prepare` of `participants[index]`; the first participant is the decider.
+    fn prepare(&mut self, index: usize) {
+        let (to, ops) = &self.participants[index];
+        let request = WorkerRequest::Prepare {
+            txid: self.txid,
+            decider: self.participants[0].0.decider(),
+            ops: fill_taken(ops, &self.prepared),
+        };
+        self.send(*to, request, State::Preparing { index });
+    }
+
+    /// Aborts every prepared participant in order (best effort: recovery aborts the rest),
+    /// then goes on with `then`.
+    fn abort_prepared(&mut self, then: AfterAbort<E>, now: Instant) {
+        let remaining = self.prepared.drain(..).map(|(to, _)| to).collect();
+        self.abort_next(remaining, then, now);
+    }
+
+    fn abort_next(&mut self, mut remaining: VecDeque<D>, then: AfterAbort<E>, now: Instant) {
+        match (remaining.pop_front(), then) {
+            (Some(to), then) => self.send(
+                to,
+                WorkerRequest::Abort { txid: self.txid },
+                State::Aborting { remaining, then },
+            ),
+            (None, AfterAbort::Retry) => self.back_off(now),
+            (None, AfterAbort::Fail(failure)) => self.finish(Err(failure)),
+        }
+    }
+
+    /// Waits a random backoff before a fresh attempt; fails past the conflict deadline.
+    fn back_off(&mut self, now: Instant) {
+        if now.saturating_duration_since(self.started) > CONFLICT_DEADLINE {
+            self.finish(Err(Failure::KeptConflicting));
+            return;
+        }
+        self.attempt += 1;
+        let ceiling_us = JITTER_CEILING_FIRST_US << self.attempt.min(JITTER_DOUBLINGS_MAX);
+        let jitter = Duration::from_micros(self.next_random() % ceiling_us);
+        self.state = State::Backoff {
+            until: now + BACKOFF_MIN + jitter,
+        };
+    }
+
+    /// Commits `prepared[index]`, or, past the last, forgets the decision if every other
+    /// participant committed.
+    fn commit_other(&mut self, index: usize, all_committed: bool) {
+        if let Some(&(to, _)) = self.prepared.get(index) {
+            let state = State::CommittingOther {
+                index,
+                all_committed,
+            };
+            self.send(to, WorkerRequest::Commit { txid: self.txid }, state);
+        } else if all_committed {
+            let decider = self.prepared[0].0;
+            let request = WorkerRequest::Forget { txid: self.txid };
+            self.send(decider, request, State::Forgetting);
+        } else {
+            self.finish_committed();
+        }
+    }
+
+    fn finish_committed(&mut self) {
+        let outcomes = self.prepared.drain(..).map(|(_, outcomes)| outcomes);
+        let outcomes = outcomes.collect();
+        self.finish(Ok(outcomes));
+    }
+
+    fn send(&mut self, to: D, request: WorkerRequest, state: State<D, E>) {
+        self.state = state;
+        self.awaiting = Some(to);
+        self.actions.push_back(Action::Send { to, request });
+    }
+
+    fn finish(&mut self, result: Result<Vec<Vec<TxOutcome>>, Failure<E>>) {
+        self.state = State::Finished;
+        self.actions.push_back(Action::Finished(result));
+    }
+
+    /// The next number of the seeded sequence (SplitMix64).
+    fn next_random(&mut self) -> u64 {
+        self.random = self.random.wrapping_add(0x9E37_79B9_7F4A_7C15);
+        let mut z = self.random;
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        z ^ (z >> 31)
+    }
+}
+
+/// Replaces `PutTaken` ops with a `Put` of the value that an earlier participant's `Take` or
+/// `Read` found (RENAME and COPY across workers).
+fn fill_taken<D>(ops: &[TxOp], prepared: &[(D, Vec<TxOutcome>)]) -> Vec<TxOp> {
+    let taken = prepared
+        .iter()
+        .flat_map(|(_, outcomes)| outcomes)
+        .rev()
+        .find_map(|outcome| match outcome {
+            TxOutcome::Value {
+                value,
+                expires_at_ms,
+            } => Some((value, *expires_at_ms)),
+            _ => None,
+        });
+    ops.iter()
+        .map(|op| match (&op.action, taken) {
+            (TxAction::PutTaken { if_absent }, Some((value, expires_at_ms))) => TxOp {
+                action: TxAction::Put {
+                    value: value.clone(),
+                    expires_at_ms,
+                    if_absent: *if_absent,
+                },
+                ..op.clone()
+            },
+            _ => op.clone(),
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::HashSet;
+
+    use shoal_shared::frame::Key;
+
+    use super::*;
+
+    /// A participant: a worker, its own decider value.
+    #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+    struct W(u16);
+
+    impl Address for W {
+        fn decider(self) -> u16 {
+            self.0
+        }
+    }
+
+    /// A failed link.
+    #[derive(Debug, Clone, PartialEq)]
+    struct Lost;
+
+    type Core = Coordinator<W, Lost>;
+
+    const SEED: u64 = 42;
+
+    fn put(key: &str) -> TxOp {
+        TxOp {
+            collection: 0,
+            key: Key {
+                partition: 0,
+                bytes: key.as_bytes().to_vec(),
+            },
+            action: TxAction::Put {
+                value: b"v".to_vec(),
+                expires_at_ms: None,
+                if_absent: false,
+            },
+        }
+    }
+
+    fn op(key: &str, action: TxAction) -> TxOp {
+        TxOp { action, ..put(key) }
+    }
+
+    /// Three participants, one key each.
+    fn three() -> Vec<(W, Vec<TxOp>)> {
+        vec![
+            (W(0), vec![put("a")]),
+            (W(1), vec![put("b")]),
+            (W(2), vec![put("c")]),
+        ]
+    }
+
+    fn prepare(to: u16, txid: u64, ops: Vec<TxOp>) -> Action<W, Lost> {
+        let request = WorkerRequest::Prepare {
+            txid,
+            decider: 0,
+            ops,
+        };
+        Action::Send { to: W(to), request }
+    }
+
+    fn commit(to: u16, txid: u64) -> Action<W, Lost> {
+        let request = WorkerRequest::Commit { txid };
+        Action::Send { to: W(to), request }
+    }
+
+    fn abort(to: u16, txid: u64) -> Action<W, Lost> {
+        let request = WorkerRequest::Abort { txid };
+        Action::Send { to: W(to), request }
+    }
+
+    fn forget(to: u16, txid: u64) -> Action<W, Lost> {
+        let request = WorkerRequest::Forget { txid };
+        Action::Send { to: W(to), request }
+    }
+
+    fn outcomes(outcomes: Vec<TxOutcome>) -> Result<WorkerResponse, Lost> {
+        Ok(WorkerResponse::TxOutcomes(outcomes))
+    }
+
+    fn done() -> Result<WorkerResponse, Lost> {
+        outcomes(vec![TxOutcome::Done])
+    }
+
+    fn error(error: WorkerError) -> Result<WorkerResponse, Lost> {
+        Ok(WorkerResponse::Error(error))
+    }
+
+    /// Asserts that the core emits exactly `expected`, then nothing.
+    fn expect(core: &mut Core, expected: Action<W, Lost>) {
+        assert_eq!(core.poll_action(), Some(expected));
+        assert_eq!(core.poll_action(), None);
+    }
+
+    fn answer(core: &mut Core, from: u16, answer: Result<WorkerResponse, Lost>, now: Instant) {
+        core.handle(
+            Event::Answer {
+                from: W(from),
+                answer,
+            },
+            now,
+        );
+    }
+
+    /// Prepares the three participants of [`three`] with `txid`, each answering `Done`.
+    fn prepare_three(core: &mut Core, txid: u64, now: Instant) {
+        for to in 0..3 {
+            let ops = three()[usize::from(to)].1.clone();
+            expect(core, prepare(to, txid, ops));
+            answer(core, to, done(), now);
+        }
+    }
+
+    #[test]
+    fn one_participant_takes_the_fast_path() {
+        let now = Instant::now();
+        let mut core = Core::new(vec![(W(3), vec![put("a")])], 7, SEED, now);
+        let request = WorkerRequest::Atomic {
+            ops: vec![put("a")],
+        };
+        expect(&mut core, Action::Send { to: W(3), request });
+        answer(&mut core, 3, done(), now);
+        expect(&mut core, Action::Finished(Ok(vec![vec![TxOutcome::Done]])));
+        assert_eq!(core.next_deadline(), None);
+    }
+
+    #[test]
+    fn the_fast_path_maps_refusals_and_failures() {
+        let now = Instant::now();
+        let cases = [
+            (
+                error(WorkerError::TxKeyExists),
+                Failure::Refused(WorkerError::TxKeyExists),
+            ),
+            (
+                error(WorkerError::DiskFull),
+                Failure::Worker(WorkerError::DiskFull),
+            ),
+            (Ok(WorkerResponse::Ok), Failure::UnexpectedAtomicResponse),
+            (Err(Lost), Failure::Link(Lost)),
+        ];
+        for (response, failure) in cases {
+            let mut core = Core::new(vec![(W(0), vec![put("a")])], 7, SEED, now);
+            core.poll_action();
+            answer(&mut core, 0, response, now);
+            expect(&mut core, Action::Finished(Err(failure)));
+        }
+    }
+
+    #[test]
+    fn prepares_in_order_then_commits_the_decider_first_then_the_others_then_forgets() {
+        let now = Instant::now();
+        let mut core = Core::new(three(), 7, SEED, now);
+        prepare_three(&mut core, 7, now);
+        expect(&mut core, commit(0, 7));
+        answer(&mut core, 0, Ok(WorkerResponse::Ok), now);
+        expect(&mut core, commit(1, 7));
+        answer(&mut core, 1, Ok(WorkerResponse::Ok), now);
+        expect(&mut core, commit(2, 7));
+        answer(&mut core, 2, Ok(WorkerResponse::Ok), now);
+        expect(&mut core, forget(0, 7));
+        answer(&mut core, 0, Err(Lost), now);
+        let all_done = vec![vec![TxOutcome::Done]; 3];
+        expect(&mut core, Action::Finished(Ok(all_done)));
+    }
+
+    #[test]
+    fn an_answer_from_elsewhere_is_ignored() {
+        let now = Instant::now();
+        let mut core = Core::new(three(), 7, SEED, now);
+        expect(&mut core, prepare(0, 7, vec![put("a")]));
+        answer(&mut core, 1, done(), now);
+        assert_eq!(core.poll_action(), None);
+        answer(&mut core, 0, done(), now);
+        expect(&mut core, prepare(1, 7, vec![put("b")]));
+    }
+
+    #[test]
+    fn a_conflict_after_others_prepared_aborts_them_and_retries_with_a_fresh_txid() {
+        let start = Instant::now();
+        let mut core = Core::new(three(), 7, SEED, start);
+        expect(&mut core, prepare(0, 7, vec![put("a")]));
+        answer(&mut core, 0, done(), start);
+        expect(&mut core, prepare(1, 7, vec![put("b")]));
+        answer(&mut core, 1, done(), start);
+        expect(&mut core, prepare(2, 7, vec![put("c")]));
+        answer(&mut core, 2, error(WorkerError::TxConflict), start);
+        // The two prepared ones are released, in order; the one that conflicted holds nothing.
+        expect(&mut core, abort(0, 7));
+        answer(&mut core, 0, Ok(WorkerResponse::Ok), start);
+        expect(&mut core, abort(1, 7));
+        assert_eq!(core.next_deadline(), None);
+        answer(&mut core, 1, Err(Lost), start);
+        assert_eq!(core.poll_action(), None);
+        // The first retry waits 100 µs plus a jitter below 400 µs.
+        let deadline = core.next_deadline().expect("a backoff");
+        let backoff = deadline - start;
+        assert!(backoff >= BACKOFF_MIN, "{backoff:?}");
+        assert!(
+            backoff < BACKOFF_MIN + Duration::from_micros(400),
+            "{backoff:?}"
+        );
+        // Too early: nothing happens.
+        core.handle(Event::Timeout { fresh_txid: 8 }, start);
+        assert_eq!(core.poll_action(), None);
+        core.handle(Event::Timeout { fresh_txid: 9 }, deadline);
+        prepare_three(&mut core, 9, deadline);
+        expect(&mut core, commit(0, 9));
+    }
+
+    #[test]
+    fn the_jitter_comes_from_the_seed() {
+        let backoff = |seed: u64| {
+            let start = Instant::now();
+            let mut core = Core::new(three(), 7, seed, start);
+            core.poll_action();
+            answer(&mut core, 0, error(WorkerError::TxConflict), start);
+            core.next_deadline().expect("a backoff") - start
+        };
+        assert_eq!(backoff(1), backoff(1));
+        let distinct: HashSet<Duration> = (0..20).map(backoff).collect();
+        assert!(distinct.len() > 10, "{distinct:?}");
+    }
+
+    #[test]
+    fn a_link_failure_during_prepare_aborts_that_participant_too() {
+        let now = Instant::now();
+        let mut core = Core::new(three(), 7, SEED, now);
+        expect(&mut core, prepare(0, 7, vec![put("a")]));
+        answer(&mut core, 0, done(), now);
+        expect(&mut core, prepare(1, 7, vec![put("b")]));
+        answer(&mut core, 1, Err(Lost), now);
+        expect(&mut core, abort(0, 7));
+        answer(&mut core, 0, Ok(WorkerResponse::Ok), now);
+        expect(&mut core, abort(1, 7));
+        answer(&mut core, 1, Err(Lost), now);
+        expect(&mut core, Action::Finished(Err(Failure::Link(Lost))));
+    }
+
+    #[test]
+    fn a_refused_prepare_aborts_the_prepared_and_is_not_retried() {
+        let now = Instant::now();
+        let mut core = Core::new(three(), 7, SEED, now);
+        expect(&mut core, prepare(0, 7, vec![put("a")]));
+        answer(&mut core, 0, done(), now);
+        expect(&mut core, prepare(1, 7, vec![put("b")]));
+        answer(&mut core, 1, error(WorkerError::TxNoSuchKey), now);
+        expect(&mut core, abort(0, 7));
+        answer(&mut core, 0, Ok(WorkerResponse::Ok), now);
+        let refused = Failure::Refused(WorkerError::TxNoSuchKey);
+        expect(&mut core, Action::Finished(Err(refused)));
+        assert_eq!(core.next_deadline(), None);
+    }
+
+    #[test]
+    fn the_decider_answering_aborted_aborts_the_others() {
+        let now = Instant::now();
+        let mut core = Core::new(three(), 7, SEED, now);
+        prepare_three(&mut core, 7, now);
+        expect(&mut core, commit(0, 7));
+        answer(&mut core, 0, error(WorkerError::TxAborted), now);
+        // The decider already dropped it: only the others are aborted.
+        expect(&mut core, abort(1, 7));
+        answer(&mut core, 1, Ok(WorkerResponse::Ok), now);
+        expect(&mut core, abort(2, 7));
+        answer(&mut core, 2, Ok(WorkerResponse::Ok), now);
+        expect(&mut core, Action::Finished(Err(Failure::AbortedByDecider)));
+    }
+
+    #[test]
+    fn a_failed_decider_leaves_the_outcome_unknown_and_commits_nothing_else() {
+        let now = Instant::now();
+        for failure in [Err(Lost), error(WorkerError::DiskFull)] {
+            let mut core = Core::new(three(), 7, SEED, now);
+            prepare_three(&mut core, 7, now);
+            expect(&mut core, commit(0, 7));
+            answer(&mut core, 0, failure, now);
+            expect(&mut core, Action::Finished(Err(Failure::OutcomeUnknown)));
+            assert_eq!(core.next_deadline(), None);
+        }
+    }
+
+    #[test]
+    fn a_participant_that_recovery_committed_first_counts_as_committed() {
+        let now = Instant::now();
+        let mut core = Core::new(three(), 7, SEED, now);
+        prepare_three(&mut core, 7, now);
+        expect(&mut core, commit(0, 7));
+        answer(&mut core, 0, Ok(WorkerResponse::Ok), now);
+        expect(&mut core, commit(1, 7));
+        answer(&mut core, 1, error(WorkerError::TxAborted), now);
+        expect(&mut core, commit(2, 7));
+        answer(&mut core, 2, Ok(WorkerResponse::Ok), now);
+        expect(&mut core, forget(0, 7));
+        answer(&mut core, 0, Ok(WorkerResponse::Ok), now);
+        let all_done = vec![vec![TxOutcome::Done]; 3];
+        expect(&mut core, Action::Finished(Ok(all_done)));
+    }
+
+    #[test]
+    fn a_participant_that_fails_its_commit_keeps_the_decision_record() {
+        let now = Instant::now();
+        let mut core = Core::new(three(), 7, SEED, now);
+        prepare_three(&mut core, 7, now);
+        expect(&mut core, commit(0, 7));
+        answer(&mut core, 0, Ok(WorkerResponse::Ok), now);
+        expect(&mut core, commit(1, 7));
+        answer(&mut core, 1, Err(Lost), now);
+        // The others are still committed, but recovery needs the record: no Forget.
+        expect(&mut core, commit(2, 7));
+        answer(&mut core, 2, Ok(WorkerResponse::Ok), now);
+        let all_done = vec![vec![TxOutcome::Done]; 3];
+        expect(&mut core, Action::Finished(Ok(all_done)));
+    }
+
+    #[test]
+    fn rename_across_participants_puts_the_value_taken() {
+        let now = Instant::now();
+        let participants = vec![
+            (W(1), vec![op("from", TxAction::Take)]),
+            (W(0), vec![op("to", TxAction::PutTaken { if_absent: true })]),
+        ];
+        let mut core = Core::new(participants, 7, SEED, now);
+        let request = WorkerRequest::Prepare {
+            txid: 7,
+            decider: 1,
+            ops: vec![op("from", TxAction::Take)],
+        };
+        expect(&mut core, Action::Send { to: W(1), request });
+        let taken = TxOutcome::Value {
+            value: b"moved".to_vec(),
+            expires_at_ms: Some(1234),
+        };
+        answer(&mut core, 1, outcomes(vec![taken.clone()]), now);
+        let put_taken = op(
+            "to",
+            TxAction::Put {
+                value: b"moved".to_vec(),
+                expires_at_ms: Some(1234),
+                if_absent: true,
+            },
+        );
+        let request = WorkerRequest::Prepare {
+            txid: 7,
+            decider: 1,
+            ops: vec![put_taken],
+        };
+        expect(&mut core, Action::Send { to: W(0), request });
+        answer(&mut core, 0, done(), now);
+        // The decider is the first participant prepared, not the lowest address.
+        expect(&mut core, commit(1, 7));
+        answer(&mut core, 1, Ok(WorkerResponse::Ok), now);
+        expect(&mut core, commit(0, 7));
+        answer(&mut core, 0, Ok(WorkerResponse::Ok), now);
+        expect(&mut core, forget(1, 7));
+        answer(&mut core, 1, Ok(WorkerResponse::Ok), now);
+        let result = Ok(vec![vec![taken], vec![TxOutcome::Done]]);
+        expect(&mut core, Action::Finished(result));
+    }
+
+    #[test]
+    fn put_taken_without_a_value_taken_is_left_as_it_is() {
+        let ops = vec![op("to", TxAction::PutTaken { if_absent: false })];
+        let prepared: Vec<(W, Vec<TxOutcome>)> = vec![(W(0), vec![TxOutcome::Existed(true)])];
+        assert_eq!(fill_taken(&ops, &prepared), ops);
+    }
+
+    #[test]
+    fn conflicts_past_the_deadline_give_up() {
+        let start = Instant::now();
+        let mut core = Core::new(three(), 1, SEED, start);
+        let mut now = start;
+        let mut txid = 1;
+        let mut backoffs = Vec::new();
+        loop {
+            expect(&mut core, prepare(0, txid, vec![put("a")]));
+            answer(&mut core, 0, done(), now);
+            expect(&mut core, prepare(1, txid, vec![put("b")]));
+            answer(&mut core, 1, error(WorkerError::TxConflict), now);
+            expect(&mut core, abort(0, txid));
+            // Each attempt takes 400 ms, the abort included.
+            now += Duration::from_millis(400);
+            answer(&mut core, 0, Ok(WorkerResponse::Ok), now);
+            let Some(deadline) = core.next_deadline() else {
+                break;
+            };
+            backoffs.push(deadline - now);
+            now = deadline;
+            txid += 1;
+            core.handle(Event::Timeout { fresh_txid: txid }, now);
+        }
+        // Retried while no more than 3 s had passed at the end of an attempt, then given up.
+        expect(&mut core, Action::Finished(Err(Failure::KeptConflicting)));
+        assert_eq!(backoffs.len(), 7, "{backoffs:?}");
+        assert!(now - start > CONFLICT_DEADLINE);
+        // The jitter ceiling doubles from 400 µs, up to 12.8 ms.
+        for (retry, backoff) in backoffs.iter().enumerate() {
+            let ceiling = JITTER_CEILING_FIRST_US << (retry as u32 + 1).min(6);
+            assert!(*backoff < BACKOFF_MIN + Duration::from_micros(ceiling));
+        }
+    }
+
+    #[test]
+    fn no_participants_commit_nothing() {
+        let mut core = Core::new(Vec::new(), 7, SEED, Instant::now());
+        expect(&mut core, Action::Finished(Ok(Vec::new())));
+    }
+}

@@ -1,0 +1,222 @@
+//! Atomic multi-key writes: the coordinator of the two-phase commit, and the
+//! recovery of transactions left in doubt.
+//!
+//! Keys on one worker take the fast path: one `Atomic` request, one LMDB
+//! transaction. Keys on several workers go through two-phase commit:
+//! 1. `Prepare` on each participant (each checks its ops, locks the keys and
+//!    records the intent durably). A participant that finds a key locked by
+//!    another transaction answers `TxConflict`: everything is aborted and
+//!    retried after a random backoff, so transactions never wait for each
+//!    other and cannot deadlock.
+//! 2. `Commit` on the *decider* (the first participant). Its commit applies its
+//!    ops and durably records the decision: from then on the transaction is
+//!    committed. Then `Commit` on the others, and `Forget` on the decider.
+//!
+//! If the coordinator dies, or a participant is unreachable, prepared intents
+//! stay behind. [`recover`] runs in the background: it commits intents whose
+//! decider recorded the commit, settles intents older than `IN_DOUBT_AFTER`
+//! either way (`Decide`: presumed abort for an undecided transaction), and
+//! forgets the decider's record once no participant holds the transaction.
+//! Every phase has a timeout (the link's request timeout).
+//!
+//! The protocol lives in two cores without I/O, each stepped through
+//! `handle(event, now)`, `poll_action()` and `next_deadline()`:
+//! - `coordinator`: one transaction, from its first request to its outcome;
+//! - `recovery`: the passes of recovery, and what they remember.
+//!
+//! This module is their thin shell: it sends the cores' requests to the workers
+//! (or, in a cluster, to the partitions' owners), feeds the answers back, sleeps
+//! until their deadlines, and turns a failed transaction into the client's reply.
+//! It decides nothing about the protocol itself.
+
+mod coordinator;
+mod recovery;
+
+use std::collections::hash_map::RandomState;
+use std::hash::BuildHasher;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Instant;
+
+use shoal_shared::frame::{TxOp, TxOutcome, WorkerError, DECIDER_PARTITION};
+use shoal_shared::resp::Reply;
+
+use crate::dispatch::{Dest, Dispatch};
+use crate::errors;
+use crate::workers::LinkError;
+
+use coordinator::{Address, Coordinator, Failure};
+use recovery::{Recovery, Target};
+
+/// The ops of one participant.
+pub struct Participant {
+    /// Where its requests go.
+    pub dest: Dest,
+    /// Its ops, in the order they apply.
+    pub ops: Vec<TxOp>,
+}
+
+/// A participant's `decider` value: its worker, or, in a cluster, its partition.
+impl Address for Dest {
+    fn decider(self) -> u16 {
+        match self {
+            Dest::Worker(worker) => worker as u16,
+            Dest::Partition { partition, .. } => DECIDER_PARTITION | partition,
+        }
+    }
+}
+
+/// Where a recorded `decider` value is asked.
+fn decider_dest(dispatch: &Dispatch, decider: u16) -> Dest {
+    if decider & DECIDER_PARTITION != 0 {
+        dispatch.of_partition(decider & !DECIDER_PARTITION)
+    } else {
+        Dest::Worker(usize::from(decider))
+    }
+}
+
+/// Why a transaction did not commit.
+pub enum TxFailure {
+    /// A condition failed (a key exists, a key is missing); nothing was written.
+    Refused(WorkerError),
+    /// It could not run, or its outcome is unknown: the reply to give.
+    Failed(Reply),
+}
+
+impl From<Failure<LinkError>> for TxFailure {
+    fn from(failure: Failure<LinkError>) -> TxFailure {
+        let reply = match failure {
+            Failure::Refused(error) => return TxFailure::Refused(error),
+            Failure::Worker(error) => errors::worker_error(&error),
+            Failure::Link(error) => errors::link_error(&error),
+            Failure::UnexpectedAtomicResponse => {
+                Reply::error("ERR internal error: unexpected transaction response")
+            }
+            Failure::UnexpectedPrepareResponse => {
+                Reply::error("ERR internal error: unexpected prepare response")
+            }
+            Failure::KeptConflicting => Reply::error(
+                "TRYAGAIN the keys stayed locked by other multi-key writes; nothing was written",
+            ),
+            Failure::AbortedByDecider => Reply::error(
+                "TRYAGAIN the multi-key write took too long and was aborted; nothing was written",
+            ),
+            Failure::OutcomeUnknown => Reply::error(
+                "TRYAGAIN a worker failed while committing a multi-key write; it may or may not have been \
+                 applied, and it will be applied everywhere or nowhere",
+            ),
+        };
+        TxFailure::Failed(reply)
+    }
+}
+
+/// Transaction ids, unique across restarts of the daemon: the start time in the high
+/// bits, a counter below.
+pub struct TxIds(AtomicU64);
+
+impl TxIds {
+    /// The ids of a daemon that starts now.
+    pub fn new() -> TxIds {
+        TxIds(AtomicU64::new(shoal_shared::now_ms() << 20))
+    }
+
+    /// A fresh transaction id.
+    pub fn next(&self) -> u64 {
+        self.0.fetch_add(1, Ordering::Relaxed)
+    }
+}
+
+impl Default for TxIds {
+    fn default() -> TxIds {
+        TxIds::new()
+    }
+}
+
+/// Runs `participants` atomically, with ids from `txids`. Returns each participant's
+/// outcomes, in order.
+pub async fn run(
+    dispatch: &Dispatch,
+    txids: &TxIds,
+    participants: Vec<Participant>,
+) -> Result<Vec<Vec<TxOutcome>>, TxFailure> {
+    let participants = participants
+        .into_iter()
+        .map(|participant| (participant.dest, participant.ops))
+        .collect();
+    let txid = txids.next();
+    // The backoffs' jitter: random per process, distinct per transaction.
+    let seed = RandomState::new().hash_one(txid);
+    let mut coordinator = Coordinator::new(participants, txid, seed, Instant::now());
+    loop {
+        match coordinator.poll_action() {
+            Some(coordinator::Action::Send { to, request }) => {
+                let answer = dispatch.send(to, request).await.wait().await;
+                let answered = coordinator::Event::Answer { from: to, answer };
+                coordinator.handle(answered, Instant::now());
+            }
+            Some(coordinator::Action::Finished(result)) => return result.map_err(TxFailure::from),
+            None => {
+                let Some(deadline) = coordinator.next_deadline() else {
+                    return Err(TxFailure::Failed(Reply::error(
+                        "ERR internal error: the multi-key write stalled",
+                    )));
+                };
+                tokio::time::sleep_until(deadline.into()).await;
+                let fresh_txid = txids.next();
+                coordinator.handle(coordinator::Event::Timeout { fresh_txid }, Instant::now());
+            }
+        }
+    }
+}
+
+/// Resolves transactions left in doubt, forever (a background task of the net-daemon).
+///
+/// Each pass asks every worker for its prepared intents:
+/// - an intent older than `DECIDED_AFTER` whose decider has recorded the commit is
+///   committed at once, so a write acknowledged just before a crash is visible everywhere
+///   soon after the restart;
+/// - an intent older than `IN_DOUBT_AFTER` is settled either way (presumed abort when
+///   its decider has no commit record).
+///
+/// The decider's commit record of a transaction that recovery committed is forgotten once
+/// a later pass finds no worker still holding that transaction (in a cluster, the other
+/// hosts' workers are asked too), and so are records older than `ORPHANED_AFTER` that no
+/// worker holds.
+/// It stops once `shutting_down` is set.
+pub async fn recover(dispatch: Arc<Dispatch>, shutting_down: Arc<AtomicBool>) {
+    let cluster = dispatch.router.is_some();
+    let mut recovery = Recovery::new(dispatch.links.len(), cluster, Instant::now());
+    loop {
+        if let Some(deadline) = recovery.next_deadline() {
+            tokio::time::sleep_until(deadline.into()).await;
+        }
+        if shutting_down.load(Ordering::Acquire) {
+            return;
+        }
+        recovery.handle(recovery::Event::Timeout, Instant::now());
+        while let Some(action) = recovery.poll_action() {
+            let event = match action {
+                recovery::Action::Send { to, request } => {
+                    let dest = match to {
+                        Target::Worker(worker) => Dest::Worker(worker),
+                        Target::Decider(decider) => decider_dest(&dispatch, decider),
+                    };
+                    let answer = dispatch.send(dest, request).await.wait().await.ok();
+                    recovery::Event::Answer { from: to, answer }
+                }
+                recovery::Action::SendToOtherHosts { request } => {
+                    let calls = match &dispatch.router {
+                        Some(router) => router.send_to_other_hosts(|| request.clone()),
+                        None => Vec::new(),
+                    };
+                    let mut answers = Vec::with_capacity(calls.len());
+                    for call in calls {
+                        answers.push(call.wait().await.ok());
+                    }
+                    recovery::Event::OtherHostsAnswered(answers)
+                }
+            };
+            recovery.handle(event, Instant::now());
+        }
+    }
+}
