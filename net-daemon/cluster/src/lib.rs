@@ -17,6 +17,8 @@
 //!
 //! Modules:
 //! - [`ni`]: the network information and the commands that change it.
+//! - [`leader`]: the metadata leader's decisions each round (membership, judgements,
+//!   placement moves), from the NI, the suspect reports and the time to commands.
 //! - [`placement`]: which host should own each partition, weighted by capacity.
 //! - [`ranges`]: the id ranges of the hosts (sponsor splits, reservations, reclaims).
 //! - [`liveness`]: unreliability scores per peer and the agreement rule for `inactive`.
@@ -29,11 +31,13 @@
 //! - [`network`]: the metadata group's Raft RPCs over the peer links.
 //! - [`transport`]: the seams to the world: how a host calls its peers ([`transport::PeerCaller`])
 //!   and reads the time ([`transport::Clock`]).
-//! - [`node`]: this host's membership: joining, heartbeats, the leader's duties (I/O).
+//! - [`node`]: this host's membership: joining, heartbeats, carrying out the leader's
+//!   duties (I/O).
 //! - [`peer`]: the authenticated TCP links to the other hosts (handshake, pool, listener).
 
 pub mod coords;
 pub mod gossip;
+pub(crate) mod leader;
 pub mod liveness;
 pub mod messages;
 pub mod network;

@@ -188,15 +188,118 @@ pub struct NetworkInfo {
 
 impl NetworkInfo {
     /// Applies a committed command. A refused command changes nothing.
+    ///
+    /// In debug builds, the NI's invariants are checked after every command
+    /// ([`NetworkInfo::check_invariants`]); a command that breaks one panics.
     pub fn apply(&mut self, command: &Command) -> Outcome {
+        #[cfg(debug_assertions)]
+        let before = self.clone();
         let outcome = match self.change(command) {
-            Ok(outcome) => outcome,
-            Err(reason) => return Outcome::Refused(reason),
+            Ok(outcome) => {
+                self.version += 1;
+                outcome
+            }
+            Err(reason) => Outcome::Refused(reason),
         };
-        self.version += 1;
+        #[cfg(debug_assertions)]
+        if let Err(broken) = self.check_invariants(&before, &outcome) {
+            panic!("applying {command:?} broke an invariant of the NI: {broken}");
+        }
         outcome
     }
 
+    /// Checks what must hold of this NI, reached from `before` by a command that
+    /// answered `outcome`:
+    /// - the version went up by one if the command applied, and stayed put if it was
+    ///   refused;
+    /// - the cluster id, once set, never changes, and the number of partitions changes
+    ///   only when the cluster is founded;
+    /// - each host is filed under its own id, below `next_host_id`, and a cluster with
+    ///   hosts has an id space whose ranges tile it without overlap
+    ///   ([`IdSpace::check_disjoint`]);
+    /// - every partition's owner and target are hosts of the NI, and a target is not the
+    ///   owner;
+    /// - an epoch never goes down, and a partition whose entry changed has a higher one.
+    ///
+    /// A leaving host may still be a target: [`Command::Leave`] lets the moves to it that
+    /// already run finish (the leader plans none to it after).
+    #[cfg(any(test, debug_assertions))]
+    pub(crate) fn check_invariants(
+        &self,
+        before: &NetworkInfo,
+        outcome: &Outcome,
+    ) -> Result<(), String> {
+        let applied = !matches!(outcome, Outcome::Refused(_));
+        let expected_version = before.version + u64::from(applied);
+        if self.version != expected_version {
+            return Err(format!(
+                "version {} after version {} and {outcome:?} (expected {expected_version})",
+                self.version, before.version
+            ));
+        }
+        if before.cluster_id != 0 && self.cluster_id != before.cluster_id {
+            return Err(format!(
+                "the cluster id changed from {:016x} to {:016x}",
+                before.cluster_id, self.cluster_id
+            ));
+        }
+        if before.cluster_id != 0 && self.partitions.len() != before.partitions.len() {
+            return Err(format!(
+                "{} partitions became {}",
+                before.partitions.len(),
+                self.partitions.len()
+            ));
+        }
+        for (&id, host) in &self.hosts {
+            if host.id != id {
+                return Err(format!("host {} is filed under id {id}", host.id));
+            }
+            if id >= self.next_host_id {
+                return Err(format!(
+                    "host {id} is not below the next host id {}",
+                    self.next_host_id
+                ));
+            }
+        }
+        match &self.ids {
+            Some(ids) => ids
+                .check_disjoint()
+                .map_err(|error| format!("the id space is broken: {error}"))?,
+            None if !self.hosts.is_empty() => {
+                return Err("the cluster has hosts and no id space".into());
+            }
+            None => {}
+        }
+        for (partition, entry) in self.partitions.iter().enumerate() {
+            if !self.hosts.contains_key(&entry.owner) {
+                return Err(format!(
+                    "partition {partition} is owned by host {}, which is not in the cluster",
+                    entry.owner
+                ));
+            }
+            if let Some(target) = entry.target {
+                if !self.hosts.contains_key(&target) {
+                    return Err(format!(
+                        "partition {partition} moves to host {target}, which is not in the cluster"
+                    ));
+                }
+                if target == entry.owner {
+                    return Err(format!("partition {partition} moves to its owner {target}"));
+                }
+            }
+            let Some(old) = before.partitions.get(partition) else {
+                continue;
+            };
+            if entry.epoch < old.epoch || (entry != old && entry.epoch == old.epoch) {
+                return Err(format!(
+                    "partition {partition} went from {old:?} to {entry:?} without a higher epoch"
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    /// Changes the NI as `command` says, or refuses it. Each variant has its own function.
     fn change(&mut self, command: &Command) -> Result<Outcome, String> {
         match command {
             Command::Found {
@@ -205,195 +308,272 @@ impl NetworkInfo {
                 client_addr,
                 partitions,
                 now_ms,
-            } => {
-                if self.cluster_id != 0 {
-                    return Err(format!(
-                        "cluster {:016x} is already founded",
-                        self.cluster_id
-                    ));
-                }
-                self.cluster_id = *cluster_id;
-                self.ids = Some(IdSpace::new(FOUNDER));
-                self.next_host_id = FOUNDER + 1;
-                self.hosts
-                    .insert(FOUNDER, new_host(FOUNDER, peer_addr, client_addr, *now_ms));
-                self.partitions = vec![
-                    PartitionEntry {
-                        owner: FOUNDER,
-                        epoch: 1,
-                        target: None,
-                    };
-                    usize::from(*partitions)
-                ];
-                Ok(Outcome::Done)
-            }
+            } => self.found(*cluster_id, peer_addr, client_addr, *partitions, *now_ms),
             Command::Join {
                 peer_addr,
                 client_addr,
                 partitions,
                 sponsor,
                 now_ms,
-            } => {
-                if usize::from(*partitions) != self.partitions.len() {
-                    return Err(format!(
-                        "the cluster has {} partitions and this host is configured with {partitions} \
-                         (storage.partitions must be equal on every host)",
-                        self.partitions.len()
-                    ));
-                }
-                let host = self.next_host_id;
-                let ids = self.ids_mut()?;
-                let range = match ids.sponsor_split(*sponsor, host) {
-                    Ok(range) => range,
-                    // The sponsor is too full to split: the pool or the roomiest host gives.
-                    Err(RangeError::NothingToSplit { .. } | RangeError::UnknownHost(_)) => {
-                        match ids.grant_free(host) {
-                            Ok(range) => range,
-                            Err(_) => {
-                                let other =
-                                    ids.best_sponsor().ok_or("no host has ids left to share")?;
-                                ids.sponsor_split(other, host).map_err(|e| e.to_string())?
-                            }
-                        }
-                    }
-                    Err(error) => return Err(error.to_string()),
-                };
-                self.next_host_id += 1;
-                self.hosts
-                    .insert(host, new_host(host, peer_addr, client_addr, *now_ms));
-                Ok(Outcome::Joined { host, range })
-            }
+            } => self.join(peer_addr, client_addr, *partitions, *sponsor, *now_ms),
             Command::Rejoin {
                 host,
                 peer_addr,
                 client_addr,
                 now_ms,
-            } => {
-                let info = self.host_mut(*host)?;
-                info.peer_addr.clone_from(peer_addr);
-                info.client_addr.clone_from(client_addr);
-                if info.state != HostState::Write {
-                    info.state = HostState::Write;
-                    info.since_ms = *now_ms;
-                }
-                Ok(Outcome::Done)
-            }
+            } => self.rejoin(*host, peer_addr, client_addr, *now_ms),
             Command::SetState {
                 host,
                 state,
                 now_ms,
-            } => {
-                let info = self.host_mut(*host)?;
-                if info.state == *state {
-                    return Err(format!("host {host} is already {}", state.name()));
-                }
-                info.state = *state;
-                info.since_ms = *now_ms;
-                Ok(Outcome::Done)
-            }
-            Command::ReserveIds { host, count } => {
-                self.host_mut(*host)?;
-                let ids = self.ids_mut()?;
-                let range = match ids.reserve(*host, *count) {
-                    Ok(range) => range,
-                    // Out of ids: the pool or the roomiest other host gives a new range.
-                    Err(RangeError::Exhausted { .. }) => {
-                        if ids.grant_free(*host).is_err() {
-                            let sponsor = ids
-                                .best_sponsor()
-                                .filter(|sponsor| sponsor != host)
-                                .ok_or("the id space is exhausted")?;
-                            ids.sponsor_split(sponsor, *host)
-                                .map_err(|e| e.to_string())?;
-                        }
-                        ids.reserve(*host, *count).map_err(|e| e.to_string())?
-                    }
-                    Err(error) => return Err(error.to_string()),
-                };
-                Ok(Outcome::Reserved(range))
-            }
-            Command::Reclaim { host } => {
-                self.host_mut(*host)?;
-                let reclaimed = self
-                    .ids_mut()?
-                    .reclaim_unused(*host)
-                    .map_err(|e| e.to_string())?;
-                Ok(Outcome::Reclaimed(reclaimed))
-            }
+            } => self.set_state(*host, *state, *now_ms),
+            Command::ReserveIds { host, count } => self.reserve_ids(*host, *count),
+            Command::Reclaim { host } => self.reclaim(*host),
             Command::Report {
                 host,
                 capacity,
                 coordinate,
-            } => {
-                let info = self.host_mut(*host)?;
-                info.capacity = capacity.clone();
-                info.coordinate = coordinate.clone();
-                Ok(Outcome::Done)
-            }
+            } => self.report(*host, capacity, coordinate),
             Command::PlanMove {
                 partition,
                 to,
                 epoch,
-            } => {
-                if !self.hosts.contains_key(to) {
-                    return Err(format!("no host {to} in the cluster"));
-                }
-                let entry = self.partition_at(*partition, *epoch)?;
-                if entry.target.is_some() || entry.owner == *to {
-                    return Err(format!(
-                        "partition {partition} cannot move to host {to} now"
-                    ));
-                }
-                entry.target = Some(*to);
-                entry.epoch += 1;
-                Ok(Outcome::Done)
-            }
+            } => self.plan_move(*partition, *to, *epoch),
             Command::CompleteMove {
                 partition,
                 to,
                 epoch,
-            } => {
-                let entry = self.partition_at(*partition, *epoch)?;
-                if entry.target != Some(*to) {
-                    return Err(format!("partition {partition} is not moving to host {to}"));
-                }
-                entry.owner = *to;
-                entry.target = None;
-                entry.epoch += 1;
-                Ok(Outcome::Done)
-            }
-            Command::AbortMove { partition, epoch } => {
-                let entry = self.partition_at(*partition, *epoch)?;
-                if entry.target.is_none() {
-                    return Err(format!("partition {partition} is not moving"));
-                }
-                entry.target = None;
-                entry.epoch += 1;
-                Ok(Outcome::Done)
-            }
-            Command::Leave { host } => {
-                let info = self.host_mut(*host)?;
-                if info.leaving {
-                    return Err(format!("host {host} is already leaving"));
-                }
-                info.leaving = true;
-                Ok(Outcome::Done)
-            }
-            Command::Remove { host } => {
-                self.host_mut(*host)?;
-                if self
-                    .partitions
-                    .iter()
-                    .any(|entry| entry.owner == *host || entry.target == Some(*host))
-                {
-                    return Err(format!("host {host} still holds partitions"));
-                }
-                // Its used ids stay recorded under its id, so no one issues them again.
-                let _ = self.ids_mut()?.reclaim_unused(*host);
-                self.hosts.remove(host);
-                Ok(Outcome::Done)
-            }
+            } => self.complete_move(*partition, *to, *epoch),
+            Command::AbortMove { partition, epoch } => self.abort_move(*partition, *epoch),
+            Command::Leave { host } => self.leave(*host),
+            Command::Remove { host } => self.remove(*host),
         }
+    }
+
+    /// [`Command::Found`]: the founder gets the whole id space and every partition.
+    /// Refused once the cluster is founded.
+    fn found(
+        &mut self,
+        cluster_id: u64,
+        peer_addr: &str,
+        client_addr: &str,
+        partitions: u16,
+        now_ms: u64,
+    ) -> Result<Outcome, String> {
+        if self.cluster_id != 0 {
+            return Err(format!(
+                "cluster {:016x} is already founded",
+                self.cluster_id
+            ));
+        }
+        self.cluster_id = cluster_id;
+        self.ids = Some(IdSpace::new(FOUNDER));
+        self.next_host_id = FOUNDER + 1;
+        self.hosts
+            .insert(FOUNDER, new_host(FOUNDER, peer_addr, client_addr, now_ms));
+        self.partitions = vec![
+            PartitionEntry {
+                owner: FOUNDER,
+                epoch: 1,
+                target: None,
+            };
+            usize::from(partitions)
+        ];
+        Ok(Outcome::Done)
+    }
+
+    /// [`Command::Join`]: the next host id and a range split from the sponsor's, or else
+    /// from the pool, or else from the roomiest host. Refused when the partition counts
+    /// differ.
+    fn join(
+        &mut self,
+        peer_addr: &str,
+        client_addr: &str,
+        partitions: u16,
+        sponsor: HostId,
+        now_ms: u64,
+    ) -> Result<Outcome, String> {
+        if usize::from(partitions) != self.partitions.len() {
+            return Err(format!(
+                "the cluster has {} partitions and this host is configured with {partitions} \
+                 (storage.partitions must be equal on every host)",
+                self.partitions.len()
+            ));
+        }
+        let host = self.next_host_id;
+        let ids = self.ids_mut()?;
+        let range = match ids.sponsor_split(sponsor, host) {
+            Ok(range) => range,
+            // The sponsor is too full to split: the pool or the roomiest host gives.
+            Err(RangeError::NothingToSplit { .. } | RangeError::UnknownHost(_)) => {
+                match ids.grant_free(host) {
+                    Ok(range) => range,
+                    Err(_) => {
+                        let other = ids.best_sponsor().ok_or("no host has ids left to share")?;
+                        ids.sponsor_split(other, host).map_err(|e| e.to_string())?
+                    }
+                }
+            }
+            Err(error) => return Err(error.to_string()),
+        };
+        self.next_host_id += 1;
+        self.hosts
+            .insert(host, new_host(host, peer_addr, client_addr, now_ms));
+        Ok(Outcome::Joined { host, range })
+    }
+
+    /// [`Command::Rejoin`]: the host's new addresses; it is writable again (since `now_ms`
+    /// if it was not).
+    fn rejoin(
+        &mut self,
+        host: HostId,
+        peer_addr: &str,
+        client_addr: &str,
+        now_ms: u64,
+    ) -> Result<Outcome, String> {
+        let info = self.host_mut(host)?;
+        peer_addr.clone_into(&mut info.peer_addr);
+        client_addr.clone_into(&mut info.client_addr);
+        if info.state != HostState::Write {
+            info.state = HostState::Write;
+            info.since_ms = now_ms;
+        }
+        Ok(Outcome::Done)
+    }
+
+    /// [`Command::SetState`]: the host's new state, since `now_ms`. Refused when it is in
+    /// that state already.
+    fn set_state(
+        &mut self,
+        host: HostId,
+        state: HostState,
+        now_ms: u64,
+    ) -> Result<Outcome, String> {
+        let info = self.host_mut(host)?;
+        if info.state == state {
+            return Err(format!("host {host} is already {}", state.name()));
+        }
+        info.state = state;
+        info.since_ms = now_ms;
+        Ok(Outcome::Done)
+    }
+
+    /// [`Command::ReserveIds`]: the next `count` ids of the host; a host out of ids first
+    /// gets a new range from the pool or from the roomiest other host.
+    fn reserve_ids(&mut self, host: HostId, count: u64) -> Result<Outcome, String> {
+        self.host_mut(host)?;
+        let ids = self.ids_mut()?;
+        let range = match ids.reserve(host, count) {
+            Ok(range) => range,
+            // Out of ids: the pool or the roomiest other host gives a new range.
+            Err(RangeError::Exhausted { .. }) => {
+                if ids.grant_free(host).is_err() {
+                    let sponsor = ids
+                        .best_sponsor()
+                        .filter(|&sponsor| sponsor != host)
+                        .ok_or("the id space is exhausted")?;
+                    ids.sponsor_split(sponsor, host)
+                        .map_err(|e| e.to_string())?;
+                }
+                ids.reserve(host, count).map_err(|e| e.to_string())?
+            }
+            Err(error) => return Err(error.to_string()),
+        };
+        Ok(Outcome::Reserved(range))
+    }
+
+    /// [`Command::Reclaim`]: the unused part of the host's ranges goes back to the pool.
+    fn reclaim(&mut self, host: HostId) -> Result<Outcome, String> {
+        self.host_mut(host)?;
+        let reclaimed = self
+            .ids_mut()?
+            .reclaim_unused(host)
+            .map_err(|e| e.to_string())?;
+        Ok(Outcome::Reclaimed(reclaimed))
+    }
+
+    /// [`Command::Report`]: the host's latest capacity and coordinate.
+    fn report(
+        &mut self,
+        host: HostId,
+        capacity: &Capacity,
+        coordinate: &Coordinate,
+    ) -> Result<Outcome, String> {
+        let info = self.host_mut(host)?;
+        info.capacity = capacity.clone();
+        info.coordinate = coordinate.clone();
+        Ok(Outcome::Done)
+    }
+
+    /// [`Command::PlanMove`]: the partition starts moving to `to` (its epoch goes up).
+    /// Refused for an unknown host, another epoch, a move already running, or a move to
+    /// the owner itself.
+    fn plan_move(&mut self, partition: u16, to: HostId, epoch: u64) -> Result<Outcome, String> {
+        if !self.hosts.contains_key(&to) {
+            return Err(format!("no host {to} in the cluster"));
+        }
+        let entry = self.partition_at(partition, epoch)?;
+        if entry.target.is_some() || entry.owner == to {
+            return Err(format!(
+                "partition {partition} cannot move to host {to} now"
+            ));
+        }
+        entry.target = Some(to);
+        entry.epoch += 1;
+        Ok(Outcome::Done)
+    }
+
+    /// [`Command::CompleteMove`]: `to` owns the partition (its epoch goes up). Refused at
+    /// another epoch or when the partition is not moving to `to`.
+    fn complete_move(&mut self, partition: u16, to: HostId, epoch: u64) -> Result<Outcome, String> {
+        let entry = self.partition_at(partition, epoch)?;
+        if entry.target != Some(to) {
+            return Err(format!("partition {partition} is not moving to host {to}"));
+        }
+        entry.owner = to;
+        entry.target = None;
+        entry.epoch += 1;
+        Ok(Outcome::Done)
+    }
+
+    /// [`Command::AbortMove`]: the move stops and the owner keeps the partition (its epoch
+    /// goes up). Refused at another epoch or when the partition is not moving.
+    fn abort_move(&mut self, partition: u16, epoch: u64) -> Result<Outcome, String> {
+        let entry = self.partition_at(partition, epoch)?;
+        if entry.target.is_none() {
+            return Err(format!("partition {partition} is not moving"));
+        }
+        entry.target = None;
+        entry.epoch += 1;
+        Ok(Outcome::Done)
+    }
+
+    /// [`Command::Leave`]: the host is marked leaving. Moves to it that already run are
+    /// left to finish. Refused when it is leaving already.
+    fn leave(&mut self, host: HostId) -> Result<Outcome, String> {
+        let info = self.host_mut(host)?;
+        if info.leaving {
+            return Err(format!("host {host} is already leaving"));
+        }
+        info.leaving = true;
+        Ok(Outcome::Done)
+    }
+
+    /// [`Command::Remove`]: the host is gone from the NI and the unused part of its
+    /// ranges goes back to the pool. Refused while it owns or receives a partition.
+    fn remove(&mut self, host: HostId) -> Result<Outcome, String> {
+        self.host_mut(host)?;
+        if self
+            .partitions
+            .iter()
+            .any(|entry| entry.owner == host || entry.target == Some(host))
+        {
+            return Err(format!("host {host} still holds partitions"));
+        }
+        // Its used ids stay recorded under its id, so no one issues them again.
+        let _ = self.ids_mut()?.reclaim_unused(host);
+        self.hosts.remove(&host);
+        Ok(Outcome::Done)
     }
 
     /// The entry of `partition`, if its epoch is still `epoch`.
@@ -695,5 +875,271 @@ mod tests {
         assert!(
             matches!(outcome, Outcome::Refused(reason) if reason.contains("storage.partitions"))
         );
+    }
+
+    fn refused(outcome: Outcome) -> String {
+        match outcome {
+            Outcome::Refused(reason) => reason,
+            other => panic!("expected a refusal, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn a_join_with_an_unknown_sponsor_takes_from_the_pool_then_from_the_roomiest_host() {
+        let mut ni = founded();
+        // The pool is empty: the roomiest host (the founder) gives.
+        let founder_unused = ni.ranges_of(FOUNDER)[0].unused();
+        let (second, range) = join(&mut ni, 42, "127.0.0.2:7380");
+        assert_eq!(range.start, founder_unused.start + founder_unused.len() / 2);
+        assert_eq!(range.end, founder_unused.end);
+        // Its unused ids go to the pool when it is reclaimed: the next such join gets them whole.
+        assert_eq!(
+            ni.apply(&Command::Reclaim { host: second }),
+            Outcome::Reclaimed(range.len())
+        );
+        let (third, pooled) = join(&mut ni, 42, "127.0.0.3:7380");
+        assert_eq!((third, pooled), (second + 1, range));
+        assert_eq!(ni.ids.as_ref().unwrap().free(), &[]);
+    }
+
+    #[test]
+    fn a_host_out_of_ids_gets_a_new_range_from_the_roomiest_other_host() {
+        let mut ni = founded();
+        let (host, range) = join(&mut ni, FOUNDER, "127.0.0.2:7380");
+        assert_eq!(
+            ni.apply(&Command::ReserveIds {
+                host,
+                count: range.len()
+            }),
+            Outcome::Reserved(range)
+        );
+        let Outcome::Reserved(more) = ni.apply(&Command::ReserveIds { host, count: 1 }) else {
+            panic!("reserve refused")
+        };
+        let ranges = ni.ranges_of(host);
+        assert_eq!(ranges.len(), 2);
+        // The new range sits below the used-up one (the founder keeps the lower part).
+        assert_eq!(ranges[1].range, range);
+        assert_eq!(more.start, ranges[0].range.start);
+        assert_eq!(more.len(), 1);
+        // Neither an unknown host nor an unfounded cluster reserves anything.
+        refused(ni.apply(&Command::ReserveIds { host: 9, count: 1 }));
+        let mut empty = NetworkInfo::default();
+        refused(empty.apply(&Command::ReserveIds { host: 1, count: 1 }));
+    }
+
+    #[test]
+    fn set_state_records_the_time_and_refuses_the_state_the_host_has() {
+        let mut ni = founded();
+        let reason = refused(ni.apply(&Command::SetState {
+            host: FOUNDER,
+            state: HostState::Write,
+            now_ms: 5,
+        }));
+        assert!(reason.contains("already write"), "{reason}");
+        assert_eq!(
+            ni.apply(&Command::SetState {
+                host: FOUNDER,
+                state: HostState::Read,
+                now_ms: 5,
+            }),
+            Outcome::Done
+        );
+        let info = &ni.hosts[&FOUNDER];
+        assert_eq!((info.state, info.since_ms), (HostState::Read, 5));
+        assert_eq!(ni.version, 2);
+    }
+
+    #[test]
+    fn a_rejoin_of_a_writable_host_keeps_its_since_time() {
+        let mut ni = founded();
+        ni.apply(&Command::Rejoin {
+            host: FOUNDER,
+            peer_addr: "127.0.0.5:7380".into(),
+            client_addr: "127.0.0.5:7379".into(),
+            now_ms: 50,
+        });
+        let info = &ni.hosts[&FOUNDER];
+        assert_eq!(
+            (
+                info.state,
+                info.since_ms,
+                info.peer_addr.as_str(),
+                info.client_addr.as_str()
+            ),
+            (HostState::Write, 1, "127.0.0.5:7380", "127.0.0.5:7379")
+        );
+        refused(ni.apply(&Command::Rejoin {
+            host: 9,
+            peer_addr: String::new(),
+            client_addr: String::new(),
+            now_ms: 50,
+        }));
+    }
+
+    #[test]
+    fn a_report_replaces_capacity_and_coordinate() {
+        let mut ni = founded();
+        let capacity = Capacity {
+            capacity_bytes: 10,
+            free_bytes: 7,
+            used_bytes: 3,
+            cpu_rating: 2000,
+            workers: 4,
+        };
+        let coordinate = Coordinate {
+            height_s: 0.5,
+            ..Coordinate::default()
+        };
+        let report = Command::Report {
+            host: FOUNDER,
+            capacity: capacity.clone(),
+            coordinate: coordinate.clone(),
+        };
+        assert_eq!(ni.apply(&report), Outcome::Done);
+        let info = &ni.hosts[&FOUNDER];
+        assert_eq!((&info.capacity, &info.coordinate), (&capacity, &coordinate));
+        refused(ni.apply(&Command::Report {
+            host: 9,
+            capacity,
+            coordinate,
+        }));
+    }
+
+    #[test]
+    fn moves_are_refused_unless_they_fit_the_table() {
+        let mut ni = founded();
+        let (host, _) = join(&mut ni, FOUNDER, "127.0.0.2:7380");
+        let (third, _) = join(&mut ni, FOUNDER, "127.0.0.3:7380");
+        let before = ni.clone();
+        let plan = |partition, to, epoch| Command::PlanMove {
+            partition,
+            to,
+            epoch,
+        };
+        assert!(refused(ni.apply(&plan(0, 9, 1))).contains("no host 9"));
+        assert!(refused(ni.apply(&plan(16, host, 1))).contains("no partition 16"));
+        assert!(refused(ni.apply(&plan(0, host, 2))).contains("at epoch 1, not 2"));
+        assert!(refused(ni.apply(&plan(0, FOUNDER, 1))).contains("cannot move"));
+        assert!(refused(ni.apply(&Command::AbortMove {
+            partition: 0,
+            epoch: 1
+        }))
+        .contains("not moving"));
+        assert_eq!(ni, before);
+        assert_eq!(ni.apply(&plan(0, host, 1)), Outcome::Done);
+        // One move at a time, and only to its target.
+        assert!(refused(ni.apply(&plan(0, third, 2))).contains("cannot move"));
+        assert!(refused(ni.apply(&Command::CompleteMove {
+            partition: 0,
+            to: FOUNDER,
+            epoch: 2
+        }))
+        .contains("not moving to host 1"));
+        assert_eq!(
+            ni.partitions[0],
+            PartitionEntry {
+                owner: FOUNDER,
+                epoch: 2,
+                target: Some(host)
+            }
+        );
+    }
+
+    #[test]
+    fn a_leaving_host_keeps_the_moves_to_it_and_is_removed_only_once_empty() {
+        let mut ni = founded();
+        let (host, range) = join(&mut ni, FOUNDER, "127.0.0.2:7380");
+        ni.apply(&Command::PlanMove {
+            partition: 2,
+            to: host,
+            epoch: 1,
+        });
+        assert_eq!(ni.apply(&Command::Leave { host }), Outcome::Done);
+        assert!(refused(ni.apply(&Command::Leave { host })).contains("already leaving"));
+        assert_eq!(ni.partitions[2].target, Some(host));
+        assert!(refused(ni.apply(&Command::Remove { host })).contains("still holds"));
+        ni.apply(&Command::AbortMove {
+            partition: 2,
+            epoch: 2,
+        });
+        assert_eq!(ni.apply(&Command::Remove { host }), Outcome::Done);
+        assert!(!ni.hosts.contains_key(&host));
+        // Its unused ids went back to the pool; nothing was issued, so it keeps no range.
+        assert_eq!(ni.ids.as_ref().unwrap().free(), &[range]);
+        assert_eq!(ni.ranges_of(host), &[]);
+        refused(ni.apply(&Command::Remove { host }));
+        refused(ni.apply(&Command::Leave { host }));
+    }
+
+    /// `ni` after `change`, as a command that applied would leave it (one version up).
+    fn broken(ni: &NetworkInfo, change: impl FnOnce(&mut NetworkInfo)) -> NetworkInfo {
+        let mut after = ni.clone();
+        after.version += 1;
+        change(&mut after);
+        after
+    }
+
+    #[test]
+    fn the_invariant_check_catches_a_broken_ni() {
+        let mut ni = founded();
+        let (host, _) = join(&mut ni, FOUNDER, "127.0.0.2:7380");
+        ni.apply(&Command::PlanMove {
+            partition: 1,
+            to: host,
+            epoch: 1,
+        });
+        let done = Outcome::Done;
+        let fine = broken(&ni, |_| {});
+        assert_eq!(fine.check_invariants(&ni, &done), Ok(()));
+        let check = |after: NetworkInfo, outcome: &Outcome| {
+            after
+                .check_invariants(&ni, outcome)
+                .expect_err("a broken NI passed the check")
+        };
+        // The version.
+        assert!(check(fine.clone(), &Outcome::Refused("no".into())).contains("version"));
+        assert!(check(broken(&ni, |n| n.version += 1), &done).contains("version"));
+        // The cluster and its partitions.
+        assert!(check(broken(&ni, |n| n.cluster_id = 8), &done).contains("cluster id"));
+        assert!(check(broken(&ni, |n| n.partitions.truncate(8)), &done).contains("partitions"));
+        // The hosts and their ids.
+        let misfiled = broken(&ni, |n| {
+            let info = n.hosts.remove(&host).unwrap();
+            n.hosts.insert(host + 5, info);
+            n.next_host_id = host + 6;
+        });
+        assert!(check(misfiled, &done).contains("filed under"));
+        assert!(check(broken(&ni, |n| n.next_host_id = host), &done).contains("next host id"));
+        assert!(check(broken(&ni, |n| n.ids = None), &done).contains("no id space"));
+        // A range of the founder's handed out again from the pool (edited through serde:
+        // the id space's own operations never overlap).
+        let overlapping = broken(&ni, |n| {
+            let mut ids = serde_json::to_value(n.ids.as_ref().unwrap()).unwrap();
+            let range = ids["hosts"]["1"][0]["range"].clone();
+            ids["free"] = serde_json::json!([range]);
+            n.ids = Some(serde_json::from_value(ids).unwrap());
+        });
+        assert!(check(overlapping, &done).contains("id space is broken"));
+        // The partition table.
+        let unknown_owner = broken(&ni, |n| n.partitions[0].owner = 9);
+        assert!(check(unknown_owner, &done).contains("owned by host 9"));
+        let unknown_target = broken(&ni, |n| n.partitions[1].target = Some(9));
+        assert!(check(unknown_target, &done).contains("moves to host 9"));
+        let to_owner = broken(&ni, |n| n.partitions[1].target = Some(FOUNDER));
+        assert!(check(to_owner, &done).contains("moves to its owner"));
+        let epoch_down = broken(&ni, |n| n.partitions[1].epoch = 1);
+        assert!(check(epoch_down, &done).contains("without a higher epoch"));
+        let same_epoch = broken(&ni, |n| n.partitions[0].owner = host);
+        assert!(check(same_epoch, &done).contains("without a higher epoch"));
+    }
+
+    #[cfg(debug_assertions)]
+    #[test]
+    #[should_panic(expected = "broke an invariant of the NI")]
+    fn applying_a_command_to_a_broken_ni_panics_in_debug_builds() {
+        let mut ni = founded();
+        ni.partitions[0].owner = 9;
+        ni.apply(&Command::Leave { host: FOUNDER });
     }
 }

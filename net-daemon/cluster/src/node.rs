@@ -17,8 +17,10 @@
 //!   return, its capacity and coordinate);
 //! - leader duties, on the metadata leader only: Raft membership follows the
 //!   NI (learners for every host, up to five voters among the writable hosts),
-//!   hosts that enough observers suspect become `inactive`, and hosts offline
-//!   past `offline_threshold_secs` lose the unused part of their id ranges.
+//!   hosts that enough observers suspect become `inactive`, hosts offline
+//!   past `offline_threshold_secs` lose the unused part of their id ranges, and
+//!   partitions move toward their placement. [`crate::leader`] decides all of
+//!   it; this loop gathers its inputs and commits what it decides.
 //!
 //! The identity (cluster id, host id) is kept in `<data_dir>/cluster.json`, the
 //! metadata group's storage in `<data_dir>/meta-raft/` (or in memory, see
@@ -44,12 +46,12 @@ use tokio::time::Instant;
 
 use crate::coords::{Coordinate, VivaldiConfig};
 use crate::gossip::{Gossip, Metrics, Rumor};
-use crate::liveness::{decide_inactive, LivenessConfig, Observer, Score, Suspicion};
+use crate::leader::{self, LeaderSettings, MembershipChange, RaftMembership, SuspectReport};
+use crate::liveness::{LivenessConfig, Observer, Score};
 use crate::messages::{DataRequest, PeerRequest, PeerResponse};
 use crate::network::RaftPeers;
 use crate::ni::{Capacity, Command, HostState, NetworkInfo, Outcome, FOUNDER};
 use crate::peer::{ClusterSecret, HostAddr, PeerConfig, PeerListener, PeerPool};
-use crate::placement::{desired_owners, next_moves, Candidate};
 use crate::raft_store::memory::MemoryMetaStore;
 use crate::raft_store::{open_meta_store, AppliedState, MetaRaft, MetaStoreOptions};
 use crate::transport::{Clock, PeerCaller, WallClock};
@@ -65,15 +67,6 @@ const DUTY_INTERVAL: Duration = Duration::from_millis(500);
 const REPORT_INTERVAL: Duration = Duration::from_secs(30);
 /// Shortest wait for a heartbeat's answer, whatever the interval.
 const HEARTBEAT_TIMEOUT_MIN: Duration = Duration::from_millis(750);
-/// Most voters of the metadata group.
-pub const MAX_VOTERS: usize = 5;
-/// A host made writable again is not judged for this long, while the observers'
-/// scores of it recover.
-const REJOIN_GRACE_MS: u64 = 10_000;
-/// A learner this close to the leader's log counts as caught up and may become a voter.
-const CAUGHT_UP_ENTRIES: u64 = 16;
-/// Most partition moves running at once in the whole cluster.
-const MAX_MOVES_IN_FLIGHT: usize = 4;
 
 /// What this host remembers of its membership across restarts.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -937,9 +930,15 @@ impl ClusterNode {
         lock(&self.liveness).gossip.get(host).cloned()
     }
 
-    /// On the metadata leader: membership follows the NI, suspects become inactive,
-    /// long-offline hosts lose their unused ids.
+    /// On the metadata leader, each [`DUTY_INTERVAL`]: the group's membership follows the
+    /// NI, then the judgements and the placement of [`leader`] are committed one by one.
+    /// A host that is not the leader forgets the reports it holds.
     async fn leader_loop(self: Arc<Self>) {
+        let settings = LeaderSettings::new(
+            self.heartbeat_interval,
+            self.offline_threshold_ms,
+            self.max_fill_ratio,
+        );
         loop {
             tokio::time::sleep(DUTY_INTERVAL).await;
             let Some(member) = self.member.get() else {
@@ -959,9 +958,9 @@ impl ClusterNode {
             }
             // Only this leader commits its own judgements: a leader that was cut off
             // must not hand stale ones to its successor.
-            let mut commands = self.judge(&ni);
-            commands.extend(self.place(&ni));
-            for command in commands {
+            let now_ms = self.now_ms();
+            let reports = self.fresh_reports(&settings);
+            for command in leader::round_commands(&ni, &reports, now_ms, &settings) {
                 match command {
                     Command::SetState { .. } | Command::Reclaim { .. } => {
                         tracing::warn!(?command, "changing a host's state")
@@ -978,207 +977,79 @@ impl ClusterNode {
         }
     }
 
-    /// Adds every host of the NI to the group (as a learner first), keeps addresses
-    /// current, and keeps up to [`MAX_VOTERS`] voters among the writable hosts.
+    /// Drops the reports too old to count and hands out the others with their ages.
+    fn fresh_reports(&self, settings: &LeaderSettings) -> Vec<SuspectReport> {
+        let mut fresh = Vec::new();
+        lock(&self.reports).retain(|&observer, report| {
+            let age = report.at.elapsed();
+            let keep = leader::is_fresh(age, settings);
+            if keep {
+                fresh.push(SuspectReport {
+                    observer,
+                    age,
+                    suspects: report.suspects.clone(),
+                    observed: report.observed.clone(),
+                });
+            }
+            keep
+        });
+        fresh
+    }
+
+    /// Makes the changes [`leader::membership_changes`] calls for, in order, and stops
+    /// at the first that fails.
     async fn reconcile_membership(&self, member: &Member, ni: &NetworkInfo) -> Result<(), String> {
         let metrics = member.raft.metrics().borrow().clone();
-        let membership = metrics.membership_config.membership().clone();
-        let nodes: BTreeMap<HostId, BasicNode> = membership
-            .nodes()
-            .map(|(id, node)| (*id, node.clone()))
-            .collect();
-        // Every host of the NI is a member (a learner at first), at its current address.
-        for host in ni.hosts.values() {
-            if !nodes.contains_key(&host.id) {
-                tracing::info!(host = host.id, addr = %host.peer_addr, "adding a learner to the metadata group");
-                member
-                    .raft
-                    .add_learner(host.id, BasicNode::new(&host.peer_addr), false)
-                    .await
-                    .map_err(|e| e.to_string())?;
-            }
-        }
-        let moved: BTreeMap<HostId, BasicNode> = ni
-            .hosts
-            .values()
-            .filter(|host| {
-                nodes
-                    .get(&host.id)
-                    .is_some_and(|node| node.addr != host.peer_addr)
-            })
-            .map(|host| (host.id, BasicNode::new(&host.peer_addr)))
-            .collect();
-        if !moved.is_empty() {
-            tracing::info!(?moved, "updating members' addresses");
-            return change_membership(member, ChangeMembers::SetNodes(moved)).await;
-        }
-        let voters: BTreeSet<HostId> = membership.voter_ids().collect();
-        let last_index = metrics.last_log_index.unwrap_or(0);
-        let caught_up = |host: HostId| {
-            host == member.host
-                || metrics.replication.as_ref().is_some_and(|replication| {
-                    replication.get(&host).is_some_and(|matched| {
-                        matched.is_some_and(|id| id.index + CAUGHT_UP_ENTRIES >= last_index)
-                    })
-                })
+        let membership = metrics.membership_config.membership();
+        let view = RaftMembership {
+            leader: member.host,
+            voters: membership.voter_ids().collect(),
+            nodes: membership
+                .nodes()
+                .map(|(id, node)| (*id, node.addr.clone()))
+                .collect(),
+            last_log_index: metrics.last_log_index.unwrap_or(0),
+            matched_index: metrics
+                .replication
+                .iter()
+                .flatten()
+                .filter_map(|(host, matched)| Some((*host, matched.as_ref()?.index)))
+                .collect(),
         };
-        let writable = |host: HostId| {
-            ni.hosts
-                .get(&host)
-                .is_some_and(|info| info.state != HostState::Inactive)
-        };
-        let mut wanted: BTreeSet<HostId> =
-            voters.iter().copied().filter(|&v| writable(v)).collect();
-        for host in ni.hosts.keys() {
-            if wanted.len() >= MAX_VOTERS {
-                break;
+        for change in leader::membership_changes(ni, &view) {
+            match change {
+                MembershipChange::AddLearner { host, addr } => {
+                    tracing::info!(host, addr = %addr, "adding a learner to the metadata group");
+                    member
+                        .raft
+                        .add_learner(host, BasicNode::new(&addr), false)
+                        .await
+                        .map_err(|e| e.to_string())?;
+                }
+                MembershipChange::SetAddresses(moved) => {
+                    tracing::info!(?moved, "updating members' addresses");
+                    let nodes = moved
+                        .into_iter()
+                        .map(|(host, addr)| (host, BasicNode::new(&addr)))
+                        .collect();
+                    change_membership(member, ChangeMembers::SetNodes(nodes)).await?;
+                }
+                MembershipChange::ReplaceVoters(wanted) => {
+                    tracing::info!(voters = ?view.voters, ?wanted, "changing the metadata group's voters");
+                    change_membership(member, ChangeMembers::ReplaceAllVoters(wanted)).await?;
+                }
+                MembershipChange::RemoveNodes(removed) => {
+                    tracing::info!(?removed, "removing hosts that left from the metadata group");
+                    change_membership(member, ChangeMembers::RemoveNodes(removed)).await?;
+                }
             }
-            if writable(*host) && caught_up(*host) {
-                wanted.insert(*host);
-            }
-        }
-        if wanted != voters && !wanted.is_empty() {
-            tracing::info!(?voters, ?wanted, "changing the metadata group's voters");
-            return change_membership(member, ChangeMembers::ReplaceAllVoters(wanted)).await;
-        }
-        // Hosts removed from the NI (they left) leave the group once they are no voters.
-        let removed: BTreeSet<HostId> = nodes
-            .keys()
-            .copied()
-            .filter(|host| !ni.hosts.contains_key(host) && !voters.contains(host))
-            .collect();
-        if !removed.is_empty() {
-            tracing::info!(?removed, "removing hosts that left from the metadata group");
-            return change_membership(member, ChangeMembers::RemoveNodes(removed)).await;
         }
         Ok(())
     }
 
-    /// The state changes the reports call for: hosts that enough observers suspect,
-    /// and the unused ids of hosts offline past the threshold.
-    fn judge(&self, ni: &NetworkInfo) -> Vec<Command> {
-        let fresh_for = (self.heartbeat_interval * 6).max(Duration::from_secs(3));
-        let now = self.now_ms();
-        let mut reports = lock(&self.reports);
-        reports.retain(|_, report| report.at.elapsed() <= fresh_for);
-        let mut suspicions: BTreeMap<HostId, Suspicion> = BTreeMap::new();
-        for (&observer, report) in reports.iter() {
-            for &peer in &report.observed {
-                suspicions.entry(peer).or_default().observers += 1;
-            }
-            for &peer in &report.suspects {
-                suspicions
-                    .entry(peer)
-                    .or_default()
-                    .suspected_by
-                    .insert(observer);
-            }
-        }
-        drop(reports);
-        let active = ni
-            .hosts
-            .values()
-            .filter(|host| host.state != HostState::Inactive)
-            .count();
-        let mut commands: Vec<Command> = decide_inactive(&suspicions, active)
-            .into_iter()
-            .filter(|peer| {
-                ni.hosts.get(peer).is_some_and(|host| {
-                    host.state != HostState::Inactive
-                        && now.saturating_sub(host.since_ms) >= REJOIN_GRACE_MS
-                })
-            })
-            .map(|host| Command::SetState {
-                host,
-                state: HostState::Inactive,
-                now_ms: now,
-            })
-            .collect();
-        for host in ni.hosts.values() {
-            let offline_for = now.saturating_sub(host.since_ms);
-            let has_unused = ni
-                .ranges_of(host.id)
-                .iter()
-                .any(|range| !range.unused().is_empty());
-            if host.state == HostState::Inactive
-                && offline_for >= self.offline_threshold_ms
-                && has_unused
-            {
-                commands.push(Command::Reclaim { host: host.id });
-            }
-        }
-        commands
-    }
-
-    /// The hosts as placement sees them: every host not inactive, weighted by capacity.
-    fn candidates(&self, ni: &NetworkInfo) -> Vec<Candidate> {
-        ni.hosts
-            .values()
-            .filter(|host| host.state != HostState::Inactive)
-            .map(|host| {
-                let capacity = &host.capacity;
-                let fill = capacity.used_bytes as f64 / capacity.capacity_bytes.max(1) as f64;
-                Candidate {
-                    host: host.id,
-                    weight: capacity.capacity_bytes >> 20,
-                    receives: host.state == HostState::Write
-                        && !host.leaving
-                        && fill < self.max_fill_ratio,
-                    keeps: !host.leaving,
-                }
-            })
-            .collect()
-    }
-
     /// Partitions whose owner is not the one placement wants (0 once balanced).
     pub fn misplaced(&self) -> usize {
-        let ni = self.ni();
-        let desired = desired_owners(&ni.partitions, &self.candidates(&ni));
-        ni.partitions
-            .iter()
-            .zip(desired)
-            .filter(|(entry, want)| entry.owner != *want)
-            .count()
-    }
-
-    /// The partition moves and host removals that placement calls for (see
-    /// [`crate::placement`]): moves toward the desired owners, at most
-    /// [`MAX_MOVES_IN_FLIGHT`] at once; moves whose target is gone given up; leaving hosts
-    /// that hold nothing any more removed.
-    fn place(&self, ni: &NetworkInfo) -> Vec<Command> {
-        let mut commands = Vec::new();
-        for (partition, entry) in ni.partitions.iter().enumerate() {
-            let target_gone = entry.target.is_some_and(|target| {
-                ni.hosts
-                    .get(&target)
-                    .is_none_or(|host| host.state == HostState::Inactive)
-            });
-            if target_gone {
-                commands.push(Command::AbortMove {
-                    partition: partition as u16,
-                    epoch: entry.epoch,
-                });
-            }
-        }
-        let candidates = self.candidates(ni);
-        let desired = desired_owners(&ni.partitions, &candidates);
-        for (partition, to) in next_moves(&ni.partitions, &desired, MAX_MOVES_IN_FLIGHT) {
-            commands.push(Command::PlanMove {
-                partition,
-                to,
-                epoch: ni.partitions[usize::from(partition)].epoch,
-            });
-        }
-        for host in ni.hosts.values().filter(|host| host.leaving) {
-            let holds = ni
-                .partitions
-                .iter()
-                .any(|entry| entry.owner == host.id || entry.target == Some(host.id));
-            if !holds {
-                commands.push(Command::Remove { host: host.id });
-            }
-        }
-        commands
+        leader::misplaced(&self.ni(), self.max_fill_ratio)
     }
 }
 

@@ -1,0 +1,838 @@
+//! The metadata leader's decisions (pure): what the leader commits each round.
+//!
+//! This module owns the leader's duties as functions from what the leader knows to
+//! what it should do:
+//! - [`membership_changes`]: the metadata group's members follow the NI (every host a
+//!   learner at its current address, up to [`MAX_VOTERS`] voters among the hosts not
+//!   inactive, hosts that left removed once they are no voters);
+//! - [`judge`]: hosts that enough observers suspect become `inactive`, and hosts
+//!   offline past the threshold lose the unused part of their id ranges;
+//! - [`place`]: partitions move toward the owners [`crate::placement`] wants, a few
+//!   at a time; moves whose target is gone are given up; leaving hosts that hold
+//!   nothing any more are removed;
+//! - [`misplaced`]: how far the partition table is from balanced.
+//!
+//! Its inputs are the NI, the observers' suspect reports with their ages, a view of
+//! the metadata group's membership, `now_ms` and [`LeaderSettings`]; its outputs are
+//! NI [`Command`]s to commit and [`MembershipChange`]s to make, in order. The I/O
+//! around it (the leader loop in [`crate::node`]) gathers the inputs, calls it and
+//! carries the outputs out. It talks to [`crate::liveness`] (the agreement rule) and
+//! [`crate::placement`] (the solver) only. It must never do I/O, spawn a task, await,
+//! or read a clock: time comes in as arguments.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::time::Duration;
+
+use crate::liveness::{decide_inactive, Suspicion};
+use crate::ni::{Command, HostState, NetworkInfo};
+use crate::placement::{desired_owners, next_moves, Candidate};
+use crate::HostId;
+
+/// Most voters of the metadata group.
+pub(crate) const MAX_VOTERS: usize = 5;
+/// A host made writable again is not judged for this long, while the observers'
+/// scores of it recover.
+pub(crate) const REJOIN_GRACE_MS: u64 = 10_000;
+/// A learner this close to the leader's log counts as caught up and may become a voter.
+pub(crate) const CAUGHT_UP_ENTRIES: u64 = 16;
+/// Most partition moves running at once in the whole cluster.
+pub(crate) const MAX_MOVES_IN_FLIGHT: usize = 4;
+/// A report is never dropped sooner than this, however short the heartbeat interval.
+const REPORT_FRESH_MIN: Duration = Duration::from_secs(3);
+/// A report counts for this many heartbeat intervals.
+const REPORT_FRESH_HEARTBEATS: u32 = 6;
+
+/// What the leader is told once: the cluster's settings that its decisions follow.
+#[derive(Debug, Clone, PartialEq)]
+pub(crate) struct LeaderSettings {
+    /// How long an observer's report counts (see [`report_fresh_for`]).
+    pub report_fresh_for: Duration,
+    /// An inactive host offline this long loses the unused part of its id ranges.
+    pub offline_threshold_ms: u64,
+    /// `cluster.max_fill_ratio`: a host filled this much receives no partitions.
+    pub max_fill_ratio: f64,
+    /// Most partition moves running at once in the whole cluster.
+    pub max_moves_in_flight: usize,
+}
+
+impl LeaderSettings {
+    /// The settings of a host with this heartbeat interval, offline threshold and fill
+    /// ratio, with [`MAX_MOVES_IN_FLIGHT`].
+    pub(crate) fn new(
+        heartbeat_interval: Duration,
+        offline_threshold_ms: u64,
+        max_fill_ratio: f64,
+    ) -> LeaderSettings {
+        LeaderSettings {
+            report_fresh_for: report_fresh_for(heartbeat_interval),
+            offline_threshold_ms,
+            max_fill_ratio,
+            max_moves_in_flight: MAX_MOVES_IN_FLIGHT,
+        }
+    }
+}
+
+/// How long an observer's report counts: six heartbeat intervals, at least 3 s.
+pub(crate) fn report_fresh_for(heartbeat_interval: Duration) -> Duration {
+    (heartbeat_interval * REPORT_FRESH_HEARTBEATS).max(REPORT_FRESH_MIN)
+}
+
+/// Whether a report this old still counts.
+pub(crate) fn is_fresh(age: Duration, settings: &LeaderSettings) -> bool {
+    age <= settings.report_fresh_for
+}
+
+/// One observer's latest report of the peers it suspects, as the leader holds it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct SuspectReport {
+    /// The host that reported.
+    pub observer: HostId,
+    /// How long ago the leader received it.
+    pub age: Duration,
+    /// The peers the observer suspects.
+    pub suspects: Vec<HostId>,
+    /// The peers the observer has a link to (and so can observe).
+    pub observed: Vec<HostId>,
+}
+
+/// The metadata group's membership as the leader sees it.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub(crate) struct RaftMembership {
+    /// The leader itself (always counts as caught up).
+    pub leader: HostId,
+    /// The voters.
+    pub voters: BTreeSet<HostId>,
+    /// Every member, voter or learner, at the address the group has for it.
+    pub nodes: BTreeMap<HostId, String>,
+    /// The index of the leader's last log entry (0 when the log is empty).
+    pub last_log_index: u64,
+    /// For each member whose progress the leader knows, the index up to which its log
+    /// matches the leader's.
+    pub matched_index: BTreeMap<HostId, u64>,
+}
+
+/// A change to the metadata group's members, to make in the order given.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) enum MembershipChange {
+    /// Adds `host` at `addr` as a learner (without waiting for it to catch up).
+    AddLearner { host: HostId, addr: String },
+    /// Gives these members these new addresses.
+    SetAddresses(BTreeMap<HostId, String>),
+    /// Makes exactly these hosts the voters (the others stay learners).
+    ReplaceVoters(BTreeSet<HostId>),
+    /// Removes these members (none of them is a voter).
+    RemoveNodes(BTreeSet<HostId>),
+}
+
+/// The changes that make the group follow `ni`: every host of the NI is added as a
+/// learner; then at most one more change, the first that applies of: members whose
+/// address changed get the new one; the voters become the current voters not inactive
+/// in the NI, topped up to [`MAX_VOTERS`] with hosts not inactive and caught up (in
+/// host order); members no longer in the NI and no voters are removed.
+///
+/// All of it is decided from `membership` as it was before the first change, so the
+/// learners added in this round are neither moved nor made voters until the next one.
+pub(crate) fn membership_changes(
+    ni: &NetworkInfo,
+    membership: &RaftMembership,
+) -> Vec<MembershipChange> {
+    let nodes = &membership.nodes;
+    let mut changes: Vec<MembershipChange> = ni
+        .hosts
+        .values()
+        .filter(|host| !nodes.contains_key(&host.id))
+        .map(|host| MembershipChange::AddLearner {
+            host: host.id,
+            addr: host.peer_addr.clone(),
+        })
+        .collect();
+    let moved: BTreeMap<HostId, String> = ni
+        .hosts
+        .values()
+        .filter(|host| {
+            nodes
+                .get(&host.id)
+                .is_some_and(|addr| *addr != host.peer_addr)
+        })
+        .map(|host| (host.id, host.peer_addr.clone()))
+        .collect();
+    if !moved.is_empty() {
+        changes.push(MembershipChange::SetAddresses(moved));
+        return changes;
+    }
+    let voters = &membership.voters;
+    let wanted = wanted_voters(ni, membership);
+    if wanted != *voters && !wanted.is_empty() {
+        changes.push(MembershipChange::ReplaceVoters(wanted));
+        return changes;
+    }
+    // Hosts removed from the NI (they left) leave the group once they are no voters.
+    let removed: BTreeSet<HostId> = nodes
+        .keys()
+        .copied()
+        .filter(|host| !ni.hosts.contains_key(host) && !voters.contains(host))
+        .collect();
+    if !removed.is_empty() {
+        changes.push(MembershipChange::RemoveNodes(removed));
+    }
+    changes
+}
+
+/// The voters the group should have: the current voters that are hosts of the NI and
+/// not inactive, then hosts not inactive whose log is within [`CAUGHT_UP_ENTRIES`] of
+/// the leader's, in host order, up to [`MAX_VOTERS`].
+fn wanted_voters(ni: &NetworkInfo, membership: &RaftMembership) -> BTreeSet<HostId> {
+    let caught_up = |host: HostId| {
+        host == membership.leader
+            || membership
+                .matched_index
+                .get(&host)
+                .is_some_and(|&index| index + CAUGHT_UP_ENTRIES >= membership.last_log_index)
+    };
+    let writable = |host: HostId| {
+        ni.hosts
+            .get(&host)
+            .is_some_and(|info| info.state != HostState::Inactive)
+    };
+    let mut wanted: BTreeSet<HostId> = membership
+        .voters
+        .iter()
+        .copied()
+        .filter(|&voter| writable(voter))
+        .collect();
+    for &host in ni.hosts.keys() {
+        if wanted.len() >= MAX_VOTERS {
+            break;
+        }
+        if writable(host) && caught_up(host) {
+            wanted.insert(host);
+        }
+    }
+    wanted
+}
+
+/// What one round of the leader commits, in order: the [`judge`]ments, then the
+/// [`place`]ment.
+pub(crate) fn round_commands(
+    ni: &NetworkInfo,
+    reports: &[SuspectReport],
+    now_ms: u64,
+    settings: &LeaderSettings,
+) -> Vec<Command> {
+    let mut commands = judge(ni, reports, now_ms, settings);
+    commands.extend(place(ni, settings));
+    commands
+}
+
+/// The state changes the reports call for: the hosts that the fresh reports agree on
+/// ([`decide_inactive`], among the hosts not inactive) become inactive at `now_ms`,
+/// unless they are inactive already or became writable less than
+/// [`REJOIN_GRACE_MS`] ago; then, in host order, inactive hosts offline for
+/// `offline_threshold_ms` or more that still have unused ids lose them.
+pub(crate) fn judge(
+    ni: &NetworkInfo,
+    reports: &[SuspectReport],
+    now_ms: u64,
+    settings: &LeaderSettings,
+) -> Vec<Command> {
+    let mut suspicions: BTreeMap<HostId, Suspicion> = BTreeMap::new();
+    for report in reports
+        .iter()
+        .filter(|report| is_fresh(report.age, settings))
+    {
+        for &peer in &report.observed {
+            suspicions.entry(peer).or_default().observers += 1;
+        }
+        for &peer in &report.suspects {
+            suspicions
+                .entry(peer)
+                .or_default()
+                .suspected_by
+                .insert(report.observer);
+        }
+    }
+    let active = ni
+        .hosts
+        .values()
+        .filter(|host| host.state != HostState::Inactive)
+        .count();
+    let mut commands: Vec<Command> = decide_inactive(&suspicions, active)
+        .into_iter()
+        .filter(|peer| {
+            ni.hosts.get(peer).is_some_and(|host| {
+                host.state != HostState::Inactive
+                    && now_ms.saturating_sub(host.since_ms) >= REJOIN_GRACE_MS
+            })
+        })
+        .map(|host| Command::SetState {
+            host,
+            state: HostState::Inactive,
+            now_ms,
+        })
+        .collect();
+    for host in ni.hosts.values() {
+        let offline_for = now_ms.saturating_sub(host.since_ms);
+        let has_unused = ni
+            .ranges_of(host.id)
+            .iter()
+            .any(|range| !range.unused().is_empty());
+        if host.state == HostState::Inactive
+            && offline_for >= settings.offline_threshold_ms
+            && has_unused
+        {
+            commands.push(Command::Reclaim { host: host.id });
+        }
+    }
+    commands
+}
+
+/// The hosts as placement sees them: every host not inactive, weighted by its capacity
+/// in MiB; it keeps its partitions unless it is leaving, and receives more only when it
+/// is writable, not leaving and filled less than `max_fill_ratio`.
+pub(crate) fn candidates(ni: &NetworkInfo, max_fill_ratio: f64) -> Vec<Candidate> {
+    ni.hosts
+        .values()
+        .filter(|host| host.state != HostState::Inactive)
+        .map(|host| {
+            let capacity = &host.capacity;
+            let fill = capacity.used_bytes as f64 / capacity.capacity_bytes.max(1) as f64;
+            Candidate {
+                host: host.id,
+                weight: capacity.capacity_bytes >> 20,
+                receives: host.state == HostState::Write && !host.leaving && fill < max_fill_ratio,
+                keeps: !host.leaving,
+            }
+        })
+        .collect()
+}
+
+/// Partitions whose owner is not the one placement wants (0 once balanced).
+pub(crate) fn misplaced(ni: &NetworkInfo, max_fill_ratio: f64) -> usize {
+    let desired = desired_owners(&ni.partitions, &candidates(ni, max_fill_ratio));
+    ni.partitions
+        .iter()
+        .zip(desired)
+        .filter(|(entry, want)| entry.owner != *want)
+        .count()
+}
+
+/// The partition moves and host removals that placement calls for, in this order:
+/// moves whose target is no host or an inactive one are given up (in partition order);
+/// moves toward the desired owners start, at most `max_moves_in_flight` running at once
+/// (counting the moves still running, the ones given up included); leaving hosts that
+/// own nothing and receive nothing are removed (in host order).
+pub(crate) fn place(ni: &NetworkInfo, settings: &LeaderSettings) -> Vec<Command> {
+    let mut commands = Vec::new();
+    for (partition, entry) in ni.partitions.iter().enumerate() {
+        let target_gone = entry.target.is_some_and(|target| {
+            ni.hosts
+                .get(&target)
+                .is_none_or(|host| host.state == HostState::Inactive)
+        });
+        if target_gone {
+            commands.push(Command::AbortMove {
+                partition: partition as u16,
+                epoch: entry.epoch,
+            });
+        }
+    }
+    let desired = desired_owners(&ni.partitions, &candidates(ni, settings.max_fill_ratio));
+    for (partition, to) in next_moves(&ni.partitions, &desired, settings.max_moves_in_flight) {
+        commands.push(Command::PlanMove {
+            partition,
+            to,
+            epoch: ni.partitions[usize::from(partition)].epoch,
+        });
+    }
+    for host in ni.hosts.values().filter(|host| host.leaving) {
+        let holds = ni
+            .partitions
+            .iter()
+            .any(|entry| entry.owner == host.id || entry.target == Some(host.id));
+        if !holds {
+            commands.push(Command::Remove { host: host.id });
+        }
+    }
+    commands
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::coords::Coordinate;
+    use crate::ni::{Capacity, Outcome, PartitionEntry, FOUNDER};
+
+    const GIB: u64 = 1 << 30;
+    /// Late enough that every host of [`cluster`] is past the rejoin grace.
+    const NOW_MS: u64 = 100_000;
+
+    fn settings() -> LeaderSettings {
+        LeaderSettings::new(Duration::from_millis(500), 15_000, 0.9)
+    }
+
+    fn apply(ni: &mut NetworkInfo, command: Command) {
+        let outcome = ni.apply(&command);
+        assert!(
+            !matches!(outcome, Outcome::Refused(_)),
+            "{command:?}: {outcome:?}"
+        );
+    }
+
+    fn addr(host: HostId) -> String {
+        format!("10.0.0.{host}:7380")
+    }
+
+    /// A founded cluster of `hosts` writable hosts (ids 1..=hosts) with 16 partitions, all
+    /// on the founder, and 1 GiB of capacity each.
+    fn cluster(hosts: u64) -> NetworkInfo {
+        let mut ni = NetworkInfo::default();
+        apply(
+            &mut ni,
+            Command::Found {
+                cluster_id: 7,
+                peer_addr: addr(FOUNDER),
+                client_addr: String::new(),
+                partitions: 16,
+                now_ms: 1,
+            },
+        );
+        for host in 2..=hosts {
+            apply(
+                &mut ni,
+                Command::Join {
+                    peer_addr: addr(host),
+                    client_addr: String::new(),
+                    partitions: 16,
+                    sponsor: FOUNDER,
+                    now_ms: 2,
+                },
+            );
+        }
+        for host in 1..=hosts {
+            report_capacity(&mut ni, host, GIB, 0);
+        }
+        ni
+    }
+
+    fn report_capacity(ni: &mut NetworkInfo, host: HostId, capacity_bytes: u64, used_bytes: u64) {
+        apply(
+            ni,
+            Command::Report {
+                host,
+                capacity: Capacity {
+                    capacity_bytes,
+                    free_bytes: capacity_bytes - used_bytes,
+                    used_bytes,
+                    cpu_rating: 1000,
+                    workers: 1,
+                },
+                coordinate: Coordinate::default(),
+            },
+        );
+    }
+
+    fn set_state(ni: &mut NetworkInfo, host: HostId, state: HostState, now_ms: u64) {
+        apply(
+            ni,
+            Command::SetState {
+                host,
+                state,
+                now_ms,
+            },
+        );
+    }
+
+    /// A report from `observer`, `age_ms` old, observing every other host of 1..=hosts.
+    fn report(observer: HostId, hosts: u64, suspects: &[HostId], age_ms: u64) -> SuspectReport {
+        SuspectReport {
+            observer,
+            age: Duration::from_millis(age_ms),
+            suspects: suspects.to_vec(),
+            observed: (1..=hosts).filter(|&host| host != observer).collect(),
+        }
+    }
+
+    fn inactive(host: HostId, now_ms: u64) -> Command {
+        Command::SetState {
+            host,
+            state: HostState::Inactive,
+            now_ms,
+        }
+    }
+
+    #[test]
+    fn reports_count_for_six_heartbeats_and_at_least_three_seconds() {
+        assert_eq!(
+            report_fresh_for(Duration::from_millis(500)),
+            Duration::from_secs(3)
+        );
+        assert_eq!(
+            report_fresh_for(Duration::from_secs(1)),
+            Duration::from_secs(6)
+        );
+        let settings = settings();
+        assert!(is_fresh(Duration::from_secs(3), &settings));
+        assert!(!is_fresh(Duration::from_millis(3001), &settings));
+    }
+
+    #[test]
+    fn a_host_is_judged_inactive_only_when_a_majority_of_active_hosts_suspects_it() {
+        let ni = cluster(5);
+        let settings = settings();
+        // Two of the four observers of host 5: not a majority of the five active hosts.
+        let mut reports = vec![
+            report(1, 5, &[5], 0),
+            report(2, 5, &[5], 0),
+            report(3, 5, &[], 0),
+            report(4, 5, &[], 0),
+        ];
+        assert_eq!(judge(&ni, &reports, NOW_MS, &settings), vec![]);
+        // A third: a majority of the observers and of the cluster.
+        reports[2] = report(3, 5, &[5], 0);
+        assert_eq!(
+            judge(&ni, &reports, NOW_MS, &settings),
+            vec![inactive(5, NOW_MS)]
+        );
+        // A host suspecting itself is no vote.
+        let reports = vec![
+            report(1, 5, &[5], 0),
+            report(2, 5, &[5], 0),
+            report(5, 5, &[5], 0),
+        ];
+        assert_eq!(judge(&ni, &reports, NOW_MS, &settings), vec![]);
+    }
+
+    #[test]
+    fn stale_reports_do_not_count() {
+        let ni = cluster(5);
+        let settings = settings();
+        let fresh_ms = settings.report_fresh_for.as_millis() as u64;
+        let reports = vec![
+            report(1, 5, &[5], 0),
+            report(2, 5, &[5], fresh_ms),
+            report(3, 5, &[5], fresh_ms + 1),
+        ];
+        assert_eq!(judge(&ni, &reports, NOW_MS, &settings), vec![]);
+        let reports = vec![
+            report(1, 5, &[5], 0),
+            report(2, 5, &[5], fresh_ms),
+            report(3, 5, &[5], fresh_ms),
+        ];
+        assert_eq!(
+            judge(&ni, &reports, NOW_MS, &settings),
+            vec![inactive(5, NOW_MS)]
+        );
+    }
+
+    #[test]
+    fn inactive_hosts_do_not_count_toward_the_majority_and_are_not_judged_again() {
+        let mut ni = cluster(5);
+        set_state(&mut ni, 4, HostState::Inactive, NOW_MS);
+        set_state(&mut ni, 5, HostState::Inactive, NOW_MS);
+        let settings = settings();
+        // Three hosts are active: two suspicions of host 3 are a majority of them.
+        let reports = vec![report(1, 5, &[3, 4, 5], 0), report(2, 5, &[3, 4, 5], 0)];
+        assert_eq!(
+            judge(&ni, &reports, NOW_MS + 1, &settings),
+            vec![inactive(3, NOW_MS + 1)]
+        );
+    }
+
+    #[test]
+    fn a_returning_host_is_not_judged_during_the_rejoin_grace() {
+        let mut ni = cluster(5);
+        set_state(&mut ni, 5, HostState::Inactive, 10_000);
+        apply(
+            &mut ni,
+            Command::Rejoin {
+                host: 5,
+                peer_addr: "10.0.1.5:7380".into(),
+                client_addr: String::new(),
+                now_ms: 20_000,
+            },
+        );
+        let settings = settings();
+        // The observers' scores of it have not recovered yet.
+        let reports = vec![
+            report(1, 5, &[5], 0),
+            report(2, 5, &[5], 0),
+            report(3, 5, &[5], 0),
+        ];
+        let grace_ends_ms = 20_000 + REJOIN_GRACE_MS;
+        assert_eq!(judge(&ni, &reports, grace_ends_ms - 1, &settings), vec![]);
+        assert_eq!(
+            judge(&ni, &reports, grace_ends_ms, &settings),
+            vec![inactive(5, grace_ends_ms)]
+        );
+    }
+
+    #[test]
+    fn a_host_offline_past_the_threshold_loses_its_unused_ids_once() {
+        let mut ni = cluster(3);
+        set_state(&mut ni, 3, HostState::Inactive, 10_000);
+        let settings = settings();
+        let threshold_ms = 10_000 + settings.offline_threshold_ms;
+        assert_eq!(judge(&ni, &[], threshold_ms - 1, &settings), vec![]);
+        assert_eq!(
+            judge(&ni, &[], threshold_ms, &settings),
+            vec![Command::Reclaim { host: 3 }]
+        );
+        apply(&mut ni, Command::Reclaim { host: 3 });
+        assert_eq!(judge(&ni, &[], threshold_ms, &settings), vec![]);
+        // A writable host is never reclaimed, however old its since-time.
+        assert_eq!(judge(&ni, &[], u64::MAX, &settings).len(), 0);
+    }
+
+    /// The group of `cluster(hosts)` as a leader (host 1) would see it: every host a
+    /// member at its address, these voters, every log caught up.
+    fn membership(hosts: u64, voters: &[HostId]) -> RaftMembership {
+        RaftMembership {
+            leader: FOUNDER,
+            voters: voters.iter().copied().collect(),
+            nodes: (1..=hosts).map(|host| (host, addr(host))).collect(),
+            last_log_index: 100,
+            matched_index: (1..=hosts).map(|host| (host, 100)).collect(),
+        }
+    }
+
+    fn voters(hosts: &[HostId]) -> MembershipChange {
+        MembershipChange::ReplaceVoters(hosts.iter().copied().collect())
+    }
+
+    #[test]
+    fn voters_are_topped_up_to_five_among_the_caught_up_hosts() {
+        let ni = cluster(8);
+        let mut group = membership(8, &[FOUNDER]);
+        // Host 3 is 16 entries behind (caught up), host 4 is 17 behind, host 5 unknown.
+        group.matched_index.insert(3, 84);
+        group.matched_index.insert(4, 83);
+        group.matched_index.remove(&5);
+        assert_eq!(
+            membership_changes(&ni, &group),
+            vec![voters(&[1, 2, 3, 6, 7])]
+        );
+        // Five voters: nothing changes, though host 8 is caught up too.
+        let group = membership(8, &[1, 2, 3, 6, 7]);
+        assert_eq!(membership_changes(&ni, &group), vec![]);
+    }
+
+    #[test]
+    fn new_hosts_join_as_learners_and_become_voters_a_round_later() {
+        let ni = cluster(3);
+        let mut group = membership(1, &[FOUNDER]);
+        group.matched_index.clear();
+        assert_eq!(
+            membership_changes(&ni, &group),
+            vec![
+                MembershipChange::AddLearner {
+                    host: 2,
+                    addr: addr(2)
+                },
+                MembershipChange::AddLearner {
+                    host: 3,
+                    addr: addr(3)
+                },
+            ]
+        );
+        let group = membership(3, &[FOUNDER]);
+        assert_eq!(membership_changes(&ni, &group), vec![voters(&[1, 2, 3])]);
+    }
+
+    #[test]
+    fn an_inactive_voter_is_replaced_or_dropped() {
+        let mut ni = cluster(6);
+        set_state(&mut ni, 3, HostState::Inactive, NOW_MS);
+        // Host 6 takes its place.
+        let group = membership(6, &[1, 2, 3, 4, 5]);
+        assert_eq!(
+            membership_changes(&ni, &group),
+            vec![voters(&[1, 2, 4, 5, 6])]
+        );
+        // No host can take its place: the group shrinks.
+        let mut group = membership(6, &[1, 2, 3, 4, 5]);
+        group.matched_index.remove(&6);
+        assert_eq!(membership_changes(&ni, &group), vec![voters(&[1, 2, 4, 5])]);
+        // Back and caught up, it is a candidate like any other.
+        apply(
+            &mut ni,
+            Command::Rejoin {
+                host: 3,
+                peer_addr: addr(3),
+                client_addr: String::new(),
+                now_ms: NOW_MS + 1,
+            },
+        );
+        let group = membership(6, &[1, 2, 4, 5]);
+        assert_eq!(
+            membership_changes(&ni, &group),
+            vec![voters(&[1, 2, 3, 4, 5])]
+        );
+    }
+
+    #[test]
+    fn moved_hosts_get_their_new_address_before_anything_else() {
+        let mut ni = cluster(3);
+        apply(
+            &mut ni,
+            Command::Rejoin {
+                host: 3,
+                peer_addr: "10.0.1.3:7380".into(),
+                client_addr: String::new(),
+                now_ms: NOW_MS,
+            },
+        );
+        // The voters are short of hosts 2 and 3 too, but that waits for the next round.
+        let group = membership(3, &[FOUNDER]);
+        assert_eq!(
+            membership_changes(&ni, &group),
+            vec![MembershipChange::SetAddresses(BTreeMap::from([(
+                3,
+                "10.0.1.3:7380".to_string()
+            )]))]
+        );
+    }
+
+    #[test]
+    fn hosts_that_left_leave_the_group_once_they_are_no_voters() {
+        let ni = cluster(3);
+        let mut group = membership(3, &[1, 2, 3, 4]);
+        group.nodes.insert(4, addr(4));
+        group.nodes.insert(5, addr(5));
+        assert_eq!(membership_changes(&ni, &group), vec![voters(&[1, 2, 3])]);
+        group.voters.remove(&4);
+        assert_eq!(
+            membership_changes(&ni, &group),
+            vec![MembershipChange::RemoveNodes(BTreeSet::from([4, 5]))]
+        );
+    }
+
+    fn plan(partition: u16, to: HostId, epoch: u64) -> Command {
+        Command::PlanMove {
+            partition,
+            to,
+            epoch,
+        }
+    }
+
+    #[test]
+    fn moves_are_limited_per_round_counting_the_moves_in_flight() {
+        let mut ni = cluster(2);
+        apply(&mut ni, Command::Leave { host: FOUNDER });
+        let settings = settings();
+        // Everything goes to host 2, four partitions at a time, in partition order.
+        assert_eq!(
+            place(&ni, &settings),
+            vec![plan(0, 2, 1), plan(1, 2, 1), plan(2, 2, 1), plan(3, 2, 1)]
+        );
+        apply(&mut ni, plan(0, 2, 1));
+        apply(&mut ni, plan(5, 2, 1));
+        assert_eq!(place(&ni, &settings), vec![plan(1, 2, 1), plan(2, 2, 1)]);
+        let one_at_a_time = LeaderSettings {
+            max_moves_in_flight: 1,
+            ..settings.clone()
+        };
+        assert_eq!(place(&ni, &one_at_a_time), vec![]);
+    }
+
+    #[test]
+    fn moves_whose_target_is_gone_are_given_up() {
+        let mut ni = cluster(3);
+        apply(&mut ni, plan(4, 2, 1));
+        apply(&mut ni, plan(9, 3, 1));
+        set_state(&mut ni, 3, HostState::Inactive, NOW_MS);
+        // The founder keeps its share and host 2 already gets one: no new move fits
+        // beside the two in flight, the one given up included.
+        let settings = LeaderSettings {
+            max_moves_in_flight: 2,
+            ..settings()
+        };
+        assert_eq!(
+            place(&ni, &settings),
+            vec![Command::AbortMove {
+                partition: 9,
+                epoch: 2
+            }]
+        );
+        // A target that is no host of the NI at all.
+        ni.hosts.remove(&2);
+        assert_eq!(
+            place(&ni, &settings),
+            vec![
+                Command::AbortMove {
+                    partition: 4,
+                    epoch: 2
+                },
+                Command::AbortMove {
+                    partition: 9,
+                    epoch: 2
+                },
+            ]
+        );
+    }
+
+    #[test]
+    fn a_leaving_host_is_emptied_then_removed() {
+        let mut ni = cluster(2);
+        apply(&mut ni, Command::Leave { host: 2 });
+        let settings = settings();
+        // It owns nothing and receives nothing: it goes.
+        assert_eq!(place(&ni, &settings), vec![Command::Remove { host: 2 }]);
+        // While a move to it runs, it stays.
+        ni.partitions[6] = PartitionEntry {
+            owner: FOUNDER,
+            epoch: 2,
+            target: Some(2),
+        };
+        assert_eq!(place(&ni, &settings), vec![]);
+        // While it owns a partition, it stays, and the partition moves away first.
+        ni.partitions[6] = PartitionEntry {
+            owner: 2,
+            epoch: 3,
+            target: None,
+        };
+        assert_eq!(place(&ni, &settings), vec![plan(6, FOUNDER, 3)]);
+    }
+
+    #[test]
+    fn misplaced_counts_the_partitions_placement_would_move() {
+        let mut ni = cluster(1);
+        assert_eq!(misplaced(&ni, 0.9), 0);
+        // A second host of equal capacity: half of the sixteen partitions should move.
+        let mut two = cluster(2);
+        assert_eq!(misplaced(&two, 0.9), 8);
+        // Full past the ratio, it gets nothing; inactive, it is no candidate at all.
+        report_capacity(&mut two, 2, GIB, GIB / 100 * 91);
+        assert_eq!(misplaced(&two, 0.9), 0);
+        assert_eq!(misplaced(&two, 0.95), 8);
+        let mut three = cluster(2);
+        set_state(&mut three, 2, HostState::Inactive, NOW_MS);
+        assert_eq!(misplaced(&three, 0.9), 0);
+        // A leaving founder should give everything away.
+        apply(
+            &mut three,
+            Command::Rejoin {
+                host: 2,
+                peer_addr: addr(2),
+                client_addr: String::new(),
+                now_ms: NOW_MS,
+            },
+        );
+        apply(&mut three, Command::Leave { host: FOUNDER });
+        assert_eq!(misplaced(&three, 0.9), 16);
+        // A host with no capacity reported has no weight.
+        report_capacity(&mut ni, FOUNDER, 0, 0);
+        assert_eq!(misplaced(&ni, 0.9), 0);
+    }
+
+    #[test]
+    fn a_round_commits_the_judgements_before_the_placement() {
+        let mut ni = cluster(3);
+        apply(&mut ni, Command::Leave { host: 3 });
+        let reports = vec![report(1, 3, &[2], 0), report(3, 3, &[2], 0)];
+        let settings = settings();
+        let commands = round_commands(&ni, &reports, NOW_MS, &settings);
+        assert_eq!(commands[0], inactive(2, NOW_MS));
+        assert_eq!(commands[1..], place(&ni, &settings)[..]);
+        assert_eq!(commands.last(), Some(&Command::Remove { host: 3 }));
+    }
+}
