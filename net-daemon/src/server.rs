@@ -166,33 +166,32 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
     let permits = Arc::new(Semaphore::new(max_connections));
     let (shutdown_tx, shutdown_rx) = watch::channel(false);
 
-    if let Some(listener) = tcp {
-        let (shared, permits, shutdown) = (
+    // Both listeners run the same accept loop; only how a stream is accepted differs.
+    if let Some(listener) = tcp.map(Arc::new) {
+        tokio::spawn(accept_loop(
             Arc::clone(&shared),
             Arc::clone(&permits),
             shutdown_rx.clone(),
-        );
-        tokio::spawn(async move {
-            accept_loop(shared, permits, shutdown, || async {
-                let (stream, _) = listener.accept().await?;
-                stream.set_nodelay(true)?;
-                Ok(stream)
-            })
-            .await
-        });
+            move || {
+                let listener = Arc::clone(&listener);
+                async move {
+                    let (stream, _) = listener.accept().await?;
+                    stream.set_nodelay(true)?;
+                    Ok(stream)
+                }
+            },
+        ));
     }
-    if let Some(listener) = unix {
-        let (shared, permits, shutdown) = (
+    if let Some(listener) = unix.map(Arc::new) {
+        tokio::spawn(accept_loop(
             Arc::clone(&shared),
             Arc::clone(&permits),
             shutdown_rx.clone(),
-        );
-        tokio::spawn(async move {
-            accept_loop(shared, permits, shutdown, || async {
-                Ok(listener.accept().await?.0)
-            })
-            .await
-        });
+            move || {
+                let listener = Arc::clone(&listener);
+                async move { Ok(listener.accept().await?.0) }
+            },
+        ));
     }
 
     let slot = shared.status.net_daemon_slot();
@@ -237,6 +236,8 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Accepts client streams with `accept` until shutdown, and serves each on a task of its
+/// own; past the connection limit a stream gets the max-clients error and is closed.
 async fn accept_loop<S, F, Fut>(
     shared: Arc<Shared>,
     permits: Arc<Semaphore>,
