@@ -159,7 +159,11 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
         Arc::clone(&shared.dispatch),
         Arc::clone(&shared.shutting_down),
     ));
-    tokio::spawn(crate::handoff::run(Arc::clone(&shared)));
+    tokio::spawn(crate::handoff::run(
+        Arc::clone(&shared.dispatch),
+        Arc::clone(&shared.handoffs),
+        Arc::clone(&shared.shutting_down),
+    ));
     if let Some(listener) = metrics {
         tokio::spawn(crate::metrics::serve(Arc::clone(&shared), listener));
     }

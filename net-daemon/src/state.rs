@@ -45,7 +45,7 @@ pub struct Shared {
     /// This host's membership in a cluster; `None` for a host on its own.
     pub cluster: Option<Arc<ClusterNode>>,
     /// What this host's partition handoffs measured.
-    pub handoffs: handoff::Stats,
+    pub handoffs: Arc<handoff::Stats>,
 }
 
 impl Shared {
@@ -78,7 +78,7 @@ impl Shared {
                 readers,
                 config.storage.partitions,
             )),
-            handoffs: handoff::Stats::default(),
+            handoffs: Arc::default(),
             status,
             connections: AtomicUsize::new(0),
             next_client_id: AtomicU64::new(0),
