@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""Checks Shoal's layers (docs/architecture.md, "Layers"):
+"""Checks Shoal's layers (docs/architecture.md, "Crates and layers"):
 
 1. The crate graph: each Shoal crate depends only on the Shoal crates it may
    (`ALLOWED` below), as `cargo metadata` reports its normal and build
@@ -162,12 +162,13 @@ def main():
                 path = " -> ".join(cycle_path(edges, component))
                 problems.append(
                     f"crate {name} ({os.path.relpath(target['src_path'], repo)}): "
-                    f"import cycle among top-level modules: {path}"
+                    f"import cycle among top-level modules: {path} "
+                    f"(all of {', '.join(component)} are in it)"
                 )
     for problem in problems:
         print(problem)
     if problems:
-        print(f"{len(problems)} layer violation(s); see docs/architecture.md, \"Layers\"")
+        print(f"{len(problems)} layer violation(s); see docs/architecture.md, \"Crates and layers\"")
         return 1
     print("layers: crate graph and module imports are in order")
     return 0
