@@ -46,7 +46,7 @@ use shoal_shared::status::{
 };
 
 use crate::link::Queued;
-use crate::store::{Store, StoreError, StoreOptions};
+use crate::store::{Store, StoreError, StoreOptions, SystemClock};
 
 /// Most requests applied in one group commit.
 const MAX_BATCH: usize = 4096;
@@ -83,7 +83,7 @@ pub fn run(config: &Config, index: usize) -> anyhow::Result<()> {
         max_value_bytes: config.client.max_value_bytes,
     };
     let shard_dir = config.shard_dir(index);
-    let mut store = Store::open(&shard_dir, &options)
+    let mut store = Store::open_with_clock(&shard_dir, &options, SystemClock)
         .with_context(|| format!("opening {}", shard_dir.display()))?;
     slot.set(Field::LastCommitId, store.highest_commit_id());
 

@@ -210,9 +210,19 @@ impl Store {
         batch: &Batch,
         partition: Partition,
     ) -> heed::Result<PartitionMeta> {
-        if let Some(meta) = batch.partitions.get(&partition) {
-            return Ok(*meta);
+        match batch.partitions.get(&partition) {
+            Some(meta) => Ok(*meta),
+            None => self.stored_partition_meta(txn, partition),
         }
+    }
+
+    /// The partition's `meta` entry as stored in the transaction, without the changes a
+    /// batch holds back until its end.
+    pub(crate) fn stored_partition_meta(
+        &self,
+        txn: &RwTxn,
+        partition: Partition,
+    ) -> heed::Result<PartitionMeta> {
         match self.meta.get(txn, &layout::partition_meta_key(partition))? {
             Some(raw) => {
                 layout::decode_partition_meta(raw).map_err(|e| heed::Error::Decoding(Box::new(e)))

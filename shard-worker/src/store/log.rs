@@ -59,10 +59,9 @@ impl Store {
         positions: &[(Partition, u64)],
         count: u32,
     ) -> OpResult {
-        let batch = Batch::new();
         let mut entries = Vec::new();
         for &(partition, seen) in positions {
-            let meta = self.partition_meta(txn, &batch, partition)?;
+            let meta = self.stored_partition_meta(txn, partition)?;
             if seen < meta.trimmed_through {
                 return Err(OpError::Refused(WorkerError::LogTrimmed {
                     partition,

@@ -15,7 +15,13 @@
 //! KEYS, active expiry and log retention skip it. The set of fenced
 //! partitions is kept in `meta` and loaded at open.
 //!
-//! Submodules, each adding request handlers to [`Store`]:
+//! The store reads the time only from the `Clock` it is opened with, once per write
+//! transaction (see [`clock`]).
+//!
+//! Submodules:
+//! - [`clock`]: where the time comes from (the system clock, or a manual one in tests).
+//!
+//! Submodules adding request handlers to [`Store`]:
 //! - [`keyspace`]: a key's current state, writes with expiry index and log entry.
 //! - [`strings`]: string, expiry and read commands.
 //! - [`txns`]: multi-key transactions (one-worker atomic writes, two-phase commit) and key locks.
@@ -29,6 +35,7 @@
 //! another shard.
 
 mod backup;
+mod clock;
 mod keyspace;
 mod log;
 mod partitions;
@@ -45,6 +52,7 @@ use shoal_shared::config::Durability;
 use shoal_shared::frame::{Collection, Partition, WorkerError, WorkerRequest, WorkerResponse};
 
 pub use backup::BackupSource;
+pub(crate) use clock::{Clock, SystemClock};
 use shoal_shared::layout::{self, PartitionMeta};
 pub use shoal_shared::lmdb::StoreError;
 use shoal_shared::lmdb::{create_database, free_bytes, RawDatabase};
@@ -88,6 +96,8 @@ pub struct Store {
     /// LMDB must not resize the map while a transaction of this process is open.
     resize_gate: Arc<RwLock<()>>,
     max_dbs: u32,
+    /// Where each write transaction reads the time.
+    clock: Box<dyn Clock>,
 }
 
 /// State of one write transaction: partition counters advanced in it, and the
@@ -103,10 +113,10 @@ pub(crate) struct Batch {
 }
 
 impl Batch {
-    fn new() -> Batch {
+    fn new(now_ms: u64) -> Batch {
         Batch {
             partitions: HashMap::new(),
-            now_ms: shoal_shared::now_ms(),
+            now_ms,
             lock_changes: Vec::new(),
             fence_changes: Vec::new(),
             dirty: false,
@@ -144,8 +154,19 @@ fn page_aligned(bytes: usize) -> usize {
 impl Store {
     /// Opens (creating if needed) the environment at `dir`, checks its `meta`
     /// against `options`, clears readers left by crashed processes, and
-    /// restores the key locks of prepared transactions.
+    /// restores the key locks of prepared transactions. The store reads the time
+    /// from the system clock.
     pub fn open(dir: &Path, options: &StoreOptions) -> Result<Store, StoreError> {
+        Store::open_with_clock(dir, options, SystemClock)
+    }
+
+    /// Opens the environment at `dir` as [`Store::open`] does; the store reads the time
+    /// from `clock`.
+    pub(crate) fn open_with_clock(
+        dir: &Path,
+        options: &StoreOptions,
+        clock: impl Clock + 'static,
+    ) -> Result<Store, StoreError> {
         std::fs::create_dir_all(dir).map_err(|source| StoreError::CreateDir {
             path: dir.display().to_string(),
             source,
@@ -184,6 +205,7 @@ impl Store {
             last_commit: None,
             resize_gate: Arc::default(),
             max_dbs: u32::from(options.collections) + 4,
+            clock: Box::new(clock),
         };
         store.check_meta(options)?;
         store.locks = store.load_locks()?;
@@ -416,7 +438,7 @@ impl Store {
     ) -> Result<T, StoreError> {
         loop {
             let mut txn = self.env.write_txn()?;
-            let mut batch = Batch::new();
+            let mut batch = Batch::new(self.clock.now_ms());
             let result = work(self, &mut txn, &mut batch).and_then(|output| {
                 let mut highest = self.highest_commit_id;
                 for (&partition, &meta) in &batch.partitions {

@@ -23,7 +23,8 @@ struct Op<'s> {
 }
 
 impl Store {
-    /// Handles every request that works on keys of one collection.
+    /// Handles every request that works on keys of one collection; refuses any other.
+    /// Each request names its collection, which must exist.
     pub(crate) fn keyed(
         &self,
         txn: &mut RwTxn,
@@ -31,162 +32,127 @@ impl Store {
         request: &WorkerRequest,
     ) -> OpResult {
         use WorkerRequest::*;
-        let collection = match request {
-            Get { collection, .. }
-            | MGet { collection, .. }
-            | Set { collection, .. }
-            | GetDel { collection, .. }
-            | GetEx { collection, .. }
-            | Delete { collection, .. }
-            | Exists { collection, .. }
-            | IncrBy { collection, .. }
-            | IncrByFloat { collection, .. }
-            | Append { collection, .. }
-            | StrLen { collection, .. }
-            | GetRange { collection, .. }
-            | SetRange { collection, .. }
-            | Expire { collection, .. }
-            | Persist { collection, .. }
-            | ExpireTime { collection, .. }
-            | DbSize { collection }
-            | Scan { collection, .. }
-            | Keys { collection, .. } => *collection,
-            other => {
-                return Err(OpError::Refused(WorkerError::Storage(format!(
-                    "request {other:?} is not keyed"
-                ))));
-            }
-        };
-        let db = self.db(collection)?;
-        let op = Op {
-            store: self,
-            db,
-            collection,
-            now_ms: batch.now_ms,
-        };
+        let now_ms = batch.now_ms;
         match request {
-            Get { key, .. } => op.live_value(txn, key).map(WorkerResponse::Value),
-            MGet { keys, .. } => {
-                let mut values = Vec::with_capacity(keys.len());
-                let mut bytes = 0;
-                for key in keys {
-                    let value = op.live_value(txn, key)?;
-                    bytes += value.as_ref().map_or(0, Vec::len);
-                    if bytes > MAX_REPLY_BYTES {
-                        return Err(OpError::Refused(WorkerError::ReplyTooLarge));
-                    }
-                    values.push(value.map(serde_bytes::ByteBuf::from));
-                }
-                Ok(WorkerResponse::Values(values))
-            }
+            Get { collection, key } => self
+                .op(*collection, now_ms)?
+                .live_value(txn, key)
+                .map(WorkerResponse::Value),
+            MGet { collection, keys } => self.op(*collection, now_ms)?.mget(txn, keys),
             Set {
+                collection,
                 key,
                 value,
                 condition,
                 reply,
                 expiry,
-                ..
-            } => op.set(txn, batch, key, value, *condition, *reply, *expiry),
-            GetDel { key, .. } => {
-                let current = op.current(txn, key)?;
-                op.store.remove(txn, batch, db, collection, key, &current)?;
-                Ok(WorkerResponse::Value(current.live.map(|live| live.value)))
-            }
-            GetEx { key, expiry, .. } => op.get_ex(txn, batch, key, *expiry),
-            Delete { keys, .. } => {
-                let mut deleted = 0;
-                for key in keys {
-                    let current = op.current(txn, key)?;
-                    deleted +=
-                        i64::from(op.store.remove(txn, batch, db, collection, key, &current)?);
-                }
-                Ok(WorkerResponse::Integer(deleted))
-            }
-            Exists { keys, .. } => {
-                let mut found = 0;
-                for key in keys {
-                    found += i64::from(op.current(txn, key)?.live.is_some());
-                }
-                Ok(WorkerResponse::Integer(found))
-            }
-            IncrBy { key, delta, .. } => op.incr_by(txn, batch, key, *delta),
-            IncrByFloat { key, increment, .. } => op.incr_by_float(txn, batch, key, increment),
-            Append { key, value, .. } => op.append(txn, batch, key, value),
-            StrLen { key, .. } => op
-                .live_value(txn, key)
-                .map(|v| WorkerResponse::Integer(v.map_or(0, |v| v.len() as i64))),
+            } => self
+                .op(*collection, now_ms)?
+                .set(txn, batch, key, value, *condition, *reply, *expiry),
+            GetDel { collection, key } => self.op(*collection, now_ms)?.get_del(txn, batch, key),
+            GetEx {
+                collection,
+                key,
+                expiry,
+            } => self
+                .op(*collection, now_ms)?
+                .get_ex(txn, batch, key, *expiry),
+            Delete { collection, keys } => self.op(*collection, now_ms)?.delete(txn, batch, keys),
+            Exists { collection, keys } => self.op(*collection, now_ms)?.exists(txn, keys),
+            IncrBy {
+                collection,
+                key,
+                delta,
+            } => self
+                .op(*collection, now_ms)?
+                .incr_by(txn, batch, key, *delta),
+            IncrByFloat {
+                collection,
+                key,
+                increment,
+            } => self
+                .op(*collection, now_ms)?
+                .incr_by_float(txn, batch, key, increment),
+            Append {
+                collection,
+                key,
+                value,
+            } => self.op(*collection, now_ms)?.append(txn, batch, key, value),
+            StrLen { collection, key } => self.op(*collection, now_ms)?.str_len(txn, key),
             GetRange {
-                key, start, end, ..
-            } => {
-                let value = op.live_value(txn, key)?.unwrap_or_default();
-                Ok(WorkerResponse::Value(Some(
-                    byte_range(&value, *start, *end).to_vec(),
-                )))
-            }
+                collection,
+                key,
+                start,
+                end,
+            } => self
+                .op(*collection, now_ms)?
+                .get_range(txn, key, *start, *end),
             SetRange {
-                key, offset, value, ..
-            } => op.set_range(txn, batch, key, *offset, value),
+                collection,
+                key,
+                offset,
+                value,
+            } => self
+                .op(*collection, now_ms)?
+                .set_range(txn, batch, key, *offset, value),
             Expire {
+                collection,
                 key,
                 at_ms,
                 condition,
-                ..
-            } => op.expire(txn, batch, key, *at_ms, *condition),
-            Persist { key, .. } => {
-                let current = op.current(txn, key)?;
-                match &current.live {
-                    Some(live) if live.expires_at_ms.is_some() => {
-                        op.store.put(
-                            txn,
-                            batch,
-                            db,
-                            collection,
-                            key,
-                            &current,
-                            &live.value,
-                            None,
-                        )?;
-                        Ok(WorkerResponse::Integer(1))
-                    }
-                    _ => Ok(WorkerResponse::Integer(0)),
-                }
+            } => self
+                .op(*collection, now_ms)?
+                .expire(txn, batch, key, *at_ms, *condition),
+            Persist { collection, key } => self.op(*collection, now_ms)?.persist(txn, batch, key),
+            ExpireTime { collection, key } => self.op(*collection, now_ms)?.expire_time(txn, key),
+            DbSize { collection } => {
+                self.db_size(txn, self.db(*collection)?, &self.fenced_partitions(batch))
             }
-            ExpireTime { key, .. } => {
-                Ok(WorkerResponse::Integer(match op.current(txn, key)?.live {
-                    None => -2,
-                    Some(live) => live.expires_at_ms.map_or(-1, |at| at as i64),
-                }))
-            }
-            DbSize { .. } => self.db_size(txn, db, &self.fenced_partitions(batch)),
             Scan {
+                collection,
                 after,
                 count,
                 pattern,
                 partition,
-                ..
             } => self.scan(
                 txn,
-                db,
+                self.db(*collection)?,
                 ScanRange {
                     after: after.as_deref(),
                     only: *partition,
                 },
                 *count,
                 pattern.as_deref(),
-                batch.now_ms,
+                now_ms,
                 &self.fenced_partitions(batch),
             ),
-            Keys { pattern, .. } => self.scan(
+            Keys {
+                collection,
+                pattern,
+            } => self.scan(
                 txn,
-                db,
+                self.db(*collection)?,
                 ScanRange::default(),
                 u32::MAX,
                 pattern.as_deref(),
-                batch.now_ms,
+                now_ms,
                 &self.fenced_partitions(batch),
             ),
-            _ => unreachable!("non-keyed requests return above"),
+            other => Err(OpError::Refused(WorkerError::Storage(format!(
+                "request {other:?} is not keyed"
+            )))),
         }
+    }
+
+    /// A request's view of `collection` at `now_ms`; refused if the collection does not
+    /// exist.
+    fn op(&self, collection: Collection, now_ms: u64) -> Result<Op<'_>, OpError> {
+        Ok(Op {
+            store: self,
+            db: self.db(collection)?,
+            collection,
+            now_ms,
+        })
     }
 
     pub(crate) fn db(&self, collection: Collection) -> Result<RawDatabase, OpError> {
@@ -224,6 +190,93 @@ impl Op<'_> {
 
     fn live_value(&self, txn: &RwTxn, key: &Key) -> Result<Option<Vec<u8>>, OpError> {
         Ok(self.current(txn, key)?.live.map(|live| live.value))
+    }
+
+    fn mget(&self, txn: &RwTxn, keys: &[Key]) -> OpResult {
+        let mut values = Vec::with_capacity(keys.len());
+        let mut bytes = 0;
+        for key in keys {
+            let value = self.live_value(txn, key)?;
+            bytes += value.as_ref().map_or(0, Vec::len);
+            if bytes > MAX_REPLY_BYTES {
+                return Err(OpError::Refused(WorkerError::ReplyTooLarge));
+            }
+            values.push(value.map(serde_bytes::ByteBuf::from));
+        }
+        Ok(WorkerResponse::Values(values))
+    }
+
+    fn get_del(&self, txn: &mut RwTxn, batch: &mut Batch, key: &Key) -> OpResult {
+        let current = self.current(txn, key)?;
+        self.store
+            .remove(txn, batch, self.db, self.collection, key, &current)?;
+        Ok(WorkerResponse::Value(current.live.map(|live| live.value)))
+    }
+
+    fn delete(&self, txn: &mut RwTxn, batch: &mut Batch, keys: &[Key]) -> OpResult {
+        let mut deleted = 0;
+        for key in keys {
+            let current = self.current(txn, key)?;
+            deleted += i64::from(self.store.remove(
+                txn,
+                batch,
+                self.db,
+                self.collection,
+                key,
+                &current,
+            )?);
+        }
+        Ok(WorkerResponse::Integer(deleted))
+    }
+
+    fn exists(&self, txn: &RwTxn, keys: &[Key]) -> OpResult {
+        let mut found = 0;
+        for key in keys {
+            found += i64::from(self.current(txn, key)?.live.is_some());
+        }
+        Ok(WorkerResponse::Integer(found))
+    }
+
+    fn str_len(&self, txn: &RwTxn, key: &Key) -> OpResult {
+        self.live_value(txn, key)
+            .map(|v| WorkerResponse::Integer(v.map_or(0, |v| v.len() as i64)))
+    }
+
+    fn get_range(&self, txn: &RwTxn, key: &Key, start: i64, end: i64) -> OpResult {
+        let value = self.live_value(txn, key)?.unwrap_or_default();
+        Ok(WorkerResponse::Value(Some(
+            byte_range(&value, start, end).to_vec(),
+        )))
+    }
+
+    fn persist(&self, txn: &mut RwTxn, batch: &mut Batch, key: &Key) -> OpResult {
+        let current = self.current(txn, key)?;
+        match &current.live {
+            Some(live) if live.expires_at_ms.is_some() => {
+                self.store.put(
+                    txn,
+                    batch,
+                    self.db,
+                    self.collection,
+                    key,
+                    &current,
+                    &live.value,
+                    None,
+                )?;
+                Ok(WorkerResponse::Integer(1))
+            }
+            _ => Ok(WorkerResponse::Integer(0)),
+        }
+    }
+
+    /// EXPIRETIME: -2 for a missing key, -1 for a key without an expiry.
+    fn expire_time(&self, txn: &RwTxn, key: &Key) -> OpResult {
+        Ok(WorkerResponse::Integer(
+            match self.current(txn, key)?.live {
+                None => -2,
+                Some(live) => live.expires_at_ms.map_or(-1, |at| at as i64),
+            },
+        ))
     }
 
     fn put(

@@ -1,11 +1,24 @@
 //! Conformance tests of the store: each drives requests through `apply_batch`
 //! against a real LMDB environment in a temp dir.
+//!
+//! Tests of expiry, log retention by age and transaction ages open the store on a
+//! `ManualClock` and advance it; none of them waits on the wall clock.
 
+use super::clock::ManualClock;
 use super::*;
 use shoal_shared::frame::{
     ChangeType, ExpireCondition, Expiry, Key, LogEntry, SetCondition, SetReply, TxAction, TxOp,
     TxOutcome,
 };
+
+/// Where the manual clocks of these tests start: a fixed time, so that every run sees the
+/// same expiry times and timestamps.
+const START_MS: u64 = 1_700_000_000_000;
+
+/// Opens the store in `dir` on `clock`.
+fn open_on(dir: &Path, clock: &ManualClock) -> Store {
+    Store::open_with_clock(dir, &options(), clock.clone()).unwrap()
+}
 
 fn options() -> StoreOptions {
     StoreOptions {
@@ -294,9 +307,10 @@ fn get(store: &mut Store, collection: Collection, k: Key) -> WorkerResponse {
 #[test]
 fn expired_keys_are_hidden_then_purged_and_logged_as_deletes() {
     let dir = tempfile::tempdir().unwrap();
-    let mut store = Store::open(dir.path(), &options()).unwrap();
-    let past = shoal_shared::now_ms() + 50;
-    let later = shoal_shared::now_ms() + 3_600_000;
+    let clock = ManualClock::new(START_MS);
+    let mut store = open_on(dir.path(), &clock);
+    let soon = START_MS + 50;
+    let later = START_MS + 3_600_000;
     apply(
         &mut store,
         &[
@@ -306,7 +320,7 @@ fn expired_keys_are_hidden_then_purged_and_logged_as_deletes() {
                 value: b"v".to_vec(),
                 condition: SetCondition::Always,
                 reply: SetReply::Status,
-                expiry: Expiry::At(past),
+                expiry: Expiry::At(soon),
             },
             WorkerRequest::Set {
                 collection: 0,
@@ -328,7 +342,14 @@ fn expired_keys_are_hidden_then_purged_and_logged_as_deletes() {
         ),
         vec![WorkerResponse::Integer(later as i64)]
     );
-    std::thread::sleep(std::time::Duration::from_millis(80));
+    clock.advance(49);
+    assert_eq!(
+        get(&mut store, 0, key(2, b"soon")),
+        WorkerResponse::Value(Some(b"v".to_vec())),
+        "a key lives until its expiry time"
+    );
+    assert_eq!(store.expire_due(100).unwrap(), 0);
+    clock.advance(1);
     assert_eq!(
         get(&mut store, 0, key(2, b"soon")),
         WorkerResponse::Value(None),
@@ -347,6 +368,12 @@ fn expired_keys_are_hidden_then_purged_and_logged_as_deletes() {
         ]
     );
     assert_eq!(entries[1].expires_at_ms, Some(later));
+    let timestamps: Vec<_> = entries.iter().map(|e| e.timestamp_ms).collect();
+    assert_eq!(
+        timestamps,
+        vec![START_MS, START_MS, soon],
+        "entries carry the store's clock"
+    );
     assert_eq!(
         apply(&mut store, &[WorkerRequest::DbSize { collection: 0 }]),
         vec![WorkerResponse::Integer(1)]
@@ -396,7 +423,8 @@ fn expired_keys_are_hidden_then_purged_and_logged_as_deletes() {
 #[test]
 fn a_write_over_an_expired_key_logs_its_deletion_first() {
     let dir = tempfile::tempdir().unwrap();
-    let mut store = Store::open(dir.path(), &options()).unwrap();
+    let clock = ManualClock::new(START_MS);
+    let mut store = open_on(dir.path(), &clock);
     apply(
         &mut store,
         &[WorkerRequest::Set {
@@ -405,10 +433,10 @@ fn a_write_over_an_expired_key_logs_its_deletion_first() {
             value: b"old".to_vec(),
             condition: SetCondition::Always,
             reply: SetReply::Status,
-            expiry: Expiry::At(shoal_shared::now_ms() + 20),
+            expiry: Expiry::At(START_MS + 20),
         }],
     );
-    std::thread::sleep(std::time::Duration::from_millis(40));
+    clock.advance(20);
     apply(&mut store, &[set(0, key(1, b"k"), b"new")]);
     let changes: Vec<_> = log_of(&mut store, 1).iter().map(|e| e.change).collect();
     assert_eq!(
@@ -492,8 +520,9 @@ fn atomic_writes_check_everything_before_writing() {
 #[test]
 fn prepared_transactions_lock_keys_survive_reopen_and_resolve() {
     let dir = tempfile::tempdir().unwrap();
+    let clock = ManualClock::new(START_MS);
     {
-        let mut store = Store::open(dir.path(), &options()).unwrap();
+        let mut store = open_on(dir.path(), &clock);
         let prepared = apply(
             &mut store,
             &[WorkerRequest::Prepare {
@@ -526,7 +555,7 @@ fn prepared_transactions_lock_keys_survive_reopen_and_resolve() {
         );
     }
     // A crash: the intent and its lock come back.
-    let mut store = Store::open(dir.path(), &options()).unwrap();
+    let mut store = open_on(dir.path(), &clock);
     assert_eq!(store.locks().holder(0, &key(1, b"x")), Some(7));
     assert_eq!(
         apply(&mut store, &[WorkerRequest::InDoubt { older_than_ms: 0 }]),
@@ -580,14 +609,18 @@ fn prepared_transactions_lock_keys_survive_reopen_and_resolve() {
             ops: vec![put_op(0, key(1, b"y"), b"9", false)],
         }],
     );
+    let decide_after_a_minute = WorkerRequest::Decide {
+        txid: 9,
+        older_than_ms: 60_000,
+    };
+    clock.advance(59_999);
     assert_eq!(
-        apply(
-            &mut store,
-            &[WorkerRequest::Decide {
-                txid: 9,
-                older_than_ms: 0
-            }]
-        ),
+        apply(&mut store, std::slice::from_ref(&decide_after_a_minute)),
+        vec![WorkerResponse::Error(WorkerError::TxInProgress)]
+    );
+    clock.advance(1);
+    assert_eq!(
+        apply(&mut store, &[decide_after_a_minute]),
         vec![WorkerResponse::Integer(0)]
     );
     assert!(store.locks().is_empty());
@@ -759,6 +792,35 @@ fn the_feed_reads_after_positions_and_refuses_trimmed_ones() {
         apply(&mut store, &[WorkerRequest::LastCommitIds]),
         vec![WorkerResponse::Positions(vec![(1, 10)])]
     );
+}
+
+#[test]
+fn log_entries_older_than_the_retention_age_are_trimmed() {
+    let dir = tempfile::tempdir().unwrap();
+    let clock = ManualClock::new(START_MS);
+    let mut store = open_on(dir.path(), &clock);
+    apply(
+        &mut store,
+        &[set(0, key(1, b"a"), b"v"), set(0, key(1, b"b"), b"v")],
+    );
+    clock.advance(1_000);
+    apply(&mut store, &[set(0, key(1, b"c"), b"v")]);
+    // Entries exactly as old as the limit are kept.
+    assert_eq!(store.trim_log(u64::MAX, Some(1_000), 1000).unwrap(), 0);
+    clock.advance(1);
+    assert_eq!(store.trim_log(u64::MAX, Some(1_000), 1000).unwrap(), 2);
+    let kept: Vec<_> = log_of(&mut store, 1)
+        .iter()
+        .map(|e| (e.commit_id, e.timestamp_ms))
+        .collect();
+    assert_eq!(kept, vec![(3, START_MS + 1_000)]);
+    clock.advance(1_000);
+    assert_eq!(
+        store.trim_log(u64::MAX, Some(1_000), 1000).unwrap(),
+        1,
+        "a partition's log may be trimmed empty"
+    );
+    assert_eq!(last_commit_id(&mut store, 1), 3);
 }
 
 #[test]
@@ -1004,9 +1066,11 @@ fn fences(store: &mut Store) -> WorkerResponse {
 fn a_partition_copied_then_caught_up_from_the_log_equals_the_source() {
     let source_dir = tempfile::tempdir().unwrap();
     let target_dir = tempfile::tempdir().unwrap();
-    let mut source = Store::open(source_dir.path(), &options()).unwrap();
-    let mut target = Store::open(target_dir.path(), &options()).unwrap();
-    let hour = shoal_shared::now_ms() + 3_600_000;
+    // Both hosts read the same time.
+    let clock = ManualClock::new(START_MS);
+    let mut source = open_on(source_dir.path(), &clock);
+    let mut target = open_on(target_dir.path(), &clock);
+    let hour = START_MS + 3_600_000;
     apply(
         &mut source,
         &[
@@ -1014,7 +1078,7 @@ fn a_partition_copied_then_caught_up_from_the_log_equals_the_source() {
             set_expiring(0, key(1, b"b"), b"2", hour),
             set(0, key(1, b"c"), b"3"),
             set_expiring(1, key(1, b"d"), b"4", hour + 1),
-            set_expiring(0, key(1, b"soon"), b"5", shoal_shared::now_ms() + 30),
+            set_expiring(0, key(1, b"soon"), b"5", START_MS + 30),
             set(0, key(2, b"elsewhere"), b"6"),
         ],
     );
@@ -1074,7 +1138,7 @@ fn a_partition_copied_then_caught_up_from_the_log_equals_the_source() {
         }
     }
     // Writes after the copy, and a purge of an expired key (logged as a delete).
-    std::thread::sleep(std::time::Duration::from_millis(50));
+    clock.advance(30);
     assert_eq!(source.expire_due(100).unwrap(), 1);
     apply(
         &mut source,
@@ -1166,7 +1230,7 @@ fn a_partition_copied_then_caught_up_from_the_log_equals_the_source() {
 #[test]
 fn replayed_log_entries_keep_their_ids_and_bad_ones_change_nothing() {
     let dir = tempfile::tempdir().unwrap();
-    let mut store = Store::open(dir.path(), &options()).unwrap();
+    let mut store = open_on(dir.path(), &ManualClock::new(START_MS));
     let entry = |commit_id: u64, change: ChangeType, data: &[u8], expires_at_ms| LogEntry {
         partition: 3,
         commit_id,
@@ -1177,7 +1241,7 @@ fn replayed_log_entries_keep_their_ids_and_bad_ones_change_nothing() {
         key: b"k".to_vec(),
         data: data.to_vec(),
     };
-    let later = shoal_shared::now_ms() + 3_600_000;
+    let later = START_MS + 3_600_000;
     let entries = vec![
         entry(40, ChangeType::Create, b"v1", Some(later)),
         entry(41, ChangeType::Update, b"v2", None),
@@ -1311,7 +1375,7 @@ fn client_writes(k: &Key) -> Vec<WorkerRequest> {
         WorkerRequest::Expire {
             collection,
             key: key.clone(),
-            at_ms: shoal_shared::now_ms() + 60_000,
+            at_ms: START_MS + 60_000,
             condition: ExpireCondition::Always,
         },
         WorkerRequest::Persist {
@@ -1332,8 +1396,9 @@ fn client_writes(k: &Key) -> Vec<WorkerRequest> {
 #[test]
 fn a_fenced_partition_refuses_client_requests() {
     let dir = tempfile::tempdir().unwrap();
-    let mut store = Store::open(dir.path(), &options()).unwrap();
-    let soon = shoal_shared::now_ms() + 30;
+    let clock = ManualClock::new(START_MS);
+    let mut store = open_on(dir.path(), &clock);
+    let soon = START_MS + 30;
     apply(
         &mut store,
         &[
@@ -1403,7 +1468,7 @@ fn a_fenced_partition_refuses_client_requests() {
     );
 
     // Background expiry leaves the fenced partition alone.
-    std::thread::sleep(std::time::Duration::from_millis(50));
+    clock.advance(30);
     assert_eq!(store.expire_due(100).unwrap(), 1);
     assert_eq!(records_of(&mut store, 1), records);
     assert_eq!(
@@ -1413,7 +1478,7 @@ fn a_fenced_partition_refuses_client_requests() {
 
     // The fence is durable.
     drop(store);
-    let mut store = Store::open(dir.path(), &options()).unwrap();
+    let mut store = open_on(dir.path(), &clock);
     assert_eq!(fences(&mut store), WorkerResponse::Partitions(vec![1]));
     assert_eq!(
         apply(&mut store, &[set(0, key(1, b"k"), b"11")]),
@@ -1695,7 +1760,8 @@ fn a_flush_of_one_partition_deletes_only_its_keys_and_refuses_a_fenced_one() {
 #[test]
 fn decision_records_are_listed_until_forgotten() {
     let dir = tempfile::tempdir().unwrap();
-    let mut store = Store::open(dir.path(), &options()).unwrap();
+    let clock = ManualClock::new(START_MS);
+    let mut store = open_on(dir.path(), &clock);
     let prepare = |txid| WorkerRequest::Prepare {
         txid,
         decider: 0,
@@ -1709,14 +1775,23 @@ fn decision_records_are_listed_until_forgotten() {
         decided(&mut store),
         vec![WorkerResponse::InDoubt(vec![(5, 0)])]
     );
-    assert_eq!(
+    let decided_a_minute_ago = |store: &mut Store| {
         apply(
-            &mut store,
+            store,
             &[WorkerRequest::Decided {
-                older_than_ms: 60_000
-            }]
-        ),
+                older_than_ms: 60_000,
+            }],
+        )
+    };
+    clock.advance(59_999);
+    assert_eq!(
+        decided_a_minute_ago(&mut store),
         vec![WorkerResponse::InDoubt(vec![])]
+    );
+    clock.advance(1);
+    assert_eq!(
+        decided_a_minute_ago(&mut store),
+        vec![WorkerResponse::InDoubt(vec![(5, 0)])]
     );
     apply(&mut store, &[WorkerRequest::Forget { txid: 5 }]);
     assert_eq!(decided(&mut store), vec![WorkerResponse::InDoubt(vec![])]);
@@ -1725,8 +1800,8 @@ fn decision_records_are_listed_until_forgotten() {
 #[test]
 fn clearing_a_partition_removes_all_of_it_and_nothing_else() {
     let dir = tempfile::tempdir().unwrap();
-    let mut store = Store::open(dir.path(), &options()).unwrap();
-    let later = shoal_shared::now_ms() + 3_600_000;
+    let mut store = open_on(dir.path(), &ManualClock::new(START_MS));
+    let later = START_MS + 3_600_000;
     let mut writes = Vec::new();
     for partition in [0, 1, 2] {
         writes.push(set(0, key(partition, b"plain"), b"v"));
