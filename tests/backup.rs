@@ -8,12 +8,12 @@ mod common;
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::thread;
 use std::time::{Duration, Instant};
 
-use common::{call, call_str, run_with_timeout, Server};
+use common::{call, call_str, run_with_timeout, wait_until, Server};
 use redis::Value;
 use serde_json::Value as Json;
 
@@ -150,10 +150,11 @@ fn backup_under_write_load_restores_exactly_the_manifest_commits() {
     pipe.query::<()>(&mut con).expect("preload");
 
     let stop = Arc::new(AtomicBool::new(false));
+    let acked_count = Arc::new(AtomicU64::new(0));
     let writers: Vec<_> = (0..3)
         .map(|writer| {
             let mut con = server.conn();
-            let stop = Arc::clone(&stop);
+            let (stop, acked_count) = (Arc::clone(&stop), Arc::clone(&acked_count));
             thread::spawn(move || {
                 let mut acked = Vec::new();
                 let mut seq = 0u64;
@@ -174,13 +175,23 @@ fn backup_under_write_load_restores_exactly_the_manifest_commits() {
                         Some(value)
                     };
                     acked.push(Acked { key, value, sent });
+                    acked_count.fetch_add(1, Ordering::Relaxed);
                 }
                 acked
             })
         })
         .collect();
 
-    thread::sleep(Duration::from_millis(300));
+    let wait_for_writes = |more: u64, what: &str| {
+        let from = acked_count.load(Ordering::Relaxed);
+        wait_until(what, Duration::from_secs(30), || {
+            match acked_count.load(Ordering::Relaxed) - from {
+                done if done >= more => Ok(()),
+                done => Err(format!("{done} of {more} writes acknowledged")),
+            }
+        });
+    };
+    wait_for_writes(100, "the writers to be under way before the backup");
     let backup_dir = server.dir.path().join("backups").join("b1");
     let backup_started = Instant::now();
     let output = shoal(&server, "backup", &backup_dir);
@@ -195,7 +206,10 @@ fn backup_under_write_load_restores_exactly_the_manifest_commits() {
         "backup shows per-shard progress: {}",
         stderr(&output)
     );
-    thread::sleep(Duration::from_millis(300));
+    wait_for_writes(
+        100,
+        "writes after the backup, to tell them apart from those in it",
+    );
     stop.store(true, Ordering::Relaxed);
     let acked: Vec<Acked> = writers
         .into_iter()

@@ -8,7 +8,7 @@ use std::sync::{Arc, Mutex};
 use std::thread;
 use std::time::{Duration, Instant};
 
-use common::{describe, key_partition, process_alive, signal, Server};
+use common::{describe, key_partition, process_alive, signal, wait_until, Server};
 use redis::Value;
 
 /// Writes `count` keys `prefix{i}` = `v1-{i}` in pipelines of 1000, then overwrites
@@ -162,7 +162,14 @@ fn sigterm_drains_exits_0_and_keeps_every_acknowledged_write() {
                 }
             })
         };
-        thread::sleep(Duration::from_millis(300));
+        wait_until(
+            "the writer to be under way before the stop",
+            Duration::from_secs(30),
+            || match acked.lock().unwrap().len() {
+                done if done >= 100 => Ok(()),
+                done => Err(format!("{done} writes acknowledged")),
+            },
+        );
         let children: Vec<i32> = server.status_json().expect("status")["processes"]
             .as_array()
             .expect("processes")
@@ -297,7 +304,17 @@ fn a_killed_worker_costs_only_its_partitions_and_loses_no_acknowledged_write() {
             }
         })
     };
-    thread::sleep(Duration::from_millis(300));
+    wait_until(
+        "the writer to make progress before the kill",
+        Duration::from_secs(30),
+        || match acked.lock().unwrap().len() {
+            done if done >= 100 => Ok(()),
+            done => Err(format!(
+                "{done} writes acknowledged; problems: {:?}",
+                problems.lock().unwrap()
+            )),
+        },
+    );
     let before_kill = acked.lock().unwrap().len();
     assert!(
         before_kill > 0,
@@ -359,8 +376,27 @@ fn a_killed_worker_costs_only_its_partitions_and_loses_no_acknowledged_write() {
     );
     assert_eq!(survivor["restarts"].as_u64(), Some(0), "{survivor}");
 
-    // Let the writer run a little on the recovered worker, then stop it.
-    thread::sleep(Duration::from_millis(300));
+    // Let the writer run on the recovered worker until it has acknowledged writes there,
+    // then stop it.
+    let recovered_at = acked.lock().unwrap().len();
+    wait_until(
+        "writes acknowledged on the recovered worker",
+        Duration::from_secs(30),
+        || {
+            let on_victim = acked.lock().unwrap()[recovered_at..]
+                .iter()
+                .filter(|k| key_partition(k.as_bytes(), partitions) as usize % workers == victim)
+                .count();
+            if on_victim >= 20 {
+                Ok(())
+            } else {
+                Err(format!(
+                    "{on_victim} writes acknowledged on worker {victim}; problems: {:?}",
+                    problems.lock().unwrap()
+                ))
+            }
+        },
+    );
     stop.store(true, Ordering::Relaxed);
     writer.join().expect("writer thread");
     let problems = problems.lock().unwrap().clone();
@@ -438,7 +474,23 @@ fn a_dead_worker_answers_tryagain_while_it_is_not_restarted() {
     while process_alive(victim_pid) && Instant::now() < deadline {
         thread::sleep(Duration::from_millis(10));
     }
-    thread::sleep(Duration::from_millis(200));
+    // The net-daemon has seen the worker's link close once a key of it answers TRYAGAIN.
+    let mut probe = conn_with_timeout(&server, Duration::from_secs(3));
+    wait_until(
+        "the net-daemon to answer TRYAGAIN for a key of the dead worker",
+        Duration::from_secs(10),
+        || match redis::cmd("GET")
+            .arg(&victim_keys[0])
+            .query::<Option<String>>(&mut probe)
+        {
+            Err(e) if e.code() == Some("TRYAGAIN") => Ok(()),
+            Err(e) if e.is_io_error() || e.is_timeout() => {
+                probe = conn_with_timeout(&server, Duration::from_secs(3));
+                Err(e.to_string())
+            }
+            other => Err(format!("{other:?}")),
+        },
+    );
 
     let mut tryagain = 0;
     for (live, dead) in survivor_keys.iter().zip(&victim_keys).take(20) {

@@ -11,7 +11,7 @@ use std::sync::Arc;
 use std::thread::sleep;
 use std::time::{Duration, Instant};
 
-use common::{test_seed, Resp, Rng, Server};
+use common::{test_seed, wait_until, Resp, Rng, Server};
 
 const WORKERS: usize = 3;
 const KEYS: usize = 300;
@@ -311,8 +311,42 @@ fn a_follower_from_cursor_0_sees_every_change_of_10000_mixed_writes_exactly_once
     assert_eq!(counts.values().sum::<usize>(), WRITES);
 
     // Every time to live has passed and active expiry has logged its deletes; then the
-    // follower drains the feed.
-    sleep(Duration::from_millis(MAX_TTL_MS + 1200));
+    // follower drains the feed. A read hides an expired key without purging it, while
+    // DBSIZE counts every stored key: the two agree once expiry has purged them all.
+    let all_keys: Vec<String> = (0..KEYS).map(key_name).collect();
+    let mut probe = server.conn();
+    wait_until(
+        "every time to live to pass and active expiry to purge the expired keys",
+        Duration::from_millis(MAX_TTL_MS) + Duration::from_secs(30),
+        || {
+            let mut ttls = redis::pipe();
+            for key in &all_keys {
+                ttls.cmd("PTTL").arg(key);
+            }
+            let ttls: Vec<i64> = ttls.query(&mut probe).map_err(|e| e.to_string())?;
+            let pending = ttls.iter().filter(|&&ttl| ttl >= 0).count();
+            if pending > 0 {
+                return Err(format!("{pending} keys still have a time to live"));
+            }
+            let mut exists = redis::pipe();
+            for key in &all_keys {
+                exists.cmd("EXISTS").arg(key);
+            }
+            let live: i64 = exists
+                .query::<Vec<i64>>(&mut probe)
+                .map_err(|e| e.to_string())?
+                .iter()
+                .sum();
+            let stored: i64 = redis::cmd("DBSIZE")
+                .query(&mut probe)
+                .map_err(|e| e.to_string())?;
+            if stored == live {
+                Ok(())
+            } else {
+                Err(format!("{stored} keys stored, {live} of them live"))
+            }
+        },
+    );
     stop.store(true, Ordering::Release);
     let (entries, calls, cursor) = follower.join().expect("follower thread");
     eprintln!(
@@ -500,6 +534,7 @@ fn a_blocked_feed_wakes_up_for_a_new_write_and_dollar_starts_from_now() {
     let writer = {
         let mut raw = server.raw();
         std::thread::spawn(move || {
+            // Not a wait for a condition: the write comes 400 ms into the BLOCK under test.
             sleep(Duration::from_millis(400));
             assert_eq!(raw.cmd(&["SET", "fresh", "1"]), Resp::Simple("OK".into()));
         })

@@ -17,7 +17,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::thread::sleep;
 use std::time::{Duration, Instant};
 
-use common::{encode_command, RawConn, Resp, Server};
+use common::{encode_command, poll_until, RawConn, Resp, Server};
 
 /// The tests of this file run one at a time.
 static SERIAL: Mutex<()> = Mutex::new(());
@@ -197,6 +197,13 @@ impl Drop for RssSampler {
     }
 }
 
+/// The open client connections the net-daemon reports.
+fn connections(server: &Server) -> u64 {
+    server.process_status("net-daemon", 0)["connections"]
+        .as_u64()
+        .unwrap_or(0)
+}
+
 /// Waits (bounded) until the net-daemon reports `at_least` open client connections.
 fn wait_for_connections(server: &Server, at_least: u64, timeout: Duration) -> u64 {
     let deadline = Instant::now() + timeout;
@@ -369,8 +376,9 @@ fn slowloris_and_half_sent_requests_never_block_other_clients() {
         })
         .collect();
     let stop = Arc::new(AtomicBool::new(false));
+    let rounds_sent = Arc::new(AtomicU64::new(0));
     let trickler = {
-        let (port, stop) = (server.port, Arc::clone(&stop));
+        let (port, stop, rounds_sent) = (server.port, Arc::clone(&stop), Arc::clone(&rounds_sent));
         std::thread::spawn(move || {
             let mut streams: Vec<TcpStream> = (0..requests.len())
                 .map(|_| {
@@ -389,6 +397,8 @@ fn slowloris_and_half_sent_requests_never_block_other_clients() {
                     }
                 }
                 sent += 1;
+                rounds_sent.fetch_add(1, Ordering::Relaxed);
+                // The trickle's pace: one byte per connection every 5 ms.
                 sleep(Duration::from_millis(5));
             }
             while !stop.load(Ordering::Relaxed) {
@@ -397,7 +407,24 @@ fn slowloris_and_half_sent_requests_never_block_other_clients() {
             (streams, requests)
         })
     };
-    sleep(Duration::from_millis(100));
+    // The normal client measures once every trickling connection is open and trickling.
+    let expected = (half_count + trickle_count) as u64;
+    poll_until(
+        "the half-sent and trickling connections to be open and the trickle to begin",
+        Duration::from_secs(30),
+        Duration::from_millis(100),
+        || {
+            let open = connections(&server);
+            let rounds = rounds_sent.load(Ordering::Relaxed);
+            if open >= expected && rounds >= 1 {
+                Ok(())
+            } else {
+                Err(format!(
+                    "{open} of {expected} connections open, {rounds} rounds trickled"
+                ))
+            }
+        },
+    );
     let during = normal_client_latency(&server, 3000 * scale(), "slowloris");
     let rss_during = rss_mib(net_daemon);
     stop.store(true, Ordering::Relaxed);
@@ -599,6 +626,7 @@ fn clients_that_never_read_are_cut_off_and_memory_stays_bounded() {
 
     let clients = 8 * scale();
     let port = server.port;
+    let open_before = connections(&server);
     let flooders: Vec<_> = (0..clients)
         .map(|_| {
             std::thread::spawn(move || flood_without_reading(port, "big", Duration::from_secs(20)))
@@ -611,7 +639,18 @@ fn clients_that_never_read_are_cut_off_and_memory_stays_bounded() {
         .collect();
     let peak = sampler.peak_mib();
     drop(sampler);
-    sleep(Duration::from_millis(500));
+    // The memory after is measured once the net-daemon has closed the flooders' connections.
+    poll_until(
+        "the net-daemon to close the never-reading clients' connections",
+        Duration::from_secs(30),
+        Duration::from_millis(100),
+        || match connections(&server) {
+            open if open <= open_before => Ok(()),
+            open => Err(format!(
+                "{open} connections open, {open_before} before the flood"
+            )),
+        },
+    );
     let rss_after = rss_mib(net_daemon);
     let log = server.last_stderr();
 

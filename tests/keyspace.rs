@@ -7,12 +7,12 @@
 mod common;
 
 use std::collections::{BTreeMap, HashSet};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::thread::sleep;
 use std::time::{Duration, Instant};
 
-use common::{encode_command, error_text, Server};
+use common::{encode_command, error_text, wait_until, Server};
 use redis::{ConnectionLike, Value};
 
 /// Sends `commands` in one pipeline and returns every reply (server errors included).
@@ -271,8 +271,9 @@ fn scan_over_100k_keys_returns_every_key_while_other_keys_come_and_go() {
     // Keys present for the whole scan are never missed while other keys are created and
     // deleted during it, on every worker.
     let stop = Arc::new(AtomicBool::new(false));
+    let rounds = Arc::new(AtomicUsize::new(0));
     let writer = {
-        let stop = Arc::clone(&stop);
+        let (stop, rounds) = (Arc::clone(&stop), Arc::clone(&rounds));
         let mut con = server.conn();
         std::thread::spawn(move || {
             let mut written = 0usize;
@@ -295,6 +296,7 @@ fn scan_over_100k_keys_returns_every_key_while_other_keys_come_and_go() {
                 }
                 written += if next >= 200 { 200 } else { 100 };
                 next += 100;
+                rounds.fetch_add(1, Ordering::Relaxed);
             }
             // Leave nothing behind.
             let mut del = vec!["DEL".to_string()];
@@ -303,7 +305,15 @@ fn scan_over_100k_keys_returns_every_key_while_other_keys_come_and_go() {
             written
         })
     };
-    sleep(Duration::from_millis(100));
+    // The scan starts once the writer is creating and deleting keys.
+    wait_until(
+        "the writer's first rounds of creates and deletes",
+        Duration::from_secs(10),
+        || match rounds.load(Ordering::Relaxed) {
+            done if done >= 3 => Ok(()),
+            done => Err(format!("{done} rounds written")),
+        },
+    );
     let scan_started = Instant::now();
     let (keys, calls) = scan_all(&mut con, &["COUNT", "25"]);
     let scan_time = scan_started.elapsed();
@@ -572,6 +582,7 @@ fn fifty_thousand_keys_with_short_ttls_expire_without_any_client_touching_them()
         "loaded in {loaded:?}; every key expired {:?} after loading",
         load_end.elapsed()
     );
+    // Not a wait for a condition: the keys without a TTL must still be there a while later.
     sleep(Duration::from_millis(300));
     assert_eq!(dbsize(&mut con), KEPT as i64, "keys without a TTL stay");
     let sample: Vec<Option<String>> = redis::cmd("MGET")
@@ -731,6 +742,7 @@ fn ttl_and_pttl_answer_minus_2_and_minus_1_where_redis_does() {
         Value::Okay
     );
     assert!((1..=100).contains(&int(&mut con, &["PTTL", "r"])));
+    // The behaviour under test: once its 100 ms have passed, the key reads as missing.
     sleep(Duration::from_millis(250));
     assert_eq!(int(&mut con, &["TTL", "r"]), -2);
     assert_eq!(int(&mut con, &["PTTL", "r"]), -2);

@@ -22,7 +22,7 @@ use std::sync::OnceLock;
 use std::thread::sleep;
 use std::time::{Duration, Instant};
 
-use common::{encode_command, signal, Resp, Server};
+use common::{encode_command, signal, wait_until, Resp, Server};
 
 // ---------------------------------------------------------------- LMDB tools
 
@@ -171,8 +171,19 @@ fn stuck_reader(env: &Path) -> Child {
         );
         sleep(Duration::from_millis(20));
     }
-    // Its pipe fills and it blocks inside the transaction.
-    sleep(Duration::from_millis(200));
+    // Its pipe fills and it blocks inside the transaction (or it finishes, which the
+    // assertion below reports).
+    wait_until(
+        "mdb_dump to block on its full output pipe",
+        Duration::from_secs(10),
+        || {
+            if blocked_on_full_pipe(&child) || !common::process_alive(pid) {
+                Ok(())
+            } else {
+                Err(format!("{} bytes in its pipe", pipe_queued_bytes(&child).0))
+            }
+        },
+    );
     assert!(
         holds_reader(env, pid),
         "mdb_dump finished instead of blocking"
@@ -266,13 +277,41 @@ fn set_all(server: &Server, keys: &[String], value: &[u8]) {
     );
 }
 
-/// `rounds` overwrites of every key, each followed by a pause for housekeeping (log trim).
+/// `rounds` overwrites of every key, each followed by a wait for housekeeping to trim the
+/// commit log of every partition written to its one retained entry (see [`ONE_WORKER`]).
 fn overwrite_rounds(server: &Server, keys: &[String], rounds: usize, round_tag: &mut u64) {
+    let mut partitions: Vec<u32> = keys
+        .iter()
+        .map(|k| server.partition_of(k.as_bytes()))
+        .collect();
+    partitions.sort_unstable();
+    partitions.dedup();
+    let mut conn = server.raw();
     for _ in 0..rounds {
         *round_tag += 1;
         let value = format!("{:0>1000}", *round_tag);
         set_all(server, keys, value.as_bytes());
-        sleep(Duration::from_millis(300));
+        wait_until(
+            "housekeeping to trim every written partition's log to one entry",
+            Duration::from_secs(10),
+            || {
+                let untrimmed: Vec<(u32, usize)> = partitions
+                    .iter()
+                    .map(|p| {
+                        let log = conn.cmd(&["SHOAL.LOG", &p.to_string(), "0", "COUNT", "10"]);
+                        (*p, log.array().len())
+                    })
+                    .filter(|&(_, entries)| entries > 1)
+                    .collect();
+                match untrimmed.first() {
+                    None => Ok(()),
+                    Some((p, entries)) => Err(format!(
+                        "{} partitions untrimmed, e.g. {p} with {entries} entries",
+                        untrimmed.len()
+                    )),
+                }
+            },
+        );
     }
 }
 
@@ -376,6 +415,37 @@ fn kill_inside_read(env: &Path, worker: i32, done: &mut dyn FnMut() -> bool) -> 
         sleep(Duration::from_micros(300));
     }
     false
+}
+
+/// The bytes waiting in `child`'s stdout pipe, and the pipe's capacity.
+fn pipe_queued_bytes(child: &Child) -> (i32, i32) {
+    use std::os::fd::AsRawFd;
+    let Some(stdout) = child.stdout.as_ref() else {
+        return (0, 0);
+    };
+    let fd = stdout.as_raw_fd();
+    let mut queued: libc::c_int = 0;
+    // SAFETY: FIONREAD writes one c_int through the pointer; F_GETPIPE_SZ only reads the
+    // fd, which stays open while `child` is borrowed.
+    let (read, capacity) = unsafe {
+        (
+            libc::ioctl(fd, libc::FIONREAD, &mut queued),
+            libc::fcntl(fd, libc::F_GETPIPE_SZ),
+        )
+    };
+    if read == 0 {
+        (queued, capacity)
+    } else {
+        (0, capacity)
+    }
+}
+
+/// Whether `child` sleeps in a write to its stdout pipe, which is full.
+fn blocked_on_full_pipe(child: &Child) -> bool {
+    let (queued, capacity) = pipe_queued_bytes(child);
+    let in_pipe_write = std::fs::read_to_string(format!("/proc/{}/wchan", child.id()))
+        .is_ok_and(|wchan| wchan.ends_with("pipe_write"));
+    in_pipe_write || (capacity > 0 && queued >= capacity)
 }
 
 fn is_stopped(pid: i32) -> bool {
@@ -508,6 +578,7 @@ fn worker_killed_inside_write_transactions_keeps_every_acknowledged_write() {
             mset.push(b"m");
         }
         let mset = pipeline(server.port, vec![encode_command(&mset)]);
+        // The kill instant under test, not a wait for a condition.
         sleep(Duration::from_millis(delay_ms));
         signal(old, libc::SIGKILL);
         let set_replies = sets.join().expect("SET pipeline");
@@ -580,6 +651,7 @@ fn worker_killed_inside_write_transactions_keeps_every_acknowledged_write() {
         }
         let old = server.worker_pid(0);
         let flush = pipeline(server.port, vec![encode_command(&[b"FLUSHALL"])]);
+        // The kill instant under test, not a wait for a condition.
         sleep(Duration::from_millis(delay_ms));
         signal(old, libc::SIGKILL);
         let flush_reply = flush.join().expect("FLUSHALL").pop();

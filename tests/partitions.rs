@@ -14,7 +14,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use common::cluster::Cluster;
-use common::env_count;
+use common::{env_count, wait_until};
 
 const SETTLE_TIMEOUT: Duration = Duration::from_secs(120);
 
@@ -118,6 +118,7 @@ fn write_keys(cluster: &Cluster, prefix: &str, range: std::ops::Range<usize>) {
         match pipe.query::<()>(con) {
             Ok(()) => batch_start = batch_end,
             Err(error) if retriable(&error) => {
+                // A backoff before the batch is sent again, not a wait for a condition.
                 std::thread::sleep(Duration::from_millis(50));
                 if error.is_io_error() {
                     let i = hosts[(turn - 1) % hosts.len()];
@@ -240,6 +241,37 @@ impl Load {
         self.retried.load(Ordering::Relaxed)
     }
 
+    /// Waits (bounded) until every writer has had `more` writes acknowledged from now on;
+    /// fails on a writer's non-retriable error.
+    fn wait_for_writes(&self, more: u64, what: &str) {
+        let from: Vec<u64> = self
+            .acked
+            .iter()
+            .map(|a| a.load(Ordering::Relaxed))
+            .collect();
+        wait_until(
+            &format!("every writer to have {more} more writes acknowledged ({what})"),
+            Duration::from_secs(60),
+            || {
+                let fatal = self.fatal.lock().unwrap().clone();
+                assert!(
+                    fatal.is_empty(),
+                    "clients saw non-retriable errors: {fatal:?}"
+                );
+                let now: Vec<u64> = self
+                    .acked
+                    .iter()
+                    .map(|a| a.load(Ordering::Relaxed))
+                    .collect();
+                if now.iter().zip(&from).all(|(now, from)| now - from >= more) {
+                    Ok(())
+                } else {
+                    Err(format!("acknowledged {now:?}, from {from:?}"))
+                }
+            },
+        );
+    }
+
     /// Keys written (each writer's keys are 1..=acked).
     fn keys(&self) -> usize {
         self.acked
@@ -333,7 +365,7 @@ fn a_host_joining_under_load_takes_its_share_and_no_write_is_lost() {
     write_keys(&cluster, "base", 0..5_000);
 
     let mut load = Load::start(&cluster, &[1, 2, 3]);
-    std::thread::sleep(Duration::from_secs(2));
+    load.wait_for_writes(500, "before the join");
     let joined_at = Instant::now();
     let fourth = cluster.add_host(1, "");
     let owned = wait_settled(
@@ -342,7 +374,7 @@ fn a_host_joining_under_load_takes_its_share_and_no_write_is_lost() {
         proportional(&[(1, 1.0), (2, 1.0), (3, 1.0), (fourth, 1.0)], 0.1),
     );
     let settled_secs = joined_at.elapsed().as_secs_f64();
-    std::thread::sleep(Duration::from_secs(1));
+    load.wait_for_writes(200, "after the fourth host took its share");
     let writes = load.stop();
     eprintln!(
         "host {fourth} joined under load: partitions {owned:?} settled after {settled_secs:.1} s; \
@@ -531,9 +563,36 @@ fn killing_source_and_target_mid_handoff_keeps_every_key_once() {
             Err(format!("moving = {moving:?}"))
         }
     });
-    std::thread::sleep(Duration::from_millis(300));
+    cluster.wait_for(
+        "the new host to complete a handoff while others are still moving",
+        Duration::from_secs(60),
+        |c| {
+            let completed = c
+                .try_info(third)?
+                .get("shoal_handoffs_completed")
+                .cloned()
+                .unwrap_or_default();
+            let moving = c
+                .try_info(1)?
+                .get("shoal_partitions_moving")
+                .cloned()
+                .unwrap_or_default();
+            match (completed.parse::<u64>(), moving.parse::<u64>()) {
+                (Ok(1..), Ok(1..)) => Ok(()),
+                (_, Ok(0)) => {
+                    eprintln!(
+                        "every move finished before the kill (host {third} completed \
+                         {completed}); write more keys to kill mid-handoff"
+                    );
+                    Ok(())
+                }
+                _ => Err(format!("completed = {completed:?}, moving = {moving:?}")),
+            }
+        },
+    );
     cluster.kill(third);
     cluster.kill(2);
+    // Part of the fault, not a wait for a condition: both hosts stay down a moment.
     std::thread::sleep(Duration::from_secs(1));
     cluster.host_mut(2).server.restart();
     cluster.host_mut(third).server.restart();
@@ -621,8 +680,12 @@ fn mset_across_hosts_stays_atomic_when_a_participant_is_killed() {
         .expect("host 2 or 3 holds some of the keys");
     let client = cluster.host(1).server.client();
     let stop = Arc::new(AtomicBool::new(false));
+    // MSETs acknowledged, and MSETs that failed with a retriable error, so far.
+    let acknowledged = Arc::new(AtomicU64::new(0));
+    let failed = Arc::new(AtomicU64::new(0));
     let writer = {
         let (stop, keys) = (Arc::clone(&stop), keys.clone());
+        let (acknowledged, failed) = (Arc::clone(&acknowledged), Arc::clone(&failed));
         std::thread::spawn(move || {
             let mut con = common::connect(&client);
             let mut round = 0u64;
@@ -635,8 +698,12 @@ fn mset_across_hosts_stays_atomic_when_a_participant_is_killed() {
                     cmd.arg(key).arg(round);
                 }
                 match cmd.query::<()>(&mut con) {
-                    Ok(()) => ok += 1,
+                    Ok(()) => {
+                        ok += 1;
+                        acknowledged.fetch_add(1, Ordering::Relaxed);
+                    }
                     Err(error) if retriable(&error) => {
+                        failed.fetch_add(1, Ordering::Relaxed);
                         if error.is_io_error() {
                             con = common::connect(&client);
                         }
@@ -647,11 +714,36 @@ fn mset_across_hosts_stays_atomic_when_a_participant_is_killed() {
             ok
         })
     };
-    std::thread::sleep(Duration::from_secs(2));
+    let writer_done = || {
+        writer
+            .is_finished()
+            .then(|| "the writer stopped".to_string())
+    };
+    let mset_count = |counter: &AtomicU64, at_least: u64, what: &str| {
+        wait_until(what, Duration::from_secs(60), || {
+            let count = counter.load(Ordering::Relaxed);
+            match writer_done() {
+                Some(why) => panic!("{why} while waiting for {what}"),
+                None if count >= at_least => Ok(()),
+                None => Err(format!("{count} of {at_least}")),
+            }
+        })
+    };
+    mset_count(&acknowledged, 50, "50 MSETs acknowledged before the kill");
     cluster.kill(victim);
-    std::thread::sleep(Duration::from_secs(2));
+    let failed_at_kill = failed.load(Ordering::Relaxed);
+    mset_count(
+        &failed,
+        failed_at_kill + 1,
+        "an MSET to fail while a host holding its keys is down",
+    );
     cluster.host_mut(victim).server.restart();
-    std::thread::sleep(Duration::from_secs(2));
+    let acknowledged_at_restart = acknowledged.load(Ordering::Relaxed);
+    mset_count(
+        &acknowledged,
+        acknowledged_at_restart + 50,
+        "50 more MSETs acknowledged after the restart",
+    );
     stop.store(true, Ordering::Relaxed);
     let committed = writer.join().expect("writer");
     // Transactions in doubt settle within seconds; then every key holds the same round.

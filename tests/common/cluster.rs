@@ -33,7 +33,7 @@ use std::sync::{Arc, Once, OnceLock};
 use std::thread::{sleep, JoinHandle};
 use std::time::{Duration, Instant};
 
-use super::{free_port_on, merge, process_alive, signal, RawConn, Resp, Rng, Server};
+use super::{free_port_on, merge, poll_until, process_alive, signal, RawConn, Resp, Rng, Server};
 
 /// The secret every host of a test cluster shares.
 pub const SECRET: &str = "shoal-cluster-tests-secret";
@@ -622,25 +622,15 @@ impl Cluster {
     }
 
     /// Calls `check` every 100 ms until it answers `Ok` (returned with the time it
-    /// took), or panics after `timeout` with its last error.
+    /// took), or panics after `timeout` with its last error. The cluster's state and
+    /// the logs follow when the cluster is dropped.
     pub fn wait_for<T>(
         &self,
         what: &str,
         timeout: Duration,
         mut check: impl FnMut(&Cluster) -> Result<T, String>,
     ) -> (T, Duration) {
-        let started = Instant::now();
-        loop {
-            let last = match check(self) {
-                Ok(value) => return (value, started.elapsed()),
-                Err(error) => error,
-            };
-            // The cluster's state and the logs follow when the cluster is dropped.
-            if started.elapsed() >= timeout {
-                panic!("waited {timeout:?} for {what}; last: {last}");
-            }
-            sleep(POLL_INTERVAL);
-        }
+        poll_until(what, timeout, POLL_INTERVAL, || check(self))
     }
 
     /// What every live host agrees on, if they do: each lists the same hosts with the
@@ -1154,6 +1144,7 @@ impl Delayer {
                         if stopping {
                             break;
                         }
+                        // The delayer's tick: held packets are released at 1 ms resolution.
                         sleep(Duration::from_millis(1));
                     }
                     let _ = queue.unbind(queue_num);

@@ -520,6 +520,40 @@ fn ping_answers(addr: SocketAddr) -> bool {
     matches!(stream.read(&mut byte), Ok(1) if byte[0] == b'+' || byte[0] == b'-')
 }
 
+/// How often [`wait_until`] looks again.
+pub const WAIT_POLL_INTERVAL: Duration = Duration::from_millis(20);
+
+/// Calls `check` every [`WAIT_POLL_INTERVAL`] until it answers `Ok` (returned with the
+/// time it took), or panics after `timeout` naming `what` was awaited and the last error.
+pub fn wait_until<T>(
+    what: &str,
+    timeout: Duration,
+    check: impl FnMut() -> Result<T, String>,
+) -> (T, Duration) {
+    poll_until(what, timeout, WAIT_POLL_INTERVAL, check)
+}
+
+/// [`wait_until`] with another interval between the checks.
+pub fn poll_until<T>(
+    what: &str,
+    timeout: Duration,
+    interval: Duration,
+    mut check: impl FnMut() -> Result<T, String>,
+) -> (T, Duration) {
+    let started = Instant::now();
+    loop {
+        let last = match check() {
+            Ok(value) => return (value, started.elapsed()),
+            Err(error) => error,
+        };
+        if started.elapsed() >= timeout {
+            panic!("waited {timeout:?} for {what}; last: {last}");
+        }
+        // The backoff between checks, not a wait for the condition itself.
+        sleep(interval);
+    }
+}
+
 /// Runs a command to completion, killing it after `timeout`.
 pub fn run_with_timeout(
     mut command: Command,
