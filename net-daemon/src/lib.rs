@@ -4,37 +4,47 @@
 //! routes each key to its partition's worker over the worker links, and merges
 //! answers from several workers. It holds no user data itself and never opens
 //! a shard's LMDB environment for writing; GET and MGET read the shards'
-//! environments directly ([`reads`]). Its only writable environment is the
+//! environments directly (`reads`). Its only writable environment is the
 //! metadata Raft group's own (`shoal_cluster::raft_store`).
 //!
-//! Modules:
-//! - [`server`]: listeners, the connection limit, graceful shutdown.
-//! - [`connection`]: one client connection (parse, dispatch, reply in order).
-//! - [`commands`]: every client command.
-//! - [`txn`]: the two-phase commit coordinator and the recovery of transactions in doubt.
-//! - [`ids`]: the host's id allocator (ID.NEW).
-//! - [`metrics`]: command statistics and the Prometheus endpoint.
-//! - [`workers`]: the links to the shard-workers.
-//! - [`reads`]: GET and MGET straight from the shards' LMDB maps.
-//! - [`routing`]: requests for a partition sent to its owner, this host or another.
-//! - [`handoff`]: taking partitions over from other hosts, and dropping those given away.
-//! - [`errors`]: internal failures → client error replies.
+//! Its one public item is [`run`], which the `shoal` binary calls for the
+//! net-daemon role; every module is private to the crate.
+//!
+//! Modules, bottom layer first (docs/architecture.md, "Crates and layers"):
+//! - `workers`: the links to the shard-workers.
+//! - `reads`: GET and MGET straight from the shards' LMDB maps.
+//! - `cursors`: the cursors of SCANs in progress.
+//! - `table`: the command table (arity, key positions, COMMAND DOCS) and per-command
+//!   counters.
+//! - `errors`: internal failures → client error replies.
+//! - `routing`: requests for a partition sent to its owner, this host or another.
+//! - `dispatch`: where a request for the workers goes (a local worker or the partition's
+//!   owner), and how.
+//! - `txn`: the two-phase commit coordinator and the recovery of transactions in doubt.
+//! - `ids`: the host's id allocator (ID.NEW).
+//! - `handoff`: taking partitions over from other hosts, and dropping those given away.
+//! - `state`: what every connection shares (config, dispatch, cluster node, counters,
+//!   shutdown flag).
+//! - `commands`: every client command.
+//! - `connection`: one client connection (parse, dispatch, reply in order).
+//! - `metrics`: command statistics and the Prometheus endpoint.
+//! - `server`: listeners, the connection limit, graceful shutdown.
 
-pub mod commands;
-pub mod connection;
-pub mod cursors;
-pub mod dispatch;
-pub mod errors;
-pub mod handoff;
-pub mod ids;
-pub mod metrics;
-pub mod reads;
-pub mod routing;
-pub mod server;
-pub mod state;
-pub mod table;
-pub mod txn;
-pub mod workers;
+mod commands;
+mod connection;
+mod cursors;
+mod dispatch;
+mod errors;
+mod handoff;
+mod ids;
+mod metrics;
+mod reads;
+mod routing;
+mod server;
+mod state;
+mod table;
+mod txn;
+mod workers;
 
 use shoal_shared::config::Config;
 

@@ -636,7 +636,8 @@ pub static COMMANDS: &[CommandSpec] = &[
 ];
 
 /// Looks up a command by its lower-case name.
-pub fn lookup(name: &str) -> Option<&'static CommandSpec> {
+#[cfg(test)]
+fn lookup(name: &str) -> Option<&'static CommandSpec> {
     index_of(name).map(|index| &COMMANDS[index])
 }
 
