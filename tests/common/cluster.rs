@@ -621,6 +621,40 @@ impl Cluster {
             .map_err(|_| format!("host {i}: shoal_metadata_leader {leader:?}"))
     }
 
+    /// Waits until every live host sees `voters` voters in the metadata group, no change of
+    /// the voter set in progress, and the same leader; returns the leader's host id and the
+    /// time it took. A test that kills a host waits for this first, so that losing one
+    /// voter still leaves a majority.
+    pub fn wait_voters(&self, voters: usize, timeout: Duration) -> (u64, Duration) {
+        self.wait_for(
+            &format!("{voters} voters and one leader on every host"),
+            timeout,
+            |c| {
+                let mut seen = std::collections::HashSet::new();
+                for i in c.live() {
+                    let info = c.try_info(i)?;
+                    let count = info["shoal_metadata_voters"]
+                        .split(',')
+                        .filter(|v| !v.is_empty())
+                        .count();
+                    if count != voters || info["shoal_metadata_voters_changing"] != "0" {
+                        return Err(format!(
+                            "host {i} has voters {:?} (changing: {:?})",
+                            info["shoal_metadata_voters"], info["shoal_metadata_voters_changing"]
+                        ));
+                    }
+                    seen.insert(info["shoal_metadata_leader"].clone());
+                }
+                match seen.into_iter().collect::<Vec<_>>().as_slice() {
+                    [leader] if !leader.is_empty() => {
+                        leader.parse::<u64>().map_err(|e| e.to_string())
+                    }
+                    other => Err(format!("leaders named: {other:?}")),
+                }
+            },
+        )
+    }
+
     /// Calls `check` every 100 ms until it answers `Ok` (returned with the time it
     /// took), or panics after `timeout` with its last error. The cluster's state and
     /// the logs follow when the cluster is dropped.
