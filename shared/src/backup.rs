@@ -25,16 +25,16 @@ use crate::partition::{partition_worker, Partition};
 /// File name of the manifest inside a backup directory.
 pub const MANIFEST_FILE: &str = "manifest.json";
 /// The `format` field of every manifest.
-pub const MANIFEST_FORMAT: &str = "shoal-backup";
+pub(crate) const MANIFEST_FORMAT: &str = "shoal-backup";
 /// Version of the manifest and directory layout described here.
-pub const MANIFEST_VERSION: u32 = 1;
+pub(crate) const MANIFEST_VERSION: u32 = 1;
 /// File name of a shard's copied environment inside `shard-<i>/`.
 pub const SHARD_FILE: &str = "data.mdb";
 /// Length of a SHA-256 digest in hex.
 const SHA256_HEX_LEN: usize = 64;
 
 /// Path of shard `index`'s copy, relative to the backup directory.
-pub fn shard_file_path(index: usize) -> String {
+pub(crate) fn shard_file_path(index: usize) -> String {
     format!("shard-{index}/{SHARD_FILE}")
 }
 
@@ -61,11 +61,11 @@ pub struct ShardBackup {
 #[serde(deny_unknown_fields)]
 pub struct Manifest {
     /// Always [`MANIFEST_FORMAT`].
-    pub format: String,
+    pub(crate) format: String,
     /// [`MANIFEST_VERSION`] when written.
-    pub version: u32,
+    pub(crate) version: u32,
     /// When the backup finished, Unix milliseconds.
-    pub created_ms: u64,
+    pub(crate) created_ms: u64,
     /// The storage layout version of the shard files (shard-worker's `FORMAT_VERSION`).
     pub storage_format_version: u32,
     pub partitions: u16,
@@ -93,8 +93,8 @@ pub struct ShardFile {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct PartitionCommit {
-    pub partition: Partition,
-    pub shard: usize,
+    pub(crate) partition: Partition,
+    pub(crate) shard: usize,
     /// Every commit of the partition up to and including this one is in the backup; none after.
     pub last_commit_id: u64,
 }

@@ -542,7 +542,7 @@ pub enum ChangeType {
 
 impl ChangeType {
     /// Decodes the on-disk byte.
-    pub fn from_byte(byte: u8) -> Option<ChangeType> {
+    pub(crate) fn from_byte(byte: u8) -> Option<ChangeType> {
         match byte {
             0b00 => Some(ChangeType::Create),
             0b01 => Some(ChangeType::Delete),
@@ -585,7 +585,7 @@ mod record_cursor {
 
     use super::RecordTable;
 
-    pub fn serialize<S: Serializer>(
+    pub(crate) fn serialize<S: Serializer>(
         cursor: &Option<(RecordTable, Vec<u8>)>,
         serializer: S,
     ) -> Result<S::Ok, S::Error> {
@@ -595,7 +595,7 @@ mod record_cursor {
             .serialize(serializer)
     }
 
-    pub fn deserialize<'de, D: Deserializer<'de>>(
+    pub(crate) fn deserialize<'de, D: Deserializer<'de>>(
         deserializer: D,
     ) -> Result<Option<(RecordTable, Vec<u8>)>, D::Error> {
         let cursor = Option::<(RecordTable, serde_bytes::ByteBuf)>::deserialize(deserializer)?;

@@ -62,7 +62,7 @@ pub const META_LAYOUT: &[u8] = b"layout";
 pub const META_IDS_HIGH_WATER: &[u8] = b"ids_high_water";
 
 /// Value flag: an expiry time follows the flags byte.
-pub const FLAG_EXPIRES: u8 = 0b0000_0001;
+pub(crate) const FLAG_EXPIRES: u8 = 0b0000_0001;
 const VALUE_HEADER_BYTES: usize = 9;
 const LOG_HEADER_BYTES: usize = 8 + 1 + 2 + 8 + 2;
 
@@ -79,8 +79,8 @@ const _: () = assert!(
 #[derive(Debug, thiserror::Error)]
 #[error("corrupt {what}: {why}")]
 pub struct CorruptError {
-    pub what: &'static str,
-    pub why: String,
+    pub(crate) what: &'static str,
+    pub(crate) why: String,
 }
 
 fn corrupt(what: &'static str, why: impl Into<String>) -> CorruptError {
@@ -529,7 +529,7 @@ pub fn decode_intent(raw: &[u8]) -> Result<Intent, CorruptError> {
 }
 
 /// Whether a `txns` record is a prepared intent (its keys are locked), not a decision record.
-pub fn is_prepared(raw: &[u8]) -> Result<bool, CorruptError> {
+pub(crate) fn is_prepared(raw: &[u8]) -> Result<bool, CorruptError> {
     Ok(decode_intent(raw)?.state == IntentState::Prepared)
 }
 

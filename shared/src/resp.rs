@@ -205,7 +205,7 @@ fn parse_inline(
 /// Splits an inline request like Redis's `sdssplitargs`: spaces separate arguments,
 /// "double quotes" take escapes (\n \r \t \b \a \\ \" \xHH), 'single quotes' take \'.
 /// Returns `None` for unbalanced quotes.
-pub fn split_inline_args(line: &[u8]) -> Option<Vec<Vec<u8>>> {
+pub(crate) fn split_inline_args(line: &[u8]) -> Option<Vec<Vec<u8>>> {
     let mut args = Vec::new();
     let mut i = 0;
     loop {
@@ -406,7 +406,7 @@ fn bulk(out: &mut BytesMut, bytes: &[u8]) {
 
 /// Formats a double the way Redis prints INCRBYFLOAT results: shortest exact digits, no
 /// trailing ".0", and `inf`/`-inf` for infinities.
-pub fn format_double(value: f64) -> String {
+pub(crate) fn format_double(value: f64) -> String {
     if value.is_infinite() {
         return if value > 0.0 {
             "inf".into()
@@ -444,7 +444,8 @@ pub fn parse_i64(bytes: &[u8]) -> Option<i64> {
 }
 
 /// Parses a float argument or stored value: no surrounding spaces, no NaN.
-pub fn parse_f64(bytes: &[u8]) -> Option<f64> {
+#[cfg(test)]
+pub(crate) fn parse_f64(bytes: &[u8]) -> Option<f64> {
     let text = std::str::from_utf8(bytes).ok()?;
     if text.is_empty() || text.trim() != text {
         return None;

@@ -27,9 +27,9 @@ const MAGIC: u64 = u64::from_be_bytes(*b"SHOALST1");
 const VERSION: u64 = 2;
 const HEADER_WORDS: usize = 16;
 /// Words per process slot.
-pub const SLOT_WORDS: usize = 48;
+pub(crate) const SLOT_WORDS: usize = 48;
 /// Most slots a table holds (workers plus the net-daemon).
-pub const MAX_SLOTS: usize = 1024;
+pub(crate) const MAX_SLOTS: usize = 1024;
 
 const _: () = assert!((Field::Reserved as usize) < SLOT_WORDS);
 
@@ -63,7 +63,7 @@ pub enum Field {
 }
 
 /// Buckets of the histograms a worker keeps in its slot (the last one is +Inf).
-pub const HISTOGRAM_BUCKETS: usize = 10;
+pub(crate) const HISTOGRAM_BUCKETS: usize = 10;
 /// Upper bounds of the batch-size buckets (requests per group commit).
 pub const BATCH_SIZE_BOUNDS: [u64; HISTOGRAM_BUCKETS - 1] = [1, 2, 4, 8, 16, 32, 64, 256, 1024];
 /// Upper bounds of the commit-duration buckets, in microseconds.
@@ -120,7 +120,7 @@ pub enum ProcessState {
 }
 
 impl ProcessState {
-    pub fn from_code(code: u64) -> ProcessState {
+    pub(crate) fn from_code(code: u64) -> ProcessState {
         match code {
             1 => ProcessState::Starting,
             2 => ProcessState::Ready,
@@ -276,7 +276,8 @@ impl StatusTable {
     }
 
     /// When the supervisor started (ms since the epoch).
-    pub fn started_ms(&self) -> u64 {
+    #[expect(dead_code, reason = "no caller in the workspace")]
+    pub(crate) fn started_ms(&self) -> u64 {
         self.header()[4].load(Ordering::Relaxed)
     }
 

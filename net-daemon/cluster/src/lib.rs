@@ -35,16 +35,16 @@
 //!   duties (I/O).
 //! - [`peer`]: the authenticated TCP links to the other hosts (handshake, pool, listener).
 
-pub mod coords;
-pub mod gossip;
+pub(crate) mod coords;
+pub(crate) mod gossip;
 pub(crate) mod leader;
-pub mod liveness;
+pub(crate) mod liveness;
 pub mod messages;
 pub mod network;
 pub mod ni;
 pub mod node;
 pub mod peer;
-pub mod placement;
+pub(crate) mod placement;
 pub mod raft_store;
 pub mod ranges;
 pub mod transport;

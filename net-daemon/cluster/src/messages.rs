@@ -21,7 +21,7 @@ use crate::raft_store::{MetaTypes, NodeId};
 use crate::HostId;
 
 /// The metadata group's type configuration.
-pub type Meta = MetaTypes<NetworkInfo>;
+pub(crate) type Meta = MetaTypes<NetworkInfo>;
 
 /// A request from one host to another.
 #[derive(Debug, Serialize, Deserialize)]

@@ -19,7 +19,7 @@ use crate::ranges::{IdRange, IdSpace, OwnedRange, RangeError};
 use crate::HostId;
 
 /// The first host of a cluster.
-pub const FOUNDER: HostId = 1;
+pub(crate) const FOUNDER: HostId = 1;
 
 /// What a host may do, as the cluster sees it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -54,7 +54,7 @@ pub struct Capacity {
     /// Free bytes on its data dir's filesystem.
     pub free_bytes: u64,
     /// Bytes its shards take on disk.
-    pub used_bytes: u64,
+    pub(crate) used_bytes: u64,
     /// Relative CPU speed (cores × MHz / 1000).
     pub cpu_rating: u32,
     /// Its shard-workers: partition `p` is on its worker `p mod workers` (0: not reported).
@@ -181,7 +181,7 @@ pub struct NetworkInfo {
     /// Who owns which ids; `None` before `Found`.
     pub ids: Option<IdSpace>,
     /// The id the next accepted host gets.
-    pub next_host_id: HostId,
+    pub(crate) next_host_id: HostId,
     /// The owner of each partition; empty before `Found`.
     pub partitions: Vec<PartitionEntry>,
 }
@@ -191,7 +191,7 @@ impl NetworkInfo {
     ///
     /// In debug builds, the NI's invariants are checked after every command
     /// ([`NetworkInfo::check_invariants`]); a command that breaks one panics.
-    pub fn apply(&mut self, command: &Command) -> Outcome {
+    pub(crate) fn apply(&mut self, command: &Command) -> Outcome {
         #[cfg(debug_assertions)]
         let before = self.clone();
         let outcome = match self.change(command) {

@@ -153,7 +153,7 @@ pub struct NodeSettings {
 
 impl NodeSettings {
     /// The settings of a host's cluster section.
-    pub fn from_config(config: &Config) -> NodeSettings {
+    pub(crate) fn from_config(config: &Config) -> NodeSettings {
         let cluster = &config.cluster;
         NodeSettings {
             data_dir: config.data_dir.clone(),
@@ -672,7 +672,8 @@ impl ClusterNode {
     }
 
     /// The cluster's id, once this host is a member.
-    pub fn cluster_id(&self) -> Option<u64> {
+    #[expect(dead_code, reason = "no caller in the workspace")]
+    pub(crate) fn cluster_id(&self) -> Option<u64> {
         self.member.get().map(|member| member.cluster_id)
     }
 
@@ -721,7 +722,7 @@ impl ClusterNode {
     }
 
     /// This host's network coordinate.
-    pub fn coordinate(&self) -> Coordinate {
+    pub(crate) fn coordinate(&self) -> Coordinate {
         lock(&self.liveness).coordinate.clone()
     }
 

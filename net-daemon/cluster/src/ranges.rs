@@ -28,7 +28,7 @@ use shoal_shared::ids::{BLOCK, END_ID, FIRST_ID};
 
 /// The fewest unused ids a sponsor must have in one range to split it: each
 /// half then holds at least one worker block.
-pub const MIN_SPLIT_IDS: u64 = 2 * BLOCK;
+pub(crate) const MIN_SPLIT_IDS: u64 = 2 * BLOCK;
 
 const _: () = assert!(FIRST_ID < END_ID && MIN_SPLIT_IDS <= END_ID - FIRST_ID);
 
@@ -64,7 +64,7 @@ pub struct OwnedRange {
 
 impl OwnedRange {
     /// The ids not issued yet: `[high_water, end)`.
-    pub fn unused(&self) -> IdRange {
+    pub(crate) fn unused(&self) -> IdRange {
         IdRange {
             start: self.high_water,
             end: self.range.end,
@@ -110,7 +110,7 @@ pub struct IdSpace {
 
 impl IdSpace {
     /// The id space of a new cluster: its first host owns all of it.
-    pub fn new(first_host: HostId) -> IdSpace {
+    pub(crate) fn new(first_host: HostId) -> IdSpace {
         let mut space = IdSpace {
             hosts: BTreeMap::new(),
             free: Vec::new(),
@@ -126,19 +126,20 @@ impl IdSpace {
     }
 
     /// The ranges of `host`, ordered by start (None if it never owned any).
-    pub fn host_ranges(&self, host: HostId) -> Option<&[OwnedRange]> {
+    pub(crate) fn host_ranges(&self, host: HostId) -> Option<&[OwnedRange]> {
         self.hosts.get(&host).map(Vec::as_slice)
     }
 
     /// The free pool, ordered by start.
-    pub fn free(&self) -> &[IdRange] {
+    #[cfg(test)]
+    pub(crate) fn free(&self) -> &[IdRange] {
         &self.free
     }
 
     /// The host whose largest unused range is the largest of all, if it can be
     /// split: the sponsor to use when the chosen one has nothing left. Ties go
     /// to the lowest host id.
-    pub fn best_sponsor(&self) -> Option<HostId> {
+    pub(crate) fn best_sponsor(&self) -> Option<HostId> {
         let mut best: Option<(HostId, u64)> = None;
         for (&host, ranges) in &self.hosts {
             let unused = largest_unused(ranges).map_or(0, |i| ranges[i].unused().len());
@@ -152,7 +153,7 @@ impl IdSpace {
     /// Gives `joiner` the upper half of the unused part of `sponsor`'s range
     /// with the most unused ids; the sponsor keeps the lower part. Returns the
     /// joiner's new range. `joiner` may already own (used-up) ranges.
-    pub fn sponsor_split(
+    pub(crate) fn sponsor_split(
         &mut self,
         sponsor: HostId,
         joiner: HostId,
@@ -186,7 +187,7 @@ impl IdSpace {
     /// Advances a mark of `host` past `count` more ids, in its first range with
     /// room for them, and returns those ids. The host records this in the NI
     /// before it issues any of them.
-    pub fn reserve(&mut self, host: HostId, count: u64) -> Result<IdRange, RangeError> {
+    pub(crate) fn reserve(&mut self, host: HostId, count: u64) -> Result<IdRange, RangeError> {
         let ranges = self
             .hosts
             .get_mut(&host)
@@ -207,7 +208,7 @@ impl IdSpace {
     /// its marks) to the free pool, for a host offline past the threshold.
     /// The host keeps the used parts, so their ids are never handed out
     /// again. Returns how many ids went to the pool; reclaiming twice is harmless.
-    pub fn reclaim_unused(&mut self, host: HostId) -> Result<u64, RangeError> {
+    pub(crate) fn reclaim_unused(&mut self, host: HostId) -> Result<u64, RangeError> {
         let ranges = self
             .hosts
             .get_mut(&host)
@@ -236,7 +237,7 @@ impl IdSpace {
     /// Gives `host` the largest range of the free pool, whole (ties go to the
     /// lowest). The leader uses it for a joining host instead of a sponsor
     /// split, or for a host whose ranges are nearly used up.
-    pub fn grant_free(&mut self, host: HostId) -> Result<IdRange, RangeError> {
+    pub(crate) fn grant_free(&mut self, host: HostId) -> Result<IdRange, RangeError> {
         let mut best: Option<usize> = None;
         for (index, range) in self.free.iter().enumerate() {
             if best.is_none_or(|b| range.len() > self.free[b].len()) {
