@@ -45,8 +45,9 @@ pub struct ShardBackup {
     pub shard: u32,
     /// The storage layout version recorded in the copy's `meta`.
     pub format_version: u32,
-    /// The layout recorded in the copy's `meta`.
+    /// The number of partitions in the layout recorded in the copy's `meta`.
     pub partitions: u16,
+    /// The number of workers in that layout.
     pub workers: u16,
     /// Size of the copied `data.mdb`.
     pub bytes: u64,
@@ -68,8 +69,11 @@ pub struct Manifest {
     pub(crate) created_ms: u64,
     /// The storage layout version of the shard files (shard-worker's `FORMAT_VERSION`).
     pub storage_format_version: u32,
+    /// The data dir's partition count when the backup was taken.
     pub partitions: u16,
+    /// The data dir's worker count (one shard file each).
     pub workers: usize,
+    /// `storage.collections` when the backup was taken.
     pub collections: u16,
     /// One entry per worker, in worker order.
     pub shards: Vec<ShardFile>,
@@ -81,9 +85,11 @@ pub struct Manifest {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ShardFile {
+    /// The worker index the file belongs to.
     pub shard: usize,
     /// Relative to the backup directory: `shard-<i>/data.mdb`.
     pub path: String,
+    /// The file's size in bytes.
     pub bytes: u64,
     /// Lower-case hex.
     pub sha256: String,

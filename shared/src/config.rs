@@ -97,9 +97,14 @@ pub struct ClusterConfig {
     pub advertise_addr: String,
     /// The shared secret; `None` when the host runs on its own.
     pub secret: Option<String>,
+    /// How often a host sends each peer a heartbeat, in milliseconds.
     pub heartbeat_interval_ms: u64,
+    /// Unreliability score past which a host proposes that a peer is inactive.
     pub suspect_threshold: f64,
+    /// How long, in seconds, a host may be unreachable before it loses the unused part
+    /// of its id ranges.
     pub offline_threshold_secs: u64,
+    /// Share of its capacity (0 to 1) past which a host gets no new partitions.
     pub max_fill_ratio: f64,
 }
 
@@ -262,22 +267,32 @@ pub struct Config {
     pub workers: usize,
     /// Whether `workers` came from the core count (the file said 0 or nothing).
     pub workers_from_cores: bool,
+    /// `[client]`, validated.
     pub client: ClientConfig,
+    /// `[storage]`, as written (its values are checked, not converted).
     pub storage: StorageSection,
+    /// `[supervisor]`, as written.
     pub supervisor: SupervisorSection,
     /// Where `/metrics` is served; `None` when disabled.
     pub metrics_listen: Option<SocketAddr>,
+    /// `[cluster]`, validated.
     pub cluster: ClusterConfig,
 }
 
 /// Validated `[client]`.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct ClientConfig {
+    /// TCP address for RESP clients; `None` when TCP is disabled.
     pub listen: Option<SocketAddr>,
+    /// Unix socket path for RESP clients; `None` when disabled.
     pub unix_socket: Option<PathBuf>,
+    /// The password AUTH must give; `None` when there is none.
     pub requirepass: Option<String>,
+    /// Most client connections open at once.
     pub max_connections: usize,
+    /// Largest string value a client may store, in bytes.
     pub max_value_bytes: usize,
+    /// Most bytes of unsent replies a connection may hold before it is closed.
     pub max_output_buffer_bytes: usize,
 }
 
@@ -742,7 +757,9 @@ impl Config {
 /// partitions: `<data_dir>/layout.json`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub struct DataDirLayout {
+    /// How many partitions the data dir's keys hash into.
     pub partitions: u16,
+    /// How many shard-workers (and shard environments) the data dir has.
     pub workers: usize,
 }
 

@@ -10,17 +10,22 @@ use bytes::{BufMut, Bytes, BytesMut};
 /// The protocol version a connection speaks (switched with `HELLO`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Protocol {
+    /// RESP2, what every connection starts with.
     Resp2,
+    /// RESP3, after `HELLO 3`: maps, doubles, nulls and verbatim strings have types of their own.
     Resp3,
 }
 
 /// Bounds that keep a client from making the parser allocate without limit.
 #[derive(Debug, Clone, Copy)]
 pub struct RequestLimits {
+    /// Most arguments (the command name included) in one request.
     pub max_args: usize,
+    /// Longest single bulk string, in bytes.
     pub max_bulk_bytes: usize,
     /// Most bytes of all bulk strings of one request together.
     pub max_request_bytes: usize,
+    /// Longest inline command (a line without `*`), in bytes.
     pub max_inline_bytes: usize,
 }
 
@@ -299,10 +304,13 @@ pub enum Reply {
     Simple(String),
     /// An error line; the text starts with its code (`ERR ...`, `WRONGTYPE ...`).
     Error(String),
+    /// `:<n>`.
     Integer(i64),
+    /// A binary-safe string: `$<len>` then the bytes.
     Bulk(Bytes),
     /// A missing value: `$-1` in RESP2, `_` in RESP3.
     Nil,
+    /// `*<count>` then the elements.
     Array(Vec<Reply>),
     /// A map: a flat array in RESP2, `%` in RESP3.
     Map(Vec<(Reply, Reply)>),

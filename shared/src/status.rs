@@ -37,17 +37,29 @@ const _: () = assert!((Field::Reserved as usize) < SLOT_WORDS);
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 #[repr(usize)]
 pub enum Field {
+    /// The process id of the slot's current process.
     Pid = 0,
+    /// The [`Role`] code.
     Role = 1,
+    /// The worker index (0 for the net-daemon).
     Index = 2,
+    /// The [`ProcessState`] code.
     State = 3,
+    /// How many times the supervisor restarted the slot's process.
     Restarts = 4,
+    /// The last heartbeat, in Unix ms; the supervisor restarts a process whose heartbeat stops.
     HeartbeatMs = 5,
+    /// A worker's highest commit id over its partitions.
     LastCommitId = 6,
+    /// Requests in a worker's current group commit (0 between batches).
     QueueDepth = 7,
+    /// Requests served since the process started (a counter).
     Ops = 8,
+    /// When the process claimed the slot, in Unix ms.
     StartedMs = 9,
+    /// Group commits a worker has made (a counter).
     Commits = 10,
+    /// The net-daemon's open client connections.
     Connections = 11,
     /// Size of the worker's LMDB map, in bytes.
     MapSizeBytes = 12,
@@ -59,6 +71,7 @@ pub enum Field {
     BatchSizeBuckets = 16,
     /// First of [`HISTOGRAM_BUCKETS`] words: group commits per duration bucket.
     CommitMicrosBuckets = 16 + HISTOGRAM_BUCKETS,
+    /// The first unused word; must stay below the slot's size.
     Reserved = 16 + 2 * HISTOGRAM_BUCKETS,
 }
 
@@ -81,7 +94,9 @@ pub fn bucket(bounds: &[u64], value: u64) -> usize {
 /// What a slot's process does.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Role {
+    /// A shard-worker: one shard's LMDB environment.
     ShardWorker,
+    /// The net-daemon: clients and peers. It has the last slot.
     NetDaemon,
 }
 
@@ -93,6 +108,7 @@ impl Role {
         }
     }
 
+    /// The name `shoal status` shows.
     pub fn name(self) -> &'static str {
         match self {
             Role::ShardWorker => "shard-worker",
@@ -131,6 +147,7 @@ impl ProcessState {
         }
     }
 
+    /// The name `shoal status` shows.
     pub fn name(self) -> &'static str {
         match self {
             ProcessState::Empty => "empty",
@@ -335,9 +352,13 @@ impl StatusTable {
 /// Progress of moving partitions between shards.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct Rebalance {
+    /// Partitions to move.
     pub total: u64,
+    /// Partitions moved so far.
     pub done: u64,
+    /// Bytes of records copied so far.
     pub bytes: u64,
+    /// When the move started, in Unix ms (0: no move has run).
     pub started_ms: u64,
 }
 
@@ -348,14 +369,17 @@ pub struct Slot<'a> {
 }
 
 impl Slot<'_> {
+    /// Reads one word.
     pub fn get(&self, field: Field) -> u64 {
         self.words[field as usize].load(Ordering::Acquire)
     }
 
+    /// Writes one word.
     pub fn set(&self, field: Field, value: u64) {
         self.words[field as usize].store(value, Ordering::Release);
     }
 
+    /// Adds to a counter word.
     pub fn add(&self, field: Field, delta: u64) {
         self.words[field as usize].fetch_add(delta, Ordering::AcqRel);
     }
@@ -370,14 +394,17 @@ impl Slot<'_> {
         std::array::from_fn(|i| self.words[first as usize + i].load(Ordering::Acquire))
     }
 
+    /// Where the slot's process is in its life.
     pub fn state(&self) -> ProcessState {
         ProcessState::from_code(self.get(Field::State))
     }
 
+    /// Records where the slot's process is in its life.
     pub fn set_state(&self, state: ProcessState) {
         self.set(Field::State, state as u64);
     }
 
+    /// What the slot's process does.
     pub fn role(&self) -> Role {
         if self.get(Field::Role) == Role::NetDaemon.code() {
             Role::NetDaemon
