@@ -121,7 +121,9 @@ struct Report {
 /// A peer as this host sees it, for `SHOAL.HOSTS`.
 #[derive(Debug, Clone)]
 pub struct PeerView {
+    /// This host's unreliability score of the peer; `None` if never probed.
     pub score: Option<Score>,
+    /// The round trip of the last answered heartbeat, in microseconds.
     pub rtt_us: Option<u64>,
 }
 
@@ -138,8 +140,12 @@ pub struct NodeSettings {
     pub peer_addr: String,
     /// Where clients reach this one ("" when it has no TCP listener).
     pub client_addr: String,
+    /// `cluster.heartbeat_interval_ms`: how often each peer gets a heartbeat.
     pub heartbeat_interval: Duration,
+    /// `cluster.suspect_threshold`: the unreliability score past which a peer is suspected.
     pub suspect_threshold: f64,
+    /// `cluster.offline_threshold_secs`, in ms: how long a host may be unreachable before
+    /// the unused part of its id ranges is reclaimed.
     pub offline_threshold_ms: u64,
     /// `storage.partitions`: equal on every host of a cluster.
     pub partitions: u16,

@@ -206,6 +206,7 @@ impl HostAddr {
         Ok(HostAddr(Arc::from(text)))
     }
 
+    /// The address as text ("host:port").
     pub fn as_str(&self) -> &str {
         &self.0
     }
@@ -333,11 +334,17 @@ impl PeerConfig {
 /// Why a handshake was refused, by either side. The code is what travels in a refusal.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum RefusalReason {
+    /// Code 1: the other side does not prove the cluster secret.
     WrongSecret,
+    /// Code 2: the other side speaks another protocol version.
     VersionMismatch,
+    /// Code 3: the handshake did not finish in time.
     HandshakeTimeout,
+    /// Code 4: a handshake message could not be decoded.
     Malformed,
+    /// Code 5: the listener has its maximum of inbound connections.
     TooManyConnections,
+    /// Code 6: the other side did not start with Shoal's handshake.
     NotAPeer,
     /// A code this version does not know.
     Unknown(u8),
@@ -389,26 +396,46 @@ pub enum PeerError {
     /// No connection to the peer could be made (or the pool is full); the request was not
     /// sent.
     #[error("peer {peer} is unreachable: {reason}")]
-    Unreachable { peer: HostAddr, reason: String },
+    Unreachable {
+        /// The peer called.
+        peer: HostAddr,
+        /// Why no connection could be made.
+        reason: String,
+    },
     /// No response within the call's timeout; the request may or may not have been
     /// handled.
     #[error("peer {peer} did not answer within {timeout_ms} ms")]
-    Timeout { peer: HostAddr, timeout_ms: u64 },
+    Timeout {
+        /// The peer called.
+        peer: HostAddr,
+        /// The call's timeout, in ms.
+        timeout_ms: u64,
+    },
     /// The handshake failed: the peer refused this host, or this host refused the peer.
     /// The request was not sent.
     #[error("connection to peer {peer} refused: {reason}")]
     Refused {
+        /// The peer called.
         peer: HostAddr,
+        /// Why the handshake failed.
         reason: RefusalReason,
     },
     /// The connection closed while the request was in flight; it may or may not have
     /// been handled.
     #[error("lost the connection to peer {peer}")]
-    ConnectionLost { peer: HostAddr },
+    ConnectionLost {
+        /// The peer called.
+        peer: HostAddr,
+    },
     /// A message could not be encoded, or the peer sent one that cannot be decoded (and
     /// the connection was closed).
     #[error("protocol error with peer {peer}: {reason}")]
-    Protocol { peer: HostAddr, reason: String },
+    Protocol {
+        /// The peer called.
+        peer: HostAddr,
+        /// The encoder's or decoder's reason.
+        reason: String,
+    },
 }
 
 /// What the dialer sends after the handshake.

@@ -75,28 +75,53 @@ impl OwnedRange {
 /// Why an operation on the id ranges was refused, or what the checker found.
 #[derive(Clone, Debug, PartialEq, thiserror::Error)]
 pub enum RangeError {
+    /// The host has no entry in the id space.
     #[error("host {0} owns no id ranges")]
     UnknownHost(HostId),
+    /// A joining host was named as its own sponsor.
     #[error("host {0} cannot sponsor itself")]
     SelfSponsor(HostId),
+    /// The sponsor has no unused range of at least `MIN_SPLIT_IDS` ids.
     #[error("host {host} has no unused range to split (largest has {largest_unused} ids, {MIN_SPLIT_IDS} needed)")]
-    NothingToSplit { host: HostId, largest_unused: u64 },
+    NothingToSplit {
+        /// The sponsor.
+        host: HostId,
+        /// Ids in its largest unused range.
+        largest_unused: u64,
+    },
+    /// None of the host's ranges has `count` unused ids left.
     #[error("host {host} has no unused range with room for {count} ids")]
-    Exhausted { host: HostId, count: u64 },
+    Exhausted {
+        /// The host reserving.
+        host: HostId,
+        /// The ids asked for.
+        count: u64,
+    },
+    /// No range is left in the free pool.
     #[error("the free pool of ids is empty")]
     NoFreeRange,
+    /// A range is empty or reaches outside the id space.
     #[error("range {0:?} is empty or outside the id space")]
     Malformed(IdRange),
+    /// A range's high-water mark is below its start or past its end.
     #[error("host {host}: high-water mark {high_water} outside its range {range:?}")]
     MarkOutsideRange {
+        /// The range's owner.
         host: HostId,
+        /// The range.
         range: IdRange,
+        /// Its high-water mark.
         high_water: u64,
     },
+    /// Two ranges (owned or free) share ids.
     #[error("ranges {0:?} and {1:?} overlap")]
     Overlap(IdRange, IdRange),
+    /// The ranges and the free pool do not cover the whole id space.
     #[error("the ranges cover {covered} ids, not the whole id space")]
-    NotTiling { covered: u64 },
+    NotTiling {
+        /// How many ids they cover.
+        covered: u64,
+    },
 }
 
 /// The id ranges of every host and the free pool: the NI's view of the id space.

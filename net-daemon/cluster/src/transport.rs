@@ -44,6 +44,7 @@ impl PeerCaller for PeerPool<PeerRequest, PeerResponse> {
 
 /// The time that goes into the NI: milliseconds since the Unix epoch.
 pub trait Clock: Send + Sync + 'static {
+    /// Now, in milliseconds since the Unix epoch.
     fn now_ms(&self) -> u64;
 }
 
