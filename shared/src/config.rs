@@ -1,7 +1,7 @@
 //! The configuration: one serde struct for the TOML file, validated into [`Config`].
 //!
-//! [`FileConfig`] mirrors the file exactly: every key has a default and a doc
-//! comment, and unknown keys are errors. [`FileConfig::validate`] turns it into
+//! `FileConfig` mirrors the file exactly: every key has a default and a doc
+//! comment, and unknown keys are errors. `FileConfig::validate` turns it into
 //! the runtime [`Config`], or into a [`ConfigError`] that names the file, the key
 //! and what is wrong, on one line. `docs/config.md` lists the same keys.
 //!

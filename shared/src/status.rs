@@ -11,8 +11,8 @@
 //!   supervisor start time (ms), workers, partitions, reserved, then the
 //!   progress of a worker-count change: partitions to move, partitions moved,
 //!   bytes moved, start time (ms); the rest reserved;
-//! - then one slot of [`SLOT_WORDS`] words per process (histograms take
-//!   [`HISTOGRAM_BUCKETS`] consecutive words): workers `0..workers`
+//! - then one slot of `SLOT_WORDS` words per process (histograms take
+//!   `HISTOGRAM_BUCKETS` consecutive words): workers `0..workers`
 //!   take slots `0..workers`, the net-daemon takes slot `workers`. The words of
 //!   a slot are the [`Field`]s, in order.
 
@@ -67,9 +67,9 @@ pub enum Field {
     MapUsedBytes = 13,
     /// Sum of group-commit durations, in microseconds (with the histogram below).
     CommitMicrosSum = 14,
-    /// First of [`HISTOGRAM_BUCKETS`] words: group commits per batch-size bucket.
+    /// First of `HISTOGRAM_BUCKETS` words: group commits per batch-size bucket.
     BatchSizeBuckets = 16,
-    /// First of [`HISTOGRAM_BUCKETS`] words: group commits per duration bucket.
+    /// First of `HISTOGRAM_BUCKETS` words: group commits per duration bucket.
     CommitMicrosBuckets = 16 + HISTOGRAM_BUCKETS,
     /// The first unused word; must stay below the slot's size.
     Reserved = 16 + 2 * HISTOGRAM_BUCKETS,

@@ -2,7 +2,7 @@
 //!
 //! The metadata Raft group replicates it: a host changes it only by proposing a
 //! [`Command`], and every host applies the committed commands in the same order
-//! with [`NetworkInfo::apply`]. Applying is pure and deterministic: it reads no
+//! with `NetworkInfo::apply`. Applying is pure and deterministic: it reads no
 //! clock (times come inside the commands) and no randomness, so every replica
 //! reaches the same NI, which [`NetworkInfo::checksum`] lets hosts compare.
 //! Each command that changes anything raises `version` by one.

@@ -10,8 +10,8 @@
 //! own); one with a stored identity resumes it. Then three loops run until the
 //! process ends:
 //! - liveness: a heartbeat to every other host each `heartbeat_interval_ms`,
-//!   feeding the unreliability scores ([`crate::liveness`]) and the network
-//!   coordinate ([`crate::coords`]), and a report of the suspects to the
+//!   feeding the unreliability scores (`crate::liveness`) and the network
+//!   coordinate (`crate::coords`), and a report of the suspects to the
 //!   metadata leader;
 //! - upkeep: the host's own entry in the NI (its addresses, its state after a
 //!   return, its capacity and coordinate);
@@ -19,7 +19,7 @@
 //!   NI (learners for every host, up to five voters among the writable hosts),
 //!   hosts that enough observers suspect become `inactive`, hosts offline
 //!   past `offline_threshold_secs` lose the unused part of their id ranges, and
-//!   partitions move toward their placement. [`crate::leader`] decides all of
+//!   partitions move toward their placement. `crate::leader` decides all of
 //!   it; this loop gathers its inputs and commits what it decides.
 //!
 //! The identity (cluster id, host id) is kept in `<data_dir>/cluster.json`, the

@@ -2,22 +2,22 @@
 //!
 //! It owns the peer sockets, the handshake, the framing and the request/response
 //! multiplexing; it knows no message type. The cluster layer defines the one
-//! host ↔ host message enum and uses [`PeerPool::call`] to send a request to a peer and
-//! [`PeerListener::bind`] with a [`PeerHandler`] to answer requests from peers. It never
+//! host ↔ host message enum and uses `PeerPool::call` to send a request to a peer and
+//! `PeerListener::bind` with a `PeerHandler` to answer requests from peers. It never
 //! sends the cluster secret, never hands a request from an unauthenticated connection to
 //! the handler, never panics on bytes from a socket, and never waits without a bound.
 //!
-//! - [`PeerPool`] (the dialing side) keeps one connection per peer, made on first use by
-//!   a background task that reconnects with capped backoff ([`RECONNECT_MIN`] doubling
-//!   to [`RECONNECT_MAX`]). Many requests are in flight on one connection at once, each
+//! - `PeerPool` (the dialing side) keeps one connection per peer, made on first use by
+//!   a background task that reconnects with capped backoff (`RECONNECT_MIN` doubling
+//!   to `RECONNECT_MAX`). Many requests are in flight on one connection at once, each
 //!   with its own id and its own timeout.
-//! - [`PeerListener`] (the accepting side) authenticates each connection, then runs the
+//! - `PeerListener` (the accepting side) authenticates each connection, then runs the
 //!   handler for each request in a task of its own and writes the responses back in
 //!   the order they complete.
 //!
 //! # Secret
 //!
-//! A [`ClusterSecret`] has at least [`MIN_SECRET_BYTES`] bytes: an empty or short secret
+//! A `ClusterSecret` has at least `MIN_SECRET_BYTES` bytes: an empty or short secret
 //! is refused when it is built, so the cluster layer cannot start without one. The
 //! secret is only ever used as an HMAC-SHA256 key.
 //!
@@ -28,7 +28,7 @@
 //! | offset | bytes | field                                                        |
 //! |--------|-------|--------------------------------------------------------------|
 //! | 0      | 4     | magic `SHLP` (`53 48 4C 50`)                                 |
-//! | 4      | 2     | protocol version, u16 big-endian ([`PROTOCOL_VERSION`])      |
+//! | 4      | 2     | protocol version, u16 big-endian (`PROTOCOL_VERSION`)      |
 //! | 6      | 1     | role of the sender: `01` dialer, `02` acceptor               |
 //! | 7      | 32    | nonce: fresh random bytes from the OS (`getrandom`)          |
 //! | 39     | 1     | identity length `n`, 1 to 255                                |
@@ -67,7 +67,7 @@
 //! being reflected back to its sender. Proofs are checked in constant time. The
 //! acceptor proves itself only to a dialer that has proved itself first, so a dialer
 //! without the secret never gets a proof to study. The whole handshake is bounded by
-//! [`PeerConfig::handshake_timeout`] on each side. Every refusal is logged at WARN with
+//! `PeerConfig::handshake_timeout` on each side. Every refusal is logged at WARN with
 //! the remote address and the reason.
 //!
 //! The handshake authenticates the peer when the connection opens. It neither encrypts
@@ -78,12 +78,12 @@
 //!
 //! After the handshake each direction carries frames of `length u32 big-endian ++
 //! bincode 2 (serde) payload`, encoded and decoded by [`shoal_shared::frame`] (which
-//! never allocates from a declared length); a frame over [`MAX_PEER_FRAME_BYTES`] or a
+//! never allocates from a declared length); a frame over `MAX_PEER_FRAME_BYTES` or a
 //! payload that does not decode closes the connection. The dialer sends
 //! `RequestFrame`s (`Call { id, request }` or `Ping`), the acceptor `ResponseFrame`s
 //! (`Reply { id, response }`, `Failed { id, reason }` when a response cannot be encoded,
 //! or `Pong`); ids are chosen by the dialer, and responses come back in the order they
-//! complete. The dialer pings every quarter of [`PeerConfig::liveness_timeout`], and
+//! complete. The dialer pings every quarter of `PeerConfig::liveness_timeout`, and
 //! each side closes a connection on which nothing has arrived for that long, so a
 //! vanished host is noticed even when no request is waiting on it.
 
@@ -181,7 +181,7 @@ where
 }
 
 /// A host's address as it advertises it to its peers (`host:port`), which is also its
-/// identity in the handshake: 1 to [`MAX_HOST_ADDR_BYTES`] bytes of printable ASCII.
+/// identity in the handshake: 1 to `MAX_HOST_ADDR_BYTES` bytes of printable ASCII.
 #[derive(Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct HostAddr(Arc<str>);
 

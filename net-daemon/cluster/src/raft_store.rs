@@ -1,12 +1,12 @@
 //! Durable storage of the metadata Raft group: its log, vote, state machine and snapshot.
 //!
 //! It owns one small LMDB environment of the net-daemon (`<data_dir>/meta-raft/`) and
-//! implements openraft 0.9's storage API (v2): [`MetaLogStore`] is the
-//! `RaftLogStorage` + `RaftLogReader`, [`MetaStateMachine`] the `RaftStateMachine`, and
-//! [`MetaSnapshotBuilder`] the `RaftSnapshotBuilder`. The replicated state is generic:
+//! implements openraft 0.9's storage API (v2): `MetaLogStore` is the
+//! `RaftLogStorage` + `RaftLogReader`, `MetaStateMachine` the `RaftStateMachine`, and
+//! `MetaSnapshotBuilder` the `RaftSnapshotBuilder`. The replicated state is generic:
 //! any [`MetadataState`] (the network information, NI) with its command type.
 //! Openraft's core is its only caller; the cluster layer opens the store with
-//! [`open_meta_store`] and hands both halves to `Raft::new` (see [`MetaRaft`]).
+//! `open_meta_store` and hands both halves to `Raft::new` (see `MetaRaft`).
 //! [`memory`] is the same storage in memory, for the simulation; both pass openraft's
 //! storage suite and this module's own tests.
 //!
@@ -21,7 +21,7 @@
 //! # On-disk layout
 //!
 //! Integers are big-endian, so LMDB's byte order is numeric order. "bincode" is bincode 2
-//! with serde, the standard configuration, and a limit of [`MAX_VALUE_BYTES`].
+//! with serde, the standard configuration, and a limit of `MAX_VALUE_BYTES`.
 //!
 //! Named database `log`, the Raft log:
 //! ```text

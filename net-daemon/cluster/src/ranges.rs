@@ -4,16 +4,16 @@
 //! the id space `[FIRST_ID, END_ID)` each host owns, and each range's
 //! high-water mark. Ids below a mark may have been issued; ids at or above it
 //! never were. A host takes ids from a range upward, and records the new mark
-//! here ([`IdSpace::reserve`]) before it issues any of them. The metadata
+//! here (`IdSpace::reserve`) before it issues any of them. The metadata
 //! consensus applies these operations to the NI; this module never talks to a
 //! peer or a worker.
 //!
-//! - The first host of a cluster owns the whole space ([`IdSpace::new`]).
+//! - The first host of a cluster owns the whole space (`IdSpace::new`).
 //! - A joining host gets the upper half of the unused part of its sponsor's
-//!   largest unused range ([`IdSpace::sponsor_split`]).
+//!   largest unused range (`IdSpace::sponsor_split`).
 //! - A host offline for good loses everything above its marks to the free pool
-//!   ([`IdSpace::reclaim_unused`]); the pool hands out whole ranges
-//!   ([`IdSpace::grant_free`]). The part below a mark stays recorded under its
+//!   (`IdSpace::reclaim_unused`); the pool hands out whole ranges
+//!   (`IdSpace::grant_free`). The part below a mark stays recorded under its
 //!   host, so it is never handed out again.
 //!
 //! Every range of every host and of the pool is disjoint from the others, and

@@ -3,7 +3,7 @@
 //!
 //! [`PeerCaller`] sends one [`PeerRequest`] to a peer and waits for its
 //! [`PeerResponse`]; production implements it with the authenticated TCP
-//! transport ([`PeerPool`]), and a simulation with its own network. [`Clock`]
+//! transport (`PeerPool`), and a simulation with its own network. [`Clock`]
 //! gives the milliseconds since the epoch that go into the NI's commands;
 //! production reads the wall clock, a simulation its simulated time. Neither
 //! holds any cluster state or decides anything.

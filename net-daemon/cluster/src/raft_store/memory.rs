@@ -3,8 +3,8 @@
 //!
 //! A [`MemoryMetaStore`] plays the disk: it outlives the node that uses it, so a node
 //! restarted on the same store finds its log, vote, committed id, applied state and
-//! snapshot as the LMDB store would after a crash. [`MemoryMetaStore::open`] hands out
-//! the two halves for `Raft::new`, like [`super::open_meta_store`]. Every write is
+//! snapshot as the LMDB store would after a crash. `MemoryMetaStore::open` hands out
+//! the two halves for `Raft::new`, like `super::open_meta_store`. Every write is
 //! complete when its call returns (there is no cache to lose), so a write that
 //! returned counts as synced. Snapshots are the same bytes as the LMDB store's
 //! (`SNAPSHOT_FORMAT ++ bincode(state)`), so the two can send each other snapshots.
