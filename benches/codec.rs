@@ -3,6 +3,9 @@
 //!
 //! Run with `cargo bench -p shoal-shared`.
 
+// `criterion_group!` defines a public function without a doc comment.
+#![allow(missing_docs)]
+
 use bytes::{Bytes, BytesMut};
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
 use shoal_shared::frame::{

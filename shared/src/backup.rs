@@ -25,16 +25,16 @@ use crate::partition::{partition_worker, Partition};
 /// File name of the manifest inside a backup directory.
 pub const MANIFEST_FILE: &str = "manifest.json";
 /// The `format` field of every manifest.
-pub const MANIFEST_FORMAT: &str = "shoal-backup";
+pub(crate) const MANIFEST_FORMAT: &str = "shoal-backup";
 /// Version of the manifest and directory layout described here.
-pub const MANIFEST_VERSION: u32 = 1;
+pub(crate) const MANIFEST_VERSION: u32 = 1;
 /// File name of a shard's copied environment inside `shard-<i>/`.
 pub const SHARD_FILE: &str = "data.mdb";
 /// Length of a SHA-256 digest in hex.
 const SHA256_HEX_LEN: usize = 64;
 
 /// Path of shard `index`'s copy, relative to the backup directory.
-pub fn shard_file_path(index: usize) -> String {
+pub(crate) fn shard_file_path(index: usize) -> String {
     format!("shard-{index}/{SHARD_FILE}")
 }
 
@@ -45,8 +45,9 @@ pub struct ShardBackup {
     pub shard: u32,
     /// The storage layout version recorded in the copy's `meta`.
     pub format_version: u32,
-    /// The layout recorded in the copy's `meta`.
+    /// The number of partitions in the layout recorded in the copy's `meta`.
     pub partitions: u16,
+    /// The number of workers in that layout.
     pub workers: u16,
     /// Size of the copied `data.mdb`.
     pub bytes: u64,
@@ -61,15 +62,18 @@ pub struct ShardBackup {
 #[serde(deny_unknown_fields)]
 pub struct Manifest {
     /// Always [`MANIFEST_FORMAT`].
-    pub format: String,
+    pub(crate) format: String,
     /// [`MANIFEST_VERSION`] when written.
-    pub version: u32,
+    pub(crate) version: u32,
     /// When the backup finished, Unix milliseconds.
-    pub created_ms: u64,
+    pub(crate) created_ms: u64,
     /// The storage layout version of the shard files (shard-worker's `FORMAT_VERSION`).
     pub storage_format_version: u32,
+    /// The data dir's partition count when the backup was taken.
     pub partitions: u16,
+    /// The data dir's worker count (one shard file each).
     pub workers: usize,
+    /// `storage.collections` when the backup was taken.
     pub collections: u16,
     /// One entry per worker, in worker order.
     pub shards: Vec<ShardFile>,
@@ -81,9 +85,11 @@ pub struct Manifest {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ShardFile {
+    /// The worker index the file belongs to.
     pub shard: usize,
     /// Relative to the backup directory: `shard-<i>/data.mdb`.
     pub path: String,
+    /// The file's size in bytes.
     pub bytes: u64,
     /// Lower-case hex.
     pub sha256: String,
@@ -93,8 +99,8 @@ pub struct ShardFile {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct PartitionCommit {
-    pub partition: Partition,
-    pub shard: usize,
+    pub(crate) partition: Partition,
+    pub(crate) shard: usize,
     /// Every commit of the partition up to and including this one is in the backup; none after.
     pub last_commit_id: u64,
 }

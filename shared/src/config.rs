@@ -1,7 +1,7 @@
 //! The configuration: one serde struct for the TOML file, validated into [`Config`].
 //!
-//! [`FileConfig`] mirrors the file exactly: every key has a default and a doc
-//! comment, and unknown keys are errors. [`FileConfig::validate`] turns it into
+//! `FileConfig` mirrors the file exactly: every key has a default and a doc
+//! comment, and unknown keys are errors. `FileConfig::validate` turns it into
 //! the runtime [`Config`], or into a [`ConfigError`] that names the file, the key
 //! and what is wrong, on one line. `docs/config.md` lists the same keys.
 //!
@@ -26,49 +26,49 @@ const MAX_UNIX_SOCKET_PATH_BYTES: usize = 107;
 /// The config file as written by the operator. Every field has a default.
 #[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
-pub struct FileConfig {
+pub(crate) struct FileConfig {
     /// Directory that holds everything Shoal stores: one `shard-<i>/` LMDB environment per
     /// worker, the PID file, the status table and the internal sockets.
-    pub data_dir: PathBuf,
+    pub(crate) data_dir: PathBuf,
     /// Number of shard-worker processes (one LMDB environment each). 0 means one per CPU core.
-    pub workers: usize,
+    pub(crate) workers: usize,
     /// Client-facing listeners and limits.
-    pub client: ClientSection,
+    pub(crate) client: ClientSection,
     /// Storage engine settings.
-    pub storage: StorageSection,
+    pub(crate) storage: StorageSection,
     /// How the supervisor restarts and stops its children.
-    pub supervisor: SupervisorSection,
+    pub(crate) supervisor: SupervisorSection,
     /// The Prometheus metrics endpoint.
-    pub metrics: MetricsSection,
+    pub(crate) metrics: MetricsSection,
     /// Joining other hosts into one cluster.
-    pub cluster: ClusterSection,
+    pub(crate) cluster: ClusterSection,
 }
 
 /// `[cluster]`: how this host finds, authenticates and watches the other hosts.
 #[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
-pub struct ClusterSection {
+pub(crate) struct ClusterSection {
     /// Peer addresses ("host:port") of hosts already in the cluster. Empty: this host
     /// starts a cluster of its own. Needs `cluster_secret`.
-    pub seeds: Vec<String>,
+    pub(crate) seeds: Vec<String>,
     /// TCP address on which this host accepts the other hosts.
-    pub peer_listen: String,
+    pub(crate) peer_listen: String,
     /// The peer address the other hosts should use to reach this one. "" means
     /// `peer_listen`, which must then not be a wildcard address such as 0.0.0.0.
-    pub advertise_addr: String,
+    pub(crate) advertise_addr: String,
     /// Shared secret that every host of the cluster proves it knows (at least 16 bytes).
     /// "" keeps the host on its own: it opens no peer listener and joins nothing.
-    pub cluster_secret: String,
+    pub(crate) cluster_secret: String,
     /// How often a host sends each peer a heartbeat, in milliseconds.
-    pub heartbeat_interval_ms: u64,
+    pub(crate) heartbeat_interval_ms: u64,
     /// Unreliability score past which a host proposes that a peer is inactive. A missed
     /// heartbeat adds 1 to a peer's score; an answered one lowers it.
-    pub suspect_threshold: f64,
+    pub(crate) suspect_threshold: f64,
     /// A host unreachable for longer than this, in seconds, loses the unused part of its
     /// id ranges.
-    pub offline_threshold_secs: u64,
+    pub(crate) offline_threshold_secs: u64,
     /// Share of its capacity past which a host gets no new partitions (0 to 1).
-    pub max_fill_ratio: f64,
+    pub(crate) max_fill_ratio: f64,
 }
 
 impl Default for ClusterSection {
@@ -97,21 +97,26 @@ pub struct ClusterConfig {
     pub advertise_addr: String,
     /// The shared secret; `None` when the host runs on its own.
     pub secret: Option<String>,
+    /// How often a host sends each peer a heartbeat, in milliseconds.
     pub heartbeat_interval_ms: u64,
+    /// Unreliability score past which a host proposes that a peer is inactive.
     pub suspect_threshold: f64,
+    /// How long, in seconds, a host may be unreachable before it loses the unused part
+    /// of its id ranges.
     pub offline_threshold_secs: u64,
+    /// Share of its capacity (0 to 1) past which a host gets no new partitions.
     pub max_fill_ratio: f64,
 }
 
 /// Fewest bytes a cluster secret may have.
-pub const MIN_CLUSTER_SECRET_BYTES: usize = 16;
+pub(crate) const MIN_CLUSTER_SECRET_BYTES: usize = 16;
 
 /// `[metrics]`: the Prometheus text endpoint.
 #[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
-pub struct MetricsSection {
+pub(crate) struct MetricsSection {
     /// Address of the HTTP endpoint that serves `/metrics`. "" disables it.
-    pub listen: String,
+    pub(crate) listen: String,
 }
 
 impl Default for MetricsSection {
@@ -125,20 +130,20 @@ impl Default for MetricsSection {
 /// `[client]`: how clients reach Shoal.
 #[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
-pub struct ClientSection {
+pub(crate) struct ClientSection {
     /// TCP address for RESP clients. "" disables TCP.
-    pub listen: String,
+    pub(crate) listen: String,
     /// Unix socket path for RESP clients. Unset means `<data_dir>/shoal.sock`; "" disables it.
-    pub unix_socket: Option<String>,
+    pub(crate) unix_socket: Option<String>,
     /// Password that clients must give with AUTH (or HELLO ... AUTH). "" means no password.
-    pub requirepass: String,
+    pub(crate) requirepass: String,
     /// Most client connections open at once; further connections get an error and are closed.
-    pub max_connections: usize,
+    pub(crate) max_connections: usize,
     /// Largest string value a client may store, in bytes.
-    pub max_value_bytes: usize,
+    pub(crate) max_value_bytes: usize,
     /// Most bytes of replies a connection may have waiting to be sent. A client whose
     /// unsent replies pass it (one that does not read what it asked for) is disconnected.
-    pub max_output_buffer_bytes: usize,
+    pub(crate) max_output_buffer_bytes: usize,
 }
 
 /// `[storage]`: the LMDB environments and the data model.
@@ -262,31 +267,41 @@ pub struct Config {
     pub workers: usize,
     /// Whether `workers` came from the core count (the file said 0 or nothing).
     pub workers_from_cores: bool,
+    /// `[client]`, validated.
     pub client: ClientConfig,
+    /// `[storage]`, as written (its values are checked, not converted).
     pub storage: StorageSection,
+    /// `[supervisor]`, as written.
     pub supervisor: SupervisorSection,
     /// Where `/metrics` is served; `None` when disabled.
     pub metrics_listen: Option<SocketAddr>,
+    /// `[cluster]`, validated.
     pub cluster: ClusterConfig,
 }
 
 /// Validated `[client]`.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct ClientConfig {
+    /// TCP address for RESP clients; `None` when TCP is disabled.
     pub listen: Option<SocketAddr>,
+    /// Unix socket path for RESP clients; `None` when disabled.
     pub unix_socket: Option<PathBuf>,
+    /// The password AUTH must give; `None` when there is none.
     pub requirepass: Option<String>,
+    /// Most client connections open at once.
     pub max_connections: usize,
+    /// Largest string value a client may store, in bytes.
     pub max_value_bytes: usize,
+    /// Most bytes of unsent replies a connection may hold before it is closed.
     pub max_output_buffer_bytes: usize,
 }
 
 /// A config that cannot be used: which file, which key, and why.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ConfigError {
-    pub file: String,
-    pub key: String,
-    pub reason: String,
+    pub(crate) file: String,
+    pub(crate) key: String,
+    pub(crate) reason: String,
 }
 
 impl fmt::Display for ConfigError {
@@ -307,7 +322,7 @@ impl std::error::Error for ConfigError {}
 
 impl FileConfig {
     /// Parses TOML text. `file` names the source in errors.
-    pub fn parse(text: &str, file: &str) -> Result<FileConfig, ConfigError> {
+    pub(crate) fn parse(text: &str, file: &str) -> Result<FileConfig, ConfigError> {
         let deserializer = toml::Deserializer::new(text);
         serde_path_to_error::deserialize(deserializer).map_err(|err| {
             let path = err.path().to_string();
@@ -331,7 +346,7 @@ impl FileConfig {
     }
 
     /// Reads and parses a config file.
-    pub fn load(path: &Path) -> Result<FileConfig, ConfigError> {
+    pub(crate) fn load(path: &Path) -> Result<FileConfig, ConfigError> {
         let file = path.display().to_string();
         let text = std::fs::read_to_string(path).map_err(|e| ConfigError {
             file: file.clone(),
@@ -343,7 +358,7 @@ impl FileConfig {
 
     /// Checks every value and resolves defaults that depend on the machine or on other keys.
     /// Relative paths stay relative to the current directory; the supervisor makes them absolute.
-    pub fn validate(self, source: Option<&Path>) -> Result<Config, ConfigError> {
+    pub(crate) fn validate(self, source: Option<&Path>) -> Result<Config, ConfigError> {
         let file = source
             .map(|p| p.display().to_string())
             .unwrap_or_else(|| "(embedded defaults)".into());
@@ -742,7 +757,9 @@ impl Config {
 /// partitions: `<data_dir>/layout.json`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub struct DataDirLayout {
+    /// How many partitions the data dir's keys hash into.
     pub partitions: u16,
+    /// How many shard-workers (and shard environments) the data dir has.
     pub workers: usize,
 }
 

@@ -25,7 +25,9 @@ pub use crate::partition::Partition;
 /// A user key together with the partition it hashes to.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Key {
+    /// The partition the key hashes to; the net-daemon routes by it.
     pub partition: Partition,
+    /// The key as the client sent it.
     #[serde(with = "serde_bytes")]
     pub bytes: Vec<u8>,
 }
@@ -33,6 +35,7 @@ pub struct Key {
 /// When SET writes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub enum SetCondition {
+    /// Write whether or not the key exists (no NX or XX).
     Always,
     /// NX: only if the key does not exist.
     IfAbsent,
@@ -65,6 +68,7 @@ pub enum Expiry {
 /// When EXPIRE applies (its NX, XX, GT and LT options).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub enum ExpireCondition {
+    /// Set the expiry whatever the current one (no option).
     Always,
     /// NX: only if the key has no expiry.
     IfNone,
@@ -79,23 +83,33 @@ pub enum ExpireCondition {
 /// One step of a multi-key write, applied atomically with the others of its transaction.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct TxOp {
+    /// The collection the key is in.
     pub collection: Collection,
+    /// The key the step writes or reads.
     pub key: Key,
+    /// What the step does to the key.
     pub action: TxAction,
 }
 
+/// What one [`TxOp`] does to its key.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub enum TxAction {
     /// Store a value; with `if_absent`, the transaction is refused if the key exists.
     Put {
+        /// The value to store.
         #[serde(with = "serde_bytes")]
         value: Vec<u8>,
+        /// The new expiry in Unix ms, or `None` for no expiry.
         expires_at_ms: Option<u64>,
+        /// Refuse the whole transaction (`TxKeyExists`) if the key exists.
         if_absent: bool,
     },
     /// Store the value (and expiry) that the nearest earlier `Take` or `Read` of the same
     /// request found. Only in [`WorkerRequest::Atomic`].
-    PutTaken { if_absent: bool },
+    PutTaken {
+        /// Refuse the whole transaction (`TxKeyExists`) if the key exists.
+        if_absent: bool,
+    },
     /// Delete the key if it exists (→ [`TxOutcome::Existed`]).
     Delete,
     /// Delete the key and return its value; refused if the key does not exist (RENAME's source).
@@ -107,11 +121,16 @@ pub enum TxAction {
 /// What one [`TxOp`] found when it was checked.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub enum TxOutcome {
+    /// A `Put` or `PutTaken` that will write.
     Done,
+    /// A `Delete`: whether the key existed.
     Existed(bool),
+    /// A `Take` or `Read`: what the key held.
     Value {
+        /// The stored value.
         #[serde(with = "serde_bytes")]
         value: Vec<u8>,
+        /// The key's expiry in Unix ms, if it has one.
         expires_at_ms: Option<u64>,
     },
 }
@@ -132,9 +151,12 @@ pub enum RecordTable {
 /// One raw record of a partition: its table, its stored key and its stored value, byte for byte.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Record {
+    /// The database the record is in.
     pub table: RecordTable,
+    /// The stored key, in the layout of [`crate::layout`] (prefix included).
     #[serde(with = "serde_bytes")]
     pub key: Vec<u8>,
+    /// The stored value, header included.
     #[serde(with = "serde_bytes")]
     pub value: Vec<u8>,
 }
@@ -150,97 +172,165 @@ const _: () = assert!(crate::partition::SLOTS <= DECIDER_PARTITION);
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub enum WorkerRequest {
     /// → `Value`.
-    Get { collection: Collection, key: Key },
+    Get {
+        /// The collection the key is in.
+        collection: Collection,
+        /// The key, with its partition.
+        key: Key,
+    },
     /// → `Values`, in the order of `keys`.
     MGet {
+        /// The collection the key is in.
         collection: Collection,
+        /// The keys, each with its partition.
         keys: Vec<Key>,
     },
     /// → `Ok`, `Nil`, `Value` or `Integer`, depending on `reply`.
     Set {
+        /// The collection the key is in.
         collection: Collection,
+        /// The key, with its partition.
         key: Key,
+        /// The value to store.
         #[serde(with = "serde_bytes")]
         value: Vec<u8>,
+        /// When to write (NX, XX).
         condition: SetCondition,
+        /// What to answer.
         reply: SetReply,
+        /// What the write does to the key's expiry.
         expiry: Expiry,
     },
     /// → `Value` (the deleted value).
-    GetDel { collection: Collection, key: Key },
+    GetDel {
+        /// The collection the key is in.
+        collection: Collection,
+        /// The key, with its partition.
+        key: Key,
+    },
     /// → `Value`; changes the expiry as asked.
     GetEx {
+        /// The collection the key is in.
         collection: Collection,
+        /// The key, with its partition.
         key: Key,
+        /// What to do to the key's expiry.
         expiry: Expiry,
     },
     /// → `Integer`: how many of the keys existed and were deleted.
     Delete {
+        /// The collection the key is in.
         collection: Collection,
+        /// The keys, each with its partition.
         keys: Vec<Key>,
     },
     /// → `Integer`: how many of the keys exist (a key named twice counts twice).
     Exists {
+        /// The collection the key is in.
         collection: Collection,
+        /// The keys, each with its partition.
         keys: Vec<Key>,
     },
     /// → `Integer` (the new value) or an error.
     IncrBy {
+        /// The collection the key is in.
         collection: Collection,
+        /// The key, with its partition.
         key: Key,
+        /// What to add (negative for DECRBY).
         delta: i64,
     },
     /// → `Value` (the new value, formatted) or an error. The increment is the client's
     /// text: the worker parses it in long double, as Redis does.
     IncrByFloat {
+        /// The collection the key is in.
         collection: Collection,
+        /// The key, with its partition.
         key: Key,
+        /// The increment as the client wrote it (decimal text).
         #[serde(with = "serde_bytes")]
         increment: Vec<u8>,
     },
     /// → `Integer` (the new length) or an error.
     Append {
+        /// The collection the key is in.
         collection: Collection,
+        /// The key, with its partition.
         key: Key,
+        /// The bytes to append.
         #[serde(with = "serde_bytes")]
         value: Vec<u8>,
     },
-    /// → `Integer`.
-    StrLen { collection: Collection, key: Key },
+    /// → `Integer`: the value's length in bytes (0 if the key does not exist).
+    StrLen {
+        /// The collection the key is in.
+        collection: Collection,
+        /// The key, with its partition.
+        key: Key,
+    },
     /// → `Value`: the bytes between `start` and `end` (inclusive; negative counts from the end).
     GetRange {
+        /// The collection the key is in.
         collection: Collection,
+        /// The key, with its partition.
         key: Key,
+        /// The first byte's index.
         start: i64,
+        /// The last byte's index.
         end: i64,
     },
     /// → `Integer` (the new length); pads with zero bytes.
     SetRange {
+        /// The collection the key is in.
         collection: Collection,
+        /// The key, with its partition.
         key: Key,
+        /// Where to write, in bytes from the value's start.
         offset: u64,
+        /// The bytes to write there.
         #[serde(with = "serde_bytes")]
         value: Vec<u8>,
     },
     /// → `Integer`: 1 if the expiry was set (or the key deleted, for a time in the past), else 0.
     Expire {
+        /// The collection the key is in.
         collection: Collection,
+        /// The key, with its partition.
         key: Key,
+        /// The new expiry in Unix ms.
         at_ms: u64,
+        /// When to apply it (NX, XX, GT, LT).
         condition: ExpireCondition,
     },
     /// → `Integer`: 1 if an expiry was removed.
-    Persist { collection: Collection, key: Key },
+    Persist {
+        /// The collection the key is in.
+        collection: Collection,
+        /// The key, with its partition.
+        key: Key,
+    },
     /// → `Integer`: the expiry in Unix ms, -1 without expiry, -2 if the key does not exist.
-    ExpireTime { collection: Collection, key: Key },
+    ExpireTime {
+        /// The collection the key is in.
+        collection: Collection,
+        /// The key, with its partition.
+        key: Key,
+    },
     /// → `Integer`: keys of the collection on this worker.
-    DbSize { collection: Collection },
+    DbSize {
+        /// The collection to count.
+        collection: Collection,
+    },
     /// → `Scanned`: up to `count` keys examined after the stored key `after`.
     Scan {
+        /// The collection to walk.
         collection: Collection,
+        /// The stored key to continue after (`None`: from the start).
         #[serde(with = "serde_bytes")]
         after: Option<Vec<u8>>,
+        /// How many keys to examine at most (SCAN's COUNT).
         count: u32,
+        /// The glob the keys must match (SCAN's MATCH), if any.
         #[serde(with = "serde_bytes")]
         pattern: Option<Vec<u8>>,
         /// Walk this partition only (a cluster's SCAN goes partition by partition); a fenced
@@ -249,7 +339,9 @@ pub enum WorkerRequest {
     },
     /// → `Scanned` with every matching key and no `next`.
     Keys {
+        /// The collection to walk.
         collection: Collection,
+        /// The glob the keys must match (`None`: every key).
         #[serde(with = "serde_bytes")]
         pattern: Option<Vec<u8>>,
     },
@@ -257,86 +349,142 @@ pub enum WorkerRequest {
     /// With `partition`, only that partition's keys (a cluster flushes partition by
     /// partition); a fenced one is refused with `PartitionMoved`.
     Flush {
+        /// The collection to clear (FLUSHDB), or `None` for all of them (FLUSHALL).
         collection: Option<Collection>,
+        /// The only partition to clear, if any.
         partition: Option<Partition>,
     },
     /// → `TxOutcomes`: a multi-key write whose keys are all on this worker, in one transaction.
-    Atomic { ops: Vec<TxOp> },
+    Atomic {
+        /// The steps, applied in order.
+        ops: Vec<TxOp>,
+    },
     /// Phase one of a multi-worker write: check the ops, lock their keys and record the
     /// intent durably. → `TxOutcomes`, or `TxRefused`/`TxConflict`. The `decider` worker
     /// (or, with [`DECIDER_PARTITION`], the participant holding that partition) records the
     /// commit decision in its commit.
     Prepare {
+        /// The transaction's id, unique in the cluster.
         txid: u64,
+        /// The worker index that decides, or [`DECIDER_PARTITION`] | a partition.
         decider: u16,
+        /// This worker's steps of the transaction.
         ops: Vec<TxOp>,
     },
     /// Phase two: apply a prepared transaction. → `Ok`, or `TxAborted` if it was aborted.
-    Commit { txid: u64 },
+    Commit {
+        /// The prepared transaction.
+        txid: u64,
+    },
     /// Releases a prepared transaction. → `Ok`, or `TxCommitted` if the decider committed it.
-    Abort { txid: u64 },
+    Abort {
+        /// The prepared transaction.
+        txid: u64,
+    },
     /// Asks the decider whether `txid` committed. A transaction still undecided and older than
     /// `older_than_ms` is aborted durably first (presumed abort). → `Integer` 1 (committed) or
     /// 0 (aborted or unknown), or `TxInProgress`.
-    Decide { txid: u64, older_than_ms: u64 },
+    Decide {
+        /// The transaction asked about.
+        txid: u64,
+        /// The age in ms past which an undecided transaction is aborted.
+        older_than_ms: u64,
+    },
     /// → `InDoubt`: prepared transactions older than `older_than_ms`, with their deciders.
-    InDoubt { older_than_ms: u64 },
+    InDoubt {
+        /// The minimum age in ms of the transactions listed.
+        older_than_ms: u64,
+    },
     /// → `InDoubt`: the decision records (transactions this worker decided to commit) older
     /// than `older_than_ms`, with their deciders.
-    Decided { older_than_ms: u64 },
+    Decided {
+        /// The minimum age in ms of the records listed.
+        older_than_ms: u64,
+    },
     /// Drops the decider's commit record once every participant has committed. → `Ok`.
-    Forget { txid: u64 },
+    Forget {
+        /// The committed transaction.
+        txid: u64,
+    },
     /// → `Integer`: transactions prepared on this worker and not yet committed or aborted.
     Transactions,
     /// → `Log`: entries of `partition` with commit id ≥ `from_commit_id`, at most `count`.
     ReadLog {
+        /// The partition whose log to read.
         partition: Partition,
+        /// The first commit id to return.
         from_commit_id: u64,
+        /// How many entries at most.
         count: u32,
     },
     /// → `Log`: entries after each partition's position (commit id already seen), at most
     /// `count` in all, or `LogTrimmed` if a position is below the retained log.
     ReadFeed {
+        /// (partition, last commit id seen) for each partition followed.
         positions: Vec<(Partition, u64)>,
+        /// How many entries at most, over all partitions.
         count: u32,
     },
     /// → `Positions`: the last commit id of each partition of this worker.
     LastCommitIds,
     /// Records that ids below `high_water` may have been issued. → `Ok`.
-    ReserveIds { high_water: u64 },
+    ReserveIds {
+        /// The id bound to record (exclusive).
+        high_water: u64,
+    },
     /// → `Integer`: the recorded id high-water mark (0 if none).
     IdHighWater,
     /// Copies the worker's environment into `dir` (an absolute path that must not exist yet)
     /// from one read snapshot, without pausing the group commit. → `Backup`, sent when the
     /// copy is on disk; it can take far longer than other requests.
-    Backup { dir: String },
+    Backup {
+        /// The absolute path of the copy.
+        dir: String,
+    },
     /// Reads the raw records of `partition` from the stored key `from` (inclusive) of its
     /// table on, about `max_bytes` of them (the worker lowers it to
     /// [`crate::limits::MAX_EXPORT_CHUNK_BYTES`], and always returns at least one record if
     /// any is left). → `Records`, whose `next` is where the following chunk starts (`None`:
     /// the partition is complete). Ignores the fence: it serves a handoff.
     ExportPartition {
+        /// The partition to read.
         partition: Partition,
+        /// Where to start (`None`: at the beginning).
         #[serde(with = "record_cursor")]
         from: Option<(RecordTable, Vec<u8>)>,
+        /// About how many bytes of records to return.
         max_bytes: u32,
     },
     /// Writes raw records as they are (a chunk that `ExportPartition` read on another
     /// host). → `Ok`. Ignores the fence.
-    ImportRecords { records: Vec<Record> },
+    ImportRecords {
+        /// The records to write.
+        records: Vec<Record>,
+    },
     /// Replays, in order, commit-log entries that another host wrote, keeping their commit
     /// ids; an entry already applied changes nothing, so a replay may overlap a copy.
     /// → `Ok`. Ignores the fence.
-    ApplyLog { entries: Vec<LogEntry> },
+    ApplyLog {
+        /// The entries, in commit order.
+        entries: Vec<LogEntry>,
+    },
     /// Deletes every record of `partition` (data, log, meta entry, expiry index). → `Ok`,
     /// or `Error(Locked)` while a prepared transaction locks keys of it. Ignores the fence
     /// (and keeps it).
-    ClearPartition { partition: Partition },
+    ClearPartition {
+        /// The partition to delete.
+        partition: Partition,
+    },
     /// Fences `partition` (client writes to it are refused with `PartitionMoved`; FLUSH,
     /// DBSIZE, SCAN, KEYS and expiry skip it) or lifts the fence. Durable. → `Ok`, or
     /// `Error(Locked)` when fencing a partition in which a prepared transaction still locks
     /// keys (the caller retries later).
-    SetFence { partition: Partition, fenced: bool },
+    SetFence {
+        /// The partition to fence or unfence.
+        partition: Partition,
+        /// `true` to fence, `false` to lift the fence.
+        fenced: bool,
+    },
     /// → `Partitions`: the fenced partitions, ascending.
     Fences,
 }
@@ -453,33 +601,44 @@ impl WorkerRequest {
 /// A response from a shard-worker.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub enum WorkerResponse {
+    /// The request succeeded and returns nothing.
     Ok,
+    /// A number (a count, a length, a flag, a new value).
     Integer(i64),
+    /// A value, or nil (`None`) if the key does not exist.
     Value(#[serde(with = "serde_bytes")] Option<Vec<u8>>),
+    /// One value or nil per key, in the order of the request's keys.
     Values(Vec<Option<serde_bytes::ByteBuf>>),
     /// Keys found by a scan, and the stored key to continue after (`None`: the end).
     Scanned {
+        /// The user keys found (without their stored prefix).
         keys: Vec<serde_bytes::ByteBuf>,
+        /// The stored key to continue after, or `None` at the end.
         #[serde(with = "serde_bytes")]
         next: Option<Vec<u8>>,
     },
+    /// What each op of an `Atomic` or `Prepare` found, in the order of the ops.
     TxOutcomes(Vec<TxOutcome>),
     /// (txid, decider worker) of transactions in doubt.
     InDoubt(Vec<(u64, u16)>),
     /// (partition, last commit id).
     Positions(Vec<(Partition, u64)>),
+    /// Commit-log entries, in commit order within each partition.
     Log(Vec<LogEntry>),
     /// The copy a `Backup` request made.
     Backup(crate::backup::ShardBackup),
     /// A chunk of a partition's raw records (`ExportPartition`), and where the next chunk
     /// starts (`None`: the partition is complete).
     Records {
+        /// The records of the chunk.
         records: Vec<Record>,
+        /// Where the next chunk starts, or `None` if the partition is complete.
         #[serde(with = "record_cursor")]
         next: Option<(RecordTable, Vec<u8>)>,
     },
     /// Partitions, ascending (`Fences`).
     Partitions(Vec<Partition>),
+    /// The request failed; see [`WorkerError`].
     Error(WorkerError),
 }
 
@@ -495,7 +654,10 @@ pub enum WorkerError {
     /// INCRBYFLOAT would produce NaN or infinity.
     NanOrInfinity,
     /// The resulting value would exceed `max_value_bytes`.
-    ValueTooLarge { max_value_bytes: usize },
+    ValueTooLarge {
+        /// The configured limit (`storage.max_value_bytes`).
+        max_value_bytes: usize,
+    },
     /// A key of the request stayed locked by a multi-key transaction for too long.
     Locked,
     /// A transaction's condition failed: a key that must be absent exists.
@@ -511,21 +673,29 @@ pub enum WorkerError {
     /// The transaction is not decided yet.
     TxInProgress,
     /// The shard's map reached `storage.max_map_size_bytes`; writes are refused, reads go on.
-    MapFull { max_map_size_bytes: usize },
+    MapFull {
+        /// The configured limit (`storage.max_map_size_bytes`).
+        max_map_size_bytes: usize,
+    },
     /// The disk is full; writes are refused until space is freed, reads go on.
     DiskFull,
     /// The reply would be larger than [`crate::limits::MAX_REPLY_BYTES`].
     ReplyTooLarge,
     /// A feed position is below the retained log of its partition.
     LogTrimmed {
+        /// The partition whose log is trimmed.
         partition: Partition,
+        /// The last commit id no longer in its log.
         trimmed_through: u64,
     },
     /// The storage engine failed; nothing of this request was applied.
     Storage(String),
     /// The partition is fenced on this worker: it is moving to another host, or this host
     /// no longer owns it. Nothing of the request was applied.
-    PartitionMoved { partition: Partition },
+    PartitionMoved {
+        /// The fenced partition.
+        partition: Partition,
+    },
 }
 
 /// What a commit-log entry records.
@@ -542,7 +712,7 @@ pub enum ChangeType {
 
 impl ChangeType {
     /// Decodes the on-disk byte.
-    pub fn from_byte(byte: u8) -> Option<ChangeType> {
+    pub(crate) fn from_byte(byte: u8) -> Option<ChangeType> {
         match byte {
             0b00 => Some(ChangeType::Create),
             0b01 => Some(ChangeType::Delete),
@@ -564,13 +734,19 @@ impl ChangeType {
 /// One entry of a partition's commit log.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct LogEntry {
+    /// The partition whose log holds the entry.
     pub partition: Partition,
+    /// The entry's commit id: one more than the partition's previous commit.
     pub commit_id: u64,
+    /// When the change was committed, in Unix ms.
     pub timestamp_ms: u64,
+    /// What the change did to the key.
     pub change: ChangeType,
+    /// The collection the key is in.
     pub collection: Collection,
     /// The key's expiry after this change, if it has one.
     pub expires_at_ms: Option<u64>,
+    /// The user key.
     #[serde(with = "serde_bytes")]
     pub key: Vec<u8>,
     /// The new value (empty for a delete).
@@ -585,7 +761,7 @@ mod record_cursor {
 
     use super::RecordTable;
 
-    pub fn serialize<S: Serializer>(
+    pub(crate) fn serialize<S: Serializer>(
         cursor: &Option<(RecordTable, Vec<u8>)>,
         serializer: S,
     ) -> Result<S::Ok, S::Error> {
@@ -595,7 +771,7 @@ mod record_cursor {
             .serialize(serializer)
     }
 
-    pub fn deserialize<'de, D: Deserializer<'de>>(
+    pub(crate) fn deserialize<'de, D: Deserializer<'de>>(
         deserializer: D,
     ) -> Result<Option<(RecordTable, Vec<u8>)>, D::Error> {
         let cursor = Option::<(RecordTable, serde_bytes::ByteBuf)>::deserialize(deserializer)?;
@@ -606,26 +782,34 @@ mod record_cursor {
 /// A request with its id.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct RequestEnvelope {
+    /// Chosen by the net-daemon, unique among its requests in flight on the link.
     pub id: u64,
+    /// The request.
     pub request: WorkerRequest,
 }
 
 /// A response with the id of its request.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct ResponseEnvelope {
+    /// The id of the request answered.
     pub id: u64,
+    /// The response.
     pub response: WorkerResponse,
 }
 
 /// A frame that cannot be decoded; the link must be closed.
 #[derive(Debug, thiserror::Error)]
 pub enum FrameError {
+    /// The frame's length (in bytes) is over [`MAX_FRAME_BYTES`].
     #[error("frame of {0} bytes is over the {MAX_FRAME_BYTES}-byte limit")]
     TooLarge(usize),
+    /// The payload is not a valid message; the decoder's reason.
     #[error("undecodable frame: {0}")]
     Decode(String),
+    /// The message ended this many bytes before the frame did.
     #[error("frame has {0} trailing bytes")]
     Trailing(usize),
+    /// The encoder refused the message; its reason.
     #[error("cannot encode frame: {0}")]
     Encode(String),
 }

@@ -112,7 +112,7 @@ pub fn with_allocation_limit<R>(max_bytes: usize, decode: impl FnOnce() -> R) ->
 
 /// The cut points at which a prefix of an `len`-byte encoding is tried: all of them
 /// for short encodings, else the first and last 32 and 16 in between.
-pub fn prefix_cuts(len: usize) -> Vec<usize> {
+pub(crate) fn prefix_cuts(len: usize) -> Vec<usize> {
     if len <= 96 {
         return (0..len).collect();
     }
@@ -125,7 +125,7 @@ pub fn prefix_cuts(len: usize) -> Vec<usize> {
 // RESP requests.
 
 /// Small limits, so that short fuzz inputs reach every limit check of the parser.
-pub const SMALL_REQUEST_LIMITS: RequestLimits = RequestLimits {
+pub(crate) const SMALL_REQUEST_LIMITS: RequestLimits = RequestLimits {
     max_args: 16,
     max_bulk_bytes: 32,
     max_request_bytes: 80,
@@ -142,14 +142,14 @@ pub const LARGEST_REQUEST_LIMITS: RequestLimits = RequestLimits {
 
 /// The request parser allocates only for what is in the buffer: argument lists and
 /// the inline arguments' bytes, each at most a small multiple of the input.
-pub fn resp_allocation_bound(input_bytes: usize) -> usize {
+pub(crate) fn resp_allocation_bound(input_bytes: usize) -> usize {
     32 * input_bytes + 4096
 }
 
 /// Most bytes a buffer can hold and still be an incomplete request under `limits`:
 /// the count line, every bulk header (at most 22 bytes once complete, 64 while not),
 /// and the bulk bytes the request may declare.
-pub fn resp_incomplete_bound(limits: &RequestLimits) -> usize {
+pub(crate) fn resp_incomplete_bound(limits: &RequestLimits) -> usize {
     let multibulk = 64 + limits.max_args.saturating_mul(24) + limits.max_request_bytes + 64;
     multibulk.max(limits.max_inline_bytes)
 }
@@ -245,7 +245,7 @@ fn check_resp_request_with(input: &[u8], limits: &RequestLimits) {
 /// Most bytes one decoded message element takes in memory per byte of frame: a
 /// sequence preallocates at most one element per input byte, and no element type
 /// of the link is larger than this (checked below).
-pub const FRAME_BYTES_PER_INPUT_BYTE: usize = 128;
+pub(crate) const FRAME_BYTES_PER_INPUT_BYTE: usize = 128;
 
 const _: () = {
     use crate::frame::{Key, LogEntry, TxOp, TxOutcome};
@@ -262,7 +262,7 @@ pub fn frame_allocation_bound(input_bytes: usize) -> usize {
 
 /// Checks [`decode_frame`] for `T` on `input` as it is, and on `input` as the payload
 /// of a frame whose length prefix is right (so that the fuzzer reaches the payload).
-pub fn check_frame<T>(input: &[u8])
+pub(crate) fn check_frame<T>(input: &[u8])
 where
     T: Serialize + DeserializeOwned + PartialEq + Debug,
 {

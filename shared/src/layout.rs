@@ -56,13 +56,17 @@ use crate::limits::{
 /// Version of this layout, stored in `meta`.
 pub const FORMAT_VERSION: u32 = 2;
 
+/// `meta` key of the layout version (u32, [`FORMAT_VERSION`] when written).
 pub const META_FORMAT_VERSION: &[u8] = b"format_version";
+/// `meta` key of the shard's worker index (u32).
 pub const META_SHARD_ID: &[u8] = b"shard_id";
+/// `meta` key of the data dir's layout when the shard was created (see [`encode_layout`]).
 pub const META_LAYOUT: &[u8] = b"layout";
+/// `meta` key of the id high-water mark (u64): every id of this shard's blocks is below it.
 pub const META_IDS_HIGH_WATER: &[u8] = b"ids_high_water";
 
 /// Value flag: an expiry time follows the flags byte.
-pub const FLAG_EXPIRES: u8 = 0b0000_0001;
+pub(crate) const FLAG_EXPIRES: u8 = 0b0000_0001;
 const VALUE_HEADER_BYTES: usize = 9;
 const LOG_HEADER_BYTES: usize = 8 + 1 + 2 + 8 + 2;
 
@@ -79,8 +83,8 @@ const _: () = assert!(
 #[derive(Debug, thiserror::Error)]
 #[error("corrupt {what}: {why}")]
 pub struct CorruptError {
-    pub what: &'static str,
-    pub why: String,
+    pub(crate) what: &'static str,
+    pub(crate) why: String,
 }
 
 fn corrupt(what: &'static str, why: impl Into<String>) -> CorruptError {
@@ -115,11 +119,15 @@ pub fn encode_value(commit_id: u64, expires_at_ms: Option<u64>, value: &[u8]) ->
 
 /// A stored value: the commit that wrote it, its expiry, and the user's bytes.
 pub struct StoredValue<'a> {
+    /// The commit that last wrote the key.
     pub commit_id: u64,
+    /// The expiry in Unix ms, if the key has one.
     pub expires_at_ms: Option<u64>,
+    /// The user's value.
     pub bytes: &'a [u8],
 }
 
+/// Decodes a value of a `c<N>` database; rejects a short header or unknown flag bits.
 pub fn decode_value(raw: &[u8]) -> Result<StoredValue<'_>, CorruptError> {
     if raw.len() < VALUE_HEADER_BYTES {
         return Err(corrupt(
@@ -167,12 +175,17 @@ pub fn expiry_key(
 
 /// An entry of the expiry index.
 pub struct ExpiryEntry<'a> {
+    /// When the key expires, in Unix ms.
     pub expires_at_ms: u64,
+    /// The collection the key is in.
     pub collection: Collection,
+    /// The partition the key hashes to.
     pub partition: Partition,
+    /// The user key.
     pub key: &'a [u8],
 }
 
+/// Decodes a key of the `expiry` database (at least its 12-byte prefix).
 pub fn decode_expiry_key(raw: &[u8]) -> Result<ExpiryEntry<'_>, CorruptError> {
     if raw.len() < 12 {
         return Err(corrupt(
@@ -198,11 +211,17 @@ pub fn log_key(partition: Partition, commit_id: u64) -> [u8; 10] {
 
 /// The fields of a log entry's value.
 pub struct LogRecord<'a> {
+    /// When the change was committed, in Unix ms.
     pub timestamp_ms: u64,
+    /// What the change did to the key.
     pub change: ChangeType,
+    /// The collection the key is in.
     pub collection: Collection,
+    /// The key's expiry in Unix ms after the change (stored as 0 when `None`).
     pub expires_at_ms: Option<u64>,
+    /// The user key (at most `MAX_STORED_KEY_BYTES`).
     pub key: &'a [u8],
+    /// The new value (empty for a delete).
     pub data: &'a [u8],
 }
 
@@ -220,6 +239,7 @@ impl<'a> From<&'a LogEntry> for LogRecord<'a> {
     }
 }
 
+/// Encodes the value of a `log` entry (its key is [`log_key`]).
 pub fn encode_log_value(record: &LogRecord<'_>) -> Vec<u8> {
     let mut out = Vec::with_capacity(LOG_HEADER_BYTES + record.key.len() + record.data.len());
     out.extend_from_slice(&record.timestamp_ms.to_be_bytes());
@@ -235,6 +255,7 @@ pub fn encode_log_value(record: &LogRecord<'_>) -> Vec<u8> {
     out
 }
 
+/// Decodes a `log` entry from its key and its value.
 pub fn decode_log_entry(raw_key: &[u8], raw_value: &[u8]) -> Result<LogEntry, CorruptError> {
     if raw_key.len() != 10 {
         return Err(corrupt(
@@ -306,11 +327,15 @@ pub fn decode_fence_key(raw: &[u8]) -> Result<Partition, CorruptError> {
 /// A partition's entry in `meta`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub struct PartitionMeta {
+    /// The partition's latest commit id (0: never written).
     pub last_commit_id: u64,
+    /// When the partition last changed, in Unix ms.
     pub mtime_ms: u64,
+    /// The highest commit id that log retention removed (0 if none).
     pub trimmed_through: u64,
 }
 
+/// Encodes a partition's `meta` entry: three big-endian u64s, 24 bytes.
 pub fn encode_partition_meta(meta: PartitionMeta) -> [u8; 24] {
     let mut out = [0; 24];
     out[..8].copy_from_slice(&meta.last_commit_id.to_be_bytes());
@@ -319,6 +344,7 @@ pub fn encode_partition_meta(meta: PartitionMeta) -> [u8; 24] {
     out
 }
 
+/// Decodes a partition's `meta` entry; it must be exactly 24 bytes.
 pub fn decode_partition_meta(raw: &[u8]) -> Result<PartitionMeta, CorruptError> {
     if raw.len() != 24 {
         return Err(corrupt(
@@ -333,12 +359,14 @@ pub fn decode_partition_meta(raw: &[u8]) -> Result<PartitionMeta, CorruptError> 
     })
 }
 
+/// Encodes the `layout` entry: partitions u16 ++ workers u16, big-endian.
 pub fn encode_layout(partitions: u16, workers: u16) -> [u8; 4] {
     let [p0, p1] = partitions.to_be_bytes();
     let [w0, w1] = workers.to_be_bytes();
     [p0, p1, w0, w1]
 }
 
+/// Decodes the `layout` entry into (partitions, workers).
 pub fn decode_layout(raw: &[u8]) -> Result<(u16, u16), CorruptError> {
     match raw {
         [p0, p1, w0, w1] => Ok((
@@ -352,6 +380,7 @@ pub fn decode_layout(raw: &[u8]) -> Result<(u16, u16), CorruptError> {
     }
 }
 
+/// Decodes a big-endian u32 `meta` value; `what` names it in the error.
 pub fn decode_u32(raw: &[u8], what: &'static str) -> Result<u32, CorruptError> {
     let bytes: [u8; 4] = raw
         .try_into()
@@ -359,6 +388,7 @@ pub fn decode_u32(raw: &[u8], what: &'static str) -> Result<u32, CorruptError> {
     Ok(u32::from_be_bytes(bytes))
 }
 
+/// Decodes a big-endian u64 `meta` value; `what` names it in the error.
 pub fn decode_u64(raw: &[u8], what: &'static str) -> Result<u64, CorruptError> {
     let bytes: [u8; 8] = raw
         .try_into()
@@ -529,7 +559,7 @@ pub fn decode_intent(raw: &[u8]) -> Result<Intent, CorruptError> {
 }
 
 /// Whether a `txns` record is a prepared intent (its keys are locked), not a decision record.
-pub fn is_prepared(raw: &[u8]) -> Result<bool, CorruptError> {
+pub(crate) fn is_prepared(raw: &[u8]) -> Result<bool, CorruptError> {
     Ok(decode_intent(raw)?.state == IntentState::Prepared)
 }
 

@@ -8,11 +8,11 @@ pub const LMDB_MAX_KEY_BYTES: usize = 511;
 
 /// Bytes that the storage layout puts before the user's key in a collection
 /// (the partition, u16 big-endian).
-pub const STORED_KEY_PREFIX_BYTES: usize = 2;
+pub(crate) const STORED_KEY_PREFIX_BYTES: usize = 2;
 
 /// Bytes before the user's key in the expiry index (expires_at_ms u64, collection
 /// u16, partition u16): the longest prefix of any LMDB key the layout makes.
-pub const EXPIRY_KEY_PREFIX_BYTES: usize = 12;
+pub(crate) const EXPIRY_KEY_PREFIX_BYTES: usize = 12;
 
 /// Longest user key that Shoal accepts: every LMDB key made of it must fit, the
 /// expiry index's included.
@@ -30,11 +30,11 @@ pub const MAX_INLINE_BYTES: usize = 64 * 1024;
 
 /// Slack above `max_value_bytes` that the RESP parser still reads, so that a
 /// value a little too large gets a command error instead of a closed connection.
-pub const BULK_SLACK_BYTES: usize = 64 * 1024;
+pub(crate) const BULK_SLACK_BYTES: usize = 64 * 1024;
 
 /// A request may always hold this many bytes of bulk strings (several values of an MSET);
 /// the limit is twice the largest bulk string if that is more.
-pub const MIN_REQUEST_BYTES: usize = 256 * 1024 * 1024;
+pub(crate) const MIN_REQUEST_BYTES: usize = 256 * 1024 * 1024;
 
 /// Largest reply a worker builds for one request (MGET, log reads); beyond it the
 /// request fails with a clear error instead of exhausting memory.

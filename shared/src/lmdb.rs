@@ -62,7 +62,7 @@ pub fn create_database(env: &Env<WithoutTls>, name: &str) -> Result<RawDatabase,
 }
 
 /// Opens the named database `name` in a read transaction; its worker must have created it.
-pub fn open_database(env: &Env<WithoutTls>, name: &str) -> Result<RawDatabase, StoreError> {
+pub(crate) fn open_database(env: &Env<WithoutTls>, name: &str) -> Result<RawDatabase, StoreError> {
     let txn = env.read_txn()?;
     let database = env
         .open_databases_and_commit(txn, |opener, txn| {

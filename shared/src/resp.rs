@@ -10,17 +10,22 @@ use bytes::{BufMut, Bytes, BytesMut};
 /// The protocol version a connection speaks (switched with `HELLO`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Protocol {
+    /// RESP2, what every connection starts with.
     Resp2,
+    /// RESP3, after `HELLO 3`: maps, doubles, nulls and verbatim strings have types of their own.
     Resp3,
 }
 
 /// Bounds that keep a client from making the parser allocate without limit.
 #[derive(Debug, Clone, Copy)]
 pub struct RequestLimits {
+    /// Most arguments (the command name included) in one request.
     pub max_args: usize,
+    /// Longest single bulk string, in bytes.
     pub max_bulk_bytes: usize,
     /// Most bytes of all bulk strings of one request together.
     pub max_request_bytes: usize,
+    /// Longest inline command (a line without `*`), in bytes.
     pub max_inline_bytes: usize,
 }
 
@@ -205,7 +210,7 @@ fn parse_inline(
 /// Splits an inline request like Redis's `sdssplitargs`: spaces separate arguments,
 /// "double quotes" take escapes (\n \r \t \b \a \\ \" \xHH), 'single quotes' take \'.
 /// Returns `None` for unbalanced quotes.
-pub fn split_inline_args(line: &[u8]) -> Option<Vec<Vec<u8>>> {
+pub(crate) fn split_inline_args(line: &[u8]) -> Option<Vec<Vec<u8>>> {
     let mut args = Vec::new();
     let mut i = 0;
     loop {
@@ -299,10 +304,13 @@ pub enum Reply {
     Simple(String),
     /// An error line; the text starts with its code (`ERR ...`, `WRONGTYPE ...`).
     Error(String),
+    /// `:<n>`.
     Integer(i64),
+    /// A binary-safe string: `$<len>` then the bytes.
     Bulk(Bytes),
     /// A missing value: `$-1` in RESP2, `_` in RESP3.
     Nil,
+    /// `*<count>` then the elements.
     Array(Vec<Reply>),
     /// A map: a flat array in RESP2, `%` in RESP3.
     Map(Vec<(Reply, Reply)>),
@@ -406,7 +414,7 @@ fn bulk(out: &mut BytesMut, bytes: &[u8]) {
 
 /// Formats a double the way Redis prints INCRBYFLOAT results: shortest exact digits, no
 /// trailing ".0", and `inf`/`-inf` for infinities.
-pub fn format_double(value: f64) -> String {
+pub(crate) fn format_double(value: f64) -> String {
     if value.is_infinite() {
         return if value > 0.0 {
             "inf".into()
@@ -444,7 +452,8 @@ pub fn parse_i64(bytes: &[u8]) -> Option<i64> {
 }
 
 /// Parses a float argument or stored value: no surrounding spaces, no NaN.
-pub fn parse_f64(bytes: &[u8]) -> Option<f64> {
+#[cfg(test)]
+pub(crate) fn parse_f64(bytes: &[u8]) -> Option<f64> {
     let text = std::str::from_utf8(bytes).ok()?;
     if text.is_empty() || text.trim() != text {
         return None;

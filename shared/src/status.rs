@@ -11,8 +11,8 @@
 //!   supervisor start time (ms), workers, partitions, reserved, then the
 //!   progress of a worker-count change: partitions to move, partitions moved,
 //!   bytes moved, start time (ms); the rest reserved;
-//! - then one slot of [`SLOT_WORDS`] words per process (histograms take
-//!   [`HISTOGRAM_BUCKETS`] consecutive words): workers `0..workers`
+//! - then one slot of `SLOT_WORDS` words per process (histograms take
+//!   `HISTOGRAM_BUCKETS` consecutive words): workers `0..workers`
 //!   take slots `0..workers`, the net-daemon takes slot `workers`. The words of
 //!   a slot are the [`Field`]s, in order.
 
@@ -27,9 +27,9 @@ const MAGIC: u64 = u64::from_be_bytes(*b"SHOALST1");
 const VERSION: u64 = 2;
 const HEADER_WORDS: usize = 16;
 /// Words per process slot.
-pub const SLOT_WORDS: usize = 48;
+pub(crate) const SLOT_WORDS: usize = 48;
 /// Most slots a table holds (workers plus the net-daemon).
-pub const MAX_SLOTS: usize = 1024;
+pub(crate) const MAX_SLOTS: usize = 1024;
 
 const _: () = assert!((Field::Reserved as usize) < SLOT_WORDS);
 
@@ -37,17 +37,29 @@ const _: () = assert!((Field::Reserved as usize) < SLOT_WORDS);
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 #[repr(usize)]
 pub enum Field {
+    /// The process id of the slot's current process.
     Pid = 0,
+    /// The [`Role`] code.
     Role = 1,
+    /// The worker index (0 for the net-daemon).
     Index = 2,
+    /// The [`ProcessState`] code.
     State = 3,
+    /// How many times the supervisor restarted the slot's process.
     Restarts = 4,
+    /// The last heartbeat, in Unix ms; the supervisor restarts a process whose heartbeat stops.
     HeartbeatMs = 5,
+    /// A worker's highest commit id over its partitions.
     LastCommitId = 6,
+    /// Requests in a worker's current group commit (0 between batches).
     QueueDepth = 7,
+    /// Requests served since the process started (a counter).
     Ops = 8,
+    /// When the process claimed the slot, in Unix ms.
     StartedMs = 9,
+    /// Group commits a worker has made (a counter).
     Commits = 10,
+    /// The net-daemon's open client connections.
     Connections = 11,
     /// Size of the worker's LMDB map, in bytes.
     MapSizeBytes = 12,
@@ -55,15 +67,16 @@ pub enum Field {
     MapUsedBytes = 13,
     /// Sum of group-commit durations, in microseconds (with the histogram below).
     CommitMicrosSum = 14,
-    /// First of [`HISTOGRAM_BUCKETS`] words: group commits per batch-size bucket.
+    /// First of `HISTOGRAM_BUCKETS` words: group commits per batch-size bucket.
     BatchSizeBuckets = 16,
-    /// First of [`HISTOGRAM_BUCKETS`] words: group commits per duration bucket.
+    /// First of `HISTOGRAM_BUCKETS` words: group commits per duration bucket.
     CommitMicrosBuckets = 16 + HISTOGRAM_BUCKETS,
+    /// The first unused word; must stay below the slot's size.
     Reserved = 16 + 2 * HISTOGRAM_BUCKETS,
 }
 
 /// Buckets of the histograms a worker keeps in its slot (the last one is +Inf).
-pub const HISTOGRAM_BUCKETS: usize = 10;
+pub(crate) const HISTOGRAM_BUCKETS: usize = 10;
 /// Upper bounds of the batch-size buckets (requests per group commit).
 pub const BATCH_SIZE_BOUNDS: [u64; HISTOGRAM_BUCKETS - 1] = [1, 2, 4, 8, 16, 32, 64, 256, 1024];
 /// Upper bounds of the commit-duration buckets, in microseconds.
@@ -81,7 +94,9 @@ pub fn bucket(bounds: &[u64], value: u64) -> usize {
 /// What a slot's process does.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Role {
+    /// A shard-worker: one shard's LMDB environment.
     ShardWorker,
+    /// The net-daemon: clients and peers. It has the last slot.
     NetDaemon,
 }
 
@@ -93,6 +108,7 @@ impl Role {
         }
     }
 
+    /// The name `shoal status` shows.
     pub fn name(self) -> &'static str {
         match self {
             Role::ShardWorker => "shard-worker",
@@ -120,7 +136,7 @@ pub enum ProcessState {
 }
 
 impl ProcessState {
-    pub fn from_code(code: u64) -> ProcessState {
+    pub(crate) fn from_code(code: u64) -> ProcessState {
         match code {
             1 => ProcessState::Starting,
             2 => ProcessState::Ready,
@@ -131,6 +147,7 @@ impl ProcessState {
         }
     }
 
+    /// The name `shoal status` shows.
     pub fn name(self) -> &'static str {
         match self {
             ProcessState::Empty => "empty",
@@ -276,7 +293,8 @@ impl StatusTable {
     }
 
     /// When the supervisor started (ms since the epoch).
-    pub fn started_ms(&self) -> u64 {
+    #[expect(dead_code, reason = "no caller in the workspace")]
+    pub(crate) fn started_ms(&self) -> u64 {
         self.header()[4].load(Ordering::Relaxed)
     }
 
@@ -334,9 +352,13 @@ impl StatusTable {
 /// Progress of moving partitions between shards.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct Rebalance {
+    /// Partitions to move.
     pub total: u64,
+    /// Partitions moved so far.
     pub done: u64,
+    /// Bytes of records copied so far.
     pub bytes: u64,
+    /// When the move started, in Unix ms (0: no move has run).
     pub started_ms: u64,
 }
 
@@ -347,14 +369,17 @@ pub struct Slot<'a> {
 }
 
 impl Slot<'_> {
+    /// Reads one word.
     pub fn get(&self, field: Field) -> u64 {
         self.words[field as usize].load(Ordering::Acquire)
     }
 
+    /// Writes one word.
     pub fn set(&self, field: Field, value: u64) {
         self.words[field as usize].store(value, Ordering::Release);
     }
 
+    /// Adds to a counter word.
     pub fn add(&self, field: Field, delta: u64) {
         self.words[field as usize].fetch_add(delta, Ordering::AcqRel);
     }
@@ -369,14 +394,17 @@ impl Slot<'_> {
         std::array::from_fn(|i| self.words[first as usize + i].load(Ordering::Acquire))
     }
 
+    /// Where the slot's process is in its life.
     pub fn state(&self) -> ProcessState {
         ProcessState::from_code(self.get(Field::State))
     }
 
+    /// Records where the slot's process is in its life.
     pub fn set_state(&self, state: ProcessState) {
         self.set(Field::State, state as u64);
     }
 
+    /// What the slot's process does.
     pub fn role(&self) -> Role {
         if self.get(Field::Role) == Role::NetDaemon.code() {
             Role::NetDaemon

@@ -20,27 +20,27 @@
 use serde::{Deserialize, Serialize};
 
 /// Dimensions of the coordinate space.
-pub const DIMENSIONS: usize = 8;
+pub(crate) const DIMENSIONS: usize = 8;
 /// Round trips above this are ignored as bogus.
-pub const MAX_RTT_S: f64 = 10.0;
+pub(crate) const MAX_RTT_S: f64 = 10.0;
 /// Distances below this count as zero.
 const ZERO_S: f64 = 1.0e-6;
 
 /// The tuning of the coordinates (Serf's defaults).
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
-pub struct VivaldiConfig {
+pub(crate) struct VivaldiConfig {
     /// The highest error estimate, and that of a new coordinate.
-    pub error_max: f64,
+    pub(crate) error_max: f64,
     /// How much one sample can change the error estimate (Vivaldi's c_e).
-    pub error_gain: f64,
+    pub(crate) error_gain: f64,
     /// How much one sample can move the coordinate (Vivaldi's c_c).
-    pub position_gain: f64,
+    pub(crate) position_gain: f64,
     /// The number of samples the adjustment averages over.
-    pub adjustment_samples: f64,
+    pub(crate) adjustment_samples: f64,
     /// The lowest height.
-    pub height_min_s: f64,
+    pub(crate) height_min_s: f64,
     /// The distance at which gravity pulls as hard as one second of error.
-    pub gravity_rho_s: f64,
+    pub(crate) gravity_rho_s: f64,
 }
 
 impl Default for VivaldiConfig {
@@ -84,7 +84,7 @@ impl Default for Coordinate {
 
 impl Coordinate {
     /// The estimated round-trip time to `other`, in seconds.
-    pub fn distance_s(&self, other: &Coordinate) -> f64 {
+    pub(crate) fn distance_s(&self, other: &Coordinate) -> f64 {
         let raw = self.raw_distance_s(other);
         let adjusted = raw + self.adjustment_s + other.adjustment_s;
         if adjusted > 0.0 {
@@ -95,7 +95,7 @@ impl Coordinate {
     }
 
     /// True when every component is finite (and so usable).
-    pub fn is_valid(&self) -> bool {
+    pub(crate) fn is_valid(&self) -> bool {
         self.position_s.iter().all(|x| x.is_finite())
             && self.height_s.is_finite()
             && self.adjustment_s.is_finite()
@@ -107,7 +107,12 @@ impl Coordinate {
     /// `other` is ignored; an update that would yield a non-finite value
     /// resets the coordinate to the origin instead. Returns whether the sample
     /// was applied.
-    pub fn update(&mut self, other: &Coordinate, rtt_s: f64, config: &VivaldiConfig) -> bool {
+    pub(crate) fn update(
+        &mut self,
+        other: &Coordinate,
+        rtt_s: f64,
+        config: &VivaldiConfig,
+    ) -> bool {
         // Written so that a NaN round trip fails the test.
         let usable = rtt_s > 0.0 && rtt_s <= MAX_RTT_S && other.is_valid();
         if !usable {

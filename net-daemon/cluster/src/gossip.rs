@@ -16,9 +16,9 @@ use serde::{Deserialize, Serialize};
 use crate::HostId;
 
 /// Steps (hops or rounds) a rumor lives.
-pub const MAX_TTL: u8 = 8;
+pub(crate) const MAX_TTL: u8 = 8;
 /// Most round-trip samples a rumor carries (the shortest ones).
-pub const MAX_RTT_SAMPLES: usize = 8;
+pub(crate) const MAX_RTT_SAMPLES: usize = 8;
 
 /// What a host reports of itself.
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
@@ -26,19 +26,19 @@ pub struct Metrics {
     /// Free bytes on the data dir's filesystem.
     pub free_bytes: u64,
     /// Relative CPU speed: the sum of the cores' frequencies, in GHz × 1000.
-    pub cpu_rating: u32,
+    pub(crate) cpu_rating: u32,
     /// One-minute load average × 1000.
     pub load_milli: u32,
     /// Its round trips to some peers, in microseconds (the shortest first).
-    pub rtt_us: Vec<(HostId, u64)>,
+    pub(crate) rtt_us: Vec<(HostId, u64)>,
 }
 
 /// One host's metrics as they travel.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct Rumor {
-    pub origin: HostId,
+    pub(crate) origin: HostId,
     /// Raised by the origin at each publication; a higher one replaces a lower one.
-    pub seq: u64,
+    pub(crate) seq: u64,
     /// Steps left before the rumor fades.
     pub ttl: u8,
     pub metrics: Metrics,
@@ -46,14 +46,14 @@ pub struct Rumor {
 
 /// The rumors one host knows.
 #[derive(Clone, Debug, Default)]
-pub struct Gossip {
+pub(crate) struct Gossip {
     me: HostId,
     seq: u64,
     known: BTreeMap<HostId, Rumor>,
 }
 
 impl Gossip {
-    pub fn new(me: HostId) -> Gossip {
+    pub(crate) fn new(me: HostId) -> Gossip {
         Gossip {
             me,
             seq: 0,
@@ -62,7 +62,7 @@ impl Gossip {
     }
 
     /// Publishes this host's metrics as a fresh rumor; keeps the shortest round trips.
-    pub fn publish(&mut self, mut metrics: Metrics) {
+    pub(crate) fn publish(&mut self, mut metrics: Metrics) {
         metrics.rtt_us.sort_by_key(|&(peer, rtt)| (rtt, peer));
         metrics.rtt_us.truncate(MAX_RTT_SAMPLES);
         self.seq += 1;
@@ -76,7 +76,7 @@ impl Gossip {
     }
 
     /// The rumors to send a peer: every one still alive.
-    pub fn outgoing(&self) -> Vec<Rumor> {
+    pub(crate) fn outgoing(&self) -> Vec<Rumor> {
         self.known
             .values()
             .filter(|rumor| rumor.ttl > 0)
@@ -86,7 +86,7 @@ impl Gossip {
 
     /// Takes what a peer sent: for each origin, a newer rumor replaces the one known,
     /// one step older. Rumors about this host, or with no life left, are ignored.
-    pub fn merge(&mut self, rumors: Vec<Rumor>) {
+    pub(crate) fn merge(&mut self, rumors: Vec<Rumor>) {
         for mut rumor in rumors {
             if rumor.origin == self.me || rumor.ttl == 0 {
                 continue;
@@ -104,7 +104,7 @@ impl Gossip {
 
     /// One heartbeat round passes: every other host's rumor ages a step; rumors at 0
     /// are forgotten.
-    pub fn decay(&mut self) {
+    pub(crate) fn decay(&mut self) {
         let me = self.me;
         self.known.retain(|&origin, rumor| {
             if origin != me {
@@ -115,7 +115,7 @@ impl Gossip {
     }
 
     /// The live rumor of `host`, if any.
-    pub fn get(&self, host: HostId) -> Option<&Rumor> {
+    pub(crate) fn get(&self, host: HostId) -> Option<&Rumor> {
         self.known.get(&host)
     }
 }

@@ -46,13 +46,13 @@ const REPORT_FRESH_HEARTBEATS: u32 = 6;
 #[derive(Debug, Clone, PartialEq)]
 pub(crate) struct LeaderSettings {
     /// How long an observer's report counts (see [`report_fresh_for`]).
-    pub report_fresh_for: Duration,
+    pub(crate) report_fresh_for: Duration,
     /// An inactive host offline this long loses the unused part of its id ranges.
-    pub offline_threshold_ms: u64,
+    pub(crate) offline_threshold_ms: u64,
     /// `cluster.max_fill_ratio`: a host filled this much receives no partitions.
-    pub max_fill_ratio: f64,
+    pub(crate) max_fill_ratio: f64,
     /// Most partition moves running at once in the whole cluster.
-    pub max_moves_in_flight: usize,
+    pub(crate) max_moves_in_flight: usize,
 }
 
 impl LeaderSettings {
@@ -86,29 +86,29 @@ pub(crate) fn is_fresh(age: Duration, settings: &LeaderSettings) -> bool {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub(crate) struct SuspectReport {
     /// The host that reported.
-    pub observer: HostId,
+    pub(crate) observer: HostId,
     /// How long ago the leader received it.
-    pub age: Duration,
+    pub(crate) age: Duration,
     /// The peers the observer suspects.
-    pub suspects: Vec<HostId>,
+    pub(crate) suspects: Vec<HostId>,
     /// The peers the observer has a link to (and so can observe).
-    pub observed: Vec<HostId>,
+    pub(crate) observed: Vec<HostId>,
 }
 
 /// The metadata group's membership as the leader sees it.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub(crate) struct RaftMembership {
     /// The leader itself (always counts as caught up).
-    pub leader: HostId,
+    pub(crate) leader: HostId,
     /// The voters.
-    pub voters: BTreeSet<HostId>,
+    pub(crate) voters: BTreeSet<HostId>,
     /// Every member, voter or learner, at the address the group has for it.
-    pub nodes: BTreeMap<HostId, String>,
+    pub(crate) nodes: BTreeMap<HostId, String>,
     /// The index of the leader's last log entry (0 when the log is empty).
-    pub last_log_index: u64,
+    pub(crate) last_log_index: u64,
     /// For each member whose progress the leader knows, the index up to which its log
     /// matches the leader's.
-    pub matched_index: BTreeMap<HostId, u64>,
+    pub(crate) matched_index: BTreeMap<HostId, u64>,
 }
 
 /// A change to the metadata group's members, to make in the order given.

@@ -17,13 +17,13 @@
 //!
 //! Modules:
 //! - [`ni`]: the network information and the commands that change it.
-//! - [`leader`]: the metadata leader's decisions each round (membership, judgements,
+//! - `leader`: the metadata leader's decisions each round (membership, judgements,
 //!   placement moves), from the NI, the suspect reports and the time to commands.
-//! - [`placement`]: which host should own each partition, weighted by capacity.
+//! - `placement`: which host should own each partition, weighted by capacity.
 //! - [`ranges`]: the id ranges of the hosts (sponsor splits, reservations, reclaims).
-//! - [`liveness`]: unreliability scores per peer and the agreement rule for `inactive`.
-//! - [`coords`]: Vivaldi network coordinates (latency estimates between hosts).
-//! - [`gossip`]: host metrics spread by the heartbeats, with a decay counter.
+//! - `liveness`: unreliability scores per peer and the agreement rule for `inactive`.
+//! - `coords`: Vivaldi network coordinates (latency estimates between hosts).
+//! - `gossip`: host metrics spread by the heartbeats, with a decay counter.
 //! - [`raft_store`]: the metadata group's log, vote, state machine and snapshot, in the
 //!   net-daemon's own LMDB environment (`<data_dir>/meta-raft/`), or in memory
 //!   ([`raft_store::memory`]) for the simulation.
@@ -35,16 +35,16 @@
 //!   duties (I/O).
 //! - [`peer`]: the authenticated TCP links to the other hosts (handshake, pool, listener).
 
-pub mod coords;
-pub mod gossip;
+pub(crate) mod coords;
+pub(crate) mod gossip;
 pub(crate) mod leader;
-pub mod liveness;
+pub(crate) mod liveness;
 pub mod messages;
 pub mod network;
 pub mod ni;
 pub mod node;
 pub mod peer;
-pub mod placement;
+pub(crate) mod placement;
 pub mod raft_store;
 pub mod ranges;
 pub mod transport;

@@ -25,15 +25,15 @@ use crate::HostId;
 
 /// The tuning of the scores.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
-pub struct LivenessConfig {
+pub(crate) struct LivenessConfig {
     /// A peer whose score reaches this is suspect; it is healthy again below half of it.
-    pub suspect_threshold: f64,
+    pub(crate) suspect_threshold: f64,
     /// Added to the score on each timeout.
-    pub timeout_penalty: f64,
+    pub(crate) timeout_penalty: f64,
     /// The score is multiplied by this on each success (between 0 and 1).
-    pub success_decay: f64,
+    pub(crate) success_decay: f64,
     /// How long a peer stays suspect before this host proposes it as `inactive`.
-    pub suspect_for_ms: u64,
+    pub(crate) suspect_for_ms: u64,
 }
 
 impl Default for LivenessConfig {
@@ -60,9 +60,9 @@ pub struct Score {
     /// The last success, if any.
     pub last_success_ms: Option<u64>,
     /// The last timeout, if any.
-    pub last_timeout_ms: Option<u64>,
+    pub(crate) last_timeout_ms: Option<u64>,
     /// The round-trip time of the last success, in microseconds.
-    pub last_rtt_us: Option<u64>,
+    pub(crate) last_rtt_us: Option<u64>,
 }
 
 impl Score {
@@ -95,14 +95,14 @@ impl Score {
 
 /// The scores of every peer this host talks to.
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
-pub struct Observer {
+pub(crate) struct Observer {
     config: LivenessConfig,
     scores: BTreeMap<HostId, Score>,
 }
 
 impl Observer {
     /// An observer that has seen nothing yet.
-    pub fn new(config: LivenessConfig) -> Observer {
+    pub(crate) fn new(config: LivenessConfig) -> Observer {
         Observer {
             config,
             scores: BTreeMap::new(),
@@ -110,7 +110,7 @@ impl Observer {
     }
 
     /// A request to `peer` succeeded after `rtt_us`.
-    pub fn on_success(&mut self, peer: HostId, rtt_us: u64, now_ms: u64) {
+    pub(crate) fn on_success(&mut self, peer: HostId, rtt_us: u64, now_ms: u64) {
         let score = self
             .scores
             .entry(peer)
@@ -125,7 +125,7 @@ impl Observer {
     }
 
     /// A request to `peer` timed out.
-    pub fn on_timeout(&mut self, peer: HostId, now_ms: u64) {
+    pub(crate) fn on_timeout(&mut self, peer: HostId, now_ms: u64) {
         let score = self
             .scores
             .entry(peer)
@@ -137,7 +137,7 @@ impl Observer {
 
     /// The peers suspect for at least `suspect_for_ms`: those this host
     /// proposes as `inactive`, in increasing order.
-    pub fn suspects(&self, now_ms: u64) -> Vec<HostId> {
+    pub(crate) fn suspects(&self, now_ms: u64) -> Vec<HostId> {
         self.scores
             .iter()
             .filter(|(_, score)| {
@@ -148,23 +148,24 @@ impl Observer {
     }
 
     /// The score of `peer`, if it was ever observed.
-    pub fn score(&self, peer: HostId) -> Option<&Score> {
+    pub(crate) fn score(&self, peer: HostId) -> Option<&Score> {
         self.scores.get(&peer)
     }
 
     /// Drops the score of a peer that left the cluster.
-    pub fn forget(&mut self, peer: HostId) {
+    #[expect(dead_code, reason = "no caller in the workspace")]
+    pub(crate) fn forget(&mut self, peer: HostId) {
         self.scores.remove(&peer);
     }
 }
 
 /// What the leader knows about one peer from the observers' proposals.
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
-pub struct Suspicion {
+pub(crate) struct Suspicion {
     /// The hosts that propose the peer as `inactive`.
-    pub suspected_by: BTreeSet<HostId>,
+    pub(crate) suspected_by: BTreeSet<HostId>,
     /// How many hosts have a link to the peer (and so can observe it).
-    pub observers: usize,
+    pub(crate) observers: usize,
 }
 
 /// How many observers must suspect a peer before it is made `inactive`: a
@@ -179,7 +180,7 @@ pub struct Suspicion {
 /// can reach is suspected by a minority at most, so it is never evicted. A
 /// cluster of 2 hosts evicts nobody: it cannot tell a dead peer from a cut link
 /// (and its metadata group has no majority without both hosts anyway).
-pub fn votes_needed(observers: usize, cluster_hosts: usize) -> usize {
+pub(crate) fn votes_needed(observers: usize, cluster_hosts: usize) -> usize {
     let majority = (observers / 2 + 1).max(cluster_hosts / 2 + 1);
     if cluster_hosts >= 3 {
         majority.max(2)
@@ -190,7 +191,10 @@ pub fn votes_needed(observers: usize, cluster_hosts: usize) -> usize {
 
 /// The leader's rule: the peers to commit as `inactive`, in increasing order.
 /// A peer's suspicion of itself does not count.
-pub fn decide_inactive(reports: &BTreeMap<HostId, Suspicion>, cluster_hosts: usize) -> Vec<HostId> {
+pub(crate) fn decide_inactive(
+    reports: &BTreeMap<HostId, Suspicion>,
+    cluster_hosts: usize,
+) -> Vec<HostId> {
     reports
         .iter()
         .filter(|(peer, suspicion)| {

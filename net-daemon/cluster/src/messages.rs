@@ -21,7 +21,7 @@ use crate::raft_store::{MetaTypes, NodeId};
 use crate::HostId;
 
 /// The metadata group's type configuration.
-pub type Meta = MetaTypes<NetworkInfo>;
+pub(crate) type Meta = MetaTypes<NetworkInfo>;
 
 /// A request from one host to another.
 #[derive(Debug, Serialize, Deserialize)]
@@ -35,8 +35,11 @@ pub enum PeerRequest {
     /// A new host asks to be accepted; the receiver sponsors it. Answered by
     /// [`PeerResponse::Joined`].
     Join {
+        /// Where the other hosts reach the joiner ("host:port").
         peer_addr: String,
+        /// Where clients reach the joiner ("" without a TCP listener).
         client_addr: String,
+        /// The joiner's `storage.partitions`; must equal the cluster's.
         partitions: u16,
     },
     /// A command for the metadata leader to commit. Answered by
@@ -45,16 +48,23 @@ pub enum PeerRequest {
     /// Liveness probe, with the sender's view and its live rumors. Answered by
     /// [`PeerResponse::Heartbeat`].
     Heartbeat {
+        /// The sender's id.
         from: HostId,
+        /// The version of the NI the sender has applied.
         ni_version: u64,
+        /// The sender's network coordinate.
         coordinate: Coordinate,
+        /// The sender's live rumors (host metrics), to spread further.
         rumors: Vec<Rumor>,
     },
     /// The peers the sender suspects and the peers it could probe, for the metadata
     /// leader. Answered by [`PeerResponse::Noted`].
     Suspects {
+        /// The reporting host.
         from: HostId,
+        /// The peers the sender has suspected long enough to propose them as inactive.
         suspects: Vec<HostId>,
+        /// The peers the sender probed, suspected or not.
         observed: Vec<HostId>,
     },
     /// A request for this host's data: handed to the net-daemon's [`crate::node::DataPath`].
@@ -69,21 +79,31 @@ pub enum DataRequest {
     /// `epoch`. Answered by [`PeerResponse::Worker`] from the partition's worker, or by
     /// [`PeerResponse::Moved`] (nothing applied) when the receiver does not own it.
     Worker {
+        /// The partition all keys of `request` are in.
         partition: u16,
+        /// The partition's epoch in the sender's NI.
         epoch: u64,
+        /// The request for the partition's worker.
         request: WorkerRequest,
     },
     /// A handoff request for the worker of `partition` (export, log, fence), whoever owns
     /// it. Answered by [`PeerResponse::Worker`].
     Partition {
+        /// The partition whose worker serves `request`.
         partition: u16,
+        /// The request for that worker.
         request: WorkerRequest,
     },
     /// The target of the move of `partition` at `epoch` asks the owner to fence the
     /// partition for the final step. The owner fences it only once its own table shows
     /// that move, so its fences never run ahead of its table. Answered by
     /// [`PeerResponse::Worker`].
-    Fence { partition: u16, epoch: u64 },
+    Fence {
+        /// The partition to fence.
+        partition: u16,
+        /// The epoch of the move in the target's NI.
+        epoch: u64,
+    },
     /// A request for every worker of the receiver (DBSIZE, KEYS, FLUSH, ...). Answered by
     /// [`PeerResponse::Workers`], one response per worker.
     AllWorkers(WorkerRequest),
@@ -92,30 +112,46 @@ pub enum DataRequest {
 /// A response to a [`PeerRequest`].
 #[derive(Debug, Serialize, Deserialize)]
 pub enum PeerResponse {
+    /// The receiver's Raft answer to [`PeerRequest::AppendEntries`].
     AppendEntries(Result<AppendEntriesResponse<NodeId>, RaftError<NodeId>>),
+    /// The receiver's Raft answer to [`PeerRequest::Vote`].
     Vote(Result<VoteResponse<NodeId>, RaftError<NodeId>>),
+    /// The receiver's Raft answer to [`PeerRequest::InstallSnapshot`].
     InstallSnapshot(
         Result<InstallSnapshotResponse<NodeId>, RaftError<NodeId, InstallSnapshotError>>,
     ),
     /// The joiner's host id and cluster, and the NI version that accepted it.
     Joined {
+        /// The cluster's id.
         cluster_id: u64,
+        /// The id the cluster gave the joiner.
         host: HostId,
+        /// The NI version whose `Join` command accepted it.
         ni_version: u64,
     },
+    /// The committed command's outcome, from the metadata leader.
     Proposed(Outcome),
     /// The receiver is not the metadata leader; `leader` is its peer address if known.
     NotLeader {
+        /// The leader's peer address ("host:port"), if the receiver knows it.
         leader: Option<String>,
     },
+    /// The receiver's side of a heartbeat: its view and its live rumors.
     Heartbeat {
+        /// The sender's id.
         from: HostId,
+        /// The version of the NI the sender has applied.
         ni_version: u64,
+        /// The sender's network coordinate.
         coordinate: Coordinate,
+        /// The sender's live rumors (host metrics), to spread further.
         rumors: Vec<Rumor>,
     },
+    /// The suspects report was recorded.
     Noted,
+    /// The answer of the worker that served a [`DataRequest`].
     Worker(WorkerResponse),
+    /// One answer per worker of the receiver, in worker order ([`DataRequest::AllWorkers`]).
     Workers(Vec<WorkerResponse>),
     /// The receiver does not own the partition now; nothing was applied.
     Moved,

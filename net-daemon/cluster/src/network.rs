@@ -24,12 +24,12 @@ use crate::transport::PeerCaller;
 
 /// Opens Raft links to peers through the host's caller.
 #[derive(Clone)]
-pub struct RaftPeers {
-    pub caller: Arc<dyn PeerCaller>,
+pub(crate) struct RaftPeers {
+    pub(crate) caller: Arc<dyn PeerCaller>,
 }
 
 /// The link to one member of the group.
-pub struct RaftLink {
+pub(crate) struct RaftLink {
     caller: Arc<dyn PeerCaller>,
     target: NodeId,
     addr: Result<HostAddr, String>,

@@ -2,7 +2,7 @@
 //!
 //! The metadata Raft group replicates it: a host changes it only by proposing a
 //! [`Command`], and every host applies the committed commands in the same order
-//! with [`NetworkInfo::apply`]. Applying is pure and deterministic: it reads no
+//! with `NetworkInfo::apply`. Applying is pure and deterministic: it reads no
 //! clock (times come inside the commands) and no randomness, so every replica
 //! reaches the same NI, which [`NetworkInfo::checksum`] lets hosts compare.
 //! Each command that changes anything raises `version` by one.
@@ -19,7 +19,7 @@ use crate::ranges::{IdRange, IdSpace, OwnedRange, RangeError};
 use crate::HostId;
 
 /// The first host of a cluster.
-pub const FOUNDER: HostId = 1;
+pub(crate) const FOUNDER: HostId = 1;
 
 /// What a host may do, as the cluster sees it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -54,7 +54,7 @@ pub struct Capacity {
     /// Free bytes on its data dir's filesystem.
     pub free_bytes: u64,
     /// Bytes its shards take on disk.
-    pub used_bytes: u64,
+    pub(crate) used_bytes: u64,
     /// Relative CPU speed (cores × MHz / 1000).
     pub cpu_rating: u32,
     /// Its shard-workers: partition `p` is on its worker `p mod workers` (0: not reported).
@@ -64,16 +64,19 @@ pub struct Capacity {
 /// One host of the cluster.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct HostInfo {
+    /// The id the cluster gave the host when it joined (never reused).
     pub id: HostId,
     /// Where the other hosts reach it ("host:port").
     pub peer_addr: String,
     /// Where clients reach it ("host:port", or "" when it has no TCP listener).
     pub client_addr: String,
+    /// What the host may do now.
     pub state: HostState,
     /// When `state` last changed (ms since the epoch, the proposer's clock).
     pub since_ms: u64,
     /// When it was accepted.
     pub joined_ms: u64,
+    /// Its resources, as it last reported them.
     pub capacity: Capacity,
     /// Its network coordinate, as it last reported it.
     pub coordinate: Coordinate,
@@ -97,61 +100,107 @@ pub struct PartitionEntry {
 pub enum Command {
     /// Starts the cluster: `FOUNDER` gets the whole id space and all `partitions`.
     Found {
+        /// The new cluster's random id.
         cluster_id: u64,
+        /// Where the other hosts reach the founder.
         peer_addr: String,
+        /// Where clients reach the founder ("" without a TCP listener).
         client_addr: String,
+        /// The cluster's partition count, fixed from now on.
         partitions: u16,
+        /// The proposer's time, in Unix ms.
         now_ms: u64,
     },
     /// Accepts a new host, sponsored by `sponsor` (the host it asked), and gives it a range.
     /// Refused when the host's partition count differs from the cluster's.
     Join {
+        /// Where the other hosts reach the new host.
         peer_addr: String,
+        /// Where clients reach it ("" without a TCP listener).
         client_addr: String,
+        /// Its `storage.partitions`.
         partitions: u16,
+        /// The member that splits one of its id ranges for it.
         sponsor: HostId,
+        /// The proposer's time, in Unix ms.
         now_ms: u64,
     },
     /// A known host is back, possibly at new addresses; it is writable again.
     Rejoin {
+        /// The returning host.
         host: HostId,
+        /// Where the other hosts reach it now.
         peer_addr: String,
+        /// Where clients reach it now.
         client_addr: String,
+        /// The proposer's time, in Unix ms.
         now_ms: u64,
     },
+    /// Sets a host's state (the leader's liveness and capacity judgements).
     SetState {
+        /// The host judged.
         host: HostId,
+        /// Its new state.
         state: HostState,
+        /// The proposer's time, in Unix ms (becomes `since_ms`).
         now_ms: u64,
     },
     /// Marks `count` more ids of `host` as issued before it issues them.
-    ReserveIds { host: HostId, count: u64 },
+    ReserveIds {
+        /// The host that will issue the ids.
+        host: HostId,
+        /// How many ids.
+        count: u64,
+    },
     /// Takes back the unused part of an offline host's ranges.
-    Reclaim { host: HostId },
+    Reclaim {
+        /// The offline host.
+        host: HostId,
+    },
     /// The host's latest capacity and coordinate.
     Report {
+        /// The reporting host.
         host: HostId,
+        /// Its resources now.
         capacity: Capacity,
+        /// Its network coordinate now.
         coordinate: Coordinate,
     },
     /// Starts moving `partition` to `to`; applies only at `epoch` and when no move runs.
     PlanMove {
+        /// The partition to move.
         partition: u16,
+        /// The host that will own it.
         to: HostId,
+        /// The partition's epoch the plan was made at.
         epoch: u64,
     },
     /// The move of `partition` to `to` is done: `to` owns it. Applies only at `epoch`.
     CompleteMove {
+        /// The partition moved.
         partition: u16,
+        /// Its new owner.
         to: HostId,
+        /// The partition's epoch while the move ran.
         epoch: u64,
     },
     /// Gives up the move of `partition`; the owner keeps it. Applies only at `epoch`.
-    AbortMove { partition: u16, epoch: u64 },
+    AbortMove {
+        /// The partition whose move stops.
+        partition: u16,
+        /// The partition's epoch while the move ran.
+        epoch: u64,
+    },
     /// The host hands off all its partitions and is then removed.
-    Leave { host: HostId },
+    Leave {
+        /// The host leaving.
+        host: HostId,
+    },
     /// Removes a host that owns no partition and receives none.
-    Remove { host: HostId },
+    Remove {
+        /// The host removed.
+        host: HostId,
+    },
 }
 
 /// What applying a command answers its proposer.
@@ -161,7 +210,12 @@ pub enum Outcome {
     #[default]
     Done,
     /// `Join`: the new host's id and its first range.
-    Joined { host: HostId, range: IdRange },
+    Joined {
+        /// The id the new host got.
+        host: HostId,
+        /// The id range split off for it.
+        range: IdRange,
+    },
     /// `ReserveIds`: the ids now reserved for the host.
     Reserved(IdRange),
     /// `Reclaim`: how many unused ids went back to the pool.
@@ -177,11 +231,12 @@ pub struct NetworkInfo {
     pub cluster_id: u64,
     /// Raised by one by every command that changes the NI.
     pub version: u64,
+    /// Every host accepted and not removed, by id.
     pub hosts: BTreeMap<HostId, HostInfo>,
     /// Who owns which ids; `None` before `Found`.
     pub ids: Option<IdSpace>,
     /// The id the next accepted host gets.
-    pub next_host_id: HostId,
+    pub(crate) next_host_id: HostId,
     /// The owner of each partition; empty before `Found`.
     pub partitions: Vec<PartitionEntry>,
 }
@@ -191,7 +246,7 @@ impl NetworkInfo {
     ///
     /// In debug builds, the NI's invariants are checked after every command
     /// ([`NetworkInfo::check_invariants`]); a command that breaks one panics.
-    pub fn apply(&mut self, command: &Command) -> Outcome {
+    pub(crate) fn apply(&mut self, command: &Command) -> Outcome {
         #[cfg(debug_assertions)]
         let before = self.clone();
         let outcome = match self.change(command) {

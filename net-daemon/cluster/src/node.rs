@@ -10,8 +10,8 @@
 //! own); one with a stored identity resumes it. Then three loops run until the
 //! process ends:
 //! - liveness: a heartbeat to every other host each `heartbeat_interval_ms`,
-//!   feeding the unreliability scores ([`crate::liveness`]) and the network
-//!   coordinate ([`crate::coords`]), and a report of the suspects to the
+//!   feeding the unreliability scores (`crate::liveness`) and the network
+//!   coordinate (`crate::coords`), and a report of the suspects to the
 //!   metadata leader;
 //! - upkeep: the host's own entry in the NI (its addresses, its state after a
 //!   return, its capacity and coordinate);
@@ -19,7 +19,7 @@
 //!   NI (learners for every host, up to five voters among the writable hosts),
 //!   hosts that enough observers suspect become `inactive`, hosts offline
 //!   past `offline_threshold_secs` lose the unused part of their id ranges, and
-//!   partitions move toward their placement. [`crate::leader`] decides all of
+//!   partitions move toward their placement. `crate::leader` decides all of
 //!   it; this loop gathers its inputs and commits what it decides.
 //!
 //! The identity (cluster id, host id) is kept in `<data_dir>/cluster.json`, the
@@ -121,7 +121,9 @@ struct Report {
 /// A peer as this host sees it, for `SHOAL.HOSTS`.
 #[derive(Debug, Clone)]
 pub struct PeerView {
+    /// This host's unreliability score of the peer; `None` if never probed.
     pub score: Option<Score>,
+    /// The round trip of the last answered heartbeat, in microseconds.
     pub rtt_us: Option<u64>,
 }
 
@@ -138,8 +140,12 @@ pub struct NodeSettings {
     pub peer_addr: String,
     /// Where clients reach this one ("" when it has no TCP listener).
     pub client_addr: String,
+    /// `cluster.heartbeat_interval_ms`: how often each peer gets a heartbeat.
     pub heartbeat_interval: Duration,
+    /// `cluster.suspect_threshold`: the unreliability score past which a peer is suspected.
     pub suspect_threshold: f64,
+    /// `cluster.offline_threshold_secs`, in ms: how long a host may be unreachable before
+    /// the unused part of its id ranges is reclaimed.
     pub offline_threshold_ms: u64,
     /// `storage.partitions`: equal on every host of a cluster.
     pub partitions: u16,
@@ -153,7 +159,7 @@ pub struct NodeSettings {
 
 impl NodeSettings {
     /// The settings of a host's cluster section.
-    pub fn from_config(config: &Config) -> NodeSettings {
+    pub(crate) fn from_config(config: &Config) -> NodeSettings {
         let cluster = &config.cluster;
         NodeSettings {
             data_dir: config.data_dir.clone(),
@@ -672,7 +678,8 @@ impl ClusterNode {
     }
 
     /// The cluster's id, once this host is a member.
-    pub fn cluster_id(&self) -> Option<u64> {
+    #[expect(dead_code, reason = "no caller in the workspace")]
+    pub(crate) fn cluster_id(&self) -> Option<u64> {
         self.member.get().map(|member| member.cluster_id)
     }
 
@@ -721,7 +728,7 @@ impl ClusterNode {
     }
 
     /// This host's network coordinate.
-    pub fn coordinate(&self) -> Coordinate {
+    pub(crate) fn coordinate(&self) -> Coordinate {
         lock(&self.liveness).coordinate.clone()
     }
 

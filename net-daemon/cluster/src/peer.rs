@@ -2,22 +2,22 @@
 //!
 //! It owns the peer sockets, the handshake, the framing and the request/response
 //! multiplexing; it knows no message type. The cluster layer defines the one
-//! host ↔ host message enum and uses [`PeerPool::call`] to send a request to a peer and
-//! [`PeerListener::bind`] with a [`PeerHandler`] to answer requests from peers. It never
+//! host ↔ host message enum and uses `PeerPool::call` to send a request to a peer and
+//! `PeerListener::bind` with a `PeerHandler` to answer requests from peers. It never
 //! sends the cluster secret, never hands a request from an unauthenticated connection to
 //! the handler, never panics on bytes from a socket, and never waits without a bound.
 //!
-//! - [`PeerPool`] (the dialing side) keeps one connection per peer, made on first use by
-//!   a background task that reconnects with capped backoff ([`RECONNECT_MIN`] doubling
-//!   to [`RECONNECT_MAX`]). Many requests are in flight on one connection at once, each
+//! - `PeerPool` (the dialing side) keeps one connection per peer, made on first use by
+//!   a background task that reconnects with capped backoff (`RECONNECT_MIN` doubling
+//!   to `RECONNECT_MAX`). Many requests are in flight on one connection at once, each
 //!   with its own id and its own timeout.
-//! - [`PeerListener`] (the accepting side) authenticates each connection, then runs the
+//! - `PeerListener` (the accepting side) authenticates each connection, then runs the
 //!   handler for each request in a task of its own and writes the responses back in
 //!   the order they complete.
 //!
 //! # Secret
 //!
-//! A [`ClusterSecret`] has at least [`MIN_SECRET_BYTES`] bytes: an empty or short secret
+//! A `ClusterSecret` has at least `MIN_SECRET_BYTES` bytes: an empty or short secret
 //! is refused when it is built, so the cluster layer cannot start without one. The
 //! secret is only ever used as an HMAC-SHA256 key.
 //!
@@ -28,7 +28,7 @@
 //! | offset | bytes | field                                                        |
 //! |--------|-------|--------------------------------------------------------------|
 //! | 0      | 4     | magic `SHLP` (`53 48 4C 50`)                                 |
-//! | 4      | 2     | protocol version, u16 big-endian ([`PROTOCOL_VERSION`])      |
+//! | 4      | 2     | protocol version, u16 big-endian (`PROTOCOL_VERSION`)      |
 //! | 6      | 1     | role of the sender: `01` dialer, `02` acceptor               |
 //! | 7      | 32    | nonce: fresh random bytes from the OS (`getrandom`)          |
 //! | 39     | 1     | identity length `n`, 1 to 255                                |
@@ -67,7 +67,7 @@
 //! being reflected back to its sender. Proofs are checked in constant time. The
 //! acceptor proves itself only to a dialer that has proved itself first, so a dialer
 //! without the secret never gets a proof to study. The whole handshake is bounded by
-//! [`PeerConfig::handshake_timeout`] on each side. Every refusal is logged at WARN with
+//! `PeerConfig::handshake_timeout` on each side. Every refusal is logged at WARN with
 //! the remote address and the reason.
 //!
 //! The handshake authenticates the peer when the connection opens. It neither encrypts
@@ -78,12 +78,12 @@
 //!
 //! After the handshake each direction carries frames of `length u32 big-endian ++
 //! bincode 2 (serde) payload`, encoded and decoded by [`shoal_shared::frame`] (which
-//! never allocates from a declared length); a frame over [`MAX_PEER_FRAME_BYTES`] or a
+//! never allocates from a declared length); a frame over `MAX_PEER_FRAME_BYTES` or a
 //! payload that does not decode closes the connection. The dialer sends
 //! `RequestFrame`s (`Call { id, request }` or `Ping`), the acceptor `ResponseFrame`s
 //! (`Reply { id, response }`, `Failed { id, reason }` when a response cannot be encoded,
 //! or `Pong`); ids are chosen by the dialer, and responses come back in the order they
-//! complete. The dialer pings every quarter of [`PeerConfig::liveness_timeout`], and
+//! complete. The dialer pings every quarter of `PeerConfig::liveness_timeout`, and
 //! each side closes a connection on which nothing has arrived for that long, so a
 //! vanished host is noticed even when no request is waiting on it.
 
@@ -103,43 +103,44 @@ use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 use sha2::Sha256;
 
-pub use listener::PeerListener;
-pub use pool::PeerPool;
+pub(crate) use listener::PeerListener;
+pub(crate) use pool::PeerPool;
 
 /// The version this build speaks in the handshake; peers of another version are refused.
-pub const PROTOCOL_VERSION: u16 = 1;
+pub(crate) const PROTOCOL_VERSION: u16 = 1;
 
 /// Largest frame on a peer connection. A request that the cluster layer proxies to a
 /// partition's primary carries a client's value, which may be as large as
 /// [`MAX_VALUE_BYTES_LIMIT`](shoal_shared::limits::MAX_VALUE_BYTES_LIMIT); so the limit is
 /// the same as on the worker links. Only authenticated peers can send a frame at all:
 /// the handshake reads a fixed layout of at most 328 bytes.
-pub const MAX_PEER_FRAME_BYTES: usize = shoal_shared::limits::MAX_FRAME_BYTES;
+pub(crate) const MAX_PEER_FRAME_BYTES: usize = shoal_shared::limits::MAX_FRAME_BYTES;
 
 /// Timeout for a request whose caller has no better bound.
-pub const DEFAULT_REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
+#[cfg(test)]
+pub(crate) const DEFAULT_REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
 /// Default for [`PeerConfig::handshake_timeout`].
-pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(5);
+pub(crate) const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(5);
 /// Default for [`PeerConfig::connect_timeout`].
-pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(3);
+pub(crate) const CONNECT_TIMEOUT: Duration = Duration::from_secs(3);
 /// Default for [`PeerConfig::liveness_timeout`].
-pub const LIVENESS_TIMEOUT: Duration = Duration::from_secs(10);
+pub(crate) const LIVENESS_TIMEOUT: Duration = Duration::from_secs(10);
 /// Default for [`PeerConfig::max_in_flight`].
-pub const MAX_IN_FLIGHT: usize = 1024;
+pub(crate) const MAX_IN_FLIGHT: usize = 1024;
 /// Default for [`PeerConfig::max_inbound_connections`].
-pub const MAX_INBOUND_CONNECTIONS: usize = 1024;
+pub(crate) const MAX_INBOUND_CONNECTIONS: usize = 1024;
 /// Default for [`PeerConfig::max_peers`].
-pub const MAX_PEERS: usize = 1024;
+pub(crate) const MAX_PEERS: usize = 1024;
 /// First wait before reconnecting to a peer; it doubles after each failure.
-pub const RECONNECT_MIN: Duration = Duration::from_millis(50);
+pub(crate) const RECONNECT_MIN: Duration = Duration::from_millis(50);
 /// Longest wait between two connection attempts to a peer.
-pub const RECONNECT_MAX: Duration = Duration::from_secs(2);
+pub(crate) const RECONNECT_MAX: Duration = Duration::from_secs(2);
 /// A connection that stayed up this long resets the backoff to [`RECONNECT_MIN`].
-pub const STABLE_CONNECTION: Duration = Duration::from_secs(10);
+pub(crate) const STABLE_CONNECTION: Duration = Duration::from_secs(10);
 /// Shortest cluster secret accepted.
-pub const MIN_SECRET_BYTES: usize = 16;
+pub(crate) const MIN_SECRET_BYTES: usize = 16;
 /// Longest host address (its length travels in one byte).
-pub const MAX_HOST_ADDR_BYTES: usize = 255;
+pub(crate) const MAX_HOST_ADDR_BYTES: usize = 255;
 
 const _: () = assert!(MAX_HOST_ADDR_BYTES <= u8::MAX as usize);
 const _: () = assert!(RECONNECT_MIN.as_millis() < RECONNECT_MAX.as_millis());
@@ -151,7 +152,7 @@ const _: () = assert!(
 );
 
 /// A message type that can travel on a peer connection.
-pub trait PeerMessage: Serialize + DeserializeOwned + Send + 'static {}
+pub(crate) trait PeerMessage: Serialize + DeserializeOwned + Send + 'static {}
 
 impl<T: Serialize + DeserializeOwned + Send + 'static> PeerMessage for T {}
 
@@ -164,7 +165,7 @@ impl<T: Serialize + DeserializeOwned + Send + 'static> PeerMessage for T {}
 /// `from` is the identity the peer sent in its handshake. The peer proved that it holds
 /// the cluster secret, not that it owns that address: every holder of the secret is
 /// trusted alike.
-pub trait PeerHandler<Req, Resp>: Send + Sync + 'static {
+pub(crate) trait PeerHandler<Req, Resp>: Send + Sync + 'static {
     /// The response to `request`, sent by the peer that authenticated as `from`.
     fn handle(&self, from: HostAddr, request: Req) -> impl Future<Output = Resp> + Send;
 }
@@ -180,7 +181,7 @@ where
 }
 
 /// A host's address as it advertises it to its peers (`host:port`), which is also its
-/// identity in the handshake: 1 to [`MAX_HOST_ADDR_BYTES`] bytes of printable ASCII.
+/// identity in the handshake: 1 to `MAX_HOST_ADDR_BYTES` bytes of printable ASCII.
 #[derive(Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct HostAddr(Arc<str>);
 
@@ -190,7 +191,7 @@ pub struct HostAddr(Arc<str>);
 pub struct InvalidHostAddr;
 
 impl HostAddr {
-    pub fn new(address: &str) -> Result<HostAddr, InvalidHostAddr> {
+    pub(crate) fn new(address: &str) -> Result<HostAddr, InvalidHostAddr> {
         HostAddr::from_bytes(address.as_bytes())
     }
 
@@ -205,6 +206,7 @@ impl HostAddr {
         Ok(HostAddr(Arc::from(text)))
     }
 
+    /// The address as text ("host:port").
     pub fn as_str(&self) -> &str {
         &self.0
     }
@@ -240,21 +242,21 @@ impl fmt::Debug for HostAddr {
 /// The secret every host of a cluster shares. It is kept only as a keyed HMAC state and
 /// is never printed.
 #[derive(Clone)]
-pub struct ClusterSecret {
+pub(crate) struct ClusterSecret {
     key: Hmac<Sha256>,
 }
 
 /// A cluster secret shorter than [`MIN_SECRET_BYTES`].
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[error("the cluster secret has {length} bytes; it needs at least {MIN_SECRET_BYTES}")]
-pub struct SecretTooShort {
-    pub length: usize,
+pub(crate) struct SecretTooShort {
+    pub(crate) length: usize,
 }
 
 impl ClusterSecret {
     /// A secret from its bytes. An empty or short secret is refused: the cluster layer
     /// does not run without a real one.
-    pub fn new(secret: &[u8]) -> Result<ClusterSecret, SecretTooShort> {
+    pub(crate) fn new(secret: &[u8]) -> Result<ClusterSecret, SecretTooShort> {
         if secret.len() < MIN_SECRET_BYTES {
             return Err(SecretTooShort {
                 length: secret.len(),
@@ -280,33 +282,33 @@ impl fmt::Debug for ClusterSecret {
 
 /// Settings of a pool or a listener. [`PeerConfig::new`] gives the defaults.
 #[derive(Debug, Clone)]
-pub struct PeerConfig {
+pub(crate) struct PeerConfig {
     /// This host's address as its peers know it; sent in the handshake.
-    pub identity: HostAddr,
-    pub secret: ClusterSecret,
+    pub(crate) identity: HostAddr,
+    pub(crate) secret: ClusterSecret,
     /// Longest a handshake may take, on either side.
-    pub handshake_timeout: Duration,
+    pub(crate) handshake_timeout: Duration,
     /// Longest a TCP connect (with its name lookup) may take.
-    pub connect_timeout: Duration,
+    pub(crate) connect_timeout: Duration,
     /// A connection on which nothing has arrived for this long is closed; the dialer
     /// pings every quarter of it. An acceptor whose every in-flight slot stays taken
     /// this long reads no pings, so the dialer closes that connection too.
-    pub liveness_timeout: Duration,
+    pub(crate) liveness_timeout: Duration,
     /// Requests in flight on one connection (at least 1). Past it, callers wait (within
     /// their timeout) and the acceptor stops reading.
-    pub max_in_flight: usize,
+    pub(crate) max_in_flight: usize,
     /// Connections a listener holds, those still in their handshake included; more are
     /// refused.
-    pub max_inbound_connections: usize,
+    pub(crate) max_inbound_connections: usize,
     /// Peers a pool keeps connections to; a call to one more fails as unreachable.
-    pub max_peers: usize,
+    pub(crate) max_peers: usize,
     /// The local address a pool dials from; `None` lets the system choose. A host set
     /// to its peer address is seen by its peers (and by firewall rules) as that address.
-    pub source_ip: Option<std::net::IpAddr>,
+    pub(crate) source_ip: Option<std::net::IpAddr>,
 }
 
 impl PeerConfig {
-    pub fn new(identity: HostAddr, secret: ClusterSecret) -> PeerConfig {
+    pub(crate) fn new(identity: HostAddr, secret: ClusterSecret) -> PeerConfig {
         PeerConfig {
             identity,
             secret,
@@ -332,18 +334,24 @@ impl PeerConfig {
 /// Why a handshake was refused, by either side. The code is what travels in a refusal.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum RefusalReason {
+    /// Code 1: the other side does not prove the cluster secret.
     WrongSecret,
+    /// Code 2: the other side speaks another protocol version.
     VersionMismatch,
+    /// Code 3: the handshake did not finish in time.
     HandshakeTimeout,
+    /// Code 4: a handshake message could not be decoded.
     Malformed,
+    /// Code 5: the listener has its maximum of inbound connections.
     TooManyConnections,
+    /// Code 6: the other side did not start with Shoal's handshake.
     NotAPeer,
     /// A code this version does not know.
     Unknown(u8),
 }
 
 impl RefusalReason {
-    pub fn code(self) -> u8 {
+    pub(crate) fn code(self) -> u8 {
         match self {
             RefusalReason::WrongSecret => 1,
             RefusalReason::VersionMismatch => 2,
@@ -355,7 +363,7 @@ impl RefusalReason {
         }
     }
 
-    pub fn from_code(code: u8) -> RefusalReason {
+    pub(crate) fn from_code(code: u8) -> RefusalReason {
         match code {
             1 => RefusalReason::WrongSecret,
             2 => RefusalReason::VersionMismatch,
@@ -388,26 +396,46 @@ pub enum PeerError {
     /// No connection to the peer could be made (or the pool is full); the request was not
     /// sent.
     #[error("peer {peer} is unreachable: {reason}")]
-    Unreachable { peer: HostAddr, reason: String },
+    Unreachable {
+        /// The peer called.
+        peer: HostAddr,
+        /// Why no connection could be made.
+        reason: String,
+    },
     /// No response within the call's timeout; the request may or may not have been
     /// handled.
     #[error("peer {peer} did not answer within {timeout_ms} ms")]
-    Timeout { peer: HostAddr, timeout_ms: u64 },
+    Timeout {
+        /// The peer called.
+        peer: HostAddr,
+        /// The call's timeout, in ms.
+        timeout_ms: u64,
+    },
     /// The handshake failed: the peer refused this host, or this host refused the peer.
     /// The request was not sent.
     #[error("connection to peer {peer} refused: {reason}")]
     Refused {
+        /// The peer called.
         peer: HostAddr,
+        /// Why the handshake failed.
         reason: RefusalReason,
     },
     /// The connection closed while the request was in flight; it may or may not have
     /// been handled.
     #[error("lost the connection to peer {peer}")]
-    ConnectionLost { peer: HostAddr },
+    ConnectionLost {
+        /// The peer called.
+        peer: HostAddr,
+    },
     /// A message could not be encoded, or the peer sent one that cannot be decoded (and
     /// the connection was closed).
     #[error("protocol error with peer {peer}: {reason}")]
-    Protocol { peer: HostAddr, reason: String },
+    Protocol {
+        /// The peer called.
+        peer: HostAddr,
+        /// The encoder's or decoder's reason.
+        reason: String,
+    },
 }
 
 /// What the dialer sends after the handshake.

@@ -22,18 +22,18 @@ use crate::HostId;
 
 /// A host as placement sees it.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Candidate {
-    pub host: HostId,
+pub(crate) struct Candidate {
+    pub(crate) host: HostId,
     /// Its share of the data, in any unit (its capacity).
-    pub weight: u64,
+    pub(crate) weight: u64,
     /// It may be given partitions.
-    pub receives: bool,
+    pub(crate) receives: bool,
     /// It may keep the partitions it owns (false while it leaves the cluster).
-    pub keeps: bool,
+    pub(crate) keeps: bool,
 }
 
 /// The owner each partition should have.
-pub fn desired_owners(table: &[PartitionEntry], candidates: &[Candidate]) -> Vec<HostId> {
+pub(crate) fn desired_owners(table: &[PartitionEntry], candidates: &[Candidate]) -> Vec<HostId> {
     let mut desired: Vec<HostId> = table.iter().map(|entry| entry.owner).collect();
     let by_host: BTreeMap<HostId, &Candidate> = candidates.iter().map(|c| (c.host, c)).collect();
     let receivers: Vec<&Candidate> = candidates
@@ -94,7 +94,7 @@ pub fn desired_owners(table: &[PartitionEntry], candidates: &[Candidate]) -> Vec
 
 /// Moves to plan now: partitions whose owner differs from the desired one and that are
 /// not moving yet, at most `max_in_flight` moving at once in all.
-pub fn next_moves(
+pub(crate) fn next_moves(
     table: &[PartitionEntry],
     desired: &[HostId],
     max_in_flight: usize,

@@ -1,12 +1,12 @@
 //! Durable storage of the metadata Raft group: its log, vote, state machine and snapshot.
 //!
 //! It owns one small LMDB environment of the net-daemon (`<data_dir>/meta-raft/`) and
-//! implements openraft 0.9's storage API (v2): [`MetaLogStore`] is the
-//! `RaftLogStorage` + `RaftLogReader`, [`MetaStateMachine`] the `RaftStateMachine`, and
-//! [`MetaSnapshotBuilder`] the `RaftSnapshotBuilder`. The replicated state is generic:
+//! implements openraft 0.9's storage API (v2): `MetaLogStore` is the
+//! `RaftLogStorage` + `RaftLogReader`, `MetaStateMachine` the `RaftStateMachine`, and
+//! `MetaSnapshotBuilder` the `RaftSnapshotBuilder`. The replicated state is generic:
 //! any [`MetadataState`] (the network information, NI) with its command type.
 //! Openraft's core is its only caller; the cluster layer opens the store with
-//! [`open_meta_store`] and hands both halves to `Raft::new` (see [`MetaRaft`]).
+//! `open_meta_store` and hands both halves to `Raft::new` (see `MetaRaft`).
 //! [`memory`] is the same storage in memory, for the simulation; both pass openraft's
 //! storage suite and this module's own tests.
 //!
@@ -21,7 +21,7 @@
 //! # On-disk layout
 //!
 //! Integers are big-endian, so LMDB's byte order is numeric order. "bincode" is bincode 2
-//! with serde, the standard configuration, and a limit of [`MAX_VALUE_BYTES`].
+//! with serde, the standard configuration, and a limit of `MAX_VALUE_BYTES`.
 //!
 //! Named database `log`, the Raft log:
 //! ```text
@@ -74,20 +74,20 @@ use serde::Serialize;
 use tokio::sync::watch;
 
 /// Version of this layout, stored under `raft/"format_version"`.
-pub const FORMAT_VERSION: u32 = 1;
+pub(crate) const FORMAT_VERSION: u32 = 1;
 /// First byte of the snapshot bytes: how the rest is encoded.
-pub const SNAPSHOT_FORMAT: u8 = 1;
+pub(crate) const SNAPSHOT_FORMAT: u8 = 1;
 /// Largest value bincode decodes (or encodes): a bound on what a corrupt length can allocate.
-pub const MAX_VALUE_BYTES: usize = 64 << 20;
+pub(crate) const MAX_VALUE_BYTES: usize = 64 << 20;
 
 /// Node ids of the metadata group are host ids.
-pub type NodeId = u64;
+pub(crate) type NodeId = u64;
 /// A log id of the metadata group.
-pub type MetaLogId = LogId<NodeId>;
+pub(crate) type MetaLogId = LogId<NodeId>;
 /// The membership as the state machine stores it.
-pub type MetaMembership = StoredMembership<NodeId, BasicNode>;
+pub(crate) type MetaMembership = StoredMembership<NodeId, BasicNode>;
 /// A Raft node of the metadata group whose storage is this module's.
-pub type MetaRaft<S> = openraft::Raft<MetaTypes<S>>;
+pub(crate) type MetaRaft<S> = openraft::Raft<MetaTypes<S>>;
 type MetaStorageError = StorageError<NodeId>;
 
 const FORMAT_VERSION_KEY: &[u8] = b"format_version";
@@ -182,12 +182,12 @@ impl<S: MetadataState> RaftTypeConfig for MetaTypes<S> {
 
 /// How the environment is opened.
 #[derive(Debug, Clone)]
-pub struct MetaStoreOptions {
+pub(crate) struct MetaStoreOptions {
     /// Size of the memory map when opened; it doubles when full.
-    pub map_size_bytes: usize,
+    pub(crate) map_size_bytes: usize,
     /// The map never grows past this; a write that needs more fails with
     /// [`MetaStoreError::MapFull`].
-    pub max_map_size_bytes: usize,
+    pub(crate) max_map_size_bytes: usize,
 }
 
 impl Default for MetaStoreOptions {
@@ -201,7 +201,7 @@ impl Default for MetaStoreOptions {
 
 /// Why the store could not be opened, read or written.
 #[derive(Debug, thiserror::Error)]
-pub enum MetaStoreError {
+pub(crate) enum MetaStoreError {
     #[error("lmdb: {0}")]
     Lmdb(#[from] heed::Error),
     #[error("corrupt {what}: {why}")]
@@ -458,7 +458,7 @@ fn storage_error(
 /// let applied = state_machine.subscribe(); // the NI as it is applied
 /// let raft = MetaRaft::new(host_id, Arc::new(config.validate()?), network, log_store, state_machine).await?;
 /// ```
-pub fn open_meta_store<S: MetadataState>(
+pub(crate) fn open_meta_store<S: MetadataState>(
     dir: &Path,
     options: &MetaStoreOptions,
 ) -> Result<(MetaLogStore<S>, MetaStateMachine<S>), MetaStoreError> {
@@ -497,7 +497,7 @@ pub fn open_meta_store<S: MetadataState>(
 
 /// The Raft log and vote of the metadata group. Cloning it gives a log reader that shares
 /// the environment.
-pub struct MetaLogStore<S> {
+pub(crate) struct MetaLogStore<S> {
     db: Arc<Db>,
     _state: PhantomData<fn() -> S>,
 }
@@ -675,9 +675,9 @@ impl<S: MetadataState> RaftLogStorage<MetaTypes<S>> for MetaLogStore<S> {
 #[derive(Debug, Clone)]
 pub struct AppliedState<S> {
     /// The last entry applied; `None` before the first.
-    pub last_applied: Option<MetaLogId>,
+    pub(crate) last_applied: Option<MetaLogId>,
     /// The last membership applied.
-    pub membership: MetaMembership,
+    pub(crate) membership: MetaMembership,
     /// The state after the last applied entry.
     pub state: Arc<S>,
 }
@@ -744,7 +744,7 @@ impl<S: MetadataState> AppliedBatch<S> {
 }
 
 /// The applied metadata state (the NI) and the last snapshot of it.
-pub struct MetaStateMachine<S: MetadataState> {
+pub(crate) struct MetaStateMachine<S: MetadataState> {
     db: Arc<Db>,
     applied: AppliedState<S>,
     published: watch::Sender<AppliedState<S>>,
@@ -753,12 +753,13 @@ pub struct MetaStateMachine<S: MetadataState> {
 impl<S: MetadataState> MetaStateMachine<S> {
     /// Follows the applied state: the receiver sees every change after it is durable.
     /// Take it before the state machine moves into `Raft::new`.
-    pub fn subscribe(&self) -> watch::Receiver<AppliedState<S>> {
+    pub(crate) fn subscribe(&self) -> watch::Receiver<AppliedState<S>> {
         self.published.subscribe()
     }
 
     /// The applied state now.
-    pub fn applied(&self) -> &AppliedState<S> {
+    #[cfg(test)]
+    pub(crate) fn applied(&self) -> &AppliedState<S> {
         &self.applied
     }
 
@@ -770,7 +771,7 @@ impl<S: MetadataState> MetaStateMachine<S> {
 }
 
 /// Builds a snapshot of the state machine as it was when the builder was taken.
-pub struct MetaSnapshotBuilder<S> {
+pub(crate) struct MetaSnapshotBuilder<S> {
     db: Arc<Db>,
     applied: AppliedState<S>,
 }

@@ -4,16 +4,16 @@
 //! the id space `[FIRST_ID, END_ID)` each host owns, and each range's
 //! high-water mark. Ids below a mark may have been issued; ids at or above it
 //! never were. A host takes ids from a range upward, and records the new mark
-//! here ([`IdSpace::reserve`]) before it issues any of them. The metadata
+//! here (`IdSpace::reserve`) before it issues any of them. The metadata
 //! consensus applies these operations to the NI; this module never talks to a
 //! peer or a worker.
 //!
-//! - The first host of a cluster owns the whole space ([`IdSpace::new`]).
+//! - The first host of a cluster owns the whole space (`IdSpace::new`).
 //! - A joining host gets the upper half of the unused part of its sponsor's
-//!   largest unused range ([`IdSpace::sponsor_split`]).
+//!   largest unused range (`IdSpace::sponsor_split`).
 //! - A host offline for good loses everything above its marks to the free pool
-//!   ([`IdSpace::reclaim_unused`]); the pool hands out whole ranges
-//!   ([`IdSpace::grant_free`]). The part below a mark stays recorded under its
+//!   (`IdSpace::reclaim_unused`); the pool hands out whole ranges
+//!   (`IdSpace::grant_free`). The part below a mark stays recorded under its
 //!   host, so it is never handed out again.
 //!
 //! Every range of every host and of the pool is disjoint from the others, and
@@ -28,7 +28,7 @@ use shoal_shared::ids::{BLOCK, END_ID, FIRST_ID};
 
 /// The fewest unused ids a sponsor must have in one range to split it: each
 /// half then holds at least one worker block.
-pub const MIN_SPLIT_IDS: u64 = 2 * BLOCK;
+pub(crate) const MIN_SPLIT_IDS: u64 = 2 * BLOCK;
 
 const _: () = assert!(FIRST_ID < END_ID && MIN_SPLIT_IDS <= END_ID - FIRST_ID);
 
@@ -64,7 +64,7 @@ pub struct OwnedRange {
 
 impl OwnedRange {
     /// The ids not issued yet: `[high_water, end)`.
-    pub fn unused(&self) -> IdRange {
+    pub(crate) fn unused(&self) -> IdRange {
         IdRange {
             start: self.high_water,
             end: self.range.end,
@@ -75,28 +75,53 @@ impl OwnedRange {
 /// Why an operation on the id ranges was refused, or what the checker found.
 #[derive(Clone, Debug, PartialEq, thiserror::Error)]
 pub enum RangeError {
+    /// The host has no entry in the id space.
     #[error("host {0} owns no id ranges")]
     UnknownHost(HostId),
+    /// A joining host was named as its own sponsor.
     #[error("host {0} cannot sponsor itself")]
     SelfSponsor(HostId),
+    /// The sponsor has no unused range of at least `MIN_SPLIT_IDS` ids.
     #[error("host {host} has no unused range to split (largest has {largest_unused} ids, {MIN_SPLIT_IDS} needed)")]
-    NothingToSplit { host: HostId, largest_unused: u64 },
+    NothingToSplit {
+        /// The sponsor.
+        host: HostId,
+        /// Ids in its largest unused range.
+        largest_unused: u64,
+    },
+    /// None of the host's ranges has `count` unused ids left.
     #[error("host {host} has no unused range with room for {count} ids")]
-    Exhausted { host: HostId, count: u64 },
+    Exhausted {
+        /// The host reserving.
+        host: HostId,
+        /// The ids asked for.
+        count: u64,
+    },
+    /// No range is left in the free pool.
     #[error("the free pool of ids is empty")]
     NoFreeRange,
+    /// A range is empty or reaches outside the id space.
     #[error("range {0:?} is empty or outside the id space")]
     Malformed(IdRange),
+    /// A range's high-water mark is below its start or past its end.
     #[error("host {host}: high-water mark {high_water} outside its range {range:?}")]
     MarkOutsideRange {
+        /// The range's owner.
         host: HostId,
+        /// The range.
         range: IdRange,
+        /// Its high-water mark.
         high_water: u64,
     },
+    /// Two ranges (owned or free) share ids.
     #[error("ranges {0:?} and {1:?} overlap")]
     Overlap(IdRange, IdRange),
+    /// The ranges and the free pool do not cover the whole id space.
     #[error("the ranges cover {covered} ids, not the whole id space")]
-    NotTiling { covered: u64 },
+    NotTiling {
+        /// How many ids they cover.
+        covered: u64,
+    },
 }
 
 /// The id ranges of every host and the free pool: the NI's view of the id space.
@@ -110,7 +135,7 @@ pub struct IdSpace {
 
 impl IdSpace {
     /// The id space of a new cluster: its first host owns all of it.
-    pub fn new(first_host: HostId) -> IdSpace {
+    pub(crate) fn new(first_host: HostId) -> IdSpace {
         let mut space = IdSpace {
             hosts: BTreeMap::new(),
             free: Vec::new(),
@@ -126,19 +151,20 @@ impl IdSpace {
     }
 
     /// The ranges of `host`, ordered by start (None if it never owned any).
-    pub fn host_ranges(&self, host: HostId) -> Option<&[OwnedRange]> {
+    pub(crate) fn host_ranges(&self, host: HostId) -> Option<&[OwnedRange]> {
         self.hosts.get(&host).map(Vec::as_slice)
     }
 
     /// The free pool, ordered by start.
-    pub fn free(&self) -> &[IdRange] {
+    #[cfg(test)]
+    pub(crate) fn free(&self) -> &[IdRange] {
         &self.free
     }
 
     /// The host whose largest unused range is the largest of all, if it can be
     /// split: the sponsor to use when the chosen one has nothing left. Ties go
     /// to the lowest host id.
-    pub fn best_sponsor(&self) -> Option<HostId> {
+    pub(crate) fn best_sponsor(&self) -> Option<HostId> {
         let mut best: Option<(HostId, u64)> = None;
         for (&host, ranges) in &self.hosts {
             let unused = largest_unused(ranges).map_or(0, |i| ranges[i].unused().len());
@@ -152,7 +178,7 @@ impl IdSpace {
     /// Gives `joiner` the upper half of the unused part of `sponsor`'s range
     /// with the most unused ids; the sponsor keeps the lower part. Returns the
     /// joiner's new range. `joiner` may already own (used-up) ranges.
-    pub fn sponsor_split(
+    pub(crate) fn sponsor_split(
         &mut self,
         sponsor: HostId,
         joiner: HostId,
@@ -186,7 +212,7 @@ impl IdSpace {
     /// Advances a mark of `host` past `count` more ids, in its first range with
     /// room for them, and returns those ids. The host records this in the NI
     /// before it issues any of them.
-    pub fn reserve(&mut self, host: HostId, count: u64) -> Result<IdRange, RangeError> {
+    pub(crate) fn reserve(&mut self, host: HostId, count: u64) -> Result<IdRange, RangeError> {
         let ranges = self
             .hosts
             .get_mut(&host)
@@ -207,7 +233,7 @@ impl IdSpace {
     /// its marks) to the free pool, for a host offline past the threshold.
     /// The host keeps the used parts, so their ids are never handed out
     /// again. Returns how many ids went to the pool; reclaiming twice is harmless.
-    pub fn reclaim_unused(&mut self, host: HostId) -> Result<u64, RangeError> {
+    pub(crate) fn reclaim_unused(&mut self, host: HostId) -> Result<u64, RangeError> {
         let ranges = self
             .hosts
             .get_mut(&host)
@@ -236,7 +262,7 @@ impl IdSpace {
     /// Gives `host` the largest range of the free pool, whole (ties go to the
     /// lowest). The leader uses it for a joining host instead of a sponsor
     /// split, or for a host whose ranges are nearly used up.
-    pub fn grant_free(&mut self, host: HostId) -> Result<IdRange, RangeError> {
+    pub(crate) fn grant_free(&mut self, host: HostId) -> Result<IdRange, RangeError> {
         let mut best: Option<usize> = None;
         for (index, range) in self.free.iter().enumerate() {
             if best.is_none_or(|b| range.len() > self.free[b].len()) {

@@ -3,7 +3,7 @@
 //!
 //! [`PeerCaller`] sends one [`PeerRequest`] to a peer and waits for its
 //! [`PeerResponse`]; production implements it with the authenticated TCP
-//! transport ([`PeerPool`]), and a simulation with its own network. [`Clock`]
+//! transport (`PeerPool`), and a simulation with its own network. [`Clock`]
 //! gives the milliseconds since the epoch that go into the NI's commands;
 //! production reads the wall clock, a simulation its simulated time. Neither
 //! holds any cluster state or decides anything.
@@ -44,12 +44,13 @@ impl PeerCaller for PeerPool<PeerRequest, PeerResponse> {
 
 /// The time that goes into the NI: milliseconds since the Unix epoch.
 pub trait Clock: Send + Sync + 'static {
+    /// Now, in milliseconds since the Unix epoch.
     fn now_ms(&self) -> u64;
 }
 
 /// The system's wall clock.
 #[derive(Debug, Clone, Copy, Default)]
-pub struct WallClock;
+pub(crate) struct WallClock;
 
 impl Clock for WallClock {
     fn now_ms(&self) -> u64 {

@@ -30,8 +30,10 @@ const PONG_SLACK: usize = 64;
 
 /// A bound peer listener. Dropping it stops accepting and closes its connections;
 /// handlers already running finish on their own.
-pub struct PeerListener {
+pub(crate) struct PeerListener {
+    #[cfg_attr(not(test), expect(dead_code, reason = "read by the unit tests only"))]
     local_addr: SocketAddr,
+    #[cfg_attr(not(test), expect(dead_code, reason = "read by the unit tests only"))]
     open_connections: Arc<AtomicUsize>,
     task: JoinHandle<()>,
 }
@@ -39,7 +41,7 @@ pub struct PeerListener {
 impl PeerListener {
     /// Binds `address` and serves peers that prove `config.secret`, answering their
     /// requests with `handler`.
-    pub async fn bind<Req, Resp, H>(
+    pub(crate) async fn bind<Req, Resp, H>(
         address: SocketAddr,
         config: PeerConfig,
         handler: H,
@@ -66,12 +68,14 @@ impl PeerListener {
         })
     }
 
-    pub fn local_addr(&self) -> SocketAddr {
+    #[cfg(test)]
+    pub(crate) fn local_addr(&self) -> SocketAddr {
         self.local_addr
     }
 
     /// Inbound connections open now, those still in their handshake included.
-    pub fn open_connections(&self) -> usize {
+    #[cfg(test)]
+    pub(crate) fn open_connections(&self) -> usize {
         self.open_connections.load(Ordering::Acquire)
     }
 }

@@ -64,7 +64,7 @@ impl<Req, Resp> Drop for Link<Req, Resp> {
 }
 
 /// Connections to peers, made on first use and kept.
-pub struct PeerPool<Req, Resp> {
+pub(crate) struct PeerPool<Req, Resp> {
     inner: Arc<PoolInner<Req, Resp>>,
 }
 
@@ -84,7 +84,7 @@ impl<Req, Resp> Clone for PeerPool<Req, Resp> {
 impl<Req: PeerMessage, Resp: PeerMessage> PeerPool<Req, Resp> {
     /// A pool that dials as `config.identity`. Its connections end when the last clone
     /// of the pool is dropped.
-    pub fn new(config: PeerConfig) -> PeerPool<Req, Resp> {
+    pub(crate) fn new(config: PeerConfig) -> PeerPool<Req, Resp> {
         PeerPool {
             inner: Arc::new(PoolInner {
                 config,
@@ -94,14 +94,15 @@ impl<Req: PeerMessage, Resp: PeerMessage> PeerPool<Req, Resp> {
     }
 
     /// This host's identity, as the pool presents it to peers.
-    pub fn identity(&self) -> &HostAddr {
+    #[expect(dead_code, reason = "no caller in the workspace")]
+    pub(crate) fn identity(&self) -> &HostAddr {
         &self.inner.config.identity
     }
 
     /// Sends `request` to `peer` (connecting first if needed) and waits for its response,
     /// at most `timeout` in all: waiting for a connection, for a free slot and for the
     /// answer all count.
-    pub async fn call(
+    pub(crate) async fn call(
         &self,
         peer: &HostAddr,
         request: Req,
@@ -140,7 +141,8 @@ impl<Req: PeerMessage, Resp: PeerMessage> PeerPool<Req, Resp> {
     }
 
     /// Whether the pool has an authenticated connection to `peer` now.
-    pub fn is_connected(&self, peer: &HostAddr) -> bool {
+    #[cfg(test)]
+    pub(crate) fn is_connected(&self, peer: &HostAddr) -> bool {
         let links = lock(&self.inner.links);
         links
             .get(peer)
@@ -149,7 +151,8 @@ impl<Req: PeerMessage, Resp: PeerMessage> PeerPool<Req, Resp> {
 
     /// Closes the connection to `peer` (once the calls in flight on it end) and stops
     /// reconnecting to it.
-    pub fn forget(&self, peer: &HostAddr) {
+    #[expect(dead_code, reason = "no caller in the workspace")]
+    pub(crate) fn forget(&self, peer: &HostAddr) {
         lock(&self.inner.links).remove(peer);
     }
 

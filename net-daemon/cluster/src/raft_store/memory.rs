@@ -3,8 +3,8 @@
 //!
 //! A [`MemoryMetaStore`] plays the disk: it outlives the node that uses it, so a node
 //! restarted on the same store finds its log, vote, committed id, applied state and
-//! snapshot as the LMDB store would after a crash. [`MemoryMetaStore::open`] hands out
-//! the two halves for `Raft::new`, like [`super::open_meta_store`]. Every write is
+//! snapshot as the LMDB store would after a crash. `MemoryMetaStore::open` hands out
+//! the two halves for `Raft::new`, like `super::open_meta_store`. Every write is
 //! complete when its call returns (there is no cache to lose), so a write that
 //! returned counts as synced. Snapshots are the same bytes as the LMDB store's
 //! (`SNAPSHOT_FORMAT ++ bincode(state)`), so the two can send each other snapshots.
@@ -92,7 +92,7 @@ impl<S: MetadataState> MemoryMetaStore<S> {
 
     /// The two halves for `Raft::new`, over what the store holds now. A node restarted
     /// on the same store opens it again.
-    pub fn open(&self) -> (MemoryLogStore<S>, MemoryStateMachine<S>) {
+    pub(crate) fn open(&self) -> (MemoryLogStore<S>, MemoryStateMachine<S>) {
         let applied = lock(&self.disk).applied.clone();
         let (published, _) = watch::channel(applied.clone());
         let log_store = MemoryLogStore {
@@ -117,7 +117,7 @@ fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
 // The log store.
 
 /// The Raft log and vote in memory. Cloning it gives a log reader of the same log.
-pub struct MemoryLogStore<S: MetadataState> {
+pub(crate) struct MemoryLogStore<S: MetadataState> {
     disk: Arc<Mutex<Disk<S>>>,
 }
 
@@ -224,7 +224,7 @@ impl<S: MetadataState> RaftLogStorage<MetaTypes<S>> for MemoryLogStore<S> {
 // The state machine.
 
 /// The applied metadata state (the NI) and the last snapshot of it, in memory.
-pub struct MemoryStateMachine<S: MetadataState> {
+pub(crate) struct MemoryStateMachine<S: MetadataState> {
     disk: Arc<Mutex<Disk<S>>>,
     applied: AppliedState<S>,
     published: watch::Sender<AppliedState<S>>,
@@ -233,12 +233,13 @@ pub struct MemoryStateMachine<S: MetadataState> {
 impl<S: MetadataState> MemoryStateMachine<S> {
     /// Follows the applied state: the receiver sees every change once it is stored.
     /// Take it before the state machine moves into `Raft::new`.
-    pub fn subscribe(&self) -> watch::Receiver<AppliedState<S>> {
+    pub(crate) fn subscribe(&self) -> watch::Receiver<AppliedState<S>> {
         self.published.subscribe()
     }
 
     /// The applied state now.
-    pub fn applied(&self) -> &AppliedState<S> {
+    #[cfg(test)]
+    pub(crate) fn applied(&self) -> &AppliedState<S> {
         &self.applied
     }
 
@@ -251,7 +252,7 @@ impl<S: MetadataState> MemoryStateMachine<S> {
 }
 
 /// Builds a snapshot of the state machine as it was when the builder was taken.
-pub struct MemorySnapshotBuilder<S: MetadataState> {
+pub(crate) struct MemorySnapshotBuilder<S: MetadataState> {
     disk: Arc<Mutex<Disk<S>>>,
     applied: AppliedState<S>,
 }
