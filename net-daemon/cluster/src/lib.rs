@@ -20,6 +20,8 @@
 //! - `leader`: the metadata leader's decisions each round (membership, judgements,
 //!   placement moves), from the NI, the suspect reports and the time to commands.
 //! - `placement`: which host should own each partition, weighted by capacity.
+//! - [`replication`]: the sans-IO cores of replication: one copy of a partition as
+//!   primary or follower, and the leader's failover round.
 //! - [`ranges`]: the id ranges of the hosts (sponsor splits, reservations, reclaims).
 //! - `liveness`: unreliability scores per peer and the agreement rule for `inactive`.
 //! - `coords`: Vivaldi network coordinates (latency estimates between hosts).
@@ -47,6 +49,7 @@ pub mod peer;
 pub(crate) mod placement;
 pub mod raft_store;
 pub mod ranges;
+pub mod replication;
 pub mod transport;
 
 /// A host's id in the cluster.

@@ -1,0 +1,211 @@
+//! The metadata leader's choice of a new primary for one partition.
+//!
+//! [`Failover`] owns one round: fence the replicas at the new term, collect their
+//! positions, and name the copy that holds every acknowledged write. It talks to no
+//! one itself: the leader's shell sends the [`Message::Fence`] queries, feeds the
+//! answers back, and proposes the NI change the round ends with. Same three doors as
+//! the other cores: [`Failover::handle`], [`Failover::poll_actions`],
+//! [`Failover::next_deadline`]. It must never open a socket or read a clock.
+//!
+//! **Why the choice is safe.** A write is acknowledged once `min_replicas_to_write`
+//! (`m`) of the `n` copies hold it. The round waits for `n - m + 1` answers, so at
+//! least one answer comes from a copy that holds any acknowledged write, and picks the
+//! highest position among them. Every answering copy has durably promised the new
+//! term, so the old primary can gather no more acknowledgements: `n - m + 1` of its
+//! `n - 1` followers refuse it, which leaves it fewer than `m - 1`. Each replica
+//! answers only after its promise to the old primary ran out, so the old primary's
+//! lease has ended before the new one is named.
+
+use std::collections::BTreeMap;
+use std::time::{Duration, Instant};
+
+use crate::HostId;
+
+use super::{FenceAnswer, Message, Term};
+
+/// The queries are sent again this often until enough replicas answered.
+pub const ASK_AGAIN_AFTER: Duration = Duration::from_millis(500);
+
+/// Something that happened to the round.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Event {
+    /// A replica's answer to the query.
+    Answer {
+        /// The replica.
+        from: HostId,
+        /// Its answer.
+        answer: FenceAnswer,
+    },
+    /// The time in [`Failover::next_deadline`] has come (or any other wake-up).
+    Tick,
+}
+
+/// What the round needs done.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Action {
+    /// Send the query to a replica.
+    Send {
+        /// The replica.
+        to: HostId,
+        /// A [`Message::Fence`].
+        message: Message,
+    },
+    /// Propose that `primary` leads the partition from `term` on (an NI change that
+    /// applies only at the epoch the round started from). The round is over.
+    Promote {
+        /// The copy chosen.
+        primary: HostId,
+        /// The new term.
+        term: Term,
+    },
+    /// The round cannot finish (a higher term exists, or no answering copy may lead);
+    /// the leader starts another later. The round is over.
+    GiveUp {
+        /// Why, for the log.
+        reason: String,
+    },
+}
+
+/// One failover round of one partition. See the module header.
+#[derive(Debug)]
+pub struct Failover {
+    term: Term,
+    members: Vec<HostId>,
+    /// Answers needed: `members - min_replicas_to_write + 1`.
+    needed: usize,
+    /// Hosts that may become primary (active ones).
+    eligible: Vec<HostId>,
+    answers: BTreeMap<HostId, FenceAnswer>,
+    asked_at: Option<Instant>,
+    over: bool,
+    actions: Vec<Action>,
+}
+
+impl Failover {
+    /// Starts a round that will name the primary of `term` among `members` (every host
+    /// holding a copy), choosing only among `eligible` hosts.
+    pub fn new(
+        term: Term,
+        members: Vec<HostId>,
+        eligible: Vec<HostId>,
+        min_replicas_to_write: usize,
+        now: Instant,
+    ) -> Failover {
+        let m = min_replicas_to_write.clamp(1, members.len().max(1));
+        let mut failover = Failover {
+            term,
+            needed: members.len() + 1 - m,
+            members,
+            eligible,
+            answers: BTreeMap::new(),
+            asked_at: None,
+            over: false,
+            actions: Vec::new(),
+        };
+        failover.ask(now);
+        failover
+    }
+
+    /// Everything there is to do now, in order.
+    pub fn poll_actions(&mut self) -> Vec<Action> {
+        std::mem::take(&mut self.actions)
+    }
+
+    /// When to feed [`Event::Tick`]; `None` once the round is over.
+    pub fn next_deadline(&self) -> Option<Instant> {
+        if self.over {
+            return None;
+        }
+        self.asked_at.map(|at| at + ASK_AGAIN_AFTER)
+    }
+
+    /// The round has ended (with a promotion or by giving up).
+    pub fn is_over(&self) -> bool {
+        self.over
+    }
+
+    /// Takes in what happened at `now`.
+    pub fn handle(&mut self, event: Event, now: Instant) {
+        if self.over {
+            return;
+        }
+        match event {
+            Event::Answer { from, answer } => {
+                if !self.members.contains(&from) {
+                    return;
+                }
+                if answer.term > self.term {
+                    return self.give_up(format!(
+                        "replica {from} promised term {}, above this round's {}",
+                        answer.term, self.term
+                    ));
+                }
+                if answer.term == self.term {
+                    self.answers.insert(from, answer);
+                    self.decide();
+                }
+            }
+            Event::Tick => {
+                if self.asked_at.is_some_and(|at| now >= at + ASK_AGAIN_AFTER) {
+                    self.ask(now);
+                }
+            }
+        }
+    }
+
+    fn ask(&mut self, now: Instant) {
+        self.asked_at = Some(now);
+        for &host in &self.members {
+            if !self.answers.contains_key(&host) {
+                let message = Message::Fence { term: self.term };
+                self.actions.push(Action::Send { to: host, message });
+            }
+        }
+    }
+
+    fn decide(&mut self) {
+        if self.answers.len() < self.needed {
+            return;
+        }
+        let best = self
+            .answers
+            .iter()
+            .filter(|(host, answer)| !answer.copying && self.eligible.contains(host))
+            .max_by_key(|(host, answer)| {
+                // The highest position; among equals, the first in the list.
+                let rank = self
+                    .members
+                    .iter()
+                    .position(|m| m == *host)
+                    .unwrap_or(usize::MAX);
+                (answer.position, std::cmp::Reverse(rank))
+            })
+            .map(|(&host, answer)| (host, answer.position));
+        let highest = self
+            .answers
+            .values()
+            .filter(|answer| !answer.copying)
+            .map(|answer| answer.position)
+            .max();
+        match best {
+            // A copy that may not lead holds more than any that may: naming one of the
+            // others could lose acknowledged writes.
+            Some((host, position)) if Some(position) == highest => {
+                self.over = true;
+                self.actions.push(Action::Promote {
+                    primary: host,
+                    term: self.term,
+                });
+            }
+            Some(_) | None if self.answers.len() < self.members.len() => {
+                // More answers may bring an eligible copy that is as far.
+            }
+            _ => self.give_up("no answering copy that may lead holds the highest position".into()),
+        }
+    }
+
+    fn give_up(&mut self, reason: String) {
+        self.over = true;
+        self.actions.push(Action::GiveUp { reason });
+    }
+}

@@ -1,0 +1,976 @@
+//! One host's copy of one partition: the replication state machine, as primary or as
+//! follower.
+//!
+//! [`Replica`] owns the decisions of one copy: which entries to ship to whom, when the
+//! commit point moves, whether the lease holds, whether an append from a primary fits
+//! the local log or calls for a full copy, and when a failover query may be answered.
+//! It talks to no one itself: the shell sends its [`Message`]s, writes through the
+//! local worker, and feeds what happened back. It has three doors:
+//! - [`Replica::handle`] takes a message, the NI's view of the partition, a worker's
+//!   answer, or a wake-up, with the time it happened;
+//! - [`Replica::poll_actions`] hands out what to do next, in order;
+//! - [`Replica::next_deadline`] says when to wake it.
+//!
+//! It must never open a socket, spawn a task, sleep or read a clock.
+//!
+//! **The shell's duties.** Actions are carried out in the order given. A message that
+//! follows a [`Action::PersistTerm`] is sent only once that term is durable: the
+//! promise it carries rests on it. The durable state (the promised term, the log's
+//! history and last commit id) lives with the partition in the worker's environment
+//! and is handed back to [`Replica::new`] after a restart.
+
+use std::collections::{BTreeMap, VecDeque};
+use std::time::{Duration, Instant};
+
+use crate::HostId;
+
+use super::{
+    Ack, AckResult, Append, CommitId, FenceAnswer, History, Message, Position, Settings, Stamp,
+    Term,
+};
+
+/// Pause before a failed full copy is tried again.
+pub const COPY_RETRY_AFTER: Duration = Duration::from_secs(1);
+
+/// What a copy holds on disk, as the shell reads it back at start.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Durable {
+    /// The highest term this copy promised (it refuses anything from below).
+    pub fenced: Term,
+    /// The terms of its log.
+    pub history: History,
+    /// The first commit id its log still holds (1 when nothing was trimmed).
+    pub log_start: CommitId,
+    /// Its last commit id (0 when the partition never had a write).
+    pub last: CommitId,
+}
+
+/// The partition's entry in the NI, as this host last saw it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct View {
+    /// The primary's term.
+    pub term: Term,
+    /// The primary.
+    pub primary: HostId,
+    /// Every host holding a copy, the primary first.
+    pub members: Vec<HostId>,
+}
+
+/// Something that happened to the copy, fed to [`Replica::handle`].
+#[derive(Debug, Clone, PartialEq)]
+pub enum Event {
+    /// The NI's view of the partition changed (or is reported again).
+    View(View),
+    /// A message from another host.
+    Received {
+        /// The sender.
+        from: HostId,
+        /// The message.
+        message: Message,
+    },
+    /// Primary: the local worker has durably written the log up to `last` (client
+    /// writes, or the term's marker).
+    Written {
+        /// The log's last commit id now.
+        last: CommitId,
+    },
+    /// Follower: an [`Action::Apply`] is durable.
+    Applied {
+        /// The log's last commit id now.
+        last: CommitId,
+    },
+    /// Follower: an [`Action::Apply`] failed; nothing after the last durable entry is
+    /// held.
+    ApplyFailed,
+    /// Follower: the full copy asked for by [`Action::StartCopy`] in `term` is in place.
+    /// The copy holds every entry up to `from` and some newer values; the log is
+    /// replayed from `from + 1`, and the copy counts only once it reached `through`,
+    /// the source's last commit id when the copy ended.
+    Copied {
+        /// The term of the primary copied from.
+        term: Term,
+        /// The source's last commit id when the copy started.
+        from: CommitId,
+        /// The source's last commit id when the copy ended.
+        through: CommitId,
+        /// The source's history up to `from`.
+        history: History,
+    },
+    /// Follower: the full copy of `term` failed.
+    CopyFailed {
+        /// The term of the primary copied from.
+        term: Term,
+    },
+    /// The time in [`Replica::next_deadline`] has come (or any other wake-up).
+    Tick,
+}
+
+/// What the copy needs done, from [`Replica::poll_actions`].
+#[derive(Debug, Clone, PartialEq)]
+pub enum Action {
+    /// Store `term` as the promised term before sending anything that follows.
+    PersistTerm {
+        /// The promised term.
+        term: Term,
+    },
+    /// Send a message. An [`Message::Append`] carries the entries `first..=last` of the
+    /// local log beside it.
+    Send {
+        /// The receiver.
+        to: HostId,
+        /// The message.
+        message: Message,
+    },
+    /// Primary: write the empty entry that opens `term` as the next commit id, with
+    /// `term` recorded in the log's history from that id; answer with [`Event::Written`].
+    WriteMarker {
+        /// The new term.
+        term: Term,
+    },
+    /// Follower: write the entries `first..=last` of the append just handled, and
+    /// store `history` as the log's; answer with [`Event::Applied`] or
+    /// [`Event::ApplyFailed`].
+    Apply {
+        /// The first entry to write.
+        first: CommitId,
+        /// The last entry to write.
+        last: CommitId,
+        /// The log's history once they are written.
+        history: History,
+    },
+    /// Follower: the local log cannot follow the primary's; replace the copy with a
+    /// full copy of `from`'s, then answer with [`Event::Copied`] or [`Event::CopyFailed`].
+    StartCopy {
+        /// The primary to copy from.
+        from: HostId,
+        /// Its term.
+        term: Term,
+    },
+    /// Primary: every write up to `up_to` is acknowledged by enough copies.
+    Committed {
+        /// The new commit point.
+        up_to: CommitId,
+    },
+    /// Follower: the primary has been silent for `primary_silence`; tell the metadata
+    /// leader.
+    PrimaryLost {
+        /// The silent primary.
+        primary: HostId,
+        /// Its term.
+        term: Term,
+    },
+    /// Primary: a replica promised a higher term, so this copy stepped down; the
+    /// metadata leader should finish the failover that term belongs to.
+    SteppedDown {
+        /// The higher term seen.
+        term: Term,
+    },
+}
+
+/// A follower, seen from the primary.
+#[derive(Debug, Clone)]
+struct Progress {
+    /// Its last durable entry, known to match the primary's log.
+    acked: CommitId,
+    /// The next entry to send it.
+    next: CommitId,
+    /// It is taking a full copy (or settling after one): its acks do not count.
+    copying: bool,
+    /// When something was last sent to it.
+    sent_at: Option<Instant>,
+    /// When it last answered.
+    heard_at: Option<Instant>,
+    /// The latest send time of this run that it acknowledged: its promise started then.
+    promised_from: Option<Instant>,
+}
+
+impl Progress {
+    fn new(next: CommitId) -> Progress {
+        Progress {
+            acked: 0,
+            next,
+            copying: false,
+            sent_at: None,
+            heard_at: None,
+            promised_from: None,
+        }
+    }
+}
+
+/// Where a follower's full copy stands.
+#[derive(Debug, Clone, PartialEq)]
+enum Copy {
+    /// The local log follows the primary's.
+    None,
+    /// A copy runs.
+    Running,
+    /// A failed copy starts again at `at`.
+    Retry { at: Instant },
+    /// The copy is in place; it counts once the log reached `through`.
+    Settling { through: CommitId },
+}
+
+#[derive(Debug)]
+enum Role {
+    /// Neither primary nor following a primary of a term not below the promised one.
+    Idle,
+    Primary {
+        term: Term,
+        /// The commit id of the term's marker.
+        marker: CommitId,
+        /// The marker is durable.
+        marker_written: bool,
+        followers: BTreeMap<HostId, Progress>,
+    },
+    Follower {
+        term: Term,
+        primary: HostId,
+        heard_at: Instant,
+        lost_reported_at: Option<Instant>,
+        copy: Copy,
+        /// Acks to send once the log is durable up to their commit id.
+        acks: VecDeque<(CommitId, Stamp)>,
+    },
+}
+
+/// One host's copy of one partition. See the module header.
+#[derive(Debug)]
+pub struct Replica {
+    me: HostId,
+    settings: Settings,
+    /// This run of the core, stamped on what it sends as primary.
+    run: u64,
+    started: Instant,
+    fenced: Term,
+    /// The history of the durable log.
+    history: History,
+    /// The history the log will have once the pending applies are durable.
+    pending_history: History,
+    log_start: CommitId,
+    /// The last durable commit id.
+    last: CommitId,
+    /// The last commit id once the pending applies are durable.
+    pending_last: CommitId,
+    /// The highest commit point known.
+    commit: CommitId,
+    view: Option<View>,
+    role: Role,
+    /// No failover query is answered before this.
+    promise_until: Option<Instant>,
+    /// Failover queries waiting for the promise to run out: (asker, term).
+    fence_queries: Vec<(HostId, Term)>,
+    actions: VecDeque<Action>,
+}
+
+impl Replica {
+    /// A copy that restarts from what is on disk. `run` must differ between runs of the
+    /// same host (a random number or a start time will do).
+    pub fn new(
+        me: HostId,
+        settings: Settings,
+        durable: Durable,
+        run: u64,
+        now: Instant,
+    ) -> Replica {
+        Replica {
+            me,
+            settings,
+            run,
+            started: now,
+            fenced: durable.fenced,
+            pending_history: durable.history.clone(),
+            history: durable.history,
+            log_start: durable.log_start.max(1),
+            last: durable.last,
+            pending_last: durable.last,
+            commit: 0,
+            view: None,
+            role: Role::Idle,
+            promise_until: None,
+            fence_queries: Vec::new(),
+            actions: VecDeque::new(),
+        }
+    }
+
+    /// Everything there is to do now, in order.
+    pub fn poll_actions(&mut self) -> Vec<Action> {
+        self.actions.drain(..).collect()
+    }
+
+    /// The durable log's position.
+    pub fn position(&self) -> Position {
+        self.history.position(self.last)
+    }
+
+    /// The highest term promised.
+    pub fn fenced(&self) -> Term {
+        self.fenced
+    }
+
+    /// The commit point this copy knows of.
+    pub fn commit(&self) -> CommitId {
+        self.commit
+    }
+
+    /// This copy is the primary of `term`.
+    pub fn primary_term(&self) -> Option<Term> {
+        match self.role {
+            Role::Primary { term, .. } => Some(term),
+            _ => None,
+        }
+    }
+
+    /// The durable log's history.
+    pub fn history(&self) -> &History {
+        &self.history
+    }
+
+    /// The commit point up to which an ordinary read may be served here, or `None` when
+    /// it may not be served here at all. Only a primary whose term is committed, and
+    /// that holds its lease at `now`, serves reads; it shows nothing above the commit
+    /// point (a read that finds a newer entry waits for [`Action::Committed`]).
+    pub fn readable(&self, now: Instant) -> Option<CommitId> {
+        match &self.role {
+            Role::Primary {
+                marker,
+                marker_written: true,
+                followers,
+                ..
+            } if self.commit >= *marker && self.lease_holds(followers, now) => Some(self.commit),
+            _ => None,
+        }
+    }
+
+    /// A write may be started here at `now`: this copy is the primary, its term is open,
+    /// and enough followers answered lately to acknowledge it. Otherwise the client gets
+    /// `-NOREPLICAS` (or, when this copy is no primary, is sent elsewhere).
+    pub fn writable(&self, now: Instant) -> bool {
+        match &self.role {
+            Role::Primary {
+                marker_written: true,
+                followers,
+                ..
+            } => {
+                let good = followers
+                    .values()
+                    .filter(|p| !p.copying)
+                    .filter(|p| {
+                        p.heard_at.is_some_and(|heard| {
+                            now.saturating_duration_since(heard)
+                                <= self.settings.good_replica_within
+                        })
+                    })
+                    .count();
+                1 + good >= self.needed()
+            }
+            _ => false,
+        }
+    }
+
+    /// The lowest commit id some copy in the list may still need from this primary's
+    /// log: the trim point for consensus deletion. `None` when this copy is no primary.
+    pub fn trim_floor(&self) -> Option<CommitId> {
+        match &self.role {
+            Role::Primary { followers, .. } => Some(
+                followers
+                    .values()
+                    .map(|p| p.acked + 1)
+                    .min()
+                    .unwrap_or(self.last + 1),
+            ),
+            _ => None,
+        }
+    }
+
+    /// Copies a write needs: the setting, but never more than the list holds.
+    fn needed(&self) -> usize {
+        let members = self.view.as_ref().map_or(1, |view| view.members.len());
+        self.settings.min_replicas_to_write.clamp(1, members.max(1))
+    }
+
+    fn lease_holds(&self, followers: &BTreeMap<HostId, Progress>, now: Instant) -> bool {
+        let promises_needed = self.needed() - 1;
+        if promises_needed == 0 {
+            return true;
+        }
+        let mut promised: Vec<Instant> =
+            followers.values().filter_map(|p| p.promised_from).collect();
+        if promised.len() < promises_needed {
+            return false;
+        }
+        promised.sort_unstable_by(|a, b| b.cmp(a));
+        let lease = self
+            .settings
+            .lease
+            .saturating_sub(self.settings.lease_margin);
+        now < promised[promises_needed - 1] + lease
+    }
+
+    /// When to feed [`Event::Tick`].
+    pub fn next_deadline(&self) -> Option<Instant> {
+        let mut deadlines: Vec<Instant> = Vec::new();
+        if !self.fence_queries.is_empty() {
+            if let Some(until) = self.promise_until {
+                deadlines.push(until);
+            }
+        }
+        match &self.role {
+            Role::Idle => {}
+            Role::Primary { followers, .. } => {
+                for progress in followers.values() {
+                    match progress.sent_at {
+                        Some(sent) => deadlines.push(sent + self.settings.heartbeat),
+                        None => deadlines.push(self.started),
+                    }
+                }
+            }
+            Role::Follower {
+                heard_at,
+                lost_reported_at,
+                copy,
+                ..
+            } => {
+                let silence = self.settings.primary_silence;
+                deadlines
+                    .push(lost_reported_at.map_or(*heard_at, |at| at.max(*heard_at)) + silence);
+                if let Copy::Retry { at } = copy {
+                    deadlines.push(*at);
+                }
+            }
+        }
+        deadlines.into_iter().min()
+    }
+
+    /// Takes in what happened at `now`.
+    pub fn handle(&mut self, event: Event, now: Instant) {
+        match event {
+            Event::View(view) => self.on_view(view, now),
+            Event::Received { from, message } => match message {
+                Message::Append(append) => self.on_append(from, append, now),
+                Message::Ack(ack) => self.on_ack(from, ack, now),
+                Message::Fence { term } => self.on_fence(from, term, now),
+                Message::FenceAnswer(_) => {}
+            },
+            Event::Written { last } => self.on_written(last, now),
+            Event::Applied { last } => self.on_applied(last),
+            Event::ApplyFailed => {
+                self.pending_last = self.last;
+                self.pending_history = self.history.clone();
+                if let Role::Follower { acks, .. } = &mut self.role {
+                    acks.clear();
+                }
+            }
+            Event::Copied {
+                term,
+                from,
+                through,
+                history,
+            } => self.on_copied(term, from, through, history),
+            Event::CopyFailed { term } => {
+                if let Role::Follower {
+                    term: following,
+                    copy,
+                    ..
+                } = &mut self.role
+                {
+                    if *following == term && *copy == Copy::Running {
+                        *copy = Copy::Retry {
+                            at: now + COPY_RETRY_AFTER,
+                        };
+                    }
+                }
+            }
+            Event::Tick => {}
+        }
+        self.on_time(now);
+    }
+
+    // -----------------------------------------------------------------------------
+    // Roles
+
+    fn on_view(&mut self, view: View, now: Instant) {
+        let member = view.members.contains(&self.me);
+        self.view = Some(view.clone());
+        if view.primary == self.me {
+            match self.role {
+                Role::Primary { term, .. } if term == view.term => self.sync_followers(),
+                _ if view.term >= self.fenced => self.become_primary(view.term),
+                _ => {
+                    // A failover to a higher term is under way; it will name a primary.
+                    self.role = Role::Idle;
+                }
+            }
+            return;
+        }
+        match &self.role {
+            Role::Primary { .. } => self.role = Role::Idle,
+            Role::Follower { term, .. } if *term >= view.term => return,
+            _ => {}
+        }
+        if member && view.term >= self.fenced {
+            self.follow(view.primary, view.term, now);
+        } else if !member {
+            self.role = Role::Idle;
+        }
+    }
+
+    fn become_primary(&mut self, term: Term) {
+        self.promise(term);
+        // Entries still being applied from the old primary come before the marker.
+        let marker = self.pending_last + 1;
+        // What it learned as a follower may run ahead of its own log.
+        self.commit = self.commit.min(self.last);
+        self.role = Role::Primary {
+            term,
+            marker,
+            marker_written: false,
+            followers: BTreeMap::new(),
+        };
+        self.sync_followers();
+        self.actions.push_back(Action::WriteMarker { term });
+    }
+
+    /// Brings the primary's followers in line with the view's members.
+    fn sync_followers(&mut self) {
+        let next = self.last + 1;
+        let Some(view) = &self.view else { return };
+        let Role::Primary { followers, .. } = &mut self.role else {
+            return;
+        };
+        followers.retain(|host, _| view.members.contains(host));
+        for &host in &view.members {
+            if host != self.me {
+                followers.entry(host).or_insert_with(|| Progress::new(next));
+            }
+        }
+    }
+
+    fn follow(&mut self, primary: HostId, term: Term, now: Instant) {
+        self.role = Role::Follower {
+            term,
+            primary,
+            heard_at: now,
+            lost_reported_at: None,
+            copy: Copy::None,
+            acks: VecDeque::new(),
+        };
+    }
+
+    /// Raises the promised term to `term` (durably, before anything that follows).
+    fn promise(&mut self, term: Term) {
+        if term > self.fenced {
+            self.fenced = term;
+            self.actions.push_back(Action::PersistTerm { term });
+        }
+    }
+
+    fn send(&mut self, to: HostId, message: Message) {
+        self.actions.push_back(Action::Send { to, message });
+    }
+
+    // -----------------------------------------------------------------------------
+    // Primary
+
+    fn on_written(&mut self, last: CommitId, now: Instant) {
+        let Role::Primary {
+            term,
+            marker,
+            marker_written,
+            ..
+        } = &mut self.role
+        else {
+            return;
+        };
+        if last <= self.last {
+            return;
+        }
+        if !*marker_written && last >= *marker {
+            *marker_written = true;
+            self.history.begin(*term, *marker);
+        }
+        self.last = last;
+        self.pending_last = self.pending_last.max(last);
+        self.pending_history = self.history.clone();
+        self.advance_commit();
+        self.pump(now);
+    }
+
+    fn on_ack(&mut self, from: HostId, ack: Ack, now: Instant) {
+        let started = self.started;
+        let run = self.run;
+        let Role::Primary {
+            term, followers, ..
+        } = &mut self.role
+        else {
+            return;
+        };
+        if let AckResult::Refused { fenced } = ack.result {
+            if fenced > *term {
+                let higher = fenced;
+                self.role = Role::Idle;
+                self.promise(higher);
+                self.actions.push_back(Action::SteppedDown { term: higher });
+            }
+            return;
+        }
+        if ack.term != *term {
+            return;
+        }
+        let Some(progress) = followers.get_mut(&from) else {
+            return;
+        };
+        progress.heard_at = Some(now);
+        if let Some(stamp) = ack.stamp.filter(|stamp| stamp.run == run) {
+            let sent = started + Duration::from_micros(stamp.at_us);
+            progress.promised_from = Some(progress.promised_from.map_or(sent, |p| p.max(sent)));
+        }
+        match ack.result {
+            AckResult::Holds { last } => {
+                progress.copying = false;
+                progress.acked = progress.acked.max(last);
+                progress.next = progress.next.max(last + 1);
+            }
+            AckResult::Gap { last } => progress.next = last + 1,
+            AckResult::Copying => progress.copying = true,
+            AckResult::Refused { .. } => unreachable!("handled above"),
+        }
+        self.advance_commit();
+        self.pump(now);
+    }
+
+    /// Moves the commit point to the highest entry of this term that enough copies hold.
+    fn advance_commit(&mut self) {
+        let needed = self.needed();
+        let Role::Primary {
+            term, followers, ..
+        } = &self.role
+        else {
+            return;
+        };
+        let mut held: Vec<CommitId> = followers
+            .values()
+            .filter(|p| !p.copying)
+            .map(|p| p.acked.min(self.last))
+            .collect();
+        held.push(self.last);
+        held.sort_unstable_by(|a, b| b.cmp(a));
+        let Some(&candidate) = held.get(needed - 1) else {
+            return;
+        };
+        if candidate > self.commit && self.history.term_of(candidate) == Some(*term) {
+            self.commit = candidate;
+            self.actions
+                .push_back(Action::Committed { up_to: candidate });
+        }
+    }
+
+    /// Sends each follower what it lacks, within the window, and heartbeats the idle ones.
+    fn pump(&mut self, now: Instant) {
+        let Role::Primary {
+            term, followers, ..
+        } = &mut self.role
+        else {
+            return;
+        };
+        let stamp = Stamp {
+            run: self.run,
+            at_us: now.saturating_duration_since(self.started).as_micros() as u64,
+        };
+        let mut sends = Vec::new();
+        for (&host, progress) in followers.iter_mut() {
+            let due = progress
+                .sent_at
+                .is_none_or(|sent| now >= sent + self.settings.heartbeat);
+            let mut sent_any = false;
+            while !progress.copying && progress.next <= self.last {
+                let in_flight = (progress.next - 1).saturating_sub(progress.acked);
+                if in_flight >= self.settings.max_entries_in_flight {
+                    break;
+                }
+                let first = progress.next.max(self.log_start);
+                let room = self.settings.max_entries_in_flight - in_flight;
+                let count = self.settings.max_entries_per_append.min(room).max(1);
+                let last = (first + count - 1).min(self.last);
+                sends.push((host, first, last));
+                progress.next = last + 1;
+                sent_any = true;
+            }
+            if !sent_any && due {
+                // A heartbeat: no entries, but the position, the commit point and a
+                // new stamp for the lease.
+                sends.push((host, progress.next, progress.next - 1));
+                sent_any = true;
+            }
+            if sent_any {
+                progress.sent_at = Some(now);
+            }
+        }
+        let term = *term;
+        for (host, first, last) in sends {
+            let append = Append {
+                term,
+                history: self.history.clone(),
+                log_start: self.log_start,
+                log_end: self.last,
+                first,
+                last,
+                commit: self.commit,
+                stamp,
+            };
+            self.send(host, Message::Append(append));
+        }
+    }
+
+    // -----------------------------------------------------------------------------
+    // Follower
+
+    fn on_append(&mut self, from: HostId, append: Append, now: Instant) {
+        if append.term < self.fenced {
+            let refused = Ack {
+                term: append.term,
+                result: AckResult::Refused {
+                    fenced: self.fenced,
+                },
+                stamp: None,
+            };
+            return self.send(from, Message::Ack(refused));
+        }
+        self.promise(append.term);
+        let follows = matches!(self.role, Role::Follower { term, primary, .. } if term == append.term && primary == from);
+        if !follows {
+            self.follow(from, append.term, now);
+        }
+        let promise = now + self.settings.lease;
+        self.promise_until = Some(self.promise_until.map_or(promise, |p| p.max(promise)));
+        let Role::Follower {
+            heard_at,
+            lost_reported_at,
+            copy,
+            ..
+        } = &mut self.role
+        else {
+            unreachable!("following just above")
+        };
+        *heard_at = now;
+        *lost_reported_at = None;
+        let copy = copy.clone();
+        let ack = |result| {
+            Message::Ack(Ack {
+                term: append.term,
+                result,
+                stamp: Some(append.stamp),
+            })
+        };
+        match copy {
+            Copy::Running | Copy::Retry { .. } => return self.send(from, ack(AckResult::Copying)),
+            Copy::Settling { .. } | Copy::None => {}
+        }
+        let held = self.pending_last;
+        let fits = self.pending_history.term_of(held) == Some(append.term)
+            || (held <= append.log_end && self.pending_history.agrees_up_to(&append.history, held));
+        if !fits || held + 1 < append.log_start {
+            return self.start_copy(from, append.term, append.stamp);
+        }
+        self.commit = self.commit.max(append.commit.min(append.last.max(held)));
+        if append.first > held + 1 {
+            return self.send(from, ack(AckResult::Gap { last: held }));
+        }
+        if append.last > held {
+            let history = append.history.up_to(append.last);
+            self.pending_last = append.last;
+            self.pending_history = history.clone();
+            self.actions.push_back(Action::Apply {
+                first: held + 1,
+                last: append.last,
+                history,
+            });
+            if let Role::Follower { acks, .. } = &mut self.role {
+                acks.push_back((append.last, append.stamp));
+            }
+            return;
+        }
+        let result = self.holds_or_copying();
+        self.send(from, ack(result));
+    }
+
+    /// What this follower may claim: the durable log, or nothing while a copy settles.
+    fn holds_or_copying(&self) -> AckResult {
+        match &self.role {
+            Role::Follower {
+                copy: Copy::Settling { through },
+                ..
+            } if self.last < *through => AckResult::Copying,
+            _ => AckResult::Holds { last: self.last },
+        }
+    }
+
+    fn start_copy(&mut self, from: HostId, term: Term, stamp: Stamp) {
+        if let Role::Follower { copy, acks, .. } = &mut self.role {
+            *copy = Copy::Running;
+            acks.clear();
+        }
+        self.actions.push_back(Action::StartCopy { from, term });
+        let copying = Ack {
+            term,
+            result: AckResult::Copying,
+            stamp: Some(stamp),
+        };
+        self.send(from, Message::Ack(copying));
+    }
+
+    fn on_applied(&mut self, last: CommitId) {
+        if last <= self.last || last > self.pending_last {
+            return;
+        }
+        self.last = last;
+        self.history = self.pending_history.up_to(last);
+        let fenced = self.fenced;
+        if let Role::Primary { .. } = self.role {
+            // Promoted while entries of the old primary were still being written.
+            return self.advance_commit();
+        }
+        let Role::Follower {
+            term,
+            primary,
+            copy,
+            acks,
+            ..
+        } = &mut self.role
+        else {
+            return;
+        };
+        if let Copy::Settling { through } = copy {
+            if last >= *through {
+                *copy = Copy::None;
+            }
+        }
+        let (term, primary) = (*term, *primary);
+        let mut ready = Vec::new();
+        while acks.front().is_some_and(|&(upto, _)| upto <= last) {
+            ready.push(acks.pop_front().expect("front checked").1);
+        }
+        if term < fenced {
+            // Promised a higher term since: the old primary may count nothing more.
+            return;
+        }
+        let result = self.holds_or_copying();
+        for stamp in ready {
+            let ack = Ack {
+                term,
+                result,
+                stamp: Some(stamp),
+            };
+            self.send(primary, Message::Ack(ack));
+        }
+    }
+
+    fn on_copied(&mut self, term: Term, from: CommitId, through: CommitId, history: History) {
+        let Role::Follower {
+            term: following,
+            primary,
+            copy,
+            acks,
+            ..
+        } = &mut self.role
+        else {
+            return;
+        };
+        if *following != term || *copy != Copy::Running {
+            return;
+        }
+        *copy = if through > from {
+            Copy::Settling { through }
+        } else {
+            Copy::None
+        };
+        acks.clear();
+        let primary = *primary;
+        self.last = from;
+        self.pending_last = from;
+        self.history = history.clone();
+        self.pending_history = history;
+        self.log_start = from + 1;
+        // Ask for the log from `from + 1`.
+        let gap = Ack {
+            term,
+            result: AckResult::Gap { last: from },
+            stamp: None,
+        };
+        self.send(primary, Message::Ack(gap));
+    }
+
+    // -----------------------------------------------------------------------------
+    // Failover queries and time
+
+    fn on_fence(&mut self, from: HostId, term: Term, _now: Instant) {
+        if term > self.fenced {
+            self.promise(term);
+            if matches!(self.role, Role::Primary { term: mine, .. } if mine < term) {
+                self.role = Role::Idle;
+            }
+        }
+        if !self.fence_queries.contains(&(from, term)) {
+            self.fence_queries.push((from, term));
+        }
+    }
+
+    fn on_time(&mut self, now: Instant) {
+        self.answer_fence_queries(now);
+        match &mut self.role {
+            Role::Idle => {}
+            Role::Primary { .. } => self.pump(now),
+            Role::Follower {
+                term,
+                primary,
+                heard_at,
+                lost_reported_at,
+                copy,
+                ..
+            } => {
+                let silence = self.settings.primary_silence;
+                let since = lost_reported_at.map_or(*heard_at, |at| at.max(*heard_at));
+                if now >= since + silence {
+                    *lost_reported_at = Some(now);
+                    let lost = Action::PrimaryLost {
+                        primary: *primary,
+                        term: *term,
+                    };
+                    self.actions.push_back(lost);
+                }
+                if let Copy::Retry { at } = *copy {
+                    if now >= at {
+                        *copy = Copy::Running;
+                        let again = Action::StartCopy {
+                            from: *primary,
+                            term: *term,
+                        };
+                        self.actions.push_back(again);
+                    }
+                }
+            }
+        }
+    }
+
+    /// Answers the failover queries once the promise ran out and no apply is pending,
+    /// so the position answered is the one the log keeps.
+    fn answer_fence_queries(&mut self, now: Instant) {
+        if self.fence_queries.is_empty() {
+            return;
+        }
+        if self.promise_until.is_some_and(|until| now < until) || self.pending_last != self.last {
+            return;
+        }
+        let copying = matches!(
+            &self.role,
+            Role::Follower { copy, .. } if *copy != Copy::None
+        );
+        let answer = FenceAnswer {
+            term: self.fenced,
+            position: self.position(),
+            copying,
+        };
+        for (asker, _) in std::mem::take(&mut self.fence_queries) {
+            self.send(asker, Message::FenceAnswer(answer));
+        }
+    }
+}

@@ -1,0 +1,626 @@
+//! Step-by-step tests of the replication cores: each drives one bad order by hand.
+
+use std::time::{Duration, Instant};
+
+use super::failover::{self, Failover};
+use super::replica::{Action, Durable, Event, Replica, View};
+use super::*;
+use crate::HostId;
+
+fn settings() -> Settings {
+    Settings::default()
+}
+
+fn history(starts: &[(Term, CommitId)]) -> History {
+    History::from_starts(starts.to_vec()).unwrap()
+}
+
+fn replica(me: HostId, fenced: Term, history: History, last: CommitId, now: Instant) -> Replica {
+    let durable = Durable {
+        fenced,
+        history,
+        log_start: 1,
+        last,
+    };
+    Replica::new(me, settings(), durable, 7, now)
+}
+
+fn view(term: Term, primary: HostId) -> Event {
+    Event::View(View {
+        term,
+        primary,
+        members: vec![1, 2, 3],
+    })
+}
+
+fn received(from: HostId, message: Message) -> Event {
+    Event::Received { from, message }
+}
+
+/// The messages among `actions`, with their receivers.
+fn sent(actions: &[Action]) -> Vec<(HostId, Message)> {
+    actions
+        .iter()
+        .filter_map(|action| match action {
+            Action::Send { to, message } => Some((*to, message.clone())),
+            _ => None,
+        })
+        .collect()
+}
+
+/// The one append sent to `to` among `actions` (the last one when there are several).
+fn append_to(actions: &[Action], to: HostId) -> Append {
+    sent(actions)
+        .into_iter()
+        .filter_map(|(host, message)| match message {
+            Message::Append(append) if host == to => Some(append),
+            _ => None,
+        })
+        .next_back()
+        .unwrap_or_else(|| panic!("no append to {to} in {actions:?}"))
+}
+
+/// Every append sent to `to` among `actions`, in order.
+fn appends_to(actions: &[Action], to: HostId) -> Vec<Append> {
+    sent(actions)
+        .into_iter()
+        .filter_map(|(host, message)| match message {
+            Message::Append(append) if host == to => Some(append),
+            _ => None,
+        })
+        .collect()
+}
+
+fn acks(actions: &[Action]) -> Vec<AckResult> {
+    sent(actions)
+        .into_iter()
+        .filter_map(|(_, message)| match message {
+            Message::Ack(ack) => Some(ack.result),
+            _ => None,
+        })
+        .collect()
+}
+
+fn committed(actions: &[Action]) -> Option<CommitId> {
+    actions.iter().find_map(|action| match action {
+        Action::Committed { up_to } => Some(*up_to),
+        _ => None,
+    })
+}
+
+/// A primary of `term` on host 1, over a log of `last` entries of term 1, with its marker written.
+fn open_primary(term: Term, last: CommitId, now: Instant) -> (Replica, Vec<Action>) {
+    let mut primary = replica(1, term - 1, history(&[(1, 1)]), last, now);
+    primary.handle(view(term, 1), now);
+    let opened = primary.poll_actions();
+    assert!(opened.contains(&Action::PersistTerm { term }));
+    assert!(opened.contains(&Action::WriteMarker { term }));
+    primary.handle(Event::Written { last: last + 1 }, now);
+    let actions = primary.poll_actions();
+    (primary, actions)
+}
+
+/// A follower's answer to `append`, once what it applies is durable.
+fn follower_answer(follower: &mut Replica, append: Append, now: Instant) -> Ack {
+    follower.handle(received(1, Message::Append(append)), now);
+    let mut actions = follower.poll_actions();
+    if let Some(Action::Apply { last, .. }) =
+        actions.iter().find(|a| matches!(a, Action::Apply { .. }))
+    {
+        follower.handle(Event::Applied { last: *last }, now);
+        actions = follower.poll_actions();
+    }
+    sent(&actions)
+        .into_iter()
+        .find_map(|(_, message)| match message {
+            Message::Ack(ack) => Some(ack),
+            _ => None,
+        })
+        .expect("the follower answers")
+}
+
+#[test]
+fn a_write_commits_only_once_enough_copies_hold_it() {
+    let now = Instant::now();
+    let (mut primary, marker_sent) = open_primary(2, 0, now);
+    let mut follower = replica(2, 1, History::default(), 0, now);
+    // The client write (id 2, after the marker) is durable on the primary alone.
+    primary.handle(Event::Written { last: 2 }, now);
+    let actions = primary.poll_actions();
+    assert_eq!(committed(&actions), None, "one copy of two is not enough");
+    assert_eq!(primary.readable(now), None);
+    let marker = append_to(&marker_sent, 2);
+    let write = append_to(&actions, 2);
+    assert_eq!(
+        (marker.first, marker.last, write.first, write.last),
+        (1, 1, 2, 2)
+    );
+    let ack = follower_answer(&mut follower, marker, now);
+    assert_eq!(ack.result, AckResult::Holds { last: 1 });
+    primary.handle(received(2, Message::Ack(ack)), now);
+    assert_eq!(
+        committed(&primary.poll_actions()),
+        Some(1),
+        "the marker alone"
+    );
+    assert_eq!(primary.readable(now), Some(1));
+    let ack = follower_answer(&mut follower, write, now);
+    primary.handle(received(2, Message::Ack(ack)), now);
+    assert_eq!(committed(&primary.poll_actions()), Some(2));
+    assert_eq!(primary.readable(now), Some(2));
+}
+
+#[test]
+fn an_older_terms_entries_on_enough_copies_commit_only_with_the_new_terms_marker() {
+    // Raft's figure 8: entries 1..=5 of term 1 reach a majority under the primary of
+    // term 3 before its marker does; they must not count as committed on their own.
+    let now = Instant::now();
+    let mut primary = replica(1, 2, history(&[(1, 1)]), 5, now);
+    primary.handle(view(3, 1), now);
+    let actions = primary.poll_actions();
+    let mut follower = replica(2, 2, history(&[(1, 1)]), 3, now);
+    // The first heartbeat finds the follower three entries short.
+    let ack = follower_answer(&mut follower, append_to(&actions, 2), now);
+    assert_eq!(ack.result, AckResult::Gap { last: 3 });
+    primary.handle(received(2, Message::Ack(ack)), now);
+    let ack = follower_answer(&mut follower, append_to(&primary.poll_actions(), 2), now);
+    assert_eq!(ack.result, AckResult::Holds { last: 5 });
+    primary.handle(received(2, Message::Ack(ack)), now);
+    assert_eq!(
+        committed(&primary.poll_actions()),
+        None,
+        "term 1's entries alone"
+    );
+    assert_eq!(primary.readable(now), None);
+    // The marker (id 6) is durable and reaches the follower: everything commits.
+    primary.handle(Event::Written { last: 6 }, now);
+    let actions = primary.poll_actions();
+    let ack = follower_answer(&mut follower, append_to(&actions, 2), now);
+    assert_eq!(follower.history(), &history(&[(1, 1), (3, 6)]));
+    primary.handle(received(2, Message::Ack(ack)), now);
+    assert_eq!(committed(&primary.poll_actions()), Some(6));
+}
+
+#[test]
+fn a_follower_refuses_an_older_term_and_the_old_primary_steps_down() {
+    let now = Instant::now();
+    let (mut old, actions) = open_primary(2, 0, now);
+    let mut follower = replica(2, 3, History::default(), 0, now);
+    follower.handle(received(1, Message::Append(append_to(&actions, 2))), now);
+    let answer = follower.poll_actions();
+    assert!(!answer.iter().any(|a| matches!(a, Action::Apply { .. })));
+    let ack = match &sent(&answer)[..] {
+        [(1, Message::Ack(ack))] => ack.clone(),
+        other => panic!("unexpected {other:?}"),
+    };
+    assert_eq!(ack.result, AckResult::Refused { fenced: 3 });
+    old.handle(received(2, Message::Ack(ack)), now);
+    let actions = old.poll_actions();
+    assert!(actions.contains(&Action::SteppedDown { term: 3 }));
+    assert_eq!(old.primary_term(), None);
+    assert!(!old.writable(now));
+    assert_eq!(old.fenced(), 3);
+}
+
+#[test]
+fn a_follower_holding_an_old_primarys_tail_takes_a_full_copy() {
+    let now = Instant::now();
+    // The primary of term 3 took over at id 6; the follower holds ids 6..=8 of term 2,
+    // which the primary never had.
+    let mut append = Append {
+        term: 3,
+        history: history(&[(1, 1), (3, 6)]),
+        log_start: 1,
+        log_end: 10,
+        first: 9,
+        last: 10,
+        commit: 10,
+        stamp: Stamp { run: 1, at_us: 0 },
+    };
+    let mut follower = replica(2, 2, history(&[(1, 1), (2, 6)]), 8, now);
+    follower.handle(received(1, Message::Append(append.clone())), now);
+    let actions = follower.poll_actions();
+    assert!(actions.contains(&Action::StartCopy { from: 1, term: 3 }));
+    assert_eq!(acks(&actions), vec![AckResult::Copying]);
+    // A tail of the same term as the primary's log but past its end is foreign too.
+    let mut follower = replica(2, 2, history(&[(1, 1)]), 8, now);
+    append.history = history(&[(1, 1), (3, 7)]);
+    append.log_end = 6;
+    append.first = 7;
+    append.last = 6;
+    follower.handle(received(1, Message::Append(append.clone())), now);
+    assert!(follower
+        .poll_actions()
+        .contains(&Action::StartCopy { from: 1, term: 3 }));
+    // A follower whose log is a prefix of the primary's just applies the rest.
+    let mut follower = replica(2, 2, history(&[(1, 1)]), 5, now);
+    append.history = history(&[(1, 1), (3, 6)]);
+    append.log_end = 10;
+    append.first = 6;
+    append.last = 10;
+    follower.handle(received(1, Message::Append(append)), now);
+    let actions = follower.poll_actions();
+    assert!(actions.contains(&Action::Apply {
+        first: 6,
+        last: 10,
+        history: history(&[(1, 1), (3, 6)]),
+    }));
+}
+
+#[test]
+fn a_follower_behind_the_trimmed_log_takes_a_full_copy() {
+    let now = Instant::now();
+    let mut follower = replica(2, 1, history(&[(1, 1)]), 3, now);
+    let append = Append {
+        term: 1,
+        history: history(&[(1, 1)]),
+        log_start: 10,
+        log_end: 20,
+        first: 10,
+        last: 20,
+        commit: 20,
+        stamp: Stamp { run: 1, at_us: 0 },
+    };
+    follower.handle(received(1, Message::Append(append)), now);
+    assert!(follower
+        .poll_actions()
+        .contains(&Action::StartCopy { from: 1, term: 1 }));
+}
+
+#[test]
+fn a_lost_append_is_sent_again_after_the_next_heartbeat_finds_the_gap() {
+    let now = Instant::now();
+    let (mut primary, marker_sent) = open_primary(2, 0, now);
+    let mut follower = replica(2, 1, History::default(), 0, now);
+    primary.handle(Event::Written { last: 3 }, now);
+    // Both appends (the marker, then ids 2..=3) are lost.
+    let lost = [marker_sent, primary.poll_actions()].concat();
+    assert_eq!(appends_to(&lost, 2).len(), 2);
+    // The heartbeat after them starts past what the follower holds.
+    let later = now + settings().heartbeat;
+    primary.handle(Event::Tick, later);
+    let heartbeat = append_to(&primary.poll_actions(), 2);
+    assert_eq!((heartbeat.first, heartbeat.last), (4, 3));
+    let ack = follower_answer(&mut follower, heartbeat, later);
+    assert_eq!(ack.result, AckResult::Gap { last: 0 });
+    primary.handle(received(2, Message::Ack(ack)), later);
+    let again = append_to(&primary.poll_actions(), 2);
+    assert_eq!((again.first, again.last), (1, 3));
+    let ack = follower_answer(&mut follower, again, later);
+    primary.handle(received(2, Message::Ack(ack)), later);
+    assert_eq!(committed(&primary.poll_actions()), Some(3));
+}
+
+#[test]
+fn a_failover_query_is_answered_after_the_promise_and_the_pending_apply_and_fences_the_old_primary()
+{
+    let now = Instant::now();
+    let (_, actions) = open_primary(2, 0, now);
+    let mut follower = replica(2, 1, History::default(), 0, now);
+    follower.handle(received(1, Message::Append(append_to(&actions, 2))), now);
+    let applying = follower.poll_actions();
+    assert!(applying
+        .iter()
+        .any(|a| matches!(a, Action::Apply { last: 1, .. })));
+    let asked = now + Duration::from_millis(10);
+    follower.handle(received(9, Message::Fence { term: 3 }), asked);
+    let actions = follower.poll_actions();
+    assert_eq!(
+        actions,
+        vec![Action::PersistTerm { term: 3 }],
+        "promise first, answer later"
+    );
+    // The apply finishes: no ack goes to the fenced-off primary, and no answer yet.
+    follower.handle(Event::Applied { last: 1 }, asked);
+    assert!(sent(&follower.poll_actions()).is_empty());
+    let promise_end = now + settings().lease;
+    follower.handle(Event::Tick, promise_end - Duration::from_millis(1));
+    assert!(sent(&follower.poll_actions()).is_empty());
+    follower.handle(Event::Tick, promise_end);
+    let answer = FenceAnswer {
+        term: 3,
+        position: Position { term: 2, last: 1 },
+        copying: false,
+    };
+    assert_eq!(
+        sent(&follower.poll_actions()),
+        vec![(9, Message::FenceAnswer(answer))]
+    );
+}
+
+#[test]
+fn the_lease_lasts_from_the_acknowledged_send_and_not_from_a_previous_run() {
+    let now = Instant::now();
+    let (mut primary, actions) = open_primary(2, 0, now);
+    let mut follower = replica(2, 1, History::default(), 0, now);
+    let sent_at = now + Duration::from_millis(5);
+    primary.handle(Event::Tick, sent_at);
+    let ack = follower_answer(&mut follower, append_to(&actions, 2), now);
+    primary.handle(received(2, Message::Ack(ack.clone())), sent_at);
+    let lease = settings().lease - settings().lease_margin;
+    // The ack echoes the stamp of time `now`.
+    assert_eq!(
+        primary.readable(now + lease - Duration::from_millis(1)),
+        Some(1)
+    );
+    assert_eq!(primary.readable(now + lease), None, "the lease ran out");
+    // After a restart, the same (old) stamp gives no lease.
+    let durable = Durable {
+        fenced: 2,
+        history: history(&[(2, 1)]),
+        log_start: 1,
+        last: 1,
+    };
+    let mut restarted = Replica::new(1, settings(), durable, 8, now);
+    restarted.handle(view(2, 1), now);
+    restarted.handle(Event::Written { last: 2 }, now);
+    restarted.poll_actions();
+    let mut old = ack;
+    old.result = AckResult::Holds { last: 2 };
+    restarted.handle(received(2, Message::Ack(old)), now);
+    assert_eq!(committed(&restarted.poll_actions()), Some(2));
+    assert_eq!(
+        restarted.readable(now),
+        None,
+        "a stamp of another run is no promise"
+    );
+}
+
+#[test]
+fn writes_are_admitted_only_while_enough_followers_answer() {
+    let now = Instant::now();
+    let (mut primary, actions) = open_primary(2, 0, now);
+    assert!(!primary.writable(now), "no follower heard from yet");
+    let mut follower = replica(2, 1, History::default(), 0, now);
+    let ack = follower_answer(&mut follower, append_to(&actions, 2), now);
+    primary.handle(received(2, Message::Ack(ack)), now);
+    assert!(primary.writable(now));
+    let silent = now + settings().good_replica_within + Duration::from_millis(1);
+    assert!(!primary.writable(silent));
+}
+
+#[test]
+fn a_silent_primary_is_reported_once_per_silence() {
+    let now = Instant::now();
+    let mut follower = replica(2, 1, History::default(), 0, now);
+    follower.handle(view(1, 1), now);
+    follower.poll_actions();
+    let silence = settings().primary_silence;
+    assert_eq!(follower.next_deadline(), Some(now + silence));
+    follower.handle(Event::Tick, now + silence);
+    let lost = Action::PrimaryLost {
+        primary: 1,
+        term: 1,
+    };
+    assert_eq!(follower.poll_actions(), vec![lost.clone()]);
+    follower.handle(Event::Tick, now + silence + Duration::from_millis(10));
+    assert!(follower.poll_actions().is_empty());
+    follower.handle(Event::Tick, now + silence * 2);
+    assert_eq!(follower.poll_actions(), vec![lost]);
+}
+
+#[test]
+fn a_copy_counts_only_once_its_log_reaches_the_end_of_the_copy() {
+    let now = Instant::now();
+    let mut follower = replica(2, 1, history(&[(1, 1)]), 3, now);
+    let mut append = Append {
+        term: 2,
+        history: history(&[(1, 1)]),
+        log_start: 8,
+        log_end: 15,
+        first: 8,
+        last: 15,
+        commit: 15,
+        stamp: Stamp { run: 1, at_us: 0 },
+    };
+    follower.handle(received(1, Message::Append(append.clone())), now);
+    assert!(follower
+        .poll_actions()
+        .contains(&Action::StartCopy { from: 1, term: 2 }));
+    follower.handle(
+        Event::Copied {
+            term: 2,
+            from: 10,
+            through: 15,
+            history: history(&[(1, 1)]),
+        },
+        now,
+    );
+    assert_eq!(
+        acks(&follower.poll_actions()),
+        vec![AckResult::Gap { last: 10 }]
+    );
+    append.first = 11;
+    append.last = 12;
+    let ack = follower_answer(&mut follower, append.clone(), now);
+    assert_eq!(
+        ack.result,
+        AckResult::Copying,
+        "12 is short of the copy's end"
+    );
+    append.first = 13;
+    append.last = 15;
+    let ack = follower_answer(&mut follower, append, now);
+    assert_eq!(ack.result, AckResult::Holds { last: 15 });
+}
+
+#[test]
+fn promoted_while_still_applying_the_marker_comes_after_the_old_entries() {
+    let now = Instant::now();
+    let mut follower = replica(2, 1, history(&[(1, 1)]), 2, now);
+    let append = Append {
+        term: 1,
+        history: history(&[(1, 1)]),
+        log_start: 1,
+        log_end: 4,
+        first: 3,
+        last: 4,
+        commit: 2,
+        stamp: Stamp { run: 1, at_us: 0 },
+    };
+    follower.handle(received(1, Message::Append(append)), now);
+    follower.poll_actions();
+    follower.handle(view(2, 2), now);
+    assert!(follower
+        .poll_actions()
+        .contains(&Action::WriteMarker { term: 2 }));
+    follower.handle(Event::Applied { last: 4 }, now);
+    follower.handle(Event::Written { last: 5 }, now);
+    assert_eq!(follower.history(), &history(&[(1, 1), (2, 5)]));
+    assert_eq!(follower.position(), Position { term: 2, last: 5 });
+}
+
+fn answer(term: Term, position: (Term, CommitId), copying: bool) -> FenceAnswer {
+    FenceAnswer {
+        term,
+        position: Position {
+            term: position.0,
+            last: position.1,
+        },
+        copying,
+    }
+}
+
+fn promoted(round: &mut Failover) -> Option<HostId> {
+    round
+        .poll_actions()
+        .into_iter()
+        .find_map(|action| match action {
+            failover::Action::Promote { primary, .. } => Some(primary),
+            _ => None,
+        })
+}
+
+#[test]
+fn failover_waits_for_enough_answers_then_picks_the_highest_position() {
+    let now = Instant::now();
+    // Three copies, two needed per write: two answers are needed.
+    let mut round = Failover::new(5, vec![1, 2, 3], vec![2, 3], 2, now);
+    let queries = round.poll_actions();
+    assert_eq!(queries.len(), 3);
+    let from_2 = failover::Event::Answer {
+        from: 2,
+        answer: answer(5, (4, 10), false),
+    };
+    round.handle(from_2, now);
+    assert_eq!(promoted(&mut round), None, "one answer is not enough");
+    let from_3 = failover::Event::Answer {
+        from: 3,
+        answer: answer(5, (4, 12), false),
+    };
+    round.handle(from_3, now);
+    assert_eq!(promoted(&mut round), Some(3));
+    assert!(round.is_over());
+    // The term orders positions before the commit id does.
+    let mut round = Failover::new(5, vec![1, 2, 3], vec![2, 3], 2, now);
+    round.poll_actions();
+    round.handle(
+        failover::Event::Answer {
+            from: 2,
+            answer: answer(5, (4, 10), false),
+        },
+        now,
+    );
+    round.handle(
+        failover::Event::Answer {
+            from: 3,
+            answer: answer(5, (3, 20), false),
+        },
+        now,
+    );
+    assert_eq!(promoted(&mut round), Some(2));
+}
+
+#[test]
+fn failover_never_names_a_copying_replica_nor_passes_over_a_longer_log() {
+    let now = Instant::now();
+    let mut round = Failover::new(5, vec![1, 2, 3], vec![2, 3], 2, now);
+    round.poll_actions();
+    round.handle(
+        failover::Event::Answer {
+            from: 2,
+            answer: answer(5, (4, 10), false),
+        },
+        now,
+    );
+    round.handle(
+        failover::Event::Answer {
+            from: 3,
+            answer: answer(5, (4, 30), true),
+        },
+        now,
+    );
+    assert_eq!(
+        promoted(&mut round),
+        Some(2),
+        "a copy in progress holds no usable log"
+    );
+    // Host 1 may not lead (inactive) but holds the most: wait for all, then give up.
+    let mut round = Failover::new(5, vec![1, 2, 3], vec![2, 3], 2, now);
+    round.poll_actions();
+    round.handle(
+        failover::Event::Answer {
+            from: 1,
+            answer: answer(5, (4, 12), false),
+        },
+        now,
+    );
+    round.handle(
+        failover::Event::Answer {
+            from: 2,
+            answer: answer(5, (4, 10), false),
+        },
+        now,
+    );
+    assert_eq!(promoted(&mut round), None);
+    round.handle(
+        failover::Event::Answer {
+            from: 3,
+            answer: answer(5, (4, 9), false),
+        },
+        now,
+    );
+    let actions = round.poll_actions();
+    assert!(
+        matches!(actions[..], [failover::Action::GiveUp { .. }]),
+        "{actions:?}"
+    );
+}
+
+#[test]
+fn failover_gives_up_on_a_higher_term_and_asks_again_the_silent() {
+    let now = Instant::now();
+    let mut round = Failover::new(5, vec![1, 2, 3], vec![1, 2, 3], 2, now);
+    round.poll_actions();
+    round.handle(
+        failover::Event::Answer {
+            from: 2,
+            answer: answer(5, (4, 10), false),
+        },
+        now,
+    );
+    let again = now + failover::ASK_AGAIN_AFTER;
+    assert_eq!(round.next_deadline(), Some(again));
+    round.handle(failover::Event::Tick, again);
+    let asked: Vec<HostId> = round
+        .poll_actions()
+        .into_iter()
+        .filter_map(|action| match action {
+            failover::Action::Send { to, .. } => Some(to),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(asked, vec![1, 3]);
+    round.handle(
+        failover::Event::Answer {
+            from: 3,
+            answer: answer(6, (4, 10), false),
+        },
+        again,
+    );
+    assert!(matches!(
+        round.poll_actions()[..],
+        [failover::Action::GiveUp { .. }]
+    ));
+    assert!(round.is_over());
+}
