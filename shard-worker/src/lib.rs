@@ -25,7 +25,7 @@
 mod float;
 #[doc(hidden)]
 pub mod fuzzing;
-pub mod link;
+pub(crate) mod link;
 pub mod rebalance;
 pub mod store;
 

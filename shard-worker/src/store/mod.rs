@@ -51,12 +51,11 @@ use heed::{Env, EnvFlags, RwTxn, WithoutTls};
 use shoal_shared::config::Durability;
 use shoal_shared::frame::{Collection, Partition, WorkerError, WorkerRequest, WorkerResponse};
 
-pub use backup::BackupSource;
 pub(crate) use clock::{Clock, SystemClock};
 use shoal_shared::layout::{self, PartitionMeta};
-pub use shoal_shared::lmdb::StoreError;
+pub(crate) use shoal_shared::lmdb::StoreError;
 use shoal_shared::lmdb::{create_database, free_bytes, RawDatabase};
-pub use txns::Locks;
+pub(crate) use txns::Locks;
 
 /// How a store is opened.
 #[derive(Debug, Clone)]
@@ -254,7 +253,8 @@ impl Store {
     }
 
     /// The fenced partitions (as committed).
-    pub fn fences(&self) -> &BTreeSet<Partition> {
+    #[cfg(test)]
+    pub(crate) fn fences(&self) -> &BTreeSet<Partition> {
         &self.fences
     }
 
@@ -344,17 +344,17 @@ impl Store {
     }
 
     /// Highest commit id this shard has committed (over all its partitions).
-    pub fn highest_commit_id(&self) -> u64 {
+    pub(crate) fn highest_commit_id(&self) -> u64 {
         self.highest_commit_id
     }
 
     /// Current size of the memory map.
-    pub fn map_size(&self) -> usize {
+    pub(crate) fn map_size(&self) -> usize {
         self.env.info().map_size
     }
 
     /// Bytes of the map in use.
-    pub fn used_bytes(&self) -> usize {
+    pub(crate) fn used_bytes(&self) -> usize {
         let page_size = self.env.unnamed_database_stat().page_size as usize;
         (self.env.info().last_page_number + 1) * page_size
     }
@@ -363,12 +363,12 @@ impl Store {
     /// (another process reading this environment, killed -9). Such a slot pins the
     /// snapshot it read, so until it is freed no page freed since can be reused and the
     /// data file keeps growing. Returns how many slots were freed.
-    pub fn clear_stale_readers(&self) -> Result<usize, StoreError> {
+    pub(crate) fn clear_stale_readers(&self) -> Result<usize, StoreError> {
         Ok(self.env.clear_stale_readers()?)
     }
 
     /// How long the last group commit took to commit and sync, if it wrote anything.
-    pub fn last_commit(&self) -> Option<std::time::Duration> {
+    pub(crate) fn last_commit(&self) -> Option<std::time::Duration> {
         self.last_commit
     }
 
@@ -378,7 +378,7 @@ impl Store {
     }
 
     /// The key locks held by prepared transactions.
-    pub fn locks(&self) -> &Locks {
+    pub(crate) fn locks(&self) -> &Locks {
         &self.locks
     }
 
@@ -628,12 +628,12 @@ impl Store {
     /// Deletes keys whose time to live has passed, at most `limit` of them, skipping keys
     /// locked by a transaction and keys of fenced partitions. Each deletion is logged.
     /// Returns how many were deleted.
-    pub fn expire_due(&mut self, limit: usize) -> Result<usize, StoreError> {
+    pub(crate) fn expire_due(&mut self, limit: usize) -> Result<usize, StoreError> {
         self.in_write_txn(|store, txn, batch| store.expire_due_in(txn, batch, limit))
     }
 
     /// Trims each partition's log to the retention limits, at most `limit` entries per call.
-    pub fn trim_log(
+    pub(crate) fn trim_log(
         &mut self,
         keep_entries: u64,
         keep_ms: Option<u64>,
