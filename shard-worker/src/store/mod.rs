@@ -10,26 +10,26 @@
 //! commit id) changes only after a commit succeeds.
 //!
 //! A *fenced* partition is on its way to or from another host (see
-//! [`partitions`]). `Store::apply_one` is the one place that refuses client
+//! `partitions`). `Store::apply_one` is the one place that refuses client
 //! writes to it (`PartitionMoved`); reads are served; FLUSH, DBSIZE, SCAN,
 //! KEYS, active expiry and log retention skip it. The set of fenced
 //! partitions is kept in `meta` and loaded at open.
 //!
 //! The store reads the time only from the `Clock` it is opened with, once per write
-//! transaction (see [`clock`]).
+//! transaction (see `clock`).
 //!
 //! Submodules:
-//! - [`clock`]: where the time comes from (the system clock, or a manual one in tests).
+//! - `clock`: where the time comes from (the system clock, or a manual one in tests).
 //!
 //! Submodules adding request handlers to [`Store`]:
-//! - [`keyspace`]: a key's current state, writes with expiry index and log entry.
-//! - [`strings`]: string, expiry and read commands.
-//! - [`txns`]: multi-key transactions (one-worker atomic writes, two-phase commit) and key locks.
-//! - [`scan`]: SCAN, KEYS, DBSIZE, FLUSH.
-//! - [`log`]: the commit log: reads, the change feed, retention.
-//! - [`partitions`]: whole partitions exported, imported, replayed from another host's log,
+//! - `keyspace`: a key's current state, writes with expiry index and log entry.
+//! - `strings`: string, expiry and read commands.
+//! - `txns`: multi-key transactions (one-worker atomic writes, two-phase commit) and key locks.
+//! - `scan`: SCAN, KEYS, DBSIZE, FLUSH.
+//! - `log`: the commit log: reads, the change feed, retention.
+//! - `partitions`: whole partitions exported, imported, replayed from another host's log,
 //!   fenced and cleared (worker count changes, live handoff to another host).
-//! - [`backup`]: copies of the environment taken from a read snapshot, off the apply thread.
+//! - `backup`: copies of the environment taken from a read snapshot, off the apply thread.
 //!
 //! This module never talks to sockets, and it never opens the environment of
 //! another shard.
@@ -60,15 +60,28 @@ pub(crate) use txns::Locks;
 /// How a store is opened.
 #[derive(Debug, Clone)]
 pub struct StoreOptions {
+    /// The shard the environment belongs to (its worker index). Recorded in `meta` when
+    /// the environment is created; a later open with another id fails.
     pub shard_id: u32,
+    /// Number of collections, one database (`c<N>`) each.
     pub collections: u16,
+    /// Number of partitions the keys hash into. Recorded in `meta` when the environment
+    /// is created; a later open with another count fails.
     pub partitions: u16,
     /// The worker count the environment belongs to; `None` while partitions are being
     /// moved between environments (the count is then being changed).
     pub workers: Option<u16>,
+    /// `fsync`: each commit is synced. `async`: commits are not synced, and the owner
+    /// flushes with [`Store::sync`].
     pub durability: Durability,
+    /// Initial size of the memory map, in bytes (rounded up to whole pages). A full map
+    /// is doubled, up to `max_map_size_bytes`.
     pub map_size_bytes: usize,
+    /// Largest size the map may grow to, in bytes. At this limit the writes of a batch
+    /// are refused with [`WorkerError::MapFull`]; reads go on.
     pub max_map_size_bytes: usize,
+    /// Largest string value a write may store, in bytes; a larger one is refused with
+    /// [`WorkerError::ValueTooLarge`].
     pub max_value_bytes: usize,
 }
 
