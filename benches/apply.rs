@@ -11,6 +11,9 @@
 //!
 //! Run with `cargo bench -p shoal-shard-worker --bench apply`.
 
+// `criterion_group!` defines a public function without a doc comment.
+#![allow(missing_docs)]
+
 use criterion::{criterion_group, criterion_main, BatchSize, BenchmarkId, Criterion, Throughput};
 use shoal_shard_worker::store::{Store, StoreOptions};
 use shoal_shared::config::Durability;

@@ -22,7 +22,10 @@ extern "C" {
 const OUT_BYTES: usize = 5 * 1024;
 
 /// `value + increment`, both as Redis float text; `None` for a missing key (0).
-pub fn incr_by_float(value: Option<&[u8]>, increment: &[u8]) -> Result<Vec<u8>, WorkerError> {
+pub(crate) fn incr_by_float(
+    value: Option<&[u8]>,
+    increment: &[u8],
+) -> Result<Vec<u8>, WorkerError> {
     let mut out = vec![0u8; OUT_BYTES];
     let mut out_len = 0usize;
     let (value_ptr, value_len) = value.map_or((std::ptr::null(), 0), |v| (v.as_ptr(), v.len()));

@@ -14,7 +14,7 @@ use shoal_shared::layout::{
 };
 
 /// The layout decoders copy at most their input, plus an error message.
-pub fn layout_allocation_bound(input_bytes: usize) -> usize {
+pub(crate) fn layout_allocation_bound(input_bytes: usize) -> usize {
     input_bytes + 1024
 }
 

@@ -18,14 +18,14 @@
 //! Modules:
 //! - `float`: INCRBYFLOAT arithmetic in long double, as Redis does it.
 //! - [`store`]: the environment and the group-commit apply.
-//! - [`link`]: the socket threads that read requests and write responses.
+//! - `link`: the socket threads that read requests and write responses.
 //! - [`rebalance`]: moving partitions between shards when the worker count changes.
 //! - `fuzzing` (hidden): the layout decoders' properties, for fuzz targets and tests.
 
 mod float;
 #[doc(hidden)]
 pub mod fuzzing;
-pub mod link;
+pub(crate) mod link;
 pub mod rebalance;
 pub mod store;
 

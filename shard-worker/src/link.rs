@@ -25,15 +25,15 @@ const QUEUE_CAPACITY: usize = 16 * 1024;
 const READ_CHUNK_BYTES: usize = 64 * 1024;
 
 /// A request waiting to be applied, with the way back to its connection.
-pub struct Queued {
-    pub id: u64,
-    pub request: WorkerRequest,
-    pub reply: Sender<ResponseEnvelope>,
+pub(crate) struct Queued {
+    pub(crate) id: u64,
+    pub(crate) request: WorkerRequest,
+    pub(crate) reply: Sender<ResponseEnvelope>,
 }
 
 /// Binds the worker's socket and starts accepting connections in the background.
 /// Returns the queue the apply loop reads.
-pub fn listen(path: &Path, shutdown: Arc<AtomicBool>) -> anyhow::Result<Receiver<Queued>> {
+pub(crate) fn listen(path: &Path, shutdown: Arc<AtomicBool>) -> anyhow::Result<Receiver<Queued>> {
     // A socket file left by a previous run of this worker is stale: the supervisor's
     // PID file guarantees no other live process serves this data dir.
     match std::fs::remove_file(path) {

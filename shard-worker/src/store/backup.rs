@@ -31,7 +31,7 @@ use shoal_shared::layout;
 const HASH_CHUNK_BYTES: usize = 1 << 20;
 
 /// What a backup thread needs of the store.
-pub struct BackupSource {
+pub(crate) struct BackupSource {
     env: heed::Env<WithoutTls>,
     resize_gate: Arc<RwLock<()>>,
     max_dbs: u32,
@@ -39,7 +39,7 @@ pub struct BackupSource {
 
 impl Store {
     /// A handle for copying this environment from another thread.
-    pub fn backup_source(&self) -> BackupSource {
+    pub(crate) fn backup_source(&self) -> BackupSource {
         BackupSource {
             env: self.env.clone(),
             resize_gate: Arc::clone(&self.resize_gate),
@@ -55,7 +55,7 @@ fn io_error(path: &Path, what: &str, error: std::io::Error) -> StoreError {
 impl BackupSource {
     /// Copies the environment to `dir/data.mdb` (`dir` must not exist; its parent must),
     /// syncs it, and reports what the copy holds.
-    pub fn copy_to(&self, dir: &Path) -> Result<ShardBackup, StoreError> {
+    pub(crate) fn copy_to(&self, dir: &Path) -> Result<ShardBackup, StoreError> {
         std::fs::create_dir(dir).map_err(|error| io_error(dir, "cannot create", error))?;
         let path = dir.join(SHARD_FILE);
         let mut file = OpenOptions::new()

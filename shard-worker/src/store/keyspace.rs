@@ -18,16 +18,16 @@ use shoal_shared::layout::{self, LogRecord, PartitionMeta};
 /// A live value.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub(crate) struct Live {
-    pub value: Vec<u8>,
-    pub expires_at_ms: Option<u64>,
+    pub(crate) value: Vec<u8>,
+    pub(crate) expires_at_ms: Option<u64>,
 }
 
 /// A key as a write sees it.
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub(crate) struct Current {
-    pub live: Option<Live>,
+    pub(crate) live: Option<Live>,
     /// The key is stored but expired at this time; it has not been purged yet.
-    pub expired_at_ms: Option<u64>,
+    pub(crate) expired_at_ms: Option<u64>,
 }
 
 impl Store {

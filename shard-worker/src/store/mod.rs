@@ -10,26 +10,26 @@
 //! commit id) changes only after a commit succeeds.
 //!
 //! A *fenced* partition is on its way to or from another host (see
-//! [`partitions`]). `Store::apply_one` is the one place that refuses client
+//! `partitions`). `Store::apply_one` is the one place that refuses client
 //! writes to it (`PartitionMoved`); reads are served; FLUSH, DBSIZE, SCAN,
 //! KEYS, active expiry and log retention skip it. The set of fenced
 //! partitions is kept in `meta` and loaded at open.
 //!
 //! The store reads the time only from the `Clock` it is opened with, once per write
-//! transaction (see [`clock`]).
+//! transaction (see `clock`).
 //!
 //! Submodules:
-//! - [`clock`]: where the time comes from (the system clock, or a manual one in tests).
+//! - `clock`: where the time comes from (the system clock, or a manual one in tests).
 //!
 //! Submodules adding request handlers to [`Store`]:
-//! - [`keyspace`]: a key's current state, writes with expiry index and log entry.
-//! - [`strings`]: string, expiry and read commands.
-//! - [`txns`]: multi-key transactions (one-worker atomic writes, two-phase commit) and key locks.
-//! - [`scan`]: SCAN, KEYS, DBSIZE, FLUSH.
-//! - [`log`]: the commit log: reads, the change feed, retention.
-//! - [`partitions`]: whole partitions exported, imported, replayed from another host's log,
+//! - `keyspace`: a key's current state, writes with expiry index and log entry.
+//! - `strings`: string, expiry and read commands.
+//! - `txns`: multi-key transactions (one-worker atomic writes, two-phase commit) and key locks.
+//! - `scan`: SCAN, KEYS, DBSIZE, FLUSH.
+//! - `log`: the commit log: reads, the change feed, retention.
+//! - `partitions`: whole partitions exported, imported, replayed from another host's log,
 //!   fenced and cleared (worker count changes, live handoff to another host).
-//! - [`backup`]: copies of the environment taken from a read snapshot, off the apply thread.
+//! - `backup`: copies of the environment taken from a read snapshot, off the apply thread.
 //!
 //! This module never talks to sockets, and it never opens the environment of
 //! another shard.
@@ -51,25 +51,37 @@ use heed::{Env, EnvFlags, RwTxn, WithoutTls};
 use shoal_shared::config::Durability;
 use shoal_shared::frame::{Collection, Partition, WorkerError, WorkerRequest, WorkerResponse};
 
-pub use backup::BackupSource;
 pub(crate) use clock::{Clock, SystemClock};
 use shoal_shared::layout::{self, PartitionMeta};
-pub use shoal_shared::lmdb::StoreError;
+pub(crate) use shoal_shared::lmdb::StoreError;
 use shoal_shared::lmdb::{create_database, free_bytes, RawDatabase};
-pub use txns::Locks;
+pub(crate) use txns::Locks;
 
 /// How a store is opened.
 #[derive(Debug, Clone)]
 pub struct StoreOptions {
+    /// The shard the environment belongs to (its worker index). Recorded in `meta` when
+    /// the environment is created; a later open with another id fails.
     pub shard_id: u32,
+    /// Number of collections, one database (`c<N>`) each.
     pub collections: u16,
+    /// Number of partitions the keys hash into. Recorded in `meta` when the environment
+    /// is created; a later open with another count fails.
     pub partitions: u16,
     /// The worker count the environment belongs to; `None` while partitions are being
     /// moved between environments (the count is then being changed).
     pub workers: Option<u16>,
+    /// `fsync`: each commit is synced. `async`: commits are not synced, and the owner
+    /// flushes with [`Store::sync`].
     pub durability: Durability,
+    /// Initial size of the memory map, in bytes (rounded up to whole pages). A full map
+    /// is doubled, up to `max_map_size_bytes`.
     pub map_size_bytes: usize,
+    /// Largest size the map may grow to, in bytes. At this limit the writes of a batch
+    /// are refused with [`WorkerError::MapFull`]; reads go on.
     pub max_map_size_bytes: usize,
+    /// Largest string value a write may store, in bytes; a larger one is refused with
+    /// [`WorkerError::ValueTooLarge`].
     pub max_value_bytes: usize,
 }
 
@@ -254,7 +266,8 @@ impl Store {
     }
 
     /// The fenced partitions (as committed).
-    pub fn fences(&self) -> &BTreeSet<Partition> {
+    #[cfg(test)]
+    pub(crate) fn fences(&self) -> &BTreeSet<Partition> {
         &self.fences
     }
 
@@ -344,17 +357,17 @@ impl Store {
     }
 
     /// Highest commit id this shard has committed (over all its partitions).
-    pub fn highest_commit_id(&self) -> u64 {
+    pub(crate) fn highest_commit_id(&self) -> u64 {
         self.highest_commit_id
     }
 
     /// Current size of the memory map.
-    pub fn map_size(&self) -> usize {
+    pub(crate) fn map_size(&self) -> usize {
         self.env.info().map_size
     }
 
     /// Bytes of the map in use.
-    pub fn used_bytes(&self) -> usize {
+    pub(crate) fn used_bytes(&self) -> usize {
         let page_size = self.env.unnamed_database_stat().page_size as usize;
         (self.env.info().last_page_number + 1) * page_size
     }
@@ -363,12 +376,12 @@ impl Store {
     /// (another process reading this environment, killed -9). Such a slot pins the
     /// snapshot it read, so until it is freed no page freed since can be reused and the
     /// data file keeps growing. Returns how many slots were freed.
-    pub fn clear_stale_readers(&self) -> Result<usize, StoreError> {
+    pub(crate) fn clear_stale_readers(&self) -> Result<usize, StoreError> {
         Ok(self.env.clear_stale_readers()?)
     }
 
     /// How long the last group commit took to commit and sync, if it wrote anything.
-    pub fn last_commit(&self) -> Option<std::time::Duration> {
+    pub(crate) fn last_commit(&self) -> Option<std::time::Duration> {
         self.last_commit
     }
 
@@ -378,7 +391,7 @@ impl Store {
     }
 
     /// The key locks held by prepared transactions.
-    pub fn locks(&self) -> &Locks {
+    pub(crate) fn locks(&self) -> &Locks {
         &self.locks
     }
 
@@ -628,12 +641,12 @@ impl Store {
     /// Deletes keys whose time to live has passed, at most `limit` of them, skipping keys
     /// locked by a transaction and keys of fenced partitions. Each deletion is logged.
     /// Returns how many were deleted.
-    pub fn expire_due(&mut self, limit: usize) -> Result<usize, StoreError> {
+    pub(crate) fn expire_due(&mut self, limit: usize) -> Result<usize, StoreError> {
         self.in_write_txn(|store, txn, batch| store.expire_due_in(txn, batch, limit))
     }
 
     /// Trims each partition's log to the retention limits, at most `limit` entries per call.
-    pub fn trim_log(
+    pub(crate) fn trim_log(
         &mut self,
         keep_entries: u64,
         keep_ms: Option<u64>,

@@ -32,11 +32,11 @@ use super::{Batch, OpError, OpResult, RawDatabase, Store, StoreError};
 use shoal_shared::layout::{self, LogRecord, PartitionMeta};
 
 /// Raw records of one partition, and where to continue.
-pub struct Chunk {
-    pub records: Vec<Record>,
-    pub bytes: usize,
+pub(crate) struct Chunk {
+    pub(crate) records: Vec<Record>,
+    pub(crate) bytes: usize,
     /// Where the next chunk starts; `None` when the partition is complete.
-    pub next: Option<(RecordTable, Vec<u8>)>,
+    pub(crate) next: Option<(RecordTable, Vec<u8>)>,
 }
 
 impl Store {
@@ -71,7 +71,7 @@ impl Store {
     }
 
     /// Reads up to about `max_bytes` of `partition`'s records, from `from` (inclusive).
-    pub fn export_partition(
+    pub(crate) fn export_partition(
         &self,
         partition: Partition,
         from: Option<(RecordTable, Vec<u8>)>,
@@ -175,7 +175,7 @@ impl Store {
     }
 
     /// Writes raw records in one transaction (growing the map if needed).
-    pub fn import_records(&mut self, records: &[Record]) -> Result<(), StoreError> {
+    pub(crate) fn import_records(&mut self, records: &[Record]) -> Result<(), StoreError> {
         let metas = self.check_records(records).map_err(StoreError::Mismatch)?;
         self.in_write_txn(|store, txn, batch| store.write_records(txn, batch, records, &metas))
     }
@@ -364,7 +364,7 @@ impl Store {
     }
 
     /// Deletes every record of `partition` (a no-op for a partition this shard does not hold).
-    pub fn clear_partition(&mut self, partition: Partition) -> Result<(), StoreError> {
+    pub(crate) fn clear_partition(&mut self, partition: Partition) -> Result<(), StoreError> {
         self.in_write_txn(|store, txn, batch| store.clear_partition_in(txn, batch, partition))
     }
 
@@ -417,7 +417,7 @@ impl Store {
     }
 
     /// Deletes every record of the partitions `doomed` says yes to.
-    pub fn clear_partitions(
+    pub(crate) fn clear_partitions(
         &mut self,
         doomed: &dyn Fn(Partition) -> bool,
     ) -> Result<(), StoreError> {
@@ -473,7 +473,7 @@ impl Store {
     }
 
     /// Multi-worker transactions still prepared here.
-    pub fn prepared_transactions(&self) -> Result<usize, StoreError> {
+    pub(crate) fn prepared_transactions(&self) -> Result<usize, StoreError> {
         let txn = self.env.read_txn()?;
         let mut prepared = 0;
         for item in self.txns.iter(&txn)? {
@@ -486,7 +486,7 @@ impl Store {
     }
 
     /// The id high-water mark recorded here (0 if none).
-    pub fn ids_high_water(&self) -> Result<u64, StoreError> {
+    pub(crate) fn ids_high_water(&self) -> Result<u64, StoreError> {
         let txn = self.env.read_txn()?;
         match self.meta.get(&txn, layout::META_IDS_HIGH_WATER)? {
             Some(raw) => Ok(layout::decode_u64(raw, "id high-water mark")?),
@@ -496,7 +496,7 @@ impl Store {
 
     /// Records the id high-water mark (never lowers it) and the worker count the
     /// environment now belongs to.
-    pub fn finish_rebalance(
+    pub(crate) fn finish_rebalance(
         &mut self,
         ids_high_water: u64,
         partitions: u16,

@@ -39,8 +39,8 @@ fn next_partition_start(partition: Partition) -> Option<Vec<u8>> {
 /// Where a scan walks: after a stored key, within one partition or across all.
 #[derive(Debug, Clone, Copy, Default)]
 pub(crate) struct ScanRange<'a> {
-    pub after: Option<&'a [u8]>,
-    pub only: Option<Partition>,
+    pub(crate) after: Option<&'a [u8]>,
+    pub(crate) only: Option<Partition>,
 }
 
 /// Where a walk over a collection goes on.

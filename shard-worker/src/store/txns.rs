@@ -31,7 +31,7 @@ type LockKey = (Collection, Partition, Vec<u8>);
 
 /// Keys locked by prepared transactions.
 #[derive(Debug, Default)]
-pub struct Locks {
+pub(crate) struct Locks {
     by_key: HashMap<LockKey, u64>,
     by_txid: HashMap<u64, Vec<LockKey>>,
 }
@@ -44,7 +44,7 @@ pub(crate) enum LockChange {
 
 impl Locks {
     /// The transaction holding `key`, if any.
-    pub fn holder(&self, collection: Collection, key: &Key) -> Option<u64> {
+    pub(crate) fn holder(&self, collection: Collection, key: &Key) -> Option<u64> {
         if self.by_key.is_empty() {
             return None;
         }
@@ -54,7 +54,7 @@ impl Locks {
     }
 
     /// Whether any key of `collection` (or of any collection, for `None`) is locked.
-    pub fn any_in(&self, collection: Option<Collection>) -> bool {
+    pub(crate) fn any_in(&self, collection: Option<Collection>) -> bool {
         match collection {
             None => !self.by_key.is_empty(),
             Some(c) => self.by_key.keys().any(|(locked, _, _)| *locked == c),
@@ -68,13 +68,8 @@ impl Locks {
             .any(|((_, p, _), txid)| *p == partition && !released.contains(txid))
     }
 
-    /// Number of locked keys.
-    pub fn len(&self) -> usize {
-        self.by_key.len()
-    }
-
     /// Whether no key is locked.
-    pub fn is_empty(&self) -> bool {
+    pub(crate) fn is_empty(&self) -> bool {
         self.by_key.is_empty()
     }
 
