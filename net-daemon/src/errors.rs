@@ -46,6 +46,9 @@ pub fn worker_error(error: &WorkerError) -> Reply {
         WorkerError::PartitionMoved { partition } => Reply::error(format!(
             "TRYAGAIN partition {partition} is moving to another host; nothing was written"
         )),
+        WorkerError::TermFenced { fenced } => Reply::error(format!(
+            "TRYAGAIN this copy follows a newer primary (term {fenced}); nothing was written"
+        )),
     }
 }
 

@@ -9,8 +9,9 @@
 use shoal_shared::fuzzing::with_allocation_limit;
 
 use shoal_shared::layout::{
-    decode_expiry_key, decode_log_entry, decode_partition_meta, decode_value, encode_log_value,
-    encode_partition_meta, encode_value, expiry_key, LogRecord,
+    decode_expiry_key, decode_log_entry, decode_partition_meta, decode_replica_state, decode_value,
+    encode_log_value, encode_partition_meta, encode_replica_state, encode_value, expiry_key,
+    LogRecord,
 };
 
 /// The layout decoders copy at most their input, plus an error message.
@@ -51,7 +52,8 @@ pub fn check_log_entry(input: &[u8]) {
     assert_eq!(encoded, raw_value);
 }
 
-/// Checks [`decode_expiry_key`] and [`decode_partition_meta`] on the same input.
+/// Checks [`decode_expiry_key`], [`decode_partition_meta`] and [`decode_replica_state`]
+/// on the same input.
 pub fn check_meta(input: &[u8]) {
     let bound = layout_allocation_bound(input.len());
     let expiry = with_allocation_limit(bound, || {
@@ -69,6 +71,9 @@ pub fn check_meta(input: &[u8]) {
     }
     if let Ok(meta) = with_allocation_limit(bound, || decode_partition_meta(input)) {
         assert_eq!(&encode_partition_meta(meta)[..], input);
+    }
+    if let Ok(state) = with_allocation_limit(bound, || decode_replica_state(input)) {
+        assert_eq!(encode_replica_state(&state), input);
     }
 }
 
@@ -150,6 +155,13 @@ pub fn meta_seeds() -> Vec<(&'static str, Vec<u8>)> {
                 trimmed_through: 3,
             })
             .to_vec(),
+        ),
+        (
+            "replica-state",
+            encode_replica_state(&shoal_shared::layout::ReplicaState {
+                fenced_term: 7,
+                history: vec![(1, 1), (4, 90), (7, 200)],
+            }),
         ),
     ]
 }

@@ -15,7 +15,8 @@ fn change() -> impl Strategy<Value = ChangeType> {
     prop_oneof![
         Just(ChangeType::Create),
         Just(ChangeType::Delete),
-        Just(ChangeType::Update)
+        Just(ChangeType::Update),
+        Just(ChangeType::Marker)
     ]
 }
 

@@ -487,6 +487,37 @@ pub enum WorkerRequest {
     },
     /// → `Partitions`: the fenced partitions, ascending.
     Fences,
+    /// Replication: promises to follow no primary of a term below `term` for
+    /// `partition` (durable; the stored term never goes down). → `Ok`.
+    PromiseTerm {
+        /// The partition.
+        partition: Partition,
+        /// The term promised.
+        term: u64,
+    },
+    /// Replication: opens `term` as this copy's primary term. Writes a marker entry at
+    /// the partition's next commit id and records that `term` writes from it on, in one
+    /// transaction. → `Integer` (the marker's commit id), or `Error(TermFenced)` when a
+    /// higher term was promised. Ignores the fence.
+    OpenTerm {
+        /// The partition.
+        partition: Partition,
+        /// The new primary term.
+        term: u64,
+    },
+    /// Replication: replays the primary's log entries (as `ApplyLog` does) and stores
+    /// the log's term history, in one transaction. The entries must belong to
+    /// `partition` and follow one another, the first no later than the partition's last
+    /// commit id + 1. → `Integer` (the partition's last commit id after them). Ignores
+    /// the fence.
+    Replicate {
+        /// The partition.
+        partition: Partition,
+        /// The entries, in commit order (may be empty, to store the history alone).
+        entries: Vec<LogEntry>,
+        /// The log's `(term, first commit id)` pairs once they are applied.
+        history: Vec<(u64, u64)>,
+    },
 }
 
 impl WorkerRequest {
@@ -696,6 +727,11 @@ pub enum WorkerError {
         /// The fenced partition.
         partition: Partition,
     },
+    /// This copy promised to follow a higher primary term than the one asked for.
+    TermFenced {
+        /// The term it promised.
+        fenced: u64,
+    },
 }
 
 /// What a commit-log entry records.
@@ -708,6 +744,8 @@ pub enum ChangeType {
     Delete = 0b01,
     /// `10`: the key existed and got a new value.
     Update = 0b10,
+    /// `11`: a new primary's first entry; it changes no key.
+    Marker = 0b11,
 }
 
 impl ChangeType {
@@ -717,6 +755,7 @@ impl ChangeType {
             0b00 => Some(ChangeType::Create),
             0b01 => Some(ChangeType::Delete),
             0b10 => Some(ChangeType::Update),
+            0b11 => Some(ChangeType::Marker),
             _ => None,
         }
     }
@@ -727,6 +766,7 @@ impl ChangeType {
             ChangeType::Create => "create",
             ChangeType::Delete => "delete",
             ChangeType::Update => "update",
+            ChangeType::Marker => "marker",
         }
     }
 }
@@ -1048,9 +1088,16 @@ mod tests {
         assert_eq!(ChangeType::Create as u8, 0b00);
         assert_eq!(ChangeType::Delete as u8, 0b01);
         assert_eq!(ChangeType::Update as u8, 0b10);
-        for change in [ChangeType::Create, ChangeType::Delete, ChangeType::Update] {
+        assert_eq!(ChangeType::Marker as u8, 0b11);
+        let all = [
+            ChangeType::Create,
+            ChangeType::Delete,
+            ChangeType::Update,
+            ChangeType::Marker,
+        ];
+        for change in all {
             assert_eq!(ChangeType::from_byte(change as u8), Some(change));
         }
-        assert_eq!(ChangeType::from_byte(3), None);
+        assert_eq!(ChangeType::from_byte(4), None);
     }
 }

@@ -23,8 +23,9 @@
 //! value = timestamp_ms u64 ++ change_type u8 ++ collection u16 ++ expires_at_ms u64 (0: none)
 //!         ++ key_len u16 ++ key ++ data
 //! ```
-//! `change_type` is 0b00 create, 0b01 delete, 0b10 update. `data` is the new
-//! value (empty for a delete). `key_len` is at most `MAX_STORED_KEY_BYTES`.
+//! `change_type` is 0b00 create, 0b01 delete, 0b10 update, 0b11 marker. `data` is
+//! the new value (empty for a delete). A marker opens a primary's term and changes
+//! no key: its collection is 0 and its key and data are empty. `key_len` is at most `MAX_STORED_KEY_BYTES`.
 //!
 //! Named database `txns`, multi-worker transactions this shard takes part in:
 //! ```text
@@ -40,9 +41,16 @@
 //! "ids_high_water"        → u64: every id this shard's blocks cover is below it
 //! "p" ++ partition u16    → last_commit_id u64 ++ mtime_ms u64 ++ trimmed_through u64
 //! "fence" ++ partition u16 → empty: the partition is fenced (moving to or from another host)
+//! "r" ++ partition u16    → fenced_term u64 ++ (term u64 ++ first_commit_id u64)*
 //! ```
 //! `trimmed_through` is the highest commit id that log retention has removed
 //! (0 if none): the log of the partition holds every entry above it.
+//!
+//! The `"r"` entry is the partition's replication state (absent: term 0, no
+//! history): the highest primary term this copy promised to follow, then the
+//! history of its log, `(term, first commit id written in that term)` pairs with
+//! both fields strictly increasing. It is this host's promise, not part of the
+//! partition's data: it is neither exported nor cleared with the partition.
 //!
 //! A fence entry is `66 65 6e 63 65` ("fence") then the partition, big-endian: 7
 //! bytes. It exists only while the partition is fenced; no other `meta` key starts
@@ -302,6 +310,69 @@ pub fn partition_meta_key(partition: Partition) -> [u8; 3] {
     [b'p', high, low]
 }
 
+/// `"r" ++ partition`: the partition's replication state.
+pub fn replica_state_key(partition: Partition) -> [u8; 3] {
+    let [high, low] = partition.to_be_bytes();
+    [b'r', high, low]
+}
+
+/// A partition's replication state in `meta` (see the module header).
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct ReplicaState {
+    /// The highest primary term this copy promised to follow (0: none).
+    pub fenced_term: u64,
+    /// `(term, first commit id written in that term)`, both strictly increasing.
+    pub history: Vec<(u64, u64)>,
+}
+
+/// Longest history stored: one pair per failover of the partition.
+pub const MAX_HISTORY_PAIRS: usize = 4096;
+
+/// Encodes a partition's replication state: fenced term, then the history pairs.
+pub fn encode_replica_state(state: &ReplicaState) -> Vec<u8> {
+    let mut out = Vec::with_capacity(8 + 16 * state.history.len());
+    out.extend_from_slice(&state.fenced_term.to_be_bytes());
+    for (term, first) in &state.history {
+        out.extend_from_slice(&term.to_be_bytes());
+        out.extend_from_slice(&first.to_be_bytes());
+    }
+    out
+}
+
+/// Decodes a partition's replication state; the pairs must increase strictly.
+pub fn decode_replica_state(raw: &[u8]) -> Result<ReplicaState, CorruptError> {
+    if raw.len() < 8 || !(raw.len() - 8).is_multiple_of(16) {
+        return Err(corrupt(
+            "replication state",
+            format!("{} bytes, expected 8 + 16 per history pair", raw.len()),
+        ));
+    }
+    let pairs = (raw.len() - 8) / 16;
+    if pairs > MAX_HISTORY_PAIRS {
+        return Err(corrupt(
+            "replication state",
+            format!("{pairs} history pairs, at most {MAX_HISTORY_PAIRS}"),
+        ));
+    }
+    let history: Vec<(u64, u64)> = raw[8..]
+        .chunks_exact(16)
+        .map(|pair| (read_u64(&pair[..8]), read_u64(&pair[8..])))
+        .collect();
+    if !history
+        .windows(2)
+        .all(|w| w[0].0 < w[1].0 && w[0].1 < w[1].1)
+    {
+        return Err(corrupt(
+            "replication state",
+            "history pairs do not increase strictly",
+        ));
+    }
+    Ok(ReplicaState {
+        fenced_term: read_u64(&raw[..8]),
+        history,
+    })
+}
+
 /// Prefix of a fence entry in `meta`.
 pub const META_FENCE_PREFIX: &[u8] = b"fence";
 
@@ -455,7 +526,7 @@ mod tests {
         assert!(log_key(3, u64::MAX) < log_key(4, 0));
         assert!(decode_log_entry(&key, &value[..12]).is_err());
         let mut bad = value.clone();
-        bad[8] = 3;
+        bad[8] = 4;
         assert!(decode_log_entry(&key, &bad).is_err());
         // A key length beyond any stored key is corruption, even if the bytes are there
         // (found by fuzzing: the entry would not re-encode).

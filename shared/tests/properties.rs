@@ -230,7 +230,8 @@ fn log_entry() -> impl Strategy<Value = LogEntry> {
     let change = prop_oneof![
         Just(ChangeType::Create),
         Just(ChangeType::Delete),
-        Just(ChangeType::Update)
+        Just(ChangeType::Update),
+        Just(ChangeType::Marker)
     ];
     (
         (any::<u16>(), any::<u64>(), any::<u64>(), change),

@@ -187,7 +187,7 @@ impl Store {
     }
 
     /// Advances the partition's commit id inside this transaction.
-    fn next_commit_id(
+    pub(super) fn next_commit_id(
         &self,
         txn: &RwTxn,
         batch: &mut Batch,
@@ -232,7 +232,7 @@ impl Store {
     }
 
     #[allow(clippy::too_many_arguments)]
-    fn append_log(
+    pub(super) fn append_log(
         &self,
         txn: &mut RwTxn,
         batch: &Batch,

@@ -29,6 +29,8 @@
 //! - `log`: the commit log: reads, the change feed, retention.
 //! - `partitions`: whole partitions exported, imported, replayed from another host's log,
 //!   fenced and cleared (worker count changes, live handoff to another host).
+//! - `replica`: a partition's replication state (promised term, log term history), the
+//!   marker entry that opens a primary's term, and replicated entries with their history.
 //! - `backup`: copies of the environment taken from a read snapshot, off the apply thread.
 //!
 //! This module never talks to sockets, and it never opens the environment of
@@ -39,6 +41,7 @@ mod clock;
 mod keyspace;
 mod log;
 mod partitions;
+mod replica;
 mod scan;
 mod strings;
 mod txns;
@@ -605,6 +608,17 @@ impl Store {
                 self.set_fence(txn, batch, *partition, *fenced)
             }
             WorkerRequest::Fences => self.fences_reply(batch),
+            WorkerRequest::PromiseTerm { partition, term } => {
+                self.promise_term(txn, batch, *partition, *term)
+            }
+            WorkerRequest::OpenTerm { partition, term } => {
+                self.open_term(txn, batch, *partition, *term)
+            }
+            WorkerRequest::Replicate {
+                partition,
+                entries,
+                history,
+            } => self.replicate(txn, batch, *partition, entries, history),
             _ => self.keyed(txn, batch, request),
         };
         match result {

@@ -297,6 +297,14 @@ impl Store {
     }
 
     fn replay(&self, txn: &mut RwTxn, batch: &mut Batch, entry: &LogEntry) -> Result<(), OpError> {
+        if entry.change != ChangeType::Marker {
+            self.replay_key(txn, entry)?;
+        }
+        self.log_replayed(txn, batch, entry)
+    }
+
+    /// Writes the key change of a replayed entry, unless the stored value is as new.
+    fn replay_key(&self, txn: &mut RwTxn, entry: &LogEntry) -> Result<(), OpError> {
         let db = self.db(entry.collection)?;
         let stored_key = layout::data_key(entry.partition, &entry.key);
         // (commit id, expiry) of the stored value. A value that does not decode is
@@ -312,7 +320,7 @@ impl Store {
         if !applied {
             let old_expiry = stored.and_then(|(_, expires_at_ms)| expires_at_ms);
             let new_expiry = match entry.change {
-                ChangeType::Delete => None,
+                ChangeType::Delete | ChangeType::Marker => None,
                 ChangeType::Create | ChangeType::Update => entry.expires_at_ms,
             };
             if old_expiry != new_expiry {
@@ -328,7 +336,7 @@ impl Store {
                 }
             }
             match entry.change {
-                ChangeType::Delete => {
+                ChangeType::Delete | ChangeType::Marker => {
                     if stored.is_some() {
                         db.delete(txn, &stored_key)?;
                     }
@@ -340,6 +348,16 @@ impl Store {
                 )?,
             }
         }
+        Ok(())
+    }
+
+    /// Writes a replayed entry to the log and moves the partition's last commit id.
+    fn log_replayed(
+        &self,
+        txn: &mut RwTxn,
+        batch: &mut Batch,
+        entry: &LogEntry,
+    ) -> Result<(), OpError> {
         let meta = self.partition_meta(txn, batch, entry.partition)?;
         // The log keeps every entry above `trimmed_through`; one below it would never be trimmed.
         if entry.commit_id > meta.trimmed_through {
@@ -522,7 +540,8 @@ impl Store {
 
 /// Raw keys of `table` whose partition `doomed` says yes to.
 /// A request refused as invalid, before anything of it was written.
-fn refused(why: String) -> OpError {
+/// A request refused with a storage error that names why.
+pub(super) fn refused(why: String) -> OpError {
     OpError::Refused(WorkerError::Storage(why))
 }
 

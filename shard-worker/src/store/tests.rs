@@ -1858,3 +1858,154 @@ fn clearing_a_partition_removes_all_of_it_and_nothing_else() {
     assert_eq!(partitions.len(), 4);
     assert!(!partitions.contains(&1));
 }
+
+fn read_log(store: &mut Store, partition: Partition) -> Vec<LogEntry> {
+    let request = WorkerRequest::ReadLog {
+        partition,
+        from_commit_id: 0,
+        count: 1000,
+    };
+    match apply(store, &[request]).remove(0) {
+        WorkerResponse::Log(entries) => entries,
+        other => panic!("{other:?}"),
+    }
+}
+
+fn replica_state(store: &Store, partition: Partition) -> layout::ReplicaState {
+    let txn = store.env.write_txn().unwrap();
+    let Ok(state) = store.replica_state(&txn, partition) else {
+        panic!("the replication state of partition {partition} does not read")
+    };
+    state
+}
+
+#[test]
+fn opening_a_term_writes_a_marker_and_records_the_term_with_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut store = Store::open(dir.path(), &options()).unwrap();
+    apply(&mut store, &[set(0, key(1, b"k"), b"a")]);
+    let open = |term| WorkerRequest::OpenTerm { partition: 1, term };
+    assert_eq!(
+        apply(&mut store, &[open(3)]),
+        vec![WorkerResponse::Integer(2)]
+    );
+    let log = read_log(&mut store, 1);
+    assert_eq!(log.len(), 2);
+    assert_eq!(log[1].change, ChangeType::Marker);
+    assert!(log[1].key.is_empty() && log[1].data.is_empty());
+    assert_eq!(
+        get(&mut store, 0, key(1, b"k")),
+        WorkerResponse::Value(Some(b"a".to_vec()))
+    );
+    let expected = layout::ReplicaState {
+        fenced_term: 3,
+        history: vec![(3, 2)],
+    };
+    assert_eq!(replica_state(&store, 1), expected);
+    // The same term again (a restarted primary): another marker, the same history.
+    assert_eq!(
+        apply(&mut store, &[open(3)]),
+        vec![WorkerResponse::Integer(3)]
+    );
+    assert_eq!(replica_state(&store, 1).history, vec![(3, 2)]);
+    // A promise of a higher term fences the old one off; promises never go down.
+    let promise = |term| WorkerRequest::PromiseTerm { partition: 1, term };
+    assert_eq!(
+        apply(&mut store, &[promise(5), promise(4)]),
+        vec![WorkerResponse::Ok; 2]
+    );
+    assert_eq!(replica_state(&store, 1).fenced_term, 5);
+    assert_eq!(
+        apply(&mut store, &[open(4)]),
+        vec![WorkerResponse::Error(WorkerError::TermFenced { fenced: 5 })]
+    );
+    assert_eq!(
+        last_commit_id(&mut store, 1),
+        3,
+        "a refused term writes nothing"
+    );
+    // The state is durable, and it is not part of the partition's records.
+    drop(store);
+    let mut store = Store::open(dir.path(), &options()).unwrap();
+    assert_eq!(replica_state(&store, 1).fenced_term, 5);
+    let records = records_of(&mut store, 1);
+    assert!(records
+        .iter()
+        .all(|r| r.key.as_slice() != layout::replica_state_key(1).as_slice()));
+    assert!(replica_state(&store, 2) == layout::ReplicaState::default());
+}
+
+#[test]
+fn replicated_entries_follow_on_and_store_the_history_with_them() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut primary = Store::open(dir.path().join("p").as_path(), &options()).unwrap();
+    let mut follower = Store::open(dir.path().join("f").as_path(), &options()).unwrap();
+    apply(&mut primary, &[set(0, key(1, b"a"), b"1")]);
+    apply(
+        &mut primary,
+        &[WorkerRequest::OpenTerm {
+            partition: 1,
+            term: 2,
+        }],
+    );
+    apply(
+        &mut primary,
+        &[
+            set(0, key(1, b"b"), b"2"),
+            WorkerRequest::Delete {
+                collection: 0,
+                keys: vec![key(1, b"a")],
+            },
+        ],
+    );
+    let log = read_log(&mut primary, 1);
+    assert_eq!(log.len(), 4);
+    let history = vec![(2, 2)];
+    let replicate = |entries: &[LogEntry]| WorkerRequest::Replicate {
+        partition: 1,
+        entries: entries.to_vec(),
+        history: history.clone(),
+    };
+    // A gap after the follower's last entry is refused, and nothing is written.
+    let refused = apply(&mut follower, &[replicate(&log[1..])]).remove(0);
+    assert!(
+        matches!(refused, WorkerResponse::Error(WorkerError::Storage(_))),
+        "{refused:?}"
+    );
+    assert_eq!(last_commit_id(&mut follower, 1), 0);
+    assert_eq!(
+        apply(&mut follower, &[replicate(&log[..2])]),
+        vec![WorkerResponse::Integer(2)]
+    );
+    // Overlapping entries are harmless.
+    assert_eq!(
+        apply(&mut follower, &[replicate(&log[1..])]),
+        vec![WorkerResponse::Integer(4)]
+    );
+    assert_eq!(records_of(&mut follower, 1), records_of(&mut primary, 1));
+    assert_eq!(replica_state(&follower, 1).history, history);
+    assert_eq!(
+        get(&mut follower, 0, key(1, b"a")),
+        WorkerResponse::Value(None)
+    );
+    // Entries of another partition, or a history that does not increase, are refused.
+    let mut stray = log[3].clone();
+    stray.partition = 2;
+    stray.commit_id = 5;
+    let refused = apply(&mut follower, &[replicate(&[stray])]).remove(0);
+    assert!(
+        matches!(refused, WorkerResponse::Error(WorkerError::Storage(_))),
+        "{refused:?}"
+    );
+    let bad_history = WorkerRequest::Replicate {
+        partition: 1,
+        entries: Vec::new(),
+        history: vec![(2, 2), (1, 3)],
+    };
+    let refused = apply(&mut follower, &[bad_history]).remove(0);
+    assert!(
+        matches!(refused, WorkerResponse::Error(WorkerError::Storage(_))),
+        "{refused:?}"
+    );
+    assert_eq!(replica_state(&follower, 1).history, history);
+}
