@@ -11,6 +11,9 @@
 //!   at a time; moves whose target is gone are given up; leaving hosts that hold
 //!   nothing any more are removed;
 //! - [`misplaced`]: how far the partition table is from balanced.
+//! - [`replicate`]: with more than one copy per partition, followers are added until
+//!   each partition has `replicas` copies on distinct live hosts, and followers on hosts
+//!   gone for good are dropped once a replacement is in place;
 //!
 //! Its inputs are the NI, the observers' suspect reports with their ages, a view of
 //! the metadata group's membership, `now_ms` and [`LeaderSettings`]; its outputs are
@@ -25,7 +28,7 @@ use std::time::Duration;
 
 use crate::liveness::{decide_inactive, Suspicion};
 use crate::ni::{Command, HostState, NetworkInfo};
-use crate::placement::{desired_owners, next_moves, Candidate};
+use crate::placement::{desired_owners, next_moves, score, Candidate};
 use crate::HostId;
 
 /// Most voters of the metadata group.
@@ -51,8 +54,11 @@ pub(crate) struct LeaderSettings {
     pub(crate) offline_threshold_ms: u64,
     /// `cluster.max_fill_ratio`: a host filled this much receives no partitions.
     pub(crate) max_fill_ratio: f64,
-    /// Most partition moves running at once in the whole cluster.
+    /// Most partition moves running at once in the whole cluster; with replication, most
+    /// new followers still out of sync at once.
     pub(crate) max_moves_in_flight: usize,
+    /// `cluster.replicas`: copies of each partition, the primary's included.
+    pub(crate) replicas: usize,
 }
 
 impl LeaderSettings {
@@ -68,6 +74,7 @@ impl LeaderSettings {
             offline_threshold_ms,
             max_fill_ratio,
             max_moves_in_flight: MAX_MOVES_IN_FLIGHT,
+            replicas: 1,
         }
     }
 }
@@ -220,7 +227,109 @@ pub(crate) fn round_commands(
     settings: &LeaderSettings,
 ) -> Vec<Command> {
     let mut commands = judge(ni, reports, now_ms, settings);
-    commands.extend(place(ni, settings));
+    if settings.replicas > 1 {
+        commands.extend(replicate(ni, now_ms, settings));
+    } else {
+        commands.extend(place(ni, settings));
+    }
+    commands
+}
+
+/// Whether a host is gone for good as a holder of copies: it left the NI, is leaving,
+/// or has been inactive for `offline_threshold_ms`.
+fn gone(ni: &NetworkInfo, host: HostId, now_ms: u64, settings: &LeaderSettings) -> bool {
+    ni.hosts.get(&host).is_none_or(|info| {
+        info.leaving
+            || (info.state == HostState::Inactive
+                && now_ms.saturating_sub(info.since_ms) >= settings.offline_threshold_ms)
+    })
+}
+
+/// The follower changes that replication calls for, in partition order:
+/// - a partition with fewer copies on live hosts (not inactive, not leaving) than
+///   `replicas` (or than there are such hosts) gets a follower on the writable host,
+///   not full, that holds the fewest copies (ties by rendezvous score); at most
+///   `max_moves_in_flight` partitions have followers out of sync at once;
+/// - otherwise a follower on a host [`gone`] for good is dropped (its primary completes
+///   the drop once enough other copies hold every acknowledged write);
+/// - leaving hosts that hold nothing any more are removed.
+///
+/// A partition with a handoff or a drop under way is left alone.
+pub(crate) fn replicate(ni: &NetworkInfo, now_ms: u64, settings: &LeaderSettings) -> Vec<Command> {
+    let mut commands = Vec::new();
+    let live = |host: HostId| {
+        ni.hosts
+            .get(&host)
+            .is_some_and(|info| info.state != HostState::Inactive && !info.leaving)
+    };
+    let receivers: Vec<HostId> = candidates(ni, settings.max_fill_ratio)
+        .into_iter()
+        .filter(|candidate| candidate.receives)
+        .map(|candidate| candidate.host)
+        .collect();
+    let live_hosts = ni.hosts.keys().filter(|&&host| live(host)).count();
+    let want = settings.replicas.min(live_hosts).max(1);
+    let mut held: BTreeMap<HostId, usize> = BTreeMap::new();
+    for entry in &ni.partitions {
+        for host in entry.members() {
+            *held.entry(host).or_default() += 1;
+        }
+    }
+    let mut catching_up = ni
+        .partitions
+        .iter()
+        .filter(|entry| entry.out_of_sync.iter().any(|&host| live(host)))
+        .count();
+    for (partition, entry) in ni.partitions.iter().enumerate() {
+        if entry.target.is_some() || entry.dropping.is_some() {
+            continue;
+        }
+        let members = entry.members();
+        let live_members = members.iter().filter(|&&host| live(host)).count();
+        if live_members < want {
+            if catching_up >= settings.max_moves_in_flight {
+                continue;
+            }
+            let best = receivers
+                .iter()
+                .copied()
+                .filter(|host| !members.contains(host))
+                .min_by_key(|&host| {
+                    let copies = held.get(&host).copied().unwrap_or(0);
+                    (copies, std::cmp::Reverse(score(partition, host)))
+                });
+            if let Some(host) = best {
+                *held.entry(host).or_default() += 1;
+                catching_up += 1;
+                commands.push(Command::AddReplica {
+                    partition: partition as u16,
+                    host,
+                    epoch: entry.epoch,
+                });
+            }
+            continue;
+        }
+        if let Some(&host) = entry
+            .replicas
+            .iter()
+            .find(|&&host| gone(ni, host, now_ms, settings))
+        {
+            commands.push(Command::PlanDrop {
+                partition: partition as u16,
+                host,
+                epoch: entry.epoch,
+            });
+        }
+    }
+    for host in ni.hosts.values().filter(|host| host.leaving) {
+        let holds = ni
+            .partitions
+            .iter()
+            .any(|entry| entry.is_member(host.id) || entry.target == Some(host.id));
+        if !holds {
+            commands.push(Command::Remove { host: host.id });
+        }
+    }
     commands
 }
 
@@ -779,17 +888,12 @@ mod tests {
         assert_eq!(place(&ni, &settings), vec![Command::Remove { host: 2 }]);
         // While a move to it runs, it stays.
         ni.partitions[6] = PartitionEntry {
-            owner: FOUNDER,
-            epoch: 2,
             target: Some(2),
+            ..PartitionEntry::single(FOUNDER, 2)
         };
         assert_eq!(place(&ni, &settings), vec![]);
         // While it owns a partition, it stays, and the partition moves away first.
-        ni.partitions[6] = PartitionEntry {
-            owner: 2,
-            epoch: 3,
-            target: None,
-        };
+        ni.partitions[6] = PartitionEntry::single(2, 3);
         assert_eq!(place(&ni, &settings), vec![plan(6, FOUNDER, 3)]);
     }
 
@@ -834,5 +938,115 @@ mod tests {
         assert_eq!(commands[0], inactive(2, NOW_MS));
         assert_eq!(commands[1..], place(&ni, &settings)[..]);
         assert_eq!(commands.last(), Some(&Command::Remove { host: 3 }));
+    }
+
+    fn replicated(replicas: usize) -> LeaderSettings {
+        LeaderSettings {
+            replicas,
+            ..settings()
+        }
+    }
+
+    /// Applies rounds of [`replicate`], marking every new follower in sync at once, until
+    /// a round changes nothing; answers the rounds taken.
+    fn replicate_until_quiet(ni: &mut NetworkInfo, settings: &LeaderSettings) -> usize {
+        for round in 1..100 {
+            let commands = replicate(ni, NOW_MS, settings);
+            if commands.is_empty() {
+                return round;
+            }
+            for command in commands {
+                apply(ni, command);
+            }
+            for partition in 0..ni.partitions.len() {
+                for host in ni.partitions[partition].out_of_sync.clone() {
+                    let epoch = ni.partitions[partition].epoch;
+                    apply(
+                        ni,
+                        Command::SetSync {
+                            partition: partition as u16,
+                            host,
+                            in_sync: true,
+                            epoch,
+                        },
+                    );
+                }
+            }
+        }
+        panic!("replication never settled");
+    }
+
+    #[test]
+    fn every_partition_gets_its_copies_on_distinct_hosts_spread_evenly() {
+        let mut ni = cluster(4);
+        let settings = replicated(3);
+        // A few at a time.
+        let first = replicate(&ni, NOW_MS, &settings);
+        assert_eq!(first.len(), settings.max_moves_in_flight);
+        replicate_until_quiet(&mut ni, &settings);
+        let mut copies: BTreeMap<HostId, usize> = BTreeMap::new();
+        for entry in &ni.partitions {
+            let members = entry.members();
+            assert_eq!(members.len(), 3, "{entry:?}");
+            let distinct: BTreeSet<HostId> = members.iter().copied().collect();
+            assert_eq!(distinct.len(), 3, "{entry:?}");
+            for host in members {
+                *copies.entry(host).or_default() += 1;
+            }
+        }
+        // 48 copies: the founder holds 16 primaries; the other 32 spread over 3 hosts.
+        assert_eq!(copies[&FOUNDER], 16);
+        for host in 2..=4 {
+            assert!((10..=11).contains(&copies[&host]), "{copies:?}");
+        }
+        // Fewer hosts than copies: every host holds one.
+        let mut small = cluster(2);
+        replicate_until_quiet(&mut small, &settings);
+        assert!(small
+            .partitions
+            .iter()
+            .all(|entry| entry.members().len() == 2));
+        // One copy: nothing to do.
+        assert_eq!(replicate(&cluster(3), NOW_MS, &replicated(1)), vec![]);
+    }
+
+    #[test]
+    fn a_host_gone_for_good_is_replaced_then_dropped() {
+        let mut ni = cluster(4);
+        let settings = replicated(3);
+        replicate_until_quiet(&mut ni, &settings);
+        let holds_3: Vec<u16> = ni.held_by(3).collect();
+        assert!(!holds_3.is_empty());
+        // Host 3 is inactive but not yet past the threshold: nothing changes.
+        set_state(&mut ni, 3, HostState::Inactive, NOW_MS - 1_000);
+        let commands = replicate(&ni, NOW_MS, &settings);
+        assert!(
+            commands
+                .iter()
+                .all(|c| matches!(c, Command::AddReplica { host, .. } if *host != 3)),
+            "{commands:?}"
+        );
+        assert!(
+            !commands.is_empty(),
+            "its partitions get a new follower first"
+        );
+        replicate_until_quiet(&mut ni, &settings);
+        // Past the threshold, its followers are dropped, each once its replacement is in.
+        set_state(&mut ni, 3, HostState::Write, NOW_MS - 20_000);
+        set_state(&mut ni, 3, HostState::Inactive, NOW_MS - 16_000);
+        let drops: Vec<u16> = replicate(&ni, NOW_MS, &settings)
+            .into_iter()
+            .filter_map(|command| match command {
+                Command::PlanDrop {
+                    partition, host: 3, ..
+                } => Some(partition),
+                _ => None,
+            })
+            .collect();
+        assert_eq!(drops, holds_3);
+        for entry in &ni.partitions {
+            let live = entry.members().into_iter().filter(|&h| h != 3).count();
+            assert_eq!(live, 3, "{entry:?}");
+        }
     }
 }

@@ -87,12 +87,50 @@ pub struct HostInfo {
 /// Who holds one partition.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct PartitionEntry {
-    /// The host that serves the partition.
+    /// The host that serves the partition: its primary.
     pub owner: HostId,
     /// Raised by every change of this entry; requests between hosts carry it.
     pub epoch: u64,
     /// The host the partition is moving to, while a handoff runs.
     pub target: Option<HostId>,
+    /// The primary's term: the epoch at which `owner` became primary.
+    pub term: u64,
+    /// The other hosts holding a copy (followers), in the order they were added.
+    pub replicas: Vec<HostId>,
+    /// Followers that are not in sync with the primary: they serve no read and are
+    /// not named primary by a failover while others are.
+    pub out_of_sync: Vec<HostId>,
+    /// A follower being dropped: its primary no longer counts it, and drops it once
+    /// enough others hold every acknowledged write.
+    pub dropping: Option<HostId>,
+}
+
+impl PartitionEntry {
+    /// The entry of a partition with one copy, on `owner`, from `epoch` on.
+    pub fn single(owner: HostId, epoch: u64) -> PartitionEntry {
+        PartitionEntry {
+            owner,
+            epoch,
+            target: None,
+            term: epoch,
+            replicas: Vec::new(),
+            out_of_sync: Vec::new(),
+            dropping: None,
+        }
+    }
+
+    /// Every host holding a copy, the primary first.
+    pub fn members(&self) -> Vec<HostId> {
+        let mut members = Vec::with_capacity(1 + self.replicas.len());
+        members.push(self.owner);
+        members.extend(&self.replicas);
+        members
+    }
+
+    /// Whether `host` holds a copy.
+    pub fn is_member(&self, host: HostId) -> bool {
+        self.owner == host || self.replicas.contains(&host)
+    }
 }
 
 /// A change to the NI, proposed by one host and applied by all.
@@ -201,6 +239,59 @@ pub enum Command {
         /// The host removed.
         host: HostId,
     },
+    /// Adds `host` as a follower of `partition`, out of sync until its primary reports
+    /// it caught up. Applies only at `epoch`.
+    AddReplica {
+        /// The partition.
+        partition: u16,
+        /// The new follower.
+        host: HostId,
+        /// The partition's epoch the decision was made at.
+        epoch: u64,
+    },
+    /// Starts dropping the follower `host` of `partition` (its primary stops counting
+    /// it). Applies only at `epoch`.
+    PlanDrop {
+        /// The partition.
+        partition: u16,
+        /// The follower to drop.
+        host: HostId,
+        /// The partition's epoch the decision was made at.
+        epoch: u64,
+    },
+    /// The primary has made sure that enough other copies hold every acknowledged write:
+    /// `host` is no longer a follower of `partition`. Applies only at `epoch`.
+    CompleteDrop {
+        /// The partition.
+        partition: u16,
+        /// The follower dropped.
+        host: HostId,
+        /// The partition's epoch.
+        epoch: u64,
+    },
+    /// Names `primary` (a follower, or the primary itself) the primary of `partition`
+    /// from a new term: the epoch after this change. The failover round that chose it
+    /// fenced the copies at that term. Applies only at `epoch`.
+    Promote {
+        /// The partition.
+        partition: u16,
+        /// The new primary.
+        primary: HostId,
+        /// The partition's epoch the round started from.
+        epoch: u64,
+    },
+    /// The primary reports a follower caught up (`in_sync`) or fallen behind. Applies
+    /// only at `epoch`.
+    SetSync {
+        /// The partition.
+        partition: u16,
+        /// The follower.
+        host: HostId,
+        /// Whether it is in sync now.
+        in_sync: bool,
+        /// The partition's epoch the report was made at.
+        epoch: u64,
+    },
 }
 
 /// What applying a command answers its proposer.
@@ -274,6 +365,10 @@ impl NetworkInfo {
     ///   ([`IdSpace::check_disjoint`]);
     /// - every partition's owner and target are hosts of the NI, and a target is not the
     ///   owner;
+    /// - its followers are distinct hosts of the NI other than the owner, and only
+    ///   followers are marked out of sync or dropping;
+    /// - a term is never above the epoch and never goes down, and a new owner has a new
+    ///   term;
     /// - an epoch never goes down, and a partition whose entry changed has a higher one.
     ///
     /// A leaving host may still be a target: [`Command::Leave`] lets the moves to it that
@@ -342,9 +437,33 @@ impl NetworkInfo {
                     return Err(format!("partition {partition} moves to its owner {target}"));
                 }
             }
+            let mut seen = vec![entry.owner];
+            for &host in &entry.replicas {
+                if !self.hosts.contains_key(&host) || seen.contains(&host) {
+                    return Err(format!(
+                        "partition {partition} lists follower {host} twice, as its owner, or \
+                         though it is not in the cluster"
+                    ));
+                }
+                seen.push(host);
+            }
+            let listed = |host: &HostId| entry.replicas.contains(host);
+            if !entry.out_of_sync.iter().all(listed) || !entry.dropping.iter().all(listed) {
+                return Err(format!(
+                    "partition {partition} marks a host that is no follower: {entry:?}"
+                ));
+            }
+            if entry.term > entry.epoch {
+                return Err(format!("partition {partition} has a term above its epoch"));
+            }
             let Some(old) = before.partitions.get(partition) else {
                 continue;
             };
+            if entry.term < old.term || (entry.owner != old.owner && entry.term == old.term) {
+                return Err(format!(
+                    "partition {partition} changed primary from {old:?} to {entry:?} without a new term"
+                ));
+            }
             if entry.epoch < old.epoch || (entry != old && entry.epoch == old.epoch) {
                 return Err(format!(
                     "partition {partition} went from {old:?} to {entry:?} without a higher epoch"
@@ -402,6 +521,32 @@ impl NetworkInfo {
             Command::AbortMove { partition, epoch } => self.abort_move(*partition, *epoch),
             Command::Leave { host } => self.leave(*host),
             Command::Remove { host } => self.remove(*host),
+            Command::AddReplica {
+                partition,
+                host,
+                epoch,
+            } => self.add_replica(*partition, *host, *epoch),
+            Command::PlanDrop {
+                partition,
+                host,
+                epoch,
+            } => self.plan_drop(*partition, *host, *epoch),
+            Command::CompleteDrop {
+                partition,
+                host,
+                epoch,
+            } => self.complete_drop(*partition, *host, *epoch),
+            Command::Promote {
+                partition,
+                primary,
+                epoch,
+            } => self.promote(*partition, *primary, *epoch),
+            Command::SetSync {
+                partition,
+                host,
+                in_sync,
+                epoch,
+            } => self.set_sync(*partition, *host, *in_sync, *epoch),
         }
     }
 
@@ -426,14 +571,7 @@ impl NetworkInfo {
         self.next_host_id = FOUNDER + 1;
         self.hosts
             .insert(FOUNDER, new_host(FOUNDER, peer_addr, client_addr, now_ms));
-        self.partitions = vec![
-            PartitionEntry {
-                owner: FOUNDER,
-                epoch: 1,
-                target: None,
-            };
-            usize::from(partitions)
-        ];
+        self.partitions = vec![PartitionEntry::single(FOUNDER, 1); usize::from(partitions)];
         Ok(Outcome::Done)
     }
 
@@ -588,6 +726,7 @@ impl NetworkInfo {
         entry.owner = to;
         entry.target = None;
         entry.epoch += 1;
+        entry.term = entry.epoch;
         Ok(Outcome::Done)
     }
 
@@ -615,13 +754,13 @@ impl NetworkInfo {
     }
 
     /// [`Command::Remove`]: the host is gone from the NI and the unused part of its
-    /// ranges goes back to the pool. Refused while it owns or receives a partition.
+    /// ranges goes back to the pool. Refused while it holds or receives a partition.
     fn remove(&mut self, host: HostId) -> Result<Outcome, String> {
         self.host_mut(host)?;
         if self
             .partitions
             .iter()
-            .any(|entry| entry.owner == host || entry.target == Some(host))
+            .any(|entry| entry.is_member(host) || entry.target == Some(host))
         {
             return Err(format!("host {host} still holds partitions"));
         }
@@ -629,6 +768,127 @@ impl NetworkInfo {
         let _ = self.ids_mut()?.reclaim_unused(host);
         self.hosts.remove(&host);
         Ok(Outcome::Done)
+    }
+
+    /// [`Command::AddReplica`]: `host` follows the partition, out of sync. Refused for an
+    /// unknown host, a host that holds or receives a copy already, or a running move.
+    fn add_replica(&mut self, partition: u16, host: HostId, epoch: u64) -> Result<Outcome, String> {
+        if !self.hosts.contains_key(&host) {
+            return Err(format!("no host {host} in the cluster"));
+        }
+        let entry = self.partition_at(partition, epoch)?;
+        if entry.is_member(host) || entry.target.is_some() {
+            return Err(format!(
+                "host {host} cannot become a follower of partition {partition} now"
+            ));
+        }
+        entry.replicas.push(host);
+        entry.out_of_sync.push(host);
+        entry.epoch += 1;
+        Ok(Outcome::Done)
+    }
+
+    /// [`Command::PlanDrop`]: the follower is marked for dropping. Refused when it is no
+    /// follower or another drop runs.
+    fn plan_drop(&mut self, partition: u16, host: HostId, epoch: u64) -> Result<Outcome, String> {
+        let entry = self.partition_at(partition, epoch)?;
+        if !entry.replicas.contains(&host) || entry.dropping.is_some() {
+            return Err(format!(
+                "host {host} cannot be dropped from partition {partition} now"
+            ));
+        }
+        entry.dropping = Some(host);
+        entry.epoch += 1;
+        Ok(Outcome::Done)
+    }
+
+    /// [`Command::CompleteDrop`]: the follower is gone from the partition. Refused when it
+    /// is not the one being dropped.
+    fn complete_drop(
+        &mut self,
+        partition: u16,
+        host: HostId,
+        epoch: u64,
+    ) -> Result<Outcome, String> {
+        let entry = self.partition_at(partition, epoch)?;
+        if entry.dropping != Some(host) {
+            return Err(format!(
+                "host {host} is not being dropped from partition {partition}"
+            ));
+        }
+        entry.replicas.retain(|&h| h != host);
+        entry.out_of_sync.retain(|&h| h != host);
+        entry.dropping = None;
+        entry.epoch += 1;
+        Ok(Outcome::Done)
+    }
+
+    /// [`Command::Promote`]: `primary` leads from the new epoch on, which becomes its
+    /// term. The old primary stays a follower, out of sync (it may hold entries the new
+    /// one never had). A running move is given up. Refused when `primary` holds no copy.
+    fn promote(&mut self, partition: u16, primary: HostId, epoch: u64) -> Result<Outcome, String> {
+        let entry = self.partition_at(partition, epoch)?;
+        if !entry.is_member(primary) {
+            return Err(format!(
+                "host {primary} holds no copy of partition {partition}"
+            ));
+        }
+        let old = entry.owner;
+        if old != primary {
+            entry.replicas.retain(|&h| h != primary);
+            entry.out_of_sync.retain(|&h| h != primary);
+            entry.replicas.insert(0, old);
+            entry.out_of_sync.push(old);
+            if entry.dropping == Some(primary) {
+                entry.dropping = None;
+            }
+            entry.owner = primary;
+        }
+        entry.target = None;
+        entry.epoch += 1;
+        entry.term = entry.epoch;
+        Ok(Outcome::Done)
+    }
+
+    /// [`Command::SetSync`]: the follower's sync state as its primary reports it. Refused
+    /// for a host that is no follower; a report that changes nothing is refused too, so
+    /// the epoch moves only on a change.
+    fn set_sync(
+        &mut self,
+        partition: u16,
+        host: HostId,
+        in_sync: bool,
+        epoch: u64,
+    ) -> Result<Outcome, String> {
+        let entry = self.partition_at(partition, epoch)?;
+        if !entry.replicas.contains(&host) {
+            return Err(format!(
+                "host {host} is no follower of partition {partition}"
+            ));
+        }
+        let listed = entry.out_of_sync.contains(&host);
+        if listed != in_sync {
+            return Err(format!(
+                "host {host} is already {} in partition {partition}",
+                if in_sync { "in sync" } else { "out of sync" }
+            ));
+        }
+        if in_sync {
+            entry.out_of_sync.retain(|&h| h != host);
+        } else {
+            entry.out_of_sync.push(host);
+        }
+        entry.epoch += 1;
+        Ok(Outcome::Done)
+    }
+
+    /// The partitions `host` holds a copy of, as primary or follower.
+    pub fn held_by(&self, host: HostId) -> impl Iterator<Item = u16> + '_ {
+        self.partitions
+            .iter()
+            .enumerate()
+            .filter(move |(_, entry)| entry.is_member(host))
+            .map(|(p, _)| p as u16)
     }
 
     /// The entry of `partition`, if its epoch is still `epoch`.
@@ -882,9 +1142,8 @@ mod tests {
         assert_eq!(
             ni.partitions[3],
             PartitionEntry {
-                owner: host,
-                epoch: 3,
-                target: None
+                term: 3,
+                ..PartitionEntry::single(host, 3)
             }
         );
         // An aborted move leaves the owner in place.
@@ -1094,9 +1353,9 @@ mod tests {
         assert_eq!(
             ni.partitions[0],
             PartitionEntry {
-                owner: FOUNDER,
-                epoch: 2,
-                target: Some(host)
+                term: 1,
+                target: Some(host),
+                ..PartitionEntry::single(FOUNDER, 2)
             }
         );
     }
@@ -1185,8 +1444,93 @@ mod tests {
         assert!(check(to_owner, &done).contains("moves to its owner"));
         let epoch_down = broken(&ni, |n| n.partitions[1].epoch = 1);
         assert!(check(epoch_down, &done).contains("without a higher epoch"));
-        let same_epoch = broken(&ni, |n| n.partitions[0].owner = host);
+        let same_term = broken(&ni, |n| n.partitions[0].owner = host);
+        assert!(check(same_term, &done).contains("without a new term"));
+        let same_epoch = broken(&ni, |n| n.partitions[0].replicas = vec![host]);
         assert!(check(same_epoch, &done).contains("without a higher epoch"));
+        // Followers.
+        let owner_follows = broken(&ni, |n| n.partitions[0].replicas = vec![FOUNDER]);
+        assert!(check(owner_follows, &done).contains("lists follower 1"));
+        let unknown = broken(&ni, |n| n.partitions[0].replicas = vec![9]);
+        assert!(check(unknown, &done).contains("lists follower 9"));
+        let marked = broken(&ni, |n| n.partitions[0].out_of_sync = vec![host]);
+        assert!(check(marked, &done).contains("no follower"));
+        let term_up = broken(&ni, |n| n.partitions[0].term = 5);
+        assert!(check(term_up, &done).contains("term above its epoch"));
+    }
+
+    #[test]
+    fn followers_are_added_dropped_and_promoted_at_their_epoch() {
+        let mut ni = founded();
+        let (two, _) = join(&mut ni, FOUNDER, "127.0.0.2:7380");
+        let (three, _) = join(&mut ni, FOUNDER, "127.0.0.3:7380");
+        let add = |host, epoch| Command::AddReplica {
+            partition: 0,
+            host,
+            epoch,
+        };
+        assert_eq!(ni.apply(&add(two, 1)), Outcome::Done);
+        assert!(refused(ni.apply(&add(three, 1))).contains("epoch 2"));
+        assert!(refused(ni.apply(&add(two, 2))).contains("cannot become a follower"));
+        assert!(refused(ni.apply(&add(FOUNDER, 2))).contains("cannot become a follower"));
+        assert_eq!(ni.apply(&add(three, 2)), Outcome::Done);
+        let entry = &ni.partitions[0];
+        assert_eq!(
+            (entry.members(), entry.epoch, entry.term),
+            (vec![FOUNDER, two, three], 3, 1)
+        );
+        assert_eq!(entry.out_of_sync, vec![two, three]);
+        assert_eq!(ni.held_by(two).collect::<Vec<_>>(), vec![0]);
+        // The primary reports host 2 caught up; a report that changes nothing is refused.
+        let sync = |host, in_sync, epoch| Command::SetSync {
+            partition: 0,
+            host,
+            in_sync,
+            epoch,
+        };
+        assert_eq!(ni.apply(&sync(two, true, 3)), Outcome::Done);
+        assert!(refused(ni.apply(&sync(two, true, 4))).contains("already in sync"));
+        assert!(refused(ni.apply(&sync(FOUNDER, true, 4))).contains("no follower"));
+        // A host holding a copy is not removed.
+        assert!(refused(ni.apply(&Command::Remove { host: three })).contains("still holds"));
+        // Failover to host 2: a new term; the old primary follows, out of sync.
+        let promote = |primary, epoch| Command::Promote {
+            partition: 0,
+            primary,
+            epoch,
+        };
+        assert!(refused(ni.apply(&promote(9, 4))).contains("holds no copy"));
+        assert_eq!(ni.apply(&promote(two, 4)), Outcome::Done);
+        let entry = ni.partitions[0].clone();
+        assert_eq!((entry.owner, entry.epoch, entry.term), (two, 5, 5));
+        assert_eq!(entry.replicas, vec![FOUNDER, three]);
+        assert_eq!(entry.out_of_sync, vec![three, FOUNDER]);
+        // Re-appointing the same primary still opens a new term.
+        assert_eq!(ni.apply(&promote(two, 5)), Outcome::Done);
+        assert_eq!((ni.partitions[0].epoch, ni.partitions[0].term), (6, 6));
+        // Dropping host 3: planned, then completed by the primary.
+        let plan = |host, epoch| Command::PlanDrop {
+            partition: 0,
+            host,
+            epoch,
+        };
+        let complete = |host, epoch| Command::CompleteDrop {
+            partition: 0,
+            host,
+            epoch,
+        };
+        assert!(refused(ni.apply(&plan(two, 6))).contains("cannot be dropped"));
+        assert!(refused(ni.apply(&complete(three, 6))).contains("not being dropped"));
+        assert_eq!(ni.apply(&plan(three, 6)), Outcome::Done);
+        assert!(refused(ni.apply(&plan(FOUNDER, 7))).contains("cannot be dropped"));
+        assert_eq!(ni.apply(&complete(three, 7)), Outcome::Done);
+        let entry = &ni.partitions[0];
+        assert_eq!(
+            (entry.members(), entry.dropping, entry.epoch),
+            (vec![two, FOUNDER], None, 8)
+        );
+        assert_eq!(entry.out_of_sync, vec![FOUNDER]);
+        assert_eq!(ni.apply(&Command::Remove { host: three }), Outcome::Done);
     }
 
     #[cfg(debug_assertions)]

@@ -132,7 +132,7 @@ fn quotas(total: usize, receivers: &[&Candidate]) -> Vec<usize> {
 }
 
 /// The rendezvous score of a host for a partition (splitmix64 of both).
-fn score(partition: usize, host: HostId) -> u64 {
+pub(crate) fn score(partition: usize, host: HostId) -> u64 {
     let mut x = (partition as u64) ^ host.wrapping_mul(0x9E37_79B9_7F4A_7C15);
     x = (x ^ (x >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
     x = (x ^ (x >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
@@ -146,11 +146,7 @@ mod tests {
     fn table(owners: &[HostId]) -> Vec<PartitionEntry> {
         owners
             .iter()
-            .map(|&owner| PartitionEntry {
-                owner,
-                epoch: 1,
-                target: None,
-            })
+            .map(|&owner| PartitionEntry::single(owner, 1))
             .collect()
     }
 

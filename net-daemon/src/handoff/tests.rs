@@ -685,9 +685,8 @@ fn a_pause_ends_at_its_deadline_not_before() {
 
 fn entry(owner: HostId, target: Option<HostId>) -> PartitionEntry {
     PartitionEntry {
-        owner,
-        epoch: EPOCH,
         target,
+        ..PartitionEntry::single(owner, EPOCH)
     }
 }
 
