@@ -76,6 +76,16 @@ pub fn link_error(error: &LinkError) -> Reply {
             "TRYAGAIN the host that owns the key is unavailable ({error}); if it was a write, it may \
              or may not have been applied"
         )),
+        LinkError::NoReplicas { started: false } => {
+            Reply::error("NOREPLICAS Not enough good replicas to write.")
+        }
+        LinkError::NoReplicas { started: true } => Reply::error(
+            "NOREPLICAS Not enough good replicas to write. The write was not acknowledged by enough \
+             replicas in time; it may or may not be kept",
+        ),
+        LinkError::NotReady { .. } => Reply::error(format!(
+            "TRYAGAIN {error} (a failover may be under way); nothing was applied, retry shortly"
+        )),
     }
 }
 

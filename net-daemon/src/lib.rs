@@ -17,6 +17,8 @@
 //! - `table`: the command table (arity, key positions, COMMAND DOCS) and per-command
 //!   counters.
 //! - `errors`: internal failures → client error replies.
+//! - `replication`: this host's copies of replicated partitions (the shell around the
+//!   replication core).
 //! - `routing`: requests for a partition sent to its owner, this host or another.
 //! - `dispatch`: where a request for the workers goes (a local worker or the partition's
 //!   owner), and how.
@@ -39,6 +41,7 @@ mod handoff;
 mod ids;
 mod metrics;
 mod reads;
+mod replication;
 mod routing;
 mod server;
 mod state;

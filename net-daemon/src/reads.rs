@@ -15,7 +15,9 @@ use std::path::PathBuf;
 use std::sync::OnceLock;
 
 use shoal_shared::config::Config;
-use shoal_shared::frame::{Collection, Key};
+use shoal_shared::frame::{Collection, Key, LogEntry, Partition};
+use shoal_shared::layout::{PartitionMeta, ReplicaState};
+use shoal_shared::lmdb::StoreError;
 use shoal_shared::reader::{ReadOutcome, ShardReader};
 
 /// The read-only views of every shard, opened on first use.
@@ -73,5 +75,39 @@ impl Readers {
                 None
             }
         }
+    }
+}
+
+impl Readers {
+    fn opened(&self, worker: usize) -> Result<&ShardReader, StoreError> {
+        self.reader(worker).ok_or_else(|| {
+            StoreError::Mismatch(format!("shard-{worker} cannot be opened for reading"))
+        })
+    }
+
+    /// `partition`'s last commit id, read from `worker`'s map.
+    pub fn last_commit_id(&self, worker: usize, partition: Partition) -> Result<u64, StoreError> {
+        self.opened(worker)?.last_commit_id(partition)
+    }
+
+    /// `partition`'s `meta` entry and replication state, read from `worker`'s map.
+    pub fn partition_state(
+        &self,
+        worker: usize,
+        partition: Partition,
+    ) -> Result<(PartitionMeta, ReplicaState), StoreError> {
+        self.opened(worker)?.partition_state(partition)
+    }
+
+    /// `partition`'s log entries `first..=last` (fewer if the log lacks some), read from
+    /// `worker`'s map.
+    pub fn read_log(
+        &self,
+        worker: usize,
+        partition: Partition,
+        first: u64,
+        last: u64,
+    ) -> Result<Vec<LogEntry>, StoreError> {
+        self.opened(worker)?.read_log(partition, first, last)
     }
 }

@@ -22,6 +22,11 @@
 //! The peer side is the [`DataPath`] that [`shoal_cluster::node::ClusterNode`] hands
 //! the data requests of other hosts to: it checks that this host owns the partition
 //! (and, for a fence, that its table shows the move), then asks its worker.
+//!
+//! A partition with followers is served by its primary only through the replication
+//! rules ([`Router::replicated`]): a write starts only while enough followers answer,
+//! and no answer (of a write or a read) goes out before the commit point covers what the
+//! request wrote or saw.
 
 use std::cell::RefCell;
 use std::collections::HashMap;
@@ -39,6 +44,7 @@ use shoal_cluster::node::{ClusterNode, DataFuture, DataPath};
 use shoal_cluster::HostId;
 
 use crate::reads::Readers;
+use crate::replication::Replication;
 use crate::workers::{Call, LinkError, WorkerLink, REQUEST_TIMEOUT};
 
 /// Longest a request follows its partition: a little less than the caller waits, so that
@@ -48,6 +54,8 @@ const FORWARD_TIMEOUT: Duration = Duration::from_millis(REQUEST_TIMEOUT.as_milli
 /// partition is then a group of its own (partition numbers stay below this bit).
 const UNREPORTED_WORKERS: u16 = 0x8000;
 const _: () = assert!(shoal_shared::partition::SLOTS <= UNREPORTED_WORKERS);
+/// Longest a write waits for a primary that has just been promoted to open its term.
+const READY_WAIT: Duration = Duration::from_millis(1500);
 /// Longest an owner waits for its table to show the move a fence request names.
 const FENCE_TABLE_WAIT: Duration = Duration::from_secs(3);
 const RETRY_MIN: Duration = Duration::from_millis(5);
@@ -82,15 +90,85 @@ pub struct Router {
     links: Vec<WorkerLink>,
     /// GET and MGET from other hosts are read from the shards' maps when they can be.
     readers: Arc<Readers>,
+    /// This host's copies of replicated partitions.
+    replication: Arc<Replication>,
 }
 
 impl Router {
     pub fn new(node: Arc<ClusterNode>, links: Vec<WorkerLink>, readers: Arc<Readers>) -> Router {
+        let replication =
+            Replication::start(Arc::clone(&node), links.clone(), Arc::clone(&readers));
         Router {
             node,
             links,
             readers,
+            replication,
         }
+    }
+
+    /// Whether `partition` has followers (its primary then serves it through
+    /// [`Router::replicated`]).
+    fn is_replicated(&self, partition: Partition) -> bool {
+        self.node
+            .ni()
+            .partitions
+            .get(usize::from(partition))
+            .is_some_and(|entry| !entry.replicas.is_empty())
+    }
+
+    /// Serves `request` for `partition`, replicated with this host as its primary:
+    /// - a write starts only while enough followers answer (else `NoReplicas`, nothing
+    ///   applied), and is answered once the commit point covers the partition's log as the
+    ///   worker left it (else `NoReplicas` at the deadline: it may or may not be kept);
+    /// - a read needs the lease, and is answered once the commit point covers the log as
+    ///   the read found it, so it never shows an entry a failover could lose.
+    async fn replicated(
+        &self,
+        partition: Partition,
+        request: WorkerRequest,
+        deadline: Instant,
+    ) -> Result<WorkerResponse, LinkError> {
+        let write = request.is_write();
+        let ready_by = (Instant::now() + READY_WAIT).min(deadline);
+        let ready = self
+            .replication
+            .wait_status(partition, ready_by, |status, now| {
+                let until = match write {
+                    true => status.writable_until,
+                    false => status.readable_until,
+                };
+                status.primary && until.is_some_and(|until| now < until)
+            })
+            .await;
+        if ready.is_none() {
+            return Err(match write {
+                true => LinkError::NoReplicas { started: false },
+                false => LinkError::NotReady { partition },
+            });
+        }
+        let worker = partition_worker(partition, self.links.len());
+        let response = self.links[worker].send(request).await.wait().await?;
+        let last = self
+            .readers
+            .last_commit_id(worker, partition)
+            .map_err(|error| LinkError::Host {
+                host: self.node.host_id().unwrap_or(0),
+                reason: error.to_string(),
+            })?;
+        if write {
+            self.replication.written(partition, last);
+        }
+        if !self
+            .replication
+            .wait_commit(partition, last, deadline)
+            .await
+        {
+            return Err(match write {
+                true => LinkError::NoReplicas { started: true },
+                false => LinkError::NotReady { partition },
+            });
+        }
+        Ok(response)
     }
 
     /// `request` (a GET or MGET of `worker`) answered from the shard's map, if it can be.
@@ -119,12 +197,15 @@ impl Router {
         &self.node
     }
 
-    /// The local worker of `partition` when this host owns it now.
+    /// The local worker of `partition` when this host owns it now and may read it
+    /// straight from the map (not while the partition has followers: such reads go
+    /// through [`Router::replicated`]).
     pub fn local_worker(&self, partition: Partition) -> Option<usize> {
         let ni = self.node.ni();
         let me = self.node.host_id()?;
         let entry = ni.partitions.get(usize::from(partition))?;
-        (entry.owner == me).then(|| partition_worker(partition, self.links.len()))
+        (entry.owner == me && entry.replicas.is_empty())
+            .then(|| partition_worker(partition, self.links.len()))
     }
 
     /// The owner of `partition` and its worker for it: requests of one group go to one
@@ -201,11 +282,13 @@ impl Router {
                 return Err(LinkError::NotJoined);
             };
             let result = if entry.owner == me {
-                if ni.owns_all(me, &request) {
+                if !ni.owns_all(me, &request) {
+                    Err(LinkError::Moved)
+                } else if !entry.replicas.is_empty() {
+                    self.replicated(partition, request.clone(), deadline).await
+                } else {
                     let worker = partition_worker(partition, self.links.len());
                     self.links[worker].send(request.clone()).await.wait().await
-                } else {
-                    Err(LinkError::Moved)
                 }
             } else {
                 self.remote(
@@ -401,6 +484,13 @@ impl Router {
                 if !owned || !one_worker || !ni.owns_all(me, &request) {
                     return PeerResponse::Moved;
                 }
+                if self.is_replicated(partition) {
+                    let deadline = Instant::now() + FORWARD_TIMEOUT;
+                    return match self.replicated(partition, request, deadline).await {
+                        Ok(response) => PeerResponse::Worker(response),
+                        Err(error) => PeerResponse::Refused(error.to_string()),
+                    };
+                }
                 one_response(self.serve(Some(partition), request).await)
             }
             DataRequest::Partition { partition, request } => {
@@ -470,5 +560,15 @@ fn one_response(result: Result<Vec<WorkerResponse>, String>) -> PeerResponse {
 impl DataPath for Router {
     fn handle(&self, me: HostId, request: DataRequest) -> DataFuture<'_> {
         Box::pin(self.serve_peer(me, request))
+    }
+
+    fn replica(
+        &self,
+        from: HostId,
+        partition: u16,
+        message: shoal_cluster::replication::Message,
+        entries: Vec<shoal_shared::frame::LogEntry>,
+    ) {
+        self.replication.deliver(from, partition, message, entries);
     }
 }

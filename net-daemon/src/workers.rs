@@ -55,6 +55,14 @@ pub enum LinkError {
     /// if the request had been sent.
     #[error("host {host}: {reason}")]
     Host { host: u64, reason: String },
+    /// Too few copies of the partition answered: the write was not started, or was not
+    /// acknowledged by enough copies in time (it may or may not be kept).
+    #[error("not enough good replicas to write")]
+    NoReplicas { started: bool },
+    /// This host's copy of the partition cannot serve it now (no lease, or its term is
+    /// not open yet); nothing was applied.
+    #[error("partition {partition}'s primary is not ready")]
+    NotReady { partition: u16 },
 }
 
 impl From<shoal_cluster::node::HostUnreachable> for LinkError {

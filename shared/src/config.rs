@@ -69,6 +69,12 @@ pub(crate) struct ClusterSection {
     pub(crate) offline_threshold_secs: u64,
     /// Share of its capacity past which a host gets no new partitions (0 to 1).
     pub(crate) max_fill_ratio: f64,
+    /// Copies of each partition, the primary's included, on distinct hosts (1 to 7).
+    /// With fewer hosts, every host holds one. Equal on every host of a cluster.
+    pub(crate) replicas: usize,
+    /// Copies a write must reach, the primary's included, before it is acknowledged;
+    /// otherwise it fails with `-NOREPLICAS`. Unset: 2 when `replicas` is 2 or more.
+    pub(crate) min_replicas_to_write: Option<usize>,
 }
 
 impl Default for ClusterSection {
@@ -82,6 +88,8 @@ impl Default for ClusterSection {
             suspect_threshold: 8.0,
             offline_threshold_secs: 24 * 3600,
             max_fill_ratio: 0.9,
+            replicas: 1,
+            min_replicas_to_write: None,
         }
     }
 }
@@ -106,7 +114,14 @@ pub struct ClusterConfig {
     pub offline_threshold_secs: u64,
     /// Share of its capacity (0 to 1) past which a host gets no new partitions.
     pub max_fill_ratio: f64,
+    /// Copies of each partition, the primary's included.
+    pub replicas: usize,
+    /// Copies a write must reach before it is acknowledged.
+    pub min_replicas_to_write: usize,
 }
+
+/// Most copies of a partition `cluster.replicas` may ask for.
+pub const MAX_REPLICAS: usize = 7;
 
 /// Fewest bytes a cluster secret may have.
 pub(crate) const MIN_CLUSTER_SECRET_BYTES: usize = 16;
@@ -615,6 +630,24 @@ fn validate_cluster(
             ),
         ));
     }
+    if !(1..=MAX_REPLICAS).contains(&section.replicas) {
+        return Err(bad(
+            "cluster.replicas",
+            format!("must be 1 to {MAX_REPLICAS}, got {}", section.replicas),
+        ));
+    }
+    let min_replicas_to_write = section
+        .min_replicas_to_write
+        .unwrap_or(section.replicas.min(2));
+    if !(1..=section.replicas).contains(&min_replicas_to_write) {
+        return Err(bad(
+            "cluster.min_replicas_to_write",
+            format!(
+                "must be 1 to cluster.replicas ({}), got {min_replicas_to_write}",
+                section.replicas
+            ),
+        ));
+    }
     Ok(ClusterConfig {
         seeds: section.seeds,
         peer_listen,
@@ -624,6 +657,8 @@ fn validate_cluster(
         suspect_threshold: section.suspect_threshold,
         offline_threshold_secs: section.offline_threshold_secs,
         max_fill_ratio: section.max_fill_ratio,
+        replicas: section.replicas,
+        min_replicas_to_write,
     })
 }
 
@@ -875,6 +910,12 @@ mod tests {
         assert_eq!(err.key, "cluster.heartbeat_interval_ms");
         let err = cluster_error(&format!("[cluster]\n{secret}max_fill_ratio = 1.5\n"));
         assert_eq!(err.key, "cluster.max_fill_ratio");
+        let err = cluster_error(&format!("[cluster]\n{secret}replicas = 0\n"));
+        assert_eq!(err.key, "cluster.replicas");
+        let err = cluster_error(&format!(
+            "[cluster]\n{secret}replicas = 2\nmin_replicas_to_write = 3\n"
+        ));
+        assert_eq!(err.key, "cluster.min_replicas_to_write");
     }
 
     #[test]

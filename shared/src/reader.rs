@@ -14,7 +14,7 @@ use std::sync::RwLock;
 
 use heed::{Env, EnvFlags, MdbError, RoTxn, WithoutTls};
 
-use crate::frame::{Collection, Key};
+use crate::frame::{Collection, Key, LogEntry, Partition};
 use crate::layout;
 use crate::lmdb::{env_options, open_database, RawDatabase, StoreError};
 
@@ -33,6 +33,7 @@ pub struct ShardReader {
     collections: Vec<RawDatabase>,
     txns: RawDatabase,
     meta: RawDatabase,
+    log: RawDatabase,
     /// Held shared by every read and exclusively while adopting a grown map: LMDB must
     /// not change the mapping while a transaction of this process is open.
     gate: RwLock<()>,
@@ -54,6 +55,7 @@ impl ShardReader {
             collections: Vec::with_capacity(usize::from(collections)),
             txns: open_database(&env, "txns")?,
             meta: open_database(&env, "meta")?,
+            log: open_database(&env, "log")?,
             env,
             gate: RwLock::new(()),
         };
@@ -107,6 +109,79 @@ impl ShardReader {
             values.push(value);
         }
         Ok(ReadOutcome::Values(values))
+    }
+
+    /// Runs `read` in a read transaction, adopting a grown map first when needed.
+    fn with_txn<T>(
+        &self,
+        read: impl Fn(&RoTxn<WithoutTls>) -> Result<T, StoreError>,
+    ) -> Result<T, StoreError> {
+        let shared = self.gate.read().unwrap_or_else(|p| p.into_inner());
+        let txn = match self.env.read_txn() {
+            Err(heed::Error::Mdb(MdbError::MapResized)) => {
+                drop(shared);
+                self.adopt_grown_map()?;
+                return self.with_txn(read);
+            }
+            other => other?,
+        };
+        read(&txn)
+    }
+
+    /// `partition`'s entry in `meta` (all zero when it never had a write) and its
+    /// replication state (term 0 and no history when it has none), from one snapshot.
+    pub fn partition_state(
+        &self,
+        partition: Partition,
+    ) -> Result<(layout::PartitionMeta, layout::ReplicaState), StoreError> {
+        self.with_txn(|txn| {
+            let meta = match self.meta.get(txn, &layout::partition_meta_key(partition))? {
+                Some(raw) => layout::decode_partition_meta(raw)?,
+                None => layout::PartitionMeta::default(),
+            };
+            let replica = match self.meta.get(txn, &layout::replica_state_key(partition))? {
+                Some(raw) => layout::decode_replica_state(raw)?,
+                None => layout::ReplicaState::default(),
+            };
+            Ok((meta, replica))
+        })
+    }
+
+    /// `partition`'s last commit id (0 when it never had a write).
+    pub fn last_commit_id(&self, partition: Partition) -> Result<u64, StoreError> {
+        self.with_txn(
+            |txn| match self.meta.get(txn, &layout::partition_meta_key(partition))? {
+                Some(raw) => Ok(layout::decode_partition_meta(raw)?.last_commit_id),
+                None => Ok(0),
+            },
+        )
+    }
+
+    /// The log entries of `partition` with commit ids `first..=last`, in order; fewer when
+    /// the log does not hold them all (it was trimmed, or does not reach `last` yet).
+    pub fn read_log(
+        &self,
+        partition: Partition,
+        first: u64,
+        last: u64,
+    ) -> Result<Vec<LogEntry>, StoreError> {
+        if first > last {
+            return Ok(Vec::new());
+        }
+        self.with_txn(|txn| {
+            let start = layout::log_key(partition, first);
+            let end = layout::log_key(partition, last);
+            let range = (
+                std::ops::Bound::Included(&start[..]),
+                std::ops::Bound::Included(&end[..]),
+            );
+            let mut entries = Vec::new();
+            for item in self.log.range(txn, &range)? {
+                let (key, value) = item?;
+                entries.push(layout::decode_log_entry(key, value)?);
+            }
+            Ok(entries)
+        })
     }
 
     /// Whether a multi-key write is prepared (holds key locks) on this shard.

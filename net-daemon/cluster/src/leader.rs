@@ -14,6 +14,8 @@
 //! - [`replicate`]: with more than one copy per partition, followers are added until
 //!   each partition has `replicas` copies on distinct live hosts, and followers on hosts
 //!   gone for good are dropped once a replacement is in place;
+//! - [`failovers`]: the partitions whose primary is inactive and that need a failover
+//!   round ([`crate::replication::failover`]).
 //!
 //! Its inputs are the NI, the observers' suspect reports with their ages, a view of
 //! the metadata group's membership, `now_ms` and [`LeaderSettings`]; its outputs are
@@ -463,6 +465,22 @@ pub(crate) fn place(ni: &NetworkInfo, settings: &LeaderSettings) -> Vec<Command>
         }
     }
     commands
+}
+
+/// The partitions whose primary is inactive and that have a follower to take over:
+/// the leader runs a failover round for each.
+pub(crate) fn failovers(ni: &NetworkInfo) -> Vec<u16> {
+    ni.partitions
+        .iter()
+        .enumerate()
+        .filter(|(_, entry)| !entry.replicas.is_empty())
+        .filter(|(_, entry)| {
+            ni.hosts
+                .get(&entry.owner)
+                .is_none_or(|owner| owner.state == HostState::Inactive)
+        })
+        .map(|(partition, _)| partition as u16)
+        .collect()
 }
 
 #[cfg(test)]
@@ -1048,5 +1066,21 @@ mod tests {
             let live = entry.members().into_iter().filter(|&h| h != 3).count();
             assert_eq!(live, 3, "{entry:?}");
         }
+    }
+
+    #[test]
+    fn failover_is_wanted_where_the_primary_is_inactive_and_a_follower_exists() {
+        let mut ni = cluster(3);
+        set_state(&mut ni, FOUNDER, HostState::Inactive, NOW_MS);
+        assert_eq!(
+            failovers(&ni),
+            Vec::<u16>::new(),
+            "one copy: nothing to fail over to"
+        );
+        let settings = replicated(2);
+        set_state(&mut ni, FOUNDER, HostState::Write, NOW_MS);
+        replicate_until_quiet(&mut ni, &settings);
+        set_state(&mut ni, FOUNDER, HostState::Inactive, NOW_MS);
+        assert_eq!(failovers(&ni), (0..16).collect::<Vec<u16>>());
     }
 }

@@ -12,12 +12,13 @@ use openraft::raft::{
     VoteRequest, VoteResponse,
 };
 use serde::{Deserialize, Serialize};
-use shoal_shared::frame::{WorkerRequest, WorkerResponse};
+use shoal_shared::frame::{LogEntry, WorkerRequest, WorkerResponse};
 
 use crate::coords::Coordinate;
 use crate::gossip::Rumor;
 use crate::ni::{Command, NetworkInfo, Outcome};
 use crate::raft_store::{MetaTypes, NodeId};
+use crate::replication;
 use crate::HostId;
 
 /// The metadata group's type configuration.
@@ -69,6 +70,30 @@ pub enum PeerRequest {
     },
     /// A request for this host's data: handed to the net-daemon's [`crate::node::DataPath`].
     Data(DataRequest),
+    /// A replication message about one partition (one way). The metadata leader's node
+    /// takes the answers to its failover queries; the net-daemon's replication takes the
+    /// rest. Answered by [`PeerResponse::Noted`] once handed on.
+    Replica {
+        /// The sender.
+        from: HostId,
+        /// The partition.
+        partition: u16,
+        /// The message.
+        message: replication::Message,
+        /// The log entries an append carries (`first..=last`), empty otherwise.
+        entries: Vec<LogEntry>,
+    },
+    /// A follower's report that its primary has been silent, or a primary's report that
+    /// it stepped down for a higher term: the metadata leader runs a failover round.
+    /// Answered by [`PeerResponse::Noted`].
+    PrimaryLost {
+        /// The reporting host.
+        from: HostId,
+        /// The partition.
+        partition: u16,
+        /// The term the reporter followed or led.
+        term: u64,
+    },
 }
 
 /// A request of another host for this host's data, which the cluster layer does not

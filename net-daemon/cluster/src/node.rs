@@ -19,8 +19,12 @@
 //!   NI (learners for every host, up to five voters among the writable hosts),
 //!   hosts that enough observers suspect become `inactive`, hosts offline
 //!   past `offline_threshold_secs` lose the unused part of their id ranges, and
-//!   partitions move toward their placement. `crate::leader` decides all of
-//!   it; this loop gathers its inputs and commits what it decides.
+//!   partitions move toward their placement (or, with `cluster.replicas` above 1,
+//!   get their followers). `crate::leader` decides all of it; this loop gathers
+//!   its inputs and commits what it decides. It also runs a failover round
+//!   ([`crate::replication::failover`]) for each partition whose primary is
+//!   inactive, or reported lost by a majority of its followers, and commits the
+//!   promotion the round chooses.
 //!
 //! The identity (cluster id, host id) is kept in `<data_dir>/cluster.json`, the
 //! metadata group's storage in `<data_dir>/meta-raft/` (or in memory, see
@@ -28,7 +32,7 @@
 //! into the NI come from the node's [`Clock`], so a simulation that drives tokio's
 //! clock drives all of them.
 
-use std::collections::{BTreeMap, BTreeSet, HashSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::future::Future;
 use std::path::{Path, PathBuf};
 use std::pin::Pin;
@@ -40,8 +44,9 @@ use openraft::error::{ClientWriteError, RaftError};
 use openraft::{BasicNode, ChangeMembers, ServerState};
 use serde::{Deserialize, Serialize};
 use shoal_shared::config::{write_durably, Config};
+use shoal_shared::frame::LogEntry;
 use shoal_shared::lmdb::free_bytes;
-use tokio::sync::watch;
+use tokio::sync::{mpsc, watch};
 use tokio::time::Instant;
 
 use crate::coords::{Coordinate, VivaldiConfig};
@@ -50,10 +55,12 @@ use crate::leader::{self, LeaderSettings, MembershipChange, RaftMembership, Susp
 use crate::liveness::{LivenessConfig, Observer, Score};
 use crate::messages::{DataRequest, PeerRequest, PeerResponse};
 use crate::network::RaftPeers;
-use crate::ni::{Capacity, Command, HostState, NetworkInfo, Outcome, FOUNDER};
+use crate::ni::{Capacity, Command, HostState, NetworkInfo, Outcome, PartitionEntry, FOUNDER};
 use crate::peer::{ClusterSecret, HostAddr, PeerConfig, PeerListener, PeerPool};
 use crate::raft_store::memory::MemoryMetaStore;
 use crate::raft_store::{open_meta_store, AppliedState, MetaRaft, MetaStoreOptions};
+use crate::replication::failover::{self, Failover};
+use crate::replication::Message;
 use crate::transport::{Clock, PeerCaller, WallClock};
 use crate::HostId;
 
@@ -63,6 +70,12 @@ const PROPOSE_TIMEOUT: Duration = Duration::from_secs(10);
 const JOIN_BACKOFF_MAX: Duration = Duration::from_secs(5);
 /// How often the upkeep and leader loops run.
 const DUTY_INTERVAL: Duration = Duration::from_millis(500);
+/// Longest a failover round runs before the leader gives it up (and may start another).
+const FAILOVER_ROUND_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long a follower's report of a lost primary counts.
+const LOST_REPORT_FRESH: Duration = Duration::from_secs(5);
+/// Longest one replication message waits for the peer link.
+const REPLICA_SEND_TIMEOUT: Duration = Duration::from_secs(2);
 /// How often a host reports its capacity and coordinate into the NI.
 const REPORT_INTERVAL: Duration = Duration::from_secs(30);
 /// Shortest wait for a heartbeat's answer, whatever the interval.
@@ -155,6 +168,10 @@ pub struct NodeSettings {
     pub max_fill_ratio: f64,
     /// `workers`: this host's shard-workers.
     pub workers: u16,
+    /// `cluster.replicas`: copies of each partition.
+    pub replicas: usize,
+    /// `cluster.min_replicas_to_write`: copies a write needs.
+    pub min_replicas_to_write: usize,
 }
 
 impl NodeSettings {
@@ -178,6 +195,8 @@ impl NodeSettings {
             capacity_bytes: config.storage.capacity_bytes,
             max_fill_ratio: cluster.max_fill_ratio,
             workers: config.workers as u16,
+            replicas: cluster.replicas,
+            min_replicas_to_write: cluster.min_replicas_to_write,
         }
     }
 }
@@ -219,7 +238,16 @@ pub struct ClusterNode {
     cpu_rating: u32,
     /// The net-daemon's answer to the data requests of other hosts.
     data_path: OnceLock<Arc<dyn DataPath>>,
+    replicas: usize,
+    min_replicas_to_write: usize,
+    /// The failover rounds this host runs as metadata leader, by partition.
+    failovers: Mutex<HashMap<u16, mpsc::UnboundedSender<failover::Event>>>,
+    /// Reports of lost primaries, by partition.
+    lost: Mutex<HashMap<u16, LostReports>>,
 }
+
+/// The reports of a partition's lost primary: reporter → (the term it reported, when).
+type LostReports = BTreeMap<HostId, (u64, Instant)>;
 
 /// The future of [`DataPath::handle`].
 pub type DataFuture<'a> = Pin<Box<dyn Future<Output = PeerResponse> + Send + 'a>>;
@@ -229,6 +257,9 @@ pub type DataFuture<'a> = Pin<Box<dyn Future<Output = PeerResponse> + Send + 'a>
 pub trait DataPath: Send + Sync {
     /// Answers `request` of another host, on this host, whose id is `me`.
     fn handle(&self, me: HostId, request: DataRequest) -> DataFuture<'_>;
+
+    /// Hands a replication message about `partition` from `from` to this host's copy.
+    fn replica(&self, from: HostId, partition: u16, message: Message, entries: Vec<LogEntry>);
 }
 
 /// A host named in the NI that could not be reached, or that failed the call.
@@ -344,6 +375,10 @@ impl ClusterNode {
             data_path: OnceLock::new(),
             reports: Mutex::default(),
             listener: Mutex::default(),
+            replicas: settings.replicas,
+            min_replicas_to_write: settings.min_replicas_to_write,
+            failovers: Mutex::default(),
+            lost: Mutex::default(),
         }
     }
 
@@ -550,6 +585,26 @@ impl ClusterNode {
                 Some(data_path) => data_path.handle(member.host, request).await,
                 None => PeerResponse::Refused("this host does not serve data yet".into()),
             },
+            PeerRequest::Replica {
+                from,
+                partition,
+                message,
+                entries,
+            } => {
+                self.deliver_replica(from, partition, message, entries);
+                PeerResponse::Noted
+            }
+            PeerRequest::PrimaryLost {
+                from,
+                partition,
+                term,
+            } => {
+                lock(&self.lost)
+                    .entry(partition)
+                    .or_default()
+                    .insert(from, (term, Instant::now()));
+                PeerResponse::Noted
+            }
             PeerRequest::Suspects {
                 from,
                 suspects,
@@ -625,6 +680,83 @@ impl ClusterNode {
     /// Lets other hosts' data requests reach the net-daemon's routing.
     pub fn set_data_path(&self, data_path: Arc<dyn DataPath>) {
         let _ = self.data_path.set(data_path);
+    }
+
+    /// Hands a replication message to its taker on this host: a failover round's answer
+    /// to the round, anything else to the net-daemon's copy of the partition.
+    fn deliver_replica(
+        &self,
+        from: HostId,
+        partition: u16,
+        message: Message,
+        entries: Vec<LogEntry>,
+    ) {
+        if let Message::FenceAnswer(answer) = message {
+            if let Some(round) = lock(&self.failovers).get(&partition) {
+                let _ = round.send(failover::Event::Answer { from, answer });
+            }
+            return;
+        }
+        if let Some(data_path) = self.data_path.get() {
+            data_path.replica(from, partition, message, entries);
+        }
+    }
+
+    /// Sends a replication message about `partition` to `to` (this host included), in
+    /// the background; a message that cannot be delivered is dropped (the protocol sends
+    /// again what matters).
+    pub fn send_replica(
+        self: &Arc<Self>,
+        to: HostId,
+        partition: u16,
+        message: Message,
+        entries: Vec<LogEntry>,
+    ) {
+        let Some(me) = self.host_id() else { return };
+        if to == me {
+            return self.deliver_replica(me, partition, message, entries);
+        }
+        let node = Arc::clone(self);
+        tokio::spawn(async move {
+            let request = PeerRequest::Replica {
+                from: me,
+                partition,
+                message,
+                entries,
+            };
+            if let Err(error) = node.call_host(to, request, REPLICA_SEND_TIMEOUT).await {
+                tracing::debug!(%error, partition, "replication message not delivered");
+            }
+        });
+    }
+
+    /// Tells the metadata leader that the primary of `partition` at `term` is lost (a
+    /// silent primary, or a higher term seen by the primary itself), in the background.
+    pub fn report_primary_lost(self: &Arc<Self>, partition: u16, term: u64) {
+        let (Some(me), Some((Some(leader), _))) = (self.host_id(), self.raft_view()) else {
+            return;
+        };
+        let request = PeerRequest::PrimaryLost {
+            from: me,
+            partition,
+            term,
+        };
+        if leader == me {
+            lock(&self.lost)
+                .entry(partition)
+                .or_default()
+                .insert(me, (term, Instant::now()));
+            return;
+        }
+        let node = Arc::clone(self);
+        tokio::spawn(async move {
+            let _ = node.call_host(leader, request, REPLICA_SEND_TIMEOUT).await;
+        });
+    }
+
+    /// `cluster.min_replicas_to_write`, as this host was configured.
+    pub fn min_replicas_to_write(&self) -> usize {
+        self.min_replicas_to_write
     }
 
     /// Sends `request` to `host` at its address in the NI.
@@ -941,11 +1073,14 @@ impl ClusterNode {
     /// NI, then the judgements and the placement of [`leader`] are committed one by one.
     /// A host that is not the leader forgets the reports it holds.
     async fn leader_loop(self: Arc<Self>) {
-        let settings = LeaderSettings::new(
-            self.heartbeat_interval,
-            self.offline_threshold_ms,
-            self.max_fill_ratio,
-        );
+        let settings = LeaderSettings {
+            replicas: self.replicas,
+            ..LeaderSettings::new(
+                self.heartbeat_interval,
+                self.offline_threshold_ms,
+                self.max_fill_ratio,
+            )
+        };
         loop {
             tokio::time::sleep(DUTY_INTERVAL).await;
             let Some(member) = self.member.get() else {
@@ -980,6 +1115,136 @@ impl ClusterNode {
                     Ok(Err(error)) => tracing::warn!(%error, "host state change failed"),
                     Err(_) => tracing::warn!("host state change not committed in time"),
                 }
+            }
+            if self.replicas > 1 {
+                self.start_failovers(&ni);
+            }
+        }
+    }
+
+    /// Starts a failover round for each partition that needs one and has none running:
+    /// its primary is inactive ([`leader::failovers`]), or it reported itself stepped
+    /// down, or a majority of its followers reported it lost at its current term.
+    fn start_failovers(self: &Arc<Self>, ni: &NetworkInfo) {
+        let mut wanted: BTreeSet<u16> = leader::failovers(ni).into_iter().collect();
+        {
+            let mut lost = lock(&self.lost);
+            lost.retain(|&partition, reporters| {
+                reporters.retain(|_, (_, at)| at.elapsed() <= LOST_REPORT_FRESH);
+                let Some(entry) = ni.partitions.get(usize::from(partition)) else {
+                    return false;
+                };
+                let current: Vec<HostId> = reporters
+                    .iter()
+                    .filter(|(_, (term, _))| *term >= entry.term)
+                    .map(|(&host, _)| host)
+                    .collect();
+                let followers = current
+                    .iter()
+                    .filter(|h| entry.replicas.contains(h))
+                    .count();
+                if current.contains(&entry.owner) || followers * 2 > entry.replicas.len() {
+                    wanted.insert(partition);
+                }
+                !reporters.is_empty()
+            });
+        }
+        for partition in wanted {
+            let Some(entry) = ni.partitions.get(usize::from(partition)) else {
+                continue;
+            };
+            if entry.replicas.is_empty() || lock(&self.failovers).contains_key(&partition) {
+                continue;
+            }
+            let (events, inbox) = mpsc::unbounded_channel();
+            lock(&self.failovers).insert(partition, events);
+            let node = Arc::clone(self);
+            let entry = entry.clone();
+            tokio::spawn(async move {
+                node.failover_round(partition, entry, inbox).await;
+                lock(&node.failovers).remove(&partition);
+                lock(&node.lost).remove(&partition);
+            });
+        }
+    }
+
+    /// Runs one failover round of `partition` (whose entry was `entry` when it started)
+    /// and commits the promotion it chooses.
+    async fn failover_round(
+        self: &Arc<Self>,
+        partition: u16,
+        entry: PartitionEntry,
+        mut answers: mpsc::UnboundedReceiver<failover::Event>,
+    ) {
+        let ni = self.ni();
+        let members = entry.members();
+        let eligible: Vec<HostId> = members
+            .iter()
+            .copied()
+            .filter(|host| {
+                ni.hosts
+                    .get(host)
+                    .is_some_and(|info| info.state != HostState::Inactive)
+            })
+            .collect();
+        tracing::warn!(
+            partition,
+            primary = entry.owner,
+            term = entry.epoch + 1,
+            "failover round starts"
+        );
+        let started = Instant::now();
+        let mut round = Failover::new(
+            entry.epoch + 1,
+            members,
+            eligible,
+            self.min_replicas_to_write,
+            started.into_std(),
+        );
+        loop {
+            for action in round.poll_actions() {
+                match action {
+                    failover::Action::Send { to, message } => {
+                        self.send_replica(to, partition, message, Vec::new());
+                    }
+                    failover::Action::Promote { primary, term } => {
+                        let command = Command::Promote {
+                            partition,
+                            primary,
+                            epoch: entry.epoch,
+                        };
+                        match self.propose(command).await {
+                            Ok(Outcome::Done) => tracing::warn!(
+                                partition,
+                                primary,
+                                term,
+                                took_ms = started.elapsed().as_millis() as u64,
+                                "failover: new primary"
+                            ),
+                            other => tracing::warn!(
+                                partition,
+                                ?other,
+                                "failover promotion not committed"
+                            ),
+                        }
+                    }
+                    failover::Action::GiveUp { reason } => {
+                        tracing::warn!(partition, %reason, "failover round gave up");
+                    }
+                }
+            }
+            if round.is_over() || started.elapsed() >= FAILOVER_ROUND_TIMEOUT {
+                return;
+            }
+            let wake = round
+                .next_deadline()
+                .map_or(Instant::now() + DUTY_INTERVAL, Instant::from_std);
+            tokio::select! {
+                event = answers.recv() => match event {
+                    Some(event) => round.handle(event, Instant::now().into_std()),
+                    None => return,
+                },
+                _ = tokio::time::sleep_until(wake) => round.handle(failover::Event::Tick, Instant::now().into_std()),
             }
         }
     }

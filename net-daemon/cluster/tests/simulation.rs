@@ -352,6 +352,8 @@ async fn run_host(machine: Arc<Machine>, shared: Arc<Shared>, seed: u64) -> turm
         capacity_bytes: 1 << 30,
         max_fill_ratio: 0.9,
         workers: 1,
+        replicas: 1,
+        min_replicas_to_write: 1,
     };
     let node = ClusterNode::start_with(
         settings,

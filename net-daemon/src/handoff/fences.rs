@@ -1,9 +1,10 @@
 //! Which local fences to change so that they match the NI: a pure decision.
 //!
 //! [`plan`] owns the rule of `super::reconcile`: a partition this host owns and is not
-//! handing off is served (its fence lifted); a partition it neither owns nor receives is
-//! fenced and its copy cleared, once; a partition with a move driven here is left to
-//! that move. It reads no worker and no NI itself: the shell passes the fences it read
+//! handing off is served (its fence lifted); a partition it follows (a replica) is
+//! fenced, so that clients, expiry and log retention leave the copy to replication; a
+//! partition it neither owns, follows nor receives is fenced and its copy cleared,
+//! once; a partition with a move driven here is left to that move. It reads no worker and no NI itself: the shell passes the fences it read
 //! and the table, and performs the steps. It must never do I/O.
 
 use std::collections::{BTreeSet, HashSet};
@@ -18,6 +19,8 @@ use shoal_cluster::HostId;
 pub(crate) enum FenceStep {
     /// This host owns the partition and no move runs: lift its fence.
     Unfence(Partition),
+    /// This host follows the partition: fence it, and keep the copy.
+    Fence(Partition),
     /// The partition is `owner`'s and does not move here: fence it (unless it is fenced
     /// already), then clear its copy; once cleared, count it in `cleared`.
     FenceAndClear {
@@ -52,6 +55,11 @@ pub(crate) fn plan(
             // While a move away runs, the fence is the source's, for that move.
             if entry.target.is_none() && is_fenced {
                 steps.push(FenceStep::Unfence(partition));
+            }
+        } else if entry.replicas.contains(&me) {
+            cleared.remove(&partition);
+            if !is_fenced {
+                steps.push(FenceStep::Fence(partition));
             }
         } else if entry.target != Some(me) && !cleared.contains(&partition) {
             steps.push(FenceStep::FenceAndClear {

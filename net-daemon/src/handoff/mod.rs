@@ -165,6 +165,14 @@ async fn reconcile(
                     local(shell, worker, set_fence(partition, false)).await,
                 )
             }
+            FenceStep::Fence(partition) => {
+                tracing::info!(partition, "following the partition: fencing it for clients");
+                let worker = partition_worker(partition, shell.dispatch.links.len());
+                (
+                    partition,
+                    local(shell, worker, set_fence(partition, true)).await,
+                )
+            }
             FenceStep::FenceAndClear {
                 partition,
                 owner,

@@ -54,6 +54,8 @@ pub struct View {
     pub primary: HostId,
     /// Every host holding a copy, the primary first.
     pub members: Vec<HostId>,
+    /// The followers the NI shows out of sync.
+    pub out_of_sync: Vec<HostId>,
 }
 
 /// Something that happened to the copy, fed to [`Replica::handle`].
@@ -100,6 +102,12 @@ pub enum Event {
     CopyFailed {
         /// The term of the primary copied from.
         term: Term,
+    },
+    /// Primary: log retention removed the entries up to `through`; followers that need
+    /// them take a full copy.
+    Trimmed {
+        /// The last commit id removed.
+        through: CommitId,
     },
     /// The time in [`Replica::next_deadline`] has come (or any other wake-up).
     Tick,
@@ -165,6 +173,14 @@ pub enum Action {
         /// The higher term seen.
         term: Term,
     },
+    /// Primary: a follower's sync state differs from what the NI shows: it holds the
+    /// commit point (`in_sync`), or it is taking a full copy. Propose the change.
+    ReportSync {
+        /// The follower.
+        host: HostId,
+        /// Whether it is in sync now.
+        in_sync: bool,
+    },
 }
 
 /// A follower, seen from the primary.
@@ -221,6 +237,8 @@ enum Role {
         /// The marker is durable.
         marker_written: bool,
         followers: BTreeMap<HostId, Progress>,
+        /// Sync states reported since the view last changed, so each is reported once.
+        reported: BTreeMap<HostId, bool>,
     },
     Follower {
         term: Term,
@@ -330,13 +348,21 @@ impl Replica {
     /// that holds its lease at `now`, serves reads; it shows nothing above the commit
     /// point (a read that finds a newer entry waits for [`Action::Committed`]).
     pub fn readable(&self, now: Instant) -> Option<CommitId> {
+        self.readable_until()
+            .is_some_and(|until| now < until)
+            .then_some(self.commit)
+    }
+
+    /// When the lease ends, if this copy is a primary whose term is committed (see
+    /// [`Replica::readable`]); it may lie in the past.
+    pub fn readable_until(&self) -> Option<Instant> {
         match &self.role {
             Role::Primary {
                 marker,
                 marker_written: true,
                 followers,
                 ..
-            } if self.commit >= *marker && self.lease_holds(followers, now) => Some(self.commit),
+            } if self.commit >= *marker => self.lease_end(followers),
             _ => None,
         }
     }
@@ -345,26 +371,35 @@ impl Replica {
     /// and enough followers answered lately to acknowledge it. Otherwise the client gets
     /// `-NOREPLICAS` (or, when this copy is no primary, is sent elsewhere).
     pub fn writable(&self, now: Instant) -> bool {
-        match &self.role {
-            Role::Primary {
-                marker_written: true,
-                followers,
-                ..
-            } => {
-                let good = followers
-                    .values()
-                    .filter(|p| !p.copying)
-                    .filter(|p| {
-                        p.heard_at.is_some_and(|heard| {
-                            now.saturating_duration_since(heard)
-                                <= self.settings.good_replica_within
-                        })
-                    })
-                    .count();
-                1 + good >= self.needed()
-            }
-            _ => false,
+        self.writable_until().is_some_and(|until| now < until)
+    }
+
+    /// Until when a write may be started (see [`Replica::writable`]), if this copy is a
+    /// primary with its term open; it may lie in the past.
+    pub fn writable_until(&self) -> Option<Instant> {
+        let Role::Primary {
+            marker_written: true,
+            followers,
+            ..
+        } = &self.role
+        else {
+            return None;
+        };
+        let needed = self.needed() - 1;
+        if needed == 0 {
+            return Some(self.started + Duration::from_secs(1 << 40));
         }
+        let mut heard: Vec<Instant> = followers
+            .values()
+            .filter(|p| !p.copying)
+            .filter_map(|p| p.heard_at)
+            .collect();
+        heard.sort_unstable_by(|a, b| b.cmp(a));
+        let within = self.settings.good_replica_within;
+        // Heard exactly `within` ago still counts: the end is just past it.
+        heard
+            .get(needed - 1)
+            .map(|&at| at + within + Duration::from_nanos(1))
     }
 
     /// The lowest commit id some copy in the list may still need from this primary's
@@ -388,22 +423,21 @@ impl Replica {
         self.settings.min_replicas_to_write.clamp(1, members.max(1))
     }
 
-    fn lease_holds(&self, followers: &BTreeMap<HostId, Progress>, now: Instant) -> bool {
+    /// When the lease from the followers' promises ends (far away when a write needs no
+    /// follower's copy), or `None` without enough promises.
+    fn lease_end(&self, followers: &BTreeMap<HostId, Progress>) -> Option<Instant> {
         let promises_needed = self.needed() - 1;
         if promises_needed == 0 {
-            return true;
+            return Some(self.started + Duration::from_secs(1 << 40));
         }
         let mut promised: Vec<Instant> =
             followers.values().filter_map(|p| p.promised_from).collect();
-        if promised.len() < promises_needed {
-            return false;
-        }
         promised.sort_unstable_by(|a, b| b.cmp(a));
         let lease = self
             .settings
             .lease
             .saturating_sub(self.settings.lease_margin);
-        now < promised[promises_needed - 1] + lease
+        promised.get(promises_needed - 1).map(|&from| from + lease)
     }
 
     /// When to feed [`Event::Tick`].
@@ -480,6 +514,7 @@ impl Replica {
                     }
                 }
             }
+            Event::Trimmed { through } => self.log_start = self.log_start.max(through + 1),
             Event::Tick => {}
         }
         self.on_time(now);
@@ -492,8 +527,11 @@ impl Replica {
         let member = view.members.contains(&self.me);
         self.view = Some(view.clone());
         if view.primary == self.me {
-            match self.role {
-                Role::Primary { term, .. } if term == view.term => self.sync_followers(),
+            match &mut self.role {
+                Role::Primary { term, reported, .. } if *term == view.term => {
+                    reported.clear();
+                    self.sync_followers();
+                }
                 _ if view.term >= self.fenced => self.become_primary(view.term),
                 _ => {
                     // A failover to a higher term is under way; it will name a primary.
@@ -525,6 +563,7 @@ impl Replica {
             marker,
             marker_written: false,
             followers: BTreeMap::new(),
+            reported: BTreeMap::new(),
         };
         self.sync_followers();
         self.actions.push_back(Action::WriteMarker { term });
@@ -635,7 +674,40 @@ impl Replica {
             AckResult::Refused { .. } => unreachable!("handled above"),
         }
         self.advance_commit();
+        self.report_sync(from);
         self.pump(now);
+    }
+
+    /// Reports `host`'s sync state when it differs from the view's, once per view.
+    fn report_sync(&mut self, host: HostId) {
+        let commit = self.commit;
+        let Some(view) = &self.view else { return };
+        let listed_out = view.out_of_sync.contains(&host);
+        let Role::Primary {
+            marker,
+            followers,
+            reported,
+            ..
+        } = &mut self.role
+        else {
+            return;
+        };
+        let Some(progress) = followers.get(&host) else {
+            return;
+        };
+        let in_sync = !progress.copying && commit >= *marker && progress.acked >= commit;
+        let falls_out = progress.copying;
+        let report = match (listed_out, in_sync, falls_out) {
+            (true, true, _) => Some(true),
+            (false, _, true) => Some(false),
+            _ => None,
+        };
+        if let Some(in_sync) = report {
+            if reported.get(&host) != Some(&in_sync) {
+                reported.insert(host, in_sync);
+                self.actions.push_back(Action::ReportSync { host, in_sync });
+            }
+        }
     }
 
     /// Moves the commit point to the highest entry of this term that enough copies hold.

@@ -133,6 +133,7 @@ impl Sim {
                 term: 1,
                 primary: 1,
                 members: members.clone(),
+                out_of_sync: Vec::new(),
             },
             failover: None,
             cut: Vec::new(),
@@ -257,6 +258,7 @@ impl Sim {
                     self.acked.push((commit_id, entry.key, value, now));
                 }
             }
+            Action::ReportSync { .. } => {}
             Action::PrimaryLost { term, .. } | Action::SteppedDown { term } => {
                 if term >= self.view.term && self.failover.is_none() && self.reachable(id, LEADER) {
                     self.start_failover();

@@ -30,6 +30,7 @@ fn view(term: Term, primary: HostId) -> Event {
         term,
         primary,
         members: vec![1, 2, 3],
+        out_of_sync: Vec::new(),
     })
 }
 

@@ -1,0 +1,538 @@
+//! This host's copies of replicated partitions: the I/O shell around
+//! [`shoal_cluster::replication::replica::Replica`].
+//!
+//! For every partition with more than one copy that this host holds (as primary or
+//! follower), one task owns the partition's core. It feeds the core the NI's view of
+//! the partition, the replication messages of other hosts, the writes of this host's
+//! clients, and the time; it carries out what the core asks, in order:
+//! - worker requests on the partition's local worker (`PromiseTerm`, `OpenTerm`,
+//!   `Replicate`), whose answers go back to the core;
+//! - messages to other hosts through [`ClusterNode::send_replica`], an append carrying
+//!   the log entries it names, read from the shard's map;
+//! - a full copy of the primary's partition when the local log cannot follow it;
+//! - reports of a lost primary to the metadata leader.
+//!
+//! The routing asks it, per partition, whether a write may start ([`Status`]), tells it
+//! what a write committed locally ([`Replication::written`]), and waits until the commit
+//! point covers what a request saw before answering ([`Replication::wait_commit`]), so
+//! that nothing unreplicated is acknowledged or shown.
+//!
+//! It never decides anything itself: every rule is the core's.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use shoal_cluster::ni::{Command, Outcome};
+use shoal_cluster::node::ClusterNode;
+use shoal_cluster::replication::replica::{Action, Durable, Event, Replica, View};
+use shoal_cluster::replication::{History, Message, Settings};
+use shoal_cluster::HostId;
+use shoal_shared::frame::{LogEntry, Partition, RecordTable, WorkerRequest, WorkerResponse};
+use shoal_shared::partition::partition_worker;
+use tokio::sync::{mpsc, watch};
+use tokio::time::Instant;
+
+use crate::reads::Readers;
+use crate::workers::WorkerLink;
+
+/// Bytes of records per chunk of a full copy.
+const COPY_CHUNK_BYTES: u32 = 1 << 20;
+/// Longest one step of a full copy waits for the primary.
+const COPY_STEP_TIMEOUT: Duration = Duration::from_secs(10);
+/// Pause before a partition's task starts again after its worker failed it.
+const RESTART_AFTER: Duration = Duration::from_millis(500);
+
+/// What the routing may do with a partition's copy here, as its core last said.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Status {
+    /// The commit point: every entry up to it is held by enough copies.
+    pub commit: u64,
+    /// This copy is the primary and its term is open.
+    pub primary: bool,
+    /// Writes may start until then (enough followers answered lately).
+    pub writable_until: Option<Instant>,
+    /// Reads may be served until then (the lease).
+    pub readable_until: Option<Instant>,
+}
+
+/// Something for a partition's task.
+enum Input {
+    Message {
+        from: HostId,
+        message: Message,
+        entries: Vec<LogEntry>,
+    },
+    Written {
+        last: u64,
+    },
+}
+
+struct Copy {
+    inbox: mpsc::UnboundedSender<Input>,
+    status: watch::Receiver<Status>,
+}
+
+/// This host's replicated copies. See the module header.
+pub struct Replication {
+    node: Arc<ClusterNode>,
+    links: Vec<WorkerLink>,
+    readers: Arc<Readers>,
+    settings: Settings,
+    copies: Mutex<HashMap<Partition, Copy>>,
+}
+
+impl Replication {
+    /// The copies of this host, started as the NI gives it partitions.
+    pub fn start(
+        node: Arc<ClusterNode>,
+        links: Vec<WorkerLink>,
+        readers: Arc<Readers>,
+    ) -> Arc<Replication> {
+        let settings = Settings {
+            min_replicas_to_write: node.min_replicas_to_write(),
+            ..Settings::default()
+        };
+        let replication = Arc::new(Replication {
+            node,
+            links,
+            readers,
+            settings,
+            copies: Mutex::default(),
+        });
+        tokio::spawn(Arc::clone(&replication).follow_table());
+        replication
+    }
+
+    /// Starts a task for every replicated partition this host holds, whenever the NI
+    /// changes; a task ends by itself when the host no longer holds its partition.
+    async fn follow_table(self: Arc<Self>) {
+        let mut changes = loop {
+            match self.node.ni_changes() {
+                Some(changes) => break changes,
+                None => tokio::time::sleep(Duration::from_millis(100)).await,
+            }
+        };
+        loop {
+            let ni = Arc::clone(&changes.borrow_and_update().state);
+            if let Some(me) = self.node.host_id() {
+                for partition in ni.held_by(me) {
+                    let entry = &ni.partitions[usize::from(partition)];
+                    if !entry.replicas.is_empty() {
+                        self.ensure(partition);
+                    }
+                }
+            }
+            // Tasks that ended (partition given away, worker failure) leave; a table
+            // change starts them again if still needed.
+            lock(&self.copies).retain(|_, copy| !copy.inbox.is_closed());
+            let wake = tokio::time::sleep(RESTART_AFTER);
+            tokio::select! {
+                changed = changes.changed() => if changed.is_err() { return },
+                _ = wake => {}
+            }
+        }
+    }
+
+    fn ensure(self: &Arc<Self>, partition: Partition) {
+        let mut copies = lock(&self.copies);
+        if copies
+            .get(&partition)
+            .is_some_and(|copy| !copy.inbox.is_closed())
+        {
+            return;
+        }
+        let (inbox, input) = mpsc::unbounded_channel();
+        let (publish, status) = watch::channel(Status::default());
+        copies.insert(partition, Copy { inbox, status });
+        let replication = Arc::clone(self);
+        tokio::spawn(async move {
+            if let Err(error) = replication.run(partition, input, publish).await {
+                tracing::warn!(partition, %error, "replicated copy stopped; starting again");
+            }
+        });
+    }
+
+    /// Hands another host's message about `partition` to its task (dropped if this host
+    /// runs none: the sender sends again what matters).
+    pub fn deliver(
+        &self,
+        from: HostId,
+        partition: Partition,
+        message: Message,
+        entries: Vec<LogEntry>,
+    ) {
+        if let Some(copy) = lock(&self.copies).get(&partition) {
+            let _ = copy.inbox.send(Input::Message {
+                from,
+                message,
+                entries,
+            });
+        }
+    }
+
+    /// The partition's status here, waiting up to `deadline` for `ready` to hold.
+    pub async fn wait_status(
+        &self,
+        partition: Partition,
+        deadline: Instant,
+        ready: impl Fn(&Status, Instant) -> bool,
+    ) -> Option<Status> {
+        let mut status = lock(&self.copies).get(&partition)?.status.clone();
+        loop {
+            let now = Instant::now();
+            let current = status.borrow_and_update().clone();
+            if ready(&current, now) {
+                return Some(current);
+            }
+            // The status changes on events; leases and answers also lapse with time.
+            let recheck = (now + Duration::from_millis(20)).min(deadline);
+            if now >= deadline {
+                return None;
+            }
+            let _ = tokio::time::timeout_at(recheck, status.changed()).await;
+        }
+    }
+
+    /// Tells the core that the local worker committed `partition`'s log up to `last`.
+    pub fn written(&self, partition: Partition, last: u64) {
+        if let Some(copy) = lock(&self.copies).get(&partition) {
+            let _ = copy.inbox.send(Input::Written { last });
+        }
+    }
+
+    /// Waits until the commit point of `partition` reaches `last`, or `deadline`.
+    pub async fn wait_commit(&self, partition: Partition, last: u64, deadline: Instant) -> bool {
+        self.wait_status(partition, deadline, |status, _| status.commit >= last)
+            .await
+            .is_some()
+    }
+
+    fn worker(&self, partition: Partition) -> usize {
+        partition_worker(partition, self.links.len())
+    }
+
+    async fn ask(
+        &self,
+        partition: Partition,
+        request: WorkerRequest,
+    ) -> Result<WorkerResponse, String> {
+        let worker = self.worker(partition);
+        match self.links[worker].send(request).await.wait().await {
+            Ok(WorkerResponse::Error(error)) => Err(format!("{error:?}")),
+            Ok(response) => Ok(response),
+            Err(error) => Err(error.to_string()),
+        }
+    }
+
+    /// The partition's task: the core and its I/O, until the host no longer holds the
+    /// partition (Ok) or a worker request fails (Err; started again later).
+    async fn run(
+        self: Arc<Self>,
+        partition: Partition,
+        mut input: mpsc::UnboundedReceiver<Input>,
+        publish: watch::Sender<Status>,
+    ) -> Result<(), String> {
+        let me = self.node.host_id().ok_or("not a member")?;
+        let worker = self.worker(partition);
+        let (meta, state) = self
+            .readers
+            .partition_state(worker, partition)
+            .map_err(|error| error.to_string())?;
+        let history = History::from_starts(state.history).ok_or("stored history is broken")?;
+        let durable = Durable {
+            fenced: state.fenced_term,
+            history,
+            log_start: meta.trimmed_through + 1,
+            last: meta.last_commit_id,
+        };
+        let run = rand_run();
+        let mut core = Replica::new(
+            me,
+            self.settings.clone(),
+            durable,
+            run,
+            Instant::now().into_std(),
+        );
+        let mut changes = self.node.ni_changes().ok_or("not a member")?;
+        let mut entries: Vec<LogEntry> = Vec::new();
+        // The latest history a primary sent: what a full copy takes over.
+        let mut primary_history = History::default();
+        let mut event = Some(self.view(partition, me));
+        loop {
+            match event.take() {
+                Some(Some(view)) => core.handle(Event::View(view), Instant::now().into_std()),
+                Some(None) => return Ok(()),
+                None => {}
+            }
+            self.carry_out(partition, &mut core, &entries, &primary_history)
+                .await?;
+            publish.send_replace(status_of(&core));
+            let wake = core
+                .next_deadline()
+                .map_or(Instant::now() + Duration::from_secs(1), Instant::from_std);
+            tokio::select! {
+                received = input.recv() => match received {
+                    None => return Ok(()),
+                    Some(Input::Message { from, message, entries: carried }) => {
+                        if let Message::Append(append) = &message {
+                            primary_history = append.history.clone();
+                        }
+                        entries = carried;
+                        core.handle(Event::Received { from, message }, Instant::now().into_std());
+                    }
+                    Some(Input::Written { last }) => core.handle(Event::Written { last }, Instant::now().into_std()),
+                },
+                changed = changes.changed() => {
+                    if changed.is_err() {
+                        return Ok(());
+                    }
+                    event = Some(self.view(partition, me));
+                }
+                _ = tokio::time::sleep_until(wake) => core.handle(Event::Tick, Instant::now().into_std()),
+            }
+        }
+    }
+
+    /// The NI's view of `partition`; `None` when `me` holds no copy of it any more.
+    fn view(&self, partition: Partition, me: HostId) -> Option<View> {
+        let ni = self.node.ni();
+        let entry = ni.partitions.get(usize::from(partition))?;
+        if !entry.is_member(me) || entry.replicas.is_empty() {
+            return None;
+        }
+        Some(View {
+            term: entry.term,
+            primary: entry.owner,
+            members: entry.members(),
+            out_of_sync: entry.out_of_sync.clone(),
+        })
+    }
+
+    /// Carries out the core's actions in order, feeding the answers back, until it asks
+    /// for nothing more.
+    async fn carry_out(
+        &self,
+        partition: Partition,
+        core: &mut Replica,
+        entries: &[LogEntry],
+        primary_history: &History,
+    ) -> Result<(), String> {
+        loop {
+            let actions = core.poll_actions();
+            if actions.is_empty() {
+                return Ok(());
+            }
+            for action in actions {
+                let now = || Instant::now().into_std();
+                match action {
+                    Action::PersistTerm { term } => {
+                        self.ask(partition, WorkerRequest::PromiseTerm { partition, term })
+                            .await?;
+                    }
+                    Action::Send { to, message } => {
+                        let mut carried = Vec::new();
+                        if let Message::Append(append) = &message {
+                            let worker = self.worker(partition);
+                            carried = self
+                                .readers
+                                .read_log(worker, partition, append.first, append.last)
+                                .map_err(|error| error.to_string())?;
+                            let wanted = (append.last + 1).saturating_sub(append.first);
+                            if carried.len() as u64 != wanted {
+                                // Log retention removed some: the follower copies instead.
+                                let (meta, _) = self
+                                    .readers
+                                    .partition_state(worker, partition)
+                                    .map_err(|error| error.to_string())?;
+                                let through = meta.trimmed_through;
+                                core.handle(Event::Trimmed { through }, now());
+                                continue;
+                            }
+                        }
+                        self.node.send_replica(to, partition, message, carried);
+                    }
+                    Action::WriteMarker { term } => {
+                        match self
+                            .ask(partition, WorkerRequest::OpenTerm { partition, term })
+                            .await
+                        {
+                            Ok(WorkerResponse::Integer(last)) => {
+                                core.handle(Event::Written { last: last as u64 }, now());
+                            }
+                            other => {
+                                tracing::warn!(partition, term, ?other, "cannot open the term")
+                            }
+                        }
+                    }
+                    Action::Apply {
+                        first,
+                        last,
+                        history,
+                    } => {
+                        let chosen: Vec<LogEntry> = entries
+                            .iter()
+                            .filter(|entry| (first..=last).contains(&entry.commit_id))
+                            .cloned()
+                            .collect();
+                        let request = WorkerRequest::Replicate {
+                            partition,
+                            entries: chosen,
+                            history: history.starts().to_vec(),
+                        };
+                        match self.ask(partition, request).await {
+                            Ok(WorkerResponse::Integer(held)) => {
+                                core.handle(Event::Applied { last: held as u64 }, now());
+                            }
+                            other => {
+                                tracing::warn!(partition, ?other, "replicated entries not applied");
+                                core.handle(Event::ApplyFailed, now());
+                            }
+                        }
+                    }
+                    Action::StartCopy { from, term } => {
+                        let event = match self.copy_from(partition, from).await {
+                            Ok((first, through)) => Event::Copied {
+                                term,
+                                from: first,
+                                through,
+                                history: primary_history.up_to(first),
+                            },
+                            Err(error) => {
+                                tracing::warn!(partition, from, %error, "full copy failed");
+                                Event::CopyFailed { term }
+                            }
+                        };
+                        core.handle(event, now());
+                    }
+                    Action::Committed { .. } => {}
+                    Action::ReportSync { host, in_sync } => {
+                        self.report_sync(partition, host, in_sync)
+                    }
+                    Action::PrimaryLost { term, .. } | Action::SteppedDown { term } => {
+                        self.node.report_primary_lost(partition, term);
+                    }
+                }
+            }
+        }
+    }
+
+    /// Proposes, in the background, that the NI show `host` in sync with `partition`'s
+    /// primary or not (at the partition's current epoch; a stale report is refused and
+    /// made again on the next change).
+    fn report_sync(&self, partition: Partition, host: HostId, in_sync: bool) {
+        let Some(epoch) = self
+            .node
+            .ni()
+            .partitions
+            .get(usize::from(partition))
+            .map(|entry| entry.epoch)
+        else {
+            return;
+        };
+        let node = Arc::clone(&self.node);
+        tokio::spawn(async move {
+            let command = Command::SetSync {
+                partition,
+                host,
+                in_sync,
+                epoch,
+            };
+            match node.propose(command).await {
+                Ok(Outcome::Done) => {
+                    tracing::info!(partition, host, in_sync, "follower sync state changed")
+                }
+                other => tracing::debug!(partition, host, ?other, "sync state not changed"),
+            }
+        });
+    }
+
+    /// Replaces the local copy of `partition` with the primary's: clears it, notes the
+    /// primary's last commit id, copies its records chunk by chunk, and notes its last
+    /// commit id again. Answers (the first, the second): the log is replayed from the
+    /// first on, and the copy is whole once it reached the second.
+    async fn copy_from(&self, partition: Partition, primary: HostId) -> Result<(u64, u64), String> {
+        self.ask(partition, WorkerRequest::ClearPartition { partition })
+            .await?;
+        let first = self.primary_last(partition, primary).await?;
+        let mut from: Option<(RecordTable, Vec<u8>)> = None;
+        loop {
+            let request = WorkerRequest::ExportPartition {
+                partition,
+                from: from.clone(),
+                max_bytes: COPY_CHUNK_BYTES,
+            };
+            let (records, next) = match self.on_primary(partition, primary, request).await? {
+                WorkerResponse::Records { records, next, .. } => (records, next),
+                other => return Err(format!("unexpected export answer {other:?}")),
+            };
+            if !records.is_empty() {
+                self.ask(partition, WorkerRequest::ImportRecords { records })
+                    .await?;
+            }
+            match next {
+                Some(next) => from = Some(next),
+                None => break,
+            }
+        }
+        let through = self.primary_last(partition, primary).await?;
+        Ok((first, through.max(first)))
+    }
+
+    async fn primary_last(&self, partition: Partition, primary: HostId) -> Result<u64, String> {
+        match self
+            .on_primary(partition, primary, WorkerRequest::LastCommitIds)
+            .await?
+        {
+            WorkerResponse::Positions(positions) => Ok(positions
+                .into_iter()
+                .find(|&(p, _)| p == partition)
+                .map_or(0, |(_, last)| last)),
+            other => Err(format!("unexpected answer {other:?}")),
+        }
+    }
+
+    async fn on_primary(
+        &self,
+        partition: Partition,
+        primary: HostId,
+        request: WorkerRequest,
+    ) -> Result<WorkerResponse, String> {
+        use shoal_cluster::messages::{DataRequest, PeerRequest, PeerResponse};
+        let request = PeerRequest::Data(DataRequest::Partition { partition, request });
+        match self
+            .node
+            .call_host(primary, request, COPY_STEP_TIMEOUT)
+            .await
+        {
+            Ok(PeerResponse::Worker(WorkerResponse::Error(error))) => Err(format!("{error:?}")),
+            Ok(PeerResponse::Worker(response)) => Ok(response),
+            Ok(other) => Err(format!("unexpected answer {other:?}")),
+            Err(error) => Err(error.to_string()),
+        }
+    }
+}
+
+/// What the routing needs of the core, at this moment.
+fn status_of(core: &Replica) -> Status {
+    Status {
+        commit: core.commit(),
+        primary: core.primary_term().is_some(),
+        writable_until: core.writable_until().map(Instant::from_std),
+        readable_until: core.readable_until().map(Instant::from_std),
+    }
+}
+
+/// A number that differs between runs of a partition's task.
+fn rand_run() -> u64 {
+    use std::hash::{BuildHasher, Hasher};
+    let mut hasher = std::collections::hash_map::RandomState::new().build_hasher();
+    hasher.write_u64(shoal_shared::now_ms());
+    hasher.finish() | 1
+}
+
+fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    mutex
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner())
+}
