@@ -467,6 +467,30 @@ pub(crate) fn place(ni: &NetworkInfo, settings: &LeaderSettings) -> Vec<Command>
     commands
 }
 
+/// Partitions with fewer copies in sync on live hosts (the primary counts as in sync)
+/// than `replicas`, or than there are live hosts (0 once every partition is whole).
+pub(crate) fn under_replicated(ni: &NetworkInfo, replicas: usize) -> usize {
+    let live = |host: &HostId| {
+        ni.hosts
+            .get(host)
+            .is_some_and(|info| info.state != HostState::Inactive && !info.leaving)
+    };
+    let want = replicas
+        .min(ni.hosts.keys().filter(|h| live(h)).count())
+        .max(1);
+    ni.partitions
+        .iter()
+        .filter(|entry| {
+            let in_sync = entry
+                .members()
+                .iter()
+                .filter(|host| live(host) && !entry.out_of_sync.contains(host))
+                .count();
+            in_sync < want
+        })
+        .count()
+}
+
 /// The partitions whose primary is inactive and that have a follower to take over:
 /// the leader runs a failover round for each.
 pub(crate) fn failovers(ni: &NetworkInfo) -> Vec<u16> {
@@ -1026,6 +1050,28 @@ mod tests {
             .all(|entry| entry.members().len() == 2));
         // One copy: nothing to do.
         assert_eq!(replicate(&cluster(3), NOW_MS, &replicated(1)), vec![]);
+    }
+
+    #[test]
+    fn under_replicated_partitions_are_counted_until_every_copy_is_in_sync() {
+        let mut ni = cluster(3);
+        assert_eq!(under_replicated(&ni, 1), 0);
+        assert_eq!(under_replicated(&ni, 3), 16);
+        replicate_until_quiet(&mut ni, &replicated(3));
+        assert_eq!(under_replicated(&ni, 3), 0);
+        set_state(&mut ni, 3, HostState::Inactive, NOW_MS);
+        // Two live hosts: two copies are all there can be.
+        assert_eq!(under_replicated(&ni, 3), 0);
+        apply(
+            &mut ni,
+            Command::SetSync {
+                partition: 0,
+                host: 2,
+                in_sync: false,
+                epoch: ni.partitions[0].epoch,
+            },
+        );
+        assert_eq!(under_replicated(&ni, 3), 1);
     }
 
     #[test]

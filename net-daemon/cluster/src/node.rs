@@ -1319,9 +1319,19 @@ impl ClusterNode {
         Ok(())
     }
 
-    /// Partitions whose owner is not the one placement wants (0 once balanced).
+    /// Partitions with fewer copies in sync on live hosts than `cluster.replicas` (or
+    /// than there are live hosts).
+    pub fn under_replicated(&self) -> usize {
+        leader::under_replicated(&self.ni(), self.replicas)
+    }
+
+    /// Partitions whose owner is not the one placement wants (0 once balanced; always 0
+    /// with replication, where primaries do not move by placement).
     pub fn misplaced(&self) -> usize {
-        leader::misplaced(&self.ni(), self.max_fill_ratio)
+        match self.replicas {
+            1 => leader::misplaced(&self.ni(), self.max_fill_ratio),
+            _ => 0,
+        }
     }
 }
 

@@ -255,7 +255,7 @@ fn info(shared: &Shared, node: &ClusterNode) -> String {
     let _ = write!(
         text,
         "shoal_partitions:{}\r\nshoal_partitions_owned:{}\r\nshoal_partitions_moving:{}\r\n\
-         shoal_partitions_misplaced:{}\r\n\
+         shoal_partitions_misplaced:{}\r\nshoal_partitions_under_replicated:{}\r\n\
          shoal_leaving:{}\r\nshoal_handoffs_completed:{}\r\nshoal_handoff_pause_us_last:{}\r\n\
          shoal_handoff_pause_us_max:{}\r\nshoal_handoff_records_copied:{}\r\n\
          shoal_handoff_entries_replayed:{}\r\n",
@@ -266,6 +266,7 @@ fn info(shared: &Shared, node: &ClusterNode) -> String {
             .filter(|entry| entry.target.is_some())
             .count(),
         node.misplaced(),
+        node.under_replicated(),
         u8::from(ni.hosts.get(&me).is_some_and(|host| host.leaving)),
         stats.completed.load(Ordering::Relaxed),
         stats.last_pause_us.load(Ordering::Relaxed),
