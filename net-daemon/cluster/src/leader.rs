@@ -1062,13 +1062,14 @@ mod tests {
         set_state(&mut ni, 3, HostState::Inactive, NOW_MS);
         // Two live hosts: two copies are all there can be.
         assert_eq!(under_replicated(&ni, 3), 0);
+        let epoch = ni.partitions[0].epoch;
         apply(
             &mut ni,
             Command::SetSync {
                 partition: 0,
                 host: 2,
                 in_sync: false,
-                epoch: ni.partitions[0].epoch,
+                epoch,
             },
         );
         assert_eq!(under_replicated(&ni, 3), 1);
