@@ -35,7 +35,7 @@ fn get(cluster: &Cluster, host: usize, key: &str) -> Result<Option<String>, Stri
 }
 
 /// Ok once every live host reports no under-replicated partition.
-fn wait_replicated(cluster: &Cluster) -> Result<(), String> {
+fn replicated_everywhere(cluster: &Cluster) -> Result<(), String> {
     for i in cluster.live() {
         let info = cluster.try_info(i)?;
         match info
@@ -57,7 +57,7 @@ fn every_acknowledged_write_survives_the_kill_of_the_primary_host() {
     let (_, took) = cluster.wait_for(
         "every partition on three hosts, in sync",
         SETTLE_TIMEOUT,
-        |c| wait_replicated(c),
+        replicated_everywhere,
     );
     println!("every partition had its three copies in sync after {took:?}");
     let mut acknowledged: BTreeMap<String, String> = BTreeMap::new();
