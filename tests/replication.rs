@@ -84,10 +84,34 @@ fn every_acknowledged_write_survives_the_kill_of_the_primary_host() {
     // Host 1 founded the cluster and leads every partition.
     cluster.kill(1);
     let killed = Instant::now();
+    if std::env::var_os("SHOAL_SHOW_FAILOVER").is_some() {
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap();
+        println!(
+            "killed at {}.{:03} (Unix s)",
+            now.as_secs() % 86400,
+            now.subsec_millis()
+        );
+    }
     let (_, resumed) = cluster.wait_for("a write through a survivor", RESUME_TIMEOUT, |c| {
         (0..16).try_for_each(|i| set(c, 3, &format!("after{{{i}}}"), "y"))
     });
     println!("writes to every partition resumed {resumed:?} after the kill");
+    if std::env::var_os("SHOAL_SHOW_FAILOVER").is_some() {
+        for host in [2, 3] {
+            for line in cluster.host(host).server.logs().lines() {
+                if line.contains("failover round starts partition=0")
+                    || line.contains("new primary partition=0")
+                    || line.contains("unfenc")
+                    || line.contains("lifting")
+                    || line.contains("vote")
+                {
+                    println!("host {host}: {line}");
+                }
+            }
+        }
+    }
     let (lost, checked) =
         cluster.wait_for("every acknowledged write read back", RESUME_TIMEOUT, |c| {
             let mut lost = Vec::new();
@@ -109,5 +133,51 @@ fn every_acknowledged_write_survives_the_kill_of_the_primary_host() {
         checked + resumed
     );
     assert!(lost.is_empty(), "acknowledged writes lost: {lost:?}");
+    // The keyspace stays exact while the host is down: every key is counted once, by
+    // its partition's new primary.
+    let expected = acknowledged.len() as i64 + 16;
+    for host in [2, 3] {
+        let (size, _) = cluster.wait_for("an exact DBSIZE", RESUME_TIMEOUT, |c| {
+            match c.query(host, &["DBSIZE"])? {
+                Resp::Int(size) if size == expected => Ok(size),
+                other => Err(format!(
+                    "DBSIZE through host {host}: {other:?}, expected {expected}"
+                )),
+            }
+        });
+        assert_eq!(size, expected);
+        assert_eq!(
+            scan_all(&cluster, host),
+            expected as usize,
+            "SCAN through host {host}"
+        );
+    }
     println!("total {:?}", killed.elapsed());
+}
+
+/// The number of distinct keys a full SCAN through `host` returns.
+fn scan_all(cluster: &Cluster, host: usize) -> usize {
+    let mut keys = std::collections::BTreeSet::new();
+    let mut cursor = "0".to_string();
+    loop {
+        let reply = cluster
+            .query(host, &["SCAN", &cursor, "COUNT", "100"])
+            .unwrap_or_else(|error| panic!("SCAN through host {host}: {error}"));
+        let Resp::Array(parts) = reply else {
+            panic!("SCAN through host {host}: {reply:?}")
+        };
+        let (Some(Resp::Bulk(next)), Some(Resp::Array(found))) = (parts.first(), parts.get(1))
+        else {
+            panic!("SCAN through host {host}: {parts:?}")
+        };
+        for key in found {
+            if let Resp::Bulk(key) = key {
+                keys.insert(key.clone());
+            }
+        }
+        cursor = String::from_utf8_lossy(next).into_owned();
+        if cursor == "0" {
+            return keys.len();
+        }
+    }
 }

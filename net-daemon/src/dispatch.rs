@@ -170,7 +170,7 @@ impl Dispatch {
     pub async fn send_everywhere(&self, make: impl Fn() -> WorkerRequest) -> Vec<Call> {
         let mut calls = self.send_all(&make).await;
         if let Some(router) = &self.router {
-            calls.extend(router.send_to_other_hosts(make));
+            calls.extend(router.send_to_other_owners(make));
         }
         calls
     }

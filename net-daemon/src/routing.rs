@@ -330,8 +330,27 @@ impl Router {
 
     /// Sends one request to every worker of every other host: one call per host.
     pub fn send_to_other_hosts(self: &Arc<Self>, make: impl Fn() -> WorkerRequest) -> Vec<Call> {
-        let me = self.node.host_id();
         let hosts: Vec<HostId> = self.node.ni().hosts.keys().copied().collect();
+        self.send_to_hosts(hosts, make)
+    }
+
+    /// Sends one request to every worker of every other host that is the primary of a
+    /// partition: one call per host. A fan-out over the data (DBSIZE, KEYS, FLUSH, ...)
+    /// needs no more, since each host serves only the partitions it leads; a host that
+    /// died and whose partitions failed over is not asked.
+    pub fn send_to_other_owners(self: &Arc<Self>, make: impl Fn() -> WorkerRequest) -> Vec<Call> {
+        let mut owners: Vec<HostId> = self.owners();
+        owners.sort_unstable();
+        owners.dedup();
+        self.send_to_hosts(owners, make)
+    }
+
+    fn send_to_hosts(
+        self: &Arc<Self>,
+        hosts: Vec<HostId>,
+        make: impl Fn() -> WorkerRequest,
+    ) -> Vec<Call> {
+        let me = self.node.host_id();
         hosts
             .into_iter()
             .filter(|&host| Some(host) != me)

@@ -730,28 +730,29 @@ impl ClusterNode {
         });
     }
 
-    /// Tells the metadata leader that the primary of `partition` at `term` is lost (a
-    /// silent primary, or a higher term seen by the primary itself), in the background.
+    /// Tells the metadata group's voters that the primary of `partition` at `term` is
+    /// lost (a silent primary, or a higher term seen by the primary itself), in the
+    /// background. Every voter keeps the report, so that a leader elected after the old
+    /// one died (often the lost primary's own host) has it at once.
     pub fn report_primary_lost(self: &Arc<Self>, partition: u16, term: u64) {
-        let (Some(me), Some((Some(leader), _))) = (self.host_id(), self.raft_view()) else {
+        let (Some(me), Some((_, voters))) = (self.host_id(), self.raft_view()) else {
             return;
         };
-        let request = PeerRequest::PrimaryLost {
-            from: me,
-            partition,
-            term,
-        };
-        if leader == me {
-            lock(&self.lost)
-                .entry(partition)
-                .or_default()
-                .insert(me, (term, Instant::now()));
-            return;
+        lock(&self.lost)
+            .entry(partition)
+            .or_default()
+            .insert(me, (term, Instant::now()));
+        for voter in voters.into_iter().filter(|&voter| voter != me) {
+            let request = PeerRequest::PrimaryLost {
+                from: me,
+                partition,
+                term,
+            };
+            let node = Arc::clone(self);
+            tokio::spawn(async move {
+                let _ = node.call_host(voter, request, REPLICA_SEND_TIMEOUT).await;
+            });
         }
-        let node = Arc::clone(self);
-        tokio::spawn(async move {
-            let _ = node.call_host(leader, request, REPLICA_SEND_TIMEOUT).await;
-        });
     }
 
     /// `cluster.min_replicas_to_write`, as this host was configured.
@@ -1374,13 +1375,18 @@ fn steady_capacity(measured: u64, recorded: u64) -> u64 {
     }
 }
 
+/// The metadata group's timing: a Raft heartbeat every half heartbeat interval, and an
+/// election timeout of 4 to 8 Raft heartbeats. A follower waits about its lease plus the
+/// election timeout after the leader's last heartbeat (openraft's leader lease), so with
+/// the defaults a dead leader is replaced within about 2 to 4 s; failovers of partitions
+/// whose primary died with the leader wait for that.
 fn raft_config(heartbeat_interval: Duration) -> anyhow::Result<openraft::Config> {
     let heartbeat_ms = (heartbeat_interval.as_millis() as u64 / 2).clamp(50, 500);
     let config = openraft::Config {
         cluster_name: "shoal-metadata".into(),
         heartbeat_interval: heartbeat_ms,
-        election_timeout_min: heartbeat_ms * 6,
-        election_timeout_max: heartbeat_ms * 12,
+        election_timeout_min: heartbeat_ms * 4,
+        election_timeout_max: heartbeat_ms * 8,
         ..openraft::Config::default()
     };
     config.validate().context("metadata group settings")

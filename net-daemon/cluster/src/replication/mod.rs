@@ -95,11 +95,11 @@ impl Default for Settings {
     fn default() -> Settings {
         Settings {
             min_replicas_to_write: 2,
-            lease: Duration::from_millis(2000),
+            lease: Duration::from_millis(1500),
             lease_margin: Duration::from_millis(200),
             heartbeat: Duration::from_millis(200),
-            primary_silence: Duration::from_millis(1500),
-            good_replica_within: Duration::from_millis(1500),
+            primary_silence: Duration::from_millis(1000),
+            good_replica_within: Duration::from_millis(1000),
             max_entries_per_append: 256,
             max_entries_in_flight: 4096,
         }
