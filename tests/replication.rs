@@ -1,16 +1,25 @@
 //! Replication across real hosts: `shoal serve` hosts on 127.0.T.x (see
 //! `common::cluster`) with `cluster.replicas = 3`. Clients write through some hosts,
-//! a host is killed with SIGKILL, and every acknowledged write is read back through
-//! the survivors. Each test prints what it measured.
+//! a host is killed with SIGKILL or cut off with iptables, and every acknowledged
+//! write is read back through the survivors; a follower that was away catches up
+//! from the log or with a full copy; and single-key histories recorded on both sides
+//! of a cut stay linearizable (checked by `common::linearizability`). Each test prints
+//! what it measured.
 
 mod common;
 
 use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::thread::sleep;
 use std::time::{Duration, Instant};
 
 use common::cluster::Cluster;
-use common::Resp;
+use common::linearizability::{check, Op, Operation, Outcome, Output, Verdict};
+use common::{connect_until, test_seed, Answer, Resp, Rng};
+use redis::{ConnectionLike, Value};
 
+/// Three copies of 16 partitions. Ends in `[storage]`, so a test may add storage keys.
 const REPLICATED: &str = "[cluster]\nreplicas = 3\n[storage]\npartitions = 16\n";
 /// How long the replicas may take to be placed and caught up at the start.
 const SETTLE_TIMEOUT: Duration = Duration::from_secs(60);
@@ -180,4 +189,262 @@ fn scan_all(cluster: &Cluster, host: usize) -> usize {
             return keys.len();
         }
     }
+}
+
+/// The digest of every partition on `host`: (last commit id, keys, checksum) each.
+fn digests(cluster: &Cluster, host: usize) -> Result<Vec<(i64, i64, Vec<u8>)>, String> {
+    (0..16)
+        .map(
+            |partition| match cluster.query(host, &["SHOAL.DIGEST", &partition.to_string()])? {
+                Resp::Array(parts) => match &parts[..] {
+                    [Resp::Int(last), Resp::Int(keys), Resp::Bulk(checksum)] => {
+                        Ok((*last, *keys, checksum.clone()))
+                    }
+                    other => Err(format!(
+                        "SHOAL.DIGEST {partition} on host {host}: {other:?}"
+                    )),
+                },
+                other => Err(format!(
+                    "SHOAL.DIGEST {partition} on host {host}: {other:?}"
+                )),
+            },
+        )
+        .collect()
+}
+
+/// Stops follower host 3, writes and deletes through host 2 while it is away, starts it
+/// again, and waits until every copy of every partition has the same digest. Answers
+/// how long the catching up took and the keys deleted while host 3 was away.
+/// `storage_toml` goes into the hosts' `[storage]` section.
+fn resync_after_absence(storage_toml: &str) -> (Duration, Vec<String>, Cluster) {
+    let mut cluster = Cluster::start(3, &format!("{REPLICATED}{storage_toml}"));
+    cluster.wait_voters(3, Duration::from_secs(60));
+    cluster.wait_for(
+        "every partition on three hosts, in sync",
+        SETTLE_TIMEOUT,
+        replicated_everywhere,
+    );
+    for i in 0..200 {
+        set(&cluster, 2, &format!("key:{i}"), "first").expect("a write with every host up");
+    }
+    cluster.kill(3);
+    let mut deleted = Vec::new();
+    for i in 0..200 {
+        let key = format!("key:{i}");
+        if i % 2 == 0 {
+            match cluster.query(2, &["DEL", &key]) {
+                Ok(Resp::Int(1)) => deleted.push(key),
+                other => panic!("DEL {key} with host 3 away: {other:?}"),
+            }
+        } else {
+            set(&cluster, 2, &key, "second").expect("a write with host 3 away");
+        }
+        set(&cluster, 2, &format!("new:{i}"), "third").expect("a write with host 3 away");
+    }
+    cluster.host_mut(3).server.restart();
+    let back = Instant::now();
+    cluster.wait_for("every copy of every partition alike", SETTLE_TIMEOUT, |c| {
+        let primary = digests(c, 1)?;
+        for host in [2, 3] {
+            let copy = digests(c, host)?;
+            if copy != primary {
+                return Err(format!(
+                    "host {host} differs from the primary: {copy:?} against {primary:?}"
+                ));
+            }
+        }
+        Ok(())
+    });
+    (back.elapsed(), deleted, cluster)
+}
+
+#[test]
+fn a_follower_back_from_a_crash_catches_up_from_the_log() {
+    let (took, deleted, cluster) = resync_after_absence("");
+    println!("host 3 caught up from the log {took:?} after its restart");
+    for key in &deleted {
+        assert_eq!(get(&cluster, 3, key).unwrap(), None, "{key} came back");
+    }
+    assert_eq!(
+        get(&cluster, 3, "key:1").unwrap().as_deref(),
+        Some("second")
+    );
+}
+
+#[test]
+fn a_follower_behind_the_trimmed_log_takes_a_full_copy() {
+    let (took, deleted, cluster) = resync_after_absence("log_retention_entries = 5\n");
+    println!("host 3 took a full copy and caught up {took:?} after its restart");
+    for key in &deleted {
+        assert_eq!(get(&cluster, 3, key).unwrap(), None, "{key} came back");
+    }
+}
+
+/// Runs random GET, SET and INCR on `keys` through one host until `stop`; records every
+/// operation with its key. Answers the records and the errors that no rule explains.
+fn record_operations(
+    client: usize,
+    host: redis::Client,
+    keys: Vec<String>,
+    seed: u64,
+    stop: Arc<AtomicBool>,
+) -> (Vec<(usize, Operation)>, Vec<String>) {
+    let mut rng = Rng::new(seed);
+    let mut recorded = Vec::new();
+    let mut unexpected = Vec::new();
+    let mut connection = None;
+    let mut sequence = 0u64;
+    while !stop.load(Ordering::Relaxed) {
+        if connection.is_none() {
+            connection = connect_until(&host, Instant::now() + Duration::from_secs(30));
+        }
+        let Some(con) = connection.as_mut() else {
+            unexpected.push("could not connect within 30 s".into());
+            break;
+        };
+        let key = rng.below(keys.len() as u64) as usize;
+        sequence += 1;
+        let value = ((client as u64 + 1) * 1_000_000_000 + sequence).to_string();
+        let (op, cmd) = match rng.below(10) {
+            0..=3 => (Op::Get, redis::cmd("GET").arg(&keys[key]).clone()),
+            4..=6 => (
+                Op::Set(value.clone().into_bytes()),
+                redis::cmd("SET").arg(&keys[key]).arg(&value).clone(),
+            ),
+            _ => (Op::Incr, redis::cmd("INCR").arg(&keys[key]).clone()),
+        };
+        let invoke = Instant::now();
+        let answer = Answer::of(con.req_command(&cmd));
+        let complete = Instant::now();
+        let outcome = match (&op, &answer) {
+            (Op::Get, Answer::Reply(Value::Nil)) => Outcome::Ok(Output::Value(None)),
+            (Op::Get, Answer::Reply(Value::BulkString(bytes))) => {
+                Outcome::Ok(Output::Value(Some(bytes.clone())))
+            }
+            (Op::Set(_), Answer::Reply(Value::Okay)) => Outcome::Ok(Output::Done),
+            (Op::Incr, Answer::Reply(Value::Int(n))) => Outcome::Ok(Output::Integer(*n)),
+            (_, Answer::Reply(other)) => {
+                unexpected.push(format!("{cmd:?} answered {other:?}"));
+                Outcome::Unknown
+            }
+            (_, Answer::Failed(text)) => {
+                if !text.starts_with("TRYAGAIN") && !text.starts_with("NOREPLICAS") {
+                    unexpected.push(format!("{op:?}: {text}"));
+                }
+                Outcome::Fail
+            }
+            (_, Answer::Unknown(_)) => Outcome::Unknown,
+        };
+        if answer.connection_lost() {
+            connection = None;
+        }
+        let failed = outcome != Outcome::Unknown && !matches!(outcome, Outcome::Ok(_));
+        recorded.push((
+            key,
+            Operation {
+                client,
+                op,
+                invoke,
+                complete,
+                outcome,
+            },
+        ));
+        if failed {
+            sleep(Duration::from_millis(20));
+        }
+    }
+    (recorded, unexpected)
+}
+
+#[test]
+fn histories_stay_linearizable_when_the_primary_is_cut_off() {
+    let cluster = Cluster::start(3, REPLICATED);
+    cluster.wait_voters(3, Duration::from_secs(60));
+    cluster.wait_for(
+        "every partition on three hosts, in sync",
+        SETTLE_TIMEOUT,
+        replicated_everywhere,
+    );
+    let seed = test_seed("replicated linearizability");
+    let keys: Vec<String> = (0..4).map(|i| format!("hot:{i}")).collect();
+    let stop = Arc::new(AtomicBool::new(false));
+    // Clients on both sides of the cut: two on host 1 (every partition's primary), which
+    // will be cut off, and three on the others.
+    let handles: Vec<_> = [1, 1, 2, 2, 3]
+        .into_iter()
+        .enumerate()
+        .map(|(client, host)| {
+            let redis_client = cluster.host(host).server.client();
+            let (keys, stop) = (keys.clone(), Arc::clone(&stop));
+            let client_seed = seed
+                .wrapping_add(client as u64 + 1)
+                .wrapping_mul(0x9e37_79b9_7f4a_7c15);
+            std::thread::spawn(move || {
+                record_operations(client, redis_client, keys, client_seed, stop)
+            })
+        })
+        .collect();
+    sleep(Duration::from_secs(2));
+    let cut = cluster.isolate(1);
+    let cut_at = Instant::now();
+    sleep(Duration::from_secs(8));
+    // The majority side failed over: hosts 2 and 3 lead every partition.
+    cluster.wait_for(
+        "hosts 2 and 3 to lead every partition",
+        RESUME_TIMEOUT,
+        |c| {
+            let mut led = 0;
+            for host in [2, 3] {
+                let info = c.try_info(host)?;
+                led += info
+                    .get("shoal_partitions_owned")
+                    .and_then(|v| v.parse::<usize>().ok())
+                    .unwrap_or(0);
+            }
+            match led {
+                16 => Ok(()),
+                other => Err(format!("hosts 2 and 3 lead {other} partitions")),
+            }
+        },
+    );
+    cut.heal();
+    println!("host 1 was cut off for {:?}", cut_at.elapsed());
+    sleep(Duration::from_secs(4));
+    stop.store(true, Ordering::Relaxed);
+    let mut histories: BTreeMap<usize, Vec<Operation>> = BTreeMap::new();
+    let mut unexpected = Vec::new();
+    for handle in handles {
+        let (recorded, errors) = handle.join().expect("client thread");
+        unexpected.extend(errors);
+        for (key, operation) in recorded {
+            histories.entry(key).or_default().push(operation);
+        }
+    }
+    assert!(unexpected.is_empty(), "unexpected answers: {unexpected:?}");
+    let (mut ok, mut unknown, mut failed) = (0, 0, 0);
+    for (key, history) in &histories {
+        for operation in history {
+            match operation.outcome {
+                Outcome::Ok(_) => ok += 1,
+                Outcome::Unknown => unknown += 1,
+                Outcome::Fail => failed += 1,
+            }
+        }
+        match check(history, None) {
+            Verdict::Linearizable => {}
+            Verdict::NotLinearizable(violation) => {
+                panic!(
+                    "key {}: not linearizable (seed {seed}): {violation:?}",
+                    keys[*key]
+                )
+            }
+            Verdict::Inconclusive(why) => panic!("key {}: inconclusive: {why:?}", keys[*key]),
+        }
+    }
+    println!(
+        "{} operations on {} keys: {ok} answered, {unknown} unknown, {failed} refused; linearizable",
+        ok + unknown + failed,
+        keys.len()
+    );
+    assert!(ok > 100, "too few operations answered: {ok}");
 }

@@ -18,7 +18,7 @@ use shoal_shared::config::Config;
 use shoal_shared::frame::{Collection, Key, LogEntry, Partition};
 use shoal_shared::layout::{PartitionMeta, ReplicaState};
 use shoal_shared::lmdb::StoreError;
-use shoal_shared::reader::{ReadOutcome, ShardReader};
+use shoal_shared::reader::{PartitionDigest, ReadOutcome, ShardReader};
 
 /// The read-only views of every shard, opened on first use.
 pub struct Readers {
@@ -97,6 +97,15 @@ impl Readers {
         partition: Partition,
     ) -> Result<(PartitionMeta, ReplicaState), StoreError> {
         self.opened(worker)?.partition_state(partition)
+    }
+
+    /// The digest of `worker`'s copy of `partition` (see [`ShardReader::digest`]).
+    pub fn digest(
+        &self,
+        worker: usize,
+        partition: Partition,
+    ) -> Result<PartitionDigest, StoreError> {
+        self.opened(worker)?.digest(partition)
     }
 
     /// `partition`'s log entries `first..=last` (fewer if the log lacks some), read from

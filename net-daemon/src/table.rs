@@ -554,6 +554,16 @@ pub static COMMANDS: &[CommandSpec] = &[
         "Reads the change feed of every partition from a cursor (COUNT, BLOCK)."
     ),
     spec!(
+        "shoal.digest",
+        2,
+        R,
+        0,
+        0,
+        0,
+        "shoal",
+        "Returns this host's copy of a partition: last commit id, key count and checksum."
+    ),
+    spec!(
         "shoal.hosts",
         1,
         C,

@@ -27,6 +27,29 @@ pub enum ReadOutcome {
     AskWorker,
 }
 
+/// What [`ShardReader::digest`] finds.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct PartitionDigest {
+    /// The copy's last commit id.
+    pub last_commit_id: u64,
+    /// Its keys, over every collection.
+    pub keys: u64,
+    /// The wrapping sum of a 64-bit FNV-1a hash of each (collection, key, stored value).
+    pub checksum: u64,
+}
+
+const FNV_OFFSET: u64 = 0xcbf2_9ce4_8422_2325;
+const FNV_PRIME: u64 = 0x0000_0100_0000_01b3;
+
+/// FNV-1a over `bytes`, continuing from `hash`.
+fn fnv1a(mut hash: u64, bytes: &[u8]) -> u64 {
+    for &byte in bytes {
+        hash ^= u64::from(byte);
+        hash = hash.wrapping_mul(FNV_PRIME);
+    }
+    hash
+}
+
 /// A shard environment opened read-only.
 pub struct ShardReader {
     env: Env<WithoutTls>,
@@ -144,6 +167,36 @@ impl ShardReader {
                 None => layout::ReplicaState::default(),
             };
             Ok((meta, replica))
+        })
+    }
+
+    /// A digest of this copy of `partition`: its last commit id, its number of keys in
+    /// every collection, and an order-independent checksum of those keys with their
+    /// stored values (commit id, expiry and bytes), so that two copies that hold the same
+    /// data give the same digest.
+    pub fn digest(&self, partition: Partition) -> Result<PartitionDigest, StoreError> {
+        self.with_txn(|txn| {
+            let last_commit_id = match self.meta.get(txn, &layout::partition_meta_key(partition))? {
+                Some(raw) => layout::decode_partition_meta(raw)?.last_commit_id,
+                None => 0,
+            };
+            let mut digest = PartitionDigest {
+                last_commit_id,
+                ..PartitionDigest::default()
+            };
+            let prefix = partition.to_be_bytes();
+            for (collection, database) in self.collections.iter().enumerate() {
+                for item in database.prefix_iter(txn, &prefix)? {
+                    let (key, value) = item?;
+                    digest.keys += 1;
+                    let mut hash = fnv1a(FNV_OFFSET, &(collection as u16).to_be_bytes());
+                    hash = fnv1a(hash, &(key.len() as u32).to_be_bytes());
+                    hash = fnv1a(hash, key);
+                    hash = fnv1a(hash, value);
+                    digest.checksum = digest.checksum.wrapping_add(hash);
+                }
+            }
+            Ok(digest)
         })
     }
 

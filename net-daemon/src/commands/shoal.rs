@@ -1,5 +1,6 @@
 //! Shoal's own commands: `ID.NEW`, `SHOAL.PARTITION`, `SHOAL.LOG`,
-//! `SHOAL.FEED` (the change feed over every partition) and `SHOAL.TXNS`.
+//! `SHOAL.FEED` (the change feed over every partition), `SHOAL.TXNS` and
+//! `SHOAL.DIGEST` (this host's copy of a partition, to compare replicas).
 //!
 //! A feed cursor is text: `0` (from the start of the log), `$` (from now), or
 //! `partition:commit_id` pairs joined by commas, naming the last commit seen in
@@ -73,6 +74,7 @@ pub async fn dispatch(
             Pending::barrier(async move { feed(&shared, &args).await })
         }
         "shoal.txns" => call_all_sum(shared, || WorkerRequest::Transactions).await,
+        "shoal.digest" => Pending::Ready(digest(shared, &args[1])),
         _ => return None,
     };
     Some(pending)
@@ -120,6 +122,42 @@ async fn read_log(shared: &Shared, args: &[Bytes]) -> Pending {
         },
     )
     .await
+}
+
+/// `SHOAL.DIGEST partition` → `[last_commit_id, keys, checksum]` of this host's copy
+/// (the checksum as 16 hex digits), or an error when this host holds no copy.
+fn digest(shared: &Shared, partition: &Bytes) -> Reply {
+    let partitions = shared.config.storage.partitions;
+    let Some(partition) = parse_i64(partition).filter(|p| (0..i64::from(partitions)).contains(p))
+    else {
+        return Reply::error(format!(
+            "ERR partition must be between 0 and {}",
+            partitions - 1
+        ));
+    };
+    let partition = partition as u16;
+    if let Some(node) = &shared.cluster {
+        let held = node.host_id().is_some_and(|me| {
+            node.ni()
+                .partitions
+                .get(usize::from(partition))
+                .is_some_and(|entry| entry.is_member(me))
+        });
+        if !held {
+            return Reply::error(format!(
+                "ERR this host holds no copy of partition {partition}"
+            ));
+        }
+    }
+    let worker = partition_worker(partition, shared.dispatch.links.len());
+    match shared.dispatch.readers.digest(worker, partition) {
+        Ok(digest) => Reply::Array(vec![
+            Reply::Integer(digest.last_commit_id as i64),
+            Reply::Integer(digest.keys as i64),
+            Reply::Bulk(format!("{:016x}", digest.checksum).into_bytes().into()),
+        ]),
+        Err(error) => Reply::error(format!("ERR cannot read partition {partition}: {error}")),
+    }
 }
 
 /// Parses a feed cursor into the last commit id seen per partition.

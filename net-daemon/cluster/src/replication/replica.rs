@@ -891,7 +891,10 @@ impl Replica {
     }
 
     fn on_applied(&mut self, last: CommitId) {
-        if last <= self.last || last > self.pending_last {
+        // After a full copy the worker's log may reach past what this copy has claimed
+        // (the copy took newer records): claim no more than was asked for.
+        let last = last.min(self.pending_last);
+        if last <= self.last {
             return;
         }
         self.last = last;

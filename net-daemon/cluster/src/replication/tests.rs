@@ -433,6 +433,15 @@ fn a_copy_counts_only_once_its_log_reaches_the_end_of_the_copy() {
     );
     append.first = 11;
     append.last = 12;
+    // The worker's log reaches 14 after the copy's records: the copy claims only 12.
+    follower.handle(received(1, Message::Append(append.clone())), now);
+    let applying = follower.poll_actions();
+    assert!(applying
+        .iter()
+        .any(|a| matches!(a, Action::Apply { last: 12, .. })));
+    follower.handle(Event::Applied { last: 14 }, now);
+    assert_eq!(follower.position().last, 12);
+    assert_eq!(acks(&follower.poll_actions()), vec![AckResult::Copying]);
     let ack = follower_answer(&mut follower, append.clone(), now);
     assert_eq!(
         ack.result,
