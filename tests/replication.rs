@@ -448,3 +448,81 @@ fn histories_stay_linearizable_when_the_primary_is_cut_off() {
     );
     assert!(ok > 100, "too few operations answered: {ok}");
 }
+
+#[test]
+fn copies_on_a_host_gone_past_the_offline_threshold_are_made_again_elsewhere() {
+    let mut cluster = Cluster::start(
+        4,
+        "[cluster]\nreplicas = 3\noffline_threshold_secs = 5\n[storage]\npartitions = 16\n",
+    );
+    cluster.wait_voters(4, Duration::from_secs(60));
+    cluster.wait_for(
+        "every partition on three hosts, in sync",
+        SETTLE_TIMEOUT,
+        replicated_everywhere,
+    );
+    for i in 0..100 {
+        set(&cluster, 2, &format!("key:{i}"), "kept").expect("a write with every host up");
+    }
+    let held_by_4: Vec<usize> = (0..16)
+        .filter(|partition| {
+            matches!(
+                cluster.query(4, &["SHOAL.DIGEST", &partition.to_string()]),
+                Ok(Resp::Array(_))
+            )
+        })
+        .collect();
+    assert!(!held_by_4.is_empty(), "host 4 holds no copy");
+    cluster.kill(4);
+    let killed = Instant::now();
+    let (_, took) = cluster.wait_for(
+        "three in-sync copies of every partition on hosts 1 to 3",
+        Duration::from_secs(90),
+        |c| {
+            for host in [1, 2, 3] {
+                for partition in &held_by_4 {
+                    match c.query(host, &["SHOAL.DIGEST", &partition.to_string()])? {
+                        Resp::Array(_) => {}
+                        other => {
+                            return Err(format!("host {host}, partition {partition}: {other:?}"))
+                        }
+                    }
+                }
+            }
+            replicated_everywhere(c)
+        },
+    );
+    println!(
+        "the {} partitions host 4 held had three copies again {took:?} after it was killed",
+        held_by_4.len()
+    );
+    // The new copies hold what the old ones did.
+    cluster.wait_for(
+        "every copy of host 4's partitions alike",
+        Duration::from_secs(30),
+        |c| {
+            for partition in &held_by_4 {
+                let mut checksums = Vec::new();
+                for host in [1, 2, 3] {
+                    match c.query(host, &["SHOAL.DIGEST", &partition.to_string()])? {
+                        Resp::Array(parts) => checksums.push(format!("{:?}", parts)),
+                        other => return Err(format!("host {host}: {other:?}")),
+                    }
+                }
+                if checksums.windows(2).any(|pair| pair[0] != pair[1]) {
+                    return Err(format!(
+                        "partition {partition}: copies differ: {checksums:?}"
+                    ));
+                }
+            }
+            Ok(())
+        },
+    );
+    println!("total {:?}", killed.elapsed());
+    for i in 0..100 {
+        assert_eq!(
+            get(&cluster, 3, &format!("key:{i}")).unwrap().as_deref(),
+            Some("kept")
+        );
+    }
+}

@@ -306,6 +306,7 @@ impl Replication {
             primary: entry.owner,
             members: entry.members(),
             out_of_sync: entry.out_of_sync.clone(),
+            dropping: entry.dropping,
         })
     }
 
@@ -407,7 +408,19 @@ impl Replication {
                     }
                     Action::Committed { .. } => {}
                     Action::ReportSync { host, in_sync } => {
-                        self.report_sync(partition, host, in_sync)
+                        self.propose(partition, |epoch| Command::SetSync {
+                            partition,
+                            host,
+                            in_sync,
+                            epoch,
+                        });
+                    }
+                    Action::CompleteDrop { host } => {
+                        self.propose(partition, |epoch| Command::CompleteDrop {
+                            partition,
+                            host,
+                            epoch,
+                        });
                     }
                     Action::PrimaryLost { term, .. } | Action::SteppedDown { term } => {
                         self.node.report_primary_lost(partition, term);
@@ -417,10 +430,10 @@ impl Replication {
         }
     }
 
-    /// Proposes, in the background, that the NI show `host` in sync with `partition`'s
-    /// primary or not (at the partition's current epoch; a stale report is refused and
-    /// made again on the next change).
-    fn report_sync(&self, partition: Partition, host: HostId, in_sync: bool) {
+    /// Proposes, in the background, the NI change `make` builds at the partition's
+    /// current epoch (a stale one is refused, and the core asks again after the next
+    /// change of the view).
+    fn propose(&self, partition: Partition, make: impl FnOnce(u64) -> Command) {
         let Some(epoch) = self
             .node
             .ni()
@@ -430,19 +443,19 @@ impl Replication {
         else {
             return;
         };
+        let command = make(epoch);
         let node = Arc::clone(&self.node);
         tokio::spawn(async move {
-            let command = Command::SetSync {
-                partition,
-                host,
-                in_sync,
-                epoch,
-            };
-            match node.propose(command).await {
+            match node.propose(command.clone()).await {
                 Ok(Outcome::Done) => {
-                    tracing::info!(partition, host, in_sync, "follower sync state changed")
+                    tracing::info!(partition, ?command, "replication changed the NI")
                 }
-                other => tracing::debug!(partition, host, ?other, "sync state not changed"),
+                other => tracing::debug!(
+                    partition,
+                    ?command,
+                    ?other,
+                    "replication's NI change not made"
+                ),
             }
         });
     }

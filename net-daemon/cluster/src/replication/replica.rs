@@ -56,6 +56,8 @@ pub struct View {
     pub members: Vec<HostId>,
     /// The followers the NI shows out of sync.
     pub out_of_sync: Vec<HostId>,
+    /// The follower being dropped: not counted for commits, leases or admissions.
+    pub dropping: Option<HostId>,
 }
 
 /// Something that happened to the copy, fed to [`Replica::handle`].
@@ -173,6 +175,12 @@ pub enum Action {
         /// The higher term seen.
         term: Term,
     },
+    /// Primary: enough copies other than the follower being dropped hold every
+    /// committed entry: propose that `host` is dropped (`CompleteDrop`).
+    CompleteDrop {
+        /// The follower being dropped.
+        host: HostId,
+    },
     /// Primary: a follower's sync state differs from what the NI shows: it holds the
     /// commit point (`in_sync`), or it is taking a full copy. Propose the change.
     ReportSync {
@@ -239,6 +247,8 @@ enum Role {
         followers: BTreeMap<HostId, Progress>,
         /// Sync states reported since the view last changed, so each is reported once.
         reported: BTreeMap<HostId, bool>,
+        /// The drop completion proposed since the view last changed.
+        drop_proposed: bool,
     },
     Follower {
         term: Term,
@@ -389,8 +399,11 @@ impl Replica {
         if needed == 0 {
             return Some(self.started + Duration::from_secs(1 << 40));
         }
+        let dropping = self.dropping();
         let mut heard: Vec<Instant> = followers
-            .values()
+            .iter()
+            .filter(|(host, _)| Some(**host) != dropping)
+            .map(|(_, p)| p)
             .filter(|p| !p.copying)
             .filter_map(|p| p.heard_at)
             .collect();
@@ -417,6 +430,11 @@ impl Replica {
         }
     }
 
+    /// The follower the view is dropping, whose answers count for nothing.
+    fn dropping(&self) -> Option<HostId> {
+        self.view.as_ref().and_then(|view| view.dropping)
+    }
+
     /// Copies a write needs: the setting, but never more than the list holds.
     fn needed(&self) -> usize {
         let members = self.view.as_ref().map_or(1, |view| view.members.len());
@@ -430,8 +448,12 @@ impl Replica {
         if promises_needed == 0 {
             return Some(self.started + Duration::from_secs(1 << 40));
         }
-        let mut promised: Vec<Instant> =
-            followers.values().filter_map(|p| p.promised_from).collect();
+        let dropping = self.dropping();
+        let mut promised: Vec<Instant> = followers
+            .iter()
+            .filter(|(host, _)| Some(**host) != dropping)
+            .filter_map(|(_, p)| p.promised_from)
+            .collect();
         promised.sort_unstable_by(|a, b| b.cmp(a));
         let lease = self
             .settings
@@ -528,8 +550,14 @@ impl Replica {
         self.view = Some(view.clone());
         if view.primary == self.me {
             match &mut self.role {
-                Role::Primary { term, reported, .. } if *term == view.term => {
+                Role::Primary {
+                    term,
+                    reported,
+                    drop_proposed,
+                    ..
+                } if *term == view.term => {
                     reported.clear();
+                    *drop_proposed = false;
                     self.sync_followers();
                 }
                 _ if view.term >= self.fenced => self.become_primary(view.term),
@@ -564,6 +592,7 @@ impl Replica {
             marker_written: false,
             followers: BTreeMap::new(),
             reported: BTreeMap::new(),
+            drop_proposed: false,
         };
         self.sync_followers();
         self.actions.push_back(Action::WriteMarker { term });
@@ -719,10 +748,11 @@ impl Replica {
         else {
             return;
         };
+        let dropping = self.dropping();
         let mut held: Vec<CommitId> = followers
-            .values()
-            .filter(|p| !p.copying)
-            .map(|p| p.acked.min(self.last))
+            .iter()
+            .filter(|(host, p)| Some(**host) != dropping && !p.copying)
+            .map(|(_, p)| p.acked.min(self.last))
             .collect();
         held.push(self.last);
         held.sort_unstable_by(|a, b| b.cmp(a));
@@ -733,6 +763,18 @@ impl Replica {
             self.commit = candidate;
             self.actions
                 .push_back(Action::Committed { up_to: candidate });
+        }
+        // Every committed entry is on enough copies without the follower being dropped
+        // (the commit point counts none of its acks): it may go.
+        let marker_done =
+            matches!(self.role, Role::Primary { marker, .. } if self.commit >= marker);
+        if let (Some(host), true) = (dropping, marker_done) {
+            if let Role::Primary { drop_proposed, .. } = &mut self.role {
+                if !*drop_proposed {
+                    *drop_proposed = true;
+                    self.actions.push_back(Action::CompleteDrop { host });
+                }
+            }
         }
     }
 

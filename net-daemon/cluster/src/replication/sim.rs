@@ -134,6 +134,7 @@ impl Sim {
                 primary: 1,
                 members: members.clone(),
                 out_of_sync: Vec::new(),
+                dropping: None,
             },
             failover: None,
             cut: Vec::new(),
@@ -258,7 +259,7 @@ impl Sim {
                     self.acked.push((commit_id, entry.key, value, now));
                 }
             }
-            Action::ReportSync { .. } => {}
+            Action::ReportSync { .. } | Action::CompleteDrop { .. } => {}
             Action::PrimaryLost { term, .. } | Action::SteppedDown { term } => {
                 if term >= self.view.term && self.failover.is_none() && self.reachable(id, LEADER) {
                     self.start_failover();

@@ -31,6 +31,7 @@ fn view(term: Term, primary: HostId) -> Event {
         primary,
         members: vec![1, 2, 3],
         out_of_sync: Vec::new(),
+        dropping: None,
     })
 }
 
@@ -633,4 +634,49 @@ fn failover_gives_up_on_a_higher_term_and_asks_again_the_silent() {
         [failover::Action::GiveUp { .. }]
     ));
     assert!(round.is_over());
+}
+
+#[test]
+fn a_follower_being_dropped_counts_for_nothing_and_its_drop_is_proposed_once_safe() {
+    let now = Instant::now();
+    let mut primary = replica(1, 1, History::default(), 0, now);
+    primary.handle(
+        Event::View(View {
+            term: 2,
+            primary: 1,
+            members: vec![1, 2, 3],
+            out_of_sync: Vec::new(),
+            dropping: Some(3),
+        }),
+        now,
+    );
+    primary.handle(Event::Written { last: 1 }, now);
+    let actions = primary.poll_actions();
+    let mut dropped = replica(3, 1, History::default(), 0, now);
+    let ack = follower_answer(&mut dropped, append_to(&actions, 3), now);
+    primary.handle(received(3, Message::Ack(ack)), now);
+    let after_dropped = primary.poll_actions();
+    assert_eq!(
+        committed(&after_dropped),
+        None,
+        "the dropped follower's ack counts for nothing"
+    );
+    assert!(!after_dropped
+        .iter()
+        .any(|a| matches!(a, Action::CompleteDrop { .. })));
+    assert!(!primary.writable(now) && primary.readable(now).is_none());
+    let mut kept = replica(2, 1, History::default(), 0, now);
+    let ack = follower_answer(&mut kept, append_to(&actions, 2), now);
+    primary.handle(received(2, Message::Ack(ack.clone())), now);
+    let actions = primary.poll_actions();
+    assert_eq!(committed(&actions), Some(1));
+    assert!(actions.contains(&Action::CompleteDrop { host: 3 }));
+    primary.handle(received(2, Message::Ack(ack)), now);
+    assert!(
+        !primary
+            .poll_actions()
+            .iter()
+            .any(|a| matches!(a, Action::CompleteDrop { .. })),
+        "once"
+    );
 }
