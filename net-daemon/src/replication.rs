@@ -42,6 +42,8 @@ const COPY_CHUNK_BYTES: u32 = 1 << 20;
 const COPY_STEP_TIMEOUT: Duration = Duration::from_secs(10);
 /// Pause before a partition's task starts again after its worker failed it.
 const RESTART_AFTER: Duration = Duration::from_millis(500);
+/// How often a primary updates the log its worker keeps for the followers.
+const HOLD_EVERY: Duration = Duration::from_secs(1);
 
 /// What the routing may do with a partition's copy here, as its core last said.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -79,6 +81,9 @@ pub struct Replication {
     links: Vec<WorkerLink>,
     readers: Arc<Readers>,
     settings: Settings,
+    /// Most log entries a primary keeps for a lagging follower beyond what log retention
+    /// keeps; one further behind takes a full copy instead of filling the disk.
+    hold_limit_entries: u64,
     copies: Mutex<HashMap<Partition, Copy>>,
 }
 
@@ -88,6 +93,7 @@ impl Replication {
         node: Arc<ClusterNode>,
         links: Vec<WorkerLink>,
         readers: Arc<Readers>,
+        hold_limit_entries: u64,
     ) -> Arc<Replication> {
         let settings = Settings {
             min_replicas_to_write: node.min_replicas_to_write(),
@@ -98,6 +104,7 @@ impl Replication {
             links,
             readers,
             settings,
+            hold_limit_entries,
             copies: Mutex::default(),
         });
         tokio::spawn(Arc::clone(&replication).follow_table());
@@ -259,6 +266,7 @@ impl Replication {
         // The latest history a primary sent: what a full copy takes over.
         let mut primary_history = History::default();
         let mut event = Some(self.view(partition, me));
+        let mut held: Option<(u64, Instant)> = None;
         loop {
             match event.take() {
                 Some(Some(view)) => core.handle(Event::View(view), Instant::now().into_std()),
@@ -268,6 +276,7 @@ impl Replication {
             self.carry_out(partition, &mut core, &entries, &primary_history)
                 .await?;
             publish.send_replace(status_of(&core));
+            self.hold_log(partition, &core, &mut held).await?;
             let wake = core
                 .next_deadline()
                 .map_or(Instant::now() + Duration::from_secs(1), Instant::from_std);
@@ -292,6 +301,31 @@ impl Replication {
                 _ = tokio::time::sleep_until(wake) => core.handle(Event::Tick, Instant::now().into_std()),
             }
         }
+    }
+
+    /// On a primary, at most every [`HOLD_EVERY`]: tells the worker to keep the log the
+    /// followers still need ([`Replica::trim_floor`]), within `hold_limit_entries` of its
+    /// end. `held` is what was last sent, and when.
+    async fn hold_log(
+        &self,
+        partition: Partition,
+        core: &Replica,
+        held: &mut Option<(u64, Instant)>,
+    ) -> Result<(), String> {
+        let Some(floor) = core.trim_floor() else {
+            return Ok(());
+        };
+        let last = core.position().last;
+        let from = floor
+            .max(last.saturating_sub(self.hold_limit_entries))
+            .max(1);
+        if held.is_some_and(|(sent, at)| sent == from || at.elapsed() < HOLD_EVERY) {
+            return Ok(());
+        }
+        self.ask(partition, WorkerRequest::HoldLog { partition, from })
+            .await?;
+        *held = Some((from, Instant::now()));
+        Ok(())
     }
 
     /// The NI's view of `partition`; `None` when `me` holds no copy of it any more.

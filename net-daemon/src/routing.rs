@@ -95,9 +95,20 @@ pub struct Router {
 }
 
 impl Router {
-    pub fn new(node: Arc<ClusterNode>, links: Vec<WorkerLink>, readers: Arc<Readers>) -> Router {
-        let replication =
-            Replication::start(Arc::clone(&node), links.clone(), Arc::clone(&readers));
+    /// The router of `node`, over this host's worker `links`. A primary keeps at most
+    /// `hold_limit_entries` log entries for a lagging follower beyond log retention.
+    pub fn new(
+        node: Arc<ClusterNode>,
+        links: Vec<WorkerLink>,
+        readers: Arc<Readers>,
+        hold_limit_entries: u64,
+    ) -> Router {
+        let replication = Replication::start(
+            Arc::clone(&node),
+            links.clone(),
+            Arc::clone(&readers),
+            hold_limit_entries,
+        );
         Router {
             node,
             links,

@@ -63,10 +63,13 @@ impl Shared {
     ) -> Shared {
         let readers = Arc::new(Readers::new(&config));
         let router = cluster.as_ref().map(|node| {
+            // A lagging follower may hold back up to ten times the retained log.
+            let hold_limit_entries = config.storage.log_retention_entries.saturating_mul(10);
             let router = Arc::new(Router::new(
                 Arc::clone(node),
                 links.clone(),
                 Arc::clone(&readers),
+                hold_limit_entries,
             ));
             node.set_data_path(router.clone());
             router

@@ -160,6 +160,7 @@ pub fn meta_seeds() -> Vec<(&'static str, Vec<u8>)> {
             "replica-state",
             encode_replica_state(&shoal_shared::layout::ReplicaState {
                 fenced_term: 7,
+                log_hold_from: 120,
                 history: vec![(1, 1), (4, 90), (7, 200)],
             }),
         ),

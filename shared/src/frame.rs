@@ -505,6 +505,14 @@ pub enum WorkerRequest {
         /// The new primary term.
         term: u64,
     },
+    /// Replication: the primary's followers need its log from commit id `from` on (0:
+    /// none do); log retention keeps it. Durable. → `Ok`.
+    HoldLog {
+        /// The partition.
+        partition: Partition,
+        /// The lowest commit id to keep.
+        from: u64,
+    },
     /// Replication: replays the primary's log entries (as `ApplyLog` does) and stores
     /// the log's term history, in one transaction. The entries must belong to
     /// `partition` and follow one another, the first no later than the partition's last

@@ -41,15 +41,16 @@
 //! "ids_high_water"        → u64: every id this shard's blocks cover is below it
 //! "p" ++ partition u16    → last_commit_id u64 ++ mtime_ms u64 ++ trimmed_through u64
 //! "fence" ++ partition u16 → empty: the partition is fenced (moving to or from another host)
-//! "r" ++ partition u16    → fenced_term u64 ++ (term u64 ++ first_commit_id u64)*
+//! "r" ++ partition u16    → fenced_term u64 ++ log_hold_from u64 ++ (term u64 ++ first_commit_id u64)*
 //! ```
 //! `trimmed_through` is the highest commit id that log retention has removed
 //! (0 if none): the log of the partition holds every entry above it.
 //!
 //! The `"r"` entry is the partition's replication state (absent: term 0, no
-//! history): the highest primary term this copy promised to follow, then the
-//! history of its log, `(term, first commit id written in that term)` pairs with
-//! both fields strictly increasing. It is this host's promise, not part of the
+//! hold, no history): the highest primary term this copy promised to follow; the
+//! lowest commit id its log must keep for its followers (0: none; log retention
+//! trims only below it); then the history of its log, `(term, first commit id
+//! written in that term)` pairs with both fields strictly increasing. It is this host's promise, not part of the
 //! partition's data: it is neither exported nor cleared with the partition.
 //!
 //! A fence entry is `66 65 6e 63 65` ("fence") then the partition, big-endian: 7
@@ -321,6 +322,8 @@ pub fn replica_state_key(partition: Partition) -> [u8; 3] {
 pub struct ReplicaState {
     /// The highest primary term this copy promised to follow (0: none).
     pub fenced_term: u64,
+    /// The log keeps every entry from this commit id on, for the followers (0: none).
+    pub log_hold_from: u64,
     /// `(term, first commit id written in that term)`, both strictly increasing.
     pub history: Vec<(u64, u64)>,
 }
@@ -328,10 +331,11 @@ pub struct ReplicaState {
 /// Longest history stored: one pair per failover of the partition.
 pub const MAX_HISTORY_PAIRS: usize = 4096;
 
-/// Encodes a partition's replication state: fenced term, then the history pairs.
+/// Encodes a partition's replication state: fenced term, log hold, then the history pairs.
 pub fn encode_replica_state(state: &ReplicaState) -> Vec<u8> {
-    let mut out = Vec::with_capacity(8 + 16 * state.history.len());
+    let mut out = Vec::with_capacity(16 + 16 * state.history.len());
     out.extend_from_slice(&state.fenced_term.to_be_bytes());
+    out.extend_from_slice(&state.log_hold_from.to_be_bytes());
     for (term, first) in &state.history {
         out.extend_from_slice(&term.to_be_bytes());
         out.extend_from_slice(&first.to_be_bytes());
@@ -341,20 +345,20 @@ pub fn encode_replica_state(state: &ReplicaState) -> Vec<u8> {
 
 /// Decodes a partition's replication state; the pairs must increase strictly.
 pub fn decode_replica_state(raw: &[u8]) -> Result<ReplicaState, CorruptError> {
-    if raw.len() < 8 || !(raw.len() - 8).is_multiple_of(16) {
+    if raw.len() < 16 || !(raw.len() - 16).is_multiple_of(16) {
         return Err(corrupt(
             "replication state",
-            format!("{} bytes, expected 8 + 16 per history pair", raw.len()),
+            format!("{} bytes, expected 16 + 16 per history pair", raw.len()),
         ));
     }
-    let pairs = (raw.len() - 8) / 16;
+    let pairs = (raw.len() - 16) / 16;
     if pairs > MAX_HISTORY_PAIRS {
         return Err(corrupt(
             "replication state",
             format!("{pairs} history pairs, at most {MAX_HISTORY_PAIRS}"),
         ));
     }
-    let history: Vec<(u64, u64)> = raw[8..]
+    let history: Vec<(u64, u64)> = raw[16..]
         .chunks_exact(16)
         .map(|pair| (read_u64(&pair[..8]), read_u64(&pair[8..])))
         .collect();
@@ -369,6 +373,7 @@ pub fn decode_replica_state(raw: &[u8]) -> Result<ReplicaState, CorruptError> {
     }
     Ok(ReplicaState {
         fenced_term: read_u64(&raw[..8]),
+        log_hold_from: read_u64(&raw[8..16]),
         history,
     })
 }

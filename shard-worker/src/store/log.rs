@@ -112,8 +112,18 @@ impl Store {
             if fenced.contains(&partition) {
                 continue;
             }
+            // Followers of this primary still need the log from `log_hold_from` on.
+            let hold_from = match self.meta.get(txn, &layout::replica_state_key(partition))? {
+                Some(raw) => {
+                    layout::decode_replica_state(raw)
+                        .map_err(|e| heed::Error::Decoding(Box::new(e)))?
+                        .log_hold_from
+                }
+                None => 0,
+            };
+            let keep_from = if hold_from == 0 { u64::MAX } else { hold_from };
             let mut through = meta.trimmed_through;
-            while trimmed < limit && through < meta.last_commit_id {
+            while trimmed < limit && through < meta.last_commit_id && through + 1 < keep_from {
                 let next = through + 1;
                 let over_count = meta.last_commit_id - through > keep_entries;
                 let too_old = match (

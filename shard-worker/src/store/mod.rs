@@ -611,6 +611,9 @@ impl Store {
             WorkerRequest::PromiseTerm { partition, term } => {
                 self.promise_term(txn, batch, *partition, *term)
             }
+            WorkerRequest::HoldLog { partition, from } => {
+                self.hold_log(txn, batch, *partition, *from)
+            }
             WorkerRequest::OpenTerm { partition, term } => {
                 self.open_term(txn, batch, *partition, *term)
             }

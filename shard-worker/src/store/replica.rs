@@ -1,6 +1,7 @@
 //! A partition's replication state in this shard: the primary term it promised to
-//! follow, the term history of its log, and the requests that change them with the log
-//! (`PromiseTerm`, `OpenTerm`, `Replicate`).
+//! follow, the log it must keep for its followers, the term history of its log, and
+//! the requests that change them with the log (`PromiseTerm`, `HoldLog`, `OpenTerm`,
+//! `Replicate`).
 //!
 //! The net-daemon's replication core decides; this module only stores, each change in
 //! the same write transaction as the log entries it describes, so that after a crash
@@ -59,6 +60,22 @@ impl Store {
         let mut state = self.replica_state(txn, partition)?;
         if term > state.fenced_term {
             state.fenced_term = term;
+            self.put_replica_state(txn, batch, partition, &state)?;
+        }
+        Ok(WorkerResponse::Ok)
+    }
+
+    /// `HoldLog`: log retention keeps the partition's log from `from` on (0: no hold).
+    pub(crate) fn hold_log(
+        &self,
+        txn: &mut RwTxn,
+        batch: &mut Batch,
+        partition: Partition,
+        from: u64,
+    ) -> OpResult {
+        let mut state = self.replica_state(txn, partition)?;
+        if state.log_hold_from != from {
+            state.log_hold_from = from;
             self.put_replica_state(txn, batch, partition, &state)?;
         }
         Ok(WorkerResponse::Ok)

@@ -1899,6 +1899,7 @@ fn opening_a_term_writes_a_marker_and_records_the_term_with_it() {
     );
     let expected = layout::ReplicaState {
         fenced_term: 3,
+        log_hold_from: 0,
         history: vec![(3, 2)],
     };
     assert_eq!(replica_state(&store, 1), expected);
@@ -2008,4 +2009,32 @@ fn replicated_entries_follow_on_and_store_the_history_with_them() {
         "{refused:?}"
     );
     assert_eq!(replica_state(&follower, 1).history, history);
+}
+
+#[test]
+fn log_retention_keeps_what_the_followers_still_need() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut store = Store::open(dir.path(), &options()).unwrap();
+    for i in 0..10 {
+        apply(
+            &mut store,
+            &[set(0, key(1, format!("k{i}").as_bytes()), b"v")],
+        );
+    }
+    let hold = |from| WorkerRequest::HoldLog { partition: 1, from };
+    assert_eq!(apply(&mut store, &[hold(4)]), vec![WorkerResponse::Ok]);
+    assert_eq!(replica_state(&store, 1).log_hold_from, 4);
+    // Retention would keep 2 entries; the followers need entries from 4 on.
+    assert_eq!(store.trim_log(2, None, 1000).unwrap(), 3);
+    assert_eq!(
+        read_log(&mut store, 1).first().map(|e| e.commit_id),
+        Some(4)
+    );
+    // Once they have caught up, retention trims as usual; 0 lifts the hold.
+    apply(&mut store, &[hold(0)]);
+    assert_eq!(store.trim_log(2, None, 1000).unwrap(), 5);
+    assert_eq!(
+        read_log(&mut store, 1).first().map(|e| e.commit_id),
+        Some(9)
+    );
 }

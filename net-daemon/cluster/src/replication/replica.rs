@@ -415,14 +415,17 @@ impl Replica {
             .map(|&at| at + within + Duration::from_nanos(1))
     }
 
-    /// The lowest commit id some copy in the list may still need from this primary's
-    /// log: the trim point for consensus deletion. `None` when this copy is no primary.
+    /// The lowest commit id some follower (other than one being dropped) may still need
+    /// from this primary's log: the trim point for consensus deletion, so that a delete
+    /// is forgotten only once every follower has it. `None` when this copy is no primary.
     pub fn trim_floor(&self) -> Option<CommitId> {
+        let dropping = self.dropping();
         match &self.role {
             Role::Primary { followers, .. } => Some(
                 followers
-                    .values()
-                    .map(|p| p.acked + 1)
+                    .iter()
+                    .filter(|(host, _)| Some(**host) != dropping)
+                    .map(|(_, p)| p.acked + 1)
                     .min()
                     .unwrap_or(self.last + 1),
             ),
