@@ -43,6 +43,16 @@ fn get(cluster: &Cluster, host: usize, key: &str) -> Result<Option<String>, Stri
     }
 }
 
+/// Every string in a reply, depth first.
+fn strings_of(reply: &Resp) -> Vec<String> {
+    match reply {
+        Resp::Bulk(bytes) => vec![String::from_utf8_lossy(bytes).into_owned()],
+        Resp::Simple(text) => vec![text.clone()],
+        Resp::Array(items) => items.iter().flat_map(strings_of).collect(),
+        _ => Vec::new(),
+    }
+}
+
 /// Ok once every live host reports no under-replicated partition.
 fn replicated_everywhere(cluster: &Cluster) -> Result<(), String> {
     for i in cluster.live() {
@@ -69,6 +79,28 @@ fn every_acknowledged_write_survives_the_kill_of_the_primary_host() {
         replicated_everywhere,
     );
     println!("every partition had its three copies in sync after {took:?}");
+    // CLUSTER SHARDS shows each shard's primary and two replicas, all online.
+    let shards = match cluster
+        .query(2, &["CLUSTER", "SHARDS"])
+        .expect("CLUSTER SHARDS")
+    {
+        Resp::Array(shards) => shards,
+        other => panic!("CLUSTER SHARDS: {other:?}"),
+    };
+    assert!(!shards.is_empty());
+    for shard in &shards {
+        let words = strings_of(shard);
+        let count = |word: &str| words.iter().filter(|w| *w == word).count();
+        assert_eq!((count("master"), count("replica"), count("online")), (1, 2, 3), "{words:?}");
+    }
+    let led = |c: &Cluster, host: usize, field: &str| -> u64 {
+        c.info_section(host, "replication")
+            .get(field)
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(0)
+    };
+    assert_eq!(led(&cluster, 1, "shoal_partitions_led"), 16);
+    assert_eq!(led(&cluster, 2, "shoal_partitions_followed"), 16);
     let mut acknowledged: BTreeMap<String, String> = BTreeMap::new();
     let mut refused = 0;
     for i in 0..300 {
@@ -142,6 +174,9 @@ fn every_acknowledged_write_survives_the_kill_of_the_primary_host() {
         checked + resumed
     );
     assert!(lost.is_empty(), "acknowledged writes lost: {lost:?}");
+    let promoted =
+        led(&cluster, 2, "shoal_failovers_led") + led(&cluster, 3, "shoal_failovers_led");
+    assert!(promoted >= 16, "{promoted} promotions recorded");
     // The keyspace stays exact while the host is down: every key is counted once, by
     // its partition's new primary.
     let expected = acknowledged.len() as i64 + 16;

@@ -567,6 +567,18 @@ impl Cluster {
         self.try_info(i).unwrap_or_else(|e| panic!("{e}"))
     }
 
+    /// The fields of one `INFO` section of host `i` (`INFO <section>`).
+    pub fn info_section(&self, i: usize, section: &str) -> BTreeMap<String, String> {
+        let reply = self
+            .query(i, &["INFO", section])
+            .unwrap_or_else(|e| panic!("INFO {section} on host {i}: {e}"));
+        let text = resp_text(&reply, "INFO").unwrap_or_else(|e| panic!("{e}"));
+        text.lines()
+            .filter_map(|line| line.split_once(':'))
+            .map(|(key, value)| (key.to_string(), value.trim().to_string()))
+            .collect()
+    }
+
     /// `SHOAL.HOSTS` of host `i`, parsed.
     pub fn try_hosts(&self, i: usize) -> Result<Vec<HostEntry>, String> {
         match self.query(i, &["SHOAL.HOSTS"])? {

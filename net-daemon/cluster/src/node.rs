@@ -244,6 +244,8 @@ pub struct ClusterNode {
     failovers: Mutex<HashMap<u16, mpsc::UnboundedSender<failover::Event>>>,
     /// Reports of lost primaries, by partition.
     lost: Mutex<HashMap<u16, LostReports>>,
+    /// Promotions committed by the failover rounds this host ran as metadata leader.
+    failovers_led: std::sync::atomic::AtomicU64,
 }
 
 /// The reports of a partition's lost primary: reporter → (the term it reported, when).
@@ -379,6 +381,7 @@ impl ClusterNode {
             min_replicas_to_write: settings.min_replicas_to_write,
             failovers: Mutex::default(),
             lost: Mutex::default(),
+            failovers_led: std::sync::atomic::AtomicU64::new(0),
         }
     }
 
@@ -753,6 +756,12 @@ impl ClusterNode {
                 let _ = node.call_host(voter, request, REPLICA_SEND_TIMEOUT).await;
             });
         }
+    }
+
+    /// Promotions committed by the failover rounds this host ran as metadata leader.
+    pub fn failovers_led(&self) -> u64 {
+        self.failovers_led
+            .load(std::sync::atomic::Ordering::Relaxed)
     }
 
     /// `cluster.min_replicas_to_write`, as this host was configured.
@@ -1215,13 +1224,17 @@ impl ClusterNode {
                             epoch: entry.epoch,
                         };
                         match self.propose(command).await {
-                            Ok(Outcome::Done) => tracing::warn!(
-                                partition,
-                                primary,
-                                term,
-                                took_ms = started.elapsed().as_millis() as u64,
-                                "failover: new primary"
-                            ),
+                            Ok(Outcome::Done) => {
+                                self.failovers_led
+                                    .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                                tracing::warn!(
+                                    partition,
+                                    primary,
+                                    term,
+                                    took_ms = started.elapsed().as_millis() as u64,
+                                    "failover: new primary"
+                                );
+                            }
                             other => tracing::warn!(
                                 partition,
                                 ?other,

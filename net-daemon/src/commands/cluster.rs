@@ -167,43 +167,71 @@ fn slots(node: &ClusterNode) -> Reply {
     Reply::Array(entries)
 }
 
+/// `CLUSTER SHARDS`: one shard per set of copies (primary, then followers), with the
+/// slot ranges of the partitions it holds. A follower's health is `fail` when its host
+/// is inactive, `loading` while it is out of sync, and `online` otherwise.
 fn shards(node: &ClusterNode) -> Reply {
     let ni = node.ni();
-    let ranges = slot_ranges(&ni);
+    let partitions = ni.partitions.len() as u16;
+    // Contiguous slot ranges per copy set, in slot order.
+    let mut sets: Vec<(Vec<HostId>, Vec<(u16, u16)>, Vec<HostId>)> = Vec::new();
+    let mut previous: Option<usize> = None;
+    for slot in 0..if partitions == 0 { 0 } else { SLOTS } {
+        let entry = &ni.partitions[usize::from(slot_partition(slot, partitions))];
+        let members = entry.members();
+        let index = match sets.iter().position(|(m, _, _)| *m == members) {
+            Some(index) => index,
+            None => {
+                sets.push((members, Vec::new(), entry.out_of_sync.clone()));
+                sets.len() - 1
+            }
+        };
+        let ranges = &mut sets[index].1;
+        match ranges.last_mut() {
+            Some((_, last)) if previous == Some(index) && *last + 1 == slot => *last = slot,
+            _ => ranges.push((slot, slot)),
+        }
+        previous = Some(index);
+    }
     let field = |name: &str| Reply::bulk(name.to_string());
-    let entries = ni
-        .hosts
-        .values()
-        .map(|host| {
+    let entries = sets
+        .into_iter()
+        .map(|(members, ranges, out_of_sync)| {
             let slots = ranges
                 .iter()
-                .filter(|(_, _, owner)| *owner == host.id)
-                .flat_map(|(first, last, _)| {
+                .flat_map(|(first, last)| {
                     [
                         Reply::Integer(i64::from(*first)),
                         Reply::Integer(i64::from(*last)),
                     ]
                 })
                 .collect();
-            let (ip, port) = client_endpoint(host);
-            let health = match host.state {
-                HostState::Inactive => "fail",
-                _ => "online",
-            };
-            Reply::Map(vec![
-                (field("slots"), Reply::Array(slots)),
-                (
-                    field("nodes"),
-                    Reply::Array(vec![Reply::Map(vec![
+            let nodes = members
+                .iter()
+                .enumerate()
+                .filter_map(|(i, id)| {
+                    let host = ni.hosts.get(id)?;
+                    let (ip, port) = client_endpoint(host);
+                    let health = match host.state {
+                        HostState::Inactive => "fail",
+                        _ if out_of_sync.contains(id) => "loading",
+                        _ => "online",
+                    };
+                    let role = if i == 0 { "master" } else { "replica" };
+                    Some(Reply::Map(vec![
                         (field("id"), Reply::bulk(node_id(host.id))),
                         (field("port"), Reply::Integer(port)),
                         (field("ip"), Reply::bulk(ip.clone())),
                         (field("endpoint"), Reply::bulk(ip)),
-                        (field("role"), Reply::bulk("master")),
+                        (field("role"), Reply::bulk(role)),
                         (field("replication-offset"), Reply::Integer(0)),
                         (field("health"), Reply::bulk(health)),
-                    ])]),
-                ),
+                    ]))
+                })
+                .collect();
+            Reply::Map(vec![
+                (field("slots"), Reply::Array(slots)),
+                (field("nodes"), Reply::Array(nodes)),
             ])
         })
         .collect();

@@ -405,6 +405,35 @@ async fn info(shared: &Shared, args: &[Bytes]) -> Reply {
              aof_enabled:1\r\n\r\n"
         );
     }
+    if show("replication") {
+        text.push_str("# Replication\r\nrole:master\r\nconnected_slaves:0\r\n");
+        if let Some(node) = &shared.cluster {
+            let ni = node.ni();
+            let me = node.host_id().unwrap_or(0);
+            let replicated = ni.partitions.iter().filter(|e| !e.replicas.is_empty());
+            let (mut led, mut followed, mut behind) = (0, 0, 0);
+            for entry in replicated {
+                if entry.owner == me {
+                    led += 1;
+                } else if entry.replicas.contains(&me) {
+                    followed += 1;
+                    behind += usize::from(entry.out_of_sync.contains(&me));
+                }
+            }
+            let _ = write!(
+                text,
+                "shoal_replicas:{}\r\nshoal_min_replicas_to_write:{}\r\n\
+                 shoal_partitions_led:{led}\r\nshoal_partitions_followed:{followed}\r\n\
+                 shoal_partitions_followed_out_of_sync:{behind}\r\n\
+                 shoal_partitions_under_replicated:{}\r\nshoal_failovers_led:{}\r\n",
+                config.cluster.replicas,
+                config.cluster.min_replicas_to_write,
+                node.under_replicated(),
+                node.failovers_led(),
+            );
+        }
+        text.push_str("\r\n");
+    }
     if show("keyspace") {
         text.push_str("# Keyspace\r\n");
         for (collection, keys) in keyspace(shared).await {
