@@ -167,6 +167,10 @@ fn slots(node: &ClusterNode) -> Reply {
     Reply::Array(entries)
 }
 
+/// The hosts holding a set of partitions (primary first), the slot ranges of those
+/// partitions, and the followers out of sync.
+type CopySet = (Vec<HostId>, Vec<(u16, u16)>, Vec<HostId>);
+
 /// `CLUSTER SHARDS`: one shard per set of copies (primary, then followers), with the
 /// slot ranges of the partitions it holds. A follower's health is `fail` when its host
 /// is inactive, `loading` while it is out of sync, and `online` otherwise.
@@ -174,7 +178,7 @@ fn shards(node: &ClusterNode) -> Reply {
     let ni = node.ni();
     let partitions = ni.partitions.len() as u16;
     // Contiguous slot ranges per copy set, in slot order.
-    let mut sets: Vec<(Vec<HostId>, Vec<(u16, u16)>, Vec<HostId>)> = Vec::new();
+    let mut sets: Vec<CopySet> = Vec::new();
     let mut previous: Option<usize> = None;
     for slot in 0..if partitions == 0 { 0 } else { SLOTS } {
         let entry = &ni.partitions[usize::from(slot_partition(slot, partitions))];
