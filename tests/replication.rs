@@ -91,7 +91,11 @@ fn every_acknowledged_write_survives_the_kill_of_the_primary_host() {
     for shard in &shards {
         let words = strings_of(shard);
         let count = |word: &str| words.iter().filter(|w| *w == word).count();
-        assert_eq!((count("master"), count("replica"), count("online")), (1, 2, 3), "{words:?}");
+        assert_eq!(
+            (count("master"), count("replica"), count("online")),
+            (1, 2, 3),
+            "{words:?}"
+        );
     }
     let led = |c: &Cluster, host: usize, field: &str| -> u64 {
         c.info_section(host, "replication")

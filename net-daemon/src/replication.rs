@@ -197,7 +197,10 @@ impl Replication {
             if now >= deadline {
                 return None;
             }
-            let _ = tokio::time::timeout_at(recheck, status.changed()).await;
+            if let Ok(Err(_)) = tokio::time::timeout_at(recheck, status.changed()).await {
+                // The partition's task ended: nothing will change any more.
+                return None;
+            }
         }
     }
 
@@ -268,12 +271,16 @@ impl Replication {
         let mut event = Some(self.view(partition, me));
         let mut held: Option<(u64, Instant)> = None;
         loop {
+            // The worker's log as it is: writes the core did not hear of count too.
+            if let Ok(last) = self.readers.last_commit_id(worker, partition) {
+                core.handle(Event::LocalLog { last }, Instant::now().into_std());
+            }
             match event.take() {
                 Some(Some(view)) => core.handle(Event::View(view), Instant::now().into_std()),
                 Some(None) => return Ok(()),
                 None => {}
             }
-            self.carry_out(partition, &mut core, &entries, &primary_history)
+            self.carry_out(partition, &mut core, &entries, &primary_history, &publish)
                 .await?;
             publish.send_replace(status_of(&core));
             self.hold_log(partition, &core, &mut held).await?;
@@ -285,7 +292,9 @@ impl Replication {
                     None => return Ok(()),
                     Some(Input::Message { from, message, entries: carried }) => {
                         if let Message::Append(append) = &message {
-                            primary_history = append.history.clone();
+                            if append.term >= core.fenced() {
+                                primary_history = append.history.clone();
+                            }
                         }
                         entries = carried;
                         core.handle(Event::Received { from, message }, Instant::now().into_std());
@@ -345,15 +354,19 @@ impl Replication {
     }
 
     /// Carries out the core's actions in order, feeding the answers back, until it asks
-    /// for nothing more.
+    /// for nothing more. The status is published before each round of actions, so that
+    /// the routing never acts on a role the core has already left (a primary that stepped
+    /// down answers a fence only after the routing knows).
     async fn carry_out(
         &self,
         partition: Partition,
         core: &mut Replica,
         entries: &[LogEntry],
         primary_history: &History,
+        publish: &watch::Sender<Status>,
     ) -> Result<(), String> {
         loop {
+            publish.send_replace(status_of(core));
             let actions = core.poll_actions();
             if actions.is_empty() {
                 return Ok(());
@@ -392,12 +405,11 @@ impl Replication {
                             .ask(partition, WorkerRequest::OpenTerm { partition, term })
                             .await
                         {
-                            Ok(WorkerResponse::Integer(last)) => {
-                                core.handle(Event::Written { last: last as u64 }, now());
+                            Ok(WorkerResponse::Integer(at)) => {
+                                core.handle(Event::MarkerWritten { at: at as u64 }, now());
                             }
-                            other => {
-                                tracing::warn!(partition, term, ?other, "cannot open the term")
-                            }
+                            // The task starts again and opens the term anew.
+                            other => return Err(format!("cannot open term {term}: {other:?}")),
                         }
                     }
                     Action::Apply {

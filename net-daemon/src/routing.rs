@@ -179,6 +179,19 @@ impl Router {
                 false => LinkError::NotReady { partition },
             });
         }
+        if !write {
+            // The lease is checked again once the read has run: a fence answered while
+            // it waited means a newer primary may have acknowledged writes it missed.
+            let still = self
+                .replication
+                .wait_status(partition, Instant::now(), |status, now| {
+                    status.primary && status.readable_until.is_some_and(|until| now < until)
+                })
+                .await;
+            if still.is_none() {
+                return Err(LinkError::NotReady { partition });
+            }
+        }
         Ok(response)
     }
 

@@ -1204,9 +1204,15 @@ impl ClusterNode {
             "failover round starts"
         );
         let started = Instant::now();
+        let in_sync: Vec<HostId> = members
+            .iter()
+            .copied()
+            .filter(|host| !entry.out_of_sync.contains(host))
+            .collect();
         let mut round = Failover::new(
             entry.epoch + 1,
             members,
+            in_sync,
             eligible,
             self.min_replicas_to_write,
             started.into_std(),

@@ -7,14 +7,16 @@
 //! the other cores: [`Failover::handle`], [`Failover::poll_actions`],
 //! [`Failover::next_deadline`]. It must never open a socket or read a clock.
 //!
-//! **Why the choice is safe.** A write is acknowledged once `min_replicas_to_write`
-//! (`m`) of the `n` copies hold it. The round waits for `n - m + 1` answers, so at
-//! least one answer comes from a copy that holds any acknowledged write, and picks the
-//! highest position among them. Every answering copy has durably promised the new
-//! term, so the old primary can gather no more acknowledgements: `n - m + 1` of its
-//! `n - 1` followers refuse it, which leaves it fewer than `m - 1`. Each replica
-//! answers only after its promise to the old primary ran out, so the old primary's
-//! lease has ended before the new one is named.
+//! **Why the choice is safe.** A write is acknowledged once `c = min(min_replicas_to_write,
+//! n)` copies hold it, counting only the primary and the followers in sync in the NI
+//! (the set `S`; a follower still catching up counts for nothing). The round fences
+//! every copy but counts only answers from `S`, and waits for `|S| - c + 1` of them, so
+//! at least one answer comes from a copy that holds any acknowledged write; it picks
+//! the highest position among them, and only a copy of `S` may lead. Every answering
+//! copy has durably promised the new term, so the old primary can gather no more
+//! acknowledgements: `|S| - c + 1` of `S` refuse it, which leaves it fewer than `c`.
+//! Each copy answers only after its promise to the old primary ran out, so the old
+//! primary's lease has ended before the new one is named.
 
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
@@ -71,7 +73,9 @@ pub enum Action {
 pub struct Failover {
     term: Term,
     members: Vec<HostId>,
-    /// Answers needed: `members - min_replicas_to_write + 1`.
+    /// The members in sync in the NI: the only answers that count, and candidates.
+    in_sync: Vec<HostId>,
+    /// Answers needed from `in_sync`: `|in_sync| - c + 1` (see the module header).
     needed: usize,
     /// Hosts that may become primary (active ones).
     eligible: Vec<HostId>,
@@ -83,18 +87,22 @@ pub struct Failover {
 
 impl Failover {
     /// Starts a round that will name the primary of `term` among `members` (every host
-    /// holding a copy), choosing only among `eligible` hosts.
+    /// holding a copy, the old primary first), of which `in_sync` are in sync in the NI,
+    /// choosing only among `eligible` hosts.
     pub fn new(
         term: Term,
         members: Vec<HostId>,
+        in_sync: Vec<HostId>,
         eligible: Vec<HostId>,
         min_replicas_to_write: usize,
         now: Instant,
     ) -> Failover {
-        let m = min_replicas_to_write.clamp(1, members.len().max(1));
+        let copies = min_replicas_to_write.clamp(1, members.len().max(1));
+        let needed = (in_sync.len() + 1).saturating_sub(copies).max(1);
         let mut failover = Failover {
             term,
-            needed: members.len() + 1 - m,
+            needed,
+            in_sync,
             members,
             eligible,
             answers: BTreeMap::new(),
@@ -164,12 +172,17 @@ impl Failover {
     }
 
     fn decide(&mut self) {
-        if self.answers.len() < self.needed {
-            return;
-        }
-        let best = self
+        let counted: Vec<(&HostId, &FenceAnswer)> = self
             .answers
             .iter()
+            .filter(|(host, _)| self.in_sync.contains(host))
+            .collect();
+        if counted.len() < self.needed {
+            return;
+        }
+        let best = counted
+            .iter()
+            .copied()
             .filter(|(host, answer)| !answer.copying && self.eligible.contains(host))
             .max_by_key(|(host, answer)| {
                 // The highest position; among equals, the first in the list.
@@ -181,11 +194,10 @@ impl Failover {
                 (answer.position, std::cmp::Reverse(rank))
             })
             .map(|(&host, answer)| (host, answer.position));
-        let highest = self
-            .answers
-            .values()
-            .filter(|answer| !answer.copying)
-            .map(|answer| answer.position)
+        let highest = counted
+            .iter()
+            .filter(|(_, answer)| !answer.copying)
+            .map(|(_, answer)| answer.position)
             .max();
         match best {
             // A copy that may not lead holds more than any that may: naming one of the
@@ -197,7 +209,7 @@ impl Failover {
                     term: self.term,
                 });
             }
-            Some(_) | None if self.answers.len() < self.members.len() => {
+            Some(_) | None if counted.len() < self.in_sync.len() => {
                 // More answers may bring an eligible copy that is as far.
             }
             _ => self.give_up("no answering copy that may lead holds the highest position".into()),

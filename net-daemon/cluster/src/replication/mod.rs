@@ -181,6 +181,12 @@ pub enum AckResult {
     },
     /// The follower is taking a full copy; it holds nothing the primary can count.
     Copying,
+    /// The follower's copy is in place and its log reaches `last`, but it still lacks
+    /// the end of the copy: send it what follows, and count it for nothing yet.
+    Settling {
+        /// The last entry its log holds.
+        last: CommitId,
+    },
     /// The follower promised a higher term: the sender is no longer primary.
     Refused {
         /// The term it promised.

@@ -105,6 +105,19 @@ pub enum Event {
         /// The term of the primary copied from.
         term: Term,
     },
+    /// Primary: the marker asked for by [`Action::WriteMarker`] is durable at commit id
+    /// `at` (the worker's next id, which may lie past what this copy knew of its log).
+    MarkerWritten {
+        /// The marker's commit id.
+        at: CommitId,
+    },
+    /// Any role: the local worker's log ends at `last` (read from the map). Writes that
+    /// landed without this copy hearing of them (an old primary's last writes, expiry)
+    /// count in the position it answers a failover with.
+    LocalLog {
+        /// The log's last commit id.
+        last: CommitId,
+    },
     /// Primary: log retention removed the entries up to `through`; followers that need
     /// them take a full copy.
     Trimmed {
@@ -196,6 +209,8 @@ pub enum Action {
 struct Progress {
     /// Its last durable entry, known to match the primary's log.
     acked: CommitId,
+    /// The last entry it reported holding, counted or not (flow control, log trimming).
+    received: CommitId,
     /// The next entry to send it.
     next: CommitId,
     /// It is taking a full copy (or settling after one): its acks do not count.
@@ -212,6 +227,7 @@ impl Progress {
     fn new(next: CommitId) -> Progress {
         Progress {
             acked: 0,
+            received: 0,
             next,
             copying: false,
             sent_at: None,
@@ -287,6 +303,8 @@ pub struct Replica {
     promise_until: Option<Instant>,
     /// Failover queries waiting for the promise to run out: (asker, term).
     fence_queries: Vec<(HostId, Term)>,
+    /// When this idle copy last reported that the view's term is fenced off.
+    idle_reported_at: Option<Instant>,
     actions: VecDeque<Action>,
 }
 
@@ -300,6 +318,7 @@ impl Replica {
         run: u64,
         now: Instant,
     ) -> Replica {
+        let lease = settings.lease;
         Replica {
             me,
             settings,
@@ -314,8 +333,10 @@ impl Replica {
             commit: 0,
             view: None,
             role: Role::Idle,
-            promise_until: None,
+            // A promise made before a restart still binds: wait it out.
+            promise_until: Some(now + lease),
             fence_queries: Vec::new(),
+            idle_reported_at: None,
             actions: VecDeque::new(),
         }
     }
@@ -399,10 +420,9 @@ impl Replica {
         if needed == 0 {
             return Some(self.started + Duration::from_secs(1 << 40));
         }
-        let dropping = self.dropping();
         let mut heard: Vec<Instant> = followers
             .iter()
-            .filter(|(host, _)| Some(**host) != dropping)
+            .filter(|(host, _)| self.counts(**host))
             .map(|(_, p)| p)
             .filter(|p| !p.copying)
             .filter_map(|p| p.heard_at)
@@ -425,7 +445,7 @@ impl Replica {
                 followers
                     .iter()
                     .filter(|(host, _)| Some(**host) != dropping)
-                    .map(|(_, p)| p.acked + 1)
+                    .map(|(_, p)| p.acked.max(p.received) + 1)
                     .min()
                     .unwrap_or(self.last + 1),
             ),
@@ -436,6 +456,15 @@ impl Replica {
     /// The follower the view is dropping, whose answers count for nothing.
     fn dropping(&self) -> Option<HostId> {
         self.view.as_ref().and_then(|view| view.dropping)
+    }
+
+    /// Whether `host`'s acknowledgements count toward commits, leases and admissions:
+    /// it is in sync in the view and not being dropped. A failover only asks such copies
+    /// (see [`super::failover`]), so only they may hold the commit point.
+    fn counts(&self, host: HostId) -> bool {
+        self.view
+            .as_ref()
+            .is_some_and(|view| view.dropping != Some(host) && !view.out_of_sync.contains(&host))
     }
 
     /// Copies a write needs: the setting, but never more than the list holds.
@@ -451,10 +480,9 @@ impl Replica {
         if promises_needed == 0 {
             return Some(self.started + Duration::from_secs(1 << 40));
         }
-        let dropping = self.dropping();
         let mut promised: Vec<Instant> = followers
             .iter()
-            .filter(|(host, _)| Some(**host) != dropping)
+            .filter(|(host, _)| self.counts(**host))
             .filter_map(|(_, p)| p.promised_from)
             .collect();
         promised.sort_unstable_by(|a, b| b.cmp(a));
@@ -463,6 +491,26 @@ impl Replica {
             .lease
             .saturating_sub(self.settings.lease_margin);
         promised.get(promises_needed - 1).map(|&from| from + lease)
+    }
+
+    /// For an idle member whose promised term is above the view's: the view's primary
+    /// and the promised term.
+    fn stranded(&self) -> Option<(HostId, Term)> {
+        let view = self.view.as_ref()?;
+        (view.members.contains(&self.me) && self.fenced > view.term)
+            .then_some((view.primary, self.fenced))
+    }
+
+    /// The term of the primary whose full copy this copy is taking, if one runs.
+    pub fn copying(&self) -> Option<Term> {
+        match &self.role {
+            Role::Follower {
+                term,
+                copy: Copy::Running,
+                ..
+            } => Some(*term),
+            _ => None,
+        }
     }
 
     /// When to feed [`Event::Tick`].
@@ -474,7 +522,15 @@ impl Replica {
             }
         }
         match &self.role {
-            Role::Idle => {}
+            Role::Idle => {
+                if self.stranded().is_some() {
+                    let silence = self.settings.primary_silence;
+                    deadlines.push(
+                        self.idle_reported_at
+                            .map_or(self.started, |at| at + silence),
+                    );
+                }
+            }
             Role::Primary { followers, .. } => {
                 for progress in followers.values() {
                     match progress.sent_at {
@@ -540,6 +596,18 @@ impl Replica {
                 }
             }
             Event::Trimmed { through } => self.log_start = self.log_start.max(through + 1),
+            Event::MarkerWritten { at } => self.on_marker(at, now),
+            Event::LocalLog { last } => {
+                // Only a log at rest (pending applies report their own end), and never
+                // during a full copy, whose records run ahead of what it may claim.
+                let copying =
+                    matches!(&self.role, Role::Follower { copy, .. } if *copy != Copy::None);
+                if last > self.last && self.pending_last == self.last && !copying {
+                    self.last = last;
+                    self.pending_last = last;
+                    self.pending_history = self.history.clone();
+                }
+            }
             Event::Tick => {}
         }
         self.on_time(now);
@@ -643,6 +711,18 @@ impl Replica {
     // Primary
 
     fn on_written(&mut self, last: CommitId, now: Instant) {
+        if !matches!(self.role, Role::Primary { .. }) || last <= self.last {
+            return;
+        }
+        self.last = last;
+        self.pending_last = self.pending_last.max(last);
+        self.pending_history = self.history.clone();
+        self.advance_commit();
+        self.pump(now);
+    }
+
+    /// The term's marker is durable at `at`: the term is open from there.
+    fn on_marker(&mut self, at: CommitId, now: Instant) {
         let Role::Primary {
             term,
             marker,
@@ -652,15 +732,15 @@ impl Replica {
         else {
             return;
         };
-        if last <= self.last {
+        if *marker_written {
             return;
         }
-        if !*marker_written && last >= *marker {
-            *marker_written = true;
-            self.history.begin(*term, *marker);
-        }
-        self.last = last;
-        self.pending_last = self.pending_last.max(last);
+        *marker = at;
+        *marker_written = true;
+        let term = *term;
+        self.history.begin(term, at);
+        self.last = self.last.max(at);
+        self.pending_last = self.pending_last.max(self.last);
         self.pending_history = self.history.clone();
         self.advance_commit();
         self.pump(now);
@@ -699,6 +779,12 @@ impl Replica {
             AckResult::Holds { last } => {
                 progress.copying = false;
                 progress.acked = progress.acked.max(last);
+                progress.received = progress.received.max(last);
+                progress.next = progress.next.max(last + 1);
+            }
+            AckResult::Settling { last } => {
+                progress.copying = true;
+                progress.received = progress.received.max(last);
                 progress.next = progress.next.max(last + 1);
             }
             AckResult::Gap { last } => progress.next = last + 1,
@@ -712,7 +798,6 @@ impl Replica {
 
     /// Reports `host`'s sync state when it differs from the view's, once per view.
     fn report_sync(&mut self, host: HostId) {
-        let commit = self.commit;
         let Some(view) = &self.view else { return };
         let listed_out = view.out_of_sync.contains(&host);
         let Role::Primary {
@@ -727,13 +812,13 @@ impl Replica {
         let Some(progress) = followers.get(&host) else {
             return;
         };
-        let in_sync = !progress.copying && commit >= *marker && progress.acked >= commit;
-        let falls_out = progress.copying;
-        let report = match (listed_out, in_sync, falls_out) {
-            (true, true, _) => Some(true),
-            (false, _, true) => Some(false),
-            _ => None,
-        };
+        // A follower is in sync once it follows this term's log (it holds the marker).
+        // Adding it to the set that commits and answers failovers is always safe: every
+        // entry committed before was already on enough copies of the smaller set. It is
+        // only ever reported in sync: taking one out of the set would need the care of a
+        // drop (enough others must hold the commit point first).
+        let in_sync = !progress.copying && progress.acked >= *marker;
+        let report = (listed_out && in_sync).then_some(true);
         if let Some(in_sync) = report {
             if reported.get(&host) != Some(&in_sync) {
                 reported.insert(host, in_sync);
@@ -751,14 +836,7 @@ impl Replica {
         else {
             return;
         };
-        let dropping = self.dropping();
-        let mut held: Vec<CommitId> = followers
-            .iter()
-            .filter(|(host, p)| Some(**host) != dropping && !p.copying)
-            .map(|(_, p)| p.acked.min(self.last))
-            .collect();
-        held.push(self.last);
-        held.sort_unstable_by(|a, b| b.cmp(a));
+        let held = self.held_by_counted(followers);
         let Some(&candidate) = held.get(needed - 1) else {
             return;
         };
@@ -767,17 +845,45 @@ impl Replica {
             self.actions
                 .push_back(Action::Committed { up_to: candidate });
         }
-        // Every committed entry is on enough copies without the follower being dropped
-        // (the commit point counts none of its acks): it may go.
-        let marker_done =
-            matches!(self.role, Role::Primary { marker, .. } if self.commit >= marker);
-        if let (Some(host), true) = (dropping, marker_done) {
+        self.propose_drop();
+    }
+
+    /// What the primary and the counted followers hold, highest first.
+    fn held_by_counted(&self, followers: &BTreeMap<HostId, Progress>) -> Vec<CommitId> {
+        let mut held: Vec<CommitId> = followers
+            .iter()
+            .filter(|(host, p)| self.counts(**host) && !p.copying)
+            .map(|(_, p)| p.acked.min(self.last))
+            .collect();
+        held.push(self.last);
+        held.sort_unstable_by(|a, b| b.cmp(a));
+        held
+    }
+
+    /// Proposes dropping the view's dropping follower once the commit point (of an open
+    /// term) is held by enough copies without it; at most once per view.
+    fn propose_drop(&mut self) {
+        let Some(host) = self.dropping() else { return };
+        let needed = self.needed();
+        let Role::Primary {
+            marker,
+            followers,
+            drop_proposed: false,
+            ..
+        } = &self.role
+        else {
+            return;
+        };
+        let safe = self.commit >= *marker
+            && self
+                .held_by_counted(followers)
+                .get(needed - 1)
+                .is_some_and(|&held| held >= self.commit);
+        if safe {
             if let Role::Primary { drop_proposed, .. } = &mut self.role {
-                if !*drop_proposed {
-                    *drop_proposed = true;
-                    self.actions.push_back(Action::CompleteDrop { host });
-                }
+                *drop_proposed = true;
             }
+            self.actions.push_back(Action::CompleteDrop { host });
         }
     }
 
@@ -799,8 +905,9 @@ impl Replica {
                 .sent_at
                 .is_none_or(|sent| now >= sent + self.settings.heartbeat);
             let mut sent_any = false;
-            while !progress.copying && progress.next <= self.last {
-                let in_flight = (progress.next - 1).saturating_sub(progress.acked);
+            while progress.next <= self.last {
+                let seen = progress.acked.max(progress.received);
+                let in_flight = (progress.next - 1).saturating_sub(seen);
                 if in_flight >= self.settings.max_entries_in_flight {
                     break;
                 }
@@ -916,7 +1023,7 @@ impl Replica {
             Role::Follower {
                 copy: Copy::Settling { through },
                 ..
-            } if self.last < *through => AckResult::Copying,
+            } if self.last < *through => AckResult::Settling { last: self.last },
             _ => AckResult::Holds { last: self.last },
         }
     }
@@ -1037,7 +1144,18 @@ impl Replica {
     fn on_time(&mut self, now: Instant) {
         self.answer_fence_queries(now);
         match &mut self.role {
-            Role::Idle => {}
+            Role::Idle => {
+                // A member that promised a term above the view's waits for a failover that
+                // may never have finished: it keeps asking for one.
+                if let Some((primary, term)) = self.stranded() {
+                    let silence = self.settings.primary_silence;
+                    if self.idle_reported_at.is_none_or(|at| now >= at + silence) {
+                        self.idle_reported_at = Some(now);
+                        self.actions
+                            .push_back(Action::PrimaryLost { primary, term });
+                    }
+                }
+            }
             Role::Primary { .. } => self.pump(now),
             Role::Follower {
                 term,

@@ -97,7 +97,7 @@ fn open_primary(term: Term, last: CommitId, now: Instant) -> (Replica, Vec<Actio
     let opened = primary.poll_actions();
     assert!(opened.contains(&Action::PersistTerm { term }));
     assert!(opened.contains(&Action::WriteMarker { term }));
-    primary.handle(Event::Written { last: last + 1 }, now);
+    primary.handle(Event::MarkerWritten { at: last + 1 }, now);
     let actions = primary.poll_actions();
     (primary, actions)
 }
@@ -175,7 +175,7 @@ fn an_older_terms_entries_on_enough_copies_commit_only_with_the_new_terms_marker
     );
     assert_eq!(primary.readable(now), None);
     // The marker (id 6) is durable and reaches the follower: everything commits.
-    primary.handle(Event::Written { last: 6 }, now);
+    primary.handle(Event::MarkerWritten { at: 6 }, now);
     let actions = primary.poll_actions();
     let ack = follower_answer(&mut follower, append_to(&actions, 2), now);
     assert_eq!(follower.history(), &history(&[(1, 1), (3, 6)]));
@@ -355,7 +355,7 @@ fn the_lease_lasts_from_the_acknowledged_send_and_not_from_a_previous_run() {
     };
     let mut restarted = Replica::new(1, settings(), durable, 8, now);
     restarted.handle(view(2, 1), now);
-    restarted.handle(Event::Written { last: 2 }, now);
+    restarted.handle(Event::MarkerWritten { at: 2 }, now);
     restarted.poll_actions();
     let mut old = ack;
     old.result = AckResult::Holds { last: 2 };
@@ -442,13 +442,11 @@ fn a_copy_counts_only_once_its_log_reaches_the_end_of_the_copy() {
         .any(|a| matches!(a, Action::Apply { last: 12, .. })));
     follower.handle(Event::Applied { last: 14 }, now);
     assert_eq!(follower.position().last, 12);
-    assert_eq!(acks(&follower.poll_actions()), vec![AckResult::Copying]);
+    // 12 is short of the copy's end: the primary sends more but counts it for nothing.
+    let settling = AckResult::Settling { last: 12 };
+    assert_eq!(acks(&follower.poll_actions()), vec![settling]);
     let ack = follower_answer(&mut follower, append.clone(), now);
-    assert_eq!(
-        ack.result,
-        AckResult::Copying,
-        "12 is short of the copy's end"
-    );
+    assert_eq!(ack.result, settling);
     append.first = 13;
     append.last = 15;
     let ack = follower_answer(&mut follower, append, now);
@@ -476,7 +474,7 @@ fn promoted_while_still_applying_the_marker_comes_after_the_old_entries() {
         .poll_actions()
         .contains(&Action::WriteMarker { term: 2 }));
     follower.handle(Event::Applied { last: 4 }, now);
-    follower.handle(Event::Written { last: 5 }, now);
+    follower.handle(Event::MarkerWritten { at: 5 }, now);
     assert_eq!(follower.history(), &history(&[(1, 1), (2, 5)]));
     assert_eq!(follower.position(), Position { term: 2, last: 5 });
 }
@@ -506,7 +504,7 @@ fn promoted(round: &mut Failover) -> Option<HostId> {
 fn failover_waits_for_enough_answers_then_picks_the_highest_position() {
     let now = Instant::now();
     // Three copies, two needed per write: two answers are needed.
-    let mut round = Failover::new(5, vec![1, 2, 3], vec![2, 3], 2, now);
+    let mut round = Failover::new(5, vec![1, 2, 3], vec![1, 2, 3], vec![2, 3], 2, now);
     let queries = round.poll_actions();
     assert_eq!(queries.len(), 3);
     let from_2 = failover::Event::Answer {
@@ -523,7 +521,7 @@ fn failover_waits_for_enough_answers_then_picks_the_highest_position() {
     assert_eq!(promoted(&mut round), Some(3));
     assert!(round.is_over());
     // The term orders positions before the commit id does.
-    let mut round = Failover::new(5, vec![1, 2, 3], vec![2, 3], 2, now);
+    let mut round = Failover::new(5, vec![1, 2, 3], vec![1, 2, 3], vec![2, 3], 2, now);
     round.poll_actions();
     round.handle(
         failover::Event::Answer {
@@ -545,7 +543,7 @@ fn failover_waits_for_enough_answers_then_picks_the_highest_position() {
 #[test]
 fn failover_never_names_a_copying_replica_nor_passes_over_a_longer_log() {
     let now = Instant::now();
-    let mut round = Failover::new(5, vec![1, 2, 3], vec![2, 3], 2, now);
+    let mut round = Failover::new(5, vec![1, 2, 3], vec![1, 2, 3], vec![2, 3], 2, now);
     round.poll_actions();
     round.handle(
         failover::Event::Answer {
@@ -567,7 +565,7 @@ fn failover_never_names_a_copying_replica_nor_passes_over_a_longer_log() {
         "a copy in progress holds no usable log"
     );
     // Host 1 may not lead (inactive) but holds the most: wait for all, then give up.
-    let mut round = Failover::new(5, vec![1, 2, 3], vec![2, 3], 2, now);
+    let mut round = Failover::new(5, vec![1, 2, 3], vec![1, 2, 3], vec![2, 3], 2, now);
     round.poll_actions();
     round.handle(
         failover::Event::Answer {
@@ -601,7 +599,7 @@ fn failover_never_names_a_copying_replica_nor_passes_over_a_longer_log() {
 #[test]
 fn failover_gives_up_on_a_higher_term_and_asks_again_the_silent() {
     let now = Instant::now();
-    let mut round = Failover::new(5, vec![1, 2, 3], vec![1, 2, 3], 2, now);
+    let mut round = Failover::new(5, vec![1, 2, 3], vec![1, 2, 3], vec![1, 2, 3], 2, now);
     round.poll_actions();
     round.handle(
         failover::Event::Answer {
@@ -650,7 +648,7 @@ fn a_follower_being_dropped_counts_for_nothing_and_its_drop_is_proposed_once_saf
         }),
         now,
     );
-    primary.handle(Event::Written { last: 1 }, now);
+    primary.handle(Event::MarkerWritten { at: 1 }, now);
     let actions = primary.poll_actions();
     let mut dropped = replica(3, 1, History::default(), 0, now);
     let ack = follower_answer(&mut dropped, append_to(&actions, 3), now);
@@ -679,4 +677,83 @@ fn a_follower_being_dropped_counts_for_nothing_and_its_drop_is_proposed_once_saf
             .any(|a| matches!(a, Action::CompleteDrop { .. })),
         "once"
     );
+}
+
+#[test]
+fn a_settling_follower_gets_entries_but_no_count_until_it_holds_the_end_of_the_copy() {
+    let now = Instant::now();
+    let (mut primary, _) = open_primary(2, 0, now);
+    primary.handle(Event::Written { last: 5 }, now);
+    primary.poll_actions();
+    let ack = |result| {
+        received(
+            2,
+            Message::Ack(Ack {
+                term: 2,
+                result,
+                stamp: None,
+            }),
+        )
+    };
+    // The copy is in place through 3 and asks for the rest.
+    primary.handle(ack(AckResult::Gap { last: 3 }), now);
+    let append = append_to(&primary.poll_actions(), 2);
+    assert_eq!((append.first, append.last), (4, 5));
+    primary.handle(ack(AckResult::Settling { last: 5 }), now);
+    assert_eq!(
+        committed(&primary.poll_actions()),
+        None,
+        "a settling copy counts for nothing"
+    );
+    primary.handle(ack(AckResult::Holds { last: 5 }), now);
+    assert_eq!(committed(&primary.poll_actions()), Some(5));
+}
+
+#[test]
+fn failover_counts_only_copies_in_sync() {
+    let now = Instant::now();
+    // Host 3 was just added and catches up: host 2 alone must answer, and host 3 may
+    // not lead even with the longer log.
+    let mut round = Failover::new(5, vec![1, 2, 3], vec![1, 2], vec![2, 3], 2, now);
+    round.poll_actions();
+    round.handle(
+        failover::Event::Answer {
+            from: 3,
+            answer: answer(5, (4, 30), false),
+        },
+        now,
+    );
+    assert_eq!(
+        promoted(&mut round),
+        None,
+        "an answer out of sync counts for nothing"
+    );
+    round.handle(
+        failover::Event::Answer {
+            from: 2,
+            answer: answer(5, (4, 10), false),
+        },
+        now,
+    );
+    assert_eq!(promoted(&mut round), Some(2));
+}
+
+#[test]
+fn an_idle_member_fenced_above_the_view_keeps_asking_for_a_failover() {
+    let now = Instant::now();
+    let mut follower = replica(2, 6, History::default(), 0, now);
+    follower.handle(view(5, 1), now);
+    let silence = settings().primary_silence;
+    follower.handle(Event::Tick, now);
+    let lost = Action::PrimaryLost {
+        primary: 1,
+        term: 6,
+    };
+    assert_eq!(follower.poll_actions(), vec![lost.clone()]);
+    assert_eq!(
+        follower.next_deadline().map(|d| d >= now + silence),
+        Some(true)
+    );
+    follower.handle(Event::Tick, now + silence);
+    assert_eq!(follower.poll_actions(), vec![lost]);
 }
