@@ -544,16 +544,6 @@ pub static COMMANDS: &[CommandSpec] = &[
         "Copies every shard to a directory on the server's host, with a manifest of commit ids."
     ),
     spec!(
-        "shoal.feed",
-        -2,
-        &["readonly"],
-        0,
-        0,
-        0,
-        "shoal",
-        "Reads the change feed of every partition from a cursor (COUNT, BLOCK)."
-    ),
-    spec!(
         "shoal.digest",
         2,
         R,
@@ -562,6 +552,16 @@ pub static COMMANDS: &[CommandSpec] = &[
         0,
         "shoal",
         "Returns this host's copy of a partition: last commit id, key count and checksum."
+    ),
+    spec!(
+        "shoal.feed",
+        -2,
+        &["readonly"],
+        0,
+        0,
+        0,
+        "shoal",
+        "Reads the change feed of every partition from a cursor (COUNT, BLOCK)."
     ),
     spec!(
         "shoal.hosts",

@@ -49,6 +49,22 @@ impl Store {
         Ok(())
     }
 
+    /// Applies `change` to the partition's replication state and stores it if `change`
+    /// says it changed anything. → `Ok`.
+    fn change_replica_state(
+        &self,
+        txn: &mut RwTxn,
+        batch: &mut Batch,
+        partition: Partition,
+        change: impl FnOnce(&mut ReplicaState) -> bool,
+    ) -> OpResult {
+        let mut state = self.replica_state(txn, partition)?;
+        if change(&mut state) {
+            self.put_replica_state(txn, batch, partition, &state)?;
+        }
+        Ok(WorkerResponse::Ok)
+    }
+
     /// `PromiseTerm`: raises the promised term; a lower one changes nothing.
     pub(crate) fn promise_term(
         &self,
@@ -57,12 +73,11 @@ impl Store {
         partition: Partition,
         term: u64,
     ) -> OpResult {
-        let mut state = self.replica_state(txn, partition)?;
-        if term > state.fenced_term {
-            state.fenced_term = term;
-            self.put_replica_state(txn, batch, partition, &state)?;
-        }
-        Ok(WorkerResponse::Ok)
+        self.change_replica_state(txn, batch, partition, |state| {
+            let raise = term > state.fenced_term;
+            state.fenced_term = state.fenced_term.max(term);
+            raise
+        })
     }
 
     /// `HoldLog`: log retention keeps the partition's log from `from` on (0: no hold).
@@ -73,12 +88,11 @@ impl Store {
         partition: Partition,
         from: u64,
     ) -> OpResult {
-        let mut state = self.replica_state(txn, partition)?;
-        if state.log_hold_from != from {
+        self.change_replica_state(txn, batch, partition, |state| {
+            let moved = state.log_hold_from != from;
             state.log_hold_from = from;
-            self.put_replica_state(txn, batch, partition, &state)?;
-        }
-        Ok(WorkerResponse::Ok)
+            moved
+        })
     }
 
     /// `OpenTerm`: the marker entry at the next commit id, and `term` in the history

@@ -416,23 +416,31 @@ impl Replica {
         else {
             return None;
         };
-        let needed = self.needed() - 1;
-        if needed == 0 {
-            return Some(self.started + Duration::from_secs(1 << 40));
-        }
-        let mut heard: Vec<Instant> = followers
-            .iter()
-            .filter(|(host, _)| self.counts(**host))
-            .map(|(_, p)| p)
-            .filter(|p| !p.copying)
-            .filter_map(|p| p.heard_at)
-            .collect();
-        heard.sort_unstable_by(|a, b| b.cmp(a));
         let within = self.settings.good_replica_within;
         // Heard exactly `within` ago still counts: the end is just past it.
-        heard
-            .get(needed - 1)
-            .map(|&at| at + within + Duration::from_nanos(1))
+        self.latest_of_enough(followers, |p| (!p.copying).then_some(p.heard_at).flatten())
+            .map(|at| at + within + Duration::from_nanos(1))
+    }
+
+    /// The time of the `needed − 1`-th latest `instant` among the counted followers: the
+    /// moment from which enough followers have one. Far away when a write needs no
+    /// follower's copy; `None` when too few followers have one.
+    fn latest_of_enough(
+        &self,
+        followers: &BTreeMap<HostId, Progress>,
+        instant: impl Fn(&Progress) -> Option<Instant>,
+    ) -> Option<Instant> {
+        let wanted = self.needed() - 1;
+        if wanted == 0 {
+            return Some(self.started + Duration::from_secs(1 << 40));
+        }
+        let mut instants: Vec<Instant> = followers
+            .iter()
+            .filter(|(host, _)| self.counts(**host))
+            .filter_map(|(_, p)| instant(p))
+            .collect();
+        instants.sort_unstable_by(|a, b| b.cmp(a));
+        instants.get(wanted - 1).copied()
     }
 
     /// The lowest commit id some follower (other than one being dropped) may still need
@@ -476,21 +484,12 @@ impl Replica {
     /// When the lease from the followers' promises ends (far away when a write needs no
     /// follower's copy), or `None` without enough promises.
     fn lease_end(&self, followers: &BTreeMap<HostId, Progress>) -> Option<Instant> {
-        let promises_needed = self.needed() - 1;
-        if promises_needed == 0 {
-            return Some(self.started + Duration::from_secs(1 << 40));
-        }
-        let mut promised: Vec<Instant> = followers
-            .iter()
-            .filter(|(host, _)| self.counts(**host))
-            .filter_map(|(_, p)| p.promised_from)
-            .collect();
-        promised.sort_unstable_by(|a, b| b.cmp(a));
         let lease = self
             .settings
             .lease
             .saturating_sub(self.settings.lease_margin);
-        promised.get(promises_needed - 1).map(|&from| from + lease)
+        self.latest_of_enough(followers, |p| p.promised_from)
+            .map(|from| from + lease)
     }
 
     /// For an idle member whose promised term is above the view's: the view's primary
