@@ -127,6 +127,15 @@ impl Router {
             .is_some_and(|entry| !entry.replicas.is_empty())
     }
 
+    /// Whether `request` for `partition`'s group touches a partition with followers.
+    fn touches_replicated(&self, partition: Partition, request: &WorkerRequest) -> bool {
+        request
+            .client_partitions()
+            .into_iter()
+            .chain([partition])
+            .any(|p| self.is_replicated(p))
+    }
+
     /// Serves `request` for `partition`, replicated with this host as its primary:
     /// - a write starts only while enough followers answer (else `NoReplicas`, nothing
     ///   applied), and is answered once the commit point covers the partition's log as the
@@ -140,59 +149,66 @@ impl Router {
         deadline: Instant,
     ) -> Result<WorkerResponse, LinkError> {
         let write = request.is_write();
+        // A request may touch several partitions of one worker: each replicated one must
+        // be ready, and is waited for.
+        let mut touched: Vec<Partition> = request
+            .client_partitions()
+            .into_iter()
+            .chain([partition])
+            .filter(|&p| self.is_replicated(p))
+            .collect();
+        touched.sort_unstable();
+        touched.dedup();
         let ready_by = (Instant::now() + READY_WAIT).min(deadline);
-        let ready = self
-            .replication
-            .wait_status(partition, ready_by, |status, now| {
-                let until = match write {
-                    true => status.writable_until,
-                    false => status.readable_until,
-                };
-                status.primary && until.is_some_and(|until| now < until)
-            })
-            .await;
-        if ready.is_none() {
-            return Err(match write {
-                true => LinkError::NoReplicas { started: false },
-                false => LinkError::NotReady { partition },
-            });
+        for &p in &touched {
+            if !self.ready(p, write, ready_by).await {
+                return Err(match write {
+                    true => LinkError::NoReplicas { started: false },
+                    false => LinkError::NotReady { partition: p },
+                });
+            }
         }
         let worker = partition_worker(partition, self.links.len());
         let response = self.links[worker].send(request).await.wait().await?;
-        let last = self
-            .readers
-            .last_commit_id(worker, partition)
-            .map_err(|error| LinkError::Host {
-                host: self.node.host_id().unwrap_or(0),
-                reason: error.to_string(),
-            })?;
-        if write {
-            self.replication.written(partition, last);
-        }
-        if !self
-            .replication
-            .wait_commit(partition, last, deadline)
-            .await
-        {
-            return Err(match write {
-                true => LinkError::NoReplicas { started: true },
-                false => LinkError::NotReady { partition },
-            });
-        }
-        if !write {
-            // The lease is checked again once the read has run: a fence answered while
-            // it waited means a newer primary may have acknowledged writes it missed.
-            let still = self
-                .replication
-                .wait_status(partition, Instant::now(), |status, now| {
-                    status.primary && status.readable_until.is_some_and(|until| now < until)
-                })
-                .await;
-            if still.is_none() {
-                return Err(LinkError::NotReady { partition });
+        for &p in &touched {
+            let last = self
+                .readers
+                .last_commit_id(worker, p)
+                .map_err(|error| LinkError::Host {
+                    host: self.node.host_id().unwrap_or(0),
+                    reason: error.to_string(),
+                })?;
+            if write {
+                self.replication.written(p, last);
+            }
+            if !self.replication.wait_commit(p, last, deadline).await {
+                return Err(match write {
+                    true => LinkError::NoReplicas { started: true },
+                    false => LinkError::NotReady { partition: p },
+                });
+            }
+            // A read checks the lease again once it has run: a fence answered while it
+            // waited means a newer primary may have acknowledged writes it missed.
+            if !write && !self.ready(p, false, Instant::now()).await {
+                return Err(LinkError::NotReady { partition: p });
             }
         }
         Ok(response)
+    }
+
+    /// Whether this host's copy of `partition` is the primary and may start a write
+    /// (`write`) or serve a read, waiting for it until `until`.
+    async fn ready(&self, partition: Partition, write: bool, until: Instant) -> bool {
+        self.replication
+            .wait_status(partition, until, |status, now| {
+                let open_until = match write {
+                    true => status.writable_until,
+                    false => status.readable_until,
+                };
+                status.primary && open_until.is_some_and(|end| now < end)
+            })
+            .await
+            .is_some()
     }
 
     /// `request` (a GET or MGET of `worker`) answered from the shard's map, if it can be.
@@ -308,7 +324,7 @@ impl Router {
             let result = if entry.owner == me {
                 if !ni.owns_all(me, &request) {
                     Err(LinkError::Moved)
-                } else if !entry.replicas.is_empty() {
+                } else if self.touches_replicated(partition, &request) {
                     self.replicated(partition, request.clone(), deadline).await
                 } else {
                     let worker = partition_worker(partition, self.links.len());
@@ -527,7 +543,7 @@ impl Router {
                 if !owned || !one_worker || !ni.owns_all(me, &request) {
                     return PeerResponse::Moved;
                 }
-                if self.is_replicated(partition) {
+                if self.touches_replicated(partition, &request) {
                     let deadline = Instant::now() + FORWARD_TIMEOUT;
                     return match self.replicated(partition, request, deadline).await {
                         Ok(response) => PeerResponse::Worker(response),

@@ -220,6 +220,15 @@ fn direct_read(shared: &Shared, session: &Session, keys: &[Bytes]) -> Option<Vec
         if clustered && !keys.iter().all(|key| crate::routing::idle(key.partition)) {
             return None;
         }
+        // A replicated partition is read through its primary's replication rules.
+        if let Some(router) = &shared.dispatch.router {
+            if keys
+                .iter()
+                .any(|key| router.local_worker(key.partition).is_none())
+            {
+                return None;
+            }
+        }
         let worker = shared.dispatch.local_worker(dest)?;
         let keys: Vec<&Key> = keys.iter().collect();
         let found = shared
