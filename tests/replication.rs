@@ -178,6 +178,25 @@ fn every_acknowledged_write_survives_the_kill_of_the_primary_host() {
         checked + resumed
     );
     assert!(lost.is_empty(), "acknowledged writes lost: {lost:?}");
+    // An MGET over many partitions reads through their new primaries too.
+    let keys: Vec<&String> = acknowledged.keys().take(50).collect();
+    let mut mget = vec!["MGET"];
+    mget.extend(keys.iter().map(|k| k.as_str()));
+    match cluster.query(3, &mget).expect("MGET through host 3") {
+        Resp::Array(values) => {
+            let values: Vec<Option<String>> = values
+                .iter()
+                .map(|v| match v {
+                    Resp::Bulk(bytes) => Some(String::from_utf8_lossy(bytes).into_owned()),
+                    _ => None,
+                })
+                .collect();
+            let wanted: Vec<Option<String>> =
+                keys.iter().map(|k| acknowledged.get(*k).cloned()).collect();
+            assert_eq!(values, wanted);
+        }
+        other => panic!("MGET through host 3: {other:?}"),
+    }
     let promoted =
         led(&cluster, 2, "shoal_failovers_led") + led(&cluster, 3, "shoal_failovers_led");
     assert!(promoted >= 16, "{promoted} promotions recorded");

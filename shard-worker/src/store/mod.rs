@@ -111,6 +111,8 @@ pub struct Store {
     /// LMDB must not resize the map while a transaction of this process is open.
     resize_gate: Arc<RwLock<()>>,
     max_dbs: u32,
+    /// Commits are not synced (`async` durability), except those that ask for it.
+    no_sync: bool,
     /// Where each write transaction reads the time.
     clock: Box<dyn Clock>,
 }
@@ -125,6 +127,8 @@ pub(crate) struct Batch {
     fence_changes: Vec<(Partition, bool)>,
     /// Something other than partition data changed (transaction records, the id mark).
     dirty: bool,
+    /// The commit must reach the disk even with `async` durability (a replication promise).
+    sync: bool,
 }
 
 impl Batch {
@@ -135,6 +139,7 @@ impl Batch {
             lock_changes: Vec::new(),
             fence_changes: Vec::new(),
             dirty: false,
+            sync: false,
         }
     }
 }
@@ -220,6 +225,7 @@ impl Store {
             last_commit: None,
             resize_gate: Arc::default(),
             max_dbs: u32::from(options.collections) + 4,
+            no_sync: options.durability == Durability::Async,
             clock: Box::new(clock),
         };
         store.check_meta(options)?;
@@ -477,6 +483,9 @@ impl Store {
                     } else {
                         let started = std::time::Instant::now();
                         txn.commit()?;
+                        if batch.sync && self.no_sync {
+                            self.env.force_sync()?;
+                        }
                         self.last_commit = Some(started.elapsed());
                     }
                     self.highest_commit_id = highest;

@@ -73,6 +73,9 @@ impl Store {
         partition: Partition,
         term: u64,
     ) -> OpResult {
+        // Other hosts rely on a new promise at once: it reaches the disk even with
+        // `async` durability.
+        batch.sync |= term > self.replica_state(txn, partition)?.fenced_term;
         self.change_replica_state(txn, batch, partition, |state| {
             let raise = term > state.fenced_term;
             state.fenced_term = state.fenced_term.max(term);
@@ -137,6 +140,8 @@ impl Store {
             None,
             &[],
         )?;
+        // The new term, like a promise, reaches the disk even with `async` durability.
+        batch.sync = true;
         state.fenced_term = term;
         if state
             .history

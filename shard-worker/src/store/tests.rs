@@ -2038,3 +2038,22 @@ fn log_retention_keeps_what_the_followers_still_need() {
         Some(9)
     );
 }
+
+#[test]
+fn a_new_promise_or_term_asks_its_commit_to_be_synced_and_a_repeated_one_does_not() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::open(dir.path(), &options()).unwrap();
+    let mut txn = store.env.write_txn().unwrap();
+    let mut batch = Batch::new(START_MS);
+    assert!(store.promise_term(&mut txn, &mut batch, 1, 4).is_ok());
+    assert!(
+        batch.sync,
+        "a raised promise is synced even with async durability"
+    );
+    let mut again = Batch::new(START_MS);
+    assert!(store.promise_term(&mut txn, &mut again, 1, 4).is_ok());
+    assert!(!again.sync, "a promise already made costs no sync");
+    let mut opened = Batch::new(START_MS);
+    assert!(store.open_term(&mut txn, &mut opened, 1, 5).is_ok());
+    assert!(opened.sync, "a new term is synced");
+}
