@@ -1,8 +1,12 @@
 #!/usr/bin/env bash
-# Load benchmark: one host of a 3-host Shoal cluster against a Shoal host on its own,
-# driven by the same redis-benchmark, on the same machine, in one run. Through the
-# cluster host, about two thirds of the keys belong to the other two hosts and are
-# forwarded over the peer links. Targets are interleaved and every figure is a median.
+# Load benchmark: one host of a 3-host Shoal cluster with one copy of each partition,
+# one host of a 3-host cluster with three copies (`replicas = 3`), and a Shoal host on
+# its own, driven by the same redis-benchmark, on the same machine, in one run.
+# - One copy: through the cluster host, about two thirds of the keys belong to the
+#   other two hosts and are forwarded over the peer links.
+# - Three copies: the host measured is the founder, which leads every partition (the
+#   primaries do not move for balance yet); each write waits for a second copy.
+# Targets are interleaved and every figure is a median.
 #
 # Usage: benches/cluster-compare.sh
 #        N=20000 REPEATS=1 benches/cluster-compare.sh   (a quick look)
@@ -12,7 +16,7 @@
 #   CLIENTS    parallel connections                     (default 50)
 #   PIPELINE   redis-benchmark -P                       (default 16)
 #   TESTS      redis-benchmark -t list                  (default set,get)
-#   SUBNET     T of the cluster's 127.0.T.x addresses   (default 77)
+#   SUBNET     T of the clusters' 127.0.T.x and 127.0.T+1.x addresses (default 77)
 #
 # Needs redis-benchmark, redis-cli and python3. Builds Shoal in release mode. Stops
 # everything it started. Any error reply counts as a failed run.
@@ -59,11 +63,11 @@ wait_ping() {
     exit 1
 }
 
-# start NAME IP [SEED]: a host with a secret (a cluster member) unless NAME is "single".
-# Sets addr[NAME] to "ip port" and peer[NAME] to its peer address.
+# start NAME IP [SEED [REPLICAS]]: a host with a secret (a cluster member) unless NAME
+# is "single". Sets addr[NAME] to "ip port" and peer[NAME] to its peer address.
 declare -A addr peer_addr
 start() {
-    local name=$1 ip=$2 seed=${3:-}
+    local name=$1 ip=$2 seed=${3:-} replicas=${4:-1}
     local port peer
     port=$(free_port "$ip")
     peer=$(free_port "$ip")
@@ -80,6 +84,7 @@ start() {
             echo "[cluster]"
             echo "cluster_secret = \"cluster-compare-secret-0123456789\""
             echo "peer_listen = \"$ip:$peer\""
+            echo "replicas = $replicas"
             [ -n "$seed" ] && echo "seeds = [\"$seed\"]"
         fi
     } >"$work/$name/shoal.toml"
@@ -93,6 +98,10 @@ start single 127.0.0.1
 start host1 "127.0.$SUBNET.11"
 start host2 "127.0.$SUBNET.12" "${peer_addr[host1]}"
 start host3 "127.0.$SUBNET.13" "${peer_addr[host1]}"
+replicated_subnet=$((SUBNET + 1))
+start copies1 "127.0.$replicated_subnet.11" "" 3
+start copies2 "127.0.$replicated_subnet.12" "${peer_addr[copies1]}" 3
+start copies3 "127.0.$replicated_subnet.13" "${peer_addr[copies1]}" 3
 
 echo "waiting for the partitions to spread over the 3 hosts..." >&2
 settled=""
@@ -110,13 +119,26 @@ done
 [ -n "$settled" ] || { echo "cluster-compare: the partitions did not settle" >&2; exit 1; }
 echo "host 1 owns $owned of 256 partitions" >&2
 
+echo "waiting for three copies of every partition in the replicated cluster..." >&2
+settled=""
+for _ in $(seq 1200); do
+    info=$(redis-cli -h ${addr[copies1]% *} -p ${addr[copies1]#* } cluster info 2>/dev/null | tr -d '\r')
+    under=$(echo "$info" | sed -n 's/^shoal_partitions_under_replicated://p')
+    if [ "${under:-1}" = 0 ]; then
+        settled=yes
+        break
+    fi
+    sleep 0.5
+done
+[ -n "$settled" ] || { echo "cluster-compare: the replicated cluster did not settle" >&2; exit 1; }
+
 raw=$work/results.csv
 echo "target,repeat,test,rps,avg_ms,min_ms,p50_ms,p95_ms,p99_ms,max_ms" >"$raw"
-targets=(single host1)
+targets=(single host1 copies1)
 errors=0
 for repeat in $(seq "$REPEATS"); do
-    for i in 0 1; do
-        target=${targets[$(((i + repeat) % 2))]}
+    for i in 0 1 2; do
+        target=${targets[$(((i + repeat) % 3))]}
         read -r ip port <<<"${addr[$target]}"
         echo "repeat $repeat/$REPEATS, $target..." >&2
         redis-benchmark -h "$ip" -p "$port" -t "$TESTS" -n "$N" -d 100 -r 100000 \
@@ -137,13 +159,17 @@ def med(target, test, field):
     values = [float(r[field]) for r in rows if r["target"] == target and r["test"] == test]
     return statistics.median(values) if values else None
 print(f"redis-benchmark -n {n} -d 100 -c {clients} -P {pipeline}, median of {repeats} runs.\n")
-print("| test | single host | one host of 3 | cluster ÷ single | single p50 / p99 ms | cluster p50 / p99 ms |")
-print("|---|---|---|---|---|---|")
+print("| test | single host | one host of 3, 1 copy | one host of 3, 3 copies "
+      "| 1 copy ÷ single | 3 copies ÷ single | 3 copies ÷ 1 copy "
+      "| p50 / p99 ms: single, 1 copy, 3 copies |")
+print("|---|---|---|---|---|---|---|---|")
+def lat(target, test):
+    return f"{med(target, test, 'p50_ms'):.2f} / {med(target, test, 'p99_ms'):.2f}"
 for test in dict.fromkeys(r["test"] for r in rows):
-    s, c = med("single", test, "rps"), med("host1", test, "rps")
-    print(f"| {test} | {s / 1000:.1f}k | {c / 1000:.1f}k | {c / s:.2f}× "
-          f"| {med('single', test, 'p50_ms'):.2f} / {med('single', test, 'p99_ms'):.2f} "
-          f"| {med('host1', test, 'p50_ms'):.2f} / {med('host1', test, 'p99_ms'):.2f} |")
+    s, c, r = (med(t, test, "rps") for t in ("single", "host1", "copies1"))
+    print(f"| {test} | {s / 1000:.1f}k | {c / 1000:.1f}k | {r / 1000:.1f}k "
+          f"| {c / s:.2f}× | {r / s:.2f}× | {r / c:.2f}× "
+          f"| {lat('single', test)}, {lat('host1', test)}, {lat('copies1', test)} |")
 EOF
 if [ "$errors" -gt 0 ]; then
     echo "cluster-compare: $errors runs printed errors" >&2
