@@ -90,12 +90,13 @@ impl Readers {
         self.opened(worker)?.last_commit_id(partition)
     }
 
-    /// `partition`'s `meta` entry and replication state, read from `worker`'s map.
+    /// `partition`'s `meta` entry, replication state and whether a full copy of it is
+    /// under way, read from `worker`'s map.
     pub fn partition_state(
         &self,
         worker: usize,
         partition: Partition,
-    ) -> Result<(PartitionMeta, ReplicaState), StoreError> {
+    ) -> Result<(PartitionMeta, ReplicaState, bool), StoreError> {
         self.opened(worker)?.partition_state(partition)
     }
 

@@ -245,10 +245,35 @@ impl Replication {
     ) -> Result<(), String> {
         let me = self.node.host_id().ok_or("not a member")?;
         let worker = self.worker(partition);
-        let (meta, state) = self
+        let (mut meta, mut state, copying) = self
             .readers
             .partition_state(worker, partition)
             .map_err(|error| error.to_string())?;
+        if copying {
+            // A full copy was cut short: its records cannot be trusted. Start from an
+            // empty copy, which claims nothing, and catch up or copy again.
+            tracing::warn!(partition, "a full copy was interrupted; clearing the copy");
+            self.ask(partition, WorkerRequest::ClearPartition { partition })
+                .await?;
+            let reset = WorkerRequest::Replicate {
+                partition,
+                entries: Vec::new(),
+                history: Vec::new(),
+            };
+            self.ask(partition, reset).await?;
+            self.ask(
+                partition,
+                WorkerRequest::SetCopying {
+                    partition,
+                    copying: false,
+                },
+            )
+            .await?;
+            (meta, state, _) = self
+                .readers
+                .partition_state(worker, partition)
+                .map_err(|error| error.to_string())?;
+        }
         let history = History::from_starts(state.history).ok_or("stored history is broken")?;
         let durable = Durable {
             fenced: state.fenced_term,
@@ -389,7 +414,7 @@ impl Replication {
                             let wanted = (append.last + 1).saturating_sub(append.first);
                             if carried.len() as u64 != wanted {
                                 // Log retention removed some: the follower copies instead.
-                                let (meta, _) = self
+                                let (meta, _, _) = self
                                     .readers
                                     .partition_state(worker, partition)
                                     .map_err(|error| error.to_string())?;
@@ -453,6 +478,13 @@ impl Replication {
                         core.handle(event, now());
                     }
                     Action::Committed { .. } => {}
+                    Action::CopyDone => {
+                        let done = WorkerRequest::SetCopying {
+                            partition,
+                            copying: false,
+                        };
+                        self.ask(partition, done).await?;
+                    }
                     Action::ReportSync { host, in_sync } => {
                         self.propose(partition, |epoch| Command::SetSync {
                             partition,
@@ -511,6 +543,12 @@ impl Replication {
     /// commit id again. Answers (the first, the second): the log is replayed from the
     /// first on, and the copy is whole once it reached the second.
     async fn copy_from(&self, partition: Partition, primary: HostId) -> Result<(u64, u64), String> {
+        // Recorded first: a copy cut short by a crash is cleared and made again.
+        let copying = WorkerRequest::SetCopying {
+            partition,
+            copying: true,
+        };
+        self.ask(partition, copying).await?;
         self.ask(partition, WorkerRequest::ClearPartition { partition })
             .await?;
         let first = self.primary_last(partition, primary).await?;

@@ -513,6 +513,14 @@ pub enum WorkerRequest {
         /// The lowest commit id to keep.
         from: u64,
     },
+    /// Replication: marks a full copy of `partition` as under way (`true`, before its
+    /// records are cleared) or done (`false`, once its log caught up). Durable. → `Ok`.
+    SetCopying {
+        /// The partition.
+        partition: Partition,
+        /// Whether a copy is under way.
+        copying: bool,
+    },
     /// Replication: replays the primary's log entries (as `ApplyLog` does) and stores
     /// the log's term history, in one transaction. The entries must belong to
     /// `partition` and follow one another, the first no later than the partition's last

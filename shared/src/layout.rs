@@ -42,6 +42,7 @@
 //! "p" ++ partition u16    → last_commit_id u64 ++ mtime_ms u64 ++ trimmed_through u64
 //! "fence" ++ partition u16 → empty: the partition is fenced (moving to or from another host)
 //! "r" ++ partition u16    → fenced_term u64 ++ log_hold_from u64 ++ (term u64 ++ first_commit_id u64)*
+//! "copy" ++ partition u16 → empty: a full copy of the partition from its primary is under way
 //! ```
 //! `trimmed_through` is the highest commit id that log retention has removed
 //! (0 if none): the log of the partition holds every entry above it.
@@ -309,6 +310,16 @@ pub fn decode_log_entry(raw_key: &[u8], raw_value: &[u8]) -> Result<LogEntry, Co
 pub fn partition_meta_key(partition: Partition) -> [u8; 3] {
     let [high, low] = partition.to_be_bytes();
     [b'p', high, low]
+}
+
+/// `"copy" ++ partition`: present while a full copy of the partition is under way, from
+/// before its old records are cleared until its log has caught up with the copy. A copy
+/// that finds it at start cannot trust its records: they are cleared and copied again.
+pub fn copy_key(partition: Partition) -> [u8; 6] {
+    let mut out = [0; 6];
+    out[..4].copy_from_slice(b"copy");
+    out[4..].copy_from_slice(&partition.to_be_bytes());
+    out
 }
 
 /// `"r" ++ partition`: the partition's replication state.

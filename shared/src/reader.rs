@@ -151,12 +151,13 @@ impl ShardReader {
         read(&txn)
     }
 
-    /// `partition`'s entry in `meta` (all zero when it never had a write) and its
-    /// replication state (term 0 and no history when it has none), from one snapshot.
+    /// `partition`'s entry in `meta` (all zero when it never had a write), its
+    /// replication state (term 0 and no history when it has none), and whether a full
+    /// copy of it is under way, from one snapshot.
     pub fn partition_state(
         &self,
         partition: Partition,
-    ) -> Result<(layout::PartitionMeta, layout::ReplicaState), StoreError> {
+    ) -> Result<(layout::PartitionMeta, layout::ReplicaState, bool), StoreError> {
         self.with_txn(|txn| {
             let meta = match self.meta.get(txn, &layout::partition_meta_key(partition))? {
                 Some(raw) => layout::decode_partition_meta(raw)?,
@@ -166,7 +167,8 @@ impl ShardReader {
                 Some(raw) => layout::decode_replica_state(raw)?,
                 None => layout::ReplicaState::default(),
             };
-            Ok((meta, replica))
+            let copying = self.meta.get(txn, &layout::copy_key(partition))?.is_some();
+            Ok((meta, replica, copying))
         })
     }
 

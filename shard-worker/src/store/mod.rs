@@ -620,6 +620,9 @@ impl Store {
             WorkerRequest::PromiseTerm { partition, term } => {
                 self.promise_term(txn, batch, *partition, *term)
             }
+            WorkerRequest::SetCopying { partition, copying } => {
+                self.set_copying(txn, batch, *partition, *copying)
+            }
             WorkerRequest::HoldLog { partition, from } => {
                 self.hold_log(txn, batch, *partition, *from)
             }

@@ -98,6 +98,29 @@ impl Store {
         })
     }
 
+    /// `SetCopying`: the `"copy"` entry of the partition, present while a copy runs.
+    pub(crate) fn set_copying(
+        &self,
+        txn: &mut RwTxn,
+        batch: &mut Batch,
+        partition: Partition,
+        copying: bool,
+    ) -> OpResult {
+        let key = layout::copy_key(partition);
+        let changed = match copying {
+            true => {
+                let absent = self.meta.get(txn, &key)?.is_none();
+                if absent {
+                    self.meta.put(txn, &key, &[])?;
+                }
+                absent
+            }
+            false => self.meta.delete(txn, &key)?,
+        };
+        batch.dirty |= changed;
+        Ok(WorkerResponse::Ok)
+    }
+
     /// `OpenTerm`: the marker entry at the next commit id, and `term` in the history
     /// from it on.
     pub(crate) fn open_term(

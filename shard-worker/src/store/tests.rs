@@ -2057,3 +2057,41 @@ fn a_new_promise_or_term_asks_its_commit_to_be_synced_and_a_repeated_one_does_no
     assert!(store.open_term(&mut txn, &mut opened, 1, 5).is_ok());
     assert!(opened.sync, "a new term is synced");
 }
+
+#[test]
+fn a_copy_under_way_is_recorded_apart_from_the_partitions_records() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut store = Store::open(dir.path(), &options()).unwrap();
+    apply(&mut store, &[set(0, key(1, b"k"), b"v")]);
+    let copying = |copying| WorkerRequest::SetCopying {
+        partition: 1,
+        copying,
+    };
+    let present = |store: &Store| {
+        let txn = store.env.read_txn().unwrap();
+        store
+            .meta
+            .get(&txn, &layout::copy_key(1))
+            .unwrap()
+            .is_some()
+    };
+    assert_eq!(
+        apply(&mut store, &[copying(true)]),
+        vec![WorkerResponse::Ok]
+    );
+    assert!(present(&store));
+    // Clearing the partition for the copy keeps the mark; exporting it does not carry it.
+    apply(
+        &mut store,
+        &[WorkerRequest::ClearPartition { partition: 1 }],
+    );
+    assert!(present(&store));
+    assert!(records_of(&mut store, 1)
+        .iter()
+        .all(|r| r.key.as_slice() != layout::copy_key(1).as_slice()));
+    assert_eq!(
+        apply(&mut store, &[copying(false)]),
+        vec![WorkerResponse::Ok]
+    );
+    assert!(!present(&store));
+}

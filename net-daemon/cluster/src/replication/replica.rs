@@ -182,6 +182,9 @@ pub enum Action {
         /// Its term.
         term: Term,
     },
+    /// Follower: the full copy has caught up with the primary's log as it was when the
+    /// copy ended: the local copy can be trusted again after a restart.
+    CopyDone,
     /// Primary: a replica promised a higher term, so this copy stepped down; the
     /// metadata leader should finish the failover that term belongs to.
     SteppedDown {
@@ -1068,6 +1071,7 @@ impl Replica {
         if let Copy::Settling { through } = copy {
             if last >= *through {
                 *copy = Copy::None;
+                self.actions.push_back(Action::CopyDone);
             }
         }
         let (term, primary) = (*term, *primary);
@@ -1107,6 +1111,7 @@ impl Replica {
         *copy = if through > from {
             Copy::Settling { through }
         } else {
+            self.actions.push_back(Action::CopyDone);
             Copy::None
         };
         acks.clear();

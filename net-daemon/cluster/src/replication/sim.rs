@@ -259,7 +259,7 @@ impl Sim {
                     self.acked.push((commit_id, entry.key, value, now));
                 }
             }
-            Action::ReportSync { .. } | Action::CompleteDrop { .. } => {}
+            Action::ReportSync { .. } | Action::CompleteDrop { .. } | Action::CopyDone => {}
             Action::PrimaryLost { term, .. } | Action::SteppedDown { term } => {
                 if term >= self.view.term && self.failover.is_none() && self.reachable(id, LEADER) {
                     self.start_failover();

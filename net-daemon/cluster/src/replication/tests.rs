@@ -757,3 +757,32 @@ fn an_idle_member_fenced_above_the_view_keeps_asking_for_a_failover() {
     follower.handle(Event::Tick, now + silence);
     assert_eq!(follower.poll_actions(), vec![lost]);
 }
+
+#[test]
+fn a_copy_reports_it_is_done_once_its_log_reaches_the_end_of_the_copy() {
+    let now = Instant::now();
+    let mut follower = replica(2, 1, history(&[(1, 1)]), 3, now);
+    let append = Append {
+        term: 2,
+        history: history(&[(1, 1)]),
+        log_start: 8,
+        log_end: 9,
+        first: 8,
+        last: 9,
+        commit: 9,
+        stamp: Stamp { run: 1, at_us: 0 },
+    };
+    follower.handle(received(1, Message::Append(append)), now);
+    assert!(follower
+        .poll_actions()
+        .contains(&Action::StartCopy { from: 1, term: 2 }));
+    // A copy taken while nothing was written is whole at once.
+    let copied = Event::Copied {
+        term: 2,
+        from: 9,
+        through: 9,
+        history: history(&[(1, 1)]),
+    };
+    follower.handle(copied, now);
+    assert!(follower.poll_actions().contains(&Action::CopyDone));
+}
