@@ -687,12 +687,19 @@ impl Replica {
     }
 
     fn follow(&mut self, primary: HostId, term: Term, now: Instant) {
+        // A full copy that has not caught up holds records of the old primary's that the
+        // log cannot correct (a replayed entry never overwrites a value as new): it is
+        // taken again from the new primary.
+        let copy = match &self.role {
+            Role::Follower { copy, .. } if *copy != Copy::None => Copy::Retry { at: now },
+            _ => Copy::None,
+        };
         self.role = Role::Follower {
             term,
             primary,
             heard_at: now,
             lost_reported_at: None,
-            copy: Copy::None,
+            copy,
             acks: VecDeque::new(),
         };
     }

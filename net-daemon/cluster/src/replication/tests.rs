@@ -786,3 +786,43 @@ fn a_copy_reports_it_is_done_once_its_log_reaches_the_end_of_the_copy() {
     follower.handle(copied, now);
     assert!(follower.poll_actions().contains(&Action::CopyDone));
 }
+
+#[test]
+fn a_copy_still_settling_when_the_primary_changes_is_taken_again_from_the_new_one() {
+    let now = Instant::now();
+    let mut follower = replica(2, 1, history(&[(1, 1)]), 3, now);
+    let mut append = Append {
+        term: 2,
+        history: history(&[(1, 1)]),
+        log_start: 8,
+        log_end: 15,
+        first: 8,
+        last: 15,
+        commit: 15,
+        stamp: Stamp { run: 1, at_us: 0 },
+    };
+    follower.handle(received(1, Message::Append(append.clone())), now);
+    follower.poll_actions();
+    let copied = Event::Copied {
+        term: 2,
+        from: 10,
+        through: 15,
+        history: history(&[(1, 1)]),
+    };
+    follower.handle(copied, now);
+    follower.poll_actions();
+    // Host 3 becomes primary of term 3 before the copy caught up.
+    append.term = 3;
+    append.history = history(&[(1, 1), (3, 16)]);
+    append.log_start = 1;
+    append.log_end = 16;
+    append.first = 11;
+    append.last = 16;
+    follower.handle(received(3, Message::Append(append)), now);
+    let actions = follower.poll_actions();
+    assert_eq!(acks(&actions), vec![AckResult::Copying], "{actions:?}");
+    assert!(
+        actions.contains(&Action::StartCopy { from: 3, term: 3 }),
+        "{actions:?}"
+    );
+}
