@@ -50,12 +50,24 @@ const HOLD_EVERY: Duration = Duration::from_secs(1);
 pub struct Status {
     /// The commit point: every entry up to it is held by enough copies.
     pub commit: u64,
-    /// This copy is the primary and its term is open.
-    pub primary: bool,
+    /// This copy's term while it is the primary and its term is open.
+    pub primary_term: Option<u64>,
     /// Writes may start until then (enough followers answered lately).
     pub writable_until: Option<Instant>,
     /// Reads may be served until then (the lease).
     pub readable_until: Option<Instant>,
+}
+
+impl Status {
+    /// Whether the entries up to `last`, written while this copy was the primary of
+    /// `term`, are committed (`Some(true)`), can no longer be known to be (`Some(false)`:
+    /// the copy left `term`), or are still to come (`None`).
+    fn settles(&self, term: u64, last: u64) -> Option<bool> {
+        match self.primary_term {
+            Some(now) if now == term => (self.commit >= last).then_some(true),
+            _ => Some(false),
+        }
+    }
 }
 
 /// Something for a partition's task.
@@ -211,11 +223,25 @@ impl Replication {
         }
     }
 
-    /// Waits until the commit point of `partition` reaches `last`, or `deadline`.
-    pub async fn wait_commit(&self, partition: Partition, last: u64, deadline: Instant) -> bool {
-        self.wait_status(partition, deadline, |status, _| status.commit >= last)
-            .await
-            .is_some()
+    /// Waits until the commit point of `partition` reaches `last` while this copy is
+    /// still the primary of `term` (true), or until it is not (false), or `deadline`
+    /// (false).
+    ///
+    /// The term matters: a copy that stepped down follows a newer primary's commit point,
+    /// whose entries are not the ones this host's worker wrote in `term`.
+    pub async fn wait_commit(
+        &self,
+        partition: Partition,
+        term: u64,
+        last: u64,
+        deadline: Instant,
+    ) -> bool {
+        let settled = self
+            .wait_status(partition, deadline, |status, _| {
+                status.settles(term, last).is_some()
+            })
+            .await;
+        settled.and_then(|status| status.settles(term, last)) == Some(true)
     }
 
     fn worker(&self, partition: Partition) -> usize {
@@ -614,7 +640,7 @@ impl Replication {
 fn status_of(core: &Replica) -> Status {
     Status {
         commit: core.commit(),
-        primary: core.primary_term().is_some(),
+        primary_term: core.primary_term(),
         writable_until: core.writable_until().map(Instant::from_std),
         readable_until: core.readable_until().map(Instant::from_std),
     }
@@ -632,4 +658,28 @@ fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     mutex
         .lock()
         .unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::Status;
+
+    #[test]
+    fn a_write_settles_only_on_the_commit_point_of_its_own_term() {
+        let primary = |term, commit| Status {
+            commit,
+            primary_term: Some(term),
+            ..Status::default()
+        };
+        assert_eq!(primary(4, 9).settles(4, 10), None, "still to come");
+        assert_eq!(primary(4, 10).settles(4, 10), Some(true));
+        // Stepped down: the commit point it follows now is a newer primary's.
+        let follower = Status {
+            commit: 50,
+            ..Status::default()
+        };
+        assert_eq!(follower.settles(4, 10), Some(false));
+        // Primary again, of a later term: what it wrote in term 4 may be gone.
+        assert_eq!(primary(6, 50).settles(4, 10), Some(false));
+    }
 }

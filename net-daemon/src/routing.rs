@@ -44,7 +44,7 @@ use shoal_cluster::node::{ClusterNode, DataFuture, DataPath};
 use shoal_cluster::HostId;
 
 use crate::reads::Readers;
-use crate::replication::Replication;
+use crate::replication::{Replication, Status};
 use crate::workers::{Call, LinkError, WorkerLink, REQUEST_TIMEOUT};
 
 /// Longest a request follows its partition: a little less than the caller waits, so that
@@ -141,10 +141,15 @@ impl Router {
     ///   applied), and is answered once the commit point covers the partition's log as the
     ///   worker left it (else `NoReplicas` at the deadline: it may or may not be kept);
     /// - a read needs the lease, and is answered once the commit point covers the log as
-    ///   the read found it, so it never shows an entry a failover could lose.
+    ///   the read found it, so it never shows an entry a failover could lose;
+    /// - a request that finds the copy not ready while the NI moves the partition on (a
+    ///   handover or a failover: another primary, or the `epoch` it was routed at gone)
+    ///   stops waiting and answers `Moved`: nothing was applied, and the caller routes it
+    ///   again.
     async fn replicated(
         &self,
         partition: Partition,
+        epoch: u64,
         request: WorkerRequest,
         deadline: Instant,
     ) -> Result<WorkerResponse, LinkError> {
@@ -160,17 +165,31 @@ impl Router {
         touched.sort_unstable();
         touched.dedup();
         let ready_by = (Instant::now() + READY_WAIT).min(deadline);
+        let moved_on = || {
+            let ni = self.node.ni();
+            let me = self.node.host_id();
+            let entry = |p: Partition| ni.partitions.get(usize::from(p));
+            entry(partition).is_none_or(|entry| entry.epoch != epoch)
+                || touched
+                    .iter()
+                    .any(|&p| entry(p).is_none_or(|entry| Some(entry.owner) != me))
+        };
+        let mut terms = Vec::with_capacity(touched.len());
         for &p in &touched {
-            if !self.ready(p, write, ready_by).await {
-                return Err(match write {
-                    true => LinkError::NoReplicas { started: false },
-                    false => LinkError::NotReady { partition: p },
-                });
+            match self.ready(p, write, ready_by, &moved_on).await {
+                Some(term) => terms.push((p, term)),
+                None if moved_on() => return Err(LinkError::Moved),
+                None => {
+                    return Err(match write {
+                        true => LinkError::NoReplicas { started: false },
+                        false => LinkError::NotReady { partition: p },
+                    })
+                }
             }
         }
         let worker = partition_worker(partition, self.links.len());
         let response = self.links[worker].send(request).await.wait().await?;
-        for &p in &touched {
+        for (p, term) in terms {
             let last = self
                 .readers
                 .last_commit_id(worker, p)
@@ -181,7 +200,7 @@ impl Router {
             if write {
                 self.replication.written(p, last);
             }
-            if !self.replication.wait_commit(p, last, deadline).await {
+            if !self.replication.wait_commit(p, term, last, deadline).await {
                 return Err(match write {
                     true => LinkError::NoReplicas { started: true },
                     false => LinkError::NotReady { partition: p },
@@ -189,26 +208,38 @@ impl Router {
             }
             // A read checks the lease again once it has run: a fence answered while it
             // waited means a newer primary may have acknowledged writes it missed.
-            if !write && !self.ready(p, false, Instant::now()).await {
+            if !write && self.ready(p, false, Instant::now(), &|| false).await != Some(term) {
                 return Err(LinkError::NotReady { partition: p });
             }
         }
         Ok(response)
     }
 
-    /// Whether this host's copy of `partition` is the primary and may start a write
-    /// (`write`) or serve a read, waiting for it until `until`.
-    async fn ready(&self, partition: Partition, write: bool, until: Instant) -> bool {
-        self.replication
+    /// This copy's term, if it is the primary of `partition` and may start a write
+    /// (`write`) or serve a read, waiting for that until `until` or until `give_up`.
+    async fn ready(
+        &self,
+        partition: Partition,
+        write: bool,
+        until: Instant,
+        give_up: &(dyn Fn() -> bool + Sync),
+    ) -> Option<u64> {
+        let open = |status: &Status, now: Instant| {
+            let open_until = match write {
+                true => status.writable_until,
+                false => status.readable_until,
+            };
+            status.primary_term.is_some() && open_until.is_some_and(|end| now < end)
+        };
+        let status = self
+            .replication
             .wait_status(partition, until, |status, now| {
-                let open_until = match write {
-                    true => status.writable_until,
-                    false => status.readable_until,
-                };
-                status.primary && open_until.is_some_and(|end| now < end)
+                open(status, now) || give_up()
             })
-            .await
-            .is_some()
+            .await?;
+        open(&status, Instant::now())
+            .then_some(status.primary_term)
+            .flatten()
     }
 
     /// `request` (a GET or MGET of `worker`) answered from the shard's map, if it can be.
@@ -325,7 +356,8 @@ impl Router {
                 if !ni.owns_all(me, &request) {
                     Err(LinkError::Moved)
                 } else if self.touches_replicated(partition, &request) {
-                    self.replicated(partition, request.clone(), deadline).await
+                    self.replicated(partition, entry.epoch, request.clone(), deadline)
+                        .await
                 } else {
                     let worker = partition_worker(partition, self.links.len());
                     self.links[worker].send(request.clone()).await.wait().await
@@ -545,8 +577,10 @@ impl Router {
                 }
                 if self.touches_replicated(partition, &request) {
                     let deadline = Instant::now() + FORWARD_TIMEOUT;
-                    return match self.replicated(partition, request, deadline).await {
+                    let epoch = ni.partitions[usize::from(partition)].epoch;
+                    return match self.replicated(partition, epoch, request, deadline).await {
                         Ok(response) => PeerResponse::Worker(response),
+                        Err(LinkError::Moved) => PeerResponse::Moved,
                         Err(error) => PeerResponse::Refused(error.to_string()),
                     };
                 }

@@ -30,7 +30,7 @@ use std::time::Duration;
 
 use crate::liveness::{decide_inactive, Suspicion};
 use crate::ni::{Command, HostState, NetworkInfo};
-use crate::placement::{desired_owners, next_moves, score, Candidate};
+use crate::placement::{desired_owners, next_moves, quotas, score, Candidate};
 use crate::HostId;
 
 /// Most voters of the metadata group.
@@ -489,6 +489,65 @@ pub(crate) fn under_replicated(ni: &NetworkInfo, replicas: usize) -> usize {
             in_sync < want
         })
         .count()
+}
+
+/// The planned handovers that spread the primaries, in partition order: `(partition,
+/// copy to lead it)`. Each host that may receive partitions (see [`candidates`]) gets a
+/// quota of the replicated partitions to lead, proportional to its capacity; a partition
+/// whose primary leads more than its quota goes to the in-sync follower furthest below
+/// its own (ties by rendezvous score). Only partitions whose copies are all active and
+/// in sync, with no drop or move under way, are handed over. The leader's shell runs
+/// each as a failover round that prefers the chosen copy.
+pub(crate) fn handovers(ni: &NetworkInfo, settings: &LeaderSettings) -> Vec<(u16, HostId)> {
+    let all = candidates(ni, settings.max_fill_ratio);
+    let receivers: Vec<&Candidate> = all
+        .iter()
+        .filter(|c| c.receives && c.keeps && c.weight > 0)
+        .collect();
+    let replicated: Vec<usize> = (0..ni.partitions.len())
+        .filter(|&p| !ni.partitions[p].replicas.is_empty())
+        .collect();
+    let quota: BTreeMap<HostId, usize> = receivers
+        .iter()
+        .map(|c| c.host)
+        .zip(quotas(replicated.len(), &receivers))
+        .collect();
+    let mut led: BTreeMap<HostId, usize> = BTreeMap::new();
+    for &p in &replicated {
+        *led.entry(ni.partitions[p].owner).or_default() += 1;
+    }
+    let active = |host: &HostId| {
+        ni.hosts
+            .get(host)
+            .is_some_and(|info| info.state != HostState::Inactive)
+    };
+    let room = |led: &BTreeMap<HostId, usize>, host: &HostId| {
+        let quota = quota.get(host).copied().unwrap_or(0);
+        quota as i64 - led.get(host).copied().unwrap_or(0) as i64
+    };
+    let mut planned = Vec::new();
+    for p in replicated {
+        let entry = &ni.partitions[p];
+        let quiet = entry.out_of_sync.is_empty()
+            && entry.dropping.is_none()
+            && entry.target.is_none()
+            && entry.members().iter().all(active);
+        if !quiet || room(&led, &entry.owner) >= 0 {
+            continue;
+        }
+        let best = entry
+            .replicas
+            .iter()
+            .copied()
+            .filter(|host| room(&led, host) > 0)
+            .max_by_key(|&host| (room(&led, &host), score(p, host)));
+        if let Some(to) = best {
+            *led.entry(entry.owner).or_default() -= 1;
+            *led.entry(to).or_default() += 1;
+            planned.push((p as u16, to));
+        }
+    }
+    planned
 }
 
 /// The partitions whose primary is inactive and that have a follower to take over:
@@ -1016,6 +1075,74 @@ mod tests {
             }
         }
         panic!("replication never settled");
+    }
+
+    #[test]
+    fn primaries_are_handed_over_to_in_sync_followers_until_spread_by_capacity() {
+        let mut ni = cluster(3);
+        let settings = replicated(3);
+        replicate_until_quiet(&mut ni, &settings);
+        assert!(ni.partitions.iter().all(|entry| entry.owner == FOUNDER));
+        let planned = handovers(&ni, &settings);
+        let mut led: BTreeMap<HostId, usize> = BTreeMap::new();
+        for &(partition, to) in &planned {
+            assert_ne!(to, FOUNDER);
+            assert!(ni.partitions[usize::from(partition)].replicas.contains(&to));
+            *led.entry(to).or_default() += 1;
+        }
+        // 16 partitions over 3 equal hosts: the founder keeps 6, the others get 5 each.
+        assert_eq!(
+            led.values().copied().collect::<Vec<_>>(),
+            [5, 5],
+            "{planned:?}"
+        );
+        // A copy out of sync holds its partition back.
+        let (first, _) = planned[0];
+        let mut held = ni.clone();
+        held.partitions[usize::from(first)].out_of_sync.push(3);
+        assert!(!handovers(&held, &settings).iter().any(|&(p, _)| p == first));
+        for (partition, to) in planned {
+            let epoch = ni.partitions[usize::from(partition)].epoch;
+            apply(
+                &mut ni,
+                Command::Promote {
+                    partition,
+                    primary: to,
+                    epoch,
+                },
+            );
+        }
+        // The old primaries are out of sync until they catch up; then all is balanced.
+        replicate_until_quiet(&mut ni, &settings);
+        assert_eq!(handovers(&ni, &settings), vec![]);
+        // One copy per partition: nothing to hand over.
+        assert_eq!(handovers(&cluster(3), &replicated(1)), vec![]);
+        // Four hosts, three copies each: every host ends up leading its quarter.
+        let mut ni = cluster(4);
+        replicate_until_quiet(&mut ni, &settings);
+        for _ in 0..10 {
+            let planned = handovers(&ni, &settings);
+            if planned.is_empty() {
+                break;
+            }
+            for (partition, to) in planned {
+                let epoch = ni.partitions[usize::from(partition)].epoch;
+                apply(
+                    &mut ni,
+                    Command::Promote {
+                        partition,
+                        primary: to,
+                        epoch,
+                    },
+                );
+            }
+            replicate_until_quiet(&mut ni, &settings);
+        }
+        let mut led: BTreeMap<HostId, usize> = BTreeMap::new();
+        for entry in &ni.partitions {
+            *led.entry(entry.owner).or_default() += 1;
+        }
+        assert_eq!(led.values().copied().collect::<Vec<_>>(), [4, 4, 4, 4]);
     }
 
     #[test]

@@ -33,6 +33,8 @@
 //! - [`network`]: the metadata group's Raft RPCs over the peer links.
 //! - [`transport`]: the seams to the world: how a host calls its peers ([`transport::PeerCaller`])
 //!   and reads the time ([`transport::Clock`]).
+//! - `outbox`: replication messages queued per destination host, sent in order and in
+//!   batches.
 //! - [`node`]: this host's membership: joining, heartbeats, carrying out the leader's
 //!   duties (I/O).
 //! - [`peer`]: the authenticated TCP links to the other hosts (handshake, pool, listener).
@@ -45,6 +47,7 @@ pub mod messages;
 pub mod network;
 pub mod ni;
 pub mod node;
+pub(crate) mod outbox;
 pub mod peer;
 pub(crate) mod placement;
 pub mod raft_store;

@@ -70,18 +70,15 @@ pub enum PeerRequest {
     },
     /// A request for this host's data: handed to the net-daemon's [`crate::node::DataPath`].
     Data(DataRequest),
-    /// A replication message about one partition (one way). The metadata leader's node
-    /// takes the answers to its failover queries; the net-daemon's replication takes the
-    /// rest. Answered by [`PeerResponse::Noted`] once handed on.
-    Replica {
+    /// Replication messages, in the order the sender queued them (one way; see
+    /// `crate::outbox`). The metadata leader's node takes the answers to its failover
+    /// queries; the net-daemon's replication takes the rest. Answered by
+    /// [`PeerResponse::Noted`] once handed on.
+    Replicas {
         /// The sender.
         from: HostId,
-        /// The partition.
-        partition: u16,
-        /// The message.
-        message: replication::Message,
-        /// The log entries an append carries (`first..=last`), empty otherwise.
-        entries: Vec<LogEntry>,
+        /// The messages.
+        messages: Vec<ReplicaMessage>,
     },
     /// A follower's report that its primary has been silent, or a primary's report that
     /// it stepped down for a higher term: the metadata leader runs a failover round.
@@ -94,6 +91,17 @@ pub enum PeerRequest {
         /// The term the reporter followed or led.
         term: u64,
     },
+}
+
+/// One replication message about one partition, as [`PeerRequest::Replicas`] carries it.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ReplicaMessage {
+    /// The partition.
+    pub partition: u16,
+    /// The message.
+    pub message: replication::Message,
+    /// The log entries an append carries (`first..=last`), empty otherwise.
+    pub entries: Vec<LogEntry>,
 }
 
 /// A request of another host for this host's data, which the cluster layer does not

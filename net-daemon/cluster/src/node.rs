@@ -36,6 +36,7 @@ use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::future::Future;
 use std::path::{Path, PathBuf};
 use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, OnceLock, Weak};
 use std::time::Duration;
 
@@ -53,9 +54,10 @@ use crate::coords::{Coordinate, VivaldiConfig};
 use crate::gossip::{Gossip, Metrics, Rumor};
 use crate::leader::{self, LeaderSettings, MembershipChange, RaftMembership, SuspectReport};
 use crate::liveness::{LivenessConfig, Observer, Score};
-use crate::messages::{DataRequest, PeerRequest, PeerResponse};
+use crate::messages::{DataRequest, PeerRequest, PeerResponse, ReplicaMessage};
 use crate::network::RaftPeers;
 use crate::ni::{Capacity, Command, HostState, NetworkInfo, Outcome, PartitionEntry, FOUNDER};
+use crate::outbox::Outboxes;
 use crate::peer::{ClusterSecret, HostAddr, PeerConfig, PeerListener, PeerPool};
 use crate::raft_store::memory::MemoryMetaStore;
 use crate::raft_store::{open_meta_store, AppliedState, MetaRaft, MetaStoreOptions};
@@ -70,6 +72,8 @@ const PROPOSE_TIMEOUT: Duration = Duration::from_secs(10);
 const JOIN_BACKOFF_MAX: Duration = Duration::from_secs(5);
 /// How often the upkeep and leader loops run.
 const DUTY_INTERVAL: Duration = Duration::from_millis(500);
+/// A partition whose planned handover ended (either way) is not handed over again sooner.
+const HANDOVER_RETRY: Duration = Duration::from_secs(10);
 /// Longest a failover round runs before the leader gives it up (and may start another).
 const FAILOVER_ROUND_TIMEOUT: Duration = Duration::from_secs(10);
 /// How long a follower's report of a lost primary counts.
@@ -245,7 +249,13 @@ pub struct ClusterNode {
     /// Reports of lost primaries, by partition.
     lost: Mutex<HashMap<u16, LostReports>>,
     /// Promotions committed by the failover rounds this host ran as metadata leader.
-    failovers_led: std::sync::atomic::AtomicU64,
+    failovers_led: AtomicU64,
+    /// Planned handovers this host committed as the metadata leader.
+    handovers_led: AtomicU64,
+    /// When the leader last started a planned handover of each partition.
+    handovers_tried: Mutex<HashMap<u16, Instant>>,
+    /// Replication messages waiting for each other host.
+    outboxes: Outboxes,
 }
 
 /// The reports of a partition's lost primary: reporter → (the term it reported, when).
@@ -381,7 +391,10 @@ impl ClusterNode {
             min_replicas_to_write: settings.min_replicas_to_write,
             failovers: Mutex::default(),
             lost: Mutex::default(),
-            failovers_led: std::sync::atomic::AtomicU64::new(0),
+            failovers_led: AtomicU64::new(0),
+            handovers_led: AtomicU64::new(0),
+            handovers_tried: Mutex::default(),
+            outboxes: Outboxes::default(),
         }
     }
 
@@ -588,13 +601,15 @@ impl ClusterNode {
                 Some(data_path) => data_path.handle(member.host, request).await,
                 None => PeerResponse::Refused("this host does not serve data yet".into()),
             },
-            PeerRequest::Replica {
-                from,
-                partition,
-                message,
-                entries,
-            } => {
-                self.deliver_replica(from, partition, message, entries);
+            PeerRequest::Replicas { from, messages } => {
+                for ReplicaMessage {
+                    partition,
+                    message,
+                    entries,
+                } in messages
+                {
+                    self.deliver_replica(from, partition, message, entries);
+                }
                 PeerResponse::Noted
             }
             PeerRequest::PrimaryLost {
@@ -706,8 +721,8 @@ impl ClusterNode {
     }
 
     /// Sends a replication message about `partition` to `to` (this host included), in
-    /// the background; a message that cannot be delivered is dropped (the protocol sends
-    /// again what matters).
+    /// the background and in order: through `to`'s queue in [`crate::outbox`]. A message
+    /// that cannot be delivered is dropped (the protocol sends again what matters).
     pub fn send_replica(
         self: &Arc<Self>,
         to: HostId,
@@ -719,16 +734,25 @@ impl ClusterNode {
         if to == me {
             return self.deliver_replica(me, partition, message, entries);
         }
-        let node = Arc::clone(self);
+        let message = ReplicaMessage {
+            partition,
+            message,
+            entries,
+        };
+        let Some(queue) = self.outboxes.push(to, message) else {
+            return;
+        };
+        // A new destination: its sender, one batch in flight at a time.
+        let node = Arc::downgrade(self);
         tokio::spawn(async move {
-            let request = PeerRequest::Replica {
-                from: me,
-                partition,
-                message,
-                entries,
-            };
-            if let Err(error) = node.call_host(to, request, REPLICA_SEND_TIMEOUT).await {
-                tracing::debug!(%error, partition, "replication message not delivered");
+            loop {
+                let messages = queue.next_batch().await;
+                let Some(node) = node.upgrade() else { return };
+                let count = messages.len();
+                let request = PeerRequest::Replicas { from: me, messages };
+                if let Err(error) = node.call_host(to, request, REPLICA_SEND_TIMEOUT).await {
+                    tracing::debug!(%error, count, "replication messages not delivered");
+                }
             }
         });
     }
@@ -760,8 +784,13 @@ impl ClusterNode {
 
     /// Promotions committed by the failover rounds this host ran as metadata leader.
     pub fn failovers_led(&self) -> u64 {
-        self.failovers_led
-            .load(std::sync::atomic::Ordering::Relaxed)
+        self.failovers_led.load(Ordering::Relaxed)
+    }
+
+    /// Planned handovers (primaries moved for balance) this host committed as metadata
+    /// leader.
+    pub fn handovers_led(&self) -> u64 {
+        self.handovers_led.load(Ordering::Relaxed)
     }
 
     /// `cluster.min_replicas_to_write`, as this host was configured.
@@ -1128,6 +1157,7 @@ impl ClusterNode {
             }
             if self.replicas > 1 {
                 self.start_failovers(&ni);
+                self.start_handovers(&ni, &settings);
             }
         }
     }
@@ -1160,31 +1190,65 @@ impl ClusterNode {
             });
         }
         for partition in wanted {
-            let Some(entry) = ni.partitions.get(usize::from(partition)) else {
-                continue;
-            };
-            if entry.replicas.is_empty() || lock(&self.failovers).contains_key(&partition) {
-                continue;
-            }
-            let (events, inbox) = mpsc::unbounded_channel();
-            lock(&self.failovers).insert(partition, events);
-            let node = Arc::clone(self);
-            let entry = entry.clone();
-            tokio::spawn(async move {
-                node.failover_round(partition, entry, inbox).await;
-                lock(&node.failovers).remove(&partition);
-                lock(&node.lost).remove(&partition);
-            });
+            self.start_round(ni, partition, None);
         }
     }
 
-    /// Runs one failover round of `partition` (whose entry was `entry` when it started)
-    /// and commits the promotion it chooses.
+    /// Starts the planned handovers of [`leader::handovers`] while fewer than
+    /// `max_moves_in_flight` rounds run, each partition at most once per
+    /// [`HANDOVER_RETRY`].
+    fn start_handovers(self: &Arc<Self>, ni: &NetworkInfo, settings: &LeaderSettings) {
+        let now = Instant::now();
+        lock(&self.handovers_tried).retain(|_, at| now < *at + HANDOVER_RETRY);
+        for (partition, to) in leader::handovers(ni, settings) {
+            if lock(&self.failovers).len() >= settings.max_moves_in_flight {
+                return;
+            }
+            if lock(&self.handovers_tried).contains_key(&partition) {
+                continue;
+            }
+            if self.start_round(ni, partition, Some(to)) {
+                lock(&self.handovers_tried).insert(partition, now);
+            }
+        }
+    }
+
+    /// Starts a failover round of `partition`, or a planned handover to `preferred`,
+    /// unless one runs already or it has no followers. Whether it started one.
+    fn start_round(
+        self: &Arc<Self>,
+        ni: &NetworkInfo,
+        partition: u16,
+        preferred: Option<HostId>,
+    ) -> bool {
+        let Some(entry) = ni.partitions.get(usize::from(partition)) else {
+            return false;
+        };
+        if entry.replicas.is_empty() || lock(&self.failovers).contains_key(&partition) {
+            return false;
+        }
+        let (events, inbox) = mpsc::unbounded_channel();
+        lock(&self.failovers).insert(partition, events);
+        let node = Arc::clone(self);
+        let entry = entry.clone();
+        tokio::spawn(async move {
+            node.failover_round(partition, entry, inbox, preferred)
+                .await;
+            lock(&node.failovers).remove(&partition);
+            lock(&node.lost).remove(&partition);
+        });
+        true
+    }
+
+    /// Runs one failover round of `partition` (whose entry was `entry` when it started),
+    /// a planned handover if it has a `preferred` copy, and commits the promotion it
+    /// chooses.
     async fn failover_round(
         self: &Arc<Self>,
         partition: u16,
         entry: PartitionEntry,
         mut answers: mpsc::UnboundedReceiver<failover::Event>,
+        preferred: Option<HostId>,
     ) {
         let ni = self.ni();
         let members = entry.members();
@@ -1197,12 +1261,21 @@ impl ClusterNode {
                     .is_some_and(|info| info.state != HostState::Inactive)
             })
             .collect();
-        tracing::warn!(
-            partition,
-            primary = entry.owner,
-            term = entry.epoch + 1,
-            "failover round starts"
-        );
+        match preferred {
+            None => tracing::warn!(
+                partition,
+                primary = entry.owner,
+                term = entry.epoch + 1,
+                "failover round starts"
+            ),
+            Some(to) => tracing::info!(
+                partition,
+                primary = entry.owner,
+                to,
+                term = entry.epoch + 1,
+                "handover starts"
+            ),
+        }
         let started = Instant::now();
         let in_sync: Vec<HostId> = members
             .iter()
@@ -1217,6 +1290,9 @@ impl ClusterNode {
             self.min_replicas_to_write,
             started.into_std(),
         );
+        if let Some(host) = preferred {
+            round = round.preferring(host);
+        }
         loop {
             for action in round.poll_actions() {
                 match action {
@@ -1231,15 +1307,29 @@ impl ClusterNode {
                         };
                         match self.propose(command).await {
                             Ok(Outcome::Done) => {
-                                self.failovers_led
-                                    .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                                tracing::warn!(
-                                    partition,
-                                    primary,
-                                    term,
-                                    took_ms = started.elapsed().as_millis() as u64,
-                                    "failover: new primary"
-                                );
+                                let took_ms = started.elapsed().as_millis() as u64;
+                                match preferred {
+                                    None => {
+                                        self.failovers_led.fetch_add(1, Ordering::Relaxed);
+                                        tracing::warn!(
+                                            partition,
+                                            primary,
+                                            term,
+                                            took_ms,
+                                            "failover: new primary"
+                                        );
+                                    }
+                                    Some(_) => {
+                                        self.handovers_led.fetch_add(1, Ordering::Relaxed);
+                                        tracing::info!(
+                                            partition,
+                                            primary,
+                                            term,
+                                            took_ms,
+                                            "handover: new primary"
+                                        );
+                                    }
+                                }
                             }
                             other => tracing::warn!(
                                 partition,

@@ -112,7 +112,7 @@ pub(crate) fn next_moves(
 
 /// Splits `total` partitions among the receivers in proportion to their weights; the
 /// remainders go to the largest fractions (ties to the lower host id).
-fn quotas(total: usize, receivers: &[&Candidate]) -> Vec<usize> {
+pub(crate) fn quotas(total: usize, receivers: &[&Candidate]) -> Vec<usize> {
     let weight_sum: u128 = receivers.iter().map(|r| u128::from(r.weight)).sum();
     let exact: Vec<(usize, u128)> = receivers
         .iter()

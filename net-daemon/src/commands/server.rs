@@ -425,11 +425,13 @@ async fn info(shared: &Shared, args: &[Bytes]) -> Reply {
                 "shoal_replicas:{}\r\nshoal_min_replicas_to_write:{}\r\n\
                  shoal_partitions_led:{led}\r\nshoal_partitions_followed:{followed}\r\n\
                  shoal_partitions_followed_out_of_sync:{behind}\r\n\
-                 shoal_partitions_under_replicated:{}\r\nshoal_failovers_led:{}\r\n",
+                 shoal_partitions_under_replicated:{}\r\nshoal_failovers_led:{}\r\n\
+                 shoal_handovers_led:{}\r\n",
                 config.cluster.replicas,
                 config.cluster.min_replicas_to_write,
                 node.under_replicated(),
                 node.failovers_led(),
+                node.handovers_led(),
             );
         }
         text.push_str("\r\n");

@@ -319,7 +319,7 @@ mod tests {
         };
         let bytes = hello.encode();
         assert_eq!(&bytes[..4], b"SHLP");
-        assert_eq!(&bytes[4..6], &[0, 1]);
+        assert_eq!(&bytes[4..6], &PROTOCOL_VERSION.to_be_bytes());
         assert_eq!(bytes[6], 0x02);
         assert_eq!(&bytes[7..39], &[7; 32]);
         assert_eq!(bytes[39] as usize, "10.0.0.1:7001".len());
@@ -331,7 +331,7 @@ mod tests {
     fn bad_hellos_are_refused_with_their_reason() {
         let good = Hello::new(Role::Dialer, host("a:1")).unwrap().encode();
         let mut other_version = good.clone();
-        other_version[5] = 2;
+        other_version[5] = other_version[5].wrapping_add(1);
         assert_eq!(
             Hello::decode(&other_version),
             Err(RefusalReason::VersionMismatch)

@@ -17,16 +17,27 @@
 //! acknowledgements: `|S| - c + 1` of `S` refuse it, which leaves it fewer than `c`.
 //! Each copy answers only after its promise to the old primary ran out, so the old
 //! primary's lease has ended before the new one is named.
+//!
+//! **A planned handover** ([`Failover::preferring`]) moves the primary to a chosen copy
+//! while the old one is alive, to spread the primaries. The old primary answers with the
+//! last entry it may have acknowledged (`FenceAnswer::acknowledged`): having promised
+//! the new term, it acknowledges nothing more. A chosen copy whose position reaches that
+//! entry holds every acknowledged write, so it is named even if others hold more (those
+//! entries were never acknowledged). If the chosen copy falls short, or the old primary
+//! or the chosen copy has not answered by the third query, the round chooses as a
+//! failover does.
 
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
 use crate::HostId;
 
-use super::{FenceAnswer, Message, Term};
+use super::{FenceAnswer, Message, Position, Term};
 
 /// The queries are sent again this often until enough replicas answered.
 pub const ASK_AGAIN_AFTER: Duration = Duration::from_millis(500);
+/// A planned handover waits for the old primary and the chosen copy this many queries.
+const PREFERENCE_ASKS: u32 = 3;
 
 /// Something that happened to the round.
 #[derive(Debug, Clone, PartialEq)]
@@ -80,6 +91,10 @@ pub struct Failover {
     /// Hosts that may become primary (active ones).
     eligible: Vec<HostId>,
     answers: BTreeMap<HostId, FenceAnswer>,
+    /// The copy a planned handover wants to lead, until the round gives up on it.
+    preferred: Option<HostId>,
+    /// Queries sent so far.
+    asks: u32,
     asked_at: Option<Instant>,
     over: bool,
     actions: Vec<Action>,
@@ -106,12 +121,21 @@ impl Failover {
             members,
             eligible,
             answers: BTreeMap::new(),
+            preferred: None,
+            asks: 0,
             asked_at: None,
             over: false,
             actions: Vec::new(),
         };
         failover.ask(now);
         failover
+    }
+
+    /// Makes the round a planned handover to `host` (see the module header). `host` must
+    /// be a member in sync; the old primary is the first member.
+    pub fn preferring(mut self, host: HostId) -> Failover {
+        self.preferred = Some(host);
+        self
     }
 
     /// Everything there is to do now, in order.
@@ -155,6 +179,12 @@ impl Failover {
             }
             Event::Tick => {
                 if self.asked_at.is_some_and(|at| now >= at + ASK_AGAIN_AFTER) {
+                    if self.asks >= PREFERENCE_ASKS && self.preferred.take().is_some() {
+                        self.decide();
+                        if self.over {
+                            return;
+                        }
+                    }
                     self.ask(now);
                 }
             }
@@ -163,6 +193,7 @@ impl Failover {
 
     fn ask(&mut self, now: Instant) {
         self.asked_at = Some(now);
+        self.asks += 1;
         for &host in &self.members {
             if !self.answers.contains_key(&host) {
                 let message = Message::Fence { term: self.term };
@@ -172,6 +203,21 @@ impl Failover {
     }
 
     fn decide(&mut self) {
+        if let Some(preferred) = self.preferred {
+            match self.handover_ready(preferred) {
+                Some(true) => {
+                    self.over = true;
+                    self.actions.push(Action::Promote {
+                        primary: preferred,
+                        term: self.term,
+                    });
+                    return;
+                }
+                // Both answered and the chosen copy falls short: choose as a failover.
+                Some(false) => self.preferred = None,
+                None => return,
+            }
+        }
         let counted: Vec<(&HostId, &FenceAnswer)> = self
             .answers
             .iter()
@@ -214,6 +260,20 @@ impl Failover {
             }
             _ => self.give_up("no answering copy that may lead holds the highest position".into()),
         }
+    }
+
+    /// Whether the preferred copy may lead now: `None` until it and the old primary
+    /// have answered.
+    fn handover_ready(&self, preferred: HostId) -> Option<bool> {
+        let old = self.answers.get(self.members.first()?)?;
+        let chosen = self.answers.get(&preferred)?;
+        let reaches = |acknowledged: Position| chosen.position >= acknowledged;
+        Some(
+            self.in_sync.contains(&preferred)
+                && self.eligible.contains(&preferred)
+                && !chosen.copying
+                && old.acknowledged.is_some_and(reaches),
+        )
     }
 
     fn give_up(&mut self, reason: String) {

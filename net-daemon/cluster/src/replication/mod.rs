@@ -203,4 +203,8 @@ pub struct FenceAnswer {
     pub position: Position,
     /// It is taking a full copy and holds no usable log.
     pub copying: bool,
+    /// If the fence made it step down as primary: its term and its commit point then.
+    /// No write past that entry was acknowledged, so a copy whose position reaches it
+    /// holds every acknowledged write (what a planned handover needs).
+    pub acknowledged: Option<Position>,
 }

@@ -308,6 +308,9 @@ pub struct Replica {
     fence_queries: Vec<(HostId, Term)>,
     /// When this idle copy last reported that the view's term is fenced off.
     idle_reported_at: Option<Instant>,
+    /// The fence that made this copy step down as primary, and the last entry it may
+    /// have acknowledged then: (fence term, position).
+    stepped_down: Option<(Term, Position)>,
     actions: VecDeque<Action>,
 }
 
@@ -340,6 +343,7 @@ impl Replica {
             promise_until: Some(now + lease),
             fence_queries: Vec::new(),
             idle_reported_at: None,
+            stepped_down: None,
             actions: VecDeque::new(),
         }
     }
@@ -1143,8 +1147,15 @@ impl Replica {
     fn on_fence(&mut self, from: HostId, term: Term, _now: Instant) {
         if term > self.fenced {
             self.promise(term);
-            if matches!(self.role, Role::Primary { term: mine, .. } if mine < term) {
-                self.role = Role::Idle;
+            if let Role::Primary { term: mine, .. } = self.role {
+                if mine < term {
+                    let acknowledged = Position {
+                        term: mine,
+                        last: self.commit,
+                    };
+                    self.stepped_down = Some((term, acknowledged));
+                    self.role = Role::Idle;
+                }
             }
         }
         if !self.fence_queries.contains(&(from, term)) {
@@ -1213,10 +1224,15 @@ impl Replica {
             &self.role,
             Role::Follower { copy, .. } if *copy != Copy::None
         );
+        let acknowledged = self
+            .stepped_down
+            .filter(|(fence, _)| *fence == self.fenced)
+            .map(|(_, position)| position);
         let answer = FenceAnswer {
             term: self.fenced,
             position: self.position(),
             copying,
+            acknowledged,
         };
         for (asker, _) in std::mem::take(&mut self.fence_queries) {
             self.send(asker, Message::FenceAnswer(answer));

@@ -323,6 +323,7 @@ fn a_failover_query_is_answered_after_the_promise_and_the_pending_apply_and_fenc
         term: 3,
         position: Position { term: 2, last: 1 },
         copying: false,
+        acknowledged: None,
     };
     assert_eq!(
         sent(&follower.poll_actions()),
@@ -487,6 +488,7 @@ fn answer(term: Term, position: (Term, CommitId), copying: bool) -> FenceAnswer 
             last: position.1,
         },
         copying,
+        acknowledged: None,
     }
 }
 
@@ -825,4 +827,119 @@ fn a_copy_still_settling_when_the_primary_changes_is_taken_again_from_the_new_on
         actions.contains(&Action::StartCopy { from: 3, term: 3 }),
         "{actions:?}"
     );
+}
+
+#[test]
+fn a_primary_fenced_off_answers_with_the_last_entry_it_may_have_acknowledged() {
+    let now = Instant::now();
+    let (mut primary, marker_sent) = open_primary(2, 0, now);
+    let mut follower = replica(2, 1, History::default(), 0, now);
+    let ack = follower_answer(&mut follower, append_to(&marker_sent, 2), now);
+    primary.handle(received(2, Message::Ack(ack)), now);
+    assert_eq!(committed(&primary.poll_actions()), Some(1));
+    // A write the follower never gets: durable on the primary, never acknowledged.
+    primary.handle(Event::Written { last: 2 }, now);
+    primary.poll_actions();
+    primary.handle(received(9, Message::Fence { term: 3 }), now);
+    // It answers once a restart's promise is out, as any copy does.
+    primary.handle(Event::Tick, now + settings().lease);
+    let answers: Vec<FenceAnswer> = sent(&primary.poll_actions())
+        .into_iter()
+        .filter_map(|(to, message)| match message {
+            Message::FenceAnswer(answer) if to == 9 => Some(answer),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(
+        answers,
+        vec![FenceAnswer {
+            term: 3,
+            position: Position { term: 2, last: 2 },
+            copying: false,
+            acknowledged: Some(Position { term: 2, last: 1 }),
+        }]
+    );
+    assert_eq!(primary.primary_term(), None, "it stepped down");
+    // A follower says nothing of the kind: it acknowledged no client.
+    follower.handle(received(9, Message::Fence { term: 3 }), now);
+    follower.handle(Event::Tick, now + settings().lease);
+    let answer = sent(&follower.poll_actions())
+        .into_iter()
+        .find_map(|(_, message)| match message {
+            Message::FenceAnswer(answer) => Some(answer),
+            _ => None,
+        })
+        .expect("the follower answers once its promise ran out");
+    assert_eq!(answer.acknowledged, None);
+}
+
+fn handover_answer(
+    position: (Term, CommitId),
+    acknowledged: Option<(Term, CommitId)>,
+) -> FenceAnswer {
+    FenceAnswer {
+        acknowledged: acknowledged.map(|(term, last)| Position { term, last }),
+        ..answer(5, position, false)
+    }
+}
+
+#[test]
+fn a_planned_handover_names_the_chosen_copy_once_it_holds_every_acknowledged_write() {
+    let now = Instant::now();
+    let new_round = || {
+        let mut round =
+            Failover::new(5, vec![1, 2, 3], vec![1, 2, 3], vec![1, 2, 3], 2, now).preferring(3);
+        round.poll_actions();
+        round
+    };
+    let tell = |round: &mut Failover, from, answer| {
+        round.handle(failover::Event::Answer { from, answer }, now);
+    };
+    // The old primary holds two entries more than host 3, but acknowledged neither.
+    let mut round = new_round();
+    tell(&mut round, 2, handover_answer((4, 12), None));
+    assert_eq!(
+        promoted(&mut round),
+        None,
+        "waits for the old primary and host 3"
+    );
+    tell(&mut round, 1, handover_answer((4, 14), Some((4, 12))));
+    assert_eq!(promoted(&mut round), None, "waits for host 3");
+    tell(&mut round, 3, handover_answer((4, 12), None));
+    assert_eq!(promoted(&mut round), Some(3));
+    // Host 3 lacks an acknowledged entry: the round chooses as a failover does.
+    let mut round = new_round();
+    tell(&mut round, 1, handover_answer((4, 14), Some((4, 13))));
+    tell(&mut round, 3, handover_answer((4, 12), None));
+    assert_eq!(promoted(&mut round), Some(1), "the highest position");
+    // The old primary had restarted and acknowledged nothing in this run: no shortcut.
+    let mut round = new_round();
+    tell(&mut round, 1, handover_answer((4, 14), None));
+    tell(&mut round, 3, handover_answer((4, 14), None));
+    assert_eq!(
+        promoted(&mut round),
+        Some(1),
+        "equal positions: the first member"
+    );
+}
+
+#[test]
+fn a_planned_handover_without_the_chosen_copys_answer_falls_back_to_a_failover() {
+    let now = Instant::now();
+    let mut round =
+        Failover::new(5, vec![1, 2, 3], vec![1, 2, 3], vec![1, 2, 3], 2, now).preferring(3);
+    round.poll_actions();
+    for from in [1, 2] {
+        let answer = handover_answer((4, 12), (from == 1).then_some((4, 12)));
+        round.handle(failover::Event::Answer { from, answer }, now);
+    }
+    let mut at = now;
+    for _ in 0..2 {
+        at += failover::ASK_AGAIN_AFTER;
+        round.handle(failover::Event::Tick, at);
+        assert_eq!(promoted(&mut round), None, "host 3 is asked again");
+    }
+    at += failover::ASK_AGAIN_AFTER;
+    round.handle(failover::Event::Tick, at);
+    assert_eq!(promoted(&mut round), Some(1));
 }
