@@ -8,7 +8,8 @@
 //!   minority of hosts off the rest and off the metadata leader.
 //! - **The metadata leader** is always up (the metadata Raft is simulated elsewhere).
 //!   It holds the partition's view, sends it to every host, and runs a failover round
-//!   when a follower reports its primary lost or a primary steps down.
+//!   when a follower reports its primary lost or a primary steps down; now and then it
+//!   starts a planned handover to a random other copy, whatever state it is in.
 //! - **Clients** write unique values to a few keys at whichever host is a writable
 //!   primary, and read at whichever host is readable.
 //!
@@ -111,6 +112,11 @@ struct Sim {
     primaries: HashMap<Term, HostId>,
     drop_rate: f64,
     failovers: u64,
+    handovers: u64,
+    /// Handovers that named the copy they preferred.
+    handed_over: u64,
+    /// The copy the running round prefers, if it is a handover.
+    handover_to: Option<HostId>,
 }
 
 impl Sim {
@@ -147,6 +153,9 @@ impl Sim {
             primaries: HashMap::new(),
             drop_rate: 0.05,
             failovers: 0,
+            handovers: 0,
+            handed_over: 0,
+            handover_to: None,
         };
         for id in members {
             let host = Host {
@@ -262,16 +271,22 @@ impl Sim {
             Action::ReportSync { .. } | Action::CompleteDrop { .. } | Action::CopyDone => {}
             Action::PrimaryLost { term, .. } | Action::SteppedDown { term } => {
                 if term >= self.view.term && self.failover.is_none() && self.reachable(id, LEADER) {
-                    self.start_failover();
+                    self.start_failover(None);
                 }
             }
         }
     }
 
-    fn start_failover(&mut self) {
-        self.failovers += 1;
-        let members = self.view.members.clone();
-        let round = Failover::new(
+    /// Starts a failover round, or a planned handover to `preferred`.
+    fn start_failover(&mut self, preferred: Option<HostId>) {
+        match preferred {
+            None => self.failovers += 1,
+            Some(_) => self.handovers += 1,
+        }
+        // The old primary first, as the NI lists the members.
+        let mut members = vec![self.view.primary];
+        members.extend(self.view.members.iter().filter(|&&m| m != self.view.primary));
+        let mut round = Failover::new(
             self.view.term + 1,
             members.clone(),
             members.clone(),
@@ -279,6 +294,10 @@ impl Sim {
             self.settings.min_replicas_to_write,
             self.now,
         );
+        if let Some(host) = preferred {
+            round = round.preferring(host);
+        }
+        self.handover_to = preferred;
         self.failover = Some(round);
         self.drive_failover(failover::Event::Tick);
     }
@@ -294,6 +313,9 @@ impl Sim {
                 failover::Action::Promote { primary, term } => {
                     // The NI change applies only at the epoch the round started from.
                     if term == self.view.term + 1 {
+                        if self.handover_to == Some(primary) {
+                            self.handed_over += 1;
+                        }
                         self.view.term = term;
                         self.view.primary = primary;
                         self.broadcast_view();
@@ -582,6 +604,12 @@ impl Sim {
             } else {
                 self.cut.clear();
             }
+        } else if roll < 0.0032 && self.failover.is_none() {
+            // A planned handover to another copy, whatever state the copies are in.
+            let to = 1 + self.rng.below(hosts);
+            if to != self.view.primary {
+                self.start_failover(Some(to));
+            }
         }
     }
 
@@ -680,7 +708,7 @@ fn run(seed: u64, hosts: u64) -> Sim {
 fn no_acknowledged_write_is_lost_and_copies_converge() {
     let mut acked = 0;
     let mut reads = 0;
-    let mut failovers = 0;
+    let (mut failovers, mut handovers, mut handed_over) = (0, 0, 0);
     for seed in seeds() {
         for hosts in [3, 5] {
             let sim = std::panic::catch_unwind(|| run(seed, hosts)).unwrap_or_else(|panic| {
@@ -690,11 +718,16 @@ fn no_acknowledged_write_is_lost_and_copies_converge() {
             acked += sim.acked.len();
             reads += sim.reads.len();
             failovers += sim.failovers;
+            handovers += sim.handovers;
+            handed_over += sim.handed_over;
         }
     }
-    println!("replication simulation: {acked} acknowledged writes, {reads} reads, {failovers} failover rounds");
+    println!(
+        "replication simulation: {acked} acknowledged writes, {reads} reads, {failovers} \
+         failover rounds, {handovers} handovers ({handed_over} to the copy preferred)"
+    );
     assert!(
-        acked > 0 && reads > 0 && failovers > 0,
+        acked > 0 && reads > 0 && failovers > 0 && handed_over > 0,
         "the simulation exercised nothing"
     );
 }
