@@ -56,6 +56,8 @@ pub struct Status {
     pub writable_until: Option<Instant>,
     /// Reads may be served until then (the lease).
     pub readable_until: Option<Instant>,
+    /// A failover or handover round is under way: a new primary is being named.
+    pub in_round: bool,
 }
 
 impl Status {
@@ -214,6 +216,14 @@ impl Replication {
                 return None;
             }
         }
+    }
+
+    /// Whether a failover or handover round of `partition` is under way, as this host's
+    /// copy knows.
+    pub fn in_round(&self, partition: Partition) -> bool {
+        lock(&self.copies)
+            .get(&partition)
+            .is_some_and(|copy| copy.status.borrow().in_round)
     }
 
     /// Tells the core that the local worker committed `partition`'s log up to `last`.
@@ -643,6 +653,7 @@ fn status_of(core: &Replica) -> Status {
         primary_term: core.primary_term(),
         writable_until: core.writable_until().map(Instant::from_std),
         readable_until: core.readable_until().map(Instant::from_std),
+        in_round: core.in_round(),
     }
 }
 

@@ -176,7 +176,13 @@ impl Router {
         };
         let mut terms = Vec::with_capacity(touched.len());
         for &p in &touched {
-            match self.ready(p, write, ready_by, &moved_on).await {
+            let mut term = self.ready(p, write, ready_by, &moved_on).await;
+            if term.is_none() && !moved_on() && self.replication.in_round(p) {
+                // A failover or handover is naming a new primary (about a lease): wait for
+                // it rather than refuse, since nothing was applied.
+                term = self.ready(p, write, deadline, &moved_on).await;
+            }
+            match term {
                 Some(term) => terms.push((p, term)),
                 None if moved_on() => return Err(LinkError::Moved),
                 None => {

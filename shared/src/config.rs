@@ -88,7 +88,7 @@ impl Default for ClusterSection {
             suspect_threshold: 8.0,
             offline_threshold_secs: 24 * 3600,
             max_fill_ratio: 0.9,
-            replicas: 1,
+            replicas: 3,
             min_replicas_to_write: None,
         }
     }
@@ -872,6 +872,9 @@ mod tests {
         assert_eq!(config.cluster.peer_listen, None);
         assert_eq!(config.cluster.secret, None);
         assert!(config.cluster.seeds.is_empty());
+        // Three copies once there are hosts for them; writes reach two.
+        assert_eq!(config.cluster.replicas, 3);
+        assert_eq!(config.cluster.min_replicas_to_write, 2);
     }
 
     #[test]

@@ -395,7 +395,9 @@ impl Cluster {
     }
 
     /// The config of a host at `ip` (client and peer ports given), with the cluster's
-    /// extra TOML and then `extra_toml` merged over it.
+    /// extra TOML and then `extra_toml` merged over it. One copy of each partition unless
+    /// the extra TOML asks for more: the membership, placement, handoff and 2PC tests
+    /// watch partitions move between single owners (`tests/replication.rs` sets 3).
     fn host_toml(
         &self,
         ip: Ipv4Addr,
@@ -409,7 +411,8 @@ impl Cluster {
             .collect();
         let mut table: toml::Table = toml::from_str(&format!(
             "workers = 1\n[client]\nlisten = \"{ip}:{client}\"\n\
-             [cluster]\ncluster_secret = {SECRET:?}\npeer_listen = \"{ip}:{peer}\"\nseeds = [{seeds}]\n",
+             [cluster]\ncluster_secret = {SECRET:?}\npeer_listen = \"{ip}:{peer}\"\nseeds = [{seeds}]\n\
+             replicas = 1\n",
             client = ports.0,
             peer = ports.1,
             seeds = seeds.join(", "),

@@ -42,6 +42,14 @@ pub(crate) const REJOIN_GRACE_MS: u64 = 10_000;
 pub(crate) const CAUGHT_UP_ENTRIES: u64 = 16;
 /// Most partition moves running at once in the whole cluster.
 pub(crate) const MAX_MOVES_IN_FLIGHT: usize = 4;
+/// Most partitions with a new follower still out of sync at once in the whole cluster.
+/// Higher than the moves: a follower's catching up reads the primary's log or copies
+/// its records, and the primary keeps serving throughout, so a new cluster's empty
+/// partitions get their copies quickly.
+pub(crate) const MAX_CATCHING_UP: usize = 16;
+/// Most failover rounds (planned handovers included) running at once. A handover moves
+/// no data; it pauses its partition for about a lease.
+pub(crate) const MAX_ROUNDS: usize = 16;
 /// A report is never dropped sooner than this, however short the heartbeat interval.
 const REPORT_FRESH_MIN: Duration = Duration::from_secs(3);
 /// A report counts for this many heartbeat intervals.
@@ -56,16 +64,17 @@ pub(crate) struct LeaderSettings {
     pub(crate) offline_threshold_ms: u64,
     /// `cluster.max_fill_ratio`: a host filled this much receives no partitions.
     pub(crate) max_fill_ratio: f64,
-    /// Most partition moves running at once in the whole cluster; with replication, most
-    /// new followers still out of sync at once.
+    /// Most partition moves, or planned handovers, running at once in the whole cluster.
     pub(crate) max_moves_in_flight: usize,
+    /// Most partitions with a follower still out of sync at once ([`MAX_CATCHING_UP`]).
+    pub(crate) max_catching_up: usize,
     /// `cluster.replicas`: copies of each partition, the primary's included.
     pub(crate) replicas: usize,
 }
 
 impl LeaderSettings {
     /// The settings of a host with this heartbeat interval, offline threshold and fill
-    /// ratio, with [`MAX_MOVES_IN_FLIGHT`].
+    /// ratio, with [`MAX_MOVES_IN_FLIGHT`] and [`MAX_CATCHING_UP`].
     pub(crate) fn new(
         heartbeat_interval: Duration,
         offline_threshold_ms: u64,
@@ -76,6 +85,7 @@ impl LeaderSettings {
             offline_threshold_ms,
             max_fill_ratio,
             max_moves_in_flight: MAX_MOVES_IN_FLIGHT,
+            max_catching_up: MAX_CATCHING_UP,
             replicas: 1,
         }
     }
@@ -251,7 +261,7 @@ fn gone(ni: &NetworkInfo, host: HostId, now_ms: u64, settings: &LeaderSettings) 
 /// - a partition with fewer copies on live hosts (not inactive, not leaving) than
 ///   `replicas` (or than there are such hosts) gets a follower on the writable host,
 ///   not full, that holds the fewest copies (ties by rendezvous score); at most
-///   `max_moves_in_flight` partitions have followers out of sync at once;
+///   `max_catching_up` partitions have followers out of sync at once;
 /// - otherwise a follower on a host [`gone`] for good is dropped (its primary completes
 ///   the drop once enough other copies hold every acknowledged write);
 /// - leaving hosts that hold nothing any more are removed.
@@ -289,7 +299,7 @@ pub(crate) fn replicate(ni: &NetworkInfo, now_ms: u64, settings: &LeaderSettings
         let members = entry.members();
         let live_members = members.iter().filter(|&&host| live(host)).count();
         if live_members < want {
-            if catching_up >= settings.max_moves_in_flight {
+            if catching_up >= settings.max_catching_up {
                 continue;
             }
             let best = receivers
@@ -1151,7 +1161,7 @@ mod tests {
         let settings = replicated(3);
         // A few at a time.
         let first = replicate(&ni, NOW_MS, &settings);
-        assert_eq!(first.len(), settings.max_moves_in_flight);
+        assert_eq!(first.len(), settings.max_catching_up);
         replicate_until_quiet(&mut ni, &settings);
         let mut copies: BTreeMap<HostId, usize> = BTreeMap::new();
         for entry in &ni.partitions {

@@ -1195,13 +1195,13 @@ impl ClusterNode {
     }
 
     /// Starts the planned handovers of [`leader::handovers`] while fewer than
-    /// `max_moves_in_flight` rounds run, each partition at most once per
+    /// [`leader::MAX_ROUNDS`] rounds run, each partition at most once per
     /// [`HANDOVER_RETRY`].
     fn start_handovers(self: &Arc<Self>, ni: &NetworkInfo, settings: &LeaderSettings) {
         let now = Instant::now();
         lock(&self.handovers_tried).retain(|_, at| now < *at + HANDOVER_RETRY);
         for (partition, to) in leader::handovers(ni, settings) {
-            if lock(&self.failovers).len() >= settings.max_moves_in_flight {
+            if lock(&self.failovers).len() >= leader::MAX_ROUNDS {
                 return;
             }
             if lock(&self.handovers_tried).contains_key(&partition) {

@@ -507,6 +507,12 @@ impl Replica {
             .then_some((view.primary, self.fenced))
     }
 
+    /// Whether this copy promised a term above the view's: a failover or handover round
+    /// is under way (or was abandoned), and the partition waits for its new primary.
+    pub fn in_round(&self) -> bool {
+        self.stranded().is_some()
+    }
+
     /// The term of the primary whose full copy this copy is taking, if one runs.
     pub fn copying(&self) -> Option<Term> {
         match &self.role {
