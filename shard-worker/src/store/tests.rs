@@ -2095,3 +2095,335 @@ fn a_copy_under_way_is_recorded_apart_from_the_partitions_records() {
     );
     assert!(!present(&store));
 }
+
+/// A prepare of `txid` decided by partition 1, with a put in partitions 1 and 2.
+fn prepare_across(txid: u64) -> WorkerRequest {
+    WorkerRequest::Prepare {
+        txid,
+        decider: shoal_shared::frame::DECIDER_PARTITION | 1,
+        ops: vec![
+            put_op(0, key(1, b"a"), b"A", false),
+            put_op(0, key(2, b"b"), b"B", false),
+        ],
+    }
+}
+
+/// Replicates `primary`'s log of `partition` after what `follower` holds.
+fn replicate_from(primary: &mut Store, follower: &mut Store, partition: Partition) {
+    let held = last_commit_id(follower, partition);
+    let entries: Vec<LogEntry> = read_log(primary, partition)
+        .into_iter()
+        .filter(|entry| entry.commit_id > held)
+        .collect();
+    let request = WorkerRequest::Replicate {
+        partition,
+        entries,
+        history: vec![(1, 1)],
+    };
+    let last = last_commit_id(primary, partition);
+    assert_eq!(
+        apply(follower, &[request]),
+        vec![WorkerResponse::Integer(last as i64)]
+    );
+}
+
+fn txn_entries(store: &mut Store, partition: Partition) -> Vec<(u64, Option<layout::Intent>)> {
+    read_log(store, partition)
+        .into_iter()
+        .filter(|entry| entry.change == ChangeType::Txn)
+        .map(|entry| {
+            let txid = u64::from_be_bytes(entry.key.as_slice().try_into().unwrap());
+            let part =
+                (!entry.data.is_empty()).then(|| layout::decode_intent(&entry.data).unwrap());
+            (txid, part)
+        })
+        .collect()
+}
+
+fn in_doubt(store: &mut Store) -> WorkerResponse {
+    apply(store, &[WorkerRequest::InDoubt { older_than_ms: 0 }]).remove(0)
+}
+
+#[test]
+fn transaction_records_are_logged_per_partition_and_rebuilt_on_a_follower() {
+    let dir = tempfile::tempdir().unwrap();
+    let clock = ManualClock::new(START_MS);
+    let mut primary = open_on(&dir.path().join("p"), &clock);
+    let mut follower = open_on(&dir.path().join("f"), &clock);
+    // The follower serves neither partition: both are fenced there, as its host does.
+    for partition in [1, 2] {
+        apply(
+            &mut follower,
+            &[WorkerRequest::PromiseTerm { partition, term: 1 }],
+        );
+        assert_eq!(fence(&mut follower, partition, true), WorkerResponse::Ok);
+    }
+    apply(&mut primary, &[prepare_across(7)]);
+    // Each partition's log holds its own part of the intent, in the prepare's transaction.
+    let logged1 = txn_entries(&mut primary, 1);
+    let logged2 = txn_entries(&mut primary, 2);
+    assert_eq!(logged1.len(), 1);
+    assert_eq!(logged2.len(), 1);
+    let part1 = logged1[0].1.clone().unwrap();
+    assert_eq!(
+        (logged1[0].0, part1.state),
+        (7, layout::IntentState::Prepared)
+    );
+    assert_eq!(part1.ops, vec![put_op(0, key(1, b"a"), b"A", false)]);
+    assert_eq!(
+        logged2[0].1.as_ref().unwrap().ops,
+        vec![put_op(0, key(2, b"b"), b"B", false)]
+    );
+    // A single-host record (decided by a worker) is not logged.
+    apply(
+        &mut primary,
+        &[WorkerRequest::Prepare {
+            txid: 8,
+            decider: 0,
+            ops: vec![put_op(0, key(3, b"c"), b"C", false)],
+        }],
+    );
+    assert_eq!(txn_entries(&mut primary, 3), vec![]);
+    apply(&mut primary, &[WorkerRequest::Abort { txid: 8 }]);
+
+    replicate_from(&mut primary, &mut follower, 1);
+    replicate_from(&mut primary, &mut follower, 2);
+    assert_eq!(follower.locks().holder(0, &key(1, b"a")), Some(7));
+    assert_eq!(follower.locks().holder(0, &key(2, b"b")), Some(7));
+    for partition in [1, 2] {
+        assert_eq!(
+            records_of(&mut follower, partition),
+            records_of(&mut primary, partition)
+        );
+    }
+    // Fenced copies are not the follower's to resolve.
+    assert_eq!(in_doubt(&mut follower), WorkerResponse::InDoubt(vec![]));
+    assert_eq!(
+        apply(&mut follower, &[WorkerRequest::Commit { txid: 7 }]),
+        vec![WorkerResponse::Error(WorkerError::PartitionMoved {
+            partition: 1
+        })]
+    );
+
+    // The decider commits: partition 1 logs the decision, partition 2 the part's end.
+    apply(&mut primary, &[WorkerRequest::Commit { txid: 7 }]);
+    assert_eq!(
+        txn_entries(&mut primary, 1)
+            .last()
+            .unwrap()
+            .1
+            .as_ref()
+            .unwrap()
+            .state,
+        layout::IntentState::Committed
+    );
+    assert_eq!(txn_entries(&mut primary, 2).last().unwrap().1, None);
+    // The follower hears of partition 1 first: it has the decision, and partition 2's
+    // key stays locked until that partition's entries come.
+    replicate_from(&mut primary, &mut follower, 1);
+    assert_eq!(follower.locks().holder(0, &key(1, b"a")), None);
+    assert_eq!(follower.locks().holder(0, &key(2, b"b")), Some(7));
+    drop(follower);
+    // The locks come back with the records after a restart.
+    let mut follower = open_on(&dir.path().join("f"), &clock);
+    assert_eq!(follower.locks().holder(0, &key(2, b"b")), Some(7));
+
+    // The primary is lost before partition 2's commit reached the follower, which is
+    // promoted: it serves both partitions, finds the transaction in doubt, decides it
+    // committed (it holds the decision) and applies the rest.
+    for partition in [1, 2] {
+        assert_eq!(fence(&mut follower, partition, false), WorkerResponse::Ok);
+    }
+    assert_eq!(
+        in_doubt(&mut follower),
+        WorkerResponse::InDoubt(vec![(7, shoal_shared::frame::DECIDER_PARTITION | 1)])
+    );
+    assert_eq!(
+        apply(
+            &mut follower,
+            &[WorkerRequest::Decide {
+                txid: 7,
+                older_than_ms: 0
+            }]
+        ),
+        vec![WorkerResponse::Integer(1)]
+    );
+    assert_eq!(
+        apply(&mut follower, &[WorkerRequest::Commit { txid: 7 }]),
+        vec![WorkerResponse::Ok]
+    );
+    assert!(follower.locks().is_empty());
+    assert_eq!(
+        get(&mut follower, 0, key(1, b"a")),
+        WorkerResponse::Value(Some(b"A".to_vec()))
+    );
+    assert_eq!(
+        get(&mut follower, 0, key(2, b"b")),
+        WorkerResponse::Value(Some(b"B".to_vec()))
+    );
+    assert_eq!(txn_entries(&mut follower, 2).last().unwrap().1, None);
+    assert_eq!(
+        apply(
+            &mut follower,
+            &[WorkerRequest::Decided { older_than_ms: 0 }]
+        ),
+        vec![WorkerResponse::InDoubt(vec![(
+            7,
+            shoal_shared::frame::DECIDER_PARTITION | 1
+        )])]
+    );
+    apply(&mut follower, &[WorkerRequest::Forget { txid: 7 }]);
+    assert_eq!(txn_entries(&mut follower, 1).last().unwrap().1, None);
+    assert_eq!(
+        apply(
+            &mut follower,
+            &[WorkerRequest::Decided { older_than_ms: 0 }]
+        ),
+        vec![WorkerResponse::InDoubt(vec![])]
+    );
+    assert_eq!(
+        apply(&mut follower, &[WorkerRequest::Transactions]),
+        vec![WorkerResponse::Integer(0)]
+    );
+}
+
+#[test]
+fn a_promoted_follower_aborts_an_undecided_intent_and_frees_its_keys() {
+    let dir = tempfile::tempdir().unwrap();
+    let clock = ManualClock::new(START_MS);
+    let mut primary = open_on(&dir.path().join("p"), &clock);
+    let mut follower = open_on(&dir.path().join("f"), &clock);
+    apply(&mut primary, &[prepare_across(9)]);
+    replicate_from(&mut primary, &mut follower, 1);
+    replicate_from(&mut primary, &mut follower, 2);
+    drop(primary);
+    // Too young to presume it aborted: its coordinator may still be at work.
+    let decide = WorkerRequest::Decide {
+        txid: 9,
+        older_than_ms: 5_000,
+    };
+    assert_eq!(
+        apply(&mut follower, std::slice::from_ref(&decide)),
+        vec![WorkerResponse::Error(WorkerError::TxInProgress)]
+    );
+    clock.advance(5_000);
+    assert_eq!(
+        apply(&mut follower, &[decide]),
+        vec![WorkerResponse::Integer(0)]
+    );
+    assert!(follower.locks().is_empty());
+    assert_eq!(in_doubt(&mut follower), WorkerResponse::InDoubt(vec![]));
+    assert_eq!(txn_entries(&mut follower, 1).last().unwrap().1, None);
+    assert_eq!(txn_entries(&mut follower, 2).last().unwrap().1, None);
+    apply(&mut follower, &[set(0, key(2, b"b"), b"later")]);
+    assert_eq!(
+        get(&mut follower, 0, key(2, b"b")),
+        WorkerResponse::Value(Some(b"later".to_vec()))
+    );
+}
+
+#[test]
+fn a_commit_applies_only_the_parts_of_served_partitions() {
+    let dir = tempfile::tempdir().unwrap();
+    let clock = ManualClock::new(START_MS);
+    let mut store = open_on(dir.path(), &clock);
+    apply(&mut store, &[prepare_across(4)]);
+    // Partition 2 now has another primary: its part is left to its log.
+    apply(
+        &mut store,
+        &[WorkerRequest::PromiseTerm {
+            partition: 2,
+            term: 3,
+        }],
+    );
+    assert_eq!(fence(&mut store, 2, true), WorkerResponse::Ok);
+    let before2 = read_log(&mut store, 2).len();
+    assert_eq!(
+        apply(&mut store, &[WorkerRequest::Commit { txid: 4 }]),
+        vec![WorkerResponse::Ok]
+    );
+    assert_eq!(
+        get(&mut store, 0, key(1, b"a")),
+        WorkerResponse::Value(Some(b"A".to_vec()))
+    );
+    assert_eq!(read_log(&mut store, 2).len(), before2);
+    assert_eq!(store.locks().holder(0, &key(2, b"b")), Some(4));
+    assert_eq!(store.locks().holder(0, &key(1, b"a")), None);
+    // The decision is here; the fenced part is nobody's to resolve on this copy.
+    assert_eq!(in_doubt(&mut store), WorkerResponse::InDoubt(vec![]));
+    assert_eq!(
+        apply(
+            &mut store,
+            &[WorkerRequest::Decide {
+                txid: 4,
+                older_than_ms: 0
+            }]
+        ),
+        vec![WorkerResponse::Integer(1)]
+    );
+    // Clearing the fenced copy (a full copy starts over) drops its part and its lock.
+    assert_eq!(
+        apply(
+            &mut store,
+            &[WorkerRequest::ClearPartition { partition: 2 }]
+        ),
+        vec![WorkerResponse::Ok]
+    );
+    assert!(store.locks().is_empty());
+}
+
+#[test]
+fn a_full_copy_carries_the_partitions_parts_of_transaction_records() {
+    let dir = tempfile::tempdir().unwrap();
+    let clock = ManualClock::new(START_MS);
+    let mut primary = open_on(&dir.path().join("p"), &clock);
+    let mut copy = open_on(&dir.path().join("c"), &clock);
+    apply(
+        &mut primary,
+        &[set(0, key(2, b"z"), b"1"), prepare_across(11)],
+    );
+    let records = records_of(&mut primary, 2);
+    let txns: Vec<&Record> = records
+        .iter()
+        .filter(|record| record.table == RecordTable::Txns)
+        .collect();
+    assert_eq!(txns.len(), 1);
+    let part = layout::decode_intent(&txns[0].value).unwrap();
+    assert_eq!(
+        part.partitions(),
+        vec![2],
+        "only partition 2's part is exported"
+    );
+    // Exported in small chunks, resuming in the middle of the tables.
+    for chunk in export_all(&mut primary, 2, 1) {
+        assert_eq!(
+            apply(
+                &mut copy,
+                &[WorkerRequest::ImportRecords { records: chunk }]
+            ),
+            vec![WorkerResponse::Ok]
+        );
+    }
+    assert_eq!(records_of(&mut copy, 2), records);
+    assert_eq!(copy.locks().holder(0, &key(2, b"b")), Some(11));
+    assert_eq!(copy.locks().holder(0, &key(1, b"a")), None);
+    // A copy that is not replicated keeps refusing to drop a prepared transaction's keys;
+    // a replicated one clears them with the partition.
+    assert_eq!(
+        apply(&mut copy, &[WorkerRequest::ClearPartition { partition: 2 }]),
+        vec![WorkerResponse::Error(WorkerError::Locked)]
+    );
+    apply(
+        &mut copy,
+        &[WorkerRequest::PromiseTerm {
+            partition: 2,
+            term: 1,
+        }],
+    );
+    assert_eq!(
+        apply(&mut copy, &[WorkerRequest::ClearPartition { partition: 2 }]),
+        vec![WorkerResponse::Ok]
+    );
+    assert!(copy.locks().is_empty());
+    assert_eq!(records_of(&mut copy, 2), vec![]);
+}
