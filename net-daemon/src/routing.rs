@@ -142,23 +142,75 @@ impl Router {
     ///   worker left it (else `NoReplicas` at the deadline: it may or may not be kept);
     /// - a read needs the lease, and is answered once the commit point covers the log as
     ///   the read found it, so it never shows an entry a failover could lose.
+    ///
+    /// A request may touch several partitions of one worker: each replicated one must be
+    /// ready, and is waited for. A two-phase commit request (`Commit`, `Abort`, `Decide`,
+    /// `Forget`) names only its transaction: the partitions of its record here count too.
     async fn replicated(
         &self,
         partition: Partition,
         request: WorkerRequest,
         deadline: Instant,
     ) -> Result<WorkerResponse, LinkError> {
-        let write = request.is_write();
-        // A request may touch several partitions of one worker: each replicated one must
-        // be ready, and is waited for.
+        let worker = partition_worker(partition, self.links.len());
         let mut touched: Vec<Partition> = request
             .client_partitions()
             .into_iter()
             .chain([partition])
+            .chain(self.record_partitions(worker, &request)?)
             .filter(|&p| self.is_replicated(p))
             .collect();
         touched.sort_unstable();
         touched.dedup();
+        self.gated(worker, touched, request, deadline).await
+    }
+
+    /// The partitions of the transaction record that a two-phase commit request (`Commit`,
+    /// `Abort`, `Decide`, `Forget`) may change on `worker`: those of its record there
+    /// (read from the shard's map before the request is sent: a record only loses parts
+    /// once prepared) that this host owns. None for other requests.
+    fn record_partitions(
+        &self,
+        worker: usize,
+        request: &WorkerRequest,
+    ) -> Result<Vec<Partition>, LinkError> {
+        let txid = match request {
+            WorkerRequest::Commit { txid }
+            | WorkerRequest::Abort { txid }
+            | WorkerRequest::Decide { txid, .. }
+            | WorkerRequest::Forget { txid } => *txid,
+            _ => return Ok(Vec::new()),
+        };
+        let me = self.node.host_id();
+        let ni = self.node.ni();
+        let partitions = self
+            .readers
+            .transaction_partitions(worker, txid)
+            .map_err(|error| LinkError::Host {
+                host: me.unwrap_or(0),
+                reason: error.to_string(),
+            })?;
+        Ok(partitions
+            .into_iter()
+            .filter(|&p| {
+                ni.partitions
+                    .get(usize::from(p))
+                    .is_some_and(|entry| Some(entry.owner) == me)
+            })
+            .collect())
+    }
+
+    /// Sends `request` to this host's `worker` once every partition of `touched` (all
+    /// replicated, led here) is ready, and answers once their commit points cover what the
+    /// request wrote (or, for a read, saw). See [`Router::replicated`].
+    async fn gated(
+        &self,
+        worker: usize,
+        touched: Vec<Partition>,
+        request: WorkerRequest,
+        deadline: Instant,
+    ) -> Result<WorkerResponse, LinkError> {
+        let write = request.is_write();
         let ready_by = (Instant::now() + READY_WAIT).min(deadline);
         for &p in &touched {
             if !self.ready(p, write, ready_by).await {
@@ -168,7 +220,6 @@ impl Router {
                 });
             }
         }
-        let worker = partition_worker(partition, self.links.len());
         let response = self.links[worker].send(request).await.wait().await?;
         for &p in &touched {
             let last = self
@@ -194,6 +245,35 @@ impl Router {
             }
         }
         Ok(response)
+    }
+
+    /// Sends a request of the recovery of transactions to this host's `worker`: a
+    /// two-phase commit request on a record with replicated partitions led here is
+    /// answered only once their commit points cover it, like a write
+    /// ([`Router::replicated`]), so that recovery never acts on a change a failover could
+    /// lose. Parts of partitions this host does not lead are fenced in the worker, which
+    /// leaves them to their own primary.
+    pub fn local(self: &Arc<Self>, worker: usize, request: WorkerRequest) -> Call {
+        let (sender, receiver) = oneshot::channel();
+        let router = Arc::clone(self);
+        tokio::spawn(async move {
+            let deadline = Instant::now() + FORWARD_TIMEOUT;
+            let result = match router.record_partitions(worker, &request) {
+                Err(error) => Err(error),
+                Ok(partitions) => {
+                    let touched: Vec<Partition> = partitions
+                        .into_iter()
+                        .filter(|&p| router.is_replicated(p))
+                        .collect();
+                    match touched.is_empty() {
+                        true => router.links[worker].send(request).await.wait().await,
+                        false => router.gated(worker, touched, request, deadline).await,
+                    }
+                }
+            };
+            let _ = sender.send(result);
+        });
+        Call::pending(receiver, Instant::now() + REQUEST_TIMEOUT)
     }
 
     /// Whether this host's copy of `partition` is the primary and may start a write
