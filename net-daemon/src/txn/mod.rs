@@ -205,7 +205,9 @@ pub async fn recover(dispatch: Arc<Dispatch>, shutting_down: Arc<AtomicBool>) {
                             dispatch.send(Dest::Worker(worker), request).await
                         }
                         (Target::Decider(decider), _) => {
-                            dispatch.send(decider_dest(&dispatch, decider), request).await
+                            dispatch
+                                .send(decider_dest(&dispatch, decider), request)
+                                .await
                         }
                     };
                     let answer = call.wait().await.ok();

@@ -1677,12 +1677,14 @@ fn prepared_transactions_hold_off_fences_and_clearing() {
         ]
     );
     // The commit itself is never refused. This store is the decider (it holds the ops of
-    // partition 3, which the intent names): its commit record holds the fence off until
-    // it is forgotten, so recovery never asks a new owner about it.
+    // partition 3, which the intent names): its first commit records the decision, the
+    // second applies the ops, and the commit record holds the fence off until it is
+    // forgotten, so recovery never asks a new owner about it.
     assert_eq!(
         apply(
             &mut store,
             &[
+                WorkerRequest::Commit { txid: 7 },
                 WorkerRequest::Commit { txid: 7 },
                 WorkerRequest::SetFence {
                     partition: 3,
@@ -1696,6 +1698,7 @@ fn prepared_transactions_hold_off_fences_and_clearing() {
             ]
         ),
         vec![
+            WorkerResponse::Ok,
             WorkerResponse::Ok,
             WorkerResponse::Error(WorkerError::Locked),
             WorkerResponse::Ok,
@@ -2205,17 +2208,44 @@ fn transaction_records_are_logged_per_partition_and_rebuilt_on_a_follower() {
         })]
     );
 
-    // The decider commits: partition 1 logs the decision, partition 2 the part's end.
+    // The decider's first commit records the decision in partition 1's log, and nothing
+    // else: no data changes before the decision is replicated.
+    let (before1, before2) = (
+        read_log(&mut primary, 1).len(),
+        read_log(&mut primary, 2).len(),
+    );
     apply(&mut primary, &[WorkerRequest::Commit { txid: 7 }]);
+    let log1 = read_log(&mut primary, 1);
+    assert_eq!(log1.len(), before1 + 1);
+    let decision = txn_entries(&mut primary, 1)
+        .last()
+        .unwrap()
+        .1
+        .clone()
+        .unwrap();
+    assert_eq!(decision.state, layout::IntentState::Committed);
+    assert_eq!(decision.ops, vec![put_op(0, key(1, b"a"), b"A", false)]);
+    assert_eq!(read_log(&mut primary, 2).len(), before2);
     assert_eq!(
-        txn_entries(&mut primary, 1)
-            .last()
-            .unwrap()
-            .1
-            .as_ref()
-            .unwrap()
-            .state,
-        layout::IntentState::Committed
+        get(&mut primary, 0, key(1, b"a")),
+        WorkerResponse::Value(None)
+    );
+    // The second applies the ops: each partition logs its data, then its part's end.
+    apply(&mut primary, &[WorkerRequest::Commit { txid: 7 }]);
+    let log2 = read_log(&mut primary, 2);
+    assert_eq!(
+        log2[before2..].iter().map(|e| e.change).collect::<Vec<_>>(),
+        vec![ChangeType::Create, ChangeType::Txn]
+    );
+    let decision = txn_entries(&mut primary, 1)
+        .last()
+        .unwrap()
+        .1
+        .clone()
+        .unwrap();
+    assert_eq!(
+        (decision.state, decision.ops),
+        (layout::IntentState::Committed, vec![])
     );
     assert_eq!(txn_entries(&mut primary, 2).last().unwrap().1, None);
     // The follower hears of partition 1 first: it has the decision, and partition 2's
@@ -2338,10 +2368,12 @@ fn a_commit_applies_only_the_parts_of_served_partitions() {
     );
     assert_eq!(fence(&mut store, 2, true), WorkerResponse::Ok);
     let before2 = read_log(&mut store, 2).len();
-    assert_eq!(
-        apply(&mut store, &[WorkerRequest::Commit { txid: 4 }]),
-        vec![WorkerResponse::Ok]
-    );
+    for _decide_then_apply in 0..2 {
+        assert_eq!(
+            apply(&mut store, &[WorkerRequest::Commit { txid: 4 }]),
+            vec![WorkerResponse::Ok]
+        );
+    }
     assert_eq!(
         get(&mut store, 0, key(1, b"a")),
         WorkerResponse::Value(Some(b"A".to_vec()))

@@ -5,7 +5,9 @@
 //!   records the intent in `txns`, durably, in the group commit.
 //! - `Commit` applies the ops and drops the intent. On the transaction's
 //!   *decider* (one participant chosen by the coordinator), the commit also
-//!   leaves a commit record in `txns`: that record is the durable decision.
+//!   leaves a commit record in `txns`: that record is the durable decision. In a
+//!   cluster the decider's first `Commit` records only the decision, and a second
+//!   one applies its ops (see [`Store::commit`]).
 //! - `Abort` drops a prepared intent.
 //! - `Decide` answers, on the decider, whether a transaction committed. An
 //!   undecided transaction older than the caller's limit is aborted first:
@@ -424,12 +426,32 @@ impl Store {
         Ok(WorkerResponse::TxOutcomes(outcomes))
     }
 
-    /// `Commit`: applies the ops of the served partitions; their parts are dropped, or,
-    /// on the decider, become the decision. Parts of fenced partitions stay for their copies.
+    /// `Commit`: applies the ops of the served partitions and drops their parts. Parts of
+    /// fenced partitions stay for their copies.
+    ///
+    /// On the decider (its partition served here), the first commit of a prepared record
+    /// records the decision. With a decider named by partition (in a cluster), that is all
+    /// it does: the decision is one txn entry of the decider's partition, and no data of any
+    /// partition may change before it is replicated, or a failover could keep the data and
+    /// lose the decision. The next `Commit` applies the ops. A decider named by worker (one
+    /// host) records the decision and applies its ops in one transaction.
     pub(crate) fn commit(&self, txn: &mut RwTxn, batch: &mut Batch, txid: u64) -> OpResult {
         let Some(record) = self.intent(txn, txid)? else {
             return Err(OpError::Refused(WorkerError::TxAborted));
         };
+        let decides_here = record.state == IntentState::Prepared
+            && self.is_decider(&record)
+            && record
+                .decider_partition()
+                .is_none_or(|decider| !self.is_fenced(batch, decider));
+        if decides_here && record.decider_partition().is_some() {
+            let decided = Intent {
+                state: IntentState::Committed,
+                ..record.clone()
+            };
+            self.store_record(txn, batch, txid, Some(&record), Some(&decided), true)?;
+            return Ok(WorkerResponse::Ok);
+        }
         let (served, kept) = self.split_served(batch, &record.ops);
         if served.is_empty() {
             return match record.state {
@@ -438,20 +460,18 @@ impl Store {
             };
         }
         self.apply_ops(txn, batch, &served)?;
-        let decides = record.state == IntentState::Committed
-            || (self.is_decider(&record)
-                && record
-                    .decider_partition()
-                    .is_none_or(|decider| !self.is_fenced(batch, decider)));
+        let committed = record.state == IntentState::Committed || decides_here;
         let new = Intent {
-            state: match decides {
+            state: match committed {
                 true => IntentState::Committed,
                 false => IntentState::Prepared,
             },
             ops: kept,
             ..record.clone()
         };
-        let new = (decides || !new.ops.is_empty()).then_some(new);
+        let new = (committed || !new.ops.is_empty()).then_some(new);
+        // After the data: a log cut short in between still holds the ops, which recovery
+        // applies again.
         self.store_record(txn, batch, txid, Some(&record), new.as_ref(), true)?;
         Ok(WorkerResponse::Ok)
     }
