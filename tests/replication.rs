@@ -740,4 +740,11 @@ fn multi_key_writes_in_doubt_when_the_primary_host_dies_end_whole_and_unlocked()
         "{resolved} transactions in doubt resolved by the survivors; none prepared {:?} after the kill",
         killed.elapsed().max(settled)
     );
+    // Eight writers were each in the middle of a two-phase commit when the primary died:
+    // the new primaries found the intents it had prepared (replicated with their
+    // partitions' logs) and settled them.
+    assert!(
+        resolved > 0,
+        "no transaction in doubt was found on the new primaries"
+    );
 }
