@@ -743,7 +743,7 @@ impl Intent {
             .cloned()
             .collect();
         let decides = self.decides_in(partition);
-        (decides || !ops.is_empty()).then(|| Intent {
+        (decides || !ops.is_empty()).then_some(Intent {
             decider: self.decider,
             created_ms: self.created_ms,
             state: match decides {
