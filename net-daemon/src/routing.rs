@@ -26,7 +26,9 @@
 //! A partition with followers is served by its primary only through the replication
 //! rules ([`Router::replicated`]): a write starts only while enough followers answer,
 //! and no answer (of a write or a read) goes out before the commit point covers what the
-//! request wrote or saw.
+//! request wrote or saw. A two-phase commit request counts every partition of its
+//! transaction record that this host leads, and recovery's requests to local workers
+//! take the same gate ([`Router::local`]).
 
 use std::cell::RefCell;
 use std::collections::HashMap;
