@@ -2459,3 +2459,68 @@ fn a_full_copy_carries_the_partitions_parts_of_transaction_records() {
     assert!(copy.locks().is_empty());
     assert_eq!(records_of(&mut copy, 2), vec![]);
 }
+
+#[test]
+fn a_follower_cut_off_after_the_decision_or_in_the_middle_of_an_apply_finishes_the_commit() {
+    let dir = tempfile::tempdir().unwrap();
+    let clock = ManualClock::new(START_MS);
+    let mut primary = open_on(&dir.path().join("p"), &clock);
+    let mut follower = open_on(&dir.path().join("f"), &clock);
+    apply(
+        &mut primary,
+        &[set(0, key(2, b"b"), b"old"), prepare_across(5)],
+    );
+    replicate_from(&mut primary, &mut follower, 1);
+    replicate_from(&mut primary, &mut follower, 2);
+    // The decision reaches the follower; then the apply, of which partition 2's log
+    // carries only the data entry, not yet the end of the part.
+    apply(&mut primary, &[WorkerRequest::Commit { txid: 5 }]);
+    replicate_from(&mut primary, &mut follower, 1);
+    apply(&mut primary, &[WorkerRequest::Commit { txid: 5 }]);
+    let held = last_commit_id(&mut follower, 2);
+    let cut: Vec<LogEntry> = read_log(&mut primary, 2)
+        .into_iter()
+        .filter(|entry| entry.commit_id > held)
+        .take(1)
+        .collect();
+    assert_eq!(cut[0].change, ChangeType::Update);
+    let request = WorkerRequest::Replicate {
+        partition: 2,
+        entries: cut,
+        history: vec![(1, 1)],
+    };
+    apply(&mut follower, &[request]);
+    drop(primary);
+    // Promoted: the data of partition 2 is there, and so is its part, still locked.
+    assert_eq!(follower.locks().holder(0, &key(2, b"b")), Some(5));
+    assert_eq!(follower.locks().holder(0, &key(1, b"a")), Some(5));
+    assert_eq!(
+        in_doubt(&mut follower),
+        WorkerResponse::InDoubt(vec![(5, shoal_shared::frame::DECIDER_PARTITION | 1)])
+    );
+    assert_eq!(
+        apply(
+            &mut follower,
+            &[WorkerRequest::Decide {
+                txid: 5,
+                older_than_ms: 0
+            }]
+        ),
+        vec![WorkerResponse::Integer(1)]
+    );
+    // Recovery's commit applies every op the record still holds, again where needed.
+    assert_eq!(
+        apply(&mut follower, &[WorkerRequest::Commit { txid: 5 }]),
+        vec![WorkerResponse::Ok]
+    );
+    assert!(follower.locks().is_empty());
+    assert_eq!(
+        get(&mut follower, 0, key(1, b"a")),
+        WorkerResponse::Value(Some(b"A".to_vec()))
+    );
+    assert_eq!(
+        get(&mut follower, 0, key(2, b"b")),
+        WorkerResponse::Value(Some(b"B".to_vec()))
+    );
+    assert_eq!(in_doubt(&mut follower), WorkerResponse::InDoubt(vec![]));
+}
