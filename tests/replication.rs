@@ -620,10 +620,12 @@ fn multi_key_writes_in_doubt_when_the_primary_host_dies_end_whole_and_unlocked()
     // MSETs on host 1 itself (the coordinator dies with the primary) and on host 2.
     const WRITERS: usize = 8;
     let stop = Arc::new(AtomicBool::new(false));
+    let acknowledged = Arc::new(std::sync::atomic::AtomicUsize::new(0));
     let mut threads = Vec::new();
     for writer in 0..WRITERS {
         let client = cluster.host(1 + writer % 2).server.client();
         let stop = Arc::clone(&stop);
+        let acknowledged = Arc::clone(&acknowledged);
         threads.push(std::thread::spawn(move || {
             let keys = writer_keys(writer);
             let mut written = Written::default();
@@ -641,7 +643,12 @@ fn multi_key_writes_in_doubt_when_the_primary_host_dies_end_whole_and_unlocked()
                 }
                 written.sent = Some(counter);
                 match con.req_command(&mset) {
-                    Ok(Value::Okay) => written.acknowledged = Some(counter),
+                    Ok(Value::Okay) => {
+                        if written.acknowledged.is_none() {
+                            acknowledged.fetch_add(1, Ordering::Relaxed);
+                        }
+                        written.acknowledged = Some(counter);
+                    }
                     Ok(_) | Err(_) => {
                         // Unknown outcome; a dead connection ends this writer.
                         if con.check_connection() {
@@ -654,7 +661,16 @@ fn multi_key_writes_in_doubt_when_the_primary_host_dies_end_whole_and_unlocked()
             written
         }));
     }
-    sleep(Duration::from_millis(1500));
+    // Every writer has had an MSET acknowledged, and they are all at work.
+    let started = Instant::now();
+    while acknowledged.load(Ordering::Relaxed) < WRITERS {
+        assert!(
+            started.elapsed() < Duration::from_secs(30),
+            "not every writer had an MSET acknowledged in 30 s"
+        );
+        sleep(Duration::from_millis(20));
+    }
+    sleep(Duration::from_millis(500));
     cluster.kill(1);
     let killed = Instant::now();
     sleep(Duration::from_millis(300));
