@@ -16,7 +16,7 @@ use std::time::{Duration, Instant};
 
 use common::cluster::Cluster;
 use common::linearizability::{check, Op, Operation, Outcome, Output, Verdict};
-use common::{connect_until, test_seed, Answer, Resp, Rng};
+use common::{connect_until, key_slot, test_seed, Answer, Resp, Rng};
 use redis::{ConnectionLike, Value};
 
 /// Three copies of 16 partitions. Ends in `[storage]`, so a test may add storage keys.
@@ -638,4 +638,185 @@ fn copies_on_a_host_gone_past_the_offline_threshold_are_made_again_elsewhere() {
             Some("kept")
         );
     }
+}
+
+/// What one writer of `multi_key_writes_in_doubt_...` did: the last MSET acknowledged,
+/// and the last one sent (its outcome may be unknown).
+#[derive(Debug, Default, Clone, Copy)]
+struct Written {
+    acknowledged: Option<u64>,
+    sent: Option<u64>,
+}
+
+/// The keys of writer `writer`: one in each of the 16 partitions, so that each MSET has a
+/// part on both workers of the primary (a two-phase commit), and several partitions on each.
+fn writer_keys(writer: usize) -> Vec<String> {
+    (0..16u32)
+        .map(|partition| {
+            (0..)
+                .map(|n| format!("txw{writer}:{n}"))
+                .find(|key| key_slot(key.as_bytes()) * 16 / 16384 == partition)
+                .expect("a key in every partition")
+        })
+        .collect()
+}
+
+#[test]
+fn multi_key_writes_in_doubt_when_the_primary_host_dies_end_whole_and_unlocked() {
+    // Two workers a host: an MSET over many partitions has two participants on the primary.
+    let mut cluster = Cluster::start(3, &format!("workers = 2\n{REPLICATED}"));
+    cluster.wait_voters(3, Duration::from_secs(60));
+    cluster.wait_for(
+        "every partition on three hosts, in sync, the primaries spread",
+        SETTLE_TIMEOUT,
+        settled,
+    );
+    // Host 1 leads a third of the partitions, so every MSET has a participant there.
+    // Writers coordinate their MSETs on host 1 itself (the coordinator dies with the
+    // primary) and on host 2.
+    const WRITERS: usize = 8;
+    let stop = Arc::new(AtomicBool::new(false));
+    let acknowledged = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let mut threads = Vec::new();
+    for writer in 0..WRITERS {
+        let client = cluster.host(1 + writer % 2).server.client();
+        let stop = Arc::clone(&stop);
+        let acknowledged = Arc::clone(&acknowledged);
+        threads.push(std::thread::spawn(move || {
+            let keys = writer_keys(writer);
+            let mut written = Written::default();
+            let Some(mut con) = connect_until(&client, Instant::now() + Duration::from_secs(10))
+            else {
+                return written;
+            };
+            let mut counter = 0u64;
+            while !stop.load(Ordering::Relaxed) {
+                counter += 1;
+                let value = format!("{writer}:{counter}");
+                let mut mset = redis::cmd("MSET");
+                for key in &keys {
+                    mset.arg(key).arg(&value);
+                }
+                written.sent = Some(counter);
+                match con.req_command(&mset) {
+                    Ok(Value::Okay) => {
+                        if written.acknowledged.is_none() {
+                            acknowledged.fetch_add(1, Ordering::Relaxed);
+                        }
+                        written.acknowledged = Some(counter);
+                    }
+                    Ok(_) | Err(_) => {
+                        // Unknown outcome; a dead connection ends this writer.
+                        if con.check_connection() {
+                            continue;
+                        }
+                        break;
+                    }
+                }
+            }
+            written
+        }));
+    }
+    // Every writer has had an MSET acknowledged, and they are all at work.
+    let started = Instant::now();
+    while acknowledged.load(Ordering::Relaxed) < WRITERS {
+        assert!(
+            started.elapsed() < Duration::from_secs(30),
+            "not every writer had an MSET acknowledged in 30 s"
+        );
+        sleep(Duration::from_millis(20));
+    }
+    sleep(Duration::from_millis(500));
+    cluster.kill(1);
+    let killed = Instant::now();
+    sleep(Duration::from_millis(300));
+    stop.store(true, Ordering::Relaxed);
+    let written: Vec<Written> = threads
+        .into_iter()
+        .map(|thread| thread.join().expect("writer thread"))
+        .collect();
+    println!("writers: {written:?}");
+    assert!(
+        written.iter().all(|w| w.acknowledged.is_some()),
+        "every writer had an MSET acknowledged before the kill: {written:?}"
+    );
+    // After the failover every group of keys is whole: all of one MSET, never a mix, and
+    // never older than the last acknowledged one. A key locked by a transaction in doubt
+    // answers TRYAGAIN until the new primaries' recovery settles it.
+    let (values, whole) =
+        cluster.wait_for("every MSET whole on the survivors", RESUME_TIMEOUT, |c| {
+            let mut values = Vec::new();
+            for writer in 0..WRITERS {
+                let keys = writer_keys(writer);
+                let mut args = vec!["MGET"];
+                args.extend(keys.iter().map(String::as_str));
+                let found: Vec<String> = match c.query(2 + writer % 2, &args)? {
+                    Resp::Array(items) => items
+                        .iter()
+                        .map(|item| match item {
+                            Resp::Bulk(bytes) => Ok(String::from_utf8_lossy(bytes).into_owned()),
+                            other => Err(format!("writer {writer}: {other:?}")),
+                        })
+                        .collect::<Result<_, _>>()?,
+                    other => return Err(format!("MGET of writer {writer}: {other:?}")),
+                };
+                values.push(found);
+            }
+            Ok(values)
+        });
+    println!("every group read back {whole:?} after the kill");
+    for (writer, found) in values.iter().enumerate() {
+        let first = &found[0];
+        assert!(
+            found.iter().all(|value| value == first),
+            "writer {writer}: an MSET applied in part: {found:?}"
+        );
+        let counter: u64 = first
+            .split_once(':')
+            .and_then(|(_, counter)| counter.parse().ok())
+            .expect("a value the writer wrote");
+        let Written { acknowledged, sent } = written[writer];
+        assert!(
+            Some(counter) >= acknowledged && Some(counter) <= sent,
+            "writer {writer}: holds MSET {counter}, acknowledged {acknowledged:?}, sent {sent:?}"
+        );
+    }
+    // No key stays locked: a new write to each goes through within a few seconds.
+    let (_, unlocked) = cluster.wait_for("a SET on every key", Duration::from_secs(15), |c| {
+        (0..WRITERS).try_for_each(|writer| {
+            writer_keys(writer)
+                .iter()
+                .try_for_each(|key| set(c, 3 - writer % 2, key, "after"))
+        })
+    });
+    println!("every key written again {unlocked:?} later");
+    let (_, settled) =
+        cluster.wait_for("no transaction left prepared", RESUME_TIMEOUT, |c| match c
+            .query(2, &["SHOAL.TXNS"])?
+        {
+            Resp::Int(0) => Ok(()),
+            other => Err(format!("SHOAL.TXNS: {other:?}")),
+        });
+    let resolved: usize = [2, 3]
+        .iter()
+        .map(|&host| {
+            cluster
+                .host(host)
+                .server
+                .logs()
+                .matches("resolving a transaction left in doubt")
+                .count()
+        })
+        .sum();
+    println!(
+        "{resolved} transactions in doubt resolved by the survivors; none prepared {:?} after the kill",
+        killed.elapsed().max(settled)
+    );
+    // Eight writers were each in the middle of a two-phase commit when the primary died:
+    // the new primaries found the intents it had prepared (replicated with their
+    // partitions' logs) and settled them.
+    assert!(
+        resolved > 0,
+        "no transaction in doubt was found on the new primaries"
+    );
 }

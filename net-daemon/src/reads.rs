@@ -100,6 +100,15 @@ impl Readers {
         self.opened(worker)?.partition_state(partition)
     }
 
+    /// The partitions `worker`'s record of transaction `txid` concerns, read from its map.
+    pub fn transaction_partitions(
+        &self,
+        worker: usize,
+        txid: u64,
+    ) -> Result<Vec<Partition>, StoreError> {
+        self.opened(worker)?.transaction_partitions(txid)
+    }
+
     /// The digest of `worker`'s copy of `partition` (see [`ShardReader::digest`]).
     pub fn digest(
         &self,

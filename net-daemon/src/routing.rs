@@ -26,7 +26,9 @@
 //! A partition with followers is served by its primary only through the replication
 //! rules ([`Router::replicated`]): a write starts only while enough followers answer,
 //! and no answer (of a write or a read) goes out before the commit point covers what the
-//! request wrote or saw.
+//! request wrote or saw. A two-phase commit request counts every partition of its
+//! transaction record that this host leads, and recovery's requests to local workers
+//! take the same gate ([`Router::local`]).
 
 use std::cell::RefCell;
 use std::collections::HashMap;
@@ -146,6 +148,10 @@ impl Router {
     ///   handover or a failover: another primary, or the `epoch` it was routed at gone)
     ///   stops waiting and answers `Moved`: nothing was applied, and the caller routes it
     ///   again.
+    ///
+    /// A request may touch several partitions of one worker: each replicated one must be
+    /// ready, and is waited for. A two-phase commit request (`Commit`, `Abort`, `Decide`,
+    /// `Forget`) names only its transaction: the partitions of its record here count too.
     async fn replicated(
         &self,
         partition: Partition,
@@ -153,26 +159,79 @@ impl Router {
         request: WorkerRequest,
         deadline: Instant,
     ) -> Result<WorkerResponse, LinkError> {
-        let write = request.is_write();
-        // A request may touch several partitions of one worker: each replicated one must
-        // be ready, and is waited for.
+        let worker = partition_worker(partition, self.links.len());
         let mut touched: Vec<Partition> = request
             .client_partitions()
             .into_iter()
             .chain([partition])
+            .chain(self.record_partitions(worker, &request)?)
             .filter(|&p| self.is_replicated(p))
             .collect();
         touched.sort_unstable();
         touched.dedup();
+        self.gated(worker, touched, request, deadline, Some((partition, epoch)))
+            .await
+    }
+
+    /// The partitions of the transaction record that a two-phase commit request (`Commit`,
+    /// `Abort`, `Decide`, `Forget`) may change on `worker`: those of its record there
+    /// (read from the shard's map before the request is sent: a record only loses parts
+    /// once prepared) that this host owns. None for other requests.
+    fn record_partitions(
+        &self,
+        worker: usize,
+        request: &WorkerRequest,
+    ) -> Result<Vec<Partition>, LinkError> {
+        let txid = match request {
+            WorkerRequest::Commit { txid }
+            | WorkerRequest::Abort { txid }
+            | WorkerRequest::Decide { txid, .. }
+            | WorkerRequest::Forget { txid } => *txid,
+            _ => return Ok(Vec::new()),
+        };
+        let me = self.node.host_id();
+        let ni = self.node.ni();
+        let partitions = self
+            .readers
+            .transaction_partitions(worker, txid)
+            .map_err(|error| LinkError::Host {
+                host: me.unwrap_or(0),
+                reason: error.to_string(),
+            })?;
+        Ok(partitions
+            .into_iter()
+            .filter(|&p| {
+                ni.partitions
+                    .get(usize::from(p))
+                    .is_some_and(|entry| Some(entry.owner) == me)
+            })
+            .collect())
+    }
+
+    /// Sends `request` to this host's `worker` once every partition of `touched` (all
+    /// replicated, led here) is ready, and answers once their commit points cover what the
+    /// request wrote (or, for a read, saw), in the term that admitted it. `routed` is the
+    /// partition the request was routed by and the epoch it was routed at, if any. See
+    /// [`Router::replicated`].
+    async fn gated(
+        &self,
+        worker: usize,
+        touched: Vec<Partition>,
+        request: WorkerRequest,
+        deadline: Instant,
+        routed: Option<(Partition, u64)>,
+    ) -> Result<WorkerResponse, LinkError> {
+        let write = request.is_write();
         let ready_by = (Instant::now() + READY_WAIT).min(deadline);
         let moved_on = || {
             let ni = self.node.ni();
             let me = self.node.host_id();
             let entry = |p: Partition| ni.partitions.get(usize::from(p));
-            entry(partition).is_none_or(|entry| entry.epoch != epoch)
-                || touched
-                    .iter()
-                    .any(|&p| entry(p).is_none_or(|entry| Some(entry.owner) != me))
+            routed.is_some_and(|(partition, epoch)| {
+                entry(partition).is_none_or(|entry| entry.epoch != epoch)
+            }) || touched
+                .iter()
+                .any(|&p| entry(p).is_none_or(|entry| Some(entry.owner) != me))
         };
         let mut terms = Vec::with_capacity(touched.len());
         for &p in &touched {
@@ -193,7 +252,6 @@ impl Router {
                 }
             }
         }
-        let worker = partition_worker(partition, self.links.len());
         let response = self.links[worker].send(request).await.wait().await?;
         for (p, term) in terms {
             let last = self
@@ -219,6 +277,35 @@ impl Router {
             }
         }
         Ok(response)
+    }
+
+    /// Sends a request of the recovery of transactions to this host's `worker`: a
+    /// two-phase commit request on a record with replicated partitions led here is
+    /// answered only once their commit points cover it, like a write
+    /// ([`Router::replicated`]), so that recovery never acts on a change a failover could
+    /// lose. Parts of partitions this host does not lead are fenced in the worker, which
+    /// leaves them to their own primary.
+    pub fn local(self: &Arc<Self>, worker: usize, request: WorkerRequest) -> Call {
+        let (sender, receiver) = oneshot::channel();
+        let router = Arc::clone(self);
+        tokio::spawn(async move {
+            let deadline = Instant::now() + FORWARD_TIMEOUT;
+            let result = match router.record_partitions(worker, &request) {
+                Err(error) => Err(error),
+                Ok(partitions) => {
+                    let touched: Vec<Partition> = partitions
+                        .into_iter()
+                        .filter(|&p| router.is_replicated(p))
+                        .collect();
+                    match touched.is_empty() {
+                        true => router.links[worker].send(request).await.wait().await,
+                        false => router.gated(worker, touched, request, deadline, None).await,
+                    }
+                }
+            };
+            let _ = sender.send(result);
+        });
+        Call::pending(receiver, Instant::now() + REQUEST_TIMEOUT)
     }
 
     /// This copy's term, if it is the primary of `partition` and may start a write

@@ -97,9 +97,25 @@ fn log_input(partition: u16, commit_id: u64, record: &LogRecord<'_>) -> Vec<u8> 
     out
 }
 
-/// Seeds for `layout_log_entry`: a create, an update with an expiry, and a delete.
+/// Seeds for `layout_log_entry`: a create, an update with an expiry, a delete, and a
+/// transaction record's part.
 pub fn log_entry_seeds() -> Vec<(&'static str, Vec<u8>)> {
-    use shoal_shared::frame::ChangeType;
+    use shoal_shared::frame::{ChangeType, Key, TxAction, TxOp, DECIDER_PARTITION};
+    use shoal_shared::layout::{encode_intent, Intent, IntentState};
+    let txn_part = encode_intent(&Intent {
+        decider: DECIDER_PARTITION | 2,
+        created_ms: 1_700_000_000_000,
+        state: IntentState::Prepared,
+        ops: vec![TxOp {
+            collection: 0,
+            key: Key {
+                partition: 2,
+                bytes: b"key".to_vec(),
+            },
+            action: TxAction::Delete,
+        }],
+    })
+    .unwrap_or_default();
     let create = LogRecord {
         timestamp_ms: 1_700_000_000_000,
         change: ChangeType::Create,
@@ -131,6 +147,19 @@ pub fn log_entry_seeds() -> Vec<(&'static str, Vec<u8>)> {
                 &LogRecord {
                     change: ChangeType::Delete,
                     data: b"",
+                    ..create
+                },
+            ),
+        ),
+        (
+            "txn",
+            log_input(
+                2,
+                9,
+                &LogRecord {
+                    change: ChangeType::Txn,
+                    key: &42u64.to_be_bytes(),
+                    data: &txn_part,
                     ..create
                 },
             ),

@@ -146,6 +146,10 @@ pub enum RecordTable {
     Meta,
     /// `expiry`: the index of keys with a time to live.
     Expiry,
+    /// `txns`: the partition's part of a two-phase commit record (a prepared intent or a
+    /// decision), keyed by transaction id; its value is the part (see
+    /// `shoal_shared::layout::Intent::part`).
+    Txns,
 }
 
 /// One raw record of a partition: its table, its stored key and its stored value, byte for byte.
@@ -762,6 +766,10 @@ pub enum ChangeType {
     Update = 0b10,
     /// `11`: a new primary's first entry; it changes no key.
     Marker = 0b11,
+    /// `100`: a two-phase commit record of the partition changed: a prepared intent, the
+    /// decider's decision, or their removal. It changes no key; the entry's key is the
+    /// transaction id and its data the partition's part of the record (empty: none left).
+    Txn = 0b100,
 }
 
 impl ChangeType {
@@ -772,6 +780,7 @@ impl ChangeType {
             0b01 => Some(ChangeType::Delete),
             0b10 => Some(ChangeType::Update),
             0b11 => Some(ChangeType::Marker),
+            0b100 => Some(ChangeType::Txn),
             _ => None,
         }
     }
@@ -783,6 +792,7 @@ impl ChangeType {
             ChangeType::Delete => "delete",
             ChangeType::Update => "update",
             ChangeType::Marker => "marker",
+            ChangeType::Txn => "txn",
         }
     }
 }
@@ -1105,15 +1115,17 @@ mod tests {
         assert_eq!(ChangeType::Delete as u8, 0b01);
         assert_eq!(ChangeType::Update as u8, 0b10);
         assert_eq!(ChangeType::Marker as u8, 0b11);
+        assert_eq!(ChangeType::Txn as u8, 0b100);
         let all = [
             ChangeType::Create,
             ChangeType::Delete,
             ChangeType::Update,
             ChangeType::Marker,
+            ChangeType::Txn,
         ];
         for change in all {
             assert_eq!(ChangeType::from_byte(change as u8), Some(change));
         }
-        assert_eq!(ChangeType::from_byte(4), None);
+        assert_eq!(ChangeType::from_byte(5), None);
     }
 }

@@ -23,15 +23,26 @@
 //! value = timestamp_ms u64 ++ change_type u8 ++ collection u16 ++ expires_at_ms u64 (0: none)
 //!         ++ key_len u16 ++ key ++ data
 //! ```
-//! `change_type` is 0b00 create, 0b01 delete, 0b10 update, 0b11 marker. `data` is
-//! the new value (empty for a delete). A marker opens a primary's term and changes
-//! no key: its collection is 0 and its key and data are empty. `key_len` is at most `MAX_STORED_KEY_BYTES`.
+//! `change_type` is 0b00 create, 0b01 delete, 0b10 update, 0b11 marker, 0b100 txn.
+//! `data` is the new value (empty for a delete). A marker opens a primary's term and
+//! changes no key: its collection is 0 and its key and data are empty. `key_len` is at
+//! most `MAX_STORED_KEY_BYTES`.
+//!
+//! A txn entry records that the partition's part of a two-phase commit record in `txns`
+//! changed, in the same transaction as the change: its key is the transaction id (u64,
+//! 8 bytes), its collection and expiry are 0, and its data is the part as it is now
+//! (`Intent::part`, bincode like a `txns` value) or empty when the partition's part is
+//! gone (applied, aborted, forgotten). Only records whose decider is named by partition
+//! (in a cluster) are logged, so that a partition's copies hold the prepared intents
+//! touching it and the decisions it took; they change no key.
 //!
 //! Named database `txns`, multi-worker transactions this shard takes part in:
 //! ```text
 //! key   = txid u64
 //! value = bincode 2 (serde) of `Intent`
 //! ```
+//! A record is the union of its parts, one per partition (`Intent::part`): on a follower
+//! it is built from the txn entries of each partition's log (`replace_part`).
 //!
 //! Named database `meta`:
 //! ```text
@@ -58,7 +69,7 @@
 //! bytes. It exists only while the partition is fenced; no other `meta` key starts
 //! with "fence", and fence entries are never part of a partition's exported records.
 
-use crate::frame::{ChangeType, Collection, LogEntry, Partition};
+use crate::frame::{ChangeType, Collection, LogEntry, Partition, DECIDER_PARTITION};
 use crate::limits::{
     EXPIRY_KEY_PREFIX_BYTES, LMDB_MAX_KEY_BYTES, MAX_KEY_BYTES, MAX_STORED_KEY_BYTES,
 };
@@ -542,7 +553,7 @@ mod tests {
         assert!(log_key(3, u64::MAX) < log_key(4, 0));
         assert!(decode_log_entry(&key, &value[..12]).is_err());
         let mut bad = value.clone();
-        bad[8] = 4;
+        bad[8] = 5;
         assert!(decode_log_entry(&key, &bad).is_err());
         // A key length beyond any stored key is corruption, even if the bytes are there
         // (found by fuzzing: the entry would not re-encode).
@@ -601,10 +612,79 @@ mod tests {
             assert!(!other.starts_with(META_FENCE_PREFIX));
         }
     }
+
+    fn op(partition: Partition, key: &[u8]) -> crate::frame::TxOp {
+        crate::frame::TxOp {
+            collection: 0,
+            key: crate::frame::Key {
+                partition,
+                bytes: key.to_vec(),
+            },
+            action: crate::frame::TxAction::Delete,
+        }
+    }
+
+    #[test]
+    fn a_record_splits_into_parts_and_is_rebuilt_from_them_in_any_order() {
+        let prepared = Intent {
+            decider: DECIDER_PARTITION | 3,
+            created_ms: 10,
+            state: IntentState::Prepared,
+            ops: vec![op(3, b"a"), op(5, b"b"), op(3, b"c")],
+        };
+        assert_eq!(prepared.partitions(), vec![3, 5]);
+        let part3 = prepared.part(3).unwrap();
+        assert_eq!(part3.ops, vec![op(3, b"a"), op(3, b"c")]);
+        assert!(part3.is_part_of(3) && !part3.is_part_of(5));
+        assert_eq!(prepared.part(4), None);
+        let part5 = prepared.part(5).unwrap();
+        // Rebuilt from its parts, whichever comes first.
+        let ab = replace_part(
+            replace_part(None, 3, Some(part3.clone())),
+            5,
+            Some(part5.clone()),
+        );
+        let ba = replace_part(
+            replace_part(None, 5, Some(part5.clone())),
+            3,
+            Some(part3.clone()),
+        );
+        assert_eq!(ab.as_ref().map(Intent::partitions), Some(vec![3, 5]));
+        assert_eq!(ab.as_ref().map(|r| r.ops.len()), Some(3));
+        assert_eq!(ba.as_ref().map(|r| r.ops.len()), Some(3));
+        // The decider commits: partition 3's part is the decision, 5's is gone.
+        let decided = Intent {
+            state: IntentState::Committed,
+            ops: Vec::new(),
+            ..prepared.clone()
+        };
+        let decision = decided.part(3).unwrap();
+        assert_eq!(decision.state, IntentState::Committed);
+        assert!(decision.is_part_of(3) && !decision.is_part_of(5));
+        assert_eq!(decided.part(5), None);
+        assert_eq!(decided.partitions(), vec![3]);
+        // A follower that hears of the decision before partition 5's commit keeps both.
+        let both = replace_part(ab, 3, Some(decision.clone())).unwrap();
+        assert_eq!(both.state, IntentState::Committed);
+        assert_eq!(both.ops, vec![op(5, b"b")]);
+        assert_eq!(both.part(3), Some(decision));
+        assert_eq!(both.part(5), Some(part5));
+        let settled = replace_part(Some(both), 5, None).unwrap();
+        assert_eq!(settled.ops, Vec::new());
+        // Forgetting the decision leaves nothing.
+        assert_eq!(replace_part(Some(settled), 3, None), None);
+        // A part may not claim another partition's decision, nor be empty and prepared.
+        let empty = Intent {
+            ops: Vec::new(),
+            ..prepared.clone()
+        };
+        assert!(!empty.is_part_of(3));
+    }
 }
 
-/// A transaction as recorded in `txns`.
-#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+/// A transaction as recorded in `txns`: the union of its *parts*, one per partition it
+/// concerns (see [`Intent::part`]).
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct Intent {
     /// The worker that holds the decision, or the partition whose participant holds it
     /// (with [`crate::frame::DECIDER_PARTITION`]).
@@ -613,7 +693,10 @@ pub struct Intent {
     pub created_ms: u64,
     /// Prepared, or the decider's commit record.
     pub state: IntentState,
-    /// The transaction's ops on this shard.
+    /// The transaction's ops on this shard that are prepared and not applied yet: all of
+    /// them while `Prepared`; none on a decider's commit record, unless some partitions'
+    /// ops are left to their own copies (a record whose partitions have different
+    /// primaries, or a follower that has the decision before another partition's commit).
     pub ops: Vec<crate::frame::TxOp>,
 }
 
@@ -624,6 +707,88 @@ pub enum IntentState {
     Prepared,
     /// The decider's record that the transaction committed (its ops are applied).
     Committed,
+}
+
+impl Intent {
+    /// The partition whose log holds the decision, when the decider is named by partition.
+    pub fn decider_partition(&self) -> Option<Partition> {
+        (self.decider & DECIDER_PARTITION != 0).then_some(self.decider & !DECIDER_PARTITION)
+    }
+
+    /// Whether this record holds the decision of `partition` (a commit record decided by it).
+    fn decides_in(&self, partition: Partition) -> bool {
+        self.state == IntentState::Committed && self.decider_partition() == Some(partition)
+    }
+
+    /// The partitions this record concerns: those of its ops, and the decider's partition
+    /// when this is its commit record. Ascending, without repeats.
+    pub fn partitions(&self) -> Vec<Partition> {
+        let mut partitions: Vec<Partition> = self.ops.iter().map(|op| op.key.partition).collect();
+        if self.state == IntentState::Committed {
+            partitions.extend(self.decider_partition());
+        }
+        partitions.sort_unstable();
+        partitions.dedup();
+        partitions
+    }
+
+    /// `partition`'s part of this record, what that partition's log and copies carry: its
+    /// ops, and the decision if the partition decides (a `Committed` part). `None` when
+    /// the record holds neither.
+    pub fn part(&self, partition: Partition) -> Option<Intent> {
+        let ops: Vec<crate::frame::TxOp> = self
+            .ops
+            .iter()
+            .filter(|op| op.key.partition == partition)
+            .cloned()
+            .collect();
+        let decides = self.decides_in(partition);
+        (decides || !ops.is_empty()).then_some(Intent {
+            decider: self.decider,
+            created_ms: self.created_ms,
+            state: match decides {
+                true => IntentState::Committed,
+                false => IntentState::Prepared,
+            },
+            ops,
+        })
+    }
+
+    /// Whether `part` can be `partition`'s part of a record: its ops are all in the
+    /// partition, and a `Committed` part is decided by it.
+    pub fn is_part_of(&self, partition: Partition) -> bool {
+        self.ops.iter().all(|op| op.key.partition == partition)
+            && (self.state == IntentState::Prepared || self.decides_in(partition))
+            && (self.state == IntentState::Committed || !self.ops.is_empty())
+    }
+}
+
+/// `record` with `partition`'s part replaced by `part` (`None`: removed). `None` when
+/// nothing is left of the record.
+pub fn replace_part(
+    record: Option<Intent>,
+    partition: Partition,
+    part: Option<Intent>,
+) -> Option<Intent> {
+    let rest = record.map(|mut record| {
+        record.ops.retain(|op| op.key.partition != partition);
+        if record.decides_in(partition) {
+            record.state = IntentState::Prepared;
+        }
+        record
+    });
+    let merged = match (rest, part) {
+        (rest, None) => rest,
+        (None, Some(part)) => Some(part),
+        (Some(mut rest), Some(part)) => {
+            rest.ops.extend(part.ops);
+            if part.state == IntentState::Committed {
+                rest.state = IntentState::Committed;
+            }
+            Some(rest)
+        }
+    };
+    merged.filter(|record| record.state == IntentState::Committed || !record.ops.is_empty())
 }
 
 fn intent_config() -> impl bincode::config::Config {
@@ -645,9 +810,10 @@ pub fn decode_intent(raw: &[u8]) -> Result<Intent, CorruptError> {
         })
 }
 
-/// Whether a `txns` record is a prepared intent (its keys are locked), not a decision record.
-pub(crate) fn is_prepared(raw: &[u8]) -> Result<bool, CorruptError> {
-    Ok(decode_intent(raw)?.state == IntentState::Prepared)
+/// Whether a `txns` record locks keys: it holds ops not applied yet (a prepared intent,
+/// or a decision record with parts left to other copies).
+pub(crate) fn locks_keys(raw: &[u8]) -> Result<bool, CorruptError> {
+    Ok(!decode_intent(raw)?.ops.is_empty())
 }
 
 /// Whether a `txns` record is a decider's commit record (not a prepared intent).

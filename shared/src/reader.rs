@@ -239,11 +239,20 @@ impl ShardReader {
         })
     }
 
+    /// The partitions the `txns` record of `txid` concerns (`Intent::partitions`); none
+    /// when this shard holds no record of it.
+    pub fn transaction_partitions(&self, txid: u64) -> Result<Vec<Partition>, StoreError> {
+        self.with_txn(|txn| match self.txns.get(txn, &txid.to_be_bytes())? {
+            Some(raw) => Ok(layout::decode_intent(raw)?.partitions()),
+            None => Ok(Vec::new()),
+        })
+    }
+
     /// Whether a multi-key write is prepared (holds key locks) on this shard.
     fn any_prepared(&self, txn: &RoTxn<WithoutTls>) -> Result<bool, StoreError> {
         for item in self.txns.iter(txn)? {
             let (_, raw) = item?;
-            if layout::is_prepared(raw)? {
+            if layout::locks_keys(raw)? {
                 return Ok(true);
             }
         }

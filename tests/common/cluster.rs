@@ -38,8 +38,9 @@ use super::{free_port_on, merge, poll_until, process_alive, signal, RawConn, Res
 /// The secret every host of a test cluster shares.
 pub const SECRET: &str = "shoal-cluster-tests-secret";
 
-/// How long one query of a host may take (connect, then the reply).
-pub const QUERY_TIMEOUT: Duration = Duration::from_secs(3);
+/// How long one query of a host may take (connect, then the reply): past the server's
+/// own request timeout (5 s), within which a request waits out a failover or handover.
+pub const QUERY_TIMEOUT: Duration = Duration::from_secs(6);
 
 /// How long a host may take to found a cluster once it answers PING.
 pub const FOUND_TIMEOUT: Duration = Duration::from_secs(20);

@@ -1156,6 +1156,9 @@ impl ClusterNode {
                 }
             }
             if self.replicas > 1 {
+                // The table as the commands above left it: a round started from an older
+                // epoch would fence every copy and then fail to promote.
+                let ni = self.ni();
                 self.start_failovers(&ni);
                 self.start_handovers(&ni, &settings);
             }

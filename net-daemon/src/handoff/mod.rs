@@ -178,6 +178,18 @@ async fn reconcile(
                 owner,
                 already_fenced,
             } => {
+                // The plan is as old as the table it was made from: a partition given to
+                // this host since (a new follower may already have applied entries) is
+                // not cleared.
+                let now_held = router
+                    .node()
+                    .ni()
+                    .partitions
+                    .get(usize::from(partition))
+                    .is_some_and(|entry| entry.is_member(me) || entry.target == Some(me));
+                if now_held {
+                    continue;
+                }
                 let worker = partition_worker(partition, shell.dispatch.links.len());
                 let mut result = Ok(WorkerResponse::Ok);
                 if !already_fenced {

@@ -3,7 +3,10 @@
 //! It owns the order of the requests of one transaction: the fast path (one participant,
 //! one `Atomic`), or two-phase commit (`Prepare` on each participant in order, `Commit` on
 //! the decider, `Commit` on the others, `Forget` on the decider), the aborts and the
-//! retries after lock conflicts, and the outcome.
+//! retries after lock conflicts, and the outcome. A decider named by partition (in a
+//! cluster) gets a second `Commit` right after the first: the first only records the
+//! decision, which must be replicated before any data changes, and the second applies
+//! the decider's ops.
 //!
 //! It talks to nobody. [`Coordinator::poll_action`] yields the requests to send and, last,
 //! the outcome; [`Coordinator::handle`] takes each answer, and the end of the backoff
@@ -18,7 +21,9 @@ use std::collections::VecDeque;
 use std::fmt::Debug;
 use std::time::{Duration, Instant};
 
-use shoal_shared::frame::{TxAction, TxOp, TxOutcome, WorkerError, WorkerRequest, WorkerResponse};
+use shoal_shared::frame::{
+    TxAction, TxOp, TxOutcome, WorkerError, WorkerRequest, WorkerResponse, DECIDER_PARTITION,
+};
 
 /// How long a transaction retries after lock conflicts before giving up.
 pub(crate) const CONFLICT_DEADLINE: Duration = Duration::from_secs(3);
@@ -110,6 +115,9 @@ enum State<D, E> {
     Backoff { until: Instant },
     /// The decider's `Commit`: the decision.
     CommittingDecider,
+    /// The decider's second `Commit`, when it is named by partition: its first recorded
+    /// only the decision, this one applies its ops.
+    ApplyingDecider,
     /// The `Commit` of `prepared[index]` (not the decider).
     CommittingOther { index: usize, all_committed: bool },
     /// The decider's `Forget`.
@@ -262,8 +270,21 @@ impl<D: Address, E: Debug> Coordinator<D, E> {
                     self.abort_prepared(AfterAbort::Fail(Failure::AbortedByDecider), now);
                 }
                 Ok(WorkerResponse::Error(_)) | Err(_) => self.finish(Err(Failure::OutcomeUnknown)),
-                Ok(_) => self.commit_other(1, true),
+                Ok(_) => {
+                    let decider = self.prepared[0].0;
+                    if decider.decider() & DECIDER_PARTITION != 0 {
+                        let request = WorkerRequest::Commit { txid: self.txid };
+                        self.send(decider, request, State::ApplyingDecider);
+                    } else {
+                        self.commit_other(1, true);
+                    }
+                }
             },
+            // Committed either way; recovery applies what a failed apply left.
+            State::ApplyingDecider => {
+                let applied = matches!(answer, Ok(WorkerResponse::Ok));
+                self.commit_other(1, applied);
+            }
             State::CommittingOther {
                 index,
                 all_committed,
@@ -565,6 +586,49 @@ mod tests {
         expect(&mut core, forget(0, 7));
         answer(&mut core, 0, Err(Lost), now);
         let all_done = vec![vec![TxOutcome::Done]; 3];
+        expect(&mut core, Action::Finished(Ok(all_done)));
+    }
+
+    #[test]
+    fn a_decider_named_by_partition_decides_then_applies_in_a_second_commit() {
+        let now = Instant::now();
+        let decider = DECIDER_PARTITION | 5;
+        let two = vec![(W(decider), vec![put("a")]), (W(1), vec![put("b")])];
+        let mut core = Core::new(two, 7, SEED, now);
+        for (to, key) in [(decider, "a"), (1, "b")] {
+            let request = WorkerRequest::Prepare {
+                txid: 7,
+                decider,
+                ops: vec![put(key)],
+            };
+            expect(&mut core, Action::Send { to: W(to), request });
+            answer(&mut core, to, done(), now);
+        }
+        // The decision; then, once it is answered (replicated), the decider's ops.
+        expect(&mut core, commit(decider, 7));
+        answer(&mut core, decider, Ok(WorkerResponse::Ok), now);
+        expect(&mut core, commit(decider, 7));
+        answer(&mut core, decider, Ok(WorkerResponse::Ok), now);
+        expect(&mut core, commit(1, 7));
+        answer(&mut core, 1, Ok(WorkerResponse::Ok), now);
+        expect(&mut core, forget(decider, 7));
+        answer(&mut core, decider, Ok(WorkerResponse::Ok), now);
+        let all_done = vec![vec![TxOutcome::Done]; 2];
+        expect(&mut core, Action::Finished(Ok(all_done.clone())));
+
+        // A failed apply leaves the rest to recovery: committed, and nothing forgotten.
+        let two = vec![(W(decider), vec![put("a")]), (W(1), vec![put("b")])];
+        let mut core = Core::new(two, 8, SEED, now);
+        for to in [decider, 1] {
+            core.poll_action();
+            answer(&mut core, to, done(), now);
+        }
+        expect(&mut core, commit(decider, 8));
+        answer(&mut core, decider, Ok(WorkerResponse::Ok), now);
+        expect(&mut core, commit(decider, 8));
+        answer(&mut core, decider, Err(Lost), now);
+        expect(&mut core, commit(1, 8));
+        answer(&mut core, 1, Ok(WorkerResponse::Ok), now);
         expect(&mut core, Action::Finished(Ok(all_done)));
     }
 

@@ -197,11 +197,20 @@ pub async fn recover(dispatch: Arc<Dispatch>, shutting_down: Arc<AtomicBool>) {
         while let Some(action) = recovery.poll_action() {
             let event = match action {
                 recovery::Action::Send { to, request } => {
-                    let dest = match to {
-                        Target::Worker(worker) => Dest::Worker(worker),
-                        Target::Decider(decider) => decider_dest(&dispatch, decider),
+                    let call = match (to, &dispatch.router) {
+                        // In a cluster, what recovery changes on a local worker is
+                        // answered once replicated.
+                        (Target::Worker(worker), Some(router)) => router.local(worker, request),
+                        (Target::Worker(worker), None) => {
+                            dispatch.send(Dest::Worker(worker), request).await
+                        }
+                        (Target::Decider(decider), _) => {
+                            dispatch
+                                .send(decider_dest(&dispatch, decider), request)
+                                .await
+                        }
                     };
-                    let answer = dispatch.send(dest, request).await.wait().await.ok();
+                    let answer = call.wait().await.ok();
                     recovery::Event::Answer { from: to, answer }
                 }
                 recovery::Action::SendToOtherHosts { request } => {

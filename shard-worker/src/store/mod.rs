@@ -582,14 +582,10 @@ impl Store {
                 txid,
                 older_than_ms,
             } => self.decide(txn, batch, *txid, *older_than_ms),
-            WorkerRequest::Decided { older_than_ms } => {
-                self.decided(txn, batch.now_ms, *older_than_ms)
-            }
-            WorkerRequest::InDoubt { older_than_ms } => {
-                self.in_doubt(txn, batch.now_ms, *older_than_ms)
-            }
+            WorkerRequest::Decided { older_than_ms } => self.decided(txn, batch, *older_than_ms),
+            WorkerRequest::InDoubt { older_than_ms } => self.in_doubt(txn, batch, *older_than_ms),
             WorkerRequest::Forget { txid } => self.forget(txn, batch, *txid),
-            WorkerRequest::Transactions => self.transactions(txn),
+            WorkerRequest::Transactions => self.transactions(txn, batch),
             WorkerRequest::ReadLog {
                 partition,
                 from_commit_id,

@@ -46,6 +46,7 @@ impl Store {
             RecordTable::Log => Some(self.log),
             RecordTable::Meta => Some(self.meta),
             RecordTable::Expiry => Some(self.expiry),
+            RecordTable::Txns => Some(self.txns),
         }
     }
 
@@ -54,11 +55,17 @@ impl Store {
         let mut tables: Vec<RecordTable> = (0..self.collections.len() as u16)
             .map(RecordTable::Collection)
             .collect();
-        tables.extend([RecordTable::Log, RecordTable::Meta, RecordTable::Expiry]);
+        tables.extend([
+            RecordTable::Log,
+            RecordTable::Meta,
+            RecordTable::Expiry,
+            RecordTable::Txns,
+        ]);
         tables
     }
 
-    /// Whether a raw key of `table` belongs to `partition`.
+    /// Whether a raw key of `table` belongs to `partition`. A `txns` record may concern
+    /// several partitions: its part is picked by [`Store::exported_value`].
     fn belongs(table: RecordTable, key: &[u8], partition: Partition) -> bool {
         let prefix = partition.to_be_bytes();
         match table {
@@ -67,7 +74,27 @@ impl Store {
             RecordTable::Expiry => {
                 layout::decode_expiry_key(key).is_ok_and(|entry| entry.partition == partition)
             }
+            RecordTable::Txns => true,
         }
+    }
+
+    /// The exported value of a record of `partition`: the stored bytes, or, for a `txns`
+    /// record, the partition's part of it (`None` when it has none).
+    fn exported_value(
+        table: RecordTable,
+        value: &[u8],
+        partition: Partition,
+    ) -> heed::Result<Option<Vec<u8>>> {
+        if table != RecordTable::Txns {
+            return Ok(Some(value.to_vec()));
+        }
+        let record =
+            layout::decode_intent(value).map_err(|e| heed::Error::Decoding(Box::new(e)))?;
+        record
+            .part(partition)
+            .map(|part| layout::encode_intent(&part))
+            .transpose()
+            .map_err(|e| heed::Error::Encoding(Box::new(e)))
     }
 
     /// Reads up to about `max_bytes` of `partition`'s records, from `from` (inclusive).
@@ -106,7 +133,7 @@ impl Store {
             let lower = match (&start_key, i == first) {
                 (Some(key), true) => key.clone(),
                 _ => match table {
-                    RecordTable::Expiry => Vec::new(),
+                    RecordTable::Expiry | RecordTable::Txns => Vec::new(),
                     RecordTable::Meta => layout::partition_meta_key(partition).to_vec(),
                     _ => prefix.to_vec(),
                 },
@@ -120,14 +147,19 @@ impl Store {
             let range = (start, Bound::<&[u8]>::Unbounded);
             for item in db.range(txn, &range)? {
                 let (key, value) = item?;
-                if !matches!(table, RecordTable::Expiry | RecordTable::Meta)
-                    && !key.starts_with(&prefix)
+                if !matches!(
+                    table,
+                    RecordTable::Expiry | RecordTable::Meta | RecordTable::Txns
+                ) && !key.starts_with(&prefix)
                 {
                     break;
                 }
                 if !Self::belongs(table, key, partition) {
                     continue;
                 }
+                let Some(value) = Self::exported_value(table, value, partition)? else {
+                    continue;
+                };
                 if bytes >= max_bytes && !records.is_empty() {
                     return Ok(Chunk {
                         records,
@@ -139,7 +171,7 @@ impl Store {
                 records.push(Record {
                     table,
                     key: key.to_vec(),
-                    value: value.to_vec(),
+                    value,
                 });
             }
         }
@@ -225,6 +257,9 @@ impl Store {
                     let meta = layout::decode_partition_meta(value).map_err(|e| e.to_string())?;
                     metas.push((u16::from_be_bytes([high, low]), meta));
                 }
+                RecordTable::Txns => {
+                    txn_part(key, value)?;
+                }
                 _ => {}
             }
         }
@@ -241,11 +276,20 @@ impl Store {
         metas: &[(Partition, PartitionMeta)],
     ) -> heed::Result<()> {
         for record in records {
-            if record.table == RecordTable::Meta {
-                continue;
-            }
-            if let Some(db) = self.table(record.table) {
-                db.put(txn, &record.key, &record.value)?;
+            match record.table {
+                RecordTable::Meta => continue,
+                // A part of a record: merged into this shard's record of the transaction.
+                RecordTable::Txns => {
+                    let (txid, partition, part) = txn_part(&record.key, &record.value)
+                        .map_err(|why| heed::Error::Decoding(why.into()))?;
+                    self.set_part(txn, batch, txid, partition, Some(part))
+                        .map_err(op_to_heed)?;
+                }
+                table => {
+                    if let Some(db) = self.table(table) {
+                        db.put(txn, &record.key, &record.value)?;
+                    }
+                }
             }
         }
         for &(partition, meta) in metas {
@@ -288,6 +332,9 @@ impl Store {
                     entry.partition
                 )));
             }
+            if entry.change == ChangeType::Txn {
+                Self::check_txn_entry(entry)?;
+            }
         }
         for entry in entries {
             self.replay(txn, batch, entry)?;
@@ -297,8 +344,12 @@ impl Store {
     }
 
     fn replay(&self, txn: &mut RwTxn, batch: &mut Batch, entry: &LogEntry) -> Result<(), OpError> {
-        if entry.change != ChangeType::Marker {
-            self.replay_key(txn, entry)?;
+        match entry.change {
+            ChangeType::Marker => {}
+            ChangeType::Txn => self.apply_txn_entry(txn, batch, entry)?,
+            ChangeType::Create | ChangeType::Update | ChangeType::Delete => {
+                self.replay_key(txn, entry)?
+            }
         }
         self.log_replayed(txn, batch, entry)
     }
@@ -320,7 +371,7 @@ impl Store {
         if !applied {
             let old_expiry = stored.and_then(|(_, expires_at_ms)| expires_at_ms);
             let new_expiry = match entry.change {
-                ChangeType::Delete | ChangeType::Marker => None,
+                ChangeType::Delete | ChangeType::Marker | ChangeType::Txn => None,
                 ChangeType::Create | ChangeType::Update => entry.expires_at_ms,
             };
             if old_expiry != new_expiry {
@@ -336,7 +387,7 @@ impl Store {
                 }
             }
             match entry.change {
-                ChangeType::Delete | ChangeType::Marker => {
+                ChangeType::Delete | ChangeType::Marker | ChangeType::Txn => {
                     if stored.is_some() {
                         db.delete(txn, &stored_key)?;
                     }
@@ -393,15 +444,26 @@ impl Store {
         batch: &mut Batch,
         partition: Partition,
     ) -> OpResult {
-        if self.partition_locked(batch, partition) {
+        if self.partition_locked(batch, partition) && !self.is_replicated(txn, partition)? {
             return Err(OpError::Refused(WorkerError::Locked));
         }
         self.clear_partition_in(txn, batch, partition)?;
         Ok(WorkerResponse::Ok)
     }
 
-    /// Deletes `partition`'s keys and log by their prefix, its `meta` entry, and its
-    /// entries of the expiry index (which is ordered by time, so it is read whole).
+    /// Whether `partition` is replicated here (it has a replication state): its
+    /// transaction records travel in its log and its copies, so they never hold back a
+    /// fence or a clear of this copy.
+    fn is_replicated(&self, txn: &RwTxn, partition: Partition) -> Result<bool, OpError> {
+        Ok(self
+            .meta
+            .get(txn, &layout::replica_state_key(partition))?
+            .is_some())
+    }
+
+    /// Deletes `partition`'s keys and log by their prefix, its `meta` entry, its
+    /// entries of the expiry index (which is ordered by time, so it is read whole), and its
+    /// parts of transaction records (with their locks).
     fn clear_partition_in(
         &self,
         txn: &mut RwTxn,
@@ -429,6 +491,9 @@ impl Store {
         for key in &keys {
             self.expiry.delete(txn, key)?;
         }
+        deleted += self
+            .clear_parts(txn, batch, &|p| p == partition)
+            .map_err(op_to_heed)?;
         // Clearing an empty partition commits nothing (and costs no fsync).
         batch.dirty |= deleted + keys.len() > 0;
         Ok(())
@@ -440,7 +505,12 @@ impl Store {
         doomed: &dyn Fn(Partition) -> bool,
     ) -> Result<(), StoreError> {
         self.in_write_txn(|store, txn, batch| {
+            let changed = store.clear_parts(txn, batch, doomed).map_err(op_to_heed)?;
+            batch.dirty |= changed > 0;
             for table in store.tables() {
+                if table == RecordTable::Txns {
+                    continue;
+                }
                 let Some(db) = store.table(table) else {
                     continue;
                 };
@@ -467,6 +537,7 @@ impl Store {
         if fenced
             && (self.partition_locked(batch, partition)
                 || self.partition_in_transactions(txn, partition)?)
+            && !self.is_replicated(txn, partition)?
         {
             return Err(OpError::Refused(WorkerError::Locked));
         }
@@ -545,6 +616,28 @@ pub(super) fn refused(why: String) -> OpError {
     OpError::Refused(WorkerError::Storage(why))
 }
 
+/// An error of a request as an LMDB error, for code that runs inside a whole-shard change
+/// (a clear or an import) rather than as one request.
+fn op_to_heed(error: OpError) -> heed::Error {
+    match error {
+        OpError::Lmdb(error) => error,
+        OpError::Corrupt(error) => heed::Error::Decoding(Box::new(error)),
+        OpError::Refused(error) => heed::Error::Decoding(format!("{error:?}").into()),
+    }
+}
+
+/// A `txns` record of an export: (transaction id, its partition, the partition's part).
+fn txn_part(key: &[u8], value: &[u8]) -> Result<(u64, Partition, layout::Intent), String> {
+    let txid = layout::decode_u64(key, "transaction id").map_err(|e| e.to_string())?;
+    let part = layout::decode_intent(value).map_err(|e| e.to_string())?;
+    match part.partitions()[..] {
+        [partition] if part.is_part_of(partition) => Ok((txid, partition, part)),
+        _ => Err(format!(
+            "transaction record {txid} is not the part of one partition"
+        )),
+    }
+}
+
 fn doomed_keys(
     db: RawDatabase,
     txn: &RwTxn,
@@ -565,6 +658,7 @@ fn doomed_keys(
             RecordTable::Expiry => layout::decode_expiry_key(key)
                 .ok()
                 .map(|entry| entry.partition),
+            RecordTable::Txns => None,
         };
         if partition.is_some_and(doomed) {
             keys.push(key.to_vec());

@@ -1677,12 +1677,14 @@ fn prepared_transactions_hold_off_fences_and_clearing() {
         ]
     );
     // The commit itself is never refused. This store is the decider (it holds the ops of
-    // partition 3, which the intent names): its commit record holds the fence off until
-    // it is forgotten, so recovery never asks a new owner about it.
+    // partition 3, which the intent names): its first commit records the decision, the
+    // second applies the ops, and the commit record holds the fence off until it is
+    // forgotten, so recovery never asks a new owner about it.
     assert_eq!(
         apply(
             &mut store,
             &[
+                WorkerRequest::Commit { txid: 7 },
                 WorkerRequest::Commit { txid: 7 },
                 WorkerRequest::SetFence {
                     partition: 3,
@@ -1696,6 +1698,7 @@ fn prepared_transactions_hold_off_fences_and_clearing() {
             ]
         ),
         vec![
+            WorkerResponse::Ok,
             WorkerResponse::Ok,
             WorkerResponse::Error(WorkerError::Locked),
             WorkerResponse::Ok,
@@ -2094,4 +2097,482 @@ fn a_copy_under_way_is_recorded_apart_from_the_partitions_records() {
         vec![WorkerResponse::Ok]
     );
     assert!(!present(&store));
+}
+
+/// A prepare of `txid` decided by partition 1, with a put in partitions 1 and 2.
+fn prepare_across(txid: u64) -> WorkerRequest {
+    WorkerRequest::Prepare {
+        txid,
+        decider: shoal_shared::frame::DECIDER_PARTITION | 1,
+        ops: vec![
+            put_op(0, key(1, b"a"), b"A", false),
+            put_op(0, key(2, b"b"), b"B", false),
+        ],
+    }
+}
+
+/// Replicates `primary`'s log of `partition` after what `follower` holds.
+fn replicate_from(primary: &mut Store, follower: &mut Store, partition: Partition) {
+    let held = last_commit_id(follower, partition);
+    let entries: Vec<LogEntry> = read_log(primary, partition)
+        .into_iter()
+        .filter(|entry| entry.commit_id > held)
+        .collect();
+    let request = WorkerRequest::Replicate {
+        partition,
+        entries,
+        history: vec![(1, 1)],
+    };
+    let last = last_commit_id(primary, partition);
+    assert_eq!(
+        apply(follower, &[request]),
+        vec![WorkerResponse::Integer(last as i64)]
+    );
+}
+
+fn txn_entries(store: &mut Store, partition: Partition) -> Vec<(u64, Option<layout::Intent>)> {
+    read_log(store, partition)
+        .into_iter()
+        .filter(|entry| entry.change == ChangeType::Txn)
+        .map(|entry| {
+            let txid = u64::from_be_bytes(entry.key.as_slice().try_into().unwrap());
+            let part =
+                (!entry.data.is_empty()).then(|| layout::decode_intent(&entry.data).unwrap());
+            (txid, part)
+        })
+        .collect()
+}
+
+fn in_doubt(store: &mut Store) -> WorkerResponse {
+    apply(store, &[WorkerRequest::InDoubt { older_than_ms: 0 }]).remove(0)
+}
+
+#[test]
+fn transaction_records_are_logged_per_partition_and_rebuilt_on_a_follower() {
+    let dir = tempfile::tempdir().unwrap();
+    let clock = ManualClock::new(START_MS);
+    let mut primary = open_on(&dir.path().join("p"), &clock);
+    let mut follower = open_on(&dir.path().join("f"), &clock);
+    // The follower serves neither partition: both are fenced there, as its host does.
+    for partition in [1, 2] {
+        apply(
+            &mut follower,
+            &[WorkerRequest::PromiseTerm { partition, term: 1 }],
+        );
+        assert_eq!(fence(&mut follower, partition, true), WorkerResponse::Ok);
+    }
+    apply(&mut primary, &[prepare_across(7)]);
+    // Each partition's log holds its own part of the intent, in the prepare's transaction.
+    let logged1 = txn_entries(&mut primary, 1);
+    let logged2 = txn_entries(&mut primary, 2);
+    assert_eq!(logged1.len(), 1);
+    assert_eq!(logged2.len(), 1);
+    let part1 = logged1[0].1.clone().unwrap();
+    assert_eq!(
+        (logged1[0].0, part1.state),
+        (7, layout::IntentState::Prepared)
+    );
+    assert_eq!(part1.ops, vec![put_op(0, key(1, b"a"), b"A", false)]);
+    assert_eq!(
+        logged2[0].1.as_ref().unwrap().ops,
+        vec![put_op(0, key(2, b"b"), b"B", false)]
+    );
+    // A single-host record (decided by a worker) is not logged.
+    apply(
+        &mut primary,
+        &[WorkerRequest::Prepare {
+            txid: 8,
+            decider: 0,
+            ops: vec![put_op(0, key(3, b"c"), b"C", false)],
+        }],
+    );
+    assert_eq!(txn_entries(&mut primary, 3), vec![]);
+    apply(&mut primary, &[WorkerRequest::Abort { txid: 8 }]);
+
+    replicate_from(&mut primary, &mut follower, 1);
+    replicate_from(&mut primary, &mut follower, 2);
+    assert_eq!(follower.locks().holder(0, &key(1, b"a")), Some(7));
+    assert_eq!(follower.locks().holder(0, &key(2, b"b")), Some(7));
+    for partition in [1, 2] {
+        assert_eq!(
+            records_of(&mut follower, partition),
+            records_of(&mut primary, partition)
+        );
+    }
+    // Fenced copies are not the follower's to resolve.
+    assert_eq!(in_doubt(&mut follower), WorkerResponse::InDoubt(vec![]));
+    assert_eq!(
+        apply(&mut follower, &[WorkerRequest::Commit { txid: 7 }]),
+        vec![WorkerResponse::Error(WorkerError::PartitionMoved {
+            partition: 1
+        })]
+    );
+
+    // The decider's first commit records the decision in partition 1's log, and nothing
+    // else: no data changes before the decision is replicated.
+    let (before1, before2) = (
+        read_log(&mut primary, 1).len(),
+        read_log(&mut primary, 2).len(),
+    );
+    apply(&mut primary, &[WorkerRequest::Commit { txid: 7 }]);
+    let log1 = read_log(&mut primary, 1);
+    assert_eq!(log1.len(), before1 + 1);
+    let decision = txn_entries(&mut primary, 1)
+        .last()
+        .unwrap()
+        .1
+        .clone()
+        .unwrap();
+    assert_eq!(decision.state, layout::IntentState::Committed);
+    assert_eq!(decision.ops, vec![put_op(0, key(1, b"a"), b"A", false)]);
+    assert_eq!(read_log(&mut primary, 2).len(), before2);
+    assert_eq!(
+        get(&mut primary, 0, key(1, b"a")),
+        WorkerResponse::Value(None)
+    );
+    // The second applies the ops: each partition logs its data, then its part's end.
+    apply(&mut primary, &[WorkerRequest::Commit { txid: 7 }]);
+    let log2 = read_log(&mut primary, 2);
+    assert_eq!(
+        log2[before2..].iter().map(|e| e.change).collect::<Vec<_>>(),
+        vec![ChangeType::Create, ChangeType::Txn]
+    );
+    let decision = txn_entries(&mut primary, 1)
+        .last()
+        .unwrap()
+        .1
+        .clone()
+        .unwrap();
+    assert_eq!(
+        (decision.state, decision.ops),
+        (layout::IntentState::Committed, vec![])
+    );
+    assert_eq!(txn_entries(&mut primary, 2).last().unwrap().1, None);
+    // The follower hears of partition 1 first: it has the decision, and partition 2's
+    // key stays locked until that partition's entries come.
+    replicate_from(&mut primary, &mut follower, 1);
+    assert_eq!(follower.locks().holder(0, &key(1, b"a")), None);
+    assert_eq!(follower.locks().holder(0, &key(2, b"b")), Some(7));
+    drop(follower);
+    // The locks come back with the records after a restart.
+    let mut follower = open_on(&dir.path().join("f"), &clock);
+    assert_eq!(follower.locks().holder(0, &key(2, b"b")), Some(7));
+
+    // The primary is lost before partition 2's commit reached the follower, which is
+    // promoted: it serves both partitions, finds the transaction in doubt, decides it
+    // committed (it holds the decision) and applies the rest.
+    for partition in [1, 2] {
+        assert_eq!(fence(&mut follower, partition, false), WorkerResponse::Ok);
+    }
+    assert_eq!(
+        in_doubt(&mut follower),
+        WorkerResponse::InDoubt(vec![(7, shoal_shared::frame::DECIDER_PARTITION | 1)])
+    );
+    assert_eq!(
+        apply(
+            &mut follower,
+            &[WorkerRequest::Decide {
+                txid: 7,
+                older_than_ms: 0
+            }]
+        ),
+        vec![WorkerResponse::Integer(1)]
+    );
+    assert_eq!(
+        apply(&mut follower, &[WorkerRequest::Commit { txid: 7 }]),
+        vec![WorkerResponse::Ok]
+    );
+    assert!(follower.locks().is_empty());
+    assert_eq!(
+        get(&mut follower, 0, key(1, b"a")),
+        WorkerResponse::Value(Some(b"A".to_vec()))
+    );
+    assert_eq!(
+        get(&mut follower, 0, key(2, b"b")),
+        WorkerResponse::Value(Some(b"B".to_vec()))
+    );
+    assert_eq!(txn_entries(&mut follower, 2).last().unwrap().1, None);
+    assert_eq!(
+        apply(
+            &mut follower,
+            &[WorkerRequest::Decided { older_than_ms: 0 }]
+        ),
+        vec![WorkerResponse::InDoubt(vec![(
+            7,
+            shoal_shared::frame::DECIDER_PARTITION | 1
+        )])]
+    );
+    apply(&mut follower, &[WorkerRequest::Forget { txid: 7 }]);
+    assert_eq!(txn_entries(&mut follower, 1).last().unwrap().1, None);
+    assert_eq!(
+        apply(
+            &mut follower,
+            &[WorkerRequest::Decided { older_than_ms: 0 }]
+        ),
+        vec![WorkerResponse::InDoubt(vec![])]
+    );
+    assert_eq!(
+        apply(&mut follower, &[WorkerRequest::Transactions]),
+        vec![WorkerResponse::Integer(0)]
+    );
+}
+
+#[test]
+fn a_worker_that_follows_one_part_of_a_transaction_prepares_its_own_beside_it() {
+    // Host X follows partitions 1 and 2 (led elsewhere) and leads partition 3: one
+    // transaction has parts in all three.
+    let dir = tempfile::tempdir().unwrap();
+    let clock = ManualClock::new(START_MS);
+    let mut primary = open_on(&dir.path().join("p"), &clock);
+    let mut x = open_on(&dir.path().join("x"), &clock);
+    for partition in [1, 2] {
+        apply(&mut x, &[WorkerRequest::PromiseTerm { partition, term: 1 }]);
+        assert_eq!(fence(&mut x, partition, true), WorkerResponse::Ok);
+    }
+    apply(&mut primary, &[prepare_across(11)]);
+    replicate_from(&mut primary, &mut x, 1);
+    replicate_from(&mut primary, &mut x, 2);
+    let own = WorkerRequest::Prepare {
+        txid: 11,
+        decider: shoal_shared::frame::DECIDER_PARTITION | 1,
+        ops: vec![put_op(0, key(3, b"c"), b"C", false)],
+    };
+    assert!(matches!(
+        apply(&mut x, std::slice::from_ref(&own)).remove(0),
+        WorkerResponse::TxOutcomes(_)
+    ));
+    // Its own part is logged in its own partition; the followed parts are untouched.
+    let logged = txn_entries(&mut x, 3);
+    assert_eq!(logged.len(), 1);
+    assert_eq!(
+        logged[0].1.as_ref().unwrap().ops,
+        vec![put_op(0, key(3, b"c"), b"C", false)]
+    );
+    assert_eq!(txn_entries(&mut x, 1).len(), 1);
+    assert_eq!(x.locks().holder(0, &key(3, b"c")), Some(11));
+    assert_eq!(x.locks().holder(0, &key(1, b"a")), Some(11));
+    // The same part twice is a duplicate.
+    assert!(matches!(
+        apply(&mut x, &[own]).remove(0),
+        WorkerResponse::Error(WorkerError::Storage(_))
+    ));
+    // Its commit applies only what it serves, and keeps the followed parts.
+    assert_eq!(
+        apply(&mut x, &[WorkerRequest::Commit { txid: 11 }]),
+        vec![WorkerResponse::Ok]
+    );
+    assert_eq!(
+        get(&mut x, 0, key(3, b"c")),
+        WorkerResponse::Value(Some(b"C".to_vec()))
+    );
+    assert_eq!(x.locks().holder(0, &key(3, b"c")), None);
+    assert_eq!(x.locks().holder(0, &key(1, b"a")), Some(11));
+}
+
+#[test]
+fn a_promoted_follower_aborts_an_undecided_intent_and_frees_its_keys() {
+    let dir = tempfile::tempdir().unwrap();
+    let clock = ManualClock::new(START_MS);
+    let mut primary = open_on(&dir.path().join("p"), &clock);
+    let mut follower = open_on(&dir.path().join("f"), &clock);
+    apply(&mut primary, &[prepare_across(9)]);
+    replicate_from(&mut primary, &mut follower, 1);
+    replicate_from(&mut primary, &mut follower, 2);
+    drop(primary);
+    // Too young to presume it aborted: its coordinator may still be at work.
+    let decide = WorkerRequest::Decide {
+        txid: 9,
+        older_than_ms: 5_000,
+    };
+    assert_eq!(
+        apply(&mut follower, std::slice::from_ref(&decide)),
+        vec![WorkerResponse::Error(WorkerError::TxInProgress)]
+    );
+    clock.advance(5_000);
+    assert_eq!(
+        apply(&mut follower, &[decide]),
+        vec![WorkerResponse::Integer(0)]
+    );
+    assert!(follower.locks().is_empty());
+    assert_eq!(in_doubt(&mut follower), WorkerResponse::InDoubt(vec![]));
+    assert_eq!(txn_entries(&mut follower, 1).last().unwrap().1, None);
+    assert_eq!(txn_entries(&mut follower, 2).last().unwrap().1, None);
+    apply(&mut follower, &[set(0, key(2, b"b"), b"later")]);
+    assert_eq!(
+        get(&mut follower, 0, key(2, b"b")),
+        WorkerResponse::Value(Some(b"later".to_vec()))
+    );
+}
+
+#[test]
+fn a_commit_applies_only_the_parts_of_served_partitions() {
+    let dir = tempfile::tempdir().unwrap();
+    let clock = ManualClock::new(START_MS);
+    let mut store = open_on(dir.path(), &clock);
+    apply(&mut store, &[prepare_across(4)]);
+    // Partition 2 now has another primary: its part is left to its log.
+    apply(
+        &mut store,
+        &[WorkerRequest::PromiseTerm {
+            partition: 2,
+            term: 3,
+        }],
+    );
+    assert_eq!(fence(&mut store, 2, true), WorkerResponse::Ok);
+    let before2 = read_log(&mut store, 2).len();
+    for _decide_then_apply in 0..2 {
+        assert_eq!(
+            apply(&mut store, &[WorkerRequest::Commit { txid: 4 }]),
+            vec![WorkerResponse::Ok]
+        );
+    }
+    assert_eq!(
+        get(&mut store, 0, key(1, b"a")),
+        WorkerResponse::Value(Some(b"A".to_vec()))
+    );
+    assert_eq!(read_log(&mut store, 2).len(), before2);
+    assert_eq!(store.locks().holder(0, &key(2, b"b")), Some(4));
+    assert_eq!(store.locks().holder(0, &key(1, b"a")), None);
+    // The decision is here; the fenced part is nobody's to resolve on this copy.
+    assert_eq!(in_doubt(&mut store), WorkerResponse::InDoubt(vec![]));
+    assert_eq!(
+        apply(
+            &mut store,
+            &[WorkerRequest::Decide {
+                txid: 4,
+                older_than_ms: 0
+            }]
+        ),
+        vec![WorkerResponse::Integer(1)]
+    );
+    // Clearing the fenced copy (a full copy starts over) drops its part and its lock.
+    assert_eq!(
+        apply(
+            &mut store,
+            &[WorkerRequest::ClearPartition { partition: 2 }]
+        ),
+        vec![WorkerResponse::Ok]
+    );
+    assert!(store.locks().is_empty());
+}
+
+#[test]
+fn a_full_copy_carries_the_partitions_parts_of_transaction_records() {
+    let dir = tempfile::tempdir().unwrap();
+    let clock = ManualClock::new(START_MS);
+    let mut primary = open_on(&dir.path().join("p"), &clock);
+    let mut copy = open_on(&dir.path().join("c"), &clock);
+    apply(
+        &mut primary,
+        &[set(0, key(2, b"z"), b"1"), prepare_across(11)],
+    );
+    let records = records_of(&mut primary, 2);
+    let txns: Vec<&Record> = records
+        .iter()
+        .filter(|record| record.table == RecordTable::Txns)
+        .collect();
+    assert_eq!(txns.len(), 1);
+    let part = layout::decode_intent(&txns[0].value).unwrap();
+    assert_eq!(
+        part.partitions(),
+        vec![2],
+        "only partition 2's part is exported"
+    );
+    // Exported in small chunks, resuming in the middle of the tables.
+    for chunk in export_all(&mut primary, 2, 1) {
+        assert_eq!(
+            apply(
+                &mut copy,
+                &[WorkerRequest::ImportRecords { records: chunk }]
+            ),
+            vec![WorkerResponse::Ok]
+        );
+    }
+    assert_eq!(records_of(&mut copy, 2), records);
+    assert_eq!(copy.locks().holder(0, &key(2, b"b")), Some(11));
+    assert_eq!(copy.locks().holder(0, &key(1, b"a")), None);
+    // A copy that is not replicated keeps refusing to drop a prepared transaction's keys;
+    // a replicated one clears them with the partition.
+    assert_eq!(
+        apply(&mut copy, &[WorkerRequest::ClearPartition { partition: 2 }]),
+        vec![WorkerResponse::Error(WorkerError::Locked)]
+    );
+    apply(
+        &mut copy,
+        &[WorkerRequest::PromiseTerm {
+            partition: 2,
+            term: 1,
+        }],
+    );
+    assert_eq!(
+        apply(&mut copy, &[WorkerRequest::ClearPartition { partition: 2 }]),
+        vec![WorkerResponse::Ok]
+    );
+    assert!(copy.locks().is_empty());
+    assert_eq!(records_of(&mut copy, 2), vec![]);
+}
+
+#[test]
+fn a_follower_cut_off_after_the_decision_or_in_the_middle_of_an_apply_finishes_the_commit() {
+    let dir = tempfile::tempdir().unwrap();
+    let clock = ManualClock::new(START_MS);
+    let mut primary = open_on(&dir.path().join("p"), &clock);
+    let mut follower = open_on(&dir.path().join("f"), &clock);
+    apply(
+        &mut primary,
+        &[set(0, key(2, b"b"), b"old"), prepare_across(5)],
+    );
+    replicate_from(&mut primary, &mut follower, 1);
+    replicate_from(&mut primary, &mut follower, 2);
+    // The decision reaches the follower; then the apply, of which partition 2's log
+    // carries only the data entry, not yet the end of the part.
+    apply(&mut primary, &[WorkerRequest::Commit { txid: 5 }]);
+    replicate_from(&mut primary, &mut follower, 1);
+    apply(&mut primary, &[WorkerRequest::Commit { txid: 5 }]);
+    let held = last_commit_id(&mut follower, 2);
+    let cut: Vec<LogEntry> = read_log(&mut primary, 2)
+        .into_iter()
+        .filter(|entry| entry.commit_id > held)
+        .take(1)
+        .collect();
+    assert_eq!(cut[0].change, ChangeType::Update);
+    let request = WorkerRequest::Replicate {
+        partition: 2,
+        entries: cut,
+        history: vec![(1, 1)],
+    };
+    apply(&mut follower, &[request]);
+    drop(primary);
+    // Promoted: the data of partition 2 is there, and so is its part, still locked.
+    assert_eq!(follower.locks().holder(0, &key(2, b"b")), Some(5));
+    assert_eq!(follower.locks().holder(0, &key(1, b"a")), Some(5));
+    assert_eq!(
+        in_doubt(&mut follower),
+        WorkerResponse::InDoubt(vec![(5, shoal_shared::frame::DECIDER_PARTITION | 1)])
+    );
+    assert_eq!(
+        apply(
+            &mut follower,
+            &[WorkerRequest::Decide {
+                txid: 5,
+                older_than_ms: 0
+            }]
+        ),
+        vec![WorkerResponse::Integer(1)]
+    );
+    // Recovery's commit applies every op the record still holds, again where needed.
+    assert_eq!(
+        apply(&mut follower, &[WorkerRequest::Commit { txid: 5 }]),
+        vec![WorkerResponse::Ok]
+    );
+    assert!(follower.locks().is_empty());
+    assert_eq!(
+        get(&mut follower, 0, key(1, b"a")),
+        WorkerResponse::Value(Some(b"A".to_vec()))
+    );
+    assert_eq!(
+        get(&mut follower, 0, key(2, b"b")),
+        WorkerResponse::Value(Some(b"B".to_vec()))
+    );
+    assert_eq!(in_doubt(&mut follower), WorkerResponse::InDoubt(vec![]));
 }

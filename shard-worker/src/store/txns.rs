@@ -5,24 +5,36 @@
 //!   records the intent in `txns`, durably, in the group commit.
 //! - `Commit` applies the ops and drops the intent. On the transaction's
 //!   *decider* (one participant chosen by the coordinator), the commit also
-//!   leaves a commit record in `txns`: that record is the durable decision.
+//!   leaves a commit record in `txns`: that record is the durable decision. In a
+//!   cluster the decider's first `Commit` records only the decision, and a second
+//!   one applies its ops (see [`Store::commit`]).
 //! - `Abort` drops a prepared intent.
 //! - `Decide` answers, on the decider, whether a transaction committed. An
 //!   undecided transaction older than the caller's limit is aborted first:
 //!   presumed abort. No record means aborted.
 //!
-//! Locks live in memory ([`Locks`]) and are rebuilt from `txns` at start.
-//! They change only after the transaction that records them commits.
+//! A record is the union of one *part* per partition it concerns (`Intent::part`).
+//! When the decider is named by partition (in a cluster), every change of a part is
+//! also a txn entry of that partition's log, in the same transaction
+//! ([`Store::store_record`]), so that the partition's followers hold its prepared
+//! intents and decisions ([`Store::apply_txn_entry`]) and a promoted follower carries
+//! on. Requests change only the parts of partitions this worker serves: a fenced
+//! partition's part belongs to its copy elsewhere and changes only through its log.
+//! `InDoubt`, `Decided` and `Transactions` see only the parts of served partitions.
+//!
+//! Locks live in memory ([`Locks`]) and are rebuilt from `txns` at start: every op of
+//! a record, on any copy, locks its key. They change only after the transaction that
+//! records them commits.
 
 use std::collections::HashMap;
 
 use heed::RwTxn;
 use shoal_shared::frame::{
-    Collection, Key, Partition, TxAction, TxOp, TxOutcome, WorkerError, WorkerResponse,
-    DECIDER_PARTITION,
+    ChangeType, Collection, Key, LogEntry, Partition, TxAction, TxOp, TxOutcome, WorkerError,
+    WorkerResponse, DECIDER_PARTITION,
 };
 
-use shoal_shared::layout::{self, decode_intent, Intent, IntentState};
+use shoal_shared::layout::{self, decode_intent, replace_part, Intent, IntentState};
 
 use super::keyspace::Current;
 use super::{Batch, OpError, OpResult, Store, StoreError};
@@ -36,10 +48,11 @@ pub(crate) struct Locks {
     by_txid: HashMap<u64, Vec<LockKey>>,
 }
 
-/// A change to the locks, made once the transaction that records it commits.
-pub(crate) enum LockChange {
-    Acquire { txid: u64, keys: Vec<LockKey> },
-    Release { txid: u64 },
+/// A change to the locks, made once the transaction that records it commits: `txid`
+/// locks exactly `keys` from then on (none: it holds no lock).
+pub(crate) struct LockChange {
+    txid: u64,
+    keys: Vec<LockKey>,
 }
 
 impl Locks {
@@ -61,11 +74,15 @@ impl Locks {
         }
     }
 
-    /// Whether a key of `partition` is locked by a transaction not in `released`.
-    fn locks_in(&self, partition: Partition, released: &[u64]) -> bool {
+    /// Whether a key of `partition` is locked, once `latest` (each transaction's keys as
+    /// changed in the current write transaction) is applied.
+    fn locks_in(&self, partition: Partition, latest: &HashMap<u64, &[LockKey]>) -> bool {
         self.by_key
             .iter()
-            .any(|((_, p, _), txid)| *p == partition && !released.contains(txid))
+            .any(|((_, p, _), txid)| *p == partition && !latest.contains_key(txid))
+            || latest
+                .values()
+                .any(|keys| keys.iter().any(|(_, p, _)| *p == partition))
     }
 
     /// Whether no key is locked.
@@ -74,21 +91,17 @@ impl Locks {
     }
 
     pub(crate) fn apply(&mut self, changes: Vec<LockChange>) {
-        for change in changes {
-            match change {
-                LockChange::Acquire { txid, keys } => {
-                    for key in &keys {
-                        self.by_key.insert(key.clone(), txid);
-                    }
-                    self.by_txid.entry(txid).or_default().extend(keys);
+        for LockChange { txid, keys } in changes {
+            for key in self.by_txid.remove(&txid).unwrap_or_default() {
+                if self.by_key.get(&key) == Some(&txid) {
+                    self.by_key.remove(&key);
                 }
-                LockChange::Release { txid } => {
-                    for key in self.by_txid.remove(&txid).unwrap_or_default() {
-                        if self.by_key.get(&key) == Some(&txid) {
-                            self.by_key.remove(&key);
-                        }
-                    }
+            }
+            if !keys.is_empty() {
+                for key in &keys {
+                    self.by_key.insert(key.clone(), txid);
                 }
+                self.by_txid.insert(txid, keys);
             }
         }
     }
@@ -110,8 +123,8 @@ impl Store {
             let (raw_id, raw) = item?;
             let txid = shoal_shared::layout::decode_u64(raw_id, "transaction id")?;
             let intent = decode_intent(raw).map_err(StoreError::Corrupt)?;
-            if intent.state == IntentState::Prepared {
-                changes.push(LockChange::Acquire {
+            if !intent.ops.is_empty() {
+                changes.push(LockChange {
                     txid,
                     keys: lock_keys(&intent.ops),
                 });
@@ -134,25 +147,142 @@ impl Store {
         }
     }
 
-    fn put_intent(
+    /// Replaces `txid`'s record, `old` as this transaction read it, with `new` (`None`:
+    /// removed), and locks exactly the keys of its ops. With `log`, and a decider named by
+    /// partition, each partition's part that changed is logged as a txn entry of that
+    /// partition. Replicated entries are stored without `log`: they are the log already.
+    fn store_record(
         &self,
         txn: &mut RwTxn,
         batch: &mut Batch,
         txid: u64,
-        intent: &Intent,
+        old: Option<&Intent>,
+        new: Option<&Intent>,
+        log: bool,
     ) -> Result<(), OpError> {
-        let raw = layout::encode_intent(intent).map_err(|e| {
-            OpError::Refused(WorkerError::Storage(format!("cannot encode intent: {e}")))
-        })?;
-        self.txns.put(txn, &txid.to_be_bytes(), &raw)?;
+        match new {
+            Some(record) => {
+                self.txns.put(txn, &txid.to_be_bytes(), &encode(record)?)?;
+            }
+            None => {
+                self.txns.delete(txn, &txid.to_be_bytes())?;
+            }
+        }
         batch.dirty = true;
+        batch.lock_changes.push(LockChange {
+            txid,
+            keys: new.map(|record| lock_keys(&record.ops)).unwrap_or_default(),
+        });
+        let by_partition = old
+            .or(new)
+            .is_some_and(|record| record.decider_partition().is_some());
+        if !log || !by_partition {
+            return Ok(());
+        }
+        let mut partitions: Vec<Partition> = old.map(Intent::partitions).unwrap_or_default();
+        partitions.extend(new.map(Intent::partitions).unwrap_or_default());
+        partitions.sort_unstable();
+        partitions.dedup();
+        for partition in partitions {
+            let part = new.and_then(|record| record.part(partition));
+            if old.and_then(|record| record.part(partition)) == part {
+                continue;
+            }
+            let data = match &part {
+                Some(part) => encode(part)?,
+                None => Vec::new(),
+            };
+            let commit_id = self.next_commit_id(txn, batch, partition)?;
+            let key = Key {
+                partition,
+                bytes: txid.to_be_bytes().to_vec(),
+            };
+            self.append_log(txn, batch, commit_id, ChangeType::Txn, 0, &key, None, &data)?;
+        }
         Ok(())
     }
 
-    fn delete_intent(&self, txn: &mut RwTxn, batch: &mut Batch, txid: u64) -> Result<(), OpError> {
-        self.txns.delete(txn, &txid.to_be_bytes())?;
-        batch.dirty = true;
+    /// Checks a txn entry of a replicated or replayed log: its key is a transaction id and
+    /// its data, if any, a part of its partition. Returns the id and the part.
+    pub(crate) fn check_txn_entry(entry: &LogEntry) -> Result<(u64, Option<Intent>), OpError> {
+        let txid = layout::decode_u64(&entry.key, "transaction id of a txn entry")?;
+        if entry.data.is_empty() {
+            return Ok((txid, None));
+        }
+        let part = decode_intent(&entry.data)?;
+        if !part.is_part_of(entry.partition) {
+            return Err(super::partitions::refused(format!(
+                "txn entry {} of partition {} holds no part of that partition",
+                entry.commit_id, entry.partition
+            )));
+        }
+        Ok((txid, Some(part)))
+    }
+
+    /// Applies a txn entry of another copy's log: the partition's part of the record
+    /// becomes the entry's, and the locks follow. The entry itself is logged by the caller.
+    pub(crate) fn apply_txn_entry(
+        &self,
+        txn: &mut RwTxn,
+        batch: &mut Batch,
+        entry: &LogEntry,
+    ) -> Result<(), OpError> {
+        let (txid, part) = Self::check_txn_entry(entry)?;
+        self.set_part(txn, batch, txid, entry.partition, part)
+    }
+
+    /// Replaces `partition`'s part of `txid`'s record with `part`, without logging it.
+    pub(crate) fn set_part(
+        &self,
+        txn: &mut RwTxn,
+        batch: &mut Batch,
+        txid: u64,
+        partition: Partition,
+        part: Option<Intent>,
+    ) -> Result<(), OpError> {
+        let old = self.intent(txn, txid)?;
+        let new = replace_part(old.clone(), partition, part);
+        if old != new {
+            self.store_record(txn, batch, txid, old.as_ref(), new.as_ref(), false)?;
+        }
         Ok(())
+    }
+
+    /// Removes from every record the parts of the partitions `doomed` says yes to, without
+    /// logging it (the partitions' copies are being cleared). Returns how many records changed.
+    pub(crate) fn clear_parts(
+        &self,
+        txn: &mut RwTxn,
+        batch: &mut Batch,
+        doomed: &dyn Fn(Partition) -> bool,
+    ) -> Result<usize, OpError> {
+        let mut changed = Vec::new();
+        for item in self.txns.iter(txn)? {
+            let (raw_id, raw) = item?;
+            let txid = layout::decode_u64(raw_id, "transaction id")?;
+            let record = decode_intent(raw)?;
+            let partitions: Vec<Partition> = record
+                .partitions()
+                .into_iter()
+                .filter(|&p| doomed(p))
+                .collect();
+            if !partitions.is_empty() {
+                changed.push((txid, partitions));
+            }
+        }
+        for (txid, partitions) in &changed {
+            for &partition in partitions {
+                self.set_part(txn, batch, *txid, partition, None)?;
+            }
+        }
+        Ok(changed.len())
+    }
+
+    /// `ops` split into those of partitions this worker serves and those of fenced ones.
+    fn split_served(&self, batch: &Batch, ops: &[TxOp]) -> (Vec<TxOp>, Vec<TxOp>) {
+        ops.iter()
+            .cloned()
+            .partition(|op| !self.is_fenced(batch, op.key.partition))
     }
 
     /// Checks `ops` against the data as it is before any of them runs.
@@ -273,10 +403,17 @@ impl Store {
         decider: u16,
         ops: &[TxOp],
     ) -> OpResult {
-        if self.intent(txn, txid)?.is_some() {
-            return Err(OpError::Refused(WorkerError::Storage(format!(
-                "transaction {txid} is already known"
-            ))));
+        // This worker may already hold parts of the transaction for partitions it follows
+        // (replicated from their primaries): its own parts join them, in other partitions.
+        let existing = self.intent(txn, txid)?;
+        if let Some(existing) = &existing {
+            let held = existing.partitions();
+            if existing.decider != decider || ops.iter().any(|op| held.contains(&op.key.partition))
+            {
+                return Err(OpError::Refused(WorkerError::Storage(format!(
+                    "transaction {txid} is already known"
+                ))));
+            }
         }
         if ops.iter().any(|op| {
             self.locks
@@ -292,34 +429,88 @@ impl Store {
             state: IntentState::Prepared,
             ops: ops.to_vec(),
         };
-        self.put_intent(txn, batch, txid, &intent)?;
-        batch.lock_changes.push(LockChange::Acquire {
-            txid,
-            keys: lock_keys(ops),
-        });
+        let record = match &existing {
+            None => intent,
+            Some(existing) => intent
+                .partitions()
+                .into_iter()
+                .try_fold(existing.clone(), |record, partition| {
+                    replace_part(Some(record), partition, intent.part(partition))
+                })
+                .expect("a record with parts"),
+        };
+        self.store_record(txn, batch, txid, existing.as_ref(), Some(&record), true)?;
         Ok(WorkerResponse::TxOutcomes(outcomes))
     }
 
+    /// `Commit`: applies the ops of the served partitions and drops their parts. Parts of
+    /// fenced partitions stay for their copies.
+    ///
+    /// On the decider (its partition served here), the first commit of a prepared record
+    /// records the decision. With a decider named by partition (in a cluster), that is all
+    /// it does: the decision is one txn entry of the decider's partition, and no data of any
+    /// partition may change before it is replicated, or a failover could keep the data and
+    /// lose the decision. The next `Commit` applies the ops. A decider named by worker (one
+    /// host) records the decision and applies its ops in one transaction.
     pub(crate) fn commit(&self, txn: &mut RwTxn, batch: &mut Batch, txid: u64) -> OpResult {
-        let Some(intent) = self.intent(txn, txid)? else {
+        let Some(record) = self.intent(txn, txid)? else {
             return Err(OpError::Refused(WorkerError::TxAborted));
         };
-        if intent.state == IntentState::Committed {
+        let decides_here = record.state == IntentState::Prepared
+            && self.is_decider(&record)
+            && record
+                .decider_partition()
+                .is_none_or(|decider| !self.is_fenced(batch, decider));
+        if decides_here && record.decider_partition().is_some() {
+            let decided = Intent {
+                state: IntentState::Committed,
+                ..record.clone()
+            };
+            self.store_record(txn, batch, txid, Some(&record), Some(&decided), true)?;
             return Ok(WorkerResponse::Ok);
         }
-        self.apply_ops(txn, batch, &intent.ops)?;
-        if self.is_decider(&intent) {
-            let record = Intent {
-                state: IntentState::Committed,
-                ops: Vec::new(),
-                ..intent
+        let (served, kept) = self.split_served(batch, &record.ops);
+        if served.is_empty() {
+            return match record.state {
+                IntentState::Committed => Ok(WorkerResponse::Ok),
+                IntentState::Prepared => Err(moved(&kept)),
             };
-            self.put_intent(txn, batch, txid, &record)?;
-        } else {
-            self.delete_intent(txn, batch, txid)?;
         }
-        batch.lock_changes.push(LockChange::Release { txid });
+        self.apply_ops(txn, batch, &served)?;
+        let committed = record.state == IntentState::Committed || decides_here;
+        let new = Intent {
+            state: match committed {
+                true => IntentState::Committed,
+                false => IntentState::Prepared,
+            },
+            ops: kept,
+            ..record.clone()
+        };
+        let new = (committed || !new.ops.is_empty()).then_some(new);
+        // After the data: a log cut short in between still holds the ops, which recovery
+        // applies again.
+        self.store_record(txn, batch, txid, Some(&record), new.as_ref(), true)?;
         Ok(WorkerResponse::Ok)
+    }
+
+    /// Drops the parts of the served partitions of a prepared record.
+    fn drop_served(
+        &self,
+        txn: &mut RwTxn,
+        batch: &mut Batch,
+        txid: u64,
+        record: &Intent,
+    ) -> Result<(), OpError> {
+        let (served, kept) = self.split_served(batch, &record.ops);
+        if served.is_empty() {
+            return Err(moved(&kept));
+        }
+        let new = Intent {
+            ops: kept,
+            ..record.clone()
+        };
+        let new = (!new.ops.is_empty()).then_some(new);
+        self.store_record(txn, batch, txid, Some(record), new.as_ref(), true)
     }
 
     pub(crate) fn abort(&self, txn: &mut RwTxn, batch: &mut Batch, txid: u64) -> OpResult {
@@ -328,9 +519,8 @@ impl Store {
             Some(intent) if intent.state == IntentState::Committed => {
                 Err(OpError::Refused(WorkerError::TxCommitted))
             }
-            Some(_) => {
-                self.delete_intent(txn, batch, txid)?;
-                batch.lock_changes.push(LockChange::Release { txid });
+            Some(intent) => {
+                self.drop_served(txn, batch, txid, &intent)?;
                 Ok(WorkerResponse::Ok)
             }
         }
@@ -351,51 +541,90 @@ impl Store {
             Some(intent) if batch.now_ms.saturating_sub(intent.created_ms) < older_than_ms => {
                 Err(OpError::Refused(WorkerError::TxInProgress))
             }
-            Some(_) => {
+            Some(intent) => {
+                // Only the decider's copy decides.
+                if let Some(decider) = intent.decider_partition() {
+                    if self.is_fenced(batch, decider) {
+                        return Err(OpError::Refused(WorkerError::PartitionMoved {
+                            partition: decider,
+                        }));
+                    }
+                }
                 tracing::warn!(
                     txid,
                     "transaction left undecided; aborting it (presumed abort)"
                 );
-                self.delete_intent(txn, batch, txid)?;
-                batch.lock_changes.push(LockChange::Release { txid });
+                if intent
+                    .ops
+                    .iter()
+                    .any(|op| !self.is_fenced(batch, op.key.partition))
+                {
+                    self.drop_served(txn, batch, txid, &intent)?;
+                }
                 Ok(WorkerResponse::Integer(0))
             }
         }
     }
 
-    pub(crate) fn in_doubt(&self, txn: &RwTxn, now_ms: u64, older_than_ms: u64) -> OpResult {
-        self.records_in(txn, IntentState::Prepared, now_ms, older_than_ms)
+    /// `InDoubt`: records with prepared ops in served partitions, older than `older_than_ms`.
+    pub(crate) fn in_doubt(&self, txn: &RwTxn, batch: &Batch, older_than_ms: u64) -> OpResult {
+        self.records_where(txn, batch.now_ms, older_than_ms, |intent| {
+            intent
+                .ops
+                .iter()
+                .any(|op| !self.is_fenced(batch, op.key.partition))
+        })
     }
 
-    /// `Decided`: this worker's decision records older than `older_than_ms`.
-    pub(crate) fn decided(&self, txn: &RwTxn, now_ms: u64, older_than_ms: u64) -> OpResult {
-        self.records_in(txn, IntentState::Committed, now_ms, older_than_ms)
+    /// `Decided`: this worker's decision records older than `older_than_ms`, of deciders it
+    /// serves.
+    pub(crate) fn decided(&self, txn: &RwTxn, batch: &Batch, older_than_ms: u64) -> OpResult {
+        self.records_where(txn, batch.now_ms, older_than_ms, |intent| {
+            intent.state == IntentState::Committed
+                && intent
+                    .decider_partition()
+                    .is_none_or(|decider| !self.is_fenced(batch, decider))
+        })
     }
 
-    /// The transactions recorded in `state`, older than `older_than_ms`, with their deciders.
-    fn records_in(
+    /// The transactions whose record `wanted` says yes to, older than `older_than_ms`, with
+    /// their deciders.
+    fn records_where(
         &self,
         txn: &RwTxn,
-        state: IntentState,
         now_ms: u64,
         older_than_ms: u64,
+        wanted: impl Fn(&Intent) -> bool,
     ) -> OpResult {
         let mut found = Vec::new();
         for item in self.txns.iter(txn)? {
             let (raw_id, raw) = item?;
             let txid = shoal_shared::layout::decode_u64(raw_id, "transaction id")?;
             let intent = decode_intent(raw)?;
-            if intent.state == state && now_ms.saturating_sub(intent.created_ms) >= older_than_ms {
+            if wanted(&intent) && now_ms.saturating_sub(intent.created_ms) >= older_than_ms {
                 found.push((txid, intent.decider));
             }
         }
         Ok(WorkerResponse::InDoubt(found))
     }
 
+    /// `Forget`: drops the decision of a commit record; ops left to other copies stay.
     pub(crate) fn forget(&self, txn: &mut RwTxn, batch: &mut Batch, txid: u64) -> OpResult {
         if let Some(intent) = self.intent(txn, txid)? {
             if intent.state == IntentState::Committed {
-                self.delete_intent(txn, batch, txid)?;
+                if let Some(decider) = intent.decider_partition() {
+                    if self.is_fenced(batch, decider) {
+                        return Err(OpError::Refused(WorkerError::PartitionMoved {
+                            partition: decider,
+                        }));
+                    }
+                }
+                let new = Intent {
+                    state: IntentState::Prepared,
+                    ..intent.clone()
+                };
+                let new = (!new.ops.is_empty()).then_some(new);
+                self.store_record(txn, batch, txid, Some(&intent), new.as_ref(), true)?;
             }
         }
         Ok(WorkerResponse::Ok)
@@ -421,12 +650,18 @@ impl Store {
         Ok(false)
     }
 
-    /// Transactions still prepared here (decision records of committed ones are not counted).
-    pub(crate) fn transactions(&self, txn: &RwTxn) -> OpResult {
+    /// Transactions still prepared here, in served partitions (decision records of
+    /// committed ones are not counted).
+    pub(crate) fn transactions(&self, txn: &RwTxn, batch: &Batch) -> OpResult {
         let mut prepared = 0;
         for item in self.txns.iter(txn)? {
             let (_, raw) = item?;
-            prepared += i64::from(decode_intent(raw)?.state == IntentState::Prepared);
+            let intent = decode_intent(raw)?;
+            let served = intent
+                .ops
+                .iter()
+                .any(|op| !self.is_fenced(batch, op.key.partition));
+            prepared += i64::from(served);
         }
         Ok(WorkerResponse::Integer(prepared))
     }
@@ -434,21 +669,12 @@ impl Store {
     /// Whether a prepared transaction locks keys of `partition`, counting the locks taken
     /// and released earlier in this transaction.
     pub(crate) fn partition_locked(&self, batch: &Batch, partition: Partition) -> bool {
-        let released: Vec<u64> = batch
+        let latest: HashMap<u64, &[LockKey]> = batch
             .lock_changes
             .iter()
-            .filter_map(|change| match change {
-                LockChange::Release { txid } => Some(*txid),
-                LockChange::Acquire { .. } => None,
-            })
+            .map(|change| (change.txid, change.keys.as_slice()))
             .collect();
-        self.locks.locks_in(partition, &released)
-            || batch.lock_changes.iter().any(|change| match change {
-                LockChange::Acquire { txid, keys } => {
-                    !released.contains(txid) && keys.iter().any(|(_, p, _)| *p == partition)
-                }
-                LockChange::Release { .. } => false,
-            })
+        self.locks.locks_in(partition, &latest)
     }
 
     fn is_decider(&self, intent: &Intent) -> bool {
@@ -458,5 +684,22 @@ impl Store {
         } else {
             u32::from(intent.decider) == self.shard_id
         }
+    }
+}
+
+/// A `txns` record's bytes.
+fn encode(record: &Intent) -> Result<Vec<u8>, OpError> {
+    layout::encode_intent(record)
+        .map_err(|e| OpError::Refused(WorkerError::Storage(format!("cannot encode intent: {e}"))))
+}
+
+/// The refusal of a request whose parts are all of fenced partitions (`kept`): nothing
+/// was applied, and the owner of the partition is to be asked.
+fn moved(kept: &[TxOp]) -> OpError {
+    match kept.first() {
+        Some(op) => OpError::Refused(WorkerError::PartitionMoved {
+            partition: op.key.partition,
+        }),
+        None => OpError::Refused(WorkerError::TxAborted),
     }
 }

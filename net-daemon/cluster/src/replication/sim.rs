@@ -285,7 +285,12 @@ impl Sim {
         }
         // The old primary first, as the NI lists the members.
         let mut members = vec![self.view.primary];
-        members.extend(self.view.members.iter().filter(|&&m| m != self.view.primary));
+        members.extend(
+            self.view
+                .members
+                .iter()
+                .filter(|&&m| m != self.view.primary),
+        );
         let mut round = Failover::new(
             self.view.term + 1,
             members.clone(),
