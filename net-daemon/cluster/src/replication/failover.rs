@@ -11,7 +11,9 @@
 //! n)` copies hold it, counting only the primary and the followers in sync in the NI
 //! (the set `S`; a follower still catching up counts for nothing). The round fences
 //! every copy but counts only answers from `S`, and waits for `|S| - c + 1` of them, so
-//! at least one answer comes from a copy that holds any acknowledged write; it picks
+//! at least one answer comes from a copy that holds any acknowledged write (an answer
+//! from a copy taking a full copy does not count: it cleared its records, and may have
+//! held an acknowledged write before; a copy loses a write no other way); it picks
 //! the highest position among them, and only a copy of `S` may lead. Every answering
 //! copy has durably promised the new term, so the old primary can gather no more
 //! acknowledgements: `|S| - c + 1` of `S` refuse it, which leaves it fewer than `c`.
@@ -218,18 +220,28 @@ impl Failover {
                 None => return,
             }
         }
+        let answered = self
+            .answers
+            .keys()
+            .filter(|host| self.in_sync.contains(host))
+            .count();
+        // A copy taking a full copy has cleared its records: it may have held an
+        // acknowledged write and lost it since, so it cannot vouch for any.
         let counted: Vec<(&HostId, &FenceAnswer)> = self
             .answers
             .iter()
-            .filter(|(host, _)| self.in_sync.contains(host))
+            .filter(|(host, answer)| self.in_sync.contains(host) && !answer.copying)
             .collect();
         if counted.len() < self.needed {
+            if answered == self.in_sync.len() {
+                self.give_up("too few copies with a usable log answered".into());
+            }
             return;
         }
         let best = counted
             .iter()
             .copied()
-            .filter(|(host, answer)| !answer.copying && self.eligible.contains(host))
+            .filter(|(host, _)| self.eligible.contains(host))
             .max_by_key(|(host, answer)| {
                 // The highest position; among equals, the first in the list.
                 let rank = self
@@ -240,11 +252,7 @@ impl Failover {
                 (answer.position, std::cmp::Reverse(rank))
             })
             .map(|(&host, answer)| (host, answer.position));
-        let highest = counted
-            .iter()
-            .filter(|(_, answer)| !answer.copying)
-            .map(|(_, answer)| answer.position)
-            .max();
+        let highest = counted.iter().map(|(_, answer)| answer.position).max();
         match best {
             // A copy that may not lead holds more than any that may: naming one of the
             // others could lose acknowledged writes.
@@ -255,7 +263,7 @@ impl Failover {
                     term: self.term,
                 });
             }
-            Some(_) | None if counted.len() < self.in_sync.len() => {
+            Some(_) | None if answered < self.in_sync.len() => {
                 // More answers may bring an eligible copy that is as far.
             }
             _ => self.give_up("no answering copy that may lead holds the highest position".into()),

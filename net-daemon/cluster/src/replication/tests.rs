@@ -563,9 +563,17 @@ fn failover_never_names_a_copying_replica_nor_passes_over_a_longer_log() {
     );
     assert_eq!(
         promoted(&mut round),
-        Some(2),
-        "a copy in progress holds no usable log"
+        None,
+        "a copy in progress holds no usable log, and does not count"
     );
+    round.handle(
+        failover::Event::Answer {
+            from: 1,
+            answer: answer(5, (4, 8), false),
+        },
+        now,
+    );
+    assert_eq!(promoted(&mut round), Some(2));
     // Host 1 may not lead (inactive) but holds the most: wait for all, then give up.
     let mut round = Failover::new(5, vec![1, 2, 3], vec![1, 2, 3], vec![2, 3], 2, now);
     round.poll_actions();
@@ -942,4 +950,27 @@ fn a_planned_handover_without_the_chosen_copys_answer_falls_back_to_a_failover()
     at += failover::ASK_AGAIN_AFTER;
     round.handle(failover::Event::Tick, at);
     assert_eq!(promoted(&mut round), Some(1));
+}
+
+#[test]
+fn a_copy_taking_a_full_copy_does_not_vouch_for_the_writes_it_held() {
+    // Write 33 was acknowledged on hosts 1 and 2. Host 2 has since begun a full copy
+    // (its records are gone), host 1 is down, and host 3 stopped at 32: naming host 3
+    // would lose write 33, so the round waits, and gives up once all have answered.
+    let now = Instant::now();
+    let mut round = Failover::new(5, vec![1, 2, 3], vec![1, 2, 3], vec![2, 3], 2, now);
+    round.poll_actions();
+    let tell = |round: &mut Failover, from, answer| {
+        round.handle(failover::Event::Answer { from, answer }, now);
+    };
+    tell(&mut round, 2, answer(5, (2, 63), true));
+    tell(&mut round, 3, answer(5, (1, 32), false));
+    assert_eq!(promoted(&mut round), None);
+    assert!(!round.is_over(), "host 1 may still answer");
+    tell(&mut round, 1, answer(5, (3, 63), false));
+    let actions = round.poll_actions();
+    assert!(
+        matches!(actions[..], [failover::Action::GiveUp { .. }]),
+        "host 1 holds the most and may not lead: {actions:?}"
+    );
 }
