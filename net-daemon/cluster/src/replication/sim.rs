@@ -66,10 +66,11 @@ struct Host {
     /// Disk operations not yet durable, in order; the time the head completes.
     queue: Vec<DiskOp>,
     busy_until: Option<Instant>,
-    /// Client writes waiting for their commit: commit id → value.
-    waiting: BTreeMap<CommitId, (u64, Instant)>,
-    /// Client writes not yet written (their id is not known yet): value, start.
-    unwritten: Vec<(u64, Instant)>,
+    /// Client writes waiting for their commit: commit id → (value, start, the term of the
+    /// primary that admitted it).
+    waiting: BTreeMap<CommitId, (u64, Instant, Term)>,
+    /// Client writes not yet written (their id is not known yet): value, start, term.
+    unwritten: Vec<(u64, Instant, Term)>,
 }
 
 enum Scheduled {
@@ -261,8 +262,14 @@ impl Sim {
                 let now = self.now;
                 let host = self.hosts.get_mut(&id).unwrap();
                 let done: Vec<CommitId> = host.waiting.range(..=up_to).map(|(&c, _)| c).collect();
+                // As the routing does: a write is answered only by the commit point of the
+                // term that admitted it (a copy that stepped down follows another's).
+                let term_now = host.core.as_ref().and_then(Replica::primary_term);
                 for commit_id in done {
-                    let (value, _) = host.waiting.remove(&commit_id).unwrap();
+                    let (value, _, term) = host.waiting.remove(&commit_id).unwrap();
+                    if term_now != Some(term) {
+                        continue;
+                    }
                     let entry = &host.disk.log[commit_id as usize - 1];
                     assert_eq!(entry.value, value, "the log changed under a waiting write");
                     self.acked.push((commit_id, entry.key, value, now));
@@ -394,9 +401,9 @@ impl Sim {
             }
             DiskOp::Write(entry) => {
                 let commit_id = host.disk.log.len() as u64 + 1;
-                let (value, started) = host.unwritten.remove(0);
+                let (value, started, term) = host.unwritten.remove(0);
                 assert_eq!(value, entry.value);
-                host.waiting.insert(commit_id, (value, started));
+                host.waiting.insert(commit_id, (value, started, term));
                 host.disk.log.push(entry);
                 Some(Event::Written { last: commit_id })
             }
@@ -437,10 +444,13 @@ impl Sim {
             return;
         };
         if writes {
-            if core.writable(now) && host.unwritten.len() < 16 {
+            if let (true, Some(term)) = (core.writable(now), core.primary_term()) {
+                if host.unwritten.len() >= 16 {
+                    return;
+                }
                 let value = self.next_value;
                 self.next_value += 1;
-                host.unwritten.push((value, now));
+                host.unwritten.push((value, now, term));
                 self.disk_op(id, DiskOp::Write(Entry { key, value }));
             }
         } else if let Some(commit) = core.readable(now) {
@@ -482,7 +492,7 @@ impl Sim {
         // Client writes time out.
         for host in self.hosts.values_mut() {
             host.waiting
-                .retain(|_, (_, started)| now < *started + Duration::from_secs(3));
+                .retain(|_, (_, started, _)| now < *started + Duration::from_secs(3));
         }
     }
 
