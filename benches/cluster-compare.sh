@@ -4,8 +4,9 @@
 # its own, driven by the same redis-benchmark, on the same machine, in one run.
 # - One copy: through the cluster host, about two thirds of the keys belong to the
 #   other two hosts and are forwarded over the peer links.
-# - Three copies: the host measured is the founder, which leads every partition (the
-#   primaries do not move for balance yet); each write waits for a second copy.
+# - Three copies: the host measured is the founder, which leads a third of the
+#   partitions once the primaries are spread (the script waits for that); each write
+#   waits for a second copy.
 # Targets are interleaved and every figure is a median.
 #
 # Usage: benches/cluster-compare.sh
@@ -119,18 +120,20 @@ done
 [ -n "$settled" ] || { echo "cluster-compare: the partitions did not settle" >&2; exit 1; }
 echo "host 1 owns $owned of 256 partitions" >&2
 
-echo "waiting for three copies of every partition in the replicated cluster..." >&2
+echo "waiting for three copies of every partition in the replicated cluster, and its primaries spread..." >&2
 settled=""
 for _ in $(seq 1200); do
     info=$(redis-cli -h ${addr[copies1]% *} -p ${addr[copies1]#* } cluster info 2>/dev/null | tr -d '\r')
     under=$(echo "$info" | sed -n 's/^shoal_partitions_under_replicated://p')
-    if [ "${under:-1}" = 0 ]; then
+    owned=$(echo "$info" | sed -n 's/^shoal_partitions_owned://p')
+    if [ "${under:-1}" = 0 ] && [ "${owned:-256}" -lt 100 ]; then
         settled=yes
         break
     fi
     sleep 0.5
 done
 [ -n "$settled" ] || { echo "cluster-compare: the replicated cluster did not settle" >&2; exit 1; }
+echo "replicated host 1 leads $owned of 256 partitions" >&2
 
 raw=$work/results.csv
 echo "target,repeat,test,rps,avg_ms,min_ms,p50_ms,p95_ms,p99_ms,max_ms" >"$raw"

@@ -218,6 +218,13 @@ impl Replication {
         }
     }
 
+    /// The status of this host's copy of `partition`, as its core last published it.
+    pub fn status(&self, partition: Partition) -> Option<Status> {
+        lock(&self.copies)
+            .get(&partition)
+            .map(|copy| copy.status.borrow().clone())
+    }
+
     /// Whether a failover or handover round of `partition` is under way, as this host's
     /// copy knows.
     pub fn in_round(&self, partition: Partition) -> bool {
