@@ -296,7 +296,9 @@ impl Router {
     ) -> Option<WorkerResponse> {
         let leased = |p: Partition| {
             let status = self.replication.status(p)?;
-            let held = status.readable_until.is_some_and(|end| Instant::now() < end);
+            let held = status
+                .readable_until
+                .is_some_and(|end| Instant::now() < end);
             held.then_some(status.primary_term).flatten()
         };
         let terms: Vec<u64> = touched.iter().map(|&p| leased(p)).collect::<Option<_>>()?;

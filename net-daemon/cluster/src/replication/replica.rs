@@ -1153,13 +1153,24 @@ impl Replica {
     fn on_fence(&mut self, from: HostId, term: Term, _now: Instant) {
         if term > self.fenced {
             self.promise(term);
-            if let Role::Primary { term: mine, .. } = self.role {
+            if let Role::Primary {
+                term: mine,
+                marker,
+                marker_written,
+                ..
+            } = self.role
+            {
                 if mine < term {
-                    let acknowledged = Position {
-                        term: mine,
-                        last: self.commit,
-                    };
-                    self.stepped_down = Some((term, acknowledged));
+                    // Only once this run's marker is committed does the commit point cover
+                    // every write acknowledged in the term: a primary that restarted starts
+                    // again from 0, below what its earlier run acknowledged.
+                    self.stepped_down = (marker_written && self.commit >= marker).then_some((
+                        term,
+                        Position {
+                            term: mine,
+                            last: self.commit,
+                        },
+                    ));
                     self.role = Role::Idle;
                 }
             }

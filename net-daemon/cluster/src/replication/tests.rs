@@ -974,3 +974,22 @@ fn a_copy_taking_a_full_copy_does_not_vouch_for_the_writes_it_held() {
         "host 1 holds the most and may not lead: {actions:?}"
     );
 }
+
+#[test]
+fn a_primary_whose_marker_is_not_committed_vouches_for_nothing() {
+    // A primary that restarted re-opens its term with its commit point at 0, below what
+    // its earlier run acknowledged: until this run's marker commits it says nothing.
+    let now = Instant::now();
+    let (mut primary, _) = open_primary(2, 4, now);
+    primary.handle(received(9, Message::Fence { term: 3 }), now);
+    primary.handle(Event::Tick, now + settings().lease);
+    let answer = sent(&primary.poll_actions())
+        .into_iter()
+        .find_map(|(_, message)| match message {
+            Message::FenceAnswer(answer) => Some(answer),
+            _ => None,
+        })
+        .expect("it answers");
+    assert_eq!(answer.acknowledged, None);
+    assert_eq!(primary.primary_term(), None);
+}
