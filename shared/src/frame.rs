@@ -502,7 +502,8 @@ pub enum WorkerRequest {
     /// Replication: opens `term` as this copy's primary term. Writes a marker entry at
     /// the partition's next commit id and records that `term` writes from it on, in one
     /// transaction. → `Integer` (the marker's commit id), or `Error(TermFenced)` when a
-    /// higher term was promised. Ignores the fence.
+    /// higher term was promised. Lifts the partition's fence in the same transaction: the
+    /// copy serves its clients from the marker on.
     OpenTerm {
         /// The partition.
         partition: Partition,

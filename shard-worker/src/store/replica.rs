@@ -121,8 +121,8 @@ impl Store {
         Ok(WorkerResponse::Ok)
     }
 
-    /// `OpenTerm`: the marker entry at the next commit id, and `term` in the history
-    /// from it on.
+    /// `OpenTerm`: the marker entry at the next commit id, `term` in the history from it
+    /// on, and the partition's fence lifted.
     pub(crate) fn open_term(
         &self,
         txn: &mut RwTxn,
@@ -174,6 +174,10 @@ impl Store {
             state.history.push((term, commit_id));
         }
         self.put_replica_state(txn, batch, partition, &state)?;
+        // The primary of an open term serves its clients from the same commit on: a
+        // request that the routing admits in the term never finds the copy still fenced
+        // as a follower (a `Commit` would otherwise leave its ops for the copy's log).
+        self.set_fence(txn, batch, partition, false)?;
         Ok(WorkerResponse::Integer(commit_id as i64))
     }
 

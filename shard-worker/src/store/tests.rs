@@ -2370,6 +2370,56 @@ fn a_worker_that_follows_one_part_of_a_transaction_prepares_its_own_beside_it() 
 }
 
 #[test]
+fn a_promoted_follower_serves_from_its_term_on_and_applies_a_decided_commit() {
+    // The decision is replicated; the primary dies before applying anything.
+    let dir = tempfile::tempdir().unwrap();
+    let clock = ManualClock::new(START_MS);
+    let mut primary = open_on(&dir.path().join("p"), &clock);
+    let mut follower = open_on(&dir.path().join("f"), &clock);
+    for partition in [1, 2] {
+        apply(
+            &mut follower,
+            &[WorkerRequest::PromiseTerm { partition, term: 1 }],
+        );
+        assert_eq!(fence(&mut follower, partition, true), WorkerResponse::Ok);
+    }
+    apply(&mut primary, &[prepare_across(12)]);
+    assert_eq!(
+        apply(&mut primary, &[WorkerRequest::Commit { txid: 12 }]),
+        vec![WorkerResponse::Ok]
+    );
+    replicate_from(&mut primary, &mut follower, 1);
+    replicate_from(&mut primary, &mut follower, 2);
+    drop(primary);
+    // Opening the term lifts the fence in the same transaction: the routing admits
+    // requests from then on, and the commit must find the partitions served.
+    for partition in [1, 2] {
+        assert!(matches!(
+            apply(
+                &mut follower,
+                &[WorkerRequest::OpenTerm { partition, term: 2 }]
+            )
+            .remove(0),
+            WorkerResponse::Integer(_)
+        ));
+    }
+    assert_eq!(fences(&mut follower), WorkerResponse::Partitions(vec![]));
+    assert_eq!(
+        apply(&mut follower, &[WorkerRequest::Commit { txid: 12 }]),
+        vec![WorkerResponse::Ok]
+    );
+    assert_eq!(
+        get(&mut follower, 0, key(1, b"a")),
+        WorkerResponse::Value(Some(b"A".to_vec()))
+    );
+    assert_eq!(
+        get(&mut follower, 0, key(2, b"b")),
+        WorkerResponse::Value(Some(b"B".to_vec()))
+    );
+    assert!(follower.locks().is_empty());
+}
+
+#[test]
 fn a_promoted_follower_aborts_an_undecided_intent_and_frees_its_keys() {
     let dir = tempfile::tempdir().unwrap();
     let clock = ManualClock::new(START_MS);
