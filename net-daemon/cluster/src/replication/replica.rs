@@ -776,10 +776,9 @@ impl Replica {
         };
         if let AckResult::Refused { fenced } = ack.result {
             if fenced > *term {
-                let higher = fenced;
-                self.role = Role::Idle;
-                self.promise(higher);
-                self.actions.push_back(Action::SteppedDown { term: higher });
+                self.promise(fenced);
+                self.step_down(fenced);
+                self.actions.push_back(Action::SteppedDown { term: fenced });
             }
             return;
         }
@@ -1153,30 +1152,34 @@ impl Replica {
     fn on_fence(&mut self, from: HostId, term: Term, _now: Instant) {
         if term > self.fenced {
             self.promise(term);
-            if let Role::Primary {
-                term: mine,
-                marker,
-                marker_written,
-                ..
-            } = self.role
-            {
-                if mine < term {
-                    // Only once this run's marker is committed does the commit point cover
-                    // every write acknowledged in the term: a primary that restarted starts
-                    // again from 0, below what its earlier run acknowledged.
-                    self.stepped_down = (marker_written && self.commit >= marker).then_some((
-                        term,
-                        Position {
-                            term: mine,
-                            last: self.commit,
-                        },
-                    ));
-                    self.role = Role::Idle;
-                }
+            if self.primary_term().is_some_and(|mine| mine < term) {
+                self.step_down(term);
             }
         }
         if !self.fence_queries.contains(&(from, term)) {
             self.fence_queries.push((from, term));
+        }
+    }
+
+    /// A primary leaves its term for `higher`, noting for the round of `higher` what its
+    /// commit point vouches for. Only once this run's marker is committed does the commit
+    /// point cover every write acknowledged in the term: a primary that restarted starts
+    /// again from 0, below what its earlier run acknowledged.
+    fn step_down(&mut self, higher: Term) {
+        if let Role::Primary {
+            term,
+            marker,
+            marker_written,
+            ..
+        } = self.role
+        {
+            let position = Position {
+                term,
+                last: self.commit,
+            };
+            self.stepped_down =
+                (marker_written && self.commit >= marker).then_some((higher, position));
+            self.role = Role::Idle;
         }
     }
 

@@ -881,6 +881,38 @@ fn a_primary_fenced_off_answers_with_the_last_entry_it_may_have_acknowledged() {
     assert_eq!(answer.acknowledged, None);
 }
 
+#[test]
+fn a_primary_that_steps_down_on_a_refused_append_still_vouches_for_its_commit_point() {
+    let now = Instant::now();
+    let (mut primary, marker_sent) = open_primary(2, 0, now);
+    let mut follower = replica(2, 1, History::default(), 0, now);
+    let ack = follower_answer(&mut follower, append_to(&marker_sent, 2), now);
+    primary.handle(received(2, Message::Ack(ack)), now);
+    assert_eq!(committed(&primary.poll_actions()), Some(1));
+    // The follower promised term 3 to another copy before the primary heard of it.
+    let refused = Ack {
+        term: 2,
+        result: AckResult::Refused { fenced: 3 },
+        stamp: None,
+    };
+    primary.handle(received(2, Message::Ack(refused)), now);
+    assert!(primary
+        .poll_actions()
+        .contains(&Action::SteppedDown { term: 3 }));
+    assert_eq!(primary.primary_term(), None);
+    // The round of term 3 then asks it: it answers what it acknowledged in term 2.
+    primary.handle(received(9, Message::Fence { term: 3 }), now);
+    primary.handle(Event::Tick, now + settings().lease);
+    let answer = sent(&primary.poll_actions())
+        .into_iter()
+        .find_map(|(_, message)| match message {
+            Message::FenceAnswer(answer) => Some(answer),
+            _ => None,
+        })
+        .expect("it answers");
+    assert_eq!(answer.acknowledged, Some(Position { term: 2, last: 1 }));
+}
+
 fn handover_answer(
     position: (Term, CommitId),
     acknowledged: Option<(Term, CommitId)>,
