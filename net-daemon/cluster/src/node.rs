@@ -742,12 +742,17 @@ impl ClusterNode {
         let Some(queue) = self.outboxes.push(to, message) else {
             return;
         };
-        // A new destination: its sender, one batch in flight at a time.
+        // A new destination: its sender, one batch in flight at a time, until the host
+        // leaves the NI.
         let node = Arc::downgrade(self);
         tokio::spawn(async move {
             loop {
                 let messages = queue.next_batch().await;
                 let Some(node) = node.upgrade() else { return };
+                if !node.ni().hosts.contains_key(&to) {
+                    node.outboxes.remove(to);
+                    return;
+                }
                 let count = messages.len();
                 let request = PeerRequest::Replicas { from: me, messages };
                 if let Err(error) = node.call_host(to, request, REPLICA_SEND_TIMEOUT).await {

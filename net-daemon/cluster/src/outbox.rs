@@ -7,8 +7,12 @@
 //! messages this host sends reach a host in the order they were queued, and a busy host
 //! sends few, large frames rather than one frame and one task per message.
 //!
-//! A queue holds at most [`MAX_QUEUED_BYTES`]. Past that, a new message is dropped, just
-//! as the network could lose it: the replication protocol sends again what matters.
+//! A queue holds at most [`MAX_QUEUED_BYTES`] of messages that carry log entries. Past
+//! that, a new one is dropped, just as the network could lose it: the replication protocol
+//! sends again what matters. Messages without entries (fences and their answers,
+//! acknowledgements, heartbeats) are small and keep a failover moving: they may use
+//! [`CONTROL_RESERVE_BYTES`] more. The queue of a host that left the NI goes with its
+//! sender ([`Outboxes::remove`]).
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::{Arc, Mutex};
@@ -20,8 +24,11 @@ use crate::HostId;
 
 /// A batch is closed once it holds this many bytes (it always takes one message).
 pub(crate) const MAX_BATCH_BYTES: usize = 4 << 20;
-/// The most a destination's queue holds; messages past it are dropped.
+/// The most a destination's queue holds of messages with log entries; those past it are
+/// dropped.
 pub(crate) const MAX_QUEUED_BYTES: usize = 64 << 20;
+/// What messages without log entries may queue beyond [`MAX_QUEUED_BYTES`].
+pub(crate) const CONTROL_RESERVE_BYTES: usize = 8 << 20;
 
 /// The queues of every destination this host has sent to.
 #[derive(Default)]
@@ -58,14 +65,23 @@ impl Outboxes {
         }
         created
     }
+
+    /// Forgets `to`'s queue and what it holds (the host left the cluster).
+    pub(crate) fn remove(&self, to: HostId) {
+        lock(&self.queues).remove(&to);
+    }
 }
 
 impl Queue {
     /// Adds `message`, unless the queue is full (`false`).
     fn push(&self, message: ReplicaMessage) -> bool {
         let size = message_bytes(&message);
+        let bound = match message.entries.is_empty() {
+            true => MAX_QUEUED_BYTES + CONTROL_RESERVE_BYTES,
+            false => MAX_QUEUED_BYTES,
+        };
         let mut pending = lock(&self.pending);
-        if pending.bytes + size > MAX_QUEUED_BYTES && !pending.messages.is_empty() {
+        if pending.bytes + size > bound && !pending.messages.is_empty() {
             return false;
         }
         pending.bytes += size;
@@ -178,21 +194,51 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn a_full_queue_drops_new_messages_and_keeps_the_old() {
+    async fn a_full_queue_drops_new_entries_and_keeps_the_old_and_the_control_messages() {
         let outboxes = Outboxes::default();
         let queue = outboxes
             .push(1, append(1, MAX_QUEUED_BYTES - 1000))
             .unwrap();
         outboxes.push(1, append(2, 2000));
         outboxes.push(1, fence(3));
+        // Past the bound of entries, but within the control reserve.
+        outboxes.push(1, append(4, CONTROL_RESERVE_BYTES / 2));
+        outboxes.push(1, fence(5));
         let mut seen = Vec::new();
         while let Some(batch) = queue.take() {
             seen.extend(batch.into_iter().map(|m| m.partition));
         }
         assert_eq!(
             seen,
-            [1, 3],
-            "the message past the bound is the one dropped"
+            [1, 3, 5],
+            "the messages with entries past the bound are the ones dropped"
+        );
+        // The reserve has a bound too.
+        let queue = outboxes
+            .push(2, append(1, MAX_QUEUED_BYTES + CONTROL_RESERVE_BYTES))
+            .unwrap();
+        outboxes.push(2, fence(2));
+        assert_eq!(queue.take().map(|batch| batch.len()), Some(1));
+        assert!(queue.take().is_none());
+    }
+
+    #[tokio::test]
+    async fn the_queue_of_a_removed_host_is_made_anew() {
+        let outboxes = Outboxes::default();
+        outboxes.push(3, fence(1)).unwrap();
+        assert!(outboxes.push(3, fence(2)).is_none());
+        outboxes.remove(3);
+        let queue = outboxes
+            .push(3, fence(4))
+            .expect("a new queue, and a new sender");
+        assert_eq!(
+            queue
+                .take()
+                .unwrap()
+                .iter()
+                .map(|m| m.partition)
+                .collect::<Vec<_>>(),
+            [4]
         );
     }
 
