@@ -58,6 +58,13 @@ pub struct Status {
     pub readable_until: Option<Instant>,
     /// A failover or handover round is under way: a new primary is being named.
     pub in_round: bool,
+    /// This copy's last durable log entry (its replication offset).
+    pub last: u64,
+    /// On the primary: each follower and the last entry it holds as far as the primary
+    /// knows (0 while it takes a full copy).
+    pub followers: Vec<(HostId, u64)>,
+    /// On a follower: `READONLY` reads may be served from this copy until then.
+    pub stale_readable_until: Option<Instant>,
 }
 
 impl Status {
@@ -231,6 +238,38 @@ impl Replication {
         lock(&self.copies)
             .get(&partition)
             .is_some_and(|copy| copy.status.borrow().in_round)
+    }
+
+    /// How many followers of `partition` hold this primary's log up to where it is now,
+    /// waiting until `wanted` do, until `deadline`, or until this copy leaves its term. 0
+    /// when this copy is not the partition's primary.
+    pub async fn acknowledged(
+        &self,
+        partition: Partition,
+        wanted: usize,
+        deadline: Instant,
+    ) -> usize {
+        let Some(Status {
+            primary_term: Some(term),
+            last,
+            ..
+        }) = self.status(partition)
+        else {
+            return 0;
+        };
+        let holding = |status: &Status| match status.primary_term == Some(term) {
+            true => status
+                .followers
+                .iter()
+                .filter(|(_, held)| *held >= last)
+                .count(),
+            false => 0,
+        };
+        self.wait_status(partition, deadline, |status, _| {
+            status.primary_term != Some(term) || holding(status) >= wanted
+        })
+        .await;
+        self.status(partition).map_or(0, |status| holding(&status))
     }
 
     /// Tells the core that the local worker committed `partition`'s log up to `last`.
@@ -661,6 +700,9 @@ fn status_of(core: &Replica) -> Status {
         writable_until: core.writable_until().map(Instant::from_std),
         readable_until: core.readable_until().map(Instant::from_std),
         in_round: core.in_round(),
+        last: core.position().last,
+        followers: core.followers(),
+        stale_readable_until: core.stale_readable_until().map(Instant::from_std),
     }
 }
 

@@ -464,6 +464,26 @@ pub static COMMANDS: &[CommandSpec] = &[
         "Closes the connection."
     ),
     spec!(
+        "readonly",
+        1,
+        C,
+        0,
+        0,
+        0,
+        "cluster",
+        "Lets the connection's GET and MGET be served by the nearest in-sync replica."
+    ),
+    spec!(
+        "readwrite",
+        1,
+        C,
+        0,
+        0,
+        0,
+        "cluster",
+        "Sends the connection's reads to the primaries again (the default)."
+    ),
+    spec!(
         "rename",
         3,
         W,
@@ -642,6 +662,16 @@ pub static COMMANDS: &[CommandSpec] = &[
         1,
         "generic",
         "Deletes one or more keys."
+    ),
+    spec!(
+        "wait",
+        3,
+        &[],
+        0,
+        0,
+        0,
+        "generic",
+        "Blocks until the connection's writes are held by a number of replicas, or a timeout."
     ),
 ];
 

@@ -140,6 +140,27 @@ pub enum DataRequest {
     /// A request for every worker of the receiver (DBSIZE, KEYS, FLUSH, ...). Answered by
     /// [`PeerResponse::Workers`], one response per worker.
     AllWorkers(WorkerRequest),
+    /// `WAIT`: how many followers hold the log of each of `partitions` (led by the
+    /// receiver) up to where it is when the request arrives, waiting at most `timeout_ms`
+    /// for `wanted` of them. Answered by [`PeerResponse::Worker`] with an `Integer`: the
+    /// fewest over the partitions (0 for one the receiver does not lead).
+    Acknowledged {
+        /// The partitions written.
+        partitions: Vec<u16>,
+        /// How many followers are asked for.
+        wanted: u32,
+        /// The longest wait.
+        timeout_ms: u64,
+    },
+    /// A read (`GET` or `MGET`) of `partition` for a `READONLY` connection, served by the
+    /// receiver's copy if it follows the primary closely enough (see the routing). Answered
+    /// by [`PeerResponse::Worker`], or [`PeerResponse::Moved`] when the copy may not serve it.
+    ReadCopy {
+        /// The partition read.
+        partition: u16,
+        /// The read.
+        request: WorkerRequest,
+    },
 }
 
 /// A response to a [`PeerRequest`].

@@ -903,6 +903,17 @@ impl ClusterNode {
             .collect()
     }
 
+    /// The estimated round trip to `host` by the network coordinates, in seconds (0 to
+    /// this host itself); `None` for a host the NI does not hold.
+    pub fn distance_s(&self, host: HostId) -> Option<f64> {
+        if Some(host) == self.host_id() {
+            return Some(0.0);
+        }
+        let ni = self.ni();
+        let other = &ni.hosts.get(&host)?.coordinate;
+        Some(self.coordinate().distance_s(other))
+    }
+
     /// This host's network coordinate.
     pub(crate) fn coordinate(&self) -> Coordinate {
         lock(&self.liveness).coordinate.clone()

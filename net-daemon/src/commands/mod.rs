@@ -11,6 +11,7 @@
 //! - [`strings`]: commands on one key (strings, counters, ranges).
 //! - [`keyspace`]: expiry, TYPE/OBJECT, SCAN, KEYS, DBSIZE, FLUSHDB/FLUSHALL.
 //! - [`multi`]: multi-key writes (MSET, MSETNX, DEL, RENAME, COPY), atomic across workers.
+//! - [`replicas`]: READONLY, READWRITE and WAIT: a connection and the partitions' copies.
 //! - [`shoal`]: Shoal's own commands (ID.NEW, SHOAL.LOG, SHOAL.FEED, ...).
 //! - [`server`]: connection and server commands answered by the net-daemon.
 
@@ -18,6 +19,7 @@ pub mod backup;
 pub mod cluster;
 pub mod keyspace;
 pub mod multi;
+pub mod replicas;
 pub mod server;
 pub mod shoal;
 pub mod strings;
@@ -223,6 +225,9 @@ pub async fn dispatch(
             return ready(errors::wrong_arity("cluster|leave"));
         }
         return (cluster::leave(shared), After::Continue);
+    }
+    if let Some(pending) = replicas::dispatch(shared, spec.name, &args) {
+        return (pending, After::Continue);
     }
     if let Some(reply) = cluster::dispatch(shared, spec.name, &args) {
         return ready(reply);

@@ -85,6 +85,10 @@ pub struct Settings {
     /// A follower heard from within this counts toward `min_replicas_to_write` when a
     /// write is admitted.
     pub good_replica_within: Duration,
+    /// A follower serves `READONLY` reads only while it heard from its primary within
+    /// this: its reads miss at most the writes acknowledged in this time (and in one
+    /// message's delay).
+    pub max_read_staleness: Duration,
     /// Most entries in one append message.
     pub max_entries_per_append: u64,
     /// Most entries sent to one follower and not yet acknowledged.
@@ -100,6 +104,7 @@ impl Default for Settings {
             heartbeat: Duration::from_millis(200),
             primary_silence: Duration::from_millis(1000),
             good_replica_within: Duration::from_millis(1000),
+            max_read_staleness: Duration::from_millis(1000),
             max_entries_per_append: 256,
             max_entries_in_flight: 4096,
         }

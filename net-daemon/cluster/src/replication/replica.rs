@@ -525,6 +525,35 @@ impl Replica {
         }
     }
 
+    /// A primary's followers, each with the last entry it holds of this primary's log as
+    /// far as the primary knows (0 while it takes a full copy: it holds no log that
+    /// counts). Empty on a copy that is not the primary.
+    pub fn followers(&self) -> Vec<(HostId, CommitId)> {
+        match &self.role {
+            Role::Primary { followers, .. } => followers
+                .iter()
+                .map(|(&host, progress)| (host, if progress.copying { 0 } else { progress.acked }))
+                .collect(),
+            _ => Vec::new(),
+        }
+    }
+
+    /// Until when this follower may serve a `READONLY` read, if it may at all: its log
+    /// follows the primary's (no full copy under way) and holds everything it knows to be
+    /// committed, so it shows every write acknowledged before the primary's last message;
+    /// it may do so for [`Settings::max_read_staleness`] after that message. It may also
+    /// show entries not committed yet. It may lie in the past.
+    pub fn stale_readable_until(&self) -> Option<Instant> {
+        match &self.role {
+            Role::Follower {
+                heard_at,
+                copy: Copy::None,
+                ..
+            } if self.last >= self.commit => Some(*heard_at + self.settings.max_read_staleness),
+            _ => None,
+        }
+    }
+
     /// When to feed [`Event::Tick`].
     pub fn next_deadline(&self) -> Option<Instant> {
         let mut deadlines: Vec<Instant> = Vec::new();

@@ -31,7 +31,7 @@
 //! take the same gate ([`Router::local`]).
 
 use std::cell::RefCell;
-use std::collections::HashMap;
+use std::collections::{BTreeSet, HashMap};
 use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
@@ -63,27 +63,52 @@ const FENCE_TABLE_WAIT: Duration = Duration::from_secs(3);
 const RETRY_MIN: Duration = Duration::from_millis(5);
 const RETRY_MAX: Duration = Duration::from_millis(200);
 
+mod copies;
+
+/// What the routing keeps for one client connection.
+#[derive(Default)]
+struct Connection {
+    /// For each partition, whether the connection's latest request on it is answered.
+    answered: HashMap<Partition, watch::Receiver<bool>>,
+    /// The partitions the connection wrote to (for `WAIT`).
+    written: BTreeSet<Partition>,
+    /// `READONLY`: its GET and MGET may be served by the nearest in-sync copy.
+    readonly: bool,
+}
+
 tokio::task_local! {
-    /// Per client connection: for each partition, whether its latest request is answered.
-    static ANSWERED: RefCell<HashMap<Partition, watch::Receiver<bool>>>;
+    static CONNECTION: RefCell<Connection>;
 }
 
 /// Runs a client connection: its requests are applied in order on each partition.
 pub async fn in_order<F: Future>(connection: F) -> F::Output {
-    ANSWERED.scope(RefCell::default(), connection).await
+    CONNECTION.scope(RefCell::default(), connection).await
 }
 
 /// Whether the current connection has no request on `partition` in flight (a read may
 /// then be answered at once without overtaking one). False outside a connection.
 pub fn idle(partition: Partition) -> bool {
-    ANSWERED
-        .try_with(|answered| {
-            answered
+    CONNECTION
+        .try_with(|connection| {
+            connection
                 .borrow()
+                .answered
                 .get(&partition)
                 .is_none_or(|done| *done.borrow())
         })
         .unwrap_or(false)
+}
+
+/// `READONLY` (true) or `READWRITE` (false) for the current connection.
+pub fn set_readonly(readonly: bool) {
+    let _ = CONNECTION.try_with(|connection| connection.borrow_mut().readonly = readonly);
+}
+
+/// The partitions the current connection has written to.
+pub fn written() -> Vec<Partition> {
+    CONNECTION
+        .try_with(|connection| connection.borrow().written.iter().copied().collect())
+        .unwrap_or_default()
 }
 
 /// Delivers requests for partitions to their owners.
@@ -439,13 +464,18 @@ impl Router {
             .collect();
         touched.sort_unstable();
         touched.dedup();
-        let previous: Vec<watch::Receiver<bool>> = ANSWERED
-            .try_with(|answered| {
-                let mut answered = answered.borrow_mut();
-                touched
+        let write = request.is_write();
+        let (previous, readonly): (Vec<watch::Receiver<bool>>, bool) = CONNECTION
+            .try_with(|connection| {
+                let mut connection = connection.borrow_mut();
+                if write {
+                    connection.written.extend(&touched);
+                }
+                let previous = touched
                     .iter()
-                    .filter_map(|&p| answered.insert(p, next_waits.clone()))
-                    .collect()
+                    .filter_map(|&p| connection.answered.insert(p, next_waits.clone()))
+                    .collect();
+                (previous, connection.readonly)
             })
             .unwrap_or_default();
         let router = Arc::clone(self);
@@ -455,7 +485,14 @@ impl Router {
                 // Answered, or dropped with its task: either way it is done.
                 let _ = tokio::time::timeout_at(deadline, previous.wait_for(|done| *done)).await;
             }
-            let result = router.forward(partition, request, deadline).await;
+            let from_copy = match readonly {
+                true => router.read_copy(partition, &request).await,
+                false => None,
+            };
+            let result = match from_copy {
+                Some(response) => Ok(response),
+                None => router.forward(partition, request, deadline).await,
+            };
             let _ = sender.send(result);
             let _ = answered.send(true);
         });
@@ -730,6 +767,23 @@ impl Router {
                 Ok(responses) => PeerResponse::Workers(responses),
                 Err(reason) => PeerResponse::Refused(reason),
             },
+            DataRequest::Acknowledged {
+                partitions,
+                wanted,
+                timeout_ms,
+            } => {
+                let deadline = Instant::now() + Duration::from_millis(timeout_ms);
+                let count = self
+                    .acknowledged_here(&partitions, wanted as usize, deadline)
+                    .await;
+                PeerResponse::Worker(WorkerResponse::Integer(count as i64))
+            }
+            DataRequest::ReadCopy { partition, request } => {
+                match self.read_local_copy(partition, &request) {
+                    Some(response) => PeerResponse::Worker(response),
+                    None => PeerResponse::Moved,
+                }
+            }
         }
     }
 
