@@ -16,6 +16,10 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpListener;
 
 use crate::dispatch::wait_all;
+use crate::replication::FollowerLag;
+
+/// A gauge per follower host: its name, its help, and its value.
+type Series = (&'static str, &'static str, fn(&FollowerLag) -> u64);
 use crate::state::Shared;
 use crate::table::COMMANDS;
 use crate::table::LATENCY_MICROS_BOUNDS;
@@ -236,6 +240,65 @@ pub async fn render(shared: &Shared) -> String {
             &counts,
             sum,
         );
+    }
+
+    if let (Some(node), Some(router)) = (&shared.cluster, &shared.dispatch.router) {
+        let counters = [
+            (
+                "shoal_partitions_under_replicated",
+                "Partitions with fewer in-sync copies than cluster.replicas (leader's view).",
+                "gauge",
+                node.under_replicated() as u64,
+            ),
+            (
+                "shoal_failovers_led_total",
+                "Failovers this host committed as metadata leader.",
+                "counter",
+                node.failovers_led(),
+            ),
+            (
+                "shoal_handovers_led_total",
+                "Planned handovers of primaries this host committed as metadata leader.",
+                "counter",
+                node.handovers_led(),
+            ),
+            (
+                "shoal_full_copies_total",
+                "Full copies this host's followers took from their primaries.",
+                "counter",
+                router.full_copies(),
+            ),
+        ];
+        for (name, help, kind, value) in counters {
+            let _ = writeln!(
+                out,
+                "# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {value}"
+            );
+        }
+        let lags = router.followers_lag();
+        let series: [Series; 3] = [
+            (
+                "shoal_follower_partitions_behind",
+                "Partitions led here whose log the follower host does not hold to the end.",
+                |lag| lag.behind as u64,
+            ),
+            (
+                "shoal_follower_lag_entries",
+                "The most log entries the follower host lacks of one partition led here.",
+                |lag| lag.entries,
+            ),
+            (
+                "shoal_follower_lag_ms",
+                "The age of the oldest log entry the follower host lacks, in ms.",
+                |lag| lag.ms,
+            ),
+        ];
+        for (name, help, value) in series {
+            let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} gauge");
+            for lag in &lags {
+                let _ = writeln!(out, "{name}{{follower=\"{}\"}} {}", lag.host, value(lag));
+            }
+        }
     }
 
     out.push_str(

@@ -20,6 +20,7 @@
 //! It never decides anything itself: every rule is the core's.
 
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -79,6 +80,20 @@ impl Status {
     }
 }
 
+/// How far behind one follower host is on the partitions led here.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct FollowerLag {
+    pub host: HostId,
+    /// Partitions led here that it follows.
+    pub partitions: usize,
+    /// Of those, the ones whose log it does not hold to the end.
+    pub behind: usize,
+    /// The most entries it lacks of one partition.
+    pub entries: u64,
+    /// The age, in ms, of the oldest entry it lacks.
+    pub ms: u64,
+}
+
 /// Something for a partition's task.
 enum Input {
     Message {
@@ -106,6 +121,8 @@ pub struct Replication {
     /// keeps; one further behind takes a full copy instead of filling the disk.
     hold_limit_entries: u64,
     copies: Mutex<HashMap<Partition, Copy>>,
+    /// Full copies this host's followers took from their primaries.
+    full_copies: AtomicU64,
 }
 
 impl Replication {
@@ -127,6 +144,7 @@ impl Replication {
             settings,
             hold_limit_entries,
             copies: Mutex::default(),
+            full_copies: AtomicU64::new(0),
         });
         tokio::spawn(Arc::clone(&replication).follow_table());
         replication
@@ -270,6 +288,46 @@ impl Replication {
         })
         .await;
         self.status(partition).map_or(0, |status| holding(&status))
+    }
+
+    /// Full copies this host's followers took from their primaries (a log too short to
+    /// catch up from).
+    pub fn full_copies(&self) -> u64 {
+        self.full_copies.load(Ordering::Relaxed)
+    }
+
+    /// How far behind each follower of the partitions led here is, one summary per
+    /// follower host, in host order.
+    pub fn followers_lag(&self) -> Vec<FollowerLag> {
+        let led: Vec<(Partition, Status)> = lock(&self.copies)
+            .iter()
+            .map(|(&p, copy)| (p, copy.status.borrow().clone()))
+            .filter(|(_, status)| status.primary_term.is_some())
+            .collect();
+        let now_ms = shoal_shared::now_ms();
+        let mut lags: std::collections::BTreeMap<HostId, FollowerLag> = Default::default();
+        for (partition, status) in led {
+            for &(host, held) in &status.followers {
+                let lag = lags.entry(host).or_insert(FollowerLag {
+                    host,
+                    ..FollowerLag::default()
+                });
+                lag.partitions += 1;
+                if held >= status.last {
+                    continue;
+                }
+                lag.behind += 1;
+                lag.entries = lag.entries.max(status.last - held);
+                // The age of the oldest entry it lacks.
+                let worker = partition_worker(partition, self.links.len());
+                if let Ok(entries) = self.readers.read_log(worker, partition, held + 1, held + 1) {
+                    if let Some(entry) = entries.first() {
+                        lag.ms = lag.ms.max(now_ms.saturating_sub(entry.timestamp_ms));
+                    }
+                }
+            }
+        }
+        lags.into_values().collect()
     }
 
     /// Tells the core that the local worker committed `partition`'s log up to `last`.
@@ -546,12 +604,15 @@ impl Replication {
                     }
                     Action::StartCopy { from, term } => {
                         let event = match self.copy_from(partition, from).await {
-                            Ok((first, through)) => Event::Copied {
-                                term,
-                                from: first,
-                                through,
-                                history: primary_history.up_to(first),
-                            },
+                            Ok((first, through)) => {
+                                self.full_copies.fetch_add(1, Ordering::Relaxed);
+                                Event::Copied {
+                                    term,
+                                    from: first,
+                                    through,
+                                    history: primary_history.up_to(first),
+                                }
+                            }
                             Err(error) => {
                                 tracing::warn!(partition, from, %error, "full copy failed");
                                 Event::CopyFailed { term }

@@ -7,10 +7,12 @@
 //! table; cluster-aware clients may go to them directly, but any host answers
 //! any key. `CLUSTER LEAVE` makes this host hand off its partitions and leave.
 
+use std::collections::{BTreeSet, HashMap};
 use std::fmt::Write as _;
 use std::sync::atomic::Ordering;
 
 use bytes::Bytes;
+use shoal_shared::frame::{WorkerRequest, WorkerResponse};
 use shoal_shared::partition::{slot_partition, SLOTS};
 use shoal_shared::resp::Reply;
 
@@ -71,7 +73,6 @@ fn cluster(shared: &Shared, args: &[Bytes]) -> Reply {
         ("info", 1) => Reply::Verbatim(info(shared, node)),
         ("nodes", 1) => Reply::Verbatim(nodes(node)),
         ("slots", 1) => slots(node),
-        ("shards", 1) => shards(node),
         ("myid", 1) => match node.host_id() {
             Some(host) => Reply::bulk(node_id(host)),
             None => Reply::error(format!("CLUSTERDOWN not a member yet: {}", node.phase())),
@@ -168,28 +169,61 @@ fn slots(node: &ClusterNode) -> Reply {
 }
 
 /// The hosts holding a set of partitions (primary first), the slot ranges of those
-/// partitions, and the followers out of sync.
-type CopySet = (Vec<HostId>, Vec<(u16, u16)>, Vec<HostId>);
+/// partitions, the followers out of sync, and the partitions.
+type CopySet = (Vec<HostId>, Vec<(u16, u16)>, Vec<HostId>, BTreeSet<u16>);
+
+/// `CLUSTER SHARDS`, once every host told its copies' last commit ids (see [`shards`]).
+pub fn shards_pending(shared: &Shared) -> Pending {
+    let (Some(node), Some(router)) = (shared.cluster.clone(), shared.dispatch.router.clone())
+    else {
+        return Pending::Ready(not_clustered());
+    };
+    Pending::barrier(async move {
+        let hosts: Vec<HostId> = node.ni().hosts.keys().copied().collect();
+        let calls: Vec<_> = hosts
+            .iter()
+            .map(|&host| router.send_to_host(host, WorkerRequest::LastCommitIds))
+            .collect();
+        let mut positions = HashMap::new();
+        for (host, call) in hosts.into_iter().zip(calls) {
+            if let Ok(WorkerResponse::Positions(held)) = call.wait().await {
+                for (partition, last) in held {
+                    positions.insert((host, partition), last);
+                }
+            }
+        }
+        shards(&node, &positions)
+    })
+}
 
 /// `CLUSTER SHARDS`: one shard per set of copies (primary, then followers), with the
 /// slot ranges of the partitions it holds. A follower's health is `fail` when its host
-/// is inactive, `loading` while it is out of sync, and `online` otherwise.
-fn shards(node: &ClusterNode) -> Reply {
+/// is inactive, `loading` while it is out of sync, and `online` otherwise. A copy's
+/// `replication-offset` is the sum of the last commit ids of the shard's partitions on
+/// its host (`positions`, by host and partition; 0 for a host that did not answer).
+fn shards(node: &ClusterNode, positions: &HashMap<(HostId, u16), u64>) -> Reply {
     let ni = node.ni();
     let partitions = ni.partitions.len() as u16;
     // Contiguous slot ranges per copy set, in slot order.
     let mut sets: Vec<CopySet> = Vec::new();
     let mut previous: Option<usize> = None;
     for slot in 0..if partitions == 0 { 0 } else { SLOTS } {
-        let entry = &ni.partitions[usize::from(slot_partition(slot, partitions))];
+        let partition = slot_partition(slot, partitions);
+        let entry = &ni.partitions[usize::from(partition)];
         let members = entry.members();
-        let index = match sets.iter().position(|(m, _, _)| *m == members) {
+        let index = match sets.iter().position(|(m, _, _, _)| *m == members) {
             Some(index) => index,
             None => {
-                sets.push((members, Vec::new(), entry.out_of_sync.clone()));
+                sets.push((
+                    members,
+                    Vec::new(),
+                    entry.out_of_sync.clone(),
+                    BTreeSet::new(),
+                ));
                 sets.len() - 1
             }
         };
+        sets[index].3.insert(partition);
         let ranges = &mut sets[index].1;
         match ranges.last_mut() {
             Some((_, last)) if previous == Some(index) && *last + 1 == slot => *last = slot,
@@ -200,7 +234,7 @@ fn shards(node: &ClusterNode) -> Reply {
     let field = |name: &str| Reply::bulk(name.to_string());
     let entries = sets
         .into_iter()
-        .map(|(members, ranges, out_of_sync)| {
+        .map(|(members, ranges, out_of_sync, held)| {
             let slots = ranges
                 .iter()
                 .flat_map(|(first, last)| {
@@ -210,6 +244,10 @@ fn shards(node: &ClusterNode) -> Reply {
                     ]
                 })
                 .collect();
+            let offset = |host: HostId| {
+                let sum: u64 = held.iter().filter_map(|&p| positions.get(&(host, p))).sum();
+                sum as i64
+            };
             let nodes = members
                 .iter()
                 .enumerate()
@@ -228,7 +266,7 @@ fn shards(node: &ClusterNode) -> Reply {
                         (field("ip"), Reply::bulk(ip.clone())),
                         (field("endpoint"), Reply::bulk(ip)),
                         (field("role"), Reply::bulk(role)),
-                        (field("replication-offset"), Reply::Integer(0)),
+                        (field("replication-offset"), Reply::Integer(offset(*id))),
                         (field("health"), Reply::bulk(health)),
                     ]))
                 })
@@ -290,7 +328,8 @@ fn info(shared: &Shared, node: &ClusterNode) -> String {
          shoal_partitions_misplaced:{}\r\nshoal_partitions_under_replicated:{}\r\n\
          shoal_leaving:{}\r\nshoal_handoffs_completed:{}\r\nshoal_handoff_pause_us_last:{}\r\n\
          shoal_handoff_pause_us_max:{}\r\nshoal_handoff_records_copied:{}\r\n\
-         shoal_handoff_entries_replayed:{}\r\n",
+         shoal_handoff_entries_replayed:{}\r\nshoal_failovers_led:{}\r\n\
+         shoal_handovers_led:{}\r\nshoal_full_copies:{}\r\n",
         ni.partitions.len(),
         ni.owned_by(me).count(),
         ni.partitions
@@ -305,6 +344,13 @@ fn info(shared: &Shared, node: &ClusterNode) -> String {
         stats.max_pause_us.load(Ordering::Relaxed),
         stats.records_copied.load(Ordering::Relaxed),
         stats.entries_replayed.load(Ordering::Relaxed),
+        node.failovers_led(),
+        node.handovers_led(),
+        shared
+            .dispatch
+            .router
+            .as_ref()
+            .map_or(0, |router| router.full_copies()),
     );
     text
 }

@@ -226,6 +226,9 @@ pub async fn dispatch(
         }
         return (cluster::leave(shared), After::Continue);
     }
+    if spec.name == "cluster" && args.len() == 2 && args[1].eq_ignore_ascii_case(b"shards") {
+        return (cluster::shards_pending(shared), After::Continue);
+    }
     if let Some(pending) = replicas::dispatch(shared, spec.name, &args) {
         return (pending, After::Continue);
     }

@@ -406,7 +406,10 @@ async fn info(shared: &Shared, args: &[Bytes]) -> Reply {
         );
     }
     if show("replication") {
-        text.push_str("# Replication\r\nrole:master\r\nconnected_slaves:0\r\n");
+        text.push_str("# Replication\r\nrole:master\r\n");
+        if shared.cluster.is_none() {
+            text.push_str("connected_slaves:0\r\n");
+        }
         if let Some(node) = &shared.cluster {
             let ni = node.ni();
             let me = node.host_id().unwrap_or(0);
@@ -426,13 +429,43 @@ async fn info(shared: &Shared, args: &[Bytes]) -> Reply {
                  shoal_partitions_led:{led}\r\nshoal_partitions_followed:{followed}\r\n\
                  shoal_partitions_followed_out_of_sync:{behind}\r\n\
                  shoal_partitions_under_replicated:{}\r\nshoal_failovers_led:{}\r\n\
-                 shoal_handovers_led:{}\r\n",
+                 shoal_handovers_led:{}\r\nshoal_full_copies:{}\r\n",
                 config.cluster.replicas,
                 config.cluster.min_replicas_to_write,
                 node.under_replicated(),
                 node.failovers_led(),
                 node.handovers_led(),
+                shared
+                    .dispatch
+                    .router
+                    .as_ref()
+                    .map_or(0, |router| router.full_copies()),
             );
+            // Redis's `slaveN` lines, one per follower host of the partitions led here.
+            let lags = shared
+                .dispatch
+                .router
+                .as_ref()
+                .map(|router| router.followers_lag())
+                .unwrap_or_default();
+            let _ = write!(text, "connected_slaves:{}\r\n", lags.len());
+            for (n, lag) in lags.iter().enumerate() {
+                let addr = ni
+                    .hosts
+                    .get(&lag.host)
+                    .map_or("", |host| host.client_addr.as_str());
+                let (ip, port) = addr.rsplit_once(':').unwrap_or((addr, "0"));
+                let state = if lag.behind == 0 {
+                    "online"
+                } else {
+                    "catching_up"
+                };
+                let _ = write!(
+                    text,
+                    "slave{n}:ip={ip},port={port},state={state},host={},partitions={},                     behind={},lag_entries={},lag_ms={}\r\n",
+                    lag.host, lag.partitions, lag.behind, lag.entries, lag.ms,
+                );
+            }
         }
         text.push_str("\r\n");
     }

@@ -17,6 +17,7 @@ use shoal_cluster::ni::HostState;
 use shoal_cluster::HostId;
 
 use super::{Router, FORWARD_TIMEOUT};
+use crate::replication::FollowerLag;
 
 impl Router {
     /// A `READONLY` connection's GET or MGET of `partition`, served by its nearest copy
@@ -188,5 +189,15 @@ impl Router {
             })
             .min()
             .unwrap_or(0)
+    }
+
+    /// How far behind the followers of the partitions led here are, per follower host.
+    pub fn followers_lag(&self) -> Vec<FollowerLag> {
+        self.replication.followers_lag()
+    }
+
+    /// Full copies this host's followers took from their primaries.
+    pub fn full_copies(&self) -> u64 {
+        self.replication.full_copies()
     }
 }
