@@ -171,6 +171,7 @@ fn every_acknowledged_write_survives_the_kill_of_the_primary_host() {
         acknowledged.len() >= 290,
         "too many writes refused: {refused}"
     );
+    copies_serve_wait_readonly_and_show_their_offsets(&cluster, &acknowledged);
     // Host 1 founded the cluster, leads the metadata group and a third of the partitions.
     cluster.kill(1);
     let killed = Instant::now();
@@ -267,7 +268,180 @@ fn every_acknowledged_write_survives_the_kill_of_the_primary_host() {
             "SCAN through host {host}"
         );
     }
+    // WAIT counts the followers that hold a write: one survives of each partition's two.
+    let mut connection = client_of(&cluster, 2);
+    let _: () = redis::cmd("SET")
+        .arg("after-kill")
+        .arg("z")
+        .query(&mut connection)
+        .expect("SET");
+    let waited = Instant::now();
+    let held: i64 = redis::cmd("WAIT")
+        .arg(2)
+        .arg(300)
+        .query(&mut connection)
+        .expect("WAIT");
+    assert_eq!(held, 1, "WAIT with one follower host dead");
+    assert!(
+        waited.elapsed() >= Duration::from_millis(300),
+        "WAIT answered before its timeout"
+    );
     println!("total {:?}", killed.elapsed());
+}
+
+/// A connection to host `i` through the `redis` crate.
+fn client_of(cluster: &Cluster, i: usize) -> redis::Connection {
+    let url = format!("redis://{}/", cluster.host(i).server.addr());
+    let client = redis::Client::open(url).expect("client");
+    connect_until(&client, Instant::now() + Duration::from_secs(10)).expect("a connection")
+}
+
+/// On a settled 3-host cluster with `acknowledged` written: `WAIT` counts both followers
+/// of a write and waits out its timeout for more than there are; `READONLY` reads are
+/// served by the local follower copy and return what was written; `CLUSTER SHARDS`
+/// shows every copy's replication-offset, equal across a shard once it settles; and
+/// `INFO replication` lists both follower hosts, caught up.
+fn copies_serve_wait_readonly_and_show_their_offsets(
+    cluster: &Cluster,
+    acknowledged: &BTreeMap<String, String>,
+) {
+    let mut connection = client_of(cluster, 2);
+    let keys: Vec<&String> = acknowledged.keys().take(60).collect();
+    for key in &keys {
+        let _: () = redis::cmd("SET")
+            .arg(key.as_str())
+            .arg(&acknowledged[*key])
+            .query(&mut connection)
+            .expect("SET");
+    }
+    let held: i64 = redis::cmd("WAIT")
+        .arg(2)
+        .arg(5000)
+        .query(&mut connection)
+        .expect("WAIT");
+    assert_eq!(held, 2, "both followers hold the connection's writes");
+    let waited = Instant::now();
+    let held: i64 = redis::cmd("WAIT")
+        .arg(3)
+        .arg(200)
+        .query(&mut connection)
+        .expect("WAIT");
+    assert_eq!(held, 2, "there are only two followers");
+    assert!(
+        waited.elapsed() >= Duration::from_millis(200),
+        "WAIT answered before its timeout"
+    );
+    let bad = redis::cmd("WAIT")
+        .arg(1)
+        .arg(-1)
+        .query::<i64>(&mut connection)
+        .expect_err("a negative timeout");
+    assert!(bad.to_string().contains("timeout is negative"), "{bad}");
+
+    // READONLY through host 3, which holds a copy of every partition: the keys it does
+    // not lead are read from its follower copy.
+    let followed: Vec<&String> = keys
+        .iter()
+        .copied()
+        .filter(|k| !leads(cluster, 3, k))
+        .collect();
+    assert!(!followed.is_empty());
+    let served = |c: &Cluster| -> u64 {
+        c.info_section(3, "replication")["shoal_readonly_reads_served"]
+            .parse()
+            .unwrap()
+    };
+    let mut reader = client_of(cluster, 3);
+    let _: () = redis::cmd("READONLY").query(&mut reader).expect("READONLY");
+    let before = served(cluster);
+    for key in &followed {
+        let value: Option<String> = redis::cmd("GET")
+            .arg(key.as_str())
+            .query(&mut reader)
+            .expect("GET");
+        assert_eq!(
+            value.as_deref(),
+            Some(acknowledged[*key].as_str()),
+            "READONLY GET {key}"
+        );
+    }
+    let from_copies = served(cluster) - before;
+    println!(
+        "{from_copies} of {} READONLY reads served by host 3's follower copies",
+        followed.len()
+    );
+    assert_eq!(from_copies, followed.len() as u64);
+    let _: () = redis::cmd("READWRITE")
+        .query(&mut reader)
+        .expect("READWRITE");
+    let value: Option<String> = redis::cmd("GET")
+        .arg(followed[0].as_str())
+        .query(&mut reader)
+        .expect("GET");
+    assert_eq!(value.as_deref(), Some(acknowledged[followed[0]].as_str()));
+    assert_eq!(
+        served(cluster) - before,
+        from_copies,
+        "READWRITE reads from the primaries"
+    );
+
+    // Offsets: each copy's sum of its shard's last commit ids, equal once caught up.
+    let (offsets, _) = cluster.wait_for(
+        "equal replication offsets in every shard",
+        SETTLE_TIMEOUT,
+        |c| {
+            let Resp::Array(shards) = c.query(1, &["CLUSTER", "SHARDS"])? else {
+                return Err("CLUSTER SHARDS is no array".into());
+            };
+            let mut all = Vec::new();
+            for shard in &shards {
+                let words = strings_of(shard);
+                let offsets: Vec<i64> = match shard {
+                    Resp::Array(fields) => fields
+                        .iter()
+                        .filter_map(|field| match field {
+                            Resp::Array(nodes) => Some(nodes),
+                            _ => None,
+                        })
+                        .flatten()
+                        .filter_map(|node| node_offset(node))
+                        .collect(),
+                    _ => Vec::new(),
+                };
+                if offsets.len() != 3 || offsets[0] <= 0 || offsets.iter().any(|&o| o != offsets[0])
+                {
+                    return Err(format!("shard {words:?}: offsets {offsets:?}"));
+                }
+                all.push(offsets[0]);
+            }
+            Ok(all)
+        },
+    );
+    println!("replication offsets per shard: {offsets:?}");
+    for host in 1..=3 {
+        let info = cluster.info_section(host, "replication");
+        assert_eq!(info["connected_slaves"], "2", "host {host}: {info:?}");
+        for n in 0..2 {
+            let line = &info[&format!("slave{n}")];
+            assert!(
+                line.contains("state=online") && line.contains("lag_entries=0"),
+                "host {host}: {line}"
+            );
+        }
+    }
+}
+
+/// The `replication-offset` of one node of a `CLUSTER SHARDS` reply.
+fn node_offset(node: &Resp) -> Option<i64> {
+    let Resp::Array(fields) = node else {
+        return None;
+    };
+    fields.chunks(2).find_map(|pair| match pair {
+        [Resp::Bulk(name), Resp::Int(offset)] if name.as_slice() == b"replication-offset" => {
+            Some(*offset)
+        }
+        _ => None,
+    })
 }
 
 /// The number of distinct keys a full SCAN through `host` returns.

@@ -79,6 +79,27 @@ impl Readers {
 }
 
 impl Readers {
+    /// The live values of `keys`, all in a partition that `worker`'s copy follows, read
+    /// from its environment as the copy holds them (see [`ShardReader::get_from_copy`]).
+    pub fn read_copy(
+        &self,
+        worker: usize,
+        collection: Collection,
+        keys: &[&Key],
+    ) -> Option<Vec<Option<Vec<u8>>>> {
+        match self
+            .reader(worker)?
+            .get_from_copy(collection, keys, shoal_shared::now_ms())
+        {
+            Ok(ReadOutcome::Values(values)) => Some(values),
+            Ok(ReadOutcome::AskWorker) => None,
+            Err(error) => {
+                tracing::debug!(worker, %error, "read of a follower copy failed");
+                None
+            }
+        }
+    }
+
     fn opened(&self, worker: usize) -> Result<&ShardReader, StoreError> {
         self.reader(worker).ok_or_else(|| {
             StoreError::Mismatch(format!("shard-{worker} cannot be opened for reading"))

@@ -89,12 +89,36 @@ impl ShardReader {
         Ok(reader)
     }
 
-    /// The live values of `keys` in `collection` at `now_ms`, or [`ReadOutcome::AskWorker`].
+    /// The live values of `keys` in `collection` at `now_ms`, or [`ReadOutcome::AskWorker`]
+    /// (a partition of the keys is fenced, or a transaction is prepared).
     pub fn get(
         &self,
         collection: Collection,
         keys: &[&Key],
         now_ms: u64,
+    ) -> Result<ReadOutcome, StoreError> {
+        self.values(collection, keys, now_ms, true)
+    }
+
+    /// The live values of `keys` in `collection` at `now_ms` as a follower's copy holds
+    /// them: neither its fence (the worker leaves the copy to replication) nor a prepared
+    /// transaction (whose writes are not applied yet) stops the read. For reads that may
+    /// be stale.
+    pub fn get_from_copy(
+        &self,
+        collection: Collection,
+        keys: &[&Key],
+        now_ms: u64,
+    ) -> Result<ReadOutcome, StoreError> {
+        self.values(collection, keys, now_ms, false)
+    }
+
+    fn values(
+        &self,
+        collection: Collection,
+        keys: &[&Key],
+        now_ms: u64,
+        served_only: bool,
     ) -> Result<ReadOutcome, StoreError> {
         let Some(database) = self.collections.get(usize::from(collection)) else {
             return Ok(ReadOutcome::AskWorker);
@@ -104,14 +128,14 @@ impl ShardReader {
             Err(heed::Error::Mdb(MdbError::MapResized)) => {
                 drop(_shared);
                 self.adopt_grown_map()?;
-                return self.get(collection, keys, now_ms);
+                return self.values(collection, keys, now_ms, served_only);
             }
             other => other?,
         };
-        if self.any_prepared(&txn)? {
+        if served_only && self.any_prepared(&txn)? {
             return Ok(ReadOutcome::AskWorker);
         }
-        for key in keys {
+        for key in keys.iter().filter(|_| served_only) {
             if self
                 .meta
                 .get(&txn, &layout::fence_key(key.partition))?

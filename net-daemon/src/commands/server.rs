@@ -5,6 +5,7 @@ use std::fmt::Write as _;
 use std::sync::atomic::Ordering;
 
 use bytes::Bytes;
+use shoal_cluster::node::ClusterNode;
 use shoal_shared::frame::{WorkerRequest, WorkerResponse};
 use shoal_shared::glob::glob_match;
 use shoal_shared::partition::worker_partitions;
@@ -13,6 +14,7 @@ use shoal_shared::status::{Field, ProcessState};
 
 use super::{After, Pending, Session};
 use crate::errors;
+use crate::routing::Router;
 use crate::state::Shared;
 use crate::table::{CommandSpec, COMMANDS};
 
@@ -407,65 +409,9 @@ async fn info(shared: &Shared, args: &[Bytes]) -> Reply {
     }
     if show("replication") {
         text.push_str("# Replication\r\nrole:master\r\n");
-        if shared.cluster.is_none() {
-            text.push_str("connected_slaves:0\r\n");
-        }
-        if let Some(node) = &shared.cluster {
-            let ni = node.ni();
-            let me = node.host_id().unwrap_or(0);
-            let replicated = ni.partitions.iter().filter(|e| !e.replicas.is_empty());
-            let (mut led, mut followed, mut behind) = (0, 0, 0);
-            for entry in replicated {
-                if entry.owner == me {
-                    led += 1;
-                } else if entry.replicas.contains(&me) {
-                    followed += 1;
-                    behind += usize::from(entry.out_of_sync.contains(&me));
-                }
-            }
-            let _ = write!(
-                text,
-                "shoal_replicas:{}\r\nshoal_min_replicas_to_write:{}\r\n\
-                 shoal_partitions_led:{led}\r\nshoal_partitions_followed:{followed}\r\n\
-                 shoal_partitions_followed_out_of_sync:{behind}\r\n\
-                 shoal_partitions_under_replicated:{}\r\nshoal_failovers_led:{}\r\n\
-                 shoal_handovers_led:{}\r\nshoal_full_copies:{}\r\n",
-                config.cluster.replicas,
-                config.cluster.min_replicas_to_write,
-                node.under_replicated(),
-                node.failovers_led(),
-                node.handovers_led(),
-                shared
-                    .dispatch
-                    .router
-                    .as_ref()
-                    .map_or(0, |router| router.full_copies()),
-            );
-            // Redis's `slaveN` lines, one per follower host of the partitions led here.
-            let lags = shared
-                .dispatch
-                .router
-                .as_ref()
-                .map(|router| router.followers_lag())
-                .unwrap_or_default();
-            let _ = write!(text, "connected_slaves:{}\r\n", lags.len());
-            for (n, lag) in lags.iter().enumerate() {
-                let addr = ni
-                    .hosts
-                    .get(&lag.host)
-                    .map_or("", |host| host.client_addr.as_str());
-                let (ip, port) = addr.rsplit_once(':').unwrap_or((addr, "0"));
-                let state = if lag.behind == 0 {
-                    "online"
-                } else {
-                    "catching_up"
-                };
-                let _ = write!(
-                    text,
-                    "slave{n}:ip={ip},port={port},state={state},host={},partitions={},                     behind={},lag_entries={},lag_ms={}\r\n",
-                    lag.host, lag.partitions, lag.behind, lag.entries, lag.ms,
-                );
-            }
+        match (&shared.cluster, &shared.dispatch.router) {
+            (Some(node), Some(router)) => replication_info(&mut text, config, node, router),
+            _ => text.push_str("connected_slaves:0\r\n"),
         }
         text.push_str("\r\n");
     }
@@ -527,4 +473,62 @@ async fn info(shared: &Shared, args: &[Bytes]) -> Reply {
         text.push_str("\r\n");
     }
     Reply::Verbatim(text.trim_end_matches("\r\n").to_string() + "\r\n")
+}
+
+/// INFO replication in a cluster: the partitions this host leads and follows, what the
+/// replication counted, and Redis's `slaveN` lines, one per follower host of the
+/// partitions led here, with its lag.
+fn replication_info(
+    text: &mut String,
+    config: &shoal_shared::config::Config,
+    node: &ClusterNode,
+    router: &Router,
+) {
+    let ni = node.ni();
+    let me = node.host_id().unwrap_or(0);
+    let replicated = ni.partitions.iter().filter(|e| !e.replicas.is_empty());
+    let (mut led, mut followed, mut behind) = (0, 0, 0);
+    for entry in replicated {
+        if entry.owner == me {
+            led += 1;
+        } else if entry.replicas.contains(&me) {
+            followed += 1;
+            behind += usize::from(entry.out_of_sync.contains(&me));
+        }
+    }
+    let _ = write!(
+        text,
+        "shoal_replicas:{}\r\nshoal_min_replicas_to_write:{}\r\n\
+         shoal_partitions_led:{led}\r\nshoal_partitions_followed:{followed}\r\n\
+         shoal_partitions_followed_out_of_sync:{behind}\r\n\
+         shoal_partitions_under_replicated:{}\r\nshoal_failovers_led:{}\r\n\
+         shoal_handovers_led:{}\r\nshoal_full_copies:{}\r\n\
+         shoal_readonly_reads_served:{}\r\n",
+        config.cluster.replicas,
+        config.cluster.min_replicas_to_write,
+        node.under_replicated(),
+        node.failovers_led(),
+        node.handovers_led(),
+        router.full_copies(),
+        router.copy_reads(),
+    );
+    let lags = router.followers_lag();
+    let _ = write!(text, "connected_slaves:{}\r\n", lags.len());
+    for (n, lag) in lags.iter().enumerate() {
+        let addr = ni
+            .hosts
+            .get(&lag.host)
+            .map_or("", |host| host.client_addr.as_str());
+        let (ip, port) = addr.rsplit_once(':').unwrap_or((addr, "0"));
+        let state = match lag.behind {
+            0 => "online",
+            _ => "catching_up",
+        };
+        let _ = write!(
+            text,
+            "slave{n}:ip={ip},port={port},state={state},host={},partitions={},\
+             behind={},lag_entries={},lag_ms={}\r\n",
+            lag.host, lag.partitions, lag.behind, lag.entries, lag.ms,
+        );
+    }
 }

@@ -3,10 +3,13 @@
 //!   is served by the in-sync copy nearest to this host by the network coordinates,
 //!   this host's own copy first, as long as that copy heard from its primary within
 //!   `max_read_staleness` and holds all it knows to be committed (the core's rule,
-//!   [`shoal_cluster::replication::replica::Replica::stale_readable_until`]). When the
-//!   primary is the nearest, or no copy may serve, the read takes the ordinary path.
+//!   [`shoal_cluster::replication::replica::Replica::stale_readable_until`]). At equal
+//!   distance a follower goes before the primary. When the primary is the nearest, or
+//!   no copy may serve, the read takes the ordinary path.
 //! - `WAIT` ([`Router::acknowledged`]): how many followers of each partition the
 //!   connection wrote hold its primary's log up to where it stood when asked.
+
+use std::sync::atomic::Ordering;
 
 use shoal_shared::frame::{Partition, WorkerRequest, WorkerResponse};
 use shoal_shared::partition::partition_worker;
@@ -16,7 +19,7 @@ use shoal_cluster::messages::{DataRequest, PeerRequest, PeerResponse};
 use shoal_cluster::ni::HostState;
 use shoal_cluster::HostId;
 
-use super::{Router, FORWARD_TIMEOUT};
+use super::{read_with, Router, FORWARD_TIMEOUT};
 use crate::replication::FollowerLag;
 
 impl Router {
@@ -59,9 +62,13 @@ impl Router {
                     .get(host)
                     .is_some_and(|info| info.state != HostState::Inactive)
             })
-            .map(|host| (self.node.distance_s(host).unwrap_or(f64::MAX), host))
+            .map(|host| {
+                let distance = self.node.distance_s(host).unwrap_or(f64::MAX);
+                // At equal distance: this host, then a follower, then the primary.
+                (distance, (host != me, host == entry.owner, host))
+            })
             .min_by(|a, b| a.0.total_cmp(&b.0).then(a.1.cmp(&b.1)))
-            .map(|(_, host)| host)?;
+            .map(|(_, (_, _, host))| host)?;
         if nearest == entry.owner {
             return None;
         }
@@ -93,9 +100,15 @@ impl Router {
                     status.stale_readable_until.is_some_and(|until| now < until)
                 })
         });
-        all_readable
-            .then(|| self.read_directly(worker, request))
-            .flatten()
+        let response = all_readable
+            .then(|| {
+                read_with(request, |collection, keys| {
+                    self.readers.read_copy(worker, collection, keys)
+                })
+            })
+            .flatten()?;
+        self.copy_reads.fetch_add(1, Ordering::Relaxed);
+        Some(response)
     }
 
     /// `WAIT`: the fewest followers, over `partitions`, that hold the primary's log up to
@@ -199,5 +212,10 @@ impl Router {
     /// Full copies this host's followers took from their primaries.
     pub fn full_copies(&self) -> u64 {
         self.replication.full_copies()
+    }
+
+    /// `READONLY` reads this host's follower copies served.
+    pub fn copy_reads(&self) -> u64 {
+        self.copy_reads.load(Ordering::Relaxed)
     }
 }

@@ -33,10 +33,11 @@
 use std::cell::RefCell;
 use std::collections::{BTreeSet, HashMap};
 use std::future::Future;
+use std::sync::atomic::AtomicU64;
 use std::sync::Arc;
 use std::time::Duration;
 
-use shoal_shared::frame::{Key, Partition, WorkerError, WorkerRequest, WorkerResponse};
+use shoal_shared::frame::{Collection, Key, Partition, WorkerError, WorkerRequest, WorkerResponse};
 use shoal_shared::partition::partition_worker;
 use tokio::sync::{oneshot, watch};
 use tokio::time::Instant;
@@ -119,6 +120,8 @@ pub struct Router {
     readers: Arc<Readers>,
     /// This host's copies of replicated partitions.
     replication: Arc<Replication>,
+    /// `READONLY` reads served by this host's follower copies.
+    copy_reads: AtomicU64,
 }
 
 impl Router {
@@ -141,6 +144,7 @@ impl Router {
             links,
             readers,
             replication,
+            copy_reads: AtomicU64::new(0),
         }
     }
 
@@ -397,23 +401,9 @@ impl Router {
     /// `request` (a GET or MGET of `worker`) answered from the shard's map, if it can be.
     fn read_directly(&self, worker: usize, request: &WorkerRequest) -> Option<WorkerResponse> {
         let connected = self.links[worker].is_connected();
-        match request {
-            WorkerRequest::Get { collection, key } => {
-                let mut values = self.readers.read(worker, connected, *collection, &[key])?;
-                Some(WorkerResponse::Value(values.pop().flatten()))
-            }
-            WorkerRequest::MGet { collection, keys } => {
-                let keys: Vec<&Key> = keys.iter().collect();
-                let values = self.readers.read(worker, connected, *collection, &keys)?;
-                Some(WorkerResponse::Values(
-                    values
-                        .into_iter()
-                        .map(|value| value.map(serde_bytes::ByteBuf::from))
-                        .collect(),
-                ))
-            }
-            _ => None,
-        }
+        read_with(request, |collection, keys| {
+            self.readers.read(worker, connected, collection, keys)
+        })
     }
 
     pub fn node(&self) -> &Arc<ClusterNode> {
@@ -819,6 +809,31 @@ impl Router {
                 Ok(Err(_)) | Err(_) => return Err(not_moving()),
             }
         }
+    }
+}
+
+/// `request` (a GET or MGET) answered with the values `read` finds; `None` for another
+/// request, or when `read` finds none.
+fn read_with(
+    request: &WorkerRequest,
+    read: impl Fn(Collection, &[&Key]) -> Option<Vec<Option<Vec<u8>>>>,
+) -> Option<WorkerResponse> {
+    match request {
+        WorkerRequest::Get { collection, key } => {
+            let mut values = read(*collection, &[key])?;
+            Some(WorkerResponse::Value(values.pop().flatten()))
+        }
+        WorkerRequest::MGet { collection, keys } => {
+            let keys: Vec<&Key> = keys.iter().collect();
+            let values = read(*collection, &keys)?;
+            Some(WorkerResponse::Values(
+                values
+                    .into_iter()
+                    .map(|value| value.map(serde_bytes::ByteBuf::from))
+                    .collect(),
+            ))
+        }
+        _ => None,
     }
 }
 
