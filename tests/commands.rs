@@ -429,6 +429,33 @@ fn client_commands() {
 }
 
 #[test]
+fn wait_readonly_and_readwrite_on_a_host_on_its_own() {
+    let server = Server::start("");
+    let mut con = server.conn();
+    assert_eq!(call_str(&mut con, &["SET", "k", "v"]), Value::Okay);
+    // No replicas: none holds the write; asking for none answers at once.
+    assert_eq!(call_str(&mut con, &["WAIT", "0", "0"]), Value::Int(0));
+    let started = std::time::Instant::now();
+    assert_eq!(call_str(&mut con, &["WAIT", "1", "150"]), Value::Int(0));
+    assert!(
+        started.elapsed() >= std::time::Duration::from_millis(150),
+        "WAIT for more replicas than there are waits out its timeout"
+    );
+    let negative = call_str(&mut con, &["WAIT", "1", "-5"]);
+    assert_eq!(error_text(&negative), "ERR timeout is negative");
+    let not_number = call_str(&mut con, &["WAIT", "x", "10"]);
+    assert!(
+        error_text(&not_number).contains("not an integer"),
+        "{not_number:?}"
+    );
+    // READONLY changes nothing on one host: reads go to the only copy.
+    assert_eq!(call_str(&mut con, &["READONLY"]), Value::Okay);
+    assert_eq!(get(&mut con, "k").as_deref(), Some("v"));
+    assert_eq!(call_str(&mut con, &["READWRITE"]), Value::Okay);
+    assert_eq!(get(&mut con, "k").as_deref(), Some("v"));
+}
+
+#[test]
 fn hello_switches_between_resp2_and_resp3() {
     let server = Server::start("");
     let mut raw = server.raw();

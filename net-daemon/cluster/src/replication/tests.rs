@@ -1025,3 +1025,45 @@ fn a_primary_whose_marker_is_not_committed_vouches_for_nothing() {
     assert_eq!(answer.acknowledged, None);
     assert_eq!(primary.primary_term(), None);
 }
+
+#[test]
+fn a_follower_serves_stale_reads_only_while_it_follows_closely_and_holds_the_commit_point() {
+    let now = Instant::now();
+    let (mut primary, marker_sent) = open_primary(2, 0, now);
+    let mut follower = replica(2, 1, History::default(), 0, now);
+    assert_eq!(primary.followers(), vec![(2, 0), (3, 0)]);
+    assert_eq!(
+        primary.stale_readable_until(),
+        None,
+        "the primary reads by its lease"
+    );
+    let ack = follower_answer(&mut follower, append_to(&marker_sent, 2), now);
+    let staleness = settings().max_read_staleness;
+    assert_eq!(follower.stale_readable_until(), Some(now + staleness));
+    primary.handle(received(2, Message::Ack(ack)), now);
+    assert_eq!(
+        primary.followers(),
+        vec![(2, 1), (3, 0)],
+        "2 holds the marker"
+    );
+    // An append whose entries are not applied yet: the copy lacks what it knows to be
+    // committed once the commit point passes its log.
+    let later = now + Duration::from_millis(300);
+    primary.handle(Event::Written { last: 2 }, later);
+    primary.handle(Event::Tick, later);
+    let append = append_to(&primary.poll_actions(), 2);
+    follower.handle(received(1, Message::Append(append.clone())), later);
+    follower.poll_actions();
+    let lagging = Append {
+        commit: 2,
+        first: 3,
+        last: 2,
+        ..append
+    };
+    follower.handle(received(1, Message::Append(lagging)), later);
+    follower.poll_actions();
+    assert_eq!(follower.commit(), 2);
+    assert_eq!(follower.stale_readable_until(), None);
+    follower.handle(Event::Applied { last: 2 }, later);
+    assert_eq!(follower.stale_readable_until(), Some(later + staleness));
+}
