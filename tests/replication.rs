@@ -404,7 +404,7 @@ fn copies_serve_wait_readonly_and_show_their_offsets(
                             _ => None,
                         })
                         .flatten()
-                        .filter_map(|node| node_offset(node))
+                        .filter_map(node_offset)
                         .collect(),
                     _ => Vec::new(),
                 };
