@@ -824,8 +824,11 @@ impl NetworkInfo {
     }
 
     /// [`Command::Promote`]: `primary` leads from the new epoch on, which becomes its
-    /// term. The old primary stays a follower, out of sync (it may hold entries the new
-    /// one never had). A running move is given up. Refused when `primary` holds no copy.
+    /// term. The old primary stays a follower with its sync state: it may hold writes it
+    /// acknowledged that only it and the new primary have, so until the new primary has
+    /// made sure that the others hold them (see the replication core's sync reports),
+    /// the next failover round must count it. A running move is given up. Refused when
+    /// `primary` holds no copy.
     fn promote(&mut self, partition: u16, primary: HostId, epoch: u64) -> Result<Outcome, String> {
         let entry = self.partition_at(partition, epoch)?;
         if !entry.is_member(primary) {
@@ -838,7 +841,6 @@ impl NetworkInfo {
             entry.replicas.retain(|&h| h != primary);
             entry.out_of_sync.retain(|&h| h != primary);
             entry.replicas.insert(0, old);
-            entry.out_of_sync.push(old);
             if entry.dropping == Some(primary) {
                 entry.dropping = None;
             }
@@ -1493,7 +1495,7 @@ mod tests {
         assert!(refused(ni.apply(&sync(FOUNDER, true, 4))).contains("no follower"));
         // A host holding a copy is not removed.
         assert!(refused(ni.apply(&Command::Remove { host: three })).contains("still holds"));
-        // Failover to host 2: a new term; the old primary follows, out of sync.
+        // Failover to host 2: a new term; the old primary follows, still in sync.
         let promote = |primary, epoch| Command::Promote {
             partition: 0,
             primary,
@@ -1504,7 +1506,7 @@ mod tests {
         let entry = ni.partitions[0].clone();
         assert_eq!((entry.owner, entry.epoch, entry.term), (two, 5, 5));
         assert_eq!(entry.replicas, vec![FOUNDER, three]);
-        assert_eq!(entry.out_of_sync, vec![three, FOUNDER]);
+        assert_eq!(entry.out_of_sync, vec![three]);
         // Re-appointing the same primary still opens a new term.
         assert_eq!(ni.apply(&promote(two, 5)), Outcome::Done);
         assert_eq!((ni.partitions[0].epoch, ni.partitions[0].term), (6, 6));
@@ -1529,7 +1531,7 @@ mod tests {
             (entry.members(), entry.dropping, entry.epoch),
             (vec![two, FOUNDER], None, 8)
         );
-        assert_eq!(entry.out_of_sync, vec![FOUNDER]);
+        assert!(entry.out_of_sync.is_empty());
         assert_eq!(ni.apply(&Command::Remove { host: three }), Outcome::Done);
     }
 

@@ -89,6 +89,9 @@ pub struct Settings {
     /// this: its reads miss at most the writes acknowledged in this time (and in one
     /// message's delay).
     pub max_read_staleness: Duration,
+    /// A follower that has not reached a commit point of this long ago (or has not
+    /// answered since) is reported out of sync, so that the NI shows it.
+    pub out_of_sync_after: Duration,
     /// Most entries in one append message.
     pub max_entries_per_append: u64,
     /// Most entries sent to one follower and not yet acknowledged.
@@ -105,6 +108,7 @@ impl Default for Settings {
             primary_silence: Duration::from_millis(1000),
             good_replica_within: Duration::from_millis(1000),
             max_read_staleness: Duration::from_millis(1000),
+            out_of_sync_after: Duration::from_secs(3),
             max_entries_per_append: 256,
             max_entries_in_flight: 4096,
         }

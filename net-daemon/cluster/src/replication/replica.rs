@@ -224,6 +224,12 @@ struct Progress {
     heard_at: Option<Instant>,
     /// The latest send time of this run that it acknowledged: its promise started then.
     promised_from: Option<Instant>,
+    /// A commit point it must reach, and since when: it lags once it has not reached it,
+    /// and answered since, within `out_of_sync_after`. Set at the first check.
+    mark: Option<(CommitId, Instant)>,
+    /// Reported out of sync while the view still lists it in sync: from the report on,
+    /// it no longer counts, so that the smaller in-sync set holds every commit.
+    excluded: bool,
 }
 
 impl Progress {
@@ -236,6 +242,8 @@ impl Progress {
             sent_at: None,
             heard_at: None,
             promised_from: None,
+            mark: None,
+            excluded: false,
         }
     }
 }
@@ -443,7 +451,7 @@ impl Replica {
         }
         let mut instants: Vec<Instant> = followers
             .iter()
-            .filter(|(host, _)| self.counts(**host))
+            .filter(|(host, p)| self.counted(**host, p))
             .filter_map(|(_, p)| instant(p))
             .collect();
         instants.sort_unstable_by(|a, b| b.cmp(a));
@@ -480,6 +488,12 @@ impl Replica {
         self.view
             .as_ref()
             .is_some_and(|view| view.dropping != Some(host) && !view.out_of_sync.contains(&host))
+    }
+
+    /// Whether a follower's answers count: the view lists it in sync, not dropping, and
+    /// this primary has not reported it out of sync.
+    fn counted(&self, host: HostId, progress: &Progress) -> bool {
+        self.counts(host) && !progress.excluded
     }
 
     /// Copies a write needs: the setting, but never more than the list holds.
@@ -839,39 +853,100 @@ impl Replica {
             AckResult::Refused { .. } => unreachable!("handled above"),
         }
         self.advance_commit();
-        self.report_sync(from);
+        self.check_sync(now);
         self.pump(now);
     }
 
-    /// Reports `host`'s sync state when it differs from the view's, once per view.
-    fn report_sync(&mut self, host: HostId) {
-        let Some(view) = &self.view else { return };
-        let listed_out = view.out_of_sync.contains(&host);
+    /// Reports the followers whose sync state should change in the NI, each once per
+    /// view:
+    /// - One listed out of sync is in sync again once it follows this term's log (it
+    ///   holds the marker) up to the commit point. Adding a copy to the set that commits
+    ///   and answers failovers is always safe: every entry committed before was already
+    ///   on enough copies of the smaller set.
+    /// - One listed in sync that lags (it takes a full copy, or has not reached, and
+    ///   answered since, a commit point of `out_of_sync_after` ago) is reported out of
+    ///   sync with the care of a drop: only once the term's marker is committed and
+    ///   enough copies without it hold the commit point, and it stops counting at once,
+    ///   so that the smaller set keeps holding every commit whatever the NI shows.
+    fn check_sync(&mut self, now: Instant) {
+        let Some(view) = self.view.clone() else {
+            return;
+        };
+        let (commit, after) = (self.commit, self.settings.out_of_sync_after);
         let Role::Primary {
-            marker,
-            followers,
-            reported,
-            ..
+            marker, followers, ..
         } = &mut self.role
         else {
             return;
         };
-        let Some(progress) = followers.get(&host) else {
-            return;
-        };
-        // A follower is in sync once it follows this term's log (it holds the marker).
-        // Adding it to the set that commits and answers failovers is always safe: every
-        // entry committed before was already on enough copies of the smaller set. It is
-        // only ever reported in sync: taking one out of the set would need the care of a
-        // drop (enough others must hold the commit point first).
-        let in_sync = !progress.copying && progress.acked >= *marker;
-        let report = (listed_out && in_sync).then_some(true);
-        if let Some(in_sync) = report {
+        let marker = *marker;
+        let mut lagging = Vec::new();
+        for (&host, progress) in followers.iter_mut() {
+            let mark = progress.mark.get_or_insert((commit, now));
+            let answered_since = progress.heard_at.is_some_and(|heard| heard >= mark.1);
+            if !progress.copying && progress.acked >= mark.0 && answered_since {
+                *mark = (commit, now);
+            }
+            if view.out_of_sync.contains(&host) {
+                progress.excluded = false;
+            } else if view.dropping != Some(host) && (progress.copying || now >= mark.1 + after) {
+                lagging.push(host);
+            }
+        }
+        let mut changes: Vec<(HostId, bool)> = Vec::new();
+        if let Role::Primary { followers, .. } = &self.role {
+            for (&host, progress) in followers {
+                let listed_out = view.out_of_sync.contains(&host);
+                let caught_up = !progress.copying && progress.acked >= marker.max(commit);
+                if listed_out && caught_up {
+                    changes.push((host, true));
+                } else if !listed_out && (progress.excluded || lagging.contains(&host)) {
+                    changes.push((host, false));
+                }
+            }
+        }
+        for (host, in_sync) in changes {
+            if !in_sync && !self.may_exclude(host) {
+                continue;
+            }
+            let Role::Primary {
+                followers,
+                reported,
+                ..
+            } = &mut self.role
+            else {
+                return;
+            };
+            if let Some(progress) = followers.get_mut(&host) {
+                progress.excluded |= !in_sync;
+            }
             if reported.get(&host) != Some(&in_sync) {
                 reported.insert(host, in_sync);
                 self.actions.push_back(Action::ReportSync { host, in_sync });
             }
         }
+    }
+
+    /// Whether `host` may stop counting: the term's marker is committed and enough
+    /// counted copies other than `host` hold the commit point (as for a drop). Always
+    /// true once it no longer counts.
+    fn may_exclude(&self, host: HostId) -> bool {
+        let Role::Primary {
+            marker, followers, ..
+        } = &self.role
+        else {
+            return false;
+        };
+        if followers.get(&host).is_none_or(|p| !self.counted(host, p)) {
+            return true;
+        }
+        let mut others = followers.clone();
+        others.remove(&host);
+        self.commit >= *marker
+            && self
+                .held_by_counted(&others)
+                .get(self.needed() - 1)
+                .is_some_and(|&held| held >= self.commit)
     }
 
     /// Moves the commit point to the highest entry of this term that enough copies hold.
@@ -899,7 +974,7 @@ impl Replica {
     fn held_by_counted(&self, followers: &BTreeMap<HostId, Progress>) -> Vec<CommitId> {
         let mut held: Vec<CommitId> = followers
             .iter()
-            .filter(|(host, p)| self.counts(**host) && !p.copying)
+            .filter(|(host, p)| self.counted(**host, p) && !p.copying)
             .map(|(_, p)| p.acked.min(self.last))
             .collect();
         held.push(self.last);
@@ -1227,7 +1302,10 @@ impl Replica {
                     }
                 }
             }
-            Role::Primary { .. } => self.pump(now),
+            Role::Primary { .. } => {
+                self.check_sync(now);
+                self.pump(now);
+            }
             Role::Follower {
                 term,
                 primary,

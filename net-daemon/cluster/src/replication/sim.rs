@@ -89,6 +89,12 @@ enum Scheduled {
         from: HostId,
         term: Term,
     },
+    /// A primary's report of a follower's sync state reaches the leader.
+    Sync {
+        term: Term,
+        host: HostId,
+        in_sync: bool,
+    },
 }
 
 struct Sim {
@@ -114,6 +120,8 @@ struct Sim {
     drop_rate: f64,
     failovers: u64,
     handovers: u64,
+    /// Sync state changes the NI took.
+    syncs: u64,
     /// Handovers that named the copy they preferred.
     handed_over: u64,
     /// The copy the running round prefers, if it is a handover.
@@ -155,6 +163,7 @@ impl Sim {
             drop_rate: 0.05,
             failovers: 0,
             handovers: 0,
+            syncs: 0,
             handed_over: 0,
             handover_to: None,
         };
@@ -275,7 +284,27 @@ impl Sim {
                     self.acked.push((commit_id, entry.key, value, now));
                 }
             }
-            Action::ReportSync { .. } | Action::CompleteDrop { .. } | Action::CopyDone => {}
+            Action::ReportSync { host, in_sync } => {
+                // Proposed at the primary's term; the NI takes it only at that term.
+                let term = self.hosts[&id]
+                    .core
+                    .as_ref()
+                    .and_then(Replica::primary_term);
+                if let Some(term) = term {
+                    if self.reachable(id, LEADER) && self.rng.unit() >= self.drop_rate {
+                        let delay = Duration::from_millis(1 + self.rng.below(50));
+                        self.at(
+                            delay,
+                            Scheduled::Sync {
+                                term,
+                                host,
+                                in_sync,
+                            },
+                        );
+                    }
+                }
+            }
+            Action::CompleteDrop { .. } | Action::CopyDone => {}
             Action::PrimaryLost { term, .. } | Action::SteppedDown { term } => {
                 if term >= self.view.term && self.failover.is_none() && self.reachable(id, LEADER) {
                     self.start_failover(None);
@@ -298,10 +327,15 @@ impl Sim {
                 .iter()
                 .filter(|&&m| m != self.view.primary),
         );
+        let in_sync: Vec<HostId> = members
+            .iter()
+            .copied()
+            .filter(|host| !self.view.out_of_sync.contains(host))
+            .collect();
         let mut round = Failover::new(
             self.view.term + 1,
             members.clone(),
-            members.clone(),
+            in_sync,
             members,
             self.settings.min_replicas_to_write,
             self.now,
@@ -328,6 +362,8 @@ impl Sim {
                         if self.handover_to == Some(primary) {
                             self.handed_over += 1;
                         }
+                        // As the NI's promotion: the old primary keeps its sync state.
+                        self.view.out_of_sync.retain(|&h| h != primary);
                         self.view.term = term;
                         self.view.primary = primary;
                         self.broadcast_view();
@@ -556,6 +592,21 @@ impl Sim {
                     self.feed(to, Event::View(view), &[]);
                 }
             }
+            Scheduled::Sync {
+                term,
+                host,
+                in_sync,
+            } => {
+                let listed_out = self.view.out_of_sync.contains(&host);
+                if term == self.view.term && host != self.view.primary && listed_out == in_sync {
+                    match in_sync {
+                        true => self.view.out_of_sync.retain(|&h| h != host),
+                        false => self.view.out_of_sync.push(host),
+                    }
+                    self.syncs += 1;
+                    self.broadcast_view();
+                }
+            }
             Scheduled::CopyDone { to, from, term } => {
                 let wanted = self.hosts[&to]
                     .core
@@ -677,6 +728,11 @@ impl Sim {
                  but {newest_acked} was acknowledged before the read began"
             );
         }
+        assert!(
+            self.view.out_of_sync.is_empty(),
+            "seed {seed}: copies {:?} still out of sync once settled",
+            self.view.out_of_sync
+        );
         let commit = self.hosts[&primary].core.as_ref().unwrap().commit();
         for (&id, host) in &self.hosts {
             assert!(
@@ -723,7 +779,7 @@ fn run(seed: u64, hosts: u64) -> Sim {
 fn no_acknowledged_write_is_lost_and_copies_converge() {
     let mut acked = 0;
     let mut reads = 0;
-    let (mut failovers, mut handovers, mut handed_over) = (0, 0, 0);
+    let (mut failovers, mut handovers, mut handed_over, mut syncs) = (0, 0, 0, 0);
     for seed in seeds() {
         for hosts in [3, 5] {
             let sim = std::panic::catch_unwind(|| run(seed, hosts)).unwrap_or_else(|panic| {
@@ -735,14 +791,16 @@ fn no_acknowledged_write_is_lost_and_copies_converge() {
             failovers += sim.failovers;
             handovers += sim.handovers;
             handed_over += sim.handed_over;
+            syncs += sim.syncs;
         }
     }
     println!(
         "replication simulation: {acked} acknowledged writes, {reads} reads, {failovers} \
-         failover rounds, {handovers} handovers ({handed_over} to the copy preferred)"
+         failover rounds, {handovers} handovers ({handed_over} to the copy preferred), \
+         {syncs} sync state changes in the NI"
     );
     assert!(
-        acked > 0 && reads > 0 && failovers > 0 && handed_over > 0,
+        acked > 0 && reads > 0 && failovers > 0 && handed_over > 0 && syncs > 0,
         "the simulation exercised nothing"
     );
 }

@@ -1067,3 +1067,76 @@ fn a_follower_serves_stale_reads_only_while_it_follows_closely_and_holds_the_com
     follower.handle(Event::Applied { last: 2 }, later);
     assert_eq!(follower.stale_readable_until(), Some(later + staleness));
 }
+
+/// The sync reports among `actions`.
+fn sync_reports(actions: &[Action]) -> Vec<(HostId, bool)> {
+    actions
+        .iter()
+        .filter_map(|action| match action {
+            Action::ReportSync { host, in_sync } => Some((*host, *in_sync)),
+            _ => None,
+        })
+        .collect()
+}
+
+#[test]
+fn a_silent_follower_is_reported_out_of_sync_only_once_the_others_hold_every_commit() {
+    let now = Instant::now();
+    let (mut primary, marker_sent) = open_primary(2, 0, now);
+    let after = settings().out_of_sync_after;
+    // Nobody answered: the marker is not committed, and taking a copy out is not safe.
+    primary.handle(Event::Tick, now + after * 2);
+    assert_eq!(sync_reports(&primary.poll_actions()), vec![]);
+    // Host 2 holds the marker; host 3 stays silent.
+    let mut two = replica(2, 1, History::default(), 0, now);
+    let t1 = now + after * 2;
+    let ack = follower_answer(&mut two, append_to(&marker_sent, 2), t1);
+    primary.handle(received(2, Message::Ack(ack)), t1);
+    // Host 3 has not reached the commit point of `out_of_sync_after` ago: now that host 2
+    // holds every commit, host 3 is reported, once.
+    let actions = primary.poll_actions();
+    assert_eq!(committed(&actions), Some(1));
+    assert_eq!(
+        sync_reports(&actions),
+        vec![(3, false)],
+        "host 2 kept up and stays in"
+    );
+    primary.handle(Event::Tick, t1 + after);
+    assert_eq!(sync_reports(&primary.poll_actions()), vec![]);
+    // From the report on, host 3 counts for nothing, even while the NI lists it in sync.
+    primary.handle(Event::Written { last: 2 }, t1 + after);
+    let t2 = t1 + after + Duration::from_millis(10);
+    let three_ack = Ack {
+        term: 2,
+        result: AckResult::Holds { last: 2 },
+        stamp: None,
+    };
+    primary.handle(received(3, Message::Ack(three_ack.clone())), t2);
+    assert_eq!(
+        committed(&primary.poll_actions()),
+        None,
+        "host 3's ack does not count"
+    );
+    // The NI shows it out. It holds the commit point: it is reported in sync again.
+    primary.handle(
+        Event::View(View {
+            term: 2,
+            primary: 1,
+            members: vec![1, 2, 3],
+            out_of_sync: vec![3],
+            dropping: None,
+        }),
+        t2,
+    );
+    assert_eq!(sync_reports(&primary.poll_actions()), vec![(3, true)]);
+    // Until the NI shows it in, it does not count either.
+    primary.handle(received(3, Message::Ack(three_ack)), t2);
+    assert_eq!(committed(&primary.poll_actions()), None);
+    let two_ack = Ack {
+        term: 2,
+        result: AckResult::Holds { last: 2 },
+        stamp: None,
+    };
+    primary.handle(received(2, Message::Ack(two_ack)), t2);
+    assert_eq!(committed(&primary.poll_actions()), Some(2));
+}
