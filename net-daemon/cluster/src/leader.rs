@@ -47,6 +47,9 @@ pub(crate) const MAX_MOVES_IN_FLIGHT: usize = 4;
 /// its records, and the primary keeps serving throughout, so a new cluster's empty
 /// partitions get their copies quickly.
 pub(crate) const MAX_CATCHING_UP: usize = 16;
+/// Hosts whose estimated round trip is shorter than this (in seconds) are near each
+/// other (one rack or site): a partition's copies go to hosts far apart first.
+pub(crate) const NEAR_RTT_S: f64 = 0.002;
 /// Most failover rounds (planned handovers included) running at once. A handover moves
 /// no data; it pauses its partition for about a lease.
 pub(crate) const MAX_ROUNDS: usize = 16;
@@ -259,8 +262,10 @@ fn gone(ni: &NetworkInfo, host: HostId, now_ms: u64, settings: &LeaderSettings) 
 
 /// The follower changes that replication calls for, in partition order:
 /// - a partition with fewer copies on live hosts (not inactive, not leaving) than
-///   `replicas` (or than there are such hosts) gets a follower on the writable host,
-///   not full, that holds the fewest copies (ties by rendezvous score); at most
+///   `replicas` (or than there are such hosts) gets a follower on a writable host, not
+///   full: one far from every copy (an estimated round trip of at least [`NEAR_RTT_S`]
+///   by the network coordinates: another rack or site) if there is one, and among
+///   those the one that holds the fewest copies (ties by rendezvous score); at most
 ///   `max_catching_up` partitions have followers out of sync at once;
 /// - otherwise a follower on a host [`gone`] for good is dropped (its primary completes
 ///   the drop once enough other copies hold every acknowledged write);
@@ -302,13 +307,29 @@ pub(crate) fn replicate(ni: &NetworkInfo, now_ms: u64, settings: &LeaderSettings
             if catching_up >= settings.max_catching_up {
                 continue;
             }
+            // Far from every copy first (another rack or site, by the coordinates),
+            // then the host holding the fewest copies.
+            let near_a_copy = |host: HostId| {
+                let Some(at) = ni.hosts.get(&host).map(|info| &info.coordinate) else {
+                    return false;
+                };
+                members.iter().any(|member| {
+                    ni.hosts
+                        .get(member)
+                        .is_some_and(|info| info.coordinate.distance_s(at) < NEAR_RTT_S)
+                })
+            };
             let best = receivers
                 .iter()
                 .copied()
                 .filter(|host| !members.contains(host))
                 .min_by_key(|&host| {
                     let copies = held.get(&host).copied().unwrap_or(0);
-                    (copies, std::cmp::Reverse(score(partition, host)))
+                    (
+                        near_a_copy(host),
+                        copies,
+                        std::cmp::Reverse(score(partition, host)),
+                    )
                 });
             if let Some(host) = best {
                 *held.entry(host).or_default() += 1;
@@ -1085,6 +1106,35 @@ mod tests {
             }
         }
         panic!("replication never settled");
+    }
+
+    #[test]
+    fn copies_go_to_hosts_far_apart_by_the_coordinates_first() {
+        // Hosts 1 and 2 in one site, 3 and 4 in another 40 ms away.
+        let mut ni = cluster(4);
+        for host in [3, 4] {
+            let info = ni.hosts.get_mut(&host).unwrap();
+            info.coordinate.position_s[0] = 0.040;
+        }
+        let settings = replicated(2);
+        replicate_until_quiet(&mut ni, &settings);
+        for (partition, entry) in ni.partitions.iter().enumerate() {
+            let sites: BTreeSet<bool> = entry.members().iter().map(|&host| host >= 3).collect();
+            assert_eq!(
+                sites.len(),
+                2,
+                "partition {partition}: {:?}",
+                entry.members()
+            );
+        }
+        // Within a site the copies still spread by count.
+        let mut held: BTreeMap<HostId, usize> = BTreeMap::new();
+        for entry in &ni.partitions {
+            for host in entry.members() {
+                *held.entry(host).or_default() += 1;
+            }
+        }
+        assert!(held[&3].abs_diff(held[&4]) <= 1, "{held:?}");
     }
 
     #[test]

@@ -29,6 +29,9 @@
 //! request wrote or saw. A two-phase commit request counts every partition of its
 //! transaction record that this host leads, and recovery's requests to local workers
 //! take the same gate ([`Router::local`]).
+//!
+//! [`copies`] serves what a connection asks of the other copies: `READONLY` reads from
+//! the nearest in-sync follower, and `WAIT`.
 
 use std::cell::RefCell;
 use std::collections::{BTreeSet, HashMap};
@@ -150,7 +153,7 @@ impl Router {
 
     /// Whether `partition` has followers (its primary then serves it through
     /// [`Router::replicated`]).
-    fn is_replicated(&self, partition: Partition) -> bool {
+    pub fn is_replicated(&self, partition: Partition) -> bool {
         self.node
             .ni()
             .partitions

@@ -38,7 +38,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Instant;
 
-use shoal_shared::frame::{TxOp, TxOutcome, WorkerError, DECIDER_PARTITION};
+use shoal_shared::frame::{Partition, TxOp, TxOutcome, WorkerError, DECIDER_PARTITION};
 use shoal_shared::resp::Reply;
 
 use crate::dispatch::{Dest, Dispatch};
@@ -132,13 +132,62 @@ impl Default for TxIds {
     }
 }
 
-/// Runs `participants` atomically, with ids from `txids`. Returns each participant's
-/// outcomes, in order.
+/// Splits a participant whose ops touch several partitions with followers into one
+/// participant per partition (at `dest_of` it), keeping the order of the ops and of the
+/// participants. One `Atomic` over several replicated partitions would log each
+/// partition's entries on their own, and a failover could keep some of them only; as
+/// separate participants, each partition's log carries its prepared part, and the
+/// decider's the decision, before any data changes.
+fn per_replicated_partition(
+    participants: Vec<Participant>,
+    is_replicated: impl Fn(Partition) -> bool,
+    dest_of: impl Fn(Partition) -> Dest,
+) -> Vec<Participant> {
+    let mut split = Vec::with_capacity(participants.len());
+    for participant in participants {
+        let mut partitions: Vec<Partition> =
+            participant.ops.iter().map(|op| op.key.partition).collect();
+        partitions.sort_unstable();
+        partitions.dedup();
+        if partitions.len() < 2 || !partitions.iter().any(|&p| is_replicated(p)) {
+            split.push(participant);
+            continue;
+        }
+        let mut parts: Vec<Participant> = Vec::new();
+        for op in participant.ops {
+            let partition = op.key.partition;
+            match parts
+                .iter_mut()
+                .find(|part| part.ops[0].key.partition == partition)
+            {
+                Some(part) => part.ops.push(op),
+                None => parts.push(Participant {
+                    dest: dest_of(partition),
+                    ops: vec![op],
+                }),
+            }
+        }
+        split.extend(parts);
+    }
+    split
+}
+
+/// Runs `participants` atomically, with ids from `txids`. Returns the outcomes of each
+/// participant run, in order: in a cluster, a participant over several replicated
+/// partitions runs as one per partition ([`per_replicated_partition`]).
 pub async fn run(
     dispatch: &Dispatch,
     txids: &TxIds,
     participants: Vec<Participant>,
 ) -> Result<Vec<Vec<TxOutcome>>, TxFailure> {
+    let participants = match &dispatch.router {
+        Some(router) => per_replicated_partition(
+            participants,
+            |p| router.is_replicated(p),
+            |p| dispatch.of_partition(p),
+        ),
+        None => participants,
+    };
     let participants = participants
         .into_iter()
         .map(|participant| (participant.dest, participant.ops))
@@ -227,5 +276,78 @@ pub async fn recover(dispatch: Arc<Dispatch>, shutting_down: Arc<AtomicBool>) {
             };
             recovery.handle(event, Instant::now());
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use shoal_shared::frame::{Key, TxAction};
+
+    use super::*;
+
+    fn op(partition: Partition, key: &str) -> TxOp {
+        TxOp {
+            collection: 0,
+            key: Key {
+                partition,
+                bytes: key.as_bytes().to_vec(),
+            },
+            action: TxAction::Delete,
+        }
+    }
+
+    fn dest(partition: Partition) -> Dest {
+        Dest::Partition {
+            partition,
+            group: (1, 0),
+        }
+    }
+
+    /// Each participant's partition (by its dest) and the keys of its ops.
+    fn shape(participants: &[Participant]) -> Vec<(Partition, Vec<String>)> {
+        participants
+            .iter()
+            .map(|p| {
+                let Dest::Partition { partition, .. } = p.dest else {
+                    panic!("a worker dest")
+                };
+                let keys = p
+                    .ops
+                    .iter()
+                    .map(|op| String::from_utf8_lossy(&op.key.bytes).into_owned())
+                    .collect();
+                (partition, keys)
+            })
+            .collect()
+    }
+
+    #[test]
+    fn a_participant_over_several_replicated_partitions_runs_as_one_per_partition() {
+        let participants = vec![
+            Participant {
+                dest: dest(1),
+                ops: vec![op(1, "a"), op(2, "b"), op(1, "c"), op(2, "b")],
+            },
+            Participant {
+                dest: dest(3),
+                ops: vec![op(3, "d")],
+            },
+        ];
+        let split = per_replicated_partition(participants, |_| true, dest);
+        assert_eq!(
+            shape(&split),
+            vec![
+                (1, vec!["a".into(), "c".into()]),
+                (2, vec!["b".into(), "b".into()]),
+                (3, vec!["d".into()]),
+            ]
+        );
+        // Without followers, one worker's ops stay one participant (one `Atomic`).
+        let participants = vec![Participant {
+            dest: dest(1),
+            ops: vec![op(1, "a"), op(2, "b")],
+        }];
+        let kept = per_replicated_partition(participants, |_| false, dest);
+        assert_eq!(shape(&kept), vec![(1, vec!["a".into(), "b".into()])]);
     }
 }

@@ -31,6 +31,9 @@ use super::{
 
 /// Pause before a failed full copy is tried again.
 pub const COPY_RETRY_AFTER: Duration = Duration::from_secs(1);
+/// A primary reports a follower's sync state again after this, while the view still
+/// shows the other state.
+pub const REPORT_AGAIN: Duration = Duration::from_secs(2);
 
 /// What a copy holds on disk, as the shell reads it back at start.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -272,8 +275,10 @@ enum Role {
         /// The marker is durable.
         marker_written: bool,
         followers: BTreeMap<HostId, Progress>,
-        /// Sync states reported since the view last changed, so each is reported once.
-        reported: BTreeMap<HostId, bool>,
+        /// Sync states reported since the view last changed, and when: each is reported
+        /// once, and again after [`REPORT_AGAIN`] if the view still differs (a proposal
+        /// may be lost).
+        reported: BTreeMap<HostId, (bool, Instant)>,
         /// The drop completion proposed since the view last changed.
         drop_proposed: bool,
     },
@@ -860,7 +865,8 @@ impl Replica {
     /// Reports the followers whose sync state should change in the NI, each once per
     /// view:
     /// - One listed out of sync is in sync again once it follows this term's log (it
-    ///   holds the marker) up to the commit point. Adding a copy to the set that commits
+    ///   holds the marker) up to the commit point, and answered within
+    ///   `good_replica_within`. Adding a copy to the set that commits
     ///   and answers failovers is always safe: every entry committed before was already
     ///   on enough copies of the smaller set.
     /// - One listed in sync that lags (it takes a full copy, or has not reached, and
@@ -894,10 +900,17 @@ impl Replica {
             }
         }
         let mut changes: Vec<(HostId, bool)> = Vec::new();
+        let heard_within = self.settings.good_replica_within;
         if let Role::Primary { followers, .. } = &self.role {
             for (&host, progress) in followers {
                 let listed_out = view.out_of_sync.contains(&host);
-                let caught_up = !progress.copying && progress.acked >= marker.max(commit);
+                // A silent copy that held everything before it went quiet is no copy
+                // in sync: it must answer too.
+                let answering = progress
+                    .heard_at
+                    .is_some_and(|heard| now < heard + heard_within);
+                let caught_up =
+                    answering && !progress.copying && progress.acked >= marker.max(commit);
                 if listed_out && caught_up {
                     changes.push((host, true));
                 } else if !listed_out && (progress.excluded || lagging.contains(&host)) {
@@ -920,8 +933,11 @@ impl Replica {
             if let Some(progress) = followers.get_mut(&host) {
                 progress.excluded |= !in_sync;
             }
-            if reported.get(&host) != Some(&in_sync) {
-                reported.insert(host, in_sync);
+            let due = reported
+                .get(&host)
+                .is_none_or(|&(sent, at)| sent != in_sync || now >= at + REPORT_AGAIN);
+            if due {
+                reported.insert(host, (in_sync, now));
                 self.actions.push_back(Action::ReportSync { host, in_sync });
             }
         }

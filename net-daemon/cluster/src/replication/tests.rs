@@ -3,7 +3,7 @@
 use std::time::{Duration, Instant};
 
 use super::failover::{self, Failover};
-use super::replica::{Action, Durable, Event, Replica, View};
+use super::replica::{Action, Durable, Event, Replica, View, REPORT_AGAIN};
 use super::*;
 use crate::HostId;
 
@@ -1101,8 +1101,11 @@ fn a_silent_follower_is_reported_out_of_sync_only_once_the_others_hold_every_com
         vec![(3, false)],
         "host 2 kept up and stays in"
     );
-    primary.handle(Event::Tick, t1 + after);
+    primary.handle(Event::Tick, t1 + Duration::from_millis(500));
     assert_eq!(sync_reports(&primary.poll_actions()), vec![]);
+    // A report the NI never took is made again while the view still differs.
+    primary.handle(Event::Tick, t1 + REPORT_AGAIN);
+    assert_eq!(sync_reports(&primary.poll_actions()), vec![(3, false)]);
     // From the report on, host 3 counts for nothing, even while the NI lists it in sync.
     primary.handle(Event::Written { last: 2 }, t1 + after);
     let t2 = t1 + after + Duration::from_millis(10);
@@ -1117,7 +1120,8 @@ fn a_silent_follower_is_reported_out_of_sync_only_once_the_others_hold_every_com
         None,
         "host 3's ack does not count"
     );
-    // The NI shows it out. It holds the commit point: it is reported in sync again.
+    // The NI shows it out. It answered at `t2` and holds the commit point: it is
+    // reported in sync again.
     primary.handle(
         Event::View(View {
             term: 2,
@@ -1139,4 +1143,39 @@ fn a_silent_follower_is_reported_out_of_sync_only_once_the_others_hold_every_com
     };
     primary.handle(received(2, Message::Ack(two_ack)), t2);
     assert_eq!(committed(&primary.poll_actions()), Some(2));
+}
+
+#[test]
+fn a_silent_follower_that_held_every_commit_is_not_reported_in_sync() {
+    let now = Instant::now();
+    let (mut primary, marker_sent) = open_primary(2, 0, now);
+    for host in [2, 3] {
+        let mut follower = replica(host, 1, History::default(), 0, now);
+        let ack = follower_answer(&mut follower, append_to(&marker_sent, host), now);
+        primary.handle(received(host, Message::Ack(ack)), now);
+    }
+    assert_eq!(primary.followers(), vec![(2, 1), (3, 1)]);
+    primary.poll_actions();
+    // Host 3 goes quiet and the NI lists it out of sync; nothing is written since, so
+    // it still holds the commit point, but it answers nothing.
+    let later = now + settings().good_replica_within * 2;
+    primary.handle(
+        Event::View(View {
+            term: 2,
+            primary: 1,
+            members: vec![1, 2, 3],
+            out_of_sync: vec![3],
+            dropping: None,
+        }),
+        later,
+    );
+    assert_eq!(sync_reports(&primary.poll_actions()), vec![]);
+    // Once it answers, it is in sync again.
+    let heard = Ack {
+        term: 2,
+        result: AckResult::Holds { last: 1 },
+        stamp: None,
+    };
+    primary.handle(received(3, Message::Ack(heard)), later);
+    assert_eq!(sync_reports(&primary.poll_actions()), vec![(3, true)]);
 }
