@@ -492,7 +492,9 @@ pub enum WorkerRequest {
     /// → `Partitions`: the fenced partitions, ascending.
     Fences,
     /// Replication: promises to follow no primary of a term below `term` for
-    /// `partition` (durable; the stored term never goes down). → `Ok`.
+    /// `partition` (durable; the stored term never goes down). A term above the one the
+    /// log is open in also fences the partition for clients, in the same transaction.
+    /// → `Ok`.
     PromiseTerm {
         /// The partition.
         partition: Partition,

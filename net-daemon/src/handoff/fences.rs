@@ -1,7 +1,9 @@
 //! Which local fences to change so that they match the NI: a pure decision.
 //!
 //! [`plan`] owns the rule of `super::reconcile`: a partition this host owns and is not
-//! handing off is served (its fence lifted); a partition it follows (a replica) is
+//! handing off is served (its fence lifted; with followers, replication owns the fence
+//! of its primary: a promise of a higher term sets it and opening a term lifts it); a
+//! partition it follows (a replica) is
 //! fenced, so that clients, expiry and log retention leave the copy to replication; a
 //! partition it neither owns, follows nor receives is fenced and its copy cleared,
 //! once; a partition with a move driven here is left to that move. It reads no worker and no NI itself: the shell passes the fences it read
@@ -52,8 +54,10 @@ pub(crate) fn plan(
         let is_fenced = fenced.contains(&partition);
         if entry.owner == me {
             cleared.remove(&partition);
-            // While a move away runs, the fence is the source's, for that move.
-            if entry.target.is_none() && is_fenced {
+            // While a move away runs, the fence is the source's, for that move. With
+            // followers, the fence is replication's: a promise of a higher term sets it,
+            // and opening a term lifts it.
+            if entry.target.is_none() && is_fenced && entry.replicas.is_empty() {
                 steps.push(FenceStep::Unfence(partition));
             }
         } else if entry.replicas.contains(&me) {

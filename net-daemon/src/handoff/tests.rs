@@ -700,6 +700,18 @@ fn reconcile_unfences_what_this_host_owns_unless_it_moves_away() {
     assert_eq!(steps, vec![FenceStep::Unfence(0)]);
     // Owned partitions are forgotten as cleared: losing one later clears it again.
     assert_eq!(cleared, HashSet::from([9]));
+    // With followers, the primary's fence is replication's (promises set it, opening a
+    // term lifts it): reconcile leaves it.
+    let mut replicated = entry(ME, None);
+    replicated.replicas = vec![OTHER];
+    let steps = plan(
+        &[replicated],
+        ME,
+        &BTreeSet::from([0]),
+        &HashSet::new(),
+        &mut cleared,
+    );
+    assert_eq!(steps, vec![]);
 }
 
 #[test]

@@ -290,6 +290,11 @@ impl Router {
             }
         }
         let response = self.links[worker].send(request).await.wait().await?;
+        if let WorkerResponse::Error(WorkerError::PartitionMoved { .. }) = response {
+            // The worker fenced the partition (a higher term was promised) before the
+            // request: nothing was applied, and the caller routes it again.
+            return Err(LinkError::Moved);
+        }
         for (p, term) in terms {
             let last = self
                 .readers

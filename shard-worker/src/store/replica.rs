@@ -75,12 +75,20 @@ impl Store {
     ) -> OpResult {
         // Other hosts rely on a new promise at once: it reaches the disk even with
         // `async` durability.
-        batch.sync |= term > self.replica_state(txn, partition)?.fenced_term;
+        let state = self.replica_state(txn, partition)?;
+        batch.sync |= term > state.fenced_term;
         self.change_replica_state(txn, batch, partition, |state| {
             let raise = term > state.fenced_term;
             state.fenced_term = state.fenced_term.max(term);
             raise
-        })
+        })?;
+        // A term above the one this copy's log is open in ends that term here: client
+        // requests are refused from this commit on (as moved: nothing is applied), until
+        // a term opens again (`OpenTerm` lifts the fence).
+        if state.history.last().is_none_or(|&(open, _)| term > open) {
+            self.set_fence(txn, batch, partition, true)?;
+        }
+        Ok(WorkerResponse::Ok)
     }
 
     /// `HoldLog`: log retention keeps the partition's log from `from` on (0: no hold).

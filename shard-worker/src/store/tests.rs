@@ -1912,13 +1912,22 @@ fn opening_a_term_writes_a_marker_and_records_the_term_with_it() {
         vec![WorkerResponse::Integer(3)]
     );
     assert_eq!(replica_state(&store, 1).history, vec![(3, 2)]);
-    // A promise of a higher term fences the old one off; promises never go down.
+    // The open term serves clients; promising it again changes nothing.
     let promise = |term| WorkerRequest::PromiseTerm { partition: 1, term };
+    assert_eq!(apply(&mut store, &[promise(3)]), vec![WorkerResponse::Ok]);
+    assert_eq!(fences(&mut store), WorkerResponse::Partitions(vec![]));
+    // A promise of a higher term fences the old one off, clients included (as moved:
+    // nothing is applied); promises never go down.
     assert_eq!(
         apply(&mut store, &[promise(5), promise(4)]),
         vec![WorkerResponse::Ok; 2]
     );
     assert_eq!(replica_state(&store, 1).fenced_term, 5);
+    assert_eq!(fences(&mut store), WorkerResponse::Partitions(vec![1]));
+    assert!(matches!(
+        apply(&mut store, &[set(0, key(1, b"k"), b"late")]).remove(0),
+        WorkerResponse::Error(WorkerError::PartitionMoved { partition: 1 })
+    ));
     assert_eq!(
         apply(&mut store, &[open(4)]),
         vec![WorkerResponse::Error(WorkerError::TermFenced { fenced: 5 })]
