@@ -64,17 +64,10 @@ impl Readers {
         if !connected {
             return None;
         }
-        match self
+        let outcome = self
             .reader(worker)?
-            .get(collection, keys, shoal_shared::now_ms())
-        {
-            Ok(ReadOutcome::Values(values)) => Some(values),
-            Ok(ReadOutcome::AskWorker) => None,
-            Err(error) => {
-                tracing::debug!(worker, %error, "direct read failed; asking the worker");
-                None
-            }
-        }
+            .get(collection, keys, shoal_shared::now_ms());
+        values_of(worker, outcome)
     }
 }
 
@@ -87,17 +80,10 @@ impl Readers {
         collection: Collection,
         keys: &[&Key],
     ) -> Option<Vec<Option<Vec<u8>>>> {
-        match self
+        let outcome = self
             .reader(worker)?
-            .get_from_copy(collection, keys, shoal_shared::now_ms())
-        {
-            Ok(ReadOutcome::Values(values)) => Some(values),
-            Ok(ReadOutcome::AskWorker) => None,
-            Err(error) => {
-                tracing::debug!(worker, %error, "read of a follower copy failed");
-                None
-            }
-        }
+            .get_from_copy(collection, keys, shoal_shared::now_ms());
+        values_of(worker, outcome)
     }
 
     fn opened(&self, worker: usize) -> Result<&ShardReader, StoreError> {
@@ -149,5 +135,20 @@ impl Readers {
         last: u64,
     ) -> Result<Vec<LogEntry>, StoreError> {
         self.opened(worker)?.read_log(partition, first, last)
+    }
+}
+
+/// The values a read of `worker`'s map found; `None` when the worker must answer.
+fn values_of(
+    worker: usize,
+    outcome: Result<ReadOutcome, StoreError>,
+) -> Option<Vec<Option<Vec<u8>>>> {
+    match outcome {
+        Ok(ReadOutcome::Values(values)) => Some(values),
+        Ok(ReadOutcome::AskWorker) => None,
+        Err(error) => {
+            tracing::debug!(worker, %error, "direct read failed; asking the worker");
+            None
+        }
     }
 }
