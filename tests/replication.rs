@@ -405,6 +405,56 @@ fn copies_serve_wait_readonly_and_show_their_offsets(
         "READWRITE reads from the primaries"
     );
 
+    // CLUSTER SLOTS lists both followers after each range's primary, and CLUSTER REPLICAS
+    // of a host names the two others as its slaves.
+    let Resp::Array(ranges) = cluster
+        .query(1, &["CLUSTER", "SLOTS"])
+        .expect("CLUSTER SLOTS")
+    else {
+        panic!("CLUSTER SLOTS is no array")
+    };
+    for range in &ranges {
+        let fields = match range {
+            Resp::Array(fields) => fields.len(),
+            _ => 0,
+        };
+        assert_eq!(
+            fields, 5,
+            "two slots, a primary and two followers: {range:?}"
+        );
+    }
+    let first = cluster
+        .query(1, &["CLUSTER", "MYID"])
+        .expect("CLUSTER MYID");
+    let first = strings_of(&first).remove(0);
+    let lines = strings_of(&until_served(cluster, 2, &["CLUSTER", "REPLICAS", &first]));
+    assert_eq!(lines.len(), 2, "{lines:?}");
+    for line in &lines {
+        assert!(line.contains(&format!("slave {first} ")), "{line}");
+    }
+    // A cluster client from the redis crate reads from the followers that CLUSTER SLOTS
+    // names, and writes through the primaries.
+    let nodes: Vec<String> = (1..=3)
+        .map(|i| format!("redis://{}/", cluster.host(i).server.addr()))
+        .collect();
+    let client = redis::cluster::ClusterClientBuilder::new(nodes)
+        .read_routing_strategy(redis::cluster_read_routing::RandomReplicaStrategy)
+        .build()
+        .expect("a cluster client");
+    let mut routed = client.get_connection().expect("a cluster connection");
+    for key in &keys {
+        let value: Option<String> = redis::cmd("GET")
+            .arg(key.as_str())
+            .query(&mut routed)
+            .expect("GET through the cluster client");
+        assert_eq!(value.as_deref(), Some(acknowledged[*key].as_str()), "{key}");
+    }
+    let _: () = redis::cmd("SET")
+        .arg(keys[0].as_str())
+        .arg(&acknowledged[keys[0]])
+        .query(&mut routed)
+        .expect("SET through the cluster client");
+
     // Offsets: each copy's sum of its shard's last commit ids, equal once caught up.
     let (offsets, _) = cluster.wait_for(
         "equal replication offsets in every shard",

@@ -1,13 +1,13 @@
-//! Cluster commands: `CLUSTER INFO`, `CLUSTER NODES`, `CLUSTER MYID` in Redis's
-//! formats as far as they fit, and `SHOAL.HOSTS`, the whole NI with this
-//! host's view of each peer.
+//! Cluster commands: `CLUSTER INFO`, `NODES`, `REPLICAS`, `SLOTS`, `SHARDS` and
+//! `MYID` in Redis's formats as far as they fit, and `SHOAL.HOSTS`, the whole NI
+//! with this host's view of each peer.
 //!
 //! A node id is the host id as 40 hex digits, the width of Redis's ids. The
-//! slots a host lists are those of the partitions it owns in the NI's partition
+//! slots a host lists are those of the partitions it leads in the NI's partition
 //! table; cluster-aware clients may go to them directly, but any host answers
 //! any key. `CLUSTER LEAVE` makes this host hand off its partitions and leave.
 
-use std::collections::{BTreeSet, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::fmt::Write as _;
 use std::sync::atomic::Ordering;
 
@@ -19,7 +19,7 @@ use shoal_shared::resp::Reply;
 use super::Pending;
 use crate::errors;
 use crate::state::Shared;
-use shoal_cluster::ni::{Command, HostInfo, HostState, NetworkInfo, Outcome};
+use shoal_cluster::ni::{Command, HostInfo, HostState, NetworkInfo, Outcome, PartitionEntry};
 use shoal_cluster::node::ClusterNode;
 use shoal_cluster::HostId;
 
@@ -55,7 +55,8 @@ fn cluster(shared: &Shared, args: &[Bytes]) -> Reply {
             [
                 "CLUSTER INFO: the cluster's state, this host's id and the metadata version.",
                 "CLUSTER NODES: one line per host, in Redis's format, with the slots it owns.",
-                "CLUSTER SLOTS: the slot ranges and the host that owns each.",
+                "CLUSTER REPLICAS <node-id>: the hosts that follow the partitions it leads, in CLUSTER NODES's format.",
+                "CLUSTER SLOTS: the slot ranges, each with its primary and the followers that serve READONLY reads.",
                 "CLUSTER SHARDS: the hosts and the slot ranges each owns.",
                 "CLUSTER MYID: this host's node id.",
                 "CLUSTER LEAVE: hand this host's partitions to the others, then leave the cluster.",
@@ -73,11 +74,12 @@ fn cluster(shared: &Shared, args: &[Bytes]) -> Reply {
         ("info", 1) => Reply::Verbatim(info(shared, node)),
         ("nodes", 1) => Reply::Verbatim(nodes(node)),
         ("slots", 1) => slots(node),
+        ("replicas" | "slaves", 2) => replicas(node, &args[1]),
         ("myid", 1) => match node.host_id() {
             Some(host) => Reply::bulk(node_id(host)),
             None => Reply::error(format!("CLUSTERDOWN not a member yet: {}", node.phase())),
         },
-        ("info" | "nodes" | "myid" | "slots" | "shards" | "leave", _) => {
+        ("info" | "nodes" | "myid" | "slots" | "shards" | "leave" | "replicas" | "slaves", _) => {
             errors::wrong_arity(&format!("cluster|{subcommand}"))
         }
         _ => Reply::error(format!(
@@ -122,21 +124,39 @@ pub fn leave(shared: &Shared) -> Pending {
     })
 }
 
-/// Runs of consecutive slots with the same owner: `(first slot, last slot, owner)`.
-fn slot_ranges(ni: &NetworkInfo) -> Vec<(u16, u16, HostId)> {
+/// Runs of consecutive slots whose partitions give the same `key`: `(first slot, last
+/// slot, key)`.
+fn slot_ranges<K: PartialEq>(
+    ni: &NetworkInfo,
+    key: impl Fn(&PartitionEntry) -> K,
+) -> Vec<(u16, u16, K)> {
     let partitions = ni.partitions.len() as u16;
-    let mut ranges: Vec<(u16, u16, HostId)> = Vec::new();
+    let mut ranges: Vec<(u16, u16, K)> = Vec::new();
     if partitions == 0 {
         return ranges;
     }
     for slot in 0..SLOTS {
-        let owner = ni.partitions[usize::from(slot_partition(slot, partitions))].owner;
+        let k = key(&ni.partitions[usize::from(slot_partition(slot, partitions))]);
         match ranges.last_mut() {
-            Some((_, last, host)) if *host == owner => *last = slot,
-            _ => ranges.push((slot, slot, owner)),
+            Some((_, last, previous)) if *previous == k => *last = slot,
+            _ => ranges.push((slot, slot, k)),
         }
     }
     ranges
+}
+
+/// The copies a client may be sent to: the primary, then the followers that serve
+/// `READONLY` reads (in sync, on a host not marked inactive).
+fn serving_copies(ni: &NetworkInfo, entry: &PartitionEntry) -> Vec<HostId> {
+    let mut copies = vec![entry.owner];
+    copies.extend(entry.replicas.iter().copied().filter(|host| {
+        !entry.out_of_sync.contains(host)
+            && ni
+                .hosts
+                .get(host)
+                .is_some_and(|info| info.state != HostState::Inactive)
+    }));
+    copies
 }
 
 /// A host's client address as (ip, port).
@@ -147,22 +167,26 @@ fn client_endpoint(host: &HostInfo) -> (String, i64) {
     }
 }
 
+/// `CLUSTER SLOTS`: per slot range, its primary, then the followers that serve
+/// `READONLY` reads, as Redis lists a master and its replicas.
 fn slots(node: &ClusterNode) -> Reply {
     let ni = node.ni();
-    let entries = slot_ranges(&ni)
+    let entries = slot_ranges(&ni, |entry| serving_copies(&ni, entry))
         .into_iter()
-        .filter_map(|(first, last, owner)| {
-            let host = ni.hosts.get(&owner)?;
-            let (ip, port) = client_endpoint(host);
-            Some(Reply::Array(vec![
+        .map(|(first, last, copies)| {
+            let mut fields = vec![
                 Reply::Integer(i64::from(first)),
                 Reply::Integer(i64::from(last)),
-                Reply::Array(vec![
+            ];
+            fields.extend(copies.iter().filter_map(|id| {
+                let (ip, port) = client_endpoint(ni.hosts.get(id)?);
+                Some(Reply::Array(vec![
                     Reply::bulk(ip),
                     Reply::Integer(port),
-                    Reply::bulk(node_id(owner)),
-                ]),
-            ]))
+                    Reply::bulk(node_id(*id)),
+                ]))
+            }));
+            Reply::Array(fields)
         })
         .collect();
     Reply::Array(entries)
@@ -355,61 +379,138 @@ fn info(shared: &Shared, node: &ClusterNode) -> String {
     text
 }
 
+/// `CLUSTER NODES`: every host once, as the master of the slots whose partitions it
+/// leads (it follows others too, which Redis's one role per node cannot say; see
+/// [`replicas`]).
 fn nodes(node: &ClusterNode) -> String {
     let ni = node.ni();
-    let me = node.host_id();
-    let views = node.peer_views();
-    let ranges = slot_ranges(&ni);
+    let ranges = slot_ranges(&ni, |entry| entry.owner);
     let mut text = String::new();
     for host in ni.hosts.values() {
-        let myself = Some(host.id) == me;
-        let view = views.get(&host.id);
-        let suspect = view
-            .and_then(|v| v.score.as_ref())
-            .is_some_and(|score| score.suspect);
-        let mut flags = vec![];
-        if myself {
-            flags.push("myself");
+        let slots: Vec<(u16, u16)> = ranges
+            .iter()
+            .filter(|(_, _, owner)| *owner == host.id)
+            .map(|&(first, last, _)| (first, last))
+            .collect();
+        node_line(&mut text, node, host, NodeRole::Master(&slots));
+    }
+    text
+}
+
+/// `CLUSTER REPLICAS node-id` (and `CLUSTER SLAVES`): in `CLUSTER NODES`'s format, the
+/// hosts that hold a follower copy of a partition that `node-id` leads. A follower out of
+/// sync for any of them is flagged `nofailover`: no failover names it while it catches up.
+fn replicas(node: &ClusterNode, id: &[u8]) -> Reply {
+    let ni = node.ni();
+    let Some(master) = ni
+        .hosts
+        .values()
+        .find(|host| node_id(host.id).as_bytes() == id.to_ascii_lowercase())
+    else {
+        return Reply::error(format!("ERR Unknown node {}", String::from_utf8_lossy(id)));
+    };
+    // Follower host → whether it is out of sync for any of the master's partitions.
+    let mut followers: BTreeMap<HostId, bool> = BTreeMap::new();
+    for entry in ni
+        .partitions
+        .iter()
+        .filter(|entry| entry.owner == master.id)
+    {
+        for &follower in &entry.replicas {
+            *followers.entry(follower).or_default() |= entry.out_of_sync.contains(&follower);
         }
-        flags.push("master");
-        match host.state {
-            HostState::Inactive => flags.push("fail"),
-            _ if suspect => flags.push("fail?"),
-            _ => {}
+    }
+    let lines = followers
+        .into_iter()
+        .filter_map(|(follower, out_of_sync)| {
+            let host = ni.hosts.get(&follower)?;
+            let mut line = String::new();
+            node_line(
+                &mut line,
+                node,
+                host,
+                NodeRole::Replica {
+                    of: master.id,
+                    out_of_sync,
+                },
+            );
+            Some(Reply::bulk(line.trim_end().to_string()))
+        })
+        .collect();
+    Reply::Array(lines)
+}
+
+/// What a `CLUSTER NODES` line says a host is.
+enum NodeRole<'a> {
+    /// The master of these slot ranges.
+    Master(&'a [(u16, u16)]),
+    /// A replica of `of`'s partitions.
+    Replica { of: HostId, out_of_sync: bool },
+}
+
+/// Appends `host`'s line in `CLUSTER NODES`'s format to `text`.
+fn node_line(text: &mut String, node: &ClusterNode, host: &HostInfo, role: NodeRole) {
+    let views = node.peer_views();
+    let myself = Some(host.id) == node.host_id();
+    let view = views.get(&host.id);
+    let suspect = view
+        .and_then(|v| v.score.as_ref())
+        .is_some_and(|score| score.suspect);
+    let mut flags = vec![];
+    if myself {
+        flags.push("myself");
+    }
+    let master = match role {
+        NodeRole::Master(_) => {
+            flags.push("master");
+            "-".to_string()
         }
-        let peer_port = host
-            .peer_addr
-            .rsplit_once(':')
-            .map_or("0", |(_, port)| port);
-        let pong_ms = view
-            .and_then(|v| v.score.as_ref())
-            .and_then(|score| score.last_success_ms)
-            .unwrap_or(0);
-        let link = if myself || (host.state != HostState::Inactive && !suspect) {
-            "connected"
-        } else {
-            "disconnected"
-        };
-        let _ = write!(
-            text,
-            "{} {}@{} {} - 0 {} {} {}",
-            node_id(host.id),
-            host.client_addr,
-            peer_port,
-            flags.join(","),
-            pong_ms,
-            host.id,
-            link,
-        );
-        for (first, last, _) in ranges.iter().filter(|(_, _, owner)| *owner == host.id) {
+        NodeRole::Replica { of, out_of_sync } => {
+            flags.push("slave");
+            if out_of_sync {
+                flags.push("nofailover");
+            }
+            node_id(of)
+        }
+    };
+    match host.state {
+        HostState::Inactive => flags.push("fail"),
+        _ if suspect => flags.push("fail?"),
+        _ => {}
+    }
+    let peer_port = host
+        .peer_addr
+        .rsplit_once(':')
+        .map_or("0", |(_, port)| port);
+    let pong_ms = view
+        .and_then(|v| v.score.as_ref())
+        .and_then(|score| score.last_success_ms)
+        .unwrap_or(0);
+    let link = if myself || (host.state != HostState::Inactive && !suspect) {
+        "connected"
+    } else {
+        "disconnected"
+    };
+    let _ = write!(
+        text,
+        "{} {}@{} {} {master} 0 {} {} {}",
+        node_id(host.id),
+        host.client_addr,
+        peer_port,
+        flags.join(","),
+        pong_ms,
+        host.id,
+        link,
+    );
+    if let NodeRole::Master(slots) = role {
+        for (first, last) in slots {
             let _ = match first == last {
                 true => write!(text, " {first}"),
                 false => write!(text, " {first}-{last}"),
             };
         }
-        text.push('\n');
     }
-    text
+    text.push('\n');
 }
 
 fn hosts(node: &ClusterNode) -> Reply {
