@@ -40,7 +40,9 @@ use std::sync::atomic::AtomicU64;
 use std::sync::Arc;
 use std::time::Duration;
 
-use shoal_shared::frame::{Collection, Key, Partition, WorkerError, WorkerRequest, WorkerResponse};
+use shoal_shared::frame::{
+    Collection, Key, LogEntry, Partition, WorkerError, WorkerRequest, WorkerResponse,
+};
 use shoal_shared::partition::partition_worker;
 use tokio::sync::{oneshot, watch};
 use tokio::time::Instant;
@@ -600,7 +602,7 @@ impl Router {
         tokio::spawn(async move {
             let result = if Some(host) == router.node.host_id() {
                 router
-                    .serve(None, request)
+                    .serve_all(request)
                     .await
                     .map(merge_responses)
                     .map_err(|reason| LinkError::Host { host, reason })
@@ -712,6 +714,49 @@ impl Router {
         Ok(responses)
     }
 
+    /// Runs `request` on every worker of this host. A feed read keeps, of each replicated
+    /// partition, only the entries a client may see: up to the commit point, while this
+    /// copy leads the partition in one term under its lease, before and after the read
+    /// (nothing of a partition it does not lead so).
+    async fn serve_all(&self, request: WorkerRequest) -> Result<Vec<WorkerResponse>, String> {
+        let WorkerRequest::ReadFeed { positions, .. } = &request else {
+            return self.serve(None, request).await;
+        };
+        let leased_term = |partition: Partition| {
+            let status = self.replication.status(partition)?;
+            let held = status
+                .readable_until
+                .is_some_and(|end| Instant::now() < end);
+            held.then_some(status.primary_term).flatten()
+        };
+        let before: HashMap<Partition, Option<u64>> = positions
+            .iter()
+            .filter(|(partition, _)| self.is_replicated(*partition))
+            .map(|&(partition, _)| (partition, leased_term(partition)))
+            .collect();
+        let responses = self.serve(None, request).await?;
+        let visible = |entry: &LogEntry| match before.get(&entry.partition) {
+            None => true,
+            Some(term) => {
+                term.is_some()
+                    && leased_term(entry.partition) == *term
+                    && self
+                        .replication
+                        .status(entry.partition)
+                        .is_some_and(|status| entry.commit_id <= status.commit)
+            }
+        };
+        Ok(responses
+            .into_iter()
+            .map(|response| match response {
+                WorkerResponse::Log(entries) => {
+                    WorkerResponse::Log(entries.into_iter().filter(visible).collect())
+                }
+                other => other,
+            })
+            .collect())
+    }
+
     /// Answers another host's request for this host's data; this host is `me`.
     async fn serve_peer(&self, me: HostId, request: DataRequest) -> PeerResponse {
         match request {
@@ -761,7 +806,7 @@ impl Router {
                 };
                 one_response(self.serve(Some(partition), request).await)
             }
-            DataRequest::AllWorkers(request) => match self.serve(None, request).await {
+            DataRequest::AllWorkers(request) => match self.serve_all(request).await {
                 Ok(responses) => PeerResponse::Workers(responses),
                 Err(reason) => PeerResponse::Refused(reason),
             },
