@@ -746,7 +746,7 @@ fn digests(cluster: &Cluster, host: usize) -> Result<Vec<(i64, i64, Vec<u8>)>, S
 /// again, and waits until every copy of every partition has the same digest. Answers
 /// how long the catching up took and the keys deleted while host 3 was away.
 /// `storage_toml` goes into the hosts' `[storage]` section.
-fn resync_after_absence(storage_toml: &str) -> (Duration, Vec<String>, Cluster) {
+fn resync_after_absence(storage_toml: &str) -> (Resync, Cluster) {
     let mut cluster = Cluster::start(3, &format!("{REPLICATED}{storage_toml}"));
     cluster.wait_voters(3, Duration::from_secs(60));
     cluster.wait_for(
@@ -773,6 +773,11 @@ fn resync_after_absence(storage_toml: &str) -> (Duration, Vec<String>, Cluster) 
         }
         until_served(&cluster, 2, &["SET", &format!("new:{i}"), "third"]);
     }
+    let past_hold: u64 = [1, 2]
+        .into_iter()
+        .map(|host| count_of(&cluster, host, "shoal_partitions_past_log_hold"))
+        .sum();
+    println!("{past_hold} partitions kept less log than host 3 needed");
     cluster.host_mut(3).server.restart();
     let back = Instant::now();
     cluster.wait_for("every copy of every partition alike", SETTLE_TIMEOUT, |c| {
@@ -787,14 +792,52 @@ fn resync_after_absence(storage_toml: &str) -> (Duration, Vec<String>, Cluster) 
         }
         Ok(())
     });
-    (back.elapsed(), deleted, cluster)
+    let resyncs: u64 = [1, 2]
+        .into_iter()
+        .map(|host| count_of(&cluster, host, "shoal_resyncs"))
+        .sum();
+    println!("the primaries brought host 3 back in sync {resyncs} times");
+    assert!(resyncs > 0, "no follower reported back in sync");
+    let resync = Resync {
+        took: back.elapsed(),
+        deleted,
+        full_copies: count_of(&cluster, 3, "shoal_full_copies"),
+        past_hold,
+    };
+    (resync, cluster)
+}
+
+/// What [`resync_after_absence`] saw.
+struct Resync {
+    /// From host 3's restart until every copy was alike.
+    took: Duration,
+    /// The keys deleted while host 3 was away.
+    deleted: Vec<String>,
+    /// Full copies host 3 took after its restart.
+    full_copies: u64,
+    /// Partitions whose primaries kept less log than host 3 needed, before it returned.
+    past_hold: u64,
+}
+
+/// An `INFO replication` counter of host `host`.
+fn count_of(cluster: &Cluster, host: usize, field: &str) -> u64 {
+    let info = cluster.info_section(host, "replication");
+    match info.get(field).and_then(|v| v.parse().ok()) {
+        Some(count) => count,
+        None => panic!("host {host}: no {field} in {info:?}"),
+    }
 }
 
 #[test]
 fn a_follower_back_from_a_crash_catches_up_from_the_log() {
-    let (took, deleted, cluster) = resync_after_absence("");
-    println!("host 3 caught up from the log {took:?} after its restart");
-    for key in &deleted {
+    let (resync, cluster) = resync_after_absence("");
+    println!(
+        "host 3 caught up from the log {:?} after its restart",
+        resync.took
+    );
+    assert_eq!(resync.past_hold, 0, "the log was kept for host 3");
+    assert_eq!(resync.full_copies, 0, "host 3 took a full copy");
+    for key in &resync.deleted {
         assert_eq!(get_served(&cluster, 3, key), None, "{key} came back");
     }
     assert_eq!(get_served(&cluster, 3, "key:1").as_deref(), Some("second"));
@@ -802,9 +845,18 @@ fn a_follower_back_from_a_crash_catches_up_from_the_log() {
 
 #[test]
 fn a_follower_behind_the_trimmed_log_takes_a_full_copy() {
-    let (took, deleted, cluster) = resync_after_absence("log_retention_entries = 5\n");
-    println!("host 3 took a full copy and caught up {took:?} after its restart");
-    for key in &deleted {
+    // The primaries keep at most ten times one entry for a follower that is away.
+    let (resync, cluster) = resync_after_absence("log_retention_entries = 1\n");
+    println!(
+        "host 3 took {} full copies and caught up {:?} after its restart",
+        resync.full_copies, resync.took
+    );
+    assert!(
+        resync.past_hold > 0,
+        "no partition kept less log than host 3 needed"
+    );
+    assert!(resync.full_copies > 0, "host 3 took no full copy");
+    for key in &resync.deleted {
         assert_eq!(get_served(&cluster, 3, key), None, "{key} came back");
     }
 }

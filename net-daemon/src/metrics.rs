@@ -243,6 +243,7 @@ pub async fn render(shared: &Shared) -> String {
     }
 
     if let (Some(node), Some(router)) = (&shared.cluster, &shared.dispatch.router) {
+        let hold = router.log_hold();
         let counters = [
             (
                 "shoal_partitions_under_replicated",
@@ -267,6 +268,24 @@ pub async fn render(shared: &Shared) -> String {
                 "Full copies this host's followers took from their primaries.",
                 "counter",
                 router.full_copies(),
+            ),
+            (
+                "shoal_resyncs_total",
+                "Followers that primaries here brought back in sync (from the log or after a full copy).",
+                "counter",
+                router.resyncs(),
+            ),
+            (
+                "shoal_log_hold_entries",
+                "The most log entries one partition led here keeps for its slowest follower.",
+                "gauge",
+                hold.most_entries,
+            ),
+            (
+                "shoal_partitions_past_log_hold",
+                "Partitions led here with a follower further behind than the log kept for it.",
+                "gauge",
+                hold.past_limit as u64,
             ),
         ];
         for (name, help, kind, value) in counters {

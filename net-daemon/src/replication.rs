@@ -123,6 +123,18 @@ pub struct Replication {
     copies: Mutex<HashMap<Partition, Copy>>,
     /// Full copies this host's followers took from their primaries.
     full_copies: AtomicU64,
+    /// Followers that primaries here brought back in sync in the NI.
+    resyncs: Arc<AtomicU64>,
+}
+
+/// How much log the primaries here keep for lagging followers.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct LogHold {
+    /// The most entries one partition keeps for its slowest follower.
+    pub most_entries: u64,
+    /// Partitions with a follower further behind than the log kept for it (at most
+    /// `hold_limit_entries`): it takes a full copy rather than fill the disk.
+    pub past_limit: usize,
 }
 
 impl Replication {
@@ -145,6 +157,7 @@ impl Replication {
             hold_limit_entries,
             copies: Mutex::default(),
             full_copies: AtomicU64::new(0),
+            resyncs: Arc::default(),
         });
         tokio::spawn(Arc::clone(&replication).follow_table());
         replication
@@ -296,6 +309,30 @@ impl Replication {
         self.full_copies.load(Ordering::Relaxed)
     }
 
+    /// Followers that primaries here brought back in sync in the NI, from the log or
+    /// after a full copy.
+    pub fn resyncs(&self) -> u64 {
+        self.resyncs.load(Ordering::Relaxed)
+    }
+
+    /// How much log the partitions led here keep for their slowest followers.
+    pub fn log_hold(&self) -> LogHold {
+        let mut hold = LogHold::default();
+        for copy in lock(&self.copies).values() {
+            let status = copy.status.borrow();
+            if status.primary_term.is_none() {
+                continue;
+            }
+            let slowest = status.followers.iter().map(|&(_, held)| held).min();
+            let Some(behind) = slowest.map(|held| status.last.saturating_sub(held)) else {
+                continue;
+            };
+            hold.most_entries = hold.most_entries.max(behind.min(self.hold_limit_entries));
+            hold.past_limit += usize::from(behind > self.hold_limit_entries);
+        }
+        hold
+    }
+
     /// How far behind each follower of the partitions led here is, one summary per
     /// follower host, in host order.
     pub fn followers_lag(&self) -> Vec<FollowerLag> {
@@ -434,7 +471,7 @@ impl Replication {
         // The latest history a primary sent: what a full copy takes over.
         let mut primary_history = History::default();
         let mut event = Some(self.view(partition, me));
-        let mut held: Option<(u64, Instant)> = None;
+        let mut held: Option<(u64, Instant, bool)> = None;
         loop {
             // The worker's log as it is: writes the core did not hear of count too.
             if let Ok(last) = self.readers.last_commit_id(worker, partition) {
@@ -479,12 +516,13 @@ impl Replication {
 
     /// On a primary, at most every [`HOLD_EVERY`]: tells the worker to keep the log the
     /// followers still need ([`Replica::trim_floor`]), within `hold_limit_entries` of its
-    /// end. `held` is what was last sent, and when.
+    /// end. `held` is what was last sent, when, and whether a follower needed more; the
+    /// first time one does, it is logged.
     async fn hold_log(
         &self,
         partition: Partition,
         core: &Replica,
-        held: &mut Option<(u64, Instant)>,
+        held: &mut Option<(u64, Instant, bool)>,
     ) -> Result<(), String> {
         let Some(floor) = core.trim_floor() else {
             return Ok(());
@@ -493,12 +531,22 @@ impl Replication {
         let from = floor
             .max(last.saturating_sub(self.hold_limit_entries))
             .max(1);
-        if held.is_some_and(|(sent, at)| sent == from || at.elapsed() < HOLD_EVERY) {
+        if held.is_some_and(|(sent, at, _)| sent == from || at.elapsed() < HOLD_EVERY) {
             return Ok(());
+        }
+        let past = floor < from;
+        if past && !held.is_some_and(|(_, _, was)| was) {
+            tracing::warn!(
+                partition,
+                needed_from = floor,
+                kept_from = from,
+                "a follower is further behind than the log kept for it \
+                 (storage.log_retention_entries × 10); it will take a full copy"
+            );
         }
         self.ask(partition, WorkerRequest::HoldLog { partition, from })
             .await?;
-        *held = Some((from, Instant::now()));
+        *held = Some((from, Instant::now(), past));
         Ok(())
     }
 
@@ -603,6 +651,14 @@ impl Replication {
                         }
                     }
                     Action::StartCopy { from, term } => {
+                        tracing::info!(
+                            partition,
+                            primary = from,
+                            term,
+                            position = ?core.position(),
+                            primary_history = ?primary_history,
+                            "this copy cannot follow the primary's log: taking a full copy"
+                        );
                         let event = match self.copy_from(partition, from).await {
                             Ok((first, through)) => {
                                 self.full_copies.fetch_add(1, Ordering::Relaxed);
@@ -629,19 +685,21 @@ impl Replication {
                         self.ask(partition, done).await?;
                     }
                     Action::ReportSync { host, in_sync } => {
-                        self.propose(partition, |epoch| Command::SetSync {
+                        let make = |epoch| Command::SetSync {
                             partition,
                             host,
                             in_sync,
                             epoch,
-                        });
+                        };
+                        self.propose(partition, make, in_sync.then(|| Arc::clone(&self.resyncs)));
                     }
                     Action::CompleteDrop { host } => {
-                        self.propose(partition, |epoch| Command::CompleteDrop {
+                        let make = |epoch| Command::CompleteDrop {
                             partition,
                             host,
                             epoch,
-                        });
+                        };
+                        self.propose(partition, make, None);
                     }
                     Action::PrimaryLost { term, .. } | Action::SteppedDown { term } => {
                         self.node.report_primary_lost(partition, term);
@@ -653,8 +711,13 @@ impl Replication {
 
     /// Proposes, in the background, the NI change `make` builds at the partition's
     /// current epoch (a stale one is refused, and the core asks again after the next
-    /// change of the view).
-    fn propose(&self, partition: Partition, make: impl FnOnce(u64) -> Command) {
+    /// change of the view); `done` counts it once made.
+    fn propose(
+        &self,
+        partition: Partition,
+        make: impl FnOnce(u64) -> Command,
+        done: Option<Arc<AtomicU64>>,
+    ) {
         let Some(epoch) = self
             .node
             .ni()
@@ -669,6 +732,9 @@ impl Replication {
         tokio::spawn(async move {
             match node.propose(command.clone()).await {
                 Ok(Outcome::Done) => {
+                    if let Some(done) = done {
+                        done.fetch_add(1, Ordering::Relaxed);
+                    }
                     tracing::info!(partition, ?command, "replication changed the NI")
                 }
                 other => tracing::debug!(

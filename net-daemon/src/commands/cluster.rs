@@ -353,7 +353,7 @@ fn info(shared: &Shared, node: &ClusterNode) -> String {
          shoal_leaving:{}\r\nshoal_handoffs_completed:{}\r\nshoal_handoff_pause_us_last:{}\r\n\
          shoal_handoff_pause_us_max:{}\r\nshoal_handoff_records_copied:{}\r\n\
          shoal_handoff_entries_replayed:{}\r\nshoal_failovers_led:{}\r\n\
-         shoal_handovers_led:{}\r\nshoal_full_copies:{}\r\n",
+         shoal_handovers_led:{}\r\nshoal_full_copies:{}\r\nshoal_resyncs:{}\r\n",
         ni.partitions.len(),
         ni.owned_by(me).count(),
         ni.partitions
@@ -375,6 +375,11 @@ fn info(shared: &Shared, node: &ClusterNode) -> String {
             .router
             .as_ref()
             .map_or(0, |router| router.full_copies()),
+        shared
+            .dispatch
+            .router
+            .as_ref()
+            .map_or(0, |router| router.resyncs()),
     );
     text
 }

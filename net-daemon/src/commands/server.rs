@@ -496,13 +496,15 @@ fn replication_info(
             behind += usize::from(entry.out_of_sync.contains(&me));
         }
     }
+    let hold = router.log_hold();
     let _ = write!(
         text,
         "shoal_replicas:{}\r\nshoal_min_replicas_to_write:{}\r\n\
          shoal_partitions_led:{led}\r\nshoal_partitions_followed:{followed}\r\n\
          shoal_partitions_followed_out_of_sync:{behind}\r\n\
          shoal_partitions_under_replicated:{}\r\nshoal_failovers_led:{}\r\n\
-         shoal_handovers_led:{}\r\nshoal_full_copies:{}\r\n\
+         shoal_handovers_led:{}\r\nshoal_full_copies:{}\r\nshoal_resyncs:{}\r\n\
+         shoal_log_hold_entries:{}\r\nshoal_partitions_past_log_hold:{}\r\n\
          shoal_readonly_reads_served:{}\r\n",
         config.cluster.replicas,
         config.cluster.min_replicas_to_write,
@@ -510,6 +512,9 @@ fn replication_info(
         node.failovers_led(),
         node.handovers_led(),
         router.full_copies(),
+        router.resyncs(),
+        hold.most_entries,
+        hold.past_limit,
         router.copy_reads(),
     );
     let lags = router.followers_lag();

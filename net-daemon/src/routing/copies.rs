@@ -214,6 +214,16 @@ impl Router {
         self.replication.full_copies()
     }
 
+    /// Followers that primaries here brought back in sync.
+    pub fn resyncs(&self) -> u64 {
+        self.replication.resyncs()
+    }
+
+    /// How much log the partitions led here keep for lagging followers.
+    pub fn log_hold(&self) -> crate::replication::LogHold {
+        self.replication.log_hold()
+    }
+
     /// `READONLY` reads this host's follower copies served.
     pub fn copy_reads(&self) -> u64 {
         self.copy_reads.load(Ordering::Relaxed)

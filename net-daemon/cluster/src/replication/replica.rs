@@ -274,6 +274,9 @@ enum Role {
         marker: CommitId,
         /// The marker is durable.
         marker_written: bool,
+        /// The marker was asked for: enough followers answered in this term (see
+        /// [`Replica::ask_marker`]).
+        marker_asked: bool,
         followers: BTreeMap<HostId, Progress>,
         /// Sync states reported since the view last changed, and when: each is reported
         /// once, and again after [`REPORT_AGAIN`] if the view still differs (a proposal
@@ -690,6 +693,7 @@ impl Replica {
                     reported.clear();
                     *drop_proposed = false;
                     self.sync_followers();
+                    self.ask_marker();
                 }
                 _ if view.term >= self.fenced => self.become_primary(view.term),
                 _ => {
@@ -721,12 +725,46 @@ impl Replica {
             term,
             marker,
             marker_written: false,
+            marker_asked: false,
             followers: BTreeMap::new(),
             reported: BTreeMap::new(),
             drop_proposed: false,
         };
         self.sync_followers();
-        self.actions.push_back(Action::WriteMarker { term });
+        self.ask_marker();
+    }
+
+    /// Asks for the term's marker once as many followers answered in this term as a
+    /// commit needs, in sync or not (one catching up needs the marker to get in sync). A
+    /// primary whose view is stale (one restarted before it heard of a failover) is
+    /// refused by them first and steps down, rather than write a marker that the new
+    /// primary's log never has, which would cost it a full copy. Safety does not rest on
+    /// this wait: only the marker's commit opens the term.
+    fn ask_marker(&mut self) {
+        let needed = self.needed();
+        let Role::Primary {
+            term,
+            marker_asked,
+            followers,
+            ..
+        } = &self.role
+        else {
+            return;
+        };
+        if *marker_asked {
+            return;
+        }
+        let answered = followers
+            .values()
+            .filter(|progress| progress.heard_at.is_some())
+            .count();
+        if answered + 1 >= needed {
+            let term = *term;
+            if let Role::Primary { marker_asked, .. } = &mut self.role {
+                *marker_asked = true;
+            }
+            self.actions.push_back(Action::WriteMarker { term });
+        }
     }
 
     /// Brings the primary's followers in line with the view's members.
@@ -857,6 +895,7 @@ impl Replica {
             AckResult::Copying => progress.copying = true,
             AckResult::Refused { .. } => unreachable!("handled above"),
         }
+        self.ask_marker();
         self.advance_commit();
         self.check_sync(now);
         self.pump(now);

@@ -90,16 +90,30 @@ fn committed(actions: &[Action]) -> Option<CommitId> {
     })
 }
 
-/// A primary of `term` on host 1, over a log of `last` entries of term 1, with its marker written.
+/// A primary of `term` on host 1, over a log of `last` entries of term 1, with its marker
+/// written: asked for once follower 2 answered in the term (claiming nothing).
 fn open_primary(term: Term, last: CommitId, now: Instant) -> (Replica, Vec<Action>) {
     let mut primary = replica(1, term - 1, history(&[(1, 1)]), last, now);
     primary.handle(view(term, 1), now);
     let opened = primary.poll_actions();
     assert!(opened.contains(&Action::PersistTerm { term }));
-    assert!(opened.contains(&Action::WriteMarker { term }));
+    assert!(!opened.contains(&Action::WriteMarker { term }));
+    primary.handle(received(2, answered_in(term)), now);
+    assert!(primary
+        .poll_actions()
+        .contains(&Action::WriteMarker { term }));
     primary.handle(Event::MarkerWritten { at: last + 1 }, now);
     let actions = primary.poll_actions();
     (primary, actions)
+}
+
+/// A follower's answer in `term` that claims no entry and promises nothing.
+fn answered_in(term: Term) -> Message {
+    Message::Ack(Ack {
+        term,
+        result: AckResult::Holds { last: 0 },
+        stamp: None,
+    })
 }
 
 /// A follower's answer to `append`, once what it applies is durable.
@@ -373,13 +387,38 @@ fn the_lease_lasts_from_the_acknowledged_send_and_not_from_a_previous_run() {
 fn writes_are_admitted_only_while_enough_followers_answer() {
     let now = Instant::now();
     let (mut primary, actions) = open_primary(2, 0, now);
-    assert!(!primary.writable(now), "no follower heard from yet");
+    let later = now + settings().good_replica_within + Duration::from_millis(1);
+    assert!(!primary.writable(later), "no follower heard from lately");
     let mut follower = replica(2, 1, History::default(), 0, now);
-    let ack = follower_answer(&mut follower, append_to(&actions, 2), now);
-    primary.handle(received(2, Message::Ack(ack)), now);
-    assert!(primary.writable(now));
-    let silent = now + settings().good_replica_within + Duration::from_millis(1);
+    let ack = follower_answer(&mut follower, append_to(&actions, 2), later);
+    primary.handle(received(2, Message::Ack(ack)), later);
+    assert!(primary.writable(later));
+    let silent = later + settings().good_replica_within + Duration::from_millis(1);
     assert!(!primary.writable(silent));
+}
+
+#[test]
+fn a_primary_restarted_with_a_stale_view_writes_no_marker_once_refused() {
+    // Host 1 led term 6 and restarts before it hears that a failover opened term 7:
+    // its followers promised 7 and refuse it. It steps down with its log as it was,
+    // which the new primary's log still extends, so it catches up from the log.
+    let now = Instant::now();
+    let mut restarted = replica(1, 6, history(&[(1, 1), (6, 2)]), 12, now);
+    restarted.handle(view(6, 1), now);
+    let opened = restarted.poll_actions();
+    assert!(!opened.contains(&Action::WriteMarker { term: 6 }));
+    assert_eq!(append_to(&opened, 2).term, 6, "it asks its followers first");
+    let refused = Message::Ack(Ack {
+        term: 6,
+        result: AckResult::Refused { fenced: 7 },
+        stamp: None,
+    });
+    restarted.handle(received(2, refused), now);
+    let actions = restarted.poll_actions();
+    assert!(actions.contains(&Action::SteppedDown { term: 7 }));
+    assert!(!actions.contains(&Action::WriteMarker { term: 6 }));
+    assert_eq!(restarted.position(), Position { term: 6, last: 12 });
+    assert_eq!(restarted.primary_term(), None);
 }
 
 #[test]
@@ -471,6 +510,10 @@ fn promoted_while_still_applying_the_marker_comes_after_the_old_entries() {
     follower.handle(received(1, Message::Append(append)), now);
     follower.poll_actions();
     follower.handle(view(2, 2), now);
+    assert!(!follower
+        .poll_actions()
+        .contains(&Action::WriteMarker { term: 2 }));
+    follower.handle(received(3, answered_in(2)), now);
     assert!(follower
         .poll_actions()
         .contains(&Action::WriteMarker { term: 2 }));
