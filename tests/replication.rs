@@ -970,10 +970,37 @@ fn histories_stay_linearizable_when_the_primary_is_cut_off() {
             })
         })
         .collect();
+    // Keys of host 1's partitions that no recorded client touches.
+    let lone: Vec<String> = (0..)
+        .map(|i| format!("cut:{i}"))
+        .filter(|key| leads(&cluster, 1, key))
+        .take(2)
+        .collect();
     sleep(Duration::from_secs(2));
     let cut = cluster.isolate(1);
     let cut_at = Instant::now();
-    sleep(Duration::from_secs(8));
+    // Through the cut-off primary, a write fails with NOREPLICAS within the request
+    // timeout (5 s): refused before it starts once no follower answered lately, or at
+    // the deadline if it was admitted just before the cut. It is never acknowledged.
+    for (key, after) in lone.iter().zip([Duration::ZERO, Duration::from_secs(2)]) {
+        sleep(after);
+        let asked = Instant::now();
+        let answer = cluster.query(1, &["SET", key, "cut-off"]);
+        let took = asked.elapsed();
+        println!(
+            "SET {key} through the cut-off primary {:?} after the cut: {answer:?} in {took:?}",
+            asked - cut_at
+        );
+        match answer {
+            Err(error)
+                if error
+                    .contains("answered Error(\"NOREPLICAS Not enough good replicas to write.") => {
+            }
+            other => panic!("SET {key} through the cut-off primary: {other:?}"),
+        }
+        assert!(took <= Duration::from_secs(6), "NOREPLICAS after {took:?}");
+    }
+    sleep(Duration::from_secs(6));
     // The majority side failed over: hosts 2 and 3 lead every partition.
     cluster.wait_for(
         "hosts 2 and 3 to lead every partition",
@@ -993,6 +1020,13 @@ fn histories_stay_linearizable_when_the_primary_is_cut_off() {
             }
         },
     );
+    for key in &lone {
+        assert_eq!(
+            get_served(&cluster, 2, key),
+            None,
+            "{key} was never acknowledged"
+        );
+    }
     cut.heal();
     println!("host 1 was cut off for {:?}", cut_at.elapsed());
     sleep(Duration::from_secs(4));
