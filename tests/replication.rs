@@ -19,8 +19,10 @@ use common::linearizability::{check, Op, Operation, Outcome, Output, Verdict};
 use common::{connect_until, key_slot, test_seed, Answer, Resp, Rng};
 use redis::{ConnectionLike, Value};
 
-/// Three copies of 16 partitions. Ends in `[storage]`, so a test may add storage keys.
-const REPLICATED: &str = "[cluster]\nreplicas = 3\n[storage]\npartitions = 16\n";
+/// Three copies of 16 partitions, their digests compared every 4 s. Ends in `[storage]`,
+/// so a test may add storage keys.
+const REPLICATED: &str =
+    "[cluster]\nreplicas = 3\ndigest_check_secs = 4\n[storage]\npartitions = 16\n";
 /// How long the replicas may take to be placed and caught up at the start.
 const SETTLE_TIMEOUT: Duration = Duration::from_secs(60);
 /// How long a failover may take before the reads and writes through survivors resume:
@@ -826,6 +828,91 @@ fn count_of(cluster: &Cluster, host: usize, field: &str) -> u64 {
         Some(count) => count,
         None => panic!("host {host}: no {field} in {info:?}"),
     }
+}
+
+#[test]
+fn a_copy_changed_on_disk_is_reported_by_the_digest_comparison() {
+    let mut cluster = Cluster::start(3, REPLICATED);
+    cluster.wait_voters(3, Duration::from_secs(60));
+    cluster.wait_for(
+        "every partition on three hosts, in sync, the primaries spread",
+        SETTLE_TIMEOUT,
+        settled,
+    );
+    let leader_of = |c: &Cluster| -> Result<usize, String> {
+        for host in 1..=3 {
+            c.try_host_id(host)?;
+        }
+        let id = c.try_leader(1)?.ok_or("no metadata leader")?;
+        c.number_of(id)
+            .ok_or_else(|| format!("no host has id {id}"))
+    };
+    let (leader, _) = cluster.wait_for("a metadata leader", RESUME_TIMEOUT, leader_of);
+    let counts = |c: &Cluster| {
+        (
+            count_of(c, leader, "shoal_digest_checks"),
+            count_of(c, leader, "shoal_digest_divergences"),
+        )
+    };
+    // A full pass over the 16 partitions finds every copy alike.
+    cluster.wait_for(
+        "a pass of digest comparisons",
+        RESUME_TIMEOUT,
+        |c| match counts(c) {
+            (checks, 0) if checks >= 16 => Ok(()),
+            other => Err(format!("checks and divergences {other:?}")),
+        },
+    );
+    // A value on a follower's disk changes outside the log, as a failing disk might.
+    let key = "rot";
+    let value = "needle-0123456789abcdef";
+    set(&cluster, 1, key, value).expect("SET");
+    let follower = (1..=3)
+        .find(|&host| host != leader && !leads(&cluster, host, key))
+        .expect("a follower of the key that does not lead the metadata group");
+    let mut connection = client_of(&cluster, 1);
+    let held: i64 = redis::cmd("WAIT")
+        .arg(2)
+        .arg(5000)
+        .query(&mut connection)
+        .expect("WAIT");
+    assert_eq!(held, 2);
+    cluster.kill(follower);
+    let mut changed = 0;
+    let data_dir = cluster.host(follower).server.data_dir.clone();
+    for shard in std::fs::read_dir(&data_dir)
+        .expect("the data dir")
+        .flatten()
+    {
+        let file = shard.path().join("data.mdb");
+        let Ok(mut bytes) = std::fs::read(&file) else {
+            continue;
+        };
+        let mut at = 0;
+        while let Some(found) = bytes[at..]
+            .windows(value.len())
+            .position(|w| w == value.as_bytes())
+        {
+            bytes[at + found + 7] = b'X';
+            at += found + value.len();
+            changed += 1;
+        }
+        std::fs::write(&file, &bytes).expect("write the data file");
+    }
+    assert!(
+        changed > 0,
+        "the value is nowhere in host {follower}'s data files"
+    );
+    cluster.host_mut(follower).server.restart();
+    let (found, took) = cluster.wait_for(
+        "the divergence reported",
+        SETTLE_TIMEOUT,
+        |c| match counts(c) {
+            (_, 0) => Err("no divergence yet".to_string()),
+            (_, divergences) => Ok(divergences),
+        },
+    );
+    println!("{changed} copies of the value changed on host {follower}'s disk; the leader reported {found} divergence(s) {took:?} after its restart");
 }
 
 #[test]

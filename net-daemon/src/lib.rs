@@ -25,6 +25,7 @@
 //! - `txn`: the two-phase commit coordinator and the recovery of transactions in doubt.
 //! - `ids`: the host's id allocator (ID.NEW).
 //! - `handoff`: taking partitions over from other hosts, and dropping those given away.
+//! - `digests`: the metadata leader's background comparison of each partition's copies.
 //! - `state`: what every connection shares (config, dispatch, cluster node, counters,
 //!   shutdown flag).
 //! - `commands`: every client command.
@@ -35,6 +36,7 @@
 mod commands;
 mod connection;
 mod cursors;
+mod digests;
 mod dispatch;
 mod errors;
 mod handoff;

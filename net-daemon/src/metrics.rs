@@ -282,6 +282,18 @@ pub async fn render(shared: &Shared) -> String {
                 hold.most_entries,
             ),
             (
+                "shoal_digest_checks_total",
+                "Comparisons of a partition's copies this host made as metadata leader.",
+                "counter",
+                router.digest_checks().0,
+            ),
+            (
+                "shoal_digest_divergences_total",
+                "Comparisons that found copies with equal logs and different data.",
+                "counter",
+                router.digest_checks().1,
+            ),
+            (
                 "shoal_partitions_past_log_hold",
                 "Partitions led here with a follower further behind than the log kept for it.",
                 "gauge",

@@ -164,6 +164,19 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
         Arc::clone(&shared.handoffs),
         Arc::clone(&shared.shutting_down),
     ));
+    let digest_pass = Duration::from_secs(shared.config.cluster.digest_check_secs);
+    if let Some(router) = shared
+        .dispatch
+        .router
+        .clone()
+        .filter(|_| !digest_pass.is_zero())
+    {
+        tokio::spawn(crate::digests::run(
+            router,
+            digest_pass,
+            Arc::clone(&shared.shutting_down),
+        ));
+    }
     if let Some(listener) = metrics {
         tokio::spawn(crate::metrics::serve(Arc::clone(&shared), listener));
     }

@@ -75,6 +75,9 @@ pub(crate) struct ClusterSection {
     /// Copies a write must reach, the primary's included, before it is acknowledged;
     /// otherwise it fails with `-NOREPLICAS`. Unset: 2 when `replicas` is 2 or more.
     pub(crate) min_replicas_to_write: Option<usize>,
+    /// The metadata leader compares the digests of every partition's copies once in
+    /// this many seconds, one partition at a time, and reports a divergence. 0: never.
+    pub(crate) digest_check_secs: u64,
 }
 
 impl Default for ClusterSection {
@@ -90,6 +93,7 @@ impl Default for ClusterSection {
             max_fill_ratio: 0.9,
             replicas: 3,
             min_replicas_to_write: None,
+            digest_check_secs: 600,
         }
     }
 }
@@ -118,6 +122,9 @@ pub struct ClusterConfig {
     pub replicas: usize,
     /// Copies a write must reach before it is acknowledged.
     pub min_replicas_to_write: usize,
+    /// A whole pass of the leader's digest comparison takes this long, in seconds (0:
+    /// none).
+    pub digest_check_secs: u64,
 }
 
 /// Most copies of a partition `cluster.replicas` may ask for.
@@ -659,6 +666,7 @@ fn validate_cluster(
         max_fill_ratio: section.max_fill_ratio,
         replicas: section.replicas,
         min_replicas_to_write,
+        digest_check_secs: section.digest_check_secs,
     })
 }
 

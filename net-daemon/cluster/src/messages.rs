@@ -161,6 +161,13 @@ pub enum DataRequest {
         /// The read.
         request: WorkerRequest,
     },
+    /// The digest of the receiver's copy of `partition` (`SHOAL.DIGEST`), for the metadata
+    /// leader's comparison of the copies. Answered by [`PeerResponse::Digest`], or
+    /// [`PeerResponse::Refused`] when the receiver holds no copy.
+    Digest {
+        /// The partition.
+        partition: u16,
+    },
 }
 
 /// A response to a [`PeerRequest`].
@@ -205,6 +212,15 @@ pub enum PeerResponse {
     Noted,
     /// The answer of the worker that served a [`DataRequest`].
     Worker(WorkerResponse),
+    /// The digest of a copy ([`DataRequest::Digest`]).
+    Digest {
+        /// The copy's last commit id.
+        last_commit_id: u64,
+        /// Its keys.
+        keys: u64,
+        /// Its order-independent checksum.
+        checksum: u64,
+    },
     /// One answer per worker of the receiver, in worker order ([`DataRequest::AllWorkers`]).
     Workers(Vec<WorkerResponse>),
     /// The receiver does not own the partition now; nothing was applied.

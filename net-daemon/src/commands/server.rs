@@ -497,6 +497,7 @@ fn replication_info(
         }
     }
     let hold = router.log_hold();
+    let (digest_checks, digest_divergences) = router.digest_checks();
     let _ = write!(
         text,
         "shoal_replicas:{}\r\nshoal_min_replicas_to_write:{}\r\n\
@@ -505,6 +506,7 @@ fn replication_info(
          shoal_partitions_under_replicated:{}\r\nshoal_failovers_led:{}\r\n\
          shoal_handovers_led:{}\r\nshoal_full_copies:{}\r\nshoal_resyncs:{}\r\n\
          shoal_log_hold_entries:{}\r\nshoal_partitions_past_log_hold:{}\r\n\
+         shoal_digest_checks:{}\r\nshoal_digest_divergences:{}\r\n\
          shoal_readonly_reads_served:{}\r\n",
         config.cluster.replicas,
         config.cluster.min_replicas_to_write,
@@ -515,6 +517,8 @@ fn replication_info(
         router.resyncs(),
         hold.most_entries,
         hold.past_limit,
+        digest_checks,
+        digest_divergences,
         router.copy_reads(),
     );
     let lags = router.followers_lag();

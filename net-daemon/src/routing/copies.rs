@@ -8,11 +8,15 @@
 //!   no copy may serve, the read takes the ordinary path.
 //! - `WAIT` ([`Router::acknowledged`]): how many followers of each partition the
 //!   connection wrote hold its primary's log up to where it stood when asked.
+//! - digests ([`Router::digest_of`]): `SHOAL.DIGEST` of any host's copy, for the
+//!   metadata leader's comparison of the copies (`crate::digests`).
 
 use std::sync::atomic::Ordering;
+use std::sync::Arc;
 
 use shoal_shared::frame::{Partition, WorkerRequest, WorkerResponse};
 use shoal_shared::partition::partition_worker;
+use shoal_shared::reader::PartitionDigest;
 use tokio::time::Instant;
 
 use shoal_cluster::messages::{DataRequest, PeerRequest, PeerResponse};
@@ -222,6 +226,73 @@ impl Router {
     /// How much log the partitions led here keep for lagging followers.
     pub fn log_hold(&self) -> crate::replication::LogHold {
         self.replication.log_hold()
+    }
+
+    /// The digest of `host`'s copy of `partition` (this host's or another's).
+    pub async fn digest_of(
+        &self,
+        host: HostId,
+        partition: Partition,
+    ) -> Result<PartitionDigest, String> {
+        if Some(host) == self.node.host_id() {
+            return self.local_digest(partition).await;
+        }
+        let request = PeerRequest::Data(DataRequest::Digest { partition });
+        match self.node.call_host(host, request, FORWARD_TIMEOUT).await {
+            Ok(PeerResponse::Digest {
+                last_commit_id,
+                keys,
+                checksum,
+            }) => Ok(PartitionDigest {
+                last_commit_id,
+                keys,
+                checksum,
+            }),
+            Ok(PeerResponse::Refused(reason)) => Err(reason),
+            Ok(other) => Err(format!("unexpected answer {other:?}")),
+            Err(error) => Err(error.to_string()),
+        }
+    }
+
+    /// The digest of this host's copy of `partition`, read off the runtime's threads (it
+    /// reads the whole partition).
+    pub(super) async fn local_digest(
+        &self,
+        partition: Partition,
+    ) -> Result<PartitionDigest, String> {
+        let held = self.node.host_id().is_some_and(|me| {
+            self.node
+                .ni()
+                .partitions
+                .get(usize::from(partition))
+                .is_some_and(|entry| entry.is_member(me))
+        });
+        if !held {
+            return Err(format!("this host holds no copy of partition {partition}"));
+        }
+        let readers = Arc::clone(&self.readers);
+        let worker = partition_worker(partition, self.links.len());
+        tokio::task::spawn_blocking(move || readers.digest(worker, partition))
+            .await
+            .map_err(|error| error.to_string())?
+            .map_err(|error| error.to_string())
+    }
+
+    /// Counts one comparison of a partition's copies by this host as metadata leader.
+    pub fn note_digest_check(&self, diverged: bool) {
+        self.digest_checks.fetch_add(1, Ordering::Relaxed);
+        if diverged {
+            self.digest_divergences.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
+    /// Comparisons of a partition's copies this host made as metadata leader, and the
+    /// divergences they found.
+    pub fn digest_checks(&self) -> (u64, u64) {
+        (
+            self.digest_checks.load(Ordering::Relaxed),
+            self.digest_divergences.load(Ordering::Relaxed),
+        )
     }
 
     /// `READONLY` reads this host's follower copies served.

@@ -127,6 +127,10 @@ pub struct Router {
     replication: Arc<Replication>,
     /// `READONLY` reads served by this host's follower copies.
     copy_reads: AtomicU64,
+    /// Comparisons of a partition's copies made here as metadata leader.
+    digest_checks: AtomicU64,
+    /// Those that found copies with equal logs and different contents.
+    digest_divergences: AtomicU64,
 }
 
 impl Router {
@@ -150,6 +154,8 @@ impl Router {
             readers,
             replication,
             copy_reads: AtomicU64::new(0),
+            digest_checks: AtomicU64::new(0),
+            digest_divergences: AtomicU64::new(0),
         }
     }
 
@@ -821,6 +827,14 @@ impl Router {
                     .await;
                 PeerResponse::Worker(WorkerResponse::Integer(count as i64))
             }
+            DataRequest::Digest { partition } => match self.local_digest(partition).await {
+                Ok(digest) => PeerResponse::Digest {
+                    last_commit_id: digest.last_commit_id,
+                    keys: digest.keys,
+                    checksum: digest.checksum,
+                },
+                Err(reason) => PeerResponse::Refused(reason),
+            },
             DataRequest::ReadCopy { partition, request } => {
                 match self.read_local_copy(partition, &request) {
                     Some(response) => PeerResponse::Worker(response),
