@@ -1232,6 +1232,40 @@ fn copies_on_a_host_gone_past_the_offline_threshold_are_made_again_elsewhere() {
             Some("kept")
         );
     }
+    // Back after its copies were dropped, host 4 is given its share again: copies move
+    // to it from the others until each of the 4 hosts holds 12 of the 48.
+    cluster.host_mut(4).server.restart();
+    let back = Instant::now();
+    let (held, took) = cluster.wait_for(
+        "12 copies on each host, the primaries spread",
+        Duration::from_secs(120),
+        |c| {
+            settled(c)?;
+            let held: Vec<usize> = (1..=4)
+                .map(|host| {
+                    (0..16)
+                        .filter(|p| {
+                            matches!(
+                                c.query(host, &["SHOAL.DIGEST", &p.to_string()]),
+                                Ok(Resp::Array(_))
+                            )
+                        })
+                        .count()
+                })
+                .collect();
+            match held == [12, 12, 12, 12] {
+                true => Ok(held),
+                false => Err(format!("copies per host {held:?}")),
+            }
+        },
+    );
+    println!("host 4 held its share again {took:?} after it came back: {held:?} copies");
+    for i in 0..100 {
+        assert_eq!(
+            get_served(&cluster, 4, &format!("key:{i}")).as_deref(),
+            Some("kept")
+        );
+    }
 }
 
 /// What one writer of `multi_key_writes_in_doubt_...` did: the last MSET acknowledged,

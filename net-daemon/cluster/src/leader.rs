@@ -29,7 +29,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::time::Duration;
 
 use crate::liveness::{decide_inactive, Suspicion};
-use crate::ni::{Command, HostState, NetworkInfo};
+use crate::ni::{Command, HostState, NetworkInfo, PartitionEntry};
 use crate::placement::{desired_owners, next_moves, quotas, score, Candidate};
 use crate::HostId;
 
@@ -269,9 +269,12 @@ fn gone(ni: &NetworkInfo, host: HostId, now_ms: u64, settings: &LeaderSettings) 
 ///   `max_catching_up` partitions have followers out of sync at once;
 /// - otherwise a follower on a host [`gone`] for good is dropped (its primary completes
 ///   the drop once enough other copies hold every acknowledged write);
+/// - a partition with a copy too many on live hosts, all in sync, drops the follower
+///   on the host furthest above its share (see [`rebalance`]);
 /// - leaving hosts that hold nothing any more are removed.
 ///
-/// A partition with a handoff or a drop under way is left alone.
+/// A partition with a handoff or a drop under way is left alone. When every partition
+/// is whole, [`rebalance`] moves copies toward the hosts' shares.
 pub(crate) fn replicate(ni: &NetworkInfo, now_ms: u64, settings: &LeaderSettings) -> Vec<Command> {
     let mut commands = Vec::new();
     let live = |host: HostId| {
@@ -297,6 +300,7 @@ pub(crate) fn replicate(ni: &NetworkInfo, now_ms: u64, settings: &LeaderSettings
         .iter()
         .filter(|entry| entry.out_of_sync.iter().any(|&host| live(host)))
         .count();
+    let mut shares = Shares::new(ni, &live, want, settings);
     for (partition, entry) in ni.partitions.iter().enumerate() {
         if entry.target.is_some() || entry.dropping.is_some() {
             continue;
@@ -352,7 +356,23 @@ pub(crate) fn replicate(ni: &NetworkInfo, now_ms: u64, settings: &LeaderSettings
                 host,
                 epoch: entry.epoch,
             });
+            continue;
         }
+        let all_in_sync = !entry.out_of_sync.iter().any(|&host| live(host));
+        if live_members > want && all_in_sync {
+            let followers = entry.replicas.iter().copied().filter(|&h| live(h));
+            if let Some(host) = shares.fullest(followers, partition) {
+                shares.take(host);
+                commands.push(Command::PlanDrop {
+                    partition: partition as u16,
+                    host,
+                    epoch: entry.epoch,
+                });
+            }
+        }
+    }
+    if commands.is_empty() {
+        commands.extend(rebalance(ni, &live, want, &mut shares, settings));
     }
     for host in ni.hosts.values().filter(|host| host.leaving) {
         let holds = ni
@@ -362,6 +382,146 @@ pub(crate) fn replicate(ni: &NetworkInfo, now_ms: u64, settings: &LeaderSettings
         if !holds {
             commands.push(Command::Remove { host: host.id });
         }
+    }
+    commands
+}
+
+/// How many copies each host that may receive partitions holds on live hosts, against
+/// its share of all copies, proportional to its capacity (at most one per partition).
+/// Hosts that receive nothing (full, or not writable) keep what they hold and are left
+/// out.
+struct Shares {
+    /// Host → (copies held, share).
+    hosts: BTreeMap<HostId, (usize, usize)>,
+}
+
+impl Shares {
+    fn new(
+        ni: &NetworkInfo,
+        live: &impl Fn(HostId) -> bool,
+        want: usize,
+        settings: &LeaderSettings,
+    ) -> Shares {
+        let all = candidates(ni, settings.max_fill_ratio);
+        let receivers: Vec<&Candidate> = all
+            .iter()
+            .filter(|c| c.receives && c.keeps && c.weight > 0)
+            .collect();
+        let mut hosts = BTreeMap::new();
+        if receivers.is_empty() {
+            return Shares { hosts };
+        }
+        let total = ni.partitions.len() * want;
+        for (candidate, share) in receivers.iter().zip(quotas(total, &receivers)) {
+            hosts.insert(candidate.host, (0, share.min(ni.partitions.len())));
+        }
+        for entry in &ni.partitions {
+            for host in entry.members().into_iter().filter(|&h| live(h)) {
+                if let Some((held, _)) = hosts.get_mut(&host) {
+                    *held += 1;
+                }
+            }
+        }
+        Shares { hosts }
+    }
+
+    /// How far `host` holds more copies than its share (negative: fewer); 0 for a host
+    /// left out.
+    fn excess(&self, host: HostId) -> i64 {
+        self.hosts
+            .get(&host)
+            .map_or(0, |&(held, share)| held as i64 - share as i64)
+    }
+
+    /// Among `hosts`, the one furthest above its share (or least below it; ties by
+    /// rendezvous score with `partition`).
+    fn fullest(&self, hosts: impl Iterator<Item = HostId>, partition: usize) -> Option<HostId> {
+        hosts.max_by_key(|&host| (self.excess(host), score(partition, host)))
+    }
+
+    fn take(&mut self, host: HostId) {
+        if let Some((held, _)) = self.hosts.get_mut(&host) {
+            *held = held.saturating_sub(1);
+        }
+    }
+
+    fn give(&mut self, host: HostId) {
+        if let Some((held, _)) = self.hosts.get_mut(&host) {
+            *held += 1;
+        }
+    }
+}
+
+/// Moves follower copies toward the hosts' [`Shares`] once every partition is whole:
+/// the host furthest below its share gets a new follower of a partition that the host
+/// furthest above its share follows (its copies all in sync, nothing else under way);
+/// once the new copy is in sync, [`replicate`] drops the extra copy. A host that joined,
+/// or came back after its copies were dropped, so gets its share; at most
+/// `max_moves_in_flight` such moves run at once.
+fn rebalance(
+    ni: &NetworkInfo,
+    live: &impl Fn(HostId) -> bool,
+    want: usize,
+    shares: &mut Shares,
+    settings: &LeaderSettings,
+) -> Vec<Command> {
+    let busy = |entry: &PartitionEntry| {
+        entry.target.is_some()
+            || entry.dropping.is_some()
+            || entry.out_of_sync.iter().any(|&host| live(host))
+    };
+    let whole = ni
+        .partitions
+        .iter()
+        .all(|entry| entry.members().into_iter().filter(|&h| live(h)).count() >= want);
+    let in_flight = ni
+        .partitions
+        .iter()
+        .filter(|entry| {
+            entry.dropping.is_some()
+                || entry.members().into_iter().filter(|&h| live(h)).count() > want
+        })
+        .count();
+    if !whole || in_flight >= settings.max_moves_in_flight {
+        return Vec::new();
+    }
+    let mut commands = Vec::new();
+    let mut moved: BTreeSet<usize> = BTreeSet::new();
+    while in_flight + commands.len() < settings.max_moves_in_flight {
+        let Some(under) = shares
+            .hosts
+            .keys()
+            .copied()
+            .filter(|&host| shares.excess(host) < 0)
+            .min_by_key(|&host| (shares.excess(host), host))
+        else {
+            break;
+        };
+        // The partition whose follower furthest above its share can go to `under`.
+        let choice = ni
+            .partitions
+            .iter()
+            .enumerate()
+            .filter(|(p, entry)| !moved.contains(p) && !busy(entry) && !entry.is_member(under))
+            .filter_map(|(p, entry)| {
+                let followers = entry.replicas.iter().copied().filter(|&h| live(h));
+                let from = shares
+                    .fullest(followers, p)
+                    .filter(|&h| shares.excess(h) > 0)?;
+                Some((shares.excess(from), score(p, under), p, from))
+            })
+            .max();
+        let Some((_, _, partition, from)) = choice else {
+            break;
+        };
+        moved.insert(partition);
+        shares.give(under);
+        shares.take(from);
+        commands.push(Command::AddReplica {
+            partition: partition as u16,
+            host: under,
+            epoch: ni.partitions[partition].epoch,
+        });
     }
     commands
 }
@@ -1079,10 +1239,10 @@ mod tests {
         }
     }
 
-    /// Applies rounds of [`replicate`], marking every new follower in sync at once, until
-    /// a round changes nothing; answers the rounds taken.
+    /// Applies rounds of [`replicate`], marking every new follower in sync and completing
+    /// every drop at once, until a round changes nothing; answers the rounds taken.
     fn replicate_until_quiet(ni: &mut NetworkInfo, settings: &LeaderSettings) -> usize {
-        for round in 1..100 {
+        for round in 1..200 {
             let commands = replicate(ni, NOW_MS, settings);
             if commands.is_empty() {
                 return round;
@@ -1091,6 +1251,18 @@ mod tests {
                 apply(ni, command);
             }
             for partition in 0..ni.partitions.len() {
+                if let Some(host) = ni.partitions[partition].dropping {
+                    let epoch = ni.partitions[partition].epoch;
+                    let partition = partition as u16;
+                    apply(
+                        ni,
+                        Command::CompleteDrop {
+                            partition,
+                            host,
+                            epoch,
+                        },
+                    );
+                }
                 for host in ni.partitions[partition].out_of_sync.clone() {
                     let epoch = ni.partitions[partition].epoch;
                     apply(
@@ -1237,6 +1409,103 @@ mod tests {
             .all(|entry| entry.members().len() == 2));
         // One copy: nothing to do.
         assert_eq!(replicate(&cluster(3), NOW_MS, &replicated(1)), vec![]);
+    }
+
+    /// Alternates [`replicate_until_quiet`] with the planned [`handovers`] (promoted at
+    /// once) until neither changes anything.
+    fn settle_with_handovers(ni: &mut NetworkInfo, settings: &LeaderSettings) {
+        for _ in 0..20 {
+            let rounds = replicate_until_quiet(ni, settings);
+            let planned = handovers(ni, settings);
+            if planned.is_empty() && rounds == 1 {
+                return;
+            }
+            for (partition, primary) in planned {
+                let epoch = ni.partitions[usize::from(partition)].epoch;
+                apply(
+                    ni,
+                    Command::Promote {
+                        partition,
+                        primary,
+                        epoch,
+                    },
+                );
+            }
+        }
+        panic!("never settled");
+    }
+
+    /// Copies per host, and checks that every partition has `want` copies on distinct
+    /// hosts.
+    fn copies_per_host(ni: &NetworkInfo, want: usize) -> BTreeMap<HostId, usize> {
+        let mut copies: BTreeMap<HostId, usize> = BTreeMap::new();
+        for entry in &ni.partitions {
+            let members = entry.members();
+            let distinct: BTreeSet<HostId> = members.iter().copied().collect();
+            assert_eq!((members.len(), distinct.len()), (want, want), "{entry:?}");
+            for host in members {
+                *copies.entry(host).or_default() += 1;
+            }
+        }
+        copies
+    }
+
+    #[test]
+    fn a_host_that_joins_a_replicated_cluster_gets_its_share_of_the_copies() {
+        let mut ni = cluster(3);
+        let settings = replicated(3);
+        replicate_until_quiet(&mut ni, &settings);
+        assert_eq!(
+            copies_per_host(&ni, 3)
+                .values()
+                .copied()
+                .collect::<Vec<_>>(),
+            [16, 16, 16]
+        );
+        apply(
+            &mut ni,
+            Command::Join {
+                peer_addr: addr(4),
+                client_addr: String::new(),
+                partitions: 16,
+                sponsor: FOUNDER,
+                now_ms: 3,
+            },
+        );
+        report_capacity(&mut ni, 4, GIB, 0);
+        // A few moves at a time: a new follower on host 4 first, then the copy too many
+        // is dropped from a host above its share.
+        let first = replicate(&ni, NOW_MS, &settings);
+        assert_eq!(first.len(), settings.max_moves_in_flight, "{first:?}");
+        assert!(first
+            .iter()
+            .all(|c| matches!(c, Command::AddReplica { host: 4, .. })));
+        settle_with_handovers(&mut ni, &settings);
+        // 48 copies over 4 equal hosts.
+        let copies = copies_per_host(&ni, 3);
+        assert_eq!(
+            copies.values().copied().collect::<Vec<_>>(),
+            [12, 12, 12, 12]
+        );
+        // Twice the capacity, twice the share.
+        report_capacity(&mut ni, 4, 2 * GIB, 0);
+        settle_with_handovers(&mut ni, &settings);
+        let copies = copies_per_host(&ni, 3);
+        assert_eq!(copies[&4], 16, "{copies:?}");
+    }
+
+    #[test]
+    fn a_copy_too_many_after_a_host_came_back_is_dropped() {
+        let mut ni = cluster(4);
+        let settings = replicated(3);
+        replicate_until_quiet(&mut ni, &settings);
+        // Host 3 is away (not past the threshold): its partitions get other followers.
+        set_state(&mut ni, 3, HostState::Inactive, NOW_MS - 1_000);
+        replicate_until_quiet(&mut ni, &settings);
+        // Back: its partitions hold four copies until one of each is dropped.
+        set_state(&mut ni, 3, HostState::Write, NOW_MS);
+        replicate_until_quiet(&mut ni, &settings);
+        copies_per_host(&ni, 3);
     }
 
     #[test]
