@@ -1235,7 +1235,6 @@ fn copies_on_a_host_gone_past_the_offline_threshold_are_made_again_elsewhere() {
     // Back after its copies were dropped, host 4 is given its share again: copies move
     // to it from the others until each of the 4 hosts holds 12 of the 48.
     cluster.host_mut(4).server.restart();
-    let back = Instant::now();
     let (held, took) = cluster.wait_for(
         "12 copies on each host, the primaries spread",
         Duration::from_secs(120),
