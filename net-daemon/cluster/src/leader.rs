@@ -51,7 +51,7 @@ pub(crate) const MAX_CATCHING_UP: usize = 16;
 /// other (one rack or site): a partition's copies go to hosts far apart first.
 pub(crate) const NEAR_RTT_S: f64 = 0.002;
 /// Most failover rounds (planned handovers included) running at once. A handover moves
-/// no data; it pauses its partition for about a lease.
+/// no data; it pauses its partition for a few round trips.
 pub(crate) const MAX_ROUNDS: usize = 16;
 /// A report is never dropped sooner than this, however short the heartbeat interval.
 const REPORT_FRESH_MIN: Duration = Duration::from_secs(3);

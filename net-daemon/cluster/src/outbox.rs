@@ -143,7 +143,10 @@ mod tests {
     fn fence(partition: u16) -> ReplicaMessage {
         ReplicaMessage {
             partition,
-            message: Message::Fence { term: 1 },
+            message: Message::Fence {
+                term: 1,
+                released: None,
+            },
             entries: Vec::new(),
         }
     }

@@ -282,7 +282,7 @@ impl Router {
         for &p in &touched {
             let mut term = self.ready(p, write, ready_by, &moved_on).await;
             if term.is_none() && !moved_on() && self.replication.in_round(p) {
-                // A failover or handover is naming a new primary (about a lease): wait for
+                // A failover or handover is naming a new primary (up to a lease): wait for
                 // it rather than refuse, since nothing was applied.
                 term = self.ready(p, write, deadline, &moved_on).await;
             }

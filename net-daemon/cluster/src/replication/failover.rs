@@ -27,7 +27,10 @@
 //! entry holds every acknowledged write, so it is named even if others hold more (those
 //! entries were never acknowledged). If the chosen copy falls short, or the old primary
 //! or the chosen copy has not answered by the third query, the round chooses as a
-//! failover does.
+//! failover does. Once the old primary has answered so, the round asks the others again
+//! with a release: their promises protected its lease, and it gave the lease up by
+//! stepping down, so they answer without waiting them out and the handover pauses
+//! its partition for a few round trips instead of a lease.
 
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
@@ -97,6 +100,8 @@ pub struct Failover {
     preferred: Option<HostId>,
     /// Queries sent so far.
     asks: u32,
+    /// The old primary's term, once it answered a planned handover having stepped down.
+    released: Option<Term>,
     asked_at: Option<Instant>,
     over: bool,
     actions: Vec<Action>,
@@ -125,6 +130,7 @@ impl Failover {
             answers: BTreeMap::new(),
             preferred: None,
             asks: 0,
+            released: None,
             asked_at: None,
             over: false,
             actions: Vec::new(),
@@ -175,8 +181,13 @@ impl Failover {
                     ));
                 }
                 if answer.term == self.term {
+                    let releases = self.releases(from, &answer);
                     self.answers.insert(from, answer);
                     self.decide();
+                    if let Some(old_term) = releases.filter(|_| !self.over) {
+                        // The others need not wait out their promises to it.
+                        self.ask_released(old_term);
+                    }
                 }
             }
             Event::Tick => {
@@ -196,9 +207,33 @@ impl Failover {
     fn ask(&mut self, now: Instant) {
         self.asked_at = Some(now);
         self.asks += 1;
+        let released = self.released;
+        self.send_fences(released);
+    }
+
+    /// In a planned handover, the term of the old primary if `answer` is its first
+    /// answer saying it stepped down: it acknowledges and serves nothing more.
+    fn releases(&self, from: HostId, answer: &FenceAnswer) -> Option<Term> {
+        let old = *self.members.first()?;
+        (self.preferred.is_some() && from == old && self.released.is_none())
+            .then_some(answer.acknowledged?)
+            .map(|position| position.term)
+    }
+
+    /// Asks the copies that have not answered again, releasing them from their promises
+    /// to the primary of `old_term`, from now on.
+    fn ask_released(&mut self, old_term: Term) {
+        self.released = Some(old_term);
+        self.send_fences(Some(old_term));
+    }
+
+    fn send_fences(&mut self, released: Option<Term>) {
         for &host in &self.members {
             if !self.answers.contains_key(&host) {
-                let message = Message::Fence { term: self.term };
+                let message = Message::Fence {
+                    term: self.term,
+                    released,
+                };
                 self.actions.push(Action::Send { to: host, message });
             }
         }

@@ -16,7 +16,9 @@
 //!   replica answers no failover query for `lease` after it received the entry. The
 //!   primary counts the promises of `min_replicas_to_write - 1` replicas; any failover
 //!   query that can succeed reaches one of them, so a new primary starts only after
-//!   the old one's lease ran out.
+//!   the old one's lease ran out. In a planned handover the old primary steps down
+//!   first, and the leader releases the replicas from their promises to it, so the
+//!   handover does not wait out the lease.
 //! - **Failover picks a copy that holds every acknowledged write.** The metadata leader
 //!   fences `replicas - min_replicas_to_write + 1` replicas at the new term and takes
 //!   the highest `(term, last commit id)` among their answers ([`failover`]). Any
@@ -129,6 +131,10 @@ pub enum Message {
     Fence {
         /// The term the new primary will have.
         term: Term,
+        /// In a planned handover, once the old primary answered that it stepped down:
+        /// its term. A replica's promise to that primary no longer binds (it serves and
+        /// acknowledges nothing more), so the replica answers without waiting it out.
+        released: Option<Term>,
     },
     /// Replica → leader: the answer to [`Message::Fence`].
     FenceAnswer(FenceAnswer),

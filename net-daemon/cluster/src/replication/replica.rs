@@ -318,8 +318,12 @@ pub struct Replica {
     commit: CommitId,
     view: Option<View>,
     role: Role,
-    /// No failover query is answered before this.
-    promise_until: Option<Instant>,
+    /// The promise to the primary of the latest term this copy accepted entries from:
+    /// no failover query is answered before it ends, unless that primary is released.
+    promise: Option<(Term, Instant)>,
+    /// Promises that no release lifts: to primaries of older terms, and the one made
+    /// before a restart.
+    older_promise: Option<Instant>,
     /// Failover queries waiting for the promise to run out: (asker, term).
     fence_queries: Vec<(HostId, Term)>,
     /// When this idle copy last reported that the view's term is fenced off.
@@ -355,8 +359,9 @@ impl Replica {
             commit: 0,
             view: None,
             role: Role::Idle,
+            promise: None,
             // A promise made before a restart still binds: wait it out.
-            promise_until: Some(now + lease),
+            older_promise: Some(now + lease),
             fence_queries: Vec::new(),
             idle_reported_at: None,
             stepped_down: None,
@@ -580,7 +585,7 @@ impl Replica {
     pub fn next_deadline(&self) -> Option<Instant> {
         let mut deadlines: Vec<Instant> = Vec::new();
         if !self.fence_queries.is_empty() {
-            if let Some(until) = self.promise_until {
+            if let Some(until) = self.promise_until() {
                 deadlines.push(until);
             }
         }
@@ -626,7 +631,7 @@ impl Replica {
             Event::Received { from, message } => match message {
                 Message::Append(append) => self.on_append(from, append, now),
                 Message::Ack(ack) => self.on_ack(from, ack, now),
-                Message::Fence { term } => self.on_fence(from, term, now),
+                Message::Fence { term, released } => self.on_fence(from, term, released),
                 Message::FenceAnswer(_) => {}
             },
             Event::Written { last } => self.on_written(last, now),
@@ -1141,8 +1146,17 @@ impl Replica {
         if !follows {
             self.follow(from, append.term, now);
         }
-        let promise = now + self.settings.lease;
-        self.promise_until = Some(self.promise_until.map_or(promise, |p| p.max(promise)));
+        let until = now + self.settings.lease;
+        match self.promise {
+            Some((term, ref mut end)) if term == append.term => *end = (*end).max(until),
+            previous => {
+                // A promise to an older term's primary stays until it ends.
+                if let Some((_, end)) = previous {
+                    self.older_promise = Some(self.older_promise.map_or(end, |p| p.max(end)));
+                }
+                self.promise = Some((append.term, until));
+            }
+        }
         let Role::Follower {
             heard_at,
             lost_reported_at,
@@ -1308,16 +1322,30 @@ impl Replica {
     // -----------------------------------------------------------------------------
     // Failover queries and time
 
-    fn on_fence(&mut self, from: HostId, term: Term, _now: Instant) {
+    fn on_fence(&mut self, from: HostId, term: Term, released: Option<Term>) {
         if term > self.fenced {
             self.promise(term);
             if self.primary_term().is_some_and(|mine| mine < term) {
                 self.step_down(term);
             }
         }
+        // The primary this copy promised to stepped down for this round: its promise no
+        // longer protects anything.
+        if released.is_some()
+            && term >= self.fenced
+            && self.promise.is_some_and(|(t, _)| Some(t) == released)
+        {
+            self.promise = None;
+        }
         if !self.fence_queries.contains(&(from, term)) {
             self.fence_queries.push((from, term));
         }
+    }
+
+    /// When the promises that hold back failover answers end.
+    fn promise_until(&self) -> Option<Instant> {
+        let latest = self.promise.map(|(_, end)| end);
+        latest.max(self.older_promise)
     }
 
     /// A primary leaves its term for `higher`, noting for the round of `higher` what its
@@ -1399,7 +1427,7 @@ impl Replica {
         if self.fence_queries.is_empty() {
             return;
         }
-        if self.promise_until.is_some_and(|until| now < until) || self.pending_last != self.last {
+        if self.promise_until().is_some_and(|until| now < until) || self.pending_last != self.last {
             return;
         }
         let copying = matches!(

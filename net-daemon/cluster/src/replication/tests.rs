@@ -319,7 +319,16 @@ fn a_failover_query_is_answered_after_the_promise_and_the_pending_apply_and_fenc
         .iter()
         .any(|a| matches!(a, Action::Apply { last: 1, .. })));
     let asked = now + Duration::from_millis(10);
-    follower.handle(received(9, Message::Fence { term: 3 }), asked);
+    follower.handle(
+        received(
+            9,
+            Message::Fence {
+                term: 3,
+                released: None,
+            },
+        ),
+        asked,
+    );
     let actions = follower.poll_actions();
     assert_eq!(
         actions,
@@ -343,6 +352,78 @@ fn a_failover_query_is_answered_after_the_promise_and_the_pending_apply_and_fenc
         sent(&follower.poll_actions()),
         vec![(9, Message::FenceAnswer(answer))]
     );
+}
+
+#[test]
+fn a_promise_to_a_primary_released_by_a_planned_handover_no_longer_holds_the_answer_back() {
+    let start = Instant::now();
+    let (_, actions) = open_primary(2, 0, start);
+    let marker = append_to(&actions, 2);
+    // Past the promise every copy makes when it starts.
+    let now = start + settings().lease;
+    let asked = now + Duration::from_millis(10);
+    let answered = |follower: &mut Replica| {
+        sent(&follower.poll_actions())
+            .into_iter()
+            .any(|(to, message)| to == 9 && matches!(message, Message::FenceAnswer(_)))
+    };
+    // Released from another term's primary: the promise to term 2's still holds.
+    let mut follower = replica(2, 1, History::default(), 0, start);
+    follower_answer(&mut follower, marker.clone(), now);
+    let elsewhere = Message::Fence {
+        term: 3,
+        released: Some(1),
+    };
+    follower.handle(received(9, elsewhere), asked);
+    assert!(!answered(&mut follower));
+    // Released from term 2's: it answers at once.
+    let released = Message::Fence {
+        term: 3,
+        released: Some(2),
+    };
+    follower.handle(received(9, released.clone()), asked);
+    assert!(answered(&mut follower));
+    // A promise made before a restart is no one's to release: it is waited out.
+    let mut restarted = replica(2, 2, history(&[(2, 1)]), 1, now);
+    restarted.handle(received(9, released), asked);
+    assert!(!answered(&mut restarted));
+    restarted.handle(Event::Tick, now + settings().lease);
+    assert!(answered(&mut restarted));
+}
+
+#[test]
+fn a_planned_handover_releases_the_others_once_the_old_primary_stepped_down() {
+    let now = Instant::now();
+    let mut round =
+        Failover::new(5, vec![1, 2, 3], vec![1, 2, 3], vec![1, 2, 3], 2, now).preferring(3);
+    round.poll_actions();
+    let fences = |round: &mut Failover| -> Vec<(HostId, Option<Term>)> {
+        round
+            .poll_actions()
+            .into_iter()
+            .filter_map(|action| match action {
+                failover::Action::Send {
+                    to,
+                    message: Message::Fence { released, .. },
+                } => Some((to, released)),
+                _ => None,
+            })
+            .collect()
+    };
+    // An answer that vouches for nothing releases no one.
+    let tell = |round: &mut Failover, from, answer| {
+        round.handle(failover::Event::Answer { from, answer }, now);
+    };
+    tell(&mut round, 2, handover_answer((4, 12), None));
+    assert_eq!(fences(&mut round), vec![]);
+    // The old primary stepped down in term 4: the copy still to answer is asked again.
+    tell(&mut round, 1, handover_answer((4, 12), Some((4, 12))));
+    assert_eq!(fences(&mut round), vec![(3, Some(4))]);
+    // A failover round (no preferred copy) never releases.
+    let mut failover = Failover::new(5, vec![1, 2, 3], vec![1, 2, 3], vec![1, 2, 3], 2, now);
+    failover.poll_actions();
+    tell(&mut failover, 1, handover_answer((4, 12), Some((4, 12))));
+    assert_eq!(fences(&mut failover), vec![]);
 }
 
 #[test]
@@ -891,7 +972,16 @@ fn a_primary_fenced_off_answers_with_the_last_entry_it_may_have_acknowledged() {
     // A write the follower never gets: durable on the primary, never acknowledged.
     primary.handle(Event::Written { last: 2 }, now);
     primary.poll_actions();
-    primary.handle(received(9, Message::Fence { term: 3 }), now);
+    primary.handle(
+        received(
+            9,
+            Message::Fence {
+                term: 3,
+                released: None,
+            },
+        ),
+        now,
+    );
     // It answers once a restart's promise is out, as any copy does.
     primary.handle(Event::Tick, now + settings().lease);
     let answers: Vec<FenceAnswer> = sent(&primary.poll_actions())
@@ -912,7 +1002,16 @@ fn a_primary_fenced_off_answers_with_the_last_entry_it_may_have_acknowledged() {
     );
     assert_eq!(primary.primary_term(), None, "it stepped down");
     // A follower says nothing of the kind: it acknowledged no client.
-    follower.handle(received(9, Message::Fence { term: 3 }), now);
+    follower.handle(
+        received(
+            9,
+            Message::Fence {
+                term: 3,
+                released: None,
+            },
+        ),
+        now,
+    );
     follower.handle(Event::Tick, now + settings().lease);
     let answer = sent(&follower.poll_actions())
         .into_iter()
@@ -944,7 +1043,16 @@ fn a_primary_that_steps_down_on_a_refused_append_still_vouches_for_its_commit_po
         .contains(&Action::SteppedDown { term: 3 }));
     assert_eq!(primary.primary_term(), None);
     // The round of term 3 then asks it: it answers what it acknowledged in term 2.
-    primary.handle(received(9, Message::Fence { term: 3 }), now);
+    primary.handle(
+        received(
+            9,
+            Message::Fence {
+                term: 3,
+                released: None,
+            },
+        ),
+        now,
+    );
     primary.handle(Event::Tick, now + settings().lease);
     let answer = sent(&primary.poll_actions())
         .into_iter()
@@ -1056,7 +1164,16 @@ fn a_primary_whose_marker_is_not_committed_vouches_for_nothing() {
     // its earlier run acknowledged: until this run's marker commits it says nothing.
     let now = Instant::now();
     let (mut primary, _) = open_primary(2, 4, now);
-    primary.handle(received(9, Message::Fence { term: 3 }), now);
+    primary.handle(
+        received(
+            9,
+            Message::Fence {
+                term: 3,
+                released: None,
+            },
+        ),
+        now,
+    );
     primary.handle(Event::Tick, now + settings().lease);
     let answer = sent(&primary.poll_actions())
         .into_iter()
