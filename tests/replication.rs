@@ -945,6 +945,88 @@ fn a_copy_changed_on_disk_is_reported_by_the_digest_comparison() {
 }
 
 #[test]
+fn a_wiped_host_that_founds_a_cluster_of_its_own_is_not_taken_for_the_host_it_was() {
+    // Host 1, the founder, loses its disk and starts again with its config: it has no
+    // seeds, so it founds a new cluster at its old address. The others must see the
+    // old host 1 gone, not this empty stranger, and lose nothing.
+    let mut cluster = Cluster::start(3, REPLICATED);
+    cluster.wait_voters(3, Duration::from_secs(60));
+    cluster.wait_for(
+        "every partition on three hosts, in sync, the primaries spread",
+        SETTLE_TIMEOUT,
+        settled,
+    );
+    let mut acknowledged = BTreeMap::new();
+    for i in 0..200 {
+        let (key, value) = (format!("key:{i}"), format!("v{i}"));
+        set(&cluster, 2, &key, &value).expect("a write with every host up");
+        acknowledged.insert(key, value);
+    }
+    cluster.kill(1);
+    let data_dir = cluster.host(1).server.data_dir.clone();
+    std::fs::remove_dir_all(&data_dir).expect("wipe host 1's data");
+    std::fs::create_dir_all(&data_dir).expect("an empty data dir");
+    cluster.host_mut(1).server.restart();
+    let wiped = Instant::now();
+    // Host 1 is a cluster of its own now.
+    cluster.wait_for("host 1 founded a cluster", RESUME_TIMEOUT, |c| {
+        match c
+            .try_info(1)?
+            .get("cluster_known_nodes")
+            .map(String::as_str)
+        {
+            Some("1") => Ok(()),
+            other => Err(format!("host 1 knows {other:?} hosts")),
+        }
+    });
+    // The others mark the old host 1 failed and fail its partitions over.
+    let (_, took) = cluster.wait_for(
+        "hosts 2 and 3 lead every partition",
+        Duration::from_secs(60),
+        |c| {
+            let mut led = 0;
+            for host in [2, 3] {
+                led += c
+                    .try_info(host)?
+                    .get("shoal_partitions_owned")
+                    .and_then(|v| v.parse::<usize>().ok())
+                    .unwrap_or(0);
+            }
+            match led {
+                16 => Ok(()),
+                other => Err(format!("hosts 2 and 3 lead {other} partitions")),
+            }
+        },
+    );
+    println!("hosts 2 and 3 led every partition {took:?} after host 1 came back empty");
+    cluster.wait_for("the old host 1 marked failed", RESUME_TIMEOUT, |c| {
+        let nodes = c.try_nodes(2)?;
+        match nodes.iter().any(|line| line.host_id == 1 && line.failed()) {
+            true => Ok(()),
+            false => Err(format!("host 2 sees {nodes:?}")),
+        }
+    });
+    for (key, value) in &acknowledged {
+        for host in [2, 3] {
+            assert_eq!(
+                get_served(&cluster, host, key).as_deref(),
+                Some(value.as_str()),
+                "{key} through host {host}"
+            );
+        }
+    }
+    let log = cluster.host(2).server.logs() + &cluster.host(1).server.logs();
+    assert!(
+        log.contains("refused a request from a host of another cluster"),
+        "no refusal logged"
+    );
+    println!(
+        "every acknowledged write read back {:?} after the wipe",
+        wiped.elapsed()
+    );
+}
+
+#[test]
 fn a_follower_back_from_a_crash_catches_up_from_the_log() {
     let (resync, cluster) = resync_after_absence("");
     println!(

@@ -24,6 +24,18 @@ use crate::HostId;
 /// The metadata group's type configuration.
 pub(crate) type Meta = MetaTypes<NetworkInfo>;
 
+/// What a peer link carries from the dialer: a request, and the cluster its sender
+/// belongs to (0 while it has joined none). A host refuses a request from another
+/// cluster: a host whose data was wiped, and that then founded a cluster of its own at
+/// the same address, must not be taken for the host it replaced.
+#[derive(Debug, Serialize, Deserialize)]
+pub struct Envelope {
+    /// The sender's cluster id, 0 before it is a member.
+    pub cluster_id: u64,
+    /// The request.
+    pub request: PeerRequest,
+}
+
 /// A request from one host to another.
 #[derive(Debug, Serialize, Deserialize)]
 pub enum PeerRequest {

@@ -54,7 +54,7 @@ use crate::coords::{Coordinate, VivaldiConfig};
 use crate::gossip::{Gossip, Metrics, Rumor};
 use crate::leader::{self, LeaderSettings, MembershipChange, RaftMembership, SuspectReport};
 use crate::liveness::{LivenessConfig, Observer, Score};
-use crate::messages::{DataRequest, PeerRequest, PeerResponse, ReplicaMessage};
+use crate::messages::{DataRequest, Envelope, PeerRequest, PeerResponse, ReplicaMessage};
 use crate::network::RaftPeers;
 use crate::ni::{Capacity, Command, HostState, NetworkInfo, Outcome, PartitionEntry, FOUNDER};
 use crate::outbox::Outboxes;
@@ -63,7 +63,7 @@ use crate::raft_store::memory::MemoryMetaStore;
 use crate::raft_store::{open_meta_store, AppliedState, MetaRaft, MetaStoreOptions};
 use crate::replication::failover::{self, Failover};
 use crate::replication::Message;
-use crate::transport::{Clock, PeerCaller, WallClock};
+use crate::transport::{Clock, PeerCaller, PeerLinks, WallClock};
 use crate::HostId;
 
 /// Longest a join request or a proposal may take.
@@ -216,6 +216,9 @@ pub enum MetaStore {
 
 /// This host's membership in the cluster.
 pub struct ClusterNode {
+    /// The cluster's id once this host is a member; its peer links send it with every
+    /// request, and requests from another cluster are refused.
+    cluster_id: Arc<OnceLock<u64>>,
     data_dir: PathBuf,
     /// Where the phase is written for `shoal status`.
     phase_path: PathBuf,
@@ -308,20 +311,40 @@ impl ClusterNode {
             .with_context(|| format!("cluster.advertise_addr {:?}", cluster.advertise_addr))?;
         let mut peer_config = PeerConfig::new(identity, secret);
         peer_config.source_ip = Some(peer_listen.ip()).filter(|ip| !ip.is_unspecified());
-        let pool: PeerPool<PeerRequest, PeerResponse> = PeerPool::new(peer_config.clone());
-        let node = Arc::new(ClusterNode::new(
+        let cluster_id = Arc::new(OnceLock::new());
+        let links = PeerLinks {
+            pool: PeerPool::new(peer_config.clone()),
+            cluster_id: Arc::clone(&cluster_id),
+        };
+        let mut node = ClusterNode::new(
             NodeSettings::from_config(config),
-            Arc::new(pool),
+            Arc::new(links),
             Arc::new(WallClock),
             MetaStore::Lmdb(config.data_dir.join("meta-raft")),
-        ));
+        );
+        node.cluster_id = cluster_id;
+        let node = Arc::new(node);
         let weak = Arc::downgrade(&node);
-        let handler = move |from: HostAddr, request: PeerRequest| {
+        let handler = move |from: HostAddr, envelope: Envelope| {
             let node: Weak<ClusterNode> = weak.clone();
             async move {
-                match node.upgrade() {
-                    Some(node) => node.handle(from, request).await,
-                    None => PeerResponse::Refused("the host is stopping".into()),
+                let Some(node) = node.upgrade() else {
+                    return PeerResponse::Refused("the host is stopping".into());
+                };
+                match node.cluster_id.get() {
+                    Some(&mine) if envelope.cluster_id != 0 && envelope.cluster_id != mine => {
+                        tracing::warn!(
+                            peer = %from,
+                            theirs = %format!("{:016x}", envelope.cluster_id),
+                            mine = %format!("{mine:016x}"),
+                            "refused a request from a host of another cluster"
+                        );
+                        PeerResponse::Refused(format!(
+                            "this host belongs to cluster {mine:016x}, not {:016x}",
+                            envelope.cluster_id
+                        ))
+                    }
+                    _ => node.handle(from, envelope.request).await,
                 }
             }
         };
@@ -357,6 +380,7 @@ impl ClusterNode {
         store: MetaStore,
     ) -> ClusterNode {
         ClusterNode {
+            cluster_id: Arc::default(),
             data_dir: settings.data_dir,
             phase_path: settings.phase_path,
             seeds: settings.seeds,
@@ -413,6 +437,7 @@ impl ClusterNode {
             }
         };
         tracing::info!(host = member.host, cluster = %format!("{:016x}", member.cluster_id), "cluster member");
+        let _ = self.cluster_id.set(member.cluster_id);
         lock(&self.liveness).gossip = Gossip::new(member.host);
         if self.member.set(member).is_err() {
             return;

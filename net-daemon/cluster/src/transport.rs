@@ -10,9 +10,10 @@
 
 use std::future::Future;
 use std::pin::Pin;
+use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
-use crate::messages::{PeerRequest, PeerResponse};
+use crate::messages::{Envelope, PeerRequest, PeerResponse};
 use crate::peer::{HostAddr, PeerError, PeerPool};
 
 /// The future of one [`PeerCaller::call`].
@@ -31,14 +32,25 @@ pub trait PeerCaller: Send + Sync + 'static {
     ) -> CallFuture<'a>;
 }
 
-impl PeerCaller for PeerPool<PeerRequest, PeerResponse> {
+/// The production [`PeerCaller`]: the peer pool, each request in an [`Envelope`] with
+/// this host's cluster id (set once it is a member).
+pub(crate) struct PeerLinks {
+    pub(crate) pool: PeerPool<Envelope, PeerResponse>,
+    pub(crate) cluster_id: Arc<OnceLock<u64>>,
+}
+
+impl PeerCaller for PeerLinks {
     fn call<'a>(
         &'a self,
         peer: &'a HostAddr,
         request: PeerRequest,
         timeout: Duration,
     ) -> CallFuture<'a> {
-        Box::pin(PeerPool::call(self, peer, request, timeout))
+        let envelope = Envelope {
+            cluster_id: self.cluster_id.get().copied().unwrap_or(0),
+            request,
+        };
+        Box::pin(self.pool.call(peer, envelope, timeout))
     }
 }
 
