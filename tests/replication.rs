@@ -280,6 +280,12 @@ fn every_acknowledged_write_survives_the_kill_of_the_primary_host() {
         promoted >= led_by_1,
         "{promoted} promotions recorded, host 1 led {led_by_1}"
     );
+    // Each survivor saw new primaries for the partitions it holds: the handovers that
+    // spread them at the start, and the failovers of host 1's.
+    for host in [2, 3] {
+        let seen = count_of(&cluster, host, "shoal_new_primaries_seen");
+        assert!(seen >= led_by_1, "host {host} saw {seen} new primaries");
+    }
     // A failed write may or may not have been kept: count those that were.
     let kept = in_doubt
         .iter()
@@ -861,7 +867,10 @@ fn count_of(cluster: &Cluster, host: usize, field: &str) -> u64 {
 
 #[test]
 fn a_copy_changed_on_disk_is_reported_by_the_digest_comparison() {
-    let mut cluster = Cluster::start(3, REPLICATED);
+    // Followers here never serve READONLY reads: they hear from their primaries every
+    // 200 ms, which is staler than the 1 ms allowed.
+    let config = REPLICATED.replace("[cluster]\n", "[cluster]\nmax_read_staleness_ms = 1\n");
+    let mut cluster = Cluster::start(3, &config);
     cluster.wait_voters(3, Duration::from_secs(60));
     cluster.wait_for(
         "every partition on three hosts, in sync, the primaries spread",
@@ -933,6 +942,15 @@ fn a_copy_changed_on_disk_is_reported_by_the_digest_comparison() {
         "the value is nowhere in host {follower}'s data files"
     );
     cluster.host_mut(follower).server.restart();
+    // A READONLY read through the follower goes to the primary: no copy is fresh enough.
+    let mut reader = client_of(&cluster, follower);
+    let _: () = redis::cmd("READONLY").query(&mut reader).expect("READONLY");
+    let value_read: Option<String> = redis::cmd("GET").arg(key).query(&mut reader).expect("GET");
+    assert_eq!(value_read.as_deref(), Some(value));
+    assert_eq!(
+        count_of(&cluster, follower, "shoal_readonly_reads_served"),
+        0
+    );
     let (found, took) = cluster.wait_for(
         "the divergence reported",
         SETTLE_TIMEOUT,

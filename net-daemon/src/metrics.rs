@@ -264,6 +264,12 @@ pub async fn render(shared: &Shared) -> String {
                 node.handovers_led(),
             ),
             (
+                "shoal_new_primaries_seen_total",
+                "New primaries (failovers and handovers) of partitions held here, as this host saw them.",
+                "counter",
+                router.new_primaries_seen(),
+            ),
+            (
                 "shoal_full_copies_total",
                 "Full copies this host's followers took from their primaries.",
                 "counter",

@@ -29,6 +29,7 @@ use shoal_cluster::node::ClusterNode;
 use shoal_cluster::replication::replica::{Action, Durable, Event, Replica, View};
 use shoal_cluster::replication::{History, Message, Settings};
 use shoal_cluster::HostId;
+use shoal_shared::config::ClusterConfig;
 use shoal_shared::frame::{LogEntry, Partition, RecordTable, WorkerRequest, WorkerResponse};
 use shoal_shared::partition::partition_worker;
 use tokio::sync::{mpsc, watch};
@@ -125,6 +126,9 @@ pub struct Replication {
     full_copies: AtomicU64,
     /// Followers that primaries here brought back in sync in the NI.
     resyncs: Arc<AtomicU64>,
+    /// New primaries (failovers and handovers) of partitions this host holds, as the NI
+    /// showed them while this host followed it.
+    new_primaries: AtomicU64,
 }
 
 /// How much log the primaries here keep for lagging followers.
@@ -143,10 +147,13 @@ impl Replication {
         node: Arc<ClusterNode>,
         links: Vec<WorkerLink>,
         readers: Arc<Readers>,
+        config: &ClusterConfig,
         hold_limit_entries: u64,
     ) -> Arc<Replication> {
         let settings = Settings {
-            min_replicas_to_write: node.min_replicas_to_write(),
+            min_replicas_to_write: config.min_replicas_to_write,
+            max_read_staleness: Duration::from_millis(config.max_read_staleness_ms),
+            out_of_sync_after: Duration::from_millis(config.out_of_sync_after_ms),
             ..Settings::default()
         };
         let replication = Arc::new(Replication {
@@ -158,6 +165,7 @@ impl Replication {
             copies: Mutex::default(),
             full_copies: AtomicU64::new(0),
             resyncs: Arc::default(),
+            new_primaries: AtomicU64::new(0),
         });
         tokio::spawn(Arc::clone(&replication).follow_table());
         replication
@@ -313,6 +321,11 @@ impl Replication {
     /// after a full copy.
     pub fn resyncs(&self) -> u64 {
         self.resyncs.load(Ordering::Relaxed)
+    }
+
+    /// New primaries (failovers and handovers) this host saw for the partitions it holds.
+    pub fn new_primaries_seen(&self) -> u64 {
+        self.new_primaries.load(Ordering::Relaxed)
     }
 
     /// How much log the partitions led here keep for their slowest followers.
@@ -472,13 +485,20 @@ impl Replication {
         let mut primary_history = History::default();
         let mut event = Some(self.view(partition, me));
         let mut held: Option<(u64, Instant, bool)> = None;
+        let mut seen_term: Option<u64> = None;
         loop {
             // The worker's log as it is: writes the core did not hear of count too.
             if let Ok(last) = self.readers.last_commit_id(worker, partition) {
                 core.handle(Event::LocalLog { last }, Instant::now().into_std());
             }
             match event.take() {
-                Some(Some(view)) => core.handle(Event::View(view), Instant::now().into_std()),
+                Some(Some(view)) => {
+                    if seen_term.is_some_and(|term| view.term > term) {
+                        self.new_primaries.fetch_add(1, Ordering::Relaxed);
+                    }
+                    seen_term = Some(view.term);
+                    core.handle(Event::View(view), Instant::now().into_std())
+                }
                 Some(None) => return Ok(()),
                 None => {}
             }

@@ -69,6 +69,7 @@ impl Shared {
                 Arc::clone(node),
                 links.clone(),
                 Arc::clone(&readers),
+                &config.cluster,
                 hold_limit_entries,
             ));
             node.set_data_path(router.clone());

@@ -78,6 +78,12 @@ pub(crate) struct ClusterSection {
     /// The metadata leader compares the digests of every partition's copies once in
     /// this many seconds, one partition at a time, and reports a divergence. 0: never.
     pub(crate) digest_check_secs: u64,
+    /// A follower serves `READONLY` reads only while it heard from its primary within
+    /// this many milliseconds: the most a `READONLY` read lags behind.
+    pub(crate) max_read_staleness_ms: u64,
+    /// A follower that has not reached a commit point of this many milliseconds ago is
+    /// reported out of sync.
+    pub(crate) out_of_sync_after_ms: u64,
 }
 
 impl Default for ClusterSection {
@@ -94,6 +100,8 @@ impl Default for ClusterSection {
             replicas: 3,
             min_replicas_to_write: None,
             digest_check_secs: 600,
+            max_read_staleness_ms: 1000,
+            out_of_sync_after_ms: 3000,
         }
     }
 }
@@ -125,6 +133,12 @@ pub struct ClusterConfig {
     /// A whole pass of the leader's digest comparison takes this long, in seconds (0:
     /// none).
     pub digest_check_secs: u64,
+    /// How long after its primary's last message a follower still serves `READONLY`
+    /// reads, in milliseconds.
+    pub max_read_staleness_ms: u64,
+    /// How long a follower may lag behind a commit point before it is reported out of
+    /// sync, in milliseconds.
+    pub out_of_sync_after_ms: u64,
 }
 
 /// Most copies of a partition `cluster.replicas` may ask for.
@@ -637,6 +651,21 @@ fn validate_cluster(
             ),
         ));
     }
+    if !(1..=60_000).contains(&section.max_read_staleness_ms) {
+        return Err(bad(
+            "cluster.max_read_staleness_ms",
+            format!("must be 1 to 60000, got {}", section.max_read_staleness_ms),
+        ));
+    }
+    if !(1000..=3_600_000).contains(&section.out_of_sync_after_ms) {
+        return Err(bad(
+            "cluster.out_of_sync_after_ms",
+            format!(
+                "must be 1000 to 3600000, got {}",
+                section.out_of_sync_after_ms
+            ),
+        ));
+    }
     if !(1..=MAX_REPLICAS).contains(&section.replicas) {
         return Err(bad(
             "cluster.replicas",
@@ -667,6 +696,8 @@ fn validate_cluster(
         replicas: section.replicas,
         min_replicas_to_write,
         digest_check_secs: section.digest_check_secs,
+        max_read_staleness_ms: section.max_read_staleness_ms,
+        out_of_sync_after_ms: section.out_of_sync_after_ms,
     })
 }
 
@@ -927,6 +958,10 @@ mod tests {
             "[cluster]\n{secret}replicas = 2\nmin_replicas_to_write = 3\n"
         ));
         assert_eq!(err.key, "cluster.min_replicas_to_write");
+        let err = cluster_error(&format!("[cluster]\n{secret}max_read_staleness_ms = 0\n"));
+        assert_eq!(err.key, "cluster.max_read_staleness_ms");
+        let err = cluster_error(&format!("[cluster]\n{secret}out_of_sync_after_ms = 10\n"));
+        assert_eq!(err.key, "cluster.out_of_sync_after_ms");
     }
 
     #[test]

@@ -504,7 +504,8 @@ fn replication_info(
          shoal_partitions_led:{led}\r\nshoal_partitions_followed:{followed}\r\n\
          shoal_partitions_followed_out_of_sync:{behind}\r\n\
          shoal_partitions_under_replicated:{}\r\nshoal_failovers_led:{}\r\n\
-         shoal_handovers_led:{}\r\nshoal_full_copies:{}\r\nshoal_resyncs:{}\r\n\
+         shoal_handovers_led:{}\r\nshoal_new_primaries_seen:{}\r\n\
+         shoal_full_copies:{}\r\nshoal_resyncs:{}\r\n\
          shoal_log_hold_entries:{}\r\nshoal_partitions_past_log_hold:{}\r\n\
          shoal_digest_checks:{}\r\nshoal_digest_divergences:{}\r\n\
          shoal_readonly_reads_served:{}\r\n",
@@ -513,6 +514,7 @@ fn replication_info(
         node.under_replicated(),
         node.failovers_led(),
         node.handovers_led(),
+        router.new_primaries_seen(),
         router.full_copies(),
         router.resyncs(),
         hold.most_entries,

@@ -223,6 +223,11 @@ impl Router {
         self.replication.resyncs()
     }
 
+    /// New primaries (failovers and handovers) seen for the partitions held here.
+    pub fn new_primaries_seen(&self) -> u64 {
+        self.replication.new_primaries_seen()
+    }
+
     /// How much log the partitions led here keep for lagging followers.
     pub fn log_hold(&self) -> crate::replication::LogHold {
         self.replication.log_hold()

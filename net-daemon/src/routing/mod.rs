@@ -40,6 +40,7 @@ use std::sync::atomic::AtomicU64;
 use std::sync::Arc;
 use std::time::Duration;
 
+use shoal_shared::config::ClusterConfig;
 use shoal_shared::frame::{
     Collection, Key, LogEntry, Partition, WorkerError, WorkerRequest, WorkerResponse,
 };
@@ -140,12 +141,14 @@ impl Router {
         node: Arc<ClusterNode>,
         links: Vec<WorkerLink>,
         readers: Arc<Readers>,
+        config: &ClusterConfig,
         hold_limit_entries: u64,
     ) -> Router {
         let replication = Replication::start(
             Arc::clone(&node),
             links.clone(),
             Arc::clone(&readers),
+            config,
             hold_limit_entries,
         );
         Router {
