@@ -124,7 +124,7 @@ pub struct Replication {
     copies: Mutex<HashMap<Partition, Copy>>,
     /// Full copies this host's followers took from their primaries.
     full_copies: AtomicU64,
-    /// Followers that primaries here brought back in sync in the NI.
+    /// Followers that primaries here brought into sync in the NI.
     resyncs: Arc<AtomicU64>,
     /// New primaries (failovers and handovers) of partitions this host holds, as the NI
     /// showed them while this host followed it.
@@ -317,8 +317,8 @@ impl Replication {
         self.full_copies.load(Ordering::Relaxed)
     }
 
-    /// Followers that primaries here brought back in sync in the NI, from the log or
-    /// after a full copy.
+    /// Followers that primaries here brought into sync in the NI: new ones, and returning
+    /// ones from the log or after a full copy.
     pub fn resyncs(&self) -> u64 {
         self.resyncs.load(Ordering::Relaxed)
     }

@@ -218,7 +218,7 @@ impl Router {
         self.replication.full_copies()
     }
 
-    /// Followers that primaries here brought back in sync.
+    /// Followers that primaries here brought into sync in the NI.
     pub fn resyncs(&self) -> u64 {
         self.replication.resyncs()
     }
