@@ -277,7 +277,7 @@ pub async fn render(shared: &Shared) -> String {
             ),
             (
                 "shoal_resyncs_total",
-                "Followers that primaries here brought back in sync (from the log or after a full copy).",
+                "Followers that primaries here brought into sync: new ones, and returning ones from the log or after a full copy.",
                 "counter",
                 router.resyncs(),
             ),
