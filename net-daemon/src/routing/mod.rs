@@ -573,16 +573,10 @@ impl Router {
             .collect()
     }
 
-    /// Sends one request to every worker of every other host: one call per host.
-    pub fn send_to_other_hosts(self: &Arc<Self>, make: impl Fn() -> WorkerRequest) -> Vec<Call> {
-        let hosts: Vec<HostId> = self.node.ni().hosts.keys().copied().collect();
-        self.send_to_hosts(hosts, make)
-    }
-
     /// Sends one request to every worker of every other host that is the primary of a
-    /// partition: one call per host. A fan-out over the data (DBSIZE, KEYS, FLUSH, ...)
-    /// needs no more, since each host serves only the partitions it leads; a host that
-    /// died and whose partitions failed over is not asked.
+    /// partition: one call per host. A fan-out over the data (DBSIZE, KEYS, FLUSH, the
+    /// transactions held, ...) needs no more, since each host serves only the partitions
+    /// it leads; a host that died and whose partitions failed over is not asked.
     pub fn send_to_other_owners(self: &Arc<Self>, make: impl Fn() -> WorkerRequest) -> Vec<Call> {
         let mut owners: Vec<HostId> = self.owners();
         owners.sort_unstable();

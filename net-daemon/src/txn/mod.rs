@@ -228,9 +228,11 @@ pub async fn run(
 ///   its decider has no commit record).
 ///
 /// The decider's commit record of a transaction that recovery committed is forgotten once
-/// a later pass finds no worker still holding that transaction (in a cluster, the other
-/// hosts' workers are asked too), and so are records older than `ORPHANED_AFTER` that no
-/// worker holds.
+/// a later pass finds no worker still holding that transaction (in a cluster, the workers
+/// of the other hosts that lead partitions are asked too: a follower's intents are its
+/// primary's, replicated, so a host that died and whose partitions failed over holds
+/// nothing to wait for), and so are records older than `ORPHANED_AFTER` that no worker
+/// holds.
 /// It stops once `shutting_down` is set.
 pub async fn recover(dispatch: Arc<Dispatch>, shutting_down: Arc<AtomicBool>) {
     let cluster = dispatch.router.is_some();
@@ -264,7 +266,7 @@ pub async fn recover(dispatch: Arc<Dispatch>, shutting_down: Arc<AtomicBool>) {
                 }
                 recovery::Action::SendToOtherHosts { request } => {
                     let calls = match &dispatch.router {
-                        Some(router) => router.send_to_other_hosts(|| request.clone()),
+                        Some(router) => router.send_to_other_owners(|| request.clone()),
                         None => Vec::new(),
                     };
                     let mut answers = Vec::with_capacity(calls.len());

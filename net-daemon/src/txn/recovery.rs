@@ -13,7 +13,8 @@
 //!    (`Decide`): committed if the decider recorded the commit; aborted if not and the
 //!    intent is older than [`IN_DOUBT_AFTER`] (the decider then aborts it too: presumed
 //!    abort); left alone otherwise.
-//! 2. In a cluster, the other hosts are asked which transactions their workers hold.
+//! 2. In a cluster, the other hosts that lead partitions are asked which transactions
+//!    their workers hold.
 //! 3. If everyone answered: the decision records of transactions recovery committed are
 //!    forgotten once no worker holds them, and each worker's decision records older than
 //!    [`ORPHANED_AFTER`] that no worker holds (their coordinator's `Forget` was lost) are
