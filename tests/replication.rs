@@ -718,6 +718,26 @@ fn copies_serve_wait_readonly_and_show_their_offsets(
     }
 }
 
+/// Waits until hosts 2 and 3 together lead all 16 partitions (host 1 failed over);
+/// answers how long it took.
+fn wait_until_hosts_2_and_3_lead_all(cluster: &Cluster, timeout: Duration) -> Duration {
+    let (_, took) = cluster.wait_for("hosts 2 and 3 to lead every partition", timeout, |c| {
+        let mut led = 0;
+        for host in [2, 3] {
+            led += c
+                .try_info(host)?
+                .get("shoal_partitions_owned")
+                .and_then(|v| v.parse::<usize>().ok())
+                .unwrap_or(0);
+        }
+        match led {
+            16 => Ok(()),
+            other => Err(format!("hosts 2 and 3 lead {other} partitions")),
+        }
+    });
+    took
+}
+
 /// The `replication-offset` of one node of a `CLUSTER SHARDS` reply.
 fn node_offset(node: &Resp) -> Option<i64> {
     let Resp::Array(fields) = node else {
@@ -998,24 +1018,7 @@ fn a_wiped_host_that_founds_a_cluster_of_its_own_is_not_taken_for_the_host_it_wa
         }
     });
     // The others mark the old host 1 failed and fail its partitions over.
-    let (_, took) = cluster.wait_for(
-        "hosts 2 and 3 lead every partition",
-        Duration::from_secs(60),
-        |c| {
-            let mut led = 0;
-            for host in [2, 3] {
-                led += c
-                    .try_info(host)?
-                    .get("shoal_partitions_owned")
-                    .and_then(|v| v.parse::<usize>().ok())
-                    .unwrap_or(0);
-            }
-            match led {
-                16 => Ok(()),
-                other => Err(format!("hosts 2 and 3 lead {other} partitions")),
-            }
-        },
-    );
+    let took = wait_until_hosts_2_and_3_lead_all(&cluster, Duration::from_secs(60));
     println!("hosts 2 and 3 led every partition {took:?} after host 1 came back empty");
     cluster.wait_for("the old host 1 marked failed", RESUME_TIMEOUT, |c| {
         let nodes = c.try_nodes(2)?;
@@ -1218,24 +1221,7 @@ fn histories_stay_linearizable_when_the_primary_is_cut_off() {
     }
     sleep(Duration::from_secs(6));
     // The majority side failed over: hosts 2 and 3 lead every partition.
-    cluster.wait_for(
-        "hosts 2 and 3 to lead every partition",
-        RESUME_TIMEOUT,
-        |c| {
-            let mut led = 0;
-            for host in [2, 3] {
-                let info = c.try_info(host)?;
-                led += info
-                    .get("shoal_partitions_owned")
-                    .and_then(|v| v.parse::<usize>().ok())
-                    .unwrap_or(0);
-            }
-            match led {
-                16 => Ok(()),
-                other => Err(format!("hosts 2 and 3 lead {other} partitions")),
-            }
-        },
-    );
+    wait_until_hosts_2_and_3_lead_all(&cluster, RESUME_TIMEOUT);
     for key in &lone {
         assert_eq!(
             get_served(&cluster, 2, key),
