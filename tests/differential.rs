@@ -271,6 +271,82 @@ fn specs() -> Vec<Spec> {
             let value = g.value();
             g.cmd("SETRANGE", &[key, offset, value])
         }),
+        spec("SUBSTR", 4, &["SUBSTR", "k0", "0", "-1"], Exact, |g| {
+            let (key, start, end) = (g.key(), g.range_index(), g.range_index());
+            g.cmd("SUBSTR", &[key, start, end])
+        }),
+        spec("SETEX", 6, &["SETEX", "k0", "1000", "v"], Exact, |g| {
+            let (key, seconds, value) = (g.key(), g.seconds(), g.value());
+            g.cmd("SETEX", &[key, seconds, value])
+        }),
+        spec("PSETEX", 4, &["PSETEX", "k0", "1000000", "v"], Exact, |g| {
+            let (key, millis, value) = (g.key(), g.millis(), g.value());
+            g.cmd("PSETEX", &[key, millis, value])
+        }),
+        spec("TOUCH", 4, &["TOUCH", "k0"], Exact, |g| {
+            let keys = g.keys(1, 4);
+            g.cmd("TOUCH", &keys)
+        }),
+        // Bits and LCS.
+        spec("GETBIT", 8, &["GETBIT", "k0", "0"], Exact, |g| {
+            let (key, offset) = (g.key(), g.bit_offset());
+            g.cmd("GETBIT", &[key, offset])
+        }),
+        spec("SETBIT", 8, &["SETBIT", "k0", "0", "1"], Exact, |g| {
+            let (key, offset) = (g.key(), g.bit_offset());
+            let bit = match g.below(12) {
+                0 => g.pick(&["2", "-1", "x", ""]).as_bytes().to_vec(),
+                n => (n % 2).to_string().into_bytes(),
+            };
+            g.cmd("SETBIT", &[key, offset, bit])
+        }),
+        spec("BITCOUNT", 8, &["BITCOUNT", "k0"], Exact, |g| {
+            let key = g.key();
+            let mut args = vec![key];
+            match g.below(6) {
+                0 => {}
+                1 => args.push(g.range_index()),
+                _ => {
+                    args.extend([g.range_index(), g.range_index()]);
+                    if g.chance(2) {
+                        args.push(
+                            g.pick(&["BYTE", "BIT", "bit", "nibble"])
+                                .as_bytes()
+                                .to_vec(),
+                        );
+                    }
+                }
+            }
+            g.cmd("BITCOUNT", &args)
+        }),
+        spec("BITPOS", 8, &["BITPOS", "k0", "1"], Exact, |g| {
+            let key = g.key();
+            let bit = g.pick(&["0", "1", "1", "0", "2", "x"]).as_bytes().to_vec();
+            let mut args = vec![key, bit];
+            let extra = g.below(5);
+            if extra >= 1 {
+                args.push(g.range_index());
+            }
+            if extra >= 2 {
+                args.push(g.range_index());
+            }
+            if extra >= 3 {
+                args.push(g.pick(&["BYTE", "BIT", "byte", "bits"]).as_bytes().to_vec());
+            }
+            g.cmd("BITPOS", &args)
+        }),
+        spec("LCS", 6, &["LCS", "k0", "k1"], Exact, |g| {
+            let (a, b) = (g.key(), g.key());
+            let mut args = vec![a, b];
+            args.extend(g.options(&[
+                opt(&[b"LEN"]),
+                opt(&[b"IDX"]),
+                opt(&[b"WITHMATCHLEN"]),
+                opt(&[b"MINMATCHLEN", b"2"]),
+                opt(&[b"MINMATCHLEN", b"x"]),
+            ]));
+            g.cmd("LCS", &args)
+        }),
         spec("TYPE", 6, &["TYPE", "k0"], Exact, |g| {
             let key = g.key();
             g.cmd("TYPE", &[key])
@@ -659,6 +735,17 @@ impl Gen {
                 .pick(&["0", "-1", "x", "1.5", "9223372036854775807", ""])
                 .into(),
             _ => (1000 + self.below(3) * 1000).to_string().into_bytes(),
+        }
+    }
+
+    /// A bit offset: mostly within the small values, now and then past them or invalid.
+    fn bit_offset(&mut self) -> Vec<u8> {
+        match self.below(12) {
+            0 => self
+                .pick(&["-1", "x", "1.5", "4294967296", "99999999999999999999"])
+                .into(),
+            1 => self.pick(&["100", "4095"]).into(),
+            _ => self.below(40).to_string().into_bytes(),
         }
     }
 

@@ -74,6 +74,26 @@ pub static COMMANDS: &[CommandSpec] = &[
         "Authenticates the connection."
     ),
     spec!(
+        "bitcount",
+        -2,
+        R,
+        1,
+        1,
+        1,
+        "bitmap",
+        "Counts the number of set bits (population counting) in a string."
+    ),
+    spec!(
+        "bitpos",
+        -3,
+        R,
+        1,
+        1,
+        1,
+        "bitmap",
+        "Finds the first set (1) or clear (0) bit in a string."
+    ),
+    spec!(
         "client",
         -2,
         C,
@@ -244,6 +264,16 @@ pub static COMMANDS: &[CommandSpec] = &[
         "Returns the string value of a key."
     ),
     spec!(
+        "getbit",
+        3,
+        R,
+        1,
+        1,
+        1,
+        "bitmap",
+        "Returns a bit value by offset."
+    ),
+    spec!(
         "getdel",
         2,
         W,
@@ -354,6 +384,16 @@ pub static COMMANDS: &[CommandSpec] = &[
         "Returns all key names that match a pattern."
     ),
     spec!(
+        "lcs",
+        -3,
+        R,
+        1,
+        2,
+        1,
+        "string",
+        "Finds the longest common substring."
+    ),
+    spec!(
         "mget",
         -2,
         R,
@@ -444,6 +484,16 @@ pub static COMMANDS: &[CommandSpec] = &[
         "Returns the server's liveliness response."
     ),
     spec!(
+        "psetex",
+        4,
+        W,
+        1,
+        1,
+        1,
+        "string",
+        "Sets both string value and expiration time in milliseconds of a key. The key is created if it doesn't exist."
+    ),
+    spec!(
         "pttl",
         2,
         R,
@@ -532,6 +582,26 @@ pub static COMMANDS: &[CommandSpec] = &[
         1,
         "string",
         "Sets the string value of a key (NX, XX, GET)."
+    ),
+    spec!(
+        "setbit",
+        4,
+        W,
+        1,
+        1,
+        1,
+        "bitmap",
+        "Sets or clears the bit at offset of the string value. Creates the key if it doesn't exist."
+    ),
+    spec!(
+        "setex",
+        4,
+        W,
+        1,
+        1,
+        1,
+        "string",
+        "Sets the string value and expiration time of a key. Creates the key if it doesn't exist."
     ),
     spec!(
         "setnx",
@@ -632,6 +702,26 @@ pub static COMMANDS: &[CommandSpec] = &[
         1,
         "string",
         "Returns the length of a string value."
+    ),
+    spec!(
+        "substr",
+        4,
+        R,
+        1,
+        1,
+        1,
+        "string",
+        "Returns a substring from a string value."
+    ),
+    spec!(
+        "touch",
+        -2,
+        R,
+        1,
+        -1,
+        1,
+        "keyspace",
+        "Returns the number of existing keys out of those specified after updating the time they were last accessed."
     ),
     spec!(
         "ttl",

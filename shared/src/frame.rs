@@ -295,6 +295,19 @@ pub enum WorkerRequest {
         #[serde(with = "serde_bytes")]
         value: Vec<u8>,
     },
+    /// → `Integer`: the bit's old value (0 or 1). Sets the bit at `offset` (the most
+    /// significant bit of a byte first), padding the value with zero bytes; keeps the
+    /// key's expiry.
+    SetBit {
+        /// The collection the key is in.
+        collection: Collection,
+        /// The key, with its partition.
+        key: Key,
+        /// The bit's index from the value's start.
+        offset: u64,
+        /// Its new value.
+        bit: bool,
+    },
     /// → `Integer`: 1 if the expiry was set (or the key deleted, for a time in the past), else 0.
     Expire {
         /// The collection the key is in.
@@ -636,6 +649,9 @@ impl WorkerRequest {
                 collection, key, ..
             }
             | SetRange {
+                collection, key, ..
+            }
+            | SetBit {
                 collection, key, ..
             }
             | Expire {

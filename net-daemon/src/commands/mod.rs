@@ -9,6 +9,7 @@
 //! Modules:
 //! - [`backup`]: SHOAL.BACKUP, a copy of every shard with its manifest.
 //! - [`strings`]: commands on one key (strings, counters, ranges).
+//! - [`bits`]: GETBIT, SETBIT, BITCOUNT, BITPOS and LCS: computations on string values.
 //! - [`keyspace`]: expiry, TYPE/OBJECT, SCAN, KEYS, DBSIZE, FLUSHDB/FLUSHALL.
 //! - [`multi`]: multi-key writes (MSET, MSETNX, DEL, RENAME, COPY), atomic across workers.
 //! - [`replicas`]: READONLY, READWRITE and WAIT: a connection and the partitions' copies.
@@ -16,6 +17,7 @@
 //! - [`server`]: connection and server commands answered by the net-daemon.
 
 pub mod backup;
+pub mod bits;
 pub mod cluster;
 pub mod keyspace;
 pub mod multi;
@@ -208,6 +210,9 @@ pub async fn dispatch(
         return ready(errors::no_auth());
     }
     if let Some(pending) = strings::dispatch(shared, session, spec.name, &args).await {
+        return (pending, After::Continue);
+    }
+    if let Some(pending) = bits::dispatch(shared, session, spec.name, &args).await {
         return (pending, After::Continue);
     }
     if let Some(pending) = keyspace::dispatch(shared, session, spec.name, &args).await {

@@ -122,7 +122,25 @@ pub async fn dispatch(
             })
             .await
         }
-        "getrange" => match (parse_i64(&args[2]), parse_i64(&args[3])) {
+        "setex" | "psetex" => {
+            let options = StringOptions {
+                condition: SetCondition::Always,
+                get: false,
+                keep_ttl: false,
+                persist: false,
+                expire: Some((&args[2], if name == "setex" { 1000 } else { 1 }, false)),
+            };
+            match options.expiry(name) {
+                Ok(expiry) => {
+                    let values = [args[0].clone(), args[1].clone(), args[3].clone()];
+                    let (condition, reply) = (SetCondition::Always, SetReply::Status);
+                    write_set(shared, collection, &values, condition, reply, expiry).await
+                }
+                Err(reply) => Pending::Ready(reply),
+            }
+        }
+        // SUBSTR is GETRANGE's old name.
+        "getrange" | "substr" => match (parse_i64(&args[2]), parse_i64(&args[3])) {
             (Some(start), Some(end)) => {
                 single(shared, &args[1], |key| WorkerRequest::GetRange {
                     collection,
@@ -153,7 +171,8 @@ pub async fn dispatch(
             Some(_) => Pending::Ready(Reply::error("ERR offset is out of range")),
             None => Pending::Ready(errors::not_integer()),
         },
-        "exists" => {
+        // Shoal keeps no access times: TOUCH counts the keys that exist, as EXISTS does.
+        "exists" | "touch" => {
             multi_read(shared, &args[1..], Merge::Sum, |keys| {
                 WorkerRequest::Exists { collection, keys }
             })
@@ -165,15 +184,7 @@ pub async fn dispatch(
                     values.into_iter().map(value_reply).collect(),
                 )));
             }
-            let merge = Merge::Values {
-                positions: Vec::new(),
-                total: args.len() - 1,
-            };
-            multi_read(shared, &args[1..], merge, |keys| WorkerRequest::MGet {
-                collection,
-                keys,
-            })
-            .await
+            multi_values(shared, collection, &args[1..]).await
         }
         _ => return None,
     };
@@ -243,6 +254,19 @@ fn direct_read(shared: &Shared, session: &Session, keys: &[Bytes]) -> Option<Vec
 
 fn value_reply(value: Option<Vec<u8>>) -> Reply {
     value.map_or(Reply::Nil, |value| Reply::Bulk(value.into()))
+}
+
+/// The values of `keys` (an array, nil for a missing key) through their workers.
+pub async fn multi_values(shared: &Shared, collection: u16, keys: &[Bytes]) -> Pending {
+    let merge = Merge::Values {
+        positions: Vec::new(),
+        total: keys.len(),
+    };
+    multi_read(shared, keys, merge, |keys| WorkerRequest::MGet {
+        collection,
+        keys,
+    })
+    .await
 }
 
 /// A read of many keys: one request per worker that owns some of them. Not atomic across

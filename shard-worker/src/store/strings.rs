@@ -95,6 +95,14 @@ impl Store {
             } => self
                 .op(*collection, now_ms)?
                 .set_range(txn, batch, key, *offset, value),
+            SetBit {
+                collection,
+                key,
+                offset,
+                bit,
+            } => self
+                .op(*collection, now_ms)?
+                .set_bit(txn, batch, key, *offset, *bit),
             Expire {
                 collection,
                 key,
@@ -448,6 +456,45 @@ impl Op<'_> {
         value[offset..end].copy_from_slice(patch);
         self.put_keeping_ttl(txn, batch, key, &current, &value)?;
         Ok(WorkerResponse::Integer(value.len() as i64))
+    }
+
+    fn set_bit(
+        &self,
+        txn: &mut RwTxn,
+        batch: &mut Batch,
+        key: &Key,
+        offset: u64,
+        bit: bool,
+    ) -> OpResult {
+        let current = self.current(txn, key)?;
+        let mut value = current
+            .live
+            .as_ref()
+            .map(|live| live.value.clone())
+            .unwrap_or_default();
+        let byte = offset / 8;
+        if byte >= self.store.max_value_bytes as u64 {
+            return Err(OpError::Refused(WorkerError::ValueTooLarge {
+                max_value_bytes: self.store.max_value_bytes,
+            }));
+        }
+        let (byte, mask) = (byte as usize, 0x80u8 >> (offset % 8));
+        let grows = value.len() <= byte;
+        if grows {
+            value.resize(byte + 1, 0);
+        }
+        let old = value[byte] & mask != 0;
+        if bit {
+            value[byte] |= mask;
+        } else {
+            value[byte] &= !mask;
+        }
+        // A missing key is created, and a value grows, even for a 0 bit; an unchanged
+        // value writes nothing.
+        if current.live.is_none() || grows || old != bit {
+            self.put_keeping_ttl(txn, batch, key, &current, &value)?;
+        }
+        Ok(WorkerResponse::Integer(i64::from(old)))
     }
 
     fn expire(
