@@ -1018,3 +1018,98 @@ fn partitions_follow_redis_cluster_slots() {
         assert_eq!(owned, expected, "worker {index}");
     }
 }
+
+#[test]
+fn time_lastsave_reset_function_debug_and_resetstat() {
+    let server = Server::start("");
+    let mut con = server.conn();
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs() as i64;
+    // TIME: seconds and microseconds, as bulk strings.
+    let Value::Array(parts) = call_str(&mut con, &["TIME"]) else {
+        panic!("TIME is an array")
+    };
+    let number = |v: &Value| match v {
+        Value::BulkString(bytes) => String::from_utf8_lossy(bytes).parse::<i64>().unwrap(),
+        other => panic!("not a bulk number: {other:?}"),
+    };
+    assert!((number(&parts[0]) - now).abs() <= 2, "{parts:?}");
+    assert!((0..1_000_000).contains(&number(&parts[1])));
+    // LASTSAVE: the server's start, in the past.
+    let Value::Int(saved) = call_str(&mut con, &["LASTSAVE"]) else {
+        panic!("LASTSAVE is an integer")
+    };
+    assert!(
+        saved <= now + 1 && saved > now - 300,
+        "LASTSAVE {saved}, now {now}"
+    );
+    // RESET: back to RESP2, collection 0, no name, READWRITE.
+    assert_eq!(call_str(&mut con, &["SELECT", "1"]), Value::Okay);
+    assert_eq!(call_str(&mut con, &["SET", "in-1", "x"]), Value::Okay);
+    assert_eq!(call_str(&mut con, &["CLIENT", "SETNAME", "n"]), Value::Okay);
+    assert_eq!(call_str(&mut con, &["READONLY"]), Value::Okay);
+    assert_eq!(
+        call_str(&mut con, &["RESET"]),
+        Value::SimpleString("RESET".into())
+    );
+    assert_eq!(get(&mut con, "in-1"), None, "back in collection 0");
+    assert_eq!(call_str(&mut con, &["CLIENT", "GETNAME"]), Value::Nil);
+    // FUNCTION: nothing to flush or list. DEBUG SLEEP 0 answers at once.
+    assert_eq!(call_str(&mut con, &["FUNCTION", "FLUSH"]), Value::Okay);
+    assert_eq!(
+        call_str(&mut con, &["FUNCTION", "LIST"]),
+        Value::Array(vec![])
+    );
+    assert_eq!(call_str(&mut con, &["DEBUG", "SLEEP", "0"]), Value::Okay);
+    let unsupported = call_str(&mut con, &["DEBUG", "OBJECT", "k"]);
+    assert!(
+        error_text(&unsupported).contains("not supported"),
+        "{unsupported:?}"
+    );
+    // CONFIG RESETSTAT clears INFO commandstats.
+    let stats = |con: &mut redis::Connection| -> String {
+        match call_str(con, &["INFO", "commandstats"]) {
+            Value::BulkString(text) => String::from_utf8_lossy(&text).into_owned(),
+            Value::VerbatimString { text, .. } => text,
+            other => panic!("INFO: {other:?}"),
+        }
+    };
+    assert!(stats(&mut con).contains("cmdstat_select"));
+    assert_eq!(call_str(&mut con, &["CONFIG", "RESETSTAT"]), Value::Okay);
+    assert!(
+        !stats(&mut con).contains("cmdstat_select"),
+        "{}",
+        stats(&mut con)
+    );
+}
+
+#[test]
+fn shutdown_stops_the_host_and_keeps_its_data() {
+    let mut server = Server::start("[client]\nrequirepass = \"sesame\"\n");
+    let mut raw = server.raw();
+    // Without AUTH, SHUTDOWN is refused like any command.
+    assert!(matches!(raw.cmd(&["SHUTDOWN"]), Resp::Error(e) if e.starts_with("NOAUTH")));
+    assert_eq!(raw.cmd(&["AUTH", "sesame"]), Resp::Simple("OK".into()));
+    assert_eq!(raw.cmd(&["SET", "kept", "yes"]), Resp::Simple("OK".into()));
+    assert_eq!(
+        raw.cmd(&["SHUTDOWN", "ABORT"]),
+        Resp::Error("ERR No shutdown in progress.".into())
+    );
+    assert_eq!(
+        raw.cmd(&["SHUTDOWN", "LATER"]),
+        Resp::Error("ERR syntax error".into())
+    );
+    // SHUTDOWN answers nothing: the connection closes and the host stops cleanly.
+    raw.send(b"*2\r\n$8\r\nSHUTDOWN\r\n$6\r\nNOSAVE\r\n");
+    assert!(raw.read_reply().is_err(), "SHUTDOWN must not reply");
+    let status = server
+        .wait_exit(std::time::Duration::from_secs(30))
+        .expect("the host stops after SHUTDOWN");
+    assert!(status.success(), "exit status {status:?}");
+    server.restart();
+    let mut raw = server.raw();
+    assert_eq!(raw.cmd(&["AUTH", "sesame"]), Resp::Simple("OK".into()));
+    assert_eq!(raw.cmd(&["GET", "kept"]), Resp::Bulk(b"yes".to_vec()));
+}

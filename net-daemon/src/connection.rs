@@ -98,6 +98,10 @@ where
                 Ok(Some(args)) => {
                     let timing = index_of_request(&args[0]).map(|index| (index, Instant::now()));
                     let (reply, next) = dispatch(shared, &mut session, args).await;
+                    if next == After::CloseWithoutReply {
+                        after = After::Close;
+                        break;
+                    }
                     let barrier = matches!(reply, Pending::Barrier(_));
                     session.direct_reads &= matches!(reply, Pending::Ready(_));
                     pending.push((reply, session.protocol, timing));

@@ -37,6 +37,8 @@ pub struct Shared {
     /// The ids of multi-worker transactions.
     pub txids: TxIds,
     pub started: Instant,
+    /// When the daemon started, in Unix ms (LASTSAVE).
+    pub started_unix_ms: u64,
     /// Set when the daemon starts draining; background tasks stop.
     pub shutting_down: Arc<AtomicBool>,
     pub ids: IdAllocator,
@@ -88,6 +90,7 @@ impl Shared {
             next_client_id: AtomicU64::new(0),
             txids: TxIds::new(),
             started: Instant::now(),
+            started_unix_ms: shoal_shared::now_ms(),
             shutting_down: Arc::new(AtomicBool::new(false)),
             ids: IdAllocator::default(),
             scan_cursors: ScanCursors::default(),

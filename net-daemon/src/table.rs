@@ -154,6 +154,16 @@ pub static COMMANDS: &[CommandSpec] = &[
         "Returns the number of keys in the selected collection."
     ),
     spec!(
+        "debug",
+        -2,
+        &["admin", "noscript", "loading", "stale"],
+        0,
+        0,
+        0,
+        "server",
+        "A container for debugging commands (Shoal has DEBUG SLEEP)."
+    ),
+    spec!(
         "decr",
         2,
         W,
@@ -252,6 +262,16 @@ pub static COMMANDS: &[CommandSpec] = &[
         0,
         "server",
         "Removes all keys from the selected collection."
+    ),
+    spec!(
+        "function",
+        -2,
+        &["noscript"],
+        0,
+        0,
+        0,
+        "scripting",
+        "A container for function commands (Shoal runs none: FLUSH and LIST only)."
     ),
     spec!(
         "get",
@@ -382,6 +402,16 @@ pub static COMMANDS: &[CommandSpec] = &[
         0,
         "generic",
         "Returns all key names that match a pattern."
+    ),
+    spec!(
+        "lastsave",
+        1,
+        &["fast", "loading", "stale"],
+        0,
+        0,
+        0,
+        "server",
+        "Returns the Unix timestamp of the last successful save to disk."
     ),
     spec!(
         "lcs",
@@ -554,6 +584,16 @@ pub static COMMANDS: &[CommandSpec] = &[
         "Renames a key only when the target key name doesn't exist."
     ),
     spec!(
+        "reset",
+        1,
+        &["noscript", "loading", "stale", "fast"],
+        0,
+        0,
+        0,
+        "connection",
+        "Resets the connection."
+    ),
+    spec!(
         "scan",
         -2,
         &["readonly"],
@@ -694,6 +734,16 @@ pub static COMMANDS: &[CommandSpec] = &[
         "Returns the number of multi-worker transactions still prepared."
     ),
     spec!(
+        "shutdown",
+        -1,
+        &["admin", "noscript", "loading", "stale"],
+        0,
+        0,
+        0,
+        "server",
+        "Synchronously saves the database(s) to disk and shuts down the Redis server."
+    ),
+    spec!(
         "strlen",
         2,
         R,
@@ -712,6 +762,16 @@ pub static COMMANDS: &[CommandSpec] = &[
         1,
         "string",
         "Returns a substring from a string value."
+    ),
+    spec!(
+        "time",
+        1,
+        &["fast", "loading", "stale"],
+        0,
+        0,
+        0,
+        "server",
+        "Returns the server time."
     ),
     spec!(
         "touch",
@@ -842,6 +902,18 @@ impl CommandStats {
         counters.micros_sum.fetch_add(micros, Ordering::Relaxed);
         let bucket = shoal_shared::status::bucket(&LATENCY_MICROS_BOUNDS, micros);
         counters.buckets[bucket].fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Sets every counter back to 0 (CONFIG RESETSTAT).
+    pub fn reset(&self) {
+        for counters in &self.commands {
+            counters.calls.store(0, Ordering::Relaxed);
+            counters.errors.store(0, Ordering::Relaxed);
+            counters.micros_sum.store(0, Ordering::Relaxed);
+            for bucket in &counters.buckets {
+                bucket.store(0, Ordering::Relaxed);
+            }
+        }
     }
 
     /// `(name, calls, errors, micros)` of every command called at least once.

@@ -59,6 +59,9 @@ pub struct Session {
 pub enum After {
     Continue,
     Close,
+    /// Close once the earlier replies are sent, and send none for this request
+    /// (SHUTDOWN, as Redis's connection ends without one).
+    CloseWithoutReply,
 }
 
 /// A reply that may still be waiting for workers.
@@ -206,7 +209,7 @@ pub async fn dispatch(
     if !spec.arity_ok(args.len()) {
         return ready(errors::wrong_arity(spec.name));
     }
-    if !session.authenticated && !matches!(spec.name, "auth" | "hello" | "quit") {
+    if !session.authenticated && !matches!(spec.name, "auth" | "hello" | "quit" | "reset") {
         return ready(errors::no_auth());
     }
     if let Some(pending) = strings::dispatch(shared, session, spec.name, &args).await {

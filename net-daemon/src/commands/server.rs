@@ -50,9 +50,102 @@ pub async fn dispatch(
         "command" => command(&args[1..]),
         "config" => config(shared, &args[1..]),
         "info" => info(shared, &args[1..]).await,
+        "time" => {
+            let now = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .unwrap_or_default();
+            Reply::Array(vec![
+                Reply::bulk(now.as_secs().to_string()),
+                Reply::bulk(now.subsec_micros().to_string()),
+            ])
+        }
+        // Every acknowledged write is on disk already; the last "save" is the start.
+        "lastsave" => Reply::Integer((shared.started_unix_ms / 1000) as i64),
+        "reset" => {
+            *session = Session {
+                id: session.id,
+                name: None,
+                protocol: Protocol::Resp2,
+                collection: 0,
+                authenticated: shared.config.client.requirepass.is_none(),
+                direct_reads: session.direct_reads,
+            };
+            crate::routing::set_readonly(false);
+            Reply::Simple("RESET".into())
+        }
+        "function" => match args[1].to_ascii_uppercase().as_slice() {
+            // Shoal runs no functions: FLUSH has nothing to remove, LIST nothing to show.
+            b"FLUSH" if args.len() <= 3 => Reply::Ok,
+            b"LIST" => Reply::Array(Vec::new()),
+            _ => Reply::error(format!(
+                "ERR unknown subcommand '{}'. Try FUNCTION HELP.",
+                String::from_utf8_lossy(&args[1])
+            )),
+        },
+        "debug" => match (args[1].to_ascii_uppercase().as_slice(), args.get(2)) {
+            (b"SLEEP", Some(seconds)) => match std::str::from_utf8(seconds)
+                .ok()
+                .and_then(|text| text.parse::<f64>().ok())
+                .filter(|seconds| seconds.is_finite() && *seconds >= 0.0)
+            {
+                Some(seconds) => {
+                    // Only this connection waits, at most a minute.
+                    let pause = std::time::Duration::from_secs_f64(seconds.min(60.0));
+                    return (
+                        Pending::barrier(async move {
+                            tokio::time::sleep(pause).await;
+                            Reply::Ok
+                        }),
+                        After::Continue,
+                    );
+                }
+                None => errors::not_float(),
+            },
+            _ => Reply::error(format!(
+                "ERR DEBUG subcommand '{}' is not supported by Shoal (only DEBUG SLEEP)",
+                String::from_utf8_lossy(&args[1])
+            )),
+        },
+        "shutdown" => return shutdown(shared, &args[1..]),
         _ => errors::unknown_command(name.as_bytes(), &args[1..]),
     };
     (Pending::Ready(reply), After::Continue)
+}
+
+/// `SHUTDOWN [NOSAVE|SAVE] [NOW] [FORCE] [ABORT]`: asks the supervisor to stop the
+/// host as SIGTERM does (the workers drain, then every process exits). There is nothing
+/// to save, so the options change nothing; ABORT finds no shutdown to cancel. On success
+/// the connection closes without a reply, as Redis's does.
+fn shutdown(shared: &Shared, options: &[Bytes]) -> (Pending, After) {
+    let mut abort = false;
+    for option in options {
+        match option.to_ascii_uppercase().as_slice() {
+            b"NOSAVE" | b"SAVE" | b"NOW" | b"FORCE" => {}
+            b"ABORT" => abort = true,
+            _ => return (Pending::Ready(errors::syntax()), After::Continue),
+        }
+    }
+    if abort {
+        return (
+            Pending::Ready(Reply::error("ERR No shutdown in progress.")),
+            After::Continue,
+        );
+    }
+    let supervisor = shared.status.supervisor_pid();
+    // SAFETY: kill() with a pid and a signal number has no memory effects.
+    let sent =
+        supervisor > 0 && unsafe { libc::kill(supervisor as libc::pid_t, libc::SIGTERM) } == 0;
+    if !sent {
+        let reason = std::io::Error::last_os_error();
+        return (
+            Pending::Ready(Reply::error(format!(
+                "ERR Errors trying to SHUTDOWN: cannot signal the supervisor (pid {supervisor}): {reason}"
+            ))),
+            After::Continue,
+        );
+    }
+    tracing::info!(supervisor, "SHUTDOWN asked for: stopping the host");
+    (Pending::Ready(Reply::Nil), After::CloseWithoutReply)
 }
 
 fn check_password(shared: &Shared, session: &mut Session, user: &[u8], password: &[u8]) -> Reply {
@@ -324,7 +417,11 @@ fn config(shared: &Shared, args: &[Bytes]) -> Reply {
             Reply::Map(matched)
         }
         b"GET" => errors::wrong_arity("config|get"),
-        b"SET" | b"RESETSTAT" | b"REWRITE" => Reply::error(format!(
+        b"RESETSTAT" if args.len() == 1 => {
+            shared.command_stats.reset();
+            Reply::Ok
+        }
+        b"SET" | b"REWRITE" => Reply::error(format!(
             "ERR CONFIG {} is not supported: edit the config file and restart shoal",
             String::from_utf8_lossy(&subcommand)
         )),
