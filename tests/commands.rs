@@ -1113,3 +1113,79 @@ fn shutdown_stops_the_host_and_keeps_its_data() {
     assert_eq!(raw.cmd(&["AUTH", "sesame"]), Resp::Simple("OK".into()));
     assert_eq!(raw.cmd(&["GET", "kept"]), Resp::Bulk(b"yes".to_vec()));
 }
+
+#[test]
+fn dump_and_restore_with_shoals_payload() {
+    let server = Server::start("");
+    let mut con = server.conn();
+    let value = "bin\u{0}ary SH\u{1} value";
+    assert_eq!(call_str(&mut con, &["SET", "src", value]), Value::Okay);
+    assert_eq!(call_str(&mut con, &["DUMP", "missing"]), Value::Nil);
+    let Value::BulkString(payload) = call_str(&mut con, &["DUMP", "src"]) else {
+        panic!("DUMP answers a bulk string")
+    };
+    let restore =
+        |con: &mut redis::Connection, key: &str, ttl: &str, payload: &[u8], options: &[&str]| {
+            let mut args: Vec<&[u8]> = vec![b"RESTORE", key.as_bytes(), ttl.as_bytes(), payload];
+            args.extend(options.iter().map(|option| option.as_bytes()));
+            call(con, &args)
+        };
+    assert_eq!(restore(&mut con, "dst", "0", &payload, &[]), Value::Okay);
+    assert_eq!(get(&mut con, "dst").as_deref(), Some(value));
+    assert_eq!(call_str(&mut con, &["TTL", "dst"]), Value::Int(-1));
+    // An existing key needs REPLACE; the TTL is relative unless ABSTTL.
+    let busy = restore(&mut con, "dst", "0", &payload, &[]);
+    assert_eq!(error_text(&busy), "BUSYKEY Target key name already exists.");
+    assert_eq!(
+        restore(&mut con, "dst", "5000", &payload, &["REPLACE"]),
+        Value::Okay
+    );
+    let Value::Int(pttl) = call_str(&mut con, &["PTTL", "dst"]) else {
+        panic!("PTTL is an integer")
+    };
+    assert!((1..=5000).contains(&pttl), "PTTL {pttl}");
+    // An absolute TTL in the past stores nothing.
+    assert_eq!(
+        restore(&mut con, "gone", "1", &payload, &["ABSTTL"]),
+        Value::Okay
+    );
+    assert_eq!(call_str(&mut con, &["EXISTS", "gone"]), Value::Int(0));
+    // Errors, as Redis words them.
+    let mut changed = payload.clone();
+    changed[1] ^= 1;
+    let wrong = restore(&mut con, "other", "0", &changed, &[]);
+    assert_eq!(
+        error_text(&wrong),
+        "ERR DUMP payload version or checksum are wrong"
+    );
+    let redis_payload = b"\x00\x03bar\n\x00\xa8\xe3\x1b\xf4\xb4\xd2\x88\xe9";
+    let foreign = restore(&mut con, "other", "0", redis_payload, &[]);
+    assert_eq!(
+        error_text(&foreign),
+        "ERR DUMP payload version or checksum are wrong"
+    );
+    let negative = restore(&mut con, "other", "-1", &payload, &[]);
+    assert_eq!(error_text(&negative), "ERR Invalid TTL value, must be >= 0");
+    let idle = restore(&mut con, "other", "0", &payload, &["IDLETIME", "-1"]);
+    assert_eq!(
+        error_text(&idle),
+        "ERR Invalid IDLETIME value, must be >= 0"
+    );
+    let freq = restore(&mut con, "other", "0", &payload, &["FREQ", "256"]);
+    assert_eq!(
+        error_text(&freq),
+        "ERR Invalid FREQ value, must be >= 0 and <= 255"
+    );
+    let option = restore(&mut con, "other", "0", &payload, &["SOMETIME"]);
+    assert_eq!(error_text(&option), "ERR syntax error");
+    assert_eq!(call_str(&mut con, &["EXISTS", "other"]), Value::Int(0));
+    // MOVE takes the key, with its TTL, to another collection.
+    assert_eq!(call_str(&mut con, &["MOVE", "dst", "1"]), Value::Int(1));
+    assert_eq!(call_str(&mut con, &["MOVE", "dst", "1"]), Value::Int(0));
+    assert_eq!(call_str(&mut con, &["SELECT", "1"]), Value::Okay);
+    assert_eq!(get(&mut con, "dst").as_deref(), Some(value));
+    let Value::Int(pttl) = call_str(&mut con, &["PTTL", "dst"]) else {
+        panic!("PTTL is an integer")
+    };
+    assert!((1..=5000).contains(&pttl), "the TTL moved too: {pttl}");
+}

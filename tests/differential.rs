@@ -347,6 +347,19 @@ fn specs() -> Vec<Spec> {
             ]));
             g.cmd("LCS", &args)
         }),
+        spec("MOVE", 6, &["MOVE", "k0", "1"], Exact, |g| {
+            let key = g.key();
+            let db = match g.below(10) {
+                0 => g.pick(&["16", "-1", "x"]).as_bytes().to_vec(),
+                _ => g.pick(COLLECTIONS).as_bytes().to_vec(),
+            };
+            g.cmd("MOVE", &[key, db])
+        }),
+        // The payloads differ by design (docs/compatibility.md): compared by existence.
+        spec("DUMP", 3, &["DUMP", "k0"], Existence, |g| {
+            let key = g.key();
+            g.cmd("DUMP", &[key])
+        }),
         spec("TYPE", 6, &["TYPE", "k0"], Exact, |g| {
             let key = g.key();
             g.cmd("TYPE", &[key])

@@ -194,6 +194,16 @@ pub static COMMANDS: &[CommandSpec] = &[
         "Deletes one or more keys."
     ),
     spec!(
+        "dump",
+        2,
+        R,
+        1,
+        1,
+        1,
+        "keyspace",
+        "Returns a serialized representation of the value stored at a key."
+    ),
+    spec!(
         "echo",
         2,
         C,
@@ -434,6 +444,16 @@ pub static COMMANDS: &[CommandSpec] = &[
         "Atomically returns the string values of one or more keys."
     ),
     spec!(
+        "move",
+        3,
+        W,
+        1,
+        1,
+        1,
+        "keyspace",
+        "Moves a key to another database."
+    ),
+    spec!(
         "mset",
         -3,
         W,
@@ -592,6 +612,16 @@ pub static COMMANDS: &[CommandSpec] = &[
         0,
         "connection",
         "Resets the connection."
+    ),
+    spec!(
+        "restore",
+        -4,
+        W,
+        1,
+        1,
+        1,
+        "keyspace",
+        "Creates a key from the serialized representation of a value."
     ),
     spec!(
         "scan",

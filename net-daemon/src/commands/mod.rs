@@ -10,8 +10,10 @@
 //! - [`backup`]: SHOAL.BACKUP, a copy of every shard with its manifest.
 //! - [`strings`]: commands on one key (strings, counters, ranges).
 //! - [`bits`]: GETBIT, SETBIT, BITCOUNT, BITPOS and LCS: computations on string values.
+//! - [`dump`]: DUMP and RESTORE, with Shoal's own payload.
 //! - [`keyspace`]: expiry, TYPE/OBJECT, SCAN, KEYS, DBSIZE, FLUSHDB/FLUSHALL.
-//! - [`multi`]: multi-key writes (MSET, MSETNX, DEL, RENAME, COPY), atomic across workers.
+//! - [`multi`]: multi-key writes (MSET, MSETNX, DEL, RENAME, COPY, MOVE), atomic across
+//!   workers.
 //! - [`replicas`]: READONLY, READWRITE and WAIT: a connection and the partitions' copies.
 //! - [`shoal`]: Shoal's own commands (ID.NEW, SHOAL.LOG, SHOAL.FEED, ...).
 //! - [`server`]: connection and server commands answered by the net-daemon.
@@ -19,6 +21,7 @@
 pub mod backup;
 pub mod bits;
 pub mod cluster;
+pub mod dump;
 pub mod keyspace;
 pub mod multi;
 pub mod replicas;
@@ -216,6 +219,9 @@ pub async fn dispatch(
         return (pending, After::Continue);
     }
     if let Some(pending) = bits::dispatch(shared, session, spec.name, &args).await {
+        return (pending, After::Continue);
+    }
+    if let Some(pending) = dump::dispatch(shared, session, spec.name, &args).await {
         return (pending, After::Continue);
     }
     if let Some(pending) = keyspace::dispatch(shared, session, spec.name, &args).await {

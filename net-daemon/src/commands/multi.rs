@@ -1,5 +1,5 @@
 //! Multi-key writes, atomic even when their keys live on different workers:
-//! MSET, MSETNX, DEL/UNLINK, RENAME, RENAMENX, COPY. Each is turned into
+//! MSET, MSETNX, DEL/UNLINK, RENAME, RENAMENX, COPY, MOVE. Each is turned into
 //! per-worker transaction ops and run by [`crate::txn::run`] (one worker: one
 //! LMDB transaction; several: two-phase commit). They are barriers: they run
 //! after the connection's earlier commands and before its later ones.
@@ -88,6 +88,26 @@ pub async fn dispatch(
                 replace,
             }
         }
+        "move" => {
+            let to_collection = match parse_i64(&args[2]) {
+                Some(db) if (0..i64::from(shared.config.storage.collections)).contains(&db) => {
+                    db as u16
+                }
+                Some(_) => {
+                    return Some(Pending::Ready(Reply::error("ERR DB index is out of range")))
+                }
+                None => return Some(Pending::Ready(errors::not_integer())),
+            };
+            if to_collection == collection {
+                return Some(Pending::Ready(Reply::error(
+                    "ERR source and destination objects are the same",
+                )));
+            }
+            Work::Move {
+                key: args[1].clone(),
+                to_collection,
+            }
+        }
         _ => return None,
     };
     let shared = Arc::clone(shared);
@@ -114,6 +134,11 @@ enum Work {
         to: Bytes,
         to_collection: u16,
         replace: bool,
+    },
+    /// MOVE: the key, with its TTL, to another collection, unless it is there already.
+    Move {
+        key: Bytes,
+        to_collection: u16,
     },
 }
 
@@ -279,6 +304,31 @@ impl Work {
                 match txn::run(&shared.dispatch, &shared.txids, participants(keyed)).await {
                     Ok(_) => Reply::Integer(1),
                     Err(TxFailure::Refused(_)) => Reply::Integer(0),
+                    Err(failure) => failure_reply(failure),
+                }
+            }
+            Work::Move { key, to_collection } => {
+                // The same key in another collection: the same partition and worker.
+                let (dest, routed) = match shared.dispatch.route(&key) {
+                    Ok(routed) => routed,
+                    Err(reply) => return reply,
+                };
+                let keyed = vec![
+                    (dest, op(collection, routed.clone(), TxAction::Take)),
+                    (
+                        dest,
+                        op(
+                            to_collection,
+                            routed,
+                            TxAction::PutTaken { if_absent: true },
+                        ),
+                    ),
+                ];
+                match txn::run(&shared.dispatch, &shared.txids, participants(keyed)).await {
+                    Ok(_) => Reply::Integer(1),
+                    Err(TxFailure::Refused(
+                        WorkerError::TxNoSuchKey | WorkerError::TxKeyExists,
+                    )) => Reply::Integer(0),
                     Err(failure) => failure_reply(failure),
                 }
             }
