@@ -26,12 +26,13 @@ use std::task::{Context, Poll, Waker};
 
 use bytes::{Buf, BytesMut};
 use shoal_shared::limits::MAX_PIPELINE_IN_FLIGHT;
-use shoal_shared::resp::{parse_request, Protocol, RequestLimits};
+use shoal_shared::resp::{parse_request, Protocol, Reply, RequestLimits};
 use shoal_shared::status::Field;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::sync::watch;
 
 use crate::commands::{dispatch, After, Pending, Session};
+use crate::pubsub::message_size;
 use crate::state::Shared;
 use crate::table::index_of_request;
 use std::sync::Arc;
@@ -78,6 +79,7 @@ where
         collection: 0,
         authenticated: shared.config.client.requirepass.is_none(),
         direct_reads: true,
+        subscriber: None,
     };
     let authenticated_limits = shared.config.request_limits();
     let max_output_bytes = shared.config.client.max_output_buffer_bytes;
@@ -140,6 +142,12 @@ where
                             return;
                         }
                     }
+                    push = next_push(&mut session) => {
+                        if !send_pushes(&mut stream, &mut session, push, &mut output).await {
+                            return;
+                        }
+                        continue;
+                    }
                     _ = shutdown.changed() => return,
                 }
             }
@@ -151,6 +159,12 @@ where
                     Ok(0) | Err(_) => return,
                     Ok(_) => continue,
                 },
+                push = next_push(&mut session) => {
+                    if !send_pushes(&mut stream, &mut session, push, &mut output).await {
+                        return;
+                    }
+                    continue;
+                }
                 _ = shutdown.changed() => return,
             }
         }
@@ -184,6 +198,10 @@ where
             }
             reply.encode(protocol, &mut output);
         }
+        // Messages that came in meanwhile go out with the replies.
+        if !queue_pushes(&mut session, None, &mut output) {
+            return;
+        }
         if stream.write_all(&output).await.is_err() {
             return;
         }
@@ -196,6 +214,72 @@ where
             return;
         }
     }
+}
+
+/// The next pub/sub message for this connection; never, for one that has not subscribed.
+async fn next_push(session: &mut Session) -> Option<Reply> {
+    match session.subscriber.as_mut() {
+        Some(subscriber) => subscriber.next().await,
+        None => std::future::pending().await,
+    }
+}
+
+/// Encodes `first` and every other message already waiting into `output`; false when
+/// the subscriber was cut off for falling behind (the connection then closes).
+fn queue_pushes(session: &mut Session, first: Option<Reply>, output: &mut BytesMut) -> bool {
+    let protocol = session.protocol;
+    let Some(subscriber) = session.subscriber.as_mut() else {
+        return true;
+    };
+    let mut next = first;
+    loop {
+        if let Some(push) = next.take() {
+            push.encode(protocol, output);
+            subscriber.written(message_size(&push));
+        }
+        match subscriber.try_next() {
+            Some(push) => next = Some(push),
+            None => break,
+        }
+    }
+    if subscriber.cut_off() {
+        tracing::info!(
+            client = session.id,
+            "subscriber does not read its messages fast enough; closing the connection"
+        );
+        return false;
+    }
+    true
+}
+
+/// Writes out `push` and the messages waiting behind it; false when the connection must
+/// close (cut off, or the socket failed).
+async fn send_pushes<S: ClientStream>(
+    stream: &mut S,
+    session: &mut Session,
+    push: Option<Reply>,
+    output: &mut BytesMut,
+) -> bool {
+    if !queue_pushes(session, push, output) {
+        return false;
+    }
+    let Some(queue) = session.subscriber.as_ref().map(|s| s.queue()) else {
+        return true;
+    };
+    // A client that does not read blocks this write; once its queue overflows it is
+    // cut off, and the connection closes instead of waiting on.
+    let written = tokio::select! {
+        written = stream.write_all(output) => written.is_ok(),
+        _ = queue.cut_off() => {
+            tracing::info!(
+                client = session.id,
+                "subscriber does not read its messages fast enough; closing the connection"
+            );
+            false
+        }
+    };
+    output.clear();
+    written
 }
 
 /// Writes as much of `bytes` as the socket accepts right now, without waiting for it to

@@ -13,6 +13,8 @@
 //! Modules, bottom layer first (docs/architecture.md, "Crates and layers"):
 //! - `workers`: the links to the shard-workers.
 //! - `reads`: GET and MGET straight from the shards' LMDB maps.
+//! - `pubsub`: the channels, shard channels and patterns this host's connections
+//!   subscribe to, and message delivery to them.
 //! - `cursors`: the cursors of SCANs in progress.
 //! - `table`: the command table (arity, key positions, COMMAND DOCS) and per-command
 //!   counters.
@@ -42,6 +44,7 @@ mod errors;
 mod handoff;
 mod ids;
 mod metrics;
+mod pubsub;
 mod reads;
 mod replication;
 mod routing;

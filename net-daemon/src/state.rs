@@ -19,6 +19,7 @@ use crate::cursors::ScanCursors;
 use crate::dispatch::Dispatch;
 use crate::handoff;
 use crate::ids::IdAllocator;
+use crate::pubsub::Broker;
 use crate::reads::Readers;
 use crate::routing::Router;
 use crate::table::CommandStats;
@@ -44,6 +45,8 @@ pub struct Shared {
     pub ids: IdAllocator,
     pub scan_cursors: ScanCursors,
     pub command_stats: CommandStats,
+    /// This host's pub/sub subscriptions.
+    pub pubsub: Arc<Broker>,
     /// This host's membership in a cluster; `None` for a host on its own.
     pub cluster: Option<Arc<ClusterNode>>,
     /// What this host's partition handoffs measured.
@@ -64,6 +67,7 @@ impl Shared {
         cluster: Option<Arc<ClusterNode>>,
     ) -> Shared {
         let readers = Arc::new(Readers::new(&config));
+        let pubsub = Arc::new(Broker::new(config.client.max_output_buffer_bytes));
         let router = cluster.as_ref().map(|node| {
             // A lagging follower may hold back up to ten times the retained log.
             let hold_limit_entries = config.storage.log_retention_entries.saturating_mul(10);
@@ -73,6 +77,7 @@ impl Shared {
                 Arc::clone(&readers),
                 &config.cluster,
                 hold_limit_entries,
+                Arc::clone(&pubsub),
             ));
             node.set_data_path(router.clone());
             router
@@ -95,6 +100,7 @@ impl Shared {
             ids: IdAllocator::default(),
             scan_cursors: ScanCursors::default(),
             command_stats: CommandStats::default(),
+            pubsub,
             cluster,
             config,
         }

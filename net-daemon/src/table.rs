@@ -544,6 +544,16 @@ pub static COMMANDS: &[CommandSpec] = &[
         "Sets both string value and expiration time in milliseconds of a key. The key is created if it doesn't exist."
     ),
     spec!(
+        "psubscribe",
+        -2,
+        &["pubsub", "noscript", "loading", "stale"],
+        0,
+        0,
+        0,
+        "pubsub",
+        "Listens for messages published to channels that match one or more patterns."
+    ),
+    spec!(
         "pttl",
         2,
         R,
@@ -552,6 +562,36 @@ pub static COMMANDS: &[CommandSpec] = &[
         1,
         "generic",
         "Returns the expiration time in milliseconds of a key."
+    ),
+    spec!(
+        "publish",
+        3,
+        &["pubsub", "noscript", "loading", "stale"],
+        0,
+        0,
+        0,
+        "pubsub",
+        "Posts a message to a channel."
+    ),
+    spec!(
+        "pubsub",
+        -2,
+        &["pubsub", "noscript", "loading", "stale"],
+        0,
+        0,
+        0,
+        "pubsub",
+        "A container for Pub/Sub commands."
+    ),
+    spec!(
+        "punsubscribe",
+        -1,
+        &["pubsub", "noscript", "loading", "stale"],
+        0,
+        0,
+        0,
+        "pubsub",
+        "Stops listening to messages published to channels that match one or more patterns."
     ),
     spec!(
         "quit",
@@ -774,6 +814,26 @@ pub static COMMANDS: &[CommandSpec] = &[
         "Synchronously saves the database(s) to disk and shuts down the Redis server."
     ),
     spec!(
+        "spublish",
+        3,
+        &["pubsub", "noscript", "loading", "stale"],
+        1,
+        1,
+        1,
+        "pubsub",
+        "Post a message to a shard channel"
+    ),
+    spec!(
+        "ssubscribe",
+        -2,
+        &["pubsub", "noscript", "loading", "stale"],
+        1,
+        -1,
+        1,
+        "pubsub",
+        "Listens for messages published to shard channels."
+    ),
+    spec!(
         "strlen",
         2,
         R,
@@ -784,6 +844,16 @@ pub static COMMANDS: &[CommandSpec] = &[
         "Returns the length of a string value."
     ),
     spec!(
+        "subscribe",
+        -2,
+        &["pubsub", "noscript", "loading", "stale"],
+        0,
+        0,
+        0,
+        "pubsub",
+        "Listens for messages published to channels."
+    ),
+    spec!(
         "substr",
         4,
         R,
@@ -792,6 +862,16 @@ pub static COMMANDS: &[CommandSpec] = &[
         1,
         "string",
         "Returns a substring from a string value."
+    ),
+    spec!(
+        "sunsubscribe",
+        -1,
+        &["pubsub", "noscript", "loading", "stale"],
+        1,
+        -1,
+        1,
+        "pubsub",
+        "Stops listening to messages posted to shard channels."
     ),
     spec!(
         "time",
@@ -842,6 +922,16 @@ pub static COMMANDS: &[CommandSpec] = &[
         1,
         "generic",
         "Deletes one or more keys."
+    ),
+    spec!(
+        "unsubscribe",
+        -1,
+        &["pubsub", "noscript", "loading", "stale"],
+        0,
+        0,
+        0,
+        "pubsub",
+        "Stops listening to messages posted to channels."
     ),
     spec!(
         "wait",

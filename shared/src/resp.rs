@@ -318,6 +318,11 @@ pub enum Reply {
     Double(f64),
     /// Text such as INFO's: a bulk string in RESP2, `=` (verbatim, "txt") in RESP3.
     Verbatim(String),
+    /// Out-of-band data such as a pub/sub message: `>` in RESP3, an array in RESP2.
+    Push(Vec<Reply>),
+    /// Several replies to one request, one after the other (SUBSCRIBE of several
+    /// channels answers one confirmation each).
+    Sequence(Vec<Reply>),
 }
 
 impl Reply {
@@ -384,6 +389,20 @@ impl Reply {
                     out.put_slice(b"\r\n");
                 }
             },
+            Reply::Push(items) => {
+                match protocol {
+                    Protocol::Resp2 => header(out, b'*', items.len()),
+                    Protocol::Resp3 => header(out, b'>', items.len()),
+                }
+                for item in items {
+                    item.encode(protocol, out);
+                }
+            }
+            Reply::Sequence(replies) => {
+                for reply in replies {
+                    reply.encode(protocol, out);
+                }
+            }
         }
     }
 }

@@ -173,6 +173,19 @@ pub enum DataRequest {
         /// The read.
         request: WorkerRequest,
     },
+    /// A pub/sub message published on the sender (PUBLISH, or SPUBLISH for `shard`), for
+    /// the receiver's subscribers. Answered by [`PeerResponse::Worker`] with an `Integer`:
+    /// how many received it.
+    Publish {
+        /// The channel.
+        #[serde(with = "serde_bytes")]
+        channel: Vec<u8>,
+        /// The message.
+        #[serde(with = "serde_bytes")]
+        message: Vec<u8>,
+        /// A shard channel (SSUBSCRIBE) rather than a channel.
+        shard: bool,
+    },
     /// The digest of the receiver's copy of `partition` (`SHOAL.DIGEST`), for the metadata
     /// leader's comparison of the copies. Answered by [`PeerResponse::Digest`], or
     /// [`PeerResponse::Refused`] when the receiver holds no copy.

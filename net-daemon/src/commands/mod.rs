@@ -15,6 +15,7 @@
 //! - [`multi`]: multi-key writes (MSET, MSETNX, DEL, RENAME, COPY, MOVE), atomic across
 //!   workers.
 //! - [`replicas`]: READONLY, READWRITE and WAIT: a connection and the partitions' copies.
+//! - [`pubsub`]: SUBSCRIBE and the other pub/sub commands, across the cluster's hosts.
 //! - [`shoal`]: Shoal's own commands (ID.NEW, SHOAL.LOG, SHOAL.FEED, ...).
 //! - [`server`]: connection and server commands answered by the net-daemon.
 
@@ -24,6 +25,7 @@ pub mod cluster;
 pub mod dump;
 pub mod keyspace;
 pub mod multi;
+pub mod pubsub;
 pub mod replicas;
 pub mod server;
 pub mod shoal;
@@ -55,6 +57,16 @@ pub struct Session {
     /// start of each batch of pipelined requests, false once a request of the batch has
     /// gone to a worker, so that later reads of the batch queue behind it.
     pub direct_reads: bool,
+    /// The connection's pub/sub subscriptions, once it has subscribed.
+    pub subscriber: Option<crate::pubsub::Subscriber>,
+}
+
+impl Session {
+    /// Whether a RESP2 connection is in subscribed mode: it then takes only pub/sub
+    /// commands, PING, QUIT and RESET, as in Redis.
+    pub fn subscribed_resp2(&self) -> bool {
+        self.protocol == Protocol::Resp2 && self.subscriber.as_ref().is_some_and(|s| s.active())
+    }
 }
 
 /// What the connection does after replying.
@@ -214,6 +226,26 @@ pub async fn dispatch(
     }
     if !session.authenticated && !matches!(spec.name, "auth" | "hello" | "quit" | "reset") {
         return ready(errors::no_auth());
+    }
+    if session.subscribed_resp2() {
+        match spec.name {
+            "subscribe" | "psubscribe" | "ssubscribe" | "unsubscribe" | "punsubscribe"
+            | "sunsubscribe" | "quit" | "reset" => {}
+            // PING in subscribed mode answers a push, as Redis does.
+            "ping" if args.len() <= 2 => {
+                let message = args.get(1).cloned().unwrap_or_default();
+                let pong = Reply::Push(vec![Reply::bulk("pong"), Reply::Bulk(message)]);
+                return ready(pong);
+            }
+            other => {
+                return ready(Reply::error(format!(
+                    "ERR Can't execute '{other}': only (P|S)SUBSCRIBE / (P|S)UNSUBSCRIBE / PING / QUIT / RESET are allowed in this context"
+                )))
+            }
+        }
+    }
+    if let Some(pending) = pubsub::dispatch(shared, session, spec.name, &args) {
+        return (pending, After::Continue);
     }
     if let Some(pending) = strings::dispatch(shared, session, spec.name, &args).await {
         return (pending, After::Continue);

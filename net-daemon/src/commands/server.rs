@@ -69,6 +69,7 @@ pub async fn dispatch(
                 collection: 0,
                 authenticated: shared.config.client.requirepass.is_none(),
                 direct_reads: session.direct_reads,
+                subscriber: None,
             };
             crate::routing::set_readonly(false);
             Reply::Simple("RESET".into())

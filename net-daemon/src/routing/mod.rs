@@ -52,6 +52,7 @@ use shoal_cluster::messages::{DataRequest, PeerRequest, PeerResponse};
 use shoal_cluster::node::{ClusterNode, DataFuture, DataPath};
 use shoal_cluster::HostId;
 
+use crate::pubsub::Broker;
 use crate::reads::Readers;
 use crate::replication::{Replication, Status};
 use crate::workers::{Call, LinkError, WorkerLink, REQUEST_TIMEOUT};
@@ -127,6 +128,8 @@ pub struct Router {
     /// This host's copies of replicated partitions.
     replication: Arc<Replication>,
     /// `READONLY` reads served by this host's follower copies.
+    /// This host's pub/sub subscriptions, for messages published on other hosts.
+    pubsub: Arc<Broker>,
     copy_reads: AtomicU64,
     /// Comparisons of a partition's copies made here as metadata leader.
     digest_checks: AtomicU64,
@@ -143,6 +146,7 @@ impl Router {
         readers: Arc<Readers>,
         config: &ClusterConfig,
         hold_limit_entries: u64,
+        pubsub: Arc<Broker>,
     ) -> Router {
         let replication = Replication::start(
             Arc::clone(&node),
@@ -156,6 +160,7 @@ impl Router {
             links,
             readers,
             replication,
+            pubsub,
             copy_reads: AtomicU64::new(0),
             digest_checks: AtomicU64::new(0),
             digest_divergences: AtomicU64::new(0),
@@ -823,6 +828,14 @@ impl Router {
                     .acknowledged_here(&partitions, wanted as usize, deadline)
                     .await;
                 PeerResponse::Worker(WorkerResponse::Integer(count as i64))
+            }
+            DataRequest::Publish {
+                channel,
+                message,
+                shard,
+            } => {
+                let received = self.pubsub.publish(&channel.into(), &message.into(), shard);
+                PeerResponse::Worker(WorkerResponse::Integer(received as i64))
             }
             DataRequest::Digest { partition } => match self.local_digest(partition).await {
                 Ok(digest) => PeerResponse::Digest {
