@@ -1189,3 +1189,84 @@ fn dump_and_restore_with_shoals_payload() {
     };
     assert!((1..=5000).contains(&pttl), "the TTL moved too: {pttl}");
 }
+
+#[test]
+fn client_list_info_and_kill() {
+    let server = Server::start("");
+    let mut me = server.conn();
+    let mut other = server.conn();
+    assert_eq!(call_str(&mut me, &["CLIENT", "SETNAME", "me"]), Value::Okay);
+    assert_eq!(
+        call_str(&mut me, &["CLIENT", "SETINFO", "LIB-NAME", "tests"]),
+        Value::Okay
+    );
+    assert_eq!(call_str(&mut other, &["SELECT", "1"]), Value::Okay);
+    let text = |value: Value| match value {
+        Value::BulkString(bytes) => String::from_utf8_lossy(&bytes).into_owned(),
+        Value::VerbatimString { text, .. } => text,
+        other => panic!("not text: {other:?}"),
+    };
+    let Value::Int(other_id) = call_str(&mut other, &["CLIENT", "ID"]) else {
+        panic!("CLIENT ID is an integer")
+    };
+    let list = text(call_str(&mut me, &["CLIENT", "LIST"]));
+    let lines: Vec<&str> = list.lines().collect();
+    assert_eq!(lines.len(), 2, "{list}");
+    let mine = lines
+        .iter()
+        .find(|l| l.contains(" name=me "))
+        .expect("my line");
+    assert!(
+        mine.contains(" lib-name=tests") && mine.contains(" cmd=client"),
+        "{mine}"
+    );
+    let theirs = lines
+        .iter()
+        .find(|l| l.starts_with(&format!("id={other_id} ")))
+        .expect("the other line");
+    assert!(
+        theirs.contains(" db=1 ") && theirs.contains(" addr=127.0.0.1:"),
+        "{theirs}"
+    );
+    // CLIENT INFO: this connection's line only.
+    let info = text(call_str(&mut me, &["CLIENT", "INFO"]));
+    assert!(
+        info.contains(" name=me ") && info.lines().count() == 1,
+        "{info}"
+    );
+    let only = text(call_str(
+        &mut me,
+        &["CLIENT", "LIST", "ID", &other_id.to_string()],
+    ));
+    assert_eq!(only.lines().count(), 1, "{only}");
+    assert_eq!(
+        text(call_str(&mut me, &["CLIENT", "LIST", "TYPE", "pubsub"])),
+        ""
+    );
+    // CLIENT KILL: by id, skipping the caller unless told; then the other is gone.
+    assert_eq!(
+        call_str(&mut me, &["CLIENT", "KILL", "ADDR", "10.9.9.9:1"]),
+        Value::Int(0)
+    );
+    assert_eq!(
+        call_str(&mut me, &["CLIENT", "KILL", "ID", &other_id.to_string()]),
+        Value::Int(1)
+    );
+    let closed = redis::cmd("PING").query::<String>(&mut other);
+    assert!(
+        closed.is_err(),
+        "the killed connection still answers: {closed:?}"
+    );
+    let list = text(call_str(&mut me, &["CLIENT", "LIST"]));
+    assert_eq!(list.lines().count(), 1, "{list}");
+    let missing = call_str(&mut me, &["CLIENT", "KILL", "10.9.9.9:1"]);
+    assert_eq!(error_text(&missing), "ERR No such client");
+    assert_eq!(
+        call_str(&mut me, &["CLIENT", "NO-EVICT", "on"]),
+        Value::Okay
+    );
+    assert_eq!(
+        call_str(&mut me, &["CLIENT", "KILL", "SKIPME", "yes"]),
+        Value::Int(0)
+    );
+}

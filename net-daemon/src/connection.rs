@@ -31,10 +31,11 @@ use shoal_shared::status::Field;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::sync::watch;
 
+use crate::clients::Client;
 use crate::commands::{dispatch, After, Pending, Session};
 use crate::pubsub::message_size;
 use crate::state::Shared;
-use crate::table::index_of_request;
+use crate::table::{index_of_request, COMMANDS};
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -49,17 +50,48 @@ const KEEP_BUFFER_BYTES: usize = 256 * 1024;
 pub trait ClientStream: AsyncRead + AsyncWrite + Unpin + Send + Sync {
     /// Ready when a read would not block (data, end of stream, or an error).
     fn poll_read_ready(&self, context: &mut Context<'_>) -> Poll<std::io::Result<()>>;
+
+    /// The client's address and this end's, as CLIENT LIST shows them.
+    fn addresses(&self) -> (String, String);
 }
 
 impl ClientStream for tokio::net::TcpStream {
     fn poll_read_ready(&self, context: &mut Context<'_>) -> Poll<std::io::Result<()>> {
         tokio::net::TcpStream::poll_read_ready(self, context)
     }
+
+    fn addresses(&self) -> (String, String) {
+        let show = |addr: std::io::Result<std::net::SocketAddr>| {
+            addr.map(|addr| addr.to_string()).unwrap_or_default()
+        };
+        (show(self.peer_addr()), show(self.local_addr()))
+    }
 }
 
 impl ClientStream for tokio::net::UnixStream {
     fn poll_read_ready(&self, context: &mut Context<'_>) -> Poll<std::io::Result<()>> {
         tokio::net::UnixStream::poll_read_ready(self, context)
+    }
+
+    fn addresses(&self) -> (String, String) {
+        let path = self
+            .local_addr()
+            .ok()
+            .and_then(|addr| addr.as_pathname().map(|p| p.display().to_string()))
+            .unwrap_or_default();
+        (format!("{path}:0"), format!("{path}:0"))
+    }
+}
+
+/// Keeps a connection in the registry of open clients while it lives.
+struct Registered<'a> {
+    shared: &'a Shared,
+    client: Arc<Client>,
+}
+
+impl Drop for Registered<'_> {
+    fn drop(&mut self) {
+        self.shared.clients.close(self.client.id);
     }
 }
 
@@ -80,7 +112,15 @@ where
         authenticated: shared.config.client.requirepass.is_none(),
         direct_reads: true,
         subscriber: None,
+        lib_name: None,
+        lib_ver: None,
     };
+    let (addr, laddr) = stream.addresses();
+    let registered = Registered {
+        shared,
+        client: shared.clients.open(session.id, addr, laddr),
+    };
+    let client = Arc::clone(&registered.client);
     let authenticated_limits = shared.config.request_limits();
     let max_output_bytes = shared.config.client.max_output_buffer_bytes;
     // Empty until used: an idle connection holds no buffers.
@@ -98,8 +138,11 @@ where
             match parse_request(&mut input, limits) {
                 Ok(Some(args)) if args.is_empty() => continue,
                 Ok(Some(args)) => {
-                    let timing = index_of_request(&args[0]).map(|index| (index, Instant::now()));
+                    let index = index_of_request(&args[0]);
+                    let timing = index.map(|index| (index, Instant::now()));
                     let (reply, next) = dispatch(shared, &mut session, args).await;
+                    let command = index.map_or("NULL", |index| COMMANDS[index].name);
+                    client.ran(session.client_state(command));
                     if next == After::CloseWithoutReply {
                         after = After::Close;
                         break;
@@ -148,6 +191,7 @@ where
                         }
                         continue;
                     }
+                    _ = client.killed() => return,
                     _ = shutdown.changed() => return,
                 }
             }
@@ -165,6 +209,7 @@ where
                     }
                     continue;
                 }
+                _ = client.killed() => return,
                 _ = shutdown.changed() => return,
             }
         }
@@ -209,7 +254,7 @@ where
         if output.capacity() > KEEP_BUFFER_BYTES {
             output = BytesMut::new();
         }
-        if after == After::Close {
+        if after == After::Close || client.is_killed() {
             let _ = stream.shutdown().await;
             return;
         }

@@ -16,6 +16,7 @@
 //! - `pubsub`: the channels, shard channels and patterns this host's connections
 //!   subscribe to, and message delivery to them.
 //! - `cursors`: the cursors of SCANs in progress.
+//! - `clients`: the client connections open on this host (CLIENT LIST, CLIENT KILL).
 //! - `table`: the command table (arity, key positions, COMMAND DOCS) and per-command
 //!   counters.
 //! - `errors`: internal failures → client error replies.
@@ -35,6 +36,7 @@
 //! - `metrics`: command statistics and the Prometheus endpoint.
 //! - `server`: listeners, the connection limit, graceful shutdown.
 
+mod clients;
 mod commands;
 mod connection;
 mod cursors;

@@ -279,6 +279,12 @@ impl Subscriber {
         }
     }
 
+    /// How many channels, patterns and shard channels it is subscribed to.
+    pub fn counts(&self) -> (usize, usize, usize) {
+        let of = |kind| self.subscribed.get(&kind).map_or(0, BTreeSet::len);
+        (of(Kind::Channel), of(Kind::Pattern), of(Kind::Shard))
+    }
+
     /// Whether any subscription is left (a RESP2 connection then takes only pub/sub
     /// commands).
     pub fn active(&self) -> bool {

@@ -15,6 +15,7 @@ use shoal_cluster::node::ClusterNode;
 use shoal_shared::config::Config;
 use shoal_shared::status::StatusTable;
 
+use crate::clients::Clients;
 use crate::cursors::ScanCursors;
 use crate::dispatch::Dispatch;
 use crate::handoff;
@@ -47,6 +48,8 @@ pub struct Shared {
     pub command_stats: CommandStats,
     /// This host's pub/sub subscriptions.
     pub pubsub: Arc<Broker>,
+    /// The client connections open now.
+    pub clients: Clients,
     /// This host's membership in a cluster; `None` for a host on its own.
     pub cluster: Option<Arc<ClusterNode>>,
     /// What this host's partition handoffs measured.
@@ -101,6 +104,7 @@ impl Shared {
             scan_cursors: ScanCursors::default(),
             command_stats: CommandStats::default(),
             pubsub,
+            clients: Clients::default(),
             cluster,
             config,
         }

@@ -59,9 +59,32 @@ pub struct Session {
     pub direct_reads: bool,
     /// The connection's pub/sub subscriptions, once it has subscribed.
     pub subscriber: Option<crate::pubsub::Subscriber>,
+    /// What the client said of its library (CLIENT SETINFO).
+    pub lib_name: Option<Bytes>,
+    pub lib_ver: Option<Bytes>,
 }
 
 impl Session {
+    /// What CLIENT LIST shows of this connection, after running `command`.
+    pub fn client_state(&self, command: &str) -> crate::clients::State {
+        let subscriptions = self
+            .subscriber
+            .as_ref()
+            .map_or((0, 0, 0), |subscriber| subscriber.counts());
+        crate::clients::State {
+            name: self.name.clone(),
+            lib_name: self.lib_name.clone(),
+            lib_ver: self.lib_ver.clone(),
+            db: self.collection,
+            resp: match self.protocol {
+                Protocol::Resp2 => 2,
+                Protocol::Resp3 => 3,
+            },
+            subscriptions,
+            command: command.to_string(),
+        }
+    }
+
     /// Whether a RESP2 connection is in subscribed mode: it then takes only pub/sub
     /// commands, PING, QUIT and RESET, as in Redis.
     pub fn subscribed_resp2(&self) -> bool {

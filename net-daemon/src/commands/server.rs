@@ -46,7 +46,7 @@ pub async fn dispatch(
             Some(_) => Reply::error("ERR DB index is out of range"),
             None => errors::not_integer(),
         },
-        "client" => client(session, &args[1..]),
+        "client" => client(shared, session, &args[1..]),
         "command" => command(&args[1..]),
         "config" => config(shared, &args[1..]),
         "info" => info(shared, &args[1..]).await,
@@ -70,6 +70,8 @@ pub async fn dispatch(
                 authenticated: shared.config.client.requirepass.is_none(),
                 direct_reads: session.direct_reads,
                 subscriber: None,
+                lib_name: None,
+                lib_ver: None,
             };
             crate::routing::set_readonly(false);
             Reply::Simple("RESET".into())
@@ -249,10 +251,23 @@ fn invalid_client_name() -> Reply {
     Reply::error("ERR Client names cannot contain spaces, newlines or special characters.")
 }
 
-fn client(session: &mut Session, args: &[Bytes]) -> Reply {
+fn client(shared: &Shared, session: &mut Session, args: &[Bytes]) -> Reply {
     let subcommand = args[0].to_ascii_uppercase();
     match (subcommand.as_slice(), &args[1..]) {
         (b"ID", []) => Reply::Integer(session.id as i64),
+        (b"LIST", filters) => client_list(shared, filters),
+        (b"INFO", []) => match shared.clients.get(session.id) {
+            Some(client) => Reply::Verbatim(client.line() + "\n"),
+            None => Reply::Nil,
+        },
+        (b"KILL", filters) => client_kill(shared, session, filters),
+        (b"NO-EVICT" | b"NO-TOUCH", [switch])
+            if switch.eq_ignore_ascii_case(b"on") || switch.eq_ignore_ascii_case(b"off") =>
+        {
+            // Shoal evicts nothing and keeps no access times: both are always as asked.
+            Reply::Ok
+        }
+        (b"NO-EVICT" | b"NO-TOUCH", [_]) => errors::syntax(),
         (b"GETNAME", []) => session.name.clone().map_or(Reply::Nil, Reply::Bulk),
         (b"SETNAME", [name]) => {
             if !valid_client_name(name) {
@@ -261,10 +276,12 @@ fn client(session: &mut Session, args: &[Bytes]) -> Reply {
             session.name = (!name.is_empty()).then(|| name.clone());
             Reply::Ok
         }
-        (b"SETINFO", [attribute, _value]) => {
-            if attribute.eq_ignore_ascii_case(b"LIB-NAME")
-                || attribute.eq_ignore_ascii_case(b"LIB-VER")
-            {
+        (b"SETINFO", [attribute, value]) => {
+            if attribute.eq_ignore_ascii_case(b"LIB-NAME") {
+                session.lib_name = Some(value.clone());
+                Reply::Ok
+            } else if attribute.eq_ignore_ascii_case(b"LIB-VER") {
+                session.lib_ver = Some(value.clone());
                 Reply::Ok
             } else {
                 Reply::error(format!(
@@ -273,15 +290,149 @@ fn client(session: &mut Session, args: &[Bytes]) -> Reply {
                 ))
             }
         }
-        (b"ID" | b"GETNAME" | b"SETNAME" | b"SETINFO", _) => errors::wrong_arity(&format!(
-            "client|{}",
-            String::from_utf8_lossy(&subcommand).to_lowercase()
-        )),
+        (b"ID" | b"GETNAME" | b"SETNAME" | b"SETINFO" | b"INFO" | b"NO-EVICT" | b"NO-TOUCH", _) => {
+            errors::wrong_arity(&format!(
+                "client|{}",
+                String::from_utf8_lossy(&subcommand).to_lowercase()
+            ))
+        }
         _ => Reply::error(format!(
             "ERR unknown subcommand '{}'. Try CLIENT HELP.",
             String::from_utf8_lossy(&args[0])
         )),
     }
+}
+
+/// `CLIENT LIST [TYPE normal|pubsub|master|replica] [ID id ...]`: a line per
+/// connection open on this host.
+fn client_list(shared: &Shared, filters: &[Bytes]) -> Reply {
+    let mut kind: Option<bool> = None;
+    let mut ids: Option<Vec<u64>> = None;
+    let mut rest = filters;
+    while let Some((option, tail)) = rest.split_first() {
+        match (option.to_ascii_uppercase().as_slice(), tail) {
+            (b"TYPE", [name, tail @ ..]) => {
+                kind = match name.to_ascii_lowercase().as_slice() {
+                    b"normal" => Some(false),
+                    b"pubsub" => Some(true),
+                    // No connection here is a replication link.
+                    b"master" | b"replica" | b"slave" => return Reply::Verbatim(String::new()),
+                    _ => {
+                        return Reply::error(format!(
+                            "ERR Unknown client type '{}'",
+                            String::from_utf8_lossy(name)
+                        ))
+                    }
+                };
+                rest = tail;
+            }
+            (b"ID", tail) if !tail.is_empty() => {
+                let mut wanted = Vec::new();
+                for id in tail {
+                    match parse_i64(id).filter(|id| *id > 0) {
+                        Some(id) => wanted.push(id as u64),
+                        None => return Reply::error("ERR Invalid client ID"),
+                    }
+                }
+                ids = Some(wanted);
+                rest = &[];
+            }
+            _ => return errors::syntax(),
+        }
+    }
+    let mut text = String::new();
+    for client in shared.clients.all() {
+        if ids.as_ref().is_some_and(|ids| !ids.contains(&client.id)) {
+            continue;
+        }
+        let (sub, psub, ssub) = client.state().subscriptions;
+        if kind.is_some_and(|pubsub| pubsub != (sub + psub + ssub > 0)) {
+            continue;
+        }
+        text.push_str(&client.line());
+        text.push('\n');
+    }
+    Reply::Verbatim(text)
+}
+
+/// `CLIENT KILL addr` (answers OK or an error), or `CLIENT KILL <filter> <value> ...`
+/// with ID, ADDR, LADDR, USER, SKIPME and MAXAGE (answers how many it closed).
+fn client_kill(shared: &Shared, session: &Session, filters: &[Bytes]) -> Reply {
+    if let [addr] = filters {
+        return match shared
+            .clients
+            .all()
+            .into_iter()
+            .find(|c| c.addr.as_bytes() == &addr[..])
+        {
+            Some(client) => {
+                client.kill();
+                Reply::Ok
+            }
+            None => Reply::error("ERR No such client"),
+        };
+    }
+    if filters.is_empty() || !filters.len().is_multiple_of(2) {
+        return errors::syntax();
+    }
+    let (mut id, mut addr, mut laddr, mut user, mut max_age) = (None, None, None, None, None);
+    let mut skip_me = true;
+    for pair in filters.chunks(2) {
+        let value = &pair[1];
+        match pair[0].to_ascii_uppercase().as_slice() {
+            b"ID" => match parse_i64(value).filter(|id| *id > 0) {
+                Some(n) => id = Some(n as u64),
+                None => return Reply::error("ERR client-id should be greater than 0"),
+            },
+            b"ADDR" => addr = Some(value.clone()),
+            b"LADDR" => laddr = Some(value.clone()),
+            b"USER" => user = Some(value.clone()),
+            b"MAXAGE" => match parse_i64(value) {
+                Some(n) => max_age = Some(n),
+                None => return errors::not_integer(),
+            },
+            b"SKIPME" => match value.to_ascii_lowercase().as_slice() {
+                b"yes" => skip_me = true,
+                b"no" => skip_me = false,
+                _ => return errors::syntax(),
+            },
+            b"TYPE" => match value.to_ascii_lowercase().as_slice() {
+                b"normal" | b"pubsub" => {}
+                b"master" | b"replica" | b"slave" => return Reply::Integer(0),
+                _ => {
+                    return Reply::error(format!(
+                        "ERR Unknown client type '{}'",
+                        String::from_utf8_lossy(value)
+                    ))
+                }
+            },
+            _ => return errors::syntax(),
+        }
+    }
+    // Every client is the default user.
+    if user
+        .as_ref()
+        .is_some_and(|user| !user.eq_ignore_ascii_case(b"default"))
+    {
+        return Reply::Integer(0);
+    }
+    let mut killed = 0;
+    for client in shared.clients.all() {
+        let matches = id.is_none_or(|id| client.id == id)
+            && addr
+                .as_ref()
+                .is_none_or(|a| client.addr.as_bytes() == &a[..])
+            && laddr
+                .as_ref()
+                .is_none_or(|a| client.laddr.as_bytes() == &a[..])
+            && max_age.is_none_or(|age| client.age_secs() as i64 >= age)
+            && !(skip_me && client.id == session.id);
+        if matches {
+            client.kill();
+            killed += 1;
+        }
+    }
+    Reply::Integer(killed)
 }
 
 fn command_info(spec: &CommandSpec) -> Reply {
