@@ -1270,3 +1270,51 @@ fn client_list_info_and_kill() {
         Value::Int(0)
     );
 }
+
+#[test]
+fn randomkey_memory_usage_and_object_freq() {
+    let server = Server::start("");
+    let mut con = server.conn();
+    assert_eq!(
+        call_str(&mut con, &["RANDOMKEY"]),
+        Value::Nil,
+        "empty collection"
+    );
+    for i in 0..50 {
+        assert_eq!(
+            call_str(&mut con, &["SET", &format!("key:{i}"), "v"]),
+            Value::Okay
+        );
+    }
+    let mut seen = std::collections::BTreeSet::new();
+    for _ in 0..30 {
+        let Value::BulkString(key) = call_str(&mut con, &["RANDOMKEY"]) else {
+            panic!("RANDOMKEY of a non-empty collection is a key")
+        };
+        let key = String::from_utf8(key).unwrap();
+        assert_eq!(
+            call_str(&mut con, &["EXISTS", &key]),
+            Value::Int(1),
+            "{key}"
+        );
+        seen.insert(key);
+    }
+    assert!(seen.len() > 3, "RANDOMKEY keeps answering {seen:?}");
+    // MEMORY USAGE: at least the key and the value.
+    let value = "x".repeat(1000);
+    assert_eq!(call_str(&mut con, &["SET", "big", &value]), Value::Okay);
+    let Value::Int(bytes) = call_str(&mut con, &["MEMORY", "USAGE", "big", "SAMPLES", "5"]) else {
+        panic!("MEMORY USAGE is an integer")
+    };
+    assert!((1003..1100).contains(&bytes), "{bytes}");
+    assert_eq!(
+        call_str(&mut con, &["MEMORY", "USAGE", "missing"]),
+        Value::Nil
+    );
+    // OBJECT FREQ: Shoal counts no accesses, as Redis without an LFU policy.
+    assert!(error_text(&call_str(&mut con, &["OBJECT", "FREQ", "big"])).contains("LFU"));
+    assert_eq!(
+        call_str(&mut con, &["OBJECT", "FREQ", "missing"]),
+        Value::Nil
+    );
+}

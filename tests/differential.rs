@@ -103,8 +103,9 @@ const PTTL_TOLERANCE_MS: i64 = 2000;
 enum Compare {
     /// Byte for byte.
     Exact,
-    /// Nil against nil, an error against the same error, any bulk against any bulk
-    /// (OBJECT ENCODING: Shoal always answers `raw`; docs/compatibility.md).
+    /// Nil against nil, an error against the same error, any bulk against any bulk and
+    /// any integer against any integer (OBJECT ENCODING: Shoal always answers `raw`;
+    /// DUMP, RANDOMKEY, MEMORY USAGE; docs/compatibility.md).
     Existence,
     /// Integers equal, or both non-negative and at most this far apart (TTL, PTTL).
     Within(i64),
@@ -359,6 +360,23 @@ fn specs() -> Vec<Spec> {
         spec("DUMP", 3, &["DUMP", "k0"], Existence, |g| {
             let key = g.key();
             g.cmd("DUMP", &[key])
+        }),
+        spec("RANDOMKEY", 3, &["RANDOMKEY"], Existence, |g| {
+            g.cmd("RANDOMKEY", &[])
+        }),
+        spec(
+            "MEMORY USAGE",
+            3,
+            &["MEMORY", "USAGE", "k0"],
+            Existence,
+            |g| {
+                let key = g.key();
+                g.cmd("MEMORY", &[b"USAGE".to_vec(), key])
+            },
+        ),
+        spec("OBJECT FREQ", 2, &["OBJECT", "FREQ", "k0"], Exact, |g| {
+            let key = g.key();
+            g.cmd("OBJECT", &[b"FREQ".to_vec(), key])
         }),
         spec("TYPE", 6, &["TYPE", "k0"], Exact, |g| {
             let key = g.key();
@@ -822,6 +840,7 @@ impl Gen {
 fn replies_match(compare: Compare, shoal: &Resp, redis: &Resp) -> bool {
     match (compare, shoal, redis) {
         (Compare::Existence, Resp::Bulk(_), Resp::Bulk(_)) => true,
+        (Compare::Existence, Resp::Int(_), Resp::Int(_)) => true,
         (Compare::Within(tolerance), Resp::Int(a), Resp::Int(b)) if *a >= 0 && *b >= 0 => {
             (a - b).abs() <= tolerance
         }

@@ -434,6 +434,16 @@ pub static COMMANDS: &[CommandSpec] = &[
         "Finds the longest common substring."
     ),
     spec!(
+        "memory",
+        -2,
+        R,
+        0,
+        0,
+        0,
+        "server",
+        "A container for memory diagnostics commands (Shoal has MEMORY USAGE)."
+    ),
+    spec!(
         "mget",
         -2,
         R,
@@ -602,6 +612,16 @@ pub static COMMANDS: &[CommandSpec] = &[
         0,
         "connection",
         "Closes the connection."
+    ),
+    spec!(
+        "randomkey",
+        1,
+        &["readonly"],
+        0,
+        0,
+        0,
+        "keyspace",
+        "Returns a random key name from the database."
     ),
     spec!(
         "readonly",

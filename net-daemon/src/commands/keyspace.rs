@@ -1,5 +1,5 @@
-//! Keyspace commands: expiry (EXPIRE family, TTL family, PERSIST), TYPE,
-//! OBJECT ENCODING, and the fan-out ones: SCAN, KEYS, DBSIZE, FLUSHDB, FLUSHALL.
+//! Keyspace commands: expiry (EXPIRE family, TTL family, PERSIST), TYPE, OBJECT,
+//! MEMORY USAGE, and the fan-out ones: SCAN, KEYS, RANDOMKEY, DBSIZE, FLUSHDB, FLUSHALL.
 //! In a cluster, SCAN, KEYS and the flushes go partition by partition, each to its
 //! owner, so that a partition in the middle of a move is neither missed nor left
 //! unflushed; DBSIZE adds up every host's workers.
@@ -74,6 +74,11 @@ pub async fn dispatch(
             Err(reply) => reply,
         }),
         "object" => object(shared, collection, args).await,
+        "randomkey" => {
+            let shared = Arc::clone(shared);
+            Pending::barrier(async move { random_key(&shared, collection).await })
+        }
+        "memory" => memory(shared, collection, args).await,
         "dbsize" => call_all_sum(shared, || WorkerRequest::DbSize { collection }).await,
         "keys" => {
             let pattern = Some(args[1].to_vec());
@@ -265,7 +270,17 @@ async fn object(shared: &Shared, collection: u16, args: &[Bytes]) -> Pending {
                 Err(reply) => reply,
             }
         }
-        (b"ENCODING" | b"REFCOUNT" | b"IDLETIME", _) => errors::wrong_arity(&format!(
+        (b"FREQ", 3) => match exists(shared, collection, &args[2]).await {
+            Ok(false) => Reply::Nil,
+            // As Redis answers without an LFU eviction policy: Shoal counts no accesses.
+            Ok(true) => Reply::error(
+                "ERR An LFU maxmemory policy is not selected, access frequency not tracked. \
+                 Please note that when switching between policies at runtime LRU and LFU data \
+                 will take some time to adjust.",
+            ),
+            Err(reply) => reply,
+        },
+        (b"ENCODING" | b"REFCOUNT" | b"IDLETIME" | b"FREQ", _) => errors::wrong_arity(&format!(
             "object|{}",
             String::from_utf8_lossy(&subcommand).to_lowercase()
         )),
@@ -275,6 +290,98 @@ async fn object(shared: &Shared, collection: u16, args: &[Bytes]) -> Pending {
         )),
     };
     Pending::Ready(reply)
+}
+
+/// `RANDOMKEY`: the first live key after a random point of a random partition, the
+/// partitions walked from there (each at its owner) and the first one again from its
+/// start; nil when the collection is empty.
+async fn random_key(shared: &Shared, collection: u16) -> Reply {
+    match call_all_sum(shared, || WorkerRequest::DbSize { collection })
+        .await
+        .resolve()
+        .await
+    {
+        Reply::Integer(0) => return Reply::Nil,
+        Reply::Integer(_) => {}
+        other => return other,
+    }
+    let partitions = shared.config.storage.partitions;
+    let random = random_u64();
+    let start = (random % u64::from(partitions)) as u16;
+    let mut point = start.to_be_bytes().to_vec();
+    point.extend_from_slice(&(random >> 16).to_be_bytes());
+    for step in 0..=partitions {
+        let partition = ((u32::from(start) + u32::from(step)) % u32::from(partitions)) as u16;
+        let request = WorkerRequest::Scan {
+            collection,
+            after: (step == 0).then(|| point.clone()),
+            count: 64,
+            pattern: None,
+            partition: Some(partition),
+        };
+        match shared
+            .dispatch
+            .ask_dest(shared.dispatch.of_partition(partition), request)
+            .await
+        {
+            Ok(WorkerResponse::Scanned { keys, .. }) => {
+                if let Some(key) = keys.into_iter().next() {
+                    return Reply::Bulk(key.into_vec().into());
+                }
+            }
+            Ok(_) => return Reply::error("ERR internal error: unexpected scan response"),
+            Err(reply) => return reply,
+        }
+    }
+    // Every key expired or went away meanwhile.
+    Reply::Nil
+}
+
+/// A number that differs from call to call.
+fn random_u64() -> u64 {
+    use std::hash::{BuildHasher, Hasher};
+    let mut hasher = std::collections::hash_map::RandomState::new().build_hasher();
+    hasher.write_u64(shoal_shared::now_ms());
+    hasher.finish()
+}
+
+/// Bytes a stored string costs beyond its key and value: the partition prefix, the value
+/// header with an expiry, and LMDB's node header.
+const RECORD_OVERHEAD_BYTES: usize = 2 + 17 + 8;
+
+/// `MEMORY USAGE key [SAMPLES n]`: the bytes the key's record takes on disk, as an
+/// estimate (key, value and [`RECORD_OVERHEAD_BYTES`]); nil for a missing key.
+/// `MEMORY DOCTOR`, `STATS` and the others are not there.
+async fn memory(shared: &Shared, collection: u16, args: &[Bytes]) -> Pending {
+    let subcommand = args[1].to_ascii_uppercase();
+    match (subcommand.as_slice(), &args[2..]) {
+        (b"USAGE", [key, rest @ ..]) => {
+            match rest {
+                [] => {}
+                [option, count] if option.eq_ignore_ascii_case(b"SAMPLES") => {
+                    if parse_i64(count).is_none() {
+                        return Pending::Ready(errors::not_integer());
+                    }
+                }
+                _ => return Pending::Ready(errors::syntax()),
+            }
+            let key_len = key.len();
+            let read = single(shared, key, |key| WorkerRequest::Get { collection, key }).await;
+            Pending::barrier(async move {
+                match read.resolve().await {
+                    Reply::Bulk(value) => {
+                        Reply::Integer((key_len + value.len() + RECORD_OVERHEAD_BYTES) as i64)
+                    }
+                    other => other,
+                }
+            })
+        }
+        (b"USAGE", _) => Pending::Ready(errors::wrong_arity("memory|usage")),
+        _ => Pending::Ready(Reply::error(format!(
+            "ERR unknown subcommand '{}'. Try MEMORY HELP.",
+            String::from_utf8_lossy(&args[1])
+        ))),
+    }
 }
 
 /// SCAN in a cluster: partition by partition, each asked of its owner wherever it is, so a
