@@ -18,6 +18,7 @@ use std::sync::{Arc, Mutex};
 
 use bytes::Bytes;
 use shoal_shared::glob::glob_match;
+use shoal_shared::lock;
 use shoal_shared::resp::Reply;
 use tokio::sync::mpsc;
 
@@ -359,12 +360,6 @@ pub fn message_size(push: &Reply) -> usize {
             .sum(),
         _ => 0,
     }
-}
-
-fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    mutex
-        .lock()
-        .unwrap_or_else(|poisoned| poisoned.into_inner())
 }
 
 #[cfg(test)]

@@ -37,6 +37,7 @@ use tokio::time::Instant;
 
 use crate::reads::Readers;
 use crate::workers::WorkerLink;
+use shoal_shared::lock;
 
 /// Bytes of records per chunk of a full copy.
 const COPY_CHUNK_BYTES: u32 = 1 << 20;
@@ -859,12 +860,6 @@ fn rand_run() -> u64 {
     let mut hasher = std::collections::hash_map::RandomState::new().build_hasher();
     hasher.write_u64(shoal_shared::now_ms());
     hasher.finish() | 1
-}
-
-fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    mutex
-        .lock()
-        .unwrap_or_else(|poisoned| poisoned.into_inner())
 }
 
 #[cfg(test)]

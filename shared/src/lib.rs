@@ -43,3 +43,12 @@ pub fn now_ms() -> u64 {
         .map(|d| d.as_millis() as u64)
         .unwrap_or(0)
 }
+
+/// Locks `mutex`, taking the data over if a thread panicked while holding it: every
+/// mutex of Shoal guards state that stays consistent between its writes, and a panic
+/// aborts the process anyway.
+pub fn lock<T>(mutex: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    mutex
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner())
+}

@@ -378,8 +378,9 @@ impl Server {
         if let Some(mut child) = self.child.take() {
             let _ = child.wait();
         }
-        // Children are reparented on the supervisor's death; wait until they are gone.
-        let deadline = Instant::now() + Duration::from_secs(5);
+        // Children are reparented on the supervisor's death; wait until they are gone (a
+        // process in the middle of a sync on a busy disk dies only once the sync returns).
+        let deadline = Instant::now() + Duration::from_secs(20);
         while Instant::now() < deadline && group_alive(pgid) {
             sleep(Duration::from_millis(10));
         }

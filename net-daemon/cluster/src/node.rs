@@ -65,6 +65,7 @@ use crate::replication::failover::{self, Failover};
 use crate::replication::Message;
 use crate::transport::{Clock, PeerCaller, PeerLinks, WallClock};
 use crate::HostId;
+use shoal_shared::lock;
 
 /// Longest a join request or a proposal may take.
 const PROPOSE_TIMEOUT: Duration = Duration::from_secs(10);
@@ -1556,8 +1557,4 @@ fn new_cluster_id(peer_addr: &str) -> u64 {
     let mut first = [0u8; 8];
     first.copy_from_slice(&digest[..8]);
     u64::from_be_bytes(first).max(1)
-}
-
-fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    mutex.lock().unwrap_or_else(|e| e.into_inner())
 }

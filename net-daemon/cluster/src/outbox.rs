@@ -21,6 +21,7 @@ use tokio::sync::Notify;
 
 use crate::messages::ReplicaMessage;
 use crate::HostId;
+use shoal_shared::lock;
 
 /// A batch is closed once it holds this many bytes (it always takes one message).
 pub(crate) const MAX_BATCH_BYTES: usize = 4 << 20;
@@ -128,10 +129,6 @@ fn message_bytes(message: &ReplicaMessage) -> usize {
             .iter()
             .map(|entry| OVERHEAD + entry.key.len() + entry.data.len())
             .sum::<usize>()
-}
-
-fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    mutex.lock().unwrap_or_else(|e| e.into_inner())
 }
 
 #[cfg(test)]

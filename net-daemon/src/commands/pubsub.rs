@@ -32,24 +32,19 @@ pub fn dispatch(
     args: &[Bytes],
 ) -> Option<Pending> {
     let reply = match name {
-        "subscribe" | "psubscribe" | "ssubscribe" => {
+        "subscribe" | "psubscribe" | "ssubscribe" | "unsubscribe" | "punsubscribe"
+        | "sunsubscribe" => {
             let kind = kind_of(name);
             let subscriber = session
                 .subscriber
                 .get_or_insert_with(|| shared.pubsub.subscriber());
-            Reply::Sequence(
-                args[1..]
+            Reply::Sequence(match name.contains("unsubscribe") {
+                true => subscriber.unsubscribe(kind, args[1..].to_vec()),
+                false => args[1..]
                     .iter()
                     .map(|name| subscriber.subscribe(kind, name.clone()))
                     .collect(),
-            )
-        }
-        "unsubscribe" | "punsubscribe" | "sunsubscribe" => {
-            let kind = kind_of(name);
-            let subscriber = session
-                .subscriber
-                .get_or_insert_with(|| shared.pubsub.subscriber());
-            Reply::Sequence(subscriber.unsubscribe(kind, args[1..].to_vec()))
+            })
         }
         "publish" | "spublish" => {
             let (channel, message) = (args[1].clone(), args[2].clone());

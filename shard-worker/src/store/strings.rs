@@ -426,6 +426,28 @@ impl Op<'_> {
         Ok(WorkerResponse::Integer(value.len() as i64))
     }
 
+    /// The key's current state and a copy of its value (empty when missing), for a
+    /// request that changes the value in place.
+    fn value_to_patch(&self, txn: &RwTxn, key: &Key) -> Result<(Current, Vec<u8>), OpError> {
+        let current = self.current(txn, key)?;
+        let value = current
+            .live
+            .as_ref()
+            .map(|live| live.value.clone())
+            .unwrap_or_default();
+        Ok((current, value))
+    }
+
+    /// Refuses a value that would be `len` bytes long when that is past `max_value_bytes`.
+    fn fits(&self, len: u64) -> Result<(), OpError> {
+        if len > self.store.max_value_bytes as u64 {
+            return Err(OpError::Refused(WorkerError::ValueTooLarge {
+                max_value_bytes: self.store.max_value_bytes,
+            }));
+        }
+        Ok(())
+    }
+
     fn set_range(
         &self,
         txn: &mut RwTxn,
@@ -434,21 +456,12 @@ impl Op<'_> {
         offset: u64,
         patch: &[u8],
     ) -> OpResult {
-        let current = self.current(txn, key)?;
-        let mut value = current
-            .live
-            .as_ref()
-            .map(|live| live.value.clone())
-            .unwrap_or_default();
+        let (current, mut value) = self.value_to_patch(txn, key)?;
         if patch.is_empty() {
             return Ok(WorkerResponse::Integer(value.len() as i64));
         }
         let end = offset.saturating_add(patch.len() as u64);
-        if end > self.store.max_value_bytes as u64 {
-            return Err(OpError::Refused(WorkerError::ValueTooLarge {
-                max_value_bytes: self.store.max_value_bytes,
-            }));
-        }
+        self.fits(end)?;
         let (offset, end) = (offset as usize, end as usize);
         if value.len() < end {
             value.resize(end, 0);
@@ -466,18 +479,9 @@ impl Op<'_> {
         offset: u64,
         bit: bool,
     ) -> OpResult {
-        let current = self.current(txn, key)?;
-        let mut value = current
-            .live
-            .as_ref()
-            .map(|live| live.value.clone())
-            .unwrap_or_default();
+        let (current, mut value) = self.value_to_patch(txn, key)?;
         let byte = offset / 8;
-        if byte >= self.store.max_value_bytes as u64 {
-            return Err(OpError::Refused(WorkerError::ValueTooLarge {
-                max_value_bytes: self.store.max_value_bytes,
-            }));
-        }
+        self.fits(byte + 1)?;
         let (byte, mask) = (byte as usize, 0x80u8 >> (offset % 8));
         let grows = value.len() <= byte;
         if grows {

@@ -25,6 +25,7 @@ use super::{
     PeerMessage, RefusalReason, RequestFrame, ResponseFrame, MAX_WRITE_BATCH_BYTES,
     READ_BUFFER_BYTES, RECONNECT_MIN, STABLE_CONNECTION,
 };
+use shoal_shared::lock;
 
 type Responder<Resp> = oneshot::Sender<Result<Resp, PeerError>>;
 
@@ -186,12 +187,6 @@ impl<Req: PeerMessage, Resp: PeerMessage> PeerPool<Req, Resp> {
         links.insert(peer.clone(), Arc::clone(&link));
         Ok(link)
     }
-}
-
-fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    mutex
-        .lock()
-        .unwrap_or_else(|poisoned| poisoned.into_inner())
 }
 
 fn unreachable(peer: &HostAddr, reason: &str) -> PeerError {

@@ -14,7 +14,7 @@ use std::collections::BTreeMap;
 use std::fmt;
 use std::io::Cursor;
 use std::ops::{Bound, RangeBounds};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Mutex};
 
 use openraft::storage::{LogFlushed, RaftLogStorage, RaftStateMachine};
 use openraft::{
@@ -27,6 +27,7 @@ use super::{
     decode_snapshot, encode_snapshot, storage_error, AppliedBatch, AppliedState, MetaLogId,
     MetaMembership, MetaStorageError, MetaTypes, MetadataState, NodeId,
 };
+use shoal_shared::lock;
 
 /// What the store holds, as a disk would.
 struct Disk<S: MetadataState> {
@@ -105,12 +106,6 @@ impl<S: MetadataState> MemoryMetaStore<S> {
         };
         (log_store, state_machine)
     }
-}
-
-fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
-    mutex
-        .lock()
-        .unwrap_or_else(|poisoned| poisoned.into_inner())
 }
 
 // ---------------------------------------------------------------------------------------
