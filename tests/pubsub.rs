@@ -134,6 +134,48 @@ fn channels_patterns_and_shard_channels_on_one_host() {
 }
 
 #[test]
+fn messages_queued_before_an_unsubscribe_come_before_its_confirmation() {
+    let server = Server::start("");
+    let mut sub = server.raw();
+    assert_eq!(
+        sub.cmd(&["SUBSCRIBE", "a"]),
+        event(&["subscribe", "a", "1"])
+    );
+    let mut publisher = server.raw();
+    for n in 0..50 {
+        assert_eq!(
+            publisher.cmd(&["PUBLISH", "a", &n.to_string()]),
+            Resp::Int(1)
+        );
+    }
+    // UNSUBSCRIBE and a GET in one write: every message, then the confirmation, then
+    // the GET's reply, which must not be taken for a message.
+    let mut pipeline = common::encode_command(&[b"UNSUBSCRIBE"]);
+    pipeline.extend(common::encode_command(&[b"GET", b"k"]));
+    sub.send(&pipeline);
+    for n in 0..50 {
+        assert_eq!(
+            sub.read_reply().unwrap(),
+            message(&["message", "a", &n.to_string()])
+        );
+    }
+    assert_eq!(sub.read_reply().unwrap(), event(&["unsubscribe", "a", "0"]));
+    assert_eq!(sub.read_reply().unwrap(), Resp::NilBulk);
+    // CLIENT KILL TYPE pubsub closes subscribers only.
+    let mut other = server.raw();
+    assert_eq!(
+        other.cmd(&["SUBSCRIBE", "b"]),
+        event(&["subscribe", "b", "1"])
+    );
+    assert_eq!(
+        publisher.cmd(&["CLIENT", "KILL", "TYPE", "pubsub"]),
+        Resp::Int(1)
+    );
+    assert!(other.read_reply().is_err(), "the subscriber was closed");
+    assert_eq!(sub.cmd(&["PING"]), Resp::Simple("PONG".into()));
+}
+
+#[test]
 fn resp3_subscribers_get_pushes_and_may_run_any_command() {
     let server = Server::start("");
     let mut sub = server.raw();

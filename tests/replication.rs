@@ -394,9 +394,9 @@ fn every_acknowledged_write_survives_the_kill_of_the_primary_host() {
 const WRITE_GAP_BOUND: Duration = Duration::from_secs(10);
 
 /// The longest a partition may go without an acknowledged write while copies move and
-/// primaries are handed over (a handover pauses its partition for a few round trips; the
-/// rest is room for a loaded machine).
-const HANDOVER_GAP_BOUND: Duration = Duration::from_secs(3);
+/// primaries are handed over (a handover pauses its partition for a few round trips:
+/// 0.2 to 0.6 s measured here, once 2.5 s; the rest is room for a loaded machine).
+const HANDOVER_GAP_BOUND: Duration = Duration::from_secs(4);
 
 /// What one writer did: the writes acknowledged (key, value, when), and the keys of
 /// those that failed, which may or may not have been kept.

@@ -170,7 +170,7 @@ where
         }
 
         if pending.is_empty() {
-            if *shutdown.borrow() {
+            if *shutdown.borrow() || after == After::Close {
                 return;
             }
             if input.is_empty() {
@@ -186,7 +186,7 @@ where
                         }
                     }
                     push = next_push(&mut session) => {
-                        if !send_pushes(&mut stream, &mut session, push, &mut output).await {
+                        if !send_pushes(&mut stream, &mut session, &client, push, &mut output).await {
                             return;
                         }
                         continue;
@@ -204,7 +204,7 @@ where
                     Ok(_) => continue,
                 },
                 push = next_push(&mut session) => {
-                    if !send_pushes(&mut stream, &mut session, push, &mut output).await {
+                    if !send_pushes(&mut stream, &mut session, &client, push, &mut output).await {
                         return;
                     }
                     continue;
@@ -236,6 +236,11 @@ where
                 }
             }
             let reply = reply.resolve().await;
+            // Messages queued before this reply was made go out ahead of it: a client that
+            // unsubscribes gets the messages of its channels before the confirmation.
+            if !queue_pushes(&mut session, None, &mut output) {
+                return;
+            }
             if let Some((index, started)) = timing {
                 shared
                     .command_stats
@@ -247,7 +252,12 @@ where
         if !queue_pushes(&mut session, None, &mut output) {
             return;
         }
-        if stream.write_all(&output).await.is_err() {
+        // A client that stopped reading blocks this write; CLIENT KILL still closes it.
+        let written = tokio::select! {
+            written = stream.write_all(&output) => written.is_ok(),
+            _ = client.killed() => false,
+        };
+        if !written {
             return;
         }
         output.clear();
@@ -302,6 +312,7 @@ fn queue_pushes(session: &mut Session, first: Option<Reply>, output: &mut BytesM
 async fn send_pushes<S: ClientStream>(
     stream: &mut S,
     session: &mut Session,
+    client: &Client,
     push: Option<Reply>,
     output: &mut BytesMut,
 ) -> bool {
@@ -312,7 +323,7 @@ async fn send_pushes<S: ClientStream>(
         return true;
     };
     // A client that does not read blocks this write; once its queue overflows it is
-    // cut off, and the connection closes instead of waiting on.
+    // cut off, and the connection closes instead of waiting on (as it does when killed).
     let written = tokio::select! {
         written = stream.write_all(output) => written.is_ok(),
         _ = queue.cut_off() => {
@@ -322,8 +333,12 @@ async fn send_pushes<S: ClientStream>(
             );
             false
         }
+        _ = client.killed() => false,
     };
     output.clear();
+    if output.capacity() > KEEP_BUFFER_BYTES {
+        *output = BytesMut::new();
+    }
     written
 }
 

@@ -588,7 +588,10 @@ impl WorkerRequest {
         use WorkerRequest::*;
         let keys: usize = self.keys().iter().map(|(_, key)| key.bytes.len()).sum();
         keys + match self {
-            Set { value, .. } | Append { value, .. } | SetRange { value, .. } => value.len(),
+            Set { value, .. } | Append { value, .. } => value.len(),
+            // What the value may grow to.
+            SetRange { offset, value, .. } => (*offset as usize).saturating_add(value.len()),
+            SetBit { offset, .. } => (*offset / 8 + 1) as usize,
             Atomic { ops } | Prepare { ops, .. } => ops
                 .iter()
                 .map(|op| match &op.action {

@@ -360,9 +360,7 @@ pub(crate) fn replicate(ni: &NetworkInfo, now_ms: u64, settings: &LeaderSettings
         }
         let all_in_sync = !entry.out_of_sync.iter().any(|&host| live(host));
         if live_members > want && all_in_sync {
-            let followers = entry.replicas.iter().copied().filter(|&h| live(h));
-            if let Some(host) = shares.fullest(followers, partition) {
-                shares.take(host);
+            if let Some(&host) = shares.drops.get(&partition) {
                 commands.push(Command::PlanDrop {
                     partition: partition as u16,
                     host,
@@ -393,6 +391,8 @@ pub(crate) fn replicate(ni: &NetworkInfo, now_ms: u64, settings: &LeaderSettings
 struct Shares {
     /// Host → (copies held, share).
     hosts: BTreeMap<HostId, (usize, usize)>,
+    /// Partition → the follower it is to drop, for the partitions with a copy too many.
+    drops: BTreeMap<usize, HostId>,
 }
 
 impl Shares {
@@ -409,7 +409,10 @@ impl Shares {
             .collect();
         let mut hosts = BTreeMap::new();
         if receivers.is_empty() {
-            return Shares { hosts };
+            return Shares {
+                hosts,
+                drops: BTreeMap::new(),
+            };
         }
         let total = ni.partitions.len() * want;
         for (candidate, share) in receivers.iter().zip(quotas(total, &receivers)) {
@@ -422,7 +425,26 @@ impl Shares {
                 }
             }
         }
-        Shares { hosts }
+        let mut shares = Shares {
+            hosts,
+            drops: BTreeMap::new(),
+        };
+        // Copies on their way out count as gone, so that a host whose copy waits for its
+        // drop is not asked to give up another: the one being dropped, and the one a
+        // partition with a copy too many is to drop (`drops`, what `replicate` plans).
+        for (partition, entry) in ni.partitions.iter().enumerate() {
+            let live_members = entry.members().into_iter().filter(|&h| live(h)).count();
+            if let Some(host) = entry.dropping.filter(|&h| live(h)) {
+                shares.take(host);
+            } else if live_members > want {
+                let followers = entry.replicas.iter().copied().filter(|&h| live(h));
+                if let Some(host) = shares.fullest(followers, partition) {
+                    shares.take(host);
+                    shares.drops.insert(partition, host);
+                }
+            }
+        }
+        shares
     }
 
     /// How far `host` holds more copies than its share (negative: fewer); 0 for a host

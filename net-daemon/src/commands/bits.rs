@@ -191,11 +191,31 @@ fn bit_count(value: &[u8], options: &[Bytes]) -> Reply {
         _ => return errors::syntax(),
     };
     let count = range.map_or(0, |(first, last)| {
-        (first..=last)
-            .filter(|&bit| get_bit(Some(value), bit) == 1)
-            .count()
+        bytes_in(value, first, last)
+            .map(|(byte, mask)| (byte & mask).count_ones() as u64)
+            .sum::<u64>()
     });
     Reply::Integer(count as i64)
+}
+
+/// The bytes of `value` that hold the inclusive bit range `first..=last`, each with the
+/// mask of its bits in the range (the most significant bit of a byte first).
+fn bytes_in(value: &[u8], first: u64, last: u64) -> impl Iterator<Item = (u8, u8)> + '_ {
+    let (first_byte, last_byte) = ((first / 8) as usize, (last / 8) as usize);
+    value[first_byte..=last_byte]
+        .iter()
+        .enumerate()
+        .map(move |(i, &byte)| {
+            let at = first_byte + i;
+            let mut mask = 0xffu8;
+            if at == first_byte {
+                mask &= 0xff >> (first % 8);
+            }
+            if at == last_byte {
+                mask &= 0xff << (7 - last % 8);
+            }
+            (byte, mask)
+        })
 }
 
 /// BITPOS of an existing value: the first `bit` in the range of `options` (`[start
@@ -228,8 +248,14 @@ fn bit_pos(value: &[u8], bit: bool, options: &[Bytes]) -> Reply {
     let Some((first, last)) = range else {
         return Reply::Integer(-1);
     };
-    let wanted = u8::from(bit);
-    match (first..=last).find(|&at| get_bit(Some(value), at) == wanted) {
+    // The first byte with a wanted bit in range, then the bit in it.
+    let found = bytes_in(value, first, last)
+        .enumerate()
+        .find_map(|(i, (byte, mask))| {
+            let hits = if bit { byte & mask } else { !byte & mask };
+            (hits != 0).then(|| (first / 8 + i as u64) * 8 + u64::from(hits.leading_zeros()))
+        });
+    match found {
         Some(at) => Reply::Integer(at as i64),
         None if !bit && !end_given => Reply::Integer(last as i64 + 1),
         None => Reply::Integer(-1),

@@ -330,7 +330,8 @@ async fn random_key(shared: &Shared, collection: u16) -> Reply {
                 }
             }
             Ok(_) => return Reply::error("ERR internal error: unexpected scan response"),
-            Err(reply) => return reply,
+            // A partition that cannot answer now (moving, failing over) is passed over.
+            Err(_) => {}
         }
     }
     // Every key expired or went away meanwhile.

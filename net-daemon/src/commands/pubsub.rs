@@ -2,8 +2,8 @@
 //! SUNSUBSCRIBE, PUBLISH, SPUBLISH and PUBSUB, over this host's [`Broker`].
 //!
 //! In a cluster, PUBLISH delivers to this host's subscribers and sends the message to
-//! every other active host, which delivers it to its own; it answers once they have,
-//! with the total count. It is a barrier, so a connection's messages reach every host
+//! every other active host that this host does not suspect, which delivers it to its
+//! own; it answers once they have (or after 1 s), with the total count. It is a barrier, so a connection's messages reach every host
 //! in the order it published them. PUBSUB answers for this host only, as Redis
 //! Cluster's nodes do.
 
@@ -22,7 +22,7 @@ use crate::pubsub::Kind;
 use crate::state::Shared;
 
 /// How long PUBLISH waits for another host to deliver a message.
-const FORWARD_TIMEOUT: Duration = Duration::from_secs(2);
+const FORWARD_TIMEOUT: Duration = Duration::from_secs(1);
 
 /// Runs `name` if it is a pub/sub command; `None` otherwise. Arity is already checked.
 pub fn dispatch(
@@ -80,10 +80,19 @@ async fn publish(shared: &Shared, channel: Bytes, message: Bytes, shard: bool) -
     };
     let me = node.host_id();
     let ni = node.ni();
+    // Hosts this one suspects are left out: each would cost every PUBLISH the timeout.
+    let views = node.peer_views();
+    let suspected = |host: u64| {
+        views
+            .get(&host)
+            .and_then(|view| view.score.as_ref())
+            .is_some_and(|score| score.suspect)
+    };
     let hosts: Vec<u64> = ni
         .hosts
         .values()
         .filter(|host| Some(host.id) != me && host.state != HostState::Inactive)
+        .filter(|host| !suspected(host.id))
         .map(|host| host.id)
         .collect();
     let calls = hosts.into_iter().map(|host| {

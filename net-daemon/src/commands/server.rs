@@ -376,6 +376,8 @@ fn client_kill(shared: &Shared, session: &Session, filters: &[Bytes]) -> Reply {
         return errors::syntax();
     }
     let (mut id, mut addr, mut laddr, mut user, mut max_age) = (None, None, None, None, None);
+    // TYPE: whether to kill subscribers (pubsub) or the others (normal).
+    let mut pubsub: Option<bool> = None;
     let mut skip_me = true;
     for pair in filters.chunks(2) {
         let value = &pair[1];
@@ -397,7 +399,8 @@ fn client_kill(shared: &Shared, session: &Session, filters: &[Bytes]) -> Reply {
                 _ => return errors::syntax(),
             },
             b"TYPE" => match value.to_ascii_lowercase().as_slice() {
-                b"normal" | b"pubsub" => {}
+                b"normal" => pubsub = Some(false),
+                b"pubsub" => pubsub = Some(true),
                 b"master" | b"replica" | b"slave" => return Reply::Integer(0),
                 _ => {
                     return Reply::error(format!(
@@ -426,6 +429,10 @@ fn client_kill(shared: &Shared, session: &Session, filters: &[Bytes]) -> Reply {
                 .as_ref()
                 .is_none_or(|a| client.laddr.as_bytes() == &a[..])
             && max_age.is_none_or(|age| client.age_secs() as i64 >= age)
+            && pubsub.is_none_or(|pubsub| {
+                let (sub, psub, ssub) = client.state().subscriptions;
+                pubsub == (sub + psub + ssub > 0)
+            })
             && !(skip_me && client.id == session.id);
         if matches {
             client.kill();

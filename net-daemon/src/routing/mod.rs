@@ -742,6 +742,18 @@ impl Router {
             .filter(|(partition, _)| self.is_replicated(*partition))
             .map(|&(partition, _)| (partition, leased_term(partition)))
             .collect();
+        // A partition with nothing to show is not read at all: its entries would take
+        // the whole count and starve the partitions after it.
+        let request = match request {
+            WorkerRequest::ReadFeed { positions, count } => WorkerRequest::ReadFeed {
+                positions: positions
+                    .into_iter()
+                    .filter(|(partition, _)| before.get(partition) != Some(&None))
+                    .collect(),
+                count,
+            },
+            other => other,
+        };
         let responses = self.serve(None, request).await?;
         let visible = |entry: &LogEntry| match before.get(&entry.partition) {
             None => true,
