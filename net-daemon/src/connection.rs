@@ -298,13 +298,17 @@ fn queue_pushes(session: &mut Session, first: Option<Reply>, output: &mut BytesM
         }
     }
     if subscriber.cut_off() {
-        tracing::info!(
-            client = session.id,
-            "subscriber does not read its messages fast enough; closing the connection"
-        );
+        log_cut_off(session.id);
         return false;
     }
     true
+}
+
+fn log_cut_off(client: u64) {
+    tracing::info!(
+        client,
+        "subscriber does not read its messages fast enough; closing the connection"
+    );
 }
 
 /// Writes out `push` and the messages waiting behind it; false when the connection must
@@ -327,10 +331,7 @@ async fn send_pushes<S: ClientStream>(
     let written = tokio::select! {
         written = stream.write_all(output) => written.is_ok(),
         _ = queue.cut_off() => {
-            tracing::info!(
-                client = session.id,
-                "subscriber does not read its messages fast enough; closing the connection"
-            );
+            log_cut_off(session.id);
             false
         }
         _ = client.killed() => false,

@@ -472,7 +472,8 @@ impl Replication {
             log_start: meta.trimmed_through + 1,
             last: meta.last_commit_id,
         };
-        let run = rand_run();
+        // Differs between runs of a partition's task.
+        let run = shoal_shared::random_u64() | 1;
         let mut core = Replica::new(
             me,
             self.settings.clone(),
@@ -852,14 +853,6 @@ fn status_of(core: &Replica) -> Status {
         followers: core.followers(),
         stale_readable_until: core.stale_readable_until().map(Instant::from_std),
     }
-}
-
-/// A number that differs between runs of a partition's task.
-fn rand_run() -> u64 {
-    use std::hash::{BuildHasher, Hasher};
-    let mut hasher = std::collections::hash_map::RandomState::new().build_hasher();
-    hasher.write_u64(shoal_shared::now_ms());
-    hasher.finish() | 1
 }
 
 #[cfg(test)]

@@ -44,6 +44,15 @@ pub fn now_ms() -> u64 {
         .unwrap_or(0)
 }
 
+/// A number that differs from call to call (and from process to process): not for
+/// cryptography, for run stamps and random starting points.
+pub fn random_u64() -> u64 {
+    use std::hash::{BuildHasher, Hasher};
+    let mut hasher = std::collections::hash_map::RandomState::new().build_hasher();
+    hasher.write_u64(now_ms());
+    hasher.finish()
+}
+
 /// Locks `mutex`, taking the data over if a thread panicked while holding it: every
 /// mutex of Shoal guards state that stays consistent between its writes, and a panic
 /// aborts the process anyway.

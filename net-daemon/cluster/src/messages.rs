@@ -36,6 +36,15 @@ pub struct Envelope {
     pub request: PeerRequest,
 }
 
+impl Envelope {
+    /// Whether the request comes from another cluster than `mine` (this host's id, once
+    /// it is a member) and must be refused. A sender or receiver that has joined no
+    /// cluster yet (a host joining through this one) is let through.
+    pub fn from_another_cluster(&self, mine: Option<u64>) -> bool {
+        mine.is_some_and(|mine| self.cluster_id != 0 && self.cluster_id != mine)
+    }
+}
+
 /// A request from one host to another.
 #[derive(Debug, Serialize, Deserialize)]
 pub enum PeerRequest {
@@ -253,4 +262,27 @@ pub enum PeerResponse {
     /// The receiver cannot serve the request (it is not a member yet, or the request
     /// failed); the text says why.
     Refused(String),
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_request_from_another_cluster_is_refused_and_a_joiners_is_not() {
+        let from = |cluster_id| Envelope {
+            cluster_id,
+            request: PeerRequest::Suspects {
+                from: 2,
+                suspects: Vec::new(),
+                observed: Vec::new(),
+            },
+        };
+        // A founder whose data was wiped founded cluster 9 at its old address.
+        assert!(from(9).from_another_cluster(Some(7)));
+        assert!(!from(7).from_another_cluster(Some(7)));
+        // A host joining (no cluster yet), or a receiver not a member yet.
+        assert!(!from(0).from_another_cluster(Some(7)));
+        assert!(!from(9).from_another_cluster(None));
+    }
 }

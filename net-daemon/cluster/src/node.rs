@@ -332,21 +332,20 @@ impl ClusterNode {
                 let Some(node) = node.upgrade() else {
                     return PeerResponse::Refused("the host is stopping".into());
                 };
-                match node.cluster_id.get() {
-                    Some(&mine) if envelope.cluster_id != 0 && envelope.cluster_id != mine => {
-                        tracing::warn!(
-                            peer = %from,
-                            theirs = %format!("{:016x}", envelope.cluster_id),
-                            mine = %format!("{mine:016x}"),
-                            "refused a request from a host of another cluster"
-                        );
-                        PeerResponse::Refused(format!(
-                            "this host belongs to cluster {mine:016x}, not {:016x}",
-                            envelope.cluster_id
-                        ))
-                    }
-                    _ => node.handle(from, envelope.request).await,
+                let mine = node.cluster_id.get().copied();
+                if !envelope.from_another_cluster(mine) {
+                    return node.handle(from, envelope.request).await;
                 }
+                let (mine, theirs) = (mine.unwrap_or(0), envelope.cluster_id);
+                tracing::warn!(
+                    peer = %from,
+                    theirs = %format!("{theirs:016x}"),
+                    mine = %format!("{mine:016x}"),
+                    "refused a request from a host of another cluster"
+                );
+                PeerResponse::Refused(format!(
+                    "this host belongs to cluster {mine:016x}, not {theirs:016x}"
+                ))
             }
         };
         let listener = PeerListener::bind(peer_listen, peer_config, handler)
@@ -872,6 +871,16 @@ impl ClusterNode {
     /// Each NI this host applies, from now on; `None` before it is a member.
     pub fn ni_changes(&self) -> Option<watch::Receiver<AppliedState<NetworkInfo>>> {
         self.member.get().map(|member| member.applied.clone())
+    }
+
+    /// Whether this host holds a copy of `partition` (as its primary or a follower).
+    pub fn holds_copy(&self, partition: u16) -> bool {
+        self.host_id().is_some_and(|me| {
+            self.ni()
+                .partitions
+                .get(usize::from(partition))
+                .is_some_and(|entry| entry.is_member(me))
+        })
     }
 
     /// This host's id, once it is a member.

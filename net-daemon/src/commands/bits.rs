@@ -4,10 +4,10 @@
 //! Redis makes them (a missing key answers before some of the arguments are checked).
 
 use bytes::Bytes;
-use shoal_shared::frame::{Key, WorkerRequest};
+use shoal_shared::frame::WorkerRequest;
 use shoal_shared::resp::{parse_i64, Reply};
 
-use super::strings::{multi_values, single};
+use super::strings::{multi_values, on_value, single};
 use super::{Pending, Session};
 use crate::errors;
 use crate::state::Shared;
@@ -25,14 +25,13 @@ pub async fn dispatch(
     args: &[Bytes],
 ) -> Option<Pending> {
     let collection = session.collection;
-    let get = |key: Key| WorkerRequest::Get { collection, key };
     let pending = match name {
         "getbit" => match bit_offset(&args[2]) {
             Ok(offset) => {
-                let read = single(shared, &args[1], get).await;
-                on_value(read, move |value| {
+                on_value(shared, collection, &args[1], move |value| {
                     Reply::Integer(i64::from(get_bit(value, offset)))
                 })
+                .await
             }
             Err(reply) => Pending::Ready(reply),
         },
@@ -55,12 +54,12 @@ pub async fn dispatch(
         },
         "bitcount" => {
             let options = args[2..].to_vec();
-            let read = single(shared, &args[1], get).await;
-            on_value(read, move |value| match value {
+            on_value(shared, collection, &args[1], move |value| match value {
                 // A missing key counts 0 whatever the arguments (Redis 7.0 looks it up first).
                 None => Reply::Integer(0),
                 Some(value) => bit_count(value, &options),
             })
+            .await
         }
         "bitpos" => match parse_i64(&args[2]) {
             None => Pending::Ready(errors::not_integer()),
@@ -69,12 +68,12 @@ pub async fn dispatch(
             }
             Some(bit) => {
                 let options = args[3..].to_vec();
-                let read = single(shared, &args[1], get).await;
-                on_value(read, move |value| match value {
+                on_value(shared, collection, &args[1], move |value| match value {
                     // A missing key is an endless run of 0 bits.
                     None => Reply::Integer(if bit == 1 { -1 } else { 0 }),
                     Some(value) => bit_pos(value, bit == 1, &options),
                 })
+                .await
             }
         },
         "lcs" => {
@@ -96,20 +95,6 @@ pub async fn dispatch(
         _ => return None,
     };
     Some(pending)
-}
-
-/// The reply `compute` makes of a GET's answer (`None` for a missing key); errors pass.
-fn on_value(
-    read: Pending,
-    compute: impl FnOnce(Option<&[u8]>) -> Reply + Send + 'static,
-) -> Pending {
-    Pending::barrier(async move {
-        match read.resolve().await {
-            Reply::Bulk(value) => compute(Some(&value)),
-            Reply::Nil => compute(None),
-            other => other,
-        }
-    })
 }
 
 /// A bit offset as GETBIT and SETBIT take it: 0 up to the bits of `MAX_BULK_BYTES`.

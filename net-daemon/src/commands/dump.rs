@@ -17,7 +17,7 @@ use bytes::Bytes;
 use shoal_shared::frame::{Expiry, Key, SetCondition, SetReply, WorkerRequest};
 use shoal_shared::resp::{parse_i64, Reply};
 
-use super::strings::single;
+use super::strings::{on_value, single};
 use super::{Pending, Session};
 use crate::errors;
 use crate::state::Shared;
@@ -38,17 +38,11 @@ pub async fn dispatch(
     let collection = session.collection;
     let pending = match name {
         "dump" => {
-            let read = single(shared, &args[1], |key| WorkerRequest::Get {
-                collection,
-                key,
+            on_value(shared, collection, &args[1], |value| match value {
+                Some(value) => Reply::Bulk(payload(value).into()),
+                None => Reply::Nil,
             })
-            .await;
-            Pending::barrier(async move {
-                match read.resolve().await {
-                    Reply::Bulk(value) => Reply::Bulk(payload(&value).into()),
-                    other => other,
-                }
-            })
+            .await
         }
         "restore" => restore(shared, collection, args).await,
         _ => return None,

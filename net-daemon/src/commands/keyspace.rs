@@ -19,7 +19,7 @@ use shoal_shared::frame::{ExpireCondition, WorkerRequest, WorkerResponse};
 use shoal_shared::limits::MAX_STORED_KEY_BYTES;
 use shoal_shared::resp::{parse_i64, Reply};
 
-use super::strings::single;
+use super::strings::{on_value, single};
 use super::{call_all_sum, Pending, Session};
 use crate::cursors::{partition_end, ScanPosition};
 use crate::dispatch::wait_all;
@@ -306,7 +306,7 @@ async fn random_key(shared: &Shared, collection: u16) -> Reply {
         other => return other,
     }
     let partitions = shared.config.storage.partitions;
-    let random = random_u64();
+    let random = shoal_shared::random_u64();
     let start = (random % u64::from(partitions)) as u16;
     let mut point = start.to_be_bytes().to_vec();
     point.extend_from_slice(&(random >> 16).to_be_bytes());
@@ -338,14 +338,6 @@ async fn random_key(shared: &Shared, collection: u16) -> Reply {
     Reply::Nil
 }
 
-/// A number that differs from call to call.
-fn random_u64() -> u64 {
-    use std::hash::{BuildHasher, Hasher};
-    let mut hasher = std::collections::hash_map::RandomState::new().build_hasher();
-    hasher.write_u64(shoal_shared::now_ms());
-    hasher.finish()
-}
-
 /// Bytes a stored string costs beyond its key and value: the partition prefix, the value
 /// header with an expiry, and LMDB's node header.
 const RECORD_OVERHEAD_BYTES: usize = 2 + 17 + 8;
@@ -367,15 +359,13 @@ async fn memory(shared: &Shared, collection: u16, args: &[Bytes]) -> Pending {
                 _ => return Pending::Ready(errors::syntax()),
             }
             let key_len = key.len();
-            let read = single(shared, key, |key| WorkerRequest::Get { collection, key }).await;
-            Pending::barrier(async move {
-                match read.resolve().await {
-                    Reply::Bulk(value) => {
-                        Reply::Integer((key_len + value.len() + RECORD_OVERHEAD_BYTES) as i64)
-                    }
-                    other => other,
+            on_value(shared, collection, key, move |value| match value {
+                Some(value) => {
+                    Reply::Integer((key_len + value.len() + RECORD_OVERHEAD_BYTES) as i64)
                 }
+                None => Reply::Nil,
             })
+            .await
         }
         (b"USAGE", _) => Pending::Ready(errors::wrong_arity("memory|usage")),
         _ => Pending::Ready(Reply::error(format!(

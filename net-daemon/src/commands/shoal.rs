@@ -136,18 +136,14 @@ fn digest(shared: &Shared, partition: &Bytes) -> Reply {
         ));
     };
     let partition = partition as u16;
-    if let Some(node) = &shared.cluster {
-        let held = node.host_id().is_some_and(|me| {
-            node.ni()
-                .partitions
-                .get(usize::from(partition))
-                .is_some_and(|entry| entry.is_member(me))
-        });
-        if !held {
-            return Reply::error(format!(
-                "ERR this host holds no copy of partition {partition}"
-            ));
-        }
+    if shared
+        .cluster
+        .as_ref()
+        .is_some_and(|node| !node.holds_copy(partition))
+    {
+        return Reply::error(format!(
+            "ERR this host holds no copy of partition {partition}"
+        ));
     }
     let worker = partition_worker(partition, shared.dispatch.links.len());
     match shared.dispatch.readers.digest(worker, partition) {

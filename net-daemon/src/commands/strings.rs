@@ -191,6 +191,24 @@ pub async fn dispatch(
     Some(pending)
 }
 
+/// The reply `compute` makes of `key`'s string value (`None` when it is missing), read
+/// through its worker; errors pass unchanged.
+pub async fn on_value(
+    shared: &Shared,
+    collection: u16,
+    key: &Bytes,
+    compute: impl FnOnce(Option<&[u8]>) -> Reply + Send + 'static,
+) -> Pending {
+    let read = single(shared, key, |key| WorkerRequest::Get { collection, key }).await;
+    Pending::barrier(async move {
+        match read.resolve().await {
+            Reply::Bulk(value) => compute(Some(&value)),
+            Reply::Nil => compute(None),
+            other => other,
+        }
+    })
+}
+
 /// A command on one key.
 pub async fn single(
     shared: &Shared,

@@ -265,14 +265,7 @@ impl Router {
         &self,
         partition: Partition,
     ) -> Result<PartitionDigest, String> {
-        let held = self.node.host_id().is_some_and(|me| {
-            self.node
-                .ni()
-                .partitions
-                .get(usize::from(partition))
-                .is_some_and(|entry| entry.is_member(me))
-        });
-        if !held {
+        if !self.node.holds_copy(partition) {
             return Err(format!("this host holds no copy of partition {partition}"));
         }
         let readers = Arc::clone(&self.readers);

@@ -755,16 +755,19 @@ impl Router {
             other => other,
         };
         let responses = self.serve(None, request).await?;
-        let visible = |entry: &LogEntry| match before.get(&entry.partition) {
+        // After the read, once per partition: the last commit id it may show, if its
+        // term and lease held throughout.
+        let shown_up_to: HashMap<Partition, Option<u64>> = before
+            .iter()
+            .map(|(&partition, &term)| {
+                let still = term.is_some() && leased_term(partition) == term;
+                let commit = self.replication.status(partition).map(|s| s.commit);
+                (partition, commit.filter(|_| still))
+            })
+            .collect();
+        let visible = |entry: &LogEntry| match shown_up_to.get(&entry.partition) {
             None => true,
-            Some(term) => {
-                term.is_some()
-                    && leased_term(entry.partition) == *term
-                    && self
-                        .replication
-                        .status(entry.partition)
-                        .is_some_and(|status| entry.commit_id <= status.commit)
-            }
+            Some(up_to) => up_to.is_some_and(|up_to| entry.commit_id <= up_to),
         };
         Ok(responses
             .into_iter()
