@@ -14,6 +14,8 @@ pub fn worker_error(error: &WorkerError) -> Reply {
     match error {
         WorkerError::NotInteger => not_integer(),
         WorkerError::Overflow => Reply::error("ERR increment or decrement would overflow"),
+        WorkerError::WrongType => wrong_type(),
+        WorkerError::Command(text) => Reply::error(text.clone()),
         WorkerError::NotFloat => not_float(),
         WorkerError::NanOrInfinity => Reply::error("ERR increment would produce NaN or Infinity"),
         WorkerError::ValueTooLarge { max_value_bytes } => value_too_large(*max_value_bytes),
@@ -114,6 +116,10 @@ pub fn unknown_command(name: &[u8], args: &[bytes::Bytes]) -> Reply {
 
 pub fn syntax() -> Reply {
     Reply::error("ERR syntax error")
+}
+
+pub fn wrong_type() -> Reply {
+    Reply::error("WRONGTYPE Operation against a key holding the wrong kind of value")
 }
 
 pub fn not_integer() -> Reply {

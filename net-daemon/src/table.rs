@@ -344,6 +344,16 @@ pub static COMMANDS: &[CommandSpec] = &[
         "Returns the previous string value of a key after setting it to a new value."
     ),
     spec!(
+        "hdel",
+        -3,
+        W,
+        1,
+        1,
+        1,
+        "hash",
+        "Deletes one or more fields and their values from a hash. Deletes the hash if no fields remain."
+    ),
+    spec!(
         "hello",
         -1,
         C,
@@ -352,6 +362,146 @@ pub static COMMANDS: &[CommandSpec] = &[
         0,
         "connection",
         "Handshakes with the server (protocol version, AUTH, SETNAME)."
+    ),
+    spec!(
+        "hexists",
+        3,
+        R,
+        1,
+        1,
+        1,
+        "hash",
+        "Determines whether a field exists in a hash."
+    ),
+    spec!(
+        "hget",
+        3,
+        R,
+        1,
+        1,
+        1,
+        "hash",
+        "Returns the value of a field in a hash."
+    ),
+    spec!(
+        "hgetall",
+        2,
+        R,
+        1,
+        1,
+        1,
+        "hash",
+        "Returns all fields and values in a hash."
+    ),
+    spec!(
+        "hincrby",
+        4,
+        W,
+        1,
+        1,
+        1,
+        "hash",
+        "Increments the integer value of a field in a hash by a number. Uses 0 as initial value if the field doesn't exist."
+    ),
+    spec!(
+        "hincrbyfloat",
+        4,
+        W,
+        1,
+        1,
+        1,
+        "hash",
+        "Increments the floating point value of a field by a number. Uses 0 as initial value if the field doesn't exist."
+    ),
+    spec!(
+        "hkeys",
+        2,
+        R,
+        1,
+        1,
+        1,
+        "hash",
+        "Returns all fields in a hash."
+    ),
+    spec!(
+        "hlen",
+        2,
+        R,
+        1,
+        1,
+        1,
+        "hash",
+        "Returns the number of fields in a hash."
+    ),
+    spec!(
+        "hmget",
+        -3,
+        R,
+        1,
+        1,
+        1,
+        "hash",
+        "Returns the values of all fields in a hash."
+    ),
+    spec!(
+        "hmset",
+        -4,
+        W,
+        1,
+        1,
+        1,
+        "hash",
+        "Sets the values of multiple fields."
+    ),
+    spec!(
+        "hrandfield",
+        -2,
+        R,
+        1,
+        1,
+        1,
+        "hash",
+        "Returns one or more random fields from a hash."
+    ),
+    spec!(
+        "hset",
+        -4,
+        W,
+        1,
+        1,
+        1,
+        "hash",
+        "Creates or modifies the value of a field in a hash."
+    ),
+    spec!(
+        "hsetnx",
+        4,
+        W,
+        1,
+        1,
+        1,
+        "hash",
+        "Sets the value of a field in a hash only when the field doesn't exist."
+    ),
+    spec!(
+        "hstrlen",
+        3,
+        R,
+        1,
+        1,
+        1,
+        "hash",
+        "Returns the length of the value of a field."
+    ),
+    spec!(
+        "hvals",
+        2,
+        R,
+        1,
+        1,
+        1,
+        "hash",
+        "Returns all values in a hash."
     ),
     spec!(
         "id.new",
@@ -432,6 +582,116 @@ pub static COMMANDS: &[CommandSpec] = &[
         1,
         "string",
         "Finds the longest common substring."
+    ),
+    spec!(
+        "lindex",
+        3,
+        R,
+        1,
+        1,
+        1,
+        "list",
+        "Returns an element from a list by its index."
+    ),
+    spec!(
+        "linsert",
+        5,
+        W,
+        1,
+        1,
+        1,
+        "list",
+        "Inserts an element before or after another element in a list."
+    ),
+    spec!(
+        "llen",
+        2,
+        R,
+        1,
+        1,
+        1,
+        "list",
+        "Returns the length of a list."
+    ),
+    spec!(
+        "lpop",
+        -2,
+        W,
+        1,
+        1,
+        1,
+        "list",
+        "Returns the first elements in a list after removing it. Deletes the list if the last element was popped."
+    ),
+    spec!(
+        "lpos",
+        -3,
+        R,
+        1,
+        1,
+        1,
+        "list",
+        "Returns the index of matching elements in a list."
+    ),
+    spec!(
+        "lpush",
+        -3,
+        W,
+        1,
+        1,
+        1,
+        "list",
+        "Prepends one or more elements to a list. Creates the key if it doesn't exist."
+    ),
+    spec!(
+        "lpushx",
+        -3,
+        W,
+        1,
+        1,
+        1,
+        "list",
+        "Prepends one or more elements to a list only when the list exists."
+    ),
+    spec!(
+        "lrange",
+        4,
+        R,
+        1,
+        1,
+        1,
+        "list",
+        "Returns a range of elements from a list."
+    ),
+    spec!(
+        "lrem",
+        4,
+        W,
+        1,
+        1,
+        1,
+        "list",
+        "Removes elements from a list. Deletes the list if the last element was removed."
+    ),
+    spec!(
+        "lset",
+        4,
+        W,
+        1,
+        1,
+        1,
+        "list",
+        "Sets the value of an element in a list by its index."
+    ),
+    spec!(
+        "ltrim",
+        4,
+        W,
+        1,
+        1,
+        1,
+        "list",
+        "Removes elements from both ends a list. Deletes the list if all elements were trimmed."
     ),
     spec!(
         "memory",
@@ -684,6 +944,46 @@ pub static COMMANDS: &[CommandSpec] = &[
         "Creates a key from the serialized representation of a value."
     ),
     spec!(
+        "rpop",
+        -2,
+        W,
+        1,
+        1,
+        1,
+        "list",
+        "Returns and removes the last elements of a list. Deletes the list if the last element was popped."
+    ),
+    spec!(
+        "rpush",
+        -3,
+        W,
+        1,
+        1,
+        1,
+        "list",
+        "Appends one or more elements to a list. Creates the key if it doesn't exist."
+    ),
+    spec!(
+        "rpushx",
+        -3,
+        W,
+        1,
+        1,
+        1,
+        "list",
+        "Appends an element to a list only when the list exists."
+    ),
+    spec!(
+        "sadd",
+        -3,
+        W,
+        1,
+        1,
+        1,
+        "set",
+        "Adds one or more members to a set. Creates the key if it doesn't exist."
+    ),
+    spec!(
         "scan",
         -2,
         &["readonly"],
@@ -692,6 +992,16 @@ pub static COMMANDS: &[CommandSpec] = &[
         0,
         "generic",
         "Iterates over the key names in the collection (MATCH, COUNT, TYPE)."
+    ),
+    spec!(
+        "scard",
+        2,
+        R,
+        1,
+        1,
+        1,
+        "set",
+        "Returns the number of members in a set."
     ),
     spec!(
         "select",
@@ -834,6 +1144,46 @@ pub static COMMANDS: &[CommandSpec] = &[
         "Synchronously saves the database(s) to disk and shuts down the Redis server."
     ),
     spec!(
+        "sismember",
+        3,
+        R,
+        1,
+        1,
+        1,
+        "set",
+        "Determines whether a member belongs to a set."
+    ),
+    spec!(
+        "smembers",
+        2,
+        R,
+        1,
+        1,
+        1,
+        "set",
+        "Returns all members of a set."
+    ),
+    spec!(
+        "smismember",
+        -3,
+        R,
+        1,
+        1,
+        1,
+        "set",
+        "Determines whether multiple members belong to a set."
+    ),
+    spec!(
+        "spop",
+        -2,
+        W,
+        1,
+        1,
+        1,
+        "set",
+        "Returns one or more random members from a set after removing them. Deletes the set if the last member was popped."
+    ),
+    spec!(
         "spublish",
         3,
         &["pubsub", "noscript", "loading", "stale"],
@@ -842,6 +1192,26 @@ pub static COMMANDS: &[CommandSpec] = &[
         1,
         "pubsub",
         "Post a message to a shard channel"
+    ),
+    spec!(
+        "srandmember",
+        -2,
+        R,
+        1,
+        1,
+        1,
+        "set",
+        "Get one or multiple random members from a set"
+    ),
+    spec!(
+        "srem",
+        -3,
+        W,
+        1,
+        1,
+        1,
+        "set",
+        "Removes one or more members from a set. Deletes the set if the last member was removed."
     ),
     spec!(
         "ssubscribe",
@@ -962,6 +1332,226 @@ pub static COMMANDS: &[CommandSpec] = &[
         0,
         "generic",
         "Blocks until the connection's writes are held by a number of replicas, or a timeout."
+    ),
+    spec!(
+        "zadd",
+        -4,
+        W,
+        1,
+        1,
+        1,
+        "sorted-set",
+        "Adds one or more members to a sorted set, or updates their scores. Creates the key if it doesn't exist."
+    ),
+    spec!(
+        "zcard",
+        2,
+        R,
+        1,
+        1,
+        1,
+        "sorted-set",
+        "Returns the number of members in a sorted set."
+    ),
+    spec!(
+        "zcount",
+        4,
+        R,
+        1,
+        1,
+        1,
+        "sorted-set",
+        "Returns the count of members in a sorted set that have scores within a range."
+    ),
+    spec!(
+        "zincrby",
+        4,
+        W,
+        1,
+        1,
+        1,
+        "sorted-set",
+        "Increments the score of a member in a sorted set."
+    ),
+    spec!(
+        "zlexcount",
+        4,
+        R,
+        1,
+        1,
+        1,
+        "sorted-set",
+        "Returns the number of members in a sorted set within a lexicographical range."
+    ),
+    spec!(
+        "zmscore",
+        -3,
+        R,
+        1,
+        1,
+        1,
+        "sorted-set",
+        "Returns the score of one or more members in a sorted set."
+    ),
+    spec!(
+        "zpopmax",
+        -2,
+        W,
+        1,
+        1,
+        1,
+        "sorted-set",
+        "Returns the highest-scoring members from a sorted set after removing them. Deletes the sorted set if the last member was popped."
+    ),
+    spec!(
+        "zpopmin",
+        -2,
+        W,
+        1,
+        1,
+        1,
+        "sorted-set",
+        "Returns the lowest-scoring members from a sorted set after removing them. Deletes the sorted set if the last member was popped."
+    ),
+    spec!(
+        "zrandmember",
+        -2,
+        R,
+        1,
+        1,
+        1,
+        "sorted-set",
+        "Returns one or more random members from a sorted set."
+    ),
+    spec!(
+        "zrange",
+        -4,
+        R,
+        1,
+        1,
+        1,
+        "sorted-set",
+        "Returns members in a sorted set within a range of indexes."
+    ),
+    spec!(
+        "zrangebylex",
+        -4,
+        R,
+        1,
+        1,
+        1,
+        "sorted-set",
+        "Returns members in a sorted set within a lexicographical range."
+    ),
+    spec!(
+        "zrangebyscore",
+        -4,
+        R,
+        1,
+        1,
+        1,
+        "sorted-set",
+        "Returns members in a sorted set within a range of scores."
+    ),
+    spec!(
+        "zrank",
+        3,
+        R,
+        1,
+        1,
+        1,
+        "sorted-set",
+        "Returns the index of a member in a sorted set ordered by ascending scores."
+    ),
+    spec!(
+        "zrem",
+        -3,
+        W,
+        1,
+        1,
+        1,
+        "sorted-set",
+        "Removes one or more members from a sorted set. Deletes the sorted set if all members were removed."
+    ),
+    spec!(
+        "zremrangebylex",
+        4,
+        W,
+        1,
+        1,
+        1,
+        "sorted-set",
+        "Removes members in a sorted set within a lexicographical range. Deletes the sorted set if all members were removed."
+    ),
+    spec!(
+        "zremrangebyrank",
+        4,
+        W,
+        1,
+        1,
+        1,
+        "sorted-set",
+        "Removes members in a sorted set within a range of indexes. Deletes the sorted set if all members were removed."
+    ),
+    spec!(
+        "zremrangebyscore",
+        4,
+        W,
+        1,
+        1,
+        1,
+        "sorted-set",
+        "Removes members in a sorted set within a range of scores. Deletes the sorted set if all members were removed."
+    ),
+    spec!(
+        "zrevrange",
+        -4,
+        R,
+        1,
+        1,
+        1,
+        "sorted-set",
+        "Returns members in a sorted set within a range of indexes in reverse order."
+    ),
+    spec!(
+        "zrevrangebylex",
+        -4,
+        R,
+        1,
+        1,
+        1,
+        "sorted-set",
+        "Returns members in a sorted set within a lexicographical range in reverse order."
+    ),
+    spec!(
+        "zrevrangebyscore",
+        -4,
+        R,
+        1,
+        1,
+        1,
+        "sorted-set",
+        "Returns members in a sorted set within a range of scores in reverse order."
+    ),
+    spec!(
+        "zrevrank",
+        3,
+        R,
+        1,
+        1,
+        1,
+        "sorted-set",
+        "Returns the index of a member in a sorted set ordered by descending scores."
+    ),
+    spec!(
+        "zscore",
+        3,
+        R,
+        1,
+        1,
+        1,
+        "sorted-set",
+        "Returns the score of a member in a sorted set."
     ),
 ];
 

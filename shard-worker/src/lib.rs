@@ -57,6 +57,8 @@ const TICK: Duration = Duration::from_millis(100);
 const READER_CHECK_INTERVAL: Duration = Duration::from_secs(1);
 /// Most keys expired per tick, so that expiry never stalls the group commit for long.
 const EXPIRE_PER_TICK: usize = 2000;
+/// Most elements of deleted typed keys removed per tick.
+const RECLAIM_PER_TICK: usize = 20_000;
 /// Most log entries trimmed per tick.
 const TRIM_PER_TICK: usize = 5000;
 /// Longest a request waits for a key locked by a transaction before it fails.
@@ -387,6 +389,8 @@ impl Worker<'_> {
         // Expiry and trimming write too: with a full map or disk they wait for space.
         let expired =
             tolerate_full(self.store.expire_due(EXPIRE_PER_TICK)).context("expiring keys")?;
+        tolerate_full(self.store.reclaim_due(RECLAIM_PER_TICK))
+            .context("reclaiming the elements of deleted keys")?;
         let trimmed = tolerate_full(self.store.trim_log(
             self.retention.keep_entries,
             self.retention.keep_ms,

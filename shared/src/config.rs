@@ -471,7 +471,7 @@ impl FileConfig {
             ));
         }
         let storage = &self.storage;
-        if storage.collections == 0 || storage.collections > 1024 {
+        if storage.collections == 0 || storage.collections > crate::limits::MAX_COLLECTIONS {
             return Err(bad(
                 "storage.collections",
                 format!("must be between 1 and 1024, got {}", storage.collections),

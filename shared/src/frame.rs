@@ -12,6 +12,9 @@
 //! sized by the bytes actually present (see `frugal`).
 
 mod frugal;
+mod typed;
+
+pub use typed::{Answer, LexBound, RangeBy, ScoreBound, TypedOp, ZAddFlags, ZRange};
 
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
@@ -150,6 +153,10 @@ pub enum RecordTable {
     /// decision), keyed by transaction id; its value is the part (see
     /// `shoal_shared::layout::Intent::part`).
     Txns,
+    /// An element table of typed keys (see `shoal_shared::layout::typed`).
+    Elements(crate::layout::typed::ElementTable),
+    /// `reclaim`: elements of old versions of typed keys, to remove in the background.
+    Reclaim,
 }
 
 /// One raw record of a partition: its table, its stored key and its stored value, byte for byte.
@@ -541,6 +548,16 @@ pub enum WorkerRequest {
         /// Whether a copy is under way.
         copying: bool,
     },
+    /// A command on a typed key (hash, set, sorted set, list), or one that asks its
+    /// type. → `Answer`, or `Error(WrongType)` when the key holds another type.
+    Typed {
+        /// The collection the key is in.
+        collection: Collection,
+        /// The key.
+        key: Key,
+        /// What to do.
+        op: TypedOp,
+    },
     /// Replication: replays the primary's log entries (as `ApplyLog` does) and stores
     /// the log's term history, in one transaction. The entries must belong to
     /// `partition` and follow one another, the first no later than the partition's last
@@ -580,7 +597,7 @@ impl WorkerRequest {
                 | WorkerRequest::Backup { .. }
                 | WorkerRequest::ExportPartition { .. }
                 | WorkerRequest::Fences
-        )
+        ) && !matches!(self, WorkerRequest::Typed { op, .. } if !op.is_write())
     }
 
     /// Bytes of keys and values this request carries (what a write may need on disk).
@@ -592,6 +609,7 @@ impl WorkerRequest {
             // What the value may grow to.
             SetRange { offset, value, .. } => (*offset as usize).saturating_add(value.len()),
             SetBit { offset, .. } => (*offset / 8 + 1) as usize,
+            Typed { op, .. } => op.payload_bytes(),
             Atomic { ops } | Prepare { ops, .. } => ops
                 .iter()
                 .map(|op| match &op.action {
@@ -661,6 +679,9 @@ impl WorkerRequest {
                 collection, key, ..
             }
             | Persist { collection, key }
+            | Typed {
+                collection, key, ..
+            }
             | ExpireTime { collection, key } => vec![(*collection, key)],
             MGet { collection, keys }
             | Delete { collection, keys }
@@ -711,6 +732,8 @@ pub enum WorkerResponse {
     },
     /// Partitions, ascending (`Fences`).
     Partitions(Vec<Partition>),
+    /// The reply of a `Typed` request.
+    Answer(Answer),
     /// The request failed; see [`WorkerError`].
     Error(WorkerError),
 }
@@ -722,6 +745,10 @@ pub enum WorkerError {
     NotInteger,
     /// INCRBY would overflow i64.
     Overflow,
+    /// The key holds a value of another type than the request works on.
+    WrongType,
+    /// The request is refused with this error text, which starts with its code (`ERR ...`).
+    Command(String),
     /// The stored value is not a float.
     NotFloat,
     /// INCRBYFLOAT would produce NaN or infinity.

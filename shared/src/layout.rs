@@ -8,8 +8,9 @@
 //! key   = partition u16 ++ user key (≤ MAX_KEY_BYTES)
 //! value = commit_id u64 ++ flags u8 ++ [expires_at_ms u64, if flags & FLAG_EXPIRES] ++ value bytes
 //! ```
-//! `commit_id` is the commit that last wrote the key. Flag bits other than
-//! `FLAG_EXPIRES` are reserved; readers reject them.
+//! `commit_id` is the commit that last wrote the key. `FLAG_TYPED` marks a typed key's
+//! metadata record (hash, set, sorted set, list; see [`typed`]) in place of a string.
+//! Other flag bits are reserved; readers reject them.
 //!
 //! Named database `expiry`, the index of keys with a time to live:
 //! ```text
@@ -69,6 +70,8 @@
 //! bytes. It exists only while the partition is fenced; no other `meta` key starts
 //! with "fence", and fence entries are never part of a partition's exported records.
 
+pub mod typed;
+
 use crate::frame::{ChangeType, Collection, LogEntry, Partition, DECIDER_PARTITION};
 use crate::limits::{
     EXPIRY_KEY_PREFIX_BYTES, LMDB_MAX_KEY_BYTES, MAX_KEY_BYTES, MAX_STORED_KEY_BYTES,
@@ -88,6 +91,8 @@ pub const META_IDS_HIGH_WATER: &[u8] = b"ids_high_water";
 
 /// Value flag: an expiry time follows the flags byte.
 pub(crate) const FLAG_EXPIRES: u8 = 0b0000_0001;
+/// Value flag: the bytes are a typed key's metadata ([`typed::TypeMeta`]), not a string.
+pub(crate) const FLAG_TYPED: u8 = 0b0000_0010;
 const VALUE_HEADER_BYTES: usize = 9;
 const LOG_HEADER_BYTES: usize = 8 + 1 + 2 + 8 + 2;
 
@@ -123,16 +128,28 @@ pub fn data_key(partition: Partition, key: &[u8]) -> Vec<u8> {
     out
 }
 
-/// `commit_id ++ flags ++ [expires_at_ms] ++ bytes`.
+/// `commit_id ++ flags ++ [expires_at_ms] ++ bytes`, for a string value.
 pub fn encode_value(commit_id: u64, expires_at_ms: Option<u64>, value: &[u8]) -> Vec<u8> {
+    encode_record(commit_id, expires_at_ms, false, value)
+}
+
+/// `commit_id ++ flags ++ [expires_at_ms] ++ bytes`; `typed`: the bytes are a typed key's
+/// metadata.
+pub fn encode_record(
+    commit_id: u64,
+    expires_at_ms: Option<u64>,
+    typed: bool,
+    value: &[u8],
+) -> Vec<u8> {
     let mut out = Vec::with_capacity(VALUE_HEADER_BYTES + 8 + value.len());
     out.extend_from_slice(&commit_id.to_be_bytes());
+    let typed_flag = if typed { FLAG_TYPED } else { 0 };
     match expires_at_ms {
         Some(at) => {
-            out.push(FLAG_EXPIRES);
+            out.push(FLAG_EXPIRES | typed_flag);
             out.extend_from_slice(&at.to_be_bytes());
         }
-        None => out.push(0),
+        None => out.push(typed_flag),
     }
     out.extend_from_slice(value);
     out
@@ -144,8 +161,10 @@ pub struct StoredValue<'a> {
     pub commit_id: u64,
     /// The expiry in Unix ms, if the key has one.
     pub expires_at_ms: Option<u64>,
-    /// The user's value.
+    /// The user's value, or a typed key's metadata.
     pub bytes: &'a [u8],
+    /// The bytes are a typed key's metadata ([`typed::decode_type_meta`]).
+    pub typed: bool,
 }
 
 /// Decodes a value of a `c<N>` database; rejects a short header or unknown flag bits.
@@ -157,15 +176,17 @@ pub fn decode_value(raw: &[u8]) -> Result<StoredValue<'_>, CorruptError> {
         ));
     }
     let flags = raw[8];
-    if flags & !FLAG_EXPIRES != 0 {
+    if flags & !(FLAG_EXPIRES | FLAG_TYPED) != 0 {
         return Err(corrupt("value", format!("unknown flags {flags:#04x}")));
     }
     let commit_id = read_u64(&raw[..8]);
+    let typed = flags & FLAG_TYPED != 0;
     if flags & FLAG_EXPIRES == 0 {
         return Ok(StoredValue {
             commit_id,
             expires_at_ms: None,
             bytes: &raw[VALUE_HEADER_BYTES..],
+            typed,
         });
     }
     if raw.len() < VALUE_HEADER_BYTES + 8 {
@@ -176,6 +197,7 @@ pub fn decode_value(raw: &[u8]) -> Result<StoredValue<'_>, CorruptError> {
         commit_id,
         expires_at_ms: Some(expires_at_ms),
         bytes: &raw[VALUE_HEADER_BYTES + 8..],
+        typed,
     })
 }
 

@@ -69,3 +69,6 @@ const _: () = assert!(
     "an export chunk and its last record fit a frame"
 );
 const _: () = assert!(MAX_EXPORT_CHUNK_BYTES <= u32::MAX as usize);
+
+/// Most collections (numbered databases) a host may have.
+pub const MAX_COLLECTIONS: u16 = 1024;

@@ -40,12 +40,18 @@ pub enum StoreError {
 }
 
 /// The options every shard environment is opened with: read transactions without
-/// thread-local storage (they may move between threads under tokio), and room for one
-/// named database per collection plus `expiry`, `log`, `txns` and `meta`.
+/// thread-local storage (they may move between threads under tokio), and room for
+/// [`max_dbs`] named databases.
 pub fn env_options(collections: u16) -> EnvOpenOptions<WithoutTls> {
     let mut options = EnvOpenOptions::new().read_txn_without_tls();
-    options.max_dbs(u32::from(collections) + 4);
+    options.max_dbs(max_dbs(collections));
     options
+}
+
+/// Named databases of a shard: one per collection, `expiry`, `log`, `txns`, `meta`,
+/// `reclaim`, and the element tables.
+pub fn max_dbs(collections: u16) -> u32 {
+    u32::from(collections) + 5 + layout::typed::ElementTable::ALL.len() as u32
 }
 
 /// Opens the named database `name`, creating it in a write transaction if it is missing.

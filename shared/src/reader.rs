@@ -148,6 +148,8 @@ impl ShardReader {
         for key in keys {
             let raw = database.get(&txn, &layout::data_key(key.partition, &key.bytes))?;
             let value = match raw.map(layout::decode_value).transpose()? {
+                // A typed key: its worker answers (WRONGTYPE for GET, nil for MGET).
+                Some(stored) if stored.typed => return Ok(ReadOutcome::AskWorker),
                 Some(stored) if stored.expires_at_ms.is_none_or(|at| at > now_ms) => {
                     Some(stored.bytes.to_vec())
                 }

@@ -310,12 +310,17 @@ pub enum Reply {
     Bulk(Bytes),
     /// A missing value: `$-1` in RESP2, `_` in RESP3.
     Nil,
+    /// A missing array: `*-1` in RESP2, `_` in RESP3.
+    NilArray,
     /// `*<count>` then the elements.
     Array(Vec<Reply>),
     /// A map: a flat array in RESP2, `%` in RESP3.
     Map(Vec<(Reply, Reply)>),
     /// A double: a bulk string in RESP2, `,` in RESP3.
     Double(f64),
+    /// Pairs such as members with scores: a flat array in RESP2, an array of 2-element
+    /// arrays in RESP3.
+    Pairs(Vec<(Reply, Reply)>),
     /// Text such as INFO's: a bulk string in RESP2, `=` (verbatim, "txt") in RESP3.
     Verbatim(String),
     /// Out-of-band data such as a pub/sub message: `>` in RESP3, an array in RESP2.
@@ -357,6 +362,10 @@ impl Reply {
                 Protocol::Resp2 => out.put_slice(b"$-1\r\n"),
                 Protocol::Resp3 => out.put_slice(b"_\r\n"),
             },
+            Reply::NilArray => match protocol {
+                Protocol::Resp2 => out.put_slice(b"*-1\r\n"),
+                Protocol::Resp3 => out.put_slice(b"_\r\n"),
+            },
             Reply::Array(items) => {
                 header(out, b'*', items.len());
                 for item in items {
@@ -373,6 +382,23 @@ impl Reply {
                     value.encode(protocol, out);
                 }
             }
+            Reply::Pairs(pairs) => match protocol {
+                Protocol::Resp2 => {
+                    header(out, b'*', pairs.len() * 2);
+                    for (first, second) in pairs {
+                        first.encode(protocol, out);
+                        second.encode(protocol, out);
+                    }
+                }
+                Protocol::Resp3 => {
+                    header(out, b'*', pairs.len());
+                    for (first, second) in pairs {
+                        header(out, b'*', 2);
+                        first.encode(protocol, out);
+                        second.encode(protocol, out);
+                    }
+                }
+            },
             Reply::Double(value) => {
                 let text = format_double(*value);
                 match protocol {
@@ -431,8 +457,8 @@ fn bulk(out: &mut BytesMut, bytes: &[u8]) {
     out.put_slice(b"\r\n");
 }
 
-/// Formats a double the way Redis prints INCRBYFLOAT results: shortest exact digits, no
-/// trailing ".0", and `inf`/`-inf` for infinities.
+/// Formats a double as Redis 7.0 replies with one (a sorted set's score): `%.17g`, and
+/// `inf`/`-inf` for infinities.
 pub(crate) fn format_double(value: f64) -> String {
     if value.is_infinite() {
         return if value > 0.0 {
@@ -444,12 +470,12 @@ pub(crate) fn format_double(value: f64) -> String {
     if value.is_nan() {
         return "nan".into();
     }
-    let text = format!("{value}");
-    if text == "-0" {
-        "0".into()
-    } else {
-        text
-    }
+    let mut out = [0u8; 64];
+    // SAFETY: the buffer is valid for its length, the format string is NUL-terminated
+    // and takes one double; snprintf writes at most `out.len()` bytes with the NUL.
+    let len =
+        unsafe { libc::snprintf(out.as_mut_ptr().cast(), out.len(), c"%.17g".as_ptr(), value) };
+    String::from_utf8_lossy(&out[..(len.max(0) as usize).min(out.len() - 1)]).into_owned()
 }
 
 /// Parses an integer argument or stored value as Redis does: optional '-', digits,
@@ -652,9 +678,11 @@ mod tests {
 
     #[test]
     fn doubles_print_like_redis() {
-        assert_eq!(format_double(10.6), "10.6");
+        assert_eq!(format_double(10.5), "10.5");
+        assert_eq!(format_double(0.1), "0.10000000000000001");
         assert_eq!(format_double(3.0), "3");
-        assert_eq!(format_double(-0.0), "0");
+        assert_eq!(format_double(1e300), "1.0000000000000001e+300");
         assert_eq!(format_double(f64::INFINITY), "inf");
+        assert_eq!(format_double(f64::NEG_INFINITY), "-inf");
     }
 }

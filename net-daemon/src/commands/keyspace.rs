@@ -68,11 +68,6 @@ pub async fn dispatch(
             };
             Pending::Ready(reply)
         }
-        "type" => Pending::Ready(match exists(shared, collection, &args[1]).await {
-            Ok(true) => Reply::Simple("string".into()),
-            Ok(false) => Reply::Simple("none".into()),
-            Err(reply) => reply,
-        }),
         "object" => object(shared, collection, args).await,
         "randomkey" => {
             let shared = Arc::clone(shared);

@@ -10,6 +10,7 @@
 //! - [`backup`]: SHOAL.BACKUP, a copy of every shard with its manifest.
 //! - [`strings`]: commands on one key (strings, counters, ranges).
 //! - [`bits`]: GETBIT, SETBIT, BITCOUNT, BITPOS and LCS: computations on string values.
+//! - [`types`]: hashes, sets, sorted sets and lists, one key at a time.
 //! - [`dump`]: DUMP and RESTORE, with Shoal's own payload.
 //! - [`keyspace`]: expiry, TYPE/OBJECT, SCAN, KEYS, DBSIZE, FLUSHDB/FLUSHALL.
 //! - [`multi`]: multi-key writes (MSET, MSETNX, DEL, RENAME, COPY, MOVE), atomic across
@@ -30,6 +31,7 @@ pub mod replicas;
 pub mod server;
 pub mod shoal;
 pub mod strings;
+pub mod types;
 
 use std::future::Future;
 use std::pin::Pin;
@@ -127,6 +129,8 @@ pub enum Merge {
     Single,
     /// The integer responses are added up (DEL, EXISTS, DBSIZE).
     Sum,
+    /// A typed command: its one answer, shaped for the command.
+    Answer(types::Shape),
     /// MGET: `positions[i]` are the places in the reply of call `i`'s values.
     Values {
         positions: Vec<Vec<usize>>,
@@ -156,6 +160,10 @@ impl Merge {
                 .into_iter()
                 .next()
                 .map_or(Reply::Nil, response_reply),
+            Merge::Answer(shape) => responses
+                .into_iter()
+                .next()
+                .map_or(Reply::Nil, |response| shape.reply(response)),
             Merge::Sum => Reply::Integer(
                 responses
                     .iter()
@@ -185,7 +193,7 @@ impl Merge {
 }
 
 /// The reply for one worker response.
-fn response_reply(response: WorkerResponse) -> Reply {
+pub(crate) fn response_reply(response: WorkerResponse) -> Reply {
     match response {
         WorkerResponse::Ok => Reply::Ok,
         WorkerResponse::Integer(n) => Reply::Integer(n),
@@ -204,6 +212,7 @@ fn response_reply(response: WorkerResponse) -> Reply {
                 .collect(),
         ),
         WorkerResponse::Error(error) => errors::worker_error(&error),
+        WorkerResponse::Answer(answer) => types::answer_reply(answer),
         other => {
             tracing::error!(
                 ?other,
@@ -277,6 +286,9 @@ pub async fn dispatch(
         return (pending, After::Continue);
     }
     if let Some(pending) = dump::dispatch(shared, session, spec.name, &args).await {
+        return (pending, After::Continue);
+    }
+    if let Some(pending) = types::dispatch(shared, session, spec.name, &args).await {
         return (pending, After::Continue);
     }
     if let Some(pending) = keyspace::dispatch(shared, session, spec.name, &args).await {

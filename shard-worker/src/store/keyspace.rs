@@ -7,19 +7,31 @@
 //! found expired is first purged and logged as a delete, so that replaying the
 //! log gives exactly the stored state.
 //!
+//! A typed key's metadata record is written and removed the same way. When a typed
+//! key goes (deleted, expired, overwritten by another value), its elements are
+//! reclaimed: at once when few, in the background otherwise ([`Store::reclaim_due_in`]).
+//!
 //! Active expiry ([`Store::expire_due_in`]) leaves fenced partitions alone.
 
 use heed::RwTxn;
 use shoal_shared::frame::{ChangeType, Collection, Key, Partition};
 
 use super::{Batch, OpError, RawDatabase, Store};
+use shoal_shared::layout::typed::{self, LogTable, TypeMeta};
 use shoal_shared::layout::{self, LogRecord, PartitionMeta};
+
+/// Typed keys with at most this many elements have them removed in the same
+/// transaction as the key; larger ones are reclaimed in the background.
+const RECLAIM_AT_ONCE_ELEMENTS: u64 = 64;
 
 /// A live value.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub(crate) struct Live {
+    /// A string, or a typed key's metadata bytes.
     pub(crate) value: Vec<u8>,
     pub(crate) expires_at_ms: Option<u64>,
+    /// The metadata of a typed key.
+    pub(crate) typed: Option<TypeMeta>,
 }
 
 /// A key as a write sees it.
@@ -28,6 +40,15 @@ pub(crate) struct Current {
     pub(crate) live: Option<Live>,
     /// The key is stored but expired at this time; it has not been purged yet.
     pub(crate) expired_at_ms: Option<u64>,
+    /// The metadata of the stored record when it is a typed key, live or expired.
+    pub(crate) stored_typed: Option<TypeMeta>,
+}
+
+/// What a key's record holds.
+#[derive(Debug, Clone, Copy)]
+pub(crate) enum RecordValue<'a> {
+    String(&'a [u8]),
+    Typed(&'a TypeMeta),
 }
 
 impl Store {
@@ -43,22 +64,29 @@ impl Store {
             return Ok(Current::default());
         };
         let stored = layout::decode_value(raw)?;
+        let stored_typed = match stored.typed {
+            true => Some(typed::decode_type_meta(stored.bytes)?),
+            false => None,
+        };
         match stored.expires_at_ms {
             Some(at) if at <= now_ms => Ok(Current {
                 live: None,
                 expired_at_ms: Some(at),
+                stored_typed,
             }),
             expires_at_ms => Ok(Current {
                 live: Some(Live {
                     value: stored.bytes.to_vec(),
                     expires_at_ms,
+                    typed: stored_typed,
                 }),
                 expired_at_ms: None,
+                stored_typed,
             }),
         }
     }
 
-    /// Stores `value` with `expires_at_ms`, logging a create or an update.
+    /// Stores the string `value` with `expires_at_ms`, logging a create or an update.
     #[allow(clippy::too_many_arguments)]
     pub(crate) fn put(
         &self,
@@ -71,7 +99,50 @@ impl Store {
         value: &[u8],
         expires_at_ms: Option<u64>,
     ) -> heed::Result<()> {
+        self.put_record(
+            txn,
+            batch,
+            db,
+            collection,
+            key,
+            current,
+            RecordValue::String(value),
+            expires_at_ms,
+        )
+    }
+
+    /// Stores `record` with `expires_at_ms`, logging a create or an update. The elements
+    /// of a typed key it replaces (of another version) are reclaimed.
+    #[allow(clippy::too_many_arguments)]
+    pub(crate) fn put_record(
+        &self,
+        txn: &mut RwTxn,
+        batch: &mut Batch,
+        db: RawDatabase,
+        collection: Collection,
+        key: &Key,
+        current: &Current,
+        record: RecordValue<'_>,
+        expires_at_ms: Option<u64>,
+    ) -> heed::Result<()> {
         self.purge_expired(txn, batch, db, collection, key, current, false)?;
+        let (value, table) = match record {
+            RecordValue::String(value) => (std::borrow::Cow::Borrowed(value), LogTable::Plain),
+            RecordValue::Typed(meta) => (
+                std::borrow::Cow::Owned(typed::encode_type_meta(meta)),
+                LogTable::Typed,
+            ),
+        };
+        let new_version = match record {
+            RecordValue::Typed(meta) => Some(meta.version),
+            RecordValue::String(_) => None,
+        };
+        if let Some(old) = current
+            .stored_typed
+            .filter(|old| Some(old.version) != new_version)
+        {
+            self.reclaim(txn, key, &old)?;
+        }
         let old_expiry = current.live.as_ref().and_then(|live| live.expires_at_ms);
         if old_expiry != expires_at_ms {
             if let Some(old) = old_expiry {
@@ -92,7 +163,7 @@ impl Store {
         db.put(
             txn,
             &layout::data_key(key.partition, &key.bytes),
-            &layout::encode_value(commit_id, expires_at_ms, value),
+            &layout::encode_record(commit_id, expires_at_ms, new_version.is_some(), &value),
         )?;
         let change = if current.live.is_some() {
             ChangeType::Update
@@ -104,11 +175,86 @@ impl Store {
             batch,
             commit_id,
             change,
-            collection,
-            key,
+            table.field(collection),
+            &key.bytes,
+            key.partition,
             expires_at_ms,
-            value,
+            &value,
         )
+    }
+
+    /// Removes the elements of `meta`'s version of `key`: at once when they are few,
+    /// otherwise through a `reclaim` entry that [`Store::reclaim_due_in`] works off.
+    pub(crate) fn reclaim(&self, txn: &mut RwTxn, key: &Key, meta: &TypeMeta) -> heed::Result<()> {
+        if meta.count <= RECLAIM_AT_ONCE_ELEMENTS {
+            let prefix = typed::element_prefix(key.partition, &key.bytes, meta.version);
+            for &table in meta.kind.tables() {
+                let db = self.element_db(table);
+                let mut doomed = Vec::new();
+                for item in db.prefix_iter(txn, &prefix)? {
+                    doomed.push(item?.0.to_vec());
+                }
+                for element in &doomed {
+                    db.delete(txn, element)?;
+                }
+            }
+            return Ok(());
+        }
+        self.reclaim.put(
+            txn,
+            &typed::reclaim_key(key.partition, meta.kind, &key.bytes, meta.version),
+            &[],
+        )
+    }
+
+    /// Removes up to `limit` elements of old versions of typed keys (see
+    /// [`Store::reclaim`]). Not logged: every copy reclaims on its own, and the elements
+    /// are invisible already. Returns how many were removed.
+    pub(crate) fn reclaim_due_in(
+        &self,
+        txn: &mut RwTxn,
+        batch: &mut Batch,
+        limit: usize,
+    ) -> heed::Result<usize> {
+        let mut entries = Vec::new();
+        for item in self.reclaim.iter(txn)? {
+            entries.push(item?.0.to_vec());
+            if entries.len() >= 16 {
+                break;
+            }
+        }
+        let mut removed = 0;
+        for raw in entries {
+            let Ok((kind, prefix)) = typed::decode_reclaim_key(&raw) else {
+                tracing::error!("corrupt reclaim entry; dropping it");
+                self.reclaim.delete(txn, &raw)?;
+                continue;
+            };
+            let mut left = false;
+            for &table in kind.tables() {
+                let db = self.element_db(table);
+                let mut doomed = Vec::new();
+                for item in db.prefix_iter(txn, &prefix)? {
+                    if removed + doomed.len() >= limit {
+                        left = true;
+                        break;
+                    }
+                    doomed.push(item?.0.to_vec());
+                }
+                for element in &doomed {
+                    db.delete(txn, element)?;
+                }
+                removed += doomed.len();
+            }
+            if !left {
+                self.reclaim.delete(txn, &raw)?;
+            }
+            batch.dirty = true;
+            if removed >= limit {
+                break;
+            }
+        }
+        Ok(removed)
     }
 
     /// Deletes the key if it is stored (live or expired), logging a delete. Returns whether it was live.
@@ -130,14 +276,22 @@ impl Store {
                     )?;
                 }
                 db.delete(txn, &layout::data_key(key.partition, &key.bytes))?;
+                if let Some(meta) = &live.typed {
+                    self.reclaim(txn, key, meta)?;
+                }
                 let commit_id = self.next_commit_id(txn, batch, key.partition)?;
+                let table = match live.typed {
+                    Some(_) => LogTable::Typed,
+                    None => LogTable::Plain,
+                };
                 self.append_log(
                     txn,
                     batch,
                     commit_id,
                     ChangeType::Delete,
-                    collection,
-                    key,
+                    table.field(collection),
+                    &key.bytes,
+                    key.partition,
                     None,
                     &[],
                 )?;
@@ -172,15 +326,23 @@ impl Store {
         )?;
         if delete_data {
             db.delete(txn, &layout::data_key(key.partition, &key.bytes))?;
+            if let Some(meta) = &current.stored_typed {
+                self.reclaim(txn, key, meta)?;
+            }
         }
         let commit_id = self.next_commit_id(txn, batch, key.partition)?;
+        let table = match current.stored_typed {
+            Some(_) => LogTable::Typed,
+            None => LogTable::Plain,
+        };
         self.append_log(
             txn,
             batch,
             commit_id,
             ChangeType::Delete,
-            collection,
-            key,
+            table.field(collection),
+            &key.bytes,
+            key.partition,
             None,
             &[],
         )
@@ -231,6 +393,8 @@ impl Store {
         }
     }
 
+    /// Appends a log entry; `collection` is the entry's collection field, with its table
+    /// ([`LogTable::field`]), and `key` the stored key without its partition.
     #[allow(clippy::too_many_arguments)]
     pub(super) fn append_log(
         &self,
@@ -238,8 +402,9 @@ impl Store {
         batch: &Batch,
         commit_id: u64,
         change: ChangeType,
-        collection: Collection,
-        key: &Key,
+        collection: u16,
+        key: &[u8],
+        partition: Partition,
         expires_at_ms: Option<u64>,
         data: &[u8],
     ) -> heed::Result<()> {
@@ -248,12 +413,12 @@ impl Store {
             change,
             collection,
             expires_at_ms,
-            key: &key.bytes,
+            key,
             data,
         };
         self.log.put(
             txn,
-            &layout::log_key(key.partition, commit_id),
+            &layout::log_key(partition, commit_id),
             &layout::encode_log_value(&record),
         )
     }

@@ -24,6 +24,7 @@
 //! Submodules adding request handlers to [`Store`]:
 //! - `keyspace`: a key's current state, writes with expiry index and log entry.
 //! - `strings`: string, expiry and read commands.
+//! - `types`: hashes, sets, sorted sets and lists (typed keys and their elements).
 //! - `txns`: multi-key transactions (one-worker atomic writes, two-phase commit) and key locks.
 //! - `scan`: SCAN, KEYS, DBSIZE, FLUSH.
 //! - `log`: the commit log: reads, the change feed, retention.
@@ -45,6 +46,7 @@ mod replica;
 mod scan;
 mod strings;
 mod txns;
+mod types;
 
 use std::collections::{BTreeSet, HashMap};
 use std::path::Path;
@@ -55,6 +57,7 @@ use shoal_shared::config::Durability;
 use shoal_shared::frame::{Collection, Partition, WorkerError, WorkerRequest, WorkerResponse};
 
 pub(crate) use clock::{Clock, SystemClock};
+use shoal_shared::layout::typed::ElementTable;
 use shoal_shared::layout::{self, PartitionMeta};
 pub(crate) use shoal_shared::lmdb::StoreError;
 use shoal_shared::lmdb::{create_database, free_bytes, RawDatabase};
@@ -93,6 +96,10 @@ pub struct Store {
     env: Env<WithoutTls>,
     collections: Vec<RawDatabase>,
     expiry: RawDatabase,
+    /// The element tables of typed keys, in [`ElementTable::ALL`] order.
+    elements: Vec<RawDatabase>,
+    /// Elements of old versions of typed keys, to remove in the background.
+    reclaim: RawDatabase,
     log: RawDatabase,
     txns: RawDatabase,
     meta: RawDatabase,
@@ -209,8 +216,14 @@ impl Store {
         for collection in 0..options.collections {
             collections.push(create_database(&env, &format!("c{collection}"))?);
         }
+        let mut elements = Vec::with_capacity(ElementTable::ALL.len());
+        for table in ElementTable::ALL {
+            elements.push(create_database(&env, table.name())?);
+        }
         let mut store = Store {
             collections,
+            elements,
+            reclaim: create_database(&env, "reclaim")?,
             expiry: create_database(&env, "expiry")?,
             log: create_database(&env, "log")?,
             txns: create_database(&env, "txns")?,
@@ -224,7 +237,7 @@ impl Store {
             fences: BTreeSet::new(),
             last_commit: None,
             resize_gate: Arc::default(),
-            max_dbs: u32::from(options.collections) + 4,
+            max_dbs: shoal_shared::lmdb::max_dbs(options.collections),
             no_sync: options.durability == Durability::Async,
             clock: Box::new(clock),
         };
@@ -232,6 +245,14 @@ impl Store {
         store.locks = store.load_locks()?;
         store.fences = store.load_fences()?;
         Ok(store)
+    }
+
+    /// The database of an element table.
+    pub(crate) fn element_db(&self, table: ElementTable) -> RawDatabase {
+        self.elements[ElementTable::ALL
+            .iter()
+            .position(|t| *t == table)
+            .unwrap_or_default()]
     }
 
     /// The fenced partitions recorded in `meta`.
@@ -630,6 +651,11 @@ impl Store {
                 entries,
                 history,
             } => self.replicate(txn, batch, *partition, entries, history),
+            WorkerRequest::Typed {
+                collection,
+                key,
+                op,
+            } => self.typed(txn, batch, *collection, key, op),
             _ => self.keyed(txn, batch, request),
         };
         match result {
@@ -668,6 +694,12 @@ impl Store {
     /// Returns how many were deleted.
     pub(crate) fn expire_due(&mut self, limit: usize) -> Result<usize, StoreError> {
         self.in_write_txn(|store, txn, batch| store.expire_due_in(txn, batch, limit))
+    }
+
+    /// Removes up to `limit` elements of deleted typed keys (see `keyspace`); returns how
+    /// many were removed.
+    pub(crate) fn reclaim_due(&mut self, limit: usize) -> Result<usize, StoreError> {
+        self.in_write_txn(|store, txn, batch| store.reclaim_due_in(txn, batch, limit))
     }
 
     /// Trims each partition's log to the retention limits, at most `limit` entries per call.

@@ -2,8 +2,9 @@
 //! the worker count changes ([`crate::rebalance`]) and when another host takes
 //! a partition over live (the handoff the net-daemon drives).
 //!
-//! A partition's records are: its keys in every `c<N>`, its `log` entries, its
-//! `meta` entry, and its `expiry` index entries. They are copied byte for byte,
+//! A partition's records are: its keys in every `c<N>`, the elements of its typed keys
+//! and its `reclaim` entries, its `log` entries, its `meta` entry, and its `expiry`
+//! index entries. They are copied byte for byte,
 //! so commit ids, expiries and the log carry over unchanged.
 //!
 //! A handoff: the target's net-daemon fences the partition on the target,
@@ -29,6 +30,7 @@ use shoal_shared::limits::{
 };
 
 use super::{Batch, OpError, OpResult, RawDatabase, Store, StoreError};
+use shoal_shared::layout::typed::{self, ElementTable, LogTable};
 use shoal_shared::layout::{self, LogRecord, PartitionMeta};
 
 /// Raw records of one partition, and where to continue.
@@ -47,6 +49,8 @@ impl Store {
             RecordTable::Meta => Some(self.meta),
             RecordTable::Expiry => Some(self.expiry),
             RecordTable::Txns => Some(self.txns),
+            RecordTable::Elements(table) => Some(self.element_db(table)),
+            RecordTable::Reclaim => Some(self.reclaim),
         }
     }
 
@@ -55,7 +59,9 @@ impl Store {
         let mut tables: Vec<RecordTable> = (0..self.collections.len() as u16)
             .map(RecordTable::Collection)
             .collect();
+        tables.extend(ElementTable::ALL.map(RecordTable::Elements));
         tables.extend([
+            RecordTable::Reclaim,
             RecordTable::Log,
             RecordTable::Meta,
             RecordTable::Expiry,
@@ -69,7 +75,10 @@ impl Store {
     fn belongs(table: RecordTable, key: &[u8], partition: Partition) -> bool {
         let prefix = partition.to_be_bytes();
         match table {
-            RecordTable::Collection(_) | RecordTable::Log => key.starts_with(&prefix),
+            RecordTable::Collection(_)
+            | RecordTable::Log
+            | RecordTable::Elements(_)
+            | RecordTable::Reclaim => key.starts_with(&prefix),
             RecordTable::Meta => key == layout::partition_meta_key(partition),
             RecordTable::Expiry => {
                 layout::decode_expiry_key(key).is_ok_and(|entry| entry.partition == partition)
@@ -241,8 +250,10 @@ impl Store {
                 ));
             }
             match table {
-                RecordTable::Collection(_) if key.len() < 2 => {
-                    return Err("collection record without a partition".into());
+                RecordTable::Collection(_) | RecordTable::Elements(_) | RecordTable::Reclaim
+                    if key.len() < 2 =>
+                {
+                    return Err(format!("{table:?} record without a partition"));
                 }
                 RecordTable::Log if key.len() != 10 => {
                     return Err(format!("log record with a key of {} bytes", key.len()));
@@ -313,11 +324,21 @@ impl Store {
         entries: &[LogEntry],
     ) -> OpResult {
         for entry in entries {
-            self.db(entry.collection)?;
-            let longest = match entry.expires_at_ms {
-                Some(_) => MAX_KEY_BYTES,
-                None => MAX_STORED_KEY_BYTES,
+            let (table, collection) = LogTable::split(entry.collection)?;
+            self.db(collection)?;
+            let longest = match (table, entry.expires_at_ms) {
+                (LogTable::Element(_), _) => LMDB_MAX_KEY_BYTES - 2,
+                (_, Some(_)) => MAX_KEY_BYTES,
+                (_, None) => MAX_STORED_KEY_BYTES,
             };
+            if matches!(table, LogTable::Element(_))
+                && typed::element_user_key(&[&[0, 0], &entry.key[..]].concat()).is_none()
+            {
+                return Err(refused(format!(
+                    "log entry {} of partition {} has a malformed element key",
+                    entry.commit_id, entry.partition
+                )));
+            }
             if entry.key.len() > longest {
                 return Err(refused(format!(
                     "log entry {} of partition {} has a key of {} bytes",
@@ -348,28 +369,93 @@ impl Store {
             ChangeType::Marker => {}
             ChangeType::Txn => self.apply_txn_entry(txn, batch, entry)?,
             ChangeType::Create | ChangeType::Update | ChangeType::Delete => {
-                self.replay_key(txn, entry)?
+                match LogTable::split(entry.collection)? {
+                    (LogTable::Element(table), _) => self.replay_element(txn, entry, table)?,
+                    (table, collection) => {
+                        self.replay_key(txn, entry, collection, table == LogTable::Typed)?
+                    }
+                }
             }
         }
         self.log_replayed(txn, batch, entry)
     }
 
-    /// Writes the key change of a replayed entry, unless the stored value is as new.
-    fn replay_key(&self, txn: &mut RwTxn, entry: &LogEntry) -> Result<(), OpError> {
-        let db = self.db(entry.collection)?;
+    /// Writes the element change of a replayed entry, unless the stored element is as new.
+    fn replay_element(
+        &self,
+        txn: &mut RwTxn,
+        entry: &LogEntry,
+        table: ElementTable,
+    ) -> Result<(), OpError> {
+        let db = self.element_db(table);
         let stored_key = layout::data_key(entry.partition, &entry.key);
-        // (commit id, expiry) of the stored value. A value that does not decode is
-        // replaced; its expiry index entry, if any, is dropped later as stale.
-        let stored = db.get(txn, &stored_key)?.map(|raw| match layout::decode_value(raw) {
-            Ok(value) => (value.commit_id, value.expires_at_ms),
-            Err(error) => {
-                tracing::warn!(partition = entry.partition, %error, "replacing a corrupt value");
-                (0, None)
+        let stored = db
+            .get(txn, &stored_key)?
+            .map(|raw| layout::decode_value(raw).map_or(0, |value| value.commit_id));
+        if stored.is_some_and(|commit_id| commit_id >= entry.commit_id) {
+            return Ok(());
+        }
+        match entry.change {
+            ChangeType::Create | ChangeType::Update => db.put(
+                txn,
+                &stored_key,
+                &layout::encode_value(entry.commit_id, None, &entry.data),
+            )?,
+            _ => {
+                db.delete(txn, &stored_key)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Writes the key change of a replayed entry, unless the stored value is as new. A
+    /// typed key it replaces (by another version, or by a delete) has its elements
+    /// reclaimed.
+    fn replay_key(
+        &self,
+        txn: &mut RwTxn,
+        entry: &LogEntry,
+        collection: u16,
+        typed_record: bool,
+    ) -> Result<(), OpError> {
+        let db = self.db(collection)?;
+        let stored_key = layout::data_key(entry.partition, &entry.key);
+        // (commit id, expiry, typed metadata) of the stored value. A value that does not
+        // decode is replaced; its expiry index entry, if any, is dropped later as stale.
+        let stored = db.get(txn, &stored_key)?.map(|raw| {
+            match layout::decode_value(raw).and_then(|value| {
+                let meta = match value.typed {
+                    true => Some(typed::decode_type_meta(value.bytes)?),
+                    false => None,
+                };
+                Ok((value.commit_id, value.expires_at_ms, meta))
+            }) {
+                Ok(stored) => stored,
+                Err(error) => {
+                    tracing::warn!(partition = entry.partition, %error, "replacing a corrupt value");
+                    (0, None, None)
+                }
             }
         });
-        let applied = stored.is_some_and(|(commit_id, _)| commit_id >= entry.commit_id);
+        let applied = stored.is_some_and(|(commit_id, _, _)| commit_id >= entry.commit_id);
         if !applied {
-            let old_expiry = stored.and_then(|(_, expires_at_ms)| expires_at_ms);
+            let new_version = match (typed_record, entry.change) {
+                (true, ChangeType::Create | ChangeType::Update) => {
+                    Some(typed::decode_type_meta(&entry.data)?.version)
+                }
+                _ => None,
+            };
+            if let Some(old) = stored
+                .and_then(|(_, _, meta)| meta)
+                .filter(|old| Some(old.version) != new_version)
+            {
+                let key = shoal_shared::frame::Key {
+                    partition: entry.partition,
+                    bytes: entry.key.clone(),
+                };
+                self.reclaim(txn, &key, &old)?;
+            }
+            let old_expiry = stored.and_then(|(_, expires_at_ms, _)| expires_at_ms);
             let new_expiry = match entry.change {
                 ChangeType::Delete | ChangeType::Marker | ChangeType::Txn => None,
                 ChangeType::Create | ChangeType::Update => entry.expires_at_ms,
@@ -377,12 +463,12 @@ impl Store {
             if old_expiry != new_expiry {
                 if let Some(old) = old_expiry {
                     let index_key =
-                        layout::expiry_key(old, entry.collection, entry.partition, &entry.key);
+                        layout::expiry_key(old, collection, entry.partition, &entry.key);
                     self.expiry.delete(txn, &index_key)?;
                 }
                 if let Some(new) = new_expiry {
                     let index_key =
-                        layout::expiry_key(new, entry.collection, entry.partition, &entry.key);
+                        layout::expiry_key(new, collection, entry.partition, &entry.key);
                     self.expiry.put(txn, &index_key, &[])?;
                 }
             }
@@ -395,7 +481,12 @@ impl Store {
                 ChangeType::Create | ChangeType::Update => db.put(
                     txn,
                     &stored_key,
-                    &layout::encode_value(entry.commit_id, entry.expires_at_ms, &entry.data),
+                    &layout::encode_record(
+                        entry.commit_id,
+                        entry.expires_at_ms,
+                        typed_record,
+                        &entry.data,
+                    ),
                 )?,
             }
         }
@@ -478,7 +569,12 @@ impl Store {
                 .map_or(Bound::Unbounded, |end| Bound::Excluded(&end[..])),
         );
         let mut deleted = 0;
-        for db in self.collections.iter().chain([&self.log]) {
+        for db in self
+            .collections
+            .iter()
+            .chain(&self.elements)
+            .chain([&self.log, &self.reclaim])
+        {
             deleted += db.delete_range(txn, &range)?;
         }
         deleted += usize::from(
@@ -648,9 +744,10 @@ fn doomed_keys(
     for item in db.iter(txn)? {
         let (key, _) = item?;
         let partition = match table {
-            RecordTable::Collection(_) | RecordTable::Log => {
-                key.get(..2).map(|p| u16::from_be_bytes([p[0], p[1]]))
-            }
+            RecordTable::Collection(_)
+            | RecordTable::Log
+            | RecordTable::Elements(_)
+            | RecordTable::Reclaim => key.get(..2).map(|p| u16::from_be_bytes([p[0], p[1]])),
             RecordTable::Meta => match key {
                 [b'p', high, low] => Some(u16::from_be_bytes([*high, *low])),
                 _ => None,

@@ -14,7 +14,7 @@
 //! copies whose client access is fenced.
 
 use heed::RwTxn;
-use shoal_shared::frame::{ChangeType, Key, LogEntry, Partition, WorkerError, WorkerResponse};
+use shoal_shared::frame::{ChangeType, LogEntry, Partition, WorkerError, WorkerResponse};
 use shoal_shared::layout::{self, ReplicaState, MAX_HISTORY_PAIRS};
 
 use super::partitions::refused;
@@ -157,17 +157,14 @@ impl Store {
             )));
         }
         let commit_id = self.next_commit_id(txn, batch, partition)?;
-        let marker = Key {
-            partition,
-            bytes: Vec::new(),
-        };
         self.append_log(
             txn,
             batch,
             commit_id,
             ChangeType::Marker,
             0,
-            &marker,
+            &[],
+            partition,
             None,
             &[],
         )?;

@@ -10,7 +10,7 @@ use shoal_shared::frame::{
 use shoal_shared::limits::MAX_REPLY_BYTES;
 use shoal_shared::resp::parse_i64;
 
-use super::keyspace::Current;
+use super::keyspace::{Current, RecordValue};
 use super::scan::ScanRange;
 use super::{Batch, OpError, OpResult, RawDatabase, Store};
 
@@ -192,19 +192,64 @@ fn byte_range(value: &[u8], start: i64, end: i64) -> &[u8] {
 }
 
 impl Op<'_> {
+    /// The key as a write sees it, of any type.
     fn current(&self, txn: &RwTxn, key: &Key) -> Result<Current, OpError> {
         self.store.current(txn, self.db, key, self.now_ms)
     }
 
+    /// The key as a write sees it; refused with `WrongType` when it holds a typed key.
+    fn string_current(&self, txn: &RwTxn, key: &Key) -> Result<Current, OpError> {
+        let current = self.current(txn, key)?;
+        if current
+            .live
+            .as_ref()
+            .is_some_and(|live| live.typed.is_some())
+        {
+            return Err(OpError::Refused(WorkerError::WrongType));
+        }
+        Ok(current)
+    }
+
     fn live_value(&self, txn: &RwTxn, key: &Key) -> Result<Option<Vec<u8>>, OpError> {
-        Ok(self.current(txn, key)?.live.map(|live| live.value))
+        Ok(self.string_current(txn, key)?.live.map(|live| live.value))
+    }
+
+    /// Rewrites the key's record, of any type, with a new expiry.
+    fn put_expiry(
+        &self,
+        txn: &mut RwTxn,
+        batch: &mut Batch,
+        key: &Key,
+        current: &Current,
+        live: &super::keyspace::Live,
+        expires: Option<u64>,
+    ) -> Result<(), OpError> {
+        let record = match &live.typed {
+            Some(meta) => RecordValue::Typed(meta),
+            None => RecordValue::String(&live.value),
+        };
+        Ok(self.store.put_record(
+            txn,
+            batch,
+            self.db,
+            self.collection,
+            key,
+            current,
+            record,
+            expires,
+        )?)
     }
 
     fn mget(&self, txn: &RwTxn, keys: &[Key]) -> OpResult {
         let mut values = Vec::with_capacity(keys.len());
         let mut bytes = 0;
         for key in keys {
-            let value = self.live_value(txn, key)?;
+            // A key of another type reads as missing, as in Redis.
+            let value = self
+                .current(txn, key)?
+                .live
+                .filter(|live| live.typed.is_none())
+                .map(|live| live.value);
             bytes += value.as_ref().map_or(0, Vec::len);
             if bytes > MAX_REPLY_BYTES {
                 return Err(OpError::Refused(WorkerError::ReplyTooLarge));
@@ -215,7 +260,7 @@ impl Op<'_> {
     }
 
     fn get_del(&self, txn: &mut RwTxn, batch: &mut Batch, key: &Key) -> OpResult {
-        let current = self.current(txn, key)?;
+        let current = self.string_current(txn, key)?;
         self.store
             .remove(txn, batch, self.db, self.collection, key, &current)?;
         Ok(WorkerResponse::Value(current.live.map(|live| live.value)))
@@ -261,16 +306,7 @@ impl Op<'_> {
         let current = self.current(txn, key)?;
         match &current.live {
             Some(live) if live.expires_at_ms.is_some() => {
-                self.store.put(
-                    txn,
-                    batch,
-                    self.db,
-                    self.collection,
-                    key,
-                    &current,
-                    &live.value,
-                    None,
-                )?;
+                self.put_expiry(txn, batch, key, &current, live, None)?;
                 Ok(WorkerResponse::Integer(1))
             }
             _ => Ok(WorkerResponse::Integer(0)),
@@ -337,7 +373,11 @@ impl Op<'_> {
         reply: SetReply,
         expiry: Expiry,
     ) -> OpResult {
-        let current = self.current(txn, key)?;
+        let current = match reply {
+            // SET ... GET reads the old value, which must be a string.
+            SetReply::OldValue => self.string_current(txn, key)?,
+            _ => self.current(txn, key)?,
+        };
         let exists = current.live.is_some();
         let allowed = match condition {
             SetCondition::Always => true,
@@ -368,7 +408,7 @@ impl Op<'_> {
     }
 
     fn get_ex(&self, txn: &mut RwTxn, batch: &mut Batch, key: &Key, expiry: Expiry) -> OpResult {
-        let current = self.current(txn, key)?;
+        let current = self.string_current(txn, key)?;
         let Some(live) = &current.live else {
             return Ok(WorkerResponse::Value(None));
         };
@@ -386,7 +426,7 @@ impl Op<'_> {
     }
 
     fn incr_by(&self, txn: &mut RwTxn, batch: &mut Batch, key: &Key, delta: i64) -> OpResult {
-        let current = self.current(txn, key)?;
+        let current = self.string_current(txn, key)?;
         let value = match &current.live {
             None => 0,
             Some(live) => {
@@ -407,7 +447,7 @@ impl Op<'_> {
         key: &Key,
         increment: &[u8],
     ) -> OpResult {
-        let current = self.current(txn, key)?;
+        let current = self.string_current(txn, key)?;
         let value = current.live.as_ref().map(|live| live.value.as_slice());
         let text = crate::float::incr_by_float(value, increment).map_err(OpError::Refused)?;
         self.put_keeping_ttl(txn, batch, key, &current, &text)?;
@@ -415,7 +455,7 @@ impl Op<'_> {
     }
 
     fn append(&self, txn: &mut RwTxn, batch: &mut Batch, key: &Key, suffix: &[u8]) -> OpResult {
-        let current = self.current(txn, key)?;
+        let current = self.string_current(txn, key)?;
         let mut value = current
             .live
             .as_ref()
@@ -429,7 +469,7 @@ impl Op<'_> {
     /// The key's current state and a copy of its value (empty when missing), for a
     /// request that changes the value in place.
     fn value_to_patch(&self, txn: &RwTxn, key: &Key) -> Result<(Current, Vec<u8>), OpError> {
-        let current = self.current(txn, key)?;
+        let current = self.string_current(txn, key)?;
         let value = current
             .live
             .as_ref()
@@ -527,7 +567,7 @@ impl Op<'_> {
             self.store
                 .remove(txn, batch, self.db, self.collection, key, &current)?;
         } else {
-            self.put(txn, batch, key, &current, &live.value, Some(at_ms))?;
+            self.put_expiry(txn, batch, key, &current, live, Some(at_ms))?;
         }
         Ok(WorkerResponse::Integer(1))
     }

@@ -193,11 +193,18 @@ impl Store {
                 None => Vec::new(),
             };
             let commit_id = self.next_commit_id(txn, batch, partition)?;
-            let key = Key {
+            let key = txid.to_be_bytes();
+            self.append_log(
+                txn,
+                batch,
+                commit_id,
+                ChangeType::Txn,
+                0,
+                &key,
                 partition,
-                bytes: txid.to_be_bytes().to_vec(),
-            };
-            self.append_log(txn, batch, commit_id, ChangeType::Txn, 0, &key, None, &data)?;
+                None,
+                &data,
+            )?;
         }
         Ok(())
     }

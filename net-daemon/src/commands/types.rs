@@ -1,0 +1,621 @@
+//! Commands on hashes, sets, sorted sets and lists: their arguments are parsed and
+//! checked here, and each becomes one [`TypedOp`] for the worker that owns the key,
+//! which applies it atomically. [`Shape`] turns the worker's [`Answer`] into the reply
+//! the command gives. Commands over several keys (SINTER, ZUNION, SMOVE, LMOVE, ...)
+//! are in [`super::typed_multi`].
+
+use bytes::Bytes;
+use serde_bytes::ByteBuf;
+use shoal_shared::frame::{
+    Answer, LexBound, RangeBy, ScoreBound, TypedOp, WorkerRequest, WorkerResponse, ZAddFlags,
+    ZRange,
+};
+use shoal_shared::layout::typed::Kind;
+use shoal_shared::resp::{parse_i64, Reply};
+
+use super::strings::single;
+use super::{Merge, Pending, Session};
+use crate::errors;
+use crate::state::Shared;
+
+/// How a worker's answer becomes the command's reply.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Shape {
+    /// As it is.
+    Plain,
+    /// The first element of an array answer (HGET, SISMEMBER, ZSCORE).
+    First,
+    /// `+OK` in place of a count (HMSET).
+    Done,
+    /// Pairs as one flat array in every protocol (ZPOPMIN without a count).
+    Flat,
+}
+
+impl Shape {
+    /// The reply for a worker's response.
+    pub fn reply(self, response: WorkerResponse) -> Reply {
+        match response {
+            WorkerResponse::Answer(answer) => match (self, answer) {
+                (Shape::First, Answer::Array(items)) => {
+                    items.into_iter().next().map_or(Reply::Nil, answer_reply)
+                }
+                (Shape::Done, _) => Reply::Ok,
+                (Shape::Flat, Answer::Pairs { pairs, .. }) => Reply::Array(
+                    pairs
+                        .into_iter()
+                        .flat_map(|(a, b)| [answer_reply(a), answer_reply(b)])
+                        .collect(),
+                ),
+                (_, answer) => answer_reply(answer),
+            },
+            WorkerResponse::Error(error) => errors::worker_error(&error),
+            other => super::response_reply(other),
+        }
+    }
+}
+
+/// A worker's answer as a reply.
+pub fn answer_reply(answer: Answer) -> Reply {
+    match answer {
+        Answer::Ok => Reply::Ok,
+        Answer::Status(text) => Reply::Simple(text),
+        Answer::Nil => Reply::Nil,
+        Answer::NilArray => Reply::NilArray,
+        Answer::Integer(n) => Reply::Integer(n),
+        Answer::Bulk(bytes) => Reply::Bulk(bytes.into_vec().into()),
+        Answer::Double(value) => Reply::Double(value),
+        Answer::Array(items) => Reply::Array(items.into_iter().map(answer_reply).collect()),
+        Answer::Pairs { pairs, map } => {
+            let pairs = pairs
+                .into_iter()
+                .map(|(a, b)| (answer_reply(a), answer_reply(b)))
+                .collect();
+            match map {
+                true => Reply::Map(pairs),
+                false => Reply::Pairs(pairs),
+            }
+        }
+    }
+}
+
+/// Sends `op` on the key `key` to its owner.
+pub async fn run(
+    shared: &Shared,
+    session: &Session,
+    key: &Bytes,
+    op: TypedOp,
+    shape: Shape,
+) -> Pending {
+    let collection = session.collection;
+    let pending = single(shared, key, |key| WorkerRequest::Typed {
+        collection,
+        key,
+        op,
+    })
+    .await;
+    match pending {
+        Pending::Calls { calls, .. } => Pending::Calls {
+            calls,
+            merge: Merge::Answer(shape),
+        },
+        other => other,
+    }
+}
+
+fn buf(arg: &Bytes) -> ByteBuf {
+    ByteBuf::from(arg.to_vec())
+}
+
+fn bufs(args: &[Bytes]) -> Vec<ByteBuf> {
+    args.iter().map(buf).collect()
+}
+
+fn integer(arg: &Bytes) -> Result<i64, Reply> {
+    parse_i64(arg).ok_or_else(errors::not_integer)
+}
+
+/// A count that must not be negative (`ERR value is out of range, must be positive`).
+fn positive(arg: &Bytes) -> Result<u64, Reply> {
+    match parse_i64(arg) {
+        Some(n) if n >= 0 => Ok(n as u64),
+        Some(_) => Err(Reply::error("ERR value is out of range, must be positive")),
+        None => Err(errors::not_integer()),
+    }
+}
+
+/// A score as Redis reads one: a float, `inf`, `-inf`, never NaN.
+pub fn score(arg: &[u8]) -> Option<f64> {
+    let text = std::str::from_utf8(arg).ok()?;
+    if text.is_empty() || text.starts_with(|c: char| c.is_whitespace()) {
+        return None;
+    }
+    let value = match text.to_ascii_lowercase().as_str() {
+        "inf" | "+inf" | "infinity" | "+infinity" => f64::INFINITY,
+        "-inf" | "-infinity" => f64::NEG_INFINITY,
+        _ => text.parse::<f64>().ok()?,
+    };
+    (!value.is_nan()).then_some(value)
+}
+
+fn score_bound(arg: &[u8]) -> Result<ScoreBound, Reply> {
+    let error = || Reply::error("ERR min or max is not a float");
+    match arg.strip_prefix(b"(") {
+        Some(rest) => Ok(ScoreBound {
+            value: score(rest).ok_or_else(error)?,
+            exclusive: true,
+        }),
+        None => Ok(ScoreBound {
+            value: score(arg).ok_or_else(error)?,
+            exclusive: false,
+        }),
+    }
+}
+
+fn lex_bound(arg: &[u8]) -> Result<LexBound, Reply> {
+    match arg {
+        b"-" => Ok(LexBound::Min),
+        b"+" => Ok(LexBound::Max),
+        [b'[', rest @ ..] => Ok(LexBound::Inclusive(ByteBuf::from(rest.to_vec()))),
+        [b'(', rest @ ..] => Ok(LexBound::Exclusive(ByteBuf::from(rest.to_vec()))),
+        _ => Err(Reply::error("ERR min or max not valid string range item")),
+    }
+}
+
+fn is(arg: &Bytes, word: &str) -> bool {
+    arg.eq_ignore_ascii_case(word.as_bytes())
+}
+
+/// Runs `name` if it is a command on one typed key; `None` otherwise. Arity is checked.
+pub async fn dispatch(
+    shared: &Shared,
+    session: &Session,
+    name: &str,
+    args: &[Bytes],
+) -> Option<Pending> {
+    let parsed = match parse(name, args) {
+        None => return None,
+        Some(Ok(parsed)) => parsed,
+        Some(Err(reply)) => return Some(Pending::Ready(reply)),
+    };
+    let (op, shape) = parsed;
+    Some(run(shared, session, &args[1], op, shape).await)
+}
+
+type Parsed = Result<(TypedOp, Shape), Reply>;
+
+/// The op and reply shape of a one-key typed command; `None` if `name` is not one.
+fn parse(name: &str, args: &[Bytes]) -> Option<Parsed> {
+    use Shape::*;
+    use TypedOp::*;
+    let plain = |op| Ok((op, Plain));
+    Some(match name {
+        "type" => plain(Type),
+        "hlen" => plain(Len(Kind::Hash)),
+        "scard" => plain(Len(Kind::Set)),
+        "zcard" => plain(Len(Kind::SortedSet)),
+        "llen" => plain(Len(Kind::List)),
+        "hscan" | "sscan" | "zscan" => return None,
+
+        "hset" | "hmset" => {
+            if !args.len().is_multiple_of(2) {
+                return Some(Err(errors::wrong_arity(name)));
+            }
+            let pairs = args[2..]
+                .chunks(2)
+                .map(|p| (buf(&p[0]), buf(&p[1])))
+                .collect();
+            let op = HSet {
+                pairs,
+                if_absent: false,
+            };
+            Ok((op, if name == "hmset" { Done } else { Plain }))
+        }
+        "hsetnx" => plain(HSet {
+            pairs: vec![(buf(&args[2]), buf(&args[3]))],
+            if_absent: true,
+        }),
+        "hget" => Ok((
+            HGet {
+                fields: bufs(&args[2..3]),
+            },
+            First,
+        )),
+        "hmget" => plain(HGet {
+            fields: bufs(&args[2..]),
+        }),
+        "hdel" => plain(HDel {
+            fields: bufs(&args[2..]),
+        }),
+        "hexists" => plain(HExists {
+            field: buf(&args[2]),
+        }),
+        "hstrlen" => plain(HStrLen {
+            field: buf(&args[2]),
+        }),
+        "hgetall" => plain(HGetAll {
+            fields: true,
+            values: true,
+        }),
+        "hkeys" => plain(HGetAll {
+            fields: true,
+            values: false,
+        }),
+        "hvals" => plain(HGetAll {
+            fields: false,
+            values: true,
+        }),
+        "hincrby" => integer(&args[3]).map(|delta| {
+            (
+                HIncrBy {
+                    field: buf(&args[2]),
+                    delta,
+                },
+                Plain,
+            )
+        }),
+        "hincrbyfloat" => plain(HIncrByFloat {
+            field: buf(&args[2]),
+            increment: buf(&args[3]),
+        }),
+        "hrandfield" => random_count(args, "withvalues")
+            .map(|(count, with_values)| (HRandField { count, with_values }, Plain)),
+
+        "sadd" => plain(SAdd {
+            members: bufs(&args[2..]),
+        }),
+        "srem" => plain(SRem {
+            members: bufs(&args[2..]),
+        }),
+        "sismember" => {
+            if args.len() != 3 {
+                return Some(Err(errors::wrong_arity(name)));
+            }
+            Ok((
+                SIsMember {
+                    members: bufs(&args[2..]),
+                },
+                First,
+            ))
+        }
+        "smismember" => plain(SIsMember {
+            members: bufs(&args[2..]),
+        }),
+        "smembers" => plain(Members(Kind::Set)),
+        "srandmember" => match args.len() {
+            2 => plain(SRandMember { count: None }),
+            3 => integer(&args[2]).map(|count| (SRandMember { count: Some(count) }, Plain)),
+            _ => Err(errors::syntax()),
+        },
+        "spop" => match args.len() {
+            2 => plain(SPop { count: None }),
+            3 => positive(&args[2]).map(|count| (SPop { count: Some(count) }, Plain)),
+            _ => Err(errors::syntax()),
+        },
+
+        "zadd" => zadd(args),
+        "zincrby" => match score(&args[2]) {
+            None => Err(errors::not_float()),
+            Some(increment) => plain(ZAdd {
+                flags: ZAddFlags {
+                    incr: true,
+                    ..ZAddFlags::default()
+                },
+                pairs: vec![(increment, buf(&args[3]))],
+            }),
+        },
+        "zrem" => plain(ZRem {
+            members: bufs(&args[2..]),
+        }),
+        "zscore" => Ok((
+            ZScore {
+                members: bufs(&args[2..3]),
+            },
+            First,
+        )),
+        "zmscore" => plain(ZScore {
+            members: bufs(&args[2..]),
+        }),
+        "zrank" | "zrevrank" => plain(ZRank {
+            member: buf(&args[2]),
+            reverse: name == "zrevrank",
+        }),
+        "zcount" => score_bound(&args[2]).and_then(|min| {
+            Ok((
+                ZCount {
+                    range: RangeBy::Score(min, score_bound(&args[3])?),
+                },
+                Plain,
+            ))
+        }),
+        "zlexcount" => lex_bound(&args[2]).and_then(|min| {
+            Ok((
+                ZCount {
+                    range: RangeBy::Lex(min, lex_bound(&args[3])?),
+                },
+                Plain,
+            ))
+        }),
+        "zrange" | "zrangebyscore" | "zrevrangebyscore" | "zrangebylex" | "zrevrangebylex"
+        | "zrevrange" => {
+            zrange(name, args).map(|(range, with_scores)| (ZRange { range, with_scores }, Plain))
+        }
+        "zremrangebyrank" => integer(&args[2]).and_then(|start| {
+            Ok((
+                ZRemRange {
+                    range: RangeBy::Rank(start, integer(&args[3])?),
+                },
+                Plain,
+            ))
+        }),
+        "zremrangebyscore" => score_bound(&args[2]).and_then(|min| {
+            Ok((
+                ZRemRange {
+                    range: RangeBy::Score(min, score_bound(&args[3])?),
+                },
+                Plain,
+            ))
+        }),
+        "zremrangebylex" => lex_bound(&args[2]).and_then(|min| {
+            Ok((
+                ZRemRange {
+                    range: RangeBy::Lex(min, lex_bound(&args[3])?),
+                },
+                Plain,
+            ))
+        }),
+        "zpopmin" | "zpopmax" => {
+            let max = name == "zpopmax";
+            match args.len() {
+                2 => Ok((ZPop { max, count: 1 }, Flat)),
+                3 => positive(&args[2]).map(|count| (ZPop { max, count }, Plain)),
+                _ => Err(errors::syntax()),
+            }
+        }
+        "zrandmember" => random_count(args, "withscores")
+            .map(|(count, with_scores)| (ZRandMember { count, with_scores }, Plain)),
+
+        "lpush" | "rpush" | "lpushx" | "rpushx" => plain(Push {
+            left: name.starts_with('l'),
+            values: bufs(&args[2..]),
+            if_exists: name.ends_with('x'),
+        }),
+        "lpop" | "rpop" => {
+            let left = name == "lpop";
+            match args.len() {
+                2 => plain(Pop { left, count: None }),
+                3 => positive(&args[2]).map(|count| {
+                    (
+                        Pop {
+                            left,
+                            count: Some(count),
+                        },
+                        Plain,
+                    )
+                }),
+                _ => Err(errors::syntax()),
+            }
+        }
+        "lindex" => integer(&args[2]).map(|index| (LIndex { index }, Plain)),
+        "lset" => integer(&args[2]).map(|index| {
+            (
+                LSet {
+                    index,
+                    value: buf(&args[3]),
+                },
+                Plain,
+            )
+        }),
+        "lrange" => integer(&args[2]).and_then(|start| {
+            Ok((
+                LRange {
+                    start,
+                    stop: integer(&args[3])?,
+                },
+                Plain,
+            ))
+        }),
+        "ltrim" => integer(&args[2]).and_then(|start| {
+            Ok((
+                LTrim {
+                    start,
+                    stop: integer(&args[3])?,
+                },
+                Plain,
+            ))
+        }),
+        "lrem" => integer(&args[2]).map(|count| {
+            (
+                LRem {
+                    count,
+                    value: buf(&args[3]),
+                },
+                Plain,
+            )
+        }),
+        "linsert" => {
+            let before = match &args[2] {
+                a if is(a, "before") => true,
+                a if is(a, "after") => false,
+                _ => return Some(Err(errors::syntax())),
+            };
+            plain(LInsert {
+                before,
+                pivot: buf(&args[3]),
+                value: buf(&args[4]),
+            })
+        }
+        "lpos" => lpos(args),
+        _ => return None,
+    })
+}
+
+/// `[count [WITH...]]` of HRANDFIELD and ZRANDMEMBER.
+fn random_count(args: &[Bytes], with: &str) -> Result<(Option<i64>, bool), Reply> {
+    match args.len() {
+        2 => Ok((None, false)),
+        3 => Ok((Some(integer(&args[2])?), false)),
+        4 if is(&args[3], with) => {
+            let count = integer(&args[2])?;
+            // Redis refuses counts whose doubled reply would overflow.
+            if count.checked_mul(2).is_none() {
+                return Err(Reply::error("ERR value is out of range"));
+            }
+            Ok((Some(count), true))
+        }
+        _ => Err(errors::syntax()),
+    }
+}
+
+fn zadd(args: &[Bytes]) -> Parsed {
+    let mut flags = ZAddFlags::default();
+    let mut at = 2;
+    while at < args.len() {
+        let arg = &args[at];
+        match () {
+            _ if is(arg, "nx") => flags.nx = true,
+            _ if is(arg, "xx") => flags.xx = true,
+            _ if is(arg, "gt") => flags.gt = true,
+            _ if is(arg, "lt") => flags.lt = true,
+            _ if is(arg, "ch") => flags.ch = true,
+            _ if is(arg, "incr") => flags.incr = true,
+            _ => break,
+        }
+        at += 1;
+    }
+    let rest = &args[at..];
+    if rest.is_empty() || !rest.len().is_multiple_of(2) {
+        return Err(errors::syntax());
+    }
+    if flags.nx && flags.xx {
+        return Err(Reply::error(
+            "ERR XX and NX options at the same time are not compatible",
+        ));
+    }
+    if (flags.nx && (flags.gt || flags.lt)) || (flags.gt && flags.lt) {
+        return Err(Reply::error(
+            "ERR GT, LT, and/or NX options at the same time are not compatible",
+        ));
+    }
+    if flags.incr && rest.len() > 2 {
+        return Err(Reply::error(
+            "ERR INCR option supports a single increment-element pair",
+        ));
+    }
+    let mut pairs = Vec::with_capacity(rest.len() / 2);
+    for pair in rest.chunks(2) {
+        let value = score(&pair[0]).ok_or_else(errors::not_float)?;
+        pairs.push((value, buf(&pair[1])));
+    }
+    Ok((TypedOp::ZAdd { flags, pairs }, Shape::Plain))
+}
+
+/// ZRANGE in all its forms: the range (bounds low end first) and WITHSCORES.
+pub fn zrange(name: &str, args: &[Bytes]) -> Result<(ZRange, bool), Reply> {
+    enum By {
+        Rank,
+        Score,
+        Lex,
+    }
+    let (mut by, mut reverse) = match name {
+        "zrangebyscore" => (By::Score, false),
+        "zrevrangebyscore" => (By::Score, true),
+        "zrangebylex" => (By::Lex, false),
+        "zrevrangebylex" => (By::Lex, true),
+        "zrevrange" => (By::Rank, true),
+        _ => (By::Rank, false),
+    };
+    let full = name == "zrange";
+    let (mut with_scores, mut limit) = (false, None);
+    let mut at = 4;
+    while at < args.len() {
+        let arg = &args[at];
+        if is(arg, "withscores") && !matches!((&by, full), (By::Lex, false)) {
+            with_scores = true;
+        } else if is(arg, "limit")
+            && at + 2 < args.len()
+            && !matches!((&by, full), (By::Rank, false))
+        {
+            limit = Some((integer(&args[at + 1])?, integer(&args[at + 2])?));
+            at += 2;
+        } else if full && is(arg, "byscore") {
+            by = By::Score;
+        } else if full && is(arg, "bylex") {
+            by = By::Lex;
+        } else if full && is(arg, "rev") {
+            reverse = true;
+        } else {
+            return Err(errors::syntax());
+        }
+        at += 1;
+    }
+    // The older reversed forms and ZRANGE REV take the high end first.
+    let (low, high) = match (reverse, full || !matches!(by, By::Rank)) {
+        (true, true) => (&args[3], &args[2]),
+        _ => (&args[2], &args[3]),
+    };
+    let by = match by {
+        By::Rank => {
+            if limit.is_some() {
+                return Err(Reply::error(
+                    "ERR syntax error, LIMIT is only supported in combination with either BYSCORE or BYLEX",
+                ));
+            }
+            // Ranks are not swapped: ZREVRANGE 0 1 is the first two from the top.
+            RangeBy::Rank(integer(&args[2])?, integer(&args[3])?)
+        }
+        By::Score => RangeBy::Score(score_bound(low)?, score_bound(high)?),
+        By::Lex => {
+            if with_scores {
+                return Err(Reply::error(
+                    "ERR syntax error, WITHSCORES not supported in combination with BYLEX",
+                ));
+            }
+            RangeBy::Lex(lex_bound(low)?, lex_bound(high)?)
+        }
+    };
+    Ok((ZRange { by, reverse, limit }, with_scores))
+}
+
+fn lpos(args: &[Bytes]) -> Parsed {
+    let (mut rank, mut count, mut max_len) = (1, None, 0);
+    let mut at = 3;
+    while at < args.len() {
+        let Some(value) = args.get(at + 1) else {
+            return Err(errors::syntax());
+        };
+        let arg = &args[at];
+        if is(arg, "rank") {
+            rank = integer(value)?;
+            if rank == 0 {
+                return Err(Reply::error("ERR RANK can't be zero: use 1 to start from the first match, 2 from the second ... or use negative to start from the end of the list"));
+            }
+            if rank == i64::MIN {
+                return Err(Reply::error("ERR value is out of range"));
+            }
+        } else if is(arg, "count") {
+            let n = integer(value)?;
+            if n < 0 {
+                return Err(Reply::error("ERR COUNT can't be negative"));
+            }
+            count = Some(n as u64);
+        } else if is(arg, "maxlen") {
+            let n = integer(value)?;
+            if n < 0 {
+                return Err(Reply::error("ERR MAXLEN can't be negative"));
+            }
+            max_len = n as u64;
+        } else {
+            return Err(errors::syntax());
+        }
+        at += 2;
+    }
+    Ok((
+        TypedOp::LPos {
+            value: buf(&args[2]),
+            rank,
+            count,
+            max_len,
+        },
+        Shape::Plain,
+    ))
+}

@@ -1,0 +1,501 @@
+//! Typed keys: hashes, sets, sorted sets and lists (see `shoal_shared::layout::typed`
+//! for their bytes).
+//!
+//! [`Store::typed`] runs one [`TypedOp`] on one key. A [`Target`] is the request's view
+//! of that key: it checks the key's type, and reads and writes its elements, each
+//! write with its own log entry in the same transaction; [`Target::save`] then writes
+//! the key's metadata record (or removes the key when it has no element left, as Redis
+//! does).
+//!
+//! Submodules, one per type: `hash`, `set`, `zset`, `list`.
+
+mod hash;
+mod list;
+mod set;
+mod zset;
+
+use heed::RwTxn;
+use shoal_shared::frame::{
+    Answer, ChangeType, Collection, Key, TypedOp, WorkerError, WorkerResponse,
+};
+use shoal_shared::layout::typed::{
+    self, ElementTable, Kind, LogTable, TypeMeta, MAX_KEY_AND_ELEMENT_BYTES,
+};
+use shoal_shared::layout::{self};
+
+use super::keyspace::{Current, RecordValue};
+use super::{Batch, OpError, OpResult, RawDatabase, Store};
+
+/// Called for each element walked (without its prefix) and its value; `false` stops.
+type Visit<'a> = &'a mut dyn FnMut(&[u8], &[u8]) -> Result<bool, OpError>;
+/// Elements with their values.
+type Elements = Vec<(Vec<u8>, Vec<u8>)>;
+
+/// The request's view of one typed key.
+pub(crate) struct Target<'s> {
+    store: &'s Store,
+    db: RawDatabase,
+    collection: Collection,
+    key: &'s Key,
+    now_ms: u64,
+}
+
+/// A typed key as a request finds it: its state, and its metadata when it is live.
+pub(crate) struct Found {
+    current: Current,
+    meta: Option<TypeMeta>,
+}
+
+fn refused(text: impl Into<String>) -> OpError {
+    OpError::Refused(WorkerError::Command(text.into()))
+}
+
+impl Store {
+    /// Runs `op` on `key`.
+    pub(crate) fn typed(
+        &self,
+        txn: &mut RwTxn,
+        batch: &mut Batch,
+        collection: Collection,
+        key: &Key,
+        op: &TypedOp,
+    ) -> OpResult {
+        let target = Target {
+            store: self,
+            db: self.db(collection)?,
+            collection,
+            key,
+            now_ms: batch.now_ms,
+        };
+        let answer = match op {
+            TypedOp::Type => target.type_name(txn)?,
+            TypedOp::Encoding => target.encoding(txn)?,
+            TypedOp::Len(kind) => {
+                let found = target.load(txn, *kind)?;
+                Answer::Integer(found.meta.map_or(0, |m| m.count as i64))
+            }
+            TypedOp::Scan {
+                kind,
+                after,
+                count,
+                pattern,
+                no_values,
+            } => target.scan(
+                txn,
+                *kind,
+                after.as_ref().map(|a| a.as_slice()),
+                *count,
+                pattern.as_ref().map(|p| p.as_slice()),
+                *no_values,
+            )?,
+            TypedOp::Members(kind) => target.members(txn, *kind)?,
+            op @ (TypedOp::HSet { .. }
+            | TypedOp::HGet { .. }
+            | TypedOp::HDel { .. }
+            | TypedOp::HExists { .. }
+            | TypedOp::HStrLen { .. }
+            | TypedOp::HGetAll { .. }
+            | TypedOp::HIncrBy { .. }
+            | TypedOp::HIncrByFloat { .. }
+            | TypedOp::HRandField { .. }) => target.hash(txn, batch, op)?,
+            op @ (TypedOp::SAdd { .. }
+            | TypedOp::SRem { .. }
+            | TypedOp::SIsMember { .. }
+            | TypedOp::SRandMember { .. }
+            | TypedOp::SPop { .. }) => target.set(txn, batch, op)?,
+            op @ (TypedOp::ZAdd { .. }
+            | TypedOp::ZRem { .. }
+            | TypedOp::ZScore { .. }
+            | TypedOp::ZRank { .. }
+            | TypedOp::ZCount { .. }
+            | TypedOp::ZRange { .. }
+            | TypedOp::ZRemRange { .. }
+            | TypedOp::ZPop { .. }
+            | TypedOp::ZRandMember { .. }) => target.zset(txn, batch, op)?,
+            op @ (TypedOp::Push { .. }
+            | TypedOp::Pop { .. }
+            | TypedOp::LIndex { .. }
+            | TypedOp::LSet { .. }
+            | TypedOp::LRange { .. }
+            | TypedOp::LTrim { .. }
+            | TypedOp::LRem { .. }
+            | TypedOp::LInsert { .. }
+            | TypedOp::LPos { .. }) => target.list(txn, batch, op)?,
+        };
+        Ok(WorkerResponse::Answer(answer))
+    }
+}
+
+impl Target<'_> {
+    /// The key's state; refused with `WrongType` when it is live and not of `kind`.
+    fn load(&self, txn: &RwTxn, kind: Kind) -> Result<Found, OpError> {
+        let current = self.store.current(txn, self.db, self.key, self.now_ms)?;
+        let meta = match &current.live {
+            None => None,
+            Some(live) => match live.typed {
+                Some(meta) if meta.kind == kind => Some(meta),
+                _ => return Err(OpError::Refused(WorkerError::WrongType)),
+            },
+        };
+        Ok(Found { current, meta })
+    }
+
+    /// The live metadata, or a new empty key of `kind` whose version is the first commit
+    /// id this request takes in the partition (no other incarnation can have it).
+    fn meta_or_new(
+        &self,
+        txn: &RwTxn,
+        batch: &Batch,
+        found: &Found,
+        kind: Kind,
+    ) -> Result<TypeMeta, OpError> {
+        match found.meta {
+            Some(meta) => Ok(meta),
+            None => {
+                let partition = self.store.partition_meta(txn, batch, self.key.partition)?;
+                Ok(TypeMeta::new(kind, partition.last_commit_id + 1))
+            }
+        }
+    }
+
+    fn type_name(&self, txn: &RwTxn) -> Result<Answer, OpError> {
+        let current = self.store.current(txn, self.db, self.key, self.now_ms)?;
+        Ok(Answer::Status(
+            match current.live {
+                None => "none",
+                Some(live) => live.typed.map_or("string", |meta| meta.kind.name()),
+            }
+            .into(),
+        ))
+    }
+
+    fn encoding(&self, txn: &RwTxn) -> Result<Answer, OpError> {
+        let current = self.store.current(txn, self.db, self.key, self.now_ms)?;
+        Ok(match current.live {
+            None => Answer::Nil,
+            Some(live) => match live.typed {
+                Some(meta) => Answer::bulk(meta.kind.encoding()),
+                None if live.value.len() <= 20
+                    && shoal_shared::resp::parse_i64(&live.value).is_some() =>
+                {
+                    Answer::bulk("int")
+                }
+                None if live.value.len() <= 44 => Answer::bulk("embstr"),
+                None => Answer::bulk("raw"),
+            },
+        })
+    }
+
+    fn stored_key(&self, meta: &TypeMeta, element: &[u8]) -> Vec<u8> {
+        typed::element_key(self.key.partition, &self.key.bytes, meta.version, element)
+    }
+
+    /// An element's value (without its header).
+    fn get(
+        &self,
+        txn: &RwTxn,
+        table: ElementTable,
+        meta: &TypeMeta,
+        element: &[u8],
+    ) -> Result<Option<Vec<u8>>, OpError> {
+        match self
+            .store
+            .element_db(table)
+            .get(txn, &self.stored_key(meta, element))?
+        {
+            Some(raw) => Ok(Some(layout::decode_value(raw)?.bytes.to_vec())),
+            None => Ok(None),
+        }
+    }
+
+    /// Writes an element, logging a create (`existed`: an update).
+    #[allow(clippy::too_many_arguments)]
+    fn put(
+        &self,
+        txn: &mut RwTxn,
+        batch: &mut Batch,
+        table: ElementTable,
+        meta: &TypeMeta,
+        element: &[u8],
+        value: &[u8],
+        existed: bool,
+    ) -> Result<(), OpError> {
+        if self.key.bytes.len() + element.len() > MAX_KEY_AND_ELEMENT_BYTES {
+            return Err(refused(format!(
+                "ERR key and element together are longer than {MAX_KEY_AND_ELEMENT_BYTES} bytes"
+            )));
+        }
+        if value.len() > self.store.max_value_bytes {
+            return Err(OpError::Refused(WorkerError::ValueTooLarge {
+                max_value_bytes: self.store.max_value_bytes,
+            }));
+        }
+        let stored_key = self.stored_key(meta, element);
+        let commit_id = self.store.next_commit_id(txn, batch, self.key.partition)?;
+        self.store.element_db(table).put(
+            txn,
+            &stored_key,
+            &layout::encode_value(commit_id, None, value),
+        )?;
+        let change = if existed {
+            ChangeType::Update
+        } else {
+            ChangeType::Create
+        };
+        self.store.append_log(
+            txn,
+            batch,
+            commit_id,
+            change,
+            LogTable::Element(table).field(self.collection),
+            &stored_key[2..],
+            self.key.partition,
+            None,
+            value,
+        )?;
+        Ok(())
+    }
+
+    /// Deletes an element if it is stored, logging the delete; whether it was.
+    fn delete(
+        &self,
+        txn: &mut RwTxn,
+        batch: &mut Batch,
+        table: ElementTable,
+        meta: &TypeMeta,
+        element: &[u8],
+    ) -> Result<bool, OpError> {
+        let stored_key = self.stored_key(meta, element);
+        if !self.store.element_db(table).delete(txn, &stored_key)? {
+            return Ok(false);
+        }
+        let commit_id = self.store.next_commit_id(txn, batch, self.key.partition)?;
+        self.store.append_log(
+            txn,
+            batch,
+            commit_id,
+            ChangeType::Delete,
+            LogTable::Element(table).field(self.collection),
+            &stored_key[2..],
+            self.key.partition,
+            None,
+            &[],
+        )?;
+        Ok(true)
+    }
+
+    /// The elements of `table`, in stored order, from the first after `after` (or from the
+    /// last backwards with `reverse`), while `take` says to go on. `take` gets the element
+    /// (without the prefix) and its value.
+    fn walk(
+        &self,
+        txn: &RwTxn,
+        table: ElementTable,
+        meta: &TypeMeta,
+        reverse: bool,
+        take: Visit<'_>,
+    ) -> Result<(), OpError> {
+        let prefix = typed::element_prefix(self.key.partition, &self.key.bytes, meta.version);
+        let db = self.store.element_db(table);
+        if reverse {
+            for item in db.rev_prefix_iter(txn, &prefix)? {
+                let (key, value) = item?;
+                if !take(&key[prefix.len()..], layout::decode_value(value)?.bytes)? {
+                    break;
+                }
+            }
+        } else {
+            for item in db.prefix_iter(txn, &prefix)? {
+                let (key, value) = item?;
+                if !take(&key[prefix.len()..], layout::decode_value(value)?.bytes)? {
+                    break;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Elements of `table` from the first strictly after `after`, while `take` goes on.
+    fn walk_after(
+        &self,
+        txn: &RwTxn,
+        table: ElementTable,
+        meta: &TypeMeta,
+        after: &[u8],
+        take: Visit<'_>,
+    ) -> Result<(), OpError> {
+        let prefix = typed::element_prefix(self.key.partition, &self.key.bytes, meta.version);
+        let start = [&prefix[..], after].concat();
+        let range = (
+            std::ops::Bound::Excluded(&start[..]),
+            std::ops::Bound::Unbounded,
+        );
+        for item in self.store.element_db(table).range(txn, &range)? {
+            let (key, value) = item?;
+            if !key.starts_with(&prefix) {
+                break;
+            }
+            if !take(&key[prefix.len()..], layout::decode_value(value)?.bytes)? {
+                break;
+            }
+        }
+        Ok(())
+    }
+
+    /// Every element of `table` with its value.
+    fn all(&self, txn: &RwTxn, table: ElementTable, meta: &TypeMeta) -> Result<Elements, OpError> {
+        let mut out = Vec::with_capacity(meta.count.min(1 << 20) as usize);
+        self.walk(txn, table, meta, false, &mut |element, value| {
+            out.push((element.to_vec(), value.to_vec()));
+            Ok(true)
+        })?;
+        Ok(out)
+    }
+
+    /// Writes the key's metadata after a change: the record with `meta` (keeping the
+    /// expiry), or, when no element is left, the key's removal.
+    fn save(
+        &self,
+        txn: &mut RwTxn,
+        batch: &mut Batch,
+        found: &Found,
+        meta: &TypeMeta,
+    ) -> Result<(), OpError> {
+        if found.meta.as_ref() == Some(meta) {
+            return Ok(());
+        }
+        if meta.count == 0 {
+            if found.current.live.is_some() {
+                self.store.remove(
+                    txn,
+                    batch,
+                    self.db,
+                    self.collection,
+                    self.key,
+                    &found.current,
+                )?;
+            }
+            return Ok(());
+        }
+        let expires = found
+            .current
+            .live
+            .as_ref()
+            .and_then(|live| live.expires_at_ms);
+        self.store.put_record(
+            txn,
+            batch,
+            self.db,
+            self.collection,
+            self.key,
+            &found.current,
+            RecordValue::Typed(meta),
+            expires,
+        )?;
+        Ok(())
+    }
+
+    /// HSCAN, SSCAN, ZSCAN: a page of elements after `after`.
+    fn scan(
+        &self,
+        txn: &RwTxn,
+        kind: Kind,
+        after: Option<&[u8]>,
+        count: u32,
+        pattern: Option<&[u8]>,
+        no_values: bool,
+    ) -> Result<Answer, OpError> {
+        let found = self.load(txn, kind)?;
+        let Some(meta) = found.meta else {
+            return Ok(Answer::Array(vec![Answer::Nil, Answer::Array(Vec::new())]));
+        };
+        let table = match kind {
+            Kind::SortedSet => ElementTable::Zset,
+            other => other.tables()[0],
+        };
+        let mut items = Vec::new();
+        let mut seen = 0u32;
+        let mut last: Option<Vec<u8>> = None;
+        let mut more = false;
+        let mut take = |element: &[u8], value: &[u8]| -> Result<bool, OpError> {
+            if seen >= count.max(1) {
+                more = true;
+                return Ok(false);
+            }
+            seen += 1;
+            last = Some(element.to_vec());
+            if pattern.is_some_and(|p| !shoal_shared::glob::glob_match(p, element, false)) {
+                return Ok(true);
+            }
+            items.push(Answer::bulk(element));
+            match kind {
+                Kind::Hash if !no_values => items.push(Answer::bulk(value)),
+                Kind::SortedSet => items.push(Answer::Double(typed::score_from_bytes(value)?)),
+                _ => {}
+            }
+            Ok(true)
+        };
+        match after {
+            Some(after) => self.walk_after(txn, table, &meta, after, &mut take)?,
+            None => self.walk(txn, table, &meta, false, &mut take)?,
+        }
+        let next = match (more, last) {
+            (true, Some(last)) => Answer::bulk(last),
+            _ => Answer::Nil,
+        };
+        Ok(Answer::Array(vec![next, Answer::Array(items)]))
+    }
+
+    /// Every member of a set, or every member and score of a sorted set.
+    fn members(&self, txn: &RwTxn, kind: Kind) -> Result<Answer, OpError> {
+        let found = self.load(txn, kind)?;
+        let Some(meta) = found.meta else {
+            return Ok(Answer::Nil);
+        };
+        match kind {
+            Kind::SortedSet => {
+                let mut pairs = Vec::new();
+                self.walk(
+                    txn,
+                    ElementTable::Zset,
+                    &meta,
+                    false,
+                    &mut |member, score| {
+                        pairs.push((
+                            Answer::bulk(member),
+                            Answer::Double(typed::score_from_bytes(score)?),
+                        ));
+                        Ok(true)
+                    },
+                )?;
+                Ok(Answer::Pairs { pairs, map: false })
+            }
+            _ => Ok(Answer::Array(
+                self.all(txn, kind.tables()[0], &meta)?
+                    .into_iter()
+                    .map(|(member, _)| Answer::bulk(member))
+                    .collect(),
+            )),
+        }
+    }
+}
+
+/// `count` distinct indexes below `len` (all of them when `count >= len`), or `count`
+/// indexes that may repeat; in random order.
+fn random_indexes(len: usize, count: i64) -> Vec<usize> {
+    if len == 0 {
+        return Vec::new();
+    }
+    let random = |below: usize| (shoal_shared::random_u64() % below as u64) as usize;
+    if count < 0 {
+        return (0..count.unsigned_abs()).map(|_| random(len)).collect();
+    }
+    let mut indexes: Vec<usize> = (0..len).collect();
+    let take = (count as usize).min(len);
+    for i in 0..take {
+        let j = i + random(len - i);
+        indexes.swap(i, j);
+    }
+    indexes.truncate(take);
+    indexes
+}

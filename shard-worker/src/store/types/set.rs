@@ -1,0 +1,94 @@
+//! Sets: members in the `set` element table, with empty values.
+
+use heed::RwTxn;
+use shoal_shared::frame::{Answer, TypedOp};
+use shoal_shared::layout::typed::{ElementTable, Kind};
+
+use super::{random_indexes, refused, Target};
+use crate::store::{Batch, OpError};
+
+const TABLE: ElementTable = ElementTable::Set;
+
+impl Target<'_> {
+    pub(super) fn set(
+        &self,
+        txn: &mut RwTxn,
+        batch: &mut Batch,
+        op: &TypedOp,
+    ) -> Result<Answer, OpError> {
+        let found = self.load(txn, Kind::Set)?;
+        let mut meta = self.meta_or_new(txn, batch, &found, Kind::Set)?;
+        let exists = found.meta.is_some();
+        let answer = match op {
+            TypedOp::SAdd { members } => {
+                let mut added = 0;
+                for member in members {
+                    if self.get(txn, TABLE, &meta, member)?.is_none() {
+                        self.put(txn, batch, TABLE, &meta, member, &[], false)?;
+                        meta.count += 1;
+                        added += 1;
+                    }
+                }
+                Answer::Integer(added)
+            }
+            TypedOp::SRem { members } => {
+                let mut removed = 0;
+                if exists {
+                    for member in members {
+                        if self.delete(txn, batch, TABLE, &meta, member)? {
+                            meta.count -= 1;
+                            removed += 1;
+                        }
+                    }
+                }
+                Answer::Integer(removed)
+            }
+            TypedOp::SIsMember { members } => {
+                let mut flags = Vec::with_capacity(members.len());
+                for member in members {
+                    let is = exists && self.get(txn, TABLE, &meta, member)?.is_some();
+                    flags.push(Answer::Integer(i64::from(is)));
+                }
+                Answer::Array(flags)
+            }
+            TypedOp::SRandMember { count } => {
+                let all = match exists {
+                    true => self.all(txn, TABLE, &meta)?,
+                    false => Vec::new(),
+                };
+                match count {
+                    None => random_indexes(all.len(), 1)
+                        .first()
+                        .map_or(Answer::Nil, |&i| Answer::bulk(all[i].0.clone())),
+                    Some(count) => Answer::Array(
+                        random_indexes(all.len(), *count)
+                            .into_iter()
+                            .map(|i| Answer::bulk(all[i].0.clone()))
+                            .collect(),
+                    ),
+                }
+            }
+            TypedOp::SPop { count } => {
+                let all = match exists {
+                    true => self.all(txn, TABLE, &meta)?,
+                    false => Vec::new(),
+                };
+                let picked =
+                    random_indexes(all.len(), count.unwrap_or(1).min(i64::MAX as u64) as i64);
+                let mut popped = Vec::with_capacity(picked.len());
+                for i in picked {
+                    self.delete(txn, batch, TABLE, &meta, &all[i].0)?;
+                    meta.count -= 1;
+                    popped.push(Answer::bulk(all[i].0.clone()));
+                }
+                match count {
+                    None => popped.pop().unwrap_or(Answer::Nil),
+                    Some(_) => Answer::Array(popped),
+                }
+            }
+            _ => return Err(refused("ERR internal error: not a set command")),
+        };
+        self.save(txn, batch, &found, &meta)?;
+        Ok(answer)
+    }
+}
