@@ -113,6 +113,17 @@ pub enum TxAction {
         /// Refuse the whole transaction (`TxKeyExists`) if the key exists.
         if_absent: bool,
     },
+    /// Store a typed key from a snapshot (`layout::typed::encode_snapshot`) that a `Take`
+    /// or `Read` of another worker found; with `if_absent`, refused if the key exists.
+    PutCollection {
+        /// The key's type and elements.
+        #[serde(with = "serde_bytes")]
+        snapshot: Vec<u8>,
+        /// The new expiry in Unix ms, or `None` for no expiry.
+        expires_at_ms: Option<u64>,
+        /// Refuse the whole transaction (`TxKeyExists`) if the key exists.
+        if_absent: bool,
+    },
     /// Delete the key if it exists (→ [`TxOutcome::Existed`]).
     Delete,
     /// Delete the key and return its value; refused if the key does not exist (RENAME's source).
@@ -128,6 +139,14 @@ pub enum TxOutcome {
     Done,
     /// A `Delete`: whether the key existed.
     Existed(bool),
+    /// A `Take` or `Read` of a typed key: its snapshot (`layout::typed::encode_snapshot`).
+    Collection {
+        /// The key's type and elements.
+        #[serde(with = "serde_bytes")]
+        snapshot: Vec<u8>,
+        /// Its expiry in Unix ms, if any.
+        expires_at_ms: Option<u64>,
+    },
     /// A `Take` or `Read`: what the key held.
     Value {
         /// The stored value.
@@ -136,6 +155,31 @@ pub enum TxOutcome {
         /// The key's expiry in Unix ms, if it has one.
         expires_at_ms: Option<u64>,
     },
+}
+
+impl TxOutcome {
+    /// The write that stores what a `Take` or `Read` found (`None` for other outcomes).
+    pub fn put(&self, if_absent: bool) -> Option<TxAction> {
+        match self {
+            TxOutcome::Value {
+                value,
+                expires_at_ms,
+            } => Some(TxAction::Put {
+                value: value.clone(),
+                expires_at_ms: *expires_at_ms,
+                if_absent,
+            }),
+            TxOutcome::Collection {
+                snapshot,
+                expires_at_ms,
+            } => Some(TxAction::PutCollection {
+                snapshot: snapshot.clone(),
+                expires_at_ms: *expires_at_ms,
+                if_absent,
+            }),
+            _ => None,
+        }
+    }
 }
 
 /// The database of a shard environment that a raw [`Record`] belongs to.
@@ -360,6 +404,8 @@ pub enum WorkerRequest {
         /// Walk this partition only (a cluster's SCAN goes partition by partition); a fenced
         /// one is refused with `PartitionMoved`.
         partition: Option<Partition>,
+        /// Only keys of this type (SCAN's TYPE, lower case: `string`, `hash`, ...).
+        of_type: Option<String>,
     },
     /// → `Scanned` with every matching key and no `next`.
     Keys {
@@ -614,6 +660,9 @@ impl WorkerRequest {
                 .iter()
                 .map(|op| match &op.action {
                     TxAction::Put { value, .. } => value.len() + op.key.bytes.len(),
+                    TxAction::PutCollection { snapshot, .. } => {
+                        2 * snapshot.len() + op.key.bytes.len()
+                    }
                     _ => op.key.bytes.len(),
                 })
                 .sum(),

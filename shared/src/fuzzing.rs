@@ -535,6 +535,7 @@ pub fn frame_request_seeds() -> Vec<(&'static str, Vec<u8>)> {
                     count: 10,
                     pattern: Some(b"k*".to_vec()),
                     partition: Some(0),
+                    of_type: Some("hash".into()),
                 },
             ),
         ),

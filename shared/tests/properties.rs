@@ -171,7 +171,8 @@ fn worker_request() -> impl Strategy<Value = WorkerRequest> {
                 after,
                 count,
                 pattern,
-                partition
+                partition,
+                of_type: None,
             }),
         (c(), option::of(bytes(16))).prop_map(|(collection, pattern)| Keys {
             collection,

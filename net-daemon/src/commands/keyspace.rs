@@ -68,7 +68,7 @@ pub async fn dispatch(
             };
             Pending::Ready(reply)
         }
-        "object" => object(shared, collection, args).await,
+        "object" => object(shared, session, args).await,
         "randomkey" => {
             let shared = Arc::clone(shared);
             Pending::barrier(async move { random_key(&shared, collection).await })
@@ -87,6 +87,7 @@ pub async fn dispatch(
                         count: u32::MAX,
                         pattern: pattern.clone(),
                         partition: Some(partition),
+                        of_type: None,
                     })
                     .await
                 }
@@ -253,18 +254,21 @@ async fn expire(shared: &Shared, collection: u16, name: &str, args: &[Bytes]) ->
 
 /// `OBJECT ENCODING key` (always "raw" for an existing key) and the other introspection
 /// subcommands Shoal can answer.
-async fn object(shared: &Shared, collection: u16, args: &[Bytes]) -> Pending {
+async fn object(shared: &Shared, session: &Session, args: &[Bytes]) -> Pending {
+    let collection = session.collection;
     let subcommand = args[1].to_ascii_uppercase();
     let reply = match (subcommand.as_slice(), args.len()) {
-        (b"ENCODING" | b"REFCOUNT" | b"IDLETIME", 3) => {
-            match exists(shared, collection, &args[2]).await {
-                Ok(false) => Reply::Nil,
-                Ok(true) if subcommand == b"ENCODING" => Reply::bulk("raw"),
-                Ok(true) if subcommand == b"REFCOUNT" => Reply::Integer(1),
-                Ok(true) => Reply::Integer(0),
-                Err(reply) => reply,
-            }
+        (b"ENCODING", 3) => {
+            let op = shoal_shared::frame::TypedOp::Encoding;
+            return super::types::run(shared, session, &args[2], op, super::types::Shape::Plain)
+                .await;
         }
+        (b"REFCOUNT" | b"IDLETIME", 3) => match exists(shared, collection, &args[2]).await {
+            Ok(false) => Reply::Nil,
+            Ok(true) if subcommand == b"REFCOUNT" => Reply::Integer(1),
+            Ok(true) => Reply::Integer(0),
+            Err(reply) => reply,
+        },
         (b"FREQ", 3) => match exists(shared, collection, &args[2]).await {
             Ok(false) => Reply::Nil,
             // As Redis answers without an LFU eviction policy: Shoal counts no accesses.
@@ -313,6 +317,7 @@ async fn random_key(shared: &Shared, collection: u16) -> Reply {
             count: 64,
             pattern: None,
             partition: Some(partition),
+            of_type: None,
         };
         match shared
             .dispatch
@@ -378,7 +383,7 @@ async fn scan_partitions(
     cursor: u64,
     count: u32,
     pattern: Option<Vec<u8>>,
-    only_strings: bool,
+    of_type: Option<String>,
 ) -> Reply {
     let Some(position) = shared.scan_cursors.load(cursor, 1) else {
         return Reply::error("ERR invalid cursor");
@@ -402,7 +407,6 @@ async fn scan_partitions(
             partition
         };
         if partition >= partitions {
-            let keys = if only_strings { keys } else { Vec::new() };
             return Reply::Array(vec![Reply::bulk("0"), Reply::Array(keys)]);
         }
         let request = WorkerRequest::Scan {
@@ -411,6 +415,7 @@ async fn scan_partitions(
             count,
             pattern: pattern.clone(),
             partition: Some(partition),
+            of_type: of_type.clone(),
         };
         match shared
             .dispatch
@@ -437,7 +442,6 @@ async fn scan_partitions(
         }
     }
     let next = shared.scan_cursors.save(&ScanPosition { worker: 0, after });
-    let keys = if only_strings { keys } else { Vec::new() };
     Reply::Array(vec![Reply::bulk(next.to_string()), Reply::Array(keys)])
 }
 
@@ -451,7 +455,7 @@ async fn scan(shared: &Shared, collection: u16, args: &[Bytes]) -> Reply {
     };
     let mut pattern = None;
     let mut count: u32 = 10;
-    let mut only_strings = true;
+    let mut of_type = None;
     let mut options = args[2..].iter();
     while let Some(option) = options.next() {
         let Some(value) = options.next() else {
@@ -464,12 +468,12 @@ async fn scan(shared: &Shared, collection: u16, args: &[Bytes]) -> Reply {
                 Some(_) => return errors::syntax(),
                 None => return errors::not_integer(),
             },
-            b"TYPE" => only_strings = value.eq_ignore_ascii_case(b"string"),
+            b"TYPE" => of_type = Some(String::from_utf8_lossy(value).to_lowercase()),
             _ => return errors::syntax(),
         }
     }
     if shared.dispatch.router.is_some() {
-        return scan_partitions(shared, collection, cursor, count, pattern, only_strings).await;
+        return scan_partitions(shared, collection, cursor, count, pattern, of_type).await;
     }
     let workers = shared.dispatch.links.len();
     let Some(mut position) = shared.scan_cursors.load(cursor, workers) else {
@@ -483,6 +487,7 @@ async fn scan(shared: &Shared, collection: u16, args: &[Bytes]) -> Reply {
             count,
             pattern: pattern.clone(),
             partition: None,
+            of_type: of_type.clone(),
         };
         match shared.dispatch.ask(position.worker, request).await {
             Ok(WorkerResponse::Scanned { keys: found, next }) => {
@@ -502,7 +507,6 @@ async fn scan(shared: &Shared, collection: u16, args: &[Bytes]) -> Reply {
                         }
                     }
                     None => {
-                        let keys = if only_strings { keys } else { Vec::new() };
                         return Reply::Array(vec![Reply::bulk("0"), Reply::Array(keys)]);
                     }
                 }
@@ -512,6 +516,5 @@ async fn scan(shared: &Shared, collection: u16, args: &[Bytes]) -> Reply {
         }
     }
     let next = shared.scan_cursors.save(&position);
-    let keys = if only_strings { keys } else { Vec::new() };
     Reply::Array(vec![Reply::bulk(next.to_string()), Reply::Array(keys)])
 }

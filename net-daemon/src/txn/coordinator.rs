@@ -399,21 +399,11 @@ fn fill_taken<D>(ops: &[TxOp], prepared: &[(D, Vec<TxOutcome>)]) -> Vec<TxOp> {
         .iter()
         .flat_map(|(_, outcomes)| outcomes)
         .rev()
-        .find_map(|outcome| match outcome {
-            TxOutcome::Value {
-                value,
-                expires_at_ms,
-            } => Some((value, *expires_at_ms)),
-            _ => None,
-        });
+        .find(|outcome| outcome.put(false).is_some());
     ops.iter()
         .map(|op| match (&op.action, taken) {
-            (TxAction::PutTaken { if_absent }, Some((value, expires_at_ms))) => TxOp {
-                action: TxAction::Put {
-                    value: value.clone(),
-                    expires_at_ms,
-                    if_absent: *if_absent,
-                },
+            (TxAction::PutTaken { if_absent }, Some(outcome)) => TxOp {
+                action: outcome.put(*if_absent).unwrap_or_else(|| op.action.clone()),
                 ..op.clone()
             },
             _ => op.clone(),

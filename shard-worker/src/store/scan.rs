@@ -36,11 +36,13 @@ fn next_partition_start(partition: Partition) -> Option<Vec<u8>> {
         .map(|next| next.to_be_bytes().to_vec())
 }
 
-/// Where a scan walks: after a stored key, within one partition or across all.
+/// Where a scan walks: after a stored key, within one partition or across all; and
+/// which keys it keeps: of one type only (`string`, `hash`, ...), or of any.
 #[derive(Debug, Clone, Copy, Default)]
 pub(crate) struct ScanRange<'a> {
     pub(crate) after: Option<&'a [u8]>,
     pub(crate) only: Option<Partition>,
+    pub(crate) of_type: Option<&'a str>,
 }
 
 /// Where a walk over a collection goes on.
@@ -100,10 +102,16 @@ impl Store {
                 let Some(user_key) = stored_key.get(2..) else {
                     continue;
                 };
-                let live = match layout::decode_value(raw)?.expires_at_ms {
+                let stored = layout::decode_value(raw)?;
+                let live = match stored.expires_at_ms {
                     Some(at) => at > now_ms,
                     None => true,
                 };
+                let type_name = match stored.typed {
+                    true => layout::typed::decode_type_meta(stored.bytes)?.kind.name(),
+                    false => "string",
+                };
+                let live = live && scope.of_type.is_none_or(|wanted| wanted == type_name);
                 if live && pattern.is_none_or(|pattern| glob_match(pattern, user_key, false)) {
                     bytes += user_key.len() + 16;
                     if bytes > MAX_REPLY_BYTES {

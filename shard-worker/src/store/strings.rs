@@ -122,12 +122,14 @@ impl Store {
                 count,
                 pattern,
                 partition,
+                of_type,
             } => self.scan(
                 txn,
                 self.db(*collection)?,
                 ScanRange {
                     after: after.as_deref(),
                     only: *partition,
+                    of_type: of_type.as_deref(),
                 },
                 *count,
                 pattern.as_deref(),

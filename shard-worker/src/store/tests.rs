@@ -653,6 +653,7 @@ fn scans_resume_after_the_last_stored_key_and_flush_logs_deletes() {
                 count: 7,
                 pattern: None,
                 partition: None,
+                of_type: None,
             }],
         )
         .remove(0);
@@ -1571,6 +1572,7 @@ fn whole_collection_requests_skip_fenced_partitions() {
                 count: 2,
                 pattern: None,
                 partition: None,
+                of_type: None,
             }],
         )
         .remove(0);

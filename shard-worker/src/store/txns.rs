@@ -302,6 +302,9 @@ impl Store {
                 TxAction::Put {
                     if_absent: true, ..
                 }
+                | TxAction::PutCollection {
+                    if_absent: true, ..
+                }
                 | TxAction::PutTaken { if_absent: true }
                     if current.live.is_some() =>
                 {
@@ -310,15 +313,14 @@ impl Store {
                 TxAction::PutTaken { .. } if !taken => {
                     return Err(OpError::Refused(WorkerError::TxNoSuchKey))
                 }
-                TxAction::Put { .. } | TxAction::PutTaken { .. } => TxOutcome::Done,
+                TxAction::Put { .. }
+                | TxAction::PutTaken { .. }
+                | TxAction::PutCollection { .. } => TxOutcome::Done,
                 TxAction::Delete => TxOutcome::Existed(current.live.is_some()),
                 TxAction::Take | TxAction::Read => match current.live {
                     Some(live) => {
                         taken = true;
-                        TxOutcome::Value {
-                            value: live.value,
-                            expires_at_ms: live.expires_at_ms,
-                        }
+                        self.taken_outcome(txn, &op.key, live)?
                     }
                     None => return Err(OpError::Refused(WorkerError::TxNoSuchKey)),
                 },
@@ -336,34 +338,50 @@ impl Store {
         ops: &[TxOp],
     ) -> Result<Vec<TxOutcome>, OpError> {
         let mut outcomes = Vec::with_capacity(ops.len());
-        let mut taken: Option<(Vec<u8>, Option<u64>)> = None;
+        let mut taken: Option<TxOutcome> = None;
         for op in ops {
             let db = self.db(op.collection)?;
             let current: Current = self.current(txn, db, &op.key, batch.now_ms)?;
-            let outcome = match &op.action {
-                TxAction::Put { .. } | TxAction::PutTaken { .. } => {
-                    let stored = match &op.action {
-                        TxAction::Put {
-                            value,
-                            expires_at_ms,
-                            ..
-                        } => Some((value, *expires_at_ms)),
-                        _ => taken
-                            .as_ref()
-                            .map(|(value, expires_at_ms)| (value, *expires_at_ms)),
-                    };
-                    if let Some((value, expires_at_ms)) = stored {
-                        self.put(
-                            txn,
-                            batch,
-                            db,
-                            op.collection,
-                            &op.key,
-                            &current,
-                            value,
-                            expires_at_ms,
-                        )?;
-                    }
+            let action = match (&op.action, &taken) {
+                (TxAction::PutTaken { if_absent }, Some(outcome)) => {
+                    outcome.put(*if_absent).unwrap_or_else(|| op.action.clone())
+                }
+                (action, _) => action.clone(),
+            };
+            let outcome = match &action {
+                TxAction::PutTaken { .. } => TxOutcome::Done,
+                TxAction::Put {
+                    value,
+                    expires_at_ms,
+                    ..
+                } => {
+                    self.put(
+                        txn,
+                        batch,
+                        db,
+                        op.collection,
+                        &op.key,
+                        &current,
+                        value,
+                        *expires_at_ms,
+                    )?;
+                    TxOutcome::Done
+                }
+                TxAction::PutCollection {
+                    snapshot,
+                    expires_at_ms,
+                    ..
+                } => {
+                    self.write_snapshot(
+                        txn,
+                        batch,
+                        db,
+                        op.collection,
+                        &op.key,
+                        &current,
+                        snapshot,
+                        *expires_at_ms,
+                    )?;
                     TxOutcome::Done
                 }
                 TxAction::Delete => TxOutcome::Existed(self.remove(
@@ -375,25 +393,41 @@ impl Store {
                     &current,
                 )?),
                 TxAction::Take | TxAction::Read => {
-                    let live = current.live.clone();
+                    let outcome = match current.live.clone() {
+                        Some(live) => self.taken_outcome(txn, &op.key, live)?,
+                        None => TxOutcome::Existed(false),
+                    };
                     if matches!(op.action, TxAction::Take) {
                         self.remove(txn, batch, db, op.collection, &op.key, &current)?;
                     }
-                    match live {
-                        Some(live) => {
-                            taken = Some((live.value.clone(), live.expires_at_ms));
-                            TxOutcome::Value {
-                                value: live.value,
-                                expires_at_ms: live.expires_at_ms,
-                            }
-                        }
-                        None => TxOutcome::Existed(false),
+                    if !matches!(outcome, TxOutcome::Existed(_)) {
+                        taken = Some(outcome.clone());
                     }
+                    outcome
                 }
             };
             outcomes.push(outcome);
         }
         Ok(outcomes)
+    }
+
+    /// What a `Take` or `Read` of a live key returns: its value, or a typed key's snapshot.
+    fn taken_outcome(
+        &self,
+        txn: &RwTxn,
+        key: &shoal_shared::frame::Key,
+        live: super::keyspace::Live,
+    ) -> Result<TxOutcome, OpError> {
+        Ok(match &live.typed {
+            Some(meta) => TxOutcome::Collection {
+                snapshot: self.snapshot(txn, key, meta)?,
+                expires_at_ms: live.expires_at_ms,
+            },
+            None => TxOutcome::Value {
+                value: live.value,
+                expires_at_ms: live.expires_at_ms,
+            },
+        })
     }
 
     /// A multi-key write whose keys are all on this worker: check, then apply, in one transaction.

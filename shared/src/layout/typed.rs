@@ -343,6 +343,51 @@ pub fn decode_reclaim_key(raw: &[u8]) -> Result<(Kind, Vec<u8>), CorruptError> {
     Ok((kind, prefix))
 }
 
+/// A typed key's whole content, as RENAME, COPY and MOVE carry it between workers:
+/// `kind u8 ++ (element_len u32 ++ element ++ value_len u32 ++ value)*`, the elements of
+/// the kind's first table in stored order (a list's values in order, with empty elements;
+/// a sorted set's members with their 8-byte scores).
+pub fn encode_snapshot(kind: Kind, elements: &[(Vec<u8>, Vec<u8>)]) -> Vec<u8> {
+    let bytes: usize = elements.iter().map(|(e, v)| 8 + e.len() + v.len()).sum();
+    let mut out = Vec::with_capacity(1 + bytes);
+    out.push(kind as u8);
+    for (element, value) in elements {
+        out.extend_from_slice(&(element.len() as u32).to_be_bytes());
+        out.extend_from_slice(element);
+        out.extend_from_slice(&(value.len() as u32).to_be_bytes());
+        out.extend_from_slice(value);
+    }
+    out
+}
+
+/// Decodes [`encode_snapshot`]'s bytes.
+pub fn decode_snapshot(raw: &[u8]) -> Result<(Kind, Vec<(Vec<u8>, Vec<u8>)>), CorruptError> {
+    let kind = raw
+        .first()
+        .and_then(|b| Kind::from_byte(*b))
+        .ok_or_else(|| corrupt("snapshot", "unknown kind"))?;
+    let mut rest = &raw[1..];
+    let mut elements = Vec::new();
+    let take = |rest: &mut &[u8]| -> Result<Vec<u8>, CorruptError> {
+        let len = rest
+            .get(..4)
+            .map(|b| u32::from_be_bytes([b[0], b[1], b[2], b[3]]) as usize)
+            .ok_or_else(|| corrupt("snapshot", "truncated length"))?;
+        let bytes = rest
+            .get(4..4 + len)
+            .ok_or_else(|| corrupt("snapshot", "truncated element"))?
+            .to_vec();
+        *rest = &rest[4 + len..];
+        Ok(bytes)
+    };
+    while !rest.is_empty() {
+        let element = take(&mut rest)?;
+        let value = take(&mut rest)?;
+        elements.push((element, value));
+    }
+    Ok((kind, elements))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -398,5 +443,10 @@ mod tests {
             assert_eq!(LogTable::split(table.field(1023)).unwrap(), (table, 1023));
         }
         assert!(LogTable::split(0xf000).is_err());
+        let elements = vec![(b"f".to_vec(), b"v".to_vec()), (Vec::new(), b"x".to_vec())];
+        let snapshot = encode_snapshot(Kind::Hash, &elements);
+        assert_eq!(decode_snapshot(&snapshot).unwrap(), (Kind::Hash, elements));
+        assert!(decode_snapshot(&snapshot[..snapshot.len() - 1]).is_err());
+        assert!(decode_snapshot(&[9]).is_err());
     }
 }

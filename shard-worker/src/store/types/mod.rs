@@ -499,3 +499,99 @@ fn random_indexes(len: usize, count: i64) -> Vec<usize> {
     indexes.truncate(take);
     indexes
 }
+
+impl Store {
+    /// A typed key's whole content (`layout::typed::encode_snapshot`), for RENAME, COPY
+    /// and MOVE.
+    pub(crate) fn snapshot(
+        &self,
+        txn: &RwTxn,
+        key: &Key,
+        meta: &TypeMeta,
+    ) -> Result<Vec<u8>, OpError> {
+        let table = meta.kind.tables()[0];
+        let prefix = typed::element_prefix(key.partition, &key.bytes, meta.version);
+        let mut elements = Vec::with_capacity(meta.count.min(1 << 20) as usize);
+        for item in self.element_db(table).prefix_iter(txn, &prefix)? {
+            let (stored, value) = item?;
+            let element = match meta.kind {
+                Kind::List => Vec::new(),
+                _ => stored[prefix.len()..].to_vec(),
+            };
+            elements.push((element, layout::decode_value(value)?.bytes.to_vec()));
+        }
+        Ok(typed::encode_snapshot(meta.kind, &elements))
+    }
+
+    /// Stores `snapshot` under `key` as a new typed key (replacing what `current` holds),
+    /// each element logged.
+    #[allow(clippy::too_many_arguments)]
+    pub(crate) fn write_snapshot(
+        &self,
+        txn: &mut RwTxn,
+        batch: &mut Batch,
+        db: RawDatabase,
+        collection: Collection,
+        key: &Key,
+        current: &Current,
+        snapshot: &[u8],
+        expires_at_ms: Option<u64>,
+    ) -> Result<(), OpError> {
+        let (kind, elements) = typed::decode_snapshot(snapshot)?;
+        let target = Target {
+            store: self,
+            db,
+            collection,
+            key,
+            now_ms: batch.now_ms,
+        };
+        let partition = self.partition_meta(txn, batch, key.partition)?;
+        let mut meta = TypeMeta::new(kind, partition.last_commit_id + 1);
+        for (element, value) in &elements {
+            match kind {
+                Kind::List => {
+                    target.put(
+                        txn,
+                        batch,
+                        ElementTable::List,
+                        &meta,
+                        &meta.tail.to_be_bytes(),
+                        value,
+                        false,
+                    )?;
+                    meta.tail += 1;
+                }
+                Kind::SortedSet => {
+                    target.put(txn, batch, ElementTable::Zset, &meta, element, value, false)?;
+                    let ordered = [&value[..], &element[..]].concat();
+                    target.put(
+                        txn,
+                        batch,
+                        ElementTable::Zscore,
+                        &meta,
+                        &ordered,
+                        &[],
+                        false,
+                    )?;
+                }
+                _ => target.put(txn, batch, kind.tables()[0], &meta, element, value, false)?,
+            }
+            meta.count += 1;
+        }
+        if meta.count == 0 {
+            self.remove(txn, batch, db, collection, key, current)?;
+            return Ok(());
+        }
+        self.put_record(
+            txn,
+            batch,
+            db,
+            collection,
+            key,
+            current,
+            RecordValue::Typed(&meta),
+            expires_at_ms,
+        )?;
+        Ok(())
+    }
+}
