@@ -109,8 +109,13 @@ enum Compare {
     Existence,
     /// Integers equal, or both non-negative and at most this far apart (TTL, PTTL).
     Within(i64),
-    /// Arrays equal once sorted (KEYS: the order is unspecified).
+    /// Arrays equal once sorted (KEYS, SMEMBERS: the order is unspecified).
     Unordered,
+    /// Flat arrays of pairs equal once the pairs are sorted (HGETALL).
+    UnorderedPairs,
+    /// The same kind of reply, and arrays of the same length (random picks:
+    /// SRANDMEMBER, HRANDFIELD, ZRANDMEMBER with repeats).
+    SameShape,
     /// The command is a SCAN from cursor 0, and it is iterated to the end on each
     /// server: the sets of keys returned must be equal. Cursors are opaque and
     /// differ (Shoal's encode a position in each partition; docs/compatibility.md),
@@ -560,6 +565,345 @@ fn specs() -> Vec<Spec> {
             }
             g.cmd("SCAN", &args)
         }),
+        // Hashes.
+        spec("HSET", 20, &["HSET", "k0", "f", "v"], Exact, |g| {
+            let mut args = vec![g.key()];
+            for _ in 0..1 + g.below(3) {
+                args.push(g.field());
+                args.push(g.value());
+            }
+            if g.chance(25) {
+                args.pop();
+            }
+            let name = g.pick(&["HSET", "HMSET"]);
+            g.cmd(name, &args)
+        }),
+        spec("HSETNX", 4, &["HSETNX", "k0", "f", "v"], Exact, |g| {
+            let (key, field, value) = (g.key(), g.field(), g.value());
+            g.cmd("HSETNX", &[key, field, value])
+        }),
+        spec("HGET", 10, &["HGET", "k0", "f"], Exact, |g| {
+            let (key, field) = (g.key(), g.field());
+            g.cmd("HGET", &[key, field])
+        }),
+        spec("HMGET", 6, &["HMGET", "k0", "f"], Exact, |g| {
+            let mut args = vec![g.key()];
+            args.extend(g.fields(1, 4));
+            g.cmd("HMGET", &args)
+        }),
+        spec("HDEL", 8, &["HDEL", "k0", "f"], Exact, |g| {
+            let mut args = vec![g.key()];
+            args.extend(g.fields(1, 3));
+            g.cmd("HDEL", &args)
+        }),
+        spec("HEXISTS", 4, &["HEXISTS", "k0", "f"], Exact, |g| {
+            let (key, field) = (g.key(), g.field());
+            g.cmd("HEXISTS", &[key, field])
+        }),
+        spec("HLEN", 4, &["HLEN", "k0"], Exact, |g| {
+            let key = g.key();
+            g.cmd("HLEN", &[key])
+        }),
+        spec("HSTRLEN", 3, &["HSTRLEN", "k0", "f"], Exact, |g| {
+            let (key, field) = (g.key(), g.field());
+            g.cmd("HSTRLEN", &[key, field])
+        }),
+        spec("HGETALL", 6, &["HGETALL", "k0"], UnorderedPairs, |g| {
+            let key = g.key();
+            g.cmd("HGETALL", &[key])
+        }),
+        spec("HKEYS", 3, &["HKEYS", "k0"], Unordered, |g| {
+            let key = g.key();
+            g.cmd("HKEYS", &[key])
+        }),
+        spec("HVALS", 3, &["HVALS", "k0"], Unordered, |g| {
+            let key = g.key();
+            g.cmd("HVALS", &[key])
+        }),
+        spec("HINCRBY", 6, &["HINCRBY", "k0", "f", "1"], Exact, |g| {
+            let (key, field, delta) = (g.key(), g.field(), g.integer_arg());
+            g.cmd("HINCRBY", &[key, field, delta])
+        }),
+        spec(
+            "HINCRBYFLOAT",
+            6,
+            &["HINCRBYFLOAT", "k0", "f", "1"],
+            Exact,
+            |g| {
+                let (key, field, delta) = (g.key(), g.field(), g.float_arg());
+                g.cmd("HINCRBYFLOAT", &[key, field, delta])
+            },
+        ),
+        spec("HRANDFIELD", 3, &["HRANDFIELD", "k0"], SameShape, |g| {
+            let mut args = vec![g.key()];
+            if g.chance(2) {
+                args.push(g.count());
+                if g.chance(2) {
+                    args.push(b"WITHVALUES".to_vec());
+                }
+            }
+            g.cmd("HRANDFIELD", &args)
+        }),
+        // Lists.
+        spec("LPUSH", 12, &["LPUSH", "k0", "v"], Exact, |g| {
+            let mut args = vec![g.key()];
+            args.extend(g.fields(1, 3));
+            let name = g.pick(&["LPUSH", "RPUSH", "LPUSHX", "RPUSHX", "RPUSH"]);
+            g.cmd(name, &args)
+        }),
+        spec("LPOP", 8, &["LPOP", "k0"], Exact, |g| {
+            let mut args = vec![g.key()];
+            if g.chance(3) {
+                args.push(g.count());
+            }
+            let name = g.pick(&["LPOP", "RPOP"]);
+            g.cmd(name, &args)
+        }),
+        spec("LLEN", 4, &["LLEN", "k0"], Exact, |g| {
+            let key = g.key();
+            g.cmd("LLEN", &[key])
+        }),
+        spec("LINDEX", 6, &["LINDEX", "k0", "0"], Exact, |g| {
+            let (key, index) = (g.key(), g.index());
+            g.cmd("LINDEX", &[key, index])
+        }),
+        spec("LSET", 4, &["LSET", "k0", "0", "v"], Exact, |g| {
+            let (key, index, value) = (g.key(), g.index(), g.field());
+            g.cmd("LSET", &[key, index, value])
+        }),
+        spec("LRANGE", 8, &["LRANGE", "k0", "0", "-1"], Exact, |g| {
+            let (key, start, stop) = (g.key(), g.index(), g.index());
+            g.cmd("LRANGE", &[key, start, stop])
+        }),
+        spec("LTRIM", 3, &["LTRIM", "k0", "0", "-1"], Exact, |g| {
+            let (key, start, stop) = (g.key(), g.index(), g.index());
+            g.cmd("LTRIM", &[key, start, stop])
+        }),
+        spec("LREM", 4, &["LREM", "k0", "0", "v"], Exact, |g| {
+            let (key, count, value) = (g.key(), g.index(), g.field());
+            g.cmd("LREM", &[key, count, value])
+        }),
+        spec(
+            "LINSERT",
+            4,
+            &["LINSERT", "k0", "BEFORE", "a", "v"],
+            Exact,
+            |g| {
+                let key = g.key();
+                let place = g
+                    .pick(&["BEFORE", "AFTER", "after", "middle"])
+                    .as_bytes()
+                    .to_vec();
+                let (pivot, value) = (g.field(), g.field());
+                g.cmd("LINSERT", &[key, place, pivot, value])
+            },
+        ),
+        spec("LPOS", 4, &["LPOS", "k0", "v"], Exact, |g| {
+            let (key, value) = (g.key(), g.field());
+            let mut args = vec![key, value];
+            for (option, chance) in [("RANK", 3), ("COUNT", 3), ("MAXLEN", 5)] {
+                if g.chance(chance) {
+                    args.push(option.as_bytes().to_vec());
+                    args.push(g.index());
+                }
+            }
+            g.cmd("LPOS", &args)
+        }),
+        // Sets.
+        spec("SADD", 14, &["SADD", "k0", "m"], Exact, |g| {
+            let mut args = vec![g.key()];
+            args.extend(g.fields(1, 4));
+            g.cmd("SADD", &args)
+        }),
+        spec("SREM", 6, &["SREM", "k0", "m"], Exact, |g| {
+            let mut args = vec![g.key()];
+            args.extend(g.fields(1, 3));
+            g.cmd("SREM", &args)
+        }),
+        spec("SISMEMBER", 4, &["SISMEMBER", "k0", "m"], Exact, |g| {
+            let (key, member) = (g.key(), g.field());
+            g.cmd("SISMEMBER", &[key, member])
+        }),
+        spec("SMISMEMBER", 3, &["SMISMEMBER", "k0", "m"], Exact, |g| {
+            let mut args = vec![g.key()];
+            args.extend(g.fields(1, 3));
+            g.cmd("SMISMEMBER", &args)
+        }),
+        spec("SCARD", 4, &["SCARD", "k0"], Exact, |g| {
+            let key = g.key();
+            g.cmd("SCARD", &[key])
+        }),
+        spec("SMEMBERS", 6, &["SMEMBERS", "k0"], Unordered, |g| {
+            let key = g.key();
+            g.cmd("SMEMBERS", &[key])
+        }),
+        // Random picks that take every member are deterministic; others only by shape.
+        spec("SRANDMEMBER", 3, &["SRANDMEMBER", "k0"], SameShape, |g| {
+            let mut args = vec![g.key()];
+            if g.chance(2) {
+                args.push(g.count());
+            }
+            g.cmd("SRANDMEMBER", &args)
+        }),
+        spec("SPOP all", 2, &["SPOP", "k0", "100"], Unordered, |g| {
+            let key = g.key();
+            g.cmd("SPOP", &[key, b"100".to_vec()])
+        }),
+        // Sorted sets.
+        spec("ZADD", 16, &["ZADD", "k0", "1", "m"], Exact, |g| {
+            let mut args = vec![g.key()];
+            args.extend(g.options(&[
+                opt(&[b"NX"]),
+                opt(&[b"XX"]),
+                opt(&[b"GT"]),
+                opt(&[b"LT"]),
+                opt(&[b"CH"]),
+                opt(&[b"INCR"]),
+            ]));
+            for _ in 0..1 + g.below(3) {
+                args.push(g.score());
+                args.push(g.field());
+            }
+            g.cmd("ZADD", &args)
+        }),
+        spec("ZINCRBY", 5, &["ZINCRBY", "k0", "1", "m"], Exact, |g| {
+            let (key, score, member) = (g.key(), g.score(), g.field());
+            g.cmd("ZINCRBY", &[key, score, member])
+        }),
+        spec("ZREM", 5, &["ZREM", "k0", "m"], Exact, |g| {
+            let mut args = vec![g.key()];
+            args.extend(g.fields(1, 3));
+            g.cmd("ZREM", &args)
+        }),
+        spec("ZSCORE", 5, &["ZSCORE", "k0", "m"], Exact, |g| {
+            let (key, member) = (g.key(), g.field());
+            g.cmd("ZSCORE", &[key, member])
+        }),
+        spec("ZMSCORE", 3, &["ZMSCORE", "k0", "m"], Exact, |g| {
+            let mut args = vec![g.key()];
+            args.extend(g.fields(1, 3));
+            g.cmd("ZMSCORE", &args)
+        }),
+        spec("ZCARD", 3, &["ZCARD", "k0"], Exact, |g| {
+            let key = g.key();
+            g.cmd("ZCARD", &[key])
+        }),
+        spec("ZCOUNT", 4, &["ZCOUNT", "k0", "-inf", "+inf"], Exact, |g| {
+            let (key, min, max) = (g.key(), g.score_bound(), g.score_bound());
+            g.cmd("ZCOUNT", &[key, min, max])
+        }),
+        spec("ZLEXCOUNT", 3, &["ZLEXCOUNT", "k0", "-", "+"], Exact, |g| {
+            let (key, min, max) = (g.key(), g.lex_bound(), g.lex_bound());
+            g.cmd("ZLEXCOUNT", &[key, min, max])
+        }),
+        spec("ZRANK", 4, &["ZRANK", "k0", "m"], Exact, |g| {
+            let (key, member) = (g.key(), g.field());
+            let name = g.pick(&["ZRANK", "ZREVRANK"]);
+            g.cmd(name, &[key, member])
+        }),
+        spec("ZRANGE", 10, &["ZRANGE", "k0", "0", "-1"], Exact, |g| {
+            let key = g.key();
+            let mut args = vec![key];
+            match g.below(3) {
+                0 => {
+                    args.extend([g.index(), g.index()]);
+                    args.extend(g.options(&[opt(&[b"REV"]), opt(&[b"WITHSCORES"])]));
+                }
+                1 => {
+                    args.extend([g.score_bound(), g.score_bound(), b"BYSCORE".to_vec()]);
+                    args.extend(g.options(&[
+                        opt(&[b"REV"]),
+                        opt(&[b"WITHSCORES"]),
+                        opt(&[b"LIMIT", b"1", b"2"]),
+                        opt(&[b"LIMIT", b"0", b"-1"]),
+                    ]));
+                }
+                _ => {
+                    args.extend([g.lex_bound(), g.lex_bound(), b"BYLEX".to_vec()]);
+                    args.extend(g.options(&[opt(&[b"REV"]), opt(&[b"LIMIT", b"1", b"1"])]));
+                }
+            }
+            g.cmd("ZRANGE", &args)
+        }),
+        spec(
+            "ZRANGEBYSCORE",
+            5,
+            &["ZRANGEBYSCORE", "k0", "-inf", "+inf"],
+            Exact,
+            |g| {
+                let (key, min, max) = (g.key(), g.score_bound(), g.score_bound());
+                let mut args = vec![key, min, max];
+                args.extend(g.options(&[opt(&[b"WITHSCORES"]), opt(&[b"LIMIT", b"1", b"3"])]));
+                let name = g.pick(&["ZRANGEBYSCORE", "ZREVRANGEBYSCORE"]);
+                g.cmd(name, &args)
+            },
+        ),
+        spec(
+            "ZRANGEBYLEX",
+            3,
+            &["ZRANGEBYLEX", "k0", "-", "+"],
+            Exact,
+            |g| {
+                let (key, min, max) = (g.key(), g.lex_bound(), g.lex_bound());
+                let name = g.pick(&["ZRANGEBYLEX", "ZREVRANGEBYLEX"]);
+                g.cmd(name, &[key, min, max])
+            },
+        ),
+        spec(
+            "ZREVRANGE",
+            3,
+            &["ZREVRANGE", "k0", "0", "-1"],
+            Exact,
+            |g| {
+                let (key, start, stop) = (g.key(), g.index(), g.index());
+                let mut args = vec![key, start, stop];
+                if g.chance(2) {
+                    args.push(b"WITHSCORES".to_vec());
+                }
+                g.cmd("ZREVRANGE", &args)
+            },
+        ),
+        spec(
+            "ZREMRANGEBY*",
+            3,
+            &["ZREMRANGEBYRANK", "k0", "5", "6"],
+            Exact,
+            |g| {
+                let key = g.key();
+                match g.below(3) {
+                    0 => {
+                        let (start, stop) = (g.index(), g.index());
+                        g.cmd("ZREMRANGEBYRANK", &[key, start, stop])
+                    }
+                    1 => {
+                        let (min, max) = (g.score_bound(), g.score_bound());
+                        g.cmd("ZREMRANGEBYSCORE", &[key, min, max])
+                    }
+                    _ => {
+                        let (min, max) = (g.lex_bound(), g.lex_bound());
+                        g.cmd("ZREMRANGEBYLEX", &[key, min, max])
+                    }
+                }
+            },
+        ),
+        spec("ZPOPMIN", 4, &["ZPOPMIN", "k0"], Exact, |g| {
+            let mut args = vec![g.key()];
+            if g.chance(2) {
+                args.push(g.count());
+            }
+            let name = g.pick(&["ZPOPMIN", "ZPOPMAX"]);
+            g.cmd(name, &args)
+        }),
+        spec("ZRANDMEMBER", 2, &["ZRANDMEMBER", "k0"], SameShape, |g| {
+            let mut args = vec![g.key()];
+            if g.chance(2) {
+                args.push(g.count());
+                if g.chance(2) {
+                    args.push(b"WITHSCORES".to_vec());
+                }
+            }
+            g.cmd("ZRANDMEMBER", &args)
+        }),
         spec("FLUSHDB", 1, &["FLUSHDB"], Exact, |g| match g.below(3) {
             0 => g.cmd("FLUSHDB", &[]),
             1 => g.cmd("FLUSHDB", &[b"SYNC".to_vec()]),
@@ -712,6 +1056,74 @@ impl Gen {
         }
     }
 
+    /// A hash field, set member or list element: a few names, so they collide.
+    fn field(&mut self) -> Vec<u8> {
+        self.pick(&[
+            &b"a"[..],
+            b"b",
+            b"c",
+            b"d",
+            b"e",
+            b"",
+            b"f\x00g",
+            b"10",
+            b"2",
+        ])
+        .to_vec()
+    }
+
+    /// Between `min` and `max` fields.
+    fn fields(&mut self, min: u64, max: u64) -> Vec<Vec<u8>> {
+        let n = min + self.below(max - min + 1);
+        (0..n).map(|_| self.field()).collect()
+    }
+
+    /// A score for ZADD: mostly exact binary fractions, now and then extreme or invalid.
+    fn score(&mut self) -> Vec<u8> {
+        match self.below(8) {
+            0 => self
+                .pick(&["inf", "-inf", "+inf", "nan", "x", "1e400", "(1", ""])
+                .into(),
+            _ => format!("{}", (self.below(41) as i64 - 20) as f64 / 4.0).into_bytes(),
+        }
+    }
+
+    /// One end of a score range.
+    fn score_bound(&mut self) -> Vec<u8> {
+        let score = (self.below(21) as i64 - 10) as f64 / 2.0;
+        match self.below(8) {
+            0 => self
+                .pick(&["-inf", "+inf", "(-inf", "x", "(", "inf"])
+                .into(),
+            1..=2 => format!("({score}").into_bytes(),
+            _ => format!("{score}").into_bytes(),
+        }
+    }
+
+    /// One end of a lexicographic range.
+    fn lex_bound(&mut self) -> Vec<u8> {
+        self.pick(&["-", "+", "[a", "(a", "[c", "(c", "[", "(", "[e", "x", "[10"])
+            .into()
+    }
+
+    /// A list or rank index: mostly small, sometimes negative, extreme or invalid.
+    fn index(&mut self) -> Vec<u8> {
+        match self.below(12) {
+            0 => self
+                .pick(&["9223372036854775807", "-9223372036854775808", "x", "1.5"])
+                .into(),
+            _ => (self.below(15) as i64 - 7).to_string().into_bytes(),
+        }
+    }
+
+    /// A count: small, sometimes zero, negative or invalid.
+    fn count(&mut self) -> Vec<u8> {
+        match self.below(10) {
+            0 => self.pick(&["-1", "x", "0", "100"]).into(),
+            _ => (1 + self.below(4)).to_string().into_bytes(),
+        }
+    }
+
     /// An INCRBY/DECRBY amount, now and then an invalid or extreme one.
     fn integer_arg(&mut self) -> Vec<u8> {
         match self.below(8) {
@@ -844,6 +1256,16 @@ fn replies_match(compare: Compare, shoal: &Resp, redis: &Resp) -> bool {
         (Compare::Within(tolerance), Resp::Int(a), Resp::Int(b)) if *a >= 0 && *b >= 0 => {
             (a - b).abs() <= tolerance
         }
+        (Compare::UnorderedPairs, Resp::Array(a), Resp::Array(b)) => {
+            let sorted = |items: &[Resp]| {
+                let mut pairs: Vec<String> = items.chunks(2).map(|p| format!("{p:?}")).collect();
+                pairs.sort();
+                pairs
+            };
+            sorted(a) == sorted(b)
+        }
+        (Compare::SameShape, Resp::Array(a), Resp::Array(b)) => a.len() == b.len(),
+        (Compare::SameShape, Resp::Bulk(_), Resp::Bulk(_)) => true,
         (Compare::Unordered, Resp::Array(a), Resp::Array(b)) => {
             let sorted = |items: &[Resp]| {
                 let mut bytes: Vec<Vec<u8>> = items

@@ -7,7 +7,7 @@ use bytes::Bytes;
 use shoal_shared::frame::WorkerRequest;
 use shoal_shared::resp::{parse_i64, Reply};
 
-use super::strings::{multi_values, on_value, single};
+use super::strings::{on_value, single};
 use super::{Pending, Session};
 use crate::errors;
 use crate::state::Shared;
@@ -78,18 +78,25 @@ pub async fn dispatch(
         },
         "lcs" => {
             let options = args[3..].to_vec();
-            let read = multi_values(shared, collection, &args[1..3]).await;
+            let mut reads = Vec::with_capacity(2);
+            for key in &args[1..3] {
+                reads.push(single(shared, key, |key| WorkerRequest::Get { collection, key }).await);
+            }
             Pending::barrier(async move {
-                match read.resolve().await {
-                    Reply::Array(values) => {
-                        let value = |i: usize| match values.get(i) {
-                            Some(Reply::Bulk(bytes)) => bytes.to_vec(),
-                            _ => Vec::new(),
-                        };
-                        lcs(&value(0), &value(1), &options)
+                let mut values = Vec::with_capacity(2);
+                for read in reads {
+                    match read.resolve().await {
+                        Reply::Bulk(bytes) => values.push(bytes.to_vec()),
+                        Reply::Nil => values.push(Vec::new()),
+                        Reply::Error(text) if text.starts_with("WRONGTYPE") => {
+                            return Reply::error(
+                                "ERR The specified keys must contain string values",
+                            )
+                        }
+                        other => return other,
                     }
-                    other => other,
                 }
+                lcs(&values[0], &values[1], &options)
             })
         }
         _ => return None,

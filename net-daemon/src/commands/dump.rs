@@ -7,22 +7,26 @@
 //!
 //! | bytes | field                                                  |
 //! |-------|--------------------------------------------------------|
-//! | 1     | the value's type: `00` string                          |
-//! | n     | the value                                              |
+//! | 1     | the value's type: `00` string, `01` a typed key        |
+//! | n     | the value, or a typed key's snapshot (its type and elements, as `shoal_shared::layout::typed::encode_snapshot` writes it) |
 //! | 2     | ASCII `SH`                                             |
 //! | 1     | the payload version, `01`                              |
 //! | 8     | FNV-1a 64 of every byte before, big-endian             |
 
 use bytes::Bytes;
-use shoal_shared::frame::{Expiry, Key, SetCondition, SetReply, WorkerRequest};
+use shoal_shared::frame::{
+    Expiry, Key, SetCondition, SetReply, TxAction, TxOp, TxOutcome, WorkerError, WorkerRequest,
+    WorkerResponse,
+};
 use shoal_shared::resp::{parse_i64, Reply};
 
-use super::strings::{on_value, single};
+use super::strings::single;
 use super::{Pending, Session};
 use crate::errors;
 use crate::state::Shared;
 
 const STRING_TYPE: u8 = 0;
+const TYPED_TYPE: u8 = 1;
 const MAGIC: &[u8; 2] = b"SH";
 const VERSION: u8 = 1;
 /// The bytes after the value.
@@ -38,8 +42,8 @@ pub async fn dispatch(
     let collection = session.collection;
     let pending = match name {
         "dump" => {
-            on_value(shared, collection, &args[1], |value| match value {
-                Some(value) => Reply::Bulk(payload(value).into()),
+            whole(shared, collection, &args[1], |found| match found {
+                Some((kind, bytes)) => Reply::Bulk(payload(kind, &bytes).into()),
                 None => Reply::Nil,
             })
             .await
@@ -50,10 +54,84 @@ pub async fn dispatch(
     Some(pending)
 }
 
-/// The payload of a string value.
-fn payload(value: &[u8]) -> Vec<u8> {
+/// A key's whole value, of any type: `(STRING_TYPE, value)` or `(TYPED_TYPE, snapshot)`,
+/// `None` when missing, passed to `compute` (DUMP, MEMORY USAGE).
+pub async fn whole(
+    shared: &Shared,
+    collection: u16,
+    key: &Bytes,
+    compute: impl FnOnce(Option<(u8, Vec<u8>)>) -> Reply + Send + 'static,
+) -> Pending {
+    let (dest, key) = match shared.dispatch.route(key) {
+        Ok(routed) => routed,
+        Err(reply) => return Pending::Ready(reply),
+    };
+    let read = TxOp {
+        collection,
+        key,
+        action: TxAction::Read,
+    };
+    let call = shared
+        .dispatch
+        .send(dest, WorkerRequest::Atomic { ops: vec![read] })
+        .await;
+    Pending::barrier(async move {
+        match call.wait().await {
+            Ok(WorkerResponse::TxOutcomes(outcomes)) => match outcomes.into_iter().next() {
+                Some(TxOutcome::Value { value, .. }) => compute(Some((STRING_TYPE, value))),
+                Some(TxOutcome::Collection { snapshot, .. }) => {
+                    compute(Some((TYPED_TYPE, snapshot)))
+                }
+                _ => compute(None),
+            },
+            Ok(WorkerResponse::Error(WorkerError::TxNoSuchKey)) => compute(None),
+            Ok(other) => super::response_reply(other),
+            Err(error) => errors::link_error(&error),
+        }
+    })
+}
+
+/// Stores a typed key's snapshot under `key`: `Integer(1)` when written, `Integer(0)`
+/// when `if_absent` and the key exists (as SET NX answers for a string).
+async fn put_collection(
+    shared: &Shared,
+    collection: u16,
+    key: &Bytes,
+    snapshot: Vec<u8>,
+    expires_at_ms: Option<u64>,
+    if_absent: bool,
+) -> Pending {
+    let (dest, key) = match shared.dispatch.route(key) {
+        Ok(routed) => routed,
+        Err(reply) => return Pending::Ready(reply),
+    };
+    let put = TxOp {
+        collection,
+        key,
+        action: TxAction::PutCollection {
+            snapshot,
+            expires_at_ms,
+            if_absent,
+        },
+    };
+    let call = shared
+        .dispatch
+        .send(dest, WorkerRequest::Atomic { ops: vec![put] })
+        .await;
+    Pending::barrier(async move {
+        match call.wait().await {
+            Ok(WorkerResponse::TxOutcomes(_)) => Reply::Integer(1),
+            Ok(WorkerResponse::Error(WorkerError::TxKeyExists)) => Reply::Integer(0),
+            Ok(other) => super::response_reply(other),
+            Err(error) => errors::link_error(&error),
+        }
+    })
+}
+
+/// The payload of a value of type `kind` (`STRING_TYPE` or `TYPED_TYPE`).
+fn payload(kind: u8, value: &[u8]) -> Vec<u8> {
     let mut bytes = Vec::with_capacity(1 + value.len() + TRAILER_BYTES);
-    bytes.push(STRING_TYPE);
+    bytes.push(kind);
     bytes.extend_from_slice(value);
     bytes.extend_from_slice(MAGIC);
     bytes.push(VERSION);
@@ -62,8 +140,8 @@ fn payload(value: &[u8]) -> Vec<u8> {
     bytes
 }
 
-/// The value a payload holds, if it is one of this version with a good checksum.
-fn value_of(payload: &[u8]) -> Option<&[u8]> {
+/// The type and value a payload holds, if it is one of this version with a good checksum.
+fn value_of(payload: &[u8]) -> Option<(u8, &[u8])> {
     if payload.len() < 1 + TRAILER_BYTES {
         return None;
     }
@@ -74,7 +152,12 @@ fn value_of(payload: &[u8]) -> Option<&[u8]> {
         return None;
     }
     match data.split_first() {
-        Some((&STRING_TYPE, value)) => Some(value),
+        Some((&STRING_TYPE, value)) => Some((STRING_TYPE, value)),
+        Some((&TYPED_TYPE, snapshot))
+            if shoal_shared::layout::typed::decode_snapshot(snapshot).is_ok() =>
+        {
+            Some((TYPED_TYPE, snapshot))
+        }
         _ => None,
     }
 }
@@ -137,10 +220,10 @@ async fn restore(shared: &Shared, collection: u16, args: &[Bytes]) -> Pending {
         )
     };
     let ttl = parse_i64(&args[2]);
-    let value = value_of(&args[3]).map(<[u8]>::to_vec);
+    let value = value_of(&args[3]).map(|(kind, value)| (kind, value.to_vec()));
     let max = shared.config.client.max_value_bytes;
     let set = match (ttl, &value) {
-        (Some(ttl), Some(value)) if ttl >= 0 && value.len() <= max => {
+        (Some(ttl), Some((kind, value))) if ttl >= 0 && value.len() <= max => {
             let expiry = match (ttl, absolute) {
                 (0, _) => Expiry::Clear,
                 (at, true) => Expiry::At(at as u64),
@@ -152,17 +235,27 @@ async fn restore(shared: &Shared, collection: u16, args: &[Bytes]) -> Pending {
                 SetCondition::IfAbsent
             };
             let value = value.clone();
-            Some(
-                single(shared, &args[1], |key| WorkerRequest::Set {
-                    collection,
-                    key,
-                    value,
-                    condition,
-                    reply: SetReply::WrittenFlag,
-                    expiry,
-                })
-                .await,
-            )
+            Some(match *kind {
+                STRING_TYPE => {
+                    single(shared, &args[1], |key| WorkerRequest::Set {
+                        collection,
+                        key,
+                        value,
+                        condition,
+                        reply: SetReply::WrittenFlag,
+                        expiry,
+                    })
+                    .await
+                }
+                _ => {
+                    let expires_at_ms = match expiry {
+                        Expiry::At(at) => Some(at),
+                        _ => None,
+                    };
+                    put_collection(shared, collection, &args[1], value, expires_at_ms, !replace)
+                        .await
+                }
+            })
         }
         _ => None,
     };
@@ -181,7 +274,7 @@ async fn restore(shared: &Shared, collection: u16, args: &[Bytes]) -> Pending {
                 return Reply::error("ERR Invalid TTL value, must be >= 0")
             }
             (_, None) => return Reply::error("ERR DUMP payload version or checksum are wrong"),
-            (_, Some(value)) if value.len() > max => return errors::value_too_large(max),
+            (_, Some((_, value))) if value.len() > max => return errors::value_too_large(max),
             _ => {}
         }
         match set {
@@ -203,9 +296,20 @@ mod tests {
     #[test]
     fn a_payload_holds_its_value_and_refuses_any_change() {
         for value in [&b""[..], b"v", b"\x00\xffSH\x01binary"] {
-            assert_eq!(value_of(&payload(value)), Some(value));
+            assert_eq!(
+                value_of(&payload(STRING_TYPE, value)),
+                Some((STRING_TYPE, value))
+            );
         }
-        let good = payload(b"value");
+        let snapshot = shoal_shared::layout::typed::encode_snapshot(
+            shoal_shared::layout::typed::Kind::Set,
+            &[(b"m".to_vec(), Vec::new())],
+        );
+        assert_eq!(
+            value_of(&payload(TYPED_TYPE, &snapshot)),
+            Some((TYPED_TYPE, &snapshot[..]))
+        );
+        let good = payload(STRING_TYPE, b"value");
         for at in 0..good.len() {
             let mut bad = good.clone();
             bad[at] ^= 0x20;

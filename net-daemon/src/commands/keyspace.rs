@@ -19,7 +19,7 @@ use shoal_shared::frame::{ExpireCondition, WorkerRequest, WorkerResponse};
 use shoal_shared::limits::MAX_STORED_KEY_BYTES;
 use shoal_shared::resp::{parse_i64, Reply};
 
-use super::strings::{on_value, single};
+use super::strings::single;
 use super::{call_all_sum, Pending, Session};
 use crate::cursors::{partition_end, ScanPosition};
 use crate::dispatch::wait_all;
@@ -359,8 +359,8 @@ async fn memory(shared: &Shared, collection: u16, args: &[Bytes]) -> Pending {
                 _ => return Pending::Ready(errors::syntax()),
             }
             let key_len = key.len();
-            on_value(shared, collection, key, move |value| match value {
-                Some(value) => {
+            super::dump::whole(shared, collection, key, move |found| match found {
+                Some((_, value)) => {
                     Reply::Integer((key_len + value.len() + RECORD_OVERHEAD_BYTES) as i64)
                 }
                 None => Reply::Nil,

@@ -114,40 +114,50 @@ fn integer(arg: &Bytes) -> Result<i64, Reply> {
     parse_i64(arg).ok_or_else(errors::not_integer)
 }
 
-/// A count that must not be negative (`ERR value is out of range, must be positive`).
+/// A count that must be a non-negative integer (`ERR value is out of range, must be
+/// positive` otherwise, as Redis answers).
 fn positive(arg: &Bytes) -> Result<u64, Reply> {
     match parse_i64(arg) {
         Some(n) if n >= 0 => Ok(n as u64),
-        Some(_) => Err(Reply::error("ERR value is out of range, must be positive")),
-        None => Err(errors::not_integer()),
+        _ => Err(Reply::error("ERR value is out of range, must be positive")),
     }
 }
 
-/// A score as Redis reads one: a float, `inf`, `-inf`, never NaN.
-pub fn score(arg: &[u8]) -> Option<f64> {
-    let text = std::str::from_utf8(arg).ok()?;
-    if text.is_empty() || text.starts_with(|c: char| c.is_whitespace()) {
-        return None;
-    }
-    let value = match text.to_ascii_lowercase().as_str() {
-        "inf" | "+inf" | "infinity" | "+infinity" => f64::INFINITY,
-        "-inf" | "-infinity" => f64::NEG_INFINITY,
-        _ => text.parse::<f64>().ok()?,
+/// C's `strtod` on `arg`: the value, whether all of `arg` was read, and whether it was out
+/// of range (ERANGE). `None` when `arg` holds a NUL byte (C cannot read past it).
+fn strtod(arg: &[u8]) -> Option<(f64, bool, bool)> {
+    let text = std::ffi::CString::new(arg).ok()?;
+    let mut end: *mut libc::c_char = std::ptr::null_mut();
+    // SAFETY: `text` is NUL-terminated and outlives the call; `end` receives a pointer
+    // into it; errno is this thread's.
+    let (value, errno) = unsafe {
+        *libc::__errno_location() = 0;
+        let value = libc::strtod(text.as_ptr(), &mut end);
+        (value, *libc::__errno_location())
     };
-    (!value.is_nan()).then_some(value)
+    let read = end as usize - text.as_ptr() as usize;
+    Some((value, read == arg.len(), errno == libc::ERANGE))
 }
 
+/// A score as Redis reads a ZADD or ZINCRBY argument: all of it a float (`inf` too),
+/// not empty, no leading space, not out of range, never NaN.
+pub fn score(arg: &[u8]) -> Option<f64> {
+    let (value, whole, out_of_range) = strtod(arg)?;
+    let overflow = out_of_range && (value.is_infinite() || value == 0.0);
+    let valid = !arg.is_empty() && !arg[0].is_ascii_whitespace() && whole && !overflow;
+    (valid && !value.is_nan()).then_some(value)
+}
+
+/// One end of a score range as Redis reads it: `(` for exclusive, then anything C's
+/// strtod reads whole (an empty string is 0), never NaN.
 fn score_bound(arg: &[u8]) -> Result<ScoreBound, Reply> {
-    let error = || Reply::error("ERR min or max is not a float");
-    match arg.strip_prefix(b"(") {
-        Some(rest) => Ok(ScoreBound {
-            value: score(rest).ok_or_else(error)?,
-            exclusive: true,
-        }),
-        None => Ok(ScoreBound {
-            value: score(arg).ok_or_else(error)?,
-            exclusive: false,
-        }),
+    let (text, exclusive) = match arg.strip_prefix(b"(") {
+        Some(rest) => (rest, true),
+        None => (arg, false),
+    };
+    match strtod(text) {
+        Some((value, true, _)) if !value.is_nan() => Ok(ScoreBound { value, exclusive }),
+        _ => Err(Reply::error("ERR min or max is not a float")),
     }
 }
 
@@ -172,6 +182,22 @@ pub async fn dispatch(
     name: &str,
     args: &[Bytes],
 ) -> Option<Pending> {
+    // LINDEX and LSET look the key up before they read the index, as Redis does.
+    if matches!(name, "lindex" | "lset") && parse_i64(&args[2]).is_none() {
+        let missing = match name {
+            "lindex" => Reply::Nil,
+            _ => Reply::error("ERR no such key"),
+        };
+        let probe = run(shared, session, &args[1], TypedOp::Type, Shape::Plain).await;
+        return Some(Pending::barrier(async move {
+            match probe.resolve().await {
+                Reply::Simple(kind) if kind == "list" => errors::not_integer(),
+                Reply::Simple(kind) if kind == "none" => missing,
+                Reply::Simple(_) => errors::wrong_type(),
+                other => other,
+            }
+        }));
+    }
     let parsed = match parse(name, args) {
         None => return None,
         Some(Ok(parsed)) => parsed,
@@ -524,54 +550,51 @@ pub fn zrange(name: &str, args: &[Bytes]) -> Result<(ZRange, bool), Reply> {
         "zrevrange" => (By::Rank, true),
         _ => (By::Rank, false),
     };
-    let full = name == "zrange";
+    // Only ZRANGE takes REV and BY*, each once, as Redis parses them.
+    let (mut direction_open, mut by_open) = (name == "zrange", name == "zrange");
     let (mut with_scores, mut limit) = (false, None);
     let mut at = 4;
     while at < args.len() {
         let arg = &args[at];
-        if is(arg, "withscores") && !matches!((&by, full), (By::Lex, false)) {
+        if is(arg, "withscores") {
             with_scores = true;
-        } else if is(arg, "limit")
-            && at + 2 < args.len()
-            && !matches!((&by, full), (By::Rank, false))
-        {
+        } else if is(arg, "limit") && at + 2 < args.len() {
             limit = Some((integer(&args[at + 1])?, integer(&args[at + 2])?));
             at += 2;
-        } else if full && is(arg, "byscore") {
-            by = By::Score;
-        } else if full && is(arg, "bylex") {
-            by = By::Lex;
-        } else if full && is(arg, "rev") {
+        } else if direction_open && is(arg, "rev") {
             reverse = true;
+            direction_open = false;
+        } else if by_open && is(arg, "bylex") {
+            by = By::Lex;
+            by_open = false;
+        } else if by_open && is(arg, "byscore") {
+            by = By::Score;
+            by_open = false;
         } else {
             return Err(errors::syntax());
         }
         at += 1;
     }
-    // The older reversed forms and ZRANGE REV take the high end first.
-    let (low, high) = match (reverse, full || !matches!(by, By::Rank)) {
-        (true, true) => (&args[3], &args[2]),
-        _ => (&args[2], &args[3]),
+    if limit.is_some() && matches!(by, By::Rank) {
+        return Err(Reply::error(
+            "ERR syntax error, LIMIT is only supported in combination with either BYSCORE or BYLEX",
+        ));
+    }
+    if with_scores && matches!(by, By::Lex) {
+        return Err(Reply::error(
+            "ERR syntax error, WITHSCORES not supported in combination with BYLEX",
+        ));
+    }
+    // The reversed score and lex forms take the high end first.
+    let (low, high) = match reverse {
+        true => (&args[3], &args[2]),
+        false => (&args[2], &args[3]),
     };
     let by = match by {
-        By::Rank => {
-            if limit.is_some() {
-                return Err(Reply::error(
-                    "ERR syntax error, LIMIT is only supported in combination with either BYSCORE or BYLEX",
-                ));
-            }
-            // Ranks are not swapped: ZREVRANGE 0 1 is the first two from the top.
-            RangeBy::Rank(integer(&args[2])?, integer(&args[3])?)
-        }
+        // Ranks are not swapped: ZREVRANGE 0 1 is the first two from the top.
+        By::Rank => RangeBy::Rank(integer(&args[2])?, integer(&args[3])?),
         By::Score => RangeBy::Score(score_bound(low)?, score_bound(high)?),
-        By::Lex => {
-            if with_scores {
-                return Err(Reply::error(
-                    "ERR syntax error, WITHSCORES not supported in combination with BYLEX",
-                ));
-            }
-            RangeBy::Lex(lex_bound(low)?, lex_bound(high)?)
-        }
+        By::Lex => RangeBy::Lex(lex_bound(low)?, lex_bound(high)?),
     };
     Ok((ZRange { by, reverse, limit }, with_scores))
 }
@@ -586,24 +609,24 @@ fn lpos(args: &[Bytes]) -> Parsed {
         let arg = &args[at];
         if is(arg, "rank") {
             rank = integer(value)?;
+            // Redis negates the rank to walk from the tail; the lowest one stays negative
+            // and then takes the first match from the tail.
+            if rank == i64::MIN {
+                rank = -1;
+            }
             if rank == 0 {
                 return Err(Reply::error("ERR RANK can't be zero: use 1 to start from the first match, 2 from the second ... or use negative to start from the end of the list"));
             }
-            if rank == i64::MIN {
-                return Err(Reply::error("ERR value is out of range"));
-            }
         } else if is(arg, "count") {
-            let n = integer(value)?;
-            if n < 0 {
-                return Err(Reply::error("ERR COUNT can't be negative"));
+            match parse_i64(value) {
+                Some(n) if n >= 0 => count = Some(n as u64),
+                _ => return Err(Reply::error("ERR COUNT can't be negative")),
             }
-            count = Some(n as u64);
         } else if is(arg, "maxlen") {
-            let n = integer(value)?;
-            if n < 0 {
-                return Err(Reply::error("ERR MAXLEN can't be negative"));
+            match parse_i64(value) {
+                Some(n) if n >= 0 => max_len = n as u64,
+                _ => return Err(Reply::error("ERR MAXLEN can't be negative")),
             }
-            max_len = n as u64;
         } else {
             return Err(errors::syntax());
         }

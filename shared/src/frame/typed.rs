@@ -93,8 +93,8 @@ pub enum TypedOp {
         no_values: bool,
     },
     /// Every member of a set, or every member and score of a sorted set (as `Pairs`
-    /// with `Double` scores), for multi-key commands → `Array`, `Pairs`, or `Nil` when
-    /// missing.
+    /// with `Double` scores), for SMEMBERS and multi-key commands → `Array` or `Pairs`
+    /// (empty when the key is missing).
     Members(Kind),
 
     /// HSET, HMSET, HSETNX (`if_absent`) → `Integer` (fields added).

@@ -360,8 +360,11 @@ pub fn encode_snapshot(kind: Kind, elements: &[(Vec<u8>, Vec<u8>)]) -> Vec<u8> {
     out
 }
 
+/// Elements with their values, in stored order.
+pub type Elements = Vec<(Vec<u8>, Vec<u8>)>;
+
 /// Decodes [`encode_snapshot`]'s bytes.
-pub fn decode_snapshot(raw: &[u8]) -> Result<(Kind, Vec<(Vec<u8>, Vec<u8>)>), CorruptError> {
+pub fn decode_snapshot(raw: &[u8]) -> Result<(Kind, Elements), CorruptError> {
     let kind = raw
         .first()
         .and_then(|b| Kind::from_byte(*b))

@@ -17,6 +17,13 @@ impl Target<'_> {
         batch: &mut Batch,
         op: &TypedOp,
     ) -> Result<Answer, OpError> {
+        // The increment is checked before the key, as Redis does.
+        if let TypedOp::HIncrByFloat { increment, .. } = op {
+            crate::float::incr_by_float(None, increment).map_err(|e| match e {
+                WorkerError::NanOrInfinity => refused("ERR value is NaN or Infinity"),
+                other => OpError::Refused(other),
+            })?;
+        }
         let found = self.load(txn, Kind::Hash)?;
         let mut meta = self.meta_or_new(txn, batch, &found, Kind::Hash)?;
         let exists = found.meta.is_some();
@@ -114,8 +121,6 @@ impl Target<'_> {
                 Answer::Integer(new)
             }
             TypedOp::HIncrByFloat { field, increment } => {
-                // A bad increment is the client's argument; a bad stored value the hash's.
-                crate::float::incr_by_float(None, increment).map_err(OpError::Refused)?;
                 let old = match exists {
                     true => self.get(txn, TABLE, &meta, field)?,
                     false => None,

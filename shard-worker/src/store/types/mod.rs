@@ -19,7 +19,7 @@ use shoal_shared::frame::{
     Answer, ChangeType, Collection, Key, TypedOp, WorkerError, WorkerResponse,
 };
 use shoal_shared::layout::typed::{
-    self, ElementTable, Kind, LogTable, TypeMeta, MAX_KEY_AND_ELEMENT_BYTES,
+    self, ElementTable, Elements, Kind, LogTable, TypeMeta, MAX_KEY_AND_ELEMENT_BYTES,
 };
 use shoal_shared::layout::{self};
 
@@ -28,8 +28,6 @@ use super::{Batch, OpError, OpResult, RawDatabase, Store};
 
 /// Called for each element walked (without its prefix) and its value; `false` stops.
 type Visit<'a> = &'a mut dyn FnMut(&[u8], &[u8]) -> Result<bool, OpError>;
-/// Elements with their values.
-type Elements = Vec<(Vec<u8>, Vec<u8>)>;
 
 /// The request's view of one typed key.
 pub(crate) struct Target<'s> {
@@ -446,11 +444,18 @@ impl Target<'_> {
         Ok(Answer::Array(vec![next, Answer::Array(items)]))
     }
 
-    /// Every member of a set, or every member and score of a sorted set.
+    /// Every member of a set, or every member and score of a sorted set (none when the
+    /// key is missing).
     fn members(&self, txn: &RwTxn, kind: Kind) -> Result<Answer, OpError> {
         let found = self.load(txn, kind)?;
         let Some(meta) = found.meta else {
-            return Ok(Answer::Nil);
+            return Ok(match kind {
+                Kind::SortedSet => Answer::Pairs {
+                    pairs: Vec::new(),
+                    map: false,
+                },
+                _ => Answer::Array(Vec::new()),
+            });
         };
         match kind {
             Kind::SortedSet => {
