@@ -464,6 +464,16 @@ pub static COMMANDS: &[CommandSpec] = &[
         "Returns one or more random fields from a hash."
     ),
     spec!(
+        "hscan",
+        -3,
+        R,
+        1,
+        1,
+        1,
+        "hash",
+        "Iterates over fields and values of a hash."
+    ),
+    spec!(
         "hset",
         -4,
         W,
@@ -1214,6 +1224,16 @@ pub static COMMANDS: &[CommandSpec] = &[
         "Removes one or more members from a set. Deletes the set if the last member was removed."
     ),
     spec!(
+        "sscan",
+        -3,
+        R,
+        1,
+        1,
+        1,
+        "set",
+        "Iterates over members of a set."
+    ),
+    spec!(
         "ssubscribe",
         -2,
         &["pubsub", "noscript", "loading", "stale"],
@@ -1542,6 +1562,16 @@ pub static COMMANDS: &[CommandSpec] = &[
         1,
         "sorted-set",
         "Returns the index of a member in a sorted set ordered by descending scores."
+    ),
+    spec!(
+        "zscan",
+        -3,
+        R,
+        1,
+        1,
+        1,
+        "sorted-set",
+        "Iterates over members and scores of a sorted set."
     ),
     spec!(
         "zscore",

@@ -459,7 +459,7 @@ fn bulk(out: &mut BytesMut, bytes: &[u8]) {
 
 /// Formats a double as Redis 7.0 replies with one (a sorted set's score): `%.17g`, and
 /// `inf`/`-inf` for infinities.
-pub(crate) fn format_double(value: f64) -> String {
+pub fn format_double(value: f64) -> String {
     if value.is_infinite() {
         return if value > 0.0 {
             "inf".into()

@@ -177,7 +177,7 @@ fn is(arg: &Bytes, word: &str) -> bool {
 
 /// Runs `name` if it is a command on one typed key; `None` otherwise. Arity is checked.
 pub async fn dispatch(
-    shared: &Shared,
+    shared: &std::sync::Arc<Shared>,
     session: &Session,
     name: &str,
     args: &[Bytes],
@@ -197,6 +197,14 @@ pub async fn dispatch(
                 other => other,
             }
         }));
+    }
+    if let Some(kind) = match name {
+        "hscan" => Some(Kind::Hash),
+        "sscan" => Some(Kind::Set),
+        "zscan" => Some(Kind::SortedSet),
+        _ => None,
+    } {
+        return Some(scan(shared, session, kind, args).await);
     }
     let parsed = match parse(name, args) {
         None => return None,
@@ -220,7 +228,6 @@ fn parse(name: &str, args: &[Bytes]) -> Option<Parsed> {
         "scard" => plain(Len(Kind::Set)),
         "zcard" => plain(Len(Kind::SortedSet)),
         "llen" => plain(Len(Kind::List)),
-        "hscan" | "sscan" | "zscan" => return None,
 
         "hset" | "hmset" => {
             if !args.len().is_multiple_of(2) {
@@ -641,4 +648,86 @@ fn lpos(args: &[Bytes]) -> Parsed {
         },
         Shape::Plain,
     ))
+}
+
+/// `HSCAN|SSCAN|ZSCAN key cursor [MATCH pattern] [COUNT count]`: a page of the key's
+/// elements in stored order. The cursor names the last element returned (kept in the
+/// SCAN cursor table); a cursor the table has dropped starts over, so an element present
+/// for the whole iteration is still returned at least once.
+async fn scan(
+    shared: &std::sync::Arc<Shared>,
+    session: &Session,
+    kind: Kind,
+    args: &[Bytes],
+) -> Pending {
+    let Some(cursor) = std::str::from_utf8(&args[2])
+        .ok()
+        .and_then(|c| c.parse::<u64>().ok())
+    else {
+        return Pending::Ready(Reply::error("ERR invalid cursor"));
+    };
+    let (mut pattern, mut count) = (None, 10u32);
+    let mut options = args[3..].iter();
+    while let Some(option) = options.next() {
+        let Some(value) = options.next() else {
+            return Pending::Ready(errors::syntax());
+        };
+        if is(option, "match") {
+            pattern = Some(buf(value));
+        } else if is(option, "count") {
+            match parse_i64(value) {
+                Some(n) if n >= 1 => count = n.min(100_000) as u32,
+                Some(_) => return Pending::Ready(errors::syntax()),
+                None => return Pending::Ready(errors::not_integer()),
+            }
+        } else {
+            return Pending::Ready(errors::syntax());
+        }
+    }
+    let Some(position) = shared.scan_cursors.load(cursor, 1) else {
+        return Pending::Ready(Reply::error("ERR invalid cursor"));
+    };
+    let after = position
+        .after
+        .and_then(|after| after.get(2..).map(|element| ByteBuf::from(element.to_vec())));
+    let op = TypedOp::Scan {
+        kind,
+        after,
+        count,
+        pattern,
+        no_values: false,
+    };
+    let page = run(shared, session, &args[1], op, Shape::Plain).await;
+    let shared = std::sync::Arc::clone(shared);
+    Pending::barrier(async move {
+        match page.resolve().await {
+            Reply::Array(mut parts) if parts.len() == 2 => {
+                let items = parts.pop().unwrap_or(Reply::Nil);
+                let next = match parts.pop() {
+                    Some(Reply::Bulk(last)) => {
+                        let after = [&[0u8, 0][..], &last[..]].concat();
+                        let position = crate::cursors::ScanPosition {
+                            worker: 0,
+                            after: Some(after),
+                        };
+                        shared.scan_cursors.save(&position).to_string()
+                    }
+                    _ => "0".to_string(),
+                };
+                // Scores are strings in a SCAN page, in both protocols.
+                let items = match items {
+                    Reply::Array(items) => items
+                        .into_iter()
+                        .map(|item| match item {
+                            Reply::Double(score) => Reply::bulk(shoal_shared::resp::format_double(score)),
+                            other => other,
+                        })
+                        .collect(),
+                    _ => Vec::new(),
+                };
+                Reply::Array(vec![Reply::bulk(next), Reply::Array(items)])
+            }
+            other => other,
+        }
+    })
 }
