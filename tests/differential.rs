@@ -904,6 +904,191 @@ fn specs() -> Vec<Spec> {
             }
             g.cmd("ZRANDMEMBER", &args)
         }),
+        // Commands over several typed keys.
+        spec("SINTER", 4, &["SINTER", "k0"], Unordered, |g| {
+            let keys = g.keys(1, 3);
+            let name = g.pick(&["SINTER", "SUNION", "SDIFF"]);
+            g.cmd(name, &keys)
+        }),
+        spec("SINTERSTORE", 3, &["SINTERSTORE", "k0", "k1"], Exact, |g| {
+            let keys = g.keys(2, 4);
+            let name = g.pick(&["SINTERSTORE", "SUNIONSTORE", "SDIFFSTORE"]);
+            g.cmd(name, &keys)
+        }),
+        spec("SINTERCARD", 2, &["SINTERCARD", "1", "k0"], Exact, |g| {
+            let keys = g.keys(1, 3);
+            let mut args = vec![keys.len().to_string().into_bytes()];
+            if g.chance(10) {
+                args[0] = g.pick(&["0", "9", "x"]).as_bytes().to_vec();
+            }
+            args.extend(keys);
+            if g.chance(2) {
+                args.extend([b"LIMIT".to_vec(), g.count()]);
+            }
+            g.cmd("SINTERCARD", &args)
+        }),
+        // Moves between keys of one worker: the keys share a {hash tag}.
+        spec(
+            "SMOVE",
+            4,
+            &["SMOVE", "{user}a", "{user}b", "m"],
+            Exact,
+            |g| {
+                let (from, to) = (g.tagged_key(), g.tagged_key());
+                let member = g.field();
+                g.cmd("SMOVE", &[from, to, member])
+            },
+        ),
+        spec(
+            "LMOVE",
+            4,
+            &["LMOVE", "{user}a", "{user}b", "LEFT", "LEFT"],
+            Exact,
+            |g| {
+                let (from, to) = (g.tagged_key(), g.tagged_key());
+                match g.chance(3) {
+                    true => g.cmd("RPOPLPUSH", &[from, to]),
+                    false => {
+                        let a = g
+                            .pick(&["LEFT", "RIGHT", "right", "up"])
+                            .as_bytes()
+                            .to_vec();
+                        let b = g.pick(&["LEFT", "RIGHT", "left"]).as_bytes().to_vec();
+                        g.cmd("LMOVE", &[from, to, a, b])
+                    }
+                }
+            },
+        ),
+        spec(
+            "BLMOVE",
+            2,
+            &["BLMOVE", "{user}a", "{user}b", "LEFT", "LEFT", "0.01"],
+            Exact,
+            |g| {
+                let (from, to) = (g.tagged_key(), g.tagged_key());
+                let timeout = g.pick(&["0.01", "0.01", "-1", "x"]).as_bytes().to_vec();
+                match g.chance(2) {
+                    true => g.cmd("BRPOPLPUSH", &[from, to, timeout]),
+                    false => g.cmd(
+                        "BLMOVE",
+                        &[from, to, b"RIGHT".to_vec(), b"LEFT".to_vec(), timeout],
+                    ),
+                }
+            },
+        ),
+        spec("LMPOP", 3, &["LMPOP", "1", "k0", "LEFT"], Exact, |g| {
+            let keys = g.keys(1, 3);
+            let zset = g.chance(2);
+            let mut args = vec![keys.len().to_string().into_bytes()];
+            args.extend(keys);
+            let side = match zset {
+                true => g.pick(&["MIN", "MAX", "LEFT"]),
+                false => g.pick(&["LEFT", "RIGHT", "MIN"]),
+            };
+            args.push(side.as_bytes().to_vec());
+            if g.chance(2) {
+                args.extend([b"COUNT".to_vec(), g.count()]);
+            }
+            g.cmd(if zset { "ZMPOP" } else { "LMPOP" }, &args)
+        }),
+        spec("BLPOP", 3, &["BLPOP", "k0", "0.01"], Exact, |g| {
+            let mut args = g.keys(1, 3);
+            args.push(
+                g.pick(&["0.01", "0.01", "0.01", "-1", "x"])
+                    .as_bytes()
+                    .to_vec(),
+            );
+            let name = g.pick(&["BLPOP", "BRPOP", "BZPOPMIN", "BZPOPMAX"]);
+            g.cmd(name, &args)
+        }),
+        spec("ZUNION", 4, &["ZUNION", "1", "k0"], Exact, |g| {
+            let keys = g.keys(1, 3);
+            let name = g.pick(&["ZUNION", "ZINTER", "ZDIFF"]);
+            let mut args = vec![keys.len().to_string().into_bytes()];
+            let n = keys.len();
+            args.extend(keys);
+            if name != "ZDIFF" && g.chance(3) {
+                args.push(b"WEIGHTS".to_vec());
+                for _ in 0..n {
+                    args.push(
+                        g.pick(&["1", "2", "-1", "0.5", "0", "x"])
+                            .as_bytes()
+                            .to_vec(),
+                    );
+                }
+            }
+            if name != "ZDIFF" && g.chance(3) {
+                args.push(b"AGGREGATE".to_vec());
+                args.push(g.pick(&["SUM", "MIN", "MAX", "avg"]).as_bytes().to_vec());
+            }
+            if g.chance(2) {
+                args.push(b"WITHSCORES".to_vec());
+            }
+            g.cmd(name, &args)
+        }),
+        spec(
+            "ZUNIONSTORE",
+            3,
+            &["ZUNIONSTORE", "k0", "1", "k1"],
+            Exact,
+            |g| {
+                let dest = g.key();
+                let keys = g.keys(1, 3);
+                let name = g.pick(&["ZUNIONSTORE", "ZINTERSTORE", "ZDIFFSTORE"]);
+                let mut args = vec![dest, keys.len().to_string().into_bytes()];
+                args.extend(keys);
+                if name != "ZDIFFSTORE" && g.chance(3) {
+                    args.push(b"AGGREGATE".to_vec());
+                    args.push(g.pick(&["SUM", "MIN", "MAX"]).as_bytes().to_vec());
+                }
+                g.cmd(name, &args)
+            },
+        ),
+        spec("ZINTERCARD", 2, &["ZINTERCARD", "1", "k0"], Exact, |g| {
+            let keys = g.keys(1, 3);
+            let mut args = vec![keys.len().to_string().into_bytes()];
+            args.extend(keys);
+            if g.chance(2) {
+                args.extend([b"LIMIT".to_vec(), g.count()]);
+            }
+            g.cmd("ZINTERCARD", &args)
+        }),
+        spec(
+            "ZRANGESTORE",
+            2,
+            &["ZRANGESTORE", "k0", "k1", "0", "-1"],
+            Exact,
+            |g| {
+                let (dest, source) = (g.key(), g.key());
+                let mut args = vec![dest, source];
+                match g.chance(2) {
+                    true => args.extend([g.index(), g.index()]),
+                    false => args.extend([g.score_bound(), g.score_bound(), b"BYSCORE".to_vec()]),
+                }
+                if g.chance(3) {
+                    args.push(b"REV".to_vec());
+                }
+                g.cmd("ZRANGESTORE", &args)
+            },
+        ),
+        spec("SSCAN", 3, &["SSCAN", "k0", "0"], FullScan, |g| {
+            let key = g.key();
+            let mut args = vec![key, b"0".to_vec()];
+            if g.chance(2) {
+                args.extend([
+                    b"MATCH".to_vec(),
+                    g.pick(&["*", "a*", "?", "[a-c]"]).as_bytes().to_vec(),
+                ]);
+            }
+            if g.chance(2) {
+                args.extend([
+                    b"COUNT".to_vec(),
+                    g.pick(&["1", "2", "100"]).as_bytes().to_vec(),
+                ]);
+            }
+            let name = g.pick(&["SSCAN", "HSCAN", "ZSCAN"]);
+            g.cmd(name, &args)
+        }),
         spec("FLUSHDB", 1, &["FLUSHDB"], Exact, |g| match g.below(3) {
             0 => g.cmd("FLUSHDB", &[]),
             1 => g.cmd("FLUSHDB", &[b"SYNC".to_vec()]),
@@ -1054,6 +1239,12 @@ impl Gen {
                 .pick(&["hello", "a", "world", "{user}", "caf\u{e9}"])
                 .into(),
         }
+    }
+
+    /// One of the keys that share the `{user}` tag (so one worker holds them all).
+    fn tagged_key(&mut self) -> Vec<u8> {
+        self.pick(&[&b"{user}a"[..], b"{user}b", b"{user}c"])
+            .to_vec()
     }
 
     /// A hash field, set member or list element: a few names, so they collide.
@@ -1386,6 +1577,11 @@ fn both(shoal: &mut RawConn, redis: &mut RawConn, command: &[Vec<u8>]) -> (Answe
 /// reply that is not a SCAN reply, is answered as it came.
 fn scan_all(conn: &mut RawConn, command: &[Vec<u8>]) -> Answer {
     let mut command = command.to_vec();
+    // SCAN cursor ...; HSCAN, SSCAN and ZSCAN key cursor ...
+    let at = match command[0].eq_ignore_ascii_case(b"scan") {
+        true => 1,
+        false => 2,
+    };
     let mut keys = std::collections::BTreeSet::new();
     for _ in 0..MAX_SCAN_CALLS {
         let reply = ask(conn, &command)?;
@@ -1405,7 +1601,7 @@ fn scan_all(conn: &mut RawConn, command: &[Vec<u8>]) -> Answer {
         if cursor == b"0" {
             return Ok(Resp::Array(keys.into_iter().map(Resp::Bulk).collect()));
         }
-        command[1] = cursor;
+        command[at] = cursor;
     }
     Err(format!(
         "SCAN did not come back to cursor 0 within {MAX_SCAN_CALLS} calls"

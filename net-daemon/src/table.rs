@@ -94,6 +94,86 @@ pub static COMMANDS: &[CommandSpec] = &[
         "Finds the first set (1) or clear (0) bit in a string."
     ),
     spec!(
+        "blmove",
+        6,
+        W,
+        1,
+        2,
+        1,
+        "list",
+        "Pops an element from a list, pushes it to another list and returns it. Blocks until an element is available otherwise. Deletes the list if the last element was moved."
+    ),
+    spec!(
+        "blmpop",
+        -5,
+        W,
+        0,
+        0,
+        0,
+        "list",
+        "Pops the first element from one of multiple lists. Blocks until an element is available otherwise. Deletes the list if the last element was popped."
+    ),
+    spec!(
+        "blpop",
+        -3,
+        W,
+        1,
+        -2,
+        1,
+        "list",
+        "Removes and returns the first element in a list. Blocks until an element is available otherwise. Deletes the list if the last element was popped."
+    ),
+    spec!(
+        "brpop",
+        -3,
+        W,
+        1,
+        -2,
+        1,
+        "list",
+        "Removes and returns the last element in a list. Blocks until an element is available otherwise. Deletes the list if the last element was popped."
+    ),
+    spec!(
+        "brpoplpush",
+        4,
+        W,
+        1,
+        2,
+        1,
+        "list",
+        "Pops an element from a list, pushes it to another list and returns it. Block until an element is available otherwise. Deletes the list if the last element was popped."
+    ),
+    spec!(
+        "bzmpop",
+        -5,
+        W,
+        0,
+        0,
+        0,
+        "sorted-set",
+        "Removes and returns a member by score from one or more sorted sets. Blocks until a member is available otherwise. Deletes the sorted set if the last element was popped."
+    ),
+    spec!(
+        "bzpopmax",
+        -3,
+        W,
+        1,
+        -2,
+        1,
+        "sorted-set",
+        "Removes and returns the member with the highest score from one or more sorted sets. Blocks until a member available otherwise. Deletes the sorted set if the last element was popped."
+    ),
+    spec!(
+        "bzpopmin",
+        -3,
+        W,
+        1,
+        -2,
+        1,
+        "sorted-set",
+        "Removes and returns the member with the lowest score from one or more sorted sets. Blocks until a member is available otherwise. Deletes the sorted set if the last element was popped."
+    ),
+    spec!(
         "client",
         -2,
         C,
@@ -624,6 +704,26 @@ pub static COMMANDS: &[CommandSpec] = &[
         "Returns the length of a list."
     ),
     spec!(
+        "lmove",
+        5,
+        W,
+        1,
+        2,
+        1,
+        "list",
+        "Returns an element after popping it from one list and pushing it to another. Deletes the list if the last element was moved."
+    ),
+    spec!(
+        "lmpop",
+        -4,
+        W,
+        0,
+        0,
+        0,
+        "list",
+        "Returns multiple elements from a list after removing them. Deletes the list if the last element was popped."
+    ),
+    spec!(
         "lpop",
         -2,
         W,
@@ -964,6 +1064,16 @@ pub static COMMANDS: &[CommandSpec] = &[
         "Returns and removes the last elements of a list. Deletes the list if the last element was popped."
     ),
     spec!(
+        "rpoplpush",
+        3,
+        W,
+        1,
+        2,
+        1,
+        "list",
+        "Returns the last element of a list after removing and pushing it to another list. Deletes the list if the last element was popped."
+    ),
+    spec!(
         "rpush",
         -3,
         W,
@@ -1012,6 +1122,26 @@ pub static COMMANDS: &[CommandSpec] = &[
         1,
         "set",
         "Returns the number of members in a set."
+    ),
+    spec!(
+        "sdiff",
+        -2,
+        R,
+        1,
+        -1,
+        1,
+        "set",
+        "Returns the difference of multiple sets."
+    ),
+    spec!(
+        "sdiffstore",
+        -3,
+        W,
+        1,
+        -1,
+        1,
+        "set",
+        "Stores the difference of multiple sets in a key."
     ),
     spec!(
         "select",
@@ -1154,6 +1284,36 @@ pub static COMMANDS: &[CommandSpec] = &[
         "Synchronously saves the database(s) to disk and shuts down the Redis server."
     ),
     spec!(
+        "sinter",
+        -2,
+        R,
+        1,
+        -1,
+        1,
+        "set",
+        "Returns the intersect of multiple sets."
+    ),
+    spec!(
+        "sintercard",
+        -3,
+        R,
+        0,
+        0,
+        0,
+        "set",
+        "Returns the number of members of the intersect of multiple sets."
+    ),
+    spec!(
+        "sinterstore",
+        -3,
+        W,
+        1,
+        -1,
+        1,
+        "set",
+        "Stores the intersect of multiple sets in a key."
+    ),
+    spec!(
         "sismember",
         3,
         R,
@@ -1182,6 +1342,16 @@ pub static COMMANDS: &[CommandSpec] = &[
         1,
         "set",
         "Determines whether multiple members belong to a set."
+    ),
+    spec!(
+        "smove",
+        4,
+        W,
+        1,
+        2,
+        1,
+        "set",
+        "Moves a member from one set to another."
     ),
     spec!(
         "spop",
@@ -1272,6 +1442,26 @@ pub static COMMANDS: &[CommandSpec] = &[
         1,
         "string",
         "Returns a substring from a string value."
+    ),
+    spec!(
+        "sunion",
+        -2,
+        R,
+        1,
+        -1,
+        1,
+        "set",
+        "Returns the union of multiple sets."
+    ),
+    spec!(
+        "sunionstore",
+        -3,
+        W,
+        1,
+        -1,
+        1,
+        "set",
+        "Stores the union of multiple sets in a key."
     ),
     spec!(
         "sunsubscribe",
@@ -1384,6 +1574,26 @@ pub static COMMANDS: &[CommandSpec] = &[
         "Returns the count of members in a sorted set that have scores within a range."
     ),
     spec!(
+        "zdiff",
+        -3,
+        R,
+        0,
+        0,
+        0,
+        "sorted-set",
+        "Returns the difference between multiple sorted sets."
+    ),
+    spec!(
+        "zdiffstore",
+        -4,
+        W,
+        1,
+        1,
+        1,
+        "sorted-set",
+        "Stores the difference of multiple sorted sets in a key."
+    ),
+    spec!(
         "zincrby",
         4,
         W,
@@ -1394,6 +1604,36 @@ pub static COMMANDS: &[CommandSpec] = &[
         "Increments the score of a member in a sorted set."
     ),
     spec!(
+        "zinter",
+        -3,
+        R,
+        0,
+        0,
+        0,
+        "sorted-set",
+        "Returns the intersect of multiple sorted sets."
+    ),
+    spec!(
+        "zintercard",
+        -3,
+        R,
+        0,
+        0,
+        0,
+        "sorted-set",
+        "Returns the number of members of the intersect of multiple sorted sets."
+    ),
+    spec!(
+        "zinterstore",
+        -4,
+        W,
+        1,
+        1,
+        1,
+        "sorted-set",
+        "Stores the intersect of multiple sorted sets in a key."
+    ),
+    spec!(
         "zlexcount",
         4,
         R,
@@ -1402,6 +1642,16 @@ pub static COMMANDS: &[CommandSpec] = &[
         1,
         "sorted-set",
         "Returns the number of members in a sorted set within a lexicographical range."
+    ),
+    spec!(
+        "zmpop",
+        -4,
+        W,
+        0,
+        0,
+        0,
+        "sorted-set",
+        "Returns the highest- or lowest-scoring members from one or more sorted sets after removing them. Deletes the sorted set if the last member was popped."
     ),
     spec!(
         "zmscore",
@@ -1472,6 +1722,16 @@ pub static COMMANDS: &[CommandSpec] = &[
         1,
         "sorted-set",
         "Returns members in a sorted set within a range of scores."
+    ),
+    spec!(
+        "zrangestore",
+        -5,
+        W,
+        1,
+        2,
+        1,
+        "sorted-set",
+        "Stores a range of members from sorted set in a key."
     ),
     spec!(
         "zrank",
@@ -1582,6 +1842,26 @@ pub static COMMANDS: &[CommandSpec] = &[
         1,
         "sorted-set",
         "Returns the score of a member in a sorted set."
+    ),
+    spec!(
+        "zunion",
+        -3,
+        R,
+        0,
+        0,
+        0,
+        "sorted-set",
+        "Returns the union of multiple sorted sets."
+    ),
+    spec!(
+        "zunionstore",
+        -4,
+        W,
+        1,
+        1,
+        1,
+        "sorted-set",
+        "Stores the union of multiple sorted sets in a key."
     ),
 ];
 

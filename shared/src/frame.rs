@@ -728,10 +728,15 @@ impl WorkerRequest {
                 collection, key, ..
             }
             | Persist { collection, key }
-            | Typed {
-                collection, key, ..
-            }
             | ExpireTime { collection, key } => vec![(*collection, key)],
+            Typed {
+                collection,
+                key,
+                op,
+            } => std::iter::once(key)
+                .chain(op.other_key())
+                .map(|key| (*collection, key))
+                .collect(),
             MGet { collection, keys }
             | Delete { collection, keys }
             | Exists { collection, keys } => keys.iter().map(|key| (*collection, key)).collect(),

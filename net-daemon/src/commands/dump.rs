@@ -93,7 +93,7 @@ pub async fn whole(
 
 /// Stores a typed key's snapshot under `key`: `Integer(1)` when written, `Integer(0)`
 /// when `if_absent` and the key exists (as SET NX answers for a string).
-async fn put_collection(
+pub async fn put_collection(
     shared: &Shared,
     collection: u16,
     key: &Bytes,

@@ -11,6 +11,8 @@
 //! - [`strings`]: commands on one key (strings, counters, ranges).
 //! - [`bits`]: GETBIT, SETBIT, BITCOUNT, BITPOS and LCS: computations on string values.
 //! - [`types`]: hashes, sets, sorted sets and lists, one key at a time.
+//! - [`collections`]: commands over several of those keys (SINTER, ZUNION, LMOVE, ...)
+//!   and the blocking pops.
 //! - [`dump`]: DUMP and RESTORE, with Shoal's own payload.
 //! - [`keyspace`]: expiry, TYPE/OBJECT, SCAN, KEYS, DBSIZE, FLUSHDB/FLUSHALL.
 //! - [`multi`]: multi-key writes (MSET, MSETNX, DEL, RENAME, COPY, MOVE), atomic across
@@ -23,6 +25,7 @@
 pub mod backup;
 pub mod bits;
 pub mod cluster;
+pub mod collections;
 pub mod dump;
 pub mod keyspace;
 pub mod multi;
@@ -286,6 +289,9 @@ pub async fn dispatch(
         return (pending, After::Continue);
     }
     if let Some(pending) = dump::dispatch(shared, session, spec.name, &args).await {
+        return (pending, After::Continue);
+    }
+    if let Some(pending) = collections::dispatch(shared, session, spec.name, &args).await {
         return (pending, After::Continue);
     }
     if let Some(pending) = types::dispatch(shared, session, spec.name, &args).await {

@@ -316,7 +316,9 @@ fn parse(name: &str, args: &[Bytes]) -> Option<Parsed> {
         "smembers" => plain(Members(Kind::Set)),
         "srandmember" => match args.len() {
             2 => plain(SRandMember { count: None }),
-            3 => integer(&args[2]).map(|count| (SRandMember { count: Some(count) }, Plain)),
+            3 => {
+                random_pick_count(&args[2]).map(|count| (SRandMember { count: Some(count) }, Plain))
+            }
             _ => Err(errors::syntax()),
         },
         "spop" => match args.len() {
@@ -482,13 +484,30 @@ fn parse(name: &str, args: &[Bytes]) -> Option<Parsed> {
     })
 }
 
+/// Most picks a random-member command returns when it may repeat (a negative count).
+const MAX_RANDOM_PICKS: i64 = 1 << 24;
+
+/// The count of SRANDMEMBER, HRANDFIELD and ZRANDMEMBER: within Redis's range, and no more
+/// repeated picks than [`MAX_RANDOM_PICKS`].
+fn random_pick_count(arg: &Bytes) -> Result<i64, Reply> {
+    match integer(arg)? {
+        i64::MIN => Err(Reply::error(
+            "ERR value is out of range, value must between -9223372036854775807 and 9223372036854775807",
+        )),
+        count if count < -MAX_RANDOM_PICKS => Err(Reply::error(format!(
+            "ERR count is out of range: at most {MAX_RANDOM_PICKS} repeated picks"
+        ))),
+        count => Ok(count),
+    }
+}
+
 /// `[count [WITH...]]` of HRANDFIELD and ZRANDMEMBER.
 fn random_count(args: &[Bytes], with: &str) -> Result<(Option<i64>, bool), Reply> {
     match args.len() {
         2 => Ok((None, false)),
-        3 => Ok((Some(integer(&args[2])?), false)),
+        3 => Ok((Some(random_pick_count(&args[2])?), false)),
         4 if is(&args[3], with) => {
-            let count = integer(&args[2])?;
+            let count = random_pick_count(&args[2])?;
             // Redis refuses counts whose doubled reply would overflow.
             if count.checked_mul(2).is_none() {
                 return Err(Reply::error("ERR value is out of range"));
@@ -687,9 +706,11 @@ async fn scan(
     let Some(position) = shared.scan_cursors.load(cursor, 1) else {
         return Pending::Ready(Reply::error("ERR invalid cursor"));
     };
-    let after = position
-        .after
-        .and_then(|after| after.get(2..).map(|element| ByteBuf::from(element.to_vec())));
+    let after = position.after.and_then(|after| {
+        after
+            .get(2..)
+            .map(|element| ByteBuf::from(element.to_vec()))
+    });
     let op = TypedOp::Scan {
         kind,
         after,
@@ -719,7 +740,9 @@ async fn scan(
                     Reply::Array(items) => items
                         .into_iter()
                         .map(|item| match item {
-                            Reply::Double(score) => Reply::bulk(shoal_shared::resp::format_double(score)),
+                            Reply::Double(score) => {
+                                Reply::bulk(shoal_shared::resp::format_double(score))
+                            }
                             other => other,
                         })
                         .collect(),

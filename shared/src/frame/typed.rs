@@ -94,7 +94,8 @@ pub enum TypedOp {
     },
     /// Every member of a set, or every member and score of a sorted set (as `Pairs`
     /// with `Double` scores), for SMEMBERS and multi-key commands → `Array` or `Pairs`
-    /// (empty when the key is missing).
+    /// (empty when the key is missing). Asked of a set, `Members(SortedSet)` answers its
+    /// members as `Array`.
     Members(Kind),
 
     /// HSET, HMSET, HSETNX (`if_absent`) → `Integer` (fields added).
@@ -179,6 +180,14 @@ pub enum TypedOp {
         count: Option<u64>,
     },
 
+    /// SMOVE to the set `to`, a key of the same worker → `Integer` (moved or not).
+    SMove {
+        /// The destination set.
+        to: crate::frame::Key,
+        /// The member.
+        member: ByteBuf,
+    },
+
     /// ZADD, ZINCRBY → `Integer`, or with INCR the new score (`Double`, `Nil` when not
     /// applied).
     ZAdd {
@@ -251,6 +260,16 @@ pub enum TypedOp {
         left: bool,
         /// How many.
         count: Option<u64>,
+    },
+    /// LMOVE, RPOPLPUSH: pops from one end of this list and pushes onto one end of the
+    /// list `to`, a key of the same worker → `Bulk`/`Nil`.
+    LMove {
+        /// The destination list.
+        to: crate::frame::Key,
+        /// Pop from the head.
+        from_left: bool,
+        /// Push at the head.
+        to_left: bool,
     },
     /// LINDEX → `Bulk`/`Nil`.
     LIndex {
@@ -330,7 +349,17 @@ impl TypedOp {
                 | LTrim { .. }
                 | LRem { .. }
                 | LInsert { .. }
+                | SMove { .. }
+                | LMove { .. }
         )
+    }
+
+    /// The second key of a command on two keys of one worker (SMOVE, LMOVE).
+    pub fn other_key(&self) -> Option<&crate::frame::Key> {
+        match self {
+            TypedOp::SMove { to, .. } | TypedOp::LMove { to, .. } => Some(to),
+            _ => None,
+        }
     }
 
     /// Bytes of elements the command writes (what it may need on disk).

@@ -39,6 +39,43 @@ fn span(meta: &TypeMeta, start: i64, stop: i64) -> Option<(u64, u64)> {
 }
 
 impl Target<'_> {
+    /// LMOVE: the destination's type is checked once the source is found, as Redis does.
+    pub(super) fn lmove(
+        &self,
+        txn: &mut RwTxn,
+        batch: &mut Batch,
+        to: &shoal_shared::frame::Key,
+        from_left: bool,
+        to_left: bool,
+    ) -> Result<Answer, OpError> {
+        let destination = self.other(to);
+        if self.load(txn, Kind::List)?.meta.is_none() {
+            return Ok(Answer::Nil);
+        }
+        destination.load(txn, Kind::List)?;
+        let popped = self.list(
+            txn,
+            batch,
+            &TypedOp::Pop {
+                left: from_left,
+                count: None,
+            },
+        )?;
+        let Answer::Bulk(value) = &popped else {
+            return Ok(Answer::Nil);
+        };
+        destination.list(
+            txn,
+            batch,
+            &TypedOp::Push {
+                left: to_left,
+                values: vec![value.clone()],
+                if_exists: false,
+            },
+        )?;
+        Ok(popped)
+    }
+
     pub(super) fn list(
         &self,
         txn: &mut RwTxn,
@@ -182,8 +219,12 @@ impl Target<'_> {
                 }
                 let old = self.elements(txn, &meta)?;
                 let mut remove = vec![false; old.len()];
-                let mut removed = 0i64;
-                let limit = if *count == 0 { i64::MAX } else { count.abs() };
+                let mut removed = 0u64;
+                let limit = if *count == 0 {
+                    u64::MAX
+                } else {
+                    count.unsigned_abs()
+                };
                 let order: Box<dyn Iterator<Item = usize>> = match *count < 0 {
                     true => Box::new((0..old.len()).rev()),
                     false => Box::new(0..old.len()),
@@ -204,7 +245,7 @@ impl Target<'_> {
                     .map(|(v, _)| v.clone())
                     .collect();
                 self.rewrite(txn, batch, &mut meta, &old, &new)?;
-                Answer::Integer(removed)
+                Answer::Integer(removed as i64)
             }
             TypedOp::LInsert {
                 before,

@@ -96,6 +96,12 @@ impl Store {
             | TypedOp::HIncrBy { .. }
             | TypedOp::HIncrByFloat { .. }
             | TypedOp::HRandField { .. }) => target.hash(txn, batch, op)?,
+            TypedOp::SMove { to, member } => target.smove(txn, batch, to, member)?,
+            TypedOp::LMove {
+                to,
+                from_left,
+                to_left,
+            } => target.lmove(txn, batch, to, *from_left, *to_left)?,
             op @ (TypedOp::SAdd { .. }
             | TypedOp::SRem { .. }
             | TypedOp::SIsMember { .. }
@@ -124,7 +130,18 @@ impl Store {
     }
 }
 
-impl Target<'_> {
+impl<'s> Target<'s> {
+    /// The same view of another key of this worker (the second key of SMOVE, LMOVE).
+    fn other(&self, key: &'s Key) -> Target<'s> {
+        Target {
+            store: self.store,
+            db: self.db,
+            collection: self.collection,
+            key,
+            now_ms: self.now_ms,
+        }
+    }
+
     /// The key's state; refused with `WrongType` when it is live and not of `kind`.
     fn load(&self, txn: &RwTxn, kind: Kind) -> Result<Found, OpError> {
         let current = self.store.current(txn, self.db, self.key, self.now_ms)?;
@@ -447,6 +464,14 @@ impl Target<'_> {
     /// Every member of a set, or every member and score of a sorted set (none when the
     /// key is missing).
     fn members(&self, txn: &RwTxn, kind: Kind) -> Result<Answer, OpError> {
+        // The sorted-set algebra takes sets too (their members score 1).
+        if kind == Kind::SortedSet {
+            if let Ok(found) = self.load(txn, Kind::Set) {
+                if found.meta.is_some() {
+                    return self.members(txn, Kind::Set);
+                }
+            }
+        }
         let found = self.load(txn, kind)?;
         let Some(meta) = found.meta else {
             return Ok(match kind {

@@ -10,6 +10,44 @@ use crate::store::{Batch, OpError};
 const TABLE: ElementTable = ElementTable::Set;
 
 impl Target<'_> {
+    /// SMOVE: both keys' types are checked first, as Redis does.
+    pub(super) fn smove(
+        &self,
+        txn: &mut RwTxn,
+        batch: &mut Batch,
+        to: &shoal_shared::frame::Key,
+        member: &[u8],
+    ) -> Result<Answer, OpError> {
+        let destination = self.other(to);
+        // A missing source answers 0 before any type is checked, as in Redis.
+        let current = self.store.current(txn, self.db, self.key, self.now_ms)?;
+        if current.live.is_none() {
+            return Ok(Answer::Integer(0));
+        }
+        let source = self.load(txn, Kind::Set)?;
+        destination.load(txn, Kind::Set)?;
+        let Some(meta) = source.meta else {
+            return Ok(Answer::Integer(0));
+        };
+        if self.get(txn, TABLE, &meta, member)?.is_none() {
+            return Ok(Answer::Integer(0));
+        }
+        if self.key == to {
+            return Ok(Answer::Integer(1));
+        }
+        let member = serde_bytes::ByteBuf::from(member.to_vec());
+        let members = vec![member];
+        self.set(
+            txn,
+            batch,
+            &TypedOp::SRem {
+                members: members.clone(),
+            },
+        )?;
+        destination.set(txn, batch, &TypedOp::SAdd { members })?;
+        Ok(Answer::Integer(1))
+    }
+
     pub(super) fn set(
         &self,
         txn: &mut RwTxn,

@@ -1,0 +1,758 @@
+//! Commands on several typed keys: set algebra (SINTER, SUNION, SDIFF and their
+//! STORE and CARD forms), sorted-set algebra (ZUNION, ZINTER, ZDIFF, their STORE forms,
+//! ZINTERCARD, ZRANGESTORE), moves between keys (SMOVE, LMOVE, RPOPLPUSH), pops from
+//! the first non-empty key (LMPOP, ZMPOP) and the blocking pops (BLPOP, BRPOP, BLMOVE,
+//! BRPOPLPUSH, BLMPOP, BZPOPMIN, BZPOPMAX, BZMPOP).
+//!
+//! - The algebra reads each source key from its owner and computes here; a STORE form
+//!   then replaces the destination in one write. The sources are read one by one, not
+//!   as one snapshot.
+//! - A move is one atomic request when both keys are on one worker; keys on different
+//!   workers are refused with `CROSSSLOT` (give them one `{hash tag}`).
+//! - A blocking pop tries its keys in order and, while all are empty, tries again every
+//!   few milliseconds until its timeout; so it works whichever worker or host owns each
+//!   key.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use serde_bytes::ByteBuf;
+use shoal_shared::frame::{TypedOp, WorkerRequest};
+use shoal_shared::layout::typed::{score_bytes, Kind};
+use shoal_shared::resp::{parse_i64, Reply};
+
+use super::types::{run, Shape};
+use super::{Pending, Session};
+use crate::errors;
+use crate::state::Shared;
+
+/// How often a blocked pop tries its keys again, at first and after a second.
+const BLOCKED_RETRY_FIRST: Duration = Duration::from_millis(5);
+const BLOCKED_RETRY_LATER: Duration = Duration::from_millis(25);
+
+/// Runs `name` if it is a command of this module; `None` otherwise. Arity is checked.
+pub async fn dispatch(
+    shared: &Arc<Shared>,
+    session: &Session,
+    name: &str,
+    args: &[Bytes],
+) -> Option<Pending> {
+    let collection = session.collection;
+    let shared = Arc::clone(shared);
+    let args = args.to_vec();
+    let work = match name {
+        "sinter" | "sunion" | "sdiff" => {
+            let op = name.to_string();
+            async move { set_algebra(shared, collection, &op, args, None).await }.boxed()
+        }
+        "sinterstore" | "sunionstore" | "sdiffstore" => {
+            let dest = args[1].clone();
+            let op = name[..name.len() - 5].to_string();
+            async move { set_algebra(shared, collection, &op, args[1..].to_vec(), Some(dest)).await }.boxed()
+        }
+        "sintercard" => sintercard(shared, collection, args).boxed(),
+        "smove" => return Some(smove(&shared, session, &args).await),
+        "lmove" | "rpoplpush" => return Some(lmove(&shared, session, name, &args).await),
+        "zunion" | "zinter" | "zdiff" => {
+            let op = name.to_string();
+            async move { zset_algebra(shared, collection, &op, args, None).await }.boxed()
+        }
+        "zunionstore" | "zinterstore" | "zdiffstore" => {
+            let dest = args[1].clone();
+            let op = name[..name.len() - 5].to_string();
+            async move { zset_algebra(shared, collection, &op, args[1..].to_vec(), Some(dest)).await }.boxed()
+        }
+        "zintercard" => zintercard(shared, collection, args).boxed(),
+        "zrangestore" => zrangestore(shared, collection, args).boxed(),
+        "lmpop" | "zmpop" => {
+            let name = name.to_string();
+            async move {
+                match mpop(&name, &args[1..]) {
+                    Ok(pop) => pop
+                        .attempt(&shared, collection)
+                        .await
+                        .unwrap_or(Reply::NilArray),
+                    Err(reply) => reply,
+                }
+            }
+            .boxed()
+        }
+        "blpop" | "brpop" | "bzpopmin" | "bzpopmax" | "blmpop" | "bzmpop" | "blmove"
+        | "brpoplpush" => blocking(shared, collection, name, args),
+        _ => return None,
+    };
+    Some(Pending::Barrier(work))
+}
+
+type Work = std::pin::Pin<Box<dyn std::future::Future<Output = Reply> + Send>>;
+
+trait Boxed {
+    fn boxed(self) -> Work;
+}
+
+impl<F: std::future::Future<Output = Reply> + Send + 'static> Boxed for F {
+    fn boxed(self) -> Work {
+        Box::pin(self)
+    }
+}
+
+/// A fresh session view for reads issued from a barrier.
+fn session_for(collection: u16) -> Session {
+    Session {
+        id: 0,
+        name: None,
+        protocol: shoal_shared::resp::Protocol::Resp2,
+        collection,
+        authenticated: true,
+        direct_reads: false,
+        subscriber: None,
+        lib_name: None,
+        lib_ver: None,
+    }
+}
+
+/// The members of each set `keys` names (a missing key is empty), or the error reply.
+async fn set_members(
+    shared: &Shared,
+    collection: u16,
+    keys: &[Bytes],
+) -> Result<Vec<BTreeSet<Bytes>>, Reply> {
+    let session = session_for(collection);
+    let mut reads = Vec::with_capacity(keys.len());
+    for key in keys {
+        reads.push(
+            run(
+                shared,
+                &session,
+                key,
+                TypedOp::Members(Kind::Set),
+                Shape::Plain,
+            )
+            .await,
+        );
+    }
+    let mut sets = Vec::with_capacity(keys.len());
+    for read in reads {
+        match read.resolve().await {
+            Reply::Array(items) => sets.push(
+                items
+                    .into_iter()
+                    .filter_map(|item| match item {
+                        Reply::Bulk(member) => Some(member),
+                        _ => None,
+                    })
+                    .collect(),
+            ),
+            other => return Err(other),
+        }
+    }
+    Ok(sets)
+}
+
+fn combine_sets(op: &str, sets: Vec<BTreeSet<Bytes>>) -> BTreeSet<Bytes> {
+    let mut sets = sets.into_iter();
+    let first = sets.next().unwrap_or_default();
+    match op {
+        "sinter" => sets.fold(first, |acc, set| acc.intersection(&set).cloned().collect()),
+        "sunion" => sets.fold(first, |mut acc, set| {
+            acc.extend(set);
+            acc
+        }),
+        _ => sets.fold(first, |acc, set| acc.difference(&set).cloned().collect()),
+    }
+}
+
+/// SINTER, SUNION, SDIFF, and with `store` their STORE forms (`args[0]` is the name or
+/// the destination; the sources follow).
+async fn set_algebra(
+    shared: Arc<Shared>,
+    collection: u16,
+    op: &str,
+    args: Vec<Bytes>,
+    store: Option<Bytes>,
+) -> Reply {
+    let sets = match set_members(&shared, collection, &args[1..]).await {
+        Ok(sets) => sets,
+        Err(reply) => return reply,
+    };
+    let result = combine_sets(op, sets);
+    match store {
+        None => Reply::Array(result.into_iter().map(Reply::Bulk).collect()),
+        Some(dest) => {
+            let elements: Vec<(Vec<u8>, Vec<u8>)> = result
+                .into_iter()
+                .map(|m| (m.to_vec(), Vec::new()))
+                .collect();
+            replace(&shared, collection, &dest, Kind::Set, elements).await
+        }
+    }
+}
+
+/// Replaces `dest` with a typed key of `elements` (deletes it when there are none) and
+/// answers the count.
+pub async fn replace(
+    shared: &Shared,
+    collection: u16,
+    dest: &Bytes,
+    kind: Kind,
+    elements: Vec<(Vec<u8>, Vec<u8>)>,
+) -> Reply {
+    let count = elements.len() as i64;
+    let written = match count {
+        0 => {
+            super::strings::single(shared, dest, |key| WorkerRequest::Delete {
+                collection,
+                keys: vec![key],
+            })
+            .await
+        }
+        _ => {
+            let snapshot = shoal_shared::layout::typed::encode_snapshot(kind, &elements);
+            super::dump::put_collection(shared, collection, dest, snapshot, None, false).await
+        }
+    };
+    match written.resolve().await {
+        Reply::Integer(_) => Reply::Integer(count),
+        other => other,
+    }
+}
+
+/// `SINTERCARD numkeys key [key ...] [LIMIT limit]`.
+async fn sintercard(shared: Arc<Shared>, collection: u16, args: Vec<Bytes>) -> Reply {
+    let (keys, rest) = match numkeys(&args[1..], NumKeys::Sets) {
+        Ok(split) => split,
+        Err(reply) => return reply,
+    };
+    let limit = match card_limit(rest) {
+        Ok(limit) => limit,
+        Err(reply) => return reply,
+    };
+    let sets = match set_members(&shared, collection, keys).await {
+        Ok(sets) => sets,
+        Err(reply) => return reply,
+    };
+    let count = combine_sets("sinter", sets).len();
+    Reply::Integer(match limit {
+        0 => count,
+        limit => count.min(limit),
+    } as i64)
+}
+
+/// How a command words its `numkeys` errors, as Redis does.
+#[derive(Clone, Copy)]
+enum NumKeys<'a> {
+    /// SINTERCARD.
+    Sets,
+    /// LMPOP, ZMPOP and their blocking forms.
+    Pops,
+    /// The sorted-set algebra, named for its error text.
+    Zsets(&'a str),
+}
+
+/// `numkeys key ...`: the keys and what follows them.
+fn numkeys<'a>(
+    args: &'a [Bytes],
+    flavor: NumKeys<'_>,
+) -> Result<(&'a [Bytes], &'a [Bytes]), Reply> {
+    let positive = || Reply::error("ERR numkeys should be greater than 0");
+    let n = match (parse_i64(&args[0]), flavor) {
+        (Some(n), _) if n > 0 => n as usize,
+        (None, NumKeys::Zsets(_)) => return Err(errors::not_integer()),
+        (Some(_), NumKeys::Zsets(name)) => {
+            return Err(Reply::error(format!(
+                "ERR at least 1 input key is needed for '{name}' command"
+            )))
+        }
+        _ => return Err(positive()),
+    };
+    let rest = &args[1..];
+    if n > rest.len() {
+        return Err(match flavor {
+            NumKeys::Sets => {
+                Reply::error("ERR Number of keys can't be greater than number of args")
+            }
+            _ => errors::syntax(),
+        });
+    }
+    Ok(rest.split_at(n))
+}
+
+/// `[LIMIT limit]` of SINTERCARD and ZINTERCARD (0: none).
+fn card_limit(rest: &[Bytes]) -> Result<usize, Reply> {
+    match rest {
+        [] => Ok(0),
+        [word, n] if word.eq_ignore_ascii_case(b"limit") => match parse_i64(n) {
+            Some(n) if n >= 0 => Ok(n as usize),
+            _ => Err(Reply::error("ERR LIMIT can't be negative")),
+        },
+        _ => Err(errors::syntax()),
+    }
+}
+
+/// The reply when two keys of one atomic command are on different workers.
+fn cross_worker() -> Reply {
+    Reply::error(
+        "CROSSSLOT Keys in request don't hash to the same worker; give them one {hash tag}",
+    )
+}
+
+/// Sends a two-key op to the first key's worker, if the second is on the same worker.
+async fn two_keys(
+    shared: &Shared,
+    session: &Session,
+    first: &Bytes,
+    second: &Bytes,
+    make: impl FnOnce(shoal_shared::frame::Key) -> TypedOp,
+) -> Pending {
+    let (first_dest, second_dest, to) =
+        match (shared.dispatch.route(first), shared.dispatch.route(second)) {
+            (Ok((a, _)), Ok((b, to))) => (a, b, to),
+            (Err(reply), _) | (_, Err(reply)) => return Pending::Ready(reply),
+        };
+    if first_dest != second_dest {
+        return Pending::Ready(cross_worker());
+    }
+    run(shared, session, first, make(to), Shape::Plain).await
+}
+
+async fn smove(shared: &Shared, session: &Session, args: &[Bytes]) -> Pending {
+    let member = ByteBuf::from(args[3].to_vec());
+    two_keys(shared, session, &args[1], &args[2], |to| TypedOp::SMove {
+        to,
+        member,
+    })
+    .await
+}
+
+/// `LMOVE source destination LEFT|RIGHT LEFT|RIGHT`, `RPOPLPUSH source destination`.
+async fn lmove(shared: &Shared, session: &Session, name: &str, args: &[Bytes]) -> Pending {
+    let (from_left, to_left) = match name {
+        "rpoplpush" => (false, true),
+        _ => match (side(&args[3]), side(&args[4])) {
+            (Some(from), Some(to)) => (from, to),
+            _ => return Pending::Ready(errors::syntax()),
+        },
+    };
+    two_keys(shared, session, &args[1], &args[2], |to| TypedOp::LMove {
+        to,
+        from_left,
+        to_left,
+    })
+    .await
+}
+
+/// `LEFT` (true) or `RIGHT` (false).
+fn side(arg: &[u8]) -> Option<bool> {
+    match () {
+        _ if arg.eq_ignore_ascii_case(b"left") => Some(true),
+        _ if arg.eq_ignore_ascii_case(b"right") => Some(false),
+        _ => None,
+    }
+}
+
+/// How ZUNION and ZINTER combine a member's weighted scores.
+#[derive(Clone, Copy)]
+enum Aggregate {
+    Sum,
+    Min,
+    Max,
+}
+
+/// The members and scores of each key (a set's members score 1; a missing key is empty).
+async fn zset_members(
+    shared: &Shared,
+    collection: u16,
+    keys: &[Bytes],
+) -> Result<Vec<BTreeMap<Bytes, f64>>, Reply> {
+    let session = session_for(collection);
+    let mut reads = Vec::with_capacity(keys.len());
+    for key in keys {
+        let op = TypedOp::Members(Kind::SortedSet);
+        reads.push(run(shared, &session, key, op, Shape::Plain).await);
+    }
+    let mut sets = Vec::with_capacity(keys.len());
+    for read in reads {
+        match read.resolve().await {
+            Reply::Pairs(pairs) => sets.push(
+                pairs
+                    .into_iter()
+                    .filter_map(|pair| match pair {
+                        (Reply::Bulk(member), Reply::Double(score)) => Some((member, score)),
+                        _ => None,
+                    })
+                    .collect(),
+            ),
+            Reply::Array(members) => sets.push(
+                members
+                    .into_iter()
+                    .filter_map(|member| match member {
+                        Reply::Bulk(member) => Some((member, 1.0)),
+                        _ => None,
+                    })
+                    .collect(),
+            ),
+            other => return Err(other),
+        }
+    }
+    Ok(sets)
+}
+
+/// Members in score order (ties by member), as a sorted set lists them.
+fn ranked(members: BTreeMap<Bytes, f64>) -> Vec<(Bytes, f64)> {
+    let mut ranked: Vec<(Bytes, f64)> = members.into_iter().collect();
+    ranked.sort_by(|a, b| a.1.total_cmp(&b.1).then_with(|| a.0.cmp(&b.0)));
+    ranked
+}
+
+/// `ZUNION|ZINTER|ZDIFF numkeys key ... [WEIGHTS w ...] [AGGREGATE SUM|MIN|MAX]
+/// [WITHSCORES]`, and with `store` the STORE forms (`args[0]` is then the destination).
+async fn zset_algebra(
+    shared: Arc<Shared>,
+    collection: u16,
+    op: &str,
+    args: Vec<Bytes>,
+    store: Option<Bytes>,
+) -> Reply {
+    let full_name = match store {
+        Some(_) => format!("{op}store"),
+        None => op.to_string(),
+    };
+    let (keys, mut rest) = match numkeys(&args[1..], NumKeys::Zsets(&full_name)) {
+        Ok(split) => split,
+        Err(reply) => return reply,
+    };
+    // The keys are read (and their types checked) before the options, as Redis does.
+    let sets = match zset_members(&shared, collection, keys).await {
+        Ok(sets) => sets,
+        Err(reply) => return reply,
+    };
+    let mut weights = vec![1.0; keys.len()];
+    let (mut aggregate, mut with_scores) = (Aggregate::Sum, false);
+    while let Some(option) = rest.first() {
+        if option.eq_ignore_ascii_case(b"weights") && op != "zdiff" && rest.len() > keys.len() {
+            for (i, weight) in rest[1..=keys.len()].iter().enumerate() {
+                match super::types::score(weight) {
+                    Some(w) => weights[i] = w,
+                    None => return Reply::error("ERR weight value is not a float"),
+                }
+            }
+            rest = &rest[1 + keys.len()..];
+        } else if option.eq_ignore_ascii_case(b"aggregate") && op != "zdiff" && rest.len() > 1 {
+            aggregate = match () {
+                _ if rest[1].eq_ignore_ascii_case(b"sum") => Aggregate::Sum,
+                _ if rest[1].eq_ignore_ascii_case(b"min") => Aggregate::Min,
+                _ if rest[1].eq_ignore_ascii_case(b"max") => Aggregate::Max,
+                _ => return errors::syntax(),
+            };
+            rest = &rest[2..];
+        } else if option.eq_ignore_ascii_case(b"withscores") && store.is_none() {
+            with_scores = true;
+            rest = &rest[1..];
+        } else {
+            return errors::syntax();
+        }
+    }
+    let weighted = |score: f64, weight: f64| {
+        let value = score * weight;
+        if value.is_nan() {
+            0.0
+        } else {
+            value
+        }
+    };
+    let combine = |a: f64, b: f64| {
+        let value = match aggregate {
+            Aggregate::Sum => a + b,
+            Aggregate::Min => a.min(b),
+            Aggregate::Max => a.max(b),
+        };
+        if value.is_nan() {
+            0.0
+        } else {
+            value
+        }
+    };
+    let mut sets = sets.into_iter().zip(weights);
+    let (first, first_weight) = sets.next().unwrap_or_default();
+    let mut result: BTreeMap<Bytes, f64> = first
+        .into_iter()
+        .map(|(member, score)| (member, weighted(score, first_weight)))
+        .collect();
+    for (set, weight) in sets {
+        match op {
+            "zunion" => {
+                for (member, score) in set {
+                    let score = weighted(score, weight);
+                    result
+                        .entry(member)
+                        .and_modify(|s| *s = combine(*s, score))
+                        .or_insert(score);
+                }
+            }
+            "zinter" => {
+                result = result
+                    .into_iter()
+                    .filter_map(|(member, s)| {
+                        let other = set.get(&member)?;
+                        Some((member, combine(s, weighted(*other, weight))))
+                    })
+                    .collect();
+            }
+            _ => result.retain(|member, _| !set.contains_key(member)),
+        }
+    }
+    let ranked = ranked(result);
+    match store {
+        Some(dest) => {
+            let elements = ranked
+                .into_iter()
+                .map(|(m, s)| (m.to_vec(), score_bytes(s).to_vec()))
+                .collect();
+            replace(&shared, collection, &dest, Kind::SortedSet, elements).await
+        }
+        None if with_scores => Reply::Pairs(
+            ranked
+                .into_iter()
+                .map(|(m, s)| (Reply::Bulk(m), Reply::Double(s)))
+                .collect(),
+        ),
+        None => Reply::Array(ranked.into_iter().map(|(m, _)| Reply::Bulk(m)).collect()),
+    }
+}
+
+/// `ZINTERCARD numkeys key ... [LIMIT limit]`.
+async fn zintercard(shared: Arc<Shared>, collection: u16, args: Vec<Bytes>) -> Reply {
+    let (keys, rest) = match numkeys(&args[1..], NumKeys::Zsets("zintercard")) {
+        Ok(split) => split,
+        Err(reply) => return reply,
+    };
+    // The keys are read (and their types checked) before the options, as Redis does.
+    let sets = match zset_members(&shared, collection, keys).await {
+        Ok(sets) => sets,
+        Err(reply) => return reply,
+    };
+    let limit = match card_limit(rest) {
+        Ok(limit) => limit,
+        Err(reply) => return reply,
+    };
+    let mut sets = sets.into_iter();
+    let first: BTreeSet<Bytes> = sets.next().unwrap_or_default().into_keys().collect();
+    let count = sets
+        .fold(first, |acc, set| {
+            acc.into_iter().filter(|m| set.contains_key(m)).collect()
+        })
+        .len();
+    Reply::Integer(match limit {
+        0 => count,
+        limit => count.min(limit),
+    } as i64)
+}
+
+/// `ZRANGESTORE dst src min max [BYSCORE|BYLEX] [REV] [LIMIT offset count]`.
+async fn zrangestore(shared: Arc<Shared>, collection: u16, args: Vec<Bytes>) -> Reply {
+    let (range, with_scores) = match super::types::zrange("zrange", &args[1..]) {
+        Ok(parsed) => parsed,
+        Err(reply) => return reply,
+    };
+    if with_scores {
+        return errors::syntax();
+    }
+    let session = session_for(collection);
+    let op = TypedOp::ZRange {
+        range,
+        with_scores: true,
+    };
+    let read = run(&shared, &session, &args[2], op, Shape::Plain).await;
+    let elements = match read.resolve().await {
+        Reply::Pairs(pairs) => pairs
+            .into_iter()
+            .filter_map(|pair| match pair {
+                (Reply::Bulk(member), Reply::Double(score)) => {
+                    Some((member.to_vec(), score_bytes(score).to_vec()))
+                }
+                _ => None,
+            })
+            .collect(),
+        other => return other,
+    };
+    replace(&shared, collection, &args[1], Kind::SortedSet, elements).await
+}
+
+/// A pop from the first non-empty of several keys (LMPOP, ZMPOP and their blocking forms,
+/// BLPOP, BRPOP, BZPOPMIN, BZPOPMAX).
+struct MultiPop {
+    keys: Vec<Bytes>,
+    /// From the head (lists), or the lowest scores (sorted sets).
+    first: bool,
+    kind: Kind,
+    /// `Some`: the MPOP reply `[key, elements]` with up to this many; `None`: the
+    /// BLPOP/BZPOPMIN reply `[key, element(, score)]`.
+    count: Option<u64>,
+}
+
+impl MultiPop {
+    /// One try over the keys in order: the reply of the first pop that found something.
+    async fn attempt(&self, shared: &Shared, collection: u16) -> Option<Reply> {
+        let session = session_for(collection);
+        for key in &self.keys {
+            let op = match self.kind {
+                Kind::List => TypedOp::Pop {
+                    left: self.first,
+                    count: Some(self.count.unwrap_or(1)),
+                },
+                _ => TypedOp::ZPop {
+                    max: !self.first,
+                    count: self.count.unwrap_or(1),
+                },
+            };
+            let reply = run(shared, &session, key, op, Shape::Plain)
+                .await
+                .resolve()
+                .await;
+            let elements = match reply {
+                Reply::Array(items) if !items.is_empty() => items,
+                Reply::Pairs(pairs) if !pairs.is_empty() => match self.count {
+                    // ZMPOP lists [member, score] pairs; BZPOPMIN one flat triple.
+                    Some(_) => pairs
+                        .into_iter()
+                        .map(|(m, s)| Reply::Array(vec![m, s]))
+                        .collect(),
+                    None => pairs.into_iter().flat_map(|(m, s)| [m, s]).collect(),
+                },
+                Reply::Error(text) => return Some(Reply::Error(text)),
+                _ => continue,
+            };
+            let key = Reply::Bulk(key.clone());
+            return Some(match self.count {
+                Some(_) => Reply::Array(vec![key, Reply::Array(elements)]),
+                None => Reply::Array(std::iter::once(key).chain(elements).collect()),
+            });
+        }
+        None
+    }
+}
+
+/// `LMPOP|ZMPOP numkeys key ... LEFT|RIGHT|MIN|MAX [COUNT count]` (from `numkeys`).
+fn mpop(name: &str, args: &[Bytes]) -> Result<MultiPop, Reply> {
+    let (keys, rest) = numkeys(args, NumKeys::Pops)?;
+    let list = name.contains('l');
+    let Some(direction) = rest.first() else {
+        return Err(errors::syntax());
+    };
+    let first = match () {
+        _ if list && direction.eq_ignore_ascii_case(b"left") => true,
+        _ if list && direction.eq_ignore_ascii_case(b"right") => false,
+        _ if !list && direction.eq_ignore_ascii_case(b"min") => true,
+        _ if !list && direction.eq_ignore_ascii_case(b"max") => false,
+        _ => return Err(errors::syntax()),
+    };
+    let count = match &rest[1..] {
+        [] => 1,
+        [word, n] if word.eq_ignore_ascii_case(b"count") => match parse_i64(n) {
+            Some(n) if n > 0 => n as u64,
+            _ => return Err(Reply::error("ERR count should be greater than 0")),
+        },
+        _ => return Err(errors::syntax()),
+    };
+    Ok(MultiPop {
+        keys: keys.to_vec(),
+        first,
+        kind: if list { Kind::List } else { Kind::SortedSet },
+        count: Some(count),
+    })
+}
+
+/// A blocking command's timeout in seconds (0: none), as Redis reads it.
+fn timeout(arg: &[u8]) -> Result<Option<Duration>, Reply> {
+    match super::types::score(arg) {
+        Some(seconds) if seconds < 0.0 => Err(Reply::error("ERR timeout is negative")),
+        Some(seconds) if seconds.is_finite() && seconds < 1e12 => {
+            Ok((seconds > 0.0).then(|| Duration::from_secs_f64(seconds)))
+        }
+        _ => Err(Reply::error("ERR timeout is not a float or out of range")),
+    }
+}
+
+/// The blocking pops: try, and while nothing is there try again until the timeout.
+fn blocking(shared: Arc<Shared>, collection: u16, name: &str, args: Vec<Bytes>) -> Work {
+    let name = name.to_string();
+    async move {
+        let last = args.len() - 1;
+        enum Attempt {
+            Pop(MultiPop),
+            Move { to_left: bool, from_left: bool },
+        }
+        let parsed = match name.as_str() {
+            "blpop" | "brpop" | "bzpopmin" | "bzpopmax" => timeout(&args[last]).map(|t| {
+                let list = name.starts_with("bl") || name == "brpop";
+                (
+                    t,
+                    Attempt::Pop(MultiPop {
+                        keys: args[1..last].to_vec(),
+                        first: name == "blpop" || name == "bzpopmin",
+                        kind: if list { Kind::List } else { Kind::SortedSet },
+                        count: None,
+                    }),
+                )
+            }),
+            "blmpop" | "bzmpop" => timeout(&args[1])
+                .and_then(|t| mpop(&name[1..], &args[2..]).map(|pop| (t, Attempt::Pop(pop)))),
+            "brpoplpush" => timeout(&args[3]).map(|t| {
+                (
+                    t,
+                    Attempt::Move {
+                        from_left: false,
+                        to_left: true,
+                    },
+                )
+            }),
+            _ => match (side(&args[3]), side(&args[4])) {
+                (Some(from_left), Some(to_left)) => {
+                    timeout(&args[5]).map(|t| (t, Attempt::Move { from_left, to_left }))
+                }
+                _ => Err(errors::syntax()),
+            },
+        };
+        let (limit, attempt) = match parsed {
+            Ok(parsed) => parsed,
+            Err(reply) => return reply,
+        };
+        let started = Instant::now();
+        let session = session_for(collection);
+        loop {
+            let found = match &attempt {
+                Attempt::Pop(pop) => pop.attempt(&shared, collection).await,
+                Attempt::Move { from_left, to_left } => {
+                    let (from_left, to_left) = (*from_left, *to_left);
+                    let moved =
+                        two_keys(&shared, &session, &args[1], &args[2], |to| TypedOp::LMove {
+                            to,
+                            from_left,
+                            to_left,
+                        })
+                        .await
+                        .resolve()
+                        .await;
+                    (moved != Reply::Nil).then_some(moved)
+                }
+            };
+            if let Some(reply) = found {
+                return reply;
+            }
+            let waited = started.elapsed();
+            // Redis answers a timed-out blocking command with a null array, whichever it is.
+            if limit.is_some_and(|limit| waited >= limit) {
+                return Reply::NilArray;
+            }
+            let pause = match waited < Duration::from_secs(1) {
+                true => BLOCKED_RETRY_FIRST,
+                false => BLOCKED_RETRY_LATER,
+            };
+            let pause = limit.map_or(pause, |limit| pause.min(limit.saturating_sub(waited)));
+            tokio::time::sleep(pause.max(Duration::from_millis(1))).await;
+        }
+    }
+    .boxed()
+}
