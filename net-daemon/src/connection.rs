@@ -104,17 +104,10 @@ pub async fn serve<S>(shared: &Arc<Shared>, mut stream: S, mut shutdown: watch::
 where
     S: ClientStream,
 {
-    let mut session = Session {
-        id: shared.next_client_id(),
-        name: None,
-        protocol: Protocol::Resp2,
-        collection: 0,
-        authenticated: shared.config.client.requirepass.is_none(),
-        direct_reads: true,
-        subscriber: None,
-        lib_name: None,
-        lib_ver: None,
-    };
+    let mut session = Session::new(
+        shared.next_client_id(),
+        shared.config.client.requirepass.is_none(),
+    );
     let (addr, laddr) = stream.addresses();
     let registered = Registered {
         shared,

@@ -23,7 +23,8 @@ use shoal_shared::resp::Reply;
 use crate::errors;
 use crate::reads::Readers;
 use crate::routing::Router;
-use crate::workers::{Call, WorkerLink};
+use crate::workers::{Call, LinkError, WorkerLink};
+use tokio::sync::oneshot;
 
 /// The ways to this host's workers and to the partitions' owners.
 pub struct Dispatch {
@@ -75,6 +76,26 @@ impl Ord for Dest {
     fn cmp(&self, other: &Dest) -> std::cmp::Ordering {
         self.order_key().cmp(&other.order_key())
     }
+}
+
+/// A request held back while a MULTI transaction is planned: EXEC sends the held
+/// requests together and answers each through its responder.
+pub struct Held {
+    pub dest: Dest,
+    pub request: WorkerRequest,
+    pub responder: oneshot::Sender<Result<WorkerResponse, LinkError>>,
+}
+
+/// What the sends of a task running inside [`Dispatch::holding`] were.
+#[derive(Default)]
+pub struct Holding {
+    pub held: Vec<Held>,
+    /// A request went to every worker of the cluster (it cannot be held as one).
+    pub fan_out: bool,
+}
+
+tokio::task_local! {
+    static HOLDING: std::cell::RefCell<Holding>;
 }
 
 /// A destination, the keys it serves, and their positions in the request.
@@ -152,8 +173,50 @@ impl Dispatch {
         Ok(groups)
     }
 
+    /// Runs `work` with every send held back instead of sent; returns its output and the
+    /// held requests, in the order they were made.
+    pub async fn holding<T>(work: impl std::future::Future<Output = T>) -> (T, Holding) {
+        HOLDING
+            .scope(std::cell::RefCell::new(Holding::default()), async move {
+                let output = work.await;
+                let holding = HOLDING.with(|holding| std::mem::take(&mut *holding.borrow_mut()));
+                (output, holding)
+            })
+            .await
+    }
+
+    /// Holds `request` if this task is inside [`Dispatch::holding`]; gives it back otherwise.
+    fn hold(dest: Dest, request: WorkerRequest) -> Result<Call, WorkerRequest> {
+        if HOLDING.try_with(|_| ()).is_err() {
+            return Err(request);
+        }
+        let (responder, receiver) = oneshot::channel();
+        HOLDING.with(|holding| {
+            holding.borrow_mut().held.push(Held {
+                dest,
+                request,
+                responder,
+            })
+        });
+        Ok(Call::pending(
+            receiver,
+            tokio::time::Instant::now() + crate::workers::REQUEST_TIMEOUT,
+        ))
+    }
+
+    /// Marks a fan-out inside [`Dispatch::holding`]; whether this task is inside it.
+    fn hold_fan_out() -> bool {
+        HOLDING
+            .try_with(|holding| holding.borrow_mut().fan_out = true)
+            .is_ok()
+    }
+
     /// Sends one request to one destination.
     pub async fn send(&self, dest: Dest, request: WorkerRequest) -> Call {
+        let request = match Self::hold(dest, request) {
+            Ok(call) => return call,
+            Err(request) => request,
+        };
         match (dest, &self.router) {
             (Dest::Worker(worker), _) => self.links[worker].send(request).await,
             (Dest::Partition { partition, .. }, Some(router)) => router.send(partition, request),
@@ -168,6 +231,9 @@ impl Dispatch {
     /// other host of the cluster through its net-daemon. Workers skip the partitions their
     /// host does not own, so each partition is counted once.
     pub async fn send_everywhere(&self, make: impl Fn() -> WorkerRequest) -> Vec<Call> {
+        if Self::hold_fan_out() {
+            return Vec::new();
+        }
         let mut calls = self.send_all(&make).await;
         if let Some(router) = &self.router {
             calls.extend(router.send_to_other_owners(make));
@@ -177,6 +243,9 @@ impl Dispatch {
 
     /// Sends one request to every worker of this host.
     pub async fn send_all(&self, make: impl Fn() -> WorkerRequest) -> Vec<Call> {
+        if Self::hold_fan_out() {
+            return Vec::new();
+        }
         let mut calls = Vec::with_capacity(self.links.len());
         for link in &self.links {
             calls.push(link.send(make()).await);

@@ -274,6 +274,16 @@ pub static COMMANDS: &[CommandSpec] = &[
         "Deletes one or more keys."
     ),
     spec!(
+        "discard",
+        1,
+        C,
+        0,
+        0,
+        0,
+        "transactions",
+        "Discards a transaction."
+    ),
+    spec!(
         "dump",
         2,
         R,
@@ -292,6 +302,16 @@ pub static COMMANDS: &[CommandSpec] = &[
         0,
         "connection",
         "Returns the given string."
+    ),
+    spec!(
+        "exec",
+        1,
+        C,
+        0,
+        0,
+        0,
+        "transactions",
+        "Executes all commands in a transaction."
     ),
     spec!(
         "exists",
@@ -852,6 +872,16 @@ pub static COMMANDS: &[CommandSpec] = &[
         2,
         "string",
         "Atomically sets keys only when none of them exist."
+    ),
+    spec!(
+        "multi",
+        1,
+        C,
+        0,
+        0,
+        0,
+        "transactions",
+        "Starts a transaction."
     ),
     spec!(
         "object",
@@ -1534,6 +1564,16 @@ pub static COMMANDS: &[CommandSpec] = &[
         "Stops listening to messages posted to channels."
     ),
     spec!(
+        "unwatch",
+        1,
+        C,
+        0,
+        0,
+        0,
+        "transactions",
+        "Forgets about watched keys of a transaction."
+    ),
+    spec!(
         "wait",
         3,
         &[],
@@ -1542,6 +1582,16 @@ pub static COMMANDS: &[CommandSpec] = &[
         0,
         "generic",
         "Blocks until the connection's writes are held by a number of replicas, or a timeout."
+    ),
+    spec!(
+        "watch",
+        -2,
+        C,
+        1,
+        -1,
+        1,
+        "transactions",
+        "Monitors changes to keys to determine the execution of a transaction."
     ),
     spec!(
         "zadd",

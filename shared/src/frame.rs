@@ -594,6 +594,22 @@ pub enum WorkerRequest {
         /// Whether a copy is under way.
         copying: bool,
     },
+    /// The commit id that last wrote each key (0: missing), for WATCH. → `Positions`,
+    /// `(partition, commit id)` per key in order.
+    CommitIds {
+        /// The collection the keys are in.
+        collection: Collection,
+        /// The keys.
+        keys: Vec<Key>,
+    },
+    /// EXEC: the requests of a MULTI transaction, applied in order in one write
+    /// transaction, unless a watched key's commit id changed. → `Exec`.
+    Exec {
+        /// `(collection, key, commit id when watched)`; any change refuses the transaction.
+        watched: Vec<(Collection, Key, u64)>,
+        /// The transaction's requests, each answered as on its own.
+        requests: Vec<WorkerRequest>,
+    },
     /// A command on a typed key (hash, set, sorted set, list), or one that asks its
     /// type. → `Answer`, or `Error(WrongType)` when the key holds another type.
     Typed {
@@ -643,7 +659,10 @@ impl WorkerRequest {
                 | WorkerRequest::Backup { .. }
                 | WorkerRequest::ExportPartition { .. }
                 | WorkerRequest::Fences
+                | WorkerRequest::CommitIds { .. }
         ) && !matches!(self, WorkerRequest::Typed { op, .. } if !op.is_write())
+            && !matches!(self, WorkerRequest::Exec { requests, .. }
+                if requests.iter().all(|request| !request.is_write()))
     }
 
     /// Bytes of keys and values this request carries (what a write may need on disk).
@@ -656,6 +675,7 @@ impl WorkerRequest {
             SetRange { offset, value, .. } => (*offset as usize).saturating_add(value.len()),
             SetBit { offset, .. } => (*offset / 8 + 1) as usize,
             Typed { op, .. } => op.payload_bytes(),
+            Exec { requests, .. } => requests.iter().map(WorkerRequest::payload_bytes).sum(),
             Atomic { ops } | Prepare { ops, .. } => ops
                 .iter()
                 .map(|op| match &op.action {
@@ -739,7 +759,13 @@ impl WorkerRequest {
                 .collect(),
             MGet { collection, keys }
             | Delete { collection, keys }
+            | CommitIds { collection, keys }
             | Exists { collection, keys } => keys.iter().map(|key| (*collection, key)).collect(),
+            Exec { watched, requests } => watched
+                .iter()
+                .map(|(collection, key, _)| (*collection, key))
+                .chain(requests.iter().flat_map(WorkerRequest::keys))
+                .collect(),
             Atomic { ops } => ops.iter().map(|op| (op.collection, &op.key)).collect(),
             _ => Vec::new(),
         }
@@ -788,6 +814,8 @@ pub enum WorkerResponse {
     Partitions(Vec<Partition>),
     /// The reply of a `Typed` request.
     Answer(Answer),
+    /// The responses of an `Exec`'s requests, or `None` when a watched key changed.
+    Exec(Option<Vec<WorkerResponse>>),
     /// The request failed; see [`WorkerError`].
     Error(WorkerError),
 }

@@ -98,19 +98,11 @@ impl<F: std::future::Future<Output = Reply> + Send + 'static> Boxed for F {
     }
 }
 
-/// A fresh session view for reads issued from a barrier.
+/// A session view for reads issued from a barrier.
 fn session_for(collection: u16) -> Session {
-    Session {
-        id: 0,
-        name: None,
-        protocol: shoal_shared::resp::Protocol::Resp2,
-        collection,
-        authenticated: true,
-        direct_reads: false,
-        subscriber: None,
-        lib_name: None,
-        lib_ver: None,
-    }
+    let mut session = Session::new(0, true);
+    session.collection = collection;
+    session
 }
 
 /// The members of each set `keys` names (a missing key is empty), or the error reply.

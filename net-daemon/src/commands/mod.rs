@@ -19,6 +19,7 @@
 //!   workers.
 //! - [`replicas`]: READONLY, READWRITE and WAIT: a connection and the partitions' copies.
 //! - [`pubsub`]: SUBSCRIBE and the other pub/sub commands, across the cluster's hosts.
+//! - [`transaction`]: MULTI, EXEC, DISCARD and WATCH.
 //! - [`shoal`]: Shoal's own commands (ID.NEW, SHOAL.LOG, SHOAL.FEED, ...).
 //! - [`server`]: connection and server commands answered by the net-daemon.
 
@@ -34,6 +35,7 @@ pub mod replicas;
 pub mod server;
 pub mod shoal;
 pub mod strings;
+pub mod transaction;
 pub mod types;
 
 use std::future::Future;
@@ -67,6 +69,29 @@ pub struct Session {
     /// What the client said of its library (CLIENT SETINFO).
     pub lib_name: Option<Bytes>,
     pub lib_ver: Option<Bytes>,
+    /// The open MULTI transaction, if any.
+    pub multi: Option<transaction::Multi>,
+    /// The keys WATCH recorded, until EXEC, DISCARD or UNWATCH.
+    pub watched: Vec<transaction::Watched>,
+}
+
+impl Session {
+    /// A fresh session with id `id` (authenticated unless a password is required).
+    pub fn new(id: u64, authenticated: bool) -> Session {
+        Session {
+            id,
+            name: None,
+            protocol: Protocol::Resp2,
+            collection: 0,
+            authenticated,
+            direct_reads: true,
+            subscriber: None,
+            lib_name: None,
+            lib_ver: None,
+            multi: None,
+            watched: Vec::new(),
+        }
+    }
 }
 
 impl Session {
@@ -254,13 +279,27 @@ pub async fn dispatch(
 ) -> (Pending, After) {
     let name = &args[0];
     let Some(spec) = table::index_of_request(name).map(|index| &table::COMMANDS[index]) else {
+        transaction::fail(session);
         return ready(errors::unknown_command(name, &args[1..]));
     };
     if !spec.arity_ok(args.len()) {
+        transaction::fail(session);
         return ready(errors::wrong_arity(spec.name));
     }
     if !session.authenticated && !matches!(spec.name, "auth" | "hello" | "quit" | "reset") {
         return ready(errors::no_auth());
+    }
+    if transaction::controls(spec.name) {
+        return (
+            transaction::dispatch(shared, session, spec.name, &args).await,
+            After::Continue,
+        );
+    }
+    if session.multi.is_some() && !matches!(spec.name, "quit" | "reset") {
+        return ready(transaction::queue(session, args));
+    }
+    if spec.name == "unwatch" {
+        return ready(transaction::unwatch(session));
     }
     if session.subscribed_resp2() {
         match spec.name {

@@ -62,17 +62,9 @@ pub async fn dispatch(
         // Every acknowledged write is on disk already; the last "save" is the start.
         "lastsave" => Reply::Integer((shared.started_unix_ms / 1000) as i64),
         "reset" => {
-            *session = Session {
-                id: session.id,
-                name: None,
-                protocol: Protocol::Resp2,
-                collection: 0,
-                authenticated: shared.config.client.requirepass.is_none(),
-                direct_reads: session.direct_reads,
-                subscriber: None,
-                lib_name: None,
-                lib_ver: None,
-            };
+            let direct_reads = session.direct_reads;
+            *session = Session::new(session.id, shared.config.client.requirepass.is_none());
+            session.direct_reads = direct_reads;
             crate::routing::set_readonly(false);
             Reply::Simple("RESET".into())
         }

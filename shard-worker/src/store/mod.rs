@@ -54,7 +54,7 @@ use std::sync::{Arc, RwLock};
 
 use heed::{Env, EnvFlags, RwTxn, WithoutTls};
 use shoal_shared::config::Durability;
-use shoal_shared::frame::{Collection, Partition, WorkerError, WorkerRequest, WorkerResponse};
+use shoal_shared::frame::{Collection, Key, Partition, WorkerError, WorkerRequest, WorkerResponse};
 
 pub(crate) use clock::{Clock, SystemClock};
 use shoal_shared::layout::typed::ElementTable;
@@ -656,6 +656,12 @@ impl Store {
                 key,
                 op,
             } => self.typed(txn, batch, *collection, key, op),
+            WorkerRequest::CommitIds { collection, keys } => {
+                self.commit_ids(txn, *collection, keys)
+            }
+            WorkerRequest::Exec { watched, requests } => {
+                return self.exec(txn, batch, watched, requests);
+            }
             _ => self.keyed(txn, batch, request),
         };
         match result {
@@ -666,6 +672,60 @@ impl Store {
             ))),
             Err(OpError::Refused(error)) => Ok(WorkerResponse::Error(error)),
         }
+    }
+
+    /// The commit id that last wrote each key (0: missing or expired), for WATCH.
+    fn commit_ids(&self, txn: &RwTxn, collection: Collection, keys: &[Key]) -> OpResult {
+        let db = self.db(collection)?;
+        let mut ids = Vec::with_capacity(keys.len());
+        for key in keys {
+            let commit_id = match db.get(txn, &layout::data_key(key.partition, &key.bytes))? {
+                Some(raw) => {
+                    let stored = layout::decode_value(raw)?;
+                    match stored.expires_at_ms {
+                        Some(at) if at <= self.clock.now_ms() => 0,
+                        _ => stored.commit_id,
+                    }
+                }
+                None => 0,
+            };
+            ids.push((key.partition, commit_id));
+        }
+        Ok(WorkerResponse::Positions(ids))
+    }
+
+    /// EXEC: refused as a whole (`Exec(None)`) when a watched key's commit id changed;
+    /// otherwise each request is applied in order in this transaction, each answered
+    /// as on its own (an error in one leaves the others applied, as in Redis).
+    fn exec(
+        &self,
+        txn: &mut RwTxn,
+        batch: &mut Batch,
+        watched: &[(Collection, Key, u64)],
+        requests: &[WorkerRequest],
+    ) -> heed::Result<WorkerResponse> {
+        for (collection, key, seen) in watched {
+            let now = match self.commit_ids(txn, *collection, std::slice::from_ref(key)) {
+                Ok(WorkerResponse::Positions(ids)) => ids.first().map_or(0, |(_, id)| *id),
+                Ok(_) => 0,
+                Err(OpError::Lmdb(error)) => return Err(error),
+                Err(_) => u64::MAX,
+            };
+            if now != *seen {
+                return Ok(WorkerResponse::Exec(None));
+            }
+        }
+        let mut responses = Vec::with_capacity(requests.len());
+        for request in requests {
+            let response = match request {
+                WorkerRequest::Exec { .. } => {
+                    WorkerResponse::Error(WorkerError::Storage("EXEC inside EXEC".into()))
+                }
+                request => self.apply_one(txn, batch, request)?,
+            };
+            responses.push(response);
+        }
+        Ok(WorkerResponse::Exec(Some(responses)))
     }
 
     fn reserve_ids(&self, txn: &mut RwTxn, batch: &mut Batch, high_water: u64) -> OpResult {

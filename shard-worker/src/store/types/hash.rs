@@ -24,7 +24,7 @@ impl Target<'_> {
                 other => OpError::Refused(other),
             })?;
         }
-        let found = self.load(txn, Kind::Hash)?;
+        let found = self.load(txn, batch, Kind::Hash)?;
         let mut meta = self.meta_or_new(txn, batch, &found, Kind::Hash)?;
         let exists = found.meta.is_some();
         let answer = match op {

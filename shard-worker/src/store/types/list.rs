@@ -49,10 +49,10 @@ impl Target<'_> {
         to_left: bool,
     ) -> Result<Answer, OpError> {
         let destination = self.other(to);
-        if self.load(txn, Kind::List)?.meta.is_none() {
+        if self.load(txn, batch, Kind::List)?.meta.is_none() {
             return Ok(Answer::Nil);
         }
-        destination.load(txn, Kind::List)?;
+        destination.load(txn, batch, Kind::List)?;
         let popped = self.list(
             txn,
             batch,
@@ -82,7 +82,7 @@ impl Target<'_> {
         batch: &mut Batch,
         op: &TypedOp,
     ) -> Result<Answer, OpError> {
-        let found = self.load(txn, Kind::List)?;
+        let found = self.load(txn, batch, Kind::List)?;
         let mut meta = self.meta_or_new(txn, batch, &found, Kind::List)?;
         let exists = found.meta.is_some();
         let answer = match op {

@@ -38,10 +38,12 @@ pub(crate) struct Target<'s> {
     now_ms: u64,
 }
 
-/// A typed key as a request finds it: its state, and its metadata when it is live.
+/// A typed key as a request finds it: its state, its metadata when it is live, and the
+/// partition's last commit id then (so that [`Target::save`] sees elements written).
 pub(crate) struct Found {
     current: Current,
     meta: Option<TypeMeta>,
+    commit_id: u64,
 }
 
 fn refused(text: impl Into<String>) -> OpError {
@@ -69,7 +71,7 @@ impl Store {
             TypedOp::Type => target.type_name(txn)?,
             TypedOp::Encoding => target.encoding(txn)?,
             TypedOp::Len(kind) => {
-                let found = target.load(txn, *kind)?;
+                let found = target.load(txn, batch, *kind)?;
                 Answer::Integer(found.meta.map_or(0, |m| m.count as i64))
             }
             TypedOp::Scan {
@@ -80,13 +82,14 @@ impl Store {
                 no_values,
             } => target.scan(
                 txn,
+                batch,
                 *kind,
                 after.as_ref().map(|a| a.as_slice()),
                 *count,
                 pattern.as_ref().map(|p| p.as_slice()),
                 *no_values,
             )?,
-            TypedOp::Members(kind) => target.members(txn, *kind)?,
+            TypedOp::Members(kind) => target.members(txn, batch, *kind)?,
             op @ (TypedOp::HSet { .. }
             | TypedOp::HGet { .. }
             | TypedOp::HDel { .. }
@@ -143,8 +146,12 @@ impl<'s> Target<'s> {
     }
 
     /// The key's state; refused with `WrongType` when it is live and not of `kind`.
-    fn load(&self, txn: &RwTxn, kind: Kind) -> Result<Found, OpError> {
+    fn load(&self, txn: &RwTxn, batch: &Batch, kind: Kind) -> Result<Found, OpError> {
         let current = self.store.current(txn, self.db, self.key, self.now_ms)?;
+        let commit_id = self
+            .store
+            .partition_meta(txn, batch, self.key.partition)?
+            .last_commit_id;
         let meta = match &current.live {
             None => None,
             Some(live) => match live.typed {
@@ -152,7 +159,11 @@ impl<'s> Target<'s> {
                 _ => return Err(OpError::Refused(WorkerError::WrongType)),
             },
         };
-        Ok(Found { current, meta })
+        Ok(Found {
+            current,
+            meta,
+            commit_id,
+        })
     }
 
     /// The live metadata, or a new empty key of `kind` whose version is the first commit
@@ -368,7 +379,8 @@ impl<'s> Target<'s> {
     }
 
     /// Writes the key's metadata after a change: the record with `meta` (keeping the
-    /// expiry), or, when no element is left, the key's removal.
+    /// expiry), or, when no element is left, the key's removal. The record is rewritten
+    /// whenever an element changed, so that its commit id is the key's last change (WATCH).
     fn save(
         &self,
         txn: &mut RwTxn,
@@ -376,7 +388,12 @@ impl<'s> Target<'s> {
         found: &Found,
         meta: &TypeMeta,
     ) -> Result<(), OpError> {
-        if found.meta.as_ref() == Some(meta) {
+        let elements_changed = self
+            .store
+            .partition_meta(txn, batch, self.key.partition)?
+            .last_commit_id
+            != found.commit_id;
+        if found.meta.as_ref() == Some(meta) && !elements_changed {
             return Ok(());
         }
         if meta.count == 0 {
@@ -411,16 +428,18 @@ impl<'s> Target<'s> {
     }
 
     /// HSCAN, SSCAN, ZSCAN: a page of elements after `after`.
+    #[allow(clippy::too_many_arguments)]
     fn scan(
         &self,
         txn: &RwTxn,
+        batch: &Batch,
         kind: Kind,
         after: Option<&[u8]>,
         count: u32,
         pattern: Option<&[u8]>,
         no_values: bool,
     ) -> Result<Answer, OpError> {
-        let found = self.load(txn, kind)?;
+        let found = self.load(txn, batch, kind)?;
         let Some(meta) = found.meta else {
             return Ok(Answer::Array(vec![Answer::Nil, Answer::Array(Vec::new())]));
         };
@@ -463,16 +482,16 @@ impl<'s> Target<'s> {
 
     /// Every member of a set, or every member and score of a sorted set (none when the
     /// key is missing).
-    fn members(&self, txn: &RwTxn, kind: Kind) -> Result<Answer, OpError> {
+    fn members(&self, txn: &RwTxn, batch: &Batch, kind: Kind) -> Result<Answer, OpError> {
         // The sorted-set algebra takes sets too (their members score 1).
         if kind == Kind::SortedSet {
-            if let Ok(found) = self.load(txn, Kind::Set) {
+            if let Ok(found) = self.load(txn, batch, Kind::Set) {
                 if found.meta.is_some() {
-                    return self.members(txn, Kind::Set);
+                    return self.members(txn, batch, Kind::Set);
                 }
             }
         }
-        let found = self.load(txn, kind)?;
+        let found = self.load(txn, batch, kind)?;
         let Some(meta) = found.meta else {
             return Ok(match kind {
                 Kind::SortedSet => Answer::Pairs {

@@ -24,8 +24,8 @@ impl Target<'_> {
         if current.live.is_none() {
             return Ok(Answer::Integer(0));
         }
-        let source = self.load(txn, Kind::Set)?;
-        destination.load(txn, Kind::Set)?;
+        let source = self.load(txn, batch, Kind::Set)?;
+        destination.load(txn, batch, Kind::Set)?;
         let Some(meta) = source.meta else {
             return Ok(Answer::Integer(0));
         };
@@ -54,7 +54,7 @@ impl Target<'_> {
         batch: &mut Batch,
         op: &TypedOp,
     ) -> Result<Answer, OpError> {
-        let found = self.load(txn, Kind::Set)?;
+        let found = self.load(txn, batch, Kind::Set)?;
         let mut meta = self.meta_or_new(txn, batch, &found, Kind::Set)?;
         let exists = found.meta.is_some();
         let answer = match op {

@@ -15,7 +15,7 @@ impl Target<'_> {
         batch: &mut Batch,
         op: &TypedOp,
     ) -> Result<Answer, OpError> {
-        let found = self.load(txn, Kind::SortedSet)?;
+        let found = self.load(txn, batch, Kind::SortedSet)?;
         let mut meta = self.meta_or_new(txn, batch, &found, Kind::SortedSet)?;
         let exists = found.meta.is_some();
         let answer = match op {

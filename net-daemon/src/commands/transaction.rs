@@ -1,0 +1,235 @@
+//! MULTI, EXEC, DISCARD, WATCH and UNWATCH.
+//!
+//! - MULTI starts queueing: each later command is checked (unknown commands and wrong
+//!   arity are errors now, and make EXEC answer EXECABORT, as in Redis) and answered
+//!   `+QUEUED`.
+//! - EXEC plans the queued commands with every worker request held back
+//!   ([`Dispatch::holding`]); when all of them go to one worker, it sends them there as
+//!   one `Exec` request, which the worker applies in order in one write transaction:
+//!   the transaction is atomic and isolated, and survives a crash whole or not at all.
+//!   A transaction whose keys are on several workers, or with a command that cannot be
+//!   held (a fan-out, a blocking pop, a multi-worker write), is refused and nothing of
+//!   it runs; giving its keys one `{hash tag}` puts them on one worker (Redis Cluster
+//!   asks the same).
+//! - WATCH records each key's last commit id; the worker refuses the `Exec` (EXEC
+//!   answers a null array) when one has changed. Watched keys must be on the
+//!   transaction's worker.
+
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use shoal_shared::frame::{WorkerRequest, WorkerResponse};
+use shoal_shared::resp::Reply;
+
+use super::{After, Pending, Session};
+use crate::dispatch::{Dest, Dispatch};
+use crate::errors;
+use crate::state::Shared;
+
+/// How long planning one queued command may take (it never waits for a worker).
+const PLAN_TIMEOUT: Duration = Duration::from_secs(1);
+
+/// A connection's open transaction.
+#[derive(Default)]
+pub struct Multi {
+    /// The queued commands, in order.
+    queued: Vec<Vec<Bytes>>,
+    /// A command was refused while queueing: EXEC answers EXECABORT.
+    failed: bool,
+}
+
+/// A watched key and its last commit id when WATCH ran (0: missing).
+pub struct Watched {
+    collection: u16,
+    key: Bytes,
+    commit_id: u64,
+}
+
+/// Whether `name` is handled here rather than queued.
+pub fn controls(name: &str) -> bool {
+    matches!(name, "multi" | "exec" | "discard" | "watch")
+}
+
+/// Queues a command of an open transaction.
+pub fn queue(session: &mut Session, args: Vec<Bytes>) -> Reply {
+    if let Some(multi) = &mut session.multi {
+        multi.queued.push(args);
+    }
+    Reply::Simple("QUEUED".into())
+}
+
+/// Makes EXEC answer EXECABORT (a command was refused while queueing).
+pub fn fail(session: &mut Session) {
+    if let Some(multi) = &mut session.multi {
+        multi.failed = true;
+    }
+}
+
+/// Runs MULTI, EXEC, DISCARD or WATCH. (A boxed future: EXEC dispatches the queued
+/// commands, so the command dispatcher and this function call each other.)
+pub fn dispatch<'a>(
+    shared: &'a Arc<Shared>,
+    session: &'a mut Session,
+    name: &'a str,
+    args: &'a [Bytes],
+) -> Pin<Box<dyn Future<Output = Pending> + Send + 'a>> {
+    Box::pin(async move {
+        let reply = match name {
+            "multi" if session.multi.is_some() => Reply::error("ERR MULTI calls can not be nested"),
+            "multi" => {
+                session.multi = Some(Multi::default());
+                Reply::Ok
+            }
+            "discard" => match session.multi.take() {
+                Some(_) => {
+                    session.watched.clear();
+                    Reply::Ok
+                }
+                None => Reply::error("ERR DISCARD without MULTI"),
+            },
+            "watch" if session.multi.is_some() => {
+                Reply::error("ERR WATCH inside MULTI is not allowed")
+            }
+            "watch" => watch(shared, session, &args[1..]).await,
+            _ => return exec(shared, session).await,
+        };
+        Pending::Ready(reply)
+    })
+}
+
+/// UNWATCH.
+pub fn unwatch(session: &mut Session) -> Reply {
+    session.watched.clear();
+    Reply::Ok
+}
+
+/// WATCH: each key's last commit id, asked of its worker now.
+async fn watch(shared: &Shared, session: &mut Session, keys: &[Bytes]) -> Reply {
+    let collection = session.collection;
+    let groups = match shared.dispatch.group_by_dest(keys) {
+        Ok(groups) => groups,
+        Err(reply) => return reply,
+    };
+    for (dest, group, positions) in groups {
+        let request = WorkerRequest::CommitIds {
+            collection,
+            keys: group,
+        };
+        match shared.dispatch.ask_dest(dest, request).await {
+            Ok(WorkerResponse::Positions(ids)) => {
+                for ((_, commit_id), position) in ids.into_iter().zip(positions) {
+                    session.watched.push(Watched {
+                        collection,
+                        key: keys[position].clone(),
+                        commit_id,
+                    });
+                }
+            }
+            Ok(_) => return Reply::error("ERR internal error: unexpected response to WATCH"),
+            Err(reply) => return reply,
+        }
+    }
+    Reply::Ok
+}
+
+/// The plan of one queued command: its reply, once its held requests are answered.
+type Planned<'a> = Pin<Box<dyn Future<Output = (Pending, After)> + Send + 'a>>;
+
+/// EXEC: plans the queued commands, then sends them to their one worker as one `Exec`.
+async fn exec(shared: &Arc<Shared>, session: &mut Session) -> Pending {
+    let Some(multi) = session.multi.take() else {
+        return Pending::Ready(Reply::error("ERR EXEC without MULTI"));
+    };
+    let watched = std::mem::take(&mut session.watched);
+    if multi.failed {
+        return Pending::Ready(Reply::error(
+            "EXECABORT Transaction discarded because of previous errors.",
+        ));
+    }
+    session.direct_reads = false;
+    let ((pendings, planned), holding) = Dispatch::holding(async {
+        let mut pendings = Vec::with_capacity(multi.queued.len());
+        for args in multi.queued {
+            let plan: Planned<'_> = Box::pin(super::dispatch(shared, session, args));
+            match tokio::time::timeout(PLAN_TIMEOUT, plan).await {
+                Ok((pending, _)) => pendings.push(pending),
+                Err(_) => return (pendings, false),
+            }
+        }
+        (pendings, true)
+    })
+    .await;
+    let refused = || {
+        Pending::Ready(Reply::error(
+            "ERR this transaction cannot run as one: a command of it fans out, blocks or writes \
+             on several workers; nothing of it ran. Shoal runs MULTI/EXEC atomically on one \
+             worker: give its keys one {hash tag}",
+        ))
+    };
+    if !planned || holding.fan_out || pendings.iter().any(|p| matches!(p, Pending::Barrier(_))) {
+        return refused();
+    }
+    let mut dests: Vec<Dest> = holding.held.iter().map(|held| held.dest).collect();
+    let mut watched_keys = Vec::with_capacity(watched.len());
+    for watch in &watched {
+        match shared.dispatch.route(&watch.key) {
+            Ok((dest, key)) => {
+                dests.push(dest);
+                watched_keys.push((watch.collection, key, watch.commit_id));
+            }
+            Err(reply) => return Pending::Ready(reply),
+        }
+    }
+    let Some(&dest) = dests.first() else {
+        // Nothing for a worker: every reply is ready.
+        return Pending::barrier(async move {
+            let mut replies = Vec::with_capacity(pendings.len());
+            for pending in pendings {
+                replies.push(pending.resolve().await);
+            }
+            Reply::Array(replies)
+        });
+    };
+    if dests.iter().any(|other| *other != dest) {
+        return Pending::Ready(Reply::error(
+            "CROSSSLOT Keys in request don't hash to the same worker; a transaction runs on one \
+             worker: give its keys one {hash tag}",
+        ));
+    }
+    let (requests, responders): (Vec<_>, Vec<_>) = holding
+        .held
+        .into_iter()
+        .map(|held| (held.request, held.responder))
+        .unzip();
+    let call = shared
+        .dispatch
+        .send(
+            dest,
+            WorkerRequest::Exec {
+                watched: watched_keys,
+                requests,
+            },
+        )
+        .await;
+    Pending::barrier(async move {
+        match call.wait().await {
+            Ok(WorkerResponse::Exec(Some(responses))) => {
+                for (responder, response) in responders.into_iter().zip(responses) {
+                    let _ = responder.send(Ok(response));
+                }
+                let mut replies = Vec::with_capacity(pendings.len());
+                for pending in pendings {
+                    replies.push(pending.resolve().await);
+                }
+                Reply::Array(replies)
+            }
+            Ok(WorkerResponse::Exec(None)) => Reply::NilArray,
+            Ok(WorkerResponse::Error(error)) => errors::worker_error(&error),
+            Ok(other) => super::response_reply(other),
+            Err(error) => errors::link_error(&error),
+        }
+    })
+}
