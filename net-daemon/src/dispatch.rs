@@ -185,11 +185,13 @@ impl Dispatch {
             .await
     }
 
-    /// Holds `request` if this task is inside [`Dispatch::holding`]; gives it back otherwise.
-    fn hold(dest: Dest, request: WorkerRequest) -> Result<Call, WorkerRequest> {
-        if HOLDING.try_with(|_| ()).is_err() {
-            return Err(request);
-        }
+    /// Whether this task runs inside [`Dispatch::holding`].
+    fn is_holding() -> bool {
+        HOLDING.try_with(|_| ()).is_ok()
+    }
+
+    /// Holds `request` (this task is inside [`Dispatch::holding`]).
+    fn hold(dest: Dest, request: WorkerRequest) -> Call {
         let (responder, receiver) = oneshot::channel();
         HOLDING.with(|holding| {
             holding.borrow_mut().held.push(Held {
@@ -198,10 +200,10 @@ impl Dispatch {
                 responder,
             })
         });
-        Ok(Call::pending(
+        Call::pending(
             receiver,
             tokio::time::Instant::now() + crate::workers::REQUEST_TIMEOUT,
-        ))
+        )
     }
 
     /// Marks a fan-out inside [`Dispatch::holding`]; whether this task is inside it.
@@ -213,10 +215,9 @@ impl Dispatch {
 
     /// Sends one request to one destination.
     pub async fn send(&self, dest: Dest, request: WorkerRequest) -> Call {
-        let request = match Self::hold(dest, request) {
-            Ok(call) => return call,
-            Err(request) => request,
-        };
+        if Self::is_holding() {
+            return Self::hold(dest, request);
+        }
         match (dest, &self.router) {
             (Dest::Worker(worker), _) => self.links[worker].send(request).await,
             (Dest::Partition { partition, .. }, Some(router)) => router.send(partition, request),

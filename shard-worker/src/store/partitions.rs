@@ -395,6 +395,25 @@ impl Store {
         if stored.is_some_and(|commit_id| commit_id >= entry.commit_id) {
             return Ok(());
         }
+        // An element of a version its key has since left (the key was replaced by a later
+        // commit) is not brought back by a replay that overlaps a copy: nothing would
+        // ever reclaim it.
+        if let Some((user_key, version)) = typed::element_owner(&stored_key) {
+            let (_, collection) = LogTable::split(entry.collection)?;
+            let record = self
+                .db(collection)?
+                .get(txn, &layout::data_key(entry.partition, user_key))?
+                .map(layout::decode_value)
+                .transpose()?;
+            if let Some(record) = record {
+                let same_version = record.typed
+                    && typed::decode_type_meta(record.bytes)
+                        .is_ok_and(|meta| meta.version == version);
+                if record.commit_id > entry.commit_id && !same_version {
+                    return Ok(());
+                }
+            }
+        }
         match entry.change {
             ChangeType::Create | ChangeType::Update => db.put(
                 txn,

@@ -291,6 +291,13 @@ pub fn element_user_key(raw: &[u8]) -> Option<&[u8]> {
     raw.get(4..4 + len).filter(|_| raw.len() >= 4 + len + 8)
 }
 
+/// The user key and version of a stored element key (partition included).
+pub fn element_owner(raw: &[u8]) -> Option<(&[u8], u64)> {
+    let key = element_user_key(raw)?;
+    let at = 4 + key.len();
+    Some((key, read_u64(raw.get(at..at + 8)?)))
+}
+
 /// A score as 8 bytes whose byte order is the numeric order (-inf first, +inf last).
 /// NaN is never stored.
 pub fn score_bytes(score: f64) -> [u8; 8] {

@@ -67,6 +67,8 @@ impl Store {
             key,
             now_ms: batch.now_ms,
         };
+        // Every element is checked before any is written: a refusal writes nothing.
+        self.check_sizes(key, op)?;
         let answer = match op {
             TypedOp::Type => target.type_name(txn)?,
             TypedOp::Encoding => target.encoding(txn)?,
@@ -130,6 +132,58 @@ impl Store {
             | TypedOp::LPos { .. }) => target.list(txn, batch, op)?,
         };
         Ok(WorkerResponse::Answer(answer))
+    }
+}
+
+impl Store {
+    /// Refuses `op` when one of the elements it may write does not fit an LMDB key with
+    /// the user key (a sorted-set member also sits after its 8-byte score), or one of its
+    /// values is over `max_value_bytes`.
+    fn check_sizes(&self, key: &Key, op: &TypedOp) -> Result<(), OpError> {
+        let (elements, values): (Vec<usize>, Vec<usize>) = match op {
+            TypedOp::HSet { pairs, .. } => pairs.iter().map(|(f, v)| (f.len(), v.len())).unzip(),
+            TypedOp::HIncrBy { field, .. } | TypedOp::HIncrByFloat { field, .. } => {
+                (vec![field.len()], Vec::new())
+            }
+            TypedOp::SAdd { members } => (members.iter().map(|m| m.len()).collect(), Vec::new()),
+            TypedOp::SMove { member, .. } => (vec![member.len()], Vec::new()),
+            TypedOp::ZAdd { pairs, .. } => {
+                (pairs.iter().map(|(_, m)| m.len() + 8).collect(), Vec::new())
+            }
+            TypedOp::Push { values, .. } => (Vec::new(), values.iter().map(|v| v.len()).collect()),
+            TypedOp::LSet { value, .. } | TypedOp::LInsert { value, .. } => {
+                (Vec::new(), vec![value.len()])
+            }
+            _ => (Vec::new(), Vec::new()),
+        };
+        for element in elements {
+            self.check_element(key, element, 0)?;
+        }
+        for value in values {
+            self.check_element(key, 0, value)?;
+        }
+        Ok(())
+    }
+
+    /// Refuses an element of `element_bytes` (what follows the key in its element key)
+    /// that does not fit an LMDB key with `key`, or a value over `max_value_bytes`.
+    fn check_element(
+        &self,
+        key: &Key,
+        element_bytes: usize,
+        value_bytes: usize,
+    ) -> Result<(), OpError> {
+        if key.bytes.len() + element_bytes > MAX_KEY_AND_ELEMENT_BYTES {
+            return Err(refused(format!(
+                "ERR key and element together are longer than {MAX_KEY_AND_ELEMENT_BYTES} bytes"
+            )));
+        }
+        if value_bytes > self.max_value_bytes {
+            return Err(OpError::Refused(WorkerError::ValueTooLarge {
+                max_value_bytes: self.max_value_bytes,
+            }));
+        }
+        Ok(())
     }
 }
 
@@ -246,16 +300,9 @@ impl<'s> Target<'s> {
         value: &[u8],
         existed: bool,
     ) -> Result<(), OpError> {
-        if self.key.bytes.len() + element.len() > MAX_KEY_AND_ELEMENT_BYTES {
-            return Err(refused(format!(
-                "ERR key and element together are longer than {MAX_KEY_AND_ELEMENT_BYTES} bytes"
-            )));
-        }
-        if value.len() > self.store.max_value_bytes {
-            return Err(OpError::Refused(WorkerError::ValueTooLarge {
-                max_value_bytes: self.store.max_value_bytes,
-            }));
-        }
+        // Callers check every element first (`Store::check_sizes`); this is the last guard.
+        self.store
+            .check_element(self.key, element.len(), value.len())?;
         let stored_key = self.stored_key(meta, element);
         let commit_id = self.store.next_commit_id(txn, batch, self.key.partition)?;
         self.store.element_db(table).put(
@@ -587,6 +634,11 @@ impl Store {
         expires_at_ms: Option<u64>,
     ) -> Result<(), OpError> {
         let (kind, elements) = typed::decode_snapshot(snapshot)?;
+        // Checked whole before any element is written.
+        let score_bytes = if kind == Kind::SortedSet { 8 } else { 0 };
+        for (element, value) in &elements {
+            self.check_element(key, element.len() + score_bytes, value.len())?;
+        }
         let target = Target {
             store: self,
             db,

@@ -655,7 +655,6 @@ fn a_replayed_log_rebuilds_every_typed_key_and_a_second_replay_changes_no_read()
 /// created again) after that start must not leave elements of its old version behind on
 /// the target, where nothing would ever reclaim them.
 #[test]
-#[ignore = "bug: an overlapping log replay recreates elements of a version already replaced, which are never reclaimed"]
 fn an_overlapping_replay_leaves_no_elements_of_replaced_versions() {
     let clock = ManualClock::new(START_MS);
     let (dir_a, dir_b) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
@@ -1406,7 +1405,6 @@ fn an_element_too_long_for_its_key_is_refused_and_nothing_is_written() {
 }
 
 #[test]
-#[ignore = "bug: a typed write refused at its second element keeps its first element (and log entry) without updating the key's count"]
 fn a_refused_element_after_a_good_one_writes_nothing() {
     let clock = ManualClock::new(START_MS);
     let dir = tempfile::tempdir().unwrap();
@@ -1456,7 +1454,6 @@ fn a_refused_element_after_a_good_one_writes_nothing() {
 }
 
 #[test]
-#[ignore = "bug: ZADD of a member that fits the zset table but not zscore (score ++ member) keeps a zset element without its zscore entry"]
 fn a_sorted_set_member_too_long_for_the_score_table_writes_nothing() {
     let clock = ManualClock::new(START_MS);
     let dir = tempfile::tempdir().unwrap();
