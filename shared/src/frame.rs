@@ -14,7 +14,9 @@
 mod frugal;
 mod typed;
 
-pub use typed::{Answer, LexBound, RangeBy, ScoreBound, TypedOp, ZAddFlags, ZRange};
+pub use typed::{
+    Answer, ElementTable, Kind, LexBound, RangeBy, ScoreBound, TypedOp, ZAddFlags, ZRange,
+};
 
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
@@ -198,7 +200,7 @@ pub enum RecordTable {
     /// `shoal_shared::layout::Intent::part`).
     Txns,
     /// An element table of typed keys (see `shoal_shared::layout::typed`).
-    Elements(crate::layout::typed::ElementTable),
+    Elements(ElementTable),
     /// `reclaim`: elements of old versions of typed keys, to remove in the background.
     Reclaim,
 }

@@ -188,7 +188,7 @@ impl Store {
     pub(crate) fn reclaim(&self, txn: &mut RwTxn, key: &Key, meta: &TypeMeta) -> heed::Result<()> {
         if meta.count <= RECLAIM_AT_ONCE_ELEMENTS {
             let prefix = typed::element_prefix(key.partition, &key.bytes, meta.version);
-            for &table in meta.kind.tables() {
+            for &table in typed::tables(meta.kind) {
                 let db = self.element_db(table);
                 let mut doomed = Vec::new();
                 for item in db.prefix_iter(txn, &prefix)? {
@@ -231,7 +231,7 @@ impl Store {
                 continue;
             };
             let mut left = false;
-            for &table in kind.tables() {
+            for &table in typed::tables(kind) {
                 let db = self.element_db(table);
                 let mut doomed = Vec::new();
                 for item in db.prefix_iter(txn, &prefix)? {

@@ -5,7 +5,95 @@
 use serde::{Deserialize, Serialize};
 use serde_bytes::ByteBuf;
 
-use crate::layout::typed::Kind;
+/// The type of a typed key.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
+#[repr(u8)]
+pub enum Kind {
+    /// Fields with values.
+    Hash = 1,
+    /// Distinct members.
+    Set = 2,
+    /// Distinct members ordered by score.
+    SortedSet = 3,
+    /// Elements in order.
+    List = 4,
+}
+
+impl Kind {
+    /// The kind stored as `byte`.
+    pub fn from_byte(byte: u8) -> Option<Kind> {
+        match byte {
+            1 => Some(Kind::Hash),
+            2 => Some(Kind::Set),
+            3 => Some(Kind::SortedSet),
+            4 => Some(Kind::List),
+            _ => None,
+        }
+    }
+
+    /// The name TYPE answers.
+    pub fn name(self) -> &'static str {
+        match self {
+            Kind::Hash => "hash",
+            Kind::Set => "set",
+            Kind::SortedSet => "zset",
+            Kind::List => "list",
+        }
+    }
+
+    /// The encoding OBJECT ENCODING answers.
+    pub fn encoding(self) -> &'static str {
+        match self {
+            Kind::Hash => "hashtable",
+            Kind::Set => "hashtable",
+            Kind::SortedSet => "skiplist",
+            Kind::List => "quicklist",
+        }
+    }
+}
+
+/// A named database of elements.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
+#[repr(u8)]
+pub enum ElementTable {
+    /// `hash`: a hash's fields and values.
+    Hash = 1,
+    /// `set`: a set's members.
+    Set = 2,
+    /// `zset`: a sorted set's members and their scores.
+    Zset = 3,
+    /// `zscore`: a sorted set's members by score.
+    Zscore = 4,
+    /// `list`: a list's elements by position.
+    List = 5,
+}
+
+impl ElementTable {
+    /// Every element table, in export order.
+    pub const ALL: [ElementTable; 5] = [
+        ElementTable::Hash,
+        ElementTable::Set,
+        ElementTable::Zset,
+        ElementTable::Zscore,
+        ElementTable::List,
+    ];
+
+    /// The LMDB database name.
+    pub fn name(self) -> &'static str {
+        match self {
+            ElementTable::Hash => "hash",
+            ElementTable::Set => "set",
+            ElementTable::Zset => "zset",
+            ElementTable::Zscore => "zscore",
+            ElementTable::List => "list",
+        }
+    }
+
+    /// The table stored as `byte`.
+    pub fn from_byte(byte: u8) -> Option<ElementTable> {
+        ElementTable::ALL.into_iter().find(|t| *t as u8 == byte)
+    }
+}
 
 /// One end of a score range: `1.5`, `(1.5`, `-inf`.
 #[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]

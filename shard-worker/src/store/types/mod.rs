@@ -492,7 +492,7 @@ impl<'s> Target<'s> {
         };
         let table = match kind {
             Kind::SortedSet => ElementTable::Zset,
-            other => other.tables()[0],
+            other => typed::tables(other)[0],
         };
         let mut items = Vec::new();
         let mut seen = 0u32;
@@ -567,7 +567,7 @@ impl<'s> Target<'s> {
                 Ok(Answer::Pairs { pairs, map: false })
             }
             _ => Ok(Answer::Array(
-                self.all(txn, kind.tables()[0], &meta)?
+                self.all(txn, typed::tables(kind)[0], &meta)?
                     .into_iter()
                     .map(|(member, _)| Answer::bulk(member))
                     .collect(),
@@ -605,7 +605,7 @@ impl Store {
         key: &Key,
         meta: &TypeMeta,
     ) -> Result<Vec<u8>, OpError> {
-        let table = meta.kind.tables()[0];
+        let table = typed::tables(meta.kind)[0];
         let prefix = typed::element_prefix(key.partition, &key.bytes, meta.version);
         let mut elements = Vec::with_capacity(meta.count.min(1 << 20) as usize);
         for item in self.element_db(table).prefix_iter(txn, &prefix)? {
@@ -675,7 +675,15 @@ impl Store {
                         false,
                     )?;
                 }
-                _ => target.put(txn, batch, kind.tables()[0], &meta, element, value, false)?,
+                _ => target.put(
+                    txn,
+                    batch,
+                    typed::tables(kind)[0],
+                    &meta,
+                    element,
+                    value,
+                    false,
+                )?,
             }
             meta.count += 1;
         }
