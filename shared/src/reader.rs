@@ -54,6 +54,8 @@ fn fnv1a(mut hash: u64, bytes: &[u8]) -> u64 {
 pub struct ShardReader {
     env: Env<WithoutTls>,
     collections: Vec<RawDatabase>,
+    /// The element tables of typed keys, in `ElementTable::ALL` order.
+    elements: Vec<RawDatabase>,
     txns: RawDatabase,
     meta: RawDatabase,
     log: RawDatabase,
@@ -76,12 +78,17 @@ impl ShardReader {
         unsafe { env.resize(0)? };
         let mut reader = ShardReader {
             collections: Vec::with_capacity(usize::from(collections)),
+            elements: Vec::with_capacity(layout::typed::ElementTable::ALL.len()),
             txns: open_database(&env, "txns")?,
             meta: open_database(&env, "meta")?,
             log: open_database(&env, "log")?,
             env,
             gate: RwLock::new(()),
         };
+        for table in layout::typed::ElementTable::ALL {
+            let database = open_database(&reader.env, table.name())?;
+            reader.elements.push(database);
+        }
         for collection in 0..collections {
             let database = open_database(&reader.env, &format!("c{collection}"))?;
             reader.collections.push(database);
@@ -200,8 +207,8 @@ impl ShardReader {
 
     /// A digest of this copy of `partition`: its last commit id, its number of keys in
     /// every collection, and an order-independent checksum of those keys with their
-    /// stored values (commit id, expiry and bytes), so that two copies that hold the same
-    /// data give the same digest.
+    /// stored values (commit id, expiry and bytes) and of typed keys' live elements, so
+    /// that two copies that hold the same data give the same digest.
     pub fn digest(&self, partition: Partition) -> Result<PartitionDigest, StoreError> {
         self.with_txn(|txn| {
             let last_commit_id = match self.meta.get(txn, &layout::partition_meta_key(partition))? {
@@ -222,6 +229,28 @@ impl ShardReader {
                     hash = fnv1a(hash, key);
                     hash = fnv1a(hash, value);
                     digest.checksum = digest.checksum.wrapping_add(hash);
+                    // A typed key's live elements count too (not those waiting for reclaim,
+                    // which each copy removes at its own pace).
+                    let stored = layout::decode_value(value)?;
+                    if stored.typed {
+                        let meta = layout::typed::decode_type_meta(stored.bytes)?;
+                        let element_prefix =
+                            layout::typed::element_prefix(partition, &key[2..], meta.version);
+                        for &table in layout::typed::tables(meta.kind) {
+                            let position = layout::typed::ElementTable::ALL
+                                .iter()
+                                .position(|t| *t == table)
+                                .unwrap_or_default();
+                            for item in self.elements[position].prefix_iter(txn, &element_prefix)? {
+                                let (element, value) = item?;
+                                let mut hash = fnv1a(FNV_OFFSET, &[table as u8]);
+                                hash = fnv1a(hash, &(element.len() as u32).to_be_bytes());
+                                hash = fnv1a(hash, element);
+                                hash = fnv1a(hash, value);
+                                digest.checksum = digest.checksum.wrapping_add(hash);
+                            }
+                        }
+                    }
                 }
             }
             Ok(digest)
