@@ -690,7 +690,7 @@ fn command_lists_and_describes_every_command() {
 }
 
 #[test]
-fn config_get_answers_and_config_set_is_refused() {
+fn config_get_answers_and_config_set_changes_what_can_change_at_run_time() {
     let server = Server::start("");
     let mut con = server.conn();
     let config_get = |con: &mut redis::Connection, pattern: &str| -> Vec<(String, String)> {
@@ -729,10 +729,49 @@ fn config_get_answers_and_config_set_is_refused() {
         );
     }
     assert!(config_get(&mut con, "no-such-parameter").is_empty());
-    assert!(matches!(
-        call_str(&mut con, &["CONFIG", "SET", "maxclients", "1"]),
-        Value::ServerError(_)
-    ));
+    // A setting fixed at startup is refused unless "set" to its value; an unknown one
+    // gets Redis's error; several pairs are all or nothing.
+    let refused = call_str(&mut con, &["CONFIG", "SET", "maxclients", "1"]);
+    assert!(error_text(&refused).contains("restart"), "{refused:?}");
+    assert_eq!(
+        call_str(
+            &mut con,
+            &["CONFIG", "SET", "save", "", "appendonly", "yes"]
+        ),
+        Value::Okay
+    );
+    let unknown = call_str(&mut con, &["CONFIG", "SET", "no-such-parameter", "1"]);
+    assert!(error_text(&unknown).contains("Unknown option"));
+    let odd = call_str(&mut con, &["CONFIG", "SET", "save"]);
+    assert!(error_text(&odd).contains("wrong number of arguments"));
+    let mixed = call_str(
+        &mut con,
+        &["CONFIG", "SET", "requirepass", "s3", "maxclients", "1"],
+    );
+    assert!(matches!(mixed, Value::ServerError(_)));
+    assert_eq!(
+        config_get(&mut con, "requirepass"),
+        vec![("requirepass".to_string(), String::new())],
+        "a refused CONFIG SET changes nothing"
+    );
+    // requirepass changes at run time: new connections must AUTH, this one stays in.
+    assert_eq!(
+        call_str(&mut con, &["CONFIG", "SET", "requirepass", "s3cret"]),
+        Value::Okay
+    );
+    let mut fresh = server.raw();
+    assert!(matches!(fresh.cmd(&["GET", "k"]), Resp::Error(text) if text.starts_with("NOAUTH")));
+    assert_eq!(fresh.cmd(&["AUTH", "s3cret"]), Resp::Simple("OK".into()));
+    assert_eq!(
+        call_str(&mut con, &["PING"]),
+        Value::SimpleString("PONG".into())
+    );
+    assert_eq!(
+        call_str(&mut con, &["CONFIG", "SET", "requirepass", ""]),
+        Value::Okay
+    );
+    let mut open = server.raw();
+    assert_eq!(open.cmd(&["PING"]), Resp::Simple("PONG".into()));
     // Shoal has no AOF, but with durability = "fsync" every acknowledged write is synced:
     // the Redis settings that mean the same are reported.
     assert_eq!(

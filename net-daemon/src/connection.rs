@@ -104,10 +104,7 @@ pub async fn serve<S>(shared: &Arc<Shared>, mut stream: S, mut shutdown: watch::
 where
     S: ClientStream,
 {
-    let mut session = Session::new(
-        shared.next_client_id(),
-        shared.config.client.requirepass.is_none(),
-    );
+    let mut session = Session::new(shared.next_client_id(), shared.requirepass().is_none());
     let (addr, laddr) = stream.addresses();
     let registered = Registered {
         shared,

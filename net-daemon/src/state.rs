@@ -54,6 +54,8 @@ pub struct Shared {
     pub cluster: Option<Arc<ClusterNode>>,
     /// What this host's partition handoffs measured.
     pub handoffs: Arc<handoff::Stats>,
+    /// `client.requirepass` as it is now (CONFIG SET changes it).
+    requirepass: std::sync::Mutex<Option<String>>,
 }
 
 impl Shared {
@@ -106,7 +108,19 @@ impl Shared {
             pubsub,
             clients: Clients::default(),
             cluster,
+            requirepass: std::sync::Mutex::new(config.client.requirepass.clone()),
             config,
         }
+    }
+
+    /// The password clients must give now, if any.
+    pub fn requirepass(&self) -> Option<String> {
+        shoal_shared::lock(&self.requirepass).clone()
+    }
+
+    /// Sets the password clients must give from now on (`None`: none). Connections
+    /// already authenticated stay so, as in Redis.
+    pub fn set_requirepass(&self, password: Option<String>) {
+        *shoal_shared::lock(&self.requirepass) = password;
     }
 }

@@ -63,7 +63,7 @@ pub async fn dispatch(
         "lastsave" => Reply::Integer((shared.started_unix_ms / 1000) as i64),
         "reset" => {
             let direct_reads = session.direct_reads;
-            *session = Session::new(session.id, shared.config.client.requirepass.is_none());
+            *session = Session::new(session.id, shared.requirepass().is_none());
             session.direct_reads = direct_reads;
             crate::routing::set_readonly(false);
             Reply::Simple("RESET".into())
@@ -144,7 +144,7 @@ fn shutdown(shared: &Shared, options: &[Bytes]) -> (Pending, After) {
 }
 
 fn check_password(shared: &Shared, session: &mut Session, user: &[u8], password: &[u8]) -> Reply {
-    match &shared.config.client.requirepass {
+    match &shared.requirepass() {
         Some(expected)
             if user.eq_ignore_ascii_case(b"default") && password == expected.as_bytes() =>
         {
@@ -161,7 +161,7 @@ fn auth(shared: &Shared, session: &mut Session, args: &[Bytes]) -> Reply {
         [user, password] => (&user[..], password),
         _ => return errors::syntax(),
     };
-    if shared.config.client.requirepass.is_none() {
+    if shared.requirepass().is_none() {
         // Without requirepass the default user takes any password, as in Redis.
         return match args {
             [_] => Reply::error(
@@ -541,10 +541,7 @@ fn config_pairs(shared: &Shared) -> Vec<(&'static str, String)> {
             "proto-max-bulk-len",
             config.client.max_value_bytes.to_string(),
         ),
-        (
-            "requirepass",
-            config.client.requirepass.clone().unwrap_or_default(),
-        ),
+        ("requirepass", shared.requirepass().unwrap_or_default()),
         ("save", String::new()),
         ("unixsocket", path(config.client.unix_socket.as_ref())),
         ("workers", config.workers.to_string()),
@@ -572,15 +569,49 @@ fn config(shared: &Shared, args: &[Bytes]) -> Reply {
             shared.command_stats.reset();
             Reply::Ok
         }
-        b"SET" | b"REWRITE" => Reply::error(format!(
-            "ERR CONFIG {} is not supported: edit the config file and restart shoal",
-            String::from_utf8_lossy(&subcommand)
-        )),
+        b"SET" if args.len() >= 3 && !args.len().is_multiple_of(2) => {
+            config_set(shared, &args[1..])
+        }
+        b"SET" => errors::wrong_arity("config|set"),
+        b"REWRITE" => Reply::error(
+            "ERR CONFIG REWRITE is not supported: edit the config file (docs/config.md)",
+        ),
         _ => Reply::error(format!(
             "ERR unknown subcommand '{}'. Try CONFIG HELP.",
             String::from_utf8_lossy(&args[0])
         )),
     }
+}
+
+/// `CONFIG SET name value [name value ...]`, all or nothing, as in Redis 7. `requirepass`
+/// changes at run time; any other known setting may be "set" to the value it has
+/// (tools do that), and otherwise needs a restart with the config file changed.
+fn config_set(shared: &Shared, pairs: &[Bytes]) -> Reply {
+    let current = config_pairs(shared);
+    let mut new_password = None;
+    for pair in pairs.chunks(2) {
+        let name = String::from_utf8_lossy(&pair[0]).to_lowercase();
+        let value = String::from_utf8_lossy(&pair[1]).into_owned();
+        let Some((_, now)) = current.iter().find(|(known, _)| *known == name) else {
+            return Reply::error(format!(
+                "ERR Unknown option or number of arguments for CONFIG SET - '{name}'"
+            ));
+        };
+        match name.as_str() {
+            "requirepass" => new_password = Some((!value.is_empty()).then_some(value)),
+            _ if *now == value => {}
+            _ => {
+                return Reply::error(format!(
+                    "ERR CONFIG SET failed (possibly related to argument '{name}') - it can \
+                     only change at startup: edit the config file and restart (docs/config.md)"
+                ))
+            }
+        }
+    }
+    if let Some(password) = new_password {
+        shared.set_requirepass(password);
+    }
+    Reply::Ok
 }
 
 /// Keys per collection, summed over the workers; `None` for a collection a worker could
