@@ -40,6 +40,8 @@ use std::sync::Arc;
 use std::time::Instant;
 
 const READ_BUFFER_BYTES: usize = 16 * 1024;
+/// Input read ahead while a reply is waiting (a blocked client that keeps sending).
+const WAITING_INPUT_BYTES: usize = 1024 * 1024;
 
 /// A buffer that has grown past this is released once it is empty again, so that one
 /// large request or reply does not pin memory for the rest of the connection.
@@ -225,7 +227,21 @@ where
                     return;
                 }
             }
-            let reply = reply.resolve().await;
+            // A reply may wait long (a blocking pop): meanwhile a client that hangs up or
+            // is killed ends the connection, and what it sends is read for later.
+            let mut resolving = std::pin::pin!(reply.resolve());
+            let reply = loop {
+                tokio::select! {
+                    reply = &mut resolving => break reply,
+                    read = stream.read_buf(&mut input), if input.len() < WAITING_INPUT_BYTES => {
+                        match read {
+                            Ok(0) | Err(_) => return,
+                            Ok(_) => continue,
+                        }
+                    }
+                    _ = client.killed() => return,
+                }
+            };
             // Messages queued before this reply was made go out ahead of it: a client that
             // unsubscribes gets the messages of its channels before the confirmation.
             if !queue_pushes(&mut session, None, &mut output) {
