@@ -10,8 +10,8 @@ use shoal_shared::fuzzing::with_allocation_limit;
 
 use shoal_shared::layout::{
     decode_expiry_key, decode_log_entry, decode_partition_meta, decode_replica_state, decode_value,
-    encode_log_value, encode_partition_meta, encode_replica_state, encode_value, expiry_key,
-    LogRecord,
+    encode_log_value, encode_partition_meta, encode_record, encode_replica_state, expiry_key,
+    typed, LogRecord,
 };
 
 /// The layout decoders copy at most their input, plus an error message.
@@ -19,13 +19,28 @@ pub(crate) fn layout_allocation_bound(input_bytes: usize) -> usize {
     input_bytes + 1024
 }
 
-/// Checks [`decode_value`]: a decoded value re-encodes to the same bytes.
+/// Checks [`decode_value`]: a decoded value re-encodes to the same bytes; a typed key's
+/// metadata bytes, when they decode, re-encode too.
 pub fn check_value(input: &[u8]) {
-    let decoded = with_allocation_limit(layout_allocation_bound(input.len()), || {
-        decode_value(input).map(|value| (value.commit_id, value.expires_at_ms, value.bytes))
+    let bound = layout_allocation_bound(input.len());
+    let decoded = with_allocation_limit(bound, || {
+        decode_value(input).map(|value| {
+            (
+                value.commit_id,
+                value.expires_at_ms,
+                value.typed,
+                value.bytes,
+            )
+        })
     });
-    if let Ok((commit_id, expires_at_ms, bytes)) = decoded {
-        assert_eq!(encode_value(commit_id, expires_at_ms, bytes), input);
+    if let Ok((commit_id, expires_at_ms, is_typed, bytes)) = decoded {
+        assert_eq!(
+            encode_record(commit_id, expires_at_ms, is_typed, bytes),
+            input
+        );
+        if let Ok(meta) = with_allocation_limit(bound, || typed::decode_type_meta(bytes)) {
+            assert_eq!(typed::encode_type_meta(&meta), bytes);
+        }
     }
 }
 
@@ -75,16 +90,41 @@ pub fn check_meta(input: &[u8]) {
     if let Ok(state) = with_allocation_limit(bound, || decode_replica_state(input)) {
         assert_eq!(encode_replica_state(&state), input);
     }
+    // Snapshots copy their elements: at most twice the input with the vectors' headers.
+    let snapshot_bound = 2 * bound + 64 * input.len();
+    if let Ok((kind, elements)) =
+        with_allocation_limit(snapshot_bound, || typed::decode_snapshot(input))
+    {
+        assert_eq!(typed::encode_snapshot(kind, &elements), input);
+    }
+    if let Ok((kind, prefix)) = with_allocation_limit(bound, || typed::decode_reclaim_key(input)) {
+        let (key, version) = typed::element_owner(&prefix).expect("a decoded prefix names its key");
+        let partition = u16::from_be_bytes([prefix[0], prefix[1]]);
+        assert_eq!(typed::reclaim_key(partition, kind, key, version), input);
+    }
 }
 
-/// Seeds for `layout_value`: stored values with and without an expiry.
+/// Seeds for `layout_value`: stored values with and without an expiry, and typed keys'
+/// metadata records.
 pub fn value_seeds() -> Vec<(&'static str, Vec<u8>)> {
+    let mut list = typed::TypeMeta::new(typed::Kind::List, 7);
+    list.head -= 3;
+    list.count = 3;
+    let hash = typed::TypeMeta::new(typed::Kind::Hash, 9);
     vec![
-        ("plain", encode_value(42, None, b"hello")),
-        ("empty", encode_value(1, None, b"")),
+        ("plain", encode_record(42, None, false, b"hello")),
+        ("empty", encode_record(1, None, false, b"")),
         (
             "expiring",
-            encode_value(u64::MAX, Some(1_700_000_000_000), b"\0\xff\r\n"),
+            encode_record(u64::MAX, Some(1_700_000_000_000), false, b"\0\xff\r\n"),
+        ),
+        (
+            "typed-list",
+            encode_record(5, Some(9), true, &typed::encode_type_meta(&list)),
+        ),
+        (
+            "typed-hash",
+            encode_record(6, None, true, &typed::encode_type_meta(&hash)),
         ),
     ]
 }
@@ -171,6 +211,17 @@ pub fn log_entry_seeds() -> Vec<(&'static str, Vec<u8>)> {
 pub fn meta_seeds() -> Vec<(&'static str, Vec<u8>)> {
     use shoal_shared::layout::PartitionMeta;
     vec![
+        (
+            "snapshot",
+            typed::encode_snapshot(
+                typed::Kind::SortedSet,
+                &[(b"m".to_vec(), typed::score_bytes(1.5).to_vec())],
+            ),
+        ),
+        (
+            "reclaim-key",
+            typed::reclaim_key(3, typed::Kind::Set, b"user:1", 77),
+        ),
         (
             "expiry-key",
             expiry_key(1_700_000_000_000, 1, 17, b"session:1"),

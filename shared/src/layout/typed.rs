@@ -257,10 +257,10 @@ pub fn decode_reclaim_key(raw: &[u8]) -> Result<(Kind, Vec<u8>), CorruptError> {
         .ok_or_else(|| corrupt("reclaim entry", "no kind"))?;
     let mut prefix = raw[..2].to_vec();
     prefix.extend_from_slice(&raw[3..]);
-    if element_user_key(&prefix).is_none() {
-        return Err(corrupt("reclaim entry", "malformed element prefix"));
+    match element_user_key(&prefix) {
+        Some(key) if prefix.len() == ELEMENT_PREFIX_BYTES + key.len() => Ok((kind, prefix)),
+        _ => Err(corrupt("reclaim entry", "malformed element prefix")),
     }
-    Ok((kind, prefix))
 }
 
 /// A typed key's whole content, as RENAME, COPY and MOVE carry it between workers:
