@@ -85,6 +85,77 @@ pub enum ExpireCondition {
     IfLess,
 }
 
+/// What BITFIELD does on a field that a SET or INCRBY pushes past its width (its
+/// OVERFLOW option).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum BitFieldOverflow {
+    /// Keep the low bits (two's complement for a signed field): the default.
+    Wrap,
+    /// Stop at the field's lowest or highest value.
+    Sat,
+    /// Change nothing and answer nil for this operation.
+    Fail,
+}
+
+/// A field of a string value that BITFIELD reads or writes: `bits` bits from bit
+/// `offset` (the most significant bit of a byte first), read as a signed (`i<bits>`) or
+/// unsigned (`u<bits>`) integer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BitFieldType {
+    /// `i` (two's complement) rather than `u`.
+    pub signed: bool,
+    /// The width: 1 to 64 for a signed field, 1 to 63 for an unsigned one.
+    pub bits: u8,
+    /// The first bit's index from the value's start.
+    pub offset: u64,
+}
+
+/// One operation of a [`WorkerRequest::BitField`], answered by an integer (or nil).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum BitFieldOp {
+    /// GET: the field's value (0 past the value's end).
+    Get {
+        /// The field.
+        field: BitFieldType,
+    },
+    /// SET: stores `value` in the field and answers the old value (nil when the overflow
+    /// mode is FAIL and `value` does not fit).
+    Set {
+        /// The field.
+        field: BitFieldType,
+        /// The new value.
+        value: i64,
+        /// What to do when it does not fit.
+        overflow: BitFieldOverflow,
+    },
+    /// INCRBY: adds `increment` to the field and answers the new value (nil when the
+    /// overflow mode is FAIL and the sum does not fit).
+    IncrBy {
+        /// The field.
+        field: BitFieldType,
+        /// What to add (negative to subtract).
+        increment: i64,
+        /// What to do when the sum does not fit.
+        overflow: BitFieldOverflow,
+    },
+}
+
+impl BitFieldOp {
+    /// The field the operation works on.
+    pub fn field(&self) -> BitFieldType {
+        match *self {
+            BitFieldOp::Get { field }
+            | BitFieldOp::Set { field, .. }
+            | BitFieldOp::IncrBy { field, .. } => field,
+        }
+    }
+
+    /// Whether the operation writes (SET, INCRBY).
+    pub fn is_write(&self) -> bool {
+        !matches!(self, BitFieldOp::Get { .. })
+    }
+}
+
 /// One step of a multi-key write, applied atomically with the others of its transaction.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct TxOp {
@@ -360,6 +431,19 @@ pub enum WorkerRequest {
         offset: u64,
         /// Its new value.
         bit: bool,
+    },
+    /// → `Answer(Array)`: one `Integer` (or `Nil`, for a SET or INCRBY refused by
+    /// overflow FAIL) per op, applied in order as one atomic change (BITFIELD,
+    /// BITFIELD_RO). When an op writes, a missing key is created and the value first
+    /// grows (with zero bytes) to hold the highest field written, even if every write
+    /// then fails, as in Redis; the key keeps its expiry. Only GETs: a read.
+    BitField {
+        /// The collection the key is in.
+        collection: Collection,
+        /// The key, with its partition.
+        key: Key,
+        /// The operations, in order.
+        ops: Vec<BitFieldOp>,
     },
     /// → `Integer`: 1 if the expiry was set (or the key deleted, for a time in the past), else 0.
     Expire {
@@ -663,6 +747,8 @@ impl WorkerRequest {
                 | WorkerRequest::Fences
                 | WorkerRequest::CommitIds { .. }
         ) && !matches!(self, WorkerRequest::Typed { op, .. } if !op.is_write())
+            && !matches!(self, WorkerRequest::BitField { ops, .. }
+                if ops.iter().all(|op| !op.is_write()))
             && !matches!(self, WorkerRequest::Exec { requests, .. }
                 if requests.iter().all(|request| !request.is_write()))
     }
@@ -676,6 +762,18 @@ impl WorkerRequest {
             // What the value may grow to.
             SetRange { offset, value, .. } => (*offset as usize).saturating_add(value.len()),
             SetBit { offset, .. } => (*offset / 8 + 1) as usize,
+            BitField { ops, .. } => ops
+                .iter()
+                .filter(|op| op.is_write())
+                .map(|op| {
+                    let field = op.field();
+                    let last_bit = field
+                        .offset
+                        .saturating_add(u64::from(field.bits).max(1) - 1);
+                    (last_bit / 8 + 1) as usize
+                })
+                .max()
+                .unwrap_or(0),
             Typed { op, .. } => op.payload_bytes(),
             Exec { requests, .. } => requests.iter().map(WorkerRequest::payload_bytes).sum(),
             Atomic { ops } | Prepare { ops, .. } => ops
@@ -744,6 +842,9 @@ impl WorkerRequest {
                 collection, key, ..
             }
             | SetBit {
+                collection, key, ..
+            }
+            | BitField {
                 collection, key, ..
             }
             | Expire {
@@ -1208,6 +1309,41 @@ mod tests {
         ] {
             assert!(other.client_partitions().is_empty(), "{other:?}");
         }
+    }
+
+    #[test]
+    fn bitfield_is_a_read_with_only_gets_and_names_its_key() {
+        let field = |offset| BitFieldType {
+            signed: false,
+            bits: 8,
+            offset,
+        };
+        let read = WorkerRequest::BitField {
+            collection: 0,
+            key: key(b"bits"),
+            ops: vec![BitFieldOp::Get { field: field(0) }],
+        };
+        assert!(!read.is_write());
+        assert_eq!(read.client_partitions(), vec![7]);
+        let write = WorkerRequest::BitField {
+            collection: 0,
+            key: key(b"bits"),
+            ops: vec![
+                BitFieldOp::Get { field: field(800) },
+                BitFieldOp::IncrBy {
+                    field: field(80),
+                    increment: -1,
+                    overflow: BitFieldOverflow::Fail,
+                },
+            ],
+        };
+        assert!(write.is_write());
+        // The key, and the 11 bytes the value may grow to for the write at bit 80.
+        assert_eq!(write.payload_bytes(), 4 + 11);
+        let mut out = Vec::new();
+        encode_frame(&write, &mut out).unwrap();
+        let (decoded, _): (WorkerRequest, usize) = decode_frame(&out).unwrap().unwrap();
+        assert_eq!(decoded, write);
     }
 
     #[test]

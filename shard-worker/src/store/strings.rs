@@ -1,11 +1,13 @@
 //! Requests on single keys (and MGET/DEL/EXISTS lists): strings, counters,
-//! ranges and expiry. Each reads the key's [`Current`] state and writes
-//! through [`Store::put`]/[`Store::remove`].
+//! ranges, bits and expiry. Each reads the key's [`Current`] state and writes
+//! through [`Store::put`]/[`Store::remove`]. BITFIELD's integer arithmetic on a
+//! value's bits is the pure [`bitfield`] module at the end, so that a BITFIELD is one
+//! read-modify-write in this worker's transaction (atomic, like SETBIT).
 
 use heed::RwTxn;
 use shoal_shared::frame::{
-    Collection, ExpireCondition, Expiry, Key, SetCondition, SetReply, WorkerError, WorkerRequest,
-    WorkerResponse,
+    Answer, BitFieldOp, Collection, ExpireCondition, Expiry, Key, SetCondition, SetReply,
+    WorkerError, WorkerRequest, WorkerResponse,
 };
 use shoal_shared::limits::MAX_REPLY_BYTES;
 use shoal_shared::resp::parse_i64;
@@ -103,6 +105,13 @@ impl Store {
             } => self
                 .op(*collection, now_ms)?
                 .set_bit(txn, batch, key, *offset, *bit),
+            BitField {
+                collection,
+                key,
+                ops,
+            } => self
+                .op(*collection, now_ms)?
+                .bit_field(txn, batch, key, ops),
             Expire {
                 collection,
                 key,
@@ -543,6 +552,45 @@ impl Op<'_> {
         Ok(WorkerResponse::Integer(i64::from(old)))
     }
 
+    /// BITFIELD: the ops in order, on the value as it is when the request runs. With a
+    /// SET or INCRBY, the value first grows to hold every field written (a missing key is
+    /// created, even when every write then fails), and is written back, keeping its
+    /// expiry, when it was created or changed. With GETs only, nothing is written.
+    fn bit_field(
+        &self,
+        txn: &mut RwTxn,
+        batch: &mut Batch,
+        key: &Key,
+        ops: &[BitFieldOp],
+    ) -> OpResult {
+        if !ops.iter().all(|op| bitfield::is_valid(op.field())) {
+            return Err(OpError::Refused(WorkerError::Command(
+                bitfield::INVALID_TYPE.to_string(),
+            )));
+        }
+        let answers = match bitfield::write_len(ops) {
+            None => {
+                let mut value = self.live_value(txn, key)?.unwrap_or_default();
+                bitfield::apply(&mut value, ops).0
+            }
+            Some(len) => {
+                let (current, mut value) = self.value_to_patch(txn, key)?;
+                self.fits(len)?;
+                let (answers, changed) = bitfield::apply(&mut value, ops);
+                if current.live.is_none() || changed {
+                    self.put_keeping_ttl(txn, batch, key, &current, &value)?;
+                }
+                answers
+            }
+        };
+        Ok(WorkerResponse::Answer(Answer::Array(
+            answers
+                .into_iter()
+                .map(|answer| answer.map_or(Answer::Nil, Answer::Integer))
+                .collect(),
+        )))
+    }
+
     fn expire(
         &self,
         txn: &mut RwTxn,
@@ -575,9 +623,437 @@ impl Op<'_> {
     }
 }
 
+/// BITFIELD's arithmetic, as Redis 7.0 does it (`bitops.c`): fields of 1 to 64 bits
+/// (signed) or 1 to 63 bits (unsigned) at any bit offset, the most significant bit of a
+/// byte first, read as zero past the value's end; SET and INCRBY with the WRAP, SAT and
+/// FAIL overflow modes. The overflow checks follow Redis's expressions step by step,
+/// with its 64-bit wrapping, so that even their corner cases answer as Redis does (a SET
+/// of -2^63 into an `i8` saturates to 127, say).
+pub(crate) mod bitfield {
+    use shoal_shared::frame::{BitFieldOp, BitFieldOverflow, BitFieldType};
+
+    /// The error Redis answers for a type outside `i1..i64`, `u1..u63`.
+    pub(crate) const INVALID_TYPE: &str =
+        "ERR Invalid bitfield type. Use something like i16 u8. Note that u64 is not supported but i64 is.";
+
+    /// Whether `field` has a width Redis accepts and ends within `u64` bits.
+    pub(crate) fn is_valid(field: BitFieldType) -> bool {
+        let widest = if field.signed { 64 } else { 63 };
+        (1..=widest).contains(&field.bits)
+            && field.offset.checked_add(u64::from(field.bits)).is_some()
+    }
+
+    /// The length in bytes a value must have for the fields `ops` write: up to the byte of
+    /// the highest bit written. `None` when no op writes.
+    pub(crate) fn write_len(ops: &[BitFieldOp]) -> Option<u64> {
+        ops.iter()
+            .filter(|op| op.is_write())
+            .map(|op| {
+                let field = op.field();
+                (field.offset + u64::from(field.bits) - 1) / 8 + 1
+            })
+            .max()
+    }
+
+    /// Runs `ops` in order on `value` (every field valid: [`is_valid`]) and answers each
+    /// op's integer, `None` for a write refused by FAIL, and whether `value` changed. A
+    /// write first grows `value` to [`write_len`] with zero bytes (a change).
+    pub(crate) fn apply(value: &mut Vec<u8>, ops: &[BitFieldOp]) -> (Vec<Option<i64>>, bool) {
+        let mut changed = false;
+        if let Some(len) = write_len(ops) {
+            if (value.len() as u64) < len {
+                value.resize(len as usize, 0);
+                changed = true;
+            }
+        }
+        let mut answers = Vec::with_capacity(ops.len());
+        for op in ops {
+            let answer = match *op {
+                BitFieldOp::Get { field } => Some(match field.signed {
+                    true => get_signed(value, field),
+                    false => get_unsigned(value, field) as i64,
+                }),
+                BitFieldOp::Set {
+                    field,
+                    value: new,
+                    overflow,
+                } => {
+                    let (answer, written) = write(value, field, overflow, Some(new), 0);
+                    changed |= written;
+                    answer
+                }
+                BitFieldOp::IncrBy {
+                    field,
+                    increment,
+                    overflow,
+                } => {
+                    let (answer, written) = write(value, field, overflow, None, increment);
+                    changed |= written;
+                    answer
+                }
+            };
+            answers.push(answer);
+        }
+        (answers, changed)
+    }
+
+    /// SET (`set` is the new value; answers the old one) or INCRBY (adds `increment`;
+    /// answers the new value) on one field. Answers the reply (`None` when FAIL refuses
+    /// the write) and whether a bit changed.
+    fn write(
+        value: &mut [u8],
+        field: BitFieldType,
+        overflow: BitFieldOverflow,
+        set: Option<i64>,
+        increment: i64,
+    ) -> (Option<i64>, bool) {
+        let (overflowed, new, old) = if field.signed {
+            let old = get_signed(value, field);
+            let checked = set.unwrap_or(old);
+            let (overflowed, limit) = signed_overflow(checked, increment, field.bits, overflow);
+            let new = match overflowed {
+                true => limit,
+                false => checked.wrapping_add(increment),
+            };
+            (overflowed, new as u64, old)
+        } else {
+            let old = get_unsigned(value, field);
+            let checked = set.map_or(old, |set| set as u64);
+            let (overflowed, limit) = unsigned_overflow(checked, increment, field.bits, overflow);
+            let new = match overflowed {
+                true => limit,
+                false => checked.wrapping_add(increment as u64),
+            };
+            (overflowed, new, old as i64)
+        };
+        if overflowed && overflow == BitFieldOverflow::Fail {
+            return (None, false);
+        }
+        // `new` holds a signed field's value as its two's complement, and an unsigned
+        // field (at most 63 bits wide) as it is: either reads back as the i64 answered.
+        let answer = if set.is_some() { old } else { new as i64 };
+        (Some(answer), set_bits(value, field, new))
+    }
+
+    /// The field's bits as an unsigned integer; bits past the value's end are 0.
+    pub(crate) fn get_unsigned(value: &[u8], field: BitFieldType) -> u64 {
+        let mut out = 0u64;
+        for at in field.offset..field.offset + u64::from(field.bits) {
+            let byte = usize::try_from(at / 8)
+                .ok()
+                .and_then(|i| value.get(i))
+                .copied()
+                .unwrap_or(0);
+            out = (out << 1) | u64::from((byte >> (7 - at % 8)) & 1);
+        }
+        out
+    }
+
+    /// The field's bits as a two's complement integer of `bits` bits.
+    pub(crate) fn get_signed(value: &[u8], field: BitFieldType) -> i64 {
+        let raw = get_unsigned(value, field);
+        let bits = u32::from(field.bits);
+        if bits < 64 && raw & (1 << (bits - 1)) != 0 {
+            (raw | (u64::MAX << bits)) as i64
+        } else {
+            raw as i64
+        }
+    }
+
+    /// Stores the low `bits` bits of `new` in the field (within `value`, already grown);
+    /// answers whether a bit changed.
+    fn set_bits(value: &mut [u8], field: BitFieldType, new: u64) -> bool {
+        let mut changed = false;
+        let bits = u64::from(field.bits);
+        for i in 0..bits {
+            let at = field.offset + i;
+            let bit = (new >> (bits - 1 - i)) & 1 == 1;
+            let (byte, mask) = ((at / 8) as usize, 0x80u8 >> (at % 8));
+            let old = value[byte] & mask != 0;
+            if old != bit {
+                value[byte] ^= mask;
+                changed = true;
+            }
+        }
+        changed
+    }
+
+    /// Redis's `checkUnsignedBitfieldOverflow`: whether `value + increment` leaves the
+    /// range of `bits` bits, and the value to store then (WRAP: the low bits; SAT: the
+    /// nearest end; FAIL: unused).
+    pub(crate) fn unsigned_overflow(
+        value: u64,
+        increment: i64,
+        bits: u8,
+        mode: BitFieldOverflow,
+    ) -> (bool, u64) {
+        let bits = u32::from(bits);
+        let max = u64::MAX.checked_shr(64 - bits).unwrap_or(0);
+        let max_increment = max.wrapping_sub(value) as i64;
+        let min_increment = (value as i64).wrapping_neg();
+        let wrapped = || value.wrapping_add(increment as u64) & max;
+        if value > max || (increment > 0 && increment > max_increment) {
+            return match mode {
+                BitFieldOverflow::Wrap => (true, wrapped()),
+                BitFieldOverflow::Sat => (true, max),
+                BitFieldOverflow::Fail => (true, 0),
+            };
+        }
+        if increment < 0 && increment < min_increment {
+            return match mode {
+                BitFieldOverflow::Wrap => (true, wrapped()),
+                BitFieldOverflow::Sat | BitFieldOverflow::Fail => (true, 0),
+            };
+        }
+        (false, 0)
+    }
+
+    /// Redis's `checkSignedBitfieldOverflow`, as [`unsigned_overflow`] for a two's
+    /// complement field.
+    pub(crate) fn signed_overflow(
+        value: i64,
+        increment: i64,
+        bits: u8,
+        mode: BitFieldOverflow,
+    ) -> (bool, i64) {
+        let bits = u32::from(bits);
+        let max = if bits == 64 {
+            i64::MAX
+        } else {
+            (1i64 << (bits - 1)) - 1
+        };
+        let min = -max - 1;
+        let max_increment = (max as u64).wrapping_sub(value as u64) as i64;
+        let min_increment = min.wrapping_sub(value);
+        let wrapped = || {
+            let mut sum = (value as u64).wrapping_add(increment as u64);
+            if bits < 64 {
+                let high = u64::MAX << bits;
+                if sum & (1 << (bits - 1)) != 0 {
+                    sum |= high;
+                } else {
+                    sum &= !high;
+                }
+            }
+            sum as i64
+        };
+        let narrow = bits != 64;
+        if value > max
+            || (narrow && increment > max_increment)
+            || (value >= 0 && increment > 0 && increment > max_increment)
+        {
+            return match mode {
+                BitFieldOverflow::Wrap => (true, wrapped()),
+                BitFieldOverflow::Sat => (true, max),
+                BitFieldOverflow::Fail => (true, 0),
+            };
+        }
+        if value < min
+            || (narrow && increment < min_increment)
+            || (value < 0 && increment < 0 && increment < min_increment)
+        {
+            return match mode {
+                BitFieldOverflow::Wrap => (true, wrapped()),
+                BitFieldOverflow::Sat => (true, min),
+                BitFieldOverflow::Fail => (true, 0),
+            };
+        }
+        (false, 0)
+    }
+}
+
 #[cfg(test)]
 mod tests {
+    use super::bitfield::{apply, is_valid, signed_overflow, unsigned_overflow, write_len};
     use super::byte_range;
+    use shoal_shared::frame::{BitFieldOp, BitFieldOverflow, BitFieldType};
+    use BitFieldOverflow::{Fail, Sat, Wrap};
+
+    /// A field from Redis's notation: `i8`, `u63`.
+    fn field(kind: &str, offset: u64) -> BitFieldType {
+        BitFieldType {
+            signed: kind.starts_with('i'),
+            bits: kind[1..].parse().unwrap(),
+            offset,
+        }
+    }
+
+    fn get(kind: &str, offset: u64) -> BitFieldOp {
+        BitFieldOp::Get {
+            field: field(kind, offset),
+        }
+    }
+
+    fn set(kind: &str, offset: u64, value: i64, overflow: BitFieldOverflow) -> BitFieldOp {
+        BitFieldOp::Set {
+            field: field(kind, offset),
+            value,
+            overflow,
+        }
+    }
+
+    fn incr(kind: &str, offset: u64, increment: i64, overflow: BitFieldOverflow) -> BitFieldOp {
+        BitFieldOp::IncrBy {
+            field: field(kind, offset),
+            increment,
+            overflow,
+        }
+    }
+
+    #[test]
+    fn bitfield_reads_fields_most_significant_bit_first() {
+        let mut value = vec![0b0000_0001, 0b1000_0000];
+        let (answers, changed) = apply(
+            &mut value,
+            &[
+                get("i2", 7),
+                get("u2", 7),
+                get("u8", 4),
+                get("u16", 0),
+                get("i16", 0),
+                get("u8", 12),
+                get("i64", 1000),
+            ],
+        );
+        assert_eq!(
+            answers,
+            [
+                Some(-1),
+                Some(3),
+                Some(0b0001_1000),
+                Some(384),
+                Some(384),
+                Some(0),
+                Some(0)
+            ]
+        );
+        assert!(!changed, "GETs change nothing");
+        assert_eq!(value, [1, 128], "GETs never grow the value");
+        let mut ones = vec![0xff; 8];
+        assert_eq!(apply(&mut ones, &[get("i64", 0)]).0, [Some(-1)]);
+        assert_eq!(apply(&mut ones, &[get("u63", 1)]).0, [Some(i64::MAX)]);
+    }
+
+    #[test]
+    fn bitfield_follows_the_redis_documentation() {
+        // BITFIELD mykey INCRBY i5 100 1 GET u4 0
+        let mut value = Vec::new();
+        let (answers, changed) = apply(&mut value, &[incr("i5", 100, 1, Wrap), get("u4", 0)]);
+        assert_eq!(answers, [Some(1), Some(0)]);
+        assert!(changed);
+        assert_eq!(value.len(), 14, "grown to hold bit 104, in byte 13");
+        // BITFIELD mykey incrby u2 100 1 OVERFLOW SAT incrby u2 102 1, four times.
+        let mut value = Vec::new();
+        let expected = [(1, 1), (2, 2), (3, 3), (0, 3)];
+        for (wrapped, saturated) in expected {
+            let ops = [incr("u2", 100, 1, Wrap), incr("u2", 102, 1, Sat)];
+            assert_eq!(apply(&mut value, &ops).0, [Some(wrapped), Some(saturated)]);
+        }
+        // OVERFLOW FAIL: nil, and nothing written.
+        let ops = [incr("u2", 102, 1, Fail)];
+        assert_eq!(apply(&mut value, &ops), (vec![None], false));
+    }
+
+    #[test]
+    fn bitfield_overflow_matches_redis_replies() {
+        // Replies taken from redis-server 7.0.15.
+        let mut value = Vec::new();
+        let ops = [
+            incr("u8", 0, 300, Fail),
+            get("u8", 0),
+            incr("i64", 0, i64::MAX, Wrap),
+            incr("i64", 0, i64::MAX, Wrap),
+            incr("i64", 0, i64::MAX, Sat),
+            incr("i64", 0, i64::MIN, Sat),
+            incr("i64", 0, i64::MIN, Sat),
+        ];
+        let (answers, changed) = apply(&mut value, &ops);
+        assert_eq!(
+            answers,
+            [
+                None,
+                Some(0),
+                Some(i64::MAX),
+                Some(-2),
+                Some(i64::MAX - 2),
+                Some(-3),
+                Some(i64::MIN)
+            ]
+        );
+        assert!(changed);
+        let mut value = Vec::new();
+        let ops = [
+            set("u63", 0, -1, Wrap),
+            get("u63", 0),
+            set("u63", 0, -1, Sat),
+            set("u1", 0, 5, Wrap),
+            get("u63", 0),
+        ];
+        assert_eq!(
+            apply(&mut value, &ops).0,
+            [
+                Some(0),
+                Some(i64::MAX),
+                Some(i64::MAX),
+                Some(1),
+                Some(i64::MAX)
+            ]
+        );
+        // Redis's checks wrap in 64 bits: -2^63 into an i8 counts as too large, so SAT
+        // stores 127 (and WRAP stores its low bits, 0).
+        let mut value = Vec::new();
+        let ops = [
+            set("i8", 0, i64::MIN, Wrap),
+            set("i8", 8, i64::MIN, Sat),
+            get("i8", 0),
+            get("i8", 8),
+        ];
+        assert_eq!(
+            apply(&mut value, &ops).0,
+            [Some(0), Some(0), Some(0), Some(127)]
+        );
+        // SET answers the old value; a FAIL refusal leaves the field.
+        let mut value = vec![0x7f];
+        let ops = [
+            set("i8", 0, 200, Fail),
+            set("i8", 0, -128, Fail),
+            get("i8", 0),
+        ];
+        assert_eq!(apply(&mut value, &ops).0, [None, Some(127), Some(-128)]);
+    }
+
+    #[test]
+    fn bitfield_overflow_checks() {
+        assert_eq!(unsigned_overflow(250, 10, 8, Wrap), (true, 4));
+        assert_eq!(unsigned_overflow(250, 10, 8, Sat), (true, 255));
+        assert_eq!(unsigned_overflow(5, -10, 8, Sat), (true, 0));
+        assert_eq!(unsigned_overflow(5, -10, 8, Wrap), (true, 251));
+        assert!(!unsigned_overflow(5, -5, 8, Fail).0);
+        assert!(!unsigned_overflow(0, i64::MAX, 63, Fail).0);
+        assert_eq!(signed_overflow(100, 100, 8, Wrap), (true, -56));
+        assert_eq!(signed_overflow(100, 100, 8, Sat), (true, 127));
+        assert_eq!(signed_overflow(-100, -100, 8, Sat), (true, -128));
+        assert_eq!(signed_overflow(-100, -100, 8, Wrap), (true, 56));
+        assert!(!signed_overflow(-100, 227, 8, Fail).0);
+        assert_eq!(signed_overflow(1, i64::MAX, 64, Sat), (true, i64::MAX));
+        assert_eq!(signed_overflow(-1, i64::MIN, 64, Wrap), (true, i64::MAX));
+        assert!(!signed_overflow(-1, i64::MAX, 64, Fail).0);
+    }
+
+    #[test]
+    fn bitfield_types_and_write_length() {
+        assert!(is_valid(field("i64", 0)) && is_valid(field("u63", 7)));
+        assert!(!is_valid(field("u64", 0)) && !is_valid(field("i65", 0)));
+        assert!(!is_valid(field("u0", 0)));
+        assert!(!is_valid(field("u8", u64::MAX - 3)), "past the end of u64");
+        assert_eq!(write_len(&[get("u8", 800)]), None);
+        let ops = [
+            get("u8", 800),
+            set("u8", 8, 1, Wrap),
+            incr("i4", 20, 1, Fail),
+        ];
+        assert_eq!(write_len(&ops), Some(3), "bits 20..23 are in byte 2");
+    }
 
     #[test]
     fn getrange_follows_redis() {
