@@ -84,6 +84,36 @@ pub static COMMANDS: &[CommandSpec] = &[
         "Counts the number of set bits (population counting) in a string."
     ),
     spec!(
+        "bitfield",
+        -2,
+        W,
+        1,
+        1,
+        1,
+        "bitmap",
+        "Performs arbitrary bitfield integer operations on strings."
+    ),
+    spec!(
+        "bitfield_ro",
+        -2,
+        R,
+        1,
+        1,
+        1,
+        "bitmap",
+        "Performs arbitrary read-only bitfield integer operations on strings."
+    ),
+    spec!(
+        "bitop",
+        -4,
+        W,
+        2,
+        -1,
+        1,
+        "bitmap",
+        "Performs bitwise operations on multiple strings, and stores the result."
+    ),
+    spec!(
         "bitpos",
         -3,
         R,

@@ -1,10 +1,24 @@
 //! Commands that read a string value and compute on it (GETBIT, BITCOUNT, BITPOS, LCS),
-//! and SETBIT, which changes one bit in the key's worker. The computations are pure
-//! functions of the value, with Redis 7.0's argument checks and replies, in the order
-//! Redis makes them (a missing key answers before some of the arguments are checked).
+//! SETBIT and BITFIELD, which change bits in the key's worker, and BITOP, which combines
+//! values into another key. The computations are pure functions of the values, with
+//! Redis 7.0's argument checks and replies, in the order Redis makes them (a missing key
+//! answers before some of the arguments are checked).
+//!
+//! - BITFIELD and BITFIELD_RO are parsed and checked here and sent to the key's worker
+//!   as one `BitField` request: its ops run there in one transaction (a read-modify-write
+//!   as atomic as SETBIT), with the integer arithmetic in the worker's `bitfield`
+//!   module. With GETs only, the request is a read.
+//! - BITOP reads its source keys from their workers one by one (not as one snapshot:
+//!   a write between two reads may be seen by one and not the other), computes here, and
+//!   then stores the result under the destination with one write (a SET, or a DEL when
+//!   the result is empty), as Redis does.
+
+use std::sync::Arc;
 
 use bytes::Bytes;
-use shoal_shared::frame::WorkerRequest;
+use shoal_shared::frame::{
+    BitFieldOp, BitFieldOverflow, BitFieldType, Expiry, SetCondition, SetReply, WorkerRequest,
+};
 use shoal_shared::resp::{parse_i64, Reply};
 
 use super::strings::{on_value, single};
@@ -19,7 +33,7 @@ const MAX_LCS_CELLS: u64 = 16 * 1024 * 1024;
 
 /// Runs `name` if it is a bit or LCS command; `None` otherwise. Arity is already checked.
 pub async fn dispatch(
-    shared: &Shared,
+    shared: &Arc<Shared>,
     session: &Session,
     name: &str,
     args: &[Bytes],
@@ -99,9 +113,229 @@ pub async fn dispatch(
                 lcs(&values[0], &values[1], &options)
             })
         }
+        "bitfield" | "bitfield_ro" => {
+            let ops = match bitfield_ops(&args[2..], name == "bitfield_ro") {
+                Ok(ops) => ops,
+                Err(reply) => return Some(Pending::Ready(reply)),
+            };
+            let max = shared.config.client.max_value_bytes as u64;
+            if bitfield_write_bytes(&ops).is_some_and(|bytes| bytes > max) {
+                return Some(Pending::Ready(errors::value_too_large(max as usize)));
+            }
+            single(shared, &args[1], |key| WorkerRequest::BitField {
+                collection,
+                key,
+                ops,
+            })
+            .await
+        }
+        "bitop" => match bit_op(&args[1], args.len() - 3) {
+            Ok(op) => {
+                let (shared, args) = (Arc::clone(shared), args.to_vec());
+                Pending::barrier(async move { bit_op_store(&shared, collection, op, &args).await })
+            }
+            Err(reply) => Pending::Ready(reply),
+        },
         _ => return None,
     };
     Some(pending)
+}
+
+/// The operation of BITOP.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum BitOp {
+    And,
+    Or,
+    Xor,
+    Not,
+}
+
+/// BITOP's operation from its name (any case); NOT takes exactly one source.
+fn bit_op(name: &[u8], sources: usize) -> Result<BitOp, Reply> {
+    let op = match name.to_ascii_lowercase().as_slice() {
+        b"and" => BitOp::And,
+        b"or" => BitOp::Or,
+        b"xor" => BitOp::Xor,
+        b"not" => BitOp::Not,
+        _ => return Err(errors::syntax()),
+    };
+    if op == BitOp::Not && sources != 1 {
+        return Err(Reply::error(
+            "ERR BITOP NOT must be called with a single source key.",
+        ));
+    }
+    Ok(op)
+}
+
+/// `BITOP op destkey key [key ...]`: reads the sources in order (a missing key is
+/// empty; the first that is not a string answers WRONGTYPE), stores the result under
+/// `destkey` (deletes it when the result is empty) and answers the result's length.
+async fn bit_op_store(shared: &Shared, collection: u16, op: BitOp, args: &[Bytes]) -> Reply {
+    let mut reads = Vec::with_capacity(args.len() - 3);
+    for key in &args[3..] {
+        reads.push(single(shared, key, |key| WorkerRequest::Get { collection, key }).await);
+    }
+    let mut values = Vec::with_capacity(reads.len());
+    for read in reads {
+        match read.resolve().await {
+            Reply::Bulk(value) => values.push(value),
+            Reply::Nil => values.push(Bytes::new()),
+            other => return other,
+        }
+    }
+    let result = bit_op_apply(op, &values);
+    let len = result.len() as i64;
+    let write = match result.is_empty() {
+        true => {
+            single(shared, &args[2], |key| WorkerRequest::Delete {
+                collection,
+                keys: vec![key],
+            })
+            .await
+        }
+        false => {
+            single(shared, &args[2], |key| WorkerRequest::Set {
+                collection,
+                key,
+                value: result,
+                condition: SetCondition::Always,
+                reply: SetReply::Status,
+                expiry: Expiry::Clear,
+            })
+            .await
+        }
+    };
+    match write.resolve().await {
+        Reply::Ok | Reply::Integer(_) => Reply::Integer(len),
+        other => other,
+    }
+}
+
+/// BITOP's result: as long as the longest value, a shorter value read as zero bytes
+/// past its end.
+fn bit_op_apply(op: BitOp, values: &[Bytes]) -> Vec<u8> {
+    let len = values.iter().map(Bytes::len).max().unwrap_or(0);
+    let byte = |value: &Bytes, at: usize| value.get(at).copied().unwrap_or(0);
+    (0..len)
+        .map(|at| {
+            let first = byte(&values[0], at);
+            let rest = values[1..].iter().map(|value| byte(value, at));
+            match op {
+                BitOp::Not => !first,
+                BitOp::And => rest.fold(first, |acc, b| acc & b),
+                BitOp::Or => rest.fold(first, |acc, b| acc | b),
+                BitOp::Xor => rest.fold(first, |acc, b| acc ^ b),
+            }
+        })
+        .collect()
+}
+
+/// The ops of `BITFIELD key [GET type offset] [SET type offset value] [INCRBY type
+/// offset increment] [OVERFLOW WRAP|SAT|FAIL] ...` (`args` after the key), checked in
+/// Redis's order; BITFIELD_RO (`read_only`) then refuses any SET or INCRBY.
+fn bitfield_ops(args: &[Bytes], read_only: bool) -> Result<Vec<BitFieldOp>, Reply> {
+    let mut ops = Vec::new();
+    let mut overflow = BitFieldOverflow::Wrap;
+    let mut i = 0;
+    while i < args.len() {
+        let left = args.len() - i - 1;
+        let subcommand = args[i].to_ascii_lowercase();
+        let (takes_value, operands) = match subcommand.as_slice() {
+            b"get" if left >= 2 => (false, 2),
+            b"set" | b"incrby" if left >= 3 => (true, 3),
+            b"overflow" if left >= 1 => {
+                overflow = match args[i + 1].to_ascii_lowercase().as_slice() {
+                    b"wrap" => BitFieldOverflow::Wrap,
+                    b"sat" => BitFieldOverflow::Sat,
+                    b"fail" => BitFieldOverflow::Fail,
+                    _ => return Err(Reply::error("ERR Invalid OVERFLOW type specified")),
+                };
+                i += 2;
+                continue;
+            }
+            _ => return Err(errors::syntax()),
+        };
+        let (signed, bits) = bitfield_type(&args[i + 1])?;
+        let offset = bitfield_offset(&args[i + 2], bits)?;
+        let field = BitFieldType {
+            signed,
+            bits,
+            offset,
+        };
+        ops.push(match (takes_value, subcommand.as_slice()) {
+            (false, _) => BitFieldOp::Get { field },
+            (true, name) => {
+                let number = parse_i64(&args[i + 3]).ok_or_else(errors::not_integer)?;
+                match name {
+                    b"set" => BitFieldOp::Set {
+                        field,
+                        value: number,
+                        overflow,
+                    },
+                    _ => BitFieldOp::IncrBy {
+                        field,
+                        increment: number,
+                        overflow,
+                    },
+                }
+            }
+        });
+        i += 1 + operands;
+    }
+    if read_only && ops.iter().any(BitFieldOp::is_write) {
+        return Err(Reply::error(
+            "ERR BITFIELD_RO only supports the GET subcommand",
+        ));
+    }
+    Ok(ops)
+}
+
+/// A BITFIELD type: `i1`..`i64` or `u1`..`u63` (the letter in lower case only).
+fn bitfield_type(text: &[u8]) -> Result<(bool, u8), Reply> {
+    let invalid = || {
+        Reply::error(
+            "ERR Invalid bitfield type. Use something like i16 u8. Note that u64 is not supported but i64 is.",
+        )
+    };
+    let signed = match text.first() {
+        Some(b'i') => true,
+        Some(b'u') => false,
+        _ => return Err(invalid()),
+    };
+    let widest = if signed { 64 } else { 63 };
+    match parse_i64(&text[1..]) {
+        Some(bits) if (1..=widest).contains(&bits) => Ok((signed, bits as u8)),
+        _ => Err(invalid()),
+    }
+}
+
+/// A BITFIELD offset: a bit offset, or `#n` for the `n`th field of `bits` bits (Redis
+/// multiplies in 64 bits, wrapping); in either form below the bits of `MAX_BULK_BYTES`.
+fn bitfield_offset(text: &[u8], bits: u8) -> Result<u64, Reply> {
+    let invalid = || Reply::error("ERR bit offset is not an integer or out of range");
+    let (digits, fields) = match text.strip_prefix(b"#") {
+        Some(digits) => (digits, true),
+        None => (text, false),
+    };
+    let mut offset = parse_i64(digits).ok_or_else(invalid)?;
+    if fields {
+        offset = offset.wrapping_mul(i64::from(bits));
+    }
+    if offset < 0 || (offset as u64 >> 3) >= MAX_BULK_BYTES {
+        return Err(invalid());
+    }
+    Ok(offset as u64)
+}
+
+/// The bytes the value must hold for the fields `ops` write (`None`: no op writes).
+fn bitfield_write_bytes(ops: &[BitFieldOp]) -> Option<u64> {
+    ops.iter()
+        .filter(|op| op.is_write())
+        .map(|op| {
+            let field = op.field();
+            (field.offset + u64::from(field.bits) - 1) / 8 + 1
+        })
+        .max()
 }
 
 /// A bit offset as GETBIT and SETBIT take it: 0 up to the bits of `MAX_BULK_BYTES`.
@@ -421,6 +655,102 @@ mod tests {
             Reply::Integer(-1)
         );
         assert_eq!(bit_pos(b"", true, &[]), Reply::Integer(-1));
+    }
+
+    #[test]
+    fn bitfield_arguments_are_checked_in_redis_order() {
+        let ops = |words: &[&str], read_only| bitfield_ops(&args(words), read_only);
+        let invalid_type = Reply::error(
+            "ERR Invalid bitfield type. Use something like i16 u8. Note that u64 is not supported but i64 is.",
+        );
+        let bad_offset = Reply::error("ERR bit offset is not an integer or out of range");
+        for bad in ["u64", "i65", "I8", "u0", "i", "x8", "i08", "u+8", ""] {
+            assert_eq!(
+                ops(&["GET", bad, "0"], false),
+                Err(invalid_type.clone()),
+                "{bad}"
+            );
+        }
+        for bad in ["-1", "#-1", "x", "##1", "4294967296", "#536870912"] {
+            assert_eq!(
+                ops(&["GET", "u8", bad], false),
+                Err(bad_offset.clone()),
+                "{bad}"
+            );
+        }
+        assert_eq!(ops(&["GET", "u8"], false), Err(errors::syntax()));
+        assert_eq!(ops(&["OVERFLOW"], false), Err(errors::syntax()));
+        assert_eq!(ops(&["NOPE", "u8", "0"], false), Err(errors::syntax()));
+        assert_eq!(
+            ops(&["OVERFLOW", "maybe", "GET", "u8", "0"], false),
+            Err(Reply::error("ERR Invalid OVERFLOW type specified"))
+        );
+        assert_eq!(
+            ops(&["SET", "u8", "0", "1.5"], false),
+            Err(errors::not_integer())
+        );
+        // The type is checked before the offset, and both before the value.
+        assert_eq!(ops(&["SET", "u99", "x", "y"], false), Err(invalid_type));
+        assert_eq!(ops(&["SET", "u8", "x", "y"], true), Err(bad_offset));
+        assert_eq!(
+            ops(&["GET", "u8", "0", "SET", "u8", "0", "1"], true),
+            Err(Reply::error(
+                "ERR BITFIELD_RO only supports the GET subcommand"
+            ))
+        );
+        let field = |signed, bits, offset| BitFieldType {
+            signed,
+            bits,
+            offset,
+        };
+        assert_eq!(
+            ops(
+                &[
+                    "get", "i5", "#3", "overflow", "SAT", "incrby", "u63", "7", "-2", "OVERFLOW",
+                    "fail", "set", "u2", "1", "9"
+                ],
+                false
+            ),
+            Ok(vec![
+                BitFieldOp::Get {
+                    field: field(true, 5, 15)
+                },
+                BitFieldOp::IncrBy {
+                    field: field(false, 63, 7),
+                    increment: -2,
+                    overflow: BitFieldOverflow::Sat
+                },
+                BitFieldOp::Set {
+                    field: field(false, 2, 1),
+                    value: 9,
+                    overflow: BitFieldOverflow::Fail
+                },
+            ])
+        );
+        let written = ops(&["GET", "u8", "#1000", "SET", "i16", "#2", "1"], false).unwrap();
+        assert_eq!(bitfield_write_bytes(&written), Some(6));
+        assert_eq!(ops(&[], true), Ok(Vec::new()));
+    }
+
+    #[test]
+    fn bitop_combines_values_as_long_as_the_longest() {
+        let values = [
+            Bytes::from_static(&[0x0f, 0xff]),
+            Bytes::from_static(&[0xf0]),
+        ];
+        assert_eq!(bit_op_apply(BitOp::And, &values), [0x00, 0x00]);
+        assert_eq!(bit_op_apply(BitOp::Or, &values), [0xff, 0xff]);
+        assert_eq!(bit_op_apply(BitOp::Xor, &values), [0xff, 0xff]);
+        assert_eq!(bit_op_apply(BitOp::Not, &values[..1]), [0xf0, 0x00]);
+        assert!(bit_op_apply(BitOp::Or, &[Bytes::new(), Bytes::new()]).is_empty());
+        assert_eq!(bit_op(b"xOr", 3), Ok(BitOp::Xor));
+        assert_eq!(bit_op(b"nand", 1), Err(errors::syntax()));
+        assert_eq!(
+            bit_op(b"NOT", 2),
+            Err(Reply::error(
+                "ERR BITOP NOT must be called with a single source key."
+            ))
+        );
     }
 
     #[test]
