@@ -1414,6 +1414,26 @@ pub static COMMANDS: &[CommandSpec] = &[
         "Moves a member from one set to another."
     ),
     spec!(
+        "sort",
+        -2,
+        W,
+        1,
+        1,
+        1,
+        "generic",
+        "Sorts the elements in a list, a set, or a sorted set, optionally storing the result."
+    ),
+    spec!(
+        "sort_ro",
+        -2,
+        &["readonly"],
+        1,
+        1,
+        1,
+        "generic",
+        "Returns the sorted elements of a list, a set, or a sorted set."
+    ),
+    spec!(
         "spop",
         -2,
         W,

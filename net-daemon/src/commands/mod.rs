@@ -9,7 +9,9 @@
 //! Modules:
 //! - [`backup`]: SHOAL.BACKUP, a copy of every shard with its manifest.
 //! - [`strings`]: commands on one key (strings, counters, ranges).
-//! - [`bits`]: GETBIT, SETBIT, BITCOUNT, BITPOS and LCS: computations on string values.
+//! - [`bits`]: GETBIT, SETBIT, BITCOUNT, BITPOS, BITFIELD, BITOP and LCS: computations on
+//!   string values.
+//! - [`sort`]: SORT and SORT_RO of a list, set or sorted set.
 //! - [`types`]: hashes, sets, sorted sets and lists, one key at a time.
 //! - [`collections`]: commands over several of those keys (SINTER, ZUNION, LMOVE, ...)
 //!   and the blocking pops.
@@ -34,6 +36,7 @@ pub mod pubsub;
 pub mod replicas;
 pub mod server;
 pub mod shoal;
+pub mod sort;
 pub mod strings;
 pub mod transaction;
 pub mod types;
@@ -325,6 +328,9 @@ pub async fn dispatch(
         return (pending, After::Continue);
     }
     if let Some(pending) = bits::dispatch(shared, session, spec.name, &args).await {
+        return (pending, After::Continue);
+    }
+    if let Some(pending) = sort::dispatch(shared, session, spec.name, &args).await {
         return (pending, After::Continue);
     }
     if let Some(pending) = dump::dispatch(shared, session, spec.name, &args).await {
