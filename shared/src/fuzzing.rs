@@ -636,6 +636,49 @@ pub fn frame_request_seeds() -> Vec<(&'static str, Vec<u8>)> {
             ),
         ),
         ("transactions", envelope(21, Transactions)),
+        (
+            "typed-zadd",
+            envelope(
+                22,
+                Typed {
+                    collection: 0,
+                    key: key(b"board"),
+                    op: crate::frame::TypedOp::ZAdd {
+                        flags: crate::frame::ZAddFlags {
+                            ch: true,
+                            ..Default::default()
+                        },
+                        pairs: vec![(1.5, serde_bytes::ByteBuf::from(b"alice".to_vec()))],
+                    },
+                },
+            ),
+        ),
+        (
+            "exec",
+            envelope(
+                23,
+                Exec {
+                    watched: vec![(0, key(b"{t}a"), 7)],
+                    requests: vec![
+                        Typed {
+                            collection: 0,
+                            key: key(b"{t}h"),
+                            op: crate::frame::TypedOp::HSet {
+                                pairs: vec![(
+                                    serde_bytes::ByteBuf::from(b"f".to_vec()),
+                                    serde_bytes::ByteBuf::from(b"v".to_vec()),
+                                )],
+                                if_absent: false,
+                            },
+                        },
+                        Get {
+                            collection: 0,
+                            key: key(b"{t}a"),
+                        },
+                    ],
+                },
+            ),
+        ),
     ]
 }
 

@@ -9,6 +9,9 @@
 //! also caps every sequence's size hint at the input length (each element takes at
 //! least one byte), so a `Vec` never preallocates more elements than the frame can hold.
 //!
+//! It also refuses values nested deeper than [`MAX_NESTING`], so that a hostile frame
+//! cannot exhaust the stack.
+//!
 //! Everything else is forwarded unchanged. It owns no I/O and knows no message type.
 
 use std::fmt;
@@ -255,14 +258,33 @@ impl<'de, V: Visitor<'de>> Visitor<'de> for FrugalVisitor<V> {
     }
 }
 
+/// Most values nested in one another (elements, fields, variant payloads) a message
+/// may have. Messages can nest (an EXEC carries requests; an answer holds arrays), so a
+/// hostile frame could otherwise recurse until the decoder's stack overflows.
+pub(crate) const MAX_NESTING: u32 = 64;
+
+thread_local! {
+    /// How deep the decoder of this thread is in nested values.
+    static NESTING: std::cell::Cell<u32> = const { std::cell::Cell::new(0) };
+}
+
 impl<'de, S: DeserializeSeed<'de>> DeserializeSeed<'de> for FrugalSeed<S> {
     type Value = S::Value;
 
     fn deserialize<D: Deserializer<'de>>(self, deserializer: D) -> Result<S::Value, D::Error> {
-        self.inner.deserialize(Frugal {
+        let depth = NESTING.with(|nesting| nesting.get());
+        if depth >= MAX_NESTING {
+            return Err(serde::de::Error::custom(format!(
+                "values nested more than {MAX_NESTING} deep"
+            )));
+        }
+        NESTING.with(|nesting| nesting.set(depth + 1));
+        let value = self.inner.deserialize(Frugal {
             inner: deserializer,
             input_bytes: self.input_bytes,
-        })
+        });
+        NESTING.with(|nesting| nesting.set(depth));
+        value
     }
 }
 
@@ -368,5 +390,48 @@ impl<'de, T: serde::Deserialize<'de>> DeserializeSeed<'de> for FrugalDecode<T> {
             inner: deserializer,
             input_bytes: self.input_bytes,
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use crate::frame::{decode_frame, encode_frame, Answer, ResponseEnvelope, WorkerResponse};
+
+    fn nested(depth: usize) -> ResponseEnvelope {
+        let mut answer = Answer::Integer(1);
+        for _ in 0..depth {
+            answer = Answer::Array(vec![answer]);
+        }
+        ResponseEnvelope {
+            id: 1,
+            response: WorkerResponse::Answer(answer),
+        }
+    }
+
+    #[test]
+    fn values_nested_too_deep_are_refused_before_the_stack_runs_out() {
+        let mut frame = Vec::new();
+        encode_frame(&nested(10), &mut frame).unwrap();
+        let (decoded, _) = decode_frame::<ResponseEnvelope>(&frame).unwrap().unwrap();
+        assert_eq!(decoded, nested(10));
+        // Each level is an element and a variant payload; thousands of levels would
+        // overflow the stack without the limit. The frame is made by hand (encoding so
+        // deep a value would itself overflow): the bytes one more level adds, repeated.
+        let payload = |depth| {
+            let mut frame = Vec::new();
+            encode_frame(&nested(depth), &mut frame).unwrap();
+            frame.split_off(4)
+        };
+        let (one, two) = (payload(1), payload(2));
+        let head = one.iter().zip(&two).take_while(|(a, b)| a == b).count();
+        let level = &two[head..head + (two.len() - one.len())];
+        let mut deep = one[..head].to_vec();
+        for _ in 0..100_000 {
+            deep.extend_from_slice(level);
+        }
+        deep.extend_from_slice(&one[head..]);
+        let mut frame = (deep.len() as u32).to_be_bytes().to_vec();
+        frame.extend_from_slice(&deep);
+        assert!(decode_frame::<ResponseEnvelope>(&frame).is_err());
     }
 }
