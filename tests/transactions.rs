@@ -126,28 +126,79 @@ fn watch_refuses_exec_after_any_change_of_a_watched_key() {
 }
 
 #[test]
-fn a_transaction_across_workers_is_refused_whole() {
+fn a_transaction_across_workers_commits_whole() {
     let server = Server::start("");
     let mut con = server.conn();
     let zero = server.keys_on_worker("a", 0, 1).remove(0);
     let one = server.keys_on_worker("b", 1, 1).remove(0);
     call_str(&mut con, &["MULTI"]);
     call_str(&mut con, &["SET", &zero, "1"]);
-    call_str(&mut con, &["SET", &one, "1"]);
-    let exec = call_str(&mut con, &["EXEC"]);
-    assert!(error_text(&exec).starts_with("CROSSSLOT"));
+    call_str(&mut con, &["INCR", &one]);
+    call_str(&mut con, &["RPUSH", &format!("{one}:list"), "x", "y"]);
+    call_str(&mut con, &["GET", &zero]);
     assert_eq!(
-        call_str(&mut con, &["EXISTS", &zero, &one]),
-        int(0),
-        "nothing ran"
+        call_str(&mut con, &["EXEC"]),
+        Value::Array(vec![Value::Okay, int(1), int(2), bulk("1")])
     );
-    // A command that fans out to every worker is refused the same way.
+    assert_eq!(
+        call_str(&mut con, &["MGET", &zero, &one]),
+        Value::Array(vec![bulk("1"), bulk("1")])
+    );
+    // WATCH across workers: a change of a watched key on another worker fails it.
+    let mut other = server.conn();
+    call_str(&mut con, &["WATCH", &zero]);
+    call_str(&mut other, &["SET", &zero, "changed"]);
+    call_str(&mut con, &["MULTI"]);
+    call_str(&mut con, &["INCR", &one]);
+    call_str(&mut con, &["SET", &zero, "mine"]);
+    assert_eq!(call_str(&mut con, &["EXEC"]), Value::Nil);
+    assert_eq!(
+        call_str(&mut con, &["MGET", &zero, &one]),
+        Value::Array(vec![bulk("changed"), bulk("1")])
+    );
+    // A command that fans out to every worker cannot be part of a transaction.
     call_str(&mut con, &["MULTI"]);
     call_str(&mut con, &["SET", &zero, "1"]);
     call_str(&mut con, &["DBSIZE"]);
     let exec = call_str(&mut con, &["EXEC"]);
     assert!(error_text(&exec).contains("cannot run as one"));
-    assert_eq!(call_str(&mut con, &["EXISTS", &zero]), int(0));
+    assert_eq!(call_str(&mut con, &["GET", &zero]), bulk("changed"));
+}
+
+#[test]
+fn concurrent_transactions_across_workers_are_serializable() {
+    let server = Server::start("");
+    let zero = server.keys_on_worker("a", 0, 1).remove(0);
+    let one = server.keys_on_worker("b", 1, 1).remove(0);
+    const ROUNDS: i64 = 100;
+    let mut clients = Vec::new();
+    for _ in 0..3 {
+        let client = server.client();
+        let (zero, one) = (zero.clone(), one.clone());
+        clients.push(std::thread::spawn(move || {
+            let mut con = common::connect(&client);
+            for _ in 0..ROUNDS {
+                let (a, b): (i64, i64) = redis::pipe()
+                    .atomic()
+                    .cmd("INCR")
+                    .arg(&zero)
+                    .cmd("INCR")
+                    .arg(&one)
+                    .query(&mut con)
+                    .expect("EXEC");
+                assert_eq!(a, b, "a transaction saw the other key at another point");
+            }
+        }));
+    }
+    for client in clients {
+        client.join().expect("client");
+    }
+    let mut con = server.conn();
+    let total = (3 * ROUNDS).to_string();
+    assert_eq!(
+        call_str(&mut con, &["MGET", &zero, &one]),
+        Value::Array(vec![bulk(&total), bulk(&total)])
+    );
 }
 
 #[test]
@@ -240,6 +291,64 @@ fn a_killed_worker_leaves_each_transaction_whole() {
         values[0] >= acknowledged,
         "{} transactions acknowledged, {} applied",
         acknowledged,
+        values[0]
+    );
+}
+
+#[test]
+fn a_killed_worker_leaves_each_transaction_across_workers_whole() {
+    let server = Server::start("");
+    let zero = server.keys_on_worker("a", 0, 1).remove(0);
+    let one = server.keys_on_worker("b", 1, 1).remove(0);
+    let mut con = server.conn();
+    call_str(&mut con, &["MSET", &zero, "0", &one, "0"]);
+    let client = server.client();
+    let (a, b) = (zero.clone(), one.clone());
+    let writes = std::thread::spawn(move || {
+        let mut con = common::connect(&client);
+        let mut acknowledged = 0u64;
+        let deadline = Instant::now() + Duration::from_secs(30);
+        for _ in 0..1000 {
+            if Instant::now() > deadline {
+                break;
+            }
+            let done: redis::RedisResult<Value> = redis::pipe()
+                .atomic()
+                .cmd("INCR")
+                .arg(&a)
+                .cmd("INCR")
+                .arg(&b)
+                .query(&mut con);
+            match done {
+                Ok(_) => acknowledged += 1,
+                Err(_) => {
+                    std::thread::sleep(Duration::from_millis(20));
+                    con = common::connect(&client);
+                }
+            }
+        }
+        acknowledged
+    });
+    std::thread::sleep(Duration::from_millis(500));
+    let old = server.worker_pid(1);
+    common::signal(old, libc::SIGKILL);
+    server.wait_restarted("shard-worker", 1, old, Duration::from_secs(30));
+    let acknowledged = writes.join().expect("writer");
+    // Transactions left prepared by the kill are settled by recovery within seconds.
+    let (values, _) = common::wait_until("both keys agree", Duration::from_secs(15), || {
+        let values: Vec<u64> = redis::cmd("MGET")
+            .arg(&zero)
+            .arg(&one)
+            .query(&mut con)
+            .map_err(|e| e.to_string())?;
+        match values[0] == values[1] {
+            true => Ok(values),
+            false => Err(format!("{values:?}")),
+        }
+    });
+    assert!(
+        values[0] >= acknowledged,
+        "{acknowledged} transactions acknowledged, {} applied",
         values[0]
     );
 }

@@ -24,6 +24,9 @@ pub fn worker_error(error: &WorkerError) -> Reply {
         ),
         WorkerError::TxKeyExists => Reply::error("ERR a key that must not exist exists; nothing was written"),
         WorkerError::TxNoSuchKey => Reply::error("ERR no such key"),
+        WorkerError::TxStale => Reply::error(
+            "TRYAGAIN a key changed while the transaction ran; nothing was written",
+        ),
         WorkerError::TxConflict => {
             Reply::error("TRYAGAIN the keys are locked by another multi-key write; nothing was written")
         }

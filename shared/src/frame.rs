@@ -197,12 +197,33 @@ pub enum TxAction {
         /// Refuse the whole transaction (`TxKeyExists`) if the key exists.
         if_absent: bool,
     },
+    /// Refuse the whole transaction (`TxStale`) unless the key's record was last written
+    /// by this commit (0: the key is missing); changes nothing. A transaction planned on
+    /// what it read (EXEC across workers) holds it so.
+    Expect {
+        /// The commit id the key must still have.
+        commit_id: u64,
+    },
     /// Delete the key if it exists (→ [`TxOutcome::Existed`]).
     Delete,
     /// Delete the key and return its value; refused if the key does not exist (RENAME's source).
     Take,
     /// Return the key's value without changing it; refused if missing (COPY's source).
     Read,
+}
+
+/// A key a dry run touched: the commit id it had, and the write that gives it the state
+/// the run left (`None`: unchanged).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct TxEffect {
+    /// The collection the key is in.
+    pub collection: Collection,
+    /// The key.
+    pub key: Key,
+    /// The commit id that last wrote it (0: missing).
+    pub commit_id: u64,
+    /// `Put`, `PutCollection` or `Delete`; `None` when the run left it as it was.
+    pub write: Option<TxAction>,
 }
 
 /// What one [`TxOp`] found when it was checked.
@@ -688,6 +709,13 @@ pub enum WorkerRequest {
         /// The keys.
         keys: Vec<Key>,
     },
+    /// EXEC across workers, first step: applies the requests (of this worker's keys) in
+    /// order and answers what they answer and what they would change, then undoes them
+    /// all. → `DryRun`. Changes nothing.
+    ExecDryRun {
+        /// The transaction's requests for this worker.
+        requests: Vec<WorkerRequest>,
+    },
     /// EXEC: the requests of a MULTI transaction, applied in order in one write
     /// transaction, unless a watched key's commit id changed. → `Exec`.
     Exec {
@@ -746,6 +774,7 @@ impl WorkerRequest {
                 | WorkerRequest::ExportPartition { .. }
                 | WorkerRequest::Fences
                 | WorkerRequest::CommitIds { .. }
+                | WorkerRequest::ExecDryRun { .. }
         ) && !matches!(self, WorkerRequest::Typed { op, .. } if !op.is_write())
             && !matches!(self, WorkerRequest::BitField { ops, .. }
                 if ops.iter().all(|op| !op.is_write()))
@@ -864,6 +893,7 @@ impl WorkerRequest {
             | Delete { collection, keys }
             | CommitIds { collection, keys }
             | Exists { collection, keys } => keys.iter().map(|key| (*collection, key)).collect(),
+            ExecDryRun { requests } => requests.iter().flat_map(WorkerRequest::keys).collect(),
             Exec { watched, requests } => watched
                 .iter()
                 .map(|(collection, key, _)| (*collection, key))
@@ -919,6 +949,13 @@ pub enum WorkerResponse {
     Answer(Answer),
     /// The responses of an `Exec`'s requests, or `None` when a watched key changed.
     Exec(Option<Vec<WorkerResponse>>),
+    /// An `ExecDryRun`'s answers, and what each key it touched was and would become.
+    DryRun {
+        /// The responses of the requests, in order.
+        responses: Vec<WorkerResponse>,
+        /// Each key the requests read or wrote, once.
+        effects: Vec<TxEffect>,
+    },
     /// The request failed; see [`WorkerError`].
     Error(WorkerError),
 }
@@ -951,6 +988,8 @@ pub enum WorkerError {
     TxNoSuchKey,
     /// A key of the transaction is locked by another transaction.
     TxConflict,
+    /// A key changed since the transaction read it (an `Expect` failed).
+    TxStale,
     /// The transaction was aborted.
     TxAborted,
     /// The transaction was committed.

@@ -174,7 +174,7 @@ fn per_worker(
 
 /// Orders participants so that the ones holding a source (`Take`/`Read`) come first:
 /// their outcome feeds the destination's `PutTaken`.
-fn participants(keyed: Vec<(Dest, TxOp)>) -> Vec<Participant> {
+pub(super) fn participants(keyed: Vec<(Dest, TxOp)>) -> Vec<Participant> {
     let mut participants: Vec<Participant> = Vec::new();
     for (dest, op) in keyed {
         match participants.iter_mut().find(|p| p.dest == dest) {
@@ -351,7 +351,7 @@ fn rename_failure(failure: TxFailure) -> Reply {
     }
 }
 
-fn failure_reply(failure: TxFailure) -> Reply {
+pub(super) fn failure_reply(failure: TxFailure) -> Reply {
     match failure {
         TxFailure::Refused(error) => errors::worker_error(&error),
         TxFailure::Failed(reply) => reply,

@@ -7,13 +7,19 @@
 //!   ([`Dispatch::holding`]); when all of them go to one worker, it sends them there as
 //!   one `Exec` request, which the worker applies in order in one write transaction:
 //!   the transaction is atomic and isolated, and survives a crash whole or not at all.
-//!   A transaction whose keys are on several workers, or with a command that cannot be
-//!   held (a fan-out, a blocking pop, a multi-worker write), is refused and nothing of
-//!   it runs; giving its keys one `{hash tag}` puts them on one worker (Redis Cluster
-//!   asks the same).
+//! - When its keys are on several workers (or hosts), each worker first *dry-runs* its
+//!   part (`ExecDryRun`: applied in a nested LMDB transaction and undone), answering
+//!   what each command answers and what each key was and would become. The effects
+//!   then commit through two-phase commit, each key expecting the commit id it had
+//!   when it was read; a key changed since refuses the prepare, and the transaction is
+//!   planned again (optimistic concurrency). So it is atomic across workers and hosts,
+//!   survives crashes as every two-phase commit does, and is serializable. A typed key
+//!   it changes travels whole (its snapshot), so this path costs more for big ones.
+//! - A transaction with a command that cannot be held (a fan-out such as DBSIZE, a
+//!   multi-worker write, a blocking pop) is refused and nothing of it runs.
 //! - WATCH records each key's last commit id; the worker refuses the `Exec` (EXEC
-//!   answers a null array) when one has changed. Watched keys must be on the
-//!   transaction's worker.
+//!   answers a null array) when one has changed; across workers, the watched keys are
+//!   checked before each plan and expected unchanged by the two-phase commit.
 
 use std::future::Future;
 use std::pin::Pin;
@@ -194,10 +200,10 @@ async fn exec(shared: &Arc<Shared>, session: &mut Session) -> Pending {
         });
     };
     if dests.iter().any(|other| *other != dest) {
-        return Pending::Ready(Reply::error(
-            "CROSSSLOT Keys in request don't hash to the same worker; a transaction runs on one \
-             worker: give its keys one {hash tag}",
-        ));
+        let shared = Arc::clone(shared);
+        return Pending::barrier(async move {
+            across_workers(&shared, holding.held, pendings, watched_keys).await
+        });
     }
     let (requests, responders): (Vec<_>, Vec<_>) = holding
         .held
@@ -232,4 +238,113 @@ async fn exec(shared: &Arc<Shared>, session: &mut Session) -> Pending {
             Err(error) => errors::link_error(&error),
         }
     })
+}
+
+/// How many times a transaction across workers is planned again when its keys change
+/// under it, before it gives up with `TRYAGAIN`.
+const MAX_PLANS: usize = 20;
+
+/// EXEC over several workers: dry runs, then two-phase commit of their effects.
+async fn across_workers(
+    shared: &Shared,
+    held: Vec<crate::dispatch::Held>,
+    pendings: Vec<Pending>,
+    watched: Vec<(u16, shoal_shared::frame::Key, u64)>,
+) -> Reply {
+    use shoal_shared::frame::{TxAction, TxOp};
+    let mut groups: Vec<(Dest, Vec<usize>)> = Vec::new();
+    for (index, item) in held.iter().enumerate() {
+        match groups.iter_mut().find(|(dest, _)| *dest == item.dest) {
+            Some((_, indexes)) => indexes.push(index),
+            None => groups.push((item.dest, vec![index])),
+        }
+    }
+    let (requests, responders): (Vec<_>, Vec<_>) = held
+        .into_iter()
+        .map(|item| (item.request, item.responder))
+        .unzip();
+    for attempt in 0..MAX_PLANS {
+        if attempt > 0 {
+            let jitter = shoal_shared::random_u64() % (5 * attempt as u64);
+            tokio::time::sleep(Duration::from_millis(1 + jitter)).await;
+        }
+        // A watched key that changed fails the transaction, as on one worker.
+        for (collection, key, seen) in &watched {
+            let dest = shared.dispatch.of_partition(key.partition);
+            let request = WorkerRequest::CommitIds {
+                collection: *collection,
+                keys: vec![key.clone()],
+            };
+            match shared.dispatch.ask_dest(dest, request).await {
+                Ok(WorkerResponse::Positions(ids))
+                    if ids.first().map(|(_, id)| *id) == Some(*seen) => {}
+                Ok(WorkerResponse::Positions(_)) => return Reply::NilArray,
+                Ok(_) => return Reply::error("ERR internal error: unexpected response to WATCH"),
+                Err(reply) => return reply,
+            }
+        }
+        let mut responses: Vec<Option<WorkerResponse>> = vec![None; requests.len()];
+        let mut ops: Vec<(Dest, TxOp)> = Vec::new();
+        for (dest, indexes) in &groups {
+            let request = WorkerRequest::ExecDryRun {
+                requests: indexes.iter().map(|&i| requests[i].clone()).collect(),
+            };
+            match shared.dispatch.ask_dest(*dest, request).await {
+                Ok(WorkerResponse::DryRun {
+                    responses: answered,
+                    effects,
+                }) => {
+                    for (&index, response) in indexes.iter().zip(answered) {
+                        responses[index] = Some(response);
+                    }
+                    for effect in effects {
+                        let expect = TxAction::Expect {
+                            commit_id: effect.commit_id,
+                        };
+                        let op = |action| TxOp {
+                            collection: effect.collection,
+                            key: effect.key.clone(),
+                            action,
+                        };
+                        ops.push((*dest, op(expect)));
+                        if let Some(write) = effect.write.clone() {
+                            ops.push((*dest, op(write)));
+                        }
+                    }
+                }
+                Ok(other) => return super::response_reply(other),
+                Err(reply) => return reply,
+            }
+        }
+        for (collection, key, seen) in &watched {
+            let dest = shared.dispatch.of_partition(key.partition);
+            let expect = TxOp {
+                collection: *collection,
+                key: key.clone(),
+                action: TxAction::Expect { commit_id: *seen },
+            };
+            ops.push((dest, expect));
+        }
+        let participants = super::multi::participants(ops);
+        match crate::txn::run(&shared.dispatch, &shared.txids, participants).await {
+            Ok(_) => {
+                for (responder, response) in responders.into_iter().zip(responses) {
+                    let response = response.unwrap_or(WorkerResponse::Error(
+                        shoal_shared::frame::WorkerError::Storage(
+                            "no answer from a dry run".into(),
+                        ),
+                    ));
+                    let _ = responder.send(Ok(response));
+                }
+                let mut replies = Vec::with_capacity(pendings.len());
+                for pending in pendings {
+                    replies.push(pending.resolve().await);
+                }
+                return Reply::Array(replies);
+            }
+            Err(crate::txn::TxFailure::Refused(shoal_shared::frame::WorkerError::TxStale)) => {}
+            Err(failure) => return super::multi::failure_reply(failure),
+        }
+    }
+    Reply::error("TRYAGAIN the transaction's keys kept changing while it ran; nothing was written")
 }

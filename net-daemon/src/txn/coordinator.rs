@@ -223,7 +223,9 @@ impl<D: Address, E: Debug> Coordinator<D, E> {
                 let result = match answer {
                     Ok(WorkerResponse::TxOutcomes(outcomes)) => Ok(vec![outcomes]),
                     Ok(WorkerResponse::Error(
-                        error @ (WorkerError::TxKeyExists | WorkerError::TxNoSuchKey),
+                        error @ (WorkerError::TxKeyExists
+                        | WorkerError::TxNoSuchKey
+                        | WorkerError::TxStale),
                     )) => Err(Failure::Refused(error)),
                     Ok(WorkerResponse::Error(error)) => Err(Failure::Worker(error)),
                     Ok(_) => Err(Failure::UnexpectedAtomicResponse),
@@ -248,7 +250,9 @@ impl<D: Address, E: Debug> Coordinator<D, E> {
                     self.abort_prepared(AfterAbort::Retry, now)
                 }
                 Ok(WorkerResponse::Error(
-                    error @ (WorkerError::TxKeyExists | WorkerError::TxNoSuchKey),
+                    error @ (WorkerError::TxKeyExists
+                    | WorkerError::TxNoSuchKey
+                    | WorkerError::TxStale),
                 )) => self.abort_prepared(AfterAbort::Fail(Failure::Refused(error)), now),
                 Ok(WorkerResponse::Error(error)) => {
                     self.abort_prepared(AfterAbort::Fail(Failure::Worker(error)), now)

@@ -126,6 +126,7 @@ pub struct Store {
 
 /// State of one write transaction: partition counters advanced in it, and the
 /// in-memory changes to make once it commits.
+#[derive(Clone)]
 pub(crate) struct Batch {
     partitions: HashMap<Partition, PartitionMeta>,
     now_ms: u64,
@@ -662,6 +663,9 @@ impl Store {
             WorkerRequest::Exec { watched, requests } => {
                 return self.exec(txn, batch, watched, requests);
             }
+            WorkerRequest::ExecDryRun { requests } => {
+                return self.exec_dry_run(txn, batch, requests);
+            }
             _ => self.keyed(txn, batch, request),
         };
         match result {
@@ -676,22 +680,133 @@ impl Store {
 
     /// The commit id that last wrote each key (0: missing or expired), for WATCH.
     fn commit_ids(&self, txn: &RwTxn, collection: Collection, keys: &[Key]) -> OpResult {
-        let db = self.db(collection)?;
+        let now_ms = self.clock.now_ms();
         let mut ids = Vec::with_capacity(keys.len());
         for key in keys {
-            let commit_id = match db.get(txn, &layout::data_key(key.partition, &key.bytes))? {
+            ids.push((
+                key.partition,
+                self.commit_id_of(txn, collection, key, now_ms)?,
+            ));
+        }
+        Ok(WorkerResponse::Positions(ids))
+    }
+
+    /// The commit id that last wrote `key` (0: missing or expired at `now_ms`).
+    pub(crate) fn commit_id_of(
+        &self,
+        txn: &RwTxn,
+        collection: Collection,
+        key: &Key,
+        now_ms: u64,
+    ) -> Result<u64, OpError> {
+        let db = self.db(collection)?;
+        Ok(
+            match db.get(txn, &layout::data_key(key.partition, &key.bytes))? {
                 Some(raw) => {
                     let stored = layout::decode_value(raw)?;
                     match stored.expires_at_ms {
-                        Some(at) if at <= self.clock.now_ms() => 0,
+                        Some(at) if at <= now_ms => 0,
                         _ => stored.commit_id,
                     }
                 }
                 None => 0,
-            };
-            ids.push((key.partition, commit_id));
+            },
+        )
+    }
+
+    /// EXEC across workers, first step: runs `requests` in a nested transaction, notes
+    /// what each key they touch was and became, and aborts it (the batch's state too):
+    /// nothing changes. The coordinator then commits the effects through two-phase
+    /// commit, each expecting its key unchanged since.
+    fn exec_dry_run(
+        &self,
+        txn: &mut RwTxn,
+        batch: &mut Batch,
+        requests: &[WorkerRequest],
+    ) -> heed::Result<WorkerResponse> {
+        let mut keys: Vec<(Collection, Key)> = Vec::new();
+        for (collection, key) in requests.iter().flat_map(WorkerRequest::keys) {
+            if !keys.iter().any(|(c, k)| *c == collection && k == key) {
+                keys.push((collection, key.clone()));
+            }
         }
-        Ok(WorkerResponse::Positions(ids))
+        let refused = |error: OpError| match error {
+            OpError::Lmdb(error) => Err(error),
+            OpError::Corrupt(error) => Ok(WorkerError::Storage(error.to_string())),
+            OpError::Refused(error) => Ok(error),
+        };
+        let mut before = Vec::with_capacity(keys.len());
+        for (collection, key) in &keys {
+            match self.commit_id_of(txn, *collection, key, batch.now_ms) {
+                Ok(id) => before.push(id),
+                Err(error) => return refused(error).map(WorkerResponse::Error),
+            }
+        }
+        let saved = batch.clone();
+        let mut child = self.env.nested_write_txn(txn)?;
+        let mut responses = Vec::with_capacity(requests.len());
+        for request in requests {
+            responses.push(match request {
+                WorkerRequest::Exec { .. } | WorkerRequest::ExecDryRun { .. } => {
+                    WorkerResponse::Error(WorkerError::Storage("EXEC inside EXEC".into()))
+                }
+                request => self.apply_one(&mut child, batch, request)?,
+            });
+        }
+        let mut effects = Vec::with_capacity(keys.len());
+        for ((collection, key), commit_id) in keys.into_iter().zip(before) {
+            let effect = self
+                .commit_id_of(&child, collection, &key, batch.now_ms)
+                .and_then(|after| match after == commit_id {
+                    true => Ok(None),
+                    false => self
+                        .final_write(&child, collection, &key, batch.now_ms)
+                        .map(Some),
+                });
+            match effect {
+                Ok(write) => effects.push(shoal_shared::frame::TxEffect {
+                    collection,
+                    key,
+                    commit_id,
+                    write,
+                }),
+                Err(error) => {
+                    child.abort();
+                    *batch = saved;
+                    return refused(error).map(WorkerResponse::Error);
+                }
+            }
+        }
+        child.abort();
+        *batch = saved;
+        Ok(WorkerResponse::DryRun { responses, effects })
+    }
+
+    /// The write that gives `key` the state it has in `txn`.
+    fn final_write(
+        &self,
+        txn: &RwTxn,
+        collection: Collection,
+        key: &Key,
+        now_ms: u64,
+    ) -> Result<shoal_shared::frame::TxAction, OpError> {
+        use shoal_shared::frame::TxAction;
+        let current = self.current(txn, self.db(collection)?, key, now_ms)?;
+        Ok(match current.live {
+            None => TxAction::Delete,
+            Some(live) => match &live.typed {
+                Some(meta) => TxAction::PutCollection {
+                    snapshot: self.snapshot(txn, key, meta)?,
+                    expires_at_ms: live.expires_at_ms,
+                    if_absent: false,
+                },
+                None => TxAction::Put {
+                    value: live.value,
+                    expires_at_ms: live.expires_at_ms,
+                    if_absent: false,
+                },
+            },
+        })
     }
 
     /// EXEC: refused as a whole (`Exec(None)`) when a watched key's commit id changed;

@@ -50,6 +50,7 @@ pub(crate) struct Locks {
 
 /// A change to the locks, made once the transaction that records it commits: `txid`
 /// locks exactly `keys` from then on (none: it holds no lock).
+#[derive(Clone)]
 pub(crate) struct LockChange {
     txid: u64,
     keys: Vec<LockKey>,
@@ -317,6 +318,12 @@ impl Store {
                 | TxAction::PutTaken { .. }
                 | TxAction::PutCollection { .. } => TxOutcome::Done,
                 TxAction::Delete => TxOutcome::Existed(current.live.is_some()),
+                TxAction::Expect { commit_id } => {
+                    if self.commit_id_of(txn, op.collection, &op.key, now_ms)? != *commit_id {
+                        return Err(OpError::Refused(WorkerError::TxStale));
+                    }
+                    TxOutcome::Done
+                }
                 TxAction::Take | TxAction::Read => match current.live {
                     Some(live) => {
                         taken = true;
@@ -349,7 +356,7 @@ impl Store {
                 (action, _) => action.clone(),
             };
             let outcome = match &action {
-                TxAction::PutTaken { .. } => TxOutcome::Done,
+                TxAction::PutTaken { .. } | TxAction::Expect { .. } => TxOutcome::Done,
                 TxAction::Put {
                     value,
                     expires_at_ms,
