@@ -7,8 +7,9 @@
 //! - The algebra reads each source key from its owner and computes here; a STORE form
 //!   then replaces the destination in one write. The sources are read one by one, not
 //!   as one snapshot.
-//! - A move is one atomic request when both keys are on one worker; keys on different
-//!   workers are refused with `CROSSSLOT` (give them one `{hash tag}`).
+//! - A move is one atomic request when both keys are on one worker; across workers (or
+//!   hosts) it is a dry run at each and one two-phase commit of both, like an EXEC
+//!   across workers (see `transaction`).
 //! - A blocking pop tries its keys in order and, while all are empty, tries again every
 //!   few milliseconds until its timeout; so it works whichever worker or host owns each
 //!   key.
@@ -19,7 +20,7 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use serde_bytes::ByteBuf;
-use shoal_shared::frame::{TypedOp, WorkerRequest};
+use shoal_shared::frame::{Answer, TypedOp, WorkerRequest};
 use shoal_shared::layout::typed::{score_bytes, Kind};
 use shoal_shared::resp::{parse_i64, Reply};
 
@@ -283,43 +284,166 @@ fn card_limit(rest: &[Bytes]) -> Result<usize, Reply> {
     }
 }
 
-/// The reply when two keys of one atomic command are on different workers.
-fn cross_worker() -> Reply {
-    Reply::error(
-        "CROSSSLOT Keys in request don't hash to the same worker; give them one {hash tag}",
-    )
-}
-
-/// Sends a two-key op to the first key's worker, if the second is on the same worker.
+/// A move between two keys (SMOVE, LMOVE): one atomic request when both are on one
+/// worker; across workers, a dry run at each and a two-phase commit of both
+/// ([`move_across`]).
 async fn two_keys(
-    shared: &Shared,
+    shared: &Arc<Shared>,
     session: &Session,
     first: &Bytes,
     second: &Bytes,
-    make: impl FnOnce(shoal_shared::frame::Key) -> TypedOp,
+    moving: Move,
 ) -> Pending {
     let (first_dest, second_dest, to) =
         match (shared.dispatch.route(first), shared.dispatch.route(second)) {
             (Ok((a, _)), Ok((b, to))) => (a, b, to),
             (Err(reply), _) | (_, Err(reply)) => return Pending::Ready(reply),
         };
-    if first_dest != second_dest {
-        return Pending::Ready(cross_worker());
+    if first_dest == second_dest {
+        let op = match moving {
+            Move::Member(member) => TypedOp::SMove { to, member },
+            Move::End { from_left, to_left } => TypedOp::LMove {
+                to,
+                from_left,
+                to_left,
+            },
+        };
+        return run(shared, session, first, op, Shape::Plain).await;
     }
-    run(shared, session, first, make(to), Shape::Plain).await
+    let shared = Arc::clone(shared);
+    let collection = session.collection;
+    let (first, second) = (first.clone(), second.clone());
+    Pending::barrier(async move { move_across(&shared, collection, &first, &second, moving).await })
 }
 
-async fn smove(shared: &Shared, session: &Session, args: &[Bytes]) -> Pending {
+/// What a move takes from its source.
+#[derive(Clone)]
+enum Move {
+    /// SMOVE: this member.
+    Member(ByteBuf),
+    /// LMOVE: an end of the list, pushed at an end of the destination.
+    End { from_left: bool, to_left: bool },
+}
+
+/// A move between keys of two workers: the source's part is dry-run first (it says what
+/// moves), then the destination's, and both commit through two-phase commit, planned
+/// again while a key changes under it.
+async fn move_across(
+    shared: &Shared,
+    collection: u16,
+    source: &Bytes,
+    destination: &Bytes,
+    moving: Move,
+) -> Reply {
+    use super::transaction::{backoff, commit, dry_run, kept_changing, MAX_PLANS};
+    let typed = |key: &Bytes, op| {
+        let (dest, key) = shared.dispatch.route(key)?;
+        Ok::<_, Reply>((
+            dest,
+            WorkerRequest::Typed {
+                collection,
+                key,
+                op,
+            },
+        ))
+    };
+    for attempt in 0..MAX_PLANS {
+        backoff(attempt).await;
+        let take = match &moving {
+            Move::Member(member) => TypedOp::SRem {
+                members: vec![member.clone()],
+            },
+            Move::End { from_left, .. } => TypedOp::Pop {
+                left: *from_left,
+                count: None,
+            },
+        };
+        let (source_dest, request) = match typed(source, take) {
+            Ok(routed) => routed,
+            Err(reply) => return reply,
+        };
+        let taken = match dry_run(shared, source_dest, vec![request]).await {
+            Ok(run) => run,
+            Err(reply) => return reply,
+        };
+        let answer = match taken.responses.into_iter().next() {
+            Some(shoal_shared::frame::WorkerResponse::Answer(answer)) => answer,
+            Some(other) => return super::response_reply(other),
+            None => return Reply::error("ERR internal error: no answer from a dry run"),
+        };
+        let put = match (&moving, answer) {
+            (Move::Member(member), Answer::Integer(1)) => TypedOp::SAdd {
+                members: vec![member.clone()],
+            },
+            // Not there: SMOVE answers 0 once the destination's type is checked too.
+            (Move::Member(_), Answer::Integer(_)) => {
+                return match type_of(shared, collection, destination).await {
+                    Ok(kind) if kind == "set" || kind == "none" => Reply::Integer(0),
+                    Ok(_) if exists(shared, collection, source).await => errors::wrong_type(),
+                    Ok(_) => Reply::Integer(0),
+                    Err(reply) => reply,
+                }
+            }
+            (Move::End { to_left, .. }, Answer::Bulk(value)) => TypedOp::Push {
+                left: *to_left,
+                values: vec![value],
+                if_exists: false,
+            },
+            (Move::End { .. }, _) => return Reply::Nil,
+            (_, other) => return super::types::answer_reply(other),
+        };
+        let moved = match &put {
+            TypedOp::Push { values, .. } => Reply::Bulk(values[0].to_vec().into()),
+            _ => Reply::Integer(1),
+        };
+        let (destination_dest, request) = match typed(destination, put) {
+            Ok(routed) => routed,
+            Err(reply) => return reply,
+        };
+        let placed = match dry_run(shared, destination_dest, vec![request]).await {
+            Ok(run) => run,
+            Err(reply) => return reply,
+        };
+        if let Some(shoal_shared::frame::WorkerResponse::Error(error)) = placed.responses.first() {
+            return errors::worker_error(error);
+        }
+        let ops = taken.ops.into_iter().chain(placed.ops).collect();
+        match commit(shared, ops).await {
+            Ok(true) => return moved,
+            Ok(false) => {}
+            Err(reply) => return reply,
+        }
+    }
+    kept_changing()
+}
+
+/// TYPE of a key, as its status text.
+async fn type_of(shared: &Shared, collection: u16, key: &Bytes) -> Result<String, Reply> {
+    let session = session_for(collection);
+    match run(shared, &session, key, TypedOp::Type, Shape::Plain)
+        .await
+        .resolve()
+        .await
+    {
+        Reply::Simple(kind) => Ok(kind),
+        other => Err(other),
+    }
+}
+
+/// Whether a key exists.
+async fn exists(shared: &Shared, collection: u16, key: &Bytes) -> bool {
+    type_of(shared, collection, key)
+        .await
+        .is_ok_and(|kind| kind != "none")
+}
+
+async fn smove(shared: &Arc<Shared>, session: &Session, args: &[Bytes]) -> Pending {
     let member = ByteBuf::from(args[3].to_vec());
-    two_keys(shared, session, &args[1], &args[2], |to| TypedOp::SMove {
-        to,
-        member,
-    })
-    .await
+    two_keys(shared, session, &args[1], &args[2], Move::Member(member)).await
 }
 
 /// `LMOVE source destination LEFT|RIGHT LEFT|RIGHT`, `RPOPLPUSH source destination`.
-async fn lmove(shared: &Shared, session: &Session, name: &str, args: &[Bytes]) -> Pending {
+async fn lmove(shared: &Arc<Shared>, session: &Session, name: &str, args: &[Bytes]) -> Pending {
     let (from_left, to_left) = match name {
         "rpoplpush" => (false, true),
         _ => match (side(&args[3]), side(&args[4])) {
@@ -327,11 +451,13 @@ async fn lmove(shared: &Shared, session: &Session, name: &str, args: &[Bytes]) -
             _ => return Pending::Ready(errors::syntax()),
         },
     };
-    two_keys(shared, session, &args[1], &args[2], |to| TypedOp::LMove {
-        to,
-        from_left,
-        to_left,
-    })
+    two_keys(
+        shared,
+        session,
+        &args[1],
+        &args[2],
+        Move::End { from_left, to_left },
+    )
     .await
 }
 
@@ -717,13 +843,11 @@ fn blocking(shared: Arc<Shared>, collection: u16, name: &str, args: Vec<Bytes>) 
             let found = match &attempt {
                 Attempt::Pop(pop) => pop.attempt(&shared, collection).await,
                 Attempt::Move { from_left, to_left } => {
-                    let (from_left, to_left) = (*from_left, *to_left);
-                    let moved =
-                        two_keys(&shared, &session, &args[1], &args[2], |to| TypedOp::LMove {
-                            to,
-                            from_left,
-                            to_left,
-                        })
+                    let moving = Move::End {
+                        from_left: *from_left,
+                        to_left: *to_left,
+                    };
+                    let moved = two_keys(&shared, &session, &args[1], &args[2], moving)
                         .await
                         .resolve()
                         .await;

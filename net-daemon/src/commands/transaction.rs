@@ -27,7 +27,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
-use shoal_shared::frame::{WorkerRequest, WorkerResponse};
+use shoal_shared::frame::{TxAction, TxOp, WorkerError, WorkerRequest, WorkerResponse};
 use shoal_shared::resp::Reply;
 
 use super::{After, Pending, Session};
@@ -242,7 +242,73 @@ async fn exec(shared: &Arc<Shared>, session: &mut Session) -> Pending {
 
 /// How many times a transaction across workers is planned again when its keys change
 /// under it, before it gives up with `TRYAGAIN`.
-const MAX_PLANS: usize = 20;
+pub const MAX_PLANS: usize = 20;
+
+/// The reply when a transaction across workers was planned [`MAX_PLANS`] times in vain.
+pub fn kept_changing() -> Reply {
+    Reply::error("TRYAGAIN the transaction's keys kept changing while it ran; nothing was written")
+}
+
+/// Waits a little before planning again (attempt 1 and later), with jitter.
+pub async fn backoff(attempt: usize) {
+    if attempt > 0 {
+        let jitter = shoal_shared::random_u64() % (5 * attempt as u64);
+        tokio::time::sleep(Duration::from_millis(1 + jitter)).await;
+    }
+}
+
+/// What a dry run answered, and the ops that commit what it did.
+pub struct DryRun {
+    pub responses: Vec<WorkerResponse>,
+    pub ops: Vec<(Dest, TxOp)>,
+}
+
+/// Dry-runs `requests` at `dest` (`ExecDryRun`): their answers, and for each key they
+/// touched an `Expect` of its commit id and the write of its new state.
+pub async fn dry_run(
+    shared: &Shared,
+    dest: Dest,
+    requests: Vec<WorkerRequest>,
+) -> Result<DryRun, Reply> {
+    match shared
+        .dispatch
+        .ask_dest(dest, WorkerRequest::ExecDryRun { requests })
+        .await?
+    {
+        WorkerResponse::DryRun { responses, effects } => {
+            let mut ops = Vec::with_capacity(2 * effects.len());
+            for effect in effects {
+                let op = |action| TxOp {
+                    collection: effect.collection,
+                    key: effect.key.clone(),
+                    action,
+                };
+                ops.push((
+                    dest,
+                    op(TxAction::Expect {
+                        commit_id: effect.commit_id,
+                    }),
+                ));
+                if let Some(write) = effect.write.clone() {
+                    ops.push((dest, op(write)));
+                }
+            }
+            Ok(DryRun { responses, ops })
+        }
+        other => Err(super::response_reply(other)),
+    }
+}
+
+/// Commits dry runs' ops through two-phase commit: `Ok(true)` when committed,
+/// `Ok(false)` when a key changed since its dry run (plan again).
+pub async fn commit(shared: &Shared, ops: Vec<(Dest, TxOp)>) -> Result<bool, Reply> {
+    let participants = super::multi::participants(ops);
+    match crate::txn::run(&shared.dispatch, &shared.txids, participants).await {
+        Ok(_) => Ok(true),
+        Err(crate::txn::TxFailure::Refused(WorkerError::TxStale)) => Ok(false),
+        Err(failure) => Err(super::multi::failure_reply(failure)),
+    }
+}
 
 /// EXEC over several workers: dry runs, then two-phase commit of their effects.
 async fn across_workers(
@@ -251,7 +317,6 @@ async fn across_workers(
     pendings: Vec<Pending>,
     watched: Vec<(u16, shoal_shared::frame::Key, u64)>,
 ) -> Reply {
-    use shoal_shared::frame::{TxAction, TxOp};
     let mut groups: Vec<(Dest, Vec<usize>)> = Vec::new();
     for (index, item) in held.iter().enumerate() {
         match groups.iter_mut().find(|(dest, _)| *dest == item.dest) {
@@ -264,10 +329,7 @@ async fn across_workers(
         .map(|item| (item.request, item.responder))
         .unzip();
     for attempt in 0..MAX_PLANS {
-        if attempt > 0 {
-            let jitter = shoal_shared::random_u64() % (5 * attempt as u64);
-            tokio::time::sleep(Duration::from_millis(1 + jitter)).await;
-        }
+        backoff(attempt).await;
         // A watched key that changed fails the transaction, as on one worker.
         for (collection, key, seen) in &watched {
             let dest = shared.dispatch.of_partition(key.partition);
@@ -286,35 +348,15 @@ async fn across_workers(
         let mut responses: Vec<Option<WorkerResponse>> = vec![None; requests.len()];
         let mut ops: Vec<(Dest, TxOp)> = Vec::new();
         for (dest, indexes) in &groups {
-            let request = WorkerRequest::ExecDryRun {
-                requests: indexes.iter().map(|&i| requests[i].clone()).collect(),
-            };
-            match shared.dispatch.ask_dest(*dest, request).await {
-                Ok(WorkerResponse::DryRun {
-                    responses: answered,
-                    effects,
-                }) => {
-                    for (&index, response) in indexes.iter().zip(answered) {
-                        responses[index] = Some(response);
-                    }
-                    for effect in effects {
-                        let expect = TxAction::Expect {
-                            commit_id: effect.commit_id,
-                        };
-                        let op = |action| TxOp {
-                            collection: effect.collection,
-                            key: effect.key.clone(),
-                            action,
-                        };
-                        ops.push((*dest, op(expect)));
-                        if let Some(write) = effect.write.clone() {
-                            ops.push((*dest, op(write)));
-                        }
-                    }
-                }
-                Ok(other) => return super::response_reply(other),
+            let part = indexes.iter().map(|&i| requests[i].clone()).collect();
+            let run = match dry_run(shared, *dest, part).await {
+                Ok(run) => run,
                 Err(reply) => return reply,
+            };
+            for (&index, response) in indexes.iter().zip(run.responses) {
+                responses[index] = Some(response);
             }
+            ops.extend(run.ops);
         }
         for (collection, key, seen) in &watched {
             let dest = shared.dispatch.of_partition(key.partition);
@@ -325,15 +367,12 @@ async fn across_workers(
             };
             ops.push((dest, expect));
         }
-        let participants = super::multi::participants(ops);
-        match crate::txn::run(&shared.dispatch, &shared.txids, participants).await {
-            Ok(_) => {
+        match commit(shared, ops).await {
+            Ok(true) => {
                 for (responder, response) in responders.into_iter().zip(responses) {
-                    let response = response.unwrap_or(WorkerResponse::Error(
-                        shoal_shared::frame::WorkerError::Storage(
-                            "no answer from a dry run".into(),
-                        ),
-                    ));
+                    let response = response.unwrap_or(WorkerResponse::Error(WorkerError::Storage(
+                        "no answer from a dry run".into(),
+                    )));
                     let _ = responder.send(Ok(response));
                 }
                 let mut replies = Vec::with_capacity(pendings.len());
@@ -342,9 +381,9 @@ async fn across_workers(
                 }
                 return Reply::Array(replies);
             }
-            Err(crate::txn::TxFailure::Refused(shoal_shared::frame::WorkerError::TxStale)) => {}
-            Err(failure) => return super::multi::failure_reply(failure),
+            Ok(false) => {}
+            Err(reply) => return reply,
         }
     }
-    Reply::error("TRYAGAIN the transaction's keys kept changing while it ran; nothing was written")
+    kept_changing()
 }
