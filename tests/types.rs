@@ -222,3 +222,88 @@ fn typed_keys_survive_a_restart() {
         Value::Array(vec![bulk("q"), bulk("p")])
     );
 }
+
+#[test]
+fn moves_across_workers_neither_lose_nor_duplicate_elements() {
+    let server = Server::start("");
+    let a = server.keys_on_worker("list-a", 0, 1).remove(0);
+    let b = server.keys_on_worker("list-b", 1, 1).remove(0);
+    let sa = server.keys_on_worker("set-a", 0, 1).remove(0);
+    let sb = server.keys_on_worker("set-b", 1, 1).remove(0);
+    let mut con = server.conn();
+    let elements: Vec<String> = (0..100).map(|i| format!("e{i}")).collect();
+    let _: i64 = redis::cmd("RPUSH")
+        .arg(&a)
+        .arg(&elements)
+        .query(&mut con)
+        .expect("RPUSH");
+    let _: i64 = redis::cmd("SADD")
+        .arg(&sa)
+        .arg(&elements)
+        .query(&mut con)
+        .expect("SADD");
+    let mut movers = Vec::new();
+    for mover in 0..3 {
+        let client = server.client();
+        let (a, b, sa, sb) = (a.clone(), b.clone(), sa.clone(), sb.clone());
+        movers.push(std::thread::spawn(move || {
+            let mut con = common::connect(&client);
+            for round in 0..100 {
+                let (from, to, set_from, set_to) = match (round + mover) % 2 {
+                    0 => (&a, &b, &sa, &sb),
+                    _ => (&b, &a, &sb, &sa),
+                };
+                let _: Value = redis::cmd("LMOVE")
+                    .arg(from)
+                    .arg(to)
+                    .arg("LEFT")
+                    .arg("RIGHT")
+                    .query(&mut con)
+                    .expect("LMOVE");
+                let member = format!("e{}", (round * 7 + mover) % 100);
+                let _: i64 = redis::cmd("SMOVE")
+                    .arg(set_from)
+                    .arg(set_to)
+                    .arg(&member)
+                    .query(&mut con)
+                    .expect("SMOVE");
+            }
+        }));
+    }
+    for mover in movers {
+        mover.join().expect("mover");
+    }
+    let mut listed: Vec<String> = redis::cmd("LRANGE")
+        .arg(&a)
+        .arg(0)
+        .arg(-1)
+        .query(&mut con)
+        .expect("LRANGE");
+    let other: Vec<String> = redis::cmd("LRANGE")
+        .arg(&b)
+        .arg(0)
+        .arg(-1)
+        .query(&mut con)
+        .expect("LRANGE");
+    listed.extend(other);
+    listed.sort();
+    let mut expected = elements.clone();
+    expected.sort();
+    assert_eq!(
+        listed, expected,
+        "the lists hold every element exactly once"
+    );
+    let mut members: Vec<String> = redis::cmd("SMEMBERS")
+        .arg(&sa)
+        .query(&mut con)
+        .expect("SMEMBERS");
+    let other: Vec<String> = redis::cmd("SMEMBERS")
+        .arg(&sb)
+        .query(&mut con)
+        .expect("SMEMBERS");
+    let overlap = members.iter().filter(|m| other.contains(m)).count();
+    assert_eq!(overlap, 0, "no member is in both sets");
+    members.extend(other);
+    members.sort();
+    assert_eq!(members, expected, "the sets hold every member once");
+}
