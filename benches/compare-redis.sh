@@ -9,13 +9,20 @@
 #   redis         redis-server --save '' --appendonly no
 #   redis-always  redis-server --appendonly yes --appendfsync always
 #
+# Tests: redis-benchmark's own SET, GET, INCR, MSET and, on the collection types, HSET
+# (myhash, random fields), LPUSH and LPOP (mylist: LPOP pops what LPUSH pushed in the
+# same run), SADD (myset, random members) and ZADD (myzset, random members and scores);
+# then a custom command, `ZRANGE bench:zrange 0 <ZRANGE_MEMBERS - 1>`, on a sorted set
+# that the script fills with ZRANGE_MEMBERS members on every target before the runs.
+#
 # Usage: benches/compare-redis.sh            (defaults below)
 #        N=20000 REPEATS=1 benches/compare-redis.sh   (a quick look)
 # Environment:
 #   N          requests per redis-benchmark run         (default 100000)
 #   REPEATS    runs per target, test and pipeline depth (default 3)
 #   CLIENTS    parallel connections                     (default 50)
-#   TESTS      redis-benchmark -t list                  (default set,get,incr,mset)
+#   TESTS      redis-benchmark -t list  (default set,get,incr,mset,hset,lpush,lpop,sadd,zadd)
+#   ZRANGE_MEMBERS  members of bench:zrange, all read by each ZRANGE; 0 skips it (default 100)
 #   PIPELINES  pipeline depths                          (default "1 16")
 #   KEYSPACE   redis-benchmark -r                       (default 100000)
 #   OUT        where to keep the raw CSV                (default: a temp file, printed)
@@ -27,7 +34,8 @@ set -euo pipefail
 N=${N:-100000}
 REPEATS=${REPEATS:-3}
 CLIENTS=${CLIENTS:-50}
-TESTS=${TESTS:-set,get,incr,mset}
+TESTS=${TESTS:-set,get,incr,mset,hset,lpush,lpop,sadd,zadd}
+ZRANGE_MEMBERS=${ZRANGE_MEMBERS:-100}
 PIPELINES=${PIPELINES:-"1 16"}
 KEYSPACE=${KEYSPACE:-100000}
 
@@ -106,6 +114,18 @@ start_redis redis --appendonly no
 start_redis redis-always --appendonly yes --appendfsync always
 targets=(shoal-fsync shoal-async redis redis-always)
 
+# The sorted set the ZRANGE run reads: members m1..mN with scores 1..N.
+zrange_test="ZRANGE 0 $((ZRANGE_MEMBERS - 1)) of $ZRANGE_MEMBERS"
+if [ "$ZRANGE_MEMBERS" -gt 0 ]; then
+    for target in "${targets[@]}"; do
+        redis-cli -p "${port[$target]}" del bench:zrange >/dev/null
+        added=$(seq "$ZRANGE_MEMBERS" | awk '{printf "%s m%s ", $1, $1}' |
+            xargs redis-cli -p "${port[$target]}" zadd bench:zrange)
+        [ "$added" = "$ZRANGE_MEMBERS" ] ||
+            { echo "compare-redis: filling bench:zrange on $target answered $added" >&2; exit 1; }
+    done
+fi
+
 echo "target,pipeline,repeat,test,rps,avg_ms,min_ms,p50_ms,p95_ms,p99_ms,max_ms" >"$raw"
 for repeat in $(seq "$REPEATS"); do
     for pipeline in $PIPELINES; do
@@ -116,6 +136,12 @@ for repeat in $(seq "$REPEATS"); do
             redis-benchmark -p "${port[$target]}" -t "$TESTS" -n "$N" -d 100 -r "$KEYSPACE" \
                 -c "$CLIENTS" -P "$pipeline" --csv -q |
                 tail -n +2 | tr -d '"' | sed "s/^/$target,$pipeline,$repeat,/" >>"$raw"
+            if [ "$ZRANGE_MEMBERS" -gt 0 ]; then
+                redis-benchmark -p "${port[$target]}" -n "$N" -c "$CLIENTS" -P "$pipeline" --csv -q \
+                    ZRANGE bench:zrange 0 "$((ZRANGE_MEMBERS - 1))" |
+                    tail -n +2 | tr -d '"' | sed "s/^ZRANGE bench:zrange [0-9]* [0-9]*,/$zrange_test,/" |
+                    sed "s/^/$target,$pipeline,$repeat,/" >>"$raw"
+            fi
         done
     done
 done
