@@ -307,3 +307,32 @@ fn moves_across_workers_neither_lose_nor_duplicate_elements() {
     members.sort();
     assert_eq!(members, expected, "the sets hold every member once");
 }
+
+#[test]
+fn a_rename_to_a_key_too_long_for_the_elements_is_refused_and_keeps_the_source() {
+    let server = Server::start("");
+    let mut con = server.conn();
+    let field = "f".repeat(40);
+    // On one worker (the names share a tag).
+    call_str(&mut con, &["HSET", "{r}h", &field, "v"]);
+    let long = format!("{{r}}{}", "k".repeat(480));
+    let refused = call_str(&mut con, &["RENAME", "{r}h", &long]);
+    assert!(error_text(&refused).contains("longer than"), "{refused:?}");
+    assert_eq!(call_str(&mut con, &["HLEN", "{r}h"]), Value::Int(1));
+    assert_eq!(call_str(&mut con, &["EXISTS", &long]), Value::Int(0));
+    // Across workers: the destination's prepare refuses, and nothing stays locked.
+    let source = server.keys_on_worker("src", 0, 1).remove(0);
+    let far = server.keys_on_worker(&"k".repeat(470), 1, 1).remove(0);
+    assert!(far.len() + field.len() > 499);
+    call_str(&mut con, &["HSET", &source, &field, "v"]);
+    for command in ["RENAME", "COPY"] {
+        let refused = call_str(&mut con, &[command, &source, &far]);
+        assert!(
+            error_text(&refused).contains("longer than"),
+            "{command}: {refused:?}"
+        );
+        assert_eq!(call_str(&mut con, &["HLEN", &source]), Value::Int(1));
+        assert_eq!(call_str(&mut con, &["EXISTS", &far]), Value::Int(0));
+    }
+    assert_eq!(call_str(&mut con, &["SHOAL.TXNS"]), Value::Int(0));
+}

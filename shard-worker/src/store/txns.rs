@@ -296,9 +296,21 @@ impl Store {
     /// Checks `ops` against the data as it is before any of them runs.
     fn check_ops(&self, txn: &RwTxn, ops: &[TxOp], now_ms: u64) -> Result<Vec<TxOutcome>, OpError> {
         let mut outcomes = Vec::with_capacity(ops.len());
-        let mut taken = false;
+        let mut taken: Option<TxOutcome> = None;
         for op in ops {
             let current = self.current(txn, self.db(op.collection)?, &op.key, now_ms)?;
+            // A typed key stored under another key must fit it: refused now, before
+            // anything is written (a refusal while applying would come too late).
+            let snapshot = match (&op.action, &taken) {
+                (TxAction::PutCollection { snapshot, .. }, _)
+                | (TxAction::PutTaken { .. }, Some(TxOutcome::Collection { snapshot, .. })) => {
+                    Some(snapshot)
+                }
+                _ => None,
+            };
+            if let Some(snapshot) = snapshot {
+                self.check_snapshot(&op.key, snapshot)?;
+            }
             let outcome = match &op.action {
                 TxAction::Put {
                     if_absent: true, ..
@@ -311,7 +323,7 @@ impl Store {
                 {
                     return Err(OpError::Refused(WorkerError::TxKeyExists));
                 }
-                TxAction::PutTaken { .. } if !taken => {
+                TxAction::PutTaken { .. } if taken.is_none() => {
                     return Err(OpError::Refused(WorkerError::TxNoSuchKey))
                 }
                 TxAction::Put { .. }
@@ -326,8 +338,9 @@ impl Store {
                 }
                 TxAction::Take | TxAction::Read => match current.live {
                     Some(live) => {
-                        taken = true;
-                        self.taken_outcome(txn, &op.key, live)?
+                        let outcome = self.taken_outcome(txn, &op.key, live)?;
+                        taken = Some(outcome.clone());
+                        outcome
                     }
                     None => return Err(OpError::Refused(WorkerError::TxNoSuchKey)),
                 },

@@ -5,7 +5,7 @@ use shoal_shared::frame::{Answer, TypedOp, WorkerError};
 use shoal_shared::layout::typed::{ElementTable, Kind};
 use shoal_shared::resp::parse_i64;
 
-use super::{random_indexes, refused, Target};
+use super::{random_picks, refused, Target};
 use crate::store::{Batch, OpError};
 
 const TABLE: ElementTable = ElementTable::Hash;
@@ -55,18 +55,10 @@ impl Target<'_> {
                 }
                 Answer::Array(values)
             }
-            TypedOp::HDel { fields } => {
-                let mut deleted = 0;
-                if exists {
-                    for field in fields {
-                        if self.delete(txn, batch, TABLE, &meta, field)? {
-                            meta.count -= 1;
-                            deleted += 1;
-                        }
-                    }
-                }
-                Answer::Integer(deleted)
-            }
+            TypedOp::HDel { fields } => match exists {
+                true => Answer::Integer(self.delete_each(txn, batch, TABLE, &mut meta, fields)?),
+                false => Answer::Integer(0),
+            },
             TypedOp::HExists { field } => {
                 Answer::Integer(i64::from(exists && exists_in(self, txn, &meta, field)?))
             }
@@ -137,38 +129,14 @@ impl Target<'_> {
                 Answer::bulk(text)
             }
             TypedOp::HRandField { count, with_values } => {
-                let all = match exists {
+                let all: Vec<(Vec<u8>, Answer)> = match exists {
                     true => self.all(txn, TABLE, &meta)?,
                     false => Vec::new(),
-                };
-                match count {
-                    None => random_indexes(all.len(), 1)
-                        .first()
-                        .map_or(Answer::Nil, |&i| Answer::bulk(all[i].0.clone())),
-                    Some(count) => {
-                        let picked = random_indexes(all.len(), *count);
-                        match with_values {
-                            true => Answer::Pairs {
-                                pairs: picked
-                                    .into_iter()
-                                    .map(|i| {
-                                        (
-                                            Answer::bulk(all[i].0.clone()),
-                                            Answer::bulk(all[i].1.clone()),
-                                        )
-                                    })
-                                    .collect(),
-                                map: false,
-                            },
-                            false => Answer::Array(
-                                picked
-                                    .into_iter()
-                                    .map(|i| Answer::bulk(all[i].0.clone()))
-                                    .collect(),
-                            ),
-                        }
-                    }
                 }
+                .into_iter()
+                .map(|(field, value)| (field, Answer::bulk(value)))
+                .collect();
+                random_picks(&all, *count, *with_values)
             }
             _ => return Err(refused("ERR internal error: not a hash command")),
         };

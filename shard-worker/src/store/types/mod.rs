@@ -150,9 +150,10 @@ impl Store {
             TypedOp::ZAdd { pairs, .. } => {
                 (pairs.iter().map(|(_, m)| m.len() + 8).collect(), Vec::new())
             }
-            TypedOp::Push { values, .. } => (Vec::new(), values.iter().map(|v| v.len()).collect()),
+            // A list element's key is its 8-byte position.
+            TypedOp::Push { values, .. } => (vec![8], values.iter().map(|v| v.len()).collect()),
             TypedOp::LSet { value, .. } | TypedOp::LInsert { value, .. } => {
-                (Vec::new(), vec![value.len()])
+                (vec![8], vec![value.len()])
             }
             _ => (Vec::new(), Vec::new()),
         };
@@ -161,6 +162,21 @@ impl Store {
         }
         for value in values {
             self.check_element(key, 0, value)?;
+        }
+        Ok(())
+    }
+
+    /// Refuses a snapshot that `key` cannot hold: an element too long for it (a
+    /// sorted-set member also sits after its 8-byte score), or a value too large.
+    pub(crate) fn check_snapshot(&self, key: &Key, snapshot: &[u8]) -> Result<(), OpError> {
+        let (kind, elements) = typed::decode_snapshot(snapshot)?;
+        // A score, or a list position, is 8 more bytes of the element key.
+        let extra = match kind {
+            Kind::SortedSet | Kind::List => 8,
+            Kind::Hash | Kind::Set => 0,
+        };
+        for (element, value) in &elements {
+            self.check_element(key, element.len() + extra, value.len())?;
         }
         Ok(())
     }
@@ -355,6 +371,25 @@ impl<'s> Target<'s> {
             &[],
         )?;
         Ok(true)
+    }
+
+    /// Deletes each of `elements` that is stored, counting them off `meta`; how many.
+    fn delete_each(
+        &self,
+        txn: &mut RwTxn,
+        batch: &mut Batch,
+        table: ElementTable,
+        meta: &mut TypeMeta,
+        elements: &[serde_bytes::ByteBuf],
+    ) -> Result<i64, OpError> {
+        let mut deleted = 0;
+        for element in elements {
+            if self.delete(txn, batch, table, meta, element)? {
+                meta.count -= 1;
+                deleted += 1;
+            }
+        }
+        Ok(deleted)
     }
 
     /// The elements of `table`, in stored order, from the first after `after` (or from the
@@ -576,6 +611,27 @@ impl<'s> Target<'s> {
     }
 }
 
+/// HRANDFIELD, SRANDMEMBER, ZRANDMEMBER: without a count, one random element (nil when
+/// there is none); with one, [`random_indexes`] picks, as an array of elements or, `with`
+/// their values, as pairs.
+fn random_picks(all: &[(Vec<u8>, Answer)], count: Option<i64>, with: bool) -> Answer {
+    let Some(count) = count else {
+        return random_indexes(all.len(), 1)
+            .first()
+            .map_or(Answer::Nil, |&i| Answer::bulk(all[i].0.clone()));
+    };
+    let picked = random_indexes(all.len(), count).into_iter();
+    match with {
+        true => Answer::Pairs {
+            pairs: picked
+                .map(|i| (Answer::bulk(all[i].0.clone()), all[i].1.clone()))
+                .collect(),
+            map: false,
+        },
+        false => Answer::Array(picked.map(|i| Answer::bulk(all[i].0.clone())).collect()),
+    }
+}
+
 /// `count` distinct indexes below `len` (all of them when `count >= len`), or `count`
 /// indexes that may repeat; in random order.
 fn random_indexes(len: usize, count: i64) -> Vec<usize> {
@@ -633,12 +689,8 @@ impl Store {
         snapshot: &[u8],
         expires_at_ms: Option<u64>,
     ) -> Result<(), OpError> {
+        self.check_snapshot(key, snapshot)?;
         let (kind, elements) = typed::decode_snapshot(snapshot)?;
-        // Checked whole before any element is written.
-        let score_bytes = if kind == Kind::SortedSet { 8 } else { 0 };
-        for (element, value) in &elements {
-            self.check_element(key, element.len() + score_bytes, value.len())?;
-        }
         let target = Target {
             store: self,
             db,

@@ -4,7 +4,7 @@ use heed::RwTxn;
 use shoal_shared::frame::{Answer, TypedOp};
 use shoal_shared::layout::typed::{ElementTable, Kind};
 
-use super::{random_indexes, refused, Target};
+use super::{random_indexes, random_picks, refused, Target};
 use crate::store::{Batch, OpError};
 
 const TABLE: ElementTable = ElementTable::Set;
@@ -69,18 +69,10 @@ impl Target<'_> {
                 }
                 Answer::Integer(added)
             }
-            TypedOp::SRem { members } => {
-                let mut removed = 0;
-                if exists {
-                    for member in members {
-                        if self.delete(txn, batch, TABLE, &meta, member)? {
-                            meta.count -= 1;
-                            removed += 1;
-                        }
-                    }
-                }
-                Answer::Integer(removed)
-            }
+            TypedOp::SRem { members } => match exists {
+                true => Answer::Integer(self.delete_each(txn, batch, TABLE, &mut meta, members)?),
+                false => Answer::Integer(0),
+            },
             TypedOp::SIsMember { members } => {
                 let mut flags = Vec::with_capacity(members.len());
                 for member in members {
@@ -90,21 +82,14 @@ impl Target<'_> {
                 Answer::Array(flags)
             }
             TypedOp::SRandMember { count } => {
-                let all = match exists {
+                let all: Vec<(Vec<u8>, Answer)> = match exists {
                     true => self.all(txn, TABLE, &meta)?,
                     false => Vec::new(),
-                };
-                match count {
-                    None => random_indexes(all.len(), 1)
-                        .first()
-                        .map_or(Answer::Nil, |&i| Answer::bulk(all[i].0.clone())),
-                    Some(count) => Answer::Array(
-                        random_indexes(all.len(), *count)
-                            .into_iter()
-                            .map(|i| Answer::bulk(all[i].0.clone()))
-                            .collect(),
-                    ),
                 }
+                .into_iter()
+                .map(|(member, _)| (member, Answer::Nil))
+                .collect();
+                random_picks(&all, *count, false)
             }
             TypedOp::SPop { count } => {
                 let all = match exists {

@@ -5,7 +5,7 @@ use heed::RwTxn;
 use shoal_shared::frame::{Answer, LexBound, RangeBy, ScoreBound, TypedOp, ZRange};
 use shoal_shared::layout::typed::{score_bytes, score_from_bytes, ElementTable, Kind, TypeMeta};
 
-use super::{random_indexes, refused, Target};
+use super::{random_picks, refused, Target};
 use crate::store::{Batch, OpError};
 
 impl Target<'_> {
@@ -178,31 +178,11 @@ impl Target<'_> {
                         },
                     )?;
                 }
-                match count {
-                    None => random_indexes(all.len(), 1)
-                        .first()
-                        .map_or(Answer::Nil, |&i| Answer::bulk(all[i].0.clone())),
-                    Some(count) => {
-                        let picked = random_indexes(all.len(), *count);
-                        match with_scores {
-                            true => Answer::Pairs {
-                                pairs: picked
-                                    .into_iter()
-                                    .map(|i| {
-                                        (Answer::bulk(all[i].0.clone()), Answer::Double(all[i].1))
-                                    })
-                                    .collect(),
-                                map: false,
-                            },
-                            false => Answer::Array(
-                                picked
-                                    .into_iter()
-                                    .map(|i| Answer::bulk(all[i].0.clone()))
-                                    .collect(),
-                            ),
-                        }
-                    }
-                }
+                let all: Vec<(Vec<u8>, Answer)> = all
+                    .into_iter()
+                    .map(|(member, score)| (member, Answer::Double(score)))
+                    .collect();
+                random_picks(&all, *count, *with_scores)
             }
             _ => return Err(refused("ERR internal error: not a sorted set command")),
         };
