@@ -156,6 +156,20 @@ fn a_transaction_across_workers_commits_whole() {
         call_str(&mut con, &["MGET", &zero, &one]),
         Value::Array(vec![bulk("changed"), bulk("1")])
     );
+    // DEL, MSET and TTL over both workers run inside a transaction too.
+    call_str(&mut con, &["EXPIRE", &one, "1000"]);
+    call_str(&mut con, &["MULTI"]);
+    call_str(&mut con, &["MSET", &zero, "m0", &one, "m1"]);
+    call_str(&mut con, &["TTL", &one]);
+    call_str(&mut con, &["DEL", &zero, &one, "missing"]);
+    call_str(&mut con, &["EXISTS", &zero, &one]);
+    let Value::Array(replies) = call_str(&mut con, &["EXEC"]) else {
+        panic!("EXEC answers an array");
+    };
+    assert_eq!(replies[0], Value::Okay);
+    assert_eq!(replies[1], int(-1), "MSET cleared the TTL before TTL ran");
+    assert_eq!(replies[2..], [int(2), int(0)]);
+    call_str(&mut con, &["SET", &zero, "changed"]);
     // A command that fans out to every worker cannot be part of a transaction.
     call_str(&mut con, &["MULTI"]);
     call_str(&mut con, &["SET", &zero, "1"]);

@@ -186,7 +186,7 @@ impl Dispatch {
     }
 
     /// Whether this task runs inside [`Dispatch::holding`].
-    fn is_holding() -> bool {
+    pub fn is_holding() -> bool {
         HOLDING.try_with(|_| ()).is_ok()
     }
 

@@ -47,26 +47,24 @@ pub async fn dispatch(
             .await
         }
         "ttl" | "pttl" | "expiretime" | "pexpiretime" => {
-            let reply = match ask_one(shared, &args[1], |key| WorkerRequest::ExpireTime {
+            let name = match name {
+                "ttl" => "ttl",
+                "pttl" => "pttl",
+                "expiretime" => "expiretime",
+                _ => "pexpiretime",
+            };
+            match single(shared, &args[1], |key| WorkerRequest::ExpireTime {
                 collection,
                 key,
             })
             .await
             {
-                Ok(WorkerResponse::Integer(at)) if at < 0 => Reply::Integer(at),
-                Ok(WorkerResponse::Integer(at)) => {
-                    let remaining_ms = (at - shoal_shared::now_ms() as i64).max(0);
-                    Reply::Integer(match name {
-                        "ttl" => (remaining_ms + 500) / 1000,
-                        "pttl" => remaining_ms,
-                        "expiretime" => at / 1000,
-                        _ => at,
-                    })
-                }
-                Ok(_) => Reply::error("ERR internal error: unexpected response"),
-                Err(reply) => reply,
-            };
-            Pending::Ready(reply)
+                Pending::Calls { calls, .. } => Pending::Calls {
+                    calls,
+                    merge: super::Merge::Expiry(name),
+                },
+                other => other,
+            }
         }
         "object" => object(shared, session, args).await,
         "randomkey" => {

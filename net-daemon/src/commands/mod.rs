@@ -160,6 +160,11 @@ pub enum Merge {
     Single,
     /// The integer responses are added up (DEL, EXISTS, DBSIZE).
     Sum,
+    /// This reply once every call succeeded (MSET inside an EXEC).
+    Fixed(Reply),
+    /// TTL, PTTL, EXPIRETIME or PEXPIRETIME (the command's name) from one `ExpireTime`
+    /// answer, reckoned when the reply is made.
+    Expiry(&'static str),
     /// A typed command: its one answer, shaped for the command.
     Answer(types::Shape),
     /// MGET: `positions[i]` are the places in the reply of call `i`'s values.
@@ -195,6 +200,20 @@ impl Merge {
                 .into_iter()
                 .next()
                 .map_or(Reply::Nil, |response| shape.reply(response)),
+            Merge::Fixed(reply) => reply,
+            Merge::Expiry(name) => match responses.first() {
+                Some(WorkerResponse::Integer(at)) if *at < 0 => Reply::Integer(*at),
+                Some(WorkerResponse::Integer(at)) => {
+                    let remaining_ms = (at - shoal_shared::now_ms() as i64).max(0);
+                    Reply::Integer(match name {
+                        "ttl" => (remaining_ms + 500) / 1000,
+                        "pttl" => remaining_ms,
+                        "expiretime" => at / 1000,
+                        _ => *at,
+                    })
+                }
+                _ => Reply::error("ERR internal error: unexpected response"),
+            },
             Merge::Sum => Reply::Integer(
                 responses
                     .iter()

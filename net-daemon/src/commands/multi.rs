@@ -7,10 +7,10 @@
 use std::sync::Arc;
 
 use bytes::Bytes;
-use shoal_shared::frame::{Key, TxAction, TxOp, TxOutcome, WorkerError};
+use shoal_shared::frame::{Key, TxAction, TxOp, TxOutcome, WorkerError, WorkerRequest};
 use shoal_shared::resp::{parse_i64, Reply};
 
-use super::{Pending, Session};
+use super::{Merge, Pending, Session};
 use crate::dispatch::Dest;
 use crate::errors;
 use crate::state::Shared;
@@ -110,6 +110,13 @@ pub async fn dispatch(
         }
         _ => return None,
     };
+    // Inside an EXEC, DEL and MSET become one plain request per worker: the EXEC makes
+    // them atomic across workers itself (see `transaction`).
+    if crate::dispatch::Dispatch::is_holding() {
+        if let Some(pending) = work.held(shared, collection).await {
+            return Some(pending);
+        }
+    }
     let shared = Arc::clone(shared);
     Some(Pending::barrier(async move {
         work.run(&shared, collection).await
@@ -189,6 +196,49 @@ pub(super) fn participants(keyed: Vec<(Dest, TxOp)>) -> Vec<Participant> {
 }
 
 impl Work {
+    /// DEL and MSET as one request per worker, for an EXEC to hold; `None` for the others.
+    async fn held(&self, shared: &Shared, collection: u16) -> Option<Pending> {
+        let (participants, merge) = match self {
+            Work::Delete { keys } => (
+                per_worker(shared, keys, |key, _| op(collection, key, TxAction::Delete)),
+                Merge::Sum,
+            ),
+            Work::Mset {
+                pairs,
+                if_absent: false,
+            } => {
+                let keys: Vec<Bytes> = pairs.iter().map(|(key, _)| key.clone()).collect();
+                let put = |key, position: usize| {
+                    let value = pairs[position].1.to_vec();
+                    let action = TxAction::Put {
+                        value,
+                        expires_at_ms: None,
+                        if_absent: false,
+                    };
+                    op(collection, key, action)
+                };
+                (per_worker(shared, &keys, put), Merge::Fixed(Reply::Ok))
+            }
+            _ => return None,
+        };
+        let participants = match participants {
+            Ok(participants) => participants,
+            Err(reply) => return Some(Pending::Ready(reply)),
+        };
+        let mut calls = Vec::with_capacity(participants.len());
+        for Participant { dest, ops } in participants {
+            let request = match merge {
+                Merge::Sum => WorkerRequest::Delete {
+                    collection,
+                    keys: ops.into_iter().map(|op| op.key).collect(),
+                },
+                _ => WorkerRequest::Atomic { ops },
+            };
+            calls.push(shared.dispatch.send(dest, request).await);
+        }
+        Some(Pending::Calls { calls, merge })
+    }
+
     async fn run(self, shared: &Shared, collection: u16) -> Reply {
         match self {
             Work::Mset { pairs, if_absent } => {

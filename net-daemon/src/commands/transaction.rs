@@ -15,8 +15,10 @@
 //!   planned again (optimistic concurrency). So it is atomic across workers and hosts,
 //!   survives crashes as every two-phase commit does, and is serializable. A typed key
 //!   it changes travels whole (its snapshot), so this path costs more for big ones.
-//! - A transaction with a command that cannot be held (a fan-out such as DBSIZE, a
-//!   multi-worker write, a blocking pop) is refused and nothing of it runs.
+//! - DEL and MSET inside a transaction are one plain request per worker (the
+//!   transaction makes them atomic); a command that cannot be held (a fan-out such as
+//!   DBSIZE, RENAME or COPY across workers, MSETNX, a blocking pop) makes EXEC refuse
+//!   the transaction, and nothing of it runs.
 //! - WATCH records each key's last commit id; the worker refuses the `Exec` (EXEC
 //!   answers a null array) when one has changed; across workers, the watched keys are
 //!   checked before each plan and expected unchanged by the two-phase commit.
@@ -170,9 +172,9 @@ async fn exec(shared: &Arc<Shared>, session: &mut Session) -> Pending {
     .await;
     let refused = || {
         Pending::Ready(Reply::error(
-            "ERR this transaction cannot run as one: a command of it fans out, blocks or writes \
-             on several workers; nothing of it ran. Shoal runs MULTI/EXEC atomically on one \
-             worker: give its keys one {hash tag}",
+            "ERR this transaction cannot run as one: a command of it fans out to every worker \
+             (DBSIZE, KEYS, FLUSHDB, ...), blocks, or is a multi-key write that moves values \
+             between workers (RENAME, COPY, MSETNX, ...); nothing of it ran",
         ))
     };
     if !planned || holding.fan_out || pendings.iter().any(|p| matches!(p, Pending::Barrier(_))) {
