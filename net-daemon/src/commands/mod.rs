@@ -162,6 +162,8 @@ pub enum Merge {
     Sum,
     /// This reply once every call succeeded (MSET inside an EXEC).
     Fixed(Reply),
+    /// A reply computed from one string value (`None`: missing), as GETBIT does.
+    Value(Box<dyn FnOnce(Option<&[u8]>) -> Reply + Send>),
     /// TTL, PTTL, EXPIRETIME or PEXPIRETIME (the command's name) from one `ExpireTime`
     /// answer, reckoned when the reply is made.
     Expiry(&'static str),
@@ -201,6 +203,11 @@ impl Merge {
                 .next()
                 .map_or(Reply::Nil, |response| shape.reply(response)),
             Merge::Fixed(reply) => reply,
+            Merge::Value(compute) => match responses.into_iter().next() {
+                Some(WorkerResponse::Value(value)) => compute(value.as_deref()),
+                Some(other) => response_reply(other),
+                None => Reply::error("ERR internal error: no response"),
+            },
             Merge::Expiry(name) => match responses.first() {
                 Some(WorkerResponse::Integer(at)) if *at < 0 => Reply::Integer(*at),
                 Some(WorkerResponse::Integer(at)) => {

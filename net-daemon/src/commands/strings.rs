@@ -199,14 +199,13 @@ pub async fn on_value(
     key: &Bytes,
     compute: impl FnOnce(Option<&[u8]>) -> Reply + Send + 'static,
 ) -> Pending {
-    let read = single(shared, key, |key| WorkerRequest::Get { collection, key }).await;
-    Pending::barrier(async move {
-        match read.resolve().await {
-            Reply::Bulk(value) => compute(Some(&value)),
-            Reply::Nil => compute(None),
-            other => other,
-        }
-    })
+    match single(shared, key, |key| WorkerRequest::Get { collection, key }).await {
+        Pending::Calls { calls, .. } => Pending::Calls {
+            calls,
+            merge: Merge::Value(Box::new(compute)),
+        },
+        other => other,
+    }
 }
 
 /// A command on one key.
