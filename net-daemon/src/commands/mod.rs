@@ -154,6 +154,9 @@ impl Pending {
     }
 }
 
+/// Computes a reply from a string value (`None`: missing).
+pub type OnValue = Box<dyn FnOnce(Option<&[u8]>) -> Reply + Send>;
+
 /// How the responses of a command's worker calls become its reply.
 pub enum Merge {
     /// One call; its response is the reply.
@@ -163,7 +166,7 @@ pub enum Merge {
     /// This reply once every call succeeded (MSET inside an EXEC).
     Fixed(Reply),
     /// A reply computed from one string value (`None`: missing), as GETBIT does.
-    Value(Box<dyn FnOnce(Option<&[u8]>) -> Reply + Send>),
+    Value(OnValue),
     /// TTL, PTTL, EXPIRETIME or PEXPIRETIME (the command's name) from one `ExpireTime`
     /// answer, reckoned when the reply is made.
     Expiry(&'static str),
