@@ -1357,3 +1357,301 @@ fn randomkey_memory_usage_and_object_freq() {
         Value::Nil
     );
 }
+
+#[test]
+fn bitfield_incrby_is_atomic_under_concurrent_clients() {
+    let server = Server::start("");
+    const CLIENTS: usize = 8;
+    const ROUNDS: usize = 150;
+    let mut con = server.conn();
+    // A TTL that the increments must keep.
+    assert_eq!(
+        call_str(&mut con, &["SET", "counters", "", "EX", "1000"]),
+        Value::Okay
+    );
+    let workers: Vec<_> = (0..CLIENTS)
+        .map(|_| {
+            let mut con = server.conn();
+            std::thread::spawn(move || {
+                let mut seen = Vec::with_capacity(ROUNDS);
+                for _ in 0..ROUNDS {
+                    // Two fields in one request: each reply must see both changed together.
+                    let reply = call_str(
+                        &mut con,
+                        &[
+                            "BITFIELD", "counters", "INCRBY", "u32", "#0", "1", "INCRBY", "u32",
+                            "#1", "2",
+                        ],
+                    );
+                    let Value::Array(items) = reply else {
+                        panic!("BITFIELD answers an array: {reply:?}")
+                    };
+                    match items.as_slice() {
+                        [Value::Int(one), Value::Int(two)] => {
+                            assert_eq!(*two, 2 * one, "a request saw half of another");
+                            seen.push(*one);
+                        }
+                        other => panic!("BITFIELD INCRBY answers two integers: {other:?}"),
+                    }
+                }
+                seen
+            })
+        })
+        .collect();
+    let mut all: Vec<i64> = workers
+        .into_iter()
+        .flat_map(|worker| worker.join().expect("client thread"))
+        .collect();
+    all.sort_unstable();
+    let total = (CLIENTS * ROUNDS) as i64;
+    assert_eq!(
+        all,
+        (1..=total).collect::<Vec<_>>(),
+        "every increment answers a value no other increment answered"
+    );
+    assert_eq!(
+        call_str(
+            &mut con,
+            &[
+                "BITFIELD_RO",
+                "counters",
+                "GET",
+                "u32",
+                "0",
+                "GET",
+                "u32",
+                "32"
+            ]
+        ),
+        Value::Array(vec![Value::Int(total), Value::Int(2 * total)])
+    );
+    let Value::Int(ttl) = call_str(&mut con, &["TTL", "counters"]) else {
+        panic!("TTL is an integer")
+    };
+    assert!((900..=1000).contains(&ttl), "BITFIELD keeps the TTL: {ttl}");
+}
+
+#[test]
+fn bitfield_bitop_and_sort_answer_redis_errors() {
+    let server = Server::start("[client]\nmax_value_bytes = 1024\n");
+    let mut con = server.conn();
+    let err = |con: &mut redis::Connection, args: &[&str]| error_text(&call_str(con, args));
+    assert_eq!(
+        call_str(&mut con, &["RPUSH", "list", "3", "1", "2"]),
+        Value::Int(3)
+    );
+    assert_eq!(
+        call_str(&mut con, &["HSET", "hash", "f", "v"]),
+        Value::Int(1)
+    );
+    assert_eq!(call_str(&mut con, &["SET", "string", "abc"]), Value::Okay);
+    let wrong_type = "WRONGTYPE Operation against a key holding the wrong kind of value";
+
+    // BITFIELD and BITFIELD_RO.
+    assert_eq!(
+        err(&mut con, &["BITFIELD", "b", "GET", "u64", "0"]),
+        "ERR Invalid bitfield type. Use something like i16 u8. Note that u64 is not supported but i64 is."
+    );
+    assert_eq!(
+        err(&mut con, &["BITFIELD", "b", "GET", "u8", "-1"]),
+        "ERR bit offset is not an integer or out of range"
+    );
+    assert_eq!(
+        err(&mut con, &["BITFIELD", "b", "OVERFLOW", "nope"]),
+        "ERR Invalid OVERFLOW type specified"
+    );
+    assert_eq!(err(&mut con, &["BITFIELD", "b", "FOO"]), "ERR syntax error");
+    assert_eq!(
+        err(&mut con, &["BITFIELD", "b", "SET", "u8", "0", "x"]),
+        "ERR value is not an integer or out of range"
+    );
+    assert_eq!(
+        err(
+            &mut con,
+            &[
+                "BITFIELD_RO",
+                "hash",
+                "GET",
+                "u8",
+                "0",
+                "SET",
+                "u8",
+                "0",
+                "1"
+            ]
+        ),
+        "ERR BITFIELD_RO only supports the GET subcommand"
+    );
+    assert_eq!(err(&mut con, &["BITFIELD", "list"]), wrong_type);
+    assert_eq!(
+        err(&mut con, &["BITFIELD", "list", "SET", "u8", "0", "1"]),
+        wrong_type
+    );
+    assert_eq!(
+        err(&mut con, &["BITFIELD_RO", "hash", "GET", "u8", "0"]),
+        wrong_type
+    );
+    assert_eq!(
+        err(&mut con, &["BITFIELD"]),
+        "ERR wrong number of arguments for 'bitfield' command"
+    );
+    assert_eq!(
+        call_str(&mut con, &["BITFIELD", "b"]),
+        Value::Array(Vec::new()),
+        "no ops: an empty answer"
+    );
+    // A write past max_value_bytes is refused and creates nothing.
+    assert!(
+        err(&mut con, &["BITFIELD", "b", "SET", "u8", "#1024", "1"]).contains("max_value_bytes")
+    );
+    assert_eq!(call_str(&mut con, &["EXISTS", "b"]), Value::Int(0));
+    // OVERFLOW FAIL refuses the write but, as in Redis, the key is made to hold the field.
+    assert_eq!(
+        call_str(
+            &mut con,
+            &["BITFIELD", "b", "OVERFLOW", "FAIL", "SET", "u8", "#3", "999"]
+        ),
+        Value::Array(vec![Value::Nil])
+    );
+    assert_eq!(call_str(&mut con, &["STRLEN", "b"]), Value::Int(4));
+    assert_eq!(
+        call_str(
+            &mut con,
+            &["BITFIELD", "string", "GET", "u8", "0", "SET", "i8", "#1", "-1", "GET", "u16", "8"]
+        ),
+        Value::Array(vec![Value::Int(97), Value::Int(98), Value::Int(0xff63)])
+    );
+    assert_eq!(
+        call_str(&mut con, &["GET", "string"]),
+        Value::BulkString(b"a\xffc".to_vec())
+    );
+
+    // BITOP.
+    assert_eq!(
+        err(&mut con, &["BITOP", "NAND", "d", "string"]),
+        "ERR syntax error"
+    );
+    assert_eq!(
+        err(&mut con, &["BITOP", "NOT", "d", "string", "b"]),
+        "ERR BITOP NOT must be called with a single source key."
+    );
+    assert_eq!(
+        err(&mut con, &["BITOP", "AND", "d"]),
+        "ERR wrong number of arguments for 'bitop' command"
+    );
+    assert_eq!(
+        err(&mut con, &["BITOP", "OR", "d", "string", "list"]),
+        wrong_type
+    );
+    assert_eq!(
+        call_str(&mut con, &["EXISTS", "d"]),
+        Value::Int(0),
+        "nothing stored"
+    );
+    // Sources and destination on several workers; the destination may be of any type.
+    let sources = ["x1", "x2", "x3", "x4"];
+    for (i, key) in sources.iter().enumerate() {
+        let value = "\u{1}".repeat(i + 1);
+        assert_eq!(call_str(&mut con, &["SET", key, &value]), Value::Okay);
+    }
+    assert_eq!(
+        call_str(
+            &mut con,
+            &["BITOP", "XOR", "hash", "x1", "x2", "x3", "x4", "missing"]
+        ),
+        Value::Int(4)
+    );
+    assert_eq!(get(&mut con, "hash").as_deref(), Some("\0\u{1}\0\u{1}"));
+    assert_eq!(
+        call_str(&mut con, &["BITOP", "AND", "hash", "x1", "x4"]),
+        Value::Int(4)
+    );
+    assert_eq!(get(&mut con, "hash").as_deref(), Some("\u{1}\0\0\0"));
+    assert_eq!(
+        call_str(&mut con, &["BITOP", "OR", "hash", "missing", "missing2"]),
+        Value::Int(0)
+    );
+    assert_eq!(
+        call_str(&mut con, &["EXISTS", "hash"]),
+        Value::Int(0),
+        "an empty result deletes"
+    );
+
+    // SORT and SORT_RO.
+    assert_eq!(
+        err(&mut con, &["SORT", "list", "LIMIT", "1"]),
+        "ERR syntax error"
+    );
+    assert_eq!(
+        err(&mut con, &["SORT", "list", "LIMIT", "x", "1"]),
+        "ERR value is not an integer or out of range"
+    );
+    assert_eq!(
+        err(&mut con, &["SORT_RO", "list", "STORE", "d"]),
+        "ERR syntax error"
+    );
+    assert_eq!(err(&mut con, &["SORT", "string"]), wrong_type);
+    assert_eq!(err(&mut con, &["SORT", "b", "ALPHA"]), wrong_type);
+    let unsupported = "ERR SORT BY and GET patterns that read other keys are not supported";
+    assert_eq!(err(&mut con, &["SORT", "list", "BY", "w_*"]), unsupported);
+    assert_eq!(
+        err(&mut con, &["SORT", "list", "GET", "#", "GET", "h_*->f"]),
+        unsupported
+    );
+    assert_eq!(
+        call_str(&mut con, &["RPUSH", "words", "b", "a", "10"]),
+        Value::Int(3)
+    );
+    assert_eq!(
+        err(&mut con, &["SORT", "words"]),
+        "ERR One or more scores can't be converted into double"
+    );
+    assert_eq!(
+        call_str(
+            &mut con,
+            &["SORT", "words", "ALPHA", "DESC", "LIMIT", "0", "2"]
+        ),
+        Value::Array(vec![bulk("b"), bulk("a")])
+    );
+    assert_eq!(
+        call_str(
+            &mut con,
+            &["SORT", "list", "BY", "nosort", "GET", "#", "GET", "nokey"]
+        ),
+        Value::Array(vec![
+            bulk("3"),
+            Value::Nil,
+            bulk("1"),
+            Value::Nil,
+            bulk("2"),
+            Value::Nil
+        ])
+    );
+    // STORE replaces a destination of any type (on any worker) with a list.
+    for dest in ["string", "x1", "x2", "x3"] {
+        assert_eq!(
+            call_str(&mut con, &["SORT", "list", "DESC", "STORE", dest]),
+            Value::Int(3)
+        );
+        assert_eq!(
+            call_str(&mut con, &["LRANGE", dest, "0", "-1"]),
+            Value::Array(vec![bulk("3"), bulk("2"), bulk("1")])
+        );
+    }
+    assert_eq!(
+        call_str(
+            &mut con,
+            &["SORT", "list", "LIMIT", "5", "1", "STORE", "x1"]
+        ),
+        Value::Int(0)
+    );
+    assert_eq!(
+        call_str(&mut con, &["EXISTS", "x1"]),
+        Value::Int(0),
+        "an empty result deletes"
+    );
+    assert_eq!(
+        call_str(&mut con, &["SORT_RO", "missing"]),
+        Value::Array(Vec::new())
+    );
+}
