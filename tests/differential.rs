@@ -63,6 +63,13 @@ const KEYS: &[&[u8]] = &[
     b"",
 ];
 
+/// SORT's own keys, which only SORT's specs write (and FLUSHDB/FLUSHALL empty): a list, a
+/// set and a sorted set of numbers, a list of words, and a destination for STORE.
+const SORT_KEYS: &[&[u8]] = &[b"{s}l", b"{s}s", b"zs", b"{s}w", b"{s}d"];
+
+/// Where BITOP mostly stores its result; only BITOP's spec writes it.
+const BITOP_DESTINATION: &[u8] = b"{b}dest";
+
 /// Commands Shoal has had since its first version: the probe must never find them
 /// missing, so that losing one fails the test instead of skipping it.
 const ALWAYS_SUPPORTED: &[&str] = &[
@@ -121,6 +128,11 @@ enum Compare {
     /// differ (Shoal's encode a position in each partition; docs/compatibility.md),
     /// and so does the order; an error reply must match exactly.
     FullScan,
+    /// SORT ... BY nosort, which keeps a list's or sorted set's order (compared byte for
+    /// byte) and a set's own order, which differs between the servers: for a set (asked
+    /// of redis-server with TYPE first) the elements are compared as a set, or by count
+    /// alone under a LIMIT (which takes different elements).
+    StoredOrder,
 }
 
 /// Most SCAN calls one full iteration may take before the test calls it endless.
@@ -353,6 +365,88 @@ fn specs() -> Vec<Spec> {
             ]));
             g.cmd("LCS", &args)
         }),
+        // BITOP answers only the result's length: half of the time this spec reads its
+        // own destination instead, so that the stored bytes are compared too.
+        spec("BITOP", 10, &["BITOP", "AND", "k0", "k1"], Exact, |g| {
+            if g.chance(2) {
+                return g.cmd("GET", &[BITOP_DESTINATION.to_vec()]);
+            }
+            let op = g.pick(&["AND", "OR", "XOR", "NOT", "and", "Xor", "NOT", "nand"]);
+            let destination = match g.chance(4) {
+                true => g.key(),
+                false => BITOP_DESTINATION.to_vec(),
+            };
+            let mut sources = match op.eq_ignore_ascii_case("not") && !g.chance(8) {
+                true => vec![g.key()],
+                false => g.keys(1, 3),
+            };
+            if g.chance(4) {
+                sources.push(BITOP_DESTINATION.to_vec());
+            }
+            let mut args = vec![op.as_bytes().to_vec(), destination];
+            args.extend(sources);
+            g.cmd("BITOP", &args)
+        }),
+        spec(
+            "BITFIELD",
+            14,
+            &["BITFIELD", "k0", "GET", "u8", "0"],
+            Exact,
+            |g| {
+                let mut args = vec![g.key()];
+                if g.chance(2) {
+                    let mode = g.pick(&["WRAP", "SAT", "FAIL", "sat"]);
+                    args.extend([b"OVERFLOW".to_vec(), mode.into()]);
+                }
+                for _ in 0..1 + g.below(4) {
+                    match g.below(12) {
+                        0..=2 => {
+                            let (kind, offset) = (g.bitfield_type(), g.bitfield_offset());
+                            args.extend([b"GET".to_vec(), kind, offset]);
+                        }
+                        3..=4 => {
+                            let (kind, offset) = (g.bitfield_type(), g.bitfield_offset());
+                            let value = g.bitfield_value();
+                            args.extend([b"SET".to_vec(), kind, offset, value]);
+                        }
+                        5..=7 => {
+                            let (kind, offset) = (g.bitfield_type(), g.bitfield_offset());
+                            let value = g.bitfield_value();
+                            args.extend([
+                                g.pick(&["INCRBY", "incrby"]).into(),
+                                kind,
+                                offset,
+                                value,
+                            ]);
+                        }
+                        8..=10 => {
+                            let mode = g.pick(&["WRAP", "SAT", "FAIL", "fail", "sat", "bounce"]);
+                            args.extend([b"OVERFLOW".to_vec(), mode.into()]);
+                        }
+                        _ => args.push(g.pick(&["GET", "SET", "OVERFLOW", "DECRBY"]).into()),
+                    }
+                }
+                g.cmd("BITFIELD", &args)
+            },
+        ),
+        spec(
+            "BITFIELD_RO",
+            4,
+            &["BITFIELD_RO", "k0", "GET", "u8", "0"],
+            Exact,
+            |g| {
+                let mut args = vec![g.key()];
+                for _ in 0..g.below(4) {
+                    let (kind, offset) = (g.bitfield_type(), g.bitfield_offset());
+                    args.extend([b"GET".to_vec(), kind, offset]);
+                }
+                if g.chance(6) {
+                    let (kind, offset) = (g.bitfield_type(), g.bitfield_offset());
+                    args.extend([b"SET".to_vec(), kind, offset, b"1".to_vec()]);
+                }
+                g.cmd("BITFIELD_RO", &args)
+            },
+        ),
         spec("MOVE", 6, &["MOVE", "k0", "1"], Exact, |g| {
             let key = g.key();
             let db = match g.below(10) {
@@ -1089,6 +1183,107 @@ fn specs() -> Vec<Spec> {
             let name = g.pick(&["SSCAN", "HSCAN", "ZSCAN"]);
             g.cmd(name, &args)
         }),
+        // SORT: its own keys ([`SORT_KEYS`]) hold lists, sets and sorted sets of numbers and
+        // a list of words (this spec), so that most SORTs find something to sort; it also
+        // sorts the key space's keys. BY and GET patterns with a `*` read other keys, which
+        // Shoal does not support (net-daemon/src/commands/sort.rs): none is generated.
+        spec("SORT numbers", 24, &["RPUSH", "{s}l", "1"], Exact, |g| {
+            let roll = g.below(12);
+            // Now and then a numeric key loses some elements, so that one that is not a
+            // number does not stay for good.
+            if roll == 0 {
+                return match g.below(3) {
+                    0 => g.cmd(
+                        "LTRIM",
+                        &[SORT_KEYS[0].to_vec(), b"-6".into(), b"-1".into()],
+                    ),
+                    1 => {
+                        // SREM, not SPOP: which members SPOP takes is random.
+                        let mut args = vec![SORT_KEYS[1].to_vec()];
+                        args.extend(["nan", "4 ", "1e", "ten"].map(|m| m.as_bytes().to_vec()));
+                        args.extend([g.sort_number(), g.sort_number()]);
+                        g.cmd("SREM", &args)
+                    }
+                    _ => g.cmd("ZPOPMAX", &[SORT_KEYS[2].to_vec()]),
+                };
+            }
+            let kind = roll % 4;
+            let key = SORT_KEYS[kind as usize].to_vec();
+            let elements: Vec<Vec<u8>> = (0..1 + g.below(4))
+                .map(|_| match kind {
+                    3 => g.field(),
+                    _ => g.sort_number(),
+                })
+                .collect();
+            match kind {
+                0 | 3 => {
+                    let name = g.pick(&["RPUSH", "LPUSH"]);
+                    g.cmd(name, &[vec![key], elements].concat())
+                }
+                1 => g.cmd("SADD", &[vec![key], elements].concat()),
+                _ => {
+                    let mut args = vec![key];
+                    for element in elements {
+                        // Few scores, so that members often share one (BY nosort then
+                        // orders them by their bytes).
+                        args.push(g.below(4).to_string().into_bytes());
+                        args.push(element);
+                    }
+                    g.cmd("ZADD", &args)
+                }
+            }
+        }),
+        spec("SORT", 10, &["SORT", "k0"], Exact, |g| {
+            let mut args = vec![g.sort_source()];
+            args.extend(g.sort_options());
+            let name = g.pick(&["SORT", "SORT_RO"]);
+            if name == "SORT_RO" && g.chance(8) {
+                args.extend([b"STORE".to_vec(), g.key()]); // a syntax error
+            }
+            g.cmd(name, &args)
+        }),
+        // BY nosort keeps the stored order: compared as [`Compare::StoredOrder`] says.
+        spec(
+            "SORT BY nosort",
+            6,
+            &["SORT", "k0", "BY", "nosort"],
+            StoredOrder,
+            |g| {
+                let by = g.pick(&["nosort", "x"]).into();
+                let mut args = vec![g.sort_source(), b"BY".to_vec(), by];
+                let (offset, count) = (g.index(), g.index());
+                args.extend(g.options(&[
+                    opt(&[b"DESC"]),
+                    opt(&[b"ALPHA"]),
+                    opt(&[b"GET", b"#"]),
+                    vec![b"LIMIT".to_vec(), offset, count],
+                ]));
+                let name = g.pick(&["SORT", "SORT_RO"]);
+                g.cmd(name, &args)
+            },
+        ),
+        // STORE sorts a set by bytes even with BY nosort, so every stored list is the
+        // same on both servers (and LRANGE and the others read it later).
+        spec(
+            "SORT STORE",
+            6,
+            &["SORT", "k0", "STORE", "k1"],
+            Exact,
+            |g| {
+                let mut args = vec![g.sort_source()];
+                let mut options = g.sort_options();
+                if g.chance(3) {
+                    options.extend([b"BY".to_vec(), b"nosort".to_vec()]);
+                }
+                args.extend(options);
+                let destination = match g.chance(3) {
+                    true => SORT_KEYS[4].to_vec(),
+                    false => g.key(),
+                };
+                args.extend([b"STORE".to_vec(), destination]);
+                g.cmd("SORT", &args)
+            },
+        ),
         spec("FLUSHDB", 1, &["FLUSHDB"], Exact, |g| match g.below(3) {
             0 => g.cmd("FLUSHDB", &[]),
             1 => g.cmd("FLUSHDB", &[b"SYNC".to_vec()]),
@@ -1270,10 +1465,12 @@ impl Gen {
     }
 
     /// A score for ZADD: mostly exact binary fractions, now and then extreme or invalid.
+    /// Never out of double's range (`1e400`): Redis 7.0's SORT reads errno without
+    /// clearing it, so the ERANGE such a score leaves would fail a later SORT at random.
     fn score(&mut self) -> Vec<u8> {
         match self.below(8) {
             0 => self
-                .pick(&["inf", "-inf", "+inf", "nan", "x", "1e400", "(1", ""])
+                .pick(&["inf", "-inf", "+inf", "nan", "x", "1e", "(1", ""])
                 .into(),
             _ => format!("{}", (self.below(41) as i64 - 20) as f64 / 4.0).into_bytes(),
         }
@@ -1381,6 +1578,104 @@ impl Gen {
             1 => self.pick(&["100", "4095"]).into(),
             _ => self.below(40).to_string().into_bytes(),
         }
+    }
+
+    /// A BITFIELD type: mostly valid widths, now and then one Redis refuses.
+    fn bitfield_type(&mut self) -> Vec<u8> {
+        match self.below(12) {
+            0 => self.pick(&["u64", "i65", "x8", "U8", "i0", "u"]).into(),
+            _ => self
+                .pick(&[
+                    "u8", "i8", "u16", "i16", "u63", "i64", "u1", "i5", "u3", "i32",
+                ])
+                .into(),
+        }
+    }
+
+    /// A BITFIELD offset: a bit offset within the small values or `#n`, now and then
+    /// past them or invalid.
+    fn bitfield_offset(&mut self) -> Vec<u8> {
+        match self.below(12) {
+            0 => self
+                .pick(&["-1", "#-1", "x", "1.5", "##1", "4294967296"])
+                .into(),
+            1..=3 => format!("#{}", self.below(5)).into_bytes(),
+            4 => self.pick(&["100", "#20"]).into(),
+            _ => self.below(40).to_string().into_bytes(),
+        }
+    }
+
+    /// A BITFIELD SET value or INCRBY increment: small, at the edges of the field
+    /// widths, extreme or invalid.
+    fn bitfield_value(&mut self) -> Vec<u8> {
+        match self.below(12) {
+            0..=3 => self
+                .pick(&[
+                    "127",
+                    "128",
+                    "255",
+                    "256",
+                    "-128",
+                    "-129",
+                    "65535",
+                    "-32769",
+                    "9223372036854775807",
+                    "-9223372036854775808",
+                ])
+                .into(),
+            4 => self.pick(&["x", "1.5", "", "9223372036854775808"]).into(),
+            _ => (self.below(61) as i64 - 30).to_string().into_bytes(),
+        }
+    }
+
+    /// An element for SORT to read as a number (now and then one it cannot read); many
+    /// are equal as numbers but not as bytes, which SORT then orders by their bytes.
+    fn sort_number(&mut self) -> Vec<u8> {
+        match self.below(10) {
+            // Not `1e400`: see [`Gen::score`].
+            0 if self.chance(5) => self.pick(&["nan", "4 ", "1e", "ten"]).into(),
+            0 => self
+                .pick(&[
+                    "1e2", "007", "-0", "inf", " 4", "0x10", "", "-inf", "1.5e-3",
+                ])
+                .into(),
+            1..=4 => self
+                .pick(&[
+                    "0", "-0", "0.0", "", "00", "1", "1.0", "01", "1e0", "0x1", " 1",
+                ])
+                .into(),
+            _ => format!("{}", (self.below(41) as i64 - 20) as f64 / 2.0).into_bytes(),
+        }
+    }
+
+    /// The key a SORT reads: mostly one of [`SORT_KEYS`], sometimes one of the key space.
+    fn sort_source(&mut self) -> Vec<u8> {
+        match self.chance(4) {
+            true => self.key(),
+            false => self.pick(SORT_KEYS).to_vec(),
+        }
+    }
+
+    /// SORT's options but BY and STORE: ASC/DESC, ALPHA, LIMIT, GET # and a GET of no
+    /// key (a pattern without `*`); now and then a bad one.
+    fn sort_options(&mut self) -> Vec<Vec<u8>> {
+        let offset = self.index();
+        let count = self.index();
+        let mut pool = vec![
+            opt(&[b"DESC"]),
+            opt(&[b"ASC"]),
+            opt(&[b"ALPHA"]),
+            opt(&[b"alpha"]),
+            vec![b"LIMIT".to_vec(), offset, count],
+            opt(&[b"GET", b"#"]),
+            opt(&[b"GET", b"nokey"]),
+        ];
+        if self.chance(8) {
+            // Not a lone BY: it would take the next option as a pattern and keep a set's
+            // own order.
+            pool.push(opt(&[self.pick(&[&b"LIMIT"[..], b"GET", b"NOSORT"])]));
+        }
+        self.options(&pool)
     }
 
     /// A relative expiry in milliseconds.
@@ -1608,13 +1903,29 @@ fn scan_all(conn: &mut RawConn, command: &[Vec<u8>]) -> Answer {
     ))
 }
 
-/// Deletes every key of the key space in every collection used, on both servers,
-/// and selects collection 0.
+/// How to compare a SORT ... BY nosort of `command[1]` ([`Compare::StoredOrder`]): by
+/// the type the key holds on redis-server before the command.
+fn stored_order(redis: &mut RawConn, command: &[Vec<u8>]) -> Compare {
+    let holds_set = matches!(
+        ask(redis, &[b"TYPE".to_vec(), command[1].clone()]),
+        Ok(Resp::Simple(kind)) if kind == "set"
+    );
+    let limited = command.iter().any(|arg| arg.eq_ignore_ascii_case(b"LIMIT"));
+    match (holds_set, limited) {
+        (false, _) => Compare::Exact,
+        (true, false) => Compare::Unordered,
+        (true, true) => Compare::SameShape,
+    }
+}
+
+/// Deletes every key of the key space, of [`SORT_KEYS`] and [`BITOP_DESTINATION`] in every
+/// collection used, on both servers, and selects collection 0.
 fn reset(shoal: &mut RawConn, redis: &mut RawConn) {
     for collection in COLLECTIONS.iter().rev() {
         let select = vec![b"SELECT".to_vec(), collection.as_bytes().to_vec()];
         let mut del = vec![b"DEL".to_vec()];
-        del.extend(KEYS.iter().map(|k| k.to_vec()));
+        let own = SORT_KEYS.iter().chain([&BITOP_DESTINATION]);
+        del.extend(KEYS.iter().chain(own).map(|k| k.to_vec()));
         for command in [select, del] {
             let (a, b) = both(shoal, redis, &command);
             let fine = |answer: &Answer| matches!(answer, Ok(reply) if !reply.is_error());
@@ -1671,13 +1982,17 @@ fn run_seed(
             })
             .expect("weights add up");
         let command = (spec.generate)(&mut gen);
+        let compare = match spec.compare {
+            Compare::StoredOrder => stored_order(redis, &command),
+            other => other,
+        };
         let (shoal_reply, redis_reply) = match spec.compare {
             Compare::FullScan => (scan_all(shoal, &command), scan_all(redis, &command)),
             _ => both(shoal, redis, &command),
         };
         let fatal = shoal_reply.is_err() || redis_reply.is_err();
         let matched = match (&shoal_reply, &redis_reply) {
-            (Ok(a), Ok(b)) => replies_match(spec.compare, a, b),
+            (Ok(a), Ok(b)) => replies_match(compare, a, b),
             _ => false,
         };
         if history.len() == history_len {
