@@ -336,3 +336,23 @@ fn a_rename_to_a_key_too_long_for_the_elements_is_refused_and_keeps_the_source()
     }
     assert_eq!(call_str(&mut con, &["SHOAL.TXNS"]), Value::Int(0));
 }
+
+#[test]
+fn a_lex_range_over_members_of_several_scores_answers_as_redis_does() {
+    let server = Server::start("");
+    let mut con = server.conn();
+    call_str(&mut con, &["ZADD", "z", "-4.5", "fg", "3", ""]);
+    // Redis finds the range empty: its last member (by score) is below the low end.
+    assert_eq!(
+        call_str(&mut con, &["ZLEXCOUNT", "z", "(a", "+"]),
+        Value::Int(0)
+    );
+    assert_eq!(
+        call_str(&mut con, &["ZRANGE", "z", "(a", "+", "BYLEX"]),
+        Value::Array(vec![])
+    );
+    assert_eq!(
+        call_str(&mut con, &["ZLEXCOUNT", "z", "-", "+"]),
+        Value::Int(2)
+    );
+}

@@ -301,6 +301,22 @@ impl Target<'_> {
         if take == 0 {
             return Ok(out);
         }
+        // As Redis: a lex range is empty unless the last member (by score) reaches its
+        // low end and the first one its high end (for members of one score this changes
+        // nothing; with several scores a lex range is Redis's unspecified case).
+        if let RangeBy::Lex(min, max) = &range.by {
+            let end = |reverse: bool| -> Result<Vec<u8>, OpError> {
+                let mut member = Vec::new();
+                self.walk(txn, ElementTable::Zscore, meta, reverse, &mut |entry, _| {
+                    member = entry[8..].to_vec();
+                    Ok(false)
+                })?;
+                Ok(member)
+            };
+            if lex_below(&end(true)?, min) || lex_above(&end(false)?, max) {
+                return Ok(out);
+            }
+        }
         self.walk(
             txn,
             ElementTable::Zscore,
