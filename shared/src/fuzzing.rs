@@ -654,6 +654,34 @@ pub fn frame_request_seeds() -> Vec<(&'static str, Vec<u8>)> {
             ),
         ),
         (
+            "bitfield",
+            envelope(
+                24,
+                BitField {
+                    collection: 0,
+                    key: key(b"bits"),
+                    ops: vec![
+                        crate::frame::BitFieldOp::IncrBy {
+                            field: crate::frame::BitFieldType {
+                                signed: true,
+                                bits: 8,
+                                offset: 16,
+                            },
+                            increment: -3,
+                            overflow: crate::frame::BitFieldOverflow::Sat,
+                        },
+                        crate::frame::BitFieldOp::Get {
+                            field: crate::frame::BitFieldType {
+                                signed: false,
+                                bits: 63,
+                                offset: 0,
+                            },
+                        },
+                    ],
+                },
+            ),
+        ),
+        (
             "exec",
             envelope(
                 23,
