@@ -288,6 +288,18 @@ impl Dispatch {
         self.readers
             .read(worker, self.links[worker].is_connected(), collection, keys)
     }
+
+    /// The versions of `keys`, all owned by `worker`, read from its environment
+    /// ([`crate::whole_reads`]); `None` when the worker must answer.
+    pub fn read_versions_directly(
+        &self,
+        worker: usize,
+        collection: Collection,
+        keys: &[&Key],
+    ) -> Option<Vec<u64>> {
+        self.readers
+            .versions(worker, self.links[worker].is_connected(), collection, keys)
+    }
 }
 
 /// Waits for calls made with [`Dispatch::send_all`] or [`Dispatch::send_everywhere`],

@@ -25,6 +25,8 @@
 //! - `routing`: requests for a partition sent to its owner, this host or another.
 //! - `dispatch`: where a request for the workers goes (a local worker or the partition's
 //!   owner), and how.
+//! - `whole_reads`: reads of keys on several workers or hosts, checked to show one
+//!   instant (never part of a multi-key write).
 //! - `txn`: the two-phase commit coordinator and the recovery of transactions in doubt.
 //! - `ids`: the host's id allocator (ID.NEW).
 //! - `handoff`: taking partitions over from other hosts, and dropping those given away.
@@ -54,6 +56,7 @@ mod server;
 mod state;
 mod table;
 mod txn;
+mod whole_reads;
 mod workers;
 
 use shoal_shared::config::Config;

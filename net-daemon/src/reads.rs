@@ -72,6 +72,30 @@ impl Readers {
 }
 
 impl Readers {
+    /// The versions of `keys` ([`shoal_shared::frame::versions`]), all owned by `worker`,
+    /// read from its environment; `None` when the worker must answer.
+    pub fn versions(
+        &self,
+        worker: usize,
+        connected: bool,
+        collection: Collection,
+        keys: &[&Key],
+    ) -> Option<Vec<u64>> {
+        if !connected {
+            return None;
+        }
+        match self
+            .reader(worker)?
+            .versions(collection, keys, shoal_shared::now_ms())
+        {
+            Ok(versions) => versions,
+            Err(error) => {
+                tracing::debug!(worker, %error, "reading versions failed; asking the worker");
+                None
+            }
+        }
+    }
+
     /// The live values of `keys`, all in a partition that `worker`'s copy follows, read
     /// from its environment as the copy holds them (see [`ShardReader::get_from_copy`]).
     pub fn read_copy(

@@ -27,6 +27,42 @@ pub use crate::limits::MAX_FRAME_BYTES;
 pub type Collection = u16;
 pub use crate::partition::Partition;
 
+/// What [`WorkerRequest::Versions`] answers for each key, and how a read that spans
+/// workers uses it to see one moment of the data.
+///
+/// A key's version is the commit id that last wrote it (commit ids only grow within a
+/// partition); a missing key's is [`versions::MISSING`] with its partition's last commit
+/// id, so that a key created and deleted again in between is noticed (any write to the
+/// partition counts, which only costs a retry); a key past its expiry is missing.
+/// [`versions::LOCKED`] means a prepared transaction locks the key.
+pub mod versions {
+    /// Marks the version of a missing key.
+    pub const MISSING: u64 = 1 << 63;
+    /// A prepared transaction locks the key.
+    pub const LOCKED: u64 = u64::MAX;
+
+    /// Whether the reads made between two `Versions` answers saw one moment: every key
+    /// kept its version from before the reads to after them, and none is locked after.
+    ///
+    /// Each key then held what was read from before the first read to after the last
+    /// one, so all of it was the data at one instant. No multi-key write was half
+    /// visible then: all its keys are locked from their prepares (which come before any
+    /// part commits) until each part commits, and a key locked then, unchanged and free
+    /// after, was released by an abort or left as it was.
+    pub fn settled(before: &[u64], after: &[u64]) -> bool {
+        before == after && !after.contains(&LOCKED)
+    }
+
+    /// The commit id a write that depends on what was read at `version` expects of the
+    /// key (`TxAction::Expect`): 0 for a missing key.
+    pub fn expected_commit_id(version: u64) -> u64 {
+        match version & MISSING {
+            0 => version,
+            _ => 0,
+        }
+    }
+}
+
 /// A user key together with the partition it hashes to.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Key {
@@ -709,6 +745,15 @@ pub enum WorkerRequest {
         /// The keys.
         keys: Vec<Key>,
     },
+    /// Each key's version and whether a prepared transaction locks it, answered at once
+    /// (it never waits for a lock), for reads that span workers to check that they saw
+    /// one moment ([`versions`]). → `Positions`, `(partition, version)` per key in order.
+    Versions {
+        /// The collection the keys are in.
+        collection: Collection,
+        /// The keys.
+        keys: Vec<Key>,
+    },
     /// EXEC across workers, first step: applies the requests (of this worker's keys) in
     /// order and answers what they answer and what they would change, then undoes them
     /// all. → `DryRun`. Changes nothing.
@@ -774,6 +819,7 @@ impl WorkerRequest {
                 | WorkerRequest::ExportPartition { .. }
                 | WorkerRequest::Fences
                 | WorkerRequest::CommitIds { .. }
+                | WorkerRequest::Versions { .. }
                 | WorkerRequest::ExecDryRun { .. }
         ) && !matches!(self, WorkerRequest::Typed { op, .. } if !op.is_write())
             && !matches!(self, WorkerRequest::BitField { ops, .. }
@@ -834,6 +880,8 @@ impl WorkerRequest {
     pub fn client_partitions(&self) -> Vec<Partition> {
         match self {
             WorkerRequest::Prepare { ops, .. } => ops.iter().map(|op| op.key.partition).collect(),
+            // Not in `keys`: it never waits for a lock.
+            WorkerRequest::Versions { keys, .. } => keys.iter().map(|key| key.partition).collect(),
             other => other
                 .keys()
                 .into_iter()

@@ -167,6 +167,51 @@ impl ShardReader {
         Ok(ReadOutcome::Values(values))
     }
 
+    /// Each key's version at `now_ms` ([`crate::frame::versions`]), or `None` when the
+    /// worker must answer: a transaction is prepared on the shard (only the worker knows its locks),
+    /// or a key's partition is fenced.
+    pub fn versions(
+        &self,
+        collection: Collection,
+        keys: &[&Key],
+        now_ms: u64,
+    ) -> Result<Option<Vec<u64>>, StoreError> {
+        let Some(database) = self.collections.get(usize::from(collection)) else {
+            return Ok(None);
+        };
+        self.with_txn(|txn| {
+            if self.any_prepared(txn)? {
+                return Ok(None);
+            }
+            let mut versions = Vec::with_capacity(keys.len());
+            for key in keys {
+                if self
+                    .meta
+                    .get(txn, &layout::fence_key(key.partition))?
+                    .is_some()
+                {
+                    return Ok(None);
+                }
+                let stored = database.get(txn, &layout::data_key(key.partition, &key.bytes))?;
+                let version = match stored.map(layout::decode_value).transpose()? {
+                    Some(live) if live.expires_at_ms.is_none_or(|at| at > now_ms) => live.commit_id,
+                    _ => match self
+                        .meta
+                        .get(txn, &layout::partition_meta_key(key.partition))?
+                    {
+                        Some(raw) => {
+                            crate::frame::versions::MISSING
+                                | layout::decode_partition_meta(raw)?.last_commit_id
+                        }
+                        None => crate::frame::versions::MISSING,
+                    },
+                };
+                versions.push(version);
+            }
+            Ok(Some(versions))
+        })
+    }
+
     /// Runs `read` in a read transaction, adopting a grown map first when needed.
     fn with_txn<T>(
         &self,

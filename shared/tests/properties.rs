@@ -116,6 +116,7 @@ fn worker_request() -> impl Strategy<Value = WorkerRequest> {
         }),
         (c(), keys()).prop_map(|(collection, keys)| Delete { collection, keys }),
         (c(), keys()).prop_map(|(collection, keys)| Exists { collection, keys }),
+        (c(), keys()).prop_map(|(collection, keys)| Versions { collection, keys }),
         (c(), key(), any::<i64>()).prop_map(|(collection, key, delta)| IncrBy {
             collection,
             key,

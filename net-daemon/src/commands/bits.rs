@@ -16,12 +16,11 @@
 use std::sync::Arc;
 
 use bytes::Bytes;
-use shoal_shared::frame::{
-    BitFieldOp, BitFieldOverflow, BitFieldType, Expiry, SetCondition, SetReply, WorkerRequest,
-};
+use shoal_shared::frame::{BitFieldOp, BitFieldOverflow, BitFieldType, WorkerRequest};
 use shoal_shared::resp::{parse_i64, Reply};
 
-use super::strings::{on_value, single};
+use super::collections::{store, Stored};
+use super::strings::{on_value, single, string_values, values_whole};
 use super::{Pending, Session};
 use crate::errors;
 use crate::state::Shared;
@@ -91,26 +90,18 @@ pub async fn dispatch(
             }
         },
         "lcs" => {
-            let options = args[3..].to_vec();
-            let mut reads = Vec::with_capacity(2);
-            for key in &args[1..3] {
-                reads.push(single(shared, key, |key| WorkerRequest::Get { collection, key }).await);
-            }
+            let (shared, args) = (Arc::clone(shared), args.to_vec());
             Pending::barrier(async move {
-                let mut values = Vec::with_capacity(2);
-                for read in reads {
-                    match read.resolve().await {
-                        Reply::Bulk(bytes) => values.push(bytes.to_vec()),
-                        Reply::Nil => values.push(Vec::new()),
-                        Reply::Error(text) if text.starts_with("WRONGTYPE") => {
-                            return Reply::error(
-                                "ERR The specified keys must contain string values",
-                            )
-                        }
-                        other => return other,
+                match values_whole(&shared, collection, &args[1..3]).await {
+                    Ok(values) => {
+                        let value = |i: usize| values[i].clone().unwrap_or_default();
+                        lcs(&value(0), &value(1), &args[3..])
                     }
+                    Err(Reply::Error(text)) if text.starts_with("WRONGTYPE") => {
+                        Reply::error("ERR The specified keys must contain string values")
+                    }
+                    Err(other) => other,
                 }
-                lcs(&values[0], &values[1], &options)
             })
         }
         "bitfield" | "bitfield_ro" => {
@@ -167,48 +158,16 @@ fn bit_op(name: &[u8], sources: usize) -> Result<BitOp, Reply> {
     Ok(op)
 }
 
-/// `BITOP op destkey key [key ...]`: reads the sources in order (a missing key is
-/// empty; the first that is not a string answers WRONGTYPE), stores the result under
-/// `destkey` (deletes it when the result is empty) and answers the result's length.
+/// `BITOP op destkey key [key ...]`: reads the sources (a missing key is empty; the first
+/// that is not a string answers WRONGTYPE), stores the result under `destkey` (deletes it
+/// when the result is empty) as one atomic change, and answers the result's length.
 async fn bit_op_store(shared: &Shared, collection: u16, op: BitOp, args: &[Bytes]) -> Reply {
-    let mut reads = Vec::with_capacity(args.len() - 3);
-    for key in &args[3..] {
-        reads.push(single(shared, key, |key| WorkerRequest::Get { collection, key }).await);
-    }
-    let mut values = Vec::with_capacity(reads.len());
-    for read in reads {
-        match read.resolve().await {
-            Reply::Bulk(value) => values.push(value),
-            Reply::Nil => values.push(Bytes::new()),
-            other => return other,
-        }
-    }
-    let result = bit_op_apply(op, &values);
-    let len = result.len() as i64;
-    let write = match result.is_empty() {
-        true => {
-            single(shared, &args[2], |key| WorkerRequest::Delete {
-                collection,
-                keys: vec![key],
-            })
-            .await
-        }
-        false => {
-            single(shared, &args[2], |key| WorkerRequest::Set {
-                collection,
-                key,
-                value: result,
-                condition: SetCondition::Always,
-                reply: SetReply::Status,
-                expiry: Expiry::Clear,
-            })
-            .await
-        }
+    let read = || string_values(shared, collection, &args[3..]);
+    let compute = |values: Vec<Option<Bytes>>| {
+        let values: Vec<Bytes> = values.into_iter().map(Option::unwrap_or_default).collect();
+        Ok(Stored::String(bit_op_apply(op, &values)))
     };
-    match write.resolve().await {
-        Reply::Ok | Reply::Integer(_) => Reply::Integer(len),
-        other => other,
-    }
+    store(shared, collection, &args[3..], &args[2], read, compute).await
 }
 
 /// BITOP's result: as long as the longest value, a shorter value read as zero bytes

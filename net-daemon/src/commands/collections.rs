@@ -5,8 +5,8 @@
 //! BRPOPLPUSH, BLMPOP, BZPOPMIN, BZPOPMAX, BZMPOP).
 //!
 //! - The algebra reads each source key from its owner and computes here; a STORE form
-//!   then replaces the destination in one write. The sources are read one by one, not
-//!   as one snapshot.
+//!   then replaces the destination in one write. The sources are read as of one instant
+//!   ([`whole_reads`]).
 //! - A move is one atomic request when both keys are on one worker; across workers (or
 //!   hosts) it is a dry run at each and one two-phase commit of both, like an EXEC
 //!   across workers (see `transaction`).
@@ -20,7 +20,7 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use serde_bytes::ByteBuf;
-use shoal_shared::frame::{Answer, TypedOp, WorkerRequest};
+use shoal_shared::frame::{versions, Answer, TxAction, TxOp, TypedOp, WorkerRequest};
 use shoal_shared::layout::typed::{score_bytes, Kind};
 use shoal_shared::resp::{parse_i64, Reply};
 
@@ -28,6 +28,7 @@ use super::types::{run, Shape};
 use super::{Pending, Session};
 use crate::errors;
 use crate::state::Shared;
+use crate::whole_reads;
 
 /// How often a blocked pop tries its keys again, at first and after a second.
 const BLOCKED_RETRY_FIRST: Duration = Duration::from_millis(5);
@@ -106,8 +107,21 @@ fn session_for(collection: u16) -> Session {
     session
 }
 
-/// The members of each set `keys` names (a missing key is empty), or the error reply.
+/// The members of each set `keys` names (a missing key is empty), or the error reply;
+/// all read at one instant ([`whole_reads`]).
 async fn set_members(
+    shared: &Shared,
+    collection: u16,
+    keys: &[Bytes],
+) -> Result<Vec<BTreeSet<Bytes>>, Reply> {
+    whole_reads::read_whole(&shared.dispatch, collection, keys, || {
+        read_sets(shared, collection, keys)
+    })
+    .await
+}
+
+/// The members of each set `keys` names, each read on its own.
+async fn read_sets(
     shared: &Shared,
     collection: u16,
     keys: &[Bytes],
@@ -166,50 +180,144 @@ async fn set_algebra(
     args: Vec<Bytes>,
     store: Option<Bytes>,
 ) -> Reply {
-    let sets = match set_members(&shared, collection, &args[1..]).await {
-        Ok(sets) => sets,
-        Err(reply) => return reply,
-    };
-    let result = combine_sets(op, sets);
+    let sources = &args[1..];
+    let read = || read_sets(&shared, collection, sources);
     match store {
-        None => Reply::Array(result.into_iter().map(Reply::Bulk).collect()),
+        None => match whole_reads::read_whole(&shared.dispatch, collection, sources, read).await {
+            Ok(sets) => Reply::Array(
+                combine_sets(op, sets)
+                    .into_iter()
+                    .map(Reply::Bulk)
+                    .collect(),
+            ),
+            Err(reply) => reply,
+        },
         Some(dest) => {
-            let elements: Vec<(Vec<u8>, Vec<u8>)> = result
-                .into_iter()
-                .map(|m| (m.to_vec(), Vec::new()))
-                .collect();
-            replace(&shared, collection, &dest, Kind::Set, elements).await
+            let compute = |sets| {
+                let members = combine_sets(op, sets).into_iter();
+                let elements = members.map(|m| (m.to_vec(), Vec::new())).collect();
+                Ok(Stored::Collection(Kind::Set, elements))
+            };
+            self::store(&shared, collection, sources, &dest, read, compute).await
         }
     }
 }
 
-/// Replaces `dest` with a typed key of `elements` (deletes it when there are none) and
-/// answers the count.
-pub async fn replace(
+/// What the destination of a STORE form becomes.
+pub enum Stored {
+    /// A typed key of these elements (`layout::typed::encode_snapshot`); deleted when
+    /// there are none.
+    Collection(Kind, Vec<(Vec<u8>, Vec<u8>)>),
+    /// A string (BITOP); deleted when empty.
+    String(Vec<u8>),
+}
+
+impl Stored {
+    fn len(&self) -> usize {
+        match self {
+            Stored::Collection(_, elements) => elements.len(),
+            Stored::String(value) => value.len(),
+        }
+    }
+
+    fn action(self) -> TxAction {
+        if self.len() == 0 {
+            return TxAction::Delete;
+        }
+        match self {
+            Stored::Collection(kind, elements) => TxAction::PutCollection {
+                snapshot: shoal_shared::layout::typed::encode_snapshot(kind, &elements),
+                expires_at_ms: None,
+                if_absent: false,
+            },
+            Stored::String(value) => TxAction::Put {
+                value,
+                expires_at_ms: None,
+                if_absent: false,
+            },
+        }
+    }
+}
+
+/// A STORE form (SINTERSTORE, ZUNIONSTORE, ZRANGESTORE, SORT ... STORE, BITOP, ...) as one
+/// atomic change: `read` reads `sources` whole ([`whole_reads::read_whole_at`]), `compute`
+/// makes the destination's new content of what it read, and the write of `dest` expects
+/// every source unchanged since (one `Atomic` when all the keys are on one worker, else
+/// two-phase commit). When a source changed in between, it all runs again, at most
+/// `MAX_PLANS` times. Answers the length of what was stored.
+pub async fn store<T, F, Fut>(
     shared: &Shared,
     collection: u16,
+    sources: &[Bytes],
     dest: &Bytes,
-    kind: Kind,
-    elements: Vec<(Vec<u8>, Vec<u8>)>,
-) -> Reply {
-    let count = elements.len() as i64;
-    let written = match count {
-        0 => {
-            super::strings::single(shared, dest, |key| WorkerRequest::Delete {
-                collection,
-                keys: vec![key],
-            })
-            .await
+    mut read: F,
+    mut compute: impl FnMut(T) -> Result<Stored, Reply>,
+) -> Reply
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<T, Reply>>,
+{
+    use super::transaction::{backoff, commit, kept_changing, MAX_PLANS};
+    for attempt in 0..MAX_PLANS {
+        backoff(attempt).await;
+        let (found, versions) = match whole_reads::read_whole_at(
+            &shared.dispatch,
+            collection,
+            sources,
+            &mut read,
+        )
+        .await
+        {
+            Ok(read) => read,
+            Err(reply) => return reply,
+        };
+        let stored = match compute(found) {
+            Ok(stored) => stored,
+            Err(reply) => return reply,
+        };
+        let count = stored.len() as i64;
+        let mut ops = Vec::with_capacity(sources.len() + 1);
+        let mut expected: Vec<&Bytes> = Vec::with_capacity(sources.len());
+        for (source, version) in sources.iter().zip(versions) {
+            if expected.contains(&source) {
+                continue;
+            }
+            expected.push(source);
+            let commit_id = versions::expected_commit_id(version);
+            match op(shared, collection, source, TxAction::Expect { commit_id }) {
+                Ok(op) => ops.push(op),
+                Err(reply) => return reply,
+            }
         }
-        _ => {
-            let snapshot = shoal_shared::layout::typed::encode_snapshot(kind, &elements);
-            super::dump::put_collection(shared, collection, dest, snapshot, None, false).await
+        match op(shared, collection, dest, stored.action()) {
+            Ok(op) => ops.push(op),
+            Err(reply) => return reply,
         }
-    };
-    match written.resolve().await {
-        Reply::Integer(_) => Reply::Integer(count),
-        other => other,
+        match commit(shared, ops).await {
+            Ok(true) => return Reply::Integer(count),
+            Ok(false) => continue,
+            Err(reply) => return reply,
+        }
     }
+    kept_changing()
+}
+
+/// `action` on `key`, routed.
+fn op(
+    shared: &Shared,
+    collection: u16,
+    key: &Bytes,
+    action: TxAction,
+) -> Result<(crate::dispatch::Dest, TxOp), Reply> {
+    let (dest, key) = shared.dispatch.route(key)?;
+    Ok((
+        dest,
+        TxOp {
+            collection,
+            key,
+            action,
+        },
+    ))
 }
 
 /// `SINTERCARD numkeys key [key ...] [LIMIT limit]`.
@@ -478,8 +586,21 @@ enum Aggregate {
     Max,
 }
 
-/// The members and scores of each key (a set's members score 1; a missing key is empty).
+/// The members and scores of each key (a set's members score 1; a missing key is
+/// empty), all read at one instant ([`whole_reads`]).
 async fn zset_members(
+    shared: &Shared,
+    collection: u16,
+    keys: &[Bytes],
+) -> Result<Vec<BTreeMap<Bytes, f64>>, Reply> {
+    whole_reads::read_whole(&shared.dispatch, collection, keys, || {
+        read_zsets(shared, collection, keys)
+    })
+    .await
+}
+
+/// The members and scores of each key, each read on its own.
+async fn read_zsets(
     shared: &Shared,
     collection: u16,
     keys: &[Bytes],
@@ -537,39 +658,79 @@ async fn zset_algebra(
         Some(_) => format!("{op}store"),
         None => op.to_string(),
     };
-    let (keys, mut rest) = match numkeys(&args[1..], NumKeys::Zsets(&full_name)) {
+    let (keys, rest) = match numkeys(&args[1..], NumKeys::Zsets(&full_name)) {
         Ok(split) => split,
         Err(reply) => return reply,
     };
     // The keys are read (and their types checked) before the options, as Redis does.
-    let sets = match zset_members(&shared, collection, keys).await {
-        Ok(sets) => sets,
-        Err(reply) => return reply,
+    let read = || read_zsets(&shared, collection, keys);
+    let Some(dest) = store else {
+        return match whole_reads::read_whole(&shared.dispatch, collection, keys, read).await {
+            Ok(sets) => match zset_combine(op, keys.len(), rest, sets, false) {
+                Ok((ranked, true)) => Reply::Pairs(
+                    ranked
+                        .into_iter()
+                        .map(|(m, s)| (Reply::Bulk(m), Reply::Double(s)))
+                        .collect(),
+                ),
+                Ok((ranked, false)) => {
+                    Reply::Array(ranked.into_iter().map(|(m, _)| Reply::Bulk(m)).collect())
+                }
+                Err(reply) => reply,
+            },
+            Err(reply) => reply,
+        };
     };
-    let mut weights = vec![1.0; keys.len()];
+    let compute = |sets| {
+        let (ranked, _) = zset_combine(op, keys.len(), rest, sets, true)?;
+        Ok(zset_stored(ranked))
+    };
+    self::store(&shared, collection, keys, &dest, read, compute).await
+}
+
+/// What a sorted set of `ranked` members is stored as.
+fn zset_stored(ranked: Vec<(Bytes, f64)>) -> Stored {
+    let elements = ranked
+        .into_iter()
+        .map(|(m, s)| (m.to_vec(), score_bytes(s).to_vec()))
+        .collect();
+    Stored::Collection(Kind::SortedSet, elements)
+}
+
+/// ZUNION, ZINTER or ZDIFF (`op`) of `sets` (of `keys` keys) with the options `rest`
+/// (WITHSCORES only when not `storing`): the members ranked, and whether WITHSCORES was
+/// given.
+fn zset_combine(
+    op: &str,
+    keys: usize,
+    mut rest: &[Bytes],
+    sets: Vec<BTreeMap<Bytes, f64>>,
+    storing: bool,
+) -> Result<(Vec<(Bytes, f64)>, bool), Reply> {
+    let mut weights = vec![1.0; keys];
     let (mut aggregate, mut with_scores) = (Aggregate::Sum, false);
     while let Some(option) = rest.first() {
-        if option.eq_ignore_ascii_case(b"weights") && op != "zdiff" && rest.len() > keys.len() {
-            for (i, weight) in rest[1..=keys.len()].iter().enumerate() {
+        if option.eq_ignore_ascii_case(b"weights") && op != "zdiff" && rest.len() > keys {
+            for (i, weight) in rest[1..=keys].iter().enumerate() {
                 match super::types::score(weight) {
                     Some(w) => weights[i] = w,
-                    None => return Reply::error("ERR weight value is not a float"),
+                    None => return Err(Reply::error("ERR weight value is not a float")),
                 }
             }
-            rest = &rest[1 + keys.len()..];
+            rest = &rest[1 + keys..];
         } else if option.eq_ignore_ascii_case(b"aggregate") && op != "zdiff" && rest.len() > 1 {
             aggregate = match () {
                 _ if rest[1].eq_ignore_ascii_case(b"sum") => Aggregate::Sum,
                 _ if rest[1].eq_ignore_ascii_case(b"min") => Aggregate::Min,
                 _ if rest[1].eq_ignore_ascii_case(b"max") => Aggregate::Max,
-                _ => return errors::syntax(),
+                _ => return Err(errors::syntax()),
             };
             rest = &rest[2..];
-        } else if option.eq_ignore_ascii_case(b"withscores") && store.is_none() {
+        } else if option.eq_ignore_ascii_case(b"withscores") && !storing {
             with_scores = true;
             rest = &rest[1..];
         } else {
-            return errors::syntax();
+            return Err(errors::syntax());
         }
     }
     let weighted = |score: f64, weight: f64| {
@@ -621,23 +782,7 @@ async fn zset_algebra(
             _ => result.retain(|member, _| !set.contains_key(member)),
         }
     }
-    let ranked = ranked(result);
-    match store {
-        Some(dest) => {
-            let elements = ranked
-                .into_iter()
-                .map(|(m, s)| (m.to_vec(), score_bytes(s).to_vec()))
-                .collect();
-            replace(&shared, collection, &dest, Kind::SortedSet, elements).await
-        }
-        None if with_scores => Reply::Pairs(
-            ranked
-                .into_iter()
-                .map(|(m, s)| (Reply::Bulk(m), Reply::Double(s)))
-                .collect(),
-        ),
-        None => Reply::Array(ranked.into_iter().map(|(m, _)| Reply::Bulk(m)).collect()),
-    }
+    Ok((ranked(result), with_scores))
 }
 
 /// `ZINTERCARD numkeys key ... [LIMIT limit]`.
@@ -682,20 +827,25 @@ async fn zrangestore(shared: Arc<Shared>, collection: u16, args: Vec<Bytes>) -> 
         range,
         with_scores: true,
     };
-    let read = run(&shared, &session, &args[2], op, Shape::Plain).await;
-    let elements = match read.resolve().await {
-        Reply::Pairs(pairs) => pairs
-            .into_iter()
-            .filter_map(|pair| match pair {
-                (Reply::Bulk(member), Reply::Double(score)) => {
-                    Some((member.to_vec(), score_bytes(score).to_vec()))
-                }
-                _ => None,
-            })
-            .collect(),
-        other => return other,
+    let (shared, session, op, source) = (&shared, &session, &op, &args[2]);
+    let read = || async move {
+        match run(shared, session, source, op.clone(), Shape::Plain)
+            .await
+            .resolve()
+            .await
+        {
+            Reply::Pairs(pairs) => Ok(pairs
+                .into_iter()
+                .filter_map(|pair| match pair {
+                    (Reply::Bulk(member), Reply::Double(score)) => Some((member, score)),
+                    _ => None,
+                })
+                .collect()),
+            other => Err(other),
+        }
     };
-    replace(&shared, collection, &args[1], Kind::SortedSet, elements).await
+    let compute = |ranked| Ok(zset_stored(ranked));
+    store(shared, collection, &args[2..3], &args[1], read, compute).await
 }
 
 /// A pop from the first non-empty of several keys (LMPOP, ZMPOP and their blocking forms,

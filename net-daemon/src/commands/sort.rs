@@ -27,6 +27,7 @@ use bytes::Bytes;
 use shoal_shared::frame::{Kind, RangeBy, TypedOp, ZRange};
 use shoal_shared::resp::{parse_i64, Reply};
 
+use super::collections::{store, Stored};
 use super::types::{run, Shape};
 use super::{Pending, Session};
 use crate::errors;
@@ -167,36 +168,47 @@ enum Source {
     SortedSet,
 }
 
-/// Reads the key's elements in stored order, then sorts and answers or stores them.
+/// Reads the key's elements in stored order, then sorts and answers or stores them (one
+/// atomic change: the destination is written only if the key is unchanged since the read).
 async fn sort(shared: &Shared, collection: u16, key: &Bytes, options: Options) -> Reply {
-    let (source, elements) = match read(shared, collection, key).await {
-        Ok(found) => found,
-        Err(reply) => return reply,
+    let Some(destination) = &options.store else {
+        let items = match read(shared, collection, key).await {
+            Ok((source, elements)) => sorted(source, elements, &options),
+            Err(reply) => return reply,
+        };
+        return match items {
+            Ok(items) => Reply::Array(
+                items
+                    .into_iter()
+                    .map(|item| item.map_or(Reply::Nil, Reply::Bulk))
+                    .collect(),
+            ),
+            Err(reply) => reply,
+        };
     };
-    let items = match sorted(source, elements, &options) {
-        Ok(items) => items,
-        Err(reply) => return reply,
+    let compute = |(source, elements)| {
+        let items = sorted(source, elements, &options)?;
+        let elements = items
+            .into_iter()
+            .map(|item| {
+                (
+                    Vec::new(),
+                    item.map_or_else(Vec::new, |value| value.to_vec()),
+                )
+            })
+            .collect();
+        Ok(Stored::Collection(Kind::List, elements))
     };
-    match &options.store {
-        None => Reply::Array(
-            items
-                .into_iter()
-                .map(|item| item.map_or(Reply::Nil, Reply::Bulk))
-                .collect(),
-        ),
-        Some(destination) => {
-            let elements = items
-                .into_iter()
-                .map(|item| {
-                    (
-                        Vec::new(),
-                        item.map_or_else(Vec::new, |value| value.to_vec()),
-                    )
-                })
-                .collect();
-            super::collections::replace(shared, collection, destination, Kind::List, elements).await
-        }
-    }
+    let read = || read(shared, collection, key);
+    store(
+        shared,
+        collection,
+        std::slice::from_ref(key),
+        destination,
+        read,
+        compute,
+    )
+    .await
 }
 
 /// The key's type and its elements in stored order; WRONGTYPE for a string or hash.

@@ -1,6 +1,8 @@
-//! Commands on one key: strings, counters and ranges (and MGET/EXISTS,
-//! which read many keys without needing atomicity). Each builds a
+//! Commands on one key: strings, counters and ranges (and MGET/EXISTS, whose keys on
+//! several workers are read whole, see [`whole_reads`]). Each builds a
 //! [`WorkerRequest`] for the worker that owns the key.
+
+use std::sync::Arc;
 
 use bytes::Bytes;
 use shoal_shared::frame::{Expiry, Key, SetCondition, SetReply, WorkerRequest};
@@ -9,10 +11,11 @@ use shoal_shared::resp::{parse_i64, Reply};
 use super::{call_one, Merge, Pending, Session};
 use crate::errors;
 use crate::state::Shared;
+use crate::whole_reads;
 
 /// Runs `name` if it is a one-key command; `None` otherwise. Arity is already checked.
 pub async fn dispatch(
-    shared: &Shared,
+    shared: &Arc<Shared>,
     session: &Session,
     name: &str,
     args: &[Bytes],
@@ -172,12 +175,10 @@ pub async fn dispatch(
             None => Pending::Ready(errors::not_integer()),
         },
         // Shoal keeps no access times: TOUCH counts the keys that exist, as EXISTS does.
-        "exists" | "touch" => {
-            multi_read(shared, &args[1..], Merge::Sum, |keys| {
-                WorkerRequest::Exists { collection, keys }
-            })
-            .await
+        "exists" | "touch" | "mget" if whole_reads::spans_owners(&shared.dispatch, &args[1..]) => {
+            read_whole(shared, session, name == "mget", &args[1..])
         }
+        "exists" | "touch" => exists(shared, collection, &args[1..]).await,
         "mget" => {
             if let Some(values) = direct_read(shared, session, &args[1..]) {
                 return Some(Pending::Ready(Reply::Array(
@@ -269,6 +270,81 @@ fn direct_read(shared: &Shared, session: &Session, keys: &[Bytes]) -> Option<Vec
     Some(values)
 }
 
+/// The string values of `keys` (`None`: missing), read whole ([`whole_reads`]), or the
+/// first error (WRONGTYPE for a typed key).
+pub async fn values_whole(
+    shared: &Shared,
+    collection: u16,
+    keys: &[Bytes],
+) -> Result<Vec<Option<Bytes>>, Reply> {
+    let read = || string_values(shared, collection, keys);
+    whole_reads::read_whole(&shared.dispatch, collection, keys, read).await
+}
+
+/// The string values of `keys` (`None`: missing), each read on its own, or the first
+/// error.
+pub async fn string_values(
+    shared: &Shared,
+    collection: u16,
+    keys: &[Bytes],
+) -> Result<Vec<Option<Bytes>>, Reply> {
+    let mut reads = Vec::with_capacity(keys.len());
+    for key in keys {
+        reads.push(single(shared, key, |key| WorkerRequest::Get { collection, key }).await);
+    }
+    let mut values = Vec::with_capacity(reads.len());
+    for read in reads {
+        match read.resolve().await {
+            Reply::Bulk(value) => values.push(Some(value)),
+            Reply::Nil => values.push(None),
+            other => return Err(other),
+        }
+    }
+    Ok(values)
+}
+
+/// How many of `keys` exist, through their workers.
+async fn exists(shared: &Shared, collection: u16, keys: &[Bytes]) -> Pending {
+    multi_read(shared, keys, Merge::Sum, |keys| WorkerRequest::Exists {
+        collection,
+        keys,
+    })
+    .await
+}
+
+/// MGET (`mget`) or EXISTS of keys on several workers or hosts, seen whole
+/// ([`whole_reads`]): from the shards' maps when it can, else as a barrier through the
+/// workers.
+fn read_whole(shared: &Arc<Shared>, session: &Session, mget: bool, keys: &[Bytes]) -> Pending {
+    let collection = session.collection;
+    if mget {
+        let direct = whole_reads::read_whole_directly(&shared.dispatch, collection, keys, || {
+            direct_read(shared, session, keys)
+        });
+        if let Some(values) = direct {
+            return Pending::Ready(Reply::Array(values.into_iter().map(value_reply).collect()));
+        }
+    }
+    let shared = Arc::clone(shared);
+    let keys = keys.to_vec();
+    Pending::barrier(async move {
+        let (shared_ref, keys_ref) = (&shared, &keys);
+        let read = move || async move {
+            let pending = match mget {
+                true => multi_values(shared_ref, collection, keys_ref).await,
+                false => exists(shared_ref, collection, keys_ref).await,
+            };
+            match pending.resolve().await {
+                error @ Reply::Error(_) => Err(error),
+                reply => Ok(reply),
+            }
+        };
+        whole_reads::read_whole(&shared.dispatch, collection, &keys, read)
+            .await
+            .unwrap_or_else(|error| error)
+    })
+}
+
 fn value_reply(value: Option<Vec<u8>>) -> Reply {
     value.map_or(Reply::Nil, |value| Reply::Bulk(value.into()))
 }
@@ -286,8 +362,9 @@ pub async fn multi_values(shared: &Shared, collection: u16, keys: &[Bytes]) -> P
     .await
 }
 
-/// A read of many keys: one request per worker that owns some of them. Not atomic across
-/// workers. For [`Merge::Values`], the positions of each worker's keys are filled in here.
+/// A read of many keys: one request per worker that owns some of them (each one
+/// snapshot; across workers, see [`read_whole`]). For [`Merge::Values`], the positions of
+/// each worker's keys are filled in here.
 async fn multi_read(
     shared: &Shared,
     keys: &[Bytes],

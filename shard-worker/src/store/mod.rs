@@ -54,7 +54,9 @@ use std::sync::{Arc, RwLock};
 
 use heed::{Env, EnvFlags, RwTxn, WithoutTls};
 use shoal_shared::config::Durability;
-use shoal_shared::frame::{Collection, Key, Partition, WorkerError, WorkerRequest, WorkerResponse};
+use shoal_shared::frame::{
+    versions, Collection, Key, Partition, WorkerError, WorkerRequest, WorkerResponse,
+};
 
 pub(crate) use clock::{Clock, SystemClock};
 use shoal_shared::layout::typed::ElementTable;
@@ -660,6 +662,9 @@ impl Store {
             WorkerRequest::CommitIds { collection, keys } => {
                 self.commit_ids(txn, *collection, keys)
             }
+            WorkerRequest::Versions { collection, keys } => {
+                self.versions(txn, batch, *collection, keys)
+            }
             WorkerRequest::Exec { watched, requests } => {
                 return self.exec(txn, batch, watched, requests);
             }
@@ -689,6 +694,36 @@ impl Store {
             ));
         }
         Ok(WorkerResponse::Positions(ids))
+    }
+
+    /// Each key's version, or `LOCKED` ([`shoal_shared::frame::versions`]).
+    fn versions(
+        &self,
+        txn: &RwTxn,
+        batch: &Batch,
+        collection: Collection,
+        keys: &[Key],
+    ) -> OpResult {
+        let db = self.db(collection)?;
+        let mut answer = Vec::with_capacity(keys.len());
+        for key in keys {
+            let version = if self.locks.holder(collection, key).is_some() {
+                versions::LOCKED
+            } else {
+                let stored = db.get(txn, &layout::data_key(key.partition, &key.bytes))?;
+                match stored.map(layout::decode_value).transpose()? {
+                    Some(live) if live.expires_at_ms.is_none_or(|at| at > batch.now_ms) => {
+                        live.commit_id
+                    }
+                    _ => {
+                        let meta = self.partition_meta(txn, batch, key.partition)?;
+                        versions::MISSING | meta.last_commit_id
+                    }
+                }
+            };
+            answer.push((key.partition, version));
+        }
+        Ok(WorkerResponse::Positions(answer))
     }
 
     /// The commit id that last wrote `key` (0: missing or expired at `now_ms`).

@@ -634,6 +634,77 @@ fn prepared_transactions_lock_keys_survive_reopen_and_resolve() {
     );
 }
 
+fn versions(store: &mut Store, keys: &[Key]) -> Vec<u64> {
+    let request = WorkerRequest::Versions {
+        collection: 0,
+        keys: keys.to_vec(),
+    };
+    match apply(store, &[request]).remove(0) {
+        WorkerResponse::Positions(found) => found.into_iter().map(|(_, v)| v).collect(),
+        other => panic!("{other:?}"),
+    }
+}
+
+#[test]
+fn versions_follow_every_change_and_show_locks_without_waiting() {
+    use shoal_shared::frame::versions::{LOCKED, MISSING};
+    let dir = tempfile::tempdir().unwrap();
+    let clock = ManualClock::new(START_MS);
+    let mut store = open_on(dir.path(), &clock);
+    let (a, b) = (key(1, b"a"), key(1, b"b"));
+    apply(&mut store, &[set(0, a.clone(), b"1")]);
+    let first = versions(&mut store, &[a.clone(), b.clone()]);
+    assert_eq!(
+        first[0],
+        last_commit_id(&mut store, 1),
+        "a live key: its commit id"
+    );
+    assert_eq!(
+        first[1],
+        MISSING | first[0],
+        "a missing key: its partition's commit id"
+    );
+    // b created and deleted again: a missing key's version still moved.
+    apply(&mut store, &[set(0, b.clone(), b"x")]);
+    apply(
+        &mut store,
+        &[WorkerRequest::Delete {
+            collection: 0,
+            keys: vec![b.clone()],
+        }],
+    );
+    let second = versions(&mut store, &[a.clone(), b.clone()]);
+    assert_eq!(second[0], first[0], "a is unchanged");
+    assert_ne!(second[1], first[1]);
+    assert_eq!(second[1] & MISSING, MISSING);
+    // A key past its expiry is missing.
+    apply(
+        &mut store,
+        &[set_expiring(0, b.clone(), b"y", START_MS + 10)],
+    );
+    let live = versions(&mut store, &[b.clone()])[0];
+    assert_eq!(live & MISSING, 0);
+    clock.advance(10);
+    assert_eq!(versions(&mut store, &[b.clone()])[0] & MISSING, MISSING);
+    // A prepared transaction's keys are locked; the answer comes at once.
+    apply(
+        &mut store,
+        &[WorkerRequest::Prepare {
+            txid: 3,
+            decider: 0,
+            ops: vec![put_op(0, a.clone(), b"2", false)],
+        }],
+    );
+    assert_eq!(versions(&mut store, &[a.clone(), b.clone()])[0], LOCKED);
+    assert_ne!(versions(&mut store, &[b.clone()])[0], LOCKED);
+    apply(&mut store, &[WorkerRequest::Commit { txid: 3 }]);
+    let after = versions(&mut store, &[a.clone()])[0];
+    assert!(
+        after != LOCKED && after > first[0],
+        "the commit gave a a new version"
+    );
+}
+
 #[test]
 fn scans_resume_after_the_last_stored_key_and_flush_logs_deletes() {
     let dir = tempfile::tempdir().unwrap();
