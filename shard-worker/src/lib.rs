@@ -439,6 +439,15 @@ impl Worker<'_> {
                 (vec![response; batch.len()], Some(error))
             }
         };
+        // The status table shows a commit before any of its writes is acknowledged.
+        self.slot.add(Field::Ops, count);
+        self.slot.set(Field::QueueDepth, 0);
+        if writes && fatal.is_none() {
+            self.dirty = true;
+            self.slot.add(Field::Commits, 1);
+            self.slot
+                .set(Field::LastCommitId, self.store.highest_commit_id());
+        }
         for (queued, response) in batch.into_iter().zip(responses) {
             // A closed connection only means the net-daemon went away; the write is committed.
             let _ = queued.reply.send(ResponseEnvelope {
@@ -446,8 +455,6 @@ impl Worker<'_> {
                 response,
             });
         }
-        self.slot.add(Field::Ops, count);
-        self.slot.set(Field::QueueDepth, 0);
         if let Some(error) = fatal {
             // After a failed commit (an fsync error above all) the environment's state is
             // not to be trusted: stop, and let the supervisor start a clean process.
@@ -462,12 +469,6 @@ impl Worker<'_> {
             self.slot
                 .observe(Field::CommitMicrosBuckets, &COMMIT_MICROS_BOUNDS, micros);
             self.slot.add(Field::CommitMicrosSum, micros);
-        }
-        if writes {
-            self.dirty = true;
-            self.slot.add(Field::Commits, 1);
-            self.slot
-                .set(Field::LastCommitId, self.store.highest_commit_id());
         }
         Ok(())
     }
