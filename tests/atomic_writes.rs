@@ -1,12 +1,13 @@
 //! Multi-key writes stay atomic across workers while processes die: a stream of
 //! MSETs whose keys span every worker runs while workers and the net-daemon are
-//! killed -9. Afterwards every key group holds the value of exactly one MSET (or
-//! nothing), never older than the last acknowledged one; the transactions left
-//! in doubt are resolved, and no key stays locked.
+//! killed -9, beside MGETs of the groups, none of which may see part of an MSET.
+//! Afterwards every key group holds the value of exactly one MSET (or nothing), never
+//! older than the last acknowledged one; the transactions left in doubt are resolved,
+//! and no key stays locked.
 
 mod common;
 
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::thread::sleep;
 use std::time::{Duration, Instant};
@@ -114,6 +115,57 @@ fn run_client(
     outcome
 }
 
+/// What the reader beside the stream saw.
+#[derive(Debug, Default)]
+struct Reads {
+    /// MGETs answered with every key of the group holding one value.
+    whole: usize,
+    /// Error replies (a dead worker, a key locked past the wait) and lost connections.
+    failed: usize,
+}
+
+/// MGETs each group in turn until `stop`; panics when one shows a group mixing values.
+fn read_groups(
+    redis_client: redis::Client,
+    groups: Vec<Vec<String>>,
+    stop: Arc<AtomicBool>,
+) -> Reads {
+    let mut reads = Reads::default();
+    let mut con = None;
+    for round in 0.. {
+        if stop.load(Ordering::SeqCst) {
+            break;
+        }
+        if con.is_none() {
+            con = connect_until(&redis_client, Instant::now() + Duration::from_secs(30));
+        }
+        let Some(connection) = con.as_mut() else {
+            reads.failed += 1;
+            continue;
+        };
+        let keys = &groups[round % groups.len()];
+        match connection.req_command(redis::cmd("MGET").arg(keys)) {
+            Ok(Value::Array(values)) => {
+                assert!(
+                    values.iter().all(|v| *v == values[0]),
+                    "an MGET during the stream saw part of an MSET: {values:?}"
+                );
+                reads.whole += 1;
+            }
+            Ok(Value::ServerError(_)) => {
+                reads.failed += 1;
+                sleep(Duration::from_millis(20));
+            }
+            Ok(other) => panic!("MGET answered {other:?}"),
+            Err(_) => {
+                reads.failed += 1;
+                con = None;
+            }
+        }
+    }
+    reads
+}
+
 /// Sends one command, retrying `TRYAGAIN` replies and lost connections until `deadline`.
 fn call_retrying(server: &Server, args: &[&str], deadline: Instant) -> Value {
     let mut last = String::new();
@@ -181,6 +233,14 @@ fn msets_across_workers_stay_atomic_while_workers_and_the_net_daemon_are_killed(
         })
         .collect();
 
+    // Beside the stream, MGETs of the groups must each see one MSET whole, kills or not.
+    let stop_reading = Arc::new(AtomicBool::new(false));
+    let reader = {
+        let (redis_client, groups, stop) =
+            (server.client(), groups.clone(), Arc::clone(&stop_reading));
+        std::thread::spawn(move || read_groups(redis_client, groups, stop))
+    };
+
     // Kill -9 a random worker at each milestone of acknowledged MSETs, and the net-daemon once.
     let total = CLIENTS * MSETS_PER_CLIENT as usize;
     let milestones = [
@@ -221,6 +281,13 @@ fn msets_across_workers_stay_atomic_while_workers_and_the_net_daemon_are_killed(
         .into_iter()
         .map(|h| h.join().expect("client thread"))
         .collect();
+    stop_reading.store(true, Ordering::SeqCst);
+    let reads = reader.join().expect("reader thread");
+    eprintln!("MGETs beside the stream: {reads:?}");
+    assert!(
+        reads.whole >= 100,
+        "the reader checked MGETs during the stream: {reads:?}"
+    );
     eprintln!("kills (role, index, acknowledged so far): {kills:?}");
     assert!(
         kills.len() >= 4,

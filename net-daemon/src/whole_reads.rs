@@ -5,7 +5,7 @@
 //! The read runs between two `Versions` answers for its keys. When they agree and no key
 //! is locked, all it read was the data of one instant ([`versions::settled`] says why).
 //! Otherwise it runs again, the last answer becoming the first; while a key is locked by
-//! a prepared transaction it first waits a little. Reads take no locks and never make a
+//! a prepared transaction it first waits for the owners to answer once it resolves. Reads take no locks and never make a
 //! writer wait; one runs twice only when a key it read changed under it. A read that
 //! cannot settle within [`GIVE_UP`] (its keys are rewritten without pause, or a
 //! transaction stays in doubt) answers `-TRYAGAIN`.
@@ -74,16 +74,14 @@ where
 {
     let groups = dispatch.group_by_dest(keys)?;
     let give_up = Instant::now() + GIVE_UP;
-    let mut before = versions_of(dispatch, collection, &groups, keys.len()).await?;
-    let mut pause = Duration::from_micros(200);
+    let mut before = versions_of(dispatch, collection, &groups, keys.len(), false).await?;
     loop {
         if before.contains(&versions::LOCKED) {
-            tokio::time::sleep(pause).await;
-            pause = (pause * 2).min(Duration::from_millis(20));
-            before = versions_of(dispatch, collection, &groups, keys.len()).await?;
+            // The owners answer as soon as the transactions holding the keys resolve.
+            before = versions_of(dispatch, collection, &groups, keys.len(), true).await?;
         } else {
             let result = read().await?;
-            let after = versions_of(dispatch, collection, &groups, keys.len()).await?;
+            let after = versions_of(dispatch, collection, &groups, keys.len(), false).await?;
             if versions::settled(&before, &after) {
                 return Ok((result, after));
             }
@@ -120,22 +118,29 @@ pub fn read_whole_directly<T>(
 }
 
 /// The versions of the `count` keys of `groups`, in key order, from the maps where they
-/// can be read, else from their owners.
+/// can be read, else from their owners; with `wait`, from the owners once no
+/// transaction locks the keys.
 async fn versions_of(
     dispatch: &Dispatch,
     collection: Collection,
     groups: &[DestKeys],
     count: usize,
+    wait: bool,
 ) -> Result<Vec<u64>, Reply> {
     let mut all = vec![0; count];
     let mut asked = Vec::new();
     for (dest, keys, positions) in groups {
-        match group_versions_directly(dispatch, collection, *dest, keys) {
+        let direct = match wait {
+            true => None,
+            false => group_versions_directly(dispatch, collection, *dest, keys),
+        };
+        match direct {
             Some(versions) => place(&mut all, positions, versions),
             None => {
                 let request = WorkerRequest::Versions {
                     collection,
                     keys: keys.clone(),
+                    wait,
                 };
                 asked.push((dispatch.send(*dest, request).await, positions));
             }

@@ -745,14 +745,16 @@ pub enum WorkerRequest {
         /// The keys.
         keys: Vec<Key>,
     },
-    /// Each key's version and whether a prepared transaction locks it, answered at once
-    /// (it never waits for a lock), for reads that span workers to check that they saw
-    /// one moment ([`versions`]). → `Positions`, `(partition, version)` per key in order.
+    /// Each key's version, for reads that span workers to check that they saw one moment
+    /// ([`versions`]). → `Positions`, `(partition, version)` per key in order.
     Versions {
         /// The collection the keys are in.
         collection: Collection,
         /// The keys.
         keys: Vec<Key>,
+        /// Answer once no prepared transaction locks the keys, as other requests on them
+        /// do; otherwise answer at once, with `LOCKED` for a locked key.
+        wait: bool,
     },
     /// EXEC across workers, first step: applies the requests (of this worker's keys) in
     /// order and answers what they answer and what they would change, then undoes them
@@ -880,7 +882,7 @@ impl WorkerRequest {
     pub fn client_partitions(&self) -> Vec<Partition> {
         match self {
             WorkerRequest::Prepare { ops, .. } => ops.iter().map(|op| op.key.partition).collect(),
-            // Not in `keys`: it never waits for a lock.
+            // Not in `keys` when it does not wait for locks.
             WorkerRequest::Versions { keys, .. } => keys.iter().map(|key| key.partition).collect(),
             other => other
                 .keys()
@@ -940,7 +942,12 @@ impl WorkerRequest {
             MGet { collection, keys }
             | Delete { collection, keys }
             | CommitIds { collection, keys }
-            | Exists { collection, keys } => keys.iter().map(|key| (*collection, key)).collect(),
+            | Exists { collection, keys }
+            | Versions {
+                collection,
+                keys,
+                wait: true,
+            } => keys.iter().map(|key| (*collection, key)).collect(),
             ExecDryRun { requests } => requests.iter().flat_map(WorkerRequest::keys).collect(),
             Exec { watched, requests } => watched
                 .iter()

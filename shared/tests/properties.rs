@@ -116,7 +116,11 @@ fn worker_request() -> impl Strategy<Value = WorkerRequest> {
         }),
         (c(), keys()).prop_map(|(collection, keys)| Delete { collection, keys }),
         (c(), keys()).prop_map(|(collection, keys)| Exists { collection, keys }),
-        (c(), keys()).prop_map(|(collection, keys)| Versions { collection, keys }),
+        (c(), keys(), any::<bool>()).prop_map(|(collection, keys, wait)| Versions {
+            collection,
+            keys,
+            wait
+        }),
         (c(), key(), any::<i64>()).prop_map(|(collection, key, delta)| IncrBy {
             collection,
             key,

@@ -662,9 +662,9 @@ impl Store {
             WorkerRequest::CommitIds { collection, keys } => {
                 self.commit_ids(txn, *collection, keys)
             }
-            WorkerRequest::Versions { collection, keys } => {
-                self.versions(txn, batch, *collection, keys)
-            }
+            WorkerRequest::Versions {
+                collection, keys, ..
+            } => self.versions(txn, batch, *collection, keys),
             WorkerRequest::Exec { watched, requests } => {
                 return self.exec(txn, batch, watched, requests);
             }

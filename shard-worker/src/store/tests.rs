@@ -638,6 +638,7 @@ fn versions(store: &mut Store, keys: &[Key]) -> Vec<u64> {
     let request = WorkerRequest::Versions {
         collection: 0,
         keys: keys.to_vec(),
+        wait: false,
     };
     match apply(store, &[request]).remove(0) {
         WorkerResponse::Positions(found) => found.into_iter().map(|(_, v)| v).collect(),
