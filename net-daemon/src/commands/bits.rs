@@ -8,10 +8,9 @@
 //!   as one `BitField` request: its ops run there in one transaction (a read-modify-write
 //!   as atomic as SETBIT), with the integer arithmetic in the worker's `bitfield`
 //!   module. With GETs only, the request is a read.
-//! - BITOP reads its source keys from their workers one by one (not as one snapshot:
-//!   a write between two reads may be seen by one and not the other), computes here, and
-//!   then stores the result under the destination with one write (a SET, or a DEL when
-//!   the result is empty), as Redis does.
+//! - BITOP reads its source keys as of one instant, computes here, and stores the result
+//!   under the destination (a string, or a delete when the result is empty) as one
+//!   atomic change with the read (`collections::store`).
 
 use std::sync::Arc;
 

@@ -15,9 +15,9 @@
 //!   or hosts: Shoal does not support them, and answers
 //!   "ERR SORT BY and GET patterns that read other keys are not supported" once the
 //!   options have parsed (Redis Cluster refuses them too).
-//! - STORE replaces the destination with a list of the result in one write (a delete
-//!   when the result is empty) and answers its length. The read and the write are two
-//!   steps, not one atomic change: a write to the source between them is not seen.
+//! - STORE replaces the destination with a list of the result (a delete when the result
+//!   is empty) and answers its length; the read and the write are one atomic change
+//!   (`collections::store`: the write expects the key unchanged since the read).
 //!   SORT_RO refuses STORE (a syntax error, as in Redis).
 
 use std::cmp::Ordering;
