@@ -19,6 +19,8 @@
 //! - a fourth host that joins while a client pushes gets its share of copies and
 //!   primaries, its copies are identical to the others', and every key reads the same
 //!   through it.
+//! - MGETs through two hosts of keys led by all three never see part of an MSET or
+//!   EXEC of those keys (two-phase commits across the hosts) made through the others.
 //!
 //! Each test prints what it measured.
 
@@ -1148,4 +1150,96 @@ fn copies_held(cluster: &Cluster) -> BTreeMap<usize, usize> {
             (host, held)
         })
         .collect()
+}
+
+#[test]
+fn reads_across_hosts_never_see_part_of_a_multi_key_write() {
+    let cluster = start_settled_cluster();
+    // One key in a partition led by each host, twice over: every MSET and EXEC of the
+    // group is a two-phase commit across the three hosts.
+    let primaries = primaries(&cluster, 1).expect("primaries");
+    let mut keys = Vec::new();
+    for round in 0..2 {
+        for host in 1..=3 {
+            let partition = (0..PARTITIONS)
+                .filter(|&p| primaries[p as usize] == host)
+                .nth(round)
+                .unwrap_or_else(|| panic!("host {host} leads two partitions: {primaries:?}"));
+            keys.push(format!("{{{}}}:k", tag_in(partition, "whole")));
+        }
+    }
+    const WRITES: usize = 150;
+    let done = Arc::new(AtomicBool::new(false));
+    let writers: Vec<JoinHandle<()>> = (0..2)
+        .map(|w| {
+            let (mut con, keys) = (connect(&cluster, 1 + w), keys.clone());
+            std::thread::spawn(move || {
+                for n in 0..WRITES {
+                    let value = format!("{w}-{n}");
+                    let reply = if w == 0 {
+                        let mut mset = redis::cmd("MSET");
+                        for key in &keys {
+                            mset.arg(key).arg(&value);
+                        }
+                        con.req_command(&mset)
+                    } else {
+                        let mut pipe = redis::pipe();
+                        pipe.atomic();
+                        for key in &keys {
+                            pipe.cmd("SET").arg(key).arg(&value).ignore();
+                        }
+                        con.req_packed_commands(&pipe.get_packed_pipeline(), keys.len() + 1, 1)
+                            .map(|mut replies| replies.pop().unwrap_or(Value::Nil))
+                    };
+                    match reply {
+                        // A partition may still move between hosts: nothing was applied.
+                        Ok(reply @ Value::ServerError(_))
+                            if error_text(&reply).starts_with("TRYAGAIN") =>
+                        {
+                            std::thread::sleep(Duration::from_millis(50))
+                        }
+                        Ok(Value::ServerError(_)) | Err(_) => {
+                            panic!("writer {w}: {reply:?}")
+                        }
+                        Ok(_) => {}
+                    }
+                }
+            })
+        })
+        .collect();
+    let readers: Vec<JoinHandle<usize>> = [2usize, 3]
+        .into_iter()
+        .map(|host| {
+            let (mut con, keys, done) = (connect(&cluster, host), keys.clone(), Arc::clone(&done));
+            std::thread::spawn(move || {
+                let mut checked = 0;
+                let deadline = Instant::now() + Duration::from_secs(120);
+                while (!done.load(Ordering::SeqCst) || checked < 20) && Instant::now() < deadline {
+                    match con.req_command(redis::cmd("MGET").arg(&keys)) {
+                        Ok(Value::Array(values)) => {
+                            assert!(
+                                values.iter().all(|v| *v == values[0]),
+                                "an MGET through host {host} saw part of a write: {values:?}"
+                            );
+                            checked += 1;
+                        }
+                        Ok(reply @ Value::ServerError(_))
+                            if error_text(&reply).starts_with("TRYAGAIN") => {}
+                        other => panic!("MGET through host {host}: {other:?}"),
+                    }
+                }
+                checked
+            })
+        })
+        .collect();
+    for writer in writers {
+        writer.join().expect("writer");
+    }
+    done.store(true, Ordering::SeqCst);
+    let checked: Vec<usize> = readers
+        .into_iter()
+        .map(|r| r.join().expect("reader"))
+        .collect();
+    println!("MGETs across 3 hosts checked beside {WRITES} MSETs and {WRITES} EXECs: {checked:?}");
+    assert!(checked.iter().all(|&n| n >= 20), "{checked:?}");
 }
