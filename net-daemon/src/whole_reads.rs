@@ -5,10 +5,10 @@
 //! The read runs between two `Versions` answers for its keys. When they agree and no key
 //! is locked, all it read was the data of one instant ([`versions::settled`] says why).
 //! Otherwise it runs again, the last answer becoming the first; while a key is locked by
-//! a prepared transaction it first waits for the owners to answer once it resolves. Reads take no locks and never make a
-//! writer wait; one runs twice only when a key it read changed under it. A read that
-//! cannot settle within [`GIVE_UP`] (its keys are rewritten without pause, or a
-//! transaction stays in doubt) answers `-TRYAGAIN`.
+//! a prepared transaction, the owners are first asked to answer once it resolves. Reads
+//! take no locks and never make a writer wait; one runs twice only when a key it read
+//! changed under it. A read that cannot settle within [`GIVE_UP`] (its keys are
+//! rewritten without pause, or a transaction stays in doubt) answers `-TRYAGAIN`.
 //!
 //! The versions come from the shards' maps when they can ([`crate::reads`]), else from
 //! the keys' owners: a worker, or another host's net-daemon.
