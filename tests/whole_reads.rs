@@ -243,7 +243,7 @@ fn set_algebra_sees_smove_whole_and_store_forms_lose_no_concurrent_write() {
             let mut con = common::connect(&client);
             for n in 0..WRITES {
                 let member = format!("m{}", n % MEMBERS);
-                let (from, to) = if (n / MEMBERS) % 2 == 0 {
+                let (from, to) = if (n / MEMBERS).is_multiple_of(2) {
                     (&a, &b)
                 } else {
                     (&b, &a)

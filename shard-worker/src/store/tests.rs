@@ -683,10 +683,13 @@ fn versions_follow_every_change_and_show_locks_without_waiting() {
         &mut store,
         &[set_expiring(0, b.clone(), b"y", START_MS + 10)],
     );
-    let live = versions(&mut store, &[b.clone()])[0];
+    let live = versions(&mut store, std::slice::from_ref(&b))[0];
     assert_eq!(live & MISSING, 0);
     clock.advance(10);
-    assert_eq!(versions(&mut store, &[b.clone()])[0] & MISSING, MISSING);
+    assert_eq!(
+        versions(&mut store, std::slice::from_ref(&b))[0] & MISSING,
+        MISSING
+    );
     // A prepared transaction's keys are locked; the answer comes at once.
     apply(
         &mut store,
@@ -697,9 +700,9 @@ fn versions_follow_every_change_and_show_locks_without_waiting() {
         }],
     );
     assert_eq!(versions(&mut store, &[a.clone(), b.clone()])[0], LOCKED);
-    assert_ne!(versions(&mut store, &[b.clone()])[0], LOCKED);
+    assert_ne!(versions(&mut store, std::slice::from_ref(&b))[0], LOCKED);
     apply(&mut store, &[WorkerRequest::Commit { txid: 3 }]);
-    let after = versions(&mut store, &[a.clone()])[0];
+    let after = versions(&mut store, std::slice::from_ref(&a))[0];
     assert!(
         after != LOCKED && after > first[0],
         "the commit gave a a new version"
