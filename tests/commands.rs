@@ -1267,10 +1267,15 @@ fn client_list_info_and_kill() {
         theirs.contains(" db=1 ") && theirs.contains(" addr=127.0.0.1:"),
         "{theirs}"
     );
-    // CLIENT INFO: this connection's line only.
+    // CLIENT INFO: this connection's line only, showing CLIENT as its command even
+    // right after another one.
+    assert_eq!(
+        call_str(&mut me, &["PING"]),
+        Value::SimpleString("PONG".into())
+    );
     let info = text(call_str(&mut me, &["CLIENT", "INFO"]));
     assert!(
-        info.contains(" name=me ") && info.lines().count() == 1,
+        info.contains(" name=me ") && info.contains(" cmd=client ") && info.lines().count() == 1,
         "{info}"
     );
     let only = text(call_str(

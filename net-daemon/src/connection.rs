@@ -132,8 +132,12 @@ where
                 Ok(Some(args)) => {
                     let index = index_of_request(&args[0]);
                     let timing = index.map(|index| (index, Instant::now()));
-                    let (reply, next) = dispatch(shared, &mut session, args).await;
                     let command = index.map_or("NULL", |index| COMMANDS[index].name);
+                    if command == "client" {
+                        // CLIENT LIST and CLIENT INFO show this command as running, as Redis does.
+                        client.ran(session.client_state(command));
+                    }
+                    let (reply, next) = dispatch(shared, &mut session, args).await;
                     client.ran(session.client_state(command));
                     if next == After::CloseWithoutReply {
                         after = After::Close;
