@@ -289,6 +289,18 @@ impl Dispatch {
             .read(worker, self.links[worker].is_connected(), collection, keys)
     }
 
+    /// [`Dispatch::read_directly`], with the keys' versions read in the same transaction
+    /// ([`crate::whole_reads`]).
+    pub fn read_versioned_directly(
+        &self,
+        worker: usize,
+        collection: Collection,
+        keys: &[&Key],
+    ) -> Option<crate::reads::Versioned> {
+        self.readers
+            .read_versioned(worker, self.links[worker].is_connected(), collection, keys)
+    }
+
     /// The versions of `keys`, all owned by `worker`, read from its environment
     /// ([`crate::whole_reads`]); `None` when the worker must answer.
     pub fn read_versions_directly(

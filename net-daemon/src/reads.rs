@@ -20,6 +20,10 @@ use shoal_shared::layout::{PartitionMeta, ReplicaState};
 use shoal_shared::lmdb::StoreError;
 use shoal_shared::reader::{PartitionDigest, ReadOutcome, ShardReader};
 
+/// Values read from a map (`None`: missing or expired), with their versions
+/// ([`shoal_shared::frame::versions`]).
+pub type Versioned = (Vec<Option<Vec<u8>>>, Vec<u64>);
+
 /// The read-only views of every shard, opened on first use.
 pub struct Readers {
     dirs: Vec<PathBuf>,
@@ -72,6 +76,31 @@ impl Readers {
 }
 
 impl Readers {
+    /// [`Readers::read`], with the keys' versions read in the same transaction
+    /// ([`shoal_shared::frame::versions`]).
+    pub fn read_versioned(
+        &self,
+        worker: usize,
+        connected: bool,
+        collection: Collection,
+        keys: &[&Key],
+    ) -> Option<Versioned> {
+        if !connected {
+            return None;
+        }
+        let outcome = self
+            .reader(worker)?
+            .get_versioned(collection, keys, shoal_shared::now_ms());
+        match outcome {
+            Ok(ReadOutcome::Values(values, versions)) => Some((values, versions)),
+            Ok(ReadOutcome::AskWorker) => None,
+            Err(error) => {
+                tracing::debug!(worker, %error, "direct read failed; asking the worker");
+                None
+            }
+        }
+    }
+
     /// The versions of `keys` ([`shoal_shared::frame::versions`]), all owned by `worker`,
     /// read from its environment; `None` when the worker must answer.
     pub fn versions(
@@ -168,7 +197,7 @@ fn values_of(
     outcome: Result<ReadOutcome, StoreError>,
 ) -> Option<Vec<Option<Vec<u8>>>> {
     match outcome {
-        Ok(ReadOutcome::Values(values)) => Some(values),
+        Ok(ReadOutcome::Values(values, _)) => Some(values),
         Ok(ReadOutcome::AskWorker) => None,
         Err(error) => {
             tracing::debug!(worker, %error, "direct read failed; asking the worker");

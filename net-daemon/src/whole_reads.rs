@@ -27,7 +27,7 @@ use crate::dispatch::{DestKeys, Dispatch};
 pub const GIVE_UP: Duration = Duration::from_secs(4);
 /// How many times a read from the shards' maps tries before it leaves the read to
 /// [`read_whole`].
-const DIRECT_TRIES: usize = 3;
+pub const DIRECT_TRIES: usize = 3;
 
 /// Whether a read of `keys` with one request per owner must be checked: they span
 /// several owners. A read inside a transaction's plan never is (the transaction
@@ -95,26 +95,25 @@ where
     }
 }
 
-/// [`read_whole`] from the shards' maps only, with no wait: `None` when some key cannot be
-/// read there, or the read did not settle in a few tries (the caller then reads through
-/// [`read_whole`]).
-pub fn read_whole_directly<T>(
+/// Whether the keys of `groups` still have the versions `seen` (one list per group),
+/// read from the shards' maps; false when some cannot be read there.
+///
+/// A read of keys on several workers from the maps reads each worker's keys with their
+/// versions in one transaction, which finds no transaction prepared on that shard; the
+/// last worker's read is the instant the answer stands for. Every earlier worker's keys
+/// must then still have the versions read, with no transaction prepared (checked here,
+/// after the last read): each of those keys held what was read up to that instant, and
+/// no multi-key write was half visible then ([`versions::settled`]; on the last worker,
+/// nothing was prepared at its read).
+pub fn unchanged_directly(
     dispatch: &Dispatch,
     collection: Collection,
-    keys: &[Bytes],
-    mut read: impl FnMut() -> Option<T>,
-) -> Option<T> {
-    let groups = dispatch.group_by_dest(keys).ok()?;
-    let mut before = direct_versions(dispatch, collection, &groups, keys.len())?;
-    for _ in 0..DIRECT_TRIES {
-        let result = read()?;
-        let after = direct_versions(dispatch, collection, &groups, keys.len())?;
-        if versions::settled(&before, &after) {
-            return Some(result);
-        }
-        before = after;
-    }
-    None
+    groups: &[DestKeys],
+    seen: &[Vec<u64>],
+) -> bool {
+    groups.iter().zip(seen).all(|((dest, keys, _), seen)| {
+        group_versions_directly(dispatch, collection, *dest, keys).as_ref() == Some(seen)
+    })
 }
 
 /// The versions of the `count` keys of `groups`, in key order, from the maps where they
@@ -169,22 +168,6 @@ fn place(all: &mut [u64], positions: &[usize], versions: Vec<u64>) {
     for (&position, version) in positions.iter().zip(versions) {
         all[position] = version;
     }
-}
-
-/// The versions of the `count` keys of `groups` from the shards' maps, in key order;
-/// `None` when some cannot be read there.
-fn direct_versions(
-    dispatch: &Dispatch,
-    collection: Collection,
-    groups: &[DestKeys],
-    count: usize,
-) -> Option<Vec<u64>> {
-    let mut all = vec![0; count];
-    for (dest, keys, positions) in groups {
-        let versions = group_versions_directly(dispatch, collection, *dest, keys)?;
-        place(&mut all, positions, versions);
-    }
-    Some(all)
 }
 
 fn group_versions_directly(

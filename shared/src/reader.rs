@@ -20,8 +20,9 @@ use crate::lmdb::{env_options, open_database, RawDatabase, StoreError};
 
 /// What a read found.
 pub enum ReadOutcome {
-    /// The live values of the keys, in order (`None`: missing or expired).
-    Values(Vec<Option<Vec<u8>>>),
+    /// The live values of the keys, in order (`None`: missing or expired), and their
+    /// versions when asked ([`crate::frame::versions`]; empty otherwise).
+    Values(Vec<Option<Vec<u8>>>, Vec<u64>),
     /// The worker must answer: a multi-key write holds locks on this shard, or a key's
     /// partition is fenced (the worker then refuses the read).
     AskWorker,
@@ -104,7 +105,17 @@ impl ShardReader {
         keys: &[&Key],
         now_ms: u64,
     ) -> Result<ReadOutcome, StoreError> {
-        self.values(collection, keys, now_ms, true)
+        self.values(collection, keys, now_ms, true, false)
+    }
+
+    /// [`ShardReader::get`], with each key's version read in the same transaction.
+    pub fn get_versioned(
+        &self,
+        collection: Collection,
+        keys: &[&Key],
+        now_ms: u64,
+    ) -> Result<ReadOutcome, StoreError> {
+        self.values(collection, keys, now_ms, true, true)
     }
 
     /// The live values of `keys` in `collection` at `now_ms` as a follower's copy holds
@@ -117,7 +128,7 @@ impl ShardReader {
         keys: &[&Key],
         now_ms: u64,
     ) -> Result<ReadOutcome, StoreError> {
-        self.values(collection, keys, now_ms, false)
+        self.values(collection, keys, now_ms, false, false)
     }
 
     fn values(
@@ -126,6 +137,7 @@ impl ShardReader {
         keys: &[&Key],
         now_ms: u64,
         served_only: bool,
+        versioned: bool,
     ) -> Result<ReadOutcome, StoreError> {
         let Some(database) = self.collections.get(usize::from(collection)) else {
             return Ok(ReadOutcome::AskWorker);
@@ -135,7 +147,7 @@ impl ShardReader {
             Err(heed::Error::Mdb(MdbError::MapResized)) => {
                 drop(_shared);
                 self.adopt_grown_map()?;
-                return self.values(collection, keys, now_ms, served_only);
+                return self.values(collection, keys, now_ms, served_only, versioned);
             }
             other => other?,
         };
@@ -152,19 +164,41 @@ impl ShardReader {
             }
         }
         let mut values = Vec::with_capacity(keys.len());
+        let mut versions = Vec::with_capacity(if versioned { keys.len() } else { 0 });
         for key in keys {
             let raw = database.get(&txn, &layout::data_key(key.partition, &key.bytes))?;
             let value = match raw.map(layout::decode_value).transpose()? {
                 // A typed key: its worker answers (WRONGTYPE for GET, nil for MGET).
                 Some(stored) if stored.typed => return Ok(ReadOutcome::AskWorker),
                 Some(stored) if stored.expires_at_ms.is_none_or(|at| at > now_ms) => {
+                    if versioned {
+                        versions.push(stored.commit_id);
+                    }
                     Some(stored.bytes.to_vec())
                 }
-                _ => None,
+                _ => {
+                    if versioned {
+                        versions.push(self.missing_version(&txn, key.partition)?);
+                    }
+                    None
+                }
             };
             values.push(value);
         }
-        Ok(ReadOutcome::Values(values))
+        Ok(ReadOutcome::Values(values, versions))
+    }
+
+    /// The version of a missing key of `partition` ([`crate::frame::versions`]).
+    fn missing_version(
+        &self,
+        txn: &RoTxn<WithoutTls>,
+        partition: Partition,
+    ) -> Result<u64, StoreError> {
+        let last = match self.meta.get(txn, &layout::partition_meta_key(partition))? {
+            Some(raw) => layout::decode_partition_meta(raw)?.last_commit_id,
+            None => 0,
+        };
+        Ok(crate::frame::versions::MISSING | last)
     }
 
     /// Each key's version at `now_ms` ([`crate::frame::versions`]), or `None` when the
@@ -195,16 +229,7 @@ impl ShardReader {
                 let stored = database.get(txn, &layout::data_key(key.partition, &key.bytes))?;
                 let version = match stored.map(layout::decode_value).transpose()? {
                     Some(live) if live.expires_at_ms.is_none_or(|at| at > now_ms) => live.commit_id,
-                    _ => match self
-                        .meta
-                        .get(txn, &layout::partition_meta_key(key.partition))?
-                    {
-                        Some(raw) => {
-                            crate::frame::versions::MISSING
-                                | layout::decode_partition_meta(raw)?.last_commit_id
-                        }
-                        None => crate::frame::versions::MISSING,
-                    },
+                    _ => self.missing_version(txn, key.partition)?,
                 };
                 versions.push(version);
             }

@@ -238,14 +238,17 @@ async fn write_value(
 /// The values of `keys` read straight from the shards ([`crate::reads`]), in order; `None`
 /// when any of them must be read through its worker. A read never overtakes an earlier
 /// request of its connection: on a host on its own, none may be in flight; in a cluster,
-/// none on the keys' partitions.
+/// none on the keys' partitions. Keys on several workers are read whole: each worker's
+/// with their versions, then those of all but the last worker read checked unchanged
+/// ([`whole_reads::unchanged_directly`]), a few times at most.
 fn direct_read(shared: &Shared, session: &Session, keys: &[Bytes]) -> Option<Vec<Option<Vec<u8>>>> {
     let clustered = shared.dispatch.router.is_some();
-    if !session.direct_reads && !clustered {
+    // Inside a transaction's plan, reads are held for the transaction like its writes.
+    if (!session.direct_reads && !clustered) || crate::dispatch::Dispatch::is_holding() {
         return None;
     }
-    let mut values = vec![None; keys.len()];
-    for (dest, keys, positions) in shared.dispatch.group_by_dest(keys).ok()? {
+    let groups = shared.dispatch.group_by_dest(keys).ok()?;
+    for (_, keys, _) in &groups {
         if clustered && !keys.iter().all(|key| crate::routing::idle(key.partition)) {
             return None;
         }
@@ -258,16 +261,45 @@ fn direct_read(shared: &Shared, session: &Session, keys: &[Bytes]) -> Option<Vec
                 return None;
             }
         }
-        let worker = shared.dispatch.local_worker(dest)?;
-        let keys: Vec<&Key> = keys.iter().collect();
-        let found = shared
-            .dispatch
-            .read_directly(worker, session.collection, &keys)?;
-        for (value, position) in found.into_iter().zip(positions) {
-            values[position] = value;
+    }
+    let whole = groups.len() > 1;
+    for _ in 0..whole_reads::DIRECT_TRIES {
+        let mut values = vec![None; keys.len()];
+        let mut versions = Vec::with_capacity(groups.len());
+        for (dest, keys, positions) in &groups {
+            let worker = shared.dispatch.local_worker(*dest)?;
+            let keys: Vec<&Key> = keys.iter().collect();
+            let found = match whole {
+                true => {
+                    let (found, seen) = shared.dispatch.read_versioned_directly(
+                        worker,
+                        session.collection,
+                        &keys,
+                    )?;
+                    versions.push(seen);
+                    found
+                }
+                false => shared
+                    .dispatch
+                    .read_directly(worker, session.collection, &keys)?,
+            };
+            for (value, &position) in found.into_iter().zip(positions) {
+                values[position] = value;
+            }
+        }
+        let earlier = groups.len().saturating_sub(1);
+        if !whole
+            || whole_reads::unchanged_directly(
+                &shared.dispatch,
+                session.collection,
+                &groups[..earlier],
+                &versions,
+            )
+        {
+            return Some(values);
         }
     }
-    Some(values)
+    None
 }
 
 /// The string values of `keys` (`None`: missing), read whole ([`whole_reads`]), or the
@@ -318,10 +350,7 @@ async fn exists(shared: &Shared, collection: u16, keys: &[Bytes]) -> Pending {
 fn read_whole(shared: &Arc<Shared>, session: &Session, mget: bool, keys: &[Bytes]) -> Pending {
     let collection = session.collection;
     if mget {
-        let direct = whole_reads::read_whole_directly(&shared.dispatch, collection, keys, || {
-            direct_read(shared, session, keys)
-        });
-        if let Some(values) = direct {
+        if let Some(values) = direct_read(shared, session, keys) {
             return Pending::Ready(Reply::Array(values.into_iter().map(value_reply).collect()));
         }
     }
