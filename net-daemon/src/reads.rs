@@ -71,7 +71,7 @@ impl Readers {
         let outcome = self
             .reader(worker)?
             .get(collection, keys, shoal_shared::now_ms());
-        values_of(worker, outcome)
+        Some(values_of(worker, outcome)?.0)
     }
 }
 
@@ -91,14 +91,7 @@ impl Readers {
         let outcome = self
             .reader(worker)?
             .get_versioned(collection, keys, shoal_shared::now_ms());
-        match outcome {
-            Ok(ReadOutcome::Values(values, versions)) => Some((values, versions)),
-            Ok(ReadOutcome::AskWorker) => None,
-            Err(error) => {
-                tracing::debug!(worker, %error, "direct read failed; asking the worker");
-                None
-            }
-        }
+        values_of(worker, outcome)
     }
 
     /// The versions of `keys` ([`shoal_shared::frame::versions`]), all owned by `worker`,
@@ -136,7 +129,7 @@ impl Readers {
         let outcome = self
             .reader(worker)?
             .get_from_copy(collection, keys, shoal_shared::now_ms());
-        values_of(worker, outcome)
+        Some(values_of(worker, outcome)?.0)
     }
 
     fn opened(&self, worker: usize) -> Result<&ShardReader, StoreError> {
@@ -191,13 +184,11 @@ impl Readers {
     }
 }
 
-/// The values a read of `worker`'s map found; `None` when the worker must answer.
-fn values_of(
-    worker: usize,
-    outcome: Result<ReadOutcome, StoreError>,
-) -> Option<Vec<Option<Vec<u8>>>> {
+/// The values (and versions, if asked) a read of `worker`'s map found; `None` when the
+/// worker must answer.
+fn values_of(worker: usize, outcome: Result<ReadOutcome, StoreError>) -> Option<Versioned> {
     match outcome {
-        Ok(ReadOutcome::Values(values, _)) => Some(values),
+        Ok(ReadOutcome::Values(values, versions)) => Some((values, versions)),
         Ok(ReadOutcome::AskWorker) => None,
         Err(error) => {
             tracing::debug!(worker, %error, "direct read failed; asking the worker");

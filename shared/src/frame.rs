@@ -1260,6 +1260,32 @@ pub fn decode_frame<T: DeserializeOwned>(buf: &[u8]) -> Result<Option<(T, usize)
 mod tests {
     use super::*;
 
+    #[test]
+    fn a_read_settles_only_on_equal_unlocked_versions() {
+        use versions::{expected_commit_id, settled, LOCKED, MISSING};
+        let missing = MISSING | 41;
+        assert!(settled(&[5, missing], &[5, missing]));
+        assert!(
+            !settled(&[5, missing], &[6, missing]),
+            "a key was rewritten"
+        );
+        assert!(
+            !settled(&[5, missing], &[5, MISSING | 42]),
+            "a missing key's partition moved on (it may have come and gone)"
+        );
+        assert!(
+            !settled(&[5, LOCKED], &[5, LOCKED]),
+            "a key is still locked"
+        );
+        assert!(!settled(&[5, LOCKED], &[5, missing]));
+        assert_eq!(expected_commit_id(5), 5);
+        assert_eq!(
+            expected_commit_id(missing),
+            0,
+            "a missing key is expected missing"
+        );
+    }
+
     fn key(bytes: &[u8]) -> Key {
         Key {
             partition: 7,

@@ -107,20 +107,8 @@ fn session_for(collection: u16) -> Session {
     session
 }
 
-/// The members of each set `keys` names (a missing key is empty), or the error reply;
-/// all read at one instant ([`whole_reads`]).
-async fn set_members(
-    shared: &Shared,
-    collection: u16,
-    keys: &[Bytes],
-) -> Result<Vec<BTreeSet<Bytes>>, Reply> {
-    whole_reads::read_whole(&shared.dispatch, collection, keys, || {
-        read_sets(shared, collection, keys)
-    })
-    .await
-}
-
-/// The members of each set `keys` names, each read on its own.
+/// The members of each set `keys` names (a missing key is empty), each read on its own
+/// (a caller reads them whole, see [`whole_reads`]), or the error reply.
 async fn read_sets(
     shared: &Shared,
     collection: u16,
@@ -330,7 +318,8 @@ async fn sintercard(shared: Arc<Shared>, collection: u16, args: Vec<Bytes>) -> R
         Ok(limit) => limit,
         Err(reply) => return reply,
     };
-    let sets = match set_members(&shared, collection, keys).await {
+    let read = || read_sets(&shared, collection, keys);
+    let sets = match whole_reads::read_whole(&shared.dispatch, collection, keys, read).await {
         Ok(sets) => sets,
         Err(reply) => return reply,
     };
@@ -587,19 +576,7 @@ enum Aggregate {
 }
 
 /// The members and scores of each key (a set's members score 1; a missing key is
-/// empty), all read at one instant ([`whole_reads`]).
-async fn zset_members(
-    shared: &Shared,
-    collection: u16,
-    keys: &[Bytes],
-) -> Result<Vec<BTreeMap<Bytes, f64>>, Reply> {
-    whole_reads::read_whole(&shared.dispatch, collection, keys, || {
-        read_zsets(shared, collection, keys)
-    })
-    .await
-}
-
-/// The members and scores of each key, each read on its own.
+/// empty), each read on its own (a caller reads them whole, see [`whole_reads`]).
 async fn read_zsets(
     shared: &Shared,
     collection: u16,
@@ -792,7 +769,8 @@ async fn zintercard(shared: Arc<Shared>, collection: u16, args: Vec<Bytes>) -> R
         Err(reply) => return reply,
     };
     // The keys are read (and their types checked) before the options, as Redis does.
-    let sets = match zset_members(&shared, collection, keys).await {
+    let read = || read_zsets(&shared, collection, keys);
+    let sets = match whole_reads::read_whole(&shared.dispatch, collection, keys, read).await {
         Ok(sets) => sets,
         Err(reply) => return reply,
     };

@@ -175,17 +175,21 @@ pub async fn dispatch(
             None => Pending::Ready(errors::not_integer()),
         },
         // Shoal keeps no access times: TOUCH counts the keys that exist, as EXISTS does.
-        "exists" | "touch" | "mget" if whole_reads::spans_owners(&shared.dispatch, &args[1..]) => {
-            read_whole(shared, session, name == "mget", &args[1..])
+        "exists" | "touch" if whole_reads::spans_owners(&shared.dispatch, &args[1..]) => {
+            read_whole(shared, session, false, &args[1..])
         }
         "exists" | "touch" => exists(shared, collection, &args[1..]).await,
         "mget" => {
+            // Read whole from the maps when they can answer (`direct_read`).
             if let Some(values) = direct_read(shared, session, &args[1..]) {
                 return Some(Pending::Ready(Reply::Array(
                     values.into_iter().map(value_reply).collect(),
                 )));
             }
-            multi_values(shared, collection, &args[1..]).await
+            match whole_reads::spans_owners(&shared.dispatch, &args[1..]) {
+                true => read_whole(shared, session, true, &args[1..]),
+                false => multi_values(shared, collection, &args[1..]).await,
+            }
         }
         _ => return None,
     };
@@ -345,15 +349,9 @@ async fn exists(shared: &Shared, collection: u16, keys: &[Bytes]) -> Pending {
 }
 
 /// MGET (`mget`) or EXISTS of keys on several workers or hosts, seen whole
-/// ([`whole_reads`]): from the shards' maps when it can, else as a barrier through the
-/// workers.
+/// ([`whole_reads`]), as a barrier through the workers.
 fn read_whole(shared: &Arc<Shared>, session: &Session, mget: bool, keys: &[Bytes]) -> Pending {
     let collection = session.collection;
-    if mget {
-        if let Some(values) = direct_read(shared, session, keys) {
-            return Pending::Ready(Reply::Array(values.into_iter().map(value_reply).collect()));
-        }
-    }
     let shared = Arc::clone(shared);
     let keys = keys.to_vec();
     Pending::barrier(async move {
