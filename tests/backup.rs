@@ -323,7 +323,8 @@ fn backup_under_write_load_restores_exactly_the_manifest_commits() {
     }
 }
 
-/// A stopped server with a few keys, and a backup of it.
+/// A stopped server with a few keys, and a backup of it. Database 0 holds `k0` to
+/// `k49`; database 5 holds `s0` to `s4`, moved there from 3 by SWAPDB.
 fn backed_up_server() -> (Server, PathBuf) {
     let mut server = Server::start("[storage]\npartitions = 8\n");
     let mut con = server.conn();
@@ -334,6 +335,15 @@ fn backed_up_server() -> (Server, PathBuf) {
             .query(&mut con)
             .unwrap();
     }
+    let mut db3 = server.client().get_connection().unwrap();
+    assert_eq!(call_str(&mut db3, &["SELECT", "3"]), Value::Okay);
+    for i in 0..5 {
+        assert_eq!(
+            call_str(&mut db3, &["SET", &format!("s{i}"), "swapped"]),
+            Value::Okay
+        );
+    }
+    assert_eq!(call_str(&mut db3, &["SWAPDB", "3", "5"]), Value::Okay);
     let backup_dir = server.dir.path().join("b");
     let output = shoal(&server, "backup", &backup_dir);
     assert!(
@@ -470,6 +480,12 @@ fn restore_refuses_a_data_dir_in_use_or_not_empty_and_fits_the_worker_count() {
     assert_eq!(int(&call_str(&mut con, &["DBSIZE"])), 50);
     assert_eq!(bytes(&call_str(&mut con, &["GET", "k7"])), b"v7");
     assert_eq!(adopting.status_json().unwrap()["workers"], 2);
+    // The databases SWAPDB had moved are where they were.
+    assert_eq!(call_str(&mut con, &["SELECT", "5"]), Value::Okay);
+    assert_eq!(int(&call_str(&mut con, &["DBSIZE"])), 5);
+    assert_eq!(bytes(&call_str(&mut con, &["GET", "s3"])), b"swapped");
+    assert_eq!(call_str(&mut con, &["SELECT", "3"]), Value::Okay);
+    assert_eq!(int(&call_str(&mut con, &["DBSIZE"])), 0);
 
     // With another worker count named, the first start moves partitions to it.
     let mut moving = Server::configure("workers = 3\n[storage]\npartitions = 8\n");

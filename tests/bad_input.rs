@@ -398,6 +398,35 @@ fn second_serve_on_the_same_data_dir_is_refused() {
 }
 
 #[test]
+fn a_data_dir_whose_databases_were_swapped_is_refused_in_a_cluster() {
+    let mut server = Server::start("");
+    let mut raw = server.raw();
+    assert_eq!(raw.cmd(&["SET", "k", "v"]), Resp::Simple("OK".into()));
+    assert_eq!(raw.cmd(&["SWAPDB", "0", "1"]), Resp::Simple("OK".into()));
+    drop(raw);
+    assert_eq!(server.stop().code(), Some(0));
+    let peer = common::free_port();
+    server.update_config(&format!(
+        "[cluster]\ncluster_secret = \"a-secret-of-the-test-cluster\"\npeer_listen = \"127.0.0.1:{peer}\"\n"
+    ));
+    let mut command = server.command();
+    command
+        .arg("serve")
+        .arg("--config")
+        .arg(&server.config_path);
+    let output = run_with_timeout(command, Duration::from_secs(10)).expect("serve exits by itself");
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(
+        !output.status.success(),
+        "a swapped data dir joined a cluster: {stderr}"
+    );
+    assert!(
+        stderr.contains("SWAPDB") && stderr.contains("databases"),
+        "the message says what to do: {stderr:?}"
+    );
+}
+
+#[test]
 fn changing_the_partition_count_of_an_existing_data_dir_is_refused() {
     let mut server = Server::start("");
     let mut raw = server.raw();

@@ -894,6 +894,12 @@ fn typed_keys_read_alike_everywhere_and_survive_the_kill_of_their_primary() {
     let mut other = connect(&cluster, reader);
     transactions(&mut con, &mut other, &tx_tag, &mut model);
     assert_reads_as(&cluster, &[1, 2, 3], &model, "with every host up");
+    // The databases are the cluster's, not one host's: SWAPDB is refused, as in Redis Cluster.
+    let swap = common::call_str(&mut con, &["SWAPDB", "0", "1"]);
+    assert_eq!(
+        error_text(&swap),
+        "ERR SWAPDB is not allowed in cluster mode"
+    );
 
     // 2. A client pushes numbered elements onto lists and sets of the victim's
     // partitions through `writer` while the victim is killed.

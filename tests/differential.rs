@@ -455,6 +455,14 @@ fn specs() -> Vec<Spec> {
             };
             g.cmd("MOVE", &[key, db])
         }),
+        spec("SWAPDB", 3, &["SWAPDB", "0", "1"], Exact, |g| {
+            let mut db = || match g.below(10) {
+                0 => g.pick(&["16", "-1", "x"]).as_bytes().to_vec(),
+                _ => g.pick(COLLECTIONS).as_bytes().to_vec(),
+            };
+            let (a, b) = (db(), db());
+            g.cmd("SWAPDB", &[a, b])
+        }),
         // The payloads differ by design (docs/compatibility.md): compared by existence.
         spec("DUMP", 3, &["DUMP", "k0"], Existence, |g| {
             let key = g.key();

@@ -748,3 +748,117 @@ fn ttl_and_pttl_answer_minus_2_and_minus_1_where_redis_does() {
     assert_eq!(int(&mut con, &["PTTL", "r"]), -2);
     assert_eq!(common::call_str(&mut con, &["GET", "r"]), Value::Nil);
 }
+
+// ---------------------------------------------------------------- SWAPDB
+
+/// The texts of an array reply of bulk strings.
+fn texts(reply: &common::Resp) -> Vec<String> {
+    reply.array().iter().map(|item| item.text()).collect()
+}
+
+#[test]
+fn swapdb_exchanges_two_databases_for_every_client_and_keeps_the_swap_across_a_restart() {
+    let mut server = Server::start("workers = 3\n");
+    let mut setup = server.raw();
+    // Database 0: strings on every worker, a hash, a list and a key with a TTL.
+    for i in 0..30 {
+        assert_eq!(setup.cmd(&["SET", &format!("a:{i}"), "zero"]).text(), "OK");
+    }
+    assert_eq!(setup.cmd(&["HSET", "h", "f", "zero"]).int(), 1);
+    assert_eq!(setup.cmd(&["RPUSH", "l", "x", "y"]).int(), 2);
+    assert_eq!(setup.cmd(&["SET", "t", "v", "EX", "1000"]).text(), "OK");
+    // Database 1: other strings, a sorted set, and the list a pop blocked in 0 waits for.
+    assert_eq!(setup.cmd(&["SELECT", "1"]).text(), "OK");
+    for i in 0..20 {
+        assert_eq!(setup.cmd(&["SET", &format!("b:{i}"), "one"]).text(), "OK");
+    }
+    assert_eq!(setup.cmd(&["ZADD", "z", "1", "m"]).int(), 1);
+    assert_eq!(setup.cmd(&["RPUSH", "q", "item"]).int(), 1);
+
+    let mut blocked = server.raw();
+    blocked.send(&encode_command(&[b"BLPOP", b"q", b"10"]));
+    // A client that watches a key of database 0 sees its EXEC fail: the key it names is
+    // another one after the swap, as Redis makes it.
+    let mut watcher = server.raw();
+    assert_eq!(watcher.cmd(&["WATCH", "a:1"]).text(), "OK");
+    sleep(Duration::from_millis(200));
+
+    assert_eq!(setup.cmd(&["SWAPDB", "0", "1"]).text(), "OK");
+
+    // The pop blocked in database 0 is served from the list that came into it.
+    assert_eq!(
+        texts(&blocked.read_reply().expect("BLPOP reply")),
+        ["q", "item"]
+    );
+    assert_eq!(watcher.cmd(&["MULTI"]).text(), "OK");
+    assert_eq!(watcher.cmd(&["SET", "a:1", "mine"]).text(), "QUEUED");
+    assert!(
+        watcher.cmd(&["EXEC"]) == common::Resp::NilArray,
+        "EXEC ran though SWAPDB changed the watched key"
+    );
+
+    // The connection that had selected 1 now sees what 0 held; a new one (in 0) sees 1's.
+    assert_eq!(setup.cmd(&["GET", "a:7"]).text(), "zero");
+    assert_eq!(setup.cmd(&["HGET", "h", "f"]).text(), "zero");
+    assert_eq!(texts(&setup.cmd(&["LRANGE", "l", "0", "-1"])), ["x", "y"]);
+    let ttl = setup.cmd(&["TTL", "t"]).int();
+    assert!((990..=1000).contains(&ttl), "TTL {ttl} after SWAPDB");
+    assert_eq!(setup.cmd(&["DBSIZE"]).int(), 33);
+    let mut fresh = server.raw();
+    assert_eq!(fresh.cmd(&["DBSIZE"]).int(), 21);
+    assert_eq!(fresh.cmd(&["TYPE", "z"]).text(), "zset");
+    assert_eq!(fresh.cmd(&["GET", "a:7"]), common::Resp::NilBulk);
+    let mget = fresh.cmd(&["MGET", "b:0", "b:1", "b:2", "b:3", "a:0"]);
+    assert_eq!(
+        mget.array()
+            .iter()
+            .map(|r| *r == common::Resp::NilBulk)
+            .collect::<Vec<_>>(),
+        [false, false, false, false, true]
+    );
+    let info = fresh.cmd(&["INFO", "keyspace"]).text();
+    assert!(info.contains("db0:keys=21,"), "{info}");
+    assert!(info.contains("db1:keys=33,"), "{info}");
+    // MOVE and COPY ... DB name databases, not where they are kept.
+    assert_eq!(fresh.cmd(&["MOVE", "b:0", "1"]).int(), 1);
+    assert_eq!(fresh.cmd(&["COPY", "b:1", "b:1", "DB", "1"]).int(), 1);
+    assert_eq!(setup.cmd(&["GET", "b:0"]).text(), "one");
+    assert_eq!(setup.cmd(&["GET", "b:1"]).text(), "one");
+
+    // Errors, as Redis words them; a transaction refuses SWAPDB and nothing of it runs.
+    let error = |reply: common::Resp| reply.error();
+    assert_eq!(
+        error(fresh.cmd(&["SWAPDB", "0", "16"])),
+        "ERR DB index is out of range"
+    );
+    assert_eq!(
+        error(fresh.cmd(&["SWAPDB", "x", "1"])),
+        "ERR invalid first DB index"
+    );
+    assert_eq!(
+        error(fresh.cmd(&["SWAPDB", "0", "y"])),
+        "ERR invalid second DB index"
+    );
+    assert!(error(fresh.cmd(&["SWAPDB", "0"])).contains("wrong number of arguments"));
+    assert_eq!(fresh.cmd(&["MULTI"]).text(), "OK");
+    assert_eq!(fresh.cmd(&["SET", "in-multi", "v"]).text(), "QUEUED");
+    assert_eq!(fresh.cmd(&["SWAPDB", "0", "1"]).text(), "QUEUED");
+    assert!(error(fresh.cmd(&["EXEC"])).contains("SWAPDB"));
+    assert_eq!(fresh.cmd(&["GET", "in-multi"]), common::Resp::NilBulk);
+
+    // The swap is on disk: a restart keeps it.
+    let map_file = server.data_dir.join("databases");
+    assert!(map_file.exists());
+    server.stop();
+    server.restart();
+    let mut after = server.raw();
+    assert_eq!(after.cmd(&["GET", "b:5"]).text(), "one");
+    assert_eq!(after.cmd(&["TYPE", "z"]).text(), "zset");
+    assert_eq!(after.cmd(&["SELECT", "1"]).text(), "OK");
+    assert_eq!(after.cmd(&["GET", "a:7"]).text(), "zero");
+    // Swapping back puts every database home, and the map file goes.
+    assert_eq!(after.cmd(&["SWAPDB", "1", "0"]).text(), "OK");
+    assert_eq!(after.cmd(&["GET", "b:5"]).text(), "one");
+    assert_eq!(after.cmd(&["GET", "a:7"]), common::Resp::NilBulk);
+    assert!(!map_file.exists());
+}

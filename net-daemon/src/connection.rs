@@ -33,6 +33,7 @@ use tokio::sync::watch;
 
 use crate::clients::Client;
 use crate::commands::{dispatch, After, Pending, Session};
+use crate::databases::Ticket;
 use crate::pubsub::message_size;
 use crate::state::Shared;
 use crate::table::{index_of_request, COMMANDS};
@@ -99,7 +100,9 @@ impl Drop for Registered<'_> {
 
 /// A reply in flight, with its protocol and, for a known command, the command's index and
 /// when it was dispatched (for the command statistics).
-type InFlight = (Pending, Protocol, Option<(usize, Instant)>);
+/// The reply holds a share of the batch's database ticket until it is made
+/// ([`crate::databases`]).
+type InFlight = (Pending, Protocol, Option<(usize, Instant)>, Option<Ticket>);
 
 /// Serves one client until it closes, errs, sends QUIT, or the daemon shuts down.
 pub async fn serve<S>(shared: &Arc<Shared>, mut stream: S, mut shutdown: watch::Receiver<bool>)
@@ -137,15 +140,22 @@ where
                         // CLIENT LIST and CLIENT INFO show this command as running, as Redis does.
                         client.ran(session.client_state(command));
                     }
+                    if session.ticket.is_none() {
+                        session.enter(shared.databases.ticket().await);
+                    }
                     let (reply, next) = dispatch(shared, &mut session, args).await;
                     client.ran(session.client_state(command));
                     if next == After::CloseWithoutReply {
                         after = After::Close;
                         break;
                     }
-                    let barrier = matches!(reply, Pending::Barrier(_));
+                    let barrier = matches!(reply, Pending::Barrier(_) | Pending::Blocking(_));
                     session.direct_reads &= matches!(reply, Pending::Ready(_));
-                    pending.push((reply, session.protocol, timing));
+                    let ticket = match reply {
+                        Pending::Blocking(_) => None,
+                        _ => session.ticket.clone(),
+                    };
+                    pending.push((reply, session.protocol, timing, ticket));
                     if next == After::Close {
                         after = After::Close;
                         break;
@@ -158,12 +168,14 @@ where
                 Ok(None) => break,
                 Err(error) => {
                     tracing::debug!(client = session.id, error = %error.0, "protocol error; closing the connection");
-                    pending.push((Pending::Ready(error.reply()), session.protocol, None));
+                    pending.push((Pending::Ready(error.reply()), session.protocol, None, None));
                     after = After::Close;
                     break;
                 }
             }
         }
+        // The replies in flight keep the ticket until they are made.
+        session.ticket = None;
 
         if pending.is_empty() {
             if *shutdown.borrow() || after == After::Close {
@@ -215,7 +227,7 @@ where
             .net_daemon_slot()
             .add(Field::Ops, pending.len() as u64);
         session.direct_reads = true;
-        for (reply, protocol, timing) in pending.drain(..) {
+        for (reply, protocol, timing, _ticket) in pending.drain(..) {
             if output.len() > max_output_bytes {
                 match push_without_waiting(&mut stream, &output) {
                     Ok(sent) => output.advance(sent),

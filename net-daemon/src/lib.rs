@@ -20,6 +20,7 @@
 //! - `table`: the command table (arity, key positions, COMMAND DOCS) and per-command
 //!   counters.
 //! - `errors`: internal failures → client error replies.
+//! - `databases`: the database numbers clients see, their collections, and SWAPDB.
 //! - `replication`: this host's copies of replicated partitions (the shell around the
 //!   replication core).
 //! - `routing`: requests for a partition sent to its owner, this host or another.
@@ -42,6 +43,7 @@ mod clients;
 mod commands;
 mod connection;
 mod cursors;
+mod databases;
 mod digests;
 mod dispatch;
 mod errors;

@@ -12,6 +12,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use shoal_shared::config::Config;
+use shoal_shared::databases::DatabaseMap;
 use shoal_shared::status::{Field, ProcessState, StatusTable};
 use tokio::net::{TcpListener, UnixListener};
 use tokio::signal::unix::{signal, SignalKind};
@@ -154,7 +155,8 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
     let cluster = shoal_cluster::node::ClusterNode::start(&config)
         .await
         .context("starting the cluster layer")?;
-    let shared = Arc::new(Shared::new(config, links, status, cluster));
+    let databases = DatabaseMap::load_for(&config).map_err(|error| anyhow::anyhow!(error))?;
+    let shared = Arc::new(Shared::new(config, links, status, cluster, databases));
     tokio::spawn(crate::txn::recover(
         Arc::clone(&shared.dispatch),
         Arc::clone(&shared.shutting_down),

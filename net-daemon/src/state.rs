@@ -13,10 +13,12 @@ use std::time::Instant;
 
 use shoal_cluster::node::ClusterNode;
 use shoal_shared::config::Config;
+use shoal_shared::databases::DatabaseMap;
 use shoal_shared::status::StatusTable;
 
 use crate::clients::Clients;
 use crate::cursors::ScanCursors;
+use crate::databases::Databases;
 use crate::dispatch::Dispatch;
 use crate::handoff;
 use crate::ids::IdAllocator;
@@ -54,6 +56,8 @@ pub struct Shared {
     pub cluster: Option<Arc<ClusterNode>>,
     /// What this host's partition handoffs measured.
     pub handoffs: Arc<handoff::Stats>,
+    /// The collection of each database number (SWAPDB changes it).
+    pub databases: Databases,
     /// `client.requirepass` as it is now (CONFIG SET changes it).
     requirepass: std::sync::Mutex<Option<String>>,
 }
@@ -70,6 +74,7 @@ impl Shared {
         links: Vec<WorkerLink>,
         status: StatusTable,
         cluster: Option<Arc<ClusterNode>>,
+        databases: DatabaseMap,
     ) -> Shared {
         let readers = Arc::new(Readers::new(&config));
         let pubsub = Arc::new(Broker::new(config.client.max_output_buffer_bytes));
@@ -109,6 +114,7 @@ impl Shared {
             clients: Clients::default(),
             cluster,
             requirepass: std::sync::Mutex::new(config.client.requirepass.clone()),
+            databases: Databases::new(databases, config.data_dir.clone()),
             config,
         }
     }

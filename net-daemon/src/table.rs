@@ -1554,6 +1554,16 @@ pub static COMMANDS: &[CommandSpec] = &[
         "Stops listening to messages posted to shard channels."
     ),
     spec!(
+        "swapdb",
+        3,
+        &["write", "fast"],
+        0,
+        0,
+        0,
+        "server",
+        "Swaps two databases."
+    ),
+    spec!(
         "time",
         1,
         &["fast", "loading", "stale"],

@@ -75,6 +75,10 @@ pub struct Manifest {
     pub workers: usize,
     /// `storage.collections` when the backup was taken.
     pub collections: u16,
+    /// The `[database, collection]` pairs that SWAPDB had moved (see
+    /// [`crate::databases`]); empty when every database was in its own collection.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub databases: Vec<[u16; 2]>,
     /// One entry per worker, in worker order.
     pub shards: Vec<ShardFile>,
     /// One entry per partition, in partition order.
@@ -160,6 +164,7 @@ impl Manifest {
             partitions,
             workers,
             collections,
+            databases: Vec::new(),
             shards,
             commit_ids,
         };
@@ -193,6 +198,8 @@ impl Manifest {
         if self.collections == 0 {
             return Err("collections is 0".into());
         }
+        crate::databases::DatabaseMap::from_changed(self.collections, &self.databases)
+            .map_err(|error| format!("databases: {error}"))?;
         if self.shards.len() != self.workers {
             return Err(format!(
                 "{} shard files for {} workers",

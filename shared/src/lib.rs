@@ -9,6 +9,7 @@
 //! Modules:
 //! - [`config`]: the TOML config file, its defaults and its validation.
 //! - [`resp`]: the Redis protocol codec (request parsing, reply encoding).
+//! - [`databases`]: the storage collection of each database number (SWAPDB).
 //! - [`frame`]: the net-daemon ↔ shard-worker message enums and their framing.
 //! - [`glob`]: Redis-style glob patterns.
 //! - [`partition`]: key → slot → partition → worker routing.
@@ -23,6 +24,7 @@
 
 pub mod backup;
 pub mod config;
+pub mod databases;
 pub mod frame;
 #[doc(hidden)]
 pub mod fuzzing;

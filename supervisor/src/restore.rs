@@ -25,6 +25,7 @@ use anyhow::{bail, Context};
 use sha2::{Digest, Sha256};
 use shoal_shared::backup::{to_hex, Manifest, ShardFile, MANIFEST_FILE, SHARD_FILE};
 use shoal_shared::config::{Config, DataDirLayout};
+use shoal_shared::databases::DatabaseMap;
 
 use crate::backup::human_bytes;
 use crate::status::is_running;
@@ -104,6 +105,10 @@ pub fn run(mut config: Config, dir: &Path) -> anyhow::Result<()> {
     }
     .store(&layout_path)
     .with_context(|| format!("writing {}", layout_path.display()))?;
+    DatabaseMap::from_changed(config.storage.collections, &manifest.databases)
+        .map_err(anyhow::Error::msg)?
+        .store(&config.data_dir)
+        .context("writing the database map")?;
     sync_dir(&config.data_dir)?;
     println!(
         "restored {} shards ({} partitions, {}) from {} into {} in {:.1} s; start it with `shoal serve`",

@@ -102,6 +102,8 @@ pub fn run(mut config: Config) -> anyhow::Result<()> {
     let config_json =
         serde_json::to_string(&config).context("encoding the config for the children")?;
     check_layout(&mut config, &config_json)?;
+    // The net-daemon reads it again; a bad one stops the start here, with its reason.
+    shoal_shared::databases::DatabaseMap::load_for(&config).map_err(anyhow::Error::msg)?;
     // The worker count may have been taken from the data dir.
     let status = if status.workers() == config.workers {
         status

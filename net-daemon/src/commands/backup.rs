@@ -115,7 +115,7 @@ async fn backup(shared: &Shared, dir: &[u8]) -> Reply {
         }
     }
     let storage = &shared.config.storage;
-    let manifest = match Manifest::from_reports(
+    let mut manifest = match Manifest::from_reports(
         &reports,
         storage.partitions,
         storage.collections,
@@ -124,6 +124,8 @@ async fn backup(shared: &Shared, dir: &[u8]) -> Reply {
         Ok(manifest) => manifest,
         Err(why) => return incomplete(why),
     };
+    // SWAPDB moves no key, so the map as it is now goes with the copies whenever it changed.
+    manifest.databases = shared.databases.now().await.changed();
     let text = match serde_json::to_string_pretty(&manifest) {
         Ok(text) => text,
         Err(error) => return incomplete(format!("cannot encode the manifest: {error}")),

@@ -82,7 +82,7 @@ pub async fn dispatch(
             .boxed()
         }
         "blpop" | "brpop" | "bzpopmin" | "bzpopmax" | "blmpop" | "bzmpop" | "blmove"
-        | "brpoplpush" => blocking(shared, collection, name, args),
+        | "brpoplpush" => return Some(Pending::Blocking(blocking(shared, session.db, name, args))),
         _ => return None,
     };
     Some(Pending::Barrier(work))
@@ -921,8 +921,9 @@ fn timeout(arg: &[u8]) -> Result<Option<Duration>, Reply> {
     }
 }
 
-/// The blocking pops: try, and while nothing is there try again until the timeout.
-fn blocking(shared: Arc<Shared>, collection: u16, name: &str, args: Vec<Bytes>) -> Work {
+/// The blocking pops: try, and while nothing is there try again until the timeout. Each
+/// try finds database `db`'s collection anew (SWAPDB may have moved it meanwhile).
+fn blocking(shared: Arc<Shared>, db: u16, name: &str, args: Vec<Bytes>) -> Work {
     let name = name.to_string();
     async move {
         let last = args.len() - 1;
@@ -966,8 +967,10 @@ fn blocking(shared: Arc<Shared>, collection: u16, name: &str, args: Vec<Bytes>) 
             Err(reply) => return reply,
         };
         let started = Instant::now();
-        let session = session_for(collection);
         loop {
+            let ticket = shared.databases.ticket().await;
+            let collection = ticket.collection(db);
+            let session = session_for(collection);
             let found = match &attempt {
                 Attempt::Pop(pop) => pop.attempt(&shared, collection).await,
                 Attempt::Move { from_left, to_left } => {
@@ -985,6 +988,7 @@ fn blocking(shared: Arc<Shared>, collection: u16, name: &str, args: Vec<Bytes>) 
             if let Some(reply) = found {
                 return reply;
             }
+            drop(ticket);
             let waited = started.elapsed();
             // Redis answers a timed-out blocking command with a null array, whichever it is.
             if limit.is_some_and(|limit| waited >= limit) {

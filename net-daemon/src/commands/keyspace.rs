@@ -1,5 +1,6 @@
 //! Keyspace commands: expiry (EXPIRE family, TTL family, PERSIST), TYPE, OBJECT,
-//! MEMORY USAGE, and the fan-out ones: SCAN, KEYS, RANDOMKEY, DBSIZE, FLUSHDB, FLUSHALL.
+//! MEMORY USAGE, the fan-out ones: SCAN, KEYS, RANDOMKEY, DBSIZE, FLUSHDB, FLUSHALL, and
+//! SWAPDB.
 //! In a cluster, SCAN, KEYS and the flushes go partition by partition, each to its
 //! owner, so that a partition in the middle of a move is neither missed nor left
 //! unflushed; DBSIZE adds up every host's workers.
@@ -154,9 +155,39 @@ pub async fn dispatch(
                 }
             })
         }
+        "swapdb" => swapdb(shared, args),
         _ => return None,
     };
     Some(pending)
+}
+
+/// SWAPDB a b: clients of database `a` see `b`'s keys and the other way round, from one
+/// instant on every worker ([`crate::databases`]). A host in a cluster refuses it, as
+/// Redis Cluster does (its databases are the cluster's, not the host's).
+fn swapdb(shared: &Arc<Shared>, args: &[Bytes]) -> Pending {
+    if shared.cluster.is_some() {
+        return Pending::Ready(Reply::error("ERR SWAPDB is not allowed in cluster mode"));
+    }
+    let index = |arg: &[u8], which: &str| {
+        parse_i64(arg)
+            .and_then(|n| i32::try_from(n).ok())
+            .ok_or_else(|| Reply::error(format!("ERR invalid {which} DB index")))
+    };
+    let (a, b) = match (index(&args[1], "first"), index(&args[2], "second")) {
+        (Ok(a), Ok(b)) => (a, b),
+        (Err(reply), _) | (_, Err(reply)) => return Pending::Ready(reply),
+    };
+    let count = i32::from(shared.config.storage.collections);
+    if !(0..count).contains(&a) || !(0..count).contains(&b) {
+        return Pending::Ready(Reply::error("ERR DB index is out of range"));
+    }
+    let shared = Arc::clone(shared);
+    Pending::Blocking(Box::pin(async move {
+        match shared.databases.swap(a as u16, b as u16).await {
+            Ok(()) => Reply::Ok,
+            Err(error) => Reply::error(format!("ERR {error}")),
+        }
+    }))
 }
 
 /// Sends one request per partition, each to the partition's owner.

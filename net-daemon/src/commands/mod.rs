@@ -50,6 +50,7 @@ use shoal_shared::frame::{WorkerRequest, WorkerResponse};
 
 use shoal_shared::resp::{Protocol, Reply};
 
+use crate::databases::Ticket;
 use crate::dispatch::{wait_all, Dest};
 use crate::errors;
 use crate::state::Shared;
@@ -61,7 +62,14 @@ pub struct Session {
     pub id: u64,
     pub name: Option<Bytes>,
     pub protocol: Protocol,
+    /// The database SELECT chose.
+    pub db: u16,
+    /// The storage collection that holds `db` under the batch's ticket: what commands
+    /// send to the workers.
     pub collection: u16,
+    /// The database map this batch of commands is dispatched under
+    /// ([`crate::databases`]); `None` between batches.
+    pub ticket: Option<Ticket>,
     pub authenticated: bool,
     /// GET and MGET may be answered from the shards' maps ([`crate::reads`]): true at the
     /// start of each batch of pipelined requests, false once a request of the batch has
@@ -85,7 +93,9 @@ impl Session {
             id,
             name: None,
             protocol: Protocol::Resp2,
+            db: 0,
             collection: 0,
+            ticket: None,
             authenticated,
             direct_reads: true,
             subscriber: None,
@@ -98,6 +108,25 @@ impl Session {
 }
 
 impl Session {
+    /// Starts dispatching a batch of commands under `ticket`.
+    pub fn enter(&mut self, ticket: Ticket) {
+        self.collection = ticket.collection(self.db);
+        self.ticket = Some(ticket);
+    }
+
+    /// The collection that holds database `db` under the batch's ticket.
+    pub fn collection_of(&self, db: u16) -> u16 {
+        self.ticket
+            .as_ref()
+            .map_or(db, |ticket| ticket.collection(db))
+    }
+
+    /// SELECT `db`.
+    pub fn select(&mut self, db: u16) {
+        self.db = db;
+        self.collection = self.collection_of(db);
+    }
+
     /// What CLIENT LIST shows of this connection, after running `command`.
     pub fn client_state(&self, command: &str) -> crate::clients::State {
         let subscriptions = self
@@ -108,7 +137,7 @@ impl Session {
             name: self.name.clone(),
             lib_name: self.lib_name.clone(),
             lib_ver: self.lib_ver.clone(),
-            db: self.collection,
+            db: self.db,
             resp: match self.protocol {
                 Protocol::Resp2 => 2,
                 Protocol::Resp3 => 3,
@@ -145,6 +174,9 @@ pub enum Pending {
     /// Work that must run after every earlier command of the connection has been answered,
     /// and before any later one is dispatched (multi-worker writes, fan-out admin commands).
     Barrier(Pin<Box<dyn Future<Output = Reply> + Send>>),
+    /// A barrier that may wait on other clients (a blocking pop, SWAPDB): it runs holding
+    /// no database ticket ([`crate::databases`]), and takes one when it needs one.
+    Blocking(Pin<Box<dyn Future<Output = Reply> + Send>>),
 }
 
 impl Pending {
@@ -184,7 +216,7 @@ impl Pending {
     pub async fn resolve(self) -> Reply {
         let (calls, merge) = match self {
             Pending::Ready(reply) => return reply,
-            Pending::Barrier(work) => return work.await,
+            Pending::Barrier(work) | Pending::Blocking(work) => return work.await,
             Pending::Calls { calls, merge } => (calls, merge),
         };
         match wait_all(calls).await {

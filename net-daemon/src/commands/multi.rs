@@ -8,9 +8,10 @@ use std::sync::Arc;
 
 use bytes::Bytes;
 use shoal_shared::frame::{Key, TxAction, TxOp, TxOutcome, WorkerError, WorkerRequest};
-use shoal_shared::resp::{parse_i64, Reply};
+use shoal_shared::resp::Reply;
 
 use super::{Merge, Pending, Session};
+use crate::databases;
 use crate::dispatch::Dest;
 use crate::errors;
 use crate::state::Shared;
@@ -24,6 +25,7 @@ pub async fn dispatch(
     args: &[Bytes],
 ) -> Option<Pending> {
     let collection = session.collection;
+    let count = shared.config.storage.collections;
     let work = match name {
         "mset" | "msetnx" => {
             if args.len().is_multiple_of(2) {
@@ -59,18 +61,9 @@ pub async fn dispatch(
             while let Some(option) = options.next() {
                 match option.to_ascii_uppercase().as_slice() {
                     b"REPLACE" => replace = true,
-                    b"DB" => match options.next().map(|db| parse_i64(db)) {
-                        Some(Some(db))
-                            if (0..i64::from(shared.config.storage.collections)).contains(&db) =>
-                        {
-                            to_collection = db as u16
-                        }
-                        Some(Some(_)) => {
-                            return Some(Pending::Ready(Reply::error(
-                                "ERR DB index is out of range",
-                            )))
-                        }
-                        Some(None) => return Some(Pending::Ready(errors::not_integer())),
+                    b"DB" => match options.next().map(|db| databases::number(db, count)) {
+                        Some(Ok(db)) => to_collection = session.collection_of(db),
+                        Some(Err(reply)) => return Some(Pending::Ready(reply)),
                         None => return Some(Pending::Ready(errors::syntax())),
                     },
                     _ => return Some(Pending::Ready(errors::syntax())),
@@ -89,14 +82,9 @@ pub async fn dispatch(
             }
         }
         "move" => {
-            let to_collection = match parse_i64(&args[2]) {
-                Some(db) if (0..i64::from(shared.config.storage.collections)).contains(&db) => {
-                    db as u16
-                }
-                Some(_) => {
-                    return Some(Pending::Ready(Reply::error("ERR DB index is out of range")))
-                }
-                None => return Some(Pending::Ready(errors::not_integer())),
+            let to_collection = match databases::number(&args[2], count) {
+                Ok(db) => session.collection_of(db),
+                Err(reply) => return Some(Pending::Ready(reply)),
             };
             if to_collection == collection {
                 return Some(Pending::Ready(Reply::error(

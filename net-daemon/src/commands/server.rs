@@ -13,6 +13,7 @@ use shoal_shared::resp::{parse_i64, Protocol, Reply};
 use shoal_shared::status::{Field, ProcessState};
 
 use super::{After, Pending, Session};
+use crate::databases;
 use crate::errors;
 use crate::routing::Router;
 use crate::state::Shared;
@@ -38,18 +39,17 @@ pub async fn dispatch(
         "quit" => return (Pending::Ready(Reply::Ok), After::Close),
         "auth" => auth(shared, session, &args[1..]),
         "hello" => hello(shared, session, &args[1..]),
-        "select" => match parse_i64(&args[1]) {
-            Some(n) if (0..i64::from(shared.config.storage.collections)).contains(&n) => {
-                session.collection = n as u16;
+        "select" => match databases::number(&args[1], shared.config.storage.collections) {
+            Ok(db) => {
+                session.select(db);
                 Reply::Ok
             }
-            Some(_) => Reply::error("ERR DB index is out of range"),
-            None => errors::not_integer(),
+            Err(reply) => reply,
         },
         "client" => client(shared, session, &args[1..]),
         "command" => command(&args[1..]),
         "config" => config(shared, &args[1..]),
-        "info" => info(shared, &args[1..]).await,
+        "info" => info(shared, session, &args[1..]).await,
         "time" => {
             let now = std::time::SystemTime::now()
                 .duration_since(std::time::UNIX_EPOCH)
@@ -62,9 +62,11 @@ pub async fn dispatch(
         // Every acknowledged write is on disk already; the last "save" is the start.
         "lastsave" => Reply::Integer((shared.started_unix_ms / 1000) as i64),
         "reset" => {
-            let direct_reads = session.direct_reads;
+            let (direct_reads, ticket) = (session.direct_reads, session.ticket.take());
             *session = Session::new(session.id, shared.requirepass().is_none());
             session.direct_reads = direct_reads;
+            session.ticket = ticket;
+            session.select(0);
             crate::routing::set_readonly(false);
             Reply::Simple("RESET".into())
         }
@@ -614,23 +616,21 @@ fn config_set(shared: &Shared, pairs: &[Bytes]) -> Reply {
     Reply::Ok
 }
 
-/// Keys per collection, summed over the workers; `None` for a collection a worker could
-/// not count. Every request is sent before any answer is awaited.
-async fn keyspace(shared: &Shared) -> Vec<(u16, Option<i64>)> {
+/// Keys per database, summed over the workers; `None` for a database a worker could not
+/// count. Every request is sent before any answer is awaited.
+async fn keyspace(shared: &Shared, session: &Session) -> Vec<(u16, Option<i64>)> {
     let mut calls = Vec::new();
-    for collection in 0..shared.config.storage.collections {
+    for db in 0..shared.config.storage.collections {
+        let collection = session.collection_of(db);
         for link in &shared.dispatch.links {
-            calls.push((
-                collection,
-                link.send(WorkerRequest::DbSize { collection }).await,
-            ));
+            calls.push((db, link.send(WorkerRequest::DbSize { collection }).await));
         }
     }
     let mut counts: Vec<(u16, Option<i64>)> = (0..shared.config.storage.collections)
-        .map(|collection| (collection, Some(0)))
+        .map(|db| (db, Some(0)))
         .collect();
-    for (collection, call) in calls {
-        let total = &mut counts[usize::from(collection)].1;
+    for (db, call) in calls {
+        let total = &mut counts[usize::from(db)].1;
         match call.wait().await {
             Ok(WorkerResponse::Integer(n)) => *total = total.map(|t| t + n),
             _ => *total = None,
@@ -639,7 +639,7 @@ async fn keyspace(shared: &Shared) -> Vec<(u16, Option<i64>)> {
     counts
 }
 
-async fn info(shared: &Shared, args: &[Bytes]) -> Reply {
+async fn info(shared: &Shared, session: &Session, args: &[Bytes]) -> Reply {
     let wanted: Vec<String> = args
         .iter()
         .map(|a| String::from_utf8_lossy(a).to_lowercase())
@@ -696,14 +696,14 @@ async fn info(shared: &Shared, args: &[Bytes]) -> Reply {
     }
     if show("keyspace") {
         text.push_str("# Keyspace\r\n");
-        for (collection, keys) in keyspace(shared).await {
+        for (db, keys) in keyspace(shared, session).await {
             match keys {
                 Some(0) => {}
                 Some(keys) => {
-                    let _ = write!(text, "db{collection}:keys={keys},expires=0,avg_ttl=0\r\n");
+                    let _ = write!(text, "db{db}:keys={keys},expires=0,avg_ttl=0\r\n");
                 }
                 None => {
-                    let _ = write!(text, "db{collection}:keys=unavailable\r\n");
+                    let _ = write!(text, "db{db}:keys=unavailable\r\n");
                 }
             }
         }

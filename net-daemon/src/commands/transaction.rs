@@ -49,9 +49,10 @@ pub struct Multi {
     failed: bool,
 }
 
-/// A watched key and its last commit id when WATCH ran (0: missing).
+/// A watched key and its last commit id when WATCH ran (0: missing). EXEC looks the key
+/// up in the collection that holds `db` then: after a SWAPDB it is another key.
 pub struct Watched {
-    collection: u16,
+    db: u16,
     key: Bytes,
     commit_id: u64,
 }
@@ -130,7 +131,7 @@ async fn watch(shared: &Shared, session: &mut Session, keys: &[Bytes]) -> Reply 
             Ok(WorkerResponse::Positions(ids)) => {
                 for ((_, commit_id), position) in ids.into_iter().zip(positions) {
                     session.watched.push(Watched {
-                        collection,
+                        db: session.db,
                         key: keys[position].clone(),
                         commit_id,
                     });
@@ -173,11 +174,16 @@ async fn exec(shared: &Arc<Shared>, session: &mut Session) -> Pending {
     let refused = || {
         Pending::Ready(Reply::error(
             "ERR this transaction cannot run as one: a command of it fans out to every worker \
-             (DBSIZE, KEYS, FLUSHDB, ...), blocks, or is a multi-key write that moves values \
+             (DBSIZE, KEYS, FLUSHDB, SWAPDB, ...), blocks, or is a multi-key write that moves values \
              between workers (RENAME, COPY, MSETNX, ...); nothing of it ran",
         ))
     };
-    if !planned || holding.fan_out || pendings.iter().any(|p| matches!(p, Pending::Barrier(_))) {
+    if !planned
+        || holding.fan_out
+        || pendings
+            .iter()
+            .any(|p| matches!(p, Pending::Barrier(_) | Pending::Blocking(_)))
+    {
         return refused();
     }
     let mut dests: Vec<Dest> = holding.held.iter().map(|held| held.dest).collect();
@@ -186,7 +192,7 @@ async fn exec(shared: &Arc<Shared>, session: &mut Session) -> Pending {
         match shared.dispatch.route(&watch.key) {
             Ok((dest, key)) => {
                 dests.push(dest);
-                watched_keys.push((watch.collection, key, watch.commit_id));
+                watched_keys.push((session.collection_of(watch.db), key, watch.commit_id));
             }
             Err(reply) => return Pending::Ready(reply),
         }
