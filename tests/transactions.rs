@@ -176,6 +176,17 @@ fn a_transaction_across_workers_commits_whole() {
     call_str(&mut con, &["DBSIZE"]);
     let exec = call_str(&mut con, &["EXEC"]);
     assert!(error_text(&exec).contains("cannot run as one"));
+    // Nor can one that needs a worker's answer to be planned; it is refused at once.
+    call_str(&mut con, &["MULTI"]);
+    call_str(&mut con, &["OBJECT", "REFCOUNT", &zero]);
+    let asked = std::time::Instant::now();
+    let exec = call_str(&mut con, &["EXEC"]);
+    assert!(error_text(&exec).contains("cannot run as one"), "{exec:?}");
+    assert!(
+        asked.elapsed() < std::time::Duration::from_millis(900),
+        "EXEC waited {:?} to refuse OBJECT",
+        asked.elapsed()
+    );
     assert_eq!(call_str(&mut con, &["GET", &zero]), bulk("changed"));
 }
 

@@ -90,8 +90,9 @@ pub struct Held {
 #[derive(Default)]
 pub struct Holding {
     pub held: Vec<Held>,
-    /// A request went to every worker of the cluster (it cannot be held as one).
-    pub fan_out: bool,
+    /// A request could not be held: it went to every worker of the cluster, or its
+    /// answer was needed at once (see [`Dispatch::ask_dest`]).
+    pub unheld: bool,
 }
 
 tokio::task_local! {
@@ -206,10 +207,11 @@ impl Dispatch {
         )
     }
 
-    /// Marks a fan-out inside [`Dispatch::holding`]; whether this task is inside it.
-    fn hold_fan_out() -> bool {
+    /// Marks a request that cannot be held inside [`Dispatch::holding`]; whether this
+    /// task is inside it.
+    fn unheld() -> bool {
         HOLDING
-            .try_with(|holding| holding.borrow_mut().fan_out = true)
+            .try_with(|holding| holding.borrow_mut().unheld = true)
             .is_ok()
     }
 
@@ -232,7 +234,7 @@ impl Dispatch {
     /// other host of the cluster through its net-daemon. Workers skip the partitions their
     /// host does not own, so each partition is counted once.
     pub async fn send_everywhere(&self, make: impl Fn() -> WorkerRequest) -> Vec<Call> {
-        if Self::hold_fan_out() {
+        if Self::unheld() {
             return Vec::new();
         }
         let mut calls = self.send_all(&make).await;
@@ -244,7 +246,7 @@ impl Dispatch {
 
     /// Sends one request to every worker of this host.
     pub async fn send_all(&self, make: impl Fn() -> WorkerRequest) -> Vec<Call> {
-        if Self::hold_fan_out() {
+        if Self::unheld() {
             return Vec::new();
         }
         let mut calls = Vec::with_capacity(self.links.len());
@@ -270,6 +272,11 @@ impl Dispatch {
         dest: Dest,
         request: WorkerRequest,
     ) -> Result<WorkerResponse, Reply> {
+        // A held request is answered only once the plan is sent: a command that needs an
+        // answer to go on cannot be planned.
+        if Self::unheld() {
+            return Err(Reply::error("ERR the command needs an answer to go on"));
+        }
         match self.send(dest, request).await.wait().await {
             Ok(WorkerResponse::Error(error)) => Err(errors::worker_error(&error)),
             Ok(response) => Ok(response),

@@ -174,12 +174,13 @@ async fn exec(shared: &Arc<Shared>, session: &mut Session) -> Pending {
     let refused = || {
         Pending::Ready(Reply::error(
             "ERR this transaction cannot run as one: a command of it fans out to every worker \
-             (DBSIZE, KEYS, FLUSHDB, SWAPDB, ...), blocks, or is a multi-key write that moves values \
-             between workers (RENAME, COPY, MSETNX, ...); nothing of it ran",
+             (DBSIZE, KEYS, FLUSHDB, SWAPDB, ...), blocks, needs an answer to be planned (OBJECT \
+             REFCOUNT, ...), or is a multi-key write that moves values between workers (RENAME, \
+             COPY, MSETNX, ...); nothing of it ran",
         ))
     };
     if !planned
-        || holding.fan_out
+        || holding.unheld
         || pendings
             .iter()
             .any(|p| matches!(p, Pending::Barrier(_) | Pending::Blocking(_)))
