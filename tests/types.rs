@@ -67,6 +67,66 @@ fn blocking_pops_wait_for_a_push_and_time_out_as_redis_does() {
     assert!(error_text(&invalid).contains("timeout is not a float"));
 }
 
+/// INFO's `blocked_clients`.
+fn blocked_clients(con: &mut redis::Connection) -> u64 {
+    let info: String = redis::cmd("INFO").arg("clients").query(con).expect("INFO");
+    info.lines()
+        .find_map(|line| line.strip_prefix("blocked_clients:"))
+        .and_then(|n| n.trim().parse().ok())
+        .expect("INFO clients has blocked_clients")
+}
+
+#[test]
+fn blocked_pops_are_served_in_the_order_they_blocked_without_polling_their_worker() {
+    let server = Server::start("");
+    let mut con = server.conn();
+    let mut blocked = Vec::new();
+    for i in 1..=4 {
+        let mut raw = server.raw();
+        raw.send(b"*3\r\n$5\r\nBLPOP\r\n$4\r\nfifo\r\n$2\r\n10\r\n");
+        common::wait_until(
+            "the pop blocks",
+            Duration::from_secs(5),
+            || match blocked_clients(&mut con) {
+                n if n == i => Ok(()),
+                n => Err(format!("{n} blocked")),
+            },
+        );
+        blocked.push(raw);
+    }
+    // While they wait, their worker serves about what an idle worker does: the blocked
+    // pops look again when it commits, not on a timer.
+    let worker = server.worker_of(b"fifo") as u64;
+    let ops = || {
+        server.process_status("shard-worker", worker)["ops"]
+            .as_u64()
+            .expect("ops")
+    };
+    let before = ops();
+    std::thread::sleep(Duration::from_millis(1500));
+    let served = ops() - before;
+    assert!(
+        served < 30,
+        "the worker served {served} requests in 1.5 s for 4 idle blocked pops"
+    );
+
+    // One push of four elements: the first to block gets the first, and so on.
+    assert_eq!(
+        call_str(&mut con, &["RPUSH", "fifo", "a", "b", "c", "d"]),
+        Value::Int(4)
+    );
+    for (raw, element) in blocked.iter_mut().zip(["a", "b", "c", "d"]) {
+        assert_eq!(
+            raw.read_reply().expect("BLPOP reply"),
+            Resp::Array(vec![
+                Resp::Bulk(b"fifo".to_vec()),
+                Resp::Bulk(element.as_bytes().to_vec())
+            ])
+        );
+    }
+    assert_eq!(blocked_clients(&mut con), 0);
+}
+
 #[test]
 fn a_client_that_hangs_up_while_blocked_is_gone() {
     let server = Server::start("");

@@ -16,6 +16,7 @@
 //! - `pubsub`: the channels, shard channels and patterns this host's connections
 //!   subscribe to, and message delivery to them.
 //! - `cursors`: the cursors of SCANs in progress.
+//! - `blocked`: the clients blocked in a pop, in line per key, and when they look again.
 //! - `clients`: the client connections open on this host (CLIENT LIST, CLIENT KILL).
 //! - `table`: the command table (arity, key positions, COMMAND DOCS) and per-command
 //!   counters.
@@ -39,6 +40,7 @@
 //! - `metrics`: command statistics and the Prometheus endpoint.
 //! - `server`: listeners, the connection limit, graceful shutdown.
 
+mod blocked;
 mod clients;
 mod commands;
 mod connection;

@@ -166,6 +166,19 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
         Arc::clone(&shared.handoffs),
         Arc::clone(&shared.shutting_down),
     ));
+    tokio::spawn({
+        let shared = Arc::clone(&shared);
+        async move {
+            let workers = shared.dispatch.links.len();
+            let read = || {
+                (0..workers)
+                    .map(|worker| shared.status.slot(worker).get(Field::Commits))
+                    .collect()
+            };
+            let stop = || shared.shutting_down.load(Ordering::Relaxed);
+            shared.blocked.watch_commits(read, stop).await
+        }
+    });
     let digest_pass = Duration::from_secs(shared.config.cluster.digest_check_secs);
     if let Some(router) = shared
         .dispatch

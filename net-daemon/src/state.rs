@@ -16,6 +16,7 @@ use shoal_shared::config::Config;
 use shoal_shared::databases::DatabaseMap;
 use shoal_shared::status::StatusTable;
 
+use crate::blocked::Blocked;
 use crate::clients::Clients;
 use crate::cursors::ScanCursors;
 use crate::databases::Databases;
@@ -56,6 +57,8 @@ pub struct Shared {
     pub cluster: Option<Arc<ClusterNode>>,
     /// What this host's partition handoffs measured.
     pub handoffs: Arc<handoff::Stats>,
+    /// The clients blocked in a pop, in line per key.
+    pub blocked: Arc<Blocked>,
     /// The collection of each database number (SWAPDB changes it).
     pub databases: Databases,
     /// `client.requirepass` as it is now (CONFIG SET changes it).
@@ -115,6 +118,7 @@ impl Shared {
             cluster,
             requirepass: std::sync::Mutex::new(config.client.requirepass.clone()),
             databases: Databases::new(databases, config.data_dir.clone()),
+            blocked: Arc::new(Blocked::new()),
             config,
         }
     }

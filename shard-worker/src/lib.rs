@@ -442,7 +442,9 @@ impl Worker<'_> {
         // The status table shows a commit before any of its writes is acknowledged.
         self.slot.add(Field::Ops, count);
         self.slot.set(Field::QueueDepth, 0);
-        if writes && fatal.is_none() {
+        // A batch whose writes changed nothing is not committed, and counts as no commit
+        // (blocked pops look again when a worker's commit count moves).
+        if writes && fatal.is_none() && self.store.last_commit().is_some() {
             self.dirty = true;
             self.slot.add(Field::Commits, 1);
             self.slot

@@ -57,7 +57,7 @@ pub enum Field {
     Ops = 8,
     /// When the process claimed the slot, in Unix ms.
     StartedMs = 9,
-    /// Group commits a worker has made (a counter).
+    /// Group commits a worker has made that changed data (a counter).
     Commits = 10,
     /// The net-daemon's open client connections.
     Connections = 11,

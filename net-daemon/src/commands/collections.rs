@@ -30,7 +30,8 @@ use crate::errors;
 use crate::state::Shared;
 use crate::whole_reads;
 
-/// How often a blocked pop tries its keys again, at first and after a second.
+/// How often a blocked pop tries again a key on another host (whose commits this host
+/// does not see), at first and after a second.
 const BLOCKED_RETRY_FIRST: Duration = Duration::from_millis(5);
 const BLOCKED_RETRY_LATER: Duration = Duration::from_millis(25);
 
@@ -73,7 +74,7 @@ pub async fn dispatch(
             async move {
                 match mpop(&name, &args[1..]) {
                     Ok(pop) => pop
-                        .attempt(&shared, collection)
+                        .attempt(&shared, collection, &pop.keys)
                         .await
                         .unwrap_or(Reply::NilArray),
                     Err(reply) => reply,
@@ -840,9 +841,9 @@ struct MultiPop {
 
 impl MultiPop {
     /// One try over the keys in order: the reply of the first pop that found something.
-    async fn attempt(&self, shared: &Shared, collection: u16) -> Option<Reply> {
+    async fn attempt(&self, shared: &Shared, collection: u16, keys: &[Bytes]) -> Option<Reply> {
         let session = session_for(collection);
-        for key in &self.keys {
+        for key in keys {
             let op = match self.kind {
                 Kind::List => TypedOp::Pop {
                     left: self.first,
@@ -921,8 +922,25 @@ fn timeout(arg: &[u8]) -> Result<Option<Duration>, Reply> {
     }
 }
 
-/// The blocking pops: try, and while nothing is there try again until the timeout. Each
-/// try finds database `db`'s collection anew (SWAPDB may have moved it meanwhile).
+/// The local workers that hold `keys`, and whether any is on another host.
+fn whereabouts(shared: &Shared, keys: &[Bytes]) -> (Vec<usize>, bool) {
+    let (mut workers, mut remote) = (Vec::new(), false);
+    for key in keys {
+        match shared
+            .dispatch
+            .route(key)
+            .map(|(dest, _)| shared.dispatch.local_worker(dest))
+        {
+            Ok(Some(worker)) => workers.push(worker),
+            _ => remote = true,
+        }
+    }
+    (workers, remote)
+}
+
+/// The blocking pops: try, and while nothing is there wait in the keys' lines
+/// ([`crate::blocked`]) and try again until the timeout. Each try finds database `db`'s
+/// collection anew (SWAPDB may have moved it meanwhile).
 fn blocking(shared: Arc<Shared>, db: u16, name: &str, args: Vec<Bytes>) -> Work {
     let name = name.to_string();
     async move {
@@ -966,40 +984,54 @@ fn blocking(shared: Arc<Shared>, db: u16, name: &str, args: Vec<Bytes>) -> Work 
             Ok(parsed) => parsed,
             Err(reply) => return reply,
         };
+        let deadline = limit.map(|limit| tokio::time::Instant::now() + limit);
         let started = Instant::now();
+        let keys: Vec<Bytes> = match &attempt {
+            Attempt::Pop(pop) => pop.keys.clone(),
+            Attempt::Move { .. } => vec![args[1].clone()],
+        };
+        let mut waiter = shared.blocked.join(db, &keys);
         loop {
+            // Only the keys whose line this client heads: one blocked longer takes first.
+            let heads = waiter.heads();
             let ticket = shared.databases.ticket().await;
             let collection = ticket.collection(db);
-            let session = session_for(collection);
             let found = match &attempt {
-                Attempt::Pop(pop) => pop.attempt(&shared, collection).await,
-                Attempt::Move { from_left, to_left } => {
+                Attempt::Pop(pop) => {
+                    let mine: Vec<Bytes> = (pop.keys.iter().zip(&heads))
+                        .filter(|(_, &head)| head)
+                        .map(|(key, _)| key.clone())
+                        .collect();
+                    pop.attempt(&shared, collection, &mine).await
+                }
+                Attempt::Move { from_left, to_left } if heads[0] => {
                     let moving = Move::End {
                         from_left: *from_left,
                         to_left: *to_left,
                     };
+                    let session = session_for(collection);
                     let moved = two_keys(&shared, &session, &args[1], &args[2], moving)
                         .await
                         .resolve()
                         .await;
                     (moved != Reply::Nil).then_some(moved)
                 }
+                Attempt::Move { .. } => None,
             };
             if let Some(reply) = found {
                 return reply;
             }
             drop(ticket);
-            let waited = started.elapsed();
             // Redis answers a timed-out blocking command with a null array, whichever it is.
-            if limit.is_some_and(|limit| waited >= limit) {
+            if deadline.is_some_and(|deadline| tokio::time::Instant::now() >= deadline) {
                 return Reply::NilArray;
             }
-            let pause = match waited < Duration::from_secs(1) {
+            let (workers, remote) = whereabouts(&shared, &keys);
+            let poll = remote.then(|| match started.elapsed() < Duration::from_secs(1) {
                 true => BLOCKED_RETRY_FIRST,
                 false => BLOCKED_RETRY_LATER,
-            };
-            let pause = limit.map_or(pause, |limit| pause.min(limit.saturating_sub(waited)));
-            tokio::time::sleep(pause.max(Duration::from_millis(1))).await;
+            });
+            waiter.next_chance(&workers, poll, deadline).await;
         }
     }
     .boxed()

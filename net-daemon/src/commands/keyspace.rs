@@ -184,7 +184,11 @@ fn swapdb(shared: &Arc<Shared>, args: &[Bytes]) -> Pending {
     let shared = Arc::clone(shared);
     Pending::Blocking(Box::pin(async move {
         match shared.databases.swap(a as u16, b as u16).await {
-            Ok(()) => Reply::Ok,
+            Ok(()) => {
+                // A pop blocked on either database may find keys there now.
+                shared.blocked.wake_all();
+                Reply::Ok
+            }
             Err(error) => Reply::error(format!("ERR {error}")),
         }
     }))

@@ -670,9 +670,10 @@ async fn info(shared: &Shared, session: &Session, args: &[Bytes]) -> Reply {
     if show("clients") {
         let _ = write!(
             text,
-            "# Clients\r\nconnected_clients:{}\r\nmaxclients:{}\r\n\r\n",
+            "# Clients\r\nconnected_clients:{}\r\nmaxclients:{}\r\nblocked_clients:{}\r\n\r\n",
             shared.connections.load(Ordering::Relaxed),
-            config.client.max_connections
+            config.client.max_connections,
+            shared.blocked.count()
         );
     }
     if show("persistence") {
