@@ -814,7 +814,12 @@ fn resync_after_absence(storage_toml: &str) -> (Resync, Cluster) {
         settled,
     );
     for i in 0..200 {
-        set(&cluster, 2, &format!("key:{i}"), "first").expect("a write with every host up");
+        // Asked again while it fails: a primary that a balancing move just named may take
+        // a moment to open its term on a loaded machine.
+        let key = format!("key:{i}");
+        cluster.wait_for("a write with every host up", RESUME_TIMEOUT, |c| {
+            set(c, 2, &key, "first")
+        });
     }
     cluster.kill(3);
     let mut deleted = Vec::new();

@@ -2,7 +2,8 @@
 //!
 //! It owns the order of the requests of one transaction: the fast path (one participant,
 //! one `Atomic`), or two-phase commit (`Prepare` on each participant in order, `Commit` on
-//! the decider, `Commit` on the others, `Forget` on the decider), the aborts and the
+//! the decider, `Commit` on the others, then the outcome, with the decider's `Forget` sent
+//! beside it and not waited for), the aborts and the
 //! retries after lock conflicts, and the outcome. A decider named by partition (in a
 //! cluster) gets a second `Commit` right after the first: the first only records the
 //! decision, which must be replicated before any data changes, and the second applies
@@ -58,9 +59,12 @@ pub(crate) enum Event<D, E> {
 /// What to do next, from [`Coordinator::poll_action`].
 #[derive(Debug, Clone, PartialEq)]
 pub(crate) enum Action<D, E> {
-    /// Send `request` (`Atomic`, `Prepare`, `Commit`, `Abort` or `Forget`) to `to`, then
-    /// report its answer with [`Event::Answer`].
+    /// Send `request` (`Atomic`, `Prepare`, `Commit` or `Abort`) to `to`, then report its
+    /// answer with [`Event::Answer`].
     Send { to: D, request: WorkerRequest },
+    /// Send `request` (the decider's `Forget`) to `to`, and go on without its answer: it
+    /// only tidies up, and recovery does it if it is lost. The outcome follows at once.
+    Tidy { to: D, request: WorkerRequest },
     /// The transaction is over: each participant's outcomes in order, or why it did not
     /// commit. Nothing follows.
     Finished(Result<Vec<Vec<TxOutcome>>, Failure<E>>),
@@ -120,8 +124,6 @@ enum State<D, E> {
     ApplyingDecider,
     /// The `Commit` of `prepared[index]` (not the decider).
     CommittingOther { index: usize, all_committed: bool },
-    /// The decider's `Forget`.
-    Forgetting,
     /// The outcome has been given.
     Finished,
 }
@@ -302,7 +304,6 @@ impl<D: Address, E: Debug> Coordinator<D, E> {
                 };
                 self.commit_other(index + 1, all_committed && committed);
             }
-            State::Forgetting => self.finish_committed(),
             state @ (State::Backoff { .. } | State::Finished) => self.state = state,
         }
     }
@@ -351,8 +352,9 @@ impl<D: Address, E: Debug> Coordinator<D, E> {
         };
     }
 
-    /// Commits `prepared[index]`, or, past the last, forgets the decision if every other
-    /// participant committed.
+    /// Commits `prepared[index]`, or, past the last, gives the outcome, forgetting the
+    /// decision if every other participant committed (a participant whose commit failed
+    /// leaves the record to recovery).
     fn commit_other(&mut self, index: usize, all_committed: bool) {
         if let Some(&(to, _)) = self.prepared.get(index) {
             let state = State::CommittingOther {
@@ -360,11 +362,12 @@ impl<D: Address, E: Debug> Coordinator<D, E> {
                 all_committed,
             };
             self.send(to, WorkerRequest::Commit { txid: self.txid }, state);
-        } else if all_committed {
-            let decider = self.prepared[0].0;
-            let request = WorkerRequest::Forget { txid: self.txid };
-            self.send(decider, request, State::Forgetting);
         } else {
+            if all_committed {
+                let to = self.prepared[0].0;
+                let request = WorkerRequest::Forget { txid: self.txid };
+                self.actions.push_back(Action::Tidy { to, request });
+            }
             self.finish_committed();
         }
     }
@@ -490,7 +493,7 @@ mod tests {
 
     fn forget(to: u16, txid: u64) -> Action<W, Lost> {
         let request = WorkerRequest::Forget { txid };
-        Action::Send { to: W(to), request }
+        Action::Tidy { to: W(to), request }
     }
 
     fn outcomes(outcomes: Vec<TxOutcome>) -> Result<WorkerResponse, Lost> {
@@ -577,8 +580,8 @@ mod tests {
         answer(&mut core, 1, Ok(WorkerResponse::Ok), now);
         expect(&mut core, commit(2, 7));
         answer(&mut core, 2, Ok(WorkerResponse::Ok), now);
-        expect(&mut core, forget(0, 7));
-        answer(&mut core, 0, Err(Lost), now);
+        // The outcome goes with the Forget, which is not waited for.
+        assert_eq!(core.poll_action(), Some(forget(0, 7)));
         let all_done = vec![vec![TxOutcome::Done]; 3];
         expect(&mut core, Action::Finished(Ok(all_done)));
     }
@@ -605,8 +608,7 @@ mod tests {
         answer(&mut core, decider, Ok(WorkerResponse::Ok), now);
         expect(&mut core, commit(1, 7));
         answer(&mut core, 1, Ok(WorkerResponse::Ok), now);
-        expect(&mut core, forget(decider, 7));
-        answer(&mut core, decider, Ok(WorkerResponse::Ok), now);
+        assert_eq!(core.poll_action(), Some(forget(decider, 7)));
         let all_done = vec![vec![TxOutcome::Done]; 2];
         expect(&mut core, Action::Finished(Ok(all_done.clone())));
 
@@ -753,8 +755,7 @@ mod tests {
         answer(&mut core, 1, error(WorkerError::TxAborted), now);
         expect(&mut core, commit(2, 7));
         answer(&mut core, 2, Ok(WorkerResponse::Ok), now);
-        expect(&mut core, forget(0, 7));
-        answer(&mut core, 0, Ok(WorkerResponse::Ok), now);
+        assert_eq!(core.poll_action(), Some(forget(0, 7)));
         let all_done = vec![vec![TxOutcome::Done]; 3];
         expect(&mut core, Action::Finished(Ok(all_done)));
     }
@@ -814,8 +815,7 @@ mod tests {
         answer(&mut core, 1, Ok(WorkerResponse::Ok), now);
         expect(&mut core, commit(0, 7));
         answer(&mut core, 0, Ok(WorkerResponse::Ok), now);
-        expect(&mut core, forget(1, 7));
-        answer(&mut core, 1, Ok(WorkerResponse::Ok), now);
+        assert_eq!(core.poll_action(), Some(forget(1, 7)));
         let result = Ok(vec![vec![taken], vec![TxOutcome::Done]]);
         expect(&mut core, Action::Finished(result));
     }

@@ -10,7 +10,8 @@
 //!    other and cannot deadlock.
 //! 2. `Commit` on the *decider* (the first participant). Its commit applies its
 //!    ops and durably records the decision: from then on the transaction is
-//!    committed. Then `Commit` on the others, and `Forget` on the decider.
+//!    committed. Then `Commit` on the others; once they have answered, the
+//!    client is answered, while `Forget` tidies the decider's record away.
 //!
 //! If the coordinator dies, or a participant is unreachable, prepared intents
 //! stay behind. [`recover`] runs in the background: it commits intents whose
@@ -202,6 +203,10 @@ pub async fn run(
                 let answer = dispatch.send(to, request).await.wait().await;
                 let answered = coordinator::Event::Answer { from: to, answer };
                 coordinator.handle(answered, Instant::now());
+            }
+            Some(coordinator::Action::Tidy { to, request }) => {
+                // Queued on the link; the answer is not awaited.
+                drop(dispatch.send(to, request).await);
             }
             Some(coordinator::Action::Finished(result)) => return result.map_err(TxFailure::from),
             None => {
