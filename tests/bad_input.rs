@@ -397,6 +397,19 @@ fn second_serve_on_the_same_data_dir_is_refused() {
     );
 }
 
+/// Runs `shoal serve` on the server's config, which must refuse to start: its stderr.
+fn refused_start(server: &Server, what: &str) -> String {
+    let mut command = server.command();
+    command
+        .arg("serve")
+        .arg("--config")
+        .arg(&server.config_path);
+    let output = run_with_timeout(command, Duration::from_secs(10)).expect("serve exits by itself");
+    let stderr = String::from_utf8_lossy(&output.stderr).into_owned();
+    assert!(!output.status.success(), "{what}; stderr: {stderr}");
+    stderr
+}
+
 #[test]
 fn a_data_dir_whose_databases_were_swapped_is_refused_in_a_cluster() {
     let mut server = Server::start("");
@@ -409,17 +422,7 @@ fn a_data_dir_whose_databases_were_swapped_is_refused_in_a_cluster() {
     server.update_config(&format!(
         "[cluster]\ncluster_secret = \"a-secret-of-the-test-cluster\"\npeer_listen = \"127.0.0.1:{peer}\"\n"
     ));
-    let mut command = server.command();
-    command
-        .arg("serve")
-        .arg("--config")
-        .arg(&server.config_path);
-    let output = run_with_timeout(command, Duration::from_secs(10)).expect("serve exits by itself");
-    let stderr = String::from_utf8_lossy(&output.stderr);
-    assert!(
-        !output.status.success(),
-        "a swapped data dir joined a cluster: {stderr}"
-    );
+    let stderr = refused_start(&server, "a swapped data dir joined a cluster");
     assert!(
         stderr.contains("SWAPDB") && stderr.contains("databases"),
         "the message says what to do: {stderr:?}"
@@ -436,17 +439,7 @@ fn changing_the_partition_count_of_an_existing_data_dir_is_refused() {
     assert_eq!(status.code(), Some(0));
     // The partition count is fixed; the worker count may change (tests/rebalance.rs).
     server.update_config("[storage]\npartitions = 128\n");
-    let mut command = server.command();
-    command
-        .arg("serve")
-        .arg("--config")
-        .arg(&server.config_path);
-    let output = run_with_timeout(command, Duration::from_secs(10)).expect("serve exits by itself");
-    let stderr = String::from_utf8_lossy(&output.stderr);
-    assert!(
-        !output.status.success(),
-        "a new partition count must be refused; stderr: {stderr}"
-    );
+    let stderr = refused_start(&server, "a new partition count must be refused");
     assert!(
         stderr.contains("partitions"),
         "the message names the key: {stderr:?}"
