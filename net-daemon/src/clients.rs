@@ -48,7 +48,7 @@ pub struct State {
     /// Channel, pattern and shard channel subscriptions.
     pub subscriptions: (usize, usize, usize),
     /// The last command, in CLIENT LIST's form (`client|list`).
-    pub command: String,
+    pub command: &'static str,
 }
 
 impl Clients {

@@ -124,6 +124,10 @@ where
     let mut pending: Vec<InFlight> = Vec::new();
     loop {
         let mut after = After::Continue;
+        // When the batch's first request was taken (its commands' latency counts from
+        // there), and the batch's last command (what CLIENT LIST shows).
+        let mut batch_started = None;
+        let mut last_command = None;
         while pending.len() < MAX_PIPELINE_IN_FLIGHT {
             let limits = if session.authenticated {
                 &authenticated_limits
@@ -134,7 +138,8 @@ where
                 Ok(Some(args)) if args.is_empty() => continue,
                 Ok(Some(args)) => {
                     let index = index_of_request(&args[0]);
-                    let timing = index.map(|index| (index, Instant::now()));
+                    let started = *batch_started.get_or_insert_with(Instant::now);
+                    let timing = index.map(|index| (index, started));
                     let command = index.map_or("NULL", |index| COMMANDS[index].name);
                     if command == "client" {
                         // CLIENT LIST and CLIENT INFO show this command as running, as Redis does.
@@ -143,8 +148,8 @@ where
                     if session.ticket.is_none() {
                         session.enter(shared.databases.ticket().await);
                     }
-                    let (reply, next) = dispatch(shared, &mut session, args).await;
-                    client.ran(session.client_state(command));
+                    let (reply, next) = dispatch(shared, &mut session, index, args).await;
+                    last_command = Some(command);
                     if next == After::CloseWithoutReply {
                         after = After::Close;
                         break;
@@ -173,6 +178,9 @@ where
                     break;
                 }
             }
+        }
+        if let Some(command) = last_command {
+            client.ran(session.client_state(command));
         }
         // The replies in flight keep the ticket until they are made.
         session.ticket = None;

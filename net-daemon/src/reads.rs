@@ -28,6 +28,7 @@ pub type Versioned = (Vec<Option<Vec<u8>>>, Vec<u64>);
 pub struct Readers {
     dirs: Vec<PathBuf>,
     collections: u16,
+    clustered: bool,
     /// `None` once opening failed: that shard is then always read through its worker.
     opened: Vec<OnceLock<Option<ShardReader>>>,
 }
@@ -37,6 +38,7 @@ impl Readers {
         Readers {
             dirs: (0..config.workers).map(|i| config.shard_dir(i)).collect(),
             collections: config.storage.collections,
+            clustered: config.cluster.secret.is_some(),
             opened: (0..config.workers).map(|_| OnceLock::new()).collect(),
         }
     }
@@ -44,7 +46,7 @@ impl Readers {
     fn reader(&self, worker: usize) -> Option<&ShardReader> {
         self.opened
             .get(worker)?
-            .get_or_init(|| match ShardReader::open(&self.dirs[worker], self.collections) {
+            .get_or_init(|| match ShardReader::open(&self.dirs[worker], self.collections, self.clustered) {
                 Ok(reader) => Some(reader),
                 Err(error) => {
                     tracing::warn!(worker, %error, "cannot open the shard for direct reads; reading through its worker");

@@ -60,14 +60,19 @@ pub struct ShardReader {
     txns: RawDatabase,
     meta: RawDatabase,
     log: RawDatabase,
+    /// Whether a partition of this shard may be fenced: in a cluster, or when a fence was
+    /// there at open. Only a cluster's handoffs and copies set fences, so a host on its own
+    /// with none at open never has one, and its reads skip the lookup.
+    fences_possible: bool,
     /// Held shared by every read and exclusively while adopting a grown map: LMDB must
     /// not change the mapping while a transaction of this process is open.
     gate: RwLock<()>,
 }
 
 impl ShardReader {
-    /// Opens the environment at `dir`, which its worker has created.
-    pub fn open(dir: &Path, collections: u16) -> Result<ShardReader, StoreError> {
+    /// Opens the environment at `dir`, which its worker has created, for a host in a
+    /// cluster (`clustered`) or on its own.
+    pub fn open(dir: &Path, collections: u16, clustered: bool) -> Result<ShardReader, StoreError> {
         let mut options = env_options(collections);
         // SAFETY: READ_ONLY makes this process a reader only; the environment is never
         // used across fork().
@@ -83,9 +88,11 @@ impl ShardReader {
             txns: open_database(&env, "txns")?,
             meta: open_database(&env, "meta")?,
             log: open_database(&env, "log")?,
+            fences_possible: true,
             env,
             gate: RwLock::new(()),
         };
+        reader.fences_possible = clustered || reader.any_fence()?;
         for table in layout::typed::ElementTable::ALL {
             let database = open_database(&reader.env, table.name())?;
             reader.elements.push(database);
@@ -154,7 +161,7 @@ impl ShardReader {
         if served_only && self.any_prepared(&txn)? {
             return Ok(ReadOutcome::AskWorker);
         }
-        for key in keys.iter().filter(|_| served_only) {
+        for key in keys.iter().filter(|_| served_only && self.fences_possible) {
             if self
                 .meta
                 .get(&txn, &layout::fence_key(key.partition))?
@@ -219,10 +226,11 @@ impl ShardReader {
             }
             let mut versions = Vec::with_capacity(keys.len());
             for key in keys {
-                if self
-                    .meta
-                    .get(txn, &layout::fence_key(key.partition))?
-                    .is_some()
+                if self.fences_possible
+                    && self
+                        .meta
+                        .get(txn, &layout::fence_key(key.partition))?
+                        .is_some()
                 {
                     return Ok(None);
                 }
@@ -370,6 +378,14 @@ impl ShardReader {
         self.with_txn(|txn| match self.txns.get(txn, &txid.to_be_bytes())? {
             Some(raw) => Ok(layout::decode_intent(raw)?.partitions()),
             None => Ok(Vec::new()),
+        })
+    }
+
+    /// Whether any partition of this shard is fenced now.
+    fn any_fence(&self) -> Result<bool, StoreError> {
+        self.with_txn(|txn| {
+            let mut fences = self.meta.prefix_iter(txn, layout::META_FENCE_PREFIX)?;
+            Ok(fences.next().transpose()?.is_some())
         })
     }
 

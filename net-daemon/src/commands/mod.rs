@@ -128,7 +128,7 @@ impl Session {
     }
 
     /// What CLIENT LIST shows of this connection, after running `command`.
-    pub fn client_state(&self, command: &str) -> crate::clients::State {
+    pub fn client_state(&self, command: &'static str) -> crate::clients::State {
         let subscriptions = self
             .subscriber
             .as_ref()
@@ -143,7 +143,7 @@ impl Session {
                 Protocol::Resp3 => 3,
             },
             subscriptions,
-            command: command.to_string(),
+            command,
         }
     }
 
@@ -335,14 +335,16 @@ pub fn log_entry_reply(entry: shoal_shared::frame::LogEntry, with_partition: boo
     Reply::Array(fields)
 }
 
-/// Runs one request. `args[0]` is the command name.
+/// Runs one request. `args[0]` is the command name, and `index` its place in the command
+/// table (`table::index_of_request`; `None`: unknown).
 pub async fn dispatch(
     shared: &Arc<Shared>,
     session: &mut Session,
+    index: Option<usize>,
     args: Vec<Bytes>,
 ) -> (Pending, After) {
     let name = &args[0];
-    let Some(spec) = table::index_of_request(name).map(|index| &table::COMMANDS[index]) else {
+    let Some(spec) = index.map(|index| &table::COMMANDS[index]) else {
         transaction::fail(session);
         return ready(errors::unknown_command(name, &args[1..]));
     };

@@ -162,7 +162,8 @@ async fn exec(shared: &Arc<Shared>, session: &mut Session) -> Pending {
     let ((pendings, planned), holding) = Dispatch::holding(async {
         let mut pendings = Vec::with_capacity(multi.queued.len());
         for args in multi.queued {
-            let plan: Planned<'_> = Box::pin(super::dispatch(shared, session, args));
+            let index = crate::table::index_of_request(&args[0]);
+            let plan: Planned<'_> = Box::pin(super::dispatch(shared, session, index, args));
             match tokio::time::timeout(PLAN_TIMEOUT, plan).await {
                 Ok((pending, _)) => pendings.push(pending),
                 Err(_) => return (pendings, false),
