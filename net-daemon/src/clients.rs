@@ -61,7 +61,7 @@ impl Clients {
             opened: Instant::now(),
             state: Mutex::new(State {
                 resp: 2,
-                command: "NULL".into(),
+                command: "NULL",
                 ..State::default()
             }),
             killed: AtomicBool::new(false),
