@@ -261,7 +261,7 @@ impl Worker<'_> {
         let Queued { id, reply, .. } = queued;
         let refuse = |message: String| {
             let response = WorkerResponse::Error(WorkerError::Storage(message));
-            let _ = reply.send(ResponseEnvelope { id, response });
+            reply.send([ResponseEnvelope { id, response }]);
         };
         if !Path::new(&dir).is_absolute() {
             return refuse(format!("backup directory {dir:?} is not an absolute path"));
@@ -300,7 +300,7 @@ impl Worker<'_> {
                     }
                 };
                 running.store(false, Ordering::Release);
-                let _ = reply_from_thread.send(ResponseEnvelope { id, response });
+                reply_from_thread.send([ResponseEnvelope { id, response }]);
             });
         if let Err(error) = spawned {
             self.backup_running.store(false, Ordering::Release);
@@ -341,10 +341,10 @@ impl Worker<'_> {
             if self.blocked(&queued.request) {
                 if since.elapsed() >= DEFER_TIMEOUT {
                     let response = WorkerResponse::Error(WorkerError::Locked);
-                    let _ = queued.reply.send(ResponseEnvelope {
+                    queued.reply.send([ResponseEnvelope {
                         id: queued.id,
                         response,
-                    });
+                    }]);
                 } else {
                     self.deferred.push_back((since, queued));
                 }
@@ -450,12 +450,22 @@ impl Worker<'_> {
             self.slot
                 .set(Field::LastCommitId, self.store.highest_commit_id());
         }
-        for (queued, response) in batch.into_iter().zip(responses) {
-            // A closed connection only means the net-daemon went away; the write is committed.
-            let _ = queued.reply.send(ResponseEnvelope {
-                id: queued.id,
+        // One write per connection for the batch, in the order of its requests.
+        let mut answers = batch.into_iter().zip(responses).peekable();
+        while let Some((first, response)) = answers.next() {
+            let mut envelopes = vec![ResponseEnvelope {
+                id: first.id,
                 response,
-            });
+            }];
+            while let Some((queued, response)) =
+                answers.next_if(|(next, _)| next.reply.same(&first.reply))
+            {
+                envelopes.push(ResponseEnvelope {
+                    id: queued.id,
+                    response,
+                });
+            }
+            first.reply.send(envelopes);
         }
         if let Some(error) = fatal {
             // After a failed commit (an fsync error above all) the environment's state is

@@ -1,17 +1,20 @@
 //! The worker's end of the net-daemon link: a Unix socket listener and, per
-//! connection, a reader thread and a writer thread.
+//! connection, a reader thread and a [`Replier`].
 //!
 //! The reader decodes request frames and puts them on the worker's bounded
 //! queue (a full queue blocks the reader, which pushes back on the socket). The
-//! writer sends the responses the apply loop hands back, coalescing whatever is
-//! ready into one write. A malformed frame closes that connection only.
+//! apply loop writes the responses of a batch itself, in one write per
+//! connection, through the connection's `Replier`: no thread hand-off on the way
+//! back. (The net-daemon reads its end of the link in a task of its own, so the
+//! write never waits on the net-daemon's own writes.) A malformed frame closes
+//! that connection only.
 
 use std::io::{Read, Write};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::mpsc::{self, Receiver, Sender, SyncSender};
-use std::sync::Arc;
+use std::sync::mpsc::{self, Receiver, SyncSender};
+use std::sync::{Arc, Mutex};
 use std::thread;
 
 use anyhow::Context;
@@ -28,7 +31,43 @@ const READ_CHUNK_BYTES: usize = 64 * 1024;
 pub(crate) struct Queued {
     pub(crate) id: u64,
     pub(crate) request: WorkerRequest,
-    pub(crate) reply: Sender<ResponseEnvelope>,
+    pub(crate) reply: Arc<Replier>,
+}
+
+/// The way back to one net-daemon connection: responses are written to its socket by
+/// whoever has them (the apply loop, a backup thread).
+pub(crate) struct Replier {
+    stream: Mutex<UnixStream>,
+}
+
+impl Replier {
+    /// Writes `envelopes` in one write. A failed write only means that the net-daemon went
+    /// away (its reader then ends the connection); what was applied stays applied.
+    pub(crate) fn send(&self, envelopes: impl IntoIterator<Item = ResponseEnvelope>) {
+        let mut out = Vec::new();
+        for envelope in envelopes {
+            if let Err(error) = encode_frame(&envelope, &mut out) {
+                // Answer anyway, so that the request fails at once instead of timing out.
+                tracing::error!(%error, id = envelope.id, "cannot encode a response");
+                let failure = ResponseEnvelope {
+                    id: envelope.id,
+                    response: WorkerResponse::Error(WorkerError::Storage(format!(
+                        "cannot send the reply: {error}"
+                    ))),
+                };
+                let _ = encode_frame(&failure, &mut out);
+            }
+        }
+        let mut stream = shoal_shared::lock(&self.stream);
+        if let Err(error) = stream.write_all(&out) {
+            tracing::warn!(%error, "net-daemon link write failed");
+        }
+    }
+
+    /// Whether `self` and `other` are the same connection.
+    pub(crate) fn same(self: &Arc<Self>, other: &Arc<Replier>) -> bool {
+        Arc::ptr_eq(self, other)
+    }
 }
 
 /// Binds the worker's socket and starts accepting connections in the background.
@@ -68,22 +107,16 @@ pub(crate) fn listen(path: &Path, shutdown: Arc<AtomicBool>) -> anyhow::Result<R
 }
 
 fn spawn_connection(stream: UnixStream, queue: SyncSender<Queued>) -> std::io::Result<()> {
-    let write_half = stream.try_clone()?;
-    let (reply_tx, reply_rx) = mpsc::channel();
+    let reply = Arc::new(Replier {
+        stream: Mutex::new(stream.try_clone()?),
+    });
     thread::Builder::new()
         .name("link-read".into())
-        .spawn(move || read_requests(stream, queue, reply_tx))?;
-    thread::Builder::new()
-        .name("link-write".into())
-        .spawn(move || write_responses(write_half, reply_rx))?;
+        .spawn(move || read_requests(stream, queue, reply))?;
     Ok(())
 }
 
-fn read_requests(
-    mut stream: UnixStream,
-    queue: SyncSender<Queued>,
-    reply: Sender<ResponseEnvelope>,
-) {
+fn read_requests(mut stream: UnixStream, queue: SyncSender<Queued>, reply: Arc<Replier>) {
     let mut buffer = Vec::with_capacity(READ_CHUNK_BYTES);
     let mut chunk = vec![0u8; READ_CHUNK_BYTES];
     loop {
@@ -120,29 +153,5 @@ fn read_requests(
             }
         }
         buffer.drain(..consumed);
-    }
-}
-
-fn write_responses(mut stream: UnixStream, replies: Receiver<ResponseEnvelope>) {
-    let mut out = Vec::with_capacity(READ_CHUNK_BYTES);
-    while let Ok(first) = replies.recv() {
-        out.clear();
-        for envelope in std::iter::once(first).chain(replies.try_iter()) {
-            if let Err(error) = encode_frame(&envelope, &mut out) {
-                // Answer anyway, so that the request fails at once instead of timing out.
-                tracing::error!(%error, id = envelope.id, "cannot encode a response");
-                let failure = ResponseEnvelope {
-                    id: envelope.id,
-                    response: WorkerResponse::Error(WorkerError::Storage(format!(
-                        "cannot send the reply: {error}"
-                    ))),
-                };
-                let _ = encode_frame(&failure, &mut out);
-            }
-        }
-        if let Err(error) = stream.write_all(&out) {
-            tracing::warn!(%error, "net-daemon link write failed");
-            return;
-        }
     }
 }
