@@ -1,7 +1,9 @@
 //! The coordinator of one atomic multi-key write, as a state machine without I/O.
 //!
 //! It owns the order of the requests of one transaction: the fast path (one participant,
-//! one `Atomic`), or two-phase commit (`Prepare` on each participant in order, `Commit` on
+//! one `Atomic`), or two-phase commit (`Prepare` on every participant at once on the
+//! first attempt when no participant's ops take a value from another's, else on each
+//! participant in order, and in order on every retry after a conflict; `Commit` on
 //! the decider, `Commit` on the others, then the outcome, with the decider's `Forget` sent
 //! beside it and not waited for), the aborts and the
 //! retries after lock conflicts, and the outcome. A decider named by partition (in a
@@ -12,7 +14,8 @@
 //! It talks to nobody. [`Coordinator::poll_action`] yields the requests to send and, last,
 //! the outcome; [`Coordinator::handle`] takes each answer, and the end of the backoff
 //! before a retry; [`Coordinator::next_deadline`] says when that backoff ends. At most one
-//! request is in flight: the order of the requests is the protocol. Time comes in as `now`,
+//! request is in flight, except the prepares of a first attempt, which go out together and
+//! whose answers are all taken before anything else is sent. Time comes in as `now`,
 //! fresh transaction ids with [`Event::Timeout`], and the jitter from a seed.
 //!
 //! It must never read a clock, sleep, spawn, or know how an address is reached: the shell
@@ -110,6 +113,10 @@ enum State<D, E> {
     Atomic,
     /// The `Prepare` of `participants[index]`.
     Preparing { index: usize },
+    /// The `Prepare`s of every participant at once: the answers so far, by participant.
+    PreparingAll {
+        answers: Vec<Option<Result<WorkerResponse, E>>>,
+    },
     /// The `Abort` of one participant; `remaining` are aborted after it.
     Aborting {
         remaining: VecDeque<D>,
@@ -145,8 +152,10 @@ pub(crate) struct Coordinator<D, E> {
     /// The state of the jitter's random sequence.
     random: u64,
     state: State<D, E>,
-    /// The address whose answer is awaited.
-    awaiting: Option<D>,
+    /// The addresses whose answers are awaited.
+    awaiting: Vec<D>,
+    /// Whether independent prepares of a first attempt go out at once.
+    at_once: bool,
     actions: VecDeque<Action<D, E>>,
 }
 
@@ -160,7 +169,29 @@ impl<D: Address, E: Debug> Coordinator<D, E> {
         seed: u64,
         now: Instant,
     ) -> Coordinator<D, E> {
+        Coordinator::starting(participants, txid, seed, now, true)
+    }
+
+    /// [`Coordinator::new`], with the prepares of the first attempt in order too.
+    #[cfg(test)]
+    fn in_order(
+        participants: Vec<(D, Vec<TxOp>)>,
+        txid: u64,
+        seed: u64,
+        now: Instant,
+    ) -> Coordinator<D, E> {
+        Coordinator::starting(participants, txid, seed, now, false)
+    }
+
+    fn starting(
+        participants: Vec<(D, Vec<TxOp>)>,
+        txid: u64,
+        seed: u64,
+        now: Instant,
+        at_once: bool,
+    ) -> Coordinator<D, E> {
         let mut coordinator = Coordinator {
+            at_once,
             participants,
             txid,
             prepared: Vec::new(),
@@ -168,7 +199,7 @@ impl<D: Address, E: Debug> Coordinator<D, E> {
             attempt: 0,
             random: seed,
             state: State::Finished,
-            awaiting: None,
+            awaiting: Vec::new(),
             actions: VecDeque::new(),
         };
         match coordinator.participants.as_slice() {
@@ -177,9 +208,54 @@ impl<D: Address, E: Debug> Coordinator<D, E> {
                 let (only, request) = (*only, WorkerRequest::Atomic { ops: ops.clone() });
                 coordinator.send(only, request, State::Atomic);
             }
-            _ => coordinator.prepare(0),
+            _ => coordinator.start_prepares(),
         }
         coordinator
+    }
+
+    /// Whether the prepares may all go out at once: no participant's ops take a value
+    /// from an earlier participant's (RENAME and COPY across workers), and no two
+    /// participants share an address (their answers could not be told apart).
+    fn independent(&self) -> bool {
+        let takes = |ops: &[TxOp]| {
+            ops.iter()
+                .any(|op| matches!(op.action, TxAction::PutTaken { .. }))
+        };
+        let addresses = &self.participants;
+        !addresses.iter().any(|(_, ops)| takes(ops))
+            && addresses
+                .iter()
+                .enumerate()
+                .all(|(i, (a, _))| addresses[..i].iter().all(|(b, _)| a != b))
+    }
+
+    /// Starts an attempt: every prepare at once on the first attempt when the participants
+    /// are independent; in order otherwise, and on every retry, so that transactions that
+    /// conflicted take the keys in one order.
+    fn start_prepares(&mut self) {
+        if !self.at_once || self.attempt > 0 || !self.independent() {
+            return self.prepare(0);
+        }
+        let decider = self.participants[0].0.decider();
+        let requests: Vec<(D, WorkerRequest)> = self
+            .participants
+            .iter()
+            .map(|(to, ops)| {
+                let request = WorkerRequest::Prepare {
+                    txid: self.txid,
+                    decider,
+                    ops: ops.clone(),
+                };
+                (*to, request)
+            })
+            .collect();
+        self.state = State::PreparingAll {
+            answers: requests.iter().map(|_| None).collect(),
+        };
+        for (to, request) in requests {
+            self.awaiting.push(to);
+            self.actions.push_back(Action::Send { to, request });
+        }
     }
 
     /// The next thing to do, if any. After a [`Action::Send`], nothing more comes until its
@@ -202,17 +278,17 @@ impl<D: Address, E: Debug> Coordinator<D, E> {
     pub(crate) fn handle(&mut self, event: Event<D, E>, now: Instant) {
         match event {
             Event::Answer { from, answer } => {
-                if self.awaiting != Some(from) {
+                let Some(position) = self.awaiting.iter().position(|&a| a == from) else {
                     return;
-                }
-                self.awaiting = None;
+                };
+                self.awaiting.remove(position);
                 self.answered(from, answer, now);
             }
             Event::Timeout { fresh_txid } => {
                 if let State::Backoff { until } = self.state {
                     if now >= until {
                         self.txid = fresh_txid;
-                        self.prepare(0);
+                        self.start_prepares();
                     }
                 }
             }
@@ -269,6 +345,16 @@ impl<D: Address, E: Debug> Coordinator<D, E> {
                     self.abort_prepared(AfterAbort::Fail(Failure::Link(error)), now);
                 }
             },
+            State::PreparingAll { mut answers } => {
+                if let Some(index) = self.participants.iter().position(|(to, _)| *to == from) {
+                    answers[index] = Some(answer);
+                }
+                if answers.iter().any(Option::is_none) {
+                    self.state = State::PreparingAll { answers };
+                } else {
+                    self.all_prepared(answers, now);
+                }
+            }
             State::Aborting { remaining, then } => self.abort_next(remaining, then, now),
             State::CommittingDecider => match answer {
                 Ok(WorkerResponse::Error(WorkerError::TxAborted)) => {
@@ -305,6 +391,44 @@ impl<D: Address, E: Debug> Coordinator<D, E> {
                 self.commit_other(index + 1, all_committed && committed);
             }
             state @ (State::Backoff { .. } | State::Finished) => self.state = state,
+        }
+    }
+
+    /// Takes the answers of prepares sent at once, as if they had come in order: all
+    /// prepared commits; otherwise the first participant's failure, in order, decides, and
+    /// every participant that prepared or whose link failed is aborted.
+    fn all_prepared(&mut self, answers: Vec<Option<Result<WorkerResponse, E>>>, now: Instant) {
+        let mut failure: Option<AfterAbort<E>> = None;
+        for (index, answer) in answers.into_iter().enumerate() {
+            let to = self.participants[index].0;
+            let failed = match answer {
+                Some(Ok(WorkerResponse::TxOutcomes(outcomes))) => {
+                    self.prepared.push((to, outcomes));
+                    continue;
+                }
+                Some(Ok(WorkerResponse::Error(WorkerError::TxConflict))) => AfterAbort::Retry,
+                Some(Ok(WorkerResponse::Error(
+                    error @ (WorkerError::TxKeyExists
+                    | WorkerError::TxNoSuchKey
+                    | WorkerError::TxStale),
+                ))) => AfterAbort::Fail(Failure::Refused(error)),
+                Some(Ok(WorkerResponse::Error(error))) => AfterAbort::Fail(Failure::Worker(error)),
+                Some(Ok(_)) | None => AfterAbort::Fail(Failure::UnexpectedPrepareResponse),
+                Some(Err(error)) => {
+                    // The prepare may have happened: abort it there too.
+                    self.prepared.push((to, Vec::new()));
+                    AfterAbort::Fail(Failure::Link(error))
+                }
+            };
+            failure.get_or_insert(failed);
+        }
+        match failure {
+            None => self.send(
+                self.prepared[0].0,
+                WorkerRequest::Commit { txid: self.txid },
+                State::CommittingDecider,
+            ),
+            Some(then) => self.abort_prepared(then, now),
         }
     }
 
@@ -380,7 +504,7 @@ impl<D: Address, E: Debug> Coordinator<D, E> {
 
     fn send(&mut self, to: D, request: WorkerRequest, state: State<D, E>) {
         self.state = state;
-        self.awaiting = Some(to);
+        self.awaiting.push(to);
         self.actions.push_back(Action::Send { to, request });
     }
 
@@ -572,7 +696,7 @@ mod tests {
     #[test]
     fn prepares_in_order_then_commits_the_decider_first_then_the_others_then_forgets() {
         let now = Instant::now();
-        let mut core = Core::new(three(), 7, SEED, now);
+        let mut core = Core::in_order(three(), 7, SEED, now);
         prepare_three(&mut core, 7, now);
         expect(&mut core, commit(0, 7));
         answer(&mut core, 0, Ok(WorkerResponse::Ok), now);
@@ -591,7 +715,7 @@ mod tests {
         let now = Instant::now();
         let decider = DECIDER_PARTITION | 5;
         let two = vec![(W(decider), vec![put("a")]), (W(1), vec![put("b")])];
-        let mut core = Core::new(two, 7, SEED, now);
+        let mut core = Core::in_order(two, 7, SEED, now);
         for (to, key) in [(decider, "a"), (1, "b")] {
             let request = WorkerRequest::Prepare {
                 txid: 7,
@@ -614,7 +738,7 @@ mod tests {
 
         // A failed apply leaves the rest to recovery: committed, and nothing forgotten.
         let two = vec![(W(decider), vec![put("a")]), (W(1), vec![put("b")])];
-        let mut core = Core::new(two, 8, SEED, now);
+        let mut core = Core::in_order(two, 8, SEED, now);
         for to in [decider, 1] {
             core.poll_action();
             answer(&mut core, to, done(), now);
@@ -631,7 +755,7 @@ mod tests {
     #[test]
     fn an_answer_from_elsewhere_is_ignored() {
         let now = Instant::now();
-        let mut core = Core::new(three(), 7, SEED, now);
+        let mut core = Core::in_order(three(), 7, SEED, now);
         expect(&mut core, prepare(0, 7, vec![put("a")]));
         answer(&mut core, 1, done(), now);
         assert_eq!(core.poll_action(), None);
@@ -639,10 +763,113 @@ mod tests {
         expect(&mut core, prepare(1, 7, vec![put("b")]));
     }
 
+    /// Takes every action the core has now.
+    fn drain(core: &mut Core) -> Vec<Action<W, Lost>> {
+        std::iter::from_fn(|| core.poll_action()).collect()
+    }
+
+    /// The prepares of [`three`] with `txid`, as sent at once.
+    fn three_prepares(txid: u64) -> Vec<Action<W, Lost>> {
+        (0..3)
+            .map(|to| prepare(to, txid, three()[usize::from(to)].1.clone()))
+            .collect()
+    }
+
+    #[test]
+    fn independent_participants_are_prepared_at_once_and_commit_as_before() {
+        let now = Instant::now();
+        let mut core = Core::new(three(), 7, SEED, now);
+        assert_eq!(drain(&mut core), three_prepares(7));
+        // Answers in any order; nothing goes out until the last one.
+        answer(&mut core, 2, done(), now);
+        answer(&mut core, 0, done(), now);
+        assert_eq!(core.poll_action(), None);
+        // An answer from one already answered is ignored.
+        answer(&mut core, 0, done(), now);
+        assert_eq!(core.poll_action(), None);
+        answer(&mut core, 1, done(), now);
+        expect(&mut core, commit(0, 7));
+        answer(&mut core, 0, Ok(WorkerResponse::Ok), now);
+        expect(&mut core, commit(1, 7));
+        answer(&mut core, 1, Ok(WorkerResponse::Ok), now);
+        expect(&mut core, commit(2, 7));
+        answer(&mut core, 2, Ok(WorkerResponse::Ok), now);
+        assert_eq!(core.poll_action(), Some(forget(0, 7)));
+        let all_done = vec![vec![TxOutcome::Done]; 3];
+        expect(&mut core, Action::Finished(Ok(all_done)));
+    }
+
+    #[test]
+    fn a_conflict_among_prepares_sent_at_once_aborts_the_prepared_and_retries_in_order() {
+        let start = Instant::now();
+        let mut core = Core::new(three(), 7, SEED, start);
+        assert_eq!(drain(&mut core), three_prepares(7));
+        answer(&mut core, 1, error(WorkerError::TxConflict), start);
+        answer(&mut core, 2, done(), start);
+        answer(&mut core, 0, done(), start);
+        // The prepared ones are released, in order; the one that conflicted holds nothing.
+        expect(&mut core, abort(0, 7));
+        answer(&mut core, 0, Ok(WorkerResponse::Ok), start);
+        expect(&mut core, abort(2, 7));
+        answer(&mut core, 2, Ok(WorkerResponse::Ok), start);
+        let deadline = core.next_deadline().expect("a backoff");
+        core.handle(Event::Timeout { fresh_txid: 9 }, deadline);
+        // The retry takes the keys in order, one participant after the other.
+        prepare_three(&mut core, 9, deadline);
+        expect(&mut core, commit(0, 9));
+    }
+
+    #[test]
+    fn among_prepares_sent_at_once_the_first_failure_in_order_decides() {
+        let now = Instant::now();
+        let mut core = Core::new(three(), 7, SEED, now);
+        drain(&mut core);
+        // Participant 2 conflicts, participant 1's link fails, participant 0 prepares:
+        // in order, the link failure comes first, so the write fails and is not retried.
+        answer(&mut core, 2, error(WorkerError::TxConflict), now);
+        answer(&mut core, 1, Err(Lost), now);
+        answer(&mut core, 0, done(), now);
+        expect(&mut core, abort(0, 7));
+        answer(&mut core, 0, Ok(WorkerResponse::Ok), now);
+        // The participant whose link failed may have prepared: it is aborted too.
+        expect(&mut core, abort(1, 7));
+        answer(&mut core, 1, Ok(WorkerResponse::Ok), now);
+        expect(&mut core, Action::Finished(Err(Failure::Link(Lost))));
+
+        // A refusal before a conflict fails the write without a retry.
+        let mut core = Core::new(three(), 8, SEED, now);
+        drain(&mut core);
+        answer(&mut core, 0, error(WorkerError::TxKeyExists), now);
+        answer(&mut core, 1, error(WorkerError::TxConflict), now);
+        answer(&mut core, 2, done(), now);
+        expect(&mut core, abort(2, 8));
+        answer(&mut core, 2, Ok(WorkerResponse::Ok), now);
+        let refused = Failure::Refused(WorkerError::TxKeyExists);
+        expect(&mut core, Action::Finished(Err(refused)));
+    }
+
+    #[test]
+    fn participants_that_take_a_value_from_another_are_prepared_in_order() {
+        let now = Instant::now();
+        let taking = vec![
+            (W(0), vec![op("from", TxAction::Take)]),
+            (
+                W(1),
+                vec![op("to", TxAction::PutTaken { if_absent: false })],
+            ),
+        ];
+        let mut core = Core::new(taking, 7, SEED, now);
+        assert_eq!(drain(&mut core).len(), 1, "one prepare at a time");
+        // Two participants at one address cannot be told apart: in order too.
+        let shared = vec![(W(0), vec![put("a")]), (W(0), vec![put("b")])];
+        let mut core = Core::new(shared, 7, SEED, now);
+        assert_eq!(drain(&mut core).len(), 1, "one prepare at a time");
+    }
+
     #[test]
     fn a_conflict_after_others_prepared_aborts_them_and_retries_with_a_fresh_txid() {
         let start = Instant::now();
-        let mut core = Core::new(three(), 7, SEED, start);
+        let mut core = Core::in_order(three(), 7, SEED, start);
         expect(&mut core, prepare(0, 7, vec![put("a")]));
         answer(&mut core, 0, done(), start);
         expect(&mut core, prepare(1, 7, vec![put("b")]));
@@ -676,7 +903,7 @@ mod tests {
     fn the_jitter_comes_from_the_seed() {
         let backoff = |seed: u64| {
             let start = Instant::now();
-            let mut core = Core::new(three(), 7, seed, start);
+            let mut core = Core::in_order(three(), 7, seed, start);
             core.poll_action();
             answer(&mut core, 0, error(WorkerError::TxConflict), start);
             core.next_deadline().expect("a backoff") - start
@@ -689,7 +916,7 @@ mod tests {
     #[test]
     fn a_link_failure_during_prepare_aborts_that_participant_too() {
         let now = Instant::now();
-        let mut core = Core::new(three(), 7, SEED, now);
+        let mut core = Core::in_order(three(), 7, SEED, now);
         expect(&mut core, prepare(0, 7, vec![put("a")]));
         answer(&mut core, 0, done(), now);
         expect(&mut core, prepare(1, 7, vec![put("b")]));
@@ -704,7 +931,7 @@ mod tests {
     #[test]
     fn a_refused_prepare_aborts_the_prepared_and_is_not_retried() {
         let now = Instant::now();
-        let mut core = Core::new(three(), 7, SEED, now);
+        let mut core = Core::in_order(three(), 7, SEED, now);
         expect(&mut core, prepare(0, 7, vec![put("a")]));
         answer(&mut core, 0, done(), now);
         expect(&mut core, prepare(1, 7, vec![put("b")]));
@@ -719,7 +946,7 @@ mod tests {
     #[test]
     fn the_decider_answering_aborted_aborts_the_others() {
         let now = Instant::now();
-        let mut core = Core::new(three(), 7, SEED, now);
+        let mut core = Core::in_order(three(), 7, SEED, now);
         prepare_three(&mut core, 7, now);
         expect(&mut core, commit(0, 7));
         answer(&mut core, 0, error(WorkerError::TxAborted), now);
@@ -735,7 +962,7 @@ mod tests {
     fn a_failed_decider_leaves_the_outcome_unknown_and_commits_nothing_else() {
         let now = Instant::now();
         for failure in [Err(Lost), error(WorkerError::DiskFull)] {
-            let mut core = Core::new(three(), 7, SEED, now);
+            let mut core = Core::in_order(three(), 7, SEED, now);
             prepare_three(&mut core, 7, now);
             expect(&mut core, commit(0, 7));
             answer(&mut core, 0, failure, now);
@@ -747,7 +974,7 @@ mod tests {
     #[test]
     fn a_participant_that_recovery_committed_first_counts_as_committed() {
         let now = Instant::now();
-        let mut core = Core::new(three(), 7, SEED, now);
+        let mut core = Core::in_order(three(), 7, SEED, now);
         prepare_three(&mut core, 7, now);
         expect(&mut core, commit(0, 7));
         answer(&mut core, 0, Ok(WorkerResponse::Ok), now);
@@ -763,7 +990,7 @@ mod tests {
     #[test]
     fn a_participant_that_fails_its_commit_keeps_the_decision_record() {
         let now = Instant::now();
-        let mut core = Core::new(three(), 7, SEED, now);
+        let mut core = Core::in_order(three(), 7, SEED, now);
         prepare_three(&mut core, 7, now);
         expect(&mut core, commit(0, 7));
         answer(&mut core, 0, Ok(WorkerResponse::Ok), now);
@@ -830,7 +1057,7 @@ mod tests {
     #[test]
     fn conflicts_past_the_deadline_give_up() {
         let start = Instant::now();
-        let mut core = Core::new(three(), 1, SEED, start);
+        let mut core = Core::in_order(three(), 1, SEED, start);
         let mut now = start;
         let mut txid = 1;
         let mut backoffs = Vec::new();

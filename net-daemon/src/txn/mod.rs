@@ -4,7 +4,8 @@
 //! Keys on one worker take the fast path: one `Atomic` request, one LMDB
 //! transaction. Keys on several workers go through two-phase commit:
 //! 1. `Prepare` on each participant (each checks its ops, locks the keys and
-//!    records the intent durably). A participant that finds a key locked by
+//!    records the intent durably): all at once on a first attempt whose
+//!    participants are independent, else one after the other. A participant that finds a key locked by
 //!    another transaction answers `TxConflict`: everything is aborted and
 //!    retried after a random backoff, so transactions never wait for each
 //!    other and cannot deadlock.
@@ -198,28 +199,37 @@ pub async fn run(
     let seed = RandomState::new().hash_one(txid);
     let mut coordinator = Coordinator::new(participants, txid, seed, Instant::now());
     loop {
-        match coordinator.poll_action() {
-            Some(coordinator::Action::Send { to, request }) => {
-                let answer = dispatch.send(to, request).await.wait().await;
+        // Everything the core asks for goes out before any answer is awaited: the
+        // prepares of a first attempt are in flight together.
+        let mut calls = Vec::new();
+        while let Some(action) = coordinator.poll_action() {
+            match action {
+                coordinator::Action::Send { to, request } => {
+                    calls.push((to, dispatch.send(to, request).await));
+                }
+                coordinator::Action::Tidy { to, request } => {
+                    // Queued on the link; the answer is not awaited.
+                    drop(dispatch.send(to, request).await);
+                }
+                coordinator::Action::Finished(result) => return result.map_err(TxFailure::from),
+            }
+        }
+        if !calls.is_empty() {
+            for (to, call) in calls {
+                let answer = call.wait().await;
                 let answered = coordinator::Event::Answer { from: to, answer };
                 coordinator.handle(answered, Instant::now());
             }
-            Some(coordinator::Action::Tidy { to, request }) => {
-                // Queued on the link; the answer is not awaited.
-                drop(dispatch.send(to, request).await);
-            }
-            Some(coordinator::Action::Finished(result)) => return result.map_err(TxFailure::from),
-            None => {
-                let Some(deadline) = coordinator.next_deadline() else {
-                    return Err(TxFailure::Failed(Reply::error(
-                        "ERR internal error: the multi-key write stalled",
-                    )));
-                };
-                tokio::time::sleep_until(deadline.into()).await;
-                let fresh_txid = txids.next();
-                coordinator.handle(coordinator::Event::Timeout { fresh_txid }, Instant::now());
-            }
+            continue;
         }
+        let Some(deadline) = coordinator.next_deadline() else {
+            return Err(TxFailure::Failed(Reply::error(
+                "ERR internal error: the multi-key write stalled",
+            )));
+        };
+        tokio::time::sleep_until(deadline.into()).await;
+        let fresh_txid = txids.next();
+        coordinator.handle(coordinator::Event::Timeout { fresh_txid }, Instant::now());
     }
 }
 
