@@ -657,6 +657,18 @@ mod tests {
         }
     }
 
+    /// After the prepares of [`three`] with `txid`: the decider commits first, then the
+    /// others in order, and the outcome goes with the Forget, which is not waited for.
+    fn commit_three(core: &mut Core, txid: u64, now: Instant) {
+        for to in 0..3 {
+            expect(core, commit(to, txid));
+            answer(core, to, Ok(WorkerResponse::Ok), now);
+        }
+        assert_eq!(core.poll_action(), Some(forget(0, txid)));
+        let all_done = vec![vec![TxOutcome::Done]; 3];
+        expect(core, Action::Finished(Ok(all_done)));
+    }
+
     #[test]
     fn one_participant_takes_the_fast_path() {
         let now = Instant::now();
@@ -698,16 +710,7 @@ mod tests {
         let now = Instant::now();
         let mut core = Core::in_order(three(), 7, SEED, now);
         prepare_three(&mut core, 7, now);
-        expect(&mut core, commit(0, 7));
-        answer(&mut core, 0, Ok(WorkerResponse::Ok), now);
-        expect(&mut core, commit(1, 7));
-        answer(&mut core, 1, Ok(WorkerResponse::Ok), now);
-        expect(&mut core, commit(2, 7));
-        answer(&mut core, 2, Ok(WorkerResponse::Ok), now);
-        // The outcome goes with the Forget, which is not waited for.
-        assert_eq!(core.poll_action(), Some(forget(0, 7)));
-        let all_done = vec![vec![TxOutcome::Done]; 3];
-        expect(&mut core, Action::Finished(Ok(all_done)));
+        commit_three(&mut core, 7, now);
     }
 
     #[test]
@@ -788,15 +791,7 @@ mod tests {
         answer(&mut core, 0, done(), now);
         assert_eq!(core.poll_action(), None);
         answer(&mut core, 1, done(), now);
-        expect(&mut core, commit(0, 7));
-        answer(&mut core, 0, Ok(WorkerResponse::Ok), now);
-        expect(&mut core, commit(1, 7));
-        answer(&mut core, 1, Ok(WorkerResponse::Ok), now);
-        expect(&mut core, commit(2, 7));
-        answer(&mut core, 2, Ok(WorkerResponse::Ok), now);
-        assert_eq!(core.poll_action(), Some(forget(0, 7)));
-        let all_done = vec![vec![TxOutcome::Done]; 3];
-        expect(&mut core, Action::Finished(Ok(all_done)));
+        commit_three(&mut core, 7, now);
     }
 
     #[test]
