@@ -149,50 +149,58 @@ impl ShardReader {
         let Some(database) = self.collections.get(usize::from(collection)) else {
             return Ok(ReadOutcome::AskWorker);
         };
-        let _shared = self.gate.read().unwrap_or_else(|p| p.into_inner());
-        let txn = match self.env.read_txn() {
-            Err(heed::Error::Mdb(MdbError::MapResized)) => {
-                drop(_shared);
-                self.adopt_grown_map()?;
-                return self.values(collection, keys, now_ms, served_only, versioned);
-            }
-            other => other?,
-        };
-        if served_only && self.any_prepared(&txn)? {
-            return Ok(ReadOutcome::AskWorker);
-        }
-        for key in keys.iter().filter(|_| served_only && self.fences_possible) {
-            if self
-                .meta
-                .get(&txn, &layout::fence_key(key.partition))?
-                .is_some()
-            {
+        self.with_txn(|txn| {
+            if served_only && self.worker_must_answer(txn, keys)? {
                 return Ok(ReadOutcome::AskWorker);
             }
-        }
-        let mut values = Vec::with_capacity(keys.len());
-        let mut versions = Vec::with_capacity(if versioned { keys.len() } else { 0 });
-        for key in keys {
-            let raw = database.get(&txn, &layout::data_key(key.partition, &key.bytes))?;
-            let value = match raw.map(layout::decode_value).transpose()? {
-                // A typed key: its worker answers (WRONGTYPE for GET, nil for MGET).
-                Some(stored) if stored.typed => return Ok(ReadOutcome::AskWorker),
-                Some(stored) if stored.expires_at_ms.is_none_or(|at| at > now_ms) => {
-                    if versioned {
-                        versions.push(stored.commit_id);
+            let mut values = Vec::with_capacity(keys.len());
+            let mut versions = Vec::with_capacity(if versioned { keys.len() } else { 0 });
+            for key in keys {
+                let raw = database.get(txn, &layout::data_key(key.partition, &key.bytes))?;
+                let value = match raw.map(layout::decode_value).transpose()? {
+                    // A typed key: its worker answers (WRONGTYPE for GET, nil for MGET).
+                    Some(stored) if stored.typed => return Ok(ReadOutcome::AskWorker),
+                    Some(stored) if stored.expires_at_ms.is_none_or(|at| at > now_ms) => {
+                        if versioned {
+                            versions.push(stored.commit_id);
+                        }
+                        Some(stored.bytes.to_vec())
                     }
-                    Some(stored.bytes.to_vec())
-                }
-                _ => {
-                    if versioned {
-                        versions.push(self.missing_version(&txn, key.partition)?);
+                    _ => {
+                        if versioned {
+                            versions.push(self.missing_version(txn, key.partition)?);
+                        }
+                        None
                     }
-                    None
-                }
-            };
-            values.push(value);
+                };
+                values.push(value);
+            }
+            Ok(ReadOutcome::Values(values, versions))
+        })
+    }
+
+    /// Whether only the worker may answer for `keys` now: a transaction is prepared on the
+    /// shard (only the worker knows its locks), or a key's partition is fenced.
+    fn worker_must_answer(
+        &self,
+        txn: &RoTxn<WithoutTls>,
+        keys: &[&Key],
+    ) -> Result<bool, StoreError> {
+        if self.any_prepared(txn)? {
+            return Ok(true);
         }
-        Ok(ReadOutcome::Values(values, versions))
+        if self.fences_possible {
+            for key in keys {
+                if self
+                    .meta
+                    .get(txn, &layout::fence_key(key.partition))?
+                    .is_some()
+                {
+                    return Ok(true);
+                }
+            }
+        }
+        Ok(false)
     }
 
     /// The version of a missing key of `partition` ([`crate::frame::versions`]).
@@ -221,19 +229,11 @@ impl ShardReader {
             return Ok(None);
         };
         self.with_txn(|txn| {
-            if self.any_prepared(txn)? {
+            if self.worker_must_answer(txn, keys)? {
                 return Ok(None);
             }
             let mut versions = Vec::with_capacity(keys.len());
             for key in keys {
-                if self.fences_possible
-                    && self
-                        .meta
-                        .get(txn, &layout::fence_key(key.partition))?
-                        .is_some()
-                {
-                    return Ok(None);
-                }
                 let stored = database.get(txn, &layout::data_key(key.partition, &key.bytes))?;
                 let version = match stored.map(layout::decode_value).transpose()? {
                     Some(live) if live.expires_at_ms.is_none_or(|at| at > now_ms) => live.commit_id,
