@@ -3,7 +3,8 @@
 //! Each connection has a task that runs the handshake, then reads request frames and
 //! runs the handler for each in a task of its own, holding one of the connection's
 //! [`PeerConfig::max_in_flight`] slots; with every slot taken it stops reading, which
-//! pushes back on the dialer. Responses are written in the order they complete. A
+//! pushes back on the dialer. Responses are written in the order they complete, those
+//! ready together in one write (as the dialer writes its requests). A
 //! malformed frame closes that connection only.
 
 use std::io;
@@ -288,15 +289,11 @@ async fn write_responses<Resp: PeerMessage>(
     let mut out = Vec::with_capacity(READ_BUFFER_BYTES);
     while let Some(first) = outbox.recv().await {
         out.clear();
-        let mut next = Some(first);
-        while let Some(frame) = next {
-            encode_response(frame, &mut out);
-            next = if out.len() < MAX_WRITE_BATCH_BYTES {
-                outbox.try_recv().ok()
-            } else {
-                None
-            };
-        }
+        encode_responses(Some(first), &mut outbox, &mut out);
+        // Replies of handlers that are ready to run now go out in the same write: the
+        // other tasks run once before the frames are written.
+        tokio::task::yield_now().await;
+        encode_responses(None, &mut outbox, &mut out);
         if let Err(error) =
             write_all_unless_stalled(&mut writer, &out, config.liveness_timeout).await
         {
@@ -307,6 +304,24 @@ async fn write_responses<Resp: PeerMessage>(
         }
     }
     Ended::Normally("no more responses".to_string())
+}
+
+/// Encodes `first` and then every reply already queued, while the batch is under
+/// [`MAX_WRITE_BATCH_BYTES`].
+fn encode_responses<Resp: PeerMessage>(
+    first: Option<ResponseFrame<Resp>>,
+    outbox: &mut mpsc::Receiver<ResponseFrame<Resp>>,
+    out: &mut Vec<u8>,
+) {
+    let mut next = first.or_else(|| outbox.try_recv().ok());
+    while let Some(frame) = next {
+        encode_response(frame, out);
+        next = if out.len() < MAX_WRITE_BATCH_BYTES {
+            outbox.try_recv().ok()
+        } else {
+            None
+        };
+    }
 }
 
 /// Appends `frame`; a reply that cannot be encoded (too large) becomes a `Failed`.

@@ -1,8 +1,10 @@
 //! The dialing side: one persistent connection per peer, each kept by a task of its own.
 //!
 //! A peer's task connects on the first call to it, authenticates, then writes request
-//! frames (coalescing whatever is queued into one write), reads response frames and
-//! completes each call by its id. When the connection fails, every call in flight fails
+//! frames, reads response frames and completes each call by its id. Whatever is queued
+//! goes out in one write, once the tasks that are ready to run have queued their calls
+//! too: a pipeline that many tasks forward leaves as one write rather than one per
+//! request. When the connection fails, every call in flight fails
 //! at once, and the task reconnects after a backoff that doubles from [`RECONNECT_MIN`]
 //! to [`RECONNECT_MAX`]. While it waits to retry, calls fail at once with the reason of
 //! the last failure; while it connects, they wait for it (within their own timeout).
@@ -339,34 +341,11 @@ async fn serve<Req: PeerMessage, Resp: PeerMessage>(
                 let Some(first) = outgoing else {
                     break (lost(), "the pool was dropped".to_string());
                 };
-                let mut pending = lock(&pending);
-                if pending.len() > 2 * config.in_flight_limit() {
-                    // Calls that timed out no longer need their answers.
-                    pending.retain(|_, responder| !responder.is_closed());
-                }
-                let mut next = Some(first);
-                while let Some(Outgoing { request, responder }) = next {
-                    if !responder.is_closed() {
-                        next_id += 1;
-                        let frame = RequestFrame::Call { id: next_id, request: &request };
-                        match encode_frame(&frame, &mut out) {
-                            Ok(()) => {
-                                pending.insert(next_id, responder);
-                            }
-                            Err(error) => {
-                                let _ = responder.send(Err(PeerError::Protocol {
-                                    peer: peer.clone(),
-                                    reason: format!("cannot send the request: {error}"),
-                                }));
-                            }
-                        }
-                    }
-                    next = if out.len() < MAX_WRITE_BATCH_BYTES {
-                        inbox.try_recv().ok()
-                    } else {
-                        None
-                    };
-                }
+                encode_requests(peer, config, &pending, &mut next_id, Some(first), inbox, &mut out);
+                // Calls made by tasks that are ready to run now go out in the same write:
+                // the other tasks run once before the frames are written.
+                tokio::task::yield_now().await;
+                encode_requests(peer, config, &pending, &mut next_id, None, inbox, &mut out);
             }
             _ = ping.tick() => {
                 if let Err(error) = encode_frame(&RequestFrame::<()>::Ping, &mut out) {
@@ -400,6 +379,50 @@ async fn serve<Req: PeerMessage, Resp: PeerMessage>(
         let _ = responder.send(Err(error.clone()));
     }
     ended
+}
+
+/// Encodes `first` and then every call already queued, while the batch is under
+/// [`MAX_WRITE_BATCH_BYTES`], into `out`, and records their responders under fresh ids.
+fn encode_requests<Req: PeerMessage, Resp: PeerMessage>(
+    peer: &HostAddr,
+    config: &PeerConfig,
+    pending: &Pending<Resp>,
+    next_id: &mut u64,
+    first: Option<Outgoing<Req, Resp>>,
+    inbox: &mut mpsc::Receiver<Outgoing<Req, Resp>>,
+    out: &mut Vec<u8>,
+) {
+    let mut pending = lock(pending);
+    if pending.len() > 2 * config.in_flight_limit() {
+        // Calls that timed out no longer need their answers.
+        pending.retain(|_, responder| !responder.is_closed());
+    }
+    let mut next = first.or_else(|| inbox.try_recv().ok());
+    while let Some(Outgoing { request, responder }) = next {
+        if !responder.is_closed() {
+            *next_id += 1;
+            let frame = RequestFrame::Call {
+                id: *next_id,
+                request: &request,
+            };
+            match encode_frame(&frame, out) {
+                Ok(()) => {
+                    pending.insert(*next_id, responder);
+                }
+                Err(error) => {
+                    let _ = responder.send(Err(PeerError::Protocol {
+                        peer: peer.clone(),
+                        reason: format!("cannot send the request: {error}"),
+                    }));
+                }
+            }
+        }
+        next = if out.len() < MAX_WRITE_BATCH_BYTES {
+            inbox.try_recv().ok()
+        } else {
+            None
+        };
+    }
 }
 
 /// Reads response frames and completes their calls, until the connection fails.
