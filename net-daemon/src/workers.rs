@@ -2,7 +2,8 @@
 //!
 //! Each worker has one [`WorkerLink`]: a background task that connects to the
 //! worker's Unix socket, writes request frames (coalescing whatever is queued
-//! into one write), reads response frames, and completes each request by its
+//! into one write, once the connections ready to run have queued theirs), reads
+//! response frames, and completes each request by its
 //! id. When the worker goes away, every request in flight fails at once with
 //! [`LinkError::Lost`], new requests fail at once with [`LinkError::Down`],
 //! and the task reconnects with capped backoff. No request ever waits longer
@@ -227,6 +228,16 @@ fn fail_queued(inbox: &mut mpsc::Receiver<Outgoing>) {
     while inbox.try_recv().is_ok() {}
 }
 
+/// Moves what is queued into `batch`, up to [`OUTBOX_CAPACITY`] requests in all.
+fn take_queued(inbox: &mut mpsc::Receiver<Outgoing>, batch: &mut Vec<Outgoing>) {
+    while batch.len() < OUTBOX_CAPACITY {
+        match inbox.try_recv() {
+            Ok(next) => batch.push(next),
+            Err(_) => break,
+        }
+    }
+}
+
 async fn serve_connection(index: usize, stream: UnixStream, inbox: &mut mpsc::Receiver<Outgoing>) {
     let (mut reader, mut writer) = stream.into_split();
     let pending: Arc<Mutex<HashMap<u64, Responder>>> = Arc::default();
@@ -278,12 +289,11 @@ async fn serve_connection(index: usize, stream: UnixStream, inbox: &mut mpsc::Re
         };
         out.clear();
         let mut batch = vec![first];
-        while batch.len() < OUTBOX_CAPACITY {
-            match inbox.try_recv() {
-                Ok(next) => batch.push(next),
-                Err(_) => break,
-            }
-        }
+        take_queued(inbox, &mut batch);
+        // Requests of connections that are ready to run now go out in the same write: the
+        // other tasks run once before the frame is written.
+        tokio::task::yield_now().await;
+        take_queued(inbox, &mut batch);
         {
             let mut pending = pending.lock().unwrap_or_else(|e| e.into_inner());
             if pending.len() > OUTBOX_CAPACITY * 4 {
