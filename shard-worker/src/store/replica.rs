@@ -213,13 +213,18 @@ impl Store {
                 "replicated entries for partition {partition} leave a gap after commit {last}"
             )));
         }
-        // Checks the encoding before anything is written.
+        // The history rarely changes (a new term): it is rewritten only when it did, and
+        // its encoding is checked before anything is written.
         let mut state = self.replica_state(txn, partition)?;
-        state.history = history.to_vec();
-        let encoded = layout::encode_replica_state(&state);
-        layout::decode_replica_state(&encoded)?;
+        let new_history = state.history != history;
+        if new_history {
+            state.history = history.to_vec();
+            layout::decode_replica_state(&layout::encode_replica_state(&state))?;
+        }
         self.apply_log_in(txn, batch, entries)?;
-        self.put_replica_state(txn, batch, partition, &state)?;
+        if new_history {
+            self.put_replica_state(txn, batch, partition, &state)?;
+        }
         let last = self.partition_meta(txn, batch, partition)?.last_commit_id;
         Ok(WorkerResponse::Integer(last as i64))
     }
