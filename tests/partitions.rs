@@ -335,6 +335,41 @@ fn keys_written_through_any_host_read_back_through_every_host() {
         .map(|(first, last, _)| usize::from(last - first) + 1)
         .sum();
     assert_eq!(covered, 16384);
+    // A pipeline of GETs through one host: the keys of the other hosts go to them in
+    // batches of reads, and every value comes back in its place.
+    for i in 1..=3 {
+        let before = (
+            info_u64(&cluster, i, "shoal_read_batches"),
+            info_u64(&cluster, i, "shoal_reads_batched"),
+        );
+        let mut con = cluster.host(i).server.conn();
+        let mut pipe = redis::pipe();
+        let count = n.min(3000);
+        for k in 0..count {
+            pipe.cmd("GET").arg(key("k", k));
+        }
+        let values: Vec<Option<String>> = pipe.query(&mut con).expect("GET pipeline");
+        for (k, found) in values.iter().enumerate() {
+            assert_eq!(
+                found.as_deref(),
+                Some(value(k).as_str()),
+                "GET {} through host {i}",
+                key("k", k)
+            );
+        }
+        let batches = info_u64(&cluster, i, "shoal_read_batches") - before.0;
+        let batched = info_u64(&cluster, i, "shoal_reads_batched") - before.1;
+        eprintln!("host {i}: {count} GETs, {batched} of them answered in {batches} batches");
+        // About two thirds of the keys are on the other two hosts.
+        assert!(
+            batched >= count as u64 / 5,
+            "host {i}: only {batched} of {count} GETs were answered in batches"
+        );
+        assert!(
+            batches * 8 <= batched,
+            "host {i}: {batched} reads took {batches} batches (fewer than 8 reads a batch)"
+        );
+    }
     // A pipeline through one host keeps its order for each key, wherever the key lives.
     for i in 1..=3 {
         let mut con = cluster.host(i).server.conn();

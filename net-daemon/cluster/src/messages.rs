@@ -158,6 +158,11 @@ pub enum DataRequest {
         /// The epoch of the move in the target's NI.
         epoch: u64,
     },
+    /// Reads (`GET` or `MGET`) of partitions that the sender believes the receiver owns,
+    /// each with its partition and that partition's epoch in the sender's NI: the reads
+    /// that the sender's clients asked of the receiver at about the same time, in one
+    /// frame. Answered by [`PeerResponse::Reads`].
+    Reads(Vec<(u16, u64, WorkerRequest)>),
     /// A request for every worker of the receiver (DBSIZE, KEYS, FLUSH, ...). Answered by
     /// [`PeerResponse::Workers`], one response per worker.
     AllWorkers(WorkerRequest),
@@ -255,6 +260,11 @@ pub enum PeerResponse {
         /// Its order-independent checksum.
         checksum: u64,
     },
+    /// One answer per read of [`DataRequest::Reads`], in its order: `None` for one that
+    /// the receiver could not answer at once from its maps (it does not own the partition
+    /// at that epoch, a transaction holds the key, the copy has no lease, ...), which the
+    /// sender then forwards on its own.
+    Reads(Vec<Option<WorkerResponse>>),
     /// One answer per worker of the receiver, in worker order ([`DataRequest::AllWorkers`]).
     Workers(Vec<WorkerResponse>),
     /// The receiver does not own the partition now; nothing was applied.

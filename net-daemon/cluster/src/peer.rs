@@ -107,7 +107,7 @@ pub(crate) use listener::PeerListener;
 pub(crate) use pool::PeerPool;
 
 /// The version this build speaks in the handshake; peers of another version are refused.
-pub(crate) const PROTOCOL_VERSION: u16 = 4;
+pub(crate) const PROTOCOL_VERSION: u16 = 5;
 
 /// Largest frame on a peer connection. A request that the cluster layer proxies to a
 /// partition's primary carries a client's value, which may be as large as

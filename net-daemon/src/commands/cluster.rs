@@ -346,6 +346,11 @@ fn info(shared: &Shared, node: &ClusterNode) -> String {
     );
     let me = node.host_id().unwrap_or(0);
     let stats = &shared.handoffs;
+    let read_batches = shared
+        .dispatch
+        .router
+        .as_ref()
+        .map_or((0, 0), |router| router.read_batches());
     let _ = write!(
         text,
         "shoal_partitions:{}\r\nshoal_partitions_owned:{}\r\nshoal_partitions_moving:{}\r\n\
@@ -353,7 +358,8 @@ fn info(shared: &Shared, node: &ClusterNode) -> String {
          shoal_leaving:{}\r\nshoal_handoffs_completed:{}\r\nshoal_handoff_pause_us_last:{}\r\n\
          shoal_handoff_pause_us_max:{}\r\nshoal_handoff_records_copied:{}\r\n\
          shoal_handoff_entries_replayed:{}\r\nshoal_failovers_led:{}\r\n\
-         shoal_handovers_led:{}\r\nshoal_full_copies:{}\r\nshoal_resyncs:{}\r\n",
+         shoal_handovers_led:{}\r\nshoal_full_copies:{}\r\nshoal_resyncs:{}\r\n\
+         shoal_read_batches:{}\r\nshoal_reads_batched:{}\r\n",
         ni.partitions.len(),
         ni.owned_by(me).count(),
         ni.partitions
@@ -380,6 +386,8 @@ fn info(shared: &Shared, node: &ClusterNode) -> String {
             .router
             .as_ref()
             .map_or(0, |router| router.resyncs()),
+        read_batches.0,
+        read_batches.1,
     );
     text
 }

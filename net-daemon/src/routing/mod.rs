@@ -30,6 +30,9 @@
 //! transaction record that this host leads, and recovery's requests to local workers
 //! take the same gate ([`Router::local`]).
 //!
+//! A GET or MGET for another host that may go out at once travels in that host's next
+//! batch of reads ([`batched`]), answered by the owner straight from its maps.
+//!
 //! [`copies`] serves what a connection asks of the other copies: `READONLY` reads from
 //! the nearest in-sync follower, and `WAIT`.
 
@@ -71,6 +74,7 @@ const FENCE_TABLE_WAIT: Duration = Duration::from_secs(3);
 const RETRY_MIN: Duration = Duration::from_millis(5);
 const RETRY_MAX: Duration = Duration::from_millis(200);
 
+mod batched;
 mod copies;
 
 /// What the routing keeps for one client connection.
@@ -78,6 +82,9 @@ mod copies;
 struct Connection {
     /// For each partition, whether the connection's latest request on it is answered.
     answered: HashMap<Partition, watch::Receiver<bool>>,
+    /// For each partition whose latest request is a read in a batch: the host and the
+    /// number of that batch ([`batched`]).
+    in_batch: HashMap<Partition, (HostId, u64)>,
     /// The partitions the connection wrote to (for `WAIT`).
     written: BTreeSet<Partition>,
     /// `READONLY`: its GET and MGET may be served by the nearest in-sync copy.
@@ -127,9 +134,14 @@ pub struct Router {
     readers: Arc<Readers>,
     /// This host's copies of replicated partitions.
     replication: Arc<Replication>,
-    /// `READONLY` reads served by this host's follower copies.
     /// This host's pub/sub subscriptions, for messages published on other hosts.
     pubsub: Arc<Broker>,
+    /// Reads of other hosts' partitions waiting to go out together ([`batched`]).
+    read_batches: batched::ReadBatches,
+    /// Batches of reads sent, and the reads they answered.
+    read_batches_sent: AtomicU64,
+    reads_batched: AtomicU64,
+    /// `READONLY` reads served by this host's follower copies.
     copy_reads: AtomicU64,
     /// Comparisons of a partition's copies made here as metadata leader.
     digest_checks: AtomicU64,
@@ -161,6 +173,9 @@ impl Router {
             readers,
             replication,
             pubsub,
+            read_batches: Default::default(),
+            read_batches_sent: AtomicU64::new(0),
+            reads_batched: AtomicU64::new(0),
             copy_reads: AtomicU64::new(0),
             digest_checks: AtomicU64::new(0),
             digest_divergences: AtomicU64::new(0),
@@ -467,10 +482,12 @@ impl Router {
 
     /// Sends `request` (whose keys are all in `partition`'s group) to the partition's owner,
     /// after the connection's previous requests for the partitions it touches have been
-    /// answered.
-    pub fn send(self: &Arc<Self>, partition: Partition, request: WorkerRequest) -> Call {
-        let (sender, receiver) = oneshot::channel();
-        let (answered, next_waits) = watch::channel(false);
+    /// answered. A read for another host joins that host's batch instead when it need wait
+    /// for nothing, or only for reads of that same batch ([`batched`]): the owner answers
+    /// a batch in order.
+    pub fn send(self: &Arc<Self>, partition: Partition, mut request: WorkerRequest) -> Call {
+        let (mut sender, receiver) = oneshot::channel();
+        let (mut answered, next_waits) = watch::channel(false);
         let mut touched: Vec<Partition> = request
             .client_partitions()
             .into_iter()
@@ -479,21 +496,69 @@ impl Router {
         touched.sort_unstable();
         touched.dedup();
         let write = request.is_write();
-        let (previous, readonly): (Vec<watch::Receiver<bool>>, bool) = CONNECTION
+        // The earlier requests not answered yet, and the batch of reads each is in.
+        let (previous, in_batches, readonly) = CONNECTION
             .try_with(|connection| {
                 let mut connection = connection.borrow_mut();
                 if write {
                     connection.written.extend(&touched);
                 }
-                let previous = touched
-                    .iter()
-                    .filter_map(|&p| connection.answered.insert(p, next_waits.clone()))
-                    .collect();
-                (previous, connection.readonly)
+                let mut previous = Vec::new();
+                let mut in_batches = Vec::new();
+                for &p in &touched {
+                    let Some(earlier) = connection.answered.insert(p, next_waits.clone()) else {
+                        continue;
+                    };
+                    if !*earlier.borrow() {
+                        previous.push(earlier);
+                        in_batches.push(connection.in_batch.get(&p).copied());
+                    }
+                }
+                (previous, in_batches, connection.readonly)
             })
             .unwrap_or_default();
-        let router = Arc::clone(self);
         let deadline = Instant::now() + FORWARD_TIMEOUT;
+        let batch = self
+            .batched_owner(partition, &request)
+            .filter(|_| !readonly)
+            .and_then(|(host, epoch)| match in_batches.first() {
+                None => Some((host, epoch, None)),
+                Some(&first) => {
+                    let (in_host, number) = first?;
+                    let all_in_it = in_batches.iter().all(|&other| other == first);
+                    (in_host == host && all_in_it).then_some((host, epoch, Some(number)))
+                }
+            });
+        if let Some((host, epoch, after)) = batch {
+            let read = batched::QueuedRead {
+                partition,
+                epoch,
+                request,
+                deadline,
+                done: sender,
+                answered,
+            };
+            match self.send_read(host, read, after) {
+                Ok(number) => {
+                    let _ = CONNECTION.try_with(|connection| {
+                        let mut connection = connection.borrow_mut();
+                        for &p in &touched {
+                            connection.in_batch.insert(p, (host, number));
+                        }
+                    });
+                    return Call::pending(receiver, Instant::now() + REQUEST_TIMEOUT);
+                }
+                // The batch it had to join has left: it waits for its answers.
+                Err(read) => (request, sender, answered) = (read.request, read.done, read.answered),
+            }
+        }
+        let _ = CONNECTION.try_with(|connection| {
+            let mut connection = connection.borrow_mut();
+            for p in &touched {
+                connection.in_batch.remove(p);
+            }
+        });
+        let router = Arc::clone(self);
         tokio::spawn(async move {
             for mut previous in previous {
                 // Answered, or dropped with its task: either way it is done.
@@ -829,6 +894,7 @@ impl Router {
                 };
                 one_response(self.serve(Some(partition), request).await)
             }
+            DataRequest::Reads(reads) => PeerResponse::Reads(self.read_batch_now(me, &reads)),
             DataRequest::AllWorkers(request) => match self.serve_all(request).await {
                 Ok(responses) => PeerResponse::Workers(responses),
                 Err(reason) => PeerResponse::Refused(reason),

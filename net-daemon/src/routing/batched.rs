@@ -1,0 +1,247 @@
+//! Reads of other hosts' partitions, sent to each host in batches.
+//!
+//! A GET or MGET that a connection may send at once (nothing of its own in flight on the
+//! partitions it reads) and that another host owns joins that host's batch
+//! ([`Router::send_read`]). The first read of a batch starts a task that lets the tasks
+//! ready to run (the rest of a pipeline, other connections) add theirs, then takes the
+//! batch and sends it as one [`DataRequest::Reads`]. The owner answers each read from its
+//! shards' maps, as it answers a forwarded GET when it can ([`Router::read_now`]), with
+//! no task or worker round trip per read. A read it cannot answer so (it does not own the
+//! partition at that epoch, a prepared transaction holds the key, the copy has no lease,
+//! ...) comes back empty, and is then forwarded on its own, as every read was before:
+//! retried through moves, and waited for as long as it must.
+//!
+//! A read in a batch is answered, and marked answered for the connection's later requests
+//! on its partitions, like any forwarded request: the connection's order is kept.
+
+use std::collections::HashMap;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+
+use shoal_shared::frame::{Partition, WorkerRequest, WorkerResponse};
+use shoal_shared::lock;
+use shoal_shared::partition::partition_worker;
+use tokio::sync::{oneshot, watch};
+use tokio::time::Instant;
+
+use shoal_cluster::messages::{DataRequest, PeerRequest, PeerResponse};
+use shoal_cluster::HostId;
+
+use super::{Router, FORWARD_TIMEOUT};
+use crate::workers::LinkError;
+
+/// A read waiting for its host's batch: `done` gets its answer, and `answered` is set
+/// then.
+pub(super) struct QueuedRead {
+    pub(super) partition: Partition,
+    /// The partition's epoch in this host's NI.
+    pub(super) epoch: u64,
+    pub(super) request: WorkerRequest,
+    pub(super) deadline: Instant,
+    pub(super) done: oneshot::Sender<Result<WorkerResponse, LinkError>>,
+    pub(super) answered: watch::Sender<bool>,
+}
+
+/// The reads waiting for each host.
+pub(super) type ReadBatches = std::sync::Mutex<HashMap<HostId, PendingBatch>>;
+
+/// The batch of reads being gathered for one host.
+#[derive(Default)]
+pub(super) struct PendingBatch {
+    /// Counts the host's batches: a read may join this one only if the reads it must
+    /// follow are in it.
+    number: u64,
+    reads: Vec<QueuedRead>,
+}
+
+impl Router {
+    /// The host that owns `partition` and its epoch there, when `request` is a GET or
+    /// MGET that may join that host's batch: the host is another one.
+    pub(super) fn batched_owner(
+        &self,
+        partition: Partition,
+        request: &WorkerRequest,
+    ) -> Option<(HostId, u64)> {
+        if !matches!(
+            request,
+            WorkerRequest::Get { .. } | WorkerRequest::MGet { .. }
+        ) {
+            return None;
+        }
+        let me = self.node.host_id()?;
+        let ni = self.node.ni();
+        let entry = ni.partitions.get(usize::from(partition))?;
+        (entry.owner != me).then_some((entry.owner, entry.epoch))
+    }
+
+    /// Queues `read` (a GET or MGET of a partition that `host` owns) for `host`'s next
+    /// batch, which must be batch number `after` if given (the reads that `read` follows
+    /// are in it); returns the batch's number, or gives `read` back when that batch has
+    /// left.
+    pub(super) fn send_read(
+        self: &Arc<Self>,
+        host: HostId,
+        read: QueuedRead,
+        after: Option<u64>,
+    ) -> Result<u64, Box<QueuedRead>> {
+        let (number, first) = {
+            let mut batches = lock(&self.read_batches);
+            let batch = batches.entry(host).or_default();
+            if after.is_some_and(|number| number != batch.number) {
+                return Err(Box::new(read));
+            }
+            batch.reads.push(read);
+            (batch.number, batch.reads.len() == 1)
+        };
+        if first {
+            let router = Arc::clone(self);
+            tokio::spawn(async move {
+                // Reads of the tasks ready to run now join this batch.
+                tokio::task::yield_now().await;
+                let batch = match lock(&router.read_batches).get_mut(&host) {
+                    Some(batch) => {
+                        batch.number += 1;
+                        std::mem::take(&mut batch.reads)
+                    }
+                    None => Vec::new(),
+                };
+                router.send_batch(host, batch).await;
+            });
+        }
+        Ok(number)
+    }
+
+    /// Sends `batch` to `host` in one frame, answers what it answered, and forwards the
+    /// rest one by one.
+    async fn send_batch(self: &Arc<Self>, host: HostId, batch: Vec<QueuedRead>) {
+        if batch.is_empty() {
+            return;
+        }
+        let reads = batch
+            .iter()
+            .map(|read| (read.partition, read.epoch, read.request.clone()))
+            .collect();
+        let request = PeerRequest::Data(DataRequest::Reads(reads));
+        self.read_batches_sent.fetch_add(1, Ordering::Relaxed);
+        let answers = match self.node.call_host(host, request, FORWARD_TIMEOUT).await {
+            Ok(PeerResponse::Reads(answers)) if answers.len() == batch.len() => answers,
+            // The host is unreachable or refused: each read follows its partition alone.
+            _ => vec![None; batch.len()],
+        };
+        // The reads not answered are forwarded one by one, each after those before it in
+        // the batch that touch its partitions, as the connections sent them.
+        let mut forwarded: Vec<(Vec<Partition>, watch::Receiver<bool>)> = Vec::new();
+        for (read, answer) in batch.into_iter().zip(answers) {
+            if let Some(response) = answer {
+                self.reads_batched.fetch_add(1, Ordering::Relaxed);
+                let _ = read.done.send(Ok(response));
+                let _ = read.answered.send(true);
+                continue;
+            }
+            let touched = touched(read.partition, &read.request);
+            let before: Vec<watch::Receiver<bool>> = forwarded
+                .iter()
+                .filter(|(earlier, _)| earlier.iter().any(|p| touched.contains(p)))
+                .map(|(_, done)| done.clone())
+                .collect();
+            forwarded.push((touched, read.answered.subscribe()));
+            let router = Arc::clone(self);
+            tokio::spawn(async move {
+                for mut earlier in before {
+                    let _ = tokio::time::timeout_at(read.deadline, earlier.wait_for(|done| *done))
+                        .await;
+                }
+                let result = router
+                    .forward(read.partition, read.request, read.deadline)
+                    .await;
+                let _ = read.done.send(result);
+                let _ = read.answered.send(true);
+            });
+        }
+    }
+
+    /// Another host's batch of reads answered from the maps now, where each read can be
+    /// ([`Router::read_now`]). Once a read is not, the reads after it that touch its
+    /// partitions are not either: they are forwarded after it, so that none shows an
+    /// older state than a read sent before it.
+    pub(super) fn read_batch_now(
+        &self,
+        me: HostId,
+        reads: &[(Partition, u64, WorkerRequest)],
+    ) -> Vec<Option<WorkerResponse>> {
+        let mut left: Vec<Partition> = Vec::new();
+        reads
+            .iter()
+            .map(|(partition, epoch, request)| {
+                let touched = touched(*partition, request);
+                let answer = match touched.iter().any(|p| left.contains(p)) {
+                    true => None,
+                    false => self.read_now(me, *partition, *epoch, request),
+                };
+                if answer.is_none() {
+                    left.extend(touched);
+                }
+                answer
+            })
+            .collect()
+    }
+
+    /// Batches of reads sent to other hosts, and reads those batches answered.
+    pub fn read_batches(&self) -> (u64, u64) {
+        (
+            self.read_batches_sent.load(Ordering::Relaxed),
+            self.reads_batched.load(Ordering::Relaxed),
+        )
+    }
+
+    /// Another host's read of `partition` (which it believes this host, `me`, owns at
+    /// `epoch`) answered from the shard's map now, if it can be: this host owns the
+    /// partition at that epoch or a later one, the keys are all on one of its workers,
+    /// and the map may serve the read (a replicated partition through its lease, see
+    /// [`Router::read_committed_directly`]). `None` otherwise.
+    pub(super) fn read_now(
+        &self,
+        me: HostId,
+        partition: Partition,
+        epoch: u64,
+        request: &WorkerRequest,
+    ) -> Option<WorkerResponse> {
+        if !matches!(
+            request,
+            WorkerRequest::Get { .. } | WorkerRequest::MGet { .. }
+        ) {
+            return None;
+        }
+        let ni = self.node.ni();
+        let entry = ni.partitions.get(usize::from(partition))?;
+        if entry.owner != me || entry.epoch < epoch || !ni.owns_all(me, request) {
+            return None;
+        }
+        let workers = self.links.len();
+        let worker = partition_worker(partition, workers);
+        let touched = touched(partition, request);
+        if touched
+            .iter()
+            .any(|&p| partition_worker(p, workers) != worker)
+        {
+            return None;
+        }
+        let replicated: Vec<Partition> = touched
+            .into_iter()
+            .filter(|&p| self.is_replicated(p))
+            .collect();
+        match replicated.is_empty() {
+            true => self.read_directly(worker, request),
+            false => self.read_committed_directly(worker, &replicated, request),
+        }
+    }
+}
+
+/// The partitions `request`, routed by `partition`, touches.
+fn touched(partition: Partition, request: &WorkerRequest) -> Vec<Partition> {
+    let mut touched = request.client_partitions();
+    touched.push(partition);
+    touched.sort_unstable();
+    touched.dedup();
+    touched
+}
