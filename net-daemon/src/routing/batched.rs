@@ -1,8 +1,9 @@
 //! Reads of other hosts' partitions, sent to each host in batches.
 //!
-//! A GET or MGET that a connection may send at once (nothing of its own in flight on the
-//! partitions it reads) and that another host owns joins that host's batch
-//! ([`Router::send_read`]). The first read of a batch starts a task that lets the tasks
+//! A GET or MGET of a partition that another host owns joins that host's batch
+//! ([`Router::send_read`]) when the connection may send it at once (nothing of its own in
+//! flight on the partitions it reads) or when what it must wait for are reads in that
+//! same batch, not sent yet: the owner answers a batch in order. The first read of a batch starts a task that lets the tasks
 //! ready to run (the rest of a pipeline, other connections) add theirs, then takes the
 //! batch and sends it as one [`DataRequest::Reads`]. The owner answers each read from its
 //! shards' maps, as it answers a forwarded GET when it can ([`Router::read_now`]), with
@@ -12,7 +13,10 @@
 //! retried through moves, and waited for as long as it must.
 //!
 //! A read in a batch is answered, and marked answered for the connection's later requests
-//! on its partitions, like any forwarded request: the connection's order is kept.
+//! on its partitions, like any forwarded request. Once the owner cannot answer a read, it
+//! answers none of the later reads of the batch on the same partitions, and the sender
+//! forwards them each after the ones before it: no read shows an older state than one its
+//! connection sent before it.
 
 use std::collections::HashMap;
 use std::sync::atomic::Ordering;
