@@ -288,14 +288,33 @@ fn every_acknowledged_write_survives_the_kill_of_the_primary_host() {
         let seen = count_of(&cluster, host, "shoal_new_primaries_seen");
         assert!(seen >= led_by_1, "host {host} saw {seen} new primaries");
     }
-    // A failed write may or may not have been kept: count those that were.
-    let kept = in_doubt
-        .iter()
-        .filter(|key| !acknowledged.contains_key(*key) && get_served(&cluster, 2, key).is_some())
-        .count();
+    // A failed write may or may not have been kept: count those that were. One that
+    // failed at its client may still land until its owner gives up on it (the owner
+    // waits up to its own deadline for the new primary), so the count is taken again
+    // until DBSIZE agrees with it.
+    let with_kept = |c: &Cluster| -> Result<i64, String> {
+        let mut kept = 0;
+        for key in in_doubt
+            .iter()
+            .filter(|key| !acknowledged.contains_key(*key))
+        {
+            if get(c, 2, key)?.is_some() {
+                kept += 1;
+            }
+        }
+        Ok((acknowledged.len() + kept) as i64 + 16)
+    };
     // The keyspace stays exact while the host is down: every key is counted once, by
     // its partition's new primary.
-    let expected = (acknowledged.len() + kept) as i64 + 16;
+    let (expected, _) = cluster.wait_for("DBSIZE to count the keys found", RESUME_TIMEOUT, |c| {
+        let expected = with_kept(c)?;
+        match c.query(2, &["DBSIZE"])? {
+            Resp::Int(size) if size == expected => Ok(expected),
+            other => Err(format!(
+                "DBSIZE through host 2: {other:?}, expected {expected}"
+            )),
+        }
+    });
     for host in [2, 3] {
         let (size, _) = cluster.wait_for("an exact DBSIZE", RESUME_TIMEOUT, |c| {
             match c.query(host, &["DBSIZE"])? {

@@ -31,7 +31,7 @@ use tokio::time::Instant;
 use shoal_cluster::messages::{DataRequest, PeerRequest, PeerResponse};
 use shoal_cluster::HostId;
 
-use super::{Router, FORWARD_TIMEOUT};
+use super::{plain_read, Router, FORWARD_TIMEOUT};
 use crate::workers::LinkError;
 
 /// A read waiting for its host's batch: `done` gets its answer, and `answered` is set
@@ -66,10 +66,7 @@ impl Router {
         partition: Partition,
         request: &WorkerRequest,
     ) -> Option<(HostId, u64)> {
-        if !matches!(
-            request,
-            WorkerRequest::Get { .. } | WorkerRequest::MGet { .. }
-        ) {
+        if !plain_read(request) {
             return None;
         }
         let me = self.node.host_id()?;
@@ -210,15 +207,13 @@ impl Router {
         epoch: u64,
         request: &WorkerRequest,
     ) -> Option<WorkerResponse> {
-        if !matches!(
-            request,
-            WorkerRequest::Get { .. } | WorkerRequest::MGet { .. }
-        ) {
-            return None;
-        }
         let ni = self.node.ni();
         let entry = ni.partitions.get(usize::from(partition))?;
-        if entry.owner != me || entry.epoch < epoch || !ni.owns_all(me, request) {
+        if !plain_read(request)
+            || entry.owner != me
+            || entry.epoch < epoch
+            || !ni.owns_all(me, request)
+        {
             return None;
         }
         let workers = self.links.len();

@@ -23,7 +23,7 @@ use shoal_cluster::messages::{DataRequest, PeerRequest, PeerResponse};
 use shoal_cluster::ni::HostState;
 use shoal_cluster::HostId;
 
-use super::{read_with, Router, FORWARD_TIMEOUT};
+use super::{plain_read, read_with, Router, FORWARD_TIMEOUT};
 use crate::replication::FollowerLag;
 
 impl Router {
@@ -34,10 +34,7 @@ impl Router {
         partition: Partition,
         request: &WorkerRequest,
     ) -> Option<WorkerResponse> {
-        if !matches!(
-            request,
-            WorkerRequest::Get { .. } | WorkerRequest::MGet { .. }
-        ) {
+        if !plain_read(request) {
             return None;
         }
         let ni = self.node.ni();

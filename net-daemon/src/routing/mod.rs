@@ -970,6 +970,14 @@ impl Router {
     }
 }
 
+/// Whether `request` is a GET or MGET: a read that a map can answer ([`read_with`]).
+fn plain_read(request: &WorkerRequest) -> bool {
+    matches!(
+        request,
+        WorkerRequest::Get { .. } | WorkerRequest::MGet { .. }
+    )
+}
+
 /// `request` (a GET or MGET) answered with the values `read` finds; `None` for another
 /// request, or when `read` finds none.
 fn read_with(
