@@ -3,11 +3,12 @@
 //! A GET or MGET of a partition that another host owns joins that host's batch
 //! ([`Router::send_read`]) when the connection may send it at once (nothing of its own in
 //! flight on the partitions it reads) or when what it must wait for are reads in that
-//! same batch, not sent yet: the owner answers a batch in order. The first read of a batch starts a task that lets the tasks
-//! ready to run (the rest of a pipeline, other connections) add theirs, then takes the
-//! batch and sends it as one [`DataRequest::Reads`]. The owner answers each read from its
-//! shards' maps, as it answers a forwarded GET when it can ([`Router::read_now`]), with
-//! no task or worker round trip per read. A read it cannot answer so (it does not own the
+//! same batch, not sent yet: the owner answers a batch in order. The first read of a
+//! batch starts a task that lets the tasks ready to run (the rest of a pipeline, other
+//! connections) add theirs, then takes the batch and sends it as one
+//! [`DataRequest::Reads`]. The owner answers each read from its shards' maps, as it
+//! answers a forwarded GET when it can ([`Router::read_now`]), with no task or worker
+//! round trip per read. A read it cannot answer so (it does not own the
 //! partition at that epoch, a prepared transaction holds the key, the copy has no lease,
 //! ...) comes back empty, and is then forwarded on its own, as every read was before:
 //! retried through moves, and waited for as long as it must.
@@ -31,7 +32,7 @@ use tokio::time::Instant;
 use shoal_cluster::messages::{DataRequest, PeerRequest, PeerResponse};
 use shoal_cluster::HostId;
 
-use super::{plain_read, Router, FORWARD_TIMEOUT};
+use super::{plain_read, Router};
 use crate::workers::LinkError;
 
 /// A read waiting for its host's batch: `done` gets its answer, and `answered` is set
@@ -124,7 +125,11 @@ impl Router {
             .collect();
         let request = PeerRequest::Data(DataRequest::Reads(reads));
         self.read_batches_sent.fetch_add(1, Ordering::Relaxed);
-        let answers = match self.node.call_host(host, request, FORWARD_TIMEOUT).await {
+        // The batch waits no longer than its most pressed read may.
+        let now = Instant::now();
+        let deadline = batch.iter().map(|read| read.deadline).min().unwrap_or(now);
+        let timeout = deadline.saturating_duration_since(now);
+        let answers = match self.node.call_host(host, request, timeout).await {
             Ok(PeerResponse::Reads(answers)) if answers.len() == batch.len() => answers,
             // The host is unreachable or refused: each read follows its partition alone.
             _ => vec![None; batch.len()],

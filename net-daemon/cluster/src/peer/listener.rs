@@ -313,7 +313,8 @@ fn encode_responses<Resp: PeerMessage>(
     outbox: &mut mpsc::Receiver<ResponseFrame<Resp>>,
     out: &mut Vec<u8>,
 ) {
-    let mut next = first.or_else(|| outbox.try_recv().ok());
+    let room = out.len() < MAX_WRITE_BATCH_BYTES;
+    let mut next = first.or_else(|| if room { outbox.try_recv().ok() } else { None });
     while let Some(frame) = next {
         encode_response(frame, out);
         next = if out.len() < MAX_WRITE_BATCH_BYTES {

@@ -4,10 +4,10 @@
 //! frames, reads response frames and completes each call by its id. Whatever is queued
 //! goes out in one write, once the tasks that are ready to run have queued their calls
 //! too: a pipeline that many tasks forward leaves as one write rather than one per
-//! request. When the connection fails, every call in flight fails
-//! at once, and the task reconnects after a backoff that doubles from [`RECONNECT_MIN`]
-//! to [`RECONNECT_MAX`]. While it waits to retry, calls fail at once with the reason of
-//! the last failure; while it connects, they wait for it (within their own timeout).
+//! request. When the connection fails, every call in flight fails at once, and the task
+//! reconnects after a backoff that doubles from [`RECONNECT_MIN`] to [`RECONNECT_MAX`].
+//! While it waits to retry, calls fail at once with the reason of the last failure;
+//! while it connects, they wait for it (within their own timeout).
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -397,7 +397,8 @@ fn encode_requests<Req: PeerMessage, Resp: PeerMessage>(
         // Calls that timed out no longer need their answers.
         pending.retain(|_, responder| !responder.is_closed());
     }
-    let mut next = first.or_else(|| inbox.try_recv().ok());
+    let room = out.len() < MAX_WRITE_BATCH_BYTES;
+    let mut next = first.or_else(|| if room { inbox.try_recv().ok() } else { None });
     while let Some(Outgoing { request, responder }) = next {
         if !responder.is_closed() {
             *next_id += 1;

@@ -263,6 +263,37 @@ async fn a_thousand_concurrent_calls_share_one_connection() {
 }
 
 #[tokio::test]
+async fn calls_and_answers_beyond_one_write_batch_all_arrive() {
+    let (listener, _) = listen(1).await;
+    let server = address_of(&listener);
+    let pool = Pool::new(config("client:9", 1));
+    // 64 calls of 100 KiB each: several full write batches each way.
+    let mut calls = tokio::task::JoinSet::new();
+    for n in 0..64u8 {
+        let (pool, server) = (pool.clone(), server.clone());
+        calls.spawn(async move {
+            let text = char::from(b'a' + n % 26).to_string().repeat(100 * 1024);
+            let response = pool
+                .call(
+                    &server,
+                    TestRequest::Echo(text.clone()),
+                    Duration::from_secs(10),
+                )
+                .await;
+            (text, response)
+        });
+    }
+    let mut answered = 0;
+    while let Some(joined) = calls.join_next().await {
+        let (text, response) = joined.unwrap();
+        assert_eq!(response, Ok(TestResponse::Echo(text)));
+        answered += 1;
+    }
+    assert_eq!(answered, 64);
+    assert!(MAX_WRITE_BATCH_BYTES < 64 * 100 * 1024);
+}
+
+#[tokio::test]
 async fn calls_past_the_in_flight_limit_wait_for_a_slot() {
     let mut server_config = config("server:1", 1);
     server_config.max_in_flight = 4;
