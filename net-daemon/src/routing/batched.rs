@@ -32,7 +32,7 @@ use tokio::time::Instant;
 use shoal_cluster::messages::{DataRequest, PeerRequest, PeerResponse};
 use shoal_cluster::HostId;
 
-use super::{plain_read, Router};
+use super::{plain_read, touched, Router};
 use crate::workers::LinkError;
 
 /// A read waiting for its host's batch: `done` gets its answer, and `answered` is set
@@ -136,21 +136,23 @@ impl Router {
         };
         // The reads not answered are forwarded one by one, each after those before it in
         // the batch that touch its partitions, as the connections sent them.
-        let mut forwarded: Vec<(Vec<Partition>, watch::Receiver<bool>)> = Vec::new();
-        for (read, answer) in batch.into_iter().zip(answers) {
+        let touched: Vec<Vec<Partition>> = batch
+            .iter()
+            .map(|read| touched(read.partition, &read.request))
+            .collect();
+        let answered: Vec<bool> = answers.iter().map(Option::is_some).collect();
+        let follows = forward_after(&touched, &answered);
+        let done: Vec<watch::Receiver<bool>> =
+            batch.iter().map(|read| read.answered.subscribe()).collect();
+        for ((read, answer), follows) in batch.into_iter().zip(answers).zip(follows) {
             if let Some(response) = answer {
                 self.reads_batched.fetch_add(1, Ordering::Relaxed);
                 let _ = read.done.send(Ok(response));
                 let _ = read.answered.send(true);
                 continue;
             }
-            let touched = touched(read.partition, &read.request);
-            let before: Vec<watch::Receiver<bool>> = forwarded
-                .iter()
-                .filter(|(earlier, _)| earlier.iter().any(|p| touched.contains(p)))
-                .map(|(_, done)| done.clone())
-                .collect();
-            forwarded.push((touched, read.answered.subscribe()));
+            let before: Vec<watch::Receiver<bool>> =
+                follows.iter().map(|&j| done[j].clone()).collect();
             let router = Arc::clone(self);
             tokio::spawn(async move {
                 for mut earlier in before {
@@ -175,21 +177,14 @@ impl Router {
         me: HostId,
         reads: &[(Partition, u64, WorkerRequest)],
     ) -> Vec<Option<WorkerResponse>> {
-        let mut left: Vec<Partition> = Vec::new();
-        reads
+        let touched: Vec<Vec<Partition>> = reads
             .iter()
-            .map(|(partition, epoch, request)| {
-                let touched = touched(*partition, request);
-                let answer = match touched.iter().any(|p| left.contains(p)) {
-                    true => None,
-                    false => self.read_now(me, *partition, *epoch, request),
-                };
-                if answer.is_none() {
-                    left.extend(touched);
-                }
-                answer
-            })
-            .collect()
+            .map(|(partition, _, request)| touched(*partition, request))
+            .collect();
+        answer_in_order(&touched, |i| {
+            let (partition, epoch, request) = &reads[i];
+            self.read_now(me, *partition, *epoch, request)
+        })
     }
 
     /// Batches of reads sent to other hosts, and reads those batches answered.
@@ -241,11 +236,87 @@ impl Router {
     }
 }
 
-/// The partitions `request`, routed by `partition`, touches.
-fn touched(partition: Partition, request: &WorkerRequest) -> Vec<Partition> {
-    let mut touched = request.client_partitions();
-    touched.push(partition);
-    touched.sort_unstable();
-    touched.dedup();
-    touched
+/// The batch of `host` that a read may join, given the batch each unanswered earlier
+/// request of its connection on its partitions is in (`None` for one in no batch):
+/// `Some(None)` for any batch when there is none, `Some(Some(n))` for batch `n` when they
+/// are all in it, `None` when the read must wait for them instead.
+pub(super) fn batch_to_join(
+    host: HostId,
+    earlier: &[Option<(HostId, u64)>],
+) -> Option<Option<u64>> {
+    let Some(&first) = earlier.first() else {
+        return Some(None);
+    };
+    let (in_host, number) = first?;
+    let all_in_it = earlier.iter().all(|&other| other == first);
+    (in_host == host && all_in_it).then_some(Some(number))
+}
+
+/// The answers of a batch of reads touching `touched` (one list of partitions per read),
+/// each from `answer` until one has none: from then on, a read touching a partition of
+/// one without an answer gets none either (it must follow that one).
+fn answer_in_order<R>(
+    touched: &[Vec<Partition>],
+    mut answer: impl FnMut(usize) -> Option<R>,
+) -> Vec<Option<R>> {
+    let mut left: Vec<Partition> = Vec::new();
+    (0..touched.len())
+        .map(|i| {
+            let found = match touched[i].iter().any(|p| left.contains(p)) {
+                true => None,
+                false => answer(i),
+            };
+            if found.is_none() {
+                left.extend(&touched[i]);
+            }
+            found
+        })
+        .collect()
+}
+
+/// For each read of a batch left without an answer (`answered[i]` false), the earlier
+/// such reads it must follow: those touching one of its partitions.
+fn forward_after(touched: &[Vec<Partition>], answered: &[bool]) -> Vec<Vec<usize>> {
+    (0..touched.len())
+        .map(|i| match answered[i] {
+            true => Vec::new(),
+            false => (0..i)
+                .filter(|&j| !answered[j] && touched[j].iter().any(|p| touched[i].contains(p)))
+                .collect(),
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_read_joins_a_batch_only_when_all_it_follows_are_in_that_one() {
+        assert_eq!(batch_to_join(2, &[]), Some(None));
+        assert_eq!(
+            batch_to_join(2, &[Some((2, 7)), Some((2, 7))]),
+            Some(Some(7))
+        );
+        // An earlier request that is not a batched read (a write, a read forwarded alone).
+        assert_eq!(batch_to_join(2, &[None]), None);
+        assert_eq!(batch_to_join(2, &[Some((2, 7)), None]), None);
+        // Earlier reads in another batch of the host, or in another host's batch.
+        assert_eq!(batch_to_join(2, &[Some((2, 7)), Some((2, 8))]), None);
+        assert_eq!(batch_to_join(2, &[Some((3, 7))]), None);
+    }
+
+    #[test]
+    fn after_a_read_without_an_answer_none_on_its_partitions_is_answered() {
+        let touched = vec![vec![1], vec![2], vec![1, 3], vec![3], vec![4]];
+        let answers = answer_in_order(&touched, |i| (i != 0).then_some(i));
+        // Read 0 has none; read 2 shares partition 1 with it, and read 3 partition 3
+        // with read 2.
+        assert_eq!(answers, vec![None, Some(1), None, None, Some(4)]);
+        let answered: Vec<bool> = answers.iter().map(Option::is_some).collect();
+        assert_eq!(
+            forward_after(&touched, &answered),
+            vec![vec![], vec![], vec![0], vec![2], vec![]]
+        );
+    }
 }

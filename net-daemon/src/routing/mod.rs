@@ -488,13 +488,7 @@ impl Router {
     pub fn send(self: &Arc<Self>, partition: Partition, mut request: WorkerRequest) -> Call {
         let (mut sender, receiver) = oneshot::channel();
         let (mut answered, next_waits) = watch::channel(false);
-        let mut touched: Vec<Partition> = request
-            .client_partitions()
-            .into_iter()
-            .chain([partition])
-            .collect();
-        touched.sort_unstable();
-        touched.dedup();
+        let touched = touched(partition, &request);
         let write = request.is_write();
         // The earlier requests not answered yet, and the batch of reads each is in.
         let (previous, in_batches, readonly) = CONNECTION
@@ -521,13 +515,9 @@ impl Router {
         let batch = self
             .batched_owner(partition, &request)
             .filter(|_| !readonly)
-            .and_then(|(host, epoch)| match in_batches.first() {
-                None => Some((host, epoch, None)),
-                Some(&first) => {
-                    let (in_host, number) = first?;
-                    let all_in_it = in_batches.iter().all(|&other| other == first);
-                    (in_host == host && all_in_it).then_some((host, epoch, Some(number)))
-                }
+            .and_then(|(host, epoch)| {
+                let after = batched::batch_to_join(host, &in_batches)?;
+                Some((host, epoch, after))
             });
         if let Some((host, epoch, after)) = batch {
             let read = batched::QueuedRead {
@@ -968,6 +958,15 @@ impl Router {
             }
         }
     }
+}
+
+/// The partitions `request`, routed by `partition`, touches, in order.
+fn touched(partition: Partition, request: &WorkerRequest) -> Vec<Partition> {
+    let mut touched = request.client_partitions();
+    touched.push(partition);
+    touched.sort_unstable();
+    touched.dedup();
+    touched
 }
 
 /// Whether `request` is a GET or MGET: a read that a map can answer ([`read_with`]).
