@@ -469,7 +469,7 @@ pub(crate) fn lock_pid_file(config: &Config) -> anyhow::Result<File> {
         .truncate(false)
         .open(&path)
         .with_context(|| format!("opening {}", path.display()))?;
-    match file.try_lock() {
+    match lock_waiting_out_probes(&file) {
         Ok(()) => {}
         Err(std::fs::TryLockError::WouldBlock) => {
             let mut holder = String::new();
@@ -489,6 +489,23 @@ pub(crate) fn lock_pid_file(config: &Config) -> anyhow::Result<File> {
     writeln!(file, "{}", std::process::id())?;
     file.sync_all()?;
     Ok(file)
+}
+
+/// How long a starting supervisor retries a PID file lock that is taken: `shoal status`
+/// holds a shared lock for an instant when it checks whether a supervisor runs.
+const PROBE_LOCK_WAIT: Duration = Duration::from_secs(2);
+
+/// Takes `file`'s exclusive lock, retrying for [`PROBE_LOCK_WAIT`] while it is taken.
+fn lock_waiting_out_probes(file: &File) -> Result<(), std::fs::TryLockError> {
+    let deadline = Instant::now() + PROBE_LOCK_WAIT;
+    loop {
+        match file.try_lock() {
+            Err(std::fs::TryLockError::WouldBlock) if Instant::now() < deadline => {
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            result => return result,
+        }
+    }
 }
 
 /// Records the layout on first start, refuses a partition count that differs from the
@@ -553,4 +570,42 @@ fn check_layout(config: &mut Config, config_json: &str) -> anyhow::Result<()> {
         );
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_start_waits_out_a_status_probe_but_not_a_running_supervisor() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("shoal.pid");
+        let open = || {
+            OpenOptions::new()
+                .read(true)
+                .write(true)
+                .create(true)
+                .truncate(false)
+                .open(&path)
+                .unwrap()
+        };
+        // A probe (`shoal status`) holds a shared lock for a moment.
+        let probe = open();
+        probe.try_lock_shared().unwrap();
+        let release = std::thread::spawn(move || {
+            std::thread::sleep(Duration::from_millis(200));
+            drop(probe);
+        });
+        let starting = open();
+        assert!(lock_waiting_out_probes(&starting).is_ok());
+        release.join().unwrap();
+
+        // A running supervisor keeps its lock: the next start gives up.
+        let started = Instant::now();
+        assert!(matches!(
+            lock_waiting_out_probes(&open()),
+            Err(std::fs::TryLockError::WouldBlock)
+        ));
+        assert!(started.elapsed() >= PROBE_LOCK_WAIT);
+    }
 }
