@@ -415,3 +415,67 @@ fn msets_across_workers_stay_atomic_while_workers_and_the_net_daemon_are_killed(
         );
     }
 }
+
+/// A multi-key write is answered once its decider has committed, with the other workers'
+/// commits queued on their links: every request sent after the reply, from any
+/// connection, must find all of it (DBSIZE and SCAN do not wait for key locks; GET and
+/// EXISTS do).
+#[test]
+fn every_request_sent_after_a_multi_key_writes_reply_sees_all_of_it() {
+    let server = Server::start(&format!("workers = {WORKERS}\n"));
+    let (mut writer, mut reader) = (server.conn(), server.conn());
+    const ROUNDS: usize = 300;
+    for round in 0..ROUNDS {
+        let keys: Vec<String> = (0..KEYS_PER_GROUP)
+            .map(|i| format!("ryw:{round}:{i}"))
+            .collect();
+        let workers: std::collections::BTreeSet<usize> = keys
+            .iter()
+            .map(|k| server.worker_of(k.as_bytes()))
+            .collect();
+        assert!(workers.len() >= 2, "the keys span workers: {keys:?}");
+        let mut mset = redis::cmd("MSET");
+        for key in &keys {
+            mset.arg(key).arg(round);
+        }
+        let () = mset.query(&mut writer).unwrap();
+
+        let size: usize = redis::cmd("DBSIZE").query(&mut reader).unwrap();
+        assert_eq!(
+            size,
+            (round + 1) * KEYS_PER_GROUP,
+            "DBSIZE after MSET {round}"
+        );
+        let (_, found): (u64, Vec<String>) = redis::cmd("SCAN")
+            .arg(0)
+            .arg("MATCH")
+            .arg(format!("ryw:{round}:*"))
+            .arg("COUNT")
+            .arg(100_000)
+            .query(&mut reader)
+            .unwrap();
+        assert_eq!(
+            found.len(),
+            KEYS_PER_GROUP,
+            "SCAN after MSET {round}: {found:?}"
+        );
+        let mut exists = redis::cmd("EXISTS");
+        exists.arg(&keys);
+        let existing: usize = exists.query(&mut reader).unwrap();
+        assert_eq!(existing, KEYS_PER_GROUP, "EXISTS after MSET {round}");
+        for key in &keys {
+            let value: String = redis::cmd("GET").arg(key).query(&mut reader).unwrap();
+            assert_eq!(value, round.to_string(), "GET {key}");
+        }
+    }
+    // No transaction stays prepared.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while txns(&server) != Some(0) {
+        assert!(
+            Instant::now() < deadline,
+            "SHOAL.TXNS stayed at {:?}",
+            txns(&server)
+        );
+        sleep(Duration::from_millis(50));
+    }
+}

@@ -6,16 +6,20 @@
 //! participant in order, and in order on every retry after a conflict; `Commit` on
 //! the decider, `Commit` on the others, then the outcome, with the decider's `Forget` sent
 //! beside it and not waited for), the aborts and the
-//! retries after lock conflicts, and the outcome. A decider named by partition (in a
+//! retries after lock conflicts, and the outcome. When every other participant is behind an
+//! ordered queue (a local worker's link), the outcome goes out once the decider has
+//! committed, right after the others' commits are queued: whatever the client sends next is
+//! queued behind them, and the `Forget` follows once they have answered. A decider named by partition (in a
 //! cluster) gets a second `Commit` right after the first: the first only records the
 //! decision, which must be replicated before any data changes, and the second applies
 //! the decider's ops.
 //!
 //! It talks to nobody. [`Coordinator::poll_action`] yields the requests to send and, last,
-//! the outcome; [`Coordinator::handle`] takes each answer, and the end of the backoff
+//! the outcome (or, after an early outcome, the `Forget`); [`Coordinator::handle`] takes each answer, and the end of the backoff
 //! before a retry; [`Coordinator::next_deadline`] says when that backoff ends. At most one
 //! request is in flight, except the prepares of a first attempt, which go out together and
-//! whose answers are all taken before anything else is sent. Time comes in as `now`,
+//! whose answers are all taken before anything else is sent, and the commits that go out
+//! with an early outcome. Time comes in as `now`,
 //! fresh transaction ids with [`Event::Timeout`], and the jitter from a seed.
 //!
 //! It must never read a clock, sleep, spawn, or know how an address is reached: the shell
@@ -43,6 +47,9 @@ const JITTER_DOUBLINGS_MAX: u32 = 6;
 pub(crate) trait Address: Copy + Eq + Debug {
     /// The `decider` value of a `Prepare` whose decider is this participant.
     fn decider(self) -> u16;
+    /// Whether every request that anyone on this host sends to this participant later is
+    /// applied after one sent now (a local worker's link is one queue, applied in order).
+    fn ordered(self) -> bool;
 }
 
 /// What happened, for [`Coordinator::handle`].
@@ -68,8 +75,9 @@ pub(crate) enum Action<D, E> {
     /// Send `request` (the decider's `Forget`) to `to`, and go on without its answer: it
     /// only tidies up, and recovery does it if it is lost. The outcome follows at once.
     Tidy { to: D, request: WorkerRequest },
-    /// The transaction is over: each participant's outcomes in order, or why it did not
-    /// commit. Nothing follows.
+    /// The transaction's outcome: each participant's outcomes in order, or why it did not
+    /// commit. Nothing follows, except after an outcome given early (the other participants'
+    /// commits are in flight): then a `Tidy` may follow once their answers are handled.
     Finished(Result<Vec<Vec<TxOutcome>>, Failure<E>>),
 }
 
@@ -106,7 +114,8 @@ enum AfterAbort<E> {
     Fail(Failure<E>),
 }
 
-/// Where the coordinator stands; each state but the last two waits for one answer.
+/// Where the coordinator stands: `Backoff` and `Finished` wait for no answer,
+/// `PreparingAll` and `CommittingOthers` for several, every other state for one.
 #[derive(Debug)]
 enum State<D, E> {
     /// The `Atomic` of the only participant.
@@ -131,6 +140,9 @@ enum State<D, E> {
     ApplyingDecider,
     /// The `Commit` of `prepared[index]` (not the decider).
     CommittingOther { index: usize, all_committed: bool },
+    /// The `Commit`s of every participant but the decider at once, after the outcome was
+    /// given: `pending` answers to come.
+    CommittingOthers { pending: usize, all_committed: bool },
     /// The outcome has been given.
     Finished,
 }
@@ -367,6 +379,8 @@ impl<D: Address, E: Debug> Coordinator<D, E> {
                     if decider.decider() & DECIDER_PARTITION != 0 {
                         let request = WorkerRequest::Commit { txid: self.txid };
                         self.send(decider, request, State::ApplyingDecider);
+                    } else if self.others_ordered() {
+                        self.commit_others_then_answer();
                     } else {
                         self.commit_other(1, true);
                     }
@@ -381,14 +395,24 @@ impl<D: Address, E: Debug> Coordinator<D, E> {
                 index,
                 all_committed,
             } => {
-                // Once the decider has committed, nothing aborts a participant: "aborted"
-                // here means recovery committed it first and dropped the intent.
-                let committed = match answer {
-                    Ok(WorkerResponse::Error(WorkerError::TxAborted)) => true,
-                    Ok(WorkerResponse::Error(_)) | Err(_) => false,
-                    Ok(_) => true,
-                };
+                let committed = committed_after_decision(&answer);
                 self.commit_other(index + 1, all_committed && committed);
+            }
+            State::CommittingOthers {
+                pending,
+                all_committed,
+            } => {
+                let all_committed = all_committed && committed_after_decision(&answer);
+                if pending > 1 {
+                    self.state = State::CommittingOthers {
+                        pending: pending - 1,
+                        all_committed,
+                    };
+                } else if all_committed {
+                    let to = self.prepared[0].0;
+                    let request = WorkerRequest::Forget { txid: self.txid };
+                    self.actions.push_back(Action::Tidy { to, request });
+                }
             }
             state @ (State::Backoff { .. } | State::Finished) => self.state = state,
         }
@@ -496,6 +520,37 @@ impl<D: Address, E: Debug> Coordinator<D, E> {
         }
     }
 
+    /// Whether the participants after the decider can all be committed at once with the
+    /// outcome given at once: each is behind an ordered queue, at its own address.
+    fn others_ordered(&self) -> bool {
+        let others = &self.prepared[1..];
+        !others.is_empty()
+            && others.iter().all(|(to, _)| to.ordered())
+            && others
+                .iter()
+                .enumerate()
+                .all(|(i, (a, _))| others[..i].iter().all(|(b, _)| a != b))
+    }
+
+    /// Queues the commit of every participant after the decider, then gives the outcome:
+    /// the decision is durable, and whatever the client sends next queues behind the
+    /// commits. The decider's `Forget` waits for their answers.
+    fn commit_others_then_answer(&mut self) {
+        let others: Vec<D> = self.prepared[1..].iter().map(|(to, _)| *to).collect();
+        for &to in &others {
+            self.awaiting.push(to);
+            let request = WorkerRequest::Commit { txid: self.txid };
+            self.actions.push_back(Action::Send { to, request });
+        }
+        let outcomes = self.prepared.iter().map(|(_, outcomes)| outcomes.clone());
+        self.actions
+            .push_back(Action::Finished(Ok(outcomes.collect())));
+        self.state = State::CommittingOthers {
+            pending: others.len(),
+            all_committed: true,
+        };
+    }
+
     fn finish_committed(&mut self) {
         let outcomes = self.prepared.drain(..).map(|(_, outcomes)| outcomes);
         let outcomes = outcomes.collect();
@@ -520,6 +575,17 @@ impl<D: Address, E: Debug> Coordinator<D, E> {
         z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
         z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
         z ^ (z >> 31)
+    }
+}
+
+/// Whether a participant's `Commit` answer after the decision means it committed. Once the
+/// decider has committed, nothing aborts a participant: "aborted" means that recovery
+/// committed it first and dropped the intent.
+fn committed_after_decision<E>(answer: &Result<WorkerResponse, E>) -> bool {
+    match answer {
+        Ok(WorkerResponse::Error(WorkerError::TxAborted)) => true,
+        Ok(WorkerResponse::Error(_)) | Err(_) => false,
+        Ok(_) => true,
     }
 }
 
@@ -550,13 +616,20 @@ mod tests {
 
     use super::*;
 
-    /// A participant: a worker, its own decider value.
+    /// A participant: a worker, its own decider value; behind an ordered queue when it
+    /// has the [`ORDERED`] bit.
     #[derive(Debug, Clone, Copy, PartialEq, Eq)]
     struct W(u16);
+
+    const ORDERED: u16 = 0x4000;
 
     impl Address for W {
         fn decider(self) -> u16 {
             self.0
+        }
+
+        fn ordered(self) -> bool {
+            self.0 & ORDERED != 0
         }
     }
 
@@ -752,6 +825,76 @@ mod tests {
         answer(&mut core, decider, Err(Lost), now);
         expect(&mut core, commit(1, 8));
         answer(&mut core, 1, Ok(WorkerResponse::Ok), now);
+        expect(&mut core, Action::Finished(Ok(all_done)));
+    }
+
+    /// The two-phase commit of `participants` (prepared at once, each answering `Done`) up
+    /// to the decider's commit, answered `Ok`; returns what the core asks for then.
+    fn decided(participants: &[u16], txid: u64, now: Instant) -> (Core, Vec<Action<W, Lost>>) {
+        let with_ops = participants
+            .iter()
+            .map(|&w| (W(w), vec![put("k")]))
+            .collect();
+        let mut core = Core::new(with_ops, txid, SEED, now);
+        assert_eq!(drain(&mut core).len(), participants.len());
+        for &w in participants {
+            answer(&mut core, w, done(), now);
+        }
+        expect(&mut core, commit(participants[0], txid));
+        answer(&mut core, participants[0], Ok(WorkerResponse::Ok), now);
+        let actions = drain(&mut core);
+        (core, actions)
+    }
+
+    #[test]
+    fn ordered_others_are_committed_at_once_and_the_outcome_goes_out_with_their_commits() {
+        let now = Instant::now();
+        let (a, b, c) = (ORDERED, ORDERED | 1, ORDERED | 2);
+        let all_done = vec![vec![TxOutcome::Done]; 3];
+        let (mut core, actions) = decided(&[a, b, c], 7, now);
+        assert_eq!(
+            actions,
+            vec![
+                commit(b, 7),
+                commit(c, 7),
+                Action::Finished(Ok(all_done.clone()))
+            ]
+        );
+        // The decider's record is forgotten only once both have committed.
+        answer(&mut core, c, Ok(WorkerResponse::Ok), now);
+        assert_eq!(core.poll_action(), None);
+        // Recovery committed this one first: committed all the same.
+        answer(&mut core, b, error(WorkerError::TxAborted), now);
+        expect(&mut core, forget(a, 7));
+
+        // A commit that fails leaves the record to recovery.
+        let (mut core, _) = decided(&[a, b, c], 8, now);
+        answer(&mut core, b, Ok(WorkerResponse::Ok), now);
+        answer(&mut core, c, Err(Lost), now);
+        assert_eq!(core.poll_action(), None);
+
+        // Before the decision nothing is answered early: a failed decider commit is in
+        // doubt.
+        let with_ops = [a, b].iter().map(|&w| (W(w), vec![put("k")])).collect();
+        let mut core = Core::new(with_ops, 9, SEED, now);
+        drain(&mut core);
+        answer(&mut core, a, done(), now);
+        answer(&mut core, b, done(), now);
+        expect(&mut core, commit(a, 9));
+        answer(&mut core, a, Err(Lost), now);
+        expect(&mut core, Action::Finished(Err(Failure::OutcomeUnknown)));
+    }
+
+    #[test]
+    fn one_unordered_participant_keeps_the_commits_in_turn_before_the_outcome() {
+        let now = Instant::now();
+        let (mut core, actions) = decided(&[ORDERED, 1, ORDERED | 2], 7, now);
+        assert_eq!(actions, vec![commit(1, 7)]);
+        answer(&mut core, 1, Ok(WorkerResponse::Ok), now);
+        expect(&mut core, commit(ORDERED | 2, 7));
+        answer(&mut core, ORDERED | 2, Ok(WorkerResponse::Ok), now);
+        assert_eq!(core.poll_action(), Some(forget(ORDERED, 7)));
+        let all_done = vec![vec![TxOutcome::Done]; 3];
         expect(&mut core, Action::Finished(Ok(all_done)));
     }
 

@@ -12,7 +12,10 @@
 //! 2. `Commit` on the *decider* (the first participant). Its commit applies its
 //!    ops and durably records the decision: from then on the transaction is
 //!    committed. Then `Commit` on the others; once they have answered, the
-//!    client is answered, while `Forget` tidies the decider's record away.
+//!    client is answered, while `Forget` tidies the decider's record away. On a
+//!    host on its own, the others' commits are queued on their workers' links
+//!    and the client is answered at once: anything sent after the reply queues
+//!    behind them. `Forget` follows once they have answered.
 //!
 //! If the coordinator dies, or a participant is unreachable, prepared intents
 //! stay behind. [`recover`] runs in the background: it commits intents whose
@@ -65,6 +68,12 @@ impl Address for Dest {
             Dest::Worker(worker) => worker as u16,
             Dest::Partition { partition, .. } => DECIDER_PARTITION | partition,
         }
+    }
+
+    /// A local worker's link is one queue; a partition's owner may be reached by several
+    /// paths (another host, a replication pipeline), so its order is not promised.
+    fn ordered(self) -> bool {
+        matches!(self, Dest::Worker(_))
     }
 }
 
@@ -134,6 +143,26 @@ impl Default for TxIds {
     }
 }
 
+/// Feeds the answers of the commits that went out with an early outcome to `coordinator`,
+/// then sends what it asks for (the decider's `Forget`).
+async fn tidy_after_outcome(
+    dispatch: Arc<Dispatch>,
+    mut coordinator: Coordinator<Dest, LinkError>,
+    calls: Vec<(Dest, crate::workers::Call)>,
+) {
+    for (to, call) in calls {
+        let answer = call.wait().await;
+        let answered = coordinator::Event::Answer { from: to, answer };
+        coordinator.handle(answered, Instant::now());
+    }
+    while let Some(action) = coordinator.poll_action() {
+        match action {
+            coordinator::Action::Tidy { to, request } => drop(dispatch.send(to, request).await),
+            other => tracing::error!(?other, "a transaction asked for more after its outcome"),
+        }
+    }
+}
+
 /// Splits a participant whose ops touch several partitions with followers into one
 /// participant per partition (at `dest_of` it), keeping the order of the ops and of the
 /// participants. One `Atomic` over several replicated partitions would log each
@@ -178,7 +207,7 @@ fn per_replicated_partition(
 /// participant run, in order: in a cluster, a participant over several replicated
 /// partitions runs as one per partition ([`per_replicated_partition`]).
 pub async fn run(
-    dispatch: &Dispatch,
+    dispatch: &Arc<Dispatch>,
     txids: &TxIds,
     participants: Vec<Participant>,
 ) -> Result<Vec<Vec<TxOutcome>>, TxFailure> {
@@ -211,7 +240,13 @@ pub async fn run(
                     // Queued on the link; the answer is not awaited.
                     drop(dispatch.send(to, request).await);
                 }
-                coordinator::Action::Finished(result) => return result.map_err(TxFailure::from),
+                coordinator::Action::Finished(result) => {
+                    if !calls.is_empty() {
+                        // An early outcome: the commits queued with it are answered later.
+                        tokio::spawn(tidy_after_outcome(Arc::clone(dispatch), coordinator, calls));
+                    }
+                    return result.map_err(TxFailure::from);
+                }
             }
         }
         if !calls.is_empty() {
