@@ -203,7 +203,8 @@ impl Worker<'_> {
     ///
     /// Requests are checked against the locks as they stand before the batch. Keys that a
     /// `Prepare` of the batch locks are not in them yet, so a request touching one of those
-    /// keys (or a FLUSH after such a `Prepare`) ends the batch and opens the next one.
+    /// keys (or a FLUSH after such a `Prepare`) ends the batch and opens the next one. A
+    /// `Backup` also ends the batch: its copy starts once what came before it is applied.
     fn serve(&mut self, queue: &Receiver<Queued>, shutdown: &AtomicBool) -> anyhow::Result<()> {
         let mut carried: Option<Queued> = None;
         loop {
@@ -225,6 +226,13 @@ impl Worker<'_> {
             let mut next = Some(first);
             while let Some(queued) = next.take() {
                 if let WorkerRequest::Backup { dir } = &queued.request {
+                    // What came before the backup is applied first, so that its copy
+                    // holds it: a multi-key write's commit queued before a backup that
+                    // was asked for after the write's reply is in the copy.
+                    if !batch.is_empty() {
+                        carried = Some(queued);
+                        break;
+                    }
                     let dir = dir.clone();
                     self.start_backup(queued, dir);
                     next = queue.try_recv().ok();

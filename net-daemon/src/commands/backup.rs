@@ -12,7 +12,10 @@
 //! id each partition's data stops at. The shards are not copied at one common
 //! instant: a multi-worker write may be in one shard's copy and not yet in
 //! another's, and is then completed or aborted by the usual recovery of
-//! transactions in doubt once the backup is restored.
+//! transactions in doubt once the backup is restored. A write answered before
+//! the backup was asked for is whole in the copies: each worker applies what
+//! its link queued before the backup request (a multi-key write's commits
+//! included) before its copy starts.
 //!
 //! One backup runs at a time, in a task of its own, so it completes (manifest
 //! included) even if the client that asked for it goes away. It never touches

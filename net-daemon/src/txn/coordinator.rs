@@ -271,7 +271,7 @@ impl<D: Address, E: Debug> Coordinator<D, E> {
     }
 
     /// The next thing to do, if any. After a [`Action::Send`], nothing more comes until its
-    /// answer is handled.
+    /// answer is handled, except the other sends of the same step and an early outcome.
     pub(crate) fn poll_action(&mut self) -> Option<Action<D, E>> {
         self.actions.pop_front()
     }
