@@ -387,6 +387,25 @@ fn keys_written_through_any_host_read_back_through_every_host() {
             );
         }
     }
+    // Large values: the answers of one batch carry at most 16 MiB of them, and the reads
+    // past that are forwarded one by one; each value still comes back in its place.
+    let big = |k: usize| vec![b'a' + (k % 26) as u8; 1 << 20];
+    let mut con = cluster.host(1).server.conn();
+    for k in 0..48 {
+        let () = redis::cmd("SET")
+            .arg(key("big", k))
+            .arg(big(k))
+            .query(&mut con)
+            .expect("SET of 1 MiB");
+    }
+    let mut pipe = redis::pipe();
+    for k in 0..48 {
+        pipe.cmd("GET").arg(key("big", k));
+    }
+    let values: Vec<Vec<u8>> = pipe.query(&mut con).expect("GET pipeline of 1 MiB values");
+    for (k, found) in values.iter().enumerate() {
+        assert!(*found == big(k), "GET {} through host 1", key("big", k));
+    }
 }
 
 #[test]

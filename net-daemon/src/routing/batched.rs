@@ -17,7 +17,9 @@
 //! on its partitions, like any forwarded request. Once the owner cannot answer a read, it
 //! answers none of the later reads of the batch on the same partitions, and the sender
 //! forwards them each after the ones before it: no read shows an older state than one its
-//! connection sent before it.
+//! connection sent before it. The answers of one batch carry at most
+//! [`BATCH_ANSWER_BYTES`] of values; the reads past that are forwarded on their own too,
+//! so that one frame stays small whatever the values' sizes.
 
 use std::collections::HashMap;
 use std::sync::atomic::Ordering;
@@ -34,6 +36,9 @@ use shoal_cluster::HostId;
 
 use super::{plain_read, touched, Router};
 use crate::workers::LinkError;
+
+/// The most value bytes that the answers of one batch of reads carry.
+pub(super) const BATCH_ANSWER_BYTES: usize = 16 << 20;
 
 /// A read waiting for its host's batch: `done` gets its answer, and `answered` is set
 /// then.
@@ -181,10 +186,14 @@ impl Router {
             .iter()
             .map(|(partition, _, request)| touched(*partition, request))
             .collect();
-        answer_in_order(&touched, |i| {
+        let answer = |i: usize| {
             let (partition, epoch, request) = &reads[i];
             self.read_now(me, *partition, *epoch, request)
-        })
+        };
+        answer_in_order(
+            &touched,
+            within_budget(BATCH_ANSWER_BYTES, value_bytes, answer),
+        )
     }
 
     /// Batches of reads sent to other hosts, and reads those batches answered.
@@ -274,6 +283,41 @@ fn answer_in_order<R>(
         .collect()
 }
 
+/// `answer`, until the answers given carry `budget` bytes (`bytes` of each): from the
+/// first that would pass it on, none.
+fn within_budget<R>(
+    mut budget: usize,
+    bytes: impl Fn(&R) -> usize,
+    mut answer: impl FnMut(usize) -> Option<R>,
+) -> impl FnMut(usize) -> Option<R> {
+    let mut spent = false;
+    move |i| {
+        if spent {
+            return None;
+        }
+        let found = answer(i)?;
+        match budget.checked_sub(bytes(&found)) {
+            Some(left) => {
+                budget = left;
+                Some(found)
+            }
+            None => {
+                spent = true;
+                None
+            }
+        }
+    }
+}
+
+/// The bytes of the values a read's answer carries.
+fn value_bytes(response: &WorkerResponse) -> usize {
+    match response {
+        WorkerResponse::Value(value) => value.as_ref().map_or(0, Vec::len),
+        WorkerResponse::Values(values) => values.iter().flatten().map(|value| value.len()).sum(),
+        _ => 0,
+    }
+}
+
 /// For each read of a batch left without an answer (`answered[i]` false), the earlier
 /// such reads it must follow: those touching one of its partitions.
 fn forward_after(touched: &[Vec<Partition>], answered: &[bool]) -> Vec<Vec<usize>> {
@@ -290,6 +334,43 @@ fn forward_after(touched: &[Vec<Partition>], answered: &[bool]) -> Vec<Vec<usize
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn past_the_budget_no_read_is_answered_and_the_rest_follow_in_order() {
+        // Values of 4, 5, 3 and 1 bytes on partitions 1, 2, 3, 1, with 10 bytes to spend:
+        // the third would pass it, so it and every read after it go unanswered.
+        let sizes = [4usize, 5, 3, 1];
+        let touched = vec![vec![1], vec![2], vec![3], vec![1]];
+        let answers = answer_in_order(
+            &touched,
+            within_budget(10, |size: &usize| *size, |i| Some(sizes[i])),
+        );
+        assert_eq!(answers, vec![Some(4), Some(5), None, None]);
+        assert_eq!(
+            forward_after(&touched, &[true, true, false, false]),
+            vec![Vec::<usize>::new(); 4]
+        );
+        // A read the owner cannot answer spends nothing.
+        let answers = answer_in_order(
+            &touched,
+            within_budget(10, |size: &usize| *size, |i| (i != 1).then_some(sizes[i])),
+        );
+        assert_eq!(answers, vec![Some(4), None, Some(3), Some(1)]);
+        // One value over the whole budget is forwarded on its own.
+        let answers = answer_in_order(
+            &touched[..1],
+            within_budget(3, |size: &usize| *size, |i| Some(sizes[i])),
+        );
+        assert_eq!(answers, vec![None]);
+    }
+
+    #[test]
+    fn an_answer_weighs_its_values() {
+        assert_eq!(value_bytes(&WorkerResponse::Value(Some(vec![0; 7]))), 7);
+        assert_eq!(value_bytes(&WorkerResponse::Value(None)), 0);
+        let values = vec![Some(serde_bytes::ByteBuf::from(vec![0; 3])), None];
+        assert_eq!(value_bytes(&WorkerResponse::Values(values)), 3);
+    }
 
     #[test]
     fn a_read_joins_a_batch_only_when_all_it_follows_are_in_that_one() {
