@@ -252,6 +252,41 @@ pub fn log_key(partition: Partition, commit_id: u64) -> [u8; 10] {
     out
 }
 
+/// The key of an entry of `recent`, the log's newest entries in the order they were
+/// written: the shard's sequence number of the entry. Each entry is in `recent` or in
+/// `log`, never both: the worker moves `recent` into `log` every housekeeping tick, so
+/// that a commit writes its entries at one place instead of at each partition's log tail.
+pub fn recent_key(seq: u64) -> [u8; 8] {
+    seq.to_be_bytes()
+}
+
+/// The value of an entry of `recent`: its [`log_key`], then its `log` value.
+pub fn encode_recent_value(log_key: &[u8; 10], log_value: &[u8]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(log_key.len() + log_value.len());
+    out.extend_from_slice(log_key);
+    out.extend_from_slice(log_value);
+    out
+}
+
+/// The `log` key and value of an entry of `recent`.
+pub fn split_recent_value(raw: &[u8]) -> Result<(&[u8], &[u8]), CorruptError> {
+    if raw.len() < 10 {
+        return Err(corrupt("recent log entry", "shorter than its log key"));
+    }
+    Ok(raw.split_at(10))
+}
+
+/// The partition and commit id of a [`log_key`].
+pub fn decode_log_key(raw: &[u8]) -> Result<(Partition, u64), CorruptError> {
+    if raw.len() != 10 {
+        return Err(corrupt(
+            "log key",
+            format!("{} bytes, expected 10", raw.len()),
+        ));
+    }
+    Ok((u16::from_be_bytes([raw[0], raw[1]]), read_u64(&raw[2..])))
+}
+
 /// The fields of a log entry's value.
 pub struct LogRecord<'a> {
     /// When the change was committed, in Unix ms.

@@ -10,7 +10,7 @@
 //! new size before reading; readers left by a crashed process are cleared by the worker.
 
 use std::path::Path;
-use std::sync::RwLock;
+use std::sync::{Mutex, RwLock};
 
 use heed::{Env, EnvFlags, MdbError, RoTxn, WithoutTls};
 
@@ -60,6 +60,10 @@ pub struct ShardReader {
     txns: RawDatabase,
     meta: RawDatabase,
     log: RawDatabase,
+    /// The log's newest entries ([`layout::recent_key`]).
+    recent: RawDatabase,
+    /// Where this process has seen the entries of `recent`.
+    recent_index: Mutex<crate::lmdb::RecentIndex>,
     /// Whether a partition of this shard may be fenced: in a cluster, or when a fence was
     /// there at open. Only a cluster's handoffs and copies set fences, so a host on its own
     /// with none at open never has one, and its reads skip the lookup.
@@ -88,9 +92,11 @@ impl ShardReader {
             txns: open_database(&env, "txns")?,
             meta: open_database(&env, "meta")?,
             log: open_database(&env, "log")?,
+            recent: open_database(&env, "recent")?,
             fences_possible: true,
             env,
             gate: RwLock::new(()),
+            recent_index: Mutex::default(),
         };
         reader.fences_possible = clustered || reader.any_fence()?;
         for table in layout::typed::ElementTable::ALL {
@@ -357,18 +363,16 @@ impl ShardReader {
             return Ok(Vec::new());
         }
         self.with_txn(|txn| {
-            let start = layout::log_key(partition, first);
-            let end = layout::log_key(partition, last);
-            let range = (
-                std::ops::Bound::Included(&start[..]),
-                std::ops::Bound::Included(&end[..]),
-            );
-            let mut entries = Vec::new();
-            for item in self.log.range(txn, &range)? {
-                let (key, value) = item?;
-                entries.push(layout::decode_log_entry(key, value)?);
-            }
-            Ok(entries)
+            let mut index = self.recent_index.lock().unwrap_or_else(|p| p.into_inner());
+            crate::lmdb::read_partition_log_indexed(
+                txn,
+                self.log,
+                self.recent,
+                &mut index,
+                partition,
+                first,
+                last,
+            )
         })
     }
 

@@ -399,7 +399,7 @@ impl Store {
     pub(super) fn append_log(
         &self,
         txn: &mut RwTxn,
-        batch: &Batch,
+        batch: &mut Batch,
         commit_id: u64,
         change: ChangeType,
         collection: u16,
@@ -416,11 +416,8 @@ impl Store {
             key,
             data,
         };
-        self.log.put(
-            txn,
-            &layout::log_key(partition, commit_id),
-            &layout::encode_log_value(&record),
-        )
+        let value = layout::encode_log_value(&record);
+        self.put_log_entry(txn, batch, partition, commit_id, &value)
     }
 
     /// Deletes due keys through the expiry index (see [`Store::expire_due`]).

@@ -4,8 +4,13 @@
 //! Commit ids are dense within a partition (each id is one entry), so a
 //! partition's log holds `last_commit_id - trimmed_through` entries. Retention
 //! skips fenced partitions (their log is being copied in or handed over).
-
-use std::ops::Bound;
+//!
+//! A new entry goes to `recent`, in the order of writing, and every housekeeping
+//! tick moves `recent` into `log`, where each partition's entries are in order
+//! ([`layout::recent_key`]): a commit's entries then dirty a page or two at the
+//! end of `recent` instead of one page at each partition's log tail. Whatever
+//! reads, trims, exports or clears a partition's log in `log` moves `recent`
+//! first, or reads both ([`shoal_shared::lmdb::read_partition_log`]).
 
 use heed::RwTxn;
 use shoal_shared::frame::{LogEntry, Partition, WorkerError, WorkerResponse};
@@ -24,32 +29,83 @@ impl Store {
         count: u32,
     ) -> OpResult {
         let mut entries = Vec::new();
-        self.read_partition(txn, partition, from, count as usize, &mut entries)?;
+        // To the end: this batch's own entries are in no partition counter yet.
+        self.read_partition(txn, partition, from, u64::MAX, count as usize, &mut entries)?;
         Ok(WorkerResponse::Log(entries))
     }
 
+    /// Appends the entries of `partition` with commit ids `from..=last`, at most `limit`,
+    /// stopping early rather than build a reply past [`MAX_REPLY_BYTES`] (the reader asks
+    /// again).
     fn read_partition(
         &self,
         txn: &RwTxn,
         partition: Partition,
         from: u64,
+        last: u64,
         limit: usize,
         entries: &mut Vec<LogEntry>,
     ) -> Result<(), OpError> {
-        let start = layout::log_key(partition, from);
-        let end = layout::log_key(partition, u64::MAX);
-        let range = (Bound::Included(&start[..]), Bound::Included(&end[..]));
-        let mut bytes: usize = entries.iter().map(|e| e.key.len() + e.data.len()).sum();
-        for item in self.log.range(txn, &range)?.take(limit) {
-            let (key, value) = item?;
-            // Stop early rather than build a reply past the limit; the reader asks again.
-            bytes += value.len();
-            if bytes > MAX_REPLY_BYTES && !entries.is_empty() {
-                break;
-            }
-            entries.push(layout::decode_log_entry(key, value)?);
-        }
+        let bytes: usize = entries.iter().map(|e| e.key.len() + e.data.len()).sum();
+        let room = match MAX_REPLY_BYTES.checked_sub(bytes) {
+            Some(room) if !entries.is_empty() => room,
+            Some(_) => MAX_REPLY_BYTES,
+            None => return Ok(()),
+        };
+        let read = shoal_shared::lmdb::read_partition_log(
+            txn,
+            self.log,
+            Some(self.recent),
+            partition,
+            from,
+            last,
+            limit,
+            room,
+        )
+        .map_err(|error| OpError::Refused(WorkerError::Storage(error.to_string())))?;
+        entries.extend(read);
         Ok(())
+    }
+
+    /// Writes a log entry of `partition` to `recent`.
+    pub(super) fn put_log_entry(
+        &self,
+        txn: &mut RwTxn,
+        batch: &mut Batch,
+        partition: Partition,
+        commit_id: u64,
+        value: &[u8],
+    ) -> heed::Result<()> {
+        let key = layout::log_key(partition, commit_id);
+        self.recent.put(
+            txn,
+            &layout::recent_key(batch.next_seq),
+            &layout::encode_recent_value(&key, value),
+        )?;
+        batch.next_seq += 1;
+        Ok(())
+    }
+
+    /// Moves every entry of `recent` into `log`; returns how many.
+    pub(crate) fn move_recent_in(&self, txn: &mut RwTxn, batch: &mut Batch) -> heed::Result<usize> {
+        let mut moved = Vec::new();
+        for item in self.recent.iter(txn)? {
+            let (_, raw) = item?;
+            let (key, value) = layout::split_recent_value(raw)
+                .map_err(|error| heed::Error::Decoding(Box::new(error)))?;
+            moved.push((key.to_vec(), value.to_vec()));
+        }
+        if moved.is_empty() {
+            return Ok(0);
+        }
+        // In key order, so that each partition's tail is written once.
+        moved.sort_unstable_by(|a, b| a.0.cmp(&b.0));
+        for (key, value) in &moved {
+            self.log.put(txn, key, value)?;
+        }
+        self.recent.clear(txn)?;
+        batch.dirty = true;
+        Ok(moved.len())
     }
 
     /// The change feed: entries after each position, in partition order, at most `count`.
@@ -73,7 +129,8 @@ impl Store {
                 break;
             }
             if meta.last_commit_id > seen {
-                self.read_partition(txn, partition, seen + 1, left, &mut entries)?;
+                let last = meta.last_commit_id;
+                self.read_partition(txn, partition, seen + 1, last, left, &mut entries)?;
             }
         }
         Ok(WorkerResponse::Log(entries))
@@ -101,6 +158,7 @@ impl Store {
         keep_ms: Option<u64>,
         limit: usize,
     ) -> heed::Result<usize> {
+        self.move_recent_in(txn, batch)?;
         let metas = self
             .partition_metas(txn)
             .map_err(|e| heed::Error::Decoding(Box::new(e)))?;

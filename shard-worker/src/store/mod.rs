@@ -103,6 +103,11 @@ pub struct Store {
     /// Elements of old versions of typed keys, to remove in the background.
     reclaim: RawDatabase,
     log: RawDatabase,
+    /// The log's newest entries, in the order they were written
+    /// ([`layout::recent_key`]); moved into `log` every housekeeping tick.
+    recent: RawDatabase,
+    /// The sequence number of the next entry of `recent`.
+    next_seq: u64,
     txns: RawDatabase,
     meta: RawDatabase,
     max_value_bytes: usize,
@@ -139,10 +144,12 @@ pub(crate) struct Batch {
     dirty: bool,
     /// The commit must reach the disk even with `async` durability (a replication promise).
     sync: bool,
+    /// The sequence number of the next entry of `recent`.
+    next_seq: u64,
 }
 
 impl Batch {
-    fn new(now_ms: u64) -> Batch {
+    fn new(now_ms: u64, next_seq: u64) -> Batch {
         Batch {
             partitions: HashMap::new(),
             now_ms,
@@ -150,6 +157,7 @@ impl Batch {
             fence_changes: Vec::new(),
             dirty: false,
             sync: false,
+            next_seq,
         }
     }
 }
@@ -229,6 +237,8 @@ impl Store {
             reclaim: create_database(&env, "reclaim")?,
             expiry: create_database(&env, "expiry")?,
             log: create_database(&env, "log")?,
+            recent: create_database(&env, "recent")?,
+            next_seq: 0,
             txns: create_database(&env, "txns")?,
             meta: create_database(&env, "meta")?,
             env,
@@ -245,6 +255,8 @@ impl Store {
             clock: Box::new(clock),
         };
         store.check_meta(options)?;
+        // `recent` starts empty, so that its sequence numbers start anew.
+        store.in_write_txn(|store, txn, batch| store.move_recent_in(txn, batch))?;
         store.locks = store.load_locks()?;
         store.fences = store.load_fences()?;
         Ok(store)
@@ -484,7 +496,7 @@ impl Store {
     ) -> Result<T, StoreError> {
         loop {
             let mut txn = self.env.write_txn()?;
-            let mut batch = Batch::new(self.clock.now_ms());
+            let mut batch = Batch::new(self.clock.now_ms(), self.next_seq);
             let result = work(self, &mut txn, &mut batch).and_then(|output| {
                 let mut highest = self.highest_commit_id;
                 for (&partition, &meta) in &batch.partitions {
@@ -513,6 +525,7 @@ impl Store {
                         self.last_commit = Some(started.elapsed());
                     }
                     self.highest_commit_id = highest;
+                    self.next_seq = batch.next_seq;
                     self.locks.apply(batch.lock_changes);
                     for (partition, fenced) in batch.fence_changes {
                         if fenced {
@@ -627,7 +640,7 @@ impl Store {
                 partition,
                 from,
                 max_bytes,
-            } => self.export_request(txn, *partition, from, *max_bytes),
+            } => self.export_request(txn, batch, *partition, from, *max_bytes),
             WorkerRequest::ImportRecords { records } => self.import_in(txn, batch, records),
             WorkerRequest::ApplyLog { entries } => self.apply_log_in(txn, batch, entries),
             WorkerRequest::ClearPartition { partition } => {

@@ -195,7 +195,8 @@ impl Store {
     /// [`MAX_EXPORT_CHUNK_BYTES`] (and one record) so that the reply fits a frame.
     pub(crate) fn export_request(
         &self,
-        txn: &RwTxn,
+        txn: &mut RwTxn,
+        batch: &mut Batch,
         partition: Partition,
         from: &Option<(RecordTable, Vec<u8>)>,
         max_bytes: u32,
@@ -208,6 +209,8 @@ impl Store {
             }
         }
         let max_bytes = (max_bytes as usize).min(MAX_EXPORT_CHUNK_BYTES);
+        // The export reads the log from `log` alone.
+        self.move_recent_in(txn, batch)?;
         let chunk = self.export_in(txn, partition, from.clone(), max_bytes)?;
         Ok(WorkerResponse::Records {
             records: chunk.records,
@@ -286,6 +289,13 @@ impl Store {
         records: &[Record],
         metas: &[(Partition, PartitionMeta)],
     ) -> heed::Result<()> {
+        // A partition's entries in `recent` must stay newer than those in `log`.
+        if records
+            .iter()
+            .any(|record| record.table == RecordTable::Log)
+        {
+            self.move_recent_in(txn, batch)?;
+        }
         for record in records {
             match record.table {
                 RecordTable::Meta => continue,
@@ -522,12 +532,16 @@ impl Store {
         let meta = self.partition_meta(txn, batch, entry.partition)?;
         // The log keeps every entry above `trimmed_through`; one below it would never be trimmed.
         if entry.commit_id > meta.trimmed_through {
-            let record = LogRecord::from(entry);
-            self.log.put(
-                txn,
-                &layout::log_key(entry.partition, entry.commit_id),
-                &layout::encode_log_value(&record),
-            )?;
+            let value = layout::encode_log_value(&LogRecord::from(entry));
+            if entry.commit_id > meta.last_commit_id {
+                self.put_log_entry(txn, batch, entry.partition, entry.commit_id, &value)?;
+            } else {
+                // An entry this copy has already: written over where it is, in `log` once
+                // `recent` is moved there (an entry is never in both).
+                self.move_recent_in(txn, batch)?;
+                let key = layout::log_key(entry.partition, entry.commit_id);
+                self.log.put(txn, &key, &value)?;
+            }
         }
         if entry.commit_id > meta.last_commit_id {
             batch.partitions.insert(
@@ -580,6 +594,7 @@ impl Store {
         batch: &mut Batch,
         partition: Partition,
     ) -> heed::Result<()> {
+        self.move_recent_in(txn, batch)?;
         let start = partition.to_be_bytes();
         let end = partition.checked_add(1).map(u16::to_be_bytes);
         let range = (

@@ -57,6 +57,147 @@ fn apply(store: &mut Store, requests: &[WorkerRequest]) -> Vec<WorkerResponse> {
         .unwrap()
 }
 
+/// The commit ids of `partition`'s entries from `from` on, at most `count`, by `ReadLog`.
+fn logged(store: &mut Store, partition: Partition, from: u64, count: u32) -> Vec<u64> {
+    let read = WorkerRequest::ReadLog {
+        partition,
+        from_commit_id: from,
+        count,
+    };
+    match &apply(store, &[read])[0] {
+        WorkerResponse::Log(entries) => entries.iter().map(|e| e.commit_id).collect(),
+        other => panic!("{other:?}"),
+    }
+}
+
+#[test]
+fn the_log_reads_the_same_whether_entries_are_still_in_recent_or_moved_into_log() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut store = Store::open(dir.path(), &options()).unwrap();
+    let write = |store: &mut Store, partition: Partition, i: usize| {
+        apply(
+            store,
+            &[set(0, key(partition, format!("k{i}").as_bytes()), b"v")],
+        );
+    };
+    let move_recent = |store: &mut Store| {
+        store
+            .in_write_txn(|store, txn, batch| store.move_recent_in(txn, batch))
+            .unwrap()
+    };
+    // Partition 1: ids 1-3 moved into `log`, 4-5 in `recent`; partition 2: 1-2 and 3.
+    for i in 0..3 {
+        write(&mut store, 1, i);
+    }
+    for i in 0..2 {
+        write(&mut store, 2, i);
+    }
+    assert_eq!(move_recent(&mut store), 5);
+    for i in 3..5 {
+        write(&mut store, 1, i);
+    }
+    write(&mut store, 2, 2);
+    let mut index = shoal_shared::lmdb::RecentIndex::default();
+    // What the net-daemon's reader reads: a range of ids, across both, through its index.
+    let mut indexed = |store: &Store, partition: Partition, first: u64, last: u64| {
+        let txn = store.env.read_txn().unwrap();
+        let read = shoal_shared::lmdb::read_partition_log_indexed(
+            &txn,
+            store.log,
+            store.recent,
+            &mut index,
+            partition,
+            first,
+            last,
+        )
+        .unwrap();
+        read.iter().map(|e| e.commit_id).collect::<Vec<u64>>()
+    };
+    let check = |store: &mut Store| {
+        assert_eq!(logged(store, 1, 0, 10), vec![1, 2, 3, 4, 5]);
+        assert_eq!(logged(store, 1, 3, 10), vec![3, 4, 5]);
+        assert_eq!(logged(store, 1, 5, 10), vec![5]);
+        assert_eq!(logged(store, 1, 2, 2), vec![2, 3]);
+        assert_eq!(logged(store, 1, 6, 10), Vec::<u64>::new());
+        assert_eq!(logged(store, 2, 0, 10), vec![1, 2, 3]);
+        let feed = WorkerRequest::ReadFeed {
+            positions: vec![(1, 3), (2, 0)],
+            count: 10,
+        };
+        let WorkerResponse::Log(entries) = &apply(store, &[feed])[0] else {
+            panic!("no feed")
+        };
+        let positions: Vec<(Partition, u64)> =
+            entries.iter().map(|e| (e.partition, e.commit_id)).collect();
+        assert_eq!(positions, vec![(1, 4), (1, 5), (2, 1), (2, 2), (2, 3)]);
+        // What the net-daemon's reader reads: a range of ids, across both.
+        let txn = store.env.read_txn().unwrap();
+        let read = shoal_shared::lmdb::read_partition_log(
+            &txn,
+            store.log,
+            Some(store.recent),
+            1,
+            2,
+            4,
+            usize::MAX,
+            usize::MAX,
+        )
+        .unwrap();
+        let ids: Vec<u64> = read.iter().map(|e| e.commit_id).collect();
+        assert_eq!(ids, vec![2, 3, 4]);
+    };
+    check(&mut store);
+    assert_eq!(indexed(&store, 1, 2, 5), vec![2, 3, 4, 5]);
+    assert_eq!(indexed(&store, 2, 3, 3), vec![3]);
+    // The next move takes what is left; a restart moves whatever `recent` holds.
+    assert_eq!(move_recent(&mut store), 3);
+    check(&mut store);
+    assert_eq!(indexed(&store, 1, 4, 5), vec![4, 5]);
+    write(&mut store, 1, 5);
+    assert_eq!(indexed(&store, 1, 5, 6), vec![5, 6]);
+    drop(store);
+    let mut store = Store::open(dir.path(), &options()).unwrap();
+    assert_eq!(move_recent(&mut store), 0);
+    assert_eq!(logged(&mut store, 1, 5, 10), vec![5, 6]);
+    // After the restart `recent` is numbered anew: the index starts over.
+    write(&mut store, 2, 3);
+    write(&mut store, 1, 6);
+    assert_eq!(indexed(&store, 2, 4, 4), vec![4]);
+    assert_eq!(indexed(&store, 1, 6, 7), vec![6, 7]);
+    write(&mut store, 1, 7);
+    assert_eq!(indexed(&store, 1, 7, 8), vec![7, 8]);
+    // A replayed entry that this copy has already is written over, never held twice.
+    let entry = |commit_id: u64, data: &[u8]| LogEntry {
+        partition: 3,
+        commit_id,
+        timestamp_ms: START_MS,
+        change: ChangeType::Create,
+        collection: 0,
+        expires_at_ms: None,
+        key: format!("r{commit_id}").into_bytes(),
+        data: data.to_vec(),
+    };
+    let entries = vec![entry(1, b"a"), entry(2, b"b")];
+    apply(&mut store, &[WorkerRequest::ApplyLog { entries }]);
+    let entries = vec![entry(2, b"c")];
+    apply(&mut store, &[WorkerRequest::ApplyLog { entries }]);
+    let read = WorkerRequest::ReadLog {
+        partition: 3,
+        from_commit_id: 0,
+        count: 10,
+    };
+    let WorkerResponse::Log(entries) = &apply(&mut store, &[read])[0] else {
+        panic!("no log")
+    };
+    let data: Vec<(u64, &[u8])> = entries.iter().map(|e| (e.commit_id, &e.data[..])).collect();
+    assert_eq!(data, vec![(1, &b"a"[..]), (2, &b"c"[..])]);
+    // Clearing a partition clears its entries wherever they are.
+    write(&mut store, 1, 6);
+    store.clear_partition(1).unwrap();
+    assert_eq!(logged(&mut store, 1, 0, 10), Vec::<u64>::new());
+    assert_eq!(logged(&mut store, 2, 0, 10), vec![1, 2, 3, 4]);
+}
+
 #[test]
 fn writes_are_logged_with_change_types_and_increasing_ids() {
     let dir = tempfile::tempdir().unwrap();
@@ -95,7 +236,10 @@ fn writes_are_logged_with_change_types_and_increasing_ids() {
             (3, 0b01, vec![])
         ]
     );
-    // Raw bytes on disk carry the same codes.
+    // Raw bytes on disk carry the same codes, once moved from `recent` into `log`.
+    store
+        .in_write_txn(|store, txn, batch| store.move_recent_in(txn, batch))
+        .unwrap();
     let txn = store.env.read_txn().unwrap();
     let raw = store
         .log
@@ -2133,16 +2277,16 @@ fn a_new_promise_or_term_asks_its_commit_to_be_synced_and_a_repeated_one_does_no
     let dir = tempfile::tempdir().unwrap();
     let store = Store::open(dir.path(), &options()).unwrap();
     let mut txn = store.env.write_txn().unwrap();
-    let mut batch = Batch::new(START_MS);
+    let mut batch = Batch::new(START_MS, 0);
     assert!(store.promise_term(&mut txn, &mut batch, 1, 4).is_ok());
     assert!(
         batch.sync,
         "a raised promise is synced even with async durability"
     );
-    let mut again = Batch::new(START_MS);
+    let mut again = Batch::new(START_MS, 0);
     assert!(store.promise_term(&mut txn, &mut again, 1, 4).is_ok());
     assert!(!again.sync, "a promise already made costs no sync");
-    let mut opened = Batch::new(START_MS);
+    let mut opened = Batch::new(START_MS, 0);
     assert!(store.open_term(&mut txn, &mut opened, 1, 5).is_ok());
     assert!(opened.sync, "a new term is synced");
 }
