@@ -77,8 +77,12 @@ use crate::limits::{
     EXPIRY_KEY_PREFIX_BYTES, LMDB_MAX_KEY_BYTES, MAX_KEY_BYTES, MAX_STORED_KEY_BYTES,
 };
 
-/// Version of this layout, stored in `meta`.
-pub const FORMAT_VERSION: u32 = 2;
+/// Version of this layout, stored in `meta`. Version 3 added `recent`
+/// ([`recent_key`]); a build before it would not read the log entries there.
+pub const FORMAT_VERSION: u32 = 3;
+/// The oldest version this build opens: a shard of version 2 has no `recent` yet, and
+/// is marked version 3 when it is opened.
+pub const OLDEST_FORMAT_VERSION: u32 = 2;
 
 /// `meta` key of the layout version (u32, [`FORMAT_VERSION`] when written).
 pub const META_FORMAT_VERSION: &[u8] = b"format_version";

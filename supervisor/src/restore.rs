@@ -140,10 +140,13 @@ fn fit_config(config: &mut Config, manifest: &Manifest) -> anyhow::Result<()> {
             manifest.collections
         );
     }
-    let format = shoal_shared::layout::FORMAT_VERSION;
-    if manifest.storage_format_version != format {
+    let (oldest, format) = (
+        shoal_shared::layout::OLDEST_FORMAT_VERSION,
+        shoal_shared::layout::FORMAT_VERSION,
+    );
+    if !(oldest..=format).contains(&manifest.storage_format_version) {
         bail!(
-            "the backup's storage format is {}, this build reads {format}",
+            "the backup's storage format is {}, this build reads {oldest} to {format}",
             manifest.storage_format_version
         );
     }

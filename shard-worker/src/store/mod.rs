@@ -255,11 +255,39 @@ impl Store {
             clock: Box::new(clock),
         };
         store.check_meta(options)?;
-        // `recent` starts empty, so that its sequence numbers start anew.
-        store.in_write_txn(|store, txn, batch| store.move_recent_in(txn, batch))?;
+        store.move_recent_at_open()?;
         store.locks = store.load_locks()?;
         store.fences = store.load_fences()?;
         Ok(store)
+    }
+
+    /// Moves `recent` into `log`, so that its sequence numbers start anew. A full map or
+    /// disk leaves it where it is (the worker still opens, and serves reads): the
+    /// numbers then go on after its last entry.
+    fn move_recent_at_open(&mut self) -> Result<(), StoreError> {
+        match self.in_write_txn(|store, txn, batch| store.move_recent_in(txn, batch)) {
+            Ok(_) => {}
+            Err(StoreError::Lmdb(heed::Error::Mdb(heed::MdbError::MapFull))) => {
+                tracing::warn!("the map is full: the log's newest entries stay in recent");
+            }
+            Err(StoreError::Lmdb(heed::Error::Io(error)))
+                if error.raw_os_error() == Some(libc::ENOSPC) =>
+            {
+                tracing::warn!("the disk is full: the log's newest entries stay in recent");
+            }
+            Err(error) => return Err(error),
+        }
+        let txn = self.env.read_txn()?;
+        self.next_seq = match self.recent.last(&txn)? {
+            Some((key, _)) => {
+                let key: [u8; 8] = key.try_into().map_err(|_| {
+                    StoreError::Mismatch(format!("a recent log key of {} bytes", key.len()))
+                })?;
+                u64::from_be_bytes(key) + 1
+            }
+            None => 0,
+        };
+        Ok(())
     }
 
     /// The database of an element table.
@@ -319,6 +347,7 @@ impl Store {
     /// Writes `meta`'s identity on first open; on later opens checks that it matches.
     fn check_meta(&mut self, options: &StoreOptions) -> Result<(), StoreError> {
         let mut txn = self.env.write_txn()?;
+        let mut upgrade = false;
         match self.meta.get(&txn, layout::META_FORMAT_VERSION)? {
             None => {
                 self.meta.put(
@@ -342,11 +371,21 @@ impl Store {
             }
             Some(raw) => {
                 let version = layout::decode_u32(raw, "format version")?;
-                if version != layout::FORMAT_VERSION {
+                if !(layout::OLDEST_FORMAT_VERSION..=layout::FORMAT_VERSION).contains(&version) {
                     return Err(StoreError::Mismatch(format!(
-                        "format version {version} is not {} (this build's)",
+                        "format version {version} is not one this build reads ({} to {})",
+                        layout::OLDEST_FORMAT_VERSION,
                         layout::FORMAT_VERSION
                     )));
+                }
+                if version != layout::FORMAT_VERSION {
+                    // Nothing to convert: the new database starts empty.
+                    tracing::info!(
+                        from = version,
+                        to = layout::FORMAT_VERSION,
+                        "upgrading the shard's format"
+                    );
+                    upgrade = true;
                 }
             }
         }
@@ -379,7 +418,16 @@ impl Store {
         for (_, meta) in self.partition_metas(&txn)? {
             self.highest_commit_id = self.highest_commit_id.max(meta.last_commit_id);
         }
-        txn.abort();
+        if upgrade {
+            self.meta.put(
+                &mut txn,
+                layout::META_FORMAT_VERSION,
+                &layout::FORMAT_VERSION.to_be_bytes(),
+            )?;
+            txn.commit()?;
+        } else {
+            txn.abort();
+        }
         Ok(())
     }
 

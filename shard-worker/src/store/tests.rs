@@ -1106,6 +1106,13 @@ fn a_map_at_its_limit_refuses_writes_and_keeps_reads() {
         WorkerResponse::Error(WorkerError::MapFull { .. })
     ));
     drop(store);
+    // The worker still opens at the limit, though the log's newest entries cannot be
+    // moved, and its log reads whole.
+    let mut store = Store::open(dir.path(), &options).unwrap();
+    let before = logged(&mut store, 0, 0, 100);
+    assert!(before.len() >= 2, "{before:?}");
+    assert!(before.windows(2).all(|w| w[1] == w[0] + 1), "{before:?}");
+    drop(store);
     // A raised limit lets writes through again.
     let mut store = Store::open(
         dir.path(),
@@ -1119,6 +1126,39 @@ fn a_map_at_its_limit_refuses_writes_and_keeps_reads() {
         apply(&mut store, &[set(0, key(0, b"more"), &value)]),
         vec![WorkerResponse::Ok]
     );
+}
+
+#[test]
+fn a_shard_of_the_previous_format_is_upgraded_and_a_later_one_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let set_version = |store: &Store, version: u32| {
+        let mut txn = store.env.write_txn().unwrap();
+        store
+            .meta
+            .put(
+                &mut txn,
+                layout::META_FORMAT_VERSION,
+                &version.to_be_bytes(),
+            )
+            .unwrap();
+        txn.commit().unwrap();
+    };
+    let version = |store: &Store| {
+        let txn = store.env.read_txn().unwrap();
+        let raw = store.meta.get(&txn, layout::META_FORMAT_VERSION).unwrap();
+        layout::decode_u32(raw.unwrap(), "format version").unwrap()
+    };
+    let mut store = Store::open(dir.path(), &options()).unwrap();
+    apply(&mut store, &[set(0, key(1, b"k"), b"v")]);
+    set_version(&store, layout::OLDEST_FORMAT_VERSION);
+    drop(store);
+    let mut store = Store::open(dir.path(), &options()).unwrap();
+    assert_eq!(version(&store), layout::FORMAT_VERSION);
+    assert_eq!(logged(&mut store, 1, 0, 10), vec![1]);
+    set_version(&store, layout::FORMAT_VERSION + 1);
+    drop(store);
+    let refused = Store::open(dir.path(), &options()).err().expect("refused");
+    assert!(refused.to_string().contains("format version"), "{refused}");
 }
 
 #[test]
