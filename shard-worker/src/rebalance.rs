@@ -93,6 +93,12 @@ pub fn run(config: &Config, from_workers: usize) -> anyhow::Result<()> {
             Store::open(&dir, &options).with_context(|| format!("opening {}", dir.display()))?,
         );
     }
+    // Partitions move with their log as `log` holds it: nothing may wait in `recent`.
+    for (index, shard) in shards.iter_mut().enumerate() {
+        shard.move_recent().with_context(|| {
+            format!("moving the newest log entries of shard-{index} before the partitions")
+        })?;
+    }
     for (index, shard) in shards.iter().enumerate() {
         let prepared = shard.prepared_transactions()?;
         if prepared > 0 {

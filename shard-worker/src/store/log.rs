@@ -16,7 +16,7 @@ use heed::RwTxn;
 use shoal_shared::frame::{LogEntry, Partition, WorkerError, WorkerResponse};
 use shoal_shared::limits::MAX_REPLY_BYTES;
 
-use super::{Batch, OpError, OpResult, Store};
+use super::{Batch, OpError, OpResult, Store, StoreError};
 use shoal_shared::layout::{self, PartitionMeta};
 
 impl Store {
@@ -62,7 +62,11 @@ impl Store {
             limit,
             room,
         )
-        .map_err(|error| OpError::Refused(WorkerError::Storage(error.to_string())))?;
+        .map_err(|error| match error {
+            StoreError::Lmdb(error) => OpError::Lmdb(error),
+            StoreError::Corrupt(error) => OpError::Corrupt(error),
+            error => OpError::Refused(WorkerError::Storage(error.to_string())),
+        })?;
         entries.extend(read);
         Ok(())
     }
@@ -84,6 +88,12 @@ impl Store {
         )?;
         batch.next_seq += 1;
         Ok(())
+    }
+
+    /// Moves every entry of `recent` into `log` in a transaction of its own; returns how
+    /// many.
+    pub(crate) fn move_recent(&mut self) -> Result<usize, StoreError> {
+        self.in_write_txn(|store, txn, batch| store.move_recent_in(txn, batch))
     }
 
     /// Moves every entry of `recent` into `log`; returns how many.

@@ -265,7 +265,7 @@ impl Store {
     /// disk leaves it where it is (the worker still opens, and serves reads): the
     /// numbers then go on after its last entry.
     fn move_recent_at_open(&mut self) -> Result<(), StoreError> {
-        match self.in_write_txn(|store, txn, batch| store.move_recent_in(txn, batch)) {
+        match self.move_recent() {
             Ok(_) => {}
             Err(StoreError::Lmdb(heed::Error::Mdb(heed::MdbError::MapFull))) => {
                 tracing::warn!("the map is full: the log's newest entries stay in recent");

@@ -80,11 +80,7 @@ fn the_log_reads_the_same_whether_entries_are_still_in_recent_or_moved_into_log(
             &[set(0, key(partition, format!("k{i}").as_bytes()), b"v")],
         );
     };
-    let move_recent = |store: &mut Store| {
-        store
-            .in_write_txn(|store, txn, batch| store.move_recent_in(txn, batch))
-            .unwrap()
-    };
+    let move_recent = |store: &mut Store| store.move_recent().unwrap();
     // Partition 1: ids 1-3 moved into `log`, 4-5 in `recent`; partition 2: 1-2 and 3.
     for i in 0..3 {
         write(&mut store, 1, i);
@@ -237,9 +233,7 @@ fn writes_are_logged_with_change_types_and_increasing_ids() {
         ]
     );
     // Raw bytes on disk carry the same codes, once moved from `recent` into `log`.
-    store
-        .in_write_txn(|store, txn, batch| store.move_recent_in(txn, batch))
-        .unwrap();
+    store.move_recent().unwrap();
     let txn = store.env.read_txn().unwrap();
     let raw = store
         .log
