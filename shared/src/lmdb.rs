@@ -160,7 +160,11 @@ pub fn read_partition_log_indexed(
     let Some(ids) = index.by_partition.get(&partition) else {
         return Ok(entries);
     };
-    for (&commit_id, &seq) in ids.range(next..=last) {
+    for (expected, (&commit_id, &seq)) in (next..).zip(ids.range(next..=last)) {
+        // Commit ids are dense: a gap ends what can be read.
+        if commit_id != expected {
+            break;
+        }
         let Some(raw) = recent.get(txn, &layout::recent_key(seq))? else {
             break;
         };
