@@ -151,11 +151,11 @@ struct Worker<'a> {
 /// retries on the next tick, and the worker stays up for reads.
 fn tolerate_full(result: Result<usize, StoreError>) -> Result<usize, StoreError> {
     match result {
-        Err(StoreError::Lmdb(heed::Error::Mdb(heed::MdbError::MapFull))) => Ok(0),
-        Err(StoreError::Lmdb(heed::Error::Io(error)))
-            if matches!(error.raw_os_error(), Some(libc::ENOSPC) | Some(libc::EIO)) =>
-        {
-            tracing::warn!(%error, "housekeeping could not write; retrying on the next tick");
+        Err(error) if error.is_out_of_room() => {
+            // A full map is reported by the writes it refuses; a full disk is said here.
+            if matches!(error, StoreError::Lmdb(heed::Error::Io(_))) {
+                tracing::warn!(%error, "housekeeping could not write; retrying on the next tick");
+            }
             Ok(0)
         }
         other => other,

@@ -264,6 +264,14 @@ pub fn recent_key(seq: u64) -> [u8; 8] {
     seq.to_be_bytes()
 }
 
+/// The sequence number of a [`recent_key`].
+pub fn decode_recent_key(raw: &[u8]) -> Result<u64, CorruptError> {
+    let bytes: [u8; 8] = raw
+        .try_into()
+        .map_err(|_| corrupt("recent log key", format!("{} bytes, expected 8", raw.len())))?;
+    Ok(u64::from_be_bytes(bytes))
+}
+
 /// The value of an entry of `recent`: its [`log_key`], then its `log` value.
 pub fn encode_recent_value(log_key: &[u8; 10], log_value: &[u8]) -> Vec<u8> {
     let mut out = Vec::with_capacity(log_key.len() + log_value.len());
@@ -339,12 +347,7 @@ pub fn encode_log_value(record: &LogRecord<'_>) -> Vec<u8> {
 
 /// Decodes a `log` entry from its key and its value.
 pub fn decode_log_entry(raw_key: &[u8], raw_value: &[u8]) -> Result<LogEntry, CorruptError> {
-    if raw_key.len() != 10 {
-        return Err(corrupt(
-            "log key",
-            format!("{} bytes, expected 10", raw_key.len()),
-        ));
-    }
+    let (partition, commit_id) = decode_log_key(raw_key)?;
     if raw_value.len() < LOG_HEADER_BYTES {
         return Err(corrupt("log entry", "shorter than its header"));
     }
@@ -367,8 +370,8 @@ pub fn decode_log_entry(raw_key: &[u8], raw_value: &[u8]) -> Result<LogEntry, Co
         return Err(corrupt("log entry", "key runs past the end"));
     }
     Ok(LogEntry {
-        partition: u16::from_be_bytes([raw_key[0], raw_key[1]]),
-        commit_id: read_u64(&raw_key[2..]),
+        partition,
+        commit_id,
         timestamp_ms: read_u64(&raw_value[..8]),
         change,
         collection: u16::from_be_bytes([raw_value[9], raw_value[10]]),

@@ -42,6 +42,20 @@ pub enum StoreError {
     },
 }
 
+impl StoreError {
+    /// Whether a write failed for want of room: the map at its limit, or a full disk
+    /// (ENOSPC, or the EIO that LMDB reports for a short write).
+    pub fn is_out_of_room(&self) -> bool {
+        match self {
+            StoreError::Lmdb(heed::Error::Mdb(heed::MdbError::MapFull)) => true,
+            StoreError::Lmdb(heed::Error::Io(error)) => {
+                matches!(error.raw_os_error(), Some(libc::ENOSPC) | Some(libc::EIO))
+            }
+            _ => false,
+        }
+    }
+}
+
 /// The options every shard environment is opened with: read transactions without
 /// thread-local storage (they may move between threads under tokio), and room for
 /// [`max_dbs`] named databases.
@@ -79,7 +93,7 @@ impl RecentIndex {
             *self = RecentIndex::default();
             return Ok(());
         };
-        let first = seq_of(first)?;
+        let first = layout::decode_recent_key(first)?;
         if let Some(through) = self.through {
             let same = match recent.get(txn, &layout::recent_key(through))? {
                 Some(raw) => {
@@ -108,7 +122,7 @@ impl RecentIndex {
         let start = layout::recent_key(from);
         for item in recent.range(txn, &(Bound::Included(&start[..]), Bound::Unbounded))? {
             let (key, raw) = item?;
-            let seq = seq_of(key)?;
+            let seq = layout::decode_recent_key(key)?;
             let (log_key, _) = layout::split_recent_value(raw)?;
             let (partition, commit_id) = layout::decode_log_key(log_key)?;
             self.order.push_back((seq, partition, commit_id));
@@ -120,13 +134,6 @@ impl RecentIndex {
         }
         Ok(())
     }
-}
-
-fn seq_of(key: &[u8]) -> Result<u64, StoreError> {
-    let bytes: [u8; 8] = key
-        .try_into()
-        .map_err(|_| StoreError::Mismatch(format!("a recent log key of {} bytes", key.len())))?;
-    Ok(u64::from_be_bytes(bytes))
 }
 
 /// [`read_partition_log`] for a reader that keeps a [`RecentIndex`]: the entries in

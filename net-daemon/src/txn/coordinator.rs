@@ -233,12 +233,7 @@ impl<D: Address, E: Debug> Coordinator<D, E> {
             ops.iter()
                 .any(|op| matches!(op.action, TxAction::PutTaken { .. }))
         };
-        let addresses = &self.participants;
-        !addresses.iter().any(|(_, ops)| takes(ops))
-            && addresses
-                .iter()
-                .enumerate()
-                .all(|(i, (a, _))| addresses[..i].iter().all(|(b, _)| a != b))
+        !self.participants.iter().any(|(_, ops)| takes(ops)) && distinct(&self.participants)
     }
 
     /// Starts an attempt: every prepare at once on the first attempt when the participants
@@ -524,12 +519,7 @@ impl<D: Address, E: Debug> Coordinator<D, E> {
     /// outcome given at once: each is behind an ordered queue, at its own address.
     fn others_ordered(&self) -> bool {
         let others = &self.prepared[1..];
-        !others.is_empty()
-            && others.iter().all(|(to, _)| to.ordered())
-            && others
-                .iter()
-                .enumerate()
-                .all(|(i, (a, _))| others[..i].iter().all(|(b, _)| a != b))
+        !others.is_empty() && others.iter().all(|(to, _)| to.ordered()) && distinct(others)
     }
 
     /// Queues the commit of every participant after the decider, then gives the outcome:
@@ -576,6 +566,15 @@ impl<D: Address, E: Debug> Coordinator<D, E> {
         z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
         z ^ (z >> 31)
     }
+}
+
+/// Whether no two of `participants` share an address (their answers could not be told
+/// apart).
+fn distinct<D: Eq, T>(participants: &[(D, T)]) -> bool {
+    participants
+        .iter()
+        .enumerate()
+        .all(|(i, (a, _))| participants[..i].iter().all(|(b, _)| a != b))
 }
 
 /// Whether a participant's `Commit` answer after the decision means it committed. Once the

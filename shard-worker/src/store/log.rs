@@ -108,7 +108,7 @@ impl Store {
         if moved.is_empty() {
             return Ok(0);
         }
-        // In key order, so that each partition's tail is written once.
+        // In key order.
         moved.sort_unstable_by(|a, b| a.0.cmp(&b.0));
         for (key, value) in &moved {
             self.log.put(txn, key, value)?;

@@ -267,24 +267,14 @@ impl Store {
     fn move_recent_at_open(&mut self) -> Result<(), StoreError> {
         match self.move_recent() {
             Ok(_) => {}
-            Err(StoreError::Lmdb(heed::Error::Mdb(heed::MdbError::MapFull))) => {
-                tracing::warn!("the map is full: the log's newest entries stay in recent");
-            }
-            Err(StoreError::Lmdb(heed::Error::Io(error)))
-                if error.raw_os_error() == Some(libc::ENOSPC) =>
-            {
-                tracing::warn!("the disk is full: the log's newest entries stay in recent");
+            Err(error) if error.is_out_of_room() => {
+                tracing::warn!(%error, "no room to move the log's newest entries: they stay in recent");
             }
             Err(error) => return Err(error),
         }
         let txn = self.env.read_txn()?;
         self.next_seq = match self.recent.last(&txn)? {
-            Some((key, _)) => {
-                let key: [u8; 8] = key.try_into().map_err(|_| {
-                    StoreError::Mismatch(format!("a recent log key of {} bytes", key.len()))
-                })?;
-                u64::from_be_bytes(key) + 1
-            }
+            Some((key, _)) => layout::decode_recent_key(key)? + 1,
             None => 0,
         };
         Ok(())
