@@ -115,9 +115,11 @@ pub fn run(config: &Config, index: usize) -> anyhow::Result<()> {
     slot.set_state(ProcessState::Draining);
     // Whatever is still queued was accepted from the net-daemon: apply it before leaving.
     let drained = worker.drain(&queue);
-    if worker.flush_every.is_some() {
-        worker.store.sync().context("flushing on shutdown")?;
-    }
+    // What is in the journal reaches LMDB's own pages: the next start replays nothing.
+    worker
+        .store
+        .checkpoint()
+        .context("checkpoint on shutdown")?;
     slot.set_state(ProcessState::Stopped);
     tracing::info!(shard = index, drained, "shard worker stopped");
     result
@@ -399,6 +401,11 @@ impl Worker<'_> {
             tolerate_full(self.store.expire_due(EXPIRE_PER_TICK)).context("expiring keys")?;
         tolerate_full(self.store.reclaim_due(RECLAIM_PER_TICK))
             .context("reclaiming the elements of deleted keys")?;
+        if let Err(error) = self.store.checkpoint_tick() {
+            // The last checkpoint stays the one to recover from, and the journal grows
+            // until one succeeds.
+            tracing::warn!(%error, "checkpoint failed; retrying at the next tick");
+        }
         let trimmed = tolerate_full(self.store.trim_log(
             self.retention.keep_entries,
             self.retention.keep_ms,

@@ -13,10 +13,10 @@
 //!
 //! Active expiry ([`Store::expire_due_in`]) leaves fenced partitions alone.
 
-use heed::RwTxn;
+use crate::store::WriteTxn;
 use shoal_shared::frame::{ChangeType, Collection, Key, Partition};
 
-use super::{Batch, OpError, RawDatabase, Store};
+use super::{Batch, OpError, Store, Table};
 use shoal_shared::layout::typed::{self, LogTable, TypeMeta};
 use shoal_shared::layout::{self, LogRecord, PartitionMeta};
 
@@ -55,8 +55,8 @@ impl Store {
     /// Reads `key` in `collection` as of `now_ms`.
     pub(crate) fn current(
         &self,
-        txn: &RwTxn,
-        db: RawDatabase,
+        txn: &WriteTxn,
+        db: Table,
         key: &Key,
         now_ms: u64,
     ) -> Result<Current, OpError> {
@@ -90,9 +90,9 @@ impl Store {
     #[allow(clippy::too_many_arguments)]
     pub(crate) fn put(
         &self,
-        txn: &mut RwTxn,
+        txn: &mut WriteTxn,
         batch: &mut Batch,
-        db: RawDatabase,
+        db: Table,
         collection: Collection,
         key: &Key,
         current: &Current,
@@ -116,9 +116,9 @@ impl Store {
     #[allow(clippy::too_many_arguments)]
     pub(crate) fn put_record(
         &self,
-        txn: &mut RwTxn,
+        txn: &mut WriteTxn,
         batch: &mut Batch,
-        db: RawDatabase,
+        db: Table,
         collection: Collection,
         key: &Key,
         current: &Current,
@@ -185,7 +185,12 @@ impl Store {
 
     /// Removes the elements of `meta`'s version of `key`: at once when they are few,
     /// otherwise through a `reclaim` entry that [`Store::reclaim_due_in`] works off.
-    pub(crate) fn reclaim(&self, txn: &mut RwTxn, key: &Key, meta: &TypeMeta) -> heed::Result<()> {
+    pub(crate) fn reclaim(
+        &self,
+        txn: &mut WriteTxn,
+        key: &Key,
+        meta: &TypeMeta,
+    ) -> heed::Result<()> {
         if meta.count <= RECLAIM_AT_ONCE_ELEMENTS {
             let prefix = typed::element_prefix(key.partition, &key.bytes, meta.version);
             for &table in typed::tables(meta.kind) {
@@ -212,7 +217,7 @@ impl Store {
     /// are invisible already. Returns how many were removed.
     pub(crate) fn reclaim_due_in(
         &self,
-        txn: &mut RwTxn,
+        txn: &mut WriteTxn,
         batch: &mut Batch,
         limit: usize,
     ) -> heed::Result<usize> {
@@ -260,9 +265,9 @@ impl Store {
     /// Deletes the key if it is stored (live or expired), logging a delete. Returns whether it was live.
     pub(crate) fn remove(
         &self,
-        txn: &mut RwTxn,
+        txn: &mut WriteTxn,
         batch: &mut Batch,
-        db: RawDatabase,
+        db: Table,
         collection: Collection,
         key: &Key,
         current: &Current,
@@ -309,9 +314,9 @@ impl Store {
     #[allow(clippy::too_many_arguments)]
     fn purge_expired(
         &self,
-        txn: &mut RwTxn,
+        txn: &mut WriteTxn,
         batch: &mut Batch,
-        db: RawDatabase,
+        db: Table,
         collection: Collection,
         key: &Key,
         current: &Current,
@@ -351,7 +356,7 @@ impl Store {
     /// Advances the partition's commit id inside this transaction.
     pub(super) fn next_commit_id(
         &self,
-        txn: &RwTxn,
+        txn: &WriteTxn,
         batch: &mut Batch,
         partition: Partition,
     ) -> heed::Result<u64> {
@@ -368,7 +373,7 @@ impl Store {
     /// The partition's `meta` entry as this transaction sees it.
     pub(crate) fn partition_meta(
         &self,
-        txn: &RwTxn,
+        txn: &WriteTxn,
         batch: &Batch,
         partition: Partition,
     ) -> heed::Result<PartitionMeta> {
@@ -382,7 +387,7 @@ impl Store {
     /// batch holds back until its end.
     pub(crate) fn stored_partition_meta(
         &self,
-        txn: &RwTxn,
+        txn: &WriteTxn,
         partition: Partition,
     ) -> heed::Result<PartitionMeta> {
         match self.meta.get(txn, &layout::partition_meta_key(partition))? {
@@ -398,7 +403,7 @@ impl Store {
     #[allow(clippy::too_many_arguments)]
     pub(super) fn append_log(
         &self,
-        txn: &mut RwTxn,
+        txn: &mut WriteTxn,
         batch: &mut Batch,
         commit_id: u64,
         change: ChangeType,
@@ -423,7 +428,7 @@ impl Store {
     /// Deletes due keys through the expiry index (see [`Store::expire_due`]).
     pub(crate) fn expire_due_in(
         &self,
-        txn: &mut RwTxn,
+        txn: &mut WriteTxn,
         batch: &mut Batch,
         limit: usize,
     ) -> heed::Result<usize> {

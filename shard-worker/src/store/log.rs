@@ -12,7 +12,7 @@
 //! reads, trims, exports or clears a partition's log in `log` moves `recent`
 //! first, or reads both ([`shoal_shared::lmdb::read_partition_log`]).
 
-use heed::RwTxn;
+use crate::store::WriteTxn;
 use shoal_shared::frame::{LogEntry, Partition, WorkerError, WorkerResponse};
 use shoal_shared::limits::MAX_REPLY_BYTES;
 
@@ -23,7 +23,7 @@ impl Store {
     /// Entries of `partition` with commit id ≥ `from`, at most `count`.
     pub(crate) fn read_log(
         &self,
-        txn: &RwTxn,
+        txn: &WriteTxn,
         partition: Partition,
         from: u64,
         count: u32,
@@ -39,7 +39,7 @@ impl Store {
     /// again).
     fn read_partition(
         &self,
-        txn: &RwTxn,
+        txn: &WriteTxn,
         partition: Partition,
         from: u64,
         last: u64,
@@ -54,8 +54,8 @@ impl Store {
         };
         let read = shoal_shared::lmdb::read_partition_log(
             txn,
-            self.log,
-            Some(self.recent),
+            *self.log,
+            Some(*self.recent),
             partition,
             from,
             last,
@@ -74,7 +74,7 @@ impl Store {
     /// Writes a log entry of `partition` to `recent`.
     pub(super) fn put_log_entry(
         &self,
-        txn: &mut RwTxn,
+        txn: &mut WriteTxn,
         batch: &mut Batch,
         partition: Partition,
         commit_id: u64,
@@ -97,7 +97,11 @@ impl Store {
     }
 
     /// Moves every entry of `recent` into `log`; returns how many.
-    pub(crate) fn move_recent_in(&self, txn: &mut RwTxn, batch: &mut Batch) -> heed::Result<usize> {
+    pub(crate) fn move_recent_in(
+        &self,
+        txn: &mut WriteTxn,
+        batch: &mut Batch,
+    ) -> heed::Result<usize> {
         let mut moved = Vec::new();
         for item in self.recent.iter(txn)? {
             let (_, raw) = item?;
@@ -121,7 +125,7 @@ impl Store {
     /// The change feed: entries after each position, in partition order, at most `count`.
     pub(crate) fn read_feed(
         &self,
-        txn: &RwTxn,
+        txn: &WriteTxn,
         positions: &[(Partition, u64)],
         count: u32,
     ) -> OpResult {
@@ -147,7 +151,7 @@ impl Store {
     }
 
     /// The last commit id of every partition that has one.
-    pub(crate) fn last_commit_ids(&self, txn: &RwTxn) -> OpResult {
+    pub(crate) fn last_commit_ids(&self, txn: &WriteTxn) -> OpResult {
         let positions = self
             .partition_metas(txn)
             .map_err(|e| OpError::Refused(WorkerError::Storage(e.to_string())))?
@@ -162,7 +166,7 @@ impl Store {
     /// partitions are left as they are.
     pub(crate) fn trim_log_in(
         &self,
-        txn: &mut RwTxn,
+        txn: &mut WriteTxn,
         batch: &mut Batch,
         keep_entries: u64,
         keep_ms: Option<u64>,

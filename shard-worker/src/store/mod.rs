@@ -38,7 +38,9 @@
 //! another shard.
 
 mod backup;
+mod checkpoint;
 mod clock;
+mod journal;
 mod keyspace;
 mod log;
 mod partitions;
@@ -52,17 +54,18 @@ use std::collections::{BTreeSet, HashMap};
 use std::path::Path;
 use std::sync::{Arc, RwLock};
 
-use heed::{Env, EnvFlags, RwTxn, WithoutTls};
+use heed::{Env, EnvFlags, RoTxn, WithoutTls};
 use shoal_shared::config::Durability;
 use shoal_shared::frame::{
     versions, Collection, Key, Partition, WorkerError, WorkerRequest, WorkerResponse,
 };
 
 pub(crate) use clock::{Clock, SystemClock};
+pub(crate) use journal::{Table, WriteTxn};
 use shoal_shared::layout::typed::ElementTable;
 use shoal_shared::layout::{self, PartitionMeta};
 pub(crate) use shoal_shared::lmdb::StoreError;
-use shoal_shared::lmdb::{create_database, free_bytes, RawDatabase};
+use shoal_shared::lmdb::{create_database, free_bytes};
 pub(crate) use txns::Locks;
 
 /// How a store is opened.
@@ -96,20 +99,20 @@ pub struct StoreOptions {
 /// An open shard environment.
 pub struct Store {
     env: Env<WithoutTls>,
-    collections: Vec<RawDatabase>,
-    expiry: RawDatabase,
+    collections: Vec<Table>,
+    expiry: Table,
     /// The element tables of typed keys, in [`ElementTable::ALL`] order.
-    elements: Vec<RawDatabase>,
+    elements: Vec<Table>,
     /// Elements of old versions of typed keys, to remove in the background.
-    reclaim: RawDatabase,
-    log: RawDatabase,
+    reclaim: Table,
+    log: Table,
     /// The log's newest entries, in the order they were written
     /// ([`layout::recent_key`]); moved into `log` every housekeeping tick.
-    recent: RawDatabase,
+    recent: Table,
     /// The sequence number of the next entry of `recent`.
     next_seq: u64,
-    txns: RawDatabase,
-    meta: RawDatabase,
+    txns: Table,
+    meta: Table,
     max_value_bytes: usize,
     max_map_size_bytes: usize,
     shard_id: u32,
@@ -125,10 +128,40 @@ pub struct Store {
     /// LMDB must not resize the map while a transaction of this process is open.
     resize_gate: Arc<RwLock<()>>,
     max_dbs: u32,
-    /// Commits are not synced (`async` durability), except those that ask for it.
-    no_sync: bool,
+    /// The journal is flushed before each commit (`fsync` durability); with `async`,
+    /// only by [`Store::sync`] and by commits that ask for it.
+    sync_each_commit: bool,
     /// Where each write transaction reads the time.
     clock: Box<dyn Clock>,
+    /// Every write transaction's changes, flushed before LMDB commits it (which it
+    /// does without a sync).
+    journal: journal::Journal,
+    /// The last checkpoint and the one being taken.
+    checkpoints: Checkpoints,
+}
+
+/// The checkpoints of a store (see `checkpoint`).
+struct Checkpoints {
+    /// The journal's directory, which holds the checkpoint file.
+    dir: std::path::PathBuf,
+    /// A read transaction on the last checkpoint's snapshot: none of its pages is
+    /// reused while it is open.
+    pin: Option<RoTxn<'static, WithoutTls>>,
+    /// The transaction id of the last checkpoint.
+    txnid: u64,
+    /// The checkpoint being taken: its data file flush runs in a thread.
+    running: Option<RunningCheckpoint>,
+    /// When the last checkpoint was started.
+    started: std::time::Instant,
+    /// While the journal is replayed at open: the first segment it is replayed from,
+    /// which a checkpoint must keep.
+    keep_from: Option<u64>,
+}
+
+struct RunningCheckpoint {
+    pin: RoTxn<'static, WithoutTls>,
+    txnid: u64,
+    done: std::thread::JoinHandle<std::io::Result<()>>,
 }
 
 /// State of one write transaction: partition counters advanced in it, and the
@@ -184,6 +217,15 @@ impl From<layout::CorruptError> for OpError {
 
 pub(crate) type OpResult = Result<WorkerResponse, OpError>;
 
+/// How often a checkpoint is taken while writes go on.
+const CHECKPOINT_EVERY: std::time::Duration = std::time::Duration::from_secs(1);
+
+/// The journal's and checkpoints' I/O errors are reported as LMDB's are, so that a
+/// full disk is told apart the same way.
+fn io_error(error: std::io::Error) -> StoreError {
+    StoreError::Lmdb(heed::Error::Io(error))
+}
+
 fn page_aligned(bytes: usize) -> usize {
     const PAGE: usize = 4096;
     bytes.div_ceil(PAGE) * PAGE
@@ -209,13 +251,24 @@ impl Store {
             path: dir.display().to_string(),
             source,
         })?;
+        let journal_dir = journal::dir(dir);
+        let checkpoint = checkpoint::Checkpoint::read(&journal_dir).map_err(io_error)?;
+        if let Some(checkpoint) = &checkpoint {
+            if checkpoint.boot_id != clock.boot_id() {
+                // The machine restarted since the checkpoint: what LMDB wrote after it
+                // may be on disk in part. Back to the checkpoint, then the journal.
+                tracing::info!(
+                    txnid = checkpoint.txnid,
+                    "the machine restarted: rewinding the shard to its last checkpoint"
+                );
+                checkpoint::rewind(&dir.join("data.mdb"), checkpoint).map_err(io_error)?;
+            }
+        }
         let mut env_options = shoal_shared::lmdb::env_options(options.collections);
         env_options.map_size(page_aligned(options.map_size_bytes));
-        if options.durability == Durability::Async {
-            // SAFETY: NO_SYNC only delays fsync; the worker flushes periodically and the
-            // config documents that a power failure may lose the last interval.
-            unsafe { env_options.flags(EnvFlags::NO_SYNC) };
-        }
+        // SAFETY: commits are made durable by the journal, and LMDB's pages by
+        // checkpoints, which keep the last durable snapshot's pages from being reused.
+        unsafe { env_options.flags(EnvFlags::NO_SYNC) };
         // SAFETY: only this process writes this environment, and it is never used across fork().
         let env = unsafe { env_options.open(dir)? };
         let cleared = env.clear_stale_readers()?;
@@ -223,24 +276,44 @@ impl Store {
             tracing::info!(cleared, "cleared stale LMDB readers");
         }
 
+        let mut tables = journal::Tables::default();
+        let mut table = |name: &str| -> Result<Table, StoreError> {
+            Ok(tables.add(name, create_database(&env, name)?))
+        };
         let mut collections = Vec::with_capacity(usize::from(options.collections));
         for collection in 0..options.collections {
-            collections.push(create_database(&env, &format!("c{collection}"))?);
+            collections.push(table(&format!("c{collection}"))?);
         }
         let mut elements = Vec::with_capacity(ElementTable::ALL.len());
-        for table in ElementTable::ALL {
-            elements.push(create_database(&env, table.name())?);
+        for element_table in ElementTable::ALL {
+            elements.push(table(element_table.name())?);
         }
+        let (reclaim, expiry, log, recent, txns, meta) = (
+            table("reclaim")?,
+            table("expiry")?,
+            table("log")?,
+            table("recent")?,
+            table("txns")?,
+            table("meta")?,
+        );
+        let to_replay = journal::read(
+            &journal_dir,
+            checkpoint
+                .as_ref()
+                .map_or(0, |checkpoint| checkpoint.segment),
+        )
+        .map_err(io_error)?;
+        let journal = journal::Journal::open(&journal_dir, &tables).map_err(io_error)?;
         let mut store = Store {
             collections,
             elements,
-            reclaim: create_database(&env, "reclaim")?,
-            expiry: create_database(&env, "expiry")?,
-            log: create_database(&env, "log")?,
-            recent: create_database(&env, "recent")?,
+            reclaim,
+            expiry,
+            log,
+            recent,
             next_seq: 0,
-            txns: create_database(&env, "txns")?,
-            meta: create_database(&env, "meta")?,
+            txns,
+            meta,
             env,
             max_value_bytes: options.max_value_bytes,
             max_map_size_bytes: page_aligned(options.max_map_size_bytes),
@@ -251,14 +324,141 @@ impl Store {
             last_commit: None,
             resize_gate: Arc::default(),
             max_dbs: shoal_shared::lmdb::max_dbs(options.collections),
-            no_sync: options.durability == Durability::Async,
+            sync_each_commit: options.durability == Durability::Fsync,
             clock: Box::new(clock),
+            journal,
+            checkpoints: Checkpoints {
+                dir: journal_dir,
+                pin: None,
+                txnid: checkpoint.as_ref().map_or(0, |checkpoint| checkpoint.txnid),
+                running: None,
+                started: std::time::Instant::now(),
+                keep_from: None,
+            },
         };
+        store.recover(to_replay, &tables)?;
         store.check_meta(options)?;
         store.move_recent_at_open()?;
         store.locks = store.load_locks()?;
         store.fences = store.load_fences()?;
+        store.checkpoint()?;
         Ok(store)
+    }
+
+    /// Replays the journal's records that LMDB does not have. Before any write, the
+    /// environment as it is becomes a checkpoint if it is not one already: the pages of
+    /// the last durable snapshot must not be reused until a newer one is.
+    fn recover(
+        &mut self,
+        recorded: Vec<journal::Recorded>,
+        tables: &journal::Tables,
+    ) -> Result<(), StoreError> {
+        let last = self.env.info().last_txn_id as u64;
+        let missing: Vec<journal::Recorded> =
+            recorded.into_iter().filter(|r| r.txnid > last).collect();
+        // Records still to replay stay in their segments until they are journaled again
+        // below, whatever checkpoint is taken meanwhile (one before a map resize too).
+        self.checkpoints.keep_from = missing.first().map(|r| r.segment);
+        if self.checkpoints.txnid == last && last > 0 {
+            self.checkpoints.pin = Some(self.env.clone().static_read_txn()?);
+        } else {
+            self.checkpoint()?;
+        }
+        if missing.is_empty() {
+            return Ok(());
+        }
+        tracing::info!(
+            transactions = missing.len(),
+            after = last,
+            "replaying the journal"
+        );
+        let replayed = self.in_write_txn(|_, txn, batch| {
+            for record in &missing {
+                record.replay(txn, tables).map_err(|error| match error {
+                    journal::ReplayError::Lmdb(error) => error,
+                    journal::ReplayError::Io(error) => heed::Error::Io(error),
+                })?;
+            }
+            batch.dirty = true;
+            Ok(())
+        });
+        self.checkpoints.keep_from = None;
+        replayed
+    }
+
+    /// Takes a checkpoint now, after the one being taken if any, and waits for it.
+    pub fn checkpoint(&mut self) -> Result<(), StoreError> {
+        self.finish_checkpoint(true)?;
+        let running = self.start_checkpoint()?;
+        self.checkpoints.running = Some(running);
+        self.finish_checkpoint(true)
+    }
+
+    /// Finishes the checkpoint being taken if its flush is done, and starts one if one
+    /// is due: every [`CHECKPOINT_EVERY`] once something was committed since the last.
+    pub(crate) fn checkpoint_tick(&mut self) -> Result<(), StoreError> {
+        self.finish_checkpoint(false)?;
+        let due = self.checkpoints.running.is_none()
+            && self.checkpoints.started.elapsed() >= CHECKPOINT_EVERY
+            && self.env.info().last_txn_id as u64 != self.checkpoints.txnid;
+        if due {
+            self.checkpoints.running = Some(self.start_checkpoint()?);
+        }
+        Ok(())
+    }
+
+    fn start_checkpoint(&mut self) -> Result<RunningCheckpoint, StoreError> {
+        let txnid = self.env.info().last_txn_id as u64;
+        let pin = self.env.clone().static_read_txn()?;
+        let page_size = self.env.unnamed_database_stat().page_size as usize;
+        let meta = checkpoint::meta_page(&self.env.path().join("data.mdb"), page_size, txnid)
+            .map_err(io_error)?;
+        let segment = self.journal.roll().map_err(io_error)?;
+        let taken = checkpoint::Checkpoint {
+            txnid,
+            segment: self.checkpoints.keep_from.unwrap_or(segment),
+            boot_id: self.clock.boot_id(),
+            meta,
+        };
+        let env = self.env.clone();
+        let dir = self.checkpoints.dir.clone();
+        self.checkpoints.started = std::time::Instant::now();
+        let done = std::thread::Builder::new()
+            .name("checkpoint".into())
+            .spawn(move || {
+                env.force_sync().map_err(|error| match error {
+                    heed::Error::Io(error) => error,
+                    other => std::io::Error::other(other.to_string()),
+                })?;
+                taken.write(&dir)?;
+                journal::remove_before(&dir, taken.segment)
+            })
+            .map_err(io_error)?;
+        Ok(RunningCheckpoint { pin, txnid, done })
+    }
+
+    /// Ends the checkpoint being taken: at once if `wait`, else only if its flush is
+    /// done. Once its file is written, its pin replaces the last checkpoint's. If it
+    /// failed, the last checkpoint stays the one to recover from.
+    fn finish_checkpoint(&mut self, wait: bool) -> Result<(), StoreError> {
+        let Some(running) = self
+            .checkpoints
+            .running
+            .take_if(|running| wait || running.done.is_finished())
+        else {
+            return Ok(());
+        };
+        match running.done.join() {
+            Ok(Ok(())) => {
+                self.checkpoints.pin = Some(running.pin);
+                self.checkpoints.txnid = running.txnid;
+                Ok(())
+            }
+            Ok(Err(error)) => Err(io_error(error)),
+            Err(_) => Err(io_error(std::io::Error::other(
+                "the checkpoint thread panicked",
+            ))),
+        }
     }
 
     /// Moves `recent` into `log`, so that its sequence numbers start anew. A full map or
@@ -281,7 +481,7 @@ impl Store {
     }
 
     /// The database of an element table.
-    pub(crate) fn element_db(&self, table: ElementTable) -> RawDatabase {
+    pub(crate) fn element_db(&self, table: ElementTable) -> Table {
         self.elements[ElementTable::ALL
             .iter()
             .position(|t| *t == table)
@@ -336,7 +536,7 @@ impl Store {
 
     /// Writes `meta`'s identity on first open; on later opens checks that it matches.
     fn check_meta(&mut self, options: &StoreOptions) -> Result<(), StoreError> {
-        let mut txn = self.env.write_txn()?;
+        let mut txn = WriteTxn::new(self.env.write_txn()?);
         let mut upgrade = false;
         match self.meta.get(&txn, layout::META_FORMAT_VERSION)? {
             None => {
@@ -356,7 +556,7 @@ impl Store {
                     layout::META_LAYOUT,
                     &layout::encode_layout(options.partitions, workers),
                 )?;
-                txn.commit()?;
+                self.journal.commit(txn, true)?;
                 return Ok(());
             }
             Some(raw) => {
@@ -414,7 +614,7 @@ impl Store {
                 layout::META_FORMAT_VERSION,
                 &layout::FORMAT_VERSION.to_be_bytes(),
             )?;
-            txn.commit()?;
+            self.journal.commit(txn, true)?;
         } else {
             txn.abort();
         }
@@ -468,9 +668,9 @@ impl Store {
         self.last_commit
     }
 
-    /// Flushes dirty pages to disk (used with `async` durability).
-    pub fn sync(&self) -> Result<(), StoreError> {
-        Ok(self.env.force_sync()?)
+    /// Flushes the journal (used with `async` durability).
+    pub fn sync(&mut self) -> Result<(), StoreError> {
+        self.journal.sync().map_err(io_error)
     }
 
     /// The key locks held by prepared transactions.
@@ -530,10 +730,10 @@ impl Store {
     /// recorded in the batch are made after the commit.
     fn in_write_txn<T>(
         &mut self,
-        work: impl Fn(&Store, &mut RwTxn, &mut Batch) -> heed::Result<T>,
+        work: impl Fn(&Store, &mut WriteTxn, &mut Batch) -> heed::Result<T>,
     ) -> Result<T, StoreError> {
         loop {
-            let mut txn = self.env.write_txn()?;
+            let mut txn = WriteTxn::new(self.env.write_txn()?);
             let mut batch = Batch::new(self.clock.now_ms(), self.next_seq);
             let result = work(self, &mut txn, &mut batch).and_then(|output| {
                 let mut highest = self.highest_commit_id;
@@ -556,9 +756,16 @@ impl Store {
                         txn.abort();
                     } else {
                         let started = std::time::Instant::now();
-                        txn.commit()?;
-                        if batch.sync && self.no_sync {
-                            self.env.force_sync()?;
+                        match self
+                            .journal
+                            .commit(txn, self.sync_each_commit || batch.sync)
+                        {
+                            // The commit itself may need pages (for the free list).
+                            Err(heed::Error::Mdb(heed::MdbError::MapFull)) => {
+                                self.grow_map()?;
+                                continue;
+                            }
+                            result => result?,
                         }
                         self.last_commit = Some(started.elapsed());
                     }
@@ -611,6 +818,11 @@ impl Store {
             new_size,
             "LMDB map is full; growing it and replaying the batch"
         );
+        // The map may not be resized while a transaction is open, the checkpoint's pin
+        // included: the environment as it is becomes the checkpoint, and its pin is
+        // taken again after the resize (nothing is written in between).
+        self.checkpoint()?;
+        self.checkpoints.pin = None;
         // A backup copy holds a read transaction: wait until it is done.
         let _gate = self
             .resize_gate
@@ -620,10 +832,11 @@ impl Store {
         // its transaction before growing, the worker holds no other transaction, and the
         // gate keeps backup copies (the only other users of the environment) out.
         unsafe { self.env.resize(new_size)? };
+        self.checkpoints.pin = Some(self.env.clone().static_read_txn()?);
         Ok(())
     }
 
-    fn collection(&self, collection: Collection) -> Option<RawDatabase> {
+    fn collection(&self, collection: Collection) -> Option<Table> {
         self.collections.get(usize::from(collection)).copied()
     }
 
@@ -631,7 +844,7 @@ impl Store {
     /// is refused, before it reads or writes anything.
     fn apply_one(
         &self,
-        txn: &mut RwTxn,
+        txn: &mut WriteTxn,
         batch: &mut Batch,
         request: &WorkerRequest,
     ) -> heed::Result<WorkerResponse> {
@@ -735,7 +948,7 @@ impl Store {
     }
 
     /// The commit id that last wrote each key (0: missing or expired), for WATCH.
-    fn commit_ids(&self, txn: &RwTxn, collection: Collection, keys: &[Key]) -> OpResult {
+    fn commit_ids(&self, txn: &WriteTxn, collection: Collection, keys: &[Key]) -> OpResult {
         let now_ms = self.clock.now_ms();
         let mut ids = Vec::with_capacity(keys.len());
         for key in keys {
@@ -750,7 +963,7 @@ impl Store {
     /// Each key's version, or `LOCKED` ([`shoal_shared::frame::versions`]).
     fn versions(
         &self,
-        txn: &RwTxn,
+        txn: &WriteTxn,
         batch: &Batch,
         collection: Collection,
         keys: &[Key],
@@ -780,7 +993,7 @@ impl Store {
     /// The commit id that last wrote `key` (0: missing or expired at `now_ms`).
     pub(crate) fn commit_id_of(
         &self,
-        txn: &RwTxn,
+        txn: &WriteTxn,
         collection: Collection,
         key: &Key,
         now_ms: u64,
@@ -806,7 +1019,7 @@ impl Store {
     /// commit, each expecting its key unchanged since.
     fn exec_dry_run(
         &self,
-        txn: &mut RwTxn,
+        txn: &mut WriteTxn,
         batch: &mut Batch,
         requests: &[WorkerRequest],
     ) -> heed::Result<WorkerResponse> {
@@ -829,7 +1042,7 @@ impl Store {
             }
         }
         let saved = batch.clone();
-        let mut child = self.env.nested_write_txn(txn)?;
+        let mut child = WriteTxn::new(self.env.nested_write_txn(txn.inner())?);
         let mut responses = Vec::with_capacity(requests.len());
         for request in requests {
             responses.push(match request {
@@ -871,7 +1084,7 @@ impl Store {
     /// The write that gives `key` the state it has in `txn`.
     fn final_write(
         &self,
-        txn: &RwTxn,
+        txn: &WriteTxn,
         collection: Collection,
         key: &Key,
         now_ms: u64,
@@ -900,7 +1113,7 @@ impl Store {
     /// as on its own (an error in one leaves the others applied, as in Redis).
     fn exec(
         &self,
-        txn: &mut RwTxn,
+        txn: &mut WriteTxn,
         batch: &mut Batch,
         watched: &[(Collection, Key, u64)],
         requests: &[WorkerRequest],
@@ -929,7 +1142,7 @@ impl Store {
         Ok(WorkerResponse::Exec(Some(responses)))
     }
 
-    fn reserve_ids(&self, txn: &mut RwTxn, batch: &mut Batch, high_water: u64) -> OpResult {
+    fn reserve_ids(&self, txn: &mut WriteTxn, batch: &mut Batch, high_water: u64) -> OpResult {
         let current = match self.meta.get(txn, layout::META_IDS_HIGH_WATER)? {
             Some(raw) => layout::decode_u64(raw, "id high-water mark")?,
             None => 0,
@@ -942,7 +1155,7 @@ impl Store {
         Ok(WorkerResponse::Ok)
     }
 
-    fn id_high_water(&self, txn: &RwTxn) -> OpResult {
+    fn id_high_water(&self, txn: &WriteTxn) -> OpResult {
         let high_water = match self.meta.get(txn, layout::META_IDS_HIGH_WATER)? {
             Some(raw) => layout::decode_u64(raw, "id high-water mark")?,
             None => 0,

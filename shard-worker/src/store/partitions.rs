@@ -21,7 +21,7 @@
 
 use std::ops::Bound;
 
-use heed::RwTxn;
+use crate::store::WriteTxn;
 use shoal_shared::frame::{
     ChangeType, LogEntry, Partition, Record, RecordTable, WorkerError, WorkerResponse,
 };
@@ -29,7 +29,7 @@ use shoal_shared::limits::{
     LMDB_MAX_KEY_BYTES, MAX_EXPORT_CHUNK_BYTES, MAX_KEY_BYTES, MAX_STORED_KEY_BYTES,
 };
 
-use super::{Batch, OpError, OpResult, RawDatabase, Store, StoreError};
+use super::{Batch, OpError, OpResult, Store, StoreError, Table};
 use shoal_shared::layout::typed::{self, ElementTable, LogTable};
 use shoal_shared::layout::{self, LogRecord, PartitionMeta};
 
@@ -42,7 +42,7 @@ pub(crate) struct Chunk {
 }
 
 impl Store {
-    fn table(&self, table: RecordTable) -> Option<RawDatabase> {
+    fn table(&self, table: RecordTable) -> Option<Table> {
         match table {
             RecordTable::Collection(c) => self.collection(c),
             RecordTable::Log => Some(self.log),
@@ -195,7 +195,7 @@ impl Store {
     /// [`MAX_EXPORT_CHUNK_BYTES`] (and one record) so that the reply fits a frame.
     pub(crate) fn export_request(
         &self,
-        txn: &mut RwTxn,
+        txn: &mut WriteTxn,
         batch: &mut Batch,
         partition: Partition,
         from: &Option<(RecordTable, Vec<u8>)>,
@@ -227,7 +227,7 @@ impl Store {
     /// `ImportRecords`: checks every record, then writes them all.
     pub(crate) fn import_in(
         &self,
-        txn: &mut RwTxn,
+        txn: &mut WriteTxn,
         batch: &mut Batch,
         records: &[Record],
     ) -> OpResult {
@@ -284,7 +284,7 @@ impl Store {
     /// every change of it, so that the shard's highest commit id follows it.
     fn write_records(
         &self,
-        txn: &mut RwTxn,
+        txn: &mut WriteTxn,
         batch: &mut Batch,
         records: &[Record],
         metas: &[(Partition, PartitionMeta)],
@@ -329,7 +329,7 @@ impl Store {
     /// entry is checked before any is applied.
     pub(crate) fn apply_log_in(
         &self,
-        txn: &mut RwTxn,
+        txn: &mut WriteTxn,
         batch: &mut Batch,
         entries: &[LogEntry],
     ) -> OpResult {
@@ -374,7 +374,12 @@ impl Store {
         Ok(WorkerResponse::Ok)
     }
 
-    fn replay(&self, txn: &mut RwTxn, batch: &mut Batch, entry: &LogEntry) -> Result<(), OpError> {
+    fn replay(
+        &self,
+        txn: &mut WriteTxn,
+        batch: &mut Batch,
+        entry: &LogEntry,
+    ) -> Result<(), OpError> {
         match entry.change {
             ChangeType::Marker => {}
             ChangeType::Txn => self.apply_txn_entry(txn, batch, entry)?,
@@ -393,7 +398,7 @@ impl Store {
     /// Writes the element change of a replayed entry, unless the stored element is as new.
     fn replay_element(
         &self,
-        txn: &mut RwTxn,
+        txn: &mut WriteTxn,
         entry: &LogEntry,
         table: ElementTable,
     ) -> Result<(), OpError> {
@@ -442,7 +447,7 @@ impl Store {
     /// reclaimed.
     fn replay_key(
         &self,
-        txn: &mut RwTxn,
+        txn: &mut WriteTxn,
         entry: &LogEntry,
         collection: u16,
         typed_record: bool,
@@ -525,7 +530,7 @@ impl Store {
     /// Writes a replayed entry to the log and moves the partition's last commit id.
     fn log_replayed(
         &self,
-        txn: &mut RwTxn,
+        txn: &mut WriteTxn,
         batch: &mut Batch,
         entry: &LogEntry,
     ) -> Result<(), OpError> {
@@ -564,7 +569,7 @@ impl Store {
     /// `ClearPartition`: refused while a prepared transaction locks keys of the partition.
     pub(crate) fn clear_request(
         &self,
-        txn: &mut RwTxn,
+        txn: &mut WriteTxn,
         batch: &mut Batch,
         partition: Partition,
     ) -> OpResult {
@@ -578,7 +583,7 @@ impl Store {
     /// Whether `partition` is replicated here (it has a replication state): its
     /// transaction records travel in its log and its copies, so they never hold back a
     /// fence or a clear of this copy.
-    fn is_replicated(&self, txn: &RwTxn, partition: Partition) -> Result<bool, OpError> {
+    fn is_replicated(&self, txn: &WriteTxn, partition: Partition) -> Result<bool, OpError> {
         Ok(self
             .meta
             .get(txn, &layout::replica_state_key(partition))?
@@ -590,7 +595,7 @@ impl Store {
     /// parts of transaction records (with their locks).
     fn clear_partition_in(
         &self,
-        txn: &mut RwTxn,
+        txn: &mut WriteTxn,
         batch: &mut Batch,
         partition: Partition,
     ) -> heed::Result<()> {
@@ -659,7 +664,7 @@ impl Store {
     /// set follows once it commits.
     pub(crate) fn set_fence(
         &self,
-        txn: &mut RwTxn,
+        txn: &mut WriteTxn,
         batch: &mut Batch,
         partition: Partition,
         fenced: bool,
@@ -769,8 +774,8 @@ fn txn_part(key: &[u8], value: &[u8]) -> Result<(u64, Partition, layout::Intent)
 }
 
 fn doomed_keys(
-    db: RawDatabase,
-    txn: &RwTxn,
+    db: Table,
+    txn: &WriteTxn,
     table: RecordTable,
     doomed: &dyn Fn(Partition) -> bool,
 ) -> heed::Result<Vec<Vec<u8>>> {

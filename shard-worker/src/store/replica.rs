@@ -13,7 +13,7 @@
 //! It never talks to another host and never checks the fence: replication writes go to
 //! copies whose client access is fenced.
 
-use heed::RwTxn;
+use crate::store::WriteTxn;
 use shoal_shared::frame::{ChangeType, LogEntry, Partition, WorkerError, WorkerResponse};
 use shoal_shared::layout::{self, ReplicaState, MAX_HISTORY_PAIRS};
 
@@ -24,7 +24,7 @@ impl Store {
     /// The partition's stored replication state (term 0 and no history when absent).
     pub(crate) fn replica_state(
         &self,
-        txn: &RwTxn,
+        txn: &WriteTxn,
         partition: Partition,
     ) -> Result<ReplicaState, OpError> {
         match self.meta.get(txn, &layout::replica_state_key(partition))? {
@@ -35,7 +35,7 @@ impl Store {
 
     fn put_replica_state(
         &self,
-        txn: &mut RwTxn,
+        txn: &mut WriteTxn,
         batch: &mut Batch,
         partition: Partition,
         state: &ReplicaState,
@@ -53,7 +53,7 @@ impl Store {
     /// says it changed anything. → `Ok`.
     fn change_replica_state(
         &self,
-        txn: &mut RwTxn,
+        txn: &mut WriteTxn,
         batch: &mut Batch,
         partition: Partition,
         change: impl FnOnce(&mut ReplicaState) -> bool,
@@ -68,7 +68,7 @@ impl Store {
     /// `PromiseTerm`: raises the promised term; a lower one changes nothing.
     pub(crate) fn promise_term(
         &self,
-        txn: &mut RwTxn,
+        txn: &mut WriteTxn,
         batch: &mut Batch,
         partition: Partition,
         term: u64,
@@ -94,7 +94,7 @@ impl Store {
     /// `HoldLog`: log retention keeps the partition's log from `from` on (0: no hold).
     pub(crate) fn hold_log(
         &self,
-        txn: &mut RwTxn,
+        txn: &mut WriteTxn,
         batch: &mut Batch,
         partition: Partition,
         from: u64,
@@ -109,7 +109,7 @@ impl Store {
     /// `SetCopying`: the `"copy"` entry of the partition, present while a copy runs.
     pub(crate) fn set_copying(
         &self,
-        txn: &mut RwTxn,
+        txn: &mut WriteTxn,
         batch: &mut Batch,
         partition: Partition,
         copying: bool,
@@ -133,7 +133,7 @@ impl Store {
     /// on, and the partition's fence lifted.
     pub(crate) fn open_term(
         &self,
-        txn: &mut RwTxn,
+        txn: &mut WriteTxn,
         batch: &mut Batch,
         partition: Partition,
         term: u64,
@@ -189,7 +189,7 @@ impl Store {
     /// `Replicate`: the primary's entries, then its history, in this transaction.
     pub(crate) fn replicate(
         &self,
-        txn: &mut RwTxn,
+        txn: &mut WriteTxn,
         batch: &mut Batch,
         partition: Partition,
         entries: &[LogEntry],

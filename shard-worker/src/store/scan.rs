@@ -10,7 +10,7 @@
 use std::collections::BTreeSet;
 use std::ops::Bound;
 
-use heed::RwTxn;
+use crate::store::WriteTxn;
 use shoal_shared::frame::{Collection, Key, Partition, WorkerError, WorkerResponse};
 use shoal_shared::glob::glob_match;
 use shoal_shared::limits::MAX_REPLY_BYTES;
@@ -18,7 +18,7 @@ use shoal_shared::limits::MAX_REPLY_BYTES;
 /// Most stored keys a flush holds in memory at once.
 const FLUSH_CHUNK_KEYS: usize = 10_000;
 
-use super::{Batch, OpError, OpResult, RawDatabase, Store};
+use super::{Batch, OpError, OpResult, Store, Table};
 use shoal_shared::layout;
 
 /// The partition a stored key of a collection belongs to.
@@ -60,8 +60,8 @@ impl Store {
     #[allow(clippy::too_many_arguments)]
     pub(crate) fn scan(
         &self,
-        txn: &RwTxn,
-        db: RawDatabase,
+        txn: &WriteTxn,
+        db: Table,
         scope: ScanRange<'_>,
         count: u32,
         pattern: Option<&[u8]>,
@@ -134,8 +134,8 @@ impl Store {
     /// Keys stored in the collection, those of `fenced` partitions left out.
     pub(crate) fn db_size(
         &self,
-        txn: &RwTxn,
-        db: RawDatabase,
+        txn: &WriteTxn,
+        db: Table,
         fenced: &BTreeSet<Partition>,
     ) -> OpResult {
         let mut size = db.len(txn)?;
@@ -160,7 +160,7 @@ impl Store {
     /// Keys of fenced partitions stay.
     pub(crate) fn flush(
         &self,
-        txn: &mut RwTxn,
+        txn: &mut WriteTxn,
         batch: &mut Batch,
         collection: Option<Collection>,
         only: Option<Partition>,

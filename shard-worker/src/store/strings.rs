@@ -4,7 +4,7 @@
 //! value's bits is the pure [`bitfield`] module at the end, so that a BITFIELD is one
 //! read-modify-write in this worker's transaction (atomic, like SETBIT).
 
-use heed::RwTxn;
+use crate::store::WriteTxn;
 use shoal_shared::frame::{
     Answer, BitFieldOp, Collection, ExpireCondition, Expiry, Key, SetCondition, SetReply,
     WorkerError, WorkerRequest, WorkerResponse,
@@ -14,12 +14,12 @@ use shoal_shared::resp::parse_i64;
 
 use super::keyspace::{Current, RecordValue};
 use super::scan::ScanRange;
-use super::{Batch, OpError, OpResult, RawDatabase, Store};
+use super::{Batch, OpError, OpResult, Store, Table};
 
 /// One request's view: the store, its transaction, and the collection it works on.
 struct Op<'s> {
     store: &'s Store,
-    db: RawDatabase,
+    db: Table,
     collection: Collection,
     now_ms: u64,
 }
@@ -29,7 +29,7 @@ impl Store {
     /// Each request names its collection, which must exist.
     pub(crate) fn keyed(
         &self,
-        txn: &mut RwTxn,
+        txn: &mut WriteTxn,
         batch: &mut Batch,
         request: &WorkerRequest,
     ) -> OpResult {
@@ -174,7 +174,7 @@ impl Store {
         })
     }
 
-    pub(crate) fn db(&self, collection: Collection) -> Result<RawDatabase, OpError> {
+    pub(crate) fn db(&self, collection: Collection) -> Result<Table, OpError> {
         self.collection(collection).ok_or_else(|| {
             OpError::Refused(WorkerError::Storage(format!(
                 "collection {collection} does not exist"
@@ -204,12 +204,12 @@ fn byte_range(value: &[u8], start: i64, end: i64) -> &[u8] {
 
 impl Op<'_> {
     /// The key as a write sees it, of any type.
-    fn current(&self, txn: &RwTxn, key: &Key) -> Result<Current, OpError> {
+    fn current(&self, txn: &WriteTxn, key: &Key) -> Result<Current, OpError> {
         self.store.current(txn, self.db, key, self.now_ms)
     }
 
     /// The key as a write sees it; refused with `WrongType` when it holds a typed key.
-    fn string_current(&self, txn: &RwTxn, key: &Key) -> Result<Current, OpError> {
+    fn string_current(&self, txn: &WriteTxn, key: &Key) -> Result<Current, OpError> {
         let current = self.current(txn, key)?;
         if current
             .live
@@ -221,14 +221,14 @@ impl Op<'_> {
         Ok(current)
     }
 
-    fn live_value(&self, txn: &RwTxn, key: &Key) -> Result<Option<Vec<u8>>, OpError> {
+    fn live_value(&self, txn: &WriteTxn, key: &Key) -> Result<Option<Vec<u8>>, OpError> {
         Ok(self.string_current(txn, key)?.live.map(|live| live.value))
     }
 
     /// Rewrites the key's record, of any type, with a new expiry.
     fn put_expiry(
         &self,
-        txn: &mut RwTxn,
+        txn: &mut WriteTxn,
         batch: &mut Batch,
         key: &Key,
         current: &Current,
@@ -251,7 +251,7 @@ impl Op<'_> {
         )?)
     }
 
-    fn mget(&self, txn: &RwTxn, keys: &[Key]) -> OpResult {
+    fn mget(&self, txn: &WriteTxn, keys: &[Key]) -> OpResult {
         let mut values = Vec::with_capacity(keys.len());
         let mut bytes = 0;
         for key in keys {
@@ -270,14 +270,14 @@ impl Op<'_> {
         Ok(WorkerResponse::Values(values))
     }
 
-    fn get_del(&self, txn: &mut RwTxn, batch: &mut Batch, key: &Key) -> OpResult {
+    fn get_del(&self, txn: &mut WriteTxn, batch: &mut Batch, key: &Key) -> OpResult {
         let current = self.string_current(txn, key)?;
         self.store
             .remove(txn, batch, self.db, self.collection, key, &current)?;
         Ok(WorkerResponse::Value(current.live.map(|live| live.value)))
     }
 
-    fn delete(&self, txn: &mut RwTxn, batch: &mut Batch, keys: &[Key]) -> OpResult {
+    fn delete(&self, txn: &mut WriteTxn, batch: &mut Batch, keys: &[Key]) -> OpResult {
         let mut deleted = 0;
         for key in keys {
             let current = self.current(txn, key)?;
@@ -293,7 +293,7 @@ impl Op<'_> {
         Ok(WorkerResponse::Integer(deleted))
     }
 
-    fn exists(&self, txn: &RwTxn, keys: &[Key]) -> OpResult {
+    fn exists(&self, txn: &WriteTxn, keys: &[Key]) -> OpResult {
         let mut found = 0;
         for key in keys {
             found += i64::from(self.current(txn, key)?.live.is_some());
@@ -301,19 +301,19 @@ impl Op<'_> {
         Ok(WorkerResponse::Integer(found))
     }
 
-    fn str_len(&self, txn: &RwTxn, key: &Key) -> OpResult {
+    fn str_len(&self, txn: &WriteTxn, key: &Key) -> OpResult {
         self.live_value(txn, key)
             .map(|v| WorkerResponse::Integer(v.map_or(0, |v| v.len() as i64)))
     }
 
-    fn get_range(&self, txn: &RwTxn, key: &Key, start: i64, end: i64) -> OpResult {
+    fn get_range(&self, txn: &WriteTxn, key: &Key, start: i64, end: i64) -> OpResult {
         let value = self.live_value(txn, key)?.unwrap_or_default();
         Ok(WorkerResponse::Value(Some(
             byte_range(&value, start, end).to_vec(),
         )))
     }
 
-    fn persist(&self, txn: &mut RwTxn, batch: &mut Batch, key: &Key) -> OpResult {
+    fn persist(&self, txn: &mut WriteTxn, batch: &mut Batch, key: &Key) -> OpResult {
         let current = self.current(txn, key)?;
         match &current.live {
             Some(live) if live.expires_at_ms.is_some() => {
@@ -325,7 +325,7 @@ impl Op<'_> {
     }
 
     /// EXPIRETIME: -2 for a missing key, -1 for a key without an expiry.
-    fn expire_time(&self, txn: &RwTxn, key: &Key) -> OpResult {
+    fn expire_time(&self, txn: &WriteTxn, key: &Key) -> OpResult {
         Ok(WorkerResponse::Integer(
             match self.current(txn, key)?.live {
                 None => -2,
@@ -336,7 +336,7 @@ impl Op<'_> {
 
     fn put(
         &self,
-        txn: &mut RwTxn,
+        txn: &mut WriteTxn,
         batch: &mut Batch,
         key: &Key,
         current: &Current,
@@ -363,7 +363,7 @@ impl Op<'_> {
     /// Keeps the key's expiry when the value changes (INCR, APPEND, SETRANGE).
     fn put_keeping_ttl(
         &self,
-        txn: &mut RwTxn,
+        txn: &mut WriteTxn,
         batch: &mut Batch,
         key: &Key,
         current: &Current,
@@ -376,7 +376,7 @@ impl Op<'_> {
     #[allow(clippy::too_many_arguments)]
     fn set(
         &self,
-        txn: &mut RwTxn,
+        txn: &mut WriteTxn,
         batch: &mut Batch,
         key: &Key,
         value: &[u8],
@@ -418,7 +418,7 @@ impl Op<'_> {
         })
     }
 
-    fn get_ex(&self, txn: &mut RwTxn, batch: &mut Batch, key: &Key, expiry: Expiry) -> OpResult {
+    fn get_ex(&self, txn: &mut WriteTxn, batch: &mut Batch, key: &Key, expiry: Expiry) -> OpResult {
         let current = self.string_current(txn, key)?;
         let Some(live) = &current.live else {
             return Ok(WorkerResponse::Value(None));
@@ -436,7 +436,7 @@ impl Op<'_> {
         Ok(WorkerResponse::Value(Some(live.value.clone())))
     }
 
-    fn incr_by(&self, txn: &mut RwTxn, batch: &mut Batch, key: &Key, delta: i64) -> OpResult {
+    fn incr_by(&self, txn: &mut WriteTxn, batch: &mut Batch, key: &Key, delta: i64) -> OpResult {
         let current = self.string_current(txn, key)?;
         let value = match &current.live {
             None => 0,
@@ -453,7 +453,7 @@ impl Op<'_> {
 
     fn incr_by_float(
         &self,
-        txn: &mut RwTxn,
+        txn: &mut WriteTxn,
         batch: &mut Batch,
         key: &Key,
         increment: &[u8],
@@ -465,7 +465,7 @@ impl Op<'_> {
         Ok(WorkerResponse::Value(Some(text)))
     }
 
-    fn append(&self, txn: &mut RwTxn, batch: &mut Batch, key: &Key, suffix: &[u8]) -> OpResult {
+    fn append(&self, txn: &mut WriteTxn, batch: &mut Batch, key: &Key, suffix: &[u8]) -> OpResult {
         let current = self.string_current(txn, key)?;
         let mut value = current
             .live
@@ -479,7 +479,7 @@ impl Op<'_> {
 
     /// The key's current state and a copy of its value (empty when missing), for a
     /// request that changes the value in place.
-    fn value_to_patch(&self, txn: &RwTxn, key: &Key) -> Result<(Current, Vec<u8>), OpError> {
+    fn value_to_patch(&self, txn: &WriteTxn, key: &Key) -> Result<(Current, Vec<u8>), OpError> {
         let current = self.string_current(txn, key)?;
         let value = current
             .live
@@ -501,7 +501,7 @@ impl Op<'_> {
 
     fn set_range(
         &self,
-        txn: &mut RwTxn,
+        txn: &mut WriteTxn,
         batch: &mut Batch,
         key: &Key,
         offset: u64,
@@ -524,7 +524,7 @@ impl Op<'_> {
 
     fn set_bit(
         &self,
-        txn: &mut RwTxn,
+        txn: &mut WriteTxn,
         batch: &mut Batch,
         key: &Key,
         offset: u64,
@@ -558,7 +558,7 @@ impl Op<'_> {
     /// expiry, when it was created or changed. With GETs only, nothing is written.
     fn bit_field(
         &self,
-        txn: &mut RwTxn,
+        txn: &mut WriteTxn,
         batch: &mut Batch,
         key: &Key,
         ops: &[BitFieldOp],
@@ -593,7 +593,7 @@ impl Op<'_> {
 
     fn expire(
         &self,
-        txn: &mut RwTxn,
+        txn: &mut WriteTxn,
         batch: &mut Batch,
         key: &Key,
         at_ms: u64,

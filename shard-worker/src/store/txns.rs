@@ -28,7 +28,7 @@
 
 use std::collections::HashMap;
 
-use heed::RwTxn;
+use crate::store::WriteTxn;
 use shoal_shared::frame::{
     ChangeType, Collection, Key, LogEntry, Partition, TxAction, TxOp, TxOutcome, WorkerError,
     WorkerResponse, DECIDER_PARTITION,
@@ -141,7 +141,7 @@ impl Store {
         Ok(locks)
     }
 
-    fn intent(&self, txn: &RwTxn, txid: u64) -> Result<Option<Intent>, OpError> {
+    fn intent(&self, txn: &WriteTxn, txid: u64) -> Result<Option<Intent>, OpError> {
         match self.txns.get(txn, &txid.to_be_bytes())? {
             Some(raw) => Ok(Some(decode_intent(raw)?)),
             None => Ok(None),
@@ -154,7 +154,7 @@ impl Store {
     /// partition. Replicated entries are stored without `log`: they are the log already.
     fn store_record(
         &self,
-        txn: &mut RwTxn,
+        txn: &mut WriteTxn,
         batch: &mut Batch,
         txid: u64,
         old: Option<&Intent>,
@@ -231,7 +231,7 @@ impl Store {
     /// becomes the entry's, and the locks follow. The entry itself is logged by the caller.
     pub(crate) fn apply_txn_entry(
         &self,
-        txn: &mut RwTxn,
+        txn: &mut WriteTxn,
         batch: &mut Batch,
         entry: &LogEntry,
     ) -> Result<(), OpError> {
@@ -242,7 +242,7 @@ impl Store {
     /// Replaces `partition`'s part of `txid`'s record with `part`, without logging it.
     pub(crate) fn set_part(
         &self,
-        txn: &mut RwTxn,
+        txn: &mut WriteTxn,
         batch: &mut Batch,
         txid: u64,
         partition: Partition,
@@ -260,7 +260,7 @@ impl Store {
     /// logging it (the partitions' copies are being cleared). Returns how many records changed.
     pub(crate) fn clear_parts(
         &self,
-        txn: &mut RwTxn,
+        txn: &mut WriteTxn,
         batch: &mut Batch,
         doomed: &dyn Fn(Partition) -> bool,
     ) -> Result<usize, OpError> {
@@ -294,7 +294,12 @@ impl Store {
     }
 
     /// Checks `ops` against the data as it is before any of them runs.
-    fn check_ops(&self, txn: &RwTxn, ops: &[TxOp], now_ms: u64) -> Result<Vec<TxOutcome>, OpError> {
+    fn check_ops(
+        &self,
+        txn: &WriteTxn,
+        ops: &[TxOp],
+        now_ms: u64,
+    ) -> Result<Vec<TxOutcome>, OpError> {
         let mut outcomes = Vec::with_capacity(ops.len());
         let mut taken: Option<TxOutcome> = None;
         for op in ops {
@@ -353,7 +358,7 @@ impl Store {
     /// Applies checked `ops` in order; returns what each did.
     fn apply_ops(
         &self,
-        txn: &mut RwTxn,
+        txn: &mut WriteTxn,
         batch: &mut Batch,
         ops: &[TxOp],
     ) -> Result<Vec<TxOutcome>, OpError> {
@@ -434,7 +439,7 @@ impl Store {
     /// What a `Take` or `Read` of a live key returns: its value, or a typed key's snapshot.
     fn taken_outcome(
         &self,
-        txn: &RwTxn,
+        txn: &WriteTxn,
         key: &shoal_shared::frame::Key,
         live: super::keyspace::Live,
     ) -> Result<TxOutcome, OpError> {
@@ -451,14 +456,14 @@ impl Store {
     }
 
     /// A multi-key write whose keys are all on this worker: check, then apply, in one transaction.
-    pub(crate) fn atomic(&self, txn: &mut RwTxn, batch: &mut Batch, ops: &[TxOp]) -> OpResult {
+    pub(crate) fn atomic(&self, txn: &mut WriteTxn, batch: &mut Batch, ops: &[TxOp]) -> OpResult {
         self.check_ops(txn, ops, batch.now_ms)?;
         Ok(WorkerResponse::TxOutcomes(self.apply_ops(txn, batch, ops)?))
     }
 
     pub(crate) fn prepare(
         &self,
-        txn: &mut RwTxn,
+        txn: &mut WriteTxn,
         batch: &mut Batch,
         txid: u64,
         decider: u16,
@@ -513,7 +518,7 @@ impl Store {
     /// partition may change before it is replicated, or a failover could keep the data and
     /// lose the decision. The next `Commit` applies the ops. A decider named by worker (one
     /// host) records the decision and applies its ops in one transaction.
-    pub(crate) fn commit(&self, txn: &mut RwTxn, batch: &mut Batch, txid: u64) -> OpResult {
+    pub(crate) fn commit(&self, txn: &mut WriteTxn, batch: &mut Batch, txid: u64) -> OpResult {
         let Some(record) = self.intent(txn, txid)? else {
             return Err(OpError::Refused(WorkerError::TxAborted));
         };
@@ -557,7 +562,7 @@ impl Store {
     /// Drops the parts of the served partitions of a prepared record.
     fn drop_served(
         &self,
-        txn: &mut RwTxn,
+        txn: &mut WriteTxn,
         batch: &mut Batch,
         txid: u64,
         record: &Intent,
@@ -574,7 +579,7 @@ impl Store {
         self.store_record(txn, batch, txid, Some(record), new.as_ref(), true)
     }
 
-    pub(crate) fn abort(&self, txn: &mut RwTxn, batch: &mut Batch, txid: u64) -> OpResult {
+    pub(crate) fn abort(&self, txn: &mut WriteTxn, batch: &mut Batch, txid: u64) -> OpResult {
         match self.intent(txn, txid)? {
             None => Ok(WorkerResponse::Ok),
             Some(intent) if intent.state == IntentState::Committed => {
@@ -589,7 +594,7 @@ impl Store {
 
     pub(crate) fn decide(
         &self,
-        txn: &mut RwTxn,
+        txn: &mut WriteTxn,
         batch: &mut Batch,
         txid: u64,
         older_than_ms: u64,
@@ -628,7 +633,7 @@ impl Store {
     }
 
     /// `InDoubt`: records with prepared ops in served partitions, older than `older_than_ms`.
-    pub(crate) fn in_doubt(&self, txn: &RwTxn, batch: &Batch, older_than_ms: u64) -> OpResult {
+    pub(crate) fn in_doubt(&self, txn: &WriteTxn, batch: &Batch, older_than_ms: u64) -> OpResult {
         self.records_where(txn, batch.now_ms, older_than_ms, |intent| {
             intent
                 .ops
@@ -639,7 +644,7 @@ impl Store {
 
     /// `Decided`: this worker's decision records older than `older_than_ms`, of deciders it
     /// serves.
-    pub(crate) fn decided(&self, txn: &RwTxn, batch: &Batch, older_than_ms: u64) -> OpResult {
+    pub(crate) fn decided(&self, txn: &WriteTxn, batch: &Batch, older_than_ms: u64) -> OpResult {
         self.records_where(txn, batch.now_ms, older_than_ms, |intent| {
             intent.state == IntentState::Committed
                 && intent
@@ -652,7 +657,7 @@ impl Store {
     /// their deciders.
     fn records_where(
         &self,
-        txn: &RwTxn,
+        txn: &WriteTxn,
         now_ms: u64,
         older_than_ms: u64,
         wanted: impl Fn(&Intent) -> bool,
@@ -670,7 +675,7 @@ impl Store {
     }
 
     /// `Forget`: drops the decision of a commit record; ops left to other copies stay.
-    pub(crate) fn forget(&self, txn: &mut RwTxn, batch: &mut Batch, txid: u64) -> OpResult {
+    pub(crate) fn forget(&self, txn: &mut WriteTxn, batch: &mut Batch, txid: u64) -> OpResult {
         if let Some(intent) = self.intent(txn, txid)? {
             if intent.state == IntentState::Committed {
                 if let Some(decider) = intent.decider_partition() {
@@ -696,7 +701,7 @@ impl Store {
     /// record would stay behind, and recovery would ask the new owner about it.
     pub(crate) fn partition_in_transactions(
         &self,
-        txn: &RwTxn,
+        txn: &WriteTxn,
         partition: Partition,
     ) -> Result<bool, OpError> {
         for item in self.txns.iter(txn)? {
@@ -713,7 +718,7 @@ impl Store {
 
     /// Transactions still prepared here, in served partitions (decision records of
     /// committed ones are not counted).
-    pub(crate) fn transactions(&self, txn: &RwTxn, batch: &Batch) -> OpResult {
+    pub(crate) fn transactions(&self, txn: &WriteTxn, batch: &Batch) -> OpResult {
         let mut prepared = 0;
         for item in self.txns.iter(txn)? {
             let (_, raw) = item?;

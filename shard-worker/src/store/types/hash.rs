@@ -1,6 +1,6 @@
 //! Hashes: fields and their values in the `hash` element table.
 
-use heed::RwTxn;
+use crate::store::WriteTxn;
 use shoal_shared::frame::{Answer, TypedOp, WorkerError};
 use shoal_shared::layout::typed::{ElementTable, Kind};
 use shoal_shared::resp::parse_i64;
@@ -13,7 +13,7 @@ const TABLE: ElementTable = ElementTable::Hash;
 impl Target<'_> {
     pub(super) fn hash(
         &self,
-        txn: &mut RwTxn,
+        txn: &mut WriteTxn,
         batch: &mut Batch,
         op: &TypedOp,
     ) -> Result<Answer, OpError> {
@@ -147,7 +147,7 @@ impl Target<'_> {
 
 fn exists_in(
     target: &Target<'_>,
-    txn: &RwTxn,
+    txn: &WriteTxn,
     meta: &shoal_shared::layout::typed::TypeMeta,
     field: &[u8],
 ) -> Result<bool, OpError> {

@@ -2,7 +2,7 @@
 //! big-endian), so that pushes and pops at either end and LINDEX touch one element.
 //! LINSERT, LREM and LTRIM's middle rewrite the positions after the change.
 
-use heed::RwTxn;
+use crate::store::WriteTxn;
 use shoal_shared::frame::{Answer, TypedOp};
 use shoal_shared::layout::typed::{ElementTable, Kind, TypeMeta};
 
@@ -42,7 +42,7 @@ impl Target<'_> {
     /// LMOVE: the destination's type is checked once the source is found, as Redis does.
     pub(super) fn lmove(
         &self,
-        txn: &mut RwTxn,
+        txn: &mut WriteTxn,
         batch: &mut Batch,
         to: &shoal_shared::frame::Key,
         from_left: bool,
@@ -78,7 +78,7 @@ impl Target<'_> {
 
     pub(super) fn list(
         &self,
-        txn: &mut RwTxn,
+        txn: &mut WriteTxn,
         batch: &mut Batch,
         op: &TypedOp,
     ) -> Result<Answer, OpError> {
@@ -310,7 +310,7 @@ impl Target<'_> {
     }
 
     /// Every element, head first.
-    fn elements(&self, txn: &RwTxn, meta: &TypeMeta) -> Result<Vec<Vec<u8>>, OpError> {
+    fn elements(&self, txn: &WriteTxn, meta: &TypeMeta) -> Result<Vec<Vec<u8>>, OpError> {
         Ok(self
             .all(txn, TABLE, meta)?
             .into_iter()
@@ -322,7 +322,7 @@ impl Target<'_> {
     /// place, and only those whose element changed are written.
     fn rewrite(
         &self,
-        txn: &mut RwTxn,
+        txn: &mut WriteTxn,
         batch: &mut Batch,
         meta: &mut TypeMeta,
         old: &[Vec<u8>],

@@ -14,7 +14,7 @@ mod list;
 mod set;
 mod zset;
 
-use heed::RwTxn;
+use crate::store::WriteTxn;
 use shoal_shared::frame::{
     Answer, ChangeType, Collection, Key, TypedOp, WorkerError, WorkerResponse,
 };
@@ -24,7 +24,7 @@ use shoal_shared::layout::typed::{
 use shoal_shared::layout::{self};
 
 use super::keyspace::{Current, RecordValue};
-use super::{Batch, OpError, OpResult, RawDatabase, Store};
+use super::{Batch, OpError, OpResult, Store, Table};
 
 /// Called for each element walked (without its prefix) and its value; `false` stops.
 type Visit<'a> = &'a mut dyn FnMut(&[u8], &[u8]) -> Result<bool, OpError>;
@@ -32,7 +32,7 @@ type Visit<'a> = &'a mut dyn FnMut(&[u8], &[u8]) -> Result<bool, OpError>;
 /// The request's view of one typed key.
 pub(crate) struct Target<'s> {
     store: &'s Store,
-    db: RawDatabase,
+    db: Table,
     collection: Collection,
     key: &'s Key,
     now_ms: u64,
@@ -54,7 +54,7 @@ impl Store {
     /// Runs `op` on `key`.
     pub(crate) fn typed(
         &self,
-        txn: &mut RwTxn,
+        txn: &mut WriteTxn,
         batch: &mut Batch,
         collection: Collection,
         key: &Key,
@@ -216,7 +216,7 @@ impl<'s> Target<'s> {
     }
 
     /// The key's state; refused with `WrongType` when it is live and not of `kind`.
-    fn load(&self, txn: &RwTxn, batch: &Batch, kind: Kind) -> Result<Found, OpError> {
+    fn load(&self, txn: &WriteTxn, batch: &Batch, kind: Kind) -> Result<Found, OpError> {
         let current = self.store.current(txn, self.db, self.key, self.now_ms)?;
         let commit_id = self
             .store
@@ -240,7 +240,7 @@ impl<'s> Target<'s> {
     /// id this request takes in the partition (no other incarnation can have it).
     fn meta_or_new(
         &self,
-        txn: &RwTxn,
+        txn: &WriteTxn,
         batch: &Batch,
         found: &Found,
         kind: Kind,
@@ -254,7 +254,7 @@ impl<'s> Target<'s> {
         }
     }
 
-    fn type_name(&self, txn: &RwTxn) -> Result<Answer, OpError> {
+    fn type_name(&self, txn: &WriteTxn) -> Result<Answer, OpError> {
         let current = self.store.current(txn, self.db, self.key, self.now_ms)?;
         Ok(Answer::Status(
             match current.live {
@@ -265,7 +265,7 @@ impl<'s> Target<'s> {
         ))
     }
 
-    fn encoding(&self, txn: &RwTxn) -> Result<Answer, OpError> {
+    fn encoding(&self, txn: &WriteTxn) -> Result<Answer, OpError> {
         let current = self.store.current(txn, self.db, self.key, self.now_ms)?;
         Ok(match current.live {
             None => Answer::Nil,
@@ -289,7 +289,7 @@ impl<'s> Target<'s> {
     /// An element's value (without its header).
     fn get(
         &self,
-        txn: &RwTxn,
+        txn: &WriteTxn,
         table: ElementTable,
         meta: &TypeMeta,
         element: &[u8],
@@ -308,7 +308,7 @@ impl<'s> Target<'s> {
     #[allow(clippy::too_many_arguments)]
     fn put(
         &self,
-        txn: &mut RwTxn,
+        txn: &mut WriteTxn,
         batch: &mut Batch,
         table: ElementTable,
         meta: &TypeMeta,
@@ -348,7 +348,7 @@ impl<'s> Target<'s> {
     /// Deletes an element if it is stored, logging the delete; whether it was.
     fn delete(
         &self,
-        txn: &mut RwTxn,
+        txn: &mut WriteTxn,
         batch: &mut Batch,
         table: ElementTable,
         meta: &TypeMeta,
@@ -376,7 +376,7 @@ impl<'s> Target<'s> {
     /// Deletes each of `elements` that is stored, counting them off `meta`; how many.
     fn delete_each(
         &self,
-        txn: &mut RwTxn,
+        txn: &mut WriteTxn,
         batch: &mut Batch,
         table: ElementTable,
         meta: &mut TypeMeta,
@@ -397,7 +397,7 @@ impl<'s> Target<'s> {
     /// (without the prefix) and its value.
     fn walk(
         &self,
-        txn: &RwTxn,
+        txn: &WriteTxn,
         table: ElementTable,
         meta: &TypeMeta,
         reverse: bool,
@@ -426,7 +426,7 @@ impl<'s> Target<'s> {
     /// Elements of `table` from the first strictly after `after`, while `take` goes on.
     fn walk_after(
         &self,
-        txn: &RwTxn,
+        txn: &WriteTxn,
         table: ElementTable,
         meta: &TypeMeta,
         after: &[u8],
@@ -451,7 +451,12 @@ impl<'s> Target<'s> {
     }
 
     /// Every element of `table` with its value.
-    fn all(&self, txn: &RwTxn, table: ElementTable, meta: &TypeMeta) -> Result<Elements, OpError> {
+    fn all(
+        &self,
+        txn: &WriteTxn,
+        table: ElementTable,
+        meta: &TypeMeta,
+    ) -> Result<Elements, OpError> {
         let mut out = Vec::with_capacity(meta.count.min(1 << 20) as usize);
         self.walk(txn, table, meta, false, &mut |element, value| {
             out.push((element.to_vec(), value.to_vec()));
@@ -465,7 +470,7 @@ impl<'s> Target<'s> {
     /// whenever an element changed, so that its commit id is the key's last change (WATCH).
     fn save(
         &self,
-        txn: &mut RwTxn,
+        txn: &mut WriteTxn,
         batch: &mut Batch,
         found: &Found,
         meta: &TypeMeta,
@@ -513,7 +518,7 @@ impl<'s> Target<'s> {
     #[allow(clippy::too_many_arguments)]
     fn scan(
         &self,
-        txn: &RwTxn,
+        txn: &WriteTxn,
         batch: &Batch,
         kind: Kind,
         after: Option<&[u8]>,
@@ -564,7 +569,7 @@ impl<'s> Target<'s> {
 
     /// Every member of a set, or every member and score of a sorted set (none when the
     /// key is missing).
-    fn members(&self, txn: &RwTxn, batch: &Batch, kind: Kind) -> Result<Answer, OpError> {
+    fn members(&self, txn: &WriteTxn, batch: &Batch, kind: Kind) -> Result<Answer, OpError> {
         // The sorted-set algebra takes sets too (their members score 1).
         if kind == Kind::SortedSet {
             if let Ok(found) = self.load(txn, batch, Kind::Set) {
@@ -657,7 +662,7 @@ impl Store {
     /// and MOVE.
     pub(crate) fn snapshot(
         &self,
-        txn: &RwTxn,
+        txn: &WriteTxn,
         key: &Key,
         meta: &TypeMeta,
     ) -> Result<Vec<u8>, OpError> {
@@ -680,9 +685,9 @@ impl Store {
     #[allow(clippy::too_many_arguments)]
     pub(crate) fn write_snapshot(
         &self,
-        txn: &mut RwTxn,
+        txn: &mut WriteTxn,
         batch: &mut Batch,
-        db: RawDatabase,
+        db: Table,
         collection: Collection,
         key: &Key,
         current: &Current,

@@ -1,6 +1,6 @@
 //! Sets: members in the `set` element table, with empty values.
 
-use heed::RwTxn;
+use crate::store::WriteTxn;
 use shoal_shared::frame::{Answer, TypedOp};
 use shoal_shared::layout::typed::{ElementTable, Kind};
 
@@ -13,7 +13,7 @@ impl Target<'_> {
     /// SMOVE: both keys' types are checked first, as Redis does.
     pub(super) fn smove(
         &self,
-        txn: &mut RwTxn,
+        txn: &mut WriteTxn,
         batch: &mut Batch,
         to: &shoal_shared::frame::Key,
         member: &[u8],
@@ -50,7 +50,7 @@ impl Target<'_> {
 
     pub(super) fn set(
         &self,
-        txn: &mut RwTxn,
+        txn: &mut WriteTxn,
         batch: &mut Batch,
         op: &TypedOp,
     ) -> Result<Answer, OpError> {

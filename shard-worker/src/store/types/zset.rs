@@ -1,7 +1,7 @@
 //! Sorted sets: each member's score in the `zset` element table, and the members in
 //! score order in `zscore` (`score ++ member`), so that ranges are one cursor walk.
 
-use heed::RwTxn;
+use crate::store::WriteTxn;
 use shoal_shared::frame::{Answer, LexBound, RangeBy, ScoreBound, TypedOp, ZRange};
 use shoal_shared::layout::typed::{score_bytes, score_from_bytes, ElementTable, Kind, TypeMeta};
 
@@ -11,7 +11,7 @@ use crate::store::{Batch, OpError};
 impl Target<'_> {
     pub(super) fn zset(
         &self,
-        txn: &mut RwTxn,
+        txn: &mut WriteTxn,
         batch: &mut Batch,
         op: &TypedOp,
     ) -> Result<Answer, OpError> {
@@ -192,7 +192,7 @@ impl Target<'_> {
 
     fn score_of(
         &self,
-        txn: &RwTxn,
+        txn: &WriteTxn,
         meta: &TypeMeta,
         member: &[u8],
     ) -> Result<Option<f64>, OpError> {
@@ -205,7 +205,7 @@ impl Target<'_> {
     /// Gives `member` the score `new` (it had `old`), in both tables.
     fn move_member(
         &self,
-        txn: &mut RwTxn,
+        txn: &mut WriteTxn,
         batch: &mut Batch,
         meta: &TypeMeta,
         member: &[u8],
@@ -243,7 +243,7 @@ impl Target<'_> {
 
     fn remove_member(
         &self,
-        txn: &mut RwTxn,
+        txn: &mut WriteTxn,
         batch: &mut Batch,
         meta: &TypeMeta,
         member: &[u8],
@@ -263,7 +263,7 @@ impl Target<'_> {
     /// The members (with scores) a range takes, in its order.
     fn select(
         &self,
-        txn: &RwTxn,
+        txn: &WriteTxn,
         meta: &TypeMeta,
         exists: bool,
         range: &ZRange,

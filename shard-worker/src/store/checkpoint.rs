@@ -1,0 +1,236 @@
+//! Checkpoints: the point up to which LMDB's own pages are known to be on disk, and
+//! from which the journal is replayed after a power failure.
+//!
+//! LMDB commits without syncing (`MDB_NOSYNC`), and the journal makes each commit
+//! durable (`journal`). After a power failure the data file may hold any mix of the
+//! pages written since its last sync: a meta page may point to pages that never
+//! reached the disk. A checkpoint makes that safe:
+//!
+//! 1. Right after a commit `S`, the store opens a read transaction on `S` and keeps
+//!    it open until the next checkpoint. LMDB reuses a page only once no reader can
+//!    see it, so no page of `S` is written over while the pin lasts: the only pages of
+//!    `S` that later commits write are the two meta pages.
+//! 2. It copies `S`'s meta page out of the data file, starts a new journal segment,
+//!    and (in a thread of its own) flushes the data file: every page of `S` is then
+//!    on disk.
+//! 3. It writes the checkpoint file (`S`, the segment to replay from, the boot it was
+//!    taken in, and the meta page), durably; then the older segments and the older
+//!    pin are dropped.
+//!
+//! At open, if the checkpoint was taken in another boot of the machine, the page
+//! cache may have lost writes: both meta pages are overwritten with `S`'s, which makes
+//! the environment `S` again (intact, by 1.), and the journal's records after `S` are
+//! replayed. Within the same boot (a process killed, not the machine) the page cache
+//! lost nothing, so nothing is rewound: only the records LMDB has not committed
+//! (their commit was cut short) are replayed. Rewinding then would be wrong as well
+//! as needless: the net-daemon may still read the newer snapshots.
+//!
+//! The checkpoint file, `journal/checkpoint`:
+//!
+//! ```text
+//! magic "SHOALCKP" | version u32 | txnid u64 | segment u64 | boot id length u16 |
+//! boot id | page size u32 | meta page | crc32 u32 (of everything before it)
+//! ```
+
+use std::fs::File;
+use std::io::{self, Read, Write};
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+
+use super::journal::sync_dir;
+
+const MAGIC: &[u8; 8] = b"SHOALCKP";
+const VERSION: u32 = 1;
+const FILE_NAME: &str = "checkpoint";
+
+/// Where the meta page keeps the transaction id that committed it (after the 16-byte
+/// page header: magic, version, address, map size, two database records of 48 bytes,
+/// last page).
+const META_TXNID_AT: usize = 16 + 4 + 4 + 8 + 8 + 2 * 48 + 8;
+const META_MAGIC_AT: usize = 16;
+const LMDB_MAGIC: u32 = 0xBEEF_C0DE;
+
+/// The environment variable naming a file to read the boot id from instead of the
+/// kernel's (for tests that model a reboot after a power cut).
+pub const BOOT_ID_PATH_VAR: &str = "SHOAL_BOOT_ID_PATH";
+
+/// A checkpoint as written to its file.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct Checkpoint {
+    /// The LMDB transaction whose pages were all on disk.
+    pub(crate) txnid: u64,
+    /// The first journal segment that may hold records after `txnid`.
+    pub(crate) segment: u64,
+    /// The boot of the machine in which the checkpoint was taken.
+    pub(crate) boot_id: String,
+    /// The meta page of `txnid`, as it was in the data file.
+    pub(crate) meta: Vec<u8>,
+}
+
+fn path(journal_dir: &Path) -> PathBuf {
+    journal_dir.join(FILE_NAME)
+}
+
+/// This boot of the machine: the kernel's boot id, or what the file named by
+/// [`BOOT_ID_PATH_VAR`] holds.
+pub(crate) fn boot_id() -> String {
+    let path = std::env::var_os(BOOT_ID_PATH_VAR).map_or_else(
+        || PathBuf::from("/proc/sys/kernel/random/boot_id"),
+        PathBuf::from,
+    );
+    match std::fs::read_to_string(&path) {
+        Ok(id) => id.trim().to_string(),
+        Err(error) => {
+            // Without a boot id every open counts as after a reboot: always rewinding is
+            // safe for the data, only not for a reader of newer snapshots.
+            tracing::warn!(path = %path.display(), %error, "cannot read the boot id");
+            String::new()
+        }
+    }
+}
+
+impl Checkpoint {
+    /// The checkpoint in `journal_dir`, if one was written.
+    pub(crate) fn read(journal_dir: &Path) -> io::Result<Option<Checkpoint>> {
+        let mut bytes = Vec::new();
+        match File::open(path(journal_dir)) {
+            Ok(mut file) => file.read_to_end(&mut bytes)?,
+            Err(error) if error.kind() == io::ErrorKind::NotFound => return Ok(None),
+            Err(error) => return Err(error),
+        };
+        let bad = |what: &str| {
+            io::Error::new(
+                io::ErrorKind::InvalidData,
+                format!(
+                    "{}: {what}; the shard cannot be recovered from it",
+                    path(journal_dir).display()
+                ),
+            )
+        };
+        if bytes.len() < 4 || !bytes.starts_with(MAGIC) {
+            return Err(bad("not a checkpoint file"));
+        }
+        let (body, crc) = bytes.split_at(bytes.len() - 4);
+        if crc32fast::hash(body).to_le_bytes() != crc {
+            return Err(bad("checksum mismatch"));
+        }
+        let mut rest = &body[MAGIC.len()..];
+        let mut take = |n: usize| -> io::Result<&[u8]> {
+            if rest.len() < n {
+                return Err(bad("cut short"));
+            }
+            let (head, tail) = rest.split_at(n);
+            rest = tail;
+            Ok(head)
+        };
+        let version = u32::from_le_bytes(take(4)?.try_into().unwrap());
+        if version != VERSION {
+            return Err(bad(&format!("version {version} is not {VERSION}")));
+        }
+        let txnid = u64::from_le_bytes(take(8)?.try_into().unwrap());
+        let segment = u64::from_le_bytes(take(8)?.try_into().unwrap());
+        let boot_len = u16::from_le_bytes(take(2)?.try_into().unwrap()) as usize;
+        let boot_id = String::from_utf8_lossy(take(boot_len)?).into_owned();
+        let page_size = u32::from_le_bytes(take(4)?.try_into().unwrap()) as usize;
+        let meta = take(page_size)?.to_vec();
+        Ok(Some(Checkpoint {
+            txnid,
+            segment,
+            boot_id,
+            meta,
+        }))
+    }
+
+    /// Writes the checkpoint durably, replacing the one before.
+    pub(crate) fn write(&self, journal_dir: &Path) -> io::Result<()> {
+        let mut bytes = MAGIC.to_vec();
+        bytes.extend_from_slice(&VERSION.to_le_bytes());
+        bytes.extend_from_slice(&self.txnid.to_le_bytes());
+        bytes.extend_from_slice(&self.segment.to_le_bytes());
+        bytes.extend_from_slice(&(self.boot_id.len() as u16).to_le_bytes());
+        bytes.extend_from_slice(self.boot_id.as_bytes());
+        bytes.extend_from_slice(&(self.meta.len() as u32).to_le_bytes());
+        bytes.extend_from_slice(&self.meta);
+        let crc = crc32fast::hash(&bytes);
+        bytes.extend_from_slice(&crc.to_le_bytes());
+        let temporary = journal_dir.join(format!("{FILE_NAME}.tmp"));
+        let mut file = File::create(&temporary)?;
+        file.write_all(&bytes)?;
+        file.sync_all()?;
+        std::fs::rename(&temporary, path(journal_dir))?;
+        sync_dir(journal_dir)
+    }
+}
+
+fn meta_txnid(page: &[u8]) -> Option<u64> {
+    let magic = u32::from_ne_bytes(
+        page.get(META_MAGIC_AT..META_MAGIC_AT + 4)?
+            .try_into()
+            .ok()?,
+    );
+    (magic == LMDB_MAGIC)
+        .then(|| u64::from_ne_bytes(page[META_TXNID_AT..META_TXNID_AT + 8].try_into().unwrap()))
+}
+
+/// The meta page of transaction `txnid`, read from the data file (from the page
+/// cache: it was just committed).
+pub(crate) fn meta_page(data_file: &Path, page_size: usize, txnid: u64) -> io::Result<Vec<u8>> {
+    let mut page = vec![0; page_size];
+    let slot = txnid % 2;
+    File::open(data_file)?.read_exact_at(&mut page, slot * page_size as u64)?;
+    match meta_txnid(&page) {
+        Some(found) if found == txnid => Ok(page),
+        found => Err(io::Error::other(format!(
+            "{}: meta page {slot} is of transaction {found:?}, not {txnid}",
+            data_file.display()
+        ))),
+    }
+}
+
+/// Makes the environment in `data_file` the snapshot of `checkpoint` again, by writing
+/// its meta page over both meta pages, and flushes.
+pub(crate) fn rewind(data_file: &Path, checkpoint: &Checkpoint) -> io::Result<()> {
+    if meta_txnid(&checkpoint.meta) != Some(checkpoint.txnid) {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidData,
+            "the checkpoint's meta page is not of its transaction",
+        ));
+    }
+    let file = File::options().write(true).open(data_file)?;
+    let page_size = checkpoint.meta.len();
+    for slot in 0..2u64 {
+        let mut page = checkpoint.meta.clone();
+        // The page header starts with the page's own number.
+        page[..8].copy_from_slice(&slot.to_ne_bytes());
+        file.write_all_at(&page, slot * page_size as u64)?;
+    }
+    file.sync_all()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_checkpoint_reads_back_as_written_and_a_damaged_one_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        assert_eq!(Checkpoint::read(dir.path()).unwrap(), None);
+        let mut meta = vec![7u8; 4096];
+        meta[META_MAGIC_AT..META_MAGIC_AT + 4].copy_from_slice(&LMDB_MAGIC.to_ne_bytes());
+        meta[META_TXNID_AT..META_TXNID_AT + 8].copy_from_slice(&42u64.to_ne_bytes());
+        let checkpoint = Checkpoint {
+            txnid: 42,
+            segment: 3,
+            boot_id: "boot-a".into(),
+            meta,
+        };
+        checkpoint.write(dir.path()).unwrap();
+        assert_eq!(Checkpoint::read(dir.path()).unwrap(), Some(checkpoint));
+        let file = path(dir.path());
+        let mut bytes = std::fs::read(&file).unwrap();
+        bytes[30] ^= 1;
+        std::fs::write(&file, &bytes).unwrap();
+        let error = Checkpoint::read(dir.path()).unwrap_err();
+        assert!(error.to_string().contains("checksum"), "{error}");
+    }
+}
