@@ -62,6 +62,8 @@ pub struct Server {
     /// Process group of the last spawned supervisor (its pid), killed on drop.
     pgid: Option<i32>,
     starts: usize,
+    /// Environment variables set for every `shoal` command.
+    envs: Vec<(String, String)>,
 }
 
 impl Server {
@@ -117,7 +119,13 @@ impl Server {
             child: None,
             pgid: None,
             starts: 0,
+            envs: Vec::new(),
         }
+    }
+
+    /// Sets an environment variable for every `shoal` command started from now on.
+    pub fn set_env(&mut self, key: &str, value: &str) {
+        self.envs.push((key.to_string(), value.to_string()));
     }
 
     /// Merges `extra_toml` into the config file (for the next start).
@@ -161,6 +169,7 @@ impl Server {
         let mut command = Command::new(SHOAL);
         command
             .env_remove("SHOAL_CONFIG")
+            .envs(self.envs.iter().map(|(k, v)| (k, v)))
             .current_dir(self.dir.path());
         command
     }
