@@ -190,8 +190,8 @@ pub struct StorageSection {
     pub collections: u16,
     /// Number of partitions the 16384 slots are grouped into. Fixed when the data dir is created.
     pub partitions: u16,
-    /// "fsync": a write is acknowledged after its group commit is on disk.
-    /// "async": LMDB NO_SYNC plus a flush every `flush_interval_ms`; survives process crashes,
+    /// "fsync": a write is acknowledged after its group commit's journal record is on disk.
+    /// "async": the journal is flushed every `flush_interval_ms`; survives process crashes,
     /// but a power failure can lose the writes of the last interval.
     pub durability: Durability,
     /// Initial size of each shard's LMDB map, in bytes. It grows on demand.
@@ -199,7 +199,7 @@ pub struct StorageSection {
     /// Largest size the map may grow to. A shard whose map reaches it refuses writes
     /// (reads go on) until the limit is raised and the shard restarted.
     pub max_map_size_bytes: usize,
-    /// With durability = "async", how often dirty pages are flushed to disk.
+    /// With durability = "async", how often the journal is flushed to disk.
     pub flush_interval_ms: u64,
     /// Commit-log entries kept per partition; older entries are trimmed.
     pub log_retention_entries: u64,

@@ -3,8 +3,9 @@
 //! [`Store::apply_batch`] runs a whole batch of requests in one write
 //! transaction. Each write and its commit-log entry go into that same
 //! transaction, and the partition's `last_commit_id`/`mtime` in `meta` are
-//! updated with them; the transaction commits (and, with `fsync` durability,
-//! syncs) once. Only the caller sends replies, after this returns. When the
+//! updated with them; the transaction's changes go into the journal (flushed
+//! with `fsync` durability), then it commits once, without a sync of LMDB's own.
+//! Only the caller sends replies, after this returns. When the
 //! map is full the transaction is aborted, the map grows, and the batch is
 //! replayed from the start. In-memory state (key locks, fences, the highest
 //! commit id) changes only after a commit succeeds.
@@ -19,7 +20,12 @@
 //! transaction (see `clock`).
 //!
 //! Submodules:
-//! - `clock`: where the time comes from (the system clock, or a manual one in tests).
+//! - `clock`: where the time comes from (the system clock, or a manual one in tests),
+//!   and which boot of the machine this is.
+//! - `journal`: the record of every write transaction's changes, flushed before it
+//!   commits, and the wrappers (`WriteTxn`, `Table`) through which the store writes.
+//! - `checkpoint`: the snapshot whose pages are known to be on disk, pinned until
+//!   the next; a power failure rewinds to it and replays the journal.
 //!
 //! Submodules adding request handlers to [`Store`]:
 //! - `keyspace`: a key's current state, writes with expiry index and log entry.
