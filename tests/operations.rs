@@ -299,6 +299,50 @@ fn a_full_disk_refuses_writes_keeps_reads_and_recovers_when_space_returns() {
     assert_all_present(&mut con, &written);
     server.assert_alive("after the disk filled");
 
+    // A worker that starts on the full disk (killed, and started again by the
+    // supervisor) has no room for its checkpoint: it serves reads and refuses writes.
+    let victim = server.worker_pid(0);
+    signal(victim, libc::SIGKILL);
+    let killed = Instant::now();
+    loop {
+        let status = server.status_json().expect("status");
+        let worker = common::find_process(&status, "shard-worker", 0).expect("worker 0");
+        if worker["pid"].as_i64() != Some(i64::from(victim)) && worker["state"] == "ready" {
+            break;
+        }
+        assert!(
+            killed.elapsed() < Duration::from_secs(20),
+            "worker 0 did not start again on the full disk: {status}\n{}",
+            server.logs()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let mut con = server.conn();
+    // The net-daemon takes the worker back once it has connected to it again.
+    while let Err(error) = redis::cmd("STRLEN")
+        .arg(&written[0])
+        .query::<usize>(&mut con)
+    {
+        assert!(
+            killed.elapsed() < Duration::from_secs(20),
+            "worker 0 does not serve reads on the full disk: {error}\n{}",
+            server.logs()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert_all_present(&mut con, &written);
+    let refused = redis::cmd("SET")
+        .arg("disk:restarted")
+        .arg(vec![b'v'; 64 * 1024])
+        .query::<()>(&mut con)
+        .expect_err("a write on the full disk is refused");
+    assert!(refused.to_string().contains("DISKFULL"), "{refused}");
+    assert!(
+        server.logs().contains("no room for a checkpoint"),
+        "the restarted worker found no room for its checkpoint\n{}",
+        server.logs()
+    );
+
     std::fs::remove_file(&filler).unwrap();
     let deadline = Instant::now() + Duration::from_secs(5);
     loop {

@@ -235,12 +235,14 @@ pub(crate) fn sync_dir(dir: &Path) -> io::Result<()> {
     File::open(dir)?.sync_all()
 }
 
-/// The open journal of a store: the segment being appended.
+/// The journal of a store: the segment being appended, once one is open.
 pub(crate) struct Journal {
     dir: PathBuf,
     tables: Vec<u8>,
+    /// The number of the segment being appended, or of the last one in the directory.
     segment: u64,
-    file: File,
+    /// The segment being appended. None until the first [`Journal::roll`].
+    file: Option<File>,
     /// Bytes appended since the last flush.
     unsynced: usize,
     /// Bytes in the current segment.
@@ -248,30 +250,32 @@ pub(crate) struct Journal {
 }
 
 impl Journal {
-    /// Opens the journal in `dir`, starting a new segment after any there.
-    pub(crate) fn open(dir: &Path, tables: &Tables) -> io::Result<Journal> {
+    /// The journal in `dir`. Nothing can be appended before [`Journal::roll`] starts a
+    /// segment after those there.
+    pub(crate) fn new(dir: &Path, tables: &Tables) -> io::Result<Journal> {
         std::fs::create_dir_all(dir)?;
-        let next = segments(dir)?.last().map_or(1, |last| last + 1);
-        let tables = tables.record();
-        let file = Journal::create_segment(dir, next, &tables)?;
         Ok(Journal {
             dir: dir.to_path_buf(),
-            written: frame_len(&tables),
-            tables,
-            segment: next,
-            file,
+            tables: tables.record(),
+            segment: segments(dir)?.last().copied().unwrap_or(0),
+            file: None,
             unsynced: 0,
+            written: 0,
         })
     }
 
     fn create_segment(dir: &Path, segment: u64, tables: &[u8]) -> io::Result<File> {
-        let mut file = File::options()
-            .create_new(true)
-            .append(true)
-            .open(segment_path(dir, segment))?;
-        file.write_all(&frame(tables))?;
-        file.sync_data()?;
-        sync_dir(dir)?;
+        let path = segment_path(dir, segment);
+        let mut file = File::options().create_new(true).append(true).open(&path)?;
+        let written = file
+            .write_all(&frame(tables))
+            .and_then(|()| file.sync_data())
+            .and_then(|()| sync_dir(dir));
+        if let Err(error) = written {
+            // Out of room, most likely: the next try starts the same segment again.
+            let _ = std::fs::remove_file(&path);
+            return Err(error);
+        }
         Ok(file)
     }
 
@@ -310,9 +314,13 @@ impl Journal {
 
     fn write(&mut self, body: &[u8]) -> io::Result<()> {
         let framed = frame(body);
-        if let Err(error) = self.file.write_all(&framed) {
+        let file = self
+            .file
+            .as_mut()
+            .ok_or_else(|| io::Error::other("the journal has no segment open"))?;
+        if let Err(error) = file.write_all(&framed) {
             // A record written in part would end the journal for every record after it.
-            self.file.set_len(self.written)?;
+            file.set_len(self.written)?;
             return Err(error);
         }
         self.unsynced += framed.len();
@@ -322,8 +330,8 @@ impl Journal {
 
     /// Flushes what was appended. Costs nothing when nothing was.
     pub(crate) fn sync(&mut self) -> io::Result<()> {
-        if self.unsynced > 0 {
-            self.file.sync_data()?;
+        if let Some(file) = self.file.as_ref().filter(|_| self.unsynced > 0) {
+            file.sync_data()?;
             self.unsynced = 0;
         }
         Ok(())
@@ -333,7 +341,7 @@ impl Journal {
     pub(crate) fn roll(&mut self) -> io::Result<u64> {
         self.sync()?;
         let next = self.segment + 1;
-        self.file = Journal::create_segment(&self.dir, next, &self.tables)?;
+        self.file = Some(Journal::create_segment(&self.dir, next, &self.tables)?);
         self.segment = next;
         self.written = frame_len(&self.tables);
         Ok(next)
@@ -539,7 +547,8 @@ mod tests {
     #[test]
     fn an_aborted_commit_is_not_read_back_and_a_record_cut_short_ends_the_journal() {
         let dir = tempfile::tempdir().unwrap();
-        let mut journal = Journal::open(dir.path(), &tables()).unwrap();
+        let mut journal = Journal::new(dir.path(), &tables()).unwrap();
+        journal.roll().unwrap();
         journal.append(5, &put_change(b"a", b"1")).unwrap();
         journal.append(6, &put_change(b"b", b"2")).unwrap();
         journal.abort(6).unwrap();
@@ -589,14 +598,16 @@ mod tests {
     #[test]
     fn a_new_segment_starts_after_the_last_and_older_ones_can_be_removed() {
         let dir = tempfile::tempdir().unwrap();
-        let mut journal = Journal::open(dir.path(), &tables()).unwrap();
-        journal.append(1, &put_change(b"a", b"1")).unwrap();
+        let mut journal = Journal::new(dir.path(), &tables()).unwrap();
+        let first = journal.roll().unwrap();
+        assert!(journal.append(1, &put_change(b"a", b"1")).is_ok());
         let second = journal.roll().unwrap();
+        assert_eq!(second, first + 1);
         journal.append(2, &put_change(b"b", b"2")).unwrap();
         journal.sync().unwrap();
         drop(journal);
-        let reopened = Journal::open(dir.path(), &tables()).unwrap();
-        assert_eq!(reopened.segment, second + 1);
+        let mut reopened = Journal::new(dir.path(), &tables()).unwrap();
+        assert_eq!(reopened.roll().unwrap(), second + 1);
         assert_eq!(read(dir.path(), second).unwrap().len(), 1);
         assert_eq!(read(dir.path(), 0).unwrap().len(), 2);
         remove_before(dir.path(), second).unwrap();

@@ -309,7 +309,7 @@ impl Store {
                 .map_or(0, |checkpoint| checkpoint.segment),
         )
         .map_err(io_error)?;
-        let journal = journal::Journal::open(&journal_dir, &tables).map_err(io_error)?;
+        let journal = journal::Journal::new(&journal_dir, &tables).map_err(io_error)?;
         let mut store = Store {
             collections,
             elements,
@@ -347,13 +347,20 @@ impl Store {
         store.move_recent_at_open()?;
         store.locks = store.load_locks()?;
         store.fences = store.load_fences()?;
-        store.checkpoint()?;
+        match store.checkpoint() {
+            Err(error) if error.is_out_of_room() => {
+                tracing::warn!(%error, "no room for a checkpoint at start");
+            }
+            other => other?,
+        }
         Ok(store)
     }
 
     /// Replays the journal's records that LMDB does not have. Before any write, the
-    /// environment as it is becomes a checkpoint if it is not one already: the pages of
-    /// the last durable snapshot must not be reused until a newer one is.
+    /// environment as it is becomes a checkpoint: the pages of the last durable
+    /// snapshot must not be reused until a newer one is. With no room for it (a full
+    /// disk) and nothing to replay, the store opens all the same, and refuses writes
+    /// until a checkpoint succeeds.
     fn recover(
         &mut self,
         recorded: Vec<journal::Recorded>,
@@ -365,10 +372,12 @@ impl Store {
         // Records still to replay stay in their segments until they are journaled again
         // below, whatever checkpoint is taken meanwhile (one before a map resize too).
         self.checkpoints.keep_from = missing.first().map(|r| r.segment);
-        if self.checkpoints.txnid == last && last > 0 {
-            self.checkpoints.pin = Some(self.env.clone().static_read_txn()?);
-        } else {
-            self.checkpoint()?;
+        match self.checkpoint() {
+            Err(error) if error.is_out_of_room() && missing.is_empty() => {
+                tracing::warn!(%error, "no room for a checkpoint: writes are refused until there is");
+                return Ok(());
+            }
+            other => other?,
         }
         if missing.is_empty() {
             return Ok(());
@@ -390,6 +399,15 @@ impl Store {
         });
         self.checkpoints.keep_from = None;
         replayed
+    }
+
+    /// Takes a checkpoint if there is none to recover from (none could be taken at
+    /// open, for want of room): no commit may reuse pages before one is.
+    fn ensure_checkpoint(&mut self) -> Result<(), StoreError> {
+        match self.checkpoints.pin {
+            Some(_) => Ok(()),
+            None => self.checkpoint(),
+        }
     }
 
     /// Takes a checkpoint now, after the one being taken if any, and waits for it.
@@ -542,7 +560,8 @@ impl Store {
 
     /// Writes `meta`'s identity on first open; on later opens checks that it matches.
     fn check_meta(&mut self, options: &StoreOptions) -> Result<(), StoreError> {
-        let mut txn = WriteTxn::new(self.env.write_txn()?);
+        let env = self.env.clone();
+        let mut txn = WriteTxn::new(env.write_txn()?);
         let mut upgrade = false;
         match self.meta.get(&txn, layout::META_FORMAT_VERSION)? {
             None => {
@@ -562,6 +581,7 @@ impl Store {
                     layout::META_LAYOUT,
                     &layout::encode_layout(options.partitions, workers),
                 )?;
+                self.ensure_checkpoint()?;
                 self.journal.commit(txn, true)?;
                 return Ok(());
             }
@@ -620,6 +640,7 @@ impl Store {
                 layout::META_FORMAT_VERSION,
                 &layout::FORMAT_VERSION.to_be_bytes(),
             )?;
+            self.ensure_checkpoint()?;
             self.journal.commit(txn, true)?;
         } else {
             txn.abort();
@@ -739,7 +760,8 @@ impl Store {
         work: impl Fn(&Store, &mut WriteTxn, &mut Batch) -> heed::Result<T>,
     ) -> Result<T, StoreError> {
         loop {
-            let mut txn = WriteTxn::new(self.env.write_txn()?);
+            let env = self.env.clone();
+            let mut txn = WriteTxn::new(env.write_txn()?);
             let mut batch = Batch::new(self.clock.now_ms(), self.next_seq);
             let result = work(self, &mut txn, &mut batch).and_then(|output| {
                 let mut highest = self.highest_commit_id;
@@ -762,6 +784,7 @@ impl Store {
                         txn.abort();
                     } else {
                         let started = std::time::Instant::now();
+                        self.ensure_checkpoint()?;
                         match self
                             .journal
                             .commit(txn, self.sync_each_commit || batch.sync)
