@@ -115,7 +115,12 @@ pub fn run(config: &Config, index: usize) -> anyhow::Result<()> {
     slot.set_state(ProcessState::Draining);
     // Whatever is still queued was accepted from the net-daemon: apply it before leaving.
     let drained = worker.drain(&queue);
-    // What is in the journal reaches LMDB's own pages: the next start replays nothing.
+    // What is in the journal reaches the disk, and then LMDB's own pages: the next
+    // start replays nothing.
+    worker
+        .store
+        .sync()
+        .context("flushing the journal on shutdown")?;
     worker
         .store
         .checkpoint()
@@ -401,11 +406,9 @@ impl Worker<'_> {
             tolerate_full(self.store.expire_due(EXPIRE_PER_TICK)).context("expiring keys")?;
         tolerate_full(self.store.reclaim_due(RECLAIM_PER_TICK))
             .context("reclaiming the elements of deleted keys")?;
-        if let Err(error) = self.store.checkpoint_tick() {
-            // The last checkpoint stays the one to recover from, and the journal grows
-            // until one succeeds.
-            tracing::warn!(%error, "checkpoint failed; retrying at the next tick");
-        }
+        // A checkpoint that fails to be recorded is tried again; one whose flush of the
+        // data file failed stops the worker (what reached the disk is in doubt).
+        self.store.checkpoint_tick().context("checkpoint")?;
         let trimmed = tolerate_full(self.store.trim_log(
             self.retention.keep_entries,
             self.retention.keep_ms,

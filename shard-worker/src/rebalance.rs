@@ -149,6 +149,9 @@ pub fn run(config: &Config, from_workers: usize) -> anyhow::Result<()> {
         map.owner[usize::from(partition)] = to as u16;
         map.store(&map_path)?;
         shards[from].clear_partition(partition)?;
+        // LMDB's pages reach the disk, and the journals are trimmed, as a worker does.
+        shards[to].checkpoint_tick()?;
+        shards[from].checkpoint_tick()?;
         progress.done += 1;
         if let Some(status) = &status {
             status.set_rebalance(progress);

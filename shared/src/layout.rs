@@ -92,6 +92,9 @@ pub const META_SHARD_ID: &[u8] = b"shard_id";
 pub const META_LAYOUT: &[u8] = b"layout";
 /// `meta` key of the id high-water mark (u64): every id of this shard's blocks is below it.
 pub const META_IDS_HIGH_WATER: &[u8] = b"ids_high_water";
+/// `meta` key of the sequence number of the last journal record in the environment
+/// (u64 big-endian): a shard's journal is replayed after it.
+pub const META_JOURNAL_SEQ: &[u8] = b"journal_seq";
 
 /// Value flag: an expiry time follows the flags byte.
 pub(crate) const FLAG_EXPIRES: u8 = 0b0000_0001;

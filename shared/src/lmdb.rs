@@ -32,6 +32,10 @@ pub enum StoreError {
     /// its databases).
     #[error("{0}")]
     Mismatch(String),
+    /// A flush of the environment failed: what reached the disk is not known, and only
+    /// a restart (which recovers from the last checkpoint and the journal) is safe.
+    #[error("{0}")]
+    InDoubt(String),
     /// The directory of the environment could not be created.
     #[error("cannot create {path}: {source}")]
     CreateDir {
@@ -276,15 +280,24 @@ pub fn create_database(env: &Env<WithoutTls>, name: &str) -> Result<RawDatabase,
 
 /// Opens the named database `name` in a read transaction; its worker must have created it.
 pub(crate) fn open_database(env: &Env<WithoutTls>, name: &str) -> Result<RawDatabase, StoreError> {
+    open_database_if_present(env, name)?.ok_or_else(|| {
+        StoreError::Mismatch(format!(
+            "the shard has no database {name:?}; is its worker running?"
+        ))
+    })
+}
+
+/// Opens the named database `name` in a read transaction, if it exists.
+pub fn open_database_if_present(
+    env: &Env<WithoutTls>,
+    name: &str,
+) -> Result<Option<RawDatabase>, StoreError> {
     let txn = env.read_txn()?;
     let database = env
         .open_databases_and_commit(txn, |opener, txn| {
-            match opener.open_database::<Bytes, Bytes>(txn, Some(name))? {
-                Some(database) => Ok(CommitOrAbort::<_, ()>::Commit(database)),
-                None => Err(StoreError::Mismatch(format!(
-                    "the shard has no database {name:?}; is its worker running?"
-                ))),
-            }
+            opener
+                .open_database::<Bytes, Bytes>(txn, Some(name))
+                .map(CommitOrAbort::<_, ()>::Commit)
         })?
         .unwrap_commit();
     Ok(database)

@@ -43,6 +43,10 @@ const MAGIC: &[u8; 8] = b"SHOALCKP";
 const VERSION: u32 = 1;
 const FILE_NAME: &str = "checkpoint";
 
+// The meta page's layout below is that of a 64-bit build of LMDB.
+#[cfg(not(target_pointer_width = "64"))]
+compile_error!("the checkpoint's meta page offsets assume a 64-bit LMDB");
+
 /// Where the meta page keeps the transaction id that committed it (after the 16-byte
 /// page header: magic, version, address, map size, two database records of 48 bytes,
 /// last page).
@@ -73,19 +77,26 @@ fn path(journal_dir: &Path) -> PathBuf {
 
 /// This boot of the machine: the kernel's boot id, or what the file named by
 /// [`BOOT_ID_PATH_VAR`] holds.
-pub(crate) fn boot_id() -> String {
+pub(crate) fn boot_id() -> io::Result<String> {
     let path = std::env::var_os(BOOT_ID_PATH_VAR).map_or_else(
         || PathBuf::from("/proc/sys/kernel/random/boot_id"),
         PathBuf::from,
     );
+    // Without it a reboot would go unnoticed, and a shard torn by a power failure
+    // opened as it is.
     match std::fs::read_to_string(&path) {
-        Ok(id) => id.trim().to_string(),
-        Err(error) => {
-            // Without a boot id every open counts as after a reboot: always rewinding is
-            // safe for the data, only not for a reader of newer snapshots.
-            tracing::warn!(path = %path.display(), %error, "cannot read the boot id");
-            String::new()
-        }
+        Ok(id) if !id.trim().is_empty() => Ok(id.trim().to_string()),
+        Ok(_) => Err(io::Error::other(format!(
+            "{} is empty: the machine's boot id is needed to tell a restart after a power failure",
+            path.display()
+        ))),
+        Err(error) => Err(io::Error::new(
+            error.kind(),
+            format!(
+                "cannot read the machine's boot id from {} ({error}): it is needed to tell a restart after a power failure",
+                path.display()
+            ),
+        )),
     }
 }
 
@@ -172,12 +183,14 @@ fn meta_txnid(page: &[u8]) -> Option<u64> {
         .then(|| u64::from_ne_bytes(page[META_TXNID_AT..META_TXNID_AT + 8].try_into().unwrap()))
 }
 
-/// The meta page of transaction `txnid`, read from the data file (from the page
-/// cache: it was just committed).
-pub(crate) fn meta_page(data_file: &Path, page_size: usize, txnid: u64) -> io::Result<Vec<u8>> {
+/// The meta page of transaction `txnid` of `env`, just committed, read from its data
+/// file (from the page cache).
+pub(crate) fn meta_page(env: &heed::Env<heed::WithoutTls>, txnid: u64) -> io::Result<Vec<u8>> {
+    let data_file = env.path().join("data.mdb");
+    let page_size = env.unnamed_database_stat().page_size as usize;
     let mut page = vec![0; page_size];
     let slot = txnid % 2;
-    File::open(data_file)?.read_exact_at(&mut page, slot * page_size as u64)?;
+    File::open(&data_file)?.read_exact_at(&mut page, slot * page_size as u64)?;
     match meta_txnid(&page) {
         Some(found) if found == txnid => Ok(page),
         found => Err(io::Error::other(format!(

@@ -20,7 +20,7 @@ pub(crate) trait Clock: Send + Sync {
     fn now_ms(&self) -> u64;
 
     /// This boot of the machine.
-    fn boot_id(&self) -> String;
+    fn boot_id(&self) -> std::io::Result<String>;
 }
 
 /// The wall clock, for production.
@@ -32,7 +32,7 @@ impl Clock for SystemClock {
         shoal_shared::now_ms()
     }
 
-    fn boot_id(&self) -> String {
+    fn boot_id(&self) -> std::io::Result<String> {
         super::checkpoint::boot_id()
     }
 }
@@ -74,10 +74,10 @@ impl Clock for ManualClock {
         self.now_ms.load(std::sync::atomic::Ordering::SeqCst)
     }
 
-    fn boot_id(&self) -> String {
-        format!(
+    fn boot_id(&self) -> std::io::Result<String> {
+        Ok(format!(
             "boot-{}",
             self.boots.load(std::sync::atomic::Ordering::SeqCst)
-        )
+        ))
     }
 }

@@ -14,26 +14,33 @@
 //! (the value set, the key removed), so replaying a record on a state that already
 //! has it, or that has some later records too, ends at the same state.
 //!
+//! Every record has a sequence number, one more than the record before it (never
+//! reused, not even for a record that did not commit), and each transaction writes
+//! its record's number into `meta` ([`layout::META_JOURNAL_SEQ`]), so that the
+//! environment tells which records it holds: at open, the records after that number
+//! are replayed, in one transaction.
+//!
 //! Files, in `<shard dir>/journal/`: segments `<number, 16 hex digits>.log`, numbered
 //! upwards; a new one starts at every checkpoint. A segment is a sequence of records:
 //!
 //! ```text
 //! record  = length u32 (of body) | crc32 u32 (of body) | body
-//! body    = kind u8 | txnid u64 | ...
-//!   kind 0, tables: count u16, then per table: id u8 | name length u8 | name
+//! body    = kind u8 | seq u64 | ...
+//!   kind 0, tables: count u16, then per table: id u16 | name length u8 | name
 //!   kind 1, commit: changes until the end of the body
-//!   kind 2, abort: nothing more (the commit record of `txnid` did not commit)
-//! change  = 1 put    | table u8 | key length u32 | key | value length u32 | value
-//!         | 2 delete | table u8 | key length u32 | key
-//!         | 3 range  | table u8 | bound | bound          (delete_range)
-//!         | 4 clear  | table u8
+//!   kind 2, abort: nothing more (the commit record `seq` did not commit)
+//! change  = 1 put    | table u16 | key length u32 | key | value length u32 | value
+//!         | 2 delete | table u16 | key length u32 | key
+//!         | 3 range  | table u16 | bound | bound          (delete_range)
+//!         | 4 clear  | table u16
 //! bound   = 0 unbounded | 1 included, length u32, bytes | 2 excluded, length u32, bytes
 //! ```
 //!
-//! Integers are little-endian. `txnid` is the LMDB transaction id the record commits
-//! as. Every segment starts with a tables record naming the databases its table
-//! numbers refer to. A record cut short or failing its checksum ends the journal
-//! (nothing after it was ever acknowledged: records are flushed in order).
+//! Integers are little-endian. Every segment starts with a tables record naming the
+//! databases its table numbers refer to. A record cut short or failing its checksum
+//! ends its segment: nothing after it in that segment was ever acknowledged (records
+//! are flushed in order, and a record that failed to be written or flushed is cut off
+//! before the next is appended).
 
 use std::collections::HashMap;
 use std::fs::File;
@@ -42,6 +49,7 @@ use std::ops::{Bound, Deref};
 use std::path::{Path, PathBuf};
 
 use heed::{RoTxn, RwTxn, WithoutTls};
+use shoal_shared::layout;
 use shoal_shared::lmdb::RawDatabase;
 
 const KIND_TABLES: u8 = 0;
@@ -67,23 +75,10 @@ impl<'e> WriteTxn<'e> {
         }
     }
 
-    /// The LMDB transaction id this transaction commits as.
-    pub(crate) fn id(&self) -> u64 {
-        self.txn.id() as u64
-    }
-
-    /// The changes recorded so far (empty when nothing was written).
-    pub(crate) fn changes(&self) -> &[u8] {
-        &self.changes
-    }
-
-    /// The transaction itself, for opening a nested one.
+    /// The transaction itself, for opening a nested one. A nested transaction's
+    /// changes are not recorded in this one's: it must be aborted (EXEC's dry run).
     pub(crate) fn inner(&mut self) -> &mut RwTxn<'e> {
         &mut self.txn
-    }
-
-    pub(crate) fn commit(self) -> heed::Result<()> {
-        self.txn.commit()
     }
 
     pub(crate) fn abort(self) {
@@ -124,7 +119,7 @@ impl<'e> Deref for WriteTxn<'e> {
 #[derive(Clone, Copy)]
 pub(crate) struct Table {
     db: RawDatabase,
-    id: u8,
+    id: u16,
 }
 
 impl Deref for Table {
@@ -138,7 +133,8 @@ impl Deref for Table {
 impl Table {
     pub(crate) fn put(&self, txn: &mut WriteTxn, key: &[u8], value: &[u8]) -> heed::Result<()> {
         self.db.put(&mut txn.txn, key, value)?;
-        txn.changes.extend_from_slice(&[PUT, self.id]);
+        txn.changes.push(PUT);
+        txn.changes.extend_from_slice(&self.id.to_le_bytes());
         txn.bytes(key);
         txn.bytes(value);
         Ok(())
@@ -147,7 +143,8 @@ impl Table {
     pub(crate) fn delete(&self, txn: &mut WriteTxn, key: &[u8]) -> heed::Result<bool> {
         let deleted = self.db.delete(&mut txn.txn, key)?;
         if deleted {
-            txn.changes.extend_from_slice(&[DELETE, self.id]);
+            txn.changes.push(DELETE);
+            txn.changes.extend_from_slice(&self.id.to_le_bytes());
             txn.bytes(key);
         }
         Ok(deleted)
@@ -160,7 +157,8 @@ impl Table {
     ) -> heed::Result<usize> {
         let deleted = self.db.delete_range(&mut txn.txn, range)?;
         if deleted > 0 {
-            txn.changes.extend_from_slice(&[RANGE, self.id]);
+            txn.changes.push(RANGE);
+            txn.changes.extend_from_slice(&self.id.to_le_bytes());
             txn.bound(range.0);
             txn.bound(range.1);
         }
@@ -169,7 +167,8 @@ impl Table {
 
     pub(crate) fn clear(&self, txn: &mut WriteTxn) -> heed::Result<()> {
         self.db.clear(&mut txn.txn)?;
-        txn.changes.extend_from_slice(&[CLEAR, self.id]);
+        txn.changes.push(CLEAR);
+        txn.changes.extend_from_slice(&self.id.to_le_bytes());
         Ok(())
     }
 }
@@ -184,7 +183,7 @@ pub(crate) struct Tables {
 impl Tables {
     /// Numbers `db` (opened under `name`) for the journal.
     pub(crate) fn add(&mut self, name: &str, db: RawDatabase) -> Table {
-        let id = u8::try_from(self.names.len()).expect("at most 256 databases");
+        let id = u16::try_from(self.names.len()).expect("at most 65536 databases");
         self.names.push(name.to_string());
         let table = Table { db, id };
         self.tables.insert(name.to_string(), table);
@@ -196,7 +195,7 @@ impl Tables {
         body.extend_from_slice(&0u64.to_le_bytes());
         body.extend_from_slice(&(self.names.len() as u16).to_le_bytes());
         for (id, name) in self.names.iter().enumerate() {
-            body.push(id as u8);
+            body.extend_from_slice(&(id as u16).to_le_bytes());
             body.push(name.len() as u8);
             body.extend_from_slice(name.as_bytes());
         }
@@ -230,6 +229,25 @@ fn segments(dir: &Path) -> io::Result<Vec<u64>> {
     Ok(found)
 }
 
+/// Creates the journal's directory `dir` if it is missing, durably.
+pub(crate) fn create_dir(dir: &Path) -> io::Result<()> {
+    if !dir.exists() {
+        std::fs::create_dir_all(dir)?;
+        if let Some(parent) = dir.parent() {
+            sync_dir(parent)?;
+        }
+    }
+    Ok(())
+}
+
+/// The number the next segment of `dir` gets.
+pub(crate) fn next_segment(dir: &Path) -> io::Result<u64> {
+    if !dir.exists() {
+        return Ok(1);
+    }
+    Ok(segments(dir)?.last().map_or(1, |last| last + 1))
+}
+
 /// Flushes a directory, so that files created or renamed in it stay after a power loss.
 pub(crate) fn sync_dir(dir: &Path) -> io::Result<()> {
     File::open(dir)?.sync_all()
@@ -239,6 +257,10 @@ pub(crate) fn sync_dir(dir: &Path) -> io::Result<()> {
 pub(crate) struct Journal {
     dir: PathBuf,
     tables: Vec<u8>,
+    /// Where each transaction records its record's sequence number (`meta`).
+    position: Table,
+    /// The sequence number of the next record.
+    next_seq: u64,
     /// The number of the segment being appended, or of the last one in the directory.
     segment: u64,
     /// The segment being appended. None until the first [`Journal::roll`].
@@ -250,13 +272,21 @@ pub(crate) struct Journal {
 }
 
 impl Journal {
-    /// The journal in `dir`. Nothing can be appended before [`Journal::roll`] starts a
-    /// segment after those there.
-    pub(crate) fn new(dir: &Path, tables: &Tables) -> io::Result<Journal> {
-        std::fs::create_dir_all(dir)?;
+    /// The journal in `dir`, whose next record is numbered after `after` and after every
+    /// record in the directory. Nothing can be appended before [`Journal::roll`]
+    /// starts a segment after those there.
+    pub(crate) fn new(
+        dir: &Path,
+        tables: &Tables,
+        position: Table,
+        after: u64,
+    ) -> io::Result<Journal> {
+        create_dir(dir)?;
         Ok(Journal {
             dir: dir.to_path_buf(),
             tables: tables.record(),
+            position,
+            next_seq: after + 1,
             segment: segments(dir)?.last().copied().unwrap_or(0),
             file: None,
             unsynced: 0,
@@ -268,7 +298,7 @@ impl Journal {
         let path = segment_path(dir, segment);
         let mut file = File::options().create_new(true).append(true).open(&path)?;
         let written = file
-            .write_all(&frame(tables))
+            .write_all(&frame(tables)?)
             .and_then(|()| file.sync_data())
             .and_then(|()| sync_dir(dir));
         if let Err(error) = written {
@@ -279,53 +309,76 @@ impl Journal {
         Ok(file)
     }
 
-    /// Appends the commit record of transaction `txnid` (not flushed).
-    fn append(&mut self, txnid: u64, changes: &[u8]) -> io::Result<()> {
-        let mut body = Vec::with_capacity(9 + changes.len());
+    /// Commits `txn`: it records its record's sequence number, the record is appended,
+    /// and flushed if `sync`, and then LMDB commits it (without a sync). A record whose
+    /// write or flush failed is cut off again; one whose LMDB commit failed is
+    /// followed by an abort record, so that it is never replayed. The journal's I/O
+    /// errors come as [`heed::Error::Io`]; those that leave the journal in doubt (a
+    /// record that could not be cut off or cancelled) have no OS error code, and the
+    /// store treats them as fatal.
+    pub(crate) fn commit(&mut self, mut txn: WriteTxn, sync: bool) -> heed::Result<()> {
+        let seq = self.next_seq;
+        self.position
+            .put(&mut txn, layout::META_JOURNAL_SEQ, &seq.to_be_bytes())?;
+        let mut body = Vec::with_capacity(9 + txn.changes.len());
         body.push(KIND_COMMIT);
-        body.extend_from_slice(&txnid.to_le_bytes());
-        body.extend_from_slice(changes);
-        self.write(&body)
-    }
-
-    /// Commits `txn`: its record is appended, and flushed if `sync`, and then LMDB
-    /// commits it (without a sync). A failed LMDB commit is recorded as such, so that
-    /// it is never replayed. The journal's I/O errors come as [`heed::Error::Io`].
-    pub(crate) fn commit(&mut self, txn: WriteTxn, sync: bool) -> heed::Result<()> {
-        let txnid = txn.id();
-        self.append(txnid, txn.changes())?;
+        body.extend_from_slice(&seq.to_le_bytes());
+        body.extend_from_slice(&txn.changes);
+        let start = self.written;
+        // A number is used once, whatever becomes of its record.
+        self.next_seq += 1;
+        self.write(&body)?;
         if sync {
-            self.sync()?;
+            if let Err(error) = self.sync() {
+                self.cut_back(start)?;
+                return Err(error.into());
+            }
         }
-        if let Err(error) = txn.commit() {
-            self.abort(txnid)?;
+        if let Err(error) = txn.txn.commit() {
+            let mut abort = vec![KIND_ABORT];
+            abort.extend_from_slice(&seq.to_le_bytes());
+            self.write(&abort)
+                .and_then(|()| self.sync())
+                .map_err(|cause| in_doubt("cancel a record whose commit failed", cause))?;
             return Err(error);
         }
         Ok(())
     }
 
-    /// Records that the commit record of `txnid` did not commit, and flushes.
-    fn abort(&mut self, txnid: u64) -> io::Result<()> {
-        let mut body = vec![KIND_ABORT];
-        body.extend_from_slice(&txnid.to_le_bytes());
-        self.write(&body)?;
-        self.sync()
-    }
-
     fn write(&mut self, body: &[u8]) -> io::Result<()> {
-        let framed = frame(body);
+        let framed = frame(body)?;
         let file = self
             .file
             .as_mut()
             .ok_or_else(|| io::Error::other("the journal has no segment open"))?;
         if let Err(error) = file.write_all(&framed) {
-            // A record written in part would end the journal for every record after it.
-            file.set_len(self.written)?;
+            let start = self.written;
+            self.cut_back(start)?;
             return Err(error);
         }
         self.unsynced += framed.len();
         self.written += framed.len() as u64;
         Ok(())
+    }
+
+    /// Cuts the segment back to `len` bytes and flushes: a record written or flushed in
+    /// part would end the segment for every record after it.
+    fn cut_back(&mut self, len: u64) -> io::Result<()> {
+        let file = self
+            .file
+            .as_ref()
+            .ok_or_else(|| io::Error::other("the journal has no segment open"))?;
+        file.set_len(len)
+            .and_then(|()| file.sync_data())
+            .map_err(|cause| in_doubt("cut off a record that failed", cause))?;
+        self.written = len;
+        self.unsynced = 0;
+        Ok(())
+    }
+
+    /// Whether a segment is open for appending.
+    pub(crate) fn is_open(&self) -> bool {
+        self.file.is_some()
     }
 
     /// Flushes what was appended. Costs nothing when nothing was.
@@ -337,8 +390,13 @@ impl Journal {
         Ok(())
     }
 
-    /// Flushes the current segment and starts the next; returns its number.
+    /// Flushes the current segment and starts the next; returns its number. A
+    /// segment with no record yet is kept (a checkpoint that failed and is tried
+    /// again does not pile up empty segments).
     pub(crate) fn roll(&mut self) -> io::Result<u64> {
+        if self.file.is_some() && self.written == frame_len(&self.tables) {
+            return Ok(self.segment);
+        }
         self.sync()?;
         let next = self.segment + 1;
         self.file = Some(Journal::create_segment(&self.dir, next, &self.tables)?);
@@ -346,6 +404,11 @@ impl Journal {
         self.written = frame_len(&self.tables);
         Ok(next)
     }
+}
+
+/// An error after which the journal's end is not known: the store must stop.
+fn in_doubt(what: &str, cause: io::Error) -> io::Error {
+    io::Error::other(format!("the journal could not {what}: {cause}"))
 }
 
 /// Deletes the segments in `dir` before `segment`.
@@ -365,30 +428,43 @@ fn frame_len(body: &[u8]) -> u64 {
     8 + body.len() as u64
 }
 
-fn frame(body: &[u8]) -> Vec<u8> {
+fn frame(body: &[u8]) -> io::Result<Vec<u8>> {
+    let len = u32::try_from(body.len())
+        .map_err(|_| io::Error::other("a journal record of 4 GiB or more"))?;
     let mut framed = Vec::with_capacity(8 + body.len());
-    framed.extend_from_slice(&(body.len() as u32).to_le_bytes());
+    framed.extend_from_slice(&len.to_le_bytes());
     framed.extend_from_slice(&crc32fast::hash(body).to_le_bytes());
     framed.extend_from_slice(body);
-    framed
+    Ok(framed)
 }
 
 /// A committed transaction read back from the journal.
 pub(crate) struct Recorded {
-    pub(crate) txnid: u64,
+    pub(crate) seq: u64,
     /// The segment it was read from.
     pub(crate) segment: u64,
     /// Table number to database name, from its segment's tables record.
-    names: std::rc::Rc<HashMap<u8, String>>,
+    names: std::rc::Rc<HashMap<u16, String>>,
     changes: Vec<u8>,
 }
 
-/// The commit records of the segments of `dir` from `segment` on, in order, without
-/// those an abort record cancels.
-pub(crate) fn read(dir: &Path, from_segment: u64) -> io::Result<Vec<Recorded>> {
-    let mut records: Vec<Recorded> = Vec::new();
+/// The journal as found in a directory.
+pub(crate) struct Found {
+    /// The commit records of the segments from the one asked for on, in order, without
+    /// those an abort record cancels.
+    pub(crate) records: Vec<Recorded>,
+    /// The highest sequence number of any record in them.
+    pub(crate) last_seq: u64,
+}
+
+/// The journal of `dir`, from segment `from_segment` on.
+pub(crate) fn read(dir: &Path, from_segment: u64) -> io::Result<Found> {
+    let mut found = Found {
+        records: Vec::new(),
+        last_seq: 0,
+    };
     if !dir.exists() {
-        return Ok(records);
+        return Ok(found);
     }
     for segment in segments(dir)?.into_iter().filter(|&s| s >= from_segment) {
         let path = segment_path(dir, segment);
@@ -397,16 +473,17 @@ pub(crate) fn read(dir: &Path, from_segment: u64) -> io::Result<Vec<Recorded>> {
         let mut names = std::rc::Rc::new(HashMap::new());
         let mut at = 0;
         while let Some(body) = next_body(&bytes, &mut at) {
-            let (kind, txnid) = (body[0], u64::from_le_bytes(body[1..9].try_into().unwrap()));
+            let (kind, seq) = (body[0], u64::from_le_bytes(body[1..9].try_into().unwrap()));
+            found.last_seq = found.last_seq.max(seq);
             match kind {
                 KIND_TABLES => names = std::rc::Rc::new(decode_tables(&body[9..])?),
-                KIND_COMMIT => records.push(Recorded {
-                    txnid,
+                KIND_COMMIT => found.records.push(Recorded {
+                    seq,
                     segment,
                     names: std::rc::Rc::clone(&names),
                     changes: body[9..].to_vec(),
                 }),
-                KIND_ABORT => records.retain(|r| r.txnid != txnid),
+                KIND_ABORT => found.records.retain(|r| r.seq != seq),
                 other => return Err(corrupt(format!("record kind {other}"))),
             }
         }
@@ -418,7 +495,7 @@ pub(crate) fn read(dir: &Path, from_segment: u64) -> io::Result<Vec<Recorded>> {
             );
         }
     }
-    Ok(records)
+    Ok(found)
 }
 
 /// The body of the record at `*at`, if it is whole and its checksum holds.
@@ -438,11 +515,11 @@ fn corrupt(what: String) -> io::Error {
     io::Error::new(io::ErrorKind::InvalidData, format!("journal: bad {what}"))
 }
 
-fn decode_tables(mut body: &[u8]) -> io::Result<HashMap<u8, String>> {
+fn decode_tables(mut body: &[u8]) -> io::Result<HashMap<u16, String>> {
     let count = take_u16(&mut body)?;
     let mut names = HashMap::new();
     for _ in 0..count {
-        let id = take(&mut body, 1)?[0];
+        let id = take_u16(&mut body)?;
         let len = take(&mut body, 1)?[0] as usize;
         let name = String::from_utf8(take(&mut body, len)?.to_vec())
             .map_err(|_| corrupt("table name".into()))?;
@@ -485,15 +562,16 @@ impl Recorded {
         let mut body = &self.changes[..];
         while !body.is_empty() {
             let op = take(&mut body, 1)?[0];
-            let id = take(&mut body, 1)?[0];
+            let id = take_u16(&mut body)?;
             let name = self
                 .names
                 .get(&id)
                 .ok_or_else(|| corrupt(format!("table number {id}")))?;
-            let table = tables
-                .tables
-                .get(name)
-                .ok_or_else(|| corrupt(format!("table name {name}")))?;
+            let table = tables.tables.get(name).ok_or_else(|| {
+                corrupt(format!(
+                    "table name {name} (a database this configuration does not have)"
+                ))
+            })?;
             match op {
                 PUT => {
                     let key = take_bytes(&mut body)?;
@@ -528,15 +606,24 @@ pub(crate) enum ReplayError {
 mod tests {
     use super::*;
 
-    fn tables() -> Tables {
-        Tables {
-            names: vec!["meta".into()],
-            tables: HashMap::new(),
-        }
+    /// A journal in `dir`, with its position table in an environment of its own.
+    fn journal(dir: &Path) -> (Journal, tempfile::TempDir) {
+        let env_dir = tempfile::tempdir().unwrap();
+        let env = unsafe {
+            shoal_shared::lmdb::env_options(1)
+                .open(env_dir.path())
+                .unwrap()
+        };
+        let mut tables = Tables::default();
+        let meta = tables.add(
+            "meta",
+            shoal_shared::lmdb::create_database(&env, "meta").unwrap(),
+        );
+        (Journal::new(dir, &tables, meta, 0).unwrap(), env_dir)
     }
 
     fn put_change(key: &[u8], value: &[u8]) -> Vec<u8> {
-        let mut change = vec![PUT, 0];
+        let mut change = vec![PUT, 0, 0];
         for bytes in [key, value] {
             change.extend_from_slice(&(bytes.len() as u32).to_le_bytes());
             change.extend_from_slice(bytes);
@@ -544,32 +631,32 @@ mod tests {
         change
     }
 
+    fn record(journal: &mut Journal, kind: u8, seq: u64, changes: &[u8]) {
+        let mut body = vec![kind];
+        body.extend_from_slice(&seq.to_le_bytes());
+        body.extend_from_slice(changes);
+        journal.write(&body).unwrap();
+    }
+
+    fn seqs(found: &Found) -> Vec<u64> {
+        found.records.iter().map(|r| r.seq).collect()
+    }
+
     #[test]
-    fn an_aborted_commit_is_not_read_back_and_a_record_cut_short_ends_the_journal() {
+    fn an_aborted_commit_is_not_read_back_and_a_record_cut_short_ends_the_segment() {
         let dir = tempfile::tempdir().unwrap();
-        let mut journal = Journal::new(dir.path(), &tables()).unwrap();
+        let (mut journal, _env) = journal(dir.path());
         journal.roll().unwrap();
-        journal.append(5, &put_change(b"a", b"1")).unwrap();
-        journal.append(6, &put_change(b"b", b"2")).unwrap();
-        journal.abort(6).unwrap();
-        journal.append(6, &put_change(b"b", b"3")).unwrap();
-        journal.append(7, &put_change(b"c", b"4")).unwrap();
+        record(&mut journal, KIND_COMMIT, 5, &put_change(b"a", b"1"));
+        record(&mut journal, KIND_COMMIT, 6, &put_change(b"b", b"2"));
+        record(&mut journal, KIND_ABORT, 6, &[]);
+        record(&mut journal, KIND_COMMIT, 7, &put_change(b"b", b"3"));
+        record(&mut journal, KIND_COMMIT, 8, &put_change(b"c", b"4"));
         journal.sync().unwrap();
-        let read_ids = || -> Vec<(u64, Vec<u8>)> {
-            read(dir.path(), 0)
-                .unwrap()
-                .into_iter()
-                .map(|r| (r.txnid, r.changes))
-                .collect()
-        };
-        assert_eq!(
-            read_ids(),
-            vec![
-                (5, put_change(b"a", b"1")),
-                (6, put_change(b"b", b"3")),
-                (7, put_change(b"c", b"4"))
-            ]
-        );
+        let found = read(dir.path(), 0).unwrap();
+        assert_eq!(seqs(&found), vec![5, 7, 8]);
+        assert_eq!(found.records[1].changes, put_change(b"b", b"3"));
+        assert_eq!(found.last_seq, 8);
         // The last record loses its last byte: it is not read, the others are.
         let path = segment_path(dir.path(), journal.segment);
         let len = std::fs::metadata(&path).unwrap().len();
@@ -579,39 +666,34 @@ mod tests {
             .unwrap()
             .set_len(len - 1)
             .unwrap();
-        assert_eq!(
-            read_ids().iter().map(|(id, _)| *id).collect::<Vec<_>>(),
-            vec![5, 6]
-        );
+        assert_eq!(seqs(&read(dir.path(), 0).unwrap()), vec![5, 7]);
         // A flipped bit fails the checksum just the same: one in the record before
-        // the torn one (that one is 8 + 9 + 12 bytes long, less the byte cut off).
+        // the torn one (that one is 8 + 9 + 13 bytes long, less the byte cut off).
         let mut bytes = std::fs::read(&path).unwrap();
-        let at = bytes.len() - 28 - 3;
+        let at = bytes.len() - 29 - 3;
         bytes[at] ^= 0x10;
         std::fs::write(&path, &bytes).unwrap();
-        assert_eq!(
-            read_ids().iter().map(|(id, _)| *id).collect::<Vec<_>>(),
-            vec![5]
-        );
+        assert_eq!(seqs(&read(dir.path(), 0).unwrap()), vec![5]);
     }
 
     #[test]
     fn a_new_segment_starts_after_the_last_and_older_ones_can_be_removed() {
         let dir = tempfile::tempdir().unwrap();
-        let mut journal = Journal::new(dir.path(), &tables()).unwrap();
+        let (mut journal, _env) = journal(dir.path());
         let first = journal.roll().unwrap();
-        assert!(journal.append(1, &put_change(b"a", b"1")).is_ok());
+        assert_eq!(journal.roll().unwrap(), first, "an empty segment is kept");
+        record(&mut journal, KIND_COMMIT, 1, &put_change(b"a", b"1"));
         let second = journal.roll().unwrap();
         assert_eq!(second, first + 1);
-        journal.append(2, &put_change(b"b", b"2")).unwrap();
+        record(&mut journal, KIND_COMMIT, 2, &put_change(b"b", b"2"));
         journal.sync().unwrap();
         drop(journal);
-        let mut reopened = Journal::new(dir.path(), &tables()).unwrap();
+        let (mut reopened, _env) = self::journal(dir.path());
         assert_eq!(reopened.roll().unwrap(), second + 1);
-        assert_eq!(read(dir.path(), second).unwrap().len(), 1);
-        assert_eq!(read(dir.path(), 0).unwrap().len(), 2);
+        assert_eq!(seqs(&read(dir.path(), second).unwrap()), vec![2]);
+        assert_eq!(seqs(&read(dir.path(), 0).unwrap()), vec![1, 2]);
         remove_before(dir.path(), second).unwrap();
         assert_eq!(segments(dir.path()).unwrap(), vec![second, second + 1]);
-        assert_eq!(read(dir.path(), 0).unwrap()[0].txnid, 2);
+        assert_eq!(seqs(&read(dir.path(), 0).unwrap()), vec![2]);
     }
 }

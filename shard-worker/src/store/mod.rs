@@ -151,10 +151,11 @@ struct Checkpoints {
     /// The journal's directory, which holds the checkpoint file.
     dir: std::path::PathBuf,
     /// A read transaction on the last checkpoint's snapshot: none of its pages is
-    /// reused while it is open.
+    /// reused while it is open. None while there is no checkpoint to recover from that
+    /// the environment's pages can be trusted to (no commit may be made then).
     pin: Option<RoTxn<'static, WithoutTls>>,
-    /// The transaction id of the last checkpoint.
-    txnid: u64,
+    /// The transaction id of the last checkpoint, if there is one.
+    txnid: Option<u64>,
     /// The checkpoint being taken: its data file flush runs in a thread.
     running: Option<RunningCheckpoint>,
     /// When the last checkpoint was started.
@@ -164,10 +165,67 @@ struct Checkpoints {
     keep_from: Option<u64>,
 }
 
+impl Checkpoints {
+    /// Pins the environment as it is and, unless it is already the last checkpoint,
+    /// flushes it and records it as the checkpoint (with the journal's segments from
+    /// `keep_from`, or from the next one, to replay). Run at open, before anything is
+    /// written.
+    fn pin_current(&mut self, env: &Env<WithoutTls>, boot_id: &str) -> Result<(), StoreError> {
+        let txnid = env.info().last_txn_id as u64;
+        let pin = env.clone().static_read_txn()?;
+        if self.txnid != Some(txnid) {
+            let taken = checkpoint::Checkpoint {
+                txnid,
+                segment: match self.keep_from {
+                    Some(segment) => segment,
+                    None => journal::next_segment(&self.dir).map_err(io_error)?,
+                },
+                boot_id: boot_id.to_string(),
+                meta: checkpoint::meta_page(env, txnid).map_err(io_error)?,
+            };
+            env.force_sync()?;
+            taken.write(&self.dir).map_err(io_error)?;
+            self.txnid = Some(txnid);
+        }
+        self.pin = Some(pin);
+        Ok(())
+    }
+}
+
 struct RunningCheckpoint {
     pin: RoTxn<'static, WithoutTls>,
     txnid: u64,
-    done: std::thread::JoinHandle<std::io::Result<()>>,
+    done: std::thread::JoinHandle<Result<(), CheckpointFailure>>,
+}
+
+/// How a checkpoint's thread failed.
+enum CheckpointFailure {
+    /// The data file's flush: what reached the disk is in doubt.
+    Flush(heed::Error),
+    /// The checkpoint file or the removal of old segments: the last checkpoint stays.
+    Record(std::io::Error),
+}
+
+/// The sequence number of the last journal record the environment holds (0 if none).
+fn journal_position(env: &Env<WithoutTls>) -> Result<u64, StoreError> {
+    let Some(meta) = shoal_shared::lmdb::open_database_if_present(env, "meta")? else {
+        return Ok(0);
+    };
+    let txn = env.read_txn()?;
+    match meta.get(&txn, layout::META_JOURNAL_SEQ)? {
+        Some(raw) => Ok(layout::decode_u64(raw, "journal position")?),
+        None => Ok(0),
+    }
+}
+
+impl Drop for Store {
+    fn drop(&mut self) {
+        // A checkpoint's thread must not outlive the store (its files may be removed
+        // next).
+        if let Err(error) = self.finish_checkpoint(true) {
+            tracing::warn!(%error, "the last checkpoint failed");
+        }
+    }
 }
 
 /// State of one write transaction: partition counters advanced in it, and the
@@ -258,9 +316,11 @@ impl Store {
             source,
         })?;
         let journal_dir = journal::dir(dir);
+        journal::create_dir(&journal_dir).map_err(io_error)?;
+        let boot_id = clock.boot_id().map_err(io_error)?;
         let checkpoint = checkpoint::Checkpoint::read(&journal_dir).map_err(io_error)?;
         if let Some(checkpoint) = &checkpoint {
-            if checkpoint.boot_id != clock.boot_id() {
+            if checkpoint.boot_id != boot_id {
                 // The machine restarted since the checkpoint: what LMDB wrote after it
                 // may be on disk in part. Back to the checkpoint, then the journal.
                 tracing::info!(
@@ -282,9 +342,49 @@ impl Store {
             tracing::info!(cleared, "cleared stale LMDB readers");
         }
 
+        // The journal's records that the environment does not have.
+        let position = journal_position(&env)?;
+        let found = journal::read(
+            &journal_dir,
+            checkpoint
+                .as_ref()
+                .map_or(0, |checkpoint| checkpoint.segment),
+        )
+        .map_err(io_error)?;
+        let missing: Vec<journal::Recorded> = found
+            .records
+            .into_iter()
+            .filter(|r| r.seq > position)
+            .collect();
+        // Before anything is written, the environment as it is becomes the checkpoint
+        // to recover from: the pages of the last durable snapshot must not be reused
+        // until a newer one is. The records still to replay stay in their segments
+        // until they are journaled again.
+        let mut checkpoints = Checkpoints {
+            dir: journal_dir.clone(),
+            pin: None,
+            txnid: checkpoint.as_ref().map(|checkpoint| checkpoint.txnid),
+            running: None,
+            started: std::time::Instant::now(),
+            keep_from: missing.first().map(|r| r.segment),
+        };
+        match checkpoints.pin_current(&env, &boot_id) {
+            Err(error) if error.is_out_of_room() && missing.is_empty() => {
+                tracing::warn!(%error, "no room for a checkpoint: writes are refused until there is");
+            }
+            other => other?,
+        }
+
         let mut tables = journal::Tables::default();
         let mut table = |name: &str| -> Result<Table, StoreError> {
-            Ok(tables.add(name, create_database(&env, name)?))
+            let db = match checkpoints.pin {
+                Some(_) => create_database(&env, name)?,
+                // Creating a database writes, and nothing may be written before a
+                // checkpoint.
+                None => shoal_shared::lmdb::open_database_if_present(&env, name)?
+                    .ok_or_else(|| io_error(std::io::Error::from_raw_os_error(libc::ENOSPC)))?,
+            };
+            Ok(tables.add(name, db))
         };
         let mut collections = Vec::with_capacity(usize::from(options.collections));
         for collection in 0..options.collections {
@@ -302,14 +402,9 @@ impl Store {
             table("txns")?,
             table("meta")?,
         );
-        let to_replay = journal::read(
-            &journal_dir,
-            checkpoint
-                .as_ref()
-                .map_or(0, |checkpoint| checkpoint.segment),
-        )
-        .map_err(io_error)?;
-        let journal = journal::Journal::new(&journal_dir, &tables).map_err(io_error)?;
+        let journal =
+            journal::Journal::new(&journal_dir, &tables, meta, found.last_seq.max(position))
+                .map_err(io_error)?;
         let mut store = Store {
             collections,
             elements,
@@ -333,16 +428,10 @@ impl Store {
             sync_each_commit: options.durability == Durability::Fsync,
             clock: Box::new(clock),
             journal,
-            checkpoints: Checkpoints {
-                dir: journal_dir,
-                pin: None,
-                txnid: checkpoint.as_ref().map_or(0, |checkpoint| checkpoint.txnid),
-                running: None,
-                started: std::time::Instant::now(),
-                keep_from: None,
-            },
+            checkpoints,
         };
-        store.recover(to_replay, &tables)?;
+        store.replay_journal(missing, &tables, position)?;
+        store.checkpoints.keep_from = None;
         store.check_meta(options)?;
         store.move_recent_at_open()?;
         store.locks = store.load_locks()?;
@@ -356,38 +445,23 @@ impl Store {
         Ok(store)
     }
 
-    /// Replays the journal's records that LMDB does not have. Before any write, the
-    /// environment as it is becomes a checkpoint: the pages of the last durable
-    /// snapshot must not be reused until a newer one is. With no room for it (a full
-    /// disk) and nothing to replay, the store opens all the same, and refuses writes
-    /// until a checkpoint succeeds.
-    fn recover(
+    /// Makes the journal's records that the environment lacks (those after `position`)
+    /// again, in one transaction, which is journaled in turn.
+    fn replay_journal(
         &mut self,
-        recorded: Vec<journal::Recorded>,
+        missing: Vec<journal::Recorded>,
         tables: &journal::Tables,
+        position: u64,
     ) -> Result<(), StoreError> {
-        let last = self.env.info().last_txn_id as u64;
-        let missing: Vec<journal::Recorded> =
-            recorded.into_iter().filter(|r| r.txnid > last).collect();
-        // Records still to replay stay in their segments until they are journaled again
-        // below, whatever checkpoint is taken meanwhile (one before a map resize too).
-        self.checkpoints.keep_from = missing.first().map(|r| r.segment);
-        match self.checkpoint() {
-            Err(error) if error.is_out_of_room() && missing.is_empty() => {
-                tracing::warn!(%error, "no room for a checkpoint: writes are refused until there is");
-                return Ok(());
-            }
-            other => other?,
-        }
         if missing.is_empty() {
             return Ok(());
         }
         tracing::info!(
             transactions = missing.len(),
-            after = last,
+            after = position,
             "replaying the journal"
         );
-        let replayed = self.in_write_txn(|_, txn, batch| {
+        self.in_write_txn(|_, txn, batch| {
             for record in &missing {
                 record.replay(txn, tables).map_err(|error| match error {
                     journal::ReplayError::Lmdb(error) => error,
@@ -396,23 +470,27 @@ impl Store {
             }
             batch.dirty = true;
             Ok(())
-        });
-        self.checkpoints.keep_from = None;
-        replayed
+        })
     }
 
-    /// Takes a checkpoint if there is none to recover from (none could be taken at
-    /// open, for want of room): no commit may reuse pages before one is.
+    /// Makes ready for a commit: takes a checkpoint if there is none to recover from
+    /// (none could be taken at open, for want of room), since no commit may reuse pages
+    /// before one is, and opens a journal segment if none is.
     fn ensure_checkpoint(&mut self) -> Result<(), StoreError> {
-        match self.checkpoints.pin {
-            Some(_) => Ok(()),
-            None => self.checkpoint(),
+        if self.checkpoints.pin.is_none() {
+            return self.checkpoint();
         }
+        if !self.journal.is_open() {
+            self.journal.roll().map_err(io_error)?;
+        }
+        Ok(())
     }
 
     /// Takes a checkpoint now, after the one being taken if any, and waits for it.
     pub fn checkpoint(&mut self) -> Result<(), StoreError> {
-        self.finish_checkpoint(true)?;
+        if let Err(error) = self.finish_checkpoint(true) {
+            tracing::warn!(%error, "the checkpoint before failed");
+        }
         let running = self.start_checkpoint()?;
         self.checkpoints.running = Some(running);
         self.finish_checkpoint(true)
@@ -420,42 +498,50 @@ impl Store {
 
     /// Finishes the checkpoint being taken if its flush is done, and starts one if one
     /// is due: every [`CHECKPOINT_EVERY`] once something was committed since the last.
+    /// A checkpoint that could not be recorded (no room for its file or segment) is
+    /// logged and tried again later; an error here means the data file could not be
+    /// flushed, after which the worker must stop.
     pub(crate) fn checkpoint_tick(&mut self) -> Result<(), StoreError> {
-        self.finish_checkpoint(false)?;
+        if let Err(error) = self.finish_checkpoint(false) {
+            if matches!(error, StoreError::InDoubt(_)) {
+                return Err(error);
+            }
+            tracing::warn!(%error, "checkpoint failed; retrying at the next tick");
+        }
         let due = self.checkpoints.running.is_none()
             && self.checkpoints.started.elapsed() >= CHECKPOINT_EVERY
-            && self.env.info().last_txn_id as u64 != self.checkpoints.txnid;
+            && Some(self.env.info().last_txn_id as u64) != self.checkpoints.txnid;
         if due {
-            self.checkpoints.running = Some(self.start_checkpoint()?);
+            match self.start_checkpoint() {
+                Ok(running) => self.checkpoints.running = Some(running),
+                Err(error) => {
+                    tracing::warn!(%error, "checkpoint failed; retrying at the next tick")
+                }
+            }
         }
         Ok(())
     }
 
     fn start_checkpoint(&mut self) -> Result<RunningCheckpoint, StoreError> {
+        self.checkpoints.started = std::time::Instant::now();
         let txnid = self.env.info().last_txn_id as u64;
         let pin = self.env.clone().static_read_txn()?;
-        let page_size = self.env.unnamed_database_stat().page_size as usize;
-        let meta = checkpoint::meta_page(&self.env.path().join("data.mdb"), page_size, txnid)
-            .map_err(io_error)?;
+        let meta = checkpoint::meta_page(&self.env, txnid).map_err(io_error)?;
         let segment = self.journal.roll().map_err(io_error)?;
         let taken = checkpoint::Checkpoint {
             txnid,
             segment: self.checkpoints.keep_from.unwrap_or(segment),
-            boot_id: self.clock.boot_id(),
+            boot_id: self.clock.boot_id().map_err(io_error)?,
             meta,
         };
         let env = self.env.clone();
         let dir = self.checkpoints.dir.clone();
-        self.checkpoints.started = std::time::Instant::now();
         let done = std::thread::Builder::new()
             .name("checkpoint".into())
             .spawn(move || {
-                env.force_sync().map_err(|error| match error {
-                    heed::Error::Io(error) => error,
-                    other => std::io::Error::other(other.to_string()),
-                })?;
-                taken.write(&dir)?;
-                journal::remove_before(&dir, taken.segment)
+                env.force_sync().map_err(CheckpointFailure::Flush)?;
+                taken.write(&dir).map_err(CheckpointFailure::Record)?;
+                journal::remove_before(&dir, taken.segment).map_err(CheckpointFailure::Record)
             })
             .map_err(io_error)?;
         Ok(RunningCheckpoint { pin, txnid, done })
@@ -463,7 +549,10 @@ impl Store {
 
     /// Ends the checkpoint being taken: at once if `wait`, else only if its flush is
     /// done. Once its file is written, its pin replaces the last checkpoint's. If it
-    /// failed, the last checkpoint stays the one to recover from.
+    /// failed, the last checkpoint stays the one to recover from. A failed flush of
+    /// the data file comes back as [`StoreError::InDoubt`]: the pages LMDB wrote are
+    /// then in doubt, and only a restart (which recovers from the last checkpoint and
+    /// the journal) is safe.
     fn finish_checkpoint(&mut self, wait: bool) -> Result<(), StoreError> {
         let Some(running) = self
             .checkpoints
@@ -475,13 +564,14 @@ impl Store {
         match running.done.join() {
             Ok(Ok(())) => {
                 self.checkpoints.pin = Some(running.pin);
-                self.checkpoints.txnid = running.txnid;
+                self.checkpoints.txnid = Some(running.txnid);
                 Ok(())
             }
-            Ok(Err(error)) => Err(io_error(error)),
-            Err(_) => Err(io_error(std::io::Error::other(
-                "the checkpoint thread panicked",
+            Ok(Err(CheckpointFailure::Record(error))) => Err(io_error(error)),
+            Ok(Err(CheckpointFailure::Flush(error))) => Err(StoreError::InDoubt(format!(
+                "flushing the data file for a checkpoint failed: {error}"
             ))),
+            Err(_) => Err(StoreError::InDoubt("the checkpoint thread panicked".into())),
         }
     }
 

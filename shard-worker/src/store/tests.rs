@@ -1265,8 +1265,9 @@ fn a_map_at_its_limit_refuses_writes_and_keeps_reads() {
 #[test]
 fn a_shard_of_the_previous_format_is_upgraded_and_a_later_one_refused() {
     let dir = tempfile::tempdir().unwrap();
-    let set_version = |store: &Store, version: u32| {
-        let mut txn = WriteTxn::new(store.env.write_txn().unwrap());
+    let set_version = |store: &mut Store, version: u32| {
+        let env = store.env.clone();
+        let mut txn = WriteTxn::new(env.write_txn().unwrap());
         store
             .meta
             .put(
@@ -1275,7 +1276,7 @@ fn a_shard_of_the_previous_format_is_upgraded_and_a_later_one_refused() {
                 &version.to_be_bytes(),
             )
             .unwrap();
-        txn.commit().unwrap();
+        store.journal.commit(txn, true).unwrap();
     };
     let version = |store: &Store| {
         let txn = store.env.read_txn().unwrap();
@@ -1284,12 +1285,12 @@ fn a_shard_of_the_previous_format_is_upgraded_and_a_later_one_refused() {
     };
     let mut store = Store::open(dir.path(), &options()).unwrap();
     apply(&mut store, &[set(0, key(1, b"k"), b"v")]);
-    set_version(&store, layout::OLDEST_FORMAT_VERSION);
+    set_version(&mut store, layout::OLDEST_FORMAT_VERSION);
     drop(store);
     let mut store = Store::open(dir.path(), &options()).unwrap();
     assert_eq!(version(&store), layout::FORMAT_VERSION);
     assert_eq!(logged(&mut store, 1, 0, 10), vec![1]);
-    set_version(&store, layout::FORMAT_VERSION + 1);
+    set_version(&mut store, layout::FORMAT_VERSION + 1);
     drop(store);
     let refused = Store::open(dir.path(), &options()).err().expect("refused");
     assert!(refused.to_string().contains("format version"), "{refused}");
