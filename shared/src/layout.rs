@@ -79,7 +79,10 @@ use crate::limits::{
 
 /// Version of this layout, stored in `meta`. Version 3 added `recent`
 /// ([`recent_key`]); a build before it would not read the log entries there.
-pub const FORMAT_VERSION: u32 = 3;
+/// Version 4 added the shard's journal (`journal/` beside the environment, and
+/// [`META_JOURNAL_SEQ`]); a build before it would open a shard without replaying its
+/// journal, or torn by a power failure without rewinding it.
+pub const FORMAT_VERSION: u32 = 4;
 /// The oldest version this build opens: a shard of version 2 has no `recent` yet, and
 /// is marked version 3 when it is opened.
 pub const OLDEST_FORMAT_VERSION: u32 = 2;
