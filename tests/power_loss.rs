@@ -121,6 +121,17 @@ fn cpath(path: &Path) -> CString {
     CString::new(path.as_os_str().as_bytes()).expect("path without NUL")
 }
 
+/// Creates (or empties) `path` for reading and writing.
+fn create_rw(path: &Path) -> File {
+    OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .open(path)
+        .expect("create")
+}
+
 /// Runs `f` in a forked child and returns its exit code. `f` must only make
 /// async-signal-safe calls (raw syscalls through libc; no allocation, no panics).
 fn in_child(f: impl FnOnce() -> i32) -> i32 {
@@ -313,13 +324,7 @@ fn o_dsync_writes_are_durable_at_once() {
 fn mmap_sees_pwrite_before_any_fsync() {
     let fx = Fixture::new();
     let path = fx.m("data.mdb");
-    let file = OpenOptions::new()
-        .read(true)
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .open(&path)
-        .expect("create");
+    let file = create_rw(&path);
     file.write_all_at(&pages(b'A', 0, 3), 0).expect("pwrite");
     let before = pages(b'A', 0, 3);
     let page1 = pages(b'B', 1, 1);
@@ -371,13 +376,7 @@ fn mmap_sees_pwrite_before_any_fsync() {
 fn shared_writable_mappings_and_locks_work_across_processes() {
     let fx = Fixture::new();
     let path = fx.m("lock.mdb");
-    let file = OpenOptions::new()
-        .read(true)
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .open(&path)
-        .expect("create");
+    let file = create_rw(&path);
     file.set_len(2 * PAGE_SIZE).expect("ftruncate");
     let c_path = cpath(&path);
 
