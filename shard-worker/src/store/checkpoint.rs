@@ -19,11 +19,16 @@
 //!
 //! At open, if the checkpoint was taken in another boot of the machine, the page
 //! cache may have lost writes: both meta pages are overwritten with `S`'s, which makes
-//! the environment `S` again (intact, by 1.), and the journal's records after `S` are
-//! replayed. Within the same boot (a process killed, not the machine) the page cache
-//! lost nothing, so nothing is rewound: only the records LMDB has not committed
-//! (their commit was cut short) are replayed. Rewinding then would be wrong as well
-//! as needless: the net-daemon may still read the newer snapshots.
+//! the environment `S` again (intact, by 1.). Within the same boot (a process killed,
+//! not the machine) the page cache lost nothing, so nothing is rewound; rewinding then
+//! would be wrong as well as needless, since the net-daemon may still read the newer
+//! snapshots. Either way, before anything is written the environment as it is becomes
+//! the checkpoint ([`Checkpoints::pin_current`]), and then the journal's records after
+//! the environment's journal position are replayed (`Store::open_with_clock`).
+//!
+//! The store's checkpoint methods are here too: [`Store::checkpoint`] (now, waiting
+//! for it), [`Store::checkpoint_tick`] (every second while writes go on, flushing in a
+//! thread), and `Store::ensure_checkpoint` (before a commit, when there is none).
 //!
 //! The checkpoint file, `journal/checkpoint`:
 //!
@@ -37,7 +42,13 @@ use std::io::{self, Read, Write};
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 
-use super::journal::sync_dir;
+use heed::{Env, RoTxn, WithoutTls};
+
+use super::journal::{self, sync_dir};
+use super::{io_error, Store, StoreError};
+
+/// How often a checkpoint is taken while writes go on.
+const CHECKPOINT_EVERY: std::time::Duration = std::time::Duration::from_secs(1);
 
 const MAGIC: &[u8; 8] = b"SHOALCKP";
 const VERSION: u32 = 1;
@@ -185,7 +196,7 @@ fn meta_txnid(page: &[u8]) -> Option<u64> {
 
 /// The meta page of transaction `txnid` of `env`, just committed, read from its data
 /// file (from the page cache).
-pub(crate) fn meta_page(env: &heed::Env<heed::WithoutTls>, txnid: u64) -> io::Result<Vec<u8>> {
+pub(crate) fn meta_page(env: &Env<WithoutTls>, txnid: u64) -> io::Result<Vec<u8>> {
     let data_file = env.path().join("data.mdb");
     let page_size = env.unnamed_database_stat().page_size as usize;
     let mut page = vec![0; page_size];
@@ -218,6 +229,198 @@ pub(crate) fn rewind(data_file: &Path, checkpoint: &Checkpoint) -> io::Result<()
         file.write_all_at(&page, slot * page_size as u64)?;
     }
     file.sync_all()
+}
+
+/// The checkpoints of a store (see `checkpoint`).
+pub(super) struct Checkpoints {
+    /// The journal's directory, which holds the checkpoint file.
+    pub(super) dir: std::path::PathBuf,
+    /// A read transaction on the last checkpoint's snapshot: none of its pages is
+    /// reused while it is open. None while there is no checkpoint to recover from that
+    /// the environment's pages can be trusted to (no commit may be made then).
+    pub(super) pin: Option<RoTxn<'static, WithoutTls>>,
+    /// The transaction id of the last checkpoint, if there is one.
+    txnid: Option<u64>,
+    /// The checkpoint being taken: its data file flush runs in a thread.
+    running: Option<RunningCheckpoint>,
+    /// When the last checkpoint was started.
+    started: std::time::Instant,
+    /// While the journal is replayed at open: the first segment it is replayed from,
+    /// which a checkpoint must keep.
+    pub(super) keep_from: Option<u64>,
+}
+
+impl Checkpoints {
+    /// The checkpoints of a store whose journal is in `dir`: the last one recorded
+    /// (its transaction id, if there is one), and the first segment that replay at open
+    /// still needs.
+    pub(super) fn new(dir: &Path, txnid: Option<u64>, keep_from: Option<u64>) -> Checkpoints {
+        Checkpoints {
+            dir: dir.to_path_buf(),
+            pin: None,
+            txnid,
+            running: None,
+            started: std::time::Instant::now(),
+            keep_from,
+        }
+    }
+
+    /// Pins the environment as it is and, unless it is already the last checkpoint,
+    /// flushes it and records it as the checkpoint (with the journal's segments from
+    /// `keep_from`, or from the next one, to replay). Run at open, before anything is
+    /// written.
+    pub(super) fn pin_current(
+        &mut self,
+        env: &Env<WithoutTls>,
+        boot_id: &str,
+    ) -> Result<(), StoreError> {
+        let txnid = env.info().last_txn_id as u64;
+        let pin = env.clone().static_read_txn()?;
+        if self.txnid != Some(txnid) {
+            let taken = Checkpoint {
+                txnid,
+                segment: match self.keep_from {
+                    Some(segment) => segment,
+                    None => journal::next_segment(&self.dir).map_err(io_error)?,
+                },
+                boot_id: boot_id.to_string(),
+                meta: meta_page(env, txnid).map_err(io_error)?,
+            };
+            env.force_sync()?;
+            taken.write(&self.dir).map_err(io_error)?;
+            self.txnid = Some(txnid);
+        }
+        self.pin = Some(pin);
+        Ok(())
+    }
+}
+
+struct RunningCheckpoint {
+    pub(super) pin: RoTxn<'static, WithoutTls>,
+    pub(super) txnid: u64,
+    done: std::thread::JoinHandle<Result<(), CheckpointFailure>>,
+}
+
+/// How a checkpoint's thread failed.
+enum CheckpointFailure {
+    /// The data file's flush: what reached the disk is in doubt.
+    Flush(heed::Error),
+    /// The checkpoint file or the removal of old segments: the last checkpoint stays.
+    Record(std::io::Error),
+}
+
+impl Store {
+    /// Makes ready for a commit: takes a checkpoint if there is none to recover from
+    /// (none could be taken at open, for want of room), since no commit may reuse pages
+    /// before one is, and opens a journal segment if none is.
+    pub(super) fn ensure_checkpoint(&mut self) -> Result<(), StoreError> {
+        if self.checkpoints.pin.is_none() {
+            return self.checkpoint();
+        }
+        if !self.journal.is_open() {
+            self.journal.roll().map_err(io_error)?;
+        }
+        Ok(())
+    }
+
+    /// Takes a checkpoint now, after the one being taken if any, and waits for it.
+    pub fn checkpoint(&mut self) -> Result<(), StoreError> {
+        if let Err(error) = self.finish_checkpoint(true) {
+            tracing::warn!(%error, "the checkpoint before failed");
+        }
+        let running = self.start_checkpoint()?;
+        self.checkpoints.running = Some(running);
+        self.finish_checkpoint(true)
+    }
+
+    /// Finishes the checkpoint being taken if its flush is done, and starts one if one
+    /// is due: every [`CHECKPOINT_EVERY`] once something was committed since the last.
+    /// A checkpoint that could not be recorded (no room for its file or segment) is
+    /// logged and tried again later; an error here means the data file could not be
+    /// flushed, after which the worker must stop.
+    pub(crate) fn checkpoint_tick(&mut self) -> Result<(), StoreError> {
+        if let Err(error) = self.finish_checkpoint(false) {
+            if matches!(error, StoreError::InDoubt(_)) {
+                return Err(error);
+            }
+            tracing::warn!(%error, "checkpoint failed; retrying at the next tick");
+        }
+        let due = self.checkpoints.running.is_none()
+            && self.checkpoints.started.elapsed() >= CHECKPOINT_EVERY
+            && Some(self.env.info().last_txn_id as u64) != self.checkpoints.txnid;
+        if due {
+            match self.start_checkpoint() {
+                Ok(running) => self.checkpoints.running = Some(running),
+                Err(error) => {
+                    tracing::warn!(%error, "checkpoint failed; retrying at the next tick")
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn start_checkpoint(&mut self) -> Result<RunningCheckpoint, StoreError> {
+        self.checkpoints.started = std::time::Instant::now();
+        let txnid = self.env.info().last_txn_id as u64;
+        let pin = self.env.clone().static_read_txn()?;
+        let meta = meta_page(&self.env, txnid).map_err(io_error)?;
+        let segment = self.journal.roll().map_err(io_error)?;
+        let taken = Checkpoint {
+            txnid,
+            segment: self.checkpoints.keep_from.unwrap_or(segment),
+            boot_id: self.clock.boot_id().map_err(io_error)?,
+            meta,
+        };
+        let env = self.env.clone();
+        let dir = self.checkpoints.dir.clone();
+        let done = std::thread::Builder::new()
+            .name("checkpoint".into())
+            .spawn(move || {
+                env.force_sync().map_err(CheckpointFailure::Flush)?;
+                taken.write(&dir).map_err(CheckpointFailure::Record)?;
+                journal::remove_before(&dir, taken.segment).map_err(CheckpointFailure::Record)
+            })
+            .map_err(io_error)?;
+        Ok(RunningCheckpoint { pin, txnid, done })
+    }
+
+    /// Ends the checkpoint being taken: at once if `wait`, else only if its flush is
+    /// done. Once its file is written, its pin replaces the last checkpoint's. If it
+    /// failed, the last checkpoint stays the one to recover from. A failed flush of
+    /// the data file comes back as [`StoreError::InDoubt`]: the pages LMDB wrote are
+    /// then in doubt, and only a restart (which recovers from the last checkpoint and
+    /// the journal) is safe.
+    fn finish_checkpoint(&mut self, wait: bool) -> Result<(), StoreError> {
+        let Some(running) = self
+            .checkpoints
+            .running
+            .take_if(|running| wait || running.done.is_finished())
+        else {
+            return Ok(());
+        };
+        match running.done.join() {
+            Ok(Ok(())) => {
+                self.checkpoints.pin = Some(running.pin);
+                self.checkpoints.txnid = Some(running.txnid);
+                Ok(())
+            }
+            Ok(Err(CheckpointFailure::Record(error))) => Err(io_error(error)),
+            Ok(Err(CheckpointFailure::Flush(error))) => Err(StoreError::InDoubt(format!(
+                "flushing the data file for a checkpoint failed: {error}"
+            ))),
+            Err(_) => Err(StoreError::InDoubt("the checkpoint thread panicked".into())),
+        }
+    }
+}
+
+impl Drop for Store {
+    fn drop(&mut self) {
+        // A checkpoint's thread must not outlive the store (its files may be removed
+        // next).
+        if let Err(error) = self.finish_checkpoint(true) {
+            tracing::warn!(%error, "the last checkpoint failed");
+        }
+    }
 }
 
 #[cfg(test)]

@@ -50,7 +50,7 @@ use std::path::{Path, PathBuf};
 
 use heed::{RoTxn, RwTxn, WithoutTls};
 use shoal_shared::layout;
-use shoal_shared::lmdb::RawDatabase;
+use shoal_shared::lmdb::{RawDatabase, StoreError};
 
 const KIND_TABLES: u8 = 0;
 const KIND_COMMIT: u8 = 1;
@@ -200,6 +200,18 @@ impl Tables {
             body.extend_from_slice(name.as_bytes());
         }
         body
+    }
+}
+
+/// The sequence number of the last journal record the environment holds (0 if none).
+pub(crate) fn position(env: &heed::Env<WithoutTls>) -> Result<u64, StoreError> {
+    let Some(meta) = shoal_shared::lmdb::open_database_if_present(env, "meta")? else {
+        return Ok(0);
+    };
+    let txn = env.read_txn()?;
+    match meta.get(&txn, layout::META_JOURNAL_SEQ)? {
+        Some(raw) => Ok(layout::decode_u64(raw, "journal position")?),
+        None => Ok(0),
     }
 }
 

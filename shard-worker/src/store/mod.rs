@@ -60,7 +60,7 @@ use std::collections::{BTreeSet, HashMap};
 use std::path::Path;
 use std::sync::{Arc, RwLock};
 
-use heed::{Env, EnvFlags, RoTxn, WithoutTls};
+use heed::{Env, EnvFlags, WithoutTls};
 use shoal_shared::config::Durability;
 use shoal_shared::frame::{
     versions, Collection, Key, Partition, WorkerError, WorkerRequest, WorkerResponse,
@@ -143,89 +143,7 @@ pub struct Store {
     /// does without a sync).
     journal: journal::Journal,
     /// The last checkpoint and the one being taken.
-    checkpoints: Checkpoints,
-}
-
-/// The checkpoints of a store (see `checkpoint`).
-struct Checkpoints {
-    /// The journal's directory, which holds the checkpoint file.
-    dir: std::path::PathBuf,
-    /// A read transaction on the last checkpoint's snapshot: none of its pages is
-    /// reused while it is open. None while there is no checkpoint to recover from that
-    /// the environment's pages can be trusted to (no commit may be made then).
-    pin: Option<RoTxn<'static, WithoutTls>>,
-    /// The transaction id of the last checkpoint, if there is one.
-    txnid: Option<u64>,
-    /// The checkpoint being taken: its data file flush runs in a thread.
-    running: Option<RunningCheckpoint>,
-    /// When the last checkpoint was started.
-    started: std::time::Instant,
-    /// While the journal is replayed at open: the first segment it is replayed from,
-    /// which a checkpoint must keep.
-    keep_from: Option<u64>,
-}
-
-impl Checkpoints {
-    /// Pins the environment as it is and, unless it is already the last checkpoint,
-    /// flushes it and records it as the checkpoint (with the journal's segments from
-    /// `keep_from`, or from the next one, to replay). Run at open, before anything is
-    /// written.
-    fn pin_current(&mut self, env: &Env<WithoutTls>, boot_id: &str) -> Result<(), StoreError> {
-        let txnid = env.info().last_txn_id as u64;
-        let pin = env.clone().static_read_txn()?;
-        if self.txnid != Some(txnid) {
-            let taken = checkpoint::Checkpoint {
-                txnid,
-                segment: match self.keep_from {
-                    Some(segment) => segment,
-                    None => journal::next_segment(&self.dir).map_err(io_error)?,
-                },
-                boot_id: boot_id.to_string(),
-                meta: checkpoint::meta_page(env, txnid).map_err(io_error)?,
-            };
-            env.force_sync()?;
-            taken.write(&self.dir).map_err(io_error)?;
-            self.txnid = Some(txnid);
-        }
-        self.pin = Some(pin);
-        Ok(())
-    }
-}
-
-struct RunningCheckpoint {
-    pin: RoTxn<'static, WithoutTls>,
-    txnid: u64,
-    done: std::thread::JoinHandle<Result<(), CheckpointFailure>>,
-}
-
-/// How a checkpoint's thread failed.
-enum CheckpointFailure {
-    /// The data file's flush: what reached the disk is in doubt.
-    Flush(heed::Error),
-    /// The checkpoint file or the removal of old segments: the last checkpoint stays.
-    Record(std::io::Error),
-}
-
-/// The sequence number of the last journal record the environment holds (0 if none).
-fn journal_position(env: &Env<WithoutTls>) -> Result<u64, StoreError> {
-    let Some(meta) = shoal_shared::lmdb::open_database_if_present(env, "meta")? else {
-        return Ok(0);
-    };
-    let txn = env.read_txn()?;
-    match meta.get(&txn, layout::META_JOURNAL_SEQ)? {
-        Some(raw) => Ok(layout::decode_u64(raw, "journal position")?),
-        None => Ok(0),
-    }
-}
-
-impl Drop for Store {
-    fn drop(&mut self) {
-        // A checkpoint's thread must not outlive the store (its files may be removed
-        // next).
-        if let Err(error) = self.finish_checkpoint(true) {
-            tracing::warn!(%error, "the last checkpoint failed");
-        }
-    }
+    checkpoints: checkpoint::Checkpoints,
 }
 
 /// State of one write transaction: partition counters advanced in it, and the
@@ -280,9 +198,6 @@ impl From<layout::CorruptError> for OpError {
 }
 
 pub(crate) type OpResult = Result<WorkerResponse, OpError>;
-
-/// How often a checkpoint is taken while writes go on.
-const CHECKPOINT_EVERY: std::time::Duration = std::time::Duration::from_secs(1);
 
 /// The journal's and checkpoints' I/O errors are reported as LMDB's are, so that a
 /// full disk is told apart the same way.
@@ -343,7 +258,7 @@ impl Store {
         }
 
         // The journal's records that the environment does not have.
-        let position = journal_position(&env)?;
+        let position = journal::position(&env)?;
         let found = journal::read(
             &journal_dir,
             checkpoint
@@ -360,14 +275,11 @@ impl Store {
         // to recover from: the pages of the last durable snapshot must not be reused
         // until a newer one is. The records still to replay stay in their segments
         // until they are journaled again.
-        let mut checkpoints = Checkpoints {
-            dir: journal_dir.clone(),
-            pin: None,
-            txnid: checkpoint.as_ref().map(|checkpoint| checkpoint.txnid),
-            running: None,
-            started: std::time::Instant::now(),
-            keep_from: missing.first().map(|r| r.segment),
-        };
+        let mut checkpoints = checkpoint::Checkpoints::new(
+            &journal_dir,
+            checkpoint.as_ref().map(|checkpoint| checkpoint.txnid),
+            missing.first().map(|r| r.segment),
+        );
         match checkpoints.pin_current(&env, &boot_id) {
             Err(error) if error.is_out_of_room() && missing.is_empty() => {
                 tracing::warn!(%error, "no room for a checkpoint: writes are refused until there is");
@@ -471,108 +383,6 @@ impl Store {
             batch.dirty = true;
             Ok(())
         })
-    }
-
-    /// Makes ready for a commit: takes a checkpoint if there is none to recover from
-    /// (none could be taken at open, for want of room), since no commit may reuse pages
-    /// before one is, and opens a journal segment if none is.
-    fn ensure_checkpoint(&mut self) -> Result<(), StoreError> {
-        if self.checkpoints.pin.is_none() {
-            return self.checkpoint();
-        }
-        if !self.journal.is_open() {
-            self.journal.roll().map_err(io_error)?;
-        }
-        Ok(())
-    }
-
-    /// Takes a checkpoint now, after the one being taken if any, and waits for it.
-    pub fn checkpoint(&mut self) -> Result<(), StoreError> {
-        if let Err(error) = self.finish_checkpoint(true) {
-            tracing::warn!(%error, "the checkpoint before failed");
-        }
-        let running = self.start_checkpoint()?;
-        self.checkpoints.running = Some(running);
-        self.finish_checkpoint(true)
-    }
-
-    /// Finishes the checkpoint being taken if its flush is done, and starts one if one
-    /// is due: every [`CHECKPOINT_EVERY`] once something was committed since the last.
-    /// A checkpoint that could not be recorded (no room for its file or segment) is
-    /// logged and tried again later; an error here means the data file could not be
-    /// flushed, after which the worker must stop.
-    pub(crate) fn checkpoint_tick(&mut self) -> Result<(), StoreError> {
-        if let Err(error) = self.finish_checkpoint(false) {
-            if matches!(error, StoreError::InDoubt(_)) {
-                return Err(error);
-            }
-            tracing::warn!(%error, "checkpoint failed; retrying at the next tick");
-        }
-        let due = self.checkpoints.running.is_none()
-            && self.checkpoints.started.elapsed() >= CHECKPOINT_EVERY
-            && Some(self.env.info().last_txn_id as u64) != self.checkpoints.txnid;
-        if due {
-            match self.start_checkpoint() {
-                Ok(running) => self.checkpoints.running = Some(running),
-                Err(error) => {
-                    tracing::warn!(%error, "checkpoint failed; retrying at the next tick")
-                }
-            }
-        }
-        Ok(())
-    }
-
-    fn start_checkpoint(&mut self) -> Result<RunningCheckpoint, StoreError> {
-        self.checkpoints.started = std::time::Instant::now();
-        let txnid = self.env.info().last_txn_id as u64;
-        let pin = self.env.clone().static_read_txn()?;
-        let meta = checkpoint::meta_page(&self.env, txnid).map_err(io_error)?;
-        let segment = self.journal.roll().map_err(io_error)?;
-        let taken = checkpoint::Checkpoint {
-            txnid,
-            segment: self.checkpoints.keep_from.unwrap_or(segment),
-            boot_id: self.clock.boot_id().map_err(io_error)?,
-            meta,
-        };
-        let env = self.env.clone();
-        let dir = self.checkpoints.dir.clone();
-        let done = std::thread::Builder::new()
-            .name("checkpoint".into())
-            .spawn(move || {
-                env.force_sync().map_err(CheckpointFailure::Flush)?;
-                taken.write(&dir).map_err(CheckpointFailure::Record)?;
-                journal::remove_before(&dir, taken.segment).map_err(CheckpointFailure::Record)
-            })
-            .map_err(io_error)?;
-        Ok(RunningCheckpoint { pin, txnid, done })
-    }
-
-    /// Ends the checkpoint being taken: at once if `wait`, else only if its flush is
-    /// done. Once its file is written, its pin replaces the last checkpoint's. If it
-    /// failed, the last checkpoint stays the one to recover from. A failed flush of
-    /// the data file comes back as [`StoreError::InDoubt`]: the pages LMDB wrote are
-    /// then in doubt, and only a restart (which recovers from the last checkpoint and
-    /// the journal) is safe.
-    fn finish_checkpoint(&mut self, wait: bool) -> Result<(), StoreError> {
-        let Some(running) = self
-            .checkpoints
-            .running
-            .take_if(|running| wait || running.done.is_finished())
-        else {
-            return Ok(());
-        };
-        match running.done.join() {
-            Ok(Ok(())) => {
-                self.checkpoints.pin = Some(running.pin);
-                self.checkpoints.txnid = Some(running.txnid);
-                Ok(())
-            }
-            Ok(Err(CheckpointFailure::Record(error))) => Err(io_error(error)),
-            Ok(Err(CheckpointFailure::Flush(error))) => Err(StoreError::InDoubt(format!(
-                "flushing the data file for a checkpoint failed: {error}"
-            ))),
-            Err(_) => Err(StoreError::InDoubt("the checkpoint thread panicked".into())),
-        }
     }
 
     /// Moves `recent` into `log`, so that its sequence numbers start anew. A full map or
