@@ -894,7 +894,18 @@ fn power_cuts_under_load(durability: &str) {
 
     let (mut must_be_there, mut may_be_there) = (Vec::new(), Vec::new());
     let mut data_pages_lost = 0;
-    for (round, run_ms) in [(1u64, 300u64), (2, 1500), (3, 2700)] {
+    // `SHOAL_LONG_TESTS=1` adds 12 cuts after 0.1 to 3 s of writes, chosen by a seed.
+    let mut rounds = vec![(1u64, 300u64), (2, 1500), (3, 2700)];
+    if common::long_tests() {
+        let mut state = 0x9e37_79b9_7f4a_7c15u64;
+        for round in 4..16 {
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            rounds.push((round, 100 + state % 2900));
+        }
+    }
+    for (round, run_ms) in rounds {
         let writers = write_until_cut(&server, round, 4);
         std::thread::sleep(std::time::Duration::from_millis(run_ms));
         let cut_at = std::time::Instant::now();
