@@ -325,8 +325,10 @@ impl Store {
 
     /// Takes a checkpoint now, after the one being taken if any, and waits for it.
     pub fn checkpoint(&mut self) -> Result<(), StoreError> {
-        if let Err(error) = self.finish_checkpoint(true) {
-            tracing::warn!(%error, "the checkpoint before failed");
+        match self.finish_checkpoint(true) {
+            Err(error @ StoreError::InDoubt(_)) => return Err(error),
+            Err(error) => tracing::warn!(%error, "the checkpoint before failed"),
+            Ok(()) => {}
         }
         let running = self.start_checkpoint()?;
         self.checkpoints.running = Some(running);
