@@ -10,15 +10,15 @@
 //! Every change goes through [`Table`] and [`WriteTxn`]: a `Table` wraps a named
 //! database and records each `put`, `delete`, `delete_range` and `clear` into the
 //! transaction's record as it makes it. A [`WriteTxn`] gives reads (it derefs to a
-//! read transaction) but no way to write around the record. Each change is *blind*
-//! (the value set, the key removed), so replaying a record on a state that already
-//! has it, or that has some later records too, ends at the same state.
+//! read transaction) and, for EXEC's dry run, a nested transaction that is always
+//! aborted, but no way to write around the record.
 //!
 //! Every record has a sequence number, one more than the record before it (never
 //! reused, not even for a record that did not commit), and each transaction writes
 //! its record's number into `meta` ([`layout::META_JOURNAL_SEQ`]), so that the
 //! environment tells which records it holds: at open, the records after that number
-//! are replayed, in one transaction.
+//! are replayed, in order, in one transaction, on exactly the state they were first
+//! made on.
 //!
 //! Files, in `<shard dir>/journal/`: segments `<number, 16 hex digits>.log`, numbered
 //! upwards; a new one starts at every checkpoint. A segment is a sequence of records:
