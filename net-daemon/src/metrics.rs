@@ -164,7 +164,7 @@ pub async fn render(shared: &Shared) -> String {
             slot.get(Field::Restarts)
         );
     }
-    let gauges: [(&str, &str, Field); 5] = [
+    let gauges: [(&str, &str, Field); 7] = [
         (
             "shoal_worker_queue_depth_requests",
             "Requests in the worker's current group commit.",
@@ -189,6 +189,16 @@ pub async fn render(shared: &Shared) -> String {
             "shoal_lmdb_used_bytes",
             "Bytes of the worker's LMDB map in use.",
             Field::MapUsedBytes,
+        ),
+        (
+            "shoal_journal_bytes",
+            "Bytes of the worker's journal segments, which a restart after a power failure reads.",
+            Field::JournalBytes,
+        ),
+        (
+            "shoal_last_checkpoint_timestamp_ms",
+            "When the worker's last checkpoint was recorded, in Unix ms.",
+            Field::CheckpointMs,
         ),
     ];
     for (name, help, field) in gauges {

@@ -67,12 +67,17 @@ pub enum Field {
     MapUsedBytes = 13,
     /// Sum of group-commit durations, in microseconds (with the histogram below).
     CommitMicrosSum = 14,
+    /// When a worker's last checkpoint was recorded, in Unix ms (0 before the first).
+    CheckpointMs = 15,
     /// First of `HISTOGRAM_BUCKETS` words: group commits per batch-size bucket.
     BatchSizeBuckets = 16,
     /// First of `HISTOGRAM_BUCKETS` words: group commits per duration bucket.
     CommitMicrosBuckets = 16 + HISTOGRAM_BUCKETS,
+    /// Bytes of a worker's journal segments: what a restart after a power failure
+    /// would read (it shrinks at each checkpoint).
+    JournalBytes = 16 + 2 * HISTOGRAM_BUCKETS,
     /// The first unused word; must stay below the slot's size.
-    Reserved = 16 + 2 * HISTOGRAM_BUCKETS,
+    Reserved = 17 + 2 * HISTOGRAM_BUCKETS,
 }
 
 /// Buckets of the histograms a worker keeps in its slot (the last one is +Inf).

@@ -86,6 +86,16 @@ fn path(journal_dir: &Path) -> PathBuf {
     journal_dir.join(FILE_NAME)
 }
 
+/// When the checkpoint file in `journal_dir` was last written, in Unix ms (0 if there
+/// is none).
+fn recorded_ms(journal_dir: &Path) -> u64 {
+    std::fs::metadata(path(journal_dir))
+        .and_then(|metadata| metadata.modified())
+        .ok()
+        .and_then(|modified| modified.duration_since(std::time::UNIX_EPOCH).ok())
+        .map_or(0, |since| since.as_millis() as u64)
+}
+
 /// This boot of the machine: the kernel's boot id, or what the file named by
 /// [`BOOT_ID_PATH_VAR`] holds.
 pub(crate) fn boot_id() -> io::Result<String> {
@@ -245,6 +255,8 @@ pub(super) struct Checkpoints {
     running: Option<RunningCheckpoint>,
     /// When the last checkpoint was started.
     started: std::time::Instant,
+    /// When the last checkpoint was recorded, in Unix ms (0 before the first).
+    pub(super) recorded_ms: u64,
     /// While the journal is replayed at open: the first segment it is replayed from,
     /// which a checkpoint must keep.
     pub(super) keep_from: Option<u64>,
@@ -261,6 +273,7 @@ impl Checkpoints {
             txnid,
             running: None,
             started: std::time::Instant::now(),
+            recorded_ms: recorded_ms(dir),
             keep_from,
         }
     }
@@ -289,6 +302,7 @@ impl Checkpoints {
             env.force_sync()?;
             taken.write(&self.dir).map_err(io_error)?;
             self.txnid = Some(txnid);
+            self.recorded_ms = shoal_shared::now_ms();
         }
         self.pin = Some(pin);
         Ok(())
@@ -321,6 +335,15 @@ impl Store {
             self.journal.roll().map_err(io_error)?;
         }
         Ok(())
+    }
+
+    /// When the last checkpoint was recorded, in Unix ms (0 before the first), and the
+    /// bytes of the journal's segments.
+    pub(crate) fn checkpoint_state(&self) -> (u64, u64) {
+        (
+            self.checkpoints.recorded_ms,
+            journal::bytes(&self.checkpoints.dir),
+        )
     }
 
     /// Takes a checkpoint now, after the one being taken if any, and waits for it.
@@ -404,6 +427,7 @@ impl Store {
             Ok(Ok(())) => {
                 self.checkpoints.pin = Some(running.pin);
                 self.checkpoints.txnid = Some(running.txnid);
+                self.checkpoints.recorded_ms = shoal_shared::now_ms();
                 Ok(())
             }
             Ok(Err(CheckpointFailure::Record(error))) => Err(io_error(error)),

@@ -241,6 +241,16 @@ fn segments(dir: &Path) -> io::Result<Vec<u64>> {
     Ok(found)
 }
 
+/// The bytes of the segments in `dir` (0 if it cannot be read).
+pub(crate) fn bytes(dir: &Path) -> u64 {
+    segments(dir)
+        .unwrap_or_default()
+        .into_iter()
+        .filter_map(|segment| std::fs::metadata(segment_path(dir, segment)).ok())
+        .map(|metadata| metadata.len())
+        .sum()
+}
+
 /// Creates the journal's directory `dir` if it is missing, durably.
 pub(crate) fn create_dir(dir: &Path) -> io::Result<()> {
     if !dir.exists() {
