@@ -103,8 +103,41 @@ enum Write {
     },
     /// DEL of one or more keys.
     Delete { command: Vec<String> },
-    /// PEXPIRE: an update carrying the current value when the reply is 1.
+    /// PEXPIRE: an update carrying the current value when the reply is 1, or a delete
+    /// when the worker applies it after its deadline (taken when the net-daemon
+    /// received it), as under load a short time to live can.
     Expire { command: Vec<String>, key: String },
+}
+
+/// What a write left in a key's log: its value, or for a PEXPIRE answered 1 its value or
+/// a delete ([`Write::Expire`]).
+#[derive(Clone, Debug, PartialEq)]
+enum Logged {
+    Value(String),
+    ValueOrDelete(String),
+}
+
+/// Whether a key's entries in the feed (`None` for a delete) are the values written to
+/// it, in order: a delete stands for the PEXPIRE expected next, if one is (the key was
+/// present when the PEXPIRE was applied, so no other delete can come before it), and
+/// is otherwise one of the deletes (DEL, expiry) that leave no value.
+fn logged_as_written(written: &[Logged], seen: &[Option<String>]) -> bool {
+    let mut written = written.iter().peekable();
+    for entry in seen {
+        match entry {
+            Some(value) => match written.next() {
+                Some(Logged::Value(expected) | Logged::ValueOrDelete(expected))
+                    if expected == value => {}
+                _ => return false,
+            },
+            None => {
+                if let Some(Logged::ValueOrDelete(_)) = written.peek() {
+                    written.next();
+                }
+            }
+        }
+    }
+    written.next().is_none()
 }
 
 /// A random write on the keys `from`.
@@ -188,16 +221,49 @@ impl Write {
     }
 }
 
-/// Sends `writes` random writes on `keys` in pipelines. Returns, per key, the values the
-/// writes gave it, in order, and how many writes of each kind were made.
+#[test]
+fn the_feed_check_takes_a_delete_for_a_late_pexpire_and_for_nothing_else() {
+    let value = |v: &str| Logged::Value(v.to_string());
+    let expire = |v: &str| Logged::ValueOrDelete(v.to_string());
+    let seen = |entries: &[Option<&str>]| -> Vec<Option<String>> {
+        entries.iter().map(|e| e.map(str::to_string)).collect()
+    };
+    let written = [value("a"), expire("a"), value("b")];
+    // The PEXPIRE logged as an update, then its expiry, then a new value.
+    assert!(logged_as_written(
+        &written,
+        &seen(&[Some("a"), Some("a"), None, Some("b")])
+    ));
+    // The PEXPIRE applied after its deadline: a delete.
+    assert!(logged_as_written(
+        &written,
+        &seen(&[Some("a"), None, Some("b")])
+    ));
+    // A value missing, out of order, or one too many.
+    assert!(!logged_as_written(&written, &seen(&[Some("a"), Some("b")])));
+    assert!(!logged_as_written(&written, &seen(&[Some("a"), None])));
+    assert!(!logged_as_written(
+        &written,
+        &seen(&[Some("a"), Some("b"), Some("a")])
+    ));
+    assert!(!logged_as_written(
+        &written,
+        &seen(&[Some("a"), Some("a"), Some("b"), Some("c")])
+    ));
+    // A delete never stands for a plain value.
+    assert!(!logged_as_written(&[value("a")], &seen(&[None])));
+}
+
+/// Sends `writes` random writes on `keys` in pipelines. Returns, per key, what the writes
+/// left in its log, in order, and how many writes of each kind were made.
 fn run_writer(
     mut raw: common::RawConn,
     seed: u64,
     keys: &[String],
     writes: usize,
-) -> (HashMap<String, Vec<String>>, BTreeMap<&'static str, usize>) {
+) -> (HashMap<String, Vec<Logged>>, BTreeMap<&'static str, usize>) {
     let mut rng = Rng::new(seed);
-    let mut expected: HashMap<String, Vec<String>> = HashMap::new();
+    let mut expected: HashMap<String, Vec<Logged>> = HashMap::new();
     let mut last_value: HashMap<String, String> = HashMap::new();
     let mut counts: BTreeMap<&'static str, usize> = BTreeMap::new();
     let mut written = 0;
@@ -224,7 +290,10 @@ fn run_writer(
                         values.clone()
                     };
                     for (key, value) in keys.iter().zip(values) {
-                        expected.entry(key.clone()).or_default().push(value.clone());
+                        expected
+                            .entry(key.clone())
+                            .or_default()
+                            .push(Logged::Value(value.clone()));
                         last_value.insert(key.clone(), value);
                     }
                     *counts
@@ -238,7 +307,10 @@ fn run_writer(
                             .get(key)
                             .cloned()
                             .expect("PEXPIRE 1 on a key the writer set");
-                        expected.entry(key.clone()).or_default().push(value);
+                        expected
+                            .entry(key.clone())
+                            .or_default()
+                            .push(Logged::ValueOrDelete(value));
                         *counts.entry("pexpire 1").or_default() += 1;
                     } else {
                         *counts.entry("pexpire 0").or_default() += 1;
@@ -298,7 +370,7 @@ fn a_follower_from_cursor_0_sees_every_change_of_10000_mixed_writes_exactly_once
             std::thread::spawn(move || run_writer(raw, seed, &keys, WRITES / WRITERS))
         })
         .collect();
-    let mut expected: HashMap<String, Vec<String>> = HashMap::new();
+    let mut expected: HashMap<String, Vec<Logged>> = HashMap::new();
     let mut counts: BTreeMap<&str, usize> = BTreeMap::new();
     for writer in writers {
         let (values, writer_counts) = writer.join().expect("writer thread");
@@ -387,7 +459,7 @@ fn a_follower_from_cursor_0_sees_every_change_of_10000_mixed_writes_exactly_once
     // Replaying the feed in order: a create only for a missing key, an update or a delete only
     // for a present one; per key, the values logged are exactly the values written, in order.
     let mut state: HashMap<String, (String, i64)> = HashMap::new();
-    let mut logged: HashMap<String, Vec<String>> = HashMap::new();
+    let mut logged: HashMap<String, Vec<Option<String>>> = HashMap::new();
     let mut types: BTreeMap<String, usize> = BTreeMap::new();
     for entry in &entries {
         assert_eq!(entry.collection, 0, "{entry:?}");
@@ -405,12 +477,13 @@ fn a_follower_from_cursor_0_sees_every_change_of_10000_mixed_writes_exactly_once
                 "{entry:?}"
             );
             state.remove(&entry.key);
+            logged.entry(entry.key.clone()).or_default().push(None);
         } else {
             state.insert(entry.key.clone(), (entry.data.clone(), entry.expires_at_ms));
             logged
                 .entry(entry.key.clone())
                 .or_default()
-                .push(entry.data.clone());
+                .push(Some(entry.data.clone()));
         }
     }
     eprintln!("change types: {types:?}");
@@ -423,8 +496,8 @@ fn a_follower_from_cursor_0_sees_every_change_of_10000_mixed_writes_exactly_once
         let written = expected.get(&key).cloned().unwrap_or_default();
         let seen = logged.get(&key).cloned().unwrap_or_default();
         assert!(
-            seen == written,
-            "{key}: values written {written:?}\nvalues in the feed {seen:?}"
+            logged_as_written(&written, &seen),
+            "{key}: values written {written:?}\nentries in the feed (None: a delete) {seen:?}"
         );
     }
 
