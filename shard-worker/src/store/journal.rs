@@ -320,7 +320,7 @@ impl Journal {
         let path = segment_path(dir, segment);
         let mut file = File::options().create_new(true).append(true).open(&path)?;
         let written = file
-            .write_all(&frame(tables)?)
+            .write_all(&frame(&[tables])?)
             .and_then(|()| file.sync_data())
             .and_then(|()| sync_dir(dir));
         if let Err(error) = written {
@@ -342,14 +342,11 @@ impl Journal {
         let seq = self.next_seq;
         self.position
             .put(&mut txn, layout::META_JOURNAL_SEQ, &seq.to_be_bytes())?;
-        let mut body = Vec::with_capacity(9 + txn.changes.len());
-        body.push(KIND_COMMIT);
-        body.extend_from_slice(&seq.to_le_bytes());
-        body.extend_from_slice(&txn.changes);
+        let record = frame(&[&[KIND_COMMIT], &seq.to_le_bytes(), &txn.changes])?;
         let start = self.written;
         // A number is used once, whatever becomes of its record.
         self.next_seq += 1;
-        self.write(&body)?;
+        self.write(&record)?;
         if sync {
             if let Err(error) = self.sync() {
                 self.cut_back(start)?;
@@ -357,9 +354,8 @@ impl Journal {
             }
         }
         if let Err(error) = txn.txn.commit() {
-            let mut abort = vec![KIND_ABORT];
-            abort.extend_from_slice(&seq.to_le_bytes());
-            self.write(&abort)
+            frame(&[&[KIND_ABORT], &seq.to_le_bytes()])
+                .and_then(|abort| self.write(&abort))
                 .and_then(|()| self.sync())
                 .map_err(|cause| in_doubt("cancel a record whose commit failed", cause))?;
             return Err(error);
@@ -367,13 +363,13 @@ impl Journal {
         Ok(())
     }
 
-    fn write(&mut self, body: &[u8]) -> io::Result<()> {
-        let framed = frame(body)?;
+    /// Appends a [`frame`]d record.
+    fn write(&mut self, framed: &[u8]) -> io::Result<()> {
         let file = self
             .file
             .as_mut()
             .ok_or_else(|| io::Error::other("the journal has no segment open"))?;
-        if let Err(error) = file.write_all(&framed) {
+        if let Err(error) = file.write_all(framed) {
             let start = self.written;
             self.cut_back(start)?;
             return Err(error);
@@ -450,13 +446,20 @@ fn frame_len(body: &[u8]) -> u64 {
     8 + body.len() as u64
 }
 
-fn frame(body: &[u8]) -> io::Result<Vec<u8>> {
-    let len = u32::try_from(body.len())
+/// A record whose body is `parts` one after the other, framed: `len ++ crc32 ++ body`
+/// (little-endian u32s). The body is copied once.
+fn frame(parts: &[&[u8]]) -> io::Result<Vec<u8>> {
+    let body_len: usize = parts.iter().map(|part| part.len()).sum();
+    let len = u32::try_from(body_len)
         .map_err(|_| io::Error::other("a journal record of 4 GiB or more"))?;
-    let mut framed = Vec::with_capacity(8 + body.len());
+    let mut framed = Vec::with_capacity(8 + body_len);
     framed.extend_from_slice(&len.to_le_bytes());
-    framed.extend_from_slice(&crc32fast::hash(body).to_le_bytes());
-    framed.extend_from_slice(body);
+    framed.extend_from_slice(&[0; 4]);
+    for part in parts {
+        framed.extend_from_slice(part);
+    }
+    let crc = crc32fast::hash(&framed[8..]);
+    framed[4..8].copy_from_slice(&crc.to_le_bytes());
     Ok(framed)
 }
 
@@ -654,10 +657,9 @@ mod tests {
     }
 
     fn record(journal: &mut Journal, kind: u8, seq: u64, changes: &[u8]) {
-        let mut body = vec![kind];
-        body.extend_from_slice(&seq.to_le_bytes());
-        body.extend_from_slice(changes);
-        journal.write(&body).unwrap();
+        journal
+            .write(&frame(&[&[kind], &seq.to_le_bytes(), changes]).unwrap())
+            .unwrap();
     }
 
     fn seqs(found: &Found) -> Vec<u64> {
