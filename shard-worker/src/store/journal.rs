@@ -342,10 +342,10 @@ impl Journal {
         let seq = self.next_seq;
         self.position
             .put(&mut txn, layout::META_JOURNAL_SEQ, &seq.to_be_bytes())?;
-        let record = frame(&[&[KIND_COMMIT], &seq.to_le_bytes(), &txn.changes])?;
-        let start = self.written;
         // A number is used once, whatever becomes of its record.
         self.next_seq += 1;
+        let record = frame(&[&[KIND_COMMIT], &seq.to_le_bytes(), &txn.changes])?;
+        let start = self.written;
         self.write(&record)?;
         if sync {
             if let Err(error) = self.sync() {
@@ -660,6 +660,17 @@ mod tests {
         journal
             .write(&frame(&[&[kind], &seq.to_le_bytes(), changes]).unwrap())
             .unwrap();
+    }
+
+    #[test]
+    fn a_record_is_its_length_its_checksum_and_its_body() {
+        let framed = frame(&[&[KIND_ABORT], &7u64.to_le_bytes()]).unwrap();
+        let body = [KIND_ABORT, 7, 0, 0, 0, 0, 0, 0, 0];
+        let mut expected = 9u32.to_le_bytes().to_vec();
+        expected.extend_from_slice(&crc32fast::hash(&body).to_le_bytes());
+        expected.extend_from_slice(&body);
+        assert_eq!(framed, expected);
+        assert_eq!(frame_len(&body), framed.len() as u64);
     }
 
     fn seqs(found: &Found) -> Vec<u64> {
