@@ -196,9 +196,9 @@ pub async fn render(shared: &Shared) -> String {
             Field::JournalBytes,
         ),
         (
-            "shoal_last_checkpoint_timestamp_ms",
-            "When the worker's last checkpoint was recorded, in Unix ms.",
-            Field::CheckpointMs,
+            "shoal_last_checkpoint_timestamp_seconds",
+            "When the worker's last checkpoint was recorded, in Unix seconds.",
+            Field::CheckpointSecs,
         ),
     ];
     for (name, help, field) in gauges {

@@ -402,7 +402,7 @@ impl Worker<'_> {
         self.slot
             .set(Field::MapUsedBytes, self.store.used_bytes() as u64);
         let (checkpoint_ms, journal_bytes) = self.store.checkpoint_state();
-        self.slot.set(Field::CheckpointMs, checkpoint_ms);
+        self.slot.set(Field::CheckpointSecs, checkpoint_ms / 1000);
         self.slot.set(Field::JournalBytes, journal_bytes);
         // Expiry and trimming write too: with a full map or disk they wait for space.
         let expired =

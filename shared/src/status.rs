@@ -67,8 +67,8 @@ pub enum Field {
     MapUsedBytes = 13,
     /// Sum of group-commit durations, in microseconds (with the histogram below).
     CommitMicrosSum = 14,
-    /// When a worker's last checkpoint was recorded, in Unix ms (0 before the first).
-    CheckpointMs = 15,
+    /// When a worker's last checkpoint was recorded, in Unix seconds (0 before the first).
+    CheckpointSecs = 15,
     /// First of `HISTOGRAM_BUCKETS` words: group commits per batch-size bucket.
     BatchSizeBuckets = 16,
     /// First of `HISTOGRAM_BUCKETS` words: group commits per duration bucket.
