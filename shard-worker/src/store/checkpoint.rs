@@ -23,8 +23,10 @@
 //! not the machine) the page cache lost nothing, so nothing is rewound; rewinding then
 //! would be wrong as well as needless, since the net-daemon may still read the newer
 //! snapshots. Either way, before anything is written the environment as it is becomes
-//! the checkpoint ([`Checkpoints::pin_current`]), and then the journal's records after
-//! the environment's journal position are replayed (`Store::open_with_clock`).
+//! the checkpoint ([`Checkpoints::pin_current`]). After a rewind the journal's records
+//! after the environment's journal position are then replayed; in the same boot they
+//! can only be of commits LMDB never made, never acknowledged, and are cut off
+//! (`Store::open_with_clock`).
 //!
 //! The store's checkpoint methods are here too: [`Store::checkpoint`] (now, waiting
 //! for it), [`Store::checkpoint_tick`] (every second while writes go on, flushing in a

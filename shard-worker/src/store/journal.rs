@@ -429,6 +429,20 @@ fn in_doubt(what: &str, cause: io::Error) -> io::Error {
     io::Error::other(format!("the journal could not {what}: {cause}"))
 }
 
+/// Cuts the journal in `dir` off at `offset` of `segment`: that segment ends there and
+/// the later ones are deleted, durably. What was there is never replayed.
+pub(crate) fn cut_off(dir: &Path, segment: u64, offset: u64) -> io::Result<()> {
+    let file = File::options()
+        .write(true)
+        .open(segment_path(dir, segment))?;
+    file.set_len(offset)?;
+    file.sync_data()?;
+    for later in segments(dir)?.into_iter().filter(|&s| s > segment) {
+        std::fs::remove_file(segment_path(dir, later))?;
+    }
+    sync_dir(dir)
+}
+
 /// Deletes the segments in `dir` before `segment`.
 pub(crate) fn remove_before(dir: &Path, segment: u64) -> io::Result<()> {
     let mut removed = false;
@@ -468,6 +482,8 @@ pub(crate) struct Recorded {
     pub(crate) seq: u64,
     /// The segment it was read from.
     pub(crate) segment: u64,
+    /// Where its frame starts in its segment.
+    pub(crate) offset: u64,
     /// Table number to database name, from its segment's tables record.
     names: std::rc::Rc<HashMap<u16, String>>,
     changes: Vec<u8>,
@@ -497,7 +513,11 @@ pub(crate) fn read(dir: &Path, from_segment: u64) -> io::Result<Found> {
         File::open(&path)?.read_to_end(&mut bytes)?;
         let mut names = std::rc::Rc::new(HashMap::new());
         let mut at = 0;
-        while let Some(body) = next_body(&bytes, &mut at) {
+        loop {
+            let offset = at as u64;
+            let Some(body) = next_body(&bytes, &mut at) else {
+                break;
+            };
             let (kind, seq) = (body[0], u64::from_le_bytes(body[1..9].try_into().unwrap()));
             found.last_seq = found.last_seq.max(seq);
             match kind {
@@ -505,6 +525,7 @@ pub(crate) fn read(dir: &Path, from_segment: u64) -> io::Result<Found> {
                 KIND_COMMIT => found.records.push(Recorded {
                     seq,
                     segment,
+                    offset,
                     names: std::rc::Rc::clone(&names),
                     changes: body[9..].to_vec(),
                 }),
@@ -709,6 +730,25 @@ mod tests {
         bytes[at] ^= 0x10;
         std::fs::write(&path, &bytes).unwrap();
         assert_eq!(seqs(&read(dir.path(), 0).unwrap()), vec![5]);
+    }
+
+    #[test]
+    fn a_journal_cut_off_at_a_record_keeps_only_what_came_before_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let (mut journal, _env) = journal(dir.path());
+        journal.roll().unwrap();
+        record(&mut journal, KIND_COMMIT, 1, &put_change(b"a", b"1"));
+        record(&mut journal, KIND_COMMIT, 2, &put_change(b"b", b"2"));
+        record(&mut journal, KIND_COMMIT, 3, &put_change(b"c", b"3"));
+        journal.roll().unwrap();
+        record(&mut journal, KIND_COMMIT, 4, &put_change(b"d", b"4"));
+        journal.sync().unwrap();
+        let found = read(dir.path(), 0).unwrap();
+        let second = &found.records[1];
+        cut_off(dir.path(), second.segment, second.offset).unwrap();
+        let left = read(dir.path(), 0).unwrap();
+        assert_eq!(seqs(&left), vec![1]);
+        assert_eq!(segments(dir.path()).unwrap(), vec![second.segment]);
     }
 
     #[test]

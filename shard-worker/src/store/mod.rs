@@ -234,8 +234,11 @@ impl Store {
         journal::create_dir(&journal_dir).map_err(io_error)?;
         let boot_id = clock.boot_id().map_err(io_error)?;
         let checkpoint = checkpoint::Checkpoint::read(&journal_dir).map_err(io_error)?;
+        let rewound = checkpoint
+            .as_ref()
+            .is_some_and(|checkpoint| checkpoint.boot_id != boot_id);
         if let Some(checkpoint) = &checkpoint {
-            if checkpoint.boot_id != boot_id {
+            if rewound {
                 // The machine restarted since the checkpoint: what LMDB wrote after it
                 // may be on disk in part. Back to the checkpoint, then the journal.
                 tracing::info!(
@@ -266,11 +269,25 @@ impl Store {
                 .map_or(0, |checkpoint| checkpoint.segment),
         )
         .map_err(io_error)?;
-        let missing: Vec<journal::Recorded> = found
+        let mut missing: Vec<journal::Recorded> = found
             .records
             .into_iter()
             .filter(|r| r.seq > position)
             .collect();
+        if let (false, Some(first)) = (rewound, missing.first()) {
+            // The machine did not restart: the page cache kept every commit LMDB made,
+            // so these records are of commits LMDB never made (the process stopped
+            // between the journal's append and LMDB's commit), and none of them was
+            // acknowledged. They are cut off, not replayed: a read while the worker was
+            // down saw the shard without them, and must not see them appear later.
+            tracing::info!(
+                transactions = missing.len(),
+                after = position,
+                "cutting off the journal's records of commits never made"
+            );
+            journal::cut_off(&journal_dir, first.segment, first.offset).map_err(io_error)?;
+            missing.clear();
+        }
         // Before anything is written, the environment as it is becomes the checkpoint
         // to recover from: the pages of the last durable snapshot must not be reused
         // until a newer one is. The records still to replay stay in their segments

@@ -396,12 +396,12 @@ fn after_a_power_failure_the_shard_is_rewound_to_its_checkpoint_and_the_journal_
     assert_holds(&mut store, &third);
 }
 
-#[test]
-fn a_commit_journaled_but_not_made_by_lmdb_is_replayed_at_the_next_open() {
+/// A store whose last commit (two SETs) was journaled but never made by LMDB: the data
+/// file is put back as it was before it. Returns the store's directory.
+fn journaled_but_not_committed(clock: &ManualClock) -> tempfile::TempDir {
     let dir = tempfile::tempdir().unwrap();
     let data_file = dir.path().join("data.mdb");
-    let clock = ManualClock::new(START_MS);
-    let mut store = open_on(dir.path(), &clock);
+    let mut store = open_on(dir.path(), clock);
     apply(&mut store, &[set(0, key(1, b"before"), b"1")]);
     store.checkpoint().unwrap();
     let before = std::fs::read(&data_file).unwrap();
@@ -413,9 +413,44 @@ fn a_commit_journaled_but_not_made_by_lmdb_is_replayed_at_the_next_open() {
         ],
     );
     drop(store);
-    // The process died after the journal's flush and before LMDB's commit: the data
-    // file has not changed since (the same boot: nothing is rewound).
     std::fs::write(&data_file, &before).unwrap();
+    dir
+}
+
+#[test]
+fn a_commit_journaled_but_not_made_by_lmdb_is_cut_off_when_the_process_restarts() {
+    // The process died after the journal's append and before LMDB's commit, and the
+    // machine did not restart: the write was never acknowledged, and a read while the
+    // worker was down saw the shard without it. It stays unmade.
+    let clock = ManualClock::new(START_MS);
+    let dir = journaled_but_not_committed(&clock);
+    let mut store = open_on(dir.path(), &clock);
+    // The partition's log: the commit ids of the writes made.
+    let absent = |store: &mut Store, log: Vec<u64>| {
+        assert_eq!(get(store, 0, key(1, b"after")), WorkerResponse::Value(None));
+        assert_eq!(get(store, 1, key(2, b"other")), WorkerResponse::Value(None));
+        assert_eq!(logged(store, 1, 0, 10), log);
+    };
+    absent(&mut store, vec![1]);
+    // Writes go on, and a power failure later replays them but not the cut-off one.
+    apply(&mut store, &[set(0, key(1, b"later"), b"4")]);
+    drop(store);
+    clock.reboot();
+    let mut store = open_on(dir.path(), &clock);
+    absent(&mut store, vec![1, 2]);
+    assert_eq!(
+        get(&mut store, 0, key(1, b"later")),
+        WorkerResponse::Value(Some(b"4".to_vec()))
+    );
+}
+
+#[test]
+fn a_commit_journaled_but_not_made_by_lmdb_is_replayed_after_a_power_failure() {
+    // After a power failure the journal's records after the checkpoint are replayed:
+    // LMDB may have made the commit and lost it with the page cache.
+    let clock = ManualClock::new(START_MS);
+    let dir = journaled_but_not_committed(&clock);
+    clock.reboot();
     let mut store = open_on(dir.path(), &clock);
     assert_eq!(
         get(&mut store, 0, key(1, b"after")),
