@@ -401,8 +401,8 @@ impl Worker<'_> {
             .set(Field::MapSizeBytes, self.store.map_size() as u64);
         self.slot
             .set(Field::MapUsedBytes, self.store.used_bytes() as u64);
-        let (checkpoint_ms, journal_bytes) = self.store.checkpoint_state();
-        self.slot.set(Field::CheckpointSecs, checkpoint_ms / 1000);
+        let (checkpoint_secs, journal_bytes) = self.store.checkpoint_state();
+        self.slot.set(Field::CheckpointSecs, checkpoint_secs);
         self.slot.set(Field::JournalBytes, journal_bytes);
         // Expiry and trimming write too: with a full map or disk they wait for space.
         let expired =

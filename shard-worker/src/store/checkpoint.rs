@@ -88,14 +88,14 @@ fn path(journal_dir: &Path) -> PathBuf {
     journal_dir.join(FILE_NAME)
 }
 
-/// When the checkpoint file in `journal_dir` was last written, in Unix ms (0 if there
-/// is none).
-fn recorded_ms(journal_dir: &Path) -> u64 {
+/// When the checkpoint file in `journal_dir` was last written, in Unix seconds (0 if
+/// there is none).
+fn recorded_secs(journal_dir: &Path) -> u64 {
     std::fs::metadata(path(journal_dir))
         .and_then(|metadata| metadata.modified())
         .ok()
         .and_then(|modified| modified.duration_since(std::time::UNIX_EPOCH).ok())
-        .map_or(0, |since| since.as_millis() as u64)
+        .map_or(0, |since| since.as_secs())
 }
 
 /// This boot of the machine: the kernel's boot id, or what the file named by
@@ -257,8 +257,6 @@ pub(super) struct Checkpoints {
     running: Option<RunningCheckpoint>,
     /// When the last checkpoint was started.
     started: std::time::Instant,
-    /// When the last checkpoint was recorded, in Unix ms (0 before the first).
-    pub(super) recorded_ms: u64,
     /// While the journal is replayed at open: the first segment it is replayed from,
     /// which a checkpoint must keep.
     pub(super) keep_from: Option<u64>,
@@ -275,7 +273,6 @@ impl Checkpoints {
             txnid,
             running: None,
             started: std::time::Instant::now(),
-            recorded_ms: recorded_ms(dir),
             keep_from,
         }
     }
@@ -304,7 +301,6 @@ impl Checkpoints {
             env.force_sync()?;
             taken.write(&self.dir).map_err(io_error)?;
             self.txnid = Some(txnid);
-            self.recorded_ms = shoal_shared::now_ms();
         }
         self.pin = Some(pin);
         Ok(())
@@ -339,11 +335,11 @@ impl Store {
         Ok(())
     }
 
-    /// When the last checkpoint was recorded, in Unix ms (0 before the first), and the
-    /// bytes of the journal's segments.
+    /// When the last checkpoint was recorded, in Unix seconds (0 before the first),
+    /// and the bytes of the journal's segments.
     pub(crate) fn checkpoint_state(&self) -> (u64, u64) {
         (
-            self.checkpoints.recorded_ms,
+            recorded_secs(&self.checkpoints.dir),
             journal::bytes(&self.checkpoints.dir),
         )
     }
@@ -429,7 +425,6 @@ impl Store {
             Ok(Ok(())) => {
                 self.checkpoints.pin = Some(running.pin);
                 self.checkpoints.txnid = Some(running.txnid);
-                self.checkpoints.recorded_ms = shoal_shared::now_ms();
                 Ok(())
             }
             Ok(Err(CheckpointFailure::Record(error))) => Err(io_error(error)),
