@@ -26,6 +26,7 @@
 #   PIPELINES  pipeline depths                          (default "1 16")
 #   KEYSPACE   redis-benchmark -r                       (default 100000)
 #   OUT        where to keep the raw CSV                (default: a temp file, printed)
+#   WRITEBACK_MS  storage.writeback_ms of both Shoal targets (default: Shoal's default)
 #
 # Needs redis-server and redis-benchmark (apt-get install redis-server redis-tools)
 # and python3. Builds Shoal in release mode. Stops everything it started.
@@ -89,6 +90,7 @@ listen = "127.0.0.1:${port[$name]}"
 unix_socket = ""
 [storage]
 durability = "$durability"
+${WRITEBACK_MS:+writeback_ms = $WRITEBACK_MS}
 [metrics]
 listen = ""
 EOF

@@ -29,6 +29,7 @@
 //! the default is 8 rounds. `SHOAL_TEST_SEED` repeats a schedule.
 //! `SHOAL_TORTURE_DURABILITY=async` runs it with `storage.durability = "async"`,
 //! whose acknowledged writes must survive a crash of the processes too.
+//! `SHOAL_TORTURE_WRITEBACK_MS=n` sets `storage.writeback_ms` (default: Shoal's).
 
 mod common;
 
@@ -809,11 +810,14 @@ fn acknowledged_writes_survive_kill_9_of_any_process_and_the_log_matches_the_dat
     let started = Instant::now();
     // kill -9 is not a power failure: acknowledged writes survive it with either durability.
     let durability = std::env::var("SHOAL_TORTURE_DURABILITY").unwrap_or_else(|_| "fsync".into());
-    eprintln!("durability = {durability:?}");
+    let writeback = std::env::var("SHOAL_TORTURE_WRITEBACK_MS")
+        .map(|ms| format!("writeback_ms = {ms}\n"))
+        .unwrap_or_default();
+    eprintln!("durability = {durability:?} {writeback}");
     let mut server = Server::start(&format!(
         "workers = {WORKERS}\n\
          [storage]\npartitions = {PARTITIONS}\nlog_retention_entries = 100000000\nlog_retention_secs = 0\n\
-         durability = {durability:?}\n\
+         durability = {durability:?}\n{writeback}\
          [supervisor]\nmax_restarts = 1000\nrestart_window_ms = 2000\n"
     ));
     let seed = test_seed("torture");

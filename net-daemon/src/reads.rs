@@ -3,6 +3,8 @@
 //! The net-daemon opens each shard's environment read-only the first time it reads it
 //! (its worker has created it by then). A read goes to the worker instead when:
 //! - the worker's link is down (the worker is restarting; the reply says so);
+//! - the worker holds acknowledged writes that LMDB has not committed yet (write-back:
+//!   its status slot's `Unsettled` word), or died holding some;
 //! - a multi-key write is prepared on the shard (its keys are locked, and only the
 //!   worker waits for locks);
 //! - the connection has sent an earlier request of the same pipeline to a worker, so
@@ -19,6 +21,7 @@ use shoal_shared::frame::{Collection, Key, LogEntry, Partition};
 use shoal_shared::layout::{PartitionMeta, ReplicaState};
 use shoal_shared::lmdb::StoreError;
 use shoal_shared::reader::{PartitionDigest, ReadOutcome, ShardReader};
+use shoal_shared::status::{Field, StatusTable};
 
 /// Values read from a map (`None`: missing or expired), with their versions
 /// ([`shoal_shared::frame::versions`]).
@@ -31,6 +34,9 @@ pub struct Readers {
     clustered: bool,
     /// `None` once opening failed: that shard is then always read through its worker.
     opened: Vec<OnceLock<Option<ShardReader>>>,
+    /// The workers' status slots, which say when a shard's environment lacks
+    /// acknowledged writes. Without it every read goes to the workers.
+    status: Option<StatusTable>,
 }
 
 impl Readers {
@@ -40,7 +46,30 @@ impl Readers {
             collections: config.storage.collections,
             clustered: config.cluster.secret.is_some(),
             opened: (0..config.workers).map(|_| OnceLock::new()).collect(),
+            status: match StatusTable::open_read_only(&config.status_path()) {
+                Ok(status) => Some(status),
+                Err(error) => {
+                    tracing::warn!(%error, "cannot open the status table; reading every shard through its worker");
+                    None
+                }
+            },
         }
+    }
+
+    /// Whether `worker`'s environment holds every write it acknowledged.
+    pub fn settled(&self, worker: usize) -> bool {
+        self.status
+            .as_ref()
+            .is_some_and(|status| status.slot(worker).get(Field::Unsettled) == 0)
+    }
+
+    /// The view of `worker`'s shard for a direct read of values: none while its
+    /// environment lacks acknowledged writes, or while its link is down.
+    fn value_reader(&self, worker: usize, connected: bool) -> Option<&ShardReader> {
+        if !connected || !self.settled(worker) {
+            return None;
+        }
+        self.reader(worker)
     }
 
     fn reader(&self, worker: usize) -> Option<&ShardReader> {
@@ -67,12 +96,9 @@ impl Readers {
         collection: Collection,
         keys: &[&Key],
     ) -> Option<Vec<Option<Vec<u8>>>> {
-        if !connected {
-            return None;
-        }
-        let outcome = self
-            .reader(worker)?
-            .get(collection, keys, shoal_shared::now_ms());
+        let outcome =
+            self.value_reader(worker, connected)?
+                .get(collection, keys, shoal_shared::now_ms());
         Some(values_of(worker, outcome)?.0)
     }
 }
@@ -87,12 +113,11 @@ impl Readers {
         collection: Collection,
         keys: &[&Key],
     ) -> Option<Versioned> {
-        if !connected {
-            return None;
-        }
-        let outcome = self
-            .reader(worker)?
-            .get_versioned(collection, keys, shoal_shared::now_ms());
+        let outcome = self.value_reader(worker, connected)?.get_versioned(
+            collection,
+            keys,
+            shoal_shared::now_ms(),
+        );
         values_of(worker, outcome)
     }
 
@@ -105,13 +130,11 @@ impl Readers {
         collection: Collection,
         keys: &[&Key],
     ) -> Option<Vec<u64>> {
-        if !connected {
-            return None;
-        }
-        match self
-            .reader(worker)?
-            .versions(collection, keys, shoal_shared::now_ms())
-        {
+        match self.value_reader(worker, connected)?.versions(
+            collection,
+            keys,
+            shoal_shared::now_ms(),
+        ) {
             Ok(versions) => versions,
             Err(error) => {
                 tracing::debug!(worker, %error, "reading versions failed; asking the worker");

@@ -63,6 +63,12 @@ const RECLAIM_PER_TICK: usize = 20_000;
 const TRIM_PER_TICK: usize = 5000;
 /// Longest a request waits for a key locked by a transaction before it fails.
 const DEFER_TIMEOUT: Duration = Duration::from_secs(4);
+/// Write-back: the bytes of acknowledged batches past which LMDB commits them before
+/// their window is over.
+const MAX_UNSETTLED_BYTES: usize = 64 << 20;
+/// Write-back: the changes past which LMDB commits the batches before their window is
+/// over. Each dirties a page or two that the worker holds in memory until then.
+const MAX_UNSETTLED_CHANGES: usize = 25_000;
 
 /// Runs shard-worker `index` until SIGTERM; returns after a clean drain.
 pub fn run(config: &Config, index: usize) -> anyhow::Result<()> {
@@ -88,6 +94,14 @@ pub fn run(config: &Config, index: usize) -> anyhow::Result<()> {
     let mut store = Store::open_with_clock(&shard_dir, &options, SystemClock)
         .with_context(|| format!("opening {}", shard_dir.display()))?;
     slot.set(Field::LastCommitId, store.highest_commit_id());
+    // Replication, handoff and the cluster's reads read LMDB's log and counters
+    // directly: in a cluster every group commit is committed.
+    let writeback = (config.storage.writeback_ms > 0 && config.cluster.secret.is_none())
+        .then(|| Duration::from_millis(config.storage.writeback_ms));
+    store.set_write_back(writeback.is_some())?;
+    // The journal is replayed: LMDB holds every acknowledged write, and the net-daemon
+    // may read the shard directly again.
+    slot.set(Field::Unsettled, 0);
 
     let queue = link::listen(&config.worker_socket(index), Arc::clone(&shutdown))?;
     slot.set_state(ProcessState::Ready);
@@ -110,8 +124,12 @@ pub fn run(config: &Config, index: usize) -> anyhow::Result<()> {
         },
         last_housekeeping: Instant::now(),
         last_reader_check: Instant::now(),
+        writeback,
+        unsettled_marked: false,
     };
-    let result = worker.serve(&queue, &shutdown);
+    // A failed commit leaves the environment in doubt: nothing more is written, and the
+    // next start recovers from the journal.
+    worker.serve(&queue, &shutdown)?;
     slot.set_state(ProcessState::Draining);
     // Whatever is still queued was accepted from the net-daemon: apply it before leaving.
     let drained = worker.drain(&queue);
@@ -125,9 +143,10 @@ pub fn run(config: &Config, index: usize) -> anyhow::Result<()> {
         .store
         .checkpoint()
         .context("checkpoint on shutdown")?;
+    slot.set(Field::Unsettled, 0);
     slot.set_state(ProcessState::Stopped);
     tracing::info!(shard = index, drained, "shard worker stopped");
-    result
+    Ok(())
 }
 
 /// How much commit log each partition keeps.
@@ -152,6 +171,11 @@ struct Worker<'a> {
     last_housekeeping: Instant,
     /// When the reader table was last checked for slots of dead processes.
     last_reader_check: Instant,
+    /// Write-back's window: how long acknowledged batches may wait for LMDB's commit
+    /// (`None`: every group commit is committed).
+    writeback: Option<Duration>,
+    /// Whether the slot's `Unsettled` word is set.
+    unsettled_marked: bool,
 }
 
 /// Treats "no space" (a map at its limit, a full disk) as "nothing done": housekeeping
@@ -216,13 +240,14 @@ impl Worker<'_> {
         let mut carried: Option<Queued> = None;
         loop {
             self.slot.beat();
+            self.settle()?;
             self.housekeeping()?;
             if shutdown.load(Ordering::Acquire) {
                 return Ok(());
             }
             let first = match carried.take() {
                 Some(first) => first,
-                None => match queue.recv_timeout(TICK) {
+                None => match queue.recv_timeout(self.wait_time()) {
                     Ok(first) => first,
                     Err(RecvTimeoutError::Timeout) => continue,
                     Err(RecvTimeoutError::Disconnected) => return Ok(()),
@@ -373,6 +398,54 @@ impl Worker<'_> {
         self.apply(runnable)
     }
 
+    /// Write-back: sets the slot's `Unsettled` word before a write that may be
+    /// acknowledged ahead of LMDB's commit.
+    fn mark_unsettled(&mut self) {
+        if self.writeback.is_some() && !self.unsettled_marked {
+            self.slot.set(Field::Unsettled, 1);
+            self.unsettled_marked = true;
+        }
+    }
+
+    /// Write-back: commits the acknowledged batches in LMDB if the oldest has waited
+    /// its window, if they are too many bytes, or while a backup runs; clears the
+    /// slot's `Unsettled` word once none is left. An error is fatal.
+    ///
+    /// A backup's copy holds every write acknowledged before it was asked for: LMDB's
+    /// copy takes the environment's write lock to read the meta pages, so it starts
+    /// after the transaction open then commits, which it does at once while the
+    /// backup runs.
+    fn settle(&mut self) -> anyhow::Result<()> {
+        let Some(window) = self.writeback else {
+            return Ok(());
+        };
+        if let Some(load) = self.store.unsettled_load() {
+            if load.age >= window
+                || load.bytes >= MAX_UNSETTLED_BYTES
+                || load.changes >= MAX_UNSETTLED_CHANGES
+                || self.backup_running.load(Ordering::Acquire)
+            {
+                self.store
+                    .settle()
+                    .context("committing write-back's batches; stopping the shard")?;
+            }
+        }
+        if self.unsettled_marked && !self.store.is_unsettled() {
+            self.slot.set(Field::Unsettled, 0);
+            self.unsettled_marked = false;
+        }
+        Ok(())
+    }
+
+    /// How long to wait for a request: until the next tick, or until write-back's
+    /// batches are due.
+    fn wait_time(&self) -> Duration {
+        match (self.writeback, self.store.unsettled_load()) {
+            (Some(window), Some(load)) => window.saturating_sub(load.age).min(TICK),
+            _ => TICK,
+        }
+    }
+
     /// Work done between batches: flushes (async durability), active expiry, log
     /// retention, and timing out deferred requests.
     fn housekeeping(&mut self) -> anyhow::Result<()> {
@@ -405,6 +478,7 @@ impl Worker<'_> {
         self.slot.set(Field::CheckpointSecs, checkpoint_secs);
         self.slot.set(Field::JournalBytes, journal_bytes);
         // Expiry and trimming write too: with a full map or disk they wait for space.
+        self.mark_unsettled();
         let expired =
             tolerate_full(self.store.expire_due(EXPIRE_PER_TICK)).context("expiring keys")?;
         tolerate_full(self.store.reclaim_due(RECLAIM_PER_TICK))
@@ -423,6 +497,7 @@ impl Worker<'_> {
             self.slot
                 .set(Field::LastCommitId, self.store.highest_commit_id());
         }
+        self.settle()?;
         self.retry_deferred()
     }
 
@@ -450,7 +525,19 @@ impl Worker<'_> {
         self.slot.set(Field::QueueDepth, batch.len() as u64);
         let requests: Vec<_> = batch.iter().map(|queued| &queued.request).collect();
         let writes = requests.iter().any(|request| request.is_write());
-        let outcome = self.store.apply_batch(&requests);
+        if writes {
+            self.mark_unsettled();
+        }
+        let settle = requests
+            .iter()
+            .any(|request| matches!(request, WorkerRequest::Settle));
+        let mut outcome = self.store.apply_batch(&requests);
+        if settle && outcome.is_ok() {
+            // Answered once LMDB holds what came before.
+            if let Err(error) = self.store.settle() {
+                outcome = Err(error);
+            }
+        }
         let count = requests.len() as u64;
         drop(requests);
         let (responses, fatal) = match outcome {
@@ -503,6 +590,6 @@ impl Worker<'_> {
                 .observe(Field::CommitMicrosBuckets, &COMMIT_MICROS_BOUNDS, micros);
             self.slot.add(Field::CommitMicrosSum, micros);
         }
-        Ok(())
+        self.settle()
     }
 }

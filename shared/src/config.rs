@@ -23,6 +23,10 @@ pub const CHILD_CONFIG_ENV: &str = "SHOAL_CHILD_CONFIG";
 /// Longest path a Unix socket address can hold on Linux (`sun_path` minus the NUL).
 const MAX_UNIX_SOCKET_PATH_BYTES: usize = 107;
 
+/// Longest `storage.writeback_ms`: the journal since LMDB's last commit is held in
+/// memory, and read back at the next start.
+const MAX_WRITEBACK_MS: u64 = 10_000;
+
 /// The config file as written by the operator. Every field has a default.
 #[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
@@ -201,6 +205,10 @@ pub struct StorageSection {
     pub max_map_size_bytes: usize,
     /// With durability = "async", how often the journal is flushed to disk.
     pub flush_interval_ms: u64,
+    /// Write-back: each worker keeps its acknowledged group commits in one LMDB
+    /// transaction and commits it this often (0: every group commit is committed).
+    /// Hosts in a cluster always commit every group commit.
+    pub writeback_ms: u64,
     /// Commit-log entries kept per partition; older entries are trimmed.
     pub log_retention_entries: u64,
     /// Age, in seconds, past which commit-log entries are trimmed. 0 keeps entries of any age.
@@ -273,6 +281,7 @@ impl Default for StorageSection {
             map_size_bytes: 1 << 30,
             max_map_size_bytes: 1 << 40,
             flush_interval_ms: 1000,
+            writeback_ms: 0,
             log_retention_entries: 1_000_000,
             log_retention_secs: 7 * 24 * 3600,
             capacity_bytes: 0,
@@ -521,6 +530,12 @@ impl FileConfig {
             return Err(bad(
                 "storage.flush_interval_ms",
                 "must be at least 1".into(),
+            ));
+        }
+        if storage.writeback_ms > MAX_WRITEBACK_MS {
+            return Err(bad(
+                "storage.writeback_ms",
+                format!("must be at most {MAX_WRITEBACK_MS} (0 turns write-back off)"),
             ));
         }
         let cluster = validate_cluster(self.cluster, &bad)?;

@@ -640,6 +640,9 @@ pub enum WorkerRequest {
     },
     /// → `Positions`: the last commit id of each partition of this worker.
     LastCommitIds,
+    /// → `Ok` once LMDB has committed every batch acknowledged before it (write-back:
+    /// after it, the shard's environment shows them to direct readers).
+    Settle,
     /// Records that ids below `high_water` may have been issued. → `Ok`.
     ReserveIds {
         /// The id bound to record (exclusive).
@@ -816,6 +819,7 @@ impl WorkerRequest {
                 | WorkerRequest::ReadLog { .. }
                 | WorkerRequest::ReadFeed { .. }
                 | WorkerRequest::LastCommitIds
+                | WorkerRequest::Settle
                 | WorkerRequest::IdHighWater
                 | WorkerRequest::Backup { .. }
                 | WorkerRequest::ExportPartition { .. }

@@ -210,6 +210,7 @@ fn worker_request() -> impl Strategy<Value = WorkerRequest> {
         (vec((any::<u16>(), any::<u64>()), 0..6), any::<u32>())
             .prop_map(|(positions, count)| ReadFeed { positions, count }),
         Just(LastCommitIds),
+        Just(Settle),
         any::<u64>().prop_map(|high_water| ReserveIds { high_water }),
         Just(IdHighWater),
         ".{0,40}".prop_map(|dir| Backup { dir }),

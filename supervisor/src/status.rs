@@ -45,6 +45,7 @@ pub fn print(config: &Config, as_json: bool) -> anyhow::Result<()> {
                 "last_commit_id": slot.get(Field::LastCommitId),
                 "ops": slot.get(Field::Ops),
                 "commits": slot.get(Field::Commits),
+                "unsettled": slot.get(Field::Unsettled) != 0,
                 "connections": slot.get(Field::Connections),
                 "heartbeat_ms": slot.get(Field::HeartbeatMs),
             })

@@ -16,7 +16,7 @@ use shoal_shared::partition::{key_partition, partition_worker};
 use shoal_shared::resp::{parse_i64, Reply};
 
 use super::{call_all_sum, call_one, log_entry_reply, Pending, Session};
-use crate::dispatch::wait_all;
+use crate::dispatch::{wait_all, Dest};
 use crate::errors;
 use crate::ids::MAX_COUNT;
 use crate::state::Shared;
@@ -74,7 +74,7 @@ pub async fn dispatch(
             Pending::barrier(async move { feed(&shared, &args).await })
         }
         "shoal.txns" => call_all_sum(shared, || WorkerRequest::Transactions).await,
-        "shoal.digest" => Pending::Ready(digest(shared, &args[1])),
+        "shoal.digest" => Pending::Ready(digest(shared, &args[1]).await),
         _ => return None,
     };
     Some(pending)
@@ -126,7 +126,7 @@ async fn read_log(shared: &Shared, args: &[Bytes]) -> Pending {
 
 /// `SHOAL.DIGEST partition` → `[last_commit_id, keys, checksum]` of this host's copy
 /// (the checksum as 16 hex digits), or an error when this host holds no copy.
-fn digest(shared: &Shared, partition: &Bytes) -> Reply {
+async fn digest(shared: &Shared, partition: &Bytes) -> Reply {
     let partitions = shared.config.storage.partitions;
     let Some(partition) = parse_i64(partition).filter(|p| (0..i64::from(partitions)).contains(p))
     else {
@@ -146,6 +146,16 @@ fn digest(shared: &Shared, partition: &Bytes) -> Reply {
         ));
     }
     let worker = partition_worker(partition, shared.dispatch.links.len());
+    if !shared.dispatch.readers.settled(worker) {
+        // Write-back: LMDB commits what the worker acknowledged before it is read.
+        if let Err(reply) = shared
+            .dispatch
+            .ask_dest(Dest::Worker(worker), WorkerRequest::Settle)
+            .await
+        {
+            return reply;
+        }
+    }
     match shared.dispatch.readers.digest(worker, partition) {
         Ok(digest) => Reply::Array(vec![
             Reply::Integer(digest.last_commit_id as i64),

@@ -24,8 +24,9 @@
 //! would be wrong as well as needless, since the net-daemon may still read the newer
 //! snapshots. Either way, before anything is written the environment as it is becomes
 //! the checkpoint ([`Checkpoints::pin_current`]). After a rewind the journal's records
-//! after the environment's journal position are then replayed; in the same boot they
-//! can only be of commits LMDB never made, never acknowledged, and are cut off
+//! after the environment's journal position are then replayed. In the same boot those
+//! acknowledged ahead of LMDB's commit (write-back, `writeback`) are replayed too; the
+//! others can only be of commits LMDB never made, never acknowledged, and are cut off
 //! (`Store::open_with_clock`).
 //!
 //! The store's checkpoint methods are here too: [`Store::checkpoint`] (now, waiting
@@ -344,8 +345,10 @@ impl Store {
         )
     }
 
-    /// Takes a checkpoint now, after the one being taken if any, and waits for it.
+    /// Takes a checkpoint now, after the one being taken if any, and waits for it. LMDB
+    /// commits write-back's batches first.
     pub fn checkpoint(&mut self) -> Result<(), StoreError> {
+        self.settle()?;
         match self.finish_checkpoint(true) {
             Err(error @ StoreError::InDoubt(_)) => return Err(error),
             Err(error) => tracing::warn!(%error, "the checkpoint before failed"),
@@ -388,9 +391,19 @@ impl Store {
         let pin = self.env.clone().static_read_txn()?;
         let meta = meta_page(&self.env, txnid).map_err(io_error)?;
         let segment = self.journal.roll().map_err(io_error)?;
+        // A checkpoint is of what LMDB committed: the segments of write-back's batches
+        // not committed yet stay.
+        let unsettled = self
+            .unsettled
+            .as_ref()
+            .filter(|open| !open.records.is_empty())
+            .map(|open| open.segment);
         let taken = Checkpoint {
             txnid,
-            segment: self.checkpoints.keep_from.unwrap_or(segment),
+            segment: [self.checkpoints.keep_from, unsettled]
+                .into_iter()
+                .flatten()
+                .fold(segment, u64::min),
             boot_id: self.clock.boot_id().map_err(io_error)?,
             meta,
         };

@@ -29,6 +29,8 @@
 //!   kind 0, tables: count u16, then per table: id u16 | name length u8 | name
 //!   kind 1, commit: changes until the end of the body
 //!   kind 2, abort: nothing more (the commit record `seq` did not commit)
+//!   kind 3, acknowledged: as kind 1, of a batch acknowledged before LMDB committed
+//!           it (write-back); it is replayed at every open that finds it missing
 //! change  = 1 put    | table u16 | key length u32 | key | value length u32 | value
 //!         | 2 delete | table u16 | key length u32 | key
 //!         | 3 range  | table u16 | bound | bound          (delete_range)
@@ -55,6 +57,7 @@ use shoal_shared::lmdb::{RawDatabase, StoreError};
 const KIND_TABLES: u8 = 0;
 const KIND_COMMIT: u8 = 1;
 const KIND_ABORT: u8 = 2;
+const KIND_ACKED: u8 = 3;
 
 const PUT: u8 = 1;
 const DELETE: u8 = 2;
@@ -65,6 +68,8 @@ const CLEAR: u8 = 4;
 pub(crate) struct WriteTxn<'e> {
     txn: RwTxn<'e>,
     changes: Vec<u8>,
+    /// Changes made in the transaction, recorded or not yet.
+    count: usize,
 }
 
 impl<'e> WriteTxn<'e> {
@@ -72,6 +77,7 @@ impl<'e> WriteTxn<'e> {
         WriteTxn {
             txn,
             changes: Vec::new(),
+            count: 0,
         }
     }
 
@@ -83,6 +89,21 @@ impl<'e> WriteTxn<'e> {
 
     pub(crate) fn abort(self) {
         self.txn.abort()
+    }
+
+    /// How many changes (puts, deletes, range deletes, clears) the transaction made.
+    pub(crate) fn count(&self) -> usize {
+        self.count
+    }
+
+    /// Whether changes were made since the last record was taken.
+    pub(crate) fn has_changes(&self) -> bool {
+        !self.changes.is_empty()
+    }
+
+    /// Commits the LMDB transaction, whose changes the journal already holds.
+    pub(crate) fn commit_journaled(self) -> heed::Result<()> {
+        self.txn.commit()
     }
 
     fn bytes(&mut self, bytes: &[u8]) {
@@ -133,6 +154,7 @@ impl Deref for Table {
 impl Table {
     pub(crate) fn put(&self, txn: &mut WriteTxn, key: &[u8], value: &[u8]) -> heed::Result<()> {
         self.db.put(&mut txn.txn, key, value)?;
+        txn.count += 1;
         txn.changes.push(PUT);
         txn.changes.extend_from_slice(&self.id.to_le_bytes());
         txn.bytes(key);
@@ -143,6 +165,7 @@ impl Table {
     pub(crate) fn delete(&self, txn: &mut WriteTxn, key: &[u8]) -> heed::Result<bool> {
         let deleted = self.db.delete(&mut txn.txn, key)?;
         if deleted {
+            txn.count += 1;
             txn.changes.push(DELETE);
             txn.changes.extend_from_slice(&self.id.to_le_bytes());
             txn.bytes(key);
@@ -157,6 +180,7 @@ impl Table {
     ) -> heed::Result<usize> {
         let deleted = self.db.delete_range(&mut txn.txn, range)?;
         if deleted > 0 {
+            txn.count += deleted;
             txn.changes.push(RANGE);
             txn.changes.extend_from_slice(&self.id.to_le_bytes());
             txn.bound(range.0);
@@ -167,6 +191,7 @@ impl Table {
 
     pub(crate) fn clear(&self, txn: &mut WriteTxn) -> heed::Result<()> {
         self.db.clear(&mut txn.txn)?;
+        txn.count += 1;
         txn.changes.push(CLEAR);
         txn.changes.extend_from_slice(&self.id.to_le_bytes());
         Ok(())
@@ -188,6 +213,10 @@ impl Tables {
         let table = Table { db, id };
         self.tables.insert(name.to_string(), table);
         table
+    }
+
+    fn by_id(&self) -> Vec<Table> {
+        self.names.iter().map(|name| self.tables[name]).collect()
     }
 
     fn record(&self) -> Vec<u8> {
@@ -279,6 +308,8 @@ pub(crate) fn sync_dir(dir: &Path) -> io::Result<()> {
 pub(crate) struct Journal {
     dir: PathBuf,
     tables: Vec<u8>,
+    /// The tables by number.
+    by_id: Vec<Table>,
     /// Where each transaction records its record's sequence number (`meta`).
     position: Table,
     /// The sequence number of the next record.
@@ -307,6 +338,7 @@ impl Journal {
         Ok(Journal {
             dir: dir.to_path_buf(),
             tables: tables.record(),
+            by_id: tables.by_id(),
             position,
             next_seq: after + 1,
             segment: segments(dir)?.last().copied().unwrap_or(0),
@@ -339,20 +371,7 @@ impl Journal {
     /// record that could not be cut off or cancelled) have no OS error code, and the
     /// store treats them as fatal.
     pub(crate) fn commit(&mut self, mut txn: WriteTxn, sync: bool) -> heed::Result<()> {
-        let seq = self.next_seq;
-        self.position
-            .put(&mut txn, layout::META_JOURNAL_SEQ, &seq.to_be_bytes())?;
-        // A number is used once, whatever becomes of its record.
-        self.next_seq += 1;
-        let record = frame(&[&[KIND_COMMIT], &seq.to_le_bytes(), &txn.changes])?;
-        let start = self.written;
-        self.write(&record)?;
-        if sync {
-            if let Err(error) = self.sync() {
-                self.cut_back(start)?;
-                return Err(error.into());
-            }
-        }
+        let seq = self.append(&mut txn, KIND_COMMIT, sync)?;
         if let Err(error) = txn.txn.commit() {
             frame(&[&[KIND_ABORT], &seq.to_le_bytes()])
                 .and_then(|abort| self.write(&abort))
@@ -361,6 +380,62 @@ impl Journal {
             return Err(error);
         }
         Ok(())
+    }
+
+    /// Appends the changes `txn` made since its last record as an acknowledged record
+    /// (write-back), flushed if `sync`; the transaction stays open. Returns the changes,
+    /// which [`Journal::replay_changes`] makes again if the transaction is aborted
+    /// before LMDB commits it. On an error the record is cut off again, and the
+    /// transaction holds changes that no record has: the caller aborts it.
+    pub(crate) fn append_acknowledged(
+        &mut self,
+        txn: &mut WriteTxn,
+        sync: bool,
+    ) -> heed::Result<Vec<u8>> {
+        self.append(txn, KIND_ACKED, sync)?;
+        Ok(std::mem::take(&mut txn.changes))
+    }
+
+    /// Records the sequence number in `txn`, then appends its changes as a record of
+    /// `kind`, flushed if `sync`. Returns the sequence number.
+    fn append(&mut self, txn: &mut WriteTxn, kind: u8, sync: bool) -> heed::Result<u64> {
+        let seq = self.next_seq;
+        self.position
+            .put(txn, layout::META_JOURNAL_SEQ, &seq.to_be_bytes())?;
+        // A number is used once, whatever becomes of its record.
+        self.next_seq += 1;
+        let record = frame(&[&[kind], &seq.to_le_bytes(), &txn.changes])?;
+        let start = self.written;
+        self.write(&record)?;
+        if sync {
+            if let Err(error) = self.sync() {
+                self.cut_back(start)?;
+                return Err(error.into());
+            }
+        }
+        Ok(seq)
+    }
+
+    /// Makes `changes` (as [`Journal::append_acknowledged`] returned them) again in
+    /// `txn`, which does not record them: the journal has them already.
+    pub(crate) fn replay_changes(
+        &self,
+        changes: &[u8],
+        txn: &mut WriteTxn,
+    ) -> Result<(), ReplayError> {
+        replay(changes, txn, |id| {
+            self.by_id
+                .get(usize::from(id))
+                .copied()
+                .ok_or_else(|| corrupt(format!("table number {id}")))
+        })?;
+        txn.changes.clear();
+        Ok(())
+    }
+
+    /// The number of the segment being appended.
+    pub(crate) fn segment(&self) -> u64 {
+        self.segment
     }
 
     /// Appends a [`frame`]d record.
@@ -484,6 +559,8 @@ pub(crate) struct Recorded {
     pub(crate) segment: u64,
     /// Where its frame starts in its segment.
     pub(crate) offset: u64,
+    /// Acknowledged before LMDB committed it (write-back): never cut off.
+    pub(crate) acknowledged: bool,
     /// Table number to database name, from its segment's tables record.
     names: std::rc::Rc<HashMap<u16, String>>,
     changes: Vec<u8>,
@@ -522,10 +599,11 @@ pub(crate) fn read(dir: &Path, from_segment: u64) -> io::Result<Found> {
             found.last_seq = found.last_seq.max(seq);
             match kind {
                 KIND_TABLES => names = std::rc::Rc::new(decode_tables(&body[9..])?),
-                KIND_COMMIT => found.records.push(Recorded {
+                KIND_COMMIT | KIND_ACKED => found.records.push(Recorded {
                     seq,
                     segment,
                     offset,
+                    acknowledged: kind == KIND_ACKED,
                     names: std::rc::Rc::clone(&names),
                     changes: body[9..].to_vec(),
                 }),
@@ -605,38 +683,48 @@ impl Recorded {
     /// Makes this record's changes again in `txn` (which records them in turn), on the
     /// databases of the same names in `tables`.
     pub(crate) fn replay(&self, txn: &mut WriteTxn, tables: &Tables) -> Result<(), ReplayError> {
-        let mut body = &self.changes[..];
-        while !body.is_empty() {
-            let op = take(&mut body, 1)?[0];
-            let id = take_u16(&mut body)?;
+        replay(&self.changes, txn, |id| {
             let name = self
                 .names
                 .get(&id)
                 .ok_or_else(|| corrupt(format!("table number {id}")))?;
-            let table = tables.tables.get(name).ok_or_else(|| {
+            tables.tables.get(name).copied().ok_or_else(|| {
                 corrupt(format!(
                     "table name {name} (a database this configuration does not have)"
                 ))
-            })?;
-            match op {
-                PUT => {
-                    let key = take_bytes(&mut body)?;
-                    let value = take_bytes(&mut body)?;
-                    table.put(txn, key, value)?;
-                }
-                DELETE => {
-                    table.delete(txn, take_bytes(&mut body)?)?;
-                }
-                RANGE => {
-                    let range = (take_bound(&mut body)?, take_bound(&mut body)?);
-                    table.delete_range(txn, &range)?;
-                }
-                CLEAR => table.clear(txn)?,
-                other => return Err(corrupt(format!("change {other}")).into()),
-            }
-        }
-        Ok(())
+            })
+        })
     }
+}
+
+/// Makes the changes of a record's body again in `txn`, on the table `table_of` gives
+/// for each table number.
+fn replay(
+    mut body: &[u8],
+    txn: &mut WriteTxn,
+    table_of: impl Fn(u16) -> io::Result<Table>,
+) -> Result<(), ReplayError> {
+    while !body.is_empty() {
+        let op = take(&mut body, 1)?[0];
+        let table = table_of(take_u16(&mut body)?)?;
+        match op {
+            PUT => {
+                let key = take_bytes(&mut body)?;
+                let value = take_bytes(&mut body)?;
+                table.put(txn, key, value)?;
+            }
+            DELETE => {
+                table.delete(txn, take_bytes(&mut body)?)?;
+            }
+            RANGE => {
+                let range = (take_bound(&mut body)?, take_bound(&mut body)?);
+                table.delete_range(txn, &range)?;
+            }
+            CLEAR => table.clear(txn)?,
+            other => return Err(corrupt(format!("change {other}")).into()),
+        }
+    }
+    Ok(())
 }
 
 /// Why a record could not be replayed.

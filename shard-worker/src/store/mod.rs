@@ -26,6 +26,8 @@
 //!   commits, and the wrappers (`WriteTxn`, `Table`) through which the store writes.
 //! - `checkpoint`: the snapshot whose pages are known to be on disk, pinned until
 //!   the next; a power failure rewinds to it and replays the journal.
+//! - `writeback`: batches acknowledged from the journal and kept in one LMDB
+//!   transaction until the worker settles it ([`Store::settle`]).
 //!
 //! Submodules adding request handlers to [`Store`]:
 //! - `keyspace`: a key's current state, writes with expiry index and log entry.
@@ -55,6 +57,7 @@ mod scan;
 mod strings;
 mod txns;
 mod types;
+mod writeback;
 
 use std::collections::{BTreeSet, HashMap};
 use std::path::Path;
@@ -144,6 +147,11 @@ pub struct Store {
     journal: journal::Journal,
     /// The last checkpoint and the one being taken.
     checkpoints: checkpoint::Checkpoints,
+    /// Batches are acknowledged from the journal and LMDB commits them at
+    /// [`Store::settle`] (`writeback`).
+    write_back: bool,
+    /// The write transaction write-back keeps open across batches.
+    unsettled: Option<writeback::Unsettled>,
 }
 
 /// State of one write transaction: partition counters advanced in it, and the
@@ -274,19 +282,21 @@ impl Store {
             .into_iter()
             .filter(|r| r.seq > position)
             .collect();
-        if let (false, Some(first)) = (rewound, missing.first()) {
-            // The machine did not restart: the page cache kept every commit LMDB made,
-            // so these records are of commits LMDB never made (the process stopped
-            // between the journal's append and LMDB's commit), and none of them was
-            // acknowledged. They are cut off, not replayed: a read while the worker was
-            // down saw the shard without them, and must not see them appear later.
+        // Records acknowledged before LMDB committed them (write-back) are always
+        // replayed. Without a restart of the machine the page cache kept every commit
+        // LMDB made, so the other records missing are of commits LMDB never made (the
+        // process stopped between the journal's append and LMDB's commit), none of
+        // them acknowledged. They are cut off, not replayed: a read while the worker
+        // was down saw the shard without them, and must not see them appear later.
+        let acknowledged = missing.iter().take_while(|r| r.acknowledged).count();
+        if let (false, Some(first)) = (rewound, missing.get(acknowledged)) {
             tracing::info!(
-                transactions = missing.len(),
+                transactions = missing.len() - acknowledged,
                 after = position,
                 "cutting off the journal's records of commits never made"
             );
             journal::cut_off(&journal_dir, first.segment, first.offset).map_err(io_error)?;
-            missing.clear();
+            missing.truncate(acknowledged);
         }
         // Before anything is written, the environment as it is becomes the checkpoint
         // to recover from: the pages of the last durable snapshot must not be reused
@@ -358,6 +368,8 @@ impl Store {
             clock: Box::new(clock),
             journal,
             checkpoints,
+            write_back: false,
+            unsettled: None,
         };
         store.replay_journal(missing, &tables, position)?;
         store.checkpoints.keep_from = None;
@@ -677,14 +689,16 @@ impl Store {
         work: impl Fn(&Store, &mut WriteTxn, &mut Batch) -> heed::Result<T>,
     ) -> Result<T, StoreError> {
         loop {
-            let env = self.env.clone();
-            let mut txn = WriteTxn::new(env.write_txn()?);
+            let mut open = match self.unsettled.take() {
+                Some(open) => open,
+                None => writeback::Unsettled::begin(&self.env, self.journal.segment())?,
+            };
             let mut batch = Batch::new(self.clock.now_ms(), self.next_seq);
-            let result = work(self, &mut txn, &mut batch).and_then(|output| {
+            let result = work(self, &mut open.txn, &mut batch).and_then(|output| {
                 let mut highest = self.highest_commit_id;
                 for (&partition, &meta) in &batch.partitions {
                     self.meta.put(
-                        &mut txn,
+                        &mut open.txn,
                         &layout::partition_meta_key(partition),
                         &layout::encode_partition_meta(meta),
                     )?;
@@ -697,21 +711,30 @@ impl Store {
                     // A transaction that changed nothing is aborted, which costs no fsync.
                     // The id high-water mark and transaction records count as changes.
                     self.last_commit = None;
-                    if batch.partitions.is_empty() && !batch.dirty {
-                        txn.abort();
+                    let changed = !batch.partitions.is_empty()
+                        || batch.dirty
+                        || (self.write_back && open.txn.has_changes());
+                    if !changed {
+                        if open.records.is_empty() {
+                            drop(open.into_records());
+                        } else {
+                            self.unsettled = Some(open);
+                        }
                     } else {
                         let started = std::time::Instant::now();
-                        self.ensure_checkpoint()?;
-                        match self
-                            .journal
-                            .commit(txn, self.sync_each_commit || batch.sync)
-                        {
-                            // The commit itself may need pages (for the free list).
-                            Err(heed::Error::Mdb(heed::MdbError::MapFull)) => {
-                                self.grow_map()?;
-                                continue;
+                        let sync = self.sync_each_commit || batch.sync;
+                        if self.write_back {
+                            self.append_acknowledged(open, sync)?;
+                        } else {
+                            self.ensure_checkpoint()?;
+                            match self.journal.commit(open.txn, sync) {
+                                // The commit itself may need pages (for the free list).
+                                Err(heed::Error::Mdb(heed::MdbError::MapFull)) => {
+                                    self.grow_map()?;
+                                    continue;
+                                }
+                                result => result?,
                             }
-                            result => result?,
                         }
                         self.last_commit = Some(started.elapsed());
                     }
@@ -728,10 +751,47 @@ impl Store {
                     return Ok(output);
                 }
                 Err(heed::Error::Mdb(heed::MdbError::MapFull)) => {
-                    drop(txn);
-                    self.grow_map()?;
+                    let (records, segment) = open.into_records();
+                    self.regrow(records, segment)?;
                 }
-                Err(error) => return Err(error.into()),
+                Err(error) => {
+                    // The acknowledged batches before this one are made again.
+                    let (records, segment) = open.into_records();
+                    self.restore(records, segment)?;
+                    return Err(error.into());
+                }
+            }
+        }
+    }
+
+    /// Write-back: journals the batch just applied in `open` as acknowledged, and keeps
+    /// the transaction open. On an error the transaction is aborted and the batches
+    /// acknowledged before are made again.
+    fn append_acknowledged(
+        &mut self,
+        mut open: writeback::Unsettled,
+        sync: bool,
+    ) -> Result<(), StoreError> {
+        if open.records.is_empty() {
+            // The first batch of a window: the journal is where the checkpoint expects.
+            if let Err(error) = self.ensure_checkpoint() {
+                drop(open.into_records());
+                return Err(error);
+            }
+            open.segment = self.journal.segment();
+        }
+        match self.journal.append_acknowledged(&mut open.txn, sync) {
+            Ok(changes) => {
+                open.bytes += changes.len();
+                open.records.push(changes);
+                open.since.get_or_insert_with(std::time::Instant::now);
+                self.unsettled = Some(open);
+                Ok(())
+            }
+            Err(error) => {
+                let (records, segment) = open.into_records();
+                self.restore(records, segment)?;
+                Err(error.into())
             }
         }
     }
@@ -827,6 +887,8 @@ impl Store {
             } => self.read_log(txn, *partition, *from_commit_id, *count),
             WorkerRequest::ReadFeed { positions, count } => self.read_feed(txn, positions, *count),
             WorkerRequest::LastCommitIds => self.last_commit_ids(txn),
+            // The worker settles after the batch.
+            WorkerRequest::Settle => Ok(WorkerResponse::Ok),
             WorkerRequest::ReserveIds { high_water } => self.reserve_ids(txn, batch, *high_water),
             WorkerRequest::IdHighWater => self.id_high_water(txn),
             WorkerRequest::Flush {

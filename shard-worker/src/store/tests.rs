@@ -3066,3 +3066,5 @@ fn a_follower_cut_off_after_the_decision_or_in_the_middle_of_an_apply_finishes_t
     );
     assert_eq!(in_doubt(&mut follower), WorkerResponse::InDoubt(vec![]));
 }
+
+mod writeback;

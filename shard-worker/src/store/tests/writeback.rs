@@ -1,0 +1,191 @@
+//! Write-back: batches acknowledged from the journal, kept in one LMDB transaction
+//! until the store settles, and made again after an abort, a crash or a power failure.
+
+use super::*;
+
+/// A store in `dir` on `clock`, with write-back on.
+fn open_writing_back(dir: &Path, clock: &ManualClock) -> Store {
+    let mut store = open_on(dir, clock);
+    store.set_write_back(true).unwrap();
+    store
+}
+
+/// `k`'s value in collection 0 as a reader of the environment sees it (what the
+/// net-daemon's direct reads would find).
+fn committed_value(store: &Store, k: &[u8]) -> Option<Vec<u8>> {
+    let txn = store.env.read_txn().unwrap();
+    let raw = store.collections[0]
+        .get(&txn, &layout::data_key(1, k))
+        .unwrap()?;
+    Some(layout::decode_value(raw).unwrap().bytes.to_vec())
+}
+
+#[test]
+fn acknowledged_batches_are_seen_by_the_worker_at_once_and_by_readers_once_settled() {
+    let dir = tempfile::tempdir().unwrap();
+    let clock = ManualClock::new(START_MS);
+    let mut store = open_writing_back(dir.path(), &clock);
+    let txnid = store.env.info().last_txn_id;
+    assert!(!store.is_unsettled());
+    apply(&mut store, &[set(0, key(1, b"a"), b"1")]);
+    apply(
+        &mut store,
+        &[set(0, key(1, b"b"), b"2"), set(0, key(1, b"a"), b"3")],
+    );
+    assert!(store.is_unsettled());
+    assert_eq!(
+        get(&mut store, 0, key(1, b"a")),
+        WorkerResponse::Value(Some(b"3".to_vec()))
+    );
+    assert_eq!(logged(&mut store, 1, 0, 10), vec![1, 2, 3]);
+    // LMDB has committed nothing yet: a reader of the environment sees neither key.
+    assert_eq!(store.env.info().last_txn_id, txnid);
+    assert_eq!(committed_value(&store, b"a"), None);
+    store.settle().unwrap();
+    assert!(!store.is_unsettled());
+    assert_eq!(
+        store.env.info().last_txn_id,
+        txnid + 1,
+        "one commit for both batches"
+    );
+    assert_eq!(committed_value(&store, b"a"), Some(b"3".to_vec()));
+    assert_eq!(committed_value(&store, b"b"), Some(b"2".to_vec()));
+    // A batch that changes nothing leaves nothing to settle.
+    apply(
+        &mut store,
+        &[WorkerRequest::Get {
+            collection: 0,
+            key: key(1, b"a"),
+        }],
+    );
+    assert!(!store.is_unsettled());
+}
+
+#[test]
+fn a_process_that_dies_with_unsettled_batches_replays_them_when_it_restarts() {
+    // The batches were acknowledged: unlike a commit LMDB never made, they are replayed
+    // in the same boot.
+    let dir = tempfile::tempdir().unwrap();
+    let clock = ManualClock::new(START_MS);
+    let mut store = open_writing_back(dir.path(), &clock);
+    let expected = write_history(&mut store, 1);
+    let log = log_of(&mut store, 1);
+    let highest = store.highest_commit_id();
+    assert!(store.is_unsettled());
+    drop(store);
+    let mut store = open_on(dir.path(), &clock);
+    assert!(!store.is_unsettled());
+    assert_holds(&mut store, &expected);
+    assert_eq!(
+        log_of(&mut store, 1),
+        log,
+        "each entry once, with its commit id"
+    );
+    assert_eq!(store.highest_commit_id(), highest);
+    // And once more after a second death: nothing is replayed twice.
+    drop(store);
+    let mut store = open_on(dir.path(), &clock);
+    assert_eq!(log_of(&mut store, 1), log);
+}
+
+#[test]
+fn after_a_power_failure_unsettled_batches_come_back_from_the_journal() {
+    let dir = tempfile::tempdir().unwrap();
+    let data_file = dir.path().join("data.mdb");
+    let clock = ManualClock::new(START_MS);
+    let mut store = open_writing_back(dir.path(), &clock);
+    write_history(&mut store, 1);
+    // A checkpoint is of what LMDB committed: it settles first.
+    store.checkpoint().unwrap();
+    assert!(!store.is_unsettled());
+    let on_disk = std::fs::read(&data_file).unwrap();
+    write_history(&mut store, 2);
+    store.settle().unwrap();
+    let expected = write_history(&mut store, 3);
+    let log = log_of(&mut store, 1);
+    assert!(store.is_unsettled());
+    drop(store);
+    // Of the pages LMDB wrote since the checkpoint, the disk lost one in three.
+    let written = std::fs::read(&data_file).unwrap();
+    let mut torn = Vec::new();
+    for (n, page) in pages(&written).into_iter().enumerate() {
+        match pages(&on_disk).get(n) {
+            Some(old) if n >= 2 && n % 3 == 0 => torn.extend_from_slice(old),
+            _ => torn.extend_from_slice(page),
+        }
+    }
+    std::fs::write(&data_file, &torn).unwrap();
+    clock.reboot();
+    let mut store = open_on(dir.path(), &clock);
+    assert_holds(&mut store, &expected);
+    assert_eq!(log_of(&mut store, 1), log);
+}
+
+#[test]
+fn a_full_map_keeps_the_batches_acknowledged_before_it() {
+    // The third batch fills the 1 MiB map: the transaction is aborted, the map grows,
+    // and the two batches before it are made again from their records.
+    let dir = tempfile::tempdir().unwrap();
+    let clock = ManualClock::new(START_MS);
+    let mut store = open_writing_back(dir.path(), &clock);
+    let before = store.map_size();
+    let value = vec![7u8; 64 * 1024];
+    let mut written = Vec::new();
+    for round in 0..3u32 {
+        let requests: Vec<_> = (0..8u32)
+            .map(|i| {
+                let k = key(1, format!("k{round}-{i}").as_bytes());
+                written.push((k.clone(), Some(value.clone())));
+                set(0, k, &value)
+            })
+            .collect();
+        assert!(apply(&mut store, &requests)
+            .iter()
+            .all(|r| *r == WorkerResponse::Ok));
+    }
+    assert!(store.map_size() > before, "the map grew");
+    assert!(store.is_unsettled());
+    assert_holds(&mut store, &written);
+    assert_eq!(log_of(&mut store, 1).len(), 24, "each write logged once");
+    // The segments holding the first batches were kept by the checkpoint the resize
+    // took: a power failure now loses none of them.
+    drop(store);
+    clock.reboot();
+    let mut store = open_on(dir.path(), &clock);
+    assert_holds(&mut store, &written);
+    assert_eq!(log_of(&mut store, 1).len(), 24);
+}
+
+#[test]
+fn at_the_map_limit_the_batch_is_refused_and_the_ones_before_it_stay() {
+    let dir = tempfile::tempdir().unwrap();
+    let clock = ManualClock::new(START_MS);
+    let options = StoreOptions {
+        max_map_size_bytes: 1 << 20,
+        ..options()
+    };
+    let mut store = Store::open_with_clock(dir.path(), &options, clock.clone()).unwrap();
+    store.set_write_back(true).unwrap();
+    let value = vec![7u8; 64 * 1024];
+    apply(&mut store, &[set(0, key(1, b"kept"), b"1")]);
+    let mut refused = false;
+    for i in 0..32u32 {
+        let response = apply(&mut store, &[set(0, key(1, &i.to_be_bytes()), &value)]).remove(0);
+        if matches!(response, WorkerResponse::Error(WorkerError::MapFull { .. })) {
+            refused = true;
+            break;
+        }
+        assert_eq!(response, WorkerResponse::Ok);
+    }
+    assert!(refused, "the map reached its limit");
+    assert_eq!(
+        get(&mut store, 0, key(1, b"kept")),
+        WorkerResponse::Value(Some(b"1".to_vec()))
+    );
+    drop(store);
+    let mut store = Store::open_with_clock(dir.path(), &options, clock).unwrap();
+    assert_eq!(
+        get(&mut store, 0, key(1, b"kept")),
+        WorkerResponse::Value(Some(b"1".to_vec()))
+    );
+}

@@ -1,0 +1,162 @@
+//! Write-back (`storage.writeback_ms`): writes acknowledged from the journal while
+//! LMDB has not committed them are read by every path, survive kill -9 of their
+//! worker, and are in backups and digests.
+
+mod common;
+
+use std::time::Duration;
+
+use common::{run_with_timeout, signal, wait_until, Server};
+use redis::Value;
+
+/// A window far beyond the test: LMDB commits only when something asks it to.
+const LONG_WINDOW: &str = "[storage]\nwriteback_ms = 10000\n";
+
+fn unsettled(server: &Server, worker: u64) -> bool {
+    server.process_status("shard-worker", worker)["unsettled"]
+        .as_bool()
+        .expect("the status shows whether a worker holds unsettled writes")
+}
+
+fn set_all(con: &mut redis::Connection, keys: &[String], value: &str) {
+    for key in keys {
+        assert_eq!(
+            redis::cmd("SET")
+                .arg(key)
+                .arg(value)
+                .query::<Value>(con)
+                .expect("SET"),
+            Value::Okay
+        );
+    }
+}
+
+fn assert_all(con: &mut redis::Connection, keys: &[String], value: &str) {
+    let values: Vec<Option<String>> = redis::cmd("MGET").arg(keys).query(con).expect("MGET");
+    assert!(
+        values.iter().all(|v| v.as_deref() == Some(value)),
+        "MGET: {values:?}"
+    );
+    for key in keys {
+        let got: Option<String> = redis::cmd("GET").arg(key).query(con).expect("GET");
+        assert_eq!(got.as_deref(), Some(value), "GET {key}");
+    }
+}
+
+#[test]
+fn unsettled_writes_are_read_back_at_once_and_survive_kill_9_of_their_worker() {
+    let server = Server::start(LONG_WINDOW);
+    let keys = server.keys_on_worker("wb:", 1, 40);
+    let mut con = server.conn();
+    set_all(&mut con, &keys, "one");
+    assert!(unsettled(&server, 1), "worker 1 holds the writes back");
+    // The net-daemon reads the shard through its worker: every read sees every write.
+    assert_all(&mut con, &keys, "one");
+    set_all(&mut con, &keys[..10], "two");
+    let exists: i64 = redis::cmd("EXISTS").arg(&keys).query(&mut con).unwrap();
+    assert_eq!(exists, keys.len() as i64);
+    let watched: Vec<Value> = {
+        redis::cmd("WATCH")
+            .arg(&keys[0])
+            .query::<()>(&mut con)
+            .unwrap();
+        redis::pipe()
+            .atomic()
+            .cmd("GET")
+            .arg(&keys[0])
+            .query(&mut con)
+            .expect("EXEC")
+    };
+    assert_eq!(watched, vec![Value::BulkString(b"two".to_vec())]);
+
+    // Killed with the writes still unsettled: its successor replays them.
+    let victim = server.worker_pid(1);
+    assert!(unsettled(&server, 1));
+    signal(victim, libc::SIGKILL);
+    wait_until(
+        "the worker's successor to answer",
+        Duration::from_secs(30),
+        || match redis::cmd("GET")
+            .arg(&keys[0])
+            .query::<Option<String>>(&mut con)
+        {
+            Ok(value) => Ok(value),
+            Err(error) if error.is_io_error() => {
+                con = server.conn();
+                Err(error.to_string())
+            }
+            Err(error) => Err(error.to_string()),
+        },
+    );
+    assert_ne!(server.worker_pid(1), victim);
+    assert!(!unsettled(&server, 1), "the successor replayed them");
+    assert_all(&mut con, &keys[..10], "two");
+    assert_all(&mut con, &keys[10..], "one");
+    assert!(
+        server.logs().contains("replaying the journal"),
+        "the successor replayed its journal"
+    );
+}
+
+#[test]
+fn a_digest_and_a_backup_hold_the_unsettled_writes() {
+    let server = Server::start(LONG_WINDOW);
+    let keys = server.keys_on_worker("dg:", 0, 20);
+    let partition = server.partition_of(keys[0].as_bytes());
+    let same: Vec<String> = keys
+        .iter()
+        .filter(|k| server.partition_of(k.as_bytes()) == partition)
+        .cloned()
+        .collect();
+    let mut con = server.conn();
+    let digest = |con: &mut redis::Connection| -> (i64, i64) {
+        let reply: (i64, i64, String) = redis::cmd("SHOAL.DIGEST")
+            .arg(partition)
+            .query(con)
+            .expect("SHOAL.DIGEST");
+        (reply.0, reply.1)
+    };
+    let (_, before) = digest(&mut con);
+    set_all(&mut con, &same, "x");
+    assert!(unsettled(&server, 0));
+    let (last_commit_id, after) = digest(&mut con);
+    assert_eq!(
+        after,
+        before + same.len() as i64,
+        "the digest counts every key"
+    );
+    assert!(last_commit_id > 0);
+    assert!(!unsettled(&server, 0), "the digest settled the worker");
+
+    set_all(&mut con, &keys, "y");
+    assert!(unsettled(&server, 0));
+    let backup = server.dir.path().join("backup");
+    let mut command = server.command();
+    command
+        .arg("backup")
+        .arg(&backup)
+        .arg("--config")
+        .arg(&server.config_path);
+    let output = run_with_timeout(command, Duration::from_secs(120)).expect("shoal backup");
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    // Restored into a data dir of its own, the copy holds the last writes.
+    let mut restored = Server::configure(LONG_WINDOW);
+    let mut command = restored.command();
+    command
+        .arg("restore")
+        .arg(&backup)
+        .arg("--config")
+        .arg(&restored.config_path);
+    let output = run_with_timeout(command, Duration::from_secs(120)).expect("shoal restore");
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    restored.spawn_and_wait();
+    assert_all(&mut restored.conn(), &keys, "y");
+}
