@@ -6,7 +6,7 @@ mod common;
 
 use std::time::{Duration, Instant};
 
-use common::{encode_command, signal, Resp, Server};
+use common::{encode_command, signal, wait_until, Resp, Server};
 
 #[test]
 fn reads_are_answered_while_the_worker_is_paused_and_writes_wait_for_it() {
@@ -14,6 +14,16 @@ fn reads_are_answered_while_the_worker_is_paused_and_writes_wait_for_it() {
     let mut conn = server.raw();
     assert_eq!(conn.cmd(&["SET", "k", "v"]), Resp::Simple("OK".into()));
     assert_eq!(conn.cmd(&["SET", "k2", "v2"]), Resp::Simple("OK".into()));
+    // With write-back, the map shows the writes once the worker has committed them in
+    // LMDB (within `storage.writeback_ms`); until then reads go through the worker.
+    wait_until(
+        "the worker to commit its writes in LMDB",
+        Duration::from_secs(10),
+        || match server.process_status("shard-worker", 0)["unsettled"].as_bool() {
+            Some(false) => Ok(()),
+            other => Err(format!("unsettled: {other:?}")),
+        },
+    );
 
     let worker = server.worker_pid(0);
     signal(worker, libc::SIGSTOP);

@@ -229,9 +229,18 @@ fn assert_all_present(con: &mut redis::Connection, keys: &[String]) {
 
 #[test]
 fn a_map_at_its_cap_refuses_writes_keeps_reads_and_takes_writes_after_a_raise() {
-    let mut server = Server::start(
-        "workers = 1\n[storage]\nmap_size_bytes = 1048576\nmax_map_size_bytes = 4194304\n",
-    );
+    map_at_its_cap("");
+}
+
+#[test]
+fn with_write_back_a_map_at_its_cap_refuses_writes_and_loses_none() {
+    map_at_its_cap("writeback_ms = 200\n");
+}
+
+fn map_at_its_cap(storage: &str) {
+    let mut server = Server::start(&format!(
+        "workers = 1\n[storage]\nmap_size_bytes = 1048576\nmax_map_size_bytes = 4194304\n{storage}"
+    ));
     let mut con = server.conn();
     let (written, refusal) = fill(&mut con, "cap:", 200);
     assert!(
@@ -247,7 +256,9 @@ fn a_map_at_its_cap_refuses_writes_keeps_reads_and_takes_writes_after_a_raise() 
     drop(con);
 
     server.stop();
-    server.update_config("[storage]\nmax_map_size_bytes = 67108864\n");
+    server.update_config(&format!(
+        "[storage]\nmax_map_size_bytes = 67108864\n{storage}"
+    ));
     server.spawn_and_wait();
     let mut con = server.conn();
     assert_all_present(&mut con, &written);
@@ -359,6 +370,68 @@ fn a_full_disk_refuses_writes_keeps_reads_and_recovers_when_space_returns() {
     assert_all_present(&mut con, &written);
     drop(con);
     server.stop();
+}
+
+#[test]
+fn with_write_back_a_full_disk_refuses_writes_keeps_reads_and_recovers_when_space_returns() {
+    // Acknowledged writes that LMDB cannot commit for want of room stay in the worker's
+    // transaction: reads see them, writes are refused until the commit succeeds. The
+    // commit needs about as much room again as their journal records took, so more
+    // than that is given back.
+    let mut server = Server::configure(
+        "workers = 1\n[storage]\nmap_size_bytes = 1048576\nwriteback_ms = 2000\n",
+    );
+    let Some(_disk) = Tmpfs::mount(&server.data_dir, "16m") else {
+        eprintln!("cannot mount a tmpfs here (not root?); skipping the full-disk test");
+        return;
+    };
+    let filler = server.data_dir.join("filler");
+    std::fs::write(&filler, vec![0u8; 10 << 20]).unwrap();
+    server.spawn_and_wait();
+    let mut con = server.conn();
+    let (written, refusal) = fill(&mut con, "disk:", 200);
+    assert!(refusal.contains("DISKFULL"), "{refusal}");
+    assert_all_present(&mut con, &written);
+    // Past the window the worker tries to commit them, finds no room, and keeps them:
+    // still refused and still read.
+    common::wait_until(
+        "a commit that finds no room",
+        Duration::from_secs(20),
+        || match server
+            .logs()
+            .contains("no room to commit acknowledged writes")
+        {
+            true => Ok(()),
+            false => Err("not yet".to_string()),
+        },
+    );
+    let refused = redis::cmd("SET")
+        .arg("disk:more")
+        .arg(vec![b'v'; 64 * 1024])
+        .query::<()>(&mut con)
+        .expect_err("a write on the full disk is refused");
+    assert!(refused.to_string().contains("DISKFULL"), "{refused}");
+    assert_all_present(&mut con, &written);
+    server.assert_alive("with the disk full");
+
+    std::fs::remove_file(&filler).unwrap();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        match redis::cmd("SET")
+            .arg("disk:after")
+            .arg(vec![b'v'; 64 * 1024])
+            .query::<()>(&mut con)
+        {
+            Ok(()) => break,
+            Err(error) => assert!(Instant::now() < deadline, "writes did not resume: {error}"),
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert_all_present(&mut con, &written);
+    drop(con);
+    assert!(server.stop().success(), "a clean stop\n{}", server.logs());
+    server.spawn_and_wait();
+    assert_all_present(&mut server.conn(), &written);
 }
 
 /// GETs a path over plain HTTP/1.1 and returns the status line and body.

@@ -69,6 +69,8 @@ const MAX_UNSETTLED_BYTES: usize = 64 << 20;
 /// Write-back: the changes past which LMDB commits the batches before their window is
 /// over. Each dirties a page or two that the worker holds in memory until then.
 const MAX_UNSETTLED_CHANGES: usize = 25_000;
+/// Write-back: how long after a commit that found no room the next try comes.
+const STALL_RETRY: Duration = Duration::from_secs(1);
 
 /// Runs shard-worker `index` until SIGTERM; returns after a clean drain.
 pub fn run(config: &Config, index: usize) -> anyhow::Result<()> {
@@ -126,13 +128,14 @@ pub fn run(config: &Config, index: usize) -> anyhow::Result<()> {
         last_reader_check: Instant::now(),
         writeback,
         unsettled_marked: false,
+        settle_retry_at: None,
     };
     // A failed commit leaves the environment in doubt: nothing more is written, and the
     // next start recovers from the journal.
     worker.serve(&queue, &shutdown)?;
     slot.set_state(ProcessState::Draining);
     // Whatever is still queued was accepted from the net-daemon: apply it before leaving.
-    let drained = worker.drain(&queue);
+    let drained = worker.drain(&queue)?;
     // What is in the journal reaches the disk, and then LMDB's own pages: the next
     // start replays nothing.
     worker
@@ -176,6 +179,8 @@ struct Worker<'a> {
     writeback: Option<Duration>,
     /// Whether the slot's `Unsettled` word is set.
     unsettled_marked: bool,
+    /// When to try again to commit write-back's batches, after a try found no room.
+    settle_retry_at: Option<Instant>,
 }
 
 /// Treats "no space" (a map at its limit, a full disk) as "nothing done": housekeeping
@@ -240,7 +245,7 @@ impl Worker<'_> {
         let mut carried: Option<Queued> = None;
         loop {
             self.slot.beat();
-            self.settle()?;
+            self.settle(false)?;
             self.housekeeping()?;
             if shutdown.load(Ordering::Acquire) {
                 return Ok(());
@@ -266,6 +271,7 @@ impl Worker<'_> {
                         break;
                     }
                     let dir = dir.clone();
+                    self.settle(true)?;
                     self.start_backup(queued, dir);
                     next = queue.try_recv().ok();
                     continue;
@@ -305,6 +311,12 @@ impl Worker<'_> {
         };
         if !Path::new(&dir).is_absolute() {
             return refuse(format!("backup directory {dir:?} is not an absolute path"));
+        }
+        if self.store.is_stalled() {
+            return refuse(format!(
+                "shard {} cannot commit its last writes for want of room; try again once there is",
+                self.index
+            ));
         }
         if self.backup_running.swap(true, Ordering::AcqRel) {
             return refuse(format!(
@@ -407,27 +419,37 @@ impl Worker<'_> {
         }
     }
 
-    /// Write-back: commits the acknowledged batches in LMDB if the oldest has waited
-    /// its window, if they are too many bytes, or while a backup runs; clears the
-    /// slot's `Unsettled` word once none is left. An error is fatal.
+    /// Write-back: commits the acknowledged batches in LMDB if `force`, if the oldest
+    /// has waited its window, if they add up to too much, or while a backup runs;
+    /// clears the slot's `Unsettled` word once none is left. A commit that finds no
+    /// room keeps them (the store refuses writes meanwhile) and is tried again after
+    /// [`STALL_RETRY`]; any other error is fatal.
     ///
-    /// A backup's copy holds every write acknowledged before it was asked for: LMDB's
-    /// copy takes the environment's write lock to read the meta pages, so it starts
-    /// after the transaction open then commits, which it does at once while the
-    /// backup runs.
-    fn settle(&mut self) -> anyhow::Result<()> {
+    /// A backup's copy holds every write acknowledged before it was asked for: the
+    /// worker settles before it starts the copy, and LMDB's copy takes the
+    /// environment's write lock to read the meta pages, so it waits for a
+    /// transaction open then, which commits at once while the backup runs.
+    fn settle(&mut self, force: bool) -> anyhow::Result<()> {
         let Some(window) = self.writeback else {
             return Ok(());
         };
         if let Some(load) = self.store.unsettled_load() {
-            if load.age >= window
+            let due = load.age >= window
                 || load.bytes >= MAX_UNSETTLED_BYTES
                 || load.changes >= MAX_UNSETTLED_CHANGES
-                || self.backup_running.load(Ordering::Acquire)
-            {
-                self.store
-                    .settle()
-                    .context("committing write-back's batches; stopping the shard")?;
+                || self.backup_running.load(Ordering::Acquire);
+            let waiting = self.settle_retry_at.is_some_and(|at| Instant::now() < at);
+            if force || (due && !waiting) {
+                match self.store.settle() {
+                    Ok(()) => self.settle_retry_at = None,
+                    Err(error) if error.is_out_of_room() => {
+                        self.settle_retry_at = Some(Instant::now() + STALL_RETRY);
+                    }
+                    Err(error) => {
+                        return Err(anyhow::Error::new(error)
+                            .context("committing write-back's batches; stopping the shard"))
+                    }
+                }
             }
         }
         if self.unsettled_marked && !self.store.is_unsettled() {
@@ -440,10 +462,14 @@ impl Worker<'_> {
     /// How long to wait for a request: until the next tick, or until write-back's
     /// batches are due.
     fn wait_time(&self) -> Duration {
-        match (self.writeback, self.store.unsettled_load()) {
-            (Some(window), Some(load)) => window.saturating_sub(load.age).min(TICK),
-            _ => TICK,
-        }
+        let (Some(window), Some(load)) = (self.writeback, self.store.unsettled_load()) else {
+            return TICK;
+        };
+        let due = window.saturating_sub(load.age);
+        let retry = self.settle_retry_at.map_or(Duration::ZERO, |at| {
+            at.saturating_duration_since(Instant::now())
+        });
+        due.max(retry).min(TICK)
     }
 
     /// Work done between batches: flushes (async durability), active expiry, log
@@ -478,7 +504,8 @@ impl Worker<'_> {
         self.slot.set(Field::CheckpointSecs, checkpoint_secs);
         self.slot.set(Field::JournalBytes, journal_bytes);
         // Expiry and trimming write too: with a full map or disk they wait for space.
-        self.mark_unsettled();
+        // Their writes are never acknowledged, and a direct read of an expired key finds
+        // it expired anyway: they do not set the `Unsettled` word.
         let expired =
             tolerate_full(self.store.expire_due(EXPIRE_PER_TICK)).context("expiring keys")?;
         tolerate_full(self.store.reclaim_due(RECLAIM_PER_TICK))
@@ -497,23 +524,22 @@ impl Worker<'_> {
             self.slot
                 .set(Field::LastCommitId, self.store.highest_commit_id());
         }
-        self.settle()?;
+        self.settle(false)?;
         self.retry_deferred()
     }
 
-    /// Applies what is left on the queue at shutdown.
-    fn drain(&mut self, queue: &Receiver<Queued>) -> usize {
+    /// Applies what is left on the queue at shutdown. An error is fatal: nothing more is
+    /// written.
+    fn drain(&mut self, queue: &Receiver<Queued>) -> anyhow::Result<usize> {
         let mut drained = 0;
         loop {
             let batch: Vec<Queued> = queue.try_iter().take(MAX_BATCH).collect();
             if batch.is_empty() {
-                return drained;
+                return Ok(drained);
             }
             drained += batch.len();
-            if let Err(error) = self.apply(batch) {
-                tracing::error!(%error, "failed to apply requests while draining");
-                return drained;
-            }
+            self.apply(batch)
+                .context("failed to apply requests while draining")?;
         }
     }
 
@@ -532,10 +558,21 @@ impl Worker<'_> {
             .iter()
             .any(|request| matches!(request, WorkerRequest::Settle));
         let mut outcome = self.store.apply_batch(&requests);
-        if settle && outcome.is_ok() {
+        if let (true, Ok(responses)) = (settle, &mut outcome) {
             // Answered once LMDB holds what came before.
-            if let Err(error) = self.store.settle() {
-                outcome = Err(error);
+            match self.store.settle() {
+                Ok(()) => {}
+                Err(error) if error.is_out_of_room() => {
+                    let refusal = WorkerResponse::Error(WorkerError::Storage(format!(
+                        "the shard cannot commit its writes: {error}"
+                    )));
+                    for (request, response) in requests.iter().zip(responses.iter_mut()) {
+                        if matches!(request, WorkerRequest::Settle) {
+                            *response = refusal.clone();
+                        }
+                    }
+                }
+                Err(error) => outcome = Err(error),
             }
         }
         let count = requests.len() as u64;
@@ -590,6 +627,6 @@ impl Worker<'_> {
                 .observe(Field::CommitMicrosBuckets, &COMMIT_MICROS_BOUNDS, micros);
             self.slot.add(Field::CommitMicrosSum, micros);
         }
-        self.settle()
+        self.settle(false)
     }
 }

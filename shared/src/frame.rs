@@ -640,9 +640,6 @@ pub enum WorkerRequest {
     },
     /// → `Positions`: the last commit id of each partition of this worker.
     LastCommitIds,
-    /// → `Ok` once LMDB has committed every batch acknowledged before it (write-back:
-    /// after it, the shard's environment shows them to direct readers).
-    Settle,
     /// Records that ids below `high_water` may have been issued. → `Ok`.
     ReserveIds {
         /// The id bound to record (exclusive).
@@ -797,6 +794,9 @@ pub enum WorkerRequest {
         /// The log's `(term, first commit id)` pairs once they are applied.
         history: Vec<(u64, u64)>,
     },
+    /// → `Ok` once LMDB has committed every batch acknowledged before it (write-back:
+    /// after it, the shard's environment shows them to direct readers).
+    Settle,
 }
 
 impl WorkerRequest {

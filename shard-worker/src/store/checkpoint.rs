@@ -349,6 +349,11 @@ impl Store {
     /// commits write-back's batches first.
     pub fn checkpoint(&mut self) -> Result<(), StoreError> {
         self.settle()?;
+        self.checkpoint_committed()
+    }
+
+    /// Takes a checkpoint of what LMDB committed now, and waits for it.
+    pub(super) fn checkpoint_committed(&mut self) -> Result<(), StoreError> {
         match self.finish_checkpoint(true) {
             Err(error @ StoreError::InDoubt(_)) => return Err(error),
             Err(error) => tracing::warn!(%error, "the checkpoint before failed"),
@@ -365,6 +370,7 @@ impl Store {
     /// logged and tried again later; an error here means the data file could not be
     /// flushed, after which the worker must stop.
     pub(crate) fn checkpoint_tick(&mut self) -> Result<(), StoreError> {
+        self.check_failed()?;
         if let Err(error) = self.finish_checkpoint(false) {
             if matches!(error, StoreError::InDoubt(_)) {
                 return Err(error);
@@ -396,8 +402,7 @@ impl Store {
         let unsettled = self
             .unsettled
             .as_ref()
-            .filter(|open| !open.records.is_empty())
-            .map(|open| open.segment);
+            .and_then(|open| open.first_segment());
         let taken = Checkpoint {
             txnid,
             segment: [self.checkpoints.keep_from, unsettled]

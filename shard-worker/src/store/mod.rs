@@ -152,6 +152,13 @@ pub struct Store {
     write_back: bool,
     /// The write transaction write-back keeps open across batches.
     unsettled: Option<writeback::Unsettled>,
+    /// Write-back's batches found no room to commit: writes are refused until they do.
+    stalled: Option<writeback::Stall>,
+    /// Why the store refuses to go on: acknowledged batches are only in the journal.
+    failed: Option<String>,
+    /// The next commit of write-back's batches fails (tests of that failure).
+    #[cfg(test)]
+    fail_next_settle: bool,
 }
 
 /// State of one write transaction: partition counters advanced in it, and the
@@ -289,6 +296,15 @@ impl Store {
         // them acknowledged. They are cut off, not replayed: a read while the worker
         // was down saw the shard without them, and must not see them appear later.
         let acknowledged = missing.iter().take_while(|r| r.acknowledged).count();
+        if missing[acknowledged..].iter().any(|r| r.acknowledged) {
+            // One run of a worker writes one kind after its open: a mix is a journal
+            // this code did not write, and cutting it off could drop acknowledged writes.
+            return Err(StoreError::InDoubt(format!(
+                "the journal in {} holds acknowledged records after a record of a commit \
+                 never made; refusing to open the shard",
+                journal_dir.display()
+            )));
+        }
         if let (false, Some(first)) = (rewound, missing.get(acknowledged)) {
             tracing::info!(
                 transactions = missing.len() - acknowledged,
@@ -370,6 +386,10 @@ impl Store {
             checkpoints,
             write_back: false,
             unsettled: None,
+            stalled: None,
+            failed: None,
+            #[cfg(test)]
+            fail_next_settle: false,
         };
         store.replay_journal(missing, &tables, position)?;
         store.checkpoints.keep_from = None;
@@ -688,17 +708,21 @@ impl Store {
         &mut self,
         work: impl Fn(&Store, &mut WriteTxn, &mut Batch) -> heed::Result<T>,
     ) -> Result<T, StoreError> {
+        self.check_failed()?;
         loop {
             let mut open = match self.unsettled.take() {
                 Some(open) => open,
-                None => writeback::Unsettled::begin(&self.env, self.journal.segment())?,
+                None => writeback::Unsettled::begin(
+                    &self.env,
+                    writeback::Held::new(self.journal.segment()),
+                )?,
             };
             let mut batch = Batch::new(self.clock.now_ms(), self.next_seq);
-            let result = work(self, &mut open.txn, &mut batch).and_then(|output| {
+            let result = work(self, open.txn(), &mut batch).and_then(|output| {
                 let mut highest = self.highest_commit_id;
                 for (&partition, &meta) in &batch.partitions {
                     self.meta.put(
-                        &mut open.txn,
+                        open.txn(),
                         &layout::partition_meta_key(partition),
                         &layout::encode_partition_meta(meta),
                     )?;
@@ -713,10 +737,10 @@ impl Store {
                     self.last_commit = None;
                     let changed = !batch.partitions.is_empty()
                         || batch.dirty
-                        || (self.write_back && open.txn.has_changes());
+                        || (self.write_back && open.txn().has_changes());
                     if !changed {
-                        if open.records.is_empty() {
-                            drop(open.into_records());
+                        if open.is_empty() {
+                            drop(open.into_held());
                         } else {
                             self.unsettled = Some(open);
                         }
@@ -724,10 +748,12 @@ impl Store {
                         let started = std::time::Instant::now();
                         let sync = self.sync_each_commit || batch.sync;
                         if self.write_back {
-                            self.append_acknowledged(open, sync)?;
+                            if !self.append_acknowledged(open, sync)? {
+                                continue;
+                            }
                         } else {
                             self.ensure_checkpoint()?;
-                            match self.journal.commit(open.txn, sync) {
+                            match open.finish(|txn| self.journal.commit(txn, sync)) {
                                 // The commit itself may need pages (for the free list).
                                 Err(heed::Error::Mdb(heed::MdbError::MapFull)) => {
                                     self.grow_map()?;
@@ -751,13 +777,11 @@ impl Store {
                     return Ok(output);
                 }
                 Err(heed::Error::Mdb(heed::MdbError::MapFull)) => {
-                    let (records, segment) = open.into_records();
-                    self.regrow(records, segment)?;
+                    self.regrow(open.into_held())?;
                 }
                 Err(error) => {
                     // The acknowledged batches before this one are made again.
-                    let (records, segment) = open.into_records();
-                    self.restore(records, segment)?;
+                    self.restore(open.into_held())?;
                     return Err(error.into());
                 }
             }
@@ -765,32 +789,40 @@ impl Store {
     }
 
     /// Write-back: journals the batch just applied in `open` as acknowledged, and keeps
-    /// the transaction open. On an error the transaction is aborted and the batches
-    /// acknowledged before are made again.
+    /// the transaction open. Returns false when the map had to grow: the batch is to be
+    /// applied again. On an error, and while the batches before cannot be committed
+    /// for want of room ([`Store::settle`]), the batch is undone (the transaction is
+    /// aborted and the batches before are made again) and refused.
     fn append_acknowledged(
         &mut self,
         mut open: writeback::Unsettled,
         sync: bool,
-    ) -> Result<(), StoreError> {
-        if open.records.is_empty() {
+    ) -> Result<bool, StoreError> {
+        if let Some(error) = self.stall_error() {
+            self.restore(open.into_held())?;
+            return Err(error);
+        }
+        if open.is_empty() {
             // The first batch of a window: the journal is where the checkpoint expects.
             if let Err(error) = self.ensure_checkpoint() {
-                drop(open.into_records());
+                drop(open.into_held());
                 return Err(error);
             }
-            open.segment = self.journal.segment();
+            open = writeback::Unsettled::rebase(open, self.journal.segment());
         }
-        match self.journal.append_acknowledged(&mut open.txn, sync) {
+        match self.journal.append_acknowledged(open.txn(), sync) {
             Ok(changes) => {
-                open.bytes += changes.len();
-                open.records.push(changes);
-                open.since.get_or_insert_with(std::time::Instant::now);
+                open.push(changes);
                 self.unsettled = Some(open);
-                Ok(())
+                Ok(true)
+            }
+            Err(heed::Error::Mdb(heed::MdbError::MapFull)) => {
+                // The record's position needed a page.
+                self.regrow(open.into_held())?;
+                Ok(false)
             }
             Err(error) => {
-                let (records, segment) = open.into_records();
-                self.restore(records, segment)?;
+                self.restore(open.into_held())?;
                 Err(error.into())
             }
         }
@@ -815,6 +847,10 @@ impl Store {
 
     /// Doubles the map, up to `max_map_size_bytes`. Fails with MapFull at the limit.
     fn grow_map(&mut self) -> Result<(), StoreError> {
+        debug_assert!(
+            self.unsettled.is_none(),
+            "the map is resized with no write transaction open"
+        );
         let current = self.map_size();
         if current >= self.max_map_size_bytes {
             return Err(StoreError::Lmdb(heed::Error::Mdb(heed::MdbError::MapFull)));

@@ -22,13 +22,21 @@
 //!   dies, until its successor has replayed the journal.
 //! - A batch that fails (its journal append, a full map, any LMDB error) aborts the
 //!   whole transaction; the batches before it are made again in a new one from their
-//!   records, kept in memory ([`Unsettled::records`]), and their segments are kept
-//!   by every checkpoint until LMDB commits them.
-//! - Checkpoints are taken only on what LMDB committed: a checkpoint settles first.
+//!   records, kept in memory ([`Held`]), and their segments are kept by every
+//!   checkpoint until LMDB commits them.
+//! - A commit that finds no room (the map at its limit, a full disk) makes the
+//!   batches again and keeps them; writes are refused as full until a later try
+//!   commits them, and reads go on through the worker.
+//! - Any other failure to commit them, or to make them again, leaves them only in the
+//!   journal: the store then refuses every write, settle and checkpoint
+//!   ([`StoreError::InDoubt`]), the worker stops, and the next open replays them.
+//! - Checkpoints are of what LMDB committed, and keep the segments of the batches
+//!   it has not.
 //!
 //! Write-back is for a host that is not in a cluster: replication, handoff and the
 //! cluster's read paths read LMDB's log and counters directly.
 
+use std::sync::Arc;
 use std::time::Instant;
 
 use heed::{Env, WithoutTls};
@@ -36,68 +44,112 @@ use heed::{Env, WithoutTls};
 use super::journal::{ReplayError, WriteTxn};
 use super::{Store, StoreError};
 
-/// The write transaction kept open by write-back, with what it holds.
-pub(crate) struct Unsettled {
-    /// The transaction. Declared before `_env`, which it borrows: fields drop in order.
-    pub(super) txn: WriteTxn<'static>,
-    /// A handle on the environment that lives as long as the transaction (boxed, so
-    /// that it does not move when this struct does).
-    _env: Box<Env<WithoutTls>>,
-    /// The changes of each acknowledged batch in the transaction, as journaled.
-    pub(super) records: Vec<Vec<u8>>,
+/// Acknowledged batches that LMDB has not committed: what makes them again.
+#[derive(Default)]
+pub(crate) struct Held {
+    /// The changes of each batch, as journaled.
+    records: Vec<Vec<u8>>,
     /// Their bytes.
-    pub(super) bytes: usize,
+    bytes: usize,
     /// When the first of them was acknowledged.
-    pub(super) since: Option<Instant>,
+    since: Option<Instant>,
     /// The journal segment the first of them went to.
     pub(super) segment: u64,
 }
 
+impl Held {
+    /// No batch yet; the first will go to journal segment `segment`.
+    pub(super) fn new(segment: u64) -> Held {
+        Held {
+            segment,
+            ..Held::default()
+        }
+    }
+
+    pub(super) fn is_empty(&self) -> bool {
+        self.records.is_empty()
+    }
+}
+
+/// A write transaction that write-back keeps open, and the batches in it.
+pub(crate) struct Unsettled {
+    /// The transaction. Declared before `env`, which it borrows: fields drop in order,
+    /// and the methods that consume the transaction do so before `env` goes.
+    txn: WriteTxn<'static>,
+    /// A handle on the environment that lives as long as the transaction. Behind an
+    /// `Arc`, the environment does not move when this struct does.
+    env: Arc<Env<WithoutTls>>,
+    held: Held,
+}
+
 impl Unsettled {
-    /// Begins a write transaction on `env`; `segment` is the journal's current one.
-    pub(super) fn begin(env: &Env<WithoutTls>, segment: u64) -> heed::Result<Unsettled> {
-        let env = Box::new(env.clone());
-        // SAFETY: the transaction borrows the boxed environment, which does not move
-        // when the box does, and is dropped after the transaction: the field order
-        // drops `txn` first, and `into_records` and `commit` consume it before `_env`.
-        let env_ref: &'static Env<WithoutTls> = unsafe { &*(env.as_ref() as *const _) };
+    /// Begins a write transaction on `env` that will hold the batches `held` (none yet:
+    /// the caller makes them again).
+    pub(super) fn begin(env: &Env<WithoutTls>, held: Held) -> heed::Result<Unsettled> {
+        let env = Arc::new(env.clone());
+        // SAFETY: the transaction borrows the environment inside the `Arc`, which stays
+        // where it is until the `Arc` is dropped, and that is only after the
+        // transaction: `txn` drops first, and every method that takes it out of this
+        // struct consumes it before dropping `env`.
+        let env_ref: &'static Env<WithoutTls> = unsafe { &*Arc::as_ptr(&env) };
         Ok(Unsettled {
             txn: WriteTxn::new(env_ref.write_txn()?),
-            _env: env,
-            records: Vec::new(),
-            bytes: 0,
-            since: None,
-            segment,
+            env,
+            held,
         })
     }
 
-    /// Aborts the transaction; returns the records of the acknowledged batches in it.
-    pub(super) fn into_records(self) -> (Vec<Vec<u8>>, u64) {
-        let Unsettled {
-            txn,
-            _env,
-            records,
-            segment,
-            ..
-        } = self;
-        txn.abort();
-        drop(_env);
-        (records, segment)
+    /// The transaction, for the batch being applied.
+    pub(super) fn txn(&mut self) -> &mut WriteTxn<'static> {
+        &mut self.txn
     }
 
-    /// Commits the transaction in LMDB. On an error it is aborted; its records are
-    /// handed back.
-    fn commit(self) -> Result<(), (heed::Error, Vec<Vec<u8>>, u64)> {
-        let Unsettled {
-            txn,
-            _env,
-            records,
-            segment,
-            ..
-        } = self;
+    /// `open`, holding no batch yet, with its first batch to go to `segment`.
+    pub(super) fn rebase(mut open: Unsettled, segment: u64) -> Unsettled {
+        open.held.segment = segment;
+        open
+    }
+
+    /// Whether it holds acknowledged batches.
+    pub(super) fn is_empty(&self) -> bool {
+        self.held.is_empty()
+    }
+
+    /// The journal segment of its first batch, if it holds any.
+    pub(super) fn first_segment(&self) -> Option<u64> {
+        (!self.is_empty()).then_some(self.held.segment)
+    }
+
+    /// Adds the batch just journaled (its `changes`).
+    pub(super) fn push(&mut self, changes: Vec<u8>) {
+        self.held.bytes += changes.len();
+        self.held.records.push(changes);
+        self.held.since.get_or_insert_with(Instant::now);
+    }
+
+    /// Aborts the transaction; returns the batches it held.
+    pub(super) fn into_held(self) -> Held {
+        let Unsettled { txn, env, held } = self;
+        txn.abort();
+        drop(env);
+        held
+    }
+
+    /// Hands the transaction to `consume` (which commits or aborts it).
+    pub(super) fn finish<R>(self, consume: impl FnOnce(WriteTxn<'static>) -> R) -> R {
+        let Unsettled { txn, env, .. } = self;
+        let result = consume(txn);
+        drop(env);
+        result
+    }
+
+    /// Commits the transaction in LMDB. On an error it is aborted, and the batches it
+    /// held are handed back.
+    fn commit(self) -> Result<(), (heed::Error, Held)> {
+        let Unsettled { txn, env, held } = self;
         let committed = txn.commit_journaled();
-        drop(_env);
-        committed.map_err(|error| (error, records, segment))
+        drop(env);
+        committed.map_err(|error| (error, held))
     }
 }
 
@@ -125,96 +177,158 @@ impl Store {
 
     /// Whether acknowledged batches wait for LMDB's commit.
     pub fn is_unsettled(&self) -> bool {
-        self.unsettled
-            .as_ref()
-            .is_some_and(|open| !open.records.is_empty())
+        self.unsettled.as_ref().is_some_and(|open| !open.is_empty())
     }
 
-    /// How much write-back holds: how long the oldest unsettled batch has waited, and
-    /// what they all add up to.
+    /// Whether the last try to commit them found no room (writes are refused until a
+    /// try succeeds).
+    pub fn is_stalled(&self) -> bool {
+        self.stalled.is_some()
+    }
+
+    /// How much write-back holds.
     pub fn unsettled_load(&self) -> Option<Load> {
         let open = self.unsettled.as_ref()?;
         Some(Load {
-            age: open.since?.elapsed(),
-            bytes: open.bytes,
+            age: open.held.since?.elapsed(),
+            bytes: open.held.bytes,
             changes: open.txn.count(),
         })
     }
 
     /// Commits the transaction write-back keeps open, if any: LMDB then holds every
-    /// acknowledged batch. A full map grows and the batches are made again. Any other
-    /// error is fatal: the worker must stop, and the next open replays the journal.
+    /// acknowledged batch. A full map grows and the batches are made again. When there
+    /// is no room (the map at its limit, a full disk) the batches are kept, writes are
+    /// refused, and the error is returned; the store stays usable. Any other error
+    /// leaves the store failed (see `writeback`).
     pub fn settle(&mut self) -> Result<(), StoreError> {
+        self.check_failed()?;
         while let Some(open) = self.unsettled.take() {
-            if open.records.is_empty() {
-                drop(open.into_records());
-                return Ok(());
+            if open.is_empty() {
+                drop(open.into_held());
+                break;
             }
-            match open.commit() {
+            #[cfg(test)]
+            let open = match std::mem::take(&mut self.fail_next_settle) {
+                true => {
+                    let held = open.into_held();
+                    return Err(self.fail(held, &"an injected commit failure"));
+                }
+                false => open,
+            };
+            let error = match open.commit() {
                 Ok(()) => {
                     // The segments the batches were journaled in may go now.
                     self.checkpoints.keep_from = None;
+                    self.stalled = None;
                     return Ok(());
                 }
-                Err((heed::Error::Mdb(heed::MdbError::MapFull), records, segment)) => {
-                    self.regrow(records, segment)?;
+                Err((heed::Error::Mdb(heed::MdbError::MapFull), held)) => match self.regrow(held) {
+                    Ok(()) => continue,
+                    Err(error) => error,
+                },
+                Err((error, held)) => {
+                    let error = StoreError::from(error);
+                    if error.is_out_of_room() {
+                        self.restore(held)?;
+                    } else {
+                        return Err(self.fail(held, &error));
+                    }
+                    error
                 }
-                Err((error, _, _)) => return Err(error.into()),
+            };
+            if error.is_out_of_room() {
+                tracing::warn!(%error, "no room to commit acknowledged writes; writes are refused until there is");
+                self.stalled = Some(match error {
+                    StoreError::Lmdb(heed::Error::Mdb(heed::MdbError::MapFull)) => Stall::FullMap,
+                    _ => Stall::FullDisk,
+                });
             }
+            return Err(error);
         }
         Ok(())
     }
 
-    /// After the transaction holding `records` (journaled from `segment` on) was
-    /// aborted for a full map: grows the map, keeping those segments, and makes the
-    /// records again, even when the map is at its limit (the error is then returned
-    /// after they are).
-    pub(super) fn regrow(&mut self, records: Vec<Vec<u8>>, segment: u64) -> Result<(), StoreError> {
-        if !records.is_empty() {
-            self.checkpoints.keep_from = Some(segment);
+    /// After the transaction holding `held` was aborted for a full map: grows the map,
+    /// keeping the batches' segments, and makes them again, even when the map is at its
+    /// limit (the error is then returned after they are).
+    pub(super) fn regrow(&mut self, held: Held) -> Result<(), StoreError> {
+        if !held.is_empty() {
+            self.checkpoints.keep_from = Some(held.segment);
         }
         let grown = self.grow_map();
-        self.restore(records, segment)?;
+        self.restore(held)?;
         grown
     }
 
-    /// Makes the acknowledged batches `records` again in a new transaction, which
-    /// becomes the unsettled one (nothing to do without records). A full map grows.
-    /// Failing, it returns [`StoreError::InDoubt`]: acknowledged batches are then only
-    /// in the journal, and the worker must stop (the next open replays them).
-    pub(super) fn restore(
-        &mut self,
-        records: Vec<Vec<u8>>,
-        segment: u64,
-    ) -> Result<(), StoreError> {
-        if records.is_empty() {
+    /// Makes the acknowledged batches `held` again in a new transaction, which becomes
+    /// the unsettled one (nothing to do without batches). A full map grows. Failing,
+    /// it leaves the store failed and returns [`StoreError::InDoubt`].
+    pub(super) fn restore(&mut self, held: Held) -> Result<(), StoreError> {
+        if held.is_empty() {
             return Ok(());
         }
-        let in_doubt = |error: &dyn std::fmt::Display| {
-            StoreError::InDoubt(format!(
-                "acknowledged batches could not be made again: {error}"
-            ))
-        };
         loop {
-            let mut open = Unsettled::begin(&self.env, segment).map_err(|e| in_doubt(&e))?;
-            let replayed = records
+            let mut open = match Unsettled::begin(&self.env, Held::default()) {
+                Ok(open) => open,
+                Err(error) => return Err(self.fail(held, &error)),
+            };
+            let replayed = held
+                .records
                 .iter()
-                .try_for_each(|changes| self.journal.replay_changes(changes, &mut open.txn));
+                .try_for_each(|changes| self.journal.replay_changes(changes, open.txn()));
             match replayed {
                 Ok(()) => {
-                    open.bytes = records.iter().map(Vec::len).sum();
-                    open.records = records;
-                    open.since = Some(Instant::now());
+                    open.held = held;
                     self.unsettled = Some(open);
                     return Ok(());
                 }
                 Err(ReplayError::Lmdb(heed::Error::Mdb(heed::MdbError::MapFull))) => {
-                    drop(open.into_records());
-                    self.checkpoints.keep_from = Some(segment);
-                    self.grow_map().map_err(|e| in_doubt(&e))?;
+                    drop(open.into_held());
+                    self.checkpoints.keep_from = Some(held.segment);
+                    if let Err(error) = self.grow_map() {
+                        return Err(self.fail(held, &error));
+                    }
                 }
-                Err(error) => return Err(in_doubt(&error)),
+                Err(error) => return Err(self.fail(held, &error)),
             }
         }
     }
+
+    /// Acknowledged batches are lost from memory (only the journal has them): from now
+    /// on the store refuses every write, settle and checkpoint, so that nothing goes
+    /// past them, and keeps their segments.
+    fn fail(&mut self, held: Held, cause: &dyn std::fmt::Display) -> StoreError {
+        self.checkpoints.keep_from = Some(held.segment);
+        let reason = format!(
+            "acknowledged writes could not be committed ({cause}); they are in the journal, \
+             and the shard's next start replays them"
+        );
+        tracing::error!("{reason}");
+        self.failed = Some(reason.clone());
+        StoreError::InDoubt(reason)
+    }
+
+    /// Refuses to go on after [`Store::fail`].
+    pub(super) fn check_failed(&self) -> Result<(), StoreError> {
+        match &self.failed {
+            Some(reason) => Err(StoreError::InDoubt(reason.clone())),
+            None => Ok(()),
+        }
+    }
+
+    /// The error writes are refused with while the batches cannot be committed.
+    pub(super) fn stall_error(&self) -> Option<StoreError> {
+        Some(StoreError::Lmdb(match self.stalled? {
+            Stall::FullMap => heed::Error::Mdb(heed::MdbError::MapFull),
+            Stall::FullDisk => heed::Error::Io(std::io::Error::from_raw_os_error(libc::ENOSPC)),
+        }))
+    }
+}
+
+/// Why acknowledged batches could not be committed, and writes are refused.
+#[derive(Clone, Copy, Debug)]
+pub(crate) enum Stall {
+    FullMap,
+    FullDisk,
 }

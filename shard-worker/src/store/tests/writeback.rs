@@ -189,3 +189,67 @@ fn at_the_map_limit_the_batch_is_refused_and_the_ones_before_it_stay() {
         WorkerResponse::Value(Some(b"1".to_vec()))
     );
 }
+
+#[test]
+fn a_checkpoint_while_batches_are_unsettled_keeps_their_journal() {
+    let dir = tempfile::tempdir().unwrap();
+    let data_file = dir.path().join("data.mdb");
+    let clock = ManualClock::new(START_MS);
+    let mut store = open_writing_back(dir.path(), &clock);
+    let mut expected = write_history(&mut store, 1);
+    store.settle().unwrap();
+    apply(&mut store, &[set(0, key(1, b"held"), b"1")]);
+    expected.push((key(1, b"held"), Some(b"1".to_vec())));
+    // A checkpoint of what LMDB committed, taken while a batch waits: the segment that
+    // batch was journaled in must stay.
+    assert!(store.is_unsettled());
+    store.checkpoint_committed().unwrap();
+    let on_disk = std::fs::read(&data_file).unwrap();
+    apply(&mut store, &[set(0, key(1, b"later"), b"2")]);
+    expected.push((key(1, b"later"), Some(b"2".to_vec())));
+    store.settle().unwrap();
+    drop(store);
+    // The power fails and the disk loses every page written since the checkpoint.
+    let written = std::fs::read(&data_file).unwrap();
+    let mut torn = Vec::new();
+    for (n, page) in pages(&written).into_iter().enumerate() {
+        torn.extend_from_slice(pages(&on_disk).get(n).copied().unwrap_or(page));
+    }
+    std::fs::write(&data_file, &torn).unwrap();
+    clock.reboot();
+    let mut store = open_on(dir.path(), &clock);
+    assert_holds(&mut store, &expected);
+}
+
+#[test]
+fn a_failed_commit_of_unsettled_batches_stops_every_write_and_the_next_open_replays_them() {
+    let dir = tempfile::tempdir().unwrap();
+    let clock = ManualClock::new(START_MS);
+    let mut store = open_writing_back(dir.path(), &clock);
+    apply(&mut store, &[set(0, key(1, b"acked"), b"1")]);
+    store.fail_next_settle = true;
+    assert!(matches!(store.settle(), Err(StoreError::InDoubt(_))));
+    // Nothing goes past the lost batches: no write, no settle, no checkpoint (which
+    // would drop the journal that holds them).
+    let write = [set(0, key(1, b"after"), b"2")];
+    assert!(matches!(
+        store.apply_batch(&write.iter().collect::<Vec<_>>()),
+        Err(StoreError::InDoubt(_))
+    ));
+    assert!(matches!(store.settle(), Err(StoreError::InDoubt(_))));
+    assert!(matches!(store.checkpoint(), Err(StoreError::InDoubt(_))));
+    assert!(matches!(
+        store.checkpoint_tick(),
+        Err(StoreError::InDoubt(_))
+    ));
+    drop(store);
+    let mut store = open_on(dir.path(), &clock);
+    assert_eq!(
+        get(&mut store, 0, key(1, b"acked")),
+        WorkerResponse::Value(Some(b"1".to_vec()))
+    );
+    assert_eq!(
+        get(&mut store, 0, key(1, b"after")),
+        WorkerResponse::Value(None)
+    );
+}
