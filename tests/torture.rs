@@ -29,7 +29,8 @@
 //! the default is 8 rounds. `SHOAL_TEST_SEED` repeats a schedule.
 //! `SHOAL_TORTURE_DURABILITY=async` runs it with `storage.durability = "async"`,
 //! whose acknowledged writes must survive a crash of the processes too.
-//! `SHOAL_TORTURE_WRITEBACK_MS=n` sets `storage.writeback_ms` (default: Shoal's).
+//! `SHOAL_TORTURE_WRITEBACK_MS=n` sets `storage.writeback_ms` of the first test (default:
+//! Shoal's); the second always runs with write-back.
 
 mod common;
 
@@ -805,14 +806,30 @@ enum Target {
 
 #[test]
 fn acknowledged_writes_survive_kill_9_of_any_process_and_the_log_matches_the_data() {
-    let rounds = env_count("SHOAL_TORTURE_ROUNDS", if long_tests() { 50 } else { 8 }) as usize;
+    let writeback = std::env::var("SHOAL_TORTURE_WRITEBACK_MS")
+        .map(|ms| format!("writeback_ms = {ms}\n"))
+        .unwrap_or_default();
+    torture(&writeback, 8);
+}
+
+#[test]
+fn with_write_back_acknowledged_writes_survive_kill_9_of_any_process() {
+    // Writes are acknowledged from the journal and wait in each worker's transaction:
+    // the kills land while some are not in LMDB.
+    torture("writeback_ms = 300\n", 4);
+}
+
+/// The torture run: `writeback` is a `[storage]` line (or nothing), `default_rounds`
+/// the rounds without `SHOAL_TORTURE_ROUNDS` or `SHOAL_LONG_TESTS`.
+fn torture(writeback: &str, default_rounds: u64) {
+    let rounds = env_count(
+        "SHOAL_TORTURE_ROUNDS",
+        if long_tests() { 50 } else { default_rounds },
+    ) as usize;
     let time_limit = Duration::from_secs(120 + 60 * rounds as u64);
     let started = Instant::now();
     // kill -9 is not a power failure: acknowledged writes survive it with either durability.
     let durability = std::env::var("SHOAL_TORTURE_DURABILITY").unwrap_or_else(|_| "fsync".into());
-    let writeback = std::env::var("SHOAL_TORTURE_WRITEBACK_MS")
-        .map(|ms| format!("writeback_ms = {ms}\n"))
-        .unwrap_or_default();
     eprintln!("durability = {durability:?} {writeback}");
     let mut server = Server::start(&format!(
         "workers = {WORKERS}\n\
