@@ -873,7 +873,7 @@ fn check_writes(server: &common::Server, writes: &[(String, String)], all_there:
 /// journals. With `fsync`, every write it acknowledged, in this round and the ones
 /// before, is there; with `async`, every write acknowledged [`ASYNC_WINDOW`] before
 /// the cut, and no key has a value it was never given.
-fn power_cuts_under_load(durability: &str) {
+fn power_cuts_under_load(durability: &str, storage: &str) {
     let dir = tempfile::Builder::new()
         .prefix("shoal-power")
         .tempdir()
@@ -886,7 +886,7 @@ fn power_cuts_under_load(durability: &str) {
     fs::write(&boot, "boot-0").expect("boot id");
     let mut lossy = LossyFs::mount(&backing, &mnt);
     let mut server = common::Server::configure(&format!(
-        "data_dir = {:?}\n[client]\nunix_socket = \"\"\n[storage]\ndurability = {durability:?}\nflush_interval_ms = 100\n",
+        "data_dir = {:?}\n[client]\nunix_socket = \"\"\n[storage]\ndurability = {durability:?}\nflush_interval_ms = 100\n{storage}",
         mnt.join("data").display().to_string()
     ));
     server.set_env("SHOAL_BOOT_ID_PATH", &boot.display().to_string());
@@ -960,10 +960,16 @@ fn power_cuts_under_load(durability: &str) {
 
 #[test]
 fn acknowledged_writes_survive_power_cuts_under_load() {
-    power_cuts_under_load("fsync");
+    power_cuts_under_load("fsync", "");
 }
 
 #[test]
 fn with_async_durability_a_power_cut_loses_at_most_the_last_moments_and_corrupts_nothing() {
-    power_cuts_under_load("async");
+    power_cuts_under_load("async", "");
+}
+
+#[test]
+fn with_write_back_acknowledged_writes_survive_power_cuts_under_load() {
+    // The cuts land while acknowledged writes wait in the workers' transactions.
+    power_cuts_under_load("fsync", "writeback_ms = 300\n");
 }
