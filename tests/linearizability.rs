@@ -432,13 +432,26 @@ fn run_client(
 
 #[test]
 fn single_key_operations_stay_linearizable_while_workers_and_the_net_daemon_are_killed() {
+    linearizable_under_kills("");
+}
+
+#[test]
+fn with_write_back_single_key_operations_stay_linearizable_under_kills() {
+    // Reads must go through a worker whose writes LMDB has not committed, and a
+    // killed worker's successor replays them before anyone reads its shard again.
+    linearizable_under_kills("[storage]\nwriteback_ms = 300\n");
+}
+
+/// Clients run single-key operations while workers and the net-daemon are killed;
+/// `config` is added to the server's.
+fn linearizable_under_kills(config: &str) {
     let load_secs = env_count(
         "SHOAL_LINEARIZABILITY_SECS",
         if long_tests() { 60 } else { 8 },
     );
     let net_daemon_kills = if long_tests() { 3 } else { 1 };
     let server = Server::start(&format!(
-        "workers = {WORKERS}\n[supervisor]\nmax_restarts = 1000\nrestart_window_ms = 2000\n"
+        "workers = {WORKERS}\n{config}[supervisor]\nmax_restarts = 1000\nrestart_window_ms = 2000\n"
     ));
     let seed = test_seed("linearizability kill schedule");
     let mut rng = Rng::new(seed);
