@@ -379,7 +379,7 @@ fn with_write_back_a_full_disk_refuses_writes_keeps_reads_and_recovers_when_spac
     // commit needs about as much room again as their journal records took, so more
     // than that is given back.
     let mut server = Server::configure(
-        "workers = 1\n[storage]\nmap_size_bytes = 1048576\nwriteback_ms = 2000\n",
+        "workers = 1\n[storage]\nmap_size_bytes = 1048576\nwriteback_ms = 2000\nwriteback_idle_ms = 0\n",
     );
     let Some(_disk) = Tmpfs::mount(&server.data_dir, "16m") else {
         eprintln!("cannot mount a tmpfs here (not root?); skipping the full-disk test");

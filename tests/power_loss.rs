@@ -971,5 +971,5 @@ fn with_async_durability_a_power_cut_loses_at_most_the_last_moments_and_corrupts
 #[test]
 fn with_write_back_acknowledged_writes_survive_power_cuts_under_load() {
     // The cuts land while acknowledged writes wait in the workers' transactions.
-    power_cuts_under_load("fsync", "writeback_ms = 300\n");
+    power_cuts_under_load("fsync", "writeback_ms = 300\nwriteback_idle_ms = 0\n");
 }

@@ -98,8 +98,12 @@ pub fn run(config: &Config, index: usize) -> anyhow::Result<()> {
     slot.set(Field::LastCommitId, store.highest_commit_id());
     // Replication, handoff and the cluster's reads read LMDB's log and counters
     // directly: in a cluster every group commit is committed.
-    let writeback = (config.storage.writeback_ms > 0 && config.cluster.secret.is_none())
-        .then(|| Duration::from_millis(config.storage.writeback_ms));
+    let writeback =
+        (config.storage.writeback_ms > 0 && config.cluster.secret.is_none()).then(|| WriteBack {
+            window: Duration::from_millis(config.storage.writeback_ms),
+            idle: (config.storage.writeback_idle_ms > 0)
+                .then(|| Duration::from_millis(config.storage.writeback_idle_ms)),
+        });
     store.set_write_back(writeback.is_some())?;
     // The journal is replayed: LMDB holds every acknowledged write, and the net-daemon
     // may read the shard directly again.
@@ -129,6 +133,7 @@ pub fn run(config: &Config, index: usize) -> anyhow::Result<()> {
         writeback,
         unsettled_marked: false,
         settle_retry_at: None,
+        last_write: Instant::now(),
     };
     // A failed commit leaves the environment in doubt: nothing more is written, and the
     // next start recovers from the journal.
@@ -150,6 +155,16 @@ pub fn run(config: &Config, index: usize) -> anyhow::Result<()> {
     slot.set_state(ProcessState::Stopped);
     tracing::info!(shard = index, drained, "shard worker stopped");
     Ok(())
+}
+
+/// Write-back's settings (`storage.writeback_ms`, `storage.writeback_idle_ms`).
+#[derive(Clone, Copy)]
+struct WriteBack {
+    /// How long acknowledged batches may wait for LMDB's commit.
+    window: Duration,
+    /// A pause in client writes this long commits them before the window is over, so
+    /// that the net-daemon reads the shard directly again soon after a burst.
+    idle: Option<Duration>,
 }
 
 /// How much commit log each partition keeps.
@@ -174,13 +189,14 @@ struct Worker<'a> {
     last_housekeeping: Instant,
     /// When the reader table was last checked for slots of dead processes.
     last_reader_check: Instant,
-    /// Write-back's window: how long acknowledged batches may wait for LMDB's commit
-    /// (`None`: every group commit is committed).
-    writeback: Option<Duration>,
+    /// Write-back's settings (`None`: every group commit is committed).
+    writeback: Option<WriteBack>,
     /// Whether the slot's `Unsettled` word is set.
     unsettled_marked: bool,
     /// When to try again to commit write-back's batches, after a try found no room.
     settle_retry_at: Option<Instant>,
+    /// When the last batch with client writes was applied.
+    last_write: Instant,
 }
 
 /// Treats "no space" (a map at its limit, a full disk) as "nothing done": housekeeping
@@ -420,7 +436,8 @@ impl Worker<'_> {
     }
 
     /// Write-back: commits the acknowledged batches in LMDB if `force`, if the oldest
-    /// has waited its window, if they add up to too much, or while a backup runs;
+    /// has waited its window, if client writes paused long enough, if they add up to
+    /// too much, or while a backup runs;
     /// clears the slot's `Unsettled` word once none is left. A commit that finds no
     /// room keeps them (the store refuses writes meanwhile) and is tried again after
     /// [`STALL_RETRY`]; any other error is fatal.
@@ -430,11 +447,14 @@ impl Worker<'_> {
     /// environment's write lock to read the meta pages, so it waits for a
     /// transaction open then, which commits at once while the backup runs.
     fn settle(&mut self, force: bool) -> anyhow::Result<()> {
-        let Some(window) = self.writeback else {
+        let Some(writeback) = self.writeback else {
             return Ok(());
         };
         if let Some(load) = self.store.unsettled_load() {
-            let due = load.age >= window
+            let due = load.age >= writeback.window
+                || writeback
+                    .idle
+                    .is_some_and(|idle| self.last_write.elapsed() >= idle)
                 || load.bytes >= MAX_UNSETTLED_BYTES
                 || load.changes >= MAX_UNSETTLED_CHANGES
                 || self.backup_running.load(Ordering::Acquire);
@@ -462,10 +482,13 @@ impl Worker<'_> {
     /// How long to wait for a request: until the next tick, or until write-back's
     /// batches are due.
     fn wait_time(&self) -> Duration {
-        let (Some(window), Some(load)) = (self.writeback, self.store.unsettled_load()) else {
+        let (Some(writeback), Some(load)) = (self.writeback, self.store.unsettled_load()) else {
             return TICK;
         };
-        let due = window.saturating_sub(load.age);
+        let mut due = writeback.window.saturating_sub(load.age);
+        if let Some(idle) = writeback.idle {
+            due = due.min(idle.saturating_sub(self.last_write.elapsed()));
+        }
         let retry = self.settle_retry_at.map_or(Duration::ZERO, |at| {
             at.saturating_duration_since(Instant::now())
         });
@@ -553,6 +576,7 @@ impl Worker<'_> {
         let writes = requests.iter().any(|request| request.is_write());
         if writes {
             self.mark_unsettled();
+            self.last_write = Instant::now();
         }
         let settle = requests
             .iter()

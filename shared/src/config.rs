@@ -209,6 +209,9 @@ pub struct StorageSection {
     /// transaction and commits it this often (0: every group commit is committed).
     /// Hosts in a cluster always commit every group commit.
     pub writeback_ms: u64,
+    /// With write-back, a pause in client writes this long commits them before the
+    /// window is over, so that reads go straight to the map again (0: only the window).
+    pub writeback_idle_ms: u64,
     /// Commit-log entries kept per partition; older entries are trimmed.
     pub log_retention_entries: u64,
     /// Age, in seconds, past which commit-log entries are trimmed. 0 keeps entries of any age.
@@ -282,6 +285,7 @@ impl Default for StorageSection {
             max_map_size_bytes: 1 << 40,
             flush_interval_ms: 1000,
             writeback_ms: 0,
+            writeback_idle_ms: 20,
             log_retention_entries: 1_000_000,
             log_retention_secs: 7 * 24 * 3600,
             capacity_bytes: 0,
