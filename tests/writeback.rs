@@ -19,6 +19,22 @@ fn unsettled(server: &Server, worker: u64) -> bool {
         .expect("the status shows whether a worker holds unsettled writes")
 }
 
+/// Runs `shoal <verb> <dir>` with `server`'s config, which must succeed.
+fn shoal(server: &Server, verb: &str, dir: &std::path::Path) {
+    let mut command = server.command();
+    command
+        .arg(verb)
+        .arg(dir)
+        .arg("--config")
+        .arg(&server.config_path);
+    let output = run_with_timeout(command, Duration::from_secs(120)).expect("shoal finishes");
+    assert!(
+        output.status.success(),
+        "shoal {verb}: {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+}
+
 fn set_all(con: &mut redis::Connection, keys: &[String], value: &str) {
     for key in keys {
         assert_eq!(
@@ -132,32 +148,10 @@ fn a_digest_and_a_backup_hold_the_unsettled_writes() {
     set_all(&mut con, &keys, "y");
     assert!(unsettled(&server, 0));
     let backup = server.dir.path().join("backup");
-    let mut command = server.command();
-    command
-        .arg("backup")
-        .arg(&backup)
-        .arg("--config")
-        .arg(&server.config_path);
-    let output = run_with_timeout(command, Duration::from_secs(120)).expect("shoal backup");
-    assert!(
-        output.status.success(),
-        "{}",
-        String::from_utf8_lossy(&output.stderr)
-    );
+    shoal(&server, "backup", &backup);
     // Restored into a data dir of its own, the copy holds the last writes.
     let mut restored = Server::configure(LONG_WINDOW);
-    let mut command = restored.command();
-    command
-        .arg("restore")
-        .arg(&backup)
-        .arg("--config")
-        .arg(&restored.config_path);
-    let output = run_with_timeout(command, Duration::from_secs(120)).expect("shoal restore");
-    assert!(
-        output.status.success(),
-        "{}",
-        String::from_utf8_lossy(&output.stderr)
-    );
+    shoal(&restored, "restore", &backup);
     restored.spawn_and_wait();
     assert_all(&mut restored.conn(), &keys, "y");
 }
