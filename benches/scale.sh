@@ -34,6 +34,7 @@
 #   CLIENTS      parallel connections                      (default 50)
 #   PIPELINES    pipeline depths                           (default "1 16")
 #   DURABILITY   durability while benchmarked and started  (default fsync)
+#   WRITEBACK_MS storage.writeback_ms of both instances    (default: Shoal's)
 #   LOADERS      parallel redis-cli --pipe connections     (default 2)
 #   PROGRESS_SECS  seconds between progress lines          (default 5)
 #   STARTS       warm start-up timings                     (default 3)
@@ -116,6 +117,7 @@ listen = "127.0.0.1:${port[$name]}"
 unix_socket = ""
 [storage]
 durability = "$durability"
+${WRITEBACK_MS:+writeback_ms = $WRITEBACK_MS}
 [metrics]
 listen = ""
 EOF

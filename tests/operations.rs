@@ -474,6 +474,7 @@ fn the_metrics_endpoint_serves_counters_that_move_under_load() {
         "shoal_lmdb_map_size_bytes{worker=\"0\"}",
         "shoal_lmdb_used_bytes{worker=\"1\"}",
         "shoal_journal_bytes{worker=\"0\"}",
+        "shoal_worker_unsettled{worker=\"1\"}",
         "shoal_process_restarts_total{process=\"shard-0\"}",
     ] {
         assert!(

@@ -164,7 +164,7 @@ pub async fn render(shared: &Shared) -> String {
             slot.get(Field::Restarts)
         );
     }
-    let gauges: [(&str, &str, Field); 7] = [
+    let gauges: [(&str, &str, Field); 8] = [
         (
             "shoal_worker_queue_depth_requests",
             "Requests in the worker's current group commit.",
@@ -189,6 +189,11 @@ pub async fn render(shared: &Shared) -> String {
             "shoal_lmdb_used_bytes",
             "Bytes of the worker's LMDB map in use.",
             Field::MapUsedBytes,
+        ),
+        (
+            "shoal_worker_unsettled",
+            "1 while the worker holds acknowledged writes LMDB has not committed (write-back): reads of its shard go through it.",
+            Field::Unsettled,
         ),
         (
             "shoal_journal_bytes",
