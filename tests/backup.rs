@@ -13,23 +13,11 @@ use std::sync::Arc;
 use std::thread;
 use std::time::{Duration, Instant};
 
-use common::{call, call_str, run_with_timeout, wait_until, Server};
+use common::{call, call_str, wait_until, Server};
 use redis::Value;
 use serde_json::Value as Json;
 
 const LAYOUT: &str = "workers = 3\n[storage]\npartitions = 16\n";
-const COMMAND_TIMEOUT: Duration = Duration::from_secs(120);
-
-/// Runs `shoal <verb> <dir> --config <config>` for `server`'s config.
-fn shoal(server: &Server, verb: &str, dir: &Path) -> std::process::Output {
-    let mut command = server.command();
-    command
-        .arg(verb)
-        .arg(dir)
-        .arg("--config")
-        .arg(&server.config_path);
-    run_with_timeout(command, COMMAND_TIMEOUT).expect("shoal finishes")
-}
 
 fn stderr(output: &std::process::Output) -> String {
     String::from_utf8_lossy(&output.stderr).into_owned()
@@ -194,7 +182,7 @@ fn backup_under_write_load_restores_exactly_the_manifest_commits() {
     wait_for_writes(100, "the writers to be under way before the backup");
     let backup_dir = server.dir.path().join("backups").join("b1");
     let backup_started = Instant::now();
-    let output = shoal(&server, "backup", &backup_dir);
+    let output = server.run_verb("backup", &backup_dir);
     let backup_ended = Instant::now();
     assert!(
         output.status.success(),
@@ -252,7 +240,7 @@ fn backup_under_write_load_restores_exactly_the_manifest_commits() {
     );
 
     let mut restored = Server::configure(LAYOUT);
-    let output = shoal(&restored, "restore", &backup_dir);
+    let output = restored.run_verb("restore", &backup_dir);
     assert!(
         output.status.success(),
         "shoal restore failed: {}",
@@ -345,7 +333,7 @@ fn backed_up_server() -> (Server, PathBuf) {
     }
     assert_eq!(call_str(&mut db3, &["SWAPDB", "3", "5"]), Value::Okay);
     let backup_dir = server.dir.path().join("b");
-    let output = shoal(&server, "backup", &backup_dir);
+    let output = server.run_verb("backup", &backup_dir);
     assert!(
         output.status.success(),
         "shoal backup failed: {}",
@@ -366,7 +354,7 @@ fn restore_refuses_a_damaged_backup_before_touching_the_data_dir() {
     let middle = damaged.len() / 2;
     damaged[middle] ^= 0x40;
     std::fs::write(&shard, &damaged).unwrap();
-    let output = shoal(&target, "restore", &backup_dir);
+    let output = target.run_verb("restore", &backup_dir);
     assert!(!output.status.success(), "a flipped byte is refused");
     assert!(
         stderr(&output).contains("checksum"),
@@ -376,7 +364,7 @@ fn restore_refuses_a_damaged_backup_before_touching_the_data_dir() {
     assert!(!target.data_dir.exists(), "the data dir was not created");
 
     std::fs::write(&shard, &original[..original.len() - 4096]).unwrap();
-    let output = shoal(&target, "restore", &backup_dir);
+    let output = target.run_verb("restore", &backup_dir);
     assert!(!output.status.success(), "a truncated shard is refused");
     assert!(
         stderr(&output).contains("bytes"),
@@ -389,7 +377,7 @@ fn restore_refuses_a_damaged_backup_before_touching_the_data_dir() {
     let manifest_path = backup_dir.join("manifest.json");
     let manifest = std::fs::read_to_string(&manifest_path).unwrap();
     std::fs::remove_file(&manifest_path).unwrap();
-    let output = shoal(&target, "restore", &backup_dir);
+    let output = target.run_verb("restore", &backup_dir);
     assert!(
         !output.status.success(),
         "a backup without a manifest is refused"
@@ -406,7 +394,7 @@ fn restore_refuses_a_damaged_backup_before_touching_the_data_dir() {
         manifest.replace("\"workers\": 2", "\"workers\": 3"),
     )
     .unwrap();
-    let output = shoal(&target, "restore", &backup_dir);
+    let output = target.run_verb("restore", &backup_dir);
     assert!(
         !output.status.success(),
         "an inconsistent manifest is refused"
@@ -420,7 +408,7 @@ fn restore_refuses_a_damaged_backup_before_touching_the_data_dir() {
 
     // Repaired, the same backup restores.
     std::fs::write(&manifest_path, manifest).unwrap();
-    let output = shoal(&target, "restore", &backup_dir);
+    let output = target.run_verb("restore", &backup_dir);
     assert!(output.status.success(), "{}", stderr(&output));
 }
 
@@ -431,7 +419,7 @@ fn restore_refuses_a_data_dir_in_use_or_not_empty_and_fits_the_worker_count() {
     let before = std::fs::read(&shard_file).unwrap();
 
     server.spawn_and_wait();
-    let output = shoal(&server, "restore", &backup_dir);
+    let output = server.run_verb("restore", &backup_dir);
     assert!(
         !output.status.success(),
         "restore into a running server is refused"
@@ -443,7 +431,7 @@ fn restore_refuses_a_data_dir_in_use_or_not_empty_and_fits_the_worker_count() {
     );
     server.stop();
 
-    let output = shoal(&server, "restore", &backup_dir);
+    let output = server.run_verb("restore", &backup_dir);
     assert!(
         !output.status.success(),
         "restore into a data dir with data is refused"
@@ -460,7 +448,7 @@ fn restore_refuses_a_data_dir_in_use_or_not_empty_and_fits_the_worker_count() {
     );
 
     let other = Server::configure("[storage]\npartitions = 16\n");
-    let output = shoal(&other, "restore", &backup_dir);
+    let output = other.run_verb("restore", &backup_dir);
     assert!(
         !output.status.success(),
         "another partition count is refused"
@@ -473,7 +461,7 @@ fn restore_refuses_a_data_dir_in_use_or_not_empty_and_fits_the_worker_count() {
 
     // With `workers` left to the core count, the backup's worker count is used.
     let mut adopting = Server::configure("workers = 0\n[storage]\npartitions = 8\n");
-    let output = shoal(&adopting, "restore", &backup_dir);
+    let output = adopting.run_verb("restore", &backup_dir);
     assert!(output.status.success(), "{}", stderr(&output));
     adopting.spawn_and_wait();
     let mut con = adopting.conn();
@@ -489,7 +477,7 @@ fn restore_refuses_a_data_dir_in_use_or_not_empty_and_fits_the_worker_count() {
 
     // With another worker count named, the first start moves partitions to it.
     let mut moving = Server::configure("workers = 3\n[storage]\npartitions = 8\n");
-    let output = shoal(&moving, "restore", &backup_dir);
+    let output = moving.run_verb("restore", &backup_dir);
     assert!(output.status.success(), "{}", stderr(&output));
     assert!(
         stderr(&output).contains("will move partitions to 3 workers"),
@@ -514,7 +502,7 @@ fn backup_refuses_a_non_empty_target_and_a_stopped_server() {
     let taken = server.dir.path().join("taken");
     std::fs::create_dir(&taken).unwrap();
     std::fs::write(taken.join("something"), b"x").unwrap();
-    let output = shoal(&server, "backup", &taken);
+    let output = server.run_verb("backup", &taken);
     assert!(!output.status.success());
     assert!(
         stderr(&output).contains("not empty"),
@@ -536,7 +524,7 @@ fn backup_refuses_a_non_empty_target_and_a_stopped_server() {
 
     server.stop();
     let target = server.dir.path().join("never");
-    let output = shoal(&server, "backup", &target);
+    let output = server.run_verb("backup", &target);
     assert!(!output.status.success(), "no server, no backup");
     assert!(
         stderr(&output).contains("is shoal serve running"),

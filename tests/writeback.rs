@@ -6,7 +6,7 @@ mod common;
 
 use std::time::Duration;
 
-use common::{run_with_timeout, signal, wait_until, Server};
+use common::{signal, wait_until, Server};
 use redis::Value;
 
 /// A window far beyond the test, and no commit when writes pause: LMDB commits only
@@ -21,13 +21,7 @@ fn unsettled(server: &Server, worker: u64) -> bool {
 
 /// Runs `shoal <verb> <dir>` with `server`'s config, which must succeed.
 fn shoal(server: &Server, verb: &str, dir: &std::path::Path) {
-    let mut command = server.command();
-    command
-        .arg(verb)
-        .arg(dir)
-        .arg("--config")
-        .arg(&server.config_path);
-    let output = run_with_timeout(command, Duration::from_secs(120)).expect("shoal finishes");
+    let output = server.run_verb(verb, dir);
     assert!(
         output.status.success(),
         "shoal {verb}: {}",

@@ -164,6 +164,18 @@ impl Server {
         self.data_dir.join("shoal.sock")
     }
 
+    /// Runs `shoal <verb> <dir> --config <this server's config>` (backup, restore) and
+    /// waits for it, for at most two minutes.
+    pub fn run_verb(&self, verb: &str, dir: &Path) -> std::process::Output {
+        let mut command = self.command();
+        command
+            .arg(verb)
+            .arg(dir)
+            .arg("--config")
+            .arg(&self.config_path);
+        run_with_timeout(command, Duration::from_secs(120)).expect("shoal finishes")
+    }
+
     /// A `shoal` command with a clean environment for the config.
     pub fn command(&self) -> Command {
         let mut command = Command::new(SHOAL);
