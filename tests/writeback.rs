@@ -1,12 +1,13 @@
 //! Write-back (`storage.writeback_ms`): writes acknowledged from the journal while
 //! LMDB has not committed them are read by every path, survive kill -9 of their
-//! worker, and are in backups and digests.
+//! worker, and are in backups and digests; reads of the other keys still go straight
+//! to the map.
 
 mod common;
 
 use std::time::Duration;
 
-use common::{signal, wait_until, Server};
+use common::{encode_command, signal, wait_until, RawConn, Resp, Server};
 use redis::Value;
 
 /// A window far beyond the test, and no commit when writes pause: LMDB commits only
@@ -167,4 +168,78 @@ fn a_pause_in_writes_commits_them_before_the_window_is_over() {
         },
     );
     assert_all(&mut con, &keys, "v");
+}
+
+/// Sends GET `key` on `conn` while the worker is paused: whether the net-daemon
+/// answered it from the map (within 2 s), or left it to the worker (no reply within
+/// 300 ms; the caller resumes the worker and reads the reply).
+fn answered_while_paused(conn: &mut RawConn, key: &str) -> Option<Resp> {
+    conn.send(&encode_command(&[b"GET", key.as_bytes()]));
+    conn.set_read_timeout(Duration::from_millis(300));
+    let reply = conn.read_reply().ok();
+    conn.set_read_timeout(Duration::from_secs(10));
+    reply
+}
+
+#[test]
+fn reads_of_keys_without_unsettled_writes_go_straight_to_the_map() {
+    let server = Server::start(LONG_WINDOW);
+    let keys = server.keys_on_worker("pk:", 0, 20);
+    let other = server.keys_on_worker("pk:", 1, 1);
+    let mut con = server.conn();
+    set_all(&mut con, &keys, "old");
+    // SHOAL.DIGEST commits the worker's batches first: LMDB holds them all.
+    let partition = server.partition_of(keys[0].as_bytes());
+    redis::cmd("SHOAL.DIGEST")
+        .arg(partition)
+        .query::<Value>(&mut con)
+        .expect("SHOAL.DIGEST");
+    assert!(!unsettled(&server, 0));
+    set_all(&mut con, &keys[..5], "new");
+    assert!(unsettled(&server, 0));
+
+    // With the worker paused, the keys written since are left to it, and the others
+    // are read from the map.
+    let worker = server.worker_pid(0);
+    signal(worker, libc::SIGSTOP);
+    let mut untouched = server.raw();
+    let untouched_reply = answered_while_paused(&mut untouched, &keys[10]);
+    let mut pending = server.raw();
+    let pending_reply = answered_while_paused(&mut pending, &keys[0]);
+    signal(worker, libc::SIGCONT);
+    assert_eq!(untouched_reply, Some(Resp::Bulk(b"old".to_vec())));
+    assert_eq!(
+        pending_reply, None,
+        "a key with an unsettled write waits for its worker"
+    );
+    assert_eq!(
+        pending.read_reply().expect("GET reply"),
+        Resp::Bulk(b"new".to_vec())
+    );
+    assert_all(&mut con, &keys[..5], "new");
+    assert_all(&mut con, &keys[5..], "old");
+
+    // A transaction's intents lock keys through a record the map does not show yet:
+    // after an MSET across both workers, every read of the shard needs the worker.
+    let mset: Value = redis::cmd("MSET")
+        .arg(&keys[1])
+        .arg("tx")
+        .arg(&other[0])
+        .arg("tx")
+        .query(&mut con)
+        .expect("MSET");
+    assert_eq!(mset, Value::Okay);
+    signal(worker, libc::SIGSTOP);
+    let mut shard = server.raw();
+    let shard_reply = answered_while_paused(&mut shard, &keys[15]);
+    signal(worker, libc::SIGCONT);
+    assert_eq!(
+        shard_reply, None,
+        "the whole shard is read through its worker"
+    );
+    assert_eq!(
+        shard.read_reply().expect("GET reply"),
+        Resp::Bulk(b"old".to_vec())
+    );
+    assert_all(&mut con, &keys[1..2], "tx");
 }

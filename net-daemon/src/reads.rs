@@ -3,8 +3,9 @@
 //! The net-daemon opens each shard's environment read-only the first time it reads it
 //! (its worker has created it by then). A read goes to the worker instead when:
 //! - the worker's link is down (the worker is restarting; the reply says so);
-//! - the worker holds acknowledged writes that LMDB has not committed yet (write-back:
-//!   its status slot's `Unsettled` word), or died holding some;
+//! - the worker holds acknowledged writes to one of the keys that LMDB has not
+//!   committed yet (write-back: its status slot's `Unsettled` word and its pending-key
+//!   index, [`shoal_shared::pending`]), or died holding some;
 //! - a multi-key write is prepared on the shard (its keys are locked, and only the
 //!   worker waits for locks);
 //! - the connection has sent an earlier request of the same pipeline to a worker, so
@@ -20,6 +21,7 @@ use shoal_shared::config::Config;
 use shoal_shared::frame::{Collection, Key, LogEntry, Partition};
 use shoal_shared::layout::{PartitionMeta, ReplicaState};
 use shoal_shared::lmdb::StoreError;
+use shoal_shared::pending::{self, PendingKeys};
 use shoal_shared::reader::{PartitionDigest, ReadOutcome, ShardReader};
 use shoal_shared::status::{Field, StatusTable};
 
@@ -37,6 +39,9 @@ pub struct Readers {
     /// The workers' status slots, which say when a shard's environment lacks
     /// acknowledged writes. Without it every read goes to the workers.
     status: Option<StatusTable>,
+    /// The workers' pending-key indexes, opened when first needed.
+    pending: Vec<OnceLock<PendingKeys>>,
+    pending_paths: Vec<PathBuf>,
 }
 
 impl Readers {
@@ -46,6 +51,10 @@ impl Readers {
             collections: config.storage.collections,
             clustered: config.cluster.secret.is_some(),
             opened: (0..config.workers).map(|_| OnceLock::new()).collect(),
+            pending: (0..config.workers).map(|_| OnceLock::new()).collect(),
+            pending_paths: (0..config.workers)
+                .map(|i| config.pending_path(i))
+                .collect(),
             status: match StatusTable::open_read_only(&config.status_path()) {
                 Ok(status) => Some(status),
                 Err(error) => {
@@ -58,15 +67,56 @@ impl Readers {
 
     /// Whether `worker`'s environment holds every write it acknowledged.
     pub fn settled(&self, worker: usize) -> bool {
-        self.status
-            .as_ref()
-            .is_some_and(|status| status.slot(worker).get(Field::Unsettled) == 0)
+        self.unsettled(worker) == Some(pending::SETTLED)
     }
 
-    /// The view of `worker`'s shard for a direct read of values: none while its
-    /// environment lacks acknowledged writes, or while its link is down.
-    fn value_reader(&self, worker: usize, connected: bool) -> Option<&ShardReader> {
-        if !connected || !self.settled(worker) {
+    /// `worker`'s `Unsettled` word, if the status table could be opened.
+    fn unsettled(&self, worker: usize) -> Option<u64> {
+        Some(self.status.as_ref()?.slot(worker).get(Field::Unsettled))
+    }
+
+    /// Whether `worker`'s environment holds every write it acknowledged to `keys` of
+    /// `collection`. Checked before the read transaction begins
+    /// ([`shoal_shared::pending`]).
+    fn settled_for(&self, worker: usize, collection: Collection, keys: &[&Key]) -> bool {
+        match self.unsettled(worker) {
+            Some(pending::SETTLED) => true,
+            Some(pending::KEYS) => self.pending_keys(worker).is_some_and(|index| {
+                keys.iter().all(|key| {
+                    let partition = key.partition.to_be_bytes();
+                    !index.contains(pending::key_hash(collection, &[&partition, &key.bytes]))
+                })
+            }),
+            _ => false,
+        }
+    }
+
+    /// `worker`'s pending-key index; `None` while it cannot be opened (tried again on
+    /// the next call).
+    fn pending_keys(&self, worker: usize) -> Option<&PendingKeys> {
+        let slot = self.pending.get(worker)?;
+        if let Some(index) = slot.get() {
+            return Some(index);
+        }
+        match PendingKeys::open_read_only(&self.pending_paths[worker]) {
+            Ok(index) => Some(slot.get_or_init(|| index)),
+            Err(error) => {
+                tracing::debug!(worker, %error, "cannot open the pending-key index; asking the worker");
+                None
+            }
+        }
+    }
+
+    /// The view of `worker`'s shard for a direct read of values of `keys`: none while
+    /// its environment lacks acknowledged writes to them, or while its link is down.
+    fn value_reader(
+        &self,
+        worker: usize,
+        connected: bool,
+        collection: Collection,
+        keys: &[&Key],
+    ) -> Option<&ShardReader> {
+        if !connected || !self.settled_for(worker, collection, keys) {
             return None;
         }
         self.reader(worker)
@@ -96,9 +146,11 @@ impl Readers {
         collection: Collection,
         keys: &[&Key],
     ) -> Option<Vec<Option<Vec<u8>>>> {
-        let outcome =
-            self.value_reader(worker, connected)?
-                .get(collection, keys, shoal_shared::now_ms());
+        let outcome = self.value_reader(worker, connected, collection, keys)?.get(
+            collection,
+            keys,
+            shoal_shared::now_ms(),
+        );
         Some(values_of(worker, outcome)?.0)
     }
 }
@@ -113,11 +165,9 @@ impl Readers {
         collection: Collection,
         keys: &[&Key],
     ) -> Option<Versioned> {
-        let outcome = self.value_reader(worker, connected)?.get_versioned(
-            collection,
-            keys,
-            shoal_shared::now_ms(),
-        );
+        let outcome = self
+            .value_reader(worker, connected, collection, keys)?
+            .get_versioned(collection, keys, shoal_shared::now_ms());
         values_of(worker, outcome)
     }
 
@@ -130,11 +180,10 @@ impl Readers {
         collection: Collection,
         keys: &[&Key],
     ) -> Option<Vec<u64>> {
-        match self.value_reader(worker, connected)?.versions(
-            collection,
-            keys,
-            shoal_shared::now_ms(),
-        ) {
+        match self
+            .value_reader(worker, connected, collection, keys)?
+            .versions(collection, keys, shoal_shared::now_ms())
+        {
             Ok(versions) => versions,
             Err(error) => {
                 tracing::debug!(worker, %error, "reading versions failed; asking the worker");

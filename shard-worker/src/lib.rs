@@ -41,6 +41,7 @@ use shoal_shared::config::{Config, Durability};
 use shoal_shared::frame::{
     Collection, Key, Partition, ResponseEnvelope, WorkerError, WorkerRequest, WorkerResponse,
 };
+use shoal_shared::pending::{self, PendingKeys};
 use shoal_shared::status::{
     Field, ProcessState, Slot, StatusTable, BATCH_SIZE_BOUNDS, COMMIT_MICROS_BOUNDS,
 };
@@ -105,9 +106,18 @@ pub fn run(config: &Config, index: usize) -> anyhow::Result<()> {
                 .then(|| Duration::from_millis(config.storage.writeback_idle_ms)),
         });
     store.set_write_back(writeback.is_some())?;
+    // Kept from a predecessor that died with unsettled batches: its marks stay until
+    // here.
+    let pending = writeback
+        .map(|_| PendingKeys::open_or_create(&config.pending_path(index)))
+        .transpose()
+        .context("opening the pending-key index")?;
     // The journal is replayed: LMDB holds every acknowledged write, and the net-daemon
     // may read the shard directly again.
-    slot.set(Field::Unsettled, 0);
+    if let Some(pending) = &pending {
+        pending.clear();
+    }
+    slot.set(Field::Unsettled, pending::SETTLED);
 
     let queue = link::listen(&config.worker_socket(index), Arc::clone(&shutdown))?;
     slot.set_state(ProcessState::Ready);
@@ -131,7 +141,8 @@ pub fn run(config: &Config, index: usize) -> anyhow::Result<()> {
         last_housekeeping: Instant::now(),
         last_reader_check: Instant::now(),
         writeback,
-        unsettled_marked: false,
+        pending,
+        unsettled: pending::SETTLED,
         settle_retry_at: None,
         last_write: Instant::now(),
     };
@@ -151,7 +162,7 @@ pub fn run(config: &Config, index: usize) -> anyhow::Result<()> {
         .store
         .checkpoint()
         .context("checkpoint on shutdown")?;
-    slot.set(Field::Unsettled, 0);
+    slot.set(Field::Unsettled, pending::SETTLED);
     slot.set_state(ProcessState::Stopped);
     tracing::info!(shard = index, drained, "shard worker stopped");
     Ok(())
@@ -191,8 +202,10 @@ struct Worker<'a> {
     last_reader_check: Instant,
     /// Write-back's settings (`None`: every group commit is committed).
     writeback: Option<WriteBack>,
-    /// Whether the slot's `Unsettled` word is set.
-    unsettled_marked: bool,
+    /// Write-back: the keys of acknowledged writes that LMDB has not committed.
+    pending: Option<PendingKeys>,
+    /// What the slot's `Unsettled` word says (`shoal_shared::pending`).
+    unsettled: u64,
     /// When to try again to commit write-back's batches, after a try found no room.
     settle_retry_at: Option<Instant>,
     /// When the last batch with client writes was applied.
@@ -426,12 +439,29 @@ impl Worker<'_> {
         self.apply(runnable)
     }
 
-    /// Write-back: sets the slot's `Unsettled` word before a write that may be
-    /// acknowledged ahead of LMDB's commit.
-    fn mark_unsettled(&mut self) {
-        if self.writeback.is_some() && !self.unsettled_marked {
-            self.slot.set(Field::Unsettled, 1);
-            self.unsettled_marked = true;
+    /// Write-back: publishes what the batches just applied changed ahead of LMDB's
+    /// commit, before they are acknowledged: the slot's `Unsettled` word first, then
+    /// the keys' marks in the pending-key index.
+    fn mark_pending(&mut self) {
+        let Some(pending) = &self.pending else {
+            return;
+        };
+        let touched = self.store.take_touched();
+        let word = if touched.shard {
+            pending::SHARD
+        } else if !touched.keys.is_empty() {
+            pending::KEYS
+        } else {
+            pending::SETTLED
+        };
+        // SHARD covers KEYS, which covers SETTLED.
+        if word > pending::SETTLED && (self.unsettled == pending::SETTLED || word == pending::SHARD)
+        {
+            self.slot.set(Field::Unsettled, word);
+            self.unsettled = word;
+        }
+        for hash in touched.keys {
+            pending.mark(hash);
         }
     }
 
@@ -472,9 +502,12 @@ impl Worker<'_> {
                 }
             }
         }
-        if self.unsettled_marked && !self.store.is_unsettled() {
-            self.slot.set(Field::Unsettled, 0);
-            self.unsettled_marked = false;
+        if self.unsettled != pending::SETTLED && !self.store.is_unsettled() {
+            if let Some(pending) = &self.pending {
+                pending.clear();
+            }
+            self.slot.set(Field::Unsettled, pending::SETTLED);
+            self.unsettled = pending::SETTLED;
         }
         Ok(())
     }
@@ -575,7 +608,6 @@ impl Worker<'_> {
         let requests: Vec<_> = batch.iter().map(|queued| &queued.request).collect();
         let writes = requests.iter().any(|request| request.is_write());
         if writes {
-            self.mark_unsettled();
             self.last_write = Instant::now();
         }
         let settle = requests
@@ -602,7 +634,10 @@ impl Worker<'_> {
         let count = requests.len() as u64;
         drop(requests);
         let (responses, fatal) = match outcome {
-            Ok(responses) => (responses, None),
+            Ok(responses) => {
+                self.mark_pending();
+                (responses, None)
+            }
             Err(error) => {
                 let response = WorkerResponse::Error(WorkerError::Storage(error.to_string()));
                 (vec![response; batch.len()], Some(error))

@@ -819,6 +819,11 @@ impl Config {
         self.run_dir().join("status")
     }
 
+    /// Worker `index`'s pending-key index (write-back; [`crate::pending`]).
+    pub fn pending_path(&self, index: usize) -> PathBuf {
+        self.run_dir().join(format!("pending-{index}"))
+    }
+
     /// The flock'd PID file that keeps a second supervisor off this data dir.
     pub fn pid_path(&self) -> PathBuf {
         self.data_dir.join("shoal.pid")

@@ -34,6 +34,7 @@ pub mod layout;
 pub mod limits;
 pub mod lmdb;
 pub mod partition;
+pub mod pending;
 pub mod reader;
 pub mod resp;
 pub mod status;

@@ -76,10 +76,11 @@ pub enum Field {
     /// Bytes of a worker's journal segments: what a restart after a power failure
     /// would read (it shrinks at each checkpoint).
     JournalBytes = 16 + 2 * HISTOGRAM_BUCKETS,
-    /// 1 while a worker may hold acknowledged batches that LMDB has not committed
-    /// (write-back): the net-daemon then reads the shard through the worker, not from
-    /// its environment. Set before such a batch is acknowledged; it stays set if the
-    /// worker dies, until its successor has replayed its journal.
+    /// Whether a worker holds acknowledged writes that LMDB has not committed
+    /// (write-back), and which: [`crate::pending`]'s `SETTLED`, `KEYS` or `SHARD`. The
+    /// net-daemon reads what is pending through the worker, not from its environment.
+    /// Set before such a batch is acknowledged; it stays set if the worker dies, until
+    /// its successor has replayed its journal.
     Unsettled = 17 + 2 * HISTOGRAM_BUCKETS,
     /// The first unused word; must stay below the slot's size.
     Reserved = 18 + 2 * HISTOGRAM_BUCKETS,

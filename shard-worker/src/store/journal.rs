@@ -152,6 +152,11 @@ impl Deref for Table {
 }
 
 impl Table {
+    /// The table's number in journal records.
+    pub(crate) fn id(&self) -> u16 {
+        self.id
+    }
+
     pub(crate) fn put(&self, txn: &mut WriteTxn, key: &[u8], value: &[u8]) -> heed::Result<()> {
         self.db.put(&mut txn.txn, key, value)?;
         txn.count += 1;
@@ -700,29 +705,71 @@ impl Recorded {
 /// Makes the changes of a record's body again in `txn`, on the table `table_of` gives
 /// for each table number.
 fn replay(
-    mut body: &[u8],
+    body: &[u8],
     txn: &mut WriteTxn,
     table_of: impl Fn(u16) -> io::Result<Table>,
 ) -> Result<(), ReplayError> {
+    for_each_change(body, |change| {
+        match change {
+            Change::Put { table, key, value } => table_of(table)?.put(txn, key, value)?,
+            Change::Delete { table, key } => {
+                table_of(table)?.delete(txn, key)?;
+            }
+            Change::Range { table, range } => {
+                table_of(table)?.delete_range(txn, &range)?;
+            }
+            Change::Clear { table } => table_of(table)?.clear(txn)?,
+        }
+        Ok(())
+    })
+}
+
+/// One change of a record, on the table numbered `table`.
+pub(crate) enum Change<'a> {
+    Put {
+        table: u16,
+        key: &'a [u8],
+        value: &'a [u8],
+    },
+    Delete {
+        table: u16,
+        key: &'a [u8],
+    },
+    Range {
+        table: u16,
+        range: (Bound<&'a [u8]>, Bound<&'a [u8]>),
+    },
+    Clear {
+        table: u16,
+    },
+}
+
+/// Calls `visit` with each change of a record's changes, in order.
+pub(crate) fn for_each_change<'a, E: From<io::Error>>(
+    mut body: &'a [u8],
+    mut visit: impl FnMut(Change<'a>) -> Result<(), E>,
+) -> Result<(), E> {
     while !body.is_empty() {
         let op = take(&mut body, 1)?[0];
-        let table = table_of(take_u16(&mut body)?)?;
-        match op {
-            PUT => {
-                let key = take_bytes(&mut body)?;
-                let value = take_bytes(&mut body)?;
-                table.put(txn, key, value)?;
-            }
-            DELETE => {
-                table.delete(txn, take_bytes(&mut body)?)?;
-            }
-            RANGE => {
-                let range = (take_bound(&mut body)?, take_bound(&mut body)?);
-                table.delete_range(txn, &range)?;
-            }
-            CLEAR => table.clear(txn)?,
+        let table = take_u16(&mut body)?;
+        let change = match op {
+            PUT => Change::Put {
+                table,
+                key: take_bytes(&mut body)?,
+                value: take_bytes(&mut body)?,
+            },
+            DELETE => Change::Delete {
+                table,
+                key: take_bytes(&mut body)?,
+            },
+            RANGE => Change::Range {
+                table,
+                range: (take_bound(&mut body)?, take_bound(&mut body)?),
+            },
+            CLEAR => Change::Clear { table },
             other => return Err(corrupt(format!("change {other}")).into()),
-        }
+        };
+        visit(change)?;
     }
     Ok(())
 }

@@ -152,6 +152,8 @@ pub struct Store {
     write_back: bool,
     /// The write transaction write-back keeps open across batches.
     unsettled: Option<writeback::Unsettled>,
+    /// The keys write-back's batches changed, until the worker takes them.
+    touched: writeback::Touched,
     /// Write-back's batches found no room to commit: writes are refused until they do.
     stalled: Option<writeback::Stall>,
     /// Why the store refuses to go on: acknowledged batches are only in the journal.
@@ -386,6 +388,7 @@ impl Store {
             checkpoints,
             write_back: false,
             unsettled: None,
+            touched: writeback::Touched::default(),
             stalled: None,
             failed: None,
             #[cfg(test)]
@@ -812,6 +815,7 @@ impl Store {
         }
         match self.journal.append_acknowledged(open.txn(), sync) {
             Ok(changes) => {
+                self.note_touched(&changes);
                 open.push(changes);
                 self.unsettled = Some(open);
                 Ok(true)

@@ -41,7 +41,10 @@ use std::time::Instant;
 
 use heed::{Env, WithoutTls};
 
-use super::journal::{ReplayError, WriteTxn};
+use shoal_shared::frame::Collection;
+use shoal_shared::{layout, pending};
+
+use super::journal::{for_each_change, Change, ReplayError, WriteTxn};
 use super::{Store, StoreError};
 
 /// Acknowledged batches that LMDB has not committed: what makes them again.
@@ -153,6 +156,20 @@ impl Unsettled {
     }
 }
 
+/// What the batches acknowledged since the worker last asked changed, for its
+/// pending-key index (`shoal_shared::pending`; [`Store::take_touched`]).
+#[derive(Debug, Default, PartialEq)]
+pub struct Touched {
+    /// The hashes ([`pending::key_hash`]) of the keys whose stored entry changed.
+    pub keys: Vec<u64>,
+    /// A change that reads of values depend on but that no key names: a transaction's
+    /// record (its locks), a fence, a collection cleared.
+    pub shard: bool,
+}
+
+/// Past this many keys the whole shard is marked instead.
+const MAX_TOUCHED_KEYS: usize = 1 << 16;
+
 /// What the batches write-back holds add up to.
 pub struct Load {
     /// How long the oldest has waited.
@@ -184,6 +201,49 @@ impl Store {
     /// try succeeds).
     pub fn is_stalled(&self) -> bool {
         self.stalled.is_some()
+    }
+
+    /// The keys changed by the batches acknowledged since the last call (or since
+    /// LMDB last committed them all).
+    pub fn take_touched(&mut self) -> Touched {
+        std::mem::take(&mut self.touched)
+    }
+
+    /// Adds the keys that the batch journaled as `changes` changed to
+    /// [`Store::take_touched`]'s.
+    pub(super) fn note_touched(&mut self, changes: &[u8]) {
+        let touched = &mut self.touched;
+        let collection_of = |table: u16| {
+            self.collections
+                .iter()
+                .position(|collection| collection.id() == table)
+        };
+        let (txns, meta) = (self.txns.id(), self.meta.id());
+        let parsed = for_each_change(changes, |change| -> std::io::Result<()> {
+            match change {
+                Change::Put { table, key, .. } | Change::Delete { table, key } => {
+                    if let Some(collection) = collection_of(table) {
+                        touched
+                            .keys
+                            .push(pending::key_hash(collection as Collection, &[key]));
+                    } else if table == txns
+                        || (table == meta && key.starts_with(layout::META_FENCE_PREFIX))
+                    {
+                        touched.shard = true;
+                    }
+                }
+                Change::Range { table, .. } | Change::Clear { table } => {
+                    if table == txns || table == meta || collection_of(table).is_some() {
+                        touched.shard = true;
+                    }
+                }
+            }
+            Ok(())
+        });
+        if parsed.is_err() || touched.keys.len() > MAX_TOUCHED_KEYS {
+            touched.shard = true;
+            touched.keys = Vec::new();
+        }
     }
 
     /// How much write-back holds.
@@ -218,8 +278,10 @@ impl Store {
             };
             let error = match open.commit() {
                 Ok(()) => {
-                    // The segments the batches were journaled in may go now.
+                    // The segments the batches were journaled in may go now, and LMDB
+                    // holds what they changed.
                     self.checkpoints.keep_from = None;
+                    self.touched = Touched::default();
                     self.stalled = None;
                     return Ok(());
                 }

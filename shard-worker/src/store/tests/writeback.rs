@@ -2,6 +2,7 @@
 //! until the store settles, and made again after an abort, a crash or a power failure.
 
 use super::*;
+use crate::store::writeback::Touched;
 
 /// A store in `dir` on `clock`, with write-back on.
 fn open_writing_back(dir: &Path, clock: &ManualClock) -> Store {
@@ -252,4 +253,72 @@ fn a_failed_commit_of_unsettled_batches_stops_every_write_and_the_next_open_repl
         get(&mut store, 0, key(1, b"after")),
         WorkerResponse::Value(None)
     );
+}
+
+/// The pending-key hash of `k` in collection 0 (partition 1).
+fn pending_hash(k: &[u8]) -> u64 {
+    shoal_shared::pending::key_hash(0, &[&layout::data_key(1, k)])
+}
+
+#[test]
+fn the_keys_of_acknowledged_batches_are_touched_until_lmdb_commits_them() {
+    let dir = tempfile::tempdir().unwrap();
+    let clock = ManualClock::new(START_MS);
+    let mut store = open_writing_back(dir.path(), &clock);
+    apply(
+        &mut store,
+        &[set(0, key(1, b"a"), b"1"), set(0, key(1, b"b"), b"2")],
+    );
+    let touched = store.take_touched();
+    assert!(!touched.shard, "plain writes name their keys");
+    let mut keys = touched.keys;
+    keys.sort_unstable();
+    keys.dedup();
+    let mut expected = vec![pending_hash(b"a"), pending_hash(b"b")];
+    expected.sort_unstable();
+    assert_eq!(
+        keys, expected,
+        "the written keys, and no counter or log entry"
+    );
+    assert_eq!(store.take_touched(), Touched::default(), "taken once");
+    // A write that changes nothing touches nothing; one that LMDB commits before the
+    // worker asks needs no mark.
+    apply(&mut store, &[set(0, key(1, b"c"), b"3")]);
+    store.settle().unwrap();
+    assert_eq!(store.take_touched(), Touched::default());
+    apply(
+        &mut store,
+        &[WorkerRequest::Delete {
+            collection: 0,
+            keys: vec![key(1, b"missing")],
+        }],
+    );
+    assert_eq!(store.take_touched(), Touched::default());
+    // A flush deletes keys it does not name: its keys, or the whole shard, are marked.
+    apply(
+        &mut store,
+        &[WorkerRequest::Flush {
+            collection: Some(0),
+            partition: None,
+        }],
+    );
+    let touched = store.take_touched();
+    assert!(
+        touched.shard
+            || [b"a", b"b", b"c"]
+                .iter()
+                .all(|k| touched.keys.contains(&pending_hash(*k))),
+        "{touched:?}"
+    );
+    // A prepared transaction locks its keys through a record readers check: the
+    // whole shard is marked.
+    apply(
+        &mut store,
+        &[WorkerRequest::Prepare {
+            txid: 7,
+            decider: 0,
+            ops: vec![put_op(0, key(1, b"x"), b"7", false)],
+        }],
+    );
+    assert!(store.take_touched().shard);
 }
