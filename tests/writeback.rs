@@ -20,6 +20,16 @@ fn unsettled(server: &Server, worker: u64) -> bool {
         .expect("the status shows whether a worker holds unsettled writes")
 }
 
+/// Waits (5 s at most) until `worker` holds no unsettled writes.
+fn wait_settled(server: &Server, worker: u64, what: &str) {
+    wait_until(what, Duration::from_secs(5), || {
+        match unsettled(server, worker) {
+            false => Ok(()),
+            true => Err("still unsettled".to_string()),
+        }
+    });
+}
+
 /// Runs `shoal <verb> <dir>` with `server`'s config, which must succeed.
 fn shoal(server: &Server, verb: &str, dir: &std::path::Path) {
     let output = server.run_verb(verb, dir);
@@ -159,14 +169,7 @@ fn a_pause_in_writes_commits_them_before_the_window_is_over() {
     let keys = server.keys_on_worker("idle:", 0, 10);
     let mut con = server.conn();
     set_all(&mut con, &keys, "v");
-    wait_until(
-        "the worker to commit after the writes paused",
-        Duration::from_secs(5),
-        || match unsettled(&server, 0) {
-            false => Ok(()),
-            true => Err("still unsettled".to_string()),
-        },
-    );
+    wait_settled(&server, 0, "the worker to commit after the writes paused");
     assert_all(&mut con, &keys, "v");
 }
 
@@ -218,6 +221,37 @@ fn reads_of_keys_without_unsettled_writes_go_straight_to_the_map() {
     );
     assert_all(&mut con, &keys[..5], "new");
     assert_all(&mut con, &keys[5..], "old");
+    // Reads that had to go to the worker make it commit soon, far within its window.
+    wait_settled(
+        &server,
+        0,
+        "the worker to commit once reads of its unsettled keys came",
+    );
+
+    // In a pipeline, a read after one that went to the worker waits for its answer,
+    // then reads the map: the worker serves one of the two.
+    set_all(&mut con, &keys[..5], "three");
+    let ops = |server: &Server| {
+        server.process_status("shard-worker", 0)["ops"]
+            .as_u64()
+            .unwrap()
+    };
+    let before = ops(&server);
+    let mut pipelined = server.raw();
+    let mut both = encode_command(&[b"GET", keys[0].as_bytes()]);
+    both.extend(encode_command(&[b"GET", keys[10].as_bytes()]));
+    pipelined.send(&both);
+    assert_eq!(
+        pipelined.read_reply().unwrap(),
+        Resp::Bulk(b"three".to_vec())
+    );
+    assert_eq!(pipelined.read_reply().unwrap(), Resp::Bulk(b"old".to_vec()));
+    assert_eq!(
+        ops(&server) - before,
+        1,
+        "the second GET was read from the map"
+    );
+    wait_settled(&server, 0, "the worker to commit");
 
     // A transaction's intents lock keys through a record the map does not show yet:
     // after an MSET across both workers, every read of the shard needs the worker.

@@ -155,7 +155,13 @@ where
                         break;
                     }
                     let barrier = matches!(reply, Pending::Barrier(_) | Pending::Blocking(_));
-                    session.direct_reads &= matches!(reply, Pending::Ready(_));
+                    if !matches!(reply, Pending::Ready(_)) {
+                        match index.is_some_and(|index| COMMANDS[index].flags.contains(&"readonly"))
+                        {
+                            true => session.behind_reads = true,
+                            false => session.direct_reads = false,
+                        }
+                    }
                     let ticket = match reply {
                         Pending::Blocking(_) => None,
                         _ => session.ticket.clone(),
@@ -235,6 +241,7 @@ where
             .net_daemon_slot()
             .add(Field::Ops, pending.len() as u64);
         session.direct_reads = true;
+        session.behind_reads = false;
         for (reply, protocol, timing, _ticket) in pending.drain(..) {
             if output.len() > max_output_bytes {
                 match push_without_waiting(&mut stream, &output) {

@@ -70,6 +70,10 @@ const MAX_UNSETTLED_BYTES: usize = 64 << 20;
 /// Write-back: the changes past which LMDB commits the batches before their window is
 /// over. Each dirties a page or two that the worker holds in memory until then.
 const MAX_UNSETTLED_CHANGES: usize = 25_000;
+/// Write-back: how long batches wait for LMDB's commit once GET or MGET reads come to
+/// the worker, which the net-daemon sends there for keys with unsettled writes: the
+/// sooner LMDB holds them, the sooner the net-daemon reads those keys itself again.
+const READ_WINDOW: Duration = Duration::from_millis(5);
 /// Write-back: how long after a commit that found no room the next try comes.
 const STALL_RETRY: Duration = Duration::from_secs(1);
 
@@ -145,6 +149,7 @@ pub fn run(config: &Config, index: usize) -> anyhow::Result<()> {
         unsettled: pending::SETTLED,
         settle_retry_at: None,
         last_write: Instant::now(),
+        reads_waiting: false,
     };
     // A failed commit leaves the environment in doubt: nothing more is written, and the
     // next start recovers from the journal.
@@ -210,6 +215,8 @@ struct Worker<'a> {
     settle_retry_at: Option<Instant>,
     /// When the last batch with client writes was applied.
     last_write: Instant,
+    /// Write-back: GET or MGET reads came to the worker while it held unsettled batches.
+    reads_waiting: bool,
 }
 
 /// Treats "no space" (a map at its limit, a full disk) as "nothing done": housekeeping
@@ -485,6 +492,7 @@ impl Worker<'_> {
                 || writeback
                     .idle
                     .is_some_and(|idle| self.last_write.elapsed() >= idle)
+                || (self.reads_waiting && load.age >= READ_WINDOW)
                 || load.bytes >= MAX_UNSETTLED_BYTES
                 || load.changes >= MAX_UNSETTLED_CHANGES
                 || self.backup_running.load(Ordering::Acquire);
@@ -501,6 +509,9 @@ impl Worker<'_> {
                     }
                 }
             }
+        }
+        if !self.store.is_unsettled() {
+            self.reads_waiting = false;
         }
         if self.unsettled != pending::SETTLED && !self.store.is_unsettled() {
             if let Some(pending) = &self.pending {
@@ -521,6 +532,9 @@ impl Worker<'_> {
         let mut due = writeback.window.saturating_sub(load.age);
         if let Some(idle) = writeback.idle {
             due = due.min(idle.saturating_sub(self.last_write.elapsed()));
+        }
+        if self.reads_waiting {
+            due = due.min(READ_WINDOW.saturating_sub(load.age));
         }
         let retry = self.settle_retry_at.map_or(Duration::ZERO, |at| {
             at.saturating_duration_since(Instant::now())
@@ -610,6 +624,13 @@ impl Worker<'_> {
         if writes {
             self.last_write = Instant::now();
         }
+        self.reads_waiting |= self.store.is_unsettled()
+            && requests.iter().any(|request| {
+                matches!(
+                    request,
+                    WorkerRequest::Get { .. } | WorkerRequest::MGet { .. }
+                )
+            });
         let settle = requests
             .iter()
             .any(|request| matches!(request, WorkerRequest::Settle));

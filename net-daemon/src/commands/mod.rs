@@ -72,9 +72,14 @@ pub struct Session {
     pub ticket: Option<Ticket>,
     pub authenticated: bool,
     /// GET and MGET may be answered from the shards' maps ([`crate::reads`]): true at the
-    /// start of each batch of pipelined requests, false once a request of the batch has
-    /// gone to a worker, so that later reads of the batch queue behind it.
+    /// start of each batch of pipelined requests, false once a request of the batch
+    /// other than a read has gone to a worker, so that later reads of the batch queue
+    /// behind it.
     pub direct_reads: bool,
+    /// A read of the batch has gone to a worker: a later GET reads the maps only once
+    /// every earlier request of the connection is answered (a barrier), so that it never
+    /// shows an older state than a read before it.
+    pub behind_reads: bool,
     /// The connection's pub/sub subscriptions, once it has subscribed.
     pub subscriber: Option<crate::pubsub::Subscriber>,
     /// What the client said of its library (CLIENT SETINFO).
@@ -98,6 +103,7 @@ impl Session {
             ticket: None,
             authenticated,
             direct_reads: true,
+            behind_reads: false,
             subscriber: None,
             lib_name: None,
             lib_ver: None,

@@ -62,9 +62,14 @@ pub async fn dispatch(
         // Every acknowledged write is on disk already; the last "save" is the start.
         "lastsave" => Reply::Integer((shared.started_unix_ms / 1000) as i64),
         "reset" => {
-            let (direct_reads, ticket) = (session.direct_reads, session.ticket.take());
+            let (direct_reads, behind_reads, ticket) = (
+                session.direct_reads,
+                session.behind_reads,
+                session.ticket.take(),
+            );
             *session = Session::new(session.id, shared.requirepass().is_none());
             session.direct_reads = direct_reads;
+            session.behind_reads = behind_reads;
             session.ticket = ticket;
             session.select(0);
             crate::routing::set_readonly(false);

@@ -23,14 +23,17 @@ pub async fn dispatch(
     let collection = session.collection;
     let pending = match name {
         "get" => match direct_read(shared, session, &args[1..]) {
-            Some(mut values) => Pending::Ready(value_reply(values.pop().flatten())),
-            None => {
-                single(shared, &args[1], |key| WorkerRequest::Get {
-                    collection,
-                    key,
+            Direct::Values(mut values) => Pending::Ready(value_reply(values.pop().flatten())),
+            Direct::AfterEarlier => {
+                let (shared, key) = (Arc::clone(shared), args[1].clone());
+                Pending::barrier(async move {
+                    match read_maps(&shared, collection, std::slice::from_ref(&key)) {
+                        Some(mut values) => value_reply(values.pop().flatten()),
+                        None => get(&shared, collection, &key).await.resolve().await,
+                    }
                 })
-                .await
             }
+            Direct::Worker => get(shared, collection, &args[1]).await,
         },
         "getdel" => {
             single(shared, &args[1], |key| WorkerRequest::GetDel {
@@ -181,7 +184,7 @@ pub async fn dispatch(
         "exists" | "touch" => exists(shared, collection, &args[1..]).await,
         "mget" => {
             // Read whole from the maps when they can answer (`direct_read`).
-            if let Some(values) = direct_read(shared, session, &args[1..]) {
+            if let Direct::Values(values) = direct_read(shared, session, &args[1..]) {
                 return Some(Pending::Ready(Reply::Array(
                     values.into_iter().map(value_reply).collect(),
                 )));
@@ -239,18 +242,49 @@ async fn write_value(
     single(shared, key, |key| make(key, value.to_vec())).await
 }
 
-/// The values of `keys` read straight from the shards ([`crate::reads`]), in order; `None`
-/// when any of them must be read through its worker. A read never overtakes an earlier
-/// request of its connection: on a host on its own, none may be in flight; in a cluster,
-/// none on the keys' partitions. Keys on several workers are read whole: each worker's
-/// with their versions, then those of all but the last worker read checked unchanged
-/// ([`whole_reads::unchanged_directly`]), a few times at most.
-fn direct_read(shared: &Shared, session: &Session, keys: &[Bytes]) -> Option<Vec<Option<Vec<u8>>>> {
+/// GET through the key's worker.
+async fn get(shared: &Arc<Shared>, collection: u16, key: &Bytes) -> Pending {
+    single(shared, key, |key| WorkerRequest::Get { collection, key }).await
+}
+
+/// How a GET or MGET can be read now ([`direct_read`]).
+enum Direct {
+    /// Read from the maps.
+    Values(Vec<Option<Vec<u8>>>),
+    /// From the maps, but only once the reads of the batch that went to workers are
+    /// answered (GET makes it a barrier; MGET goes to the workers).
+    AfterEarlier,
+    /// Through the workers.
+    Worker,
+}
+
+/// The values of `keys` read straight from the shards ([`crate::reads`]), in order, if
+/// they can be. A read never overtakes an earlier request of its connection: on a host
+/// on its own, none but reads may be in flight, and then it waits for them
+/// ([`Direct::AfterEarlier`], if the maps can answer now: a shard that sent an earlier
+/// read to its worker for a reason of its own, such as a prepared transaction, likely
+/// would again); in a cluster, none on the keys' partitions.
+fn direct_read(shared: &Shared, session: &Session, keys: &[Bytes]) -> Direct {
     let clustered = shared.dispatch.router.is_some();
     // Inside a transaction's plan, reads are held for the transaction like its writes.
     if (!session.direct_reads && !clustered) || crate::dispatch::Dispatch::is_holding() {
-        return None;
+        return Direct::Worker;
     }
+    match read_maps(shared, session.collection, keys) {
+        // The maps can answer, but must again once the earlier reads are answered.
+        Some(_) if session.behind_reads && !clustered => Direct::AfterEarlier,
+        Some(values) => Direct::Values(values),
+        None => Direct::Worker,
+    }
+}
+
+/// The values of `keys` of `collection` read straight from the shards' maps, in order;
+/// `None` when any of them must be read through its worker. Keys on several workers
+/// are read whole: each worker's with their versions, then those of all but the last
+/// worker read checked unchanged ([`whole_reads::unchanged_directly`]), a few times at
+/// most.
+fn read_maps(shared: &Shared, collection: u16, keys: &[Bytes]) -> Option<Vec<Option<Vec<u8>>>> {
+    let clustered = shared.dispatch.router.is_some();
     let groups = shared.dispatch.group_by_dest(keys).ok()?;
     for (_, keys, _) in &groups {
         if clustered && !keys.iter().all(|key| crate::routing::idle(key.partition)) {
@@ -275,17 +309,13 @@ fn direct_read(shared: &Shared, session: &Session, keys: &[Bytes]) -> Option<Vec
             let keys: Vec<&Key> = keys.iter().collect();
             let found = match whole {
                 true => {
-                    let (found, seen) = shared.dispatch.read_versioned_directly(
-                        worker,
-                        session.collection,
-                        &keys,
-                    )?;
+                    let (found, seen) = shared
+                        .dispatch
+                        .read_versioned_directly(worker, collection, &keys)?;
                     versions.push(seen);
                     found
                 }
-                false => shared
-                    .dispatch
-                    .read_directly(worker, session.collection, &keys)?,
+                false => shared.dispatch.read_directly(worker, collection, &keys)?,
             };
             for (value, &position) in found.into_iter().zip(positions) {
                 values[position] = value;
@@ -295,7 +325,7 @@ fn direct_read(shared: &Shared, session: &Session, keys: &[Bytes]) -> Option<Vec
         if !whole
             || whole_reads::unchanged_directly(
                 &shared.dispatch,
-                session.collection,
+                collection,
                 &groups[..earlier],
                 &versions,
             )
