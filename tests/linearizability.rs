@@ -439,7 +439,9 @@ fn single_key_operations_stay_linearizable_while_workers_and_the_net_daemon_are_
 fn with_write_back_single_key_operations_stay_linearizable_under_kills() {
     // Reads must go through a worker whose writes LMDB has not committed, and a
     // killed worker's successor replays them before anyone reads its shard again.
-    linearizable_under_kills("[storage]\nwriteback_ms = 300\nwriteback_idle_ms = 0\n");
+    linearizable_under_kills(
+        "[storage]\nwriteback_ms = 300\nwriteback_idle_ms = 0\nwriteback_min_free_bytes = 0\n",
+    );
 }
 
 /// Clients run single-key operations while workers and the net-daemon are killed;

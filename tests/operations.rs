@@ -245,12 +245,13 @@ fn assert_all_present(con: &mut redis::Connection, keys: &[String]) {
 
 #[test]
 fn a_map_at_its_cap_refuses_writes_keeps_reads_and_takes_writes_after_a_raise() {
-    map_at_its_cap("");
+    // Every group commit committed in LMDB.
+    map_at_its_cap("writeback_ms = 0\n");
 }
 
 #[test]
 fn with_write_back_a_map_at_its_cap_refuses_writes_and_loses_none() {
-    map_at_its_cap("writeback_ms = 200\n");
+    map_at_its_cap("writeback_ms = 200\nwriteback_min_free_bytes = 0\n");
 }
 
 fn map_at_its_cap(storage: &str) {
@@ -325,9 +326,19 @@ fn a_full_disk_refuses_writes_keeps_reads_and_recovers_when_space_returns() {
     assert!(refusal.contains("DISKFULL"), "{refusal}");
     assert_all_present(&mut con, &written);
     server.assert_alive("after the disk filled");
+    // Write-back (on by default) pauses on a disk with little room: every group commit
+    // is committed, so the restart below has none to commit first.
+    assert!(
+        server.logs().contains("write-back paused"),
+        "write-back pauses with little free space\n{}",
+        server.logs()
+    );
 
     // A worker that starts on the full disk (killed, and started again by the
     // supervisor) has no room for its checkpoint: it serves reads and refuses writes.
+    // The refused batch may have left some room: a second filler takes it.
+    let rest = server.data_dir.join("rest");
+    fill_the_disk(&rest);
     let victim = server.worker_pid(0);
     signal(victim, libc::SIGKILL);
     let killed = Instant::now();
@@ -371,10 +382,23 @@ fn a_full_disk_refuses_writes_keeps_reads_and_recovers_when_space_returns() {
     );
 
     std::fs::remove_file(&filler).unwrap();
+    std::fs::remove_file(&rest).unwrap();
     writes_resume(&mut con, Duration::from_secs(5));
     assert_all_present(&mut con, &written);
     drop(con);
     server.stop();
+}
+
+/// Writes `path` until its filesystem has no room left.
+fn fill_the_disk(path: &std::path::Path) {
+    use std::io::Write;
+    let mut file = std::fs::File::create(path).unwrap();
+    let block = vec![0u8; 4096];
+    while file
+        .write_all(&block)
+        .and_then(|()| file.sync_data())
+        .is_ok()
+    {}
 }
 
 #[test]
@@ -384,7 +408,7 @@ fn with_write_back_a_full_disk_refuses_writes_keeps_reads_and_recovers_when_spac
     // commit needs about as much room again as their journal records took, so more
     // than that is given back.
     let mut server = Server::configure(
-        "workers = 1\n[storage]\nmap_size_bytes = 1048576\nwriteback_ms = 2000\nwriteback_idle_ms = 0\n",
+        "workers = 1\n[storage]\nmap_size_bytes = 1048576\nwriteback_ms = 2000\nwriteback_idle_ms = 0\nwriteback_min_free_bytes = 0\n",
     );
     let Some(_disk) = Tmpfs::mount(&server.data_dir, "16m") else {
         eprintln!("cannot mount a tmpfs here (not root?); skipping the full-disk test");

@@ -816,7 +816,10 @@ fn acknowledged_writes_survive_kill_9_of_any_process_and_the_log_matches_the_dat
 fn with_write_back_acknowledged_writes_survive_kill_9_of_any_process() {
     // Writes are acknowledged from the journal and wait in each worker's transaction:
     // the kills land while some are not in LMDB.
-    torture("writeback_ms = 300\nwriteback_idle_ms = 0\n", 4);
+    torture(
+        "writeback_ms = 300\nwriteback_idle_ms = 0\nwriteback_min_free_bytes = 0\n",
+        4,
+    );
 }
 
 /// The torture run: `writeback` is a `[storage]` line (or nothing), `default_rounds`

@@ -12,7 +12,8 @@ use redis::Value;
 
 /// A window far beyond the test, and no commit when writes pause: LMDB commits only
 /// when something asks it to.
-const LONG_WINDOW: &str = "[storage]\nwriteback_ms = 10000\nwriteback_idle_ms = 0\n";
+const LONG_WINDOW: &str =
+    "[storage]\nwriteback_ms = 10000\nwriteback_idle_ms = 0\nwriteback_min_free_bytes = 0\n";
 
 fn unsettled(server: &Server, worker: u64) -> bool {
     server.process_status("shard-worker", worker)["unsettled"]
@@ -165,7 +166,7 @@ fn a_digest_and_a_backup_hold_the_unsettled_writes() {
 fn a_pause_in_writes_commits_them_before_the_window_is_over() {
     // A 10 s window, and the default pause of 20 ms: the worker commits soon after the
     // writes stop, and the net-daemon reads the map directly again.
-    let server = Server::start("[storage]\nwriteback_ms = 10000\n");
+    let server = Server::start("[storage]\nwriteback_ms = 10000\nwriteback_min_free_bytes = 0\n");
     let keys = server.keys_on_worker("idle:", 0, 10);
     let mut con = server.conn();
     set_all(&mut con, &keys, "v");

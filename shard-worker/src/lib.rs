@@ -108,6 +108,7 @@ pub fn run(config: &Config, index: usize) -> anyhow::Result<()> {
             window: Duration::from_millis(config.storage.writeback_ms),
             idle: (config.storage.writeback_idle_ms > 0)
                 .then(|| Duration::from_millis(config.storage.writeback_idle_ms)),
+            min_free_bytes: config.storage.writeback_min_free_bytes,
         });
     store.set_write_back(writeback.is_some())?;
     // Kept from a predecessor that died with unsettled batches: its marks stay until
@@ -150,7 +151,10 @@ pub fn run(config: &Config, index: usize) -> anyhow::Result<()> {
         settle_retry_at: None,
         last_write: Instant::now(),
         reads_waiting: false,
+        writeback_paused: false,
     };
+    // On a disk with little room, write-back is paused from the first write on.
+    worker.watch_free_space()?;
     // A failed commit leaves the environment in doubt: nothing more is written, and the
     // next start recovers from the journal.
     worker.serve(&queue, &shutdown)?;
@@ -181,6 +185,8 @@ struct WriteBack {
     /// A pause in client writes this long commits them before the window is over, so
     /// that the net-daemon reads the shard directly again soon after a burst.
     idle: Option<Duration>,
+    /// Below this much free space write-back pauses.
+    min_free_bytes: u64,
 }
 
 /// How much commit log each partition keeps.
@@ -217,6 +223,8 @@ struct Worker<'a> {
     last_write: Instant,
     /// Write-back: GET or MGET reads came to the worker while it held unsettled batches.
     reads_waiting: bool,
+    /// Write-back is paused for want of free space.
+    writeback_paused: bool,
 }
 
 /// Treats "no space" (a map at its limit, a full disk) as "nothing done": housekeeping
@@ -523,6 +531,36 @@ impl Worker<'_> {
         Ok(())
     }
 
+    /// Pauses write-back while the filesystem has less than `min_free_bytes` free, and
+    /// resumes it once it has a quarter more: with little room, acknowledged writes
+    /// that LMDB has not committed may find no room to be committed, and a worker that
+    /// restarts must commit them before it serves. A pause whose commit finds no room
+    /// is tried again at the next tick (the batches stay, and writes are refused).
+    fn watch_free_space(&mut self) -> anyhow::Result<()> {
+        let (Some(writeback), Some(free)) = (self.writeback, self.store.free_bytes()) else {
+            return Ok(());
+        };
+        let min = writeback.min_free_bytes;
+        if !self.writeback_paused && free < min {
+            match self.store.set_write_back(false) {
+                Err(error) if error.is_out_of_room() => return Ok(()),
+                other => other.context("committing write-back's batches to pause it")?,
+            }
+            self.writeback_paused = true;
+            self.settle(false)?;
+            tracing::warn!(
+                free,
+                min,
+                "little free disk space: write-back paused, every group commit is committed"
+            );
+        } else if self.writeback_paused && free >= min.saturating_add(min / 4) {
+            self.store.set_write_back(true)?;
+            self.writeback_paused = false;
+            tracing::info!(free, "free disk space is back: write-back resumed");
+        }
+        Ok(())
+    }
+
     /// How long to wait for a request: until the next tick, or until write-back's
     /// batches are due.
     fn wait_time(&self) -> Duration {
@@ -594,6 +632,7 @@ impl Worker<'_> {
             self.slot
                 .set(Field::LastCommitId, self.store.highest_commit_id());
         }
+        self.watch_free_space()?;
         self.settle(false)?;
         self.retry_deferred()
     }

@@ -206,12 +206,17 @@ pub struct StorageSection {
     /// With durability = "async", how often the journal is flushed to disk.
     pub flush_interval_ms: u64,
     /// Write-back: each worker keeps its acknowledged group commits in one LMDB
-    /// transaction and commits it this often (0: every group commit is committed).
-    /// Hosts in a cluster always commit every group commit.
+    /// transaction and commits it this often (default 1000; 0: every group commit is
+    /// committed). Hosts in a cluster always commit every group commit.
     pub writeback_ms: u64,
     /// With write-back, a pause in client writes this long commits them before the
     /// window is over, so that reads go straight to the map again (0: only the window).
     pub writeback_idle_ms: u64,
+    /// Write-back pauses (every group commit is committed) while the data dir's
+    /// filesystem has less free space than this: acknowledged writes that LMDB has not
+    /// committed need room to be committed, and a worker restarted on a full disk must
+    /// commit them before it serves.
+    pub writeback_min_free_bytes: u64,
     /// Commit-log entries kept per partition; older entries are trimmed.
     pub log_retention_entries: u64,
     /// Age, in seconds, past which commit-log entries are trimmed. 0 keeps entries of any age.
@@ -284,8 +289,9 @@ impl Default for StorageSection {
             map_size_bytes: 1 << 30,
             max_map_size_bytes: 1 << 40,
             flush_interval_ms: 1000,
-            writeback_ms: 0,
+            writeback_ms: 1000,
             writeback_idle_ms: 20,
+            writeback_min_free_bytes: 512 << 20,
             log_retention_entries: 1_000_000,
             log_retention_secs: 7 * 24 * 3600,
             capacity_bytes: 0,

@@ -298,9 +298,12 @@ impl Store {
         // them acknowledged. They are cut off, not replayed: a read while the worker
         // was down saw the shard without them, and must not see them appear later.
         let acknowledged = missing.iter().take_while(|r| r.acknowledged).count();
-        if missing[acknowledged..].iter().any(|r| r.acknowledged) {
-            // One run of a worker writes one kind after its open: a mix is a journal
-            // this code did not write, and cutting it off could drop acknowledged writes.
+        if !rewound && missing[acknowledged..].iter().any(|r| r.acknowledged) {
+            // In one boot, a record of the other kind is missing only if its process
+            // died before LMDB committed it, so it is the last: a mix is a journal this
+            // code did not write, and cutting it off could drop acknowledged writes.
+            // After a power failure every record since the checkpoint is replayed,
+            // whatever its kind (write-back pauses and resumes with free space).
             return Err(StoreError::InDoubt(format!(
                 "the journal in {} holds acknowledged records after a record of a commit \
                  never made; refusing to open the shard",

@@ -192,6 +192,11 @@ impl Store {
         Ok(())
     }
 
+    /// Bytes free on the environment's filesystem, if they can be read.
+    pub fn free_bytes(&self) -> Option<u64> {
+        shoal_shared::lmdb::free_bytes(self.env.path())
+    }
+
     /// Whether acknowledged batches wait for LMDB's commit.
     pub fn is_unsettled(&self) -> bool {
         self.unsettled.as_ref().is_some_and(|open| !open.is_empty())
