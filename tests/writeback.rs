@@ -229,7 +229,7 @@ fn reads_of_keys_without_unsettled_writes_go_straight_to_the_map() {
         "the worker to commit once reads of its unsettled keys came",
     );
 
-    // In a pipeline, a read after one that went to the worker waits for its answer,
+    // In a pipeline, a GET after one that went to the worker waits for its answer,
     // then reads the map: the worker serves one of the two.
     set_all(&mut con, &keys[..5], "three");
     let ops = |server: &Server| {

@@ -156,10 +156,9 @@ where
                     }
                     let barrier = matches!(reply, Pending::Barrier(_) | Pending::Blocking(_));
                     if !matches!(reply, Pending::Ready(_)) {
-                        match index.is_some_and(|index| COMMANDS[index].flags.contains(&"readonly"))
-                        {
-                            true => session.behind_reads = true,
-                            false => session.direct_reads = false,
+                        match command {
+                            "get" | "mget" => session.behind_reads = true,
+                            _ => session.direct_reads = false,
                         }
                     }
                     let ticket = match reply {

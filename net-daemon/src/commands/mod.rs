@@ -73,11 +73,12 @@ pub struct Session {
     pub authenticated: bool,
     /// GET and MGET may be answered from the shards' maps ([`crate::reads`]): true at the
     /// start of each batch of pipelined requests, false once a request of the batch
-    /// other than a read has gone to a worker, so that later reads of the batch queue
-    /// behind it.
+    /// other than GET or MGET has gone to a worker, so that later reads of the batch
+    /// queue behind it.
     pub direct_reads: bool,
-    /// A read of the batch has gone to a worker: a later GET reads the maps only once
-    /// every earlier request of the connection is answered (a barrier), so that it never
+    /// A GET or MGET of the batch has gone to a worker (its key had a write the map
+    /// does not hold yet, most often): a later GET reads the maps only once every
+    /// earlier request of the connection is answered (a barrier), so that it never
     /// shows an older state than a read before it.
     pub behind_reads: bool,
     /// The connection's pub/sub subscriptions, once it has subscribed.
