@@ -15,11 +15,11 @@
 //!   kind (`journal`, kind 3). An open that finds such records after the
 //!   environment's journal position replays them, in the same boot as after a power
 //!   failure.
-//! - Until LMDB commits, only the worker sees the batches: the net-daemon reads a
-//!   shard through its worker while the worker says it holds unsettled batches (the
-//!   `unsettled` word of its status slot, set before the first batch of a window is
-//!   acknowledged and cleared after LMDB commits). The word stays set if the worker
-//!   dies, until its successor has replayed the journal.
+//! - Until LMDB commits, only the worker sees the batches: the net-daemon reads the
+//!   keys they changed through the worker, which marks them in its pending-key index
+//!   (`shoal_shared::pending`, from [`Store::take_touched`]) before it acknowledges a
+//!   batch and clears them after LMDB commits. The marks stay set if the worker dies,
+//!   until its successor has replayed the journal.
 //! - A batch that fails (its journal append, a full map, any LMDB error) aborts the
 //!   whole transaction; the batches before it are made again in a new one from their
 //!   records, kept in memory ([`Held`]), and their segments are kept by every
