@@ -540,6 +540,19 @@ fn linearizable_under_kills(config: &str) {
                 panic!("key {}: {violation}\n{}", keys[*key], server.logs())
             }
             Verdict::Inconclusive(why) => {
+                // The history, to tell a costly but valid one from a violation.
+                let start = history.iter().map(|o| o.invoke).min();
+                let at = |t: Instant| start.map_or(0, |s| t.duration_since(s).as_micros());
+                for o in history {
+                    eprintln!(
+                        "client {} {:?} [{} us, {} us] {:?}",
+                        o.client,
+                        o.op,
+                        at(o.invoke),
+                        at(o.complete),
+                        o.outcome
+                    );
+                }
                 panic!("key {}: the check did not finish: {why:?}", keys[*key])
             }
         }
