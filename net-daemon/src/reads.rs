@@ -8,8 +8,10 @@
 //!   index, [`shoal_shared::pending`]), or died holding some;
 //! - a multi-key write is prepared on the shard (its keys are locked, and only the
 //!   worker waits for locks);
-//! - the connection has sent an earlier request of the same pipeline to a worker, so
-//!   that a pipeline's read never overtakes its own writes ([`Session::direct_reads`]);
+//! - the connection has sent an earlier request of the same pipeline other than GET
+//!   and MGET to a worker, so that a pipeline's read never overtakes its own writes
+//!   ([`Session::direct_reads`]); behind a GET or MGET sent to a worker, a GET waits
+//!   for its answer and then reads the map;
 //! - the environment cannot be opened or read (the worker then gives the error).
 //!
 //! [`Session::direct_reads`]: crate::commands::Session::direct_reads
@@ -83,8 +85,11 @@ impl Readers {
             Some(pending::SETTLED) => true,
             Some(pending::KEYS) => self.pending_keys(worker).is_some_and(|index| {
                 keys.iter().all(|key| {
-                    let partition = key.partition.to_be_bytes();
-                    !index.contains(pending::key_hash(collection, &[&partition, &key.bytes]))
+                    !index.contains(pending::data_key_hash(
+                        collection,
+                        key.partition,
+                        &key.bytes,
+                    ))
                 })
             }),
             _ => false,

@@ -151,7 +151,6 @@ pub fn run(config: &Config, index: usize) -> anyhow::Result<()> {
         settle_retry_at: None,
         last_write: Instant::now(),
         reads_waiting: false,
-        writeback_paused: false,
     };
     // On a disk with little room, write-back is paused from the first write on.
     worker.watch_free_space()?;
@@ -223,8 +222,6 @@ struct Worker<'a> {
     last_write: Instant,
     /// Write-back: GET or MGET reads came to the worker while it held unsettled batches.
     reads_waiting: bool,
-    /// Write-back is paused for want of free space.
-    writeback_paused: bool,
 }
 
 /// Treats "no space" (a map at its limit, a full disk) as "nothing done": housekeeping
@@ -520,13 +517,13 @@ impl Worker<'_> {
         }
         if !self.store.is_unsettled() {
             self.reads_waiting = false;
-        }
-        if self.unsettled != pending::SETTLED && !self.store.is_unsettled() {
-            if let Some(pending) = &self.pending {
-                pending.clear();
+            if self.unsettled != pending::SETTLED {
+                if let Some(pending) = &self.pending {
+                    pending.clear();
+                }
+                self.slot.set(Field::Unsettled, pending::SETTLED);
+                self.unsettled = pending::SETTLED;
             }
-            self.slot.set(Field::Unsettled, pending::SETTLED);
-            self.unsettled = pending::SETTLED;
         }
         Ok(())
     }
@@ -541,21 +538,20 @@ impl Worker<'_> {
             return Ok(());
         };
         let min = writeback.min_free_bytes;
-        if !self.writeback_paused && free < min {
+        let paused = !self.store.writes_back();
+        if !paused && free < min {
             match self.store.set_write_back(false) {
                 Err(error) if error.is_out_of_room() => return Ok(()),
                 other => other.context("committing write-back's batches to pause it")?,
             }
-            self.writeback_paused = true;
             self.settle(false)?;
             tracing::warn!(
                 free,
                 min,
                 "little free disk space: write-back paused, every group commit is committed"
             );
-        } else if self.writeback_paused && free >= min.saturating_add(min / 4) {
+        } else if paused && free >= min.saturating_add(min / 4) {
             self.store.set_write_back(true)?;
-            self.writeback_paused = false;
             tracing::info!(free, "free disk space is back: write-back resumed");
         }
         Ok(())

@@ -28,7 +28,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 
 use memmap2::{Mmap, MmapMut};
 
-use crate::frame::Collection;
+use crate::frame::{Collection, Partition};
 
 /// The `Unsettled` word: LMDB holds every acknowledged write.
 pub const SETTLED: u64 = 0;
@@ -62,6 +62,12 @@ pub fn key_hash(collection: Collection, parts: &[&[u8]]) -> u64 {
     hash ^= hash >> 33;
     hash = hash.wrapping_mul(0xc4ce_b9fe_1a85_ec53);
     hash ^ (hash >> 33)
+}
+
+/// [`key_hash`] of `key` of `collection` in `partition`, as stored
+/// ([`crate::layout::data_key`]), without building the stored key.
+pub fn data_key_hash(collection: Collection, partition: Partition, key: &[u8]) -> u64 {
+    key_hash(collection, &[&partition.to_be_bytes(), key])
 }
 
 fn position(hash: u64) -> (usize, u64) {
@@ -162,6 +168,8 @@ mod tests {
         let hash = key_hash(0, &stored);
         // The same bytes split differently hash alike; another collection does not.
         assert_eq!(hash, key_hash(0, &[b"\0\x07user:1"]));
+        assert_eq!(hash, data_key_hash(0, 7, b"user:1"));
+        assert_eq!(hash, key_hash(0, &[&crate::layout::data_key(7, b"user:1")]));
         assert_ne!(hash, key_hash(1, &stored));
         assert!(!reader.contains(hash));
         writer.mark(hash);

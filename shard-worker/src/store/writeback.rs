@@ -192,6 +192,11 @@ impl Store {
         Ok(())
     }
 
+    /// Whether write-back is on ([`Store::set_write_back`]).
+    pub fn writes_back(&self) -> bool {
+        self.write_back
+    }
+
     /// Bytes free on the environment's filesystem, if they can be read.
     pub fn free_bytes(&self) -> Option<u64> {
         shoal_shared::lmdb::free_bytes(self.env.path())
