@@ -323,15 +323,36 @@ fn worker_env(server: &Server) -> PathBuf {
 /// overwrites of the same keys need a steady number of pages.
 const ONE_WORKER: &str = "workers = 1\n[storage]\nlog_retention_entries = 1\n";
 
-/// Growth, in pages, that five rounds of overwrites may add once the file is in its
-/// steady state: free-list churn, the commit log, which is trimmed between ticks and
-/// so briefly holds more than one entry per partition, and the pages written since the
-/// last checkpoint, which are reused only after the next (docs/architecture.md,
-/// *Durability*). Measured: 0 to 300 pages on a file of about 9,000 to 14,000 after
-/// eight rounds; a reader pinned by another process makes twelve rounds add about
-/// 32,000 to 37,000.
-fn steady_slack(pages: u64) -> u64 {
-    (pages / 4).max(600)
+/// Rounds of overwrites after which the file must have stopped growing once nothing pins
+/// old pages: free-list churn, the commit log (trimmed between ticks, so it briefly holds
+/// more than one entry per partition) and the pages written since the last checkpoint
+/// (reused only after the next, docs/architecture.md, *Durability*) settle within a few.
+const MAX_ROUNDS_TO_STEADY: usize = 30;
+/// Rounds in a row that must leave the page count unchanged to call the file steady.
+const STEADY_ROUNDS: usize = 3;
+
+/// Overwrites `keys` round after round until [`STEADY_ROUNDS`] rounds in a row leave the
+/// file's page count unchanged; returns that count. Panics, with the counts seen, if the
+/// file still grows after [`MAX_ROUNDS_TO_STEADY`] rounds.
+fn rounds_until_steady(server: &Server, keys: &[String], round_tag: &mut u64, what: &str) -> u64 {
+    let env = worker_env(server);
+    let mut seen = vec![pages_used(&env)];
+    while seen.len() <= MAX_ROUNDS_TO_STEADY {
+        overwrite_rounds(server, keys, 1, round_tag);
+        seen.push(pages_used(&env));
+        let last = &seen[seen.len().saturating_sub(STEADY_ROUNDS + 1)..];
+        if last.len() == STEADY_ROUNDS + 1 && last.iter().all(|&p| p == last[0]) {
+            eprintln!("{what}: pages used per round {seen:?}");
+            return last[0];
+        }
+    }
+    panic!("{what}: the file still grew after {MAX_ROUNDS_TO_STEADY} rounds of overwrites: pages used per round {seen:?}");
+}
+
+/// Pages that one round of overwrites of `keys` with 1000-byte values needs at least:
+/// what a reader pinning the old pages makes the file grow by, every round.
+fn pages_per_round(keys: &[String]) -> u64 {
+    (keys.len() as u64 * 1000) / 4096
 }
 
 // ---------------------------------------------------------------- tests
@@ -343,16 +364,13 @@ fn reader_slot_of_a_process_killed_mid_read_is_freed_and_the_file_stops_growing(
     let env = worker_env(&server);
     let keys: Vec<String> = (0..2000).map(|i| format!("over:{i}")).collect();
     let mut tag = 0;
-    overwrite_rounds(&server, &keys, 8, &mut tag);
-
-    let settled = pages_used(&env);
-    overwrite_rounds(&server, &keys, 5, &mut tag);
-    let free = pages_used(&env);
+    let settled = rounds_until_steady(&server, &keys, &mut tag, "with no reader");
 
     // A reader inside its transaction pins the snapshot: overwrites must take new pages.
     let dump = stuck_reader(&env);
     let before_pin = pages_used(&env);
-    overwrite_rounds(&server, &keys, 12, &mut tag);
+    let pinned_rounds = 12;
+    overwrite_rounds(&server, &keys, pinned_rounds, &mut tag);
     let pinned = pages_used(&env);
 
     // Killed -9 inside the transaction: its slot stays in the lock file until a live
@@ -369,32 +387,23 @@ fn reader_slot_of_a_process_killed_mid_read_is_freed_and_the_file_stops_growing(
         sleep(Duration::from_millis(50));
     }
     let freed_after = killed_at.elapsed();
-    overwrite_rounds(&server, &keys, 8, &mut tag);
-    let resettled = pages_used(&env);
-    overwrite_rounds(&server, &keys, 5, &mut tag);
-    let after = pages_used(&env);
-
     eprintln!(
-        "stuck reader: pages used {settled} -> {free} over 5 rounds with no reader; \
-         {before_pin} -> {pinned} over 12 rounds with a reader pinned; slot of killed pid {dead} \
-         (seen right after the kill: {seen_stale}) freed after {freed_after:?}; then \
-         {resettled} -> {after} over 5 rounds"
+        "stuck reader: steady at {settled} pages with no reader; {before_pin} -> {pinned} over \
+         {pinned_rounds} rounds with a reader pinned; slot of killed pid {dead} (seen right \
+         after the kill: {seen_stale}) freed after {freed_after:?}"
     );
-    let slack = steady_slack(settled);
+    let needed = pinned_rounds as u64 * pages_per_round(&keys);
     assert!(
-        free - settled <= slack,
-        "with no reader, overwrites grew the file by {} pages",
-        free - settled
+        pinned - before_pin >= needed,
+        "a pinned reader makes every round of overwrites take new pages, at least {needed} \
+         over {pinned_rounds} rounds (else this test could not tell): {before_pin} -> {pinned}"
     );
-    assert!(
-        pinned - before_pin > 2 * slack,
-        "a pinned reader makes overwrites grow the file (else this test could not tell): \
-         {before_pin} -> {pinned}"
-    );
-    assert!(
-        after - resettled <= slack,
-        "after the dead reader's slot was freed, overwrites still grew the file: \
-         {resettled} -> {after}"
+    // Once the dead reader's slot is freed, the file stops growing again.
+    rounds_until_steady(
+        &server,
+        &keys,
+        &mut tag,
+        "after the dead reader's slot was freed",
     );
 }
 
@@ -537,15 +546,7 @@ fn worker_killed_inside_a_backup_read_leaves_no_reader_slot_after_restart() {
         assert!(Instant::now() < deadline, "witness slot not freed");
         sleep(Duration::from_millis(50));
     }
-    overwrite_rounds(&server, &keys, 3, &mut tag);
-    let settled = pages_used(&env);
-    overwrite_rounds(&server, &keys, 5, &mut tag);
-    let after = pages_used(&env);
-    eprintln!("after the restart: pages used {settled} -> {after} over 5 rounds of overwrites");
-    assert!(
-        after - settled <= steady_slack(settled),
-        "overwrites after the restart grew the file: {settled} -> {after}"
-    );
+    rounds_until_steady(&server, &keys, &mut tag, "after the restart");
     assert_eq!(
         server.raw().cmd(&["GET", "bulk:19999"]),
         Resp::Bulk(vec![b'b'; 1000])
