@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Mixed load: SETs and GETs at once, from two redis-benchmark processes, against Shoal
-# with write-back (storage.writeback_ms = 1000) and without it (writeback_ms = 0,
-# the default), and against redis-server with `appendfsync always`, in one run.
+# with write-back (storage.writeback_ms = 1000, the default) and without it
+# (writeback_ms = 0), and against redis-server with `appendfsync always`, in one run.
 # With write-back, a GET of a key written since the worker's last LMDB commit goes
 # through the worker; this shows what that costs the reads, and what the writes gain.
 #

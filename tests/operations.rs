@@ -245,7 +245,8 @@ fn assert_all_present(con: &mut redis::Connection, keys: &[String]) {
 
 #[test]
 fn a_map_at_its_cap_refuses_writes_keeps_reads_and_takes_writes_after_a_raise() {
-    map_at_its_cap("");
+    // Every group commit committed in LMDB.
+    map_at_its_cap("writeback_ms = 0\n");
 }
 
 #[test]
@@ -311,10 +312,7 @@ impl Drop for Tmpfs {
 
 #[test]
 fn a_full_disk_refuses_writes_keeps_reads_and_recovers_when_space_returns() {
-    // Write-back on with its default floor of free space, which this disk is below.
-    let mut server = Server::configure(
-        "workers = 1\n[storage]\nmap_size_bytes = 1048576\nwriteback_ms = 1000\n",
-    );
+    let mut server = Server::configure("workers = 1\n[storage]\nmap_size_bytes = 1048576\n");
     let Some(_disk) = Tmpfs::mount(&server.data_dir, "8m") else {
         eprintln!("cannot mount a tmpfs here (not root?); skipping the full-disk test");
         return;
@@ -328,8 +326,8 @@ fn a_full_disk_refuses_writes_keeps_reads_and_recovers_when_space_returns() {
     assert!(refusal.contains("DISKFULL"), "{refusal}");
     assert_all_present(&mut con, &written);
     server.assert_alive("after the disk filled");
-    // Write-back pauses on a disk with little room: every group commit is committed, so
-    // the restart below has none to commit first.
+    // Write-back (on by default) pauses on a disk with little room: every group commit
+    // is committed, so the restart below has none to commit first.
     assert!(
         server.logs().contains("write-back paused"),
         "write-back pauses with little free space\n{}",

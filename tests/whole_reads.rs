@@ -317,7 +317,7 @@ fn set_algebra_sees_smove_whole_and_store_forms_lose_no_concurrent_write() {
     // read earlier would have dropped it, or brought back one removed). It goes on until
     // STORES stores have run beside it (at most MAX_ADDS adds).
     const STORES: usize = 20;
-    const MAX_ADDS: usize = 5000;
+    const MAX_ADDS: usize = 20_000;
     const WINDOW: usize = 50;
     let stores_done = Arc::new(AtomicUsize::new(0));
     let adder = {

@@ -206,7 +206,7 @@ pub struct StorageSection {
     /// With durability = "async", how often the journal is flushed to disk.
     pub flush_interval_ms: u64,
     /// Write-back: each worker keeps its acknowledged group commits in one LMDB
-    /// transaction and commits it this often (default 0: every group commit is
+    /// transaction and commits it this often (default 1000; 0: every group commit is
     /// committed). Hosts in a cluster always commit every group commit.
     pub writeback_ms: u64,
     /// With write-back, a pause in client writes this long commits them before the
@@ -289,7 +289,7 @@ impl Default for StorageSection {
             map_size_bytes: 1 << 30,
             max_map_size_bytes: 1 << 40,
             flush_interval_ms: 1000,
-            writeback_ms: 0,
+            writeback_ms: 1000,
             writeback_idle_ms: 20,
             writeback_min_free_bytes: 512 << 20,
             log_retention_entries: 1_000_000,
