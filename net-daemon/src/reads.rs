@@ -7,7 +7,8 @@
 //!   committed yet (write-back: its status slot's `Unsettled` word and its pending-key
 //!   index, [`shoal_shared::pending`]), or died holding some;
 //! - a multi-key write is prepared on the shard (its keys are locked, and only the
-//!   worker waits for locks);
+//!   worker waits for locks): the status slot's `Prepared` word, which the worker
+//!   raises before it answers a `Prepare` and lowers once LMDB holds the end;
 //! - the connection has sent an earlier request of the same pipeline other than GET
 //!   and MGET to a worker, so that a pipeline's read never overtakes its own writes
 //!   ([`Session::direct_reads`]); behind a GET or MGET sent to a worker, a GET waits
@@ -78,9 +79,17 @@ impl Readers {
     }
 
     /// Whether `worker`'s environment holds every write it acknowledged to `keys` of
-    /// `collection`. Checked before the read transaction begins
-    /// ([`shoal_shared::pending`]).
+    /// `collection`, and no prepared transaction locks keys of it. Checked before the
+    /// read transaction begins ([`shoal_shared::pending`], [`Field::Prepared`]): a
+    /// transaction prepared after the check was not yet answered, so a read that
+    /// returns the state before it is in order.
     fn settled_for(&self, worker: usize, collection: Collection, keys: &[&Key]) -> bool {
+        let Some(status) = &self.status else {
+            return false;
+        };
+        if status.slot(worker).get(Field::Prepared) != 0 {
+            return false;
+        }
         match self.unsettled(worker) {
             Some(pending::SETTLED) => true,
             Some(pending::KEYS) => self.pending_keys(worker).is_some_and(|index| {

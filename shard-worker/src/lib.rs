@@ -44,6 +44,7 @@ use shoal_shared::frame::{
 use shoal_shared::pending::{self, PendingKeys};
 use shoal_shared::status::{
     Field, ProcessState, Slot, StatusTable, BATCH_SIZE_BOUNDS, COMMIT_MICROS_BOUNDS,
+    PREPARED_UNKNOWN,
 };
 
 use crate::link::Queued;
@@ -82,6 +83,7 @@ pub fn run(config: &Config, index: usize) -> anyhow::Result<()> {
     let status = StatusTable::open(&config.status_path()).context("opening the status table")?;
     let slot = status.slot(index);
     slot.claim();
+    slot.set(Field::Prepared, PREPARED_UNKNOWN);
 
     let shutdown = Arc::new(AtomicBool::new(false));
     signal_hook::flag::register(signal_hook::consts::SIGTERM, Arc::clone(&shutdown))
@@ -151,7 +153,10 @@ pub fn run(config: &Config, index: usize) -> anyhow::Result<()> {
         settle_retry_at: None,
         last_write: Instant::now(),
         reads_waiting: false,
+        prepared_word: PREPARED_UNKNOWN,
+        prepared_committed: 0,
     };
+    worker.publish_prepared();
     // On a disk with little room, write-back is paused from the first write on.
     worker.watch_free_space()?;
     // A failed commit leaves the environment in doubt: nothing more is written, and the
@@ -222,6 +227,10 @@ struct Worker<'a> {
     last_write: Instant,
     /// Write-back: GET or MGET reads came to the worker while it held unsettled batches.
     reads_waiting: bool,
+    /// What the slot's `Prepared` word says.
+    prepared_word: u64,
+    /// How many transactions held locks at LMDB's last commit.
+    prepared_committed: u64,
 }
 
 /// Treats "no space" (a map at its limit, a full disk) as "nothing done": housekeeping
@@ -477,6 +486,23 @@ impl Worker<'_> {
         }
     }
 
+    /// Publishes how many prepared transactions lock keys (the slot's `Prepared` word):
+    /// the most that LMDB's last commit or the batches applied since hold. Called after
+    /// every batch, before its replies, and after write-back's commits, so that the word
+    /// is raised before a `Prepare` is answered and lowered only once LMDB holds the
+    /// transaction's end.
+    fn publish_prepared(&mut self) {
+        let now = self.store.locks().transactions() as u64;
+        if !self.store.is_unsettled() {
+            self.prepared_committed = now;
+        }
+        let word = now.max(self.prepared_committed);
+        if word != self.prepared_word {
+            self.slot.set(Field::Prepared, word);
+            self.prepared_word = word;
+        }
+    }
+
     /// Write-back: commits the acknowledged batches in LMDB if `force`, if the oldest
     /// has waited its window, if client writes paused long enough, if they add up to
     /// too much, or while a backup runs;
@@ -515,6 +541,7 @@ impl Worker<'_> {
                 }
             }
         }
+        self.publish_prepared();
         if !self.store.is_unsettled() {
             self.reads_waiting = false;
             if self.unsettled != pending::SETTLED {
@@ -692,6 +719,7 @@ impl Worker<'_> {
         let (responses, fatal) = match outcome {
             Ok(responses) => {
                 self.mark_pending();
+                self.publish_prepared();
                 (responses, None)
             }
             Err(error) => {

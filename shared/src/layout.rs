@@ -880,12 +880,6 @@ pub fn decode_intent(raw: &[u8]) -> Result<Intent, CorruptError> {
         })
 }
 
-/// Whether a `txns` record locks keys: it holds ops not applied yet (a prepared intent,
-/// or a decision record with parts left to other copies).
-pub(crate) fn locks_keys(raw: &[u8]) -> Result<bool, CorruptError> {
-    Ok(!decode_intent(raw)?.ops.is_empty())
-}
-
 /// Whether a `txns` record is a decider's commit record (not a prepared intent).
 pub fn is_decision_record(raw: &[u8]) -> Result<bool, CorruptError> {
     Ok(decode_intent(raw)?.state == IntentState::Committed)

@@ -3,11 +3,13 @@
 //!
 //! A reader never writes. It reads the last committed state, which a worker
 //! acknowledges only after the commit, so a read that starts after an acknowledged
-//! write sees it. Whenever the answer could depend on the worker's memory rather than
-//! on its committed data, the reader answers [`ReadOutcome::AskWorker`]: while any
-//! multi-key write is prepared on the shard, its keys are locked, and only the worker
-//! knows how to wait for them. When the worker has grown the map, the reader adopts the
-//! new size before reading; readers left by a crashed process are cleared by the worker.
+//! write sees it. While a key's partition is fenced, the reader answers
+//! [`ReadOutcome::AskWorker`] (the worker refuses the read). What it cannot see is the
+//! worker's memory: its caller asks the worker's status slot first whether the worker
+//! holds acknowledged writes that LMDB lacks, or prepared multi-key writes whose locks
+//! only the worker waits for (`crate::status::Field::Unsettled`, `Prepared`). When the
+//! worker has grown the map, the reader adopts the new size before reading; readers
+//! left by a crashed process are cleared by the worker.
 
 use std::path::Path;
 use std::sync::{Mutex, RwLock};
@@ -23,8 +25,8 @@ pub enum ReadOutcome {
     /// The live values of the keys, in order (`None`: missing or expired), and their
     /// versions when asked ([`crate::frame::versions`]; empty otherwise).
     Values(Vec<Option<Vec<u8>>>, Vec<u64>),
-    /// The worker must answer: a multi-key write holds locks on this shard, or a key's
-    /// partition is fenced (the worker then refuses the read).
+    /// The worker must answer: a key's partition is fenced (the worker then refuses
+    /// the read), or a key is typed.
     AskWorker,
 }
 
@@ -111,7 +113,7 @@ impl ShardReader {
     }
 
     /// The live values of `keys` in `collection` at `now_ms`, or [`ReadOutcome::AskWorker`]
-    /// (a partition of the keys is fenced, or a transaction is prepared).
+    /// (a partition of the keys is fenced, or a key is typed).
     pub fn get(
         &self,
         collection: Collection,
@@ -185,16 +187,12 @@ impl ShardReader {
         })
     }
 
-    /// Whether only the worker may answer for `keys` now: a transaction is prepared on the
-    /// shard (only the worker knows its locks), or a key's partition is fenced.
+    /// Whether only the worker may answer for `keys` now: a key's partition is fenced.
     fn worker_must_answer(
         &self,
         txn: &RoTxn<WithoutTls>,
         keys: &[&Key],
     ) -> Result<bool, StoreError> {
-        if self.any_prepared(txn)? {
-            return Ok(true);
-        }
         if self.fences_possible {
             for key in keys {
                 if self
@@ -223,8 +221,7 @@ impl ShardReader {
     }
 
     /// Each key's version at `now_ms` ([`crate::frame::versions`]), or `None` when the
-    /// worker must answer: a transaction is prepared on the shard (only the worker knows its locks),
-    /// or a key's partition is fenced.
+    /// worker must answer: a key's partition is fenced.
     pub fn versions(
         &self,
         collection: Collection,
@@ -394,16 +391,6 @@ impl ShardReader {
     }
 
     /// Whether a multi-key write is prepared (holds key locks) on this shard.
-    fn any_prepared(&self, txn: &RoTxn<WithoutTls>) -> Result<bool, StoreError> {
-        for item in self.txns.iter(txn)? {
-            let (_, raw) = item?;
-            if layout::locks_keys(raw)? {
-                return Ok(true);
-            }
-        }
-        Ok(false)
-    }
-
     fn adopt_grown_map(&self) -> Result<(), StoreError> {
         let _exclusive = self.gate.write().unwrap_or_else(|p| p.into_inner());
         // SAFETY: the exclusive gate guarantees that no read transaction of this process

@@ -82,9 +82,19 @@ pub enum Field {
     /// Set before such a batch is acknowledged; it stays set if the worker dies, until
     /// its successor has replayed its journal.
     Unsettled = 17 + 2 * HISTOGRAM_BUCKETS,
+    /// How many prepared transactions may lock keys of a worker's shard, counted high:
+    /// at least as many as any state of the environment that a reader may see holds
+    /// ([`PREPARED_UNKNOWN`] until the worker has opened its store). Raised before the
+    /// worker answers a `Prepare`, lowered once LMDB has committed the transaction's
+    /// end. The net-daemon reads a shard's map only while it is 0: only the worker
+    /// waits for locks.
+    Prepared = 18 + 2 * HISTOGRAM_BUCKETS,
     /// The first unused word; must stay below the slot's size.
-    Reserved = 18 + 2 * HISTOGRAM_BUCKETS,
+    Reserved = 19 + 2 * HISTOGRAM_BUCKETS,
 }
+
+/// The `Prepared` word of a worker that has not yet counted its prepared transactions.
+pub const PREPARED_UNKNOWN: u64 = u64::MAX;
 
 /// Buckets of the histograms a worker keeps in its slot (the last one is +Inf).
 pub(crate) const HISTOGRAM_BUCKETS: usize = 10;

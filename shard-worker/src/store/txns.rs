@@ -86,6 +86,11 @@ impl Locks {
                 .any(|keys| keys.iter().any(|(_, p, _)| *p == partition))
     }
 
+    /// How many transactions hold locks.
+    pub(crate) fn transactions(&self) -> usize {
+        self.by_txid.len()
+    }
+
     /// Whether no key is locked.
     pub(crate) fn is_empty(&self) -> bool {
         self.by_key.is_empty()
