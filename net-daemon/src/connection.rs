@@ -241,6 +241,8 @@ where
             .add(Field::Ops, pending.len() as u64);
         session.direct_reads = true;
         session.behind_reads = false;
+        // The latency of the replies that were ready at dispatch: one clock read for all.
+        let mut ready_after = None;
         for (reply, protocol, timing, _ticket) in pending.drain(..) {
             if output.len() > max_output_bytes {
                 match push_without_waiting(&mut stream, &output) {
@@ -257,19 +259,25 @@ where
                     return;
                 }
             }
-            // A reply may wait long (a blocking pop): meanwhile a client that hangs up or
-            // is killed ends the connection, and what it sends is read for later.
-            let mut resolving = std::pin::pin!(reply.resolve());
-            let reply = loop {
-                tokio::select! {
-                    reply = &mut resolving => break reply,
-                    read = stream.read_buf(&mut input), if input.len() < WAITING_INPUT_BYTES => {
-                        match read {
-                            Ok(0) | Err(_) => return,
-                            Ok(_) => continue,
+            let was_ready = matches!(reply, Pending::Ready(_));
+            let reply = match reply {
+                Pending::Ready(reply) => reply,
+                // A reply may wait long (a blocking pop): meanwhile a client that hangs up
+                // or is killed ends the connection, and what it sends is read for later.
+                reply => {
+                    let mut resolving = std::pin::pin!(reply.resolve());
+                    loop {
+                        tokio::select! {
+                            reply = &mut resolving => break reply,
+                            read = stream.read_buf(&mut input), if input.len() < WAITING_INPUT_BYTES => {
+                                match read {
+                                    Ok(0) | Err(_) => return,
+                                    Ok(_) => continue,
+                                }
+                            }
+                            _ = client.killed() => return,
                         }
                     }
-                    _ = client.killed() => return,
                 }
             };
             // Messages queued before this reply was made go out ahead of it: a client that
@@ -278,9 +286,11 @@ where
                 return;
             }
             if let Some((index, started)) = timing {
-                shared
-                    .command_stats
-                    .record(index, started.elapsed(), reply.is_error());
+                let took = match was_ready {
+                    true => *ready_after.get_or_insert_with(|| started.elapsed()),
+                    false => started.elapsed(),
+                };
+                shared.command_stats.record(index, took, reply.is_error());
             }
             reply.encode(protocol, &mut output);
         }

@@ -284,21 +284,21 @@ fn direct_read(shared: &Shared, session: &Session, keys: &[Bytes]) -> Direct {
 /// worker read checked unchanged ([`whole_reads::unchanged_directly`]), a few times at
 /// most.
 fn read_maps(shared: &Shared, collection: u16, keys: &[Bytes]) -> Option<Vec<Option<Vec<u8>>>> {
-    let clustered = shared.dispatch.router.is_some();
-    let groups = shared.dispatch.group_by_dest(keys).ok()?;
-    for (_, keys, _) in &groups {
-        if clustered && !keys.iter().all(|key| crate::routing::idle(key.partition)) {
+    // One key (a GET): one worker, nothing to read whole, no grouping.
+    if let [key] = keys {
+        let (dest, key) = shared.dispatch.route(key).ok()?;
+        if !readable_here(shared, &key) {
             return None;
         }
-        // A replicated partition is read through its primary's replication rules.
-        if let Some(router) = &shared.dispatch.router {
-            if keys
-                .iter()
-                .any(|key| router.local_worker(key.partition).is_none())
-            {
-                return None;
-            }
-        }
+        let worker = shared.dispatch.local_worker(dest)?;
+        return shared.dispatch.read_directly(worker, collection, &[&key]);
+    }
+    let groups = shared.dispatch.group_by_dest(keys).ok()?;
+    if !groups
+        .iter()
+        .all(|(_, keys, _)| keys.iter().all(|key| readable_here(shared, key)))
+    {
+        return None;
     }
     let whole = groups.len() > 1;
     for _ in 0..whole_reads::DIRECT_TRIES {
@@ -334,6 +334,18 @@ fn read_maps(shared: &Shared, collection: u16, keys: &[Bytes]) -> Option<Vec<Opt
         }
     }
     None
+}
+
+/// Whether `key` may be read from a local map: on a host on its own, always; in a
+/// cluster, while no handoff or copy moves its partition and it has no followers (a
+/// replicated partition is read through its primary's replication rules).
+fn readable_here(shared: &Shared, key: &Key) -> bool {
+    match &shared.dispatch.router {
+        None => true,
+        Some(router) => {
+            crate::routing::idle(key.partition) && router.local_worker(key.partition).is_some()
+        }
+    }
 }
 
 /// The string values of `keys` (`None`: missing), read whole ([`whole_reads`]), or the
