@@ -50,6 +50,7 @@ mod digests;
 mod dispatch;
 mod errors;
 mod handoff;
+mod holds;
 mod ids;
 mod metrics;
 mod pubsub;

@@ -22,6 +22,7 @@ use crate::cursors::ScanCursors;
 use crate::databases::Databases;
 use crate::dispatch::Dispatch;
 use crate::handoff;
+use crate::holds::Holds;
 use crate::ids::IdAllocator;
 use crate::pubsub::Broker;
 use crate::reads::Readers;
@@ -59,6 +60,8 @@ pub struct Shared {
     pub handoffs: Arc<handoff::Stats>,
     /// The clients blocked in a pop, in line per key.
     pub blocked: Arc<Blocked>,
+    /// Keys held for the next plan of multi-key commands across workers.
+    pub holds: Holds,
     /// The collection of each database number (SWAPDB changes it).
     pub databases: Databases,
     /// `client.requirepass` as it is now (CONFIG SET changes it).
@@ -119,6 +122,7 @@ impl Shared {
             requirepass: std::sync::Mutex::new(config.client.requirepass.clone()),
             databases: Databases::new(databases, config.data_dir.clone()),
             blocked: Arc::new(Blocked::new()),
+            holds: Holds::default(),
             config,
         }
     }

@@ -246,9 +246,15 @@ where
     F: FnMut() -> Fut,
     Fut: std::future::Future<Output = Result<T, Reply>>,
 {
-    use super::transaction::{backoff, commit, kept_changing, MAX_PLANS};
+    use super::transaction::{backoff, commit, hold, kept_changing, MAX_PLANS};
     for attempt in 0..MAX_PLANS {
         backoff(attempt).await;
+        let keys = sources.iter().chain(std::iter::once(dest));
+        let _held = hold(
+            shared,
+            attempt,
+            keys.map(|key| (collection, key.clone())).collect(),
+        );
         let (found, versions) = match whole_reads::read_whole_at(
             &shared.dispatch,
             collection,
@@ -433,7 +439,7 @@ async fn move_across(
     destination: &Bytes,
     moving: Move,
 ) -> Reply {
-    use super::transaction::{backoff, commit, dry_run, kept_changing, MAX_PLANS};
+    use super::transaction::{backoff, commit, dry_run, hold, kept_changing, MAX_PLANS};
     let typed = |key: &Bytes, op| {
         let (dest, key) = shared.dispatch.route(key)?;
         Ok::<_, Reply>((
@@ -447,6 +453,14 @@ async fn move_across(
     };
     for attempt in 0..MAX_PLANS {
         backoff(attempt).await;
+        let _held = hold(
+            shared,
+            attempt,
+            vec![
+                (collection, source.clone()),
+                (collection, destination.clone()),
+            ],
+        );
         let take = match &moving {
             Move::Member(member) => TypedOp::SRem {
                 members: vec![member.clone()],

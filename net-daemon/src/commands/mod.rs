@@ -344,6 +344,23 @@ pub fn log_entry_reply(entry: shoal_shared::frame::LogEntry, with_partition: boo
 
 /// Runs one request. `args[0]` is the command name, and `index` its place in the command
 /// table (`table::index_of_request`; `None`: unknown).
+/// The key arguments of a command, by its spec's first key, last key and step (none for
+/// a command whose keys move, such as those that take a key count).
+fn key_args<'a>(spec: &table::CommandSpec, args: &'a [Bytes]) -> Vec<&'a Bytes> {
+    if spec.first_key <= 0 || spec.step <= 0 {
+        return Vec::new();
+    }
+    let last = if spec.last_key < 0 {
+        args.len() as i64 + spec.last_key
+    } else {
+        spec.last_key.min(args.len() as i64 - 1)
+    };
+    (spec.first_key..=last)
+        .step_by(spec.step as usize)
+        .filter_map(|i| args.get(i as usize))
+        .collect()
+}
+
 pub async fn dispatch(
     shared: &Arc<Shared>,
     session: &mut Session,
@@ -393,6 +410,14 @@ pub async fn dispatch(
     }
     if let Some(pending) = pubsub::dispatch(shared, session, spec.name, &args) {
         return (pending, After::Continue);
+    }
+    // A write to keys that a multi-key command holds for its next plan waits here, so
+    // that the connection's later requests wait too ([`crate::holds`]).
+    if spec.flags.contains(&"write") && !crate::dispatch::Dispatch::is_holding() {
+        let keys = key_args(spec, &args);
+        if !keys.is_empty() {
+            shared.holds.wait_free(session.collection, &keys).await;
+        }
     }
     if let Some(pending) = strings::dispatch(shared, session, spec.name, &args).await {
         return (pending, After::Continue);

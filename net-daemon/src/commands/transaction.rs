@@ -12,7 +12,9 @@
 //!   what each command answers and what each key was and would become. The effects
 //!   then commit through two-phase commit, each key expecting the commit id it had
 //!   when it was read; a key changed since refuses the prepare, and the transaction is
-//!   planned again (optimistic concurrency). So it is atomic across workers and hosts,
+//!   planned again (optimistic concurrency); each plan after the first holds its keys
+//!   ([`crate::holds`]), so that a writer in a tight loop cannot change them between
+//!   every plan's reads and its commit. So it is atomic across workers and hosts,
 //!   survives crashes as every two-phase commit does, and is serializable. A typed key
 //!   it changes travels whole (its snapshot), so this path costs more for big ones.
 //! - DEL and MSET inside a transaction are one plain request per worker (the
@@ -35,6 +37,7 @@ use shoal_shared::resp::Reply;
 use super::{After, Pending, Session};
 use crate::dispatch::{Dest, Dispatch};
 use crate::errors;
+use crate::holds::Hold;
 use crate::state::Shared;
 
 /// How long planning one queued command may take (it never waits for a worker).
@@ -267,6 +270,14 @@ pub async fn backoff(attempt: usize) {
     }
 }
 
+/// Before planning again (attempt 1 and later), on a host on its own: holds `keys`
+/// (`(collection, key)`) until the returned hold is dropped, after the plan's commit
+/// ([`crate::holds`]).
+pub fn hold(shared: &Shared, attempt: usize, keys: Vec<(u16, Bytes)>) -> Option<Hold<'_>> {
+    (attempt > 0 && shared.dispatch.router.is_none() && !keys.is_empty())
+        .then(|| shared.holds.hold(keys))
+}
+
 /// What a dry run answered, and the ops that commit what it did.
 pub struct DryRun {
     pub responses: Vec<WorkerResponse>,
@@ -340,6 +351,12 @@ async fn across_workers(
         .unzip();
     for attempt in 0..MAX_PLANS {
         backoff(attempt).await;
+        let keys = requests
+            .iter()
+            .flat_map(WorkerRequest::keys)
+            .map(|(collection, key)| (collection, Bytes::from(key.bytes.clone())))
+            .collect();
+        let _held = hold(shared, attempt, keys);
         // A watched key that changed fails the transaction, as on one worker.
         for (collection, key, seen) in &watched {
             let dest = shared.dispatch.of_partition(key.partition);
