@@ -71,11 +71,13 @@ impl Holds {
         Hold { holds: self, id }
     }
 
+    /// Whether any key is held now (or was a moment ago).
+    pub fn any(&self) -> bool {
+        self.count.load(Ordering::Acquire) > 0
+    }
+
     /// Waits until no hold keeps any of `keys` of `collection`.
     pub async fn wait_free(&self, collection: u16, keys: &[&Bytes]) {
-        if self.count.load(Ordering::Acquire) == 0 {
-            return;
-        }
         loop {
             // Registered before the list is read, so that an end in between wakes it.
             let ended = self.ended.notified();

@@ -342,8 +342,6 @@ pub fn log_entry_reply(entry: shoal_shared::frame::LogEntry, with_partition: boo
     Reply::Array(fields)
 }
 
-/// Runs one request. `args[0]` is the command name, and `index` its place in the command
-/// table (`table::index_of_request`; `None`: unknown).
 /// The key arguments of a command, by its spec's first key, last key and step (none for
 /// a command whose keys move, such as those that take a key count).
 fn key_args<'a>(spec: &table::CommandSpec, args: &'a [Bytes]) -> Vec<&'a Bytes> {
@@ -361,6 +359,8 @@ fn key_args<'a>(spec: &table::CommandSpec, args: &'a [Bytes]) -> Vec<&'a Bytes> 
         .collect()
 }
 
+/// Runs one request. `args[0]` is the command name, and `index` its place in the command
+/// table (`table::index_of_request`; `None`: unknown).
 pub async fn dispatch(
     shared: &Arc<Shared>,
     session: &mut Session,
@@ -413,7 +413,10 @@ pub async fn dispatch(
     }
     // A write to keys that a multi-key command holds for its next plan waits here, so
     // that the connection's later requests wait too ([`crate::holds`]).
-    if spec.flags.contains(&"write") && !crate::dispatch::Dispatch::is_holding() {
+    if shared.holds.any()
+        && spec.flags.contains(&"write")
+        && !crate::dispatch::Dispatch::is_holding()
+    {
         let keys = key_args(spec, &args);
         if !keys.is_empty() {
             shared.holds.wait_free(session.collection, &keys).await;
