@@ -390,7 +390,6 @@ impl ShardReader {
         })
     }
 
-    /// Whether a multi-key write is prepared (holds key locks) on this shard.
     fn adopt_grown_map(&self) -> Result<(), StoreError> {
         let _exclusive = self.gate.write().unwrap_or_else(|p| p.into_inner());
         // SAFETY: the exclusive gate guarantees that no read transaction of this process
