@@ -936,16 +936,18 @@ fn typed_keys_read_alike_everywhere_and_survive_the_kill_of_their_primary() {
     let killed = Instant::now();
     // Writes to the keys' partitions resume through the other survivor (HSET of one
     // field with one value: safe to repeat after an unknown outcome).
+    let tags: Vec<&String> = workload_tags.iter().chain([&tx_tag]).collect();
+    let write_resumed = |c: &Cluster| {
+        let mut con = try_connect(c, reader)?;
+        for tag in &tags {
+            run(&mut con, &["HSET", &format!("resumed:{{{tag}}}"), "f", "1"])?;
+        }
+        Ok(())
+    };
     let (_, resumed) = cluster.wait_for(
         "a write to each of the keys' partitions through a survivor",
         RESUME_TIMEOUT,
-        |c| {
-            let mut con = try_connect(c, reader)?;
-            for tag in workload_tags.iter().chain([&tx_tag]) {
-                run(&mut con, &["HSET", &format!("resumed:{{{tag}}}"), "f", "1"])?;
-            }
-            Ok(())
-        },
+        write_resumed,
     );
     println!("writes to the victim's partitions resumed {resumed:?} after the kill");
     for tag in workload_tags.iter().chain([&tx_tag]) {
@@ -963,13 +965,7 @@ fn typed_keys_read_alike_everywhere_and_survive_the_kill_of_their_primary() {
     cluster.wait_for(
         "an idempotent write to each of the keys' partitions once the survivors lead",
         RESUME_TIMEOUT,
-        |c| {
-            let mut con = try_connect(c, reader)?;
-            for tag in workload_tags.iter().chain([&tx_tag]) {
-                run(&mut con, &["HSET", &format!("resumed:{{{tag}}}"), "f", "1"])?;
-            }
-            Ok(())
-        },
+        write_resumed,
     );
     // The same keys take more writes through the other survivor.
     let mut con = connect(&cluster, reader);
