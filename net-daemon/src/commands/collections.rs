@@ -249,12 +249,10 @@ where
     use super::transaction::{backoff, commit, hold, kept_changing, MAX_PLANS};
     for attempt in 0..MAX_PLANS {
         backoff(attempt).await;
-        let keys = sources.iter().chain(std::iter::once(dest));
-        let _held = hold(
-            shared,
-            attempt,
-            keys.map(|key| (collection, key.clone())).collect(),
-        );
+        let _held = hold(shared, attempt, || {
+            let keys = sources.iter().chain(std::iter::once(dest));
+            keys.map(|key| (collection, key.clone())).collect()
+        });
         let (found, versions) = match whole_reads::read_whole_at(
             &shared.dispatch,
             collection,
@@ -453,14 +451,12 @@ async fn move_across(
     };
     for attempt in 0..MAX_PLANS {
         backoff(attempt).await;
-        let _held = hold(
-            shared,
-            attempt,
+        let _held = hold(shared, attempt, || {
             vec![
                 (collection, source.clone()),
                 (collection, destination.clone()),
-            ],
-        );
+            ]
+        });
         let take = match &moving {
             Move::Member(member) => TypedOp::SRem {
                 members: vec![member.clone()],

@@ -270,12 +270,19 @@ pub async fn backoff(attempt: usize) {
     }
 }
 
-/// Before planning again (attempt 1 and later), on a host on its own: holds `keys`
-/// (`(collection, key)`) until the returned hold is dropped, after the plan's commit
-/// ([`crate::holds`]).
-pub fn hold(shared: &Shared, attempt: usize, keys: Vec<(u16, Bytes)>) -> Option<Hold<'_>> {
-    (attempt > 0 && shared.dispatch.router.is_none() && !keys.is_empty())
-        .then(|| shared.holds.hold(keys))
+/// Before planning again (attempt 1 and later), on a host on its own: holds the keys
+/// that `keys` makes (`(collection, key)`, made only then) until the returned hold is
+/// dropped, after the plan's commit ([`crate::holds`]).
+pub fn hold(
+    shared: &Shared,
+    attempt: usize,
+    keys: impl FnOnce() -> Vec<(u16, Bytes)>,
+) -> Option<Hold<'_>> {
+    if attempt == 0 || shared.dispatch.router.is_some() {
+        return None;
+    }
+    let keys = keys();
+    (!keys.is_empty()).then(|| shared.holds.hold(keys))
 }
 
 /// What a dry run answered, and the ops that commit what it did.
@@ -351,12 +358,13 @@ async fn across_workers(
         .unzip();
     for attempt in 0..MAX_PLANS {
         backoff(attempt).await;
-        let keys = requests
-            .iter()
-            .flat_map(WorkerRequest::keys)
-            .map(|(collection, key)| (collection, Bytes::from(key.bytes.clone())))
-            .collect();
-        let _held = hold(shared, attempt, keys);
+        let _held = hold(shared, attempt, || {
+            requests
+                .iter()
+                .flat_map(WorkerRequest::keys)
+                .map(|(collection, key)| (collection, Bytes::from(key.bytes.clone())))
+                .collect()
+        });
         // A watched key that changed fails the transaction, as on one worker.
         for (collection, key, seen) in &watched {
             let dest = shared.dispatch.of_partition(key.partition);
