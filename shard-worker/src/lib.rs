@@ -32,7 +32,6 @@ pub mod store;
 use std::collections::{HashSet, VecDeque};
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::mpsc::{Receiver, RecvTimeoutError};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -47,7 +46,7 @@ use shoal_shared::status::{
     PREPARED_UNKNOWN,
 };
 
-use crate::link::Queued;
+use crate::link::{Link, Queued};
 use crate::store::{Store, StoreError, StoreOptions, SystemClock};
 
 /// Most requests applied in one group commit.
@@ -126,7 +125,7 @@ pub fn run(config: &Config, index: usize) -> anyhow::Result<()> {
     }
     slot.set(Field::Unsettled, pending::SETTLED);
 
-    let queue = link::listen(&config.worker_socket(index), Arc::clone(&shutdown))?;
+    let mut link = link::Link::listen(&config.worker_socket(index))?;
     slot.set_state(ProcessState::Ready);
     tracing::info!(shard = index, dir = %shard_dir.display(), "shard worker ready");
 
@@ -161,10 +160,10 @@ pub fn run(config: &Config, index: usize) -> anyhow::Result<()> {
     worker.watch_free_space()?;
     // A failed commit leaves the environment in doubt: nothing more is written, and the
     // next start recovers from the journal.
-    worker.serve(&queue, &shutdown)?;
+    worker.serve(&mut link, &shutdown)?;
     slot.set_state(ProcessState::Draining);
     // Whatever is still queued was accepted from the net-daemon: apply it before leaving.
-    let drained = worker.drain(&queue)?;
+    let drained = worker.drain(&mut link)?;
     // What is in the journal reaches the disk, and then LMDB's own pages: the next
     // start replays nothing.
     worker
@@ -291,7 +290,7 @@ impl Worker<'_> {
     /// `Prepare` of the batch locks are not in them yet, so a request touching one of those
     /// keys (or a FLUSH after such a `Prepare`) ends the batch and opens the next one. A
     /// `Backup` also ends the batch: its copy starts once what came before it is applied.
-    fn serve(&mut self, queue: &Receiver<Queued>, shutdown: &AtomicBool) -> anyhow::Result<()> {
+    fn serve(&mut self, link: &mut Link, shutdown: &AtomicBool) -> anyhow::Result<()> {
         let mut carried: Option<Queued> = None;
         loop {
             self.slot.beat();
@@ -302,10 +301,9 @@ impl Worker<'_> {
             }
             let first = match carried.take() {
                 Some(first) => first,
-                None => match queue.recv_timeout(self.wait_time()) {
-                    Ok(first) => first,
-                    Err(RecvTimeoutError::Timeout) => continue,
-                    Err(RecvTimeoutError::Disconnected) => return Ok(()),
+                None => match link.recv_timeout(self.wait_time()) {
+                    Some(first) => first,
+                    None => continue,
                 },
             };
             let mut batch = Vec::new();
@@ -323,7 +321,7 @@ impl Worker<'_> {
                     let dir = dir.clone();
                     self.settle(true)?;
                     self.start_backup(queued, dir);
-                    next = queue.try_recv().ok();
+                    next = link.try_recv();
                     continue;
                 }
                 if !batch.is_empty() && touches(&queued.request, &prepared_keys) {
@@ -341,7 +339,7 @@ impl Worker<'_> {
                 if batch.len() >= MAX_BATCH {
                     break;
                 }
-                next = queue.try_recv().ok();
+                next = link.try_recv();
             }
             let released = batch.iter().any(|queued| changes_locks(&queued.request));
             self.apply(batch)?;
@@ -662,10 +660,12 @@ impl Worker<'_> {
 
     /// Applies what is left on the queue at shutdown. An error is fatal: nothing more is
     /// written.
-    fn drain(&mut self, queue: &Receiver<Queued>) -> anyhow::Result<usize> {
+    fn drain(&mut self, link: &mut Link) -> anyhow::Result<usize> {
         let mut drained = 0;
         loop {
-            let batch: Vec<Queued> = queue.try_iter().take(MAX_BATCH).collect();
+            let batch: Vec<Queued> = std::iter::from_fn(|| link.try_recv())
+                .take(MAX_BATCH)
+                .collect();
             if batch.is_empty() {
                 return Ok(drained);
             }
