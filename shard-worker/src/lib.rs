@@ -1,9 +1,9 @@
 //! The shard-worker process: it owns one LMDB environment and is its only writer.
 //!
 //! It accepts the net-daemon on a Unix socket (`<data_dir>/run/shard-<i>.sock`),
-//! reads request frames, and applies them in group commits: everything waiting
-//! on the queue goes into one write transaction, committed and synced once,
-//! and only then are the replies sent. Requests on keys locked by a prepared
+//! reads request frames, and applies them in group commits: everything that has
+//! arrived on its connections goes into one write transaction, committed and synced
+//! once, and only then are the replies sent. Requests on keys locked by a prepared
 //! transaction wait (in order) until it resolves. A partition being handed
 //! over to or from another host can be fenced: the store then refuses client
 //! writes to it while the net-daemon copies it and replays its log. A backup

@@ -141,7 +141,10 @@ impl Link {
             );
             // Round up, so that a wait shorter than a millisecond does not spin.
             let millis = timeout.as_micros().div_ceil(1000).min(i32::MAX as u128) as i32;
-            match poll(&mut fds, PollTimeout::try_from(millis).unwrap_or(PollTimeout::MAX)) {
+            match poll(
+                &mut fds,
+                PollTimeout::try_from(millis).unwrap_or(PollTimeout::MAX),
+            ) {
                 Ok(0) => return,
                 Ok(_) => {}
                 Err(Errno::EINTR) => return,
