@@ -8,7 +8,8 @@
 //! A new entry goes to `recent`, in the order of writing, and every housekeeping
 //! tick moves `recent` into `log`, where each partition's entries are in order
 //! ([`layout::recent_key`]): a commit's entries then dirty a page or two at the
-//! end of `recent` instead of one page at each partition's log tail. Whatever
+//! end of `recent` instead of one page at each partition's log tail. With
+//! write-back, entries go straight to `log` (see [`Store::put_log_entry`]). Whatever
 //! reads, trims, exports or clears a partition's log in `log` moves `recent`
 //! first, or reads both ([`shoal_shared::lmdb::read_partition_log`]).
 
@@ -71,7 +72,11 @@ impl Store {
         Ok(())
     }
 
-    /// Writes a log entry of `partition` to `recent`.
+    /// Writes a log entry of `partition` to `recent`, or with write-back straight to
+    /// `log`: LMDB commits a write-back transaction once per window, so each partition's
+    /// log tail is copied once per window however many commits it takes, and the move
+    /// would write every entry twice. `recent` is emptied into `log` first, so that a
+    /// partition's entries in `recent` stay newer than those in `log`.
     pub(super) fn put_log_entry(
         &self,
         txn: &mut WriteTxn,
@@ -81,6 +86,13 @@ impl Store {
         value: &[u8],
     ) -> heed::Result<()> {
         let key = layout::log_key(partition, commit_id);
+        if self.write_back {
+            if !batch.recent_moved {
+                self.move_recent_in(txn, batch)?;
+                batch.recent_moved = true;
+            }
+            return self.log.put(txn, &key, value);
+        }
         self.recent.put(
             txn,
             &layout::recent_key(batch.next_seq),

@@ -178,6 +178,9 @@ pub(crate) struct Batch {
     sync: bool,
     /// The sequence number of the next entry of `recent`.
     next_seq: u64,
+    /// Write-back: `recent` has been emptied in this transaction, so that this batch's
+    /// log entries go straight to `log` ([`Store::put_log_entry`]).
+    recent_moved: bool,
 }
 
 impl Batch {
@@ -190,6 +193,7 @@ impl Batch {
             dirty: false,
             sync: false,
             next_seq,
+            recent_moved: false,
         }
     }
 }

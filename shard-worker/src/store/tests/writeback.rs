@@ -362,3 +362,50 @@ fn the_keys_of_acknowledged_batches_are_touched_until_lmdb_commits_them() {
     );
     assert!(store.take_touched().shard);
 }
+
+#[test]
+fn with_write_back_log_entries_go_straight_to_log_after_what_recent_held() {
+    let dir = tempfile::tempdir().unwrap();
+    let clock = ManualClock::new(START_MS);
+    let mut store = open_on(dir.path(), &clock);
+    let recent_len = |store: &Store| {
+        let txn = store.env.read_txn().unwrap();
+        store.recent.len(&txn).unwrap()
+    };
+    // Without write-back: ids 1 and 2 of partition 1 wait in `recent`.
+    apply(&mut store, &[set(0, key(1, b"a"), b"1")]);
+    apply(&mut store, &[set(0, key(1, b"b"), b"2")]);
+    assert_eq!(recent_len(&store), 2);
+    store.set_write_back(true).unwrap();
+    // The first write-back batch moves them into `log` before its own entry.
+    apply(&mut store, &[set(0, key(1, b"c"), b"3")]);
+    apply(
+        &mut store,
+        &[set(0, key(1, b"d"), b"4"), set(0, key(2, b"e"), b"5")],
+    );
+    assert_eq!(logged(&mut store, 1, 0, 10), vec![1, 2, 3, 4]);
+    assert_eq!(logged(&mut store, 2, 0, 10), vec![1]);
+    store.settle().unwrap();
+    assert_eq!(recent_len(&store), 0, "no entry went to `recent`");
+    // What the net-daemon's reader reads once LMDB committed them.
+    let txn = store.env.read_txn().unwrap();
+    let mut index = shoal_shared::lmdb::RecentIndex::default();
+    let read = shoal_shared::lmdb::read_partition_log_indexed(
+        &txn,
+        *store.log,
+        *store.recent,
+        &mut index,
+        1,
+        1,
+        4,
+    )
+    .unwrap();
+    let ids: Vec<u64> = read.iter().map(|entry| entry.commit_id).collect();
+    assert_eq!(ids, vec![1, 2, 3, 4]);
+    drop(txn);
+    // After a restart the journal's replay puts them back where they were.
+    drop(store);
+    let mut store = open_writing_back(dir.path(), &clock);
+    assert_eq!(logged(&mut store, 1, 0, 10), vec![1, 2, 3, 4]);
+    assert_eq!(recent_len(&store), 0);
+}
