@@ -26,6 +26,7 @@
 //! a record, on any copy, locks its key. They change only after the transaction that
 //! records them commits.
 
+use std::borrow::Cow;
 use std::collections::HashMap;
 
 use crate::store::WriteTxn;
@@ -308,7 +309,23 @@ impl Store {
         let mut outcomes = Vec::with_capacity(ops.len());
         let mut taken: Option<TxOutcome> = None;
         for op in ops {
-            let current = self.current(txn, self.db(op.collection)?, &op.key, now_ms)?;
+            // What the key holds now, read only when the action depends on it: an
+            // unconditional put (MSET's) writes whatever is there.
+            let reads_current = !matches!(
+                op.action,
+                TxAction::Put {
+                    if_absent: false,
+                    ..
+                } | TxAction::PutCollection {
+                    if_absent: false,
+                    ..
+                } | TxAction::PutTaken { if_absent: false }
+                    | TxAction::Expect { .. }
+            );
+            let current = match reads_current {
+                true => self.current(txn, self.db(op.collection)?, &op.key, now_ms)?,
+                false => Current::default(),
+            };
             // A typed key stored under another key must fit it: refused now, before
             // anything is written (a refusal while applying would come too late).
             let snapshot = match (&op.action, &taken) {
@@ -372,13 +389,15 @@ impl Store {
         for op in ops {
             let db = self.db(op.collection)?;
             let current: Current = self.current(txn, db, &op.key, batch.now_ms)?;
+            // The op's own action, not a copy of its value; a `PutTaken` becomes the put
+            // of what the transaction took.
             let action = match (&op.action, &taken) {
-                (TxAction::PutTaken { if_absent }, Some(outcome)) => {
-                    outcome.put(*if_absent).unwrap_or_else(|| op.action.clone())
-                }
-                (action, _) => action.clone(),
+                (TxAction::PutTaken { if_absent }, Some(outcome)) => outcome
+                    .put(*if_absent)
+                    .map_or(Cow::Borrowed(&op.action), Cow::Owned),
+                (action, _) => Cow::Borrowed(action),
             };
-            let outcome = match &action {
+            let outcome = match action.as_ref() {
                 TxAction::PutTaken { .. } | TxAction::Expect { .. } => TxOutcome::Done,
                 TxAction::Put {
                     value,
