@@ -17,7 +17,7 @@ use std::os::fd::{AsFd, AsRawFd};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::Path;
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use nix::errno::Errno;
@@ -30,6 +30,9 @@ use shoal_shared::frame::{
 
 /// The most bytes read from one connection at a time.
 const READ_CHUNK_BYTES: usize = 64 * 1024;
+/// How long the apply loop waits after `poll` failed, and how long the listener is left
+/// out of the poll after `accept` failed, before trying again.
+const FAILED_RETRY: Duration = Duration::from_millis(100);
 
 /// A request waiting to be applied, with the way back to its connection.
 pub(crate) struct Queued {
@@ -88,6 +91,8 @@ pub(crate) struct Link {
     connections: Vec<Connection>,
     ready: VecDeque<Queued>,
     chunk: Vec<u8>,
+    /// After a failed `accept`, when to poll the listener again.
+    accept_paused_until: Option<Instant>,
 }
 
 impl Link {
@@ -113,13 +118,15 @@ impl Link {
             connections: Vec::new(),
             ready: VecDeque::new(),
             chunk: vec![0u8; READ_CHUNK_BYTES],
+            accept_paused_until: None,
         })
     }
 
-    /// The next request, waiting up to `timeout` for one to arrive.
+    /// The next request, waiting up to `timeout` for one to arrive. A frame larger than
+    /// one read is read to its end if the rest of it is there already.
     pub(crate) fn recv_timeout(&mut self, timeout: Duration) -> Option<Queued> {
-        if self.ready.is_empty() {
-            self.read(timeout);
+        if self.ready.is_empty() && self.read(timeout) {
+            while self.ready.is_empty() && self.read(Duration::ZERO) {}
         }
         self.ready.pop_front()
     }
@@ -130,53 +137,67 @@ impl Link {
     }
 
     /// Waits up to `timeout` until a connection or the listener is readable, then accepts
-    /// what connects and reads one chunk from each readable connection.
-    fn read(&mut self, timeout: Duration) {
+    /// what connects and reads one chunk from each readable connection. Whether anything
+    /// was read.
+    fn read(&mut self, timeout: Duration) -> bool {
+        let listening = self
+            .accept_paused_until
+            .is_none_or(|until| Instant::now() >= until);
         let readable = {
-            let mut fds = vec![PollFd::new(self.listener.as_fd(), PollFlags::POLLIN)];
-            fds.extend(
-                self.connections
-                    .iter()
-                    .map(|connection| PollFd::new(connection.stream.as_fd(), PollFlags::POLLIN)),
-            );
+            let mut fds: Vec<PollFd> = self
+                .connections
+                .iter()
+                .map(|connection| PollFd::new(connection.stream.as_fd(), PollFlags::POLLIN))
+                .collect();
+            if listening {
+                fds.push(PollFd::new(self.listener.as_fd(), PollFlags::POLLIN));
+            }
             // Round up, so that a wait shorter than a millisecond does not spin.
-            let millis = timeout.as_micros().div_ceil(1000).min(i32::MAX as u128) as i32;
+            let millis = timeout.as_nanos().div_ceil(1_000_000).min(i32::MAX as u128) as i32;
             match poll(
                 &mut fds,
                 PollTimeout::try_from(millis).unwrap_or(PollTimeout::MAX),
             ) {
-                Ok(0) => return,
+                Ok(0) => return false,
                 Ok(_) => {}
-                Err(Errno::EINTR) => return,
+                Err(Errno::EINTR) => return false,
                 Err(error) => {
                     tracing::warn!(%error, "polling the net-daemon links failed");
-                    return;
+                    std::thread::sleep(FAILED_RETRY);
+                    return false;
                 }
             }
             fds.iter()
                 .map(|fd| fd.revents().is_some_and(|events| !events.is_empty()))
                 .collect::<Vec<bool>>()
         };
-        if readable[0] {
-            self.accept();
-        }
+        let mut read = false;
         let mut closed = Vec::new();
-        for (position, ready) in readable[1..].iter().enumerate() {
-            if *ready && !self.read_connection(position) {
-                closed.push(position);
+        for (position, ready) in readable[..self.connections.len()].iter().enumerate() {
+            if *ready {
+                match self.read_connection(position) {
+                    Some(bytes) => read |= bytes > 0,
+                    None => closed.push(position),
+                }
             }
         }
         for position in closed.into_iter().rev() {
             self.connections.swap_remove(position);
         }
+        if listening && readable[readable.len() - 1] {
+            self.accept();
+        }
+        read
     }
 
     fn accept(&mut self) {
         loop {
             match self.listener.accept() {
-                // An accepted socket is blocking whatever the listener is: replies are
-                // written with plain blocking writes.
-                Ok((stream, _)) => match stream.try_clone() {
+                // Replies are written with plain blocking writes.
+                Ok((stream, _)) => match stream
+                    .set_nonblocking(false)
+                    .and_then(|()| stream.try_clone())
+                {
                     Ok(writer) => self.connections.push(Connection {
                         stream,
                         buffer: Vec::new(),
@@ -189,29 +210,32 @@ impl Link {
                 Err(error) if error.kind() == std::io::ErrorKind::WouldBlock => return,
                 Err(error) if error.kind() == std::io::ErrorKind::Interrupted => {}
                 Err(error) => {
+                    // Out of descriptors, say: the listener stays readable, so it is left
+                    // out of the poll for a while rather than woken on at once.
                     tracing::warn!(%error, "accept failed");
+                    self.accept_paused_until = Some(Instant::now() + FAILED_RETRY);
                     return;
                 }
             }
         }
     }
 
-    /// Reads one chunk from connection `position` and queues the requests it completes.
-    /// False once the connection is over: closed by the net-daemon, failed, or sent a
-    /// malformed frame.
-    fn read_connection(&mut self, position: usize) -> bool {
+    /// Reads one chunk from connection `position` and queues the requests it completes;
+    /// returns the bytes read. `None` once the connection is over: closed by the
+    /// net-daemon, failed, or sent a malformed frame.
+    fn read_connection(&mut self, position: usize) -> Option<usize> {
         let connection = &mut self.connections[position];
         let read = match recv(
             connection.stream.as_raw_fd(),
             &mut self.chunk,
             MsgFlags::MSG_DONTWAIT,
         ) {
-            Ok(0) => return false,
+            Ok(0) => return None,
             Ok(read) => read,
-            Err(Errno::EAGAIN | Errno::EINTR) => return true,
+            Err(Errno::EAGAIN | Errno::EINTR) => return Some(0),
             Err(error) => {
                 tracing::warn!(%error, "net-daemon link read failed");
-                return false;
+                return None;
             }
         };
         connection.buffer.extend_from_slice(&self.chunk[..read]);
@@ -230,11 +254,98 @@ impl Link {
                 Err(error) => {
                     tracing::error!(%error, "malformed frame from the net-daemon; closing the link");
                     let _ = connection.stream.shutdown(std::net::Shutdown::Both);
-                    return false;
+                    return None;
                 }
             }
         }
         connection.buffer.drain(..consumed);
-        true
+        Some(read)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use shoal_shared::frame::Key;
+    use std::io::Read;
+
+    fn get(id: u64, key: Vec<u8>) -> Vec<u8> {
+        let envelope = RequestEnvelope {
+            id,
+            request: WorkerRequest::Get {
+                collection: 0,
+                key: Key {
+                    partition: 1,
+                    bytes: key,
+                },
+            },
+        };
+        let mut out = Vec::new();
+        encode_frame(&envelope, &mut out).unwrap();
+        out
+    }
+
+    fn key_of(queued: &Queued) -> &[u8] {
+        match &queued.request {
+            WorkerRequest::Get { key, .. } => &key.bytes,
+            other => panic!("not a GET: {other:?}"),
+        }
+    }
+
+    #[test]
+    fn frames_larger_than_a_read_come_whole_and_in_order_without_waiting() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("worker.sock");
+        let mut link = Link::listen(&path).unwrap();
+        let mut client = UnixStream::connect(&path).unwrap();
+        // Accepted at the first read, which finds nothing else yet.
+        assert!(link.recv_timeout(Duration::from_millis(50)).is_none());
+        let big = vec![7u8; READ_CHUNK_BYTES + READ_CHUNK_BYTES / 2];
+        // The first read ends in the middle of the first frame.
+        let mut bytes = get(1, big.clone());
+        bytes.extend(get(2, b"a".to_vec()));
+        bytes.extend(get(3, b"b".to_vec()));
+        client.write_all(&bytes).unwrap();
+        // All of it is in the socket: what a worker's drain at shutdown takes, with no wait.
+        let taken: Vec<Queued> = std::iter::from_fn(|| link.try_recv()).collect();
+        let ids: Vec<u64> = taken.iter().map(|queued| queued.id).collect();
+        assert_eq!(ids, vec![1, 2, 3]);
+        assert_eq!(key_of(&taken[0]), &big[..]);
+    }
+
+    #[test]
+    fn a_malformed_frame_closes_its_connection_only() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("worker.sock");
+        let mut link = Link::listen(&path).unwrap();
+        let mut good = UnixStream::connect(&path).unwrap();
+        let mut bad = UnixStream::connect(&path).unwrap();
+        assert!(link.recv_timeout(Duration::from_millis(50)).is_none());
+        assert_eq!(link.connections.len(), 2);
+        // A frame whose payload decodes to no request.
+        bad.write_all(&[0, 0, 0, 4, 0xff, 0xff, 0xff, 0xff])
+            .unwrap();
+        good.write_all(&get(9, b"k".to_vec())).unwrap();
+        let mut ids = Vec::new();
+        for _ in 0..20 {
+            if let Some(queued) = link.recv_timeout(Duration::from_millis(50)) {
+                ids.push(queued.id);
+            }
+            if !ids.is_empty() && link.connections.len() == 1 {
+                break;
+            }
+        }
+        assert_eq!(ids, vec![9]);
+        assert_eq!(link.connections.len(), 1, "the bad connection is dropped");
+        let mut rest = Vec::new();
+        assert_eq!(bad.read_to_end(&mut rest).unwrap(), 0, "and closed");
+        // The good one still answers.
+        let reply = Arc::clone(&link.connections[0].reply);
+        reply.send([ResponseEnvelope {
+            id: 9,
+            response: WorkerResponse::Ok,
+        }]);
+        let mut header = [0u8; 4];
+        good.read_exact(&mut header).unwrap();
     }
 }

@@ -322,8 +322,9 @@ impl Store {
                 } | TxAction::PutTaken { if_absent: false }
                     | TxAction::Expect { .. }
             );
+            let db = self.db(op.collection)?;
             let current = match reads_current {
-                true => self.current(txn, self.db(op.collection)?, &op.key, now_ms)?,
+                true => self.current(txn, db, &op.key, now_ms)?,
                 false => Current::default(),
             };
             // A typed key stored under another key must fit it: refused now, before
