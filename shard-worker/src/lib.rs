@@ -291,7 +291,6 @@ impl Worker<'_> {
     /// keys (or a FLUSH after such a `Prepare`) ends the batch and opens the next one. A
     /// `Backup` also ends the batch: its copy starts once what came before it is applied.
     fn serve(&mut self, link: &mut Link, shutdown: &AtomicBool) -> anyhow::Result<()> {
-        let mut carried: Option<Queued> = None;
         loop {
             self.slot.beat();
             self.settle(false)?;
@@ -299,12 +298,8 @@ impl Worker<'_> {
             if shutdown.load(Ordering::Acquire) {
                 return Ok(());
             }
-            let first = match carried.take() {
-                Some(first) => first,
-                None => match link.recv_timeout(self.wait_time()) {
-                    Some(first) => first,
-                    None => continue,
-                },
+            let Some(first) = link.recv_timeout(self.wait_time()) else {
+                continue;
             };
             let mut batch = Vec::new();
             let mut prepared_keys: HashSet<PreparedKey> = HashSet::new();
@@ -315,7 +310,7 @@ impl Worker<'_> {
                     // holds it: a multi-key write's commit queued before a backup that
                     // was asked for after the write's reply is in the copy.
                     if !batch.is_empty() {
-                        carried = Some(queued);
+                        link.put_back(queued);
                         break;
                     }
                     let dir = dir.clone();
@@ -325,7 +320,7 @@ impl Worker<'_> {
                     continue;
                 }
                 if !batch.is_empty() && touches(&queued.request, &prepared_keys) {
-                    carried = Some(queued);
+                    link.put_back(queued);
                     break;
                 }
                 if let WorkerRequest::Prepare { ops, .. } = &queued.request {

@@ -131,6 +131,12 @@ impl Link {
         self.ready.pop_front()
     }
 
+    /// Gives back a request taken but not applied (it ends a batch and opens the next):
+    /// it is the next one taken, also by the drain at shutdown.
+    pub(crate) fn put_back(&mut self, queued: Queued) {
+        self.ready.push_front(queued);
+    }
+
     /// The next request that has arrived, without waiting.
     pub(crate) fn try_recv(&mut self) -> Option<Queued> {
         self.recv_timeout(Duration::ZERO)
