@@ -298,14 +298,24 @@ mod tests {
         }
     }
 
-    #[test]
-    fn frames_larger_than_a_read_come_whole_and_in_order_without_waiting() {
+    /// A link with `clients` connections, accepted (at a first read that finds nothing
+    /// else), and its directory.
+    fn connected(clients: usize) -> (tempfile::TempDir, Link, Vec<UnixStream>) {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("worker.sock");
         let mut link = Link::listen(&path).unwrap();
-        let mut client = UnixStream::connect(&path).unwrap();
-        // Accepted at the first read, which finds nothing else yet.
+        let streams = (0..clients)
+            .map(|_| UnixStream::connect(&path).unwrap())
+            .collect();
         assert!(link.recv_timeout(Duration::from_millis(50)).is_none());
+        assert_eq!(link.connections.len(), clients);
+        (dir, link, streams)
+    }
+
+    #[test]
+    fn frames_larger_than_a_read_come_whole_and_in_order_without_waiting() {
+        let (_dir, mut link, mut clients) = connected(1);
+        let client = &mut clients[0];
         let big = vec![7u8; READ_CHUNK_BYTES + READ_CHUNK_BYTES / 2];
         // The first read ends in the middle of the first frame.
         let mut bytes = get(1, big.clone());
@@ -321,13 +331,8 @@ mod tests {
 
     #[test]
     fn a_malformed_frame_closes_its_connection_only() {
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("worker.sock");
-        let mut link = Link::listen(&path).unwrap();
-        let mut good = UnixStream::connect(&path).unwrap();
-        let mut bad = UnixStream::connect(&path).unwrap();
-        assert!(link.recv_timeout(Duration::from_millis(50)).is_none());
-        assert_eq!(link.connections.len(), 2);
+        let (_dir, mut link, clients) = connected(2);
+        let [mut good, mut bad]: [UnixStream; 2] = clients.try_into().unwrap();
         // A frame whose payload decodes to no request.
         bad.write_all(&[0, 0, 0, 4, 0xff, 0xff, 0xff, 0xff])
             .unwrap();
