@@ -278,3 +278,45 @@ fn reads_of_keys_without_unsettled_writes_go_straight_to_the_map() {
     );
     assert_all(&mut con, &keys[1..2], "tx");
 }
+
+/// How many keys collection 0 of `worker`'s environment holds, read from a separate
+/// read-only environment handle: what LMDB has committed.
+fn committed_keys(server: &Server, worker: usize) -> u64 {
+    let dir = server.data_dir.join(format!("shard-{worker}"));
+    let mut options = heed::EnvOpenOptions::new().read_txn_without_tls();
+    options.max_dbs(64).map_size(1 << 30);
+    // SAFETY: opened read-only, once, in this process; the worker writes it meanwhile,
+    // as LMDB allows.
+    let env = unsafe {
+        options
+            .flags(heed::EnvFlags::READ_ONLY)
+            .open(&dir)
+            .expect("open the shard read-only")
+    };
+    let db = shoal_shared::lmdb::open_database_if_present(&env, "c0")
+        .expect("open c0")
+        .expect("c0 exists");
+    let txn = env.read_txn().expect("read txn");
+    db.len(&txn).expect("count c0")
+}
+
+#[test]
+fn past_writeback_max_changes_the_window_is_committed_before_it_is_over() {
+    // A 10 s window and no commit on a pause: only the limit on changes commits it.
+    let limited = format!("{LONG_WINDOW}writeback_max_changes = 1000\n");
+    for (config, commits) in [(LONG_WINDOW.to_string(), false), (limited, true)] {
+        let server = Server::start(&config);
+        let keys = server.keys_on_worker("limit:", 0, 600);
+        set_all(&mut server.conn(), &keys, "v");
+        // 600 SETs are about 2,400 changes: past 1,000, not past the default 25,000.
+        let committed = committed_keys(&server, 0);
+        match commits {
+            true => assert!(
+                committed >= 200,
+                "{committed} keys committed with the limit"
+            ),
+            false => assert_eq!(committed, 0, "keys committed within the default limit"),
+        }
+        assert_all(&mut server.conn(), &keys, "v");
+    }
+}

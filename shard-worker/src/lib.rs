@@ -67,9 +67,6 @@ const DEFER_TIMEOUT: Duration = Duration::from_secs(4);
 /// Write-back: the bytes of acknowledged batches past which LMDB commits them before
 /// their window is over.
 const MAX_UNSETTLED_BYTES: usize = 64 << 20;
-/// Write-back: the changes past which LMDB commits the batches before their window is
-/// over. Each dirties a page or two that the worker holds in memory until then.
-const MAX_UNSETTLED_CHANGES: usize = 25_000;
 /// Write-back: how long batches wait for LMDB's commit once GET or MGET reads come to
 /// the worker, which the net-daemon sends there for keys with unsettled writes: the
 /// sooner LMDB holds them, the sooner the net-daemon reads those keys itself again.
@@ -110,6 +107,7 @@ pub fn run(config: &Config, index: usize) -> anyhow::Result<()> {
             idle: (config.storage.writeback_idle_ms > 0)
                 .then(|| Duration::from_millis(config.storage.writeback_idle_ms)),
             min_free_bytes: config.storage.writeback_min_free_bytes,
+            max_changes: config.storage.writeback_max_changes,
         });
     store.set_write_back(writeback.is_some())?;
     // Kept from a predecessor that died with unsettled batches: its marks stay until
@@ -190,6 +188,8 @@ struct WriteBack {
     idle: Option<Duration>,
     /// Below this much free space write-back pauses.
     min_free_bytes: u64,
+    /// The changes past which the batches are committed before the window is over.
+    max_changes: usize,
 }
 
 /// How much commit log each partition keeps.
@@ -518,7 +518,7 @@ impl Worker<'_> {
                     .is_some_and(|idle| self.last_write.elapsed() >= idle)
                 || (self.reads_waiting && load.age >= READ_WINDOW)
                 || load.bytes >= MAX_UNSETTLED_BYTES
-                || load.changes >= MAX_UNSETTLED_CHANGES
+                || load.changes >= writeback.max_changes
                 || self.backup_running.load(Ordering::Acquire);
             let waiting = self.settle_retry_at.is_some_and(|at| Instant::now() < at);
             if force || (due && !waiting) {

@@ -26,6 +26,10 @@ const MAX_UNIX_SOCKET_PATH_BYTES: usize = 107;
 /// Longest `storage.writeback_ms`: the journal since LMDB's last commit is held in
 /// memory, and read back at the next start.
 const MAX_WRITEBACK_MS: u64 = 10_000;
+/// Bounds of `storage.writeback_max_changes`. Each change may dirty a page that the
+/// worker holds in memory until LMDB commits the window, and LMDB spills a
+/// transaction's dirty pages to the file past 131,071 of them.
+const WRITEBACK_CHANGES: std::ops::RangeInclusive<usize> = 1_000..=1_000_000;
 
 /// The config file as written by the operator. Every field has a default.
 #[derive(Debug, Clone, Deserialize, Serialize)]
@@ -212,6 +216,11 @@ pub struct StorageSection {
     /// With write-back, a pause in client writes this long commits them before the
     /// window is over, so that reads go straight to the map again (0: only the window).
     pub writeback_idle_ms: u64,
+    /// With write-back, the changes (puts and deletes of records) after which the window
+    /// is committed before it is over. Each may dirty a page (4 KiB) that the worker
+    /// holds in memory until then: more changes, fewer and cheaper commits under load,
+    /// more memory.
+    pub writeback_max_changes: usize,
     /// Write-back pauses (every group commit is committed) while the data dir's
     /// filesystem has less free space than this: acknowledged writes that LMDB has not
     /// committed need room to be committed, and a worker restarted on a full disk must
@@ -291,6 +300,7 @@ impl Default for StorageSection {
             flush_interval_ms: 1000,
             writeback_ms: 1000,
             writeback_idle_ms: 20,
+            writeback_max_changes: 25_000,
             writeback_min_free_bytes: 512 << 20,
             log_retention_entries: 1_000_000,
             log_retention_secs: 7 * 24 * 3600,
@@ -546,6 +556,16 @@ impl FileConfig {
             return Err(bad(
                 "storage.writeback_ms",
                 format!("must be at most {MAX_WRITEBACK_MS} (0 turns write-back off)"),
+            ));
+        }
+        if !WRITEBACK_CHANGES.contains(&storage.writeback_max_changes) {
+            return Err(bad(
+                "storage.writeback_max_changes",
+                format!(
+                    "must be {} to {}",
+                    WRITEBACK_CHANGES.start(),
+                    WRITEBACK_CHANGES.end()
+                ),
             ));
         }
         let cluster = validate_cluster(self.cluster, &bad)?;
@@ -1043,6 +1063,14 @@ mod tests {
             "client.max_output_buffer_bytes",
         );
         check("[storage]\npartitions = 0\n", "storage.partitions");
+        check(
+            "[storage]\nwriteback_max_changes = 10\n",
+            "storage.writeback_max_changes",
+        );
+        check(
+            "[storage]\nwriteback_max_changes = 100000000\n",
+            "storage.writeback_max_changes",
+        );
         check("[storage]\npartitions = 20000\n", "storage.partitions");
         check("workers = 8\n[storage]\npartitions = 4\n", "workers");
         check(
