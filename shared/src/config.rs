@@ -26,9 +26,9 @@ const MAX_UNIX_SOCKET_PATH_BYTES: usize = 107;
 /// Longest `storage.writeback_ms`: the journal since LMDB's last commit is held in
 /// memory, and read back at the next start.
 const MAX_WRITEBACK_MS: u64 = 10_000;
-/// Bounds of `storage.writeback_max_changes`. Each change may dirty a page that the
-/// worker holds in memory until LMDB commits the window, and LMDB spills a
-/// transaction's dirty pages to the file past 131,071 of them.
+/// Bounds of `storage.writeback_max_changes`. Each change may dirty a 4 KiB page that
+/// the worker holds in memory until LMDB commits the window: the top allows a few GiB
+/// in the worst case (every change on a page of its own).
 const WRITEBACK_CHANGES: std::ops::RangeInclusive<usize> = 1_000..=1_000_000;
 
 /// The config file as written by the operator. Every field has a default.
