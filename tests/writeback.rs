@@ -283,8 +283,8 @@ fn reads_of_keys_without_unsettled_writes_go_straight_to_the_map() {
 /// read-only environment handle: what LMDB has committed.
 fn committed_keys(server: &Server, worker: usize) -> u64 {
     let dir = server.data_dir.join(format!("shard-{worker}"));
-    let mut options = heed::EnvOpenOptions::new().read_txn_without_tls();
-    options.max_dbs(64).map_size(1 << 30);
+    let collections = shoal_shared::config::StorageSection::default().collections;
+    let mut options = shoal_shared::lmdb::env_options(collections);
     // SAFETY: opened read-only, once, in this process; the worker writes it meanwhile,
     // as LMDB allows.
     let env = unsafe {

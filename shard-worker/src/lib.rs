@@ -160,7 +160,7 @@ pub fn run(config: &Config, index: usize) -> anyhow::Result<()> {
     // next start recovers from the journal.
     worker.serve(&mut link, &shutdown)?;
     slot.set_state(ProcessState::Draining);
-    // Whatever is still queued was accepted from the net-daemon: apply it before leaving.
+    // What the net-daemon sent and the link holds, read or not yet: apply it before leaving.
     let drained = worker.drain(&mut link)?;
     // What is in the journal reaches the disk, and then LMDB's own pages: the next
     // start replays nothing.
@@ -284,7 +284,8 @@ fn touches(request: &WorkerRequest, prepared_keys: &HashSet<PreparedKey>) -> boo
 }
 
 impl Worker<'_> {
-    /// The group-commit loop: wait for one request, take everything else queued, apply, reply.
+    /// The group-commit loop: wait for one request, take everything else that has arrived,
+    /// apply, reply.
     ///
     /// Requests are checked against the locks as they stand before the batch. Keys that a
     /// `Prepare` of the batch locks are not in them yet, so a request touching one of those
@@ -653,7 +654,7 @@ impl Worker<'_> {
         self.retry_deferred()
     }
 
-    /// Applies what is left on the queue at shutdown. An error is fatal: nothing more is
+    /// Applies what is left on the link at shutdown. An error is fatal: nothing more is
     /// written.
     fn drain(&mut self, link: &mut Link) -> anyhow::Result<usize> {
         let mut drained = 0;
